@@ -1,0 +1,23 @@
+//! The snapshot contract of Ferrum Mesh.
+//!
+//! - [`model`]: the snapshot itself, the one value that crosses from control plane to data plane.
+//! - [`validate`]: checks any snapshot, whatever produced it.
+//! - [`resources`] + [`translate`]: the pure translator from Kubernetes-style objects, shared by
+//!   `ferrum-dp` file mode and the operator.
+//! - [`crd`]: Ferrum's own resource types.
+
+pub mod crd;
+pub mod model;
+pub mod resources;
+pub mod translate;
+pub mod validate;
+
+pub use model::Snapshot;
+pub use resources::{ObjectRef, Resources};
+pub use translate::{Problem, Reason, Translation, translate};
+pub use validate::{InvalidSnapshot, validate};
+
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+pub const FERRUM_GROUP: &str = "ferrum.dev";
+/// `spec.controllerName` of the GatewayClasses Ferrum serves.
+pub const CONTROLLER_NAME: &str = "ferrum.dev/gateway-controller";

@@ -1,0 +1,476 @@
+//! The snapshot: the fully resolved configuration a proxy needs, and nothing else.
+//!
+//! Every collection is a `Vec` or `BTreeMap` so the JSON form (and therefore the content hash) is
+//! deterministic. Durations are whole milliseconds for the same reason.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// Monotonic version assigned by the producer; consumers acknowledge it.
+    pub version: u64,
+    /// Hex SHA-256 of the content (everything but `version` and `hash`).
+    pub hash: String,
+    pub listeners: Vec<Listener>,
+    pub clusters: Vec<Cluster>,
+}
+
+/// The part of a snapshot that is hashed.
+#[derive(Serialize)]
+struct Content<'a> {
+    listeners: &'a [Listener],
+    clusters: &'a [Cluster],
+}
+
+impl Snapshot {
+    /// Builds a snapshot and stamps its content hash.
+    pub fn new(version: u64, listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Self {
+        let mut s = Snapshot {
+            version,
+            hash: String::new(),
+            listeners,
+            clusters,
+        };
+        s.hash = s.content_hash();
+        s
+    }
+
+    pub fn content_hash(&self) -> String {
+        let content = Content {
+            listeners: &self.listeners,
+            clusters: &self.clusters,
+        };
+        let bytes = serde_json::to_vec(&content).expect("snapshot content serialises");
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "HTTPS")]
+    Https,
+}
+
+/// One bound socket. Several Gateway listeners on one port share it, told apart by hostname.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Certificate>,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+/// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Certificate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub source: CertSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CertSource {
+    /// PEM paths on the proxy's file system.
+    Files { cert: String, key: String },
+    /// Inline PEM (from a `kubernetes.io/tls` Secret).
+    Pem { cert: String, key: String },
+}
+
+/// Routes that apply to one hostname. `hostname` is exact (`a.example.com`), a wildcard suffix
+/// (`*.example.com`) or `*` for any host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualHost {
+    pub hostname: String,
+    /// In precedence order: the first route that matches wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// `namespace/name/rule/match`, stable across translations; used in metrics.
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    pub request_headers: HeaderModifier,
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    pub response_headers: HeaderModifier,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    pub action: Action,
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<KeyMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<KeyMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathMatch {
+    Exact(String),
+    /// Segment-wise prefix without a trailing slash (`/` matches everything).
+    Prefix(String),
+    /// Anchored regular expression over the whole path.
+    Regex(String),
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch::Prefix("/".into())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyMatch {
+    /// Header names are lower-cased; query parameter names are case-sensitive.
+    pub name: String,
+    pub value: StringMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    Exact(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderModifier {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderModifier {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathRewrite {
+    Full(String),
+    /// Replaces the matched prefix (the route must match on a prefix).
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Action {
+    Forward(Vec<WeightedCluster>),
+    Redirect(Redirect),
+}
+
+/// A backend of a forwarding route. `cluster: None` is a backend that failed to resolve: its
+/// share of traffic gets a 500, as the Gateway API asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedCluster {
+    pub cluster: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    /// Whole request, retries included, until response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_ms: Option<u64>,
+    /// One try against one endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+    #[serde(default)]
+    pub timeouts: ClusterTimeouts,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+impl Cluster {
+    pub fn new(name: impl Into<String>, endpoints: Vec<Endpoint>) -> Self {
+        Cluster {
+            name: name.into(),
+            protocol: UpstreamProtocol::default(),
+            lb: LbPolicy::default(),
+            endpoints,
+            health_check: None,
+            outlier_detection: Some(OutlierDetection::default()),
+            circuit_breaker: CircuitBreaker::default(),
+            timeouts: ClusterTimeouts::default(),
+            retry: None,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpstreamProtocol {
+    #[default]
+    #[serde(rename = "HTTP/1.1")]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), or ALPN h2 when `tls` is set.
+    #[serde(rename = "HTTP/2")]
+    Http2,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LbPolicy {
+    /// Weighted round robin (endpoint weights).
+    #[default]
+    RoundRobin,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+    ConsistentHash(HashOn),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashOn {
+    /// Lower-cased header name.
+    Header(String),
+    ClientIp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// IP address or DNS name.
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// SPIFFE identity the endpoint must present, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Readiness reported by the source (EndpointSlice `ready`); health checks refine it.
+    #[serde(default = "yes")]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+impl Endpoint {
+    pub fn new(address: impl Into<String>, port: u16) -> Self {
+        Endpoint {
+            address: address.into(),
+            port,
+            weight: 1,
+            identity: None,
+            ready: true,
+            zone: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Inclusive status range that counts as healthy.
+    pub expected_status: (u16, u16),
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/".into(),
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expected_status: (200, 399),
+        }
+    }
+}
+
+/// Passive health: endpoints that fail in a row are ejected for a while.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (connect failures count too).
+    pub consecutive_5xx: u32,
+    pub consecutive_connect_failures: u32,
+    /// Ejection time; multiplied by the number of times the endpoint has been ejected.
+    pub base_ejection_ms: u64,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            consecutive_connect_failures: 3,
+            base_ejection_ms: 30_000,
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+}
+
+impl Default for CircuitBreaker {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        CircuitBreaker {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTimeouts {
+    pub connect_ms: u64,
+    /// Until response headers, per try, when the route sets nothing tighter.
+    pub read_ms: u64,
+    /// Idle pooled connections are closed after this.
+    pub idle_ms: u64,
+}
+
+impl Default for ClusterTimeouts {
+    fn default() -> Self {
+        ClusterTimeouts {
+            connect_ms: 5_000,
+            read_ms: 15_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Which failures are retried: any of `connect-failure`, `reset`, `5xx`, `gateway-error`
+    /// (502/503/504), or a status code like `429`.
+    pub on: Vec<String>,
+    pub backoff_base_ms: u64,
+    /// Retries in flight may be at most this percentage of requests in flight…
+    pub budget_percent: u32,
+    /// …but this many are always allowed.
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            on: vec![
+                "connect-failure".into(),
+                "reset".into(),
+                "gateway-error".into(),
+            ],
+            backoff_base_ms: 25,
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamTls {
+    /// Server name sent in SNI and verified against the certificate.
+    pub sni: String,
+    /// PEM bundle of trusted CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}

@@ -1,0 +1,306 @@
+//! The translator's input: Kubernetes-style objects, from a cluster or from YAML files.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
+use gateway_api::httproutes::HttpRoute;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+
+use crate::crd::{Backend, BackendPolicy};
+
+/// Identifies one object in problems and status.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Everything the translator reads. The operator fills it from its reflectors; file mode from
+/// YAML documents.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    pub gateway_classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub http_routes: Vec<HttpRoute>,
+    pub grpc_routes: Vec<GrpcRoute>,
+    pub reference_grants: Vec<ReferenceGrant>,
+    pub services: Vec<Service>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+    pub namespaces: Vec<Namespace>,
+    pub secrets: Vec<Secret>,
+    pub backends: Vec<Backend>,
+    pub backend_policies: Vec<BackendPolicy>,
+    /// Where each object came from (`file.yaml, document 3`), for error messages.
+    pub origins: BTreeMap<ObjectRef, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{origin}: not valid YAML: {source}")]
+    Yaml {
+        origin: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{origin}: {what}")]
+    Shape { origin: String, what: String },
+    #[error("{origin}: {object}: {source}")]
+    Object {
+        origin: String,
+        object: String,
+        #[source]
+        source: serde_path_to_error::Error<serde_yaml::Error>,
+    },
+    #[error("{second}: {object} is also defined at {first}")]
+    Duplicate {
+        object: String,
+        first: String,
+        second: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<MetaName>,
+}
+
+#[derive(Deserialize)]
+struct MetaName {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Resources {
+    /// Adds every document of a multi-document YAML text. `source` names the text in errors.
+    /// Objects without a namespace land in `default`, as `kubectl apply` would put them.
+    pub fn add_yaml(&mut self, source: &str, text: &str) -> Result<(), LoadError> {
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let origin = format!("{source}, document {}", i + 1);
+            let value = serde_yaml::Value::deserialize(doc).map_err(|source| LoadError::Yaml {
+                origin: origin.clone(),
+                source,
+            })?;
+            if value.is_null() {
+                continue; // empty document (`---` at the end)
+            }
+            self.add_value(&origin, value)?;
+        }
+        Ok(())
+    }
+
+    fn add_value(&mut self, origin: &str, mut value: serde_yaml::Value) -> Result<(), LoadError> {
+        let shape = |what: String| LoadError::Shape {
+            origin: origin.to_string(),
+            what,
+        };
+        let meta: TypeMeta = serde_yaml::from_value(value.clone())
+            .map_err(|e| shape(format!("not a Kubernetes object: {e}")))?;
+        let api_version = meta
+            .api_version
+            .ok_or_else(|| shape("apiVersion is missing".into()))?;
+        let kind = meta.kind.ok_or_else(|| shape("kind is missing".into()))?;
+        if kind == "List" {
+            let items = value
+                .get("items")
+                .and_then(|v| v.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                self.add_value(origin, item)?;
+            }
+            return Ok(());
+        }
+        let m = meta
+            .metadata
+            .ok_or_else(|| shape("metadata is missing".into()))?;
+        let name = m
+            .name
+            .ok_or_else(|| shape("metadata.name is missing".into()))?;
+        let cluster_scoped = matches!(kind.as_str(), "GatewayClass" | "Namespace");
+        let namespace = if cluster_scoped {
+            String::new()
+        } else {
+            m.namespace.unwrap_or_else(|| "default".into())
+        };
+        if !cluster_scoped
+            && let Some(md) = value.get_mut("metadata").and_then(|v| v.as_mapping_mut())
+        {
+            md.insert("namespace".into(), namespace.clone().into());
+        }
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        let (static_kind, expected_group): (&'static str, &str) = match kind.as_str() {
+            "GatewayClass" => ("GatewayClass", crate::GATEWAY_GROUP),
+            "Gateway" => ("Gateway", crate::GATEWAY_GROUP),
+            "HTTPRoute" => ("HTTPRoute", crate::GATEWAY_GROUP),
+            "GRPCRoute" => ("GRPCRoute", crate::GATEWAY_GROUP),
+            "ReferenceGrant" => ("ReferenceGrant", crate::GATEWAY_GROUP),
+            "Service" => ("Service", ""),
+            "Secret" => ("Secret", ""),
+            "Namespace" => ("Namespace", ""),
+            "EndpointSlice" => ("EndpointSlice", "discovery.k8s.io"),
+            "Backend" => ("Backend", crate::FERRUM_GROUP),
+            "BackendPolicy" => ("BackendPolicy", crate::FERRUM_GROUP),
+            other => {
+                return Err(shape(format!(
+                    "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
+                     HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
+                     Backend, BackendPolicy"
+                )));
+            }
+        };
+        if group != expected_group {
+            return Err(shape(format!(
+                "{kind} {name}: apiVersion {api_version:?} is not in group {expected_group:?}"
+            )));
+        }
+        let object = ObjectRef {
+            kind: static_kind,
+            namespace,
+            name,
+        };
+        if let Some(first) = self.origins.get(&object) {
+            return Err(LoadError::Duplicate {
+                object: object.to_string(),
+                first: first.clone(),
+                second: origin.to_string(),
+            });
+        }
+        let typed_err = |source| LoadError::Object {
+            origin: origin.to_string(),
+            object: object.to_string(),
+            source,
+        };
+        macro_rules! push {
+            ($field:ident) => {
+                self.$field
+                    .push(serde_path_to_error::deserialize(value).map_err(typed_err)?)
+            };
+        }
+        match static_kind {
+            "GatewayClass" => push!(gateway_classes),
+            "Gateway" => push!(gateways),
+            "HTTPRoute" => push!(http_routes),
+            "GRPCRoute" => push!(grpc_routes),
+            "ReferenceGrant" => push!(reference_grants),
+            "Service" => push!(services),
+            "Secret" => push!(secrets),
+            "Namespace" => push!(namespaces),
+            "EndpointSlice" => push!(endpoint_slices),
+            "Backend" => push!(backends),
+            "BackendPolicy" => push!(backend_policies),
+            _ => unreachable!("kinds are listed above"),
+        }
+        self.origins.insert(object, origin.to_string());
+        Ok(())
+    }
+
+    pub fn origin(&self, object: &ObjectRef) -> Option<&str> {
+        self.origins.get(object).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_multi_document_yaml_with_default_namespace() {
+        let mut r = Resources::default();
+        r.add_yaml(
+            "a.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+             spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: apps}\nspec: {ports: [{port: 80}]}\n---\n",
+        )
+        .unwrap();
+        assert_eq!(r.gateways.len(), 1);
+        assert_eq!(r.gateways[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(r.services[0].metadata.namespace.as_deref(), Some("apps"));
+        let gw = ObjectRef {
+            kind: "Gateway",
+            namespace: "default".into(),
+            name: "gw".into(),
+        };
+        assert_eq!(r.origin(&gw), Some("a.yaml, document 1"));
+    }
+
+    #[test]
+    fn errors_name_the_document_and_field() {
+        let mut r = Resources::default();
+        let err = r
+            .add_yaml(
+                "routes.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n---\n\
+                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bad}\n\
+                 spec: {rules: [{matches: [{path: {type: Fuzzy, value: /}}]}]}\n",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("routes.yaml, document 2: HTTPRoute default/bad:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("spec.rules[0].matches[0].path.type") && err.contains("Fuzzy"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_duplicates_and_broken_yaml() {
+        let mut r = Resources::default();
+        let e = r
+            .add_yaml("x.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("kind \"Pod\""), "{e}");
+        let e = r
+            .add_yaml(
+                "x.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("x.yaml, document 1: not valid YAML"),
+            "{e}"
+        );
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n";
+        r.add_yaml("a.yaml", svc).unwrap();
+        let e = r.add_yaml("b.yaml", svc).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "b.yaml, document 1: Service default/s is also defined at a.yaml, document 1"
+        );
+        let e = r
+            .add_yaml(
+                "c.yaml",
+                "apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n",
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not in group \"gateway.networking.k8s.io\""),
+            "{e}"
+        );
+    }
+}

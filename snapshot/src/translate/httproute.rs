@@ -1,0 +1,635 @@
+//! HTTPRoutes → routes on the listeners they attach to.
+
+use std::cmp::Reverse;
+
+use gateway_api::httproutes::*;
+
+use super::backends::{BackendRef, Clusters};
+use super::hostname::intersect_hostnames;
+use super::listeners::{AllowedNamespaces, GatewayListener, Listeners, RouteKey};
+use super::{Problems, Reason, meta_ref, parse_duration_ms};
+use crate::model::*;
+use crate::resources::{ObjectRef, Resources};
+
+pub(crate) fn attach_all(
+    res: &Resources,
+    listeners: &mut Listeners,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) {
+    for route in &res.http_routes {
+        let obj = meta_ref("HTTPRoute", &route.metadata);
+        let created = route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| format!("{:?}", t.0))
+            .unwrap_or_default();
+        let targets = parents(res, route, &obj, listeners, problems);
+        if targets.is_empty() {
+            continue;
+        }
+        let rules = translate_rules(route, &obj, clusters, problems);
+        for (bound, hostnames) in targets {
+            for host in hostnames {
+                let bucket = listeners.bound[bound].hosts.entry(host).or_default();
+                for (ri, mi, r) in &rules {
+                    bucket.push((key(&created, &obj, *ri, *mi, &r.matcher), r.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn key(created: &str, obj: &ObjectRef, rule: usize, matcher: usize, m: &RouteMatch) -> RouteKey {
+    let (path_kind, len) = match &m.path {
+        PathMatch::Exact(p) => (0, p.len()),
+        PathMatch::Regex(p) => (1, p.len()),
+        PathMatch::Prefix(p) => (2, p.len()),
+    };
+    RouteKey {
+        path_kind,
+        path_len: Reverse(len),
+        no_method: m.method.is_none(),
+        headers: Reverse(m.headers.len()),
+        query: Reverse(m.query_params.len()),
+        created: created.to_string(),
+        route: format!("{}/{}", obj.namespace, obj.name),
+        rule,
+        matcher,
+    }
+}
+
+/// The (bound listener, hostnames) pairs a route attaches to; problems for each parentRef that
+/// attaches nowhere.
+fn parents(
+    res: &Resources,
+    route: &HttpRoute,
+    obj: &ObjectRef,
+    listeners: &Listeners,
+    problems: &mut Problems<'_>,
+) -> Vec<(usize, Vec<String>)> {
+    let mut out = Vec::new();
+    let route_hosts = route.spec.hostnames.clone().unwrap_or_default();
+    let ns_labels = |ns: &str| {
+        res.namespaces
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(ns))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default()
+    };
+    let refs = route.spec.parent_refs.as_deref().unwrap_or_default();
+    if refs.is_empty() {
+        problems.push(
+            obj,
+            "spec.parentRefs",
+            Reason::NoMatchingParent,
+            "the route names no parent Gateway",
+        );
+    }
+    for (pi, p) in refs.iter().enumerate() {
+        let field = format!("spec.parentRefs[{pi}]");
+        if p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP) != crate::GATEWAY_GROUP
+            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+        {
+            problems.push(
+                obj,
+                field,
+                Reason::InvalidKind,
+                "only Gateway parents are supported",
+            );
+            continue;
+        }
+        let gw = ObjectRef {
+            kind: "Gateway",
+            namespace: p.namespace.clone().unwrap_or_else(|| obj.namespace.clone()),
+            name: p.name.clone(),
+        };
+        let Some(gls) = listeners.by_gateway.get(&gw) else {
+            problems.push(
+                obj,
+                field,
+                Reason::NoMatchingParent,
+                format!("{gw} does not exist or is not served by Ferrum"),
+            );
+            continue;
+        };
+        let selected: Vec<&GatewayListener> = gls
+            .iter()
+            .filter(|l| {
+                p.section_name.as_ref().is_none_or(|s| *s == l.name)
+                    && p.port.is_none_or(|port| port == i32::from(l.port))
+            })
+            .collect();
+        if selected.is_empty() {
+            problems.push(
+                obj,
+                field,
+                Reason::NoMatchingParent,
+                format!("{gw} has no listener matching sectionName/port"),
+            );
+            continue;
+        }
+        let allowed: Vec<&&GatewayListener> = selected
+            .iter()
+            .filter(|l| {
+                !l.http_routes_denied
+                    && match &l.allowed {
+                        AllowedNamespaces::All => true,
+                        AllowedNamespaces::Same => l.gateway.namespace == obj.namespace,
+                        AllowedNamespaces::Selector(want) => {
+                            let have = ns_labels(&obj.namespace);
+                            want.iter().all(|(k, v)| have.get(k) == Some(v))
+                        }
+                    }
+            })
+            .collect();
+        if allowed.is_empty() {
+            problems.push(
+                obj,
+                field,
+                Reason::NotAllowedByListeners,
+                format!(
+                    "no listener of {gw} allows HTTPRoutes from namespace {:?}",
+                    obj.namespace
+                ),
+            );
+            continue;
+        }
+        let mut attached = false;
+        for l in allowed {
+            if let Some(hosts) = intersect_hostnames(l.hostname.as_deref(), &route_hosts) {
+                attached = true;
+                out.push((l.bound, hosts));
+            }
+        }
+        if !attached {
+            problems.push(
+                obj,
+                format!("{field}"),
+                Reason::NoMatchingListenerHostname,
+                format!("no hostname of the route intersects the listeners of {gw}"),
+            );
+        }
+    }
+    // The same listener reached through two parentRefs: merge hostnames.
+    out.sort();
+    let mut merged: Vec<(usize, Vec<String>)> = Vec::new();
+    for (b, hosts) in out {
+        match merged.last_mut() {
+            Some((lb, lh)) if *lb == b => {
+                lh.extend(hosts);
+                lh.sort();
+                lh.dedup();
+            }
+            _ => merged.push((b, hosts)),
+        }
+    }
+    merged
+}
+
+/// Translates every rule once; returns (rule index, match index, route).
+fn translate_rules(
+    route: &HttpRoute,
+    obj: &ObjectRef,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Vec<(usize, usize, Route)> {
+    let mut out = Vec::new();
+    for (ri, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let field = format!("spec.rules[{ri}]");
+        let Some(parts) = rule_parts(rule, &field, obj, clusters, problems) else {
+            continue;
+        };
+        let default_match = [HttpRouteRulesMatches::default()];
+        let matches = match rule.matches.as_deref() {
+            Some(m) if !m.is_empty() => m,
+            _ => &default_match[..],
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let mfield = format!("{field}.matches[{mi}]");
+            let Some(matcher) = route_match(m, &mfield, obj, problems) else {
+                continue;
+            };
+            let name = format!("{}/{}/{ri}/{mi}", obj.namespace, obj.name);
+            let r = Route {
+                name,
+                matcher,
+                request_headers: parts.request_headers.clone(),
+                response_headers: parts.response_headers.clone(),
+                rewrite: parts.rewrite.clone(),
+                action: parts.action.clone(),
+                timeouts: parts.timeouts.clone(),
+            };
+            let needs_prefix = matches!(
+                &r.rewrite,
+                Some(Rewrite {
+                    path: Some(PathRewrite::Prefix(_)),
+                    ..
+                })
+            ) || matches!(
+                &r.action,
+                Action::Redirect(Redirect {
+                    path: Some(PathRewrite::Prefix(_)),
+                    ..
+                })
+            );
+            if needs_prefix && !matches!(r.matcher.path, PathMatch::Prefix(_)) {
+                problems.push(
+                    obj,
+                    format!("{field}.filters"),
+                    Reason::UnsupportedValue,
+                    "ReplacePrefixMatch needs a PathPrefix match",
+                );
+                continue;
+            }
+            out.push((ri, mi, r));
+        }
+    }
+    out
+}
+
+struct RuleParts {
+    request_headers: HeaderModifier,
+    response_headers: HeaderModifier,
+    rewrite: Option<Rewrite>,
+    action: Action,
+    timeouts: RouteTimeouts,
+}
+
+fn pairs(v: Option<Vec<(String, String)>>) -> Vec<(String, String)> {
+    v.unwrap_or_default()
+        .into_iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v))
+        .collect()
+}
+
+fn path_rewrite(
+    full: &Option<String>,
+    prefix: &Option<String>,
+    is_full: bool,
+) -> Option<PathRewrite> {
+    if is_full {
+        full.clone().map(PathRewrite::Full)
+    } else {
+        prefix.clone().map(PathRewrite::Prefix)
+    }
+}
+
+fn rule_parts(
+    rule: &HttpRouteRules,
+    field: &str,
+    obj: &ObjectRef,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Option<RuleParts> {
+    let mut parts = RuleParts {
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
+        rewrite: None,
+        action: Action::Forward(Vec::new()),
+        timeouts: RouteTimeouts::default(),
+    };
+    let mut redirect = None;
+    for (fi, f) in rule.filters.iter().flatten().enumerate() {
+        let ffield = format!("{field}.filters[{fi}]");
+        let missing = |problems: &mut Problems<'_>, what: &str| {
+            problems.push(
+                obj,
+                format!("{ffield}.{what}"),
+                Reason::Invalid,
+                format!("filter type {:?} needs {what}", f.r#type),
+            );
+        };
+        match f.r#type {
+            HttpRouteRulesFiltersType::RequestHeaderModifier => {
+                let Some(m) = &f.request_header_modifier else {
+                    missing(problems, "requestHeaderModifier");
+                    return None;
+                };
+                parts.request_headers = HeaderModifier {
+                    set: pairs(m.set.as_ref().map(|v| {
+                        v.iter()
+                            .map(|h| (h.name.clone(), h.value.clone()))
+                            .collect()
+                    })),
+                    add: pairs(m.add.as_ref().map(|v| {
+                        v.iter()
+                            .map(|h| (h.name.clone(), h.value.clone()))
+                            .collect()
+                    })),
+                    remove: m
+                        .remove
+                        .clone()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                };
+            }
+            HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+                let Some(m) = &f.response_header_modifier else {
+                    missing(problems, "responseHeaderModifier");
+                    return None;
+                };
+                parts.response_headers = HeaderModifier {
+                    set: pairs(m.set.as_ref().map(|v| {
+                        v.iter()
+                            .map(|h| (h.name.clone(), h.value.clone()))
+                            .collect()
+                    })),
+                    add: pairs(m.add.as_ref().map(|v| {
+                        v.iter()
+                            .map(|h| (h.name.clone(), h.value.clone()))
+                            .collect()
+                    })),
+                    remove: m
+                        .remove
+                        .clone()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                };
+            }
+            HttpRouteRulesFiltersType::RequestRedirect => {
+                let Some(rd) = &f.request_redirect else {
+                    missing(problems, "requestRedirect");
+                    return None;
+                };
+                let status = rd.status_code.unwrap_or(302);
+                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                    problems.push(
+                        obj,
+                        format!("{ffield}.requestRedirect.statusCode"),
+                        Reason::UnsupportedValue,
+                        format!("{status} is not 301, 302, 303, 307 or 308"),
+                    );
+                    return None;
+                }
+                let port = match rd.port.map(u16::try_from) {
+                    None => None,
+                    Some(Ok(p)) if p > 0 => Some(p),
+                    Some(_) => {
+                        problems.push(
+                            obj,
+                            format!("{ffield}.requestRedirect.port"),
+                            Reason::Invalid,
+                            "not a port",
+                        );
+                        return None;
+                    }
+                };
+                redirect = Some(Redirect {
+                    scheme: rd.scheme.as_ref().map(|s| match s {
+                        HttpRouteRulesFiltersRequestRedirectScheme::Http => "http".to_string(),
+                        HttpRouteRulesFiltersRequestRedirectScheme::Https => "https".to_string(),
+                    }),
+                    hostname: rd.hostname.clone(),
+                    port,
+                    path: rd.path.as_ref().and_then(|p| {
+                        path_rewrite(
+                            &p.replace_full_path,
+                            &p.replace_prefix_match,
+                            p.r#type
+                                == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath,
+                        )
+                    }),
+                    status: status as u16,
+                });
+            }
+            HttpRouteRulesFiltersType::UrlRewrite => {
+                let Some(rw) = &f.url_rewrite else {
+                    missing(problems, "urlRewrite");
+                    return None;
+                };
+                parts.rewrite = Some(Rewrite {
+                    hostname: rw.hostname.clone(),
+                    path: rw.path.as_ref().and_then(|p| {
+                        path_rewrite(
+                            &p.replace_full_path,
+                            &p.replace_prefix_match,
+                            p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath,
+                        )
+                    }),
+                });
+            }
+            ref other => {
+                problems.push(
+                    obj,
+                    format!("{ffield}.type"),
+                    Reason::UnsupportedValue,
+                    format!("filter type {other:?} is not supported yet"),
+                );
+                return None;
+            }
+        }
+    }
+    if let Some(t) = &rule.timeouts {
+        for (name, v, slot) in [
+            ("request", &t.request, &mut parts.timeouts.request_ms),
+            (
+                "backendRequest",
+                &t.backend_request,
+                &mut parts.timeouts.backend_request_ms,
+            ),
+        ] {
+            if let Some(v) = v {
+                match parse_duration_ms(v) {
+                    Ok(0) => {} // "0s" disables the timeout
+                    Ok(ms) => *slot = Some(ms),
+                    Err(e) => {
+                        problems.push(
+                            obj,
+                            format!("{field}.timeouts.{name}"),
+                            Reason::UnsupportedValue,
+                            e,
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(rd) = redirect {
+        parts.action = Action::Redirect(rd);
+        return Some(parts);
+    }
+    let mut backends = Vec::new();
+    for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
+        let bfield = format!("{field}.backendRefs[{bi}]");
+        let weight = b.weight.unwrap_or(1);
+        if weight < 0 {
+            problems.push(
+                obj,
+                format!("{bfield}.weight"),
+                Reason::Invalid,
+                "weight must be >= 0",
+            );
+            return None;
+        }
+        if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+            problems.push(
+                obj,
+                format!("{bfield}.filters"),
+                Reason::UnsupportedValue,
+                "per-backend filters are not supported yet",
+            );
+            return None;
+        }
+        let r = BackendRef {
+            group: b.group.as_deref().unwrap_or(""),
+            kind: b.kind.as_deref().unwrap_or("Service"),
+            namespace: b.namespace.as_deref().unwrap_or(&obj.namespace),
+            name: &b.name,
+            port: b.port,
+        };
+        let cluster = match clusters.resolve("HTTPRoute", &obj.namespace, &r) {
+            Ok(c) => Some(c),
+            Err((reason, msg)) => {
+                problems.push(obj, bfield, reason, msg);
+                None
+            }
+        };
+        if weight > 0 {
+            backends.push(WeightedCluster {
+                cluster,
+                weight: weight as u32,
+            });
+        }
+    }
+    if backends.is_empty() {
+        // No backends (or all weight 0): the spec asks for a 500.
+        backends.push(WeightedCluster {
+            cluster: None,
+            weight: 1,
+        });
+    }
+    parts.action = Action::Forward(backends);
+    Some(parts)
+}
+
+fn string_match(
+    exact: bool,
+    value: &str,
+    field: String,
+    obj: &ObjectRef,
+    problems: &mut Problems<'_>,
+) -> Option<StringMatch> {
+    if exact {
+        return Some(StringMatch::Exact(value.to_string()));
+    }
+    match regex::Regex::new(value) {
+        Ok(_) => Some(StringMatch::Regex(value.to_string())),
+        Err(e) => {
+            problems.push(
+                obj,
+                field,
+                Reason::UnsupportedValue,
+                format!("invalid regular expression: {e}"),
+            );
+            None
+        }
+    }
+}
+
+fn route_match(
+    m: &HttpRouteRulesMatches,
+    field: &str,
+    obj: &ObjectRef,
+    problems: &mut Problems<'_>,
+) -> Option<RouteMatch> {
+    let path = match &m.path {
+        None => PathMatch::default(),
+        Some(p) => {
+            let value = p.value.clone().unwrap_or_else(|| "/".into());
+            match p
+                .r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::RegularExpression => match regex::Regex::new(&value)
+                {
+                    Ok(_) => PathMatch::Regex(value),
+                    Err(e) => {
+                        problems.push(
+                            obj,
+                            format!("{field}.path.value"),
+                            Reason::UnsupportedValue,
+                            format!("invalid regular expression: {e}"),
+                        );
+                        return None;
+                    }
+                },
+                kind => {
+                    if !value.starts_with('/') {
+                        problems.push(
+                            obj,
+                            format!("{field}.path.value"),
+                            Reason::Invalid,
+                            format!("{value:?} must start with '/'"),
+                        );
+                        return None;
+                    }
+                    if kind == HttpRouteRulesMatchesPathType::Exact {
+                        PathMatch::Exact(value)
+                    } else {
+                        // `/foo/` and `/foo` are the same segment prefix.
+                        let trimmed = value.trim_end_matches('/');
+                        PathMatch::Prefix(if trimmed.is_empty() {
+                            "/".into()
+                        } else {
+                            trimmed.to_string()
+                        })
+                    }
+                }
+            }
+        }
+    };
+    let mut headers = Vec::new();
+    for (i, h) in m.headers.iter().flatten().enumerate() {
+        let exact = h
+            .r#type
+            .as_ref()
+            .is_none_or(|t| *t == HttpRouteRulesMatchesHeadersType::Exact);
+        headers.push(KeyMatch {
+            name: h.name.to_ascii_lowercase(),
+            value: string_match(
+                exact,
+                &h.value,
+                format!("{field}.headers[{i}].value"),
+                obj,
+                problems,
+            )?,
+        });
+    }
+    let mut query_params = Vec::new();
+    for (i, q) in m.query_params.iter().flatten().enumerate() {
+        let exact = q
+            .r#type
+            .as_ref()
+            .is_none_or(|t| *t == HttpRouteRulesMatchesQueryParamsType::Exact);
+        query_params.push(KeyMatch {
+            name: q.name.clone(),
+            value: string_match(
+                exact,
+                &q.value,
+                format!("{field}.queryParams[{i}].value"),
+                obj,
+                problems,
+            )?,
+        });
+    }
+    let method = m.method.as_ref().map(|m| {
+        serde_json::to_value(m)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    });
+    Some(RouteMatch {
+        path,
+        method,
+        headers,
+        query_params,
+    })
+}

@@ -1,0 +1,347 @@
+//! Gateways → bound listeners. Gateway listeners that share an address and port become one
+//! snapshot listener, told apart by hostname (and by SNI for HTTPS).
+
+use std::collections::BTreeMap;
+
+use gateway_api::gateways::{
+    Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode,
+};
+
+use super::{Options, Problems, Reason, meta_ref};
+use crate::model::{CertSource, Certificate, Listener, Protocol, Route, VirtualHost};
+use crate::resources::{ObjectRef, Resources};
+
+/// One Gateway listener that routes can attach to.
+pub(crate) struct GatewayListener {
+    pub gateway: ObjectRef,
+    pub name: String,
+    pub port: u16,
+    pub hostname: Option<String>,
+    pub allowed: AllowedNamespaces,
+    /// `allowedRoutes.kinds` lists kinds and HTTPRoute is not among them.
+    pub http_routes_denied: bool,
+    /// Index of the bound listener it lives on.
+    pub bound: usize,
+}
+
+pub(crate) enum AllowedNamespaces {
+    Same,
+    All,
+    Selector(std::collections::BTreeMap<String, String>),
+}
+
+/// A bound listener being filled with routes: hostname → (sort key, route).
+pub(crate) struct Bound {
+    pub listener: Listener,
+    pub hosts: BTreeMap<String, Vec<(RouteKey, Route)>>,
+}
+
+/// Gateway API precedence, smallest first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct RouteKey {
+    /// 0 exact, 1 regex, 2 prefix.
+    pub path_kind: u8,
+    /// Longer paths first.
+    pub path_len: std::cmp::Reverse<usize>,
+    pub no_method: bool,
+    pub headers: std::cmp::Reverse<usize>,
+    pub query: std::cmp::Reverse<usize>,
+    /// Oldest route first, then `namespace/name`.
+    pub created: String,
+    pub route: String,
+    pub rule: usize,
+    pub matcher: usize,
+}
+
+pub(crate) struct Listeners {
+    pub bound: Vec<Bound>,
+    pub by_gateway: BTreeMap<ObjectRef, Vec<GatewayListener>>,
+}
+
+fn served(res: &Resources, gw: &Gateway, opts: &Options) -> bool {
+    let Some(controller) = &opts.controller_name else {
+        return true;
+    };
+    res.gateway_classes.iter().any(|c| {
+        c.metadata.name.as_deref() == Some(gw.spec.gateway_class_name.as_str())
+            && &c.spec.controller_name == controller
+    })
+}
+
+pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>) -> Listeners {
+    let mut out = Listeners {
+        bound: Vec::new(),
+        by_gateway: BTreeMap::new(),
+    };
+    let mut gateways: Vec<&Gateway> = res
+        .gateways
+        .iter()
+        .filter(|g| served(res, g, opts))
+        .collect();
+    gateways.sort_by_key(|g| (g.metadata.namespace.clone(), g.metadata.name.clone()));
+    for gw in gateways {
+        let obj = meta_ref("Gateway", &gw.metadata);
+        let address = gw
+            .spec
+            .addresses
+            .as_ref()
+            .and_then(|a| a.first())
+            .and_then(|a| a.value.clone())
+            .unwrap_or_else(|| "0.0.0.0".into());
+        if address.parse::<std::net::IpAddr>().is_err() {
+            problems.push(
+                &obj,
+                "spec.addresses[0].value",
+                Reason::Invalid,
+                format!("{address:?} is not an IP address"),
+            );
+            continue;
+        }
+        let mut attachable = Vec::new();
+        for (i, l) in gw.spec.listeners.iter().enumerate() {
+            let field = format!("spec.listeners[{i}]");
+            let protocol = match l.protocol.as_str() {
+                "HTTP" => Protocol::Http,
+                "HTTPS" => Protocol::Https,
+                other => {
+                    problems.push(
+                        &obj,
+                        format!("{field}.protocol"),
+                        Reason::UnsupportedProtocol,
+                        format!("protocol {other:?} is not supported (HTTP, HTTPS)"),
+                    );
+                    continue;
+                }
+            };
+            let Ok(port) = u16::try_from(l.port)
+                .map_err(drop)
+                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+            else {
+                problems.push(
+                    &obj,
+                    format!("{field}.port"),
+                    Reason::Invalid,
+                    format!("{} is not a port", l.port),
+                );
+                continue;
+            };
+            let mut certs = Vec::new();
+            if protocol == Protocol::Https {
+                match listener_certificates(res, gw, &obj, i, l, problems) {
+                    Some(c) => certs = c,
+                    None => continue,
+                }
+            }
+            let bound = match out
+                .bound
+                .iter()
+                .position(|b| b.listener.address == address && b.listener.port == port)
+            {
+                Some(b) => {
+                    if out.bound[b].listener.protocol != protocol {
+                        problems.push(
+                            &obj,
+                            format!("{field}.protocol"),
+                            Reason::ProtocolConflict,
+                            format!(
+                                "port {port} is already {:?} on another listener",
+                                out.bound[b].listener.protocol
+                            ),
+                        );
+                        continue;
+                    }
+                    b
+                }
+                None => {
+                    out.bound.push(Bound {
+                        listener: Listener {
+                            name: format!("{address}:{port}"),
+                            address: address.clone(),
+                            port,
+                            protocol,
+                            certificates: Vec::new(),
+                            virtual_hosts: Vec::new(),
+                        },
+                        hosts: BTreeMap::new(),
+                    });
+                    out.bound.len() - 1
+                }
+            };
+            out.bound[bound].listener.certificates.extend(certs);
+            let ar = l.allowed_routes.as_ref();
+            let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {
+                None => AllowedNamespaces::Same,
+                Some(ns) => match ns.from {
+                    Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => {
+                        AllowedNamespaces::All
+                    }
+                    Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => {
+                        AllowedNamespaces::Selector(
+                            ns.selector
+                                .as_ref()
+                                .and_then(|s| s.match_labels.clone())
+                                .unwrap_or_default(),
+                        )
+                    }
+                    _ => AllowedNamespaces::Same,
+                },
+            };
+            let http_routes_denied = ar
+                .and_then(|a| a.kinds.as_ref())
+                .is_some_and(|k| !k.is_empty() && !k.iter().any(|k| k.kind == "HTTPRoute"));
+            attachable.push(GatewayListener {
+                gateway: obj.clone(),
+                name: l.name.clone(),
+                port,
+                hostname: l.hostname.clone(),
+                allowed,
+                http_routes_denied,
+                bound,
+            });
+        }
+        out.by_gateway.insert(obj, attachable);
+    }
+    out
+}
+
+fn listener_certificates(
+    res: &Resources,
+    gw: &Gateway,
+    obj: &ObjectRef,
+    i: usize,
+    l: &gateway_api::gateways::GatewayListeners,
+    problems: &mut Problems<'_>,
+) -> Option<Vec<Certificate>> {
+    let field = format!("spec.listeners[{i}].tls");
+    let Some(tls) = &l.tls else {
+        problems.push(
+            obj,
+            field,
+            Reason::InvalidCertificateRef,
+            "an HTTPS listener needs tls",
+        );
+        return None;
+    };
+    if matches!(tls.mode, Some(GatewayListenersTlsMode::Passthrough)) {
+        problems.push(
+            obj,
+            format!("{field}.mode"),
+            Reason::UnsupportedValue,
+            "TLS passthrough is not supported yet",
+        );
+        return None;
+    }
+    let mut certs = Vec::new();
+    // File mode: PEM files named in the listener's implementation-specific TLS options.
+    let opts = tls.options.as_ref();
+    let file = |k: &str| opts.and_then(|o| o.get(k)).cloned();
+    match (file("ferrum.dev/cert-file"), file("ferrum.dev/key-file")) {
+        (Some(cert), Some(key)) => certs.push(Certificate {
+            hostname: l.hostname.clone(),
+            source: CertSource::Files { cert, key },
+        }),
+        (None, None) => {}
+        _ => {
+            problems.push(
+                obj,
+                format!("{field}.options"),
+                Reason::InvalidCertificateRef,
+                "set both ferrum.dev/cert-file and ferrum.dev/key-file",
+            );
+            return None;
+        }
+    }
+    let gw_ns = gw.metadata.namespace.clone().unwrap_or_default();
+    for (ci, r) in tls.certificate_refs.iter().flatten().enumerate() {
+        let f = format!("{field}.certificateRefs[{ci}]");
+        if r.group.as_deref().unwrap_or("") != ""
+            || r.kind.as_deref().unwrap_or("Secret") != "Secret"
+        {
+            problems.push(
+                obj,
+                f,
+                Reason::InvalidCertificateRef,
+                "only core Secrets are supported",
+            );
+            return None;
+        }
+        let ns = r.namespace.clone().unwrap_or_else(|| gw_ns.clone());
+        if ns != gw_ns
+            && !super::backends::reference_granted(
+                res, "Gateway", &gw_ns, "", "Secret", &ns, &r.name,
+            )
+        {
+            problems.push(
+                obj,
+                f,
+                Reason::RefNotPermitted,
+                format!(
+                    "Secret {ns}/{} is in another namespace and no ReferenceGrant allows it",
+                    r.name
+                ),
+            );
+            return None;
+        }
+        let secret = res.secrets.iter().find(|s| {
+            s.metadata.namespace.as_deref() == Some(ns.as_str())
+                && s.metadata.name.as_deref() == Some(r.name.as_str())
+        });
+        let pem = secret.and_then(|s| {
+            let get = |k: &str| {
+                s.data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    .or_else(|| s.string_data.as_ref().and_then(|d| d.get(k)).cloned())
+            };
+            Some((get("tls.crt")?, get("tls.key")?))
+        });
+        match pem {
+            Some((cert, key)) => certs.push(Certificate {
+                hostname: l.hostname.clone(),
+                source: CertSource::Pem { cert, key },
+            }),
+            None => {
+                problems.push(
+                    obj,
+                    f,
+                    Reason::InvalidCertificateRef,
+                    format!(
+                        "Secret {ns}/{} does not exist or lacks tls.crt/tls.key",
+                        r.name
+                    ),
+                );
+                return None;
+            }
+        }
+    }
+    if certs.is_empty() {
+        problems.push(obj, field, Reason::InvalidCertificateRef, "no certificate: set certificateRefs or the ferrum.dev/cert-file and ferrum.dev/key-file options");
+        return None;
+    }
+    Some(certs)
+}
+
+/// Orders routes by precedence and drops listeners that nothing could ever reach.
+pub(crate) fn finish(listeners: Listeners) -> Vec<Listener> {
+    let mut out: Vec<Listener> = listeners
+        .bound
+        .into_iter()
+        .map(|mut b| {
+            b.listener.virtual_hosts = b
+                .hosts
+                .into_iter()
+                .map(|(hostname, mut routes)| {
+                    routes.sort_by(|a, b| a.0.cmp(&b.0));
+                    VirtualHost {
+                        hostname,
+                        routes: routes.into_iter().map(|(_, r)| r).collect(),
+                    }
+                })
+                .collect();
+            b.listener
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+    out
+}

@@ -1,0 +1,569 @@
+//! Translator cases: every match and filter kind, precedence, and every way input can be wrong.
+
+use super::*;
+use crate::model::*;
+
+const GW: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: ferrum
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-1, namespace: default, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.0.0.1]
+- addresses: [10.0.0.2]
+  conditions: {ready: false}
+---
+apiVersion: ferrum.dev/v1alpha1
+kind: Backend
+metadata: {name: static, namespace: default}
+spec:
+  endpoints: [{address: 127.0.0.1, port: 9000, weight: 3}]
+  loadBalancer: {type: LeastRequest}
+  retry: {attempts: 3, on: [5xx]}
+  timeouts: {connect: 250ms}
+"#;
+
+fn run(extra: &str) -> Translation {
+    let mut r = Resources::default();
+    r.add_yaml("test.yaml", &format!("{GW}\n---\n{extra}"))
+        .unwrap();
+    translate(&r, 1, &Options::default())
+}
+
+fn ok(extra: &str) -> Snapshot {
+    let t = run(extra);
+    assert!(
+        t.problems.is_empty(),
+        "unexpected problems: {:#?}",
+        t.problems
+    );
+    crate::validate(&t.snapshot).unwrap();
+    t.snapshot
+}
+
+fn routes(s: &Snapshot, host: &str) -> Vec<Route> {
+    s.listeners[0]
+        .virtual_hosts
+        .iter()
+        .find(|v| v.hostname == host)
+        .unwrap_or_else(|| panic!("no vhost {host}: {:?}", s.listeners[0].virtual_hosts))
+        .routes
+        .clone()
+}
+
+fn route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: default}}\n\
+         spec:\n  parentRefs: [{{name: gw}}]\n  rules:\n{rules}"
+    )
+}
+
+#[test]
+fn service_backend_becomes_cluster_with_slice_endpoints() {
+    let s = ok(&route("  - backendRefs: [{name: echo, port: 80}]\n"));
+    assert_eq!(s.listeners.len(), 1);
+    assert_eq!(s.listeners[0].port, 8080);
+    let c = s.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.endpoints.len(), 2);
+    assert_eq!(
+        (
+            c.endpoints[0].address.as_str(),
+            c.endpoints[0].port,
+            c.endpoints[0].ready
+        ),
+        ("10.0.0.1", 8080, true)
+    );
+    assert!(!c.endpoints[1].ready);
+    let r = routes(&s, "*");
+    assert_eq!(r[0].matcher.path, PathMatch::Prefix("/".into()));
+    assert_eq!(r[0].name, "default/r/0/0");
+}
+
+#[test]
+fn ferrum_backend_carries_its_policy() {
+    let s = ok(&route(
+        "  - backendRefs: [{group: ferrum.dev, kind: Backend, name: static}]\n",
+    ));
+    let c = s.cluster("backend/default/static").unwrap();
+    assert_eq!(c.endpoints[0].weight, 3);
+    assert_eq!(c.lb, LbPolicy::LeastRequest);
+    assert_eq!(c.timeouts.connect_ms, 250);
+    let retry = c.retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.attempts, retry.on.clone()),
+        (3, vec!["5xx".to_string()])
+    );
+}
+
+#[test]
+fn every_match_kind() {
+    let s = ok(&route(
+        r#"  - matches:
+    - path: {type: Exact, value: /exact}
+    - path: {type: PathPrefix, value: /pre/}
+    - path: {type: RegularExpression, value: "/re/[0-9]+"}
+    - headers: [{name: X-Env, value: prod}, {type: RegularExpression, name: x-ver, value: "v[12]"}]
+      queryParams: [{name: q, value: "1"}, {type: RegularExpression, name: Tag, value: "^a"}]
+      method: POST
+    backendRefs: [{name: echo, port: 80}]
+"#,
+    ));
+    let r = routes(&s, "*");
+    let paths: Vec<_> = r.iter().map(|r| r.matcher.path.clone()).collect();
+    // Exact, then regex, then prefixes longest first; the header/query/method match has path "/".
+    assert_eq!(
+        paths,
+        vec![
+            PathMatch::Exact("/exact".into()),
+            PathMatch::Regex("/re/[0-9]+".into()),
+            PathMatch::Prefix("/pre".into()),
+            PathMatch::Prefix("/".into()),
+        ]
+    );
+    let m = &r[3].matcher;
+    assert_eq!(m.method.as_deref(), Some("POST"));
+    assert_eq!(
+        m.headers[0],
+        KeyMatch {
+            name: "x-env".into(),
+            value: StringMatch::Exact("prod".into())
+        }
+    );
+    assert_eq!(m.headers[1].value, StringMatch::Regex("v[12]".into()));
+    assert_eq!(
+        m.query_params[1],
+        KeyMatch {
+            name: "Tag".into(),
+            value: StringMatch::Regex("^a".into())
+        }
+    );
+}
+
+#[test]
+fn precedence_follows_the_spec_across_routes() {
+    let s = ok(&format!(
+        "{}\n---\n{}",
+        route(concat!(
+            "  - matches: [{path: {value: /a}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+            "  - matches: [{path: {value: /a}, headers: [{name: h, value: v}]}]\n    backendRefs: [{name: echo, port: 80}]\n",
+        )),
+        route("  - matches: [{path: {value: /a}, method: GET}]\n    backendRefs: [{name: echo, port: 80}]\n")
+            .replace("name: r,", "name: q,"),
+    ));
+    let names: Vec<_> = routes(&s, "*").into_iter().map(|r| r.name).collect();
+    // Method beats headers; headers beat nothing; ties would go to the older route, then name.
+    assert_eq!(
+        names,
+        vec!["default/q/0/0", "default/r/1/0", "default/r/0/0"]
+    );
+}
+
+#[test]
+fn filters_redirect_rewrite_headers_and_timeouts() {
+    let s = ok(&route(
+        r#"  - matches: [{path: {value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: new.example.com, port: 8443, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+  - matches: [{path: {value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Set, value: a}], add: [{name: x-add, value: b}], remove: [X-Drop]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-resp, value: c}]}
+    timeouts: {request: 2s, backendRequest: 500ms}
+    backendRefs: [{name: echo, port: 80, weight: 90}, {group: ferrum.dev, kind: Backend, name: static, weight: 10}]
+  - matches: [{path: {type: Exact, value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
+    backendRefs: [{name: echo, port: 80}]
+"#,
+    ));
+    let r = routes(&s, "*");
+    let by = |p: &str| {
+        r.iter()
+            .find(|r| {
+                r.matcher.path == PathMatch::Prefix(p.into())
+                    || r.matcher.path == PathMatch::Exact(p.into())
+            })
+            .unwrap()
+    };
+    match &by("/old").action {
+        Action::Redirect(rd) => {
+            assert_eq!(rd.scheme.as_deref(), Some("https"));
+            assert_eq!(rd.hostname.as_deref(), Some("new.example.com"));
+            assert_eq!(rd.port, Some(8443));
+            assert_eq!(rd.status, 301);
+            assert_eq!(rd.path, Some(PathRewrite::Prefix("/new".into())));
+        }
+        other => panic!("{other:?}"),
+    }
+    let api = by("/api");
+    assert_eq!(
+        api.rewrite,
+        Some(Rewrite {
+            hostname: Some("internal".into()),
+            path: Some(PathRewrite::Prefix("/v2".into()))
+        })
+    );
+    assert_eq!(api.request_headers.set, vec![("x-set".into(), "a".into())]);
+    assert_eq!(api.request_headers.add, vec![("x-add".into(), "b".into())]);
+    assert_eq!(api.request_headers.remove, vec!["x-drop".to_string()]);
+    assert_eq!(
+        api.response_headers.set,
+        vec![("x-resp".into(), "c".into())]
+    );
+    assert_eq!(
+        api.timeouts,
+        RouteTimeouts {
+            request_ms: Some(2000),
+            backend_request_ms: Some(500)
+        }
+    );
+    assert_eq!(
+        api.action,
+        Action::Forward(vec![
+            WeightedCluster {
+                cluster: Some("service/default/echo:80".into()),
+                weight: 90
+            },
+            WeightedCluster {
+                cluster: Some("backend/default/static".into()),
+                weight: 10
+            },
+        ])
+    );
+    assert_eq!(
+        by("/full").rewrite.as_ref().unwrap().path,
+        Some(PathRewrite::Full("/replaced".into()))
+    );
+}
+
+#[test]
+fn hostnames_make_virtual_hosts_including_wildcards() {
+    let s = ok(
+        &route("  - backendRefs: [{name: echo, port: 80}]\n").replace(
+            "parentRefs: [{name: gw}]",
+            "parentRefs: [{name: gw}]\n  hostnames: [a.example.com, \"*.example.org\"]",
+        ),
+    );
+    let hosts: Vec<_> = s.listeners[0]
+        .virtual_hosts
+        .iter()
+        .map(|v| v.hostname.as_str())
+        .collect();
+    assert_eq!(hosts, vec!["*.example.org", "a.example.com"]);
+}
+
+#[test]
+fn listener_hostname_and_section_name_restrict_attachment() {
+    let mut r = Resources::default();
+    r.add_yaml(
+        "t.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  gatewayClassName: ferrum
+  listeners:
+  - {name: a, port: 80, protocol: HTTP, hostname: "*.a.com"}
+  - {name: b, port: 80, protocol: HTTP, hostname: b.com}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-a}
+spec:
+  parentRefs: [{name: gw, sectionName: a}]
+  hostnames: [x.a.com, b.com]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mismatch}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [c.com]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: nosection}
+spec:
+  parentRefs: [{name: gw, sectionName: zzz}]
+"#,
+    )
+    .unwrap();
+    let t = translate(&r, 1, &Options::default());
+    let hosts: Vec<_> = t.snapshot.listeners[0]
+        .virtual_hosts
+        .iter()
+        .map(|v| v.hostname.as_str())
+        .collect();
+    assert_eq!(
+        hosts,
+        vec!["x.a.com"],
+        "b.com is only on listener b, which to-a did not select"
+    );
+    let reasons: Vec<_> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.name.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("mismatch", Reason::NoMatchingListenerHostname),
+            ("nosection", Reason::NoMatchingParent)
+        ]
+    );
+}
+
+#[test]
+fn routes_for_a_backend_that_does_not_resolve_get_500_and_a_problem() {
+    let t = run(&route(
+        "  - backendRefs: [{name: nope, port: 80, weight: 1}, {name: echo, port: 80, weight: 1}]\n",
+    ));
+    assert_eq!(t.problems.len(), 1);
+    let p = &t.problems[0];
+    assert_eq!(p.reason, Reason::BackendNotFound);
+    assert_eq!(p.field, "spec.rules[0].backendRefs[0]");
+    assert_eq!(
+        p.to_string(),
+        "test.yaml, document 5: HTTPRoute default/r: spec.rules[0].backendRefs[0]: Service default/nope not found (BackendNotFound)"
+    );
+    match &t.snapshot.listeners[0].virtual_hosts[0].routes[0].action {
+        Action::Forward(b) => assert_eq!(b[0].cluster, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn cross_namespace_backend_needs_a_reference_grant() {
+    let other_ns = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: other}\nspec: {ports: [{port: 80}]}\n";
+    let refs = route("  - backendRefs: [{name: s, namespace: other, port: 80}]\n");
+    let t = run(&format!("{other_ns}---\n{refs}"));
+    assert_eq!(t.problems[0].reason, Reason::RefNotPermitted);
+    let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: other}\n\
+                 spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}], to: [{group: '', kind: Service}]}\n";
+    let s = ok(&format!("{other_ns}---\n{grant}---\n{refs}"));
+    assert!(s.cluster("service/other/s:80").is_some());
+}
+
+#[test]
+fn allowed_routes_namespaces_are_enforced() {
+    let t = run(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: far, namespace: elsewhere}\n\
+         spec: {parentRefs: [{name: gw, namespace: default}]}\n",
+    );
+    assert_eq!(t.problems[0].reason, Reason::NotAllowedByListeners);
+    let t = run(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: lost}\nspec: {parentRefs: [{name: nogw}]}\n",
+    );
+    assert_eq!(t.problems[0].reason, Reason::NoMatchingParent);
+}
+
+#[test]
+fn invalid_input_is_reported_with_field_and_reason() {
+    let cases: &[(&str, &str, Reason)] = &[
+        (
+            "  - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n",
+            "spec.rules[0].matches[0].path.value",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "  - matches: [{path: {value: nope}}]\n",
+            "spec.rules[0].matches[0].path.value",
+            Reason::Invalid,
+        ),
+        (
+            "  - matches: [{headers: [{type: RegularExpression, name: a, value: \"[\"}]}]\n",
+            "spec.rules[0].matches[0].headers[0].value",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}}}]\n",
+            "spec.rules[0].filters[0].type",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "  - filters: [{type: RequestRedirect}]\n",
+            "spec.rules[0].filters[0].requestRedirect",
+            Reason::Invalid,
+        ),
+        (
+            "  - timeouts: {request: forever}\n",
+            "spec.rules[0].timeouts.request",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "  - backendRefs: [{name: echo}]\n",
+            "spec.rules[0].backendRefs[0]",
+            Reason::Invalid,
+        ),
+        (
+            "  - backendRefs: [{name: echo, port: 80, kind: Pod}]\n",
+            "spec.rules[0].backendRefs[0]",
+            Reason::InvalidKind,
+        ),
+        (
+            "  - backendRefs: [{name: echo, port: 80, weight: -1}]\n",
+            "spec.rules[0].backendRefs[0].weight",
+            Reason::Invalid,
+        ),
+        (
+            "  - matches: [{path: {type: Exact, value: /x}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]\n",
+            "spec.rules[0].filters",
+            Reason::UnsupportedValue,
+        ),
+    ];
+    for (rules, field, reason) in cases {
+        let t = run(&route(rules));
+        assert_eq!(t.problems.len(), 1, "{rules}: {:#?}", t.problems);
+        assert_eq!(
+            (t.problems[0].field.as_str(), t.problems[0].reason),
+            (*field, *reason),
+            "{rules}"
+        );
+        assert!(
+            t.problems[0]
+                .to_string()
+                .starts_with("test.yaml, document 5: HTTPRoute default/r: ")
+        );
+    }
+}
+
+#[test]
+fn invalid_backend_policy_is_reported() {
+    let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
+                   spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
+    let t = run(&format!(
+        "{backend}{}",
+        route("  - backendRefs: [{group: ferrum.dev, kind: Backend, name: b2}]\n")
+    ));
+    assert_eq!(t.problems.len(), 1, "{:#?}", t.problems);
+    assert_eq!(t.problems[0].field, "spec.loadBalancer.type");
+    assert_eq!(t.problems[0].object.name, "b2");
+    assert!(t.problems[0].message.contains("\"Fastest\""));
+}
+
+#[test]
+fn https_listener_takes_certificates_from_secrets_and_files() {
+    let mut r = Resources::default();
+    r.add_yaml(
+        "t.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  gatewayClassName: ferrum
+  listeners:
+  - name: a
+    port: 443
+    protocol: HTTPS
+    hostname: a.example.com
+    tls: {certificateRefs: [{name: a-cert}]}
+  - name: b
+    port: 443
+    protocol: HTTPS
+    hostname: b.example.com
+    tls: {options: {ferrum.dev/cert-file: /etc/b.crt, ferrum.dev/key-file: /etc/b.key}}
+  - name: bad
+    port: 444
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: missing}]}
+  - {name: tcp, port: 9000, protocol: TCP}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: a-cert}
+type: kubernetes.io/tls
+stringData: {tls.crt: CERT, tls.key: KEY}
+"#,
+    )
+    .unwrap();
+    let t = translate(&r, 1, &Options::default());
+    let l = &t.snapshot.listeners;
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].protocol, Protocol::Https);
+    assert_eq!(l[0].certificates.len(), 2);
+    assert_eq!(
+        l[0].certificates[0].hostname.as_deref(),
+        Some("a.example.com")
+    );
+    assert_eq!(
+        l[0].certificates[0].source,
+        CertSource::Pem {
+            cert: "CERT".into(),
+            key: "KEY".into()
+        }
+    );
+    assert_eq!(
+        l[0].certificates[1].source,
+        CertSource::Files {
+            cert: "/etc/b.crt".into(),
+            key: "/etc/b.key".into()
+        }
+    );
+    let reasons: Vec<_> = t
+        .problems
+        .iter()
+        .map(|p| (p.field.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "spec.listeners[2].tls.certificateRefs[0]",
+                Reason::InvalidCertificateRef
+            ),
+            ("spec.listeners[3].protocol", Reason::UnsupportedProtocol)
+        ]
+    );
+}
+
+#[test]
+fn gateway_class_filter_applies_when_asked() {
+    let mut r = Resources::default();
+    r.add_yaml(
+        "t.yaml",
+        &format!(
+            "{GW}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\n\
+             spec: {{controllerName: other.io/controller}}\n"
+        ),
+    )
+    .unwrap();
+    let opts = Options {
+        controller_name: Some(crate::CONTROLLER_NAME.into()),
+    };
+    assert!(translate(&r, 1, &opts).snapshot.listeners.is_empty());
+    assert_eq!(
+        translate(&r, 1, &Options::default())
+            .snapshot
+            .listeners
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn translation_is_deterministic() {
+    let a = run(&route("  - backendRefs: [{name: echo, port: 80}]\n")).snapshot;
+    let b = run(&route("  - backendRefs: [{name: echo, port: 80}]\n")).snapshot;
+    assert_eq!(a.hash, b.hash);
+    assert_eq!(a.hash.len(), 64);
+}

@@ -1,0 +1,392 @@
+//! Checks a snapshot before anyone compiles it. A snapshot from any source (translator, database,
+//! control plane, xDS) goes through here, so errors name the snapshot object and field.
+
+use std::collections::BTreeSet;
+
+use crate::model::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {field}: {message}")]
+pub struct InvalidSnapshot {
+    /// e.g. `cluster "default/echo:80"`.
+    pub object: String,
+    /// e.g. `endpoints[1].port`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Returns every problem, not only the first, so one edit can fix them all.
+pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
+    let mut errs = Vec::new();
+    let mut err = |object: String, field: String, message: String| {
+        errs.push(InvalidSnapshot {
+            object,
+            field,
+            message,
+        })
+    };
+
+    let mut cluster_names = BTreeSet::new();
+    for c in &s.clusters {
+        let obj = format!("cluster {:?}", c.name);
+        if !cluster_names.insert(c.name.as_str()) {
+            err(obj.clone(), "name".into(), "duplicate cluster name".into());
+        }
+        for (i, e) in c.endpoints.iter().enumerate() {
+            if e.port == 0 {
+                err(
+                    obj.clone(),
+                    format!("endpoints[{i}].port"),
+                    "must be 1-65535".into(),
+                );
+            }
+            if e.address.is_empty() {
+                err(
+                    obj.clone(),
+                    format!("endpoints[{i}].address"),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        if let Some(hc) = &c.health_check {
+            if !hc.path.starts_with('/') {
+                err(
+                    obj.clone(),
+                    "healthCheck.path".into(),
+                    "must start with '/'".into(),
+                );
+            }
+            if hc.interval_ms == 0 || hc.timeout_ms == 0 {
+                err(
+                    obj.clone(),
+                    "healthCheck.intervalMs".into(),
+                    "interval and timeout must be > 0".into(),
+                );
+            }
+            if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+                err(
+                    obj.clone(),
+                    "healthCheck.healthyThreshold".into(),
+                    "thresholds must be >= 1".into(),
+                );
+            }
+        }
+        if let Some(r) = &c.retry {
+            for (i, on) in r.on.iter().enumerate() {
+                let known = matches!(
+                    on.as_str(),
+                    "connect-failure" | "reset" | "5xx" | "gateway-error"
+                ) || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
+                if !known {
+                    err(
+                        obj.clone(),
+                        format!("retry.on[{i}]"),
+                        format!(
+                            "unknown retry condition {on:?} (connect-failure, reset, 5xx, gateway-error or a status code)"
+                        ),
+                    );
+                }
+            }
+        }
+        if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
+            && http_header_name_invalid(h)
+        {
+            err(
+                obj.clone(),
+                "lb.consistentHash.header".into(),
+                format!("invalid header name {h:?}"),
+            );
+        }
+        if let Some(tls) = &c.tls
+            && tls.sni.is_empty()
+        {
+            err(obj.clone(), "tls.sni".into(), "must not be empty".into());
+        }
+    }
+
+    let mut ports = BTreeSet::new();
+    for l in &s.listeners {
+        let obj = format!("listener {:?}", l.name);
+        if l.port == 0 {
+            err(obj.clone(), "port".into(), "must be 1-65535".into());
+        }
+        if !ports.insert((l.address.as_str(), l.port)) {
+            err(
+                obj.clone(),
+                "port".into(),
+                format!("{}:{} is used by another listener", l.address, l.port),
+            );
+        }
+        if l.address.parse::<std::net::IpAddr>().is_err() {
+            err(
+                obj.clone(),
+                "address".into(),
+                format!("{:?} is not an IP address", l.address),
+            );
+        }
+        if l.protocol == Protocol::Https && l.certificates.is_empty() {
+            err(
+                obj.clone(),
+                "certificates".into(),
+                "an HTTPS listener needs at least one certificate".into(),
+            );
+        }
+        let mut hosts = BTreeSet::new();
+        for (vi, vh) in l.virtual_hosts.iter().enumerate() {
+            if !hosts.insert(vh.hostname.as_str()) {
+                err(
+                    obj.clone(),
+                    format!("virtualHosts[{vi}].hostname"),
+                    format!("duplicate hostname {:?}", vh.hostname),
+                );
+            }
+            for (ri, r) in vh.routes.iter().enumerate() {
+                let at = format!("virtualHosts[{vi}].routes[{ri}]");
+                check_route(r, &cluster_names, &obj, &at, &mut err);
+            }
+        }
+    }
+    if errs.is_empty() { Ok(()) } else { Err(errs) }
+}
+
+fn check_route(
+    r: &Route,
+    clusters: &BTreeSet<&str>,
+    obj: &str,
+    at: &str,
+    err: &mut impl FnMut(String, String, String),
+) {
+    let obj = || format!("{obj} route {:?}", r.name);
+    match &r.matcher.path {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) if !p.starts_with('/') => err(
+            obj(),
+            format!("{at}.match.path"),
+            format!("{p:?} must start with '/'"),
+        ),
+        PathMatch::Regex(re) => {
+            if let Err(e) = regex::Regex::new(re) {
+                err(
+                    obj(),
+                    format!("{at}.match.path.regex"),
+                    format!("invalid regex: {e}"),
+                )
+            }
+        }
+        _ => {}
+    }
+    for (i, h) in r.matcher.headers.iter().enumerate() {
+        if http_header_name_invalid(&h.name) {
+            err(
+                obj(),
+                format!("{at}.match.headers[{i}].name"),
+                format!("invalid header name {:?}", h.name),
+            );
+        }
+        if let StringMatch::Regex(re) = &h.value
+            && let Err(e) = regex::Regex::new(re)
+        {
+            err(
+                obj(),
+                format!("{at}.match.headers[{i}].value"),
+                format!("invalid regex: {e}"),
+            );
+        }
+    }
+    for (i, q) in r.matcher.query_params.iter().enumerate() {
+        if let StringMatch::Regex(re) = &q.value
+            && let Err(e) = regex::Regex::new(re)
+        {
+            err(
+                obj(),
+                format!("{at}.match.queryParams[{i}].value"),
+                format!("invalid regex: {e}"),
+            );
+        }
+    }
+    for (which, m) in [
+        ("requestHeaders", &r.request_headers),
+        ("responseHeaders", &r.response_headers),
+    ] {
+        let names = m.set.iter().chain(&m.add).map(|(n, _)| n).chain(&m.remove);
+        for n in names {
+            if http_header_name_invalid(n) {
+                err(
+                    obj(),
+                    format!("{at}.{which}"),
+                    format!("invalid header name {n:?}"),
+                );
+            }
+        }
+        for (n, v) in m.set.iter().chain(&m.add) {
+            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                err(
+                    obj(),
+                    format!("{at}.{which}"),
+                    format!("value of {n:?} contains a control character"),
+                );
+            }
+        }
+    }
+    let prefix_rewrite = |p: &Option<PathRewrite>| matches!(p, Some(PathRewrite::Prefix(_)));
+    let rewrites_prefix = r
+        .rewrite
+        .as_ref()
+        .is_some_and(|rw| prefix_rewrite(&rw.path))
+        || matches!(&r.action, Action::Redirect(rd) if prefix_rewrite(&rd.path));
+    if rewrites_prefix && !matches!(r.matcher.path, PathMatch::Prefix(_)) {
+        err(
+            obj(),
+            format!("{at}.rewrite.path"),
+            "a prefix replacement needs a PathPrefix match".into(),
+        );
+    }
+    match &r.action {
+        Action::Forward(backends) => {
+            if backends.is_empty() {
+                err(obj(), format!("{at}.action.forward"), "no backends".into());
+            }
+            for (i, b) in backends.iter().enumerate() {
+                if let Some(c) = &b.cluster
+                    && !clusters.contains(c.as_str())
+                {
+                    err(
+                        obj(),
+                        format!("{at}.action.forward[{i}].cluster"),
+                        format!("unknown cluster {c:?}"),
+                    );
+                }
+            }
+        }
+        Action::Redirect(rd) => {
+            if !matches!(rd.status, 301 | 302 | 303 | 307 | 308) {
+                err(
+                    obj(),
+                    format!("{at}.action.redirect.status"),
+                    format!("{} is not a redirect status", rd.status),
+                );
+            }
+            if let Some(s) = &rd.scheme
+                && s != "http"
+                && s != "https"
+            {
+                err(
+                    obj(),
+                    format!("{at}.action.redirect.scheme"),
+                    format!("{s:?} is not http or https"),
+                );
+            }
+        }
+    }
+}
+
+/// RFC 9110 token characters.
+pub(crate) fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: PathMatch, action: Action) -> Route {
+        Route {
+            name: "r".into(),
+            matcher: RouteMatch {
+                path,
+                ..Default::default()
+            },
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+            rewrite: None,
+            action,
+            timeouts: Default::default(),
+        }
+    }
+
+    fn snap(routes: Vec<Route>, clusters: Vec<Cluster>) -> Snapshot {
+        Snapshot::new(
+            1,
+            vec![Listener {
+                name: "l".into(),
+                address: "0.0.0.0".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+                certificates: vec![],
+                virtual_hosts: vec![VirtualHost {
+                    hostname: "*".into(),
+                    routes,
+                }],
+            }],
+            clusters,
+        )
+    }
+
+    fn fwd(c: &str) -> Action {
+        Action::Forward(vec![WeightedCluster {
+            cluster: Some(c.into()),
+            weight: 1,
+        }])
+    }
+
+    #[test]
+    fn accepts_a_consistent_snapshot() {
+        let s = snap(
+            vec![route(PathMatch::Prefix("/".into()), fwd("c"))],
+            vec![Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)])],
+        );
+        validate(&s).unwrap();
+    }
+
+    #[test]
+    fn names_every_bad_field() {
+        let s = snap(
+            vec![
+                route(PathMatch::Regex("(".into()), fwd("missing")),
+                route(PathMatch::Exact("/x".into()), fwd("c")),
+            ],
+            vec![Cluster::new("c", vec![Endpoint::new("127.0.0.1", 0)])],
+        );
+        let errs = validate(&s).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter().any(|e| e.contains("endpoints[0].port")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.contains("routes[0].match.path.regex") && e.contains("invalid regex")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|e| e.contains("unknown cluster \"missing\"")),
+            "{text:?}"
+        );
+        assert_eq!(errs.len(), 3, "{text:?}");
+    }
+
+    #[test]
+    fn prefix_rewrite_needs_prefix_match() {
+        let mut r = route(PathMatch::Exact("/a".into()), fwd("c"));
+        r.rewrite = Some(Rewrite {
+            hostname: None,
+            path: Some(PathRewrite::Prefix("/b".into())),
+        });
+        let s = snap(vec![r], vec![Cluster::new("c", vec![])]);
+        let errs = validate(&s).unwrap_err();
+        assert!(errs[0].message.contains("PathPrefix"));
+    }
+
+    #[test]
+    fn hash_tracks_content_not_version() {
+        let a = snap(vec![], vec![]);
+        let mut b = a.clone();
+        b.version = 7;
+        assert_eq!(a.content_hash(), b.content_hash());
+        b.clusters.push(Cluster::new("c", vec![]));
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+}
