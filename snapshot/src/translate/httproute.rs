@@ -166,7 +166,7 @@ fn parents(
         if !attached {
             problems.push(
                 obj,
-                format!("{field}"),
+                field,
                 Reason::NoMatchingListenerHostname,
                 format!("no hostname of the route intersects the listeners of {gw}"),
             );

@@ -254,7 +254,7 @@ fn listener_certificates(
     let gw_ns = gw.metadata.namespace.clone().unwrap_or_default();
     for (ci, r) in tls.certificate_refs.iter().flatten().enumerate() {
         let f = format!("{field}.certificateRefs[{ci}]");
-        if r.group.as_deref().unwrap_or("") != ""
+        if !r.group.as_deref().unwrap_or("").is_empty()
             || r.kind.as_deref().unwrap_or("Secret") != "Secret"
         {
             problems.push(

@@ -1,0 +1,141 @@
+//! Snapshot → the compiled form the request path reads: host tables, route indexes, cluster
+//! runtimes, TLS configs. A snapshot that fails here is rejected whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferrum_snapshot::Snapshot;
+use ferrum_snapshot::model::{Action as SnapAction, Protocol};
+
+use crate::listener::tls::{self, TlsError};
+use crate::router::{self, HostTable, RouteError, RouteParts, VirtualHost};
+use crate::telemetry::{EndpointHealth, Registry};
+use crate::upstream::{ClusterError, ClusterRuntime};
+
+pub struct Compiled {
+    pub snapshot: Arc<Snapshot>,
+    /// By port: a connection knows the port it was accepted on.
+    pub listeners: HashMap<u16, CompiledListener>,
+    pub clusters: HashMap<String, Arc<ClusterRuntime>>,
+}
+
+pub struct CompiledListener {
+    pub name: String,
+    pub https: bool,
+    pub hosts: HostTable,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Compiled {
+    pub fn empty() -> Self {
+        Compiled {
+            snapshot: Arc::new(Snapshot::default()),
+            listeners: HashMap::new(),
+            clusters: HashMap::new(),
+        }
+    }
+
+    pub fn health(&self) -> Vec<EndpointHealth> {
+        let mut out = Vec::new();
+        let mut names: Vec<&String> = self.clusters.keys().collect();
+        names.sort();
+        for n in names {
+            self.clusters[n].health_report(&mut out);
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("invalid snapshot:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<ferrum_snapshot::InvalidSnapshot>),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+pub struct Compiler {
+    registry: Arc<Registry>,
+}
+
+impl Compiler {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Compiler { registry }
+    }
+
+    /// Compiles `snap`, reusing cluster runtimes of `previous` whose spec is unchanged (pools,
+    /// health and counters carry on) and endpoint state of those that changed.
+    pub fn compile(&self, snap: Snapshot, previous: &Compiled) -> Result<Compiled, CompileError> {
+        ferrum_snapshot::validate(&snap).map_err(CompileError::Invalid)?;
+        let mut clusters = HashMap::with_capacity(snap.clusters.len());
+        for c in &snap.clusters {
+            let rt = match previous.clusters.get(&c.name) {
+                Some(prev) if prev.spec == *c => prev.clone(),
+                prev => ClusterRuntime::new(c, prev.map(|p| &**p), self.registry.cluster(&c.name))?,
+            };
+            clusters.insert(c.name.clone(), rt);
+        }
+        let mut listeners = HashMap::with_capacity(snap.listeners.len());
+        for l in &snap.listeners {
+            let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
+            for vh in &l.virtual_hosts {
+                let built = VirtualHost::build(vh, |r| RouteParts {
+                    action: match &r.action {
+                        SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
+                        SnapAction::Forward(targets) => {
+                            let mut cum = 0;
+                            router::Action::Forward(
+                                targets
+                                    .iter()
+                                    .map(|t| {
+                                        cum += t.weight;
+                                        // validate() guarantees every named cluster exists.
+                                        (
+                                            cum,
+                                            t.cluster
+                                                .as_ref()
+                                                .and_then(|c| clusters.get(c).cloned()),
+                                        )
+                                    })
+                                    .collect(),
+                            )
+                        }
+                    },
+                    stats: self.registry.route(&r.name),
+                })?;
+                vhosts.push((vh.hostname.to_ascii_lowercase(), built));
+            }
+            let tls = match l.protocol {
+                Protocol::Https => Some(tls::server_config(&l.name, &l.certificates)?),
+                Protocol::Http => None,
+            };
+            listeners.insert(
+                l.port,
+                CompiledListener {
+                    name: l.name.clone(),
+                    https: tls.is_some(),
+                    hosts: HostTable::build(vhosts),
+                    tls,
+                },
+            );
+        }
+        let routes: std::collections::HashSet<&str> = snap
+            .listeners
+            .iter()
+            .flat_map(|l| &l.virtual_hosts)
+            .flat_map(|v| &v.routes)
+            .map(|r| r.name.as_str())
+            .collect();
+        self.registry
+            .retain(&|r| routes.contains(r), &|c| clusters.contains_key(c));
+        Ok(Compiled {
+            snapshot: Arc::new(snap),
+            listeners,
+            clusters,
+        })
+    }
+}

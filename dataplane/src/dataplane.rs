@@ -1,0 +1,88 @@
+//! The one place a new snapshot takes effect: compile, bind new ports, swap, retire old ports.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use ferrum_snapshot::Snapshot;
+
+use crate::compile::{CompileError, Compiled, Compiler};
+use crate::limits::Limits;
+use crate::listener::{BindError, Listeners};
+use crate::proxy::Shared;
+use crate::telemetry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+pub struct Dataplane {
+    pub shared: Arc<Shared>,
+    compiler: Compiler,
+    listeners: Mutex<Listeners>,
+    /// False until the first config serves, and again once draining starts.
+    pub ready: AtomicBool,
+}
+
+impl Dataplane {
+    pub fn new(limits: Limits) -> Arc<Self> {
+        let registry = Arc::new(Registry::default());
+        let shared = Arc::new(Shared {
+            config: ArcSwap::from_pointee(Compiled::empty()),
+            registry: registry.clone(),
+            limits,
+        });
+        Arc::new(Dataplane {
+            listeners: Mutex::new(Listeners::new(shared.clone())),
+            compiler: Compiler::new(registry),
+            shared,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Applies a snapshot, or leaves everything as it was and says why.
+    pub fn apply(&self, snap: Snapshot) -> Result<(), ApplyError> {
+        let mut listeners = self.listeners.lock().unwrap();
+        let version = snap.version;
+        let result = (|| {
+            let compiled = self.compiler.compile(snap, &self.shared.config.load())?;
+            let want: Vec<SocketAddr> = compiled
+                .snapshot
+                .listeners
+                .iter()
+                .filter_map(|l| Some(SocketAddr::new(l.address.parse().ok()?, l.port)))
+                .collect();
+            let new = listeners.bind_new(&want)?;
+            // In-flight requests keep the old config through their own guard.
+            self.shared.config.store(Arc::new(compiled));
+            listeners.reconcile(&want, new);
+            Ok(())
+        })();
+        let reg = &self.shared.registry;
+        match &result {
+            Ok(()) => {
+                reg.config_version.store(version, Relaxed);
+                reg.reloads_ok.fetch_add(1, Relaxed);
+                self.ready.store(true, Relaxed);
+            }
+            Err(_) => {
+                reg.reloads_failed.fetch_add(1, Relaxed);
+            }
+        }
+        result
+    }
+
+    pub fn drain(&self) {
+        self.ready.store(false, Relaxed);
+        self.listeners.lock().unwrap().drain();
+    }
+
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listeners.lock().unwrap().addrs()
+    }
+}

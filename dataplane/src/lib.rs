@@ -1,0 +1,12 @@
+//! `ferrum-dp`, the Ferrum Mesh data plane.
+
+pub mod admin;
+pub mod compile;
+pub mod dataplane;
+pub mod limits;
+pub mod listener;
+pub mod proxy;
+pub mod router;
+pub mod source;
+pub mod telemetry;
+pub mod upstream;

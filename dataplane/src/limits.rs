@@ -1,0 +1,32 @@
+//! Bounds on what a client or upstream may send.
+
+use std::time::Duration;
+
+/// Largest request or response head (request line and headers); beyond it HTTP/1 gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in one HTTP/1 message.
+pub const MAX_HEADERS: usize = 128;
+
+/// Limits set from the command line.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request bodies above this get 413.
+    pub max_request_body: usize,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// Time a TLS client has to finish the handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How long draining waits for in-flight requests at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_body: 64 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(15),
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! The request path: one atomic load of the compiled config, host and route lookup, then a
+//! redirect or a forward with balancing, breaker, timeouts and retries.
+
+pub mod body;
+pub mod headers;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use ferrum_snapshot::model::{HashOn, PathMatch, PathRewrite, Redirect};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::Limited;
+use hyper::body::{Body as _, Incoming};
+
+use crate::compile::{Compiled, CompiledListener};
+use crate::limits::Limits;
+use crate::router::Route;
+use crate::telemetry::{Registry, UpstreamError};
+use crate::upstream::{ClusterRuntime, MaxConnections, Outcome};
+use body::{RequestBody, ResponseBody};
+use headers::X_FERRUM_ERROR;
+
+/// State every connection shares.
+pub struct Shared {
+    pub config: ArcSwap<Compiled>,
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+}
+
+/// Why the proxy answered by itself; the value goes in `x-ferrum-error`.
+#[derive(Debug, Clone, Copy)]
+enum Local {
+    RouteNotFound,
+    BackendNotFound,
+    BodyTooLarge,
+    Upstream(UpstreamError),
+    MethodNotAllowed,
+}
+
+impl Local {
+    fn status(self) -> StatusCode {
+        match self {
+            Local::RouteNotFound => StatusCode::NOT_FOUND,
+            Local::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
+            Local::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Local::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Local::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Local::Upstream(UpstreamError::Overflow | UpstreamError::NoHealthyUpstream) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+    fn reason(self) -> &'static str {
+        match self {
+            Local::RouteNotFound => "route_not_found",
+            Local::BackendNotFound => "backend_not_found",
+            Local::BodyTooLarge => "request_body_too_large",
+            Local::MethodNotAllowed => "method_not_allowed",
+            Local::Upstream(e) => e.as_str(),
+        }
+    }
+    fn response(self) -> Response<ResponseBody> {
+        let reason = self.reason();
+        let mut r = Response::new(ResponseBody::local(format!("{reason}\n")));
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    }
+}
+
+/// Connection facts the handler needs.
+#[derive(Clone, Copy)]
+pub struct ConnInfo {
+    pub port: u16,
+    pub client: SocketAddr,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let cfg = shared.config.load();
+    let Some(listener) = cfg.listeners.get(&conn.port) else {
+        return Local::RouteNotFound.response();
+    };
+    if req.method() == Method::CONNECT {
+        return Local::MethodNotAllowed.response();
+    }
+    let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host = host_value
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .map(strip_port)
+        .unwrap_or("");
+    let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    let route = listener.hosts.find(&host).and_then(|vh| {
+        vh.find(
+            req.method(),
+            req.uri().path(),
+            req.uri().query(),
+            req.headers(),
+        )
+    });
+    let Some(route) = route else {
+        shared
+            .registry
+            .unrouted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Local::RouteNotFound.response();
+    };
+    let mut resp = match &route.action {
+        crate::router::Action::Redirect(rd) => {
+            redirect(rd, route, listener, conn.port, &host, &req)
+        }
+        crate::router::Action::Forward(_) => match route.action.pick() {
+            Some(Some(cluster)) => {
+                let ctx = Forward {
+                    shared: &shared,
+                    listener,
+                    route,
+                    cluster,
+                    conn,
+                    host_value,
+                };
+                match ctx.run(req).await {
+                    Ok(r) => r,
+                    Err(l) => l.response(),
+                }
+            }
+            _ => Local::BackendNotFound.response(),
+        },
+    };
+    route.response_headers.apply(resp.headers_mut());
+    route.stats.responses.record(resp.status().as_u16());
+    route.stats.latency.observe(started.elapsed());
+    resp
+}
+
+fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_once(']').map_or(h, |(a, _)| &h[..a.len() + 1]);
+    }
+    h.rsplit_once(':').map_or(h, |(a, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            a
+        } else {
+            h
+        }
+    })
+}
+
+fn replace_prefix(path: &str, matched: &str, with: &str) -> String {
+    let rest = if matched == "/" {
+        path
+    } else {
+        &path[matched.len().min(path.len())..]
+    };
+    let rest = rest.trim_start_matches('/');
+    let base = with.trim_end_matches('/');
+    if rest.is_empty() {
+        if base.is_empty() {
+            "/".into()
+        } else {
+            base.to_string()
+        }
+    } else {
+        format!("{base}/{rest}")
+    }
+}
+
+fn rewritten_path(rw: &PathRewrite, route: &Route, path: &str) -> String {
+    match rw {
+        PathRewrite::Full(p) => p.clone(),
+        PathRewrite::Prefix(p) => match &route.path {
+            PathMatch::Prefix(matched) => replace_prefix(path, matched, p),
+            _ => path.to_string(),
+        },
+    }
+}
+
+fn redirect(
+    rd: &Redirect,
+    route: &Route,
+    listener: &CompiledListener,
+    port: u16,
+    host: &str,
+    req: &Request<Incoming>,
+) -> Response<ResponseBody> {
+    let scheme = rd
+        .scheme
+        .as_deref()
+        .unwrap_or(if listener.https { "https" } else { "http" });
+    let port = match (rd.port, &rd.scheme) {
+        (Some(p), _) => p,
+        (None, Some(s)) if s == "https" => 443,
+        (None, Some(_)) => 80,
+        (None, None) => port,
+    };
+    let default_port = (scheme == "https" && port == 443) || (scheme == "http" && port == 80);
+    let host = rd.hostname.as_deref().unwrap_or(host);
+    let path = match &rd.path {
+        Some(rw) => Cow::Owned(rewritten_path(rw, route, req.uri().path())),
+        None => Cow::Borrowed(req.uri().path()),
+    };
+    let mut location = format!("{scheme}://{host}");
+    if !default_port {
+        location.push_str(&format!(":{port}"));
+    }
+    location.push_str(&path);
+    if let Some(q) = req.uri().query() {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut r = Response::new(ResponseBody::Local(None));
+    *r.status_mut() = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+struct Forward<'a> {
+    shared: &'a Shared,
+    listener: &'a CompiledListener,
+    route: &'a Route,
+    cluster: &'a Arc<ClusterRuntime>,
+    conn: ConnInfo,
+    host_value: Option<HeaderValue>,
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn retry_on(on: &[String], outcome: Result<u16, UpstreamError>) -> bool {
+    on.iter().any(|c| match (c.as_str(), outcome) {
+        ("connect-failure", Err(UpstreamError::ConnectFailure)) => true,
+        ("reset", Err(UpstreamError::Reset)) => true,
+        (
+            "5xx",
+            Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout),
+        ) => true,
+        ("5xx", Ok(s)) => s >= 500,
+        (
+            "gateway-error",
+            Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout),
+        ) => true,
+        ("gateway-error", Ok(s)) => matches!(s, 502..=504),
+        (code, Ok(s)) => code.parse::<u16>() == Ok(s),
+        _ => false,
+    })
+}
+
+/// Walks an error's sources looking for `T`.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl Forward<'_> {
+    async fn run(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
+        let limits = &self.shared.limits;
+        let (mut parts, incoming) = req.into_parts();
+        if incoming.size_hint().lower() > limits.max_request_body as u64 {
+            return Err(Local::BodyTooLarge);
+        }
+        let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
+        let cluster = self.cluster;
+        let spec = &cluster.spec;
+
+        // Head of the upstream request.
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, true);
+        let via = if parts.version == Version::HTTP_2 {
+            "2 ferrum"
+        } else {
+            "1.1 ferrum"
+        };
+        headers::add_forwarded(
+            h,
+            self.conn.client.ip(),
+            self.listener.https,
+            self.host_value.as_ref(),
+            via,
+        );
+        if !h.contains_key(header::HOST)
+            && let Some(v) = &self.host_value
+        {
+            h.insert(header::HOST, v.clone());
+        }
+        let mut path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(rw) = &self.route.rewrite {
+            if let Some(host) = &rw.hostname
+                && let Ok(v) = HeaderValue::from_str(host)
+            {
+                h.insert(header::HOST, v);
+            }
+            if let Some(p) = &rw.path {
+                let mut new = rewritten_path(p, self.route, path_and_query.path());
+                if let Some(q) = path_and_query.query() {
+                    new.push('?');
+                    new.push_str(q);
+                }
+                path_and_query = PathAndQuery::try_from(new).map_err(|_| Local::RouteNotFound)?;
+            }
+        }
+        self.route.request_headers.apply(h);
+
+        let hash_key: Option<Vec<u8>> = match cluster.balancer.hash_on() {
+            Some(HashOn::Header(name)) => h.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+            Some(HashOn::ClientIp) => Some(self.conn.client.ip().to_string().into_bytes()),
+            None => None,
+        };
+
+        let body_empty = incoming.is_end_stream();
+        let retry = spec
+            .retry
+            .as_ref()
+            .filter(|_| body_empty && is_idempotent(&parts.method));
+        let mut body = Some(if body_empty {
+            RequestBody::Empty
+        } else {
+            RequestBody::Stream(Limited::new(incoming, limits.max_request_body))
+        });
+        let per_try = Duration::from_millis(
+            self.route
+                .timeouts
+                .backend_request_ms
+                .unwrap_or(spec.timeouts.read_ms),
+        );
+        let deadline = self
+            .route
+            .timeouts
+            .request_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        let mut avoid = None;
+        let mut attempt = 0u32;
+        let mut _retry_guard = None;
+        loop {
+            let Some((idx, ep_guard)) = cluster.pick(hash_key.as_deref(), avoid) else {
+                cluster.stats.error(UpstreamError::NoHealthyUpstream);
+                return Err(Local::Upstream(UpstreamError::NoHealthyUpstream));
+            };
+            let ep = &cluster.endpoints[idx];
+            let uri = {
+                let mut u = http::uri::Parts::default();
+                u.scheme = Some(cluster.scheme.clone());
+                u.authority = Some(ep.authority.clone());
+                u.path_and_query = Some(path_and_query.clone());
+                Uri::from_parts(u).expect("scheme, authority and path make a URI")
+            };
+            let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = if retry.is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+
+            let mut timeout = per_try;
+            if let Some(d) = deadline {
+                timeout = timeout.min(d.saturating_duration_since(tokio::time::Instant::now()));
+            }
+            let try_started = Instant::now();
+            let result = tokio::time::timeout(timeout, cluster.client.request(up)).await;
+            let outcome: Result<Response<Incoming>, UpstreamError> = match result {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => {
+                    if caused_by::<http_body_util::LengthLimitError>(&e) {
+                        return Err(Local::BodyTooLarge);
+                    }
+                    if caused_by::<MaxConnections>(&e) {
+                        cluster.stats.error(UpstreamError::Overflow);
+                        return Err(Local::Upstream(UpstreamError::Overflow));
+                    }
+                    tracing::debug!(cluster = %spec.name, endpoint = %ep.key, error = ?e, "upstream request failed");
+                    Err(if e.is_connect() {
+                        UpstreamError::ConnectFailure
+                    } else {
+                        UpstreamError::Reset
+                    })
+                }
+                Err(_) => Err(UpstreamError::Timeout),
+            };
+            cluster.record(
+                ep,
+                match &outcome {
+                    Ok(r) => Outcome::Status(r.status().as_u16()),
+                    Err(UpstreamError::ConnectFailure) => Outcome::ConnectFailure,
+                    Err(_) => Outcome::OtherFailure,
+                },
+            );
+            let status = outcome
+                .as_ref()
+                .map(|r| r.status().as_u16())
+                .map_err(|e| *e);
+            match status {
+                Ok(s) => {
+                    cluster.stats.responses.record(s);
+                    cluster.stats.latency.observe(try_started.elapsed());
+                }
+                Err(e) => cluster.stats.error(e),
+            }
+            let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if let Some(policy) = retry
+                && attempt < policy.attempts
+                && !out_of_time
+                && retry_on(&policy.on, status)
+                && let Some(g) = cluster.try_retry()
+            {
+                _retry_guard = Some(g);
+                attempt += 1;
+                avoid = Some(idx);
+                drop(ep_guard);
+                // Full jitter on an exponential backoff.
+                let cap = policy.backoff_base_ms.saturating_mul(1 << attempt.min(6));
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
+                continue;
+            }
+            return match outcome {
+                Err(e) => Err(Local::Upstream(e)),
+                Ok(resp) => {
+                    let (mut rp, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut rp.headers, false);
+                    rp.headers
+                        .append(header::VIA, HeaderValue::from_static(via));
+                    Ok(Response::from_parts(
+                        rp,
+                        ResponseBody::Upstream {
+                            body,
+                            _request: Some(guard),
+                            _endpoint: Some(ep_guard),
+                        },
+                    ))
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_ports_from_hosts() {
+        assert_eq!(strip_port("a.com:8080"), "a.com");
+        assert_eq!(strip_port("a.com"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn prefix_replacement_keeps_segments() {
+        assert_eq!(replace_prefix("/api/users", "/api", "/v2"), "/v2/users");
+        assert_eq!(replace_prefix("/api", "/api", "/v2"), "/v2");
+        assert_eq!(replace_prefix("/api/", "/api", "/"), "/");
+        assert_eq!(replace_prefix("/api/x", "/api", "/"), "/x");
+        assert_eq!(replace_prefix("/x/y", "/", "/pre"), "/pre/x/y");
+    }
+
+    #[test]
+    fn retry_conditions() {
+        let on = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(retry_on(&on(&["5xx"]), Ok(503)));
+        assert!(!retry_on(&on(&["5xx"]), Ok(404)));
+        assert!(retry_on(&on(&["gateway-error"]), Ok(502)));
+        assert!(!retry_on(&on(&["gateway-error"]), Ok(500)));
+        assert!(retry_on(&on(&["429"]), Ok(429)));
+        assert!(retry_on(
+            &on(&["connect-failure"]),
+            Err(UpstreamError::ConnectFailure)
+        ));
+        assert!(!retry_on(
+            &on(&["connect-failure"]),
+            Err(UpstreamError::Timeout)
+        ));
+    }
+}

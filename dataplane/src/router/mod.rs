@@ -1,0 +1,526 @@
+//! Route lookup, prebuilt at compile time: O(1) host lookup (exact, then wildcard suffixes, then
+//! any-host), then a path index so the cost does not grow with the number of routes.
+//!
+//! Precedence is the order the snapshot gives; the index only narrows the candidates, and the
+//! candidate with the lowest position that also passes its method/header/query checks wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferrum_snapshot::model::{self, PathMatch, StringMatch};
+use http::{HeaderMap, HeaderName, Method};
+use regex::Regex;
+
+use crate::telemetry::RouteStats;
+use crate::upstream::ClusterRuntime;
+
+pub struct HostTable {
+    exact: HashMap<String, VirtualHost>,
+    /// Keyed by the suffix including its leading dot: `*.example.com` → `.example.com`.
+    wildcard: HashMap<String, VirtualHost>,
+    any: Option<VirtualHost>,
+}
+
+pub struct VirtualHost {
+    routes: Vec<Route>,
+    exact: HashMap<String, Vec<u32>>,
+    prefix: HashMap<String, Vec<u32>>,
+    regex: Vec<(Regex, u32)>,
+}
+
+pub struct Route {
+    pub name: String,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, Matcher)>,
+    query: Vec<(String, Matcher)>,
+    pub path: PathMatch,
+    pub request_headers: HeaderMods,
+    pub response_headers: HeaderMods,
+    pub rewrite: Option<model::Rewrite>,
+    pub action: Action,
+    pub timeouts: model::RouteTimeouts,
+    pub stats: Arc<RouteStats>,
+}
+
+pub enum Action {
+    /// Cumulative weights; a `None` target is a backend that did not resolve (500).
+    Forward(Vec<(u32, Option<Arc<ClusterRuntime>>)>),
+    Redirect(model::Redirect),
+}
+
+impl Action {
+    /// Weighted pick of a backend.
+    pub fn pick(&self) -> Option<&Option<Arc<ClusterRuntime>>> {
+        let Action::Forward(targets) = self else {
+            return None;
+        };
+        if targets.len() == 1 {
+            return Some(&targets[0].1);
+        }
+        let total = targets.last()?.0;
+        let r = fastrand::u32(0..total);
+        targets.iter().find(|(cum, _)| r < *cum).map(|(_, t)| t)
+    }
+}
+
+#[derive(Default)]
+pub struct HeaderMods {
+    pub set: Vec<(HeaderName, http::HeaderValue)>,
+    pub add: Vec<(HeaderName, http::HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderMods {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, h: &mut HeaderMap) {
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            h.remove(n);
+        }
+    }
+}
+
+enum Matcher {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl Matcher {
+    fn new(m: &StringMatch) -> Result<Self, regex::Error> {
+        Ok(match m {
+            StringMatch::Exact(s) => Matcher::Exact(s.clone()),
+            StringMatch::Regex(r) => Matcher::Regex(Regex::new(&format!("^(?:{r})$"))?),
+        })
+    }
+    fn is_match(&self, v: &str) -> bool {
+        match self {
+            Matcher::Exact(s) => s == v,
+            Matcher::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route:?}: {what}")]
+    Invalid { route: String, what: String },
+}
+
+/// What the compiler hands over for each snapshot route.
+pub struct RouteParts {
+    pub action: Action,
+    pub stats: Arc<RouteStats>,
+}
+
+fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError> {
+    let bad = |what: String| RouteError::Invalid {
+        route: route.to_string(),
+        what,
+    };
+    let pair = |(n, v): &(String, String)| -> Result<_, RouteError> {
+        Ok((
+            HeaderName::try_from(n.as_str()).map_err(|e| bad(format!("header {n:?}: {e}")))?,
+            http::HeaderValue::try_from(v.as_str())
+                .map_err(|e| bad(format!("header {n:?} value: {e}")))?,
+        ))
+    };
+    Ok(HeaderMods {
+        set: m.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: m.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: m
+            .remove
+            .iter()
+            .map(|n| {
+                HeaderName::try_from(n.as_str()).map_err(|e| bad(format!("header {n:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+impl VirtualHost {
+    pub fn build(
+        vh: &model::VirtualHost,
+        mut parts: impl FnMut(&model::Route) -> RouteParts,
+    ) -> Result<Self, RouteError> {
+        let mut out = VirtualHost {
+            routes: Vec::with_capacity(vh.routes.len()),
+            exact: HashMap::new(),
+            prefix: HashMap::new(),
+            regex: Vec::new(),
+        };
+        for (i, r) in vh.routes.iter().enumerate() {
+            let bad = |what: String| RouteError::Invalid {
+                route: r.name.clone(),
+                what,
+            };
+            let i = i as u32;
+            match &r.matcher.path {
+                PathMatch::Exact(p) => out.exact.entry(p.clone()).or_default().push(i),
+                PathMatch::Prefix(p) => out.prefix.entry(p.clone()).or_default().push(i),
+                PathMatch::Regex(re) => out.regex.push((
+                    Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?,
+                    i,
+                )),
+            }
+            let method = r
+                .matcher
+                .method
+                .as_deref()
+                .map(|m| Method::from_bytes(m.as_bytes()).map_err(|e| bad(e.to_string())))
+                .transpose()?;
+            let headers = r
+                .matcher
+                .headers
+                .iter()
+                .map(|h| {
+                    Ok((
+                        HeaderName::try_from(h.name.as_str()).map_err(|e| bad(e.to_string()))?,
+                        Matcher::new(&h.value).map_err(|e| bad(e.to_string()))?,
+                    ))
+                })
+                .collect::<Result<_, RouteError>>()?;
+            let query = r
+                .matcher
+                .query_params
+                .iter()
+                .map(|q| {
+                    Ok((
+                        q.name.clone(),
+                        Matcher::new(&q.value).map_err(|e| bad(e.to_string()))?,
+                    ))
+                })
+                .collect::<Result<_, RouteError>>()?;
+            let p = parts(r);
+            out.routes.push(Route {
+                name: r.name.clone(),
+                method,
+                headers,
+                query,
+                path: r.matcher.path.clone(),
+                request_headers: mods(&r.request_headers, &r.name)?,
+                response_headers: mods(&r.response_headers, &r.name)?,
+                rewrite: r.rewrite.clone(),
+                action: p.action,
+                timeouts: r.timeouts.clone(),
+                stats: p.stats,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The first route, in precedence order, that matches.
+    pub fn find(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
+        let mut best = u32::MAX;
+        let mut consider = |list: &[u32]| {
+            // Lists are in precedence order: the first that passes is the best of this list.
+            for &i in list {
+                if i >= best {
+                    return;
+                }
+                if self.routes[i as usize].passes(method, query, headers) {
+                    best = i;
+                    return;
+                }
+            }
+        };
+        if let Some(l) = self.exact.get(path) {
+            consider(l);
+        }
+        // Segment-wise prefixes: "/a/b/c" is matched by "/a/b/c", "/a/b", "/a" and "/".
+        if !self.prefix.is_empty() {
+            let mut end = path.len();
+            loop {
+                let candidate = if end == 0 { "/" } else { &path[..end] };
+                if let Some(l) = self.prefix.get(candidate) {
+                    consider(l);
+                }
+                if end == 0 {
+                    break;
+                }
+                end = path[..end].rfind('/').unwrap_or(0);
+            }
+        }
+        for (re, i) in &self.regex {
+            if *i < best
+                && re.is_match(path)
+                && self.routes[*i as usize].passes(method, query, headers)
+            {
+                best = *i;
+            }
+        }
+        self.routes.get(best as usize)
+    }
+}
+
+impl Route {
+    fn passes(&self, method: &Method, query: Option<&str>, headers: &HeaderMap) -> bool {
+        if let Some(m) = &self.method
+            && m != method
+        {
+            return false;
+        }
+        for (name, m) in &self.headers {
+            // Repeated headers are matched as their comma-joined value, as the spec allows.
+            let mut values = headers.get_all(name).iter();
+            let Some(first) = values.next() else {
+                return false;
+            };
+            let ok = match values.next() {
+                None => first.to_str().is_ok_and(|v| m.is_match(v)),
+                Some(_) => {
+                    let joined: Vec<&str> = headers
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    m.is_match(&joined.join(","))
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        for (name, m) in &self.query {
+            // The first occurrence of a parameter is the one that counts.
+            let value = query.and_then(|q| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                })
+            });
+            if !value.is_some_and(|v| m.is_match(v)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl HostTable {
+    pub fn build(vhosts: Vec<(String, VirtualHost)>) -> Self {
+        let mut t = HostTable {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            any: None,
+        };
+        for (host, vh) in vhosts {
+            if host == "*" {
+                t.any = Some(vh);
+            } else if let Some(suffix) = host.strip_prefix('*') {
+                t.wildcard.insert(suffix.to_string(), vh);
+            } else {
+                t.exact.insert(host, vh);
+            }
+        }
+        t
+    }
+
+    /// `host` must be lower-case and without port.
+    pub fn find(&self, host: &str) -> Option<&VirtualHost> {
+        if let Some(v) = self.exact.get(host) {
+            return Some(v);
+        }
+        if !self.wildcard.is_empty() {
+            // Longest suffix first: for "a.b.c.com" try ".b.c.com", ".c.com", ".com".
+            let mut rest = host;
+            while let Some(dot) = rest.find('.') {
+                let suffix = &rest[dot..];
+                if let Some(v) = self.wildcard.get(suffix) {
+                    return Some(v);
+                }
+                rest = &rest[dot + 1..];
+            }
+        }
+        self.any.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrum_snapshot::model::{KeyMatch, RouteMatch};
+
+    fn route(name: &str, m: RouteMatch) -> model::Route {
+        model::Route {
+            name: name.into(),
+            matcher: m,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+            rewrite: None,
+            action: model::Action::Forward(vec![]),
+            timeouts: Default::default(),
+        }
+    }
+
+    fn vh(routes: Vec<model::Route>) -> VirtualHost {
+        VirtualHost::build(
+            &model::VirtualHost {
+                hostname: "*".into(),
+                routes,
+            },
+            |_| RouteParts {
+                action: Action::Forward(vec![]),
+                stats: Default::default(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn path(p: PathMatch) -> RouteMatch {
+        RouteMatch {
+            path: p,
+            ..Default::default()
+        }
+    }
+
+    fn find<'a>(
+        v: &'a VirtualHost,
+        m: &str,
+        p: &str,
+        q: Option<&str>,
+        h: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut headers = HeaderMap::new();
+        for (k, val) in h {
+            headers.append(HeaderName::try_from(*k).unwrap(), val.parse().unwrap());
+        }
+        v.find(&Method::from_bytes(m.as_bytes()).unwrap(), p, q, &headers)
+            .map(|r| r.name.as_str())
+    }
+
+    #[test]
+    fn prefix_matches_whole_segments() {
+        let v = vh(vec![
+            route("foo", path(PathMatch::Prefix("/foo".into()))),
+            route("root", path(PathMatch::Prefix("/".into()))),
+        ]);
+        assert_eq!(find(&v, "GET", "/foo", None, &[]), Some("foo"));
+        assert_eq!(find(&v, "GET", "/foo/bar", None, &[]), Some("foo"));
+        assert_eq!(find(&v, "GET", "/foobar", None, &[]), Some("root"));
+        assert_eq!(find(&v, "GET", "/", None, &[]), Some("root"));
+    }
+
+    #[test]
+    fn first_in_precedence_wins_across_index_kinds() {
+        let v = vh(vec![
+            route("exact", path(PathMatch::Exact("/a/b".into()))),
+            route("regex", path(PathMatch::Regex("/a/[0-9]+".into()))),
+            route("prefix-ab", path(PathMatch::Prefix("/a/b".into()))),
+            route("prefix-a", path(PathMatch::Prefix("/a".into()))),
+        ]);
+        assert_eq!(find(&v, "GET", "/a/b", None, &[]), Some("exact"));
+        assert_eq!(find(&v, "GET", "/a/12", None, &[]), Some("regex"));
+        assert_eq!(
+            find(&v, "GET", "/a/12x", None, &[]),
+            Some("prefix-a"),
+            "regex is anchored"
+        );
+        assert_eq!(find(&v, "GET", "/a/b/c", None, &[]), Some("prefix-ab"));
+        assert_eq!(find(&v, "GET", "/z", None, &[]), None);
+    }
+
+    #[test]
+    fn method_header_and_query_conditions() {
+        let m = RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            method: Some("POST".into()),
+            headers: vec![
+                KeyMatch {
+                    name: "x-env".into(),
+                    value: StringMatch::Exact("prod".into()),
+                },
+                KeyMatch {
+                    name: "x-ver".into(),
+                    value: StringMatch::Regex("v[12]".into()),
+                },
+            ],
+            query_params: vec![KeyMatch {
+                name: "q".into(),
+                value: StringMatch::Exact("1".into()),
+            }],
+        };
+        let v = vh(vec![
+            route("strict", m),
+            route("fallback", path(PathMatch::Prefix("/".into()))),
+        ]);
+        let good = [("x-env", "prod"), ("x-ver", "v2")];
+        assert_eq!(
+            find(&v, "POST", "/x", Some("a=2&q=1"), &good),
+            Some("strict")
+        );
+        assert_eq!(find(&v, "GET", "/x", Some("q=1"), &good), Some("fallback"));
+        assert_eq!(find(&v, "POST", "/x", Some("q=2"), &good), Some("fallback"));
+        assert_eq!(
+            find(
+                &v,
+                "POST",
+                "/x",
+                Some("q=1"),
+                &[("x-env", "prod"), ("x-ver", "v3")]
+            ),
+            Some("fallback")
+        );
+        assert_eq!(
+            find(&v, "POST", "/x", Some("q=1&q=2"), &good),
+            Some("strict"),
+            "first occurrence counts"
+        );
+    }
+
+    #[test]
+    fn host_lookup_prefers_exact_then_longest_wildcard() {
+        let t = HostTable::build(vec![
+            (
+                "a.example.com".into(),
+                vh(vec![route("exact", path(PathMatch::default()))]),
+            ),
+            (
+                "*.example.com".into(),
+                vh(vec![route("wild", path(PathMatch::default()))]),
+            ),
+            (
+                "*.b.example.com".into(),
+                vh(vec![route("wild-b", path(PathMatch::default()))]),
+            ),
+            (
+                "*".into(),
+                vh(vec![route("any", path(PathMatch::default()))]),
+            ),
+        ]);
+        let name = |h: &str| t.find(h).map(|v| v.routes[0].name.clone()).unwrap();
+        assert_eq!(name("a.example.com"), "exact");
+        assert_eq!(name("z.example.com"), "wild");
+        assert_eq!(name("x.b.example.com"), "wild-b");
+        assert_eq!(name("example.com"), "any");
+        assert_eq!(name("other.org"), "any");
+    }
+
+    #[test]
+    fn ten_thousand_routes_index_by_path() {
+        let routes = (0..10_000)
+            .map(|i| {
+                route(
+                    &format!("r{i}"),
+                    path(PathMatch::Prefix(format!("/svc{i}"))),
+                )
+            })
+            .collect();
+        let v = vh(routes);
+        assert_eq!(find(&v, "GET", "/svc9999/x", None, &[]), Some("r9999"));
+        assert_eq!(v.exact.len() + v.regex.len(), 0);
+    }
+}

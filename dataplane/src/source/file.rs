@@ -1,0 +1,141 @@
+//! File mode: Kubernetes-style YAML (one file, several, or directories of `*.yaml`), translated
+//! by the shared translator. Reloaded on change and on SIGHUP; a bad edit is logged and the last
+//! good config keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrum_snapshot::translate::Options;
+use ferrum_snapshot::{Problem, Resources, Snapshot, translate};
+use notify::{RecursiveMode, Watcher};
+
+use crate::dataplane::Dataplane;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Load(#[from] ferrum_snapshot::resources::LoadError),
+    #[error("{} problem(s) in the config:\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Problems(Vec<Problem>),
+}
+
+fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let io = |source| SourceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and translates the config. Any problem at all is an error: in file mode there is no
+/// status to report a half-accepted object on.
+pub fn load(paths: &[PathBuf], version: u64) -> Result<Snapshot, SourceError> {
+    let mut res = Resources::default();
+    for p in paths {
+        for f in yaml_files(p)? {
+            let text = std::fs::read_to_string(&f).map_err(|source| SourceError::Io {
+                path: f.display().to_string(),
+                source,
+            })?;
+            res.add_yaml(&f.display().to_string(), &text)?;
+        }
+    }
+    let t = translate(&res, version, &Options::default());
+    if !t.problems.is_empty() {
+        return Err(SourceError::Problems(t.problems));
+    }
+    Ok(t.snapshot)
+}
+
+/// Loads and applies if the content changed. Returns whether a new config is serving.
+pub fn reload(paths: &[PathBuf], dp: &Dataplane) -> bool {
+    let current = dp.shared.config.load();
+    let next_version = current.snapshot.version + 1;
+    let result = match load(paths, next_version) {
+        Ok(snap) if snap.hash == current.snapshot.hash => Ok(false),
+        // apply() counts its own failures.
+        Ok(snap) => dp.apply(snap).map(|_| true).map_err(|e| e.to_string()),
+        Err(e) => {
+            dp.shared
+                .registry
+                .reloads_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(e.to_string())
+        }
+    };
+    match result {
+        Ok(changed) => {
+            if changed {
+                tracing::info!(version = next_version, "config reloaded");
+            }
+            changed
+        }
+        Err(e) => {
+            tracing::error!(
+                "config rejected, still serving version {}: {e}",
+                current.snapshot.version
+            );
+            false
+        }
+    }
+}
+
+/// Watches the config paths (their directories, since editors replace files) and SIGHUP.
+pub async fn watch(paths: Vec<PathBuf>, dp: Arc<Dataplane>) -> notify::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watched: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let relevant = watched.clone();
+    let fs_tx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && !ev.kind.is_access()
+            && ev.paths.iter().any(|p| {
+                relevant
+                    .iter()
+                    .any(|r| p.starts_with(r) || r.starts_with(p))
+            })
+        {
+            let _ = fs_tx.try_send(());
+        }
+    })?;
+    for p in &watched {
+        let dir = if p.is_dir() {
+            p.as_path()
+        } else {
+            p.parent().unwrap_or(Path::new("."))
+        };
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(notify::Error::io)?;
+    loop {
+        tokio::select! {
+            r = rx.recv() => if r.is_none() { return Ok(()) },
+            _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
+        }
+        // Editors write in several steps: let them finish, then read once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while rx.try_recv().is_ok() {}
+        let (paths, dp2) = (paths.clone(), dp.clone());
+        let _ = tokio::task::spawn_blocking(move || reload(&paths, &dp2)).await;
+    }
+}

@@ -1,0 +1,411 @@
+//! Lock-free request metrics and their Prometheus text form.
+//!
+//! Counters live in `Arc`s handed to compiled routes and clusters at compile time, so the
+//! request path only does relaxed atomic adds. The registry map is touched only when a config is
+//! compiled and when `/metrics` is scraped; stats of a route or cluster survive reloads because
+//! the compiler looks them up by name.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds in microseconds.
+const BUCKETS_US: [u64; 14] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS_US.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                *b as f64 / 1e6
+            );
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Responses by status class (index 0 = 1xx … 4 = 5xx).
+#[derive(Default)]
+pub struct StatusCounts([AtomicU64; 5]);
+
+impl StatusCounts {
+    pub fn record(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.0[i].fetch_add(1, Relaxed);
+    }
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, c) in self.0.iter().enumerate() {
+            let v = c.load(Relaxed);
+            if v > 0 {
+                let _ = writeln!(out, "{name}{{{labels},code=\"{}xx\"}} {v}", i + 1);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct RouteStats {
+    pub responses: StatusCounts,
+    pub latency: Histogram,
+}
+
+/// Why a request to a cluster failed without an upstream response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    ConnectFailure,
+    Timeout,
+    Reset,
+    Overflow,
+    NoHealthyUpstream,
+}
+
+impl UpstreamError {
+    const ALL: [UpstreamError; 5] = [
+        UpstreamError::ConnectFailure,
+        UpstreamError::Timeout,
+        UpstreamError::Reset,
+        UpstreamError::Overflow,
+        UpstreamError::NoHealthyUpstream,
+    ];
+    /// Also the value of the `x-ferrum-error` response header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::ConnectFailure => "upstream_connect_failure",
+            UpstreamError::Timeout => "upstream_timeout",
+            UpstreamError::Reset => "upstream_reset",
+            UpstreamError::Overflow => "upstream_overflow",
+            UpstreamError::NoHealthyUpstream => "no_healthy_upstream",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ClusterStats {
+    pub responses: StatusCounts,
+    pub latency: Histogram,
+    pub errors: [AtomicU64; 5],
+    pub retries: AtomicU64,
+    pub connections_active: AtomicI64,
+    pub connections_total: AtomicU64,
+    pub ejections: AtomicU64,
+}
+
+impl ClusterStats {
+    pub fn error(&self, e: UpstreamError) {
+        self.errors[e as usize].fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    pub config_version: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    pub downstream_active: AtomicI64,
+    pub downstream_total: AtomicU64,
+    /// Requests that matched no route (404) or no listener host.
+    pub unrouted: AtomicU64,
+}
+
+/// Health of each endpoint, for `/metrics`; the upstream module fills it at scrape time.
+pub struct EndpointHealth {
+    pub cluster: String,
+    pub endpoint: String,
+    pub healthy: bool,
+    pub active_requests: u32,
+}
+
+impl Registry {
+    pub fn route(&self, name: &str) -> Arc<RouteStats> {
+        self.routes
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        self.clusters
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets stats of routes and clusters the current config no longer has.
+    pub fn retain(&self, routes: &dyn Fn(&str) -> bool, clusters: &dyn Fn(&str) -> bool) {
+        self.routes.lock().unwrap().retain(|k, _| routes(k));
+        self.clusters.lock().unwrap().retain(|k, _| clusters(k));
+    }
+
+    pub fn render(&self, health: &[EndpointHealth]) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let g = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        g(
+            &mut out,
+            "ferrum_config_version",
+            "gauge",
+            "Version of the snapshot being served.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_config_version {}",
+            self.config_version.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "ferrum_config_reloads_total",
+            "counter",
+            "Config reloads by result.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_config_reloads_total{{result=\"rejected\"}} {}",
+            self.reloads_failed.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "ferrum_downstream_connections_active",
+            "gauge",
+            "Open client connections.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_downstream_connections_active {}",
+            self.downstream_active.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "ferrum_downstream_connections_total",
+            "counter",
+            "Accepted client connections.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_downstream_connections_total {}",
+            self.downstream_total.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "ferrum_unrouted_requests_total",
+            "counter",
+            "Requests that matched no route.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_unrouted_requests_total {}",
+            self.unrouted.load(Relaxed)
+        );
+
+        let routes = self.routes.lock().unwrap().clone();
+        g(
+            &mut out,
+            "ferrum_route_requests_total",
+            "counter",
+            "Responses by route and status class.",
+        );
+        for (name, s) in &routes {
+            s.responses.render(
+                &mut out,
+                "ferrum_route_requests_total",
+                &format!("route=\"{name}\""),
+            );
+        }
+        g(
+            &mut out,
+            "ferrum_route_request_duration_seconds",
+            "histogram",
+            "Time to response headers by route.",
+        );
+        for (name, s) in &routes {
+            s.latency.render(
+                &mut out,
+                "ferrum_route_request_duration_seconds",
+                &format!("route=\"{name}\""),
+            );
+        }
+
+        let clusters = self.clusters.lock().unwrap().clone();
+        g(
+            &mut out,
+            "ferrum_cluster_requests_total",
+            "counter",
+            "Upstream responses by cluster and status class.",
+        );
+        for (name, s) in &clusters {
+            s.responses.render(
+                &mut out,
+                "ferrum_cluster_requests_total",
+                &format!("cluster=\"{name}\""),
+            );
+        }
+        g(
+            &mut out,
+            "ferrum_cluster_upstream_duration_seconds",
+            "histogram",
+            "Upstream time to response headers.",
+        );
+        for (name, s) in &clusters {
+            s.latency.render(
+                &mut out,
+                "ferrum_cluster_upstream_duration_seconds",
+                &format!("cluster=\"{name}\""),
+            );
+        }
+        g(
+            &mut out,
+            "ferrum_cluster_upstream_errors_total",
+            "counter",
+            "Requests that got no upstream response, by reason.",
+        );
+        for (name, s) in &clusters {
+            for e in UpstreamError::ALL {
+                let _ = writeln!(
+                    out,
+                    "ferrum_cluster_upstream_errors_total{{cluster=\"{name}\",reason=\"{}\"}} {}",
+                    e.as_str(),
+                    s.errors[e as usize].load(Relaxed)
+                );
+            }
+        }
+        for (metric, kind, help, f) in [
+            (
+                "ferrum_cluster_retries_total",
+                "counter",
+                "Retries sent.",
+                (|s: &ClusterStats| s.retries.load(Relaxed) as i64) as fn(&ClusterStats) -> i64,
+            ),
+            (
+                "ferrum_cluster_connections_active",
+                "gauge",
+                "Open upstream connections.",
+                |s| s.connections_active.load(Relaxed),
+            ),
+            (
+                "ferrum_cluster_connections_total",
+                "counter",
+                "Upstream connections opened.",
+                |s| s.connections_total.load(Relaxed) as i64,
+            ),
+            (
+                "ferrum_cluster_ejections_total",
+                "counter",
+                "Endpoints ejected by outlier detection.",
+                |s| s.ejections.load(Relaxed) as i64,
+            ),
+        ] {
+            g(&mut out, metric, kind, help);
+            for (name, s) in &clusters {
+                let _ = writeln!(out, "{metric}{{cluster=\"{name}\"}} {}", f(s));
+            }
+        }
+        g(
+            &mut out,
+            "ferrum_endpoint_healthy",
+            "gauge",
+            "1 when the endpoint receives traffic (health checks and outlier detection).",
+        );
+        for h in health {
+            let _ = writeln!(
+                out,
+                "ferrum_endpoint_healthy{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                h.cluster,
+                h.endpoint,
+                u8::from(h.healthy)
+            );
+        }
+        g(
+            &mut out,
+            "ferrum_endpoint_active_requests",
+            "gauge",
+            "Requests in flight per endpoint.",
+        );
+        for h in health {
+            let _ = writeln!(
+                out,
+                "ferrum_endpoint_active_requests{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                h.cluster, h.endpoint, h.active_requests
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let r = Registry::default();
+        let s = r.route("default/r/0/0");
+        s.responses.record(200);
+        s.responses.record(503);
+        s.latency.observe(Duration::from_millis(3));
+        r.cluster("c").error(UpstreamError::Timeout);
+        let text = r.render(&[EndpointHealth {
+            cluster: "c".into(),
+            endpoint: "1.2.3.4:80".into(),
+            healthy: false,
+            active_requests: 0,
+        }]);
+        assert!(
+            text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"} 1")
+        );
+        assert!(
+            text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"5xx\"} 1")
+        );
+        assert!(text.contains(
+            "ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.0025\"} 0"
+        ));
+        assert!(text.contains(
+            "ferrum_cluster_upstream_errors_total{cluster=\"c\",reason=\"upstream_timeout\"} 1"
+        ));
+        assert!(text.contains("ferrum_endpoint_healthy{cluster=\"c\",endpoint=\"1.2.3.4:80\"} 0"));
+    }
+}

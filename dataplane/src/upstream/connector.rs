@@ -1,0 +1,275 @@
+//! The pooled upstream client of one cluster: hyper-util's pooling client over a TCP connector
+//! that counts (and caps) open connections, with rustls when the cluster asks for TLS.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
+use hyper::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+
+use crate::proxy::body::RequestBody;
+use crate::telemetry::ClusterStats;
+
+pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, RequestBody>;
+
+/// The circuit breaker's connection limit was reached.
+#[derive(Debug, thiserror::Error)]
+#[error("cluster connection limit ({0}) reached")]
+pub struct MaxConnections(pub u32);
+
+#[derive(Clone)]
+pub struct CountingConnector {
+    inner: HttpConnector,
+    stats: Arc<ClusterStats>,
+    max: u32,
+}
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = Counted;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Counted, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let stats = self.stats.clone();
+        let max = self.max;
+        let fut = self.inner.call(uri);
+        Box::pin(async move {
+            // Reserve first so concurrent connects cannot overshoot the limit.
+            if stats.connections_active.fetch_add(1, Relaxed) >= i64::from(max) {
+                stats.connections_active.fetch_sub(1, Relaxed);
+                return Err(MaxConnections(max).into());
+            }
+            match fut.await {
+                Ok(io) => {
+                    stats.connections_total.fetch_add(1, Relaxed);
+                    Ok(Counted { io, stats })
+                }
+                Err(e) => {
+                    stats.connections_active.fetch_sub(1, Relaxed);
+                    Err(e.into())
+                }
+            }
+        })
+    }
+}
+
+/// A TCP connection that keeps the cluster's open-connection gauge honest.
+pub struct Counted {
+    io: TokioIo<TcpStream>,
+    stats: Arc<ClusterStats>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.stats.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Connection for Counted {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl Read for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cluster {cluster:?}: cannot read CA file {path:?}: {source}")]
+    CaFile {
+        cluster: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cluster {cluster:?}: CA file {path:?} holds no usable certificate")]
+    NoCa { cluster: String, path: String },
+    #[error("cluster {cluster:?}: TLS: {what}")]
+    Tls { cluster: String, what: String },
+}
+
+fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls {
+            cluster: c.name.clone(),
+            what: e.to_string(),
+        })?;
+    let Some(tls) = &c.tls else {
+        // Never used for plain-text endpoints, but the connector type wants one.
+        return Ok(builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth());
+    };
+    let mut cfg = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(path) = &tls.ca_file {
+            let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
+                cluster: c.name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(ClientError::NoCa {
+                    cluster: c.name.clone(),
+                    path: path.clone(),
+                });
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    cfg.alpn_protocols = match c.protocol {
+        UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
+        UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+    };
+    Ok(cfg)
+}
+
+pub fn build(c: &Cluster, stats: Arc<ClusterStats>) -> Result<UpstreamClient, ClientError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_millis(c.timeouts.connect_ms)));
+    let counting = CountingConnector {
+        inner: http,
+        stats,
+        max: c.circuit_breaker.max_connections,
+    };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(c)?)
+        .https_or_http();
+    let builder = match &c.tls {
+        Some(t) => {
+            let name = rustls_pki_types::ServerName::try_from(t.sni.clone()).map_err(|e| {
+                ClientError::Tls {
+                    cluster: c.name.clone(),
+                    what: format!("SNI {:?}: {e}", t.sni),
+                }
+            })?;
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    let connector = builder.enable_all_versions().wrap_connector(counting);
+    let mut cb = Client::builder(TokioExecutor::new());
+    cb.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_millis(c.timeouts.idle_ms))
+        .pool_max_idle_per_host(usize::MAX)
+        .http1_max_buf_size(crate::limits::MAX_HEADER_BYTES)
+        .http2_max_header_list_size(crate::limits::MAX_HEADER_BYTES as u32)
+        .http2_adaptive_window(true)
+        // We set Host ourselves: the client must not replace it with the endpoint address.
+        .set_host(false)
+        .retry_canceled_requests(true);
+    if c.protocol == UpstreamProtocol::Http2 {
+        cb.http2_only(true);
+    }
+    Ok(cb.build(connector))
+}
+
+/// `insecureSkipVerify`: accepts any server certificate, still checks signatures.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,322 @@
+//! Upstream clusters at run time: endpoints with their health, the balancer, the pooled client,
+//! the circuit breaker and the retry budget.
+//!
+//! A `ClusterRuntime` is rebuilt only when its cluster's spec changes; endpoint state (health,
+//! ejections) is carried over by address, so a reload does not forget what it learned.
+
+pub mod balance;
+pub mod connector;
+pub mod health;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use ferrum_snapshot::model::{Cluster, Endpoint, OutlierDetection};
+use http::uri::{Authority, Scheme};
+use tokio::sync::Notify;
+
+use crate::telemetry::{ClusterStats, EndpointHealth, UpstreamError};
+use balance::{Balancer, Candidate};
+pub use connector::{MaxConnections, UpstreamClient};
+
+/// Milliseconds since the process started: a cheap, monotonic clock for atomics.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+pub struct EndpointState {
+    pub key: String,
+    pub authority: Authority,
+    pub weight: u32,
+    /// Ready from the source (EndpointSlice) and not failed by active health checks.
+    healthy: AtomicBool,
+    hc_streak: AtomicU32,
+    consecutive_5xx: AtomicU32,
+    consecutive_connect: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
+    active: AtomicU32,
+}
+
+impl EndpointState {
+    fn new(e: &Endpoint) -> Result<Self, http::uri::InvalidUri> {
+        let key = if e.address.contains(':') {
+            format!("[{}]:{}", e.address, e.port)
+        } else {
+            format!("{}:{}", e.address, e.port)
+        };
+        Ok(EndpointState {
+            authority: Authority::try_from(key.as_str())?,
+            key,
+            weight: e.weight,
+            healthy: AtomicBool::new(e.ready),
+            hc_streak: AtomicU32::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_connect: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            active: AtomicU32::new(0),
+        })
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Relaxed);
+        until != 0 && now_ms() < until
+    }
+}
+
+impl Candidate for Arc<EndpointState> {
+    fn available(&self) -> bool {
+        self.healthy() && !self.ejected()
+    }
+    fn active_requests(&self) -> u32 {
+        self.active.load(Relaxed)
+    }
+}
+
+/// What happened to one try, for passive health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Status(u16),
+    ConnectFailure,
+    OtherFailure,
+}
+
+pub struct ClusterRuntime {
+    pub spec: Cluster,
+    pub endpoints: Vec<Arc<EndpointState>>,
+    pub balancer: Balancer,
+    pub client: UpstreamClient,
+    pub scheme: Scheme,
+    pub stats: Arc<ClusterStats>,
+    active: AtomicU32,
+    pending: AtomicU32,
+    retries_active: AtomicU32,
+    released: Notify,
+    health: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ClusterRuntime {
+    fn drop(&mut self) {
+        if let Some(h) = &self.health {
+            h.abort();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster {cluster:?}: endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        cluster: String,
+        endpoint: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error(transparent)]
+    Client(#[from] connector::ClientError),
+}
+
+/// Held for the life of one request to a cluster (until the response body ends): it keeps the
+/// circuit breaker's and least-request's counts.
+pub struct RequestGuard {
+    cluster: Arc<ClusterRuntime>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.cluster.active.fetch_sub(1, Relaxed);
+        if self.cluster.pending.load(Relaxed) > 0 {
+            self.cluster.released.notify_one();
+        }
+    }
+}
+
+pub struct EndpointGuard(pub Arc<EndpointState>);
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ClusterRuntime {
+    /// Builds a runtime, reusing endpoint state from `previous` for endpoints it already knew.
+    pub fn new(
+        spec: &Cluster,
+        previous: Option<&ClusterRuntime>,
+        stats: Arc<ClusterStats>,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let old: HashMap<&str, &Arc<EndpointState>> = previous
+            .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
+            .unwrap_or_default();
+        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+        for e in &spec.endpoints {
+            let fresh = EndpointState::new(e).map_err(|source| ClusterError::Endpoint {
+                cluster: spec.name.clone(),
+                endpoint: format!("{}:{}", e.address, e.port),
+                source,
+            })?;
+            match old.get(fresh.key.as_str()) {
+                // Same endpoint and the source still calls it ready: keep what we learned.
+                Some(prev) if prev.weight == e.weight && e.ready => {
+                    endpoints.push(Arc::clone(prev))
+                }
+                _ => endpoints.push(Arc::new(fresh)),
+            }
+        }
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        let client = connector::build(spec, stats.clone())?;
+        let mut rt = ClusterRuntime {
+            balancer: Balancer::new(&spec.lb, &weights),
+            scheme: if spec.tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
+            spec: spec.clone(),
+            endpoints,
+            client,
+            stats,
+            active: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
+            retries_active: AtomicU32::new(0),
+            released: Notify::new(),
+            health: None,
+        };
+        if spec.health_check.is_some() && !rt.endpoints.is_empty() {
+            rt.health = Some(health::spawn(&rt));
+        }
+        Ok(Arc::new(rt))
+    }
+
+    /// Admission under the circuit breaker: at most `max_requests` in flight; up to
+    /// `max_pending_requests` more wait (no longer than the connect timeout) for a slot.
+    pub async fn admit(self: &Arc<Self>) -> Result<RequestGuard, UpstreamError> {
+        let cb = &self.spec.circuit_breaker;
+        if self.active.fetch_add(1, Relaxed) < cb.max_requests {
+            return Ok(RequestGuard {
+                cluster: self.clone(),
+            });
+        }
+        self.active.fetch_sub(1, Relaxed);
+        if self.pending.fetch_add(1, Relaxed) >= cb.max_pending_requests {
+            self.pending.fetch_sub(1, Relaxed);
+            self.stats.error(UpstreamError::Overflow);
+            return Err(UpstreamError::Overflow);
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.spec.timeouts.connect_ms);
+        let result = loop {
+            let notified = self.released.notified();
+            if self.active.fetch_add(1, Relaxed) < cb.max_requests {
+                break Ok(RequestGuard {
+                    cluster: self.clone(),
+                });
+            }
+            self.active.fetch_sub(1, Relaxed);
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.stats.error(UpstreamError::Overflow);
+                break Err(UpstreamError::Overflow);
+            }
+        };
+        self.pending.fetch_sub(1, Relaxed);
+        result
+    }
+
+    pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {
+        let i = self.balancer.pick(&self.endpoints, key, avoid)?;
+        let e = &self.endpoints[i];
+        e.active.fetch_add(1, Relaxed);
+        Some((i, EndpointGuard(e.clone())))
+    }
+
+    /// Retry budget: retries in flight stay under `budget_percent` of requests in flight, with
+    /// a floor of `min_retry_concurrency`.
+    pub fn try_retry(self: &Arc<Self>) -> Option<RetryGuard> {
+        let policy = self.spec.retry.as_ref()?;
+        let active = self.active.load(Relaxed);
+        let allowed = (active * policy.budget_percent / 100).max(policy.min_retry_concurrency);
+        if self.retries_active.fetch_add(1, Relaxed) >= allowed {
+            self.retries_active.fetch_sub(1, Relaxed);
+            return None;
+        }
+        self.stats.retries.fetch_add(1, Relaxed);
+        Some(RetryGuard(self.clone()))
+    }
+
+    /// Passive health (outlier detection) from the result of one try.
+    pub fn record(&self, e: &EndpointState, outcome: Outcome) {
+        let Some(od) = &self.spec.outlier_detection else {
+            return;
+        };
+        match outcome {
+            Outcome::Status(s) if s < 500 => {
+                e.consecutive_5xx.store(0, Relaxed);
+                e.consecutive_connect.store(0, Relaxed);
+                // A success after the ejection ran out ends the backoff streak.
+                if e.ejected_until_ms.load(Relaxed) != 0 && !e.ejected() {
+                    e.ejected_until_ms.store(0, Relaxed);
+                    e.ejections.store(0, Relaxed);
+                }
+            }
+            Outcome::Status(_) | Outcome::OtherFailure => {
+                if e.consecutive_5xx.fetch_add(1, Relaxed) + 1 >= od.consecutive_5xx {
+                    self.eject(e, od);
+                }
+            }
+            Outcome::ConnectFailure => {
+                let c = e.consecutive_connect.fetch_add(1, Relaxed) + 1;
+                let f = e.consecutive_5xx.fetch_add(1, Relaxed) + 1;
+                if c >= od.consecutive_connect_failures || f >= od.consecutive_5xx {
+                    self.eject(e, od);
+                }
+            }
+        }
+    }
+
+    fn eject(&self, e: &EndpointState, od: &OutlierDetection) {
+        if e.ejected() {
+            return;
+        }
+        let ejected = self.endpoints.iter().filter(|x| x.ejected()).count();
+        // Never eject more than the allowed share (at least one endpoint may always go).
+        let max = (self.endpoints.len() * od.max_ejection_percent as usize / 100).max(1);
+        if ejected >= max {
+            return;
+        }
+        let n = e.ejections.fetch_add(1, Relaxed) + 1;
+        let ms = od.base_ejection_ms.saturating_mul(u64::from(n.min(10)));
+        e.ejected_until_ms.store(now_ms() + ms, Relaxed);
+        e.consecutive_5xx.store(0, Relaxed);
+        e.consecutive_connect.store(0, Relaxed);
+        self.stats.ejections.fetch_add(1, Relaxed);
+        tracing::warn!(cluster = %self.spec.name, endpoint = %e.key, ejection_ms = ms, "endpoint ejected by outlier detection");
+    }
+
+    pub fn health_report(&self, out: &mut Vec<EndpointHealth>) {
+        for e in &self.endpoints {
+            out.push(EndpointHealth {
+                cluster: self.spec.name.clone(),
+                endpoint: e.key.clone(),
+                healthy: e.available(),
+                active_requests: e.active.load(Relaxed),
+            });
+        }
+    }
+}
+
+pub struct RetryGuard(Arc<ClusterRuntime>);
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.retries_active.fetch_sub(1, Relaxed);
+    }
+}
