@@ -1,0 +1,261 @@
+//! Routing and filters through the real binary.
+
+mod common;
+use common::*;
+
+fn route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n{rules}"
+    )
+}
+
+#[tokio::test]
+async fn matches_filters_and_redirects() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        route(
+            r#"  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: a}]
+  - matches: [{path: {type: Exact, value: /exact}}]
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]
+  - matches: [{path: {type: RegularExpression, value: "/items/[0-9]+"}}]
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]
+  - matches: [{headers: [{name: x-env, value: canary}]}, {queryParams: [{name: v, value: "2"}]}, {method: DELETE}]
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: internal.svc, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-set, value: s}], add: [{name: x-add, value: a}], remove: [x-drop]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-resp, value: r}], remove: [x-backend]}
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]
+  - matches: [{path: {type: Exact, value: /full}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /replaced}}}]
+    backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: new.example.com, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+  - matches: [{path: {type: Exact, value: /moved}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8443, path: {type: ReplaceFullPath, replaceFullPath: /here}}}]
+"#,
+        ),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let c = client();
+    let backend_of = |v: &serde_json::Value| v["backend"].as_str().unwrap().to_string();
+
+    assert_eq!(
+        backend_of(&get_json(&format!("{base}/anything")).await.1),
+        "a"
+    );
+    assert_eq!(backend_of(&get_json(&format!("{base}/exact")).await.1), "b");
+    assert_eq!(
+        backend_of(&get_json(&format!("{base}/exact/more")).await.1),
+        "a",
+        "Exact is not a prefix"
+    );
+    assert_eq!(
+        backend_of(&get_json(&format!("{base}/items/42")).await.1),
+        "b"
+    );
+    assert_eq!(
+        backend_of(&get_json(&format!("{base}/items/42x")).await.1),
+        "a",
+        "regex is anchored"
+    );
+    assert_eq!(backend_of(&get_json(&format!("{base}/q?v=2")).await.1), "b");
+    assert_eq!(backend_of(&get_json(&format!("{base}/q?v=3")).await.1), "a");
+    let r = c
+        .get(format!("{base}/h"))
+        .header("X-Env", "canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-backend"], "b");
+    let r = c.delete(format!("{base}/h")).send().await.unwrap();
+    assert_eq!(r.headers()["x-backend"], "b");
+
+    // Rewrite + header modifiers both ways.
+    let r = c
+        .get(format!("{base}/api/users?id=7"))
+        .header("x-drop", "1")
+        .header("x-add", "client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-resp"], "r");
+    assert!(
+        r.headers().get("x-backend").is_none(),
+        "response header removed"
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["path"], "/v2/users?id=7");
+    assert_eq!(v["headers"]["host"][0], "internal.svc");
+    assert_eq!(v["headers"]["x-set"][0], "s");
+    assert_eq!(v["headers"]["x-add"], serde_json::json!(["client", "a"]));
+    assert!(v["headers"].get("x-drop").is_none());
+    assert_eq!(v["headers"]["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(v["headers"]["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        v["headers"]["x-forwarded-host"][0],
+        format!("127.0.0.1:{port}")
+    );
+    assert_eq!(v["headers"]["via"][0], "1.1 ferrum");
+    assert_eq!(
+        get_json(&format!("{base}/full?x=1")).await.1["path"],
+        "/replaced?x=1"
+    );
+
+    // Redirects.
+    let r = c.get(format!("{base}/old/page?q=1")).send().await.unwrap();
+    assert_eq!(r.status(), 301);
+    assert_eq!(
+        r.headers()["location"],
+        "https://new.example.com/new/page?q=1"
+    );
+    let r = c
+        .get(format!("{base}/moved"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "http://shop.example.com:8443/here");
+}
+
+#[tokio::test]
+async fn hostnames_wildcards_and_unrouted_hosts() {
+    let (a, b, w) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("w").await,
+    );
+    let port = free_port();
+    let hr = |name: &str, hosts: &str, be: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+             hostnames: {hosts}\n  rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: {be}}}]}}]\n"
+        )
+    };
+    let yaml = docs(&[
+        gateway(port),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        backend("w", &[&w], ""),
+        hr("exact", "[a.example.com]", "a"),
+        hr("other", "[B.Example.com]", "b"),
+        hr("wild", "[\"*.example.com\"]", "w"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let at = |host: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(format!("http://127.0.0.1:{port}/"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()
+                    .get("x-backend")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            )
+        }
+    };
+    assert_eq!(at("a.example.com").await, (200, Some("a".into())));
+    assert_eq!(
+        at("A.EXAMPLE.COM:8080").await,
+        (200, Some("a".into())),
+        "case and port are ignored"
+    );
+    assert_eq!(at("b.example.com").await, (200, Some("b".into())));
+    assert_eq!(at("x.y.example.com").await, (200, Some("w".into())));
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/"))
+        .header("host", "example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "the wildcard needs a label before the suffix"
+    );
+    assert_eq!(r.headers()["x-ferrum-error"], "route_not_found");
+}
+
+#[tokio::test]
+async fn weighted_backends_split_traffic() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        route(
+            "  - backendRefs: [{group: ferrum.dev, kind: Backend, name: a, weight: 80}, {group: ferrum.dev, kind: Backend, name: b, weight: 20}]\n",
+        ),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    for _ in 0..1000 {
+        assert_eq!(
+            c.get(format!("http://127.0.0.1:{port}/"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let share = a.hits() as f64 / 1000.0;
+    assert!(
+        (0.74..=0.86).contains(&share),
+        "a got {share} of traffic, want ~0.8"
+    );
+    assert_eq!(a.hits() + b.hits(), 1000);
+}
+
+#[tokio::test]
+async fn missing_backend_gets_500_and_endpoints_round_robin() {
+    let (a1, a2) = (Backend::start("a1").await, Backend::start("a2").await);
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("pool", &[&a1, &a2], ""),
+        // A Service without EndpointSlices: resolves, but has no endpoints.
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {ports: [{port: 80}]}\n"
+            .into(),
+        route(
+            "  - matches: [{path: {value: /pool}}]\n    backendRefs: [{group: ferrum.dev, kind: Backend, name: pool}]\n\
+             \x20 - matches: [{path: {value: /empty}}]\n    backendRefs: [{name: empty, port: 80}]\n",
+        ),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    for _ in 0..10 {
+        c.get(format!("http://127.0.0.1:{port}/pool"))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!((a1.hits(), a2.hits()), (5, 5), "round robin alternates");
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/empty"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-ferrum-error"], "no_healthy_upstream");
+}
