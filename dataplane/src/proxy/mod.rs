@@ -37,6 +37,7 @@ enum Local {
     RouteNotFound,
     BackendNotFound,
     BodyTooLarge,
+    HeadersTooLarge,
     Upstream(UpstreamError),
     MethodNotAllowed,
 }
@@ -47,6 +48,7 @@ impl Local {
             Local::RouteNotFound => StatusCode::NOT_FOUND,
             Local::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
             Local::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Local::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Local::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset) => {
                 StatusCode::BAD_GATEWAY
@@ -62,6 +64,7 @@ impl Local {
             Local::RouteNotFound => "route_not_found",
             Local::BackendNotFound => "backend_not_found",
             Local::BodyTooLarge => "request_body_too_large",
+            Local::HeadersTooLarge => "request_headers_too_large",
             Local::MethodNotAllowed => "method_not_allowed",
             Local::Upstream(e) => e.as_str(),
         }
@@ -96,6 +99,17 @@ pub async fn handle(
     };
     if req.method() == Method::CONNECT {
         return Local::MethodNotAllowed.response();
+    }
+    // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        > crate::limits::MAX_HEADER_BYTES
+    {
+        return Local::HeadersTooLarge.response();
     }
     let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()

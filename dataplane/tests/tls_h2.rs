@@ -1,0 +1,149 @@
+//! TLS termination with SNI, HTTP/2 over ALPN and h2c, and HTTP/2 to upstreams.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+
+fn cert(name: &str) -> (String, String) {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (c.cert.pem(), c.signing_key.serialize_pem())
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_and_alpn_negotiates_h2() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let (a_cert, a_key) = cert("a.example.test");
+    let (b_cert, b_key) = cert("*.b.example.test");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.crt"), &b_cert).unwrap();
+    std::fs::write(dir.path().join("b.key"), &b_key).unwrap();
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let yaml = docs(&[
+        format!(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  gatewayClassName: ferrum
+  addresses: [{{type: IPAddress, value: 127.0.0.1}}]
+  listeners:
+  - name: a
+    port: {port}
+    protocol: HTTPS
+    hostname: a.example.test
+    tls: {{certificateRefs: [{{name: a-tls}}]}}
+  - name: b
+    port: {port}
+    protocol: HTTPS
+    hostname: "*.b.example.test"
+    tls: {{options: {{ferrum.dev/cert-file: {d}/b.crt, ferrum.dev/key-file: {d}/b.key}}}}
+"#,
+            d = dir.path().display()
+        ),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: a-tls}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(&a_cert),
+            indent(&a_key)
+        ),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ra}\nspec:\n  parentRefs: [{name: gw, sectionName: a}]\n  \
+         rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: a}]}]\n"
+            .into(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: rb}\nspec:\n  parentRefs: [{name: gw, sectionName: b}]\n  \
+         rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]}]\n"
+            .into(),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tls_client = |host: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(a_cert.as_bytes()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(b_cert.as_bytes()).unwrap())
+            .resolve(host, addr)
+            .build()
+            .unwrap()
+    };
+    // Each name gets its own certificate: the client verifies the name against it.
+    let r = tls_client("a.example.test")
+        .get(format!("https://a.example.test:{port}/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    assert_eq!(r.headers()["x-backend"], "a");
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-proto"][0], "https");
+    assert_eq!(
+        v["headers"]["host"][0],
+        format!("a.example.test:{port}"),
+        "h2 :authority becomes Host upstream"
+    );
+
+    let r = tls_client("x.b.example.test")
+        .get(format!("https://x.b.example.test:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-backend"], "b");
+
+    // HTTP/1.1 over TLS still works.
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(a_cert.as_bytes()).unwrap())
+        .resolve("a.example.test", addr)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1
+        .get(format!("https://a.example.test:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.status(), 200);
+
+    // A name with no matching certificate gets the default one, which the client rejects.
+    let wrong = tls_client("nope.example.test")
+        .get(format!("https://nope.example.test:{port}/"))
+        .send()
+        .await;
+    assert!(
+        wrong.is_err(),
+        "certificate for another name must not verify"
+    );
+}
+
+#[tokio::test]
+async fn h2c_downstream_and_h2_upstream() {
+    let b = Backend::start("h2").await;
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("h2", &[&b], "  protocol: HTTP/2\n"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: gw}]\n  \
+         rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: h2}]}]\n"
+            .into(),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        let r = c
+            .get(format!("http://127.0.0.1:{port}/p"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["version"], "HTTP/2.0", "the upstream is spoken to in h2c");
+        assert_eq!(v["headers"]["via"][0], "2 ferrum");
+    }
+}
