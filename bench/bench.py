@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""ferrum-dp against a direct connection, nginx and Envoy, on this machine, interleaved.
+
+Started by `make bench` (bench/run.sh installs the tools and builds ferrum-dp first).
+Every target fronts the same nginx backend (64-byte body, keep-alive); every load run uses the
+same wrk/h2load settings; rounds are interleaved so drift hits all targets alike.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+DP = TARGET_DIR / "release" / "ferrum-dp"
+BODY = "x" * 63 + "\n"  # 64 bytes
+
+BACKEND, DIRECT = 18080, 18080
+PORTS = {"ferrum-dp": 18081, "nginx": 18082, "envoy": 18083}
+
+
+def wait_port(port, timeout=15.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, **kw):
+        log = open(WORK / f"{name}.log", "w")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p):
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(5)
+        except Exception:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except Exception:
+                pass
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+def nginx_conf(path, listen, body=None, upstream=None, workers=2):
+    loc = (
+        f'return 200 "{body}";'
+        if body is not None
+        else f"proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+    )
+    ups = (
+        f"upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; keepalive_requests 100000; }}"
+        if upstream
+        else ""
+    )
+    path.write_text(
+        f"""worker_processes {workers};
+daemon off;
+pid {path}.pid;
+error_log {WORK}/{path.stem}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 100000;
+  client_body_temp_path {WORK}/tmp;
+  proxy_temp_path {WORK}/tmp;
+  {ups}
+  server {{
+    listen 127.0.0.1:{listen} reuseport;
+    listen 127.0.0.1:{listen + 100} http2;
+    location / {{ default_type text/plain; {loc} }}
+  }}
+}}
+"""
+    )
+
+
+def envoy_conf(path, listen, upstream):
+    path.write_text(
+        json.dumps(
+            {
+                "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 18901}}},
+                "static_resources": {
+                    "listeners": [
+                        {
+                            "name": "l",
+                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                            "filter_chains": [
+                                {
+                                    "filters": [
+                                        {
+                                            "name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": {
+                                                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                                "stat_prefix": "bench",
+                                                "codec_type": "AUTO",
+                                                "route_config": {
+                                                    "virtual_hosts": [
+                                                        {
+                                                            "name": "all",
+                                                            "domains": ["*"],
+                                                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}],
+                                                        }
+                                                    ]
+                                                },
+                                                "http_filters": [
+                                                    {
+                                                        "name": "envoy.filters.http.router",
+                                                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                                                    }
+                                                ],
+                                            },
+                                        }
+                                    ]
+                                }
+                            ],
+                        }
+                    ],
+                    "clusters": [
+                        {
+                            "name": "backend",
+                            "type": "STATIC",
+                            "connect_timeout": "1s",
+                            "load_assignment": {
+                                "cluster_name": "backend",
+                                "endpoints": [
+                                    {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}}]}
+                                ],
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    )
+
+
+def dp_conf(path, listen, upstream, routes=1):
+    rules = []
+    for i in range(routes - 1):
+        rules.append(
+            f"  - matches: [{{path: {{type: PathPrefix, value: /svc{i}}}}}]\n"
+            f"    backendRefs: [{{group: ferrum.dev, kind: Backend, name: backend}}]\n"
+        )
+    rules.append("  - backendRefs: [{group: ferrum.dev, kind: Backend, name: backend}]\n")
+    path.write_text(
+        f"""apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: bench}}
+spec:
+  gatewayClassName: ferrum
+  addresses: [{{type: IPAddress, value: 127.0.0.1}}]
+  listeners: [{{name: http, port: {listen}, protocol: HTTP}}]
+---
+apiVersion: ferrum.dev/v1alpha1
+kind: Backend
+metadata: {{name: backend}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {upstream}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: bench}}
+spec:
+  parentRefs: [{{name: bench}}]
+  rules:
+{''.join(rules)}"""
+    )
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port, path, args):
+    out = subprocess.run(
+        ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        lat[pct] = float(m.group(1)) * UNITS[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "p50_ms": lat["50"],
+        "p99_ms": lat["99"],
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def h2load(port, args):
+    n = args.h2_requests
+    out = subprocess.run(
+        ["h2load", "-n", str(n), "-c", str(args.connections), "-m", "10", "-t", str(args.threads), f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    m = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    ok = int(re.search(r"(\d+) succeeded", out).group(1))
+    return {
+        "rps": rps,
+        "mean_ms": float(m.group(5)) * UNITS[m.group(6)],
+        "max_ms": float(m.group(3)) * UNITS[m.group(4)],
+        "succeeded": ok,
+        "requested": n,
+    }
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def summarize(runs):
+    keys = runs[0].keys()
+    return {k: median([r[k] for r in runs]) for k in keys if isinstance(runs[0][k], (int, float))}
+
+
+def rss_mb(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def main():
+    global WORK
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--h2-requests", type=int, default=200000)
+    ap.add_argument("--envoy", default=shutil.which("envoy") or "/var/tmp/ferrum-bench-venv/bin/envoy")
+    ap.add_argument("--profile", action="store_true", help="perf record ferrum-dp during one extra run")
+    args = ap.parse_args()
+
+    WORK = Path(tempfile.mkdtemp(prefix="ferrum-bench-"))
+    (WORK / "tmp").mkdir()
+    procs = Procs()
+    try:
+        nginx_conf(WORK / "backend.conf", BACKEND, body=BODY)
+        procs.start("backend", ["nginx", "-c", str(WORK / "backend.conf"), "-e", str(WORK / "backend-error.log")])
+        nginx_conf(WORK / "proxy.conf", PORTS["nginx"], upstream=BACKEND)
+        procs.start("nginx", ["nginx", "-c", str(WORK / "proxy.conf"), "-e", str(WORK / "proxy-error.log")])
+        envoy_conf(WORK / "envoy.json", PORTS["envoy"], BACKEND)
+        envoy = procs.start("envoy", [args.envoy, "-c", str(WORK / "envoy.json"), "--concurrency", "2", "--log-level", "error"])
+        dp_conf(WORK / "dp.yaml", PORTS["ferrum-dp"], BACKEND)
+        dp = procs.start("ferrum-dp", [str(DP), "--config", str(WORK / "dp.yaml"), "--admin-addr", "127.0.0.1:18900"], env={**os.environ, "RUST_LOG": "warn"})
+        for p in [BACKEND, *PORTS.values()]:
+            wait_port(p)
+
+        targets = {"direct": DIRECT, **PORTS}
+        h1 = {t: [] for t in targets}
+        # Warm-up: fill pools and caches.
+        for t, port in targets.items():
+            subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
+        for r in range(args.rounds):
+            for t, port in targets.items():
+                res = wrk(port, "/", args)
+                h1[t].append(res)
+                print(f"  h1 round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms", flush=True)
+        rss = {"ferrum-dp": rss_mb(dp.pid), "envoy": rss_mb(envoy.pid)}
+
+        h2 = {t: [] for t in targets}
+        h2_ports = {"direct": DIRECT + 100, "ferrum-dp": PORTS["ferrum-dp"], "nginx": PORTS["nginx"] + 100, "envoy": PORTS["envoy"]}
+        for r in range(args.rounds):
+            for t, port in h2_ports.items():
+                res = h2load(port, args)
+                h2[t].append(res)
+                print(f"  h2 round {r + 1} {t:10} {res['rps']:>10.0f} rps  mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}", flush=True)
+
+        # Scale: the same proxy with 10 and 10,000 routes; requests match the last-listed rule.
+        procs.stop(dp)
+        scale = {}
+        for n in (10, 10000):
+            dp_conf(WORK / f"dp{n}.yaml", PORTS["ferrum-dp"], BACKEND, routes=n)
+        runs = {10: [], 10000: []}
+        for r in range(args.rounds):
+            for n in (10, 10000):
+                p = procs.start(f"dp{n}", [str(DP), "--config", str(WORK / f"dp{n}.yaml"), "--admin-addr", "127.0.0.1:18900"], env={**os.environ, "RUST_LOG": "warn"})
+                wait_port(PORTS["ferrum-dp"])
+                subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{PORTS['ferrum-dp']}/"], capture_output=True)
+                res = wrk(PORTS["ferrum-dp"], f"/svc{n - 2}/item", args)
+                runs[n].append(res)
+                print(f"  scale round {r + 1} {n:>5} routes {res['rps']:>10.0f} rps  p99 {res['p99_ms']:.3f} ms", flush=True)
+                procs.stop(p)
+                time.sleep(0.3)
+        scale = {str(n): summarize(v) for n, v in runs.items()}
+
+        profile = None
+        if args.profile and shutil.which("perf"):
+            p = procs.start("dp-prof", [str(DP), "--config", str(WORK / "dp.yaml"), "--admin-addr", "127.0.0.1:18900"], env={**os.environ, "RUST_LOG": "warn"})
+            wait_port(PORTS["ferrum-dp"])
+            rec = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(p.pid), "-o", str(WORK / "perf.data")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wrk(PORTS["ferrum-dp"], "/", args)
+            rec.send_signal(signal.SIGINT)
+            rec.wait()
+            report = subprocess.run(["perf", "report", "-i", str(WORK / "perf.data"), "--no-children", "--percent-limit", "1.5", "--stdio", "-g", "none"], capture_output=True, text=True).stdout
+            profile = [l for l in report.splitlines() if l.strip() and not l.startswith("#")][:40]
+            procs.stop(p)
+    finally:
+        procs.stop_all()
+
+    s1 = {t: summarize(v) for t, v in h1.items()}
+    s2 = {t: summarize(v) for t, v in h2.items()}
+    ratio = lambda a, b: round(a / b, 3) if b else None
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cores": os.cpu_count(), "kernel": os.uname().release},
+        "settings": vars(args),
+        "http1": s1,
+        "http2": s2,
+        "ratios": {
+            "h1_rps_dp_over_direct": ratio(s1["ferrum-dp"]["rps"], s1["direct"]["rps"]),
+            "h1_rps_dp_over_nginx": ratio(s1["ferrum-dp"]["rps"], s1["nginx"]["rps"]),
+            "h1_rps_dp_over_envoy": ratio(s1["ferrum-dp"]["rps"], s1["envoy"]["rps"]),
+            "h1_p99_dp_over_nginx": ratio(s1["ferrum-dp"]["p99_ms"], s1["nginx"]["p99_ms"]),
+            "h1_p99_dp_over_envoy": ratio(s1["ferrum-dp"]["p99_ms"], s1["envoy"]["p99_ms"]),
+            "h2_rps_dp_over_nginx": ratio(s2["ferrum-dp"]["rps"], s2["nginx"]["rps"]),
+            "h2_rps_dp_over_envoy": ratio(s2["ferrum-dp"]["rps"], s2["envoy"]["rps"]),
+            "scale_rps_10k_over_10": ratio(scale["10000"]["rps"], scale["10"]["rps"]),
+        },
+        "scale": scale,
+        "rss_mb": rss,
+        "profile_top": profile,
+    }
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{result['when'].replace(':', '')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print()
+    print(f"HTTP/1.1  wrk -t{args.threads} -c{args.connections} -d{args.duration}s, median of {args.rounds} interleaved rounds")
+    print(f"{'target':12}{'RPS':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    for t, s in s1.items():
+        print(f"{t:12}{s['rps']:>12.0f}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}")
+    print(f"\nHTTP/2 (h2c)  h2load -c{args.connections} -m10 -n{args.h2_requests}")
+    print(f"{'target':12}{'RPS':>12}{'mean ms':>10}")
+    for t, s in s2.items():
+        print(f"{t:12}{s['rps']:>12.0f}{s['mean_ms']:>10.3f}")
+    print(f"\nscale: 10 routes {scale['10']['rps']:.0f} rps, 10,000 routes {scale['10000']['rps']:.0f} rps")
+    print("\nratios:")
+    for k, v in result["ratios"].items():
+        print(f"  {k:28} {v}")
+    print(f"\nRSS MB: {rss}")
+    if profile:
+        print("\nprofile (perf, self time):")
+        print("\n".join(profile))
+    print(f"\nwritten to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
