@@ -60,11 +60,12 @@ pub enum CompileError {
 
 pub struct Compiler {
     registry: Arc<Registry>,
+    workers: usize,
 }
 
 impl Compiler {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Compiler { registry }
+    pub fn new(registry: Arc<Registry>, workers: usize) -> Self {
+        Compiler { registry, workers }
     }
 
     /// Compiles `snap`, reusing cluster runtimes of `previous` whose spec is unchanged (pools,
@@ -75,7 +76,7 @@ impl Compiler {
         for c in &snap.clusters {
             let rt = match previous.clusters.get(&c.name) {
                 Some(prev) if prev.spec == *c => prev.clone(),
-                prev => ClusterRuntime::new(c, prev.map(|p| &**p), self.registry.cluster(&c.name))?,
+                prev => ClusterRuntime::new(c, prev.map(|p| &**p), self.registry.cluster(&c.name), self.workers)?,
             };
             clusters.insert(c.name.clone(), rt);
         }
@@ -94,12 +95,7 @@ impl Compiler {
                                     .map(|t| {
                                         cum += t.weight;
                                         // validate() guarantees every named cluster exists.
-                                        (
-                                            cum,
-                                            t.cluster
-                                                .as_ref()
-                                                .and_then(|c| clusters.get(c).cloned()),
-                                        )
+                                        (cum, t.cluster.as_ref().and_then(|c| clusters.get(c).cloned()))
                                     })
                                     .collect(),
                             )

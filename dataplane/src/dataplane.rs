@@ -30,7 +30,8 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    pub fn new(limits: Limits) -> Arc<Self> {
+    /// `workers` run the listeners; with none, they run on the caller's runtime.
+    pub fn new(limits: Limits, workers: Vec<tokio::runtime::Handle>) -> Arc<Self> {
         let registry = Arc::new(Registry::default());
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(Compiled::empty()),
@@ -38,8 +39,8 @@ impl Dataplane {
             limits,
         });
         Arc::new(Dataplane {
-            listeners: Mutex::new(Listeners::new(shared.clone())),
-            compiler: Compiler::new(registry),
+            compiler: Compiler::new(registry, workers.len()),
+            listeners: Mutex::new(Listeners::new(shared.clone(), workers)),
             shared,
             ready: AtomicBool::new(false),
         })

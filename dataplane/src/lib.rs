@@ -10,3 +10,4 @@ pub mod router;
 pub mod source;
 pub mod telemetry;
 pub mod upstream;
+pub mod workers;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use clap::Parser;
-use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, source};
+use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, source, workers::Workers};
 
 /// Ferrum Mesh data-plane proxy.
 #[derive(Parser, Debug)]
@@ -30,7 +30,7 @@ struct Args {
     /// Seconds to wait for in-flight requests at shutdown.
     #[arg(long, default_value_t = 15)]
     drain_timeout: u64,
-    /// Worker threads (default: one per core).
+    /// Worker threads, each with its own listeners and upstream pools (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
 }
@@ -38,9 +38,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let snap = match source::file::load(&args.config, 1) {
@@ -72,15 +70,27 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.workers {
-        rt.worker_threads(n);
-    }
-    let rt = rt.enable_all().build().expect("tokio runtime");
-    rt.block_on(run(args, snap))
+    let n = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = match Workers::start(n.max(1)) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ferrum-dp: cannot start worker threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The control thread: config, admin, health checks, signals.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(run(args, snap, workers.handles.clone()));
+    workers.stop();
+    code
 }
 
-async fn run(args: Args, snap: ferrum_snapshot::Snapshot) -> ExitCode {
+async fn run(args: Args, snap: ferrum_snapshot::Snapshot, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let limits = Limits {
         max_request_body: args.max_request_body,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
@@ -88,14 +98,11 @@ async fn run(args: Args, snap: ferrum_snapshot::Snapshot) -> ExitCode {
         ..Limits::default()
     };
     let drain_timeout = limits.drain_timeout;
-    let dp = Dataplane::new(limits);
+    let dp = Dataplane::new(limits, workers);
     let admin = match admin::bind(args.admin_addr).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "ferrum-dp: cannot listen on admin address {}: {e}",
-                args.admin_addr
-            );
+            eprintln!("ferrum-dp: cannot listen on admin address {}: {e}", args.admin_addr);
             return ExitCode::FAILURE;
         }
     };
@@ -121,14 +128,9 @@ async fn run(args: Args, snap: ferrum_snapshot::Snapshot) -> ExitCode {
     tracing::info!("shutting down: draining connections");
     dp.drain();
     let deadline = tokio::time::Instant::now() + drain_timeout;
-    while dp.shared.registry.downstream_active.load(Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while dp.shared.registry.downstream_active.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::info!(
-        open = dp.shared.registry.downstream_active.load(Relaxed),
-        "drained"
-    );
+    tracing::info!(open = dp.shared.registry.downstream_active.load(Relaxed), "drained");
     ExitCode::SUCCESS
 }

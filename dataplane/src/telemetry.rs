@@ -13,8 +13,7 @@ use std::time::Duration;
 
 /// Upper bounds in microseconds.
 const BUCKETS_US: [u64; 14] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 10_000_000,
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000,
 ];
 
 #[derive(Default)]
@@ -38,19 +37,11 @@ impl Histogram {
         let mut cumulative = 0;
         for (i, b) in BUCKETS_US.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
-                *b as f64 / 1e6
-            );
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", *b as f64 / 1e6);
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
@@ -150,12 +141,7 @@ pub struct EndpointHealth {
 
 impl Registry {
     pub fn route(&self, name: &str) -> Arc<RouteStats> {
-        self.routes
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.routes.lock().unwrap().entry(name.to_string()).or_default().clone()
     }
 
     pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
@@ -184,11 +170,7 @@ impl Registry {
             "gauge",
             "Version of the snapshot being served.",
         );
-        let _ = writeln!(
-            out,
-            "ferrum_config_version {}",
-            self.config_version.load(Relaxed)
-        );
+        let _ = writeln!(out, "ferrum_config_version {}", self.config_version.load(Relaxed));
         g(
             &mut out,
             "ferrum_config_reloads_total",
@@ -233,11 +215,7 @@ impl Registry {
             "counter",
             "Requests that matched no route.",
         );
-        let _ = writeln!(
-            out,
-            "ferrum_unrouted_requests_total {}",
-            self.unrouted.load(Relaxed)
-        );
+        let _ = writeln!(out, "ferrum_unrouted_requests_total {}", self.unrouted.load(Relaxed));
 
         let routes = self.routes.lock().unwrap().clone();
         g(
@@ -247,11 +225,8 @@ impl Registry {
             "Responses by route and status class.",
         );
         for (name, s) in &routes {
-            s.responses.render(
-                &mut out,
-                "ferrum_route_requests_total",
-                &format!("route=\"{name}\""),
-            );
+            s.responses
+                .render(&mut out, "ferrum_route_requests_total", &format!("route=\"{name}\""));
         }
         g(
             &mut out,
@@ -391,21 +366,11 @@ mod tests {
             healthy: false,
             active_requests: 0,
         }]);
-        assert!(
-            text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"} 1")
-        );
-        assert!(
-            text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"5xx\"} 1")
-        );
-        assert!(text.contains(
-            "ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.005\"} 1"
-        ));
-        assert!(text.contains(
-            "ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.0025\"} 0"
-        ));
-        assert!(text.contains(
-            "ferrum_cluster_upstream_errors_total{cluster=\"c\",reason=\"upstream_timeout\"} 1"
-        ));
+        assert!(text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"} 1"));
+        assert!(text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"5xx\"} 1"));
+        assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.005\"} 1"));
+        assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.0025\"} 0"));
+        assert!(text.contains("ferrum_cluster_upstream_errors_total{cluster=\"c\",reason=\"upstream_timeout\"} 1"));
         assert!(text.contains("ferrum_endpoint_healthy{cluster=\"c\",endpoint=\"1.2.3.4:80\"} 0"));
     }
 }

@@ -10,11 +10,7 @@ fn config(port: u16, a: &Backend, b: &Backend, i: u32) -> String {
     docs(&[
         gateway(port),
         // Odd swaps change a cluster (new pool, carried-over endpoint state), even ones a route.
-        backend(
-            "a",
-            &[a],
-            &format!("  timeouts: {{idle: {}s}}\n", 60 + i % 2),
-        ),
+        backend("a", &[a], &format!("  timeouts: {{idle: {}s}}\n", 60 + i % 2)),
         backend("b", &[b], ""),
         format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  \
@@ -39,16 +35,11 @@ async fn two_hundred_swaps_under_load_lose_nothing() {
             let c = if k % 2 == 0 {
                 client()
             } else {
-                reqwest::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .build()
-                    .unwrap()
+                reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap()
             };
             while !stop.load(SeqCst) {
                 let result = match c.get(format!("http://127.0.0.1:{port}/x")).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        r.text().await.map(drop).map_err(|e| e.to_string())
-                    }
+                    Ok(r) if r.status() == 200 => r.text().await.map(drop).map_err(|e| e.to_string()),
                     Ok(r) => Err(format!("status {}", r.status())),
                     Err(e) => Err(e.to_string()),
                 };
@@ -82,11 +73,7 @@ async fn two_hundred_swaps_under_load_lose_nothing() {
         "the load ran during the swaps: {}",
         ok.load(SeqCst)
     );
-    assert_eq!(
-        dp.metric("ferrum_config_reloads_total{result=\"ok\"}")
-            .await,
-        201.0
-    );
+    assert_eq!(dp.metric("ferrum_config_reloads_total{result=\"ok\"}").await, 201.0);
 }
 
 #[tokio::test]
@@ -97,20 +84,12 @@ async fn a_bad_reload_keeps_the_last_good_config() {
     let before: serde_json::Value = serde_json::from_str(&dp.admin_get("/config").await).unwrap();
     std::fs::write(&dp.config, "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {rules: [{matches: [{path: {type: Nope}}]}]}\n").unwrap();
     for _ in 0..100 {
-        if dp
-            .metric("ferrum_config_reloads_total{result=\"rejected\"}")
-            .await
-            >= 1.0
-        {
+        if dp.metric("ferrum_config_reloads_total{result=\"rejected\"}").await >= 1.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        dp.metric("ferrum_config_reloads_total{result=\"rejected\"}")
-            .await
-            >= 1.0
-    );
+    assert!(dp.metric("ferrum_config_reloads_total{result=\"rejected\"}").await >= 1.0);
     let after: serde_json::Value = serde_json::from_str(&dp.admin_get("/config").await).unwrap();
     assert_eq!(before["hash"], after["hash"]);
     assert_eq!(after["version"], 1);
@@ -187,11 +166,7 @@ async fn admin_shows_config_and_metrics() {
     assert_eq!(cfg["version"], 1);
     assert_eq!(cfg["hash"].as_str().unwrap().len(), 64);
     assert_eq!(cfg["snapshot"]["listeners"][0]["port"], port);
-    client()
-        .get(format!("http://127.0.0.1:{port}/"))
-        .send()
-        .await
-        .unwrap();
+    client().get(format!("http://127.0.0.1:{port}/")).send().await.unwrap();
     let m = dp.admin_get("/metrics").await;
     assert!(
         m.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"} 1"),
@@ -214,12 +189,7 @@ async fn sigterm_drains_in_flight_requests() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
     let mut dp = Dp::start(&config(port, &a, &b, 0)).await;
-    let slow = tokio::spawn(async move {
-        client()
-            .get(format!("http://127.0.0.1:{port}/?delay=500"))
-            .send()
-            .await
-    });
+    let slow = tokio::spawn(async move { client().get(format!("http://127.0.0.1:{port}/?delay=500")).send().await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     let pid = dp.child.id().to_string();
     std::process::Command::new("kill")
@@ -231,11 +201,7 @@ async fn sigterm_drains_in_flight_requests() {
     let status = dp.child.wait().unwrap();
     assert!(status.success());
     assert!(
-        client()
-            .get(format!("http://127.0.0.1:{port}/"))
-            .send()
-            .await
-            .is_err(),
+        client().get(format!("http://127.0.0.1:{port}/")).send().await.is_err(),
         "no longer listening"
     );
 }

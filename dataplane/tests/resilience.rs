@@ -152,11 +152,7 @@ async fn timeouts_overflow_and_limits_answer_with_reasons() {
     let c = client();
 
     let t = Instant::now();
-    let r = c
-        .get(format!("{base}/timed?delay=2000"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{base}/timed?delay=2000")).send().await.unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["x-ferrum-error"], "upstream_timeout");
     assert!(t.elapsed() < Duration::from_millis(1500));
@@ -167,19 +163,12 @@ async fn timeouts_overflow_and_limits_answer_with_reasons() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         c.get(format!("{base}/fast")).send().await
     });
-    let statuses: Vec<u16> = [r1, r2, r3]
-        .into_iter()
-        .map(|r| r.unwrap().status().as_u16())
-        .collect();
+    let statuses: Vec<u16> = [r1, r2, r3].into_iter().map(|r| r.unwrap().status().as_u16()).collect();
     let r4 = r4.unwrap();
     assert_eq!(r4.status(), 503);
     assert_eq!(r4.headers()["x-ferrum-error"], "upstream_overflow");
     // The pending one waited at most the connect timeout (200ms) for a slot: it overflowed too.
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        2,
-        "{statuses:?}"
-    );
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
 
     let r = c
         .post(format!("{base}/up"))
@@ -189,12 +178,7 @@ async fn timeouts_overflow_and_limits_answer_with_reasons() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.headers()["x-ferrum-error"], "request_body_too_large");
-    let r = c
-        .post(format!("{base}/up"))
-        .body(vec![b'x'; 512])
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{base}/up")).body(vec![b'x'; 512]).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
     let r = c

@@ -52,20 +52,14 @@ async fn matches_filters_and_redirects() {
     let c = client();
     let backend_of = |v: &serde_json::Value| v["backend"].as_str().unwrap().to_string();
 
-    assert_eq!(
-        backend_of(&get_json(&format!("{base}/anything")).await.1),
-        "a"
-    );
+    assert_eq!(backend_of(&get_json(&format!("{base}/anything")).await.1), "a");
     assert_eq!(backend_of(&get_json(&format!("{base}/exact")).await.1), "b");
     assert_eq!(
         backend_of(&get_json(&format!("{base}/exact/more")).await.1),
         "a",
         "Exact is not a prefix"
     );
-    assert_eq!(
-        backend_of(&get_json(&format!("{base}/items/42")).await.1),
-        "b"
-    );
+    assert_eq!(backend_of(&get_json(&format!("{base}/items/42")).await.1), "b");
     assert_eq!(
         backend_of(&get_json(&format!("{base}/items/42x")).await.1),
         "a",
@@ -92,10 +86,7 @@ async fn matches_filters_and_redirects() {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-resp"], "r");
-    assert!(
-        r.headers().get("x-backend").is_none(),
-        "response header removed"
-    );
+    assert!(r.headers().get("x-backend").is_none(), "response header removed");
     let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert_eq!(v["path"], "/v2/users?id=7");
     assert_eq!(v["headers"]["host"][0], "internal.svc");
@@ -104,23 +95,14 @@ async fn matches_filters_and_redirects() {
     assert!(v["headers"].get("x-drop").is_none());
     assert_eq!(v["headers"]["x-forwarded-for"][0], "127.0.0.1");
     assert_eq!(v["headers"]["x-forwarded-proto"][0], "http");
-    assert_eq!(
-        v["headers"]["x-forwarded-host"][0],
-        format!("127.0.0.1:{port}")
-    );
+    assert_eq!(v["headers"]["x-forwarded-host"][0], format!("127.0.0.1:{port}"));
     assert_eq!(v["headers"]["via"][0], "1.1 ferrum");
-    assert_eq!(
-        get_json(&format!("{base}/full?x=1")).await.1["path"],
-        "/replaced?x=1"
-    );
+    assert_eq!(get_json(&format!("{base}/full?x=1")).await.1["path"], "/replaced?x=1");
 
     // Redirects.
     let r = c.get(format!("{base}/old/page?q=1")).send().await.unwrap();
     assert_eq!(r.status(), 301);
-    assert_eq!(
-        r.headers()["location"],
-        "https://new.example.com/new/page?q=1"
-    );
+    assert_eq!(r.headers()["location"], "https://new.example.com/new/page?q=1");
     let r = c
         .get(format!("{base}/moved"))
         .header("host", "shop.example.com")
@@ -167,9 +149,7 @@ async fn hostnames_wildcards_and_unrouted_hosts() {
                 .unwrap();
             (
                 r.status().as_u16(),
-                r.headers()
-                    .get("x-backend")
-                    .map(|v| v.to_str().unwrap().to_string()),
+                r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()),
             )
         }
     };
@@ -187,11 +167,7 @@ async fn hostnames_wildcards_and_unrouted_hosts() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.status(),
-        404,
-        "the wildcard needs a label before the suffix"
-    );
+    assert_eq!(r.status(), 404, "the wildcard needs a label before the suffix");
     assert_eq!(r.headers()["x-ferrum-error"], "route_not_found");
 }
 
@@ -220,10 +196,7 @@ async fn weighted_backends_split_traffic() {
         );
     }
     let share = a.hits() as f64 / 1000.0;
-    assert!(
-        (0.74..=0.86).contains(&share),
-        "a got {share} of traffic, want ~0.8"
-    );
+    assert!((0.74..=0.86).contains(&share), "a got {share} of traffic, want ~0.8");
     assert_eq!(a.hits() + b.hits(), 1000);
 }
 
@@ -235,8 +208,7 @@ async fn missing_backend_gets_500_and_endpoints_round_robin() {
         gateway(port),
         backend("pool", &[&a1, &a2], ""),
         // A Service without EndpointSlices: resolves, but has no endpoints.
-        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {ports: [{port: 80}]}\n"
-            .into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {ports: [{port: 80}]}\n".into(),
         route(
             "  - matches: [{path: {value: /pool}}]\n    backendRefs: [{group: ferrum.dev, kind: Backend, name: pool}]\n\
              \x20 - matches: [{path: {value: /empty}}]\n    backendRefs: [{name: empty, port: 80}]\n",
@@ -245,17 +217,10 @@ async fn missing_backend_gets_500_and_endpoints_round_robin() {
     let _dp = Dp::start(&yaml).await;
     let c = client();
     for _ in 0..10 {
-        c.get(format!("http://127.0.0.1:{port}/pool"))
-            .send()
-            .await
-            .unwrap();
+        c.get(format!("http://127.0.0.1:{port}/pool")).send().await.unwrap();
     }
     assert_eq!((a1.hits(), a2.hits()), (5, 5), "round robin alternates");
-    let r = c
-        .get(format!("http://127.0.0.1:{port}/empty"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("http://127.0.0.1:{port}/empty")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-ferrum-error"], "no_healthy_upstream");
 }

@@ -18,11 +18,7 @@ async fn sni_picks_the_certificate_and_alpn_negotiates_h2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("b.crt"), &b_cert).unwrap();
     std::fs::write(dir.path().join("b.key"), &b_key).unwrap();
-    let indent = |pem: &str| {
-        pem.lines()
-            .map(|l| format!("    {l}\n"))
-            .collect::<String>()
-    };
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let yaml = docs(&[
         format!(
             r#"apiVersion: gateway.networking.k8s.io/v1
@@ -100,11 +96,7 @@ spec:
         .http1_only()
         .build()
         .unwrap();
-    let r = h1
-        .get(format!("https://a.example.test:{port}/"))
-        .send()
-        .await
-        .unwrap();
+    let r = h1.get(format!("https://a.example.test:{port}/")).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     assert_eq!(r.status(), 200);
 
@@ -113,10 +105,7 @@ spec:
         .get(format!("https://nope.example.test:{port}/"))
         .send()
         .await;
-    assert!(
-        wrong.is_err(),
-        "certificate for another name must not verify"
-    );
+    assert!(wrong.is_err(), "certificate for another name must not verify");
 }
 
 #[tokio::test]
@@ -131,16 +120,9 @@ async fn h2c_downstream_and_h2_upstream() {
             .into(),
     ]);
     let _dp = Dp::start(&yaml).await;
-    let c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     for _ in 0..20 {
-        let r = c
-            .get(format!("http://127.0.0.1:{port}/p"))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("http://127.0.0.1:{port}/p")).send().await.unwrap();
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
         assert_eq!(v["version"], "HTTP/2.0", "the upstream is spoken to in h2c");

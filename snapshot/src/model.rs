@@ -451,11 +451,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             attempts: 2,
-            on: vec![
-                "connect-failure".into(),
-                "reset".into(),
-                "gateway-error".into(),
-            ],
+            on: vec!["connect-failure".into(), "reset".into(), "gateway-error".into()],
             backoff_base_ms: 25,
             budget_percent: 20,
             min_retry_concurrency: 3,

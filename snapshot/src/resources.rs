@@ -113,11 +113,9 @@ impl Resources {
             origin: origin.to_string(),
             what,
         };
-        let meta: TypeMeta = serde_yaml::from_value(value.clone())
-            .map_err(|e| shape(format!("not a Kubernetes object: {e}")))?;
-        let api_version = meta
-            .api_version
-            .ok_or_else(|| shape("apiVersion is missing".into()))?;
+        let meta: TypeMeta =
+            serde_yaml::from_value(value.clone()).map_err(|e| shape(format!("not a Kubernetes object: {e}")))?;
+        let api_version = meta.api_version.ok_or_else(|| shape("apiVersion is missing".into()))?;
         let kind = meta.kind.ok_or_else(|| shape("kind is missing".into()))?;
         if kind == "List" {
             let items = value
@@ -130,21 +128,15 @@ impl Resources {
             }
             return Ok(());
         }
-        let m = meta
-            .metadata
-            .ok_or_else(|| shape("metadata is missing".into()))?;
-        let name = m
-            .name
-            .ok_or_else(|| shape("metadata.name is missing".into()))?;
+        let m = meta.metadata.ok_or_else(|| shape("metadata is missing".into()))?;
+        let name = m.name.ok_or_else(|| shape("metadata.name is missing".into()))?;
         let cluster_scoped = matches!(kind.as_str(), "GatewayClass" | "Namespace");
         let namespace = if cluster_scoped {
             String::new()
         } else {
             m.namespace.unwrap_or_else(|| "default".into())
         };
-        if !cluster_scoped
-            && let Some(md) = value.get_mut("metadata").and_then(|v| v.as_mapping_mut())
-        {
+        if !cluster_scoped && let Some(md) = value.get_mut("metadata").and_then(|v| v.as_mapping_mut()) {
             md.insert("namespace".into(), namespace.clone().into());
         }
         let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
@@ -274,16 +266,9 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("kind \"Pod\""), "{e}");
         let e = r
-            .add_yaml(
-                "x.yaml",
-                "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
-            )
+            .add_yaml("x.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [\n")
             .unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("x.yaml, document 1: not valid YAML"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("x.yaml, document 1: not valid YAML"), "{e}");
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n";
         r.add_yaml("a.yaml", svc).unwrap();
         let e = r.add_yaml("b.yaml", svc).unwrap_err();
@@ -292,14 +277,10 @@ mod tests {
             "b.yaml, document 1: Service default/s is also defined at a.yaml, document 1"
         );
         let e = r
-            .add_yaml(
-                "c.yaml",
-                "apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n",
-            )
+            .add_yaml("c.yaml", "apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n")
             .unwrap_err();
         assert!(
-            e.to_string()
-                .contains("not in group \"gateway.networking.k8s.io\""),
+            e.to_string().contains("not in group \"gateway.networking.k8s.io\""),
             "{e}"
         );
     }

@@ -18,13 +18,8 @@ pub struct InvalidSnapshot {
 /// Returns every problem, not only the first, so one edit can fix them all.
 pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
     let mut errs = Vec::new();
-    let mut err = |object: String, field: String, message: String| {
-        errs.push(InvalidSnapshot {
-            object,
-            field,
-            message,
-        })
-    };
+    let mut err =
+        |object: String, field: String, message: String| errs.push(InvalidSnapshot { object, field, message });
 
     let mut cluster_names = BTreeSet::new();
     for c in &s.clusters {
@@ -34,11 +29,7 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
         }
         for (i, e) in c.endpoints.iter().enumerate() {
             if e.port == 0 {
-                err(
-                    obj.clone(),
-                    format!("endpoints[{i}].port"),
-                    "must be 1-65535".into(),
-                );
+                err(obj.clone(), format!("endpoints[{i}].port"), "must be 1-65535".into());
             }
             if e.address.is_empty() {
                 err(
@@ -50,11 +41,7 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
         }
         if let Some(hc) = &c.health_check {
             if !hc.path.starts_with('/') {
-                err(
-                    obj.clone(),
-                    "healthCheck.path".into(),
-                    "must start with '/'".into(),
-                );
+                err(obj.clone(), "healthCheck.path".into(), "must start with '/'".into());
             }
             if hc.interval_ms == 0 || hc.timeout_ms == 0 {
                 err(
@@ -73,10 +60,8 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
         }
         if let Some(r) = &c.retry {
             for (i, on) in r.on.iter().enumerate() {
-                let known = matches!(
-                    on.as_str(),
-                    "connect-failure" | "reset" | "5xx" | "gateway-error"
-                ) || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
+                let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
+                    || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
                 if !known {
                     err(
                         obj.clone(),
@@ -158,18 +143,12 @@ fn check_route(
 ) {
     let obj = || format!("{obj} route {:?}", r.name);
     match &r.matcher.path {
-        PathMatch::Exact(p) | PathMatch::Prefix(p) if !p.starts_with('/') => err(
-            obj(),
-            format!("{at}.match.path"),
-            format!("{p:?} must start with '/'"),
-        ),
+        PathMatch::Exact(p) | PathMatch::Prefix(p) if !p.starts_with('/') => {
+            err(obj(), format!("{at}.match.path"), format!("{p:?} must start with '/'"))
+        }
         PathMatch::Regex(re) => {
             if let Err(e) = regex::Regex::new(re) {
-                err(
-                    obj(),
-                    format!("{at}.match.path.regex"),
-                    format!("invalid regex: {e}"),
-                )
+                err(obj(), format!("{at}.match.path.regex"), format!("invalid regex: {e}"))
             }
         }
         _ => {}
@@ -210,11 +189,7 @@ fn check_route(
         let names = m.set.iter().chain(&m.add).map(|(n, _)| n).chain(&m.remove);
         for n in names {
             if http_header_name_invalid(n) {
-                err(
-                    obj(),
-                    format!("{at}.{which}"),
-                    format!("invalid header name {n:?}"),
-                );
+                err(obj(), format!("{at}.{which}"), format!("invalid header name {n:?}"));
             }
         }
         for (n, v) in m.set.iter().chain(&m.add) {
@@ -228,10 +203,7 @@ fn check_route(
         }
     }
     let prefix_rewrite = |p: &Option<PathRewrite>| matches!(p, Some(PathRewrite::Prefix(_)));
-    let rewrites_prefix = r
-        .rewrite
-        .as_ref()
-        .is_some_and(|rw| prefix_rewrite(&rw.path))
+    let rewrites_prefix = r.rewrite.as_ref().is_some_and(|rw| prefix_rewrite(&rw.path))
         || matches!(&r.action, Action::Redirect(rd) if prefix_rewrite(&rd.path));
     if rewrites_prefix && !matches!(r.matcher.path, PathMatch::Prefix(_)) {
         err(
@@ -351,18 +323,14 @@ mod tests {
         );
         let errs = validate(&s).unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert!(
-            text.iter().any(|e| e.contains("endpoints[0].port")),
-            "{text:?}"
-        );
+        assert!(text.iter().any(|e| e.contains("endpoints[0].port")), "{text:?}");
         assert!(
             text.iter()
                 .any(|e| e.contains("routes[0].match.path.regex") && e.contains("invalid regex")),
             "{text:?}"
         );
         assert!(
-            text.iter()
-                .any(|e| e.contains("unknown cluster \"missing\"")),
+            text.iter().any(|e| e.contains("unknown cluster \"missing\"")),
             "{text:?}"
         );
         assert_eq!(errs.len(), 3, "{text:?}");

@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::limits::{MAX_HEADER_BYTES, MAX_HEADERS};
@@ -34,10 +35,14 @@ struct Running {
 pub struct Listeners {
     shared: Arc<Shared>,
     http: Arc<auto::Builder<TokioExecutor>>,
+    workers: Vec<Handle>,
     running: HashMap<SocketAddr, Running>,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Sockets bound for one address, one per worker, not yet accepting.
+pub type Bound = (SocketAddr, Vec<std::net::TcpListener>);
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
@@ -45,11 +50,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 impl Listeners {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, workers: Vec<Handle>) -> Self {
         let mut b = auto::Builder::new(TokioExecutor::new());
         b.http1()
             .timer(TokioTimer::new())
@@ -66,37 +71,44 @@ impl Listeners {
         Listeners {
             shared,
             http: Arc::new(b),
+            workers,
             running: HashMap::new(),
         }
     }
 
     /// Binds every address in `want` not bound yet. Nothing changes if one bind fails, so a
     /// config that asks for a busy port is rejected whole.
-    pub fn bind_new(
-        &self,
-        want: &[SocketAddr],
-    ) -> Result<Vec<(SocketAddr, TcpListener)>, BindError> {
+    pub fn bind_new(&self, want: &[SocketAddr]) -> Result<Vec<Bound>, BindError> {
         want.iter()
             .filter(|a| !self.running.contains_key(a))
             .map(|a| {
-                bind(*a)
-                    .map(|l| (*a, l))
-                    .map_err(|source| BindError { addr: *a, source })
+                let socks = (0..self.workers.len().max(1))
+                    .map(|_| bind(*a))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| BindError { addr: *a, source })?;
+                Ok((*a, socks))
             })
             .collect()
     }
 
     /// Starts accepting on newly bound sockets and stops the ones `want` no longer has.
-    pub fn reconcile(&mut self, want: &[SocketAddr], new: Vec<(SocketAddr, TcpListener)>) {
-        for (addr, l) in new {
+    pub fn reconcile(&mut self, want: &[SocketAddr], new: Vec<Bound>) {
+        for (addr, socks) in new {
             let (stop, rx) = watch::channel(false);
-            tokio::spawn(accept_loop(
-                l,
-                addr.port(),
-                self.shared.clone(),
-                self.http.clone(),
-                rx,
-            ));
+            for (i, sock) in socks.into_iter().enumerate() {
+                let (shared, http, rx) = (self.shared.clone(), self.http.clone(), rx.clone());
+                let run = async move {
+                    // Registered with the runtime that polls it: the worker's own.
+                    match TcpListener::from_std(sock) {
+                        Ok(l) => accept_loop(l, addr.port(), shared, http, rx).await,
+                        Err(e) => tracing::error!(%addr, error = %e, "cannot register listener"),
+                    }
+                };
+                match self.workers.get(i) {
+                    Some(h) => drop(h.spawn(run)),
+                    None => drop(tokio::spawn(run)),
+                }
+            }
             tracing::info!(%addr, "listening");
             self.running.insert(addr, Running { stop });
         }

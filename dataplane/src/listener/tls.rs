@@ -47,10 +47,7 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn load(
-    c: &Certificate,
-    provider: &rustls::crypto::CryptoProvider,
-) -> Result<Arc<CertifiedKey>, String> {
+fn load(c: &Certificate, provider: &rustls::crypto::CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
     let (cert_pem, key_pem) = match &c.source {
         CertSource::Pem { cert, key } => (cert.as_bytes().to_vec(), key.as_bytes().to_vec()),
         CertSource::Files { cert, key } => (
@@ -64,8 +61,7 @@ fn load(
     if certs.is_empty() {
         return Err("no certificate in PEM".into());
     }
-    let key =
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("bad private key PEM: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| format!("bad private key PEM: {e}"))?;
     let signing = provider
         .key_provider
         .load_private_key(key)
@@ -76,10 +72,7 @@ fn load(
     Ok(Arc::new(ck))
 }
 
-pub fn server_config(
-    listener: &str,
-    certs: &[Certificate],
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(listener: &str, certs: &[Certificate]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut r = SniResolver {
         exact: HashMap::new(),
@@ -108,12 +101,7 @@ pub fn server_config(
     r.wildcard.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     // Clients without SNI (or with an unknown name) get the first certificate.
     if r.default.is_none() {
-        r.default = r
-            .exact
-            .values()
-            .next()
-            .or(r.wildcard.first().map(|(_, k)| k))
-            .cloned();
+        r.default = r.exact.values().next().or(r.wildcard.first().map(|(_, k)| k)).cloned();
     }
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -35,10 +35,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     let te_trailers = keep_te_trailers
         && h.get(header::TE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
     for n in &HOP_BY_HOP {
         // Each remove is a hash lookup; most requests carry none of these.
         if h.contains_key(n) {
@@ -51,13 +48,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
 }
 
 /// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
-pub fn add_forwarded(
-    h: &mut HeaderMap,
-    client: IpAddr,
-    https: bool,
-    host: Option<&HeaderValue>,
-    via: &'static str,
-) {
+pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Option<&HeaderValue>, via: &'static str) {
     let mut ip = [0u8; 48];
     let ip = fmt_ip(client, &mut ip);
     let xff = match h.get(&X_FORWARDED_FOR) {

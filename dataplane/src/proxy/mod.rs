@@ -50,9 +50,7 @@ impl Local {
             Local::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Local::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Local::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset) => StatusCode::BAD_GATEWAY,
             Local::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             Local::Upstream(UpstreamError::Overflow | UpstreamError::NoHealthyUpstream) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -87,11 +85,7 @@ pub struct ConnInfo {
     pub client: SocketAddr,
 }
 
-pub async fn handle(
-    shared: Arc<Shared>,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Response<ResponseBody> {
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     let cfg = shared.config.load();
     let Some(listener) = cfg.listeners.get(&conn.port) else {
@@ -101,14 +95,8 @@ pub async fn handle(
         return Local::MethodNotAllowed.response();
     }
     // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.
-    let head: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    if head + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
-        > crate::limits::MAX_HEADER_BYTES
-    {
+    let head: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if head + req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > crate::limits::MAX_HEADER_BYTES {
         return Local::HeadersTooLarge.response();
     }
     let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -126,14 +114,10 @@ pub async fn handle(
     } else {
         Cow::Borrowed(host)
     };
-    let route = listener.hosts.find(&host).and_then(|vh| {
-        vh.find(
-            req.method(),
-            req.uri().path(),
-            req.uri().query(),
-            req.headers(),
-        )
-    });
+    let route = listener
+        .hosts
+        .find(&host)
+        .and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
     let Some(route) = route else {
         shared
             .registry
@@ -142,9 +126,7 @@ pub async fn handle(
         return Local::RouteNotFound.response();
     };
     let mut resp = match &route.action {
-        crate::router::Action::Redirect(rd) => {
-            redirect(rd, route, listener, conn.port, &host, &req)
-        }
+        crate::router::Action::Redirect(rd) => redirect(rd, route, listener, conn.port, &host, &req),
         crate::router::Action::Forward(_) => match route.action.pick() {
             Some(Some(cluster)) => {
                 let ctx = Forward {
@@ -173,13 +155,8 @@ fn strip_port(h: &str) -> &str {
     if h.starts_with('[') {
         return h.split_once(']').map_or(h, |(a, _)| &h[..a.len() + 1]);
     }
-    h.rsplit_once(':').map_or(h, |(a, p)| {
-        if p.bytes().all(|b| b.is_ascii_digit()) {
-            a
-        } else {
-            h
-        }
-    })
+    h.rsplit_once(':')
+        .map_or(h, |(a, p)| if p.bytes().all(|b| b.is_ascii_digit()) { a } else { h })
 }
 
 fn replace_prefix(path: &str, matched: &str, with: &str) -> String {
@@ -191,11 +168,7 @@ fn replace_prefix(path: &str, matched: &str, with: &str) -> String {
     let rest = rest.trim_start_matches('/');
     let base = with.trim_end_matches('/');
     if rest.is_empty() {
-        if base.is_empty() {
-            "/".into()
-        } else {
-            base.to_string()
-        }
+        if base.is_empty() { "/".into() } else { base.to_string() }
     } else {
         format!("{base}/{rest}")
     }
@@ -272,15 +245,9 @@ fn retry_on(on: &[String], outcome: Result<u16, UpstreamError>) -> bool {
     on.iter().any(|c| match (c.as_str(), outcome) {
         ("connect-failure", Err(UpstreamError::ConnectFailure)) => true,
         ("reset", Err(UpstreamError::Reset)) => true,
-        (
-            "5xx",
-            Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout),
-        ) => true,
+        ("5xx", Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout)) => true,
         ("5xx", Ok(s)) => s >= 500,
-        (
-            "gateway-error",
-            Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout),
-        ) => true,
+        ("gateway-error", Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout)) => true,
         ("gateway-error", Ok(s)) => matches!(s, 502..=504),
         (code, Ok(s)) => code.parse::<u16>() == Ok(s),
         _ => false,
@@ -368,12 +335,7 @@ impl Forward<'_> {
         } else {
             RequestBody::Stream(Limited::new(incoming, limits.max_request_body))
         });
-        let per_try = Duration::from_millis(
-            self.route
-                .timeouts
-                .backend_request_ms
-                .unwrap_or(spec.timeouts.read_ms),
-        );
+        let per_try = Duration::from_millis(self.route.timeouts.backend_request_ms.unwrap_or(spec.timeouts.read_ms));
         let deadline = self
             .route
             .timeouts
@@ -410,7 +372,7 @@ impl Forward<'_> {
                 timeout = timeout.min(d.saturating_duration_since(tokio::time::Instant::now()));
             }
             let try_started = Instant::now();
-            let result = tokio::time::timeout(timeout, cluster.client.request(up)).await;
+            let result = tokio::time::timeout(timeout, cluster.client().request(up)).await;
             let outcome: Result<Response<Incoming>, UpstreamError> = match result {
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(e)) => {
@@ -438,10 +400,7 @@ impl Forward<'_> {
                     Err(_) => Outcome::OtherFailure,
                 },
             );
-            let status = outcome
-                .as_ref()
-                .map(|r| r.status().as_u16())
-                .map_err(|e| *e);
+            let status = outcome.as_ref().map(|r| r.status().as_u16()).map_err(|e| *e);
             match status {
                 Ok(s) => {
                     cluster.stats.responses.record(s);
@@ -470,8 +429,7 @@ impl Forward<'_> {
                 Ok(resp) => {
                     let (mut rp, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut rp.headers, false);
-                    rp.headers
-                        .append(header::VIA, HeaderValue::from_static(via));
+                    rp.headers.append(header::VIA, HeaderValue::from_static(via));
                     Ok(Response::from_parts(
                         rp,
                         ResponseBody::Upstream {
@@ -515,13 +473,7 @@ mod tests {
         assert!(retry_on(&on(&["gateway-error"]), Ok(502)));
         assert!(!retry_on(&on(&["gateway-error"]), Ok(500)));
         assert!(retry_on(&on(&["429"]), Ok(429)));
-        assert!(retry_on(
-            &on(&["connect-failure"]),
-            Err(UpstreamError::ConnectFailure)
-        ));
-        assert!(!retry_on(
-            &on(&["connect-failure"]),
-            Err(UpstreamError::Timeout)
-        ));
+        assert!(retry_on(&on(&["connect-failure"]), Err(UpstreamError::ConnectFailure)));
+        assert!(!retry_on(&on(&["connect-failure"]), Err(UpstreamError::Timeout)));
     }
 }

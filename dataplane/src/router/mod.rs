@@ -128,8 +128,7 @@ fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError
     let pair = |(n, v): &(String, String)| -> Result<_, RouteError> {
         Ok((
             HeaderName::try_from(n.as_str()).map_err(|e| bad(format!("header {n:?}: {e}")))?,
-            http::HeaderValue::try_from(v.as_str())
-                .map_err(|e| bad(format!("header {n:?} value: {e}")))?,
+            http::HeaderValue::try_from(v.as_str()).map_err(|e| bad(format!("header {n:?} value: {e}")))?,
         ))
     };
     Ok(HeaderMods {
@@ -138,9 +137,7 @@ fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError
         remove: m
             .remove
             .iter()
-            .map(|n| {
-                HeaderName::try_from(n.as_str()).map_err(|e| bad(format!("header {n:?}: {e}")))
-            })
+            .map(|n| HeaderName::try_from(n.as_str()).map_err(|e| bad(format!("header {n:?}: {e}"))))
             .collect::<Result<_, _>>()?,
     })
 }
@@ -165,10 +162,9 @@ impl VirtualHost {
             match &r.matcher.path {
                 PathMatch::Exact(p) => out.exact.entry(p.clone()).or_default().push(i),
                 PathMatch::Prefix(p) => out.prefix.entry(p.clone()).or_default().push(i),
-                PathMatch::Regex(re) => out.regex.push((
-                    Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?,
-                    i,
-                )),
+                PathMatch::Regex(re) => out
+                    .regex
+                    .push((Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?, i)),
             }
             let method = r
                 .matcher
@@ -191,12 +187,7 @@ impl VirtualHost {
                 .matcher
                 .query_params
                 .iter()
-                .map(|q| {
-                    Ok((
-                        q.name.clone(),
-                        Matcher::new(&q.value).map_err(|e| bad(e.to_string()))?,
-                    ))
-                })
+                .map(|q| Ok((q.name.clone(), Matcher::new(&q.value).map_err(|e| bad(e.to_string()))?)))
                 .collect::<Result<_, RouteError>>()?;
             let p = parts(r);
             out.routes.push(Route {
@@ -217,13 +208,7 @@ impl VirtualHost {
     }
 
     /// The first route, in precedence order, that matches.
-    pub fn find(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        headers: &HeaderMap,
-    ) -> Option<&Route> {
+    pub fn find(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Option<&Route> {
         let mut best = u32::MAX;
         let mut consider = |list: &[u32]| {
             // Lists are in precedence order: the first that passes is the best of this list.
@@ -255,10 +240,7 @@ impl VirtualHost {
             }
         }
         for (re, i) in &self.regex {
-            if *i < best
-                && re.is_match(path)
-                && self.routes[*i as usize].passes(method, query, headers)
-            {
+            if *i < best && re.is_match(path) && self.routes[*i as usize].passes(method, query, headers) {
                 best = *i;
             }
         }
@@ -282,11 +264,7 @@ impl Route {
             let ok = match values.next() {
                 None => first.to_str().is_ok_and(|v| m.is_match(v)),
                 Some(_) => {
-                    let joined: Vec<&str> = headers
-                        .get_all(name)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect();
+                    let joined: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
                     m.is_match(&joined.join(","))
                 }
             };
@@ -387,13 +365,7 @@ mod tests {
         }
     }
 
-    fn find<'a>(
-        v: &'a VirtualHost,
-        m: &str,
-        p: &str,
-        q: Option<&str>,
-        h: &[(&str, &str)],
-    ) -> Option<&'a str> {
+    fn find<'a>(v: &'a VirtualHost, m: &str, p: &str, q: Option<&str>, h: &[(&str, &str)]) -> Option<&'a str> {
         let mut headers = HeaderMap::new();
         for (k, val) in h {
             headers.append(HeaderName::try_from(*k).unwrap(), val.parse().unwrap());
@@ -458,20 +430,11 @@ mod tests {
             route("fallback", path(PathMatch::Prefix("/".into()))),
         ]);
         let good = [("x-env", "prod"), ("x-ver", "v2")];
-        assert_eq!(
-            find(&v, "POST", "/x", Some("a=2&q=1"), &good),
-            Some("strict")
-        );
+        assert_eq!(find(&v, "POST", "/x", Some("a=2&q=1"), &good), Some("strict"));
         assert_eq!(find(&v, "GET", "/x", Some("q=1"), &good), Some("fallback"));
         assert_eq!(find(&v, "POST", "/x", Some("q=2"), &good), Some("fallback"));
         assert_eq!(
-            find(
-                &v,
-                "POST",
-                "/x",
-                Some("q=1"),
-                &[("x-env", "prod"), ("x-ver", "v3")]
-            ),
+            find(&v, "POST", "/x", Some("q=1"), &[("x-env", "prod"), ("x-ver", "v3")]),
             Some("fallback")
         );
         assert_eq!(
@@ -496,10 +459,7 @@ mod tests {
                 "*.b.example.com".into(),
                 vh(vec![route("wild-b", path(PathMatch::default()))]),
             ),
-            (
-                "*".into(),
-                vh(vec![route("any", path(PathMatch::default()))]),
-            ),
+            ("*".into(), vh(vec![route("any", path(PathMatch::default()))])),
         ]);
         let name = |h: &str| t.find(h).map(|v| v.routes[0].name.clone()).unwrap();
         assert_eq!(name("a.example.com"), "exact");
@@ -512,12 +472,7 @@ mod tests {
     #[test]
     fn ten_thousand_routes_index_by_path() {
         let routes = (0..10_000)
-            .map(|i| {
-                route(
-                    &format!("r{i}"),
-                    path(PathMatch::Prefix(format!("/svc{i}"))),
-                )
-            })
+            .map(|i| route(&format!("r{i}"), path(PathMatch::Prefix(format!("/svc{i}")))))
             .collect();
         let v = vh(routes);
         assert_eq!(find(&v, "GET", "/svc9999/x", None, &[]), Some("r9999"));

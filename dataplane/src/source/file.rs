@@ -108,11 +108,10 @@ pub async fn watch(paths: Vec<PathBuf>, dp: Arc<Dataplane>) -> notify::Result<()
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev
             && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| {
-                relevant
-                    .iter()
-                    .any(|r| p.starts_with(r) || r.starts_with(p))
-            })
+            && ev
+                .paths
+                .iter()
+                .any(|p| relevant.iter().any(|r| p.starts_with(r) || r.starts_with(p)))
         {
             let _ = fs_tx.try_send(());
         }
@@ -125,8 +124,7 @@ pub async fn watch(paths: Vec<PathBuf>, dp: Arc<Dataplane>) -> notify::Result<()
         };
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(notify::Error::io)?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(notify::Error::io)?;
     loop {
         tokio::select! {
             r = rx.recv() => if r.is_none() { return Ok(()) },

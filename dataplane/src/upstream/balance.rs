@@ -60,10 +60,7 @@ impl Balancer {
                     }
                 }
                 ring.sort_unstable();
-                Balancer::Ring {
-                    on: on.clone(),
-                    ring,
-                }
+                Balancer::Ring { on: on.clone(), ring }
             }
         }
     }
@@ -77,12 +74,7 @@ impl Balancer {
 
     /// Picks an available endpoint, avoiding `avoid` (the one a retry just failed on) when
     /// another is available. `key` is the consistent-hash input.
-    pub fn pick<C: Candidate>(
-        &self,
-        eps: &[C],
-        key: Option<&[u8]>,
-        avoid: Option<usize>,
-    ) -> Option<usize> {
+    pub fn pick<C: Candidate>(&self, eps: &[C], key: Option<&[u8]>, avoid: Option<usize>) -> Option<usize> {
         let n = eps.len();
         if n == 0 {
             return None;
@@ -153,16 +145,8 @@ fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     if weights.is_empty() {
         return vec![0];
     }
-    let g = weights
-        .iter()
-        .copied()
-        .filter(|w| *w > 0)
-        .fold(0, gcd)
-        .max(1);
-    let w: Vec<i64> = weights
-        .iter()
-        .map(|x| i64::from((*x).max(1) / g).max(1))
-        .collect();
+    let g = weights.iter().copied().filter(|w| *w > 0).fold(0, gcd).max(1);
+    let w: Vec<i64> = weights.iter().map(|x| i64::from((*x).max(1) / g).max(1)).collect();
     let total: i64 = w.iter().sum();
     let len = total.min(1 << 16) as usize;
     let mut current = vec![0i64; w.len()];

@@ -12,7 +12,7 @@ use crate::proxy::body::RequestBody;
 pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
     let hc = rt.spec.health_check.clone().expect("caller checked");
     let endpoints: Vec<Arc<EndpointState>> = rt.endpoints.clone();
-    let client = rt.client.clone();
+    let client = rt.clients[rt.clients.len() - 1].clone();
     let scheme = rt.scheme.clone();
     let cluster = rt.spec.name.clone();
     let task = tokio::spawn(async move {
@@ -29,24 +29,16 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
                 let client = client.clone();
                 async move {
                     let Ok(uri) = uri else { return false };
-                    let mut req = Request::get(uri)
-                        .body(RequestBody::empty())
-                        .expect("static request");
+                    let mut req = Request::get(uri).body(RequestBody::empty()).expect("static request");
                     req.headers_mut().insert(
                         http::header::HOST,
-                        http::HeaderValue::from_str(e.authority.as_str())
-                            .expect("authority is a header value"),
+                        http::HeaderValue::from_str(e.authority.as_str()).expect("authority is a header value"),
                     );
                     req.headers_mut().insert(
                         http::header::USER_AGENT,
                         http::HeaderValue::from_static("ferrum-health-check"),
                     );
-                    match tokio::time::timeout(
-                        Duration::from_millis(hc.timeout_ms),
-                        client.request(req),
-                    )
-                    .await
-                    {
+                    match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), client.request(req)).await {
                         Ok(Ok(resp)) => {
                             let s = resp.status().as_u16();
                             s >= hc.expected_status.0 && s <= hc.expected_status.1
@@ -57,13 +49,7 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
             });
             let results = futures_util::future::join_all(checks).await;
             for (e, ok) in endpoints.iter().zip(results) {
-                transition(
-                    e,
-                    ok,
-                    hc.healthy_threshold,
-                    hc.unhealthy_threshold,
-                    &cluster,
-                );
+                transition(e, ok, hc.healthy_threshold, hc.unhealthy_threshold, &cluster);
             }
         }
     });
@@ -72,24 +58,14 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
 
 /// `hc_streak` counts results that disagree with the current state; enough of them in a row
 /// flip it.
-fn transition(
-    e: &EndpointState,
-    ok: bool,
-    healthy_threshold: u32,
-    unhealthy_threshold: u32,
-    cluster: &str,
-) {
+fn transition(e: &EndpointState, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32, cluster: &str) {
     let healthy = e.healthy.load(Relaxed);
     if ok == healthy {
         e.hc_streak.store(0, Relaxed);
         return;
     }
     let streak = e.hc_streak.fetch_add(1, Relaxed) + 1;
-    let needed = if ok {
-        healthy_threshold
-    } else {
-        unhealthy_threshold
-    };
+    let needed = if ok { healthy_threshold } else { unhealthy_threshold };
     if streak >= needed {
         e.healthy.store(ok, Relaxed);
         e.hc_streak.store(0, Relaxed);

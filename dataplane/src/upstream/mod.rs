@@ -93,7 +93,8 @@ pub struct ClusterRuntime {
     pub spec: Cluster,
     pub endpoints: Vec<Arc<EndpointState>>,
     pub balancer: Balancer,
-    pub client: UpstreamClient,
+    /// One pool per worker thread, then one for health checks: connections never cross threads.
+    clients: Box<[UpstreamClient]>,
     pub scheme: Scheme,
     pub stats: Arc<ClusterStats>,
     active: AtomicU32,
@@ -153,6 +154,7 @@ impl ClusterRuntime {
         spec: &Cluster,
         previous: Option<&ClusterRuntime>,
         stats: Arc<ClusterStats>,
+        workers: usize,
     ) -> Result<Arc<Self>, ClusterError> {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
@@ -166,14 +168,14 @@ impl ClusterRuntime {
             })?;
             match old.get(fresh.key.as_str()) {
                 // Same endpoint and the source still calls it ready: keep what we learned.
-                Some(prev) if prev.weight == e.weight && e.ready => {
-                    endpoints.push(Arc::clone(prev))
-                }
+                Some(prev) if prev.weight == e.weight && e.ready => endpoints.push(Arc::clone(prev)),
                 _ => endpoints.push(Arc::new(fresh)),
             }
         }
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
-        let client = connector::build(spec, stats.clone())?;
+        let clients = (0..=workers)
+            .map(|_| connector::build(spec, stats.clone()))
+            .collect::<Result<Box<[_]>, _>>()?;
         let mut rt = ClusterRuntime {
             balancer: Balancer::new(&spec.lb, &weights),
             scheme: if spec.tls.is_some() {
@@ -183,7 +185,7 @@ impl ClusterRuntime {
             },
             spec: spec.clone(),
             endpoints,
-            client,
+            clients,
             stats,
             active: AtomicU32::new(0),
             pending: AtomicU32::new(0),
@@ -202,9 +204,7 @@ impl ClusterRuntime {
     pub async fn admit(self: &Arc<Self>) -> Result<RequestGuard, UpstreamError> {
         let cb = &self.spec.circuit_breaker;
         if self.active.fetch_add(1, Relaxed) < cb.max_requests {
-            return Ok(RequestGuard {
-                cluster: self.clone(),
-            });
+            return Ok(RequestGuard { cluster: self.clone() });
         }
         self.active.fetch_sub(1, Relaxed);
         if self.pending.fetch_add(1, Relaxed) >= cb.max_pending_requests {
@@ -212,14 +212,11 @@ impl ClusterRuntime {
             self.stats.error(UpstreamError::Overflow);
             return Err(UpstreamError::Overflow);
         }
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(self.spec.timeouts.connect_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.spec.timeouts.connect_ms);
         let result = loop {
             let notified = self.released.notified();
             if self.active.fetch_add(1, Relaxed) < cb.max_requests {
-                break Ok(RequestGuard {
-                    cluster: self.clone(),
-                });
+                break Ok(RequestGuard { cluster: self.clone() });
             }
             self.active.fetch_sub(1, Relaxed);
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -229,6 +226,12 @@ impl ClusterRuntime {
         };
         self.pending.fetch_sub(1, Relaxed);
         result
+    }
+
+    /// The calling worker's pool (the control thread's when called elsewhere).
+    pub fn client(&self) -> &UpstreamClient {
+        let i = crate::workers::index().min(self.clients.len() - 1);
+        &self.clients[i]
     }
 
     pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {

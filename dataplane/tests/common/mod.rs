@@ -106,10 +106,7 @@ async fn respond(
         .query()
         .unwrap_or("")
         .split('&')
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
     if let Some(ms) = q.get("delay").and_then(|d| d.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -129,18 +126,9 @@ async fn respond(
         })
         .collect();
     let method = req.method().to_string();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
+    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let version = format!("{:?}", req.version());
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     let json = serde_json::json!({"backend": name, "method": method, "path": path, "headers": headers, "version": version, "body_len": body});
     let mut r = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
     let status = match force.load(SeqCst) {

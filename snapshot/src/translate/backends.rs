@@ -38,14 +38,14 @@ pub(crate) fn reference_granted(
 ) -> bool {
     res.reference_grants.iter().any(|g| {
         g.metadata.namespace.as_deref() == Some(to_ns)
-            && g.spec.from.iter().any(|f| {
-                f.group == crate::GATEWAY_GROUP && f.kind == from_kind && f.namespace == from_ns
-            })
-            && g.spec.to.iter().any(|t| {
-                t.group == to_group
-                    && t.kind == to_kind
-                    && t.name.as_deref().is_none_or(|n| n == to_name)
-            })
+            && g.spec
+                .from
+                .iter()
+                .any(|f| f.group == crate::GATEWAY_GROUP && f.kind == from_kind && f.namespace == from_ns)
+            && g.spec
+                .to
+                .iter()
+                .any(|t| t.group == to_group && t.kind == to_kind && t.name.as_deref().is_none_or(|n| n == to_name))
     })
 }
 
@@ -66,15 +66,7 @@ impl<'a> Clusters<'a> {
         r: &BackendRef<'_>,
     ) -> Result<String, (Reason, String)> {
         if r.namespace != route_ns
-            && !reference_granted(
-                self.res,
-                route_kind,
-                route_ns,
-                r.group,
-                r.kind,
-                r.namespace,
-                r.name,
-            )
+            && !reference_granted(self.res, route_kind, route_ns, r.group, r.kind, r.namespace, r.name)
         {
             return Err((
                 Reason::RefNotPermitted,
@@ -89,9 +81,7 @@ impl<'a> Clusters<'a> {
             (crate::FERRUM_GROUP, "Backend") => self.backend(r),
             (g, k) => Err((
                 Reason::InvalidKind,
-                format!(
-                    "backendRef kind {k:?} in group {g:?} is not supported (Service, ferrum.dev/Backend)"
-                ),
+                format!("backendRef kind {k:?} in group {g:?} is not supported (Service, ferrum.dev/Backend)"),
             )),
         }
     }
@@ -109,8 +99,7 @@ impl<'a> Clusters<'a> {
             .services
             .iter()
             .find(|s| {
-                s.metadata.namespace.as_deref() == Some(r.namespace)
-                    && s.metadata.name.as_deref() == Some(r.name)
+                s.metadata.namespace.as_deref() == Some(r.namespace) && s.metadata.name.as_deref() == Some(r.name)
             })
             .ok_or_else(|| {
                 (
@@ -119,17 +108,12 @@ impl<'a> Clusters<'a> {
                 )
             })?;
         let spec = svc.spec.clone().unwrap_or_default();
-        let sport = spec
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.port == port)
-            .ok_or_else(|| {
-                (
-                    Reason::BackendNotFound,
-                    format!("Service {}/{} has no port {port}", r.namespace, r.name),
-                )
-            })?;
+        let sport = spec.ports.iter().flatten().find(|p| p.port == port).ok_or_else(|| {
+            (
+                Reason::BackendNotFound,
+                format!("Service {}/{} has no port {port}", r.namespace, r.name),
+            )
+        })?;
         let mut endpoints = Vec::new();
         if spec.type_.as_deref() == Some("ExternalName") {
             let host = spec.external_name.clone().unwrap_or_default();
@@ -212,8 +196,7 @@ impl<'a> Clusters<'a> {
             .backends
             .iter()
             .find(|b| {
-                b.metadata.namespace.as_deref() == Some(r.namespace)
-                    && b.metadata.name.as_deref() == Some(r.name)
+                b.metadata.namespace.as_deref() == Some(r.namespace) && b.metadata.name.as_deref() == Some(r.name)
             })
             .ok_or_else(|| {
                 (
@@ -261,10 +244,7 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
             "HTTP/1.1" | "HTTP" => UpstreamProtocol::Http1,
             "HTTP/2" | "h2c" | "h2" => UpstreamProtocol::Http2,
             other => {
-                return Err((
-                    "spec.protocol".into(),
-                    format!("{other:?} is not HTTP/1.1 or HTTP/2"),
-                ));
+                return Err(("spec.protocol".into(), format!("{other:?} is not HTTP/1.1 or HTTP/2")));
             }
         };
     }
@@ -325,10 +305,7 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
                     .unwrap_or(d.consecutive_connect_failures),
                 base_ejection_ms: dur("outlierDetection.baseEjectionTime", &od.base_ejection_time)?
                     .unwrap_or(d.base_ejection_ms),
-                max_ejection_percent: od
-                    .max_ejection_percent
-                    .unwrap_or(d.max_ejection_percent)
-                    .min(100),
+                max_ejection_percent: od.max_ejection_percent.unwrap_or(d.max_ejection_percent).min(100),
             });
         }
     }

@@ -8,9 +8,7 @@ pub fn hostname_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_prefix('*') {
         // `*.a.com` matches `x.a.com` and `*.x.a.com`, never `a.com`.
         Some(suffix) => {
-            name.len() > suffix.len()
-                && name.ends_with(suffix)
-                && !name[..name.len() - suffix.len()].is_empty()
+            name.len() > suffix.len() && name.ends_with(suffix) && !name[..name.len() - suffix.len()].is_empty()
         }
         None => false,
     }
@@ -59,10 +57,7 @@ mod tests {
     fn intersection_keeps_the_more_specific_name() {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(intersect_hostnames(None, &[]), Some(v(&["*"])));
-        assert_eq!(
-            intersect_hostnames(Some("*.ex.com"), &[]),
-            Some(v(&["*.ex.com"]))
-        );
+        assert_eq!(intersect_hostnames(Some("*.ex.com"), &[]), Some(v(&["*.ex.com"])));
         assert_eq!(
             intersect_hostnames(Some("*.ex.com"), &v(&["a.ex.com", "b.other.net", "*.com"])),
             Some(v(&["*.ex.com", "a.ex.com"]))
@@ -71,9 +66,6 @@ mod tests {
             intersect_hostnames(Some("a.ex.com"), &v(&["*.ex.com"])),
             Some(v(&["a.ex.com"]))
         );
-        assert_eq!(
-            intersect_hostnames(Some("a.ex.com"), &v(&["b.ex.com"])),
-            None
-        );
+        assert_eq!(intersect_hostnames(Some("a.ex.com"), &v(&["b.ex.com"])), None);
     }
 }

@@ -92,12 +92,7 @@ fn parents(
         if p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP) != crate::GATEWAY_GROUP
             || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
         {
-            problems.push(
-                obj,
-                field,
-                Reason::InvalidKind,
-                "only Gateway parents are supported",
-            );
+            problems.push(obj, field, Reason::InvalidKind, "only Gateway parents are supported");
             continue;
         }
         let gw = ObjectRef {
@@ -264,11 +259,7 @@ fn pairs(v: Option<Vec<(String, String)>>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn path_rewrite(
-    full: &Option<String>,
-    prefix: &Option<String>,
-    is_full: bool,
-) -> Option<PathRewrite> {
+fn path_rewrite(full: &Option<String>, prefix: &Option<String>, is_full: bool) -> Option<PathRewrite> {
     if is_full {
         full.clone().map(PathRewrite::Full)
     } else {
@@ -308,16 +299,16 @@ fn rule_parts(
                     return None;
                 };
                 parts.request_headers = HeaderModifier {
-                    set: pairs(m.set.as_ref().map(|v| {
-                        v.iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect()
-                    })),
-                    add: pairs(m.add.as_ref().map(|v| {
-                        v.iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect()
-                    })),
+                    set: pairs(
+                        m.set
+                            .as_ref()
+                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
+                    ),
+                    add: pairs(
+                        m.add
+                            .as_ref()
+                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
+                    ),
                     remove: m
                         .remove
                         .clone()
@@ -333,16 +324,16 @@ fn rule_parts(
                     return None;
                 };
                 parts.response_headers = HeaderModifier {
-                    set: pairs(m.set.as_ref().map(|v| {
-                        v.iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect()
-                    })),
-                    add: pairs(m.add.as_ref().map(|v| {
-                        v.iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect()
-                    })),
+                    set: pairs(
+                        m.set
+                            .as_ref()
+                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
+                    ),
+                    add: pairs(
+                        m.add
+                            .as_ref()
+                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
+                    ),
                     remove: m
                         .remove
                         .clone()
@@ -391,8 +382,7 @@ fn rule_parts(
                         path_rewrite(
                             &p.replace_full_path,
                             &p.replace_prefix_match,
-                            p.r#type
-                                == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath,
+                            p.r#type == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath,
                         )
                     }),
                     status: status as u16,
@@ -439,12 +429,7 @@ fn rule_parts(
                     Ok(0) => {} // "0s" disables the timeout
                     Ok(ms) => *slot = Some(ms),
                     Err(e) => {
-                        problems.push(
-                            obj,
-                            format!("{field}.timeouts.{name}"),
-                            Reason::UnsupportedValue,
-                            e,
-                        );
+                        problems.push(obj, format!("{field}.timeouts.{name}"), Reason::UnsupportedValue, e);
                         return None;
                     }
                 }
@@ -460,12 +445,7 @@ fn rule_parts(
         let bfield = format!("{field}.backendRefs[{bi}]");
         let weight = b.weight.unwrap_or(1);
         if weight < 0 {
-            problems.push(
-                obj,
-                format!("{bfield}.weight"),
-                Reason::Invalid,
-                "weight must be >= 0",
-            );
+            problems.push(obj, format!("{bfield}.weight"), Reason::Invalid, "weight must be >= 0");
             return None;
         }
         if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
@@ -543,13 +523,8 @@ fn route_match(
         None => PathMatch::default(),
         Some(p) => {
             let value = p.value.clone().unwrap_or_else(|| "/".into());
-            match p
-                .r#type
-                .clone()
-                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
-            {
-                HttpRouteRulesMatchesPathType::RegularExpression => match regex::Regex::new(&value)
-                {
+            match p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
+                HttpRouteRulesMatchesPathType::RegularExpression => match regex::Regex::new(&value) {
                     Ok(_) => PathMatch::Regex(value),
                     Err(e) => {
                         problems.push(
@@ -594,13 +569,7 @@ fn route_match(
             .is_none_or(|t| *t == HttpRouteRulesMatchesHeadersType::Exact);
         headers.push(KeyMatch {
             name: h.name.to_ascii_lowercase(),
-            value: string_match(
-                exact,
-                &h.value,
-                format!("{field}.headers[{i}].value"),
-                obj,
-                problems,
-            )?,
+            value: string_match(exact, &h.value, format!("{field}.headers[{i}].value"), obj, problems)?,
         });
     }
     let mut query_params = Vec::new();

@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use gateway_api::gateways::{
-    Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode,
-};
+use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode};
 
 use super::{Options, Problems, Reason, meta_ref};
 use crate::model::{CertSource, Certificate, Listener, Protocol, Route, VirtualHost};
@@ -63,8 +61,7 @@ fn served(res: &Resources, gw: &Gateway, opts: &Options) -> bool {
         return true;
     };
     res.gateway_classes.iter().any(|c| {
-        c.metadata.name.as_deref() == Some(gw.spec.gateway_class_name.as_str())
-            && &c.spec.controller_name == controller
+        c.metadata.name.as_deref() == Some(gw.spec.gateway_class_name.as_str()) && &c.spec.controller_name == controller
     })
 }
 
@@ -73,11 +70,7 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
         bound: Vec::new(),
         by_gateway: BTreeMap::new(),
     };
-    let mut gateways: Vec<&Gateway> = res
-        .gateways
-        .iter()
-        .filter(|g| served(res, g, opts))
-        .collect();
+    let mut gateways: Vec<&Gateway> = res.gateways.iter().filter(|g| served(res, g, opts)).collect();
     gateways.sort_by_key(|g| (g.metadata.namespace.clone(), g.metadata.name.clone()));
     for gw in gateways {
         let obj = meta_ref("Gateway", &gw.metadata);
@@ -172,17 +165,13 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
             let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {
                 None => AllowedNamespaces::Same,
                 Some(ns) => match ns.from {
-                    Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => {
-                        AllowedNamespaces::All
-                    }
-                    Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => {
-                        AllowedNamespaces::Selector(
-                            ns.selector
-                                .as_ref()
-                                .and_then(|s| s.match_labels.clone())
-                                .unwrap_or_default(),
-                        )
-                    }
+                    Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => AllowedNamespaces::All,
+                    Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => AllowedNamespaces::Selector(
+                        ns.selector
+                            .as_ref()
+                            .and_then(|s| s.match_labels.clone())
+                            .unwrap_or_default(),
+                    ),
                     _ => AllowedNamespaces::Same,
                 },
             };
@@ -214,12 +203,7 @@ fn listener_certificates(
 ) -> Option<Vec<Certificate>> {
     let field = format!("spec.listeners[{i}].tls");
     let Some(tls) = &l.tls else {
-        problems.push(
-            obj,
-            field,
-            Reason::InvalidCertificateRef,
-            "an HTTPS listener needs tls",
-        );
+        problems.push(obj, field, Reason::InvalidCertificateRef, "an HTTPS listener needs tls");
         return None;
     };
     if matches!(tls.mode, Some(GatewayListenersTlsMode::Passthrough)) {
@@ -254,23 +238,12 @@ fn listener_certificates(
     let gw_ns = gw.metadata.namespace.clone().unwrap_or_default();
     for (ci, r) in tls.certificate_refs.iter().flatten().enumerate() {
         let f = format!("{field}.certificateRefs[{ci}]");
-        if !r.group.as_deref().unwrap_or("").is_empty()
-            || r.kind.as_deref().unwrap_or("Secret") != "Secret"
-        {
-            problems.push(
-                obj,
-                f,
-                Reason::InvalidCertificateRef,
-                "only core Secrets are supported",
-            );
+        if !r.group.as_deref().unwrap_or("").is_empty() || r.kind.as_deref().unwrap_or("Secret") != "Secret" {
+            problems.push(obj, f, Reason::InvalidCertificateRef, "only core Secrets are supported");
             return None;
         }
         let ns = r.namespace.clone().unwrap_or_else(|| gw_ns.clone());
-        if ns != gw_ns
-            && !super::backends::reference_granted(
-                res, "Gateway", &gw_ns, "", "Secret", &ns, &r.name,
-            )
-        {
+        if ns != gw_ns && !super::backends::reference_granted(res, "Gateway", &gw_ns, "", "Secret", &ns, &r.name) {
             problems.push(
                 obj,
                 f,
@@ -283,8 +256,7 @@ fn listener_certificates(
             return None;
         }
         let secret = res.secrets.iter().find(|s| {
-            s.metadata.namespace.as_deref() == Some(ns.as_str())
-                && s.metadata.name.as_deref() == Some(r.name.as_str())
+            s.metadata.namespace.as_deref() == Some(ns.as_str()) && s.metadata.name.as_deref() == Some(r.name.as_str())
         });
         let pem = secret.and_then(|s| {
             let get = |k: &str| {
@@ -306,17 +278,19 @@ fn listener_certificates(
                     obj,
                     f,
                     Reason::InvalidCertificateRef,
-                    format!(
-                        "Secret {ns}/{} does not exist or lacks tls.crt/tls.key",
-                        r.name
-                    ),
+                    format!("Secret {ns}/{} does not exist or lacks tls.crt/tls.key", r.name),
                 );
                 return None;
             }
         }
     }
     if certs.is_empty() {
-        problems.push(obj, field, Reason::InvalidCertificateRef, "no certificate: set certificateRefs or the ferrum.dev/cert-file and ferrum.dev/key-file options");
+        problems.push(
+            obj,
+            field,
+            Reason::InvalidCertificateRef,
+            "no certificate: set certificateRefs or the ferrum.dev/cert-file and ferrum.dev/key-file options",
+        );
         return None;
     }
     Some(certs)

@@ -129,17 +129,12 @@ pub(crate) fn meta_ref(
 
 /// Parses a Gateway API duration (`500ms`, `10s`, `1h`) into milliseconds.
 pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let d: gateway_api::Duration = s
-        .parse()
-        .map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    let d: gateway_api::Duration = s.parse().map_err(|e| format!("invalid duration {s:?}: {e}"))?;
     Ok(d.as_millis() as u64)
 }
 
 pub fn translate(res: &Resources, version: u64, opts: &Options) -> Translation {
-    let mut problems = Problems {
-        res,
-        list: Vec::new(),
-    };
+    let mut problems = Problems { res, list: Vec::new() };
     let mut clusters = backends::Clusters::new(res);
     let mut listeners = listeners::build(res, opts, &mut problems);
     httproute::attach_all(res, &mut listeners, &mut clusters, &mut problems);

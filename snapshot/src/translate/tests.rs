@@ -39,18 +39,13 @@ spec:
 
 fn run(extra: &str) -> Translation {
     let mut r = Resources::default();
-    r.add_yaml("test.yaml", &format!("{GW}\n---\n{extra}"))
-        .unwrap();
+    r.add_yaml("test.yaml", &format!("{GW}\n---\n{extra}")).unwrap();
     translate(&r, 1, &Options::default())
 }
 
 fn ok(extra: &str) -> Snapshot {
     let t = run(extra);
-    assert!(
-        t.problems.is_empty(),
-        "unexpected problems: {:#?}",
-        t.problems
-    );
+    assert!(t.problems.is_empty(), "unexpected problems: {:#?}", t.problems);
     crate::validate(&t.snapshot).unwrap();
     t.snapshot
 }
@@ -103,10 +98,7 @@ fn ferrum_backend_carries_its_policy() {
     assert_eq!(c.lb, LbPolicy::LeastRequest);
     assert_eq!(c.timeouts.connect_ms, 250);
     let retry = c.retry.as_ref().unwrap();
-    assert_eq!(
-        (retry.attempts, retry.on.clone()),
-        (3, vec!["5xx".to_string()])
-    );
+    assert_eq!((retry.attempts, retry.on.clone()), (3, vec!["5xx".to_string()]));
 }
 
 #[test]
@@ -166,10 +158,7 @@ fn precedence_follows_the_spec_across_routes() {
     ));
     let names: Vec<_> = routes(&s, "*").into_iter().map(|r| r.name).collect();
     // Method beats headers; headers beat nothing; ties would go to the older route, then name.
-    assert_eq!(
-        names,
-        vec!["default/q/0/0", "default/r/1/0", "default/r/0/0"]
-    );
+    assert_eq!(names, vec!["default/q/0/0", "default/r/1/0", "default/r/0/0"]);
 }
 
 #[test]
@@ -197,10 +186,7 @@ fn filters_redirect_rewrite_headers_and_timeouts() {
     let r = routes(&s, "*");
     let by = |p: &str| {
         r.iter()
-            .find(|r| {
-                r.matcher.path == PathMatch::Prefix(p.into())
-                    || r.matcher.path == PathMatch::Exact(p.into())
-            })
+            .find(|r| r.matcher.path == PathMatch::Prefix(p.into()) || r.matcher.path == PathMatch::Exact(p.into()))
             .unwrap()
     };
     match &by("/old").action {
@@ -224,10 +210,7 @@ fn filters_redirect_rewrite_headers_and_timeouts() {
     assert_eq!(api.request_headers.set, vec![("x-set".into(), "a".into())]);
     assert_eq!(api.request_headers.add, vec![("x-add".into(), "b".into())]);
     assert_eq!(api.request_headers.remove, vec!["x-drop".to_string()]);
-    assert_eq!(
-        api.response_headers.set,
-        vec![("x-resp".into(), "c".into())]
-    );
+    assert_eq!(api.response_headers.set, vec![("x-resp".into(), "c".into())]);
     assert_eq!(
         api.timeouts,
         RouteTimeouts {
@@ -256,12 +239,10 @@ fn filters_redirect_rewrite_headers_and_timeouts() {
 
 #[test]
 fn hostnames_make_virtual_hosts_including_wildcards() {
-    let s = ok(
-        &route("  - backendRefs: [{name: echo, port: 80}]\n").replace(
-            "parentRefs: [{name: gw}]",
-            "parentRefs: [{name: gw}]\n  hostnames: [a.example.com, \"*.example.org\"]",
-        ),
-    );
+    let s = ok(&route("  - backendRefs: [{name: echo, port: 80}]\n").replace(
+        "parentRefs: [{name: gw}]",
+        "parentRefs: [{name: gw}]\n  hostnames: [a.example.com, \"*.example.org\"]",
+    ));
     let hosts: Vec<_> = s.listeners[0]
         .virtual_hosts
         .iter()
@@ -318,11 +299,7 @@ spec:
         vec!["x.a.com"],
         "b.com is only on listener b, which to-a did not select"
     );
-    let reasons: Vec<_> = t
-        .problems
-        .iter()
-        .map(|p| (p.object.name.as_str(), p.reason))
-        .collect();
+    let reasons: Vec<_> = t.problems.iter().map(|p| (p.object.name.as_str(), p.reason)).collect();
     assert_eq!(
         reasons,
         vec![
@@ -353,7 +330,8 @@ fn routes_for_a_backend_that_does_not_resolve_get_500_and_a_problem() {
 
 #[test]
 fn cross_namespace_backend_needs_a_reference_grant() {
-    let other_ns = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: other}\nspec: {ports: [{port: 80}]}\n";
+    let other_ns =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: other}\nspec: {ports: [{port: 80}]}\n";
     let refs = route("  - backendRefs: [{name: s, namespace: other, port: 80}]\n");
     let t = run(&format!("{other_ns}---\n{refs}"));
     assert_eq!(t.problems[0].reason, Reason::RefNotPermitted);
@@ -501,10 +479,7 @@ stringData: {tls.crt: CERT, tls.key: KEY}
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].protocol, Protocol::Https);
     assert_eq!(l[0].certificates.len(), 2);
-    assert_eq!(
-        l[0].certificates[0].hostname.as_deref(),
-        Some("a.example.com")
-    );
+    assert_eq!(l[0].certificates[0].hostname.as_deref(), Some("a.example.com"));
     assert_eq!(
         l[0].certificates[0].source,
         CertSource::Pem {
@@ -519,11 +494,7 @@ stringData: {tls.crt: CERT, tls.key: KEY}
             key: "/etc/b.key".into()
         }
     );
-    let reasons: Vec<_> = t
-        .problems
-        .iter()
-        .map(|p| (p.field.as_str(), p.reason))
-        .collect();
+    let reasons: Vec<_> = t.problems.iter().map(|p| (p.field.as_str(), p.reason)).collect();
     assert_eq!(
         reasons,
         vec![
@@ -551,13 +522,7 @@ fn gateway_class_filter_applies_when_asked() {
         controller_name: Some(crate::CONTROLLER_NAME.into()),
     };
     assert!(translate(&r, 1, &opts).snapshot.listeners.is_empty());
-    assert_eq!(
-        translate(&r, 1, &Options::default())
-            .snapshot
-            .listeners
-            .len(),
-        1
-    );
+    assert_eq!(translate(&r, 1, &Options::default()).snapshot.listeners.len(), 1);
 }
 
 #[test]
