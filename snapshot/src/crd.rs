@@ -193,3 +193,38 @@ pub struct ResourceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<u32>,
 }
+
+/// Mesh-wide settings. The operator reads the one named `default` in its own namespace.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ferrum.dev",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    namespaced,
+    status = "ResourceStatus",
+    printcolumn = r#"{"name":"TrustDomain","type":"string","jsonPath":".spec.trustDomain"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfigSpec {
+    /// SPIFFE trust domain of workload identities: `spiffe://<trustDomain>/ns/<ns>/sa/<sa>`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Traffic policy applied to every cluster that sets nothing itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_traffic_policy: Option<TrafficPolicy>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+impl Default for MeshConfigSpec {
+    fn default() -> Self {
+        MeshConfigSpec {
+            trust_domain: default_trust_domain(),
+            default_traffic_policy: None,
+        }
+    }
+}

@@ -156,6 +156,12 @@ fn parents(
             if let Some(hosts) = intersect_hostnames(l.hostname.as_deref(), &route_hosts) {
                 attached = true;
                 out.push((l.bound, hosts));
+                problems.attachments.push(super::Attachment {
+                    route: obj.clone(),
+                    parent_ref: pi,
+                    gateway: gw.clone(),
+                    listener: l.name.clone(),
+                });
             }
         }
         if !attached {

@@ -57,6 +57,12 @@ pub(crate) struct Listeners {
 }
 
 fn served(res: &Resources, gw: &Gateway, opts: &Options) -> bool {
+    if let Some(only) = &opts.gateway
+        && (gw.metadata.namespace.as_deref() != Some(only.namespace.as_str())
+            || gw.metadata.name.as_deref() != Some(only.name.as_str()))
+    {
+        return false;
+    }
     let Some(controller) = &opts.controller_name else {
         return true;
     };

@@ -83,6 +83,19 @@ impl fmt::Display for Problem {
 pub struct Translation {
     pub snapshot: Snapshot,
     pub problems: Vec<Problem>,
+    /// Which route attached to which Gateway listener (for status: `attachedRoutes`, `Accepted`).
+    pub attachments: Vec<Attachment>,
+    /// Gateways that were served (their class is ours), for status.
+    pub gateways: Vec<ObjectRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    pub route: ObjectRef,
+    /// Index into the route's `spec.parentRefs`.
+    pub parent_ref: usize,
+    pub gateway: ObjectRef,
+    pub listener: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -90,12 +103,15 @@ pub struct Options {
     /// Only Gateways whose GatewayClass names this controller are served. `None` (file mode)
     /// serves every Gateway.
     pub controller_name: Option<String>,
+    /// Only this Gateway (a proxy that serves one Gateway gets only its listeners).
+    pub gateway: Option<ObjectRef>,
 }
 
 /// Collects problems and stamps them with their origin.
 pub(crate) struct Problems<'a> {
     res: &'a Resources,
     list: Vec<Problem>,
+    pub(crate) attachments: Vec<Attachment>,
 }
 
 impl Problems<'_> {
@@ -134,9 +150,14 @@ pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
 }
 
 pub fn translate(res: &Resources, version: u64, opts: &Options) -> Translation {
-    let mut problems = Problems { res, list: Vec::new() };
+    let mut problems = Problems {
+        res,
+        list: Vec::new(),
+        attachments: Vec::new(),
+    };
     let mut clusters = backends::Clusters::new(res);
     let mut listeners = listeners::build(res, opts, &mut problems);
+    let served_gateways: Vec<ObjectRef> = listeners.by_gateway.keys().cloned().collect();
     httproute::attach_all(res, &mut listeners, &mut clusters, &mut problems);
     for r in &res.grpc_routes {
         let obj = meta_ref("GRPCRoute", &r.metadata);
@@ -151,9 +172,13 @@ pub fn translate(res: &Resources, version: u64, opts: &Options) -> Translation {
     let clusters = clusters.finish(&mut problems);
     let mut list = problems.list;
     list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+    let mut attachments = problems.attachments;
+    attachments.sort();
     Translation {
         snapshot: Snapshot::new(version, listeners, clusters),
         problems: list,
+        attachments,
+        gateways: served_gateways,
     }
 }
 

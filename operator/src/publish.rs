@@ -1,0 +1,145 @@
+//! The latest translation, shared by every subscriber. Subscribers are told a new generation
+//! exists (a `watch`, so a slow one only ever sees the latest) and fetch the snapshot for their
+//! role; per-role snapshots are translated once per generation, on first demand.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferrum_snapshot::translate::{Options, Translation};
+use ferrum_snapshot::{ObjectRef, Resources, Snapshot, translate};
+use tokio::sync::watch;
+
+pub struct Published {
+    pub generation: u64,
+    pub resources: Arc<Resources>,
+    pub full: Arc<Translation>,
+    pub translate_ms: u64,
+}
+
+pub struct Publisher {
+    controller_name: String,
+    current: Mutex<Arc<Published>>,
+    roles: Mutex<(u64, HashMap<String, Arc<Snapshot>>)>,
+    tx: watch::Sender<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("role {0:?} is not \"\" or \"gateway/<namespace>/<name>\"")]
+pub struct BadRole(pub String);
+
+pub fn parse_role(role: &str) -> Result<Option<ObjectRef>, BadRole> {
+    if role.is_empty() {
+        return Ok(None);
+    }
+    match role.split('/').collect::<Vec<_>>()[..] {
+        ["gateway", ns, name] if !ns.is_empty() && !name.is_empty() => Ok(Some(ObjectRef {
+            kind: "Gateway",
+            namespace: ns.into(),
+            name: name.into(),
+        })),
+        _ => Err(BadRole(role.into())),
+    }
+}
+
+impl Publisher {
+    pub fn new(controller_name: String) -> Arc<Self> {
+        let (tx, _) = watch::channel(0);
+        Arc::new(Publisher {
+            controller_name,
+            current: Mutex::new(Arc::new(Published {
+                generation: 0,
+                resources: Arc::new(Resources::default()),
+                full: Arc::new(Translation {
+                    snapshot: Snapshot::default(),
+                    problems: vec![],
+                    attachments: vec![],
+                    gateways: vec![],
+                }),
+                translate_ms: 0,
+            })),
+            roles: Mutex::new((0, HashMap::new())),
+            tx,
+        })
+    }
+
+    fn options(&self, gateway: Option<ObjectRef>) -> Options {
+        Options {
+            controller_name: Some(self.controller_name.clone()),
+            gateway,
+        }
+    }
+
+    /// Translates and, when anything changed, starts a new generation.
+    pub fn publish(&self, res: Resources) -> bool {
+        let started = Instant::now();
+        let prev = self.current();
+        let generation = prev.generation + 1;
+        let full = translate(&res, generation, &self.options(None));
+        let translate_ms = started.elapsed().as_millis() as u64;
+        let same = prev.generation > 0
+            && full.snapshot.hash == prev.full.snapshot.hash
+            && full.problems == prev.full.problems
+            && full.attachments == prev.full.attachments
+            && full.gateways == prev.full.gateways;
+        // Per-role snapshots depend on objects the full one may not show (e.g. a Gateway of
+        // another class): compare the inputs too.
+        let same = same && res_fingerprint(&res) == res_fingerprint(&prev.resources);
+        if same {
+            return false;
+        }
+        tracing::info!(generation, translate_ms, hash = %full.snapshot.hash, problems = full.problems.len(), "new snapshot");
+        *self.current.lock().unwrap() = Arc::new(Published {
+            generation,
+            resources: Arc::new(res),
+            full: Arc::new(full),
+            translate_ms,
+        });
+        self.tx.send_replace(generation);
+        true
+    }
+
+    pub fn current(&self) -> Arc<Published> {
+        self.current.lock().unwrap().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    /// The snapshot for a role, at the current generation.
+    pub fn snapshot_for(&self, role: &Option<ObjectRef>) -> Arc<Snapshot> {
+        let cur = self.current();
+        let Some(gw) = role else {
+            return Arc::new(cur.full.snapshot.clone());
+        };
+        let key = format!("{}/{}", gw.namespace, gw.name);
+        let mut roles = self.roles.lock().unwrap();
+        if roles.0 != cur.generation {
+            *roles = (cur.generation, HashMap::new());
+        }
+        roles
+            .1
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(translate(&cur.resources, cur.generation, &self.options(Some(gw.clone()))).snapshot)
+            })
+            .clone()
+    }
+}
+
+/// Cheap change detector over the translator's inputs: (kind, namespace, name, resourceVersion).
+fn res_fingerprint(r: &Resources) -> Vec<(String, String, String)> {
+    fn m(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String, String) {
+        (
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+            meta.resource_version.clone().unwrap_or_default(),
+        )
+    }
+    let mut v: Vec<(String, String, String)> = Vec::new();
+    v.extend(r.gateways.iter().map(|o| m(&o.metadata)));
+    v.extend(r.gateway_classes.iter().map(|o| m(&o.metadata)));
+    v.sort();
+    v
+}

@@ -1,0 +1,351 @@
+//! Status conditions, the way the Gateway API specifies them, from one translation: Gateway
+//! `Accepted`/`Programmed` and per-listener conditions with `attachedRoutes`; HTTPRoute
+//! `parents[]` with `Accepted` and `ResolvedRefs`. Written only by the leader and only when
+//! something other than a timestamp changed.
+
+use std::collections::BTreeMap;
+
+use ferrum_snapshot::translate::{Problem, Reason, Translation};
+use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+
+fn now() -> String {
+    let t = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(t.as_second()).map_or_else(|_| t.to_string(), |t| t.to_string())
+}
+
+fn cond(kind: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
+    json!({
+        "type": kind,
+        "status": if ok { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation.unwrap_or(0),
+        "lastTransitionTime": now(),
+    })
+}
+
+/// Keeps the old `lastTransitionTime` of conditions whose status did not change.
+fn carry_transition_times(new: &mut Value, old: &Value) {
+    match (new, old) {
+        (Value::Object(n), Value::Object(o)) => {
+            if n.contains_key("lastTransitionTime")
+                && n.get("type") == o.get("type")
+                && n.get("status") == o.get("status")
+                && let Some(t) = o.get("lastTransitionTime")
+            {
+                n.insert("lastTransitionTime".into(), t.clone());
+            }
+            for (k, v) in n.iter_mut() {
+                if k != "lastTransitionTime"
+                    && let Some(ov) = o.get(k)
+                {
+                    carry_transition_times(v, ov);
+                }
+            }
+        }
+        (Value::Array(n), Value::Array(o)) => {
+            for (nv, ov) in n.iter_mut().zip(o) {
+                carry_transition_times(nv, ov);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn problems_of<'a>(t: &'a Translation, obj: &ObjectRef, prefix: &str) -> Vec<&'a Problem> {
+    t.problems
+        .iter()
+        .filter(|p| {
+            &p.object == obj
+                && (p.field == prefix
+                    || p.field.starts_with(&format!("{prefix}."))
+                    || p.field.starts_with(&format!("{prefix}[")))
+        })
+        .collect()
+}
+
+pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
+    let obj = ObjectRef {
+        kind: "Gateway",
+        namespace: gw.namespace().unwrap_or_default(),
+        name: gw.name_any(),
+    };
+    let generation = gw.metadata.generation;
+    let mut listeners = Vec::new();
+    let mut valid = 0;
+    for (i, l) in gw.spec.listeners.iter().enumerate() {
+        let ps = problems_of(t, &obj, &format!("spec.listeners[{i}]"));
+        let attached = t
+            .attachments
+            .iter()
+            .filter(|a| a.gateway == obj && a.listener == l.name)
+            .map(|a| &a.route)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let refs = ps
+            .iter()
+            .find(|p| matches!(p.reason, Reason::InvalidCertificateRef | Reason::RefNotPermitted));
+        let conflict = ps.iter().find(|p| p.reason == Reason::ProtocolConflict);
+        let other = ps.iter().find(|p| {
+            !matches!(
+                p.reason,
+                Reason::InvalidCertificateRef | Reason::RefNotPermitted | Reason::ProtocolConflict
+            )
+        });
+        let accepted = other.is_none() && conflict.is_none();
+        let programmed = ps.is_empty();
+        valid += usize::from(programmed);
+        let msg = |p: Option<&&Problem>, ok: &str| p.map_or(ok.to_string(), |p| format!("{}: {}", p.field, p.message));
+        listeners.push(json!({
+            "name": l.name,
+            "attachedRoutes": attached,
+            "supportedKinds": [{"group": ferrum_snapshot::GATEWAY_GROUP, "kind": "HTTPRoute"}],
+            "conditions": [
+                cond("Accepted", accepted, other.map_or(if conflict.is_some() { "ProtocolConflict" } else { "Accepted" }, |p| p.reason.as_str()), &msg(other.or(conflict), "listener accepted"), generation),
+                cond("ResolvedRefs", refs.is_none(), refs.map_or("ResolvedRefs", |p| p.reason.as_str()), &msg(refs, "references resolved"), generation),
+                cond("Conflicted", conflict.is_some(), if conflict.is_some() { "ProtocolConflict" } else { "NoConflicts" }, &msg(conflict, "no conflicts"), generation),
+                cond("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" }, if programmed { "listener programmed" } else { "listener is not valid" }, generation),
+            ],
+        }));
+    }
+    let gw_problems = problems_of(t, &obj, "spec.addresses[0]");
+    let accepted = gw_problems.is_empty();
+    let programmed = accepted && valid > 0;
+    json!({
+        "conditions": [
+            cond("Accepted", accepted, if accepted { "Accepted" } else { "UnsupportedAddress" },
+                 &gw_problems.first().map_or("accepted by ferrum.dev/gateway-controller".to_string(), |p| p.message.clone()), generation),
+            cond("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" },
+                 if programmed { "served by Ferrum proxies" } else { "no valid listener" }, generation),
+        ],
+        "listeners": listeners,
+    })
+}
+
+pub fn route_status(route: &HttpRoute, t: &Translation, served: &[ObjectRef], res: &Resources) -> Value {
+    let obj = ObjectRef {
+        kind: "HTTPRoute",
+        namespace: route.namespace().unwrap_or_default(),
+        name: route.name_any(),
+    };
+    let generation = route.metadata.generation;
+    let backend_problem = t
+        .problems
+        .iter()
+        .find(|p| p.object == obj && p.field.contains("backendRefs"));
+    let rule_problem = t
+        .problems
+        .iter()
+        .find(|p| p.object == obj && p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
+    let mut parents: Vec<Value> = route
+        .status
+        .as_ref()
+        .map(|s| {
+            s.parents
+                .iter()
+                .filter(|p| p.controller_name != CONTROLLER_NAME)
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for (i, p) in route.spec.parent_refs.iter().flatten().enumerate() {
+        let gw = ObjectRef {
+            kind: "Gateway",
+            namespace: p.namespace.clone().unwrap_or_else(|| obj.namespace.clone()),
+            name: p.name.clone(),
+        };
+        let exists = res
+            .gateways
+            .iter()
+            .any(|g| g.namespace().as_deref() == Some(gw.namespace.as_str()) && g.name_any() == gw.name);
+        // Parents of other controllers are theirs to report.
+        if exists && !served.contains(&gw) {
+            continue;
+        }
+        let attached = t.attachments.iter().any(|a| a.route == obj && a.parent_ref == i);
+        let parent_problem = problems_of(t, &obj, &format!("spec.parentRefs[{i}]"))
+            .into_iter()
+            .next();
+        let mut conditions = vec![
+            match (attached, parent_problem) {
+                (true, _) => cond("Accepted", true, "Accepted", "route attached", generation),
+                (false, Some(pp)) => cond("Accepted", false, pp.reason.as_str(), &pp.message, generation),
+                (false, None) => cond(
+                    "Accepted",
+                    false,
+                    "NoMatchingParent",
+                    "no listener accepts the route",
+                    generation,
+                ),
+            },
+            match backend_problem {
+                Some(bp) => cond(
+                    "ResolvedRefs",
+                    false,
+                    bp.reason.as_str(),
+                    &format!("{}: {}", bp.field, bp.message),
+                    generation,
+                ),
+                None => cond(
+                    "ResolvedRefs",
+                    true,
+                    "ResolvedRefs",
+                    "all references resolved",
+                    generation,
+                ),
+            },
+        ];
+        if let Some(rp) = rule_problem {
+            conditions.push(cond(
+                "PartiallyInvalid",
+                true,
+                rp.reason.as_str(),
+                &format!("{}: {}", rp.field, rp.message),
+                generation,
+            ));
+        }
+        parents.push(json!({
+            "controllerName": CONTROLLER_NAME,
+            "parentRef": serde_json::to_value(p).unwrap_or_default(),
+            "conditions": conditions,
+        }));
+    }
+    json!({ "parents": parents })
+}
+
+/// Writes every status that differs from what the objects carry. Returns how many were written.
+pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usize {
+    let mut written = 0;
+    let params = PatchParams::default();
+    for gw in &res.gateways {
+        let obj = ObjectRef {
+            kind: "Gateway",
+            namespace: gw.namespace().unwrap_or_default(),
+            name: gw.name_any(),
+        };
+        if !t.gateways.contains(&obj) {
+            continue;
+        }
+        let old = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
+        let mut new = gateway_status(gw, t);
+        carry_transition_times(&mut new, &old);
+        if differs(&new, &old) {
+            let api: Api<Gateway> = Api::namespaced(client.clone(), &obj.namespace);
+            match api
+                .patch_status(&obj.name, &params, &Patch::Merge(json!({ "status": new })))
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(e) => tracing::warn!(object = %obj, error = %e, "status write failed"),
+            }
+        }
+    }
+    let mut by_ns: BTreeMap<String, Api<HttpRoute>> = BTreeMap::new();
+    for r in &res.http_routes {
+        let ns = r.namespace().unwrap_or_default();
+        let old = serde_json::to_value(&r.status).unwrap_or(Value::Null);
+        let mut new = route_status(r, t, &t.gateways, res);
+        carry_transition_times(&mut new, &old);
+        if differs(&new, &old) {
+            let api = by_ns
+                .entry(ns.clone())
+                .or_insert_with(|| Api::namespaced(client.clone(), &ns));
+            match api
+                .patch_status(&r.name_any(), &params, &Patch::Merge(json!({ "status": new })))
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(e) => tracing::warn!(route = %r.name_any(), error = %e, "status write failed"),
+            }
+        }
+    }
+    written
+}
+
+fn differs(new: &Value, old: &Value) -> bool {
+    // Empty parents/listeners on both sides are no change.
+    new != old
+        && !(old.is_null()
+            && new
+                .get("parents")
+                .is_some_and(|p| p.as_array().is_some_and(Vec::is_empty)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn translate(yaml: &str) -> (Resources, Translation) {
+        let mut r = Resources::default();
+        r.add_yaml("t.yaml", yaml).unwrap();
+        let t = ferrum_snapshot::translate(&r, 1, &Default::default());
+        (r, t)
+    }
+
+    const BASE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, generation: 3}\n\
+        spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 80, protocol: HTTP, hostname: a.example.com}, {name: tcp, port: 90, protocol: TCP}]}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {ports: [{port: 80}]}\n";
+
+    fn cond_of<'a>(v: &'a Value, kind: &str) -> &'a Value {
+        v["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap()
+    }
+
+    #[test]
+    fn gateway_listeners_report_attached_routes_and_protocol_problems() {
+        let (r, t) = translate(&format!(
+            "{BASE}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: ok}}\n\
+             spec: {{parentRefs: [{{name: gw}}], rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]}}\n"
+        ));
+        let s = gateway_status(&r.gateways[0], &t);
+        assert_eq!(cond_of(&s, "Accepted")["status"], "True");
+        assert_eq!(cond_of(&s, "Programmed")["status"], "True");
+        assert_eq!(cond_of(&s, "Programmed")["observedGeneration"], 3);
+        assert_eq!(s["listeners"][0]["attachedRoutes"], 1);
+        assert_eq!(cond_of(&s["listeners"][1], "Accepted")["reason"], "UnsupportedProtocol");
+        assert_eq!(s["listeners"][1]["attachedRoutes"], 0);
+    }
+
+    #[test]
+    fn route_parents_carry_the_spec_reasons() {
+        let (r, t) = translate(&format!(
+            "{BASE}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\n\
+             spec: {{parentRefs: [{{name: gw}}, {{name: nogw}}], hostnames: [b.example.com, a.example.com], rules: [{{backendRefs: [{{name: missing, port: 80}}]}}]}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: wronghost}}\n\
+             spec: {{parentRefs: [{{name: gw}}], hostnames: [c.example.com]}}\n"
+        ));
+        let s = route_status(&r.http_routes[0], &t, &t.gateways, &r);
+        let parents = s["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 2);
+        assert_eq!(parents[0]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(cond_of(&parents[0], "Accepted")["status"], "True");
+        assert_eq!(cond_of(&parents[0], "ResolvedRefs")["reason"], "BackendNotFound");
+        assert_eq!(cond_of(&parents[1], "Accepted")["reason"], "NoMatchingParent");
+        let s = route_status(&r.http_routes[1], &t, &t.gateways, &r);
+        assert_eq!(
+            cond_of(&s["parents"][0], "Accepted")["reason"],
+            "NoMatchingListenerHostname"
+        );
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let mut old = json!({"conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z"}]});
+        let mut new = json!({"conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": now()}]});
+        carry_transition_times(&mut new, &old);
+        assert_eq!(new, old);
+        old["conditions"][0]["status"] = "False".into();
+        let mut new = json!({"conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "x"}]});
+        carry_transition_times(&mut new, &old);
+        assert_eq!(new["conditions"][0]["lastTransitionTime"], "x");
+    }
+}

@@ -1,0 +1,214 @@
+//! The MeshSubscribe gRPC service: every connected proxy gets the latest snapshot for its role,
+//! and the operator keeps what each proxy says it applied.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrum_proto::SNAPSHOT_SCHEMA;
+use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribe;
+use ferrum_proto::mesh::v1::{Heartbeat, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response};
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::publish::{Publisher, parse_role};
+
+/// How often each side says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Streams one node id may hold at once (a restarting proxy briefly has two).
+const STREAMS_PER_NODE: usize = 2;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyState {
+    pub node_id: String,
+    pub role: String,
+    pub proxy_version: String,
+    pub peer: String,
+    pub protocol: &'static str,
+    pub connected_since_unix_ms: u64,
+    pub last_seen_unix_ms: u64,
+    pub sent_version: u64,
+    pub applied_version: u64,
+    pub applied_hash: String,
+    pub last_rejection: Option<String>,
+    pub rejected_version: Option<u64>,
+}
+
+/// Connected proxies, keyed by node id and stream number. Not on any hot path.
+#[derive(Default)]
+pub struct Proxies {
+    streams: Mutex<BTreeMap<(String, u64), ProxyState>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Proxies {
+    pub fn list(&self) -> Vec<ProxyState> {
+        self.streams.lock().unwrap().values().cloned().collect()
+    }
+
+    fn update(&self, key: &(String, u64), f: impl FnOnce(&mut ProxyState)) {
+        if let Some(p) = self.streams.lock().unwrap().get_mut(key) {
+            f(p);
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct Service {
+    pub publisher: Arc<Publisher>,
+    pub proxies: Arc<Proxies>,
+    pub token: Option<String>,
+}
+
+/// Removes the stream from the table when its task ends, however it ends.
+struct Registration {
+    proxies: Arc<Proxies>,
+    key: (String, u64),
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.proxies.streams.lock().unwrap().remove(&self.key);
+        tracing::info!(node = %self.key.0, "proxy disconnected");
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MeshSubscribe for Service {
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(&self, req: Request<Streaming<SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
+        if let Some(token) = &self.token {
+            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            if given != Some(&format!("Bearer {token}")) {
+                return Err(Status::unauthenticated("a valid bearer token is required"));
+            }
+        }
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(SubscribeRequest {
+                message: Some(subscribe_request::Message::Hello(h)),
+            }))) => h,
+            _ => return Err(Status::invalid_argument("the first message must be a Hello")),
+        };
+        if hello.node_id.is_empty() {
+            return Err(Status::invalid_argument("hello.node_id is empty"));
+        }
+        let role = parse_role(&hello.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = {
+            let mut streams = self.proxies.streams.lock().unwrap();
+            let open = streams.keys().filter(|(n, _)| *n == hello.node_id).count();
+            if open >= STREAMS_PER_NODE {
+                return Err(Status::resource_exhausted(format!(
+                    "node {:?} already has {open} open streams",
+                    hello.node_id
+                )));
+            }
+            let key = (
+                hello.node_id.clone(),
+                self.proxies.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            );
+            let now = now_ms();
+            streams.insert(
+                key.clone(),
+                ProxyState {
+                    node_id: hello.node_id.clone(),
+                    role: hello.role.clone(),
+                    proxy_version: hello.proxy_version.clone(),
+                    peer,
+                    protocol: "MeshSubscribe",
+                    connected_since_unix_ms: now,
+                    last_seen_unix_ms: now,
+                    sent_version: 0,
+                    applied_version: hello.current_version,
+                    applied_hash: hello.current_hash.clone(),
+                    last_rejection: None,
+                    rejected_version: None,
+                },
+            );
+            key
+        };
+        tracing::info!(node = %hello.node_id, role = %hello.role, "proxy subscribed");
+        // One slot: while the proxy is slow the slot stays taken, generations coalesce in the
+        // watch, and the proxy gets the newest snapshot once it catches up.
+        let (tx, rx) = mpsc::channel::<Result<SubscribeResponse, Status>>(1);
+        let publisher = self.publisher.clone();
+        let reg = Registration {
+            proxies: self.proxies.clone(),
+            key,
+        };
+        let mut generations = publisher.subscribe();
+        let mut last_sent_hash = hello.current_hash.clone();
+        tokio::spawn(async move {
+            let reg = reg;
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            generations.mark_changed();
+            loop {
+                tokio::select! {
+                    r = generations.changed() => {
+                        if r.is_err() { return; }
+                        let Ok(permit) = tx.reserve().await else { return };
+                        generations.mark_unchanged();
+                        let snap = publisher.snapshot_for(&role);
+                        if snap.hash == last_sent_hash {
+                            continue;
+                        }
+                        let body = match serde_json::to_vec(&*snap) {
+                            Ok(b) => b,
+                            Err(e) => { tracing::error!(error = %e, "cannot encode snapshot"); continue; }
+                        };
+                        last_sent_hash = snap.hash.clone();
+                        reg.proxies.update(&reg.key, |p| p.sent_version = snap.version);
+                        permit.send(Ok(SubscribeResponse {
+                            message: Some(subscribe_response::Message::Snapshot(ferrum_proto::mesh::v1::Snapshot {
+                                version: snap.version,
+                                hash: snap.hash.clone(),
+                                body,
+                                schema: SNAPSHOT_SCHEMA.into(),
+                            })),
+                        }));
+                    }
+                    m = inbound.message() => match m {
+                        Ok(Some(SubscribeRequest { message: Some(subscribe_request::Message::Ack(ack)) })) => {
+                            reg.proxies.update(&reg.key, |p| {
+                                p.last_seen_unix_ms = now_ms();
+                                if ack.applied {
+                                    p.applied_version = ack.version;
+                                    p.applied_hash = ack.hash.clone();
+                                } else {
+                                    p.rejected_version = Some(ack.version);
+                                    p.last_rejection = Some(ack.error.clone());
+                                }
+                            });
+                            if !ack.applied {
+                                tracing::warn!(node = %reg.key.0, version = ack.version, error = %ack.error, "proxy rejected snapshot");
+                            }
+                        }
+                        Ok(Some(_)) => reg.proxies.update(&reg.key, |p| p.last_seen_unix_ms = now_ms()),
+                        Ok(None) | Err(_) => return,
+                    },
+                    _ = beat.tick() => {
+                        if tx.try_send(Ok(SubscribeResponse {
+                            message: Some(subscribe_response::Message::Heartbeat(Heartbeat { unix_millis: now_ms() })),
+                        })).is_err() && tx.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
