@@ -5,16 +5,38 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use clap::Parser;
-use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, source, workers::Workers};
+use ferrum_dp::source::{control_plane, file};
+use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
+use ferrum_snapshot::Snapshot;
 
 /// Ferrum Mesh data-plane proxy.
 #[derive(Parser, Debug)]
 #[command(version, about)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"])))]
 struct Args {
     /// Gateway API YAML: files or directories of *.yaml (Gateway, HTTPRoute, Service,
     /// EndpointSlice, Secret, ReferenceGrant, ferrum.dev Backend/BackendPolicy).
-    #[arg(long = "config", short = 'c', required = true, num_args = 1..)]
+    #[arg(long = "config", short = 'c', num_args = 1..)]
     config: Vec<PathBuf>,
+    /// Follow a Ferrum operator instead of files, e.g. http://ferrum-operator:15010.
+    #[arg(long, env = "FERRUM_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// This proxy's name towards the control plane (default: the host name).
+    #[arg(long, env = "FERRUM_NODE_ID")]
+    node_id: Option<String>,
+    /// What this proxy serves: "gateway/<namespace>/<name>", or "" for every Gateway.
+    #[arg(long, default_value = "", env = "FERRUM_ROLE")]
+    role: String,
+    /// Bearer token for the control plane.
+    #[arg(long, env = "FERRUM_TOKEN")]
+    token: Option<String>,
+    /// Where the last applied snapshot is kept, to start from when the control plane is down.
+    #[arg(
+        long,
+        default_value = "/var/lib/ferrum-dp/snapshot.json",
+        env = "FERRUM_SNAPSHOT_CACHE"
+    )]
+    snapshot_cache: PathBuf,
     /// Admin listener: /ready, /live, /metrics, /config.
     #[arg(long, default_value = "127.0.0.1:9901", env = "FERRUM_ADMIN_ADDR")]
     admin_addr: SocketAddr,
@@ -41,14 +63,23 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let snap = match source::file::load(&args.config, 1) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ferrum-dp: {e}");
-            return ExitCode::FAILURE;
+    // File mode must have a valid config to start; control-plane mode starts from its cache.
+    let initial = if args.control_plane.is_some() {
+        control_plane::load_cache(&args.snapshot_cache)
+    } else {
+        match file::load(&args.config, 1) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("ferrum-dp: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
     if args.check {
+        let Some(snap) = initial else {
+            eprintln!("ferrum-dp: --check needs --config");
+            return ExitCode::FAILURE;
+        };
         if let Err(errs) = ferrum_snapshot::validate(&snap) {
             for e in errs {
                 eprintln!("ferrum-dp: {e}");
@@ -85,12 +116,12 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let code = rt.block_on(run(args, snap, workers.handles.clone()));
+    let code = rt.block_on(run(args, initial, workers.handles.clone()));
     workers.stop();
     code
 }
 
-async fn run(args: Args, snap: ferrum_snapshot::Snapshot, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
+async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let limits = Limits {
         max_request_body: args.max_request_body,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
@@ -106,13 +137,39 @@ async fn run(args: Args, snap: ferrum_snapshot::Snapshot, workers: Vec<tokio::ru
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = dp.apply(snap) {
-        eprintln!("ferrum-dp: {e}");
-        return ExitCode::FAILURE;
+    if let Some(snap) = initial {
+        let from_cache = args.control_plane.is_some();
+        if let Err(e) = dp.apply(snap) {
+            eprintln!("ferrum-dp: {e}");
+            if !from_cache {
+                return ExitCode::FAILURE;
+            }
+        } else if from_cache {
+            tracing::info!(path = %args.snapshot_cache.display(), "serving the cached snapshot until the control plane answers");
+        }
     }
-    tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp serving");
+    tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
-    let watch = tokio::spawn(source::file::watch(args.config.clone(), dp.clone()));
+    let source = match &args.control_plane {
+        Some(url) => {
+            let settings = control_plane::Settings {
+                url: url.clone(),
+                node_id: args.node_id.clone().unwrap_or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
+                }),
+                role: args.role.clone(),
+                token: args.token.clone(),
+                cache: Some(args.snapshot_cache.clone()),
+            };
+            let dp = dp.clone();
+            tokio::spawn(async move {
+                control_plane::run(settings, dp).await;
+                Ok(())
+            })
+        }
+        None => tokio::spawn(file::watch(args.config.clone(), dp.clone())),
+    };
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("signal handler");
@@ -120,7 +177,7 @@ async fn run(args: Args, snap: ferrum_snapshot::Snapshot, workers: Vec<tokio::ru
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
-        r = watch => if let Ok(Err(e)) = r {
+        r = source => if let Ok(Err(e)) = r {
             eprintln!("ferrum-dp: cannot watch the config: {e}");
             return ExitCode::FAILURE;
         },

@@ -19,6 +19,9 @@ pub struct Published {
 
 pub struct Publisher {
     controller_name: String,
+    /// Generations start from the start time in milliseconds, so versions keep growing across
+    /// operator restarts and proxies never see a version go backwards.
+    base: u64,
     current: Mutex<Arc<Published>>,
     roles: Mutex<(u64, HashMap<String, Arc<Snapshot>>)>,
     tx: watch::Sender<u64>,
@@ -47,6 +50,7 @@ impl Publisher {
         let (tx, _) = watch::channel(0);
         Arc::new(Publisher {
             controller_name,
+            base: crate::subscribe::now_ms(),
             current: Mutex::new(Arc::new(Published {
                 generation: 0,
                 resources: Arc::new(Resources::default()),
@@ -74,7 +78,7 @@ impl Publisher {
     pub fn publish(&self, res: Resources) -> bool {
         let started = Instant::now();
         let prev = self.current();
-        let generation = prev.generation + 1;
+        let generation = (prev.generation + 1).max(self.base);
         let full = translate(&res, generation, &self.options(None));
         let translate_ms = started.elapsed().as_millis() as u64;
         let same = prev.generation > 0

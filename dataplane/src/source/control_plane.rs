@@ -1,0 +1,201 @@
+//! Control-plane mode: subscribe to the operator's MeshSubscribe stream, apply each snapshot
+//! through the same path as a file reload, acknowledge it, and keep the last good one on disk so a
+//! restart without the control plane still serves.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrum_proto::SNAPSHOT_SCHEMA;
+use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
+use ferrum_proto::mesh::v1::{Ack, Heartbeat, Hello, SubscribeRequest, subscribe_request, subscribe_response};
+use ferrum_snapshot::Snapshot;
+use tokio::sync::mpsc;
+
+use crate::dataplane::Dataplane;
+
+/// A silent stream for this long is dead (the operator beats every 10 s).
+const SILENCE: Duration = Duration::from_secs(35);
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: String,
+    pub node_id: String,
+    pub role: String,
+    pub token: Option<String>,
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("control plane: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("no message from the control plane for {0:?}")]
+    Silent(Duration),
+    #[error("control plane closed the stream")]
+    Closed,
+}
+
+/// Reads the cached snapshot, checking it is whole (its hash matches its content).
+pub fn load_cache(path: &Path) -> Option<Snapshot> {
+    let bytes = std::fs::read(path).ok()?;
+    let snap: Snapshot = serde_json::from_slice(&bytes)
+        .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable snapshot cache"))
+        .ok()?;
+    if snap.content_hash() != snap.hash {
+        tracing::warn!(path = %path.display(), "ignoring snapshot cache whose hash does not match");
+        return None;
+    }
+    Some(snap)
+}
+
+fn store_cache(path: &Path, body: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&tmp, body))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write snapshot cache");
+    }
+}
+
+/// Subscribes forever, reconnecting with exponential backoff and jitter.
+pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&settings, &dp).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "control-plane stream ended")
+            }
+        }
+        // Full jitter so a fleet of proxies does not reconnect in lockstep.
+        let wait = Duration::from_millis(fastrand::u64(
+            backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
+        ));
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
+        .map_err(|source| CpError::Connect {
+            url: s.url.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .connect()
+        .await
+        .map_err(|source| CpError::Connect {
+            url: s.url.clone(),
+            source,
+        })?;
+    let mut client = MeshSubscribeClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(8);
+    let current = dp.shared.config.load().snapshot.clone();
+    let hello = Hello {
+        node_id: s.node_id.clone(),
+        role: s.role.clone(),
+        proxy_version: env!("CARGO_PKG_VERSION").into(),
+        current_version: current.version,
+        current_hash: current.hash.clone(),
+    };
+    let send = |m| SubscribeRequest { message: Some(m) };
+    let _ = tx.send(send(subscribe_request::Message::Hello(hello))).await;
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = &s.token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut stream = client.subscribe(req).await?.into_inner();
+    tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the control plane");
+    let beat_tx = tx.clone();
+    let beats = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            t.tick().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if beat_tx
+                .send(send(subscribe_request::Message::Heartbeat(Heartbeat {
+                    unix_millis: now,
+                })))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let result = loop {
+        let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
+            Err(_) => break Err(CpError::Silent(SILENCE)),
+            Ok(Err(e)) => break Err(e.into()),
+            Ok(Ok(None)) => break Err(CpError::Closed),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(subscribe_response::Message::Snapshot(snap)) = msg.message else {
+            continue;
+        };
+        let (version, hash) = (snap.version, snap.hash.clone());
+        let outcome = apply(dp, snap, s.cache.clone()).await;
+        if let Err(e) = &outcome {
+            tracing::error!(version, error = %e, "rejected snapshot from the control plane; still serving the last good one");
+        } else {
+            tracing::info!(version, "applied snapshot from the control plane");
+        }
+        let ack = Ack {
+            version,
+            hash,
+            applied: outcome.is_ok(),
+            error: outcome.err().unwrap_or_default(),
+        };
+        if tx.send(send(subscribe_request::Message::Ack(ack))).await.is_err() {
+            break Err(CpError::Closed);
+        }
+    };
+    beats.abort();
+    result
+}
+
+/// Decodes, checks and applies one snapshot; on success, caches it.
+async fn apply(
+    dp: &Arc<Dataplane>,
+    msg: ferrum_proto::mesh::v1::Snapshot,
+    cache: Option<PathBuf>,
+) -> Result<(), String> {
+    if msg.schema != SNAPSHOT_SCHEMA {
+        return Err(format!(
+            "unknown snapshot schema {:?} (want {SNAPSHOT_SCHEMA:?})",
+            msg.schema
+        ));
+    }
+    let snap: Snapshot = serde_json::from_slice(&msg.body).map_err(|e| format!("snapshot does not decode: {e}"))?;
+    if snap.content_hash() != msg.hash || snap.version != msg.version {
+        return Err("snapshot hash or version does not match its content".into());
+    }
+    let dp = dp.clone();
+    // Compiling a large snapshot is CPU work: keep it off the control thread's event loop.
+    tokio::task::spawn_blocking(move || {
+        dp.apply(snap).map_err(|e| e.to_string())?;
+        if let Some(path) = cache {
+            store_cache(&path, &msg.body);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
