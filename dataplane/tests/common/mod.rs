@@ -1,144 +1,13 @@
-//! Test harness: real `ferrum-dp` processes, real HTTP backends on loopback, a real client.
+//! Harness for the data-plane integration tests: a real `ferrum-dp` process on a config file.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use ferrum_testkit::*;
 use serde_json::Value;
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// An HTTP/1.1 + h2c backend that echoes what it received as JSON.
-/// `?status=N` answers N, `?delay=MS` waits first; `/healthz` answers `health_status`.
-pub struct Backend {
-    pub addr: SocketAddr,
-    pub name: String,
-    pub hits: Arc<AtomicU64>,
-    pub health_status: Arc<AtomicU16>,
-    /// Status for every non-health request when non-zero.
-    pub force_status: Arc<AtomicU16>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Backend {
-    pub async fn start(name: &str) -> Backend {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let hits = Arc::new(AtomicU64::new(0));
-        let health_status = Arc::new(AtomicU16::new(200));
-        let force_status = Arc::new(AtomicU16::new(0));
-        let (h, hs, fs, n) = (
-            hits.clone(),
-            health_status.clone(),
-            force_status.clone(),
-            name.to_string(),
-        );
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(respond(req, &n, &h, &hs, &fs).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        Backend {
-            addr,
-            name: name.into(),
-            hits,
-            health_status,
-            force_status,
-            task,
-        }
-    }
-
-    pub fn hits(&self) -> u64 {
-        self.hits.load(SeqCst)
-    }
-}
-
-async fn respond(
-    req: hyper::Request<hyper::body::Incoming>,
-    name: &str,
-    hits: &AtomicU64,
-    health: &AtomicU16,
-    force: &AtomicU16,
-) -> hyper::Response<Full<Bytes>> {
-    if req.uri().path() == "/healthz" {
-        let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
-        *r.status_mut() = hyper::StatusCode::from_u16(health.load(SeqCst)).unwrap();
-        return r;
-    }
-    hits.fetch_add(1, SeqCst);
-    let q: BTreeMap<String, String> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-        .collect();
-    if let Some(ms) = q.get("delay").and_then(|d| d.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-    let headers: BTreeMap<String, Vec<String>> = req
-        .headers()
-        .keys()
-        .map(|k| {
-            (
-                k.to_string(),
-                req.headers()
-                    .get_all(k)
-                    .iter()
-                    .map(|v| v.to_str().unwrap_or("").to_string())
-                    .collect(),
-            )
-        })
-        .collect();
-    let method = req.method().to_string();
-    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-    let version = format!("{:?}", req.version());
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let json = serde_json::json!({"backend": name, "method": method, "path": path, "headers": headers, "version": version, "body_len": body});
-    let mut r = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
-    let status = match force.load(SeqCst) {
-        0 => q.get("status").and_then(|s| s.parse().ok()).unwrap_or(200),
-        s => s,
-    };
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    r.headers_mut().insert("x-backend", name.parse().unwrap());
-    r
-}
 
 /// A running `ferrum-dp` on a config file it watches.
 pub struct Dp {
@@ -251,14 +120,6 @@ impl Dp {
     }
 }
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
 pub fn gateway(port: u16) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  gatewayClassName: ferrum\n  \
@@ -280,11 +141,4 @@ pub fn backend(name: &str, eps: &[&Backend], spec: &str) -> String {
 
 pub fn docs(parts: &[String]) -> String {
     parts.join("\n---\n")
-}
-
-pub async fn get_json(url: &str) -> (u16, Value) {
-    let r = client().get(url).send().await.unwrap();
-    let s = r.status().as_u16();
-    let t = r.text().await.unwrap();
-    (s, serde_json::from_str(&t).unwrap_or(Value::String(t)))
 }

@@ -40,9 +40,9 @@ pub struct Stores {
     backend_policies: Store<BackendPolicy>,
 }
 
-fn copy<K: Clone>(s: &Store<K>) -> Vec<K>
+fn copy<K>(s: &Store<K>) -> Vec<K>
 where
-    K: Resource + 'static,
+    K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
     s.state().iter().map(|o| (**o).clone()).collect()

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::model::*;
+use crate::resources::ObjectRef;
 
 const GW: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -520,9 +521,38 @@ fn gateway_class_filter_applies_when_asked() {
     .unwrap();
     let opts = Options {
         controller_name: Some(crate::CONTROLLER_NAME.into()),
+        gateway: None,
     };
     assert!(translate(&r, 1, &opts).snapshot.listeners.is_empty());
     assert_eq!(translate(&r, 1, &Options::default()).snapshot.listeners.len(), 1);
+    // A proxy serving one Gateway gets only that Gateway's listeners.
+    let only = |name: &str| Options {
+        controller_name: None,
+        gateway: Some(ObjectRef {
+            kind: "Gateway",
+            namespace: "default".into(),
+            name: name.into(),
+        }),
+    };
+    assert_eq!(translate(&r, 1, &only("gw")).snapshot.listeners.len(), 1);
+    assert!(translate(&r, 1, &only("other")).snapshot.listeners.is_empty());
+}
+
+#[test]
+fn attachments_name_route_parent_and_listener() {
+    let t = run(&route("  - backendRefs: [{name: echo, port: 80}]\n"));
+    assert_eq!(t.attachments.len(), 1);
+    let a = &t.attachments[0];
+    assert_eq!(
+        (
+            a.route.name.as_str(),
+            a.parent_ref,
+            a.gateway.name.as_str(),
+            a.listener.as_str()
+        ),
+        ("r", 0, "gw", "http")
+    );
+    assert_eq!(t.gateways.len(), 1);
 }
 
 #[test]

@@ -1,0 +1,253 @@
+//! Harness for end-to-end tests: the Kubernetes API emulator (`kube_api.py`, kmock + adapter),
+//! `kubectl`, `ferrum-operator` and `ferrum-dp` as real processes on loopback.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use ferrum_testkit::*;
+use serde_json::Value;
+
+/// A binary of this workspace, next to the test executable (`make test` builds them first).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn python() -> PathBuf {
+    let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
+    let py = Path::new(&venv).join("bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run `make e2e-deps` (kmock==0.8 in a venv)",
+        py.display()
+    );
+    py
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` until it holds or `within` passes.
+pub async fn eventually<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut f: F) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Kubernetes API emulator and a kubeconfig for it.
+pub struct Cluster {
+    _api: Proc,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube_api.py");
+        let mut child = Command::new(python())
+            .arg(&script)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the API emulator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "API emulator did not start");
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: e2e, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
+                 users: [{{name: e2e, user: {{}}}}]\ncontexts: [{{name: e2e, context: {{cluster: e2e, user: e2e}}}}]\ncurrent-context: e2e\n"
+            ),
+        )
+        .unwrap();
+        Cluster {
+            _api: Proc(child),
+            dir,
+            kubeconfig,
+        }
+    }
+
+    /// Runs kubectl against the emulator; panics with its output on failure.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+        let mut child = Command::new(&kubectl)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {kubectl}: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or("").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply --validate=false -f -`, as users apply manifests.
+    pub fn apply(&self, yaml: &str) -> String {
+        self.kubectl(&["apply", "--validate=false", "-f", "-"], Some(yaml))
+    }
+
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Value {
+        serde_json::from_str(&self.kubectl(&["get", resource, name, "-n", namespace, "-o", "json"], None)).unwrap()
+    }
+
+    /// Starts an operator replica against this cluster.
+    pub async fn operator(&self, name: &str) -> Operator {
+        let (grpc, admin) = (free_port(), free_port());
+        let child = Command::new(workspace_bin("ferrum-operator"))
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{grpc}"),
+                "--admin-addr",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args([
+                "--namespace",
+                "default",
+                "--identity",
+                name,
+                "--lease-seconds",
+                "3",
+                "--debounce-ms",
+                "10",
+            ])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "warn,ferrum_operator=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferrum-operator");
+        let op = Operator {
+            proc: Some(Proc(child)),
+            grpc,
+            admin,
+        };
+        eventually("operator ready", Duration::from_secs(20), async || {
+            client()
+                .get(op.admin_url("/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        op
+    }
+}
+
+pub struct Operator {
+    proc: Option<Proc>,
+    pub grpc: u16,
+    pub admin: u16,
+}
+
+impl Operator {
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let text = client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.take();
+    }
+}
+
+/// A `ferrum-dp` following an operator.
+pub struct Proxy {
+    _proc: Proc,
+    pub admin: u16,
+}
+
+impl Proxy {
+    pub async fn start(control_plane: &str, node: &str, cache: &Path) -> Proxy {
+        let admin = free_port();
+        let child = Command::new(workspace_bin("ferrum-dp"))
+            .args(["--control-plane", control_plane, "--node-id", node, "--workers", "1"])
+            .arg("--snapshot-cache")
+            .arg(cache)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferrum-dp");
+        Proxy {
+            _proc: Proc(child),
+            admin,
+        }
+    }
+
+    pub async fn version(&self) -> u64 {
+        let Ok(r) = client()
+            .get(format!("http://127.0.0.1:{}/config", self.admin))
+            .send()
+            .await
+        else {
+            return 0;
+        };
+        let v: Value = serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default();
+        v["version"].as_u64().unwrap_or(0)
+    }
+}

@@ -1,0 +1,284 @@
+//! kubectl → API emulator → ferrum-operator → MeshSubscribe → ferrum-dp → real backends.
+
+use std::time::Duration;
+
+use ferrum_e2e::*;
+use serde_json::Value;
+
+fn base(port: u16, a: &Backend, b: &Backend) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: ferrum}}
+spec: {{controllerName: ferrum.dev/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: default}}
+spec:
+  gatewayClassName: ferrum
+  addresses: [{{type: IPAddress, value: 127.0.0.1}}]
+  listeners: [{{name: http, port: {port}, protocol: HTTP, hostname: "*.example.com"}}]
+{a}{b}"#,
+        a = service("a", a),
+        b = service("b", b),
+    )
+}
+
+fn service(name: &str, b: &Backend) -> String {
+    format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec: {{ports: [{{name: http, port: 80, targetPort: {p}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: {p}}}]
+endpoints: [{{addresses: [127.0.0.1], conditions: {{ready: true}}}}]
+"#,
+        p = b.addr.port()
+    )
+}
+
+fn route(weights: (u32, u32)) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: shop, namespace: default}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [shop.example.com]
+  rules:
+  - backendRefs: [{{name: a, port: 80, weight: {}}}, {{name: b, port: 80, weight: {}}}]
+"#,
+        weights.0, weights.1
+    )
+}
+
+async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
+    match client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .header("host", host)
+        .send()
+        .await
+    {
+        Ok(r) => (
+            r.status().as_u16(),
+            r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()),
+        ),
+        Err(_) => (0, None),
+    }
+}
+
+fn condition<'a>(conds: &'a Value, kind: &str) -> Option<&'a Value> {
+    conds.as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_follow_kubectl_and_survive_the_operator() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let mut op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    let cache = cluster.dir.path().join("dp1-snapshot.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
+
+    // Apply a route: traffic flows within a second.
+    cluster.apply(&route((100, 0)));
+    eventually("route serves", Duration::from_secs(1), async || {
+        hit(port, "shop.example.com").await == (200, Some("a".into()))
+    })
+    .await;
+
+    // Status, as the Gateway API says.
+    eventually("HTTPRoute Accepted", Duration::from_secs(5), async || {
+        let r = cluster.get("httproutes", "default", "shop");
+        let parent = &r["status"]["parents"][0];
+        condition(&parent["conditions"], "Accepted").is_some_and(|c| c["status"] == "True")
+            && condition(&parent["conditions"], "ResolvedRefs").is_some_and(|c| c["status"] == "True")
+            && parent["controllerName"] == "ferrum.dev/gateway-controller"
+    })
+    .await;
+    eventually(
+        "Gateway Programmed with one attached route",
+        Duration::from_secs(5),
+        async || {
+            let g = cluster.get("gateways", "default", "web");
+            condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c["status"] == "True")
+                && g["status"]["listeners"][0]["attachedRoutes"] == 1
+        },
+    )
+    .await;
+
+    // The operator knows what the proxy applied.
+    let proxies = op.admin_json("/proxies").await;
+    assert_eq!(proxies["proxies"][0]["nodeId"], "dp-1");
+    assert_eq!(
+        proxies["proxies"][0]["appliedVersion"].as_u64(),
+        Some(dp.version().await)
+    );
+
+    // A weight change shifts traffic.
+    cluster.apply(&route((0, 100)));
+    eventually("weights shift to b", Duration::from_secs(1), async || {
+        hit(port, "shop.example.com").await.1.as_deref() == Some("b")
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(hit(port, "shop.example.com").await, (200, Some("b".into())));
+    }
+
+    // Operator gone: the proxy keeps serving what it has.
+    op.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..20 {
+        assert_eq!(hit(port, "shop.example.com").await, (200, Some("b".into())));
+    }
+
+    // Proxy restarted while the operator is down: it serves its saved snapshot.
+    let version = dp.version().await;
+    drop(dp);
+    let dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
+    eventually(
+        "restarted proxy serves from its cache",
+        Duration::from_secs(3),
+        async || hit(port, "shop.example.com").await == (200, Some("b".into())),
+    )
+    .await;
+    assert_eq!(dp.version().await, version);
+
+    // The operator comes back; deleting the route gives 404.
+    let op = cluster.operator("op-1b").await;
+    drop(dp);
+    let _dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
+    cluster.kubectl(&["delete", "httproutes", "shop", "-n", "default"], None);
+    eventually("deleted route answers 404", Duration::from_secs(2), async || {
+        hit(port, "shop.example.com").await.0 == 404
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_routes_get_the_spec_reasons() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let _op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: missing, namespace: default}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [x.example.com]
+  rules: [{backendRefs: [{name: nope, port: 80}]}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: other}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: crossns, namespace: default}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [y.example.com]
+  rules: [{backendRefs: [{name: far, namespace: other, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: wronghost, namespace: default}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [shop.example.org]
+  rules: [{backendRefs: [{name: a, port: 80}]}]
+"#,
+    );
+    let reason = |name: &'static str, kind: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let r = cluster.get("httproutes", "default", name);
+            condition(&r["status"]["parents"][0]["conditions"], kind)
+                .map(|c| c["reason"].as_str().unwrap_or("").to_string())
+        }
+    };
+    eventually(
+        "missing Service → BackendNotFound",
+        Duration::from_secs(5),
+        async || reason("missing", "ResolvedRefs").await.as_deref() == Some("BackendNotFound"),
+    )
+    .await;
+    eventually(
+        "cross-namespace ref → RefNotPermitted",
+        Duration::from_secs(5),
+        async || reason("crossns", "ResolvedRefs").await.as_deref() == Some("RefNotPermitted"),
+    )
+    .await;
+    eventually(
+        "hostname mismatch → NoMatchingListenerHostname",
+        Duration::from_secs(5),
+        async || reason("wronghost", "Accepted").await.as_deref() == Some("NoMatchingListenerHostname"),
+    )
+    .await;
+    // A ReferenceGrant fixes the cross-namespace reference.
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: allow, namespace: other}\n\
+         spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}], to: [{group: '', kind: Service}]}\n",
+    );
+    eventually("granted ref resolves", Duration::from_secs(5), async || {
+        reason("crossns", "ResolvedRefs").await.as_deref() == Some("ResolvedRefs")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_and_fail_over() {
+    let cluster = Cluster::start();
+    let mut one = cluster.operator("op-1").await;
+    let two = cluster.operator("op-2").await;
+    let leaders = async || {
+        (
+            one.metric("ferrum_operator_leader").await.unwrap_or(0.0),
+            two.metric("ferrum_operator_leader").await.unwrap_or(0.0),
+        )
+    };
+    eventually("exactly one leader", Duration::from_secs(5), async || {
+        let (x, y) = leaders().await;
+        x + y == 1.0
+    })
+    .await;
+    let lease = cluster.get("leases", "default", "ferrum-operator");
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
+    let (x, _) = leaders().await;
+    let first_is_leader = x == 1.0;
+    assert!(
+        holder.starts_with(if first_is_leader { "op-1" } else { "op-2" }),
+        "{holder}"
+    );
+    // Kill the leader: the other takes over once the lease (3 s) expires.
+    let survivor = if first_is_leader {
+        one.kill();
+        two
+    } else {
+        drop(two);
+        one
+    };
+    eventually("the survivor leads", Duration::from_secs(10), async || {
+        survivor.metric("ferrum_operator_leader").await == Some(1.0)
+    })
+    .await;
+    let lease = cluster.get("leases", "default", "ferrum-operator");
+    assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap(), holder);
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}
