@@ -325,7 +325,8 @@ class Adapter(kmock.KubernetesEmulator):
             since = self.rv
         try:
             while time.monotonic() < deadline:
-                for rv, g, p, ev in [e for e in self.log if e[0] > since]:
+                # Every write appends one entry and bumps rv by one: entry i has rv i + 1.
+                for rv, g, p, ev in self.log[since:]:
                     since = rv
                     if g == group and p == plural and wanted(ev["object"]):
                         await send({"type": ev["type"], "object": self._out(ev["object"], group, version)})

@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["."])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Snapshot bodies are encoded once and shared by every subscriber's stream.
+    tonic_prost_build::configure()
+        .bytes(".ferrum.mesh.v1.Snapshot.body")
+        .compile_fds(fds)?;
     Ok(())
 }

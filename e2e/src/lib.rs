@@ -55,11 +55,20 @@ pub struct Cluster {
     _api: Proc,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    pub port: u16,
 }
 
 impl Cluster {
     pub fn start() -> Cluster {
         let port = free_port();
+        Self::start_on(port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start_on(port: u16) -> Cluster {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube_api.py");
         let mut child = Command::new(python())
             .arg(&script)
@@ -87,6 +96,7 @@ impl Cluster {
             _api: Proc(child),
             dir,
             kubeconfig,
+            port,
         }
     }
 
@@ -211,6 +221,10 @@ impl Operator {
 
     pub fn kill(&mut self) {
         self.proc.take();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.0.id())
     }
 }
 

@@ -17,13 +17,27 @@ pub struct Published {
     pub translate_ms: u64,
 }
 
+/// A snapshot and its wire encoding, made once per role and generation.
+pub struct Encoded {
+    pub snapshot: Snapshot,
+    pub body: bytes::Bytes,
+}
+
+impl Encoded {
+    fn new(snapshot: Snapshot) -> Arc<Self> {
+        let body = serde_json::to_vec(&snapshot).expect("snapshots serialise").into();
+        Arc::new(Encoded { snapshot, body })
+    }
+}
+
 pub struct Publisher {
     controller_name: String,
     /// Generations start from the start time in milliseconds, so versions keep growing across
     /// operator restarts and proxies never see a version go backwards.
     base: u64,
     current: Mutex<Arc<Published>>,
-    roles: Mutex<(u64, HashMap<String, Arc<Snapshot>>)>,
+    /// Per generation: role ("" for all) → encoded snapshot.
+    roles: Mutex<(u64, HashMap<String, Arc<Encoded>>)>,
     tx: watch::Sender<u64>,
 }
 
@@ -111,13 +125,13 @@ impl Publisher {
         self.tx.subscribe()
     }
 
-    /// The snapshot for a role, at the current generation.
-    pub fn snapshot_for(&self, role: &Option<ObjectRef>) -> Arc<Snapshot> {
+    /// The snapshot for a role at the current generation, translated and encoded once however
+    /// many proxies ask.
+    pub fn snapshot_for(&self, role: &Option<ObjectRef>) -> Arc<Encoded> {
         let cur = self.current();
-        let Some(gw) = role else {
-            return Arc::new(cur.full.snapshot.clone());
-        };
-        let key = format!("{}/{}", gw.namespace, gw.name);
+        let key = role
+            .as_ref()
+            .map_or_else(String::new, |gw| format!("{}/{}", gw.namespace, gw.name));
         let mut roles = self.roles.lock().unwrap();
         if roles.0 != cur.generation {
             *roles = (cur.generation, HashMap::new());
@@ -125,8 +139,11 @@ impl Publisher {
         roles
             .1
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(translate(&cur.resources, cur.generation, &self.options(Some(gw.clone()))).snapshot)
+            .or_insert_with(|| match role {
+                None => Encoded::new(cur.full.snapshot.clone()),
+                Some(gw) => {
+                    Encoded::new(translate(&cur.resources, cur.generation, &self.options(Some(gw.clone()))).snapshot)
+                }
             })
             .clone()
     }

@@ -161,14 +161,12 @@ impl MeshSubscribe for Service {
                         if r.is_err() { return; }
                         let Ok(permit) = tx.reserve().await else { return };
                         generations.mark_unchanged();
-                        let snap = publisher.snapshot_for(&role);
+                        let enc = publisher.snapshot_for(&role);
+                        let snap = &enc.snapshot;
                         if snap.hash == last_sent_hash {
                             continue;
                         }
-                        let body = match serde_json::to_vec(&*snap) {
-                            Ok(b) => b,
-                            Err(e) => { tracing::error!(error = %e, "cannot encode snapshot"); continue; }
-                        };
+                        let body = enc.body.clone();
                         last_sent_hash = snap.hash.clone();
                         reg.proxies.update(&reg.key, |p| p.sent_version = snap.version);
                         permit.send(Ok(SubscribeResponse {

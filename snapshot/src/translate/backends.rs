@@ -12,6 +12,9 @@ use crate::resources::{ObjectRef, Resources};
 
 pub(crate) struct Clusters<'a> {
     res: &'a Resources,
+    /// Lookups built once, so resolving a backendRef does not scan every object.
+    services: BTreeMap<(&'a str, &'a str), &'a k8s_openapi::api::core::v1::Service>,
+    slices: BTreeMap<(&'a str, &'a str), Vec<&'a k8s_openapi::api::discovery::v1::EndpointSlice>>,
     built: BTreeMap<String, Cluster>,
     /// Policies that failed to apply, reported once per policy object at the end.
     policy_errors: BTreeMap<(ObjectRef, String), String>,
@@ -51,8 +54,27 @@ pub(crate) fn reference_granted(
 
 impl<'a> Clusters<'a> {
     pub(crate) fn new(res: &'a Resources) -> Self {
+        let key = |m: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+        };
+        let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for s in &res.endpoint_slices {
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            {
+                slices
+                    .entry((s.metadata.namespace.as_deref().unwrap_or(""), svc.as_str()))
+                    .or_default()
+                    .push(s);
+            }
+        }
         Clusters {
             res,
+            services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
+            slices,
             built: BTreeMap::new(),
             policy_errors: BTreeMap::new(),
         }
@@ -94,19 +116,12 @@ impl<'a> Clusters<'a> {
         if self.built.contains_key(&name) {
             return Ok(name);
         }
-        let svc = self
-            .res
-            .services
-            .iter()
-            .find(|s| {
-                s.metadata.namespace.as_deref() == Some(r.namespace) && s.metadata.name.as_deref() == Some(r.name)
-            })
-            .ok_or_else(|| {
-                (
-                    Reason::BackendNotFound,
-                    format!("Service {}/{} not found", r.namespace, r.name),
-                )
-            })?;
+        let svc = self.services.get(&(r.namespace, r.name)).copied().ok_or_else(|| {
+            (
+                Reason::BackendNotFound,
+                format!("Service {}/{} not found", r.namespace, r.name),
+            )
+        })?;
         let spec = svc.spec.clone().unwrap_or_default();
         let sport = spec.ports.iter().flatten().find(|p| p.port == port).ok_or_else(|| {
             (
@@ -119,16 +134,7 @@ impl<'a> Clusters<'a> {
             let host = spec.external_name.clone().unwrap_or_default();
             endpoints.push(Endpoint::new(host, port as u16));
         }
-        for slice in &self.res.endpoint_slices {
-            let labels = slice.metadata.labels.as_ref();
-            if slice.metadata.namespace.as_deref() != Some(r.namespace)
-                || labels
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .map(String::as_str)
-                    != Some(r.name)
-            {
-                continue;
-            }
+        for slice in self.slices.get(&(r.namespace, r.name)).into_iter().flatten() {
             // The slice port that serves this Service port: same name (unnamed ports match each other).
             let slice_port = slice
                 .ports
