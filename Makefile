@@ -65,5 +65,6 @@ clean:
 
 ## Operator at scale: 10k HTTPRoutes, 5k Services, 50k endpoints, 100 proxies (see bench/README.md).
 bench-operator: e2e-deps
-	cargo build --release -p ferrum-operator -p ferrum-e2e --example bench_operator
+	cargo build --release -p ferrum-operator --bins
+	cargo build --release -p ferrum-e2e --example bench_operator
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator

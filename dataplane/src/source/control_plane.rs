@@ -183,7 +183,19 @@ async fn apply(
             msg.schema
         ));
     }
-    let snap: Snapshot = serde_json::from_slice(&msg.body).map_err(|e| format!("snapshot does not decode: {e}"))?;
+    let json: Vec<u8> = match msg.encoding.as_str() {
+        "" => msg.body.to_vec(),
+        "gzip" => {
+            use std::io::Read;
+            let mut out = Vec::with_capacity(msg.body.len() * 8);
+            flate2::read::GzDecoder::new(&msg.body[..])
+                .read_to_end(&mut out)
+                .map_err(|e| format!("snapshot does not decompress: {e}"))?;
+            out
+        }
+        other => return Err(format!("unknown snapshot encoding {other:?}")),
+    };
+    let snap: Snapshot = serde_json::from_slice(&json).map_err(|e| format!("snapshot does not decode: {e}"))?;
     if snap.content_hash() != msg.hash || snap.version != msg.version {
         return Err("snapshot hash or version does not match its content".into());
     }
@@ -192,7 +204,7 @@ async fn apply(
     tokio::task::spawn_blocking(move || {
         dp.apply(snap).map_err(|e| e.to_string())?;
         if let Some(path) = cache {
-            store_cache(&path, &msg.body);
+            store_cache(&path, &json);
         }
         Ok(())
     })

@@ -148,8 +148,10 @@ impl Controller {
             while self.changed.try_recv().is_ok() {}
             let started = Instant::now();
             let res = self.stores.resources();
-            publisher.publish(res);
-            tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "translated");
+            let copied_ms = started.elapsed().as_millis() as u64;
+            if publisher.publish(res) {
+                tracing::info!(copied_ms, total_ms = started.elapsed().as_millis() as u64, "published");
+            }
         }
     }
 }

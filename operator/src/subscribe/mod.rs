@@ -175,6 +175,7 @@ impl MeshSubscribe for Service {
                                 hash: snap.hash.clone(),
                                 body,
                                 schema: SNAPSHOT_SCHEMA.into(),
+                                encoding: crate::publish::ENCODING.into(),
                             })),
                         }));
                     }
