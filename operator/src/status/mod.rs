@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use ferrum_snapshot::translate::{Problem, Reason, Translation};
 use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
+use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
 use kube::api::{Api, Patch, PatchParams};
@@ -242,6 +243,26 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
             {
                 Ok(_) => written += 1,
                 Err(e) => tracing::warn!(object = %obj, error = %e, "status write failed"),
+            }
+        }
+    }
+    let classes: Api<GatewayClass> = Api::all(client.clone());
+    for gc in res
+        .gateway_classes
+        .iter()
+        .filter(|c| c.spec.controller_name == CONTROLLER_NAME)
+    {
+        let old = serde_json::to_value(&gc.status).unwrap_or(Value::Null);
+        let mut new =
+            json!({"conditions": [cond("Accepted", true, "Accepted", "handled by Ferrum", gc.metadata.generation)]});
+        carry_transition_times(&mut new, &old);
+        if differs(&new, &old) {
+            match classes
+                .patch_status(&gc.name_any(), &params, &Patch::Merge(json!({ "status": new })))
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(e) => tracing::warn!(class = %gc.name_any(), error = %e, "status write failed"),
             }
         }
     }
