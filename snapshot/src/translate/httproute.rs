@@ -258,11 +258,25 @@ struct RuleParts {
     timeouts: RouteTimeouts,
 }
 
-fn pairs(v: Option<Vec<(String, String)>>) -> Vec<(String, String)> {
-    v.unwrap_or_default()
-        .into_iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v))
-        .collect()
+/// Request and response header modifiers are distinct generated types of the same shape.
+macro_rules! header_modifier {
+    ($m:expr) => {{
+        HeaderModifier {
+            set: $m
+                .set
+                .iter()
+                .flatten()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect(),
+            add: $m
+                .add
+                .iter()
+                .flatten()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect(),
+            remove: $m.remove.iter().flatten().map(|h| h.to_ascii_lowercase()).collect(),
+        }
+    }};
 }
 
 fn path_rewrite(full: &Option<String>, prefix: &Option<String>, is_full: bool) -> Option<PathRewrite> {
@@ -304,50 +318,14 @@ fn rule_parts(
                     missing(problems, "requestHeaderModifier");
                     return None;
                 };
-                parts.request_headers = HeaderModifier {
-                    set: pairs(
-                        m.set
-                            .as_ref()
-                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
-                    ),
-                    add: pairs(
-                        m.add
-                            .as_ref()
-                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
-                    ),
-                    remove: m
-                        .remove
-                        .clone()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect(),
-                };
+                parts.request_headers = header_modifier!(m);
             }
             HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                 let Some(m) = &f.response_header_modifier else {
                     missing(problems, "responseHeaderModifier");
                     return None;
                 };
-                parts.response_headers = HeaderModifier {
-                    set: pairs(
-                        m.set
-                            .as_ref()
-                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
-                    ),
-                    add: pairs(
-                        m.add
-                            .as_ref()
-                            .map(|v| v.iter().map(|h| (h.name.clone(), h.value.clone())).collect()),
-                    ),
-                    remove: m
-                        .remove
-                        .clone()
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect(),
-                };
+                parts.response_headers = header_modifier!(m);
             }
             HttpRouteRulesFiltersType::RequestRedirect => {
                 let Some(rd) = &f.request_redirect else {
