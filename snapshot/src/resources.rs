@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
@@ -32,21 +33,21 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Everything the translator reads. The operator fills it from its reflectors; file mode from
-/// YAML documents.
+/// Everything the translator reads. The operator fills it from its reflectors' caches (sharing
+/// the objects, not copying them); file mode from YAML documents.
 #[derive(Debug, Clone, Default)]
 pub struct Resources {
-    pub gateway_classes: Vec<GatewayClass>,
-    pub gateways: Vec<Gateway>,
-    pub http_routes: Vec<HttpRoute>,
-    pub grpc_routes: Vec<GrpcRoute>,
-    pub reference_grants: Vec<ReferenceGrant>,
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
-    pub namespaces: Vec<Namespace>,
-    pub secrets: Vec<Secret>,
-    pub backends: Vec<Backend>,
-    pub backend_policies: Vec<BackendPolicy>,
+    pub gateway_classes: Vec<Arc<GatewayClass>>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub http_routes: Vec<Arc<HttpRoute>>,
+    pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    pub reference_grants: Vec<Arc<ReferenceGrant>>,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub secrets: Vec<Arc<Secret>>,
+    pub backends: Vec<Arc<Backend>>,
+    pub backend_policies: Vec<Arc<BackendPolicy>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -184,8 +185,9 @@ impl Resources {
         };
         macro_rules! push {
             ($field:ident) => {
-                self.$field
-                    .push(serde_path_to_error::deserialize(value).map_err(typed_err)?)
+                self.$field.push(Arc::new(
+                    serde_path_to_error::deserialize(value).map_err(typed_err)?,
+                ))
             };
         }
         match static_kind {

@@ -40,16 +40,17 @@ pub struct Stores {
     backend_policies: Store<BackendPolicy>,
 }
 
-fn copy<K>(s: &Store<K>) -> Vec<K>
+/// The cached objects themselves (shared, not copied).
+fn copy<K>(s: &Store<K>) -> Vec<Arc<K>>
 where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    s.state().iter().map(|o| (**o).clone()).collect()
+    s.state()
 }
 
 impl Stores {
-    /// A consistent-enough copy of the caches for one translation.
+    /// A consistent-enough view of the caches for one translation.
     pub fn resources(&self) -> Resources {
         Resources {
             gateway_classes: copy(&self.gateway_classes),

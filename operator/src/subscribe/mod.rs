@@ -161,12 +161,11 @@ impl MeshSubscribe for Service {
                         if r.is_err() { return; }
                         let Ok(permit) = tx.reserve().await else { return };
                         generations.mark_unchanged();
-                        let enc = publisher.snapshot_for(&role);
-                        let snap = &enc.snapshot;
+                        let snap = publisher.snapshot_for(&role);
                         if snap.hash == last_sent_hash {
                             continue;
                         }
-                        let body = enc.body.clone();
+                        let body = snap.body.clone();
                         last_sent_hash = snap.hash.clone();
                         reg.proxies.update(&reg.key, |p| p.sent_version = snap.version);
                         permit.send(Ok(SubscribeResponse {

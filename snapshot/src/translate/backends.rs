@@ -68,12 +68,12 @@ impl<'a> Clusters<'a> {
                 slices
                     .entry((s.metadata.namespace.as_deref().unwrap_or(""), svc.as_str()))
                     .or_default()
-                    .push(s);
+                    .push(&**s);
             }
         }
         Clusters {
             res,
-            services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
+            services: res.services.iter().map(|s| (key(&s.metadata), &**s)).collect(),
             slices,
             built: BTreeMap::new(),
             policy_errors: BTreeMap::new(),

@@ -76,7 +76,12 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
         bound: Vec::new(),
         by_gateway: BTreeMap::new(),
     };
-    let mut gateways: Vec<&Gateway> = res.gateways.iter().filter(|g| served(res, g, opts)).collect();
+    let mut gateways: Vec<&Gateway> = res
+        .gateways
+        .iter()
+        .map(|g| &**g)
+        .filter(|g| served(res, g, opts))
+        .collect();
     gateways.sort_by_key(|g| (g.metadata.namespace.clone(), g.metadata.name.clone()));
     for gw in gateways {
         let obj = meta_ref("Gateway", &gw.metadata);
