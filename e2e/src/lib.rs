@@ -138,6 +138,10 @@ impl Cluster {
 
     /// Starts an operator replica against this cluster.
     pub async fn operator(&self, name: &str) -> Operator {
+        self.operator_with(name, &[]).await
+    }
+
+    pub async fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
         let (grpc, admin) = (free_port(), free_port());
         let child = Command::new(workspace_bin("ferrum-operator"))
             .args([
@@ -156,6 +160,7 @@ impl Cluster {
                 "--debounce-ms",
                 "10",
             ])
+            .args(extra)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "warn,ferrum_operator=info")
             .stdout(Stdio::null())
@@ -236,12 +241,17 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(control_plane: &str, node: &str, cache: &Path) -> Proxy {
+        Self::start_with(control_plane, node, cache, &[]).await
+    }
+
+    pub async fn start_with(control_plane: &str, node: &str, cache: &Path, extra: &[&str]) -> Proxy {
         let admin = free_port();
         let child = Command::new(workspace_bin("ferrum-dp"))
             .args(["--control-plane", control_plane, "--node-id", node, "--workers", "1"])
             .arg("--snapshot-cache")
             .arg(cache)
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

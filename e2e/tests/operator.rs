@@ -282,3 +282,33 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap(), holder);
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_need_the_token() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator_with("op-1", &["--token", "s3cret"]).await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(&route((100, 0)));
+    let dir = cluster.dir.path();
+    let _intruder = Proxy::start_with(&op.grpc_url(), "intruder", &dir.join("x.json"), &["--token", "guess"]).await;
+    let _anonymous = Proxy::start(&op.grpc_url(), "anonymous", &dir.join("y.json")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        op.admin_json("/proxies").await["proxies"],
+        serde_json::json!([]),
+        "no stream without the token"
+    );
+    assert_eq!(
+        hit(port, "shop.example.com").await.0,
+        0,
+        "nothing listens: the proxies got no config"
+    );
+    let _dp = Proxy::start_with(&op.grpc_url(), "dp-1", &dir.join("z.json"), &["--token", "s3cret"]).await;
+    eventually("the proxy with the token serves", Duration::from_secs(2), async || {
+        hit(port, "shop.example.com").await == (200, Some("a".into()))
+    })
+    .await;
+    assert_eq!(op.admin_json("/proxies").await["proxies"][0]["nodeId"], "dp-1");
+}
