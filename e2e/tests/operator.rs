@@ -312,3 +312,47 @@ async fn proxies_need_the_token() {
     .await;
     assert_eq!(op.admin_json("/proxies").await["proxies"][0]["nodeId"], "dp-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_routes_reach_backends_over_h2() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: greeter, namespace: default}\n\
+         spec:\n  parentRefs: [{name: web}]\n  hostnames: [grpc.example.com]\n  rules:\n  \
+         - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]\n    backendRefs: [{name: b, port: 80}]\n",
+    );
+    let dp = Proxy::start(&op.grpc_url(), "dp-1", &cluster.dir.path().join("c.json")).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let call = || {
+        h2.post(format!("http://127.0.0.1:{port}/helloworld.Greeter/SayHello"))
+            .header("host", "grpc.example.com")
+            .header("content-type", "application/grpc")
+            .body(vec![0u8, 0, 0, 0, 0])
+            .send()
+    };
+    eventually("the gRPC method routes to b", Duration::from_secs(2), async || {
+        call()
+            .await
+            .is_ok_and(|r| r.headers().get("x-backend").is_some_and(|v| v == "b"))
+    })
+    .await;
+    let v: Value = serde_json::from_str(&call().await.unwrap().text().await.unwrap()).unwrap();
+    assert_eq!(v["version"], "HTTP/2.0", "gRPC goes upstream over HTTP/2");
+    let other = h2
+        .post(format!("http://127.0.0.1:{port}/helloworld.Greeter/Other"))
+        .header("host", "grpc.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    eventually("GRPCRoute Accepted", Duration::from_secs(5), async || {
+        let r = cluster.get("grpcroutes", "default", "greeter");
+        condition(&r["status"]["parents"][0]["conditions"], "Accepted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    drop(dp);
+}

@@ -9,6 +9,7 @@ use ferrum_snapshot::translate::{Problem, Reason, Translation};
 use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -128,9 +129,16 @@ pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
     })
 }
 
-pub fn route_status(route: &HttpRoute, t: &Translation, served: &[ObjectRef], res: &Resources) -> Value {
+/// `route` is an HTTPRoute, or a GRPCRoute read as one (`kind` says which).
+pub fn route_status(
+    kind: &'static str,
+    route: &HttpRoute,
+    t: &Translation,
+    served: &[ObjectRef],
+    res: &Resources,
+) -> Value {
     let obj = ObjectRef {
-        kind: "HTTPRoute",
+        kind,
         namespace: route.namespace().unwrap_or_default(),
         name: route.name_any(),
     };
@@ -270,7 +278,7 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     for r in &res.http_routes {
         let ns = r.namespace().unwrap_or_default();
         let old = serde_json::to_value(&r.status).unwrap_or(Value::Null);
-        let mut new = route_status(r, t, &t.gateways, res);
+        let mut new = route_status("HTTPRoute", r, t, &t.gateways, res);
         carry_transition_times(&mut new, &old);
         if differs(&new, &old) {
             let api = by_ns
@@ -282,6 +290,26 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
             {
                 Ok(_) => written += 1,
                 Err(e) => tracing::warn!(route = %r.name_any(), error = %e, "status write failed"),
+            }
+        }
+    }
+    for g in &res.grpc_routes {
+        // A GRPCRoute that cannot be read as a route has its problem listed on /problems.
+        let Ok(r) = ferrum_snapshot::translate::as_http_route(g) else {
+            continue;
+        };
+        let ns = g.namespace().unwrap_or_default();
+        let old = serde_json::to_value(&g.status).unwrap_or(Value::Null);
+        let mut new = route_status("GRPCRoute", &r, t, &t.gateways, res);
+        carry_transition_times(&mut new, &old);
+        if differs(&new, &old) {
+            let api: Api<GrpcRoute> = Api::namespaced(client.clone(), &ns);
+            match api
+                .patch_status(&g.name_any(), &params, &Patch::Merge(json!({ "status": new })))
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(e) => tracing::warn!(route = %g.name_any(), error = %e, "status write failed"),
             }
         }
     }
@@ -344,14 +372,14 @@ mod tests {
              apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: wronghost}}\n\
              spec: {{parentRefs: [{{name: gw}}], hostnames: [c.example.com]}}\n"
         ));
-        let s = route_status(&r.http_routes[0], &t, &t.gateways, &r);
+        let s = route_status("HTTPRoute", &r.http_routes[0], &t, &t.gateways, &r);
         let parents = s["parents"].as_array().unwrap();
         assert_eq!(parents.len(), 2);
         assert_eq!(parents[0]["controllerName"], CONTROLLER_NAME);
         assert_eq!(cond_of(&parents[0], "Accepted")["status"], "True");
         assert_eq!(cond_of(&parents[0], "ResolvedRefs")["reason"], "BackendNotFound");
         assert_eq!(cond_of(&parents[1], "Accepted")["reason"], "NoMatchingParent");
-        let s = route_status(&r.http_routes[1], &t, &t.gateways, &r);
+        let s = route_status("HTTPRoute", &r.http_routes[1], &t, &t.gateways, &r);
         assert_eq!(
             cond_of(&s["parents"][0], "Accepted")["reason"],
             "NoMatchingListenerHostname"

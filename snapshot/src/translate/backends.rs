@@ -98,14 +98,28 @@ impl<'a> Clusters<'a> {
                 ),
             ));
         }
-        match (r.group, r.kind) {
-            ("", "Service") => self.service(r),
-            (crate::FERRUM_GROUP, "Backend") => self.backend(r),
-            (g, k) => Err((
-                Reason::InvalidKind,
-                format!("backendRef kind {k:?} in group {g:?} is not supported (Service, ferrum.dev/Backend)"),
-            )),
+        let name = match (r.group, r.kind) {
+            ("", "Service") => self.service(r)?,
+            (crate::FERRUM_GROUP, "Backend") => self.backend(r)?,
+            (g, k) => {
+                return Err((
+                    Reason::InvalidKind,
+                    format!("backendRef kind {k:?} in group {g:?} is not supported (Service, ferrum.dev/Backend)"),
+                ));
+            }
+        };
+        // gRPC needs HTTP/2 upstream: GRPCRoutes get an h2 variant of a cluster that is not.
+        if route_kind == "GRPCRoute" && self.built[&name].protocol != UpstreamProtocol::Http2 {
+            let h2 = format!("{name}#h2");
+            if !self.built.contains_key(&h2) {
+                let mut c = self.built[&name].clone();
+                c.name = h2.clone();
+                c.protocol = UpstreamProtocol::Http2;
+                self.built.insert(h2.clone(), c);
+            }
+            return Ok(h2);
         }
+        Ok(name)
     }
 
     fn service(&mut self, r: &BackendRef<'_>) -> Result<String, (Reason, String)> {

@@ -17,8 +17,29 @@ pub(crate) fn attach_all(
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
 ) {
-    for route in &res.http_routes {
-        let obj = meta_ref("HTTPRoute", &route.metadata);
+    let grpc: Vec<HttpRoute> = res
+        .grpc_routes
+        .iter()
+        .filter_map(|g| match super::grpcroute::as_http_route(g) {
+            Ok(r) => Some(r),
+            Err((field, msg)) => {
+                problems.push(
+                    &meta_ref("GRPCRoute", &g.metadata),
+                    field,
+                    Reason::UnsupportedValue,
+                    msg,
+                );
+                None
+            }
+        })
+        .collect();
+    let routes = res
+        .http_routes
+        .iter()
+        .map(|r| ("HTTPRoute", &**r))
+        .chain(grpc.iter().map(|r| ("GRPCRoute", r)));
+    for (kind, route) in routes {
+        let obj = meta_ref(kind, &route.metadata);
         let created = route
             .metadata
             .creation_timestamp
@@ -128,7 +149,7 @@ fn parents(
         let allowed: Vec<&&GatewayListener> = selected
             .iter()
             .filter(|l| {
-                !l.http_routes_denied
+                l.allows_kind(obj.kind)
                     && match &l.allowed {
                         AllowedNamespaces::All => true,
                         AllowedNamespaces::Same => l.gateway.namespace == obj.namespace,
@@ -448,7 +469,7 @@ fn rule_parts(
             name: &b.name,
             port: b.port,
         };
-        let cluster = match clusters.resolve("HTTPRoute", &obj.namespace, &r) {
+        let cluster = match clusters.resolve(obj.kind, &obj.namespace, &r) {
             Ok(c) => Some(c),
             Err((reason, msg)) => {
                 problems.push(obj, bfield, reason, msg);

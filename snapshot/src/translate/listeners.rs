@@ -16,10 +16,17 @@ pub(crate) struct GatewayListener {
     pub port: u16,
     pub hostname: Option<String>,
     pub allowed: AllowedNamespaces,
-    /// `allowedRoutes.kinds` lists kinds and HTTPRoute is not among them.
-    pub http_routes_denied: bool,
+    /// `allowedRoutes.kinds`, when the listener restricts them.
+    pub kinds: Option<Vec<String>>,
     /// Index of the bound listener it lives on.
     pub bound: usize,
+}
+
+impl GatewayListener {
+    /// HTTP and HTTPS listeners take HTTPRoutes and GRPCRoutes unless `allowedRoutes.kinds` says otherwise.
+    pub fn allows_kind(&self, kind: &str) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.iter().any(|k| k == kind))
+    }
 }
 
 pub(crate) enum AllowedNamespaces {
@@ -186,16 +193,17 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                     _ => AllowedNamespaces::Same,
                 },
             };
-            let http_routes_denied = ar
+            let kinds = ar
                 .and_then(|a| a.kinds.as_ref())
-                .is_some_and(|k| !k.is_empty() && !k.iter().any(|k| k.kind == "HTTPRoute"));
+                .filter(|k| !k.is_empty())
+                .map(|k| k.iter().map(|k| k.kind.clone()).collect());
             attachable.push(GatewayListener {
                 gateway: obj.clone(),
                 name: l.name.clone(),
                 port,
                 hostname: l.hostname.clone(),
                 allowed,
-                http_routes_denied,
+                kinds,
                 bound,
             });
         }

@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+mod grpcroute;
 mod hostname;
 mod httproute;
 mod listeners;
@@ -15,6 +16,7 @@ use std::fmt;
 use crate::model::Snapshot;
 use crate::resources::{ObjectRef, Resources};
 
+pub use grpcroute::as_http_route;
 pub use hostname::{hostname_matches, intersect_hostnames};
 
 /// Status reasons, named as the Gateway API names them where it has a name.
@@ -159,15 +161,6 @@ pub fn translate(res: &Resources, version: u64, opts: &Options) -> Translation {
     let mut listeners = listeners::build(res, opts, &mut problems);
     let served_gateways: Vec<ObjectRef> = listeners.by_gateway.keys().cloned().collect();
     httproute::attach_all(res, &mut listeners, &mut clusters, &mut problems);
-    for r in &res.grpc_routes {
-        let obj = meta_ref("GRPCRoute", &r.metadata);
-        problems.push(
-            &obj,
-            "kind",
-            Reason::InvalidKind,
-            "GRPCRoute is not translated yet; use an HTTPRoute",
-        );
-    }
     let listeners = listeners::finish(listeners);
     let clusters = clusters.finish(&mut problems);
     let mut list = problems.list;
