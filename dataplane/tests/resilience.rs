@@ -12,14 +12,6 @@ fn route_to(name: &str) -> String {
     )
 }
 
-async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn active_health_checks_eject_and_restore_endpoints() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
@@ -41,14 +33,20 @@ async fn active_health_checks_eject_and_restore_endpoints() {
         "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
         a.addr.port()
     );
-    until("a marked unhealthy", async || dp.metric(&a_ep).await == 0.0).await;
+    eventually("a marked unhealthy", Duration::from_secs(10), async || {
+        dp.metric(&a_ep).await == 0.0
+    })
+    .await;
     let before = a.hits();
     for _ in 0..20 {
         assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
     }
     assert_eq!(a.hits(), before, "no traffic to an unhealthy endpoint");
     a.health_status.store(200, SeqCst);
-    until("a healthy again", async || dp.metric(&a_ep).await == 1.0).await;
+    eventually("a healthy again", Duration::from_secs(10), async || {
+        dp.metric(&a_ep).await == 1.0
+    })
+    .await;
     for _ in 0..20 {
         c.get(&url).send().await.unwrap();
     }

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::SeqCst};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -150,4 +150,13 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     let s = r.status().as_u16();
     let t = r.text().await.unwrap();
     (s, serde_json::from_str(&t).unwrap_or(Value::String(t)))
+}
+
+/// Polls `f` until it holds or `within` passes.
+pub async fn eventually<F: AsyncFnMut() -> bool>(what: &str, within: Duration, mut f: F) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
