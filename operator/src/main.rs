@@ -7,6 +7,7 @@ mod leader;
 mod publish;
 mod status;
 mod subscribe;
+mod xds;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -151,6 +152,7 @@ async fn run(args: Args) -> ExitCode {
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
 
+    let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone()));
     let svc = subscribe::Service {
         publisher: publisher.clone(),
         proxies,
@@ -161,6 +163,11 @@ async fn run(args: Args) -> ExitCode {
         .add_service(
             MeshSubscribeServer::new(svc)
                 .max_decoding_message_size(1 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+        .add_service(
+            envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer::new(xds::ads::AdsService(ads))
+                .max_decoding_message_size(4 << 20)
                 .max_encoding_message_size(256 << 20),
         )
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown());

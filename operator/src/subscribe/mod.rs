@@ -46,11 +46,32 @@ pub struct Proxies {
 }
 
 impl Proxies {
+    /// Adds a stream, within the per-node limit; it is removed when the registration drops.
+    pub fn register(self: &Arc<Self>, state: ProxyState) -> Result<Registration, Status> {
+        let mut streams = self.streams.lock().unwrap();
+        let open = streams.keys().filter(|(n, _)| *n == state.node_id).count();
+        if open >= STREAMS_PER_NODE {
+            return Err(Status::resource_exhausted(format!(
+                "node {:?} already has {open} open streams",
+                state.node_id
+            )));
+        }
+        let key = (
+            state.node_id.clone(),
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        streams.insert(key.clone(), state);
+        Ok(Registration {
+            proxies: self.clone(),
+            key,
+        })
+    }
+
     pub fn list(&self) -> Vec<ProxyState> {
         self.streams.lock().unwrap().values().cloned().collect()
     }
 
-    fn update(&self, key: &(String, u64), f: impl FnOnce(&mut ProxyState)) {
+    pub fn update(&self, key: &(String, u64), f: impl FnOnce(&mut ProxyState)) {
         if let Some(p) = self.streams.lock().unwrap().get_mut(key) {
             f(p);
         }
@@ -70,9 +91,15 @@ pub struct Service {
 }
 
 /// Removes the stream from the table when its task ends, however it ends.
-struct Registration {
+pub struct Registration {
     proxies: Arc<Proxies>,
-    key: (String, u64),
+    pub key: (String, u64),
+}
+
+impl Registration {
+    pub fn update(&self, f: impl FnOnce(&mut ProxyState)) {
+        self.proxies.update(&self.key, f);
+    }
 }
 
 impl Drop for Registration {
@@ -107,48 +134,26 @@ impl MeshSubscribe for Service {
             return Err(Status::invalid_argument("hello.node_id is empty"));
         }
         let role = parse_role(&hello.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let key = {
-            let mut streams = self.proxies.streams.lock().unwrap();
-            let open = streams.keys().filter(|(n, _)| *n == hello.node_id).count();
-            if open >= STREAMS_PER_NODE {
-                return Err(Status::resource_exhausted(format!(
-                    "node {:?} already has {open} open streams",
-                    hello.node_id
-                )));
-            }
-            let key = (
-                hello.node_id.clone(),
-                self.proxies.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            );
-            let now = now_ms();
-            streams.insert(
-                key.clone(),
-                ProxyState {
-                    node_id: hello.node_id.clone(),
-                    role: hello.role.clone(),
-                    proxy_version: hello.proxy_version.clone(),
-                    peer,
-                    protocol: "MeshSubscribe",
-                    connected_since_unix_ms: now,
-                    last_seen_unix_ms: now,
-                    sent_version: 0,
-                    applied_version: hello.current_version,
-                    applied_hash: hello.current_hash.clone(),
-                    last_rejection: None,
-                    rejected_version: None,
-                },
-            );
-            key
-        };
+        let now = now_ms();
+        let reg = self.proxies.register(ProxyState {
+            node_id: hello.node_id.clone(),
+            role: hello.role.clone(),
+            proxy_version: hello.proxy_version.clone(),
+            peer,
+            protocol: "MeshSubscribe",
+            connected_since_unix_ms: now,
+            last_seen_unix_ms: now,
+            sent_version: 0,
+            applied_version: hello.current_version,
+            applied_hash: hello.current_hash.clone(),
+            last_rejection: None,
+            rejected_version: None,
+        })?;
         tracing::info!(node = %hello.node_id, role = %hello.role, "proxy subscribed");
         // One slot: while the proxy is slow the slot stays taken, generations coalesce in the
         // watch, and the proxy gets the newest snapshot once it catches up.
         let (tx, rx) = mpsc::channel::<Result<SubscribeResponse, Status>>(1);
         let publisher = self.publisher.clone();
-        let reg = Registration {
-            proxies: self.proxies.clone(),
-            key,
-        };
         let mut generations = publisher.subscribe();
         let mut last_sent_hash = hello.current_hash.clone();
         tokio::spawn(async move {

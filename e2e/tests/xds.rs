@@ -1,0 +1,157 @@
+//! A real Envoy as an ADS client of the operator: it routes what the HTTPRoutes say, follows
+//! changes, and its NACKs are recorded with Envoy's message.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferrum_e2e::*;
+use serde_json::{Value, json};
+
+struct Envoy(Child);
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn envoy(dir: &std::path::Path, node: &str, grpc: u16) -> Envoy {
+    let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
+    let bin = std::path::Path::new(&venv).join("bin/envoy");
+    assert!(bin.exists(), "{} is missing: run `make e2e-deps`", bin.display());
+    let bootstrap = json!({
+        "node": {"id": node, "cluster": "e2e"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": grpc}}}}]}]}
+        }]}
+    });
+    let path = dir.join(format!("{node}.json"));
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&path)
+        .args(["--log-level", "error", "--use-dynamic-base-id"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start envoy");
+    Envoy(child)
+}
+
+fn setup(port: u16, a: &Backend, b: &Backend, weights: (u32, u32), path_regex: Option<&str>) -> String {
+    let svc = |name: &str, be: &Backend| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+            be.addr.port()
+        )
+    };
+    let extra = path_regex.map_or(String::new(), |re| {
+        format!("  - matches: [{{path: {{type: RegularExpression, value: '{re}'}}}}]\n    backendRefs: [{{name: a, port: 80}}]\n")
+    });
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: http, port: {port}, protocol: HTTP}}]}}\n\
+         {}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: shop}}\n\
+         spec:\n  parentRefs: [{{name: web}}]\n  hostnames: [shop.example.com]\n  rules:\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n    backendRefs: [{{name: a, port: 80, weight: {}}}, {{name: b, port: 80, weight: {}}}]\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /old}}}}]\n    filters: [{{type: RequestRedirect, requestRedirect: {{hostname: new.example.com, statusCode: 301}}}}]\n\
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /api}}}}]\n    filters:\n    - {{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}}}}\n\
+         \x20   - {{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-via, value: envoy}}]}}}}\n    backendRefs: [{{name: b, port: 80}}]\n{extra}",
+        svc("a", a),
+        svc("b", b),
+        weights.0,
+        weights.1
+    )
+}
+
+async fn get(port: u16, path: &str) -> Option<(u16, Option<String>, Value, Option<String>)> {
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    let backend = r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string());
+    let location = r.headers().get("location").map(|v| v.to_str().unwrap().to_string());
+    let body = serde_json::from_str(&r.text().await.ok()?).unwrap_or(Value::Null);
+    Some((status, backend, body, location))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_routes_by_our_xds_and_reports_nacks() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    let _envoy = envoy(cluster.dir.path(), "envoy-1", op.grpc);
+
+    eventually("Envoy routes to a", Duration::from_secs(15), async || {
+        get(port, "/x")
+            .await
+            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
+    })
+    .await;
+    let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
+    assert_eq!(backend.as_deref(), Some("b"));
+    assert_eq!(body["path"], "/v2/users", "prefix rewrite");
+    assert_eq!(body["headers"]["x-via"][0], "envoy", "request header modifier");
+    let (status, _, _, location) = get(port, "/old/page").await.unwrap();
+    assert_eq!(status, 301);
+    assert_eq!(location.as_deref(), Some("http://new.example.com/old/page"));
+
+    let proxies = op.admin_json("/proxies").await;
+    let envoy_state = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "envoy-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(envoy_state["protocol"], "xDS (SotW)");
+    assert_eq!(envoy_state["lastRejection"], Value::Null);
+
+    // A weight change reaches Envoy within a second.
+    cluster.apply(&setup(port, &a, &b, (0, 100), None));
+    eventually("Envoy follows the weight change", Duration::from_secs(1), async || {
+        get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b"))
+    })
+    .await;
+
+    // A regex Rust accepts but RE2 does not (long Unicode class names): Envoy NACKs, we record why, and
+    // Envoy keeps serving its last good routes.
+    cluster.apply(&setup(port, &a, &b, (0, 100), Some(r"/x\p{Letter}y")));
+    eventually(
+        "the NACK is recorded with Envoy's message",
+        Duration::from_secs(5),
+        async || {
+            let p = op.admin_json("/proxies").await;
+            p["proxies"].as_array().unwrap().iter().any(|p| {
+                p["nodeId"] == "envoy-1"
+                    && p["lastRejection"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("RouteConfiguration"))
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        get(port, "/x").await.unwrap().1.as_deref(),
+        Some("b"),
+        "last good config keeps serving"
+    );
+}

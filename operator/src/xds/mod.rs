@@ -1,0 +1,2 @@
+pub mod ads;
+pub mod resources;

@@ -1,0 +1,472 @@
+//! Snapshot → Envoy v3 resources: Listener (HTTP connection manager over RDS/ADS), RouteConfiguration,
+//! Cluster (EDS over ADS) and ClusterLoadAssignment. What Envoy cannot be told is reported, not
+//! dropped silently.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use ferrum_snapshot::Snapshot;
+use ferrum_snapshot::model::{self, Action, LbPolicy, PathMatch, PathRewrite, StringMatch, UpstreamProtocol};
+use prost::Message;
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The types in the order they must be pushed: clusters before their endpoints, listeners
+/// before their routes.
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.into(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn ms(ms: u64) -> PbDuration {
+    PbDuration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn u32v(v: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value: v })
+}
+
+fn ads() -> core::ConfigSource {
+    core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket(address: &str, port: u16) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: address.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> matcher::StringMatcher {
+    matcher::StringMatcher {
+        match_pattern: Some(match m {
+            StringMatch::Exact(s) => matcher::string_matcher::MatchPattern::Exact(s.clone()),
+            StringMatch::Regex(r) => matcher::string_matcher::MatchPattern::SafeRegex(matcher::RegexMatcher {
+                regex: r.clone(),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+fn header_values(set: &[(String, String)], append: bool) -> Vec<core::HeaderValueOption> {
+    set.iter()
+        .map(|(k, v)| core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: if append {
+                core::header_value_option::HeaderAppendAction::AppendIfExistsOrAdd as i32
+            } else {
+                core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+            },
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Envoy resources of one snapshot, by type URL and name, plus what could not be expressed.
+#[derive(Default)]
+pub struct Resources {
+    pub by_type: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    pub unsupported: Vec<String>,
+}
+
+/// The name of the route configuration of a listener.
+fn route_name(l: &model::Listener) -> String {
+    format!("routes/{}", l.name)
+}
+
+pub fn translate(s: &Snapshot) -> Resources {
+    let mut out = Resources::default();
+    for t in PUSH_ORDER {
+        out.by_type.insert(t, BTreeMap::new());
+    }
+    for c in &s.clusters {
+        let (cl, cla) = cluster(c, &mut out.unsupported);
+        out.by_type
+            .get_mut(CLUSTER)
+            .unwrap()
+            .insert(c.name.clone(), any(CLUSTER, &cl));
+        out.by_type
+            .get_mut(ENDPOINT)
+            .unwrap()
+            .insert(c.name.clone(), any(ENDPOINT, &cla));
+    }
+    for l in &s.listeners {
+        if !l.certificates.is_empty() {
+            out.unsupported.push(format!(
+                "listener {}: TLS termination over xDS needs SDS (not yet)",
+                l.name
+            ));
+            continue;
+        }
+        let rc = route_config(l, &mut out.unsupported);
+        out.by_type
+            .get_mut(ROUTE)
+            .unwrap()
+            .insert(rc.name.clone(), any(ROUTE, &rc));
+        let manager = hcm::HttpConnectionManager {
+            stat_prefix: l.name.clone(),
+            codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: route_name(l),
+            })),
+            http_filters: vec![hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let lis = listener::Listener {
+            name: l.name.clone(),
+            address: Some(socket(&l.address, l.port)),
+            filter_chains: vec![listener::FilterChain {
+                filters: vec![listener::Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(
+                        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        &manager,
+                    ))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        out.by_type
+            .get_mut(LISTENER)
+            .unwrap()
+            .insert(l.name.clone(), any(LISTENER, &lis));
+    }
+    out
+}
+
+fn route_config(l: &model::Listener, unsupported: &mut Vec<String>) -> route::RouteConfiguration {
+    let vhosts = l
+        .virtual_hosts
+        .iter()
+        .map(|vh| route::VirtualHost {
+            name: vh.hostname.clone(),
+            domains: vec![vh.hostname.clone()],
+            routes: vh.routes.iter().map(|r| envoy_route(r, unsupported)).collect(),
+            ..Default::default()
+        })
+        .collect();
+    route::RouteConfiguration {
+        name: route_name(l),
+        virtual_hosts: vhosts,
+        ignore_port_in_host_matching: true,
+        ..Default::default()
+    }
+}
+
+fn envoy_route(r: &model::Route, unsupported: &mut Vec<String>) -> route::Route {
+    use route::route_match::PathSpecifier;
+    let path = match &r.matcher.path {
+        PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
+        PathMatch::Prefix(p) if p == "/" => PathSpecifier::Prefix("/".into()),
+        PathMatch::Prefix(p) => PathSpecifier::PathSeparatedPrefix(p.clone()),
+        PathMatch::Regex(re) => PathSpecifier::SafeRegex(matcher::RegexMatcher {
+            regex: re.clone(),
+            ..Default::default()
+        }),
+    };
+    let mut headers: Vec<route::HeaderMatcher> = r
+        .matcher
+        .headers
+        .iter()
+        .map(|h| route::HeaderMatcher {
+            name: h.name.clone(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(&h.value),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    if let Some(m) = &r.matcher.method {
+        headers.push(route::HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(&StringMatch::Exact(m.clone())),
+            )),
+            ..Default::default()
+        });
+    }
+    let query_parameters = r
+        .matcher
+        .query_params
+        .iter()
+        .map(|q| route::QueryParameterMatcher {
+            name: q.name.clone(),
+            query_parameter_match_specifier: Some(
+                route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(&q.value)),
+            ),
+        })
+        .collect();
+    let action = match &r.action {
+        Action::Redirect(rd) => {
+            use route::redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier};
+            route::route::Action::Redirect(route::RedirectAction {
+                host_redirect: rd.hostname.clone().unwrap_or_default(),
+                port_redirect: u32::from(rd.port.unwrap_or(0)),
+                response_code: match rd.status {
+                    301 => route::redirect_action::RedirectResponseCode::MovedPermanently,
+                    303 => route::redirect_action::RedirectResponseCode::SeeOther,
+                    307 => route::redirect_action::RedirectResponseCode::TemporaryRedirect,
+                    308 => route::redirect_action::RedirectResponseCode::PermanentRedirect,
+                    _ => route::redirect_action::RedirectResponseCode::Found,
+                } as i32,
+                scheme_rewrite_specifier: rd.scheme.clone().map(SchemeRewriteSpecifier::SchemeRedirect),
+                path_rewrite_specifier: rd.path.as_ref().map(|p| match p {
+                    PathRewrite::Full(f) => PathRewriteSpecifier::PathRedirect(f.clone()),
+                    PathRewrite::Prefix(p) => PathRewriteSpecifier::PrefixRewrite(p.clone()),
+                }),
+                ..Default::default()
+            })
+        }
+        Action::Forward(targets) => {
+            use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+            let cluster_specifier = if targets.len() == 1 && targets[0].cluster.is_some() {
+                ClusterSpecifier::Cluster(targets[0].cluster.clone().unwrap_or_default())
+            } else {
+                if targets.iter().any(|t| t.cluster.is_none()) {
+                    unsupported.push(format!("route {}: a backend that did not resolve is sent to a missing cluster (Envoy answers 503, not 500)", r.name));
+                }
+                ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+                    clusters: targets
+                        .iter()
+                        .map(|t| route::weighted_cluster::ClusterWeight {
+                            name: t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into()),
+                            weight: u32v(t.weight),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+            };
+            let mut ra = route::RouteAction {
+                cluster_specifier: Some(cluster_specifier),
+                timeout: r.timeouts.request_ms.map(ms),
+                ..Default::default()
+            };
+            if let Some(rw) = &r.rewrite {
+                if let Some(h) = &rw.hostname {
+                    ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
+                }
+                match &rw.path {
+                    Some(PathRewrite::Prefix(p)) => ra.prefix_rewrite = p.clone(),
+                    Some(PathRewrite::Full(f)) => {
+                        ra.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
+                            pattern: Some(matcher::RegexMatcher {
+                                regex: "^/.*$".into(),
+                                ..Default::default()
+                            }),
+                            substitution: f.clone(),
+                        })
+                    }
+                    None => {}
+                }
+            }
+            if let Some(ms_) = r.timeouts.backend_request_ms {
+                ra.retry_policy = Some(route::RetryPolicy {
+                    per_try_timeout: Some(ms(ms_)),
+                    ..Default::default()
+                });
+            }
+            route::route::Action::Route(ra)
+        }
+    };
+    route::Route {
+        name: r.name.clone(),
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(path),
+            headers,
+            query_parameters,
+            ..Default::default()
+        }),
+        action: Some(action),
+        request_headers_to_add: [
+            header_values(&r.request_headers.set, false),
+            header_values(&r.request_headers.add, true),
+        ]
+        .concat(),
+        request_headers_to_remove: r.request_headers.remove.clone(),
+        response_headers_to_add: [
+            header_values(&r.response_headers.set, false),
+            header_values(&r.response_headers.add, true),
+        ]
+        .concat(),
+        response_headers_to_remove: r.response_headers.remove.clone(),
+        ..Default::default()
+    }
+}
+
+fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Cluster, endpoint::ClusterLoadAssignment) {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy as EnvoyLb};
+    let lb = match &c.lb {
+        LbPolicy::RoundRobin => EnvoyLb::RoundRobin,
+        LbPolicy::LeastRequest => EnvoyLb::LeastRequest,
+        LbPolicy::Random => EnvoyLb::Random,
+        LbPolicy::ConsistentHash(_) => {
+            unsupported.push(format!(
+                "cluster {}: consistent hashing needs a route hash policy (ring hash without a key)",
+                c.name
+            ));
+            EnvoyLb::RingHash
+        }
+    };
+    let mut cl = cluster::Cluster {
+        name: c.name.clone(),
+        connect_timeout: Some(ms(c.timeouts.connect_ms)),
+        lb_policy: lb as i32,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        circuit_breakers: Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: u32v(c.circuit_breaker.max_connections),
+                max_pending_requests: u32v(c.circuit_breaker.max_pending_requests),
+                max_requests: u32v(c.circuit_breaker.max_requests),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    if let Some(od) = &c.outlier_detection {
+        cl.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: u32v(od.consecutive_5xx),
+            consecutive_gateway_failure: u32v(od.consecutive_connect_failures),
+            base_ejection_time: Some(ms(od.base_ejection_ms)),
+            max_ejection_percent: u32v(od.max_ejection_percent),
+            ..Default::default()
+        });
+    }
+    if let Some(hc) = &c.health_check {
+        cl.health_checks = vec![core::HealthCheck {
+            timeout: Some(ms(hc.timeout_ms)),
+            interval: Some(ms(hc.interval_ms)),
+            healthy_threshold: u32v(hc.healthy_threshold),
+            unhealthy_threshold: u32v(hc.unhealthy_threshold),
+            health_checker: Some(core::health_check::HealthChecker::HttpHealthCheck(
+                core::health_check::HttpHealthCheck {
+                    path: hc.path.clone(),
+                    expected_statuses: vec![envoy_types::pb::envoy::r#type::v3::Int64Range {
+                        start: i64::from(hc.expected_status.0),
+                        end: i64::from(hc.expected_status.1) + 1,
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }];
+    }
+    if c.protocol == UpstreamProtocol::Http2 {
+        let opts = upstream_http::HttpProtocolOptions {
+            upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                upstream_http::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Default::default(),
+                        ),
+                    ),
+                },
+            )),
+            ..Default::default()
+        };
+        cl.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            any(
+                "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                &opts,
+            ),
+        );
+    }
+    if c.tls.is_some() {
+        unsupported.push(format!(
+            "cluster {}: upstream TLS over xDS comes with SDS (not yet)",
+            c.name
+        ));
+    }
+    if c.retry.is_some() {
+        unsupported.push(format!(
+            "cluster {}: cluster retry policy is not expressed on Envoy routes yet",
+            c.name
+        ));
+    }
+    // gRPC xDS clients need a locality with a weight; group endpoints by zone.
+    let mut zones: BTreeMap<String, Vec<&model::Endpoint>> = BTreeMap::new();
+    for e in &c.endpoints {
+        zones.entry(e.zone.clone().unwrap_or_default()).or_default().push(e);
+    }
+    let cla = endpoint::ClusterLoadAssignment {
+        cluster_name: c.name.clone(),
+        endpoints: zones
+            .into_iter()
+            .map(|(zone, eps)| endpoint::LocalityLbEndpoints {
+                locality: Some(core::Locality {
+                    zone,
+                    ..Default::default()
+                }),
+                load_balancing_weight: u32v(eps.iter().map(|e| e.weight.max(1)).sum()),
+                lb_endpoints: eps
+                    .iter()
+                    .map(|e| endpoint::LbEndpoint {
+                        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+                            address: Some(socket(&e.address, e.port)),
+                            ..Default::default()
+                        })),
+                        health_status: if e.ready {
+                            core::HealthStatus::Healthy
+                        } else {
+                            core::HealthStatus::Unhealthy
+                        } as i32,
+                        load_balancing_weight: u32v(e.weight.max(1)),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    (cl, cla)
+}
