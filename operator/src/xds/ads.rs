@@ -86,10 +86,19 @@ impl Stream_ {
         let mut out: BTreeMap<String, Any> = if wildcard(type_url, names) {
             of_type.clone()
         } else {
-            of_type
+            let api = if type_url == LISTENER {
+                Some(&all.api_listeners)
+            } else {
+                None
+            };
+            names
                 .iter()
-                .filter(|(n, _)| names.contains(*n))
-                .map(|(n, a)| (n.clone(), a.clone()))
+                .filter_map(|n| {
+                    of_type
+                        .get(n)
+                        .or_else(|| api.and_then(|a| a.get(n)))
+                        .map(|a| (n.clone(), a.clone()))
+                })
                 .collect()
         };
         if type_url == CLUSTER {
@@ -164,6 +173,7 @@ impl Stream_ {
             })?);
         }
         let reg = self.reg.as_ref().expect("registered above");
+        tracing::debug!(node = %reg.key.0, type_url = %r.type_url, names = ?r.resource_names, nonce = %r.response_nonce, "xDS request");
         let st = self.types.entry(r.type_url.clone()).or_default();
         if !r.response_nonce.is_empty() {
             if r.response_nonce != st.nonce.to_string() {

@@ -100,7 +100,34 @@ fn header_values(set: &[(String, String)], append: bool) -> Vec<core::HeaderValu
 #[derive(Default)]
 pub struct Resources {
     pub by_type: BTreeMap<&'static str, BTreeMap<String, Any>>,
+    /// Listeners for proxyless gRPC clients (`xds:///<hostname>`): only ever sent when asked for
+    /// by name, since Envoy refuses an `api_listener` over LDS.
+    pub api_listeners: BTreeMap<String, Any>,
     pub unsupported: Vec<String>,
+}
+
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+/// An HTTP connection manager that takes its routes from RDS over ADS.
+fn connection_manager(stat_prefix: &str, route_config_name: String) -> hcm::HttpConnectionManager {
+    hcm::HttpConnectionManager {
+        stat_prefix: stat_prefix.into(),
+        codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            config_source: Some(ads()),
+            route_config_name,
+        })),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// The name of the route configuration of a listener.
@@ -137,33 +164,35 @@ pub fn translate(s: &Snapshot) -> Resources {
             .get_mut(ROUTE)
             .unwrap()
             .insert(rc.name.clone(), any(ROUTE, &rc));
-        let manager = hcm::HttpConnectionManager {
-            stat_prefix: l.name.clone(),
-            codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
-            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-                config_source: Some(ads()),
-                route_config_name: route_name(l),
-            })),
-            http_filters: vec![hcm::HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    &Router::default(),
-                ))),
+        // Every concrete hostname is also an xds:/// target for gRPC clients, with its own routes.
+        for vh in rc.virtual_hosts.iter().filter(|v| !v.name.contains('*')) {
+            let name = format!("api/{}", vh.name);
+            let api_rc = route::RouteConfiguration {
+                name: name.clone(),
+                virtual_hosts: vec![vh.clone()],
                 ..Default::default()
-            }],
-            ..Default::default()
-        };
+            };
+            out.by_type
+                .get_mut(ROUTE)
+                .unwrap()
+                .insert(name.clone(), any(ROUTE, &api_rc));
+            let api = listener::Listener {
+                name: vh.name.clone(),
+                api_listener: Some(listener::ApiListener {
+                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name))),
+                }),
+                ..Default::default()
+            };
+            out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
+        }
+        let manager = connection_manager(&l.name, route_name(l));
         let lis = listener::Listener {
             name: l.name.clone(),
             address: Some(socket(&l.address, l.port)),
             filter_chains: vec![listener::FilterChain {
                 filters: vec![listener::Filter {
                     name: "envoy.filters.network.http_connection_manager".into(),
-                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(
-                        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        &manager,
-                    ))),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
                 }],
                 ..Default::default()
             }],
@@ -469,4 +498,44 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
         ..Default::default()
     };
     (cl, cla)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+
+    fn snapshot() -> Snapshot {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "t.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+             spec: {gatewayClassName: ferrum, listeners: [{name: h, port: 8080, protocol: HTTP}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n\
+             spec: {parentRefs: [{name: gw}], hostnames: [a.example.com, \"*.example.org\"], rules: [{backendRefs: [{name: s, port: 80}]}]}\n",
+        )
+        .unwrap();
+        ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot
+    }
+
+    #[test]
+    fn every_type_and_api_listeners_for_concrete_hostnames() {
+        let out = translate(&snapshot());
+        assert_eq!(out.by_type[LISTENER].len(), 1);
+        assert_eq!(
+            out.by_type[CLUSTER].keys().collect::<Vec<_>>(),
+            vec!["service/default/s:80"]
+        );
+        assert_eq!(out.by_type[ENDPOINT].len(), 1);
+        let routes: Vec<&String> = out.by_type[ROUTE].keys().collect();
+        assert_eq!(routes, vec!["api/a.example.com", "routes/0.0.0.0:8080"]);
+        assert_eq!(
+            out.api_listeners.keys().collect::<Vec<_>>(),
+            vec!["a.example.com"],
+            "wildcards are no gRPC targets"
+        );
+        let l = Listener::decode(&out.api_listeners["a.example.com"].value[..]).unwrap();
+        assert!(l.api_listener.is_some() && l.address.is_none());
+    }
 }
