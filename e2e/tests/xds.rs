@@ -20,22 +20,27 @@ fn envoy(dir: &std::path::Path, node: &str, grpc: u16) -> Envoy {
     let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
     let bin = std::path::Path::new(&venv).join("bin/envoy");
     assert!(bin.exists(), "{} is missing: run `make e2e-deps`", bin.display());
-    let bootstrap = json!({
-        "node": {"id": node, "cluster": "e2e"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
-        "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"}
-        },
-        "static_resources": {"clusters": [{
-            "name": "xds", "type": "STATIC", "connect_timeout": "1s",
-            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}},
-            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": grpc}}}}]}]}
-        }]}
-    });
+    // The bootstrap the operator generates: also what users get from `ferrum-operator envoy-bootstrap`.
+    let out = Command::new(workspace_bin("ferrum-operator"))
+        .args([
+            "envoy-bootstrap",
+            "--node-id",
+            node,
+            "--cluster",
+            "e2e",
+            "--xds-host",
+            "127.0.0.1",
+        ])
+        .args([
+            "--xds-port",
+            &grpc.to_string(),
+            "--admin-port",
+            &free_port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bootstrap: Value = serde_json::from_slice(&out.stdout).unwrap();
     let path = dir.join(format!("{node}.json"));
     std::fs::write(&path, bootstrap.to_string()).unwrap();
     let child = Command::new(bin)
@@ -226,5 +231,39 @@ async fn grpc_xds_client_resolves_through_lds_rds_cds_eds() {
             .iter()
             .all(|p| p["nodeId"] != "grpc-client" || p["lastRejection"].is_null()),
         "{proxies}"
+    );
+}
+
+#[test]
+fn envoy_validates_the_generated_bootstrap() {
+    let out = Command::new(workspace_bin("ferrum-operator"))
+        .args([
+            "envoy-bootstrap",
+            "--node-id",
+            "validate-me",
+            "--xds-host",
+            "ferrum-operator.ferrum-system.svc",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bootstrap.json");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let v = Command::new(venv_bin("envoy"))
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run envoy");
+    assert!(
+        v.status.success(),
+        "envoy --mode validate: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("OK"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
     );
 }

@@ -58,6 +58,20 @@ enum Command {
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Print an Envoy bootstrap (JSON) that takes its config from this operator over ADS.
+    EnvoyBootstrap {
+        #[arg(long)]
+        node_id: String,
+        #[arg(long, default_value = "ferrum")]
+        cluster: String,
+        /// Host name or IP of the operator's gRPC port.
+        #[arg(long, default_value = "ferrum-operator")]
+        xds_host: String,
+        #[arg(long, default_value_t = 15010)]
+        xds_port: u16,
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+    },
 }
 
 /// (file name, YAML) of every Ferrum CRD, generated from the Rust types.
@@ -78,6 +92,18 @@ fn crds() -> Vec<(String, String)> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::EnvoyBootstrap {
+        node_id,
+        cluster,
+        xds_host,
+        xds_port,
+        admin_port,
+    }) = &args.command
+    {
+        let b = xds::bootstrap::envoy(node_id, cluster, xds_host, *xds_port, *admin_port);
+        println!("{}", serde_json::to_string_pretty(&b).expect("JSON"));
+        return ExitCode::SUCCESS;
+    }
     if let Some(Command::Crds { out_dir }) = &args.command {
         for (file, yaml) in crds() {
             match out_dir {

@@ -1,2 +1,3 @@
 pub mod ads;
+pub mod bootstrap;
 pub mod resources;
