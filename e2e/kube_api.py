@@ -245,13 +245,14 @@ class Adapter(kmock.KubernetesEmulator):
         return await self._update(key, current, new, sub, group, version, q)
 
     def _fields_match(self, sel, obj):
-        for term in filter(None, sel.split(",")):
-            k, _, v = term.partition("=")
-            path = k.strip().lstrip("!").split(".")
+        """Field selectors: `a.b=v`, `a.b==v`, `a.b!=v`, comma-separated."""
+        for term in filter(None, (t.strip() for t in sel.split(","))):
+            negate = "!=" in term
+            k, v = term.split("!=" if negate else "=", 1)
             cur = obj
-            for p in path:
+            for p in k.strip().split("."):
                 cur = cur.get(p) if isinstance(cur, dict) else None
-            if (str(cur) == v.strip().lstrip("=")) == k.startswith("!"):
+            if (str(cur) == v.strip().lstrip("=")) == negate:
                 return False
         return True
 
