@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use ferrum_e2e::*;
 use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
 use ferrum_proto::mesh::v1::{Ack, Hello, SubscribeRequest, subscribe_request, subscribe_response};
-use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
 
@@ -20,44 +19,6 @@ const SERVICES: usize = 5_000;
 const ENDPOINTS_PER_SERVICE: usize = 10;
 const PROXIES: usize = 100;
 const CHANGES: usize = 5;
-
-async fn create_all(api: &str, objects: Vec<(String, serde_json::Value)>) {
-    let c = reqwest::Client::new();
-    futures_util::stream::iter(objects)
-        .map(|(path, body)| {
-            let c = c.clone();
-            let url = format!("{api}{path}");
-            async move {
-                let r = c
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                assert!(r.status().is_success(), "{url}: {}", r.status());
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 /// One simulated proxy: acknowledges every snapshot on receipt and reports (version, when).
 async fn proxy(url: String, id: usize, seen: mpsc::UnboundedSender<(usize, u64, Instant)>) {

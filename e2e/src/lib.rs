@@ -266,3 +266,45 @@ impl Proxy {
         v["version"].as_u64().unwrap_or(0)
     }
 }
+
+/// For the benchmarks.
+pub async fn create_all(api: &str, objects: Vec<(String, serde_json::Value)>) {
+    use futures_util::StreamExt;
+    let c = reqwest::Client::new();
+    futures_util::stream::iter(objects)
+        .map(|(path, body)| {
+            let c = c.clone();
+            let url = format!("{api}{path}");
+            async move {
+                let r = c
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// For the benchmarks.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// For the benchmarks.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}

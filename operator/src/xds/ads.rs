@@ -24,8 +24,28 @@ use crate::subscribe::{Proxies, ProxyState, Registration, now_ms};
 pub struct Ads {
     pub publisher: Arc<Publisher>,
     pub proxies: Arc<Proxies>,
-    /// Envoy resources of the latest generation, translated once for every stream.
-    cache: Mutex<Option<(u64, Arc<resources::Resources>)>>,
+    /// The latest generation's Envoy resources, translated once for every stream.
+    cache: Mutex<Option<Arc<Generation>>>,
+    /// Subscriptions are interned: a thousand Envoys asking for the same 5,000 clusters share one set.
+    subscriptions: Mutex<std::collections::HashMap<u64, std::sync::Weak<BTreeSet<String>>>>,
+}
+
+/// One generation's resources and what changed since the one before, computed once.
+pub struct Generation {
+    version: u64,
+    res: Arc<resources::Resources>,
+    prev: Option<Arc<resources::Resources>>,
+    /// Per type: names added or changed since `prev`…
+    changed: BTreeMap<&'static str, BTreeSet<String>>,
+    /// …and whether any went away.
+    removed: BTreeMap<&'static str, bool>,
+}
+
+fn hash_names(names: &[String]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    names.hash(&mut h);
+    h.finish()
 }
 
 impl Ads {
@@ -34,32 +54,89 @@ impl Ads {
             publisher,
             proxies,
             cache: Mutex::new(None),
+            subscriptions: Mutex::new(Default::default()),
         }
     }
 
-    fn current(&self) -> (u64, Arc<resources::Resources>) {
+    fn current(&self) -> Arc<Generation> {
         let cur = self.publisher.current();
         let mut cache = self.cache.lock().unwrap();
-        if let Some((g, r)) = &*cache
-            && *g == cur.generation
+        if let Some(g) = &*cache
+            && g.version == cur.generation
         {
-            return (*g, r.clone());
+            return g.clone();
         }
-        let r = Arc::new(resources::translate(&cur.full.snapshot));
-        for u in &r.unsupported {
+        let res = Arc::new(resources::translate(&cur.full.snapshot));
+        for u in &res.unsupported {
             tracing::debug!(generation = cur.generation, "xDS: {u}");
         }
-        *cache = Some((cur.generation, r.clone()));
-        (cur.generation, r)
+        let prev = cache.as_ref().map(|g| g.res.clone());
+        let mut changed = BTreeMap::new();
+        for t in PUSH_ORDER {
+            let before = prev.as_ref().and_then(|p| p.by_type.get(t));
+            let names: BTreeSet<String> = res.by_type[t]
+                .iter()
+                .filter(|(n, a)| before.and_then(|b| b.get(*n)) != Some(*a))
+                .map(|(n, _)| n.clone())
+                .collect();
+            changed.insert(t, names);
+        }
+        if let Some(p) = &prev {
+            let api: BTreeSet<String> = res
+                .api_listeners
+                .iter()
+                .filter(|(n, a)| p.api_listeners.get(*n) != Some(*a))
+                .map(|(n, _)| n.clone())
+                .collect();
+            changed.get_mut(LISTENER).expect("every type").extend(api);
+        } else {
+            changed
+                .get_mut(LISTENER)
+                .expect("every type")
+                .extend(res.api_listeners.keys().cloned());
+        }
+        let removed = PUSH_ORDER
+            .iter()
+            .map(|t| {
+                let gone = prev
+                    .as_ref()
+                    .is_some_and(|p| p.by_type[t].keys().any(|n| !res.by_type[t].contains_key(n)));
+                (*t, gone)
+            })
+            .collect();
+        let g = Arc::new(Generation {
+            version: cur.generation,
+            res,
+            prev,
+            changed,
+            removed,
+        });
+        *cache = Some(g.clone());
+        g
+    }
+
+    fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
+        let mut subs = self.subscriptions.lock().unwrap();
+        if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(names.iter().cloned().collect::<BTreeSet<String>>());
+        subs.retain(|_, w| w.strong_count() > 0);
+        subs.insert(hash, Arc::downgrade(&s));
+        s
     }
 }
 
 #[derive(Default)]
 struct TypeState {
     /// `None` until the client asks for this type.
-    names: Option<BTreeSet<String>>,
+    names: Option<Arc<BTreeSet<String>>>,
+    names_hash: u64,
     nonce: u64,
-    sent: Option<BTreeMap<String, Any>>,
+    /// The generation last sent from and the subscription it was sent for: enough to send only
+    /// what changed, with nothing copied per client.
+    sent_from: Option<Arc<resources::Resources>>,
+    sent_for: u64,
     acked_version: String,
 }
 
@@ -69,7 +146,7 @@ struct Stream_ {
     nonce: u64,
     reg: Option<Registration>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    /// Clusters still sent because routes in flight may use them.
+    /// Clusters removed by the newest generation, still sent until the routes moved off them.
     lingering: BTreeMap<String, Any>,
 }
 
@@ -78,72 +155,96 @@ fn wildcard(type_url: &str, names: &BTreeSet<String>) -> bool {
 }
 
 impl Stream_ {
-    /// What this type would send now, for this subscription.
-    fn select(&self, type_url: &str, all: &resources::Resources) -> Option<BTreeMap<String, Any>> {
-        let st = self.types.get(type_url)?;
-        let names = st.names.as_ref()?;
-        let of_type = all.by_type.get(type_url)?;
-        let mut out: BTreeMap<String, Any> = if wildcard(type_url, names) {
-            of_type.clone()
-        } else {
-            let api = if type_url == LISTENER {
-                Some(&all.api_listeners)
-            } else {
-                None
-            };
-            names
-                .iter()
-                .filter_map(|n| {
-                    of_type
-                        .get(n)
-                        .or_else(|| api.and_then(|a| a.get(n)))
-                        .map(|a| (n.clone(), a.clone()))
-                })
-                .collect()
+    async fn send_if_changed(&mut self, type_url: &str, g: &Generation) -> bool {
+        let Some(st) = self.types.get_mut(type_url) else {
+            return true;
         };
-        if type_url == CLUSTER {
-            for (n, a) in &self.lingering {
-                out.entry(n.clone()).or_insert_with(|| a.clone());
+        let Some(names) = st.names.clone() else { return true };
+        let of_type = &g.res.by_type[type_url];
+        let lookup = |n: &String| {
+            of_type.get(n).or_else(|| {
+                if type_url == LISTENER {
+                    g.res.api_listeners.get(n)
+                } else {
+                    None
+                }
+            })
+        };
+        let same_subscription = st.sent_for == st.names_hash;
+        let fresh = matches!(&st.sent_from, Some(p) if Arc::ptr_eq(p, &g.res)) && same_subscription;
+        let one_behind =
+            matches!((&st.sent_from, &g.prev), (Some(p), Some(prev)) if Arc::ptr_eq(p, prev)) && same_subscription;
+        let lingering = type_url == CLUSTER && !self.lingering.is_empty();
+        let full_state = type_url == LISTENER || type_url == CLUSTER;
+        let resources: Vec<Any> = if wildcard(type_url, &names) {
+            let removed = g.removed[type_url];
+            if fresh && !lingering || one_behind && g.changed[type_url].is_empty() && !removed && !lingering {
+                st.sent_from = Some(g.res.clone());
+                return true;
             }
-        }
-        Some(out)
-    }
-
-    async fn send_if_changed(&mut self, type_url: &str, version: u64, all: &resources::Resources) -> bool {
-        let Some(selected) = self.select(type_url, all) else {
-            return true;
+            let mut all: BTreeMap<&String, &Any> = of_type.iter().collect();
+            for (n, a) in &self.lingering {
+                all.entry(n).or_insert(a);
+            }
+            all.into_values().cloned().collect()
+        } else {
+            if fresh {
+                return true;
+            }
+            let delta: Vec<&String> = if one_behind {
+                g.changed[type_url].iter().filter(|n| names.contains(*n)).collect()
+            } else {
+                names.iter().collect()
+            };
+            if delta.is_empty() {
+                st.sent_from = Some(g.res.clone());
+                return true;
+            }
+            // Named LDS/CDS answers carry every requested resource; EDS/RDS only the changed ones.
+            let send: Vec<&String> = if full_state { names.iter().collect() } else { delta };
+            send.into_iter().filter_map(|n| lookup(n).cloned()).collect()
         };
-        let st = self.types.get_mut(type_url).expect("selected");
-        if st.sent.as_ref() == Some(&selected) {
-            return true;
-        }
         self.nonce += 1;
         st.nonce = self.nonce;
+        st.sent_from = Some(g.res.clone());
+        st.sent_for = st.names_hash;
         let resp = DiscoveryResponse {
-            version_info: version.to_string(),
-            resources: selected.values().cloned().collect(),
+            version_info: g.version.to_string(),
+            resources,
             type_url: type_url.to_string(),
             nonce: self.nonce.to_string(),
             ..Default::default()
         };
-        st.sent = Some(selected);
         if let Some(reg) = &self.reg {
-            reg.update(|p| p.sent_version = version);
+            reg.update(|p| p.sent_version = g.version);
         }
         self.tx.send(Ok(resp)).await.is_ok()
     }
 
     /// Pushes every subscribed type in order; clusters no longer used go last.
     async fn push_all(&mut self) -> bool {
-        let (version, all) = self.ads.current();
+        let g = self.ads.current();
+        // Keep clusters the new generation dropped until the routes that used them are replaced.
+        self.lingering = match (&g.prev, self.types.get(CLUSTER)) {
+            (Some(prev), Some(t)) if t.sent_from.as_ref().is_some_and(|p| Arc::ptr_eq(p, prev)) => prev.by_type
+                [CLUSTER]
+                .iter()
+                .filter(|(n, _)| !g.res.by_type[CLUSTER].contains_key(*n))
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
         for t in PUSH_ORDER {
-            if !self.send_if_changed(t, version, &all).await {
+            if !self.send_if_changed(t, &g).await {
                 return false;
             }
         }
         if !self.lingering.is_empty() {
             self.lingering.clear();
-            return self.send_if_changed(CLUSTER, version, &all).await;
+            if let Some(t) = self.types.get_mut(CLUSTER) {
+                t.sent_from = None;
+            }
+            return self.send_if_changed(CLUSTER, &g).await;
         }
         true
     }
@@ -173,7 +274,6 @@ impl Stream_ {
             })?);
         }
         let reg = self.reg.as_ref().expect("registered above");
-        tracing::debug!(node = %reg.key.0, type_url = %r.type_url, names = ?r.resource_names, nonce = %r.response_nonce, "xDS request");
         let st = self.types.entry(r.type_url.clone()).or_default();
         if !r.response_nonce.is_empty() {
             if r.response_nonce != st.nonce.to_string() {
@@ -186,7 +286,7 @@ impl Stream_ {
                     tracing::warn!(node = %reg.key.0, type_url = %r.type_url, message = %err.message, "xDS NACK");
                     reg.update(|p| {
                         p.last_seen_unix_ms = now_ms();
-                        p.rejected_version = Some(st.nonce);
+                        p.rejected_version = Some(version);
                         p.last_rejection = Some(format!("{}: {}", r.type_url, err.message));
                     });
                 }
@@ -199,11 +299,13 @@ impl Stream_ {
                 }
             }
         }
-        let names: BTreeSet<String> = r.resource_names.iter().cloned().collect();
-        if st.names.as_ref() != Some(&names) {
-            st.names = Some(names);
-            let (version, all) = self.ads.current();
-            return Ok(self.send_if_changed(&r.type_url, version, &all).await);
+        // Subscriptions are compared by hash: an ACK repeating 5,000 names allocates nothing.
+        let hash = hash_names(&r.resource_names);
+        if st.names.is_none() || st.names_hash != hash {
+            st.names = Some(self.ads.intern(hash, &r.resource_names));
+            st.names_hash = hash;
+            let g = self.ads.current();
+            return Ok(self.send_if_changed(&r.type_url, &g).await);
         }
         Ok(true)
     }
@@ -249,10 +351,6 @@ impl AggregatedDiscoveryService for AdsService {
                     },
                     r = generations.changed() => {
                         if r.is_err() { return; }
-                        // Keep the clusters sent so far until the new routes are out.
-                        if let Some(sent) = s.types.get(CLUSTER).and_then(|t| t.sent.clone()) {
-                            s.lingering = sent;
-                        }
                         if !s.push_all().await { return; }
                     }
                 }

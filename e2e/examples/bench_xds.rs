@@ -1,0 +1,196 @@
+//! `make bench-xds`: 1,000 simulated ADS clients (CDS wildcard + EDS for every cluster, ACKing
+//! each response) on a 5,000-service snapshot; one endpoint change → time until every client has
+//! the new ClusterLoadAssignment and ACKed it (p50/p99); operator RSS and CPU.
+
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ferrum_e2e::*;
+use prost::Message;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+const SERVICES: usize = 5_000;
+const CLIENTS: usize = 1_000;
+const CHANGES: usize = 3;
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// One simulated client; reports (client, endpoints of svc-7's cluster, when) for each EDS update of it.
+async fn client(channel: tonic::transport::Channel, id: usize, seen: mpsc::UnboundedSender<(usize, usize, Instant)>) {
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let node = Some(Node {
+        id: format!("sim-{id}"),
+        cluster: "bench".into(),
+        ..Default::default()
+    });
+    tx.send(DiscoveryRequest {
+        node: node.clone(),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = "service/default/svc-7:80";
+    while let Ok(Some(resp)) = stream.message().await {
+        let ack = |names: Vec<String>| DiscoveryRequest {
+            version_info: resp.version_info.clone(),
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            resource_names: names,
+            ..Default::default()
+        };
+        if resp.type_url == CDS {
+            let _ = tx.send(ack(vec![]));
+            let names = (0..SERVICES).map(|i| format!("service/default/svc-{i}:80")).collect();
+            let _ = tx.send(DiscoveryRequest {
+                type_url: EDS.into(),
+                resource_names: names,
+                ..Default::default()
+            });
+        } else if resp.type_url == EDS {
+            let now = Instant::now();
+            for r in &resp.resources {
+                if let Ok(cla) = ClusterLoadAssignment::decode(&r.value[..])
+                    && cla.cluster_name == watched
+                {
+                    let n = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+                    let _ = seen.send((id, n, now));
+                }
+            }
+            let names = (0..SERVICES).map(|i| format!("service/default/svc-{i}:80")).collect();
+            let _ = tx.send(ack(names));
+        }
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+#[tokio::main]
+async fn main() {
+    let cluster = Cluster::start();
+    let api = cluster.url();
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: ferrum}\nspec: {controllerName: ferrum.dev/gateway-controller}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
+         spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n",
+    );
+    let slice = |i: usize, n: usize| {
+        let eps: Vec<_> = (0..n)
+            .map(|e| json!({"addresses": [format!("10.{}.{}.{}", i / 250, i % 250, e + 1)]}))
+            .collect();
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": format!("svc-{i}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps})
+    };
+    let mut objects = Vec::new();
+    for i in 0..SERVICES {
+        objects.push((
+            "/api/v1/namespaces/default/services".to_string(),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{i}")}, "spec": {"ports": [{"name": "http", "port": 80}]}}),
+        ));
+        objects.push((
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices".to_string(),
+            slice(i, 3),
+        ));
+        objects.push((
+            "/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes".to_string(),
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": format!("route-{i}")},
+                   "spec": {"parentRefs": [{"name": "web"}], "hostnames": [format!("s{i}.example.com")],
+                            "rules": [{"backendRefs": [{"name": format!("svc-{i}"), "port": 80}]}]}}),
+        ));
+    }
+    create_all(&api, objects).await;
+    let op = cluster.operator("bench").await;
+    eventually("snapshot with every service", Duration::from_secs(120), async || {
+        op.admin_json("/snapshot").await["clusters"]
+            .as_array()
+            .is_some_and(|c| c.len() == SERVICES)
+    })
+    .await;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // 50 connections, 20 streams each: as many proxies as a real fleet, without 1,000 sockets.
+    for conn in 0..CLIENTS / 20 {
+        let channel = tonic::transport::Endpoint::from_shared(op.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for k in 0..20 {
+            tokio::spawn(client(channel.clone(), conn * 20 + k, tx.clone()));
+        }
+    }
+    let mut ready = 0;
+    while ready < CLIENTS {
+        rx.recv().await.unwrap();
+        ready += 1;
+    }
+    let pid = op.pid().unwrap();
+    let (rss_before, cpu_before) = (rss_mib(pid), cpu_seconds(pid));
+    let client = reqwest::Client::new();
+    let mut samples = Vec::new();
+    for change in 0..CHANGES {
+        let endpoints = 4 + change;
+        let t0 = Instant::now();
+        let patch = slice(7, endpoints);
+        let r = client
+            .patch(format!(
+                "{api}/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/svc-7-1"
+            ))
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({"endpoints": patch["endpoints"]}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let mut got = 0;
+        while got < CLIENTS {
+            let (_, n, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("clients got the change")
+                .unwrap();
+            if n == endpoints {
+                samples.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+                got += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rss = rss_mib(pid);
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
+    println!("\nxDS at scale: {SERVICES} services, {CLIENTS} ADS clients (CDS + EDS), {CHANGES} endpoint changes");
+    println!("  endpoint change → every client has it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < 200)");
+    println!("  operator RSS {rss:.1} MiB (before the changes {rss_before:.1})   (target < 300)");
+    println!("  operator CPU for the changes: {cpu:.2} s");
+    let result = json!({
+        "services": SERVICES, "clients": CLIENTS, "changes": CHANGES,
+        "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
+        "operator_rss_mib": rss, "operator_cpu_seconds": cpu,
+        "targets": {"propagation_p99_ms": 200, "rss_mib": 300},
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let when = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let out = dir.join(format!("xds-{when}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    println!("  written to {}", out.display());
+}
