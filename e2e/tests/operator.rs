@@ -356,3 +356,33 @@ async fn grpc_routes_reach_backends_over_h2() {
     .await;
     drop(dp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_a_role_serves_only_its_gateway() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let (web, other) = (free_port(), free_port());
+    cluster.apply(&base(web, &a, &b));
+    cluster.apply(&route((100, 0)));
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: other}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: http, port: {other}, protocol: HTTP}}]}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: other}}\n\
+         spec: {{parentRefs: [{{name: other}}], rules: [{{backendRefs: [{{name: b, port: 80}}]}}]}}\n"
+    ));
+    let cache = cluster.dir.path().join("role.json");
+    let dp = Proxy::start_with(&op.grpc_url(), "web-1", &cache, &["--role", "gateway/default/web"]).await;
+    eventually("the web Gateway serves", Duration::from_secs(2), async || {
+        hit(web, "shop.example.com").await == (200, Some("a".into()))
+    })
+    .await;
+    assert_eq!(
+        hit(other, "anything").await.0,
+        0,
+        "the other Gateway's port is not this proxy's"
+    );
+    let proxies = op.admin_json("/proxies").await;
+    assert_eq!(proxies["proxies"][0]["role"], "gateway/default/web");
+    drop(dp);
+}
