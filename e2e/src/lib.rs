@@ -22,15 +22,26 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
-fn python() -> PathBuf {
+/// A program of the e2e venv (`make e2e-deps` installs kmock, Envoy and grpcio there).
+pub fn venv_bin(name: &str) -> PathBuf {
     let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
-    let py = Path::new(&venv).join("bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run `make e2e-deps` (kmock==0.8 in a venv)",
-        py.display()
-    );
-    py
+    let bin = Path::new(&venv).join("bin").join(name);
+    assert!(bin.exists(), "{} is missing: run `make e2e-deps`", bin.display());
+    bin
+}
+
+/// Starts a program that announces readiness with its first line of output; returns that line.
+pub fn spawn_announcing(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
 }
 
 struct Proc(Child);
@@ -61,18 +72,8 @@ impl Cluster {
 
     pub fn start_on(port: u16) -> Cluster {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube_api.py");
-        let mut child = Command::new(python())
-            .arg(&script)
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the API emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "API emulator did not start");
+        let (child, line) = spawn_announcing(Command::new(venv_bin("python")).arg(&script).arg(port.to_string()));
+        assert_eq!(line, "ready", "API emulator did not start");
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(

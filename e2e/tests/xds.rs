@@ -1,7 +1,6 @@
 //! A real Envoy as an ADS client of the operator: it routes what the HTTPRoutes say, follows
 //! changes, and its NACKs are recorded with Envoy's message.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,9 +16,7 @@ impl Drop for Envoy {
 }
 
 fn envoy(dir: &std::path::Path, node: &str, grpc: u16) -> Envoy {
-    let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
-    let bin = std::path::Path::new(&venv).join("bin/envoy");
-    assert!(bin.exists(), "{} is missing: run `make e2e-deps`", bin.display());
+    let bin = venv_bin("envoy");
     // The bootstrap the operator generates: also what users get from `ferrum-operator envoy-bootstrap`.
     let out = Command::new(workspace_bin("ferrum-operator"))
         .args([
@@ -162,25 +159,11 @@ async fn envoy_routes_by_our_xds_and_reports_nacks() {
     );
 }
 
-fn venv_bin(name: &str) -> std::path::PathBuf {
-    let venv = std::env::var("FERRUM_E2E_VENV").unwrap_or_else(|_| "/var/tmp/ferrum-e2e-venv".into());
-    std::path::Path::new(&venv).join("bin").join(name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_xds_client_resolves_through_lds_rds_cds_eds() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc_xds.py");
-    let mut server = Command::new(venv_bin("python"))
-        .arg(&script)
-        .args(["serve", "g1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the gRPC server");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let grpc_port: u16 = line.trim().parse().expect("gRPC server port");
+    let (server, line) = spawn_announcing(Command::new(venv_bin("python")).arg(&script).args(["serve", "g1"]));
+    let grpc_port: u16 = line.parse().expect("gRPC server port");
     let _server = Envoy(server); // killed on drop like the others
 
     let cluster = Cluster::start();
