@@ -12,21 +12,21 @@ fn route_to(name: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn active_health_checks_eject_and_restore_endpoints() {
+/// Endpoints `a` and `b` behind one Backend with the given policy lines; returns the proxy and its URL.
+async fn pool_of_two(policy: &str) -> (Backend, Backend, Dp, String) {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();
-    let yaml = docs(&[
-        gateway(port),
-        backend(
-            "pool",
-            &[&a, &b],
-            "  healthCheck: {path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 2, unhealthyThreshold: 2}\n",
-        ),
-        route_to("pool"),
-    ]);
+    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b], policy), route_to("pool")]);
     let dp = Dp::start(&yaml).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    (a, b, dp, format!("http://127.0.0.1:{port}/"))
+}
+
+#[tokio::test]
+async fn active_health_checks_eject_and_restore_endpoints() {
+    let (a, _b, dp, url) = pool_of_two(
+        "  healthCheck: {path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 2, unhealthyThreshold: 2}\n",
+    )
+    .await;
     let c = client();
     a.health_status.store(503, SeqCst);
     let a_ep = format!(
@@ -55,19 +55,8 @@ async fn active_health_checks_eject_and_restore_endpoints() {
 
 #[tokio::test]
 async fn consecutive_5xx_eject_an_endpoint_until_it_serves_again() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let port = free_port();
-    let yaml = docs(&[
-        gateway(port),
-        backend(
-            "pool",
-            &[&a, &b],
-            "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 500ms, maxEjectionPercent: 50}\n",
-        ),
-        route_to("pool"),
-    ]);
-    let dp = Dp::start(&yaml).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    let (a, _b, dp, url) =
+        pool_of_two("  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 500ms, maxEjectionPercent: 50}\n").await;
     let c = client();
     a.force_status.store(500, SeqCst);
     let mut errors = 0;
