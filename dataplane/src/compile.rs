@@ -75,7 +75,7 @@ impl Compiler {
         let mut clusters = HashMap::with_capacity(snap.clusters.len());
         for c in &snap.clusters {
             let rt = match previous.clusters.get(&c.name) {
-                Some(prev) if prev.spec == *c => prev.clone(),
+                Some(prev) if prev.spec == **c => prev.clone(),
                 prev => ClusterRuntime::new(c, prev.map(|p| &**p), self.registry.cluster(&c.name), self.workers)?,
             };
             clusters.insert(c.name.clone(), rt);

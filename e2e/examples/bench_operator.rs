@@ -50,7 +50,7 @@ async fn proxy(url: String, id: usize, seen: mpsc::UnboundedSender<(usize, u64, 
                 version: s.version,
                 hash: s.hash,
                 applied: true,
-                error: String::new(),
+                ..Default::default()
             };
             let _ = tx
                 .send(SubscribeRequest {

@@ -82,6 +82,18 @@ impl Admin {
         );
         let _ = writeln!(
             out,
+            "# TYPE ferrum_operator_last_translation_routes gauge\n\
+             ferrum_operator_last_translation_routes{{outcome=\"translated\"}} {}\n\
+             ferrum_operator_last_translation_routes{{outcome=\"reused\"}} {}",
+            cur.stats.routes_translated, cur.stats.routes_reused
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE ferrum_operator_delta_bytes gauge\nferrum_operator_delta_bytes {}",
+            cur.delta.as_ref().map_or(0, |d| d.body.len())
+        );
+        let _ = writeln!(
+            out,
             "# TYPE ferrum_operator_problems gauge\nferrum_operator_problems {}",
             cur.full.problems.len()
         );

@@ -19,6 +19,9 @@ use clap::{Parser, Subcommand};
 use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribeServer;
 use kube::CustomResourceExt;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Ferrum Mesh operator.
 #[derive(Parser, Debug)]
 #[command(version, about)]

@@ -1,13 +1,16 @@
 //! The latest translation, shared by every subscriber. Subscribers are told a new generation
-//! exists (a `watch`, so a slow one only ever sees the latest) and fetch the snapshot for their
-//! role; per-role snapshots are translated once per generation, on first demand.
+//! exists (a `watch`, so a slow one only ever sees the latest) and fetch what they need: the
+//! delta from the generation they have (made once per generation), or the full snapshot for
+//! their role (encoded once per generation, on first demand).
+//!
+//! Translation is incremental ([`Incremental`]): a change to one route re-translates that route.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ferrum_snapshot::translate::{Options, Translation};
-use ferrum_snapshot::{ObjectRef, Resources, Snapshot, translate};
+use ferrum_snapshot::{Delta, Incremental, ObjectRef, Resources, Snapshot, translate};
 use tokio::sync::watch;
 
 pub struct Published {
@@ -15,31 +18,40 @@ pub struct Published {
     pub resources: Arc<Resources>,
     pub full: Arc<Translation>,
     pub translate_ms: u64,
+    /// How the previous generation's snapshot (for every Gateway) becomes this one.
+    pub delta: Option<Arc<Encoded>>,
+    pub stats: ferrum_snapshot::translate::Stats,
 }
 
-/// A snapshot and its wire encoding (gzip'd JSON), made once per role and generation: JSON of
-/// routes compresses about tenfold, which is what a fan-out to many proxies pays for.
+/// A snapshot or a delta and its wire encoding (gzip'd JSON), made once per generation however
+/// many proxies get it: JSON of routes compresses about tenfold.
 pub struct Encoded {
     pub version: u64,
     pub hash: String,
+    /// For a delta: the snapshot it applies to.
+    pub base: Option<(u64, String)>,
     pub body: bytes::Bytes,
 }
 
 pub const ENCODING: &str = "gzip";
 
+fn gzip_json<T: serde::Serialize>(value: &T) -> (usize, bytes::Bytes) {
+    use std::io::Write;
+    // Serialise first, then compress in one call: feeding the compressor token by token
+    // costs several times more.
+    let json = serde_json::to_vec(value).expect("snapshots serialise");
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 8 + 64), flate2::Compression::fast());
+    gz.write_all(&json).expect("in-memory gzip");
+    (json.len(), gz.finish().expect("in-memory gzip").into())
+}
+
 impl Encoded {
     fn new(snapshot: &Snapshot) -> Arc<Self> {
         let started = Instant::now();
-        use std::io::Write;
-        // Serialise first, then compress in one call: feeding the compressor token by token
-        // costs several times more.
-        let json = serde_json::to_vec(snapshot).expect("snapshots serialise");
-        let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(json.len() / 8), flate2::Compression::fast());
-        gz.write_all(&json).expect("in-memory gzip");
-        let body: bytes::Bytes = gz.finish().expect("in-memory gzip").into();
+        let (json_bytes, body) = gzip_json(snapshot);
         tracing::info!(
             version = snapshot.version,
-            json_bytes = json.len(),
+            json_bytes,
             bytes = body.len(),
             encode_ms = started.elapsed().as_millis() as u64,
             "encoded snapshot"
@@ -47,6 +59,17 @@ impl Encoded {
         Arc::new(Encoded {
             version: snapshot.version,
             hash: snapshot.hash.clone(),
+            base: None,
+            body,
+        })
+    }
+
+    fn delta(d: &Delta) -> Arc<Self> {
+        let (_, body) = gzip_json(d);
+        Arc::new(Encoded {
+            version: d.version,
+            hash: d.hash.clone(),
+            base: Some((d.base_version, d.base_hash.clone())),
             body,
         })
     }
@@ -58,6 +81,8 @@ pub struct Publisher {
     /// operator restarts and proxies never see a version go backwards.
     base: u64,
     current: Mutex<Arc<Published>>,
+    /// The translator for every-Gateway snapshots, with what it can reuse.
+    incremental: Mutex<Incremental>,
     /// Per generation: role ("" for all) → encoded snapshot.
     roles: Mutex<(u64, HashMap<String, Arc<Encoded>>)>,
     tx: watch::Sender<u64>,
@@ -84,6 +109,10 @@ pub fn parse_role(role: &str) -> Result<Option<ObjectRef>, BadRole> {
 impl Publisher {
     pub fn new(controller_name: String) -> Arc<Self> {
         let (tx, _) = watch::channel(0);
+        let incremental = Mutex::new(Incremental::new(Options {
+            controller_name: Some(controller_name.clone()),
+            gateway: None,
+        }));
         Arc::new(Publisher {
             controller_name,
             base: crate::subscribe::now_ms(),
@@ -97,7 +126,10 @@ impl Publisher {
                     gateways: vec![],
                 }),
                 translate_ms: 0,
+                delta: None,
+                stats: Default::default(),
             })),
+            incremental,
             roles: Mutex::new((0, HashMap::new())),
             tx,
         })
@@ -115,7 +147,10 @@ impl Publisher {
         let started = Instant::now();
         let prev = self.current();
         let generation = (prev.generation + 1).max(self.base);
-        let full = translate(&res, generation, &self.options(None));
+        let (full, stats) = {
+            let mut inc = self.incremental.lock().unwrap();
+            (inc.translate(&res, generation), inc.stats())
+        };
         let translate_ms = started.elapsed().as_millis() as u64;
         let same = prev.generation > 0
             && full.snapshot.hash == prev.full.snapshot.hash
@@ -128,16 +163,29 @@ impl Publisher {
         if same {
             return false;
         }
-        tracing::info!(generation, translate_ms, hash = %full.snapshot.hash, problems = full.problems.len(), "new snapshot");
-        // Most proxies serve every Gateway: encode that snapshot now, before waking anyone.
-        let encoded = Encoded::new(&full.snapshot);
+        // Proxies that have the previous generation (nearly all of them) get only what changed:
+        // work out and encode that once, now, before waking anyone.
+        let delta = (prev.generation > 0).then(|| Encoded::delta(&Delta::between(&prev.full.snapshot, &full.snapshot)));
+        tracing::info!(
+            generation,
+            translate_ms,
+            routes_translated = stats.routes_translated,
+            routes_reused = stats.routes_reused,
+            delta_bytes = delta.as_ref().map_or(0, |d| d.body.len()),
+            publish_ms = started.elapsed().as_millis() as u64,
+            hash = %full.snapshot.hash,
+            problems = full.problems.len(),
+            "new snapshot"
+        );
         *self.current.lock().unwrap() = Arc::new(Published {
             generation,
             resources: Arc::new(res),
             full: Arc::new(full),
             translate_ms,
+            delta,
+            stats,
         });
-        *self.roles.lock().unwrap() = (generation, HashMap::from([(String::new(), encoded)]));
+        *self.roles.lock().unwrap() = (generation, HashMap::new());
         self.tx.send_replace(generation);
         true
     }
@@ -148,6 +196,20 @@ impl Publisher {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.tx.subscribe()
+    }
+
+    /// What to send a proxy of `role` that has the snapshot `have` (a hash): the delta from the
+    /// previous generation when that is what it has, else the full snapshot.
+    pub fn update_for(&self, role: &Option<ObjectRef>, have: &str) -> Arc<Encoded> {
+        if role.is_none() {
+            let cur = self.current();
+            if let Some(d) = &cur.delta
+                && d.base.as_ref().is_some_and(|(_, h)| h == have)
+            {
+                return d.clone();
+            }
+        }
+        self.snapshot_for(role)
     }
 
     /// The snapshot for a role at the current generation, translated and encoded once however

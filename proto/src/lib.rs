@@ -7,4 +7,4 @@ pub mod mesh {
 }
 
 /// Schema of `Snapshot.body`.
-pub const SNAPSHOT_SCHEMA: &str = "ferrum.dev/snapshot+json;v=1";
+pub const SNAPSHOT_SCHEMA: &str = "ferrum.dev/snapshot+json;v=2";

@@ -4,8 +4,11 @@
 use std::fmt::Write;
 use std::time::Instant;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use ferrum_snapshot::translate::Options;
-use ferrum_snapshot::{Resources, translate};
+use ferrum_snapshot::{Incremental, Resources, translate};
 
 fn main() {
     let mut y = String::from(
@@ -43,10 +46,35 @@ fn main() {
         let t = Instant::now();
         let h = out.snapshot.content_hash();
         println!(
-            "translate {total:?} (of which hashing {:?}); problems {}; hash {}",
+            "full translate {total:?} (hashing alone {:?}); problems {}; hash {}",
             t.elapsed(),
             out.problems.len(),
             &h[..8]
         );
+    }
+    // The operator's case: one route changes, everything else is the same objects.
+    let mut inc = Incremental::new(Options::default());
+    let mut prev = inc.translate(&r, 1).snapshot;
+    for i in 0..5 {
+        let mut route = (*r.http_routes[7]).clone();
+        route.spec.rules.as_mut().unwrap()[0].matches.as_mut().unwrap()[0]
+            .path
+            .as_mut()
+            .unwrap()
+            .value = Some(format!("/changed/{i}"));
+        r.http_routes[7] = std::sync::Arc::new(route);
+        let t = Instant::now();
+        let out = inc.translate(&r, 2 + i);
+        let took = t.elapsed();
+        let t = Instant::now();
+        let d = ferrum_snapshot::Delta::between(&prev, &out.snapshot);
+        println!(
+            "one-route change: incremental translate {took:?} ({:?}); delta in {:?}: {} virtual host(s), {} cluster(s)",
+            inc.stats(),
+            t.elapsed(),
+            d.virtual_hosts.len(),
+            d.clusters.len()
+        );
+        prev = out.snapshot;
     }
 }

@@ -7,14 +7,16 @@
 //! - [`crd`]: Ferrum's own resource types.
 
 pub mod crd;
+pub mod delta;
 pub mod model;
 pub mod resources;
 pub mod translate;
 pub mod validate;
 
+pub use delta::Delta;
 pub use model::Snapshot;
 pub use resources::{ObjectRef, Resources};
-pub use translate::{Problem, Reason, Translation, translate};
+pub use translate::{Incremental, Problem, Reason, Translation, translate};
 pub use validate::{InvalidSnapshot, validate};
 
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";

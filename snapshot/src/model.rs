@@ -3,8 +3,10 @@
 //! Every collection is a `Vec` or `BTreeMap` so the JSON form (and therefore the content hash) is
 //! deterministic. Durations are whole milliseconds for the same reason.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -14,19 +16,98 @@ pub struct Snapshot {
     /// Hex SHA-256 of the content (everything but `version` and `hash`).
     pub hash: String,
     pub listeners: Vec<Listener>,
-    pub clusters: Vec<Cluster>,
+    /// Shared (`Arc`) so a producer that keeps its parts between snapshots does not copy them.
+    pub clusters: Vec<Arc<Cluster>>,
 }
 
-/// The part of a snapshot that is hashed.
+/// SHA-256 of one part of a snapshot.
+pub type Digest = [u8; 32];
+
+/// Digests of a snapshot's parts, in snapshot order: per listener, per virtual host (over its
+/// routes' digests); and per cluster. A producer that keeps them (the operator's incremental translator) stamps a
+/// new snapshot's hash by hashing only what changed.
+#[derive(Debug, Clone, Default)]
+pub struct PartDigests {
+    /// Per listener, per virtual host.
+    pub virtual_hosts: Vec<Vec<Digest>>,
+    pub clusters: Vec<Digest>,
+}
+
+fn digest_json<T: Serialize + ?Sized>(v: &T) -> Digest {
+    let mut h = Sha256::new();
+    serde_json::to_writer(DigestWriter(&mut h), v).expect("snapshot parts serialise");
+    h.finalize().into()
+}
+
+/// Streams JSON straight into the hasher (no intermediate buffer).
+struct DigestWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for DigestWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Route {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
+}
+
+impl Cluster {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
+}
+
+impl VirtualHost {
+    pub fn digest(&self) -> Digest {
+        let digests: Vec<Digest> = self.routes.iter().map(|r| r.digest()).collect();
+        vhost_digest(&self.hostname, &digests)
+    }
+}
+
+/// A virtual host's digest from its routes' digests.
+pub fn vhost_digest<'a>(hostname: &str, routes: impl IntoIterator<Item = &'a Digest>) -> Digest {
+    let mut vh = Sha256::new();
+    vh.update(hostname.as_bytes());
+    vh.update([0]);
+    for r in routes {
+        vh.update(r);
+    }
+    vh.finalize().into()
+}
+
+/// A listener without its virtual hosts: what is hashed (and sent in a delta) for the listener itself.
 #[derive(Serialize)]
-struct Content<'a> {
-    listeners: &'a [Listener],
-    clusters: &'a [Cluster],
+#[serde(rename_all = "camelCase")]
+struct ListenerHead<'a> {
+    name: &'a str,
+    address: &'a str,
+    port: u16,
+    protocol: Protocol,
+    certificates: &'a [Certificate],
+}
+
+impl Listener {
+    fn head_digest(&self) -> Digest {
+        digest_json(&ListenerHead {
+            name: &self.name,
+            address: &self.address,
+            port: self.port,
+            protocol: self.protocol,
+            certificates: &self.certificates,
+        })
+    }
 }
 
 impl Snapshot {
     /// Builds a snapshot and stamps its content hash.
-    pub fn new(version: u64, listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Self {
+    pub fn new(version: u64, listeners: Vec<Listener>, clusters: Vec<Arc<Cluster>>) -> Self {
         let mut s = Snapshot {
             version,
             hash: String::new(),
@@ -37,18 +118,56 @@ impl Snapshot {
         s
     }
 
+    /// Builds a snapshot whose parts' digests are already known (they must be this content's).
+    pub fn with_digests(version: u64, listeners: Vec<Listener>, clusters: Vec<Arc<Cluster>>, d: &PartDigests) -> Self {
+        let hash = hash_from(&listeners, d);
+        Snapshot {
+            version,
+            hash,
+            listeners,
+            clusters,
+        }
+    }
+
+    /// The content hash (everything but `version` and `hash`): a hash over the digests of
+    /// the listeners, virtual hosts, routes and clusters, so a producer that keeps part digests
+    /// re-hashes only what changed, while any consumer can recompute it from the content alone.
     pub fn content_hash(&self) -> String {
-        let content = Content {
-            listeners: &self.listeners,
-            clusters: &self.clusters,
-        };
-        let bytes = serde_json::to_vec(&content).expect("snapshot content serialises");
-        hex::encode(Sha256::digest(bytes))
+        hash_from(&self.listeners, &self.digests())
+    }
+
+    pub fn digests(&self) -> PartDigests {
+        PartDigests {
+            virtual_hosts: self
+                .listeners
+                .iter()
+                .map(|l| l.virtual_hosts.iter().map(|v| v.digest()).collect())
+                .collect(),
+            clusters: self.clusters.iter().map(|c| c.digest()).collect(),
+        }
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Cluster> {
-        self.clusters.iter().find(|c| c.name == name)
+        self.clusters.iter().find(|c| c.name == name).map(|c| &**c)
     }
+}
+
+fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
+    let mut top = Sha256::new();
+    top.update(b"ferrum-snapshot/2\0listeners\0");
+    for (l, vhosts) in listeners.iter().zip(&d.virtual_hosts) {
+        let mut lh = Sha256::new();
+        lh.update(l.head_digest());
+        for v in vhosts {
+            lh.update(v);
+        }
+        top.update(lh.finalize());
+    }
+    top.update(b"\0clusters\0");
+    for c in &d.clusters {
+        top.update(c);
+    }
+    hex::encode(top.finalize())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,7 +188,7 @@ pub struct Listener {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<Certificate>,
-    pub virtual_hosts: Vec<VirtualHost>,
+    pub virtual_hosts: Vec<Arc<VirtualHost>>,
 }
 
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.
@@ -97,7 +216,7 @@ pub enum CertSource {
 pub struct VirtualHost {
     pub hostname: String,
     /// In precedence order: the first route that matches wins.
-    pub routes: Vec<Route>,
+    pub routes: Vec<Arc<Route>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

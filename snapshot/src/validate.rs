@@ -262,6 +262,7 @@ pub(crate) fn http_header_name_invalid(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn route(path: PathMatch, action: Action) -> Route {
         Route {
@@ -287,12 +288,12 @@ mod tests {
                 port: 8080,
                 protocol: Protocol::Http,
                 certificates: vec![],
-                virtual_hosts: vec![VirtualHost {
+                virtual_hosts: vec![Arc::new(VirtualHost {
                     hostname: "*".into(),
-                    routes,
-                }],
+                    routes: routes.into_iter().map(Arc::new).collect(),
+                })],
             }],
-            clusters,
+            clusters.into_iter().map(Arc::new).collect(),
         )
     }
 
@@ -354,7 +355,7 @@ mod tests {
         let mut b = a.clone();
         b.version = 7;
         assert_eq!(a.content_hash(), b.content_hash());
-        b.clusters.push(Cluster::new("c", vec![]));
+        b.clusters.push(Arc::new(Cluster::new("c", vec![])));
         assert_ne!(a.content_hash(), b.content_hash());
     }
 }

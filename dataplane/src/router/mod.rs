@@ -348,7 +348,7 @@ mod tests {
         VirtualHost::build(
             &model::VirtualHost {
                 hostname: "*".into(),
-                routes,
+                routes: routes.into_iter().map(std::sync::Arc::new).collect(),
             },
             |_| RouteParts {
                 action: Action::Forward(vec![]),

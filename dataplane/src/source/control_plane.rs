@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
 use ferrum_proto::mesh::v1::{Ack, Heartbeat, Hello, SubscribeRequest, subscribe_request, subscribe_response};
-use ferrum_snapshot::Snapshot;
+use ferrum_snapshot::{Delta, Snapshot};
 use tokio::sync::mpsc;
 
 use crate::dataplane::Dataplane;
@@ -150,18 +150,27 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
         let Some(subscribe_response::Message::Snapshot(snap)) = msg.message else {
             continue;
         };
-        let (version, hash) = (snap.version, snap.hash.clone());
+        let (version, hash, delta) = (snap.version, snap.hash.clone(), snap.delta);
         let outcome = apply(dp, snap, s.cache.clone()).await;
         if let Err(e) = &outcome {
-            tracing::error!(version, error = %e, "rejected snapshot from the control plane; still serving the last good one");
+            tracing::error!(version, delta, error = %e.error, "rejected snapshot from the control plane; still serving the last good one");
         } else {
-            tracing::info!(version, "applied snapshot from the control plane");
+            tracing::info!(version, delta, "applied snapshot from the control plane");
         }
-        let ack = Ack {
-            version,
-            hash,
-            applied: outcome.is_ok(),
-            error: outcome.err().unwrap_or_default(),
+        let ack = match outcome {
+            Ok(()) => Ack {
+                version,
+                hash,
+                applied: true,
+                ..Default::default()
+            },
+            Err(r) => Ack {
+                version,
+                hash,
+                applied: false,
+                error: r.error,
+                resync: r.resync,
+            },
         };
         if tx.send(send(subscribe_request::Message::Ack(ack))).await.is_err() {
             break Err(CpError::Closed);
@@ -171,17 +180,26 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
     result
 }
 
-/// Decodes, checks and applies one snapshot; on success, caches it.
+/// Why a snapshot was not applied; `resync` asks for the full snapshot (a delta did not fit).
+struct Rejection {
+    error: String,
+    resync: bool,
+}
+
+impl From<String> for Rejection {
+    fn from(error: String) -> Self {
+        Rejection { error, resync: false }
+    }
+}
+
+/// Decodes, checks and applies one snapshot or delta; on success, caches the result.
 async fn apply(
     dp: &Arc<Dataplane>,
     msg: ferrum_proto::mesh::v1::Snapshot,
     cache: Option<PathBuf>,
-) -> Result<(), String> {
+) -> Result<(), Rejection> {
     if msg.schema != SNAPSHOT_SCHEMA {
-        return Err(format!(
-            "unknown snapshot schema {:?} (want {SNAPSHOT_SCHEMA:?})",
-            msg.schema
-        ));
+        return Err(format!("unknown snapshot schema {:?} (want {SNAPSHOT_SCHEMA:?})", msg.schema).into());
     }
     let json: Vec<u8> = match msg.encoding.as_str() {
         "" => msg.body.to_vec(),
@@ -193,18 +211,36 @@ async fn apply(
                 .map_err(|e| format!("snapshot does not decompress: {e}"))?;
             out
         }
-        other => return Err(format!("unknown snapshot encoding {other:?}")),
+        other => return Err(format!("unknown snapshot encoding {other:?}").into()),
     };
-    let snap: Snapshot = serde_json::from_slice(&json).map_err(|e| format!("snapshot does not decode: {e}"))?;
-    if snap.content_hash() != msg.hash || snap.version != msg.version {
-        return Err("snapshot hash or version does not match its content".into());
-    }
     let dp = dp.clone();
-    // Compiling a large snapshot is CPU work: keep it off the control thread's event loop.
+    // Decoding, hashing and compiling a large snapshot is CPU work: keep it off the control
+    // thread's event loop.
     tokio::task::spawn_blocking(move || {
+        let snap = if msg.delta {
+            let d: Delta = serde_json::from_slice(&json).map_err(|e| format!("delta does not decode: {e}"))?;
+            if d.version != msg.version || d.hash != msg.hash {
+                return Err("delta version or hash does not match its message".to_string().into());
+            }
+            d.apply(&dp.shared.config.load().snapshot).map_err(|e| Rejection {
+                resync: true,
+                error: e.to_string(),
+            })?
+        } else {
+            let snap: Snapshot = serde_json::from_slice(&json).map_err(|e| format!("snapshot does not decode: {e}"))?;
+            if snap.content_hash() != msg.hash || snap.version != msg.version {
+                return Err("snapshot hash or version does not match its content".to_string().into());
+            }
+            snap
+        };
+        let body = match (&cache, msg.delta) {
+            (Some(_), true) => Some(serde_json::to_vec(&snap).expect("snapshots serialise")),
+            (Some(_), false) => Some(json),
+            (None, _) => None,
+        };
         dp.apply(snap).map_err(|e| e.to_string())?;
-        if let Some(path) = cache {
-            store_cache(&path, &json);
+        if let (Some(path), Some(body)) = (cache, body) {
+            store_cache(&path, &body);
         }
         Ok(())
     })

@@ -69,8 +69,15 @@ impl Stores {
     }
 }
 
-/// Starts a reflector for `K` that pokes `changed` on every event.
-fn watch<K>(client: &Client, changed: &mpsc::Sender<()>, ready: &mpsc::Sender<&'static str>) -> Store<K>
+/// Starts a reflector for `K` that pokes `changed` on every event, except, for kinds whose status
+/// the operator writes (`status_written`), updates that leave `metadata.generation` as it was:
+/// those are status writes (ours, mostly) and change nothing the translator reads.
+fn watch<K>(
+    client: &Client,
+    changed: &mpsc::Sender<()>,
+    ready: &mpsc::Sender<&'static str>,
+    status_written: bool,
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -86,12 +93,25 @@ where
     tokio::spawn(async move {
         let mut stream = stream;
         let mut announced = false;
+        let mut generations: std::collections::HashMap<String, i64> = Default::default();
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(ev) => {
                     if !announced && matches!(ev, watcher::Event::InitDone) {
                         announced = true;
                         let _ = ready.send(name).await;
+                    }
+                    if status_written
+                        && let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = &ev
+                        && let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation)
+                        && generations.insert(uid, generation) == Some(generation)
+                    {
+                        continue;
+                    }
+                    if let watcher::Event::Delete(o) = &ev
+                        && let Some(uid) = &o.meta().uid
+                    {
+                        generations.remove(uid);
                     }
                     let _ = changed.try_send(());
                 }
@@ -113,17 +133,17 @@ impl Controller {
         let (ctx, crx) = mpsc::channel(1);
         let (rtx, mut rrx) = mpsc::channel(16);
         let stores = Stores {
-            gateway_classes: watch(&client, &ctx, &rtx),
-            gateways: watch(&client, &ctx, &rtx),
-            http_routes: watch(&client, &ctx, &rtx),
-            grpc_routes: watch(&client, &ctx, &rtx),
-            reference_grants: watch(&client, &ctx, &rtx),
-            services: watch(&client, &ctx, &rtx),
-            endpoint_slices: watch(&client, &ctx, &rtx),
-            namespaces: watch(&client, &ctx, &rtx),
-            secrets: watch(&client, &ctx, &rtx),
-            backends: watch(&client, &ctx, &rtx),
-            backend_policies: watch(&client, &ctx, &rtx),
+            gateway_classes: watch(&client, &ctx, &rtx, true),
+            gateways: watch(&client, &ctx, &rtx, true),
+            http_routes: watch(&client, &ctx, &rtx, true),
+            grpc_routes: watch(&client, &ctx, &rtx, true),
+            reference_grants: watch(&client, &ctx, &rtx, false),
+            services: watch(&client, &ctx, &rtx, false),
+            endpoint_slices: watch(&client, &ctx, &rtx, false),
+            namespaces: watch(&client, &ctx, &rtx, false),
+            secrets: watch(&client, &ctx, &rtx, false),
+            backends: watch(&client, &ctx, &rtx, false),
+            backend_policies: watch(&client, &ctx, &rtx, false),
         };
         let mut pending = 11;
         while pending > 0 {

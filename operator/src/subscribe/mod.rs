@@ -32,6 +32,9 @@ pub struct ProxyState {
     pub connected_since_unix_ms: u64,
     pub last_seen_unix_ms: u64,
     pub sent_version: u64,
+    /// Updates sent as deltas, and as full snapshots.
+    pub deltas_sent: u64,
+    pub full_sent: u64,
     pub applied_version: u64,
     pub applied_hash: String,
     pub last_rejection: Option<String>,
@@ -144,6 +147,8 @@ impl MeshSubscribe for Service {
             connected_since_unix_ms: now,
             last_seen_unix_ms: now,
             sent_version: 0,
+            deltas_sent: 0,
+            full_sent: 0,
             applied_version: hello.current_version,
             applied_hash: hello.current_hash.clone(),
             last_rejection: None,
@@ -156,6 +161,7 @@ impl MeshSubscribe for Service {
         let publisher = self.publisher.clone();
         let mut generations = publisher.subscribe();
         let mut last_sent_hash = hello.current_hash.clone();
+        let mut sent_delta = false;
         tokio::spawn(async move {
             let reg = reg;
             let mut beat = tokio::time::interval(HEARTBEAT);
@@ -166,20 +172,27 @@ impl MeshSubscribe for Service {
                         if r.is_err() { return; }
                         let Ok(permit) = tx.reserve().await else { return };
                         generations.mark_unchanged();
-                        let snap = publisher.snapshot_for(&role);
+                        let snap = publisher.update_for(&role, &last_sent_hash);
                         if snap.hash == last_sent_hash {
                             continue;
                         }
-                        let body = snap.body.clone();
                         last_sent_hash = snap.hash.clone();
-                        reg.proxies.update(&reg.key, |p| p.sent_version = snap.version);
+                        sent_delta = snap.base.is_some();
+                        reg.proxies.update(&reg.key, |p| {
+                            p.sent_version = snap.version;
+                            if sent_delta { p.deltas_sent += 1 } else { p.full_sent += 1 }
+                        });
+                        let (base_version, base_hash) = snap.base.clone().unwrap_or_default();
                         permit.send(Ok(SubscribeResponse {
                             message: Some(subscribe_response::Message::Snapshot(ferrum_proto::mesh::v1::Snapshot {
                                 version: snap.version,
                                 hash: snap.hash.clone(),
-                                body,
+                                body: snap.body.clone(),
                                 schema: SNAPSHOT_SCHEMA.into(),
                                 encoding: crate::publish::ENCODING.into(),
+                                delta: sent_delta,
+                                base_version,
+                                base_hash,
                             })),
                         }));
                     }
@@ -197,6 +210,13 @@ impl MeshSubscribe for Service {
                             });
                             if !ack.applied {
                                 tracing::warn!(node = %reg.key.0, version = ack.version, error = %ack.error, "proxy rejected snapshot");
+                                // It still has an older snapshot: no delta fits it any more. A
+                                // delta it could not use is followed by the full snapshot at once;
+                                // a full snapshot it rejected waits for the next generation.
+                                last_sent_hash.clear();
+                                if ack.resync && sent_delta {
+                                    generations.mark_changed();
+                                }
                             }
                         }
                         Ok(Some(_)) => reg.proxies.update(&reg.key, |p| p.last_seen_unix_ms = now_ms()),

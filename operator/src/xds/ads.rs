@@ -267,6 +267,8 @@ impl Stream_ {
                 connected_since_unix_ms: now,
                 last_seen_unix_ms: now,
                 sent_version: 0,
+                deltas_sent: 0,
+                full_sent: 0,
                 applied_version: 0,
                 applied_hash: String::new(),
                 last_rejection: None,

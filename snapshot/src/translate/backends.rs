@@ -1,8 +1,11 @@
 //! backendRefs → clusters: core Services (endpoints from their EndpointSlices) and Ferrum
 //! `Backend`s (static addresses), each with the traffic policy that applies to it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{Problems, Reason, parse_duration_ms};
@@ -13,11 +16,55 @@ use crate::resources::{ObjectRef, Resources};
 pub(crate) struct Clusters<'a> {
     res: &'a Resources,
     /// Lookups built once, so resolving a backendRef does not scan every object.
-    services: BTreeMap<(&'a str, &'a str), &'a k8s_openapi::api::core::v1::Service>,
-    slices: BTreeMap<(&'a str, &'a str), Vec<&'a k8s_openapi::api::discovery::v1::EndpointSlice>>,
-    built: BTreeMap<String, Cluster>,
-    /// Policies that failed to apply, reported once per policy object at the end.
-    policy_errors: BTreeMap<(ObjectRef, String), String>,
+    services: HashMap<(&'a str, &'a str), &'a Arc<Service>>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+    built: HashMap<String, Arc<BuiltCluster>>,
+    /// Clusters of the last translation, reused when their Service, slices (and, through the
+    /// caller's context check, policies) are the same objects.
+    memo: ClusterMemos,
+    /// What the route being translated looked up, while a trace is on.
+    trace: Option<Vec<Lookup>>,
+    pub(crate) reused: usize,
+    /// Every Service is the same object as in the last translation.
+    pub(crate) services_unchanged: bool,
+}
+
+pub(crate) type ClusterMemos = HashMap<String, Arc<BuiltCluster>>;
+
+pub(crate) struct BuiltCluster {
+    cluster: Arc<Cluster>,
+    digest: Digest,
+    service: Option<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    /// A policy that failed to apply: (object, field) → message, reported while the cluster is used.
+    policy_error: Option<((ObjectRef, String), String)>,
+}
+
+impl BuiltCluster {
+    fn new(cluster: Cluster, policy_error: Option<((ObjectRef, String), String)>) -> Arc<Self> {
+        Arc::new(BuiltCluster {
+            digest: cluster.digest(),
+            cluster: Arc::new(cluster),
+            service: None,
+            slices: Vec::new(),
+            policy_error,
+        })
+    }
+}
+
+/// One backendRef a route resolved and the Service it found, kept to replay the resolution
+/// when the route is reused. Holding the Service keeps its address unique while compared.
+pub(crate) struct Lookup {
+    route_kind: &'static str,
+    route_ns: String,
+    group: String,
+    kind: String,
+    namespace: String,
+    name: String,
+    port: Option<i32>,
+    service: Option<Arc<Service>>,
+    /// The cluster it resolved to.
+    cluster: Option<String>,
 }
 
 /// A backendRef as the route names it, namespace resolved.
@@ -53,11 +100,11 @@ pub(crate) fn reference_granted(
 }
 
 impl<'a> Clusters<'a> {
-    pub(crate) fn new(res: &'a Resources) -> Self {
+    pub(crate) fn new(res: &'a Resources, memo: ClusterMemos) -> Self {
         let key = |m: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
         };
-        let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        let mut slices: HashMap<_, Vec<_>> = HashMap::with_capacity(res.endpoint_slices.len());
         for s in &res.endpoint_slices {
             if let Some(svc) = s
                 .metadata
@@ -68,22 +115,87 @@ impl<'a> Clusters<'a> {
                 slices
                     .entry((s.metadata.namespace.as_deref().unwrap_or(""), svc.as_str()))
                     .or_default()
-                    .push(&**s);
+                    .push(s);
             }
         }
         Clusters {
             res,
-            services: res.services.iter().map(|s| (key(&s.metadata), &**s)).collect(),
+            services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
             slices,
-            built: BTreeMap::new(),
-            policy_errors: BTreeMap::new(),
+            built: HashMap::with_capacity(memo.len()),
+            memo,
+            trace: None,
+            reused: 0,
+            services_unchanged: false,
         }
+    }
+
+    pub(crate) fn start_trace(&mut self) {
+        self.trace = Some(Vec::new());
+    }
+
+    pub(crate) fn take_trace(&mut self) -> Vec<Lookup> {
+        self.trace.take().unwrap_or_default()
+    }
+
+    /// Re-resolves a reused route's backendRefs, if every Service they found is still the same
+    /// object; `false` means the route must be translated again.
+    pub(crate) fn replay(&mut self, lookups: &[Lookup]) -> bool {
+        let unchanged = self.services_unchanged
+            || lookups.iter().all(|l| {
+                let now = self.services.get(&(l.namespace.as_str(), l.name.as_str()));
+                match (now, &l.service) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
+            });
+        if !unchanged {
+            return false;
+        }
+        for l in lookups {
+            if l.cluster.as_ref().is_some_and(|c| self.built.contains_key(c)) {
+                continue;
+            }
+            let r = BackendRef {
+                group: &l.group,
+                kind: &l.kind,
+                namespace: &l.namespace,
+                name: &l.name,
+                port: l.port,
+            };
+            let _ = self.resolve(l.route_kind, &l.route_ns, &r);
+        }
+        true
     }
 
     /// Resolves one backendRef of `route` (in `route_ns`) to a cluster name, or explains why not.
     pub(crate) fn resolve(
         &mut self,
-        route_kind: &str,
+        route_kind: &'static str,
+        route_ns: &str,
+        r: &BackendRef<'_>,
+    ) -> Result<String, (Reason, String)> {
+        let result = self.resolve_untraced(route_kind, route_ns, r);
+        if let Some(trace) = &mut self.trace {
+            trace.push(Lookup {
+                route_kind,
+                route_ns: route_ns.to_string(),
+                group: r.group.to_string(),
+                kind: r.kind.to_string(),
+                namespace: r.namespace.to_string(),
+                name: r.name.to_string(),
+                port: r.port,
+                service: self.services.get(&(r.namespace, r.name)).map(|s| Arc::clone(s)),
+                cluster: result.as_ref().ok().cloned(),
+            });
+        }
+        result
+    }
+
+    fn resolve_untraced(
+        &mut self,
+        route_kind: &'static str,
         route_ns: &str,
         r: &BackendRef<'_>,
     ) -> Result<String, (Reason, String)> {
@@ -109,13 +221,13 @@ impl<'a> Clusters<'a> {
             }
         };
         // gRPC needs HTTP/2 upstream: GRPCRoutes get an h2 variant of a cluster that is not.
-        if route_kind == "GRPCRoute" && self.built[&name].protocol != UpstreamProtocol::Http2 {
+        if route_kind == "GRPCRoute" && self.built[&name].cluster.protocol != UpstreamProtocol::Http2 {
             let h2 = format!("{name}#h2");
             if !self.built.contains_key(&h2) {
-                let mut c = self.built[&name].clone();
+                let mut c = (*self.built[&name].cluster).clone();
                 c.name = h2.clone();
                 c.protocol = UpstreamProtocol::Http2;
-                self.built.insert(h2.clone(), c);
+                self.built.insert(h2.clone(), BuiltCluster::new(c, None));
             }
             return Ok(h2);
         }
@@ -136,6 +248,16 @@ impl<'a> Clusters<'a> {
                 format!("Service {}/{} not found", r.namespace, r.name),
             )
         })?;
+        let slices = self.slices.get(&(r.namespace, r.name)).map_or(&[][..], Vec::as_slice);
+        if let Some(m) = self.memo.get(&name)
+            && m.service.as_ref().is_some_and(|s| Arc::ptr_eq(s, svc))
+            && m.slices.len() == slices.len()
+            && m.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            self.built.insert(name.clone(), m.clone());
+            self.reused += 1;
+            return Ok(name);
+        }
         let spec = svc.spec.clone().unwrap_or_default();
         let sport = spec.ports.iter().flatten().find(|p| p.port == port).ok_or_else(|| {
             (
@@ -148,7 +270,7 @@ impl<'a> Clusters<'a> {
             let host = spec.external_name.clone().unwrap_or_default();
             endpoints.push(Endpoint::new(host, port as u16));
         }
-        for slice in self.slices.get(&(r.namespace, r.name)).into_iter().flatten() {
+        for slice in slices {
             // The slice port that serves this Service port: same name (unnamed ports match each other).
             let slice_port = slice
                 .ports
@@ -196,13 +318,18 @@ impl<'a> Clusters<'a> {
                     .iter()
                     .any(|t| t.group.is_empty() && t.kind == "Service" && t.name == r.name)
         });
+        let mut policy_error = None;
         if let Some(p) = policy {
             let obj = super::meta_ref("BackendPolicy", &p.metadata);
             if let Err((field, msg)) = apply_policy(&mut cluster, &p.spec.policy) {
-                self.policy_errors.insert((obj, field), msg);
+                policy_error = Some(((obj, field), msg));
             }
         }
-        self.built.insert(name.clone(), cluster);
+        let mut built = BuiltCluster::new(cluster, policy_error);
+        let b = Arc::get_mut(&mut built).expect("just made");
+        b.service = Some(svc.clone());
+        b.slices = slices.iter().map(|s| Arc::clone(s)).collect();
+        self.built.insert(name.clone(), built);
         Ok(name)
     }
 
@@ -235,19 +362,26 @@ impl<'a> Clusters<'a> {
             })
             .collect();
         let mut cluster = Cluster::new(name.clone(), endpoints);
-        if let Err((field, msg)) = apply_policy(&mut cluster, &b.spec.policy) {
-            let obj = super::meta_ref("Backend", &b.metadata);
-            self.policy_errors.insert((obj, field), msg);
-        }
-        self.built.insert(name.clone(), cluster);
+        let policy_error = apply_policy(&mut cluster, &b.spec.policy)
+            .err()
+            .map(|(field, msg)| ((super::meta_ref("Backend", &b.metadata), field), msg));
+        self.built
+            .insert(name.clone(), BuiltCluster::new(cluster, policy_error));
         Ok(name)
     }
 
-    pub(crate) fn finish(self, problems: &mut Problems<'_>) -> Vec<Cluster> {
-        for ((obj, field), msg) in self.policy_errors {
+    /// The clusters (in name order) with their digests, and the memo for the next translation.
+    pub(crate) fn finish(self, problems: &mut Problems<'_>) -> (Vec<Arc<Cluster>>, Vec<Digest>, ClusterMemos) {
+        // A policy shared by several clusters is reported once.
+        let errors: BTreeMap<_, _> = self.built.values().filter_map(|b| b.policy_error.clone()).collect();
+        for ((obj, field), msg) in errors {
             problems.push(&obj, field, Reason::Invalid, msg);
         }
-        self.built.into_values().collect()
+        let mut order: Vec<&Arc<BuiltCluster>> = self.built.values().collect();
+        order.sort_unstable_by(|a, b| a.cluster.name.cmp(&b.cluster.name));
+        let clusters = order.iter().map(|b| b.cluster.clone()).collect();
+        let digests = order.iter().map(|b| b.digest).collect();
+        (clusters, digests, self.built)
     }
 }
 

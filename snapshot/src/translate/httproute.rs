@@ -1,64 +1,227 @@
 //! HTTPRoutes → routes on the listeners they attach to.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::sync::Arc;
 
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::*;
 
-use super::backends::{BackendRef, Clusters};
+use super::backends::{BackendRef, Clusters, Lookup};
 use super::hostname::intersect_hostnames;
-use super::listeners::{AllowedNamespaces, GatewayListener, Listeners, RouteKey};
-use super::{Problems, Reason, meta_ref, parse_duration_ms};
+use super::listeners::{AllowedNamespaces, GatewayListener, Hosts, Listeners, RouteEntry, RouteKey};
+use super::{Problem, Problems, Reason, meta_ref, parse_duration_ms};
 use crate::model::*;
 use crate::resources::{ObjectRef, Resources};
 
-pub(crate) fn attach_all(
-    res: &Resources,
-    listeners: &mut Listeners,
-    clusters: &mut Clusters<'_>,
-    problems: &mut Problems<'_>,
-) {
-    let grpc: Vec<HttpRoute> = res
-        .grpc_routes
-        .iter()
-        .filter_map(|g| match super::grpcroute::as_http_route(g) {
-            Ok(r) => Some(r),
-            Err((field, msg)) => {
-                problems.push(
-                    &meta_ref("GRPCRoute", &g.metadata),
-                    field,
-                    Reason::UnsupportedValue,
-                    msg,
-                );
-                None
+/// A route as the cache holds it: the object itself keeps its address (the cache's identity
+/// test) from being reused while the entry lives.
+#[derive(Clone)]
+pub(crate) enum RouteObject {
+    Http(Arc<HttpRoute>),
+    Grpc(Arc<GrpcRoute>),
+}
+
+impl RouteObject {
+    /// Same translation input: what the translator reads of a route is its spec and creation
+    /// time, so a status write (a new object) changes nothing.
+    fn same_input(&self, other: &RouteObject) -> bool {
+        match (self, other) {
+            (RouteObject::Http(a), RouteObject::Http(b)) => {
+                a.spec == b.spec && a.metadata.creation_timestamp == b.metadata.creation_timestamp
             }
-        })
-        .collect();
-    let routes = res
-        .http_routes
-        .iter()
-        .map(|r| ("HTTPRoute", &**r))
-        .chain(grpc.iter().map(|r| ("GRPCRoute", r)));
-    for (kind, route) in routes {
-        let obj = meta_ref(kind, &route.metadata);
-        let created = route
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| format!("{:?}", t.0))
-            .unwrap_or_default();
-        let targets = parents(res, route, &obj, listeners, problems);
-        if targets.is_empty() {
-            continue;
+            (RouteObject::Grpc(a), RouteObject::Grpc(b)) => {
+                a.spec == b.spec && a.metadata.creation_timestamp == b.metadata.creation_timestamp
+            }
+            _ => false,
         }
-        let rules = translate_rules(route, &obj, clusters, problems);
-        for (bound, hostnames) in targets {
-            for host in hostnames {
-                let bucket = listeners.bound[bound].hosts.entry(host).or_default();
-                for (ri, mi, r) in &rules {
-                    bucket.push((key(&created, &obj, *ri, *mi, &r.matcher), r.clone()));
+    }
+}
+
+/// Everything one route contributed to the last translation, and what it read to get there.
+pub(crate) struct RouteMemo {
+    id: u64,
+    /// The last translation that saw the route.
+    seen: u64,
+    obj: ObjectRef,
+    object: RouteObject,
+    /// The backend lookups it made; replayed on reuse (which also rebuilds their clusters) and
+    /// compared to tell whether a Service it names changed.
+    lookups: Vec<Lookup>,
+    targets: Vec<(usize, Vec<String>)>,
+    rules: Vec<Arc<RouteEntry>>,
+    problems: Vec<Problem>,
+    attachments: Vec<super::Attachment>,
+}
+
+/// Keyed by the route object's address: an entry holds its object, so the address cannot be
+/// reused while the entry lives, and a changed object (a new `Arc`) misses.
+pub(crate) type RouteMemos = HashMap<usize, RouteMemo>;
+
+/// Puts a route's matches on its hosts (whose virtual hosts must then be rebuilt).
+fn attach(hosts: &mut Hosts, m: &RouteMemo) {
+    for (bound, hostnames) in &m.targets {
+        for host in hostnames {
+            let h = hosts.entry((*bound, host.clone())).or_default();
+            h.entries.extend(m.rules.iter().cloned());
+            h.built = None;
+        }
+    }
+}
+
+fn detach(hosts: &mut Hosts, m: &RouteMemo) {
+    for (bound, hostnames) in &m.targets {
+        for host in hostnames {
+            let key = (*bound, host.clone());
+            if let Some(h) = hosts.get_mut(&key) {
+                h.entries.retain(|e| e.owner != m.id);
+                h.built = None;
+                if h.entries.is_empty() {
+                    hosts.remove(&key);
                 }
             }
         }
+    }
+}
+
+/// Brings `hosts` up to date with every HTTPRoute and GRPCRoute: routes whose object (or spec),
+/// and whose Services, did not change keep what they contributed; the rest are translated.
+/// Returns the memo for the next translation.
+/// Brings `hosts` and `memo` up to date with every HTTPRoute and GRPCRoute: routes whose object
+/// (or spec), and whose Services, did not change keep what they contributed; the rest are
+/// translated.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attach_all(
+    res: &Resources,
+    listeners: &Listeners,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+    memo: &mut RouteMemos,
+    hosts: &mut Hosts,
+    next_id: &mut u64,
+    stats: &mut super::Stats,
+) {
+    *next_id += 1;
+    let pass = *next_id;
+    let objects = res
+        .http_routes
+        .iter()
+        .map(|r| ("HTTPRoute", &r.metadata, Arc::as_ptr(r) as usize))
+        .chain(
+            res.grpc_routes
+                .iter()
+                .map(|g| ("GRPCRoute", &g.metadata, Arc::as_ptr(g) as usize)),
+        );
+    let mut by_name: Option<HashMap<ObjectRef, usize>> = None;
+    for (i, (kind, meta, address)) in objects.enumerate() {
+        // In place: an unchanged route (nearly all) costs a lookup and a replay.
+        if let Some(m) = memo.get_mut(&address) {
+            if clusters.replay(&m.lookups) {
+                m.seen = pass;
+                problems.list.extend(m.problems.iter().cloned());
+                problems.attachments.extend(m.attachments.iter().cloned());
+                stats.routes_reused += 1;
+                continue;
+            }
+            let m = memo.remove(&address).expect("present");
+            detach(hosts, &m);
+        }
+        let object = match res.http_routes.get(i) {
+            Some(r) => RouteObject::Http(r.clone()),
+            None => RouteObject::Grpc(res.grpc_routes[i - res.http_routes.len()].clone()),
+        };
+        let obj = meta_ref(kind, meta);
+        // A new object for a route we know with the same spec (a status write) changes nothing.
+        let index = by_name.get_or_insert_with(|| memo.iter().map(|(a, m)| (m.obj.clone(), *a)).collect());
+        if let Some(old) = index.get(&obj).copied()
+            && memo
+                .get(&old)
+                .is_some_and(|m| m.object.same_input(&object) && clusters.replay(&m.lookups))
+        {
+            let mut m = memo.remove(&old).expect("checked");
+            m.object = object;
+            m.seen = pass;
+            problems.list.extend(m.problems.iter().cloned());
+            problems.attachments.extend(m.attachments.iter().cloned());
+            stats.routes_reused += 1;
+            memo.insert(address, m);
+            continue;
+        }
+        stats.routes_translated += 1;
+        *next_id += 1;
+        let mut m = translate_route(res, object, obj, *next_id, listeners, clusters, problems);
+        m.seen = pass;
+        attach(hosts, &m);
+        memo.insert(address, m);
+    }
+    // Deleted routes, and old versions of changed ones.
+    memo.retain(|_, m| {
+        if m.seen != pass {
+            detach(hosts, m);
+        }
+        m.seen == pass
+    });
+}
+
+fn translate_route(
+    res: &Resources,
+    object: RouteObject,
+    obj: ObjectRef,
+    id: u64,
+    listeners: &Listeners,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> RouteMemo {
+    let (p0, a0) = (problems.list.len(), problems.attachments.len());
+    let converted;
+    let route: Option<&HttpRoute> = match &object {
+        RouteObject::Http(r) => Some(r),
+        RouteObject::Grpc(g) => match super::grpcroute::as_http_route(g) {
+            Ok(r) => {
+                converted = r;
+                Some(&converted)
+            }
+            Err((field, msg)) => {
+                problems.push(&obj, field, Reason::UnsupportedValue, msg);
+                None
+            }
+        },
+    };
+    clusters.start_trace();
+    let mut targets = Vec::new();
+    let mut rules = Vec::new();
+    if let Some(route) = route {
+        targets = parents(res, route, &obj, listeners, problems);
+        if !targets.is_empty() {
+            let created = route
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| format!("{:?}", t.0))
+                .unwrap_or_default();
+            rules = translate_rules(route, &obj, clusters, problems)
+                .into_iter()
+                .map(|(ri, mi, r)| {
+                    Arc::new(RouteEntry {
+                        owner: id,
+                        key: key(&created, &obj, ri, mi, &r.matcher),
+                        digest: r.digest(),
+                        route: Arc::new(r),
+                    })
+                })
+                .collect();
+        }
+    }
+    RouteMemo {
+        id,
+        lookups: clusters.take_trace(),
+        targets,
+        rules,
+        problems: problems.list[p0..].to_vec(),
+        attachments: problems.attachments[a0..].to_vec(),
+        obj,
+        object,
+        seen: 0,
     }
 }
 

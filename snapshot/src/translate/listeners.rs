@@ -2,11 +2,12 @@
 //! snapshot listener, told apart by hostname (and by SNI for HTTPS).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode};
 
 use super::{Options, Problems, Reason, meta_ref};
-use crate::model::{CertSource, Certificate, Listener, Protocol, Route, VirtualHost};
+use crate::model::{CertSource, Certificate, Digest, Listener, Protocol, Route, VirtualHost, vhost_digest};
 use crate::resources::{ObjectRef, Resources};
 
 /// One Gateway listener that routes can attach to.
@@ -35,11 +36,29 @@ pub(crate) enum AllowedNamespaces {
     Selector(std::collections::BTreeMap<String, String>),
 }
 
-/// A bound listener being filled with routes: hostname → (sort key, route).
+/// A bound listener (its virtual hosts come from [`Hosts`]).
 pub(crate) struct Bound {
     pub listener: Listener,
-    pub hosts: BTreeMap<String, Vec<(RouteKey, Route)>>,
 }
+
+/// One translated route match, shared between the translator's memo and the snapshots it made.
+pub(crate) struct RouteEntry {
+    /// The memo entry (route) it belongs to.
+    pub owner: u64,
+    pub key: RouteKey,
+    pub route: Arc<Route>,
+    pub digest: Digest,
+}
+
+/// The routes on one (bound listener, hostname), kept between translations; the virtual host
+/// built from them is kept until a route on it changes.
+#[derive(Default)]
+pub(crate) struct Host {
+    pub entries: Vec<Arc<RouteEntry>>,
+    pub built: Option<(Arc<VirtualHost>, Digest)>,
+}
+
+pub(crate) type Hosts = BTreeMap<(usize, String), Host>;
 
 /// Gateway API precedence, smallest first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -173,7 +192,6 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                             certificates: Vec::new(),
                             virtual_hosts: Vec::new(),
                         },
-                        hosts: BTreeMap::new(),
                     });
                     out.bound.len() - 1
                 }
@@ -316,25 +334,22 @@ fn listener_certificates(
 }
 
 /// Orders routes by precedence and drops listeners that nothing could ever reach.
-pub(crate) fn finish(listeners: Listeners) -> Vec<Listener> {
-    let mut out: Vec<Listener> = listeners
-        .bound
-        .into_iter()
-        .map(|mut b| {
-            b.listener.virtual_hosts = b
-                .hosts
-                .into_iter()
-                .map(|(hostname, mut routes)| {
-                    routes.sort_by(|a, b| a.0.cmp(&b.0));
-                    VirtualHost {
-                        hostname,
-                        routes: routes.into_iter().map(|(_, r)| r).collect(),
-                    }
-                })
-                .collect();
-            b.listener
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-    out
+pub(crate) fn finish(listeners: Listeners, hosts: &mut Hosts) -> (Vec<Listener>, Vec<Vec<Digest>>) {
+    let mut out: Vec<(Listener, Vec<Digest>)> = listeners.bound.into_iter().map(|b| (b.listener, Vec::new())).collect();
+    for ((bound, hostname), h) in hosts.iter_mut() {
+        if h.built.is_none() {
+            h.entries.sort_by(|a, b| a.key.cmp(&b.key));
+            let vh = VirtualHost {
+                hostname: hostname.clone(),
+                routes: h.entries.iter().map(|e| e.route.clone()).collect(),
+            };
+            let digest = vhost_digest(hostname, h.entries.iter().map(|e| &e.digest));
+            h.built = Some((Arc::new(vh), digest));
+        }
+        let (vh, digest) = h.built.as_ref().expect("built above");
+        out[*bound].0.virtual_hosts.push(vh.clone());
+        out[*bound].1.push(*digest);
+    }
+    out.sort_by(|a, b| (&a.0.address, a.0.port).cmp(&(&b.0.address, b.0.port)));
+    out.into_iter().unzip()
 }

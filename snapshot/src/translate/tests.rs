@@ -58,7 +58,9 @@ fn routes(s: &Snapshot, host: &str) -> Vec<Route> {
         .find(|v| v.hostname == host)
         .unwrap_or_else(|| panic!("no vhost {host}: {:?}", s.listeners[0].virtual_hosts))
         .routes
-        .clone()
+        .iter()
+        .map(|r| (**r).clone())
+        .collect()
 }
 
 fn route(rules: &str) -> String {
@@ -561,4 +563,110 @@ fn translation_is_deterministic() {
     let b = run(&route("  - backendRefs: [{name: echo, port: 80}]\n")).snapshot;
     assert_eq!(a.hash, b.hash);
     assert_eq!(a.hash.len(), 64);
+}
+
+/// The incremental translator must give exactly what a full translation gives, whatever changed.
+#[test]
+fn incremental_translation_equals_a_full_one_after_every_kind_of_change() {
+    use std::sync::Arc;
+    let mut res = Resources::default();
+    let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: a, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [a.test]
+  rules: [{matches: [{path: {type: PathPrefix, value: /a}}], backendRefs: [{name: echo, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [b.test]
+  rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: static}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [g.test]
+  rules: [{matches: [{method: {service: pkg.Svc}}], backendRefs: [{name: echo, port: 80}]}]
+"#;
+    res.add_yaml("t.yaml", &format!("{GW}\n---\n{yaml}")).unwrap();
+    let mut inc = Incremental::new(Options::default());
+    let mut version = 0;
+    let mut check = |res: &Resources, what: &str| {
+        version += 1;
+        let got = inc.translate(res, version);
+        let want = translate(res, version, &Options::default());
+        assert_eq!(got.snapshot, want.snapshot, "{what}");
+        assert_eq!(got.snapshot.hash, got.snapshot.content_hash(), "{what}");
+        assert_eq!(got.problems, want.problems, "{what}");
+        assert_eq!(got.attachments, want.attachments, "{what}");
+        (got, inc.stats())
+    };
+    check(&res, "first");
+    let (_, s) = check(&res, "nothing changed");
+    assert_eq!((s.routes_translated, s.routes_reused), (0, 3), "{s:?}");
+
+    let mut a = (*res.http_routes[0]).clone();
+    a.spec.rules.as_mut().unwrap()[0].matches.as_mut().unwrap()[0]
+        .path
+        .as_mut()
+        .unwrap()
+        .value = Some("/a2".into());
+    res.http_routes[0] = Arc::new(a);
+    let (t, s) = check(&res, "route changed");
+    assert_eq!((s.routes_translated, s.routes_reused), (1, 2));
+    // A status write is a new object with the same spec: nothing to translate.
+    let mut b = (*res.http_routes[1]).clone();
+    b.metadata.resource_version = Some("2".into());
+    res.http_routes[1] = Arc::new(b);
+    let (_, s) = check(&res, "status written");
+    assert_eq!((s.routes_translated, s.routes_reused), (0, 3));
+    assert_eq!(
+        routes(&t.snapshot, "a.test")[0].matcher.path,
+        PathMatch::Prefix("/a2".into())
+    );
+
+    let mut slice = (*res.endpoint_slices[0]).clone();
+    slice.endpoints[0].addresses = vec!["10.9.9.9".into()];
+    res.endpoint_slices[0] = Arc::new(slice);
+    let (t, s) = check(&res, "endpoints changed");
+    assert_eq!(s.routes_reused, 3, "endpoint changes re-translate no route");
+    let echo = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert!(echo.endpoints.iter().any(|e| e.address == "10.9.9.9"));
+    assert!(t.snapshot.cluster("service/default/echo:80#h2").is_some());
+
+    let svc = res.services.remove(0);
+    let (t, _) = check(&res, "service deleted");
+    assert!(
+        t.problems
+            .iter()
+            .any(|p| p.reason == Reason::BackendNotFound && p.object.name == "a")
+    );
+    assert!(
+        t.problems
+            .iter()
+            .any(|p| p.reason == Reason::BackendNotFound && p.object.name == "g")
+    );
+    res.services.push(svc);
+    let (t, _) = check(&res, "service back");
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+
+    let mut gw = (*res.gateways[0]).clone();
+    gw.spec.listeners[0].hostname = Some("b.test".into());
+    res.gateways[0] = Arc::new(gw);
+    let (t, _) = check(&res, "gateway narrowed");
+    assert!(
+        t.problems
+            .iter()
+            .any(|p| p.reason == Reason::NoMatchingListenerHostname)
+    );
+
+    res.http_routes.remove(1);
+    check(&res, "route deleted");
 }
