@@ -44,7 +44,9 @@ async fn proxy(url: String, id: usize, seen: mpsc::UnboundedSender<(usize, u64, 
         .unwrap()
         .into_inner();
     while let Ok(Some(m)) = stream.message().await {
-        if let Some(subscribe_response::Message::Snapshot(s)) = m.message {
+        if let Some(subscribe_response::Message::Snapshot(s)) = m.message
+            && !s.more
+        {
             let _ = seen.send((id, s.version, Instant::now()));
             let ack = Ack {
                 version: s.version,
@@ -113,13 +115,17 @@ async fn main() {
                     .sum()
             })
             .unwrap_or(0);
-        translate_ms = op.metric("ferrum_operator_translate_milliseconds").await.unwrap_or(0.0);
+        translate_ms = op
+            .metric("ferrum_operator_full_translate_milliseconds")
+            .await
+            .unwrap_or(0.0);
         routes == ROUTES
     })
     .await;
     eprintln!(
-        "operator translated {ROUTES} routes ({translate_ms} ms for the translation; {:?} from start)",
-        started.elapsed()
+        "operator translated {ROUTES} routes ({translate_ms} ms for the translation; {:?} from start); RSS {:.1} MiB",
+        started.elapsed(),
+        op.pid().map_or(0.0, rss_mib)
     );
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -134,7 +140,8 @@ async fn main() {
         got += 1;
     }
     let initial = *latest.lock().await.iter().max().unwrap();
-    eprintln!("{PROXIES} proxies subscribed at version {initial}");
+    let rss_translated = op.pid().map_or(0.0, rss_mib);
+    eprintln!("{PROXIES} proxies subscribed at version {initial}; operator RSS {rss_translated:.1} MiB");
 
     let client = reqwest::Client::new();
     let mut samples = Vec::new();
@@ -153,7 +160,9 @@ async fn main() {
             .await
             .unwrap();
         assert!(r.status().is_success());
+        let patched_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let mut arrived = 0;
+        let first_sample = samples.len();
         while arrived < PROXIES {
             let (_, v, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                 .await
@@ -164,6 +173,12 @@ async fn main() {
                 arrived += 1;
             }
         }
+        let this: Vec<f64> = samples[first_sample..].to_vec();
+        eprintln!(
+            "change {change}: API server answered the PATCH in {patched_ms:.1} ms; first proxy {:.1} ms, last {:.1} ms",
+            this.iter().cloned().fold(f64::MAX, f64::min),
+            this.iter().cloned().fold(0.0, f64::max)
+        );
         version = {
             let proxies = op.admin_json("/proxies").await;
             proxies["proxies"]

@@ -82,7 +82,8 @@ fn condition<'a>(conds: &'a Value, kind: &str) -> Option<&'a Value> {
 async fn routes_follow_kubectl_and_survive_the_operator() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
-    let mut op = cluster.operator("op-1").await;
+    // Tiny chunks: every full snapshot this proxy gets arrives in several messages.
+    let mut op = cluster.operator_with("op-1", &["--chunk-bytes", "256"]).await;
     let port = free_port();
     cluster.apply(&base(port, &a, &b));
     let cache = cluster.dir.path().join("dp1-snapshot.json");

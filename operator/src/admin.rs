@@ -82,6 +82,11 @@ impl Admin {
         );
         let _ = writeln!(
             out,
+            "# TYPE ferrum_operator_full_translate_milliseconds gauge\nferrum_operator_full_translate_milliseconds {}",
+            cur.full_translate_ms
+        );
+        let _ = writeln!(
+            out,
             "# TYPE ferrum_operator_last_translation_routes gauge\n\
              ferrum_operator_last_translation_routes{{outcome=\"translated\"}} {}\n\
              ferrum_operator_last_translation_routes{{outcome=\"reused\"}} {}",

@@ -18,6 +18,8 @@ pub struct Published {
     pub resources: Arc<Resources>,
     pub full: Arc<Translation>,
     pub translate_ms: u64,
+    /// The last translation that reused nothing (the first, or after a Gateway changed).
+    pub full_translate_ms: u64,
     /// How the previous generation's snapshot (for every Gateway) becomes this one.
     pub delta: Option<Arc<Encoded>>,
     pub stats: ferrum_snapshot::translate::Stats,
@@ -126,6 +128,7 @@ impl Publisher {
                     gateways: vec![],
                 }),
                 translate_ms: 0,
+                full_translate_ms: 0,
                 delta: None,
                 stats: Default::default(),
             })),
@@ -182,6 +185,11 @@ impl Publisher {
             resources: Arc::new(res),
             full: Arc::new(full),
             translate_ms,
+            full_translate_ms: if stats.routes_reused == 0 {
+                translate_ms
+            } else {
+                prev.full_translate_ms
+            },
             delta,
             stats,
         });

@@ -16,6 +16,8 @@ use crate::dataplane::Dataplane;
 
 /// A silent stream for this long is dead (the operator beats every 10 s).
 const SILENCE: Duration = Duration::from_secs(35);
+/// The largest (compressed) snapshot body accepted, over all its chunks.
+const MAX_BODY: usize = 256 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -40,6 +42,8 @@ pub enum CpError {
     Silent(Duration),
     #[error("control plane closed the stream")]
     Closed,
+    #[error("snapshot larger than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// Reads the cached snapshot, checking it is whole (its hash matches its content).
@@ -140,6 +144,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
             }
         }
     });
+    let mut partial: Vec<u8> = Vec::new();
     let result = loop {
         let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
             Err(_) => break Err(CpError::Silent(SILENCE)),
@@ -147,9 +152,20 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
             Ok(Ok(None)) => break Err(CpError::Closed),
             Ok(Ok(Some(m))) => m,
         };
-        let Some(subscribe_response::Message::Snapshot(snap)) = msg.message else {
+        let Some(subscribe_response::Message::Snapshot(mut snap)) = msg.message else {
             continue;
         };
+        // A large body arrives in chunks: gather them.
+        if snap.more || !partial.is_empty() {
+            partial.extend_from_slice(&snap.body);
+            if partial.len() > MAX_BODY {
+                break Err(CpError::TooLarge(MAX_BODY));
+            }
+            if snap.more {
+                continue;
+            }
+            snap.body = std::mem::take(&mut partial).into();
+        }
         let (version, hash, delta) = (snap.version, snap.hash.clone(), snap.delta);
         let outcome = apply(dp, snap, s.cache.clone()).await;
         if let Err(e) = &outcome {

@@ -85,7 +85,16 @@ where
     let api: Api<K> = Api::all(client.clone());
     let (store, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+    // Nothing reads managedFields or kubectl's last-applied copy of the object, and in a real
+    // cluster they are often most of an object's size.
+    let stream = watcher(api, watcher::Config::default())
+        .modify(|o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            if let Some(a) = &mut o.meta_mut().annotations {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
         .default_backoff()
         .boxed();
     let (changed, ready) = (changed.clone(), ready.clone());

@@ -59,14 +59,28 @@ fn carry_transition_times(new: &mut Value, old: &Value) {
     }
 }
 
+/// The problems of one object: `t.problems` is sorted by object, so this is a binary search,
+/// not a scan (status is computed for every route after every generation).
+fn object_problems<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [Problem] {
+    let start = t.problems.partition_point(|p| &p.object < obj);
+    let len = t.problems[start..].partition_point(|p| &p.object == obj);
+    &t.problems[start..start + len]
+}
+
+/// The attachments of one route (`t.attachments` is sorted by route).
+fn route_attachments<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [ferrum_snapshot::translate::Attachment] {
+    let start = t.attachments.partition_point(|a| &a.route < obj);
+    let len = t.attachments[start..].partition_point(|a| &a.route == obj);
+    &t.attachments[start..start + len]
+}
+
 fn problems_of<'a>(t: &'a Translation, obj: &ObjectRef, prefix: &str) -> Vec<&'a Problem> {
-    t.problems
+    object_problems(t, obj)
         .iter()
         .filter(|p| {
-            &p.object == obj
-                && (p.field == prefix
-                    || p.field.starts_with(&format!("{prefix}."))
-                    || p.field.starts_with(&format!("{prefix}[")))
+            p.field == prefix
+                || p.field.starts_with(&format!("{prefix}."))
+                || p.field.starts_with(&format!("{prefix}["))
         })
         .collect()
 }
@@ -143,14 +157,12 @@ pub fn route_status(
         name: route.name_any(),
     };
     let generation = route.metadata.generation;
-    let backend_problem = t
-        .problems
+    let own = object_problems(t, &obj);
+    let backend_problem = own.iter().find(|p| p.field.contains("backendRefs"));
+    let rule_problem = own
         .iter()
-        .find(|p| p.object == obj && p.field.contains("backendRefs"));
-    let rule_problem = t
-        .problems
-        .iter()
-        .find(|p| p.object == obj && p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
+        .find(|p| p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
+    let attachments = route_attachments(t, &obj);
     let mut parents: Vec<Value> = route
         .status
         .as_ref()
@@ -176,7 +188,7 @@ pub fn route_status(
         if exists && !served.contains(&gw) {
             continue;
         }
-        let attached = t.attachments.iter().any(|a| a.route == obj && a.parent_ref == i);
+        let attached = attachments.iter().any(|a| a.parent_ref == i);
         let parent_problem = problems_of(t, &obj, &format!("spec.parentRefs[{i}]"))
             .into_iter()
             .next();
