@@ -5,14 +5,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use clap::Parser;
-use ferrum_dp::source::{control_plane, file};
+use ferrum_dp::source::{control_plane, file, xds};
 use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
 use ferrum_snapshot::Snapshot;
 
 /// Ferrum Mesh data-plane proxy.
 #[derive(Parser, Debug)]
 #[command(version, about)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane", "xds"])))]
 struct Args {
     /// Gateway API YAML: files or directories of *.yaml (Gateway, HTTPRoute, Service,
     /// EndpointSlice, Secret, ReferenceGrant, ferrum.dev Backend/BackendPolicy).
@@ -21,6 +21,12 @@ struct Args {
     /// Follow a Ferrum operator instead of files, e.g. http://ferrum-operator:15010.
     #[arg(long, env = "FERRUM_CONTROL_PLANE")]
     control_plane: Option<String>,
+    /// Follow any xDS server (State-of-the-World ADS), e.g. http://ferrum-operator:15010.
+    #[arg(long, env = "FERRUM_XDS")]
+    xds: Option<String>,
+    /// `node.cluster` towards the xDS server.
+    #[arg(long, default_value = "ferrum-dp")]
+    xds_cluster: String,
     /// This proxy's name towards the control plane (default: the host name).
     #[arg(long, env = "FERRUM_NODE_ID")]
     node_id: Option<String>,
@@ -150,14 +156,27 @@ async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime:
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
-    let source = match &args.control_plane {
-        Some(url) => {
+    let node_id = args.node_id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
+    });
+    let source = match (&args.control_plane, &args.xds) {
+        (_, Some(url)) => {
+            let settings = xds::Settings {
+                url: url.clone(),
+                node_id,
+                cluster: args.xds_cluster.clone(),
+            };
+            let dp = dp.clone();
+            tokio::spawn(async move {
+                xds::run(settings, dp).await;
+                Ok(())
+            })
+        }
+        (Some(url), None) => {
             let settings = control_plane::Settings {
                 url: url.clone(),
-                node_id: args.node_id.clone().unwrap_or_else(|| {
-                    std::fs::read_to_string("/proc/sys/kernel/hostname")
-                        .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
-                }),
+                node_id,
                 role: args.role.clone(),
                 token: args.token.clone(),
                 cache: Some(args.snapshot_cache.clone()),
@@ -168,7 +187,7 @@ async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime:
                 Ok(())
             })
         }
-        None => tokio::spawn(file::watch(args.config.clone(), dp.clone())),
+        (None, None) => tokio::spawn(file::watch(args.config.clone(), dp.clone())),
     };
 
     use tokio::signal::unix::{SignalKind, signal};

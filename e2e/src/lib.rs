@@ -237,13 +237,23 @@ impl Proxy {
     }
 
     pub async fn start_with(control_plane: &str, node: &str, cache: &Path, extra: &[&str]) -> Proxy {
+        let mut args = vec!["--control-plane", control_plane, "--snapshot-cache"];
+        args.push(cache.to_str().expect("UTF-8 path"));
+        args.extend(extra);
+        Self::spawn(node, &args)
+    }
+
+    /// A `ferrum-dp` following an xDS server instead.
+    pub async fn start_xds(url: &str, node: &str) -> Proxy {
+        Self::spawn(node, &["--xds", url])
+    }
+
+    fn spawn(node: &str, args: &[&str]) -> Proxy {
         let admin = free_port();
         let child = Command::new(workspace_bin("ferrum-dp"))
-            .args(["--control-plane", control_plane, "--node-id", node, "--workers", "1"])
-            .arg("--snapshot-cache")
-            .arg(cache)
+            .args(["--node-id", node, "--workers", "1"])
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -15,7 +15,7 @@ impl Drop for Envoy {
     }
 }
 
-fn envoy(dir: &std::path::Path, node: &str, grpc: u16) -> Envoy {
+fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
     let bin = venv_bin("envoy");
     // The bootstrap the operator generates: also what users get from `ferrum-operator envoy-bootstrap`.
     let out = Command::new(workspace_bin("ferrum-operator"))
@@ -34,6 +34,7 @@ fn envoy(dir: &std::path::Path, node: &str, grpc: u16) -> Envoy {
             "--admin-port",
             &free_port().to_string(),
         ])
+        .args(delta.then_some("--delta"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -96,12 +97,21 @@ async fn get(port: u16, path: &str) -> Option<(u16, Option<String>, Value, Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_by_our_xds_and_reports_nacks() {
+    envoy_follows_the_routes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_delta_xds_routes_and_reports_nacks() {
+    envoy_follows_the_routes(true).await;
+}
+
+async fn envoy_follows_the_routes(delta: bool) {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
     let op = cluster.operator("op-1").await;
     let port = free_port();
     cluster.apply(&setup(port, &a, &b, (100, 0), None));
-    let _envoy = envoy(cluster.dir.path(), "envoy-1", op.grpc);
+    let _envoy = envoy(cluster.dir.path(), "envoy-1", op.grpc, delta);
 
     eventually("Envoy routes to a", Duration::from_secs(15), async || {
         get(port, "/x")
@@ -125,7 +135,10 @@ async fn envoy_routes_by_our_xds_and_reports_nacks() {
         .find(|p| p["nodeId"] == "envoy-1")
         .cloned()
         .unwrap();
-    assert_eq!(envoy_state["protocol"], "xDS (SotW)");
+    assert_eq!(
+        envoy_state["protocol"],
+        if delta { "xDS (delta)" } else { "xDS (SotW)" }
+    );
     assert_eq!(envoy_state["lastRejection"], Value::Null);
 
     // A weight change reaches Envoy within a second.
@@ -157,6 +170,19 @@ async fn envoy_routes_by_our_xds_and_reports_nacks() {
         Some("b"),
         "last good config keeps serving"
     );
+
+    // An endpoint change (Service b now backed by a's address) reaches Envoy within a second.
+    cluster.apply(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: b-1, labels: {{kubernetes.io/service-name: b}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+        a.addr.port()
+    ));
+    eventually(
+        "Envoy follows the endpoint change",
+        Duration::from_secs(1),
+        async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("a")),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +275,76 @@ fn envoy_validates_the_generated_bootstrap() {
         "{}",
         String::from_utf8_lossy(&v.stdout)
     );
+}
+
+/// ferrum-dp as an xDS client of our ADS server: the same routes as Envoy gets, applied through
+/// its own reload path; what it cannot serve is NACKed with the reason and the last good config
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-xds").await;
+
+    eventually("ferrum-dp routes to a over xDS", Duration::from_secs(10), async || {
+        get(port, "/x")
+            .await
+            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
+    })
+    .await;
+    let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
+    assert_eq!(backend.as_deref(), Some("b"));
+    assert_eq!(body["path"], "/v2/users", "prefix rewrite");
+    assert_eq!(body["headers"]["x-via"][0], "envoy", "request header modifier");
+    let (status, _, _, location) = get(port, "/old/page").await.unwrap();
+    assert_eq!(status, 301);
+    // ferrum-dp keeps the Gateway API's rule for an unset redirect port (the listener's port).
+    assert_eq!(location, Some(format!("http://new.example.com:{port}/old/page")));
+
+    cluster.apply(&setup(port, &a, &b, (0, 100), None));
+    eventually(
+        "ferrum-dp follows the weight change",
+        Duration::from_secs(1),
+        async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b")),
+    )
+    .await;
+    let dp_state = |p: &Value| {
+        p["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["nodeId"] == "dp-xds")
+            .cloned()
+            .unwrap()
+    };
+    let s = dp_state(&op.admin_json("/proxies").await);
+    assert_eq!(s["protocol"], "xDS (SotW)");
+    assert_eq!(s["lastRejection"], Value::Null, "{s}");
+
+    // Consistent hashing reaches xDS as a ring-hash cluster, which ferrum-dp does not take from
+    // xDS: it NACKs the clusters with its reason and keeps routing as before.
+    cluster.apply(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: sticky}\n\
+         spec: {targetRefs: [{group: '', kind: Service, name: b}], loadBalancer: {type: ConsistentHash, hashHeader: x-user}}\n",
+    );
+    eventually(
+        "the NACK is recorded with ferrum-dp's reason",
+        Duration::from_secs(5),
+        async || {
+            dp_state(&op.admin_json("/proxies").await)["lastRejection"]
+                .as_str()
+                .is_some_and(|m| m.contains("Cluster") && m.contains("lb_policy"))
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            get(port, "/x").await.unwrap().1.as_deref(),
+            Some("b"),
+            "last good config serves"
+        );
+    }
 }

@@ -77,6 +77,9 @@ enum Command {
         xds_port: u16,
         #[arg(long, default_value_t = 15000)]
         admin_port: u16,
+        /// Use incremental (delta) ADS instead of State-of-the-World.
+        #[arg(long)]
+        delta: bool,
     },
 }
 
@@ -109,9 +112,10 @@ fn main() -> ExitCode {
         xds_host,
         xds_port,
         admin_port,
+        delta,
     }) = &args.command
     {
-        let b = xds::bootstrap::envoy(node_id, cluster, xds_host, *xds_port, *admin_port);
+        let b = xds::bootstrap::envoy(node_id, cluster, xds_host, *xds_port, *admin_port, *delta);
         println!("{}", serde_json::to_string_pretty(&b).expect("JSON"));
         return ExitCode::SUCCESS;
     }

@@ -1,4 +1,6 @@
-//! Where snapshots come from. Today: YAML files. Every source ends in `Dataplane::apply`.
+//! Where snapshots come from: YAML files, the Ferrum operator (MeshSubscribe) or any xDS server.
+//! Every source ends in `Dataplane::apply`.
 
 pub mod control_plane;
 pub mod file;
+pub mod xds;

@@ -39,6 +39,43 @@ pub struct Generation {
     changed: BTreeMap<&'static str, BTreeSet<String>>,
     /// …and whether any went away.
     removed: BTreeMap<&'static str, bool>,
+    /// Per type: resource name → version (a hash of its bytes), for delta ADS; made on first use.
+    versions: std::sync::OnceLock<BTreeMap<&'static str, std::collections::HashMap<String, String>>>,
+}
+
+impl Generation {
+    pub(super) fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub(super) fn resources(&self) -> &resources::Resources {
+        &self.res
+    }
+
+    pub(super) fn versions(&self, type_url: &str) -> &std::collections::HashMap<String, String> {
+        let all = self.versions.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let version = |a: &Any| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                a.value.hash(&mut h);
+                format!("{:016x}", h.finish())
+            };
+            PUSH_ORDER
+                .iter()
+                .map(|t| {
+                    let mut v: std::collections::HashMap<String, String> = self.res.by_type[t]
+                        .iter()
+                        .map(|(n, a)| (n.clone(), version(a)))
+                        .collect();
+                    if *t == LISTENER {
+                        v.extend(self.res.api_listeners.iter().map(|(n, a)| (n.clone(), version(a))));
+                    }
+                    (*t, v)
+                })
+                .collect()
+        });
+        &all[type_url]
+    }
 }
 
 fn hash_names(names: &[String]) -> u64 {
@@ -58,7 +95,7 @@ impl Ads {
         }
     }
 
-    fn current(&self) -> Arc<Generation> {
+    pub(super) fn current(&self) -> Arc<Generation> {
         let cur = self.publisher.current();
         let mut cache = self.cache.lock().unwrap();
         if let Some(g) = &*cache
@@ -110,6 +147,7 @@ impl Ads {
             prev,
             changed,
             removed,
+            versions: Default::default(),
         });
         *cache = Some(g.clone());
         g
@@ -363,10 +401,32 @@ impl AggregatedDiscoveryService for AdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental (delta) ADS is not implemented yet; use State-of-the-World ADS",
-        ))
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut s = super::delta::DeltaStream::new(self.0.clone(), tx.clone());
+        let mut generations = self.0.publisher.subscribe();
+        generations.mark_unchanged();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(r)) => match s.on_request(r, &peer).await {
+                            Ok(true) => {}
+                            Ok(false) => return,
+                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
+                        },
+                        _ => return,
+                    },
+                    r = generations.changed() => {
+                        if r.is_err() { return; }
+                        if !s.push_all().await { return; }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -2,13 +2,14 @@
 
 use serde_json::{Value, json};
 
-pub fn envoy(node_id: &str, cluster: &str, xds_host: &str, xds_port: u16, admin_port: u16) -> Value {
+/// `delta` picks incremental ADS (`DELTA_GRPC`) over State-of-the-World (`GRPC`).
+pub fn envoy(node_id: &str, cluster: &str, xds_host: &str, xds_port: u16, admin_port: u16, delta: bool) -> Value {
     json!({
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": if delta { "DELTA_GRPC" } else { "GRPC" },
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "ferrum-xds"}}]

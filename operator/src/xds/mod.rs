@@ -1,3 +1,4 @@
 pub mod ads;
 pub mod bootstrap;
+mod delta;
 pub mod resources;

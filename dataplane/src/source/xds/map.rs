@@ -1,0 +1,453 @@
+//! Envoy v3 resources → snapshot: the subset ferrum-dp can serve exactly. Anything else is an
+//! error naming the resource and field, which the client sends back as a NACK.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use ferrum_snapshot::model::{
+    Action, CircuitBreaker, ClusterTimeouts, Endpoint, HeaderModifier, HealthCheck, KeyMatch, LbPolicy, Listener,
+    OutlierDetection, PathMatch, PathRewrite, Protocol, Redirect, Rewrite, Route, RouteMatch, RouteTimeouts,
+    StringMatch, UpstreamProtocol, VirtualHost, WeightedCluster,
+};
+use ferrum_snapshot::{Snapshot, model};
+use prost::Message;
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// What the client holds, by type and name.
+#[derive(Default, Clone)]
+pub struct Resources {
+    pub listeners: BTreeMap<String, listener::Listener>,
+    pub routes: BTreeMap<String, route::RouteConfiguration>,
+    pub clusters: BTreeMap<String, cluster::Cluster>,
+    pub endpoints: BTreeMap<String, endpoint::ClusterLoadAssignment>,
+}
+
+pub fn decode<M: Message + Default>(a: &Any, want: &str) -> Result<M, String> {
+    if a.type_url != want {
+        return Err(format!("resource of type {} where {want} was expected", a.type_url));
+    }
+    M::decode(&a.value[..]).map_err(|e| format!("{want} does not decode: {e}"))
+}
+
+fn ms(d: &Option<PbDuration>) -> Option<u64> {
+    d.as_ref()
+        .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
+}
+
+/// The route configuration a listener takes its routes from, by name (RDS) or inline.
+pub enum RouteSource {
+    Rds(String),
+    Inline(Box<route::RouteConfiguration>),
+}
+
+/// A listener's HTTP connection manager's route source; any other shape is refused.
+pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
+    let at = |what: &str| format!("Listener {}: {what}", l.name);
+    if l.api_listener.is_some() {
+        return Err(at("api_listener is for gRPC clients, not a proxy"));
+    }
+    let [chain] = &l.filter_chains[..] else {
+        return Err(at("exactly one filter chain is supported"));
+    };
+    if chain.transport_socket.is_some() {
+        return Err(at(
+            "filter_chains[0].transport_socket: TLS termination over xDS is not supported yet",
+        ));
+    }
+    let [filter] = &chain.filters[..] else {
+        return Err(at(
+            "exactly one network filter (the HTTP connection manager) is supported",
+        ));
+    };
+    let Some(listener::filter::ConfigType::TypedConfig(tc)) = &filter.config_type else {
+        return Err(at("the network filter needs a typed_config"));
+    };
+    let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| at(&e))?;
+    match m.route_specifier {
+        Some(hcm::http_connection_manager::RouteSpecifier::Rds(r)) => Ok(RouteSource::Rds(r.route_config_name)),
+        Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => Ok(RouteSource::Inline(Box::new(rc))),
+        _ => Err(at("routes must come from RDS or be inline")),
+    }
+}
+
+fn socket(a: &Option<core::Address>) -> Option<(String, u16)> {
+    match a.as_ref()?.address.as_ref()? {
+        core::address::Address::SocketAddress(s) => match s.port_specifier {
+            Some(core::socket_address::PortSpecifier::PortValue(p)) => {
+                Some((s.address.clone(), u16::try_from(p).ok()?))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn string_match(m: &matcher::StringMatcher, at: &str) -> Result<StringMatch, String> {
+    use matcher::string_matcher::MatchPattern;
+    if m.ignore_case {
+        return Err(format!("{at}: ignore_case is not supported"));
+    }
+    match &m.match_pattern {
+        Some(MatchPattern::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+        Some(MatchPattern::SafeRegex(r)) => Ok(StringMatch::Regex(r.regex.clone())),
+        Some(MatchPattern::Prefix(p)) => Ok(StringMatch::Regex(format!("{}.*", regex::escape(p)))),
+        _ => Err(format!(
+            "{at}: only exact, prefix and safe_regex string matches are supported"
+        )),
+    }
+}
+
+fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Result<HeaderModifier, String> {
+    use core::header_value_option::HeaderAppendAction;
+    let mut m = HeaderModifier {
+        remove: remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        ..Default::default()
+    };
+    for o in opts {
+        let h = o
+            .header
+            .as_ref()
+            .ok_or_else(|| format!("{at}: a header option without a header"))?;
+        let kv = (h.key.to_ascii_lowercase(), h.value.clone());
+        match HeaderAppendAction::try_from(o.append_action) {
+            Ok(HeaderAppendAction::AppendIfExistsOrAdd) => m.add.push(kv),
+            Ok(HeaderAppendAction::OverwriteIfExistsOrAdd) => m.set.push(kv),
+            _ => {
+                return Err(format!(
+                    "{at}: header {}: only append or overwrite actions are supported",
+                    h.key
+                ));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// `known`: whether a cluster exists; a route to one that does not answers 500, as Envoy's 503.
+fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Result<Route, String> {
+    use route::route_match::PathSpecifier;
+    let at = format!("{at} route {:?}", r.name);
+    let m = r.r#match.as_ref().ok_or_else(|| format!("{at}: no match"))?;
+    if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+        return Err(format!("{at}: case-insensitive paths are not supported"));
+    }
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) if p == "/" || p.is_empty() => PathMatch::Prefix("/".into()),
+        // Envoy prefixes are plain string prefixes; ours are by segment, so say it as a regex.
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Regex(format!("{}.*", regex::escape(p))),
+        Some(PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::Prefix(p.trim_end_matches('/').to_string()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(re.regex.clone()),
+        _ => {
+            return Err(format!(
+                "{at}: only prefix, path, path_separated_prefix and safe_regex paths are supported"
+            ));
+        }
+    };
+    let mut matcher = RouteMatch {
+        path,
+        ..Default::default()
+    };
+    for h in &m.headers {
+        use route::header_matcher::HeaderMatchSpecifier;
+        if h.invert_match {
+            return Err(format!("{at}: header {}: invert_match is not supported", h.name));
+        }
+        let value = match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: header {}", h.name))?,
+            _ => return Err(format!("{at}: header {}: only string matches are supported", h.name)),
+        };
+        match (h.name.as_str(), value) {
+            (":method", StringMatch::Exact(m)) => matcher.method = Some(m),
+            (n, _) if n.starts_with(':') => return Err(format!("{at}: pseudo-header {n} matches are not supported")),
+            (n, value) => matcher.headers.push(KeyMatch {
+                name: n.to_ascii_lowercase(),
+                value,
+            }),
+        }
+    }
+    for q in &m.query_parameters {
+        use route::query_parameter_matcher::QueryParameterMatchSpecifier;
+        let value = match &q.query_parameter_match_specifier {
+            Some(QueryParameterMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: query {}", q.name))?,
+            _ => return Err(format!("{at}: query {}: only string matches are supported", q.name)),
+        };
+        matcher.query_params.push(KeyMatch {
+            name: q.name.clone(),
+            value,
+        });
+    }
+    let mut out = Route {
+        name: r.name.clone(),
+        matcher,
+        request_headers: headers(&r.request_headers_to_add, &r.request_headers_to_remove, &at)?,
+        response_headers: headers(&r.response_headers_to_add, &r.response_headers_to_remove, &at)?,
+        rewrite: None,
+        action: Action::Forward(Vec::new()),
+        timeouts: RouteTimeouts::default(),
+    };
+    out.action = match &r.action {
+        Some(route::route::Action::Route(ra)) => {
+            use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+            let targets = match &ra.cluster_specifier {
+                Some(ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
+                    cluster: Some(c.clone()).filter(|c| known(c)),
+                    weight: 1,
+                }],
+                Some(ClusterSpecifier::WeightedClusters(w)) => w
+                    .clusters
+                    .iter()
+                    .map(|c| WeightedCluster {
+                        cluster: Some(c.name.clone()).filter(|c| known(c)),
+                        weight: c.weight.as_ref().map_or(1, |w| w.value),
+                    })
+                    .filter(|c| c.weight > 0)
+                    .collect(),
+                _ => {
+                    return Err(format!(
+                        "{at}: only cluster and weighted_clusters targets are supported"
+                    ));
+                }
+            };
+            let mut rewrite = Rewrite::default();
+            if let Some(HostRewriteSpecifier::HostRewriteLiteral(h)) = &ra.host_rewrite_specifier {
+                rewrite.hostname = Some(h.clone());
+            }
+            if !ra.prefix_rewrite.is_empty() {
+                if !matches!(out.matcher.path, PathMatch::Prefix(_)) {
+                    return Err(format!("{at}: prefix_rewrite needs a path_separated_prefix match"));
+                }
+                rewrite.path = Some(PathRewrite::Prefix(ra.prefix_rewrite.clone()));
+            }
+            if let Some(rr) = &ra.regex_rewrite {
+                // Only the whole-path replacement is ours to express.
+                match rr.pattern.as_ref().map(|p| p.regex.as_str()) {
+                    Some("^/.*$") | Some("^.*$") => rewrite.path = Some(PathRewrite::Full(rr.substitution.clone())),
+                    _ => return Err(format!("{at}: regex_rewrite must replace the whole path (^/.*$)")),
+                }
+            }
+            if rewrite != Rewrite::default() {
+                out.rewrite = Some(rewrite);
+            }
+            out.timeouts.request_ms = ms(&ra.timeout).filter(|t| *t > 0);
+            out.timeouts.backend_request_ms = ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout));
+            Action::Forward(targets)
+        }
+        Some(route::route::Action::Redirect(rd)) => {
+            use route::redirect_action::{PathRewriteSpecifier, RedirectResponseCode as Code, SchemeRewriteSpecifier};
+            Action::Redirect(Redirect {
+                scheme: match &rd.scheme_rewrite_specifier {
+                    Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+                    Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+                    _ => None,
+                },
+                hostname: Some(rd.host_redirect.clone()).filter(|h| !h.is_empty()),
+                port: u16::try_from(rd.port_redirect).ok().filter(|p| *p != 0),
+                path: match &rd.path_rewrite_specifier {
+                    Some(PathRewriteSpecifier::PathRedirect(p)) => Some(PathRewrite::Full(p.clone())),
+                    Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(PathRewrite::Prefix(p.clone())),
+                    Some(_) => return Err(format!("{at}: regex path redirects are not supported")),
+                    None => None,
+                },
+                status: match Code::try_from(rd.response_code) {
+                    Ok(Code::MovedPermanently) => 301,
+                    Ok(Code::SeeOther) => 303,
+                    Ok(Code::TemporaryRedirect) => 307,
+                    Ok(Code::PermanentRedirect) => 308,
+                    _ => 302,
+                },
+            })
+        }
+        _ => return Err(format!("{at}: only route and redirect actions are supported")),
+    };
+    Ok(out)
+}
+
+fn virtual_hosts(
+    rc: &route::RouteConfiguration,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Arc<VirtualHost>>, String> {
+    let mut by_host: BTreeMap<String, Vec<Arc<Route>>> = BTreeMap::new();
+    for vh in &rc.virtual_hosts {
+        let at = format!("RouteConfiguration {} virtual host {}", rc.name, vh.name);
+        let routes: Vec<Arc<Route>> = vh
+            .routes
+            .iter()
+            .map(|r| route_entry(r, &at, known).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        for d in &vh.domains {
+            let host = d.split(':').next().unwrap_or(d).to_ascii_lowercase();
+            if host != "*" && host.contains('*') && !host.starts_with("*.") {
+                return Err(format!(
+                    "{at}: domain {d:?}: only exact, \"*.suffix\" and \"*\" domains are supported"
+                ));
+            }
+            if by_host.insert(host, routes.clone()).is_some() {
+                return Err(format!("{at}: domain {d:?} appears twice"));
+            }
+        }
+    }
+    Ok(by_host
+        .into_iter()
+        .map(|(hostname, routes)| Arc::new(VirtualHost { hostname, routes }))
+        .collect())
+}
+
+fn threshold(v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32) -> u32 {
+    v.as_ref().map_or(default, |v| v.value)
+}
+
+fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment>) -> Result<model::Cluster, String> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as EnvoyLb};
+    let at = |what: &str| format!("Cluster {}: {what}", c.name);
+    if c.transport_socket.is_some() {
+        return Err(at("transport_socket: upstream TLS over xDS is not supported yet"));
+    }
+    let lb = match EnvoyLb::try_from(c.lb_policy) {
+        Ok(EnvoyLb::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(EnvoyLb::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(EnvoyLb::Random) => LbPolicy::Random,
+        _ => {
+            return Err(at(
+                "lb_policy: only ROUND_ROBIN, LEAST_REQUEST and RANDOM are supported",
+            ));
+        }
+    };
+    let assignment = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => {
+            cla.ok_or_else(|| at("its ClusterLoadAssignment has not arrived"))?
+        }
+        Some(ClusterDiscoveryType::Type(t))
+            if *t == DiscoveryType::Static as i32 || *t == DiscoveryType::StrictDns as i32 =>
+        {
+            c.load_assignment
+                .as_ref()
+                .ok_or_else(|| at("load_assignment is missing"))?
+        }
+        _ => return Err(at("only EDS, STATIC and STRICT_DNS clusters are supported")),
+    };
+    let mut endpoints = Vec::new();
+    for loc in &assignment.endpoints {
+        let zone = loc.locality.as_ref().map(|l| l.zone.clone()).filter(|z| !z.is_empty());
+        for lb in &loc.lb_endpoints {
+            let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
+                return Err(at("named endpoints are not supported"));
+            };
+            let (address, port) = socket(&e.address).ok_or_else(|| at("an endpoint without a socket address"))?;
+            let health = core::HealthStatus::try_from(lb.health_status).unwrap_or(core::HealthStatus::Unknown);
+            endpoints.push(Endpoint {
+                address,
+                port,
+                weight: lb.load_balancing_weight.as_ref().map_or(1, |w| w.value.max(1)),
+                identity: None,
+                ready: matches!(health, core::HealthStatus::Unknown | core::HealthStatus::Healthy),
+                zone: zone.clone(),
+            });
+        }
+    }
+    let mut out = model::Cluster::new(c.name.clone(), endpoints);
+    out.lb = lb;
+    let d = ClusterTimeouts::default();
+    out.timeouts = ClusterTimeouts {
+        connect_ms: ms(&c.connect_timeout).unwrap_or(d.connect_ms),
+        ..d
+    };
+    if let Some(t) = c.circuit_breakers.as_ref().and_then(|cb| cb.thresholds.first()) {
+        let d = CircuitBreaker::default();
+        out.circuit_breaker = CircuitBreaker {
+            max_connections: threshold(&t.max_connections, d.max_connections),
+            max_pending_requests: threshold(&t.max_pending_requests, d.max_pending_requests),
+            max_requests: threshold(&t.max_requests, d.max_requests),
+        };
+    }
+    out.outlier_detection = c.outlier_detection.as_ref().map(|od| {
+        let d = OutlierDetection::default();
+        OutlierDetection {
+            consecutive_5xx: threshold(&od.consecutive_5xx, d.consecutive_5xx),
+            consecutive_connect_failures: threshold(&od.consecutive_gateway_failure, d.consecutive_connect_failures),
+            base_ejection_ms: ms(&od.base_ejection_time).unwrap_or(d.base_ejection_ms),
+            max_ejection_percent: threshold(&od.max_ejection_percent, d.max_ejection_percent).min(100),
+        }
+    });
+    if let Some(hc) = c.health_checks.first() {
+        let Some(core::health_check::HealthChecker::HttpHealthCheck(h)) = &hc.health_checker else {
+            return Err(at("health_checks[0]: only HTTP health checks are supported"));
+        };
+        let d = HealthCheck::default();
+        out.health_check = Some(HealthCheck {
+            path: h.path.clone(),
+            interval_ms: ms(&hc.interval).unwrap_or(d.interval_ms),
+            timeout_ms: ms(&hc.timeout).unwrap_or(d.timeout_ms),
+            healthy_threshold: threshold(&hc.healthy_threshold, d.healthy_threshold),
+            unhealthy_threshold: threshold(&hc.unhealthy_threshold, d.unhealthy_threshold),
+            expected_status: match h.expected_statuses.first() {
+                Some(r) => (r.start as u16, (r.end - 1) as u16),
+                None => d.expected_status,
+            },
+        });
+    }
+    if let Some(opts) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
+        use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
+        let o: upstream_http::HttpProtocolOptions =
+            decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| at(&e))?;
+        if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = o.upstream_protocol_options
+            && matches!(e.protocol_config, Some(ProtocolConfig::Http2ProtocolOptions(_)))
+        {
+            out.protocol = UpstreamProtocol::Http2;
+        }
+    }
+    Ok(out)
+}
+
+/// The snapshot the resources describe, or why they cannot be served. `Ok(None)`: some routes or
+/// endpoints a listener or cluster needs have not arrived yet.
+pub fn snapshot(r: &Resources, version: u64) -> Result<Option<Snapshot>, String> {
+    let mut listeners = Vec::new();
+    for l in r.listeners.values() {
+        let (address, port) =
+            socket(&l.address).ok_or_else(|| format!("Listener {}: needs a socket address with a port", l.name))?;
+        let rc = match listener_routes(l)? {
+            RouteSource::Inline(rc) => *rc,
+            RouteSource::Rds(name) => match r.routes.get(&name) {
+                Some(rc) => rc.clone(),
+                None => return Ok(None),
+            },
+        };
+        listeners.push(Listener {
+            name: l.name.clone(),
+            address,
+            port,
+            protocol: Protocol::Http,
+            certificates: Vec::new(),
+            virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
+        });
+    }
+    listeners.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+    let mut clusters = Vec::new();
+    for c in r.clusters.values() {
+        let eds = matches!(&c.cluster_discovery_type, Some(cluster::cluster::ClusterDiscoveryType::Type(t))
+            if *t == cluster::cluster::DiscoveryType::Eds as i32);
+        if eds && !r.endpoints.contains_key(&c.name) {
+            return Ok(None);
+        }
+        clusters.push(Arc::new(cluster_of(c, r.endpoints.get(&c.name))?));
+    }
+    // Applying validates the rest (the same checks as every other source).
+    Ok(Some(Snapshot::new(version, listeners, clusters)))
+}

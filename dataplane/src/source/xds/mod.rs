@@ -1,0 +1,241 @@
+//! xDS mode: ferrum-dp as a State-of-the-World ADS client of any xDS server. Listeners and
+//! clusters are wildcard subscriptions; the route configurations and load assignments they name
+//! are subscribed to as they appear. Every response is mapped into a snapshot ([`map`]) and
+//! applied through the same path as a file reload; what cannot be mapped or applied is NACKed
+//! with the reason, and the last good config keeps serving.
+
+pub mod map;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
+
+use self::map::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, RouteSource};
+use crate::dataplane::Dataplane;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub url: String,
+    pub node_id: String,
+    /// `node.cluster` towards the server.
+    pub cluster: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("xDS server: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("xDS server closed the stream")]
+    Closed,
+}
+
+/// Subscribes forever, reconnecting with exponential backoff and jitter.
+pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&settings, &dp).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "xDS stream ended"),
+        }
+        let wait = Duration::from_millis(fastrand::u64(
+            backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
+        ));
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Per type: the last accepted version, the last nonce seen and the names subscribed.
+#[derive(Default)]
+struct TypeState {
+    version: String,
+    nonce: String,
+    names: Vec<String>,
+}
+
+struct Client {
+    tx: mpsc::UnboundedSender<DiscoveryRequest>,
+    types: std::collections::HashMap<&'static str, TypeState>,
+    node: Option<Node>,
+}
+
+impl Client {
+    fn request(&mut self, type_url: &'static str, error: Option<String>) {
+        let st = self.types.entry(type_url).or_default();
+        let _ = self.tx.send(DiscoveryRequest {
+            version_info: st.version.clone(),
+            node: self.node.take(),
+            resource_names: st.names.clone(),
+            type_url: type_url.into(),
+            response_nonce: st.nonce.clone(),
+            error_detail: error.map(|message| RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
+    /// Subscribes to exactly `names` of `type_url` when that is not what it asks for already.
+    fn follow(&mut self, type_url: &'static str, mut names: Vec<String>) {
+        names.sort();
+        names.dedup();
+        let st = self.types.entry(type_url).or_default();
+        if st.names != names {
+            st.names = names;
+            self.request(type_url, None);
+        }
+    }
+}
+
+fn type_of(url: &str) -> Option<&'static str> {
+    [LISTENER, ROUTE, CLUSTER, ENDPOINT].into_iter().find(|t| *t == url)
+}
+
+/// `state` with one response taken in: LDS and CDS answers are the whole set, RDS and EDS
+/// answers replace the resources they carry.
+fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<Resources, String> {
+    let mut next = state.clone();
+    match type_url {
+        LISTENER => {
+            next.listeners.clear();
+            for a in &resp.resources {
+                let l: envoy_types::pb::envoy::config::listener::v3::Listener = map::decode(a, LISTENER)?;
+                next.listeners.insert(l.name.clone(), l);
+            }
+        }
+        CLUSTER => {
+            next.clusters.clear();
+            for a in &resp.resources {
+                let c: envoy_types::pb::envoy::config::cluster::v3::Cluster = map::decode(a, CLUSTER)?;
+                next.clusters.insert(c.name.clone(), c);
+            }
+        }
+        ROUTE => {
+            for a in &resp.resources {
+                let r: envoy_types::pb::envoy::config::route::v3::RouteConfiguration = map::decode(a, ROUTE)?;
+                next.routes.insert(r.name.clone(), r);
+            }
+        }
+        _ => {
+            for a in &resp.resources {
+                let e: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment = map::decode(a, ENDPOINT)?;
+                next.endpoints.insert(e.cluster_name.clone(), e);
+            }
+        }
+    }
+    // What nothing names any more goes.
+    let routes: Vec<String> = route_names(&next);
+    next.routes.retain(|n, _| routes.contains(n));
+    next.endpoints.retain(|n, _| next.clusters.contains_key(n));
+    Ok(next)
+}
+
+fn route_names(r: &Resources) -> Vec<String> {
+    r.listeners
+        .values()
+        .filter_map(|l| match map::listener_routes(l) {
+            Ok(RouteSource::Rds(name)) => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
+fn eds_names(r: &Resources) -> Vec<String> {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    r.clusters
+        .values()
+        .filter(|c| matches!(c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32))
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
+        .map_err(|source| XdsError::Connect {
+            url: s.url.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .connect()
+        .await
+        .map_err(|source| XdsError::Connect {
+            url: s.url.clone(),
+            source,
+        })?;
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut client = Client {
+        tx,
+        types: Default::default(),
+        node: Some(Node {
+            id: s.node_id.clone(),
+            cluster: s.cluster.clone(),
+            user_agent_name: "ferrum-dp".into(),
+            ..Default::default()
+        }),
+    };
+    client.request(LISTENER, None);
+    client.request(CLUSTER, None);
+    let mut stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the xDS server");
+    let mut state = Resources::default();
+    let mut version = dp.shared.config.load().snapshot.version;
+    while let Some(resp) = stream.message().await? {
+        let Some(type_url) = type_of(&resp.type_url) else {
+            tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
+            continue;
+        };
+        client.types.entry(type_url).or_default().nonce = resp.nonce.clone();
+        // (the new state, the version applied if the config is complete) or why not.
+        let outcome: Result<(Resources, Option<u64>), String> = match take(&state, &resp, type_url) {
+            Err(e) => Err(e),
+            Ok(next) => match map::snapshot(&next, version + 1) {
+                Err(e) => Err(e),
+                Ok(None) => Ok((next, None)),
+                Ok(Some(snap)) => {
+                    let dp = dp.clone();
+                    let applied = tokio::task::spawn_blocking(move || dp.apply(snap).map_err(|e| e.to_string()))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                    applied.map(|()| (next, Some(version + 1)))
+                }
+            },
+        };
+        match outcome {
+            Ok((next, applied)) => {
+                state = next;
+                if let Some(v) = applied {
+                    version = v;
+                    tracing::info!(version, type_url, server_version = %resp.version_info, "applied xDS config");
+                }
+                client.types.entry(type_url).or_default().version = resp.version_info.clone();
+                client.request(type_url, None);
+                client.follow(ROUTE, route_names(&state));
+                client.follow(ENDPOINT, eds_names(&state));
+            }
+            Err(e) => {
+                tracing::error!(type_url, server_version = %resp.version_info, error = %e, "NACK: still serving the last good config");
+                client.request(type_url, Some(e));
+            }
+        }
+    }
+    Err(XdsError::Closed)
+}
