@@ -77,4 +77,5 @@ bench-operator: e2e-deps
 bench-xds: e2e-deps
 	cargo build --release -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_xds
-	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_xds
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_xds sotw
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_xds delta

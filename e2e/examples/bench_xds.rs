@@ -1,13 +1,15 @@
 //! `make bench-xds`: 1,000 simulated ADS clients (CDS wildcard + EDS for every cluster, ACKing
 //! each response) on a 5,000-service snapshot; one endpoint change → time until every client has
-//! the new ClusterLoadAssignment and ACKed it (p50/p99); operator RSS and CPU.
+//! the new ClusterLoadAssignment and ACKed it (p50/p99); operator RSS and CPU. The first argument
+//! picks the protocol: `sotw` (State of the World: every EDS ACK repeats the 5,000 names) or
+//! `delta` (incremental).
 
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use ferrum_e2e::*;
 use prost::Message;
 use serde_json::json;
@@ -72,6 +74,60 @@ async fn client(channel: tonic::transport::Channel, id: usize, seen: mpsc::Unbou
     }
 }
 
+/// The same client over incremental ADS: subscriptions are sent once, ACKs carry no names.
+async fn delta_client(
+    channel: tonic::transport::Channel,
+    id: usize,
+    seen: mpsc::UnboundedSender<(usize, usize, Instant)>,
+) {
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: format!("sim-{id}"),
+            cluster: "bench".into(),
+            ..Default::default()
+        }),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut stream = ads
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = "service/default/svc-7:80";
+    let mut subscribed = false;
+    while let Ok(Some(resp)) = stream.message().await {
+        if resp.type_url == EDS {
+            let now = Instant::now();
+            for r in &resp.resources {
+                if r.name == watched
+                    && let Some(a) = &r.resource
+                    && let Ok(cla) = ClusterLoadAssignment::decode(&a.value[..])
+                {
+                    let n = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+                    let _ = seen.send((id, n, now));
+                }
+            }
+        }
+        let _ = tx.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        });
+        if resp.type_url == CDS && !subscribed {
+            subscribed = true;
+            let _ = tx.send(DeltaDiscoveryRequest {
+                type_url: EDS.into(),
+                resource_names_subscribe: (0..SERVICES).map(|i| format!("service/default/svc-{i}:80")).collect(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
@@ -82,6 +138,12 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "sotw".into());
+    let delta = match mode.as_str() {
+        "sotw" => false,
+        "delta" => true,
+        other => panic!("mode {other:?}: sotw or delta"),
+    };
     let cluster = Cluster::start();
     let api = cluster.url();
     cluster.apply(
@@ -132,7 +194,11 @@ async fn main() {
             .await
             .unwrap();
         for k in 0..20 {
-            tokio::spawn(client(channel.clone(), conn * 20 + k, tx.clone()));
+            if delta {
+                tokio::spawn(delta_client(channel.clone(), conn * 20 + k, tx.clone()));
+            } else {
+                tokio::spawn(client(channel.clone(), conn * 20 + k, tx.clone()));
+            }
         }
     }
     let mut ready = 0;
@@ -174,12 +240,14 @@ async fn main() {
     let rss = rss_mib(pid);
     let cpu = cpu_seconds(pid) - cpu_before;
     let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
-    println!("\nxDS at scale: {SERVICES} services, {CLIENTS} ADS clients (CDS + EDS), {CHANGES} endpoint changes");
+    println!(
+        "\nxDS at scale ({mode}): {SERVICES} services, {CLIENTS} ADS clients (CDS + EDS), {CHANGES} endpoint changes"
+    );
     println!("  endpoint change → every client has it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < 200)");
     println!("  operator RSS {rss:.1} MiB (before the changes {rss_before:.1})   (target < 300)");
     println!("  operator CPU for the changes: {cpu:.2} s");
     let result = json!({
-        "services": SERVICES, "clients": CLIENTS, "changes": CHANGES,
+        "mode": mode, "services": SERVICES, "clients": CLIENTS, "changes": CHANGES,
         "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
         "operator_rss_mib": rss, "operator_cpu_seconds": cpu,
         "targets": {"propagation_p99_ms": 200, "rss_mib": 300},
@@ -190,7 +258,7 @@ async fn main() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let out = dir.join(format!("xds-{when}.json"));
+    let out = dir.join(format!("xds-{mode}-{when}.json"));
     std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
     println!("  written to {}", out.display());
 }

@@ -48,8 +48,23 @@ impl Generation {
         self.version
     }
 
-    pub(super) fn resources(&self) -> &resources::Resources {
+    pub(super) fn resources(&self) -> &Arc<resources::Resources> {
         &self.res
+    }
+
+    /// The generation before this one, when there was one.
+    pub(super) fn previous(&self) -> Option<&Arc<resources::Resources>> {
+        self.prev.as_ref()
+    }
+
+    /// Names of `type_url` added or changed since the previous generation.
+    pub(super) fn changed(&self, type_url: &str) -> &BTreeSet<String> {
+        &self.changed[type_url]
+    }
+
+    /// Whether any resource of `type_url` went away since the previous generation.
+    pub(super) fn removed_any(&self, type_url: &str) -> bool {
+        self.removed[type_url]
     }
 
     pub(super) fn versions(&self, type_url: &str) -> &std::collections::HashMap<String, String> {
@@ -78,7 +93,7 @@ impl Generation {
     }
 }
 
-fn hash_names(names: &[String]) -> u64 {
+pub(super) fn hash_names(names: &[String]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     names.hash(&mut h);
@@ -153,7 +168,7 @@ impl Ads {
         g
     }
 
-    fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
+    pub(super) fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
         let mut subs = self.subscriptions.lock().unwrap();
         if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade) {
             return s;
@@ -176,6 +191,27 @@ struct TypeState {
     sent_from: Option<Arc<resources::Resources>>,
     sent_for: u64,
     acked_version: String,
+    /// The first nonce of the last (possibly split) answer: a NACK of any part of it counts.
+    first_nonce: u64,
+}
+
+/// Most bytes of resources in one split answer.
+pub(super) const BATCH_BYTES: usize = 64 << 10;
+
+/// `items` in order, cut into runs of at most `max` bytes (a larger item is a run of its own).
+pub(super) fn batches<T>(items: Vec<T>, size: impl Fn(&T) -> usize, max: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        if bytes + n > max && !out.last().is_none_or(Vec::is_empty) {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += n;
+        out.last_mut().expect("never empty").push(item);
+    }
+    out
 }
 
 struct Stream_ {
@@ -242,21 +278,34 @@ impl Stream_ {
             let send: Vec<&String> = if full_state { names.iter().collect() } else { delta };
             send.into_iter().filter_map(|n| lookup(n).cloned()).collect()
         };
-        self.nonce += 1;
-        st.nonce = self.nonce;
         st.sent_from = Some(g.res.clone());
         st.sent_for = st.names_hash;
-        let resp = DiscoveryResponse {
-            version_info: g.version.to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            nonce: self.nonce.to_string(),
-            ..Default::default()
-        };
         if let Some(reg) = &self.reg {
             reg.update(|p| p.sent_version = g.version);
         }
-        self.tx.send(Ok(resp)).await.is_ok()
+        // LDS and CDS answers must be whole; EDS and RDS answers may be split, and are, so no
+        // stream's gRPC buffer grows to the size of every endpoint in the mesh.
+        let batches = if full_state {
+            vec![resources]
+        } else {
+            batches(resources, |a| a.value.len(), BATCH_BYTES)
+        };
+        st.first_nonce = self.nonce + 1;
+        for resources in batches {
+            self.nonce += 1;
+            st.nonce = self.nonce;
+            let resp = DiscoveryResponse {
+                version_info: g.version.to_string(),
+                resources,
+                type_url: type_url.to_string(),
+                nonce: self.nonce.to_string(),
+                ..Default::default()
+            };
+            if self.tx.send(Ok(resp)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Pushes every subscribed type in order; clusters no longer used go last.
@@ -316,8 +365,11 @@ impl Stream_ {
         let reg = self.reg.as_ref().expect("registered above");
         let st = self.types.entry(r.type_url.clone()).or_default();
         if !r.response_nonce.is_empty() {
-            if r.response_nonce != st.nonce.to_string() {
-                // An answer to an older response: the newer one is on its way.
+            let nonce: u64 = r.response_nonce.parse().unwrap_or(0);
+            let in_last_answer = (st.first_nonce..=st.nonce).contains(&nonce);
+            // An ACK counts for the last part of the last answer; a NACK for any part of it.
+            // Anything older is an answer to an older response: the newer one is on its way.
+            if nonce != st.nonce && !(in_last_answer && r.error_detail.is_some()) {
                 return Ok(true);
             }
             let version: u64 = r.version_info.parse().unwrap_or(0);
@@ -405,7 +457,8 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<DeltaStream>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        // Two answers in flight per stream: the rest are made when the client has read these.
+        let (tx, rx) = mpsc::channel(2);
         let mut s = super::delta::DeltaStream::new(self.0.clone(), tx.clone());
         let mut generations = self.0.publisher.subscribe();
         generations.mark_unchanged();

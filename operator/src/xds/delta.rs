@@ -20,10 +20,16 @@ struct TypeState {
     /// Asked for at all (a client that never asked for a type gets none of it).
     active: bool,
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client has: name → version.
-    have: HashMap<String, String>,
+    /// Subscribed names, interned: a thousand clients asking for the same 5,000 share one set.
+    names: Arc<BTreeSet<String>>,
+    /// The client holds this generation's version of every resource it is subscribed to…
+    synced: Option<Arc<Generation>>,
+    /// …except these (name → version it holds, "" for none): newly subscribed names, and what
+    /// a reconnecting client said it has. Empty in the steady state.
+    differs: HashMap<String, String>,
     nonce: u64,
+    /// The first nonce of the last (possibly split) answer.
+    first_nonce: u64,
 }
 
 pub(super) struct DeltaStream {
@@ -45,61 +51,85 @@ impl DeltaStream {
         }
     }
 
-    /// What `type_url` should send now: (changed resources, removed names). `keep_removed`
-    /// holds back removals (clusters, until routes moved off them).
-    fn pending(&mut self, type_url: &str, g: &Generation, keep_removed: bool) -> (Vec<Resource>, Vec<String>) {
+    /// What `type_url` should send now: (changed resources, removed names). A client one
+    /// generation behind (nearly always) costs what changed, not what it is subscribed to.
+    /// (names to send, names removed).
+    fn pending(&mut self, type_url: &str, g: &Arc<Generation>) -> (Vec<String>, Vec<String>) {
         let Some(st) = self.types.get_mut(type_url).filter(|s| s.active) else {
             return (Vec::new(), Vec::new());
         };
         let res = g.resources();
         let of_type = &res.by_type[type_url];
         let versions = g.versions(type_url);
-        let lookup = |n: &str| {
-            of_type
-                .get(n)
-                .or_else(|| (type_url == LISTENER).then(|| res.api_listeners.get(n)).flatten())
-        };
+        let exists = |n: &str| versions.contains_key(n);
+        let wanted = |n: &str, st: &TypeState| (st.wildcard && of_type.contains_key(n)) || st.names.contains(n);
+        let resource = |n: &String| exists(n).then(|| n.clone());
         let mut send = Vec::new();
-        let mut consider = |name: &String, st: &mut TypeState| {
-            let (Some(any), Some(version)) = (lookup(name), versions.get(name)) else {
-                return;
-            };
-            if st.have.get(name) != Some(version) {
-                st.have.insert(name.clone(), version.clone());
-                send.push(Resource {
-                    name: name.clone(),
-                    version: version.clone(),
-                    resource: Some(any.clone()),
-                    ..Default::default()
-                });
-            }
-        };
-        if st.wildcard {
-            for name in of_type.keys() {
-                consider(name, st);
-            }
-        }
-        for name in st.names.clone().iter() {
-            consider(name, st);
-        }
         let mut removed = Vec::new();
-        if !keep_removed {
-            let gone: Vec<String> = st.have.keys().filter(|n| lookup(n).is_none()).cloned().collect();
-            for n in gone {
-                st.have.remove(&n);
-                removed.push(n);
-            }
+        let synced = st.synced.as_ref();
+        let fresh = synced.is_some_and(|s| Arc::ptr_eq(s, g));
+        let one_behind = synced.is_some_and(|s| g.previous().is_some_and(|p| Arc::ptr_eq(s.resources(), p)));
+        if st.differs.is_empty() && fresh {
+            return (send, removed);
         }
+        if st.differs.is_empty() && one_behind {
+            send.extend(
+                g.changed(type_url)
+                    .iter()
+                    .filter(|n| wanted(n, st))
+                    .filter_map(resource),
+            );
+            if g.removed_any(type_url) {
+                let prev = synced.expect("one behind").resources();
+                removed.extend(
+                    prev.by_type[type_url]
+                        .keys()
+                        .filter(|n| (st.wildcard || st.names.contains(*n)) && !exists(n))
+                        .cloned(),
+                );
+            }
+        } else {
+            // Compare with what the client holds, name by name.
+            let held = |n: &str, st: &TypeState| -> Option<String> {
+                if let Some(v) = st.differs.get(n) {
+                    return Some(v.clone()).filter(|v| !v.is_empty());
+                }
+                st.synced.as_ref().and_then(|s| s.versions(type_url).get(n).cloned())
+            };
+            let mut candidates: BTreeSet<&String> = st.names.iter().collect();
+            if st.wildcard {
+                candidates.extend(of_type.keys());
+            }
+            for n in candidates {
+                if exists(n) && held(n, st).as_ref() != versions.get(n.as_str()) {
+                    send.extend(resource(n));
+                }
+            }
+            let mut had: BTreeSet<String> = st.differs.keys().cloned().collect();
+            if let Some(s) = &st.synced {
+                had.extend(
+                    s.versions(type_url)
+                        .keys()
+                        .filter(|n| {
+                            (st.wildcard && s.resources().by_type[type_url].contains_key(*n)) || st.names.contains(*n)
+                        })
+                        .cloned(),
+                );
+            }
+            removed.extend(had.into_iter().filter(|n| !exists(n) && held(n, st).is_some()));
+        }
+        st.synced = Some(g.clone());
+        // A new map, not clear(): a cleared map keeps its capacity (5,000 names per client).
+        st.differs = HashMap::new();
         (send, removed)
     }
 
-    async fn send(&mut self, type_url: &str, g: &Generation, resources: Vec<Resource>, removed: Vec<String>) -> bool {
-        if resources.is_empty() && removed.is_empty() {
+    /// Sends `names` (and `removed`) in answers of at most [`super::ads::BATCH_BYTES`], each
+    /// made just before it is sent: a thousand clients syncing at once do not each hold a copy
+    /// of every resource, and gRPC keeps a buffer per stream as large as its largest message.
+    async fn send(&mut self, type_url: &str, g: &Generation, names: Vec<String>, removed: Vec<String>) -> bool {
+        if names.is_empty() && removed.is_empty() {
             return true;
-        }
-        self.nonce += 1;
-        if let Some(st) = self.types.get_mut(type_url) {
-            st.nonce = self.nonce;
         }
         if let Some(reg) = &self.reg {
             reg.update(|p| {
@@ -107,15 +137,54 @@ impl DeltaStream {
                 p.deltas_sent += 1;
             });
         }
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: g.version().to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce: self.nonce.to_string(),
-            ..Default::default()
+        let res = g.resources();
+        let versions = g.versions(type_url);
+        let lookup = |n: &str| {
+            res.by_type[type_url]
+                .get(n)
+                .or_else(|| (type_url == LISTENER).then(|| res.api_listeners.get(n)).flatten())
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        let sizes: Vec<(String, usize)> = names
+            .into_iter()
+            .map(|n| {
+                let size = lookup(&n).map_or(0, |a| a.value.len());
+                (n, size)
+            })
+            .collect();
+        let parts = super::ads::batches(sizes, |(_, size)| *size, super::ads::BATCH_BYTES);
+        let mut removed = Some(removed);
+        if let Some(st) = self.types.get_mut(type_url) {
+            st.first_nonce = self.nonce + 1;
+        }
+        for part in parts {
+            let resources: Vec<Resource> = part
+                .into_iter()
+                .filter_map(|(n, _)| {
+                    Some(Resource {
+                        version: versions.get(&n)?.clone(),
+                        resource: Some(lookup(&n)?.clone()),
+                        name: n,
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            self.nonce += 1;
+            if let Some(st) = self.types.get_mut(type_url) {
+                st.nonce = self.nonce;
+            }
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: g.version().to_string(),
+                resources,
+                type_url: type_url.to_string(),
+                removed_resources: removed.take().unwrap_or_default(),
+                nonce: self.nonce.to_string(),
+                ..Default::default()
+            };
+            if self.tx.send(Ok(resp)).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Pushes every subscribed type in order; clusters that went away are removed last.
@@ -123,7 +192,7 @@ impl DeltaStream {
         let g = self.ads.current();
         let mut cluster_removals = Vec::new();
         for t in PUSH_ORDER {
-            let (send, removed) = self.pending(t, &g, false);
+            let (send, removed) = self.pending(t, &g);
             let removed = if t == CLUSTER {
                 cluster_removals = removed;
                 Vec::new()
@@ -167,8 +236,9 @@ impl DeltaStream {
         let g = self.ads.current();
         let st = self.types.entry(r.type_url.clone()).or_default();
         if !r.response_nonce.is_empty() {
-            if r.response_nonce != st.nonce.to_string() {
-                // An answer to an older response: the newer one is on its way.
+            let nonce: u64 = r.response_nonce.parse().unwrap_or(0);
+            // An ACK counts for the last part of the last answer, a NACK for any part of it.
+            if nonce != st.nonce && !((st.first_nonce..=st.nonce).contains(&nonce) && r.error_detail.is_some()) {
                 return Ok(true);
             }
             match &r.error_detail {
@@ -192,28 +262,38 @@ impl DeltaStream {
         if first && (r.type_url == LISTENER || r.type_url == CLUSTER) && r.resource_names_subscribe.is_empty() {
             st.wildcard = true;
         }
-        for n in &r.resource_names_subscribe {
-            if n == "*" {
-                st.wildcard = true;
-            } else {
-                st.names.insert(n.clone());
+        let subscriptions_changed = !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty();
+        if subscriptions_changed {
+            let mut names: BTreeSet<String> = (*st.names).clone();
+            for n in &r.resource_names_subscribe {
+                if n == "*" {
+                    st.wildcard = true;
+                } else if names.insert(n.clone()) {
+                    // Newly asked for: the client holds none of it yet.
+                    st.differs.insert(n.clone(), String::new());
+                }
             }
-        }
-        for n in &r.resource_names_unsubscribe {
-            if n == "*" {
-                st.wildcard = false;
-            } else {
-                st.names.remove(n);
+            for n in &r.resource_names_unsubscribe {
+                if n == "*" {
+                    st.wildcard = false;
+                } else {
+                    names.remove(n);
+                }
+                st.differs.remove(n);
             }
-            st.have.remove(n);
+            let names: Vec<String> = names.into_iter().collect();
+            st.names = self.ads.intern(super::ads::hash_names(&names), &names);
         }
         // A reconnecting client says what it already has.
-        for (n, v) in &r.initial_resource_versions {
-            st.have.insert(n.clone(), v.clone());
+        if !r.initial_resource_versions.is_empty() {
+            st.synced = None;
+            for (n, v) in &r.initial_resource_versions {
+                st.differs.insert(n.clone(), v.clone());
+            }
         }
-        if first || !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty() {
+        if first || subscriptions_changed {
             let t = r.type_url.clone();
-            let (send, removed) = self.pending(&t, &g, false);
+            let (send, removed) = self.pending(&t, &g);
             return Ok(self.send(&t, &g, send, removed).await);
         }
         Ok(true)
