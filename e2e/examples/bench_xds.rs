@@ -2,7 +2,7 @@
 //! each response) on a 5,000-service snapshot; one endpoint change → time until every client has
 //! the new ClusterLoadAssignment and ACKed it (p50/p99); operator RSS and CPU. The first argument
 //! picks the protocol: `sotw` (State of the World: every EDS ACK repeats the 5,000 names) or
-//! `delta` (incremental).
+//! `delta` (incremental); the second, optionally, the number of clients.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 const SERVICES: usize = 5_000;
-const CLIENTS: usize = 1_000;
+/// Clients, unless the second argument says otherwise (to see what one client costs).
+fn clients() -> usize {
+    std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(1_000)
+}
 const CHANGES: usize = 3;
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -139,6 +142,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[tokio::main]
 async fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "sotw".into());
+    let clients = clients();
     let delta = match mode.as_str() {
         "sotw" => false,
         "delta" => true,
@@ -187,7 +191,7 @@ async fn main() {
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     // 50 connections, 20 streams each: as many proxies as a real fleet, without 1,000 sockets.
-    for conn in 0..CLIENTS / 20 {
+    for conn in 0..clients / 20 {
         let channel = tonic::transport::Endpoint::from_shared(op.grpc_url())
             .unwrap()
             .connect()
@@ -202,7 +206,7 @@ async fn main() {
         }
     }
     let mut ready = 0;
-    while ready < CLIENTS {
+    while ready < clients {
         rx.recv().await.unwrap();
         ready += 1;
     }
@@ -225,7 +229,7 @@ async fn main() {
             .unwrap();
         assert!(r.status().is_success());
         let mut got = 0;
-        while got < CLIENTS {
+        while got < clients {
             let (_, n, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                 .await
                 .expect("clients got the change")
@@ -241,13 +245,13 @@ async fn main() {
     let cpu = cpu_seconds(pid) - cpu_before;
     let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
     println!(
-        "\nxDS at scale ({mode}): {SERVICES} services, {CLIENTS} ADS clients (CDS + EDS), {CHANGES} endpoint changes"
+        "\nxDS at scale ({mode}): {SERVICES} services, {clients} ADS clients (CDS + EDS), {CHANGES} endpoint changes"
     );
     println!("  endpoint change → every client has it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < 200)");
     println!("  operator RSS {rss:.1} MiB (before the changes {rss_before:.1})   (target < 300)");
     println!("  operator CPU for the changes: {cpu:.2} s");
     let result = json!({
-        "mode": mode, "services": SERVICES, "clients": CLIENTS, "changes": CHANGES,
+        "mode": mode, "services": SERVICES, "clients": clients, "changes": CHANGES,
         "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
         "operator_rss_mib": rss, "operator_cpu_seconds": cpu,
         "targets": {"propagation_p99_ms": 200, "rss_mib": 300},
