@@ -391,5 +391,17 @@ async fn a_proxy_with_a_role_serves_only_its_gateway() {
     );
     let proxies = op.admin_json("/proxies").await;
     assert_eq!(proxies["proxies"][0]["role"], "gateway/default/web");
+
+    // Its Gateway's changes reach it as deltas of its own snapshot.
+    cluster.apply(&route((0, 100)));
+    eventually(
+        "the weight change reaches the role proxy",
+        Duration::from_secs(1),
+        async || hit(web, "shop.example.com").await.1.as_deref() == Some("b"),
+    )
+    .await;
+    let p = &op.admin_json("/proxies").await["proxies"][0];
+    assert!(p["deltasSent"].as_u64() >= Some(1), "{p}");
+    assert!(p["lastRejection"].is_null(), "{p}");
     drop(dp);
 }

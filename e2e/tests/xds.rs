@@ -95,6 +95,24 @@ async fn get(port: u16, path: &str) -> Option<(u16, Option<String>, Value, Optio
     Some((status, backend, body, location))
 }
 
+/// The proxy at `port` serves `setup`'s routes (weights 100/0): match, prefix rewrite, header
+/// modifier, redirect to `location`.
+async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &str) {
+    eventually(&format!("{proxy} routes to a"), within, async || {
+        get(port, "/x")
+            .await
+            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
+    })
+    .await;
+    let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
+    assert_eq!(backend.as_deref(), Some("b"));
+    assert_eq!(body["path"], "/v2/users", "prefix rewrite");
+    assert_eq!(body["headers"]["x-via"][0], "envoy", "request header modifier");
+    let (status, _, _, got) = get(port, "/old/page").await.unwrap();
+    assert_eq!(status, 301);
+    assert_eq!(got.as_deref(), Some(location));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_by_our_xds_and_reports_nacks() {
     envoy_follows_the_routes(false).await;
@@ -113,19 +131,13 @@ async fn envoy_follows_the_routes(delta: bool) {
     cluster.apply(&setup(port, &a, &b, (100, 0), None));
     let _envoy = envoy(cluster.dir.path(), "envoy-1", op.grpc, delta);
 
-    eventually("Envoy routes to a", Duration::from_secs(15), async || {
-        get(port, "/x")
-            .await
-            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
-    })
+    serves_the_routes(
+        port,
+        "Envoy",
+        Duration::from_secs(15),
+        "http://new.example.com/old/page",
+    )
     .await;
-    let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
-    assert_eq!(backend.as_deref(), Some("b"));
-    assert_eq!(body["path"], "/v2/users", "prefix rewrite");
-    assert_eq!(body["headers"]["x-via"][0], "envoy", "request header modifier");
-    let (status, _, _, location) = get(port, "/old/page").await.unwrap();
-    assert_eq!(status, 301);
-    assert_eq!(location.as_deref(), Some("http://new.example.com/old/page"));
 
     let proxies = op.admin_json("/proxies").await;
     let envoy_state = proxies["proxies"]
@@ -289,20 +301,9 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
     cluster.apply(&setup(port, &a, &b, (100, 0), None));
     let _dp = Proxy::start_xds(&op.grpc_url(), "dp-xds").await;
 
-    eventually("ferrum-dp routes to a over xDS", Duration::from_secs(10), async || {
-        get(port, "/x")
-            .await
-            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
-    })
-    .await;
-    let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
-    assert_eq!(backend.as_deref(), Some("b"));
-    assert_eq!(body["path"], "/v2/users", "prefix rewrite");
-    assert_eq!(body["headers"]["x-via"][0], "envoy", "request header modifier");
-    let (status, _, _, location) = get(port, "/old/page").await.unwrap();
-    assert_eq!(status, 301);
     // ferrum-dp keeps the Gateway API's rule for an unset redirect port (the listener's port).
-    assert_eq!(location, Some(format!("http://new.example.com:{port}/old/page")));
+    let location = format!("http://new.example.com:{port}/old/page");
+    serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
 
     cluster.apply(&setup(port, &a, &b, (0, 100), None));
     eventually(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ferrum_snapshot::translate::{Options, Translation};
-use ferrum_snapshot::{Delta, Incremental, ObjectRef, Resources, Snapshot, translate};
+use ferrum_snapshot::{Delta, Incremental, ObjectRef, Resources, Snapshot};
 use tokio::sync::watch;
 
 pub struct Published {
@@ -77,6 +77,16 @@ impl Encoded {
     }
 }
 
+/// One Gateway's snapshot at the generation it was last asked for, and how the one before
+/// becomes it.
+struct RoleState {
+    incremental: Incremental,
+    generation: u64,
+    snapshot: Option<Snapshot>,
+    full: Option<Arc<Encoded>>,
+    delta: Option<Arc<Encoded>>,
+}
+
 pub struct Publisher {
     controller_name: String,
     /// Generations start from the start time in milliseconds, so versions keep growing across
@@ -85,8 +95,10 @@ pub struct Publisher {
     current: Mutex<Arc<Published>>,
     /// The translator for every-Gateway snapshots, with what it can reuse.
     incremental: Mutex<Incremental>,
-    /// Per generation: role ("" for all) → encoded snapshot.
-    roles: Mutex<(u64, HashMap<String, Arc<Encoded>>)>,
+    /// The encoded snapshot for every Gateway, per generation.
+    all: Mutex<(u64, Option<Arc<Encoded>>)>,
+    /// Proxies that serve one Gateway: its own snapshots, translated incrementally on demand.
+    gateways: Mutex<HashMap<String, RoleState>>,
     tx: watch::Sender<u64>,
 }
 
@@ -133,7 +145,8 @@ impl Publisher {
                 stats: Default::default(),
             })),
             incremental,
-            roles: Mutex::new((0, HashMap::new())),
+            all: Mutex::new((0, None)),
+            gateways: Mutex::new(HashMap::new()),
             tx,
         })
     }
@@ -193,7 +206,7 @@ impl Publisher {
             delta,
             stats,
         });
-        *self.roles.lock().unwrap() = (generation, HashMap::new());
+        *self.all.lock().unwrap() = (generation, None);
         self.tx.send_replace(generation);
         true
     }
@@ -209,38 +222,54 @@ impl Publisher {
     /// What to send a proxy of `role` that has the snapshot `have` (a hash): the delta from the
     /// previous generation when that is what it has, else the full snapshot.
     pub fn update_for(&self, role: &Option<ObjectRef>, have: &str) -> Arc<Encoded> {
-        if role.is_none() {
-            let cur = self.current();
+        let cur = self.current();
+        let Some(gw) = role else {
             if let Some(d) = &cur.delta
                 && d.base.as_ref().is_some_and(|(_, h)| h == have)
             {
                 return d.clone();
             }
+            return self.full_snapshot();
+        };
+        let key = format!("{}/{}", gw.namespace, gw.name);
+        let mut gateways = self.gateways.lock().unwrap();
+        let st = gateways.entry(key).or_insert_with(|| RoleState {
+            incremental: Incremental::new(self.options(Some(gw.clone()))),
+            generation: 0,
+            snapshot: None,
+            full: None,
+            delta: None,
+        });
+        if st.generation != cur.generation {
+            let next = st.incremental.translate(&cur.resources, cur.generation).snapshot;
+            match &st.snapshot {
+                Some(prev) if prev.hash == next.hash => {}
+                prev => {
+                    st.delta = prev.as_ref().map(|p| Encoded::delta(&Delta::between(p, &next)));
+                    st.full = None;
+                    st.snapshot = Some(next);
+                }
+            }
+            st.generation = cur.generation;
         }
-        self.snapshot_for(role)
+        let snap = st.snapshot.as_ref().expect("translated above");
+        if let Some(d) = &st.delta
+            && d.base.as_ref().is_some_and(|(_, h)| h == have)
+        {
+            return d.clone();
+        }
+        st.full.get_or_insert_with(|| Encoded::new(snap)).clone()
     }
 
-    /// The snapshot for a role at the current generation, translated and encoded once however
-    /// many proxies ask.
-    pub fn snapshot_for(&self, role: &Option<ObjectRef>) -> Arc<Encoded> {
+    /// The snapshot for every Gateway at the current generation, encoded once (on first
+    /// demand) however many proxies ask.
+    pub fn full_snapshot(&self) -> Arc<Encoded> {
         let cur = self.current();
-        let key = role
-            .as_ref()
-            .map_or_else(String::new, |gw| format!("{}/{}", gw.namespace, gw.name));
-        let mut roles = self.roles.lock().unwrap();
-        if roles.0 != cur.generation {
-            *roles = (cur.generation, HashMap::new());
+        let mut all = self.all.lock().unwrap();
+        if all.0 != cur.generation {
+            *all = (cur.generation, None);
         }
-        roles
-            .1
-            .entry(key)
-            .or_insert_with(|| match role {
-                None => Encoded::new(&cur.full.snapshot),
-                Some(gw) => {
-                    Encoded::new(&translate(&cur.resources, cur.generation, &self.options(Some(gw.clone()))).snapshot)
-                }
-            })
-            .clone()
+        all.1.get_or_insert_with(|| Encoded::new(&cur.full.snapshot)).clone()
     }
 }
 

@@ -73,38 +73,15 @@ fn store_cache(path: &Path, body: &[u8]) {
 
 /// Subscribes forever, reconnecting with exponential backoff and jitter.
 pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match session(&settings, &dp).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "control-plane stream ended")
-            }
-        }
-        // Full jitter so a fleet of proxies does not reconnect in lockstep.
-        let wait = Duration::from_millis(fastrand::u64(
-            backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
-        ));
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_secs(15));
-    }
+    let (s, d) = (&settings, &dp);
+    super::reconnecting("control-plane stream", move || session(s, d)).await
 }
 
 async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
-    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
-        .map_err(|source| CpError::Connect {
-            url: s.url.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .connect()
-        .await
-        .map_err(|source| CpError::Connect {
-            url: s.url.clone(),
-            source,
-        })?;
+    let channel = super::connect(&s.url).await.map_err(|source| CpError::Connect {
+        url: s.url.clone(),
+        source,
+    })?;
     let mut client = MeshSubscribeClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(8);
     let current = dp.shared.config.load().snapshot.clone();

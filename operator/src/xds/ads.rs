@@ -168,6 +168,35 @@ impl Ads {
         g
     }
 
+    /// Registers a stream by the node its first request names (SotW and delta alike).
+    pub(super) fn register(
+        &self,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        peer: &str,
+        protocol: &'static str,
+    ) -> Result<Registration, Status> {
+        let node = node
+            .filter(|n| !n.id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the first request of a stream must carry node.id"))?;
+        let now = now_ms();
+        self.proxies.register(ProxyState {
+            node_id: node.id.clone(),
+            role: node.cluster.clone(),
+            proxy_version: node.user_agent_name.clone(),
+            peer: peer.to_string(),
+            protocol,
+            connected_since_unix_ms: now,
+            last_seen_unix_ms: now,
+            sent_version: 0,
+            deltas_sent: 0,
+            full_sent: 0,
+            applied_version: 0,
+            applied_hash: String::new(),
+            last_rejection: None,
+            rejected_version: None,
+        })
+    }
+
     pub(super) fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
         let mut subs = self.subscriptions.lock().unwrap();
         if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade) {
@@ -338,29 +367,7 @@ impl Stream_ {
 
     async fn on_request(&mut self, r: DiscoveryRequest, peer: &str) -> Result<bool, Status> {
         if self.reg.is_none() {
-            let node = r.node.as_ref().map(|n| n.id.clone()).filter(|n| !n.is_empty());
-            let Some(node) = node else {
-                return Err(Status::invalid_argument(
-                    "the first DiscoveryRequest must carry node.id",
-                ));
-            };
-            let now = now_ms();
-            self.reg = Some(self.ads.proxies.register(ProxyState {
-                node_id: node,
-                role: r.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default(),
-                proxy_version: r.node.as_ref().map(|n| n.user_agent_name.clone()).unwrap_or_default(),
-                peer: peer.to_string(),
-                protocol: "xDS (SotW)",
-                connected_since_unix_ms: now,
-                last_seen_unix_ms: now,
-                sent_version: 0,
-                deltas_sent: 0,
-                full_sent: 0,
-                applied_version: 0,
-                applied_hash: String::new(),
-                last_rejection: None,
-                rejected_version: None,
-            })?);
+            self.reg = Some(self.ads.register(r.node.as_ref(), peer, "xDS (SotW)")?);
         }
         let reg = self.reg.as_ref().expect("registered above");
         let st = self.types.entry(r.type_url.clone()).or_default();
@@ -406,6 +413,53 @@ impl Stream_ {
 type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
+/// One ADS stream, State of the World or delta.
+pub(super) trait AdsStream<Req>: Send {
+    /// Handles a request; `Ok(false)` ends the stream.
+    fn on_request(&mut self, r: Req, peer: &str) -> impl std::future::Future<Output = Result<bool, Status>> + Send;
+    /// Pushes a new generation; `false` ends the stream.
+    fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl AdsStream<DiscoveryRequest> for Stream_ {
+    fn on_request(
+        &mut self,
+        r: DiscoveryRequest,
+        peer: &str,
+    ) -> impl std::future::Future<Output = Result<bool, Status>> + Send {
+        Stream_::on_request(self, r, peer)
+    }
+    fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send {
+        Stream_::push_all(self)
+    }
+}
+
+/// Serves one stream until the client or the operator ends it: requests as they come, and a
+/// push for every new generation.
+async fn drive<Req, Resp, S: AdsStream<Req>>(
+    mut s: S,
+    mut inbound: Streaming<Req>,
+    mut generations: tokio::sync::watch::Receiver<u64>,
+    tx: mpsc::Sender<Result<Resp, Status>>,
+    peer: String,
+) {
+    loop {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(r)) => match s.on_request(r, &peer).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(status) => { let _ = tx.send(Err(status)).await; return; }
+                },
+                _ => return,
+            },
+            r = generations.changed() => {
+                if r.is_err() || !s.push_all().await { return; }
+            }
+        }
+    }
+}
+
 /// The gRPC face of [`Ads`].
 pub struct AdsService(pub Arc<Ads>);
 
@@ -419,9 +473,9 @@ impl AggregatedDiscoveryService for AdsService {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let mut inbound = req.into_inner();
+        let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let mut s = Stream_ {
+        let s = Stream_ {
             ads: self.0.clone(),
             types: BTreeMap::new(),
             nonce: 0,
@@ -429,25 +483,8 @@ impl AggregatedDiscoveryService for AdsService {
             tx: tx.clone(),
             lingering: BTreeMap::new(),
         };
-        let mut generations = self.0.publisher.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(r)) => match s.on_request(r, &peer).await {
-                            Ok(true) => {}
-                            Ok(false) => return,
-                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
-                        },
-                        _ => return,
-                    },
-                    r = generations.changed() => {
-                        if r.is_err() { return; }
-                        if !s.push_all().await { return; }
-                    }
-                }
-            }
-        });
+        let generations = self.0.publisher.subscribe();
+        tokio::spawn(drive(s, inbound, generations, tx, peer));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
@@ -456,30 +493,13 @@ impl AggregatedDiscoveryService for AdsService {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let mut inbound = req.into_inner();
+        let inbound = req.into_inner();
         // Two answers in flight per stream: the rest are made when the client has read these.
         let (tx, rx) = mpsc::channel(2);
-        let mut s = super::delta::DeltaStream::new(self.0.clone(), tx.clone());
+        let s = super::delta::DeltaStream::new(self.0.clone(), tx.clone());
         let mut generations = self.0.publisher.subscribe();
         generations.mark_unchanged();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(r)) => match s.on_request(r, &peer).await {
-                            Ok(true) => {}
-                            Ok(false) => return,
-                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
-                        },
-                        _ => return,
-                    },
-                    r = generations.changed() => {
-                        if r.is_err() { return; }
-                        if !s.push_all().await { return; }
-                    }
-                }
-            }
-        });
+        tokio::spawn(drive(s, inbound, generations, tx, peer));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -13,7 +13,7 @@ use tonic::Status;
 
 use super::ads::{Ads, Generation};
 use super::resources::{CLUSTER, LISTENER, PUSH_ORDER};
-use crate::subscribe::{ProxyState, Registration, now_ms};
+use crate::subscribe::{Registration, now_ms};
 
 #[derive(Default)]
 struct TypeState {
@@ -208,29 +208,7 @@ impl DeltaStream {
 
     pub(super) async fn on_request(&mut self, r: DeltaDiscoveryRequest, peer: &str) -> Result<bool, Status> {
         if self.reg.is_none() {
-            let node = r.node.as_ref().map(|n| n.id.clone()).filter(|n| !n.is_empty());
-            let Some(node) = node else {
-                return Err(Status::invalid_argument(
-                    "the first DeltaDiscoveryRequest must carry node.id",
-                ));
-            };
-            let now = now_ms();
-            self.reg = Some(self.ads.proxies.register(ProxyState {
-                node_id: node,
-                role: r.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default(),
-                proxy_version: r.node.as_ref().map(|n| n.user_agent_name.clone()).unwrap_or_default(),
-                peer: peer.to_string(),
-                protocol: "xDS (delta)",
-                connected_since_unix_ms: now,
-                last_seen_unix_ms: now,
-                sent_version: 0,
-                deltas_sent: 0,
-                full_sent: 0,
-                applied_version: 0,
-                applied_hash: String::new(),
-                last_rejection: None,
-                rejected_version: None,
-            })?);
+            self.reg = Some(self.ads.register(r.node.as_ref(), peer, "xDS (delta)")?);
         }
         let reg = self.reg.as_ref().expect("registered above");
         let g = self.ads.current();
@@ -297,5 +275,18 @@ impl DeltaStream {
             return Ok(self.send(&t, &g, send, removed).await);
         }
         Ok(true)
+    }
+}
+
+impl super::ads::AdsStream<DeltaDiscoveryRequest> for DeltaStream {
+    fn on_request(
+        &mut self,
+        r: DeltaDiscoveryRequest,
+        peer: &str,
+    ) -> impl std::future::Future<Output = Result<bool, Status>> + Send {
+        DeltaStream::on_request(self, r, peer)
+    }
+    fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send {
+        DeltaStream::push_all(self)
     }
 }

@@ -7,7 +7,6 @@
 pub mod map;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -42,18 +41,8 @@ pub enum XdsError {
 
 /// Subscribes forever, reconnecting with exponential backoff and jitter.
 pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match session(&settings, &dp).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "xDS stream ended"),
-        }
-        let wait = Duration::from_millis(fastrand::u64(
-            backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
-        ));
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_secs(15));
-    }
+    let (s, d) = (&settings, &dp);
+    super::reconnecting("xDS stream", move || session(s, d)).await
 }
 
 /// Per type: the last accepted version, the last nonce seen and the names subscribed.
@@ -163,20 +152,10 @@ fn eds_names(r: &Resources) -> Vec<String> {
 }
 
 async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
-    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
-        .map_err(|source| XdsError::Connect {
-            url: s.url.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .connect()
-        .await
-        .map_err(|source| XdsError::Connect {
-            url: s.url.clone(),
-            source,
-        })?;
+    let channel = super::connect(&s.url).await.map_err(|source| XdsError::Connect {
+        url: s.url.clone(),
+        source,
+    })?;
     let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::unbounded_channel();
     let mut client = Client {
