@@ -51,23 +51,24 @@ impl DeltaStream {
         }
     }
 
-    /// What `type_url` should send now: (changed resources, removed names). A client one
-    /// generation behind (nearly always) costs what changed, not what it is subscribed to.
-    /// (names to send, names removed).
-    fn pending(&mut self, type_url: &str, g: &Arc<Generation>) -> (Vec<String>, Vec<String>) {
+    /// What `type_url` should send now: (names to send, borrowed from the generation; names
+    /// removed). A client one generation behind (nearly always) costs what changed, not what it
+    /// is subscribed to, and nothing is copied per name.
+    fn pending<'g>(&mut self, type_url: &str, generation: &'g Arc<Generation>) -> (Vec<&'g String>, Vec<String>) {
         let Some(st) = self.types.get_mut(type_url).filter(|s| s.active) else {
             return (Vec::new(), Vec::new());
         };
-        let res = g.resources();
-        let of_type = &res.by_type[type_url];
+        let g: &'g Generation = generation;
+        let of_type = &g.resources().by_type[type_url];
         let versions = g.versions(type_url);
         let exists = |n: &str| versions.contains_key(n);
         let wanted = |n: &str, st: &TypeState| (st.wildcard && of_type.contains_key(n)) || st.names.contains(n);
-        let resource = |n: &String| exists(n).then(|| n.clone());
+        // The generation's own copy of a name that exists in it.
+        let resource = |n: &str| versions.get_key_value(n).map(|(k, _)| k);
         let mut send = Vec::new();
         let mut removed = Vec::new();
         let synced = st.synced.as_ref();
-        let fresh = synced.is_some_and(|s| Arc::ptr_eq(s, g));
+        let fresh = synced.is_some_and(|s| std::ptr::eq(&**s, g));
         let one_behind = synced.is_some_and(|s| g.previous().is_some_and(|p| Arc::ptr_eq(s.resources(), p)));
         if st.differs.is_empty() && fresh {
             return (send, removed);
@@ -77,7 +78,7 @@ impl DeltaStream {
                 g.changed(type_url)
                     .iter()
                     .filter(|n| wanted(n, st))
-                    .filter_map(resource),
+                    .filter_map(|n| resource(n)),
             );
             if g.removed_any(type_url) {
                 let prev = synced.expect("one behind").resources();
@@ -96,29 +97,42 @@ impl DeltaStream {
                 }
                 st.synced.as_ref().and_then(|s| s.versions(type_url).get(n).cloned())
             };
-            let mut candidates: BTreeSet<&String> = st.names.iter().collect();
+            let mut candidates: Vec<&'g String> = st.names.iter().filter_map(|n| resource(n)).collect();
             if st.wildcard {
-                candidates.extend(of_type.keys());
+                candidates.extend(of_type.keys().filter_map(|n| resource(n)));
             }
-            for n in candidates {
-                if exists(n) && held(n, st).as_ref() != versions.get(n.as_str()) {
-                    send.extend(resource(n));
-                }
-            }
-            let mut had: BTreeSet<String> = st.differs.keys().cloned().collect();
+            candidates.sort_unstable();
+            candidates.dedup();
+            send.extend(
+                candidates
+                    .into_iter()
+                    .filter(|n| held(n, st).as_ref() != versions.get(n.as_str())),
+            );
+            // What the client holds that no longer exists.
+            let mut gone: Vec<String> = st
+                .differs
+                .iter()
+                .filter(|(n, v)| !v.is_empty() && !exists(n))
+                .map(|(n, _)| n.clone())
+                .collect();
             if let Some(s) = &st.synced {
-                had.extend(
+                let before = &s.resources().by_type[type_url];
+                gone.extend(
                     s.versions(type_url)
                         .keys()
                         .filter(|n| {
-                            (st.wildcard && s.resources().by_type[type_url].contains_key(*n)) || st.names.contains(*n)
+                            !exists(n)
+                                && !st.differs.contains_key(*n)
+                                && ((st.wildcard && before.contains_key(*n)) || st.names.contains(*n))
                         })
                         .cloned(),
                 );
             }
-            removed.extend(had.into_iter().filter(|n| !exists(n) && held(n, st).is_some()));
+            gone.sort();
+            gone.dedup();
+            removed = gone;
         }
-        st.synced = Some(g.clone());
+        st.synced = Some(Arc::clone(generation));
         // A new map, not clear(): a cleared map keeps its capacity (5,000 names per client).
         st.differs = HashMap::new();
         (send, removed)
@@ -127,7 +141,7 @@ impl DeltaStream {
     /// Sends `names` (and `removed`) in answers of at most [`super::ads::BATCH_BYTES`], each
     /// made just before it is sent: a thousand clients syncing at once do not each hold a copy
     /// of every resource, and gRPC keeps a buffer per stream as large as its largest message.
-    async fn send(&mut self, type_url: &str, g: &Generation, names: Vec<String>, removed: Vec<String>) -> bool {
+    async fn send(&mut self, type_url: &str, g: &Generation, names: Vec<&String>, removed: Vec<String>) -> bool {
         if names.is_empty() && removed.is_empty() {
             return true;
         }
@@ -144,12 +158,9 @@ impl DeltaStream {
                 .get(n)
                 .or_else(|| (type_url == LISTENER).then(|| res.api_listeners.get(n)).flatten())
         };
-        let sizes: Vec<(String, usize)> = names
+        let sizes: Vec<(&String, usize)> = names
             .into_iter()
-            .map(|n| {
-                let size = lookup(&n).map_or(0, |a| a.value.len());
-                (n, size)
-            })
+            .map(|n| (n, lookup(n).map_or(0, |a| a.value.len())))
             .collect();
         let parts = super::ads::batches(sizes, |(_, size)| *size, super::ads::BATCH_BYTES);
         let mut removed = Some(removed);
@@ -161,9 +172,9 @@ impl DeltaStream {
                 .into_iter()
                 .filter_map(|(n, _)| {
                     Some(Resource {
-                        version: versions.get(&n)?.clone(),
-                        resource: Some(lookup(&n)?.clone()),
-                        name: n,
+                        version: versions.get(n)?.clone(),
+                        resource: Some(lookup(n)?.clone()),
+                        name: n.clone(),
                         ..Default::default()
                     })
                 })
