@@ -28,6 +28,9 @@ pub struct Ads {
     cache: Mutex<Option<Arc<Generation>>>,
     /// Subscriptions are interned: a thousand Envoys asking for the same 5,000 clusters share one set.
     subscriptions: Mutex<std::collections::HashMap<u64, std::sync::Weak<BTreeSet<String>>>>,
+    /// Streams sending a large answer (an initial sync) at once: a thousand clients connecting
+    /// together take turns instead of all holding their answers in memory at the same time.
+    pub(super) large_sends: tokio::sync::Semaphore,
 }
 
 /// One generation's resources and what changed since the one before, computed once.
@@ -107,6 +110,7 @@ impl Ads {
             proxies,
             cache: Mutex::new(None),
             subscriptions: Mutex::new(Default::default()),
+            large_sends: tokio::sync::Semaphore::new(16),
         }
     }
 

@@ -163,6 +163,12 @@ impl DeltaStream {
             .map(|n| (n, lookup(n).map_or(0, |a| a.value.len())))
             .collect();
         let parts = super::ads::batches(sizes, |(_, size)| *size, super::ads::BATCH_BYTES);
+        let ads = self.ads.clone();
+        let _turn = if parts.len() > 1 {
+            ads.large_sends.acquire().await.ok()
+        } else {
+            None
+        };
         let mut removed = Some(removed);
         if let Some(st) = self.types.get_mut(type_url) {
             st.first_nonce = self.nonce + 1;
