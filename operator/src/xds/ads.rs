@@ -229,7 +229,7 @@ struct TypeState {
 }
 
 /// Most bytes of resources in one split answer.
-pub(super) const BATCH_BYTES: usize = 64 << 10;
+pub(super) const BATCH_BYTES: usize = 16 << 10;
 
 /// `items` in order, cut into runs of at most `max` bytes (a larger item is a run of its own).
 pub(super) fn batches<T>(items: Vec<T>, size: impl Fn(&T) -> usize, max: usize) -> Vec<Vec<T>> {
