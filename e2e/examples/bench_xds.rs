@@ -21,8 +21,7 @@ fn clients() -> usize {
     std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(1_000)
 }
 const CHANGES: usize = 3;
-const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+use ferrum_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS};
 
 /// One simulated client; reports (client, endpoints of svc-7's cluster, when) for each EDS update of it.
 async fn client(channel: tonic::transport::Channel, id: usize, seen: mpsc::UnboundedSender<(usize, usize, Instant)>) {

@@ -8,3 +8,13 @@ pub mod mesh {
 
 /// Schema of `Snapshot.body`.
 pub const SNAPSHOT_SCHEMA: &str = "ferrum.dev/snapshot+json;v=2";
+
+/// Envoy xDS type URLs, shared by the operator's ADS server and ferrum-dp's xDS client.
+pub mod xds {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const HCM: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+}

@@ -18,10 +18,8 @@ use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::model::{self, Action, LbPolicy, PathMatch, PathRewrite, StringMatch, UpstreamProtocol};
 use prost::Message;
 
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+use ferrum_proto::xds::HCM;
+pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// The types in the order they must be pushed: clusters before their endpoints, listeners
 /// before their routes.
@@ -105,9 +103,6 @@ pub struct Resources {
     pub api_listeners: BTreeMap<String, Any>,
     pub unsupported: Vec<String>,
 }
-
-const HCM: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 
 /// An HTTP connection manager that takes its routes from RDS over ADS.
 fn connection_manager(stat_prefix: &str, route_config_name: String) -> hcm::HttpConnectionManager {

@@ -21,12 +21,8 @@ use ferrum_snapshot::model::{
 use ferrum_snapshot::{Snapshot, model};
 use prost::Message;
 
-pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
-pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-const HCM: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+use ferrum_proto::xds::HCM;
+pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// What the client holds, by type and name.
