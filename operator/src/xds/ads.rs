@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use super::grpc::SotwRequest;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
 use futures_util::Stream;
@@ -42,6 +42,8 @@ pub struct Generation {
     changed: BTreeMap<&'static str, BTreeSet<String>>,
     /// …and whether any went away.
     removed: BTreeMap<&'static str, bool>,
+    /// Clusters of `prev` this generation dropped (found once, not by every stream).
+    removed_clusters: BTreeMap<String, Any>,
     /// Per type: resource name → version (a hash of its bytes), for delta ADS; made on first use.
     versions: std::sync::OnceLock<BTreeMap<&'static str, std::collections::HashMap<String, String>>>,
 }
@@ -96,11 +98,26 @@ impl Generation {
     }
 }
 
-pub(super) fn hash_names(names: &[String]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    names.hash(&mut h);
+/// A digest of a subscription's names in order (seeded per process, so no client can make its
+/// names collide with another's on purpose).
+pub(super) fn hash_names<N: AsRef<[u8]>>(names: &[N]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = names_hasher();
+    for n in names {
+        hash_name(&mut h, n.as_ref());
+    }
     h.finish()
+}
+
+pub(super) fn names_hasher() -> impl std::hash::Hasher {
+    use std::hash::BuildHasher;
+    static SEED: std::sync::LazyLock<foldhash::fast::RandomState> = std::sync::LazyLock::new(Default::default);
+    SEED.build_hasher()
+}
+
+pub(super) fn hash_name(h: &mut impl std::hash::Hasher, name: &[u8]) {
+    h.write_usize(name.len());
+    h.write(name);
 }
 
 impl Ads {
@@ -151,7 +168,7 @@ impl Ads {
                 .expect("every type")
                 .extend(res.api_listeners.keys().cloned());
         }
-        let removed = PUSH_ORDER
+        let removed: BTreeMap<&'static str, bool> = PUSH_ORDER
             .iter()
             .map(|t| {
                 let gone = prev
@@ -160,12 +177,21 @@ impl Ads {
                 (*t, gone)
             })
             .collect();
+        let removed_clusters = match &prev {
+            Some(p) if removed[CLUSTER] => p.by_type[CLUSTER]
+                .iter()
+                .filter(|(n, _)| !res.by_type[CLUSTER].contains_key(*n))
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
         let g = Arc::new(Generation {
             version: cur.generation,
             res,
             prev,
             changed,
             removed,
+            removed_clusters,
             versions: Default::default(),
         });
         *cache = Some(g.clone());
@@ -201,15 +227,27 @@ impl Ads {
         })
     }
 
-    pub(super) fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
-        let mut subs = self.subscriptions.lock().unwrap();
-        if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade) {
-            return s;
+    /// The shared set of `names` (`hash` is their [`hash_names`]); names must be UTF-8.
+    pub(super) fn intern<N: AsRef<[u8]>>(&self, hash: u64, names: &[N]) -> Result<Arc<BTreeSet<String>>, Status> {
+        fn name<N: AsRef<[u8]>>(n: &N) -> Result<&str, Status> {
+            std::str::from_utf8(n.as_ref()).map_err(|_| Status::invalid_argument("resource names must be UTF-8"))
         }
-        let s = Arc::new(names.iter().cloned().collect::<BTreeSet<String>>());
+        let mut subs = self.subscriptions.lock().unwrap();
+        if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade)
+            && s.len() == names.len()
+            && names.iter().all(|n| name(n).is_ok_and(|n| s.contains(n)))
+        {
+            return Ok(s);
+        }
+        let s = Arc::new(
+            names
+                .iter()
+                .map(|n| name(n).map(str::to_string))
+                .collect::<Result<BTreeSet<String>, Status>>()?,
+        );
         subs.retain(|_, w| w.strong_count() > 0);
         subs.insert(hash, Arc::downgrade(&s));
-        s
+        Ok(s)
     }
 }
 
@@ -321,7 +359,7 @@ impl Stream_ {
         let batches = if full_state {
             vec![resources]
         } else {
-            batches(resources, |a| a.value.len(), BATCH_BYTES)
+            batches(resources, prost::Message::encoded_len, BATCH_BYTES)
         };
         st.first_nonce = self.nonce + 1;
         for resources in batches {
@@ -346,12 +384,9 @@ impl Stream_ {
         let g = self.ads.current();
         // Keep clusters the new generation dropped until the routes that used them are replaced.
         self.lingering = match (&g.prev, self.types.get(CLUSTER)) {
-            (Some(prev), Some(t)) if t.sent_from.as_ref().is_some_and(|p| Arc::ptr_eq(p, prev)) => prev.by_type
-                [CLUSTER]
-                .iter()
-                .filter(|(n, _)| !g.res.by_type[CLUSTER].contains_key(*n))
-                .map(|(n, a)| (n.clone(), a.clone()))
-                .collect(),
+            (Some(prev), Some(t)) if t.sent_from.as_ref().is_some_and(|p| Arc::ptr_eq(p, prev)) => {
+                g.removed_clusters.clone()
+            }
             _ => BTreeMap::new(),
         };
         for t in PUSH_ORDER {
@@ -369,7 +404,8 @@ impl Stream_ {
         true
     }
 
-    async fn on_request(&mut self, r: DiscoveryRequest, peer: &str) -> Result<bool, Status> {
+    async fn on_request(&mut self, req: SotwRequest, peer: &str) -> Result<bool, Status> {
+        let r = &req.head;
         if self.reg.is_none() {
             self.reg = Some(self.ads.register(r.node.as_ref(), peer, "xDS (SotW)")?);
         }
@@ -403,9 +439,9 @@ impl Stream_ {
             }
         }
         // Subscriptions are compared by hash: an ACK repeating 5,000 names allocates nothing.
-        let hash = hash_names(&r.resource_names);
+        let hash = req.names_digest;
         if st.names.is_none() || st.names_hash != hash {
-            st.names = Some(self.ads.intern(hash, &r.resource_names));
+            st.names = Some(self.ads.intern(hash, &req.names()?)?);
             st.names_hash = hash;
             let g = self.ads.current();
             return Ok(self.send_if_changed(&r.type_url, &g).await);
@@ -414,8 +450,8 @@ impl Stream_ {
     }
 }
 
-type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+pub(super) type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+pub(super) type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 /// One ADS stream, State of the World or delta.
 pub(super) trait AdsStream<Req>: Send {
@@ -425,10 +461,10 @@ pub(super) trait AdsStream<Req>: Send {
     fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
 }
 
-impl AdsStream<DiscoveryRequest> for Stream_ {
+impl AdsStream<SotwRequest> for Stream_ {
     fn on_request(
         &mut self,
-        r: DiscoveryRequest,
+        r: SotwRequest,
         peer: &str,
     ) -> impl std::future::Future<Output = Result<bool, Status>> + Send {
         Stream_::on_request(self, r, peer)
@@ -464,46 +500,33 @@ async fn drive<Req, Resp, S: AdsStream<Req>>(
     }
 }
 
-/// The gRPC face of [`Ads`].
-pub struct AdsService(pub Arc<Ads>);
+/// Serves a State-of-the-World ADS stream.
+pub(super) fn stream_sotw(ads: Arc<Ads>, req: Request<Streaming<SotwRequest>>) -> Response<SotwStream> {
+    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let inbound = req.into_inner();
+    let (tx, rx) = mpsc::channel(16);
+    let generations = ads.publisher.subscribe();
+    let s = Stream_ {
+        ads,
+        types: BTreeMap::new(),
+        nonce: 0,
+        reg: None,
+        tx: tx.clone(),
+        lingering: BTreeMap::new(),
+    };
+    tokio::spawn(drive(s, inbound, generations, tx, peer));
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = SotwStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SotwStream>, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let s = Stream_ {
-            ads: self.0.clone(),
-            types: BTreeMap::new(),
-            nonce: 0,
-            reg: None,
-            tx: tx.clone(),
-            lingering: BTreeMap::new(),
-        };
-        let generations = self.0.publisher.subscribe();
-        tokio::spawn(drive(s, inbound, generations, tx, peer));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let inbound = req.into_inner();
-        // Two answers in flight per stream: the rest are made when the client has read these.
-        let (tx, rx) = mpsc::channel(2);
-        let s = super::delta::DeltaStream::new(self.0.clone(), tx.clone());
-        let mut generations = self.0.publisher.subscribe();
-        generations.mark_unchanged();
-        tokio::spawn(drive(s, inbound, generations, tx, peer));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
-    }
+/// Serves an incremental (delta) ADS stream.
+pub(super) fn stream_delta(ads: Arc<Ads>, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
+    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let inbound = req.into_inner();
+    // Two answers in flight per stream: the rest are made when the client has read these.
+    let (tx, rx) = mpsc::channel(2);
+    let mut generations = ads.publisher.subscribe();
+    generations.mark_unchanged();
+    let s = super::delta::DeltaStream::new(ads, tx.clone());
+    tokio::spawn(drive(s, inbound, generations, tx, peer));
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }

@@ -160,7 +160,8 @@ impl DeltaStream {
         };
         let sizes: Vec<(&String, usize)> = names
             .into_iter()
-            .map(|n| (n, lookup(n).map_or(0, |a| a.value.len())))
+            // What a Resource costs on the wire: name, version (16 hex digits), the Any, framing.
+            .map(|n| (n, lookup(n).map_or(0, prost::Message::encoded_len) + n.len() + 32))
             .collect();
         let parts = super::ads::batches(sizes, |(_, size)| *size, super::ads::BATCH_BYTES);
         let ads = self.ads.clone();
@@ -277,7 +278,7 @@ impl DeltaStream {
                 st.differs.remove(n);
             }
             let names: Vec<String> = names.into_iter().collect();
-            st.names = self.ads.intern(super::ads::hash_names(&names), &names);
+            st.names = self.ads.intern(super::ads::hash_names(&names), &names)?;
         }
         // A reconnecting client says what it already has.
         if !r.initial_resource_versions.is_empty() {

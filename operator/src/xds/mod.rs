@@ -1,4 +1,5 @@
 pub mod ads;
 pub mod bootstrap;
 mod delta;
+pub mod grpc;
 pub mod resources;
