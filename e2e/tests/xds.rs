@@ -113,6 +113,81 @@ async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &
     assert_eq!(got.as_deref(), Some(location));
 }
 
+/// An HTTPS Gateway listener: Envoy terminates TLS with the certificate from the Secret its
+/// `certificateRefs` name (inline in LDS) and routes by the HTTPRoute, over HTTP/2 and HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_terminates_tls_with_the_gateway_certificate() {
+    let a = Backend::start("a").await;
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    let host = "secure.example.com";
+    let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+    let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+    let (cert_file, key_file) = (cluster.dir.path().join("tls.crt"), cluster.dir.path().join("tls.key"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    // kubectl base64-encodes the pair (client side); the API gets a plain apply.
+    let secret = cluster.kubectl(
+        &[
+            "create",
+            "secret",
+            "tls",
+            "secure-cert",
+            "--cert",
+            cert_file.to_str().unwrap(),
+            "--key",
+            key_file.to_str().unwrap(),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+        None,
+    );
+    cluster.apply(&secret);
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: https, port: {port}, protocol: HTTPS, \
+         hostname: {host}, tls: {{mode: Terminate, certificateRefs: [{{name: secure-cert}}]}}}}]}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: secure}}\n\
+         spec: {{parentRefs: [{{name: web}}], hostnames: [{host}], rules: [{{backendRefs: [{{name: a, port: 80}}]}}]}}\n",
+        a.addr.port()
+    ));
+    let _envoy = envoy(cluster.dir.path(), "envoy-tls", op.grpc, false);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = |h1: bool| {
+        let b = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
+            .resolve(host, addr);
+        if h1 { b.http1_only() } else { b }.build().unwrap()
+    };
+    let url = format!("https://{host}:{port}/x");
+    eventually(
+        "Envoy serves HTTPS with the Secret's certificate",
+        Duration::from_secs(15),
+        async || client(false).get(&url).send().await.is_ok_and(|r| r.status() == 200),
+    )
+    .await;
+    let r = client(false).get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    assert_eq!(r.headers()["x-backend"], "a");
+    let r = client(true).get(&url).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_11));
+    let proxies = op.admin_json("/proxies").await;
+    let state = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "envoy-tls")
+        .cloned()
+        .unwrap();
+    assert_eq!(state["lastRejection"], Value::Null, "Envoy accepted the TLS listener");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_by_our_xds_and_reports_nacks() {
     envoy_follows_the_routes(false).await;

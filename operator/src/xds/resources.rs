@@ -105,6 +105,57 @@ pub struct Resources {
 }
 
 /// An HTTP connection manager that takes its routes from RDS over ADS.
+/// TLS termination with the listener's certificates, inline (PEM from Secrets) or by file path.
+/// All certificates go in one context: Envoy picks the one whose names match the client's SNI.
+/// The keys travel in LDS until certificates are served over SDS.
+fn downstream_tls(certificates: &[model::Certificate]) -> Option<core::TransportSocket> {
+    use core::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    if certificates.is_empty() {
+        return None;
+    }
+    let source = |s: Specifier| {
+        Some(core::DataSource {
+            specifier: Some(s),
+            ..Default::default()
+        })
+    };
+    let tls_certificates = certificates
+        .iter()
+        .map(|c| {
+            let (cert, key) = match &c.source {
+                model::CertSource::Pem { cert, key } => (
+                    Specifier::InlineString(cert.clone()),
+                    Specifier::InlineString(key.clone()),
+                ),
+                model::CertSource::Files { cert, key } => {
+                    (Specifier::Filename(cert.clone()), Specifier::Filename(key.clone()))
+                }
+            };
+            tls::TlsCertificate {
+                certificate_chain: source(cert),
+                private_key: source(key),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let context = tls::DownstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificates,
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            &context,
+        ))),
+    })
+}
+
 fn connection_manager(stat_prefix: &str, route_config_name: String) -> hcm::HttpConnectionManager {
     hcm::HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
@@ -147,13 +198,6 @@ pub fn translate(s: &Snapshot) -> Resources {
             .insert(c.name.clone(), any(ENDPOINT, &cla));
     }
     for l in &s.listeners {
-        if !l.certificates.is_empty() {
-            out.unsupported.push(format!(
-                "listener {}: TLS termination over xDS needs SDS (not yet)",
-                l.name
-            ));
-            continue;
-        }
         let rc = route_config(l, &mut out.unsupported);
         out.by_type
             .get_mut(ROUTE)
@@ -189,6 +233,7 @@ pub fn translate(s: &Snapshot) -> Resources {
                     name: "envoy.filters.network.http_connection_manager".into(),
                     config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
                 }],
+                transport_socket: downstream_tls(&l.certificates),
                 ..Default::default()
             }],
             ..Default::default()
