@@ -44,6 +44,15 @@ struct DiscoveryRequest {
 const SYNCED: usize = usize::MAX;
 use ferrum_proto::xds::{CLUSTER as CDS, ENDPOINT as EDS};
 
+/// The node a simulated client names in its first request.
+fn node(id: usize) -> Option<Node> {
+    Some(Node {
+        id: format!("sim-{id}"),
+        cluster: "bench".into(),
+        ..Default::default()
+    })
+}
+
 /// One simulated client; reports (client, endpoints of svc-7's cluster, when) for each EDS update
 /// of it. Requests are [`DiscoveryRequest`] so that making 1,000 ACKs of 5,000 names does not
 /// cost the bench itself more than the server it measures.
@@ -56,11 +65,7 @@ async fn client(
     let mut ads = tonic::client::Grpc::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: format!("sim-{id}"),
-            cluster: "bench".into(),
-            ..Default::default()
-        }),
+        node: node(id),
         type_url: CDS.into(),
         ..Default::default()
     })
@@ -122,11 +127,7 @@ async fn delta_client(
     let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: format!("sim-{id}"),
-            cluster: "bench".into(),
-            ..Default::default()
-        }),
+        node: node(id),
         type_url: CDS.into(),
         ..Default::default()
     })
