@@ -100,11 +100,11 @@ impl Generation {
 
 /// A digest of a subscription's names in order (seeded per process, so no client can make its
 /// names collide with another's on purpose).
-pub(super) fn hash_names<N: AsRef<[u8]>>(names: &[N]) -> u64 {
+pub(super) fn hash_names(names: &[String]) -> u64 {
     use std::hash::Hasher;
     let mut h = names_hasher();
     for n in names {
-        hash_name(&mut h, n.as_ref());
+        hash_name(&mut h, n.as_bytes());
     }
     h.finish()
 }
@@ -227,27 +227,20 @@ impl Ads {
         })
     }
 
-    /// The shared set of `names` (`hash` is their [`hash_names`]); names must be UTF-8.
-    pub(super) fn intern<N: AsRef<[u8]>>(&self, hash: u64, names: &[N]) -> Result<Arc<BTreeSet<String>>, Status> {
-        fn name<N: AsRef<[u8]>>(n: &N) -> Result<&str, Status> {
-            std::str::from_utf8(n.as_ref()).map_err(|_| Status::invalid_argument("resource names must be UTF-8"))
-        }
+    /// The shared set of `names` (`hash` is their [`hash_names`]).
+    pub(super) fn intern(&self, hash: u64, names: &[String]) -> Arc<BTreeSet<String>> {
         let mut subs = self.subscriptions.lock().unwrap();
+        // Equal hashes are checked: a collision must not hand one client another's names.
         if let Some(s) = subs.get(&hash).and_then(std::sync::Weak::upgrade)
             && s.len() == names.len()
-            && names.iter().all(|n| name(n).is_ok_and(|n| s.contains(n)))
+            && names.iter().all(|n| s.contains(n))
         {
-            return Ok(s);
+            return s;
         }
-        let s = Arc::new(
-            names
-                .iter()
-                .map(|n| name(n).map(str::to_string))
-                .collect::<Result<BTreeSet<String>, Status>>()?,
-        );
+        let s = Arc::new(names.iter().cloned().collect::<BTreeSet<String>>());
         subs.retain(|_, w| w.strong_count() > 0);
         subs.insert(hash, Arc::downgrade(&s));
-        Ok(s)
+        s
     }
 }
 
@@ -441,7 +434,7 @@ impl Stream_ {
         // Subscriptions are compared by hash: an ACK repeating 5,000 names allocates nothing.
         let hash = req.names_digest;
         if st.names.is_none() || st.names_hash != hash {
-            st.names = Some(self.ads.intern(hash, &req.names()?)?);
+            st.names = Some(self.ads.intern(hash, &req.names()?));
             st.names_hash = hash;
             let g = self.ads.current();
             return Ok(self.send_if_changed(&r.type_url, &g).await);

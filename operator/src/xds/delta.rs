@@ -278,7 +278,7 @@ impl DeltaStream {
                 st.differs.remove(n);
             }
             let names: Vec<String> = names.into_iter().collect();
-            st.names = self.ads.intern(super::ads::hash_names(&names), &names)?;
+            st.names = self.ads.intern(super::ads::hash_names(&names), &names);
         }
         // A reconnecting client says what it already has.
         if !r.initial_resource_versions.is_empty() {

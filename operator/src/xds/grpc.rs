@@ -160,8 +160,8 @@ impl<D: Read> tonic::codec::Decoder for Decoder<D> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-        // Splits the message off tonic's buffer without copying; string fields copy out of it,
-        // `Bytes` fields (the SotW resource names) stay slices of it.
+        // Splits the message off tonic's buffer without copying; a SotW request keeps it to
+        // decode its names from should they have changed.
         let message = buf.copy_to_bytes(buf.remaining());
         let item = D::read(message.clone())?;
         self.last = Some(message);
