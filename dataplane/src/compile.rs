@@ -119,7 +119,19 @@ impl Compiler {
                 },
             );
         }
-        let routes: std::collections::HashSet<&str> = snap
+        Ok(Compiled {
+            snapshot: Arc::new(snap),
+            listeners,
+            clusters,
+        })
+    }
+
+    /// Drops the metrics of routes and clusters `serving` no longer has. Called only once it
+    /// serves: a config that fails later (a busy port) must not hide the metrics of the one that
+    /// keeps serving.
+    pub fn prune_metrics(&self, serving: &Compiled) {
+        let routes: std::collections::HashSet<&str> = serving
+            .snapshot
             .listeners
             .iter()
             .flat_map(|l| &l.virtual_hosts)
@@ -127,11 +139,6 @@ impl Compiler {
             .map(|r| r.name.as_str())
             .collect();
         self.registry
-            .retain(&|r| routes.contains(r), &|c| clusters.contains_key(c));
-        Ok(Compiled {
-            snapshot: Arc::new(snap),
-            listeners,
-            clusters,
-        })
+            .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c));
     }
 }

@@ -60,8 +60,10 @@ impl Dataplane {
                 .collect();
             let new = listeners.bind_new(&want)?;
             // In-flight requests keep the old config through their own guard.
-            self.shared.config.store(Arc::new(compiled));
+            let compiled = Arc::new(compiled);
+            self.shared.config.store(compiled.clone());
             listeners.reconcile(&want, new);
+            self.compiler.prune_metrics(&compiled);
             Ok(())
         })();
         let reg = &self.shared.registry;

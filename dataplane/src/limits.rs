@@ -18,6 +18,14 @@ pub struct Limits {
     pub tls_handshake_timeout: Duration,
     /// How long draining waits for in-flight requests at shutdown.
     pub drain_timeout: Duration,
+    /// Longest pause in a client's request body before it gets 408.
+    pub request_body_idle_timeout: Duration,
+    /// Merge `//` in request paths before matching (Istio's default).
+    pub merge_slashes: bool,
+    /// Open client connections per listener; more are closed at accept.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub max_streams: u32,
 }
 
 impl Default for Limits {
@@ -27,6 +35,10 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
+            request_body_idle_timeout: Duration::from_secs(60),
+            merge_slashes: true,
+            max_connections: 16_384,
+            max_streams: 128,
         }
     }
 }

@@ -55,6 +55,18 @@ struct Args {
     /// Seconds a client gets to send a full request head.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
+    /// Seconds a client may pause while sending a request body before it gets 408.
+    #[arg(long, default_value_t = 60)]
+    request_body_idle_timeout: u64,
+    /// Merge repeated slashes in request paths before matching.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    merge_slashes: bool,
+    /// Open client connections per listener; more are closed at once (and counted).
+    #[arg(long, default_value_t = 16_384)]
+    max_connections: usize,
+    /// Concurrent HTTP/2 streams per client connection.
+    #[arg(long, default_value_t = 128)]
+    max_streams: u32,
     /// Seconds to wait for in-flight requests at shutdown.
     #[arg(long, default_value_t = 15)]
     drain_timeout: u64,
@@ -63,8 +75,24 @@ struct Args {
     workers: Option<usize>,
 }
 
+/// A proxy holds two descriptors per proxied connection: take the hard limit, not the soft 1,024.
+fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a stack value.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -132,6 +160,10 @@ async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime:
         max_request_body: args.max_request_body,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        request_body_idle_timeout: Duration::from_secs(args.request_body_idle_timeout),
+        merge_slashes: args.merge_slashes,
+        max_connections: args.max_connections,
+        max_streams: args.max_streams,
         ..Limits::default()
     };
     let drain_timeout = limits.drain_timeout;

@@ -79,15 +79,18 @@ pub enum UpstreamError {
     Reset,
     Overflow,
     NoHealthyUpstream,
+    /// A response no client may be sent: a status outside 100-599, or a 101 nobody asked for.
+    InvalidResponse,
 }
 
 impl UpstreamError {
-    const ALL: [UpstreamError; 5] = [
+    const ALL: [UpstreamError; 6] = [
         UpstreamError::ConnectFailure,
         UpstreamError::Timeout,
         UpstreamError::Reset,
         UpstreamError::Overflow,
         UpstreamError::NoHealthyUpstream,
+        UpstreamError::InvalidResponse,
     ];
     /// Also the value of the `x-ferrum-error` response header.
     pub fn as_str(self) -> &'static str {
@@ -97,6 +100,7 @@ impl UpstreamError {
             UpstreamError::Reset => "upstream_reset",
             UpstreamError::Overflow => "upstream_overflow",
             UpstreamError::NoHealthyUpstream => "no_healthy_upstream",
+            UpstreamError::InvalidResponse => "upstream_invalid_response",
         }
     }
 }
@@ -105,7 +109,7 @@ impl UpstreamError {
 pub struct ClusterStats {
     pub responses: StatusCounts,
     pub latency: Histogram,
-    pub errors: [AtomicU64; 5],
+    pub errors: [AtomicU64; UpstreamError::ALL.len()],
     pub retries: AtomicU64,
     pub connections_active: AtomicI64,
     pub connections_total: AtomicU64,
@@ -127,6 +131,8 @@ pub struct Registry {
     pub reloads_failed: AtomicU64,
     pub downstream_active: AtomicI64,
     pub downstream_total: AtomicU64,
+    /// Client connections closed at accept because their listener was full.
+    pub downstream_rejected: AtomicU64,
     /// Requests that matched no route (404) or no listener host.
     pub unrouted: AtomicU64,
 }
@@ -208,6 +214,17 @@ impl Registry {
             out,
             "ferrum_downstream_connections_total {}",
             self.downstream_total.load(Relaxed)
+        );
+        g(
+            &mut out,
+            "ferrum_downstream_connections_rejected_total",
+            "counter",
+            "Client connections closed at accept because their listener had --max-connections open.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_downstream_connections_rejected_total {}",
+            self.downstream_rejected.load(Relaxed)
         );
         g(
             &mut out,

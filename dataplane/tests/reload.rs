@@ -102,15 +102,20 @@ async fn a_bad_reload_keeps_the_last_good_config() {
             .status(),
         200
     );
-    // A config that translates but cannot bind (port taken) is refused too.
+    // A config that translates but cannot bind (port taken) is refused too, and the metrics of
+    // the config still serving stay (the refused one renames the route).
+    let served = "ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"}";
+    assert_eq!(dp.metric(served).await, 1.0);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let busy = config(port, &a, &b, 0).replace(
-        "listeners: [",
-        &format!(
-            "listeners: [{{name: extra, port: {}, protocol: HTTP}}, ",
-            taken.local_addr().unwrap().port()
-        ),
-    );
+    let busy = config(port, &a, &b, 0)
+        .replace(
+            "listeners: [",
+            &format!(
+                "listeners: [{{name: extra, port: {}, protocol: HTTP}}, ",
+                taken.local_addr().unwrap().port()
+            ),
+        )
+        .replace("metadata: {name: r}", "metadata: {name: r2}");
     std::fs::write(&dp.config, busy).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(dp.version().await, 1);
@@ -122,6 +127,11 @@ async fn a_bad_reload_keeps_the_last_good_config() {
             .unwrap()
             .status(),
         200
+    );
+    assert_eq!(
+        dp.metric(served).await,
+        2.0,
+        "the serving route's metrics survive a failed bind"
     );
 }
 

@@ -55,7 +55,12 @@ spec:
          rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]}]\n"
             .into(),
     ]);
-    let _dp = Dp::start(&yaml).await;
+    let dp = Dp::start(&yaml).await;
+    // The admin view shows the certificate, never the Secret's private key.
+    let config = dp.admin_get("/config").await;
+    assert!(config.contains("BEGIN CERTIFICATE"), "the certificate is shown");
+    assert!(!config.contains("PRIVATE KEY"), "private key leaked in /config");
+    assert!(config.contains("[redacted]"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let tls_client = |host: &str| {
         reqwest::Client::builder()

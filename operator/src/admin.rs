@@ -31,7 +31,10 @@ fn reply(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Respon
 }
 
 impl Admin {
-    fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Health and metrics answer anyone (probes, Prometheus); the views that describe the mesh
+    /// (`/proxies`, `/snapshot`, `/problems`) only a local peer (`kubectl port-forward` arrives
+    /// as one).
+    fn route(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let json = |v: serde_json::Value| {
             reply(
                 StatusCode::OK,
@@ -39,14 +42,18 @@ impl Admin {
                 serde_json::to_vec_pretty(&v).unwrap_or_default(),
             )
         };
-        match req.uri().path() {
+        let path = req.uri().path();
+        if matches!(path, "/proxies" | "/snapshot" | "/problems") && !peer.ip().is_loopback() {
+            return reply(StatusCode::FORBIDDEN, "text/plain", "local clients only\n");
+        }
+        match path {
             "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
             "/ready" if self.ready.load(Relaxed) => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             "/proxies" => json(serde_json::json!({ "proxies": self.proxies.list() })),
             "/snapshot" => {
                 let cur = self.publisher.current();
-                json(serde_json::to_value(&cur.full.snapshot).unwrap_or_default())
+                json(serde_json::to_value(cur.full.snapshot.redacted()).unwrap_or_default())
             }
             "/problems" => {
                 let cur = self.publisher.current();
@@ -138,14 +145,16 @@ pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> std::io::Result<()> {
     let l = tokio::net::TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, peer)) = l.accept().await else { continue };
             let admin = admin.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
-                    let r = admin.route(&req);
+                    let r = admin.route(&req, peer);
                     async move { Ok::<_, Infallible>(r) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(5))
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });

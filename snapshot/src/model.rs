@@ -136,6 +136,20 @@ impl Snapshot {
         hash_from(&self.listeners, &self.digests())
     }
 
+    /// A copy that is safe to show (admin views, dumps, logs): inline private keys replaced by
+    /// [`REDACTED`]. Its `hash` stays the one of the real content.
+    pub fn redacted(&self) -> Snapshot {
+        let mut s = self.clone();
+        for l in &mut s.listeners {
+            for c in &mut l.certificates {
+                if let CertSource::Pem { key, .. } = &mut c.source {
+                    *key = REDACTED.into();
+                }
+            }
+        }
+        s
+    }
+
     pub fn digests(&self) -> PartDigests {
         PartDigests {
             virtual_hosts: self
@@ -190,6 +204,9 @@ pub struct Listener {
     pub certificates: Vec<Certificate>,
     pub virtual_hosts: Vec<Arc<VirtualHost>>,
 }
+
+/// What a private key is shown as.
+pub const REDACTED: &str = "[redacted]";
 
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,9 @@ use std::collections::BTreeSet;
 
 use crate::model::*;
 
+/// Largest route or endpoint weight (the Gateway API's bound on `backendRefs[].weight`).
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{object}: {field}: {message}")]
 pub struct InvalidSnapshot {
@@ -30,6 +33,13 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
         for (i, e) in c.endpoints.iter().enumerate() {
             if e.port == 0 {
                 err(obj.clone(), format!("endpoints[{i}].port"), "must be 1-65535".into());
+            }
+            if e.weight > MAX_WEIGHT {
+                err(
+                    obj.clone(),
+                    format!("endpoints[{i}].weight"),
+                    format!("{} is above the maximum weight {MAX_WEIGHT}", e.weight),
+                );
             }
             if e.address.is_empty() {
                 err(
@@ -218,6 +228,13 @@ fn check_route(
                 err(obj(), format!("{at}.action.forward"), "no backends".into());
             }
             for (i, b) in backends.iter().enumerate() {
+                if b.weight > MAX_WEIGHT {
+                    err(
+                        obj(),
+                        format!("{at}.action.forward[{i}].weight"),
+                        format!("{} is above the maximum weight {MAX_WEIGHT}", b.weight),
+                    );
+                }
                 if let Some(c) = &b.cluster
                     && !clusters.contains(c.as_str())
                 {
@@ -335,6 +352,28 @@ mod tests {
             "{text:?}"
         );
         assert_eq!(errs.len(), 3, "{text:?}");
+    }
+
+    #[test]
+    fn weights_are_bounded() {
+        let mut r = route(PathMatch::Prefix("/".into()), fwd("c"));
+        r.action = Action::Forward(vec![WeightedCluster {
+            cluster: Some("c".into()),
+            weight: MAX_WEIGHT + 1,
+        }]);
+        let mut ep = Endpoint::new("127.0.0.1", 80);
+        ep.weight = u32::MAX;
+        let errs = validate(&snap(vec![r], vec![Cluster::new("c", vec![ep])])).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|e| e.contains("forward[0].weight")), "{text:?}");
+        assert!(text.iter().any(|e| e.contains("endpoints[0].weight")), "{text:?}");
+        // All-zero weights are valid: such a rule answers 500 at run time.
+        let mut r = route(PathMatch::Prefix("/".into()), fwd("c"));
+        r.action = Action::Forward(vec![WeightedCluster {
+            cluster: Some("c".into()),
+            weight: 0,
+        }]);
+        validate(&snap(vec![r], vec![Cluster::new("c", vec![])])).unwrap();
     }
 
     #[test]

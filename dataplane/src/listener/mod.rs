@@ -1,5 +1,5 @@
-//! Bound sockets and connections: accept, TLS, HTTP/1.1 and HTTP/2 (h2c prior knowledge or
-//! ALPN), header limits, and draining.
+//! Bound sockets and connections: accept (with a per-listener cap), TLS, protocol detection
+//! (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), header limits, and draining.
 
 pub mod tls;
 
@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -31,10 +32,16 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
+/// HTTP/1.1 and HTTP/2 server settings; a connection gets one after detection.
+pub struct Http {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
 /// The sockets the current config listens on.
 pub struct Listeners {
     shared: Arc<Shared>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     workers: Vec<Handle>,
     running: HashMap<SocketAddr, Running>,
 }
@@ -55,22 +62,23 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 impl Listeners {
     pub fn new(shared: Arc<Shared>, workers: Vec<Handle>) -> Self {
-        let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             .header_read_timeout(shared.limits.header_read_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_headers(MAX_HEADERS)
             .keep_alive(true);
-        b.http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // Few streams per connection: one client's connection cannot take a cluster's whole
+        // circuit-breaker budget.
+        h2.timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .max_concurrent_streams(1024)
+            .max_concurrent_streams(shared.limits.max_streams)
             .max_pending_accept_reset_streams(64)
             .adaptive_window(true);
         Listeners {
             shared,
-            http: Arc::new(b),
+            http: Arc::new(Http { h1, h2 }),
             workers,
             running: HashMap::new(),
         }
@@ -95,12 +103,15 @@ impl Listeners {
     pub fn reconcile(&mut self, want: &[SocketAddr], new: Vec<Bound>) {
         for (addr, socks) in new {
             let (stop, rx) = watch::channel(false);
+            // One count for the listener, whichever worker accepted.
+            let open = Arc::new(AtomicUsize::new(0));
             for (i, sock) in socks.into_iter().enumerate() {
                 let (shared, http, rx) = (self.shared.clone(), self.http.clone(), rx.clone());
+                let open = open.clone();
                 let run = async move {
                     // Registered with the runtime that polls it: the worker's own.
                     match TcpListener::from_std(sock) {
-                        Ok(l) => accept_loop(l, addr.port(), shared, http, rx).await,
+                        Ok(l) => accept_loop(l, addr.port(), open, shared, http, rx).await,
                         Err(e) => tracing::error!(%addr, error = %e, "cannot register listener"),
                     }
                 };
@@ -137,8 +148,9 @@ impl Listeners {
 async fn accept_loop(
     l: TcpListener,
     port: u16,
+    open: Arc<AtomicUsize>,
     shared: Arc<Shared>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<Http>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -154,34 +166,80 @@ async fn accept_loop(
             },
             _ = stopped(&mut stop) => return,
         };
+        if open.fetch_add(1, Relaxed) >= shared.limits.max_connections {
+            open.fetch_sub(1, Relaxed);
+            shared.registry.downstream_rejected.fetch_add(1, Relaxed);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let count = ConnCount::new(shared.clone(), open.clone());
         tokio::spawn(connection(
             stream,
             ConnInfo { port, client },
-            shared.clone(),
+            count,
             http.clone(),
             stop.clone(),
         ));
     }
 }
 
-struct ConnCount(Arc<Shared>);
-impl Drop for ConnCount {
-    fn drop(&mut self) {
-        self.0.registry.downstream_active.fetch_sub(1, Relaxed);
+/// Counts one open client connection, in the process and in its listener.
+struct ConnCount {
+    shared: Arc<Shared>,
+    listener: Arc<AtomicUsize>,
+}
+
+impl ConnCount {
+    fn new(shared: Arc<Shared>, listener: Arc<AtomicUsize>) -> Self {
+        shared.registry.downstream_total.fetch_add(1, Relaxed);
+        shared.registry.downstream_active.fetch_add(1, Relaxed);
+        ConnCount { shared, listener }
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    info: ConnInfo,
-    shared: Arc<Shared>,
-    http: Arc<auto::Builder<TokioExecutor>>,
-    stop: watch::Receiver<bool>,
-) {
-    shared.registry.downstream_total.fetch_add(1, Relaxed);
-    shared.registry.downstream_active.fetch_add(1, Relaxed);
-    let _count = ConnCount(shared.clone());
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.shared.registry.downstream_active.fetch_sub(1, Relaxed);
+        self.listener.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What a connection speaks, from its first bytes or its ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads (without consuming) until the first bytes tell HTTP/1 from the HTTP/2 preface. `None`
+/// when the client closes or sends nothing within `within`: a connection that never speaks is
+/// closed instead of held.
+pub async fn detect(stream: &TcpStream, within: Duration) -> Option<Protocol> {
+    let sniff = async {
+        let mut buf = [0u8; 24];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+            // A preface split across packets: peek returns the same bytes until more arrive.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(within, sniff).await.ok().flatten()
+}
+
+async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: Arc<Http>, stop: watch::Receiver<bool>) {
+    let shared = count.shared.clone();
     let tls = shared
         .config
         .load()
@@ -189,11 +247,23 @@ async fn connection(
         .get(&info.port)
         .and_then(|l| l.tls.clone());
     match tls {
-        None => serve(TokioIo::new(stream), info, shared, &http, stop).await,
+        None => {
+            let Some(proto) = detect(&stream, shared.limits.header_read_timeout).await else {
+                tracing::debug!(client = %info.client, "closed before a request arrived");
+                return;
+            };
+            serve(TokioIo::new(stream), proto, info, shared, &http, stop).await
+        }
         Some(cfg) => {
             let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, accept).await {
-                Ok(Ok(s)) => serve(TokioIo::new(s), info, shared, &http, stop).await,
+                Ok(Ok(s)) => {
+                    let proto = match s.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    serve(TokioIo::new(s), proto, info, shared, &http, stop).await
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(client = %info.client, error = %e, "TLS handshake failed")
                 }
@@ -201,13 +271,15 @@ async fn connection(
             }
         }
     }
+    drop(count);
 }
 
 async fn serve<I>(
     io: I,
+    proto: Protocol,
     info: ConnInfo,
     shared: Arc<Shared>,
-    http: &auto::Builder<TokioExecutor>,
+    http: &Http,
     mut stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -216,18 +288,26 @@ async fn serve<I>(
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(proxy::handle(shared, info, req).await) }
     });
-    let conn = http.serve_connection(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
+    // Runs a connection until it ends or the listener stops, then lets it finish gracefully.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
-        }
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        }};
+    }
+    let result = match proto {
+        Protocol::Http1 => drive!(http.h1.serve_connection(io, svc).with_upgrades()),
+        Protocol::Http2 => drive!(http.h2.serve_connection(io, svc)),
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
     }
 }
 

@@ -1,26 +1,78 @@
 //! Body types of the proxy: streamed both ways, never buffered, with size limits.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 
-use crate::upstream::{EndpointGuard, RequestGuard};
+use crate::upstream::{EndpointGuard, RequestGuard, now_ms};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's request body failed (truncated, malformed framing, too large): the client's
+/// fault, never counted against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
+/// How far the client's upload has come: the response timeout starts when it is done, and an
+/// upload that stalls is the client's timeout, not the upstream's.
+#[derive(Default)]
+pub struct Upload {
+    /// `now_ms()` of the last frame (or of the start).
+    last_ms: AtomicU64,
+    done: AtomicBool,
+}
+
+impl Upload {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Upload {
+            last_ms: AtomicU64::new(now_ms()),
+            done: AtomicBool::new(false),
+        })
+    }
+    pub fn done(&self) -> bool {
+        self.done.load(Relaxed)
+    }
+    /// Time since the last frame arrived (or since the upload ended).
+    pub fn idle(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Relaxed)))
+    }
+    fn progress(&self, done: bool) {
+        self.last_ms.store(now_ms(), Relaxed);
+        if done {
+            self.done.store(true, Relaxed);
+        }
+    }
+}
 
 /// What goes upstream: the client's body (bounded) or nothing.
 pub enum RequestBody {
     Empty,
-    Stream(Limited<Incoming>),
+    Stream {
+        body: Limited<Incoming>,
+        upload: Arc<Upload>,
+    },
 }
 
 impl RequestBody {
     pub fn empty() -> Self {
         RequestBody::Empty
+    }
+
+    pub fn stream(body: Incoming, limit: usize) -> (Self, Arc<Upload>) {
+        let upload = Upload::new();
+        let body = RequestBody::Stream {
+            body: Limited::new(body, limit),
+            upload: upload.clone(),
+        };
+        (body, upload)
     }
 }
 
@@ -31,19 +83,27 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Stream { body, upload } => {
+                let r = Pin::new(&mut *body).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(_))) => upload.progress(body.is_end_stream()),
+                    Poll::Ready(None) => upload.progress(true),
+                    _ => {}
+                }
+                r.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
+            }
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Stream { body, .. } => body.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Stream { body, .. } => body.size_hint(),
         }
     }
 }

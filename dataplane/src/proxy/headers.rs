@@ -74,6 +74,23 @@ pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Optio
     h.append(header::VIA, HeaderValue::from_static(via));
 }
 
+/// Joins HTTP/2 cookie crumbs (RFC 9113 §8.2.3) into the one `cookie` header HTTP/1.1 allows.
+pub fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let joined: Vec<u8> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 fn fmt_ip(ip: IpAddr, buf: &mut [u8; 48]) -> &str {
     use std::io::Write;
     let mut cur = std::io::Cursor::new(&mut buf[..]);
@@ -99,6 +116,21 @@ mod tests {
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep", "te"]);
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        h.append(header::COOKIE, "b=2".parse().unwrap());
+        h.append(header::COOKIE, "c=3".parse().unwrap());
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, "a=1; b=2".parse().unwrap());
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod path;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -13,7 +14,6 @@ use arc_swap::ArcSwap;
 use ferrum_snapshot::model::{HashOn, PathMatch, PathRewrite, Redirect};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::Limited;
 use hyper::body::{Body as _, Incoming};
 
 use crate::compile::{Compiled, CompiledListener};
@@ -36,21 +36,38 @@ pub struct Shared {
 enum Local {
     RouteNotFound,
     BackendNotFound,
+    /// Every backend of the rule has weight 0.
+    NoWeightedBackend,
     BodyTooLarge,
     HeadersTooLarge,
     Upstream(UpstreamError),
     MethodNotAllowed,
+    /// No Host on HTTP/1.1, or more than one (RFC 9112 §3.2).
+    BadHost,
+    /// A path that cannot be normalised safely.
+    BadPath,
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1).
+    UnsupportedTransferCoding,
+    /// The client's body broke off or was malformed.
+    ClientBody,
+    /// The client stopped sending its body.
+    ClientBodyTimeout,
 }
 
 impl Local {
     fn status(self) -> StatusCode {
         match self {
             Local::RouteNotFound => StatusCode::NOT_FOUND,
-            Local::BackendNotFound => StatusCode::INTERNAL_SERVER_ERROR,
+            Local::BackendNotFound | Local::NoWeightedBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Local::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Local::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Local::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset) => StatusCode::BAD_GATEWAY,
+            Local::BadHost | Local::BadPath | Local::ClientBody => StatusCode::BAD_REQUEST,
+            Local::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Local::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::InvalidResponse) => {
+                StatusCode::BAD_GATEWAY
+            }
             Local::Upstream(UpstreamError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             Local::Upstream(UpstreamError::Overflow | UpstreamError::NoHealthyUpstream) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -61,9 +78,15 @@ impl Local {
         match self {
             Local::RouteNotFound => "route_not_found",
             Local::BackendNotFound => "backend_not_found",
+            Local::NoWeightedBackend => "no_weighted_backend",
             Local::BodyTooLarge => "request_body_too_large",
             Local::HeadersTooLarge => "request_headers_too_large",
             Local::MethodNotAllowed => "method_not_allowed",
+            Local::BadHost => "invalid_host",
+            Local::BadPath => "invalid_path",
+            Local::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Local::ClientBody => "request_body_error",
+            Local::ClientBodyTimeout => "request_body_timeout",
             Local::Upstream(e) => e.as_str(),
         }
     }
@@ -91,19 +114,11 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     let Some(listener) = cfg.listeners.get(&conn.port) else {
         return Local::RouteNotFound.response();
     };
-    if req.method() == Method::CONNECT {
-        return Local::MethodNotAllowed.response();
-    }
-    // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.
-    let head: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
-    if head + req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > crate::limits::MAX_HEADER_BYTES {
-        return Local::HeadersTooLarge.response();
-    }
-    let host_value = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let mut req = req;
+    let host_value = match check_head(&mut req, &shared.limits) {
+        Ok(h) => h,
+        Err(l) => return l.response(),
+    };
     let host = host_value
         .as_ref()
         .and_then(|h| h.to_str().ok())
@@ -142,13 +157,59 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
                     Err(l) => l.response(),
                 }
             }
-            _ => Local::BackendNotFound.response(),
+            Some(None) => Local::BackendNotFound.response(),
+            None => Local::NoWeightedBackend.response(),
         },
     };
     route.response_headers.apply(resp.headers_mut());
     route.stats.responses.record(resp.status().as_u16());
     route.stats.latency.observe(started.elapsed());
     resp
+}
+
+/// Refuses what must not be forwarded and normalises the path; returns the request's host.
+fn check_head(req: &mut Request<Incoming>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
+    if req.method() == Method::CONNECT {
+        return Err(Local::MethodNotAllowed);
+    }
+    // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.
+    let head: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if head + req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > crate::limits::MAX_HEADER_BYTES {
+        return Err(Local::HeadersTooLarge);
+    }
+    if let Some(te) = req.headers().get(header::TRANSFER_ENCODING)
+        && (req.headers().get_all(header::TRANSFER_ENCODING).iter().count() > 1
+            || !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(Local::UnsupportedTransferCoding);
+    }
+    let host = request_host(req)?;
+    let normal = path::normalize(req.uri().path(), limits.merge_slashes).map_err(|_| Local::BadPath)?;
+    if let Cow::Owned(p) = normal {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| Local::BadPath)?);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Local::BadPath)?;
+    }
+    Ok(host)
+}
+
+/// The request's host: the target's authority when it has one (absolute form, RFC 9112
+/// §3.2.2; `:authority` over HTTP/2), else the `Host` header. HTTP/1.1 needs exactly one `Host`
+/// and no request may carry two.
+fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Local> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() || (first.is_none() && req.version() == Version::HTTP_11) {
+        return Err(Local::BadHost);
+    }
+    match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).map(Some).map_err(|_| Local::BadHost),
+        None => Ok(first.cloned()),
+    }
 }
 
 fn strip_port(h: &str) -> &str {
@@ -266,6 +327,14 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
     false
 }
 
+/// How one try ended, before the response is handed on.
+enum Try {
+    Response(Response<Incoming>),
+    Upstream(UpstreamError),
+    /// The client's fault: no endpoint is blamed.
+    Client(Local),
+}
+
 impl Forward<'_> {
     async fn run(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
         let limits = &self.shared.limits;
@@ -276,51 +345,9 @@ impl Forward<'_> {
         let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
         let cluster = self.cluster;
         let spec = &cluster.spec;
-
-        // Head of the upstream request.
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, true);
-        let via = if parts.version == Version::HTTP_2 {
-            "2 ferrum"
-        } else {
-            "1.1 ferrum"
-        };
-        headers::add_forwarded(
-            h,
-            self.conn.client.ip(),
-            self.listener.https,
-            self.host_value.as_ref(),
-            via,
-        );
-        if !h.contains_key(header::HOST)
-            && let Some(v) = &self.host_value
-        {
-            h.insert(header::HOST, v.clone());
-        }
-        let mut path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        if let Some(rw) = &self.route.rewrite {
-            if let Some(host) = &rw.hostname
-                && let Ok(v) = HeaderValue::from_str(host)
-            {
-                h.insert(header::HOST, v);
-            }
-            if let Some(p) = &rw.path {
-                let mut new = rewritten_path(p, self.route, path_and_query.path());
-                if let Some(q) = path_and_query.query() {
-                    new.push('?');
-                    new.push_str(q);
-                }
-                path_and_query = PathAndQuery::try_from(new).map_err(|_| Local::RouteNotFound)?;
-            }
-        }
-        self.route.request_headers.apply(h);
-
+        let via = self.upstream_head(&mut parts)?;
         let hash_key: Option<Vec<u8>> = match cluster.balancer.hash_on() {
-            Some(HashOn::Header(name)) => h.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+            Some(HashOn::Header(name)) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
             Some(HashOn::ClientIp) => Some(self.conn.client.ip().to_string().into_bytes()),
             None => None,
         };
@@ -330,17 +357,22 @@ impl Forward<'_> {
             .retry
             .as_ref()
             .filter(|_| body_empty && is_idempotent(&parts.method));
-        let mut body = Some(if body_empty {
-            RequestBody::Empty
+        let (body, upload) = if body_empty {
+            (RequestBody::Empty, None)
         } else {
-            RequestBody::Stream(Limited::new(incoming, limits.max_request_body))
-        });
-        let per_try = Duration::from_millis(self.route.timeouts.backend_request_ms.unwrap_or(spec.timeouts.read_ms));
-        let deadline = self
-            .route
-            .timeouts
-            .request_ms
-            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+            let (b, u) = RequestBody::stream(incoming, limits.max_request_body);
+            (b, Some(u))
+        };
+        let mut body = Some(body);
+        let timing = Timing {
+            per_try: Duration::from_millis(self.route.timeouts.backend_request_ms.unwrap_or(spec.timeouts.read_ms)),
+            deadline: self
+                .route
+                .timeouts
+                .request_ms
+                .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
+            body_idle: limits.request_body_idle_timeout,
+        };
         let mut avoid = None;
         let mut attempt = 0u32;
         let mut _retry_guard = None;
@@ -350,57 +382,53 @@ impl Forward<'_> {
                 return Err(Local::Upstream(UpstreamError::NoHealthyUpstream));
             };
             let ep = &cluster.endpoints[idx];
-            let uri = {
+            let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = {
                 let mut u = http::uri::Parts::default();
                 u.scheme = Some(cluster.scheme.clone());
                 u.authority = Some(ep.authority.clone());
-                u.path_and_query = Some(path_and_query.clone());
+                u.path_and_query = parts.uri.path_and_query().cloned();
                 Uri::from_parts(u).expect("scheme, authority and path make a URI")
             };
-            let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = if retry.is_some() {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
             };
-
-            let mut timeout = per_try;
-            if let Some(d) = deadline {
-                timeout = timeout.min(d.saturating_duration_since(tokio::time::Instant::now()));
+            if self.host_value.is_none() {
+                // HTTP/1.0 without Host: the upstream still gets one.
+                up.headers_mut().insert(
+                    header::HOST,
+                    HeaderValue::from_str(&ep.key).map_err(|_| Local::BadHost)?,
+                );
             }
             let try_started = Instant::now();
-            let result = tokio::time::timeout(timeout, cluster.client().request(up)).await;
-            let outcome: Result<Response<Incoming>, UpstreamError> = match result {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => {
-                    if caused_by::<http_body_util::LengthLimitError>(&e) {
-                        return Err(Local::BodyTooLarge);
-                    }
-                    if caused_by::<MaxConnections>(&e) {
-                        cluster.stats.error(UpstreamError::Overflow);
-                        return Err(Local::Upstream(UpstreamError::Overflow));
-                    }
-                    tracing::debug!(cluster = %spec.name, endpoint = %ep.key, error = ?e, "upstream request failed");
-                    Err(if e.is_connect() {
-                        UpstreamError::ConnectFailure
-                    } else {
-                        UpstreamError::Reset
-                    })
+            let outcome = timing.wait(cluster.client().request(up), upload.as_deref()).await;
+            let outcome = match outcome {
+                Ok(Ok(resp)) if valid_status(resp.status()) => Try::Response(resp),
+                Ok(Ok(_)) => Try::Upstream(UpstreamError::InvalidResponse),
+                Ok(Err(e)) => classify(&e, &spec.name, &ep.key),
+                Err(t) => t,
+            };
+            let status = match &outcome {
+                Try::Client(l) => return Err(*l),
+                Try::Response(r) => Ok(r.status().as_u16()),
+                Try::Upstream(UpstreamError::Overflow) => {
+                    cluster.stats.error(UpstreamError::Overflow);
+                    return Err(Local::Upstream(UpstreamError::Overflow));
                 }
-                Err(_) => Err(UpstreamError::Timeout),
+                Try::Upstream(e) => Err(*e),
             };
             cluster.record(
                 ep,
-                match &outcome {
-                    Ok(r) => Outcome::Status(r.status().as_u16()),
+                match status {
+                    Ok(s) => Outcome::Status(s),
                     Err(UpstreamError::ConnectFailure) => Outcome::ConnectFailure,
                     Err(_) => Outcome::OtherFailure,
                 },
             );
-            let status = outcome.as_ref().map(|r| r.status().as_u16()).map_err(|e| *e);
             match status {
                 Ok(s) => {
                     cluster.stats.responses.record(s);
@@ -408,7 +436,7 @@ impl Forward<'_> {
                 }
                 Err(e) => cluster.stats.error(e),
             }
-            let out_of_time = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            let out_of_time = timing.deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             if let Some(policy) = retry
                 && attempt < policy.attempts
                 && !out_of_time
@@ -425,21 +453,156 @@ impl Forward<'_> {
                 continue;
             }
             return match outcome {
-                Err(e) => Err(Local::Upstream(e)),
-                Ok(resp) => {
-                    let (mut rp, body) = resp.into_parts();
-                    headers::strip_hop_by_hop(&mut rp.headers, false);
-                    rp.headers.append(header::VIA, HeaderValue::from_static(via));
-                    Ok(Response::from_parts(
-                        rp,
-                        ResponseBody::Upstream {
-                            body,
-                            _request: Some(guard),
-                            _endpoint: Some(ep_guard),
-                        },
-                    ))
-                }
+                Try::Response(resp) => Ok(downstream_response(resp, via, guard, ep_guard)),
+                Try::Upstream(e) => Err(Local::Upstream(e)),
+                Try::Client(l) => Err(l),
             };
+        }
+    }
+
+    /// The upstream request's head: hop-by-hop headers out, forwarding headers in, Host, cookie
+    /// crumbs joined, rewrites and header filters applied. Returns the `Via` value.
+    fn upstream_head(&self, parts: &mut http::request::Parts) -> Result<&'static str, Local> {
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, true);
+        let via = if parts.version == Version::HTTP_2 {
+            "2 ferrum"
+        } else {
+            "1.1 ferrum"
+        };
+        headers::add_forwarded(
+            h,
+            self.conn.client.ip(),
+            self.listener.https,
+            self.host_value.as_ref(),
+            via,
+        );
+        if let Some(v) = &self.host_value {
+            h.insert(header::HOST, v.clone());
+        }
+        headers::join_cookies(h);
+        if let Some(rw) = &self.route.rewrite {
+            if let Some(host) = &rw.hostname
+                && let Ok(v) = HeaderValue::from_str(host)
+            {
+                h.insert(header::HOST, v);
+            }
+            if let Some(p) = &rw.path {
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let (path, query) = pq.split_once('?').map_or((pq, None), |(p, q)| (p, Some(q)));
+                let mut new = rewritten_path(p, self.route, path);
+                if let Some(q) = query {
+                    new.push('?');
+                    new.push_str(q);
+                }
+                let mut u = std::mem::take(&mut parts.uri).into_parts();
+                u.path_and_query = Some(PathAndQuery::try_from(new).map_err(|_| Local::RouteNotFound)?);
+                parts.uri = Uri::from_parts(u).map_err(|_| Local::RouteNotFound)?;
+            }
+        }
+        self.route.request_headers.apply(&mut parts.headers);
+        Ok(via)
+    }
+}
+
+/// A status a client may be sent: 1xx-5xx, and no 101 (nothing here asks for an upgrade).
+fn valid_status(s: StatusCode) -> bool {
+    (100..600).contains(&s.as_u16()) && s != StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// Whose fault a failed try was.
+fn classify(e: &hyper_util::client::legacy::Error, cluster: &str, endpoint: &str) -> Try {
+    if caused_by::<http_body_util::LengthLimitError>(e) {
+        return Try::Client(Local::BodyTooLarge);
+    }
+    if caused_by::<body::ClientBodyError>(e) {
+        return Try::Client(Local::ClientBody);
+    }
+    if caused_by::<MaxConnections>(e) {
+        return Try::Upstream(UpstreamError::Overflow);
+    }
+    tracing::debug!(cluster, endpoint, error = ?e, "upstream request failed");
+    Try::Upstream(if e.is_connect() {
+        UpstreamError::ConnectFailure
+    } else {
+        UpstreamError::Reset
+    })
+}
+
+fn downstream_response(
+    resp: Response<Incoming>,
+    via: &'static str,
+    guard: crate::upstream::RequestGuard,
+    ep_guard: crate::upstream::EndpointGuard,
+) -> Response<ResponseBody> {
+    let (mut rp, body) = resp.into_parts();
+    // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is meaningless and must not reach a
+    // client that would frame the re-chunked body by it.
+    if rp.headers.contains_key(header::TRANSFER_ENCODING) {
+        rp.headers.remove(header::CONTENT_LENGTH);
+    }
+    headers::strip_hop_by_hop(&mut rp.headers, false);
+    rp.headers.append(header::VIA, HeaderValue::from_static(via));
+    Response::from_parts(
+        rp,
+        ResponseBody::Upstream {
+            body,
+            _request: Some(guard),
+            _endpoint: Some(ep_guard),
+        },
+    )
+}
+
+/// The clocks of one forwarded request.
+struct Timing {
+    /// Per try, counted from when the client's body is complete.
+    per_try: Duration,
+    /// The route's whole-request deadline.
+    deadline: Option<tokio::time::Instant>,
+    /// Longest pause in the client's upload.
+    body_idle: Duration,
+}
+
+impl Timing {
+    /// Waits for the upstream's response head. The per-try timeout runs once the upload is done;
+    /// an upload that pauses longer than `body_idle` is the client's timeout.
+    async fn wait<F: std::future::Future>(&self, fut: F, upload: Option<&body::Upload>) -> Result<F::Output, Try> {
+        use tokio::time::Instant;
+        tokio::pin!(fut);
+        let mut since = Instant::now();
+        loop {
+            let uploading = upload.is_some_and(|u| !u.done());
+            let mut at = if uploading {
+                Instant::now()
+                    + self
+                        .body_idle
+                        .saturating_sub(upload.map_or(Duration::ZERO, |u| u.idle()))
+            } else {
+                since + self.per_try
+            };
+            if let Some(d) = self.deadline {
+                at = at.min(d);
+            }
+            tokio::select! {
+                r = &mut fut => return Ok(r),
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            let now = Instant::now();
+            let done = upload.is_none_or(|u| u.done());
+            if self.deadline.is_some_and(|d| now >= d) || (done && !uploading) {
+                return Err(if done {
+                    Try::Upstream(UpstreamError::Timeout)
+                } else {
+                    Try::Client(Local::ClientBodyTimeout)
+                });
+            }
+            if !done && upload.is_some_and(|u| u.idle() >= self.body_idle) {
+                return Err(Try::Client(Local::ClientBodyTimeout));
+            }
+            if done && uploading {
+                // The upload ended while we slept: the response clock starts now.
+                since = Instant::now() - upload.map_or(Duration::ZERO, |u| u.idle());
+            }
         }
     }
 }
@@ -447,6 +610,46 @@ impl Forward<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_target_authority_is_the_host() {
+        let req = |v: Version, uri: &str, hosts: &[&str]| {
+            let mut r = Request::builder().version(v).uri(uri);
+            for h in hosts {
+                r = r.header(header::HOST, *h);
+            }
+            r.body(()).unwrap()
+        };
+        let host = |r: Request<()>| request_host(&r).map(|h| h.map(|v| v.to_str().unwrap().to_string()));
+        // HTTP/2: `:authority` wins over a `host` header.
+        assert_eq!(
+            host(req(Version::HTTP_2, "http://a.test/x", &["b.test"]))
+                .unwrap()
+                .unwrap(),
+            "a.test"
+        );
+        // HTTP/1.1 absolute form: the target's authority wins.
+        assert_eq!(
+            host(req(Version::HTTP_11, "http://a.test:8080/x", &["b.test"]))
+                .unwrap()
+                .unwrap(),
+            "a.test:8080"
+        );
+        assert_eq!(
+            host(req(Version::HTTP_11, "/x", &["b.test"])).unwrap().unwrap(),
+            "b.test"
+        );
+        assert!(matches!(host(req(Version::HTTP_11, "/x", &[])), Err(Local::BadHost)));
+        assert!(matches!(
+            host(req(Version::HTTP_11, "/x", &["a", "b"])),
+            Err(Local::BadHost)
+        ));
+        assert!(matches!(
+            host(req(Version::HTTP_10, "/x", &["a", "a"])),
+            Err(Local::BadHost)
+        ));
+        assert_eq!(host(req(Version::HTTP_10, "/x", &[])).unwrap(), None);
+    }
 
     #[test]
     fn strips_ports_from_hosts() {

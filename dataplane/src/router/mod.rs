@@ -49,15 +49,18 @@ pub enum Action {
 }
 
 impl Action {
-    /// Weighted pick of a backend.
+    /// Weighted pick of a backend; `None` when no target has weight (the caller answers 500).
     pub fn pick(&self) -> Option<&Option<Arc<ClusterRuntime>>> {
         let Action::Forward(targets) = self else {
             return None;
         };
+        let total = targets.last()?.0;
+        if total == 0 {
+            return None;
+        }
         if targets.len() == 1 {
             return Some(&targets[0].1);
         }
-        let total = targets.last()?.0;
         let r = fastrand::u32(0..total);
         targets.iter().find(|(cum, _)| r < *cum).map(|(_, t)| t)
     }
@@ -342,6 +345,14 @@ mod tests {
             action: model::Action::Forward(vec![]),
             timeouts: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_rule_without_weight_picks_nothing() {
+        assert!(Action::Forward(vec![(0, None), (0, None)]).pick().is_none());
+        assert!(Action::Forward(vec![(0, None)]).pick().is_none());
+        assert!(Action::Forward(vec![]).pick().is_none());
+        assert!(Action::Forward(vec![(0, None), (3, None)]).pick().is_some());
     }
 
     fn vh(routes: Vec<model::Route>) -> VirtualHost {

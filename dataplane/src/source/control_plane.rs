@@ -59,12 +59,25 @@ pub fn load_cache(path: &Path) -> Option<Snapshot> {
     Some(snap)
 }
 
+/// Writes the cache readable by this user only: it holds listener private keys.
 fn store_cache(path: &Path, body: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    let write = || {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()
+    };
     let result = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| std::fs::write(&tmp, body))
+        .and_then(|_| write())
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = result {
         tracing::warn!(path = %path.display(), error = %e, "cannot write snapshot cache");
@@ -239,4 +252,25 @@ async fn apply(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_cache_is_private_to_its_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/snapshot.json");
+        let snap = Snapshot::new(3, vec![], vec![]);
+        store_cache(&path, &serde_json::to_vec(&snap).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
+        assert_eq!(load_cache(&path).unwrap().version, 3);
+        // Rewriting keeps it private and replaces the content.
+        store_cache(&path, &serde_json::to_vec(&Snapshot::new(4, vec![], vec![])).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(load_cache(&path).unwrap().version, 4);
+    }
 }

@@ -30,7 +30,10 @@ pub enum Balancer {
 }
 
 /// Points per unit of weight on the hash ring.
-const RING_POINTS: u32 = 160;
+const RING_POINTS: u64 = 160;
+/// Most points on one ring (Envoy's default maximum is 8M; at 16 bytes a point this is 16 MiB):
+/// weights beyond it are scaled down, every endpoint keeping at least one point.
+const MAX_RING_POINTS: u64 = 1 << 20;
 
 impl Balancer {
     pub fn new(policy: &LbPolicy, weights: &[u32]) -> Self {
@@ -53,9 +56,10 @@ impl Balancer {
                 }
             }
             LbPolicy::ConsistentHash(on) => {
-                let mut ring = Vec::new();
-                for (i, w) in weights.iter().enumerate() {
-                    for p in 0..RING_POINTS * (*w).max(1) {
+                let points = ring_points(weights);
+                let mut ring = Vec::with_capacity(points.iter().sum::<u64>() as usize);
+                for (i, n) in points.iter().enumerate() {
+                    for p in 0..*n {
                         ring.push((hash(format!("{i}-{p}").as_bytes()), i as u32));
                     }
                 }
@@ -126,6 +130,16 @@ impl Balancer {
             None => (0..n).find(|j| ok(*j)),
         }
     }
+}
+
+/// Ring points per endpoint: proportional to weight, at most `MAX_RING_POINTS` in all.
+fn ring_points(weights: &[u32]) -> Vec<u64> {
+    let total: u64 = weights.iter().map(|w| u64::from((*w).max(1))).sum();
+    let per_weight = (MAX_RING_POINTS as f64 / total.max(1) as f64).min(RING_POINTS as f64);
+    weights
+        .iter()
+        .map(|w| ((f64::from((*w).max(1)) * per_weight) as u64).max(1))
+        .collect()
 }
 
 fn hash(b: &[u8]) -> u64 {
@@ -199,6 +213,21 @@ mod tests {
             c[b.pick(e, None, None).unwrap()] += 1;
         }
         c
+    }
+
+    #[test]
+    fn hash_ring_size_is_capped() {
+        // Two endpoints at the maximum weight: uncapped this is 320M points (5 GiB).
+        let b = Balancer::new(&LbPolicy::ConsistentHash(HashOn::ClientIp), &[1_000_000, 1_000_000, 1]);
+        let Balancer::Ring { ring, .. } = &b else {
+            panic!("ring")
+        };
+        assert!(ring.len() as u64 <= MAX_RING_POINTS + 3, "{}", ring.len());
+        assert!(ring.iter().any(|(_, i)| *i == 2), "a light endpoint keeps a point");
+        let heavy = ring.iter().filter(|(_, i)| *i == 0).count();
+        assert!(heavy > 400_000, "weights stay proportional: {heavy}");
+        // Small weights keep 160 points per unit.
+        assert_eq!(ring_points(&[1, 3]), vec![160, 480]);
     }
 
     #[test]

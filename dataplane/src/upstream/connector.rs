@@ -151,23 +151,7 @@ fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth()
     } else {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(path) = &tls.ca_file {
-            let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
-                cluster: c.name.clone(),
-                path: path.clone(),
-                source,
-            })?;
-            for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(ClientError::NoCa {
-                    cluster: c.name.clone(),
-                    path: path.clone(),
-                });
-            }
-        }
+        let roots = root_store(c, tls.ca_file.as_deref())?;
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     cfg.alpn_protocols = match c.protocol {
@@ -175,6 +159,32 @@ fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
         UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
     };
     Ok(cfg)
+}
+
+/// The cluster's `caFile`, or the public web PKI roots (Mozilla's, via webpki-roots) when it
+/// names none: an HTTPS upstream without a CA file is a public service.
+fn root_store(c: &Cluster, ca_file: Option<&str>) -> Result<rustls::RootCertStore, ClientError> {
+    let Some(path) = ca_file else {
+        return Ok(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        });
+    };
+    let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
+        cluster: c.name.clone(),
+        path: path.to_string(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(ClientError::NoCa {
+            cluster: c.name.clone(),
+            path: path.to_string(),
+        });
+    }
+    Ok(roots)
 }
 
 pub fn build(c: &Cluster, stats: Arc<ClusterStats>) -> Result<UpstreamClient, ClientError> {
@@ -251,5 +261,23 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrum_snapshot::model::Endpoint;
+
+    #[test]
+    fn tls_without_a_ca_file_trusts_the_public_roots() {
+        let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 443)]);
+        let roots = root_store(&c, None).unwrap();
+        assert!(roots.len() > 100, "public roots: {}", roots.len());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = root_store(&c, empty.to_str()).unwrap_err();
+        assert!(e.to_string().contains("holds no usable certificate"), "{e}");
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ferrum_snapshot::translate::{Problem, Reason, Translation};
 use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
 use gateway_api::gatewayclasses::GatewayClass;
-use gateway_api::gateways::Gateway;
+use gateway_api::gateways::{Gateway, GatewayListeners, GatewayListenersAllowedRoutesKinds};
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use kube::api::{Api, Patch, PatchParams};
@@ -103,6 +103,7 @@ pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
             .map(|a| &a.route)
             .collect::<std::collections::BTreeSet<_>>()
             .len();
+        let (kinds, invalid_kinds) = supported_kinds(l);
         let refs = ps
             .iter()
             .find(|p| matches!(p.reason, Reason::InvalidCertificateRef | Reason::RefNotPermitted));
@@ -120,10 +121,13 @@ pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
         listeners.push(json!({
             "name": l.name,
             "attachedRoutes": attached,
-            "supportedKinds": [{"group": ferrum_snapshot::GATEWAY_GROUP, "kind": "HTTPRoute"}],
+            "supportedKinds": kinds.iter().map(|k| json!({"group": ferrum_snapshot::GATEWAY_GROUP, "kind": k})).collect::<Vec<_>>(),
             "conditions": [
                 cond("Accepted", accepted, other.map_or(if conflict.is_some() { "ProtocolConflict" } else { "Accepted" }, |p| p.reason.as_str()), &msg(other.or(conflict), "listener accepted"), generation),
-                cond("ResolvedRefs", refs.is_none(), refs.map_or("ResolvedRefs", |p| p.reason.as_str()), &msg(refs, "references resolved"), generation),
+                match invalid_kinds {
+                    Some(k) => cond("ResolvedRefs", false, "InvalidRouteKinds", &format!("route kind {k} is not supported (HTTPRoute, GRPCRoute)"), generation),
+                    None => cond("ResolvedRefs", refs.is_none(), refs.map_or("ResolvedRefs", |p| p.reason.as_str()), &msg(refs, "references resolved"), generation),
+                },
                 cond("Conflicted", conflict.is_some(), if conflict.is_some() { "ProtocolConflict" } else { "NoConflicts" }, &msg(conflict, "no conflicts"), generation),
                 cond("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" }, if programmed { "listener programmed" } else { "listener is not valid" }, generation),
             ],
@@ -328,6 +332,29 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     written
 }
 
+/// Route kinds an HTTP/HTTPS listener serves: those of `allowedRoutes.kinds` we route (all of
+/// them when it names none), and the first kind it names that we cannot route.
+fn supported_kinds(l: &GatewayListeners) -> (Vec<&'static str>, Option<String>) {
+    const ROUTED: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
+    let asked = l
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.kinds.as_deref())
+        .unwrap_or_default();
+    if asked.is_empty() {
+        return (ROUTED.to_vec(), None);
+    }
+    let ours = |k: &GatewayListenersAllowedRoutesKinds| {
+        k.group.as_deref().is_none_or(|g| g == ferrum_snapshot::GATEWAY_GROUP) && ROUTED.contains(&k.kind.as_str())
+    };
+    let kinds = ROUTED
+        .into_iter()
+        .filter(|r| asked.iter().any(|k| ours(k) && k.kind == *r))
+        .collect();
+    let invalid = asked.iter().find(|k| !ours(k)).map(|k| k.kind.clone());
+    (kinds, invalid)
+}
+
 fn differs(new: &Value, old: &Value) -> bool {
     // Empty parents/listeners on both sides are no change.
     new != old
@@ -372,8 +399,36 @@ mod tests {
         assert_eq!(cond_of(&s, "Programmed")["status"], "True");
         assert_eq!(cond_of(&s, "Programmed")["observedGeneration"], 3);
         assert_eq!(s["listeners"][0]["attachedRoutes"], 1);
+        assert_eq!(
+            s["listeners"][0]["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}, {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
+        );
         assert_eq!(cond_of(&s["listeners"][1], "Accepted")["reason"], "UnsupportedProtocol");
         assert_eq!(s["listeners"][1]["attachedRoutes"], 0);
+    }
+
+    #[test]
+    fn supported_kinds_follow_allowed_routes() {
+        let (r, t) = translate(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+             spec: {gatewayClassName: ferrum, listeners: [\
+             {name: grpc, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}},\
+             {name: bad, port: 81, protocol: HTTP, allowedRoutes: {kinds: [{kind: HTTPRoute}, {kind: TCPRoute}]}}]}\n",
+        );
+        let s = gateway_status(&r.gateways[0], &t);
+        assert_eq!(
+            s["listeners"][0]["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
+        );
+        assert_eq!(cond_of(&s["listeners"][0], "ResolvedRefs")["status"], "True");
+        assert_eq!(
+            s["listeners"][1]["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+        );
+        assert_eq!(
+            cond_of(&s["listeners"][1], "ResolvedRefs")["reason"],
+            "InvalidRouteKinds"
+        );
     }
 
     #[test]

@@ -612,8 +612,13 @@ fn rule_parts(
     for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
         let bfield = format!("{field}.backendRefs[{bi}]");
         let weight = b.weight.unwrap_or(1);
-        if weight < 0 {
-            problems.push(obj, format!("{bfield}.weight"), Reason::Invalid, "weight must be >= 0");
+        if !(0..=i64::from(crate::validate::MAX_WEIGHT)).contains(&i64::from(weight)) {
+            problems.push(
+                obj,
+                format!("{bfield}.weight"),
+                Reason::Invalid,
+                "weight must be between 0 and 1000000",
+            );
             return None;
         }
         if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {

@@ -406,6 +406,11 @@ fn invalid_input_is_reported_with_field_and_reason() {
             Reason::Invalid,
         ),
         (
+            "  - backendRefs: [{name: echo, port: 80, weight: 1000001}]\n",
+            "spec.rules[0].backendRefs[0].weight",
+            Reason::Invalid,
+        ),
+        (
             "  - matches: [{path: {type: Exact, value: /x}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]\n",
             "spec.rules[0].filters",
             Reason::UnsupportedValue,

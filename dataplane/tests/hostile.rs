@@ -1,0 +1,380 @@
+//! Hostile and malformed input from outside the process: Host rules, path normalisation,
+//! transfer codings, client body faults, idle connections, HTTP/2 stream caps, and upstreams
+//! that answer what no client may be sent.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and reads until the proxy closes (requests say `Connection: close`).
+async fn raw(port: u16, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn body(resp: &str) -> serde_json::Value {
+    let b = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(b).unwrap_or_default()
+}
+
+fn route(name: &str, hostnames: &str, path: &str, backend: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+         hostnames: [{hostnames}]\n  rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], \
+         backendRefs: [{{group: ferrum.dev, kind: Backend, name: {backend}}}]}}]\n"
+    )
+}
+
+fn backend_at(name: &str, addr: SocketAddr, spec: &str) -> String {
+    format!(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: {name}}}\nspec:\n  endpoints: [{{address: 127.0.0.1, port: {}}}]\n{spec}",
+        addr.port()
+    )
+}
+
+/// A backend that answers every request with `response`, then closes.
+async fn raw_backend(response: &'static [u8]) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn host_must_be_single_and_the_target_authority_wins() {
+    let (a, b, any) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("any").await,
+    );
+    let port = free_port();
+    let dp = Dp::start(&docs(&[
+        gateway(port),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        backend("any", &[&any], ""),
+        route("ra", "a.test", "/", "a"),
+        route("rb", "b.test", "/", "b"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: rany}\nspec:\n  parentRefs: [{name: gw}]\n  \
+         rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: any}]}]\n"
+            .into(),
+    ]))
+    .await;
+    let two = raw(
+        port,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&two), 400, "{two}");
+    assert!(two.contains("invalid_host"), "{two}");
+    let none = raw(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status(&none), 400, "{none}");
+    // Absolute form: the authority in the request line routes, and is what the backend sees.
+    let abs = raw(
+        port,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&abs), 200, "{abs}");
+    assert_eq!(body(&abs)["backend"], "a");
+    assert_eq!(body(&abs)["headers"]["host"][0], "a.test");
+    // HTTP/1.0 without Host: served by the any-host route, and the upstream still gets a Host.
+    let old = raw(port, b"GET /y HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status(&old), 200, "{old}");
+    assert_eq!(body(&old)["backend"], "any");
+    assert_eq!(body(&old)["headers"]["host"][0], any.addr.to_string());
+    assert_eq!(b.hits(), 0);
+    drop(dp);
+}
+
+#[tokio::test]
+async fn paths_are_normalised_before_matching_and_forwarded_normalised() {
+    let public = Backend::start("public").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend("public", &[&public], ""),
+        route("r", "\"*\"", "/public", "public"),
+    ]))
+    .await;
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    for escape in ["/public/../admin", "/public/%2e%2e/admin", "/public/%2E%2E/admin"] {
+        let r = raw(port, get(escape).as_bytes()).await;
+        assert_eq!(status(&r), 404, "{escape} must not match /public: {r}");
+    }
+    for refused in ["/public/..%2fadmin", "/public/%5c..%5cadmin", "/public/%zz"] {
+        let r = raw(port, get(refused).as_bytes()).await;
+        assert_eq!(status(&r), 400, "{refused}: {r}");
+        assert!(r.contains("invalid_path"), "{r}");
+    }
+    assert_eq!(public.hits(), 0, "nothing reached the backend");
+    let r = raw(port, get("/public//a/./b/../c%7e?q=%2F").as_bytes()).await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(body(&r)["path"], "/public/a/c~?q=%2F");
+}
+
+#[tokio::test]
+async fn transfer_codings_we_do_not_apply_are_refused() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend("a", &[&a], ""),
+        route("r", "\"*\"", "/", "a"),
+    ]))
+    .await;
+    let r = raw(
+        port,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&r), 501, "{r}");
+    assert_eq!(a.hits(), 0);
+    let ok = raw(
+        port,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert_eq!(body(&ok)["body_len"], 5);
+}
+
+#[tokio::test]
+async fn upstream_framing_and_statuses_are_checked() {
+    let cl_and_te = raw_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let weird = raw_backend(b"HTTP/1.1 999 Weird\r\nContent-Length: 0\r\n\r\n").await;
+    let upgrade =
+        raw_backend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend_at("cl", cl_and_te, ""),
+        backend_at("weird", weird, ""),
+        backend_at("upgrade", upgrade, ""),
+        route("r1", "\"*\"", "/cl", "cl"),
+        route("r2", "\"*\"", "/weird", "weird"),
+        route("r3", "\"*\"", "/upgrade", "upgrade"),
+    ]))
+    .await;
+    let c = client();
+    let r = c.get(format!("http://127.0.0.1:{port}/cl")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-length").is_none(), "{:?}", r.headers());
+    assert_eq!(r.text().await.unwrap(), "hello", "the whole chunked body arrives");
+    let r = c.get(format!("http://127.0.0.1:{port}/weird")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-ferrum-error"], "upstream_invalid_response");
+    let r = c.get(format!("http://127.0.0.1:{port}/upgrade")).send().await.unwrap();
+    assert_eq!(r.status(), 502, "an unsolicited 101 is not passed through");
+}
+
+#[tokio::test]
+async fn client_body_faults_never_eject_the_backend() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let dp = Dp::start_with(
+        &docs(&[
+            gateway(port),
+            backend(
+                "a",
+                &[&a],
+                "  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 30s}\n  timeouts: {read: 500ms}\n",
+            ),
+            route("r", "\"*\"", "/", "a"),
+        ]),
+        &["--request-body-idle-timeout", "1"],
+    )
+    .await;
+    for _ in 0..4 {
+        // Content-Length 100, ten bytes, then the client goes away.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(s);
+        // A malformed chunk size.
+        let r = raw(
+            port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(r.is_empty() || status(&r) == 400, "{r}");
+    }
+    // A slow upload (1.2 s in all, a byte every 150 ms) outlasts the 500 ms response timeout:
+    // that clock starts when the body is complete.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"abcdefgh" {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status(&out), 200, "{out}");
+    assert_eq!(body(&out)["body_len"], 8);
+    // An upload that stalls is the client's timeout: 408.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out[..n]);
+    assert_eq!(status(&out), 408, "{out}");
+    assert_eq!(
+        dp.metric("ferrum_cluster_ejections_total{cluster=\"backend/default/a\"}")
+            .await,
+        0.0
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            client()
+                .get(format!("http://127.0.0.1:{port}/"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let errors = dp.admin_get("/metrics").await;
+    assert!(
+        errors
+            .lines()
+            .filter(|l| l.starts_with("ferrum_cluster_upstream_errors_total"))
+            .all(|l| l.ends_with(" 0")),
+        "client faults counted against the upstream:\n{errors}"
+    );
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_capped() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let dp = Dp::start_with(
+        &docs(&[gateway(port), backend("a", &[&a], ""), route("r", "\"*\"", "/", "a")]),
+        &["--header-read-timeout", "1", "--max-connections", "20"],
+    )
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..30 {
+        silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    eventually(
+        "connections over the cap are refused",
+        Duration::from_secs(3),
+        async || dp.metric("ferrum_downstream_connections_rejected_total").await >= 10.0,
+    )
+    .await;
+    // The admin listener is reachable while the listener is full.
+    assert_eq!(dp.admin_get("/live").await, "live\n");
+    // Every silent connection is closed within the header timeout (plus slack).
+    let started = Instant::now();
+    for mut s in silent {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(4), s.read(&mut b)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "a silent connection stayed open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        client()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// A request body that never ends.
+struct Endless;
+impl hyper::body::Body for Endless {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+#[tokio::test]
+async fn two_h2_connections_cannot_take_the_circuit_breaker() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend(
+            "a",
+            &[&a],
+            "  circuitBreaker: {maxRequests: 300, maxPendingRequests: 1}\n",
+        ),
+        route("r", "\"*\"", "/", "a"),
+    ]))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        let (send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..1024 {
+            let mut send = send.clone();
+            held.push(tokio::spawn(async move {
+                let req = http::Request::post(format!("http://127.0.0.1:{port}/"))
+                    .body(Endless)
+                    .unwrap();
+                let _ = send.send_request(req).await;
+            }));
+        }
+    }
+    eventually("the streams reach the backend", Duration::from_secs(5), async || {
+        a.hits() >= 256
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(a.hits() <= 256, "at most 128 streams per connection: {}", a.hits());
+    let r = client().get(format!("http://127.0.0.1:{port}/")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "another client still gets through");
+    for h in held {
+        h.abort();
+    }
+}
