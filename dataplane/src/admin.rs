@@ -4,12 +4,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::dataplane::Dataplane;
@@ -22,7 +23,27 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
+/// A Host a browser tricked by DNS rebinding cannot send: `localhost` or an IP literal.
+fn local_host(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return true;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !local_host(req) {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "admin answers localhost or an IP address only\n",
+        );
+    }
     if req.method() != Method::GET {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -65,18 +86,38 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Admin connections open at once: probes and scrapes need few, and a flood must not take the
+/// process's descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Time an admin client gets to send its request head (and a connection to send anything).
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let dp = dp.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            if tokio::time::timeout(ADMIN_HEAD_TIMEOUT, stream.readable())
+                .await
+                .is_err()
+            {
+                return;
+            }
             let svc = service_fn(move |req| {
                 let r = route(&dp, &req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

@@ -8,6 +8,7 @@ pub mod listener;
 pub mod proxy;
 pub mod router;
 pub mod source;
+pub mod tcp;
 pub mod telemetry;
 pub mod upstream;
 pub mod workers;

@@ -301,8 +301,16 @@ async fn silent_connections_are_closed_and_capped() {
         async || dp.metric("ferrum_downstream_connections_rejected_total").await >= 10.0,
     )
     .await;
-    // The admin listener is reachable while the listener is full.
+    // The admin listener is reachable while the listener is full, answers only local names,
+    // and closes connections that send nothing.
     assert_eq!(dp.admin_get("/live").await, "live\n");
+    let rebound = raw(
+        dp.admin.port(),
+        b"GET /config HTTP/1.1\r\nHost: evil.example:9901\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&rebound), 403, "{rebound}");
+    let mut idle_admin = TcpStream::connect(dp.admin).await.unwrap();
     // Every silent connection is closed within the header timeout (plus slack).
     let started = Instant::now();
     for mut s in silent {
@@ -319,6 +327,12 @@ async fn silent_connections_are_closed_and_capped() {
             .unwrap()
             .status(),
         200
+    );
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(7), idle_admin.read(&mut b)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent admin connection stayed open"
     );
 }
 

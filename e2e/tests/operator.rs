@@ -333,10 +333,14 @@ async fn grpc_routes_reach_backends_over_h2() {
          - matches: [{method: {service: helloworld.Greeter, method: SayHello}}]\n    backendRefs: [{name: b, port: 80}]\n",
     );
     let dp = Proxy::start(&op.grpc_url(), "dp-1", &cluster.dir.path().join("c.json")).await;
-    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    // Over HTTP/2 the host is `:authority`, which the URL sets.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("grpc.example.com", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
     let call = || {
-        h2.post(format!("http://127.0.0.1:{port}/helloworld.Greeter/SayHello"))
-            .header("host", "grpc.example.com")
+        h2.post(format!("http://grpc.example.com:{port}/helloworld.Greeter/SayHello"))
             .header("content-type", "application/grpc")
             .body(vec![0u8, 0, 0, 0, 0])
             .send()
@@ -350,8 +354,7 @@ async fn grpc_routes_reach_backends_over_h2() {
     let v: Value = serde_json::from_str(&call().await.unwrap().text().await.unwrap()).unwrap();
     assert_eq!(v["version"], "HTTP/2.0", "gRPC goes upstream over HTTP/2");
     let other = h2
-        .post(format!("http://127.0.0.1:{port}/helloworld.Greeter/Other"))
-        .header("host", "grpc.example.com")
+        .post(format!("http://grpc.example.com:{port}/helloworld.Greeter/Other"))
         .send()
         .await
         .unwrap();

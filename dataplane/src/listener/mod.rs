@@ -75,6 +75,7 @@ impl Listeners {
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_concurrent_streams(shared.limits.max_streams)
             .max_pending_accept_reset_streams(64)
+            .enable_connect_protocol()
             .adaptive_window(true);
         Listeners {
             shared,

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod headers;
 pub mod path;
+pub mod upgrade;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -169,7 +170,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.
 fn check_head(req: &mut Request<Incoming>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
-    if req.method() == Method::CONNECT {
+    // CONNECT tunnels come with mesh mode; an HTTP/2 extended CONNECT (RFC 8441) is an upgrade.
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
         return Err(Local::MethodNotAllowed);
     }
     // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.
@@ -336,8 +338,9 @@ enum Try {
 }
 
 impl Forward<'_> {
-    async fn run(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
+    async fn run(self, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
         let limits = &self.shared.limits;
+        let mut upgrade = upgrade::requested(&mut req);
         let (mut parts, incoming) = req.into_parts();
         if incoming.size_hint().lower() > limits.max_request_body as u64 {
             return Err(Local::BodyTooLarge);
@@ -345,18 +348,19 @@ impl Forward<'_> {
         let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
         let cluster = self.cluster;
         let spec = &cluster.spec;
-        let via = self.upstream_head(&mut parts)?;
+        let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
         let hash_key: Option<Vec<u8>> = match cluster.balancer.hash_on() {
             Some(HashOn::Header(name)) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
             Some(HashOn::ClientIp) => Some(self.conn.client.ip().to_string().into_bytes()),
             None => None,
         };
 
-        let body_empty = incoming.is_end_stream();
+        // An upgrade's stream is the tunnel, not a body to forward.
+        let body_empty = incoming.is_end_stream() || upgrade.is_some();
         let retry = spec
             .retry
             .as_ref()
-            .filter(|_| body_empty && is_idempotent(&parts.method));
+            .filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
         let (body, upload) = if body_empty {
             (RequestBody::Empty, None)
         } else {
@@ -407,7 +411,7 @@ impl Forward<'_> {
             let try_started = Instant::now();
             let outcome = timing.wait(cluster.client().request(up), upload.as_deref()).await;
             let outcome = match outcome {
-                Ok(Ok(resp)) if valid_status(resp.status()) => Try::Response(resp),
+                Ok(Ok(resp)) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp),
                 Ok(Ok(_)) => Try::Upstream(UpstreamError::InvalidResponse),
                 Ok(Err(e)) => classify(&e, &spec.name, &ep.key),
                 Err(t) => t,
@@ -453,6 +457,15 @@ impl Forward<'_> {
                 continue;
             }
             return match outcome {
+                Try::Response(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    let up = upgrade.take().expect("a 101 is valid only for an upgrade");
+                    Ok(up.switch(
+                        resp,
+                        via,
+                        Duration::from_millis(spec.timeouts.idle_ms),
+                        (guard, ep_guard),
+                    ))
+                }
                 Try::Response(resp) => Ok(downstream_response(resp, via, guard, ep_guard)),
                 Try::Upstream(e) => Err(Local::Upstream(e)),
                 Try::Client(l) => Err(l),
@@ -462,9 +475,16 @@ impl Forward<'_> {
 
     /// The upstream request's head: hop-by-hop headers out, forwarding headers in, Host, cookie
     /// crumbs joined, rewrites and header filters applied. Returns the `Via` value.
-    fn upstream_head(&self, parts: &mut http::request::Parts) -> Result<&'static str, Local> {
+    fn upstream_head(
+        &self,
+        parts: &mut http::request::Parts,
+        upgrade: Option<&upgrade::Upgrade>,
+    ) -> Result<&'static str, Local> {
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        if let Some(u) = upgrade {
+            u.upstream_head(parts);
+        }
         let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, true);
         let via = if parts.version == Version::HTTP_2 {
             "2 ferrum"
         } else {
@@ -505,9 +525,9 @@ impl Forward<'_> {
     }
 }
 
-/// A status a client may be sent: 1xx-5xx, and no 101 (nothing here asks for an upgrade).
-fn valid_status(s: StatusCode) -> bool {
-    (100..600).contains(&s.as_u16()) && s != StatusCode::SWITCHING_PROTOCOLS
+/// A status a client may be sent: 1xx-5xx, and 101 only when the client asked to upgrade.
+fn valid_status(s: StatusCode, upgrading: bool) -> bool {
+    (100..600).contains(&s.as_u16()) && (s != StatusCode::SWITCHING_PROTOCOLS || upgrading)
 }
 
 /// Whose fault a failed try was.

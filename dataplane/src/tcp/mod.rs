@@ -1,0 +1,113 @@
+//! L4: relaying bytes between two streams, with half-close, an idle timeout and byte counts.
+//! Upgraded HTTP connections (WebSocket) run on it; plain TCP proxying will too.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::upstream::now_ms;
+
+/// Bytes moved by one relay.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    /// From the first stream to the second.
+    pub forward: u64,
+    /// From the second stream back to the first.
+    pub back: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+const BUF: usize = 16 * 1024;
+
+/// Copies both ways until both sides have finished sending. An end of stream on one side is
+/// passed on as a half-close (`shutdown` of the other's write side), so request/response
+/// protocols over TCP work. Ends with an error when nothing moved either way for `idle`.
+pub async fn relay<A, B>(a: A, b: B, idle: Duration) -> Result<Relayed, RelayError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let last = AtomicU64::new(now_ms());
+    let both = async { tokio::try_join!(pipe(&mut ar, &mut bw, &last), pipe(&mut br, &mut aw, &last)) };
+    let watchdog = async {
+        loop {
+            let quiet = Duration::from_millis(now_ms().saturating_sub(last.load(Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        r = both => {
+            let (forward, back) = r?;
+            Ok(Relayed { forward, back })
+        }
+        _ = watchdog => Err(RelayError::Idle(idle)),
+    }
+}
+
+async fn pipe<R, W>(r: &mut R, w: &mut W, last: &AtomicU64) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        total += n as u64;
+        last.store(now_ms(), Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn relays_both_ways_and_passes_half_close_on() {
+        let (client, proxy_a) = tokio::io::duplex(64);
+        let (proxy_b, server) = tokio::io::duplex(64);
+        let relay = tokio::spawn(relay(proxy_a, proxy_b, Duration::from_secs(5)));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"ping").await.unwrap();
+        cw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping", "the server sees the client's end of stream");
+        // The other direction still works after the half-close.
+        sw.write_all(b"pong!").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        assert_eq!(relay.await.unwrap().unwrap(), Relayed { forward: 4, back: 5 });
+    }
+
+    #[tokio::test]
+    async fn a_quiet_relay_times_out() {
+        let (_client, proxy_a) = tokio::io::duplex(64);
+        let (proxy_b, _server) = tokio::io::duplex(64);
+        let r = relay(proxy_a, proxy_b, Duration::from_millis(100)).await;
+        assert!(matches!(r, Err(RelayError::Idle(_))), "{r:?}");
+    }
+}
