@@ -71,6 +71,7 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "hash": cfg.snapshot.hash,
                 "listening": dp.listening().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "snapshot": cfg.snapshot.redacted(),
+                "status": dp.status(),
             });
             reply(
                 StatusCode::OK,

@@ -27,6 +27,8 @@ pub struct Dataplane {
     listeners: Mutex<Listeners>,
     /// False until the first config serves, and again once draining starts.
     pub ready: AtomicBool,
+    /// The source's status of its objects (file mode: Gateway API conditions), for `/config`.
+    status: Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Dataplane {
@@ -43,7 +45,16 @@ impl Dataplane {
             listeners: Mutex::new(Listeners::new(shared.clone(), workers)),
             shared,
             ready: AtomicBool::new(false),
+            status: Mutex::default(),
         })
+    }
+
+    pub fn set_status(&self, status: serde_json::Map<String, serde_json::Value>) {
+        *self.status.lock().unwrap() = status;
+    }
+
+    pub fn status(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.status.lock().unwrap().clone()
     }
 
     /// Applies a snapshot, or leaves everything as it was and says why.

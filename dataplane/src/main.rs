@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use ferrum_dp::source::{control_plane, file, xds};
 use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
-use ferrum_snapshot::Snapshot;
 
 /// Ferrum Mesh data-plane proxy.
 #[derive(Parser, Debug)]
@@ -49,6 +48,11 @@ struct Args {
     /// Check the config, print the snapshot summary and exit.
     #[arg(long)]
     check: bool,
+    /// File mode: refuse a config in which a route attaches to no listener or a reference does
+    /// not resolve (by default those are status conditions, logged and shown at /config, and
+    /// everything else serves).
+    #[arg(long)]
+    strict: bool,
     /// Request bodies larger than this many bytes get 413.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     max_request_body: usize,
@@ -99,10 +103,10 @@ fn main() -> ExitCode {
         .init();
     // File mode must have a valid config to start; control-plane mode starts from its cache.
     let initial = if args.control_plane.is_some() {
-        control_plane::load_cache(&args.snapshot_cache)
+        control_plane::load_cache(&args.snapshot_cache).map(file::Loaded::from)
     } else {
-        match file::load(&args.config, 1) {
-            Ok(s) => Some(s),
+        match file::load(&args.config, 1, args.strict) {
+            Ok(l) => Some(l),
             Err(e) => {
                 eprintln!("ferrum-dp: {e}");
                 return ExitCode::FAILURE;
@@ -110,10 +114,18 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        let Some(snap) = initial else {
+        let Some(file::Loaded {
+            snapshot: snap,
+            conditions,
+            ..
+        }) = initial
+        else {
             eprintln!("ferrum-dp: --check needs --config");
             return ExitCode::FAILURE;
         };
+        for c in &conditions {
+            eprintln!("ferrum-dp: warning: {c}");
+        }
         if let Err(errs) = ferrum_snapshot::validate(&snap) {
             for e in errs {
                 eprintln!("ferrum-dp: {e}");
@@ -155,7 +167,7 @@ fn main() -> ExitCode {
     code
 }
 
-async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
+async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let limits = Limits {
         max_request_body: args.max_request_body,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
@@ -175,14 +187,17 @@ async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime:
             return ExitCode::FAILURE;
         }
     };
-    if let Some(snap) = initial {
+    if let Some(initial) = initial {
         let from_cache = args.control_plane.is_some();
-        if let Err(e) = dp.apply(snap) {
+        if let Err(e) = dp.apply(initial.snapshot) {
             eprintln!("ferrum-dp: {e}");
             if !from_cache {
                 return ExitCode::FAILURE;
             }
-        } else if from_cache {
+        } else if !from_cache {
+            file::log_conditions(&initial.conditions);
+            dp.set_status(initial.status);
+        } else {
             tracing::info!(path = %args.snapshot_cache.display(), "serving the cached snapshot until the control plane answers");
         }
     }
@@ -219,7 +234,7 @@ async fn run(args: Args, initial: Option<Snapshot>, workers: Vec<tokio::runtime:
                 Ok(())
             })
         }
-        (None, None) => tokio::spawn(file::watch(args.config.clone(), dp.clone())),
+        (None, None) => tokio::spawn(file::watch(args.config.clone(), args.strict, dp.clone())),
     };
 
     use tokio::signal::unix::{SignalKind, signal};

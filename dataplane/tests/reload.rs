@@ -146,9 +146,11 @@ async fn invalid_config_at_startup_names_file_object_and_field() {
          spec: {parentRefs: [{name: gw}], rules: [{backendRefs: [{name: missing, port: 80}]}]}\n",
     )
     .unwrap();
+    // An unresolved backend is a route condition; --strict makes it an error.
     let out = std::process::Command::new(bin())
         .arg("--config")
         .arg(&f)
+        .arg("--strict")
         .output()
         .unwrap();
     assert!(!out.status.success());

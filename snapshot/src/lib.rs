@@ -10,6 +10,7 @@ pub mod crd;
 pub mod delta;
 pub mod model;
 pub mod resources;
+pub mod status;
 pub mod translate;
 pub mod validate;
 

@@ -43,9 +43,31 @@ fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
     Ok(files)
 }
 
-/// Reads and translates the config. Any problem at all is an error: in file mode there is no
-/// status to report a half-accepted object on.
-pub fn load(paths: &[PathBuf], version: u64) -> Result<Snapshot, SourceError> {
+/// A translated config: what serves, and the status of every object as the operator would
+/// write it.
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    /// Status conditions (routes attached nowhere, unresolved references): not errors.
+    pub conditions: Vec<Problem>,
+    /// Per object (`Kind namespace/name`), its Gateway API status.
+    pub status: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<Snapshot> for Loaded {
+    /// A snapshot from elsewhere (a cache): no objects, so no status.
+    fn from(snapshot: Snapshot) -> Self {
+        Loaded {
+            snapshot,
+            conditions: Vec::new(),
+            status: serde_json::Map::new(),
+        }
+    }
+}
+
+/// Reads and translates the config. Invalid input (a field no controller could accept) is an
+/// error; a route that attaches nowhere or a reference that does not resolve is a status
+/// condition, as in a cluster, and everything else serves (`strict` makes those errors too).
+pub fn load(paths: &[PathBuf], version: u64, strict: bool) -> Result<Loaded, SourceError> {
     let mut res = Resources::default();
     for p in paths {
         for f in yaml_files(p)? {
@@ -57,20 +79,49 @@ pub fn load(paths: &[PathBuf], version: u64) -> Result<Snapshot, SourceError> {
         }
     }
     let t = translate(&res, version, &Options::default());
-    if !t.problems.is_empty() {
-        return Err(SourceError::Problems(t.problems));
+    let fatal: Vec<Problem> = t
+        .problems
+        .iter()
+        .filter(|p| strict || !p.reason.is_condition())
+        .cloned()
+        .collect();
+    if !fatal.is_empty() {
+        return Err(SourceError::Problems(fatal));
     }
-    Ok(t.snapshot)
+    let status = ferrum_snapshot::status::all(&res, &t);
+    Ok(Loaded {
+        snapshot: t.snapshot,
+        conditions: t.problems,
+        status,
+    })
+}
+
+/// Logs the conditions of a config that just took effect (once per change, not per reload).
+pub fn log_conditions(conditions: &[Problem]) {
+    for p in conditions {
+        let origin = p.origin.as_deref().unwrap_or("");
+        tracing::warn!(object = %p.object, field = %p.field, reason = p.reason.as_str(), origin, "{}", p.message);
+    }
 }
 
 /// Loads and applies if the content changed. Returns whether a new config is serving.
-pub fn reload(paths: &[PathBuf], dp: &Dataplane) -> bool {
+pub fn reload(paths: &[PathBuf], strict: bool, dp: &Dataplane) -> bool {
     let current = dp.shared.config.load();
     let next_version = current.snapshot.version + 1;
-    let result = match load(paths, next_version) {
-        Ok(snap) if snap.hash == current.snapshot.hash => Ok(false),
+    let result = match load(paths, next_version, strict) {
+        Ok(l) if l.snapshot.hash == current.snapshot.hash => {
+            dp.set_status(l.status);
+            Ok(false)
+        }
         // apply() counts its own failures.
-        Ok(snap) => dp.apply(snap).map(|_| true).map_err(|e| e.to_string()),
+        Ok(l) => dp
+            .apply(l.snapshot)
+            .map(|_| {
+                log_conditions(&l.conditions);
+                dp.set_status(l.status);
+                true
+            })
+            .map_err(|e| e.to_string()),
         Err(e) => {
             dp.shared
                 .registry
@@ -97,7 +148,7 @@ pub fn reload(paths: &[PathBuf], dp: &Dataplane) -> bool {
 }
 
 /// Watches the config paths (their directories, since editors replace files) and SIGHUP.
-pub async fn watch(paths: Vec<PathBuf>, dp: Arc<Dataplane>) -> notify::Result<()> {
+pub async fn watch(paths: Vec<PathBuf>, strict: bool, dp: Arc<Dataplane>) -> notify::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let watched: Vec<PathBuf> = paths
         .iter()
@@ -134,6 +185,6 @@ pub async fn watch(paths: Vec<PathBuf>, dp: Arc<Dataplane>) -> notify::Result<()
         tokio::time::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
         let (paths, dp2) = (paths.clone(), dp.clone());
-        let _ = tokio::task::spawn_blocking(move || reload(&paths, &dp2)).await;
+        let _ = tokio::task::spawn_blocking(move || reload(&paths, strict, &dp2)).await;
     }
 }

@@ -1,35 +1,18 @@
-//! Status conditions, the way the Gateway API specifies them, from one translation: Gateway
-//! `Accepted`/`Programmed` and per-listener conditions with `attachedRoutes`; HTTPRoute
-//! `parents[]` with `Accepted` and `ResolvedRefs`. Written only by the leader and only when
-//! something other than a timestamp changed.
+//! Writes the Gateway API status conditions (computed by `ferrum_snapshot::status`) back to the
+//! cluster: only by the leader and only when something other than a timestamp changed.
 
 use std::collections::BTreeMap;
 
-use ferrum_snapshot::translate::{Problem, Reason, Translation};
+use ferrum_snapshot::status::{cond, gateway_status, route_status};
+use ferrum_snapshot::translate::Translation;
 use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
 use gateway_api::gatewayclasses::GatewayClass;
-use gateway_api::gateways::{Gateway, GatewayListeners, GatewayListenersAllowedRoutesKinds};
+use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-
-fn now() -> String {
-    let t = k8s_openapi::jiff::Timestamp::now();
-    k8s_openapi::jiff::Timestamp::from_second(t.as_second()).map_or_else(|_| t.to_string(), |t| t.to_string())
-}
-
-fn cond(kind: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
-    json!({
-        "type": kind,
-        "status": if ok { "True" } else { "False" },
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation.unwrap_or(0),
-        "lastTransitionTime": now(),
-    })
-}
 
 /// Keeps the old `lastTransitionTime` of conditions whose status did not change.
 fn carry_transition_times(new: &mut Value, old: &Value) {
@@ -57,190 +40,6 @@ fn carry_transition_times(new: &mut Value, old: &Value) {
         }
         _ => {}
     }
-}
-
-/// The problems of one object: `t.problems` is sorted by object, so this is a binary search,
-/// not a scan (status is computed for every route after every generation).
-fn object_problems<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [Problem] {
-    let start = t.problems.partition_point(|p| &p.object < obj);
-    let len = t.problems[start..].partition_point(|p| &p.object == obj);
-    &t.problems[start..start + len]
-}
-
-/// The attachments of one route (`t.attachments` is sorted by route).
-fn route_attachments<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [ferrum_snapshot::translate::Attachment] {
-    let start = t.attachments.partition_point(|a| &a.route < obj);
-    let len = t.attachments[start..].partition_point(|a| &a.route == obj);
-    &t.attachments[start..start + len]
-}
-
-fn problems_of<'a>(t: &'a Translation, obj: &ObjectRef, prefix: &str) -> Vec<&'a Problem> {
-    object_problems(t, obj)
-        .iter()
-        .filter(|p| {
-            p.field == prefix
-                || p.field.starts_with(&format!("{prefix}."))
-                || p.field.starts_with(&format!("{prefix}["))
-        })
-        .collect()
-}
-
-pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
-    let obj = ObjectRef {
-        kind: "Gateway",
-        namespace: gw.namespace().unwrap_or_default(),
-        name: gw.name_any(),
-    };
-    let generation = gw.metadata.generation;
-    let mut listeners = Vec::new();
-    let mut valid = 0;
-    for (i, l) in gw.spec.listeners.iter().enumerate() {
-        let ps = problems_of(t, &obj, &format!("spec.listeners[{i}]"));
-        let attached = t
-            .attachments
-            .iter()
-            .filter(|a| a.gateway == obj && a.listener == l.name)
-            .map(|a| &a.route)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        let (kinds, invalid_kinds) = supported_kinds(l);
-        let refs = ps
-            .iter()
-            .find(|p| matches!(p.reason, Reason::InvalidCertificateRef | Reason::RefNotPermitted));
-        let conflict = ps.iter().find(|p| p.reason == Reason::ProtocolConflict);
-        let other = ps.iter().find(|p| {
-            !matches!(
-                p.reason,
-                Reason::InvalidCertificateRef | Reason::RefNotPermitted | Reason::ProtocolConflict
-            )
-        });
-        let accepted = other.is_none() && conflict.is_none();
-        let programmed = ps.is_empty();
-        valid += usize::from(programmed);
-        let msg = |p: Option<&&Problem>, ok: &str| p.map_or(ok.to_string(), |p| format!("{}: {}", p.field, p.message));
-        listeners.push(json!({
-            "name": l.name,
-            "attachedRoutes": attached,
-            "supportedKinds": kinds.iter().map(|k| json!({"group": ferrum_snapshot::GATEWAY_GROUP, "kind": k})).collect::<Vec<_>>(),
-            "conditions": [
-                cond("Accepted", accepted, other.map_or(if conflict.is_some() { "ProtocolConflict" } else { "Accepted" }, |p| p.reason.as_str()), &msg(other.or(conflict), "listener accepted"), generation),
-                match invalid_kinds {
-                    Some(k) => cond("ResolvedRefs", false, "InvalidRouteKinds", &format!("route kind {k} is not supported (HTTPRoute, GRPCRoute)"), generation),
-                    None => cond("ResolvedRefs", refs.is_none(), refs.map_or("ResolvedRefs", |p| p.reason.as_str()), &msg(refs, "references resolved"), generation),
-                },
-                cond("Conflicted", conflict.is_some(), if conflict.is_some() { "ProtocolConflict" } else { "NoConflicts" }, &msg(conflict, "no conflicts"), generation),
-                cond("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" }, if programmed { "listener programmed" } else { "listener is not valid" }, generation),
-            ],
-        }));
-    }
-    let gw_problems = problems_of(t, &obj, "spec.addresses[0]");
-    let accepted = gw_problems.is_empty();
-    let programmed = accepted && valid > 0;
-    json!({
-        "conditions": [
-            cond("Accepted", accepted, if accepted { "Accepted" } else { "UnsupportedAddress" },
-                 &gw_problems.first().map_or("accepted by ferrum.dev/gateway-controller".to_string(), |p| p.message.clone()), generation),
-            cond("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" },
-                 if programmed { "served by Ferrum proxies" } else { "no valid listener" }, generation),
-        ],
-        "listeners": listeners,
-    })
-}
-
-/// `route` is an HTTPRoute, or a GRPCRoute read as one (`kind` says which).
-pub fn route_status(
-    kind: &'static str,
-    route: &HttpRoute,
-    t: &Translation,
-    served: &[ObjectRef],
-    res: &Resources,
-) -> Value {
-    let obj = ObjectRef {
-        kind,
-        namespace: route.namespace().unwrap_or_default(),
-        name: route.name_any(),
-    };
-    let generation = route.metadata.generation;
-    let own = object_problems(t, &obj);
-    let backend_problem = own.iter().find(|p| p.field.contains("backendRefs"));
-    let rule_problem = own
-        .iter()
-        .find(|p| p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
-    let attachments = route_attachments(t, &obj);
-    let mut parents: Vec<Value> = route
-        .status
-        .as_ref()
-        .map(|s| {
-            s.parents
-                .iter()
-                .filter(|p| p.controller_name != CONTROLLER_NAME)
-                .filter_map(|p| serde_json::to_value(p).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    for (i, p) in route.spec.parent_refs.iter().flatten().enumerate() {
-        let gw = ObjectRef {
-            kind: "Gateway",
-            namespace: p.namespace.clone().unwrap_or_else(|| obj.namespace.clone()),
-            name: p.name.clone(),
-        };
-        let exists = res
-            .gateways
-            .iter()
-            .any(|g| g.namespace().as_deref() == Some(gw.namespace.as_str()) && g.name_any() == gw.name);
-        // Parents of other controllers are theirs to report.
-        if exists && !served.contains(&gw) {
-            continue;
-        }
-        let attached = attachments.iter().any(|a| a.parent_ref == i);
-        let parent_problem = problems_of(t, &obj, &format!("spec.parentRefs[{i}]"))
-            .into_iter()
-            .next();
-        let mut conditions = vec![
-            match (attached, parent_problem) {
-                (true, _) => cond("Accepted", true, "Accepted", "route attached", generation),
-                (false, Some(pp)) => cond("Accepted", false, pp.reason.as_str(), &pp.message, generation),
-                (false, None) => cond(
-                    "Accepted",
-                    false,
-                    "NoMatchingParent",
-                    "no listener accepts the route",
-                    generation,
-                ),
-            },
-            match backend_problem {
-                Some(bp) => cond(
-                    "ResolvedRefs",
-                    false,
-                    bp.reason.as_str(),
-                    &format!("{}: {}", bp.field, bp.message),
-                    generation,
-                ),
-                None => cond(
-                    "ResolvedRefs",
-                    true,
-                    "ResolvedRefs",
-                    "all references resolved",
-                    generation,
-                ),
-            },
-        ];
-        if let Some(rp) = rule_problem {
-            conditions.push(cond(
-                "PartiallyInvalid",
-                true,
-                rp.reason.as_str(),
-                &format!("{}: {}", rp.field, rp.message),
-                generation,
-            ));
-        }
-        parents.push(json!({
-            "controllerName": CONTROLLER_NAME,
-            "parentRef": serde_json::to_value(p).unwrap_or_default(),
-            "conditions": conditions,
-        }));
-    }
-    json!({ "parents": parents })
 }
 
 /// Writes every status that differs from what the objects carry. Returns how many were written.
@@ -332,29 +131,6 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     written
 }
 
-/// Route kinds an HTTP/HTTPS listener serves: those of `allowedRoutes.kinds` we route (all of
-/// them when it names none), and the first kind it names that we cannot route.
-fn supported_kinds(l: &GatewayListeners) -> (Vec<&'static str>, Option<String>) {
-    const ROUTED: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
-    let asked = l
-        .allowed_routes
-        .as_ref()
-        .and_then(|a| a.kinds.as_deref())
-        .unwrap_or_default();
-    if asked.is_empty() {
-        return (ROUTED.to_vec(), None);
-    }
-    let ours = |k: &GatewayListenersAllowedRoutesKinds| {
-        k.group.as_deref().is_none_or(|g| g == ferrum_snapshot::GATEWAY_GROUP) && ROUTED.contains(&k.kind.as_str())
-    };
-    let kinds = ROUTED
-        .into_iter()
-        .filter(|r| asked.iter().any(|k| ours(k) && k.kind == *r))
-        .collect();
-    let invalid = asked.iter().find(|k| !ours(k)).map(|k| k.kind.clone());
-    (kinds, invalid)
-}
-
 fn differs(new: &Value, old: &Value) -> bool {
     // Empty parents/listeners on both sides are no change.
     new != old
@@ -367,91 +143,7 @@ fn differs(new: &Value, old: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn translate(yaml: &str) -> (Resources, Translation) {
-        let mut r = Resources::default();
-        r.add_yaml("t.yaml", yaml).unwrap();
-        let t = ferrum_snapshot::translate(&r, 1, &Default::default());
-        (r, t)
-    }
-
-    const BASE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, generation: 3}\n\
-        spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 80, protocol: HTTP, hostname: a.example.com}, {name: tcp, port: 90, protocol: TCP}]}\n---\n\
-        apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {ports: [{port: 80}]}\n";
-
-    fn cond_of<'a>(v: &'a Value, kind: &str) -> &'a Value {
-        v["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == kind)
-            .unwrap()
-    }
-
-    #[test]
-    fn gateway_listeners_report_attached_routes_and_protocol_problems() {
-        let (r, t) = translate(&format!(
-            "{BASE}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: ok}}\n\
-             spec: {{parentRefs: [{{name: gw}}], rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]}}\n"
-        ));
-        let s = gateway_status(&r.gateways[0], &t);
-        assert_eq!(cond_of(&s, "Accepted")["status"], "True");
-        assert_eq!(cond_of(&s, "Programmed")["status"], "True");
-        assert_eq!(cond_of(&s, "Programmed")["observedGeneration"], 3);
-        assert_eq!(s["listeners"][0]["attachedRoutes"], 1);
-        assert_eq!(
-            s["listeners"][0]["supportedKinds"],
-            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}, {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
-        );
-        assert_eq!(cond_of(&s["listeners"][1], "Accepted")["reason"], "UnsupportedProtocol");
-        assert_eq!(s["listeners"][1]["attachedRoutes"], 0);
-    }
-
-    #[test]
-    fn supported_kinds_follow_allowed_routes() {
-        let (r, t) = translate(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
-             spec: {gatewayClassName: ferrum, listeners: [\
-             {name: grpc, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}},\
-             {name: bad, port: 81, protocol: HTTP, allowedRoutes: {kinds: [{kind: HTTPRoute}, {kind: TCPRoute}]}}]}\n",
-        );
-        let s = gateway_status(&r.gateways[0], &t);
-        assert_eq!(
-            s["listeners"][0]["supportedKinds"],
-            json!([{"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
-        );
-        assert_eq!(cond_of(&s["listeners"][0], "ResolvedRefs")["status"], "True");
-        assert_eq!(
-            s["listeners"][1]["supportedKinds"],
-            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
-        );
-        assert_eq!(
-            cond_of(&s["listeners"][1], "ResolvedRefs")["reason"],
-            "InvalidRouteKinds"
-        );
-    }
-
-    #[test]
-    fn route_parents_carry_the_spec_reasons() {
-        let (r, t) = translate(&format!(
-            "{BASE}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\n\
-             spec: {{parentRefs: [{{name: gw}}, {{name: nogw}}], hostnames: [b.example.com, a.example.com], rules: [{{backendRefs: [{{name: missing, port: 80}}]}}]}}\n---\n\
-             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: wronghost}}\n\
-             spec: {{parentRefs: [{{name: gw}}], hostnames: [c.example.com]}}\n"
-        ));
-        let s = route_status("HTTPRoute", &r.http_routes[0], &t, &t.gateways, &r);
-        let parents = s["parents"].as_array().unwrap();
-        assert_eq!(parents.len(), 2);
-        assert_eq!(parents[0]["controllerName"], CONTROLLER_NAME);
-        assert_eq!(cond_of(&parents[0], "Accepted")["status"], "True");
-        assert_eq!(cond_of(&parents[0], "ResolvedRefs")["reason"], "BackendNotFound");
-        assert_eq!(cond_of(&parents[1], "Accepted")["reason"], "NoMatchingParent");
-        let s = route_status("HTTPRoute", &r.http_routes[1], &t, &t.gateways, &r);
-        assert_eq!(
-            cond_of(&s["parents"][0], "Accepted")["reason"],
-            "NoMatchingListenerHostname"
-        );
-    }
+    use ferrum_snapshot::status::now;
 
     #[test]
     fn unchanged_conditions_keep_their_transition_time() {

@@ -41,6 +41,16 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Whether the problem is a status condition of an object that is otherwise fine (a route
+    /// attached nowhere, a reference that does not resolve, a listener that conflicts), as
+    /// opposed to invalid input (a field no controller could accept).
+    pub fn is_condition(self) -> bool {
+        !matches!(
+            self,
+            Reason::Invalid | Reason::UnsupportedValue | Reason::UnsupportedProtocol
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::NoMatchingParent => "NoMatchingParent",
