@@ -7,7 +7,12 @@ optimistic concurrency, watches that resume from a resourceVersion, label select
 NotFound reasons, /status isolation, server-side apply create, the namespaces URL. The adapter
 below keeps objects itself and implements those semantics; kmock does everything else.
 
-Usage: kube_api.py PORT   (prints "ready" when serving; writes no files)
+Usage: kube_api.py PORT [--without GROUP]... [--crds FILE]...
+  (prints "ready" when serving; writes no files)
+  --without GROUP   do not serve the built-in kinds of GROUP (e.g. an install without our CRDs)
+  --crds FILE       serve the served versions of the CustomResourceDefinitions in FILE (e.g. the
+                    Gateway API v1.4 CRDs instead of the built-in list); creating a CRD object
+                    later registers its kinds too, as a real API server does
 """
 
 import asyncio
@@ -42,8 +47,19 @@ RESOURCES = [
     ("ferrum.dev", "v1alpha1", "backendpolicies", "BackendPolicy", True),
     ("ferrum.dev", "v1alpha1", "meshconfigs", "MeshConfig", True),
 ]
-INFO = {(g, p): (k, ns) for g, v, p, k, ns in RESOURCES}
-VERSIONS = {(g, v, p) for g, v, p, _, _ in RESOURCES}
+INFO = {}
+VERSIONS = set()
+WITHOUT = set()
+CRD_FILES = []
+
+
+def crd_resources(crd):
+    """(group, version, plural, kind, namespaced) of every served version of a CRD object."""
+    spec = crd.get("spec", {})
+    names = spec.get("names", {})
+    for v in spec.get("versions", []):
+        if v.get("served", True):
+            yield (spec["group"], v["name"], names["plural"], names["kind"], spec.get("scope") == "Namespaced")
 
 
 def status(code, reason, message):
@@ -123,11 +139,23 @@ class Adapter(kmock.KubernetesEmulator):
         self.log = []  # (rv, group, plural, event)
         self.rv = 0
         self.changed = asyncio.Condition()
-        for g, v, p, k, ns in RESOURCES:
-            self.resources[f"{g}/{v}/{p}"] = kmock.ResourceInfo(
-                kind=k, namespaced=ns, singular=k.lower(), subresources={"status"},
-                verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
+        for r in RESOURCES:
+            if r[0] not in WITHOUT:
+                self.register(*r)
+        for f in CRD_FILES:
+            with open(f) as fh:
+                for doc in yaml.safe_load_all(fh):
+                    if doc and doc.get("kind") == "CustomResourceDefinition":
+                        for r in crd_resources(doc):
+                            self.register(*r)
         self._put(("", "namespaces", "", "default"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}, "ADDED")
+
+    def register(self, g, v, p, k, ns):
+        INFO[(g, p)] = (k, ns)
+        VERSIONS.add((g, v, p))
+        self.resources[f"{g}/{v}/{p}"] = kmock.ResourceInfo(
+            kind=k, namespaced=ns, singular=k.lower(), subresources={"status"},
+            verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
 
     # Discovery: kmock names the core group version "/v1"; kube-apiserver says "v1".
     async def _serve_version(self, request):
@@ -267,6 +295,9 @@ class Adapter(kmock.KubernetesEmulator):
         obj["apiVersion"] = f"{group}/{version}" if group else version
         if q.get("dryRun"):
             return aiohttp.web.json_response(obj, status=201)
+        if kind == "CustomResourceDefinition":
+            for r in crd_resources(obj):
+                self.register(*r)
         self._put(key, obj, "ADDED")
         await self._notify()
         return aiohttp.web.json_response(self._out(obj, group, version), status=201)
@@ -360,4 +391,13 @@ async def main(port):
 gc.disable()
 
 if __name__ == "__main__":
+    args = sys.argv[2:]
+    while args:
+        flag, value, args = args[0], args[1], args[2:]
+        if flag == "--without":
+            WITHOUT.add(value)
+        elif flag == "--crds":
+            CRD_FILES.append(value)
+        else:
+            sys.exit(f"unknown flag {flag}")
     asyncio.run(main(int(sys.argv[1])))

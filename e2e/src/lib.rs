@@ -60,6 +60,19 @@ pub struct Cluster {
     pub port: u16,
 }
 
+/// A file of `../shared/testdata` (the Gateway API and Istio CRDs as released).
+pub fn shared_testdata(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/testdata")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: ../shared must sit beside the repository",
+        p.display()
+    );
+    p.display().to_string()
+}
+
 impl Cluster {
     pub fn start() -> Cluster {
         let port = free_port();
@@ -71,8 +84,18 @@ impl Cluster {
     }
 
     pub fn start_on(port: u16) -> Cluster {
+        Self::start_with(port, &[])
+    }
+
+    /// With emulator flags: `--without GROUP` (kinds not served), `--crds FILE` (CRDs served).
+    pub fn start_with(port: u16, flags: &[&str]) -> Cluster {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube_api.py");
-        let (child, line) = spawn_announcing(Command::new(venv_bin("python")).arg(&script).arg(port.to_string()));
+        let (child, line) = spawn_announcing(
+            Command::new(venv_bin("python"))
+                .arg(&script)
+                .arg(port.to_string())
+                .args(flags),
+        );
         assert_eq!(line, "ready", "API emulator did not start");
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");

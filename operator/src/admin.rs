@@ -20,6 +20,8 @@ pub struct Admin {
     pub proxies: Arc<Proxies>,
     pub ready: Arc<AtomicBool>,
     pub leader: Arc<AtomicBool>,
+    /// The watched kinds and whether the cluster serves them.
+    pub kinds: crate::controller::Kinds,
 }
 
 fn reply(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -48,8 +50,20 @@ impl Admin {
         }
         match path {
             "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
-            "/ready" if self.ready.load(Relaxed) => reply(StatusCode::OK, "text/plain", "ready\n"),
-            "/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            "/ready" => {
+                // Ready once serving with every required kind listed; the detail names the kinds
+                // the cluster does not serve.
+                let (kinds_ok, detail) = crate::controller::readiness(&self.kinds);
+                if self.ready.load(Relaxed) && kinds_ok {
+                    reply(StatusCode::OK, "text/plain", format!("ready\n{detail}"))
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready\n{detail}"),
+                    )
+                }
+            }
             "/proxies" => json(serde_json::json!({ "proxies": self.proxies.list() })),
             "/snapshot" => {
                 let cur = self.publisher.current();

@@ -40,6 +40,10 @@ struct Args {
     /// Quiet time after a change before translating, so bursts coalesce.
     #[arg(long, default_value_t = 20)]
     debounce_ms: u64,
+    /// Seconds between discovery checks for kinds the cluster does not serve yet (a CRD
+    /// installed later is picked up within this).
+    #[arg(long, default_value_t = 10)]
+    rediscover_seconds: u64,
     /// Largest MeshSubscribe message body; larger snapshots go out in chunks of this size.
     #[arg(long, default_value_t = 64 << 10, value_parser = clap::value_parser!(u32).range(256..))]
     chunk_bytes: u32,
@@ -161,11 +165,13 @@ async fn run(args: Args) -> ExitCode {
     let proxies = Arc::new(subscribe::Proxies::default());
     let ready = Arc::new(AtomicBool::new(false));
     let leader = Arc::new(AtomicBool::new(false));
+    let kinds = controller::Kinds::default();
     let admin = Arc::new(admin::Admin {
         publisher: publisher.clone(),
         proxies: proxies.clone(),
         ready: ready.clone(),
         leader: leader.clone(),
+        kinds: kinds.clone(),
     });
     if let Err(e) = admin::serve(args.admin_addr, admin).await {
         eprintln!("ferrum-operator: cannot listen on {}: {e}", args.admin_addr);
@@ -193,7 +199,8 @@ async fn run(args: Args) -> ExitCode {
     };
     tokio::spawn(election.run(leader.clone()));
 
-    let controller = controller::Controller::start(client.clone()).await;
+    let rediscover = Duration::from_secs(args.rediscover_seconds);
+    let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
 

@@ -1,9 +1,16 @@
-//! Watches the cluster (one reflector per kind), and after each burst of changes translates the
-//! cached objects with the shared translator and publishes the result.
+//! Watches the cluster and, after each burst of changes, translates the cached objects with the
+//! shared translator and publishes the result.
+//!
+//! Every watched kind is one row of [`kinds!`]: its store, the API group, the versions we can
+//! read (discovery picks the first the cluster serves, so ReferenceGrant works on Gateway API
+//! v1.4, which serves it only as v1beta1), whether the operator can work without it, and whether
+//! the operator writes its status. A kind the cluster does not serve is empty, said once in the
+//! log and on `/ready`, and picked up when its CRD appears.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
@@ -16,7 +23,8 @@ use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -24,111 +32,271 @@ use tokio::sync::mpsc;
 
 use crate::publish::Publisher;
 
-/// Read-only caches of every kind the translator reads.
-#[derive(Clone)]
-pub struct Stores {
-    gateway_classes: Store<GatewayClass>,
-    gateways: Store<Gateway>,
-    http_routes: Store<HttpRoute>,
-    grpc_routes: Store<GrpcRoute>,
-    reference_grants: Store<ReferenceGrant>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    namespaces: Store<Namespace>,
-    secrets: Store<Secret>,
-    backends: Store<Backend>,
-    backend_policies: Store<BackendPolicy>,
+/// What one watched kind is.
+#[derive(Debug, Clone, Copy)]
+pub struct KindSpec {
+    pub group: &'static str,
+    pub kind: &'static str,
+    /// Versions we can read, preferred first.
+    pub versions: &'static [&'static str],
+    /// The operator translates without it (as if there were none).
+    pub optional: bool,
+    /// The operator writes its status: updates that keep `metadata.generation` are ignored.
+    pub status_written: bool,
 }
 
-/// The cached objects themselves (shared, not copied).
-fn copy<K>(s: &Store<K>) -> Vec<Arc<K>>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    s.state()
+/// Where each kind stands, for `/ready` and the log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase", tag = "state")]
+pub enum KindState {
+    /// Discovery has not answered yet.
+    Discovering,
+    /// Not served by the cluster (yet): treated as empty.
+    Absent,
+    /// Watched at this version; `listed` once the initial list is in.
+    Watching { version: String, listed: bool },
 }
 
-impl Stores {
-    /// A consistent-enough view of the caches for one translation.
-    pub fn resources(&self) -> Resources {
-        Resources {
-            gateway_classes: copy(&self.gateway_classes),
-            gateways: copy(&self.gateways),
-            http_routes: copy(&self.http_routes),
-            grpc_routes: copy(&self.grpc_routes),
-            reference_grants: copy(&self.reference_grants),
-            services: copy(&self.services),
-            endpoint_slices: copy(&self.endpoint_slices),
-            namespaces: copy(&self.namespaces),
-            secrets: copy(&self.secrets),
-            backends: copy(&self.backends),
-            backend_policies: copy(&self.backend_policies),
-            origins: Default::default(),
+/// Every kind's state, shared with the admin server.
+pub type Kinds = Arc<Mutex<BTreeMap<&'static str, (KindSpec, KindState)>>>;
+
+/// The watched kinds: one row each. A row makes the store, its watch and its place in
+/// `Resources` (the translator's input, which has a field of the same name).
+macro_rules! kinds {
+    ($($field:ident: $ty:ty = ($group:expr, $kind:expr, [$($v:expr),+], optional: $opt:expr, status: $st:expr)),+ $(,)?) => {
+        /// Read-only caches of every kind the translator reads.
+        #[derive(Clone)]
+        pub struct Stores {
+            $($field: Store<$ty>,)+
         }
+
+        impl Stores {
+            /// Starts every kind's discovery and watch.
+            fn start(w: &Watchers) -> Stores {
+                Stores {
+                    $($field: w.start::<$ty>(KindSpec {
+                        group: $group,
+                        kind: $kind,
+                        versions: &[$($v),+],
+                        optional: $opt,
+                        status_written: $st,
+                    }),)+
+                }
+            }
+
+            /// A consistent-enough view of the caches for one translation (shared, not copied).
+            pub fn resources(&self) -> Resources {
+                Resources {
+                    $($field: self.$field.state(),)+
+                    origins: Default::default(),
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    gateway_classes: GatewayClass = ("gateway.networking.k8s.io", "GatewayClass", ["v1"], optional: false, status: true),
+    gateways: Gateway = ("gateway.networking.k8s.io", "Gateway", ["v1"], optional: false, status: true),
+    http_routes: HttpRoute = ("gateway.networking.k8s.io", "HTTPRoute", ["v1"], optional: false, status: true),
+    grpc_routes: GrpcRoute = ("gateway.networking.k8s.io", "GRPCRoute", ["v1"], optional: true, status: true),
+    reference_grants: ReferenceGrant = ("gateway.networking.k8s.io", "ReferenceGrant", ["v1", "v1beta1"], optional: true, status: false),
+    services: Service = ("", "Service", ["v1"], optional: false, status: false),
+    endpoint_slices: EndpointSlice = ("discovery.k8s.io", "EndpointSlice", ["v1"], optional: false, status: false),
+    namespaces: Namespace = ("", "Namespace", ["v1"], optional: false, status: false),
+    secrets: Secret = ("", "Secret", ["v1"], optional: false, status: false),
+    backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: false),
+    backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: false),
+}
+
+/// What every watch shares: the client, the change signal and the kinds' states.
+struct Watchers {
+    client: Client,
+    /// How often discovery is asked again for kinds the cluster does not serve yet.
+    rediscover: Duration,
+    changed: mpsc::Sender<()>,
+    kinds: Kinds,
+}
+
+impl Watchers {
+    /// A store for `K`, filled by a watch at the version the cluster serves, once it serves one.
+    fn start<K>(&self, spec: KindSpec) -> Store<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + Hash + Clone,
+    {
+        let (store, writer) = reflector::store();
+        self.kinds
+            .lock()
+            .unwrap()
+            .insert(spec.kind, (spec, KindState::Discovering));
+        let (client, changed, kinds) = (self.client.clone(), self.changed.clone(), self.kinds.clone());
+        let rediscover = self.rediscover;
+        tokio::spawn(async move {
+            let mut said = false;
+            let ar = loop {
+                match served(&client, &spec).await {
+                    Ok(Some(ar)) => break ar,
+                    Ok(None) if !said => {
+                        said = true;
+                        set(&kinds, spec.kind, KindState::Absent);
+                        let how = if spec.optional {
+                            "treated as empty"
+                        } else {
+                            "required: nothing translates well without it"
+                        };
+                        tracing::warn!(kind = spec.kind, group = spec.group, versions = ?spec.versions, "the cluster does not serve this kind; {how} until its CRD is installed");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(kind = spec.kind, error = %e, "discovery failed; retrying"),
+                }
+                tokio::time::sleep(rediscover).await;
+            };
+            if said {
+                tracing::info!(kind = spec.kind, version = %ar.version, "the cluster serves this kind now; watching it");
+            }
+            set(
+                &kinds,
+                spec.kind,
+                KindState::Watching {
+                    version: ar.version.clone(),
+                    listed: false,
+                },
+            );
+            watch::<K>(client, ar, spec, writer, changed, kinds).await;
+        });
+        store
     }
 }
 
-/// Starts a reflector for `K` that pokes `changed` on every event, except, for kinds whose status
-/// the operator writes (`status_written`), updates that leave `metadata.generation` as it was:
-/// those are status writes (ours, mostly) and change nothing the translator reads.
-fn watch<K>(
-    client: &Client,
-    changed: &mpsc::Sender<()>,
-    ready: &mpsc::Sender<&'static str>,
-    status_written: bool,
-) -> Store<K>
+fn set(kinds: &Kinds, kind: &str, state: KindState) {
+    if let Some(k) = kinds.lock().unwrap().get_mut(kind) {
+        k.1 = state;
+    }
+}
+
+/// The first of the kind's versions the cluster serves, from discovery.
+async fn served(client: &Client, spec: &KindSpec) -> Result<Option<ApiResource>, kube::Error> {
+    for v in spec.versions {
+        let api_version = if spec.group.is_empty() {
+            v.to_string()
+        } else {
+            format!("{}/{v}", spec.group)
+        };
+        let list = if spec.group.is_empty() {
+            client.list_core_api_resources(v).await
+        } else {
+            client.list_api_group_resources(&api_version).await
+        };
+        let list = match list {
+            Ok(l) => l,
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(r) = list
+            .resources
+            .iter()
+            .find(|r| r.kind == spec.kind && !r.name.contains('/'))
+        {
+            return Ok(Some(ApiResource {
+                group: spec.group.into(),
+                version: v.to_string(),
+                api_version,
+                kind: spec.kind.into(),
+                plural: r.name.clone(),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads a watched object as our type, whatever version it was served at (the versions we list
+/// for a kind share one schema).
+fn typed<K: Resource + DeserializeOwned>(o: DynamicObject) -> Option<K>
 where
+    K::DynamicType: Default,
+{
+    let mut v = serde_json::to_value(o).ok()?;
+    v["apiVersion"] = K::api_version(&K::DynamicType::default()).into();
+    v["kind"] = K::kind(&K::DynamicType::default()).into();
+    serde_json::from_value(v)
+        .map_err(
+            |e| tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "cannot read object; skipped"),
+        )
+        .ok()
+}
+
+/// Runs one kind's reflector forever, poking `changed` on every event, except, for kinds whose
+/// status the operator writes, updates that leave `metadata.generation` as it was: those are
+/// status writes (ours, mostly) and change nothing the translator reads.
+async fn watch<K>(
+    client: Client,
+    ar: ApiResource,
+    spec: KindSpec,
+    writer: Writer<K>,
+    changed: mpsc::Sender<()>,
+    kinds: Kinds,
+) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let api: Api<K> = Api::all(client.clone());
-    let (store, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
     // Nothing reads managedFields or kubectl's last-applied copy of the object, and in a real
     // cluster they are often most of an object's size.
-    let stream = watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| {
-            o.meta_mut().managed_fields = None;
-            if let Some(a) = &mut o.meta_mut().annotations {
+    let events = watcher(api, watcher::Config::default()).filter_map(|ev| async move {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => return Some(Err(e)),
+        };
+        let ev = ev.modify(|o| {
+            o.metadata.managed_fields = None;
+            if let Some(a) = &mut o.metadata.annotations {
                 a.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
-        })
-        .reflect(writer)
-        .default_backoff()
-        .boxed();
-    let (changed, ready) = (changed.clone(), ready.clone());
-    let name: &'static str = Box::leak(kind.into_boxed_str());
-    tokio::spawn(async move {
-        let mut stream = stream;
-        let mut announced = false;
-        let mut generations: std::collections::HashMap<String, i64> = Default::default();
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(ev) => {
-                    if !announced && matches!(ev, watcher::Event::InitDone) {
-                        announced = true;
-                        let _ = ready.send(name).await;
-                    }
-                    if status_written
-                        && let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = &ev
-                        && let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation)
-                        && generations.insert(uid, generation) == Some(generation)
-                    {
-                        continue;
-                    }
-                    if let watcher::Event::Delete(o) = &ev
-                        && let Some(uid) = &o.meta().uid
-                    {
-                        generations.remove(uid);
-                    }
-                    let _ = changed.try_send(());
-                }
-                Err(e) => tracing::warn!(kind = name, error = %e, "watch failed; retrying"),
-            }
-        }
+        });
+        // An object we cannot read is left out (and logged), not a reason to stop watching.
+        Some(Ok(match ev {
+            watcher::Event::Apply(o) => watcher::Event::Apply(typed(o)?),
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(typed(o)?),
+            watcher::Event::Delete(o) => watcher::Event::Delete(typed(o)?),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        }))
     });
-    store
+    let mut stream = events.reflect(writer).default_backoff().boxed();
+    let mut generations: std::collections::HashMap<String, i64> = Default::default();
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(kind = spec.kind, error = %e, "watch failed; retrying");
+                continue;
+            }
+        };
+        if matches!(ev, watcher::Event::InitDone) {
+            set(
+                &kinds,
+                spec.kind,
+                KindState::Watching {
+                    version: ar.version.clone(),
+                    listed: true,
+                },
+            );
+        }
+        if spec.status_written
+            && let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = &ev
+            && let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation)
+            && generations.insert(uid, generation) == Some(generation)
+        {
+            continue;
+        }
+        if let watcher::Event::Delete(o) = &ev
+            && let Some(uid) = &o.meta().uid
+        {
+            generations.remove(uid);
+        }
+        let _ = changed.try_send(());
+    }
 }
 
 pub struct Controller {
@@ -137,35 +305,26 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts every watch and waits until each has listed once.
-    pub async fn start(client: Client) -> Controller {
+    /// Starts every watch and waits (at most 30 s) until each served kind has listed once.
+    pub async fn start(client: Client, kinds: Kinds, rediscover: Duration) -> Controller {
         let (ctx, crx) = mpsc::channel(1);
-        let (rtx, mut rrx) = mpsc::channel(16);
-        let stores = Stores {
-            gateway_classes: watch(&client, &ctx, &rtx, true),
-            gateways: watch(&client, &ctx, &rtx, true),
-            http_routes: watch(&client, &ctx, &rtx, true),
-            grpc_routes: watch(&client, &ctx, &rtx, true),
-            reference_grants: watch(&client, &ctx, &rtx, false),
-            services: watch(&client, &ctx, &rtx, false),
-            endpoint_slices: watch(&client, &ctx, &rtx, false),
-            namespaces: watch(&client, &ctx, &rtx, false),
-            secrets: watch(&client, &ctx, &rtx, false),
-            backends: watch(&client, &ctx, &rtx, false),
-            backend_policies: watch(&client, &ctx, &rtx, false),
-        };
-        let mut pending = 11;
-        while pending > 0 {
-            match tokio::time::timeout(Duration::from_secs(30), rrx.recv()).await {
-                Ok(Some(kind)) => {
-                    tracing::debug!(kind, "initial list done");
-                    pending -= 1;
-                }
-                _ => {
-                    tracing::warn!(pending, "some watches have not listed yet; translating what is there");
-                    break;
-                }
+        let stores = Stores::start(&Watchers {
+            client,
+            rediscover,
+            changed: ctx,
+            kinds: kinds.clone(),
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting = waiting_for(&kinds);
+            if waiting.is_empty() {
+                break;
             }
+            if Instant::now() > deadline {
+                tracing::warn!(?waiting, "some watches have not listed yet; translating what is there");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Controller { stores, changed: crx }
     }
@@ -184,4 +343,44 @@ impl Controller {
             }
         }
     }
+}
+
+/// Kinds whose first discovery has not answered yet, or which are watched but not listed.
+fn waiting_for(kinds: &Kinds) -> Vec<&'static str> {
+    kinds
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, (_, st))| matches!(st, KindState::Discovering | KindState::Watching { listed: false, .. }))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// `/ready` detail: required kinds missing (not ready) and optional ones absent (said, ready).
+pub fn readiness(kinds: &Kinds) -> (bool, String) {
+    let kinds = kinds.lock().unwrap();
+    let mut ok = true;
+    let mut out = String::new();
+    for (kind, (spec, state)) in kinds.iter() {
+        let line = match state {
+            KindState::Absent if spec.optional => {
+                format!("{kind}: not served by the cluster (optional, treated as empty)\n")
+            }
+            KindState::Absent => {
+                ok = false;
+                format!("{kind}: not served by the cluster (required: install its CRD)\n")
+            }
+            KindState::Discovering => {
+                ok = false;
+                format!("{kind}: discovering\n")
+            }
+            KindState::Watching { listed: false, version } => {
+                ok = false;
+                format!("{kind}: {version}: listing\n")
+            }
+            KindState::Watching { .. } => continue,
+        };
+        out.push_str(&line);
+    }
+    (ok, out)
 }
