@@ -408,3 +408,59 @@ async fn a_proxy_with_a_role_serves_only_its_gateway() {
     assert!(p["lastRejection"].is_null(), "{p}");
     drop(dp);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrum_kinds_get_status_and_the_mesh_default_policy_applies() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
+         spec: {{trustDomain: example.org, defaultTrafficPolicy: {{timeouts: {{read: 7s}}}}}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: stray, namespace: default}}\nspec: {{}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pair, namespace: default}}\n\
+         spec: {{endpoints: [{{address: 127.0.0.1, port: {}}}, {{address: 127.0.0.1, port: {}}}]}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: broken, namespace: default}}\n\
+         spec: {{endpoints: [{{address: 127.0.0.1, port: 1}}], loadBalancer: {{type: Fastest}}}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: ferrum-kinds, namespace: default}}\n\
+         spec: {{parentRefs: [{{name: web}}], hostnames: [pair.example.com], rules: [{{backendRefs: [\
+         {{group: ferrum.dev, kind: Backend, name: pair}}, {{group: ferrum.dev, kind: Backend, name: broken}}]}}]}}\n",
+        a.addr.port(),
+        b.addr.port()
+    ));
+    let accepted = |v: &Value| {
+        condition(&v["status"]["conditions"], "Accepted")
+            .cloned()
+            .unwrap_or_default()
+    };
+    eventually("Backend status written", Duration::from_secs(10), async || {
+        let v = cluster.get("backends.ferrum.dev", "default", "pair");
+        v["status"]["endpoints"] == 2 && accepted(&v)["status"] == "True"
+    })
+    .await;
+    eventually("an invalid Backend says why", Duration::from_secs(10), async || {
+        let r = accepted(&cluster.get("backends.ferrum.dev", "default", "broken"));
+        r["status"] == "False" && r["message"].as_str().unwrap_or("").contains("loadBalancer.type")
+    })
+    .await;
+    eventually("MeshConfig status written", Duration::from_secs(10), async || {
+        accepted(&cluster.get("meshconfigs.ferrum.dev", "ferrum-system", "default"))["status"] == "True"
+            && accepted(&cluster.get("meshconfigs.ferrum.dev", "default", "stray"))["reason"] == "Ignored"
+    })
+    .await;
+    let snapshot = op.admin_json("/snapshot").await;
+    let read_ms = snapshot["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "backend/default/pair")
+        .map(|c| c["timeouts"]["readMs"].clone());
+    assert_eq!(
+        read_ms,
+        Some(Value::from(7000)),
+        "the mesh default read timeout applies"
+    );
+}

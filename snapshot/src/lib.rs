@@ -20,6 +20,9 @@ pub use resources::{ObjectRef, Resources};
 pub use translate::{Incremental, Problem, Reason, Translation, translate};
 pub use validate::{InvalidSnapshot, validate};
 
+/// The mesh's root namespace (Istio's `istio-system`): its `MeshConfig` named `default` and
+/// its policies apply mesh-wide.
+pub const ROOT_NAMESPACE: &str = "ferrum-system";
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 pub const FERRUM_GROUP: &str = "ferrum.dev";
 /// `spec.controllerName` of the GatewayClasses Ferrum serves.

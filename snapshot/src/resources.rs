@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::crd::{Backend, BackendPolicy};
+use crate::crd::{Backend, BackendPolicy, MeshConfig};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,6 +48,7 @@ pub struct Resources {
     pub secrets: Vec<Arc<Secret>>,
     pub backends: Vec<Arc<Backend>>,
     pub backend_policies: Vec<Arc<BackendPolicy>>,
+    pub mesh_configs: Vec<Arc<MeshConfig>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -153,11 +154,12 @@ impl Resources {
             "EndpointSlice" => ("EndpointSlice", "discovery.k8s.io"),
             "Backend" => ("Backend", crate::FERRUM_GROUP),
             "BackendPolicy" => ("BackendPolicy", crate::FERRUM_GROUP),
+            "MeshConfig" => ("MeshConfig", crate::FERRUM_GROUP),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy"
+                     Backend, BackendPolicy, MeshConfig"
                 )));
             }
         };
@@ -202,6 +204,7 @@ impl Resources {
             "EndpointSlice" => push!(endpoint_slices),
             "Backend" => push!(backends),
             "BackendPolicy" => push!(backend_policies),
+            "MeshConfig" => push!(mesh_configs),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());

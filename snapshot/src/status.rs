@@ -234,6 +234,50 @@ fn supported_kinds(l: &GatewayListeners) -> (Vec<&'static str>, Option<String>) 
     (kinds, invalid)
 }
 
+/// `Accepted` from an object's own problems (the first one is the reason), for the Ferrum kinds.
+fn accepted(t: &Translation, obj: &ObjectRef, generation: Option<i64>, ok: &str) -> Value {
+    match object_problems(t, obj).first() {
+        Some(p) => cond(
+            "Accepted",
+            false,
+            p.reason.as_str(),
+            &format!("{}: {}", p.field, p.message),
+            generation,
+        ),
+        None => cond("Accepted", true, "Accepted", ok, generation),
+    }
+}
+
+/// A `Backend`: `Accepted` and its endpoint count (the printer columns).
+pub fn backend_status(b: &crate::crd::Backend, t: &Translation) -> Value {
+    let obj = crate::translate::meta_ref("Backend", &b.metadata);
+    let generation = b.metadata.generation;
+    json!({
+        "observedGeneration": generation.unwrap_or(0),
+        "endpoints": b.spec.endpoints.len(),
+        "conditions": [accepted(t, &obj, generation, "backend accepted")],
+    })
+}
+
+/// A `MeshConfig`: only `ferrum-system/default` is read; any other says so.
+pub fn mesh_config_status(m: &crate::crd::MeshConfig, t: &Translation) -> Value {
+    let obj = crate::translate::meta_ref("MeshConfig", &m.metadata);
+    let generation = m.metadata.generation;
+    let in_effect = m.metadata.namespace.as_deref() == Some(crate::ROOT_NAMESPACE) && m.name_any() == "default";
+    let condition = if in_effect {
+        accepted(t, &obj, generation, "mesh settings in effect")
+    } else {
+        cond(
+            "Accepted",
+            false,
+            "Ignored",
+            &format!("only the MeshConfig named default in {} is read", crate::ROOT_NAMESPACE),
+            generation,
+        )
+    };
+    json!({ "observedGeneration": generation.unwrap_or(0), "conditions": [condition] })
+}
+
 /// Every served object's status as the operator writes it, keyed `Kind namespace/name`:
 /// Gateways, HTTPRoutes and GRPCRoutes. File mode shows this at `/config`.
 pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
@@ -262,6 +306,18 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
             name: r.name_any(),
         };
         out.insert(obj.to_string(), route_status(kind, &r, t, &t.gateways, res));
+    }
+    for b in &res.backends {
+        out.insert(
+            crate::translate::meta_ref("Backend", &b.metadata).to_string(),
+            backend_status(b, t),
+        );
+    }
+    for m in &res.mesh_configs {
+        out.insert(
+            crate::translate::meta_ref("MeshConfig", &m.metadata).to_string(),
+            mesh_config_status(m, t),
+        );
     }
     out
 }

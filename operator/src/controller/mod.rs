@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
-use ferrum_snapshot::crd::{Backend, BackendPolicy};
+use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
 use futures_util::StreamExt;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
@@ -43,6 +43,8 @@ pub struct KindSpec {
     pub optional: bool,
     /// The operator writes its status: updates that keep `metadata.generation` are ignored.
     pub status_written: bool,
+    /// A field selector: only these objects are read at all.
+    pub fields: Option<&'static str>,
 }
 
 /// Where each kind stands, for `/ready` and the log.
@@ -63,7 +65,7 @@ pub type Kinds = Arc<Mutex<BTreeMap<&'static str, (KindSpec, KindState)>>>;
 /// The watched kinds: one row each. A row makes the store, its watch and its place in
 /// `Resources` (the translator's input, which has a field of the same name).
 macro_rules! kinds {
-    ($($field:ident: $ty:ty = ($group:expr, $kind:expr, [$($v:expr),+], optional: $opt:expr, status: $st:expr)),+ $(,)?) => {
+    ($($field:ident: $ty:ty = ($group:expr, $kind:expr, [$($v:expr),+], optional: $opt:expr, status: $st:expr $(, fields: $fields:expr)?)),+ $(,)?) => {
         /// Read-only caches of every kind the translator reads.
         #[derive(Clone)]
         pub struct Stores {
@@ -80,6 +82,7 @@ macro_rules! kinds {
                         versions: &[$($v),+],
                         optional: $opt,
                         status_written: $st,
+                        fields: None $(.or(Some($fields)))?,
                     }),)+
                 }
             }
@@ -104,9 +107,12 @@ kinds! {
     services: Service = ("", "Service", ["v1"], optional: false, status: false),
     endpoint_slices: EndpointSlice = ("discovery.k8s.io", "EndpointSlice", ["v1"], optional: false, status: false),
     namespaces: Namespace = ("", "Namespace", ["v1"], optional: false, status: false),
-    secrets: Secret = ("", "Secret", ["v1"], optional: false, status: false),
-    backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: false),
+    // Only TLS Secrets (what listeners reference); service-account tokens, registry credentials
+    // and application secrets are never read.
+    secrets: Secret = ("", "Secret", ["v1"], optional: false, status: false, fields: "type=kubernetes.io/tls"),
+    backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: true),
     backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: false),
+    mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.
@@ -243,7 +249,11 @@ async fn watch<K>(
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
     // Nothing reads managedFields or kubectl's last-applied copy of the object, and in a real
     // cluster they are often most of an object's size.
-    let events = watcher(api, watcher::Config::default()).filter_map(|ev| async move {
+    let mut config = watcher::Config::default();
+    if let Some(f) = spec.fields {
+        config = config.fields(f);
+    }
+    let events = watcher(api, config).filter_map(|ev| async move {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => return Some(Err(e)),

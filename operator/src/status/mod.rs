@@ -1,17 +1,12 @@
 //! Writes the Gateway API status conditions (computed by `ferrum_snapshot::status`) back to the
 //! cluster: only by the leader and only when something other than a timestamp changed.
 
-use std::collections::BTreeMap;
-
-use ferrum_snapshot::status::{cond, gateway_status, route_status};
+use ferrum_snapshot::status::{backend_status, cond, gateway_status, mesh_config_status, route_status};
 use ferrum_snapshot::translate::Translation;
-use ferrum_snapshot::{CONTROLLER_NAME, ObjectRef, Resources};
-use gateway_api::gatewayclasses::GatewayClass;
-use gateway_api::gateways::Gateway;
-use gateway_api::grpcroutes::GrpcRoute;
-use gateway_api::httproutes::HttpRoute;
-use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use ferrum_snapshot::{CONTROLLER_NAME, Resources};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Keeps the old `lastTransitionTime` of conditions whose status did not change.
@@ -44,91 +39,70 @@ fn carry_transition_times(new: &mut Value, old: &Value) {
 
 /// Writes every status that differs from what the objects carry. Returns how many were written.
 pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usize {
-    let mut written = 0;
-    let params = PatchParams::default();
+    let mut w = Writer { client, written: 0 };
     for gw in &res.gateways {
-        let obj = ObjectRef {
-            kind: "Gateway",
-            namespace: gw.namespace().unwrap_or_default(),
-            name: gw.name_any(),
-        };
-        if !t.gateways.contains(&obj) {
-            continue;
-        }
-        let old = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
-        let mut new = gateway_status(gw, t);
-        carry_transition_times(&mut new, &old);
-        if differs(&new, &old) {
-            let api: Api<Gateway> = Api::namespaced(client.clone(), &obj.namespace);
-            match api
-                .patch_status(&obj.name, &params, &Patch::Merge(json!({ "status": new })))
-                .await
-            {
-                Ok(_) => written += 1,
-                Err(e) => tracing::warn!(object = %obj, error = %e, "status write failed"),
-            }
+        let obj = ferrum_snapshot::translate::meta_ref("Gateway", &gw.metadata);
+        if t.gateways.contains(&obj) {
+            w.write(&**gw, gateway_status(gw, t)).await;
         }
     }
-    let classes: Api<GatewayClass> = Api::all(client.clone());
     for gc in res
         .gateway_classes
         .iter()
         .filter(|c| c.spec.controller_name == CONTROLLER_NAME)
     {
-        let old = serde_json::to_value(&gc.status).unwrap_or(Value::Null);
-        let mut new =
+        let status =
             json!({"conditions": [cond("Accepted", true, "Accepted", "handled by Ferrum", gc.metadata.generation)]});
-        carry_transition_times(&mut new, &old);
-        if differs(&new, &old) {
-            match classes
-                .patch_status(&gc.name_any(), &params, &Patch::Merge(json!({ "status": new })))
-                .await
-            {
-                Ok(_) => written += 1,
-                Err(e) => tracing::warn!(class = %gc.name_any(), error = %e, "status write failed"),
-            }
-        }
+        w.write(&**gc, status).await;
     }
-    let mut by_ns: BTreeMap<String, Api<HttpRoute>> = BTreeMap::new();
     for r in &res.http_routes {
-        let ns = r.namespace().unwrap_or_default();
-        let old = serde_json::to_value(&r.status).unwrap_or(Value::Null);
-        let mut new = route_status("HTTPRoute", r, t, &t.gateways, res);
-        carry_transition_times(&mut new, &old);
-        if differs(&new, &old) {
-            let api = by_ns
-                .entry(ns.clone())
-                .or_insert_with(|| Api::namespaced(client.clone(), &ns));
-            match api
-                .patch_status(&r.name_any(), &params, &Patch::Merge(json!({ "status": new })))
-                .await
-            {
-                Ok(_) => written += 1,
-                Err(e) => tracing::warn!(route = %r.name_any(), error = %e, "status write failed"),
-            }
-        }
+        w.write(&**r, route_status("HTTPRoute", r, t, &t.gateways, res)).await;
     }
     for g in &res.grpc_routes {
         // A GRPCRoute that cannot be read as a route has its problem listed on /problems.
-        let Ok(r) = ferrum_snapshot::translate::as_http_route(g) else {
-            continue;
-        };
-        let ns = g.namespace().unwrap_or_default();
-        let old = serde_json::to_value(&g.status).unwrap_or(Value::Null);
-        let mut new = route_status("GRPCRoute", &r, t, &t.gateways, res);
-        carry_transition_times(&mut new, &old);
-        if differs(&new, &old) {
-            let api: Api<GrpcRoute> = Api::namespaced(client.clone(), &ns);
-            match api
-                .patch_status(&g.name_any(), &params, &Patch::Merge(json!({ "status": new })))
-                .await
-            {
-                Ok(_) => written += 1,
-                Err(e) => tracing::warn!(route = %g.name_any(), error = %e, "status write failed"),
-            }
+        if let Ok(r) = ferrum_snapshot::translate::as_http_route(g) {
+            w.write(&**g, route_status("GRPCRoute", &r, t, &t.gateways, res)).await;
         }
     }
-    written
+    for b in &res.backends {
+        w.write(&**b, backend_status(b, t)).await;
+    }
+    for m in &res.mesh_configs {
+        w.write(&**m, mesh_config_status(m, t)).await;
+    }
+    w.written
+}
+
+/// The one status writer: a merge patch of `/status`, only when more than timestamps changed.
+struct Writer<'a> {
+    client: &'a Client,
+    written: usize,
+}
+
+impl Writer<'_> {
+    async fn write<K>(&mut self, obj: &K, mut new: Value)
+    where
+        K: Resource<DynamicType = ()> + Serialize,
+    {
+        let old = serde_json::to_value(obj)
+            .ok()
+            .and_then(|mut v| v.get_mut("status").map(Value::take))
+            .unwrap_or(Value::Null);
+        carry_transition_times(&mut new, &old);
+        if !differs(&new, &old) {
+            return;
+        }
+        let ar = ApiResource::erase::<K>(&());
+        let api: Api<DynamicObject> = match obj.namespace() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), &ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        };
+        let patch = Patch::Merge(json!({ "status": new }));
+        match api.patch_status(&obj.name_any(), &PatchParams::default(), &patch).await {
+            Ok(_) => self.written += 1,
+            Err(e) => tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), error = %e, "status write failed"),
+        }
+    }
 }
 
 fn differs(new: &Value, old: &Value) -> bool {

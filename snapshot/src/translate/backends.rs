@@ -318,7 +318,8 @@ impl<'a> Clusters<'a> {
                     .iter()
                     .any(|t| t.group.is_empty() && t.kind == "Service" && t.name == r.name)
         });
-        let mut policy_error = None;
+        // The mesh's default policy first, then the cluster's own: its fields win.
+        let mut policy_error = self.apply_mesh_default(&mut cluster);
         if let Some(p) = policy {
             let obj = super::meta_ref("BackendPolicy", &p.metadata);
             if let Err((field, msg)) = apply_policy(&mut cluster, &p.spec.policy) {
@@ -362,9 +363,11 @@ impl<'a> Clusters<'a> {
             })
             .collect();
         let mut cluster = Cluster::new(name.clone(), endpoints);
+        let mesh_error = self.apply_mesh_default(&mut cluster);
         let policy_error = apply_policy(&mut cluster, &b.spec.policy)
             .err()
-            .map(|(field, msg)| ((super::meta_ref("Backend", &b.metadata), field), msg));
+            .map(|(field, msg)| ((super::meta_ref("Backend", &b.metadata), field), msg))
+            .or(mesh_error);
         self.built
             .insert(name.clone(), BuiltCluster::new(cluster, policy_error));
         Ok(name)
@@ -386,6 +389,34 @@ impl<'a> Clusters<'a> {
 }
 
 /// Applies a Ferrum traffic policy; an error names the field (`spec.…`).
+impl Clusters<'_> {
+    /// Applies `MeshConfig` `ferrum-system/default`'s `defaultTrafficPolicy`, if any.
+    fn apply_mesh_default(&self, c: &mut Cluster) -> Option<((ObjectRef, String), String)> {
+        let mc = mesh_config(self.res)?;
+        let p = mc.spec.default_traffic_policy.as_ref()?;
+        apply_policy(c, p).err().map(|(field, msg)| {
+            (
+                (
+                    super::meta_ref("MeshConfig", &mc.metadata),
+                    format!("spec.defaultTrafficPolicy.{}", field.trim_start_matches("spec.")),
+                ),
+                msg,
+            )
+        })
+    }
+}
+
+/// The mesh-wide settings: the `MeshConfig` named `default` in the root namespace.
+pub fn mesh_config(res: &Resources) -> Option<&crate::crd::MeshConfig> {
+    res.mesh_configs
+        .iter()
+        .find(|m| {
+            m.metadata.namespace.as_deref() == Some(crate::ROOT_NAMESPACE)
+                && m.metadata.name.as_deref() == Some("default")
+        })
+        .map(|m| &**m)
+}
+
 fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, String)> {
     let dur = |field: &str, v: &Option<String>| -> Result<Option<u64>, (String, String)> {
         v.as_deref()
@@ -472,11 +503,13 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
         };
     }
     if let Some(t) = &p.timeouts {
-        let d = ClusterTimeouts::default();
+        // Field by field: what a policy leaves out keeps what the mesh default (or the built-in
+        // default) set.
+        let was = &c.timeouts;
         c.timeouts = ClusterTimeouts {
-            connect_ms: dur("timeouts.connect", &t.connect)?.unwrap_or(d.connect_ms),
-            read_ms: dur("timeouts.read", &t.read)?.unwrap_or(d.read_ms),
-            idle_ms: dur("timeouts.idle", &t.idle)?.unwrap_or(d.idle_ms),
+            connect_ms: dur("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
+            read_ms: dur("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
+            idle_ms: dur("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
         };
     }
     if let Some(r) = &p.retry {

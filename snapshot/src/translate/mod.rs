@@ -149,10 +149,7 @@ impl Problems<'_> {
     }
 }
 
-pub(crate) fn meta_ref(
-    kind: &'static str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> ObjectRef {
+pub fn meta_ref(kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
     ObjectRef {
         kind,
         namespace: meta.namespace.clone().unwrap_or_default(),
@@ -238,6 +235,7 @@ impl Context {
             .chain(all(&res.secrets))
             .chain(all(&res.backends))
             .chain(all(&res.backend_policies))
+            .chain(all(&res.mesh_configs))
             .collect();
         others.sort_by_key(|o| Arc::as_ptr(o) as *const () as usize);
         Context {

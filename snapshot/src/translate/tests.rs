@@ -433,6 +433,39 @@ fn invalid_input_is_reported_with_field_and_reason() {
 }
 
 #[test]
+fn the_mesh_default_policy_fills_what_clusters_do_not_set() {
+    let mesh = "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\n\
+                spec: {defaultTrafficPolicy: {timeouts: {connect: 100ms, read: 7s}, retry: {attempts: 1, on: [reset]}}}\n---\n\
+                apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: elsewhere}\n\
+                spec: {defaultTrafficPolicy: {timeouts: {read: 1s}}}\n---\n";
+    let s = ok(&format!(
+        "{mesh}{}",
+        route("  - backendRefs: [{name: echo, port: 80}, {group: ferrum.dev, kind: Backend, name: static}]\n")
+    ));
+    let svc = s.cluster("service/default/echo:80").unwrap();
+    assert_eq!(
+        (svc.timeouts.connect_ms, svc.timeouts.read_ms),
+        (100, 7000),
+        "the root namespace's default applies"
+    );
+    assert_eq!(svc.retry.as_ref().unwrap().attempts, 1);
+    // A Backend's own fields win; the rest come from the mesh default.
+    let b = s.cluster("backend/default/static").unwrap();
+    assert_eq!((b.timeouts.connect_ms, b.timeouts.read_ms), (250, 7000));
+    assert_eq!(b.retry.as_ref().unwrap().attempts, 3);
+    // An invalid default is the MeshConfig's problem.
+    let bad = "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\n\
+               spec: {defaultTrafficPolicy: {loadBalancer: {type: Fastest}}}\n---\n";
+    let t = run(&format!(
+        "{bad}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    assert_eq!(t.problems.len(), 1, "{:#?}", t.problems);
+    assert_eq!(t.problems[0].object.kind, "MeshConfig");
+    assert_eq!(t.problems[0].field, "spec.defaultTrafficPolicy.loadBalancer.type");
+}
+
+#[test]
 fn invalid_backend_policy_is_reported() {
     let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
                    spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
