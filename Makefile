@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e bench bench-operator bench-xds clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -40,6 +40,13 @@ e2e-deps:
 test: lint e2e-deps build-bins crds-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
+	$(MAKE) fuzz
+
+## Property-based fuzzing of the config, xDS, delta and path paths: FUZZ_CASES per target
+## (~20 s at the default; failures are kept in dataplane/tests/fuzz.proptest-regressions).
+FUZZ_CASES ?= 4000
+fuzz:
+	FUZZ_CASES=$(FUZZ_CASES) cargo test -p ferrum-dp --test fuzz
 
 # One build with the workspace's unified features; everything else runs these binaries.
 build-bins:

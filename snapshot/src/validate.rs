@@ -196,20 +196,8 @@ fn check_route(
         ("requestHeaders", &r.request_headers),
         ("responseHeaders", &r.response_headers),
     ] {
-        let names = m.set.iter().chain(&m.add).map(|(n, _)| n).chain(&m.remove);
-        for n in names {
-            if http_header_name_invalid(n) {
-                err(obj(), format!("{at}.{which}"), format!("invalid header name {n:?}"));
-            }
-        }
-        for (n, v) in m.set.iter().chain(&m.add) {
-            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                err(
-                    obj(),
-                    format!("{at}.{which}"),
-                    format!("value of {n:?} contains a control character"),
-                );
-            }
+        if let Some(msg) = header_modifier_problem(m) {
+            err(obj(), format!("{at}.{which}"), msg);
         }
     }
     let prefix_rewrite = |p: &Option<PathRewrite>| matches!(p, Some(PathRewrite::Prefix(_)));
@@ -268,8 +256,22 @@ fn check_route(
     }
 }
 
+/// Why a header modifier cannot be applied: a name that is not a token, or a value with CR, LF
+/// or NUL (header injection).
+pub fn header_modifier_problem(m: &HeaderModifier) -> Option<String> {
+    let names = m.set.iter().chain(&m.add).map(|(n, _)| n).chain(&m.remove);
+    if let Some(n) = names.into_iter().find(|n| http_header_name_invalid(n)) {
+        return Some(format!("invalid header name {n:?}"));
+    }
+    m.set
+        .iter()
+        .chain(&m.add)
+        .find(|(_, v)| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0))
+        .map(|(n, _)| format!("value of {n:?} contains a control character"))
+}
+
 /// RFC 9110 token characters.
-pub(crate) fn http_header_name_invalid(name: &str) -> bool {
+pub fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
         || !name
             .bytes()

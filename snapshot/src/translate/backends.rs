@@ -352,14 +352,39 @@ impl<'a> Clusters<'a> {
                     format!("Backend {}/{} not found", r.namespace, r.name),
                 )
             })?;
+        // An endpoint no proxy could use is left out and reported; the others serve.
+        let mut endpoint_error = None;
         let endpoints = b
             .spec
             .endpoints
             .iter()
-            .map(|e| Endpoint {
-                weight: e.weight.unwrap_or(1),
-                zone: e.zone.clone(),
-                ..Endpoint::new(e.address.clone(), e.port)
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let weight = e.weight.unwrap_or(1);
+                let bad = if e.port == 0 {
+                    Some(("port", "must be 1-65535".to_string()))
+                } else if weight > crate::validate::MAX_WEIGHT {
+                    Some(("weight", format!("must be at most {}", crate::validate::MAX_WEIGHT)))
+                } else if e.address.is_empty() {
+                    Some(("address", "must not be empty".to_string()))
+                } else {
+                    None
+                };
+                if let Some((field, msg)) = bad {
+                    endpoint_error.get_or_insert((
+                        (
+                            super::meta_ref("Backend", &b.metadata),
+                            format!("spec.endpoints[{i}].{field}"),
+                        ),
+                        msg,
+                    ));
+                    return None;
+                }
+                Some(Endpoint {
+                    weight,
+                    zone: e.zone.clone(),
+                    ..Endpoint::new(e.address.clone(), e.port)
+                })
             })
             .collect();
         let mut cluster = Cluster::new(name.clone(), endpoints);
@@ -367,6 +392,7 @@ impl<'a> Clusters<'a> {
         let policy_error = apply_policy(&mut cluster, &b.spec.policy)
             .err()
             .map(|(field, msg)| ((super::meta_ref("Backend", &b.metadata), field), msg))
+            .or(endpoint_error)
             .or(mesh_error);
         self.built
             .insert(name.clone(), BuiltCluster::new(cluster, policy_error));
@@ -439,6 +465,12 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
             "LeastRequest" => LbPolicy::LeastRequest,
             "Random" => LbPolicy::Random,
             "ConsistentHash" => match (&lb.hash_header, lb.hash_client_ip) {
+                (Some(h), _) if crate::validate::http_header_name_invalid(h) => {
+                    return Err((
+                        "spec.loadBalancer.hashHeader".into(),
+                        format!("{h:?} is not a valid header name"),
+                    ));
+                }
                 (Some(h), _) => LbPolicy::ConsistentHash(HashOn::Header(h.to_ascii_lowercase())),
                 (None, Some(true)) => LbPolicy::ConsistentHash(HashOn::ClientIp),
                 _ => {

@@ -503,6 +503,10 @@ fn rule_parts(
                     return None;
                 };
                 parts.request_headers = header_modifier!(m);
+                if let Some(msg) = crate::validate::header_modifier_problem(&parts.request_headers) {
+                    problems.push(obj, format!("{ffield}.requestHeaderModifier"), Reason::Invalid, msg);
+                    return None;
+                }
             }
             HttpRouteRulesFiltersType::ResponseHeaderModifier => {
                 let Some(m) = &f.response_header_modifier else {
@@ -510,6 +514,10 @@ fn rule_parts(
                     return None;
                 };
                 parts.response_headers = header_modifier!(m);
+                if let Some(msg) = crate::validate::header_modifier_problem(&parts.response_headers) {
+                    problems.push(obj, format!("{ffield}.responseHeaderModifier"), Reason::Invalid, msg);
+                    return None;
+                }
             }
             HttpRouteRulesFiltersType::RequestRedirect => {
                 let Some(rd) = &f.request_redirect else {
@@ -740,6 +748,15 @@ fn route_match(
             .r#type
             .as_ref()
             .is_none_or(|t| *t == HttpRouteRulesMatchesHeadersType::Exact);
+        if crate::validate::http_header_name_invalid(&h.name) {
+            problems.push(
+                obj,
+                format!("{field}.headers[{i}].name"),
+                Reason::Invalid,
+                format!("{:?} is not a valid header name", h.name),
+            );
+            return None;
+        }
         headers.push(KeyMatch {
             name: h.name.to_ascii_lowercase(),
             value: string_match(exact, &h.value, format!("{field}.headers[{i}].value"), obj, problems)?,

@@ -466,6 +466,36 @@ fn the_mesh_default_policy_fills_what_clusters_do_not_set() {
 }
 
 #[test]
+fn what_no_proxy_could_serve_is_reported_not_emitted() {
+    // Found by the fuzzer: each of these once reached the snapshot and made validation refuse
+    // the whole of it.
+    let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b3}\n\
+                   spec: {endpoints: [{address: 127.0.0.1, port: 0}, {address: 127.0.0.1, port: 7, weight: 1000001}, {address: 127.0.0.1, port: 8}]}\n---\n";
+    let t = run(&format!(
+        "{backend}{}",
+        route(
+            "  - matches: [{headers: [{name: \"a{\", value: x}]}]\n    backendRefs: [{name: echo, port: 80}]\n\
+             \x20 - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: \"x\", value: \"a\\r\\nb\"}]}}]\n    backendRefs: [{name: echo, port: 80}]\n\
+             \x20 - backendRefs: [{group: ferrum.dev, kind: Backend, name: b3}]\n"
+        )
+    ));
+    crate::validate(&t.snapshot).unwrap();
+    let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+    assert!(
+        fields.contains(&"spec.rules[0].matches[0].headers[0].name"),
+        "{fields:?}"
+    );
+    assert!(
+        fields.contains(&"spec.rules[1].filters[0].requestHeaderModifier"),
+        "{fields:?}"
+    );
+    assert!(fields.contains(&"spec.endpoints[0].port"), "{fields:?}");
+    let c = t.snapshot.cluster("backend/default/b3").unwrap();
+    assert_eq!(c.endpoints.len(), 1, "the valid endpoint serves");
+    assert_eq!(c.endpoints[0].port, 8);
+}
+
+#[test]
 fn invalid_backend_policy_is_reported() {
     let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
                    spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
