@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ferrum-dp against a direct connection, nginx and Envoy, on this machine, interleaved.
+"""ferrum-dp against a direct connection, nginx, HAProxy and Envoy, on this machine, interleaved.
 
 Started by `make bench` (bench/run.sh installs the tools and builds ferrum-dp first).
 Every target fronts the same nginx backend (64-byte body, keep-alive); every load run uses the
@@ -25,7 +25,8 @@ DP = TARGET_DIR / "release" / "ferrum-dp"
 BODY = "x" * 63 + "\n"  # 64 bytes
 
 BACKEND, DIRECT = 18080, 18080
-PORTS = {"ferrum-dp": 18081, "nginx": 18082, "envoy": 18083}
+PORTS = {"ferrum-dp": 18081, "nginx": 18082, "envoy": 18083, "haproxy": 18084}
+PROXIES = ("ferrum-dp", "nginx", "haproxy", "envoy")
 
 
 def wait_port(port, timeout=15.0):
@@ -48,6 +49,9 @@ class Procs:
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw)
         self.procs.append((name, p))
         return p
+
+    def pid(self, name):
+        return next(p.pid for n, p in self.procs if n == name)
 
     def stop(self, p):
         try:
@@ -95,6 +99,48 @@ http {{
 }}
 """
     )
+
+
+def haproxy_conf(path, listen, upstream):
+    """HTTP/1.1 on `listen`, h2c (prior knowledge) on `listen + 100`; upstream connections reused."""
+    path.write_text(
+        f"""global
+  nbthread 2
+  maxconn 10000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend h1
+  bind 127.0.0.1:{listen}
+  default_backend be
+frontend h2
+  bind 127.0.0.1:{listen + 100} proto h2
+  default_backend be
+backend be
+  server s1 127.0.0.1:{upstream}
+"""
+    )
+
+
+def cpu_seconds(pid):
+    """User + system CPU of a process and its children processes (nginx's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
 
 
 def envoy_conf(path, listen, upstream):
@@ -201,6 +247,7 @@ def wrk(port, path, args):
         check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     lat = {}
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -209,6 +256,7 @@ def wrk(port, path, args):
     socket_errors = re.search(r"Socket errors: (.*)", out)
     return {
         "rps": rps,
+        "requests": total,
         "p50_ms": lat["50"],
         "p99_ms": lat["99"],
         "non_2xx": int(errors.group(1)) if errors else 0,
@@ -229,6 +277,7 @@ def h2load(port, args):
     ok = int(re.search(r"(\d+) succeeded", out).group(1))
     return {
         "rps": rps,
+        "requests": ok,
         "mean_ms": float(m.group(5)) * UNITS[m.group(6)],
         "max_ms": float(m.group(3)) * UNITS[m.group(4)],
         "succeeded": ok,
@@ -276,6 +325,8 @@ def main():
         procs.start("backend", ["nginx", "-c", str(WORK / "backend.conf"), "-e", str(WORK / "backend-error.log")])
         nginx_conf(WORK / "proxy.conf", PORTS["nginx"], upstream=BACKEND)
         procs.start("nginx", ["nginx", "-c", str(WORK / "proxy.conf"), "-e", str(WORK / "proxy-error.log")])
+        haproxy_conf(WORK / "haproxy.cfg", PORTS["haproxy"], BACKEND)
+        haproxy = procs.start("haproxy", ["haproxy", "-f", str(WORK / "haproxy.cfg"), "-db"])
         envoy_conf(WORK / "envoy.json", PORTS["envoy"], BACKEND)
         envoy = procs.start("envoy", [args.envoy, "-c", str(WORK / "envoy.json"), "--concurrency", "2", "--log-level", "error"])
         dp_conf(WORK / "dp.yaml", PORTS["ferrum-dp"], BACKEND)
@@ -284,24 +335,37 @@ def main():
             wait_port(p)
 
         targets = {"direct": DIRECT, **PORTS}
+        pids = {"ferrum-dp": dp.pid, "nginx": procs.pid("nginx"), "haproxy": haproxy.pid, "envoy": envoy.pid}
+
+        def measured(t, run):
+            """Runs the load and adds the proxy's CPU per request (µs)."""
+            before = cpu_seconds(pids[t]) if t in pids else None
+            res = run()
+            if before is not None and res["requests"]:
+                res["cpu_us_per_req"] = (cpu_seconds(pids[t]) - before) * 1e6 / res["requests"]
+            return res
+
         h1 = {t: [] for t in targets}
         # Warm-up: fill pools and caches.
         for t, port in targets.items():
             subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
         for r in range(args.rounds):
             for t, port in targets.items():
-                res = wrk(port, "/", args)
+                res = measured(t, lambda: wrk(port, "/", args))
                 h1[t].append(res)
-                print(f"  h1 round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms", flush=True)
-        rss = {"ferrum-dp": rss_mb(dp.pid), "envoy": rss_mb(envoy.pid)}
+                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
+                print(f"  h1 round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms{cpu}", flush=True)
 
         h2 = {t: [] for t in targets}
-        h2_ports = {"direct": DIRECT + 100, "ferrum-dp": PORTS["ferrum-dp"], "nginx": PORTS["nginx"] + 100, "envoy": PORTS["envoy"]}
+        h2_ports = {"direct": DIRECT + 100, "ferrum-dp": PORTS["ferrum-dp"], "nginx": PORTS["nginx"] + 100, "haproxy": PORTS["haproxy"] + 100, "envoy": PORTS["envoy"]}
         for r in range(args.rounds):
             for t, port in h2_ports.items():
-                res = h2load(port, args)
+                res = measured(t, lambda: h2load(port, args))
                 h2[t].append(res)
-                print(f"  h2 round {r + 1} {t:10} {res['rps']:>10.0f} rps  mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}", flush=True)
+                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
+                print(f"  h2 round {r + 1} {t:10} {res['rps']:>10.0f} rps  mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}{cpu}", flush=True)
+        # After both loads, as a user would see it.
+        rss = {t: rss_mb(pids[t]) for t in pids}
 
         # Scale: the same proxy with 10 and 10,000 routes; requests match the last-listed rule.
         procs.stop(dp)
@@ -347,10 +411,13 @@ def main():
         "ratios": {
             "h1_rps_dp_over_direct": ratio(s1["ferrum-dp"]["rps"], s1["direct"]["rps"]),
             "h1_rps_dp_over_nginx": ratio(s1["ferrum-dp"]["rps"], s1["nginx"]["rps"]),
+            "h1_rps_dp_over_haproxy": ratio(s1["ferrum-dp"]["rps"], s1["haproxy"]["rps"]),
             "h1_rps_dp_over_envoy": ratio(s1["ferrum-dp"]["rps"], s1["envoy"]["rps"]),
             "h1_p99_dp_over_nginx": ratio(s1["ferrum-dp"]["p99_ms"], s1["nginx"]["p99_ms"]),
+            "h1_p99_dp_over_haproxy": ratio(s1["ferrum-dp"]["p99_ms"], s1["haproxy"]["p99_ms"]),
             "h1_p99_dp_over_envoy": ratio(s1["ferrum-dp"]["p99_ms"], s1["envoy"]["p99_ms"]),
             "h2_rps_dp_over_nginx": ratio(s2["ferrum-dp"]["rps"], s2["nginx"]["rps"]),
+            "h2_rps_dp_over_haproxy": ratio(s2["ferrum-dp"]["rps"], s2["haproxy"]["rps"]),
             "h2_rps_dp_over_envoy": ratio(s2["ferrum-dp"]["rps"], s2["envoy"]["rps"]),
             "scale_rps_10k_over_10": ratio(scale["10000"]["rps"], scale["10"]["rps"]),
         },
@@ -365,13 +432,14 @@ def main():
 
     print()
     print(f"HTTP/1.1  wrk -t{args.threads} -c{args.connections} -d{args.duration}s, median of {args.rounds} interleaved rounds")
-    print(f"{'target':12}{'RPS':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    cpu = lambda s: f"{s['cpu_us_per_req']:>12.1f}" if "cpu_us_per_req" in s else f"{'-':>12}"
+    print(f"{'target':12}{'RPS':>12}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
     for t, s in s1.items():
-        print(f"{t:12}{s['rps']:>12.0f}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}")
+        print(f"{t:12}{s['rps']:>12.0f}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}{cpu(s)}")
     print(f"\nHTTP/2 (h2c)  h2load -c{args.connections} -m10 -n{args.h2_requests}")
-    print(f"{'target':12}{'RPS':>12}{'mean ms':>10}")
+    print(f"{'target':12}{'RPS':>12}{'mean ms':>10}{'max ms':>10}{'CPU us/req':>12}")
     for t, s in s2.items():
-        print(f"{t:12}{s['rps']:>12.0f}{s['mean_ms']:>10.3f}")
+        print(f"{t:12}{s['rps']:>12.0f}{s['mean_ms']:>10.3f}{s['max_ms']:>10.3f}{cpu(s)}")
     print(f"\nscale: 10 routes {scale['10']['rps']:.0f} rps, 10,000 routes {scale['10000']['rps']:.0f} rps")
     print("\nratios:")
     for k, v in result["ratios"].items():

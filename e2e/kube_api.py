@@ -13,6 +13,10 @@ Usage: kube_api.py PORT [--without GROUP]... [--crds FILE]...
   --crds FILE       serve the served versions of the CustomResourceDefinitions in FILE (e.g. the
                     Gateway API v1.4 CRDs instead of the built-in list); creating a CRD object
                     later registers its kinds too, as a real API server does
+  --token-key KEY   answer TokenReviews: tokens are HS256 JWTs signed with KEY, shaped like
+                    projected ServiceAccount tokens (aud, exp, kubernetes.io.{namespace,
+                    serviceaccount.name, pod.name, node.name}); bad signature, expiry or audience
+                    give authenticated: false with the reason
 """
 
 import asyncio
@@ -51,6 +55,40 @@ INFO = {}
 VERSIONS = set()
 WITHOUT = set()
 CRD_FILES = []
+TOKEN_KEY = None
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+def token_review(body):
+    """The API server's answer to a TokenReview, for tokens minted with TOKEN_KEY."""
+    import jwt  # PyJWT
+
+    spec = body.get("spec", {})
+    wanted = spec.get("audiences") or []
+    status = {"authenticated": False}
+    try:
+        claims = jwt.decode(spec.get("token", ""), TOKEN_KEY, algorithms=["HS256"], audience=wanted or None,
+                            options={"verify_aud": bool(wanted)})
+        k8s = claims.get("kubernetes.io", {})
+        ns, sa = k8s["namespace"], k8s["serviceaccount"]["name"]
+        aud = claims.get("aud")
+        aud = aud if isinstance(aud, list) else [aud]
+        status = {
+            "authenticated": True,
+            "audiences": [a for a in aud if a in wanted] if wanted else aud,
+            "user": {
+                "username": f"system:serviceaccount:{ns}:{sa}",
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": [k8s.get("pod", {}).get("name", "")],
+                    "authentication.kubernetes.io/node-name": [k8s.get("node", {}).get("name", "")],
+                },
+            },
+        }
+    except Exception as e:  # noqa: BLE001 - every failure is an unauthenticated answer
+        status["error"] = f"{type(e).__name__}: {e}"
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
+            "spec": spec, "status": status}
 
 
 def crd_resources(crd):
@@ -181,6 +219,8 @@ class Adapter(kmock.KubernetesEmulator):
         return group, version, plural, ns, name, sub
 
     async def __call__(self, raw):
+        if TOKEN_KEY and raw.method == "POST" and raw.path.rstrip("/") == TOKEN_REVIEWS:
+            return aiohttp.web.json_response(token_review(json.loads(await raw.read())), status=201)
         parsed = self._parse(raw.path)
         if parsed is None:
             return await super().__call__(raw)
@@ -398,6 +438,8 @@ if __name__ == "__main__":
             WITHOUT.add(value)
         elif flag == "--crds":
             CRD_FILES.append(value)
+        elif flag == "--token-key":
+            TOKEN_KEY = value
         else:
             sys.exit(f"unknown flag {flag}")
     asyncio.run(main(int(sys.argv[1])))

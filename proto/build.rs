@@ -1,6 +1,6 @@
 // Protos are compiled in Rust (protox): no protoc needed on the machine.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ferrum/mesh/v1/mesh.proto"];
+    let protos = ["ferrum/mesh/v1/mesh.proto", "istio/v1/auth/ca.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

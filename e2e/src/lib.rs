@@ -177,6 +177,8 @@ impl Cluster {
             ])
             .args(extra)
             .env("KUBECONFIG", &self.kubeconfig)
+            // Tests run many operators at once: the CA on an ephemeral port unless a test asks.
+            .env("FERRUM_CA_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "warn,ferrum_operator=info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -341,4 +343,55 @@ pub fn rss_mib(pid: u32) -> f64 {
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A gRPC channel to a TLS endpoint (the mesh CA) that trusts only `root_pem`, as a workload
+/// holding the mesh's trust bundle does; `name` is the server name to verify.
+pub async fn tls_channel(addr: std::net::SocketAddr, name: &str, root_pem: &str) -> tonic::transport::Channel {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnector {
+        addr,
+        name: rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
+        tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
+    };
+    tonic::transport::Endpoint::from_static("http://mesh-ca")
+        .connect_with_connector(connector)
+        .await
+        .expect("TLS connection to the CA")
+}
+
+#[derive(Clone)]
+struct TlsConnector {
+    addr: std::net::SocketAddr,
+    name: rustls_pki_types::ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl tower_service::Service<http::Uri> for TlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let c = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(c.addr).await?;
+            Ok(hyper_util::rt::TokioIo::new(c.tls.connect(c.name, tcp).await?))
+        })
+    }
 }

@@ -2,6 +2,7 @@
 //! shared translator, streams snapshots to proxies (MeshSubscribe) and writes status back.
 
 mod admin;
+mod ca;
 mod controller;
 mod leader;
 mod publish;
@@ -59,6 +60,26 @@ struct Args {
     /// Lease duration in seconds.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
+    /// The mesh CA's TLS port (Istio's CreateCertificate); empty to run without the CA.
+    #[arg(long, default_value = "0.0.0.0:15012", env = "FERRUM_CA_ADDR")]
+    ca_addr: String,
+    /// The Secret (in --namespace) holding the CA's certificate and key.
+    #[arg(long, default_value = "ferrum-ca")]
+    ca_secret: String,
+    /// Audience the ServiceAccount tokens presented to the CA must carry.
+    #[arg(long, default_value = "ferrum-ca")]
+    ca_audience: String,
+    /// Extra DNS names or IPs of the CA's serving certificate (it always has
+    /// ferrum-operator.<namespace>.svc[.cluster.local], localhost and 127.0.0.1).
+    #[arg(long, value_delimiter = ',')]
+    ca_san: Vec<String>,
+    /// Service accounts (`namespace/name`) of node proxies that may ask for certificates of
+    /// pods on their node.
+    #[arg(long, value_delimiter = ',')]
+    ca_node_proxies: Vec<String>,
+    /// Longest certificate validity the CA hands out, in seconds.
+    #[arg(long, default_value_t = 24 * 3600)]
+    ca_max_validity: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,6 +224,25 @@ async fn run(args: Args) -> ExitCode {
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
+    if !args.ca_addr.is_empty() {
+        let settings = match ca_settings(&args) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ferrum-operator: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // The trust domain as the MeshConfig says at startup (a change needs a restart: every
+        // identity in the mesh changes with it).
+        let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
+            .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
+        let (client, leader) = (client.clone(), leader.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ca::run(settings, client, trust_domain, leader).await {
+                tracing::error!("{e}");
+            }
+        });
+    }
 
     let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone()));
     let svc = subscribe::Service {
@@ -227,6 +267,30 @@ async fn run(args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+fn ca_settings(args: &Args) -> Result<ca::Settings, String> {
+    let addr = args
+        .ca_addr
+        .parse()
+        .map_err(|e| format!("--ca-addr {:?}: {e}", args.ca_addr))?;
+    let ns = &args.namespace;
+    let mut names = vec![
+        format!("ferrum-operator.{ns}.svc"),
+        format!("ferrum-operator.{ns}.svc.cluster.local"),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    names.extend(args.ca_san.iter().cloned());
+    Ok(ca::Settings {
+        addr,
+        namespace: ns.clone(),
+        secret: args.ca_secret.clone(),
+        audience: args.ca_audience.clone(),
+        names,
+        node_proxies: args.ca_node_proxies.clone(),
+        max_validity: Duration::from_secs(args.ca_max_validity),
+    })
 }
 
 async fn shutdown() {

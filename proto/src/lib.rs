@@ -6,6 +6,15 @@ pub mod mesh {
     }
 }
 
+/// Istio's certificate service, by wire shape: Ferrum's CA serves it.
+pub mod istio {
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
+
 /// Schema of `Snapshot.body`.
 pub const SNAPSHOT_SCHEMA: &str = "ferrum.dev/snapshot+json;v=2";
 

@@ -8,6 +8,7 @@
 
 pub mod crd;
 pub mod delta;
+pub mod identity;
 pub mod model;
 pub mod resources;
 pub mod status;

@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+pub use backends::mesh_config;
 mod grpcroute;
 mod hostname;
 mod httproute;

@@ -1,0 +1,248 @@
+//! The mesh CA over its TLS port, as Istio's CA clients use it: `CreateCertificate` with a
+//! projected ServiceAccount token (checked by a TokenReview the API emulator answers), a CSR
+//! whose claimed identity is ignored, SVIDs that py-spiffe loads strictly, and a second replica
+//! that signs for the same root.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrum_e2e::*;
+use ferrum_proto::istio::v1::auth::IstioCertificateRequest;
+use ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use serde_json::{Value, json};
+
+const KEY: &str = "e2e-token-signing-key";
+
+/// A token shaped like a projected ServiceAccount token, signed as the emulator expects.
+fn token(ns: &str, sa: &str, aud: &str, ttl: i64, key: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc",
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": [aud],
+        "iat": now,
+        "exp": now + ttl,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": format!("{sa}-0")}, "node": {"name": "node-1"}},
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A P-256 CSR that claims an identity of its own choosing; returns it and its key (PEM).
+fn csr(claims: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.subject_alt_names = vec![rcgen::SanType::URI(claims.try_into().unwrap())];
+    (p.serialize_request(&key).unwrap().pem().unwrap(), key.serialize_pem())
+}
+
+async fn ask(
+    client: &mut IstioCertificateServiceClient<tonic::transport::Channel>,
+    csr: &str,
+    token: Option<&str>,
+    validity: i64,
+    impersonate: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let metadata = impersonate.map(|id| prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.to_string())),
+            },
+        )]
+        .into(),
+    });
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: validity,
+        metadata,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+}
+
+/// py-spiffe loads the chain and key as an X.509-SVID (strictly: leaf shape, SPIFFE ID, key
+/// match) and reports the ID and the seconds the leaf has left.
+fn spiffe_load(dir: &std::path::Path, chain: &[String], key: &str) -> Value {
+    let (c, k) = (dir.join("svid.pem"), dir.join("key.pem"));
+    std::fs::write(&c, chain.concat()).unwrap();
+    std::fs::write(&k, key).unwrap();
+    let script = "import json, sys, datetime\n\
+        from cryptography.hazmat.primitives.serialization import Encoding\n\
+        from spiffe import X509Svid\n\
+        s = X509Svid.load(sys.argv[1], sys.argv[2], Encoding.PEM)\n\
+        left = s.leaf.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)\n\
+        print(json.dumps({'id': str(s.spiffe_id), 'chain': len(s.cert_chain), 'ttl': left.total_seconds()}))\n";
+    let out = std::process::Command::new(venv_bin("python"))
+        .args(["-c", script, c.to_str().unwrap(), k.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-spiffe refused the SVID: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn ca_root(cluster: &Cluster) -> String {
+    let mut root = None;
+    eventually("the leader stores the CA", Duration::from_secs(15), async || {
+        let out = std::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .args(["get", "secret", "ferrum-ca", "-n", "default", "-o", "json"])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .output()
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
+            && let Some(b64) = v["data"]["ca.crt"].as_str()
+        {
+            use base64::Engine as _;
+            root = Some(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap());
+        }
+        root.is_some()
+    })
+    .await;
+    root.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
+    let cluster = Cluster::start_with(free_port(), &["--token-key", KEY]);
+    let ca_port = free_port();
+    let _op = cluster
+        .operator_with(
+            "op-1",
+            &[
+                "--ca-addr",
+                &format!("127.0.0.1:{ca_port}"),
+                "--ca-node-proxies",
+                "ferrum-system/node-proxy",
+            ],
+        )
+        .await;
+    let root = ca_root(&cluster).await;
+    let addr = ([127, 0, 0, 1], ca_port).into();
+    let mut ca = None;
+    eventually("the CA serves", Duration::from_secs(10), async || {
+        if ca.is_none() {
+            ca = tokio::time::timeout(Duration::from_secs(2), tls_channel(addr, "localhost", &root))
+                .await
+                .ok()
+                .map(IstioCertificateServiceClient::new);
+        }
+        ca.is_some()
+    })
+    .await;
+    let mut ca = ca.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The CSR claims kube-system/admin; the token says shop/web, and the token wins.
+    let (req, key) = csr("spiffe://cluster.local/ns/kube-system/sa/admin");
+    let web = token("shop", "web", "ferrum-ca", 600, KEY);
+    let chain = ask(&mut ca, &req, Some(&web), 3600, None).await.expect("an SVID");
+    assert_eq!(chain.len(), 2, "leaf and root");
+    assert_eq!(chain[1], root, "root last");
+    let svid = spiffe_load(dir.path(), &chain, &key);
+    assert_eq!(svid["id"], "spiffe://cluster.local/ns/shop/sa/web");
+    let ttl = svid["ttl"].as_f64().unwrap();
+    assert!((3500.0..=3600.0).contains(&ttl), "asked for one hour: {ttl}");
+
+    // Short validity for rotation tests is honoured; more than the maximum is capped.
+    let short = ask(&mut ca, &req, Some(&web), 30, None).await.unwrap();
+    assert!(spiffe_load(dir.path(), &short, &key)["ttl"].as_f64().unwrap() <= 30.0);
+    let long = ask(&mut ca, &req, Some(&web), 10 * 24 * 3600, None).await.unwrap();
+    assert!(spiffe_load(dir.path(), &long, &key)["ttl"].as_f64().unwrap() <= 24.0 * 3600.0);
+
+    // Tokens the TokenReview refuses.
+    let refused = [
+        ("no token", None),
+        (
+            "bad signature",
+            Some(token("shop", "web", "ferrum-ca", 600, "not-the-key")),
+        ),
+        ("expired", Some(token("shop", "web", "ferrum-ca", -60, KEY))),
+        ("wrong audience", Some(token("shop", "web", "kubernetes", 600, KEY))),
+    ];
+    for (why, t) in refused {
+        let e = ask(&mut ca, &req, t.as_deref(), 3600, None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{why}: {e:?}");
+    }
+    // Only trusted node proxies may ask for another identity, and only for pods on their node.
+    let e = ask(
+        &mut ca,
+        &req,
+        Some(&web),
+        3600,
+        Some("spiffe://cluster.local/ns/shop/sa/db"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let node_proxy = token("ferrum-system", "node-proxy", "ferrum-ca", 600, KEY);
+    let e = ask(
+        &mut ca,
+        &req,
+        Some(&node_proxy),
+        3600,
+        Some("spiffe://cluster.local/ns/shop/sa/db"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "no db pod on node-1: {e:?}");
+    cluster.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
+         spec: {nodeName: node-1, serviceAccountName: db, containers: [{name: db, image: db}]}\n",
+    );
+    let chain = ask(
+        &mut ca,
+        &req,
+        Some(&node_proxy),
+        3600,
+        Some("spiffe://cluster.local/ns/shop/sa/db"),
+    )
+    .await
+    .expect("a node proxy gets the SVID of a pod on its node");
+    assert_eq!(
+        spiffe_load(dir.path(), &chain, &key)["id"],
+        "spiffe://cluster.local/ns/shop/sa/db"
+    );
+    let e = ask(
+        &mut ca,
+        "-----BEGIN CERTIFICATE REQUEST-----\nnope\n",
+        Some(&web),
+        3600,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // A second replica (not the leader) loads the stored root and signs for it.
+    let ca2_port = free_port();
+    let _op2 = cluster
+        .operator_with("op-2", &["--ca-addr", &format!("127.0.0.1:{ca2_port}")])
+        .await;
+    let mut ca2 = None;
+    eventually("the follower's CA serves", Duration::from_secs(10), async || {
+        if ca2.is_none() {
+            ca2 = tokio::time::timeout(
+                Duration::from_secs(2),
+                tls_channel(([127, 0, 0, 1], ca2_port).into(), "localhost", &root),
+            )
+            .await
+            .ok()
+            .map(IstioCertificateServiceClient::new);
+        }
+        ca2.is_some()
+    })
+    .await;
+    let chain = ask(ca2.as_mut().unwrap(), &req, Some(&web), 600, None).await.unwrap();
+    assert_eq!(chain.last().unwrap(), &root, "one root for every replica");
+}

@@ -1,0 +1,178 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`: who is asking comes from a
+//! TokenReview of the bearer ServiceAccount token — never from the CSR — and a node proxy may ask
+//! for a pod on its node only when its service account is trusted for that.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrum_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
+use ferrum_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use ferrum_snapshot::identity::SpiffeId;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use tonic::{Request, Response, Status};
+
+use super::Authority;
+
+/// Who a TokenReview says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub namespace: String,
+    pub service_account: String,
+    pub node: Option<String>,
+}
+
+/// Checks bearer tokens; the Kubernetes one asks the API server (TokenReview).
+#[tonic::async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    async fn review(&self, token: &str) -> Result<Caller, Status>;
+    /// Whether a pod running as `id` is on `node`.
+    async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status>;
+}
+
+pub struct Kubernetes {
+    pub client: kube::Client,
+    /// The audience tokens must be minted for (projected ServiceAccount tokens).
+    pub audience: String,
+}
+
+#[tonic::async_trait]
+impl Authenticator for Kubernetes {
+    async fn review(&self, token: &str) -> Result<Caller, Status> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(Status::unauthenticated(format!("token rejected: {why}")));
+        }
+        if !status.audiences.unwrap_or_default().contains(&self.audience) {
+            return Err(Status::unauthenticated(format!(
+                "token is not for audience {:?}",
+                self.audience
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let name = user.username.unwrap_or_default();
+        let Some(sa) = name.strip_prefix("system:serviceaccount:") else {
+            return Err(Status::permission_denied(format!("{name:?} is not a service account")));
+        };
+        let Some((namespace, service_account)) = sa.split_once(':') else {
+            return Err(Status::permission_denied(format!("{name:?} is not a service account")));
+        };
+        let node = user
+            .extra
+            .unwrap_or_default()
+            .get("authentication.kubernetes.io/node-name")
+            .and_then(|v| v.first().cloned());
+        Ok(Caller {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            node,
+        })
+    }
+
+    async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &id.namespace);
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot list pods: {e}")))?;
+        Ok(list.items.iter().any(|p| {
+            p.spec.as_ref().is_some_and(|s| {
+                s.node_name.as_deref() == Some(node)
+                    && s.service_account_name.as_deref().unwrap_or("default") == id.service_account
+            })
+        }))
+    }
+}
+
+pub struct CaService<A> {
+    pub ca: Arc<Authority>,
+    pub auth: A,
+    pub trust_domain: String,
+    /// `namespace/serviceaccount` of node proxies that may ask for pods on their node.
+    pub node_proxies: Vec<String>,
+}
+
+/// Shortest validity handed out: rotation at half-life must stay possible.
+const MIN_VALIDITY: Duration = Duration::from_secs(10);
+
+impl<A: Authenticator> CaService<A> {
+    /// The identity to issue for: the caller's own, or (node proxies) a pod's on its node.
+    async fn identity(&self, caller: &Caller, req: &IstioCertificateRequest) -> Result<SpiffeId, Status> {
+        let own = SpiffeId::new(&self.trust_domain, &caller.namespace, &caller.service_account);
+        let impersonated = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            });
+        let Some(wanted) = impersonated else {
+            return Ok(own);
+        };
+        let id: SpiffeId = wanted.parse().map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        if id.trust_domain != self.trust_domain {
+            return Err(Status::permission_denied(format!(
+                "{id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        let who = format!("{}/{}", caller.namespace, caller.service_account);
+        if !self.node_proxies.contains(&who) {
+            return Err(Status::permission_denied(format!(
+                "{who} may not ask for other identities"
+            )));
+        }
+        let Some(node) = &caller.node else {
+            return Err(Status::permission_denied("the caller's token names no node"));
+        };
+        if !self.auth.runs_on(&id, node).await? {
+            return Err(Status::permission_denied(format!("no pod of {id} runs on node {node}")));
+        }
+        Ok(id)
+    }
+}
+
+#[tonic::async_trait]
+impl<A: Authenticator> IstioCertificateService for CaService<A> {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <ServiceAccount token>"))?
+            .to_string();
+        let caller = self.auth.review(&token).await?;
+        let req = request.into_inner();
+        let id = self.identity(&caller, &req).await?;
+        let asked = u64::try_from(req.validity_duration).unwrap_or(0);
+        let validity = match asked {
+            0 => self.ca.max_validity,
+            s => Duration::from_secs(s).clamp(MIN_VALIDITY, self.ca.max_validity),
+        };
+        let chain = self
+            .ca
+            .sign_csr(&req.csr, &id, validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::debug!(%id, ?validity, "issued an SVID");
+        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+    }
+}
