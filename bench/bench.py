@@ -106,7 +106,7 @@ def haproxy_conf(path, listen, upstream):
     path.write_text(
         f"""global
   nbthread 2
-  maxconn 10000
+  maxconn 4000
 defaults
   mode http
   timeout connect 5s
