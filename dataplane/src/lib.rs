@@ -5,6 +5,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod limits;
 pub mod listener;
+pub mod mesh;
 pub mod proxy;
 pub mod router;
 pub mod source;

@@ -12,7 +12,10 @@ use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane", "xds"])))]
+#[command(subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Gateway API YAML: files or directories of *.yaml (Gateway, HTTPRoute, Service,
     /// EndpointSlice, Secret, ReferenceGrant, ferrum.dev Backend/BackendPolicy).
     #[arg(long = "config", short = 'c', num_args = 1..)]
@@ -94,8 +97,82 @@ fn raise_fd_limit() {
     }
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Write the sidecar's traffic capture rules (nat table) in this network namespace, as an
+    /// init container does: inbound TCP to --inbound-port, outbound to --outbound-port, the
+    /// proxy's own traffic (--proxy-uid/--proxy-gid) left alone. Idempotent.
+    InitIptables {
+        /// Print the rules instead of applying them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the rules instead.
+        #[arg(long)]
+        cleanup: bool,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        #[arg(long, default_value_t = 1337)]
+        proxy_gid: u32,
+        /// Inbound ports never captured.
+        #[arg(long, value_delimiter = ',', default_value = "15008,15020,15021,15090")]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound destination ports never captured.
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// The iptables to use (default: whichever of nft and legacy already holds rules).
+        #[arg(long)]
+        iptables: Option<String>,
+    },
+}
+
+fn init_iptables(cmd: Cmd) -> ExitCode {
+    let Cmd::InitIptables {
+        dry_run,
+        cleanup,
+        inbound_port,
+        outbound_port,
+        proxy_uid,
+        proxy_gid,
+        exclude_inbound_ports,
+        exclude_outbound_ports,
+        iptables,
+    } = cmd;
+    use ferrum_dp::mesh::capture;
+    let iptables = iptables.unwrap_or_else(capture::detect);
+    let c = capture::Capture {
+        proxy_uid,
+        proxy_gid,
+        inbound_port,
+        outbound_port,
+        exclude_inbound: exclude_inbound_ports,
+        exclude_outbound: exclude_outbound_ports,
+    };
+    let result = match (dry_run, cleanup) {
+        (true, _) => {
+            print!("{}", c.describe(&iptables));
+            Ok(())
+        }
+        (false, true) => capture::cleanup(&iptables),
+        (false, false) => c.apply(&iptables),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrum-dp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(cmd) = args.command.take() {
+        return init_iptables(cmd);
+    }
     raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
