@@ -395,3 +395,20 @@ impl tower_service::Service<http::Uri> for TlsConnector {
         })
     }
 }
+
+/// `GET /` on 127.0.0.1:`port` with `Host: host`: the status and the backend that answered
+/// (`x-backend`); `(0, None)` when the connection fails.
+pub async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
+    match client()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .header("host", host)
+        .send()
+        .await
+    {
+        Ok(r) => (
+            r.status().as_u16(),
+            r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()),
+        ),
+        Err(_) => (0, None),
+    }
+}

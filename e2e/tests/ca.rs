@@ -112,6 +112,23 @@ async fn ca_root(cluster: &Cluster) -> String {
     root.unwrap()
 }
 
+/// A client of the CA on 127.0.0.1:`port`, once it serves, trusting only the mesh root.
+async fn connect(port: u16, root: &str) -> IstioCertificateServiceClient<tonic::transport::Channel> {
+    let mut ca = None;
+    eventually("the CA serves", Duration::from_secs(10), async || {
+        if ca.is_none() {
+            let channel = tls_channel(([127, 0, 0, 1], port).into(), "localhost", root);
+            ca = tokio::time::timeout(Duration::from_secs(2), channel)
+                .await
+                .ok()
+                .map(IstioCertificateServiceClient::new);
+        }
+        ca.is_some()
+    })
+    .await;
+    ca.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
     let cluster = Cluster::start_with(free_port(), &["--token-key", KEY]);
@@ -128,19 +145,7 @@ async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
         )
         .await;
     let root = ca_root(&cluster).await;
-    let addr = ([127, 0, 0, 1], ca_port).into();
-    let mut ca = None;
-    eventually("the CA serves", Duration::from_secs(10), async || {
-        if ca.is_none() {
-            ca = tokio::time::timeout(Duration::from_secs(2), tls_channel(addr, "localhost", &root))
-                .await
-                .ok()
-                .map(IstioCertificateServiceClient::new);
-        }
-        ca.is_some()
-    })
-    .await;
-    let mut ca = ca.unwrap();
+    let mut ca = connect(ca_port, &root).await;
     let dir = tempfile::tempdir().unwrap();
 
     // The CSR claims kube-system/admin; the token says shop/web, and the token wins.

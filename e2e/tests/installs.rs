@@ -15,21 +15,6 @@ fn service(ns: &str, name: &str, b: &Backend) -> String {
     )
 }
 
-async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
-    match client()
-        .get(format!("http://127.0.0.1:{port}/"))
-        .header("host", host)
-        .send()
-        .await
-    {
-        Ok(r) => (
-            r.status().as_u16(),
-            r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()),
-        ),
-        Err(_) => (0, None),
-    }
-}
-
 async fn ready_text(op: &Operator) -> String {
     client()
         .get(op.admin_url("/ready"))

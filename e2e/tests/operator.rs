@@ -59,21 +59,6 @@ spec:
     )
 }
 
-async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
-    match client()
-        .get(format!("http://127.0.0.1:{port}/"))
-        .header("host", host)
-        .send()
-        .await
-    {
-        Ok(r) => (
-            r.status().as_u16(),
-            r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string()),
-        ),
-        Err(_) => (0, None),
-    }
-}
-
 fn condition<'a>(conds: &'a Value, kind: &str) -> Option<&'a Value> {
     conds.as_array()?.iter().find(|c| c["type"] == kind)
 }
