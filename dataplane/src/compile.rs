@@ -2,6 +2,7 @@
 //! runtimes, TLS configs. A snapshot that fails here is rejected whole.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrum_snapshot::Snapshot;
@@ -14,8 +15,8 @@ use crate::upstream::{ClusterError, ClusterRuntime};
 
 pub struct Compiled {
     pub snapshot: Arc<Snapshot>,
-    /// By port: a connection knows the port it was accepted on.
-    pub listeners: HashMap<u16, CompiledListener>,
+    /// By bound address and port: a connection knows the listener that accepted it.
+    pub listeners: HashMap<SocketAddr, CompiledListener>,
     pub clusters: HashMap<String, Arc<ClusterRuntime>>,
 }
 
@@ -109,8 +110,13 @@ impl Compiler {
                 Protocol::Https => Some(tls::server_config(&l.name, &l.certificates)?),
                 Protocol::Http => None,
             };
-            listeners.insert(
+            // validate() checked the address parses.
+            let addr = SocketAddr::new(
+                l.address.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
                 l.port,
+            );
+            listeners.insert(
+                addr,
                 CompiledListener {
                     name: l.name.clone(),
                     https: tls.is_some(),

@@ -224,3 +224,34 @@ async fn missing_backend_gets_500_and_endpoints_round_robin() {
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["x-ferrum-error"], "no_healthy_upstream");
 }
+
+#[tokio::test]
+async fn two_gateways_on_one_port_with_different_addresses_keep_their_routes() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let gw = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}}}\nspec:\n  gatewayClassName: ferrum\n  \
+             listeners: [{{name: http, port: {port}, protocol: HTTP}}]\n  addresses: [{{type: IPAddress, value: {ip}}}]\n"
+        )
+    };
+    let route = |name: &str, parent: &str, backend_name: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: {parent}}}]\n  \
+             rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: {backend_name}}}]}}]\n"
+        )
+    };
+    let _dp = Dp::start(&docs(&[
+        gw("one", "127.0.0.1"),
+        gw("two", "127.0.0.2"),
+        backend("a", &[&a], ""),
+        backend("b", &[&b], ""),
+        route("to-a", "one", "a"),
+        route("to-b", "two", "b"),
+    ]))
+    .await;
+    for (ip, want) in [("127.0.0.1", "a"), ("127.0.0.2", "b")] {
+        let (status, v) = get_json(&format!("http://{ip}:{port}/")).await;
+        assert_eq!((status, v["backend"].as_str()), (200, Some(want)), "{ip}: {v}");
+    }
+}

@@ -112,7 +112,7 @@ impl Listeners {
                 let run = async move {
                     // Registered with the runtime that polls it: the worker's own.
                     match TcpListener::from_std(sock) {
-                        Ok(l) => accept_loop(l, addr.port(), open, shared, http, rx).await,
+                        Ok(l) => accept_loop(l, addr, open, shared, http, rx).await,
                         Err(e) => tracing::error!(%addr, error = %e, "cannot register listener"),
                     }
                 };
@@ -148,7 +148,7 @@ impl Listeners {
 
 async fn accept_loop(
     l: TcpListener,
-    port: u16,
+    bound: SocketAddr,
     open: Arc<AtomicUsize>,
     shared: Arc<Shared>,
     http: Arc<Http>,
@@ -177,7 +177,10 @@ async fn accept_loop(
         let count = ConnCount::new(shared.clone(), open.clone());
         tokio::spawn(connection(
             stream,
-            ConnInfo { port, client },
+            ConnInfo {
+                listener: bound,
+                client,
+            },
             count,
             http.clone(),
             stop.clone(),
@@ -245,7 +248,7 @@ async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: A
         .config
         .load()
         .listeners
-        .get(&info.port)
+        .get(&info.listener)
         .and_then(|l| l.tls.clone());
     match tls {
         None => {

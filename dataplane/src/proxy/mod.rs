@@ -105,14 +105,16 @@ impl Local {
 /// Connection facts the handler needs.
 #[derive(Clone, Copy)]
 pub struct ConnInfo {
-    pub port: u16,
+    /// The address the listener is bound to (its snapshot listener's address and port): two
+    /// listeners on one port with different addresses are different listeners.
+    pub listener: SocketAddr,
     pub client: SocketAddr,
 }
 
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     let cfg = shared.config.load();
-    let Some(listener) = cfg.listeners.get(&conn.port) else {
+    let Some(listener) = cfg.listeners.get(&conn.listener) else {
         return Local::RouteNotFound.response();
     };
     let mut req = req;
@@ -142,7 +144,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         return Local::RouteNotFound.response();
     };
     let mut resp = match &route.action {
-        crate::router::Action::Redirect(rd) => redirect(rd, route, listener, conn.port, &host, &req),
+        crate::router::Action::Redirect(rd) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
         crate::router::Action::Forward(_) => match route.action.pick() {
             Some(Some(cluster)) => {
                 let ctx = Forward {
