@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -86,3 +86,9 @@ bench-xds: e2e-deps
 	cargo build --release -p ferrum-e2e --example bench_xds
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_xds sotw
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_xds delta
+
+## The mesh CA: CSRs signed per second over TLS, TokenReviews included (see bench/README.md).
+bench-ca: e2e-deps
+	cargo build --release -p ferrum-operator --bins
+	cargo build --release -p ferrum-e2e --example bench_ca
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_ca

@@ -4,10 +4,10 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use ferrum_testkit::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A binary of this workspace, next to the test executable (`make test` builds them first).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -113,6 +113,27 @@ impl Cluster {
             kubeconfig,
             port,
         }
+    }
+
+    /// The mesh CA's root certificate, once the leader has stored it (operators run in `default`).
+    pub async fn ca_root(&self) -> String {
+        let mut root = None;
+        eventually("the leader stores the CA", Duration::from_secs(15), async || {
+            let out = std::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+                .args(["get", "secret", "ferrum-ca", "-n", "default", "-o", "json"])
+                .env("KUBECONFIG", &self.kubeconfig)
+                .output()
+                .unwrap();
+            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
+                && let Some(b64) = v["data"]["ca.crt"].as_str()
+            {
+                use base64::Engine as _;
+                root = Some(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap());
+            }
+            root.is_some()
+        })
+        .await;
+        root.unwrap()
     }
 
     /// Runs kubectl against the emulator; panics with its output on failure.
@@ -411,4 +432,47 @@ pub async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
         ),
         Err(_) => (0, None),
     }
+}
+
+/// The key the API emulator (`--token-key`) checks ServiceAccount tokens with.
+pub const TOKEN_KEY: &str = "e2e-token-signing-key";
+
+/// A token shaped like a projected ServiceAccount token, signed as the emulator expects.
+pub fn token(ns: &str, sa: &str, aud: &str, ttl: i64, key: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = json!({
+        "iss": "https://kubernetes.default.svc",
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": [aud],
+        "iat": now,
+        "exp": now + ttl,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": format!("{sa}-0")}, "node": {"name": "node-1"}},
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A client of the CA on 127.0.0.1:`port`, once it serves, trusting only the mesh root.
+pub async fn ca_client(
+    port: u16,
+    root: &str,
+) -> ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient<
+    tonic::transport::Channel,
+> {
+    let mut ca = None;
+    eventually("the CA serves", Duration::from_secs(10), async || {
+        if ca.is_none() {
+            let channel = tls_channel(([127, 0, 0, 1], port).into(), "localhost", root);
+            ca = tokio::time::timeout(Duration::from_secs(2), channel).await.ok().map(
+                ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient::new,
+            );
+        }
+        ca.is_some()
+    })
+    .await;
+    ca.unwrap()
 }

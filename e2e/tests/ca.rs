@@ -3,33 +3,14 @@
 //! whose claimed identity is ignored, SVIDs that py-spiffe loads strictly, and a second replica
 //! that signs for the same root.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferrum_e2e::*;
 use ferrum_proto::istio::v1::auth::IstioCertificateRequest;
 use ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-const KEY: &str = "e2e-token-signing-key";
-
-/// A token shaped like a projected ServiceAccount token, signed as the emulator expects.
-fn token(ns: &str, sa: &str, aud: &str, ttl: i64, key: &str) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let claims = json!({
-        "iss": "https://kubernetes.default.svc",
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "aud": [aud],
-        "iat": now,
-        "exp": now + ttl,
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": format!("{sa}-0")}, "node": {"name": "node-1"}},
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
-    )
-    .unwrap()
-}
+const KEY: &str = TOKEN_KEY;
 
 /// A P-256 CSR that claims an identity of its own choosing; returns it and its key (PEM).
 fn csr(claims: &str) -> (String, String) {
@@ -92,43 +73,6 @@ fn spiffe_load(dir: &std::path::Path, chain: &[String], key: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-async fn ca_root(cluster: &Cluster) -> String {
-    let mut root = None;
-    eventually("the leader stores the CA", Duration::from_secs(15), async || {
-        let out = std::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
-            .args(["get", "secret", "ferrum-ca", "-n", "default", "-o", "json"])
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .output()
-            .unwrap();
-        if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout)
-            && let Some(b64) = v["data"]["ca.crt"].as_str()
-        {
-            use base64::Engine as _;
-            root = Some(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap());
-        }
-        root.is_some()
-    })
-    .await;
-    root.unwrap()
-}
-
-/// A client of the CA on 127.0.0.1:`port`, once it serves, trusting only the mesh root.
-async fn connect(port: u16, root: &str) -> IstioCertificateServiceClient<tonic::transport::Channel> {
-    let mut ca = None;
-    eventually("the CA serves", Duration::from_secs(10), async || {
-        if ca.is_none() {
-            let channel = tls_channel(([127, 0, 0, 1], port).into(), "localhost", root);
-            ca = tokio::time::timeout(Duration::from_secs(2), channel)
-                .await
-                .ok()
-                .map(IstioCertificateServiceClient::new);
-        }
-        ca.is_some()
-    })
-    .await;
-    ca.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
     let cluster = Cluster::start_with(free_port(), &["--token-key", KEY]);
@@ -144,8 +88,8 @@ async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
             ],
         )
         .await;
-    let root = ca_root(&cluster).await;
-    let mut ca = connect(ca_port, &root).await;
+    let root = cluster.ca_root().await;
+    let mut ca = ca_client(ca_port, &root).await;
     let dir = tempfile::tempdir().unwrap();
 
     // The CSR claims kube-system/admin; the token says shop/web, and the token wins.

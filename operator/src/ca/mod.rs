@@ -194,10 +194,7 @@ pub async fn run(
     let tls = tls::server_config(&chain, &key)?;
     let svc = service::CaService {
         ca: std::sync::Arc::new(ca),
-        auth: service::Kubernetes {
-            client,
-            audience: s.audience,
-        },
+        auth: service::Kubernetes::new(client, s.audience),
         trust_domain,
         node_proxies: s.node_proxies,
     };

@@ -35,11 +35,44 @@ pub struct Kubernetes {
     pub client: kube::Client,
     /// The audience tokens must be minted for (projected ServiceAccount tokens).
     pub audience: String,
+    /// Recent successful reviews by token hash: a proxy renewing, or many pods of one service
+    /// account starting, cost one TokenReview per `REVIEW_TTL`, not one per CSR.
+    reviewed: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Caller, std::time::Instant)>>,
 }
 
-#[tonic::async_trait]
-impl Authenticator for Kubernetes {
-    async fn review(&self, token: &str) -> Result<Caller, Status> {
+/// How long a successful review is reused (a revoked token stays usable this long at most).
+const REVIEW_TTL: Duration = Duration::from_secs(30);
+/// Most remembered reviews; beyond it expired ones go, then all.
+const MAX_REVIEWED: usize = 10_000;
+
+impl Kubernetes {
+    pub fn new(client: kube::Client, audience: String) -> Self {
+        Kubernetes {
+            client,
+            audience,
+            reviewed: Default::default(),
+        }
+    }
+
+    fn remembered(&self, key: &[u8; 32]) -> Option<Caller> {
+        let m = self.reviewed.lock().unwrap();
+        m.get(key)
+            .filter(|(_, at)| at.elapsed() < REVIEW_TTL)
+            .map(|(c, _)| c.clone())
+    }
+
+    fn remember(&self, key: [u8; 32], caller: &Caller) {
+        let mut m = self.reviewed.lock().unwrap();
+        if m.len() >= MAX_REVIEWED {
+            m.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
+            if m.len() >= MAX_REVIEWED {
+                m.clear();
+            }
+        }
+        m.insert(key, (caller.clone(), std::time::Instant::now()));
+    }
+
+    async fn token_review(&self, token: &str) -> Result<Caller, Status> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -81,6 +114,20 @@ impl Authenticator for Kubernetes {
             service_account: service_account.to_string(),
             node,
         })
+    }
+}
+
+#[tonic::async_trait]
+impl Authenticator for Kubernetes {
+    async fn review(&self, token: &str) -> Result<Caller, Status> {
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(c) = self.remembered(&key) {
+            return Ok(c);
+        }
+        let caller = self.token_review(token).await?;
+        self.remember(key, &caller);
+        Ok(caller)
     }
 
     async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status> {
