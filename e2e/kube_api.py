@@ -38,6 +38,7 @@ RESOURCES = [
     ("", "v1", "secrets", "Secret", True),
     ("", "v1", "configmaps", "ConfigMap", True),
     ("", "v1", "pods", "Pod", True),
+    ("", "v1", "serviceaccounts", "ServiceAccount", True),
     ("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     ("coordination.k8s.io", "v1", "leases", "Lease", True),
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False),

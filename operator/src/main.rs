@@ -222,6 +222,7 @@ async fn run(args: Args) -> ExitCode {
 
     let rediscover = Duration::from_secs(args.rediscover_seconds);
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
+    let pods = controller.stores.pods();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
     if !args.ca_addr.is_empty() {
@@ -238,7 +239,7 @@ async fn run(args: Args) -> ExitCode {
             .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
         let (client, leader) = (client.clone(), leader.clone());
         tokio::spawn(async move {
-            if let Err(e) = ca::run(settings, client, trust_domain, leader).await {
+            if let Err(e) = ca::run(settings, client, pods, trust_domain, leader).await {
                 tracing::error!("{e}");
             }
         });

@@ -9,7 +9,7 @@ use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
@@ -49,6 +49,9 @@ pub struct Resources {
     pub backends: Vec<Arc<Backend>>,
     pub backend_policies: Vec<Arc<BackendPolicy>>,
     pub mesh_configs: Vec<Arc<MeshConfig>>,
+    /// Workloads and their identities (the mesh reads these; gateways do not).
+    pub pods: Vec<Arc<Pod>>,
+    pub service_accounts: Vec<Arc<ServiceAccount>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -155,11 +158,13 @@ impl Resources {
             "Backend" => ("Backend", crate::FERRUM_GROUP),
             "BackendPolicy" => ("BackendPolicy", crate::FERRUM_GROUP),
             "MeshConfig" => ("MeshConfig", crate::FERRUM_GROUP),
+            "Pod" => ("Pod", ""),
+            "ServiceAccount" => ("ServiceAccount", ""),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy, MeshConfig"
+                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount"
                 )));
             }
         };
@@ -205,6 +210,8 @@ impl Resources {
             "Backend" => push!(backends),
             "BackendPolicy" => push!(backend_policies),
             "MeshConfig" => push!(mesh_configs),
+            "Pod" => push!(pods),
+            "ServiceAccount" => push!(service_accounts),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());

@@ -181,6 +181,7 @@ pub struct Settings {
 pub async fn run(
     s: Settings,
     client: kube::Client,
+    pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
     trust_domain: String,
     leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), String> {
@@ -194,7 +195,7 @@ pub async fn run(
     let tls = tls::server_config(&chain, &key)?;
     let svc = service::CaService {
         ca: std::sync::Arc::new(ca),
-        auth: service::Kubernetes::new(client, s.audience),
+        auth: service::Kubernetes::new(client, s.audience, pods),
         trust_domain,
         node_proxies: s.node_proxies,
     };

@@ -10,7 +10,7 @@ use ferrum_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateRes
 use ferrum_snapshot::identity::SpiffeId;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use tonic::{Request, Response, Status};
 
 use super::Authority;
@@ -33,6 +33,8 @@ pub trait Authenticator: Send + Sync + 'static {
 
 pub struct Kubernetes {
     pub client: kube::Client,
+    /// The operator's cache of pods (a watch), for node proxies' claims.
+    pods: kube::runtime::reflector::Store<Pod>,
     /// The audience tokens must be minted for (projected ServiceAccount tokens).
     pub audience: String,
     /// Recent successful reviews by token hash: a proxy renewing, or many pods of one service
@@ -46,9 +48,10 @@ const REVIEW_TTL: Duration = Duration::from_secs(30);
 const MAX_REVIEWED: usize = 10_000;
 
 impl Kubernetes {
-    pub fn new(client: kube::Client, audience: String) -> Self {
+    pub fn new(client: kube::Client, audience: String, pods: kube::runtime::reflector::Store<Pod>) -> Self {
         Kubernetes {
             client,
+            pods,
             audience,
             reviewed: Default::default(),
         }
@@ -131,16 +134,12 @@ impl Authenticator for Kubernetes {
     }
 
     async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &id.namespace);
-        let list = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot list pods: {e}")))?;
-        Ok(list.items.iter().any(|p| {
-            p.spec.as_ref().is_some_and(|s| {
-                s.node_name.as_deref() == Some(node)
-                    && s.service_account_name.as_deref().unwrap_or("default") == id.service_account
-            })
+        Ok(self.pods.state().iter().any(|p| {
+            p.metadata.namespace.as_deref() == Some(id.namespace.as_str())
+                && p.spec.as_ref().is_some_and(|s| {
+                    s.node_name.as_deref() == Some(node)
+                        && s.service_account_name.as_deref().unwrap_or("default") == id.service_account
+                })
         }))
     }
 }

@@ -21,7 +21,7 @@ use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store, store::Writer};
@@ -87,6 +87,11 @@ macro_rules! kinds {
                 }
             }
 
+            /// The pods on record (the CA checks a node proxy's claims against them).
+            pub fn pods(&self) -> Store<Pod> {
+                self.pods.clone()
+            }
+
             /// A consistent-enough view of the caches for one translation (shared, not copied).
             pub fn resources(&self) -> Resources {
                 Resources {
@@ -113,6 +118,8 @@ kinds! {
     backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: true),
     backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: false),
     mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
+    pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
+    service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.
