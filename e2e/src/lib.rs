@@ -412,6 +412,7 @@ impl tower_service::Service<http::Uri> for TlsConnector {
         let c = self.clone();
         Box::pin(async move {
             let tcp = tokio::net::TcpStream::connect(c.addr).await?;
+            tcp.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(c.tls.connect(c.name, tcp).await?))
         })
     }

@@ -79,6 +79,12 @@ pub enum LoadError {
         first: String,
         second: String,
     },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Deserialize)]
@@ -95,7 +101,40 @@ struct MetaName {
     namespace: Option<String>,
 }
 
+/// The YAML files a path names: the file itself, or a directory's `*.yaml`/`*.yml` in name order.
+fn yaml_files(path: &std::path::Path) -> Result<Vec<std::path::PathBuf>, LoadError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let io = |source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 impl Resources {
+    /// Reads files and directories of YAML (file mode, `ferrumctl -f`).
+    pub fn from_paths(paths: &[std::path::PathBuf]) -> Result<Resources, LoadError> {
+        let mut res = Resources::default();
+        for p in paths {
+            for f in yaml_files(p)? {
+                let text = std::fs::read_to_string(&f).map_err(|source| LoadError::Io {
+                    path: f.display().to_string(),
+                    source,
+                })?;
+                res.add_yaml(&f.display().to_string(), &text)?;
+            }
+        }
+        Ok(res)
+    }
+
     /// Adds every document of a multi-document YAML text. `source` names the text in errors.
     /// Objects without a namespace land in `default`, as `kubectl apply` would put them.
     pub fn add_yaml(&mut self, source: &str, text: &str) -> Result<(), LoadError> {

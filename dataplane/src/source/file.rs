@@ -14,33 +14,10 @@ use crate::dataplane::Dataplane;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Load(#[from] ferrum_snapshot::resources::LoadError),
     #[error("{} problem(s) in the config:\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
     Problems(Vec<Problem>),
-}
-
-fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, SourceError> {
-    let io = |source| SourceError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 /// A translated config: what serves, and the status of every object as the operator would
@@ -68,16 +45,7 @@ impl From<Snapshot> for Loaded {
 /// error; a route that attaches nowhere or a reference that does not resolve is a status
 /// condition, as in a cluster, and everything else serves (`strict` makes those errors too).
 pub fn load(paths: &[PathBuf], version: u64, strict: bool) -> Result<Loaded, SourceError> {
-    let mut res = Resources::default();
-    for p in paths {
-        for f in yaml_files(p)? {
-            let text = std::fs::read_to_string(&f).map_err(|source| SourceError::Io {
-                path: f.display().to_string(),
-                source,
-            })?;
-            res.add_yaml(&f.display().to_string(), &text)?;
-        }
-    }
+    let res = Resources::from_paths(paths)?;
     let t = translate(&res, version, &Options::default());
     let fatal: Vec<Problem> = t
         .problems

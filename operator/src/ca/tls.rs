@@ -67,6 +67,8 @@ pub fn incoming(l: TcpListener, cfg: Arc<rustls::ServerConfig>) -> ReceiverStrea
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // Small HTTP/2 frames: without this, Nagle and delayed ACKs add ~40 ms per exchange.
+            let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

@@ -1,0 +1,79 @@
+//! `ferrumctl analyze` on manifests with problems of every kind, as a CI pipeline runs it.
+
+use std::process::Command;
+
+fn ferrumctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrumctl"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const BASE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw}\n\
+    spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 80, protocol: HTTP, hostname: a.example.com}]}\n---\n\
+    apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec: {ports: [{port: 80}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: lost}\n\
+    spec: {parentRefs: [{name: gw}], hostnames: [b.example.com], rules: [{backendRefs: [{name: empty, port: 80}]}]}\n---\n\
+    apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ok}\n\
+    spec: {parentRefs: [{name: gw}], rules: [{backendRefs: [{name: empty, port: 80}, {name: missing, port: 80}, {name: other, namespace: apps, port: 80}]}]}\n";
+
+#[test]
+fn warnings_name_the_object_field_and_reason_and_pass_unless_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), BASE).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, err) = ferrumctl(&["analyze", "-f", d]);
+    assert_eq!(code, 0, "warnings only: {out}{err}");
+    for want in [
+        "HTTPRoute default/lost",
+        "NoMatchingListenerHostname",
+        "Service default/missing not found",
+        "BackendNotFound",
+        "RefNotPermitted",
+        "Service default/empty has no ready endpoints",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    assert!(out.starts_with("SEVERITY"), "{out}");
+    let (code, _, _) = ferrumctl(&["analyze", "-f", d, "--strict"]);
+    assert_eq!(code, 1, "--strict fails on warnings");
+    let (_, json, _) = ferrumctl(&["analyze", "-f", d, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let lost = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["object"] == "HTTPRoute default/lost")
+        .unwrap();
+    assert_eq!(lost["severity"], "warning");
+    assert_eq!(lost["reason"], "NoMatchingListenerHostname");
+    assert!(
+        lost["origin"].as_str().unwrap().ends_with("a.yaml, document 3"),
+        "{lost}"
+    );
+}
+
+#[test]
+fn invalid_input_is_an_error_and_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    let bad = BASE.replace(
+        "{name: other, namespace: apps, port: 80}]}]}",
+        "{name: other, namespace: apps, port: 80}], matches: [{path: {type: RegularExpression, value: \"(\"}}]}]}",
+    );
+    std::fs::write(&f, bad).unwrap();
+    let (code, out, _) = ferrumctl(&["analyze", "-f", f.to_str().unwrap(), "-o", "yaml"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("severity: error") && out.contains("regular expression"),
+        "{out}"
+    );
+    let (code, _, err) = ferrumctl(&["analyze", "-f", "/nonexistent/x.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read /nonexistent/x.yaml"), "{err}");
+}
