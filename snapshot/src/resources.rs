@@ -313,9 +313,9 @@ mod tests {
     fn rejects_unknown_kinds_duplicates_and_broken_yaml() {
         let mut r = Resources::default();
         let e = r
-            .add_yaml("x.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")
+            .add_yaml("x.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\n")
             .unwrap_err();
-        assert!(e.to_string().contains("kind \"Pod\""), "{e}");
+        assert!(e.to_string().contains("kind \"ConfigMap\""), "{e}");
         let e = r
             .add_yaml("x.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [\n")
             .unwrap_err();
