@@ -1,7 +1,9 @@
 //! `ferrumctl`: one CLI for humans. `analyze -f DIR|FILE` reports what the translator finds wrong
-//! with manifests, offline, the way the operator would report it in a cluster.
+//! with manifests, offline, the way the operator would report it in a cluster; `explain -f`
+//! shows the configuration they produce.
 
 mod analyze;
+mod explain;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +33,14 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// The configuration these manifests produce: per listener and host the routes in match
+    /// order, per cluster its endpoints (`-o json|yaml`: the snapshot, keys redacted).
+    Explain {
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -41,8 +51,30 @@ pub enum Output {
 }
 
 fn main() -> ExitCode {
-    let Command::Analyze { files, output, strict } = Args::parse().command;
-    match analyze::run(&files) {
+    match Args::parse().command {
+        Command::Analyze { files, output, strict } => analyze(&files, output, strict),
+        Command::Explain { files, output } => explain(&files, output),
+    }
+}
+
+fn explain(files: &[PathBuf], output: Output) -> ExitCode {
+    let snap = match explain::snapshot(files) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferrumctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match output {
+        Output::Table => print!("{}", explain::text(&snap)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&snap).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&snap).unwrap_or_default()),
+    }
+    ExitCode::SUCCESS
+}
+
+fn analyze(files: &[PathBuf], output: Output, strict: bool) -> ExitCode {
+    match analyze::run(files) {
         Ok(findings) => {
             print!("{}", analyze::render(&findings, output));
             let failing = findings

@@ -77,3 +77,24 @@ fn invalid_input_is_an_error_and_fails_the_run() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read /nonexistent/x.yaml"), "{err}");
 }
+
+#[test]
+fn explain_shows_routes_in_match_order_and_cluster_endpoints() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gateway.yaml");
+    let (code, out, err) = ferrumctl(&["explain", "-f", example]);
+    assert_eq!(code, 0, "{err}");
+    let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("{needle:?} missing:\n{out}"));
+    // The most specific match first, the catch-all split last, as the proxy matches them.
+    assert!(at("path = /old -> redirect 301") < at("path prefix /api -> backend/default/blue (100%)"));
+    assert!(
+        at("header x-canary = true -> backend/default/green")
+            < at("backend/default/blue (90%), backend/default/green (10%)")
+    );
+    assert!(
+        out.contains("cluster backend/default/blue") && out.contains("127.0.0.1:9001 weight 1 ready"),
+        "{out}"
+    );
+    let (_, json, _) = ferrumctl(&["explain", "-f", example, "-o", "json"]);
+    let snap: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(snap["listeners"][0]["port"], 8080);
+}
