@@ -73,7 +73,7 @@ fn main() {
             inc.stats(),
             t.elapsed(),
             d.virtual_hosts.len(),
-            d.clusters.len()
+            d.clusters.upserted.len()
         );
         prev = out.snapshot;
     }

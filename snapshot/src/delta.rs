@@ -11,11 +11,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Cluster, Listener, Snapshot, VirtualHost};
+use crate::mesh::Changes;
+use crate::model::{Cluster, Listener, MeshService, SCHEMA, Snapshot, VirtualHost, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Delta {
+    /// The producer's schema (see [`Snapshot::schema`]).
+    #[serde(default)]
+    pub schema: u32,
     pub base_version: u64,
     pub base_hash: String,
     pub version: u64,
@@ -31,10 +35,12 @@ pub struct Delta {
     /// (listener name, hostname), for listeners that stay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_virtual_hosts: Vec<(String, String)>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub clusters: Vec<Arc<Cluster>>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub removed_clusters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Changes::is_empty")]
+    pub clusters: Changes<Cluster>,
+    #[serde(default, skip_serializing_if = "Changes::is_empty")]
+    pub workloads: Changes<Workload>,
+    #[serde(default, skip_serializing_if = "Changes::is_empty")]
+    pub services: Changes<MeshService>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -71,6 +77,7 @@ impl Delta {
     /// What changed from `base` to `target`. Unchanged parts are compared, not copied.
     pub fn between(base: &Snapshot, target: &Snapshot) -> Delta {
         let mut d = Delta {
+            schema: SCHEMA,
             base_version: base.version,
             base_hash: base.hash.clone(),
             version: target.version,
@@ -111,23 +118,9 @@ impl Delta {
             .filter(|l| !now.contains(l.name.as_str()))
             .map(|l| l.name.clone())
             .collect();
-        let old: HashMap<&str, &Arc<Cluster>> = base.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
-        for c in &target.clusters {
-            // Shared parts (the operator reuses them between snapshots) compare by address first.
-            if old
-                .get(c.name.as_str())
-                .is_none_or(|p| !Arc::ptr_eq(p, c) && p.as_ref() != c.as_ref())
-            {
-                d.clusters.push(c.clone());
-            }
-        }
-        let now: std::collections::HashSet<&str> = target.clusters.iter().map(|c| c.name.as_str()).collect();
-        d.removed_clusters = base
-            .clusters
-            .iter()
-            .filter(|c| !now.contains(c.name.as_str()))
-            .map(|c| c.name.clone())
-            .collect();
+        d.clusters = Changes::between(&base.clusters, &target.clusters);
+        d.workloads = Changes::between(&base.workloads, &target.workloads);
+        d.services = Changes::between(&base.services, &target.services);
         d
     }
 
@@ -137,7 +130,8 @@ impl Delta {
             && self.virtual_hosts.is_empty()
             && self.removed_virtual_hosts.is_empty()
             && self.clusters.is_empty()
-            && self.removed_clusters.is_empty()
+            && self.workloads.is_empty()
+            && self.services.is_empty()
     }
 
     /// The target snapshot, built from `base` and this delta, checked against the target hash.
@@ -191,16 +185,15 @@ impl Delta {
             })
             .collect();
         out.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-        let mut clusters: BTreeMap<String, Arc<Cluster>> =
-            base.clusters.iter().map(|c| (c.name.clone(), c.clone())).collect();
-        for name in &self.removed_clusters {
-            clusters.remove(name);
-        }
-        for c in &self.clusters {
-            clusters.insert(c.name.clone(), c.clone());
-        }
-        let snap = Snapshot::new(self.version, out, clusters.into_values().collect());
-        if snap.hash != self.hash {
+        let mut snap = Snapshot::new(self.version, out, self.clusters.apply(&base.clusters)).with_mesh(
+            self.workloads.apply(&base.workloads),
+            self.services.apply(&base.services),
+        );
+        if self.schema > SCHEMA {
+            // Parts this build does not know were dropped: the producer's hash names the content.
+            snap.schema = self.schema;
+            snap.hash = self.hash.clone();
+        } else if snap.hash != self.hash {
             return Err(DeltaError::HashMismatch(self.version));
         }
         Ok(snap)
@@ -269,10 +262,10 @@ spec: {endpoints: [{address: 127.0.0.1, port: 9002}]}
         assert_eq!(d.virtual_hosts[0].1.hostname, "b.test");
         // Backend b is used for the first time; a stays and is not resent.
         assert_eq!(
-            d.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            d.clusters.upserted.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
             ["backend/default/b"]
         );
-        assert!(d.listeners.is_empty() && d.removed_clusters.is_empty(), "{d:?}");
+        assert!(d.listeners.is_empty() && d.clusters.removed.is_empty(), "{d:?}");
         assert_eq!(d.apply(&base).unwrap(), target);
     }
 
@@ -289,11 +282,46 @@ spec: {endpoints: [{address: 127.0.0.1, port: 9002}]}
         let target = snap(2, &format!("{BASE}{}", route("r3", "c.test", "/", "a")));
         let d = Delta::between(&base, &target);
         assert_eq!(d.removed_virtual_hosts.len(), 2);
-        assert_eq!(d.removed_clusters, vec!["backend/default/b".to_string()]);
+        assert_eq!(d.clusters.removed, vec!["backend/default/b".to_string()]);
         let json = serde_json::to_vec(&d).unwrap();
         let d: Delta = serde_json::from_slice(&json).unwrap();
         assert_eq!(d.apply(&base).unwrap(), target);
         assert!(Delta::between(&target, &target).is_empty());
+    }
+
+    /// What a proxy built before a field or kind existed does with a newer operator's output.
+    #[test]
+    fn an_older_consumer_follows_a_newer_producer_that_carries_unknown_fields_and_kinds() {
+        let a = snap(1, &format!("{BASE}{}", route("r1", "a.test", "/", "a")));
+        let b = snap(2, &format!("{BASE}{}", route("r1", "a.test", "/x", "a")));
+        let newer = |v: serde_json::Value| {
+            let mut v = v;
+            v["schema"] = (SCHEMA + 1).into();
+            v["futureKind"] = serde_json::json!([{"name": "x"}]);
+            v["clusters"][0]["futureField"] = serde_json::json!({"on": true});
+            v
+        };
+        let full = newer(serde_json::to_value(&a).unwrap());
+        let got: Snapshot = serde_json::from_value(full.clone()).unwrap();
+        assert!(got.is_whole(), "a newer schema is taken with the producer's hash");
+        assert_eq!(got.hash, a.hash);
+        // At this build's schema the check runs: unknown fields dropped leave the known content
+        // (which matches), while changed known content does not.
+        let mut tampered = full;
+        tampered["schema"] = SCHEMA.into();
+        let tampered: Snapshot = serde_json::from_value(tampered).unwrap();
+        assert!(tampered.is_whole());
+        let mut changed: Snapshot = serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
+        Arc::make_mut(&mut changed.clusters[0]).endpoints.clear();
+        assert!(!changed.is_whole());
+        // Deltas too: the result carries the producer's hash, so the next delta's base matches.
+        let mut d = serde_json::to_value(Delta::between(&a, &b)).unwrap();
+        d["schema"] = (SCHEMA + 1).into();
+        d["futureKind"] = serde_json::json!({"upserted": []});
+        let d: Delta = serde_json::from_value(d).unwrap();
+        let applied = d.apply(&got).unwrap();
+        assert_eq!(applied.hash, b.hash);
+        assert_eq!(applied.listeners, b.listeners);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod crd;
 pub mod delta;
 pub mod identity;
+pub mod mesh;
 pub mod model;
 pub mod resources;
 pub mod status;

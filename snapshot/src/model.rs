@@ -8,17 +8,33 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub use crate::mesh::{Keyed, MeshEndpoint, MeshService, ServicePort, Workload};
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     /// Monotonic version assigned by the producer; consumers acknowledge it.
     pub version: u64,
-    /// Hex SHA-256 of the content (everything but `version` and `hash`).
+    /// The producer's [`SCHEMA`]. A consumer that is older cannot recompute the hash of content
+    /// it does not know (it drops unknown fields and kinds when parsing), so it takes the
+    /// producer's hash as given instead of refusing the snapshot.
+    #[serde(default)]
+    pub schema: u32,
+    /// Hex SHA-256 of the content (everything but `version`, `schema` and `hash`).
     pub hash: String,
     pub listeners: Vec<Listener>,
     /// Shared (`Arc`) so a producer that keeps its parts between snapshots does not copy them.
     pub clusters: Vec<Arc<Cluster>>,
+    /// The mesh: pods and the Services in front of them, in key order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<Arc<Workload>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Arc<MeshService>>,
 }
+
+/// The snapshot format this build writes and fully understands. Raise it when a field or kind
+/// is added that older consumers would drop.
+pub const SCHEMA: u32 = 1;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -61,6 +77,12 @@ impl Route {
 impl Cluster {
     pub fn digest(&self) -> Digest {
         digest_json(self)
+    }
+}
+
+impl Keyed for Cluster {
+    fn key(&self) -> &str {
+        &self.name
     }
 }
 
@@ -110,22 +132,58 @@ impl Snapshot {
     pub fn new(version: u64, listeners: Vec<Listener>, clusters: Vec<Arc<Cluster>>) -> Self {
         let mut s = Snapshot {
             version,
+            schema: SCHEMA,
             hash: String::new(),
             listeners,
             clusters,
+            workloads: Vec::new(),
+            services: Vec::new(),
         };
         s.hash = s.content_hash();
         s
     }
 
+    /// This snapshot with the mesh collections (each in key order), re-hashed.
+    pub fn with_mesh(mut self, workloads: Vec<Arc<Workload>>, services: Vec<Arc<MeshService>>) -> Self {
+        self.workloads = workloads;
+        self.services = services;
+        self.hash = self.content_hash();
+        self
+    }
+
+    /// Whether this snapshot came from a producer newer than this build (see [`Snapshot::schema`]).
+    pub fn is_newer_schema(&self) -> bool {
+        self.schema > SCHEMA
+    }
+
+    /// Whether the content is what the hash names. A snapshot of a newer schema cannot be
+    /// checked here (see [`Snapshot::schema`]) and passes.
+    pub fn is_whole(&self) -> bool {
+        self.is_newer_schema() || self.content_hash() == self.hash
+    }
+
+    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters.
+    pub fn mesh_view(&self) -> Snapshot {
+        Snapshot::new(self.version, Vec::new(), Vec::new()).with_mesh(self.workloads.clone(), self.services.clone())
+    }
+
     /// Builds a snapshot whose parts' digests are already known (they must be this content's).
-    pub fn with_digests(version: u64, listeners: Vec<Listener>, clusters: Vec<Arc<Cluster>>, d: &PartDigests) -> Self {
-        let hash = hash_from(&listeners, d);
+    pub fn with_digests(
+        version: u64,
+        listeners: Vec<Listener>,
+        clusters: Vec<Arc<Cluster>>,
+        (workloads, services): (Vec<Arc<Workload>>, Vec<Arc<MeshService>>),
+        d: &PartDigests,
+    ) -> Self {
+        let hash = hash_from(&listeners, d, &workloads, &services);
         Snapshot {
             version,
+            schema: SCHEMA,
             hash,
             listeners,
             clusters,
+            workloads,
+            services,
         }
     }
 
@@ -133,7 +191,7 @@ impl Snapshot {
     /// the listeners, virtual hosts, routes and clusters, so a producer that keeps part digests
     /// re-hashes only what changed, while any consumer can recompute it from the content alone.
     pub fn content_hash(&self) -> String {
-        hash_from(&self.listeners, &self.digests())
+        hash_from(&self.listeners, &self.digests(), &self.workloads, &self.services)
     }
 
     /// A copy that is safe to show (admin views, dumps, logs): inline private keys replaced by
@@ -166,7 +224,12 @@ impl Snapshot {
     }
 }
 
-fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
+fn hash_from(
+    listeners: &[Listener],
+    d: &PartDigests,
+    workloads: &[Arc<Workload>],
+    services: &[Arc<MeshService>],
+) -> String {
     let mut top = Sha256::new();
     top.update(b"ferrum-snapshot/2\0listeners\0");
     for (l, vhosts) in listeners.iter().zip(&d.virtual_hosts) {
@@ -180,6 +243,17 @@ fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
     top.update(b"\0clusters\0");
     for c in &d.clusters {
         top.update(c);
+    }
+    // Only when present, so gateway snapshots keep the hashes they had before the mesh existed.
+    if !workloads.is_empty() || !services.is_empty() {
+        top.update(b"\0workloads\0");
+        for w in workloads {
+            top.update(digest_json(w));
+        }
+        top.update(b"\0services\0");
+        for s in services {
+            top.update(digest_json(s));
+        }
     }
     hex::encode(top.finalize())
 }

@@ -52,7 +52,7 @@ pub fn load_cache(path: &Path) -> Option<Snapshot> {
     let snap: Snapshot = serde_json::from_slice(&bytes)
         .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable snapshot cache"))
         .ok()?;
-    if snap.content_hash() != snap.hash {
+    if !snap.is_whole() {
         tracing::warn!(path = %path.display(), "ignoring snapshot cache whose hash does not match");
         return None;
     }
@@ -234,7 +234,7 @@ async fn apply(
             })?
         } else {
             let snap: Snapshot = serde_json::from_slice(&json).map_err(|e| format!("snapshot does not decode: {e}"))?;
-            if snap.content_hash() != msg.hash || snap.version != msg.version {
+            if snap.hash != msg.hash || !snap.is_whole() || snap.version != msg.version {
                 return Err("snapshot hash or version does not match its content".to_string().into());
             }
             snap

@@ -11,6 +11,7 @@ mod grpcroute;
 mod hostname;
 mod httproute;
 mod listeners;
+mod mesh;
 
 use std::any::Any;
 use std::fmt;
@@ -318,12 +319,18 @@ impl Incremental {
         list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let mut attachments = problems.attachments;
         attachments.sort();
+        // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
+        let mesh = if self.opts.gateway.is_none() {
+            mesh::build(res)
+        } else {
+            Default::default()
+        };
         let digests = PartDigests {
             virtual_hosts: vhost_digests,
             clusters: cluster_digests,
         };
         Translation {
-            snapshot: Snapshot::with_digests(version, listeners, clusters, &digests),
+            snapshot: Snapshot::with_digests(version, listeners, clusters, mesh, &digests),
             problems: list,
             attachments,
             gateways: served_gateways,

@@ -1,0 +1,237 @@
+//! The mesh half of a snapshot: workloads (pods) and the services in front of them. A sidecar
+//! finds where a captured connection goes (a Service VIP or a pod IP), picks an endpoint, and
+//! learns whether that endpoint's proxy speaks HBONE and which identity it must present.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
+
+/// One entry of a keyed collection: its key is unique within the collection, collections are
+/// kept sorted by it, and deltas name removed entries by it.
+pub trait Keyed {
+    fn key(&self) -> &str;
+}
+
+/// A workload: one pod, where it runs, who it is and how its proxy is reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// The pod's UID (or `namespace/name` when the source has none).
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Container ports it declares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// A mesh proxy in front of it accepts HBONE on 15008; otherwise peers send plain TCP.
+    #[serde(default)]
+    pub hbone: bool,
+}
+
+impl Workload {
+    /// The identity its proxy presents, in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+impl Keyed for Workload {
+    fn key(&self) -> &str {
+        &self.uid
+    }
+}
+
+/// A Kubernetes Service as the mesh sees it: its virtual IPs and ports, and the workloads
+/// behind each port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshService {
+    /// `namespace/name`.
+    pub key: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<MeshEndpoint>,
+}
+
+impl Keyed for MeshService {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// One address behind a Service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshEndpoint {
+    pub address: String,
+    /// The workload's UID, when the address is a known pod's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// Service port → the port the workload listens on.
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl MeshEndpoint {
+    pub fn target_port(&self, service_port: u16) -> Option<u16> {
+        self.ports.iter().find(|(s, _)| *s == service_port).map(|(_, t)| *t)
+    }
+}
+
+/// Checks the mesh collections of any snapshot: addresses are IPs, ports are set, identities
+/// are well-formed.
+pub fn check(workloads: &[Arc<Workload>], services: &[Arc<MeshService>], err: &mut impl FnMut(String, String, String)) {
+    for w in workloads {
+        let obj = format!("workload {:?}", w.uid);
+        for (i, ip) in w.ips.iter().enumerate() {
+            if ip.parse::<IpAddr>().is_err() {
+                err(obj.clone(), format!("ips[{i}]"), format!("{ip:?} is not an IP address"));
+            }
+        }
+        if let Err(e) = format!("spiffe://x/ns/{}/sa/{}", w.namespace, w.service_account).parse::<SpiffeId>() {
+            err(obj.clone(), "serviceAccount".into(), e.to_string());
+        }
+    }
+    for s in services {
+        let obj = format!("service {:?}", s.key);
+        for (i, ip) in s.vips.iter().enumerate() {
+            if ip.parse::<IpAddr>().is_err() {
+                err(
+                    obj.clone(),
+                    format!("vips[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                );
+            }
+        }
+        for (i, e) in s.endpoints.iter().enumerate() {
+            if e.address.parse::<IpAddr>().is_err() {
+                err(
+                    obj.clone(),
+                    format!("endpoints[{i}].address"),
+                    format!("{:?} is not an IP address", e.address),
+                );
+            }
+            if e.ports.iter().any(|(s, t)| *s == 0 || *t == 0) {
+                err(
+                    obj.clone(),
+                    format!("endpoints[{i}].ports"),
+                    "ports must be 1-65535".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Changes to one keyed collection between two snapshots: entries new or changed, keys removed.
+/// The one delta mechanism for flat collections (clusters, workloads, services).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
+pub struct Changes<T> {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upserted: Vec<Arc<T>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+impl<T> Default for Changes<T> {
+    fn default() -> Self {
+        Changes {
+            upserted: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+}
+
+impl<T: Keyed + PartialEq> Changes<T> {
+    /// What turns `base` into `target`. Shared entries compare by address first.
+    pub fn between(base: &[Arc<T>], target: &[Arc<T>]) -> Self {
+        let old: std::collections::HashMap<&str, &Arc<T>> = base.iter().map(|x| (x.key(), x)).collect();
+        let upserted = target
+            .iter()
+            .filter(|x| {
+                old.get(x.key())
+                    .is_none_or(|p| !Arc::ptr_eq(p, x) && p.as_ref() != x.as_ref())
+            })
+            .cloned()
+            .collect();
+        let now: std::collections::HashSet<&str> = target.iter().map(|x| x.key()).collect();
+        let removed = base
+            .iter()
+            .filter(|x| !now.contains(x.key()))
+            .map(|x| x.key().to_string())
+            .collect();
+        Changes { upserted, removed }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.upserted.is_empty() && self.removed.is_empty()
+    }
+
+    /// `base` with these changes, in key order.
+    pub fn apply(&self, base: &[Arc<T>]) -> Vec<Arc<T>> {
+        let mut m: BTreeMap<String, Arc<T>> = base.iter().map(|x| (x.key().to_string(), x.clone())).collect();
+        for k in &self.removed {
+            m.remove(k);
+        }
+        for x in &self.upserted {
+            m.insert(x.key().to_string(), x.clone());
+        }
+        m.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(key: &str, port: u16) -> Arc<MeshService> {
+        Arc::new(MeshService {
+            key: key.into(),
+            hostname: format!("{key}.svc"),
+            vips: vec!["10.96.0.1".into()],
+            ports: vec![ServicePort {
+                port,
+                name: String::new(),
+                app_protocol: None,
+            }],
+            endpoints: vec![],
+        })
+    }
+
+    #[test]
+    fn changes_carry_only_what_differs_and_rebuild_the_target() {
+        let a = vec![svc("ns/a", 80), svc("ns/b", 80)];
+        let b = vec![a[0].clone(), svc("ns/b", 81), svc("ns/c", 80)];
+        let c = Changes::between(&a, &b);
+        assert_eq!(
+            c.upserted.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+            ["ns/b", "ns/c"]
+        );
+        assert_eq!(c.apply(&a), b);
+        let gone = Changes::between(&b, &a[..1]);
+        assert_eq!(gone.removed, ["ns/b", "ns/c"]);
+        assert_eq!(gone.apply(&b), a[..1].to_vec());
+    }
+}

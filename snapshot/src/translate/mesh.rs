@@ -1,0 +1,341 @@
+//! Pods → workloads and Services → mesh services (with their endpoints), for sidecars.
+//!
+//! Endpoints come from the Service's EndpointSlices when it has any (a cluster), else from its
+//! selector over the Pods (file mode, where nobody runs the endpoint controller).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::mesh::{MeshEndpoint, MeshService, ServicePort, Workload};
+use crate::resources::Resources;
+
+/// The DNS domain of Service host names.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The label Istio's injector sets on pods that have a mesh proxy (peers then use mTLS/HBONE).
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+pub(crate) type Mesh = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
+
+pub(crate) fn build(res: &Resources) -> Mesh {
+    let workloads: Vec<Arc<Workload>> = {
+        let mut v: Vec<Arc<Workload>> = res.pods.iter().filter_map(|p| workload(p)).map(Arc::new).collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v.dedup_by(|a, b| a.uid == b.uid);
+        v
+    };
+    let by_ip: HashMap<&str, &Workload> = workloads
+        .iter()
+        .flat_map(|w| w.ips.iter().map(move |ip| (ip.as_str(), &**w)))
+        .collect();
+    let mut services: Vec<Arc<MeshService>> = res
+        .services
+        .iter()
+        .filter_map(|s| service(s, res, &by_ip))
+        .map(Arc::new)
+        .collect();
+    services.sort_by(|a, b| a.key.cmp(&b.key));
+    (workloads, services)
+}
+
+fn workload(p: &Pod) -> Option<Workload> {
+    let meta = &p.metadata;
+    let (ns, name) = (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone()?,
+    );
+    let status = p.status.as_ref();
+    if status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|ph| ph == "Succeeded" || ph == "Failed")
+    {
+        return None;
+    }
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status.and_then(|s| s.pod_ip.clone())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let spec = p.spec.as_ref();
+    let labels: BTreeMap<String, String> = meta.labels.clone().unwrap_or_default();
+    let mut ports: Vec<u16> = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Some(Workload {
+        uid: meta.uid.clone().unwrap_or_else(|| format!("{ns}/{name}")),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        hbone: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
+        name,
+        namespace: ns,
+        ips,
+        labels,
+        ports,
+    })
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    // A pod with no reported conditions (file mode) is taken as ready.
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True")
+}
+
+fn service(s: &Service, res: &Resources, by_ip: &HashMap<&str, &Workload>) -> Option<MeshService> {
+    let (ns, name) = (
+        s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        s.metadata.name.clone()?,
+    );
+    let spec = s.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let tcp: Vec<&k8s_openapi::api::core::v1::ServicePort> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().is_none_or(|x| x == "TCP"))
+        .collect();
+    let ports = tcp
+        .iter()
+        .filter_map(|p| {
+            Some(ServicePort {
+                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+                name: p.name.clone().unwrap_or_default(),
+                app_protocol: p.app_protocol.clone(),
+            })
+        })
+        .collect();
+    let mut vips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if let Some(ip) = &spec.cluster_ip
+        && !vips.contains(ip)
+    {
+        vips.insert(0, ip.clone());
+    }
+    vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    let slices: Vec<_> = res
+        .endpoint_slices
+        .iter()
+        .filter(|e| {
+            e.metadata.namespace.as_deref().unwrap_or("default") == ns
+                && e.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .is_some_and(|n| *n == name)
+        })
+        .collect();
+    let mut endpoints: Vec<MeshEndpoint> = if slices.is_empty() {
+        selected(spec.selector.as_ref(), &ns, &tcp, res)
+    } else {
+        slices.iter().flat_map(|e| from_slice(e, &tcp)).collect()
+    };
+    for e in &mut endpoints {
+        e.workload = by_ip.get(e.address.as_str()).map(|w| w.uid.clone());
+    }
+    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    endpoints.dedup_by(|a, b| a.address == b.address);
+    Some(MeshService {
+        key: format!("{ns}/{name}"),
+        hostname: format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
+        vips,
+        ports,
+        endpoints,
+    })
+}
+
+fn from_slice(
+    e: &k8s_openapi::api::discovery::v1::EndpointSlice,
+    ports: &[&k8s_openapi::api::core::v1::ServicePort],
+) -> Vec<MeshEndpoint> {
+    let mapping: Vec<(u16, u16)> = ports
+        .iter()
+        .filter_map(|sp| {
+            let target = e
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or("") == sp.name.as_deref().unwrap_or(""))?
+                .port?;
+            Some((u16::try_from(sp.port).ok()?, u16::try_from(target).ok()?))
+        })
+        .collect();
+    e.endpoints
+        .iter()
+        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|ep| &ep.addresses)
+        .map(|a| MeshEndpoint {
+            address: a.clone(),
+            workload: None,
+            ports: mapping.clone(),
+        })
+        .collect()
+}
+
+fn selected(
+    selector: Option<&BTreeMap<String, String>>,
+    ns: &str,
+    ports: &[&k8s_openapi::api::core::v1::ServicePort],
+    res: &Resources,
+) -> Vec<MeshEndpoint> {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    res.pods
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .filter(|p| {
+            let labels = p.metadata.labels.as_ref();
+            sel.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+        .filter(|p| pod_ready(p))
+        .filter_map(|p| {
+            let w = workload(p)?;
+            let mapping = ports
+                .iter()
+                .filter_map(|sp| Some((u16::try_from(sp.port).ok()?, target_port(sp, p)?)))
+                .collect();
+            Some(MeshEndpoint {
+                address: w.ips[0].clone(),
+                workload: None,
+                ports: mapping,
+            })
+        })
+        .collect()
+}
+
+/// A Service port's target on one pod: a number, or a container port's name.
+fn target_port(sp: &k8s_openapi::api::core::v1::ServicePort, p: &Pod) -> Option<u16> {
+    match &sp.target_port {
+        None => u16::try_from(sp.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(name)) => p
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|cp| cp.name.as_deref() == Some(name))
+            .and_then(|cp| u16::try_from(cp.container_port).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: b-1, namespace: shop, uid: u-b1, labels: {app: b, security.istio.io/tlsMode: istio}}
+spec: {serviceAccountName: b-sa, nodeName: n1, containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b-2, namespace: shop, labels: {app: b}}
+spec: {containers: [{name: app, ports: [{name: http, containerPort: 9090}]}]}
+status: {podIP: 10.0.0.3, conditions: [{type: Ready, status: 'True'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b-3, namespace: shop, labels: {app: b}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.0.4, conditions: [{type: Ready, status: 'False'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, labels: {app: b}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.0.0.5, phase: Succeeded}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort: http}, {port: 53, protocol: UDP}]}
+";
+
+    #[test]
+    fn pods_become_workloads_and_selectors_resolve_named_ports_per_pod() {
+        let mut r = Resources::default();
+        r.add_yaml("mesh.yaml", MESH).unwrap();
+        let (workloads, services) = build(&r);
+        assert_eq!(
+            workloads.iter().map(|w| w.uid.as_str()).collect::<Vec<_>>(),
+            ["shop/b-2", "shop/b-3", "u-b1"],
+            "finished pods are not workloads"
+        );
+        let b1 = &workloads[2];
+        assert_eq!(
+            (b1.service_account.as_str(), b1.node.as_str(), b1.hbone),
+            ("b-sa", "n1", true)
+        );
+        assert_eq!(
+            b1.identity("cluster.local").to_string(),
+            "spiffe://cluster.local/ns/shop/sa/b-sa"
+        );
+        assert_eq!(workloads[0].service_account, "default");
+        assert!(!workloads[0].hbone);
+        let s = &services[0];
+        assert_eq!(
+            (s.key.as_str(), s.hostname.as_str()),
+            ("shop/b", "b.shop.svc.cluster.local")
+        );
+        assert_eq!(s.vips, ["10.96.0.10"]);
+        assert_eq!(s.ports.len(), 1, "UDP ports are not proxied");
+        let eps: Vec<_> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.workload.as_deref(), e.target_port(80)))
+            .collect();
+        // b-3 is not ready; b-1 listens on 8080 and b-2 on 9090 under the same port name.
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.2", Some("u-b1"), Some(8080)),
+                ("10.0.0.3", Some("shop/b-2"), Some(9090))
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_win_over_the_selector() {
+        let mut r = Resources::default();
+        r.add_yaml(
+            "mesh.yaml",
+            &format!(
+                "{MESH}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: b-x, namespace: shop, labels: {{kubernetes.io/service-name: b}}}}
+addressType: IPv4
+ports: [{{name: '', port: 7000}}]
+endpoints: [{{addresses: [10.0.0.3]}}, {{addresses: [10.0.0.9], conditions: {{ready: false}}}}]
+"
+            ),
+        )
+        .unwrap();
+        let (_, services) = build(&r);
+        let e = &services[0].endpoints;
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].address.as_str(), e[0].target_port(80)), ("10.0.0.3", Some(7000)));
+    }
+}
