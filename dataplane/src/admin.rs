@@ -94,6 +94,30 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
+    serve_with(listener, move |req| route(&dp, req)).await
+}
+
+/// The sidecar's readiness port (15021, reachable by the kubelet): `/healthz/ready` only, ready
+/// once a config serves and `extra` (the workload certificate) holds.
+pub async fn serve_readiness(
+    listener: TcpListener,
+    dp: Arc<Dataplane>,
+    extra: impl Fn() -> bool + Send + Sync + 'static,
+) {
+    serve_with(listener, move |req| match req.uri().path() {
+        "/healthz/ready" if dp.ready.load(Relaxed) && extra() => reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz/ready\n"),
+    })
+    .await
+}
+
+/// Serves small GET-style endpoints: bounded connections and head time, one answer per request.
+async fn serve_with<F>(listener: TcpListener, route: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -103,7 +127,7 @@ pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let dp = dp.clone();
+        let route = route.clone();
         tokio::spawn(async move {
             let _slot = slot;
             if tokio::time::timeout(ADMIN_HEAD_TIMEOUT, stream.readable())
@@ -113,7 +137,7 @@ pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
                 return;
             }
             let svc = service_fn(move |req| {
-                let r = route(&dp, &req);
+                let r = route(&req);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

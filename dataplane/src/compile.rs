@@ -9,6 +9,7 @@ use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::model::{Action as SnapAction, Protocol};
 
 use crate::listener::tls::{self, TlsError};
+use crate::mesh::index::MeshIndex;
 use crate::router::{self, HostTable, RouteError, RouteParts, VirtualHost};
 use crate::telemetry::{EndpointHealth, Registry};
 use crate::upstream::{ClusterError, ClusterRuntime};
@@ -18,6 +19,8 @@ pub struct Compiled {
     /// By bound address and port: a connection knows the listener that accepted it.
     pub listeners: HashMap<SocketAddr, CompiledListener>,
     pub clusters: HashMap<String, Arc<ClusterRuntime>>,
+    /// Services and workloads by address, for sidecar capture.
+    pub mesh: MeshIndex,
 }
 
 pub struct CompiledListener {
@@ -33,6 +36,7 @@ impl Compiled {
             snapshot: Arc::new(Snapshot::default()),
             listeners: HashMap::new(),
             clusters: HashMap::new(),
+            mesh: MeshIndex::default(),
         }
     }
 
@@ -126,6 +130,7 @@ impl Compiler {
             );
         }
         Ok(Compiled {
+            mesh: MeshIndex::build(&snap),
             snapshot: Arc::new(snap),
             listeners,
             clusters,

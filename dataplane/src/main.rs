@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use clap::Parser;
+use ferrum_dp::mesh::{identity, sidecar};
 use ferrum_dp::source::{control_plane, file, xds};
 use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
 
@@ -80,6 +81,115 @@ struct Args {
     /// Worker threads, each with its own listeners and upstream pools (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Serve the Gateways' listeners.
+    Gateway,
+    /// Serve one pod's captured traffic (outbound, inbound, HBONE) with a workload certificate
+    /// from the mesh CA; the snapshot scope is `sidecar/<namespace>/<pod>`.
+    Sidecar,
+}
+
+/// Sidecar mode (ports and names as in Istio, see docs/mesh.md).
+#[derive(clap::Args, Debug)]
+struct MeshArgs {
+    #[arg(long, value_enum, default_value = "gateway", env = "FERRUM_MODE")]
+    mode: Mode,
+    /// The mesh CA, `host:port` (the operator's 15012).
+    #[arg(long, env = "FERRUM_CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// Name the CA's serving certificate is checked against.
+    #[arg(
+        long,
+        default_value = "ferrum-operator.ferrum-system.svc",
+        env = "FERRUM_CA_SERVER_NAME"
+    )]
+    ca_server_name: String,
+    /// PEM bundle of the mesh roots (re-read at each renewal, so a rotated bundle is picked up).
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/ferrum/root-cert.pem",
+        env = "FERRUM_CA_ROOT_FILE"
+    )]
+    ca_root_file: PathBuf,
+    /// The projected ServiceAccount token the CA authenticates this workload by.
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/tokens/ferrum-token",
+        env = "FERRUM_TOKEN_FILE"
+    )]
+    token_file: PathBuf,
+    /// Workload certificate lifetime to ask for, in seconds (renewed at half-life).
+    #[arg(long, default_value_t = 24 * 3600)]
+    cert_validity: u64,
+    #[arg(long, default_value = "cluster.local", env = "FERRUM_TRUST_DOMAIN")]
+    trust_domain: String,
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    outbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    hbone_addr: SocketAddr,
+    /// Readiness for the kubelet: `/healthz/ready`.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    inbound_plaintext: bool,
+    /// Seconds a proxied TCP connection may be silent both ways before it is closed.
+    #[arg(long, default_value_t = 3600)]
+    tcp_idle_timeout: u64,
+}
+
+impl MeshArgs {
+    fn settings(&self) -> Result<(identity::CaSettings, sidecar::Settings), String> {
+        let ca_address = self
+            .ca_address
+            .clone()
+            .ok_or("sidecar mode needs --ca-address (the mesh CA)")?;
+        let ca = identity::CaSettings {
+            address: ca_address,
+            server_name: self.ca_server_name.clone(),
+            root_file: self.ca_root_file.clone(),
+            token_file: self.token_file.clone(),
+            validity: Duration::from_secs(self.cert_validity),
+            trust_domain: self.trust_domain.clone(),
+        };
+        let mut baggage = Vec::new();
+        if let Some(ns) = &self.pod_namespace {
+            baggage.push(format!("k8s.namespace.name={ns}"));
+        }
+        if let Some(pod) = &self.pod_name {
+            baggage.push(format!("k8s.pod.name={pod}"));
+        }
+        let s = sidecar::Settings {
+            outbound: self.outbound_addr,
+            inbound: self.inbound_addr,
+            hbone: self.hbone_addr,
+            inbound_plaintext: self.inbound_plaintext,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(self.tcp_idle_timeout),
+            baggage: baggage.join(","),
+        };
+        Ok((ca, s))
+    }
+
+    /// The snapshot scope a sidecar asks the control plane for.
+    fn role(&self) -> Option<String> {
+        Some(format!(
+            "sidecar/{}/{}",
+            self.pod_namespace.as_deref()?,
+            self.pod_name.as_deref()?
+        ))
+    }
 }
 
 /// A proxy holds two descriptors per proxied connection: take the hard limit, not the soft 1,024.
@@ -244,6 +354,27 @@ fn main() -> ExitCode {
     code
 }
 
+/// Starts the certificate loop, the readiness port and the sidecar's listeners.
+async fn start_sidecar(
+    m: &MeshArgs,
+    dp: &std::sync::Arc<Dataplane>,
+    workers: &[tokio::runtime::Handle],
+) -> Result<std::sync::Arc<sidecar::Sidecar>, String> {
+    let (ca, settings) = m.settings()?;
+    let id = std::sync::Arc::new(identity::Identity::default());
+    tokio::spawn(identity::run(ca, id.clone()));
+    let readiness = admin::bind(m.readiness_addr)
+        .await
+        .map_err(|e| format!("cannot listen on readiness address {}: {e}", m.readiness_addr))?;
+    let ready_id = id.clone();
+    tokio::spawn(admin::serve_readiness(readiness, dp.clone(), move || {
+        ready_id.current().is_some()
+    }));
+    let s = sidecar::Sidecar::new(dp.clone(), id, settings);
+    s.start(workers).map_err(|e| format!("sidecar listeners: {e}"))?;
+    Ok(s)
+}
+
 async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
     let limits = Limits {
         max_request_body: args.max_request_body,
@@ -256,7 +387,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         ..Limits::default()
     };
     let drain_timeout = limits.drain_timeout;
-    let dp = Dataplane::new(limits, workers);
+    let dp = Dataplane::new(limits, workers.clone());
     let admin = match admin::bind(args.admin_addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -280,7 +411,27 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
-    let node_id = args.node_id.clone().unwrap_or_else(|| {
+    let sidecar = if args.mesh.mode == Mode::Sidecar {
+        match start_sidecar(&args.mesh, &dp, &workers).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("ferrum-dp: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let sidecar_node = (args.mesh.mode == Mode::Sidecar)
+        .then(|| {
+            Some(format!(
+                "{}.{}",
+                args.mesh.pod_name.as_deref()?,
+                args.mesh.pod_namespace.as_deref()?
+            ))
+        })
+        .flatten();
+    let node_id = args.node_id.clone().or(sidecar_node).unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
     });
@@ -301,7 +452,10 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
             let settings = control_plane::Settings {
                 url: url.clone(),
                 node_id,
-                role: args.role.clone(),
+                role: match (args.mesh.mode, args.role.is_empty()) {
+                    (Mode::Sidecar, true) => args.mesh.role().unwrap_or_default(),
+                    _ => args.role.clone(),
+                },
                 token: args.token.clone(),
                 cache: Some(args.snapshot_cache.clone()),
             };
@@ -327,6 +481,9 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     }
     tracing::info!("shutting down: draining connections");
     dp.drain();
+    if let Some(s) = &sidecar {
+        s.drain();
+    }
     let deadline = tokio::time::Instant::now() + drain_timeout;
     while dp.shared.registry.downstream_active.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

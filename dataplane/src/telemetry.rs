@@ -135,6 +135,8 @@ pub struct Registry {
     pub downstream_rejected: AtomicU64,
     /// Requests that matched no route (404) or no listener host.
     pub unrouted: AtomicU64,
+    /// Sidecar connections (shared with the sidecar's listeners).
+    pub mesh: Arc<crate::mesh::sidecar::MeshStats>,
 }
 
 /// Health of each endpoint, for `/metrics`; the upstream module fills it at scrape time.
@@ -163,6 +165,44 @@ impl Registry {
     pub fn retain(&self, routes: &dyn Fn(&str) -> bool, clusters: &dyn Fn(&str) -> bool) {
         self.routes.lock().unwrap().retain(|k, _| routes(k));
         self.clusters.lock().unwrap().retain(|k, _| clusters(k));
+    }
+
+    /// Sidecar connection counters (all zero outside sidecar mode).
+    fn render_mesh(&self, out: &mut String) {
+        let m = &self.mesh;
+        let _ = writeln!(
+            out,
+            "# HELP ferrum_mesh_connections_total Sidecar connections by direction and path.\n# TYPE ferrum_mesh_connections_total counter"
+        );
+        for (dir, path, v) in [
+            ("outbound", "hbone", &m.outbound_hbone),
+            ("outbound", "plain", &m.outbound_plain),
+            ("outbound", "passthrough", &m.outbound_passthrough),
+            ("outbound", "failed", &m.outbound_failed),
+            ("inbound", "hbone", &m.inbound_hbone),
+            ("inbound", "plaintext", &m.inbound_plaintext),
+            ("inbound", "refused", &m.inbound_refused),
+        ] {
+            let _ = writeln!(
+                out,
+                "ferrum_mesh_connections_total{{direction=\"{dir}\",path=\"{path}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferrum_mesh_bytes_total Bytes relayed by sidecar connections, client to server (forward) and back.\n# TYPE ferrum_mesh_bytes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_mesh_bytes_total{{direction=\"forward\"}} {}",
+            m.bytes_forward.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ferrum_mesh_bytes_total{{direction=\"back\"}} {}",
+            m.bytes_back.load(Relaxed)
+        );
     }
 
     pub fn render(&self, health: &[EndpointHealth]) -> String {
@@ -233,6 +273,7 @@ impl Registry {
             "Requests that matched no route.",
         );
         let _ = writeln!(out, "ferrum_unrouted_requests_total {}", self.unrouted.load(Relaxed));
+        self.render_mesh(&mut out);
 
         let routes = self.routes.lock().unwrap().clone();
         g(

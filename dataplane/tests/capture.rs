@@ -5,46 +5,7 @@
 
 mod common;
 use common::*;
-use std::process::Command;
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(role: &str) -> Netns {
-        let name = format!("ferrum-{role}-{}", free_port());
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        sh(&all)
-    }
-
-    fn nat(&self) -> String {
-        self.exec(&["iptables-save", "-t", "nat"])
-            .lines()
-            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
-            .map(|l| format!("{l}\n"))
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use ferrum_testkit::netns::{Netns, sh};
 
 /// A "pod" (10.9.8.1) and a "node" (10.9.8.2) joined by a veth pair; nothing touches the host's
 /// own network.
@@ -62,19 +23,6 @@ fn pod_and_node() -> (Netns, Netns) {
         ns.exec(&["ip", "link", "set", dev, "up"]);
     }
     (pod, node)
-}
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed (this test needs root, ip and iptables): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Inside the pod: listeners on 15001 and 15006 that report the original destination of what

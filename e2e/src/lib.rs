@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use ferrum_testkit::*;
+
+pub mod mesh;
 use serde_json::{Value, json};
 
 /// A binary of this workspace, next to the test executable (`make test` builds them first).
@@ -44,7 +46,7 @@ pub fn spawn_announcing(cmd: &mut Command) -> (Child, String) {
     (child, line.trim().to_string())
 }
 
-struct Proc(Child);
+pub struct Proc(pub Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -178,14 +180,31 @@ impl Cluster {
     }
 
     pub async fn operator_with(&self, name: &str, extra: &[&str]) -> Operator {
+        self.operator_at(name, "127.0.0.1", extra).await
+    }
+
+    /// An operator whose gRPC port listens on `ip` (e.g. a bridge that "pods" reach); away
+    /// from loopback its CA listens there too, on a port of its own (`Operator::ca`).
+    pub async fn operator_at(&self, name: &str, ip: &str, extra: &[&str]) -> Operator {
         let (grpc, admin) = (free_port(), free_port());
+        let ca = (ip != "127.0.0.1").then(free_port);
+        let ca_args = match ca {
+            Some(port) => vec![
+                "--ca-addr".to_string(),
+                format!("{ip}:{port}"),
+                "--ca-san".to_string(),
+                ip.to_string(),
+            ],
+            None => vec![],
+        };
         let child = Command::new(workspace_bin("ferrum-operator"))
             .args([
                 "--grpc-addr",
-                &format!("127.0.0.1:{grpc}"),
+                &format!("{ip}:{grpc}"),
                 "--admin-addr",
                 &format!("127.0.0.1:{admin}"),
             ])
+            .args(ca_args)
             .args([
                 "--namespace",
                 "default",
@@ -207,8 +226,10 @@ impl Cluster {
             .expect("start ferrum-operator");
         let op = Operator {
             proc: Some(Proc(child)),
+            host: ip.to_string(),
             grpc,
             admin,
+            ca,
         };
         eventually("operator ready", Duration::from_secs(20), async || {
             client()
@@ -224,8 +245,11 @@ impl Cluster {
 
 pub struct Operator {
     proc: Option<Proc>,
+    pub host: String,
     pub grpc: u16,
     pub admin: u16,
+    /// The CA's port, when the test chose it ([`Cluster::operator_at`]).
+    pub ca: Option<u16>,
 }
 
 impl Operator {
@@ -234,7 +258,7 @@ impl Operator {
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc)
+        format!("http://{}:{}", self.host, self.grpc)
     }
 
     pub async fn admin_json(&self, path: &str) -> Value {

@@ -80,7 +80,8 @@ impl Encoded {
 /// One Gateway's snapshot at the generation it was last asked for, and how the one before
 /// becomes it.
 struct RoleState {
-    incremental: Incremental,
+    /// A Gateway's own translator; sidecars project the full snapshot instead.
+    incremental: Option<Incremental>,
     generation: u64,
     snapshot: Option<Snapshot>,
     full: Option<Arc<Encoded>>,
@@ -97,25 +98,38 @@ pub struct Publisher {
     incremental: Mutex<Incremental>,
     /// The encoded snapshot for every Gateway, per generation.
     all: Mutex<(u64, Option<Arc<Encoded>>)>,
-    /// Proxies that serve one Gateway: its own snapshots, translated incrementally on demand.
-    gateways: Mutex<HashMap<String, RoleState>>,
+    /// Proxies that serve one Gateway (its own snapshots, translated incrementally on demand)
+    /// and sidecars (the mesh, projected from the full snapshot), per scope.
+    scopes: Mutex<HashMap<String, RoleState>>,
     tx: watch::Sender<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("role {0:?} is not \"\" or \"gateway/<namespace>/<name>\"")]
+#[error("role {0:?} is not \"\", \"gateway/<namespace>/<name>\" or \"sidecar/<namespace>/<pod>\"")]
 pub struct BadRole(pub String);
 
-pub fn parse_role(role: &str) -> Result<Option<ObjectRef>, BadRole> {
+/// What a proxy serves, from its `role`: every Gateway, one Gateway, or one workload's sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Gateway(ObjectRef),
+    Sidecar { namespace: String, pod: String },
+}
+
+pub fn parse_role(role: &str) -> Result<Scope, BadRole> {
     if role.is_empty() {
-        return Ok(None);
+        return Ok(Scope::All);
     }
     match role.split('/').collect::<Vec<_>>()[..] {
-        ["gateway", ns, name] if !ns.is_empty() && !name.is_empty() => Ok(Some(ObjectRef {
+        ["gateway", ns, name] if !ns.is_empty() && !name.is_empty() => Ok(Scope::Gateway(ObjectRef {
             kind: "Gateway",
             namespace: ns.into(),
             name: name.into(),
         })),
+        ["sidecar", ns, pod] if !ns.is_empty() && !pod.is_empty() => Ok(Scope::Sidecar {
+            namespace: ns.into(),
+            pod: pod.into(),
+        }),
         _ => Err(BadRole(role.into())),
     }
 }
@@ -146,7 +160,7 @@ impl Publisher {
             })),
             incremental,
             all: Mutex::new((0, None)),
-            gateways: Mutex::new(HashMap::new()),
+            scopes: Mutex::new(HashMap::new()),
             tx,
         })
     }
@@ -219,29 +233,37 @@ impl Publisher {
         self.tx.subscribe()
     }
 
-    /// What to send a proxy of `role` that has the snapshot `have` (a hash): the delta from the
-    /// previous generation when that is what it has, else the full snapshot.
-    pub fn update_for(&self, role: &Option<ObjectRef>, have: &str) -> Arc<Encoded> {
+    /// What to send a proxy of `scope` that has the snapshot `have` (a hash): the delta from
+    /// the previous generation when that is what it has, else the full snapshot.
+    pub fn update_for(&self, scope: &Scope, have: &str) -> Arc<Encoded> {
         let cur = self.current();
-        let Some(gw) = role else {
-            if let Some(d) = &cur.delta
-                && d.base.as_ref().is_some_and(|(_, h)| h == have)
-            {
-                return d.clone();
+        let (key, gateway) = match scope {
+            Scope::All => {
+                if let Some(d) = &cur.delta
+                    && d.base.as_ref().is_some_and(|(_, h)| h == have)
+                {
+                    return d.clone();
+                }
+                return self.full_snapshot();
             }
-            return self.full_snapshot();
+            Scope::Gateway(gw) => (format!("gateway/{}/{}", gw.namespace, gw.name), Some(gw)),
+            // Every sidecar sees the whole mesh for now (no Sidecar egress scoping, no
+            // per-workload policy yet): one projection serves them all.
+            Scope::Sidecar { .. } => ("sidecar".to_string(), None),
         };
-        let key = format!("{}/{}", gw.namespace, gw.name);
-        let mut gateways = self.gateways.lock().unwrap();
-        let st = gateways.entry(key).or_insert_with(|| RoleState {
-            incremental: Incremental::new(self.options(Some(gw.clone()))),
+        let mut scopes = self.scopes.lock().unwrap();
+        let st = scopes.entry(key).or_insert_with(|| RoleState {
+            incremental: gateway.map(|gw| Incremental::new(self.options(Some(gw.clone())))),
             generation: 0,
             snapshot: None,
             full: None,
             delta: None,
         });
         if st.generation != cur.generation {
-            let next = st.incremental.translate(&cur.resources, cur.generation).snapshot;
+            let next = match &mut st.incremental {
+                Some(inc) => inc.translate(&cur.resources, cur.generation).snapshot,
+                None => cur.full.snapshot.mesh_view(),
+            };
             match &st.snapshot {
                 Some(prev) if prev.hash == next.hash => {}
                 prev => {

@@ -49,7 +49,8 @@ pub struct Listeners {
 /// Sockets bound for one address, one per worker, not yet accepting.
 pub type Bound = (SocketAddr, Vec<std::net::TcpListener>);
 
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A listening socket with SO_REUSEPORT, so each worker can have its own.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;

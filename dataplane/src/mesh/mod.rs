@@ -1,4 +1,8 @@
-//! Mesh modes, as thin wiring of the listener, HTTP, TCP and upstream layers. So far: the
-//! sidecar's traffic capture rules.
+//! Mesh modes, as thin wiring of the listener, TCP and upstream layers: workload identity,
+//! HBONE, the sidecar's capture rules and its listeners.
 
 pub mod capture;
+pub mod hbone;
+pub mod identity;
+pub mod index;
+pub mod sidecar;

@@ -1,0 +1,298 @@
+//! HBONE (mesh.md): TCP tunnelled in HTTP/2 `CONNECT` streams over mutual TLS to a peer
+//! proxy's port 15008. One TLS connection carries many tunnels.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferrum_snapshot::identity::SpiffeId;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::identity::{Identity, peer_id};
+
+/// The port a peer proxy dials.
+pub const HBONE_PORT: u16 = 15008;
+/// Ports a tunnel may never target: the proxy's own (a loop, or a way around capture).
+pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
+/// Tunnels one client connection may have open at once.
+pub const MAX_STREAMS: u32 = 100;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("no workload certificate yet")]
+    NoIdentity,
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("TLS with {0}: {1}")]
+    Tls(SocketAddr, String),
+    #[error("{addr} presented {got:?}, expected {want}")]
+    WrongIdentity {
+        addr: SocketAddr,
+        want: SpiffeId,
+        got: Option<SpiffeId>,
+    },
+    #[error("HTTP/2 with {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+    #[error("{0} answered the CONNECT with {1}")]
+    Status(SocketAddr, StatusCode),
+}
+
+/// What the server knows about a tunnel request, for the decision to accept it.
+pub struct TunnelRequest {
+    pub peer: SpiffeId,
+    pub source: SocketAddr,
+    pub target: SocketAddr,
+}
+
+/// The server side's policy and connection to the local application.
+pub trait Inbound: Send + Sync + 'static {
+    /// Whether `req` may reach its target (an AuthorizationPolicy decision; 401 when not).
+    fn allow(&self, req: &TunnelRequest) -> bool;
+    /// A connection to the local application at `target`.
+    fn connect(&self, target: SocketAddr) -> impl Future<Output = std::io::Result<TcpStream>> + Send;
+    /// Relays the tunnel and the application connection until both are done.
+    fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &SpiffeId) -> impl Future<Output = ()> + Send;
+}
+
+fn status(s: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = s;
+    r
+}
+
+/// Serves one accepted connection on 15008: mTLS (client certificate from our trust domain
+/// required), then HTTP/2 with one `CONNECT` per tunnel.
+pub async fn serve<I: Inbound>(tcp: TcpStream, identity: &Identity, inbound: Arc<I>) {
+    let (Ok(local), Ok(source)) = (tcp.local_addr(), tcp.peer_addr()) else {
+        return;
+    };
+    let Some(tls) = identity.current() else { return };
+    let _ = tcp.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::debug!(%source, error = %e, "HBONE handshake failed"),
+        Err(_) => return tracing::debug!(%source, "HBONE handshake timed out"),
+    };
+    let peer = match peer_id(stream.get_ref().1.peer_certificates()) {
+        Some(id) if id.trust_domain == tls.svid.id.trust_domain => id,
+        other => {
+            return tracing::info!(%source, peer = ?other.map(|i| i.to_string()), "HBONE peer is not in our trust domain: closed");
+        }
+    };
+    drop(tls);
+    let peer = Arc::new(peer);
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(tunnel(req, local, source, &peer, inbound).await) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_pending_accept_reset_streams(64)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
+/// One CONNECT: check it (400/503/401 as mesh.md says), connect to the app, answer 200 and
+/// splice once the stream is ours.
+async fn tunnel<I: Inbound>(
+    mut req: Request<hyper::body::Incoming>,
+    local: SocketAddr,
+    source: SocketAddr,
+    peer: &Arc<SpiffeId>,
+    inbound: Arc<I>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // A sidecar only forwards to its own pod: the tunnel names the address it was dialled on.
+    if target.ip() != local.ip() {
+        return status(StatusCode::BAD_REQUEST);
+    }
+    if PROXY_PORTS.contains(&target.port()) {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let treq = TunnelRequest {
+        peer: (**peer).clone(),
+        source,
+        target,
+    };
+    if !inbound.allow(&treq) {
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    let app = match inbound.connect(target).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(%target, error = %e, "HBONE target unreachable");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let on = hyper::upgrade::on(&mut req);
+    let peer = peer.clone();
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            inbound.relay(TokioIo::new(up), app, &peer).await;
+        }
+    });
+    status(StatusCode::OK)
+}
+
+/// Where a tunnel goes and what it says about itself.
+pub struct Dial<'a> {
+    /// The peer proxy, `<workload ip>:15008`.
+    pub proxy: SocketAddr,
+    /// The identity it must present.
+    pub identity: &'a SpiffeId,
+    /// `:authority`: the real destination, `<workload ip>:<port>`.
+    pub target: SocketAddr,
+    /// The original client, for `forwarded`.
+    pub client: SocketAddr,
+    /// The Service host name, when a Service was targeted.
+    pub host: Option<&'a str>,
+    /// `baggage` (W3C), e.g. `k8s.namespace.name=a,k8s.pod.name=b`.
+    pub baggage: &'a str,
+}
+
+/// One HTTP/2 client connection to a peer proxy; each request on it is a tunnel.
+type Tunnels = SendRequest<Empty<Bytes>>;
+
+/// Client connections by (peer proxy, identity it presented); HTTP/2 multiplexes the tunnels.
+#[derive(Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<(SocketAddr, SpiffeId), Tunnels>>,
+}
+
+impl Pool {
+    /// Opens a tunnel, reusing a pooled connection to the same proxy and identity if any.
+    pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Upgraded, HboneError> {
+        let key = (d.proxy, d.identity.clone());
+        let pooled = self.conns.lock().unwrap().get(&key).filter(|s| !s.is_closed()).cloned();
+        let mut send = match pooled {
+            Some(s) => s,
+            None => {
+                let s = connect(identity, d).await?;
+                self.conns.lock().unwrap().insert(key, s.clone());
+                s
+            }
+        };
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(d.target.to_string())
+            .header("forwarded", forwarded(d))
+            .header("traceparent", traceparent());
+        if !d.baggage.is_empty() {
+            req = req.header("baggage", d.baggage);
+        }
+        let req = req.body(Empty::new()).expect("valid CONNECT request");
+        send.ready().await.map_err(|e| HboneError::Http(d.proxy, e))?;
+        let resp = send.send_request(req).await.map_err(|e| HboneError::Http(d.proxy, e))?;
+        if resp.status() != StatusCode::OK {
+            return Err(HboneError::Status(d.proxy, resp.status()));
+        }
+        hyper::upgrade::on(resp).await.map_err(|e| HboneError::Http(d.proxy, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn forwarded(d: &Dial<'_>) -> String {
+    let for_ = match d.client {
+        SocketAddr::V4(a) => format!("for=\"{a}\""),
+        SocketAddr::V6(a) => format!("for=\"[{}]:{}\"", a.ip(), a.port()),
+    };
+    match d.host {
+        Some(h) => format!("{for_};host={h}"),
+        None => for_,
+    }
+}
+
+/// A new sampled-out trace context per tunnel, so peers can correlate their logs.
+fn traceparent() -> String {
+    format!("00-{:032x}-{:016x}-00", fastrand::u128(1..), fastrand::u64(1..))
+}
+
+/// A new mTLS + HTTP/2 connection to a peer proxy, whose identity is checked before any
+/// tunnel is opened on it.
+async fn connect(identity: &Identity, d: &Dial<'_>) -> Result<Tunnels, HboneError> {
+    let tls = identity.current().ok_or(HboneError::NoIdentity)?;
+    let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(d.proxy))
+        .await
+        .map_err(|_| HboneError::Connect(d.proxy, std::io::ErrorKind::TimedOut.into()))?
+        .map_err(|e| HboneError::Connect(d.proxy, e))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let name = rustls::pki_types::ServerName::IpAddress(d.proxy.ip().into());
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| HboneError::Tls(d.proxy, "handshake timed out".into()))?
+        .map_err(|e| HboneError::Tls(d.proxy, e.to_string()))?;
+    let got = peer_id(stream.get_ref().1.peer_certificates());
+    if got.as_ref() != Some(d.identity) {
+        return Err(HboneError::WrongIdentity {
+            addr: d.proxy,
+            want: d.identity.clone(),
+            got,
+        });
+    }
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| HboneError::Http(d.proxy, e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_names_the_client_and_the_service_host() {
+        let id = SpiffeId::new("cluster.local", "a", "b");
+        let d = Dial {
+            proxy: "10.0.0.2:15008".parse().unwrap(),
+            identity: &id,
+            target: "10.0.0.2:8080".parse().unwrap(),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            host: Some("b.ns.svc.cluster.local"),
+            baggage: "",
+        };
+        assert_eq!(forwarded(&d), "for=\"10.0.0.1:40000\";host=b.ns.svc.cluster.local");
+        let d6 = Dial {
+            client: "[fd00::1]:5".parse().unwrap(),
+            host: None,
+            ..d
+        };
+        assert_eq!(forwarded(&d6), "for=\"[fd00::1]:5\"");
+        let tp = traceparent();
+        assert_eq!(tp.len(), 55, "{tp}");
+    }
+}

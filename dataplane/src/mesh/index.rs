@@ -1,0 +1,144 @@
+//! The mesh part of a snapshot, compiled for lookups by address: a captured connection's
+//! original destination is a Service VIP:port, a workload's IP, or neither (passthrough).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use ferrum_snapshot::Snapshot;
+use ferrum_snapshot::mesh::{MeshService, Workload};
+
+/// One Service port and the endpoints that serve it.
+pub struct ServiceTarget {
+    pub service: Arc<MeshService>,
+    pub port: u16,
+    /// (workload IP : target port, the workload when known).
+    pub endpoints: Vec<(SocketAddr, Option<Arc<Workload>>)>,
+    next: AtomicUsize,
+}
+
+impl ServiceTarget {
+    /// Round robin over the endpoints; `skip` tries the next ones after a failed connect.
+    pub fn pick(&self, skip: usize) -> Option<&(SocketAddr, Option<Arc<Workload>>)> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = if skip == 0 {
+            self.next.fetch_add(1, Relaxed)
+        } else {
+            self.next.load(Relaxed) + skip
+        };
+        self.endpoints.get(i % self.endpoints.len())
+    }
+}
+
+/// Where a captured outbound connection goes.
+pub enum Destination<'a> {
+    Service(&'a ServiceTarget),
+    Workload(&'a Arc<Workload>),
+    /// Outside the mesh: connect to the original destination as is.
+    Passthrough,
+}
+
+#[derive(Default)]
+pub struct MeshIndex {
+    services: HashMap<SocketAddr, ServiceTarget>,
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl MeshIndex {
+    pub fn build(snap: &Snapshot) -> MeshIndex {
+        let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+        let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
+        for w in &snap.workloads {
+            for ip in &w.ips {
+                if let Ok(ip) = ip.parse() {
+                    workloads.insert(ip, w.clone());
+                }
+            }
+        }
+        let mut services = HashMap::new();
+        for s in &snap.services {
+            for p in &s.ports {
+                let endpoints: Vec<_> = s
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        let ip: IpAddr = e.address.parse().ok()?;
+                        let w = e.workload.as_deref().and_then(|u| by_uid.get(u)).map(|w| (*w).clone());
+                        Some((
+                            SocketAddr::new(ip, e.target_port(p.port)?),
+                            w.or_else(|| workloads.get(&ip).cloned()),
+                        ))
+                    })
+                    .collect();
+                for vip in &s.vips {
+                    let Ok(vip) = vip.parse::<IpAddr>() else { continue };
+                    services.insert(
+                        SocketAddr::new(vip, p.port),
+                        ServiceTarget {
+                            service: s.clone(),
+                            port: p.port,
+                            endpoints: endpoints.clone(),
+                            next: AtomicUsize::new(fastrand::usize(..)),
+                        },
+                    );
+                }
+            }
+        }
+        MeshIndex { services, workloads }
+    }
+
+    pub fn destination(&self, dst: SocketAddr) -> Destination<'_> {
+        if let Some(t) = self.services.get(&dst) {
+            return Destination::Service(t);
+        }
+        match self.workloads.get(&dst.ip()) {
+            Some(w) => Destination::Workload(w),
+            None => Destination::Passthrough,
+        }
+    }
+
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vips_map_to_endpoints_with_their_target_ports_and_pod_ips_to_workloads() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b-1, namespace: ns, labels: {app: b, security.istio.io/tlsMode: istio}}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.0.2}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+             spec: {clusterIP: 10.96.0.9, selector: {app: b}, ports: [{port: 80, targetPort: 8080}]}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = MeshIndex::build(&snap);
+        let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
+            panic!("the VIP is a service")
+        };
+        let (addr, w) = t.pick(0).unwrap();
+        assert_eq!(*addr, "10.1.0.2:8080".parse().unwrap());
+        assert!(w.as_ref().is_some_and(|w| w.hbone && w.name == "b-1"));
+        assert!(matches!(
+            m.destination("10.96.0.9:81".parse().unwrap()),
+            Destination::Passthrough
+        ));
+        assert!(matches!(
+            m.destination("10.1.0.2:9000".parse().unwrap()),
+            Destination::Workload(_)
+        ));
+        assert!(matches!(
+            m.destination("1.1.1.1:443".parse().unwrap()),
+            Destination::Passthrough
+        ));
+    }
+}

@@ -1,0 +1,321 @@
+//! Sidecar mode: the pod's captured TCP (mesh.md ports). Outbound on 15001: the original
+//! destination decides — a Service VIP is load-balanced over its endpoints, a mesh workload is
+//! reached over HBONE on its 15008, anything else passes through as plain TCP. Inbound: HBONE
+//! on 15008 and, when the workload's policy permits plaintext, captured connections on 15006;
+//! both reach the application from 127.0.0.6, which the capture rules leave alone.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use ferrum_snapshot::mesh::Workload;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
+
+use super::hbone::{self, Dial, Inbound, PROXY_PORTS, TunnelRequest};
+use super::identity::Identity;
+use super::index::Destination;
+use crate::dataplane::Dataplane;
+
+/// The source address the proxy uses towards its own application (capture rule 1 skips it).
+pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Endpoints tried for one outbound connection before it is given up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub hbone: SocketAddr,
+    /// PERMISSIVE (true) accepts plaintext on the inbound port; STRICT (false) refuses it.
+    pub inbound_plaintext: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// W3C `baggage` sent on every tunnel (who is calling).
+    pub baggage: String,
+}
+
+/// Connection counts by path, and bytes, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    pub outbound_hbone: AtomicU64,
+    pub outbound_plain: AtomicU64,
+    pub outbound_passthrough: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    pub inbound_hbone: AtomicU64,
+    pub inbound_plaintext: AtomicU64,
+    /// Plaintext refused (STRICT) or aimed at a proxy port.
+    pub inbound_refused: AtomicU64,
+    /// From clients towards servers, and back.
+    pub bytes_forward: AtomicU64,
+    pub bytes_back: AtomicU64,
+}
+
+pub struct Sidecar {
+    dp: Arc<Dataplane>,
+    identity: Arc<Identity>,
+    pool: hbone::Pool,
+    settings: Settings,
+    app: Arc<App>,
+    draining: AtomicBool,
+}
+
+/// The local application, as the inbound side reaches it.
+pub struct App {
+    stats: Arc<MeshStats>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Inbound for App {
+    fn allow(&self, _req: &TunnelRequest) -> bool {
+        // AuthorizationPolicy comes with the policy work; until then every mesh peer may connect.
+        true
+    }
+
+    async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
+        connect_app(target, self.connect_timeout).await
+    }
+
+    async fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &ferrum_snapshot::identity::SpiffeId) {
+        self.stats.inbound_hbone.fetch_add(1, Relaxed);
+        let r = relay(tunnel, app, self.idle_timeout, &self.stats).await;
+        tracing::debug!(%peer, ?r, "inbound tunnel closed");
+    }
+}
+
+/// Connects to the application in this pod from [`INBOUND_SOURCE`].
+async fn connect_app(target: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = match target.ip() {
+        IpAddr::V4(_) => {
+            let s = TcpSocket::new_v4()?;
+            s.bind(SocketAddr::new(INBOUND_SOURCE.into(), 0))?;
+            s
+        }
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let s = tokio::time::timeout(timeout, s.connect(target))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+async fn relay<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    stats: &MeshStats,
+) -> Result<crate::tcp::Relayed, crate::tcp::RelayError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let r = crate::tcp::relay(a, b, idle).await;
+    if let Ok(n) = &r {
+        stats.bytes_forward.fetch_add(n.forward, Relaxed);
+        stats.bytes_back.fetch_add(n.back, Relaxed);
+    }
+    r
+}
+
+/// The destination a capture rule redirected this connection from.
+pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(s);
+    let addr = match s.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+impl Sidecar {
+    pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
+        Arc::new(Sidecar {
+            app: Arc::new(App {
+                stats: dp.shared.registry.mesh.clone(),
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+            }),
+            dp,
+            identity,
+            pool: hbone::Pool::default(),
+            settings,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Binds the three ports on every worker (SO_REUSEPORT) and serves them.
+    pub fn start(self: &Arc<Self>, workers: &[Handle]) -> std::io::Result<()> {
+        let s = &self.settings;
+        for (addr, kind) in [
+            (s.outbound, Kind::Outbound),
+            (s.inbound, Kind::Inbound),
+            (s.hbone, Kind::Hbone),
+        ] {
+            for w in workers {
+                let std = crate::listener::bind(addr)?;
+                let me = self.clone();
+                w.spawn(async move {
+                    let Ok(l) = TcpListener::from_std(std) else { return };
+                    me.accept(l, kind).await
+                });
+            }
+        }
+        tracing::info!(outbound = %s.outbound, inbound = %s.inbound, hbone = %s.hbone, "sidecar listening");
+        Ok(())
+    }
+
+    /// Stops accepting (open connections finish on their own).
+    pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    async fn accept(self: Arc<Self>, l: TcpListener, kind: Kind) {
+        loop {
+            let Ok((tcp, peer)) = l.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if self.draining.load(Relaxed) {
+                return;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                match kind {
+                    Kind::Outbound => me.outbound(tcp, peer).await,
+                    Kind::Inbound => me.inbound(tcp, peer).await,
+                    Kind::Hbone => hbone::serve(tcp, &me.identity, me.app.clone()).await,
+                }
+            });
+        }
+    }
+
+    async fn inbound(&self, tcp: TcpStream, peer: SocketAddr) {
+        let stats = &self.app.stats;
+        let Ok(dst) = original_dst(&tcp) else { return };
+        if !self.settings.inbound_plaintext || PROXY_PORTS.contains(&dst.port()) {
+            stats.inbound_refused.fetch_add(1, Relaxed);
+            return tracing::debug!(%peer, %dst, "plaintext inbound refused");
+        }
+        let _ = tcp.set_nodelay(true);
+        match connect_app(dst, self.settings.connect_timeout).await {
+            Ok(app) => {
+                stats.inbound_plaintext.fetch_add(1, Relaxed);
+                let _ = relay(tcp, app, self.settings.idle_timeout, stats).await;
+            }
+            Err(e) => tracing::debug!(%dst, error = %e, "application unreachable"),
+        }
+    }
+
+    async fn outbound(&self, tcp: TcpStream, peer: SocketAddr) {
+        let stats = &self.app.stats;
+        let Ok(dst) = original_dst(&tcp) else { return };
+        if dst.port() == self.settings.outbound.port() && tcp.local_addr().is_ok_and(|l| l == dst) {
+            // Not captured: someone dialled the proxy port itself.
+            return;
+        }
+        let _ = tcp.set_nodelay(true);
+        let cfg = self.dp.shared.config.load_full();
+        let up = match cfg.mesh.destination(dst) {
+            Destination::Service(t) => {
+                let mut last = None;
+                let mut got = None;
+                for attempt in 0..CONNECT_ATTEMPTS.min(t.endpoints.len()) {
+                    let Some((addr, w)) = t.pick(attempt) else { break };
+                    match self.connect(*addr, w.as_deref(), peer, Some(&t.service.hostname)).await {
+                        Ok(s) => {
+                            got = Some(s);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                if got.is_none() {
+                    tracing::info!(%dst, service = %t.service.key, error = ?last.map(|e| e.to_string()), "no endpoint reachable");
+                }
+                got
+            }
+            Destination::Workload(w) => self.connect(dst, Some(w), peer, None).await.ok(),
+            Destination::Passthrough => self.connect(dst, None, peer, None).await.ok(),
+        };
+        drop(cfg);
+        let Some(up) = up else {
+            stats.outbound_failed.fetch_add(1, Relaxed);
+            return;
+        };
+        let idle = self.settings.idle_timeout;
+        let _ = match up {
+            Upstream::Tunnel(t) => relay(tcp, TokioIo::new(t), idle, stats).await,
+            Upstream::Tcp(t) => relay(tcp, t, idle, stats).await,
+        };
+    }
+
+    /// A stream to `addr`: over HBONE when the workload there has a mesh proxy, else plain TCP.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        w: Option<&Workload>,
+        client: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
+        let stats = &self.app.stats;
+        match w.filter(|w| w.hbone) {
+            Some(w) => {
+                let td = self
+                    .identity
+                    .current()
+                    .map(|t| t.svid.id.trust_domain.clone())
+                    .ok_or(hbone::HboneError::NoIdentity)?;
+                let id = w.identity(&td);
+                let dial = Dial {
+                    proxy: SocketAddr::new(addr.ip(), hbone::HBONE_PORT),
+                    identity: &id,
+                    target: addr,
+                    client,
+                    host,
+                    baggage: &self.settings.baggage,
+                };
+                let t = tokio::time::timeout(self.settings.connect_timeout, self.pool.open(&self.identity, &dial))
+                    .await
+                    .map_err(|_| "HBONE connect timed out")??;
+                stats.outbound_hbone.fetch_add(1, Relaxed);
+                Ok(Upstream::Tunnel(t))
+            }
+            None => {
+                let t = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| "connect timed out")??;
+                let _ = t.set_nodelay(true);
+                let counter = if w.is_some() {
+                    &stats.outbound_plain
+                } else {
+                    &stats.outbound_passthrough
+                };
+                counter.fetch_add(1, Relaxed);
+                Ok(Upstream::Tcp(t))
+            }
+        }
+    }
+
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Outbound,
+    Inbound,
+    Hbone,
+}
+
+enum Upstream {
+    Tunnel(Upgraded),
+    Tcp(TcpStream),
+}

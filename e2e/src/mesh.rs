@@ -1,0 +1,241 @@
+//! "Pods" for mesh tests (root only): network namespaces on a bridge, each with its own IP, the
+//! sidecar's capture rules, an application (HTTP on 8080, TCP echo on 9000) and a `ferrum-dp
+//! --mode sidecar` running as UID 1337; the API emulator (answering TokenReviews) and the
+//! operator (snapshot + CA) run on the host, reachable from the pods at the bridge's address.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferrum_testkit::netns::{Bridge, Netns};
+
+use crate::{Cluster, Operator, Proc, TOKEN_KEY, eventually, free_port, token, workspace_bin};
+
+/// The namespace every test pod lives in.
+pub const NS: &str = "mesh";
+
+/// The pods' application: answers HTTP on 8080 with who it is, what it was asked and from where
+/// (the peer address and the `forwarded` header, if any), and echoes TCP on 9000.
+pub const APP: &str = r#"
+import socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name = sys.argv[1]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"hello from {name}: {self.path} from {self.client_address[0]}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+def echo():
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("0.0.0.0", 9000)); l.listen(64)
+    while True:
+        c, _ = l.accept()
+        def pump(c=c):
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    c.shutdown(socket.SHUT_WR); c.close(); return
+                c.sendall(b)
+        threading.Thread(target=pump, daemon=True).start()
+threading.Thread(target=echo, daemon=True).start()
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"#;
+
+pub struct Pod {
+    pub name: String,
+    pub ip: String,
+    pub ns: Netns,
+    /// The host side of its veth (for captures).
+    pub veth: String,
+    pub sidecar: Option<Proc>,
+    pub app: Option<Proc>,
+    /// The sidecar's stderr.
+    pub log: PathBuf,
+}
+
+impl Pod {
+    /// Runs a program inside the pod as its application would (UID 0: captured).
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.ns.cmd(args).output().unwrap()
+    }
+
+    pub fn sidecar_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `curl` from inside the pod: (exit success, body).
+    pub fn curl(&self, args: &[&str]) -> (bool, String) {
+        let mut all = vec!["curl", "-sS", "--max-time", "5"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+pub struct World {
+    // Field order is drop order: processes in pods before the pods, pods before the bridge.
+    pub pods: Vec<Pod>,
+    pub op: Operator,
+    pub bridge: Bridge,
+    pub cluster: Cluster,
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl World {
+    pub async fn start(operator_args: &[&str]) -> World {
+        let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
+        // A /24 of its own per test (tests run in parallel).
+        let bridge = Bridge::new(&format!("10.{}.{}", 100 + free_port() % 100, free_port() % 250));
+        let op = cluster.operator_at("op-1", &bridge.host_ip(), operator_args).await;
+        let dir = tempfile::tempdir().unwrap();
+        // The sidecars run as 1337: they read tokens and roots and write their caches here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, cluster.ca_root().await).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o644)).unwrap();
+        cluster.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"));
+        World {
+            pods: Vec::new(),
+            op,
+            bridge,
+            cluster,
+            dir,
+            root,
+        }
+    }
+
+    /// A pod at `<bridge>.<host>` with the capture rules, known to the cluster (with its IP and,
+    /// when `mesh`, the label that says peers reach it over HBONE). Returns its index.
+    pub fn pod(&mut self, name: &str, sa: &str, app_label: &str, host: u8, mesh: bool) -> usize {
+        let (ns, veth) = self.bridge.pod(name, host);
+        let ip = format!("{}.{host}", self.bridge.prefix);
+        let tls = if mesh { ", security.istio.io/tlsMode: istio" } else { "" };
+        self.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{app: {app_label}{tls}}}}}\n\
+             spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+        ));
+        ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ip,
+            ns,
+            veth,
+            sidecar: None,
+            app: None,
+            log,
+        });
+        self.pods.len() - 1
+    }
+
+    pub fn service(&self, name: &str, vip: &str, app_label: &str) {
+        self.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{app: {app_label}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
+        ));
+    }
+
+    pub fn app(&mut self, i: usize) {
+        let p = &mut self.pods[i];
+        let child =
+            p.ns.cmd(&["python3", "-c", APP, &p.name])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+        p.app = Some(Proc(child));
+    }
+
+    /// Starts the pod's sidecar as UID 1337 with a token for its service account.
+    pub fn sidecar(&mut self, i: usize, sa: &str, extra: &[&str]) {
+        let ca = format!("{}:{}", self.op.host, self.op.ca.expect("operator_at gives a CA port"));
+        let p = &self.pods[i];
+        let tok = self.dir.path().join(format!("{}.token", p.name));
+        std::fs::write(&tok, token(NS, sa, "ferrum-ca", 3600, TOKEN_KEY)).unwrap();
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cache = self.dir.path().join(format!("{}.json", p.name));
+        let log = std::fs::File::create(&p.log).unwrap();
+        let bin = workspace_bin("ferrum-dp");
+        let mut cmd = p.ns.cmd(&["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]);
+        cmd.arg(bin)
+            .args(["--mode", "sidecar", "--workers", "1", "--admin-addr", "127.0.0.1:15000"])
+            .args(["--control-plane", &self.op.grpc_url(), "--ca-address", &ca])
+            .args(["--ca-server-name", &self.op.host])
+            .arg("--ca-root-file")
+            .arg(&self.root)
+            .arg("--token-file")
+            .arg(&tok)
+            .arg("--snapshot-cache")
+            .arg(&cache)
+            .args(["--pod-name", &p.name, "--pod-namespace", NS])
+            .args(extra)
+            .env("RUST_LOG", "info,ferrum_dp::mesh=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().unwrap();
+        self.pods[i].sidecar = Some(Proc(child));
+    }
+
+    /// Waits until the pod's sidecar answers ready on 15021 (snapshot applied, certificate held).
+    pub async fn ready(&self, i: usize) {
+        let url = format!("http://{}:15021/healthz/ready", self.pods[i].ip);
+        let what = format!("sidecar of {} ready", self.pods[i].name);
+        eventually(&what, Duration::from_secs(20), async || {
+            crate::client().get(&url).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// A capture on a pod's veth, stopped (and flushed) on [`Capture::finish`].
+    pub fn capture(&self, i: usize) -> Capture {
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}-{}.pcap", self.pods[i].name, free_port()));
+        let child = Command::new("tcpdump")
+            .args(["-i", &self.pods[i].veth, "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump needs a moment before it captures.
+        std::thread::sleep(Duration::from_millis(700));
+        Capture { child, file }
+    }
+}
+
+pub struct Capture {
+    child: std::process::Child,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture; returns the raw capture and tcpdump's reading of it (one line per packet).
+    pub fn finish(mut self) -> (Vec<u8>, String) {
+        std::thread::sleep(Duration::from_millis(300));
+        interrupt(self.child.id());
+        let _ = self.child.wait();
+        let raw = std::fs::read(&self.file).unwrap_or_default();
+        let text = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        (raw, text)
+    }
+}
+
+fn interrupt(pid: u32) {
+    let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
+}

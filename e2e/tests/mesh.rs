@@ -1,0 +1,304 @@
+//! Two "pods" (network namespaces on a bridge, capture rules inside, as root) talking through
+//! two `ferrum-dp --mode sidecar` over HBONE, with workload certificates from the operator's CA
+//! and the snapshot (workloads, Services) from the operator, both fed by the API emulator.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrum_e2e::mesh::{NS, World};
+use ferrum_e2e::*;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+const VIP: &str = "10.96.77.10";
+
+async fn two_pods(operator_args: &[&str], sidecar_args: &[&str]) -> World {
+    let mut w = World::start(operator_args).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", VIP, "b");
+    w.app(b);
+    w.sidecar(a, "sa-a", sidecar_args);
+    w.sidecar(b, "sa-b", sidecar_args);
+    w.ready(a).await;
+    w.ready(b).await;
+    w
+}
+
+fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
+    w.pods[0].curl(&[
+        "--resolve",
+        &format!("svc-b.{NS}.svc:80:{VIP}"),
+        &format!("http://svc-b.{NS}.svc{path}"),
+    ])
+}
+
+/// Waits until pod A's sidecar knows Service B (the snapshot reached it).
+async fn until_routed(w: &World) {
+    eventually("pod A reaches svc-b", Duration::from_secs(20), async || {
+        curl_svc_b(w, "/warmup").0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
+    let mut w = two_pods(&[], &[]).await;
+    until_routed(&w).await;
+    let cap = w.capture(1);
+    // HTTP to the Service's ClusterIP, load-balanced to B's pod, through both sidecars.
+    let (ok, body) = curl_svc_b(&w, "/secret-path-7f3a");
+    assert!(ok, "{body}");
+    assert!(
+        body.starts_with("hello from b-1: /secret-path-7f3a from 127.0.0.6"),
+        "B's app answers, reached from its sidecar's inbound address: {body}"
+    );
+    // Raw TCP through the same path, with a half-close.
+    let echo = w.pods[0].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket; s = socket.create_connection(('{VIP}', 9000), timeout=5)\n\
+             s.sendall(b'tcp-payload-91c2' * 1000); s.shutdown(socket.SHUT_WR)\n\
+             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+             print(len(got), got[:16].decode())"
+        ),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&echo.stdout).trim(),
+        "16000 tcp-payload-91c2",
+        "{echo:?}"
+    );
+    let (raw, packets) = cap.finish();
+    let (a_ip, b_ip) = (&w.pods[0].ip, &w.pods[1].ip);
+    let between: Vec<&str> = packets
+        .lines()
+        .filter(|l| l.contains(&format!("{a_ip}.")) && l.contains(&format!("{b_ip}.")))
+        .collect();
+    assert!(between.len() > 4, "the capture saw the pods talk: {packets}");
+    for l in &between {
+        assert!(
+            l.contains(&format!("{b_ip}.15008")),
+            "pod-to-pod traffic other than HBONE: {l}"
+        );
+    }
+    for secret in ["secret-path-7f3a", "tcp-payload-91c2", "hello from b-1"] {
+        assert!(
+            !raw.windows(secret.len()).any(|x| x == secret.as_bytes()),
+            "{secret:?} crossed the wire in clear"
+        );
+    }
+    // TLS application data records (type 23, version 0x0303) carry it.
+    assert!(raw.windows(3).any(|x| x == [23, 3, 3]), "no TLS records in the capture");
+
+    // B's sidecar knows who called: A's SPIFFE ID from its certificate.
+    let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
+    eventually("B logs A's identity", Duration::from_secs(5), async || {
+        w.pods[1].sidecar_log().contains(&a_id)
+    })
+    .await;
+
+    // The HBONE port itself, as other clients see it.
+    let hbone: std::net::SocketAddr = format!("{b_ip}:15008").parse().unwrap();
+    let target = format!("{b_ip}:8080");
+    assert!(
+        connect_tunnel(hbone, None, &target).await.is_err(),
+        "a client without a certificate is refused"
+    );
+    let foreign = foreign_svid("spiffe://evil.local/ns/mesh/sa/sa-a");
+    assert!(
+        connect_tunnel(hbone, Some(&foreign), &target).await.is_err(),
+        "a certificate from another trust domain is refused"
+    );
+    let svid = mesh_svid(&w, "sa-a").await;
+    assert_eq!(connect_tunnel(hbone, Some(&svid), &target).await, Ok(200));
+    for port in [15001, 15006, 15008] {
+        assert_eq!(
+            connect_tunnel(hbone, Some(&svid), &format!("{b_ip}:{port}")).await,
+            Ok(503),
+            "a tunnel to the proxy's own port {port}"
+        );
+    }
+    assert_eq!(
+        connect_tunnel(hbone, Some(&svid), &format!("{a_ip}:8080")).await,
+        Ok(400),
+        "a tunnel to an address other than the one dialled"
+    );
+
+    // The operator goes away: the sidecars keep their snapshot and certificates.
+    w.op.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..5 {
+        let (ok, body) = curl_svc_b(&w, &format!("/after-{i}"));
+        assert!(
+            ok && body.contains("hello from b-1"),
+            "request {i} with the operator down: {body}"
+        );
+    }
+}
+
+/// Certificates valid for 10 s (renewed every ~5 s) under a request loop: nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_traffic_drops_nothing() {
+    let w = two_pods(&[], &["--cert-validity", "10"]).await;
+    until_routed(&w).await;
+    let installed = |i: usize| {
+        w.pods[i]
+            .sidecar_log()
+            .matches("workload certificate installed")
+            .count()
+    };
+    let before = (installed(0), installed(1));
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0, Vec::new());
+    while started.elapsed() < Duration::from_secs(13) {
+        // New connections each time (curl), so new tunnels on the rotated certificates.
+        let (good, body) = curl_svc_b(&w, "/loop");
+        if good && body.contains("hello from b-1") {
+            ok += 1;
+        } else {
+            failed.push(body);
+        }
+    }
+    let after = (installed(0), installed(1));
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 20, "only {ok} requests in 13 s");
+    assert!(
+        after.0 >= before.0 + 2 && after.1 >= before.1 + 2,
+        "certificates were renewed during the loop: {before:?} -> {after:?}"
+    );
+}
+
+type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// Opens one HBONE tunnel by hand (TLS 1.3 + HTTP/2 CONNECT, accepting any server certificate):
+/// the CONNECT's status, or why there was none.
+async fn connect_tunnel(addr: std::net::SocketAddr, auth: Option<&ClientAuth>, authority: &str) -> Result<u16, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut cfg = match auth {
+        Some((chain, key)) => b.with_client_auth_cert(chain.clone(), key.clone_key()).unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let run = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(rustls_pki_types::ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.map_err(|e| format!("CONNECT: {e}"))?;
+        Ok(resp.status().as_u16())
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A well-formed SVID from a CA the mesh does not trust.
+fn foreign_svid(id: &str) -> ClientAuth {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    leaf.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (
+        vec![cert.der().clone(), ca_cert.der().clone()],
+        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    )
+}
+
+/// A real SVID for `sa` from the operator's CA.
+async fn mesh_svid(w: &World, sa: &str) -> ClientAuth {
+    use ferrum_proto::istio::v1::auth::IstioCertificateRequest;
+    use ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let addr = format!("{}:{}", w.op.host, w.op.ca.unwrap()).parse().unwrap();
+    let root = std::fs::read_to_string(&w.root).unwrap();
+    let mut ca = IstioCertificateServiceClient::new(tls_channel(addr, &w.op.host, &root).await);
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 600,
+        metadata: None,
+    });
+    let t = token(NS, sa, "ferrum-ca", 600, TOKEN_KEY);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    let chain = ca.create_certificate(req).await.unwrap().into_inner().cert_chain;
+    (
+        chain
+            .iter()
+            .map(|c| CertificateDer::from_pem_slice(c.as_bytes()).unwrap())
+            .collect(),
+        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    )
+}

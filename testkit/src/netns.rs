@@ -1,0 +1,126 @@
+//! Network namespaces as "pods" (root only): each with its own loopback, addresses, routes and
+//! iptables, joined by veth pairs — to a bridge on the host for several pods, or to one peer.
+
+use std::process::Command;
+
+/// Runs a command; panics with its stderr when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed (this test needs root, ip and iptables): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(role: &str) -> Netns {
+        let name = format!("ferrum-{role}-{}", crate::free_port());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command to run inside the namespace.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut all = vec!["ip", "netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// The nat table's chains and rules.
+    pub fn nat(&self) -> String {
+        self.exec(&["iptables-save", "-t", "nat"])
+            .lines()
+            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A bridge on the host with an address in a /24 (`<prefix>.1`), for pods to join; the host's
+/// processes (an operator, a CA) are reachable from the pods there. Bridged traffic skips the
+/// host's iptables. Deleted on drop.
+pub struct Bridge {
+    pub name: String,
+    /// e.g. `10.77.3`.
+    pub prefix: String,
+}
+
+impl Bridge {
+    pub fn new(prefix: &str) -> Bridge {
+        let name = format!("fbr{}", crate::free_port());
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "name",
+            &name,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+        ]);
+        let b = Bridge {
+            name,
+            prefix: prefix.to_string(),
+        };
+        sh(&["ip", "addr", "add", &format!("{prefix}.1/24"), "dev", &b.name]);
+        sh(&["ip", "link", "set", &b.name, "up"]);
+        b
+    }
+
+    pub fn host_ip(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// A pod at `<prefix>.<host>` with a default route via the bridge (so Service VIPs route
+    /// and can be captured). Returns the namespace and the host-side veth (for captures).
+    pub fn pod(&self, role: &str, host: u8) -> (Netns, String) {
+        let ns = Netns::new(role);
+        let tag = &ns.0[ns.0.len() - 5..];
+        let (inner, outer) = (format!("eth{tag}"), format!("vh{tag}"));
+        sh(&[
+            "ip", "link", "add", &inner, "netns", &ns.0, "type", "veth", "peer", "name", &outer,
+        ]);
+        sh(&["ip", "link", "set", &outer, "master", &self.name]);
+        sh(&["ip", "link", "set", &outer, "up"]);
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}.{host}/24", self.prefix),
+            "dev",
+            &inner,
+        ]);
+        ns.exec(&["ip", "link", "set", &inner, "up"]);
+        ns.exec(&["ip", "route", "add", "default", "via", &self.host_ip()]);
+        (ns, outer)
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.name]).status();
+    }
+}
