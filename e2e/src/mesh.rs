@@ -112,8 +112,8 @@ impl World {
         }
     }
 
-    /// A pod at `<bridge>.<host>` with the capture rules, known to the cluster (with its IP and,
-    /// when `mesh`, the label that says peers reach it over HBONE). Returns its index.
+    /// A pod at `<bridge>.<host>`, known to the cluster with its IP; when `mesh`, with the capture
+    /// rules and the label that says peers reach it over HBONE. Returns its index.
     pub fn pod(&mut self, name: &str, sa: &str, app_label: &str, host: u8, mesh: bool) -> usize {
         let (ns, veth) = self.bridge.pod(name, host);
         let ip = format!("{}.{host}", self.bridge.prefix);
@@ -123,7 +123,9 @@ impl World {
              spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
              status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
         ));
-        ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
+        if mesh {
+            ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
+        }
         let log = self.dir.path().join(format!("{name}.log"));
         self.pods.push(Pod {
             name: name.to_string(),

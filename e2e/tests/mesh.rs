@@ -176,6 +176,22 @@ async fn certificate_rotation_under_traffic_drops_nothing() {
     );
 }
 
+/// `make bench-mesh`'s harness, one short round: it runs and reports both paths.
+#[test]
+fn bench_mesh_harness_runs() {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("examples/bench_mesh");
+    assert!(bin.exists(), "{} is not built", bin.display());
+    let out = std::process::Command::new(&bin).arg("--smoke").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for path in ["direct", "hbone"] {
+        assert!(last[path]["rps"].as_f64().unwrap() > 0.0, "{path}: {last}");
+    }
+    assert_eq!(last["errors"], 0, "{last}");
+}
+
 type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// Opens one HBONE tunnel by hand (TLS 1.3 + HTTP/2 CONNECT, accepting any server certificate):

@@ -62,10 +62,20 @@ fn workload(p: &Pod) -> Option<Workload> {
     {
         ips.insert(0, ip);
     }
+    // The API server validates these; files and fuzzers do not.
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
     if ips.is_empty() {
         return None;
     }
     let spec = p.spec.as_ref();
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    // A workload must have an identity; names the API server would refuse give none.
+    format!("spiffe://x/ns/{ns}/sa/{service_account}")
+        .parse::<crate::identity::SpiffeId>()
+        .ok()?;
     let labels: BTreeMap<String, String> = meta.labels.clone().unwrap_or_default();
     let mut ports: Vec<u16> = spec
         .into_iter()
@@ -77,10 +87,7 @@ fn workload(p: &Pod) -> Option<Workload> {
     ports.dedup();
     Some(Workload {
         uid: meta.uid.clone().unwrap_or_else(|| format!("{ns}/{name}")),
-        service_account: spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        service_account,
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         hbone: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
         name,
@@ -178,11 +185,13 @@ fn from_slice(
                 .port?;
             Some((u16::try_from(sp.port).ok()?, u16::try_from(target).ok()?))
         })
+        .filter(|(s, t)| *s != 0 && *t != 0)
         .collect();
     e.endpoints
         .iter()
         .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .flat_map(|ep| &ep.addresses)
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
         .map(|a| MeshEndpoint {
             address: a.clone(),
             workload: None,
@@ -213,6 +222,7 @@ fn selected(
             let mapping = ports
                 .iter()
                 .filter_map(|sp| Some((u16::try_from(sp.port).ok()?, target_port(sp, p)?)))
+                .filter(|(s, t)| *s != 0 && *t != 0)
                 .collect();
             Some(MeshEndpoint {
                 address: w.ips[0].clone(),
