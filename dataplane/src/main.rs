@@ -457,6 +457,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
                     _ => args.role.clone(),
                 },
                 token: args.token.clone(),
+                token_file: (args.mesh.mode == Mode::Sidecar).then(|| args.mesh.token_file.clone()),
                 cache: Some(args.snapshot_cache.clone()),
             };
             let dp = dp.clone();

@@ -126,6 +126,17 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         "a tunnel to an address other than the one dialled"
     );
 
+    // Only pod B's workload may subscribe as pod B's sidecar.
+    let b_role = format!("sidecar/{NS}/b-1");
+    let a_token = token(NS, "sa-a", "ferrum-ca", 600, TOKEN_KEY);
+    let b_token = token(NS, "sa-b", "ferrum-ca", 600, TOKEN_KEY);
+    assert_eq!(subscribe(&w, &b_role, None).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(
+        subscribe(&w, &b_role, Some(&a_token)).await,
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(subscribe(&w, &b_role, Some(&b_token)).await, Ok(()));
+
     // The operator goes away: the sidecars keep their snapshot and certificates.
     w.op.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -190,6 +201,46 @@ fn bench_mesh_harness_runs() {
         assert!(last[path]["rps"].as_f64().unwrap() > 0.0, "{path}: {last}");
     }
     assert_eq!(last["errors"], 0, "{last}");
+}
+
+/// Subscribes to the operator with `role` and `token`: Ok once a snapshot arrives.
+async fn subscribe(w: &World, role: &str, token: Option<&str>) -> Result<(), tonic::Code> {
+    use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
+    use ferrum_proto::mesh::v1::{Hello, SubscribeRequest, subscribe_request, subscribe_response};
+    let ch = tonic::transport::Endpoint::from_shared(w.op.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = Hello {
+        node_id: format!("probe-{}", free_port()),
+        role: role.to_string(),
+        ..Default::default()
+    };
+    tx.send(SubscribeRequest {
+        message: Some(subscribe_request::Message::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let mut stream = MeshSubscribeClient::new(ch)
+        .subscribe(req)
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) if matches!(m.message, Some(subscribe_response::Message::Snapshot(_))) => return Ok(()),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(tonic::Code::Unknown),
+            Err(s) => return Err(s.code()),
+        }
+    }
 }
 
 type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);

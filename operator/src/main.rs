@@ -66,7 +66,8 @@ struct Args {
     /// The Secret (in --namespace) holding the CA's certificate and key.
     #[arg(long, default_value = "ferrum-ca")]
     ca_secret: String,
-    /// Audience the ServiceAccount tokens presented to the CA must carry.
+    /// Audience the ServiceAccount tokens presented to the CA (and by sidecars subscribing to
+    /// their snapshot) must carry.
     #[arg(long, default_value = "ferrum-ca")]
     ca_audience: String,
     /// Extra DNS names or IPs of the CA's serving certificate (it always has
@@ -222,7 +223,13 @@ async fn run(args: Args) -> ExitCode {
 
     let rediscover = Duration::from_secs(args.rediscover_seconds);
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
-    let pods = controller.stores.pods();
+    // Workloads prove who they are with their projected ServiceAccount token (TokenReview), to
+    // the CA and when they subscribe as a sidecar.
+    let workload_auth = Arc::new(ca::service::Kubernetes::new(
+        client.clone(),
+        args.ca_audience.clone(),
+        controller.stores.pods(),
+    ));
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
     if !args.ca_addr.is_empty() {
@@ -237,9 +244,9 @@ async fn run(args: Args) -> ExitCode {
         // identity in the mesh changes with it).
         let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
             .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
-        let (client, leader) = (client.clone(), leader.clone());
+        let (client, leader, auth) = (client.clone(), leader.clone(), workload_auth.clone());
         tokio::spawn(async move {
-            if let Err(e) = ca::run(settings, client, pods, trust_domain, leader).await {
+            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader).await {
                 tracing::error!("{e}");
             }
         });
@@ -250,6 +257,7 @@ async fn run(args: Args) -> ExitCode {
         publisher: publisher.clone(),
         proxies,
         token: args.token.clone(),
+        workload_auth,
         chunk: args.chunk_bytes as usize,
     };
     let server = tonic::transport::Server::builder()
@@ -287,7 +295,6 @@ fn ca_settings(args: &Args) -> Result<ca::Settings, String> {
         addr,
         namespace: ns.clone(),
         secret: args.ca_secret.clone(),
-        audience: args.ca_audience.clone(),
         names,
         node_proxies: args.ca_node_proxies.clone(),
         max_validity: Duration::from_secs(args.ca_max_validity),

@@ -25,7 +25,25 @@ pub struct Settings {
     pub node_id: String,
     pub role: String,
     pub token: Option<String>,
+    /// A projected ServiceAccount token (sidecars), re-read at every connection because the
+    /// kubelet rotates it; takes the place of `token`.
+    pub token_file: Option<PathBuf>,
     pub cache: Option<PathBuf>,
+}
+
+impl Settings {
+    fn bearer(&self) -> Option<String> {
+        match &self.token_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    tracing::warn!(path = %f.display(), error = %e, "cannot read the token file");
+                    None
+                }
+            },
+            None => self.token.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +126,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
     let send = |m| SubscribeRequest { message: Some(m) };
     let _ = tx.send(send(subscribe_request::Message::Hello(hello))).await;
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(t) = &s.token
+    if let Some(t) = s.bearer()
         && let Ok(v) = format!("Bearer {t}").parse()
     {
         req.metadata_mut().insert("authorization", v);

@@ -169,7 +169,6 @@ pub struct Settings {
     pub addr: std::net::SocketAddr,
     pub namespace: String,
     pub secret: String,
-    pub audience: String,
     /// DNS names and IPs of the CA's serving certificate.
     pub names: Vec<String>,
     pub node_proxies: Vec<String>,
@@ -181,7 +180,7 @@ pub struct Settings {
 pub async fn run(
     s: Settings,
     client: kube::Client,
-    pods: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod>,
+    auth: std::sync::Arc<service::Kubernetes>,
     trust_domain: String,
     leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), String> {
@@ -195,7 +194,7 @@ pub async fn run(
     let tls = tls::server_config(&chain, &key)?;
     let svc = service::CaService {
         ca: std::sync::Arc::new(ca),
-        auth: service::Kubernetes::new(client, s.audience, pods),
+        auth,
         trust_domain,
         node_proxies: s.node_proxies,
     };

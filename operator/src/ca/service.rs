@@ -120,6 +120,31 @@ impl Kubernetes {
     }
 }
 
+impl Kubernetes {
+    /// The service account of pod `namespace/name`, if the operator's cache has the pod.
+    pub fn pod_service_account(&self, namespace: &str, name: &str) -> Option<String> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        let pod = self.pods.get(&key)?;
+        Some(
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl<A: Authenticator> Authenticator for std::sync::Arc<A> {
+    async fn review(&self, token: &str) -> Result<Caller, Status> {
+        (**self).review(token).await
+    }
+    async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status> {
+        (**self).runs_on(id, node).await
+    }
+}
+
 #[tonic::async_trait]
 impl Authenticator for Kubernetes {
     async fn review(&self, token: &str) -> Result<Caller, Status> {

@@ -14,7 +14,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::publish::{Publisher, parse_role};
+use crate::ca::service::Authenticator;
+use crate::publish::{Publisher, Scope, parse_role};
 
 /// How often each side says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -90,7 +91,10 @@ pub fn now_ms() -> u64 {
 pub struct Service {
     pub publisher: Arc<Publisher>,
     pub proxies: Arc<Proxies>,
+    /// Shared bearer token of gateway proxies (`--token`).
     pub token: Option<String>,
+    /// Checks sidecars' ServiceAccount tokens.
+    pub workload_auth: Arc<crate::ca::service::Kubernetes>,
     /// Snapshot bodies go out in messages of at most this many bytes: gRPC buffers a whole
     /// message per stream (and keeps the buffer), which for 100 proxies and a 10,000-route
     /// snapshot was ~50 MiB held for nothing.
@@ -116,6 +120,33 @@ impl Drop for Registration {
     }
 }
 
+impl Service {
+    /// A sidecar proves it is its pod's workload with the pod's ServiceAccount token (a
+    /// TokenReview: the namespace and service account must be the pod's); every other role
+    /// presents the shared `--token`, when one is set.
+    async fn authorize(&self, role: &Scope, bearer: Option<&str>) -> Result<(), Status> {
+        if let Scope::Sidecar { namespace, pod } = role {
+            let token =
+                bearer.ok_or_else(|| Status::unauthenticated("a sidecar must present its ServiceAccount token"))?;
+            let caller = self.workload_auth.review(token).await?;
+            let Some(sa) = self.workload_auth.pod_service_account(namespace, pod) else {
+                return Err(Status::unavailable(format!("pod {namespace}/{pod} is not known (yet)")));
+            };
+            if caller.namespace != *namespace || caller.service_account != sa {
+                return Err(Status::permission_denied(format!(
+                    "the token is {}/{}, pod {namespace}/{pod} runs as {namespace}/{sa}",
+                    caller.namespace, caller.service_account
+                )));
+            }
+            return Ok(());
+        }
+        match &self.token {
+            Some(t) if bearer != Some(t.as_str()) => Err(Status::unauthenticated("a valid bearer token is required")),
+            _ => Ok(()),
+        }
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -123,12 +154,12 @@ impl MeshSubscribe for Service {
     type SubscribeStream = ResponseStream;
 
     async fn subscribe(&self, req: Request<Streaming<SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
-        if let Some(token) = &self.token {
-            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-            if given != Some(&format!("Bearer {token}")) {
-                return Err(Status::unauthenticated("a valid bearer token is required"));
-            }
-        }
+        let bearer = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
@@ -141,6 +172,7 @@ impl MeshSubscribe for Service {
             return Err(Status::invalid_argument("hello.node_id is empty"));
         }
         let role = parse_role(&hello.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authorize(&role, bearer.as_deref()).await?;
         let now = now_ms();
         let reg = self.proxies.register(ProxyState {
             node_id: hello.node_id.clone(),
