@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -79,6 +79,12 @@ bench-operator: e2e-deps
 	cargo build --release -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_operator
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator
+
+## The operator for the mesh: 10k Services, 5k Pods, 1k sidecars with tokens; a pod change reaching them all.
+bench-operator-mesh: e2e-deps
+	cargo build --release -p ferrum-operator --bins
+	cargo build --release -p ferrum-e2e --example bench_operator
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator --mesh
 
 ## xDS at scale: 1,000 ADS clients on a 5,000-service snapshot (see bench/README.md).
 bench-xds: e2e-deps

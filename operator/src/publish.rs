@@ -152,6 +152,7 @@ impl Publisher {
                     problems: vec![],
                     attachments: vec![],
                     gateways: vec![],
+                    digests: Default::default(),
                 }),
                 translate_ms: 0,
                 full_translate_ms: 0,
@@ -262,7 +263,7 @@ impl Publisher {
         if st.generation != cur.generation {
             let next = match &mut st.incremental {
                 Some(inc) => inc.translate(&cur.resources, cur.generation).snapshot,
-                None => cur.full.snapshot.mesh_view(),
+                None => cur.full.snapshot.mesh_view(&cur.full.digests),
             };
             match &st.snapshot {
                 Some(prev) if prev.hash == next.hash => {}

@@ -47,6 +47,20 @@ pub struct PartDigests {
     /// Per listener, per virtual host.
     pub virtual_hosts: Vec<Vec<Digest>>,
     pub clusters: Vec<Digest>,
+    pub workloads: Vec<Digest>,
+    pub services: Vec<Digest>,
+}
+
+impl Workload {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
+}
+
+impl MeshService {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
 }
 
 fn digest_json<T: Serialize + ?Sized>(v: &T) -> Digest {
@@ -162,9 +176,21 @@ impl Snapshot {
         self.is_newer_schema() || self.content_hash() == self.hash
     }
 
-    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters.
-    pub fn mesh_view(&self) -> Snapshot {
-        Snapshot::new(self.version, Vec::new(), Vec::new()).with_mesh(self.workloads.clone(), self.services.clone())
+    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters. `d`
+    /// are this snapshot's part digests (the translator keeps them), so nothing is re-hashed.
+    pub fn mesh_view(&self, d: &PartDigests) -> Snapshot {
+        let mesh = PartDigests {
+            workloads: d.workloads.clone(),
+            services: d.services.clone(),
+            ..PartDigests::default()
+        };
+        Snapshot::with_digests(
+            self.version,
+            Vec::new(),
+            Vec::new(),
+            (self.workloads.clone(), self.services.clone()),
+            &mesh,
+        )
     }
 
     /// Builds a snapshot whose parts' digests are already known (they must be this content's).
@@ -175,7 +201,7 @@ impl Snapshot {
         (workloads, services): (Vec<Arc<Workload>>, Vec<Arc<MeshService>>),
         d: &PartDigests,
     ) -> Self {
-        let hash = hash_from(&listeners, d, &workloads, &services);
+        let hash = hash_from(&listeners, d);
         Snapshot {
             version,
             schema: SCHEMA,
@@ -191,7 +217,7 @@ impl Snapshot {
     /// the listeners, virtual hosts, routes and clusters, so a producer that keeps part digests
     /// re-hashes only what changed, while any consumer can recompute it from the content alone.
     pub fn content_hash(&self) -> String {
-        hash_from(&self.listeners, &self.digests(), &self.workloads, &self.services)
+        hash_from(&self.listeners, &self.digests())
     }
 
     /// A copy that is safe to show (admin views, dumps, logs): inline private keys replaced by
@@ -216,6 +242,8 @@ impl Snapshot {
                 .map(|l| l.virtual_hosts.iter().map(|v| v.digest()).collect())
                 .collect(),
             clusters: self.clusters.iter().map(|c| c.digest()).collect(),
+            workloads: self.workloads.iter().map(|w| w.digest()).collect(),
+            services: self.services.iter().map(|s| s.digest()).collect(),
         }
     }
 
@@ -224,12 +252,7 @@ impl Snapshot {
     }
 }
 
-fn hash_from(
-    listeners: &[Listener],
-    d: &PartDigests,
-    workloads: &[Arc<Workload>],
-    services: &[Arc<MeshService>],
-) -> String {
+fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
     let mut top = Sha256::new();
     top.update(b"ferrum-snapshot/2\0listeners\0");
     for (l, vhosts) in listeners.iter().zip(&d.virtual_hosts) {
@@ -245,14 +268,14 @@ fn hash_from(
         top.update(c);
     }
     // Only when present, so gateway snapshots keep the hashes they had before the mesh existed.
-    if !workloads.is_empty() || !services.is_empty() {
+    if !d.workloads.is_empty() || !d.services.is_empty() {
         top.update(b"\0workloads\0");
-        for w in workloads {
-            top.update(digest_json(w));
+        for w in &d.workloads {
+            top.update(w);
         }
         top.update(b"\0services\0");
-        for s in services {
-            top.update(digest_json(s));
+        for s in &d.services {
+            top.update(s);
         }
     }
     hex::encode(top.finalize())

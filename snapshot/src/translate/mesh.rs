@@ -7,9 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::mesh::{MeshEndpoint, MeshService, ServicePort, Workload};
+use crate::model::Digest;
 use crate::resources::Resources;
 
 /// The DNS domain of Service host names.
@@ -19,25 +21,102 @@ pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 pub(crate) type Mesh = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
 
-pub(crate) fn build(res: &Resources) -> Mesh {
-    let workloads: Vec<Arc<Workload>> = {
-        let mut v: Vec<Arc<Workload>> = res.pods.iter().filter_map(|p| workload(p)).map(Arc::new).collect();
-        v.sort_by(|a, b| a.uid.cmp(&b.uid));
-        v.dedup_by(|a, b| a.uid == b.uid);
-        v
-    };
+/// What the last build made, by the address of the objects it came from: objects the operator's
+/// caches hand out unchanged are the same `Arc`, so their parts (and digests) are reused.
+#[derive(Default)]
+pub(crate) struct MeshMemo {
+    pods: HashMap<usize, (Arc<Pod>, Option<(Arc<Workload>, Digest)>)>,
+    services: HashMap<usize, ServiceMemo>,
+}
+
+struct ServiceMemo {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    built: Option<(Arc<MeshService>, Digest)>,
+}
+
+fn addr<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as usize
+}
+
+/// The mesh collections (in key order) and their digests, reusing what `memo` has.
+pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> (Mesh, (Vec<Digest>, Vec<Digest>)) {
+    let mut pods = HashMap::with_capacity(res.pods.len());
+    let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
+    for p in &res.pods {
+        let w = match memo.pods.remove(&addr(p)) {
+            Some((same, w)) if Arc::ptr_eq(&same, p) => w,
+            _ => workload(p).map(|w| {
+                let d = w.digest();
+                (Arc::new(w), d)
+            }),
+        };
+        built.extend(w.clone());
+        pods.insert(addr(p), (p.clone(), w));
+    }
+    memo.pods = pods;
+    built.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+    built.dedup_by(|a, b| a.0.uid == b.0.uid);
+    let (workloads, workload_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
     let by_ip: HashMap<&str, &Workload> = workloads
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (ip.as_str(), &**w)))
         .collect();
-    let mut services: Vec<Arc<MeshService>> = res
-        .services
-        .iter()
-        .filter_map(|s| service(s, res, &by_ip))
-        .map(Arc::new)
-        .collect();
-    services.sort_by(|a, b| a.key.cmp(&b.key));
-    (workloads, services)
+    // Slices by (namespace, Service name), so each Service finds its own without a scan.
+    let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+    for e in &res.endpoint_slices {
+        if let Some(svc) = e
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        {
+            let ns = e.metadata.namespace.as_deref().unwrap_or("default");
+            slices.entry((ns, svc.as_str())).or_default().push(e);
+        }
+    }
+    let mut services_memo = HashMap::with_capacity(res.services.len());
+    let mut built: Vec<(Arc<MeshService>, Digest)> = Vec::with_capacity(res.services.len());
+    for svc in &res.services {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or("");
+        let own: Vec<Arc<EndpointSlice>> = slices
+            .get(&(ns, name))
+            .map(|v| v.iter().map(|e| (*e).clone()).collect())
+            .unwrap_or_default();
+        let reuse = memo.services.remove(&addr(svc)).filter(|m| {
+            // From the selector, endpoints depend on every pod: only slices make it reusable.
+            Arc::ptr_eq(&m.service, svc)
+                && !own.is_empty()
+                && m.slices.len() == own.len()
+                && m.slices.iter().zip(&own).all(|(a, b)| Arc::ptr_eq(a, b))
+                && m.built.as_ref().is_none_or(|(s, _)| {
+                    s.endpoints
+                        .iter()
+                        .all(|e| by_ip.get(e.address.as_str()).map(|w| w.uid.as_str()) == e.workload.as_deref())
+                })
+        });
+        let made = match reuse {
+            Some(m) => m.built,
+            None => service(svc, res, &own, &by_ip).map(|s| {
+                let d = s.digest();
+                (Arc::new(s), d)
+            }),
+        };
+        built.extend(made.clone());
+        services_memo.insert(
+            addr(svc),
+            ServiceMemo {
+                service: svc.clone(),
+                slices: own,
+                built: made,
+            },
+        );
+    }
+    memo.services = services_memo;
+    built.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    let (services, service_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
+    ((workloads, services), (workload_digests, service_digests))
 }
 
 fn workload(p: &Pod) -> Option<Workload> {
@@ -107,7 +186,12 @@ fn pod_ready(p: &Pod) -> bool {
         .is_none_or(|c| c.status == "True")
 }
 
-fn service(s: &Service, res: &Resources, by_ip: &HashMap<&str, &Workload>) -> Option<MeshService> {
+fn service(
+    s: &Service,
+    res: &Resources,
+    slices: &[Arc<EndpointSlice>],
+    by_ip: &HashMap<&str, &Workload>,
+) -> Option<MeshService> {
     let (ns, name) = (
         s.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         s.metadata.name.clone()?,
@@ -139,18 +223,6 @@ fn service(s: &Service, res: &Resources, by_ip: &HashMap<&str, &Workload>) -> Op
         vips.insert(0, ip.clone());
     }
     vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
-    let slices: Vec<_> = res
-        .endpoint_slices
-        .iter()
-        .filter(|e| {
-            e.metadata.namespace.as_deref().unwrap_or("default") == ns
-                && e.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .is_some_and(|n| *n == name)
-        })
-        .collect();
     let mut endpoints: Vec<MeshEndpoint> = if slices.is_empty() {
         selected(spec.selector.as_ref(), &ns, &tcp, res)
     } else {
@@ -287,7 +359,7 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
     fn pods_become_workloads_and_selectors_resolve_named_ports_per_pod() {
         let mut r = Resources::default();
         r.add_yaml("mesh.yaml", MESH).unwrap();
-        let (workloads, services) = build(&r);
+        let ((workloads, services), _) = build(&r, &mut MeshMemo::default());
         assert_eq!(
             workloads.iter().map(|w| w.uid.as_str()).collect::<Vec<_>>(),
             ["shop/b-2", "shop/b-3", "u-b1"],
@@ -326,6 +398,30 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
         );
     }
 
+    /// The operator's path: objects shared between translations are reused with their digests,
+    /// and the hash (of the whole and of a sidecar's view) is still what a consumer recomputes.
+    #[test]
+    fn reused_parts_keep_hashes_a_consumer_can_check() {
+        let mut r = Resources::default();
+        r.add_yaml("mesh.yaml", MESH).unwrap();
+        let mut inc = crate::Incremental::new(Default::default());
+        let first = inc.translate(&r, 1);
+        assert_eq!(first.snapshot.hash, first.snapshot.content_hash());
+        // Same objects again: the very same parts come back.
+        let again = inc.translate(&r, 2);
+        assert!(Arc::ptr_eq(&first.snapshot.workloads[0], &again.snapshot.workloads[0]));
+        // One pod changes (a new object, as a watch delivers it).
+        let mut pod = (*r.pods[0]).clone();
+        pod.metadata.labels.get_or_insert_default().insert("version".into(), "v2".into());
+        r.pods[0] = Arc::new(pod);
+        let next = inc.translate(&r, 3);
+        assert_ne!(next.snapshot.hash, again.snapshot.hash);
+        assert_eq!(next.snapshot.hash, next.snapshot.content_hash());
+        let view = next.snapshot.mesh_view(&next.digests);
+        assert_eq!(view.hash, view.content_hash());
+        assert!(view.listeners.is_empty() && view.workloads.len() == 3);
+    }
+
     #[test]
     fn endpoint_slices_win_over_the_selector() {
         let mut r = Resources::default();
@@ -343,7 +439,7 @@ endpoints: [{{addresses: [10.0.0.3]}}, {{addresses: [10.0.0.9], conditions: {{re
             ),
         )
         .unwrap();
-        let (_, services) = build(&r);
+        let ((_, services), _) = build(&r, &mut MeshMemo::default());
         let e = &services[0].endpoints;
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!((e[0].address.as_str(), e[0].target_port(80)), ("10.0.0.3", Some(7000)));

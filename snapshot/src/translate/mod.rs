@@ -106,6 +106,8 @@ pub struct Translation {
     pub attachments: Vec<Attachment>,
     /// Gateways that were served (their class is ours), for status.
     pub gateways: Vec<ObjectRef>,
+    /// The snapshot's part digests, so views of it (a sidecar's) need no re-hashing.
+    pub digests: PartDigests,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -189,6 +191,8 @@ pub struct Incremental {
     next_id: u64,
     /// The Services of the last translation (held: their addresses are compared).
     services: Vec<Arc<k8s_openapi::api::core::v1::Service>>,
+    /// Workloads and mesh services of the last translation, for reuse.
+    mesh: mesh::MeshMemo,
     stats: Stats,
 }
 
@@ -265,6 +269,7 @@ impl Incremental {
             clusters: Default::default(),
             next_id: 0,
             services: Vec::new(),
+            mesh: Default::default(),
             stats: Stats::default(),
         }
     }
@@ -320,17 +325,20 @@ impl Incremental {
         let mut attachments = problems.attachments;
         attachments.sort();
         // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
-        let mesh = if self.opts.gateway.is_none() {
-            mesh::build(res)
+        let (mesh, (workload_digests, service_digests)) = if self.opts.gateway.is_none() {
+            mesh::build(res, &mut self.mesh)
         } else {
             Default::default()
         };
         let digests = PartDigests {
             virtual_hosts: vhost_digests,
             clusters: cluster_digests,
+            workloads: workload_digests,
+            services: service_digests,
         };
         Translation {
             snapshot: Snapshot::with_digests(version, listeners, clusters, mesh, &digests),
+            digests,
             problems: list,
             attachments,
             gateways: served_gateways,
