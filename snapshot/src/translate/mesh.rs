@@ -25,15 +25,18 @@ pub(crate) type Mesh = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
 /// caches hand out unchanged are the same `Arc`, so their parts (and digests) are reused.
 #[derive(Default)]
 pub(crate) struct MeshMemo {
-    pods: HashMap<usize, (Arc<Pod>, Option<(Arc<Workload>, Digest)>)>,
+    pods: HashMap<usize, (Arc<Pod>, Option<Part<Workload>>)>,
     services: HashMap<usize, ServiceMemo>,
 }
 
 struct ServiceMemo {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
-    built: Option<(Arc<MeshService>, Digest)>,
+    built: Option<Part<MeshService>>,
 }
+
+/// A built part and its digest.
+type Part<T> = (Arc<T>, Digest);
 
 fn addr<T>(a: &Arc<T>) -> usize {
     Arc::as_ptr(a) as usize
@@ -412,7 +415,10 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
         assert!(Arc::ptr_eq(&first.snapshot.workloads[0], &again.snapshot.workloads[0]));
         // One pod changes (a new object, as a watch delivers it).
         let mut pod = (*r.pods[0]).clone();
-        pod.metadata.labels.get_or_insert_default().insert("version".into(), "v2".into());
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("version".into(), "v2".into());
         r.pods[0] = Arc::new(pod);
         let next = inc.translate(&r, 3);
         assert_ne!(next.snapshot.hash, again.snapshot.hash);
