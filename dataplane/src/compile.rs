@@ -66,11 +66,17 @@ pub enum CompileError {
 pub struct Compiler {
     registry: Arc<Registry>,
     workers: usize,
+    /// The pod a sidecar serves (its inbound policies are compiled for it).
+    pub me: std::sync::OnceLock<crate::mesh::index::Me>,
 }
 
 impl Compiler {
     pub fn new(registry: Arc<Registry>, workers: usize) -> Self {
-        Compiler { registry, workers }
+        Compiler {
+            registry,
+            workers,
+            me: Default::default(),
+        }
     }
 
     /// Compiles `snap`, reusing cluster runtimes of `previous` whose spec is unchanged (pools,
@@ -130,7 +136,7 @@ impl Compiler {
             );
         }
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap),
+            mesh: MeshIndex::build(&snap, self.me.get()),
             snapshot: Arc::new(snap),
             listeners,
             clusters,

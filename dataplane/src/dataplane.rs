@@ -49,6 +49,11 @@ impl Dataplane {
         })
     }
 
+    /// Sidecar mode: the pod this proxy serves, before the first snapshot is applied.
+    pub fn set_workload(&self, namespace: String, pod: String) {
+        let _ = self.compiler.me.set((namespace, pod));
+    }
+
     pub fn set_status(&self, status: serde_json::Map<String, serde_json::Value>) {
         *self.status.lock().unwrap() = status;
     }

@@ -388,6 +388,12 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     };
     let drain_timeout = limits.drain_timeout;
     let dp = Dataplane::new(limits, workers.clone());
+    // Its own policies are compiled into every snapshot, the cached one included.
+    if args.mesh.mode == Mode::Sidecar
+        && let (Some(ns), Some(pod)) = (&args.mesh.pod_namespace, &args.mesh.pod_name)
+    {
+        dp.set_workload(ns.clone(), pod.clone());
+    }
     let admin = match admin::bind(args.admin_addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -182,6 +182,7 @@ impl Registry {
             ("inbound", "hbone", &m.inbound_hbone),
             ("inbound", "plaintext", &m.inbound_plaintext),
             ("inbound", "refused", &m.inbound_refused),
+            ("inbound", "denied", &m.inbound_denied),
         ] {
             let _ = writeln!(
                 out,

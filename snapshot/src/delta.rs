@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::Changes;
-use crate::model::{Cluster, Listener, MeshService, SCHEMA, Snapshot, VirtualHost, Workload};
+use crate::model::{AuthzPolicy, Cluster, Listener, Mesh, MeshService, SCHEMA, Snapshot, VirtualHost, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -41,6 +41,8 @@ pub struct Delta {
     pub workloads: Changes<Workload>,
     #[serde(default, skip_serializing_if = "Changes::is_empty")]
     pub services: Changes<MeshService>,
+    #[serde(default, skip_serializing_if = "Changes::is_empty")]
+    pub policies: Changes<AuthzPolicy>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -121,6 +123,7 @@ impl Delta {
         d.clusters = Changes::between(&base.clusters, &target.clusters);
         d.workloads = Changes::between(&base.workloads, &target.workloads);
         d.services = Changes::between(&base.services, &target.services);
+        d.policies = Changes::between(&base.policies, &target.policies);
         d
     }
 
@@ -132,6 +135,7 @@ impl Delta {
             && self.clusters.is_empty()
             && self.workloads.is_empty()
             && self.services.is_empty()
+            && self.policies.is_empty()
     }
 
     /// The target snapshot, built from `base` and this delta, checked against the target hash.
@@ -185,10 +189,11 @@ impl Delta {
             })
             .collect();
         out.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-        let mut snap = Snapshot::new(self.version, out, self.clusters.apply(&base.clusters)).with_mesh(
-            self.workloads.apply(&base.workloads),
-            self.services.apply(&base.services),
-        );
+        let mut snap = Snapshot::new(self.version, out, self.clusters.apply(&base.clusters)).with_mesh(Mesh {
+            workloads: self.workloads.apply(&base.workloads),
+            services: self.services.apply(&base.services),
+            policies: self.policies.apply(&base.policies),
+        });
         if self.schema > SCHEMA {
             // Parts this build does not know were dropped: the producer's hash names the content.
             snap.schema = self.schema;

@@ -9,6 +9,7 @@
 pub mod crd;
 pub mod delta;
 pub mod identity;
+pub mod istio;
 pub mod mesh;
 pub mod model;
 pub mod resources;
@@ -27,5 +28,6 @@ pub use validate::{InvalidSnapshot, validate};
 pub const ROOT_NAMESPACE: &str = "ferrum-system";
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 pub const FERRUM_GROUP: &str = "ferrum.dev";
+pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
 /// `spec.controllerName` of the GatewayClasses Ferrum serves.
 pub const CONTROLLER_NAME: &str = "ferrum.dev/gateway-controller";

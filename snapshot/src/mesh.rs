@@ -51,6 +51,57 @@ impl Keyed for Workload {
     }
 }
 
+/// An AuthorizationPolicy, resolved: who it selects and its rules as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzPolicy {
+    /// `namespace/name`.
+    pub key: String,
+    pub namespace: String,
+    /// Labels a workload must have; absent: every workload of the namespace (of the mesh, in
+    /// the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: AuthzAction,
+    /// Empty: the policy matches nothing.
+    pub rules: Vec<crate::istio::Rule>,
+    /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl AuthzPolicy {
+    pub fn applies_to(&self, w: &Workload) -> bool {
+        (self.namespace == w.namespace || self.namespace == crate::ROOT_NAMESPACE)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+}
+
+impl Keyed for AuthzPolicy {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The mesh collections of a snapshot, each in key order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mesh {
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<MeshService>>,
+    pub policies: Vec<Arc<AuthzPolicy>>,
+}
+
 /// A Kubernetes Service as the mesh sees it: its virtual IPs and ports, and the workloads
 /// behind each port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::mesh::{Keyed, MeshEndpoint, MeshService, ServicePort, Workload};
+pub use crate::mesh::{AuthzPolicy, Keyed, Mesh, MeshEndpoint, MeshService, ServicePort, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub workloads: Vec<Arc<Workload>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Arc<MeshService>>,
+    /// AuthorizationPolicies, in key order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Arc<AuthzPolicy>>,
 }
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
@@ -49,6 +52,7 @@ pub struct PartDigests {
     pub clusters: Vec<Digest>,
     pub workloads: Vec<Digest>,
     pub services: Vec<Digest>,
+    pub policies: Vec<Digest>,
 }
 
 impl Workload {
@@ -58,6 +62,12 @@ impl Workload {
 }
 
 impl MeshService {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
+}
+
+impl AuthzPolicy {
     pub fn digest(&self) -> Digest {
         digest_json(self)
     }
@@ -152,17 +162,28 @@ impl Snapshot {
             clusters,
             workloads: Vec::new(),
             services: Vec::new(),
+            policies: Vec::new(),
         };
         s.hash = s.content_hash();
         s
     }
 
-    /// This snapshot with the mesh collections (each in key order), re-hashed.
-    pub fn with_mesh(mut self, workloads: Vec<Arc<Workload>>, services: Vec<Arc<MeshService>>) -> Self {
-        self.workloads = workloads;
-        self.services = services;
+    /// This snapshot with the mesh collections, re-hashed.
+    pub fn with_mesh(mut self, mesh: Mesh) -> Self {
+        self.workloads = mesh.workloads;
+        self.services = mesh.services;
+        self.policies = mesh.policies;
         self.hash = self.content_hash();
         self
+    }
+
+    /// The mesh collections (shared, not copied).
+    pub fn mesh(&self) -> Mesh {
+        Mesh {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            policies: self.policies.clone(),
+        }
     }
 
     /// Whether this snapshot came from a producer newer than this build (see [`Snapshot::schema`]).
@@ -179,18 +200,13 @@ impl Snapshot {
     /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters. `d`
     /// are this snapshot's part digests (the translator keeps them), so nothing is re-hashed.
     pub fn mesh_view(&self, d: &PartDigests) -> Snapshot {
-        let mesh = PartDigests {
+        let digests = PartDigests {
             workloads: d.workloads.clone(),
             services: d.services.clone(),
+            policies: d.policies.clone(),
             ..PartDigests::default()
         };
-        Snapshot::with_digests(
-            self.version,
-            Vec::new(),
-            Vec::new(),
-            (self.workloads.clone(), self.services.clone()),
-            &mesh,
-        )
+        Snapshot::with_digests(self.version, Vec::new(), Vec::new(), self.mesh(), &digests)
     }
 
     /// Builds a snapshot whose parts' digests are already known (they must be this content's).
@@ -198,7 +214,7 @@ impl Snapshot {
         version: u64,
         listeners: Vec<Listener>,
         clusters: Vec<Arc<Cluster>>,
-        (workloads, services): (Vec<Arc<Workload>>, Vec<Arc<MeshService>>),
+        mesh: Mesh,
         d: &PartDigests,
     ) -> Self {
         let hash = hash_from(&listeners, d);
@@ -208,8 +224,9 @@ impl Snapshot {
             hash,
             listeners,
             clusters,
-            workloads,
-            services,
+            workloads: mesh.workloads,
+            services: mesh.services,
+            policies: mesh.policies,
         }
     }
 
@@ -244,6 +261,7 @@ impl Snapshot {
             clusters: self.clusters.iter().map(|c| c.digest()).collect(),
             workloads: self.workloads.iter().map(|w| w.digest()).collect(),
             services: self.services.iter().map(|s| s.digest()).collect(),
+            policies: self.policies.iter().map(|p| p.digest()).collect(),
         }
     }
 
@@ -268,7 +286,7 @@ fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
         top.update(c);
     }
     // Only when present, so gateway snapshots keep the hashes they had before the mesh existed.
-    if !d.workloads.is_empty() || !d.services.is_empty() {
+    if !d.workloads.is_empty() || !d.services.is_empty() || !d.policies.is_empty() {
         top.update(b"\0workloads\0");
         for w in &d.workloads {
             top.update(w);
@@ -276,6 +294,12 @@ fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
         top.update(b"\0services\0");
         for s in &d.services {
             top.update(s);
+        }
+    }
+    if !d.policies.is_empty() {
+        top.update(b"\0policies\0");
+        for p in &d.policies {
+            top.update(p);
         }
     }
     hex::encode(top.finalize())

@@ -14,6 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
+use crate::istio::AuthorizationPolicy;
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -52,6 +53,8 @@ pub struct Resources {
     /// Workloads and their identities (the mesh reads these; gateways do not).
     pub pods: Vec<Arc<Pod>>,
     pub service_accounts: Vec<Arc<ServiceAccount>>,
+    /// Istio security policies (security.istio.io, v1 or v1beta1).
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -199,11 +202,12 @@ impl Resources {
             "MeshConfig" => ("MeshConfig", crate::FERRUM_GROUP),
             "Pod" => ("Pod", ""),
             "ServiceAccount" => ("ServiceAccount", ""),
+            "AuthorizationPolicy" => ("AuthorizationPolicy", crate::ISTIO_SECURITY_GROUP),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount"
+                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy"
                 )));
             }
         };
@@ -251,6 +255,7 @@ impl Resources {
             "MeshConfig" => push!(mesh_configs),
             "Pod" => push!(pods),
             "ServiceAccount" => push!(service_accounts),
+            "AuthorizationPolicy" => push!(authorization_policies),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());

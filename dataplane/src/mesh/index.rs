@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{MeshService, Workload};
 
+use super::policy::Authorizer;
+
 /// One Service port and the endpoints that serve it.
 pub struct ServiceTarget {
     pub service: Arc<MeshService>,
@@ -45,10 +47,35 @@ pub enum Destination<'a> {
 pub struct MeshIndex {
     services: HashMap<SocketAddr, ServiceTarget>,
     workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
+    pub inbound: Authorizer,
+}
+
+/// The pod a sidecar serves: `(namespace, name)`.
+pub type Me = (String, String);
+
+/// Our own workload as the snapshot has it; before the snapshot knows the pod, one without
+/// labels (namespace-wide and mesh-wide policies still apply).
+fn own_workload(snap: &Snapshot, me: &Me) -> Workload {
+    snap.workloads
+        .iter()
+        .find(|w| w.namespace == me.0 && w.name == me.1)
+        .map(|w| (**w).clone())
+        .unwrap_or_else(|| Workload {
+            uid: format!("{}/{}", me.0, me.1),
+            name: me.1.clone(),
+            namespace: me.0.clone(),
+            service_account: "default".into(),
+            node: String::new(),
+            ips: Vec::new(),
+            labels: Default::default(),
+            ports: Vec::new(),
+            hbone: true,
+        })
 }
 
 impl MeshIndex {
-    pub fn build(snap: &Snapshot) -> MeshIndex {
+    pub fn build(snap: &Snapshot, me: Option<&Me>) -> MeshIndex {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
         for w in &snap.workloads {
@@ -87,7 +114,14 @@ impl MeshIndex {
                 }
             }
         }
-        MeshIndex { services, workloads }
+        let inbound = me
+            .map(|me| Authorizer::for_workload(&snap.policies, &own_workload(snap, me)))
+            .unwrap_or_default();
+        MeshIndex {
+            services,
+            workloads,
+            inbound,
+        }
     }
 
     pub fn destination(&self, dst: SocketAddr) -> Destination<'_> {
@@ -121,7 +155,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap);
+        let m = MeshIndex::build(&snap, None);
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
         };

@@ -5,4 +5,5 @@ pub mod capture;
 pub mod hbone;
 pub mod identity;
 pub mod index;
+pub mod policy;
 pub mod sidecar;

@@ -19,7 +19,9 @@ use tokio::runtime::Handle;
 use super::hbone::{self, Dial, Inbound, PROXY_PORTS, TunnelRequest};
 use super::identity::Identity;
 use super::index::Destination;
+use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
+use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
 pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
@@ -50,6 +52,8 @@ pub struct MeshStats {
     pub inbound_plaintext: AtomicU64,
     /// Plaintext refused (STRICT) or aimed at a proxy port.
     pub inbound_refused: AtomicU64,
+    /// Denied by an AuthorizationPolicy.
+    pub inbound_denied: AtomicU64,
     /// From clients towards servers, and back.
     pub bytes_forward: AtomicU64,
     pub bytes_back: AtomicU64,
@@ -64,24 +68,44 @@ pub struct Sidecar {
     draining: AtomicBool,
 }
 
-/// The local application, as the inbound side reaches it.
+/// The local application, as the inbound side reaches it, and who may.
 pub struct App {
+    dp: Arc<Dataplane>,
     stats: Arc<MeshStats>,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
 
+impl App {
+    /// The workload's AuthorizationPolicies on one inbound connection.
+    fn authorize(&self, peer: Option<&SpiffeId>, source: IpAddr, destination: SocketAddr) -> bool {
+        let cfg = self.dp.shared.config.load();
+        let c = Connection {
+            peer,
+            source,
+            destination,
+        };
+        match cfg.mesh.inbound.check(&c) {
+            Decision::Allow => true,
+            Decision::Deny(why) => {
+                self.stats.inbound_denied.fetch_add(1, Relaxed);
+                tracing::info!(peer = ?peer.map(|p| p.to_string()), %source, %destination, policy = %why, "connection denied");
+                false
+            }
+        }
+    }
+}
+
 impl Inbound for App {
-    fn allow(&self, _req: &TunnelRequest) -> bool {
-        // AuthorizationPolicy comes with the policy work; until then every mesh peer may connect.
-        true
+    fn allow(&self, req: &TunnelRequest) -> bool {
+        self.authorize(Some(&req.peer), req.source.ip(), req.target)
     }
 
     async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
         connect_app(target, self.connect_timeout).await
     }
 
-    async fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &ferrum_snapshot::identity::SpiffeId) {
+    async fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &SpiffeId) {
         self.stats.inbound_hbone.fetch_add(1, Relaxed);
         let r = relay(tunnel, app, self.idle_timeout, &self.stats).await;
         tracing::debug!(%peer, ?r, "inbound tunnel closed");
@@ -138,6 +162,7 @@ impl Sidecar {
     pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
         Arc::new(Sidecar {
             app: Arc::new(App {
+                dp: dp.clone(),
                 stats: dp.shared.registry.mesh.clone(),
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
@@ -202,6 +227,9 @@ impl Sidecar {
         if !self.settings.inbound_plaintext || PROXY_PORTS.contains(&dst.port()) {
             stats.inbound_refused.fetch_add(1, Relaxed);
             return tracing::debug!(%peer, %dst, "plaintext inbound refused");
+        }
+        if !self.app.authorize(None, peer.ip(), dst) {
+            return;
         }
         let _ = tcp.set_nodelay(true);
         match connect_app(dst, self.settings.connect_timeout).await {

@@ -19,7 +19,7 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The label Istio's injector sets on pods that have a mesh proxy (peers then use mTLS/HBONE).
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
-pub(crate) type Mesh = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
+pub(crate) type Parts = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
 
 /// What the last build made, by the address of the objects it came from: objects the operator's
 /// caches hand out unchanged are the same `Arc`, so their parts (and digests) are reused.
@@ -43,7 +43,7 @@ fn addr<T>(a: &Arc<T>) -> usize {
 }
 
 /// The mesh collections (in key order) and their digests, reusing what `memo` has.
-pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> (Mesh, (Vec<Digest>, Vec<Digest>)) {
+pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> (Parts, (Vec<Digest>, Vec<Digest>)) {
     let mut pods = HashMap::with_capacity(res.pods.len());
     let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
     for p in &res.pods {

@@ -12,6 +12,7 @@ mod hostname;
 mod httproute;
 mod listeners;
 mod mesh;
+mod policy;
 
 use std::any::Any;
 use std::fmt;
@@ -320,21 +321,32 @@ impl Incremental {
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;
+        let (policies, policy_digests) = if self.opts.gateway.is_none() {
+            policy::build(&res.authorization_policies, &mut problems)
+        } else {
+            Default::default()
+        };
         let mut list = problems.list;
         list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let mut attachments = problems.attachments;
         attachments.sort();
         // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
-        let (mesh, (workload_digests, service_digests)) = if self.opts.gateway.is_none() {
+        let ((workloads, services), (workload_digests, service_digests)) = if self.opts.gateway.is_none() {
             mesh::build(res, &mut self.mesh)
         } else {
             Default::default()
+        };
+        let mesh = crate::mesh::Mesh {
+            workloads,
+            services,
+            policies,
         };
         let digests = PartDigests {
             virtual_hosts: vhost_digests,
             clusters: cluster_digests,
             workloads: workload_digests,
             services: service_digests,
+            policies: policy_digests,
         };
         Translation {
             snapshot: Snapshot::with_digests(version, listeners, clusters, mesh, &digests),

@@ -1,0 +1,237 @@
+//! Istio's AuthorizationPolicy semantics at L4, case by case (mesh.md).
+
+use std::sync::Arc;
+
+use ferrum_snapshot::identity::SpiffeId;
+use ferrum_snapshot::mesh::{AuthzAction, AuthzPolicy, Workload};
+
+use super::*;
+
+fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
+    Workload {
+        uid: "u".into(),
+        name: "w".into(),
+        namespace: ns.into(),
+        service_account: "sa".into(),
+        node: String::new(),
+        ips: vec!["10.0.0.2".into()],
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ports: vec![],
+        hbone: true,
+    }
+}
+
+/// A policy from the `spec` as a user writes it (YAML), in namespace `ns`.
+fn policy(ns: &str, name: &str, spec: &str) -> Arc<AuthzPolicy> {
+    let spec: ferrum_snapshot::istio::AuthorizationPolicySpec = serde_yaml::from_str(spec).unwrap();
+    Arc::new(AuthzPolicy {
+        key: format!("{ns}/{name}"),
+        namespace: ns.into(),
+        selector: spec.selector.map(|s| s.match_labels),
+        action: match spec.action.as_deref().unwrap_or("ALLOW") {
+            "DENY" => AuthzAction::Deny,
+            "AUDIT" => AuthzAction::Audit,
+            _ => AuthzAction::Allow,
+        },
+        rules: spec.rules.unwrap_or_default(),
+        dry_run: false,
+    })
+}
+
+fn from(ns: &str, sa: &str, ip: &str, port: u16) -> (SpiffeId, IpAddr, SocketAddr) {
+    (
+        SpiffeId::new("cluster.local", ns, sa),
+        ip.parse().unwrap(),
+        SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+    )
+}
+
+fn decide(policies: &[Arc<AuthzPolicy>], w: &Workload, who: &(SpiffeId, IpAddr, SocketAddr), mtls: bool) -> Decision {
+    let a = Authorizer::for_workload(policies, w);
+    a.check(&Connection {
+        peer: mtls.then_some(&who.0),
+        source: who.1,
+        destination: who.2,
+    })
+}
+
+#[test]
+fn no_policy_allows_and_an_allow_without_rules_allows_nothing() {
+    let w = workload("shop", &[]);
+    let a = from("web", "front", "10.0.1.1", 8080);
+    assert_eq!(decide(&[], &w, &a, true), Decision::Allow);
+    let nothing = policy("shop", "allow-nothing", "{}");
+    assert!(matches!(decide(&[nothing], &w, &a, true), Decision::Deny(_)));
+    let everything = policy("shop", "allow-all", "rules: [{}]");
+    assert_eq!(decide(&[everything], &w, &a, true), Decision::Allow);
+    // A DENY without rules matches nothing.
+    let deny_none = policy("shop", "deny-none", "action: DENY");
+    assert_eq!(decide(&[deny_none], &w, &a, true), Decision::Allow);
+}
+
+#[test]
+fn deny_wins_over_allow_and_allow_needs_a_match() {
+    let w = workload("shop", &[("app", "cart")]);
+    let allow_web = policy("shop", "allow-web", "rules: [{from: [{source: {namespaces: [web]}}]}]");
+    let deny_front = policy(
+        "shop",
+        "deny-front",
+        "action: DENY\nrules: [{from: [{source: {principals: [cluster.local/ns/web/sa/front]}}]}]",
+    );
+    let front = from("web", "front", "10.0.1.1", 8080);
+    let back = from("web", "back", "10.0.1.2", 8080);
+    let other = from("ops", "tool", "10.0.1.3", 8080);
+    let both = [allow_web.clone(), deny_front];
+    assert_eq!(
+        decide(&both, &w, &front, true),
+        Decision::Deny("shop/deny-front".into())
+    );
+    assert_eq!(decide(&both, &w, &back, true), Decision::Allow);
+    assert!(matches!(decide(&both, &w, &other, true), Decision::Deny(_)));
+    // Without mTLS there is no namespace: an ALLOW by namespace cannot match.
+    assert!(matches!(decide(&[allow_web], &w, &back, false), Decision::Deny(_)));
+}
+
+#[test]
+fn string_forms_not_fields_ip_blocks_and_ports() {
+    let w = workload("shop", &[]);
+    let p = policy(
+        "shop",
+        "p",
+        "rules:\n- from: [{source: {principals: ['cluster.local/ns/web/*'], notPrincipals: ['*/sa/evil']}}]\n  to: [{operation: {ports: ['8080']}}]\n\
+         - from: [{source: {ipBlocks: [10.9.0.0/16], notIpBlocks: [10.9.9.9]}}]\n",
+    );
+    let ps = [p];
+    assert_eq!(
+        decide(&ps, &w, &from("web", "front", "1.1.1.1", 8080), true),
+        Decision::Allow
+    );
+    assert!(matches!(
+        decide(&ps, &w, &from("web", "evil", "1.1.1.1", 8080), true),
+        Decision::Deny(_)
+    ));
+    assert!(
+        matches!(
+            decide(&ps, &w, &from("web", "front", "1.1.1.1", 9090), true),
+            Decision::Deny(_)
+        ),
+        "port"
+    );
+    assert_eq!(
+        decide(&ps, &w, &from("x", "y", "10.9.1.1", 9090), false),
+        Decision::Allow,
+        "ip block"
+    );
+    assert!(
+        matches!(
+            decide(&ps, &w, &from("x", "y", "10.9.9.9", 9090), false),
+            Decision::Deny(_)
+        ),
+        "notIpBlocks"
+    );
+    let suffix = policy("shop", "s", "rules: [{from: [{source: {principals: ['*/sa/front']}}]}]");
+    assert_eq!(
+        decide(&[suffix], &w, &from("any", "front", "1.1.1.1", 1), true),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn http_only_fields_on_tcp_fail_closed() {
+    let w = workload("shop", &[]);
+    let allow_get = policy("shop", "get", "rules: [{to: [{operation: {methods: [GET]}}]}]");
+    let c = from("web", "front", "10.0.1.1", 8080);
+    assert!(
+        matches!(decide(&[allow_get], &w, &c, true), Decision::Deny(_)),
+        "an ALLOW that needs a method never matches a TCP connection"
+    );
+    let deny_post = policy(
+        "shop",
+        "post",
+        "action: DENY\nrules: [{from: [{source: {namespaces: [web]}}], to: [{operation: {methods: [POST]}}]}]",
+    );
+    assert_eq!(
+        decide(std::slice::from_ref(&deny_post), &w, &c, true),
+        Decision::Deny("shop/post".into()),
+        "a DENY ignores the method and matches on the rest"
+    );
+    assert_eq!(
+        decide(&[deny_post], &w, &from("ops", "x", "10.0.1.1", 8080), true),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn selectors_root_namespace_audit_and_when() {
+    let cart = workload("shop", &[("app", "cart")]);
+    let pay = workload("shop", &[("app", "pay")]);
+    let elsewhere = workload("blog", &[("app", "cart")]);
+    let c = from("web", "front", "10.0.1.1", 8080);
+    let for_pay = policy("shop", "pay-only", "selector: {matchLabels: {app: pay}}");
+    assert_eq!(
+        decide(std::slice::from_ref(&for_pay), &cart, &c, true),
+        Decision::Allow,
+        "not selected"
+    );
+    assert!(matches!(decide(&[for_pay], &pay, &c, true), Decision::Deny(_)));
+    let mesh_wide = policy(
+        ferrum_snapshot::ROOT_NAMESPACE,
+        "deny-web",
+        "action: DENY\nrules: [{from: [{source: {namespaces: [web]}}]}]",
+    );
+    assert!(
+        matches!(
+            decide(std::slice::from_ref(&mesh_wide), &elsewhere, &c, true),
+            Decision::Deny(_)
+        ),
+        "root namespace applies everywhere"
+    );
+    let other_ns = policy("blog", "x", "{}");
+    assert_eq!(
+        decide(&[other_ns], &cart, &c, true),
+        Decision::Allow,
+        "another namespace's policy"
+    );
+    let audit = policy("shop", "audit", "action: AUDIT\nrules: [{}]");
+    assert_eq!(
+        decide(&[audit], &cart, &c, true),
+        Decision::Allow,
+        "AUDIT never decides"
+    );
+    let when = policy(
+        "shop",
+        "when",
+        "rules: [{when: [{key: destination.port, values: ['8080']}, {key: source.namespace, notValues: [ops]}]}]",
+    );
+    assert_eq!(decide(std::slice::from_ref(&when), &cart, &c, true), Decision::Allow);
+    assert!(matches!(
+        decide(&[when], &cart, &from("ops", "x", "10.0.1.1", 8080), true),
+        Decision::Deny(_)
+    ));
+}
+
+#[test]
+fn dry_run_is_never_enforced() {
+    let w = workload("shop", &[]);
+    let mut p = (*policy("shop", "deny-all", "action: DENY\nrules: [{}]")).clone();
+    p.dry_run = true;
+    let mut allow_nothing = (*policy("shop", "nothing", "{}")).clone();
+    allow_nothing.dry_run = true;
+    let c = from("web", "front", "10.0.1.1", 8080);
+    assert_eq!(
+        decide(&[Arc::new(p), Arc::new(allow_nothing)], &w, &c, true),
+        Decision::Allow
+    );
+}
+
+#[test]
+fn address_blocks() {
+    let n = Net::parse("10.1.0.0/16").unwrap();
+    assert!(n.contains("10.1.200.3".parse().unwrap()));
+    assert!(!n.contains("10.2.0.1".parse().unwrap()));
+    assert!(Net::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+    assert!(Net::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+    assert!(!Net::parse("fd00::/8").unwrap().contains("10.0.0.1".parse().unwrap()));
+    assert!(Net::parse("10.0.0.0/33").is_none());
+    assert!(Net::parse("nope").is_none());
+}
