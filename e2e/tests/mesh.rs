@@ -189,10 +189,12 @@ async fn certificate_rotation_under_traffic_drops_nothing() {
 
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
 /// DENY by principal, ALLOW by namespace, dry-run, and removal — each enforced by B's sidecar on
-/// the HBONE tunnel (401) and seen as a refused connection by A's app.
+/// the HBONE tunnel (401) and seen as a refused connection by A's app; then a PeerAuthentication
+/// turns plaintext from an unmeshed pod away (STRICT) and back (removed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authorization_policies_decide_who_reaches_b() {
-    let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+async fn security_policies_decide_who_reaches_b() {
+    let mut w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    w.pod("c-1", "sa-c", "c", 12, false);
     until_routed(&w).await;
     w.cluster.kubectl(
         &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
@@ -259,6 +261,27 @@ async fn authorization_policies_decide_who_reaches_b() {
     w.cluster
         .kubectl(&["delete", "authorizationpolicy", "only-ops", "-n", NS], None);
     assert!(reaches(&w));
+
+    // PeerAuthentication: a pod without a sidecar reaches B in plaintext (PERMISSIVE by
+    // default) until the namespace turns STRICT; A, over HBONE, still does.
+    let plain = |w: &World| {
+        w.pods[2]
+            .curl(&[&format!("http://{}:8080/plain", w.pods[1].ip)])
+            .1
+            .contains("hello from b-1")
+    };
+    eventually("plaintext from an unmeshed pod", Duration::from_secs(10), async || {
+        plain(&w)
+    })
+    .await;
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {NS}}}\nspec: {{mtls: {{mode: STRICT}}}}\n"
+    ));
+    eventually("STRICT refuses plaintext", Duration::from_secs(20), async || !plain(&w)).await;
+    assert!(reaches(&w), "mTLS (HBONE) still passes under STRICT");
+    w.cluster
+        .kubectl(&["delete", "peerauthentication", "default", "-n", NS], None);
+    eventually("back to PERMISSIVE", Duration::from_secs(20), async || plain(&w)).await;
 }
 
 /// `make bench-mesh`'s harness, one short round: it runs and reports both paths.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::Changes;
-use crate::model::{AuthzPolicy, Cluster, Listener, Mesh, MeshService, SCHEMA, Snapshot, VirtualHost, Workload};
+use crate::model::{Cluster, Listener, Mesh, MeshService, Policy, SCHEMA, Snapshot, VirtualHost, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -42,7 +42,7 @@ pub struct Delta {
     #[serde(default, skip_serializing_if = "Changes::is_empty")]
     pub services: Changes<MeshService>,
     #[serde(default, skip_serializing_if = "Changes::is_empty")]
-    pub policies: Changes<AuthzPolicy>,
+    pub policies: Changes<Policy>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

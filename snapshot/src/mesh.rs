@@ -51,17 +51,32 @@ impl Keyed for Workload {
     }
 }
 
-/// An AuthorizationPolicy, resolved: who it selects and its rules as written.
+/// A security policy, resolved: where it lives, whom it selects, what it says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AuthzPolicy {
-    /// `namespace/name`.
+pub struct Policy {
+    /// `<Kind>/<namespace>/<name>`.
     pub key: String,
     pub namespace: String,
+    pub name: String,
     /// Labels a workload must have; absent: every workload of the namespace (of the mesh, in
     /// the root namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
+    pub rule: PolicyRule,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyRule {
+    Authorization(Authorization),
+    PeerAuthentication(PeerAuthn),
+}
+
+/// An AuthorizationPolicy's action and rules, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authorization {
     pub action: AuthzAction,
     /// Empty: the policy matches nothing.
     pub rules: Vec<crate::istio::Rule>,
@@ -78,7 +93,28 @@ pub enum AuthzAction {
     Audit,
 }
 
-impl AuthzPolicy {
+/// A PeerAuthentication: the mTLS mode, and per workload port overrides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthn {
+    #[serde(default)]
+    pub mode: MtlsMode,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Inherit from the namespace, then the mesh (PERMISSIVE at the top).
+    #[default]
+    Unset,
+    Permissive,
+    Strict,
+    Disable,
+}
+
+impl Policy {
     pub fn applies_to(&self, w: &Workload) -> bool {
         (self.namespace == w.namespace || self.namespace == crate::ROOT_NAMESPACE)
             && self
@@ -88,10 +124,47 @@ impl AuthzPolicy {
     }
 }
 
-impl Keyed for AuthzPolicy {
+impl Keyed for Policy {
     fn key(&self) -> &str {
         &self.key
     }
+}
+
+/// The mTLS mode for inbound traffic to `w` on `port`: the workload's own PeerAuthentication
+/// (its port override first), else its namespace's, else the mesh's; PERMISSIVE if none says.
+pub fn mtls_mode(policies: &[Arc<Policy>], w: &Workload, port: u16) -> MtlsMode {
+    fn peer(p: &Policy) -> Option<&PeerAuthn> {
+        match &p.rule {
+            PolicyRule::PeerAuthentication(pa) => Some(pa),
+            PolicyRule::Authorization(_) => None,
+        }
+    }
+    let mut workload = None;
+    let mut namespace = None;
+    let mut mesh = None;
+    for p in policies.iter().filter(|p| p.applies_to(w)) {
+        let Some(pa) = peer(p) else { continue };
+        let slot = match (&p.selector, p.namespace == w.namespace) {
+            (Some(_), true) => &mut workload,
+            (None, true) => &mut namespace,
+            (None, false) => &mut mesh,
+            // A selector in the root namespace is not how mesh-wide policy is written.
+            (Some(_), false) => continue,
+        };
+        // Several at one level: the first in key order counts (Istio takes the oldest).
+        slot.get_or_insert(pa);
+    }
+    let port_mode = workload.and_then(|pa| pa.ports.get(&port).copied());
+    [
+        port_mode,
+        workload.map(|p| p.mode),
+        namespace.map(|p| p.mode),
+        mesh.map(|p| p.mode),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|m| *m != MtlsMode::Unset)
+    .unwrap_or(MtlsMode::Permissive)
 }
 
 /// The mesh collections of a snapshot, each in key order.
@@ -99,7 +172,7 @@ impl Keyed for AuthzPolicy {
 pub struct Mesh {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<MeshService>>,
-    pub policies: Vec<Arc<AuthzPolicy>>,
+    pub policies: Vec<Arc<Policy>>,
 }
 
 /// A Kubernetes Service as the mesh sees it: its virtual IPs and ports, and the workloads
@@ -269,6 +342,65 @@ mod tests {
             }],
             endpoints: vec![],
         })
+    }
+
+    fn peer_authn(
+        ns: &str,
+        name: &str,
+        selector: Option<&str>,
+        mode: MtlsMode,
+        ports: &[(u16, MtlsMode)],
+    ) -> Arc<Policy> {
+        Arc::new(Policy {
+            key: format!("PeerAuthentication/{ns}/{name}"),
+            namespace: ns.into(),
+            name: name.into(),
+            selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
+            rule: PolicyRule::PeerAuthentication(PeerAuthn {
+                mode,
+                ports: ports.iter().copied().collect(),
+            }),
+        })
+    }
+
+    #[test]
+    fn the_most_specific_peer_authentication_decides() {
+        let w = Workload {
+            uid: "u".into(),
+            name: "cart-1".into(),
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+            node: String::new(),
+            ips: vec![],
+            labels: [("app".to_string(), "cart".to_string())].into(),
+            ports: vec![],
+            hbone: true,
+        };
+        assert_eq!(mtls_mode(&[], &w, 80), MtlsMode::Permissive, "nothing said");
+        let mesh = peer_authn(crate::ROOT_NAMESPACE, "default", None, MtlsMode::Strict, &[]);
+        assert_eq!(mtls_mode(std::slice::from_ref(&mesh), &w, 80), MtlsMode::Strict);
+        let ns = peer_authn("shop", "default", None, MtlsMode::Permissive, &[]);
+        assert_eq!(
+            mtls_mode(&[mesh.clone(), ns.clone()], &w, 80),
+            MtlsMode::Permissive,
+            "namespace over mesh"
+        );
+        let unset = peer_authn(
+            "shop",
+            "cart",
+            Some("cart"),
+            MtlsMode::Unset,
+            &[(8080, MtlsMode::Disable)],
+        );
+        let all = [mesh.clone(), ns.clone(), unset];
+        assert_eq!(mtls_mode(&all, &w, 80), MtlsMode::Permissive, "UNSET inherits");
+        assert_eq!(mtls_mode(&all, &w, 8080), MtlsMode::Disable, "port level wins");
+        let other = peer_authn("shop", "pay", Some("pay"), MtlsMode::Disable, &[]);
+        assert_eq!(
+            mtls_mode(&[mesh, other], &w, 80),
+            MtlsMode::Strict,
+            "another workload's policy"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::mesh::{AuthzPolicy, Keyed, Mesh, MeshEndpoint, MeshService, ServicePort, Workload};
+pub use crate::mesh::{Keyed, Mesh, MeshEndpoint, MeshService, Policy, ServicePort, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,9 +30,9 @@ pub struct Snapshot {
     pub workloads: Vec<Arc<Workload>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Arc<MeshService>>,
-    /// AuthorizationPolicies, in key order.
+    /// Security policies (AuthorizationPolicy, PeerAuthentication), in key order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub policies: Vec<Arc<AuthzPolicy>>,
+    pub policies: Vec<Arc<Policy>>,
 }
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
@@ -67,7 +67,7 @@ impl MeshService {
     }
 }
 
-impl AuthzPolicy {
+impl Policy {
     pub fn digest(&self) -> Digest {
         digest_json(self)
     }

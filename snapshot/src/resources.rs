@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
-use crate::istio::AuthorizationPolicy;
+use crate::istio::{AuthorizationPolicy, PeerAuthentication};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,6 +55,7 @@ pub struct Resources {
     pub service_accounts: Vec<Arc<ServiceAccount>>,
     /// Istio security policies (security.istio.io, v1 or v1beta1).
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -203,11 +204,12 @@ impl Resources {
             "Pod" => ("Pod", ""),
             "ServiceAccount" => ("ServiceAccount", ""),
             "AuthorizationPolicy" => ("AuthorizationPolicy", crate::ISTIO_SECURITY_GROUP),
+            "PeerAuthentication" => ("PeerAuthentication", crate::ISTIO_SECURITY_GROUP),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy"
+                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication"
                 )));
             }
         };
@@ -256,6 +258,7 @@ impl Resources {
             "Pod" => push!(pods),
             "ServiceAccount" => push!(service_accounts),
             "AuthorizationPolicy" => push!(authorization_policies),
+            "PeerAuthentication" => push!(peer_authentications),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());

@@ -49,6 +49,8 @@ pub struct MeshIndex {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
     pub inbound: Authorizer,
+    /// This proxy's own workload (sidecar mode), for its PeerAuthentication.
+    pub own: Option<Workload>,
 }
 
 /// The pod a sidecar serves: `(namespace, name)`.
@@ -114,13 +116,16 @@ impl MeshIndex {
                 }
             }
         }
-        let inbound = me
-            .map(|me| Authorizer::for_workload(&snap.policies, &own_workload(snap, me)))
+        let own = me.map(|me| own_workload(snap, me));
+        let inbound = own
+            .as_ref()
+            .map(|w| Authorizer::for_workload(&snap.policies, w))
             .unwrap_or_default();
         MeshIndex {
             services,
             workloads,
             inbound,
+            own,
         }
     }
 

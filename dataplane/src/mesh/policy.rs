@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::istio::{Condition, Operation, Rule, Source};
-use ferrum_snapshot::mesh::{AuthzAction, AuthzPolicy, Workload};
+use ferrum_snapshot::mesh::{AuthzAction, Policy, PolicyRule, Workload};
 
 /// What a connection offers to be judged on.
 pub struct Connection<'a> {
@@ -194,15 +194,18 @@ impl Compiled {
 
 impl Authorizer {
     /// The policies in `policies` that select `w`.
-    pub fn for_workload(policies: &[std::sync::Arc<AuthzPolicy>], w: &Workload) -> Authorizer {
+    pub fn for_workload(policies: &[std::sync::Arc<Policy>], w: &Workload) -> Authorizer {
         let mut a = Authorizer::default();
         for p in policies.iter().filter(|p| p.applies_to(w)) {
-            let c = Compiled {
-                name: p.key.clone(),
-                dry_run: p.dry_run,
-                rules: p.rules.clone(),
+            let PolicyRule::Authorization(authz) = &p.rule else {
+                continue;
             };
-            match p.action {
+            let c = Compiled {
+                name: format!("{}/{}", p.namespace, p.name),
+                dry_run: authz.dry_run,
+                rules: authz.rules.clone(),
+            };
+            match authz.action {
                 AuthzAction::Deny => a.deny.push(c),
                 AuthzAction::Allow => a.allow.push(c),
                 AuthzAction::Audit => a.audit.push(c),

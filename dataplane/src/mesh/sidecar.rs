@@ -221,10 +221,28 @@ impl Sidecar {
         }
     }
 
+    /// Whether plaintext may reach the app on `port`: the workload's PeerAuthentication (STRICT
+    /// refuses), else `--inbound-plaintext`.
+    fn plaintext_allowed(&self, port: u16) -> bool {
+        use ferrum_snapshot::mesh::{MtlsMode, PolicyRule, mtls_mode};
+        let cfg = self.dp.shared.config.load();
+        let policies = &cfg.snapshot.policies;
+        let said = cfg.mesh.own.as_ref().and_then(|w| {
+            let any = policies
+                .iter()
+                .any(|p| matches!(p.rule, PolicyRule::PeerAuthentication(_)) && p.applies_to(w));
+            any.then(|| mtls_mode(policies, w, port))
+        });
+        match said {
+            Some(m) => m != MtlsMode::Strict,
+            None => self.settings.inbound_plaintext,
+        }
+    }
+
     async fn inbound(&self, tcp: TcpStream, peer: SocketAddr) {
         let stats = &self.app.stats;
         let Ok(dst) = original_dst(&tcp) else { return };
-        if !self.settings.inbound_plaintext || PROXY_PORTS.contains(&dst.port()) {
+        if !self.plaintext_allowed(dst.port()) || PROXY_PORTS.contains(&dst.port()) {
             stats.inbound_refused.fetch_add(1, Relaxed);
             return tracing::debug!(%peer, %dst, "plaintext inbound refused");
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
-use ferrum_snapshot::istio::AuthorizationPolicy;
+use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication};
 use futures_util::StreamExt;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
@@ -122,6 +122,7 @@ kinds! {
     pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),
     authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: false),
+    peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: false),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

@@ -322,7 +322,7 @@ impl Incremental {
         self.clusters = cluster_memo;
         self.stats = stats;
         let (policies, policy_digests) = if self.opts.gateway.is_none() {
-            policy::build(&res.authorization_policies, &mut problems)
+            policy::build(&res.authorization_policies, &res.peer_authentications, &mut problems)
         } else {
             Default::default()
         };

@@ -1,11 +1,11 @@
-//! AuthorizationPolicy objects → the snapshot's policies. CUSTOM and `targetRefs` are not
-//! supported yet: such a policy is left out with a problem on the field, so the rest of the mesh
-//! keeps its policies.
+//! AuthorizationPolicy and PeerAuthentication objects → the snapshot's policies. CUSTOM and
+//! `targetRefs` are not supported yet: such a policy is left out with a problem on the field, so
+//! the rest of the mesh keeps its policies.
 
 use std::sync::Arc;
 
-use crate::istio::AuthorizationPolicy;
-use crate::mesh::{AuthzAction, AuthzPolicy};
+use crate::istio::{AuthorizationPolicy, PeerAuthentication};
+use crate::mesh::{Authorization, AuthzAction, MtlsMode, PeerAuthn, Policy, PolicyRule};
 use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
@@ -14,16 +14,23 @@ use crate::translate::{Problems, Reason, meta_ref};
 pub const DRY_RUN: &str = "istio.io/dry-run";
 
 pub(crate) fn build(
-    policies: &[Arc<AuthorizationPolicy>],
+    authz: &[Arc<AuthorizationPolicy>],
+    peer: &[Arc<PeerAuthentication>],
     problems: &mut Problems<'_>,
-) -> (Vec<Arc<AuthzPolicy>>, Vec<Digest>) {
-    let mut out: Vec<Arc<AuthzPolicy>> = policies.iter().filter_map(|p| one(p, problems)).map(Arc::new).collect();
+) -> (Vec<Arc<Policy>>, Vec<Digest>) {
+    let mut out: Vec<Arc<Policy>> = Vec::with_capacity(authz.len() + peer.len());
+    out.extend(authz.iter().filter_map(|p| authorization(p, problems)).map(Arc::new));
+    out.extend(
+        peer.iter()
+            .filter_map(|p| peer_authentication(p, problems))
+            .map(Arc::new),
+    );
     out.sort_by(|a, b| a.key.cmp(&b.key));
     let digests = out.iter().map(|p| p.digest()).collect();
     (out, digests)
 }
 
-fn one(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option<AuthzPolicy> {
+fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option<Policy> {
     let obj: ObjectRef = meta_ref("AuthorizationPolicy", &p.metadata);
     let spec = &p.spec;
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
@@ -89,20 +96,80 @@ fn one(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option<AuthzPoli
             }
         }
     }
-    let ns = obj.namespace.clone();
-    Some(AuthzPolicy {
-        key: format!("{ns}/{}", obj.name),
-        namespace: ns,
-        selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
-        action,
-        rules,
-        dry_run: p
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(DRY_RUN))
-            .is_some_and(|v| v == "true"),
+    let dry_run = p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN))
+        .is_some_and(|v| v == "true");
+    Some(policy(
+        &obj,
+        spec.selector.as_ref(),
+        PolicyRule::Authorization(Authorization { action, rules, dry_run }),
+    ))
+}
+
+fn policy(obj: &ObjectRef, selector: Option<&crate::istio::WorkloadSelector>, rule: PolicyRule) -> Policy {
+    Policy {
+        key: format!("{}/{}/{}", obj.kind, obj.namespace, obj.name),
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
+        selector: selector.map(|s| s.match_labels.clone()),
+        rule,
+    }
+}
+
+fn mode(obj: &ObjectRef, field: String, m: &crate::istio::Mtls, problems: &mut Problems<'_>) -> Option<MtlsMode> {
+    Some(match m.mode.as_deref().unwrap_or("UNSET") {
+        "UNSET" => MtlsMode::Unset,
+        "PERMISSIVE" => MtlsMode::Permissive,
+        "STRICT" => MtlsMode::Strict,
+        "DISABLE" => MtlsMode::Disable,
+        other => {
+            problems.push(
+                obj,
+                field,
+                Reason::Invalid,
+                format!("{other:?} is not UNSET, DISABLE, PERMISSIVE or STRICT"),
+            );
+            return None;
+        }
     })
+}
+
+fn peer_authentication(p: &PeerAuthentication, problems: &mut Problems<'_>) -> Option<Policy> {
+    let obj: ObjectRef = meta_ref("PeerAuthentication", &p.metadata);
+    let spec = &p.spec;
+    let default = crate::istio::Mtls::default();
+    let m = mode(
+        &obj,
+        "spec.mtls.mode".into(),
+        spec.mtls.as_ref().unwrap_or(&default),
+        problems,
+    )?;
+    if !spec.port_level_mtls.is_empty() && spec.selector.is_none() {
+        problems.push(
+            &obj,
+            "spec.portLevelMtls",
+            Reason::Invalid,
+            "portLevelMtls needs a selector",
+        );
+        return None;
+    }
+    let mut ports = std::collections::BTreeMap::new();
+    for (port, pm) in &spec.port_level_mtls {
+        let field = format!("spec.portLevelMtls[{port}]");
+        let Some(port) = u16::try_from(*port).ok().filter(|p| *p != 0) else {
+            problems.push(&obj, field, Reason::Invalid, "not a port number");
+            return None;
+        };
+        ports.insert(port, mode(&obj, format!("{field}.mode"), pm, problems)?);
+    }
+    Some(policy(
+        &obj,
+        spec.selector.as_ref(),
+        PolicyRule::PeerAuthentication(PeerAuthn { mode: m, ports }),
+    ))
 }
 
 fn valid_block(b: &str) -> bool {
@@ -117,7 +184,7 @@ fn valid_block(b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::Resources;
-    use crate::mesh::AuthzAction;
+    use crate::mesh::{AuthzAction, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, translate};
 
     #[test]
@@ -129,18 +196,40 @@ mod tests {
              spec: {action: DENY, selector: {matchLabels: {app: cart}}, rules: [{from: [{source: {namespaces: [web]}}]}]}\n---\n\
              apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec: {}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: shop}\nspec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\n---\n\
-             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad-ip, namespace: shop}\nspec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}\n",
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad-ip, namespace: shop}\nspec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\n\
+             spec: {selector: {matchLabels: {app: cart}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: odd, namespace: shop}\nspec: {mtls: {mode: SOMETIMES}}\n",
         )
         .unwrap();
         let t = translate(&r, 1, &Options::default());
         let keys: Vec<_> = t.snapshot.policies.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["shop/deny-web", "shop/nothing"]);
-        let deny = &t.snapshot.policies[0];
+        assert_eq!(
+            keys,
+            [
+                "AuthorizationPolicy/shop/deny-web",
+                "AuthorizationPolicy/shop/nothing",
+                "PeerAuthentication/shop/strict"
+            ]
+        );
+        let PolicyRule::Authorization(deny) = &t.snapshot.policies[0].rule else {
+            panic!()
+        };
         assert_eq!(
             (deny.action, deny.dry_run, deny.rules.len()),
             (AuthzAction::Deny, true, 1)
         );
-        assert!(t.snapshot.policies[1].rules.is_empty(), "no rules: matches nothing");
+        let PolicyRule::Authorization(nothing) = &t.snapshot.policies[1].rule else {
+            panic!()
+        };
+        assert!(nothing.rules.is_empty(), "no rules: matches nothing");
+        let PolicyRule::PeerAuthentication(pa) = &t.snapshot.policies[2].rule else {
+            panic!()
+        };
+        assert_eq!(
+            (pa.mode, pa.ports.get(&8080).copied()),
+            (MtlsMode::Strict, Some(MtlsMode::Permissive))
+        );
         let problems: Vec<_> = t
             .problems
             .iter()
@@ -150,7 +239,8 @@ mod tests {
             problems,
             [
                 ("bad-ip", "spec.rules[0].from[0].source.ipBlocks", Reason::Invalid),
-                ("ext", "spec.action", Reason::UnsupportedValue)
+                ("ext", "spec.action", Reason::UnsupportedValue),
+                ("odd", "spec.mtls.mode", Reason::Invalid)
             ]
         );
         assert_eq!(t.snapshot.hash, t.snapshot.content_hash());

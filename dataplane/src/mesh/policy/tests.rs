@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ferrum_snapshot::identity::SpiffeId;
-use ferrum_snapshot::mesh::{AuthzAction, AuthzPolicy, Workload};
+use ferrum_snapshot::mesh::{Authorization, AuthzAction, Policy, PolicyRule, Workload};
 
 use super::*;
 
@@ -22,20 +22,31 @@ fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
 }
 
 /// A policy from the `spec` as a user writes it (YAML), in namespace `ns`.
-fn policy(ns: &str, name: &str, spec: &str) -> Arc<AuthzPolicy> {
+fn policy(ns: &str, name: &str, spec: &str) -> Arc<Policy> {
     let spec: ferrum_snapshot::istio::AuthorizationPolicySpec = serde_yaml::from_str(spec).unwrap();
-    Arc::new(AuthzPolicy {
-        key: format!("{ns}/{name}"),
+    Arc::new(Policy {
+        key: format!("AuthorizationPolicy/{ns}/{name}"),
         namespace: ns.into(),
+        name: name.into(),
         selector: spec.selector.map(|s| s.match_labels),
-        action: match spec.action.as_deref().unwrap_or("ALLOW") {
-            "DENY" => AuthzAction::Deny,
-            "AUDIT" => AuthzAction::Audit,
-            _ => AuthzAction::Allow,
-        },
-        rules: spec.rules.unwrap_or_default(),
-        dry_run: false,
+        rule: PolicyRule::Authorization(Authorization {
+            action: match spec.action.as_deref().unwrap_or("ALLOW") {
+                "DENY" => AuthzAction::Deny,
+                "AUDIT" => AuthzAction::Audit,
+                _ => AuthzAction::Allow,
+            },
+            rules: spec.rules.unwrap_or_default(),
+            dry_run: false,
+        }),
     })
+}
+
+fn dry(p: Arc<Policy>) -> Arc<Policy> {
+    let mut p = (*p).clone();
+    if let PolicyRule::Authorization(a) = &mut p.rule {
+        a.dry_run = true;
+    }
+    Arc::new(p)
 }
 
 fn from(ns: &str, sa: &str, ip: &str, port: u16) -> (SpiffeId, IpAddr, SocketAddr) {
@@ -46,7 +57,7 @@ fn from(ns: &str, sa: &str, ip: &str, port: u16) -> (SpiffeId, IpAddr, SocketAdd
     )
 }
 
-fn decide(policies: &[Arc<AuthzPolicy>], w: &Workload, who: &(SpiffeId, IpAddr, SocketAddr), mtls: bool) -> Decision {
+fn decide(policies: &[Arc<Policy>], w: &Workload, who: &(SpiffeId, IpAddr, SocketAddr), mtls: bool) -> Decision {
     let a = Authorizer::for_workload(policies, w);
     a.check(&Connection {
         peer: mtls.then_some(&who.0),
@@ -213,15 +224,10 @@ fn selectors_root_namespace_audit_and_when() {
 #[test]
 fn dry_run_is_never_enforced() {
     let w = workload("shop", &[]);
-    let mut p = (*policy("shop", "deny-all", "action: DENY\nrules: [{}]")).clone();
-    p.dry_run = true;
-    let mut allow_nothing = (*policy("shop", "nothing", "{}")).clone();
-    allow_nothing.dry_run = true;
+    let p = dry(policy("shop", "deny-all", "action: DENY\nrules: [{}]"));
+    let allow_nothing = dry(policy("shop", "nothing", "{}"));
     let c = from("web", "front", "10.0.1.1", 8080);
-    assert_eq!(
-        decide(&[Arc::new(p), Arc::new(allow_nothing)], &w, &c, true),
-        Decision::Allow
-    );
+    assert_eq!(decide(&[p, allow_nothing], &w, &c, true), Decision::Allow);
 }
 
 #[test]
