@@ -4,7 +4,7 @@ BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -98,6 +98,11 @@ bench-ca: e2e-deps
 	cargo build --release -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_ca
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_ca
+
+## AuthorizationPolicy decisions with 1,000 policies on one workload (see bench/README.md).
+bench-policy:
+	cargo build --release -p ferrum-dp --example bench_policy
+	$(CARGO_TARGET_DIR)/release/examples/bench_policy
 
 ## What the mesh tests and benchmark run inside their network-namespace pods (root, apt).
 mesh-tools:

@@ -31,14 +31,85 @@ pub enum Decision {
 #[derive(Default)]
 pub struct Authorizer {
     deny: Vec<Compiled>,
+    /// Enforced ALLOW rules that name exact principals or namespaces and nothing else (the
+    /// common form), by value: one lookup however many there are.
+    allow_principals: std::collections::HashSet<String>,
+    allow_namespaces: std::collections::HashSet<String>,
+    /// Every other enforced ALLOW rule, tried in turn.
     allow: Vec<Compiled>,
+    /// Whether any enforced ALLOW policy exists (then something must match).
+    allow_any: bool,
+    allow_dry_run: Vec<Compiled>,
     audit: Vec<Compiled>,
+}
+
+/// The exact values of a rule that only names principals (or only namespaces), if it is one.
+fn exact_only(r: &Rule) -> Option<(Vec<String>, Vec<String>)> {
+    if !r.to.is_empty() || !r.when.is_empty() || r.from.is_empty() {
+        return None;
+    }
+    let (mut principals, mut namespaces) = (Vec::new(), Vec::new());
+    for f in &r.from {
+        let s = &f.source;
+        let only = |v: &Vec<String>| v.iter().all(|x| !x.contains('*'));
+        let rest_empty = s.not_principals.is_empty()
+            && s.request_principals.is_empty()
+            && s.not_request_principals.is_empty()
+            && s.not_namespaces.is_empty()
+            && s.service_accounts.is_empty()
+            && s.not_service_accounts.is_empty()
+            && s.ip_blocks.is_empty()
+            && s.not_ip_blocks.is_empty()
+            && s.remote_ip_blocks.is_empty()
+            && s.not_remote_ip_blocks.is_empty();
+        match (s.principals.is_empty(), s.namespaces.is_empty()) {
+            (false, true) if rest_empty && only(&s.principals) => principals.extend(s.principals.iter().cloned()),
+            (true, false) if rest_empty && only(&s.namespaces) => namespaces.extend(s.namespaces.iter().cloned()),
+            _ => return None,
+        }
+    }
+    Some((principals, namespaces))
 }
 
 struct Compiled {
     name: String,
     dry_run: bool,
-    rules: Vec<Rule>,
+    rules: Vec<CRule>,
+}
+
+/// A rule with its address blocks and ports parsed, and what it needs from HTTP noted.
+struct CRule {
+    /// It names a method, path, host, request principal or `request.*` key.
+    http_only: bool,
+    from: Vec<CSource>,
+    to: Vec<COperation>,
+    when: Vec<CCondition>,
+}
+
+struct CSource {
+    principals: Vec<String>,
+    not_principals: Vec<String>,
+    namespaces: Vec<String>,
+    not_namespaces: Vec<String>,
+    service_accounts: Vec<String>,
+    not_service_accounts: Vec<String>,
+    ip_blocks: Vec<Net>,
+    not_ip_blocks: Vec<Net>,
+    remote_ip_blocks: Vec<Net>,
+    not_remote_ip_blocks: Vec<Net>,
+}
+
+struct COperation {
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+}
+
+struct CCondition {
+    key: String,
+    values: Vec<String>,
+    not_values: Vec<String>,
+    nets: Vec<Net>,
+    not_nets: Vec<Net>,
 }
 
 /// An address block: `10.0.0.0/8` or a single address.
@@ -77,6 +148,15 @@ impl Net {
     }
 }
 
+fn nets(v: &[String]) -> Vec<Net> {
+    // The translator refuses blocks that do not parse.
+    v.iter().filter_map(|s| Net::parse(s)).collect()
+}
+
+fn ports(v: &[String]) -> Vec<u16> {
+    v.iter().filter_map(|p| p.parse().ok()).collect()
+}
+
 /// Istio string matching: exact, `prefix*`, `*suffix`, or `*` for anything.
 fn string_match(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
@@ -100,12 +180,12 @@ fn not_field(values: &[String], got: Option<&str>) -> bool {
     values.is_empty() || !got.is_some_and(|g| values.iter().any(|v| string_match(v, g)))
 }
 
-fn ip_field(values: &[String], ip: IpAddr) -> bool {
-    values.is_empty() || values.iter().filter_map(|v| Net::parse(v)).any(|n| n.contains(ip))
+fn in_nets(nets: &[Net], ip: IpAddr) -> bool {
+    nets.is_empty() || nets.iter().any(|n| n.contains(ip))
 }
 
-fn not_ip_field(values: &[String], ip: IpAddr) -> bool {
-    values.is_empty() || !values.iter().filter_map(|v| Net::parse(v)).any(|n| n.contains(ip))
+fn not_in_nets(nets: &[Net], ip: IpAddr) -> bool {
+    !nets.iter().any(|n| n.contains(ip))
 }
 
 /// Whether the rule needs something only HTTP carries.
@@ -125,70 +205,126 @@ fn http_only(r: &Rule) -> bool {
         || r.when.iter().any(|c| c.key.starts_with("request."))
 }
 
-fn source_matches(s: &Source, c: &Connection<'_>) -> bool {
-    let principal = c.peer.map(|p| p.principal());
-    let ns = c.peer.map(|p| p.namespace.as_str());
-    let sa = c.peer.map(|p| format!("{}/{}", p.namespace, p.service_account));
-    field(&s.principals, principal.as_deref())
-        && not_field(&s.not_principals, principal.as_deref())
-        && field(&s.namespaces, ns)
-        && not_field(&s.not_namespaces, ns)
-        && field(&s.service_accounts, sa.as_deref())
-        && not_field(&s.not_service_accounts, sa.as_deref())
-        && ip_field(&s.ip_blocks, c.source)
-        && not_ip_field(&s.not_ip_blocks, c.source)
-        // Without a proxy in front (no X-Forwarded-For at L4) the remote is the source.
-        && ip_field(&s.remote_ip_blocks, c.source)
-        && not_ip_field(&s.not_remote_ip_blocks, c.source)
-}
-
-fn operation_matches(o: &Operation, c: &Connection<'_>) -> bool {
-    let port = c.destination.port().to_string();
-    field(&o.ports, Some(&port)) && not_field(&o.not_ports, Some(&port))
-}
-
-fn condition_matches(cond: &Condition, c: &Connection<'_>) -> bool {
-    let owned;
-    let got: Option<&str> = match cond.key.as_str() {
-        "source.ip" | "remote.ip" => {
-            return ip_field(&cond.values, c.source) && not_ip_field(&cond.not_values, c.source);
+impl CRule {
+    fn compile(r: &Rule) -> CRule {
+        let source = |s: &Source| CSource {
+            principals: s.principals.clone(),
+            not_principals: s.not_principals.clone(),
+            namespaces: s.namespaces.clone(),
+            not_namespaces: s.not_namespaces.clone(),
+            service_accounts: s.service_accounts.clone(),
+            not_service_accounts: s.not_service_accounts.clone(),
+            ip_blocks: nets(&s.ip_blocks),
+            not_ip_blocks: nets(&s.not_ip_blocks),
+            remote_ip_blocks: nets(&s.remote_ip_blocks),
+            not_remote_ip_blocks: nets(&s.not_remote_ip_blocks),
+        };
+        let operation = |o: &Operation| COperation {
+            ports: ports(&o.ports),
+            not_ports: ports(&o.not_ports),
+        };
+        let condition = |c: &Condition| CCondition {
+            key: c.key.clone(),
+            values: c.values.clone(),
+            not_values: c.not_values.clone(),
+            nets: nets(&c.values),
+            not_nets: nets(&c.not_values),
+        };
+        CRule {
+            http_only: http_only(r),
+            from: r.from.iter().map(|f| source(&f.source)).collect(),
+            to: r.to.iter().map(|t| operation(&t.operation)).collect(),
+            when: r.when.iter().map(condition).collect(),
         }
-        "destination.ip" => {
-            let ip = c.destination.ip();
-            return ip_field(&cond.values, ip) && not_ip_field(&cond.not_values, ip);
-        }
-        "destination.port" => {
-            owned = c.destination.port().to_string();
-            Some(&owned)
-        }
-        "source.namespace" => c.peer.map(|p| p.namespace.as_str()),
-        "source.principal" => {
-            owned = c.peer.map(|p| p.principal()).unwrap_or_default();
-            c.peer.map(|_| owned.as_str())
-        }
-        // Not known at L4 (connection.sni comes with TLS inspection; request.* with HTTP).
-        _ => None,
-    };
-    (cond.values.is_empty() || got.is_some_and(|g| cond.values.iter().any(|v| string_match(v, g))))
-        && not_field(&cond.not_values, got)
-}
-
-/// Whether a rule matches a TCP connection, `deny` saying how to treat HTTP-only fields.
-fn rule_matches(r: &Rule, c: &Connection<'_>, deny: bool) -> bool {
-    if !deny && http_only(r) {
-        return false;
     }
-    (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c)))
-        && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c)))
-        && r.when
-            .iter()
-            .filter(|w| !(deny && w.key.starts_with("request.")))
-            .all(|w| condition_matches(w, c))
+
+    /// Whether it matches a TCP connection; `deny` says how to treat HTTP-only fields.
+    fn matches(&self, f: &Facts<'_>, deny: bool) -> bool {
+        if !deny && self.http_only {
+            return false;
+        }
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f)))
+            && self
+                .when
+                .iter()
+                .filter(|w| !(deny && w.key.starts_with("request.")))
+                .all(|w| w.matches(f))
+    }
+}
+
+impl CSource {
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        let (principal, ns, sa) = (f.principal.as_deref(), f.namespace, f.service_account.as_deref());
+        field(&self.principals, principal)
+            && not_field(&self.not_principals, principal)
+            && field(&self.namespaces, ns)
+            && not_field(&self.not_namespaces, ns)
+            && field(&self.service_accounts, sa)
+            && not_field(&self.not_service_accounts, sa)
+            && in_nets(&self.ip_blocks, f.source)
+            && not_in_nets(&self.not_ip_blocks, f.source)
+            // Without a proxy in front (no X-Forwarded-For at L4) the remote is the source.
+            && in_nets(&self.remote_ip_blocks, f.source)
+            && not_in_nets(&self.not_remote_ip_blocks, f.source)
+    }
+}
+
+impl COperation {
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        let port = f.destination.port();
+        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+    }
+}
+
+impl CCondition {
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        let ip = match self.key.as_str() {
+            "source.ip" | "remote.ip" => Some(f.source),
+            "destination.ip" => Some(f.destination.ip()),
+            _ => None,
+        };
+        if let Some(ip) = ip {
+            return (self.values.is_empty() || self.nets.iter().any(|n| n.contains(ip)))
+                && not_in_nets(&self.not_nets, ip);
+        }
+        let got: Option<&str> = match self.key.as_str() {
+            "destination.port" => Some(f.port.as_str()),
+            "source.namespace" => f.namespace,
+            "source.principal" => f.principal.as_deref(),
+            // Not known at L4 (connection.sni comes with TLS inspection; request.* with HTTP).
+            _ => None,
+        };
+        field(&self.values, got) && not_field(&self.not_values, got)
+    }
+}
+
+/// What every rule looks at, worked out once per connection.
+struct Facts<'a> {
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+    service_account: Option<String>,
+    source: IpAddr,
+    destination: SocketAddr,
+    port: String,
+}
+
+impl<'a> Facts<'a> {
+    fn of(c: &Connection<'a>) -> Facts<'a> {
+        Facts {
+            principal: c.peer.map(|p| p.principal()),
+            namespace: c.peer.map(|p| p.namespace.as_str()),
+            service_account: c.peer.map(|p| format!("{}/{}", p.namespace, p.service_account)),
+            source: c.source,
+            destination: c.destination,
+            port: c.destination.port().to_string(),
+        }
+    }
 }
 
 impl Compiled {
-    fn matches(&self, c: &Connection<'_>, deny: bool) -> bool {
-        self.rules.iter().any(|r| rule_matches(r, c, deny))
+    fn matches(&self, f: &Facts<'_>, deny: bool) -> bool {
+        self.rules.iter().any(|r| r.matches(f, deny))
     }
 }
 
@@ -200,43 +336,66 @@ impl Authorizer {
             let PolicyRule::Authorization(authz) = &p.rule else {
                 continue;
             };
-            let c = Compiled {
-                name: format!("{}/{}", p.namespace, p.name),
+            let name = format!("{}/{}", p.namespace, p.name);
+            let compile = |rules: &mut dyn Iterator<Item = &Rule>| Compiled {
+                name: name.clone(),
                 dry_run: authz.dry_run,
-                rules: authz.rules.clone(),
+                rules: rules.map(CRule::compile).collect(),
             };
             match authz.action {
-                AuthzAction::Deny => a.deny.push(c),
-                AuthzAction::Allow => a.allow.push(c),
-                AuthzAction::Audit => a.audit.push(c),
+                AuthzAction::Deny => a.deny.push(compile(&mut authz.rules.iter())),
+                AuthzAction::Audit => a.audit.push(compile(&mut authz.rules.iter())),
+                AuthzAction::Allow if authz.dry_run => a.allow_dry_run.push(compile(&mut authz.rules.iter())),
+                AuthzAction::Allow => {
+                    a.allow_any = true;
+                    // Rules OR, and ALLOW policies OR: indexable rules can leave their policy.
+                    let mut rest = Vec::new();
+                    for r in &authz.rules {
+                        match exact_only(r) {
+                            Some((principals, namespaces)) => {
+                                a.allow_principals.extend(principals);
+                                a.allow_namespaces.extend(namespaces);
+                            }
+                            None => rest.push(r),
+                        }
+                    }
+                    if !rest.is_empty() {
+                        a.allow.push(compile(&mut rest.into_iter()));
+                    }
+                }
             }
         }
         a
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
+        self.deny.is_empty() && !self.allow_any && self.allow_dry_run.is_empty() && self.audit.is_empty()
     }
 
     /// The decision for one connection, in Istio's order.
     pub fn check(&self, c: &Connection<'_>) -> Decision {
-        for p in self.audit.iter().filter(|p| p.matches(c, false)) {
+        if self.is_empty() {
+            return Decision::Allow;
+        }
+        let f = Facts::of(c);
+        for p in self.audit.iter().filter(|p| p.matches(&f, false)) {
             tracing::info!(policy = %p.name, source = %c.source, "audit: connection matches");
         }
-        for p in self.deny.iter().filter(|p| p.matches(c, true)) {
+        for p in self.deny.iter().filter(|p| p.matches(&f, true)) {
             if p.dry_run {
                 tracing::info!(policy = %p.name, source = %c.source, "dry-run: would deny");
                 continue;
             }
             return Decision::Deny(p.name.clone());
         }
-        let enforced: Vec<&Compiled> = self.allow.iter().filter(|p| !p.dry_run).collect();
-        for p in self.allow.iter().filter(|p| p.dry_run) {
-            if !p.matches(c, false) {
-                tracing::info!(policy = %p.name, source = %c.source, "dry-run: no ALLOW rule matches");
-            }
+        for p in self.allow_dry_run.iter().filter(|p| !p.matches(&f, false)) {
+            tracing::info!(policy = %p.name, source = %c.source, "dry-run: no ALLOW rule matches");
         }
-        if enforced.is_empty() || enforced.iter().any(|p| p.matches(c, false)) {
+        let allowed = !self.allow_any
+            || f.principal.as_ref().is_some_and(|p| self.allow_principals.contains(p))
+            || f.namespace.is_some_and(|n| self.allow_namespaces.contains(n))
+            || self.allow.iter().any(|p| p.matches(&f, false));
+        if allowed {
             Decision::Allow
         } else {
             Decision::Deny("no ALLOW policy matches".into())

@@ -222,6 +222,44 @@ fn selectors_root_namespace_audit_and_when() {
 }
 
 #[test]
+fn indexed_and_tried_rules_of_one_policy_still_or() {
+    let w = workload("shop", &[]);
+    let p = policy(
+        "shop",
+        "mixed",
+        "rules:\n- from: [{source: {principals: [cluster.local/ns/web/sa/front]}}, {source: {namespaces: [ops]}}]\n\
+         - to: [{operation: {ports: ['9090']}}]\n",
+    );
+    let ps = [p];
+    assert_eq!(
+        decide(&ps, &w, &from("web", "front", "1.1.1.1", 8080), true),
+        Decision::Allow,
+        "exact principal"
+    );
+    assert_eq!(
+        decide(&ps, &w, &from("ops", "any", "1.1.1.1", 8080), true),
+        Decision::Allow,
+        "exact namespace"
+    );
+    assert_eq!(
+        decide(&ps, &w, &from("x", "y", "1.1.1.1", 9090), true),
+        Decision::Allow,
+        "the other rule"
+    );
+    assert!(matches!(
+        decide(&ps, &w, &from("x", "y", "1.1.1.1", 8080), true),
+        Decision::Deny(_)
+    ));
+    assert!(
+        matches!(
+            decide(&ps, &w, &from("ops", "any", "1.1.1.1", 8080), false),
+            Decision::Deny(_)
+        ),
+        "no namespace without mTLS"
+    );
+}
+
+#[test]
 fn dry_run_is_never_enforced() {
     let w = workload("shop", &[]);
     let p = dry(policy("shop", "deny-all", "action: DENY\nrules: [{}]"));
