@@ -221,6 +221,23 @@ async fn security_policies_decide_who_reaches_b() {
     })
     .await;
     assert!(denied() > 0, "B's sidecar says it denied: {}", w.pods[1].sidecar_log());
+    // Status: the policy is Accepted; one asking for CUSTOM says why it is not.
+    w.cluster.apply(&policy("ext", "CUSTOM", "", "[{}]"));
+    let condition = |name: &str| {
+        let v = w.cluster.get("authorizationpolicy", NS, name);
+        let c = &v["status"]["conditions"][0];
+        (
+            c["status"].as_str().unwrap_or("").to_string(),
+            c["reason"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    eventually("policy status written", Duration::from_secs(20), async || {
+        condition("deny-a") == ("True".to_string(), "Accepted".to_string())
+            && condition("ext") == ("False".to_string(), "UnsupportedValue".to_string())
+    })
+    .await;
+    w.cluster
+        .kubectl(&["delete", "authorizationpolicy", "ext", "-n", NS], None);
 
     // Dry-run: evaluated and logged, never enforced.
     w.cluster.apply(&policy(

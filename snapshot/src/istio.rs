@@ -36,6 +36,12 @@ pub struct AuthorizationPolicySpec {
     pub provider: Option<serde_json::Value>,
 }
 
+/// What the operator writes back (Istio's status shape: conditions, observedGeneration), kept
+/// as read so a status that did not change is not written again.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct PolicyStatus(pub serde_json::Value);
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
@@ -133,7 +139,13 @@ pub struct Condition {
 
 /// `security.istio.io/v1` PeerAuthentication (v1beta1 has the same shape).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[kube(group = "security.istio.io", version = "v1", kind = "PeerAuthentication", namespaced)]
+#[kube(
+    group = "security.istio.io",
+    version = "v1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -278,6 +278,21 @@ pub fn mesh_config_status(m: &crate::crd::MeshConfig, t: &Translation) -> Value 
     json!({ "observedGeneration": generation.unwrap_or(0), "conditions": [condition] })
 }
 
+/// An Istio security policy (AuthorizationPolicy, PeerAuthentication): `Accepted`, or the
+/// field and reason it was left out for.
+pub fn policy_status(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    t: &Translation,
+) -> Value {
+    let obj = crate::translate::meta_ref(kind, meta);
+    let generation = meta.generation;
+    json!({
+        "observedGeneration": generation.unwrap_or(0),
+        "conditions": [accepted(t, &obj, generation, "policy in effect")],
+    })
+}
+
 /// Every served object's status as the operator writes it, keyed `Kind namespace/name`:
 /// Gateways, HTTPRoutes and GRPCRoutes. File mode shows this at `/config`.
 pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
@@ -317,6 +332,20 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
         out.insert(
             crate::translate::meta_ref("MeshConfig", &m.metadata).to_string(),
             mesh_config_status(m, t),
+        );
+    }
+    let authz = res
+        .authorization_policies
+        .iter()
+        .map(|p| ("AuthorizationPolicy", &p.metadata));
+    let peer = res
+        .peer_authentications
+        .iter()
+        .map(|p| ("PeerAuthentication", &p.metadata));
+    for (kind, meta) in authz.chain(peer) {
+        out.insert(
+            crate::translate::meta_ref(kind, meta).to_string(),
+            policy_status(kind, meta, t),
         );
     }
     out

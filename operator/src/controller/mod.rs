@@ -42,7 +42,8 @@ pub struct KindSpec {
     pub versions: &'static [&'static str],
     /// The operator translates without it (as if there were none).
     pub optional: bool,
-    /// The operator writes its status: updates that keep `metadata.generation` are ignored.
+    /// The operator writes its status: updates that keep `metadata.generation`, labels and
+    /// annotations (a dry-run switch is one) are ignored.
     pub status_written: bool,
     /// A field selector: only these objects are read at all.
     pub fields: Option<&'static str>,
@@ -121,8 +122,8 @@ kinds! {
     mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
     pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),
-    authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: false),
-    peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: false),
+    authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: true),
+    peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.
@@ -284,7 +285,7 @@ async fn watch<K>(
         }))
     });
     let mut stream = events.reflect(writer).default_backoff().boxed();
-    let mut generations: std::collections::HashMap<String, i64> = Default::default();
+    let mut generations: std::collections::HashMap<String, (i64, u64)> = Default::default();
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev,
@@ -306,7 +307,8 @@ async fn watch<K>(
         if spec.status_written
             && let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = &ev
             && let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation)
-            && generations.insert(uid, generation) == Some(generation)
+            && let seen = (generation, labels_and_annotations(o.meta()))
+            && generations.insert(uid, seen) == Some(seen)
         {
             continue;
         }
@@ -317,6 +319,15 @@ async fn watch<K>(
         }
         let _ = changed.try_send(());
     }
+}
+
+/// A fingerprint of what, besides the spec, changes what an object means.
+fn labels_and_annotations(m: &kube::api::ObjectMeta) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.labels.hash(&mut h);
+    m.annotations.hash(&mut h);
+    h.finish()
 }
 
 pub struct Controller {

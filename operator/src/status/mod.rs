@@ -1,7 +1,7 @@
 //! Writes the Gateway API status conditions (computed by `ferrum_snapshot::status`) back to the
 //! cluster: only by the leader and only when something other than a timestamp changed.
 
-use ferrum_snapshot::status::{backend_status, cond, gateway_status, mesh_config_status, route_status};
+use ferrum_snapshot::status::{backend_status, cond, gateway_status, mesh_config_status, policy_status, route_status};
 use ferrum_snapshot::translate::Translation;
 use ferrum_snapshot::{CONTROLLER_NAME, Resources};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
@@ -69,6 +69,13 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     }
     for m in &res.mesh_configs {
         w.write(&**m, mesh_config_status(m, t)).await;
+    }
+    for p in &res.authorization_policies {
+        w.write(&**p, policy_status("AuthorizationPolicy", &p.metadata, t))
+            .await;
+    }
+    for p in &res.peer_authentications {
+        w.write(&**p, policy_status("PeerAuthentication", &p.metadata, t)).await;
     }
     w.written
 }
