@@ -149,15 +149,31 @@ async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\n\
          spec: {nodeName: node-1, serviceAccountName: db, containers: [{name: db, image: db}]}\n",
     );
-    let chain = ask(
-        &mut ca,
-        &req,
-        Some(&node_proxy),
-        3600,
-        Some("spiffe://cluster.local/ns/shop/sa/db"),
+    // The operator learns of the pod through its watch: a moment after the API server has it.
+    let mut chain = Vec::new();
+    eventually(
+        "a node proxy gets the SVID of a pod on its node",
+        Duration::from_secs(10),
+        async || match ask(
+            &mut ca,
+            &req,
+            Some(&node_proxy),
+            3600,
+            Some("spiffe://cluster.local/ns/shop/sa/db"),
+        )
+        .await
+        {
+            Ok(c) => {
+                chain = c;
+                true
+            }
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+                false
+            }
+        },
     )
-    .await
-    .expect("a node proxy gets the SVID of a pod on its node");
+    .await;
     assert_eq!(
         spiffe_load(dir.path(), &chain, &key)["id"],
         "spiffe://cluster.local/ns/shop/sa/db"
