@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrum_e2e::*;
-use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
-use ferrum_proto::mesh::v1::{Ack, Hello, SubscribeRequest, subscribe_request, subscribe_response};
+use ferrum_proto::mesh::v1::{Ack, SubscribeRequest, subscribe_request, subscribe_response};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
 
@@ -36,40 +35,18 @@ struct Scale {
 /// One simulated proxy: acknowledges every snapshot on receipt and reports (version, when).
 /// A sidecar (`mesh`) subscribes as pod `id` with its service account's token.
 async fn proxy(url: String, id: usize, mesh: bool, seen: mpsc::UnboundedSender<(usize, u64, Instant)>) {
-    let ch = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
+    let (role, token) = if mesh {
+        let sa = format!("sa-{}", id % ACCOUNTS);
+        (
+            format!("sidecar/default/pod-{id}"),
+            Some(token("default", &sa, "ferrum-ca", 3600, TOKEN_KEY)),
+        )
+    } else {
+        (String::new(), None)
+    };
+    let (tx, mut stream) = subscribe(&url, &format!("sim-{id}"), &role, token.as_deref())
         .await
         .unwrap();
-    let mut client = MeshSubscribeClient::new(ch).max_decoding_message_size(512 << 20);
-    let (tx, rx) = mpsc::channel(4);
-    let hello = Hello {
-        node_id: format!("sim-{id}"),
-        role: if mesh {
-            format!("sidecar/default/pod-{id}")
-        } else {
-            String::new()
-        },
-        ..Default::default()
-    };
-    tx.send(SubscribeRequest {
-        message: Some(subscribe_request::Message::Hello(hello)),
-    })
-    .await
-    .unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if mesh {
-        let t = token(
-            "default",
-            &format!("sa-{}", id % ACCOUNTS),
-            "ferrum-ca",
-            3600,
-            TOKEN_KEY,
-        );
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let mut stream = client.subscribe(req).await.unwrap().into_inner();
     while let Ok(Some(m)) = stream.message().await {
         if let Some(subscribe_response::Message::Snapshot(s)) = m.message
             && !s.more

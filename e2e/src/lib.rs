@@ -384,6 +384,60 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// A MeshSubscribe stream to the operator at `url` as proxy `node` with `role` (and a bearer
+/// token): the sender its acknowledgements go on, and the stream of updates.
+pub async fn subscribe(
+    url: &str,
+    node: &str,
+    role: &str,
+    token: Option<&str>,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<ferrum_proto::mesh::v1::SubscribeRequest>,
+        tonic::Streaming<ferrum_proto::mesh::v1::SubscribeResponse>,
+    ),
+    tonic::Status,
+> {
+    use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
+    use ferrum_proto::mesh::v1::{Hello, SubscribeRequest, subscribe_request};
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = Hello {
+        node_id: node.to_string(),
+        role: role.to_string(),
+        ..Default::default()
+    };
+    tx.send(SubscribeRequest {
+        message: Some(subscribe_request::Message::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let stream = MeshSubscribeClient::new(ch)
+        .max_decoding_message_size(512 << 20)
+        .subscribe(req)
+        .await?
+        .into_inner();
+    Ok((tx, stream))
+}
+
+/// For the benchmarks: CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 /// For the benchmarks.
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -391,55 +445,17 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// A gRPC channel to a TLS endpoint (the mesh CA) that trusts only `root_pem`, as a workload
-/// holding the mesh's trust bundle does; `name` is the server name to verify.
+/// holding the mesh's trust bundle does; `name` is the server name to verify. (The sidecar's own
+/// CA client, so the tests and the proxy connect the same way.)
 pub async fn tls_channel(addr: std::net::SocketAddr, name: &str, root_pem: &str) -> tonic::transport::Channel {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut cfg =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector {
-        addr,
-        name: rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
-        tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)),
-    };
-    tonic::transport::Endpoint::from_static("http://mesh-ca")
-        .connect_with_connector(connector)
+    ferrum_dp::mesh::identity::tls_channel(&addr.to_string(), name, roots)
         .await
         .expect("TLS connection to the CA")
-}
-
-#[derive(Clone)]
-struct TlsConnector {
-    addr: std::net::SocketAddr,
-    name: rustls_pki_types::ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl tower_service::Service<http::Uri> for TlsConnector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let c = self.clone();
-        Box::pin(async move {
-            let tcp = tokio::net::TcpStream::connect(c.addr).await?;
-            tcp.set_nodelay(true)?;
-            Ok(hyper_util::rt::TokioIo::new(c.tls.connect(c.name, tcp).await?))
-        })
-    }
 }
 
 /// `GET /` on 127.0.0.1:`port` with `Host: host`: the status and the backend that answered

@@ -130,12 +130,12 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
     let b_role = format!("sidecar/{NS}/b-1");
     let a_token = token(NS, "sa-a", "ferrum-ca", 600, TOKEN_KEY);
     let b_token = token(NS, "sa-b", "ferrum-ca", 600, TOKEN_KEY);
-    assert_eq!(subscribe(&w, &b_role, None).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(subscribe_as(&w, &b_role, None).await, Err(tonic::Code::Unauthenticated));
     assert_eq!(
-        subscribe(&w, &b_role, Some(&a_token)).await,
+        subscribe_as(&w, &b_role, Some(&a_token)).await,
         Err(tonic::Code::PermissionDenied)
     );
-    assert_eq!(subscribe(&w, &b_role, Some(&b_token)).await, Ok(()));
+    assert_eq!(subscribe_as(&w, &b_role, Some(&b_token)).await, Ok(()));
 
     // The operator goes away: the sidecars keep their snapshot and certificates.
     w.op.kill();
@@ -318,35 +318,12 @@ fn bench_mesh_harness_runs() {
 }
 
 /// Subscribes to the operator with `role` and `token`: Ok once a snapshot arrives.
-async fn subscribe(w: &World, role: &str, token: Option<&str>) -> Result<(), tonic::Code> {
-    use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
-    use ferrum_proto::mesh::v1::{Hello, SubscribeRequest, subscribe_request, subscribe_response};
-    let ch = tonic::transport::Endpoint::from_shared(w.op.grpc_url())
-        .unwrap()
-        .connect()
+async fn subscribe_as(w: &World, role: &str, token: Option<&str>) -> Result<(), tonic::Code> {
+    use ferrum_proto::mesh::v1::subscribe_response;
+    let node = format!("probe-{}", free_port());
+    let (_tx, mut stream) = subscribe(&w.op.grpc_url(), &node, role, token)
         .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = Hello {
-        node_id: format!("probe-{}", free_port()),
-        role: role.to_string(),
-        ..Default::default()
-    };
-    tx.send(SubscribeRequest {
-        message: Some(subscribe_request::Message::Hello(hello)),
-    })
-    .await
-    .unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let mut stream = MeshSubscribeClient::new(ch)
-        .subscribe(req)
-        .await
-        .map_err(|s| s.code())?
-        .into_inner();
+        .map_err(|s| s.code())?;
     loop {
         match stream.message().await {
             Ok(Some(m)) if matches!(m.message, Some(subscribe_response::Message::Snapshot(_))) => return Ok(()),
@@ -367,7 +344,7 @@ async fn connect_tunnel(addr: std::net::SocketAddr, auth: Option<&ClientAuth>, a
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+        .with_custom_certificate_verifier(Arc::new(ferrum_dp::upstream::connector::NoVerify(provider)));
     let mut cfg = match auth {
         Some((chain, key)) => b.with_client_auth_cert(chain.clone(), key.clone_key()).unwrap(),
         None => b.with_no_client_auth(),
@@ -397,41 +374,6 @@ async fn connect_tunnel(addr: std::net::SocketAddr, auth: Option<&ClientAuth>, a
     tokio::time::timeout(Duration::from_secs(5), run)
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
-}
-
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A well-formed SVID from a CA the mesh does not trust.

@@ -326,7 +326,7 @@ pub async fn run(ca: CaSettings, identity: Arc<Identity>) {
 }
 
 /// A gRPC channel over rustls to `address`, checking its certificate against `name` and `roots`.
-async fn tls_channel(
+pub async fn tls_channel(
     address: &str,
     name: &str,
     roots: RootCertStore,
