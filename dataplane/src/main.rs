@@ -21,7 +21,8 @@ struct Args {
     /// EndpointSlice, Secret, ReferenceGrant, ferrum.dev Backend/BackendPolicy).
     #[arg(long = "config", short = 'c', num_args = 1..)]
     config: Vec<PathBuf>,
-    /// Follow a Ferrum operator instead of files, e.g. http://ferrum-operator:15010.
+    /// Follow a Ferrum operator instead of files, e.g. http://ferrum-operator:15010; with
+    /// https:// its certificate must chain to --ca-root-file and name --ca-server-name.
     #[arg(long, env = "FERRUM_CONTROL_PLANE")]
     control_plane: Option<String>,
     /// Follow any xDS server (State-of-the-World ADS), e.g. http://ferrum-operator:15010.
@@ -465,6 +466,9 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
                 token: args.token.clone(),
                 token_file: (args.mesh.mode == Mode::Sidecar).then(|| args.mesh.token_file.clone()),
                 cache: Some(args.snapshot_cache.clone()),
+                tls: url
+                    .starts_with("https://")
+                    .then(|| (args.mesh.ca_server_name.clone(), args.mesh.ca_root_file.clone())),
             };
             let dp = dp.clone();
             tokio::spawn(async move {

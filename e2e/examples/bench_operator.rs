@@ -44,7 +44,7 @@ async fn proxy(url: String, id: usize, mesh: bool, seen: mpsc::UnboundedSender<(
     } else {
         (String::new(), None)
     };
-    let (tx, mut stream) = subscribe(&url, &format!("sim-{id}"), &role, token.as_deref())
+    let (tx, mut stream) = subscribe(channel(&url).await, &format!("sim-{id}"), &role, token.as_deref())
         .await
         .unwrap();
     while let Ok(Some(m)) = stream.message().await {

@@ -384,10 +384,19 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// A MeshSubscribe stream to the operator at `url` as proxy `node` with `role` (and a bearer
-/// token): the sender its acknowledgements go on, and the stream of updates.
+/// A plaintext gRPC channel to `url`.
+pub async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// A MeshSubscribe stream over `ch` as proxy `node` with `role` (and a bearer token): the
+/// sender its acknowledgements go on, and the stream of updates.
 pub async fn subscribe(
-    url: &str,
+    ch: tonic::transport::Channel,
     node: &str,
     role: &str,
     token: Option<&str>,
@@ -400,11 +409,6 @@ pub async fn subscribe(
 > {
     use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
     use ferrum_proto::mesh::v1::{Hello, SubscribeRequest, subscribe_request};
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let hello = Hello {
         node_id: node.to_string(),

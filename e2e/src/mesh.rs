@@ -94,7 +94,10 @@ impl World {
         let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
         // A /24 of its own per test (tests run in parallel).
         let bridge = Bridge::new(&format!("10.{}.{}", 100 + free_port() % 100, free_port() % 250));
-        let op = cluster.operator_at("op-1", &bridge.host_ip(), operator_args).await;
+        // The control plane over TLS from the mesh CA, as sidecars should see it.
+        let mut args = vec!["--grpc-tls"];
+        args.extend_from_slice(operator_args);
+        let op = cluster.operator_at("op-1", &bridge.host_ip(), &args).await;
         let dir = tempfile::tempdir().unwrap();
         // The sidecars run as 1337: they read tokens and roots and write their caches here.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -169,7 +172,8 @@ impl World {
         let mut cmd = p.ns.cmd(&["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]);
         cmd.arg(bin)
             .args(["--mode", "sidecar", "--workers", "1", "--admin-addr", "127.0.0.1:15000"])
-            .args(["--control-plane", &self.op.grpc_url(), "--ca-address", &ca])
+            .args(["--control-plane", &format!("https://{}:{}", self.op.host, self.op.grpc)])
+            .args(["--ca-address", &ca])
             .args(["--ca-server-name", &self.op.host])
             .arg("--ca-root-file")
             .arg(&self.root)

@@ -136,6 +136,23 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         Err(tonic::Code::PermissionDenied)
     );
     assert_eq!(subscribe_as(&w, &b_role, Some(&b_token)).await, Ok(()));
+    // The control plane speaks TLS only (from the mesh CA): plaintext gets nowhere.
+    let plaintext = async {
+        let ch = tonic::transport::Endpoint::from_shared(w.op.grpc_url())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        subscribe(ch, "plain", &b_role, Some(&b_token)).await.ok()
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), plaintext)
+            .await
+            .ok()
+            .flatten()
+            .is_none(),
+        "a plaintext client reached the TLS control plane"
+    );
 
     // The operator goes away: the sidecars keep their snapshot and certificates.
     w.op.kill();
@@ -321,9 +338,10 @@ fn bench_mesh_harness_runs() {
 async fn subscribe_as(w: &World, role: &str, token: Option<&str>) -> Result<(), tonic::Code> {
     use ferrum_proto::mesh::v1::subscribe_response;
     let node = format!("probe-{}", free_port());
-    let (_tx, mut stream) = subscribe(&w.op.grpc_url(), &node, role, token)
-        .await
-        .map_err(|s| s.code())?;
+    let root = std::fs::read_to_string(&w.root).unwrap();
+    let addr = format!("{}:{}", w.op.host, w.op.grpc).parse().unwrap();
+    let ch = tls_channel(addr, &w.op.host, &root).await;
+    let (_tx, mut stream) = subscribe(ch, &node, role, token).await.map_err(|s| s.code())?;
     loop {
         match stream.message().await {
             Ok(Some(m)) if matches!(m.message, Some(subscribe_response::Message::Snapshot(_))) => return Ok(()),

@@ -35,9 +35,13 @@ struct Args {
     /// Admin and metrics HTTP port.
     #[arg(long, default_value = "0.0.0.0:15014", env = "FERRUM_ADMIN_ADDR")]
     admin_addr: SocketAddr,
-    /// Bearer token proxies must present (until mesh mTLS).
+    /// Bearer token gateway proxies must present (sidecars present their ServiceAccount token).
     #[arg(long, env = "FERRUM_TOKEN")]
     token: Option<String>,
+    /// Serve the gRPC port (MeshSubscribe, xDS) over TLS with the CA's serving certificate
+    /// (needs the CA); clients trust the mesh root.
+    #[arg(long, env = "FERRUM_GRPC_TLS")]
+    grpc_tls: bool,
     /// Quiet time after a change before translating, so bursts coalesce.
     #[arg(long, default_value_t = 20)]
     debounce_ms: u64,
@@ -232,6 +236,12 @@ async fn run(args: Args) -> ExitCode {
     ));
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
+    if args.grpc_tls && args.ca_addr.is_empty() {
+        eprintln!("ferrum-operator: --grpc-tls needs the CA (--ca-addr)");
+        return ExitCode::FAILURE;
+    }
+    let (grpc_tls_tx, grpc_tls_rx) = tokio::sync::oneshot::channel();
+    let mut grpc_tls_tx = args.grpc_tls.then_some(grpc_tls_tx);
     if !args.ca_addr.is_empty() {
         let settings = match ca_settings(&args) {
             Ok(s) => s,
@@ -245,8 +255,9 @@ async fn run(args: Args) -> ExitCode {
         let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
             .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
         let (client, leader, auth) = (client.clone(), leader.clone(), workload_auth.clone());
+        let serving = grpc_tls_tx.take();
         tokio::spawn(async move {
-            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader).await {
+            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader, serving).await {
                 tracing::error!("{e}");
             }
         });
@@ -260,18 +271,33 @@ async fn run(args: Args) -> ExitCode {
         workload_auth,
         chunk: args.chunk_bytes as usize,
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .add_service(
             MeshSubscribeServer::new(svc)
                 .max_decoding_message_size(1 << 20)
                 .max_encoding_message_size(256 << 20),
         )
-        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown());
-    ready.store(true, Relaxed);
-    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "ferrum-operator serving");
-    if let Err(e) = server.await {
+        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20));
+    let served = if args.grpc_tls {
+        // The CA has its material once the leader made or loaded it.
+        let Ok(tls) = grpc_tls_rx.await else {
+            eprintln!("ferrum-operator: the CA did not start, so the TLS gRPC port cannot");
+            return ExitCode::FAILURE;
+        };
+        ready.store(true, Relaxed);
+        tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, tls = true, "ferrum-operator serving");
+        router
+            .serve_with_incoming_shutdown(ca::tls::incoming(grpc, tls), shutdown())
+            .await
+    } else {
+        ready.store(true, Relaxed);
+        tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "ferrum-operator serving");
+        router
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown())
+            .await
+    };
+    if let Err(e) = served {
         eprintln!("ferrum-operator: gRPC server failed: {e}");
         return ExitCode::FAILURE;
     }

@@ -29,6 +29,9 @@ pub struct Settings {
     /// kubelet rotates it; takes the place of `token`.
     pub token_file: Option<PathBuf>,
     pub cache: Option<PathBuf>,
+    /// For an `https://` control plane: the name its certificate is checked against and the
+    /// mesh roots it must chain to.
+    pub tls: Option<(String, PathBuf)>,
 }
 
 impl Settings {
@@ -54,6 +57,8 @@ pub enum CpError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::mesh::identity::IdentityError),
     #[error("control plane: {0}")]
     Status(#[from] tonic::Status),
     #[error("no message from the control plane for {0:?}")]
@@ -109,10 +114,16 @@ pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
 }
 
 async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
-    let channel = super::connect(&s.url).await.map_err(|source| CpError::Connect {
-        url: s.url.clone(),
-        source,
-    })?;
+    let channel = match (&s.tls, s.url.strip_prefix("https://")) {
+        (Some((name, roots)), Some(addr)) => {
+            let roots = crate::mesh::identity::read_roots(roots)?;
+            crate::mesh::identity::tls_channel(addr.trim_end_matches('/'), name, roots).await?
+        }
+        _ => super::connect(&s.url).await.map_err(|source| CpError::Connect {
+            url: s.url.clone(),
+            source,
+        })?,
+    };
     let mut client = MeshSubscribeClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(8);
     let current = dp.shared.config.load().snapshot.clone();

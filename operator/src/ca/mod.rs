@@ -183,6 +183,7 @@ pub async fn run(
     auth: std::sync::Arc<service::Kubernetes>,
     trust_domain: String,
     leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    serving: Option<tokio::sync::oneshot::Sender<std::sync::Arc<rustls::ServerConfig>>>,
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(s.addr)
         .await
@@ -192,6 +193,10 @@ pub async fn run(
     ca.max_validity = s.max_validity;
     let (chain, key) = ca.serving(&s.names).map_err(|e| e.to_string())?;
     let tls = tls::server_config(&chain, &key)?;
+    // The control-plane port serves the same certificate (its names are the operator's).
+    if let Some(tx) = serving {
+        let _ = tx.send(tls.clone());
+    }
     let svc = service::CaService {
         ca: std::sync::Arc::new(ca),
         auth,

@@ -1,5 +1,5 @@
-//! The CA's TLS endpoint: rustls in front of tonic (the CA serves its own certificate, signed by
-//! its root, which clients trust).
+//! TLS in front of tonic for the CA's port and, with `--grpc-tls`, the control-plane port: the
+//! operator serves its own certificate, signed by the mesh root, which workloads trust.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,8 +15,11 @@ use tokio_stream::wrappers::ReceiverStream;
 pub struct Conn(TlsStream<TcpStream>);
 
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    /// The peer's address, as on a plaintext port (the proxy table shows it).
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
 }
 
 impl AsyncRead for Conn {
