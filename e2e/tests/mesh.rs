@@ -238,6 +238,17 @@ async fn security_policies_decide_who_reaches_b() {
     })
     .await;
     assert!(denied() > 0, "B's sidecar says it denied: {}", w.pods[1].sidecar_log());
+    // Each sidecar receives only the policies that select its workload.
+    let policies_of = |i: usize| -> Vec<String> {
+        let out = w.pods[i].run(&["curl", "-s", "--max-time", "3", "127.0.0.1:15000/config"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["snapshot"]["policies"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p["key"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(policies_of(1), [format!("AuthorizationPolicy/{NS}/deny-a")]);
+    assert!(policies_of(0).is_empty(), "A is not selected: {:?}", policies_of(0));
     // Status: the policy is Accepted; one asking for CUSTOM says why it is not.
     w.cluster.apply(&policy("ext", "CUSTOM", "", "[{}]"));
     let condition = |name: &str| {

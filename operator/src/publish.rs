@@ -248,9 +248,10 @@ impl Publisher {
                 return self.full_snapshot();
             }
             Scope::Gateway(gw) => (format!("gateway/{}/{}", gw.namespace, gw.name), Some(gw)),
-            // Every sidecar sees the whole mesh for now (no Sidecar egress scoping, no
-            // per-workload policy yet): one projection serves them all.
-            Scope::Sidecar { .. } => ("sidecar".to_string(), None),
+            // A sidecar gets the whole mesh (no Sidecar egress scoping yet) and only the
+            // policies that select its workload; sidecars selected by the same policies share
+            // one projection.
+            Scope::Sidecar { namespace, pod } => (sidecar_key(&cur.full.snapshot, namespace, pod), None),
         };
         let mut scopes = self.scopes.lock().unwrap();
         let st = scopes.entry(key).or_insert_with(|| RoleState {
@@ -263,7 +264,14 @@ impl Publisher {
         if st.generation != cur.generation {
             let next = match &mut st.incremental {
                 Some(inc) => inc.translate(&cur.resources, cur.generation).snapshot,
-                None => cur.full.snapshot.mesh_view(&cur.full.digests),
+                None => {
+                    let Scope::Sidecar { namespace, pod } = scope else {
+                        unreachable!("only sidecars have no translator")
+                    };
+                    let snap = &cur.full.snapshot;
+                    let own = snap.workload_or_placeholder(namespace, pod);
+                    snap.mesh_view(&cur.full.digests, |p| p.applies_to(&own))
+                }
             };
             match &st.snapshot {
                 Some(prev) if prev.hash == next.hash => {}
@@ -294,6 +302,19 @@ impl Publisher {
         }
         all.1.get_or_insert_with(|| Encoded::new(&cur.full.snapshot)).clone()
     }
+}
+
+/// The projection a sidecar shares with those its policies select alike: the set of policy keys.
+fn sidecar_key(snap: &Snapshot, namespace: &str, pod: &str) -> String {
+    use sha2::Digest as _;
+    let own = snap.workload_or_placeholder(namespace, pod);
+    let mut h = sha2::Sha256::new();
+    for p in snap.policies.iter().filter(|p| p.applies_to(&own)) {
+        h.update(p.key.as_bytes());
+        h.update([0]);
+    }
+    let id: String = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sidecar/{id}")
 }
 
 /// Cheap change detector over the translator's inputs: (kind, namespace, name, resourceVersion).

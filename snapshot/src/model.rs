@@ -197,16 +197,49 @@ impl Snapshot {
         self.is_newer_schema() || self.content_hash() == self.hash
     }
 
-    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters. `d`
-    /// are this snapshot's part digests (the translator keeps them), so nothing is re-hashed.
-    pub fn mesh_view(&self, d: &PartDigests) -> Snapshot {
+    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters, and of
+    /// the policies those `keep` says. `d` are this snapshot's part digests (the translator keeps
+    /// them), so nothing is re-hashed.
+    pub fn mesh_view(&self, d: &PartDigests, keep: impl Fn(&Policy) -> bool) -> Snapshot {
+        let (policies, policy_digests): (Vec<_>, Vec<_>) = self
+            .policies
+            .iter()
+            .zip(&d.policies)
+            .filter(|(p, _)| keep(p))
+            .map(|(p, d)| (p.clone(), *d))
+            .unzip();
         let digests = PartDigests {
             workloads: d.workloads.clone(),
             services: d.services.clone(),
-            policies: d.policies.clone(),
+            policies: policy_digests,
             ..PartDigests::default()
         };
-        Snapshot::with_digests(self.version, Vec::new(), Vec::new(), self.mesh(), &digests)
+        let mesh = Mesh {
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+            policies,
+        };
+        Snapshot::with_digests(self.version, Vec::new(), Vec::new(), mesh, &digests)
+    }
+
+    /// The workload of pod `namespace/name`; before the snapshot knows the pod, one without
+    /// labels (namespace-wide and mesh-wide policies still select it).
+    pub fn workload_or_placeholder(&self, namespace: &str, name: &str) -> Workload {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+            .map(|w| (**w).clone())
+            .unwrap_or_else(|| Workload {
+                uid: format!("{namespace}/{name}"),
+                name: name.into(),
+                namespace: namespace.into(),
+                service_account: "default".into(),
+                node: String::new(),
+                ips: Vec::new(),
+                labels: Default::default(),
+                ports: Vec::new(),
+                hbone: true,
+            })
     }
 
     /// Builds a snapshot whose parts' digests are already known (they must be this content's).

@@ -56,26 +56,6 @@ pub struct MeshIndex {
 /// The pod a sidecar serves: `(namespace, name)`.
 pub type Me = (String, String);
 
-/// Our own workload as the snapshot has it; before the snapshot knows the pod, one without
-/// labels (namespace-wide and mesh-wide policies still apply).
-fn own_workload(snap: &Snapshot, me: &Me) -> Workload {
-    snap.workloads
-        .iter()
-        .find(|w| w.namespace == me.0 && w.name == me.1)
-        .map(|w| (**w).clone())
-        .unwrap_or_else(|| Workload {
-            uid: format!("{}/{}", me.0, me.1),
-            name: me.1.clone(),
-            namespace: me.0.clone(),
-            service_account: "default".into(),
-            node: String::new(),
-            ips: Vec::new(),
-            labels: Default::default(),
-            ports: Vec::new(),
-            hbone: true,
-        })
-}
-
 impl MeshIndex {
     pub fn build(snap: &Snapshot, me: Option<&Me>) -> MeshIndex {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
@@ -116,7 +96,7 @@ impl MeshIndex {
                 }
             }
         }
-        let own = me.map(|me| own_workload(snap, me));
+        let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
         let inbound = own
             .as_ref()
             .map(|w| Authorizer::for_workload(&snap.policies, w))

@@ -423,7 +423,7 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
         let next = inc.translate(&r, 3);
         assert_ne!(next.snapshot.hash, again.snapshot.hash);
         assert_eq!(next.snapshot.hash, next.snapshot.content_hash());
-        let view = next.snapshot.mesh_view(&next.digests);
+        let view = next.snapshot.mesh_view(&next.digests, |_| true);
         assert_eq!(view.hash, view.content_hash());
         assert!(view.listeners.is_empty() && view.workloads.len() == 3);
     }
