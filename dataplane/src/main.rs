@@ -448,6 +448,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
                 url: url.clone(),
                 node_id,
                 cluster: args.xds_cluster.clone(),
+                token: args.token.clone(),
             };
             let dp = dp.clone();
             tokio::spawn(async move {

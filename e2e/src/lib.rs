@@ -318,6 +318,11 @@ impl Proxy {
         Self::spawn(node, &["--xds", url])
     }
 
+    /// The same, presenting a bearer token.
+    pub async fn start_xds_with_token(url: &str, node: &str, token: &str) -> Proxy {
+        Self::spawn(node, &["--xds", url, "--token", token])
+    }
+
     fn spawn(node: &str, args: &[&str]) -> Proxy {
         let admin = free_port();
         let child = Command::new(workspace_bin("ferrum-dp"))

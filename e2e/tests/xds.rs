@@ -367,6 +367,38 @@ fn envoy_validates_the_generated_bootstrap() {
 /// ferrum-dp as an xDS client of our ADS server: the same routes as Envoy gets, applied through
 /// its own reload path; what it cannot serve is NACKed with the reason and the last good config
 /// keeps serving.
+/// With `--token`, ADS asks for it as MeshSubscribe does: a client without it is refused, one
+/// with it (ferrum-dp --xds --token) is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_requires_the_proxy_token_when_one_is_set() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator_with("op-1", &["--token", "s3cret"]).await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel(&op.grpc_url()).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(DiscoveryRequest::default()).await.unwrap();
+    let refused = match ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Err(s) => s.code(),
+        Ok(r) => r
+            .into_inner()
+            .message()
+            .await
+            .err()
+            .map_or(tonic::Code::Ok, |s| s.code()),
+    };
+    assert_eq!(refused, tonic::Code::Unauthenticated);
+    let _dp = Proxy::start_xds_with_token(&op.grpc_url(), "dp-xds-token", "s3cret").await;
+    let location = format!("http://new.example.com:{port}/old/page");
+    serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);

@@ -263,7 +263,11 @@ async fn run(args: Args) -> ExitCode {
         });
     }
 
-    let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone()));
+    let ads = Arc::new(xds::ads::Ads::new(
+        publisher.clone(),
+        proxies.clone(),
+        args.token.clone(),
+    ));
     let svc = subscribe::Service {
         publisher: publisher.clone(),
         proxies,

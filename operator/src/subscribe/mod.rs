@@ -120,6 +120,19 @@ impl Drop for Registration {
     }
 }
 
+/// The bearer token of a request, if any.
+pub fn bearer(m: &tonic::metadata::MetadataMap) -> Option<&str> {
+    m.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+/// The shared proxy token (`--token`), when one is set, must be presented.
+pub fn check_shared_token(expected: Option<&str>, bearer: Option<&str>) -> Result<(), Status> {
+    match expected {
+        Some(t) if bearer != Some(t) => Err(Status::unauthenticated("a valid bearer token is required")),
+        _ => Ok(()),
+    }
+}
+
 impl Service {
     /// A sidecar proves it is its pod's workload with the pod's ServiceAccount token (a
     /// TokenReview: the namespace and service account must be the pod's); every other role
@@ -140,10 +153,7 @@ impl Service {
             }
             return Ok(());
         }
-        match &self.token {
-            Some(t) if bearer != Some(t.as_str()) => Err(Status::unauthenticated("a valid bearer token is required")),
-            _ => Ok(()),
-        }
+        check_shared_token(self.token.as_deref(), bearer)
     }
 }
 
@@ -154,12 +164,7 @@ impl MeshSubscribe for Service {
     type SubscribeStream = ResponseStream;
 
     async fn subscribe(&self, req: Request<Streaming<SubscribeRequest>>) -> Result<Response<ResponseStream>, Status> {
-        let bearer = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_string);
+        let bearer = bearer(req.metadata()).map(str::to_string);
         let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {

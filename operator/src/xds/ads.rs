@@ -24,6 +24,8 @@ use crate::subscribe::{Proxies, ProxyState, Registration, now_ms};
 pub struct Ads {
     pub publisher: Arc<Publisher>,
     pub proxies: Arc<Proxies>,
+    /// The shared proxy token (`--token`) ADS clients must present, as MeshSubscribe's do.
+    pub token: Option<String>,
     /// The latest generation's Envoy resources, translated once for every stream.
     cache: Mutex<Option<Arc<Generation>>>,
     /// Subscriptions are interned: a thousand Envoys asking for the same 5,000 clusters share one set.
@@ -121,10 +123,11 @@ pub(super) fn hash_name(h: &mut impl std::hash::Hasher, name: &[u8]) {
 }
 
 impl Ads {
-    pub fn new(publisher: Arc<Publisher>, proxies: Arc<Proxies>) -> Self {
+    pub fn new(publisher: Arc<Publisher>, proxies: Arc<Proxies>, token: Option<String>) -> Self {
         Ads {
             publisher,
             proxies,
+            token,
             cache: Mutex::new(None),
             subscriptions: Mutex::new(Default::default()),
             large_sends: tokio::sync::Semaphore::new(16),

@@ -261,6 +261,8 @@ impl NamedService for AdsServer {
     const NAME: &'static str = SERVICE;
 }
 
+use crate::subscribe::{bearer, check_shared_token};
+
 struct Sotw(Arc<Ads>);
 struct Delta(Arc<Ads>);
 
@@ -273,7 +275,10 @@ impl StreamingService<SotwRequest> for Sotw {
 
     fn call(&mut self, req: Request<Streaming<SotwRequest>>) -> Self::Future {
         let ads = self.0.clone();
-        Box::pin(async move { Ok(ads::stream_sotw(ads, req)) })
+        Box::pin(async move {
+            check_shared_token(ads.token.as_deref(), bearer(req.metadata()))?;
+            Ok(ads::stream_sotw(ads, req))
+        })
     }
 }
 
@@ -284,7 +289,10 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
 
     fn call(&mut self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
         let ads = self.0.clone();
-        Box::pin(async move { Ok(ads::stream_delta(ads, req)) })
+        Box::pin(async move {
+            check_shared_token(ads.token.as_deref(), bearer(req.metadata()))?;
+            Ok(ads::stream_delta(ads, req))
+        })
     }
 }
 

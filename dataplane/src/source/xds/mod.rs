@@ -23,6 +23,8 @@ pub struct Settings {
     pub node_id: String,
     /// `node.cluster` towards the server.
     pub cluster: String,
+    /// Sent as `authorization: Bearer …` (the operator's `--token`).
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +172,13 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
     };
     client.request(LISTENER, None);
     client.request(CLUSTER, None);
-    let mut stream = ads
-        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    if let Some(t) = &s.token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut stream = ads.stream_aggregated_resources(req).await?.into_inner();
     tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the xDS server");
     let mut state = Resources::default();
     let mut version = dp.shared.config.load().snapshot.version;
