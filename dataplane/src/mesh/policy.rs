@@ -31,10 +31,10 @@ pub enum Decision {
 #[derive(Default)]
 pub struct Authorizer {
     deny: Vec<Compiled>,
-    /// Enforced ALLOW rules that name exact principals or namespaces and nothing else (the
-    /// common form), by value: one lookup however many there are.
-    allow_principals: std::collections::HashSet<String>,
-    allow_namespaces: std::collections::HashSet<String>,
+    /// Enforced ALLOW rules that name principals or namespaces and nothing else (the common
+    /// form), by pattern: a few lookups however many there are.
+    allow_principals: Patterns,
+    allow_namespaces: Patterns,
     /// Every other enforced ALLOW rule, tried in turn.
     allow: Vec<Compiled>,
     /// Whether any enforced ALLOW policy exists (then something must match).
@@ -43,15 +43,52 @@ pub struct Authorizer {
     audit: Vec<Compiled>,
 }
 
-/// The exact values of a rule that only names principals (or only namespaces), if it is one.
-fn exact_only(r: &Rule) -> Option<(Vec<String>, Vec<String>)> {
+/// Istio string patterns (exact, `prefix*`, `*suffix`, `*`) indexed: exact values in a set,
+/// prefixes and suffixes in sets by length, so a value is checked with one lookup per distinct
+/// pattern length instead of one comparison per pattern.
+#[derive(Default)]
+struct Patterns {
+    exact: std::collections::HashSet<String>,
+    prefixes: std::collections::HashMap<usize, std::collections::HashSet<String>>,
+    suffixes: std::collections::HashMap<usize, std::collections::HashSet<String>>,
+    any: bool,
+}
+
+impl Patterns {
+    fn insert(&mut self, p: &str) {
+        if p == "*" {
+            self.any = true;
+        } else if let Some(pre) = p.strip_suffix('*') {
+            self.prefixes.entry(pre.len()).or_default().insert(pre.to_string());
+        } else if let Some(suf) = p.strip_prefix('*') {
+            self.suffixes.entry(suf.len()).or_default().insert(suf.to_string());
+        } else {
+            self.exact.insert(p.to_string());
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        self.any
+            || self.exact.contains(v)
+            || self
+                .prefixes
+                .iter()
+                .any(|(n, set)| v.get(..*n).is_some_and(|p| set.contains(p)))
+            || self
+                .suffixes
+                .iter()
+                .any(|(n, set)| v.len() >= *n && v.get(v.len() - n..).is_some_and(|s| set.contains(s)))
+    }
+}
+
+/// The patterns of a rule that only names principals (or only namespaces), if it is one.
+fn principals_or_namespaces_only(r: &Rule) -> Option<(Vec<String>, Vec<String>)> {
     if !r.to.is_empty() || !r.when.is_empty() || r.from.is_empty() {
         return None;
     }
     let (mut principals, mut namespaces) = (Vec::new(), Vec::new());
     for f in &r.from {
         let s = &f.source;
-        let only = |v: &Vec<String>| v.iter().all(|x| !x.contains('*'));
         let rest_empty = s.not_principals.is_empty()
             && s.request_principals.is_empty()
             && s.not_request_principals.is_empty()
@@ -63,8 +100,8 @@ fn exact_only(r: &Rule) -> Option<(Vec<String>, Vec<String>)> {
             && s.remote_ip_blocks.is_empty()
             && s.not_remote_ip_blocks.is_empty();
         match (s.principals.is_empty(), s.namespaces.is_empty()) {
-            (false, true) if rest_empty && only(&s.principals) => principals.extend(s.principals.iter().cloned()),
-            (true, false) if rest_empty && only(&s.namespaces) => namespaces.extend(s.namespaces.iter().cloned()),
+            (false, true) if rest_empty => principals.extend(s.principals.iter().cloned()),
+            (true, false) if rest_empty => namespaces.extend(s.namespaces.iter().cloned()),
             _ => return None,
         }
     }
@@ -351,10 +388,10 @@ impl Authorizer {
                     // Rules OR, and ALLOW policies OR: indexable rules can leave their policy.
                     let mut rest = Vec::new();
                     for r in &authz.rules {
-                        match exact_only(r) {
+                        match principals_or_namespaces_only(r) {
                             Some((principals, namespaces)) => {
-                                a.allow_principals.extend(principals);
-                                a.allow_namespaces.extend(namespaces);
+                                principals.iter().for_each(|p| a.allow_principals.insert(p));
+                                namespaces.iter().for_each(|n| a.allow_namespaces.insert(n));
                             }
                             None => rest.push(r),
                         }
@@ -392,8 +429,8 @@ impl Authorizer {
             tracing::info!(policy = %p.name, source = %c.source, "dry-run: no ALLOW rule matches");
         }
         let allowed = !self.allow_any
-            || f.principal.as_ref().is_some_and(|p| self.allow_principals.contains(p))
-            || f.namespace.is_some_and(|n| self.allow_namespaces.contains(n))
+            || f.principal.as_deref().is_some_and(|p| self.allow_principals.matches(p))
+            || f.namespace.is_some_and(|n| self.allow_namespaces.matches(n))
             || self.allow.iter().any(|p| p.matches(&f, false));
         if allowed {
             Decision::Allow

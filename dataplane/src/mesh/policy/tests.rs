@@ -269,6 +269,32 @@ fn dry_run_is_never_enforced() {
 }
 
 #[test]
+fn indexed_patterns_match_as_istio_strings_do() {
+    let mut p = Patterns::default();
+    for x in ["cluster.local/ns/web/*", "*/sa/front", "cluster.local/ns/ops/sa/tool"] {
+        p.insert(x);
+    }
+    for (v, want) in [
+        ("cluster.local/ns/web/sa/any", true),
+        ("other.td/ns/x/sa/front", true),
+        ("cluster.local/ns/ops/sa/tool", true),
+        ("cluster.local/ns/ops/sa/tools", false),
+        ("cluster.local/ns/webby/sa/x", false),
+        ("front", false),
+        ("", false),
+    ] {
+        assert_eq!(p.matches(v), want, "{v}");
+        let linear = ["cluster.local/ns/web/*", "*/sa/front", "cluster.local/ns/ops/sa/tool"]
+            .iter()
+            .any(|x| string_match(x, v));
+        assert_eq!(p.matches(v), linear, "index and linear disagree on {v}");
+    }
+    let mut any = Patterns::default();
+    any.insert("*");
+    assert!(any.matches("whatever"));
+}
+
+#[test]
 fn address_blocks() {
     let n = Net::parse("10.1.0.0/16").unwrap();
     assert!(n.contains("10.1.200.3".parse().unwrap()));
