@@ -230,8 +230,11 @@ fn yaml_to_compiled_config_never_panics() {
             Ok(())
         })
         .unwrap();
+    // About 30% get through; one in eight leaves room for chance (p < 1e-9 at 256 cases) while
+    // still failing if a generator change makes almost every input bounce off the parser.
+    eprintln!("{} of {} inputs reached the request path", deep.get(), cases.get());
     assert!(
-        deep.get() * 4 >= cases.get(),
+        deep.get() * 8 >= cases.get(),
         "only {} of {} inputs reached the request path",
         deep.get(),
         cases.get()
