@@ -34,7 +34,7 @@ enum Command {
         strict: bool,
     },
     /// The configuration these manifests produce: per listener and host the routes in match
-    /// order, per cluster its endpoints (`-o json|yaml`: the snapshot, keys redacted).
+    /// order, per cluster its endpoints (`-o json|yaml`: the snapshot, which names Secrets but never holds keys).
     Explain {
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,

@@ -70,7 +70,7 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "version": cfg.snapshot.version,
                 "hash": cfg.snapshot.hash,
                 "listening": dp.listening().iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "snapshot": cfg.snapshot.redacted(),
+                "snapshot": &cfg.snapshot,
                 "status": dp.status(),
             });
             reply(

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::model::{Action as SnapAction, Protocol};
+use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::listener::tls::{self, TlsError};
 use crate::mesh::index::MeshIndex;
@@ -79,9 +79,10 @@ impl Compiler {
         }
     }
 
-    /// Compiles `snap`, reusing cluster runtimes of `previous` whose spec is unchanged (pools,
-    /// health and counters carry on) and endpoint state of those that changed.
-    pub fn compile(&self, snap: Snapshot, previous: &Compiled) -> Result<Compiled, CompileError> {
+    /// Compiles `snap` (the key pairs it names from `secrets`), reusing cluster runtimes of
+    /// `previous` whose spec is unchanged (pools, health and counters carry on) and endpoint
+    /// state of those that changed.
+    pub fn compile(&self, snap: Snapshot, secrets: &Secrets, previous: &Compiled) -> Result<Compiled, CompileError> {
         ferrum_snapshot::validate(&snap).map_err(CompileError::Invalid)?;
         let mut clusters = HashMap::with_capacity(snap.clusters.len());
         for c in &snap.clusters {
@@ -117,7 +118,7 @@ impl Compiler {
                 vhosts.push((vh.hostname.to_ascii_lowercase(), built));
             }
             let tls = match l.protocol {
-                Protocol::Https => Some(tls::server_config(&l.name, &l.certificates)?),
+                Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
                 Protocol::Http => None,
             };
             // validate() checked the address parses.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use ferrum_snapshot::Snapshot;
+use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::compile::{CompileError, Compiled, Compiler};
 use crate::limits::Limits;
@@ -29,6 +29,9 @@ pub struct Dataplane {
     pub ready: AtomicBool,
     /// The source's status of its objects (file mode: Gateway API conditions), for `/config`.
     status: Mutex<serde_json::Map<String, serde_json::Value>>,
+    /// Key pairs received beside snapshots: those the serving snapshot names, plus any sent
+    /// for the next one.
+    secrets: Mutex<Secrets>,
 }
 
 impl Dataplane {
@@ -46,6 +49,7 @@ impl Dataplane {
             shared,
             ready: AtomicBool::new(false),
             status: Mutex::default(),
+            secrets: Mutex::default(),
         })
     }
 
@@ -62,12 +66,28 @@ impl Dataplane {
         self.status.lock().unwrap().clone()
     }
 
-    /// Applies a snapshot, or leaves everything as it was and says why.
-    pub fn apply(&self, snap: Snapshot) -> Result<(), ApplyError> {
+    /// Takes in key pairs a coming snapshot names (they travel beside snapshots, never in them).
+    pub fn add_secrets(&self, secrets: Secrets) {
+        self.secrets.lock().unwrap().extend(secrets);
+    }
+
+    /// The key pairs the serving snapshot names (for a private cache).
+    pub fn serving_secrets(&self) -> Secrets {
+        let snap = self.shared.config.load().snapshot.clone();
+        ferrum_snapshot::secret::needed_by(&snap, &self.secrets.lock().unwrap())
+    }
+
+    /// Applies a snapshot with `secrets` added to those received before, or leaves everything
+    /// as it was and says why. Once it serves, key pairs it does not name are forgotten.
+    pub fn apply(&self, snap: Snapshot, secrets: Secrets) -> Result<(), ApplyError> {
         let mut listeners = self.listeners.lock().unwrap();
         let version = snap.version;
+        self.add_secrets(secrets);
         let result = (|| {
-            let compiled = self.compiler.compile(snap, &self.shared.config.load())?;
+            let compiled = {
+                let secrets = self.secrets.lock().unwrap();
+                self.compiler.compile(snap, &secrets, &self.shared.config.load())?
+            };
             let want: Vec<SocketAddr> = compiled
                 .snapshot
                 .listeners
@@ -80,6 +100,10 @@ impl Dataplane {
             self.shared.config.store(compiled.clone());
             listeners.reconcile(&want, new);
             self.compiler.prune_metrics(&compiled);
+            let named: std::collections::HashSet<&str> = ferrum_snapshot::secret::references(&compiled.snapshot)
+                .map(|(n, _)| n)
+                .collect();
+            self.secrets.lock().unwrap().retain(|n, _| named.contains(n.as_str()));
             Ok(())
         })();
         let reg = &self.shared.registry;

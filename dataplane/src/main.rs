@@ -404,7 +404,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     };
     if let Some(initial) = initial {
         let from_cache = args.control_plane.is_some();
-        if let Err(e) = dp.apply(initial.snapshot) {
+        if let Err(e) = dp.apply(initial.snapshot, initial.secrets) {
             eprintln!("ferrum-dp: {e}");
             if !from_cache {
                 return ExitCode::FAILURE;

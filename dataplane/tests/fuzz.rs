@@ -181,7 +181,7 @@ fn serve(snap: Snapshot) -> usize {
         .unwrap();
     let _in_rt = rt.enter();
     let compiler = Compiler::new(Arc::new(Registry::default()), 1);
-    let Ok(compiled) = compiler.compile(snap, &Compiled::empty()) else {
+    let Ok(compiled) = compiler.compile(snap, &Default::default(), &Compiled::empty()) else {
         return 0;
     };
     let mut asked = 0;

@@ -526,3 +526,80 @@ pub async fn ca_client(
     .await;
     ca.unwrap()
 }
+
+/// An HTTPS Gateway `web` on 127.0.0.1:`port` for `host`, its certificate from the Secret
+/// `secure-cert`, routing to the backend on `backend_port`.
+pub struct TlsGateway {
+    pub port: u16,
+    pub host: &'static str,
+}
+
+impl TlsGateway {
+    pub const HOST: &'static str = "secure.example.com";
+
+    pub fn apply(cluster: &Cluster, port: u16, backend_port: u16) -> TlsGateway {
+        let host = Self::HOST;
+        cluster.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {backend_port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+             spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: https, port: {port}, protocol: HTTPS, \
+             hostname: {host}, tls: {{mode: Terminate, certificateRefs: [{{name: secure-cert}}]}}}}]}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: secure}}\n\
+             spec: {{parentRefs: [{{name: web}}], hostnames: [{host}], rules: [{{backendRefs: [{{name: a, port: 80}}]}}]}}\n"
+        ));
+        TlsGateway { port, host }
+    }
+
+    /// Creates (or replaces) the Secret with a new self-signed key pair; returns its certificate.
+    pub fn new_certificate(&self, cluster: &Cluster) -> String {
+        let c = rcgen::generate_simple_self_signed(vec![self.host.to_string()]).unwrap();
+        let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+        let (cert_file, key_file) = (cluster.dir.path().join("tls.crt"), cluster.dir.path().join("tls.key"));
+        std::fs::write(&cert_file, &cert).unwrap();
+        std::fs::write(&key_file, &key).unwrap();
+        // kubectl base64-encodes the pair (client side); the API gets a plain apply.
+        let secret = cluster.kubectl(
+            &[
+                "create",
+                "secret",
+                "tls",
+                "secure-cert",
+                "--cert",
+                cert_file.to_str().unwrap(),
+                "--key",
+                key_file.to_str().unwrap(),
+                "--dry-run=client",
+                "-o",
+                "yaml",
+            ],
+            None,
+        );
+        cluster.apply(&secret);
+        cert
+    }
+
+    /// A client that trusts only `cert`, reaching the gateway for its host.
+    pub fn client(&self, cert: &str, h1: bool) -> reqwest::Client {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let b = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
+            .resolve(self.host, addr);
+        if h1 { b.http1_only() } else { b }.build().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}:{}/x", self.host, self.port)
+    }
+
+    /// Whether a client trusting only `cert` is served (200).
+    pub async fn serves_with(&self, cert: &str) -> bool {
+        self.client(cert, false)
+            .get(self.url())
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+}

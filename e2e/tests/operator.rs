@@ -458,3 +458,78 @@ async fn ferrum_kinds_get_status_and_the_mesh_default_policy_applies() {
         "the mesh default read timeout applies"
     );
 }
+
+/// Gateway TLS keys travel beside the snapshot, never in it: ferrum-dp serves the Secret's
+/// certificate, follows a new key pair, and restarts from its cache (keys in a private file of
+/// their own) while the operator is down; neither the operator's nor the proxy's views, nor the
+/// snapshot cache, hold a private key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keys_travel_beside_the_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Backend::start("a").await;
+    let cluster = Cluster::start();
+    let mut op = cluster.operator("op-1").await;
+    let gw = TlsGateway::apply(&cluster, free_port(), a.addr.port());
+    let cert = gw.new_certificate(&cluster);
+    let cache = cluster.dir.path().join("dp-tls.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-tls", &cache).await;
+    eventually(
+        "ferrum-dp serves the Secret's certificate",
+        Duration::from_secs(10),
+        async || gw.serves_with(&cert).await,
+    )
+    .await;
+    let r = gw.client(&cert, false).get(gw.url()).send().await.unwrap();
+    assert_eq!(r.headers()["x-backend"], "a");
+
+    let snapshot = op.admin_json("/snapshot").await.to_string();
+    assert!(
+        snapshot.contains("default/secure-cert"),
+        "the snapshot names the Secret"
+    );
+    let proxy_view = client()
+        .get(format!("http://127.0.0.1:{}/config", dp.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (what, text) in [("operator /snapshot", &snapshot), ("ferrum-dp /config", &proxy_view)] {
+        assert!(!text.contains("PRIVATE KEY"), "{what} holds a private key");
+    }
+    let secrets_file = cluster.dir.path().join("dp-tls.secrets.json");
+    eventually(
+        "the proxy caches its snapshot and keys",
+        Duration::from_secs(5),
+        async || secrets_file.exists() && cache.exists(),
+    )
+    .await;
+    assert!(!std::fs::read_to_string(&cache).unwrap().contains("PRIVATE KEY"));
+    assert!(std::fs::read_to_string(&secrets_file).unwrap().contains("PRIVATE KEY"));
+    let mode = std::fs::metadata(&secrets_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key file is private: {mode:o}");
+
+    // A new key pair in the Secret: the proxy serves it, the old certificate is gone.
+    let rotated = gw.new_certificate(&cluster);
+    eventually(
+        "ferrum-dp serves the new certificate",
+        Duration::from_secs(10),
+        async || gw.serves_with(&rotated).await,
+    )
+    .await;
+    assert!(!gw.serves_with(&cert).await, "the old certificate is gone");
+    let proxies = op.admin_json("/proxies").await;
+    assert_eq!(proxies["proxies"][0]["lastRejection"], Value::Null);
+
+    // Operator down, proxy restarted: it serves the cached snapshot with the cached keys.
+    op.kill();
+    drop(dp);
+    let _dp = Proxy::start(&op.grpc_url(), "dp-tls", &cache).await;
+    eventually(
+        "the restarted proxy serves from its cache",
+        Duration::from_secs(10),
+        async || gw.serves_with(&rotated).await,
+    )
+    .await;
+}

@@ -1,22 +1,21 @@
 //! A real Envoy as an ADS client of the operator: it routes what the HTTPRoutes say, follows
 //! changes, and its NACKs are recorded with Envoy's message.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ferrum_e2e::*;
 use serde_json::{Value, json};
 
-struct Envoy(Child);
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A running Envoy (killed on drop) and its admin port.
+struct Envoy {
+    _proc: Proc,
+    admin: u16,
 }
 
 fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
     let bin = venv_bin("envoy");
+    let admin = free_port();
     // The bootstrap the operator generates: also what users get from `ferrum-operator envoy-bootstrap`.
     let out = Command::new(workspace_bin("ferrum-operator"))
         .args([
@@ -28,12 +27,7 @@ fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
             "--xds-host",
             "127.0.0.1",
         ])
-        .args([
-            "--xds-port",
-            &grpc.to_string(),
-            "--admin-port",
-            &free_port().to_string(),
-        ])
+        .args(["--xds-port", &grpc.to_string(), "--admin-port", &admin.to_string()])
         .args(delta.then_some("--delta"))
         .output()
         .unwrap();
@@ -49,7 +43,10 @@ fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start envoy");
-    Envoy(child)
+    Envoy {
+        _proc: Proc(child),
+        admin,
+    }
 }
 
 fn setup(port: u16, a: &Backend, b: &Backend, weights: (u32, u32), path_regex: Option<&str>) -> String {
@@ -114,78 +111,102 @@ async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &
 }
 
 /// An HTTPS Gateway listener: Envoy terminates TLS with the certificate from the Secret its
-/// `certificateRefs` name (inline in LDS) and routes by the HTTPRoute, over HTTP/2 and HTTP/1.1.
+/// `certificateRefs` name, delivered over SDS (never inline in LDS), routes by the HTTPRoute over
+/// HTTP/2 and HTTP/1.1, and picks up a replaced key pair without a new Listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_terminates_tls_with_the_gateway_certificate() {
+async fn envoy_terminates_tls_with_the_gateway_certificate_over_sds() {
+    envoy_terminates_tls(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_over_delta_xds_terminates_tls_over_sds() {
+    envoy_terminates_tls(true).await;
+}
+
+async fn envoy_terminates_tls(delta: bool) {
     let a = Backend::start("a").await;
     let cluster = Cluster::start();
     let op = cluster.operator("op-1").await;
-    let port = free_port();
-    let host = "secure.example.com";
-    let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
-    let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
-    let (cert_file, key_file) = (cluster.dir.path().join("tls.crt"), cluster.dir.path().join("tls.key"));
-    std::fs::write(&cert_file, &cert).unwrap();
-    std::fs::write(&key_file, &key).unwrap();
-    // kubectl base64-encodes the pair (client side); the API gets a plain apply.
-    let secret = cluster.kubectl(
-        &[
-            "create",
-            "secret",
-            "tls",
-            "secure-cert",
-            "--cert",
-            cert_file.to_str().unwrap(),
-            "--key",
-            key_file.to_str().unwrap(),
-            "--dry-run=client",
-            "-o",
-            "yaml",
-        ],
-        None,
-    );
-    cluster.apply(&secret);
-    cluster.apply(&format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a-1, labels: {{kubernetes.io/service-name: a}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
-         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: https, port: {port}, protocol: HTTPS, \
-         hostname: {host}, tls: {{mode: Terminate, certificateRefs: [{{name: secure-cert}}]}}}}]}}\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: secure}}\n\
-         spec: {{parentRefs: [{{name: web}}], hostnames: [{host}], rules: [{{backendRefs: [{{name: a, port: 80}}]}}]}}\n",
-        a.addr.port()
-    ));
-    let _envoy = envoy(cluster.dir.path(), "envoy-tls", op.grpc, false);
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let client = |h1: bool| {
-        let b = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
-            .resolve(host, addr);
-        if h1 { b.http1_only() } else { b }.build().unwrap()
-    };
-    let url = format!("https://{host}:{port}/x");
+    let gw = TlsGateway::apply(&cluster, free_port(), a.addr.port());
+    let cert = gw.new_certificate(&cluster);
+    let envoy = envoy(cluster.dir.path(), "envoy-tls", op.grpc, delta);
     eventually(
         "Envoy serves HTTPS with the Secret's certificate",
         Duration::from_secs(15),
-        async || client(false).get(&url).send().await.is_ok_and(|r| r.status() == 200),
+        async || gw.serves_with(&cert).await,
     )
     .await;
-    let r = client(false).get(&url).send().await.unwrap();
+    let r = gw.client(&cert, false).get(gw.url()).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
     assert_eq!(r.headers()["x-backend"], "a");
-    let r = client(true).get(&url).send().await.unwrap();
+    let r = gw.client(&cert, true).get(gw.url()).send().await.unwrap();
     assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_11));
     let proxies = op.admin_json("/proxies").await;
-    let state = proxies["proxies"]
-        .as_array()
+    let state = |proxies: &Value| {
+        proxies["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["nodeId"] == "envoy-tls")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        state(&proxies)["lastRejection"],
+        Value::Null,
+        "Envoy accepted the TLS listener"
+    );
+    // Envoy's own view: the key pair arrived as an SDS secret; the listener only names it.
+    let dump = envoy_config_dump(envoy.admin).await;
+    assert!(
+        dump.contains("tls_certificate_sds_secret_configs"),
+        "the listener names its secret"
+    );
+    assert!(dump.contains("default/secure-cert"));
+
+    // A new key pair in the Secret: Envoy serves it, and the listener stays as it was.
+    let listeners_before = listener_versions(&dump);
+    let rotated = gw.new_certificate(&cluster);
+    eventually(
+        "Envoy serves the replaced certificate",
+        Duration::from_secs(15),
+        async || gw.serves_with(&rotated).await,
+    )
+    .await;
+    assert!(!gw.serves_with(&cert).await, "the old certificate is gone");
+    assert_eq!(
+        listener_versions(&envoy_config_dump(envoy.admin).await),
+        listeners_before,
+        "no listener update"
+    );
+    assert_eq!(state(&op.admin_json("/proxies").await)["lastRejection"], Value::Null);
+}
+
+/// Envoy's config dump from its admin port, secrets included (Envoy redacts their keys itself).
+async fn envoy_config_dump(admin: u16) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{admin}/config_dump"))
+        .send()
+        .await
         .unwrap()
-        .iter()
-        .find(|p| p["nodeId"] == "envoy-tls")
-        .cloned()
-        .unwrap();
-    assert_eq!(state["lastRejection"], Value::Null, "Envoy accepted the TLS listener");
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Every dynamic listener's name and version in a config dump.
+fn listener_versions(dump: &str) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(dump).unwrap();
+    let mut out = Vec::new();
+    for c in v["configs"].as_array().unwrap() {
+        for l in c["dynamic_listeners"].as_array().into_iter().flatten() {
+            out.push((
+                l["name"].as_str().unwrap_or("").to_string(),
+                l["active_state"]["version_info"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +298,7 @@ async fn grpc_xds_client_resolves_through_lds_rds_cds_eds() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc_xds.py");
     let (server, line) = spawn_announcing(Command::new(venv_bin("python")).arg(&script).args(["serve", "g1"]));
     let grpc_port: u16 = line.parse().expect("gRPC server port");
-    let _server = Envoy(server); // killed on drop like the others
+    let _server = Proc(server);
 
     let cluster = Cluster::start();
     let op = cluster.operator("op-1").await;

@@ -67,7 +67,7 @@ impl Admin {
             "/proxies" => json(serde_json::json!({ "proxies": self.proxies.list() })),
             "/snapshot" => {
                 let cur = self.publisher.current();
-                json(serde_json::to_value(cur.full.snapshot.redacted()).unwrap_or_default())
+                json(serde_json::to_value(&cur.full.snapshot).unwrap_or_default())
             }
             "/problems" => {
                 let cur = self.publisher.current();

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ferrum_snapshot::secret::needed_by;
 use ferrum_snapshot::translate::{Options, Translation};
-use ferrum_snapshot::{Delta, Incremental, ObjectRef, Resources, Snapshot};
+use ferrum_snapshot::{Delta, Incremental, ObjectRef, Resources, Secrets, Snapshot};
 use tokio::sync::watch;
 
 pub struct Published {
@@ -33,6 +34,8 @@ pub struct Encoded {
     /// For a delta: the snapshot it applies to.
     pub base: Option<(u64, String)>,
     pub body: bytes::Bytes,
+    /// The key pairs the snapshot (after the delta) names: sent beside it, never in it.
+    pub secrets: Secrets,
 }
 
 pub const ENCODING: &str = "gzip";
@@ -48,7 +51,7 @@ fn gzip_json<T: serde::Serialize>(value: &T) -> (usize, bytes::Bytes) {
 }
 
 impl Encoded {
-    fn new(snapshot: &Snapshot) -> Arc<Self> {
+    fn new(snapshot: &Snapshot, secrets: &Secrets) -> Arc<Self> {
         let started = Instant::now();
         let (json_bytes, body) = gzip_json(snapshot);
         tracing::info!(
@@ -63,16 +66,20 @@ impl Encoded {
             hash: snapshot.hash.clone(),
             base: None,
             body,
+            secrets: needed_by(snapshot, secrets),
         })
     }
 
-    fn delta(d: &Delta) -> Arc<Self> {
-        let (_, body) = gzip_json(d);
+    /// The delta from `base` to `next`.
+    fn delta(base: &Snapshot, next: &Snapshot, secrets: &Secrets) -> Arc<Self> {
+        let d = Delta::between(base, next);
+        let (_, body) = gzip_json(&d);
         Arc::new(Encoded {
             version: d.version,
             hash: d.hash.clone(),
             base: Some((d.base_version, d.base_hash.clone())),
             body,
+            secrets: needed_by(next, secrets),
         })
     }
 }
@@ -153,6 +160,7 @@ impl Publisher {
                     attachments: vec![],
                     gateways: vec![],
                     digests: Default::default(),
+                    secrets: Default::default(),
                 }),
                 translate_ms: 0,
                 full_translate_ms: 0,
@@ -196,7 +204,7 @@ impl Publisher {
         }
         // Proxies that have the previous generation (nearly all of them) get only what changed:
         // work out and encode that once, now, before waking anyone.
-        let delta = (prev.generation > 0).then(|| Encoded::delta(&Delta::between(&prev.full.snapshot, &full.snapshot)));
+        let delta = (prev.generation > 0).then(|| Encoded::delta(&prev.full.snapshot, &full.snapshot, &full.secrets));
         tracing::info!(
             generation,
             translate_ms,
@@ -263,6 +271,7 @@ impl Publisher {
         });
         if st.generation != cur.generation {
             let next = match &mut st.incremental {
+                // One Gateway's listeners: their secrets are among the full translation's.
                 Some(inc) => inc.translate(&cur.resources, cur.generation).snapshot,
                 None => {
                     let Scope::Sidecar { namespace, pod } = scope else {
@@ -276,7 +285,7 @@ impl Publisher {
             match &st.snapshot {
                 Some(prev) if prev.hash == next.hash => {}
                 prev => {
-                    st.delta = prev.as_ref().map(|p| Encoded::delta(&Delta::between(p, &next)));
+                    st.delta = prev.as_ref().map(|p| Encoded::delta(p, &next, &cur.full.secrets));
                     st.full = None;
                     st.snapshot = Some(next);
                 }
@@ -289,7 +298,9 @@ impl Publisher {
         {
             return d.clone();
         }
-        st.full.get_or_insert_with(|| Encoded::new(snap)).clone()
+        st.full
+            .get_or_insert_with(|| Encoded::new(snap, &cur.full.secrets))
+            .clone()
     }
 
     /// The snapshot for every Gateway at the current generation, encoded once (on first
@@ -300,7 +311,9 @@ impl Publisher {
         if all.0 != cur.generation {
             *all = (cur.generation, None);
         }
-        all.1.get_or_insert_with(|| Encoded::new(&cur.full.snapshot)).clone()
+        all.1
+            .get_or_insert_with(|| Encoded::new(&cur.full.snapshot, &cur.full.secrets))
+            .clone()
     }
 }
 

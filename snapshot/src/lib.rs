@@ -13,6 +13,7 @@ pub mod istio;
 pub mod mesh;
 pub mod model;
 pub mod resources;
+pub mod secret;
 pub mod status;
 pub mod translate;
 pub mod validate;
@@ -20,6 +21,7 @@ pub mod validate;
 pub use delta::Delta;
 pub use model::Snapshot;
 pub use resources::{ObjectRef, Resources};
+pub use secret::{Secrets, TlsSecret};
 pub use translate::{Incremental, Problem, Reason, Translation, translate};
 pub use validate::{InvalidSnapshot, validate};
 

@@ -270,20 +270,6 @@ impl Snapshot {
         hash_from(&self.listeners, &self.digests())
     }
 
-    /// A copy that is safe to show (admin views, dumps, logs): inline private keys replaced by
-    /// [`REDACTED`]. Its `hash` stays the one of the real content.
-    pub fn redacted(&self) -> Snapshot {
-        let mut s = self.clone();
-        for l in &mut s.listeners {
-            for c in &mut l.certificates {
-                if let CertSource::Pem { key, .. } = &mut c.source {
-                    *key = REDACTED.into();
-                }
-            }
-        }
-        s
-    }
-
     pub fn digests(&self) -> PartDigests {
         PartDigests {
             virtual_hosts: self
@@ -359,9 +345,6 @@ pub struct Listener {
     pub virtual_hosts: Vec<Arc<VirtualHost>>,
 }
 
-/// What a private key is shown as.
-pub const REDACTED: &str = "[redacted]";
-
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -376,8 +359,8 @@ pub struct Certificate {
 pub enum CertSource {
     /// PEM paths on the proxy's file system.
     Files { cert: String, key: String },
-    /// Inline PEM (from a `kubernetes.io/tls` Secret).
-    Pem { cert: String, key: String },
+    /// A key pair delivered beside the snapshot ([`crate::secret`]), by name and content digest.
+    Secret { name: String, digest: String },
 }
 
 /// Routes that apply to one hostname. `hostname` is exact (`a.example.com`), a wildcard suffix

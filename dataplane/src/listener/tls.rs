@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ferrum_snapshot::Secrets;
 use ferrum_snapshot::model::{CertSource, Certificate};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -47,9 +48,16 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn load(c: &Certificate, provider: &rustls::crypto::CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
+fn load(
+    c: &Certificate,
+    secrets: &Secrets,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<CertifiedKey>, String> {
     let (cert_pem, key_pem) = match &c.source {
-        CertSource::Pem { cert, key } => (cert.as_bytes().to_vec(), key.as_bytes().to_vec()),
+        CertSource::Secret { name, digest } => {
+            let s = ferrum_snapshot::secret::resolve(secrets, name, digest).map_err(|e| e.to_string())?;
+            (s.cert.as_bytes().to_vec(), s.key.as_bytes().to_vec())
+        }
         CertSource::Files { cert, key } => (
             std::fs::read(cert).map_err(|e| format!("cannot read {cert:?}: {e}"))?,
             std::fs::read(key).map_err(|e| format!("cannot read {key:?}: {e}"))?,
@@ -72,7 +80,12 @@ fn load(c: &Certificate, provider: &rustls::crypto::CryptoProvider) -> Result<Ar
     Ok(Arc::new(ck))
 }
 
-pub fn server_config(listener: &str, certs: &[Certificate]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The listener's TLS settings; certificates named by secret come from `secrets`.
+pub fn server_config(
+    listener: &str,
+    certs: &[Certificate],
+    secrets: &Secrets,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut r = SniResolver {
         exact: HashMap::new(),
@@ -81,7 +94,7 @@ pub fn server_config(listener: &str, certs: &[Certificate]) -> Result<Arc<rustls
     };
     for c in certs {
         let host = c.hostname.clone().unwrap_or_else(|| "*".into());
-        let key = load(c, &provider).map_err(|what| TlsError::Certificate {
+        let key = load(c, secrets, &provider).map_err(|what| TlsError::Certificate {
             listener: listener.to_string(),
             host: host.clone(),
             what,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
 use ferrum_proto::mesh::v1::{Ack, Heartbeat, Hello, SubscribeRequest, subscribe_request, subscribe_response};
-use ferrum_snapshot::{Delta, Snapshot};
+use ferrum_snapshot::{Delta, Secrets, Snapshot, TlsSecret};
 use tokio::sync::mpsc;
 
 use crate::dataplane::Dataplane;
@@ -69,8 +69,36 @@ pub enum CpError {
     TooLarge(usize),
 }
 
-/// Reads the cached snapshot, checking it is whole (its hash matches its content).
-pub fn load_cache(path: &Path) -> Option<Snapshot> {
+fn secrets_of(m: ferrum_proto::mesh::v1::Secrets) -> Secrets {
+    m.items
+        .into_iter()
+        .map(|s| {
+            let pair = TlsSecret {
+                cert: s.cert_pem,
+                key: s.key_pem,
+            };
+            (s.name, Arc::new(pair))
+        })
+        .collect()
+}
+
+/// Where the key pairs of the cached snapshot are kept: beside it, readable by us only.
+fn secrets_path(cache: &Path) -> PathBuf {
+    cache.with_extension("secrets.json")
+}
+
+/// Reads the cached snapshot, checking it is whole (its hash matches its content), and the key
+/// pairs it names.
+pub fn load_cache(path: &Path) -> Option<(Snapshot, Secrets)> {
+    let snap = load_snapshot(path)?;
+    let secrets = std::fs::read(secrets_path(path))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    Some((snap, secrets))
+}
+
+fn load_snapshot(path: &Path) -> Option<Snapshot> {
     let bytes = std::fs::read(path).ok()?;
     let snap: Snapshot = serde_json::from_slice(&bytes)
         .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable snapshot cache"))
@@ -82,7 +110,7 @@ pub fn load_cache(path: &Path) -> Option<Snapshot> {
     Some(snap)
 }
 
-/// Writes the cache readable by this user only: it holds listener private keys.
+/// Writes a cache file readable by this user only (the secrets file holds private keys).
 fn store_cache(path: &Path, body: &[u8]) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -171,8 +199,13 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
             Ok(Ok(None)) => break Err(CpError::Closed),
             Ok(Ok(Some(m))) => m,
         };
-        let Some(subscribe_response::Message::Snapshot(mut snap)) = msg.message else {
-            continue;
+        let mut snap = match msg.message {
+            Some(subscribe_response::Message::Snapshot(snap)) => snap,
+            Some(subscribe_response::Message::Secrets(s)) => {
+                dp.add_secrets(secrets_of(s));
+                continue;
+            }
+            _ => continue,
         };
         // A large body arrives in chunks: gather them.
         if snap.more || !partial.is_empty() {
@@ -273,8 +306,10 @@ async fn apply(
             (Some(_), false) => Some(json),
             (None, _) => None,
         };
-        dp.apply(snap).map_err(|e| e.to_string())?;
+        dp.apply(snap, Secrets::new()).map_err(|e| e.to_string())?;
         if let (Some(path), Some(body)) = (cache, body) {
+            let secrets = serde_json::to_vec(&dp.serving_secrets()).expect("secrets serialise");
+            store_cache(&secrets_path(&path), &secrets);
             store_cache(&path, &body);
         }
         Ok(())
@@ -296,10 +331,10 @@ mod tests {
         store_cache(&path, &serde_json::to_vec(&snap).unwrap());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "mode {mode:o}");
-        assert_eq!(load_cache(&path).unwrap().version, 3);
+        assert_eq!(load_cache(&path).unwrap().0.version, 3);
         // Rewriting keeps it private and replaces the content.
         store_cache(&path, &serde_json::to_vec(&Snapshot::new(4, vec![], vec![])).unwrap());
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(load_cache(&path).unwrap().version, 4);
+        assert_eq!(load_cache(&path).unwrap().0.version, 4);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrum_snapshot::translate::Options;
-use ferrum_snapshot::{Problem, Resources, Snapshot, translate};
+use ferrum_snapshot::{Problem, Resources, Secrets, Snapshot, translate};
 use notify::{RecursiveMode, Watcher};
 
 use crate::dataplane::Dataplane;
@@ -24,17 +24,20 @@ pub enum SourceError {
 /// write it.
 pub struct Loaded {
     pub snapshot: Snapshot,
+    /// The key pairs the snapshot names (from Secrets in the files).
+    pub secrets: Secrets,
     /// Status conditions (routes attached nowhere, unresolved references): not errors.
     pub conditions: Vec<Problem>,
     /// Per object (`Kind namespace/name`), its Gateway API status.
     pub status: serde_json::Map<String, serde_json::Value>,
 }
 
-impl From<Snapshot> for Loaded {
+impl From<(Snapshot, Secrets)> for Loaded {
     /// A snapshot from elsewhere (a cache): no objects, so no status.
-    fn from(snapshot: Snapshot) -> Self {
+    fn from((snapshot, secrets): (Snapshot, Secrets)) -> Self {
         Loaded {
             snapshot,
+            secrets,
             conditions: Vec::new(),
             status: serde_json::Map::new(),
         }
@@ -59,6 +62,7 @@ pub fn load(paths: &[PathBuf], version: u64, strict: bool) -> Result<Loaded, Sou
     let status = ferrum_snapshot::status::all(&res, &t);
     Ok(Loaded {
         snapshot: t.snapshot,
+        secrets: t.secrets,
         conditions: t.problems,
         status,
     })
@@ -83,7 +87,7 @@ pub fn reload(paths: &[PathBuf], strict: bool, dp: &Dataplane) -> bool {
         }
         // apply() counts its own failures.
         Ok(l) => dp
-            .apply(l.snapshot)
+            .apply(l.snapshot, l.secrets)
             .map(|_| {
                 log_conditions(&l.conditions);
                 dp.set_status(l.status);

@@ -1,14 +1,17 @@
 //! The MeshSubscribe gRPC service: every connected proxy gets the latest snapshot for its role,
 //! and the operator keeps what each proxy says it applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribe;
-use ferrum_proto::mesh::v1::{Heartbeat, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response};
+use ferrum_proto::mesh::v1::{
+    Heartbeat, SubscribeRequest, SubscribeResponse, TlsSecret, subscribe_request, subscribe_response,
+};
+use ferrum_snapshot::Secrets;
 use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -204,6 +207,8 @@ impl MeshSubscribe for Service {
         let mut generations = publisher.subscribe();
         let mut last_sent_hash = hello.current_hash.clone();
         let mut sent_delta = false;
+        // What the proxy holds of the secrets we sent: those its last snapshot named.
+        let mut sent_secrets: HashMap<String, String> = HashMap::new();
         tokio::spawn(async move {
             let reg = reg;
             let mut beat = tokio::time::interval(HEARTBEAT);
@@ -237,6 +242,17 @@ impl MeshSubscribe for Service {
                                 base_hash: base_hash.clone(),
                                 more,
                             })),
+                        };
+                        // Key pairs first: the snapshot that names them must find them there.
+                        let unsent = unsent_secrets(&snap.secrets, &sent_secrets);
+                        sent_secrets = snap.secrets.iter().map(|(n, s)| (n.clone(), s.digest())).collect();
+                        let permit = match unsent {
+                            Some(m) => {
+                                permit.send(Ok(m));
+                                let Ok(p) = tx.reserve().await else { return };
+                                p
+                            }
+                            None => permit,
                         };
                         let chunks: Vec<bytes::Bytes> = (0..snap.body.len().max(1))
                             .step_by(chunk)
@@ -290,4 +306,22 @@ impl MeshSubscribe for Service {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
+}
+
+/// The key pairs in `need` this stream has not sent at their current content, as one message.
+fn unsent_secrets(need: &Secrets, sent: &HashMap<String, String>) -> Option<SubscribeResponse> {
+    let items: Vec<TlsSecret> = need
+        .iter()
+        .filter(|(n, s)| sent.get(*n) != Some(&s.digest()))
+        .map(|(n, s)| TlsSecret {
+            name: n.clone(),
+            cert_pem: s.cert.clone(),
+            key_pem: s.key.clone(),
+        })
+        .collect();
+    (!items.is_empty()).then(|| SubscribeResponse {
+        message: Some(subscribe_response::Message::Secrets(ferrum_proto::mesh::v1::Secrets {
+            items,
+        })),
+    })
 }

@@ -142,7 +142,7 @@ impl Ads {
         {
             return g.clone();
         }
-        let res = Arc::new(resources::translate(&cur.full.snapshot));
+        let res = Arc::new(resources::translate(&cur.full.snapshot, &cur.full.secrets));
         for u in &res.unsupported {
             tracing::debug!(generation = cur.generation, "xDS: {u}");
         }

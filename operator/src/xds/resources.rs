@@ -1,5 +1,5 @@
 //! Snapshot → Envoy v3 resources: Listener (HTTP connection manager over RDS/ADS), RouteConfiguration,
-//! Cluster (EDS over ADS) and ClusterLoadAssignment. What Envoy cannot be told is reported, not
+//! Cluster (EDS over ADS), ClusterLoadAssignment and Secret (SDS over ADS). What Envoy cannot be told is reported, not
 //! dropped silently.
 
 use std::collections::BTreeMap;
@@ -11,19 +11,20 @@ use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
-use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::model::{self, Action, LbPolicy, PathMatch, PathRewrite, StringMatch, UpstreamProtocol};
+use ferrum_snapshot::{Secrets, Snapshot};
 use prost::Message;
 
 use ferrum_proto::xds::HCM;
-pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
-/// The types in the order they must be pushed: clusters before their endpoints, listeners
-/// before their routes.
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+/// The types in the order they must be pushed: clusters before their endpoints, secrets and
+/// listeners before their routes.
+pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE];
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
@@ -104,44 +105,22 @@ pub struct Resources {
     pub unsupported: Vec<String>,
 }
 
-/// An HTTP connection manager that takes its routes from RDS over ADS.
-/// TLS termination with the listener's certificates, inline (PEM from Secrets) or by file path.
-/// All certificates go in one context: Envoy picks the one whose names match the client's SNI.
-/// The keys travel in LDS until certificates are served over SDS.
+/// TLS termination with the listener's certificates, each named for SDS over ADS: key pairs
+/// travel as `Secret` resources, never inside a Listener. Envoy picks the certificate whose
+/// names match the client's SNI.
 fn downstream_tls(certificates: &[model::Certificate]) -> Option<core::TransportSocket> {
-    use core::data_source::Specifier;
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
     if certificates.is_empty() {
         return None;
     }
-    let source = |s: Specifier| {
-        Some(core::DataSource {
-            specifier: Some(s),
-            ..Default::default()
-        })
-    };
-    let tls_certificates = certificates
-        .iter()
-        .map(|c| {
-            let (cert, key) = match &c.source {
-                model::CertSource::Pem { cert, key } => (
-                    Specifier::InlineString(cert.clone()),
-                    Specifier::InlineString(key.clone()),
-                ),
-                model::CertSource::Files { cert, key } => {
-                    (Specifier::Filename(cert.clone()), Specifier::Filename(key.clone()))
-                }
-            };
-            tls::TlsCertificate {
-                certificate_chain: source(cert),
-                private_key: source(key),
-                ..Default::default()
-            }
-        })
-        .collect();
     let context = tls::DownstreamTlsContext {
         common_tls_context: Some(tls::CommonTlsContext {
-            tls_certificates,
+            tls_certificate_sds_secret_configs: certificates
+                .iter()
+                .map(|c| tls::SdsSecretConfig {
+                    name: secret_name(&c.source),
+                    sds_config: Some(ads()),
+                })
+                .collect(),
             alpn_protocols: vec!["h2".into(), "http/1.1".into()],
             ..Default::default()
         }),
@@ -153,6 +132,45 @@ fn downstream_tls(certificates: &[model::Certificate]) -> Option<core::Transport
             "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             &context,
         ))),
+    })
+}
+
+/// The SDS name of a certificate: its Secret's name (stable across rotations, so a new key pair
+/// is a new Secret resource and the Listener stays as it is: no drain), or the files it is read
+/// from.
+fn secret_name(source: &model::CertSource) -> String {
+    match source {
+        model::CertSource::Secret { name, .. } => name.clone(),
+        model::CertSource::Files { cert, key } => format!("file:{cert}:{key}"),
+    }
+}
+
+/// The SDS resource behind a certificate, if its key pair is at hand.
+fn sds_secret(source: &model::CertSource, secrets: &Secrets) -> Option<tls::Secret> {
+    use core::data_source::Specifier;
+    let source_of = |s: Specifier| {
+        Some(core::DataSource {
+            specifier: Some(s),
+            ..Default::default()
+        })
+    };
+    let (cert, key) = match source {
+        model::CertSource::Secret { name, digest } => {
+            let s = ferrum_snapshot::secret::resolve(secrets, name, digest).ok()?;
+            (
+                Specifier::InlineString(s.cert.clone()),
+                Specifier::InlineString(s.key.clone()),
+            )
+        }
+        model::CertSource::Files { cert, key } => (Specifier::Filename(cert.clone()), Specifier::Filename(key.clone())),
+    };
+    Some(tls::Secret {
+        name: secret_name(source),
+        r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+            certificate_chain: source_of(cert),
+            private_key: source_of(key),
+            ..Default::default()
+        })),
     })
 }
 
@@ -181,7 +199,7 @@ fn route_name(l: &model::Listener) -> String {
     format!("routes/{}", l.name)
 }
 
-pub fn translate(s: &Snapshot) -> Resources {
+pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
     let mut out = Resources::default();
     for t in PUSH_ORDER {
         out.by_type.insert(t, BTreeMap::new());
@@ -223,6 +241,21 @@ pub fn translate(s: &Snapshot) -> Resources {
                 ..Default::default()
             };
             out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
+        }
+        for c in &l.certificates {
+            match sds_secret(&c.source, secrets) {
+                Some(sec) => {
+                    out.by_type
+                        .get_mut(SECRET)
+                        .unwrap()
+                        .insert(sec.name.clone(), any(SECRET, &sec));
+                }
+                None => out.unsupported.push(format!(
+                    "listener {}: the key pair of {} is not at hand",
+                    l.name,
+                    secret_name(&c.source)
+                )),
+            }
         }
         let manager = connection_manager(&l.name, route_name(l));
         let lis = listener::Listener {
@@ -561,7 +594,7 @@ mod tests {
 
     #[test]
     fn every_type_and_api_listeners_for_concrete_hostnames() {
-        let out = translate(&snapshot());
+        let out = translate(&snapshot(), &Default::default());
         assert_eq!(out.by_type[LISTENER].len(), 1);
         assert_eq!(
             out.by_type[CLUSTER].keys().collect::<Vec<_>>(),

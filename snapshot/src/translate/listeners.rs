@@ -9,6 +9,7 @@ use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom
 use super::{Options, Problems, Reason, meta_ref};
 use crate::model::{CertSource, Certificate, Digest, Listener, Protocol, Route, VirtualHost, vhost_digest};
 use crate::resources::{ObjectRef, Resources};
+use crate::secret::TlsSecret;
 
 /// One Gateway listener that routes can attach to.
 pub(crate) struct GatewayListener {
@@ -292,23 +293,13 @@ fn listener_certificates(
             );
             return None;
         }
-        let secret = res.secrets.iter().find(|s| {
-            s.metadata.namespace.as_deref() == Some(ns.as_str()) && s.metadata.name.as_deref() == Some(r.name.as_str())
-        });
-        let pem = secret.and_then(|s| {
-            let get = |k: &str| {
-                s.data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    .or_else(|| s.string_data.as_ref().and_then(|d| d.get(k)).cloned())
-            };
-            Some((get("tls.crt")?, get("tls.key")?))
-        });
-        match pem {
-            Some((cert, key)) => certs.push(Certificate {
+        match tls_secret(res, &ns, &r.name) {
+            Some(secret) => certs.push(Certificate {
                 hostname: l.hostname.clone(),
-                source: CertSource::Pem { cert, key },
+                source: CertSource::Secret {
+                    name: format!("{ns}/{}", r.name),
+                    digest: secret.digest(),
+                },
             }),
             None => {
                 problems.push(
@@ -352,4 +343,34 @@ pub(crate) fn finish(listeners: Listeners, hosts: &mut Hosts) -> (Vec<Listener>,
     }
     out.sort_by(|a, b| (&a.0.address, a.0.port).cmp(&(&b.0.address, b.0.port)));
     out.into_iter().unzip()
+}
+
+/// The key pair of the `kubernetes.io/tls` Secret `ns/name`, if it exists and has both keys.
+pub(crate) fn tls_secret(res: &Resources, ns: &str, name: &str) -> Option<TlsSecret> {
+    let secret = res
+        .secrets
+        .iter()
+        .find(|s| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))?;
+    let get = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(k)).cloned())
+    };
+    Some(TlsSecret {
+        cert: get("tls.crt")?,
+        key: get("tls.key")?,
+    })
+}
+
+/// The key pairs `snap` names, from the Secrets they were translated from.
+pub(crate) fn secrets_of(res: &Resources, snap: &crate::Snapshot) -> crate::Secrets {
+    crate::secret::references(snap)
+        .filter_map(|(full, _)| {
+            let (ns, name) = full.split_once('/')?;
+            Some((full.to_string(), Arc::new(tls_secret(res, ns, name)?)))
+        })
+        .collect()
 }

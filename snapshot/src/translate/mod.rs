@@ -109,6 +109,8 @@ pub struct Translation {
     pub gateways: Vec<ObjectRef>,
     /// The snapshot's part digests, so views of it (a sidecar's) need no re-hashing.
     pub digests: PartDigests,
+    /// The key pairs the snapshot names: they travel beside it, never in it.
+    pub secrets: crate::Secrets,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -348,8 +350,10 @@ impl Incremental {
             services: service_digests,
             policies: policy_digests,
         };
+        let snapshot = Snapshot::with_digests(version, listeners, clusters, mesh, &digests);
         Translation {
-            snapshot: Snapshot::with_digests(version, listeners, clusters, mesh, &digests),
+            secrets: listeners::secrets_of(res, &snapshot),
+            snapshot,
             digests,
             problems: list,
             attachments,

@@ -551,13 +551,21 @@ stringData: {tls.crt: CERT, tls.key: KEY}
     assert_eq!(l[0].protocol, Protocol::Https);
     assert_eq!(l[0].certificates.len(), 2);
     assert_eq!(l[0].certificates[0].hostname.as_deref(), Some("a.example.com"));
+    // The snapshot names the Secret; its key pair travels beside it.
+    let pair = crate::TlsSecret {
+        cert: "CERT".into(),
+        key: "KEY".into(),
+    };
     assert_eq!(
         l[0].certificates[0].source,
-        CertSource::Pem {
-            cert: "CERT".into(),
-            key: "KEY".into()
+        CertSource::Secret {
+            name: "default/a-cert".into(),
+            digest: pair.digest(),
         }
     );
+    assert_eq!(t.secrets.len(), 1);
+    assert_eq!(*t.secrets["default/a-cert"], pair);
+    assert!(!serde_json::to_string(&t.snapshot).unwrap().contains("KEY"));
     assert_eq!(
         l[0].certificates[1].source,
         CertSource::Files {

@@ -196,9 +196,11 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
                 Ok(None) => Ok((next, None)),
                 Ok(Some(snap)) => {
                     let dp = dp.clone();
-                    let applied = tokio::task::spawn_blocking(move || dp.apply(snap).map_err(|e| e.to_string()))
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()));
+                    let applied = tokio::task::spawn_blocking(move || {
+                        dp.apply(snap, Default::default()).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
                     applied.map(|()| (next, Some(version + 1)))
                 }
             },
