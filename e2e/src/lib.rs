@@ -186,8 +186,13 @@ impl Cluster {
     /// An operator whose gRPC port listens on `ip` (e.g. a bridge that "pods" reach); away
     /// from loopback its CA listens there too, on a port of its own (`Operator::ca`).
     pub async fn operator_at(&self, name: &str, ip: &str, extra: &[&str]) -> Operator {
-        let (grpc, admin) = (free_port(), free_port());
-        let ca = (ip != "127.0.0.1").then(free_port);
+        let ports = (free_port(), free_port(), (ip != "127.0.0.1").then(free_port));
+        self.operator_on(name, ip, ports, extra).await
+    }
+
+    /// An operator on these (gRPC, admin, CA) ports: a restarted one takes its predecessor's.
+    pub async fn operator_on(&self, name: &str, ip: &str, ports: (u16, u16, Option<u16>), extra: &[&str]) -> Operator {
+        let (grpc, admin, ca) = ports;
         let ca_args = match ca {
             Some(port) => vec![
                 "--ca-addr".to_string(),

@@ -87,6 +87,7 @@ pub struct World {
     pub cluster: Cluster,
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
+    operator_args: Vec<String>,
 }
 
 impl World {
@@ -98,6 +99,7 @@ impl World {
         let mut args = vec!["--grpc-tls"];
         args.extend_from_slice(operator_args);
         let op = cluster.operator_at("op-1", &bridge.host_ip(), &args).await;
+        let operator_args = args.iter().map(|a| a.to_string()).collect();
         let dir = tempfile::tempdir().unwrap();
         // The sidecars run as 1337: they read tokens and roots and write their caches here.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -112,7 +114,16 @@ impl World {
             cluster,
             dir,
             root,
+            operator_args,
         }
+    }
+
+    /// Stops the operator and starts it again on the same ports (sidecars reconnect to it).
+    pub async fn restart_operator(&mut self) {
+        self.op.kill();
+        let ports = (self.op.grpc, self.op.admin, self.op.ca);
+        let args: Vec<&str> = self.operator_args.iter().map(String::as_str).collect();
+        self.op = self.cluster.operator_on("op-1", &self.op.host, ports, &args).await;
     }
 
     /// A pod at `<bridge>.<host>`, known to the cluster with its IP; when `mesh`, with the capture

@@ -204,6 +204,130 @@ async fn certificate_rotation_under_traffic_drops_nothing() {
     );
 }
 
+/// Curls Service B from pod A in a loop on a thread of its own until `stop` is set: (ok, failures).
+fn request_loop(w: &World, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    let ns = w.pods[0].ns.0.clone();
+    let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+    let url = format!("http://svc-b.{NS}.svc/loop");
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "--resolve",
+                    &resolve,
+                    &url,
+                ])
+                .output()
+                .unwrap();
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && body.contains("hello from b-1") {
+                ok += 1;
+            } else {
+                failed.push(format!("{body}{}", String::from_utf8_lossy(&out.stderr)));
+            }
+        }
+        (ok, failed)
+    })
+}
+
+/// The "workload certificate installed" log lines of each sidecar.
+fn installed(w: &World) -> Vec<Vec<String>> {
+    w.pods
+        .iter()
+        .map(|p| {
+            p.sidecar_log()
+                .lines()
+                .filter(|l| l.contains("workload certificate installed"))
+                .map(String::from)
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits until every sidecar installed `n` more certificates than in `before`.
+async fn renewed(w: &World, before: &[Vec<String>], n: usize) {
+    eventually("every sidecar renews", Duration::from_secs(20), async || {
+        installed(w)
+            .iter()
+            .zip(before)
+            .all(|(now, was)| now.len() >= was.len() + n)
+    })
+    .await;
+}
+
+/// A root rotation as a cluster admin runs it, under a request loop: (1) the bundle every pod
+/// mounts gets the new root beside the old; (2) the CA Secret gets the new root and the operator
+/// restarts, so renewals chain to the new root; (3) the old root leaves the bundle. Not one
+/// request fails, and both sidecars end on certificates from the new root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_under_traffic_drops_nothing() {
+    use base64::Engine as _;
+    let mut w = two_pods(&[], &["--cert-validity", "10"]).await;
+    until_routed(&w).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requests = request_loop(&w, stop.clone());
+    let old_root = std::fs::read_to_string(&w.root).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Ferrum Mesh root CA 2");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let new_root = p.self_signed(&key).unwrap().pem();
+
+    // (1) Old and new roots in the bundle; every sidecar re-reads it at its next renewal.
+    std::fs::write(&w.root, format!("{old_root}\n{new_root}")).unwrap();
+    renewed(&w, &installed(&w), 1).await;
+
+    // (2) The CA signs with the new root from now on.
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: ferrum-ca, namespace: default}}\n\
+         data: {{ca.crt: {}, ca.key: {}}}\n",
+        b64(&new_root),
+        b64(&key.serialize_pem())
+    ));
+    w.restart_operator().await;
+    eventually(
+        "both sidecars hold certificates from the new root",
+        Duration::from_secs(30),
+        async || {
+            installed(&w)
+                .iter()
+                .all(|lines| lines.last().is_some_and(|l| l.contains("root CA 2")))
+        },
+    )
+    .await;
+
+    // (3) The old root is no longer trusted anywhere.
+    std::fs::write(&w.root, &new_root).unwrap();
+    renewed(&w, &installed(&w), 1).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = requests.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 30, "only {ok} requests during the rotation");
+    // And a pod trusting only the new root is still reached (new connection, new tunnel).
+    let (good, body) = curl_svc_b(&w, "/after");
+    assert!(good && body.contains("hello from b-1"), "{body}");
+}
+
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
 /// DENY by principal, ALLOW by namespace, dry-run, and removal — each enforced by B's sidecar on
 /// the HBONE tunnel (401) and seen as a refused connection by A's app; then a PeerAuthentication

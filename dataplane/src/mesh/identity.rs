@@ -62,6 +62,8 @@ pub struct Svid {
     key: PrivateKeyDer<'static>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The leaf's issuer (distinguished name), for logs: which CA signed it.
+    pub issuer: String,
     received: SystemTime,
 }
 
@@ -82,6 +84,7 @@ impl Svid {
             id,
             not_before: time(cert.validity().not_before),
             not_after: time(cert.validity().not_after),
+            issuer: cert.issuer().to_string(),
             received: SystemTime::now(),
             key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?,
             chain,
@@ -310,7 +313,7 @@ pub async fn run(ca: CaSettings, identity: Arc<Identity>) {
             Ok(tls) => {
                 backoff = Duration::from_millis(200);
                 let at = tls.svid.refresh_at();
-                tracing::info!(id = %tls.svid.id, expires_in_s = tls.svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "workload certificate installed");
+                tracing::info!(id = %tls.svid.id, issuer = %tls.svid.issuer, expires_in_s = tls.svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "workload certificate installed");
                 identity.install(tls);
                 at.duration_since(SystemTime::now()).unwrap_or_default()
             }
