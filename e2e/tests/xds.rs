@@ -420,6 +420,76 @@ async fn ads_requires_the_proxy_token_when_one_is_set() {
     serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
 }
 
+/// What an ADS stream presenting `token` gets: `Ok` once the first response (listeners) comes.
+async fn ads_answer(url: &str, token: Option<&str>) -> tonic::Code {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel(url).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(DiscoveryRequest {
+        type_url: ferrum_proto::xds::LISTENER.into(),
+        node: Some(envoy_types::pb::envoy::config::core::v3::Node {
+            id: "probe".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    match ads.stream_aggregated_resources(req).await {
+        Err(s) => s.code(),
+        Ok(r) => match tokio::time::timeout(Duration::from_secs(5), r.into_inner().message()).await {
+            Ok(Ok(Some(_))) => tonic::Code::Ok,
+            Ok(Err(s)) => s.code(),
+            _ => tonic::Code::DeadlineExceeded,
+        },
+    }
+}
+
+/// With credentials required, proxies authenticate with their ServiceAccount token (a
+/// TokenReview): xDS clients and every-Gateway subscribers only from a trusted namespace (the
+/// operator's), gateway proxies also from their Gateway's own namespace; a forged token, or none,
+/// is refused; a ferrum-dp presenting a trusted token over xDS serves the routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_authenticate_with_service_account_tokens() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
+    let op = cluster.operator_with("op-1", &["--proxy-auth-required"]).await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    let trusted = token("default", "ferrum-gateway", "ferrum-ca", 3600, TOKEN_KEY);
+    let shop = token("shop", "shop-gateway", "ferrum-ca", 3600, TOKEN_KEY);
+    let forged = token("default", "ferrum-gateway", "ferrum-ca", 3600, "not-the-key");
+    let url = op.grpc_url();
+    assert_eq!(ads_answer(&url, None).await, tonic::Code::Unauthenticated);
+    assert_eq!(ads_answer(&url, Some(&forged)).await, tonic::Code::Unauthenticated);
+    assert_eq!(ads_answer(&url, Some(&shop)).await, tonic::Code::PermissionDenied);
+    assert_eq!(ads_answer(&url, Some(&trusted)).await, tonic::Code::Ok);
+
+    let subscribe_as = async |role: &str, t: &str| {
+        subscribe(channel(&url).await, "probe", role, Some(t))
+            .await
+            .err()
+            .map_or(tonic::Code::Ok, |s| s.code())
+    };
+    assert_eq!(subscribe_as("gateway/shop/web", &shop).await, tonic::Code::Ok);
+    assert_eq!(
+        subscribe_as("gateway/default/web", &shop).await,
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(subscribe_as("", &shop).await, tonic::Code::PermissionDenied);
+    assert_eq!(subscribe_as("gateway/default/web", &trusted).await, tonic::Code::Ok);
+
+    let _dp = Proxy::start_xds_with_token(&url, "dp-sa-token", &trusted).await;
+    let location = format!("http://new.example.com:{port}/old/page");
+    serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);

@@ -35,9 +35,19 @@ struct Args {
     /// Admin and metrics HTTP port.
     #[arg(long, default_value = "0.0.0.0:15014", env = "FERRUM_ADMIN_ADDR")]
     admin_addr: SocketAddr,
-    /// Bearer token gateway proxies must present (sidecars present their ServiceAccount token).
+    /// Shared bearer token gateway proxies and xDS clients may present instead of a
+    /// ServiceAccount token (sidecars always present their ServiceAccount token). Setting it
+    /// makes credentials required.
     #[arg(long, env = "FERRUM_TOKEN")]
     token: Option<String>,
+    /// Refuse gateway proxies and xDS clients that present no credentials (on by itself with
+    /// --token).
+    #[arg(long, env = "FERRUM_PROXY_AUTH_REQUIRED")]
+    proxy_auth_required: bool,
+    /// Namespaces whose ServiceAccounts may read every Gateway's config (xDS, role ""); a
+    /// gateway proxy may always read its own namespace's Gateways. Default: --namespace.
+    #[arg(long, value_delimiter = ',')]
+    trusted_namespaces: Vec<String>,
     /// Serve the gRPC port (MeshSubscribe, xDS) over TLS with the CA's serving certificate
     /// (needs the CA); clients trust the mesh root.
     #[arg(long, env = "FERRUM_GRPC_TLS")]
@@ -263,16 +273,21 @@ async fn run(args: Args) -> ExitCode {
         });
     }
 
-    let ads = Arc::new(xds::ads::Ads::new(
-        publisher.clone(),
-        proxies.clone(),
-        args.token.clone(),
-    ));
+    let access = Arc::new(subscribe::Access {
+        token: args.token.clone(),
+        auth: workload_auth,
+        trusted_namespaces: if args.trusted_namespaces.is_empty() {
+            vec![args.namespace.clone()]
+        } else {
+            args.trusted_namespaces.clone()
+        },
+        required: args.proxy_auth_required,
+    });
+    let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone(), access.clone()));
     let svc = subscribe::Service {
         publisher: publisher.clone(),
         proxies,
-        token: args.token.clone(),
-        workload_auth,
+        access,
         chunk: args.chunk_bytes as usize,
     };
     let router = tonic::transport::Server::builder()

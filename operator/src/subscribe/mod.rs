@@ -94,10 +94,8 @@ pub fn now_ms() -> u64 {
 pub struct Service {
     pub publisher: Arc<Publisher>,
     pub proxies: Arc<Proxies>,
-    /// Shared bearer token of gateway proxies (`--token`).
-    pub token: Option<String>,
-    /// Checks sidecars' ServiceAccount tokens.
-    pub workload_auth: Arc<crate::ca::service::Kubernetes>,
+    /// Who may subscribe to what.
+    pub access: Arc<Access>,
     /// Snapshot bodies go out in messages of at most this many bytes: gRPC buffers a whole
     /// message per stream (and keeps the buffer), which for 100 proxies and a 10,000-route
     /// snapshot was ~50 MiB held for nothing.
@@ -128,35 +126,73 @@ pub fn bearer(m: &tonic::metadata::MetadataMap) -> Option<&str> {
     m.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
-/// The shared proxy token (`--token`), when one is set, must be presented.
-pub fn check_shared_token(expected: Option<&str>, bearer: Option<&str>) -> Result<(), Status> {
-    match expected {
-        Some(t) if bearer != Some(t) => Err(Status::unauthenticated("a valid bearer token is required")),
-        _ => Ok(()),
-    }
+/// Who may subscribe to what, for MeshSubscribe and ADS alike. A proxy presents the shared
+/// `--token` or its ServiceAccount token (a TokenReview says whose it is):
+/// - a sidecar only its pod's ServiceAccount token;
+/// - a gateway proxy (`gateway/<ns>/<name>`) the shared token, or a ServiceAccount token from
+///   the Gateway's namespace or a trusted one;
+/// - every Gateway's config (role `""`, and ADS) the shared token, or a ServiceAccount token
+///   from a trusted namespace.
+///
+/// Unless `required` (on by itself when `--token` is set), a gateway proxy that presents nothing
+/// is still served: a local setup without credentials. Credentials that do not check out are
+/// refused either way.
+pub struct Access {
+    pub token: Option<String>,
+    pub auth: Arc<crate::ca::service::Kubernetes>,
+    /// Namespaces whose service accounts may read every Gateway's config (the operator's own).
+    pub trusted_namespaces: Vec<String>,
+    pub required: bool,
 }
 
-impl Service {
-    /// A sidecar proves it is its pod's workload with the pod's ServiceAccount token (a
-    /// TokenReview: the namespace and service account must be the pod's); every other role
-    /// presents the shared `--token`, when one is set.
-    async fn authorize(&self, role: &Scope, bearer: Option<&str>) -> Result<(), Status> {
-        if let Scope::Sidecar { namespace, pod } = role {
-            let token =
-                bearer.ok_or_else(|| Status::unauthenticated("a sidecar must present its ServiceAccount token"))?;
-            let caller = self.workload_auth.review(token).await?;
-            let Some(sa) = self.workload_auth.pod_service_account(namespace, pod) else {
-                return Err(Status::unavailable(format!("pod {namespace}/{pod} is not known (yet)")));
+impl Access {
+    pub async fn check(&self, scope: &Scope, bearer: Option<&str>) -> Result<(), Status> {
+        if let Scope::Sidecar { namespace, pod } = scope {
+            return self.check_sidecar(namespace, pod, bearer).await;
+        }
+        let Some(bearer) = bearer else {
+            return match self.required || self.token.is_some() {
+                true => Err(Status::unauthenticated(
+                    "a bearer token is required: the proxy token or a ServiceAccount token",
+                )),
+                false => Ok(()),
             };
-            if caller.namespace != *namespace || caller.service_account != sa {
-                return Err(Status::permission_denied(format!(
-                    "the token is {}/{}, pod {namespace}/{pod} runs as {namespace}/{sa}",
-                    caller.namespace, caller.service_account
-                )));
-            }
+        };
+        if self.token.as_deref() == Some(bearer) {
             return Ok(());
         }
-        check_shared_token(self.token.as_deref(), bearer)
+        let caller = self.auth.review(bearer).await?;
+        let trusted = self.trusted_namespaces.contains(&caller.namespace);
+        match scope {
+            Scope::Gateway(gw) if trusted || caller.namespace == gw.namespace => Ok(()),
+            _ if trusted => Ok(()),
+            _ => Err(Status::permission_denied(format!(
+                "{}/{} may not read {}",
+                caller.namespace,
+                caller.service_account,
+                match scope {
+                    Scope::Gateway(gw) => format!("Gateway {}/{}", gw.namespace, gw.name),
+                    _ => "every Gateway's config".into(),
+                }
+            ))),
+        }
+    }
+
+    /// A sidecar proves it is its pod's workload: the token's namespace and service account
+    /// must be the pod's.
+    async fn check_sidecar(&self, namespace: &str, pod: &str, bearer: Option<&str>) -> Result<(), Status> {
+        let token = bearer.ok_or_else(|| Status::unauthenticated("a sidecar must present its ServiceAccount token"))?;
+        let caller = self.auth.review(token).await?;
+        let Some(sa) = self.auth.pod_service_account(namespace, pod) else {
+            return Err(Status::unavailable(format!("pod {namespace}/{pod} is not known (yet)")));
+        };
+        if caller.namespace != namespace || caller.service_account != sa {
+            return Err(Status::permission_denied(format!(
+                "the token is {}/{}, pod {namespace}/{pod} runs as {namespace}/{sa}",
+                caller.namespace, caller.service_account
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -180,7 +216,7 @@ impl MeshSubscribe for Service {
             return Err(Status::invalid_argument("hello.node_id is empty"));
         }
         let role = parse_role(&hello.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.authorize(&role, bearer.as_deref()).await?;
+        self.access.check(&role, bearer.as_deref()).await?;
         let now = now_ms();
         let reg = self.proxies.register(ProxyState {
             node_id: hello.node_id.clone(),

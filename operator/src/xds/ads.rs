@@ -24,8 +24,8 @@ use crate::subscribe::{Proxies, ProxyState, Registration, now_ms};
 pub struct Ads {
     pub publisher: Arc<Publisher>,
     pub proxies: Arc<Proxies>,
-    /// The shared proxy token (`--token`) ADS clients must present, as MeshSubscribe's do.
-    pub token: Option<String>,
+    /// Who may subscribe: ADS serves every Gateway's config, so as MeshSubscribe's role `""`.
+    pub access: Arc<crate::subscribe::Access>,
     /// The latest generation's Envoy resources, translated once for every stream.
     cache: Mutex<Option<Arc<Generation>>>,
     /// Subscriptions are interned: a thousand Envoys asking for the same 5,000 clusters share one set.
@@ -123,11 +123,11 @@ pub(super) fn hash_name(h: &mut impl std::hash::Hasher, name: &[u8]) {
 }
 
 impl Ads {
-    pub fn new(publisher: Arc<Publisher>, proxies: Arc<Proxies>, token: Option<String>) -> Self {
+    pub fn new(publisher: Arc<Publisher>, proxies: Arc<Proxies>, access: Arc<crate::subscribe::Access>) -> Self {
         Ads {
             publisher,
             proxies,
-            token,
+            access,
             cache: Mutex::new(None),
             subscriptions: Mutex::new(Default::default()),
             large_sends: tokio::sync::Semaphore::new(16),

@@ -261,7 +261,8 @@ impl NamedService for AdsServer {
     const NAME: &'static str = SERVICE;
 }
 
-use crate::subscribe::{bearer, check_shared_token};
+use crate::publish::Scope;
+use crate::subscribe::bearer;
 
 struct Sotw(Arc<Ads>);
 struct Delta(Arc<Ads>);
@@ -276,7 +277,7 @@ impl StreamingService<SotwRequest> for Sotw {
     fn call(&mut self, req: Request<Streaming<SotwRequest>>) -> Self::Future {
         let ads = self.0.clone();
         Box::pin(async move {
-            check_shared_token(ads.token.as_deref(), bearer(req.metadata()))?;
+            ads.access.check(&Scope::All, bearer(req.metadata())).await?;
             Ok(ads::stream_sotw(ads, req))
         })
     }
@@ -290,7 +291,7 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
     fn call(&mut self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
         let ads = self.0.clone();
         Box::pin(async move {
-            check_shared_token(ads.token.as_deref(), bearer(req.metadata()))?;
+            ads.access.check(&Scope::All, bearer(req.metadata())).await?;
             Ok(ads::stream_delta(ads, req))
         })
     }
