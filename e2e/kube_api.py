@@ -41,6 +41,7 @@ RESOURCES = [
     ("", "v1", "serviceaccounts", "ServiceAccount", True),
     ("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     ("coordination.k8s.io", "v1", "leases", "Lease", True),
+    ("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False),
     ("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", False),
     ("gateway.networking.k8s.io", "v1", "gateways", "Gateway", True),

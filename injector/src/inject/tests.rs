@@ -1,0 +1,163 @@
+use super::*;
+
+fn template() -> Template {
+    Template {
+        image: "ferrum/ferrum-dp:test".into(),
+        pull_policy: None,
+        control_plane: "https://ferrum-operator.ferrum-system.svc:15010".into(),
+        ca_address: "ferrum-operator.ferrum-system.svc:15012".into(),
+        ca_server_name: "ferrum-operator.ferrum-system.svc".into(),
+        root_configmap: "ferrum-ca-root".into(),
+        token_audience: "ferrum-ca".into(),
+        capture: Capture::Init,
+        native_sidecar: false,
+        cpu_request: "10m".into(),
+        memory_request: "32Mi".into(),
+        cpu_limit: None,
+        memory_limit: Some("256Mi".into()),
+    }
+}
+
+fn pod(json: &str) -> Pod {
+    serde_json::from_str(json).unwrap()
+}
+
+const APP: &str = r#"{"metadata": {"name": "web-1", "namespace": "shop", "annotations": {"ferrum.dev/exclude-inbound-ports": "9999"}},
+  "spec": {"containers": [{"name": "app", "image": "app:1", "ports": [{"name": "http", "containerPort": 8080}],
+    "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "timeoutSeconds": 3},
+    "livenessProbe": {"tcpSocket": {"port": 8080}}}]}}"#;
+
+fn container<'a>(cs: &'a [Container], name: &str) -> &'a Container {
+    cs.iter().find(|c| c.name == name).unwrap()
+}
+
+#[test]
+fn the_sidecar_and_capture_are_added_with_the_pods_overrides() {
+    let p = pod(APP);
+    assert_eq!(should_inject(&p), Ok(()));
+    let out = inject(&p, &template()).unwrap();
+    let spec = out.spec.as_ref().unwrap();
+    assert_eq!(spec.containers[0].name, PROXY, "the proxy starts first");
+    let proxy = container(&spec.containers, PROXY);
+    let sc = proxy.security_context.as_ref().unwrap();
+    assert_eq!((sc.run_as_user, sc.run_as_non_root), (Some(1337), Some(true)));
+    let ready = proxy.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+    assert_eq!(ready.port, IntOrString::Int(15021));
+    let limits = proxy.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"], Quantity("256Mi".into()));
+    let init = container(spec.init_containers.as_ref().unwrap(), INIT);
+    let args = init.args.as_ref().unwrap();
+    assert_eq!(args[0], "init-iptables");
+    assert_eq!(
+        args[2], "15008,15020,15021,15090,9999",
+        "the pod's excluded port is added"
+    );
+    let caps = init.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+    assert_eq!(caps.add.as_ref().unwrap(), &["NET_ADMIN", "NET_RAW"]);
+    // The token is projected for the CA's audience.
+    let token = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "ferrum-token")
+        .unwrap();
+    let proj = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+        .service_account_token
+        .as_ref()
+        .unwrap();
+    assert_eq!(proj.audience.as_deref(), Some("ferrum-ca"));
+    assert!(out.metadata.annotations.as_ref().unwrap().contains_key(STATUS));
+}
+
+#[test]
+fn http_probes_go_through_the_sidecar_and_others_stay() {
+    let out = inject(&pod(APP), &template()).unwrap();
+    let spec = out.spec.as_ref().unwrap();
+    let app = container(&spec.containers, "app");
+    let ready = app.readiness_probe.as_ref().unwrap();
+    let get = ready.http_get.as_ref().unwrap();
+    assert_eq!(
+        (get.path.as_deref(), &get.port),
+        (Some("/app-health/app/readyz"), &IntOrString::Int(15020))
+    );
+    assert_eq!(ready.timeout_seconds, Some(3), "the probe's timing stays");
+    assert!(
+        app.liveness_probe.as_ref().unwrap().tcp_socket.is_some(),
+        "TCP probes are left alone"
+    );
+    let proxy = container(&spec.containers, PROXY);
+    let probers = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "FERRUM_APP_PROBERS")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(probers.value.as_deref().unwrap()).unwrap();
+    assert_eq!(v["/app-health/app/readyz"]["port"], 8080, "the named port is resolved");
+    assert_eq!(v["/app-health/app/readyz"]["path"], "/ready");
+}
+
+#[test]
+fn never_twice_and_opt_outs_are_respected() {
+    let injected = inject(&pod(APP), &template()).unwrap();
+    assert_eq!(should_inject(&injected), Err(Skip::AlreadyInjected));
+    let mut out = pod(APP);
+    out.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(INJECT.into(), "false".into());
+    assert_eq!(should_inject(&out), Err(Skip::OptedOut));
+    let mut host = pod(APP);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    assert_eq!(should_inject(&host), Err(Skip::HostNetwork));
+}
+
+#[test]
+fn native_sidecars_and_cni_capture() {
+    let t = Template {
+        native_sidecar: true,
+        capture: Capture::Cni,
+        ..template()
+    };
+    let mut p = pod(APP);
+    p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+        name: "migrate".into(),
+        ..Default::default()
+    }]);
+    let out = inject(&p, &t).unwrap();
+    let spec = out.spec.as_ref().unwrap();
+    let init: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        init,
+        vec![PROXY, "migrate"],
+        "no capture container; the proxy before the pod's own"
+    );
+    assert_eq!(
+        spec.init_containers.as_ref().unwrap()[0].restart_policy.as_deref(),
+        Some("Always")
+    );
+    assert!(spec.containers.iter().all(|c| c.name != PROXY));
+}
+
+#[test]
+fn bad_annotations_are_named() {
+    let mut p = pod(APP);
+    let a = p.metadata.annotations.get_or_insert_with(Default::default);
+    a.insert("ferrum.dev/proxy-memory".into(), "lots".into());
+    let e = inject(&p, &template()).unwrap_err();
+    assert_eq!(e.key, "ferrum.dev/proxy-memory");
+    let mut p = pod(APP);
+    let a = p.metadata.annotations.get_or_insert_with(Default::default);
+    a.insert("traffic.sidecar.istio.io/excludeOutboundPorts".into(), "53,http".into());
+    assert!(inject(&p, &template()).unwrap_err().reason.contains("\"http\""));
+}
+
+#[test]
+fn the_patch_turns_the_pod_into_the_injected_one() {
+    let p = pod(APP);
+    let out = inject(&p, &template()).unwrap();
+    let mut v = serde_json::to_value(&p).unwrap();
+    json_patch::patch(&mut v, &patch(&p, &out)).unwrap();
+    assert_eq!(v, serde_json::to_value(&out).unwrap());
+}
