@@ -1,0 +1,270 @@
+//! `ferrum-injector` as the API server meets it: AdmissionReviews over HTTPS, with its
+//! self-signed CA written into its MutatingWebhookConfiguration in the API emulator; the pods it
+//! returns are valid Pods for Kubernetes 1.32 (`kubernetes-validate --strict`).
+
+use std::io::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use ferrum_e2e::*;
+use serde_json::{Value, json};
+
+/// The webhook configuration the Helm chart installs (selectors of mesh.md).
+const WEBHOOK_CONFIG: &str = r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {name: ferrum-injector}
+webhooks:
+- name: namespace.inject.ferrum.dev
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  clientConfig: {service: {name: ferrum-injector, namespace: ferrum-system, path: /inject, port: 443}}
+  rules: [{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}]
+  namespaceSelector: {matchLabels: {ferrum.dev/inject: enabled}}
+  objectSelector: {matchExpressions: [{key: ferrum.dev/inject, operator: NotIn, values: ["false"]}]}
+- name: object.inject.ferrum.dev
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  clientConfig: {service: {name: ferrum-injector, namespace: ferrum-system, path: /inject, port: 443}}
+  rules: [{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}]
+  namespaceSelector: {matchExpressions: [{key: ferrum.dev/inject, operator: DoesNotExist}]}
+  objectSelector: {matchLabels: {ferrum.dev/inject: "true"}}
+"#;
+
+struct Injector {
+    _proc: Proc,
+    port: u16,
+}
+
+fn start_injector(cluster: &Cluster, extra: &[&str]) -> Injector {
+    let mut cmd = Command::new(workspace_bin("ferrum-injector"));
+    cmd.args(["--addr", "127.0.0.1:0", "--proxy-image", "ferrum/ferrum-dp:e2e"])
+        .args(extra)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("RUST_LOG", "info");
+    let (child, line) = spawn_announcing(&mut cmd);
+    Injector {
+        _proc: Proc(child),
+        port: line.trim().parse().expect("the injector prints its port"),
+    }
+}
+
+fn review(uid: &str, operation: &str, pod: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": operation,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "dryRun": false,
+        }
+    })
+}
+
+fn app_pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "web-", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "app", "image": "nginx:1.27",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+            }],
+        }
+    })
+}
+
+/// POSTs a review; returns the HTTP status and the body.
+async fn post(client: &reqwest::Client, port: u16, body: Vec<u8>) -> (u16, Value) {
+    let r = client
+        .post(format!("https://ferrum-injector.ferrum-system.svc:{port}/inject"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The pod with the response's JSON patch applied (`patch` is bytes: an array of numbers or
+/// base64, as Go's encoding of `[]byte` accepts either).
+fn patched(pod: &Value, response: &Value) -> Value {
+    let raw: Vec<u8> = match &response["patch"] {
+        Value::Array(a) => a.iter().map(|b| b.as_u64().unwrap() as u8).collect(),
+        Value::String(s) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+        }
+        other => panic!("no patch: {other}"),
+    };
+    let patch: json_patch::Patch = serde_json::from_slice(&raw).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    out
+}
+
+/// `kubernetes-validate --strict` for Kubernetes 1.32 (unknown fields are errors).
+fn validate(pod: &Value) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    let mut named = pod.clone();
+    named["metadata"]["name"] = json!("web-abcde");
+    f.write_all(named.to_string().as_bytes()).unwrap();
+    let out = Command::new(venv_bin("kubernetes-validate"))
+        .args(["--strict", "-k", "1.32.0"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "not a valid Pod: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_config() {
+    let cluster = Cluster::start();
+    cluster.apply(WEBHOOK_CONFIG);
+    let inj = start_injector(&cluster, &["--self-signed", "--webhook-config", "ferrum-injector"]);
+
+    // The API server would trust the injector through the caBundle it wrote.
+    let mut ca = String::new();
+    eventually("the injector writes its caBundle", Duration::from_secs(10), async || {
+        let out = cluster.kubectl(&["get", "mutatingwebhookconfigurations", "ferrum-injector", "-o", "json"], None);
+        let c: Value = serde_json::from_str(&out).unwrap();
+        let bundles: Vec<&str> = c["webhooks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
+            .collect();
+        if bundles.len() == 2 && bundles[0] == bundles[1] {
+            use base64::Engine as _;
+            ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
+        }
+        !ca.is_empty()
+    })
+    .await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .resolve("ferrum-injector.ferrum-system.svc", addr)
+        .build()
+        .unwrap();
+
+    // A pod created in an injected namespace: the sidecar, capture and probes through 15020.
+    let pod = app_pod();
+    let (status, body) = post(&client, inj.port, review("u-1", "CREATE", &pod).to_string().into_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = &body["response"];
+    assert_eq!((resp["uid"].as_str(), resp["allowed"].as_bool()), (Some("u-1"), Some(true)));
+    assert_eq!(resp["patchType"], "JSONPatch");
+    let injected = patched(&pod, resp);
+    validate(&injected);
+    let names = |k: &str| -> Vec<String> {
+        injected["spec"][k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("containers"), vec!["ferrum-proxy", "app"]);
+    assert_eq!(names("initContainers"), vec!["ferrum-init"]);
+    let proxy = &injected["spec"]["containers"][0];
+    assert_eq!(proxy["image"], "ferrum/ferrum-dp:e2e");
+    assert_eq!(proxy["securityContext"]["runAsUser"], 1337);
+    assert_eq!(injected["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"], 15020);
+
+    // Never twice: the injected pod comes back unchanged (reinvocation, or a copied spec).
+    let (_, body) = post(&client, inj.port, review("u-2", "CREATE", &injected).to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(body["response"]["patch"].is_null(), "injected twice: {body}");
+    // Opted out, and not a CREATE: left alone.
+    let mut out = app_pod();
+    out["metadata"]["annotations"] = json!({"ferrum.dev/inject": "false"});
+    let (_, body) = post(&client, inj.port, review("u-3", "CREATE", &out).to_string().into_bytes()).await;
+    assert!(body["response"]["patch"].is_null());
+    let (_, body) = post(&client, inj.port, review("u-4", "UPDATE", &pod).to_string().into_bytes()).await;
+    assert!(body["response"]["patch"].is_null());
+    // An annotation that cannot be used: the pod is refused with the reason.
+    let mut bad = app_pod();
+    bad["metadata"]["annotations"] = json!({"ferrum.dev/exclude-inbound-ports": "80,http"});
+    let (_, body) = post(&client, inj.port, review("u-5", "CREATE", &bad).to_string().into_bytes()).await;
+    assert_eq!(body["response"]["allowed"], false);
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("ferrum.dev/exclude-inbound-ports"), "{message}");
+    // Not a review: 400; too large: 413.
+    let (status, _) = post(&client, inj.port, b"{\"kind\": 1}".to_vec()).await;
+    assert_eq!(status, 400);
+    let (status, _) = post(&client, inj.port, vec![b' '; 5 << 20]).await;
+    assert_eq!(status, 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_sidecar_with_cni_capture_is_a_valid_pod() {
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let write_pair = || {
+        let c = rcgen::generate_simple_self_signed(vec!["ferrum-injector.ferrum-system.svc".to_string()]).unwrap();
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        c.cert.pem()
+    };
+    let first = write_pair();
+    let inj = start_injector(
+        &cluster,
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--native-sidecar",
+            "--capture",
+            "cni",
+        ],
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
+    let trusting = |pem: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .resolve("ferrum-injector.ferrum-system.svc", addr)
+            .build()
+            .unwrap()
+    };
+    let pod = app_pod();
+    let (status, body) = post(&trusting(&first), inj.port, review("n-1", "CREATE", &pod).to_string().into_bytes()).await;
+    assert_eq!(status, 200);
+    let injected = patched(&pod, &body["response"]);
+    validate(&injected);
+    assert_eq!(injected["spec"]["initContainers"][0]["name"], "ferrum-proxy");
+    assert_eq!(injected["spec"]["initContainers"][0]["restartPolicy"], "Always");
+    assert_eq!(injected["spec"]["initContainers"].as_array().unwrap().len(), 1, "no capture container");
+
+    // A renewed certificate in the files is served without a restart.
+    let second = write_pair();
+    eventually("the injector serves the renewed certificate", Duration::from_secs(15), async || {
+        trusting(&second)
+            .get(format!("https://ferrum-injector.ferrum-system.svc:{}/ready", inj.port))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
