@@ -94,7 +94,7 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
-    serve_with(listener, move |req| route(&dp, req)).await
+    serve_with(listener, move |req| std::future::ready(route(&dp, &req))).await
 }
 
 /// The sidecar's readiness port (15021, reachable by the kubelet): `/healthz/ready` only, ready
@@ -104,18 +104,32 @@ pub async fn serve_readiness(
     dp: Arc<Dataplane>,
     extra: impl Fn() -> bool + Send + Sync + 'static,
 ) {
-    serve_with(listener, move |req| match req.uri().path() {
-        "/healthz/ready" if dp.ready.load(Relaxed) && extra() => reply(StatusCode::OK, "text/plain", "ready\n"),
-        "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz/ready\n"),
+    serve_with(listener, move |req| {
+        std::future::ready(match req.uri().path() {
+            "/healthz/ready" if dp.ready.load(Relaxed) && extra() => reply(StatusCode::OK, "text/plain", "ready\n"),
+            "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz/ready\n"),
+        })
+    })
+    .await
+}
+
+/// The sidecar's app-health port (15020, reachable by the kubelet): the app's HTTP probes,
+/// rewritten by the injector to come through here.
+pub async fn serve_app_health(listener: TcpListener, probes: ferrum_snapshot::mesh::AppProbes) {
+    let probes = Arc::new(probes);
+    serve_with(listener, move |req| {
+        let (probes, path) = (probes.clone(), req.uri().path().to_string());
+        async move { crate::mesh::app_health::answer(&probes, &path).await }
     })
     .await
 }
 
 /// Serves small GET-style endpoints: bounded connections and head time, one answer per request.
-async fn serve_with<F>(listener: TcpListener, route: F)
+async fn serve_with<F, Fut>(listener: TcpListener, route: F)
 where
-    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let route = Arc::new(route);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -137,8 +151,8 @@ where
                 return;
             }
             let svc = service_fn(move |req| {
-                let r = route(&req);
-                async move { Ok::<_, Infallible>(r) }
+                let r = route(req);
+                async move { Ok::<_, Infallible>(r.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

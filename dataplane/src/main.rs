@@ -142,6 +142,13 @@ struct MeshArgs {
     /// Readiness for the kubelet: `/healthz/ready`.
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
+    /// The app's HTTP probes for the kubelet (`/app-health/<container>/<probe>`, from
+    /// FERRUM_APP_PROBERS, which the injector writes); served only when there are any.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    app_health_addr: SocketAddr,
+    /// The app probes (JSON: path → {port, path, scheme, headers, timeoutSeconds}).
+    #[arg(long, env = "FERRUM_APP_PROBERS")]
+    app_probers: Option<String>,
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     inbound_plaintext: bool,
@@ -371,6 +378,13 @@ async fn start_sidecar(
     tokio::spawn(admin::serve_readiness(readiness, dp.clone(), move || {
         ready_id.current().is_some()
     }));
+    let probes = ferrum_dp::mesh::app_health::parse(m.app_probers.as_deref()).map_err(|e| e.to_string())?;
+    if !probes.is_empty() {
+        let health = admin::bind(m.app_health_addr)
+            .await
+            .map_err(|e| format!("cannot listen on app-health address {}: {e}", m.app_health_addr))?;
+        tokio::spawn(admin::serve_app_health(health, probes));
+    }
     let s = sidecar::Sidecar::new(dp.clone(), id, settings);
     s.start(workers).map_err(|e| format!("sidecar listeners: {e}"))?;
     Ok(s)

@@ -144,21 +144,28 @@ async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_con
 
     // The API server would trust the injector through the caBundle it wrote.
     let mut ca = String::new();
-    eventually("the injector writes its caBundle", Duration::from_secs(10), async || {
-        let out = cluster.kubectl(&["get", "mutatingwebhookconfigurations", "ferrum-injector", "-o", "json"], None);
-        let c: Value = serde_json::from_str(&out).unwrap();
-        let bundles: Vec<&str> = c["webhooks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
-            .collect();
-        if bundles.len() == 2 && bundles[0] == bundles[1] {
-            use base64::Engine as _;
-            ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
-        }
-        !ca.is_empty()
-    })
+    eventually(
+        "the injector writes its caBundle",
+        Duration::from_secs(10),
+        async || {
+            let out = cluster.kubectl(
+                &["get", "mutatingwebhookconfigurations", "ferrum-injector", "-o", "json"],
+                None,
+            );
+            let c: Value = serde_json::from_str(&out).unwrap();
+            let bundles: Vec<&str> = c["webhooks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
+                .collect();
+            if bundles.len() == 2 && bundles[0] == bundles[1] {
+                use base64::Engine as _;
+                ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
+            }
+            !ca.is_empty()
+        },
+    )
     .await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
     let client = reqwest::Client::builder()
@@ -169,10 +176,18 @@ async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_con
 
     // A pod created in an injected namespace: the sidecar, capture and probes through 15020.
     let pod = app_pod();
-    let (status, body) = post(&client, inj.port, review("u-1", "CREATE", &pod).to_string().into_bytes()).await;
+    let (status, body) = post(
+        &client,
+        inj.port,
+        review("u-1", "CREATE", &pod).to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let resp = &body["response"];
-    assert_eq!((resp["uid"].as_str(), resp["allowed"].as_bool()), (Some("u-1"), Some(true)));
+    assert_eq!(
+        (resp["uid"].as_str(), resp["allowed"].as_bool()),
+        (Some("u-1"), Some(true))
+    );
     assert_eq!(resp["patchType"], "JSONPatch");
     let injected = patched(&pod, resp);
     validate(&injected);
@@ -189,23 +204,46 @@ async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_con
     let proxy = &injected["spec"]["containers"][0];
     assert_eq!(proxy["image"], "ferrum/ferrum-dp:e2e");
     assert_eq!(proxy["securityContext"]["runAsUser"], 1337);
-    assert_eq!(injected["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(
+        injected["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"],
+        15020
+    );
 
     // Never twice: the injected pod comes back unchanged (reinvocation, or a copied spec).
-    let (_, body) = post(&client, inj.port, review("u-2", "CREATE", &injected).to_string().into_bytes()).await;
+    let (_, body) = post(
+        &client,
+        inj.port,
+        review("u-2", "CREATE", &injected).to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(body["response"]["allowed"], true);
     assert!(body["response"]["patch"].is_null(), "injected twice: {body}");
     // Opted out, and not a CREATE: left alone.
     let mut out = app_pod();
     out["metadata"]["annotations"] = json!({"ferrum.dev/inject": "false"});
-    let (_, body) = post(&client, inj.port, review("u-3", "CREATE", &out).to_string().into_bytes()).await;
+    let (_, body) = post(
+        &client,
+        inj.port,
+        review("u-3", "CREATE", &out).to_string().into_bytes(),
+    )
+    .await;
     assert!(body["response"]["patch"].is_null());
-    let (_, body) = post(&client, inj.port, review("u-4", "UPDATE", &pod).to_string().into_bytes()).await;
+    let (_, body) = post(
+        &client,
+        inj.port,
+        review("u-4", "UPDATE", &pod).to_string().into_bytes(),
+    )
+    .await;
     assert!(body["response"]["patch"].is_null());
     // An annotation that cannot be used: the pod is refused with the reason.
     let mut bad = app_pod();
     bad["metadata"]["annotations"] = json!({"ferrum.dev/exclude-inbound-ports": "80,http"});
-    let (_, body) = post(&client, inj.port, review("u-5", "CREATE", &bad).to_string().into_bytes()).await;
+    let (_, body) = post(
+        &client,
+        inj.port,
+        review("u-5", "CREATE", &bad).to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(body["response"]["allowed"], false);
     let message = body["response"]["status"]["message"].as_str().unwrap();
     assert!(message.contains("ferrum.dev/exclude-inbound-ports"), "{message}");
@@ -249,22 +287,35 @@ async fn a_native_sidecar_with_cni_capture_is_a_valid_pod() {
             .unwrap()
     };
     let pod = app_pod();
-    let (status, body) = post(&trusting(&first), inj.port, review("n-1", "CREATE", &pod).to_string().into_bytes()).await;
+    let (status, body) = post(
+        &trusting(&first),
+        inj.port,
+        review("n-1", "CREATE", &pod).to_string().into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200);
     let injected = patched(&pod, &body["response"]);
     validate(&injected);
     assert_eq!(injected["spec"]["initContainers"][0]["name"], "ferrum-proxy");
     assert_eq!(injected["spec"]["initContainers"][0]["restartPolicy"], "Always");
-    assert_eq!(injected["spec"]["initContainers"].as_array().unwrap().len(), 1, "no capture container");
+    assert_eq!(
+        injected["spec"]["initContainers"].as_array().unwrap().len(),
+        1,
+        "no capture container"
+    );
 
     // A renewed certificate in the files is served without a restart.
     let second = write_pair();
-    eventually("the injector serves the renewed certificate", Duration::from_secs(15), async || {
-        trusting(&second)
-            .get(format!("https://ferrum-injector.ferrum-system.svc:{}/ready", inj.port))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
+    eventually(
+        "the injector serves the renewed certificate",
+        Duration::from_secs(15),
+        async || {
+            trusting(&second)
+                .get(format!("https://ferrum-injector.ferrum-system.svc:{}/ready", inj.port))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
     .await;
 }

@@ -328,6 +328,42 @@ async fn root_rotation_under_traffic_drops_nothing() {
     assert!(good && body.contains("hello from b-1"), "{body}");
 }
 
+/// The kubelet's HTTP probes, rewritten by the injector to the sidecar's 15020, reach the app
+/// even where mTLS is required and a plaintext probe to the app's port is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_probes_pass_through_the_sidecar_under_strict_mtls() {
+    let probers = r#"{"/app-health/app/readyz": {"port": 8080, "path": "/ready", "scheme": "HTTP", "timeoutSeconds": 2},
+                      "/app-health/app/livez": {"port": 8099, "path": "/", "scheme": "HTTP", "timeoutSeconds": 1}}"#;
+    let w = two_pods(&[], &["--inbound-plaintext", "false", "--app-probers", probers]).await;
+    let b = &w.pods[1];
+    let get = async |port: u16, path: &str| {
+        client()
+            .get(format!("http://{}:{port}{path}", b.ip))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    // The kubelet probes periodically; the app may still be starting.
+    eventually(
+        "the app answers through the sidecar",
+        Duration::from_secs(10),
+        async || get(15020, "/app-health/app/readyz").await == 200,
+    )
+    .await;
+    assert_eq!(
+        get(15020, "/app-health/app/livez").await,
+        503,
+        "nothing on the probed port"
+    );
+    assert_eq!(get(15020, "/app-health/other/readyz").await, 404);
+    assert_eq!(
+        get(8080, "/ready").await,
+        0,
+        "plaintext to the app's port is refused (STRICT)"
+    );
+}
+
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
 /// DENY by principal, ALLOW by namespace, dry-run, and removal — each enforced by B's sidecar on
 /// the HBONE tunnel (401) and seen as a refused connection by A's app; then a PeerAuthentication

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use ferrum_snapshot::mesh::{AppProbe, AppProbes};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
@@ -404,22 +405,10 @@ fn volumes(t: &Template) -> Vec<Volume> {
     ]
 }
 
-/// An app probe the sidecar performs for the kubelet (`FERRUM_APP_PROBERS`, keyed by the path
-/// the rewritten probe asks the sidecar for).
-#[derive(Debug, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct AppProbe {
-    pub port: u16,
-    pub path: String,
-    pub scheme: String,
-    pub headers: Vec<(String, String)>,
-    pub timeout_seconds: i32,
-}
-
 /// Points every HTTP probe of the app's containers at the sidecar's 15020: with mTLS required,
 /// the kubelet's plaintext probe would be refused at the pod's port; the sidecar probes the app
 /// from inside the pod instead. Returns what the sidecar must probe.
-fn rewrite_probes(containers: &mut [Container]) -> BTreeMap<String, AppProbe> {
+fn rewrite_probes(containers: &mut [Container]) -> AppProbes {
     let mut out = BTreeMap::new();
     for c in containers.iter_mut() {
         let named_ports: BTreeMap<String, i32> = c
@@ -460,7 +449,7 @@ fn rewrite_probes(containers: &mut [Container]) -> BTreeMap<String, AppProbe> {
                         .flatten()
                         .map(|h| (h.name.clone(), h.value.clone()))
                         .collect(),
-                    timeout_seconds: timeout,
+                    timeout_seconds: u32::try_from(timeout).unwrap_or(1).max(1),
                 },
             );
             *get = HTTPGetAction {

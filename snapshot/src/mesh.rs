@@ -418,3 +418,22 @@ mod tests {
         assert_eq!(gone.apply(&b), a[..1].to_vec());
     }
 }
+
+/// An HTTP probe of the app that the sidecar performs for the kubelet. The injector points the
+/// pod's HTTP probes at the sidecar's app-health port (with mTLS required, a plaintext probe
+/// would be refused at the app's port) and hands these to the sidecar in `FERRUM_APP_PROBERS`,
+/// keyed by the path the rewritten probe asks for (`/app-health/<container>/<probe>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
+    /// `HTTP` or `HTTPS` (the app's certificate is not checked, as the kubelet does not).
+    pub scheme: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    pub timeout_seconds: u32,
+}
+
+/// The app probes by path, as `FERRUM_APP_PROBERS` carries them.
+pub type AppProbes = BTreeMap<String, AppProbe>;

@@ -1,6 +1,7 @@
 //! Mesh modes, as thin wiring of the listener, TCP and upstream layers: workload identity,
 //! HBONE, the sidecar's capture rules and its listeners.
 
+pub mod app_health;
 pub mod capture;
 pub mod hbone;
 pub mod identity;

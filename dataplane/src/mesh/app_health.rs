@@ -1,0 +1,130 @@
+//! The app's HTTP probes, performed by the sidecar for the kubelet (port 15020,
+//! `/app-health/<container>/<probe>`): the injector rewrote the pod's probes to come here, since
+//! with mTLS required a plaintext probe to the app's own port would be refused. The sidecar asks
+//! the app over loopback (not captured) and answers with the app's status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferrum_snapshot::mesh::{AppProbe, AppProbes};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+#[error("FERRUM_APP_PROBERS is not valid: {0}")]
+pub struct BadProbers(#[from] serde_json::Error);
+
+/// The probes from `--app-probers` / `FERRUM_APP_PROBERS` (none when unset).
+pub fn parse(json: Option<&str>) -> Result<AppProbes, BadProbers> {
+    match json {
+        Some(v) if !v.trim().is_empty() => Ok(serde_json::from_str(v)?),
+        _ => Ok(AppProbes::new()),
+    }
+}
+
+fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+/// Answers one kubelet probe: the app's status, 503 when the app does not answer in time, 404
+/// for a path no probe was rewritten to.
+pub async fn answer(probes: &AppProbes, path: &str) -> Response<Full<Bytes>> {
+    let Some(p) = probes.get(path) else {
+        return reply(StatusCode::NOT_FOUND, "no such app probe\n");
+    };
+    let timeout = Duration::from_secs(u64::from(p.timeout_seconds.max(1)));
+    match tokio::time::timeout(timeout, ask_app(p)).await {
+        Ok(Ok(status)) => {
+            let mut r = reply(status, "");
+            *r.body_mut() = Full::new(Bytes::from(format!("app answered {}\n", status.as_u16())));
+            r
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(path, error = %e, "app probe failed");
+            reply(StatusCode::SERVICE_UNAVAILABLE, "the app did not answer\n")
+        }
+        Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE, "the app probe timed out\n"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Request(#[from] http::Error),
+}
+
+/// GET the app on 127.0.0.1 as the kubelet would have (its headers, `User-Agent: kube-probe`).
+async fn ask_app(p: &AppProbe) -> Result<StatusCode, ProbeError> {
+    let tcp = TcpStream::connect(("127.0.0.1", p.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut req = Request::get(&p.path)
+        .header(http::header::HOST, format!("127.0.0.1:{}", p.port))
+        .header(http::header::USER_AGENT, "kube-probe/ferrum");
+    for (k, v) in &p.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
+    if p.scheme.eq_ignore_ascii_case("HTTPS") {
+        let tls = tls_connector()
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").expect("a valid name"),
+                tcp,
+            )
+            .await?;
+        send(TokioIo::new(tls), req).await
+    } else {
+        send(TokioIo::new(tcp), req).await
+    }
+}
+
+async fn send<T>(io: T, req: Request<Empty<Bytes>>) -> Result<StatusCode, ProbeError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    // Drain what the app sends (bounded by the probe's timeout), as a client should.
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+/// The kubelet does not check an HTTPS probe's certificate; neither do we.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::upstream::connector::NoVerify(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probers_come_from_the_environment_as_the_injector_writes_them() {
+        let json = r#"{"/app-health/app/readyz": {"port": 8080, "path": "/ready", "scheme": "HTTP", "headers": [["x-a", "1"]], "timeoutSeconds": 3}}"#;
+        let p = parse(Some(json)).unwrap();
+        assert_eq!(p["/app-health/app/readyz"].port, 8080);
+        assert_eq!(
+            p["/app-health/app/readyz"].headers,
+            vec![("x-a".to_string(), "1".to_string())]
+        );
+        assert!(parse(None).unwrap().is_empty());
+        assert!(parse(Some("{not json")).is_err());
+    }
+}
