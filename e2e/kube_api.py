@@ -42,6 +42,13 @@ RESOURCES = [
     ("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     ("coordination.k8s.io", "v1", "leases", "Lease", True),
     ("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
+    # What the Helm chart installs besides.
+    ("apps", "v1", "deployments", "Deployment", True),
+    ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
+    ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    ("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False),
     ("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", False),
     ("gateway.networking.k8s.io", "v1", "gateways", "Gateway", True),
