@@ -117,7 +117,8 @@ struct MeshArgs {
         env = "FERRUM_CA_ROOT_FILE"
     )]
     ca_root_file: PathBuf,
-    /// The projected ServiceAccount token the CA authenticates this workload by.
+    /// The projected ServiceAccount token: the CA and the control plane authenticate sidecars by
+    /// it, and gateways too when they have no shared --token.
     #[arg(
         long,
         default_value = "/var/run/secrets/tokens/ferrum-token",
@@ -479,7 +480,11 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
                     _ => args.role.clone(),
                 },
                 token: args.token.clone(),
-                token_file: (args.mesh.mode == Mode::Sidecar).then(|| args.mesh.token_file.clone()),
+                // A sidecar always presents its ServiceAccount token; a gateway does when it has
+                // one projected (in a cluster) and no shared --token.
+                token_file: (args.mesh.mode == Mode::Sidecar
+                    || (args.token.is_none() && args.mesh.token_file.exists()))
+                .then(|| args.mesh.token_file.clone()),
                 cache: Some(args.snapshot_cache.clone()),
                 tls: url
                     .starts_with("https://")

@@ -211,3 +211,79 @@ async fn the_ca_issues_svids_for_the_reviewed_identity_only() {
     let chain = ask(ca2.as_mut().unwrap(), &req, Some(&web), 600, None).await.unwrap();
     assert_eq!(chain.last().unwrap(), &root, "one root for every replica");
 }
+
+/// A self-signed CA certificate and key (PEM).
+fn root(name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+}
+
+/// The ConfigMap `ferrum-ca-root` of a namespace: its `root-cert.pem`, if any.
+fn published_roots(cluster: &Cluster, ns: &str) -> Option<String> {
+    let out = std::process::Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .args(["get", "configmap", "ferrum-ca-root", "-n", ns, "-o", "json"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["data"]["root-cert.pem"].as_str().map(String::from)
+}
+
+/// A plug-in CA with a second trusted root (a rotation in progress): the operator publishes both
+/// roots as the ConfigMap every injected sidecar mounts, in every namespace, including one
+/// created later; the CA signs with the plug-in root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_roots_are_published_into_every_namespace() {
+    use base64::Engine as _;
+    let cluster = Cluster::start_with(free_port(), &["--token-key", KEY]);
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    let (signing, signing_key) = root("plug-in root");
+    let (next, _) = root("next root");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: ferrum-ca, namespace: default}}\n\
+         data: {{ca.crt: {}, ca.key: {}, trust-bundle.pem: {}}}\n",
+        b64(&signing),
+        b64(&signing_key),
+        b64(&next)
+    ));
+    let ca_port = free_port();
+    let _op = cluster
+        .operator_with("op-1", &["--ca-addr", &format!("127.0.0.1:{ca_port}")])
+        .await;
+    let both = |pem: &Option<String>| {
+        pem.as_ref()
+            .is_some_and(|p| p.contains(signing.trim()) && p.contains(next.trim()))
+    };
+    eventually("shop gets both roots", Duration::from_secs(15), async || {
+        both(&published_roots(&cluster, "shop"))
+    })
+    .await;
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n");
+    eventually(
+        "a namespace created later gets them too",
+        Duration::from_secs(15),
+        async || both(&published_roots(&cluster, "late")),
+    )
+    .await;
+    // Certificates chain to the plug-in root.
+    let mut ca = ca_client(ca_port, &signing).await;
+    let (req, _) = csr("spiffe://cluster.local/ns/shop/sa/web");
+    let chain = ask(
+        &mut ca,
+        &req,
+        Some(&token("shop", "web", "ferrum-ca", 600, KEY)),
+        3600,
+        None,
+    )
+    .await
+    .expect("an SVID");
+    assert_eq!(chain.last().map(|c| c.trim()), Some(signing.trim()));
+}

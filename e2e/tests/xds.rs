@@ -488,6 +488,20 @@ async fn proxies_authenticate_with_service_account_tokens() {
     let _dp = Proxy::start_xds_with_token(&url, "dp-sa-token", &trusted).await;
     let location = format!("http://new.example.com:{port}/old/page");
     serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
+    drop(_dp);
+
+    // A gateway ferrum-dp on MeshSubscribe presents its projected token file, as the chart runs it.
+    let token_file = cluster.dir.path().join("gateway-token");
+    std::fs::write(&token_file, &trusted).unwrap();
+    let cache = cluster.dir.path().join("gw.json");
+    let _gw = Proxy::start_with(
+        &url,
+        "dp-sa-file",
+        &cache,
+        &["--token-file", token_file.to_str().unwrap()],
+    )
+    .await;
+    serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -244,6 +244,7 @@ async fn run(args: Args) -> ExitCode {
         args.ca_audience.clone(),
         controller.stores.pods(),
     ));
+    let namespaces = controller.stores.namespaces();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
     if args.grpc_tls && args.ca_addr.is_empty() {
@@ -266,8 +267,9 @@ async fn run(args: Args) -> ExitCode {
             .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
         let (client, leader, auth) = (client.clone(), leader.clone(), workload_auth.clone());
         let serving = grpc_tls_tx.take();
+        let namespaces = namespaces.clone();
         tokio::spawn(async move {
-            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader, serving).await {
+            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader, serving, namespaces).await {
                 tracing::error!("{e}");
             }
         });

@@ -2,6 +2,7 @@
 //! its chain, in the Secret `ferrum-system/ferrum-ca`) signs X.509-SVIDs for workloads whose
 //! identity a Kubernetes TokenReview vouched for; the CSR contributes only its public key.
 
+pub mod bundle;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -30,12 +31,16 @@ pub struct Material {
     /// The signing certificate first, then its chain up to and including the root.
     pub chain_pem: String,
     pub key_pem: String,
+    /// Roots trusted besides the chain's own (PEM; a root rotation's other root).
+    pub extra_roots_pem: Option<String>,
 }
 
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     /// PEM certificates: the signing certificate, then its chain to the root (root last).
     chain: Vec<String>,
+    /// The mesh roots workloads trust: the chain's root, then any extra ones.
+    trust: Vec<String>,
     /// Longest leaf validity handed out.
     pub max_validity: Duration,
 }
@@ -78,6 +83,7 @@ impl Authority {
         let material = Material {
             chain_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            extra_roots_pem: None,
         };
         Ok((Authority::load(&material)?, material))
     }
@@ -96,17 +102,29 @@ impl Authority {
             .ok_or_else(|| CaError::Material("no certificate".into()))?;
         let issuer =
             Issuer::from_ca_cert_pem(first, key).map_err(|e| CaError::Material(format!("certificate: {e}")))?;
+        let mut trust: Vec<String> = chain.last().cloned().into_iter().collect();
+        for c in pem_certs(m.extra_roots_pem.as_deref().unwrap_or("")) {
+            if !trust.contains(&c) {
+                trust.push(c);
+            }
+        }
         Ok(Authority {
             issuer,
+            trust,
             chain,
             max_validity: Duration::from_secs(24 * 3600),
         })
     }
 
-    /// The trust bundle: the root certificate (PEM).
+    /// The root that signs (PEM).
     #[cfg(test)]
     pub fn root(&self) -> &str {
         self.chain.last().expect("a loaded CA has a certificate")
+    }
+
+    /// The trust bundle workloads mount: the signing root, then any extra roots (PEM).
+    pub fn trust_bundle(&self) -> String {
+        self.trust.concat()
     }
 
     /// An X.509-SVID for `id` over the CSR's public key: leaf first, root last.
@@ -175,8 +193,8 @@ pub struct Settings {
     pub max_validity: Duration,
 }
 
-/// Loads (or, as leader, creates) the CA, then serves CreateCertificate over TLS until the
-/// process ends.
+/// Loads (or, as leader, creates) the CA, publishes its roots into every namespace, then serves
+/// CreateCertificate over TLS until the process ends.
 pub async fn run(
     s: Settings,
     client: kube::Client,
@@ -184,6 +202,7 @@ pub async fn run(
     trust_domain: String,
     leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
     serving: Option<tokio::sync::oneshot::Sender<std::sync::Arc<rustls::ServerConfig>>>,
+    namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(s.addr)
         .await
@@ -191,6 +210,12 @@ pub async fn run(
     let api = kube::Api::namespaced(client.clone(), &s.namespace);
     let mut ca = store::load_or_create(api, &s.secret, &trust_domain, &leader).await;
     ca.max_validity = s.max_validity;
+    tokio::spawn(bundle::publish(
+        client.clone(),
+        namespaces,
+        ca.trust_bundle(),
+        leader.clone(),
+    ));
     let (chain, key) = ca.serving(&s.names).map_err(|e| e.to_string())?;
     let tls = tls::server_config(&chain, &key)?;
     // The control-plane port serves the same certificate (its names are the operator's).

@@ -1,7 +1,8 @@
 //! Where the CA's material lives: the Secret `<namespace>/<name>` (default
 //! `ferrum-system/ferrum-ca`). A plug-in CA puts its own there — `ca.crt` + `ca.key` (a root, or
 //! an intermediate followed by its chain), or Istio's `ca-cert.pem`, `ca-key.pem`,
-//! `cert-chain.pem`, `root-cert.pem`. When there is none, the leader generates a root and creates
+//! `cert-chain.pem`, `root-cert.pem`. `trust-bundle.pem` adds roots workloads trust besides the
+//! signing one (a root rotation). When there is none, the leader generates a root and creates
 //! the Secret; followers wait for it, so every replica signs for the same root.
 
 use std::collections::BTreeMap;
@@ -18,10 +19,12 @@ use super::{Authority, Material};
 fn material_of(s: &Secret) -> Result<Material, String> {
     let data = s.data.clone().unwrap_or_default();
     let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let extra_roots_pem = get("trust-bundle.pem");
     if let (Some(cert), Some(key)) = (get("ca.crt").or(get("tls.crt")), get("ca.key").or(get("tls.key"))) {
         return Ok(Material {
             chain_pem: cert,
             key_pem: key,
+            extra_roots_pem,
         });
     }
     if let (Some(cert), Some(key)) = (get("ca-cert.pem"), get("ca-key.pem")) {
@@ -32,6 +35,7 @@ fn material_of(s: &Secret) -> Result<Material, String> {
         return Ok(Material {
             chain_pem: chain.join("\n"),
             key_pem: key,
+            extra_roots_pem,
         });
     }
     Err("needs ca.crt and ca.key (or Istio's ca-cert.pem and ca-key.pem)".into())

@@ -94,6 +94,11 @@ macro_rules! kinds {
                 self.pods.clone()
             }
 
+            /// The namespaces on record (the CA publishes its roots into each).
+            pub fn namespaces(&self) -> Store<Namespace> {
+                self.namespaces.clone()
+            }
+
             /// A consistent-enough view of the caches for one translation (shared, not copied).
             pub fn resources(&self) -> Resources {
                 Resources {
