@@ -345,15 +345,20 @@ impl Proxy {
         }
     }
 
-    pub async fn version(&self) -> u64 {
+    /// An admin endpoint's body ("" when it cannot be reached).
+    pub async fn admin_text(&self, path: &str) -> String {
         let Ok(r) = client()
-            .get(format!("http://127.0.0.1:{}/config", self.admin))
+            .get(format!("http://127.0.0.1:{}{path}", self.admin))
             .send()
             .await
         else {
-            return 0;
+            return String::new();
         };
-        let v: Value = serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default();
+        r.text().await.unwrap_or_default()
+    }
+
+    pub async fn version(&self) -> u64 {
+        let v: Value = serde_json::from_str(&self.admin_text("/config").await).unwrap_or_default();
         v["version"].as_u64().unwrap_or(0)
     }
 }
@@ -430,11 +435,7 @@ pub async fn subscribe(
     })
     .await
     .unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let req = bearer_request(rx, token);
     let stream = MeshSubscribeClient::new(ch)
         .max_decoding_message_size(512 << 20)
         .subscribe(req)
@@ -607,4 +608,44 @@ impl TlsGateway {
             .await
             .is_ok_and(|r| r.status() == 200)
     }
+}
+
+/// A client-streaming gRPC request over `rx`, with `authorization: Bearer <token>` when given.
+pub fn bearer_request<T>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+    token: Option<&str>,
+) -> tonic::Request<tokio_stream::wrappers::ReceiverStream<T>> {
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// The CA (PEM) a webhook configuration's `webhooks` all carry as `caBundle`, once `count` of
+/// them carry the same one.
+pub async fn webhook_ca_bundle(cluster: &Cluster, name: &str, count: usize) -> String {
+    use base64::Engine as _;
+    let mut ca = String::new();
+    eventually(
+        "the webhooks carry the injector's CA",
+        Duration::from_secs(10),
+        async || {
+            let out = cluster.kubectl(&["get", "mutatingwebhookconfigurations", name, "-o", "json"], None);
+            let c: Value = serde_json::from_str(&out).unwrap();
+            let bundles: Vec<&str> = c["webhooks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
+                .collect();
+            if bundles.len() == count && bundles.iter().all(|b| *b == bundles[0]) {
+                ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
+            }
+            !ca.is_empty()
+        },
+    )
+    .await;
+    ca
 }

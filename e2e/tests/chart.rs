@@ -105,30 +105,8 @@ async fn the_charts_operator_and_injector_run_against_its_manifests() {
         .env("RUST_LOG", "warn");
     let (child, port) = spawn_announcing(&mut inj);
     let _inj = Proc(child);
-    let mut ca_pem = String::new();
-    eventually(
-        "every webhook of the chart gets the injector's CA",
-        Duration::from_secs(10),
-        async || {
-            let out = cluster.kubectl(
-                &["get", "mutatingwebhookconfigurations", "ferrum-injector", "-o", "json"],
-                None,
-            );
-            let c: Value = serde_json::from_str(&out).unwrap();
-            let hooks = c["webhooks"].as_array().cloned().unwrap_or_default();
-            let bundles: Vec<&str> = hooks
-                .iter()
-                .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
-                .collect();
-            if hooks.len() == 3 && bundles.len() == 3 {
-                use base64::Engine as _;
-                ca_pem =
-                    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
-            }
-            !ca_pem.is_empty()
-        },
-    )
-    .await;
+    // Every webhook of the chart gets the injector's CA.
+    let ca_pem = webhook_ca_bundle(&cluster, "ferrum-injector", 3).await;
     // Reached by its Service name, as the API server would: the sidecar it adds points at the
     // chart's operator Service and image.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();

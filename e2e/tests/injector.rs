@@ -143,30 +143,7 @@ async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_con
     let inj = start_injector(&cluster, &["--self-signed", "--webhook-config", "ferrum-injector"]);
 
     // The API server would trust the injector through the caBundle it wrote.
-    let mut ca = String::new();
-    eventually(
-        "the injector writes its caBundle",
-        Duration::from_secs(10),
-        async || {
-            let out = cluster.kubectl(
-                &["get", "mutatingwebhookconfigurations", "ferrum-injector", "-o", "json"],
-                None,
-            );
-            let c: Value = serde_json::from_str(&out).unwrap();
-            let bundles: Vec<&str> = c["webhooks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| w["clientConfig"]["caBundle"].as_str())
-                .collect();
-            if bundles.len() == 2 && bundles[0] == bundles[1] {
-                use base64::Engine as _;
-                ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(bundles[0]).unwrap()).unwrap();
-            }
-            !ca.is_empty()
-        },
-    )
-    .await;
+    let ca = webhook_ca_bundle(&cluster, "ferrum-injector", 2).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())

@@ -3,7 +3,7 @@
 //! and the snapshot (workloads, Services) from the operator, both fed by the API emulator.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferrum_e2e::mesh::{NS, World};
@@ -171,25 +171,18 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
 async fn certificate_rotation_under_traffic_drops_nothing() {
     let w = two_pods(&[], &["--cert-validity", "10"]).await;
     until_routed(&w).await;
-    let installed = |i: usize| {
-        w.pods[i]
-            .sidecar_log()
-            .matches("workload certificate installed")
-            .count()
-    };
-    let before = (installed(0), installed(1));
-    let started = Instant::now();
-    let (mut ok, mut failed) = (0, Vec::new());
-    while started.elapsed() < Duration::from_secs(13) {
-        // New connections each time (curl), so new tunnels on the rotated certificates.
-        let (good, body) = curl_svc_b(&w, "/loop");
-        if good && body.contains("hello from b-1") {
-            ok += 1;
-        } else {
-            failed.push(body);
-        }
-    }
-    let after = (installed(0), installed(1));
+    let before = installed(&w);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requests = request_loop(&w, stop.clone());
+    // New connections each time (curl), so new tunnels on the rotated certificates.
+    renewed(&w, &before, 2).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    none_failed(requests, 20);
+}
+
+/// Joins a request loop: every request succeeded, and there were at least `at_least`.
+fn none_failed(requests: std::thread::JoinHandle<(usize, Vec<String>)>, at_least: usize) {
+    let (ok, failed) = requests.join().unwrap();
     assert!(
         failed.is_empty(),
         "{} of {} failed: {:?}",
@@ -197,11 +190,7 @@ async fn certificate_rotation_under_traffic_drops_nothing() {
         ok + failed.len(),
         &failed[..failed.len().min(3)]
     );
-    assert!(ok > 20, "only {ok} requests in 13 s");
-    assert!(
-        after.0 >= before.0 + 2 && after.1 >= before.1 + 2,
-        "certificates were renewed during the loop: {before:?} -> {after:?}"
-    );
+    assert!(ok >= at_least, "only {ok} requests");
 }
 
 /// Curls Service B from pod A in a loop on a thread of its own until `stop` is set: (ok, failures).
@@ -314,15 +303,7 @@ async fn root_rotation_under_traffic_drops_nothing() {
     std::fs::write(&w.root, &new_root).unwrap();
     renewed(&w, &installed(&w), 1).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = requests.join().unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(3)]
-    );
-    assert!(ok > 30, "only {ok} requests during the rotation");
+    none_failed(requests, 30);
     // And a pod trusting only the new root is still reached (new connection, new tunnel).
     let (good, body) = curl_svc_b(&w, "/after");
     assert!(good && body.contains("hello from b-1"), "{body}");

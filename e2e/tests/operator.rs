@@ -487,14 +487,7 @@ async fn gateway_keys_travel_beside_the_snapshot() {
         snapshot.contains("default/secure-cert"),
         "the snapshot names the Secret"
     );
-    let proxy_view = client()
-        .get(format!("http://127.0.0.1:{}/config", dp.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let proxy_view = dp.admin_text("/config").await;
     for (what, text) in [("operator /snapshot", &snapshot), ("ferrum-dp /config", &proxy_view)] {
         assert!(!text.contains("PRIVATE KEY"), "{what} holds a private key");
     }

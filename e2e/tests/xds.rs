@@ -392,29 +392,17 @@ fn envoy_validates_the_generated_bootstrap() {
 /// with it (ferrum-dp --xds --token) is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ads_requires_the_proxy_token_when_one_is_set() {
-    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
     let op = cluster.operator_with("op-1", &["--token", "s3cret"]).await;
     let port = free_port();
     cluster.apply(&setup(port, &a, &b, (100, 0), None));
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel(&op.grpc_url()).await);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(DiscoveryRequest::default()).await.unwrap();
-    let refused = match ads
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Err(s) => s.code(),
-        Ok(r) => r
-            .into_inner()
-            .message()
-            .await
-            .err()
-            .map_or(tonic::Code::Ok, |s| s.code()),
-    };
-    assert_eq!(refused, tonic::Code::Unauthenticated);
+    assert_eq!(ads_answer(&op.grpc_url(), None).await, tonic::Code::Unauthenticated);
+    assert_eq!(
+        ads_answer(&op.grpc_url(), Some("guess")).await,
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(ads_answer(&op.grpc_url(), Some("s3cret")).await, tonic::Code::Ok);
     let _dp = Proxy::start_xds_with_token(&op.grpc_url(), "dp-xds-token", "s3cret").await;
     let location = format!("http://new.example.com:{port}/old/page");
     serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
@@ -436,12 +424,7 @@ async fn ads_answer(url: &str, token: Option<&str>) -> tonic::Code {
     })
     .await
     .unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    match ads.stream_aggregated_resources(req).await {
+    match ads.stream_aggregated_resources(bearer_request(rx, token)).await {
         Err(s) => s.code(),
         Ok(r) => match tokio::time::timeout(Duration::from_secs(5), r.into_inner().message()).await {
             Ok(Ok(Some(_))) => tonic::Code::Ok,
