@@ -60,7 +60,12 @@ pub trait Inbound: Send + Sync + 'static {
     /// A connection to the local application at `target`.
     fn connect(&self, target: SocketAddr) -> impl Future<Output = std::io::Result<TcpStream>> + Send;
     /// Relays the tunnel and the application connection until both are done.
-    fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &SpiffeId) -> impl Future<Output = ()> + Send;
+    fn relay(
+        self: Arc<Self>,
+        tunnel: TokioIo<Upgraded>,
+        app: TcpStream,
+        req: TunnelRequest,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 fn status(s: StatusCode) -> Response<Empty<Bytes>> {
@@ -145,10 +150,9 @@ async fn tunnel<I: Inbound>(
         }
     };
     let on = hyper::upgrade::on(&mut req);
-    let peer = peer.clone();
     tokio::spawn(async move {
         if let Ok(up) = on.await {
-            inbound.relay(TokioIo::new(up), app, &peer).await;
+            inbound.relay(TokioIo::new(up), app, treq).await;
         }
     });
     status(StatusCode::OK)

@@ -6,5 +6,6 @@ pub mod capture;
 pub mod hbone;
 pub mod identity;
 pub mod index;
+pub mod l7;
 pub mod policy;
 pub mod sidecar;

@@ -1,10 +1,12 @@
-//! AuthorizationPolicy, compiled for one workload and evaluated per connection (L4): CUSTOM is
-//! refused by the translator; any matching DENY denies; with no ALLOW policy everything else is
-//! allowed; otherwise a matching ALLOW is needed. AUDIT never decides. Dry-run policies are
+//! AuthorizationPolicy, compiled for one workload and evaluated per connection (L4) or, when
+//! the workload's policies look at HTTP and the connection speaks it, per request (L7): CUSTOM
+//! is refused by the translator; any matching DENY denies; with no ALLOW policy everything else
+//! is allowed; otherwise a matching ALLOW is needed. AUDIT never decides. Dry-run policies are
 //! evaluated and logged, never enforced.
 //!
-//! On a TCP connection there is no method, path, host or JWT: an ALLOW rule that asks for one
-//! never matches, and a DENY rule ignores those fields and matches on the rest (fail closed).
+//! What a connection cannot show — a method, path, host or header on TCP, and a JWT's claims
+//! anywhere (RequestAuthentication is not built yet) — makes an ALLOW rule that asks for it
+//! never match, and a DENY rule ignore those fields and match on the rest (fail closed).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -18,6 +20,8 @@ pub struct Connection<'a> {
     pub peer: Option<&'a SpiffeId>,
     pub source: IpAddr,
     pub destination: SocketAddr,
+    /// The HTTP request, when judged per request.
+    pub request: Option<&'a http::request::Parts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub struct Authorizer {
     allow_any: bool,
     allow_dry_run: Vec<Compiled>,
     audit: Vec<Compiled>,
+    /// Some rule looks at the HTTP request: HTTP connections are judged per request.
+    http: bool,
 }
 
 /// Istio string patterns (exact, `prefix*`, `*suffix`, `*`) indexed: exact values in a set,
@@ -116,8 +122,10 @@ struct Compiled {
 
 /// A rule with its address blocks and ports parsed, and what it needs from HTTP noted.
 struct CRule {
-    /// It names a method, path, host, request principal or `request.*` key.
-    http_only: bool,
+    /// It names a method, path, host or request header.
+    needs_request: bool,
+    /// It names a request principal or a `request.auth.*` key (a JWT's).
+    needs_jwt: bool,
     from: Vec<CSource>,
     to: Vec<COperation>,
     when: Vec<CCondition>,
@@ -139,6 +147,12 @@ struct CSource {
 struct COperation {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
+    hosts: Vec<String>,
+    not_hosts: Vec<String>,
+    methods: Vec<String>,
+    not_methods: Vec<String>,
+    paths: Vec<String>,
+    not_paths: Vec<String>,
 }
 
 struct CCondition {
@@ -225,21 +239,49 @@ fn not_in_nets(nets: &[Net], ip: IpAddr) -> bool {
     !nets.iter().any(|n| n.contains(ip))
 }
 
-/// Whether the rule needs something only HTTP carries.
-fn http_only(r: &Rule) -> bool {
-    let s = r.from.iter().map(|f| &f.source);
-    let o = r.to.iter().map(|t| &t.operation);
-    s.into_iter()
-        .any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
-        || o.into_iter().any(|o| {
-            !(o.hosts.is_empty()
-                && o.not_hosts.is_empty()
-                && o.methods.is_empty()
-                && o.not_methods.is_empty()
-                && o.paths.is_empty()
-                && o.not_paths.is_empty())
-        })
-        || r.when.iter().any(|c| c.key.starts_with("request."))
+/// Whether the rule looks at the HTTP request (method, path, host, headers).
+fn needs_request(r: &Rule) -> bool {
+    r.to.iter().map(|t| &t.operation).any(|o| {
+        !(o.hosts.is_empty()
+            && o.not_hosts.is_empty()
+            && o.methods.is_empty()
+            && o.not_methods.is_empty()
+            && o.paths.is_empty()
+            && o.not_paths.is_empty())
+    }) || r.when.iter().any(|c| c.key.starts_with("request.headers"))
+}
+
+/// Whether the rule looks at a validated JWT (request principals, `request.auth.*`).
+fn needs_jwt(r: &Rule) -> bool {
+    r.from
+        .iter()
+        .any(|f| !f.source.request_principals.is_empty() || !f.source.not_request_principals.is_empty())
+        || r.when.iter().any(|c| c.key.starts_with("request.auth."))
+}
+
+/// Istio path matching: a string pattern, or a template where `{*}` is one segment and a final
+/// `{**}` any number of them.
+fn path_match(pattern: &str, path: &str) -> bool {
+    if !pattern.contains('{') {
+        return string_match(pattern, path);
+    }
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (Some("{**}"), _) => return want.next().is_none(),
+            (Some("{*}"), Some(g)) if !g.is_empty() => {}
+            (Some(w), Some(g)) if w == g => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A host pattern against the request's host, with or without its port, ignoring case.
+fn host_match(pattern: &str, host: &str) -> bool {
+    let (p, h) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+    string_match(&p, &h) || h.rsplit_once(':').is_some_and(|(name, _)| string_match(&p, name))
 }
 
 impl CRule {
@@ -259,6 +301,12 @@ impl CRule {
         let operation = |o: &Operation| COperation {
             ports: ports(&o.ports),
             not_ports: ports(&o.not_ports),
+            hosts: o.hosts.clone(),
+            not_hosts: o.not_hosts.clone(),
+            methods: o.methods.clone(),
+            not_methods: o.not_methods.clone(),
+            paths: o.paths.clone(),
+            not_paths: o.not_paths.clone(),
         };
         let condition = |c: &Condition| CCondition {
             key: c.key.clone(),
@@ -268,25 +316,22 @@ impl CRule {
             not_nets: nets(&c.not_values),
         };
         CRule {
-            http_only: http_only(r),
+            needs_request: needs_request(r),
+            needs_jwt: needs_jwt(r),
             from: r.from.iter().map(|f| source(&f.source)).collect(),
             to: r.to.iter().map(|t| operation(&t.operation)).collect(),
             when: r.when.iter().map(condition).collect(),
         }
     }
 
-    /// Whether it matches a TCP connection; `deny` says how to treat HTTP-only fields.
+    /// Whether it matches; `deny` says how to treat what cannot be known (see the module).
     fn matches(&self, f: &Facts<'_>, deny: bool) -> bool {
-        if !deny && self.http_only {
+        if !deny && (self.needs_jwt || (self.needs_request && f.request.is_none())) {
             return false;
         }
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(f)))
-            && self
-                .when
-                .iter()
-                .filter(|w| !(deny && w.key.starts_with("request.")))
-                .all(|w| w.matches(f))
+            && self.when.iter().filter(|w| w.knowable(f)).all(|w| w.matches(f))
     }
 }
 
@@ -310,12 +355,44 @@ impl CSource {
 impl COperation {
     fn matches(&self, f: &Facts<'_>) -> bool {
         let port = f.destination.port();
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+        let l4 = (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port);
+        let Some(r) = f.request else {
+            // Unknowable without a request: only DENY rules get here, and they ignore it.
+            return l4;
+        };
+        let host = r
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| r.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        let any = |pats: &[String], m: &dyn Fn(&str) -> bool| pats.iter().any(|p| m(p));
+        let (method, path) = (r.method.as_str(), r.uri.path());
+        l4 && (self.hosts.is_empty() || any(&self.hosts, &|p| host_match(p, host)))
+            && !any(&self.not_hosts, &|p| host_match(p, host))
+            && (self.methods.is_empty() || any(&self.methods, &|p| string_match(p, method)))
+            && !any(&self.not_methods, &|p| string_match(p, method))
+            && (self.paths.is_empty() || any(&self.paths, &|p| path_match(p, path)))
+            && !any(&self.not_paths, &|p| path_match(p, path))
     }
 }
 
 impl CCondition {
+    /// Whether this request or connection can say (else a DENY rule ignores the condition).
+    fn knowable(&self, f: &Facts<'_>) -> bool {
+        !(self.key.starts_with("request.auth.") || (self.key.starts_with("request.") && f.request.is_none()))
+    }
+
     fn matches(&self, f: &Facts<'_>) -> bool {
+        if let (Some(name), Some(r)) = (
+            self.key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']')),
+            f.request,
+        ) {
+            let got = r.headers.get(name).and_then(|v| v.to_str().ok());
+            return field(&self.values, got) && not_field(&self.not_values, got);
+        }
         let ip = match self.key.as_str() {
             "source.ip" | "remote.ip" => Some(f.source),
             "destination.ip" => Some(f.destination.ip()),
@@ -344,6 +421,7 @@ struct Facts<'a> {
     source: IpAddr,
     destination: SocketAddr,
     port: String,
+    request: Option<&'a http::request::Parts>,
 }
 
 impl<'a> Facts<'a> {
@@ -355,6 +433,7 @@ impl<'a> Facts<'a> {
             source: c.source,
             destination: c.destination,
             port: c.destination.port().to_string(),
+            request: c.request,
         }
     }
 }
@@ -374,6 +453,7 @@ impl Authorizer {
                 continue;
             };
             let name = format!("{}/{}", p.namespace, p.name);
+            a.http |= authz.rules.iter().any(needs_request);
             let compile = |rules: &mut dyn Iterator<Item = &Rule>| Compiled {
                 name: name.clone(),
                 dry_run: authz.dry_run,
@@ -403,6 +483,11 @@ impl Authorizer {
             }
         }
         a
+    }
+
+    /// Whether HTTP connections must be judged request by request.
+    pub fn needs_http(&self) -> bool {
+        self.http
     }
 
     pub fn is_empty(&self) -> bool {

@@ -19,6 +19,7 @@ use tokio::runtime::Handle;
 use super::hbone::{self, Dial, Inbound, PROXY_PORTS, TunnelRequest};
 use super::identity::Identity;
 use super::index::Destination;
+use super::l7;
 use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
 use ferrum_snapshot::identity::SpiffeId;
@@ -76,39 +77,96 @@ pub struct App {
     idle_timeout: Duration,
 }
 
+/// Who is on the other end of an inbound connection, and where it goes.
+#[derive(Clone)]
+struct Caller {
+    peer: Option<SpiffeId>,
+    source: IpAddr,
+    destination: SocketAddr,
+}
+
 impl App {
-    /// The workload's AuthorizationPolicies on one inbound connection.
-    fn authorize(&self, peer: Option<&SpiffeId>, source: IpAddr, destination: SocketAddr) -> bool {
+    /// The workload's AuthorizationPolicies on one inbound connection, or one of its requests.
+    fn authorize(&self, c: &Caller, request: Option<&http::request::Parts>) -> bool {
         let cfg = self.dp.shared.config.load();
-        let c = Connection {
-            peer,
-            source,
-            destination,
+        let conn = Connection {
+            peer: c.peer.as_ref(),
+            source: c.source,
+            destination: c.destination,
+            request,
         };
-        match cfg.mesh.inbound.check(&c) {
+        match cfg.mesh.inbound.check(&conn) {
             Decision::Allow => true,
             Decision::Deny(why) => {
                 self.stats.inbound_denied.fetch_add(1, Relaxed);
-                tracing::info!(peer = ?peer.map(|p| p.to_string()), %source, %destination, policy = %why, "connection denied");
+                let peer = c.peer.as_ref().map(|p| p.to_string());
+                match request {
+                    Some(r) => {
+                        tracing::info!(?peer, source = %c.source, destination = %c.destination, method = %r.method, path = r.uri.path(), policy = %why, "request denied")
+                    }
+                    None => {
+                        tracing::info!(?peer, source = %c.source, destination = %c.destination, policy = %why, "connection denied")
+                    }
+                }
                 false
             }
+        }
+    }
+
+    /// Whether the policies must see HTTP requests, not just the connection.
+    fn per_request(&self) -> bool {
+        self.dp.shared.config.load().mesh.inbound.needs_http()
+    }
+
+    /// Carries an allowed-so-far inbound stream to the app: judged per request when it speaks
+    /// HTTP and the policies look at requests, else once (unless already judged) and relayed.
+    async fn serve<S>(self: Arc<Self>, mut s: S, app: TcpStream, c: Caller, judged: bool)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if judged {
+            let _ = relay(s, app, self.idle_timeout, &self.stats).await;
+            return;
+        }
+        let first = l7::sniff(&mut s).await;
+        let http = l7::detect(&first);
+        let s = l7::Prefixed::new(first, s);
+        match http {
+            Some(http) => {
+                let me = self.clone();
+                l7::serve(s, http, app, move |parts| me.authorize(&c, Some(parts))).await;
+            }
+            None if self.authorize(&c, None) => {
+                let _ = relay(s, app, self.idle_timeout, &self.stats).await;
+            }
+            None => {}
         }
     }
 }
 
 impl Inbound for App {
     fn allow(&self, req: &TunnelRequest) -> bool {
-        self.authorize(Some(&req.peer), req.source.ip(), req.target)
+        // Policies that look at requests decide per request, once the tunnel shows HTTP.
+        self.per_request() || self.authorize(&caller(req), None)
     }
 
     async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
         connect_app(target, self.connect_timeout).await
     }
 
-    async fn relay(&self, tunnel: TokioIo<Upgraded>, app: TcpStream, peer: &SpiffeId) {
+    async fn relay(self: Arc<Self>, tunnel: TokioIo<Upgraded>, app: TcpStream, req: TunnelRequest) {
         self.stats.inbound_hbone.fetch_add(1, Relaxed);
-        let r = relay(tunnel, app, self.idle_timeout, &self.stats).await;
-        tracing::debug!(%peer, ?r, "inbound tunnel closed");
+        let judged = !self.per_request();
+        self.serve(tunnel, app, caller(&req), judged).await;
+        tracing::debug!(peer = %req.peer, "inbound tunnel closed");
+    }
+}
+
+fn caller(req: &TunnelRequest) -> Caller {
+    Caller {
+        peer: Some(req.peer.clone()),
+        source: req.source.ip(),
+        destination: req.target,
     }
 }
 
@@ -246,14 +304,20 @@ impl Sidecar {
             stats.inbound_refused.fetch_add(1, Relaxed);
             return tracing::debug!(%peer, %dst, "plaintext inbound refused");
         }
-        if !self.app.authorize(None, peer.ip(), dst) {
+        let c = Caller {
+            peer: None,
+            source: peer.ip(),
+            destination: dst,
+        };
+        let judged = !self.app.per_request();
+        if judged && !self.app.authorize(&c, None) {
             return;
         }
         let _ = tcp.set_nodelay(true);
         match connect_app(dst, self.settings.connect_timeout).await {
             Ok(app) => {
                 stats.inbound_plaintext.fetch_add(1, Relaxed);
-                let _ = relay(tcp, app, self.settings.idle_timeout, stats).await;
+                self.app.clone().serve(tcp, app, c, judged).await;
             }
             Err(e) => tracing::debug!(%dst, error = %e, "application unreachable"),
         }

@@ -1,0 +1,221 @@
+//! Inbound HTTP judged request by request. When a workload's AuthorizationPolicies look at
+//! methods, paths, hosts or headers, the sidecar reads the first bytes of each inbound
+//! connection (or HBONE tunnel): HTTP/1 and HTTP/2 (prior knowledge) are served here — each
+//! request checked, 403 `RBAC: access denied` as Istio answers, the rest forwarded to the app
+//! over the connection already opened to it — and anything else is judged once, at L4.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How long a client gets to show what it speaks; silence means a server-first protocol.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http {
+    One,
+    Two,
+}
+
+/// The first bytes the client sent (empty when it sent nothing in time, or closed).
+pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> Bytes {
+    let mut buf = vec![0u8; 1024];
+    match tokio::time::timeout(SNIFF_TIMEOUT, s.read(&mut buf)).await {
+        Ok(Ok(n)) => {
+            buf.truncate(n);
+            buf.into()
+        }
+        _ => Bytes::new(),
+    }
+}
+
+/// What the first bytes say: an HTTP/2 preface, an HTTP/1 request line, or neither.
+pub fn detect(first: &[u8]) -> Option<Http> {
+    if first.starts_with(H2_PREFACE) || (first.len() >= 4 && H2_PREFACE.starts_with(first)) {
+        return Some(Http::Two);
+    }
+    // A method token (upper-case letters) and a space, then the request line's version.
+    let line = first.split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let method_len = line.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    let is_http1 = (3..=7).contains(&method_len)
+        && line.get(method_len) == Some(&b' ')
+        && (line.windows(7).any(|w| w == b"HTTP/1." || w == b" HTTP/1") || !first.contains(&b'\n'));
+    is_http1.then_some(Http::One)
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// The app connection, as HTTP/1 (one request at a time, as the server side hands them over)
+/// or HTTP/2 (shared).
+#[derive(Clone)]
+enum AppConn {
+    One(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>>),
+    Two(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl AppConn {
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            AppConn::One(s) => s.lock().await.send_request(req).await,
+            AppConn::Two(s) => s.clone().send_request(req).await,
+        }
+    }
+}
+
+/// Serves HTTP on `stream`, asking `allows` about each request and forwarding the allowed ones
+/// to `app`, until either side closes.
+pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, allows: F)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+{
+    let app = match http {
+        Http::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
+            Ok((send, conn)) => {
+                tokio::spawn(conn);
+                AppConn::One(Arc::new(tokio::sync::Mutex::new(send)))
+            }
+            Err(e) => return tracing::debug!(error = %e, "application HTTP/1 handshake failed"),
+        },
+        Http::Two => match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
+            Ok((send, conn)) => {
+                tokio::spawn(conn);
+                AppConn::Two(send)
+            }
+            Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
+        },
+    };
+    let allows = Arc::new(allows);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (app, allows) = (app.clone(), allows.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            if !allows(&parts) {
+                return Ok::<_, std::convert::Infallible>(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+            }
+            Ok(match app.send(Request::from_parts(parts, body)).await {
+                Ok(resp) => resp.map(BodyExt::boxed),
+                Err(e) => {
+                    tracing::debug!(error = %e, "application request failed");
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                    )
+                }
+            })
+        }
+    });
+    let io = TokioIo::new(stream);
+    let served = match http {
+        Http::One => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(io, svc)
+                .await
+        }
+        Http::Two => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(io, svc)
+                .await
+        }
+    };
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "inbound HTTP connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection() {
+        assert_eq!(detect(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"), Some(Http::One));
+        assert_eq!(detect(b"OPTIONS * HTTP/1.1\r\n"), Some(Http::One));
+        assert_eq!(
+            detect(b"POST /upload"),
+            Some(Http::One),
+            "a request line still arriving"
+        );
+        assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Http::Two));
+        assert_eq!(detect(b"\x16\x03\x01\x02\x00"), None, "a TLS ClientHello");
+        assert_eq!(detect(b"hello world\n"), None);
+        assert_eq!(detect(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(detect(b""), None);
+    }
+
+    #[tokio::test]
+    async fn the_sniffed_bytes_are_read_again() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        drop(a);
+        let mut b = b;
+        let first = sniff(&mut b).await;
+        let mut all = Vec::new();
+        Prefixed::new(first, b).read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.1\r\n");
+    }
+}
