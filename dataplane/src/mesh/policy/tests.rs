@@ -119,7 +119,10 @@ fn http_operations_and_headers_decide_per_request() {
         Decision::Deny(_)
     ));
     // At L4 the same ALLOW cannot match: the connection alone is denied.
-    assert!(matches!(decide(std::slice::from_ref(&allow), &w, &a, true), Decision::Deny(_)));
+    assert!(matches!(
+        decide(std::slice::from_ref(&allow), &w, &a, true),
+        Decision::Deny(_)
+    ));
 
     let deny = policy(
         "shop",
