@@ -39,6 +39,9 @@ pub struct Authorizer {
     /// form), by pattern: a few lookups however many there are.
     allow_principals: Patterns,
     allow_namespaces: Patterns,
+    /// Enforced ALLOW rules that name exact principals and also something else (operations,
+    /// conditions): tried only for a caller with one of those principals.
+    allow_by_principal: std::collections::HashMap<String, Vec<Compiled>>,
     /// Every other enforced ALLOW rule, tried in turn.
     allow: Vec<Compiled>,
     /// Whether any enforced ALLOW policy exists (then something must match).
@@ -112,6 +115,27 @@ fn principals_or_namespaces_only(r: &Rule) -> Option<(Vec<String>, Vec<String>)>
         }
     }
     Some((principals, namespaces))
+}
+
+/// The exact principals of a rule whose every source names only exact principals, if it is one.
+fn exact_principals(r: &Rule) -> Option<Vec<String>> {
+    if r.from.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for f in &r.from {
+        let s = &f.source;
+        let only = *s
+            == Source {
+                principals: s.principals.clone(),
+                ..Source::default()
+            };
+        if !only || s.principals.is_empty() || s.principals.iter().any(|p| p.contains('*')) {
+            return None;
+        }
+        out.extend(s.principals.iter().cloned());
+    }
+    Some(out)
 }
 
 struct Compiled {
@@ -468,12 +492,16 @@ impl Authorizer {
                     // Rules OR, and ALLOW policies OR: indexable rules can leave their policy.
                     let mut rest = Vec::new();
                     for r in &authz.rules {
-                        match principals_or_namespaces_only(r) {
-                            Some((principals, namespaces)) => {
-                                principals.iter().for_each(|p| a.allow_principals.insert(p));
-                                namespaces.iter().for_each(|n| a.allow_namespaces.insert(n));
+                        if let Some((principals, namespaces)) = principals_or_namespaces_only(r) {
+                            principals.iter().for_each(|p| a.allow_principals.insert(p));
+                            namespaces.iter().for_each(|n| a.allow_namespaces.insert(n));
+                        } else if let Some(principals) = exact_principals(r) {
+                            for p in principals {
+                                let c = compile(&mut std::iter::once(r));
+                                a.allow_by_principal.entry(p).or_default().push(c);
                             }
-                            None => rest.push(r),
+                        } else {
+                            rest.push(r);
                         }
                     }
                     if !rest.is_empty() {
@@ -516,6 +544,10 @@ impl Authorizer {
         let allowed = !self.allow_any
             || f.principal.as_deref().is_some_and(|p| self.allow_principals.matches(p))
             || f.namespace.is_some_and(|n| self.allow_namespaces.matches(n))
+            || f.principal
+                .as_deref()
+                .and_then(|p| self.allow_by_principal.get(p))
+                .is_some_and(|rules| rules.iter().any(|r| r.matches(&f, false)))
             || self.allow.iter().any(|p| p.matches(&f, false));
         if allowed {
             Decision::Allow

@@ -141,6 +141,22 @@ fn http_operations_and_headers_decide_per_request() {
 }
 
 #[test]
+fn rules_indexed_by_principal_still_need_their_operation() {
+    let w = workload("shop", &[]);
+    let front = from("web", "front", "10.0.1.1", 8080);
+    let back = from("web", "back", "10.0.1.2", 8080);
+    let p = policy(
+        "shop",
+        "front-reads",
+        "rules: [{from: [{source: {principals: [cluster.local/ns/web/sa/front]}}], to: [{operation: {methods: [GET]}}]}]",
+    );
+    let req = |who, m| decide_request(std::slice::from_ref(&p), &w, who, (m, "/x", "shop", &[]));
+    assert_eq!(req(&front, "GET"), Decision::Allow);
+    assert!(matches!(req(&front, "DELETE"), Decision::Deny(_)));
+    assert!(matches!(req(&back, "GET"), Decision::Deny(_)));
+}
+
+#[test]
 fn path_templates() {
     assert!(path_match("/a/{*}/c", "/a/b/c"));
     assert!(!path_match("/a/{*}/c", "/a//c"));
