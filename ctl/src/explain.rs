@@ -9,6 +9,27 @@ use ferrum_snapshot::resources::LoadError;
 use ferrum_snapshot::translate::Options;
 use ferrum_snapshot::{Resources, Snapshot, translate};
 
+/// The snapshot the operator would make once these manifests are applied over `cluster` (its
+/// objects), and the `namespace/name/` prefixes of the manifests' route objects.
+pub fn applied_over(
+    mut cluster: Resources,
+    files: &[PathBuf],
+) -> Result<(Snapshot, std::collections::BTreeSet<String>), LoadError> {
+    let res = Resources::from_paths(files)?;
+    let scope = res
+        .origins
+        .keys()
+        .filter(|o| matches!(o.kind, "HTTPRoute" | "GRPCRoute"))
+        .map(|o| format!("{}/{}/", o.namespace, o.name))
+        .collect();
+    cluster.overlay(res);
+    let opts = Options {
+        controller_name: Some("ferrum.dev/gateway-controller".into()),
+        gateway: None,
+    };
+    Ok((translate(&cluster, 1, &opts).snapshot, scope))
+}
+
 pub fn snapshot(files: &[PathBuf]) -> Result<Snapshot, LoadError> {
     let res = Resources::from_paths(files)?;
     // What a proxy would be sent (snapshots name secrets, never hold their keys).

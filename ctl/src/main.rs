@@ -1,8 +1,9 @@
 //! `ferrumctl`: one CLI for humans. `analyze -f DIR|FILE` reports what the translator finds wrong
 //! with manifests, offline, the way the operator would report it in a cluster; `explain -f`
-//! shows the configuration they produce.
+//! shows the configuration they produce; `proxies` and `diff` ask a running operator.
 
 mod analyze;
+mod cluster;
 mod explain;
 
 use std::path::PathBuf;
@@ -41,7 +42,29 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Every proxy connected to the operator (ferrum-dp, Envoy, gRPC): its node and role, the
+    /// version it applied, whether it is in sync, and its last rejection with the reason.
+    Proxies {
+        #[arg(long, env = "FERRUM_OPERATOR", default_value = OPERATOR_HELP)]
+        operator: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// What applying these manifests would change in the operator's running snapshot, route by
+    /// route (and the clusters those routes use). Exit code 1 when something would change.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[arg(long, env = "FERRUM_OPERATOR", default_value = OPERATOR_HELP)]
+        operator: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
+
+/// The operator's admin API (port 15014; `kubectl -n ferrum-system port-forward
+/// deploy/ferrum-operator 15014` makes it local, which its mesh views require).
+const OPERATOR_HELP: &str = "http://127.0.0.1:15014";
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Output {
@@ -54,6 +77,75 @@ fn main() -> ExitCode {
     match Args::parse().command {
         Command::Analyze { files, output, strict } => analyze(&files, output, strict),
         Command::Explain { files, output } => explain(&files, output),
+        Command::Proxies { operator, output } => block_on(proxies(&operator, output)),
+        Command::Diff {
+            files,
+            operator,
+            output,
+        } => block_on(diff(&files, &operator, output)),
+    }
+}
+
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
+fn print<T: serde::Serialize>(v: &T, output: Output, table: impl FnOnce() -> String) {
+    match output {
+        Output::Table => print!("{}", table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_yaml::to_string(v).unwrap_or_default()),
+    }
+}
+
+async fn proxies(operator: &str, output: Output) -> ExitCode {
+    let v: serde_json::Value = match cluster::get_json(operator, "/proxies").await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ferrumctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let generation = v["generation"].as_u64().unwrap_or(0);
+    let rows = cluster::proxy_rows(&v);
+    print(&rows, output, || cluster::proxies_table(&rows, generation));
+    ExitCode::SUCCESS
+}
+
+async fn diff(files: &[PathBuf], operator: &str, output: Output) -> ExitCode {
+    let fetched = async {
+        let running: ferrum_snapshot::Snapshot = cluster::get_json(operator, "/snapshot").await?;
+        let objects: serde_json::Value = cluster::get_json(operator, "/resources").await?;
+        Ok::<_, cluster::CtlError>((running, objects))
+    };
+    let (running, objects) = match fetched.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferrumctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut base = ferrum_snapshot::Resources::default();
+    let proposed = base
+        .add_yaml("the operator's objects", &objects.to_string())
+        .and_then(|()| explain::applied_over(base, files));
+    let (proposed, scope) = match proposed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ferrumctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let changes = cluster::diff(&running, &proposed, &scope);
+    print(&changes, output, || cluster::diff_text(&changes));
+    if changes.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -526,3 +526,64 @@ async fn gateway_keys_travel_beside_the_snapshot() {
     )
     .await;
 }
+
+/// `ferrumctl` against a running operator: `proxies` lists the connected ferrum-dp and that it
+/// applied the current snapshot; `diff -f` says nothing would change for what is applied and
+/// names the route a changed manifest would change (exit codes 0 and 1, as diff(1)).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrumctl_lists_proxies_and_diffs_manifests_against_the_operator() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(&route((100, 0)));
+    let _dp = Proxy::start(&op.grpc_url(), "dp-ctl", &cluster.dir.path().join("ctl.json")).await;
+    eventually("the route serves", Duration::from_secs(5), async || {
+        hit(port, "shop.example.com").await == (200, Some("a".into()))
+    })
+    .await;
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(workspace_bin("ferrumctl"))
+            .args(args)
+            .args(["--operator", &op.admin_url("")])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let (code, json) = ctl(&["proxies", "-o", "json"]);
+    assert_eq!(code, Some(0), "{json}");
+    let rows: Value = serde_json::from_str(&json).unwrap();
+    let dp = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "dp-ctl")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (dp["state"].as_str(), dp["protocol"].as_str()),
+        (Some("in sync"), Some("MeshSubscribe")),
+        "{dp}"
+    );
+    let (_, table) = ctl(&["proxies"]);
+    assert!(table.contains("dp-ctl") && table.contains("in sync"), "{table}");
+
+    let file = cluster.dir.path().join("shop.yaml");
+    std::fs::write(&file, route((100, 0))).unwrap();
+    let (code, text) = ctl(&["diff", "-f", file.to_str().unwrap()]);
+    assert_eq!((code, text.trim()), (Some(0), "no changes"));
+    std::fs::write(&file, route((0, 100))).unwrap();
+    let (code, text) = ctl(&["diff", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("~ route default/shop/") && text.contains("(action)"),
+        "{text}"
+    );
+}

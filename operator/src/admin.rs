@@ -1,4 +1,5 @@
-//! Operator admin HTTP: `/ready`, `/live`, `/proxies`, `/snapshot`, `/problems`, `/metrics`.
+//! Operator admin HTTP: `/ready`, `/live`, `/proxies`, `/snapshot`, `/problems`, `/resources`,
+//! `/metrics`.
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -45,7 +46,7 @@ impl Admin {
             )
         };
         let path = req.uri().path();
-        if matches!(path, "/proxies" | "/snapshot" | "/problems") && !peer.ip().is_loopback() {
+        if matches!(path, "/proxies" | "/snapshot" | "/problems" | "/resources") && !peer.ip().is_loopback() {
             return reply(StatusCode::FORBIDDEN, "text/plain", "local clients only\n");
         }
         match path {
@@ -64,7 +65,12 @@ impl Admin {
                     )
                 }
             }
-            "/proxies" => json(serde_json::json!({ "proxies": self.proxies.list() })),
+            "/proxies" => json(serde_json::json!({
+                "generation": self.publisher.current().generation,
+                "proxies": self.proxies.list(),
+            })),
+            // What the translator reads (Secrets' values replaced), for `ferrumctl diff`.
+            "/resources" => json(self.publisher.current().resources.to_list()),
             "/snapshot" => {
                 let cur = self.publisher.current();
                 json(serde_json::to_value(&cur.full.snapshot).unwrap_or_default())

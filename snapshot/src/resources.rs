@@ -270,6 +270,76 @@ impl Resources {
     }
 }
 
+/// Every kind's field with its kind name: what the whole-collection operations below walk.
+macro_rules! each_kind {
+    ($m:ident) => {
+        $m!(
+            gateway_classes: "GatewayClass",
+            gateways: "Gateway",
+            http_routes: "HTTPRoute",
+            grpc_routes: "GRPCRoute",
+            reference_grants: "ReferenceGrant",
+            services: "Service",
+            endpoint_slices: "EndpointSlice",
+            namespaces: "Namespace",
+            secrets: "Secret",
+            backends: "Backend",
+            backend_policies: "BackendPolicy",
+            mesh_configs: "MeshConfig",
+            pods: "Pod",
+            service_accounts: "ServiceAccount",
+            authorization_policies: "AuthorizationPolicy",
+            peer_authentications: "PeerAuthentication"
+        )
+    };
+}
+
+fn object_ref(kind: &'static str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: m.namespace.clone().unwrap_or_default(),
+        name: m.name.clone().unwrap_or_default(),
+    }
+}
+
+impl Resources {
+    /// Every object as one Kubernetes `List` (what `add_yaml` reads back), Secrets' values
+    /// replaced: a view of what the translator reads that holds no key (`ferrumctl diff`).
+    pub fn to_list(&self) -> serde_json::Value {
+        let mut items: Vec<serde_json::Value> = Vec::new();
+        macro_rules! list {
+            ($($field:ident: $kind:literal),+) => {
+                $(items.extend(self.$field.iter().filter_map(|o| serde_json::to_value(&**o).ok()));)+
+            };
+        }
+        each_kind!(list);
+        for item in items.iter_mut().filter(|i| i["kind"] == "Secret") {
+            for field in ["data", "stringData"] {
+                if let Some(values) = item.get_mut(field).and_then(|d| d.as_object_mut()) {
+                    // "[redacted]", base64 (what `data` holds) and plain alike.
+                    values.values_mut().for_each(|v| *v = "W3JlZGFjdGVkXQ==".into());
+                }
+            }
+        }
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+    }
+
+    /// Applies `other` over these objects: each of its objects replaces the one of the same
+    /// kind, namespace and name, or is added (what `kubectl apply` of `other` would do).
+    pub fn overlay(&mut self, other: Resources) {
+        macro_rules! overlay {
+            ($($field:ident: $kind:literal),+) => {
+                $(
+                    self.$field.retain(|o| !other.origins.contains_key(&object_ref($kind, &o.metadata)));
+                    self.$field.extend(other.$field);
+                )+
+            };
+        }
+        each_kind!(overlay);
+        self.origins.extend(other.origins);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +363,43 @@ mod tests {
             name: "gw".into(),
         };
         assert_eq!(r.origin(&gw), Some("a.yaml, document 1"));
+    }
+
+    #[test]
+    fn a_list_reads_back_and_an_overlay_replaces_by_name() {
+        let mut base = Resources::default();
+        base.add_yaml(
+            "cluster",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: tls}\nstringData: {tls.key: SECRET-KEY}\n",
+        )
+        .unwrap();
+        let list = base.to_list();
+        assert!(!list.to_string().contains("SECRET-KEY"), "{list}");
+        let mut back = Resources::default();
+        back.add_yaml("list", &list.to_string()).unwrap();
+        assert_eq!((back.services.len(), back.secrets.len()), (2, 1));
+        let mut files = Resources::default();
+        files
+            .add_yaml(
+                "f.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 8080}]}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {ports: [{port: 80}]}\n",
+            )
+            .unwrap();
+        back.overlay(files);
+        let ports: Vec<(String, i32)> = back
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.metadata.name.clone().unwrap(),
+                    s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+                )
+            })
+            .collect();
+        assert_eq!(ports, [("a".into(), 80), ("b".into(), 8080), ("c".into(), 80)]);
     }
 
     #[test]
