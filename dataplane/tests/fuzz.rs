@@ -317,7 +317,7 @@ proptest! {
             r.clusters.insert(name.into(), cluster::Cluster { name: name.into(), lb_policy: lb, ..Default::default() });
             r.endpoints.insert(name.into(), xds_endpoints(name, &eps));
         }
-        if let Ok(Some(snap)) = map::snapshot(&r, 1) {
+        if let Ok(Some((snap, _))) = map::snapshot(&r, 1) {
             let _ = serve(snap);
         }
     }
@@ -331,7 +331,7 @@ proptest! {
         if let Ok(c) = cluster::Cluster::decode(&bytes[..]) {
             r.clusters.insert(c.name.clone(), c);
         }
-        if let Ok(Some(snap)) = map::snapshot(&r, 1) {
+        if let Ok(Some((snap, _))) = map::snapshot(&r, 1) {
             let _ = serve(snap);
         }
     }

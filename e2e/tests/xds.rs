@@ -182,6 +182,33 @@ async fn envoy_terminates_tls(delta: bool) {
     assert_eq!(state(&op.admin_json("/proxies").await)["lastRejection"], Value::Null);
 }
 
+/// ferrum-dp as an xDS client of the operator serves the HTTPS listener with the key pair it
+/// gets over SDS, follows a replaced one, and never shows the key at `/config`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrum_dp_over_xds_serves_https_with_keys_from_sds() {
+    let a = Backend::start("a").await;
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let gw = TlsGateway::apply(&cluster, free_port(), a.addr.port());
+    let cert = gw.new_certificate(&cluster);
+    let dp = Proxy::start_xds(&op.grpc_url(), "dp-xds-tls").await;
+    eventually(
+        "ferrum-dp serves the certificate it got over SDS",
+        Duration::from_secs(10),
+        async || gw.serves_with(&cert).await,
+    )
+    .await;
+    let rotated = gw.new_certificate(&cluster);
+    eventually(
+        "ferrum-dp serves the replaced key pair",
+        Duration::from_secs(10),
+        async || gw.serves_with(&rotated).await,
+    )
+    .await;
+    assert!(!gw.serves_with(&cert).await);
+    assert!(!dp.admin_text("/config").await.contains("PRIVATE KEY"));
+}
+
 /// Envoy's config dump from its admin port, secrets included (Envoy redacts their keys itself).
 async fn envoy_config_dump(admin: u16) -> String {
     client()

@@ -21,8 +21,10 @@ use ferrum_snapshot::model::{
 use ferrum_snapshot::{Snapshot, model};
 use prost::Message;
 
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use ferrum_proto::xds::HCM;
-pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+const DOWNSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// What the client holds, by type and name.
@@ -32,6 +34,8 @@ pub struct Resources {
     pub routes: BTreeMap<String, route::RouteConfiguration>,
     pub clusters: BTreeMap<String, cluster::Cluster>,
     pub endpoints: BTreeMap<String, endpoint::ClusterLoadAssignment>,
+    /// SDS: key pairs by name (only ever kept in memory, never in a snapshot).
+    pub secrets: BTreeMap<String, tls::Secret>,
 }
 
 pub fn decode<M: Message + Default>(a: &Any, want: &str) -> Result<M, String> {
@@ -61,11 +65,6 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
     let [chain] = &l.filter_chains[..] else {
         return Err(at("exactly one filter chain is supported"));
     };
-    if chain.transport_socket.is_some() {
-        return Err(at(
-            "filter_chains[0].transport_socket: TLS termination over xDS is not supported yet",
-        ));
-    }
     let [filter] = &chain.filters[..] else {
         return Err(at(
             "exactly one network filter (the HTTP connection manager) is supported",
@@ -80,6 +79,65 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => Ok(RouteSource::Inline(Box::new(rc))),
         _ => Err(at("routes must come from RDS or be inline")),
     }
+}
+
+/// A listener's TLS termination: the SDS secrets its certificates come from (over ADS), or
+/// `None` for plaintext.
+pub fn listener_tls(l: &listener::Listener) -> Result<Option<Vec<String>>, String> {
+    let at = |what: &str| format!("Listener {}: filter_chains[0].transport_socket: {what}", l.name);
+    let Some(ts) = l.filter_chains.first().and_then(|c| c.transport_socket.as_ref()) else {
+        return Ok(None);
+    };
+    let Some(core::transport_socket::ConfigType::TypedConfig(tc)) = &ts.config_type else {
+        return Err(at("needs a typed_config"));
+    };
+    let ctx: tls::DownstreamTlsContext = decode(tc, DOWNSTREAM_TLS).map_err(|e| at(&e))?;
+    if ctx.require_client_certificate.is_some_and(|b| b.value) {
+        return Err(at("client certificates are not supported"));
+    }
+    let common = ctx.common_tls_context.unwrap_or_default();
+    if !common.tls_certificates.is_empty() {
+        return Err(at("inline tls_certificates are not accepted: serve key pairs over SDS"));
+    }
+    let names: Vec<String> = common
+        .tls_certificate_sds_secret_configs
+        .iter()
+        .map(|s| match &s.sds_config {
+            Some(c)
+                if matches!(
+                    c.config_source_specifier,
+                    Some(core::config_source::ConfigSourceSpecifier::Ads(_))
+                ) =>
+            {
+                Ok(s.name.clone())
+            }
+            _ => Err(at("SDS secrets must come over ADS")),
+        })
+        .collect::<Result<_, _>>()?;
+    if names.is_empty() {
+        return Err(at("no certificate"));
+    }
+    Ok(Some(names))
+}
+
+/// An SDS secret's key pair (inline PEM only: files would be the server's, not ours).
+fn key_pair(s: &tls::Secret) -> Result<ferrum_snapshot::TlsSecret, String> {
+    use core::data_source::Specifier;
+    let at = |what: &str| format!("Secret {}: {what}", s.name);
+    let Some(tls::secret::Type::TlsCertificate(c)) = &s.r#type else {
+        return Err(at("only tls_certificate secrets are supported"));
+    };
+    let inline = |d: &Option<core::DataSource>, field: &str| match d.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineString(v)) => Ok(v.clone()),
+        Some(Specifier::InlineBytes(v)) => {
+            String::from_utf8(v.clone()).map_err(|_| at(&format!("{field} is not UTF-8 PEM")))
+        }
+        _ => Err(at(&format!("{field} must be inline PEM"))),
+    };
+    Ok(ferrum_snapshot::TlsSecret {
+        cert: inline(&c.certificate_chain, "certificate_chain")?,
+        key: inline(&c.private_key, "private_key")?,
+    })
 }
 
 fn socket(a: &Option<core::Address>) -> Option<(String, u16)> {
@@ -411,10 +469,12 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
     Ok(out)
 }
 
-/// The snapshot the resources describe, or why they cannot be served. `Ok(None)`: some routes or
-/// endpoints a listener or cluster needs have not arrived yet.
-pub fn snapshot(r: &Resources, version: u64) -> Result<Option<Snapshot>, String> {
+/// The snapshot the resources describe with the key pairs it names, or why they cannot be
+/// served. `Ok(None)`: some routes, endpoints or secrets a listener or cluster needs have not
+/// arrived yet.
+pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, String> {
     let mut listeners = Vec::new();
+    let mut secrets = ferrum_snapshot::Secrets::new();
     for l in r.listeners.values() {
         let (address, port) =
             socket(&l.address).ok_or_else(|| format!("Listener {}: needs a socket address with a port", l.name))?;
@@ -425,12 +485,31 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<Snapshot>, String>
                 None => return Ok(None),
             },
         };
+        let mut certificates = Vec::new();
+        for name in listener_tls(l)?.unwrap_or_default() {
+            let Some(s) = r.secrets.get(&name) else {
+                return Ok(None);
+            };
+            let pair = key_pair(s)?;
+            certificates.push(model::Certificate {
+                hostname: None,
+                source: model::CertSource::Secret {
+                    name: name.clone(),
+                    digest: pair.digest(),
+                },
+            });
+            secrets.insert(name, Arc::new(pair));
+        }
         listeners.push(Listener {
             name: l.name.clone(),
             address,
             port,
-            protocol: Protocol::Http,
-            certificates: Vec::new(),
+            protocol: if certificates.is_empty() {
+                Protocol::Http
+            } else {
+                Protocol::Https
+            },
+            certificates,
             virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
         });
     }
@@ -445,5 +524,5 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<Snapshot>, String>
         clusters.push(Arc::new(cluster_of(c, r.endpoints.get(&c.name))?));
     }
     // Applying validates the rest (the same checks as every other source).
-    Ok(Some(Snapshot::new(version, listeners, clusters)))
+    Ok(Some((Snapshot::new(version, listeners, clusters), secrets)))
 }

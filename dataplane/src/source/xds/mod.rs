@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
-use self::map::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, RouteSource};
+use self::map::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, RouteSource, SECRET};
 use crate::dataplane::Dataplane;
 
 #[derive(Debug, Clone)]
@@ -92,10 +92,12 @@ impl Client {
 }
 
 fn type_of(url: &str) -> Option<&'static str> {
-    [LISTENER, ROUTE, CLUSTER, ENDPOINT].into_iter().find(|t| *t == url)
+    [LISTENER, ROUTE, CLUSTER, ENDPOINT, SECRET]
+        .into_iter()
+        .find(|t| *t == url)
 }
 
-/// `state` with one response taken in: LDS and CDS answers are the whole set, RDS and EDS
+/// `state` with one response taken in: LDS and CDS answers are the whole set, RDS, EDS and SDS
 /// answers replace the resources they carry.
 fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<Resources, String> {
     let mut next = state.clone();
@@ -120,6 +122,12 @@ fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<R
                 next.routes.insert(r.name.clone(), r);
             }
         }
+        SECRET => {
+            for a in &resp.resources {
+                let s: envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret = map::decode(a, SECRET)?;
+                next.secrets.insert(s.name.clone(), s);
+            }
+        }
         _ => {
             for a in &resp.resources {
                 let e: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment = map::decode(a, ENDPOINT)?;
@@ -131,7 +139,19 @@ fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<R
     let routes: Vec<String> = route_names(&next);
     next.routes.retain(|n, _| routes.contains(n));
     next.endpoints.retain(|n, _| next.clusters.contains_key(n));
+    let secrets = sds_names(&next);
+    next.secrets.retain(|n, _| secrets.contains(n));
     Ok(next)
+}
+
+/// The SDS secrets the listeners name (a listener that cannot be mapped names none; it is
+/// NACKed when the snapshot is made).
+fn sds_names(r: &Resources) -> Vec<String> {
+    r.listeners
+        .values()
+        .filter_map(|l| map::listener_tls(l).ok().flatten())
+        .flatten()
+        .collect()
 }
 
 fn route_names(r: &Resources) -> Vec<String> {
@@ -194,13 +214,12 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
             Ok(next) => match map::snapshot(&next, version + 1) {
                 Err(e) => Err(e),
                 Ok(None) => Ok((next, None)),
-                Ok(Some(snap)) => {
+                Ok(Some((snap, secrets))) => {
                     let dp = dp.clone();
-                    let applied = tokio::task::spawn_blocking(move || {
-                        dp.apply(snap, Default::default()).map_err(|e| e.to_string())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+                    let applied =
+                        tokio::task::spawn_blocking(move || dp.apply(snap, secrets).map_err(|e| e.to_string()))
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
                     applied.map(|()| (next, Some(version + 1)))
                 }
             },
@@ -216,6 +235,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
                 client.request(type_url, None);
                 client.follow(ROUTE, route_names(&state));
                 client.follow(ENDPOINT, eds_names(&state));
+                client.follow(SECRET, sds_names(&state));
             }
             Err(e) => {
                 tracing::error!(type_url, server_version = %resp.version_info, error = %e, "NACK: still serving the last good config");
