@@ -30,6 +30,11 @@ pub fn applied_over(
     Ok((translate(&cluster, 1, &opts).snapshot, scope))
 }
 
+/// The translation of these manifests in file mode (every Gateway served), with its secrets.
+pub fn translation(files: &[PathBuf]) -> Result<ferrum_snapshot::Translation, LoadError> {
+    Ok(translate(&Resources::from_paths(files)?, 1, &Options::default()))
+}
+
 pub fn snapshot(files: &[PathBuf]) -> Result<Snapshot, LoadError> {
     let res = Resources::from_paths(files)?;
     // What a proxy would be sent (snapshots name secrets, never hold their keys).
@@ -80,7 +85,7 @@ fn matcher(r: &Route) -> String {
     parts.join(", ")
 }
 
-fn action(r: &Route) -> String {
+pub(crate) fn action(r: &Route) -> String {
     match &r.action {
         Action::Redirect(rd) => {
             let mut s = format!("redirect {}", rd.status);

@@ -5,6 +5,7 @@
 mod analyze;
 mod cluster;
 mod explain;
+mod request;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,10 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Which listener, host and route this request takes and where it goes, decided by
+        /// ferrum-dp's own router: `'GET http://host:port/path?q -H name: value'`.
+        #[arg(long)]
+        request: Option<String>,
     },
     /// Every proxy connected to the operator (ferrum-dp, Envoy, gRPC): its node and role, the
     /// version it applied, whether it is in sync, and its last rejection with the reason.
@@ -76,7 +81,16 @@ pub enum Output {
 fn main() -> ExitCode {
     match Args::parse().command {
         Command::Analyze { files, output, strict } => analyze(&files, output, strict),
-        Command::Explain { files, output } => explain(&files, output),
+        Command::Explain {
+            files,
+            output: _,
+            request: Some(req),
+        } => explain_request(&files, &req),
+        Command::Explain {
+            files,
+            output,
+            request: None,
+        } => explain(&files, output),
         Command::Proxies { operator, output } => block_on(proxies(&operator, output)),
         Command::Diff {
             files,
@@ -146,6 +160,33 @@ async fn diff(files: &[PathBuf], operator: &str, output: Output) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn explain_request(files: &[PathBuf], req: &str) -> ExitCode {
+    let req = match request::parse(req) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferrumctl: --request {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let t = match explain::translation(files) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ferrumctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match request::explain(t.snapshot, &t.secrets, &req) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrumctl: the configuration does not compile: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

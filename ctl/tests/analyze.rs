@@ -98,3 +98,32 @@ fn explain_shows_routes_in_match_order_and_cluster_endpoints() {
     let snap: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(snap["listeners"][0]["port"], 8080);
 }
+
+#[test]
+fn explain_request_names_the_route_the_proxy_would_take() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/gateway.yaml");
+    let ask = |req: &str| {
+        let (code, out, err) = ferrumctl(&["explain", "-f", example, "--request", req]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let canary = ask("GET http://localhost:8080/cart -H x-canary: true");
+    assert!(
+        canary.contains("route default/demo/1/0") && canary.contains("-> backend/default/green (100%)"),
+        "{canary}"
+    );
+    let split = ask("GET http://localhost:8080/cart");
+    assert!(
+        split.contains("backend/default/blue (90%), backend/default/green (10%)"),
+        "{split}"
+    );
+    // The proxy's path normalisation applies before matching.
+    let old = ask("GET http://localhost:8080/x/../old");
+    assert!(
+        old.contains("path normalised to /old") && old.contains("redirect 301 path /new"),
+        "{old}"
+    );
+    assert!(ask("GET http://localhost:9/").contains("no listener on port 9"));
+    let (code, _, err) = ferrumctl(&["explain", "-f", example, "--request", "FETCH"]);
+    assert_eq!(code, 2, "{err}");
+}
