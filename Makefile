@@ -50,7 +50,8 @@ test: lint e2e-deps mesh-tools build-bins crds-check chart-check
 ## (~20 s at the default; failures are kept in dataplane/tests/fuzz.proptest-regressions).
 FUZZ_CASES ?= 4000
 fuzz:
-	FUZZ_CASES=$(FUZZ_CASES) cargo test -p ferrum-dp --test fuzz
+	# --workspace: the features the tests were built with, so nothing is compiled again.
+	FUZZ_CASES=$(FUZZ_CASES) cargo test --workspace --test fuzz
 
 # One build with the workspace's unified features; everything else runs these binaries.
 build-bins:
