@@ -50,8 +50,9 @@ test: lint e2e-deps mesh-tools build-bins crds-check chart-check
 ## (~20 s at the default; failures are kept in dataplane/tests/fuzz.proptest-regressions).
 FUZZ_CASES ?= 4000
 fuzz:
-	# --workspace: the features the tests were built with, so nothing is compiled again.
-	FUZZ_CASES=$(FUZZ_CASES) cargo test --workspace --test fuzz
+	# --workspace and the PATH of make test: what the tests were built with, so nothing is
+	# compiled again (some build scripts rerun when PATH changes).
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" FUZZ_CASES=$(FUZZ_CASES) cargo test --workspace --test fuzz
 
 # One build with the workspace's unified features; everything else runs these binaries.
 build-bins:
