@@ -188,6 +188,46 @@ pub struct MeshService {
     pub vips: Vec<String>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<MeshEndpoint>,
+    /// Mesh routes (GAMMA: HTTPRoutes and GRPCRoutes whose parent is this Service), per port.
+    /// A client's sidecar routes HTTP to the Service by them instead of balancing over
+    /// `endpoints`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ServiceRoutes>,
+}
+
+/// The routes of one Service port for one set of clients, in precedence order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRoutes {
+    pub port: u16,
+    /// Consumer routes: they apply only to clients in this namespace, instead of the producer
+    /// routes (`None`: the Service's own namespace, every client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    pub routes: Vec<Arc<crate::model::Route>>,
+}
+
+impl MeshService {
+    /// The routes a client in `namespace` follows to `port`: its namespace's consumer routes,
+    /// else the producer routes; `None` when neither exists (plain Service balancing).
+    pub fn routes_for(&self, port: u16, namespace: &str) -> Option<&ServiceRoutes> {
+        let of_port = || self.routes.iter().filter(move |r| r.port == port);
+        of_port()
+            .find(|r| r.consumer.as_deref() == Some(namespace))
+            .or_else(|| of_port().find(|r| r.consumer.is_none()))
+    }
+
+    /// Every cluster its routes send to.
+    pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .flat_map(|r| &r.routes)
+            .flat_map(|r| match &r.action {
+                crate::model::Action::Forward(t) => t.as_slice(),
+                crate::model::Action::Redirect(_) => &[],
+            })
+            .filter_map(|t| t.cluster.as_deref())
+    }
 }
 
 impl Keyed for MeshService {
@@ -341,6 +381,7 @@ mod tests {
                 app_protocol: None,
             }],
             endpoints: vec![],
+            routes: vec![],
         })
     }
 

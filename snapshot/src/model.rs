@@ -197,10 +197,19 @@ impl Snapshot {
         self.is_newer_schema() || self.content_hash() == self.hash
     }
 
-    /// The part a sidecar needs: the mesh, without any Gateway's listeners and clusters, and of
-    /// the policies those `keep` says. `d` are this snapshot's part digests (the translator keeps
-    /// them), so nothing is re-hashed.
+    /// The part a sidecar needs: the mesh with the clusters its Services' routes send to (no
+    /// Gateway's listeners or clusters), and of the policies those `keep` says. `d` are this
+    /// snapshot's part digests (the translator keeps them), so nothing is re-hashed.
     pub fn mesh_view(&self, d: &PartDigests, keep: impl Fn(&Policy) -> bool) -> Snapshot {
+        let routed: std::collections::HashSet<&str> =
+            self.services.iter().flat_map(|s| s.route_clusters()).collect();
+        let (clusters, cluster_digests): (Vec<_>, Vec<_>) = self
+            .clusters
+            .iter()
+            .zip(&d.clusters)
+            .filter(|(c, _)| routed.contains(c.name.as_str()))
+            .map(|(c, d)| (c.clone(), *d))
+            .unzip();
         let (policies, policy_digests): (Vec<_>, Vec<_>) = self
             .policies
             .iter()
@@ -212,6 +221,7 @@ impl Snapshot {
             workloads: d.workloads.clone(),
             services: d.services.clone(),
             policies: policy_digests,
+            clusters: cluster_digests,
             ..PartDigests::default()
         };
         let mesh = Mesh {
@@ -219,7 +229,7 @@ impl Snapshot {
             services: self.services.clone(),
             policies,
         };
-        Snapshot::with_digests(self.version, Vec::new(), Vec::new(), mesh, &digests)
+        Snapshot::with_digests(self.version, Vec::new(), clusters, mesh, &digests)
     }
 
     /// The workload of pod `namespace/name`; before the snapshot knows the pod, one without

@@ -141,6 +141,14 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
             }
         }
     }
+    for svc in &s.services {
+        let obj = format!("service {:?}", svc.key);
+        for (ti, t) in svc.routes.iter().enumerate() {
+            for (ri, r) in t.routes.iter().enumerate() {
+                check_route(r, &cluster_names, &obj, &format!("routes[{ti}].routes[{ri}]"), &mut err);
+            }
+        }
+    }
     crate::mesh::check(&s.workloads, &s.services, &mut err);
     if errs.is_empty() { Ok(()) } else { Err(errs) }
 }

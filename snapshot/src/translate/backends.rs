@@ -24,6 +24,8 @@ pub(crate) struct Clusters<'a> {
     memo: ClusterMemos,
     /// What the route being translated looked up, while a trace is on.
     trace: Option<Vec<Lookup>>,
+    /// The route being translated is a mesh route: backends in other namespaces need no grant.
+    grants_waived: bool,
     pub(crate) reused: usize,
     /// Every Service is the same object as in the last translation.
     pub(crate) services_unchanged: bool,
@@ -56,6 +58,7 @@ impl BuiltCluster {
 /// when the route is reused. Holding the Service keeps its address unique while compared.
 pub(crate) struct Lookup {
     route_kind: &'static str,
+    grants_waived: bool,
     route_ns: String,
     group: String,
     kind: String,
@@ -125,9 +128,14 @@ impl<'a> Clusters<'a> {
             built: HashMap::with_capacity(memo.len()),
             memo,
             trace: None,
+            grants_waived: false,
             reused: 0,
             services_unchanged: false,
         }
+    }
+
+    pub(crate) fn waive_grants(&mut self, waived: bool) {
+        self.grants_waived = waived;
     }
 
     pub(crate) fn start_trace(&mut self) {
@@ -164,7 +172,9 @@ impl<'a> Clusters<'a> {
                 name: &l.name,
                 port: l.port,
             };
+            self.grants_waived = l.grants_waived;
             let _ = self.resolve(l.route_kind, &l.route_ns, &r);
+            self.grants_waived = false;
         }
         true
     }
@@ -180,6 +190,7 @@ impl<'a> Clusters<'a> {
         if let Some(trace) = &mut self.trace {
             trace.push(Lookup {
                 route_kind,
+                grants_waived: self.grants_waived,
                 route_ns: route_ns.to_string(),
                 group: r.group.to_string(),
                 kind: r.kind.to_string(),
@@ -200,6 +211,7 @@ impl<'a> Clusters<'a> {
         r: &BackendRef<'_>,
     ) -> Result<String, (Reason, String)> {
         if r.namespace != route_ns
+            && !self.grants_waived
             && !reference_granted(self.res, route_kind, route_ns, r.group, r.kind, r.namespace, r.name)
         {
             return Err((
@@ -249,8 +261,10 @@ impl<'a> Clusters<'a> {
             )
         })?;
         let slices = self.slices.get(&(r.namespace, r.name)).map_or(&[][..], Vec::as_slice);
+        // From the selector (no slices), endpoints depend on every pod: only slices make it reusable.
         if let Some(m) = self.memo.get(&name)
             && m.service.as_ref().is_some_and(|s| Arc::ptr_eq(s, svc))
+            && !slices.is_empty()
             && m.slices.len() == slices.len()
             && m.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
         {
@@ -269,6 +283,13 @@ impl<'a> Clusters<'a> {
         if spec.type_.as_deref() == Some("ExternalName") {
             let host = spec.external_name.clone().unwrap_or_default();
             endpoints.push(Endpoint::new(host, port as u16));
+        } else if slices.is_empty() {
+            // Nobody runs the endpoint controller (file mode, the API emulator): the selector's pods.
+            for e in super::mesh::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res) {
+                if let Some(p) = e.target_port(port as u16) {
+                    endpoints.push(Endpoint::new(e.address, p));
+                }
+            }
         }
         for slice in slices {
             // The slice port that serves this Service port: same name (unnamed ports match each other).

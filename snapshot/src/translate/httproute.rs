@@ -8,6 +8,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::*;
 
 use super::backends::{BackendRef, Clusters, Lookup};
+use super::gamma::{self, MeshHosts, MeshTarget};
 use super::hostname::intersect_hostnames;
 use super::listeners::{AllowedNamespaces, GatewayListener, Hosts, Listeners, RouteEntry, RouteKey};
 use super::{Problem, Problems, Reason, meta_ref, parse_duration_ms};
@@ -40,18 +41,52 @@ impl RouteObject {
 
 /// Everything one route contributed to the last translation, and what it read to get there.
 pub(crate) struct RouteMemo {
-    id: u64,
+    pub(crate) id: u64,
     /// The last translation that saw the route.
     seen: u64,
-    obj: ObjectRef,
+    pub(crate) obj: ObjectRef,
     object: RouteObject,
     /// The backend lookups it made; replayed on reuse (which also rebuilds their clusters) and
     /// compared to tell whether a Service it names changed.
     lookups: Vec<Lookup>,
     targets: Vec<(usize, Vec<String>)>,
+    /// Mesh (GAMMA) targets, with the index of the parentRef that named each.
+    pub(crate) mesh_targets: Vec<(MeshTarget, usize)>,
     rules: Vec<Arc<RouteEntry>>,
     problems: Vec<Problem>,
     attachments: Vec<super::Attachment>,
+}
+
+impl RouteMemo {
+    /// The route's creation time, as precedence compares it.
+    pub(crate) fn created(&self) -> String {
+        let meta = match &self.object {
+            RouteObject::Http(r) => &r.metadata,
+            RouteObject::Grpc(g) => &g.metadata,
+        };
+        created(meta)
+    }
+}
+
+fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.creation_timestamp
+        .as_ref()
+        .map(|t| format!("{:?}", t.0))
+        .unwrap_or_default()
+}
+
+/// The route tables routes attach to: Gateway listeners' hosts and mesh Services' ports.
+#[derive(Default)]
+pub(crate) struct RouteTables {
+    pub hosts: Hosts,
+    pub mesh: MeshHosts,
+}
+
+impl RouteTables {
+    pub fn clear(&mut self) {
+        self.hosts.clear();
+        self.mesh.clear();
+    }
 }
 
 /// Keyed by the route object's address: an entry holds its object, so the address cannot be
@@ -59,35 +94,42 @@ pub(crate) struct RouteMemo {
 pub(crate) type RouteMemos = HashMap<usize, RouteMemo>;
 
 /// Puts a route's matches on its hosts (whose virtual hosts must then be rebuilt).
-fn attach(hosts: &mut Hosts, m: &RouteMemo) {
+fn attach(tables: &mut RouteTables, m: &RouteMemo) {
     for (bound, hostnames) in &m.targets {
         for host in hostnames {
-            let h = hosts.entry((*bound, host.clone())).or_default();
+            let h = tables.hosts.entry((*bound, host.clone())).or_default();
             h.entries.extend(m.rules.iter().cloned());
             h.built = None;
         }
     }
-}
-
-fn detach(hosts: &mut Hosts, m: &RouteMemo) {
-    for (bound, hostnames) in &m.targets {
-        for host in hostnames {
-            let key = (*bound, host.clone());
-            if let Some(h) = hosts.get_mut(&key) {
-                h.entries.retain(|e| e.owner != m.id);
-                h.built = None;
-                if h.entries.is_empty() {
-                    hosts.remove(&key);
-                }
-            }
-        }
+    for (t, _) in &m.mesh_targets {
+        let h = tables.mesh.entry(t.clone()).or_default();
+        h.entries.extend(m.rules.iter().cloned());
+        h.built = None;
     }
 }
 
-/// Brings `hosts` up to date with every HTTPRoute and GRPCRoute: routes whose object (or spec),
-/// and whose Services, did not change keep what they contributed; the rest are translated.
-/// Returns the memo for the next translation.
-/// Brings `hosts` and `memo` up to date with every HTTPRoute and GRPCRoute: routes whose object
+fn detach(tables: &mut RouteTables, m: &RouteMemo) {
+    fn remove<K: Ord + Clone>(map: &mut std::collections::BTreeMap<K, super::listeners::Host>, key: &K, id: u64) {
+        if let Some(h) = map.get_mut(key) {
+            h.entries.retain(|e| e.owner != id);
+            h.built = None;
+            if h.entries.is_empty() {
+                map.remove(key);
+            }
+        }
+    }
+    for (bound, hostnames) in &m.targets {
+        for host in hostnames {
+            remove(&mut tables.hosts, &(*bound, host.clone()), m.id);
+        }
+    }
+    for (t, _) in &m.mesh_targets {
+        remove(&mut tables.mesh, t, m.id);
+    }
+}
+
+/// Brings `tables` and `memo` up to date with every HTTPRoute and GRPCRoute: routes whose object
 /// (or spec), and whose Services, did not change keep what they contributed; the rest are
 /// translated.
 #[allow(clippy::too_many_arguments)]
@@ -97,7 +139,7 @@ pub(crate) fn attach_all(
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
     memo: &mut RouteMemos,
-    hosts: &mut Hosts,
+    hosts: &mut RouteTables,
     next_id: &mut u64,
     stats: &mut super::Stats,
 ) {
@@ -189,16 +231,14 @@ fn translate_route(
     };
     clusters.start_trace();
     let mut targets = Vec::new();
+    let mut mesh_targets = Vec::new();
     let mut rules = Vec::new();
     if let Some(route) = route {
-        targets = parents(res, route, &obj, listeners, problems);
-        if !targets.is_empty() {
-            let created = route
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| format!("{:?}", t.0))
-                .unwrap_or_default();
+        targets = parents(res, route, &obj, listeners, &mut mesh_targets, problems);
+        if !targets.is_empty() || !mesh_targets.is_empty() {
+            let created = created(&route.metadata);
+            // Mesh routes need no ReferenceGrant for backends in other namespaces (mesh.md).
+            clusters.waive_grants(targets.is_empty());
             rules = translate_rules(route, &obj, clusters, problems)
                 .into_iter()
                 .map(|(ri, mi, r)| {
@@ -210,12 +250,14 @@ fn translate_route(
                     })
                 })
                 .collect();
+            clusters.waive_grants(false);
         }
     }
     RouteMemo {
         id,
         lookups: clusters.take_trace(),
         targets,
+        mesh_targets,
         rules,
         problems: problems.list[p0..].to_vec(),
         attachments: problems.attachments[a0..].to_vec(),
@@ -244,13 +286,14 @@ fn key(created: &str, obj: &ObjectRef, rule: usize, matcher: usize, m: &RouteMat
     }
 }
 
-/// The (bound listener, hostnames) pairs a route attaches to; problems for each parentRef that
-/// attaches nowhere.
+/// The (bound listener, hostnames) pairs a route attaches to, and its mesh targets (Service
+/// parents); problems for each parentRef that attaches nowhere.
 fn parents(
     res: &Resources,
     route: &HttpRoute,
     obj: &ObjectRef,
     listeners: &Listeners,
+    mesh: &mut Vec<(MeshTarget, usize)>,
     problems: &mut Problems<'_>,
 ) -> Vec<(usize, Vec<String>)> {
     let mut out = Vec::new();
@@ -273,11 +316,19 @@ fn parents(
     }
     for (pi, p) in refs.iter().enumerate() {
         let field = format!("spec.parentRefs[{pi}]");
-        if p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP) != crate::GATEWAY_GROUP
-            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
-        {
-            problems.push(obj, field, Reason::InvalidKind, "only Gateway parents are supported");
-            continue;
+        match (p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP), p.kind.as_deref().unwrap_or("Gateway")) {
+            (crate::GATEWAY_GROUP, "Gateway") => {}
+            ("", "Service") if listeners.mesh => {
+                let targets = gamma::service_parent(res, p, pi, obj, problems);
+                mesh.extend(targets.into_iter().map(|t| (t, pi)));
+                continue;
+            }
+            // A proxy of one Gateway: mesh parents are the sidecars' business.
+            ("", "Service") => continue,
+            _ => {
+                problems.push(obj, field, Reason::InvalidKind, "only Gateway and Service parents are supported");
+                continue;
+            }
         }
         let gw = ObjectRef {
             kind: "Gateway",

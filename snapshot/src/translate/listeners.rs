@@ -81,6 +81,8 @@ pub(crate) struct RouteKey {
 pub(crate) struct Listeners {
     pub bound: Vec<Bound>,
     pub by_gateway: BTreeMap<ObjectRef, Vec<GatewayListener>>,
+    /// Whether routes may attach to Services (every scope but a single Gateway's).
+    pub mesh: bool,
 }
 
 fn served(res: &Resources, gw: &Gateway, opts: &Options) -> bool {
@@ -102,6 +104,7 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
     let mut out = Listeners {
         bound: Vec::new(),
         by_gateway: BTreeMap::new(),
+        mesh: opts.gateway.is_none(),
     };
     let mut gateways: Vec<&Gateway> = res
         .gateways

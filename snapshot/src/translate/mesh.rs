@@ -242,6 +242,7 @@ fn service(
         vips,
         ports,
         endpoints,
+        routes: Vec::new(),
     })
 }
 
@@ -275,7 +276,7 @@ fn from_slice(
         .collect()
 }
 
-fn selected(
+pub(crate) fn selected(
     selector: Option<&BTreeMap<String, String>>,
     ns: &str,
     ports: &[&k8s_openapi::api::core::v1::ServicePort],

@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+mod gamma;
 pub use backends::mesh_config;
 mod grpcroute;
 mod hostname;
@@ -40,6 +41,7 @@ pub enum Reason {
     UnsupportedProtocol,
     ProtocolConflict,
     InvalidCertificateRef,
+    Conflicted,
     Invalid,
 }
 
@@ -66,6 +68,7 @@ impl Reason {
             Reason::UnsupportedProtocol => "UnsupportedProtocol",
             Reason::ProtocolConflict => "ProtocolConflict",
             Reason::InvalidCertificateRef => "InvalidCertificateRef",
+            Reason::Conflicted => "Conflicted",
             Reason::Invalid => "Invalid",
         }
     }
@@ -118,6 +121,7 @@ pub struct Attachment {
     pub route: ObjectRef,
     /// Index into the route's `spec.parentRefs`.
     pub parent_ref: usize,
+    /// The parent: a Gateway, or a Service for a mesh route.
     pub gateway: ObjectRef,
     pub listener: String,
 }
@@ -189,7 +193,7 @@ pub struct Incremental {
     /// Secrets, Backends, policies): when any of them changes, nothing is reused.
     context: Context,
     routes: httproute::RouteMemos,
-    hosts: listeners::Hosts,
+    tables: httproute::RouteTables,
     clusters: backends::ClusterMemos,
     next_id: u64,
     /// The Services of the last translation (held: their addresses are compared).
@@ -268,7 +272,7 @@ impl Incremental {
             opts,
             context: Context::default(),
             routes: Default::default(),
-            hosts: Default::default(),
+            tables: Default::default(),
             clusters: Default::default(),
             next_id: 0,
             services: Vec::new(),
@@ -287,7 +291,7 @@ impl Incremental {
         let cluster_memo = if same_context {
             std::mem::take(&mut self.clusters)
         } else {
-            self.hosts.clear();
+            self.tables.clear();
             self.routes.clear();
             Default::default()
         };
@@ -313,12 +317,12 @@ impl Incremental {
             &mut clusters,
             &mut problems,
             &mut self.routes,
-            &mut self.hosts,
+            &mut self.tables,
             &mut self.next_id,
             &mut stats,
         );
         stats.clusters_reused = clusters.reused;
-        let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.hosts);
+        let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
@@ -328,16 +332,23 @@ impl Incremental {
         } else {
             Default::default()
         };
-        let mut list = problems.list;
-        list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
-        let mut attachments = problems.attachments;
-        attachments.sort();
         // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
-        let ((workloads, services), (workload_digests, service_digests)) = if self.opts.gateway.is_none() {
+        let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {
             mesh::build(res, &mut self.mesh)
         } else {
             Default::default()
         };
+        gamma::finish(
+            &self.routes,
+            &mut self.tables.mesh,
+            &mut services,
+            &mut service_digests,
+            &mut problems,
+        );
+        let mut list = problems.list;
+        list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        let mut attachments = problems.attachments;
+        attachments.sort();
         let mesh = crate::mesh::Mesh {
             workloads,
             services,
