@@ -66,6 +66,8 @@ pub enum CompileError {
 pub struct Compiler {
     registry: Arc<Registry>,
     workers: usize,
+    /// A mesh proxy's tunnels, for every cluster's connector.
+    pub tunnels: crate::upstream::TunnelSlot,
     /// The pod a sidecar serves (its inbound policies are compiled for it).
     pub me: std::sync::OnceLock<crate::mesh::index::Me>,
 }
@@ -75,6 +77,7 @@ impl Compiler {
         Compiler {
             registry,
             workers,
+            tunnels: Default::default(),
             me: Default::default(),
         }
     }
@@ -88,7 +91,13 @@ impl Compiler {
         for c in &snap.clusters {
             let rt = match previous.clusters.get(&c.name) {
                 Some(prev) if prev.spec == **c => prev.clone(),
-                prev => ClusterRuntime::new(c, prev.map(|p| &**p), self.registry.cluster(&c.name), self.workers)?,
+                prev => ClusterRuntime::new(
+                    c,
+                    prev.map(|p| &**p),
+                    self.registry.cluster(&c.name),
+                    self.workers,
+                    &self.tunnels,
+                )?,
             };
             clusters.insert(c.name.clone(), rt);
         }
@@ -96,26 +105,7 @@ impl Compiler {
         for l in &snap.listeners {
             let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
             for vh in &l.virtual_hosts {
-                let built = VirtualHost::build(vh, |r| RouteParts {
-                    action: match &r.action {
-                        SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
-                        SnapAction::Forward(targets) => {
-                            let mut cum = 0;
-                            router::Action::Forward(
-                                targets
-                                    .iter()
-                                    .map(|t| {
-                                        cum += t.weight;
-                                        // validate() guarantees every named cluster exists.
-                                        (cum, t.cluster.as_ref().and_then(|c| clusters.get(c).cloned()))
-                                    })
-                                    .collect(),
-                            )
-                        }
-                    },
-                    stats: self.registry.route(&r.name),
-                })?;
-                vhosts.push((vh.hostname.to_ascii_lowercase(), built));
+                vhosts.push((vh.hostname.to_ascii_lowercase(), self.virtual_host(vh, &clusters)?));
             }
             let tls = match l.protocol {
                 Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
@@ -136,12 +126,74 @@ impl Compiler {
                 },
             );
         }
+        let me = self.me.get();
+        let mesh_http = match me {
+            Some((namespace, _)) => self.mesh_routes(&snap, namespace, &clusters)?,
+            None => HashMap::new(),
+        };
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap, self.me.get()),
+            mesh: MeshIndex::build(&snap, me, mesh_http),
             snapshot: Arc::new(snap),
             listeners,
             clusters,
         })
+    }
+
+    fn virtual_host(
+        &self,
+        vh: &ferrum_snapshot::model::VirtualHost,
+        clusters: &HashMap<String, Arc<ClusterRuntime>>,
+    ) -> Result<VirtualHost, RouteError> {
+        VirtualHost::build(vh, |r| RouteParts {
+            action: match &r.action {
+                SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
+                SnapAction::Forward(targets) => {
+                    let mut cum = 0;
+                    router::Action::Forward(
+                        targets
+                            .iter()
+                            .map(|t| {
+                                cum += t.weight;
+                                // validate() guarantees every named cluster exists.
+                                (cum, t.cluster.as_ref().and_then(|c| clusters.get(c).cloned()))
+                            })
+                            .collect(),
+                    )
+                }
+            },
+            stats: self.registry.route(&r.name),
+        })
+    }
+
+    /// The mesh routes a client in `namespace` follows, per (Service, port): served like a
+    /// listener whose one virtual host takes any Host (GAMMA ignores route hostnames).
+    fn mesh_routes(
+        &self,
+        snap: &Snapshot,
+        namespace: &str,
+        clusters: &HashMap<String, Arc<ClusterRuntime>>,
+    ) -> Result<HashMap<(String, u16), Arc<CompiledListener>>, RouteError> {
+        let mut out = HashMap::new();
+        for s in snap.services.iter().filter(|s| !s.routes.is_empty()) {
+            for p in &s.ports {
+                let Some(t) = s.routes_for(p.port, namespace) else {
+                    continue;
+                };
+                let vh = ferrum_snapshot::model::VirtualHost {
+                    hostname: "*".into(),
+                    routes: t.routes.clone(),
+                };
+                let built = self.virtual_host(&vh, clusters)?;
+                let l = CompiledListener {
+                    name: format!("{}:{}", s.hostname, p.port),
+                    https: false,
+                    hosts: HostTable::build(vec![("*".into(), built)]),
+                    tls: None,
+                };
+                out.insert((s.key.clone(), p.port), Arc::new(l));
+            }
+        }
+        Ok(out)
     }
 
     /// Drops the metrics of routes and clusters `serving` no longer has. Called only once it
@@ -154,6 +206,14 @@ impl Compiler {
             .iter()
             .flat_map(|l| &l.virtual_hosts)
             .flat_map(|v| &v.routes)
+            .chain(
+                serving
+                    .snapshot
+                    .services
+                    .iter()
+                    .flat_map(|s| &s.routes)
+                    .flat_map(|t| &t.routes),
+            )
             .map(|r| r.name.as_str())
             .collect();
         self.registry

@@ -58,6 +58,11 @@ impl Dataplane {
         let _ = self.compiler.me.set((namespace, pod));
     }
 
+    /// Mesh proxies: how upstream connections reach mesh workloads (set once).
+    pub fn set_tunnels(&self, t: Arc<dyn crate::upstream::Tunnels>) {
+        let _ = self.compiler.tunnels.set(t);
+    }
+
     pub fn set_status(&self, status: serde_json::Map<String, serde_json::Value>) {
         *self.status.lock().unwrap() = status;
     }

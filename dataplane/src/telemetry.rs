@@ -179,6 +179,7 @@ impl Registry {
             ("outbound", "plain", &m.outbound_plain),
             ("outbound", "passthrough", &m.outbound_passthrough),
             ("outbound", "failed", &m.outbound_failed),
+            ("outbound", "routed", &m.outbound_routed),
             ("inbound", "hbone", &m.inbound_hbone),
             ("inbound", "plaintext", &m.inbound_plaintext),
             ("inbound", "refused", &m.inbound_refused),

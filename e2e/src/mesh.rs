@@ -129,11 +129,16 @@ impl World {
     /// A pod at `<bridge>.<host>`, known to the cluster with its IP; when `mesh`, with the capture
     /// rules and the label that says peers reach it over HBONE. Returns its index.
     pub fn pod(&mut self, name: &str, sa: &str, app_label: &str, host: u8, mesh: bool) -> usize {
+        self.pod_labelled(name, sa, &format!("app: {app_label}"), host, mesh)
+    }
+
+    /// [`World::pod`] with its labels as a YAML flow mapping's body (`app: b, version: v1`).
+    pub fn pod_labelled(&mut self, name: &str, sa: &str, labels: &str, host: u8, mesh: bool) -> usize {
         let (ns, veth) = self.bridge.pod(name, host);
         let ip = format!("{}.{host}", self.bridge.prefix);
         let tls = if mesh { ", security.istio.io/tlsMode: istio" } else { "" };
         self.cluster.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{app: {app_label}{tls}}}}}\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{{labels}{tls}}}}}\n\
              spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
              status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
         ));
@@ -154,9 +159,14 @@ impl World {
     }
 
     pub fn service(&self, name: &str, vip: &str, app_label: &str) {
+        self.service_selecting(name, vip, &format!("app: {app_label}"))
+    }
+
+    /// A Service (ports 80 → http, 9000) whose selector is a YAML flow mapping's body.
+    pub fn service_selecting(&self, name: &str, vip: &str, selector: &str) {
         self.cluster.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec: {{clusterIP: {vip}, selector: {{app: {app_label}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
         ));
     }
 

@@ -667,3 +667,100 @@ async fn mesh_svid(w: &World, sa: &str) -> ClientAuth {
         PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
     )
 }
+
+/// GAMMA: an HTTPRoute whose parent is Service B (port 80) routes pod A's plain HTTP calls to
+/// B's ClusterIP in A's sidecar — 80/20 between two versions, a header pinned to v2 — over HBONE
+/// to the chosen pod; the route is reported Accepted on its Service parentRef. Port 9000 of the
+/// same Service is not a parent: raw TCP there is balanced as before. Deleting the route
+/// returns HTTP to plain balancing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_routes_split_and_match_in_the_client_sidecar() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    w.service("svc-b", VIP, "b");
+    w.service_selecting("b-v1", "10.96.77.11", "app: b, version: v1");
+    w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
+        w.app(i);
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1, b2] {
+        w.ready(i).await;
+    }
+    until_routed(&w).await;
+    w.cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-split, namespace: {NS}}}\n\
+         spec:\n  parentRefs: [{{group: '', kind: Service, name: svc-b, port: 80}}]\n  rules:\n\
+         \x20 - matches: [{{headers: [{{name: x-version, value: v2}}]}}]\n    backendRefs: [{{name: b-v2, port: 80}}]\n\
+         \x20 - backendRefs: [{{name: b-v1, port: 80, weight: 80}}, {{name: b-v2, port: 80, weight: 20}}]\n"
+    ));
+    // `n` calls, on one keep-alive connection unless told otherwise: the sidecar routes each
+    // request on its own.
+    let calls = |n: usize, extra: &[&str]| -> (usize, usize) {
+        let mut args = vec!["curl", "-sS", "--max-time", "120"];
+        args.extend_from_slice(extra);
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        args.extend(["--resolve", &resolve]);
+        let url = format!("http://svc-b.{NS}.svc/r");
+        args.extend(std::iter::repeat_n(url.as_str(), n));
+        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
+        (
+            out.matches("hello from b-1").count(),
+            out.matches("hello from b-2").count(),
+        )
+    };
+    // A connection per call: balanced at L4 (before the route applies) they alternate.
+    let pinned = ["-H", "x-version: v2", "-H", "connection: close"];
+    eventually("the header rule pins v2", Duration::from_secs(20), async || {
+        calls(10, &pinned) == (0, 10)
+    })
+    .await;
+    let (v1, v2) = calls(1000, &[]);
+    assert_eq!(v1 + v2, 1000, "every call answered");
+    let share = v1 as f64 / 1000.0;
+    println!("GAMMA split over 1000 calls: v1 {v1}, v2 {v2} (v1 share {share:.3}, want 0.80 ± 0.05)");
+    assert!((share - 0.80).abs() <= 0.05, "v1 share {share}");
+
+    let route = w.cluster.get("httproute", NS, "b-split");
+    let parent = &route["status"]["parents"][0];
+    assert_eq!(parent["parentRef"]["kind"], "Service", "{route}");
+    let accepted = parent["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .unwrap();
+    assert_eq!(accepted["status"], "True", "{route}");
+
+    let metric = |pod: usize, series: &str| -> f64 {
+        let out = w.pods[pod].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from {text}"))
+    };
+    let routed = metric(
+        a,
+        "ferrum_mesh_connections_total{direction=\"outbound\",path=\"routed\"}",
+    );
+    let tunnels = metric(
+        a,
+        "ferrum_mesh_connections_total{direction=\"outbound\",path=\"hbone\"}",
+    );
+    assert!(routed >= 2.0 && tunnels >= 2.0, "routed {routed}, tunnels {tunnels}");
+    for b in [b1, b2] {
+        let n = metric(b, "ferrum_mesh_connections_total{direction=\"inbound\",path=\"hbone\"}");
+        assert!(n >= 1.0, "{} got {n} tunnels", w.pods[b].name);
+    }
+    assert!(echo_through(&w), "raw TCP to port 9000 is balanced as before");
+
+    w.cluster.kubectl(&["delete", "httproute", "b-split", "-n", NS], None);
+    eventually(
+        "without the route, the header no longer pins v2",
+        Duration::from_secs(20),
+        async || calls(10, &pinned).0 > 0,
+    )
+    .await;
+}

@@ -201,8 +201,7 @@ impl Snapshot {
     /// Gateway's listeners or clusters), and of the policies those `keep` says. `d` are this
     /// snapshot's part digests (the translator keeps them), so nothing is re-hashed.
     pub fn mesh_view(&self, d: &PartDigests, keep: impl Fn(&Policy) -> bool) -> Snapshot {
-        let routed: std::collections::HashSet<&str> =
-            self.services.iter().flat_map(|s| s.route_clusters()).collect();
+        let routed: std::collections::HashSet<&str> = self.services.iter().flat_map(|s| s.route_clusters()).collect();
         let (clusters, cluster_digests): (Vec<_>, Vec<_>) = self
             .clusters
             .iter()

@@ -61,11 +61,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-impl Listeners {
-    pub fn new(shared: Arc<Shared>, workers: Vec<Handle>) -> Self {
+impl Http {
+    pub fn new(limits: &crate::limits::Limits) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(shared.limits.header_read_timeout)
+            .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_headers(MAX_HEADERS)
             .keep_alive(true);
@@ -74,13 +74,19 @@ impl Listeners {
         // circuit-breaker budget.
         h2.timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .max_concurrent_streams(shared.limits.max_streams)
+            .max_concurrent_streams(limits.max_streams)
             .max_pending_accept_reset_streams(64)
             .enable_connect_protocol()
             .adaptive_window(true);
+        Http { h1, h2 }
+    }
+}
+
+impl Listeners {
+    pub fn new(shared: Arc<Shared>, workers: Vec<Handle>) -> Self {
         Listeners {
+            http: Arc::new(Http::new(&shared.limits)),
             shared,
-            http: Arc::new(Http { h1, h2 }),
             workers,
             running: HashMap::new(),
         }
@@ -279,7 +285,8 @@ async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: A
     drop(count);
 }
 
-async fn serve<I>(
+/// Serves HTTP on one connection through the proxy until it ends or `stop` is set.
+pub async fn serve<I>(
     io: I,
     proto: Protocol,
     info: ConnInfo,
@@ -317,6 +324,6 @@ async fn serve<I>(
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

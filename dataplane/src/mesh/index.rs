@@ -10,6 +10,7 @@ use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{MeshService, Workload};
 
 use super::policy::Authorizer;
+use crate::compile::CompiledListener;
 
 /// One Service port and the endpoints that serve it.
 pub struct ServiceTarget {
@@ -17,6 +18,8 @@ pub struct ServiceTarget {
     pub port: u16,
     /// (workload IP : target port, the workload when known).
     pub endpoints: Vec<(SocketAddr, Option<Arc<Workload>>)>,
+    /// The Service port's mesh routes: HTTP to it is routed by them, like a listener's.
+    pub http: Option<Arc<CompiledListener>>,
     next: AtomicUsize,
 }
 
@@ -57,7 +60,8 @@ pub struct MeshIndex {
 pub type Me = (String, String);
 
 impl MeshIndex {
-    pub fn build(snap: &Snapshot, me: Option<&Me>) -> MeshIndex {
+    /// `http`: the compiled mesh routes by (Service key, port).
+    pub fn build(snap: &Snapshot, me: Option<&Me>, http: HashMap<(String, u16), Arc<CompiledListener>>) -> MeshIndex {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
         for w in &snap.workloads {
@@ -82,6 +86,7 @@ impl MeshIndex {
                         ))
                     })
                     .collect();
+                let routes = http.get(&(s.key.clone(), p.port)).cloned();
                 for vip in &s.vips {
                     let Ok(vip) = vip.parse::<IpAddr>() else { continue };
                     services.insert(
@@ -90,6 +95,7 @@ impl MeshIndex {
                             service: s.clone(),
                             port: p.port,
                             endpoints: endpoints.clone(),
+                            http: routes.clone(),
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
                     );
@@ -119,6 +125,11 @@ impl MeshIndex {
         }
     }
 
+    /// The mesh routes of a Service VIP:port, when it has any.
+    pub fn http(&self, dst: SocketAddr) -> Option<&CompiledListener> {
+        self.services.get(&dst)?.http.as_deref()
+    }
+
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }
@@ -140,7 +151,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None);
+        let m = MeshIndex::build(&snap, None, HashMap::new());
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
         };

@@ -1,12 +1,14 @@
 //! Sidecar mode: the pod's captured TCP (mesh.md ports). Outbound on 15001: the original
 //! destination decides — a Service VIP is load-balanced over its endpoints, a mesh workload is
-//! reached over HBONE on its 15008, anything else passes through as plain TCP. Inbound: HBONE
+//! reached over HBONE on its 15008, anything else passes through as plain TCP. HTTP to a Service
+//! port with mesh routes (GAMMA) is routed request by request by the proxy the gateway uses,
+//! its upstream connections tunnelled over HBONE by [`Dialer`]. Inbound: HBONE
 //! on 15008 and, when the workload's policy permits plaintext, captured connections on 15006;
 //! both reach the application from 127.0.0.6, which the capture rules leave alone.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ferrum_snapshot::mesh::Workload;
@@ -15,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 
 use super::hbone::{self, Dial, Inbound, PROXY_PORTS, TunnelRequest};
 use super::identity::Identity;
@@ -22,6 +25,9 @@ use super::index::Destination;
 use super::l7;
 use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
+use crate::listener::{self, Protocol};
+use crate::proxy::ConnInfo;
+use crate::upstream::{TunnelFuture, Tunnels};
 use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
@@ -49,6 +55,8 @@ pub struct MeshStats {
     pub outbound_plain: AtomicU64,
     pub outbound_passthrough: AtomicU64,
     pub outbound_failed: AtomicU64,
+    /// Outbound connections served as HTTP by a Service's mesh routes.
+    pub outbound_routed: AtomicU64,
     pub inbound_hbone: AtomicU64,
     pub inbound_plaintext: AtomicU64,
     /// Plaintext refused (STRICT) or aimed at a proxy port.
@@ -66,7 +74,11 @@ pub struct Sidecar {
     pool: hbone::Pool,
     settings: Settings,
     app: Arc<App>,
+    /// HTTP server settings for routed outbound connections.
+    http: listener::Http,
     draining: AtomicBool,
+    /// Tells routed outbound connections to finish their requests and close.
+    stop: watch::Sender<bool>,
 }
 
 /// The local application, as the inbound side reaches it, and who may.
@@ -218,7 +230,9 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
 
 impl Sidecar {
     pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
-        Arc::new(Sidecar {
+        let sidecar = Arc::new(Sidecar {
+            http: listener::Http::new(&dp.shared.limits),
+            stop: watch::channel(false).0,
             app: Arc::new(App {
                 dp: dp.clone(),
                 stats: dp.shared.registry.mesh.clone(),
@@ -230,7 +244,9 @@ impl Sidecar {
             pool: hbone::Pool::default(),
             settings,
             draining: AtomicBool::new(false),
-        })
+        });
+        sidecar.dp.set_tunnels(Arc::new(Dialer(Arc::downgrade(&sidecar))));
+        sidecar
     }
 
     /// Binds the three ports on every worker (SO_REUSEPORT) and serves them.
@@ -257,6 +273,7 @@ impl Sidecar {
     /// Stops accepting (open connections finish on their own).
     pub fn drain(&self) {
         self.draining.store(true, Relaxed);
+        let _ = self.stop.send(true);
     }
 
     async fn accept(self: Arc<Self>, l: TcpListener, kind: Kind) {
@@ -323,14 +340,44 @@ impl Sidecar {
         }
     }
 
-    async fn outbound(&self, tcp: TcpStream, peer: SocketAddr) {
-        let stats = &self.app.stats;
+    async fn outbound(&self, mut tcp: TcpStream, peer: SocketAddr) {
         let Ok(dst) = original_dst(&tcp) else { return };
         if dst.port() == self.settings.outbound.port() && tcp.local_addr().is_ok_and(|l| l == dst) {
             // Not captured: someone dialled the proxy port itself.
             return;
         }
         let _ = tcp.set_nodelay(true);
+        if self.dp.shared.config.load().mesh.http(dst).is_none() {
+            return self.outbound_l4(tcp, peer, dst).await;
+        }
+        let first = l7::sniff(&mut tcp).await;
+        let http = l7::detect(&first);
+        let s = l7::Prefixed::new(first, tcp);
+        match http {
+            Some(http) => {
+                self.app.stats.outbound_routed.fetch_add(1, Relaxed);
+                let proto = match http {
+                    l7::Http::One => Protocol::Http1,
+                    l7::Http::Two => Protocol::Http2,
+                };
+                let info = ConnInfo {
+                    listener: dst,
+                    client: peer,
+                };
+                let shared = self.dp.shared.clone();
+                listener::serve(TokioIo::new(s), proto, info, shared, &self.http, self.stop.subscribe()).await
+            }
+            // Routes are for HTTP; anything else to the Service is balanced as before.
+            None => self.outbound_l4(s, peer, dst).await,
+        }
+    }
+
+    /// Relays a captured outbound stream to where its original destination leads.
+    async fn outbound_l4<S>(&self, tcp: S, peer: SocketAddr, dst: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stats = &self.app.stats;
         let cfg = self.dp.shared.config.load_full();
         let up = match cfg.mesh.destination(dst) {
             Destination::Service(t) => {
@@ -376,27 +423,7 @@ impl Sidecar {
     ) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
         let stats = &self.app.stats;
         match w.filter(|w| w.hbone) {
-            Some(w) => {
-                let td = self
-                    .identity
-                    .current()
-                    .map(|t| t.svid.id.trust_domain.clone())
-                    .ok_or(hbone::HboneError::NoIdentity)?;
-                let id = w.identity(&td);
-                let dial = Dial {
-                    proxy: SocketAddr::new(addr.ip(), hbone::HBONE_PORT),
-                    identity: &id,
-                    target: addr,
-                    client,
-                    host,
-                    baggage: &self.settings.baggage,
-                };
-                let t = tokio::time::timeout(self.settings.connect_timeout, self.pool.open(&self.identity, &dial))
-                    .await
-                    .map_err(|_| "HBONE connect timed out")??;
-                stats.outbound_hbone.fetch_add(1, Relaxed);
-                Ok(Upstream::Tunnel(t))
-            }
+            Some(w) => Ok(Upstream::Tunnel(self.tunnel(addr, w, client, host).await?)),
             None => {
                 let t = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
                     .await
@@ -413,8 +440,55 @@ impl Sidecar {
         }
     }
 
+    /// An HBONE tunnel to `addr`, served by `w`'s proxy.
+    async fn tunnel(
+        &self,
+        addr: SocketAddr,
+        w: &Workload,
+        client: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<Upgraded, Box<dyn std::error::Error + Send + Sync>> {
+        let td = self
+            .identity
+            .current()
+            .map(|t| t.svid.id.trust_domain.clone())
+            .ok_or(hbone::HboneError::NoIdentity)?;
+        let id = w.identity(&td);
+        let dial = Dial {
+            proxy: SocketAddr::new(addr.ip(), hbone::HBONE_PORT),
+            identity: &id,
+            target: addr,
+            client,
+            host,
+            baggage: &self.settings.baggage,
+        };
+        let t = tokio::time::timeout(self.settings.connect_timeout, self.pool.open(&self.identity, &dial))
+            .await
+            .map_err(|_| "HBONE connect timed out")??;
+        self.app.stats.outbound_hbone.fetch_add(1, Relaxed);
+        Ok(t)
+    }
+
     pub fn identity(&self) -> &Arc<Identity> {
         &self.identity
+    }
+}
+
+/// Opens the routed proxy's upstream connections to mesh workloads as HBONE tunnels.
+struct Dialer(Weak<Sidecar>);
+
+impl Tunnels for Dialer {
+    fn dial(&self, addr: SocketAddr) -> Option<TunnelFuture> {
+        let sidecar = self.0.upgrade()?;
+        let (w, me) = {
+            let cfg = sidecar.dp.shared.config.load();
+            let w = cfg.mesh.workload(addr.ip()).filter(|w| w.hbone)?.clone();
+            let me = cfg.mesh.own.as_ref().and_then(|o| o.ips.first()?.parse().ok());
+            (w, me)
+        };
+        // `forwarded: for=` names this pod: the request's own client is in its headers.
+        let client = SocketAddr::new(me.unwrap_or(Ipv4Addr::UNSPECIFIED.into()), 0);
+        Some(Box::pin(async move { sidecar.tunnel(addr, &w, client, None).await }))
     }
 }
 

@@ -106,7 +106,8 @@ impl Local {
 #[derive(Clone, Copy)]
 pub struct ConnInfo {
     /// The address the listener is bound to (its snapshot listener's address and port): two
-    /// listeners on one port with different addresses are different listeners.
+    /// listeners on one port with different addresses are different listeners. For a captured
+    /// connection to a mesh Service: its original destination (VIP and port).
     pub listener: SocketAddr,
     pub client: SocketAddr,
 }
@@ -114,7 +115,12 @@ pub struct ConnInfo {
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     let cfg = shared.config.load();
-    let Some(listener) = cfg.listeners.get(&conn.listener) else {
+    // A captured connection to a mesh Service is served by the Service port's routes.
+    let Some(listener) = cfg
+        .listeners
+        .get(&conn.listener)
+        .or_else(|| cfg.mesh.http(conn.listener))
+    else {
         return Local::RouteNotFound.response();
     };
     let mut req = req;

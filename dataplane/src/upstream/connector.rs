@@ -1,17 +1,21 @@
-//! The pooled upstream client of one cluster: hyper-util's pooling client over a TCP connector
-//! that counts (and caps) open connections, with rustls when the cluster asks for TLS.
+//! The pooled upstream client of one cluster: hyper-util's pooling client over a connector that
+//! counts (and caps) open connections, with rustls when the cluster asks for TLS. In a mesh
+//! proxy an endpoint that is a mesh workload is reached through an HBONE tunnel instead of a
+//! plain TCP connection; the HTTP client above cannot tell the difference.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::upgrade::Upgraded;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -30,9 +34,24 @@ pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, RequestBody>
 #[error("cluster connection limit ({0}) reached")]
 pub struct MaxConnections(pub u32);
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A tunnel being opened to one endpoint.
+pub type TunnelFuture = Pin<Box<dyn Future<Output = Result<Upgraded, BoxError>> + Send>>;
+
+/// Opens mesh tunnels (a sidecar's HBONE client).
+pub trait Tunnels: Send + Sync {
+    /// A tunnel to `addr` when a mesh proxy serves it; `None` means connect directly.
+    fn dial(&self, addr: SocketAddr) -> Option<TunnelFuture>;
+}
+
+/// Set once a mesh proxy starts; shared by every cluster's connector.
+pub type TunnelSlot = Arc<OnceLock<Arc<dyn Tunnels>>>;
+
 #[derive(Clone)]
 pub struct CountingConnector {
     inner: HttpConnector,
+    tunnels: TunnelSlot,
     stats: Arc<ClusterStats>,
     max: u32,
 }
@@ -49,7 +68,17 @@ impl tower_service::Service<Uri> for CountingConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let stats = self.stats.clone();
         let max = self.max;
-        let fut = self.inner.call(uri);
+        let tunnel = self.tunnels.get().and_then(|t| {
+            let addr: SocketAddr = uri.authority()?.as_str().parse().ok()?;
+            t.dial(addr)
+        });
+        let fut = match tunnel {
+            Some(t) => Box::pin(async move { t.await.map(Io::Tunnel) }) as Pin<Box<dyn Future<Output = _> + Send>>,
+            None => {
+                let tcp = self.inner.call(uri);
+                Box::pin(async move { tcp.await.map(Io::Tcp).map_err(BoxError::from) })
+            }
+        };
         Box::pin(async move {
             // Reserve first so concurrent connects cannot overshoot the limit.
             if stats.connections_active.fetch_add(1, Relaxed) >= i64::from(max) {
@@ -63,16 +92,32 @@ impl tower_service::Service<Uri> for CountingConnector {
                 }
                 Err(e) => {
                     stats.connections_active.fetch_sub(1, Relaxed);
-                    Err(e.into())
+                    Err(e)
                 }
             }
         })
     }
 }
 
-/// A TCP connection that keeps the cluster's open-connection gauge honest.
+/// An upstream connection: TCP, or a mesh tunnel.
+enum Io {
+    Tcp(TokioIo<TcpStream>),
+    Tunnel(Upgraded),
+}
+
+/// Forwards a call to whichever stream the connection is.
+macro_rules! either {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            Io::Tcp($s) => $e,
+            Io::Tunnel($s) => $e,
+        }
+    };
+}
+
+/// A connection that keeps the cluster's open-connection gauge honest.
 pub struct Counted {
-    io: TokioIo<TcpStream>,
+    io: Io,
     stats: Arc<ClusterStats>,
 }
 
@@ -84,35 +129,38 @@ impl Drop for Counted {
 
 impl Connection for Counted {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Tcp(t) => t.connected(),
+            Io::Tunnel(_) => Connected::new(),
+        }
     }
 }
 
 impl Read for Counted {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        either!(&mut self.io, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl Write for Counted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        either!(&mut self.io, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        either!(&mut self.io, s => Pin::new(s).poll_flush(cx))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        either!(&mut self.io, s => Pin::new(s).poll_shutdown(cx))
     }
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        either!(&self.io, s => s.is_write_vectored())
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        either!(&mut self.io, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 }
 
@@ -187,13 +235,14 @@ fn root_store(c: &Cluster, ca_file: Option<&str>) -> Result<rustls::RootCertStor
     Ok(roots)
 }
 
-pub fn build(c: &Cluster, stats: Arc<ClusterStats>) -> Result<UpstreamClient, ClientError> {
+pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Result<UpstreamClient, ClientError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_millis(c.timeouts.connect_ms)));
     let counting = CountingConnector {
         inner: http,
+        tunnels: tunnels.clone(),
         stats,
         max: c.circuit_breaker.max_connections,
     };

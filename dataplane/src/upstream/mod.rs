@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::telemetry::{ClusterStats, EndpointHealth, UpstreamError};
 use balance::{Balancer, Candidate};
-pub use connector::{MaxConnections, UpstreamClient};
+pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels, UpstreamClient};
 
 /// Milliseconds since the process started: a cheap, monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -155,6 +155,7 @@ impl ClusterRuntime {
         previous: Option<&ClusterRuntime>,
         stats: Arc<ClusterStats>,
         workers: usize,
+        tunnels: &connector::TunnelSlot,
     ) -> Result<Arc<Self>, ClusterError> {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
@@ -174,7 +175,7 @@ impl ClusterRuntime {
         }
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let clients = (0..=workers)
-            .map(|_| connector::build(spec, stats.clone()))
+            .map(|_| connector::build(spec, stats.clone(), tunnels))
             .collect::<Result<Box<[_]>, _>>()?;
         let mut rt = ClusterRuntime {
             balancer: Balancer::new(&spec.lb, &weights),

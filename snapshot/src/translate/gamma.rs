@@ -76,7 +76,10 @@ pub(crate) fn service_parent(
         },
         listener: String::new(),
     });
-    ports.into_iter().map(|port| (key.clone(), port, consumer.clone())).collect()
+    ports
+        .into_iter()
+        .map(|port| (key.clone(), port, consumer.clone()))
+        .collect()
 }
 
 /// Puts every mesh target's routes on its Service (re-hashing only those Services), after
@@ -150,7 +153,9 @@ fn conflicts(memos: &RouteMemos, problems: &mut Problems<'_>) -> HashMap<MeshTar
                 Reason::Conflicted,
                 format!("an older {winner} already routes Service {} port {}", t.0, t.1),
             );
-            problems.attachments.retain(|a| !(&a.route == obj && a.parent_ref == pi));
+            problems
+                .attachments
+                .retain(|a| !(&a.route == obj && a.parent_ref == pi));
         }
     }
     losers
@@ -221,20 +226,35 @@ spec:
         assert_eq!(b.routes.len(), 2, "one producer and one consumer table on port 80 only");
         let producer = b.routes_for(80, "other").unwrap();
         assert_eq!(producer.consumer, None);
-        let Action::Forward(split) = &producer.routes[0].action else { panic!() };
+        let Action::Forward(split) = &producer.routes[0].action else {
+            panic!()
+        };
         let weights: Vec<_> = split.iter().map(|w| (w.cluster.clone().unwrap(), w.weight)).collect();
         assert_eq!(
             weights,
-            [("service/shop/b-v1:80".to_string(), 80), ("service/shop/b-v2:80".to_string(), 20)]
+            [
+                ("service/shop/b-v1:80".to_string(), 80),
+                ("service/shop/b-v2:80".to_string(), 20)
+            ]
         );
         let consumer = b.routes_for(80, "client").unwrap();
         assert_eq!(consumer.consumer.as_deref(), Some("client"));
-        assert!(b.routes_for(81, "client").is_none(), "port 81 is not a parent: plain balancing");
+        assert!(
+            b.routes_for(81, "client").is_none(),
+            "port 81 is not a parent: plain balancing"
+        );
         // The backends' clusters carry the selector's pods (no EndpointSlices here).
         let c = t.snapshot.cluster("service/shop/b-v1:80").unwrap();
-        assert_eq!((c.endpoints[0].address.as_str(), c.endpoints[0].port), ("10.1.0.2", 8080));
+        assert_eq!(
+            (c.endpoints[0].address.as_str(), c.endpoints[0].port),
+            ("10.1.0.2", 8080)
+        );
         // Both routes are accepted by their Service parent.
-        let parents: Vec<_> = t.attachments.iter().map(|a| (a.route.name.as_str(), a.gateway.kind)).collect();
+        let parents: Vec<_> = t
+            .attachments
+            .iter()
+            .map(|a| (a.route.name.as_str(), a.gateway.kind))
+            .collect();
         assert_eq!(parents, [("mine", "Service"), ("split", "Service")]);
         // A sidecar's view carries the clusters those routes send to, and no others.
         let view = t.snapshot.mesh_view(&t.digests, |_| true);
@@ -277,10 +297,17 @@ spec: {parentRefs: [{group: '', kind: Service, name: b, port: 80}], rules: [{bac
                 ("nosvc", "spec.parentRefs[0]", Reason::NoMatchingParent),
             ]
         );
-        assert!(t.problems.iter().all(|p| p.reason.is_condition()), "status, not invalid input");
+        assert!(
+            t.problems.iter().all(|p| p.reason.is_condition()),
+            "status, not invalid input"
+        );
         let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
         let producer = b.routes_for(80, "shop").unwrap();
-        assert_eq!(producer.routes.len(), 1, "the GRPCRoute lost the port to the older HTTPRoute");
+        assert_eq!(
+            producer.routes.len(),
+            1,
+            "the GRPCRoute lost the port to the older HTTPRoute"
+        );
         assert!(producer.routes[0].name.starts_with("shop/split/"));
         assert!(!t.attachments.iter().any(|a| a.route.name == "late"));
     }

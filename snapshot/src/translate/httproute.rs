@@ -316,7 +316,10 @@ fn parents(
     }
     for (pi, p) in refs.iter().enumerate() {
         let field = format!("spec.parentRefs[{pi}]");
-        match (p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP), p.kind.as_deref().unwrap_or("Gateway")) {
+        match (
+            p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP),
+            p.kind.as_deref().unwrap_or("Gateway"),
+        ) {
             (crate::GATEWAY_GROUP, "Gateway") => {}
             ("", "Service") if listeners.mesh => {
                 let targets = gamma::service_parent(res, p, pi, obj, problems);
@@ -326,7 +329,12 @@ fn parents(
             // A proxy of one Gateway: mesh parents are the sidecars' business.
             ("", "Service") => continue,
             _ => {
-                problems.push(obj, field, Reason::InvalidKind, "only Gateway and Service parents are supported");
+                problems.push(
+                    obj,
+                    field,
+                    Reason::InvalidKind,
+                    "only Gateway and Service parents are supported",
+                );
                 continue;
             }
         }
