@@ -167,6 +167,7 @@ fn main() {
         source: "10.2.0.9".parse().unwrap(),
         destination: dst,
         request: None,
+        auth: None,
     };
     let denied = Connection {
         peer: Some(&stranger),

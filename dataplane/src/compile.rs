@@ -68,6 +68,8 @@ pub struct Compiler {
     workers: usize,
     /// A mesh proxy's tunnels, for every cluster's connector.
     pub tunnels: crate::upstream::TunnelSlot,
+    /// JWKS fetched for RequestAuthentications, kept across configs.
+    jwks: crate::mesh::jwt::JwksCache,
     /// The pod a sidecar serves (its inbound policies are compiled for it).
     pub me: std::sync::OnceLock<crate::mesh::index::Me>,
 }
@@ -78,6 +80,7 @@ impl Compiler {
             registry,
             workers,
             tunnels: Default::default(),
+            jwks: Default::default(),
             me: Default::default(),
         }
     }
@@ -132,7 +135,7 @@ impl Compiler {
             None => HashMap::new(),
         };
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap, me, mesh_http),
+            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks),
             snapshot: Arc::new(snap),
             listeners,
             clusters,

@@ -184,6 +184,7 @@ impl Registry {
             ("inbound", "plaintext", &m.inbound_plaintext),
             ("inbound", "refused", &m.inbound_refused),
             ("inbound", "denied", &m.inbound_denied),
+            ("inbound", "unauthenticated", &m.inbound_unauthenticated),
         ] {
             let _ = writeln!(
                 out,

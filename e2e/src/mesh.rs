@@ -16,7 +16,9 @@ use crate::{Cluster, Operator, Proc, TOKEN_KEY, eventually, free_port, token, wo
 pub const NS: &str = "mesh";
 
 /// The pods' application: answers HTTP on 8080 with who it is, what it was asked and from where
-/// (the peer address and the `forwarded` header, if any), and echoes TCP on 9000.
+/// (the peer address and the `forwarded` header, if any) — and, in response headers, whether
+/// the request reached it with an `authorization` header and its `x-jwt-sub` — and echoes TCP
+/// on 9000.
 pub const APP: &str = r#"
 import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +29,8 @@ class H(BaseHTTPRequestHandler):
         body = f"hello from {name}: {self.path} from {self.client_address[0]}\n".encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
+        self.send_header("x-saw-authorization", "yes" if self.headers.get("authorization") else "no")
+        self.send_header("x-saw-sub", self.headers.get("x-jwt-sub", "-"))
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a):

@@ -764,3 +764,120 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
     )
     .await;
 }
+
+/// Mints keys and tokens with PyJWT (a real JWT library, not ours): prints a JSON object with
+/// the RS256 JWKS (inline in the policy), the ES256 JWKS (served at a jwksUri) and tokens.
+const MINT: &str = r#"
+import json, sys, time, jwt
+from cryptography.hazmat.primitives.asymmetric import rsa, ec
+from jwt.algorithms import RSAAlgorithm, ECAlgorithm
+rs, other, es = rsa.generate_private_key(65537, 2048), rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP256R1())
+def jwks(alg, key, kid):
+    k = json.loads(alg.to_jwk(key.public_key())); k.update(kid=kid, use="sig"); return json.dumps({"keys": [k]})
+now = int(time.time())
+def tok(key, alg, kid, **claims):
+    c = {"iss": "https://rs.example", "sub": "alice", "aud": "svc-b", "iat": now, "exp": now + 3600}
+    c.update(claims)
+    return jwt.encode(c, key, algorithm=alg, headers={"kid": kid})
+print(json.dumps({
+    "jwks_rs": jwks(RSAAlgorithm, rs, "rs1"),
+    "jwks_es": jwks(ECAlgorithm, es, "es1"),
+    "rs_ok": tok(rs, "RS256", "rs1"),
+    "es_ok": tok(es, "ES256", "es1", iss="https://es.example", sub="bob", aud="anything"),
+    "expired": tok(rs, "RS256", "rs1", iat=now - 7200, exp=now - 3600),
+    "wrong_iss": tok(rs, "RS256", "rs1", iss="https://other.example"),
+    "wrong_aud": tok(rs, "RS256", "rs1", aud="someone-else"),
+    "bad_sig": tok(other, "RS256", "rs1"),
+}))
+"#;
+
+/// RequestAuthentication with two issuers — RS256 with an inline JWKS, ES256 with a JWKS B's
+/// sidecar fetches from a URI — and an ALLOW on request principals: tokens minted by PyJWT are
+/// checked by B's sidecar. No token → 403 (no principal); a valid one → 200, its `sub` copied to
+/// a header and the token itself not forwarded; expired, wrong issuer, wrong audience and a bad
+/// signature → 401; `?access_token=` works too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_authentication_validates_jwts_for_policies() {
+    let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    until_routed(&w).await;
+    let minted = std::process::Command::new(venv_bin("python"))
+        .args(["-c", MINT])
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&minted.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), m["jwks_es"].as_str().unwrap()).unwrap();
+    let port = free_port();
+    let host = w.bridge.host_ip();
+    let _jwks_server = Proc(
+        std::process::Command::new(venv_bin("python"))
+            .args(["-m", "http.server", "--bind", &host, &port.to_string()])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let jwks_rs = serde_json::to_string(m["jwks_rs"].as_str().unwrap()).unwrap();
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: {NS}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: b}}}}\n  jwtRules:\n\
+         \x20 - issuer: https://rs.example\n    audiences: [svc-b]\n    jwks: {jwks_rs}\n    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]\n\
+         \x20 - issuer: https://es.example\n    jwksUri: http://{host}:{port}/jwks.json\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: need-jwt, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: b}}}}, rules: [{{from: [{{source: {{requestPrincipals: [\"https://rs.example/alice\", \"https://es.example/*\"]}}}}]}}]}}\n"
+    ));
+    let call = |token: Option<&str>, query: &str| -> (String, String) {
+        let auth = token.map(|t| format!("authorization: Bearer {t}"));
+        let mut args = vec!["-D", "-", "-o", "/dev/null", "-w", "%{http_code}"];
+        if let Some(a) = &auth {
+            args.extend(["-H", a.as_str()]);
+        }
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        let url = format!("http://svc-b.{NS}.svc/data{query}");
+        args.extend(["--resolve", &resolve, &url]);
+        let out = w.pods[0].curl(&args).1;
+        let code = out.rsplit('\n').next().unwrap_or("").trim().to_string();
+        (code, out)
+    };
+    let tok = |name: &str| m[name].as_str().unwrap().to_string();
+    eventually(
+        "the RequestAuthentication takes effect",
+        Duration::from_secs(20),
+        async || call(Some(&tok("expired")), "").0 == "401",
+    )
+    .await;
+    let (code, head) = call(Some(&tok("rs_ok")), "");
+    assert_eq!(code, "200", "{head}");
+    assert!(
+        head.contains("x-saw-sub: alice"),
+        "the sub claim became a header: {head}"
+    );
+    assert!(
+        head.contains("x-saw-authorization: no"),
+        "the token is not forwarded: {head}"
+    );
+    assert_eq!(call(None, "").0, "403", "no token: no request principal");
+    for bad in ["expired", "wrong_iss", "wrong_aud", "bad_sig"] {
+        assert_eq!(call(Some(&tok(bad)), "").0, "401", "{bad}");
+    }
+    assert_eq!(call(Some("not.a.jwt"), "").0, "401", "garbage");
+    assert_eq!(
+        call(None, &format!("?access_token={}", tok("rs_ok"))).0,
+        "200",
+        "token as a query parameter"
+    );
+    eventually(
+        "the ES256 JWKS is fetched from its URI",
+        Duration::from_secs(20),
+        async || call(Some(&tok("es_ok")), "").0 == "200",
+    )
+    .await;
+    let log = w.pods[1].sidecar_log();
+    assert!(log.contains("JWKS fetched") && log.contains("token refused"), "{log}");
+}

@@ -71,6 +71,14 @@ pub struct Policy {
 pub enum PolicyRule {
     Authorization(Authorization),
     PeerAuthentication(PeerAuthn),
+    RequestAuthentication(RequestAuthn),
+}
+
+/// A RequestAuthentication's JWT rules, as written (JWKS URIs are fetched by the proxy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthn {
+    pub jwt_rules: Vec<crate::istio::JwtRule>,
 }
 
 /// An AuthorizationPolicy's action and rules, as written.
@@ -136,7 +144,7 @@ pub fn mtls_mode(policies: &[Arc<Policy>], w: &Workload, port: u16) -> MtlsMode 
     fn peer(p: &Policy) -> Option<&PeerAuthn> {
         match &p.rule {
             PolicyRule::PeerAuthentication(pa) => Some(pa),
-            PolicyRule::Authorization(_) => None,
+            PolicyRule::Authorization(_) | PolicyRule::RequestAuthentication(_) => None,
         }
     }
     let mut workload = None;

@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
-use crate::istio::{AuthorizationPolicy, PeerAuthentication};
+use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +56,7 @@ pub struct Resources {
     /// Istio security policies (security.istio.io, v1 or v1beta1).
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub request_authentications: Vec<Arc<RequestAuthentication>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -205,11 +206,13 @@ impl Resources {
             "ServiceAccount" => ("ServiceAccount", ""),
             "AuthorizationPolicy" => ("AuthorizationPolicy", crate::ISTIO_SECURITY_GROUP),
             "PeerAuthentication" => ("PeerAuthentication", crate::ISTIO_SECURITY_GROUP),
+            "RequestAuthentication" => ("RequestAuthentication", crate::ISTIO_SECURITY_GROUP),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication"
+                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication, \
+                     RequestAuthentication"
                 )));
             }
         };
@@ -259,6 +262,7 @@ impl Resources {
             "ServiceAccount" => push!(service_accounts),
             "AuthorizationPolicy" => push!(authorization_policies),
             "PeerAuthentication" => push!(peer_authentications),
+            "RequestAuthentication" => push!(request_authentications),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());
@@ -289,7 +293,8 @@ macro_rules! each_kind {
             pods: "Pod",
             service_accounts: "ServiceAccount",
             authorization_policies: "AuthorizationPolicy",
-            peer_authentications: "PeerAuthentication"
+            peer_authentications: "PeerAuthentication",
+            request_authentications: "RequestAuthentication"
         )
     };
 }

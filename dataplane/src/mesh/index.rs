@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{MeshService, Workload};
 
+use super::jwt::{Authenticator, JwksCache};
 use super::policy::Authorizer;
 use crate::compile::CompiledListener;
 
@@ -52,6 +53,8 @@ pub struct MeshIndex {
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
     pub inbound: Authorizer,
+    /// The RequestAuthentications that select it: JWTs on its inbound requests.
+    pub authn: Authenticator,
     /// This proxy's own workload (sidecar mode), for its PeerAuthentication.
     pub own: Option<Workload>,
 }
@@ -61,7 +64,14 @@ pub type Me = (String, String);
 
 impl MeshIndex {
     /// `http`: the compiled mesh routes by (Service key, port).
-    pub fn build(snap: &Snapshot, me: Option<&Me>, http: HashMap<(String, u16), Arc<CompiledListener>>) -> MeshIndex {
+    /// `http`: the compiled mesh routes by (Service key, port); `jwks`: fetched JWKS, shared
+    /// between configs.
+    pub fn build(
+        snap: &Snapshot,
+        me: Option<&Me>,
+        http: HashMap<(String, u16), Arc<CompiledListener>>,
+        jwks: &JwksCache,
+    ) -> MeshIndex {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
         for w in &snap.workloads {
@@ -107,10 +117,15 @@ impl MeshIndex {
             .as_ref()
             .map(|w| Authorizer::for_workload(&snap.policies, w))
             .unwrap_or_default();
+        let authn = own
+            .as_ref()
+            .map(|w| Authenticator::for_workload(&snap.policies, w, jwks))
+            .unwrap_or_default();
         MeshIndex {
             services,
             workloads,
             inbound,
+            authn,
             own,
         }
     }
@@ -151,7 +166,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None, HashMap::new());
+        let m = MeshIndex::build(&snap, None, HashMap::new(), &JwksCache::default());
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
         };

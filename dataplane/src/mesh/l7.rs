@@ -121,12 +121,22 @@ impl AppConn {
     }
 }
 
-/// Serves HTTP on `stream`, asking `allows` about each request and forwarding the allowed ones
-/// to `app`, until either side closes.
-pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, allows: F)
+/// What the policies say about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// An AuthorizationPolicy denies it: 403.
+    Deny,
+    /// It carries a JWT no RequestAuthentication rule accepts: 401.
+    Unauthenticated,
+}
+
+/// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
+/// forwarding the allowed ones to `app`, until either side closes.
+pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(&http::request::Parts) -> bool + Send + Sync + 'static,
+    F: Fn(&mut http::request::Parts) -> Verdict + Send + Sync + 'static,
 {
     let app = match http {
         Http::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
@@ -144,13 +154,25 @@ where
             Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
         },
     };
-    let allows = Arc::new(allows);
+    let judge = Arc::new(judge);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (app, allows) = (app.clone(), allows.clone());
+        let (app, judge) = (app.clone(), judge.clone());
         async move {
-            let (parts, body) = req.into_parts();
-            if !allows(&parts) {
-                return Ok::<_, std::convert::Infallible>(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+            let (mut parts, body) = req.into_parts();
+            match judge(&mut parts) {
+                Verdict::Allow => {}
+                Verdict::Deny => {
+                    return Ok::<_, std::convert::Infallible>(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
+                }
+                Verdict::Unauthenticated => {
+                    // Envoy's answer, so clients written against Istio see what they expect.
+                    let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+                    r.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+                    );
+                    return Ok(r);
+                }
             }
             Ok(match app.send(Request::from_parts(parts, body)).await {
                 Ok(resp) => resp.map(BodyExt::boxed),

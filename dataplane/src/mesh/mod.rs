@@ -6,6 +6,7 @@ pub mod capture;
 pub mod hbone;
 pub mod identity;
 pub mod index;
+pub mod jwt;
 pub mod l7;
 pub mod policy;
 pub mod sidecar;

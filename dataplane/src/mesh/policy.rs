@@ -4,15 +4,18 @@
 //! is allowed; otherwise a matching ALLOW is needed. AUDIT never decides. Dry-run policies are
 //! evaluated and logged, never enforced.
 //!
-//! What a connection cannot show — a method, path, host or header on TCP, and a JWT's claims
-//! anywhere (RequestAuthentication is not built yet) — makes an ALLOW rule that asks for it
-//! never match, and a DENY rule ignore those fields and match on the rest (fail closed).
+//! What a connection cannot show — a method, path, host, header or JWT on TCP — makes an ALLOW
+//! rule that asks for it never match, and a DENY rule ignore those fields and match on the rest
+//! (fail closed). A request without a valid JWT has no request principal and no claims.
 
 use std::net::{IpAddr, SocketAddr};
 
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::istio::{Condition, Operation, Rule, Source};
 use ferrum_snapshot::mesh::{AuthzAction, Policy, PolicyRule, Workload};
+use serde_json::Value;
+
+use super::jwt::Jwt;
 
 /// What a connection offers to be judged on.
 pub struct Connection<'a> {
@@ -22,6 +25,8 @@ pub struct Connection<'a> {
     pub destination: SocketAddr,
     /// The HTTP request, when judged per request.
     pub request: Option<&'a http::request::Parts>,
+    /// The request's validated JWT (RequestAuthentication), if it carried one.
+    pub auth: Option<&'a Jwt>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +163,8 @@ struct CRule {
 struct CSource {
     principals: Vec<String>,
     not_principals: Vec<String>,
+    request_principals: Vec<String>,
+    not_request_principals: Vec<String>,
     namespaces: Vec<String>,
     not_namespaces: Vec<String>,
     service_accounts: Vec<String>,
@@ -313,6 +320,8 @@ impl CRule {
         let source = |s: &Source| CSource {
             principals: s.principals.clone(),
             not_principals: s.not_principals.clone(),
+            request_principals: s.request_principals.clone(),
+            not_request_principals: s.not_request_principals.clone(),
             namespaces: s.namespaces.clone(),
             not_namespaces: s.not_namespaces.clone(),
             service_accounts: s.service_accounts.clone(),
@@ -350,7 +359,7 @@ impl CRule {
 
     /// Whether it matches; `deny` says how to treat what cannot be known (see the module).
     fn matches(&self, f: &Facts<'_>, deny: bool) -> bool {
-        if !deny && (self.needs_jwt || (self.needs_request && f.request.is_none())) {
+        if !deny && (self.needs_jwt || self.needs_request) && f.request.is_none() {
             return false;
         }
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(f)))
@@ -362,8 +371,13 @@ impl CRule {
 impl CSource {
     fn matches(&self, f: &Facts<'_>) -> bool {
         let (principal, ns, sa) = (f.principal.as_deref(), f.namespace, f.service_account.as_deref());
+        let request_principal = f.auth.map(|a| a.principal.as_str());
+        // Unknowable without a request: only DENY rules get here, and they ignore it.
+        let jwt_known = f.request.is_some();
         field(&self.principals, principal)
             && not_field(&self.not_principals, principal)
+            && (!jwt_known || field(&self.request_principals, request_principal))
+            && (!jwt_known || not_field(&self.not_request_principals, request_principal))
             && field(&self.namespaces, ns)
             && not_field(&self.not_namespaces, ns)
             && field(&self.service_accounts, sa)
@@ -404,10 +418,43 @@ impl COperation {
 impl CCondition {
     /// Whether this request or connection can say (else a DENY rule ignores the condition).
     fn knowable(&self, f: &Facts<'_>) -> bool {
-        !(self.key.starts_with("request.auth.") || (self.key.starts_with("request.") && f.request.is_none()))
+        !(self.key.starts_with("request.") && f.request.is_none())
+    }
+
+    /// The values a `request.auth.*` key has for this request (none without a token); `None`
+    /// for other keys.
+    fn auth_values(&self, f: &Facts<'_>) -> Option<Vec<String>> {
+        let key = self.key.strip_prefix("request.auth.")?;
+        let Some(auth) = f.auth else { return Some(Vec::new()) };
+        let claim = |path: &[&str]| {
+            let mut v = auth.claims.get(*path.first()?)?;
+            for p in &path[1..] {
+                v = v.get(p)?;
+            }
+            Some(v)
+        };
+        let found = match key {
+            "principal" => return Some(vec![auth.principal.clone()]),
+            "audiences" => claim(&["aud"]),
+            "presenter" => claim(&["azp"]),
+            k => k
+                .strip_prefix("claims[")
+                .and_then(|k| k.strip_suffix(']'))
+                .and_then(|k| claim(&k.split("][").collect::<Vec<_>>())),
+        };
+        Some(match found {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => vec![v.to_string()],
+            _ => Vec::new(),
+        })
     }
 
     fn matches(&self, f: &Facts<'_>) -> bool {
+        if let Some(got) = self.auth_values(f) {
+            let any = |pats: &[String]| got.iter().any(|g| pats.iter().any(|p| string_match(p, g)));
+            return (self.values.is_empty() || any(&self.values)) && !any(&self.not_values);
+        }
         if let (Some(name), Some(r)) = (
             self.key
                 .strip_prefix("request.headers[")
@@ -446,6 +493,7 @@ struct Facts<'a> {
     destination: SocketAddr,
     port: String,
     request: Option<&'a http::request::Parts>,
+    auth: Option<&'a Jwt>,
 }
 
 impl<'a> Facts<'a> {
@@ -458,6 +506,7 @@ impl<'a> Facts<'a> {
             destination: c.destination,
             port: c.destination.port().to_string(),
             request: c.request,
+            auth: c.auth,
         }
     }
 }

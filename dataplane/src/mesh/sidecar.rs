@@ -63,6 +63,8 @@ pub struct MeshStats {
     pub inbound_refused: AtomicU64,
     /// Denied by an AuthorizationPolicy.
     pub inbound_denied: AtomicU64,
+    /// Requests refused for a JWT no RequestAuthentication accepts.
+    pub inbound_unauthenticated: AtomicU64,
     /// From clients towards servers, and back.
     pub bytes_forward: AtomicU64,
     pub bytes_back: AtomicU64,
@@ -98,14 +100,32 @@ struct Caller {
 }
 
 impl App {
+    /// One inbound HTTP request: its JWT (RequestAuthentication), then the AuthorizationPolicies.
+    fn judge(&self, c: &Caller, request: &mut http::request::Parts) -> l7::Verdict {
+        let auth = match self.dp.shared.config.load().mesh.authn.authenticate(request) {
+            Ok(auth) => auth,
+            Err(why) => {
+                self.stats.inbound_unauthenticated.fetch_add(1, Relaxed);
+                let peer = c.peer.as_ref().map(|p| p.to_string());
+                tracing::info!(?peer, source = %c.source, path = request.uri.path(), reason = %why, "token refused");
+                return l7::Verdict::Unauthenticated;
+            }
+        };
+        match self.authorize(c, Some(request), auth.as_ref()) {
+            true => l7::Verdict::Allow,
+            false => l7::Verdict::Deny,
+        }
+    }
+
     /// The workload's AuthorizationPolicies on one inbound connection, or one of its requests.
-    fn authorize(&self, c: &Caller, request: Option<&http::request::Parts>) -> bool {
+    fn authorize(&self, c: &Caller, request: Option<&http::request::Parts>, auth: Option<&super::jwt::Jwt>) -> bool {
         let cfg = self.dp.shared.config.load();
         let conn = Connection {
             peer: c.peer.as_ref(),
             source: c.source,
             destination: c.destination,
             request,
+            auth,
         };
         match cfg.mesh.inbound.check(&conn) {
             Decision::Allow => true,
@@ -125,9 +145,11 @@ impl App {
         }
     }
 
-    /// Whether the policies must see HTTP requests, not just the connection.
+    /// Whether the policies must see HTTP requests, not just the connection (request fields,
+    /// or JWTs to validate).
     fn per_request(&self) -> bool {
-        self.dp.shared.config.load().mesh.inbound.needs_http()
+        let cfg = self.dp.shared.config.load();
+        cfg.mesh.inbound.needs_http() || !cfg.mesh.authn.is_empty()
     }
 
     /// Carries an allowed-so-far inbound stream to the app: judged per request when it speaks
@@ -146,9 +168,9 @@ impl App {
         match http {
             Some(http) => {
                 let me = self.clone();
-                l7::serve(s, http, app, move |parts| me.authorize(&c, Some(parts))).await;
+                l7::serve(s, http, app, move |parts| me.judge(&c, parts)).await;
             }
-            None if self.authorize(&c, None) => {
+            None if self.authorize(&c, None, None) => {
                 let _ = relay(s, app, self.idle_timeout, &self.stats).await;
             }
             None => {}
@@ -159,7 +181,7 @@ impl App {
 impl Inbound for App {
     fn allow(&self, req: &TunnelRequest) -> bool {
         // Policies that look at requests decide per request, once the tunnel shows HTTP.
-        self.per_request() || self.authorize(&caller(req), None)
+        self.per_request() || self.authorize(&caller(req), None, None)
     }
 
     async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
@@ -327,7 +349,7 @@ impl Sidecar {
             destination: dst,
         };
         let judged = !self.app.per_request();
-        if judged && !self.app.authorize(&c, None) {
+        if judged && !self.app.authorize(&c, None, None) {
             return;
         }
         let _ = tcp.set_nodelay(true);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
-use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication};
+use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use futures_util::StreamExt;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
@@ -129,6 +129,7 @@ kinds! {
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),
     authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: true),
     peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: true),
+    request_authentications: RequestAuthentication = ("security.istio.io", "RequestAuthentication", ["v1", "v1beta1"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

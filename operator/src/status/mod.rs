@@ -77,6 +77,10 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     for p in &res.peer_authentications {
         w.write(&**p, policy_status("PeerAuthentication", &p.metadata, t)).await;
     }
+    for p in &res.request_authentications {
+        w.write(&**p, policy_status("RequestAuthentication", &p.metadata, t))
+            .await;
+    }
     w.written
 }
 

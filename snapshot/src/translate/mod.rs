@@ -169,7 +169,7 @@ pub fn meta_ref(kind: &'static str, meta: &k8s_openapi::apimachinery::pkg::apis:
 }
 
 /// Parses a Gateway API duration (`500ms`, `10s`, `1h`) into milliseconds.
-pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let d: gateway_api::Duration = s.parse().map_err(|e| format!("invalid duration {s:?}: {e}"))?;
     Ok(d.as_millis() as u64)
 }
@@ -328,7 +328,12 @@ impl Incremental {
         self.clusters = cluster_memo;
         self.stats = stats;
         let (policies, policy_digests) = if self.opts.gateway.is_none() {
-            policy::build(&res.authorization_policies, &res.peer_authentications, &mut problems)
+            policy::build(
+                &res.authorization_policies,
+                &res.peer_authentications,
+                &res.request_authentications,
+                &mut problems,
+            )
         } else {
             Default::default()
         };

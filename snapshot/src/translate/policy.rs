@@ -1,11 +1,12 @@
-//! AuthorizationPolicy and PeerAuthentication objects → the snapshot's policies. CUSTOM and
+//! AuthorizationPolicy, PeerAuthentication and RequestAuthentication objects → the snapshot's
+//! policies. CUSTOM and
 //! `targetRefs` are not supported yet: such a policy is left out with a problem on the field, so
 //! the rest of the mesh keeps its policies.
 
 use std::sync::Arc;
 
-use crate::istio::{AuthorizationPolicy, PeerAuthentication};
-use crate::mesh::{Authorization, AuthzAction, MtlsMode, PeerAuthn, Policy, PolicyRule};
+use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::mesh::{Authorization, AuthzAction, MtlsMode, PeerAuthn, Policy, PolicyRule, RequestAuthn};
 use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
@@ -16,9 +17,16 @@ pub const DRY_RUN: &str = "istio.io/dry-run";
 pub(crate) fn build(
     authz: &[Arc<AuthorizationPolicy>],
     peer: &[Arc<PeerAuthentication>],
+    authn: &[Arc<RequestAuthentication>],
     problems: &mut Problems<'_>,
 ) -> (Vec<Arc<Policy>>, Vec<Digest>) {
-    let mut out: Vec<Arc<Policy>> = Vec::with_capacity(authz.len() + peer.len());
+    let mut out: Vec<Arc<Policy>> = Vec::with_capacity(authz.len() + peer.len() + authn.len());
+    out.extend(
+        authn
+            .iter()
+            .filter_map(|p| request_authentication(p, problems))
+            .map(Arc::new),
+    );
     out.extend(authz.iter().filter_map(|p| authorization(p, problems)).map(Arc::new));
     out.extend(
         peer.iter()
@@ -109,6 +117,74 @@ fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option
     ))
 }
 
+fn request_authentication(p: &RequestAuthentication, problems: &mut Problems<'_>) -> Option<Policy> {
+    let obj: ObjectRef = meta_ref("RequestAuthentication", &p.metadata);
+    let spec = &p.spec;
+    if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
+        problems.push(
+            &obj,
+            "spec.targetRefs",
+            Reason::UnsupportedValue,
+            "targetRefs are not supported yet; use a selector",
+        );
+        return None;
+    }
+    for (i, r) in spec.jwt_rules.iter().enumerate() {
+        if let Err((field, why)) = check_jwt_rule(r) {
+            problems.push(&obj, format!("spec.jwtRules[{i}].{field}"), Reason::Invalid, why);
+            return None;
+        }
+    }
+    Some(policy(
+        &obj,
+        spec.selector.as_ref(),
+        PolicyRule::RequestAuthentication(RequestAuthn {
+            jwt_rules: spec.jwt_rules.clone(),
+        }),
+    ))
+}
+
+/// The field and reason a JWT rule cannot be used for, if any.
+fn check_jwt_rule(r: &crate::istio::JwtRule) -> Result<(), (&'static str, String)> {
+    if r.issuer.is_empty() {
+        return Err(("issuer", "an issuer is required".into()));
+    }
+    match (&r.jwks, &r.jwks_uri) {
+        (Some(jwks), _) => {
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_str(jwks).map_err(|e| ("jwks", format!("not a JWKS: {e}")))?;
+            if let Some(e) = set
+                .keys
+                .iter()
+                .find_map(|k| jsonwebtoken::DecodingKey::from_jwk(k).err())
+            {
+                return Err(("jwks", format!("a key cannot be used: {e}")));
+            }
+            if set.keys.is_empty() {
+                return Err(("jwks", "the JWKS has no keys".into()));
+            }
+        }
+        (None, Some(uri)) if !(uri.starts_with("https://") || uri.starts_with("http://")) => {
+            return Err(("jwksUri", format!("{uri:?} is not an http(s) URL")));
+        }
+        (None, Some(_)) => {}
+        (None, None) => return Err(("jwks", "jwks or jwksUri is required".into())),
+    }
+    let headers = r.from_headers.iter().map(|h| h.name.as_str());
+    let outputs = r.output_claim_to_headers.iter().map(|c| c.header.as_str());
+    if let Some(bad) = headers
+        .chain(outputs)
+        .chain(r.output_payload_to_header.as_deref())
+        .find(|h| crate::validate::http_header_name_invalid(h))
+    {
+        return Err(("fromHeaders", format!("{bad:?} is not a valid header name")));
+    }
+    if let Some(t) = &r.timeout {
+        crate::translate::parse_duration_ms(t).map_err(|e| ("timeout", e))?;
+    }
+    Ok(())
+}
+
 fn policy(obj: &ObjectRef, selector: Option<&crate::istio::WorkloadSelector>, rule: PolicyRule) -> Policy {
     Policy {
         key: format!("{}/{}/{}", obj.kind, obj.namespace, obj.name),
@@ -186,6 +262,44 @@ mod tests {
     use crate::Resources;
     use crate::mesh::{AuthzAction, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, translate};
+
+    #[test]
+    fn request_authentications_carry_their_rules_and_bad_ones_name_the_field() {
+        let jwks = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+        let mut r = Resources::default();
+        r.add_yaml(
+            "ra.yaml",
+            &format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ok, namespace: shop}}\n\
+                 spec: {{selector: {{matchLabels: {{app: cart}}}}, jwtRules: [{{issuer: https://i, jwks: '{jwks}'}}, {{issuer: https://j, jwksUri: 'https://j/keys'}}]}}\n---\n\
+                 apiVersion: security.istio.io/v1beta1\nkind: RequestAuthentication\nmetadata: {{name: nokeys, namespace: shop}}\nspec: {{jwtRules: [{{issuer: https://i}}]}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: badjwks, namespace: shop}}\nspec: {{jwtRules: [{{issuer: https://i, jwks: 'not json'}}]}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: badheader, namespace: shop}}\n\
+                 spec: {{jwtRules: [{{issuer: https://i, jwksUri: 'https://i/k', outputClaimToHeaders: [{{header: 'bad header', claim: sub}}]}}]}}\n"
+            ),
+        )
+        .unwrap();
+        let t = translate(&r, 1, &Options::default());
+        let keys: Vec<_> = t.snapshot.policies.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["RequestAuthentication/shop/ok"]);
+        let PolicyRule::RequestAuthentication(ra) = &t.snapshot.policies[0].rule else {
+            panic!()
+        };
+        assert_eq!(ra.jwt_rules.len(), 2);
+        let problems: Vec<_> = t
+            .problems
+            .iter()
+            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                ("badheader", "spec.jwtRules[0].fromHeaders", Reason::Invalid),
+                ("badjwks", "spec.jwtRules[0].jwks", Reason::Invalid),
+                ("nokeys", "spec.jwtRules[0].jwks", Reason::Invalid),
+            ]
+        );
+    }
 
     #[test]
     fn policies_translate_and_unsupported_or_invalid_ones_are_reported_not_fatal() {

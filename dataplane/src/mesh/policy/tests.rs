@@ -64,6 +64,7 @@ fn decide(policies: &[Arc<Policy>], w: &Workload, who: &(SpiffeId, IpAddr, Socke
         source: who.1,
         destination: who.2,
         request: None,
+        auth: None,
     })
 }
 
@@ -85,7 +86,75 @@ fn decide_request(
         source: who.1,
         destination: who.2,
         request: Some(&parts),
+        auth: None,
     })
+}
+
+/// The decision for `GET /` from `who` carrying `jwt` (a validated token), or none.
+fn decide_jwt(
+    policies: &[Arc<Policy>],
+    w: &Workload,
+    who: &(SpiffeId, IpAddr, SocketAddr),
+    jwt: Option<&Jwt>,
+) -> Decision {
+    let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+    Authorizer::for_workload(policies, w).check(&Connection {
+        peer: Some(&who.0),
+        source: who.1,
+        destination: who.2,
+        request: Some(&parts),
+        auth: jwt,
+    })
+}
+
+#[test]
+fn request_principals_and_claims_need_a_validated_token() {
+    let w = workload("shop", &[]);
+    let a = from("web", "front", "10.0.1.1", 8080);
+    let allow = policy(
+        "shop",
+        "jwt",
+        "rules: [{from: [{source: {requestPrincipals: [\"https://issuer/*\"]}}], when: [{key: \"request.auth.claims[groups]\", values: [admins]}]}]",
+    );
+    let deny = policy(
+        "shop",
+        "no-bob",
+        "action: DENY\nrules: [{from: [{source: {requestPrincipals: [\"https://issuer/bob\"]}}]}]",
+    );
+    let jwt = |sub: &str, groups: serde_json::Value| Jwt {
+        principal: format!("https://issuer/{sub}"),
+        claims: serde_json::json!({"sub": sub, "groups": groups})
+            .as_object()
+            .unwrap()
+            .clone(),
+    };
+    let ps = [allow, deny];
+    assert_eq!(
+        decide_jwt(&ps, &w, &a, Some(&jwt("alice", serde_json::json!(["users", "admins"])))),
+        Decision::Allow
+    );
+    assert!(
+        matches!(
+            decide_jwt(&ps, &w, &a, Some(&jwt("carol", serde_json::json!(["users"])))),
+            Decision::Deny(_)
+        ),
+        "claim missing"
+    );
+    assert!(
+        matches!(
+            decide_jwt(&ps, &w, &a, Some(&jwt("bob", serde_json::json!(["admins"])))),
+            Decision::Deny(_)
+        ),
+        "DENY by request principal"
+    );
+    assert!(
+        matches!(decide_jwt(&ps, &w, &a, None), Decision::Deny(_)),
+        "no token, no principal"
+    );
+    assert!(
+        matches!(decide(&ps, &w, &a, true), Decision::Deny(_)),
+        "TCP cannot show a token"
+    );
 }
 
 #[test]

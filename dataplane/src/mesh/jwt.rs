@@ -1,0 +1,523 @@
+//! RequestAuthentication: JWTs on inbound HTTP requests, validated with `jsonwebtoken` against
+//! each rule's JWKS (inline, or fetched from `jwksUri` and refreshed in the background). As in
+//! Istio: a request without a token passes unauthenticated (an AuthorizationPolicy may require
+//! `requestPrincipals`); a token that no rule accepts is refused with 401. A valid token gives
+//! the request principal `<iss>/<sub>` and its claims to the AuthorizationPolicies.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use ferrum_snapshot::istio::JwtRule;
+use ferrum_snapshot::mesh::{Policy, PolicyRule, Workload};
+use http::HeaderName;
+use http::header::{AUTHORIZATION, COOKIE};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+/// How often a fetched JWKS is fetched again (Istio's default), and after a failure.
+const REFRESH: Duration = Duration::from_secs(20 * 60);
+const RETRY: Duration = Duration::from_secs(5);
+/// Fetch timeout when the rule names none.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document read.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Longest token looked at.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// A validated token: who it names and what it says.
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    /// `<iss>/<sub>`, Istio's request principal.
+    pub principal: String,
+    pub claims: Map<String, Value>,
+}
+
+/// One key of a JWKS, ready to verify with.
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithm: Option<Algorithm>,
+}
+
+/// The keys of a JWKS, parsed once.
+#[derive(Default)]
+pub struct Keys(Vec<Key>);
+
+impl Keys {
+    pub fn parse(json: &str) -> Result<Keys, String> {
+        let set: JwkSet = serde_json::from_str(json).map_err(|e| format!("not a JWKS: {e}"))?;
+        let keys = set
+            .keys
+            .iter()
+            .filter_map(|k| {
+                Some(Key {
+                    kid: k.common.key_id.clone(),
+                    key: DecodingKey::from_jwk(k).ok()?,
+                    algorithm: k.common.key_algorithm.and_then(|a| a.to_string().parse().ok()),
+                })
+            })
+            .collect::<Vec<_>>();
+        if keys.is_empty() {
+            return Err("the JWKS has no usable key".into());
+        }
+        Ok(Keys(keys))
+    }
+}
+
+/// A JWKS fetched from a URI: empty until the first fetch succeeds (tokens it must verify are
+/// refused meanwhile), then refreshed while any configuration uses it.
+pub struct Remote {
+    uri: String,
+    keys: ArcSwapOption<Keys>,
+}
+
+/// The remote JWKS in use, by URI: one fetcher per URI however many rules and reloads name it.
+#[derive(Default)]
+pub struct JwksCache(Mutex<HashMap<String, Weak<Remote>>>);
+
+impl JwksCache {
+    /// The JWKS at `uri`, starting its fetcher when nothing holds it yet.
+    pub fn get(&self, uri: &str, timeout: Duration) -> Arc<Remote> {
+        let mut m = self.0.lock().unwrap();
+        if let Some(r) = m.get(uri).and_then(Weak::upgrade) {
+            return r;
+        }
+        let r = Arc::new(Remote {
+            uri: uri.to_string(),
+            keys: ArcSwapOption::empty(),
+        });
+        m.retain(|_, w| w.strong_count() > 0);
+        m.insert(uri.to_string(), Arc::downgrade(&r));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(refresh(Arc::downgrade(&r), timeout));
+        }
+        r
+    }
+}
+
+/// Fetches `remote` now and every [`REFRESH`] (every [`RETRY`] after a failure) until no
+/// configuration holds it.
+async fn refresh(remote: Weak<Remote>, timeout: Duration) {
+    let client = fetch_client();
+    loop {
+        let Some(r) = remote.upgrade() else { return };
+        let wait = match fetch(&client, &r.uri, timeout).await.and_then(|j| Keys::parse(&j)) {
+            Ok(keys) => {
+                tracing::info!(uri = %r.uri, keys = keys.0.len(), "JWKS fetched");
+                r.keys.store(Some(Arc::new(keys)));
+                REFRESH
+            }
+            Err(e) => {
+                tracing::warn!(uri = %r.uri, error = %e, "cannot fetch JWKS");
+                RETRY
+            }
+        };
+        drop(r);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+type FetchClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+fn fetch_client() -> FetchClient {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+async fn fetch(client: &FetchClient, uri: &str, timeout: Duration) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
+    let get = async {
+        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        String::from_utf8(body.to_vec()).map_err(|_| "the JWKS is not UTF-8".to_string())
+    };
+    tokio::time::timeout(timeout, get)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+enum Source {
+    Inline(Keys),
+    Remote(Arc<Remote>),
+}
+
+/// Where a token is looked for.
+enum Location {
+    Header { name: HeaderName, prefix: String },
+    Param(String),
+    Cookie(String),
+}
+
+struct Rule {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: Source,
+    locations: Vec<Location>,
+    claim_headers: Vec<(HeaderName, String)>,
+    payload_header: Option<HeaderName>,
+    forward: bool,
+}
+
+/// The RequestAuthentication rules that select one workload, compiled.
+#[derive(Default)]
+pub struct Authenticator {
+    rules: Vec<Rule>,
+}
+
+/// Why a request's token was refused (the 401's log line).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+impl Authenticator {
+    /// The rules of every RequestAuthentication that applies to `w`. Rules the translator would
+    /// not pass (a JWKS that does not parse) are left out, so their tokens are refused.
+    pub fn for_workload(policies: &[Arc<Policy>], w: &Workload, cache: &JwksCache) -> Authenticator {
+        let mut rules = Vec::new();
+        for p in policies.iter().filter(|p| p.applies_to(w)) {
+            let PolicyRule::RequestAuthentication(ra) = &p.rule else {
+                continue;
+            };
+            rules.extend(ra.jwt_rules.iter().filter_map(|r| compile(r, cache)));
+        }
+        Authenticator { rules }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Validates the request's token, if it has one, and applies the rule's header outputs.
+    pub fn authenticate(&self, req: &mut http::request::Parts) -> Result<Option<Jwt>, Refused> {
+        let Some((token, at)) = self.find(req) else {
+            return Ok(None);
+        };
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Refused("token too long".into()));
+        }
+        let issuer = unverified_issuer(&token).ok_or_else(|| Refused("malformed token".into()))?;
+        let mut last = format!("no rule for issuer {issuer:?}");
+        for rule in self.rules.iter().filter(|r| r.issuer == issuer) {
+            match rule.verify(&token) {
+                Ok(claims) => {
+                    rule.output(req, &claims, &token, at);
+                    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+                    return Ok(Some(Jwt {
+                        principal: format!("{issuer}/{sub}"),
+                        claims,
+                    }));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(Refused(last))
+    }
+
+    /// The first token any rule's locations hold, and which rule and location found it.
+    fn find(&self, req: &http::request::Parts) -> Option<(String, (usize, usize))> {
+        for (ri, r) in self.rules.iter().enumerate() {
+            for (li, l) in r.locations.iter().enumerate() {
+                if let Some(t) = l.take(req) {
+                    return Some((t, (ri, li)));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Location {
+    fn take(&self, req: &http::request::Parts) -> Option<String> {
+        match self {
+            Location::Header { name, prefix } => {
+                let v = req.headers.get(name)?.to_str().ok()?;
+                let t = if prefix.is_empty() {
+                    v
+                } else {
+                    // Envoy compares the prefix case-sensitively except for "Bearer ".
+                    v.strip_prefix(prefix.as_str())
+                        .or_else(|| (prefix == "Bearer ").then(|| v.strip_prefix("bearer ")).flatten())?
+                };
+                Some(t.trim().to_string()).filter(|t| !t.is_empty())
+            }
+            Location::Param(name) => form_urlencoded::parse(req.uri.query()?.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned()),
+            Location::Cookie(name) => req
+                .headers
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string()),
+        }
+    }
+}
+
+/// The `iss` of a token, before its signature is checked (to pick the rule that checks it).
+fn unverified_issuer(token: &str) -> Option<String> {
+    let mut v = Validation::default();
+    v.insecure_disable_signature_validation();
+    v.validate_exp = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &DecodingKey::from_secret(&[]), &v).ok()?;
+    data.claims.get("iss")?.as_str().map(str::to_string)
+}
+
+fn compile(r: &JwtRule, cache: &JwksCache) -> Option<Rule> {
+    let keys = match (&r.jwks, &r.jwks_uri) {
+        (Some(inline), _) => Source::Inline(Keys::parse(inline).ok()?),
+        (None, Some(uri)) => {
+            let timeout = r
+                .timeout
+                .as_deref()
+                .and_then(|t| ferrum_snapshot::translate::parse_duration_ms(t).ok())
+                .map(Duration::from_millis)
+                .unwrap_or(FETCH_TIMEOUT);
+            Source::Remote(cache.get(uri, timeout))
+        }
+        (None, None) => return None,
+    };
+    let mut locations: Vec<Location> = r
+        .from_headers
+        .iter()
+        .filter_map(|h| {
+            Some(Location::Header {
+                name: h.name.parse().ok()?,
+                prefix: h.prefix.clone().unwrap_or_default(),
+            })
+        })
+        .chain(r.from_params.iter().map(|p| Location::Param(p.clone())))
+        .chain(r.from_cookies.iter().map(|c| Location::Cookie(c.clone())))
+        .collect();
+    if locations.is_empty() {
+        locations = vec![
+            Location::Header {
+                name: AUTHORIZATION,
+                prefix: "Bearer ".into(),
+            },
+            Location::Param("access_token".into()),
+        ];
+    }
+    Some(Rule {
+        issuer: r.issuer.clone(),
+        audiences: r.audiences.clone(),
+        keys,
+        locations,
+        claim_headers: r
+            .output_claim_to_headers
+            .iter()
+            .filter_map(|c| Some((c.header.parse().ok()?, c.claim.clone())))
+            .collect(),
+        payload_header: r.output_payload_to_header.as_deref().and_then(|h| h.parse().ok()),
+        forward: r.forward_original_token,
+    })
+}
+
+impl Rule {
+    fn verify(&self, token: &str) -> Result<Map<String, Value>, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+            return Err("symmetric algorithms are not accepted".into());
+        }
+        let remote;
+        let keys: &Keys = match &self.keys {
+            Source::Inline(k) => k,
+            Source::Remote(r) => {
+                remote = r
+                    .keys
+                    .load_full()
+                    .ok_or_else(|| format!("JWKS {} not fetched yet", r.uri))?;
+                &remote
+            }
+        };
+        let mut v = Validation::new(header.alg);
+        v.set_issuer(&[&self.issuer]);
+        if self.audiences.is_empty() {
+            v.validate_aud = false;
+        } else {
+            v.set_audience(&self.audiences);
+        }
+        v.required_spec_claims.clear();
+        v.validate_nbf = true;
+        let mut last = "no key of the JWKS matches".to_string();
+        let candidates = keys.0.iter().filter(|k| {
+            header.kid.as_ref().is_none_or(|kid| k.kid.as_ref() == Some(kid))
+                && k.algorithm.is_none_or(|a| a == header.alg)
+        });
+        for k in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &v) {
+                Ok(d) => return Ok(d.claims),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
+    /// `outputClaimToHeaders`, `outputPayloadToHeader`, and the token removed unless
+    /// `forwardOriginalToken`.
+    fn output(&self, req: &mut http::request::Parts, claims: &Map<String, Value>, token: &str, _at: (usize, usize)) {
+        for (h, claim) in &self.claim_headers {
+            let v = match claims.get(claim) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                _ => continue,
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                req.headers.insert(h.clone(), v);
+            }
+        }
+        if let Some(h) = &self.payload_header
+            && let Some(payload) = token.split('.').nth(1)
+            && let Ok(v) = http::HeaderValue::from_str(payload)
+        {
+            req.headers.insert(h.clone(), v);
+        }
+        if !self.forward {
+            for l in &self.locations {
+                if let Location::Header { name, .. } = l {
+                    req.headers.remove(name);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    /// A P-256 key (rcgen) as an encoding key and its public half as a JWKS.
+    fn key(kid: &str) -> (EncodingKey, String) {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let point = kp.public_key_raw();
+        let (x, y) = point[1..].split_at(32);
+        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+                         "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)});
+        let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+        (enc, json!({"keys": [jwk]}).to_string())
+    }
+
+    fn token(k: &EncodingKey, kid: &str, claims: Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims, k).unwrap()
+    }
+
+    fn authenticator(jwks: &str) -> Authenticator {
+        let rule: JwtRule = serde_json::from_value(json!({
+            "issuer": "https://issuer.example", "audiences": ["svc"], "jwks": jwks,
+            "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}]
+        }))
+        .unwrap();
+        Authenticator {
+            rules: vec![compile(&rule, &JwksCache::default()).unwrap()],
+        }
+    }
+
+    fn request(auth: Option<&str>) -> http::request::Parts {
+        let mut b = http::Request::builder().uri("/x");
+        if let Some(t) = auth {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn a_valid_token_names_its_principal_and_bad_ones_are_refused() {
+        let (k, jwks) = key("k1");
+        let a = authenticator(&jwks);
+        let claims = |iss: &str, aud: &str, exp: u64| json!({"iss": iss, "sub": "alice", "aud": aud, "exp": exp});
+        let good = token(&k, "k1", claims("https://issuer.example", "svc", now() + 600));
+        let mut req = request(Some(&good));
+        let jwt = a.authenticate(&mut req).unwrap().unwrap();
+        assert_eq!(jwt.principal, "https://issuer.example/alice");
+        assert_eq!(req.headers["x-sub"], "alice", "outputClaimToHeaders");
+        assert!(req.headers.get("authorization").is_none(), "not forwarded by default");
+
+        assert!(a.authenticate(&mut request(None)).unwrap().is_none(), "no token passes");
+        let (other, _) = key("k1");
+        for (why, t) in [
+            (
+                "expired",
+                token(&k, "k1", claims("https://issuer.example", "svc", now() - 600)),
+            ),
+            (
+                "audience",
+                token(&k, "k1", claims("https://issuer.example", "nope", now() + 600)),
+            ),
+            (
+                "issuer",
+                token(&k, "k1", claims("https://elsewhere", "svc", now() + 600)),
+            ),
+            (
+                "signature",
+                token(&other, "k1", claims("https://issuer.example", "svc", now() + 600)),
+            ),
+            ("garbage", "a.b.c".to_string()),
+        ] {
+            assert!(a.authenticate(&mut request(Some(&t))).is_err(), "{why}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_found_where_the_rule_says() {
+        let (k, jwks) = key("k1");
+        let a = authenticator(&jwks);
+        let t = token(
+            &k,
+            "k1",
+            json!({"iss": "https://issuer.example", "sub": "bob", "aud": ["x", "svc"], "exp": now() + 60}),
+        );
+        let mut req = http::Request::builder()
+            .uri(format!("/x?a=1&access_token={t}"))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_eq!(
+            a.authenticate(&mut req).unwrap().unwrap().principal,
+            "https://issuer.example/bob"
+        );
+    }
+}
