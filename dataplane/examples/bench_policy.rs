@@ -40,6 +40,7 @@ fn policy_with(i: usize, action: AuthzAction, rule: Rule) -> Arc<Policy> {
         namespace: "shop".into(),
         name: format!("p{i}"),
         selector: Some(BTreeMap::from([("app".to_string(), "cart".to_string())])),
+        targets: vec![],
         rule: PolicyRule::Authorization(Authorization {
             action,
             rules: vec![rule],

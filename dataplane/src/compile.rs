@@ -10,6 +10,7 @@ use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::listener::tls::{self, TlsError};
 use crate::mesh::index::MeshIndex;
+use crate::mesh::policy::GatewayPolicies;
 use crate::router::{self, HostTable, RouteError, RouteParts, VirtualHost};
 use crate::telemetry::{EndpointHealth, Registry};
 use crate::upstream::{ClusterError, ClusterRuntime};
@@ -28,6 +29,8 @@ pub struct CompiledListener {
     pub https: bool,
     pub hosts: HostTable,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Policies that target its Gateways, judged before routing.
+    pub policies: Option<GatewayPolicies>,
 }
 
 impl Compiled {
@@ -126,6 +129,7 @@ impl Compiler {
                     https: tls.is_some(),
                     hosts: HostTable::build(vhosts),
                     tls,
+                    policies: GatewayPolicies::for_gateways(&snap.policies, &l.gateways, &self.jwks),
                 },
             );
         }
@@ -192,6 +196,7 @@ impl Compiler {
                     https: false,
                     hosts: HostTable::build(vec![("*".into(), built)]),
                     tls: None,
+                    policies: None,
                 };
                 out.insert((s.key.clone(), p.port), Arc::new(l));
             }

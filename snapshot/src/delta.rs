@@ -66,6 +66,7 @@ fn same_head(a: &Listener, b: &Listener) -> bool {
         && a.port == b.port
         && a.protocol == b.protocol
         && a.certificates == b.certificates
+        && a.gateways == b.gateways
 }
 
 fn head(l: &Listener) -> Listener {

@@ -63,6 +63,9 @@ pub struct Policy {
     /// the root namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
+    /// Gateways (`namespace/name`) it targets (`targetRefs`) instead of selecting workloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
     pub rule: PolicyRule,
 }
 
@@ -124,7 +127,8 @@ pub enum MtlsMode {
 
 impl Policy {
     pub fn applies_to(&self, w: &Workload) -> bool {
-        (self.namespace == w.namespace || self.namespace == crate::ROOT_NAMESPACE)
+        self.targets.is_empty()
+            && (self.namespace == w.namespace || self.namespace == crate::ROOT_NAMESPACE)
             && self
                 .selector
                 .as_ref()
@@ -405,6 +409,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
+            targets: vec![],
             rule: PolicyRule::PeerAuthentication(PeerAuthn {
                 mode,
                 ports: ports.iter().copied().collect(),

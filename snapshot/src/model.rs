@@ -137,6 +137,8 @@ struct ListenerHead<'a> {
     port: u16,
     protocol: Protocol,
     certificates: &'a [Certificate],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    gateways: &'a [String],
 }
 
 impl Listener {
@@ -147,6 +149,7 @@ impl Listener {
             port: self.port,
             protocol: self.protocol,
             certificates: &self.certificates,
+            gateways: &self.gateways,
         })
     }
 }
@@ -352,6 +355,10 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<Certificate>,
     pub virtual_hosts: Vec<Arc<VirtualHost>>,
+    /// The Gateways (`namespace/name`) whose listeners it serves: policies that target one of
+    /// them (`targetRefs`) apply to its requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
 }
 
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.

@@ -320,6 +320,7 @@ mod tests {
                     hostname: "*".into(),
                     routes: routes.into_iter().map(Arc::new).collect(),
                 })],
+                gateways: vec![],
             }],
             clusters.into_iter().map(Arc::new).collect(),
         )

@@ -198,8 +198,13 @@ impl Authenticator {
     /// The rules of every RequestAuthentication that applies to `w`. Rules the translator would
     /// not pass (a JWKS that does not parse) are left out, so their tokens are refused.
     pub fn for_workload(policies: &[Arc<Policy>], w: &Workload, cache: &JwksCache) -> Authenticator {
+        Authenticator::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p), cache)
+    }
+
+    /// The RequestAuthentications among `policies`, compiled (the rest are skipped).
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>, cache: &JwksCache) -> Authenticator {
         let mut rules = Vec::new();
-        for p in policies.iter().filter(|p| p.applies_to(w)) {
+        for p in policies {
             let PolicyRule::RequestAuthentication(ra) = &p.rule else {
                 continue;
             };

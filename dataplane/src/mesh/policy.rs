@@ -520,8 +520,13 @@ impl Compiled {
 impl Authorizer {
     /// The policies in `policies` that select `w`.
     pub fn for_workload(policies: &[std::sync::Arc<Policy>], w: &Workload) -> Authorizer {
+        Authorizer::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p))
+    }
+
+    /// The AuthorizationPolicies among `policies`, compiled (the rest are skipped).
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>) -> Authorizer {
         let mut a = Authorizer::default();
-        for p in policies.iter().filter(|p| p.applies_to(w)) {
+        for p in policies {
             let PolicyRule::Authorization(authz) = &p.rule else {
                 continue;
             };
@@ -608,3 +613,62 @@ impl Authorizer {
 
 #[cfg(test)]
 mod tests;
+
+/// The AuthorizationPolicies and RequestAuthentications that target a Gateway (`targetRefs`),
+/// for the listeners that serve it: each request is authenticated, then authorized, before it
+/// is routed.
+pub struct GatewayPolicies {
+    authz: Authorizer,
+    authn: super::jwt::Authenticator,
+}
+
+impl GatewayPolicies {
+    /// Those of `policies` that target one of `gateways`; `None` when there are none.
+    pub fn for_gateways(
+        policies: &[std::sync::Arc<Policy>],
+        gateways: &[String],
+        jwks: &super::jwt::JwksCache,
+    ) -> Option<GatewayPolicies> {
+        let targeting = || {
+            policies
+                .iter()
+                .filter(|p| p.targets.iter().any(|t| gateways.contains(t)))
+                .map(|p| &**p)
+        };
+        let g = GatewayPolicies {
+            authz: Authorizer::compile(targeting()),
+            authn: super::jwt::Authenticator::compile(targeting(), jwks),
+        };
+        (!g.authz.is_empty() || !g.authn.is_empty()).then_some(g)
+    }
+
+    /// The verdict on one request from `client` to the listener at `listener`.
+    pub fn judge(
+        &self,
+        req: &mut http::request::Parts,
+        client: SocketAddr,
+        listener: SocketAddr,
+    ) -> super::l7::Verdict {
+        let auth = match self.authn.authenticate(req) {
+            Ok(auth) => auth,
+            Err(why) => {
+                tracing::info!(%client, path = req.uri.path(), reason = %why, "token refused");
+                return super::l7::Verdict::Unauthenticated;
+            }
+        };
+        let conn = Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: Some(req),
+            auth: auth.as_ref(),
+        };
+        match self.authz.check(&conn) {
+            Decision::Allow => super::l7::Verdict::Allow,
+            Decision::Deny(why) => {
+                tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
+                super::l7::Verdict::Deny
+            }
+        }
+    }
+}

@@ -19,6 +19,7 @@ use hyper::body::{Body as _, Incoming};
 
 use crate::compile::{Compiled, CompiledListener};
 use crate::limits::Limits;
+use crate::mesh::l7::Verdict;
 use crate::router::Route;
 use crate::telemetry::{Registry, UpstreamError};
 use crate::upstream::{ClusterRuntime, MaxConnections, Outcome};
@@ -53,6 +54,10 @@ enum Local {
     ClientBody,
     /// The client stopped sending its body.
     ClientBodyTimeout,
+    /// An AuthorizationPolicy of the Gateway denies the request.
+    Denied,
+    /// The request's JWT is not accepted by the Gateway's RequestAuthentications.
+    Unauthenticated,
 }
 
 impl Local {
@@ -66,6 +71,8 @@ impl Local {
             Local::BadHost | Local::BadPath | Local::ClientBody => StatusCode::BAD_REQUEST,
             Local::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Local::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Local::Denied => StatusCode::FORBIDDEN,
+            Local::Unauthenticated => StatusCode::UNAUTHORIZED,
             Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::InvalidResponse) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -88,6 +95,8 @@ impl Local {
             Local::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Local::ClientBody => "request_body_error",
             Local::ClientBodyTimeout => "request_body_timeout",
+            Local::Denied => "rbac_access_denied",
+            Local::Unauthenticated => "jwt_invalid",
             Local::Upstream(e) => e.as_str(),
         }
     }
@@ -98,6 +107,12 @@ impl Local {
         let h = r.headers_mut();
         h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if let Local::Unauthenticated = self {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"gateway\", error=\"invalid_token\""),
+            );
+        }
         r
     }
 }
@@ -128,6 +143,14 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         Ok(h) => h,
         Err(l) => return l.response(),
     };
+    if let Some(p) = &listener.policies {
+        let (mut parts, body) = req.into_parts();
+        match p.judge(&mut parts, conn.client, conn.listener) {
+            Verdict::Allow => req = Request::from_parts(parts, body),
+            Verdict::Deny => return Local::Denied.response(),
+            Verdict::Unauthenticated => return Local::Unauthenticated.response(),
+        }
+    }
     let host = host_value
         .as_ref()
         .and_then(|h| h.to_str().ok())

@@ -195,12 +195,19 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                             protocol,
                             certificates: Vec::new(),
                             virtual_hosts: Vec::new(),
+                            gateways: Vec::new(),
                         },
                     });
                     out.bound.len() - 1
                 }
             };
             out.bound[bound].listener.certificates.extend(certs);
+            let gw_key = format!("{}/{}", obj.namespace, obj.name);
+            let gateways = &mut out.bound[bound].listener.gateways;
+            if !gateways.contains(&gw_key) {
+                gateways.push(gw_key);
+                gateways.sort();
+            }
             let ar = l.allowed_routes.as_ref();
             let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {
                 None => AllowedNamespaces::Same,

@@ -327,15 +327,25 @@ impl Incremental {
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;
-        let (policies, policy_digests) = if self.opts.gateway.is_none() {
-            policy::build(
+        let (policies, policy_digests) = {
+            let (policies, digests) = policy::build(
                 &res.authorization_policies,
                 &res.peer_authentications,
                 &res.request_authentications,
                 &mut problems,
-            )
-        } else {
-            Default::default()
+            );
+            // A proxy of one Gateway gets the policies that target it and no others.
+            match &self.opts.gateway {
+                None => (policies, digests),
+                Some(gw) => {
+                    let key = format!("{}/{}", gw.namespace, gw.name);
+                    policies
+                        .into_iter()
+                        .zip(digests)
+                        .filter(|(p, _)| p.targets.contains(&key))
+                        .unzip()
+                }
+            }
         };
         // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
         let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {

@@ -64,15 +64,13 @@ fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option
             return None;
         }
     };
-    if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
-        problems.push(
-            &obj,
-            "spec.targetRefs",
-            Reason::UnsupportedValue,
-            "targetRefs are not supported yet; use a selector",
-        );
-        return None;
-    }
+    let targets = targets(
+        &obj,
+        &spec.target_refs,
+        spec.target_ref.as_ref(),
+        spec.selector.is_some(),
+        problems,
+    )?;
     let rules = spec.rules.clone().unwrap_or_default();
     for (i, r) in rules.iter().enumerate() {
         for (j, f) in r.from.iter().enumerate() {
@@ -110,38 +108,42 @@ fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option
         .as_ref()
         .and_then(|a| a.get(DRY_RUN))
         .is_some_and(|v| v == "true");
-    Some(policy(
-        &obj,
-        spec.selector.as_ref(),
-        PolicyRule::Authorization(Authorization { action, rules, dry_run }),
-    ))
+    Some(Policy {
+        targets,
+        ..policy(
+            &obj,
+            spec.selector.as_ref(),
+            PolicyRule::Authorization(Authorization { action, rules, dry_run }),
+        )
+    })
 }
 
 fn request_authentication(p: &RequestAuthentication, problems: &mut Problems<'_>) -> Option<Policy> {
     let obj: ObjectRef = meta_ref("RequestAuthentication", &p.metadata);
     let spec = &p.spec;
-    if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
-        problems.push(
-            &obj,
-            "spec.targetRefs",
-            Reason::UnsupportedValue,
-            "targetRefs are not supported yet; use a selector",
-        );
-        return None;
-    }
+    let targets = targets(
+        &obj,
+        &spec.target_refs,
+        spec.target_ref.as_ref(),
+        spec.selector.is_some(),
+        problems,
+    )?;
     for (i, r) in spec.jwt_rules.iter().enumerate() {
         if let Err((field, why)) = check_jwt_rule(r) {
             problems.push(&obj, format!("spec.jwtRules[{i}].{field}"), Reason::Invalid, why);
             return None;
         }
     }
-    Some(policy(
-        &obj,
-        spec.selector.as_ref(),
-        PolicyRule::RequestAuthentication(RequestAuthn {
-            jwt_rules: spec.jwt_rules.clone(),
-        }),
-    ))
+    Some(Policy {
+        targets,
+        ..policy(
+            &obj,
+            spec.selector.as_ref(),
+            PolicyRule::RequestAuthentication(RequestAuthn {
+                jwt_rules: spec.jwt_rules.clone(),
+            }),
+        )
+    })
 }
 
 /// The field and reason a JWT rule cannot be used for, if any.
@@ -191,8 +193,60 @@ fn policy(obj: &ObjectRef, selector: Option<&crate::istio::WorkloadSelector>, ru
         namespace: obj.namespace.clone(),
         name: obj.name.clone(),
         selector: selector.map(|s| s.match_labels.clone()),
+        targets: Vec::new(),
         rule,
     }
+}
+
+/// The Gateways (`namespace/name`, in the policy's namespace) a policy's `targetRefs` name.
+/// Other kinds are not supported yet, and a selector with targetRefs is ambiguous.
+fn targets(
+    obj: &ObjectRef,
+    refs: &[serde_json::Value],
+    one: Option<&serde_json::Value>,
+    selector: bool,
+    problems: &mut Problems<'_>,
+) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, r) in one.into_iter().chain(refs).enumerate() {
+        let field = match one {
+            Some(_) if i == 0 => "spec.targetRef".to_string(),
+            Some(_) => format!("spec.targetRefs[{}]", i - 1),
+            None => format!("spec.targetRefs[{i}]"),
+        };
+        let get = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        if get("group") != crate::GATEWAY_GROUP || get("kind") != "Gateway" {
+            problems.push(
+                obj,
+                field,
+                Reason::UnsupportedValue,
+                format!(
+                    "only Gateways ({}/Gateway) can be targeted, not {:?}/{:?}",
+                    crate::GATEWAY_GROUP,
+                    get("group"),
+                    get("kind")
+                ),
+            );
+            return None;
+        }
+        if get("name").is_empty() {
+            problems.push(obj, format!("{field}.name"), Reason::Invalid, "a name is required");
+            return None;
+        }
+        out.push(format!("{}/{}", obj.namespace, get("name")));
+    }
+    if !out.is_empty() && selector {
+        problems.push(
+            obj,
+            "spec.selector",
+            Reason::Invalid,
+            "selector and targetRefs cannot be used together",
+        );
+        return None;
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 fn mode(obj: &ObjectRef, field: String, m: &crate::istio::Mtls, problems: &mut Problems<'_>) -> Option<MtlsMode> {
@@ -262,6 +316,55 @@ mod tests {
     use crate::Resources;
     use crate::mesh::{AuthzAction, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, translate};
+
+    #[test]
+    fn target_refs_put_policies_on_gateways_not_workloads() {
+        let mut r = Resources::default();
+        r.add_yaml(
+            "t.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: edge}\n\
+             spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: at-gw, namespace: edge}\n\
+             spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}], rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ns-wide, namespace: edge}\nspec: {rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: at-svc, namespace: edge}\n\
+             spec: {targetRefs: [{group: '', kind: Service, name: s}], rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: both, namespace: edge}\n\
+             spec: {selector: {matchLabels: {app: x}}, targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: gw}}\n",
+        )
+        .unwrap();
+        let t = translate(&r, 1, &Options::default());
+        let problems: Vec<_> = t
+            .problems
+            .iter()
+            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                ("at-svc", "spec.targetRefs[0]", Reason::UnsupportedValue),
+                ("both", "spec.selector", Reason::Invalid),
+            ]
+        );
+        let at_gw = t.snapshot.policies.iter().find(|p| p.name == "at-gw").unwrap();
+        assert_eq!(at_gw.targets, ["edge/gw"]);
+        assert_eq!(t.snapshot.listeners[0].gateways, ["edge/gw"]);
+        let w = t.snapshot.workload_or_placeholder("edge", "pod");
+        assert!(!at_gw.applies_to(&w), "a targeted policy selects no workload");
+        // The Gateway's own scope carries the policies that target it, and only those.
+        let opts = Options {
+            gateway: Some(crate::ObjectRef {
+                kind: "Gateway",
+                namespace: "edge".into(),
+                name: "gw".into(),
+            }),
+            ..Options::default()
+        };
+        let scoped = translate(&r, 1, &opts);
+        let names: Vec<_> = scoped.snapshot.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["at-gw"]);
+        assert!(scoped.snapshot.is_whole());
+    }
 
     #[test]
     fn request_authentications_carry_their_rules_and_bad_ones_name_the_field() {

@@ -29,6 +29,7 @@ fn policy(ns: &str, name: &str, spec: &str) -> Arc<Policy> {
         namespace: ns.into(),
         name: name.into(),
         selector: spec.selector.map(|s| s.match_labels),
+        targets: vec![],
         rule: PolicyRule::Authorization(Authorization {
             action: match spec.action.as_deref().unwrap_or("ALLOW") {
                 "DENY" => AuthzAction::Deny,

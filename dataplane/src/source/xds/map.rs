@@ -511,6 +511,8 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
             },
             certificates,
             virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
+            // xDS carries no Gateway API policies (RBAC filters are not mapped).
+            gateways: Vec::new(),
         });
     }
     listeners.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
