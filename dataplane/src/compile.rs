@@ -31,6 +31,8 @@ pub struct CompiledListener {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Policies that target its Gateways, judged before routing.
     pub policies: Option<GatewayPolicies>,
+    /// Each request is logged (see [`crate::access_log`]).
+    pub access_log: bool,
 }
 
 impl Compiled {
@@ -130,6 +132,7 @@ impl Compiler {
                     hosts: HostTable::build(vhosts),
                     tls,
                     policies: GatewayPolicies::for_gateways(&snap.policies, &l.gateways, &self.jwks),
+                    access_log: l.access_log,
                 },
             );
         }
@@ -197,6 +200,7 @@ impl Compiler {
                     hosts: HostTable::build(vec![("*".into(), built)]),
                     tls: None,
                     policies: None,
+                    access_log: false,
                 };
                 out.insert((s.key.clone(), p.port), Arc::new(l));
             }

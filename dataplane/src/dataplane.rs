@@ -42,6 +42,7 @@ impl Dataplane {
             config: ArcSwap::from_pointee(Compiled::empty()),
             registry: registry.clone(),
             limits,
+            access_log: Default::default(),
         });
         Arc::new(Dataplane {
             compiler: Compiler::new(registry, workers.len()),

@@ -1,5 +1,6 @@
 //! `ferrum-dp`, the Ferrum Mesh data plane.
 
+pub mod access_log;
 pub mod admin;
 pub mod compile;
 pub mod dataplane;

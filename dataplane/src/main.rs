@@ -47,6 +47,10 @@ struct Args {
         env = "FERRUM_SNAPSHOT_CACHE"
     )]
     snapshot_cache: PathBuf,
+    /// Where access log lines go (for Gateways annotated `ferrum.dev/access-log: "true"`):
+    /// a file to append to; stdout when unset.
+    #[arg(long, env = "FERRUM_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
     /// Admin listener: /ready, /live, /metrics, /config.
     #[arg(long, default_value = "127.0.0.1:9901", env = "FERRUM_ADMIN_ADDR")]
     admin_addr: SocketAddr,
@@ -404,6 +408,9 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     };
     let drain_timeout = limits.drain_timeout;
     let dp = Dataplane::new(limits, workers.clone());
+    if let Some(p) = &args.access_log {
+        dp.shared.access_log.set_path(p.clone());
+    }
     // Its own policies are compiled into every snapshot, the cached one included.
     if args.mesh.mode == Mode::Sidecar
         && let (Some(ns), Some(pod)) = (&args.mesh.pod_namespace, &args.mesh.pod_name)

@@ -208,7 +208,7 @@ impl Registry {
         );
     }
 
-    pub fn render(&self, health: &[EndpointHealth]) -> String {
+    pub fn render(&self, health: &[EndpointHealth], access_log: &crate::access_log::AccessLog) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let g = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -276,6 +276,19 @@ impl Registry {
             "Requests that matched no route.",
         );
         let _ = writeln!(out, "ferrum_unrouted_requests_total {}", self.unrouted.load(Relaxed));
+        g(
+            &mut out,
+            "ferrum_access_log_lines_total",
+            "counter",
+            "Access log lines by result: written, or dropped because the writer fell behind.",
+        );
+        for (result, v) in [("written", &*access_log.written), ("dropped", &access_log.dropped)] {
+            let _ = writeln!(
+                out,
+                "ferrum_access_log_lines_total{{result=\"{result}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
         self.render_mesh(&mut out);
 
         let routes = self.routes.lock().unwrap().clone();
@@ -421,12 +434,15 @@ mod tests {
         s.responses.record(503);
         s.latency.observe(Duration::from_millis(3));
         r.cluster("c").error(UpstreamError::Timeout);
-        let text = r.render(&[EndpointHealth {
-            cluster: "c".into(),
-            endpoint: "1.2.3.4:80".into(),
-            healthy: false,
-            active_requests: 0,
-        }]);
+        let text = r.render(
+            &[EndpointHealth {
+                cluster: "c".into(),
+                endpoint: "1.2.3.4:80".into(),
+                healthy: false,
+                active_requests: 0,
+            }],
+            &Default::default(),
+        );
         assert!(text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"2xx\"} 1"));
         assert!(text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"5xx\"} 1"));
         assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.005\"} 1"));

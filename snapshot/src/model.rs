@@ -139,6 +139,8 @@ struct ListenerHead<'a> {
     certificates: &'a [Certificate],
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     gateways: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    access_log: bool,
 }
 
 impl Listener {
@@ -150,6 +152,7 @@ impl Listener {
             protocol: self.protocol,
             certificates: &self.certificates,
             gateways: &self.gateways,
+            access_log: self.access_log,
         })
     }
 }
@@ -359,6 +362,9 @@ pub struct Listener {
     /// them (`targetRefs`) apply to its requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
+    /// Log every request as a JSON line (a Gateway's `ferrum.dev/access-log: "true"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.

@@ -117,6 +117,40 @@ pub enum ResponseBody {
         _request: Option<RequestGuard>,
         _endpoint: Option<EndpointGuard>,
     },
+    /// Either of the above, counted for an access log line sent when it ends.
+    Logged(Box<Logged>),
+}
+
+/// A response body whose request is logged once the body is done (or dropped unfinished).
+pub struct Logged {
+    inner: ResponseBody,
+    entry: Option<crate::access_log::Entry>,
+    shared: Arc<super::Shared>,
+}
+
+impl Logged {
+    pub fn wrap(inner: ResponseBody, entry: crate::access_log::Entry, shared: Arc<super::Shared>) -> ResponseBody {
+        ResponseBody::Logged(Box::new(Logged {
+            inner,
+            entry: Some(entry),
+            shared,
+        }))
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(mut e) = self.entry.take() {
+            e.complete = complete;
+            e.duration_ms = e.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
+            self.shared.access_log.send(e);
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let done = self.inner.is_end_stream();
+        self.finish(done);
+    }
 }
 
 impl ResponseBody {
@@ -133,18 +167,34 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ResponseBody::Logged(l) => {
+                let r = Pin::new(&mut l.inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(d), Some(e)) = (f.data_ref(), l.entry.as_mut()) {
+                            e.bytes_sent += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => l.finish(true),
+                    Poll::Ready(Some(Err(_))) => l.finish(false),
+                    Poll::Pending => {}
+                }
+                r
+            }
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Local(b) => b.is_none(),
             ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::Logged(l) => l.inner.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::Logged(l) => l.inner.size_hint(),
         }
     }
 }

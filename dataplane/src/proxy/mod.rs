@@ -31,6 +31,7 @@ pub struct Shared {
     pub config: ArcSwap<Compiled>,
     pub registry: Arc<Registry>,
     pub limits: Limits,
+    pub access_log: crate::access_log::AccessLog,
 }
 
 /// Why the proxy answered by itself; the value goes in `x-ferrum-error`.
@@ -138,6 +139,28 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     else {
         return Local::RouteNotFound.response();
     };
+    if !listener.access_log {
+        return serve(&shared, listener, conn, req, started, None).await;
+    }
+    let mut entry = crate::access_log::Entry::of(&req, conn.client, &listener.name);
+    let mut resp = serve(&shared, listener, conn, req, started, Some(&mut entry)).await;
+    entry.respond(&resp);
+    entry.upstream_host = resp
+        .extensions_mut()
+        .remove::<crate::access_log::UpstreamHost>()
+        .map(|h| h.0);
+    resp.map(|b| body::Logged::wrap(b, entry, shared.clone()))
+}
+
+/// Answers one request on `listener`; notes its route and cluster in `log`, when logging.
+async fn serve(
+    shared: &Arc<Shared>,
+    listener: &CompiledListener,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    started: Instant,
+    log: Option<&mut crate::access_log::Entry>,
+) -> Response<ResponseBody> {
     let mut req = req;
     let host_value = match check_head(&mut req, &shared.limits) {
         Ok(h) => h,
@@ -172,17 +195,25 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Local::RouteNotFound.response();
     };
+    let mut log = log;
+    if let Some(e) = log.as_deref_mut() {
+        e.route = Some(route.name.clone());
+    }
     let mut resp = match &route.action {
         crate::router::Action::Redirect(rd) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
         crate::router::Action::Forward(_) => match route.action.pick() {
             Some(Some(cluster)) => {
+                if let Some(e) = log.as_deref_mut() {
+                    e.upstream_cluster = Some(cluster.spec.name.clone());
+                }
                 let ctx = Forward {
-                    shared: &shared,
+                    shared,
                     listener,
                     route,
                     cluster,
                     conn,
                     host_value,
+                    logging: log.is_some(),
                 };
                 match ctx.run(req).await {
                     Ok(r) => r,
@@ -326,6 +357,8 @@ struct Forward<'a> {
     cluster: &'a Arc<ClusterRuntime>,
     conn: ConnInfo,
     host_value: Option<HeaderValue>,
+    /// The listener logs requests: the response carries the endpoint that answered.
+    logging: bool,
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -497,7 +530,14 @@ impl Forward<'_> {
                         (guard, ep_guard),
                     ))
                 }
-                Try::Response(resp) => Ok(downstream_response(resp, via, guard, ep_guard)),
+                Try::Response(resp) => {
+                    let mut r = downstream_response(resp, via, guard, ep_guard);
+                    if self.logging {
+                        r.extensions_mut()
+                            .insert(crate::access_log::UpstreamHost(ep.key.clone()));
+                    }
+                    Ok(r)
+                }
                 Try::Upstream(e) => Err(Local::Upstream(e)),
                 Try::Client(l) => Err(l),
             };

@@ -100,6 +100,17 @@ fn served(res: &Resources, gw: &Gateway, opts: &Options) -> bool {
     })
 }
 
+/// The Gateway annotation that turns on access logs for its listeners.
+pub const ACCESS_LOG_ANNOTATION: &str = "ferrum.dev/access-log";
+
+fn access_log(gw: &Gateway) -> bool {
+    gw.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ACCESS_LOG_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
 pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>) -> Listeners {
     let mut out = Listeners {
         bound: Vec::new(),
@@ -196,12 +207,14 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                             certificates: Vec::new(),
                             virtual_hosts: Vec::new(),
                             gateways: Vec::new(),
+                            access_log: false,
                         },
                     });
                     out.bound.len() - 1
                 }
             };
             out.bound[bound].listener.certificates.extend(certs);
+            out.bound[bound].listener.access_log |= access_log(gw);
             let gw_key = format!("{}/{}", obj.namespace, obj.name);
             let gateways = &mut out.bound[bound].listener.gateways;
             if !gateways.contains(&gw_key) {

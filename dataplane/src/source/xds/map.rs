@@ -513,6 +513,7 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
             virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
             // xDS carries no Gateway API policies (RBAC filters are not mapped).
             gateways: Vec::new(),
+            access_log: false,
         });
     }
     listeners.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
