@@ -284,11 +284,7 @@ metadata: {name: late, namespace: shop, creationTimestamp: '2026-02-01T00:00:00Z
 spec: {parentRefs: [{group: '', kind: Service, name: b, port: 80}], rules: [{backendRefs: [{name: b-v1, port: 80}]}]}
 ";
         let t = translate(&resources(extra), 1, &Options::default());
-        let reasons: Vec<_> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
-            .collect();
+        let reasons = t.problem_keys();
         assert_eq!(
             reasons,
             [

@@ -389,4 +389,15 @@ impl Incremental {
 }
 
 #[cfg(test)]
+impl Translation {
+    /// (object name, field, reason) of every problem, in order: what translator tests compare.
+    pub(crate) fn problem_keys(&self) -> Vec<(&str, &str, Reason)> {
+        self.problems
+            .iter()
+            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests;

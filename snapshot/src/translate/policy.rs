@@ -334,11 +334,7 @@ mod tests {
         )
         .unwrap();
         let t = translate(&r, 1, &Options::default());
-        let problems: Vec<_> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
-            .collect();
+        let problems = t.problem_keys();
         assert_eq!(
             problems,
             [
@@ -389,11 +385,7 @@ mod tests {
             panic!()
         };
         assert_eq!(ra.jwt_rules.len(), 2);
-        let problems: Vec<_> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
-            .collect();
+        let problems = t.problem_keys();
         assert_eq!(
             problems,
             [
@@ -447,11 +439,7 @@ mod tests {
             (pa.mode, pa.ports.get(&8080).copied()),
             (MtlsMode::Strict, Some(MtlsMode::Permissive))
         );
-        let problems: Vec<_> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
-            .collect();
+        let problems = t.problem_keys();
         assert_eq!(
             problems,
             [
