@@ -412,6 +412,20 @@ async fn http_policies_are_enforced_per_request() {
         "the DENY header"
     );
     assert!(get("/public/page", &["-H", "x-block: no"]).ends_with(" 200"));
+    // A change to a live policy: from `kubectl apply` to the first request it decides.
+    let applied = std::time::Instant::now();
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: read-public, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: b}}}}, rules: [{{to: [{{operation: {{methods: [GET], paths: [\"/public/{{*}}\", \"/private\"]}}}}]}}]}}\n"
+    ));
+    let mut took = Duration::ZERO;
+    eventually("the changed policy takes effect", Duration::from_secs(10), async || {
+        took = applied.elapsed();
+        get("/private", &[]).ends_with(" 200")
+    })
+    .await;
+    println!("policy change applied to live traffic within {} ms", took.as_millis());
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(!echo_through(&w), "an ALLOW on HTTP fields cannot match TCP: refused");
     let log = w.pods[1].sidecar_log();
     assert!(log.contains("request denied") && log.contains("/private"), "{log}");
