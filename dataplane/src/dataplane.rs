@@ -43,6 +43,7 @@ impl Dataplane {
             registry: registry.clone(),
             limits,
             access_log: Default::default(),
+            tracing: Default::default(),
         });
         Arc::new(Dataplane {
             compiler: Compiler::new(registry, workers.len()),

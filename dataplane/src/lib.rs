@@ -12,5 +12,6 @@ pub mod router;
 pub mod source;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;
 pub mod workers;

@@ -86,6 +86,16 @@ struct Args {
     /// Worker threads, each with its own listeners and upstream pools (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// OTLP/gRPC collector for request spans (e.g. `http://otel-collector:4317`); without one,
+    /// `traceparent` passes through untouched and no spans are made.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 1; a caller's `traceparent` decision is kept.
+    #[arg(long, default_value_t = 1.0, env = "FERRUM_TRACE_SAMPLING")]
+    trace_sampling: f64,
+    /// `service.name` of this proxy's spans (default: the node id).
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    trace_service_name: Option<String>,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -464,6 +474,18 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
     });
+    if let Some(endpoint) = &args.otlp_endpoint {
+        let cfg = ferrum_dp::trace::TraceConfig {
+            endpoint: endpoint.clone(),
+            sampling: args.trace_sampling,
+            service_name: args.trace_service_name.clone().unwrap_or_else(|| node_id.clone()),
+        };
+        if let Err(e) = dp.shared.tracing.start(&cfg) {
+            eprintln!("ferrum-dp: {e}");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!(%endpoint, sampling = cfg.sampling, service = %cfg.service_name, "exporting request spans over OTLP");
+    }
     let source = match (&args.control_plane, &args.xds) {
         (_, Some(url)) => {
             let settings = xds::Settings {
@@ -527,5 +549,8 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(open = dp.shared.registry.downstream_active.load(Relaxed), "drained");
+    // The exporter's connection lives on this runtime: flush beside it, not on it.
+    let flushing = dp.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.shared.tracing.flush()).await;
     ExitCode::SUCCESS
 }

@@ -17,7 +17,8 @@ pub const NS: &str = "mesh";
 
 /// The pods' application: answers HTTP on 8080 with who it is, what it was asked and from where
 /// (the peer address and the `forwarded` header, if any) — and, in response headers, whether
-/// the request reached it with an `authorization` header and its `x-jwt-sub` — and echoes TCP
+/// the request reached it with an `authorization` header, its `x-jwt-sub` and `traceparent` —
+/// and echoes TCP
 /// on 9000.
 pub const APP: &str = r#"
 import socket, sys, threading
@@ -31,6 +32,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.send_header("x-saw-authorization", "yes" if self.headers.get("authorization") else "no")
         self.send_header("x-saw-sub", self.headers.get("x-jwt-sub", "-"))
+        self.send_header("x-saw-traceparent", self.headers.get("traceparent", "-"))
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a):

@@ -895,3 +895,80 @@ async fn request_authentication_validates_jwts_for_policies() {
     let log = w.pods[1].sidecar_log();
     assert!(log.contains("JWKS fetched") && log.contains("token refused"), "{log}");
 }
+
+/// Tracing across the mesh: pod A's sidecar routes the call (a client span), the request
+/// crosses the HBONE tunnel, B's sidecar continues the trace (a server span) and B's app gets
+/// a `traceparent` whose parent is B's sidecar — one trace, exported by both over OTLP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_crosses_both_sidecars_over_hbone() {
+    let mut w = World::start(&[]).await;
+    let collector = ferrum_testkit::otlp::Collector::start(&w.bridge.host_ip()).await;
+    let otlp = collector.endpoint();
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", VIP, "b");
+    w.app(b);
+    w.sidecar(a, "sa-a", &["--otlp-endpoint", &otlp]);
+    w.sidecar(b, "sa-b", &["--otlp-endpoint", &otlp]);
+    w.ready(a).await;
+    w.ready(b).await;
+    until_routed(&w).await;
+    w.cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-traced, namespace: {NS}}}\n\
+         spec: {{parentRefs: [{{group: '', kind: Service, name: svc-b, port: 80}}], rules: [{{backendRefs: [{{name: svc-b, port: 80}}]}}]}}\n"
+    ));
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "a1b2c3d4e5f60718";
+    let mut saw = String::new();
+    // Until A's sidecar serves the route, the call is relayed at L4 and A makes no span.
+    eventually("A's sidecar routes svc-b", Duration::from_secs(20), async || {
+        let (ok, head) = w.pods[a].curl(&[
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            &format!("traceparent: 00-{trace}-{caller}-01"),
+            "--resolve",
+            &format!("svc-b.{NS}.svc:80:{VIP}"),
+            &format!("http://svc-b.{NS}.svc/traced"),
+        ]);
+        saw = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-saw-traceparent: "))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        ok && collector
+            .spans_of(trace)
+            .iter()
+            .any(|s| s.service == format!("a-1.{NS}"))
+    })
+    .await;
+    let spans = collector.trace(trace, 2).await;
+    let client = spans.iter().rev().find(|s| s.service == format!("a-1.{NS}")).unwrap();
+    let server = spans
+        .iter()
+        .find(|s| s.service == format!("b-1.{NS}") && s.parent == client.span)
+        .unwrap_or_else(|| panic!("B's span under A's: {spans:#?}"));
+    assert_eq!(client.parent, caller, "A's sidecar continues the app's trace");
+    assert_eq!(client.kind, 3, "an outbound span is a client span");
+    assert_eq!(server.kind, 2, "an inbound span is a server span");
+    assert_eq!(client.attrs["http.response.status_code"], "200");
+    assert_eq!(server.attrs["http.response.status_code"], "200");
+    let seen: Vec<&str> = saw.split('-').collect();
+    assert_eq!(seen.len(), 4, "B's app saw {saw:?}");
+    assert_eq!(seen[1], trace, "B's app is in the same trace");
+    // The last call's spans may still be queued: B's app's parent is one of B's spans.
+    eventually(
+        "B's app's parent is a span of B's sidecar",
+        Duration::from_secs(10),
+        async || {
+            collector
+                .spans_of(trace)
+                .iter()
+                .any(|s| s.service == format!("b-1.{NS}") && s.span == seen[2])
+        },
+    )
+    .await;
+}

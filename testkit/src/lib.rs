@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 pub mod netns;
+pub mod otlp;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {

@@ -4,6 +4,7 @@
 //! request checked, 403 `RBAC: access denied` as Istio answers, the rest forwarded to the app
 //! over the connection already opened to it — and anything else is judged once, at L4.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,8 +16,12 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry::trace::SpanKind;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::access_log::Entry;
+use crate::proxy::Shared;
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -131,9 +136,41 @@ pub enum Verdict {
     Unauthenticated,
 }
 
+/// One request: judged, then answered locally or by the app.
+async fn answer<F>(req: Request<Incoming>, app: &AppConn, judge: &F) -> Result<Response<Body>, std::convert::Infallible>
+where
+    F: Fn(&mut http::request::Parts) -> Verdict,
+{
+    let (mut parts, body) = req.into_parts();
+    match judge(&mut parts) {
+        Verdict::Allow => {}
+        Verdict::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
+        Verdict::Unauthenticated => {
+            // Envoy's answer, so clients written against Istio see what they expect.
+            let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+            );
+            return Ok(r);
+        }
+    }
+    Ok(match app.send(Request::from_parts(parts, body)).await {
+        Ok(resp) => resp.map(BodyExt::boxed),
+        Err(e) => {
+            tracing::debug!(error = %e, "application request failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers",
+            )
+        }
+    })
+}
+
 /// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
-/// forwarding the allowed ones to `app`, until either side closes.
-pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F)
+/// forwarding the allowed ones to `app`, until either side closes. Each request continues its
+/// trace with an inbound span of this proxy when `shared` traces.
+pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F, shared: Arc<Shared>, client: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(&mut http::request::Parts) -> Verdict + Send + Sync + 'static,
@@ -155,35 +192,20 @@ where
         },
     };
     let judge = Arc::new(judge);
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (app, judge) = (app.clone(), judge.clone());
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (app, judge, shared) = (app.clone(), judge.clone(), shared.clone());
         async move {
-            let (mut parts, body) = req.into_parts();
-            match judge(&mut parts) {
-                Verdict::Allow => {}
-                Verdict::Deny => {
-                    return Ok::<_, std::convert::Infallible>(text(StatusCode::FORBIDDEN, "RBAC: access denied"));
-                }
-                Verdict::Unauthenticated => {
-                    // Envoy's answer, so clients written against Istio see what they expect.
-                    let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
-                    r.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
-                    );
-                    return Ok(r);
-                }
+            let Some(span) = shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
+                return answer(req, &app, &*judge).await;
+            };
+            let mut entry = Entry::of(&req, client, "inbound");
+            let resp = answer(req, &app, &*judge).await;
+            if let Ok(r) = &resp {
+                entry.respond(r);
             }
-            Ok(match app.send(Request::from_parts(parts, body)).await {
-                Ok(resp) => resp.map(BodyExt::boxed),
-                Err(e) => {
-                    tracing::debug!(error = %e, "application request failed");
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "upstream connect error or disconnect/reset before headers",
-                    )
-                }
-            })
+            entry.complete = true;
+            span.end(&entry);
+            resp
         }
     });
     let io = TokioIo::new(stream);

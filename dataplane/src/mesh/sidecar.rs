@@ -145,11 +145,11 @@ impl App {
         }
     }
 
-    /// Whether the policies must see HTTP requests, not just the connection (request fields,
-    /// or JWTs to validate).
+    /// Whether HTTP requests must be seen, not just the connection: the policies look at
+    /// request fields or JWTs, or requests are traced.
     fn per_request(&self) -> bool {
         let cfg = self.dp.shared.config.load();
-        cfg.mesh.inbound.needs_http() || !cfg.mesh.authn.is_empty()
+        cfg.mesh.inbound.needs_http() || !cfg.mesh.authn.is_empty() || self.dp.shared.tracing.enabled()
     }
 
     /// Carries an allowed-so-far inbound stream to the app: judged per request when it speaks
@@ -168,7 +168,8 @@ impl App {
         match http {
             Some(http) => {
                 let me = self.clone();
-                l7::serve(s, http, app, move |parts| me.judge(&c, parts)).await;
+                let (shared, client) = (self.dp.shared.clone(), SocketAddr::new(c.source, 0));
+                l7::serve(s, http, app, move |parts| me.judge(&c, parts), shared, client).await;
             }
             None if self.authorize(&c, None, None) => {
                 let _ = relay(s, app, self.idle_timeout, &self.stats).await;

@@ -118,21 +118,32 @@ pub enum ResponseBody {
         _endpoint: Option<EndpointGuard>,
     },
     /// Either of the above, counted for an access log line sent when it ends.
-    Logged(Box<Logged>),
+    Observed(Box<Observed>),
 }
 
-/// A response body whose request is logged once the body is done (or dropped unfinished).
-pub struct Logged {
+/// A response body whose request is observed — logged, its span ended, or both — once the
+/// body is done (or dropped unfinished).
+pub struct Observed {
     inner: ResponseBody,
     entry: Option<crate::access_log::Entry>,
+    log: bool,
+    span: Option<crate::trace::RequestSpan>,
     shared: Arc<super::Shared>,
 }
 
-impl Logged {
-    pub fn wrap(inner: ResponseBody, entry: crate::access_log::Entry, shared: Arc<super::Shared>) -> ResponseBody {
-        ResponseBody::Logged(Box::new(Logged {
+impl Observed {
+    pub fn wrap(
+        inner: ResponseBody,
+        entry: crate::access_log::Entry,
+        log: bool,
+        span: Option<crate::trace::RequestSpan>,
+        shared: Arc<super::Shared>,
+    ) -> ResponseBody {
+        ResponseBody::Observed(Box::new(Observed {
             inner,
             entry: Some(entry),
+            log,
+            span,
             shared,
         }))
     }
@@ -141,12 +152,17 @@ impl Logged {
         if let Some(mut e) = self.entry.take() {
             e.complete = complete;
             e.duration_ms = e.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
-            self.shared.access_log.send(e);
+            if let Some(span) = self.span.take() {
+                span.end(&e);
+            }
+            if self.log {
+                self.shared.access_log.send(e);
+            }
         }
     }
 }
 
-impl Drop for Logged {
+impl Drop for Observed {
     fn drop(&mut self) {
         let done = self.inner.is_end_stream();
         self.finish(done);
@@ -167,7 +183,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
-            ResponseBody::Logged(l) => {
+            ResponseBody::Observed(l) => {
                 let r = Pin::new(&mut l.inner).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(f))) => {
@@ -187,14 +203,14 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Local(b) => b.is_none(),
             ResponseBody::Upstream { body, .. } => body.is_end_stream(),
-            ResponseBody::Logged(l) => l.inner.is_end_stream(),
+            ResponseBody::Observed(l) => l.inner.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Upstream { body, .. } => body.size_hint(),
-            ResponseBody::Logged(l) => l.inner.size_hint(),
+            ResponseBody::Observed(l) => l.inner.size_hint(),
         }
     }
 }

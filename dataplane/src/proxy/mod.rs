@@ -16,6 +16,7 @@ use ferrum_snapshot::model::{HashOn, PathMatch, PathRewrite, Redirect};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::{Body as _, Incoming};
+use opentelemetry::trace::SpanKind;
 
 use crate::compile::{Compiled, CompiledListener};
 use crate::limits::Limits;
@@ -32,6 +33,7 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub limits: Limits,
     pub access_log: crate::access_log::AccessLog,
+    pub tracing: crate::trace::Tracing,
 }
 
 /// Why the proxy answered by itself; the value goes in `x-ferrum-error`.
@@ -132,14 +134,16 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     let started = Instant::now();
     let cfg = shared.config.load();
     // A captured connection to a mesh Service is served by the Service port's routes.
-    let Some(listener) = cfg
-        .listeners
-        .get(&conn.listener)
-        .or_else(|| cfg.mesh.http(conn.listener))
-    else {
-        return Local::RouteNotFound.response();
+    let (listener, kind) = match cfg.listeners.get(&conn.listener) {
+        Some(l) => (l, SpanKind::Server),
+        None => match cfg.mesh.http(conn.listener) {
+            Some(l) => (l, SpanKind::Client),
+            None => return Local::RouteNotFound.response(),
+        },
     };
-    if !listener.access_log {
+    let mut req = req;
+    let span = shared.tracing.begin(req.headers_mut(), kind);
+    if !listener.access_log && span.is_none() {
         return serve(&shared, listener, conn, req, started, None).await;
     }
     let mut entry = crate::access_log::Entry::of(&req, conn.client, &listener.name);
@@ -149,7 +153,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         .extensions_mut()
         .remove::<crate::access_log::UpstreamHost>()
         .map(|h| h.0);
-    resp.map(|b| body::Logged::wrap(b, entry, shared.clone()))
+    let log = listener.access_log;
+    resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.clone()))
 }
 
 /// Answers one request on `listener`; notes its route and cluster in `log`, when logging.
