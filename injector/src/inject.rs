@@ -76,6 +76,10 @@ pub struct Template {
     pub memory_request: String,
     pub cpu_limit: Option<String>,
     pub memory_limit: Option<String>,
+    /// OTLP/gRPC collector the sidecars export request spans to, and the share of new traces
+    /// they sample; no tracing without an endpoint.
+    pub otlp_endpoint: Option<String>,
+    pub trace_sampling: Option<String>,
 }
 
 /// Why a pod is left as it is.
@@ -329,16 +333,26 @@ fn proxy_container(t: &Template, a: &BTreeMap<String, String>) -> Result<Contain
         image_pull_policy: t.pull_policy.clone(),
         args: Some(vec!["--mode".into(), "sidecar".into()]),
         // ferrum-dp reads its settings from the environment (its flags' `FERRUM_*` names).
-        env: Some(vec![
-            env("FERRUM_CONTROL_PLANE", &t.control_plane),
-            env("FERRUM_CA_ADDRESS", &t.ca_address),
-            env("FERRUM_CA_SERVER_NAME", &t.ca_server_name),
-            env("FERRUM_CA_ROOT_FILE", "/var/run/secrets/ferrum/root-cert.pem"),
-            env("FERRUM_TOKEN_FILE", "/var/run/secrets/tokens/ferrum-token"),
-            env("FERRUM_SNAPSHOT_CACHE", "/var/lib/ferrum-dp/snapshot.json"),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(
+            [
+                env("FERRUM_CONTROL_PLANE", &t.control_plane),
+                env("FERRUM_CA_ADDRESS", &t.ca_address),
+                env("FERRUM_CA_SERVER_NAME", &t.ca_server_name),
+                env("FERRUM_CA_ROOT_FILE", "/var/run/secrets/ferrum/root-cert.pem"),
+                env("FERRUM_TOKEN_FILE", "/var/run/secrets/tokens/ferrum-token"),
+                env("FERRUM_SNAPSHOT_CACHE", "/var/lib/ferrum-dp/snapshot.json"),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ]
+            .into_iter()
+            .chain(
+                t.otlp_endpoint
+                    .as_deref()
+                    .map(|e| env("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
+            )
+            .chain(t.trace_sampling.as_deref().map(|r| env("FERRUM_TRACE_SAMPLING", r)))
+            .collect(),
+        ),
         ports: Some(vec![port("hbone", 15008), port("health", READY_PORT)]),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {

@@ -68,6 +68,12 @@ struct Args {
     proxy_cpu_limit: Option<String>,
     #[arg(long, default_value = "256Mi")]
     proxy_memory_limit: Option<String>,
+    /// OTLP/gRPC collector for the sidecars' request spans (e.g. `http://otel-collector.observability:4317`).
+    #[arg(long)]
+    proxy_otlp_endpoint: Option<String>,
+    /// Share of new traces the sidecars sample (0 to 1).
+    #[arg(long)]
+    proxy_trace_sampling: Option<f64>,
 }
 
 impl Args {
@@ -86,6 +92,8 @@ impl Args {
             memory_request: self.proxy_memory.clone(),
             cpu_limit: self.proxy_cpu_limit.clone(),
             memory_limit: self.proxy_memory_limit.clone(),
+            otlp_endpoint: self.proxy_otlp_endpoint.clone(),
+            trace_sampling: self.proxy_trace_sampling.map(|r| r.to_string()),
         }
     }
 }

@@ -15,6 +15,8 @@ fn template() -> Template {
         memory_request: "32Mi".into(),
         cpu_limit: None,
         memory_limit: Some("256Mi".into()),
+        otlp_endpoint: None,
+        trace_sampling: None,
     }
 }
 
@@ -160,4 +162,28 @@ fn the_patch_turns_the_pod_into_the_injected_one() {
     let mut v = serde_json::to_value(&p).unwrap();
     json_patch::patch(&mut v, &patch(&p, &out)).unwrap();
     assert_eq!(v, serde_json::to_value(&out).unwrap());
+}
+
+#[test]
+fn tracing_settings_reach_the_sidecar() {
+    let env_of = |t: &Template| -> BTreeMap<String, String> {
+        let out = inject(&pod(APP), t).unwrap();
+        let spec = out.spec.unwrap();
+        let proxy = spec.containers.iter().find(|c| c.name == PROXY).unwrap().clone();
+        proxy
+            .env
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect()
+    };
+    let off = env_of(&template());
+    assert!(!off.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"), "{off:?}");
+    let on = env_of(&Template {
+        otlp_endpoint: Some("http://collector.obs:4317".into()),
+        trace_sampling: Some("0.05".into()),
+        ..template()
+    });
+    assert_eq!(on["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://collector.obs:4317");
+    assert_eq!(on["FERRUM_TRACE_SAMPLING"], "0.05");
 }
