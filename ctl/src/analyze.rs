@@ -4,9 +4,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use ferrum_snapshot::mesh::PolicyRule;
 use ferrum_snapshot::resources::LoadError;
 use ferrum_snapshot::translate::Options;
-use ferrum_snapshot::{Resources, translate};
+use ferrum_snapshot::{Resources, Snapshot, translate};
 use serde::Serialize;
 
 use crate::Output;
@@ -32,6 +33,7 @@ pub struct Finding {
     pub origin: Option<String>,
 }
 
+/// Findings of manifests, offline.
 pub fn run(files: &[PathBuf]) -> Result<Vec<Finding>, LoadError> {
     let res = Resources::from_paths(files)?;
     let t = translate(&res, 1, &Options::default());
@@ -39,11 +41,7 @@ pub fn run(files: &[PathBuf]) -> Result<Vec<Finding>, LoadError> {
         .problems
         .iter()
         .map(|p| Finding {
-            severity: if p.reason.is_condition() {
-                Severity::Warning
-            } else {
-                Severity::Error
-            },
+            severity: severity(p.reason.is_condition()),
             object: p.object.to_string(),
             field: p.field.clone(),
             reason: p.reason.as_str().into(),
@@ -51,7 +49,45 @@ pub fn run(files: &[PathBuf]) -> Result<Vec<Finding>, LoadError> {
             origin: p.origin.clone(),
         })
         .collect();
-    for c in &t.snapshot.clusters {
+    out.extend(of_snapshot(&t.snapshot));
+    Ok(sorted(out))
+}
+
+/// Findings of a running operator: the problems its translator reported (its `/problems`)
+/// and what its snapshot shows (its `/snapshot`).
+pub fn of_operator(problems: &serde_json::Value, snap: &Snapshot) -> Vec<Finding> {
+    let s = |p: &serde_json::Value, k: &str| p[k].as_str().unwrap_or("").to_string();
+    let mut out: Vec<Finding> = problems["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| Finding {
+            severity: severity(p["condition"].as_bool().unwrap_or(false)),
+            object: s(p, "object"),
+            field: s(p, "field"),
+            reason: s(p, "reason"),
+            message: s(p, "message"),
+            origin: None,
+        })
+        .collect();
+    out.extend(of_snapshot(snap));
+    sorted(out)
+}
+
+fn severity(condition: bool) -> Severity {
+    if condition { Severity::Warning } else { Severity::Error }
+}
+
+fn sorted(mut out: Vec<Finding>) -> Vec<Finding> {
+    out.sort_by(|a, b| (a.severity, &a.object, &a.field).cmp(&(b.severity, &b.object, &b.field)));
+    out
+}
+
+/// What is not a translation problem but still a user's: Services without ready endpoints,
+/// and (when the workloads are known) policies whose selector matches none of them.
+fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for c in &snap.clusters {
         if let Some(svc) = c.name.strip_prefix("service/")
             && c.endpoints.iter().all(|e| !e.ready)
         {
@@ -67,8 +103,29 @@ pub fn run(files: &[PathBuf]) -> Result<Vec<Finding>, LoadError> {
             });
         }
     }
-    out.sort_by(|a, b| (a.severity, &a.object, &a.field).cmp(&(b.severity, &b.object, &b.field)));
-    Ok(out)
+    if snap.workloads.is_empty() {
+        return out;
+    }
+    for p in &snap.policies {
+        if p.selector.is_none() || !p.targets.is_empty() || snap.workloads.iter().any(|w| p.applies_to(w)) {
+            continue;
+        }
+        let kind = match p.rule {
+            PolicyRule::Authorization(_) => "AuthorizationPolicy",
+            PolicyRule::PeerAuthentication(_) => "PeerAuthentication",
+            PolicyRule::RequestAuthentication(_) => "RequestAuthentication",
+        };
+        let object = format!("{kind} {}/{}", p.namespace, p.name);
+        out.push(Finding {
+            severity: Severity::Warning,
+            origin: None,
+            field: "spec.selector".into(),
+            reason: "NoMatchingWorkload".into(),
+            message: format!("{object} selects no workload: it applies to nothing"),
+            object,
+        });
+    }
+    out
 }
 
 pub fn render(findings: &[Finding], output: Output) -> String {

@@ -23,12 +23,15 @@ struct Args {
 enum Command {
     /// Problems of every object: invalid input (errors) and what a cluster would report as
     /// conditions (warnings): unattached routes with the reason, missing backends, missing
-    /// ReferenceGrants, Services without endpoints. Exit code 1 when there are errors (or,
-    /// with --strict, warnings).
+    /// ReferenceGrants, Services without endpoints, policies selecting no workload. Without
+    /// -f: what the running operator found in the cluster. Exit code 1 when there are errors
+    /// (or, with --strict, warnings).
     Analyze {
         /// YAML files or directories of *.yaml.
-        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        #[arg(short = 'f', long = "filename", num_args = 1..)]
         files: Vec<PathBuf>,
+        #[arg(long, env = "FERRUM_OPERATOR", default_value = OPERATOR_HELP)]
+        operator: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// Fail on warnings too (for CI pipelines that want clean manifests).
@@ -37,14 +40,18 @@ enum Command {
     },
     /// The configuration these manifests produce: per listener and host the routes in match
     /// order, per cluster its endpoints (`-o json|yaml`: the snapshot, which names Secrets but never holds keys).
+    /// Without -f: the snapshot the running operator serves.
     Explain {
-        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        #[arg(short = 'f', long = "filename", num_args = 1..)]
         files: Vec<PathBuf>,
+        #[arg(long, env = "FERRUM_OPERATOR", default_value = OPERATOR_HELP)]
+        operator: String,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// Which listener, host and route this request takes and where it goes, decided by
-        /// ferrum-dp's own router: `'GET http://host:port/path?q -H name: value'`.
-        #[arg(long)]
+        /// ferrum-dp's own router: `'GET http://host:port/path?q -H name: value'` (with -f:
+        /// answering it needs the listeners' keys, which the operator never shows).
+        #[arg(long, requires = "files")]
         request: Option<String>,
     },
     /// Every proxy connected to the operator (ferrum-dp, Envoy, gRPC): its node and role, the
@@ -80,17 +87,23 @@ pub enum Output {
 
 fn main() -> ExitCode {
     match Args::parse().command {
-        Command::Analyze { files, output, strict } => analyze(&files, output, strict),
+        Command::Analyze {
+            files,
+            operator,
+            output,
+            strict,
+        } => analyze(&files, &operator, output, strict),
         Command::Explain {
             files,
-            output: _,
             request: Some(req),
+            ..
         } => explain_request(&files, &req),
         Command::Explain {
             files,
+            operator,
             output,
             request: None,
-        } => explain(&files, output),
+        } => explain(&files, &operator, output),
         Command::Proxies { operator, output } => block_on(proxies(&operator, output)),
         Command::Diff {
             files,
@@ -100,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -190,24 +203,35 @@ fn explain_request(files: &[PathBuf], req: &str) -> ExitCode {
     }
 }
 
-fn explain(files: &[PathBuf], output: Output) -> ExitCode {
-    let snap = match explain::snapshot(files) {
+fn explain(files: &[PathBuf], operator: &str, output: Output) -> ExitCode {
+    let snap = if files.is_empty() {
+        block_on(cluster::get_json(operator, "/snapshot")).map_err(|e| e.to_string())
+    } else {
+        explain::snapshot(files).map_err(|e| e.to_string())
+    };
+    let snap: ferrum_snapshot::Snapshot = match snap {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ferrumctl: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match output {
-        Output::Table => print!("{}", explain::text(&snap)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&snap).unwrap_or_default()),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&snap).unwrap_or_default()),
-    }
+    print(&snap, output, || explain::text(&snap));
     ExitCode::SUCCESS
 }
 
-fn analyze(files: &[PathBuf], output: Output, strict: bool) -> ExitCode {
-    match analyze::run(files) {
+fn analyze(files: &[PathBuf], operator: &str, output: Output, strict: bool) -> ExitCode {
+    let findings = if files.is_empty() {
+        block_on(async {
+            let problems: serde_json::Value = cluster::get_json(operator, "/problems").await?;
+            let snap = cluster::get_json(operator, "/snapshot").await?;
+            Ok::<_, cluster::CtlError>(analyze::of_operator(&problems, &snap))
+        })
+        .map_err(|e| e.to_string())
+    } else {
+        analyze::run(files).map_err(|e| e.to_string())
+    };
+    match findings {
         Ok(findings) => {
             print!("{}", analyze::render(&findings, output));
             let failing = findings
@@ -221,7 +245,7 @@ fn analyze(files: &[PathBuf], output: Output, strict: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ferrumctl: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

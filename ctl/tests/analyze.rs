@@ -74,7 +74,7 @@ fn invalid_input_is_an_error_and_fails_the_run() {
         "{out}"
     );
     let (code, _, err) = ferrumctl(&["analyze", "-f", "/nonexistent/x.yaml"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "nothing was analyzed");
     assert!(err.contains("cannot read /nonexistent/x.yaml"), "{err}");
 }
 
@@ -126,4 +126,28 @@ fn explain_request_names_the_route_the_proxy_would_take() {
     assert!(ask("GET http://localhost:9/").contains("no listener on port 9"));
     let (code, _, err) = ferrumctl(&["explain", "-f", example, "--request", "FETCH"]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn policies_that_select_no_workload_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, labels: {app: web}}\n\
+        spec: {serviceAccountName: web, containers: [{name: app, image: app}]}\nstatus: {podIP: 10.1.0.5}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\n\
+        spec: {selector: {matchLabels: {app: wbe}}, action: DENY, rules: [{}]}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: shop}\n\
+        spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\n\
+        spec: {selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}\n";
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let (code, out, err) = ferrumctl(&["analyze", "-f", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "warnings only: {out}{err}");
+    for want in [
+        "AuthorizationPolicy shop/typo selects no workload",
+        "PeerAuthentication shop/strict selects no workload",
+        "NoMatchingWorkload",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    assert!(!out.contains("shop/fine"), "a policy that selects the pod is fine:\n{out}");
 }

@@ -586,4 +586,58 @@ async fn ferrumctl_lists_proxies_and_diffs_manifests_against_the_operator() {
         text.contains("~ route default/shop/") && text.contains("(action)"),
         "{text}"
     );
+
+    // analyze and explain without -f: what the operator holds and serves.
+    let (code, text) = ctl(&["analyze"]);
+    assert_eq!((code, text.trim()), (Some(0), "no problems found"));
+    let (code, text) = ctl(&["explain"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("listener 127.0.0.1:{port}")) && text.contains("shop.example.com"),
+        "{text}"
+    );
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: lost, namespace: default}\n\
+         spec: {parentRefs: [{name: web}], hostnames: [shop.example.com], rules: [{matches: [{path: {type: PathPrefix, value: /lost}}], backendRefs: [{name: nowhere, port: 80}]}]}\n",
+    );
+    let mut found = Value::Null;
+    eventually(
+        "analyze reports the missing backend",
+        Duration::from_secs(5),
+        async || {
+            let (code, json) = ctl(&["analyze", "-o", "json"]);
+            found = serde_json::from_str(&json).unwrap_or(Value::Null);
+            code == Some(0) && json.contains("BackendNotFound")
+        },
+    )
+    .await;
+    let f = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["reason"] == "BackendNotFound")
+        .unwrap();
+    assert_eq!(
+        (f["severity"].as_str(), f["object"].as_str()),
+        (Some("warning"), Some("HTTPRoute default/lost")),
+        "{found}"
+    );
+    let (code, text) = ctl(&["analyze", "--strict"]);
+    assert_eq!(code, Some(1), "warnings fail --strict: {text}");
+    cluster.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: default}\n\
+         spec: {parentRefs: [{name: web}], rules: [{matches: [{path: {type: RegularExpression, value: \"/(\"}}], backendRefs: [{name: nowhere, port: 80}]}]}\n",
+    );
+    eventually("analyze fails on invalid input", Duration::from_secs(5), async || {
+        let (code, text) = ctl(&["analyze"]);
+        code == Some(1) && text.contains("HTTPRoute default/broken") && text.contains("error")
+    })
+    .await;
+    let (code, text) = std::process::Command::new(workspace_bin("ferrumctl"))
+        .args(["analyze", "--operator", "http://127.0.0.1:1"])
+        .output()
+        .map(|o| (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .unwrap();
+    assert_eq!(code, Some(2), "an unreachable operator is not a clean bill: {text}");
+    assert!(text.contains("cannot reach the operator"), "{text}");
 }

@@ -81,6 +81,8 @@ impl Admin {
                     "generation": cur.generation,
                     "problems": cur.full.problems.iter().map(|p| serde_json::json!({
                         "object": p.object.to_string(), "field": p.field, "reason": p.reason.as_str(), "message": p.message,
+                        // A condition the object reports, not input the translator refused.
+                        "condition": p.reason.is_condition(),
                     })).collect::<Vec<_>>(),
                 }))
             }
