@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use ferrum_dp::compile::{Compiled, Compiler};
+use ferrum_dp::mesh::policy::GatewayDecision;
 use ferrum_dp::telemetry::Registry;
 use ferrum_snapshot::model::Route;
 use ferrum_snapshot::{Secrets, Snapshot};
@@ -64,6 +65,22 @@ pub fn parse(s: &str) -> Result<Request, String> {
     })
 }
 
+/// The request as the proxy's policies see it.
+fn http_parts(req: &Request, path: &str) -> http::request::Parts {
+    let target = match &req.query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut r = http::Request::new(());
+    *r.method_mut() = req.method.clone();
+    *r.uri_mut() = target.parse().unwrap_or_default();
+    *r.headers_mut() = req.headers.clone();
+    if let Ok(h) = HeaderValue::from_str(&req.host) {
+        r.headers_mut().insert(http::header::HOST, h);
+    }
+    r.into_parts().0
+}
+
 /// The model route named `name` (its match and action, as the snapshot says them).
 fn model_route<'a>(snap: &'a Snapshot, name: &str) -> Option<&'a Route> {
     snap.listeners
@@ -95,10 +112,6 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
         false => writeln!(out, "listener {} ({addr})", l.name),
     }
     .expect("writing to a String");
-    let Some(vh) = l.hosts.find(&req.host) else {
-        let _ = writeln!(out, "no virtual host for {:?}: 404", req.host);
-        return Ok(out);
-    };
     let path = match ferrum_dp::proxy::path::normalize(&req.path, true) {
         Ok(p) => p.into_owned(),
         Err(e) => {
@@ -109,6 +122,27 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
     if path != req.path {
         let _ = writeln!(out, "path normalised to {path}");
     }
+    if let Some(p) = &l.policies {
+        let mut parts = http_parts(req, &path);
+        // Source-address rules see a loopback client.
+        let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        match p.decide(&mut parts, client, *addr) {
+            GatewayDecision::Allow => writeln!(out, "allowed by the Gateway's policies"),
+            GatewayDecision::Unauthenticated(why) => {
+                let _ = writeln!(out, "token refused by the Gateway's RequestAuthentication ({why}): 401");
+                return Ok(out);
+            }
+            GatewayDecision::Deny(why) => {
+                let _ = writeln!(out, "denied by the Gateway's AuthorizationPolicies ({why}): 403");
+                return Ok(out);
+            }
+        }
+        .expect("writing to a String");
+    }
+    let Some(vh) = l.hosts.find(&req.host) else {
+        let _ = writeln!(out, "no virtual host for {:?}: 404", req.host);
+        return Ok(out);
+    };
     let Some(r) = vh.find(&req.method, &path, req.query.as_deref(), &req.headers) else {
         let _ = writeln!(out, "host {:?}: no route matches: 404", req.host);
         return Ok(out);

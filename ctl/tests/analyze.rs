@@ -149,5 +149,47 @@ fn policies_that_select_no_workload_are_named() {
     ] {
         assert!(out.contains(want), "{want:?} missing:\n{out}");
     }
-    assert!(!out.contains("shop/fine"), "a policy that selects the pod is fine:\n{out}");
+    assert!(
+        !out.contains("shop/fine"),
+        "a policy that selects the pod is fine:\n{out}"
+    );
+}
+
+#[test]
+fn explain_request_says_which_gateway_policy_decides() {
+    // RFC 7517, appendix A.1.
+    let jwk = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4", "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM", "kid": "1"}]}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]";
+    let yaml = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\n\
+         spec: {{gatewayClassName: ferrum, listeners: [{{name: http, port: 8080, protocol: HTTP}}]}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: a}}\nspec: {{endpoints: [{{address: 127.0.0.1, port: 9001}}]}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\n\
+         spec: {{parentRefs: [{{name: gw}}], rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: a}}]}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: block}}\n\
+         spec: {{{target}, action: DENY, rules: [{{to: [{{operation: {{paths: [\"/admin/*\"]}}}}]}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt}}\n\
+         spec: {{{target}, jwtRules: [{{issuer: https://issuer.example, jwks: '{jwk}'}}]}}\n"
+    );
+    let f = dir.path().join("gw.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let ask = |req: &str| {
+        let (code, out, err) = ferrumctl(&["explain", "-f", f.to_str().unwrap(), "--request", req]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let ok = ask("GET http://localhost:8080/shop");
+    assert!(
+        ok.contains("allowed by the Gateway's policies") && ok.contains("route default/r/0/0"),
+        "{ok}"
+    );
+    let admin = ask("GET http://localhost:8080/admin/users");
+    assert!(
+        admin.contains("denied by") && admin.contains("block") && admin.contains("403"),
+        "{admin}"
+    );
+    assert!(!admin.contains("route "), "denied before routing: {admin}");
+    let bad = ask("GET http://localhost:8080/shop -H authorization: Bearer not.a.jwt");
+    assert!(bad.contains("token refused") && bad.contains("401"), "{bad}");
 }

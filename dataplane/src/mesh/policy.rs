@@ -617,6 +617,16 @@ mod tests;
 /// The AuthorizationPolicies and RequestAuthentications that target a Gateway (`targetRefs`),
 /// for the listeners that serve it: each request is authenticated, then authorized, before it
 /// is routed.
+/// A gateway's policies on one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayDecision {
+    Allow,
+    /// A RequestAuthentication refuses its token (why): 401.
+    Unauthenticated(String),
+    /// Denied by this policy (`namespace/name`), or by no ALLOW matching: 403.
+    Deny(String),
+}
+
 pub struct GatewayPolicies {
     authz: Authorizer,
     authn: super::jwt::Authenticator,
@@ -649,12 +659,24 @@ impl GatewayPolicies {
         client: SocketAddr,
         listener: SocketAddr,
     ) -> super::l7::Verdict {
+        match self.decide(req, client, listener) {
+            GatewayDecision::Allow => super::l7::Verdict::Allow,
+            GatewayDecision::Unauthenticated(why) => {
+                tracing::info!(%client, path = req.uri.path(), reason = %why, "token refused");
+                super::l7::Verdict::Unauthenticated
+            }
+            GatewayDecision::Deny(why) => {
+                tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
+                super::l7::Verdict::Deny
+            }
+        }
+    }
+
+    /// What the policies decide and why: the token's fault, or the denying policy.
+    pub fn decide(&self, req: &mut http::request::Parts, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
         let auth = match self.authn.authenticate(req) {
             Ok(auth) => auth,
-            Err(why) => {
-                tracing::info!(%client, path = req.uri.path(), reason = %why, "token refused");
-                return super::l7::Verdict::Unauthenticated;
-            }
+            Err(why) => return GatewayDecision::Unauthenticated(why.to_string()),
         };
         let conn = Connection {
             peer: None,
@@ -664,11 +686,8 @@ impl GatewayPolicies {
             auth: auth.as_ref(),
         };
         match self.authz.check(&conn) {
-            Decision::Allow => super::l7::Verdict::Allow,
-            Decision::Deny(why) => {
-                tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
-                super::l7::Verdict::Deny
-            }
+            Decision::Allow => GatewayDecision::Allow,
+            Decision::Deny(why) => GatewayDecision::Deny(why),
         }
     }
 }
