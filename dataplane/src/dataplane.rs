@@ -32,6 +32,9 @@ pub struct Dataplane {
     /// Key pairs received beside snapshots: those the serving snapshot names, plus any sent
     /// for the next one.
     secrets: Mutex<Secrets>,
+    /// The version of each snapshot that takes effect, for what must re-check itself then
+    /// (connections admitted under the old policies).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dataplane {
@@ -52,6 +55,7 @@ impl Dataplane {
             ready: AtomicBool::new(false),
             status: Mutex::default(),
             secrets: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -119,12 +123,18 @@ impl Dataplane {
                 reg.config_version.store(version, Relaxed);
                 reg.reloads_ok.fetch_add(1, Relaxed);
                 self.ready.store(true, Relaxed);
+                self.changes.send_replace(version);
             }
             Err(_) => {
                 reg.reloads_failed.fetch_add(1, Relaxed);
             }
         }
         result
+    }
+
+    /// Wakes on every snapshot that takes effect.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn drain(&self) {

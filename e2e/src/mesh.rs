@@ -56,6 +56,8 @@ ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 
 pub struct Pod {
     pub name: String,
+    /// Its Kubernetes namespace.
+    pub namespace: String,
     pub ip: String,
     pub ns: Netns,
     /// The host side of its veth (for captures).
@@ -140,11 +142,21 @@ impl World {
 
     /// [`World::pod`] with its labels as a YAML flow mapping's body (`app: b, version: v1`).
     pub fn pod_labelled(&mut self, name: &str, sa: &str, labels: &str, host: u8, mesh: bool) -> usize {
+        self.pod_in(NS, name, sa, labels, host, mesh)
+    }
+
+    /// [`World::pod_labelled`] in Kubernetes namespace `namespace` (made if new).
+    pub fn pod_in(&mut self, namespace: &str, name: &str, sa: &str, labels: &str, host: u8, mesh: bool) -> usize {
+        if namespace != NS {
+            self.cluster.apply(&format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"
+            ));
+        }
         let (ns, veth) = self.bridge.pod(name, host);
         let ip = format!("{}.{host}", self.bridge.prefix);
         let tls = if mesh { ", security.istio.io/tlsMode: istio" } else { "" };
         self.cluster.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, labels: {{{labels}{tls}}}}}\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}{tls}}}}}\n\
              spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
              status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
         ));
@@ -154,6 +166,7 @@ impl World {
         let log = self.dir.path().join(format!("{name}.log"));
         self.pods.push(Pod {
             name: name.to_string(),
+            namespace: namespace.to_string(),
             ip,
             ns,
             veth,
@@ -191,7 +204,7 @@ impl World {
         let ca = format!("{}:{}", self.op.host, self.op.ca.expect("operator_at gives a CA port"));
         let p = &self.pods[i];
         let tok = self.dir.path().join(format!("{}.token", p.name));
-        std::fs::write(&tok, token(NS, sa, "ferrum-ca", 3600, TOKEN_KEY)).unwrap();
+        std::fs::write(&tok, token(&p.namespace, sa, "ferrum-ca", 3600, TOKEN_KEY)).unwrap();
         std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
         let cache = self.dir.path().join(format!("{}.json", p.name));
         let log = std::fs::File::create(&p.log).unwrap();
@@ -208,7 +221,7 @@ impl World {
             .arg(&tok)
             .arg("--snapshot-cache")
             .arg(&cache)
-            .args(["--pod-name", &p.name, "--pod-namespace", NS])
+            .args(["--pod-name", &p.name, "--pod-namespace", &p.namespace])
             .args(extra)
             .env("RUST_LOG", "info,ferrum_dp::mesh=debug")
             .stdout(Stdio::null())

@@ -972,3 +972,103 @@ async fn one_trace_crosses_both_sidecars_over_hbone() {
     )
     .await;
 }
+
+/// Two namespaces: a consumer route (an HTTPRoute in the caller's namespace whose parent is
+/// Service B in another) wins for callers in its namespace only, and an AuthorizationPolicy
+/// on B that allows one namespace admits its caller and refuses the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_routes_and_namespace_policies_across_two_namespaces() {
+    const CLIENTS: &str = "clients";
+    let mut w = World::start(&["--rediscover-seconds", "1"]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let c = w.pod_in(CLIENTS, "c-1", "sa-c", "app: c", 13, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    w.service("svc-b", VIP, "b");
+    w.service_selecting("b-v1", "10.96.77.11", "app: b, version: v1");
+    w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a"), (c, "sa-c")] {
+        if i == b1 || i == b2 {
+            w.app(i);
+        }
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1, b2, c] {
+        w.ready(i).await;
+    }
+    until_routed(&w).await;
+    // Each caller makes `n` calls on one connection: (answers by b-1, by b-2, all succeeded).
+    let calls = |pod: usize, n: usize| -> (usize, usize, bool) {
+        let mut args = vec!["curl", "-sS", "--max-time", "20", "-w", "%{http_code}\\n"];
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        args.extend(["--resolve", &resolve]);
+        let url = format!("http://svc-b.{NS}.svc/ns");
+        args.extend(std::iter::repeat_n(url.as_str(), n));
+        let out = w.pods[pod].run(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            text.matches("hello from b-1").count(),
+            text.matches("hello from b-2").count(),
+            out.status.success() && text.matches("200\n").count() == n,
+        )
+    };
+    w.cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: producer, namespace: {NS}}}\n\
+         spec: {{parentRefs: [{{group: '', kind: Service, name: svc-b, port: 80}}], rules: [{{backendRefs: [{{name: b-v1, port: 80}}]}}]}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: consumer, namespace: {CLIENTS}}}\n\
+         spec: {{parentRefs: [{{group: '', kind: Service, name: svc-b, namespace: {NS}, port: 80}}], rules: [{{backendRefs: [{{name: b-v2, namespace: {NS}, port: 80}}]}}]}}\n"
+    ));
+    eventually(
+        "the producer route holds for A, the consumer route for C",
+        Duration::from_secs(20),
+        async || calls(a, 10) == (10, 0, true) && calls(c, 10) == (0, 10, true),
+    )
+    .await;
+    let (a1, a2, _) = calls(a, 100);
+    let (c1, c2, _) = calls(c, 100);
+    assert_eq!(
+        (a1, a2, c1, c2),
+        (100, 0, 0, 100),
+        "A in {NS} → v1, C in {CLIENTS} → v2"
+    );
+    let consumer = w.cluster.get("httproute", CLIENTS, "consumer");
+    let accepted = consumer["status"]["parents"][0]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+        .cloned()
+        .unwrap();
+    assert_eq!(accepted["status"], "True", "{consumer}");
+
+    // Only the clients namespace may call B.
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: from-clients, namespace: {NS}}}\n\
+         spec: {{action: ALLOW, selector: {{matchLabels: {{app: b}}}}, rules: [{{from: [{{source: {{namespaces: [{CLIENTS}]}}}}]}}]}}\n"
+    ));
+    let mut last = (true, false);
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            last = (calls(a, 1).2, calls(c, 1).2);
+            if last == (false, true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "A is refused, C still served: (A passes, C passes) = {last:?}\nB-1:\n{}\nC:\n{}",
+        w.pods[b1].sidecar_log(),
+        w.pods[c].sidecar_log()
+    );
+    assert_eq!(calls(c, 20), (0, 20, true), "C's calls all pass, by its consumer route");
+    for _ in 0..5 {
+        assert!(!calls(a, 1).2, "A's namespace is not allowed");
+    }
+}

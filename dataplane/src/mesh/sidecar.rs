@@ -159,8 +159,7 @@ impl App {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         if judged {
-            let _ = relay(s, app, self.idle_timeout, &self.stats).await;
-            return;
+            return self.relay_while_allowed(s, app, &c).await;
         }
         let first = l7::sniff(&mut s).await;
         let http = l7::detect(&first);
@@ -171,10 +170,33 @@ impl App {
                 let (shared, client) = (self.dp.shared.clone(), SocketAddr::new(c.source, 0));
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), shared, client).await;
             }
-            None if self.authorize(&c, None, None) => {
-                let _ = relay(s, app, self.idle_timeout, &self.stats).await;
-            }
+            None if self.authorize(&c, None, None) => self.relay_while_allowed(s, app, &c).await,
             None => {}
+        }
+    }
+
+    /// Relays a connection judged once, at L4, until either side closes — or until a new
+    /// snapshot's policies deny its caller: then it is closed (as ztunnel does), so a policy
+    /// change reaches connections that were open before it, pooled keep-alives included.
+    async fn relay_while_allowed<S>(&self, s: S, app: TcpStream, c: &Caller)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut changes = self.dp.changes();
+        changes.mark_unchanged();
+        let revoked = async {
+            while changes.changed().await.is_ok() {
+                if !self.authorize(c, None, None) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        tokio::select! {
+            _ = relay(s, app, self.idle_timeout, &self.stats) => {}
+            () = revoked => {
+                tracing::info!(peer = ?c.peer.as_ref().map(|p| p.to_string()), source = %c.source, destination = %c.destination, "open connection closed: the policies now deny it");
+            }
         }
     }
 }
