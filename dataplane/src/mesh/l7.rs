@@ -136,11 +136,26 @@ pub enum Verdict {
     Unauthenticated,
 }
 
-/// One request: judged, then answered locally or by the app.
-async fn answer<F>(req: Request<Incoming>, app: &AppConn, judge: &F) -> Result<Response<Body>, std::convert::Infallible>
+/// The connection a sidecar serves: for spans and for upgraded streams.
+pub struct Conn {
+    pub shared: Arc<Shared>,
+    pub client: SocketAddr,
+    /// How long an upgraded (WebSocket) stream may stay silent.
+    pub idle: Duration,
+}
+
+/// One request: judged, then answered locally or by the app; an allowed HTTP/1.1 Upgrade
+/// (WebSocket) that the app accepts becomes a relay between the two.
+async fn answer<F>(
+    mut req: Request<Incoming>,
+    app: &AppConn,
+    judge: &F,
+    idle: Duration,
+) -> Result<Response<Body>, std::convert::Infallible>
 where
     F: Fn(&mut http::request::Parts) -> Verdict,
 {
+    let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
     match judge(&mut parts) {
         Verdict::Allow => {}
@@ -156,7 +171,12 @@ where
         }
     }
     Ok(match app.send(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp.map(BodyExt::boxed),
+        Ok(mut resp) => {
+            if let Some(u) = upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+                u.splice(hyper::upgrade::on(&mut resp), idle, ());
+            }
+            resp.map(BodyExt::boxed)
+        }
         Err(e) => {
             tracing::debug!(error = %e, "application request failed");
             text(
@@ -170,7 +190,7 @@ where
 /// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
 /// forwarding the allowed ones to `app`, until either side closes. Each request continues its
 /// trace with an inbound span of this proxy when `shared` traces.
-pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F, shared: Arc<Shared>, client: SocketAddr)
+pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F, conn: Conn)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(&mut http::request::Parts) -> Verdict + Send + Sync + 'static,
@@ -178,7 +198,7 @@ where
     let app = match http {
         Http::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
             Ok((send, conn)) => {
-                tokio::spawn(conn);
+                tokio::spawn(conn.with_upgrades());
                 AppConn::One(Arc::new(tokio::sync::Mutex::new(send)))
             }
             Err(e) => return tracing::debug!(error = %e, "application HTTP/1 handshake failed"),
@@ -191,15 +211,15 @@ where
             Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
         },
     };
-    let judge = Arc::new(judge);
+    let (judge, conn) = (Arc::new(judge), Arc::new(conn));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let (app, judge, shared) = (app.clone(), judge.clone(), shared.clone());
+        let (app, judge, conn) = (app.clone(), judge.clone(), conn.clone());
         async move {
-            let Some(span) = shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
-                return answer(req, &app, &*judge).await;
+            let Some(span) = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
+                return answer(req, &app, &*judge, conn.idle).await;
             };
-            let mut entry = Entry::of(&req, client, "inbound");
-            let resp = answer(req, &app, &*judge).await;
+            let mut entry = Entry::of(&req, conn.client, "inbound");
+            let resp = answer(req, &app, &*judge, conn.idle).await;
             if let Ok(r) = &resp {
                 entry.respond(r);
             }
@@ -215,6 +235,7 @@ where
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(io, svc)
+                .with_upgrades()
                 .await
         }
         Http::Two => {
@@ -261,5 +282,68 @@ mod tests {
         let mut all = Vec::new();
         Prefixed::new(first, b).read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// A WebSocket through the per-request path: the allowed upgrade is carried both ways, a
+    /// denied one gets the 403 before any switch.
+    #[tokio::test]
+    async fn websockets_are_judged_then_carried() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                        return;
+                    };
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_text() && ws.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = sidecar.local_addr().unwrap();
+        let shared = crate::dataplane::Dataplane::new(crate::limits::Limits::default(), vec![])
+            .shared
+            .clone();
+        tokio::spawn(async move {
+            while let Ok((s, client)) = sidecar.accept().await {
+                let app = TcpStream::connect(echo_addr).await.unwrap();
+                let conn = Conn {
+                    shared: shared.clone(),
+                    client,
+                    idle: Duration::from_secs(10),
+                };
+                let judge = |p: &mut http::request::Parts| {
+                    if p.uri.path() == "/blocked" {
+                        Verdict::Deny
+                    } else {
+                        Verdict::Allow
+                    }
+                };
+                tokio::spawn(serve(s, Http::One, app, judge, conn));
+            }
+        });
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 101);
+        for text in ["hello", "through the sidecar"] {
+            ws.send(Message::text(text)).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap(), text);
+        }
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        match tokio_tungstenite::client_async(format!("ws://{addr}/blocked"), tcp).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+            other => panic!("a denied upgrade must be refused: {other:?}"),
+        }
     }
 }

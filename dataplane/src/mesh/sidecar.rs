@@ -167,8 +167,12 @@ impl App {
         match http {
             Some(http) => {
                 let me = self.clone();
-                let (shared, client) = (self.dp.shared.clone(), SocketAddr::new(c.source, 0));
-                l7::serve(s, http, app, move |parts| me.judge(&c, parts), shared, client).await;
+                let conn = l7::Conn {
+                    shared: self.dp.shared.clone(),
+                    client: SocketAddr::new(c.source, 0),
+                    idle: self.idle_timeout,
+                };
+                l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
             None if self.authorize(&c, None, None) => self.relay_while_allowed(s, app, &c).await,
             None => {}

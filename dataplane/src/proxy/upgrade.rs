@@ -84,12 +84,21 @@ impl Upgrade {
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, switched.unwrap_or(self.protocol));
+            parts
+                .headers
+                .insert(header::UPGRADE, switched.unwrap_or_else(|| self.protocol.clone()));
         }
+        self.splice(upstream_io, idle, guards);
+        Response::from_parts(parts, ResponseBody::Local(None))
+    }
+
+    /// Once both sides have switched, relays between them until either closes or `idle`
+    /// passes, holding `hold` (slots counted against limits) until then.
+    pub fn splice(self, upstream: OnUpgrade, idle: Duration, hold: impl Send + 'static) {
         let downstream = self.downstream;
         tokio::spawn(async move {
-            let _guards = guards;
-            match tokio::join!(downstream, upstream_io) {
+            let _hold = hold;
+            match tokio::join!(downstream, upstream) {
                 (Ok(d), Ok(u)) => {
                     if let Err(e) = crate::tcp::relay(TokioIo::new(d), TokioIo::new(u), idle).await {
                         tracing::debug!(error = %e, "upgraded connection ended");
@@ -98,6 +107,10 @@ impl Upgrade {
                 (d, u) => tracing::debug!(downstream = ?d.err(), upstream = ?u.err(), "upgrade failed"),
             }
         });
-        Response::from_parts(parts, ResponseBody::Local(None))
+    }
+
+    /// An HTTP/2 extended CONNECT, not an HTTP/1.1 Upgrade.
+    pub fn is_h2(&self) -> bool {
+        self.h2
     }
 }
