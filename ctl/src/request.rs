@@ -122,7 +122,11 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
     if path != req.path {
         let _ = writeln!(out, "path normalised to {path}");
     }
-    if let Some(p) = &l.policies {
+    let Some(vh) = l.hosts.find(&req.host) else {
+        let _ = writeln!(out, "no virtual host for {:?}: 404", req.host);
+        return Ok(out);
+    };
+    if let Some(p) = &vh.policies {
         let mut parts = http_parts(req, &path);
         // Source-address rules see a loopback client.
         let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -139,10 +143,6 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
         }
         .expect("writing to a String");
     }
-    let Some(vh) = l.hosts.find(&req.host) else {
-        let _ = writeln!(out, "no virtual host for {:?}: 404", req.host);
-        return Ok(out);
-    };
     let Some(r) = vh.find(&req.method, &path, req.query.as_deref(), &req.headers) else {
         let _ = writeln!(out, "host {:?}: no route matches: 404", req.host);
         return Ok(out);

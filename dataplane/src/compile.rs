@@ -29,8 +29,6 @@ pub struct CompiledListener {
     pub https: bool,
     pub hosts: HostTable,
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Policies that target its Gateways, judged before routing.
-    pub policies: Option<GatewayPolicies>,
     /// Each request is logged (see [`crate::access_log`]).
     pub access_log: bool,
 }
@@ -112,8 +110,17 @@ impl Compiler {
         let mut listeners = HashMap::with_capacity(snap.listeners.len());
         for l in &snap.listeners {
             let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
+            // One compiled policy set per distinct set of Gateways.
+            let mut policies: HashMap<Vec<&str>, Option<Arc<GatewayPolicies>>> = HashMap::new();
             for vh in &l.virtual_hosts {
-                vhosts.push((vh.hostname.to_ascii_lowercase(), self.virtual_host(vh, &clusters)?));
+                let mut compiled = self.virtual_host(vh, &clusters)?;
+                compiled.policies = policies
+                    .entry(l.gateways_of(&vh.hostname))
+                    .or_insert_with_key(|gws| {
+                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks).map(Arc::new)
+                    })
+                    .clone();
+                vhosts.push((vh.hostname.to_ascii_lowercase(), compiled));
             }
             let tls = match l.protocol {
                 Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
@@ -131,7 +138,6 @@ impl Compiler {
                     https: tls.is_some(),
                     hosts: HostTable::build(vhosts),
                     tls,
-                    policies: GatewayPolicies::for_gateways(&snap.policies, &l.gateways, &self.jwks),
                     access_log: l.access_log,
                 },
             );
@@ -199,7 +205,6 @@ impl Compiler {
                     https: false,
                     hosts: HostTable::build(vec![("*".into(), built)]),
                     tls: None,
-                    policies: None,
                     access_log: false,
                 };
                 out.insert((s.key.clone(), p.port), Arc::new(l));

@@ -89,3 +89,48 @@ async fn policies_targeting_the_gateway_guard_its_routes() {
     );
     assert_eq!(a.hits(), 2, "only allowed requests reached the backend");
 }
+
+/// Two Gateways on one address and port (one listener for the proxy), each with its own
+/// hostname: a policy that targets one of them decides only that Gateway's hosts.
+#[tokio::test]
+async fn policies_stay_on_their_gateway_when_gateways_share_a_port() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let gw = |name: &str, host: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {name}}}\n\
+             spec: {{gatewayClassName: ferrum, listeners: [{{name: http, port: {port}, protocol: HTTP, hostname: {host}}}], addresses: [{{type: IPAddress, value: 127.0.0.1}}]}}\n"
+        )
+    };
+    let yaml = docs(&[
+        gw("shop", "shop.example.com"),
+        gw("admin", "admin.example.com"),
+        backend("a", &[&a], ""),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n\
+         spec: {parentRefs: [{name: shop}, {name: admin}], rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: a}]}]}\n"
+            .to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: office-only}\n\
+         spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: admin}], rules: [{when: [{key: \"request.headers[x-office]\", values: [\"yes\"]}]}]}\n"
+            .to_string(),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let get = async |host: &str, office: bool| {
+        let mut r = c.get(format!("http://127.0.0.1:{port}/")).header("host", host);
+        if office {
+            r = r.header("x-office", "yes");
+        }
+        r.send().await.unwrap().status().as_u16()
+    };
+    assert_eq!(
+        get("admin.example.com", false).await,
+        403,
+        "the admin Gateway's policy applies"
+    );
+    assert_eq!(get("admin.example.com", true).await, 200);
+    assert_eq!(
+        get("shop.example.com", false).await,
+        200,
+        "not to the shop Gateway on the same port"
+    );
+}

@@ -67,6 +67,7 @@ fn same_head(a: &Listener, b: &Listener) -> bool {
         && a.protocol == b.protocol
         && a.certificates == b.certificates
         && a.gateways == b.gateways
+        && a.gateway_hosts == b.gateway_hosts
         && a.access_log == b.access_log
 }
 

@@ -139,6 +139,8 @@ struct ListenerHead<'a> {
     certificates: &'a [Certificate],
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     gateways: &'a [String],
+    #[serde(skip_serializing_if = "<[GatewayHost]>::is_empty")]
+    gateway_hosts: &'a [GatewayHost],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     access_log: bool,
 }
@@ -152,6 +154,7 @@ impl Listener {
             protocol: self.protocol,
             certificates: &self.certificates,
             gateways: &self.gateways,
+            gateway_hosts: &self.gateway_hosts,
             access_log: self.access_log,
         })
     }
@@ -362,9 +365,46 @@ pub struct Listener {
     /// them (`targetRefs`) apply to its requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
+    /// Which Gateway listener (by its hostname; `None`: any) is bound here: a virtual host
+    /// belongs to the Gateways whose listener hostname covers it, so policies that target one
+    /// Gateway stay on its hosts when Gateways share an address and port. Empty (a snapshot
+    /// from an older source): every host belongs to all of `gateways`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_hosts: Vec<GatewayHost>,
     /// Log every request as a JSON line (a Gateway's `ferrum.dev/access-log: "true"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub access_log: bool,
+}
+
+/// One Gateway listener bound to a snapshot listener.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayHost {
+    /// `namespace/name`.
+    pub gateway: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl Listener {
+    /// The Gateways (`namespace/name`) a virtual host of this listener belongs to.
+    pub fn gateways_of(&self, vhost: &str) -> Vec<&str> {
+        if self.gateway_hosts.is_empty() {
+            return self.gateways.iter().map(String::as_str).collect();
+        }
+        let mut out: Vec<&str> = self
+            .gateway_hosts
+            .iter()
+            .filter(|g| {
+                g.hostname
+                    .as_deref()
+                    .is_none_or(|h| crate::translate::hostname_matches(h, vhost))
+            })
+            .map(|g| g.gateway.as_str())
+            .collect();
+        out.dedup();
+        out
+    }
 }
 
 /// A serving certificate. `hostname` is the SNI name it answers for; `None` is the default.

@@ -321,6 +321,7 @@ mod tests {
                     routes: routes.into_iter().map(Arc::new).collect(),
                 })],
                 gateways: vec![],
+                gateway_hosts: vec![],
                 access_log: false,
             }],
             clusters.into_iter().map(Arc::new).collect(),

@@ -636,13 +636,13 @@ impl GatewayPolicies {
     /// Those of `policies` that target one of `gateways`; `None` when there are none.
     pub fn for_gateways(
         policies: &[std::sync::Arc<Policy>],
-        gateways: &[String],
+        gateways: &[&str],
         jwks: &super::jwt::JwksCache,
     ) -> Option<GatewayPolicies> {
         let targeting = || {
             policies
                 .iter()
-                .filter(|p| p.targets.iter().any(|t| gateways.contains(t)))
+                .filter(|p| p.targets.iter().any(|t| gateways.contains(&t.as_str())))
                 .map(|p| &**p)
         };
         let g = GatewayPolicies {

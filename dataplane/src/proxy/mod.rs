@@ -171,14 +171,6 @@ async fn serve(
         Ok(h) => h,
         Err(l) => return l.response(),
     };
-    if let Some(p) = &listener.policies {
-        let (mut parts, body) = req.into_parts();
-        match p.judge(&mut parts, conn.client, conn.listener) {
-            Verdict::Allow => req = Request::from_parts(parts, body),
-            Verdict::Deny => return Local::Denied.response(),
-            Verdict::Unauthenticated => return Local::Unauthenticated.response(),
-        }
-    }
     let host = host_value
         .as_ref()
         .and_then(|h| h.to_str().ok())
@@ -189,10 +181,17 @@ async fn serve(
     } else {
         Cow::Borrowed(host)
     };
-    let route = listener
-        .hosts
-        .find(&host)
-        .and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
+    let vh = listener.hosts.find(&host);
+    // The host's Gateways' policies decide before any route is chosen.
+    if let Some(p) = vh.and_then(|vh| vh.policies.as_deref()) {
+        let (mut parts, body) = req.into_parts();
+        match p.judge(&mut parts, conn.client, conn.listener) {
+            Verdict::Allow => req = Request::from_parts(parts, body),
+            Verdict::Deny => return Local::Denied.response(),
+            Verdict::Unauthenticated => return Local::Unauthenticated.response(),
+        }
+    }
+    let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
     let Some(route) = route else {
         shared
             .registry

@@ -22,6 +22,9 @@ pub struct HostTable {
 }
 
 pub struct VirtualHost {
+    /// AuthorizationPolicies and RequestAuthentications of the Gateways this host belongs
+    /// to, judged before routing.
+    pub policies: Option<Arc<crate::mesh::policy::GatewayPolicies>>,
     routes: Vec<Route>,
     exact: HashMap<String, Vec<u32>>,
     prefix: HashMap<String, Vec<u32>>,
@@ -151,6 +154,7 @@ impl VirtualHost {
         mut parts: impl FnMut(&model::Route) -> RouteParts,
     ) -> Result<Self, RouteError> {
         let mut out = VirtualHost {
+            policies: None,
             routes: Vec::with_capacity(vh.routes.len()),
             exact: HashMap::new(),
             prefix: HashMap::new(),

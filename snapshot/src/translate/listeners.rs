@@ -7,7 +7,9 @@ use std::sync::Arc;
 use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode};
 
 use super::{Options, Problems, Reason, meta_ref};
-use crate::model::{CertSource, Certificate, Digest, Listener, Protocol, Route, VirtualHost, vhost_digest};
+use crate::model::{
+    CertSource, Certificate, Digest, GatewayHost, Listener, Protocol, Route, VirtualHost, vhost_digest,
+};
 use crate::resources::{ObjectRef, Resources};
 use crate::secret::TlsSecret;
 
@@ -207,6 +209,7 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                             certificates: Vec::new(),
                             virtual_hosts: Vec::new(),
                             gateways: Vec::new(),
+                            gateway_hosts: Vec::new(),
                             access_log: false,
                         },
                     });
@@ -218,8 +221,17 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
             let gw_key = format!("{}/{}", obj.namespace, obj.name);
             let gateways = &mut out.bound[bound].listener.gateways;
             if !gateways.contains(&gw_key) {
-                gateways.push(gw_key);
+                gateways.push(gw_key.clone());
                 gateways.sort();
+            }
+            let hosts = &mut out.bound[bound].listener.gateway_hosts;
+            let host = GatewayHost {
+                gateway: gw_key,
+                hostname: l.hostname.clone(),
+            };
+            if !hosts.contains(&host) {
+                hosts.push(host);
+                hosts.sort();
             }
             let ar = l.allowed_routes.as_ref();
             let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {

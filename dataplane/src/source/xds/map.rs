@@ -513,6 +513,7 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
             virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
             // xDS carries no Gateway API policies (RBAC filters are not mapped).
             gateways: Vec::new(),
+            gateway_hosts: Vec::new(),
             access_log: false,
         });
     }
