@@ -152,7 +152,8 @@ fn table(findings: &[Finding]) -> String {
                 f.object.clone(),
                 f.field.clone(),
                 f.reason.clone(),
-                f.message.clone(),
+                // One line per finding (regex errors come in several).
+                f.message.split_whitespace().collect::<Vec<_>>().join(" "),
             ]
         })
         .collect();

@@ -193,3 +193,24 @@ fn explain_request_says_which_gateway_policy_decides() {
     let bad = ask("GET http://localhost:8080/shop -H authorization: Bearer not.a.jwt");
     assert!(bad.contains("token refused") && bad.contains("401"), "{bad}");
 }
+
+/// The example of common mistakes (docs/ferrumctl.md): every one of them is reported.
+#[test]
+fn the_mistakes_example_reports_each_mistake() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mistakes");
+    let (code, out, err) = ferrumctl(&["analyze", "-f", dir]);
+    assert_eq!(code, 1, "an invalid regex is an error: {out}{err}");
+    for (object, reason) in [
+        ("HTTPRoute shop/search", "UnsupportedValue"),
+        ("HTTPRoute shop/blog", "NoMatchingListenerHostname"),
+        ("HTTPRoute shop/checkout", "BackendNotFound"),
+        ("HTTPRoute shop/checkout", "RefNotPermitted"),
+        ("AuthorizationPolicy shop/cart-callers", "NoMatchingWorkload"),
+    ] {
+        assert!(
+            out.lines().any(|l| l.contains(object) && l.contains(reason)),
+            "{object} {reason} missing:\n{out}"
+        );
+    }
+    assert_eq!(out.lines().count(), 6, "a header and one line per finding:\n{out}");
+}
