@@ -1072,3 +1072,98 @@ async fn consumer_routes_and_namespace_policies_across_two_namespaces() {
         assert!(!calls(a, 1).2, "A's namespace is not allowed");
     }
 }
+
+/// The pods' gRPC app: `echo.Echo/Say` and `echo.Echo/Pinned` answer with the pod's name, on
+/// 9090 (generic handlers over raw bytes: no generated code).
+const GRPC_APP: &str = r#"
+import sys, grpc
+from concurrent import futures
+name = sys.argv[1].encode()
+say = lambda req, ctx: b"from " + name
+h = grpc.method_handlers_generic_handler("echo.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(say),
+    "Pinned": grpc.unary_unary_rpc_method_handler(say),
+})
+s = grpc.server(futures.ThreadPoolExecutor(4), handlers=[h])
+s.add_insecure_port("0.0.0.0:9090")
+s.start()
+s.wait_for_termination()
+"#;
+
+/// A gRPC client in a pod: `n` calls of `method` on one channel to `target`; prints each answer.
+const GRPC_CALLS: &str = r#"
+import sys, grpc
+target, method, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ch = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+call = ch.unary_unary("/echo.Echo/" + method)
+for _ in range(n):
+    print(call(b"hi", timeout=10).decode())
+"#;
+
+/// A GRPCRoute whose parent is a Service routes gRPC calls in the client's sidecar: a method
+/// match pins one version, the rest split by weight — for a plain gRPC client calling the
+/// Service's ClusterIP, over one HTTP/2 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    let svc = |name: &str, vip: &str, selector: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: grpc, port: 9090, targetPort: 9090, appProtocol: kubernetes.io/h2c}}]}}\n"
+        )
+    };
+    w.cluster.apply(&svc("echo", VIP, "app: b"));
+    w.cluster.apply(&svc("echo-v1", "10.96.77.11", "app: b, version: v1"));
+    w.cluster.apply(&svc("echo-v2", "10.96.77.12", "app: b, version: v2"));
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
+        if i != a {
+            let p = &mut w.pods[i];
+            let child =
+                p.ns.cmd(&[venv_bin("python").to_str().unwrap(), "-c", GRPC_APP, &p.name])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+            p.app = Some(Proc(child));
+        }
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1, b2] {
+        w.ready(i).await;
+    }
+    let target = format!("{VIP}:9090");
+    let calls = |method: &str, n: usize| -> (usize, usize) {
+        let py = venv_bin("python");
+        let out = w.pods[a].run(&[py.to_str().unwrap(), "-c", GRPC_CALLS, &target, method, &n.to_string()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.matches("from b-1").count(), text.matches("from b-2").count())
+    };
+    eventually(
+        "gRPC reaches B through the sidecars",
+        Duration::from_secs(20),
+        async || {
+            let (x, y) = calls("Say", 2);
+            x + y == 2
+        },
+    )
+    .await;
+    w.cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: echo, namespace: {NS}}}\n\
+         spec:\n  parentRefs: [{{group: '', kind: Service, name: echo, port: 9090}}]\n  rules:\n\
+         \x20 - matches: [{{method: {{service: echo.Echo, method: Pinned}}}}]\n    backendRefs: [{{name: echo-v2, port: 9090}}]\n\
+         \x20 - backendRefs: [{{name: echo-v1, port: 9090, weight: 80}}, {{name: echo-v2, port: 9090, weight: 20}}]\n"
+    ));
+    eventually("the method match pins v2", Duration::from_secs(20), async || {
+        calls("Pinned", 10) == (0, 10)
+    })
+    .await;
+    let (v1, v2) = calls("Say", 500);
+    assert_eq!(v1 + v2, 500, "every call answered");
+    let share = v1 as f64 / 500.0;
+    println!("GRPCRoute split over 500 calls on one channel: v1 {v1}, v2 {v2}");
+    assert!((share - 0.80).abs() <= 0.07, "v1 share {share}");
+    let route = w.cluster.get("grpcroute", NS, "echo");
+    assert_eq!(route["status"]["parents"][0]["parentRef"]["kind"], "Service", "{route}");
+}
