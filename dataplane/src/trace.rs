@@ -40,6 +40,8 @@ pub struct TraceConfig {
 pub enum TraceError {
     #[error("trace sampling must be between 0 and 1, got {0}")]
     Sampling(f64),
+    #[error("OTLP endpoint {0:?}: only plaintext OTLP/gRPC (http://host:port) is supported")]
+    Endpoint(String),
     #[error("OTLP exporter for {endpoint}: {reason}")]
     Exporter { endpoint: String, reason: String },
 }
@@ -64,6 +66,10 @@ impl Tracing {
     pub fn start(&self, cfg: &TraceConfig) -> Result<(), TraceError> {
         if !(0.0..=1.0).contains(&cfg.sampling) {
             return Err(TraceError::Sampling(cfg.sampling));
+        }
+        // No TLS stack is built into the exporter: an https endpoint would fail on every export.
+        if !cfg.endpoint.starts_with("http://") {
+            return Err(TraceError::Endpoint(cfg.endpoint.clone()));
         }
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -267,5 +273,11 @@ mod tests {
             service_name: "x".into(),
         };
         assert!(matches!(t.start(&cfg), Err(TraceError::Sampling(_))));
+        let tls = TraceConfig {
+            endpoint: "https://collector:4317".into(),
+            sampling: 1.0,
+            ..cfg
+        };
+        assert!(matches!(t.start(&tls), Err(TraceError::Endpoint(_))));
     }
 }
