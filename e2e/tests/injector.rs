@@ -309,3 +309,161 @@ async fn a_native_sidecar_with_cni_capture_is_a_valid_pod() {
     )
     .await;
 }
+
+/// An injected pod runs: the injector's patch applied with a JSON-Patch library gives the init
+/// container (capture rules) and the sidecar (args, env, UID) that the mesh harness then runs in
+/// a netns pod — the container's volume paths mapped to files the test wrote — and a pod with a
+/// regular sidecar calls it over HBONE with mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_pod_talks_mtls_in_the_mesh() {
+    use ferrum_e2e::mesh::{NS, World};
+    let mut w = World::start(&[]).await;
+    let (host, grpc, ca) = (w.op.host.clone(), w.op.grpc, w.op.ca.unwrap());
+    w.cluster.apply(WEBHOOK_CONFIG);
+    let inj = start_injector(
+        &w.cluster,
+        &[
+            "--self-signed",
+            "--webhook-config",
+            "ferrum-injector",
+            "--control-plane",
+            &format!("https://{host}:{grpc}"),
+            "--ca-address",
+            &format!("{host}:{ca}"),
+            "--ca-server-name",
+            &host,
+        ],
+    );
+    let webhook_ca = webhook_ca_bundle(&w.cluster, "ferrum-injector", 2).await;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(webhook_ca.as_bytes()).unwrap())
+        .resolve(
+            "ferrum-injector.ferrum-system.svc",
+            format!("127.0.0.1:{}", inj.port).parse().unwrap(),
+        )
+        .build()
+        .unwrap();
+    let mut pod = app_pod();
+    pod["metadata"]["namespace"] = json!(NS);
+    pod["metadata"]["labels"] = json!({"app": "b"});
+    pod["spec"]["serviceAccountName"] = json!("sa-b");
+    let (status, body) = post(
+        &client,
+        inj.port,
+        review("u-run", "CREATE", &pod).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let injected = patched(&pod, &body["response"]);
+    let container = |list: &str, name: &str| -> Value {
+        injected["spec"][list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {injected}"))
+    };
+    let (init, proxy) = (
+        container("initContainers", "ferrum-init"),
+        container("containers", "ferrum-proxy"),
+    );
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The pods: A with the harness's sidecar, B as injected (its app as in the harness).
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", "10.96.77.10", "b");
+    w.app(b);
+    let bin = workspace_bin("ferrum-dp");
+    // The init container: its args after the binary (`init-iptables ...`), in place of the
+    // harness's default rules.
+    let out = w.pods[b]
+        .ns
+        .cmd(&[bin.to_str().unwrap(), "init-iptables", "--cleanup"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let init_args = strings(&init["args"]);
+    let out = w.pods[b]
+        .ns
+        .cmd(&[bin.to_str().unwrap()])
+        .args(&init_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {init_args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The sidecar: its args and env, the mounts' paths mapped to what the kubelet would project.
+    let dir = w.dir.path().to_path_buf();
+    let token = dir.join("b-injected.token");
+    std::fs::write(&token, ferrum_e2e::token(NS, "sa-b", "ferrum-ca", 3600, TOKEN_KEY)).unwrap();
+    let cache = dir.join("b-injected-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    for p in [&token, &cache] {
+        std::os::unix::fs::chown(p, Some(1337), Some(1337)).unwrap();
+    }
+    let root = w.root.clone();
+    let mapped = |v: &str| -> String {
+        v.replace("/var/run/secrets/tokens/ferrum-token", token.to_str().unwrap())
+            .replace("/var/run/secrets/ferrum/root-cert.pem", root.to_str().unwrap())
+            .replace("/var/lib/ferrum-dp", cache.to_str().unwrap())
+    };
+    let uid = proxy["securityContext"]["runAsUser"].as_u64().unwrap().to_string();
+    let mut cmd = w.pods[b].ns.cmd(&[
+        "setpriv",
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+    ]);
+    cmd.arg(&bin).args(strings(&proxy["args"]));
+    for e in proxy["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = match (name, e["value"].as_str()) {
+            ("POD_NAME", _) => "b-1".to_string(),
+            ("POD_NAMESPACE", _) => NS.to_string(),
+            (_, Some(v)) => mapped(v),
+            (_, None) => panic!("unexpected env {e}"),
+        };
+        cmd.env(name, value);
+    }
+    let log = std::fs::File::create(dir.join("b-injected.log")).unwrap();
+    cmd.env("RUST_LOG", "info,ferrum_dp::mesh=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let _sidecar = Proc(cmd.spawn().unwrap());
+    w.sidecar(a, "sa-a", &[]);
+    w.ready(a).await;
+    w.ready(b).await;
+
+    eventually(
+        "A reaches the injected B over HBONE",
+        Duration::from_secs(20),
+        async || {
+            let (ok, body) = w.pods[a].curl(&[
+                "--resolve",
+                &format!("svc-b.{NS}.svc:80:10.96.77.10"),
+                &format!("http://svc-b.{NS}.svc/injected"),
+            ]);
+            ok && body.contains("hello from b-1")
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.join("b-injected.log")).unwrap();
+    assert!(
+        log.contains(&format!("spiffe://cluster.local/ns/{NS}/sa/sa-a")),
+        "the injected sidecar saw A's SPIFFE ID:\n{log}"
+    );
+}

@@ -945,12 +945,20 @@ async fn one_trace_crosses_both_sidecars_over_hbone() {
             .any(|s| s.service == format!("a-1.{NS}"))
     })
     .await;
-    let spans = collector.trace(trace, 2).await;
-    let client = spans.iter().rev().find(|s| s.service == format!("a-1.{NS}")).unwrap();
-    let server = spans
-        .iter()
-        .find(|s| s.service == format!("b-1.{NS}") && s.parent == client.span)
-        .unwrap_or_else(|| panic!("B's span under A's: {spans:#?}"));
+    // Each sidecar exports on its own schedule: wait for a span of B under one of A's.
+    let mut pair = None;
+    eventually("B's span under A's", Duration::from_secs(10), async || {
+        let spans = collector.spans_of(trace);
+        pair = spans.iter().filter(|c| c.service == format!("a-1.{NS}")).find_map(|c| {
+            let s = spans
+                .iter()
+                .find(|s| s.service == format!("b-1.{NS}") && s.parent == c.span)?;
+            Some((c.clone(), s.clone()))
+        });
+        pair.is_some()
+    })
+    .await;
+    let (client, server) = pair.unwrap();
     assert_eq!(client.parent, caller, "A's sidecar continues the app's trace");
     assert_eq!(client.kind, 3, "an outbound span is a client span");
     assert_eq!(server.kind, 2, "an inbound span is a server span");
