@@ -51,6 +51,18 @@ fn start_injector(cluster: &Cluster, extra: &[&str]) -> Injector {
     }
 }
 
+/// A client as the API server is one: it trusts the injector through the caBundle the injector
+/// wrote into its webhook configuration, and reaches it by its Service name.
+async fn api_server_client(cluster: &Cluster, inj: &Injector) -> reqwest::Client {
+    let ca = webhook_ca_bundle(cluster, "ferrum-injector", 2).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .resolve("ferrum-injector.ferrum-system.svc", addr)
+        .build()
+        .unwrap()
+}
+
 fn review(uid: &str, operation: &str, pod: &Value) -> Value {
     json!({
         "apiVersion": "admission.k8s.io/v1",
@@ -145,14 +157,7 @@ async fn the_injector_adds_the_sidecar_over_https_with_its_ca_in_the_webhook_con
     cluster.apply(WEBHOOK_CONFIG);
     let inj = start_injector(&cluster, &["--self-signed", "--webhook-config", "ferrum-injector"]);
 
-    // The API server would trust the injector through the caBundle it wrote.
-    let ca = webhook_ca_bundle(&cluster, "ferrum-injector", 2).await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", inj.port).parse().unwrap();
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
-        .resolve("ferrum-injector.ferrum-system.svc", addr)
-        .build()
-        .unwrap();
+    let client = api_server_client(&cluster, &inj).await;
 
     // A pod created in an injected namespace: the sidecar, capture and probes through 15020.
     let pod = app_pod();
@@ -334,15 +339,7 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
             &host,
         ],
     );
-    let webhook_ca = webhook_ca_bundle(&w.cluster, "ferrum-injector", 2).await;
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(webhook_ca.as_bytes()).unwrap())
-        .resolve(
-            "ferrum-injector.ferrum-system.svc",
-            format!("127.0.0.1:{}", inj.port).parse().unwrap(),
-        )
-        .build()
-        .unwrap();
+    let client = api_server_client(&w.cluster, &inj).await;
     let mut pod = app_pod();
     pod["metadata"]["namespace"] = json!(NS);
     pod["metadata"]["labels"] = json!({"app": "b"});
