@@ -246,16 +246,29 @@ impl World {
             .dir
             .path()
             .join(format!("{}-{}.pcap", self.pods[i].name, free_port()));
-        let child = Command::new("tcpdump")
-            .args(["-i", &self.pods[i].veth, "-U", "-s", "0", "-w"])
+        let mut child = Command::new("tcpdump")
+            // Immediate mode: packets are written as they come, not when a kernel block fills.
+            .args(["-i", &self.pods[i].veth, "--immediate-mode", "-U", "-s", "0", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("tcpdump (apt-get install tcpdump)");
-        // tcpdump needs a moment before it captures.
-        std::thread::sleep(Duration::from_millis(700));
+        // Capturing starts when tcpdump says it listens (seconds on a loaded machine, so a
+        // fixed pause missed packets); the rest of its stderr is drained.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("tcpdump did not start listening");
         Capture { child, file }
     }
 }

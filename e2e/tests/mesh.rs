@@ -76,7 +76,11 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         .lines()
         .filter(|l| l.contains(&format!("{a_ip}.")) && l.contains(&format!("{b_ip}.")))
         .collect();
-    assert!(between.len() > 4, "the capture saw the pods talk: {packets}");
+    assert!(
+        between.len() > 4,
+        "the capture saw the pods talk ({} bytes captured): {packets}",
+        raw.len()
+    );
     for l in &between {
         assert!(
             l.contains(&format!("{b_ip}.15008")),
