@@ -19,7 +19,7 @@ pub fn applied_over(
     let scope = res
         .origins
         .keys()
-        .filter(|o| matches!(o.kind, "HTTPRoute" | "GRPCRoute"))
+        .filter(|o| matches!(o.kind, "HTTPRoute" | "GRPCRoute" | "TLSRoute" | "TCPRoute"))
         .map(|o| format!("{}/{}/", o.namespace, o.name))
         .collect();
     cluster.overlay(res);

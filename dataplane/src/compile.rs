@@ -27,6 +27,9 @@ pub struct Compiled {
 pub struct CompiledListener {
     pub name: String,
     pub https: bool,
+    /// TCP and TLS listeners forward connections as bytes ([`crate::tcp::forward`]); `tls`
+    /// is set on a TLS listener that terminates TLS first.
+    pub protocol: Protocol,
     pub hosts: HostTable,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Each request is logged (see [`crate::access_log`]).
@@ -109,6 +112,10 @@ impl Compiler {
         }
         let mut listeners = HashMap::with_capacity(snap.listeners.len());
         for l in &snap.listeners {
+            if l.protocol == Protocol::Unknown {
+                tracing::warn!(listener = %l.name, "listener protocol unknown to this build (a newer producer); not served");
+                continue;
+            }
             let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
             // One compiled policy set per distinct set of Gateways.
             let mut policies: HashMap<Vec<&str>, Option<Arc<GatewayPolicies>>> = HashMap::new();
@@ -124,7 +131,13 @@ impl Compiler {
             }
             let tls = match l.protocol {
                 Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
-                Protocol::Http => None,
+                Protocol::Tls if !l.certificates.is_empty() => {
+                    // Bytes go on as they come: no ALPN is negotiated for the backend.
+                    let mut cfg = (*tls::server_config(&l.name, &l.certificates, secrets)?).clone();
+                    cfg.alpn_protocols.clear();
+                    Some(Arc::new(cfg))
+                }
+                Protocol::Http | Protocol::Tcp | Protocol::Tls | Protocol::Unknown => None,
             };
             // validate() checked the address parses.
             let addr = SocketAddr::new(
@@ -135,7 +148,8 @@ impl Compiler {
                 addr,
                 CompiledListener {
                     name: l.name.clone(),
-                    https: tls.is_some(),
+                    https: l.protocol == Protocol::Https,
+                    protocol: l.protocol,
                     hosts: HostTable::build(vhosts),
                     tls,
                     access_log: l.access_log,
@@ -203,6 +217,7 @@ impl Compiler {
                 let l = CompiledListener {
                     name: format!("{}:{}", s.hostname, p.port),
                     https: false,
+                    protocol: Protocol::Http,
                     hosts: HostTable::build(vec![("*".into(), built)]),
                     tls: None,
                     access_log: false,

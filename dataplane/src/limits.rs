@@ -20,6 +20,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Longest pause in a client's request body before it gets 408.
     pub request_body_idle_timeout: Duration,
+    /// Longest quiet spell of a TCP or TLS route's connection (Envoy's tcp_proxy default).
+    pub tcp_idle_timeout: Duration,
     /// Merge `//` in request paths before matching (Istio's default).
     pub merge_slashes: bool,
     /// Open client connections per listener; more are closed at accept.
@@ -36,6 +38,7 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             request_body_idle_timeout: Duration::from_secs(60),
+            tcp_idle_timeout: Duration::from_secs(3600),
             merge_slashes: true,
             max_connections: 16_384,
             max_streams: 128,

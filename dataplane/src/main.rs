@@ -167,7 +167,8 @@ struct MeshArgs {
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     inbound_plaintext: bool,
-    /// Seconds a proxied TCP connection may be silent both ways before it is closed.
+    /// Seconds a proxied TCP connection (a sidecar's, or a TCP/TLS route's) may be silent both
+    /// ways before it is closed.
     #[arg(long, default_value_t = 3600)]
     tcp_idle_timeout: u64,
 }
@@ -411,6 +412,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         request_body_idle_timeout: Duration::from_secs(args.request_body_idle_timeout),
+        tcp_idle_timeout: Duration::from_secs(args.mesh.tcp_idle_timeout),
         merge_slashes: args.merge_slashes,
         max_connections: args.max_connections,
         max_streams: args.max_streams,

@@ -114,6 +114,9 @@ pub struct ClusterStats {
     pub connections_active: AtomicI64,
     pub connections_total: AtomicU64,
     pub ejections: AtomicU64,
+    /// Bytes forwarded to and from the cluster by L4 (TCP and TLS) routes.
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
 }
 
 impl ClusterStats {
@@ -383,6 +386,18 @@ impl Registry {
                 "counter",
                 "Endpoints ejected by outlier detection.",
                 |s| s.ejections.load(Relaxed) as i64,
+            ),
+            (
+                "ferrum_cluster_l4_bytes_sent_total",
+                "counter",
+                "Bytes TCP and TLS routes forwarded to the cluster.",
+                |s| s.bytes_sent.load(Relaxed) as i64,
+            ),
+            (
+                "ferrum_cluster_l4_bytes_received_total",
+                "counter",
+                "Bytes TCP and TLS routes forwarded from the cluster.",
+                |s| s.bytes_received.load(Relaxed) as i64,
             ),
         ] {
             g(&mut out, metric, kind, help);

@@ -37,7 +37,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -348,6 +348,23 @@ pub enum Protocol {
     Http,
     #[serde(rename = "HTTPS")]
     Https,
+    /// Opaque TCP (TCPRoute): the one virtual host `*` forwards every connection.
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// TLS routed by SNI (TLSRoute): passed through untouched without `certificates`,
+    /// terminated with them. Virtual hosts are SNI names.
+    #[serde(rename = "TLS")]
+    Tls,
+    /// A protocol from a newer producer: the listener is skipped, the rest of the snapshot served.
+    #[serde(other, rename = "Unknown")]
+    Unknown,
+}
+
+impl Protocol {
+    /// Whether connections are forwarded as bytes (L4) rather than served as HTTP.
+    pub fn is_l4(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Tls)
+    }
 }
 
 /// One bound socket. Several Gateway listeners on one port share it, told apart by hostname.

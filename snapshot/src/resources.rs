@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
+use gateway_api::tlsroutes::TlsRoute;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
@@ -42,6 +44,8 @@ pub struct Resources {
     pub gateways: Vec<Arc<Gateway>>,
     pub http_routes: Vec<Arc<HttpRoute>>,
     pub grpc_routes: Vec<Arc<GrpcRoute>>,
+    pub tls_routes: Vec<Arc<TlsRoute>>,
+    pub tcp_routes: Vec<Arc<TcpRoute>>,
     pub reference_grants: Vec<Arc<ReferenceGrant>>,
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
@@ -194,6 +198,8 @@ impl Resources {
             "Gateway" => ("Gateway", crate::GATEWAY_GROUP),
             "HTTPRoute" => ("HTTPRoute", crate::GATEWAY_GROUP),
             "GRPCRoute" => ("GRPCRoute", crate::GATEWAY_GROUP),
+            "TLSRoute" => ("TLSRoute", crate::GATEWAY_GROUP),
+            "TCPRoute" => ("TCPRoute", crate::GATEWAY_GROUP),
             "ReferenceGrant" => ("ReferenceGrant", crate::GATEWAY_GROUP),
             "Service" => ("Service", ""),
             "Secret" => ("Secret", ""),
@@ -210,7 +216,7 @@ impl Resources {
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
-                     HTTPRoute, GRPCRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
+                     HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
                      Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication, \
                      RequestAuthentication"
                 )));
@@ -250,6 +256,8 @@ impl Resources {
             "Gateway" => push!(gateways),
             "HTTPRoute" => push!(http_routes),
             "GRPCRoute" => push!(grpc_routes),
+            "TLSRoute" => push!(tls_routes),
+            "TCPRoute" => push!(tcp_routes),
             "ReferenceGrant" => push!(reference_grants),
             "Service" => push!(services),
             "Secret" => push!(secrets),
@@ -282,6 +290,8 @@ macro_rules! each_kind {
             gateways: "Gateway",
             http_routes: "HTTPRoute",
             grpc_routes: "GRPCRoute",
+            tls_routes: "TLSRoute",
+            tcp_routes: "TCPRoute",
             reference_grants: "ReferenceGrant",
             services: "Service",
             endpoint_slices: "EndpointSlice",

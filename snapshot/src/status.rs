@@ -71,7 +71,8 @@ pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
             .map(|a| &a.route)
             .collect::<std::collections::BTreeSet<_>>()
             .len();
-        let (kinds, invalid_kinds) = supported_kinds(l);
+        let ours = crate::translate::listeners_route_kinds(l);
+        let (kinds, invalid_kinds) = supported_kinds(l, ours);
         let refs = ps
             .iter()
             .find(|p| matches!(p.reason, Reason::InvalidCertificateRef | Reason::RefNotPermitted));
@@ -93,7 +94,7 @@ pub fn gateway_status(gw: &Gateway, t: &Translation) -> Value {
             "conditions": [
                 cond("Accepted", accepted, other.map_or(if conflict.is_some() { "ProtocolConflict" } else { "Accepted" }, |p| p.reason.as_str()), &msg(other.or(conflict), "listener accepted"), generation),
                 match invalid_kinds {
-                    Some(k) => cond("ResolvedRefs", false, "InvalidRouteKinds", &format!("route kind {k} is not supported (HTTPRoute, GRPCRoute)"), generation),
+                    Some(k) => cond("ResolvedRefs", false, "InvalidRouteKinds", &format!("route kind {k} is not supported on a {} listener ({})", l.protocol, ours.join(", ")), generation),
                     None => cond("ResolvedRefs", refs.is_none(), refs.map_or("ResolvedRefs", |p| p.reason.as_str()), &msg(refs, "references resolved"), generation),
                 },
                 cond("Conflicted", conflict.is_some(), if conflict.is_some() { "ProtocolConflict" } else { "NoConflicts" }, &msg(conflict, "no conflicts"), generation),
@@ -211,23 +212,23 @@ pub fn route_status(
     json!({ "parents": parents })
 }
 
-/// Route kinds an HTTP/HTTPS listener serves: those of `allowedRoutes.kinds` we route (all of
-/// them when it names none), and the first kind it names that we cannot route.
-fn supported_kinds(l: &GatewayListeners) -> (Vec<&'static str>, Option<String>) {
-    const ROUTED: [&str; 2] = ["HTTPRoute", "GRPCRoute"];
+/// Route kinds a listener serves: those of `allowedRoutes.kinds` its protocol routes (`routed`;
+/// all of them when it names none), and the first kind it names that it cannot route.
+fn supported_kinds(l: &GatewayListeners, routed: &[&'static str]) -> (Vec<&'static str>, Option<String>) {
     let asked = l
         .allowed_routes
         .as_ref()
         .and_then(|a| a.kinds.as_deref())
         .unwrap_or_default();
     if asked.is_empty() {
-        return (ROUTED.to_vec(), None);
+        return (routed.to_vec(), None);
     }
     let ours = |k: &GatewayListenersAllowedRoutesKinds| {
-        k.group.as_deref().is_none_or(|g| g == crate::GATEWAY_GROUP) && ROUTED.contains(&k.kind.as_str())
+        k.group.as_deref().is_none_or(|g| g == crate::GATEWAY_GROUP) && routed.contains(&k.kind.as_str())
     };
-    let kinds = ROUTED
-        .into_iter()
+    let kinds = routed
+        .iter()
+        .copied()
         .filter(|r| asked.iter().any(|k| ours(k) && k.kind == *r))
         .collect();
     let invalid = asked.iter().find(|k| !ours(k)).map(|k| k.kind.clone());
@@ -294,7 +295,7 @@ pub fn policy_status(
 }
 
 /// Every served object's status as the operator writes it, keyed `Kind namespace/name`:
-/// Gateways, HTTPRoutes and GRPCRoutes. File mode shows this at `/config`.
+/// Gateways and routes of every kind. File mode shows this at `/config`.
 pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
     for gw in &res.gateways {
@@ -307,13 +308,8 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
             out.insert(obj.to_string(), gateway_status(gw, t));
         }
     }
-    use std::borrow::Cow;
-    let routes = res.http_routes.iter().map(|r| ("HTTPRoute", Ok(Cow::Borrowed(&**r))));
-    let grpc = res.grpc_routes.iter().map(|g| {
-        let r = crate::translate::as_http_route(g).map(Cow::Owned);
-        ("GRPCRoute", r.map_err(drop))
-    });
-    for (kind, r) in routes.chain(grpc) {
+    for (kind, r) in crate::translate::routes_as_http(res) {
+        // A route that cannot be read as one has its problem listed instead.
         let Ok(r) = r else { continue };
         let obj = ObjectRef {
             kind,
@@ -363,7 +359,7 @@ mod tests {
     }
 
     const BASE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, generation: 3}\n\
-        spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 80, protocol: HTTP, hostname: a.example.com}, {name: tcp, port: 90, protocol: TCP}]}\n---\n\
+        spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 80, protocol: HTTP, hostname: a.example.com}, {name: udp, port: 90, protocol: UDP}]}\n---\n\
         apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {ports: [{port: 80}]}\n";
 
     fn cond_of<'a>(v: &'a Value, kind: &str) -> &'a Value {

@@ -126,6 +126,27 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
                 "an HTTPS listener needs at least one certificate".into(),
             );
         }
+        if l.protocol == Protocol::Tcp && !l.certificates.is_empty() {
+            err(
+                obj.clone(),
+                "certificates".into(),
+                "a TCP listener has no certificates (TLS terminates on a TLS listener)".into(),
+            );
+        }
+        if l.protocol.is_l4()
+            && let Some((vi, r)) = l
+                .virtual_hosts
+                .iter()
+                .enumerate()
+                .flat_map(|(vi, vh)| vh.routes.iter().map(move |r| (vi, r)))
+                .find(|(_, r)| !matches!(r.action, Action::Forward(_)))
+        {
+            err(
+                obj.clone(),
+                format!("virtualHosts[{vi}].routes"),
+                format!("route {:?}: a {:?} listener can only forward", r.name, l.protocol),
+            );
+        }
         let mut hosts = BTreeSet::new();
         for (vi, vh) in l.virtual_hosts.iter().enumerate() {
             if !hosts.insert(vh.hostname.as_str()) {

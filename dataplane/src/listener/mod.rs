@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
+use ferrum_snapshot::model::Protocol as SnapProtocol;
+
 use crate::limits::{MAX_HEADER_BYTES, MAX_HEADERS};
 use crate::proxy::{self, ConnInfo, Shared};
 
@@ -251,21 +253,24 @@ pub async fn detect(stream: &TcpStream, within: Duration) -> Option<Protocol> {
 
 async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: Arc<Http>, stop: watch::Receiver<bool>) {
     let shared = count.shared.clone();
-    let tls = shared
+    let (protocol, tls) = shared
         .config
         .load()
         .listeners
         .get(&info.listener)
-        .and_then(|l| l.tls.clone());
-    match tls {
-        None => {
+        .map_or((SnapProtocol::Http, None), |l| (l.protocol, l.tls.clone()));
+    match (protocol, tls) {
+        (SnapProtocol::Tcp, _) => crate::tcp::forward::serve_plain(stream, false, info, shared).await,
+        (SnapProtocol::Tls, None) => crate::tcp::forward::serve_plain(stream, true, info, shared).await,
+        (SnapProtocol::Tls, Some(cfg)) => crate::tcp::forward::serve_terminated(stream, cfg, info, shared).await,
+        (_, None) => {
             let Some(proto) = detect(&stream, shared.limits.header_read_timeout).await else {
                 tracing::debug!(client = %info.client, "closed before a request arrived");
                 return;
             };
             serve(TokioIo::new(stream), proto, info, shared, &http, stop).await
         }
-        Some(cfg) => {
+        (_, Some(cfg)) => {
             let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, accept).await {
                 Ok(Ok(s)) => {

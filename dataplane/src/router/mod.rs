@@ -215,6 +215,11 @@ impl VirtualHost {
     }
 
     /// The first route, in precedence order, that matches.
+    /// The route of highest precedence: what an L4 (TCP or TLS) host forwards to.
+    pub fn first_route(&self) -> Option<&Route> {
+        self.routes.first()
+    }
+
     pub fn find(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Option<&Route> {
         let mut best = u32::MAX;
         let mut consider = |list: &[u32]| {

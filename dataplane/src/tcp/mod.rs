@@ -1,5 +1,7 @@
 //! L4: relaying bytes between two streams, with half-close, an idle timeout and byte counts.
-//! Upgraded HTTP connections (WebSocket) run on it; plain TCP proxying will too.
+//! Upgraded HTTP connections (WebSocket), the sidecar's L4 paths and TCP/TLS routes run on it.
+
+pub mod forward;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ferrum_snapshot::model::{Cluster, Endpoint, OutlierDetection};
+use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection};
 use http::uri::{Authority, Scheme};
 use tokio::sync::Notify;
 
@@ -81,6 +81,9 @@ impl Candidate for Arc<EndpointState> {
     }
 }
 
+/// Endpoints tried for one L4 connection before it is given up.
+pub const CONNECT_ATTEMPTS: usize = 3;
+
 /// What happened to one try, for passive health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -141,6 +144,25 @@ impl Drop for RequestGuard {
 }
 
 pub struct EndpointGuard(pub Arc<EndpointState>);
+
+/// Held for the life of one L4 connection: its circuit-breaker slot, its endpoint's
+/// least-request count and the cluster's open-connection gauge.
+pub struct L4Guard {
+    request: RequestGuard,
+    endpoint: EndpointGuard,
+}
+
+impl L4Guard {
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint.0.key
+    }
+}
+
+impl Drop for L4Guard {
+    fn drop(&mut self) {
+        self.request.cluster.stats.connections_active.fetch_sub(1, Relaxed);
+    }
+}
 
 impl Drop for EndpointGuard {
     fn drop(&mut self) {
@@ -240,6 +262,53 @@ impl ClusterRuntime {
         let e = &self.endpoints[i];
         e.active.fetch_add(1, Relaxed);
         Some((i, EndpointGuard(e.clone())))
+    }
+
+    /// A TCP connection to one of the cluster's endpoints, for L4 routes: balanced like a
+    /// request (`client` is the hash key of a client-IP hash), up to [`CONNECT_ATTEMPTS`]
+    /// endpoints tried, each within the connect timeout, failures counted by outlier detection.
+    /// The guard holds a circuit-breaker slot for the connection's life.
+    pub async fn connect_tcp(
+        self: &Arc<Self>,
+        client: std::net::IpAddr,
+    ) -> Result<(tokio::net::TcpStream, L4Guard), UpstreamError> {
+        let guard = self.admit().await?;
+        let key = match client {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        let key = matches!(self.balancer.hash_on(), Some(HashOn::ClientIp)).then_some(&key[..]);
+        let timeout = Duration::from_millis(self.spec.timeouts.connect_ms);
+        let mut avoid = None;
+        let mut last = UpstreamError::NoHealthyUpstream;
+        for _ in 0..CONNECT_ATTEMPTS {
+            let Some((i, ep)) = self.pick(key, avoid) else { break };
+            let connect = tokio::net::TcpStream::connect(ep.0.authority.as_str());
+            last = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    self.record(&ep.0, Outcome::Status(200));
+                    self.stats.connections_total.fetch_add(1, Relaxed);
+                    self.stats.connections_active.fetch_add(1, Relaxed);
+                    return Ok((
+                        s,
+                        L4Guard {
+                            request: guard,
+                            endpoint: ep,
+                        },
+                    ));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(cluster = %self.spec.name, endpoint = %ep.0.key, error = %e, "connect failed");
+                    UpstreamError::ConnectFailure
+                }
+                Err(_) => UpstreamError::Timeout,
+            };
+            self.record(&ep.0, Outcome::ConnectFailure);
+            avoid = Some(i);
+        }
+        self.stats.error(last);
+        Err(last)
     }
 
     /// Retry budget: retries in flight stay under `budget_percent` of requests in flight, with

@@ -17,11 +17,13 @@ use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
 use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 use futures_util::StreamExt;
+use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
+use gateway_api::tlsroutes::TlsRoute;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
@@ -115,6 +117,8 @@ kinds! {
     gateways: Gateway = ("gateway.networking.k8s.io", "Gateway", ["v1"], optional: false, status: true),
     http_routes: HttpRoute = ("gateway.networking.k8s.io", "HTTPRoute", ["v1"], optional: false, status: true),
     grpc_routes: GrpcRoute = ("gateway.networking.k8s.io", "GRPCRoute", ["v1"], optional: true, status: true),
+    tls_routes: TlsRoute = ("gateway.networking.k8s.io", "TLSRoute", ["v1", "v1alpha3", "v1alpha2"], optional: true, status: true),
+    tcp_routes: TcpRoute = ("gateway.networking.k8s.io", "TCPRoute", ["v1", "v1alpha2"], optional: true, status: true),
     reference_grants: ReferenceGrant = ("gateway.networking.k8s.io", "ReferenceGrant", ["v1", "v1beta1"], optional: true, status: false),
     services: Service = ("", "Service", ["v1"], optional: false, status: false),
     endpoint_slices: EndpointSlice = ("discovery.k8s.io", "EndpointSlice", ["v1"], optional: false, status: false),

@@ -58,12 +58,23 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     for r in &res.http_routes {
         w.write(&**r, route_status("HTTPRoute", r, t, &t.gateways, res)).await;
     }
-    for g in &res.grpc_routes {
-        // A GRPCRoute that cannot be read as a route has its problem listed on /problems.
-        if let Ok(r) = ferrum_snapshot::translate::as_http_route(g) {
-            w.write(&**g, route_status("GRPCRoute", &r, t, &t.gateways, res)).await;
-        }
+    // Other route kinds are read as the HTTPRoutes they mean; one that cannot be has its problem
+    // listed on /problems.
+    macro_rules! routes {
+        ($($field:ident: $kind:literal by $read:path),+) => {$(
+            for g in &res.$field {
+                if let Ok(r) = $read(g) {
+                    w.write(&**g, route_status($kind, &r, t, &t.gateways, res)).await;
+                }
+            }
+        )+};
     }
+    use ferrum_snapshot::translate::{as_http_route, tcp_as_http_route, tls_as_http_route};
+    routes!(
+        grpc_routes: "GRPCRoute" by as_http_route,
+        tls_routes: "TLSRoute" by tls_as_http_route,
+        tcp_routes: "TCPRoute" by tcp_as_http_route
+    );
     for b in &res.backends {
         w.write(&**b, backend_status(b, t)).await;
     }

@@ -1,11 +1,14 @@
-//! HTTPRoutes → routes on the listeners they attach to.
+//! HTTPRoutes → routes on the listeners they attach to. GRPCRoutes, TLSRoutes and TCPRoutes are
+//! read as the HTTPRoutes they mean and take the same path.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::*;
+use gateway_api::tlsroutes::TlsRoute;
 
 use super::backends::{BackendRef, Clusters, Lookup};
 use super::gamma::{self, MeshHosts, MeshTarget};
@@ -21,22 +24,75 @@ use crate::resources::{ObjectRef, Resources};
 pub(crate) enum RouteObject {
     Http(Arc<HttpRoute>),
     Grpc(Arc<GrpcRoute>),
+    Tls(Arc<TlsRoute>),
+    Tcp(Arc<TcpRoute>),
 }
 
 impl RouteObject {
     /// Same translation input: what the translator reads of a route is its spec and creation
     /// time, so a status write (a new object) changes nothing.
     fn same_input(&self, other: &RouteObject) -> bool {
+        macro_rules! same {
+            ($a:expr, $b:expr) => {
+                $a.spec == $b.spec && $a.metadata.creation_timestamp == $b.metadata.creation_timestamp
+            };
+        }
         match (self, other) {
-            (RouteObject::Http(a), RouteObject::Http(b)) => {
-                a.spec == b.spec && a.metadata.creation_timestamp == b.metadata.creation_timestamp
-            }
-            (RouteObject::Grpc(a), RouteObject::Grpc(b)) => {
-                a.spec == b.spec && a.metadata.creation_timestamp == b.metadata.creation_timestamp
-            }
+            (RouteObject::Http(a), RouteObject::Http(b)) => same!(a, b),
+            (RouteObject::Grpc(a), RouteObject::Grpc(b)) => same!(a, b),
+            (RouteObject::Tls(a), RouteObject::Tls(b)) => same!(a, b),
+            (RouteObject::Tcp(a), RouteObject::Tcp(b)) => same!(a, b),
             _ => false,
         }
     }
+
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            RouteObject::Http(r) => &r.metadata,
+            RouteObject::Grpc(r) => &r.metadata,
+            RouteObject::Tls(r) => &r.metadata,
+            RouteObject::Tcp(r) => &r.metadata,
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            RouteObject::Http(_) => "HTTPRoute",
+            RouteObject::Grpc(_) => "GRPCRoute",
+            RouteObject::Tls(_) => "TLSRoute",
+            RouteObject::Tcp(_) => "TCPRoute",
+        }
+    }
+
+    /// The address that identifies the object in the memo.
+    fn address(&self) -> usize {
+        match self {
+            RouteObject::Http(r) => Arc::as_ptr(r) as usize,
+            RouteObject::Grpc(r) => Arc::as_ptr(r) as usize,
+            RouteObject::Tls(r) => Arc::as_ptr(r) as usize,
+            RouteObject::Tcp(r) => Arc::as_ptr(r) as usize,
+        }
+    }
+
+    /// The HTTPRoute the object means (itself, for an HTTPRoute).
+    pub(crate) fn as_http(&self) -> Result<std::borrow::Cow<'_, HttpRoute>, (String, String)> {
+        use std::borrow::Cow;
+        match self {
+            RouteObject::Http(r) => Ok(Cow::Borrowed(&**r)),
+            RouteObject::Grpc(g) => super::grpcroute::as_http_route(g).map(Cow::Owned),
+            RouteObject::Tls(t) => super::l4route::tls_as_http_route(t).map(Cow::Owned),
+            RouteObject::Tcp(t) => super::l4route::tcp_as_http_route(t).map(Cow::Owned),
+        }
+    }
+}
+
+/// Every route object of `res`, in a stable order.
+pub(crate) fn route_objects(res: &Resources) -> impl Iterator<Item = RouteObject> + '_ {
+    let http = res.http_routes.iter().cloned().map(RouteObject::Http);
+    let grpc = res.grpc_routes.iter().cloned().map(RouteObject::Grpc);
+    let tls = res.tls_routes.iter().cloned().map(RouteObject::Tls);
+    let tcp = res.tcp_routes.iter().cloned().map(RouteObject::Tcp);
+    http.chain(grpc).chain(tls).chain(tcp)
 }
 
 /// Everything one route contributed to the last translation, and what it read to get there.
@@ -60,11 +116,7 @@ pub(crate) struct RouteMemo {
 impl RouteMemo {
     /// The route's creation time, as precedence compares it.
     pub(crate) fn created(&self) -> String {
-        let meta = match &self.object {
-            RouteObject::Http(r) => &r.metadata,
-            RouteObject::Grpc(g) => &g.metadata,
-        };
-        created(meta)
+        created(self.object.metadata())
     }
 }
 
@@ -145,17 +197,9 @@ pub(crate) fn attach_all(
 ) {
     *next_id += 1;
     let pass = *next_id;
-    let objects = res
-        .http_routes
-        .iter()
-        .map(|r| ("HTTPRoute", &r.metadata, Arc::as_ptr(r) as usize))
-        .chain(
-            res.grpc_routes
-                .iter()
-                .map(|g| ("GRPCRoute", &g.metadata, Arc::as_ptr(g) as usize)),
-        );
     let mut by_name: Option<HashMap<ObjectRef, usize>> = None;
-    for (i, (kind, meta, address)) in objects.enumerate() {
+    for object in route_objects(res) {
+        let address = object.address();
         // In place: an unchanged route (nearly all) costs a lookup and a replay.
         if let Some(m) = memo.get_mut(&address) {
             if clusters.replay(&m.lookups) {
@@ -168,11 +212,7 @@ pub(crate) fn attach_all(
             let m = memo.remove(&address).expect("present");
             detach(hosts, &m);
         }
-        let object = match res.http_routes.get(i) {
-            Some(r) => RouteObject::Http(r.clone()),
-            None => RouteObject::Grpc(res.grpc_routes[i - res.http_routes.len()].clone()),
-        };
-        let obj = meta_ref(kind, meta);
+        let obj = meta_ref(object.kind(), object.metadata());
         // A new object for a route we know with the same spec (a status write) changes nothing.
         let index = by_name.get_or_insert_with(|| memo.iter().map(|(a, m)| (m.obj.clone(), *a)).collect());
         if let Some(old) = index.get(&obj).copied()
@@ -215,19 +255,45 @@ fn translate_route(
     problems: &mut Problems<'_>,
 ) -> RouteMemo {
     let (p0, a0) = (problems.list.len(), problems.attachments.len());
-    let converted;
-    let route: Option<&HttpRoute> = match &object {
-        RouteObject::Http(r) => Some(r),
-        RouteObject::Grpc(g) => match super::grpcroute::as_http_route(g) {
-            Ok(r) => {
-                converted = r;
-                Some(&converted)
-            }
-            Err((field, msg)) => {
-                problems.push(&obj, field, Reason::UnsupportedValue, msg);
-                None
-            }
-        },
+    let (targets, mesh_targets, rules) = translate_object(res, &object, &obj, id, listeners, clusters, problems);
+    RouteMemo {
+        id,
+        lookups: clusters.take_trace(),
+        targets,
+        mesh_targets,
+        rules,
+        problems: problems.list[p0..].to_vec(),
+        attachments: problems.attachments[a0..].to_vec(),
+        obj,
+        object,
+        seen: 0,
+    }
+}
+
+type Translated = (
+    Vec<(usize, Vec<String>)>,
+    Vec<(MeshTarget, usize)>,
+    Vec<Arc<RouteEntry>>,
+);
+
+/// A route's targets and rules (clusters traced from here on).
+fn translate_object(
+    res: &Resources,
+    object: &RouteObject,
+    obj: &ObjectRef,
+    id: u64,
+    listeners: &Listeners,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Translated {
+    let obj = obj.clone();
+    let converted = object.as_http();
+    let route: Option<&HttpRoute> = match &converted {
+        Ok(r) => Some(r),
+        Err((field, msg)) => {
+            problems.push(&obj, field.clone(), Reason::UnsupportedValue, msg.clone());
+            None
+        }
     };
     clusters.start_trace();
     let mut targets = Vec::new();
@@ -253,18 +319,7 @@ fn translate_route(
             clusters.waive_grants(false);
         }
     }
-    RouteMemo {
-        id,
-        lookups: clusters.take_trace(),
-        targets,
-        mesh_targets,
-        rules,
-        problems: problems.list[p0..].to_vec(),
-        attachments: problems.attachments[a0..].to_vec(),
-        obj,
-        object,
-        seen: 0,
-    }
+    (targets, mesh_targets, rules)
 }
 
 fn key(created: &str, obj: &ObjectRef, rule: usize, matcher: usize, m: &RouteMatch) -> RouteKey {
@@ -387,10 +442,11 @@ fn parents(
                 obj,
                 field,
                 Reason::NotAllowedByListeners,
-                format!(
-                    "no listener of {gw} allows HTTPRoutes from namespace {:?}",
-                    obj.namespace
-                ),
+                if selected.iter().any(|l| l.allows_kind(obj.kind)) {
+                    format!("no listener of {gw} allows {}s from namespace {:?}", obj.kind, obj.namespace)
+                } else {
+                    format!("no listener of {gw} takes {}s (an HTTP or HTTPS listener takes HTTPRoute and GRPCRoute, TLS takes TLSRoute, TCP takes TCPRoute)", obj.kind)
+                },
             );
             continue;
         }

@@ -1,5 +1,5 @@
 //! Gateways → bound listeners. Gateway listeners that share an address and port become one
-//! snapshot listener, told apart by hostname (and by SNI for HTTPS).
+//! snapshot listener, told apart by hostname (and by SNI for HTTPS and TLS).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ pub(crate) struct GatewayListener {
     pub gateway: ObjectRef,
     pub name: String,
     pub port: u16,
+    pub protocol: Protocol,
     pub hostname: Option<String>,
     pub allowed: AllowedNamespaces,
     /// `allowedRoutes.kinds`, when the listener restricts them.
@@ -27,9 +28,35 @@ pub(crate) struct GatewayListener {
 }
 
 impl GatewayListener {
-    /// HTTP and HTTPS listeners take HTTPRoutes and GRPCRoutes unless `allowedRoutes.kinds` says otherwise.
+    /// The route kinds of its protocol (see [`route_kinds`]), narrowed by `allowedRoutes.kinds`.
     pub fn allows_kind(&self, kind: &str) -> bool {
-        self.kinds.as_ref().is_none_or(|k| k.iter().any(|k| k == kind))
+        route_kinds(self.protocol).contains(&kind) && self.kinds.as_ref().is_none_or(|k| k.iter().any(|k| k == kind))
+    }
+}
+
+/// The route kinds a listener of `protocol` serves.
+pub fn route_kinds(protocol: Protocol) -> &'static [&'static str] {
+    match protocol {
+        Protocol::Http | Protocol::Https => &["HTTPRoute", "GRPCRoute"],
+        Protocol::Tls => &["TLSRoute"],
+        Protocol::Tcp => &["TCPRoute"],
+        Protocol::Unknown => &[],
+    }
+}
+
+/// A Gateway listener's protocol, from `protocol` and, for TLS, `tls.mode`.
+pub fn listener_protocol(l: &gateway_api::gateways::GatewayListeners) -> Result<Protocol, String> {
+    let passthrough = l
+        .tls
+        .as_ref()
+        .is_some_and(|t| matches!(t.mode, Some(GatewayListenersTlsMode::Passthrough)));
+    match l.protocol.as_str() {
+        "HTTP" => Ok(Protocol::Http),
+        "HTTPS" if passthrough => Err("an HTTPS listener terminates TLS; use protocol TLS to pass it through".into()),
+        "HTTPS" => Ok(Protocol::Https),
+        "TLS" => Ok(Protocol::Tls),
+        "TCP" => Ok(Protocol::Tcp),
+        other => Err(format!("protocol {other:?} is not supported (HTTP, HTTPS, TLS, TCP)")),
     }
 }
 
@@ -147,16 +174,10 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
         let mut attachable = Vec::new();
         for (i, l) in gw.spec.listeners.iter().enumerate() {
             let field = format!("spec.listeners[{i}]");
-            let protocol = match l.protocol.as_str() {
-                "HTTP" => Protocol::Http,
-                "HTTPS" => Protocol::Https,
-                other => {
-                    problems.push(
-                        &obj,
-                        format!("{field}.protocol"),
-                        Reason::UnsupportedProtocol,
-                        format!("protocol {other:?} is not supported (HTTP, HTTPS)"),
-                    );
+            let protocol = match listener_protocol(l) {
+                Ok(p) => p,
+                Err(why) => {
+                    problems.push(&obj, format!("{field}.protocol"), Reason::UnsupportedProtocol, why);
                     continue;
                 }
             };
@@ -173,7 +194,17 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                 continue;
             };
             let mut certs = Vec::new();
-            if protocol == Protocol::Https {
+            // A TLS listener terminates unless its mode is Passthrough (the Gateway API default
+            // is Terminate).
+            let terminates = match protocol {
+                Protocol::Https => true,
+                Protocol::Tls => !l
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| matches!(t.mode, Some(GatewayListenersTlsMode::Passthrough))),
+                _ => false,
+            };
+            if terminates {
                 match listener_certificates(res, gw, &obj, i, l, problems) {
                     Some(c) => certs = c,
                     None => continue,
@@ -185,15 +216,22 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                 .position(|b| b.listener.address == address && b.listener.port == port)
             {
                 Some(b) => {
-                    if out.bound[b].listener.protocol != protocol {
+                    let other = &out.bound[b].listener;
+                    // TLS passthrough and TLS termination cannot share a port: one socket either
+                    // answers the handshake or forwards it.
+                    if other.protocol != protocol
+                        || (protocol == Protocol::Tls && other.certificates.is_empty() == terminates)
+                    {
+                        let what = if protocol == Protocol::Tls {
+                            format!("TLS {}", if terminates { "passthrough" } else { "termination" })
+                        } else {
+                            format!("{:?}", other.protocol)
+                        };
                         problems.push(
                             &obj,
                             format!("{field}.protocol"),
                             Reason::ProtocolConflict,
-                            format!(
-                                "port {port} is already {:?} on another listener",
-                                out.bound[b].listener.protocol
-                            ),
+                            format!("port {port} is already {what} on another listener"),
                         );
                         continue;
                     }
@@ -255,7 +293,9 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                 gateway: obj.clone(),
                 name: l.name.clone(),
                 port,
-                hostname: l.hostname.clone(),
+                protocol,
+                // TCP has no hostnames: whatever the listener says, its one host is `*`.
+                hostname: l.hostname.clone().filter(|_| protocol != Protocol::Tcp),
                 allowed,
                 kinds,
                 bound,
@@ -276,18 +316,14 @@ fn listener_certificates(
 ) -> Option<Vec<Certificate>> {
     let field = format!("spec.listeners[{i}].tls");
     let Some(tls) = &l.tls else {
-        problems.push(obj, field, Reason::InvalidCertificateRef, "an HTTPS listener needs tls");
-        return None;
-    };
-    if matches!(tls.mode, Some(GatewayListenersTlsMode::Passthrough)) {
         problems.push(
             obj,
-            format!("{field}.mode"),
-            Reason::UnsupportedValue,
-            "TLS passthrough is not supported yet",
+            field,
+            Reason::InvalidCertificateRef,
+            "a listener that terminates TLS needs tls",
         );
         return None;
-    }
+    };
     let mut certs = Vec::new();
     // File mode: PEM files named in the listener's implementation-specific TLS options.
     let opts = tls.options.as_ref();

@@ -11,6 +11,7 @@ pub use backends::mesh_config;
 mod grpcroute;
 mod hostname;
 mod httproute;
+mod l4route;
 mod listeners;
 mod mesh;
 mod policy;
@@ -26,6 +27,26 @@ use crate::model::{PartDigests, Snapshot};
 use crate::resources::{ObjectRef, Resources};
 
 pub use grpcroute::as_http_route;
+pub use l4route::{tcp_as_http_route, tls_as_http_route};
+pub use listeners::route_kinds;
+
+/// The route kinds a Gateway listener serves, by its protocol (none for one we do not serve).
+pub fn listeners_route_kinds(l: &gateway_api::gateways::GatewayListeners) -> &'static [&'static str] {
+    listeners::listener_protocol(l).map_or(&[], route_kinds)
+}
+
+/// Every route of `res` (of each kind) as the HTTPRoute it means, with its kind; an error names
+/// the field that cannot be read so.
+pub fn routes_as_http(
+    res: &Resources,
+) -> impl Iterator<
+    Item = (
+        &'static str,
+        Result<gateway_api::httproutes::HttpRoute, (String, String)>,
+    ),
+> + '_ {
+    httproute::route_objects(res).map(|o| (o.kind(), o.as_http().map(std::borrow::Cow::into_owned)))
+}
 pub use hostname::{hostname_matches, intersect_hostnames};
 
 /// Status reasons, named as the Gateway API names them where it has a name.

@@ -535,7 +535,7 @@ spec:
     port: 444
     protocol: HTTPS
     tls: {certificateRefs: [{name: missing}]}
-  - {name: tcp, port: 9000, protocol: TCP}
+  - {name: udp, port: 9000, protocol: UDP}
 ---
 apiVersion: v1
 kind: Secret

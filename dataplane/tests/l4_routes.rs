@@ -1,0 +1,265 @@
+//! TCPRoute and TLSRoute through a real ferrum-dp: opaque TCP with half-close, TLS passed
+//! through by SNI (the client verifies the backend's own certificate: the proxy holds no key),
+//! TLS terminated and forwarded as TCP, connect failures, byte counters, and an open
+//! connection that outlives a reload.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP server that reads until the client's end of stream, then answers `<name>: <what it read>`
+/// and closes: it only answers if the proxy passed the half-close on.
+async fn tcp_server(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(answer(s, name));
+        }
+    });
+    addr
+}
+
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, name: &str) {
+    let mut got = Vec::new();
+    if s.read_to_end(&mut got).await.is_ok() {
+        let _ = s
+            .write_all(format!("{name}: {}", String::from_utf8_lossy(&got)).as_bytes())
+            .await;
+        let _ = s.shutdown().await;
+    }
+}
+
+/// A TLS server with its own self-signed certificate for `host`; answers like [`tcp_server`].
+async fn tls_server(host: &'static str) -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
+    let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+    let der = c.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(s) = acceptor.accept(s).await {
+                    answer(s, host).await;
+                }
+            });
+        }
+    });
+    (addr, der)
+}
+
+/// Connects over TLS to `port` asking for `sni`, trusting only `root`.
+async fn tls_call(
+    port: u16,
+    sni: &str,
+    root: &rustls::pki_types::CertificateDer<'static>,
+    msg: &str,
+) -> std::io::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
+    exchange(&mut s, msg).await
+}
+
+/// Sends `msg`, half-closes, reads the answer to its end.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &str) -> std::io::Result<String> {
+    s.write_all(msg.as_bytes()).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
+async fn tcp_call(port: u16, msg: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    exchange(&mut s, msg).await
+}
+
+fn backend_at(name: &str, addrs: &[SocketAddr]) -> String {
+    let eps: String = addrs
+        .iter()
+        .map(|a| format!("  - {{address: 127.0.0.1, port: {}}}\n", a.port()))
+        .collect();
+    format!("apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{eps}")
+}
+
+fn route(kind: &str, name: &str, section: &str, hostnames: &str, backend: &str) -> String {
+    let version = if kind == "TCPRoute" { "v1alpha2" } else { "v1" };
+    format!(
+        "apiVersion: gateway.networking.k8s.io/{version}\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n  \
+         parentRefs: [{{name: gw, sectionName: {section}}}]\n{hostnames}  \
+         rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: {backend}}}]}}]\n"
+    )
+}
+
+fn l4_gateway(tcp: u16, tls: u16) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  \
+         gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n  \
+         - {{name: db, port: {tcp}, protocol: TCP}}\n  \
+         - {{name: tls, port: {tls}, protocol: TLS, tls: {{mode: Passthrough}}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn tcp_and_tls_passthrough_routes_forward_bytes_to_their_backends() {
+    let db = tcp_server("db").await;
+    let (a, a_root) = tls_server("a.example.test").await;
+    let (b, b_root) = tls_server("b.example.test").await;
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let yaml = docs(&[
+        l4_gateway(tcp_port, tls_port),
+        backend_at("db", &[db]),
+        backend_at("a", &[a]),
+        backend_at("b", &[b]),
+        route("TCPRoute", "db", "db", "", "db"),
+        route("TLSRoute", "a", "tls", "  hostnames: [a.example.test]\n", "a"),
+        route("TLSRoute", "b", "tls", "  hostnames: [\"*.example.test\"]\n", "b"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+
+    // The backend answers only after it saw the client's end of stream: half-close crossed.
+    assert_eq!(tcp_call(tcp_port, "SELECT 1").await.unwrap(), "db: SELECT 1");
+
+    // Each client verifies its own backend's certificate through the proxy: the TLS session is
+    // end to end, picked by SNI (exact before wildcard).
+    assert_eq!(
+        tls_call(tls_port, "a.example.test", &a_root, "hi").await.unwrap(),
+        "a.example.test: hi"
+    );
+    assert_eq!(
+        tls_call(tls_port, "b.example.test", &b_root, "yo").await.unwrap(),
+        "b.example.test: yo"
+    );
+    // A name no route has: the connection is closed, no handshake completes.
+    assert!(tls_call(tls_port, "c.other.test", &a_root, "x").await.is_err());
+    // Not TLS at all on the TLS listener: closed without a byte.
+    let mut plain = TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(got.is_empty(), "{got:?}");
+
+    let sent = dp
+        .metric("ferrum_cluster_l4_bytes_sent_total{cluster=\"backend/default/db\"}")
+        .await;
+    let received = dp
+        .metric("ferrum_cluster_l4_bytes_received_total{cluster=\"backend/default/db\"}")
+        .await;
+    assert_eq!((sent, received), (8.0, 12.0), "bytes of the TCP route");
+    let status = dp.admin_get("/config").await;
+    assert!(
+        status.contains("TLSRoute default/a"),
+        "route status at /config: {status}"
+    );
+}
+
+#[tokio::test]
+async fn a_terminating_tls_listener_forwards_the_plaintext_by_sni() {
+    let db = tcp_server("db").await;
+    let port = free_port();
+    let c = rcgen::generate_simple_self_signed(vec!["db.example.test".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.pem"), c.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("k.pem"), c.signing_key.serialize_pem()).unwrap();
+    let yaml = docs(&[
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  \
+             gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n  \
+             - name: tls\n    port: {port}\n    protocol: TLS\n    hostname: db.example.test\n    \
+             tls: {{mode: Terminate, options: {{ferrum.dev/cert-file: {d}/c.pem, ferrum.dev/key-file: {d}/k.pem}}}}\n",
+            d = dir.path().display()
+        ),
+        backend_at("db", &[db]),
+        route("TLSRoute", "db", "tls", "  hostnames: [db.example.test]\n", "db"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    // The client trusts the proxy's certificate; the backend gets the bytes in the clear.
+    let root = c.cert.der().clone();
+    assert_eq!(
+        tls_call(port, "db.example.test", &root, "ping").await.unwrap(),
+        "db: ping"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_backend_is_skipped_and_an_open_connection_outlives_a_reload() {
+    let live = tcp_server("live").await;
+    let other = tcp_server("other").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let config = |to: &[SocketAddr]| {
+        docs(&[
+            l4_gateway(tcp_port, tls_port),
+            backend_at("db", to),
+            route("TCPRoute", "db", "db", "", "db"),
+        ])
+    };
+    let dp = Dp::start(&config(&[dead, live])).await;
+    // Round robin starts somewhere; every call lands on the live endpoint, the dead one is retried past.
+    for _ in 0..4 {
+        assert_eq!(tcp_call(tcp_port, "q").await.unwrap(), "live: q");
+    }
+    let refused = dp
+        .metric(
+            "ferrum_cluster_upstream_errors_total{cluster=\"backend/default/db\",reason=\"upstream_connect_failure\"}",
+        )
+        .await;
+    assert_eq!(refused, 0.0, "a connection that reached an endpoint is no error");
+    assert!(
+        dp.metric("ferrum_cluster_ejections_total{cluster=\"backend/default/db\"}")
+            .await
+            <= 1.0
+    );
+
+    // A connection open across a reload keeps its backend; new ones follow the new route.
+    let mut open = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    open.write_all(b"before ").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let v = dp.version().await;
+    dp.reconfigure(&config(&[other]), v).await;
+    assert_eq!(
+        exchange(&mut open, "and after").await.unwrap(),
+        "live: before and after"
+    );
+    assert_eq!(tcp_call(tcp_port, "new").await.unwrap(), "other: new");
+
+    // Only dead endpoints: the client's connection is closed, the failure counted.
+    let v = dp.version().await;
+    dp.reconfigure(&config(&[dead]), v).await;
+    assert_eq!(tcp_call(tcp_port, "q").await.unwrap_or_default(), "");
+    let failed = dp
+        .metric(
+            "ferrum_cluster_upstream_errors_total{cluster=\"backend/default/db\",reason=\"upstream_connect_failure\"}",
+        )
+        .await;
+    assert_eq!(failed, 1.0);
+}
