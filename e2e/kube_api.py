@@ -54,6 +54,8 @@ RESOURCES = [
     ("gateway.networking.k8s.io", "v1", "gateways", "Gateway", True),
     ("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", True),
     ("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute", True),
+    ("gateway.networking.k8s.io", "v1", "tlsroutes", "TLSRoute", True),
+    ("gateway.networking.k8s.io", "v1", "tcproutes", "TCPRoute", True),
     ("gateway.networking.k8s.io", "v1", "referencegrants", "ReferenceGrant", True),
     ("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", True),
     ("ferrum.dev", "v1alpha1", "backends", "Backend", True),

@@ -571,3 +571,87 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
         );
     }
 }
+
+/// A Gateway with a TCP listener and a TLS passthrough listener, its TCPRoute and TLSRoutes
+/// applied to the cluster: served the same by Envoy (TCP proxy filter chains, SNI through the
+/// TLS inspector) and by ferrum-dp, one after the other on the same ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
+    use ferrum_testkit::l4::{tcp_call, tcp_server, tls_call, tls_server};
+    let db = tcp_server("db").await;
+    let (a, a_root) = tls_server("a.example.test").await;
+    let (b, b_root) = tls_server("b.example.test").await;
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let svc = |name: &str, port: u16| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: tcp, port: 9000}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: tcp, port: {port}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n"
+        )
+    };
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge}}\n\
+         spec:\n  gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n\
+         \x20 - {{name: db, port: {tcp_port}, protocol: TCP}}\n\
+         \x20 - {{name: tls, port: {tls_port}, protocol: TLS, tls: {{mode: Passthrough}}}}\n\
+         {}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {{name: db}}\n\
+         spec: {{parentRefs: [{{name: edge, sectionName: db}}], rules: [{{backendRefs: [{{name: db, port: 9000}}]}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {{name: a}}\n\
+         spec: {{parentRefs: [{{name: edge, sectionName: tls}}], hostnames: [a.example.test], rules: [{{backendRefs: [{{name: a, port: 9000}}]}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {{name: b}}\n\
+         spec: {{parentRefs: [{{name: edge, sectionName: tls}}], hostnames: [b.example.test], rules: [{{backendRefs: [{{name: b, port: 9000}}]}}]}}\n",
+        svc("db", db.port()),
+        svc("a", a.port()),
+        svc("b", b.port()),
+    ));
+    let serves = async |proxy: &str| {
+        eventually(
+            &format!("{proxy} forwards the TCP route"),
+            Duration::from_secs(15),
+            async || tcp_call(tcp_port, "SELECT 1").await.is_ok_and(|r| r == "db: SELECT 1"),
+        )
+        .await;
+        // Each client verifies its backend's own certificate: TLS passes through, picked by SNI.
+        let got_a = tls_call(tls_port, "a.example.test", &a_root, "hi").await.unwrap();
+        let got_b = tls_call(tls_port, "b.example.test", &b_root, "yo").await.unwrap();
+        assert_eq!(
+            (got_a.as_str(), got_b.as_str()),
+            ("a.example.test: hi", "b.example.test: yo"),
+            "{proxy}"
+        );
+        assert!(
+            tls_call(tls_port, "c.example.test", &a_root, "x").await.is_err(),
+            "{proxy}: no route, no session"
+        );
+    };
+
+    let envoy = envoy(cluster.dir.path(), "envoy-l4", op.grpc, false);
+    serves("Envoy").await;
+    let proxies = op.admin_json("/proxies").await;
+    let rejected = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "envoy-l4")
+        .map(|p| p["lastRejection"].clone());
+    assert_eq!(rejected, Some(Value::Null), "Envoy accepted the L4 listeners");
+    drop(envoy);
+
+    let cache = cluster.dir.path().join("dp-l4.json");
+    let _dp = Proxy::start(&op.grpc_url(), "dp-l4", &cache).await;
+    serves("ferrum-dp").await;
+
+    // Route status, as the operator wrote it.
+    let route = cluster.get("tlsroutes", "default", "a");
+    let accepted = &route["status"]["parents"][0]["conditions"][0];
+    assert_eq!(
+        (accepted["type"].as_str(), accepted["status"].as_str()),
+        (Some("Accepted"), Some("True"))
+    );
+    let gw = cluster.get("gateways", "default", "edge");
+    assert_eq!(gw["status"]["listeners"][0]["supportedKinds"][0]["kind"], "TCPRoute");
+    assert_eq!(gw["status"]["listeners"][1]["attachedRoutes"], 2);
+}

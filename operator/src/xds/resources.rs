@@ -1,6 +1,7 @@
-//! Snapshot → Envoy v3 resources: Listener (HTTP connection manager over RDS/ADS), RouteConfiguration,
-//! Cluster (EDS over ADS), ClusterLoadAssignment and Secret (SDS over ADS). What Envoy cannot be told is reported, not
-//! dropped silently.
+//! Snapshot → Envoy v3 resources: Listener (HTTP connection manager over RDS/ADS, or TCP proxy
+//! filter chains chosen by SNI for TCP and TLS listeners), RouteConfiguration, Cluster (EDS over
+//! ADS), ClusterLoadAssignment and Secret (SDS over ADS). What Envoy cannot be told is reported,
+//! not dropped silently.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,9 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
@@ -108,7 +111,7 @@ pub struct Resources {
 /// TLS termination with the listener's certificates, each named for SDS over ADS: key pairs
 /// travel as `Secret` resources, never inside a Listener. Envoy picks the certificate whose
 /// names match the client's SNI.
-fn downstream_tls(certificates: &[model::Certificate]) -> Option<core::TransportSocket> {
+fn downstream_tls(certificates: &[model::Certificate], alpn: &[&str]) -> Option<core::TransportSocket> {
     if certificates.is_empty() {
         return None;
     }
@@ -121,7 +124,7 @@ fn downstream_tls(certificates: &[model::Certificate]) -> Option<core::Transport
                     sds_config: Some(ads()),
                 })
                 .collect(),
-            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -216,6 +219,15 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
             .insert(c.name.clone(), any(ENDPOINT, &cla));
     }
     for l in &s.listeners {
+        secrets_of(l, secrets, &mut out);
+        if l.protocol.is_l4() {
+            let lis = l4_listener(l, &mut out.unsupported);
+            out.by_type
+                .get_mut(LISTENER)
+                .unwrap()
+                .insert(l.name.clone(), any(LISTENER, &lis));
+            continue;
+        }
         let rc = route_config(l, &mut out.unsupported);
         out.by_type
             .get_mut(ROUTE)
@@ -242,21 +254,6 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
             };
             out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
         }
-        for c in &l.certificates {
-            match sds_secret(&c.source, secrets) {
-                Some(sec) => {
-                    out.by_type
-                        .get_mut(SECRET)
-                        .unwrap()
-                        .insert(sec.name.clone(), any(SECRET, &sec));
-                }
-                None => out.unsupported.push(format!(
-                    "listener {}: the key pair of {} is not at hand",
-                    l.name,
-                    secret_name(&c.source)
-                )),
-            }
-        }
         let manager = connection_manager(&l.name, route_name(l));
         let lis = listener::Listener {
             name: l.name.clone(),
@@ -266,7 +263,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
                     name: "envoy.filters.network.http_connection_manager".into(),
                     config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
                 }],
-                transport_socket: downstream_tls(&l.certificates),
+                transport_socket: downstream_tls(&l.certificates, &["h2", "http/1.1"]),
                 ..Default::default()
             }],
             ..Default::default()
@@ -277,6 +274,107 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
             .insert(l.name.clone(), any(LISTENER, &lis));
     }
     out
+}
+
+/// The listener's key pairs, as SDS secrets.
+fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut Resources) {
+    for c in &l.certificates {
+        match sds_secret(&c.source, secrets) {
+            Some(sec) => {
+                out.by_type
+                    .get_mut(SECRET)
+                    .unwrap()
+                    .insert(sec.name.clone(), any(SECRET, &sec));
+            }
+            None => out.unsupported.push(format!(
+                "listener {}: the key pair of {} is not at hand",
+                l.name,
+                secret_name(&c.source)
+            )),
+        }
+    }
+}
+
+/// A TCP or TLS listener: one TCP proxy filter chain per virtual host, matched by SNI (the TLS
+/// inspector reads it) on TLS; terminated with the listener's certificates when it has them.
+fn l4_listener(l: &model::Listener, unsupported: &mut Vec<String>) -> listener::Listener {
+    let tls = l.protocol == model::Protocol::Tls;
+    let filter_chains = l
+        .virtual_hosts
+        .iter()
+        .filter_map(|vh| {
+            let r = vh.routes.first()?;
+            let Action::Forward(targets) = &r.action else {
+                return None;
+            };
+            let proxy = tcp_proxy::TcpProxy {
+                stat_prefix: r.name.clone(),
+                cluster_specifier: Some(tcp_cluster(&r.name, targets, unsupported)),
+                ..Default::default()
+            };
+            Some(listener::FilterChain {
+                filter_chain_match: (tls && vh.hostname != "*").then(|| listener::FilterChainMatch {
+                    server_names: vec![vh.hostname.clone()],
+                    ..Default::default()
+                }),
+                filters: vec![listener::Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(
+                        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        &proxy,
+                    ))),
+                }],
+                transport_socket: downstream_tls(&l.certificates, &[]),
+                ..Default::default()
+            })
+        })
+        .collect();
+    let listener_filters = if tls {
+        vec![listener::ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }]
+    } else {
+        Vec::new()
+    };
+    listener::Listener {
+        name: l.name.clone(),
+        address: Some(socket(&l.address, l.port)),
+        listener_filters,
+        filter_chains,
+        ..Default::default()
+    }
+}
+
+fn tcp_cluster(
+    route: &str,
+    targets: &[model::WeightedCluster],
+    unsupported: &mut Vec<String>,
+) -> tcp_proxy::tcp_proxy::ClusterSpecifier {
+    use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
+    if targets.iter().any(|t| t.cluster.is_none()) {
+        unsupported.push(format!(
+            "route {route}: a backend that did not resolve is sent to a missing cluster (the connection is closed)"
+        ));
+    }
+    let name = |t: &model::WeightedCluster| t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into());
+    match targets {
+        [one] => ClusterSpecifier::Cluster(name(one)),
+        _ => ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: targets
+                .iter()
+                .map(|t| ClusterWeight {
+                    name: name(t),
+                    weight: t.weight,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    }
 }
 
 fn route_config(l: &model::Listener, unsupported: &mut Vec<String>) -> route::RouteConfiguration {
