@@ -574,7 +574,8 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
 
 /// A Gateway with a TCP listener and a TLS passthrough listener, its TCPRoute and TLSRoutes
 /// applied to the cluster: served the same by Envoy (TCP proxy filter chains, SNI through the
-/// TLS inspector) and by ferrum-dp, one after the other on the same ports.
+/// TLS inspector), by ferrum-dp over xDS and by ferrum-dp over MeshSubscribe, one after the
+/// other on the same ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     use ferrum_testkit::l4::{tcp_call, tcp_server, tls_call, tls_server};
@@ -640,6 +641,23 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     assert_eq!(rejected, Some(Value::Null), "Envoy accepted the L4 listeners");
     drop(envoy);
 
+    // ferrum-dp reading the same listeners over xDS (TCP proxy filter chains back to routes)…
+    let dp = Proxy::start_xds(&op.grpc_url(), "dp-l4-xds").await;
+    serves("ferrum-dp over xDS").await;
+    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap();
+    let protocols: Vec<&Value> = config["snapshot"]["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["protocol"])
+        .collect();
+    assert_eq!(protocols.len(), 2);
+    assert!(
+        protocols.contains(&&json!("TLS")) && protocols.contains(&&json!("TCP")),
+        "{protocols:?}"
+    );
+    drop(dp);
+    // …and over MeshSubscribe (the snapshot itself).
     let cache = cluster.dir.path().join("dp-l4.json");
     let _dp = Proxy::start(&op.grpc_url(), "dp-l4", &cache).await;
     serves("ferrum-dp").await;

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
@@ -26,6 +27,8 @@ use ferrum_proto::xds::HCM;
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 const DOWNSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 
 /// What the client holds, by type and name.
 #[derive(Default, Clone)]
@@ -52,6 +55,12 @@ fn ms(d: &Option<PbDuration>) -> Option<u64> {
 
 /// The route configuration a listener takes its routes from, by name (RDS) or inline.
 pub enum RouteSource {
+    /// TCP proxy filter chains, each with the SNI names it matches (none: any); `tls` when the
+    /// listener reads SNI (a TLS inspector) or terminates TLS.
+    Tcp {
+        tls: bool,
+        chains: Vec<(Vec<String>, tcp_proxy::TcpProxy)>,
+    },
     Rds(String),
     Inline(Box<route::RouteConfiguration>),
 }
@@ -61,6 +70,9 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
     let at = |what: &str| format!("Listener {}: {what}", l.name);
     if l.api_listener.is_some() {
         return Err(at("api_listener is for gRPC clients, not a proxy"));
+    }
+    if let Some(tcp) = tcp_chains(l)? {
+        return Ok(tcp);
     }
     let [chain] = &l.filter_chains[..] else {
         return Err(at("exactly one filter chain is supported"));
@@ -79,6 +91,97 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => Ok(RouteSource::Inline(Box::new(rc))),
         _ => Err(at("routes must come from RDS or be inline")),
     }
+}
+
+/// A listener whose filter chains are each one TCP proxy; `None` for any other shape.
+fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, String> {
+    let proxy = |c: &listener::FilterChain| match &c.filters[..] {
+        [f] => match &f.config_type {
+            Some(listener::filter::ConfigType::TypedConfig(tc)) if tc.type_url == TCP_PROXY => Some(tc.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    if l.filter_chains.is_empty() || l.filter_chains.iter().any(|c| proxy(c).is_none()) {
+        return Ok(None);
+    }
+    let mut chains = Vec::new();
+    for (i, c) in l.filter_chains.iter().enumerate() {
+        let tc = proxy(c).expect("checked above");
+        let p: tcp_proxy::TcpProxy =
+            decode(&tc, TCP_PROXY).map_err(|e| format!("Listener {}: filter_chains[{i}]: {e}", l.name))?;
+        let names = c
+            .filter_chain_match
+            .as_ref()
+            .map(|m| m.server_names.clone())
+            .unwrap_or_default();
+        chains.push((names, p));
+    }
+    let tls = l.listener_filters.iter().any(|f| f.name == TLS_INSPECTOR)
+        || l.filter_chains.iter().any(|c| c.transport_socket.is_some());
+    Ok(Some(RouteSource::Tcp { tls, chains }))
+}
+
+/// The virtual hosts of TCP proxy filter chains: one per SNI name (`*` for a chain that
+/// matches any), each forwarding to the proxy's cluster(s).
+fn tcp_hosts(
+    listener: &str,
+    chains: &[(Vec<String>, tcp_proxy::TcpProxy)],
+    known: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Arc<VirtualHost>>, String> {
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    let mut out: Vec<Arc<VirtualHost>> = Vec::new();
+    for (i, (names, p)) in chains.iter().enumerate() {
+        let targets = match &p.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
+                cluster: Some(c.clone()).filter(|c| known(c)),
+                weight: 1,
+            }],
+            Some(ClusterSpecifier::WeightedClusters(w)) => w
+                .clusters
+                .iter()
+                .map(|c| WeightedCluster {
+                    cluster: Some(c.name.clone()).filter(|c| known(c)),
+                    weight: c.weight,
+                })
+                .collect(),
+            None => {
+                return Err(format!(
+                    "Listener {listener}: filter_chains[{i}]: the TCP proxy names no cluster"
+                ));
+            }
+        };
+        let route = Arc::new(Route {
+            name: if p.stat_prefix.is_empty() {
+                format!("{listener}/{i}")
+            } else {
+                p.stat_prefix.clone()
+            },
+            matcher: RouteMatch::default(),
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+            rewrite: None,
+            action: Action::Forward(targets),
+            timeouts: RouteTimeouts::default(),
+        });
+        let hosts = if names.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            names.clone()
+        };
+        for hostname in hosts {
+            if out.iter().any(|v| v.hostname == hostname) {
+                return Err(format!(
+                    "Listener {listener}: two filter chains match server name {hostname:?}"
+                ));
+            }
+            out.push(Arc::new(VirtualHost {
+                hostname,
+                routes: vec![route.clone()],
+            }));
+        }
+    }
+    Ok(out)
 }
 
 /// A listener's TLS termination: the SDS secrets its certificates come from (over ADS), or
@@ -478,12 +581,17 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
     for l in r.listeners.values() {
         let (address, port) =
             socket(&l.address).ok_or_else(|| format!("Listener {}: needs a socket address with a port", l.name))?;
-        let rc = match listener_routes(l)? {
-            RouteSource::Inline(rc) => *rc,
+        let known = |c: &str| r.clusters.contains_key(c);
+        let (l4, virtual_hosts) = match listener_routes(l)? {
+            RouteSource::Inline(rc) => (None, virtual_hosts(&rc, &known)?),
             RouteSource::Rds(name) => match r.routes.get(&name) {
-                Some(rc) => rc.clone(),
+                Some(rc) => (None, virtual_hosts(rc, &known)?),
                 None => return Ok(None),
             },
+            RouteSource::Tcp { tls, chains } => (
+                Some(if tls { Protocol::Tls } else { Protocol::Tcp }),
+                tcp_hosts(&l.name, &chains, &known)?,
+            ),
         };
         let mut certificates = Vec::new();
         for name in listener_tls(l)?.unwrap_or_default() {
@@ -504,13 +612,13 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
             name: l.name.clone(),
             address,
             port,
-            protocol: if certificates.is_empty() {
-                Protocol::Http
-            } else {
-                Protocol::Https
+            protocol: match l4 {
+                Some(p) => p,
+                None if certificates.is_empty() => Protocol::Http,
+                None => Protocol::Https,
             },
             certificates,
-            virtual_hosts: virtual_hosts(&rc, &|c| r.clusters.contains_key(c))?,
+            virtual_hosts,
             // xDS carries no Gateway API policies (RBAC filters are not mapped).
             gateways: Vec::new(),
             gateway_hosts: Vec::new(),
