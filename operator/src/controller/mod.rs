@@ -76,6 +76,22 @@ macro_rules! kinds {
             $($field: Store<$ty>,)+
         }
 
+        /// Every row: (spec, plural), for checks against what the operator may read.
+        #[cfg(test)]
+        fn table() -> Vec<(KindSpec, String)> {
+            vec![$((
+                KindSpec {
+                    group: $group,
+                    kind: $kind,
+                    versions: &[$($v),+],
+                    optional: $opt,
+                    status_written: $st,
+                    fields: None,
+                },
+                <$ty as Resource>::plural(&()).into_owned(),
+            ),)+]
+        }
+
         impl Stores {
             /// Starts every kind's discovery and watch.
             fn start(w: &Watchers) -> Stores {
@@ -424,4 +440,48 @@ pub fn readiness(kinds: &Kinds) -> (bool, String) {
         out.push_str(&line);
     }
     (ok, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Helm chart's ClusterRole lets the operator list and watch every kind of the table,
+    /// and patch the status of those it writes status to: a kind added here without RBAC would
+    /// work against the test API server and be forbidden in every real cluster.
+    #[test]
+    fn the_charts_cluster_role_covers_every_watched_kind() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/ferrum-mesh/templates/operator-rbac.yaml"
+        );
+        // Template lines (names, labels) are not YAML; the rules are plain.
+        let text: String = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("{{"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let role = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("a ClusterRole");
+        let allows = |group: &str, resource: &str, verb: &str| {
+            role["rules"].as_sequence().unwrap().iter().any(|r| {
+                let has = |k: &str, v: &str| r[k].as_sequence().unwrap().iter().any(|x| x.as_str() == Some(v));
+                has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+            })
+        };
+        for (spec, plural) in table() {
+            for verb in ["list", "watch"] {
+                assert!(allows(spec.group, &plural, verb), "{} {plural}: {verb}", spec.group);
+            }
+            if spec.status_written {
+                assert!(
+                    allows(spec.group, &format!("{plural}/status"), "patch"),
+                    "{plural}/status"
+                );
+            }
+        }
+    }
 }
