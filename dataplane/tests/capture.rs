@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use ferrum_testkit::netns::{Netns, sh};
 
-/// A "pod" (10.9.8.1) and a "node" (10.9.8.2) joined by a veth pair; nothing touches the host's
-/// own network.
+/// A "pod" (10.9.8.1, fd00:9:8::1) and a "node" (10.9.8.2, fd00:9:8::2) joined by a veth pair;
+/// nothing touches the host's own network.
 fn pod_and_node() -> (Netns, Netns) {
     let (pod, node) = (Netns::new("pod"), Netns::new("node"));
     let (a, b) = (
@@ -18,8 +18,12 @@ fn pod_and_node() -> (Netns, Netns) {
     sh(&[
         "ip", "link", "add", &a, "netns", &pod.0, "type", "veth", "peer", "name", &b, "netns", &node.0,
     ]);
-    for (ns, dev, ip) in [(&pod, &a, "10.9.8.1/24"), (&node, &b, "10.9.8.2/24")] {
+    for (ns, dev, ip, ip6) in [
+        (&pod, &a, "10.9.8.1/24", "fd00:9:8::1/64"),
+        (&node, &b, "10.9.8.2/24", "fd00:9:8::2/64"),
+    ] {
         ns.exec(&["ip", "addr", "add", ip, "dev", dev]);
+        ns.exec(&["ip", "-6", "addr", "add", ip6, "dev", dev, "nodad"]);
         ns.exec(&["ip", "link", "set", dev, "up"]);
     }
     (pod, node)
@@ -146,4 +150,77 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
     assert!(out.contains("REDIRECT --to-ports 16006"), "{out}");
     assert!(out.contains("-A FERRUM_OUTPUT -j FERRUM_REDIRECT"), "{out}");
     assert_eq!(pod.nat(), before);
+}
+
+/// Whether a TCP connection from `from` to `[addr]:port` is accepted (something listens there).
+fn connects(from: &Netns, addr: &str, port: u16) -> bool {
+    let code = format!("import socket; socket.create_connection(('{addr}', {port}), timeout=2)");
+    from.cmd(&["python3", "-c", &code])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Listens on `[::]:port` in `ns` (IPv6) until dropped.
+struct Listener6(std::process::Child);
+impl Listener6 {
+    fn start(ns: &Netns, port: u16) -> Listener6 {
+        let code = format!(
+            "import socket, time\ns = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('::', {port})); s.listen(64)\nwhile True:\n    c, _ = s.accept(); c.close()\n"
+        );
+        let l = Listener6(ns.cmd(&["python3", "-c", &code]).spawn().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        l
+    }
+}
+impl Drop for Listener6 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// IPv6 is not captured, so it must not be a way around the proxy: once the rules are in, new
+/// inbound TCP over IPv6 is refused (an excluded port still answers), the pod's own IPv6 calls
+/// out still work, and cleanup opens it again.
+#[test]
+fn ipv6_cannot_bypass_the_inbound_capture() {
+    let (pod, node) = pod_and_node();
+    let filter6 = || pod.exec(&["ip6tables-save", "-t", "filter"]);
+    let before = filter6();
+    let (_app, _excluded, _remote) = (
+        Listener6::start(&pod, 9090),
+        Listener6::start(&pod, 15021),
+        Listener6::start(&node, 7070),
+    );
+    assert!(
+        connects(&node, "fd00:9:8::1", 9090),
+        "reachable over IPv6 before the rules"
+    );
+    pod.exec(&[bin(), "init-iptables"]);
+    assert!(
+        !connects(&node, "fd00:9:8::1", 9090),
+        "an IPv6 connection to the app went around the sidecar"
+    );
+    assert!(connects(&node, "fd00:9:8::1", 15021), "excluded inbound ports answer");
+    assert!(
+        connects(&pod, "fd00:9:8::2", 7070),
+        "the pod's outbound IPv6 gets its replies"
+    );
+    assert!(connects(&pod, "::1", 9090), "loopback is the pod's own business");
+    // Idempotent, and cleanup leaves the filter table as it was.
+    pod.exec(&[bin(), "init-iptables"]);
+    assert_eq!(filter6().matches("FERRUM_INBOUND6 -p tcp -j REJECT").count(), 1);
+    pod.exec(&[bin(), "init-iptables", "--cleanup"]);
+    // Chains and rules only (no comments, no packet counters).
+    let strip = |t: String| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect()
+    };
+    assert_eq!(strip(filter6()), strip(before));
+    assert!(connects(&node, "fd00:9:8::1", 9090), "reachable again after cleanup");
 }

@@ -2,6 +2,10 @@
 //! writes them (mesh.md): a pod's inbound TCP goes to 15006, its outbound to 15001, and the
 //! proxy's own traffic (UID/GID 1337) is left alone. Applied atomically and idempotently with
 //! `iptables-restore`, with whichever iptables (nft or legacy) the host already uses.
+//!
+//! IPv6 is not captured; so that it cannot bypass the proxy (and STRICT mTLS), new inbound TCP
+//! over IPv6 is refused (ip6tables filter table) except on loopback and the excluded ports —
+//! as istio-init does when IPv6 capture is off. Connections the pod opens still get replies.
 
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
@@ -51,6 +55,22 @@ const CHAINS: [&str; 4] = [
 ];
 /// The jumps from the built-in chains into ours: added once, removed on cleanup.
 const JUMPS: [(&str, &str); 2] = [("PREROUTING", "FERRUM_INBOUND"), ("OUTPUT", "FERRUM_OUTPUT")];
+/// The IPv6 inbound guard (filter table) and its jump.
+const CHAIN6: &str = "FERRUM_INBOUND6";
+const JUMP6: (&str, &str) = ("INPUT", CHAIN6);
+
+/// The ip6tables of the same flavour as `iptables` (`iptables-nft` → `ip6tables-nft`).
+pub fn ip6tables(iptables: &str) -> String {
+    match iptables.rfind("iptables") {
+        Some(i) => format!("{}ip6tables{}", &iptables[..i], &iptables[i + "iptables".len()..]),
+        None => "ip6tables".into(),
+    }
+}
+
+/// Whether the kernel has IPv6 at all (without it there is nothing to guard).
+fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
+}
 
 impl Capture {
     /// The `iptables-restore --noflush` input: our chains, declared (so emptied) and filled.
@@ -93,12 +113,33 @@ impl Capture {
         s
     }
 
-    /// What `--dry-run` prints: the restore input and the jump commands, for `iptables`.
+    /// The `ip6tables-restore --noflush` input: new inbound TCP over IPv6 is refused (a reset)
+    /// unless it is on loopback, a reply, or to an excluded port.
+    pub fn ipv6_guard_input(&self) -> String {
+        let mut s = format!("*filter\n:{CHAIN6} - [0:0]\n");
+        let _ = writeln!(s, "-A {CHAIN6} -i lo -j RETURN");
+        let _ = writeln!(s, "-A {CHAIN6} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN");
+        for p in &self.exclude_inbound {
+            let _ = writeln!(s, "-A {CHAIN6} -p tcp --dport {p} -j RETURN");
+        }
+        let _ = writeln!(s, "-A {CHAIN6} -p tcp -j REJECT --reject-with tcp-reset");
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// What `--dry-run` prints: the restore inputs and the jump commands, for `iptables`.
     pub fn describe(&self, iptables: &str) -> String {
         let mut s = format!("# {iptables}-restore --noflush <<EOF\n{}EOF\n", self.restore_input());
         for (from, to) in JUMPS {
             let _ = writeln!(s, "{iptables} -t nat -A {from} -p tcp -j {to}   # unless present");
         }
+        let v6 = ip6tables(iptables);
+        let _ = write!(s, "# {v6}-restore --noflush <<EOF\n{}EOF\n", self.ipv6_guard_input());
+        let _ = writeln!(
+            s,
+            "{v6} -t filter -A {} -p tcp -j {}   # unless present",
+            JUMP6.0, JUMP6.1
+        );
         s
     }
 
@@ -110,9 +151,18 @@ impl Capture {
             Some(&self.restore_input()),
         )?;
         for (from, to) in JUMPS {
-            if !present(iptables, from, to) {
+            if !present(iptables, "nat", from, to) {
                 run(iptables, &["-t", "nat", "-A", from, "-p", "tcp", "-j", to], None)?;
             }
+        }
+        if !has_ipv6() {
+            return Ok(());
+        }
+        let v6 = ip6tables(iptables);
+        run(&format!("{v6}-restore"), &["--noflush"], Some(&self.ipv6_guard_input()))?;
+        let (from, to) = JUMP6;
+        if !present(&v6, "filter", from, to) {
+            run(&v6, &["-t", "filter", "-A", from, "-p", "tcp", "-j", to], None)?;
         }
         Ok(())
     }
@@ -120,23 +170,32 @@ impl Capture {
 
 /// Removes the jumps and our chains; fine to run when nothing is installed.
 pub fn cleanup(iptables: &str) -> Result<(), CaptureError> {
-    for (from, to) in JUMPS {
-        while present(iptables, from, to) {
-            run(iptables, &["-t", "nat", "-D", from, "-p", "tcp", "-j", to], None)?;
-        }
-    }
-    for c in CHAINS {
-        // Absent chains fail here; that is the state we want.
-        let _ = run(iptables, &["-t", "nat", "-F", c], None);
-    }
-    for c in CHAINS {
-        let _ = run(iptables, &["-t", "nat", "-X", c], None);
+    remove(iptables, "nat", &JUMPS, &CHAINS)?;
+    if has_ipv6() {
+        remove(&ip6tables(iptables), "filter", &[JUMP6], &[CHAIN6])?;
     }
     Ok(())
 }
 
-fn present(iptables: &str, from: &str, to: &str) -> bool {
-    run(iptables, &["-t", "nat", "-C", from, "-p", "tcp", "-j", to], None).is_ok()
+/// Removes `jumps` and then `chains` from `table`.
+fn remove(iptables: &str, table: &str, jumps: &[(&str, &str)], chains: &[&str]) -> Result<(), CaptureError> {
+    for (from, to) in jumps {
+        while present(iptables, table, from, to) {
+            run(iptables, &["-t", table, "-D", from, "-p", "tcp", "-j", to], None)?;
+        }
+    }
+    for c in chains {
+        // Absent chains fail here; that is the state we want.
+        let _ = run(iptables, &["-t", table, "-F", c], None);
+    }
+    for c in chains {
+        let _ = run(iptables, &["-t", table, "-X", c], None);
+    }
+    Ok(())
+}
+
+fn present(iptables: &str, table: &str, from: &str, to: &str) -> bool {
+    run(iptables, &["-t", table, "-C", from, "-p", "tcp", "-j", to], None).is_ok()
 }
 
 /// The iptables the host uses: the flavour (nft or legacy) that already holds rules, else the
@@ -220,5 +279,25 @@ mod tests {
         assert!(at("--dport 5432 -j RETURN") < at("-A FERRUM_OUTPUT -j FERRUM_REDIRECT"));
         assert!(r.contains("REDIRECT --to-ports 15006") && r.contains("REDIRECT --to-ports 15001"));
         assert!(r.starts_with("*nat\n:FERRUM_INBOUND - [0:0]") && r.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn the_ipv6_guard_lets_replies_loopback_and_excluded_ports_through_first() {
+        let c = Capture {
+            exclude_inbound: vec![15008],
+            ..Capture::default()
+        };
+        let r = c.ipv6_guard_input();
+        let reject = r.find("-j REJECT --reject-with tcp-reset").expect("a reject");
+        for allowed in [
+            "-i lo -j RETURN",
+            "--ctstate ESTABLISHED,RELATED -j RETURN",
+            "--dport 15008 -j RETURN",
+        ] {
+            assert!(r.find(allowed).is_some_and(|at| at < reject), "{allowed}\n{r}");
+        }
+        assert_eq!(ip6tables("iptables-nft"), "ip6tables-nft");
+        assert_eq!(ip6tables("/usr/sbin/iptables-legacy"), "/usr/sbin/ip6tables-legacy");
+        assert_eq!(ip6tables("iptables"), "ip6tables");
     }
 }
