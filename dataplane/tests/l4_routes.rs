@@ -175,3 +175,61 @@ async fn a_dead_backend_is_skipped_and_an_open_connection_outlives_a_reload() {
         .await;
     assert_eq!(failed, 1.0);
 }
+
+#[tokio::test]
+async fn gateway_authorization_policies_judge_l4_connections() {
+    let db = tcp_server("db").await;
+    let (a, a_root) = tls_server("a.example.test").await;
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\n\
+             spec: {{targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: gw}}], {spec}}}\n"
+        )
+    };
+    let config = |policies: &[String]| {
+        let mut parts = vec![
+            l4_gateway(tcp_port, tls_port),
+            backend_at("db", &[db]),
+            backend_at("a", &[a]),
+            route("TCPRoute", "db", "db", "", "db"),
+            route("TLSRoute", "a", "tls", "  hostnames: [a.example.test]\n", "a"),
+        ];
+        parts.extend_from_slice(policies);
+        docs(&parts)
+    };
+    // DENY the TCP listener's port to loopback clients: the TLS listener is untouched.
+    let dp = Dp::start(&config(&[policy(
+        "no-db",
+        &format!("action: DENY, rules: [{{from: [{{source: {{ipBlocks: [127.0.0.1/32]}}}}], to: [{{operation: {{ports: [\"{tcp_port}\"]}}}}]}}]"),
+    )]))
+    .await;
+    assert_eq!(
+        tcp_call(tcp_port, "q").await.unwrap_or_default(),
+        "",
+        "denied: closed unanswered"
+    );
+    assert_eq!(
+        tls_call(tls_port, "a.example.test", &a_root, "hi").await.unwrap(),
+        "a.example.test: hi"
+    );
+    // An ALLOW on an HTTP field can never match a connection: everything is denied.
+    let v = dp.version().await;
+    dp.reconfigure(
+        &config(&[policy("http-only", "rules: [{to: [{operation: {paths: [\"/x\"]}}]}]")]),
+        v,
+    )
+    .await;
+    assert!(tls_call(tls_port, "a.example.test", &a_root, "hi").await.is_err());
+    // An ALLOW on the source address lets loopback clients in.
+    let v = dp.version().await;
+    dp.reconfigure(
+        &config(&[policy(
+            "loopback",
+            "rules: [{from: [{source: {ipBlocks: [127.0.0.0/8]}}]}]",
+        )]),
+        v,
+    )
+    .await;
+    assert_eq!(tcp_call(tcp_port, "q").await.unwrap(), "db: q");
+}

@@ -672,6 +672,22 @@ impl GatewayPolicies {
         }
     }
 
+    /// The verdict on one connection of a TCP or TLS listener: no request, so rules on HTTP
+    /// fields never allow and always deny (Istio's reading for TCP), and a token is never seen.
+    pub fn decide_connection(&self, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
+        let conn = Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: None,
+            auth: None,
+        };
+        match self.authz.check(&conn) {
+            Decision::Allow => GatewayDecision::Allow,
+            Decision::Deny(why) => GatewayDecision::Deny(why),
+        }
+    }
+
     /// What the policies decide and why: the token's fault, or the denying policy.
     pub fn decide(&self, req: &mut http::request::Parts, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
         let auth = match self.authn.authenticate(req) {

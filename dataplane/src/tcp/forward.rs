@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::mesh::policy::GatewayDecision;
 use crate::proxy::{ConnInfo, Shared};
 
 /// The most a client may send before its ClientHello is complete.
@@ -74,12 +75,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let cfg = shared.config.load();
-    let route = cfg
-        .listeners
-        .get(&info.listener)
-        .and_then(|l| l.hosts.find(host))
-        .and_then(|vh| vh.first_route());
-    let Some(route) = route else {
+    let vhost = cfg.listeners.get(&info.listener).and_then(|l| l.hosts.find(host));
+    if let Some(p) = vhost.and_then(|vh| vh.policies.as_ref())
+        && let GatewayDecision::Deny(why) | GatewayDecision::Unauthenticated(why) =
+            p.decide_connection(info.client, info.listener)
+    {
+        tracing::info!(client = %info.client, host, policy = %why, "connection denied");
+        return;
+    }
+    let Some(route) = vhost.and_then(|vh| vh.first_route()) else {
         shared.registry.unrouted.fetch_add(1, Relaxed);
         tracing::debug!(client = %info.client, host, "no route for this connection");
         return;
