@@ -986,8 +986,9 @@ async fn one_trace_crosses_both_sidecars_over_hbone() {
 }
 
 /// Two namespaces: a consumer route (an HTTPRoute in the caller's namespace whose parent is
-/// Service B in another) wins for callers in its namespace only, and an AuthorizationPolicy
-/// on B that allows one namespace admits its caller and refuses the other's.
+/// Service B in another) wins for callers in its namespace only; a Service exported to its own
+/// namespace (exportTo) is not the other namespace's to call; and an AuthorizationPolicy on B
+/// that allows one namespace admits its caller and refuses the other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_routes_and_namespace_policies_across_two_namespaces() {
     const CLIENTS: &str = "clients";
@@ -1052,6 +1053,21 @@ async fn consumer_routes_and_namespace_policies_across_two_namespaces() {
         .cloned()
         .unwrap();
     assert_eq!(accepted["status"], "True", "{consumer}");
+
+    // exportTo: b-v1 exported to its own namespace only is the mesh's for A, and for C's
+    // sidecar an address outside the mesh (passthrough, which nothing here answers).
+    let direct = |pod: usize| {
+        let out = w.pods[pod].run(&["curl", "-sS", "--max-time", "3", "http://10.96.77.11/ns"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello from b-1")
+    };
+    assert!(direct(a) && direct(c), "both reach b-v1 by its ClusterIP");
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: b-v1, namespace: {NS}, annotations: {{networking.istio.io/exportTo: .}}}}\n\
+         spec: {{clusterIP: 10.96.77.11, selector: {{app: b, version: v1}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
+    ));
+    eventually("C no longer sees b-v1", Duration::from_secs(20), async || !direct(c)).await;
+    assert!(direct(a), "A, in b-v1's namespace, still does");
+    assert_eq!(calls(c, 5), (0, 5, true), "C's consumer route to b-v2 is untouched");
 
     // Only the clients namespace may call B.
     w.cluster.kubectl(

@@ -256,9 +256,8 @@ impl Publisher {
                 return self.full_snapshot();
             }
             Scope::Gateway(gw) => (format!("gateway/{}/{}", gw.namespace, gw.name), Some(gw)),
-            // A sidecar gets the whole mesh (no Sidecar egress scoping yet) and only the
-            // policies that select its workload; sidecars selected by the same policies share
-            // one projection.
+            // A sidecar gets the Services its namespace sees (exportTo) and only the policies
+            // that select its workload; sidecars that see the same share one projection.
             Scope::Sidecar { namespace, pod } => (sidecar_key(&cur.full.snapshot, namespace, pod), None),
         };
         let mut scopes = self.scopes.lock().unwrap();
@@ -279,7 +278,7 @@ impl Publisher {
                     };
                     let snap = &cur.full.snapshot;
                     let own = snap.workload_or_placeholder(namespace, pod);
-                    snap.mesh_view(&cur.full.digests, |p| p.applies_to(&own))
+                    snap.mesh_view(&cur.full.digests, Some(namespace), |p| p.applies_to(&own))
                 }
             };
             match &st.snapshot {
@@ -317,11 +316,16 @@ impl Publisher {
     }
 }
 
-/// The projection a sidecar shares with those its policies select alike: the set of policy keys.
+/// The projection a sidecar shares with those its policies select alike: the set of policy keys,
+/// and its namespace when a Service is exported to some namespaces only.
 fn sidecar_key(snap: &Snapshot, namespace: &str, pod: &str) -> String {
     use sha2::Digest as _;
     let own = snap.workload_or_placeholder(namespace, pod);
     let mut h = sha2::Sha256::new();
+    if snap.services.iter().any(|s| !s.export_to.is_empty()) {
+        h.update(namespace.as_bytes());
+        h.update([1]);
+    }
     for p in snap.policies.iter().filter(|p| p.applies_to(&own)) {
         h.update(p.key.as_bytes());
         h.update([0]);

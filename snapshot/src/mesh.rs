@@ -205,6 +205,10 @@ pub struct MeshService {
     /// `endpoints`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ServiceRoutes>,
+    /// The namespaces whose clients see it (Istio's `networking.istio.io/exportTo`); empty:
+    /// every namespace. Elsewhere its address is not the mesh's (passthrough).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
 }
 
 /// The routes of one Service port for one set of clients, in precedence order.
@@ -220,6 +224,11 @@ pub struct ServiceRoutes {
 }
 
 impl MeshService {
+    /// Whether clients in `namespace` see this Service.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.export_to.is_empty() || self.export_to.iter().any(|n| n == "*" || n == namespace)
+    }
+
     /// The routes a client in `namespace` follows to `port`: its namespace's consumer routes,
     /// else the producer routes; `None` when neither exists (plain Service balancing).
     pub fn routes_for(&self, port: u16, namespace: &str) -> Option<&ServiceRoutes> {
@@ -394,6 +403,7 @@ mod tests {
             }],
             endpoints: vec![],
             routes: vec![],
+            export_to: vec![],
         })
     }
 

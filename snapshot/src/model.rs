@@ -206,11 +206,19 @@ impl Snapshot {
         self.is_newer_schema() || self.content_hash() == self.hash
     }
 
-    /// The part a sidecar needs: the mesh with the clusters its Services' routes send to (no
-    /// Gateway's listeners or clusters), and of the policies those `keep` says. `d` are this
-    /// snapshot's part digests (the translator keeps them), so nothing is re-hashed.
-    pub fn mesh_view(&self, d: &PartDigests, keep: impl Fn(&Policy) -> bool) -> Snapshot {
-        let routed: std::collections::HashSet<&str> = self.services.iter().flat_map(|s| s.route_clusters()).collect();
+    /// The part a sidecar needs: the mesh with the Services a client in `namespace` sees (all,
+    /// for `None`) and the clusters their routes send to (no Gateway's listeners or clusters),
+    /// and of the policies those `keep` says. `d` are this snapshot's part digests (the
+    /// translator keeps them), so nothing is re-hashed.
+    pub fn mesh_view(&self, d: &PartDigests, namespace: Option<&str>, keep: impl Fn(&Policy) -> bool) -> Snapshot {
+        let (services, service_digests): (Vec<_>, Vec<_>) = self
+            .services
+            .iter()
+            .zip(&d.services)
+            .filter(|(s, _)| namespace.is_none_or(|n| s.visible_to(n)))
+            .map(|(s, d)| (s.clone(), *d))
+            .unzip();
+        let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
         let (clusters, cluster_digests): (Vec<_>, Vec<_>) = self
             .clusters
             .iter()
@@ -227,14 +235,14 @@ impl Snapshot {
             .unzip();
         let digests = PartDigests {
             workloads: d.workloads.clone(),
-            services: d.services.clone(),
+            services: service_digests,
             policies: policy_digests,
             clusters: cluster_digests,
             ..PartDigests::default()
         };
         let mesh = Mesh {
             workloads: self.workloads.clone(),
-            services: self.services.clone(),
+            services,
             policies,
         };
         Snapshot::with_digests(self.version, Vec::new(), clusters, mesh, &digests)

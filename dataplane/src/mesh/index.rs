@@ -82,7 +82,10 @@ impl MeshIndex {
             }
         }
         let mut services = HashMap::new();
-        for s in &snap.services {
+        // A Service exported elsewhere only is not this sidecar's to route (a snapshot from a
+        // file or another producer may carry it).
+        let visible = |s: &MeshService| me.is_none_or(|me| s.visible_to(&me.0));
+        for s in snap.services.iter().filter(|s| visible(s)) {
             for p in &s.ports {
                 let endpoints: Vec<_> = s
                     .endpoints
@@ -185,5 +188,28 @@ mod tests {
             m.destination("1.1.1.1:443".parse().unwrap()),
             Destination::Passthrough
         ));
+    }
+
+    #[test]
+    fn a_service_exported_elsewhere_is_passthrough_for_this_sidecar() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns, annotations: {networking.istio.io/exportTo: .}}\n\
+             spec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let vip = "10.96.0.9:80".parse().unwrap();
+        let at = |ns: &str| {
+            MeshIndex::build(
+                &snap,
+                Some(&(ns.into(), "me".into())),
+                HashMap::new(),
+                &JwksCache::default(),
+            )
+        };
+        assert!(matches!(at("ns").destination(vip), Destination::Service(_)));
+        assert!(matches!(at("other").destination(vip), Destination::Passthrough));
     }
 }

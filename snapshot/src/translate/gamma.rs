@@ -257,7 +257,7 @@ spec:
             .collect();
         assert_eq!(parents, [("mine", "Service"), ("split", "Service")]);
         // A sidecar's view carries the clusters those routes send to, and no others.
-        let view = t.snapshot.mesh_view(&t.digests, |_| true);
+        let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
         let mut names: Vec<_> = view.clusters.iter().map(|c| c.name.as_str()).collect();
         names.sort();
         assert_eq!(names, ["service/shop/b-v1:80", "service/shop/b-v2:80"]);

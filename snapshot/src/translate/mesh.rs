@@ -189,6 +189,34 @@ fn pod_ready(p: &Pod) -> bool {
         .is_none_or(|c| c.status == "True")
 }
 
+/// Istio's annotation that limits which namespaces see a Service.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+
+/// The namespaces `networking.istio.io/exportTo` names (`.`: the Service's own; `*`: all, which
+/// is also the default; `~`: none), sorted; empty for all.
+fn export_to(s: &Service, ns: &str) -> Vec<String> {
+    let Some(v) = s
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(EXPORT_TO_ANNOTATION))
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| if n == "." { ns.to_string() } else { n.to_string() })
+        .collect();
+    if out.is_empty() || out.iter().any(|n| n == "*") {
+        return Vec::new();
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn service(
     s: &Service,
     res: &Resources,
@@ -243,6 +271,7 @@ fn service(
         ports,
         endpoints,
         routes: Vec::new(),
+        export_to: export_to(s, &ns),
     })
 }
 
@@ -424,9 +453,54 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
         let next = inc.translate(&r, 3);
         assert_ne!(next.snapshot.hash, again.snapshot.hash);
         assert_eq!(next.snapshot.hash, next.snapshot.content_hash());
-        let view = next.snapshot.mesh_view(&next.digests, |_| true);
+        let view = next.snapshot.mesh_view(&next.digests, None, |_| true);
         assert_eq!(view.hash, view.content_hash());
         assert!(view.listeners.is_empty() && view.workloads.len() == 3);
+    }
+
+    /// `networking.istio.io/exportTo`: a sidecar's view holds the Services its namespace sees,
+    /// and its hash is still one a consumer recomputes.
+    #[test]
+    fn export_to_limits_which_sidecars_see_a_service() {
+        let mut r = Resources::default();
+        let extra = |name: &str, export: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, annotations: {{networking.istio.io/exportTo: \"{export}\"}}}}\n\
+                 spec: {{clusterIP: 10.96.1.{}, ports: [{{port: 80}}]}}\n",
+                name.len()
+            )
+        };
+        r.add_yaml(
+            "mesh.yaml",
+            &format!(
+                "{MESH}{}{}{}",
+                extra("private", "."),
+                extra("partners", "bank, shop"),
+                extra("public", "*")
+            ),
+        )
+        .unwrap();
+        let t = crate::translate(&r, 1, &Default::default());
+        let export = |key: &str| {
+            t.snapshot
+                .services
+                .iter()
+                .find(|s| s.key == key)
+                .unwrap()
+                .export_to
+                .clone()
+        };
+        assert_eq!(export("shop/private"), ["shop"]);
+        assert_eq!(export("shop/partners"), ["bank", "shop"]);
+        assert!(export("shop/public").is_empty() && export("shop/b").is_empty());
+        let seen = |ns: &str| {
+            let v = t.snapshot.mesh_view(&t.digests, Some(ns), |_| true);
+            assert_eq!(v.hash, v.content_hash());
+            v.services.iter().map(|s| s.key.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(seen("shop"), ["shop/b", "shop/partners", "shop/private", "shop/public"]);
+        assert_eq!(seen("bank"), ["shop/b", "shop/partners", "shop/public"]);
+        assert_eq!(seen("other"), ["shop/b", "shop/public"]);
     }
 
     #[test]
