@@ -61,7 +61,7 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                dp.shared.registry.render(&cfg.health(), &dp.shared.access_log),
+                dp.shared.registry.render(cfg.health(), &dp.shared.access_log),
             )
         }
         "/config" => {

@@ -1,4 +1,5 @@
-//! Lock-free request metrics and their Prometheus text form.
+//! Lock-free request metrics, and their Prometheus text form (encoded by `prometheus-client`
+//! from the atomics at scrape time).
 //!
 //! Counters live in `Arc`s handed to compiled routes and clusters at compile time, so the
 //! request path only does relaxed atomic adds. The registry map is touched only when a config is
@@ -6,10 +7,13 @@
 //! the compiler looks them up by name.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
 /// Upper bounds in microseconds.
 const BUCKETS_US: [u64; 14] = [
@@ -32,18 +36,6 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, b) in BUCKETS_US.iter().enumerate() {
-            cumulative += self.buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}", *b as f64 / 1e6);
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
 }
 
 /// Responses by status class (index 0 = 1xx … 4 = 5xx).
@@ -54,14 +46,6 @@ impl StatusCounts {
     pub fn record(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
         self.0[i].fetch_add(1, Relaxed);
-    }
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (i, c) in self.0.iter().enumerate() {
-            let v = c.load(Relaxed);
-            if v > 0 {
-                let _ = writeln!(out, "{name}{{{labels},code=\"{}xx\"}} {v}", i + 1);
-            }
-        }
     }
 }
 
@@ -170,14 +154,208 @@ impl Registry {
         self.clusters.lock().unwrap().retain(|k, _| clusters(k));
     }
 
+    /// The Prometheus text exposition of every metric (encoded by `prometheus-client`):
+    /// `health` and the access log's counts are read at scrape time.
+    pub fn render(self: &Arc<Self>, health: Vec<EndpointHealth>, access_log: &crate::access_log::AccessLog) -> String {
+        let scrape = Scrape {
+            registry: self.clone(),
+            health,
+            access_log: [
+                ("written", access_log.written.load(Relaxed)),
+                ("dropped", access_log.dropped.load(Relaxed)),
+            ],
+        };
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(scrape));
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// What one scrape reads: the registry, and what the caller knows at scrape time.
+struct Scrape {
+    registry: Arc<Registry>,
+    health: Vec<EndpointHealth>,
+    access_log: [(&'static str, u64); 2],
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+type Fmt = std::fmt::Result;
+/// One per-cluster sample's value.
+type ClusterValue = fn(&ClusterStats) -> i64;
+
+/// One family without labels.
+fn single(enc: &mut DescriptorEncoder, name: &str, help: &str, ty: MetricType, v: i64) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    match ty {
+        MetricType::Counter => m.encode_counter::<NoLabelSet, _, u64>(&(v as u64), None),
+        _ => m.encode_gauge(&v),
+    }
+}
+
+/// One family whose samples differ by labels.
+fn family<'a, L: EncodeLabelSet + 'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    samples: impl IntoIterator<Item = (L, i64)>,
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in samples {
+        let mut s = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Counter => s.encode_counter::<NoLabelSet, _, u64>(&(v as u64), None)?,
+            _ => s.encode_gauge(&v)?,
+        }
+    }
+    Ok(())
+}
+
+impl Histogram {
+    fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
+        let buckets: Vec<(f64, u64)> = BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, c)| (*b as f64 / 1e6, c.load(Relaxed)))
+            .collect();
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        m.encode_histogram::<NoLabelSet>(sum, self.count.load(Relaxed), &buckets, None)
+    }
+}
+
+impl StatusCounts {
+    /// The classes seen so far, as `code` labels.
+    fn samples(&self) -> impl Iterator<Item = (&'static str, i64)> + '_ {
+        const CODES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        CODES
+            .into_iter()
+            .zip(&self.0)
+            .map(|(code, c)| (code, c.load(Relaxed) as i64))
+            .filter(|(_, v)| *v > 0)
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
+        let r = &*self.registry;
+        let (counter, gauge, histogram) = (MetricType::Counter, MetricType::Gauge, MetricType::Histogram);
+        let load = |a: &AtomicU64| a.load(Relaxed) as i64;
+        single(
+            &mut enc,
+            "ferrum_config_version",
+            "Version of the snapshot being served.",
+            gauge,
+            load(&r.config_version),
+        )?;
+        family(
+            &mut enc,
+            "ferrum_config_reloads",
+            "Config reloads by result.",
+            counter,
+            [
+                ([("result", "ok")], load(&r.reloads_ok)),
+                ([("result", "rejected")], load(&r.reloads_failed)),
+            ],
+        )?;
+        single(
+            &mut enc,
+            "ferrum_downstream_connections_active",
+            "Open client connections.",
+            gauge,
+            r.downstream_active.load(Relaxed),
+        )?;
+        single(
+            &mut enc,
+            "ferrum_downstream_connections",
+            "Accepted client connections.",
+            counter,
+            load(&r.downstream_total),
+        )?;
+        single(
+            &mut enc,
+            "ferrum_downstream_connections_rejected",
+            "Client connections closed at accept because their listener had --max-connections open.",
+            counter,
+            load(&r.downstream_rejected),
+        )?;
+        single(
+            &mut enc,
+            "ferrum_unrouted_requests",
+            "Requests that matched no route.",
+            counter,
+            load(&r.unrouted),
+        )?;
+        family(
+            &mut enc,
+            "ferrum_access_log_lines",
+            "Access log lines by result: written, or dropped because the writer fell behind.",
+            counter,
+            self.access_log
+                .iter()
+                .map(|(result, v)| ([("result", *result)], *v as i64)),
+        )?;
+        self.encode_mesh(&mut enc)?;
+        let routes = r.routes.lock().unwrap().clone();
+        family(
+            &mut enc,
+            "ferrum_route_requests",
+            "Responses by route and status class.",
+            counter,
+            routes.iter().flat_map(|(name, s)| {
+                s.responses
+                    .samples()
+                    .map(move |(code, v)| ([("route", name.as_str()), ("code", code)], v))
+            }),
+        )?;
+        let mut m = enc.encode_descriptor(
+            "ferrum_route_request_duration_seconds",
+            "Time to response headers by route.",
+            None,
+            histogram,
+        )?;
+        for (name, s) in &routes {
+            s.latency.encode(&mut m.encode_family(&[("route", name.as_str())])?)?;
+        }
+        self.encode_clusters(&mut enc)?;
+        family(
+            &mut enc,
+            "ferrum_endpoint_healthy",
+            "1 when the endpoint receives traffic (health checks and outlier detection).",
+            gauge,
+            self.health.iter().map(|h| {
+                (
+                    [("cluster", h.cluster.as_str()), ("endpoint", h.endpoint.as_str())],
+                    i64::from(h.healthy),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "ferrum_endpoint_active_requests",
+            "Requests in flight per endpoint.",
+            gauge,
+            self.health.iter().map(|h| {
+                (
+                    [("cluster", h.cluster.as_str()), ("endpoint", h.endpoint.as_str())],
+                    i64::from(h.active_requests),
+                )
+            }),
+        )
+    }
+}
+
+impl Scrape {
     /// Sidecar connection counters (all zero outside sidecar mode).
-    fn render_mesh(&self, out: &mut String) {
-        let m = &self.mesh;
-        let _ = writeln!(
-            out,
-            "# HELP ferrum_mesh_connections_total Sidecar connections by direction and path.\n# TYPE ferrum_mesh_connections_total counter"
-        );
-        for (dir, path, v) in [
+    fn encode_mesh(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let m = &self.registry.mesh;
+        let connections = [
             ("outbound", "hbone", &m.outbound_hbone),
             ("outbound", "plain", &m.outbound_plain),
             ("outbound", "passthrough", &m.outbound_passthrough),
@@ -188,252 +366,109 @@ impl Registry {
             ("inbound", "refused", &m.inbound_refused),
             ("inbound", "denied", &m.inbound_denied),
             ("inbound", "unauthenticated", &m.inbound_unauthenticated),
-        ] {
-            let _ = writeln!(
-                out,
-                "ferrum_mesh_connections_total{{direction=\"{dir}\",path=\"{path}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ferrum_mesh_bytes_total Bytes relayed by sidecar connections, client to server (forward) and back.\n# TYPE ferrum_mesh_bytes_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_mesh_bytes_total{{direction=\"forward\"}} {}",
-            m.bytes_forward.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_mesh_bytes_total{{direction=\"back\"}} {}",
-            m.bytes_back.load(Relaxed)
-        );
+        ];
+        family(
+            enc,
+            "ferrum_mesh_connections",
+            "Sidecar connections by direction and path.",
+            MetricType::Counter,
+            connections
+                .iter()
+                .map(|(dir, path, v)| ([("direction", *dir), ("path", *path)], v.load(Relaxed) as i64)),
+        )?;
+        family(
+            enc,
+            "ferrum_mesh_bytes",
+            "Bytes relayed by sidecar connections, client to server (forward) and back.",
+            MetricType::Counter,
+            [
+                ([("direction", "forward")], m.bytes_forward.load(Relaxed) as i64),
+                ([("direction", "back")], m.bytes_back.load(Relaxed) as i64),
+            ],
+        )
     }
 
-    pub fn render(&self, health: &[EndpointHealth], access_log: &crate::access_log::AccessLog) -> String {
-        let mut out = String::with_capacity(16 * 1024);
-        let g = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        g(
-            &mut out,
-            "ferrum_config_version",
-            "gauge",
-            "Version of the snapshot being served.",
-        );
-        let _ = writeln!(out, "ferrum_config_version {}", self.config_version.load(Relaxed));
-        g(
-            &mut out,
-            "ferrum_config_reloads_total",
-            "counter",
-            "Config reloads by result.",
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_config_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_config_reloads_total{{result=\"rejected\"}} {}",
-            self.reloads_failed.load(Relaxed)
-        );
-        g(
-            &mut out,
-            "ferrum_downstream_connections_active",
-            "gauge",
-            "Open client connections.",
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_downstream_connections_active {}",
-            self.downstream_active.load(Relaxed)
-        );
-        g(
-            &mut out,
-            "ferrum_downstream_connections_total",
-            "counter",
-            "Accepted client connections.",
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_downstream_connections_total {}",
-            self.downstream_total.load(Relaxed)
-        );
-        g(
-            &mut out,
-            "ferrum_downstream_connections_rejected_total",
-            "counter",
-            "Client connections closed at accept because their listener had --max-connections open.",
-        );
-        let _ = writeln!(
-            out,
-            "ferrum_downstream_connections_rejected_total {}",
-            self.downstream_rejected.load(Relaxed)
-        );
-        g(
-            &mut out,
-            "ferrum_unrouted_requests_total",
-            "counter",
-            "Requests that matched no route.",
-        );
-        let _ = writeln!(out, "ferrum_unrouted_requests_total {}", self.unrouted.load(Relaxed));
-        g(
-            &mut out,
-            "ferrum_access_log_lines_total",
-            "counter",
-            "Access log lines by result: written, or dropped because the writer fell behind.",
-        );
-        for (result, v) in [("written", &*access_log.written), ("dropped", &access_log.dropped)] {
-            let _ = writeln!(
-                out,
-                "ferrum_access_log_lines_total{{result=\"{result}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        self.render_mesh(&mut out);
-
-        let routes = self.routes.lock().unwrap().clone();
-        g(
-            &mut out,
-            "ferrum_route_requests_total",
-            "counter",
-            "Responses by route and status class.",
-        );
-        for (name, s) in &routes {
-            s.responses
-                .render(&mut out, "ferrum_route_requests_total", &format!("route=\"{name}\""));
-        }
-        g(
-            &mut out,
-            "ferrum_route_request_duration_seconds",
-            "histogram",
-            "Time to response headers by route.",
-        );
-        for (name, s) in &routes {
-            s.latency.render(
-                &mut out,
-                "ferrum_route_request_duration_seconds",
-                &format!("route=\"{name}\""),
-            );
-        }
-
-        let clusters = self.clusters.lock().unwrap().clone();
-        g(
-            &mut out,
-            "ferrum_cluster_requests_total",
-            "counter",
+    fn encode_clusters(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let clusters = self.registry.clusters.lock().unwrap().clone();
+        family(
+            enc,
+            "ferrum_cluster_requests",
             "Upstream responses by cluster and status class.",
-        );
-        for (name, s) in &clusters {
-            s.responses.render(
-                &mut out,
-                "ferrum_cluster_requests_total",
-                &format!("cluster=\"{name}\""),
-            );
-        }
-        g(
-            &mut out,
+            MetricType::Counter,
+            clusters.iter().flat_map(|(name, s)| {
+                s.responses
+                    .samples()
+                    .map(move |(code, v)| ([("cluster", name.as_str()), ("code", code)], v))
+            }),
+        )?;
+        let mut m = enc.encode_descriptor(
             "ferrum_cluster_upstream_duration_seconds",
-            "histogram",
             "Upstream time to response headers.",
-        );
+            None,
+            MetricType::Histogram,
+        )?;
         for (name, s) in &clusters {
-            s.latency.render(
-                &mut out,
-                "ferrum_cluster_upstream_duration_seconds",
-                &format!("cluster=\"{name}\""),
-            );
+            s.latency.encode(&mut m.encode_family(&[("cluster", name.as_str())])?)?;
         }
-        g(
-            &mut out,
-            "ferrum_cluster_upstream_errors_total",
-            "counter",
+        family(
+            enc,
+            "ferrum_cluster_upstream_errors",
             "Requests that got no upstream response, by reason.",
-        );
-        for (name, s) in &clusters {
-            for e in UpstreamError::ALL {
-                let _ = writeln!(
-                    out,
-                    "ferrum_cluster_upstream_errors_total{{cluster=\"{name}\",reason=\"{}\"}} {}",
-                    e.as_str(),
-                    s.errors[e as usize].load(Relaxed)
-                );
-            }
-        }
-        for (metric, kind, help, f) in [
-            (
-                "ferrum_cluster_retries_total",
-                "counter",
-                "Retries sent.",
-                (|s: &ClusterStats| s.retries.load(Relaxed) as i64) as fn(&ClusterStats) -> i64,
-            ),
+            MetricType::Counter,
+            clusters.iter().flat_map(|(name, s)| {
+                UpstreamError::ALL.into_iter().map(move |e| {
+                    (
+                        [("cluster", name.as_str()), ("reason", e.as_str())],
+                        s.errors[e as usize].load(Relaxed) as i64,
+                    )
+                })
+            }),
+        )?;
+        let per_cluster: [(&str, MetricType, &str, ClusterValue); 6] = [
+            ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
+                s.retries.load(Relaxed) as i64
+            }),
             (
                 "ferrum_cluster_connections_active",
-                "gauge",
+                MetricType::Gauge,
                 "Open upstream connections.",
                 |s| s.connections_active.load(Relaxed),
             ),
             (
-                "ferrum_cluster_connections_total",
-                "counter",
+                "ferrum_cluster_connections",
+                MetricType::Counter,
                 "Upstream connections opened.",
                 |s| s.connections_total.load(Relaxed) as i64,
             ),
             (
-                "ferrum_cluster_ejections_total",
-                "counter",
+                "ferrum_cluster_ejections",
+                MetricType::Counter,
                 "Endpoints ejected by outlier detection.",
                 |s| s.ejections.load(Relaxed) as i64,
             ),
             (
-                "ferrum_cluster_l4_bytes_sent_total",
-                "counter",
+                "ferrum_cluster_l4_bytes_sent",
+                MetricType::Counter,
                 "Bytes TCP and TLS routes forwarded to the cluster.",
                 |s| s.bytes_sent.load(Relaxed) as i64,
             ),
             (
-                "ferrum_cluster_l4_bytes_received_total",
-                "counter",
+                "ferrum_cluster_l4_bytes_received",
+                MetricType::Counter,
                 "Bytes TCP and TLS routes forwarded from the cluster.",
                 |s| s.bytes_received.load(Relaxed) as i64,
             ),
-        ] {
-            g(&mut out, metric, kind, help);
-            for (name, s) in &clusters {
-                let _ = writeln!(out, "{metric}{{cluster=\"{name}\"}} {}", f(s));
-            }
+        ];
+        for (name, ty, help, f) in per_cluster {
+            family(
+                enc,
+                name,
+                help,
+                ty,
+                clusters.iter().map(|(c, s)| ([("cluster", c.as_str())], f(s))),
+            )?;
         }
-        g(
-            &mut out,
-            "ferrum_endpoint_healthy",
-            "gauge",
-            "1 when the endpoint receives traffic (health checks and outlier detection).",
-        );
-        for h in health {
-            let _ = writeln!(
-                out,
-                "ferrum_endpoint_healthy{{cluster=\"{}\",endpoint=\"{}\"}} {}",
-                h.cluster,
-                h.endpoint,
-                u8::from(h.healthy)
-            );
-        }
-        g(
-            &mut out,
-            "ferrum_endpoint_active_requests",
-            "gauge",
-            "Requests in flight per endpoint.",
-        );
-        for h in health {
-            let _ = writeln!(
-                out,
-                "ferrum_endpoint_active_requests{{cluster=\"{}\",endpoint=\"{}\"}} {}",
-                h.cluster, h.endpoint, h.active_requests
-            );
-        }
-        out
+        Ok(())
     }
 }
 
@@ -449,8 +484,9 @@ mod tests {
         s.responses.record(503);
         s.latency.observe(Duration::from_millis(3));
         r.cluster("c").error(UpstreamError::Timeout);
+        let r = Arc::new(r);
         let text = r.render(
-            &[EndpointHealth {
+            vec![EndpointHealth {
                 cluster: "c".into(),
                 endpoint: "1.2.3.4:80".into(),
                 healthy: false,
@@ -464,5 +500,17 @@ mod tests {
         assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.0025\"} 0"));
         assert!(text.contains("ferrum_cluster_upstream_errors_total{cluster=\"c\",reason=\"upstream_timeout\"} 1"));
         assert!(text.contains("ferrum_endpoint_healthy{cluster=\"c\",endpoint=\"1.2.3.4:80\"} 0"));
+        // Label values are escaped (a DNS endpoint name is the user's text).
+        let text = r.render(
+            vec![EndpointHealth {
+                cluster: "c".into(),
+                endpoint: "we\"ird\n:80".into(),
+                healthy: true,
+                active_requests: 0,
+            }],
+            &Default::default(),
+        );
+        assert!(text.contains(r#"endpoint="we\"ird\n:80"} 1"#), "{text}");
+        assert!(text.contains("# TYPE ferrum_config_reloads_total counter\n"), "{text}");
     }
 }

@@ -2,7 +2,6 @@
 //! `/metrics`.
 
 use std::convert::Infallible;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -95,71 +94,117 @@ impl Admin {
         }
     }
 
+    /// The Prometheus text exposition (encoded by `prometheus-client`: label values such as a
+    /// proxy's chosen node id are escaped).
     fn metrics(&self) -> String {
         let cur = self.publisher.current();
-        let proxies = self.proxies.list();
+        let scrape = Scrape {
+            gauges: [
+                (
+                    "ferrum_operator_generation",
+                    "Generation of the published snapshot.",
+                    cur.generation as i64,
+                ),
+                (
+                    "ferrum_operator_translate_milliseconds",
+                    "Time the last translation took.",
+                    cur.translate_ms as i64,
+                ),
+                (
+                    "ferrum_operator_full_translate_milliseconds",
+                    "Time the last full (non-incremental) translation took.",
+                    cur.full_translate_ms as i64,
+                ),
+                (
+                    "ferrum_operator_delta_bytes",
+                    "Size of the last MeshSubscribe delta.",
+                    cur.delta.as_ref().map_or(0, |d| d.body.len()) as i64,
+                ),
+                (
+                    "ferrum_operator_problems",
+                    "Objects with a problem in the last translation.",
+                    cur.full.problems.len() as i64,
+                ),
+                (
+                    "ferrum_operator_leader",
+                    "1 while this replica leads.",
+                    i64::from(self.leader.load(Relaxed)),
+                ),
+            ],
+            routes: [
+                ("translated", cur.stats.routes_translated as i64),
+                ("reused", cur.stats.routes_reused as i64),
+            ],
+            proxies: self
+                .proxies
+                .list()
+                .into_iter()
+                .map(|p| (p.node_id, p.role, p.applied_version as i64, p.last_rejection.is_some()))
+                .collect(),
+        };
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(scrape));
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_generation gauge\nferrum_operator_generation {}",
-            cur.generation
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_translate_milliseconds gauge\nferrum_operator_translate_milliseconds {}",
-            cur.translate_ms
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_full_translate_milliseconds gauge\nferrum_operator_full_translate_milliseconds {}",
-            cur.full_translate_ms
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_last_translation_routes gauge\n\
-             ferrum_operator_last_translation_routes{{outcome=\"translated\"}} {}\n\
-             ferrum_operator_last_translation_routes{{outcome=\"reused\"}} {}",
-            cur.stats.routes_translated, cur.stats.routes_reused
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_delta_bytes gauge\nferrum_operator_delta_bytes {}",
-            cur.delta.as_ref().map_or(0, |d| d.body.len())
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_problems gauge\nferrum_operator_problems {}",
-            cur.full.problems.len()
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_leader gauge\nferrum_operator_leader {}",
-            u8::from(self.leader.load(Relaxed))
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE ferrum_operator_proxies gauge\nferrum_operator_proxies {}",
-            proxies.len()
-        );
-        let _ = writeln!(out, "# TYPE ferrum_operator_proxy_applied_version gauge");
-        for p in &proxies {
-            let _ = writeln!(
-                out,
-                "ferrum_operator_proxy_applied_version{{node=\"{}\",role=\"{}\"}} {}",
-                p.node_id, p.role, p.applied_version
-            );
-        }
-        let _ = writeln!(out, "# TYPE ferrum_operator_proxy_rejected gauge");
-        for p in &proxies {
-            let _ = writeln!(
-                out,
-                "ferrum_operator_proxy_rejected{{node=\"{}\",role=\"{}\"}} {}",
-                p.node_id,
-                p.role,
-                u8::from(p.last_rejection.is_some())
-            );
-        }
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// (node, role, applied version, last update rejected).
+type ProxyRow = (String, String, i64, bool);
+type ProxyValue = fn(&ProxyRow) -> i64;
+
+/// What one scrape of the operator reads.
+struct Scrape {
+    gauges: [(&'static str, &'static str, i64); 6],
+    /// Routes of the last translation by outcome.
+    routes: [(&'static str, i64); 2],
+    proxies: Vec<ProxyRow>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::metrics::MetricType::Gauge;
+        for (name, help, v) in &self.gauges {
+            enc.encode_descriptor(name, help, None, Gauge)?.encode_gauge(v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "ferrum_operator_last_translation_routes",
+            "Routes of the last translation, translated or reused.",
+            None,
+            Gauge,
+        )?;
+        for (outcome, v) in &self.routes {
+            m.encode_family(&[("outcome", *outcome)])?.encode_gauge(v)?;
+        }
+        enc.encode_descriptor("ferrum_operator_proxies", "Connected proxies.", None, Gauge)?
+            .encode_gauge(&(self.proxies.len() as i64))?;
+        let per_proxy: [(&str, &str, ProxyValue); 2] = [
+            (
+                "ferrum_operator_proxy_applied_version",
+                "Snapshot version each proxy applied.",
+                |p| p.2,
+            ),
+            (
+                "ferrum_operator_proxy_rejected",
+                "1 when a proxy rejected its last update.",
+                |p| i64::from(p.3),
+            ),
+        ];
+        for (name, help, f) in per_proxy {
+            let mut m = enc.encode_descriptor(name, help, None, Gauge)?;
+            for p in &self.proxies {
+                m.encode_family(&[("node", p.0.as_str()), ("role", p.1.as_str())])?
+                    .encode_gauge(&f(p))?;
+            }
+        }
+        Ok(())
     }
 }
 
