@@ -133,18 +133,10 @@ fn tcp_hosts(
     let mut out: Vec<Arc<VirtualHost>> = Vec::new();
     for (i, (names, p)) in chains.iter().enumerate() {
         let targets = match &p.cluster_specifier {
-            Some(ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
-                cluster: Some(c.clone()).filter(|c| known(c)),
-                weight: 1,
-            }],
-            Some(ClusterSpecifier::WeightedClusters(w)) => w
-                .clusters
-                .iter()
-                .map(|c| WeightedCluster {
-                    cluster: Some(c.name.clone()).filter(|c| known(c)),
-                    weight: c.weight,
-                })
-                .collect(),
+            Some(ClusterSpecifier::Cluster(c)) => weighted([(c.as_str(), 1)], known),
+            Some(ClusterSpecifier::WeightedClusters(w)) => {
+                weighted(w.clusters.iter().map(|c| (c.name.as_str(), c.weight)), known)
+            }
             None => {
                 return Err(format!(
                     "Listener {listener}: filter_chains[{i}]: the TCP proxy names no cluster"
@@ -182,6 +174,21 @@ fn tcp_hosts(
         }
     }
     Ok(out)
+}
+
+/// Forwarding targets by cluster name and weight; a cluster this client does not know is a
+/// backend that did not resolve.
+fn weighted<'a>(
+    clusters: impl IntoIterator<Item = (&'a str, u32)>,
+    known: &dyn Fn(&str) -> bool,
+) -> Vec<WeightedCluster> {
+    clusters
+        .into_iter()
+        .map(|(c, weight)| WeightedCluster {
+            cluster: Some(c.to_string()).filter(|c| known(c)),
+            weight,
+        })
+        .collect()
 }
 
 /// A listener's TLS termination: the SDS secrets its certificates come from (over ADS), or
@@ -363,19 +370,14 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         Some(route::route::Action::Route(ra)) => {
             use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
             let targets = match &ra.cluster_specifier {
-                Some(ClusterSpecifier::Cluster(c)) => vec![WeightedCluster {
-                    cluster: Some(c.clone()).filter(|c| known(c)),
-                    weight: 1,
-                }],
-                Some(ClusterSpecifier::WeightedClusters(w)) => w
-                    .clusters
-                    .iter()
-                    .map(|c| WeightedCluster {
-                        cluster: Some(c.name.clone()).filter(|c| known(c)),
-                        weight: c.weight.as_ref().map_or(1, |w| w.value),
-                    })
-                    .filter(|c| c.weight > 0)
-                    .collect(),
+                Some(ClusterSpecifier::Cluster(c)) => weighted([(c.as_str(), 1)], known),
+                Some(ClusterSpecifier::WeightedClusters(w)) => weighted(
+                    w.clusters
+                        .iter()
+                        .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(1, |w| w.value)))
+                        .filter(|(_, weight)| *weight > 0),
+                    known,
+                ),
                 _ => {
                     return Err(format!(
                         "{at}: only cluster and weighted_clusters targets are supported"
