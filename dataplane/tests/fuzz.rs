@@ -101,7 +101,7 @@ fn rule() -> impl Strategy<Value = String> {
 fn yaml_config() -> impl Strategy<Value = String> {
     let listener = (
         prop_oneof![8 => Just(8080u32), 1 => pick(&[0u32, 70000, 1])],
-        prop_oneof![8 => Just("HTTP"), 1 => pick(&["HTTPS", "TCP", "QUIC"])],
+        prop_oneof![8 => Just("HTTP"), 1 => pick(&["HTTPS", "TCP", "QUIC", "TLS, tls: {mode: Passthrough}"])],
         pick(&[
             "",
             "hostname: a.example.com, ",
@@ -114,8 +114,9 @@ fn yaml_config() -> impl Strategy<Value = String> {
     let route = (
         prop::collection::vec(rule(), 0..4),
         pick(&["[]", "[a.example.com]", "[\"*.example.com\"]", "[\"\"]"]),
+        prop_oneof![6 => Just("v1\nkind: HTTPRoute"), 1 => pick(&["v1\nkind: TLSRoute", "v1alpha2\nkind: TCPRoute"])],
     )
-        .prop_map(|(rules, hosts)| (rules.concat(), hosts));
+        .prop_map(|(rules, hosts, kind)| (rules.concat(), hosts, kind));
     let duration = prop_oneof![6 => pick(&["1s", "250ms"]).prop_map(String::from), 1 => text()];
     let lb = prop_oneof![6 => pick(&["RoundRobin", "ConsistentHash", "LeastRequest"]), 1 => Just("Fastest")];
     let backend = (weight(), prop_oneof![8 => Just(9000u32), 1 => Just(0)], lb, duration)
@@ -139,9 +140,9 @@ fn yaml_config() -> impl Strategy<Value = String> {
                 .into(),
             b,
         ];
-        for (i, (rules, hosts)) in rs.into_iter().enumerate() {
+        for (i, (rules, hosts, kind)) in rs.into_iter().enumerate() {
             docs.push(format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{i}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  hostnames: {hosts}\n  rules:\n{rules}"
+                "apiVersion: gateway.networking.k8s.io/{kind}\nmetadata: {{name: r{i}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  hostnames: {hosts}\n  rules:\n{rules}"
             ));
         }
         docs.join("---\n")
