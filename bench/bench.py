@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""ferrum-dp against a direct connection, nginx, HAProxy and Envoy, on this machine, interleaved.
+"""ferrum-dp against a direct connection, nginx, HAProxy and Envoy, on this machine, interleaved:
+as an HTTP proxy (HTTP/1.1 and h2c) and as a TCP proxy (a TCPRoute; nginx stream, HAProxy mode
+tcp, Envoy tcp_proxy) carrying the same HTTP/1.1 load.
 
 Started by `make bench` (bench/run.sh installs the tools and builds ferrum-dp first).
 Every target fronts the same nginx backend (64-byte body, keep-alive); every load run uses the
@@ -27,6 +29,9 @@ BODY = "x" * 63 + "\n"  # 64 bytes
 BACKEND, DIRECT = 18080, 18080
 PORTS = {"ferrum-dp": 18081, "nginx": 18082, "envoy": 18083, "haproxy": 18084}
 PROXIES = ("ferrum-dp", "nginx", "haproxy", "envoy")
+# Each proxy's TCP listener (L4: bytes relayed, nothing parsed).
+TCP_OFFSET = 200
+NGINX_STREAM = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
 def wait_port(port, timeout=15.0):
@@ -79,8 +84,19 @@ def nginx_conf(path, listen, body=None, upstream=None, workers=2):
         if upstream
         else ""
     )
+    stream = (
+        f"load_module {NGINX_STREAM};\n"
+        if upstream
+        else ""
+    )
+    stream_block = (
+        f"stream {{ upstream tcp_backend {{ server 127.0.0.1:{upstream}; }} "
+        f"server {{ listen 127.0.0.1:{listen + TCP_OFFSET} reuseport; proxy_pass tcp_backend; }} }}"
+        if upstream
+        else ""
+    )
     path.write_text(
-        f"""worker_processes {workers};
+        f"""{stream}worker_processes {workers};
 daemon off;
 pid {path}.pid;
 error_log {WORK}/{path.stem}-error.log warn;
@@ -97,6 +113,7 @@ http {{
     location / {{ default_type text/plain; {loc} }}
   }}
 }}
+{stream_block}
 """
     )
 
@@ -120,6 +137,10 @@ frontend h2
   bind 127.0.0.1:{listen + 100} proto h2
   default_backend be
 backend be
+  server s1 127.0.0.1:{upstream}
+listen tcp
+  mode tcp
+  bind 127.0.0.1:{listen + TCP_OFFSET}
   server s1 127.0.0.1:{upstream}
 """
     )
@@ -150,6 +171,24 @@ def envoy_conf(path, listen, upstream):
                 "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 18901}}},
                 "static_resources": {
                     "listeners": [
+                        {
+                            "name": "tcp",
+                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen + TCP_OFFSET}},
+                            "filter_chains": [
+                                {
+                                    "filters": [
+                                        {
+                                            "name": "envoy.filters.network.tcp_proxy",
+                                            "typed_config": {
+                                                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                                "stat_prefix": "tcp",
+                                                "cluster": "backend",
+                                            },
+                                        }
+                                    ]
+                                }
+                            ],
+                        },
                         {
                             "name": "l",
                             "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
@@ -218,7 +257,7 @@ metadata: {{name: bench}}
 spec:
   gatewayClassName: ferrum
   addresses: [{{type: IPAddress, value: 127.0.0.1}}]
-  listeners: [{{name: http, port: {listen}, protocol: HTTP}}]
+  listeners: [{{name: http, port: {listen}, protocol: HTTP}}, {{name: tcp, port: {listen + TCP_OFFSET}, protocol: TCP}}]
 ---
 apiVersion: ferrum.dev/v1alpha1
 kind: Backend
@@ -230,9 +269,16 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: bench}}
 spec:
-  parentRefs: [{{name: bench}}]
+  parentRefs: [{{name: bench, sectionName: http}}]
   rules:
-{''.join(rules)}"""
+{''.join(rules)}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TCPRoute
+metadata: {{name: bench-tcp}}
+spec:
+  parentRefs: [{{name: bench, sectionName: tcp}}]
+  rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: backend}}]}}]
+"""
     )
 
 
@@ -331,7 +377,7 @@ def main():
         envoy = procs.start("envoy", [args.envoy, "-c", str(WORK / "envoy.json"), "--concurrency", "2", "--log-level", "error"])
         dp_conf(WORK / "dp.yaml", PORTS["ferrum-dp"], BACKEND)
         dp = procs.start("ferrum-dp", [str(DP), "--config", str(WORK / "dp.yaml"), "--admin-addr", "127.0.0.1:18900"], env={**os.environ, "RUST_LOG": "warn"})
-        for p in [BACKEND, *PORTS.values()]:
+        for p in [BACKEND, *PORTS.values(), *(v + TCP_OFFSET for v in PORTS.values())]:
             wait_port(p)
 
         targets = {"direct": DIRECT, **PORTS}
@@ -364,7 +410,19 @@ def main():
                 h2[t].append(res)
                 cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
                 print(f"  h2 round {r + 1} {t:10} {res['rps']:>10.0f} rps  mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}{cpu}", flush=True)
-        # After both loads, as a user would see it.
+        # TCP proxies: the same HTTP/1.1 load, relayed as bytes (a new upstream connection per
+        # client connection; wrk keeps its connections).
+        tcp = {t: [] for t in targets}
+        tcp_ports = {"direct": DIRECT, **{t: p + TCP_OFFSET for t, p in PORTS.items()}}
+        for t, port in tcp_ports.items():
+            subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
+        for r in range(args.rounds):
+            for t, port in tcp_ports.items():
+                res = measured(t, lambda: wrk(port, "/", args))
+                tcp[t].append(res)
+                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
+                print(f"  tcp round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms{cpu}", flush=True)
+        # After every load, as a user would see it.
         rss = {t: rss_mb(pids[t]) for t in pids}
 
         # Scale: the same proxy with 10 and 10,000 routes; requests match the last-listed rule.
@@ -401,6 +459,7 @@ def main():
 
     s1 = {t: summarize(v) for t, v in h1.items()}
     s2 = {t: summarize(v) for t, v in h2.items()}
+    s3 = {t: summarize(v) for t, v in tcp.items()}
     ratio = lambda a, b: round(a / b, 3) if b else None
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -408,6 +467,7 @@ def main():
         "settings": vars(args),
         "http1": s1,
         "http2": s2,
+        "tcp": s3,
         "ratios": {
             "h1_rps_dp_over_direct": ratio(s1["ferrum-dp"]["rps"], s1["direct"]["rps"]),
             "h1_rps_dp_over_nginx": ratio(s1["ferrum-dp"]["rps"], s1["nginx"]["rps"]),
@@ -419,6 +479,10 @@ def main():
             "h2_rps_dp_over_nginx": ratio(s2["ferrum-dp"]["rps"], s2["nginx"]["rps"]),
             "h2_rps_dp_over_haproxy": ratio(s2["ferrum-dp"]["rps"], s2["haproxy"]["rps"]),
             "h2_rps_dp_over_envoy": ratio(s2["ferrum-dp"]["rps"], s2["envoy"]["rps"]),
+            "tcp_rps_dp_over_direct": ratio(s3["ferrum-dp"]["rps"], s3["direct"]["rps"]),
+            "tcp_rps_dp_over_nginx": ratio(s3["ferrum-dp"]["rps"], s3["nginx"]["rps"]),
+            "tcp_rps_dp_over_haproxy": ratio(s3["ferrum-dp"]["rps"], s3["haproxy"]["rps"]),
+            "tcp_rps_dp_over_envoy": ratio(s3["ferrum-dp"]["rps"], s3["envoy"]["rps"]),
             "scale_rps_10k_over_10": ratio(scale["10000"]["rps"], scale["10"]["rps"]),
         },
         "scale": scale,
@@ -440,6 +504,10 @@ def main():
     print(f"{'target':12}{'RPS':>12}{'mean ms':>10}{'max ms':>10}{'CPU us/req':>12}")
     for t, s in s2.items():
         print(f"{t:12}{s['rps']:>12.0f}{s['mean_ms']:>10.3f}{s['max_ms']:>10.3f}{cpu(s)}")
+    print(f"\nTCP proxy (TCPRoute, nginx stream, HAProxy mode tcp, Envoy tcp_proxy), the HTTP/1.1 load above")
+    print(f"{'target':12}{'RPS':>12}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
+    for t, s in s3.items():
+        print(f"{t:12}{s['rps']:>12.0f}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}{cpu(s)}")
     print(f"\nscale: 10 routes {scale['10']['rps']:.0f} rps, 10,000 routes {scale['10000']['rps']:.0f} rps")
     print("\nratios:")
     for k, v in result["ratios"].items():
