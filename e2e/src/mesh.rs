@@ -102,7 +102,7 @@ impl World {
     pub async fn start(operator_args: &[&str]) -> World {
         let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
         // A /24 of its own per test (tests run in parallel).
-        let bridge = Bridge::new(&format!("10.{}.{}", 100 + free_port() % 100, free_port() % 250));
+        let bridge = Bridge::new(&ferrum_testkit::netns::unique_subnet());
         // The control plane over TLS from the mesh CA, as sidecars should see it.
         let mut args = vec!["--grpc-tls"];
         args.extend_from_slice(operator_args);

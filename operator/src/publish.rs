@@ -243,9 +243,18 @@ impl Publisher {
     }
 
     /// What to send a proxy of `scope` that has the snapshot `have` (a hash): the delta from
-    /// the previous generation when that is what it has, else the full snapshot.
-    pub fn update_for(&self, scope: &Scope, have: &str) -> Arc<Encoded> {
+    /// the previous generation when that is what it has, else the full snapshot. `None` until
+    /// the first generation: a restarted operator has nothing to say yet, and a proxy keeps
+    /// what it has.
+    pub fn update_for(&self, scope: &Scope, have: &str) -> Option<Arc<Encoded>> {
         let cur = self.current();
+        if cur.generation == 0 {
+            return None;
+        }
+        Some(self.update_at(&cur, scope, have))
+    }
+
+    fn update_at(&self, cur: &Published, scope: &Scope, have: &str) -> Arc<Encoded> {
         let (key, gateway) = match scope {
             Scope::All => {
                 if let Some(d) = &cur.delta
@@ -348,4 +357,28 @@ fn res_fingerprint(r: &Resources) -> Vec<(String, String, String)> {
     v.extend(r.gateway_classes.iter().map(|o| m(&o.metadata)));
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restarted operator's proxies reconnect before its first translation: they are told
+    /// nothing (and keep what they have) instead of an empty snapshot — or a panic that
+    /// poisoned every later subscription.
+    #[test]
+    fn nothing_is_served_before_the_first_generation() {
+        let p = Publisher::new("ferrum.dev/gateway-controller".into());
+        let sidecar = Scope::Sidecar {
+            namespace: "ns".into(),
+            pod: "a".into(),
+        };
+        assert!(p.update_for(&sidecar, "").is_none());
+        assert!(p.update_for(&Scope::All, "").is_none());
+        assert!(p.publish(Resources::default()));
+        let first = p.update_for(&sidecar, "").expect("a snapshot once published");
+        assert!(!first.hash.is_empty());
+        assert_eq!(p.update_for(&sidecar, "").unwrap().hash, first.hash);
+        assert!(p.update_for(&Scope::All, "").is_some());
+    }
 }

@@ -17,12 +17,31 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Five digits no other namespace, veth or bridge of this process has: interface names derive
+/// from it (a free port, used before, could be handed to two tests at once).
+fn unique_tag() -> String {
+    format!("{:05}", unique())
+}
+
+fn unique() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::process::id().wrapping_mul(7919).wrapping_add(n) % 100_000
+}
+
+/// A /24 (`10.x.y`) no other bridge of this process has: two worlds on one host at once must
+/// not route the same subnet.
+pub fn unique_subnet() -> String {
+    let n = unique();
+    format!("10.{}.{}", 100 + (n / 250) % 100, n % 250)
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns(pub String);
 
 impl Netns {
     pub fn new(role: &str) -> Netns {
-        let name = format!("ferrum-{role}-{}", crate::free_port());
+        let name = format!("ferrum-{role}-{}", unique_tag());
         sh(&["ip", "netns", "add", &name]);
         let ns = Netns(name);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -69,7 +88,7 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn new(prefix: &str) -> Bridge {
-        let name = format!("fbr{}", crate::free_port());
+        let name = format!("fbr{}", unique_tag());
         sh(&[
             "ip",
             "link",

@@ -255,7 +255,9 @@ impl MeshSubscribe for Service {
                         if r.is_err() { return; }
                         let Ok(permit) = tx.reserve().await else { return };
                         generations.mark_unchanged();
-                        let snap = publisher.update_for(&role, &last_sent_hash);
+                        let Some(snap) = publisher.update_for(&role, &last_sent_hash) else {
+                            continue;
+                        };
                         if snap.hash == last_sent_hash {
                             continue;
                         }
