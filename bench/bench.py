@@ -391,37 +391,32 @@ def main():
                 res["cpu_us_per_req"] = (cpu_seconds(pids[t]) - before) * 1e6 / res["requests"]
             return res
 
-        h1 = {t: [] for t in targets}
-        # Warm-up: fill pools and caches.
-        for t, port in targets.items():
-            subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
-        for r in range(args.rounds):
-            for t, port in targets.items():
-                res = measured(t, lambda: wrk(port, "/", args))
-                h1[t].append(res)
-                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
-                print(f"  h1 round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms{cpu}", flush=True)
+        def interleaved(label, ports, run, show):
+            """Warms each target up, then `args.rounds` rounds over all of them in turn."""
+            for port in ports.values():
+                subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
+            out = {t: [] for t in ports}
+            for r in range(args.rounds):
+                for t, port in ports.items():
+                    res = measured(t, lambda: run(port))
+                    out[t].append(res)
+                    cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
+                    print(f"  {label} round {r + 1} {t:10} {res['rps']:>10.0f} rps  {show(res)}{cpu}", flush=True)
+            return out
 
-        h2 = {t: [] for t in targets}
+        latency = lambda res: f"p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
+        h1 = interleaved("h1", targets, lambda port: wrk(port, "/", args), latency)
         h2_ports = {"direct": DIRECT + 100, "ferrum-dp": PORTS["ferrum-dp"], "nginx": PORTS["nginx"] + 100, "haproxy": PORTS["haproxy"] + 100, "envoy": PORTS["envoy"]}
-        for r in range(args.rounds):
-            for t, port in h2_ports.items():
-                res = measured(t, lambda: h2load(port, args))
-                h2[t].append(res)
-                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
-                print(f"  h2 round {r + 1} {t:10} {res['rps']:>10.0f} rps  mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}{cpu}", flush=True)
+        h2 = interleaved(
+            "h2",
+            h2_ports,
+            lambda port: h2load(port, args),
+            lambda res: f"mean {res['mean_ms']:.3f} ms  ok {res['succeeded']}/{res['requested']}",
+        )
         # TCP proxies: the same HTTP/1.1 load, relayed as bytes (a new upstream connection per
         # client connection; wrk keeps its connections).
-        tcp = {t: [] for t in targets}
         tcp_ports = {"direct": DIRECT, **{t: p + TCP_OFFSET for t, p in PORTS.items()}}
-        for t, port in tcp_ports.items():
-            subprocess.run(["wrk", "-t1", "-c10", "-d1s", f"http://127.0.0.1:{port}/"], capture_output=True)
-        for r in range(args.rounds):
-            for t, port in tcp_ports.items():
-                res = measured(t, lambda: wrk(port, "/", args))
-                tcp[t].append(res)
-                cpu = f"  cpu {res['cpu_us_per_req']:.1f} us/req" if "cpu_us_per_req" in res else ""
-                print(f"  tcp round {r + 1} {t:10} {res['rps']:>10.0f} rps  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms{cpu}", flush=True)
+        tcp = interleaved("tcp", tcp_ports, lambda port: wrk(port, "/", args), latency)
         # After every load, as a user would see it.
         rss = {t: rss_mb(pids[t]) for t in pids}
 
