@@ -673,3 +673,125 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     assert_eq!(gw["status"]["listeners"][0]["supportedKinds"][0]["kind"], "TCPRoute");
     assert_eq!(gw["status"]["listeners"][1]["attachedRoutes"], 2);
 }
+
+/// AuthorizationPolicies that target a Gateway: a stock Envoy is given them as RBAC filters
+/// (DENY, then ALLOW) and answers every request of a table as ferrum-dp does — hosts, methods,
+/// paths with templates, ports, source IP blocks, header conditions, `not*` fields — and
+/// refuses the TCP listener's connections the way Istio reads HTTP rules at L4. ferrum-dp
+/// following the same xDS refuses the listener rather than skip a filter that enforces policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alike() {
+    use ferrum_testkit::l4::{tcp_call, tcp_server};
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let db = tcp_server("db").await;
+    let cluster = Cluster::start();
+    cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let op = cluster.operator("op-1").await;
+    let (port, tcp_port) = (free_port(), free_port());
+    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]";
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec:\n  gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n\
+         \x20 - {{name: http, port: {port}, protocol: HTTP}}\n  - {{name: db, port: {tcp_port}, protocol: TCP}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: db}}\nspec: {{ports: [{{name: tcp, port: 9000}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: db-1, labels: {{kubernetes.io/service-name: db}}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {{name: db}}\n\
+         spec: {{parentRefs: [{{name: web, sectionName: db}}], rules: [{{backendRefs: [{{name: db, port: 9000}}]}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin}}\n\
+         spec:\n  {target}\n  action: DENY\n  rules:\n\
+         \x20 - to: [{{operation: {{paths: ['/admin*'], notMethods: [OPTIONS]}}}}]\n\
+         \x20 - when: [{{key: 'request.headers[x-block]', values: ['yes']}}]\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: local-reads}}\n\
+         spec:\n  {target}\n  rules:\n\
+         \x20 - from: [{{source: {{ipBlocks: [127.0.0.0/8], notIpBlocks: [127.0.0.9]}}}}]\n\
+         \x20   to: [{{operation: {{methods: [GET, HEAD], paths: [/x, '/api/*', '/items/{{*}}/view']}}}}]\n\
+         \x20 - to: [{{operation: {{hosts: ['*.example.com'], methods: [POST], ports: ['{port}']}}}}]\n\
+         \x20   when: [{{key: 'request.headers[x-team]', values: [ops], notValues: [ops-intern]}}]\n",
+        db.port()
+    ));
+    // (method, path, header, status)
+    type Case<'a> = (&'a str, &'a str, Option<(&'a str, &'a str)>, u16);
+    let table: &[Case] = &[
+        ("GET", "/x", None, 200),
+        ("HEAD", "/api/users", None, 200),
+        ("GET", "/items/7/view", None, 200),
+        ("GET", "/items/7/8/view", None, 403),
+        ("GET", "/admin/panel", None, 403),
+        ("OPTIONS", "/admin", None, 403),
+        ("GET", "/x", Some(("x-block", "yes")), 403),
+        ("DELETE", "/x", None, 403),
+        ("POST", "/x", Some(("x-team", "ops")), 200),
+        ("POST", "/x", Some(("x-team", "dev")), 403),
+        ("POST", "/x", None, 403),
+        ("GET", "/other", None, 403),
+    ];
+    let call = async |method: &str, path: &str, header: Option<(&str, &str)>| {
+        let mut r = client()
+            .request(method.parse().unwrap(), format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "shop.example.com");
+        if let Some((k, v)) = header {
+            r = r.header(k, v);
+        }
+        r.send().await.ok().map(|r| r.status().as_u16())
+    };
+    let enforces = async |proxy: &str| {
+        eventually(
+            &format!("{proxy} serves and denies"),
+            Duration::from_secs(15),
+            async || call("GET", "/x", None).await == Some(200) && call("GET", "/admin", None).await == Some(403),
+        )
+        .await;
+        let got: Vec<_> = futures_util::future::join_all(table.iter().map(|(m, p, h, _)| call(m, p, *h))).await;
+        let want: Vec<_> = table.iter().map(|t| Some(t.3)).collect();
+        assert_eq!(got, want, "{proxy}: {table:?}");
+        // The DENY rule on paths cannot see a path at L4: it denies every TCP connection (Istio).
+        let reply = tcp_call(tcp_port, "SELECT 1").await;
+        assert!(
+            reply.as_ref().map_or(true, |r| r.is_empty()),
+            "{proxy} closes the TCP listener's connections: {reply:?}"
+        );
+    };
+
+    let envoy = envoy(cluster.dir.path(), "envoy-rbac", op.grpc, false);
+    enforces("Envoy").await;
+    let proxies = op.admin_json("/proxies").await;
+    let state = |p: &Value, node: &str| {
+        p["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["nodeId"] == node)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        state(&proxies, "envoy-rbac")["lastRejection"],
+        Value::Null,
+        "Envoy accepted the RBAC filters"
+    );
+    drop(envoy);
+
+    let cache = cluster.dir.path().join("dp-rbac.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-rbac", &cache).await;
+    enforces("ferrum-dp").await;
+    drop(dp);
+
+    // ferrum-dp over xDS is not told the policies as its own: it refuses the listener.
+    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-rbac-xds").await;
+    eventually(
+        "ferrum-dp over xDS NACKs the RBAC filter",
+        Duration::from_secs(10),
+        async || {
+            state(&op.admin_json("/proxies").await, "dp-rbac-xds")["lastRejection"]
+                .as_str()
+                .is_some_and(|m| m.contains(".rbac.deny") && m.contains("refused rather than skipped"))
+        },
+    )
+    .await;
+    assert_eq!(call("GET", "/x", None).await, None, "nothing served unguarded");
+}

@@ -2,4 +2,5 @@ pub mod ads;
 pub mod bootstrap;
 mod delta;
 pub mod grpc;
+pub mod rbac;
 pub mod resources;

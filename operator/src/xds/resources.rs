@@ -17,11 +17,12 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_p
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
 use ferrum_snapshot::model::{self, Action, LbPolicy, PathMatch, PathRewrite, StringMatch, UpstreamProtocol};
 use ferrum_snapshot::{Secrets, Snapshot};
 use prost::Message;
 
+use super::rbac;
 use ferrum_proto::xds::HCM;
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
@@ -29,7 +30,7 @@ pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 /// listeners before their routes.
 pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE];
 
-fn any<M: Message>(type_url: &str, m: &M) -> Any {
+pub(super) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.into(),
         value: m.encode_to_vec(),
@@ -177,7 +178,20 @@ fn sds_secret(source: &model::CertSource, secrets: &Secrets) -> Option<tls::Secr
     })
 }
 
-fn connection_manager(stat_prefix: &str, route_config_name: String) -> hcm::HttpConnectionManager {
+/// An HTTP connection manager routing by RDS; `filters` run before the router.
+fn connection_manager(
+    stat_prefix: &str,
+    route_config_name: String,
+    filters: Vec<hcm::HttpFilter>,
+) -> hcm::HttpConnectionManager {
+    let router = hcm::HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+            "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            &Router::default(),
+        ))),
+        ..Default::default()
+    };
     hcm::HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
@@ -185,14 +199,10 @@ fn connection_manager(stat_prefix: &str, route_config_name: String) -> hcm::Http
             config_source: Some(ads()),
             route_config_name,
         })),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: filters.into_iter().chain([router]).collect(),
+        // The client is the peer, never what it claims in X-Forwarded-For (which Envoy extends,
+        // as ferrum-dp does): RBAC's `remoteIpBlocks` and the access log see the real address.
+        use_remote_address: Some(BoolValue { value: true }),
         ..Default::default()
     }
 }
@@ -221,7 +231,8 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
     for l in &s.listeners {
         secrets_of(l, secrets, &mut out);
         if l.protocol.is_l4() {
-            let lis = l4_listener(l, &mut out.unsupported);
+            let rbac = rbac::rules(&s.policies, &l.gateways, true, &mut out.unsupported);
+            let lis = l4_listener(l, rbac, &mut out.unsupported);
             out.by_type
                 .get_mut(LISTENER)
                 .unwrap()
@@ -248,13 +259,14 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
             let api = listener::Listener {
                 name: vh.name.clone(),
                 api_listener: Some(listener::ApiListener {
-                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name))),
+                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name, Vec::new()))),
                 }),
                 ..Default::default()
             };
             out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
         }
-        let manager = connection_manager(&l.name, route_name(l));
+        let rbac = rbac::rules(&s.policies, &l.gateways, false, &mut out.unsupported);
+        let manager = connection_manager(&l.name, route_name(l), rbac::http_filters(rbac));
         let lis = listener::Listener {
             name: l.name.clone(),
             address: Some(socket(&l.address, l.port)),
@@ -297,7 +309,8 @@ fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut Resources) {
 
 /// A TCP or TLS listener: one TCP proxy filter chain per virtual host, matched by SNI (the TLS
 /// inspector reads it) on TLS; terminated with the listener's certificates when it has them.
-fn l4_listener(l: &model::Listener, unsupported: &mut Vec<String>) -> listener::Listener {
+fn l4_listener(l: &model::Listener, rbac: rbac::Rules, unsupported: &mut Vec<String>) -> listener::Listener {
+    let guards = rbac::network_filters(rbac, &l.name);
     let tls = l.protocol == model::Protocol::Tls;
     let filter_chains = l
         .virtual_hosts
@@ -317,13 +330,17 @@ fn l4_listener(l: &model::Listener, unsupported: &mut Vec<String>) -> listener::
                     server_names: vec![vh.hostname.clone()],
                     ..Default::default()
                 }),
-                filters: vec![listener::Filter {
-                    name: "envoy.filters.network.tcp_proxy".into(),
-                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(
-                        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                        &proxy,
-                    ))),
-                }],
+                filters: guards
+                    .iter()
+                    .cloned()
+                    .chain([listener::Filter {
+                        name: "envoy.filters.network.tcp_proxy".into(),
+                        config_type: Some(listener::filter::ConfigType::TypedConfig(any(
+                            "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                            &proxy,
+                        ))),
+                    }])
+                    .collect(),
                 transport_socket: downstream_tls(&l.certificates, &[]),
                 ..Default::default()
             })

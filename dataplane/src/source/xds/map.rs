@@ -29,6 +29,7 @@ const DOWNSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_soc
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const ROUTER: &str = "envoy.filters.http.router";
 
 /// What the client holds, by type and name.
 #[derive(Default, Clone)]
@@ -86,6 +87,18 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
         return Err(at("the network filter needs a typed_config"));
     };
     let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| at(&e))?;
+    // A filter this proxy would skip may be the one enforcing a policy (RBAC, JWT): refused,
+    // unless the server marked it optional or disabled.
+    if let Some(f) = m
+        .http_filters
+        .iter()
+        .find(|f| f.name != ROUTER && !f.is_optional && !f.disabled)
+    {
+        return Err(at(&format!(
+            "HTTP filter {} is not supported (only the router is); refused rather than skipped",
+            f.name
+        )));
+    }
     match m.route_specifier {
         Some(hcm::http_connection_manager::RouteSpecifier::Rds(r)) => Ok(RouteSource::Rds(r.route_config_name)),
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => Ok(RouteSource::Inline(Box::new(rc))),
@@ -95,15 +108,20 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
 
 /// A listener whose filter chains are each one TCP proxy; `None` for any other shape.
 fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, String> {
-    let proxy = |c: &listener::FilterChain| match &c.filters[..] {
-        [f] => match &f.config_type {
-            Some(listener::filter::ConfigType::TypedConfig(tc)) if tc.type_url == TCP_PROXY => Some(tc.clone()),
-            _ => None,
-        },
+    let proxy = |c: &listener::FilterChain| match c.filters.last()?.config_type.as_ref()? {
+        listener::filter::ConfigType::TypedConfig(tc) if tc.type_url == TCP_PROXY => Some(tc.clone()),
         _ => None,
     };
     if l.filter_chains.is_empty() || l.filter_chains.iter().any(|c| proxy(c).is_none()) {
         return Ok(None);
+    }
+    for (i, c) in l.filter_chains.iter().enumerate() {
+        if let [f, _, ..] = &c.filters[..] {
+            return Err(format!(
+                "Listener {}: filter_chains[{i}]: network filter {} before the TCP proxy is not supported; refused rather than skipped",
+                l.name, f.name
+            ));
+        }
     }
     let mut chains = Vec::new();
     for (i, c) in l.filter_chains.iter().enumerate() {
