@@ -4,7 +4,10 @@
 //! Pods A → B are in the mesh (capture rules, sidecars, certificates from the operator's CA; A
 //! calls B's Service VIP); pods C → D are plain (no capture, no proxy; C calls D's IP). B and D
 //! run the same nginx, A and C the same wrk (keep-alive HTTP/1.1). Reports RPS, p50, p99, the
-//! HBONE/direct RPS ratio, each sidecar's CPU per 1,000 RPS and its RSS; writes
+//! HBONE/direct RPS ratio, each sidecar's CPU per 1,000 RPS (and how much of it is the kernel's)
+//! and its RSS. Pods E → F have sidecars too, but F is not HBONE-capable: E's sidecar connects
+//! in plain TCP, F's captures it — what an Istio sidecar pair without mTLS does — to show what
+//! HBONE itself costs beyond the two proxy hops. Writes
 //! bench/results/mesh-<time>.json. `--smoke` runs one short round (the tests do, to keep the
 //! harness working).
 
@@ -15,6 +18,7 @@ use ferrum_e2e::*;
 use serde_json::json;
 
 const VIP: &str = "10.96.77.20";
+const PLAIN_VIP: &str = "10.96.77.21";
 
 /// wrk's latency figure (`1.23ms`, `850.00us`, `1.02s`) in milliseconds.
 fn ms(s: &str) -> f64 {
@@ -106,6 +110,55 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// One proxied path: who calls what, through which two sidecars, and what it measured.
+struct Path {
+    name: &'static str,
+    client: usize,
+    url: String,
+    sidecars: [u32; 2],
+    runs: Vec<Run>,
+    /// Per round: vCPU per 1,000 RPS of each sidecar, and the share of it spent in the kernel.
+    cpu: Vec<[f64; 2]>,
+    kernel: Vec<[f64; 2]>,
+}
+
+impl Path {
+    fn round(&mut self, w: &World, round: usize, secs: u64, conns: u32) {
+        let before = self.sidecars.map(cpu_split);
+        let r = wrk(w, self.client, &self.url, secs, conns);
+        let after = self.sidecars.map(cpu_split);
+        let used = [0, 1].map(|i| (after[i].0 - before[i].0, after[i].1 - before[i].1));
+        println!(
+            "round {round} {}: {r:?} sidecar (user, system) cpu-seconds {used:?}",
+            self.name
+        );
+        // vCPU per 1,000 RPS: CPU seconds per second, per thousand requests per second.
+        self.cpu
+            .push(used.map(|(u, k)| (u + k) / secs as f64 / (r.rps / 1000.0)));
+        self.kernel.push(used.map(|(u, k)| k / (u + k).max(f64::EPSILON)));
+        self.runs.push(r);
+    }
+
+    fn best(&self) -> Run {
+        best(&self.runs)
+    }
+
+    /// The least CPU per 1,000 RPS of each sidecar over the rounds, with that round's kernel share.
+    fn cpu_min(&self) -> [(f64, f64); 2] {
+        [0, 1].map(|i| {
+            (0..self.cpu.len())
+                .map(|r| (self.cpu[r][i], self.kernel[r][i]))
+                .fold((f64::INFINITY, 0.0), |m, c| if c.0 < m.0 { c } else { m })
+        })
+    }
+}
+
+fn best(v: &[Run]) -> Run {
+    v.iter()
+        .copied()
+        .fold(Run::default(), |m, r| if r.rps > m.rps { r } else { m })
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let smoke = std::env::args().any(|a| a == "--smoke");
@@ -119,76 +172,130 @@ async fn main() {
         w.pod("c-1", "sa-c", "c", 12, false),
         w.pod("d-1", "sa-d", "d", 13, false),
     );
+    // E → F: sidecars on both, but F is not labelled as speaking HBONE, so E's sidecar connects
+    // in plain TCP and F's captures it on 15006 (PERMISSIVE) — Istio's sidecar model without mTLS.
+    let (e, f) = (
+        w.pod("e-1", "sa-e", "e", 14, false),
+        w.pod("f-1", "sa-f", "f", 15, false),
+    );
+    for i in [e, f] {
+        w.pods[i]
+            .ns
+            .exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
+    }
     w.service("svc-b", VIP, "b");
-    let _servers = (nginx(&w, b), nginx(&w, d));
-    w.sidecar(a, "sa-a", &[]);
-    w.sidecar(b, "sa-b", &[]);
-    w.ready(a).await;
-    w.ready(b).await;
-    let mesh_url = format!("http://{VIP}/");
+    w.service("svc-f", PLAIN_VIP, "f");
+    let _servers = (nginx(&w, b), nginx(&w, d), nginx(&w, f));
+    for (i, sa) in [(a, "sa-a"), (b, "sa-b"), (e, "sa-e"), (f, "sa-f")] {
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b, e, f] {
+        w.ready(i).await;
+    }
     let direct_url = format!("http://{}:8080/", w.pods[d].ip);
-    eventually("A reaches svc-b", Duration::from_secs(20), async || {
-        wrk(&w, a, &mesh_url, 1, 1).rps > 0.0
-    })
-    .await;
-    let pids: Vec<u32> = [a, b]
-        .iter()
-        .map(|&i| w.pods[i].sidecar.as_ref().unwrap().0.id())
-        .collect();
+    let sidecars = |x: usize, y: usize| [x, y].map(|i| w.pods[i].sidecar.as_ref().unwrap().0.id());
+    let mut paths = [
+        Path {
+            name: "hbone",
+            client: a,
+            url: format!("http://{VIP}/"),
+            sidecars: sidecars(a, b),
+            runs: Vec::new(),
+            cpu: Vec::new(),
+            kernel: Vec::new(),
+        },
+        Path {
+            name: "plain",
+            client: e,
+            url: format!("http://{PLAIN_VIP}/"),
+            sidecars: sidecars(e, f),
+            runs: Vec::new(),
+            cpu: Vec::new(),
+            kernel: Vec::new(),
+        },
+    ];
+    for p in &paths {
+        eventually(
+            &format!("{} reaches its Service", p.name),
+            Duration::from_secs(20),
+            async || wrk(&w, p.client, &p.url, 1, 1).rps > 0.0,
+        )
+        .await;
+    }
 
-    let (mut direct, mut mesh, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut direct = Vec::new();
     for round in 0..rounds {
         let r = wrk(&w, c, &direct_url, secs, conns);
         println!("round {round} direct: {r:?}");
         direct.push(r);
-        let before: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
-        let r = wrk(&w, a, &mesh_url, secs, conns);
-        let used: Vec<f64> = pids.iter().zip(&before).map(|(&p, b)| cpu_seconds(p) - b).collect();
-        println!("round {round} hbone: {r:?} sidecar cpu-seconds {used:?}");
-        // vCPU per 1,000 RPS: CPU seconds per second, per thousand requests per second.
-        cpu.push(
-            used.iter()
-                .map(|u| u / secs as f64 / (r.rps / 1000.0))
-                .collect::<Vec<f64>>(),
-        );
-        mesh.push(r);
+        for p in &mut paths {
+            p.round(&w, round, secs, conns);
+        }
     }
-    let best = |v: &[Run]| {
-        v.iter()
-            .copied()
-            .fold(Run::default(), |m, r| if r.rps > m.rps { r } else { m })
-    };
-    let (d_best, m_best) = (best(&direct), best(&mesh));
-    let rss: Vec<f64> = pids.iter().map(|&p| rss_mib(p)).collect();
-    let cpu_min: Vec<f64> = (0..2)
-        .map(|i| cpu.iter().map(|c| c[i]).fold(f64::INFINITY, f64::min))
-        .collect();
-    let errors: u64 = direct.iter().chain(&mesh).map(|r| r.errors).sum();
+    report(&direct, &paths, rounds, secs, conns, smoke);
+}
+
+fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u32, smoke: bool) {
+    let d_best = best(direct);
+    let [hbone, plain] = paths;
+    let (m_best, p_best) = (hbone.best(), plain.best());
+    let rss = hbone.sidecars.map(rss_mib);
+    let [(cc, ck), (sc, sk)] = hbone.cpu_min();
+    let [(pcc, pck), (psc, psk)] = plain.cpu_min();
+    let errors: u64 = direct
+        .iter()
+        .chain(paths.iter().flat_map(|p| &p.runs))
+        .map(|r| r.errors)
+        .sum();
     println!();
-    println!("| path | RPS | p50 ms | p99 ms |");
-    println!("|---|---:|---:|---:|");
-    for (name, r) in [
-        ("direct (C → D)", d_best),
-        ("two sidecars, HBONE (A → svc-b → B)", m_best),
+    println!("| path | RPS | / direct | p50 ms | p99 ms | sidecar vCPU per 1k RPS (client, server) | in kernel |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| direct (C → D) | {:.0} | 1.00 | {:.2} | {:.2} | — | — |",
+        d_best.rps, d_best.p50, d_best.p99
+    );
+    for (name, r, c, k) in [
+        ("two sidecars, HBONE (A → svc-b → B)", m_best, (cc, sc), (ck, sk)),
+        (
+            "two sidecars, plain TCP (E → svc-f → F)",
+            p_best,
+            (pcc, psc),
+            (pck, psk),
+        ),
     ] {
-        println!("| {name} | {:.0} | {:.2} | {:.2} |", r.rps, r.p50, r.p99);
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.3}, {:.3} | {:.0}%, {:.0}% |",
+            r.rps,
+            r.rps / d_best.rps,
+            r.p50,
+            r.p99,
+            c.0,
+            c.1,
+            k.0 * 100.0,
+            k.1 * 100.0
+        );
     }
     println!();
     println!(
-        "HBONE / direct RPS: {:.2} (target ≥ 0.70); errors: {errors}",
-        m_best.rps / d_best.rps
+        "HBONE / direct RPS: {:.2} (target ≥ 0.70); HBONE / plain-TCP sidecars: {:.2}; errors: {errors}",
+        m_best.rps / d_best.rps,
+        m_best.rps / p_best.rps
     );
     println!(
-        "sidecar vCPU per 1,000 RPS: client {:.3}, server {:.3} (target ≤ 0.10); RSS MiB: client {:.1}, server {:.1} (target ≤ 20)",
-        cpu_min[0], cpu_min[1], rss[0], rss[1]
+        "sidecar vCPU per 1,000 RPS: client {cc:.3}, server {sc:.3} (target ≤ 0.10); RSS MiB: client {:.1}, server {:.1} (target ≤ 20)",
+        rss[0], rss[1]
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = json!({
         "cores": cores, "rounds": rounds, "duration_s": secs, "connections": conns,
         "direct": {"rps": d_best.rps, "p50_ms": d_best.p50, "p99_ms": d_best.p99},
         "hbone": {"rps": m_best.rps, "p50_ms": m_best.p50, "p99_ms": m_best.p99},
+        "plain_sidecars": {"rps": p_best.rps, "p50_ms": p_best.p50, "p99_ms": p_best.p99,
+            "sidecar_vcpu_per_1000_rps": {"client": pcc, "server": psc}},
         "ratio": m_best.rps / d_best.rps,
-        "sidecar_vcpu_per_1000_rps": {"client": cpu_min[0], "server": cpu_min[1]},
+        "hbone_vs_plain_sidecars": m_best.rps / p_best.rps,
+        "sidecar_vcpu_per_1000_rps": {"client": cc, "server": sc},
+        "sidecar_kernel_share": {"client": ck, "server": sk},
         "sidecar_rss_mib": {"client": rss[0], "server": rss[1]},
         "errors": errors,
     });

@@ -2,21 +2,18 @@
 //! proxy's port 15008. One TLS connection carries many tunnels.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferrum_snapshot::identity::SpiffeId;
+use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::identity::{Identity, peer_id};
+pub use super::tunnel::Tunnel;
 
 /// The port a peer proxy dials.
 pub const HBONE_PORT: u16 = 15008;
@@ -25,6 +22,16 @@ pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
 /// Tunnels one client connection may have open at once.
 pub const MAX_STREAMS: u32 = 100;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Flow-control windows (ztunnel's): a tunnel may have 4 MiB in flight, a connection 16 MiB.
+/// Credit, not memory: data is buffered only while the reader lags.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+/// CONNECT headers are small; anything bigger is not a tunnel request.
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// A pooled connection is pinged when quiet this long, and dropped if no PONG comes back.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -41,7 +48,7 @@ pub enum HboneError {
         got: Option<SpiffeId>,
     },
     #[error("HTTP/2 with {0}: {1}")]
-    Http(SocketAddr, hyper::Error),
+    Http(SocketAddr, h2::Error),
     #[error("{0} answered the CONNECT with {1}")]
     Status(SocketAddr, StatusCode),
 }
@@ -60,16 +67,11 @@ pub trait Inbound: Send + Sync + 'static {
     /// A connection to the local application at `target`.
     fn connect(&self, target: SocketAddr) -> impl Future<Output = std::io::Result<TcpStream>> + Send;
     /// Relays the tunnel and the application connection until both are done.
-    fn relay(
-        self: Arc<Self>,
-        tunnel: TokioIo<Upgraded>,
-        app: TcpStream,
-        req: TunnelRequest,
-    ) -> impl Future<Output = ()> + Send;
+    fn relay(self: Arc<Self>, tunnel: Tunnel, app: TcpStream, req: TunnelRequest) -> impl Future<Output = ()> + Send;
 }
 
-fn status(s: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(s: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = s;
     r
 }
@@ -95,67 +97,89 @@ pub async fn serve<I: Inbound>(tcp: TcpStream, identity: &Identity, inbound: Arc
         }
     };
     drop(tls);
-    let peer = Arc::new(peer);
-    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let (inbound, peer) = (inbound.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(tunnel(req, local, source, &peer, inbound).await) }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(MAX_STREAMS)
         .max_pending_accept_reset_streams(64)
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+        .handshake::<_, Bytes>(stream);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return tracing::debug!(%source, error = %e, "HBONE HTTP/2 handshake failed"),
+        Err(_) => return tracing::debug!(%source, "HBONE HTTP/2 handshake timed out"),
+    };
+    let peer = Arc::new(peer);
+    // Accepting drives the connection: it runs until the peer goes away.
+    while let Some(next) = conn.accept().await {
+        let Ok((req, respond)) = next else { break };
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        tokio::spawn(async move { tunnel(req, respond, local, source, &peer, inbound).await });
+    }
 }
 
 /// One CONNECT: check it (400/503/401 as mesh.md says), connect to the app, answer 200 and
-/// splice once the stream is ours.
+/// relay.
 async fn tunnel<I: Inbound>(
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
     local: SocketAddr,
     source: SocketAddr,
     peer: &Arc<SpiffeId>,
     inbound: Arc<I>,
-) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::BAD_REQUEST);
+) {
+    let treq = match check(&req, local, source, peer) {
+        Ok(t) => t,
+        Err(s) => return refuse(&mut respond, s),
+    };
+    if !inbound.allow(&treq) {
+        return refuse(&mut respond, StatusCode::UNAUTHORIZED);
     }
-    let Some(target) = req
+    let app = match inbound.connect(treq.target).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(target = %treq.target, error = %e, "HBONE target unreachable");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let Ok(send) = respond.send_response(status(StatusCode::OK), false) else {
+        return;
+    };
+    inbound.relay(Tunnel::new(send, req.into_body()), app, treq).await;
+}
+
+/// What a CONNECT asks for, or the status that refuses it.
+fn check<B>(
+    req: &Request<B>,
+    local: SocketAddr,
+    source: SocketAddr,
+    peer: &SpiffeId,
+) -> Result<TunnelRequest, StatusCode> {
+    if req.method() != Method::CONNECT {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    let target = req
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
-    };
+        .ok_or(StatusCode::BAD_REQUEST)?;
     // A sidecar only forwards to its own pod: the tunnel names the address it was dialled on.
     if target.ip() != local.ip() {
-        return status(StatusCode::BAD_REQUEST);
+        return Err(StatusCode::BAD_REQUEST);
     }
     if PROXY_PORTS.contains(&target.port()) {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
     }
-    let treq = TunnelRequest {
-        peer: (**peer).clone(),
+    Ok(TunnelRequest {
+        peer: peer.clone(),
         source,
         target,
-    };
-    if !inbound.allow(&treq) {
-        return status(StatusCode::UNAUTHORIZED);
-    }
-    let app = match inbound.connect(target).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(%target, error = %e, "HBONE target unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    let on = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        if let Ok(up) = on.await {
-            inbound.relay(TokioIo::new(up), app, treq).await;
-        }
-    });
-    status(StatusCode::OK)
+    })
+}
+
+fn refuse(respond: &mut h2::server::SendResponse<Bytes>, s: StatusCode) {
+    let _ = respond.send_response(status(s), true);
 }
 
 /// Where a tunnel goes and what it says about itself.
@@ -175,7 +199,7 @@ pub struct Dial<'a> {
 }
 
 /// One HTTP/2 client connection to a peer proxy; each request on it is a tunnel.
-type Tunnels = SendRequest<Empty<Bytes>>;
+type Tunnels = SendRequest<Bytes>;
 
 /// Client connections by (peer proxy, identity it presented); HTTP/2 multiplexes the tunnels.
 #[derive(Default)]
@@ -185,32 +209,21 @@ pub struct Pool {
 
 impl Pool {
     /// Opens a tunnel, reusing a pooled connection to the same proxy and identity if any.
-    pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Upgraded, HboneError> {
+    pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
         let key = (d.proxy, d.identity.clone());
-        let pooled = self.conns.lock().unwrap().get(&key).filter(|s| !s.is_closed()).cloned();
-        let mut send = match pooled {
-            Some(s) => s,
-            None => {
-                let s = connect(identity, d).await?;
-                self.conns.lock().unwrap().insert(key, s.clone());
-                s
+        let pooled = self.conns.lock().unwrap().get(&key).cloned();
+        if let Some(send) = pooled {
+            match open_on(send, d).await {
+                // The peer has closed the pooled connection since: forget it, dial anew.
+                Err(HboneError::Http(..)) => {
+                    self.conns.lock().unwrap().remove(&key);
+                }
+                r => return r,
             }
-        };
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(d.target.to_string())
-            .header("forwarded", forwarded(d))
-            .header("traceparent", traceparent());
-        if !d.baggage.is_empty() {
-            req = req.header("baggage", d.baggage);
         }
-        let req = req.body(Empty::new()).expect("valid CONNECT request");
-        send.ready().await.map_err(|e| HboneError::Http(d.proxy, e))?;
-        let resp = send.send_request(req).await.map_err(|e| HboneError::Http(d.proxy, e))?;
-        if resp.status() != StatusCode::OK {
-            return Err(HboneError::Status(d.proxy, resp.status()));
-        }
-        hyper::upgrade::on(resp).await.map_err(|e| HboneError::Http(d.proxy, e))
+        let send = connect(identity, d).await?;
+        self.conns.lock().unwrap().insert(key, send.clone());
+        open_on(send, d).await
     }
 
     pub fn len(&self) -> usize {
@@ -220,6 +233,27 @@ impl Pool {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// A CONNECT on `send`'s connection; the tunnel once the peer answers 200.
+async fn open_on(send: Tunnels, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(d.target.to_string())
+        .header("forwarded", forwarded(d))
+        .header("traceparent", traceparent());
+    if !d.baggage.is_empty() {
+        req = req.header("baggage", d.baggage);
+    }
+    let req = req.body(()).expect("valid CONNECT request");
+    let http = |e| HboneError::Http(d.proxy, e);
+    let mut send = send.ready().await.map_err(http)?;
+    let (resp, stream) = send.send_request(req, false).map_err(http)?;
+    let resp = resp.await.map_err(http)?;
+    if resp.status() != StatusCode::OK {
+        return Err(HboneError::Status(d.proxy, resp.status()));
+    }
+    Ok(Tunnel::new(stream, resp.into_body()))
 }
 
 fn forwarded(d: &Dial<'_>) -> String {
@@ -261,15 +295,32 @@ async fn connect(identity: &Identity, d: &Dial<'_>) -> Result<Tunnels, HboneErro
             got,
         });
     }
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .handshake(TokioIo::new(stream))
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| HboneError::Http(d.proxy, e))?;
+    let pings = conn.ping_pong();
+    let proxy = d.proxy;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let keepalive = async {
+            let Some(mut pings) = pings else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(KEEPALIVE).await;
+                match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+                    Ok(Ok(_)) => {}
+                    _ => return tracing::info!(%proxy, "HBONE connection unanswered: closed"),
+                }
+            }
+        };
+        tokio::select! {
+            r = conn => if let Err(e) = r { tracing::debug!(%proxy, error = %e, "HBONE connection ended") },
+            () = keepalive => {}
+        }
     });
     Ok(send)
 }

@@ -10,3 +10,4 @@ pub mod jwt;
 pub mod l7;
 pub mod policy;
 pub mod sidecar;
+pub mod tunnel;

@@ -12,14 +12,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ferrum_snapshot::mesh::Workload;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use super::hbone::{self, Dial, Inbound, PROXY_PORTS, TunnelRequest};
+use super::hbone::{self, Dial, Inbound, PROXY_PORTS, Tunnel, TunnelRequest};
 use super::identity::Identity;
 use super::index::Destination;
 use super::l7;
@@ -215,7 +214,7 @@ impl Inbound for App {
         connect_app(target, self.connect_timeout).await
     }
 
-    async fn relay(self: Arc<Self>, tunnel: TokioIo<Upgraded>, app: TcpStream, req: TunnelRequest) {
+    async fn relay(self: Arc<Self>, tunnel: Tunnel, app: TcpStream, req: TunnelRequest) {
         self.stats.inbound_hbone.fetch_add(1, Relaxed);
         let judged = !self.per_request();
         self.serve(tunnel, app, caller(&req), judged).await;
@@ -457,7 +456,7 @@ impl Sidecar {
         };
         let idle = self.settings.idle_timeout;
         let _ = match up {
-            Upstream::Tunnel(t) => relay(tcp, TokioIo::new(t), idle, stats).await,
+            Upstream::Tunnel(t) => relay(tcp, t, idle, stats).await,
             Upstream::Tcp(t) => relay(tcp, t, idle, stats).await,
         };
     }
@@ -496,7 +495,7 @@ impl Sidecar {
         w: &Workload,
         client: SocketAddr,
         host: Option<&str>,
-    ) -> Result<Upgraded, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Tunnel, Box<dyn std::error::Error + Send + Sync>> {
         let td = self
             .identity
             .current()
@@ -549,6 +548,6 @@ enum Kind {
 }
 
 enum Upstream {
-    Tunnel(Upgraded),
+    Tunnel(Tunnel),
     Tcp(TcpStream),
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::upgrade::Upgraded;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -24,6 +23,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
+use crate::mesh::tunnel::Tunnel;
 use crate::proxy::body::RequestBody;
 use crate::telemetry::ClusterStats;
 
@@ -37,7 +37,7 @@ pub struct MaxConnections(pub u32);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A tunnel being opened to one endpoint.
-pub type TunnelFuture = Pin<Box<dyn Future<Output = Result<Upgraded, BoxError>> + Send>>;
+pub type TunnelFuture = Pin<Box<dyn Future<Output = Result<Tunnel, BoxError>> + Send>>;
 
 /// Opens mesh tunnels (a sidecar's HBONE client).
 pub trait Tunnels: Send + Sync {
@@ -73,7 +73,8 @@ impl tower_service::Service<Uri> for CountingConnector {
             t.dial(addr)
         });
         let fut = match tunnel {
-            Some(t) => Box::pin(async move { t.await.map(Io::Tunnel) }) as Pin<Box<dyn Future<Output = _> + Send>>,
+            Some(t) => Box::pin(async move { t.await.map(|t| Io::Tunnel(TokioIo::new(t))) })
+                as Pin<Box<dyn Future<Output = _> + Send>>,
             None => {
                 let tcp = self.inner.call(uri);
                 Box::pin(async move { tcp.await.map(Io::Tcp).map_err(BoxError::from) })
@@ -102,7 +103,7 @@ impl tower_service::Service<Uri> for CountingConnector {
 /// An upstream connection: TCP, or a mesh tunnel.
 enum Io {
     Tcp(TokioIo<TcpStream>),
-    Tunnel(Upgraded),
+    Tunnel(TokioIo<Tunnel>),
 }
 
 /// Forwards a call to whichever stream the connection is.
