@@ -109,3 +109,58 @@ impl AsyncWrite for Tunnel {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Both ends of one CONNECT stream over an in-memory HTTP/2 connection.
+    async fn pair() -> (Tunnel, Tunnel) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond.send_response(http::Response::new(()), false).unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            Tunnel::new(send, req.into_body())
+        });
+        let (send, conn) = h2::client::handshake(a).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (resp, stream) = send.ready().await.unwrap().send_request(req, false).unwrap();
+        let resp = resp.await.unwrap();
+        (Tunnel::new(stream, resp.into_body()), server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn carries_bytes_both_ways_and_half_closes() {
+        let (mut client, mut server) = pair().await;
+        // More than one frame and more than the default 64 KiB window, released as read.
+        let big = vec![7u8; 300_000];
+        let writer = tokio::spawn(async move {
+            client.write_all(&big).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 300_000, "everything, then the client's end of stream");
+        let mut client = writer.await.unwrap();
+        // The other direction still works after the half-close.
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_peer_is_an_error_not_an_end() {
+        let (mut client, server) = pair().await;
+        drop(server);
+        let mut buf = [0u8; 8];
+        let r = client.read(&mut buf).await;
+        assert!(r.is_err(), "a reset stream is not a clean end of stream: {r:?}");
+    }
+}
