@@ -9,7 +9,8 @@
 //! in plain TCP, F's captures it — what an Istio sidecar pair without mTLS does — to show what
 //! HBONE itself costs beyond the two proxy hops. Writes
 //! bench/results/mesh-<time>.json. `--smoke` runs one short round (the tests do, to keep the
-//! harness working).
+//! harness working). `--pin` puts the clients and servers on CPU 0 and the four sidecars on
+//! CPU 1, so the proxies do not compete with the application for the same core.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,6 +61,18 @@ fn parse_wrk(out: &str) -> Run {
     r
 }
 
+/// `--pin`: clients and servers on CPU 0, the sidecars on CPU 1 — each proxy with a CPU of its
+/// own, as where the proxies do not compete with the application for the same cores.
+fn pinned() -> bool {
+    std::env::args().any(|a| a == "--pin")
+}
+
+/// `args`, run on CPU 0 when pinning.
+fn on_app_cpu<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let pin: &[&str] = if pinned() { &["taskset", "-c", "0"] } else { &[] };
+    pin.iter().chain(args).copied().collect()
+}
+
 fn nginx(w: &World, i: usize) -> Proc {
     let p = &w.pods[i];
     let conf = w.dir.path().join(format!("nginx-{}.conf", p.name));
@@ -76,23 +89,29 @@ fn nginx(w: &World, i: usize) -> Proc {
     )
     .unwrap();
     let child =
-        p.ns.cmd(&["nginx", "-c", conf.to_str().unwrap(), "-g", "daemon off;"])
-            .spawn()
-            .expect("nginx (make bench-mesh installs it)");
+        p.ns.cmd(&on_app_cpu(&[
+            "nginx",
+            "-c",
+            conf.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ]))
+        .spawn()
+        .expect("nginx (make bench-mesh installs it)");
     Proc(child)
 }
 
 fn wrk(w: &World, i: usize, url: &str, secs: u64, conns: u32) -> Run {
     let out = w.pods[i]
         .ns
-        .cmd(&[
+        .cmd(&on_app_cpu(&[
             "wrk",
             "-t1",
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
             url,
-        ])
+        ]))
         .output()
         .expect("wrk (make bench-mesh installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -192,6 +211,15 @@ async fn main() {
     for i in [a, b, e, f] {
         w.ready(i).await;
     }
+    if pinned() {
+        for i in [a, b, e, f] {
+            let pid = w.pods[i].sidecar.as_ref().unwrap().0.id().to_string();
+            let ok = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", "1", &pid])
+                .output();
+            assert!(ok.is_ok_and(|o| o.status.success()), "taskset the sidecar of pod {i}");
+        }
+    }
     let direct_url = format!("http://{}:8080/", w.pods[d].ip);
     let sidecars = |x: usize, y: usize| [x, y].map(|i| w.pods[i].sidecar.as_ref().unwrap().0.id());
     let mut paths = [
@@ -287,7 +315,7 @@ fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u3
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = json!({
-        "cores": cores, "rounds": rounds, "duration_s": secs, "connections": conns,
+        "cores": cores, "rounds": rounds, "duration_s": secs, "connections": conns, "pinned": pinned(),
         "direct": {"rps": d_best.rps, "p50_ms": d_best.p50, "p99_ms": d_best.p99},
         "hbone": {"rps": m_best.rps, "p50_ms": m_best.p50, "p99_ms": m_best.p99},
         "plain_sidecars": {"rps": p_best.rps, "p50_ms": p_best.p50, "p99_ms": p_best.p99,
