@@ -458,9 +458,14 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
         },
     )
     .await;
-    let log = std::fs::read_to_string(dir.join("b-injected.log")).unwrap();
-    assert!(
-        log.contains(&format!("spiffe://cluster.local/ns/{NS}/sa/sa-a")),
-        "the injected sidecar saw A's SPIFFE ID:\n{log}"
-    );
+    // Logged as the tunnel opens, before B's app answers; written by another process, so read
+    // until it shows.
+    let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
+    let log = || std::fs::read_to_string(dir.join("b-injected.log")).unwrap();
+    eventually(
+        "the injected sidecar logged A's SPIFFE ID",
+        Duration::from_secs(5),
+        async || log().contains(&a_id),
+    )
+    .await;
 }

@@ -143,6 +143,7 @@ async fn tunnel<I: Inbound>(
             return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    tracing::debug!(peer = %treq.peer, source = %source, target = %treq.target, "inbound tunnel opened");
     let Ok(send) = respond.send_response(status(StatusCode::OK), false) else {
         return;
     };

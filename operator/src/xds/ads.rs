@@ -143,10 +143,14 @@ impl Ads {
             return g.clone();
         }
         let res = Arc::new(resources::translate(&cur.full.snapshot, &cur.full.secrets));
-        for u in &res.unsupported {
-            tracing::debug!(generation = cur.generation, "xDS: {u}");
-        }
         let prev = cache.as_ref().map(|g| g.res.clone());
+        // Once when it appears, not every generation: what Envoy and gRPC clients are not told
+        // (a policy that fails closed, a feature they do not get).
+        for u in &res.unsupported {
+            if !prev.as_ref().is_some_and(|p| p.unsupported.contains(u)) {
+                tracing::warn!(generation = cur.generation, "xDS clients are not told: {u}");
+            }
+        }
         let mut changed = BTreeMap::new();
         for t in PUSH_ORDER {
             let before = prev.as_ref().and_then(|p| p.by_type.get(t));
