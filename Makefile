@@ -142,8 +142,9 @@ mesh-tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump >/dev/null; }
 
 ## The mesh data path, pod to pod in network namespaces (root): direct vs two sidecars over
-## HBONE, interleaved; RPS, latency, sidecar CPU and RSS (see bench/README.md).
+## HBONE vs two plain-TCP sidecars, interleaved; RPS, latency, sidecar CPU and RSS (see
+## bench/README.md). BENCH_MESH_ARGS="--pin" gives the sidecars a core of their own.
 bench-mesh: e2e-deps mesh-tools
 	cargo build --release -p ferrum-dp -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_mesh
-	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_mesh
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_mesh $(BENCH_MESH_ARGS)
