@@ -90,6 +90,9 @@ struct Args {
     /// `traceparent` passes through untouched and no spans are made.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Roots for an `https://` OTLP collector (PEM; default: the webpki roots).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    otlp_ca_file: Option<PathBuf>,
     /// Share of new traces sampled, 0 to 1; a caller's `traceparent` decision is kept.
     #[arg(long, default_value_t = 1.0, env = "FERRUM_TRACE_SAMPLING")]
     trace_sampling: f64,
@@ -481,6 +484,7 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
             endpoint: endpoint.clone(),
             sampling: args.trace_sampling,
             service_name: args.trace_service_name.clone().unwrap_or_else(|| node_id.clone()),
+            ca_file: args.otlp_ca_file.clone(),
         };
         if let Err(e) = dp.shared.tracing.start(&cfg) {
             eprintln!("ferrum-dp: {e}");

@@ -3,6 +3,8 @@
 //! batch processor: a bounded queue and its own thread, so a slow or absent collector costs
 //! spans, never requests). Off unless an endpoint is configured; then incoming context is
 //! continued and a request without one starts a new trace, sampled at the configured ratio.
+//! `https://` collectors are reached over rustls (h2 by ALPN), checked against the webpki roots
+//! or a CA file.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -11,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider};
@@ -34,13 +36,15 @@ pub struct TraceConfig {
     pub sampling: f64,
     /// The `service.name` of this proxy's spans.
     pub service_name: String,
+    /// Roots for an `https://` collector (default: the webpki roots).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     #[error("trace sampling must be between 0 and 1, got {0}")]
     Sampling(f64),
-    #[error("OTLP endpoint {0:?}: only plaintext OTLP/gRPC (http://host:port) is supported")]
+    #[error("OTLP endpoint {0:?}: expected http://host:port or https://host:port")]
     Endpoint(String),
     #[error("OTLP exporter for {endpoint}: {reason}")]
     Exporter { endpoint: String, reason: String },
@@ -67,19 +71,33 @@ impl Tracing {
         if !(0.0..=1.0).contains(&cfg.sampling) {
             return Err(TraceError::Sampling(cfg.sampling));
         }
-        // No TLS stack is built into the exporter: an https endpoint would fail on every export.
-        if !cfg.endpoint.starts_with("http://") {
-            return Err(TraceError::Endpoint(cfg.endpoint.clone()));
-        }
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        let failed = |reason: String| TraceError::Exporter {
+            endpoint: cfg.endpoint.clone(),
+            reason,
+        };
+        let uri: http::Uri = cfg
+            .endpoint
+            .parse()
+            .map_err(|_| TraceError::Endpoint(cfg.endpoint.clone()))?;
+        let builder = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(cfg.endpoint.clone())
-            .with_timeout(EXPORT_TIMEOUT)
-            .build()
-            .map_err(|e| TraceError::Exporter {
-                endpoint: cfg.endpoint.clone(),
-                reason: e.to_string(),
-            })?;
+            .with_timeout(EXPORT_TIMEOUT);
+        let builder = match (uri.scheme_str(), uri.host()) {
+            (Some("http"), Some(_)) => builder.with_endpoint(cfg.endpoint.clone()),
+            // The exporter's own TLS is not built in: the channel is ours, over rustls.
+            (Some("https"), Some(authority_host)) => {
+                let roots = match &cfg.ca_file {
+                    Some(f) => crate::mesh::identity::read_roots(f).map_err(|e| failed(e.to_string()))?,
+                    None => rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+                };
+                let name = authority_host.trim_start_matches('[').trim_end_matches(']');
+                let addr = format!("{authority_host}:{}", uri.port_u16().unwrap_or(443));
+                let channel = crate::mesh::identity::lazy_tls_channel(&addr, name, roots).map_err(failed)?;
+                builder.with_channel(channel)
+            }
+            _ => return Err(TraceError::Endpoint(cfg.endpoint.clone())),
+        };
+        let exporter = builder.build().map_err(|e| failed(e.to_string()))?;
         let batch = BatchConfigBuilder::default()
             .with_max_queue_size(QUEUE)
             .with_scheduled_delay(EXPORT_EVERY)
@@ -209,6 +227,7 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             sampling,
             service_name: "test".into(),
+            ca_file: None,
         })
         .unwrap();
         t
@@ -271,13 +290,21 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             sampling: 1.5,
             service_name: "x".into(),
+            ca_file: None,
         };
         assert!(matches!(t.start(&cfg), Err(TraceError::Sampling(_))));
-        let tls = TraceConfig {
+        let ftp = TraceConfig {
+            endpoint: "ftp://collector:4317".into(),
+            sampling: 1.0,
+            ..cfg.clone()
+        };
+        assert!(matches!(t.start(&ftp), Err(TraceError::Endpoint(_))));
+        let no_roots = TraceConfig {
             endpoint: "https://collector:4317".into(),
             sampling: 1.0,
+            ca_file: Some("/nonexistent/ca.pem".into()),
             ..cfg
         };
-        assert!(matches!(t.start(&tls), Err(TraceError::Endpoint(_))));
+        assert!(matches!(t.start(&no_roots), Err(TraceError::Exporter { .. })));
     }
 }

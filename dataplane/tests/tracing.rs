@@ -155,3 +155,73 @@ async fn without_a_collector_requests_are_served_and_still_carry_context() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("trace sampling must be between 0 and 1"), "{err}");
 }
+
+/// An `https://` collector: spans go over TLS, the collector's certificate checked against
+/// `--otlp-ca-file`. The TLS side is a ferrum-dp terminating HTTPS (h2 by ALPN) in front of the
+/// plaintext test collector; a proxy told no roots that trust it exports nothing.
+#[tokio::test]
+async fn spans_reach_a_collector_over_tls() {
+    let backend = Backend::start("app").await;
+    let collector = Collector::start("127.0.0.1").await;
+    let collector_port: u16 = collector.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let (tls_port, app_port, other_port) = (free_port(), free_port(), free_port());
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key, root) = (
+        dir.path().join("c.crt"),
+        dir.path().join("c.key"),
+        dir.path().join("root.pem"),
+    );
+    std::fs::write(&crt, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&root, c.cert.pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let wrong_root = dir.path().join("wrong.pem");
+    std::fs::write(&wrong_root, other.cert.pem()).unwrap();
+    let _front = Dp::start(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: otlp}}\n\
+         spec:\n  gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n\
+         \x20 - {{name: tls, port: {tls_port}, protocol: HTTPS, hostname: localhost, tls: {{options: {{ferrum.dev/cert-file: {}, ferrum.dev/key-file: {}}}}}}}\n\
+         ---\napiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: collector}}\n\
+         spec: {{endpoints: [{{address: 127.0.0.1, port: {collector_port}}}], protocol: HTTP/2}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: otlp}}\n\
+         spec: {{parentRefs: [{{name: otlp}}], rules: [{{backendRefs: [{{group: ferrum.dev, kind: Backend, name: collector}}]}}]}}\n",
+        crt.display(),
+        key.display()
+    ))
+    .await;
+    let endpoint = format!("https://localhost:{tls_port}");
+    let app = Dp::start_with(
+        &gateway_to("app", app_port, backend.addr.port()),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-ca-file",
+            root.to_str().unwrap(),
+            "--trace-service-name",
+            "tls-app",
+        ],
+    )
+    .await;
+    let untrusting = Dp::start_with(
+        &gateway_to("other", other_port, backend.addr.port()),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-ca-file",
+            wrong_root.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let (trace, _, _) = backend_saw(&format!("http://127.0.0.1:{app_port}/hello"), None).await;
+    let spans = collector.trace(&trace, 1).await;
+    assert_eq!(spans[0].service, "tls-app", "{spans:?}");
+
+    let (lost, _, _) = backend_saw(&format!("http://127.0.0.1:{other_port}/hello"), None).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        collector.spans_of(&lost).is_empty(),
+        "a collector the roots do not vouch for gets nothing"
+    );
+    drop((app, untrusting));
+}

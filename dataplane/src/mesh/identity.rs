@@ -338,23 +338,27 @@ pub async fn tls_channel(
         addr: address.to_string(),
         error: e,
     };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = TlsConnector {
-        addr: address.to_string(),
-        name: ServerName::try_from(name.to_string()).map_err(|e| err(e.to_string()))?,
-        tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tonic::transport::Endpoint::from_static("http://mesh-ca").connect_with_connector(connector),
-    )
-    .await
-    .map_err(|_| err("timed out".into()))?
-    .map_err(|e| err(format!("{e:?}")))
+    let connector = TlsConnector::new(address, name, roots).map_err(err)?;
+    let endpoint = origin(address).map_err(err)?;
+    tokio::time::timeout(Duration::from_secs(10), endpoint.connect_with_connector(connector))
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(|e| err(format!("{e:?}")))
+}
+
+/// [`tls_channel`] that connects on first use (and again after a failure), for a peer that
+/// may come and go, such as a trace collector.
+pub fn lazy_tls_channel(address: &str, name: &str, roots: RootCertStore) -> Result<tonic::transport::Channel, String> {
+    let connector = TlsConnector::new(address, name, roots)?;
+    Ok(origin(address)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(connector))
+}
+
+/// The endpoint whose `:authority` requests name (a proxy in front may route by it); the
+/// connector makes the connection.
+fn origin(address: &str) -> Result<tonic::transport::Endpoint, String> {
+    tonic::transport::Endpoint::from_shared(format!("https://{address}")).map_err(|e| e.to_string())
 }
 
 #[derive(Clone)]
@@ -362,6 +366,22 @@ struct TlsConnector {
     addr: String,
     name: ServerName<'static>,
     tls: tokio_rustls::TlsConnector,
+}
+
+impl TlsConnector {
+    fn new(address: &str, name: &str, roots: RootCertStore) -> Result<TlsConnector, String> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsConnector {
+            addr: address.to_string(),
+            name: ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+        })
+    }
 }
 
 impl tower_service::Service<http::Uri> for TlsConnector {
