@@ -2,5 +2,6 @@ pub mod ads;
 pub mod bootstrap;
 mod delta;
 pub mod grpc;
+pub mod jwt;
 pub mod rbac;
 pub mod resources;

@@ -4,9 +4,10 @@
 //!
 //! Each Istio rule becomes one RBAC policy: its `from` sources are the principals, its `to`
 //! operations and `when` conditions the permissions (Envoy ORs the entries of each list and ANDs
-//! the two). What Envoy is not told (JWTs: RequestAuthentication, `requestPrincipals`,
-//! `request.auth.*`; on L4 listeners, HTTP fields) fails closed, as Istio does: an ALLOW rule
-//! that needs it is dropped, a DENY rule ignores it and so denies more. Each case is reported.
+//! the two); token fields read what the `jwt_authn` filter validated ([`Providers`]). What
+//! Envoy cannot check (on TCP and TLS listeners, HTTP and token fields) fails closed, as Istio
+//! does: an ALLOW rule that needs it is dropped, a DENY rule ignores it and so denies more.
+//! Each case is reported.
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use ferrum_snapshot::mesh::{AuthzAction, Policy, PolicyRule};
 use rbac::permission::Rule as Perm;
 use rbac::principal::Identifier as Id;
 
+use super::jwt::Providers;
 use super::resources::any;
 
 /// What one listener is told: the DENY rules, and the ALLOW rules when any ALLOW policy applies.
@@ -35,7 +37,16 @@ pub struct Rules {
 
 /// The rules of the AuthorizationPolicies that target one of `gateways`; `l4` for TCP and TLS
 /// listeners (no HTTP request to look at).
-pub fn rules(policies: &[Arc<Policy>], gateways: &[String], l4: bool, unsupported: &mut Vec<String>) -> Rules {
+///
+/// `jwt` holds the listener's JWT providers (none for TCP and TLS listeners): rules on tokens
+/// read what they validated.
+pub fn rules(
+    policies: &[Arc<Policy>],
+    gateways: &[String],
+    l4: bool,
+    jwt: &Providers,
+    unsupported: &mut Vec<String>,
+) -> Rules {
     let mut out = Rules::default();
     for p in policies
         .iter()
@@ -44,13 +55,7 @@ pub fn rules(policies: &[Arc<Policy>], gateways: &[String], l4: bool, unsupporte
         let name = format!("{}/{}", p.namespace, p.name);
         let authz = match &p.rule {
             PolicyRule::Authorization(a) => a,
-            PolicyRule::RequestAuthentication(_) => {
-                unsupported.push(format!(
-                    "RequestAuthentication {name}: Envoy is not given JWT validation; tokens are not checked, and ALLOW rules that need one match nothing"
-                ));
-                continue;
-            }
-            PolicyRule::PeerAuthentication(_) => continue,
+            PolicyRule::RequestAuthentication(_) | PolicyRule::PeerAuthentication(_) => continue,
         };
         let deny = match authz.action {
             _ if authz.dry_run => continue,
@@ -69,7 +74,7 @@ pub fn rules(policies: &[Arc<Policy>], gateways: &[String], l4: bool, unsupporte
         });
         for (i, r) in authz.rules.iter().enumerate() {
             let mut why = Vec::new();
-            let policy = rule(r, deny, l4, &mut why);
+            let policy = rule(r, deny, l4, jwt, &mut why);
             let rule_name = format!("{name}[{i}]");
             for w in why {
                 let effect = match deny {
@@ -131,9 +136,9 @@ pub fn network_filters(r: Rules, stat_prefix: &str) -> Vec<listener::Filter> {
 
 /// One Istio rule as an RBAC policy; `None` when an ALLOW rule needs what Envoy is not told.
 /// Why anything was left out goes to `why`.
-fn rule(r: &Rule, deny: bool, l4: bool, why: &mut Vec<String>) -> Option<rbac::Policy> {
+fn rule(r: &Rule, deny: bool, l4: bool, jwt: &Providers, why: &mut Vec<String>) -> Option<rbac::Policy> {
     let before = why.len();
-    let sources: Vec<Id> = r.from.iter().map(|f| source(&f.source, why)).collect();
+    let sources: Vec<Id> = r.from.iter().map(|f| source(&f.source, l4, jwt, why)).collect();
     let operations: Vec<Perm> = r.to.iter().map(|t| operation(&t.operation, l4, why)).collect();
     let mut permissions = Vec::new();
     let mut principals = Vec::new();
@@ -144,7 +149,7 @@ fn rule(r: &Rule, deny: bool, l4: bool, why: &mut Vec<String>) -> Option<rbac::P
         principals.push(or_ids(sources));
     }
     for c in &r.when {
-        match condition(c, l4) {
+        match condition(c, l4, jwt) {
             Ok(Some(When::Permission(p))) => permissions.push(p),
             Ok(Some(When::Principal(p))) => principals.push(p),
             Ok(None) => {}
@@ -161,7 +166,7 @@ fn rule(r: &Rule, deny: bool, l4: bool, why: &mut Vec<String>) -> Option<rbac::P
     })
 }
 
-fn source(s: &Source, why: &mut Vec<String>) -> Id {
+fn source(s: &Source, l4: bool, jwt: &Providers, why: &mut Vec<String>) -> Id {
     let mut ids = Vec::new();
     let mut field = |values: &[String], not: bool, id: &dyn Fn(&str) -> Option<Id>| {
         if values.is_empty() {
@@ -180,8 +185,13 @@ fn source(s: &Source, why: &mut Vec<String>) -> Id {
     field(&s.not_ip_blocks, true, &|v| cidr(v).map(Id::DirectRemoteIp));
     field(&s.remote_ip_blocks, false, &|v| cidr(v).map(Id::RemoteIp));
     field(&s.not_remote_ip_blocks, true, &|v| cidr(v).map(Id::RemoteIp));
-    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-        why.push("requestPrincipals need a validated JWT".into());
+    if l4 {
+        if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+            why.push("requestPrincipals need a token (a TCP listener has no request)".into());
+        }
+    } else {
+        field(&s.request_principals, false, &|v| Some(jwt.principal(v)));
+        field(&s.not_request_principals, true, &|v| Some(jwt.principal(v)));
     }
     and_ids(ids)
 }
@@ -233,7 +243,7 @@ enum When {
 
 /// A `when` condition on the side of the policy Envoy can check it; `Ok(None)` when nothing
 /// is left to check, `Err` when Envoy cannot check it.
-fn condition(c: &Condition, l4: bool) -> Result<Option<When>, String> {
+fn condition(c: &Condition, l4: bool, jwt: &Providers) -> Result<Option<When>, String> {
     let key = c.key.as_str();
     let both = |values: &[String], not_values: &[String], one: &dyn Fn(&str) -> Option<Perm>| {
         let mut parts = Vec::new();
@@ -275,13 +285,22 @@ fn condition(c: &Condition, l4: bool) -> Result<Option<When>, String> {
         "connection.sni" => both(&c.values, &c.not_values, &|v| {
             Some(Perm::RequestedServerName(istio_string(v)))
         }),
-        k if k.starts_with("request.auth.") => return Err(format!("`{key}` needs a validated JWT")),
+        k if k.starts_with("request.auth.") && l4 => {
+            return Err(format!("`{key}` needs a token (a TCP listener has no request)"));
+        }
+        k if k.starts_with("request.auth.") => {
+            let claim = &k["request.auth.".len()..];
+            if jwt.claim(claim, "*").is_none() {
+                return Err(format!("the condition key `{key}` is not known"));
+            }
+            ids(&|v| jwt.claim(claim, v))
+        }
         _ => return Err(format!("the condition key `{key}` is not known")),
     })
 }
 
 /// Istio's string forms: exact, `prefix*`, `*suffix`, `*` (anything, present).
-fn istio_string(v: &str) -> matcher::StringMatcher {
+pub(super) fn istio_string(v: &str) -> matcher::StringMatcher {
     use matcher::string_matcher::MatchPattern;
     let pattern = if v == "*" {
         MatchPattern::SafeRegex(regex(".*"))
@@ -457,7 +476,7 @@ fn and_ids(mut ids: Vec<Id>) -> Id {
     }
 }
 
-fn or_ids(mut ids: Vec<Id>) -> Id {
+pub(super) fn or_ids(mut ids: Vec<Id>) -> Id {
     match ids.len() {
         0 => Id::NotId(Box::new(principal(Id::Any(true)))),
         1 => ids.pop().unwrap(),
@@ -547,9 +566,9 @@ mod tests {
         })
     }
 
-    /// What Envoy cannot check fails closed, and says so: an ALLOW rule on a JWT is dropped, a
-    /// DENY rule on a path at L4 denies every connection; policies on other gateways are not
-    /// this listener's.
+    /// What Envoy cannot check fails closed, and says so: an ALLOW rule on a token matches
+    /// nothing without a provider and is dropped at L4, a DENY rule on a path at L4 denies every
+    /// connection; policies on other gateways are not this listener's.
     #[test]
     fn what_envoy_cannot_check_fails_closed() {
         let jwt = Rule {
@@ -571,9 +590,34 @@ mod tests {
             ..Default::default()
         };
         let gateways = ["default/web".to_string()];
+        let none = Providers::default();
         let mut why = Vec::new();
-        let r = rules(&[policy(AuthzAction::Allow, vec![jwt])], &gateways, false, &mut why);
-        assert_eq!(r.allow.expect("an ALLOW filter").policies.len(), 0, "allows nothing");
+        let r = rules(
+            &[policy(AuthzAction::Allow, vec![jwt.clone()])],
+            &gateways,
+            false,
+            &none,
+            &mut why,
+        );
+        let p = &r.allow.expect("an ALLOW filter").policies["default/p[0]"];
+        assert_eq!(
+            p.principals[0].identifier,
+            Some(Id::NotId(Box::new(principal(Id::Any(true))))),
+            "no provider, no token can match"
+        );
+        let mut why = Vec::new();
+        let r = rules(
+            &[policy(AuthzAction::Allow, vec![jwt])],
+            &gateways,
+            true,
+            &none,
+            &mut why,
+        );
+        assert_eq!(
+            r.allow.expect("an ALLOW filter").policies.len(),
+            0,
+            "allows nothing at L4"
+        );
         assert!(
             why[0].contains("requestPrincipals") && why[0].contains("dropped"),
             "{why:?}"
@@ -584,6 +628,7 @@ mod tests {
             &[policy(AuthzAction::Deny, vec![paths.clone()])],
             &gateways,
             true,
+            &none,
             &mut why,
         );
         let p = &r.deny.expect("a DENY filter").policies["default/p[0]"];
@@ -593,7 +638,13 @@ mod tests {
         let mut why = Vec::new();
         let other = ["default/other".to_string()];
         assert_eq!(
-            rules(&[policy(AuthzAction::Deny, vec![paths])], &other, false, &mut why),
+            rules(
+                &[policy(AuthzAction::Deny, vec![paths])],
+                &other,
+                false,
+                &none,
+                &mut why
+            ),
             Rules::default()
         );
     }

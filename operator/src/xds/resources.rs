@@ -22,6 +22,7 @@ use ferrum_snapshot::model::{self, Action, LbPolicy, PathMatch, PathRewrite, Str
 use ferrum_snapshot::{Secrets, Snapshot};
 use prost::Message;
 
+use super::jwt::Providers;
 use super::rbac;
 use ferrum_proto::xds::HCM;
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
@@ -231,7 +232,13 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
     for l in &s.listeners {
         secrets_of(l, secrets, &mut out);
         if l.protocol.is_l4() {
-            let rbac = rbac::rules(&s.policies, &l.gateways, true, &mut out.unsupported);
+            let rbac = rbac::rules(
+                &s.policies,
+                &l.gateways,
+                true,
+                &Providers::default(),
+                &mut out.unsupported,
+            );
             let lis = l4_listener(l, rbac, &mut out.unsupported);
             out.by_type
                 .get_mut(LISTENER)
@@ -265,8 +272,10 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
             };
             out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
         }
-        let rbac = rbac::rules(&s.policies, &l.gateways, false, &mut out.unsupported);
-        let manager = connection_manager(&l.name, route_name(l), rbac::http_filters(rbac));
+        let jwt = Providers::of(&s.policies, &l.gateways, &mut out.unsupported);
+        let rbac = rbac::rules(&s.policies, &l.gateways, false, &jwt, &mut out.unsupported);
+        let filters = jwt.filter().into_iter().chain(rbac::http_filters(rbac)).collect();
+        let manager = connection_manager(&l.name, route_name(l), filters);
         let lis = listener::Listener {
             name: l.name.clone(),
             address: Some(socket(&l.address, l.port)),
