@@ -91,47 +91,51 @@ pub fn rules(
     out
 }
 
+impl Rules {
+    /// DENY then ALLOW, each made into a filter by `filter(which, rules)` when present.
+    fn each<F>(self, filter: impl Fn(&str, rbac::Rbac) -> F) -> Vec<F> {
+        [("deny", self.deny), ("allow", self.allow)]
+            .into_iter()
+            .filter_map(|(which, rules)| Some(filter(which, rules?)))
+            .collect()
+    }
+}
+
 /// The HTTP filters that enforce `r`, to go before the router.
 pub fn http_filters(r: Rules) -> Vec<hcm::HttpFilter> {
-    [("deny", r.deny), ("allow", r.allow)]
-        .into_iter()
-        .filter_map(|(what, rules)| {
-            let config = HttpRbac {
-                rules: Some(rules?),
-                rules_stat_prefix: format!("{what}_"),
-                ..Default::default()
-            };
-            Some(hcm::HttpFilter {
-                name: format!("envoy.filters.http.rbac.{what}"),
-                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-                    &config,
-                ))),
-                ..Default::default()
-            })
-        })
-        .collect()
+    r.each(|which, rules| {
+        let config = HttpRbac {
+            rules: Some(rules),
+            rules_stat_prefix: format!("{which}_"),
+            ..Default::default()
+        };
+        hcm::HttpFilter {
+            name: format!("envoy.filters.http.rbac.{which}"),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                &config,
+            ))),
+            ..Default::default()
+        }
+    })
 }
 
 /// The network filters that enforce `r`, to go before the TCP proxy.
 pub fn network_filters(r: Rules, stat_prefix: &str) -> Vec<listener::Filter> {
-    [("deny", r.deny), ("allow", r.allow)]
-        .into_iter()
-        .filter_map(|(what, rules)| {
-            let config = NetworkRbac {
-                rules: Some(rules?),
-                stat_prefix: format!("{stat_prefix}.{what}"),
-                ..Default::default()
-            };
-            Some(listener::Filter {
-                name: format!("envoy.filters.network.rbac.{what}"),
-                config_type: Some(listener::filter::ConfigType::TypedConfig(any(
-                    "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
-                    &config,
-                ))),
-            })
-        })
-        .collect()
+    r.each(|which, rules| {
+        let config = NetworkRbac {
+            rules: Some(rules),
+            stat_prefix: format!("{stat_prefix}.{which}"),
+            ..Default::default()
+        };
+        listener::Filter {
+            name: format!("envoy.filters.network.rbac.{which}"),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+                &config,
+            ))),
+        }
+    })
 }
 
 /// One Istio rule as an RBAC policy; `None` when an ALLOW rule needs what Envoy is not told.
