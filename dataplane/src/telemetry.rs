@@ -359,6 +359,7 @@ impl Scrape {
             ("outbound", "hbone", &m.outbound_hbone),
             ("outbound", "plain", &m.outbound_plain),
             ("outbound", "passthrough", &m.outbound_passthrough),
+            ("outbound", "blocked", &m.outbound_blocked),
             ("outbound", "failed", &m.outbound_failed),
             ("outbound", "routed", &m.outbound_routed),
             ("inbound", "hbone", &m.inbound_hbone),

@@ -287,7 +287,7 @@ impl Publisher {
                     };
                     let snap = &cur.full.snapshot;
                     let own = snap.workload_or_placeholder(namespace, pod);
-                    snap.mesh_view(&cur.full.digests, Some(namespace), |p| p.applies_to(&own))
+                    snap.mesh_view(&cur.full.digests, Some(&own), |p| p.applies_to(&own))
                 }
             };
             match &st.snapshot {
@@ -326,14 +326,20 @@ impl Publisher {
 }
 
 /// The projection a sidecar shares with those its policies select alike: the set of policy keys,
-/// and its namespace when a Service is exported to some namespaces only.
+/// its Sidecar, and its namespace when a Service is exported to some namespaces only or a
+/// Sidecar scopes what it knows (`.` is the client's namespace).
 fn sidecar_key(snap: &Snapshot, namespace: &str, pod: &str) -> String {
     use sha2::Digest as _;
     let own = snap.workload_or_placeholder(namespace, pod);
     let mut h = sha2::Sha256::new();
-    if snap.services.iter().any(|s| !s.export_to.is_empty()) {
+    let scope = ferrum_snapshot::mesh::sidecar_for(&snap.sidecars, &own);
+    if scope.is_some() || snap.services.iter().any(|s| !s.export_to.is_empty()) {
         h.update(namespace.as_bytes());
         h.update([1]);
+    }
+    if let Some(s) = scope {
+        h.update(s.key.as_bytes());
+        h.update([2]);
     }
     for p in snap.policies.iter().filter(|p| p.applies_to(&own)) {
         h.update(p.key.as_bytes());

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::Changes;
-use crate::model::{Cluster, Listener, Mesh, MeshService, Policy, SCHEMA, Snapshot, VirtualHost, Workload};
+use crate::model::{
+    Cluster, Listener, Mesh, MeshService, Policy, SCHEMA, SidecarScope, Snapshot, VirtualHost, Workload,
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -43,6 +45,8 @@ pub struct Delta {
     pub services: Changes<MeshService>,
     #[serde(default, skip_serializing_if = "Changes::is_empty")]
     pub policies: Changes<Policy>,
+    #[serde(default, skip_serializing_if = "Changes::is_empty")]
+    pub sidecars: Changes<SidecarScope>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -127,6 +131,7 @@ impl Delta {
         d.workloads = Changes::between(&base.workloads, &target.workloads);
         d.services = Changes::between(&base.services, &target.services);
         d.policies = Changes::between(&base.policies, &target.policies);
+        d.sidecars = Changes::between(&base.sidecars, &target.sidecars);
         d
     }
 
@@ -139,6 +144,7 @@ impl Delta {
             && self.workloads.is_empty()
             && self.services.is_empty()
             && self.policies.is_empty()
+            && self.sidecars.is_empty()
     }
 
     /// The target snapshot, built from `base` and this delta, checked against the target hash.
@@ -196,6 +202,7 @@ impl Delta {
             workloads: self.workloads.apply(&base.workloads),
             services: self.services.apply(&base.services),
             policies: self.policies.apply(&base.policies),
+            sidecars: self.sidecars.apply(&base.sidecars),
         });
         if self.schema > SCHEMA {
             // Parts this build does not know were dropped: the producer's hash names the content.

@@ -232,3 +232,54 @@ pub struct ClaimToHeader {
     pub header: String,
     pub claim: String,
 }
+
+/// `networking.istio.io/v1` Sidecar (v1beta1 and v1alpha3 have the same shape): which Services
+/// the selected workloads' proxies know, and what happens to traffic to anything else.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(group = "networking.istio.io", version = "v1", kind = "Sidecar", namespaced)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Workloads in the Sidecar's namespace whose labels match; absent: the namespace's default
+    /// (the mesh's, in the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<SidecarSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressListener>,
+    /// Inbound listeners: not supported (reported), the workload's ports are served as usual.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SidecarSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressListener {
+    /// `namespace/dnsName`: namespace `*` (any), `.` (the Sidecar's; the workload's for a
+    /// mesh-wide default) or `~` (none); dnsName an FQDN, `*` or `*.suffix`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Per-port listeners: not supported (reported); the hosts apply to every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    /// ALLOW_ANY (default) or REGISTRY_ONLY.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+}

@@ -31,5 +31,6 @@ pub const ROOT_NAMESPACE: &str = "ferrum-system";
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 pub const FERRUM_GROUP: &str = "ferrum.dev";
 pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
+pub const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 /// `spec.controllerName` of the GatewayClasses Ferrum serves.
 pub const CONTROLLER_NAME: &str = "ferrum.dev/gateway-controller";

@@ -179,12 +179,93 @@ pub fn mtls_mode(policies: &[Arc<Policy>], w: &Workload, port: u16) -> MtlsMode 
     .unwrap_or(MtlsMode::Permissive)
 }
 
+/// An Istio Sidecar, resolved: the workloads it configures, the Services their proxies know,
+/// and what happens to traffic for any other address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarScope {
+    /// `Sidecar/<namespace>/<name>`.
+    pub key: String,
+    pub namespace: String,
+    pub name: String,
+    /// Labels a workload of the namespace must have; absent: the namespace's default (the
+    /// mesh's, in the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// The Services its workloads know (any host matching); `None`: every Service they see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<EgressHost>>,
+    /// `outboundTrafficPolicy: REGISTRY_ONLY`: connections to addresses that are no known
+    /// Service or workload are refused instead of passed through.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registry_only: bool,
+}
+
+/// One `namespace/dnsName` of a Sidecar's egress hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressHost {
+    /// `*` (any), `.` (the client workload's own) or a name; `~` (none) is dropped when parsed.
+    pub namespace: String,
+    /// `*`, `*.suffix` or a hostname.
+    pub host: String,
+}
+
+impl SidecarScope {
+    /// Whether a client in `client_ns` under this Sidecar knows `s`.
+    pub fn admits(&self, s: &MeshService, client_ns: &str) -> bool {
+        let Some(hosts) = &self.egress else { return true };
+        let ns = s.key.split_once('/').map_or("", |(ns, _)| ns);
+        hosts.iter().any(|h| {
+            let ns_ok = match h.namespace.as_str() {
+                "*" => true,
+                "." => ns == client_ns,
+                n => ns == n,
+            };
+            ns_ok
+                && match h.host.as_str() {
+                    "*" => true,
+                    host => match host.strip_prefix('*') {
+                        Some(suffix) => s.hostname.ends_with(suffix),
+                        None => s.hostname.eq_ignore_ascii_case(host),
+                    },
+                }
+        })
+    }
+}
+
+impl Keyed for SidecarScope {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The Sidecar that configures `w`'s proxy: one selecting it in its namespace, else its
+/// namespace's default, else the mesh's (Istio's order; several at one level: the first in key
+/// order, where Istio takes the oldest).
+pub fn sidecar_for<'a>(scopes: &'a [Arc<SidecarScope>], w: &Workload) -> Option<&'a SidecarScope> {
+    let in_ns = || scopes.iter().filter(|s| s.namespace == w.namespace);
+    in_ns()
+        .find(|s| {
+            s.selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        })
+        .or_else(|| in_ns().find(|s| s.selector.is_none()))
+        .or_else(|| {
+            scopes
+                .iter()
+                .find(|s| s.namespace == crate::ROOT_NAMESPACE && s.selector.is_none())
+        })
+        .map(|s| &**s)
+}
+
 /// The mesh collections of a snapshot, each in key order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mesh {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<MeshService>>,
     pub policies: Vec<Arc<Policy>>,
+    pub sidecars: Vec<Arc<SidecarScope>>,
 }
 
 /// A Kubernetes Service as the mesh sees it: its virtual IPs and ports, and the workloads

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::mesh::{Keyed, Mesh, MeshEndpoint, MeshService, Policy, ServicePort, Workload};
+pub use crate::mesh::{Keyed, Mesh, MeshEndpoint, MeshService, Policy, ServicePort, SidecarScope, Workload};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -33,11 +33,14 @@ pub struct Snapshot {
     /// Security policies (AuthorizationPolicy, PeerAuthentication), in key order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Arc<Policy>>,
+    /// Istio Sidecars: which Services a workload's proxy knows (schema 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sidecars: Vec<Arc<SidecarScope>>,
 }
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 2;
+pub const SCHEMA: u32 = 3;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -53,6 +56,7 @@ pub struct PartDigests {
     pub workloads: Vec<Digest>,
     pub services: Vec<Digest>,
     pub policies: Vec<Digest>,
+    pub sidecars: Vec<Digest>,
 }
 
 impl Workload {
@@ -68,6 +72,12 @@ impl MeshService {
 }
 
 impl Policy {
+    pub fn digest(&self) -> Digest {
+        digest_json(self)
+    }
+}
+
+impl SidecarScope {
     pub fn digest(&self) -> Digest {
         digest_json(self)
     }
@@ -172,6 +182,7 @@ impl Snapshot {
             workloads: Vec::new(),
             services: Vec::new(),
             policies: Vec::new(),
+            sidecars: Vec::new(),
         };
         s.hash = s.content_hash();
         s
@@ -182,6 +193,7 @@ impl Snapshot {
         self.workloads = mesh.workloads;
         self.services = mesh.services;
         self.policies = mesh.policies;
+        self.sidecars = mesh.sidecars;
         self.hash = self.content_hash();
         self
     }
@@ -192,6 +204,7 @@ impl Snapshot {
             workloads: self.workloads.clone(),
             services: self.services.clone(),
             policies: self.policies.clone(),
+            sidecars: self.sidecars.clone(),
         }
     }
 
@@ -206,16 +219,20 @@ impl Snapshot {
         self.is_newer_schema() || self.content_hash() == self.hash
     }
 
-    /// The part a sidecar needs: the mesh with the Services a client in `namespace` sees (all,
-    /// for `None`) and the clusters their routes send to (no Gateway's listeners or clusters),
-    /// and of the policies those `keep` says. `d` are this snapshot's part digests (the
-    /// translator keeps them), so nothing is re-hashed.
-    pub fn mesh_view(&self, d: &PartDigests, namespace: Option<&str>, keep: impl Fn(&Policy) -> bool) -> Snapshot {
+    /// The part a sidecar needs: the mesh with the Services `client` knows (all, for `None`):
+    /// those exported to its namespace and admitted by its Sidecar, which comes along; the
+    /// clusters their routes send to (no Gateway's listeners or clusters), and of the policies
+    /// those `keep` says. `d` are this snapshot's part digests (the translator keeps them), so
+    /// nothing is re-hashed.
+    pub fn mesh_view(&self, d: &PartDigests, client: Option<&Workload>, keep: impl Fn(&Policy) -> bool) -> Snapshot {
+        let scope = client.and_then(|w| crate::mesh::sidecar_for(&self.sidecars, w));
         let (services, service_digests): (Vec<_>, Vec<_>) = self
             .services
             .iter()
             .zip(&d.services)
-            .filter(|(s, _)| namespace.is_none_or(|n| s.visible_to(n)))
+            .filter(|(s, _)| {
+                client.is_none_or(|w| s.visible_to(&w.namespace) && scope.is_none_or(|sc| sc.admits(s, &w.namespace)))
+            })
             .map(|(s, d)| (s.clone(), *d))
             .unzip();
         let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
@@ -233,17 +250,26 @@ impl Snapshot {
             .filter(|(p, _)| keep(p))
             .map(|(p, d)| (p.clone(), *d))
             .unzip();
+        let (sidecars, sidecar_digests): (Vec<_>, Vec<_>) = self
+            .sidecars
+            .iter()
+            .zip(&d.sidecars)
+            .filter(|(s, _)| client.is_none() || scope.is_some_and(|sc| sc.key == s.key))
+            .map(|(s, d)| (s.clone(), *d))
+            .unzip();
         let digests = PartDigests {
             workloads: d.workloads.clone(),
             services: service_digests,
             policies: policy_digests,
             clusters: cluster_digests,
+            sidecars: sidecar_digests,
             ..PartDigests::default()
         };
         let mesh = Mesh {
             workloads: self.workloads.clone(),
             services,
             policies,
+            sidecars,
         };
         Snapshot::with_digests(self.version, Vec::new(), clusters, mesh, &digests)
     }
@@ -286,6 +312,7 @@ impl Snapshot {
             workloads: mesh.workloads,
             services: mesh.services,
             policies: mesh.policies,
+            sidecars: mesh.sidecars,
         }
     }
 
@@ -307,6 +334,7 @@ impl Snapshot {
             workloads: self.workloads.iter().map(|w| w.digest()).collect(),
             services: self.services.iter().map(|s| s.digest()).collect(),
             policies: self.policies.iter().map(|p| p.digest()).collect(),
+            sidecars: self.sidecars.iter().map(|s| s.digest()).collect(),
         }
     }
 
@@ -345,6 +373,12 @@ fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
         top.update(b"\0policies\0");
         for p in &d.policies {
             top.update(p);
+        }
+    }
+    if !d.sidecars.is_empty() {
+        top.update(b"\0sidecars\0");
+        for s in &d.sidecars {
+            top.update(s);
         }
     }
     hex::encode(top.finalize())

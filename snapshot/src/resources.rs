@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
-use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Sidecar};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +61,8 @@ pub struct Resources {
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
     pub request_authentications: Vec<Arc<RequestAuthentication>>,
+    /// Istio Sidecars (networking.istio.io): which Services a workload's proxy knows.
+    pub sidecars: Vec<Arc<Sidecar>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
 }
@@ -213,12 +215,13 @@ impl Resources {
             "AuthorizationPolicy" => ("AuthorizationPolicy", crate::ISTIO_SECURITY_GROUP),
             "PeerAuthentication" => ("PeerAuthentication", crate::ISTIO_SECURITY_GROUP),
             "RequestAuthentication" => ("RequestAuthentication", crate::ISTIO_SECURITY_GROUP),
+            "Sidecar" => ("Sidecar", crate::ISTIO_NETWORKING_GROUP),
             other => {
                 return Err(shape(format!(
                     "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
                      HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
                      Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication, \
-                     RequestAuthentication"
+                     RequestAuthentication, Sidecar"
                 )));
             }
         };
@@ -271,6 +274,7 @@ impl Resources {
             "AuthorizationPolicy" => push!(authorization_policies),
             "PeerAuthentication" => push!(peer_authentications),
             "RequestAuthentication" => push!(request_authentications),
+            "Sidecar" => push!(sidecars),
             _ => unreachable!("kinds are listed above"),
         }
         self.origins.insert(object, origin.to_string());
@@ -304,7 +308,8 @@ macro_rules! each_kind {
             service_accounts: "ServiceAccount",
             authorization_policies: "AuthorizationPolicy",
             peer_authentications: "PeerAuthentication",
-            request_authentications: "RequestAuthentication"
+            request_authentications: "RequestAuthentication",
+            sidecars: "Sidecar"
         )
     };
 }

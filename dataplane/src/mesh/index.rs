@@ -45,6 +45,8 @@ pub enum Destination<'a> {
     Workload(&'a Arc<Workload>),
     /// Outside the mesh: connect to the original destination as is.
     Passthrough,
+    /// Outside the mesh, and this proxy's Sidecar says REGISTRY_ONLY: refused.
+    Blocked,
 }
 
 #[derive(Default)]
@@ -57,13 +59,14 @@ pub struct MeshIndex {
     pub authn: Authenticator,
     /// This proxy's own workload (sidecar mode), for its PeerAuthentication.
     pub own: Option<Workload>,
+    /// Its Sidecar's `outboundTrafficPolicy: REGISTRY_ONLY`.
+    registry_only: bool,
 }
 
 /// The pod a sidecar serves: `(namespace, name)`.
 pub type Me = (String, String);
 
 impl MeshIndex {
-    /// `http`: the compiled mesh routes by (Service key, port).
     /// `http`: the compiled mesh routes by (Service key, port); `jwks`: fetched JWKS, shared
     /// between configs.
     pub fn build(
@@ -82,9 +85,14 @@ impl MeshIndex {
             }
         }
         let mut services = HashMap::new();
-        // A Service exported elsewhere only is not this sidecar's to route (a snapshot from a
-        // file or another producer may carry it).
-        let visible = |s: &MeshService| me.is_none_or(|me| s.visible_to(&me.0));
+        let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
+        let scope = own
+            .as_ref()
+            .and_then(|w| ferrum_snapshot::mesh::sidecar_for(&snap.sidecars, w));
+        // A Service exported elsewhere only, or that this proxy's Sidecar does not admit, is not
+        // this sidecar's to route (a snapshot from a file or another producer may carry it).
+        let visible =
+            |s: &MeshService| me.is_none_or(|me| s.visible_to(&me.0) && scope.is_none_or(|sc| sc.admits(s, &me.0)));
         for s in snap.services.iter().filter(|s| visible(s)) {
             for p in &s.ports {
                 let endpoints: Vec<_> = s
@@ -115,7 +123,6 @@ impl MeshIndex {
                 }
             }
         }
-        let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
         let inbound = own
             .as_ref()
             .map(|w| Authorizer::for_workload(&snap.policies, w))
@@ -124,12 +131,14 @@ impl MeshIndex {
             .as_ref()
             .map(|w| Authenticator::for_workload(&snap.policies, w, jwks))
             .unwrap_or_default();
+        let registry_only = scope.is_some_and(|s| s.registry_only);
         MeshIndex {
             services,
             workloads,
             inbound,
             authn,
             own,
+            registry_only,
         }
     }
 
@@ -139,6 +148,7 @@ impl MeshIndex {
         }
         match self.workloads.get(&dst.ip()) {
             Some(w) => Destination::Workload(w),
+            None if self.registry_only => Destination::Blocked,
             None => Destination::Passthrough,
         }
     }
@@ -211,5 +221,48 @@ mod tests {
         };
         assert!(matches!(at("ns").destination(vip), Destination::Service(_)));
         assert!(matches!(at("other").destination(vip), Destination::Passthrough));
+    }
+
+    /// A Sidecar narrows what the proxy knows; under REGISTRY_ONLY the rest is refused, while
+    /// mesh workloads stay reachable by their addresses.
+    #[test]
+    fn a_registry_only_sidecar_refuses_what_it_does_not_know() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b-1, namespace: ns, labels: {app: b}}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.0.2}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+             spec: {clusterIP: 10.96.0.9, selector: {app: b}, ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: other}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: ns}\n\
+             spec: {egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let at = |ns: &str| {
+            MeshIndex::build(
+                &snap,
+                Some(&(ns.into(), "me".into())),
+                HashMap::new(),
+                &JwksCache::default(),
+            )
+        };
+        let (ns, other) = (at("ns"), at("other"));
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(matches!(ns.destination(dst("10.96.0.9:80")), Destination::Service(_)));
+        assert!(matches!(ns.destination(dst("10.96.0.10:80")), Destination::Blocked));
+        assert!(matches!(ns.destination(dst("1.1.1.1:443")), Destination::Blocked));
+        assert!(matches!(ns.destination(dst("10.1.0.2:80")), Destination::Workload(_)));
+        // The Sidecar is ns's: elsewhere every Service is known and the rest passes through.
+        assert!(matches!(
+            other.destination(dst("10.96.0.10:80")),
+            Destination::Service(_)
+        ));
+        assert!(matches!(
+            other.destination(dst("1.1.1.1:443")),
+            Destination::Passthrough
+        ));
     }
 }

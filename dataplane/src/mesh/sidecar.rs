@@ -53,6 +53,8 @@ pub struct MeshStats {
     pub outbound_hbone: AtomicU64,
     pub outbound_plain: AtomicU64,
     pub outbound_passthrough: AtomicU64,
+    /// Refused: no known destination, and the Sidecar says REGISTRY_ONLY.
+    pub outbound_blocked: AtomicU64,
     pub outbound_failed: AtomicU64,
     /// Outbound connections served as HTTP by a Service's mesh routes.
     pub outbound_routed: AtomicU64,
@@ -448,6 +450,11 @@ impl Sidecar {
             }
             Destination::Workload(w) => self.connect(dst, Some(w), peer, None).await.ok(),
             Destination::Passthrough => self.connect(dst, None, peer, None).await.ok(),
+            Destination::Blocked => {
+                stats.outbound_blocked.fetch_add(1, Relaxed);
+                tracing::debug!(%dst, "outbound refused: not in the registry (REGISTRY_ONLY)");
+                return;
+            }
         };
         drop(cfg);
         let Some(up) = up else {

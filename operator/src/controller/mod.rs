@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
-use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Sidecar};
 use futures_util::StreamExt;
 use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
@@ -150,6 +150,7 @@ kinds! {
     authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: true),
     peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: true),
     request_authentications: RequestAuthentication = ("security.istio.io", "RequestAuthentication", ["v1", "v1beta1"], optional: true, status: true),
+    sidecars: Sidecar = ("networking.istio.io", "Sidecar", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

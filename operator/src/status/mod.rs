@@ -92,6 +92,9 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
         w.write(&**p, policy_status("RequestAuthentication", &p.metadata, t))
             .await;
     }
+    for s in &res.sidecars {
+        w.write(&**s, policy_status("Sidecar", &s.metadata, t)).await;
+    }
     w.written
 }
 

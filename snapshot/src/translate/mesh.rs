@@ -494,7 +494,11 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
         assert_eq!(export("shop/partners"), ["bank", "shop"]);
         assert!(export("shop/public").is_empty() && export("shop/b").is_empty());
         let seen = |ns: &str| {
-            let v = t.snapshot.mesh_view(&t.digests, Some(ns), |_| true);
+            let v = t.snapshot.mesh_view(
+                &t.digests,
+                Some(&t.snapshot.workload_or_placeholder(ns, "client")),
+                |_| true,
+            );
             assert_eq!(v.hash, v.content_hash());
             v.services.iter().map(|s| s.key.clone()).collect::<Vec<_>>()
         };

@@ -15,6 +15,7 @@ mod l4route;
 mod listeners;
 mod mesh;
 mod policy;
+mod sidecar;
 
 use std::any::Any;
 use std::fmt;
@@ -368,6 +369,11 @@ impl Incremental {
                 }
             }
         };
+        let (sidecars, sidecar_digests) = if self.opts.gateway.is_none() {
+            sidecar::build(&res.sidecars, &mut problems)
+        } else {
+            Default::default()
+        };
         // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
         let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {
             mesh::build(res, &mut self.mesh)
@@ -389,6 +395,7 @@ impl Incremental {
             workloads,
             services,
             policies,
+            sidecars,
         };
         let digests = PartDigests {
             virtual_hosts: vhost_digests,
@@ -396,6 +403,7 @@ impl Incremental {
             workloads: workload_digests,
             services: service_digests,
             policies: policy_digests,
+            sidecars: sidecar_digests,
         };
         let snapshot = Snapshot::with_digests(version, listeners, clusters, mesh, &digests);
         Translation {

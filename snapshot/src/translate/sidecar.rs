@@ -1,0 +1,282 @@
+//! Istio Sidecar objects → the snapshot's sidecar scopes: which Services the selected
+//! workloads' proxies know (`egress[].hosts`) and whether anything else is passed through
+//! (`outboundTrafficPolicy`). Per-port egress listeners, bind addresses, capture modes, ingress
+//! listeners and egress proxies are not supported: such a Sidecar is left out with a problem
+//! on the field, and its workloads fall back to their namespace's or the mesh's default.
+
+use std::sync::Arc;
+
+use crate::istio::Sidecar;
+use crate::mesh::{EgressHost, SidecarScope};
+use crate::model::Digest;
+use crate::resources::ObjectRef;
+use crate::translate::{Problems, Reason, meta_ref};
+
+pub(crate) fn build(sidecars: &[Arc<Sidecar>], problems: &mut Problems<'_>) -> (Vec<Arc<SidecarScope>>, Vec<Digest>) {
+    let mut out: Vec<Arc<SidecarScope>> = sidecars
+        .iter()
+        .filter_map(|s| scope(s, problems))
+        .map(Arc::new)
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    let digests = out.iter().map(|s| s.digest()).collect();
+    (out, digests)
+}
+
+fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
+    let obj: ObjectRef = meta_ref("Sidecar", &s.metadata);
+    let spec = &s.spec;
+    let mut unsupported = |field: String, what: &str| {
+        problems.push(&obj, field, Reason::UnsupportedValue, what);
+    };
+    let mut ok = true;
+    if !spec.ingress.is_empty() {
+        unsupported("spec.ingress".into(), "ingress listeners are not supported");
+        ok = false;
+    }
+    for (i, e) in spec.egress.iter().enumerate() {
+        let mut no = |f: &str, what: &str| {
+            unsupported(format!("spec.egress[{i}].{f}"), what);
+            ok = false;
+        };
+        if e.port.is_some() {
+            no(
+                "port",
+                "per-port egress listeners are not supported (hosts apply to every port)",
+            );
+        }
+        if e.bind.is_some() {
+            no("bind", "bind addresses are not supported");
+        }
+        if e.capture_mode
+            .as_deref()
+            .is_some_and(|m| m != "DEFAULT" && m != "IPTABLES")
+        {
+            no("captureMode", "only DEFAULT and IPTABLES capture are supported");
+        }
+    }
+    let policy = spec.outbound_traffic_policy.as_ref();
+    if policy.is_some_and(|p| p.egress_proxy.is_some()) {
+        unsupported(
+            "spec.outboundTrafficPolicy.egressProxy".into(),
+            "egress proxies are not supported",
+        );
+        ok = false;
+    }
+    let registry_only = match policy.and_then(|p| p.mode.as_deref()) {
+        None | Some("ALLOW_ANY") => false,
+        Some("REGISTRY_ONLY") => true,
+        Some(other) => {
+            problems.push(
+                &obj,
+                "spec.outboundTrafficPolicy.mode",
+                Reason::Invalid,
+                format!("{other:?} is not ALLOW_ANY or REGISTRY_ONLY"),
+            );
+            return None;
+        }
+    };
+    let mut hosts = Vec::new();
+    for (i, e) in spec.egress.iter().enumerate() {
+        for (j, h) in e.hosts.iter().enumerate() {
+            match egress_host(h) {
+                Ok(Some(h)) => hosts.push(h),
+                Ok(None) => {}
+                Err(why) => {
+                    problems.push(&obj, format!("spec.egress[{i}].hosts[{j}]"), Reason::Invalid, why);
+                    return None;
+                }
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(SidecarScope {
+        key: format!("Sidecar/{}/{}", obj.namespace, obj.name),
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
+        selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
+        egress: (!spec.egress.is_empty()).then_some(hosts),
+        registry_only,
+    })
+}
+
+/// `namespace/dnsName`; `~/…` names no Service (`None`).
+fn egress_host(h: &str) -> Result<Option<EgressHost>, String> {
+    let Some((ns, host)) = h.split_once('/') else {
+        return Err(format!("{h:?} is not namespace/dnsName"));
+    };
+    if ns.is_empty() || host.is_empty() {
+        return Err(format!("{h:?} is not namespace/dnsName"));
+    }
+    let wildcard_ok = host == "*"
+        || host
+            .strip_prefix("*.")
+            .is_some_and(|s| !s.is_empty() && !s.contains('*'));
+    if host.contains('*') && !wildcard_ok {
+        return Err(format!("{h:?}: a wildcard is only `*` or a leading `*.`"));
+    }
+    if ns == "~" {
+        return Ok(None);
+    }
+    Ok(Some(EgressHost {
+        namespace: ns.to_string(),
+        host: host.to_ascii_lowercase(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Resources;
+    use crate::mesh::sidecar_for;
+    use crate::translate::{Options, translate};
+
+    const SERVICES: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec: {clusterIP: 10.96.0.2, selector: {app: b}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: auth, namespace: ferrum-system}
+spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop, labels: {app: a}}
+spec: {serviceAccountName: a, containers: [{name: app, image: x}]}
+status: {podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wide, namespace: shop, labels: {app: wide}}
+spec: {serviceAccountName: a, containers: [{name: app, image: x}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: data, labels: {app: c}}
+spec: {serviceAccountName: c, containers: [{name: app, image: x}]}
+status: {podIP: 10.0.0.3}
+";
+
+    fn translated(extra: &str) -> crate::Translation {
+        let mut r = Resources::default();
+        r.add_yaml("t.yaml", &format!("{SERVICES}---\n{extra}")).unwrap();
+        translate(&r, 1, &Options::default())
+    }
+
+    /// The Services the proxy of pod `ns/name` knows, and whether it refuses the rest.
+    fn view(t: &crate::Translation, ns: &str, name: &str) -> (Vec<String>, bool) {
+        let w = t.snapshot.workload_or_placeholder(ns, name);
+        let v = t.snapshot.mesh_view(&t.digests, Some(&w), |_| true);
+        assert_eq!(v.hash, v.content_hash());
+        let registry_only = sidecar_for(&v.sidecars, &w).is_some_and(|s| s.registry_only);
+        (v.services.iter().map(|s| s.key.clone()).collect(), registry_only)
+    }
+
+    /// Istio's order: a Sidecar selecting the workload, else its namespace's, else the mesh's;
+    /// `.` is the client's own namespace, `*` any, `~` none.
+    #[test]
+    fn a_workload_knows_the_services_its_sidecar_admits() {
+        let t = translated(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: ferrum-system}\n\
+             spec: {egress: [{hosts: ['./*', 'ferrum-system/*']}]}\n---\n\
+             apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\n\
+             spec: {egress: [{hosts: ['./*', '*/db.data.svc.cluster.local']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: wide, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: wide}}, egress: [{hosts: ['*/*.svc.cluster.local', '~/*']}]}\n",
+        );
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        assert_eq!(t.snapshot.sidecars.len(), 3);
+        // shop's default: its own namespace and one named host elsewhere; nothing else passes.
+        assert_eq!(view(&t, "shop", "a"), (vec!["data/db".into(), "shop/b".into()], true));
+        // Selected by labels: every cluster-local Service, and passthrough for the rest.
+        assert_eq!(
+            view(&t, "shop", "wide"),
+            (
+                vec!["data/db".into(), "ferrum-system/auth".into(), "shop/b".into()],
+                false
+            )
+        );
+        // No Sidecar in `data`: the mesh default, where `.` is the workload's own namespace.
+        assert_eq!(
+            view(&t, "data", "c"),
+            (vec!["data/db".into(), "ferrum-system/auth".into()], false)
+        );
+    }
+
+    /// A Sidecar added, changed or removed reaches a proxy as a delta like any other part.
+    #[test]
+    fn sidecar_changes_travel_as_deltas() {
+        let sidecar = |mode: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: shop}}\n\
+                 spec: {{egress: [{{hosts: ['./*']}}], outboundTrafficPolicy: {{mode: {mode}}}}}\n"
+            )
+        };
+        let steps = [
+            translated(""),
+            translated(&sidecar("ALLOW_ANY")),
+            translated(&sidecar("REGISTRY_ONLY")),
+            translated(""),
+        ];
+        for pair in steps.windows(2) {
+            let (a, b) = (&pair[0].snapshot, &pair[1].snapshot);
+            assert_ne!(a.hash, b.hash);
+            let d = crate::Delta::between(a, b);
+            assert!(!d.sidecars.is_empty());
+            assert_eq!(&d.apply(a).unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn without_sidecars_every_visible_service_is_known() {
+        let t = translated("");
+        assert_eq!(view(&t, "shop", "a").0.len(), 3);
+        assert!(t.snapshot.sidecars.is_empty());
+    }
+
+    /// Bad hosts and what is not supported leave the Sidecar out, with the field; the rest
+    /// of the mesh keeps its Sidecars.
+    #[test]
+    fn invalid_or_unsupported_sidecars_are_reported_and_left_out() {
+        let t = translated(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: bare, namespace: shop}\n\
+             spec: {egress: [{hosts: ['b.shop.svc.cluster.local']}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: mid, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: x}}, egress: [{hosts: ['*/b.*.local']}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: ported, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: y}}, egress: [{port: {number: 80}, hosts: ['./*']}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: mode, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: z}}, outboundTrafficPolicy: {mode: SOMETIMES}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: good, namespace: data}\n\
+             spec: {egress: [{hosts: ['./*']}]}\n",
+        );
+        let got: Vec<(String, String)> = t
+            .problems
+            .iter()
+            .map(|p| (p.object.name.clone(), p.field.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("bare", "spec.egress[0].hosts[0]"),
+                ("mid", "spec.egress[0].hosts[0]"),
+                ("mode", "spec.outboundTrafficPolicy.mode"),
+                ("ported", "spec.egress[0].port"),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        let keys: Vec<_> = t.snapshot.sidecars.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["Sidecar/data/good"]);
+        assert_eq!(view(&t, "data", "c").0, ["data/db"]);
+    }
+}
