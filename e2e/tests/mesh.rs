@@ -1195,3 +1195,103 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     let route = w.cluster.get("grpcroute", NS, "echo");
     assert_eq!(route["status"]["parents"][0]["parentRef"]["kind"], "Service", "{route}");
 }
+
+/// An Istio Sidecar scopes what a workload's proxy knows: with `egress.hosts` naming another
+/// namespace only, A's proxy no longer knows svc-b (its ClusterIP is an address outside the mesh,
+/// which nothing here answers) while an external server is still passed through; with `./*` and
+/// `REGISTRY_ONLY`, svc-b is back and the external server is refused. An invalid Sidecar is
+/// reported on its status with the field, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
+    let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    until_routed(&w).await;
+    // A server outside the mesh: on the host, at its address on the pods' bridge.
+    let host = w.bridge.host_ip();
+    let port = free_port();
+    let _external = Proc(
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", &host, &port.to_string()])
+            .current_dir(w.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let external = || {
+        w.pods[0]
+            .curl(&["--max-time", "3", &format!("http://{host}:{port}/")])
+            .0
+    };
+    eventually("A reaches the external server", Duration::from_secs(10), async || {
+        external()
+    })
+    .await;
+    let blocked = || -> f64 {
+        let out = w.pods[0].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let series = "ferrum_mesh_connections_total{direction=\"outbound\",path=\"blocked\"}";
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from {text}"))
+    };
+    assert_eq!(blocked(), 0.0);
+
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let sidecar = |hosts: &str, mode: &str| {
+        w.cluster.apply(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NS}}}\n\
+             spec: {{egress: [{{hosts: [{hosts}]}}], outboundTrafficPolicy: {{mode: {mode}}}}}\n"
+        ))
+    };
+    sidecar("'elsewhere/*'", "ALLOW_ANY");
+    eventually("A's proxy forgets svc-b", Duration::from_secs(20), async || {
+        !curl_svc_b(&w, "/").0
+    })
+    .await;
+    assert!(external(), "ALLOW_ANY: the external server is still passed through");
+
+    sidecar("'./*'", "REGISTRY_ONLY");
+    eventually("A reaches svc-b again", Duration::from_secs(20), async || {
+        curl_svc_b(&w, "/").0
+    })
+    .await;
+    assert!(!external(), "REGISTRY_ONLY: the external server is refused");
+    assert!(blocked() >= 1.0);
+    let status = w.cluster.get("sidecar", NS, "default");
+    let accepted = &status["status"]["conditions"][0];
+    assert_eq!(
+        (&accepted["type"], &accepted["status"]),
+        (&"Accepted".into(), &"True".into()),
+        "{status}"
+    );
+
+    // A Sidecar selecting A with a host that is not namespace/dnsName is left out (A keeps the
+    // namespace's) and says why.
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: broken, namespace: {NS}}}\n\
+         spec: {{workloadSelector: {{labels: {{app: a}}}}, egress: [{{hosts: ['svc-b']}}]}}\n"
+    ));
+    let mut last = serde_json::Value::Null;
+    eventually(
+        "the broken Sidecar's status names the field",
+        Duration::from_secs(20),
+        async || {
+            last = w.cluster.get("sidecar", NS, "broken");
+            last["status"]["conditions"][0]["status"] == "False"
+        },
+    )
+    .await;
+    let c = &last["status"]["conditions"][0];
+    assert_eq!(c["reason"], "Invalid", "{last}");
+    assert!(
+        c["message"].as_str().unwrap().contains("spec.egress[0].hosts[0]"),
+        "{last}"
+    );
+    assert!(
+        curl_svc_b(&w, "/").0 && !external(),
+        "the namespace's Sidecar still holds"
+    );
+}
