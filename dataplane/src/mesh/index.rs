@@ -167,6 +167,16 @@ impl MeshIndex {
 mod tests {
     use super::*;
 
+    /// The index of a sidecar in namespace `ns`.
+    fn sidecar_index(snap: &Snapshot, ns: &str) -> MeshIndex {
+        MeshIndex::build(
+            snap,
+            Some(&(ns.into(), "me".into())),
+            HashMap::new(),
+            &JwksCache::default(),
+        )
+    }
+
     #[test]
     fn vips_map_to_endpoints_with_their_target_ports_and_pod_ips_to_workloads() {
         let mut r = ferrum_snapshot::Resources::default();
@@ -211,14 +221,7 @@ mod tests {
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
         let vip = "10.96.0.9:80".parse().unwrap();
-        let at = |ns: &str| {
-            MeshIndex::build(
-                &snap,
-                Some(&(ns.into(), "me".into())),
-                HashMap::new(),
-                &JwksCache::default(),
-            )
-        };
+        let at = |ns: &str| sidecar_index(&snap, ns);
         assert!(matches!(at("ns").destination(vip), Destination::Service(_)));
         assert!(matches!(at("other").destination(vip), Destination::Passthrough));
     }
@@ -241,14 +244,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let at = |ns: &str| {
-            MeshIndex::build(
-                &snap,
-                Some(&(ns.into(), "me".into())),
-                HashMap::new(),
-                &JwksCache::default(),
-            )
-        };
+        let at = |ns: &str| sidecar_index(&snap, ns);
         let (ns, other) = (at("ns"), at("other"));
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(matches!(ns.destination(dst("10.96.0.9:80")), Destination::Service(_)));
