@@ -158,7 +158,7 @@ async fn routes_follow_kubectl_and_survive_the_operator() {
     drop(dp);
     let _dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
     cluster.kubectl(&["delete", "httproutes", "shop", "-n", "default"], None);
-    eventually("deleted route answers 404", Duration::from_secs(2), async || {
+    eventually("deleted route answers 404", Duration::from_secs(10), async || {
         hit(port, "shop.example.com").await.0 == 404
     })
     .await;
@@ -307,7 +307,7 @@ async fn proxies_need_the_token() {
         "nothing listens: the proxies got no config"
     );
     let _dp = Proxy::start_with(&op.grpc_url(), "dp-1", &dir.join("z.json"), &["--token", "s3cret"]).await;
-    eventually("the proxy with the token serves", Duration::from_secs(2), async || {
+    eventually("the proxy with the token serves", Duration::from_secs(10), async || {
         hit(port, "shop.example.com").await == (200, Some("a".into()))
     })
     .await;
@@ -339,7 +339,7 @@ async fn grpc_routes_reach_backends_over_h2() {
             .body(vec![0u8, 0, 0, 0, 0])
             .send()
     };
-    eventually("the gRPC method routes to b", Duration::from_secs(2), async || {
+    eventually("the gRPC method routes to b", Duration::from_secs(10), async || {
         call()
             .await
             .is_ok_and(|r| r.headers().get("x-backend").is_some_and(|v| v == "b"))
@@ -377,7 +377,7 @@ async fn a_proxy_with_a_role_serves_only_its_gateway() {
     ));
     let cache = cluster.dir.path().join("role.json");
     let dp = Proxy::start_with(&op.grpc_url(), "web-1", &cache, &["--role", "gateway/default/web"]).await;
-    eventually("the web Gateway serves", Duration::from_secs(2), async || {
+    eventually("the web Gateway serves", Duration::from_secs(10), async || {
         hit(web, "shop.example.com").await == (200, Some("a".into()))
     })
     .await;

@@ -701,7 +701,9 @@ fn user_token(k: &jsonwebtoken::EncodingKey, sub: &str, groups: &[&str]) -> Stri
 /// AuthorizationPolicies that target a Gateway: a stock Envoy is given them as RBAC filters
 /// (DENY, then ALLOW) and answers every request of a table as ferrum-dp does — hosts, methods,
 /// paths with templates, ports, source IP blocks, header conditions, `not*` fields, and with a
-/// RequestAuthentication (Envoy's `jwt_authn`) tokens, request principals and claims — and
+/// RequestAuthentication (Envoy's `jwt_authn`, with the JWKS the operator fetched from the
+/// rule's `jwksUri` put inline: Envoy has no cluster to fetch it from) tokens, request principals
+/// and claims — and
 /// refuses the TCP listener's connections the way Istio reads HTTP rules at L4. ferrum-dp
 /// following the same xDS refuses the listener rather than skip a filter that enforces policy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -711,6 +713,20 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
     let db = tcp_server("db").await;
     let ((key, jwks), (other_key, _)) = (jwt_key(), jwt_key());
     let cluster = Cluster::start();
+    // The issuer's JWKS, served over HTTP where only the operator looks.
+    let keys_dir = cluster.dir.path().join("issuer");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("jwks.json"), &jwks).unwrap();
+    let jwks_port = free_port();
+    let _issuer = Proc(
+        Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &jwks_port.to_string()])
+            .current_dir(&keys_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     cluster.kubectl(
         &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
         None,
@@ -739,7 +755,7 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
          \x20 - to: [{{operation: {{hosts: ['*.example.com'], methods: [POST], ports: ['{port}']}}}}]\n\
          \x20   when: [{{key: 'request.headers[x-team]', values: [ops], notValues: [ops-intern]}}]\n\
          ---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt}}\n\
-         spec:\n  {target}\n  jwtRules: [{{issuer: 'https://issuer.example', audiences: [gw], jwks: '{jwks}'}}]\n\
+         spec:\n  {target}\n  jwtRules: [{{issuer: 'https://issuer.example', audiences: [gw], jwksUri: 'http://127.0.0.1:{jwks_port}/jwks.json'}}]\n\
          ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: users}}\n\
          spec:\n  {target}\n  rules:\n\
          \x20 - from: [{{source: {{requestPrincipals: ['https://issuer.example/*']}}}}]\n\
@@ -792,7 +808,11 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
         eventually(
             &format!("{proxy} serves and denies"),
             Duration::from_secs(15),
-            async || call("GET", "/x", None).await == Some(200) && call("GET", "/admin", None).await == Some(403),
+            async || {
+                call("GET", "/x", None).await == Some(200)
+                    && call("GET", "/admin", None).await == Some(403)
+                    && call("GET", "/private", Some(("authorization", &ok))).await == Some(200)
+            },
         )
         .await;
         let got: Vec<_> = futures_util::future::join_all(table.iter().map(|(m, p, h, _)| call(m, p, *h))).await;

@@ -4,6 +4,7 @@
 mod admin;
 mod ca;
 mod controller;
+mod jwks;
 mod leader;
 mod publish;
 mod status;

@@ -65,6 +65,9 @@ pub struct Resources {
     pub sidecars: Vec<Arc<Sidecar>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
+    /// JWKS documents the producer fetched for RequestAuthentications' `jwksUri`s, by URI: the
+    /// translator puts them inline. Empty in file mode (the proxy fetches).
+    pub jwks: Arc<crate::translate::Jwks>,
 }
 
 #[derive(Debug, thiserror::Error)]

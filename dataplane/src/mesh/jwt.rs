@@ -72,22 +72,51 @@ impl Keys {
 pub struct Remote {
     uri: String,
     keys: ArcSwapOption<Keys>,
+    /// The document the keys came from, as served.
+    json: ArcSwapOption<String>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Remote {
+    /// The JWKS document last fetched, if any fetch succeeded yet.
+    pub fn json(&self) -> Option<Arc<String>> {
+        self.json.load_full()
+    }
 }
 
 /// The remote JWKS in use, by URI: one fetcher per URI however many rules and reloads name it.
-#[derive(Default)]
-pub struct JwksCache(Mutex<HashMap<String, Weak<Remote>>>);
+pub struct JwksCache {
+    remotes: Mutex<HashMap<String, Weak<Remote>>>,
+    /// Counts fetches that brought a different document.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for JwksCache {
+    fn default() -> Self {
+        JwksCache {
+            remotes: Mutex::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
 
 impl JwksCache {
+    /// Changes when a fetch brings a JWKS document different from the one before.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The JWKS at `uri`, starting its fetcher when nothing holds it yet.
     pub fn get(&self, uri: &str, timeout: Duration) -> Arc<Remote> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.remotes.lock().unwrap();
         if let Some(r) = m.get(uri).and_then(Weak::upgrade) {
             return r;
         }
         let r = Arc::new(Remote {
             uri: uri.to_string(),
             keys: ArcSwapOption::empty(),
+            json: ArcSwapOption::empty(),
+            changes: self.changes.clone(),
         });
         m.retain(|_, w| w.strong_count() > 0);
         m.insert(uri.to_string(), Arc::downgrade(&r));
@@ -104,10 +133,15 @@ async fn refresh(remote: Weak<Remote>, timeout: Duration) {
     let client = fetch_client();
     loop {
         let Some(r) = remote.upgrade() else { return };
-        let wait = match fetch(&client, &r.uri, timeout).await.and_then(|j| Keys::parse(&j)) {
-            Ok(keys) => {
+        let got = fetch(&client, &r.uri, timeout).await;
+        let wait = match got.and_then(|j| Keys::parse(&j).map(|k| (j, k))) {
+            Ok((json, keys)) => {
                 tracing::info!(uri = %r.uri, keys = keys.0.len(), "JWKS fetched");
                 r.keys.store(Some(Arc::new(keys)));
+                if r.json.load().as_deref() != Some(&json) {
+                    r.json.store(Some(Arc::new(json)));
+                    r.changes.send_modify(|n| *n += 1);
+                }
                 REFRESH
             }
             Err(e) => {
@@ -297,18 +331,19 @@ fn unverified_issuer(token: &str) -> Option<String> {
     data.claims.get("iss")?.as_str().map(str::to_string)
 }
 
+/// How long fetching a rule's `jwksUri` may take: its `timeout`, else 5 s.
+pub fn fetch_timeout(r: &JwtRule) -> Duration {
+    r.timeout
+        .as_deref()
+        .and_then(|t| ferrum_snapshot::translate::parse_duration_ms(t).ok())
+        .map(Duration::from_millis)
+        .unwrap_or(FETCH_TIMEOUT)
+}
+
 fn compile(r: &JwtRule, cache: &JwksCache) -> Option<Rule> {
     let keys = match (&r.jwks, &r.jwks_uri) {
         (Some(inline), _) => Source::Inline(Keys::parse(inline).ok()?),
-        (None, Some(uri)) => {
-            let timeout = r
-                .timeout
-                .as_deref()
-                .and_then(|t| ferrum_snapshot::translate::parse_duration_ms(t).ok())
-                .map(Duration::from_millis)
-                .unwrap_or(FETCH_TIMEOUT);
-            Source::Remote(cache.get(uri, timeout))
-        }
+        (None, Some(uri)) => Source::Remote(cache.get(uri, fetch_timeout(r))),
         (None, None) => return None,
     };
     let mut locations: Vec<Location> = r

@@ -122,6 +122,7 @@ macro_rules! kinds {
                 Resources {
                     $($field: self.$field.state(),)+
                     origins: Default::default(),
+                    jwks: Default::default(),
                 }
             }
         }
@@ -387,14 +388,26 @@ impl Controller {
         Controller { stores, changed: crx }
     }
 
-    /// Translates after every burst of changes (coalesced for `debounce`), forever.
+    /// Translates after every burst of changes (coalesced for `debounce`), and when a JWKS
+    /// named by URI is fetched anew, forever.
     pub async fn run(mut self, publisher: Arc<Publisher>, debounce: Duration) {
-        publisher.publish(self.stores.resources());
-        while self.changed.recv().await.is_some() {
+        let jwks = crate::jwks::Fetched::default();
+        let mut fetched = jwks.changes();
+        let resources = |stores: &Stores| {
+            let mut res = stores.resources();
+            res.jwks = jwks.for_resources(&res);
+            res
+        };
+        publisher.publish(resources(&self.stores));
+        loop {
+            tokio::select! {
+                r = self.changed.recv() => if r.is_none() { return },
+                r = fetched.changed() => if r.is_err() { return },
+            }
             tokio::time::sleep(debounce).await;
             while self.changed.try_recv().is_ok() {}
             let started = Instant::now();
-            let res = self.stores.resources();
+            let res = resources(&self.stores);
             let copied_ms = started.elapsed().as_millis() as u64;
             if publisher.publish(res) {
                 tracing::info!(copied_ms, total_ms = started.elapsed().as_millis() as u64, "published");

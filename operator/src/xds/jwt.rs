@@ -46,7 +46,8 @@ impl Providers {
                 let name = format!("{}/{}[{i}]", p.namespace, p.name);
                 let Some(jwks) = &r.jwks else {
                     unsupported.push(format!(
-                        "RequestAuthentication rule {name}: jwksUri is not fetched for Envoy (an inline `jwks` is): tokens of {} are refused (401)",
+                        "RequestAuthentication rule {name}: its jwksUri {:?} has not been fetched (yet): tokens of {} are refused (401)",
+                        r.jwks_uri.as_deref().unwrap_or(""),
                         r.issuer
                     ));
                     continue;

@@ -15,6 +15,7 @@ mod l4route;
 mod listeners;
 mod mesh;
 mod policy;
+pub use policy::Jwks;
 mod sidecar;
 
 use std::any::Any;
@@ -354,6 +355,7 @@ impl Incremental {
                 &res.authorization_policies,
                 &res.peer_authentications,
                 &res.request_authentications,
+                &res.jwks,
                 &mut problems,
             );
             // A proxy of one Gateway gets the policies that target it and no others.

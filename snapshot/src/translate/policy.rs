@@ -11,6 +11,9 @@ use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
 
+/// JWKS documents fetched from `jwksUri`s, by URI.
+pub type Jwks = std::collections::BTreeMap<String, Arc<String>>;
+
 /// The annotation that makes a policy dry-run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
 
@@ -18,13 +21,14 @@ pub(crate) fn build(
     authz: &[Arc<AuthorizationPolicy>],
     peer: &[Arc<PeerAuthentication>],
     authn: &[Arc<RequestAuthentication>],
+    jwks: &Jwks,
     problems: &mut Problems<'_>,
 ) -> (Vec<Arc<Policy>>, Vec<Digest>) {
     let mut out: Vec<Arc<Policy>> = Vec::with_capacity(authz.len() + peer.len() + authn.len());
     out.extend(
         authn
             .iter()
-            .filter_map(|p| request_authentication(p, problems))
+            .filter_map(|p| request_authentication(p, jwks, problems))
             .map(Arc::new),
     );
     out.extend(authz.iter().filter_map(|p| authorization(p, problems)).map(Arc::new));
@@ -118,7 +122,7 @@ fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option
     })
 }
 
-fn request_authentication(p: &RequestAuthentication, problems: &mut Problems<'_>) -> Option<Policy> {
+fn request_authentication(p: &RequestAuthentication, jwks: &Jwks, problems: &mut Problems<'_>) -> Option<Policy> {
     let obj: ObjectRef = meta_ref("RequestAuthentication", &p.metadata);
     let spec = &p.spec;
     let targets = targets(
@@ -140,10 +144,23 @@ fn request_authentication(p: &RequestAuthentication, problems: &mut Problems<'_>
             &obj,
             spec.selector.as_ref(),
             PolicyRule::RequestAuthentication(RequestAuthn {
-                jwt_rules: spec.jwt_rules.clone(),
+                jwt_rules: spec.jwt_rules.iter().map(|r| with_fetched_jwks(r, jwks)).collect(),
             }),
         )
     })
+}
+
+/// `r` with the JWKS its `jwksUri` served, when the producer fetched it (the operator does, as
+/// istiod does): proxies then validate with the inline keys and fetch nothing, and Envoy, which
+/// is given no cluster to fetch from, gets them too.
+fn with_fetched_jwks(r: &crate::istio::JwtRule, jwks: &Jwks) -> crate::istio::JwtRule {
+    let mut r = r.clone();
+    if r.jwks.is_none()
+        && let Some(doc) = r.jwks_uri.as_ref().and_then(|u| jwks.get(u))
+    {
+        r.jwks = Some(doc.to_string());
+    }
+    r
 }
 
 /// The field and reason a JWT rule cannot be used for, if any.
@@ -385,6 +402,23 @@ mod tests {
             panic!()
         };
         assert_eq!(ra.jwt_rules.len(), 2);
+        assert!(ra.jwt_rules[1].jwks.is_none(), "nothing fetched: the proxy fetches");
+        // The operator's fetched JWKS go inline; the inline `jwks` a rule has is kept.
+        r.jwks = std::sync::Arc::new(
+            [(
+                "https://j/keys".to_string(),
+                std::sync::Arc::new("{\"keys\": []}".to_string()),
+            )]
+            .into(),
+        );
+        let fetched = translate(&r, 2, &Options::default());
+        let PolicyRule::RequestAuthentication(ra) = &fetched.snapshot.policies[0].rule else {
+            panic!()
+        };
+        assert_eq!(ra.jwt_rules[0].jwks.as_deref(), Some(jwks));
+        assert_eq!(ra.jwt_rules[1].jwks.as_deref(), Some("{\"keys\": []}"));
+        assert_eq!(ra.jwt_rules[1].jwks_uri.as_deref(), Some("https://j/keys"));
+        assert_ne!(fetched.snapshot.hash, t.snapshot.hash);
         let problems = t.problem_keys();
         assert_eq!(
             problems,
