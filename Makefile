@@ -113,10 +113,11 @@ bench-operator: e2e-deps
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator
 
 ## The operator for the mesh: 10k Services, 5k Pods, 1k sidecars with tokens; a pod change reaching them all.
+## BENCH_OPERATOR_MESH_ARGS=--sidecar-hosts=20: each sidecar scoped by a mesh-wide Istio Sidecar.
 bench-operator-mesh: e2e-deps
 	cargo build --release -p ferrum-operator --bins
 	cargo build --release -p ferrum-e2e --example bench_operator
-	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator --mesh
+	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_operator --mesh $(BENCH_OPERATOR_MESH_ARGS)
 
 ## xDS at scale: 1,000 ADS clients on a 5,000-service snapshot (see bench/README.md).
 bench-xds: e2e-deps

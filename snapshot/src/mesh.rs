@@ -2,7 +2,7 @@
 //! finds where a captured connection goes (a Service VIP or a pod IP), picks an endpoint, and
 //! learns whether that endpoint's proxy speaks HBONE and which identity it must present.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -257,6 +257,52 @@ pub fn sidecar_for<'a>(scopes: &'a [Arc<SidecarScope>], w: &Workload) -> Option<
                 .find(|s| s.namespace == crate::ROOT_NAMESPACE && s.selector.is_none())
         })
         .map(|s| &**s)
+}
+
+/// What one client workload's proxy knows of a snapshot: the Services exported to its namespace
+/// that its Sidecar admits; the workloads behind them, at the addresses their mesh routes send
+/// to, and itself (every workload when its Sidecar names no egress hosts); and that Sidecar.
+pub struct ClientView<'a> {
+    pub scope: Option<&'a SidecarScope>,
+    namespace: &'a str,
+    /// (workload UIDs, addresses, its own UID); `None`: every workload.
+    workloads: Option<(HashSet<&'a str>, HashSet<&'a str>, &'a str)>,
+}
+
+impl<'a> ClientView<'a> {
+    pub fn of(snap: &'a crate::model::Snapshot, client: &'a Workload) -> Self {
+        let mut v = ClientView {
+            scope: sidecar_for(&snap.sidecars, client),
+            namespace: &client.namespace,
+            workloads: None,
+        };
+        if v.scope.is_some_and(|s| s.egress.is_some()) {
+            let known: Vec<&MeshService> = snap.services.iter().filter(|s| v.knows(s)).map(|s| &**s).collect();
+            let routed: HashSet<&str> = known.iter().flat_map(|s| s.route_clusters()).collect();
+            let uids = known
+                .iter()
+                .flat_map(|s| s.endpoints.iter().filter_map(|e| e.workload.as_deref()))
+                .collect();
+            let addresses = snap
+                .clusters
+                .iter()
+                .filter(|c| routed.contains(c.name.as_str()))
+                .flat_map(|c| c.endpoints.iter().map(|e| e.address.as_str()))
+                .collect();
+            v.workloads = Some((uids, addresses, &client.uid));
+        }
+        v
+    }
+
+    pub fn knows(&self, s: &MeshService) -> bool {
+        s.visible_to(self.namespace) && self.scope.is_none_or(|sc| sc.admits(s, self.namespace))
+    }
+
+    pub fn knows_workload(&self, w: &Workload) -> bool {
+        self.workloads.as_ref().is_none_or(|(uids, addresses, own)| {
+            w.uid == *own || uids.contains(w.uid.as_str()) || w.ips.iter().any(|ip| addresses.contains(ip.as_str()))
+        })
+    }
 }
 
 /// The mesh collections of a snapshot, each in key order.

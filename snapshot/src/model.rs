@@ -221,18 +221,18 @@ impl Snapshot {
 
     /// The part a sidecar needs: the mesh with the Services `client` knows (all, for `None`):
     /// those exported to its namespace and admitted by its Sidecar, which comes along; the
-    /// clusters their routes send to (no Gateway's listeners or clusters), and of the policies
-    /// those `keep` says. `d` are this snapshot's part digests (the translator keeps them), so
+    /// clusters their routes send to (no Gateway's listeners or clusters); the workloads it knows
+    /// (all, unless its Sidecar names egress hosts: see [`crate::mesh::ClientView`]), and of the
+    /// policies those `keep` says. `d` are this snapshot's part digests (the translator keeps them), so
     /// nothing is re-hashed.
     pub fn mesh_view(&self, d: &PartDigests, client: Option<&Workload>, keep: impl Fn(&Policy) -> bool) -> Snapshot {
-        let scope = client.and_then(|w| crate::mesh::sidecar_for(&self.sidecars, w));
+        let view = client.map(|w| crate::mesh::ClientView::of(self, w));
+        let scope = view.as_ref().and_then(|v| v.scope);
         let (services, service_digests): (Vec<_>, Vec<_>) = self
             .services
             .iter()
             .zip(&d.services)
-            .filter(|(s, _)| {
-                client.is_none_or(|w| s.visible_to(&w.namespace) && scope.is_none_or(|sc| sc.admits(s, &w.namespace)))
-            })
+            .filter(|(s, _)| view.as_ref().is_none_or(|v| v.knows(s)))
             .map(|(s, d)| (s.clone(), *d))
             .unzip();
         let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
@@ -257,8 +257,15 @@ impl Snapshot {
             .filter(|(s, _)| client.is_none() || scope.is_some_and(|sc| sc.key == s.key))
             .map(|(s, d)| (s.clone(), *d))
             .unzip();
+        let (workloads, workload_digests): (Vec<_>, Vec<_>) = self
+            .workloads
+            .iter()
+            .zip(&d.workloads)
+            .filter(|(w, _)| view.as_ref().is_none_or(|v| v.knows_workload(w)))
+            .map(|(w, d)| (w.clone(), *d))
+            .unzip();
         let digests = PartDigests {
-            workloads: d.workloads.clone(),
+            workloads: workload_digests,
             services: service_digests,
             policies: policy_digests,
             clusters: cluster_digests,
@@ -266,7 +273,7 @@ impl Snapshot {
             ..PartDigests::default()
         };
         let mesh = Mesh {
-            workloads: self.workloads.clone(),
+            workloads,
             services,
             policies,
             sidecars,

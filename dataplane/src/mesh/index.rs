@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::Snapshot;
-use ferrum_snapshot::mesh::{MeshService, Workload};
+use ferrum_snapshot::mesh::{ClientView, MeshService, Workload};
 
 use super::jwt::{Authenticator, JwksCache};
 use super::policy::Authorizer;
@@ -75,9 +75,19 @@ impl MeshIndex {
         http: HashMap<(String, u16), Arc<CompiledListener>>,
         jwks: &JwksCache,
     ) -> MeshIndex {
+        let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
+        // A Service exported elsewhere only, or that this proxy's Sidecar does not admit, is not
+        // this sidecar's to route, nor are workloads its Sidecar leaves out (a snapshot from a
+        // file or another producer may carry them).
+        let view = own.as_ref().map(|w| ClientView::of(snap, w));
+        let visible = |s: &MeshService| view.as_ref().is_none_or(|v| v.knows(s));
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
-        for w in &snap.workloads {
+        for w in snap
+            .workloads
+            .iter()
+            .filter(|w| view.as_ref().is_none_or(|v| v.knows_workload(w)))
+        {
             for ip in &w.ips {
                 if let Ok(ip) = ip.parse() {
                     workloads.insert(ip, w.clone());
@@ -85,14 +95,6 @@ impl MeshIndex {
             }
         }
         let mut services = HashMap::new();
-        let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
-        let scope = own
-            .as_ref()
-            .and_then(|w| ferrum_snapshot::mesh::sidecar_for(&snap.sidecars, w));
-        // A Service exported elsewhere only, or that this proxy's Sidecar does not admit, is not
-        // this sidecar's to route (a snapshot from a file or another producer may carry it).
-        let visible =
-            |s: &MeshService| me.is_none_or(|me| s.visible_to(&me.0) && scope.is_none_or(|sc| sc.admits(s, &me.0)));
         for s in snap.services.iter().filter(|s| visible(s)) {
             for p in &s.ports {
                 let endpoints: Vec<_> = s
@@ -131,7 +133,7 @@ impl MeshIndex {
             .as_ref()
             .map(|w| Authenticator::for_workload(&snap.policies, w, jwks))
             .unwrap_or_default();
-        let registry_only = scope.is_some_and(|s| s.registry_only);
+        let registry_only = view.as_ref().and_then(|v| v.scope).is_some_and(|s| s.registry_only);
         MeshIndex {
             services,
             workloads,

@@ -156,6 +156,12 @@ status: {podIP: 10.0.0.1}
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: b-1, namespace: shop, labels: {app: b}}
+spec: {serviceAccountName: b, containers: [{name: app, image: x}]}
+status: {podIP: 10.0.0.4}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: wide, namespace: shop, labels: {app: wide}}
 spec: {serviceAccountName: a, containers: [{name: app, image: x}]}
 status: {podIP: 10.0.0.2}
@@ -175,11 +181,21 @@ status: {podIP: 10.0.0.3}
 
     /// The Services the proxy of pod `ns/name` knows, and whether it refuses the rest.
     fn view(t: &crate::Translation, ns: &str, name: &str) -> (Vec<String>, bool) {
+        let (services, _, registry_only) = view_with_workloads(t, ns, name);
+        (services, registry_only)
+    }
+
+    /// [`view`] with the names of the workloads it knows.
+    fn view_with_workloads(t: &crate::Translation, ns: &str, name: &str) -> (Vec<String>, Vec<String>, bool) {
         let w = t.snapshot.workload_or_placeholder(ns, name);
         let v = t.snapshot.mesh_view(&t.digests, Some(&w), |_| true);
         assert_eq!(v.hash, v.content_hash());
         let registry_only = sidecar_for(&v.sidecars, &w).is_some_and(|s| s.registry_only);
-        (v.services.iter().map(|s| s.key.clone()).collect(), registry_only)
+        (
+            v.services.iter().map(|s| s.key.clone()).collect(),
+            v.workloads.iter().map(|w| w.name.clone()).collect(),
+            registry_only,
+        )
     }
 
     /// Istio's order: a Sidecar selecting the workload, else its namespace's, else the mesh's;
@@ -197,7 +213,15 @@ status: {podIP: 10.0.0.3}
         assert!(t.problems.is_empty(), "{:?}", t.problems);
         assert_eq!(t.snapshot.sidecars.len(), 3);
         // shop's default: its own namespace and one named host elsewhere; nothing else passes.
-        assert_eq!(view(&t, "shop", "a"), (vec!["data/db".into(), "shop/b".into()], true));
+        // It knows the workloads behind those Services, and itself.
+        assert_eq!(
+            view_with_workloads(&t, "shop", "a"),
+            (
+                vec!["data/db".into(), "shop/b".into()],
+                vec!["a".into(), "b-1".into()],
+                true
+            )
+        );
         // Selected by labels: every cluster-local Service, and passthrough for the rest.
         assert_eq!(
             view(&t, "shop", "wide"),
@@ -240,7 +264,8 @@ status: {podIP: 10.0.0.3}
     #[test]
     fn without_sidecars_every_visible_service_is_known() {
         let t = translated("");
-        assert_eq!(view(&t, "shop", "a").0.len(), 3);
+        let (services, workloads, _) = view_with_workloads(&t, "shop", "a");
+        assert_eq!((services.len(), workloads.len()), (3, 4));
         assert!(t.snapshot.sidecars.is_empty());
     }
 
