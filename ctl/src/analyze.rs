@@ -103,8 +103,49 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
             });
         }
     }
+    // A Sidecar host naming one Service that is not there (a typo) admits nothing.
+    for sc in &snap.sidecars {
+        for h in sc.egress.iter().flatten().filter(|h| !h.host.starts_with('*')) {
+            let named = |s: &&std::sync::Arc<ferrum_snapshot::mesh::MeshService>| {
+                s.hostname.eq_ignore_ascii_case(&h.host)
+                    && (h.namespace == "*"
+                        || h.namespace == "."
+                        || s.key.split('/').next() == Some(h.namespace.as_str()))
+            };
+            if !snap.services.iter().any(|s| named(&s)) {
+                let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
+                out.push(Finding {
+                    severity: Severity::Warning,
+                    origin: None,
+                    field: "spec.egress.hosts".into(),
+                    reason: "NoMatchingService".into(),
+                    message: format!(
+                        "{object} names {}/{}, which is no Service: it admits nothing",
+                        h.namespace, h.host
+                    ),
+                    object,
+                });
+            }
+        }
+    }
     if snap.workloads.is_empty() {
         return out;
+    }
+    for sc in snap.sidecars.iter().filter(|sc| sc.selector.is_some()) {
+        let own = |w: &&std::sync::Arc<ferrum_snapshot::mesh::Workload>| {
+            w.namespace == sc.namespace && ferrum_snapshot::mesh::sidecar_for(std::slice::from_ref(sc), w).is_some()
+        };
+        if !snap.workloads.iter().any(|w| own(&w)) {
+            let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
+            out.push(Finding {
+                severity: Severity::Warning,
+                origin: None,
+                field: "spec.workloadSelector".into(),
+                reason: "NoMatchingWorkload".into(),
+                message: format!("{object} selects no workload: it applies to nothing"),
+                object,
+            });
+        }
     }
     for p in &snap.policies {
         if p.selector.is_none() || !p.targets.is_empty() || snap.workloads.iter().any(|w| p.applies_to(w)) {

@@ -138,13 +138,18 @@ fn policies_that_select_no_workload_are_named() {
         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: fine, namespace: shop}\n\
         spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n---\n\
         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\n\
-        spec: {selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}\n";
+        spec: {selector: {matchLabels: {app: db}}, mtls: {mode: STRICT}}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: data}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 5432}]}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: web, namespace: shop}\n\
+        spec: {workloadSelector: {labels: {app: wbe}}, egress: [{hosts: ['./*', '*/db.data.svc.cluster.local', 'data/dbb.data.svc.cluster.local']}]}\n";
     std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
     let (code, out, err) = ferrumctl(&["analyze", "-f", dir.path().to_str().unwrap()]);
     assert_eq!(code, 0, "warnings only: {out}{err}");
     for want in [
         "AuthorizationPolicy shop/typo selects no workload",
         "PeerAuthentication shop/strict selects no workload",
+        "Sidecar shop/web selects no workload",
+        "Sidecar shop/web names data/dbb.data.svc.cluster.local, which is no Service",
         "NoMatchingWorkload",
     ] {
         assert!(out.contains(want), "{want:?} missing:\n{out}");
@@ -152,6 +157,10 @@ fn policies_that_select_no_workload_are_named() {
     assert!(
         !out.contains("shop/fine"),
         "a policy that selects the pod is fine:\n{out}"
+    );
+    assert!(
+        !out.contains("*/db.data"),
+        "a host that names a Service is fine:\n{out}"
     );
 }
 
