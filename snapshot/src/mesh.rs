@@ -208,28 +208,47 @@ pub struct EgressHost {
     pub namespace: String,
     /// `*`, `*.suffix` or a hostname.
     pub host: String,
+    /// The egress listener's port: the host is known on that Service port only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl EgressHost {
+    fn matches(&self, s: &MeshService, client_ns: &str) -> bool {
+        let ns = s.key.split_once('/').map_or("", |(ns, _)| ns);
+        let ns_ok = match self.namespace.as_str() {
+            "*" => true,
+            "." => ns == client_ns,
+            n => ns == n,
+        };
+        ns_ok
+            && match self.host.as_str() {
+                "*" => true,
+                host => match host.strip_prefix('*') {
+                    Some(suffix) => s.hostname.ends_with(suffix),
+                    None => s.hostname.eq_ignore_ascii_case(host),
+                },
+            }
+    }
 }
 
 impl SidecarScope {
-    /// Whether a client in `client_ns` under this Sidecar knows `s`.
+    /// Whether a client in `client_ns` under this Sidecar knows `s` (on some port).
     pub fn admits(&self, s: &MeshService, client_ns: &str) -> bool {
-        let Some(hosts) = &self.egress else { return true };
-        let ns = s.key.split_once('/').map_or("", |(ns, _)| ns);
-        hosts.iter().any(|h| {
-            let ns_ok = match h.namespace.as_str() {
-                "*" => true,
-                "." => ns == client_ns,
-                n => ns == n,
-            };
-            ns_ok
-                && match h.host.as_str() {
-                    "*" => true,
-                    host => match host.strip_prefix('*') {
-                        Some(suffix) => s.hostname.ends_with(suffix),
-                        None => s.hostname.eq_ignore_ascii_case(host),
-                    },
-                }
-        })
+        self.egress
+            .as_ref()
+            .is_none_or(|hosts| hosts.iter().any(|h| h.matches(s, client_ns)))
+    }
+
+    /// The ports of `s` such a client knows, when not all of them: only per-port egress
+    /// listeners name it.
+    pub fn ports(&self, s: &MeshService, client_ns: &str) -> Option<Vec<u16>> {
+        let hosts = self.egress.as_ref()?;
+        let mut ports = Vec::new();
+        for h in hosts.iter().filter(|h| h.matches(s, client_ns)) {
+            ports.push(h.port?);
+        }
+        Some(ports)
     }
 }
 
@@ -296,6 +315,24 @@ impl<'a> ClientView<'a> {
 
     pub fn knows(&self, s: &MeshService) -> bool {
         s.visible_to(self.namespace) && self.scope.is_none_or(|sc| sc.admits(s, self.namespace))
+    }
+
+    /// Whether it knows `s` on `port` (given that it knows `s`).
+    pub fn knows_port(&self, s: &MeshService, port: u16) -> bool {
+        self.scope
+            .and_then(|sc| sc.ports(s, self.namespace))
+            .is_none_or(|ports| ports.contains(&port))
+    }
+
+    /// `s` as this client knows it: without the ports (and their routes) it does not know.
+    pub fn narrow(&self, s: &Arc<MeshService>) -> Option<Arc<MeshService>> {
+        if s.ports.iter().all(|p| self.knows_port(s, p.port)) {
+            return None;
+        }
+        let mut n = (**s).clone();
+        n.ports.retain(|p| self.knows_port(s, p.port));
+        n.routes.retain(|r| self.knows_port(s, r.port));
+        Some(Arc::new(n))
     }
 
     pub fn knows_workload(&self, w: &Workload) -> bool {

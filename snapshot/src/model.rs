@@ -233,7 +233,13 @@ impl Snapshot {
             .iter()
             .zip(&d.services)
             .filter(|(s, _)| view.as_ref().is_none_or(|v| v.knows(s)))
-            .map(|(s, d)| (s.clone(), *d))
+            .map(|(s, d)| match view.as_ref().and_then(|v| v.narrow(s)) {
+                Some(narrowed) => {
+                    let d = narrowed.digest();
+                    (narrowed, d)
+                }
+                None => (s.clone(), *d),
+            })
             .unzip();
         let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
         let (clusters, cluster_digests): (Vec<_>, Vec<_>) = self

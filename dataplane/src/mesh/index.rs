@@ -96,7 +96,11 @@ impl MeshIndex {
         }
         let mut services = HashMap::new();
         for s in snap.services.iter().filter(|s| visible(s)) {
-            for p in &s.ports {
+            for p in s
+                .ports
+                .iter()
+                .filter(|p| view.as_ref().is_none_or(|v| v.knows_port(s, p.port)))
+            {
                 let endpoints: Vec<_> = s
                     .endpoints
                     .iter()
@@ -226,6 +230,30 @@ mod tests {
         let at = |ns: &str| sidecar_index(&snap, ns);
         assert!(matches!(at("ns").destination(vip), Destination::Service(_)));
         assert!(matches!(at("other").destination(vip), Destination::Passthrough));
+    }
+
+    /// An egress listener with a port: the Service is known on that port only.
+    #[test]
+    fn a_port_listener_leaves_the_services_other_ports_outside() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+             spec: {clusterIP: 10.96.0.9, ports: [{name: http, port: 80}, {name: admin, port: 9000}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: ns}\n\
+             spec: {egress: [{port: {number: 80}, hosts: ['./*']}]}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = sidecar_index(&snap, "ns");
+        assert!(matches!(
+            m.destination("10.96.0.9:80".parse().unwrap()),
+            Destination::Service(_)
+        ));
+        assert!(matches!(
+            m.destination("10.96.0.9:9000".parse().unwrap()),
+            Destination::Passthrough
+        ));
     }
 
     /// A Sidecar narrows what the proxy knows; under REGISTRY_ONLY the rest is refused, while

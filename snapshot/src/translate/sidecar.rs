@@ -1,8 +1,9 @@
 //! Istio Sidecar objects → the snapshot's sidecar scopes: which Services the selected
 //! workloads' proxies know (`egress[].hosts`) and whether anything else is passed through
-//! (`outboundTrafficPolicy`). Per-port egress listeners, bind addresses, capture modes, ingress
-//! listeners and egress proxies are not supported: such a Sidecar is left out with a problem
-//! on the field, and its workloads fall back to their namespace's or the mesh's default.
+//! (`outboundTrafficPolicy`); an egress listener with a `port` admits its hosts on that Service
+//! port only. Bind addresses, capture mode NONE, ingress listeners and egress proxies are not
+//! supported: such a Sidecar is left out with a problem on the field, and its workloads fall
+//! back to their namespace's or the mesh's default.
 
 use std::sync::Arc;
 
@@ -39,12 +40,6 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
             unsupported(format!("spec.egress[{i}].{f}"), what);
             ok = false;
         };
-        if e.port.is_some() {
-            no(
-                "port",
-                "per-port egress listeners are not supported (hosts apply to every port)",
-            );
-        }
         if e.bind.is_some() {
             no("bind", "bind addresses are not supported");
         }
@@ -78,9 +73,22 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
     };
     let mut hosts = Vec::new();
     for (i, e) in spec.egress.iter().enumerate() {
+        let port = match e.port.as_ref().map(|p| p.get("number").and_then(|n| n.as_u64())) {
+            None => None,
+            Some(Some(n @ 1..=65535)) => Some(n as u16),
+            Some(_) => {
+                problems.push(
+                    &obj,
+                    format!("spec.egress[{i}].port.number"),
+                    Reason::Invalid,
+                    "not a port number",
+                );
+                return None;
+            }
+        };
         for (j, h) in e.hosts.iter().enumerate() {
             match egress_host(h) {
-                Ok(Some(h)) => hosts.push(h),
+                Ok(Some(h)) => hosts.push(EgressHost { port, ..h }),
                 Ok(None) => {}
                 Err(why) => {
                     problems.push(&obj, format!("spec.egress[{i}].hosts[{j}]"), Reason::Invalid, why);
@@ -123,6 +131,7 @@ fn egress_host(h: &str) -> Result<Option<EgressHost>, String> {
     Ok(Some(EgressHost {
         namespace: ns.to_string(),
         host: host.to_ascii_lowercase(),
+        port: None,
     }))
 }
 
@@ -237,6 +246,31 @@ status: {podIP: 10.0.0.3}
         );
     }
 
+    /// An egress listener with a port admits its hosts on that Service port only: the proxy
+    /// knows the Service without its other ports (and their routes).
+    #[test]
+    fn a_port_listener_admits_its_hosts_on_that_port_only() {
+        let t = translated(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: multi, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.9, selector: {app: b}, ports: [{name: http, port: 80}, {name: admin, port: 9000}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\n\
+             spec: {egress: [{port: {number: 80, protocol: HTTP, name: http}, hosts: ['./*']}, {hosts: ['data/*']}]}\n",
+        );
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let w = t.snapshot.workload_or_placeholder("shop", "a");
+        let v = t.snapshot.mesh_view(&t.digests, Some(&w), |_| true);
+        assert_eq!(v.hash, v.content_hash());
+        let ports = |key: &str| -> Vec<u16> {
+            let s = v.services.iter().find(|s| s.key == key).unwrap();
+            s.ports.iter().map(|p| p.port).collect()
+        };
+        assert_eq!(ports("shop/multi"), [80]);
+        assert_eq!(ports("shop/b"), [80]);
+        assert_eq!(ports("data/db"), [5432], "a listener without a port: every port");
+        let full = t.snapshot.services.iter().find(|s| s.key == "shop/multi").unwrap();
+        assert_eq!(full.ports.len(), 2, "the full snapshot keeps both");
+    }
+
     /// A Sidecar added, changed or removed reaches a proxy as a delta like any other part.
     #[test]
     fn sidecar_changes_travel_as_deltas() {
@@ -279,7 +313,7 @@ status: {podIP: 10.0.0.3}
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: mid, namespace: shop}\n\
              spec: {workloadSelector: {labels: {app: x}}, egress: [{hosts: ['*/b.*.local']}]}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: ported, namespace: shop}\n\
-             spec: {workloadSelector: {labels: {app: y}}, egress: [{port: {number: 80}, hosts: ['./*']}]}\n---\n\
+             spec: {workloadSelector: {labels: {app: y}}, egress: [{port: {number: 70000}, hosts: ['./*']}]}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: mode, namespace: shop}\n\
              spec: {workloadSelector: {labels: {app: z}}, outboundTrafficPolicy: {mode: SOMETIMES}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: good, namespace: data}\n\
@@ -296,7 +330,7 @@ status: {podIP: 10.0.0.3}
                 ("bare", "spec.egress[0].hosts[0]"),
                 ("mid", "spec.egress[0].hosts[0]"),
                 ("mode", "spec.outboundTrafficPolicy.mode"),
-                ("ported", "spec.egress[0].port"),
+                ("ported", "spec.egress[0].port.number"),
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))
         );
