@@ -257,7 +257,7 @@ mod tests {
     }
 
     /// A Sidecar narrows what the proxy knows; under REGISTRY_ONLY the rest is refused, while
-    /// mesh workloads stay reachable by their addresses.
+    /// the workloads behind known Services stay reachable by their addresses.
     #[test]
     fn a_registry_only_sidecar_refuses_what_it_does_not_know() {
         let mut r = ferrum_snapshot::Resources::default();
