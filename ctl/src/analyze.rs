@@ -33,6 +33,20 @@ pub struct Finding {
     pub origin: Option<String>,
 }
 
+impl Finding {
+    /// A warning about `object` that no translation reports (`message` names it: it comes first).
+    fn warning(field: &str, reason: &str, message: String, object: String) -> Finding {
+        Finding {
+            severity: Severity::Warning,
+            object,
+            field: field.into(),
+            reason: reason.into(),
+            message,
+            origin: None,
+        }
+    }
+}
+
 /// Findings of manifests, offline.
 pub fn run(files: &[PathBuf]) -> Result<Vec<Finding>, LoadError> {
     let res = Resources::from_paths(files)?;
@@ -93,14 +107,12 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
         {
             let (ns_name, _port) = svc.rsplit_once(':').unwrap_or((svc, ""));
             let object = format!("Service {ns_name}");
-            out.push(Finding {
-                severity: Severity::Warning,
-                origin: None,
-                field: "endpoints".into(),
-                reason: "NoReadyEndpoints".into(),
-                message: format!("{object} has no ready endpoints: requests to it get 503"),
+            out.push(Finding::warning(
+                "endpoints",
+                "NoReadyEndpoints",
+                format!("{object} has no ready endpoints: requests to it get 503"),
                 object,
-            });
+            ));
         }
     }
     // A Sidecar host naming one Service that is not there (a typo) admits nothing.
@@ -114,17 +126,15 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
             };
             if !snap.services.iter().any(|s| named(&s)) {
                 let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
-                out.push(Finding {
-                    severity: Severity::Warning,
-                    origin: None,
-                    field: "spec.egress.hosts".into(),
-                    reason: "NoMatchingService".into(),
-                    message: format!(
+                out.push(Finding::warning(
+                    "spec.egress.hosts",
+                    "NoMatchingService",
+                    format!(
                         "{object} names {}/{}, which is no Service: it admits nothing",
                         h.namespace, h.host
                     ),
                     object,
-                });
+                ));
             }
         }
     }
@@ -137,14 +147,12 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
         };
         if !snap.workloads.iter().any(|w| own(&w)) {
             let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
-            out.push(Finding {
-                severity: Severity::Warning,
-                origin: None,
-                field: "spec.workloadSelector".into(),
-                reason: "NoMatchingWorkload".into(),
-                message: format!("{object} selects no workload: it applies to nothing"),
+            out.push(Finding::warning(
+                "spec.workloadSelector",
+                "NoMatchingWorkload",
+                format!("{object} selects no workload: it applies to nothing"),
                 object,
-            });
+            ));
         }
     }
     for p in &snap.policies {
@@ -157,14 +165,12 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
             PolicyRule::RequestAuthentication(_) => "RequestAuthentication",
         };
         let object = format!("{kind} {}/{}", p.namespace, p.name);
-        out.push(Finding {
-            severity: Severity::Warning,
-            origin: None,
-            field: "spec.selector".into(),
-            reason: "NoMatchingWorkload".into(),
-            message: format!("{object} selects no workload: it applies to nothing"),
+        out.push(Finding::warning(
+            "spec.selector",
+            "NoMatchingWorkload",
+            format!("{object} selects no workload: it applies to nothing"),
             object,
-        });
+        ));
     }
     out
 }

@@ -242,34 +242,14 @@ impl Snapshot {
             })
             .unzip();
         let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
-        let (clusters, cluster_digests): (Vec<_>, Vec<_>) = self
-            .clusters
-            .iter()
-            .zip(&d.clusters)
-            .filter(|(c, _)| routed.contains(c.name.as_str()))
-            .map(|(c, d)| (c.clone(), *d))
-            .unzip();
-        let (policies, policy_digests): (Vec<_>, Vec<_>) = self
-            .policies
-            .iter()
-            .zip(&d.policies)
-            .filter(|(p, _)| keep(p))
-            .map(|(p, d)| (p.clone(), *d))
-            .unzip();
-        let (sidecars, sidecar_digests): (Vec<_>, Vec<_>) = self
-            .sidecars
-            .iter()
-            .zip(&d.sidecars)
-            .filter(|(s, _)| client.is_none() || scope.is_some_and(|sc| sc.key == s.key))
-            .map(|(s, d)| (s.clone(), *d))
-            .unzip();
-        let (workloads, workload_digests): (Vec<_>, Vec<_>) = self
-            .workloads
-            .iter()
-            .zip(&d.workloads)
-            .filter(|(w, _)| view.as_ref().is_none_or(|v| v.knows_workload(w)))
-            .map(|(w, d)| (w.clone(), *d))
-            .unzip();
+        let (clusters, cluster_digests) = kept(&self.clusters, &d.clusters, |c| routed.contains(c.name.as_str()));
+        let (policies, policy_digests) = kept(&self.policies, &d.policies, keep);
+        let (sidecars, sidecar_digests) = kept(&self.sidecars, &d.sidecars, |s| {
+            client.is_none() || scope.is_some_and(|sc| sc.key == s.key)
+        });
+        let (workloads, workload_digests) = kept(&self.workloads, &d.workloads, |w| {
+            view.as_ref().is_none_or(|v| v.knows_workload(w))
+        });
         let digests = PartDigests {
             workloads: workload_digests,
             services: service_digests,
@@ -354,6 +334,17 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Cluster> {
         self.clusters.iter().find(|c| c.name == name).map(|c| &**c)
     }
+}
+
+/// The entries of a collection that `keep` says, with their digests (`digests` is in step with
+/// `items`).
+fn kept<T>(items: &[Arc<T>], digests: &[Digest], keep: impl Fn(&T) -> bool) -> (Vec<Arc<T>>, Vec<Digest>) {
+    items
+        .iter()
+        .zip(digests)
+        .filter(|(x, _)| keep(x))
+        .map(|(x, d)| (x.clone(), *d))
+        .unzip()
 }
 
 fn hash_from(listeners: &[Listener], d: &PartDigests) -> String {
