@@ -141,32 +141,29 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
     if snap.workloads.is_empty() {
         return out;
     }
-    for sc in snap.sidecars.iter().filter(|sc| sc.selector.is_some()) {
-        let own = |w: &&std::sync::Arc<ferrum_snapshot::mesh::Workload>| {
-            w.namespace == sc.namespace && ferrum_snapshot::mesh::sidecar_for(std::slice::from_ref(sc), w).is_some()
-        };
-        if !snap.workloads.iter().any(|w| own(&w)) {
-            let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
-            out.push(Finding::warning(
-                "spec.workloadSelector",
-                "NoMatchingWorkload",
-                format!("{object} selects no workload: it applies to nothing"),
-                object,
-            ));
-        }
-    }
-    for p in &snap.policies {
-        if p.selector.is_none() || !p.targets.is_empty() || snap.workloads.iter().any(|w| p.applies_to(w)) {
-            continue;
-        }
+    // Objects whose selector matches no workload apply to nothing: (object, selector field).
+    let sidecars = snap.sidecars.iter().filter(|sc| {
+        sc.selector.is_some()
+            && !snap.workloads.iter().any(|w| {
+                w.namespace == sc.namespace && ferrum_snapshot::mesh::sidecar_for(std::slice::from_ref(sc), w).is_some()
+            })
+    });
+    let unselected = sidecars.map(|sc| (format!("Sidecar {}/{}", sc.namespace, sc.name), "spec.workloadSelector"));
+    let policies = snap
+        .policies
+        .iter()
+        .filter(|p| p.selector.is_some() && p.targets.is_empty() && !snap.workloads.iter().any(|w| p.applies_to(w)));
+    let unselected = unselected.chain(policies.map(|p| {
         let kind = match p.rule {
             PolicyRule::Authorization(_) => "AuthorizationPolicy",
             PolicyRule::PeerAuthentication(_) => "PeerAuthentication",
             PolicyRule::RequestAuthentication(_) => "RequestAuthentication",
         };
-        let object = format!("{kind} {}/{}", p.namespace, p.name);
+        (format!("{kind} {}/{}", p.namespace, p.name), "spec.selector")
+    }));
+    for (object, field) in unselected {
         out.push(Finding::warning(
-            "spec.selector",
+            field,
             "NoMatchingWorkload",
             format!("{object} selects no workload: it applies to nothing"),
             object,
