@@ -156,35 +156,28 @@ apiVersion: v1
 kind: Service
 metadata: {name: auth, namespace: ferrum-system}
 spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: shop, labels: {app: a}}
-spec: {serviceAccountName: a, containers: [{name: app, image: x}]}
-status: {podIP: 10.0.0.1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b-1, namespace: shop, labels: {app: b}}
-spec: {serviceAccountName: b, containers: [{name: app, image: x}]}
-status: {podIP: 10.0.0.4}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: wide, namespace: shop, labels: {app: wide}}
-spec: {serviceAccountName: a, containers: [{name: app, image: x}]}
-status: {podIP: 10.0.0.2}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: c, namespace: data, labels: {app: c}}
-spec: {serviceAccountName: c, containers: [{name: app, image: x}]}
-status: {podIP: 10.0.0.3}
 ";
 
+    /// (name, namespace, app label, service account, IP) of the pods beside [`SERVICES`].
+    const PODS: [(&str, &str, &str, &str, &str); 4] = [
+        ("a", "shop", "a", "a", "10.0.0.1"),
+        ("b-1", "shop", "b", "b", "10.0.0.4"),
+        ("wide", "shop", "wide", "a", "10.0.0.2"),
+        ("c", "data", "c", "c", "10.0.0.3"),
+    ];
+
     fn translated(extra: &str) -> crate::Translation {
+        let pods: String = PODS
+            .iter()
+            .map(|(name, ns, app, sa, ip)| {
+                format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+                     spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: x}}]}}\nstatus: {{podIP: {ip}}}\n"
+                )
+            })
+            .collect();
         let mut r = Resources::default();
-        r.add_yaml("t.yaml", &format!("{SERVICES}---\n{extra}")).unwrap();
+        r.add_yaml("t.yaml", &format!("{SERVICES}{pods}---\n{extra}")).unwrap();
         translate(&r, 1, &Options::default())
     }
 
