@@ -123,10 +123,9 @@ async fn a_terminating_tls_listener_forwards_the_plaintext_by_sni() {
 async fn a_dead_backend_is_skipped_and_an_open_connection_outlives_a_reload() {
     let live = tcp_server("live").await;
     let other = tcp_server("other").await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Port 1: nothing here listens there. (A port bound and released could be taken by a
+    // concurrent test's listener and answer.)
+    let dead = SocketAddr::from(([127, 0, 0, 1], 1));
     let (tcp_port, tls_port) = (free_port(), free_port());
     let config = |to: &[SocketAddr]| {
         docs(&[

@@ -459,6 +459,72 @@ async fn ferrum_kinds_get_status_and_the_mesh_default_policy_applies() {
     );
 }
 
+/// A RequestAuthentication whose `jwksUri` the operator cannot fetch stays in effect and says
+/// so on its status — which URI and why — until the issuer serves its keys, then says resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfetchable_jwks_uri_is_reported_on_the_request_authentication() {
+    let cluster = Cluster::start();
+    cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let _op = cluster.operator("op-1").await;
+    let jwks_port = free_port();
+    let uri = format!("http://127.0.0.1:{jwks_port}/jwks.json");
+    cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\n\
+         spec: {{jwtRules: [{{issuer: 'https://issuer.example', jwksUri: '{uri}'}}]}}\n"
+    ));
+    let resolved = || {
+        let v = cluster.get("requestauthentications.security.istio.io", "default", "jwt");
+        (
+            condition(&v["status"]["conditions"], "Accepted")
+                .cloned()
+                .unwrap_or_default(),
+            condition(&v["status"]["conditions"], "ResolvedRefs")
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    let mut last = Default::default();
+    eventually("the refused fetch is on status", Duration::from_secs(20), async || {
+        last = resolved();
+        last.1["status"] == "False"
+    })
+    .await;
+    let (accepted, refs) = &last;
+    assert_eq!(accepted["status"], "True", "the policy stays in effect: {accepted}");
+    assert_eq!(refs["reason"], "JwksUnavailable", "{refs}");
+    let message = refs["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("spec.jwtRules[0].jwksUri: cannot fetch {uri}: ")) && message.contains("refused"),
+        "names the field, the URI and the cause: {message}"
+    );
+
+    // The issuer comes up: the next retry (every 5 s) fetches and the condition clears.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#,
+    )
+    .unwrap();
+    let _issuer = Proc(
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &jwks_port.to_string()])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the fetched keys resolve it", Duration::from_secs(20), async || {
+        last = resolved();
+        last.1["status"] == "True"
+    })
+    .await;
+    assert_eq!(last.0["status"], "True");
+}
+
 /// Gateway TLS keys travel beside the snapshot, never in it: ferrum-dp serves the Secret's
 /// certificate, follows a new key pair, and restarts from its cache (keys in a private file of
 /// their own) while the operator is down; neither the operator's nor the proxy's views, nor the

@@ -237,7 +237,9 @@ fn supported_kinds(l: &GatewayListeners, routed: &[&'static str]) -> (Vec<&'stat
 
 /// `Accepted` from an object's own problems (the first one is the reason), for the Ferrum kinds.
 fn accepted(t: &Translation, obj: &ObjectRef, generation: Option<i64>, ok: &str) -> Value {
-    match object_problems(t, obj).first() {
+    // An unfetched JWKS leaves the policy in effect: it has a condition of its own.
+    let leaves_out = |p: &&Problem| p.reason != Reason::JwksUnavailable;
+    match object_problems(t, obj).iter().find(leaves_out) {
         Some(p) => cond(
             "Accepted",
             false,
@@ -279,8 +281,8 @@ pub fn mesh_config_status(m: &crate::crd::MeshConfig, t: &Translation) -> Value 
     json!({ "observedGeneration": generation.unwrap_or(0), "conditions": [condition] })
 }
 
-/// An Istio security policy (AuthorizationPolicy, PeerAuthentication): `Accepted`, or the
-/// field and reason it was left out for.
+/// An Istio policy (AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Sidecar):
+/// `Accepted`, or the field and reason it was left out for.
 pub fn policy_status(
     kind: &'static str,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -292,6 +294,67 @@ pub fn policy_status(
         "observedGeneration": generation.unwrap_or(0),
         "conditions": [accepted(t, &obj, generation, "policy in effect")],
     })
+}
+
+/// A RequestAuthentication: `Accepted` as for the other policies and, when it names keys by
+/// `jwksUri`, `ResolvedRefs`: whether the producer has fetched them (`Unknown` until the first
+/// fetch ends; `False` with the URI and the reason while none has succeeded).
+pub fn request_authentication_status(
+    p: &crate::istio::RequestAuthentication,
+    t: &Translation,
+    jwks: &crate::translate::Jwks,
+) -> Value {
+    let mut status = policy_status("RequestAuthentication", &p.metadata, t);
+    let generation = p.metadata.generation;
+    let uris: Vec<&str> = p
+        .spec
+        .jwt_rules
+        .iter()
+        .filter(|r| r.jwks.is_none())
+        .filter_map(|r| r.jwks_uri.as_deref())
+        .collect();
+    if uris.is_empty() {
+        return status;
+    }
+    let obj = crate::translate::meta_ref("RequestAuthentication", &p.metadata);
+    let failed: Vec<String> = object_problems(t, &obj)
+        .iter()
+        .filter(|p| p.reason == Reason::JwksUnavailable)
+        .map(|p| format!("{}: {}", p.field, p.message))
+        .collect();
+    let fetched = |u: &&str| matches!(jwks.get(*u), Some(crate::translate::JwksFetch::Document(_)));
+    let resolved = if !failed.is_empty() {
+        cond(
+            "ResolvedRefs",
+            false,
+            Reason::JwksUnavailable.as_str(),
+            &failed.join("; "),
+            generation,
+        )
+    } else if uris.iter().all(fetched) {
+        cond(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "every jwksUri is fetched",
+            generation,
+        )
+    } else {
+        let mut c = cond(
+            "ResolvedRefs",
+            false,
+            "Pending",
+            "fetching the jwksUri keys",
+            generation,
+        );
+        c["status"] = "Unknown".into();
+        c
+    };
+    status["conditions"]
+        .as_array_mut()
+        .expect("policy_status has conditions")
+        .push(resolved);
+    status
 }
 
 /// Every served object's status as the operator writes it, keyed `Kind namespace/name`:
@@ -338,7 +401,13 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
         .peer_authentications
         .iter()
         .map(|p| ("PeerAuthentication", &p.metadata));
-    for (kind, meta) in authz.chain(peer) {
+    // File mode fetches jwksUri in the proxy, not here: `Accepted` only.
+    let authn = res
+        .request_authentications
+        .iter()
+        .map(|p| ("RequestAuthentication", &p.metadata));
+    let sidecars = res.sidecars.iter().map(|s| ("Sidecar", &s.metadata));
+    for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),
             policy_status(kind, meta, t),

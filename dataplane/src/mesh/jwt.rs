@@ -74,6 +74,8 @@ pub struct Remote {
     keys: ArcSwapOption<Keys>,
     /// The document the keys came from, as served.
     json: ArcSwapOption<String>,
+    /// Why the last fetch failed, while no fetch has succeeded yet.
+    failure: ArcSwapOption<String>,
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -81,6 +83,12 @@ impl Remote {
     /// The JWKS document last fetched, if any fetch succeeded yet.
     pub fn json(&self) -> Option<Arc<String>> {
         self.json.load_full()
+    }
+
+    /// Why the JWKS is not available: set while every fetch so far has failed (keys fetched
+    /// once stay in use when a later refresh fails, so that is no failure here).
+    pub fn failure(&self) -> Option<Arc<String>> {
+        self.failure.load_full()
     }
 }
 
@@ -116,6 +124,7 @@ impl JwksCache {
             uri: uri.to_string(),
             keys: ArcSwapOption::empty(),
             json: ArcSwapOption::empty(),
+            failure: ArcSwapOption::empty(),
             changes: self.changes.clone(),
         });
         m.retain(|_, w| w.strong_count() > 0);
@@ -138,6 +147,7 @@ async fn refresh(remote: Weak<Remote>, timeout: Duration) {
             Ok((json, keys)) => {
                 tracing::info!(uri = %r.uri, keys = keys.0.len(), "JWKS fetched");
                 r.keys.store(Some(Arc::new(keys)));
+                r.failure.store(None);
                 if r.json.load().as_deref() != Some(&json) {
                     r.json.store(Some(Arc::new(json)));
                     r.changes.send_modify(|n| *n += 1);
@@ -146,6 +156,11 @@ async fn refresh(remote: Weak<Remote>, timeout: Duration) {
             }
             Err(e) => {
                 tracing::warn!(uri = %r.uri, error = %e, "cannot fetch JWKS");
+                // A new reason (not every retry) is a change: producers report it on status.
+                if r.json.load().is_none() && r.failure.load().as_deref() != Some(&e) {
+                    r.failure.store(Some(Arc::new(e)));
+                    r.changes.send_modify(|n| *n += 1);
+                }
                 RETRY
             }
         };
@@ -175,11 +190,25 @@ fn fetch_client() -> FetchClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
 }
 
+/// `e` and what caused it ("client error (Connect): tcp connect error: Connection refused").
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s = format!("{s}: {text}");
+        }
+        cur = c.source();
+    }
+    s
+}
+
 async fn fetch(client: &FetchClient, uri: &str, timeout: Duration) -> Result<String, String> {
     use http_body_util::BodyExt;
     let uri: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
     let get = async {
-        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        let resp = client.get(uri).await.map_err(|e| with_causes(&e))?;
         if !resp.status().is_success() {
             return Err(format!("status {}", resp.status()));
         }

@@ -1,7 +1,10 @@
 //! Writes the Gateway API status conditions (computed by `ferrum_snapshot::status`) back to the
 //! cluster: only by the leader and only when something other than a timestamp changed.
 
-use ferrum_snapshot::status::{backend_status, cond, gateway_status, mesh_config_status, policy_status, route_status};
+use ferrum_snapshot::status::{
+    backend_status, cond, gateway_status, mesh_config_status, policy_status, request_authentication_status,
+    route_status,
+};
 use ferrum_snapshot::translate::Translation;
 use ferrum_snapshot::{CONTROLLER_NAME, Resources};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
@@ -89,8 +92,7 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
         w.write(&**p, policy_status("PeerAuthentication", &p.metadata, t)).await;
     }
     for p in &res.request_authentications {
-        w.write(&**p, policy_status("RequestAuthentication", &p.metadata, t))
-            .await;
+        w.write(&**p, request_authentication_status(p, t, &res.jwks)).await;
     }
     for s in &res.sidecars {
         w.write(&**s, policy_status("Sidecar", &s.metadata, t)).await;

@@ -15,7 +15,7 @@ mod l4route;
 mod listeners;
 mod mesh;
 mod policy;
-pub use policy::Jwks;
+pub use policy::{Jwks, JwksFetch};
 mod sidecar;
 
 use std::any::Any;
@@ -66,6 +66,8 @@ pub enum Reason {
     InvalidCertificateRef,
     Conflicted,
     Invalid,
+    /// A RequestAuthentication's `jwksUri` could not be fetched (it stays in effect).
+    JwksUnavailable,
 }
 
 impl Reason {
@@ -93,6 +95,7 @@ impl Reason {
             Reason::InvalidCertificateRef => "InvalidCertificateRef",
             Reason::Conflicted => "Conflicted",
             Reason::Invalid => "Invalid",
+            Reason::JwksUnavailable => "JwksUnavailable",
         }
     }
 }

@@ -11,8 +11,16 @@ use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
 
-/// JWKS documents fetched from `jwksUri`s, by URI.
-pub type Jwks = std::collections::BTreeMap<String, Arc<String>>;
+/// What the producer's fetches of `jwksUri`s brought, by URI (a URI not fetched yet is absent).
+pub type Jwks = std::collections::BTreeMap<String, JwksFetch>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksFetch {
+    /// The document served (the last one that could be fetched).
+    Document(Arc<String>),
+    /// No fetch has succeeded yet; why the last one failed.
+    Failed(Arc<String>),
+}
 
 /// The annotation that makes a policy dry-run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
@@ -138,6 +146,21 @@ fn request_authentication(p: &RequestAuthentication, jwks: &Jwks, problems: &mut
             return None;
         }
     }
+    // The policy stays in effect (its tokens cannot validate until the keys come): said on
+    // status, not a reason to leave it out.
+    for (i, r) in spec.jwt_rules.iter().enumerate() {
+        if let (None, Some(uri)) = (&r.jwks, &r.jwks_uri)
+            && let Some(JwksFetch::Failed(why)) = jwks.get(uri)
+        {
+            let message = format!("cannot fetch {uri}: {why}");
+            problems.push(
+                &obj,
+                format!("spec.jwtRules[{i}].jwksUri"),
+                Reason::JwksUnavailable,
+                message,
+            );
+        }
+    }
     Some(Policy {
         targets,
         ..policy(
@@ -156,7 +179,7 @@ fn request_authentication(p: &RequestAuthentication, jwks: &Jwks, problems: &mut
 fn with_fetched_jwks(r: &crate::istio::JwtRule, jwks: &Jwks) -> crate::istio::JwtRule {
     let mut r = r.clone();
     if r.jwks.is_none()
-        && let Some(doc) = r.jwks_uri.as_ref().and_then(|u| jwks.get(u))
+        && let Some(JwksFetch::Document(doc)) = r.jwks_uri.as_ref().and_then(|u| jwks.get(u))
     {
         r.jwks = Some(doc.to_string());
     }
@@ -330,9 +353,12 @@ fn valid_block(b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::JwksFetch;
     use crate::Resources;
     use crate::mesh::{AuthzAction, MtlsMode, PolicyRule};
-    use crate::translate::{Options, Reason, translate};
+    use crate::translate::{Options, Reason, Translation, translate};
 
     #[test]
     fn target_refs_put_policies_on_gateways_not_workloads() {
@@ -404,13 +430,8 @@ mod tests {
         assert_eq!(ra.jwt_rules.len(), 2);
         assert!(ra.jwt_rules[1].jwks.is_none(), "nothing fetched: the proxy fetches");
         // The operator's fetched JWKS go inline; the inline `jwks` a rule has is kept.
-        r.jwks = std::sync::Arc::new(
-            [(
-                "https://j/keys".to_string(),
-                std::sync::Arc::new("{\"keys\": []}".to_string()),
-            )]
-            .into(),
-        );
+        let doc = |s: &str| JwksFetch::Document(Arc::new(s.to_string()));
+        r.jwks = Arc::new([("https://j/keys".to_string(), doc("{\"keys\": []}"))].into());
         let fetched = translate(&r, 2, &Options::default());
         let PolicyRule::RequestAuthentication(ra) = &fetched.snapshot.policies[0].rule else {
             panic!()
@@ -428,6 +449,46 @@ mod tests {
                 ("nokeys", "spec.jwtRules[0].jwks", Reason::Invalid),
             ]
         );
+
+        // A URI that could not be fetched: the policy stays in effect (tokens are refused
+        // until the keys come) and its status says which URI and why.
+        let failed = JwksFetch::Failed(Arc::new("status 404 Not Found".into()));
+        r.jwks = Arc::new([("https://j/keys".to_string(), failed)].into());
+        let t = translate(&r, 3, &Options::default());
+        assert_eq!(t.snapshot.policies.len(), 1, "still in effect");
+        let PolicyRule::RequestAuthentication(ra) = &t.snapshot.policies[0].rule else {
+            panic!()
+        };
+        assert!(ra.jwt_rules[1].jwks.is_none());
+        let status = |r: &Resources, t: &Translation| {
+            let ra = r
+                .request_authentications
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some("ok"));
+            crate::status::request_authentication_status(ra.unwrap(), t, &r.jwks)["conditions"].clone()
+        };
+        let c = status(&r, &t);
+        assert_eq!(
+            (c[0]["type"].as_str(), c[0]["status"].as_str()),
+            (Some("Accepted"), Some("True"))
+        );
+        assert_eq!(c[1]["type"], "ResolvedRefs");
+        assert_eq!(
+            (c[1]["status"].as_str(), c[1]["reason"].as_str()),
+            (Some("False"), Some("JwksUnavailable"))
+        );
+        assert_eq!(
+            c[1]["message"],
+            "spec.jwtRules[1].jwksUri: cannot fetch https://j/keys: status 404 Not Found"
+        );
+        // Nothing fetched yet: Unknown; fetched: True.
+        r.jwks = Arc::default();
+        assert_eq!(
+            status(&r, &translate(&r, 4, &Options::default()))[1]["status"],
+            "Unknown"
+        );
+        r.jwks = Arc::new([("https://j/keys".to_string(), doc("{\"keys\": []}"))].into());
+        assert_eq!(status(&r, &fetched)[1]["status"], "True");
     }
 
     #[test]
