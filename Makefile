@@ -6,7 +6,7 @@ export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 # Helm, from the npm package recorded in ../shared/real-peers.md (no Helm registry here).
 export FERRUM_HELM ?= /var/tmp/ferrum-helm/helm/helm
 
-.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check images images-check e2e-deps e2e fuzz bench bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check images images-check e2e-deps e2e fuzz bench bench-instructions bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
 
 build:
 	cargo build --workspace --bins --examples
@@ -102,6 +102,10 @@ fmt:
 ## Benchmarks against a direct connection, nginx and Envoy (installs them; see bench/README.md).
 bench:
 	bash bench/run.sh
+
+## ferrum-dp's instructions per request (callgrind): exact, for comparing two builds.
+bench-instructions:
+	bash bench/instructions.sh
 
 clean:
 	cargo clean
