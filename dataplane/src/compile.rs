@@ -18,7 +18,7 @@ use crate::upstream::{ClusterError, ClusterRuntime};
 pub struct Compiled {
     pub snapshot: Arc<Snapshot>,
     /// By bound address and port: a connection knows the listener that accepted it.
-    pub listeners: HashMap<SocketAddr, CompiledListener>,
+    pub listeners: crate::router::FastMap<SocketAddr, CompiledListener>,
     pub clusters: HashMap<String, Arc<ClusterRuntime>>,
     /// Services and workloads by address, for sidecar capture.
     pub mesh: MeshIndex,
@@ -40,7 +40,7 @@ impl Compiled {
     pub fn empty() -> Self {
         Compiled {
             snapshot: Arc::new(Snapshot::default()),
-            listeners: HashMap::new(),
+            listeners: Default::default(),
             clusters: HashMap::new(),
             mesh: MeshIndex::default(),
         }
@@ -110,7 +110,7 @@ impl Compiler {
             };
             clusters.insert(c.name.clone(), rt);
         }
-        let mut listeners = HashMap::with_capacity(snap.listeners.len());
+        let mut listeners = crate::router::FastMap::with_capacity_and_hasher(snap.listeners.len(), Default::default());
         for l in &snap.listeners {
             if l.protocol == Protocol::Unknown {
                 tracing::warn!(listener = %l.name, "listener protocol unknown to this build (a newer producer); not served");
