@@ -1,7 +1,6 @@
 //! AuthorizationPolicy, PeerAuthentication and RequestAuthentication objects → the snapshot's
-//! policies. CUSTOM and
-//! `targetRefs` are not supported yet: such a policy is left out with a problem on the field, so
-//! the rest of the mesh keeps its policies.
+//! policies. CUSTOM, and `targetRefs` to anything but a Gateway, are not supported yet: such a
+//! policy is left out with a problem on the field, so the rest of the mesh keeps its policies.
 
 use std::sync::Arc;
 
