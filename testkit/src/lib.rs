@@ -19,11 +19,16 @@ pub mod otlp;
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Above the mesh ports (15000-15090) and below the kernel's ephemeral range (32768-60999
+    // by default), which port 0 would pick from: there, any outgoing connection made before
+    // the test binds the port can take it as its source port (an Envoy admin port was lost
+    // that way in CI).
+    loop {
+        let port = fastrand::u16(20_000..32_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// An HTTP/1.1 + h2c backend that echoes what it received as JSON.
