@@ -30,16 +30,18 @@ const GONE_ANYWAY: [&str; 8] = [
     "connection",
 ];
 
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(n)
-}
-
 /// Removes hop-by-hop headers, including any that `Connection` names. `TE: trailers` survives
 /// on requests because gRPC needs it end to end.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
-    // One pass over the names, no hashing: most requests carry none of these, and most
-    // responses only `Connection: keep-alive`.
-    if !h.keys().any(is_hop_by_hop) {
+    // One pass over the names, no hashing, noting which are present: most requests carry none,
+    // most responses only `Connection: keep-alive`; only those present are then removed.
+    let mut present = 0u8;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     if let Some(conn) = h.get(header::CONNECTION) {
@@ -61,8 +63,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
         && h.get(header::TE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    for n in &HOP_BY_HOP {
-        if h.contains_key(n) {
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             h.remove(n);
         }
     }
