@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 
-use crate::upstream::{EndpointGuard, RequestGuard, now_ms};
+use crate::upstream::{EndpointGuard, Lease, RequestGuard, now_ms};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -109,13 +109,15 @@ impl Body for RequestBody {
 }
 
 /// What goes back to the client: a short local reply, or the upstream's body together with the
-/// guards that count this request as in flight until the body is done.
+/// guards that count this request as in flight until the body is done, and its connection's
+/// lease, which gives the connection back to the pool when the body ends.
 pub enum ResponseBody {
     Local(Option<Bytes>),
     Upstream {
         body: Incoming,
-        _request: Option<RequestGuard>,
-        _endpoint: Option<EndpointGuard>,
+        lease: Lease,
+        _request: RequestGuard,
+        _endpoint: EndpointGuard,
     },
     /// Either of the above, counted for an access log line sent when it ends.
     Observed(Box<Observed>),
@@ -182,7 +184,15 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ResponseBody::Upstream { body, lease, .. } => {
+                let r = Pin::new(&mut *body).poll_frame(cx);
+                match &r {
+                    Poll::Ready(None) => lease.finish(),
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => lease.finish(),
+                    _ => {}
+                }
+                r
+            }
             ResponseBody::Observed(l) => {
                 let r = Pin::new(&mut l.inner).poll_frame(cx);
                 match &r {

@@ -23,7 +23,7 @@ use crate::limits::Limits;
 use crate::mesh::l7::Verdict;
 use crate::router::Route;
 use crate::telemetry::{Registry, UpstreamError};
-use crate::upstream::{ClusterRuntime, MaxConnections, Outcome};
+use crate::upstream::{ClusterRuntime, EndpointGuard, Lease, MaxConnections, Outcome, PoolError, RequestGuard};
 use body::{RequestBody, ResponseBody};
 use headers::X_FERRUM_ERROR;
 
@@ -398,8 +398,10 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 }
 
 /// How one try ended, before the response is handed on.
+// Lives on the stack for one try; boxing the response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Try {
-    Response(Response<Incoming>),
+    Response(Response<Incoming>, Lease),
     Upstream(UpstreamError),
     /// The client's fault: no endpoint is blamed.
     Client(Local),
@@ -456,12 +458,9 @@ impl Forward<'_> {
             let ep = &cluster.endpoints[idx];
             let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
             *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = {
-                let mut u = http::uri::Parts::default();
-                u.scheme = Some(cluster.scheme.clone());
-                u.authority = Some(ep.authority.clone());
-                u.path_and_query = parts.uri.path_and_query().cloned();
-                Uri::from_parts(u).expect("scheme, authority and path make a URI")
+            *up.uri_mut() = match parts.uri.path_and_query() {
+                Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
+                _ => Uri::default(),
             };
             *up.version_mut() = Version::HTTP_11;
             *up.headers_mut() = if retry.is_some() {
@@ -477,16 +476,18 @@ impl Forward<'_> {
                 );
             }
             let try_started = Instant::now();
-            let outcome = timing.wait(cluster.client().request(up), upload.as_deref()).await;
+            let outcome = timing
+                .wait(cluster.pool().send(idx, &ep.authority, up), upload.as_deref())
+                .await;
             let outcome = match outcome {
-                Ok(Ok(resp)) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp),
+                Ok(Ok((resp, lease))) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp, lease),
                 Ok(Ok(_)) => Try::Upstream(UpstreamError::InvalidResponse),
                 Ok(Err(e)) => classify(&e, &spec.name, &ep.key),
                 Err(t) => t,
             };
             let status = match &outcome {
                 Try::Client(l) => return Err(*l),
-                Try::Response(r) => Ok(r.status().as_u16()),
+                Try::Response(r, _) => Ok(r.status().as_u16()),
                 Try::Upstream(UpstreamError::Overflow) => {
                     cluster.stats.error(UpstreamError::Overflow);
                     return Err(Local::Upstream(UpstreamError::Overflow));
@@ -525,7 +526,7 @@ impl Forward<'_> {
                 continue;
             }
             return match outcome {
-                Try::Response(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     let up = upgrade.take().expect("a 101 is valid only for an upgrade");
                     Ok(up.switch(
                         resp,
@@ -534,8 +535,8 @@ impl Forward<'_> {
                         (guard, ep_guard),
                     ))
                 }
-                Try::Response(resp) => {
-                    let mut r = downstream_response(resp, via, guard, ep_guard);
+                Try::Response(resp, lease) => {
+                    let mut r = downstream_response(resp, via, (guard, ep_guard, lease));
                     if self.logging {
                         r.extensions_mut()
                             .insert(crate::access_log::UpstreamHost(ep.key.clone()));
@@ -606,7 +607,7 @@ fn valid_status(s: StatusCode, upgrading: bool) -> bool {
 }
 
 /// Whose fault a failed try was.
-fn classify(e: &hyper_util::client::legacy::Error, cluster: &str, endpoint: &str) -> Try {
+fn classify(e: &PoolError, cluster: &str, endpoint: &str) -> Try {
     if caused_by::<http_body_util::LengthLimitError>(e) {
         return Try::Client(Local::BodyTooLarge);
     }
@@ -627,8 +628,7 @@ fn classify(e: &hyper_util::client::legacy::Error, cluster: &str, endpoint: &str
 fn downstream_response(
     resp: Response<Incoming>,
     via: &'static str,
-    guard: crate::upstream::RequestGuard,
-    ep_guard: crate::upstream::EndpointGuard,
+    (guard, ep_guard, mut lease): (RequestGuard, EndpointGuard, Lease),
 ) -> Response<ResponseBody> {
     let (mut rp, body) = resp.into_parts();
     // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is meaningless and must not reach a
@@ -638,12 +638,17 @@ fn downstream_response(
     }
     headers::strip_hop_by_hop(&mut rp.headers, false);
     rp.headers.append(header::VIA, HeaderValue::from_static(via));
+    if body.is_end_stream() {
+        // No body to read (HEAD, 204, 304, empty): the connection is free now.
+        lease.finish();
+    }
     Response::from_parts(
         rp,
         ResponseBody::Upstream {
             body,
-            _request: Some(guard),
-            _endpoint: Some(ep_guard),
+            lease,
+            _request: guard,
+            _endpoint: ep_guard,
         },
     )
 }

@@ -1,7 +1,7 @@
-//! The pooled upstream client of one cluster: hyper-util's pooling client over a connector that
-//! counts (and caps) open connections, with rustls when the cluster asks for TLS. In a mesh
-//! proxy an endpoint that is a mesh workload is reached through an HBONE tunnel instead of a
-//! plain TCP connection; the HTTP client above cannot tell the difference.
+//! The connector of one cluster: opens a connection to an endpoint, counting (and capping) the
+//! cluster's open connections, with rustls when the cluster asks for TLS. In a mesh proxy an
+//! endpoint that is a mesh workload is reached through an HBONE tunnel instead of a plain TCP
+//! connection; the HTTP connection above cannot tell the difference.
 
 use std::future::Future;
 use std::io;
@@ -16,25 +16,24 @@ use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
 use crate::mesh::tunnel::Tunnel;
-use crate::proxy::body::RequestBody;
 use crate::telemetry::ClusterStats;
 
-pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, RequestBody>;
+/// Opens one connection to an endpoint: TCP (or a mesh tunnel), then TLS when the cluster asks.
+pub type Connector = HttpsConnector<CountingConnector>;
 
 /// The circuit breaker's connection limit was reached.
 #[derive(Debug, thiserror::Error)]
 #[error("cluster connection limit ({0}) reached")]
 pub struct MaxConnections(pub u32);
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A tunnel being opened to one endpoint.
 pub type TunnelFuture = Pin<Box<dyn Future<Output = Result<Tunnel, BoxError>> + Send>>;
@@ -236,7 +235,8 @@ fn root_store(c: &Cluster, ca_file: Option<&str>) -> Result<rustls::RootCertStor
     Ok(roots)
 }
 
-pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Result<UpstreamClient, ClientError> {
+/// The cluster's connector, shared by its pools on every worker.
+pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Result<Connector, ClientError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -260,22 +260,7 @@ pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Res
         }
         None => builder,
     };
-    let connector = builder.enable_all_versions().wrap_connector(counting);
-    let mut cb = Client::builder(TokioExecutor::new());
-    cb.timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_millis(c.timeouts.idle_ms))
-        .pool_max_idle_per_host(usize::MAX)
-        .http1_max_buf_size(crate::limits::MAX_HEADER_BYTES)
-        .http2_max_header_list_size(crate::limits::MAX_HEADER_BYTES as u32)
-        .http2_adaptive_window(true)
-        // We set Host ourselves: the client must not replace it with the endpoint address.
-        .set_host(false)
-        .retry_canceled_requests(true);
-    if c.protocol == UpstreamProtocol::Http2 {
-        cb.http2_only(true);
-    }
-    Ok(cb.build(connector))
+    Ok(builder.enable_all_versions().wrap_connector(counting))
 }
 
 /// `insecureSkipVerify`: accepts any server certificate, still checks signatures. (Tests use

@@ -5,28 +5,27 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::{Request, Uri};
+use http_body_util::BodyExt;
 
 use super::{ClusterRuntime, EndpointState};
 use crate::proxy::body::RequestBody;
 
+/// A health check reads at most this much of a response body before it closes the connection.
+const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
 pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
     let hc = rt.spec.health_check.clone().expect("caller checked");
     let endpoints: Vec<Arc<EndpointState>> = rt.endpoints.clone();
-    let client = rt.clients[rt.clients.len() - 1].clone();
-    let scheme = rt.scheme.clone();
+    let pool = rt.pools[rt.pools.len() - 1].clone();
     let cluster = rt.spec.name.clone();
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(hc.interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let checks = endpoints.iter().map(|e| {
-                let uri = Uri::builder()
-                    .scheme(scheme.clone())
-                    .authority(e.authority.clone())
-                    .path_and_query(hc.path.as_str())
-                    .build();
-                let client = client.clone();
+            let checks = endpoints.iter().enumerate().map(|(i, e)| {
+                let uri = Uri::try_from(hc.path.as_str());
+                let pool = &pool;
                 async move {
                     let Ok(uri) = uri else { return false };
                     let mut req = Request::get(uri).body(RequestBody::empty()).expect("static request");
@@ -38,11 +37,18 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
                         http::header::USER_AGENT,
                         http::HeaderValue::from_static("ferrum-health-check"),
                     );
-                    match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), client.request(req)).await {
-                        Ok(Ok(resp)) => {
-                            let s = resp.status().as_u16();
-                            s >= hc.expected_status.0 && s <= hc.expected_status.1
+                    let check = async {
+                        let (resp, mut lease) = pool.send(i, &e.authority, req).await.ok()?;
+                        let s = resp.status().as_u16();
+                        // Read to the end, the connection serves the next check.
+                        let body = http_body_util::Limited::new(resp.into_body(), HEALTH_BODY_LIMIT);
+                        if body.collect().await.is_ok() {
+                            lease.finish();
                         }
+                        Some(s)
+                    };
+                    match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check).await {
+                        Ok(Some(s)) => s >= hc.expected_status.0 && s <= hc.expected_status.1,
                         _ => false,
                     }
                 }

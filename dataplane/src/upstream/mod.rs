@@ -1,4 +1,4 @@
-//! Upstream clusters at run time: endpoints with their health, the balancer, the pooled client,
+//! Upstream clusters at run time: endpoints with their health, the balancer, the pools,
 //! the circuit breaker and the retry budget.
 //!
 //! A `ClusterRuntime` is rebuilt only when its cluster's spec changes; endpoint state (health,
@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod connector;
 pub mod health;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use tokio::sync::Notify;
 
 use crate::telemetry::{ClusterStats, EndpointHealth, UpstreamError};
 use balance::{Balancer, Candidate};
-pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels, UpstreamClient};
+pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels};
+pub use pool::{Lease, Pool, PoolError};
 
 /// Milliseconds since the process started: a cheap, monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -97,7 +99,7 @@ pub struct ClusterRuntime {
     pub endpoints: Vec<Arc<EndpointState>>,
     pub balancer: Balancer,
     /// One pool per worker thread, then one for health checks: connections never cross threads.
-    clients: Box<[UpstreamClient]>,
+    pools: Box<[Arc<Pool>]>,
     pub scheme: Scheme,
     pub stats: Arc<ClusterStats>,
     active: AtomicU32,
@@ -196,19 +198,21 @@ impl ClusterRuntime {
             }
         }
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
-        let clients = (0..=workers)
-            .map(|_| connector::build(spec, stats.clone(), tunnels))
-            .collect::<Result<Box<[_]>, _>>()?;
+        let scheme = if spec.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let connector = connector::build(spec, stats.clone(), tunnels)?;
+        let pools = (0..=workers)
+            .map(|_| Arc::new(Pool::new(spec, connector.clone(), scheme.clone(), endpoints.len())))
+            .collect();
         let mut rt = ClusterRuntime {
             balancer: Balancer::new(&spec.lb, &weights),
-            scheme: if spec.tls.is_some() {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            },
+            scheme,
             spec: spec.clone(),
             endpoints,
-            clients,
+            pools,
             stats,
             active: AtomicU32::new(0),
             pending: AtomicU32::new(0),
@@ -252,9 +256,9 @@ impl ClusterRuntime {
     }
 
     /// The calling worker's pool (the control thread's when called elsewhere).
-    pub fn client(&self) -> &UpstreamClient {
-        let i = crate::workers::index().min(self.clients.len() - 1);
-        &self.clients[i]
+    pub fn pool(&self) -> &Pool {
+        let i = crate::workers::index().min(self.pools.len() - 1);
+        &self.pools[i]
     }
 
     pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {

@@ -1,0 +1,180 @@
+//! The upstream connection pool as a backend sees it: connections reused across requests,
+//! given back only when a response has been read to its end, closed when idle, and a connection
+//! the backend closed never costs a client its request.
+
+mod common;
+use common::*;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// An HTTP/1.1 backend that counts the connections it accepts and those still open. `/empty`
+/// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; anything else "ok".
+struct Counting {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Counting {
+    /// `lifetime`: the backend closes each connection that long after accepting it (between
+    /// requests, as a server's keep-alive timeout does).
+    async fn start(lifetime: Option<Duration>) -> Counting {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, o) = (accepted.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, SeqCst);
+                o.fetch_add(1, SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), service_fn(respond));
+                    match lifetime {
+                        Some(t) => {
+                            tokio::pin!(conn);
+                            if tokio::time::timeout(t, conn.as_mut()).await.is_err() {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
+                        None => {
+                            let _ = conn.await;
+                        }
+                    }
+                    o.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        Counting {
+            addr,
+            accepted,
+            open,
+            task,
+        }
+    }
+}
+
+async fn respond(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    let body = match req.uri().path() {
+        "/empty" => {
+            let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+            *r.status_mut() = hyper::StatusCode::NO_CONTENT;
+            return Ok(r);
+        }
+        "/stream" => {
+            let first = futures_util::stream::once(async { Ok(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))) });
+            let rest = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(Frame::data(Bytes::from_static(b"end")))
+            });
+            BodyExt::boxed(StreamBody::new(futures_util::StreamExt::chain(first, rest)))
+        }
+        _ => Full::new(Bytes::from_static(b"ok")).boxed(),
+    };
+    Ok(hyper::Response::new(body))
+}
+
+/// A proxy on a free port in front of `b`, with extra Backend spec lines.
+async fn proxy(b: &Counting, spec: &str) -> (Dp, String) {
+    let port = free_port();
+    let backend = format!(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
+         - {{address: 127.0.0.1, port: {}}}\n{spec}",
+        b.addr.port()
+    );
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  \
+                 parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: pool}]}]\n";
+    let dp = Dp::start(&docs(&[gateway(port), backend, route.to_string()])).await;
+    (dp, format!("http://127.0.0.1:{port}"))
+}
+
+const ACTIVE: &str = "ferrum_cluster_connections_active{cluster=\"backend/default/pool\"}";
+
+#[tokio::test]
+async fn one_connection_serves_sequential_requests_and_closes_when_idle() {
+    let b = Counting::start(None).await;
+    let (dp, url) = proxy(&b, "  timeouts: {idle: 500ms}\n").await;
+    let c = client();
+    for i in 0..30 {
+        let path = if i % 3 == 0 { "/empty" } else { "/" };
+        let r = c.get(format!("{url}{path}")).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.bytes().await.unwrap();
+        let r = c.head(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        b.accepted.load(SeqCst),
+        1,
+        "60 requests, bodies and none, on one connection"
+    );
+    assert_eq!(dp.metric(ACTIVE).await, 1.0);
+    eventually("the idle connection closes", Duration::from_secs(5), async || {
+        b.open.load(SeqCst) == 0 && dp.metric(ACTIVE).await == 0.0
+    })
+    .await;
+    let r = c.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(b.accepted.load(SeqCst), 2, "a new connection after the idle one closed");
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_does_not_return_its_connection() {
+    let b = Counting::start(None).await;
+    let (_dp, url) = proxy(&b, "").await;
+    let c = client();
+    let mut r = c.get(format!("{url}/stream")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.chunk().await.unwrap().unwrap().is_empty());
+    drop(r);
+    // The half-read response is still on that connection: the next request needs another, and
+    // the abandoned one is closed rather than pooled.
+    for _ in 0..5 {
+        let r = c.get(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 2);
+    eventually("the abandoned connection closes", Duration::from_secs(5), async || {
+        b.open.load(SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_the_backend_closes_between_requests_cost_no_request() {
+    let b = Counting::start(Some(Duration::from_millis(150))).await;
+    let (_dp, url) = proxy(&b, "").await;
+    let c = client();
+    for _ in 0..8 {
+        let r = c.get(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        b.accepted.load(SeqCst),
+        8,
+        "each request after a close on a fresh connection"
+    );
+}
