@@ -157,7 +157,9 @@ impl Pool {
         loop {
             let mut conn = match self.checkout(ep).await {
                 Some(c) => c,
-                None => self.connect(ep, authority).await?,
+                // Boxed: opening a connection is the slow path, and its state (connector, TLS,
+                // handshakes) would make every request's future kilobytes larger to move.
+                None => Box::pin(self.connect(ep, authority)).await?,
             };
             conn.activity.in_flight.fetch_add(1, Relaxed);
             let mut lease = Lease {
@@ -305,5 +307,25 @@ where
                 at = tokio::time::Instant::now() + Duration::from_millis(wait);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrum_snapshot::model::Endpoint;
+
+    #[test]
+    fn a_request_future_stays_small() {
+        let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
+        let stats = Arc::new(crate::telemetry::ClusterStats::default());
+        let connector = super::super::connector::build(&c, stats, &Default::default()).unwrap();
+        let pool = Pool::new(&c, connector, Scheme::HTTP, 1);
+        let a = Authority::from_static("127.0.0.1:80");
+        let f = pool.send(0, &a, Request::new(RequestBody::empty()));
+        // Every request's future holds this one and is moved into its task: opening a
+        // connection (boxed) must not make it grow by the connector's and handshakes' state.
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 1536, "Pool::send's future is {size} bytes");
     }
 }
