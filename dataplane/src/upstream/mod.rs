@@ -256,7 +256,7 @@ impl ClusterRuntime {
     }
 
     /// The calling worker's pool (the control thread's when called elsewhere).
-    pub fn pool(&self) -> &Pool {
+    pub fn pool(&self) -> &Arc<Pool> {
         let i = crate::workers::index().min(self.pools.len() - 1);
         &self.pools[i]
     }

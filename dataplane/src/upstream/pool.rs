@@ -9,7 +9,7 @@
 //! body gives the connection back when it ends.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ impl PoolError {
     }
 }
 
-/// Idle HTTP/1.1 connections of one endpoint (most recently used last), or its shared HTTP/2
+/// Idle HTTP/1.1 connections of one endpoint (most recently used last), and its shared HTTP/2
 /// connection.
 type Idle = Mutex<Vec<Conn>>;
 
@@ -52,33 +52,52 @@ pub struct Pool {
     connector: Connector,
     scheme: Scheme,
     /// Indexed like the cluster's endpoints.
-    idle: Box<[Arc<Idle>]>,
+    idle: Box<[Idle]>,
     http2_only: bool,
-    idle_timeout: Duration,
+    idle_ms: u64,
+    /// A sweeper task closes idle connections; it runs while the pool holds any.
+    sweeping: AtomicBool,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
 
 enum Sender {
     Http1(http1::SendRequest<RequestBody>),
-    Http2(http2::SendRequest<RequestBody>),
+    /// Shared: its requests in flight and when the last ended tell when it is idle.
+    Http2(http2::SendRequest<RequestBody>, Arc<Streams>),
 }
 
 struct Conn {
     send: Sender,
-    activity: Arc<Activity>,
+    /// When an HTTP/1.1 connection came back to the pool.
+    since_ms: u64,
     /// Served a request before: a request it fails to start may be retried on another.
     reused: bool,
 }
 
-/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+impl Conn {
+    /// Closed by the peer, or idle for `idle_ms`: the sweeper drops it, which closes it.
+    fn expired(&self, now: u64, idle_ms: u64) -> bool {
+        match &self.send {
+            Sender::Http1(s) => s.is_closed() || now.saturating_sub(self.since_ms) >= idle_ms,
+            Sender::Http2(s, streams) => {
+                s.is_closed()
+                    || streams
+                        .idle_since_ms()
+                        .is_some_and(|t| now.saturating_sub(t) >= idle_ms)
+            }
+        }
+    }
+}
+
+/// Requests in flight on one HTTP/2 connection and when the last one ended.
 #[derive(Default)]
-struct Activity {
+struct Streams {
     in_flight: AtomicU32,
     last_ms: AtomicU64,
 }
 
-impl Activity {
+impl Streams {
     fn end(&self) {
         self.last_ms.store(now_ms(), Relaxed);
         self.in_flight.fetch_sub(1, Relaxed);
@@ -95,29 +114,29 @@ impl Activity {
 /// not reused (hyper closes it: the rest of the response is still on the wire).
 pub struct Lease {
     conn: Option<Conn>,
-    activity: Arc<Activity>,
-    home: Arc<Idle>,
-    ended: bool,
+    streams: Option<Arc<Streams>>,
+    pool: Arc<Pool>,
+    ep: usize,
 }
 
 impl Lease {
     /// The response body has ended: the connection is free for the next request.
     pub fn finish(&mut self) {
-        if self.ended {
-            return;
+        if let Some(s) = self.streams.take() {
+            s.end();
         }
-        self.ended = true;
-        self.activity.end();
-        if let Some(c) = self.conn.take() {
-            lock(&self.home).push(c);
+        if let Some(mut c) = self.conn.take() {
+            c.since_ms = now_ms();
+            lock(&self.pool.idle[self.ep]).push(c);
+            self.pool.sweep();
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if !self.ended {
-            self.activity.end();
+        if let Some(s) = self.streams.take() {
+            s.end();
         }
     }
 }
@@ -137,9 +156,10 @@ impl Pool {
         Pool {
             connector,
             scheme,
-            idle: (0..endpoints).map(|_| Arc::default()).collect(),
+            idle: (0..endpoints).map(|_| Idle::default()).collect(),
             http2_only: c.protocol == UpstreamProtocol::Http2,
-            idle_timeout: Duration::from_millis(c.timeouts.idle_ms),
+            idle_ms: c.timeouts.idle_ms,
+            sweeping: AtomicBool::new(false),
             h1,
             h2,
         }
@@ -149,7 +169,7 @@ impl Pool {
     /// new one. A request that a reused connection closed before taking is sent again, as the
     /// connection had merely timed out while idle.
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         ep: usize,
         authority: &Authority,
         mut req: Request<RequestBody>,
@@ -161,12 +181,11 @@ impl Pool {
                 // handshakes) would make every request's future kilobytes larger to move.
                 None => Box::pin(self.connect(ep, authority)).await?,
             };
-            conn.activity.in_flight.fetch_add(1, Relaxed);
             let mut lease = Lease {
                 conn: None,
-                activity: conn.activity.clone(),
-                home: self.idle[ep].clone(),
-                ended: false,
+                streams: None,
+                pool: self.clone(),
+                ep,
             };
             let reused = conn.reused;
             conn.reused = true;
@@ -180,7 +199,9 @@ impl Pool {
                     lease.conn = Some(conn);
                     sent.await
                 }
-                Sender::Http2(s) => {
+                Sender::Http2(s, streams) => {
+                    streams.in_flight.fetch_add(1, Relaxed);
+                    lease.streams = Some(streams.clone());
                     self.absolute(&mut req, authority);
                     s.try_send_request(req).await
                 }
@@ -203,13 +224,12 @@ impl Pool {
                 match idle.last() {
                     None => return None,
                     Some(Conn {
-                        send: Sender::Http2(s),
-                        activity,
+                        send: Sender::Http2(s, streams),
                         ..
                     }) if !s.is_closed() => {
                         return Some(Conn {
-                            send: Sender::Http2(s.clone()),
-                            activity: activity.clone(),
+                            send: Sender::Http2(s.clone(), streams.clone()),
+                            since_ms: 0,
                             reused: true,
                         });
                     }
@@ -229,7 +249,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, ep: usize, authority: &Authority) -> Result<Conn, PoolError> {
+    async fn connect(self: &Arc<Self>, ep: usize, authority: &Authority) -> Result<Conn, PoolError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(authority.clone())
@@ -237,33 +257,35 @@ impl Pool {
             .build()
             .map_err(|e| PoolError::Connect(e.into()))?;
         let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
-        let activity = Arc::new(Activity::default());
         if self.http2_only || io.connected().is_negotiated_h2() {
             let (send, conn) = self.h2.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-            tokio::spawn(drive(conn, activity.clone(), self.idle_timeout));
+            tokio::spawn(drive(conn));
+            let streams = Arc::new(Streams::default());
             let mut idle = lock(&self.idle[ep]);
             // Concurrent first requests may each open one; the pool keeps the first.
             if !idle
                 .iter()
-                .any(|c| matches!(&c.send, Sender::Http2(s) if !s.is_closed()))
+                .any(|c| matches!(&c.send, Sender::Http2(s, _) if !s.is_closed()))
             {
                 idle.push(Conn {
-                    send: Sender::Http2(send.clone()),
-                    activity: activity.clone(),
+                    send: Sender::Http2(send.clone(), streams.clone()),
+                    since_ms: 0,
                     reused: true,
                 });
+                drop(idle);
+                self.sweep();
             }
             return Ok(Conn {
-                send: Sender::Http2(send),
-                activity,
+                send: Sender::Http2(send, streams),
+                since_ms: 0,
                 reused: false,
             });
         }
         let (send, conn) = self.h1.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-        tokio::spawn(drive(conn.with_upgrades(), activity.clone(), self.idle_timeout));
+        tokio::spawn(drive(conn.with_upgrades()));
         Ok(Conn {
             send: Sender::Http1(send),
-            activity,
+            since_ms: 0,
             reused: false,
         })
     }
@@ -278,35 +300,52 @@ impl Pool {
         }
         *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
     }
+
+    /// Makes sure a sweeper runs: the pool holds a connection now. One task per pool, only
+    /// while it holds connections, instead of a timer polled by every connection.
+    fn sweep(self: &Arc<Self>) {
+        if self.sweeping.load(Relaxed) || self.sweeping.swap(true, Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let period = Duration::from_millis((self.idle_ms / 2).max(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                // Gone with its cluster runtime: its connections closed with it.
+                let Some(pool) = pool.upgrade() else { return };
+                if !pool.close_idle() {
+                    pool.sweeping.store(false, Relaxed);
+                    // A connection given back meanwhile found the flag still set.
+                    if !pool.close_idle() || pool.sweeping.swap(true, Relaxed) {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Drops the connections idle for `idle_ms` or closed by the peer; whether any remain.
+    fn close_idle(&self) -> bool {
+        let now = now_ms();
+        let mut left = false;
+        for idle in &self.idle {
+            let mut conns = lock(idle);
+            conns.retain(|c| !c.expired(now, self.idle_ms));
+            left |= !conns.is_empty();
+        }
+        left
+    }
 }
 
-/// Runs one connection until it fails, the peer closes it, or it has been idle for `idle`.
-async fn drive<F>(conn: F, activity: Arc<Activity>, idle: Duration)
+/// Runs one connection until it fails or closes: the peer closes it, or the pool dropped every
+/// handle to it (idle, or a response abandoned halfway).
+async fn drive<F>(conn: F)
 where
     F: Future<Output = hyper::Result<()>>,
 {
-    tokio::pin!(conn);
-    let idle_ms = idle.as_millis() as u64;
-    let mut at = tokio::time::Instant::now() + idle;
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut conn => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(at) => {
-                let now = now_ms();
-                let wait = match activity.idle_since_ms() {
-                    Some(since) if now.saturating_sub(since) >= idle_ms => return,
-                    Some(since) => since + idle_ms - now,
-                    None => idle_ms,
-                };
-                at = tokio::time::Instant::now() + Duration::from_millis(wait);
-            }
-        }
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "upstream connection ended");
     }
 }
 
@@ -320,7 +359,7 @@ mod tests {
         let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
         let stats = Arc::new(crate::telemetry::ClusterStats::default());
         let connector = super::super::connector::build(&c, stats, &Default::default()).unwrap();
-        let pool = Pool::new(&c, connector, Scheme::HTTP, 1);
+        let pool = Arc::new(Pool::new(&c, connector, Scheme::HTTP, 1));
         let a = Authority::from_static("127.0.0.1:80");
         let f = pool.send(0, &a, Request::new(RequestBody::empty()));
         // Every request's future holds this one and is moved into its task: opening a
