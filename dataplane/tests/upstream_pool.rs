@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// An HTTP/1.1 backend that counts the connections it accepts and those still open. `/empty`
 /// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; anything else "ok".
@@ -36,6 +36,15 @@ impl Counting {
     /// `lifetime`: the backend closes each connection that long after accepting it (between
     /// requests, as a server's keep-alive timeout does).
     async fn start(lifetime: Option<Duration>) -> Counting {
+        Self::serve(lifetime, false).await
+    }
+
+    /// The same over HTTP/2 with prior knowledge (h2c).
+    async fn start_h2() -> Counting {
+        Self::serve(None, true).await
+    }
+
+    async fn serve(lifetime: Option<Duration>, h2: bool) -> Counting {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -46,6 +55,13 @@ impl Counting {
                 o.fetch_add(1, SeqCst);
                 let o = o.clone();
                 tokio::spawn(async move {
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), service_fn(respond))
+                            .await;
+                        o.fetch_sub(1, SeqCst);
+                        return;
+                    }
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), service_fn(respond));
                     match lifetime {
@@ -97,6 +113,10 @@ async fn respond(
 
 /// A proxy on a free port in front of `b`, with extra Backend spec lines.
 async fn proxy(b: &Counting, spec: &str) -> (Dp, String) {
+    proxy_with(b, spec, &[]).await
+}
+
+async fn proxy_with(b: &Counting, spec: &str, args: &[&str]) -> (Dp, String) {
     let port = free_port();
     let backend = format!(
         "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
@@ -105,7 +125,7 @@ async fn proxy(b: &Counting, spec: &str) -> (Dp, String) {
     );
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  \
                  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: pool}]}]\n";
-    let dp = Dp::start(&docs(&[gateway(port), backend, route.to_string()])).await;
+    let dp = Dp::start_with(&docs(&[gateway(port), backend, route.to_string()]), args).await;
     (dp, format!("http://127.0.0.1:{port}"))
 }
 
@@ -177,4 +197,34 @@ async fn connections_the_backend_closes_between_requests_cost_no_request() {
         8,
         "each request after a close on a fresh connection"
     );
+}
+
+#[tokio::test]
+async fn a_burst_shares_one_http2_connection_that_closes_when_idle() {
+    let b = Counting::start_h2().await;
+    let spec = "  protocol: HTTP/2\n  timeouts: {idle: 500ms}\n";
+    let (dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+    // One HTTP/2 client connection: the 32 requests reach the proxy together.
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let burst = (0..32).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(format!("{url}/")).send().await.unwrap().text().await.unwrap() }
+    });
+    for body in futures_util::future::join_all(burst).await {
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(
+        b.accepted.load(SeqCst),
+        1,
+        "32 concurrent first requests, one HTTP/2 connection"
+    );
+    eventually(
+        "the idle HTTP/2 connection closes",
+        Duration::from_secs(5),
+        async || b.open.load(SeqCst) == 0 && dp.metric(ACTIVE).await == 0.0,
+    )
+    .await;
+    let r = c.get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(b.accepted.load(SeqCst), 2);
 }

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
 use tower_service::Service;
 
 use super::connector::{BoxError, Connector};
@@ -44,9 +45,25 @@ impl PoolError {
     }
 }
 
-/// Idle HTTP/1.1 connections of one endpoint (most recently used last), and its shared HTTP/2
-/// connection.
-type Idle = Mutex<Vec<Conn>>;
+/// One endpoint's connections on this worker.
+#[derive(Default)]
+struct Idle {
+    /// Idle HTTP/1.1 connections (most recently used last), and the shared HTTP/2 connection.
+    conns: Mutex<Vec<Conn>>,
+    /// An HTTP/2 connection is being opened: requests that find none wait for it.
+    opening: AtomicBool,
+    opened: Notify,
+}
+
+/// Clears `opening` however opening ends (done, failed, or the request gone).
+struct Opening<'a>(&'a Idle);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.store(false, Relaxed);
+        self.0.opened.notify_waiters();
+    }
+}
 
 pub struct Pool {
     connector: Connector,
@@ -142,7 +159,7 @@ impl Drop for Lease {
 }
 
 fn lock(idle: &Idle) -> std::sync::MutexGuard<'_, Vec<Conn>> {
-    idle.lock().unwrap_or_else(PoisonError::into_inner)
+    idle.conns.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Pool {
@@ -179,7 +196,7 @@ impl Pool {
                 Some(c) => c,
                 // Boxed: opening a connection is the slow path, and its state (connector, TLS,
                 // handshakes) would make every request's future kilobytes larger to move.
-                None => Box::pin(self.connect(ep, authority)).await?,
+                None => Box::pin(self.open(ep, authority)).await?,
             };
             let mut lease = Lease {
                 conn: None,
@@ -247,6 +264,27 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// A new connection; for HTTP/2, the one another request is opening when there is one, so
+    /// a burst of first requests shares one connection instead of opening one each.
+    async fn open(self: &Arc<Self>, ep: usize, authority: &Authority) -> Result<Conn, PoolError> {
+        if !self.http2_only {
+            return self.connect(ep, authority).await;
+        }
+        let slot = &self.idle[ep];
+        while slot.opening.swap(true, Relaxed) {
+            let opened = slot.opened.notified();
+            if slot.opening.load(Relaxed) {
+                // Ends: the opener's connect is bounded by the connect timeout.
+                opened.await;
+            }
+            if let Some(c) = self.checkout(ep).await {
+                return Ok(c);
+            }
+        }
+        let _opening = Opening(slot);
+        self.connect(ep, authority).await
     }
 
     async fn connect(self: &Arc<Self>, ep: usize, authority: &Authority) -> Result<Conn, PoolError> {
