@@ -235,9 +235,13 @@ impl Pool {
 
     /// A pooled connection to `ep` that can take a request now.
     async fn checkout(&self, ep: usize) -> Option<Conn> {
-        loop {
+        let slot = &self.idle[ep];
+        // Each idle connection is looked at most twice: then a new one is opened instead.
+        let mut looks = 2 * lock(slot).len();
+        while looks > 0 {
+            looks -= 1;
             let conn = {
-                let mut idle = lock(&self.idle[ep]);
+                let mut idle = lock(slot);
                 match idle.last() {
                     None => return None,
                     Some(Conn {
@@ -253,17 +257,21 @@ impl Pool {
                     Some(_) => idle.pop()?,
                 }
             };
-            if let Sender::Http1(mut s) = conn.send {
-                // Given back when the body ended; hyper's connection task may not yet have
-                // turned to wait for the next request, which it does without I/O.
-                if s.is_ready() || s.ready().await.is_ok() {
-                    return Some(Conn {
-                        send: Sender::Http1(s),
-                        ..conn
-                    });
-                }
+            let Sender::Http1(s) = &conn.send else { continue };
+            if s.is_ready() {
+                return Some(conn);
             }
+            if s.is_closed() {
+                continue;
+            }
+            // Given back when its response ended, but hyper's connection task has not yet turned
+            // to wait for the next request (it will without I/O, once it runs), or the request's
+            // upload is still going: look at the others first, let that task run, and keep this
+            // one, oldest, for later rather than wait on it.
+            lock(slot).insert(0, conn);
+            tokio::task::yield_now().await;
         }
+        None
     }
 
     /// A new connection; for HTTP/2, the one another request is opening when there is one, so
