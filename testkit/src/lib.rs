@@ -23,9 +23,14 @@ pub fn free_port() -> u16 {
     // by default), which port 0 would pick from: there, any outgoing connection made before
     // the test binds the port can take it as its source port (an Envoy admin port was lost
     // that way in CI).
+    // Never the same port twice in one test process: tests run in parallel, and two could
+    // otherwise pick one port before either binds it.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let port = fastrand::u16(20_000..32_768);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }

@@ -49,7 +49,7 @@ impl Dp {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start ferrum-dp");
-        let dp = Dp {
+        let mut dp = Dp {
             child,
             admin,
             dir,
@@ -59,7 +59,9 @@ impl Dp {
         dp
     }
 
-    pub async fn wait_ready(&self) {
+    /// Until `/ready` answers 200; a proxy that exits first fails the test with its status
+    /// (its stderr is the test's).
+    async fn wait_ready(&mut self) {
         let c = client();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -68,7 +70,10 @@ impl Dp {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "ferrum-dp did not become ready");
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("ferrum-dp exited before it was ready: {status}");
+            }
+            assert!(Instant::now() < deadline, "ferrum-dp did not become ready within 10 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
