@@ -94,17 +94,17 @@ const MAX_ADMIN_CONNECTIONS: usize = 64;
 const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
-    serve_with(listener, move |req| std::future::ready(route(&dp, &req))).await
+    serve_with(vec![listener], move |req| std::future::ready(route(&dp, &req))).await
 }
 
 /// The sidecar's readiness port (15021, reachable by the kubelet): `/healthz/ready` only, ready
 /// once a config serves and `extra` (the workload certificate) holds.
 pub async fn serve_readiness(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     dp: Arc<Dataplane>,
     extra: impl Fn() -> bool + Send + Sync + 'static,
 ) {
-    serve_with(listener, move |req| {
+    serve_with(listeners, move |req| {
         std::future::ready(match req.uri().path() {
             "/healthz/ready" if dp.ready.load(Relaxed) && extra() => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
@@ -116,23 +116,38 @@ pub async fn serve_readiness(
 
 /// The sidecar's app-health port (15020, reachable by the kubelet): the app's HTTP probes,
 /// rewritten by the injector to come through here.
-pub async fn serve_app_health(listener: TcpListener, probes: ferrum_snapshot::mesh::AppProbes) {
+pub async fn serve_app_health(listeners: Vec<TcpListener>, probes: ferrum_snapshot::mesh::AppProbes) {
     let probes = Arc::new(probes);
-    serve_with(listener, move |req| {
+    serve_with(listeners, move |req| {
         let (probes, path) = (probes.clone(), req.uri().path().to_string());
         async move { crate::mesh::app_health::answer(&probes, &path).await }
     })
     .await
 }
 
-/// Serves small GET-style endpoints: bounded connections and head time, one answer per request.
-async fn serve_with<F, Fut>(listener: TcpListener, route: F)
+/// Serves small GET-style endpoints on `listeners`: bounded connections (all listeners
+/// together) and head time, one answer per request.
+async fn serve_with<F, Fut>(listeners: Vec<TcpListener>, route: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let route = Arc::new(route);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(accept_loop(l, route.clone(), slots.clone())))
+        .collect();
+    for a in accepting {
+        let _ = a.await;
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, route: Arc<F>, slots: Arc<tokio::sync::Semaphore>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -165,4 +180,18 @@ where
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+/// A sidecar port the kubelet probes: `addr` and, on an IPv6 host, its IPv6 twin (the kubelet
+/// probes the pod IP of the cluster's first family). An IPv6 socket that cannot be had is
+/// logged and skipped.
+pub async fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<Vec<TcpListener>> {
+    let mut all = vec![bind(addr).await?];
+    for v6 in crate::listener::dual_stack(addr).into_iter().skip(1) {
+        match crate::listener::bind(v6).and_then(TcpListener::from_std) {
+            Ok(l) => all.push(l),
+            Err(e) => tracing::warn!(addr = %v6, error = %e, "not listening on IPv6"),
+        }
+    }
+    Ok(all)
 }

@@ -390,7 +390,7 @@ async fn start_sidecar(
     let (ca, settings) = m.settings()?;
     let id = std::sync::Arc::new(identity::Identity::default());
     tokio::spawn(identity::run(ca, id.clone()));
-    let readiness = admin::bind(m.readiness_addr)
+    let readiness = admin::bind_dual_stack(m.readiness_addr)
         .await
         .map_err(|e| format!("cannot listen on readiness address {}: {e}", m.readiness_addr))?;
     let ready_id = id.clone();
@@ -399,7 +399,7 @@ async fn start_sidecar(
     }));
     let probes = ferrum_dp::mesh::app_health::parse(m.app_probers.as_deref()).map_err(|e| e.to_string())?;
     if !probes.is_empty() {
-        let health = admin::bind(m.app_health_addr)
+        let health = admin::bind_dual_stack(m.app_health_addr)
             .await
             .map_err(|e| format!("cannot listen on app-health address {}: {e}", m.app_health_addr))?;
         tokio::spawn(admin::serve_app_health(health, probes));

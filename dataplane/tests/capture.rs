@@ -1,7 +1,9 @@
-//! `ferrum-dp init-iptables` in a network namespace (a "pod", as root): the rules take effect —
-//! an app's outbound connection lands on 15001 with its original destination intact, the proxy's
-//! own traffic (UID 1337) and the app's calls to its own IP are not captured, the inbound chain
-//! redirects to 15006 — applying twice changes nothing, and `--cleanup` removes every trace.
+//! `ferrum-dp init-iptables` in a network namespace (a "pod", as root): the rules take effect
+//! on IPv4 and IPv6 alike — an app's outbound connection lands on 15001 with its original
+//! destination intact, the proxy's own traffic (UID 1337) and its connections from the inbound
+//! source (127.0.0.6 / ::6) are not captured, the app's calls to its own IP are not captured,
+//! a peer's inbound connection lands on 15006 — applying twice changes nothing, and `--cleanup`
+//! removes every trace.
 
 mod common;
 use common::*;
@@ -29,58 +31,77 @@ fn pod_and_node() -> (Netns, Netns) {
     (pod, node)
 }
 
-/// Inside the pod: listeners on 15001 and 15006 that report the original destination of what
-/// they accept, then connections as the app (UID 0) and as the proxy (UID 1337).
+/// Inside the pod (argv: 4 or 6): listeners on 15001 and 15006 that report the original
+/// destination of what they accept, then connections as the app (UID 0) and as the proxy
+/// (UID 1337, from anywhere and from the inbound source).
 const PROBE: &str = r#"
-import json, os, socket, struct, threading
-SO_ORIGINAL_DST = 80
+import json, os, socket, struct, sys, threading, time
+v6 = sys.argv[1] == "6"
+fam = socket.AF_INET6 if v6 else socket.AF_INET
+me, other, source = ("fd00:9:8::1", "fd00:9:8::7", "::6") if v6 else ("10.9.8.1", "10.9.8.7", "127.0.0.6")
+def original(c):
+    if v6:
+        raw = c.getsockopt(socket.IPPROTO_IPV6, 80, 28)  # IP6T_SO_ORIGINAL_DST: a sockaddr_in6
+        return "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0])
+    raw = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST: a sockaddr_in
+    return "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0])
 seen = {"15001": [], "15006": []}
 def serve(port):
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind(("0.0.0.0", port)); l.listen(8); l.settimeout(3)
+    l = socket.socket(fam); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("::" if v6 else "0.0.0.0", port)); l.listen(8); l.settimeout(3)
     try:
         while True:
             c, _ = l.accept()
-            raw = c.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            p, ip = struct.unpack("!H", raw[2:4])[0], socket.inet_ntoa(raw[4:8])
-            seen[str(port)].append(f"{ip}:{p}"); c.close()
+            seen[str(port)].append(original(c)); c.close()
     except socket.timeout:
         pass
 ts = [threading.Thread(target=serve, args=(p,)) for p in (15001, 15006)]
 [t.start() for t in ts]
-import time; time.sleep(0.3)
-def connect(addr, uid=None):
+time.sleep(0.3)
+def connect(addr, uid=None, bind=None):
     pid = os.fork()
     if pid == 0:
         if uid is not None:
             os.setgid(uid); os.setuid(uid)
-        s = socket.socket(); s.settimeout(1)
+        s = socket.socket(fam); s.settimeout(1)
         try:
+            if bind:
+                s.bind((bind, 0))
             s.connect(addr); os._exit(0)
         except Exception:
             os._exit(1)
     return os.waitpid(pid, 0)[1] == 0
 res = {
-    "app_out": connect(("10.9.8.7", 80)),
-    "proxy_out": connect(("10.9.8.7", 81), uid=1337),
-    "app_to_own_ip": connect(("10.9.8.1", 8080)),
+    "app_out": connect((other, 80)),
+    "proxy_out": connect((other, 81), uid=1337),
+    "app_to_own_ip": connect((me, 8080)),
+    "proxy_from_inbound_source": connect((me, 8081), uid=1337, bind=source),
 }
 [t.join() for t in ts]
 res["seen"] = seen
 print(json.dumps(res))
 "#;
 
-#[test]
-fn init_iptables_captures_a_pods_traffic_and_cleans_up() {
+/// The capture, proved in one family: `save` lists its nat table; `me` is the pod's address,
+/// `other` one off the pod.
+fn captures(family: &str, save: &str, me: &str, other: &str) {
+    let literal = |ip: &str| {
+        if family == "6" {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
+    };
     let (pod, node) = pod_and_node();
-    let before = pod.nat();
-    pod.exec(&[
+    let before = pod.nat(save);
+    let init = [
         bin(),
         "init-iptables",
         "--exclude-inbound-ports",
         "15008,15020,15021,15090,22",
-    ]);
-    let rules = pod.nat();
+    ];
+    pod.exec(&init);
+    let rules = pod.nat(save);
     for want in [
         "-A PREROUTING -p tcp -j FERRUM_INBOUND",
         "-A OUTPUT -p tcp -j FERRUM_OUTPUT",
@@ -92,36 +113,26 @@ fn init_iptables_captures_a_pods_traffic_and_cleans_up() {
         assert!(rules.contains(want), "missing {want:?} in\n{rules}");
     }
     // Idempotent: the same rules, not a second copy.
-    pod.exec(&[
-        bin(),
-        "init-iptables",
-        "--exclude-inbound-ports",
-        "15008,15020,15021,15090,22",
-    ]);
-    assert_eq!(pod.nat(), rules, "a second run changed the rules");
+    pod.exec(&init);
+    assert_eq!(pod.nat(save), rules, "a second run changed the rules");
 
     let running = pod
-        .cmd(&["python3", "-c", PROBE])
+        .cmd(&["python3", "-c", PROBE, family])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     // A peer on the node calls the pod: captured to 15006, original destination intact.
-    let inbound = node
-        .cmd(&[
-            "python3",
-            "-c",
-            "import socket; socket.create_connection(('10.9.8.1', 9090), timeout=2)",
-        ])
-        .status()
-        .unwrap();
+    let call = format!("import socket; socket.create_connection(('{me}', 9090), timeout=2)");
+    let inbound = node.cmd(&["python3", "-c", &call]).status().unwrap();
     assert!(inbound.success(), "the inbound connection reached the capture port");
     let out = running.wait_with_output().unwrap();
     let probe: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(probe["seen"]["15006"][0], "10.9.8.1:9090", "{probe}");
+    assert_eq!(probe["seen"]["15006"][0], format!("{}:9090", literal(me)), "{probe}");
     assert_eq!(probe["app_out"], true, "{probe}");
     assert_eq!(
-        probe["seen"]["15001"][0], "10.9.8.7:80",
+        probe["seen"]["15001"][0],
+        format!("{}:80", literal(other)),
         "outbound lands on 15001 with its original destination: {probe}"
     );
     assert_eq!(
@@ -132,95 +143,46 @@ fn init_iptables_captures_a_pods_traffic_and_cleans_up() {
         !probe["seen"]["15001"].to_string().contains(":81"),
         "UID 1337 went through the capture: {probe}"
     );
-    // The app calling its own pod IP goes straight to it (nothing listens on 8080: refused).
+    // The app calling its own pod IP goes straight to it (nothing listens on 8080: refused),
+    // and so does the proxy reaching the app from the inbound source.
     assert_eq!(probe["app_to_own_ip"], false, "{probe}");
-    assert!(!probe["seen"].to_string().contains(":8080"), "{probe}");
+    assert_eq!(probe["proxy_from_inbound_source"], false, "{probe}");
+    assert!(!probe["seen"].to_string().contains(":808"), "{probe}");
 
     pod.exec(&[bin(), "init-iptables", "--cleanup"]);
-    assert_eq!(pod.nat(), before, "cleanup leaves nothing behind");
+    assert_eq!(pod.nat(save), before, "cleanup leaves nothing behind");
     // Cleaning up twice is fine.
     pod.exec(&[bin(), "init-iptables", "--cleanup"]);
 }
 
 #[test]
-fn dry_run_prints_the_rules_and_changes_nothing() {
-    let pod = Netns::new("dry");
-    let before = pod.nat();
-    let out = pod.exec(&[bin(), "init-iptables", "--dry-run", "--inbound-port", "16006"]);
-    assert!(out.contains("REDIRECT --to-ports 16006"), "{out}");
-    assert!(out.contains("-A FERRUM_OUTPUT -j FERRUM_REDIRECT"), "{out}");
-    assert_eq!(pod.nat(), before);
+fn init_iptables_captures_a_pods_ipv4_traffic_and_cleans_up() {
+    captures("4", "iptables-save", "10.9.8.1", "10.9.8.7");
 }
 
-/// Whether a TCP connection from `from` to `[addr]:port` is accepted (something listens there).
-fn connects(from: &Netns, addr: &str, port: u16) -> bool {
-    let code = format!("import socket; socket.create_connection(('{addr}', {port}), timeout=2)");
-    from.cmd(&["python3", "-c", &code])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success()
-}
-
-/// Listens on `[::]:port` in `ns` (IPv6) until dropped.
-struct Listener6(std::process::Child);
-impl Listener6 {
-    fn start(ns: &Netns, port: u16) -> Listener6 {
-        let code = format!(
-            "import socket, time\ns = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('::', {port})); s.listen(64)\nwhile True:\n    c, _ = s.accept(); c.close()\n"
-        );
-        let l = Listener6(ns.cmd(&["python3", "-c", &code]).spawn().unwrap());
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        l
-    }
-}
-impl Drop for Listener6 {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// IPv6 is not captured, so it must not be a way around the proxy: once the rules are in, new
-/// inbound TCP over IPv6 is refused (an excluded port still answers), the pod's own IPv6 calls
-/// out still work, and cleanup opens it again.
+/// A dual-stack pod cannot be reached, or reach out, around its sidecar over IPv6; the proxy's
+/// IPv6 source towards its app (`::6`) is put on `lo` and taken off again.
 #[test]
-fn ipv6_cannot_bypass_the_inbound_capture() {
-    let (pod, node) = pod_and_node();
-    let filter6 = || pod.exec(&["ip6tables-save", "-t", "filter"]);
-    let before = filter6();
-    let (_app, _excluded, _remote) = (
-        Listener6::start(&pod, 9090),
-        Listener6::start(&pod, 15021),
-        Listener6::start(&node, 7070),
-    );
-    assert!(
-        connects(&node, "fd00:9:8::1", 9090),
-        "reachable over IPv6 before the rules"
-    );
+fn init_iptables_captures_a_pods_ipv6_traffic_and_cleans_up() {
+    captures("6", "ip6tables-save", "fd00:9:8::1", "fd00:9:8::7");
+    let pod = Netns::new("lo6");
+    let lo = || pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
     pod.exec(&[bin(), "init-iptables"]);
-    assert!(
-        !connects(&node, "fd00:9:8::1", 9090),
-        "an IPv6 connection to the app went around the sidecar"
-    );
-    assert!(connects(&node, "fd00:9:8::1", 15021), "excluded inbound ports answer");
-    assert!(
-        connects(&pod, "fd00:9:8::2", 7070),
-        "the pod's outbound IPv6 gets its replies"
-    );
-    assert!(connects(&pod, "::1", 9090), "loopback is the pod's own business");
-    // Idempotent, and cleanup leaves the filter table as it was.
-    pod.exec(&[bin(), "init-iptables"]);
-    assert_eq!(filter6().matches("FERRUM_INBOUND6 -p tcp -j REJECT").count(), 1);
+    assert!(lo().contains("::6/128"), "{}", lo());
     pod.exec(&[bin(), "init-iptables", "--cleanup"]);
-    // Chains and rules only (no comments, no packet counters).
-    let strip = |t: String| -> Vec<String> {
-        t.lines()
-            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
-            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
-            .collect()
-    };
-    assert_eq!(strip(filter6()), strip(before));
-    assert!(connects(&node, "fd00:9:8::1", 9090), "reachable again after cleanup");
+    assert!(!lo().contains("::6/128"), "{}", lo());
+}
+
+#[test]
+fn dry_run_prints_the_rules_of_both_families_and_changes_nothing() {
+    let pod = Netns::new("dry");
+    let before = (pod.nat("iptables-save"), pod.nat("ip6tables-save"));
+    let out = pod.exec(&[bin(), "init-iptables", "--dry-run", "--inbound-port", "16006"]);
+    assert_eq!(out.matches("REDIRECT --to-ports 16006").count(), 2, "{out}");
+    assert!(out.contains("-A FERRUM_OUTPUT -o lo -s ::6/128 -j RETURN"), "{out}");
+    assert!(
+        out.contains("-A FERRUM_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN"),
+        "{out}"
+    );
+    assert_eq!((pod.nat("iptables-save"), pod.nat("ip6tables-save")), before);
 }

@@ -61,9 +61,9 @@ impl Netns {
         sh(&all)
     }
 
-    /// The nat table's chains and rules.
-    pub fn nat(&self) -> String {
-        self.exec(&["iptables-save", "-t", "nat"])
+    /// The nat table's chains and rules (IPv4; `ip6tables-save` for IPv6).
+    pub fn nat(&self, save: &str) -> String {
+        self.exec(&[save, "-t", "nat"])
             .lines()
             .filter(|l| l.starts_with("-A") || l.starts_with(':'))
             .map(|l| format!("{l}\n"))

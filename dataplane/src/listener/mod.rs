@@ -51,12 +51,32 @@ pub struct Listeners {
 /// Sockets bound for one address, one per worker, not yet accepting.
 pub type Bound = (SocketAddr, Vec<std::net::TcpListener>);
 
+/// Whether this network namespace has IPv6: an address on some interface (a kernel without
+/// IPv6 has no such file; `disable_ipv6` leaves it empty).
+pub fn has_ipv6() -> bool {
+    std::fs::read("/proc/net/if_inet6").is_ok_and(|a| !a.is_empty())
+}
+
+/// `addr` and, when it is IPv4's any-address on a host with IPv6, IPv6's on the same port.
+pub fn dual_stack(addr: SocketAddr) -> Vec<SocketAddr> {
+    let mut all = vec![addr];
+    if addr.ip() == std::net::Ipv4Addr::UNSPECIFIED && has_ipv6() {
+        all.push(SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port()));
+    }
+    all
+}
+
 /// A listening socket with SO_REUSEPORT, so each worker can have its own.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // One socket per family: a v4-mapped connection on an IPv6 socket would hide its
+        // IPv4 original destination, and `[::]` would share IPv4 connections with `0.0.0.0`.
+        s.set_only_v6(true)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;

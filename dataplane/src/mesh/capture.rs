@@ -1,11 +1,12 @@
 //! `ferrum-dp init-iptables`: the sidecar's traffic capture rules (nat table), as istio-init
 //! writes them (mesh.md): a pod's inbound TCP goes to 15006, its outbound to 15001, and the
 //! proxy's own traffic (UID/GID 1337) is left alone. Applied atomically and idempotently with
-//! `iptables-restore`, with whichever iptables (nft or legacy) the host already uses.
+//! `iptables-restore`, with whichever iptables (nft or legacy) the host already uses — and the
+//! same rules with `ip6tables` when the kernel has IPv6, so a dual-stack pod is captured on both.
 //!
-//! IPv6 is not captured; so that it cannot bypass the proxy (and STRICT mTLS), new inbound TCP
-//! over IPv6 is refused (ip6tables filter table) except on loopback and the excluded ports —
-//! as istio-init does when IPv6 capture is off. Connections the pod opens still get replies.
+//! The proxy reaches its own application from `127.0.0.6` / `::6`, which the rules leave alone.
+//! Every 127/8 address is local, but IPv6 has only `::1`: `::6/128` is added to `lo` (as
+//! istio-init does) so the proxy can bind it and the application's replies come back.
 
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
@@ -47,6 +48,39 @@ pub enum CaptureError {
     Failed { cmd: String, stderr: String },
 }
 
+/// The addresses the rules name, per IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The proxy's source towards its own application, as a rule matches it.
+    fn inbound_source(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.6/32",
+            Family::V6 => "::6/128",
+        }
+    }
+
+    fn localhost(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    /// The iptables of this family and the flavour of `iptables` (`iptables-nft` → `ip6tables-nft`).
+    pub fn iptables(self, iptables: &str) -> String {
+        match (self, iptables.rfind("iptables")) {
+            (Family::V4, _) => iptables.into(),
+            (Family::V6, Some(i)) => format!("{}ip6tables{}", &iptables[..i], &iptables[i + "iptables".len()..]),
+            (Family::V6, None) => "ip6tables".into(),
+        }
+    }
+}
+
 const CHAINS: [&str; 4] = [
     "FERRUM_INBOUND",
     "FERRUM_IN_REDIRECT",
@@ -55,26 +89,20 @@ const CHAINS: [&str; 4] = [
 ];
 /// The jumps from the built-in chains into ours: added once, removed on cleanup.
 const JUMPS: [(&str, &str); 2] = [("PREROUTING", "FERRUM_INBOUND"), ("OUTPUT", "FERRUM_OUTPUT")];
-/// The IPv6 inbound guard (filter table) and its jump.
-const CHAIN6: &str = "FERRUM_INBOUND6";
-const JUMP6: (&str, &str) = ("INPUT", CHAIN6);
 
-/// The ip6tables of the same flavour as `iptables` (`iptables-nft` → `ip6tables-nft`).
-pub fn ip6tables(iptables: &str) -> String {
-    match iptables.rfind("iptables") {
-        Some(i) => format!("{}ip6tables{}", &iptables[..i], &iptables[i + "iptables".len()..]),
-        None => "ip6tables".into(),
+/// The families to capture: IPv4, and IPv6 when the kernel has it.
+fn families() -> Vec<Family> {
+    let mut f = vec![Family::V4];
+    if crate::listener::has_ipv6() {
+        f.push(Family::V6);
     }
-}
-
-/// Whether the kernel has IPv6 at all (without it there is nothing to guard).
-fn has_ipv6() -> bool {
-    std::path::Path::new("/proc/net/if_inet6").exists()
+    f
 }
 
 impl Capture {
-    /// The `iptables-restore --noflush` input: our chains, declared (so emptied) and filled.
-    pub fn restore_input(&self) -> String {
+    /// The `iptables-restore --noflush` input for one family: our chains, declared (so
+    /// emptied) and filled.
+    pub fn restore_input(&self, family: Family) -> String {
         let mut s = String::from("*nat\n");
         for c in CHAINS {
             let _ = writeln!(s, ":{c} - [0:0]");
@@ -93,18 +121,19 @@ impl Capture {
             "-A FERRUM_REDIRECT -p tcp -j REDIRECT --to-ports {}",
             self.outbound_port
         );
+        let (source, localhost) = (family.inbound_source(), family.localhost());
         // Order matters (mesh.md): the sidecar's inbound-to-app source, the app calling its own
         // pod IP through the proxy, other loopback traffic, the proxy's own traffic, localhost.
-        let _ = writeln!(s, "-A FERRUM_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN");
+        let _ = writeln!(s, "-A FERRUM_OUTPUT -o lo -s {source} -j RETURN");
         for (m, id) in [("uid", self.proxy_uid), ("gid", self.proxy_gid)] {
             let _ = writeln!(
                 s,
-                "-A FERRUM_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --{m}-owner {id} -j FERRUM_IN_REDIRECT"
+                "-A FERRUM_OUTPUT -o lo ! -d {localhost} -m owner --{m}-owner {id} -j FERRUM_IN_REDIRECT"
             );
             let _ = writeln!(s, "-A FERRUM_OUTPUT -o lo -m owner ! --{m}-owner {id} -j RETURN");
             let _ = writeln!(s, "-A FERRUM_OUTPUT -m owner --{m}-owner {id} -j RETURN");
         }
-        let _ = writeln!(s, "-A FERRUM_OUTPUT -d 127.0.0.1/32 -j RETURN");
+        let _ = writeln!(s, "-A FERRUM_OUTPUT -d {localhost} -j RETURN");
         for p in &self.exclude_outbound {
             let _ = writeln!(s, "-A FERRUM_OUTPUT -p tcp --dport {p} -j RETURN");
         }
@@ -113,66 +142,55 @@ impl Capture {
         s
     }
 
-    /// The `ip6tables-restore --noflush` input: new inbound TCP over IPv6 is refused (a reset)
-    /// unless it is on loopback, a reply, or to an excluded port.
-    pub fn ipv6_guard_input(&self) -> String {
-        let mut s = format!("*filter\n:{CHAIN6} - [0:0]\n");
-        let _ = writeln!(s, "-A {CHAIN6} -i lo -j RETURN");
-        let _ = writeln!(s, "-A {CHAIN6} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN");
-        for p in &self.exclude_inbound {
-            let _ = writeln!(s, "-A {CHAIN6} -p tcp --dport {p} -j RETURN");
-        }
-        let _ = writeln!(s, "-A {CHAIN6} -p tcp -j REJECT --reject-with tcp-reset");
-        s.push_str("COMMIT\n");
-        s
-    }
-
-    /// What `--dry-run` prints: the restore inputs and the jump commands, for `iptables`.
+    /// What `--dry-run` prints: per family, the restore input and the jump commands.
     pub fn describe(&self, iptables: &str) -> String {
-        let mut s = format!("# {iptables}-restore --noflush <<EOF\n{}EOF\n", self.restore_input());
-        for (from, to) in JUMPS {
-            let _ = writeln!(s, "{iptables} -t nat -A {from} -p tcp -j {to}   # unless present");
-        }
-        let v6 = ip6tables(iptables);
-        let _ = write!(s, "# {v6}-restore --noflush <<EOF\n{}EOF\n", self.ipv6_guard_input());
-        let _ = writeln!(
-            s,
-            "{v6} -t filter -A {} -p tcp -j {}   # unless present",
-            JUMP6.0, JUMP6.1
-        );
-        s
-    }
-
-    /// Installs the rules; running it again changes nothing.
-    pub fn apply(&self, iptables: &str) -> Result<(), CaptureError> {
-        run(
-            &format!("{iptables}-restore"),
-            &["--noflush"],
-            Some(&self.restore_input()),
-        )?;
-        for (from, to) in JUMPS {
-            if !present(iptables, "nat", from, to) {
-                run(iptables, &["-t", "nat", "-A", from, "-p", "tcp", "-j", to], None)?;
+        let mut s = String::new();
+        for family in [Family::V4, Family::V6] {
+            let bin = family.iptables(iptables);
+            let _ = write!(
+                s,
+                "# {bin}-restore --noflush <<EOF\n{}EOF\n",
+                self.restore_input(family)
+            );
+            for (from, to) in JUMPS {
+                let _ = writeln!(s, "{bin} -t nat -A {from} -p tcp -j {to}   # unless present");
             }
         }
-        if !has_ipv6() {
-            return Ok(());
-        }
-        let v6 = ip6tables(iptables);
-        run(&format!("{v6}-restore"), &["--noflush"], Some(&self.ipv6_guard_input()))?;
-        let (from, to) = JUMP6;
-        if !present(&v6, "filter", from, to) {
-            run(&v6, &["-t", "filter", "-A", from, "-p", "tcp", "-j", to], None)?;
+        s.push_str("ip -6 addr replace ::6/128 dev lo   # when the kernel has IPv6\n");
+        s
+    }
+
+    /// Installs the rules for every family the kernel has; running it again changes nothing.
+    pub fn apply(&self, iptables: &str) -> Result<(), CaptureError> {
+        for family in families() {
+            let bin = family.iptables(iptables);
+            if family == Family::V6 {
+                run("ip", &["-6", "addr", "replace", "::6/128", "dev", "lo"], None)?;
+            }
+            run(
+                &format!("{bin}-restore"),
+                &["--noflush"],
+                Some(&self.restore_input(family)),
+            )?;
+            for (from, to) in JUMPS {
+                if !present(&bin, "nat", from, to) {
+                    run(&bin, &["-t", "nat", "-A", from, "-p", "tcp", "-j", to], None)?;
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// Removes the jumps and our chains; fine to run when nothing is installed.
+/// Removes the jumps and our chains (and `::6` from `lo`); fine to run when nothing is installed.
 pub fn cleanup(iptables: &str) -> Result<(), CaptureError> {
-    remove(iptables, "nat", &JUMPS, &CHAINS)?;
-    if has_ipv6() {
-        remove(&ip6tables(iptables), "filter", &[JUMP6], &[CHAIN6])?;
+    for family in families() {
+        let bin = family.iptables(iptables);
+        remove(&bin, "nat", &JUMPS, &CHAINS)?;
+        if family == Family::V6 {
+            // Absent already is the state we want.
+            let _ = run("ip", &["-6", "addr", "del", "::6/128", "dev", "lo"], None);
+        }
     }
     Ok(())
 }
@@ -259,45 +277,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_follow_the_istio_init_order() {
+    fn rules_follow_the_istio_init_order_in_both_families() {
         let c = Capture {
             exclude_inbound: vec![15008, 22],
             exclude_outbound: vec![5432],
             ..Capture::default()
         };
-        let r = c.restore_input();
-        let lines: Vec<&str> = r.lines().collect();
-        let at = |needle: &str| {
-            lines
-                .iter()
-                .position(|l| l.contains(needle))
-                .unwrap_or_else(|| panic!("{needle}\n{r}"))
-        };
-        assert!(at("--dport 22 -j RETURN") < at("FERRUM_INBOUND -p tcp -j FERRUM_IN_REDIRECT"));
-        assert!(at("-s 127.0.0.6/32") < at("! -d 127.0.0.1/32 -m owner --uid-owner 1337"));
-        assert!(at("-m owner --uid-owner 1337 -j RETURN") < at("-d 127.0.0.1/32 -j RETURN"));
-        assert!(at("--dport 5432 -j RETURN") < at("-A FERRUM_OUTPUT -j FERRUM_REDIRECT"));
-        assert!(r.contains("REDIRECT --to-ports 15006") && r.contains("REDIRECT --to-ports 15001"));
-        assert!(r.starts_with("*nat\n:FERRUM_INBOUND - [0:0]") && r.ends_with("COMMIT\n"));
+        for (family, source, localhost) in [
+            (Family::V4, "127.0.0.6/32", "127.0.0.1/32"),
+            (Family::V6, "::6/128", "::1/128"),
+        ] {
+            let r = c.restore_input(family);
+            let lines: Vec<&str> = r.lines().collect();
+            let at = |needle: &str| {
+                lines
+                    .iter()
+                    .position(|l| l.contains(needle))
+                    .unwrap_or_else(|| panic!("{needle}\n{r}"))
+            };
+            assert!(at("--dport 22 -j RETURN") < at("FERRUM_INBOUND -p tcp -j FERRUM_IN_REDIRECT"));
+            assert!(at(&format!("-s {source}")) < at(&format!("! -d {localhost} -m owner --uid-owner 1337")));
+            assert!(at("-m owner --uid-owner 1337 -j RETURN") < at(&format!("-d {localhost} -j RETURN")));
+            assert!(at("--dport 5432 -j RETURN") < at("-A FERRUM_OUTPUT -j FERRUM_REDIRECT"));
+            assert!(r.contains("REDIRECT --to-ports 15006") && r.contains("REDIRECT --to-ports 15001"));
+            assert!(r.starts_with("*nat\n:FERRUM_INBOUND - [0:0]") && r.ends_with("COMMIT\n"));
+        }
+        assert!(!c.restore_input(Family::V6).contains("127.0.0"));
     }
 
     #[test]
-    fn the_ipv6_guard_lets_replies_loopback_and_excluded_ports_through_first() {
-        let c = Capture {
-            exclude_inbound: vec![15008],
-            ..Capture::default()
-        };
-        let r = c.ipv6_guard_input();
-        let reject = r.find("-j REJECT --reject-with tcp-reset").expect("a reject");
-        for allowed in [
-            "-i lo -j RETURN",
-            "--ctstate ESTABLISHED,RELATED -j RETURN",
-            "--dport 15008 -j RETURN",
-        ] {
-            assert!(r.find(allowed).is_some_and(|at| at < reject), "{allowed}\n{r}");
-        }
-        assert_eq!(ip6tables("iptables-nft"), "ip6tables-nft");
-        assert_eq!(ip6tables("/usr/sbin/iptables-legacy"), "/usr/sbin/ip6tables-legacy");
-        assert_eq!(ip6tables("iptables"), "ip6tables");
+    fn ip6tables_has_the_flavour_of_iptables() {
+        assert_eq!(Family::V6.iptables("iptables-nft"), "ip6tables-nft");
+        assert_eq!(
+            Family::V6.iptables("/usr/sbin/iptables-legacy"),
+            "/usr/sbin/ip6tables-legacy"
+        );
+        assert_eq!(Family::V6.iptables("iptables"), "ip6tables");
+        assert_eq!(Family::V4.iptables("iptables-nft"), "iptables-nft");
     }
 }

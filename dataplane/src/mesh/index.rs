@@ -24,6 +24,20 @@ pub struct ServiceTarget {
     next: AtomicUsize,
 }
 
+/// A dual-stack Service's VIP leads to the endpoints of its own family (as kube-proxy does);
+/// all of them when there are none of that family.
+fn same_family(
+    endpoints: &[(SocketAddr, Option<Arc<Workload>>)],
+    vip: IpAddr,
+) -> Vec<(SocketAddr, Option<Arc<Workload>>)> {
+    let same: Vec<_> = endpoints
+        .iter()
+        .filter(|(a, _)| a.is_ipv6() == vip.is_ipv6())
+        .cloned()
+        .collect();
+    if same.is_empty() { endpoints.to_vec() } else { same }
+}
+
 impl ServiceTarget {
     /// Round robin over the endpoints; `skip` tries the next ones after a failed connect.
     pub fn pick(&self, skip: usize) -> Option<&(SocketAddr, Option<Arc<Workload>>)> {
@@ -121,7 +135,7 @@ impl MeshIndex {
                         ServiceTarget {
                             service: s.clone(),
                             port: p.port,
-                            endpoints: endpoints.clone(),
+                            endpoints: same_family(&endpoints, vip),
                             http: routes.clone(),
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
@@ -214,6 +228,45 @@ mod tests {
             m.destination("1.1.1.1:443".parse().unwrap()),
             Destination::Passthrough
         ));
+    }
+
+    #[test]
+    fn a_dual_stack_service_leads_each_vip_to_endpoints_of_its_family() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b-1, namespace: ns, labels: {app: b, security.istio.io/tlsMode: istio}}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}, {ip: 'fd00::2'}]}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: c-1, namespace: ns, labels: {app: c}}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.0.3}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
+             spec: {clusterIP: 10.96.0.9, clusterIPs: [10.96.0.9, 'fd00:96::9'], selector: {app: b}, ports: [{port: 80, targetPort: 8080}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: ns}\n\
+             spec: {clusterIP: 'fd00:96::c', clusterIPs: ['fd00:96::c'], selector: {app: c}, ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = MeshIndex::build(&snap, None, HashMap::new(), &JwksCache::default());
+        let only = |vip: &str| {
+            let Destination::Service(t) = m.destination(vip.parse().unwrap()) else {
+                panic!("{vip} is a service")
+            };
+            assert_eq!(t.endpoints.len(), 1, "{vip}");
+            t.endpoints[0].clone()
+        };
+        assert_eq!(only("10.96.0.9:80").0, "10.1.0.2:8080".parse().unwrap());
+        let (v6, w) = only("[fd00:96::9]:80");
+        assert_eq!(v6, "[fd00::2]:8080".parse().unwrap());
+        assert!(
+            w.is_some_and(|w| w.hbone),
+            "the IPv6 endpoint is the same mesh workload"
+        );
+        assert!(matches!(
+            m.destination("[fd00::2]:9000".parse().unwrap()),
+            Destination::Workload(_)
+        ));
+        // No endpoint of its family: the other family's rather than none.
+        assert_eq!(only("[fd00:96::c]:80").0, "10.1.0.3:80".parse().unwrap());
     }
 
     #[test]

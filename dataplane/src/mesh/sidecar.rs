@@ -4,9 +4,10 @@
 //! port with mesh routes (GAMMA) is routed request by request by the proxy the gateway uses,
 //! its upstream connections tunnelled over HBONE by [`Dialer`]. Inbound: HBONE
 //! on 15008 and, when the workload's policy permits plaintext, captured connections on 15006;
-//! both reach the application from 127.0.0.6, which the capture rules leave alone.
+//! both reach the application from 127.0.0.6 (`::6` over IPv6), which the capture rules leave
+//! alone. Every port listens on IPv4 and, when the host has IPv6, on IPv6 too (dual-stack pods).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -31,6 +32,8 @@ use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
 pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Its IPv6 twin; `init-iptables` puts it on `lo` (only `::1` is local by default).
+pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 /// Endpoints tried for one outbound connection before it is given up.
 const CONNECT_ATTEMPTS: usize = 3;
 
@@ -232,16 +235,19 @@ fn caller(req: &TunnelRequest) -> Caller {
     }
 }
 
-/// Connects to the application in this pod from [`INBOUND_SOURCE`].
+/// Connects to the application in this pod from [`INBOUND_SOURCE`] or [`INBOUND_SOURCE_V6`].
 async fn connect_app(target: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = match target.ip() {
-        IpAddr::V4(_) => {
-            let s = TcpSocket::new_v4()?;
-            s.bind(SocketAddr::new(INBOUND_SOURCE.into(), 0))?;
-            s
-        }
-        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    let (s, source) = match target.ip() {
+        IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::from(INBOUND_SOURCE)),
+        IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::from(INBOUND_SOURCE_V6)),
     };
+    s.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        // Without it the connection would be captured back into the proxy.
+        std::io::Error::new(
+            e.kind(),
+            format!("binding {source} (init-iptables puts ::6 on lo): {e}"),
+        )
+    })?;
     let s = tokio::time::timeout(timeout, s.connect(target))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
@@ -299,7 +305,7 @@ impl Sidecar {
         sidecar
     }
 
-    /// Binds the three ports on every worker (SO_REUSEPORT) and serves them.
+    /// Binds the three ports on every worker (SO_REUSEPORT), on both families, and serves them.
     pub fn start(self: &Arc<Self>, workers: &[Handle]) -> std::io::Result<()> {
         let s = &self.settings;
         for (addr, kind) in [
@@ -307,16 +313,30 @@ impl Sidecar {
             (s.inbound, Kind::Inbound),
             (s.hbone, Kind::Hbone),
         ] {
-            for w in workers {
-                let std = crate::listener::bind(addr)?;
-                let me = self.clone();
-                w.spawn(async move {
-                    let Ok(l) = TcpListener::from_std(std) else { return };
-                    me.accept(l, kind).await
-                });
+            for (i, addr) in listener::dual_stack(addr).into_iter().enumerate() {
+                let socks = match workers
+                    .iter()
+                    .map(|_| listener::bind(addr))
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(socks) => socks,
+                    // The IPv6 twin is a bonus: a host that cannot have it still serves IPv4.
+                    Err(e) if i > 0 => {
+                        tracing::warn!(%addr, error = %e, "not listening on IPv6");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                for (w, std) in workers.iter().zip(socks) {
+                    let me = self.clone();
+                    w.spawn(async move {
+                        let Ok(l) = TcpListener::from_std(std) else { return };
+                        me.accept(l, kind).await
+                    });
+                }
             }
         }
-        tracing::info!(outbound = %s.outbound, inbound = %s.inbound, hbone = %s.hbone, "sidecar listening");
+        tracing::info!(outbound = %s.outbound, inbound = %s.inbound, hbone = %s.hbone, ipv6 = listener::has_ipv6(), "sidecar listening");
         Ok(())
     }
 

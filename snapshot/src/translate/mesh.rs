@@ -324,17 +324,19 @@ pub(crate) fn selected(
         .filter(|p| pod_ready(p))
         .filter_map(|p| {
             let w = workload(p)?;
-            let mapping = ports
+            let mapping: Vec<(u16, u16)> = ports
                 .iter()
                 .filter_map(|sp| Some((u16::try_from(sp.port).ok()?, target_port(sp, p)?)))
                 .filter(|(s, t)| *s != 0 && *t != 0)
                 .collect();
-            Some(MeshEndpoint {
-                address: w.ips[0].clone(),
+            // Every family the pod has, as the endpoint controller's slices (one per family) give.
+            Some(w.ips.into_iter().map(move |address| MeshEndpoint {
+                address,
                 workload: None,
-                ports: mapping,
-            })
+                ports: mapping.clone(),
+            }))
         })
+        .flatten()
         .collect()
 }
 
