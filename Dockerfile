@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # Ferrum Mesh images, one target each (make images):
 #   ferrum-operator, ferrum-injector — distroless (glibc, no shell), non-root
-#   ferrum-dp — Debian slim with iptables (the same image runs the capture init container and
-#   the sidecar, as UID 1337; gateways too)
+#   ferrum-dp — Debian slim with iptables and iproute2 (the same image runs the capture init
+#   container and the sidecar, as UID 1337; gateways too)
 # The binaries are built once, release, locked, with the flags CI builds them with (make
 # images-check). No musl target is installed here, so the images carry glibc.
 
@@ -32,7 +32,7 @@ ENTRYPOINT ["/usr/local/bin/ferrum-injector"]
 
 FROM debian:bookworm-slim AS ferrum-dp
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables=1.8.* ca-certificates=20230311* \
+ && apt-get install -y --no-install-recommends iptables=1.8.* iproute2=6.1.* ca-certificates=20230311* \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1337 ferrum-proxy \
  && useradd --uid 1337 --gid 1337 --no-create-home --shell /usr/sbin/nologin ferrum-proxy \

@@ -15,11 +15,10 @@ use crate::{Cluster, Operator, Proc, TOKEN_KEY, eventually, free_port, token, wo
 /// The namespace every test pod lives in.
 pub const NS: &str = "mesh";
 
-/// The pods' application: answers HTTP on 8080 with who it is, what it was asked and from where
-/// (the peer address and the `forwarded` header, if any) — and, in response headers, whether
-/// the request reached it with an `authorization` header, its `x-jwt-sub` and `traceparent` —
-/// and echoes TCP
-/// on 9000.
+/// The pods' application, on IPv4 and IPv6: answers HTTP on 8080 with who it is, what it was
+/// asked and from where (the peer address) — and, in response headers, whether the request
+/// reached it with an `authorization` header, its `x-jwt-sub` and `traceparent` — and echoes
+/// TCP on 9000.
 pub const APP: &str = r#"
 import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +26,8 @@ name = sys.argv[1]
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        body = f"hello from {name}: {self.path} from {self.client_address[0]}\n".encode()
+        peer = self.client_address[0].removeprefix("::ffff:")
+        body = f"hello from {name}: {self.path} from {peer}\n".encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.send_header("x-saw-authorization", "yes" if self.headers.get("authorization") else "no")
@@ -38,8 +38,9 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 def echo():
-    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind(("0.0.0.0", 9000)); l.listen(64)
+    l = socket.socket(socket.AF_INET6); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    l.bind(("::", 9000)); l.listen(64)
     while True:
         c, _ = l.accept()
         def pump(c=c):
@@ -50,8 +51,13 @@ def echo():
                 c.sendall(b)
         threading.Thread(target=pump, daemon=True).start()
 threading.Thread(target=echo, daemon=True).start()
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+class Dual(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+Dual(("::", 8080), H).serve_forever()
 "#;
 
 pub struct Pod {
@@ -59,6 +65,7 @@ pub struct Pod {
     /// Its Kubernetes namespace.
     pub namespace: String,
     pub ip: String,
+    pub ip6: String,
     pub ns: Netns,
     /// The host side of its veth (for captures).
     pub veth: String,
@@ -76,6 +83,16 @@ impl Pod {
 
     pub fn sidecar_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The sidecar's `ferrum_mesh_connections_total` for one direction and path.
+    pub fn connections(&self, direction: &str, path: &str) -> f64 {
+        let out = self.run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let series = format!("ferrum_mesh_connections_total{{direction=\"{direction}\",path=\"{path}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from {text}"))
     }
 
     /// `curl` from inside the pod: (exit success, body).
@@ -154,11 +171,12 @@ impl World {
         }
         let (ns, veth) = self.bridge.pod(name, host);
         let ip = format!("{}.{host}", self.bridge.prefix);
+        let ip6 = format!("{}{host}", self.bridge.prefix6);
         let tls = if mesh { ", security.istio.io/tlsMode: istio" } else { "" };
         self.cluster.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}{tls}}}}}\n\
              spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
-             status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+             status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}\n"
         ));
         if mesh {
             ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
@@ -168,6 +186,7 @@ impl World {
             name: name.to_string(),
             namespace: namespace.to_string(),
             ip,
+            ip6,
             ns,
             veth,
             sidecar: None,
@@ -183,9 +202,17 @@ impl World {
 
     /// A Service (ports 80 → http, 9000) whose selector is a YAML flow mapping's body.
     pub fn service_selecting(&self, name: &str, vip: &str, selector: &str) {
+        self.service_with_vips(name, &[vip], selector)
+    }
+
+    /// [`World::service_selecting`] with its cluster IPs (two families: dual-stack).
+    pub fn service_with_vips(&self, name: &str, vips: &[&str], selector: &str) {
+        let ips: Vec<String> = vips.iter().map(|v| format!("'{v}'")).collect();
         self.cluster.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
+             spec: {{clusterIP: '{}', clusterIPs: [{}], selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n",
+            vips[0],
+            ips.join(", ")
         ));
     }
 

@@ -170,6 +170,102 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
     }
 }
 
+/// Dual-stack pods: pod A calls Service B's IPv6 ClusterIP and reaches B's pod over HBONE
+/// between the pods' IPv6 addresses (nothing else crosses, nothing in clear); raw TCP too. A pod
+/// without a sidecar calling B's IPv6 address is captured by B's sidecar (PERMISSIVE: relayed
+/// from `::6`), and A's call to that pod's IPv6 address goes through A's sidecar as plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_talk_over_ipv6_through_both_sidecars() {
+    const VIP6: &str = "fd00:96::77:10";
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    let c = w.pod("c-1", "sa-c", "c", 12, false);
+    w.service_with_vips("svc-b", &[VIP, VIP6], "app: b");
+    w.app(b);
+    w.app(c);
+    w.sidecar(a, "sa-a", &[]);
+    w.sidecar(b, "sa-b", &[]);
+    w.ready(a).await;
+    w.ready(b).await;
+    let curl6 = |path: &str| {
+        w.pods[a].curl(&[
+            "--resolve",
+            &format!("svc-b.{NS}.svc:80:[{VIP6}]"),
+            &format!("http://svc-b.{NS}.svc{path}"),
+        ])
+    };
+    eventually("A reaches svc-b's IPv6 VIP", Duration::from_secs(20), async || {
+        curl6("/warmup").0
+    })
+    .await;
+
+    let cap = w.capture(b);
+    let (ok, body) = curl6("/secret6-path-5d1e");
+    assert!(ok, "{body}");
+    assert!(
+        body.starts_with("hello from b-1: /secret6-path-5d1e from ::6"),
+        "B's app answers, reached from its sidecar's IPv6 inbound address: {body}"
+    );
+    let echo = w.pods[a].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket; s = socket.create_connection(('{VIP6}', 9000), timeout=5)\n\
+             s.sendall(b'tcp6-payload-8b3f' * 1000); s.shutdown(socket.SHUT_WR)\n\
+             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+             print(len(got), got[:17].decode())"
+        ),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&echo.stdout).trim(),
+        "17000 tcp6-payload-8b3f",
+        "{echo:?}"
+    );
+    let (raw, packets) = cap.finish();
+    let (a6, b6) = (&w.pods[a].ip6, &w.pods[b].ip6);
+    let between: Vec<&str> = packets
+        .lines()
+        .filter(|l| l.contains(&format!("{a6}.")) && l.contains(&format!("{b6}.")))
+        .collect();
+    assert!(between.len() > 4, "the pods talked over IPv6: {packets}");
+    for l in &between {
+        assert!(
+            l.contains(&format!("{b6}.15008")),
+            "IPv6 pod-to-pod traffic other than HBONE: {l}"
+        );
+    }
+    for secret in ["secret6-path-5d1e", "tcp6-payload-8b3f", "hello from b-1"] {
+        assert!(
+            !raw.windows(secret.len()).any(|x| x == secret.as_bytes()),
+            "{secret:?} crossed the wire in clear"
+        );
+    }
+    let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
+    eventually("B logs A's identity", Duration::from_secs(5), async || {
+        w.pods[b].sidecar_log().contains(&a_id)
+    })
+    .await;
+
+    // Around the Service, straight at B's IPv6 address from outside the mesh: B's sidecar
+    // captures it (the app sees ::6, not the caller).
+    let plaintext = w.pods[b].connections("inbound", "plaintext");
+    let (ok, body) = w.pods[c].curl(&[&format!("http://[{b6}]:8080/plain6")]);
+    assert!(ok && body.starts_with("hello from b-1: /plain6 from ::6"), "{body}");
+    assert_eq!(w.pods[b].connections("inbound", "plaintext"), plaintext + 1.0);
+
+    // To a workload without a sidecar over IPv6: A's sidecar sends it as plain TCP (C sees
+    // A's address).
+    let plain = w.pods[a].connections("outbound", "plain");
+    let c6 = w.pods[c].ip6.clone();
+    let (ok, body) = w.pods[a].curl(&[&format!("http://[{c6}]:8080/out6")]);
+    assert!(
+        ok && body.starts_with(&format!("hello from c-1: /out6 from {a6}")),
+        "{body}"
+    );
+    assert_eq!(w.pods[a].connections("outbound", "plain"), plain + 1.0);
+}
+
 /// Certificates valid for 10 s (renewed every ~5 s) under a request loop: nothing fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_traffic_drops_nothing() {
@@ -539,21 +635,26 @@ async fn security_policies_decide_who_reaches_b() {
     assert!(reaches(&w));
 
     // PeerAuthentication: a pod without a sidecar reaches B in plaintext (PERMISSIVE by
-    // default) until the namespace turns STRICT; A, over HBONE, still does.
-    let plain = |w: &World| {
+    // default) until the namespace turns STRICT — over IPv4 and IPv6 alike; A, over HBONE,
+    // still does.
+    let plain_to = |w: &World, host: &str| {
         w.pods[2]
-            .curl(&[&format!("http://{}:8080/plain", w.pods[1].ip)])
+            .curl(&[&format!("http://{host}:8080/plain")])
             .1
             .contains("hello from b-1")
     };
+    let b6 = format!("[{}]", w.pods[1].ip6);
+    let plain = |w: &World| plain_to(w, &w.pods[1].ip);
     eventually("plaintext from an unmeshed pod", Duration::from_secs(10), async || {
         plain(&w)
     })
     .await;
+    assert!(plain_to(&w, &b6), "PERMISSIVE over IPv6 too");
     w.cluster.apply(&format!(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {NS}}}\nspec: {{mtls: {{mode: STRICT}}}}\n"
     ));
     eventually("STRICT refuses plaintext", Duration::from_secs(20), async || !plain(&w)).await;
+    assert!(!plain_to(&w, &b6), "STRICT refuses plaintext over IPv6 too");
     assert!(reaches(&w), "mTLS (HBONE) still passes under STRICT");
     w.cluster
         .kubectl(&["delete", "peerauthentication", "default", "-n", NS], None);
@@ -752,24 +853,11 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
         .unwrap();
     assert_eq!(accepted["status"], "True", "{route}");
 
-    let metric = |pod: usize, series: &str| -> f64 {
-        let out = w.pods[pod].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} missing from {text}"))
-    };
-    let routed = metric(
-        a,
-        "ferrum_mesh_connections_total{direction=\"outbound\",path=\"routed\"}",
-    );
-    let tunnels = metric(
-        a,
-        "ferrum_mesh_connections_total{direction=\"outbound\",path=\"hbone\"}",
-    );
+    let routed = w.pods[a].connections("outbound", "routed");
+    let tunnels = w.pods[a].connections("outbound", "hbone");
     assert!(routed >= 2.0 && tunnels >= 2.0, "routed {routed}, tunnels {tunnels}");
     for b in [b1, b2] {
-        let n = metric(b, "ferrum_mesh_connections_total{direction=\"inbound\",path=\"hbone\"}");
+        let n = w.pods[b].connections("inbound", "hbone");
         assert!(n >= 1.0, "{} got {n} tunnels", w.pods[b].name);
     }
     assert!(echo_through(&w), "raw TCP to port 9000 is balanced as before");
@@ -1226,14 +1314,7 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
         external()
     })
     .await;
-    let blocked = || -> f64 {
-        let out = w.pods[0].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let series = "ferrum_mesh_connections_total{direction=\"outbound\",path=\"blocked\"}";
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} missing from {text}"))
-    };
+    let blocked = || w.pods[0].connections("outbound", "blocked");
     assert_eq!(blocked(), 0.0);
 
     w.cluster.kubectl(

@@ -77,13 +77,15 @@ impl Drop for Netns {
     }
 }
 
-/// A bridge on the host with an address in a /24 (`<prefix>.1`), for pods to join; the host's
-/// processes (an operator, a CA) are reachable from the pods there. Bridged traffic skips the
-/// host's iptables. Deleted on drop.
+/// A bridge on the host with an address in a /24 (`<prefix>.1`) and one in a /64
+/// (`<prefix6>1`), for pods to join (dual-stack); the host's processes (an operator, a CA) are
+/// reachable from the pods there. Bridged traffic skips the host's iptables. Deleted on drop.
 pub struct Bridge {
     pub name: String,
     /// e.g. `10.77.3`.
     pub prefix: String,
+    /// e.g. `fd00:77:3::` (from `prefix`: as unique).
+    pub prefix6: String,
 }
 
 impl Bridge {
@@ -100,11 +102,20 @@ impl Bridge {
             "nf_call_iptables",
             "0",
         ]);
+        let mut octets = prefix.split('.').skip(1);
+        let prefix6 = format!(
+            "fd00:{}:{}::",
+            octets.next().unwrap_or("0"),
+            octets.next().unwrap_or("0")
+        );
         let b = Bridge {
             name,
             prefix: prefix.to_string(),
+            prefix6,
         };
         sh(&["ip", "addr", "add", &format!("{prefix}.1/24"), "dev", &b.name]);
+        let v6 = format!("{}1/64", b.prefix6);
+        sh(&["ip", "-6", "addr", "add", &v6, "dev", &b.name, "nodad"]);
         sh(&["ip", "link", "set", &b.name, "up"]);
         b
     }
@@ -113,8 +124,13 @@ impl Bridge {
         format!("{}.1", self.prefix)
     }
 
-    /// A pod at `<prefix>.<host>` with a default route via the bridge (so Service VIPs route
-    /// and can be captured). Returns the namespace and the host-side veth (for captures).
+    pub fn host_ip6(&self) -> String {
+        format!("{}1", self.prefix6)
+    }
+
+    /// A pod at `<prefix>.<host>` and `<prefix6><host>` with default routes via the bridge (so
+    /// Service VIPs route and can be captured). Returns the namespace and the host-side veth
+    /// (for captures).
     pub fn pod(&self, role: &str, host: u8) -> (Netns, String) {
         let ns = Netns::new(role);
         let tag = &ns.0[ns.0.len() - 5..];
@@ -132,8 +148,11 @@ impl Bridge {
             "dev",
             &inner,
         ]);
+        let v6 = format!("{}{host}/64", self.prefix6);
+        ns.exec(&["ip", "-6", "addr", "add", &v6, "dev", &inner, "nodad"]);
         ns.exec(&["ip", "link", "set", &inner, "up"]);
         ns.exec(&["ip", "route", "add", "default", "via", &self.host_ip()]);
+        ns.exec(&["ip", "-6", "route", "add", "default", "via", &self.host_ip6()]);
         (ns, outer)
     }
 }
