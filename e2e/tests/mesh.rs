@@ -1284,6 +1284,84 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     assert_eq!(route["status"]["parents"][0]["parentRef"]["kind"], "Service", "{route}");
 }
 
+/// A Sidecar's ingress listener: B serves port 8080's traffic from an app on loopback only
+/// (127.0.0.1:7070). With a Sidecar selecting B that says so, A's calls to svc-b (over HBONE)
+/// and an unmeshed pod's plaintext (IPv4 and IPv6) reach that app; an ingress endpoint on a Unix
+/// socket is reported on its Sidecar's status with the field; without the Sidecar, 8080 is
+/// served as addressed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_ingress_listener_delivers_to_an_app_on_loopback() {
+    let mut w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    let c = w.pod("c-1", "sa-c", "c", 12, false);
+    until_routed(&w).await;
+    let site = w.dir.path().join("loopback-site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("who.txt"), "the loopback-only app\n").unwrap();
+    let _local = Proc(
+        w.pods[1]
+            .ns
+            .cmd(&["python3", "-m", "http.server", "--bind", "127.0.0.1", "7070"])
+            .current_dir(&site)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (b4, b6) = (w.pods[1].ip.clone(), format!("[{}]", w.pods[1].ip6));
+    let from_c = |host: &str| w.pods[c].curl(&[&format!("http://{host}:8080/who.txt")]).1;
+    assert!(curl_svc_b(&w, "/who.txt").1.starts_with("hello from b-1"));
+
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: b-in, namespace: {NS}}}\n\
+         spec: {{workloadSelector: {{labels: {{app: b}}}}, ingress: [{{port: {{number: 8080, protocol: HTTP, name: http}}, defaultEndpoint: '127.0.0.1:7070'}}]}}\n"
+    ));
+    eventually(
+        "svc-b's 8080 is delivered to loopback",
+        Duration::from_secs(20),
+        async || curl_svc_b(&w, "/who.txt").1 == "the loopback-only app\n",
+    )
+    .await;
+    assert!(w.pods[1].connections("inbound", "hbone") >= 1.0);
+    assert_eq!(from_c(&b4), "the loopback-only app\n", "plaintext over IPv4");
+    assert_eq!(from_c(&b6), "the loopback-only app\n", "plaintext over IPv6");
+
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: c-in, namespace: {NS}}}\n\
+         spec: {{workloadSelector: {{labels: {{app: c}}}}, ingress: [{{port: {{number: 8080}}, defaultEndpoint: 'unix:///run/app.sock'}}]}}\n"
+    ));
+    let mut last = serde_json::Value::Null;
+    eventually(
+        "the Unix socket endpoint is reported",
+        Duration::from_secs(20),
+        async || {
+            last = w.cluster.get("sidecar", NS, "c-in");
+            last["status"]["conditions"][0]["status"] == "False"
+        },
+    )
+    .await;
+    let cond = &last["status"]["conditions"][0];
+    assert_eq!(cond["reason"], "UnsupportedValue", "{last}");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.ingress[0].defaultEndpoint"),
+        "{last}"
+    );
+
+    w.cluster.kubectl(&["delete", "sidecar", "b-in", "-n", NS], None);
+    eventually(
+        "without the Sidecar, 8080 as addressed",
+        Duration::from_secs(20),
+        async || curl_svc_b(&w, "/who.txt").1.starts_with("hello from b-1"),
+    )
+    .await;
+}
+
 /// An Istio Sidecar scopes what a workload's proxy knows: with `egress.hosts` naming another
 /// namespace only, A's proxy no longer knows svc-b (its ClusterIP is an address outside the mesh,
 /// which nothing here answers) while an external server is still passed through; with `./*` and

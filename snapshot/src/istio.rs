@@ -245,9 +245,9 @@ pub struct SidecarSpec {
     pub workload_selector: Option<SidecarSelector>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<EgressListener>,
-    /// Inbound listeners: not supported (reported), the workload's ports are served as usual.
+    /// Inbound listeners: where the proxy delivers traffic for a port of the workload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ingress: Vec<serde_json::Value>,
+    pub ingress: Vec<IngressListener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
@@ -272,6 +272,26 @@ pub struct EgressListener {
     pub bind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture_mode: Option<String>,
+}
+
+/// One of a Sidecar's `ingress` listeners.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressListener {
+    /// `{number, protocol, name}`: the workload port the traffic arrives for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<serde_json::Value>,
+    /// `127.0.0.1:PORT` / `[::1]:PORT` (the app on loopback), `0.0.0.0:PORT` / `[::]:PORT` (the
+    /// pod's own address) or `unix://…` (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+    /// Inbound TLS termination: not supported (mesh mTLS is HBONE's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -199,6 +199,44 @@ pub struct SidecarScope {
     /// Service or workload are refused instead of passed through.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub registry_only: bool,
+    /// Ingress listeners: inbound traffic for a workload port goes where they say (schema 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<IngressRoute>,
+}
+
+/// A Sidecar ingress listener, resolved: inbound traffic for the workload's `port` is delivered
+/// to `endpoint` — on loopback as given, or, for an unspecified address (`0.0.0.0`, `::`), to
+/// the address the traffic was for, at the endpoint's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressRoute {
+    pub port: u16,
+    pub endpoint: std::net::SocketAddr,
+}
+
+/// The ports a mesh proxy listens on itself (Istio's reserved set): never a delivery target, so
+/// no route can hand inbound traffic to the proxy's admin or loop it back into the proxy.
+pub const PROXY_PORTS: [u16; 9] = [15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090];
+
+impl IngressRoute {
+    /// Why `endpoint` cannot be an ingress listener's `defaultEndpoint`, if it cannot.
+    pub fn refuse(endpoint: std::net::SocketAddr) -> Option<String> {
+        if !(endpoint.ip().is_loopback() || endpoint.ip().is_unspecified()) || endpoint.port() == 0 {
+            return Some(format!(
+                "{endpoint}: the endpoint is loopback or the unspecified address (the pod's own), with a port"
+            ));
+        }
+        PROXY_PORTS
+            .contains(&endpoint.port())
+            .then(|| format!("{endpoint}: port {} is the proxy's own", endpoint.port()))
+    }
+
+    /// Where traffic for `dst` (an address of the workload) is delivered.
+    pub fn deliver(&self, dst: std::net::SocketAddr) -> std::net::SocketAddr {
+        match self.endpoint.ip().is_unspecified() {
+            true => std::net::SocketAddr::new(dst.ip(), self.endpoint.port()),
+            false => self.endpoint,
+        }
+    }
 }
 
 /// One `namespace/dnsName` of a Sidecar's egress hosts.
@@ -451,7 +489,19 @@ impl MeshEndpoint {
 
 /// Checks the mesh collections of any snapshot: addresses are IPs, ports are set, identities
 /// are well-formed.
-pub fn check(workloads: &[Arc<Workload>], services: &[Arc<MeshService>], err: &mut impl FnMut(String, String, String)) {
+pub fn check(
+    workloads: &[Arc<Workload>],
+    services: &[Arc<MeshService>],
+    sidecars: &[Arc<SidecarScope>],
+    err: &mut impl FnMut(String, String, String),
+) {
+    for s in sidecars {
+        for (i, r) in s.ingress.iter().enumerate() {
+            if let Some(why) = IngressRoute::refuse(r.endpoint).or((r.port == 0).then(|| "port 0".into())) {
+                err(format!("sidecar {:?}", s.key), format!("ingress[{i}]"), why);
+            }
+        }
+    }
     for w in workloads {
         let obj = format!("workload {:?}", w.uid);
         for (i, ip) in w.ips.iter().enumerate() {

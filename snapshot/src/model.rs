@@ -33,14 +33,15 @@ pub struct Snapshot {
     /// Security policies (AuthorizationPolicy, PeerAuthentication), in key order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<Arc<Policy>>,
-    /// Istio Sidecars: which Services a workload's proxy knows (schema 3).
+    /// Istio Sidecars: which Services a workload's proxy knows (schema 3), where its inbound
+    /// traffic goes (schema 4).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sidecars: Vec<Arc<SidecarScope>>,
 }
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 3;
+pub const SCHEMA: u32 = 4;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];

@@ -170,7 +170,7 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
             }
         }
     }
-    crate::mesh::check(&s.workloads, &s.services, &mut err);
+    crate::mesh::check(&s.workloads, &s.services, &s.sidecars, &mut err);
     if errs.is_empty() { Ok(()) } else { Err(errs) }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::Snapshot;
-use ferrum_snapshot::mesh::{ClientView, MeshService, Workload};
+use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Workload};
 
 use super::jwt::{Authenticator, JwksCache};
 use super::policy::Authorizer;
@@ -75,6 +75,8 @@ pub struct MeshIndex {
     pub own: Option<Workload>,
     /// Its Sidecar's `outboundTrafficPolicy: REGISTRY_ONLY`.
     registry_only: bool,
+    /// Its Sidecar's ingress listeners: where inbound traffic for a port is delivered.
+    ingress: Vec<IngressRoute>,
 }
 
 /// The pod a sidecar serves: `(namespace, name)`.
@@ -151,7 +153,9 @@ impl MeshIndex {
             .as_ref()
             .map(|w| Authenticator::for_workload(&snap.policies, w, jwks))
             .unwrap_or_default();
-        let registry_only = view.as_ref().and_then(|v| v.scope).is_some_and(|s| s.registry_only);
+        let scope = view.as_ref().and_then(|v| v.scope);
+        let registry_only = scope.is_some_and(|s| s.registry_only);
+        let ingress = scope.map(|s| s.ingress.clone()).unwrap_or_default();
         MeshIndex {
             services,
             workloads,
@@ -159,6 +163,7 @@ impl MeshIndex {
             authn,
             own,
             registry_only,
+            ingress,
         }
     }
 
@@ -180,6 +185,15 @@ impl MeshIndex {
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
+    }
+
+    /// Where inbound traffic for `dst` (this workload's address) reaches the application: as
+    /// addressed, unless an ingress listener of its Sidecar says otherwise.
+    pub fn deliver(&self, dst: SocketAddr) -> SocketAddr {
+        self.ingress
+            .iter()
+            .find(|r| r.port == dst.port())
+            .map_or(dst, |r| r.deliver(dst))
     }
 }
 

@@ -104,6 +104,13 @@ struct Caller {
 }
 
 impl App {
+    /// Connects to the application for inbound traffic addressed to `dst`, where the Sidecar's
+    /// ingress listeners deliver it.
+    async fn connect_app(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let target = self.dp.shared.config.load().mesh.deliver(dst);
+        connect_app(target, self.connect_timeout).await
+    }
+
     /// One inbound HTTP request: its JWT (RequestAuthentication), then the AuthorizationPolicies.
     fn judge(&self, c: &Caller, request: &mut http::request::Parts) -> l7::Verdict {
         let auth = match self.dp.shared.config.load().mesh.authn.authenticate(request) {
@@ -216,7 +223,7 @@ impl Inbound for App {
     }
 
     async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
-        connect_app(target, self.connect_timeout).await
+        self.connect_app(target).await
     }
 
     async fn relay(self: Arc<Self>, tunnel: Tunnel, app: TcpStream, req: TunnelRequest) {
@@ -401,7 +408,7 @@ impl Sidecar {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        match connect_app(dst, self.settings.connect_timeout).await {
+        match self.app.connect_app(dst).await {
             Ok(app) => {
                 stats.inbound_plaintext.fetch_add(1, Relaxed);
                 self.app.clone().serve(tcp, app, c, judged).await;

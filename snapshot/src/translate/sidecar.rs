@@ -1,14 +1,16 @@
 //! Istio Sidecar objects → the snapshot's sidecar scopes: which Services the selected
 //! workloads' proxies know (`egress[].hosts`) and whether anything else is passed through
 //! (`outboundTrafficPolicy`); an egress listener with a `port` admits its hosts on that Service
-//! port only. Bind addresses, capture mode NONE, ingress listeners and egress proxies are not
-//! supported: such a Sidecar is left out with a problem on the field, and its workloads fall
-//! back to their namespace's or the mesh's default.
+//! port only. Ingress listeners say where inbound traffic for a workload port is delivered
+//! (`defaultEndpoint` on loopback or the pod's own address). Bind addresses, capture mode NONE,
+//! ingress TLS and Unix sockets, and egress proxies are not supported: such a Sidecar is left
+//! out with a problem on the field, and its workloads fall back to their namespace's or the
+//! mesh's default.
 
 use std::sync::Arc;
 
 use crate::istio::Sidecar;
-use crate::mesh::{EgressHost, SidecarScope};
+use crate::mesh::{EgressHost, IngressRoute, SidecarScope};
 use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
@@ -31,23 +33,35 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
         problems.push(&obj, field, Reason::UnsupportedValue, what);
     };
     let mut ok = true;
-    if !spec.ingress.is_empty() {
-        unsupported("spec.ingress".into(), "ingress listeners are not supported");
-        ok = false;
-    }
-    for (i, e) in spec.egress.iter().enumerate() {
-        let mut no = |f: &str, what: &str| {
-            unsupported(format!("spec.egress[{i}].{f}"), what);
+    let listeners = (spec.egress.iter().map(|e| (&e.bind, &e.capture_mode)).enumerate())
+        .map(|(i, l)| (format!("spec.egress[{i}]"), l))
+        .chain(
+            (spec.ingress.iter().map(|l| (&l.bind, &l.capture_mode)).enumerate())
+                .map(|(i, l)| (format!("spec.ingress[{i}]"), l)),
+        );
+    for (at, (bind, capture_mode)) in listeners {
+        if bind.is_some() {
+            unsupported(format!("{at}.bind"), "bind addresses are not supported");
             ok = false;
-        };
-        if e.bind.is_some() {
-            no("bind", "bind addresses are not supported");
         }
-        if e.capture_mode
+        if capture_mode
             .as_deref()
             .is_some_and(|m| m != "DEFAULT" && m != "IPTABLES")
         {
-            no("captureMode", "only DEFAULT and IPTABLES capture are supported");
+            unsupported(
+                format!("{at}.captureMode"),
+                "only DEFAULT and IPTABLES capture are supported",
+            );
+            ok = false;
+        }
+    }
+    for (i, l) in spec.ingress.iter().enumerate() {
+        if l.tls.is_some() {
+            unsupported(
+                format!("spec.ingress[{i}].tls"),
+                "TLS termination on ingress listeners is not supported (mesh traffic arrives over HBONE)",
+            );
+            ok = false;
         }
     }
     let policy = spec.outbound_traffic_policy.as_ref();
@@ -73,18 +87,14 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
     };
     let mut hosts = Vec::new();
     for (i, e) in spec.egress.iter().enumerate() {
-        let port = match e.port.as_ref().map(|p| p.get("number").and_then(|n| n.as_u64())) {
-            None => None,
-            Some(Some(n @ 1..=65535)) => Some(n as u16),
-            Some(_) => {
-                problems.push(
-                    &obj,
-                    format!("spec.egress[{i}].port.number"),
-                    Reason::Invalid,
-                    "not a port number",
-                );
-                return None;
-            }
+        let Ok(port) = port_number(e.port.as_ref()) else {
+            problems.push(
+                &obj,
+                format!("spec.egress[{i}].port.number"),
+                Reason::Invalid,
+                "not a port number",
+            );
+            return None;
         };
         for (j, h) in e.hosts.iter().enumerate() {
             match egress_host(h) {
@@ -94,6 +104,16 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
                     problems.push(&obj, format!("spec.egress[{i}].hosts[{j}]"), Reason::Invalid, why);
                     return None;
                 }
+            }
+        }
+    }
+    let mut ingress = Vec::new();
+    for (i, l) in spec.ingress.iter().enumerate() {
+        match ingress_route(l) {
+            Ok(r) => ingress.extend(r),
+            Err((field, reason, why)) => {
+                problems.push(&obj, format!("spec.ingress[{i}].{field}"), reason, why);
+                ok = false;
             }
         }
     }
@@ -107,7 +127,47 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
         selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
         egress: (!spec.egress.is_empty()).then_some(hosts),
         registry_only,
+        ingress,
     })
+}
+
+/// A listener's `port.number`: absent (`None`), or 1..=65535.
+fn port_number(port: Option<&serde_json::Value>) -> Result<Option<u16>, ()> {
+    match port.map(|p| p.get("number").and_then(|n| n.as_u64())) {
+        None => Ok(None),
+        Some(Some(n @ 1..=65535)) => Ok(Some(n as u16)),
+        Some(_) => Err(()),
+    }
+}
+
+/// One ingress listener: its port and where its traffic goes (`None`: nowhere else than
+/// usual — no `defaultEndpoint`). Errors name the field.
+fn ingress_route(l: &crate::istio::IngressListener) -> Result<Option<IngressRoute>, (&'static str, Reason, String)> {
+    let port = match port_number(l.port.as_ref()) {
+        Ok(Some(p)) => p,
+        _ => {
+            return Err((
+                "port.number",
+                Reason::Invalid,
+                "an ingress listener needs a port number".into(),
+            ));
+        }
+    };
+    let Some(endpoint) = l.default_endpoint.as_deref().filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    if endpoint.starts_with("unix://") {
+        let why = "Unix domain socket endpoints are not supported".to_string();
+        return Err(("defaultEndpoint", Reason::UnsupportedValue, why));
+    }
+    let addr: std::net::SocketAddr = endpoint.parse().map_err(|_| {
+        let why = format!("{endpoint:?} is not IP:PORT (127.0.0.1:PORT, [::1]:PORT, 0.0.0.0:PORT or [::]:PORT)");
+        ("defaultEndpoint", Reason::Invalid, why)
+    })?;
+    if let Some(why) = IngressRoute::refuse(addr) {
+        return Err(("defaultEndpoint", Reason::Invalid, why));
+    }
+    Ok(Some(IngressRoute { port, endpoint: addr }))
 }
 
 /// `namespace/dnsName`; `~/…` names no Service (`None`).
@@ -330,5 +390,59 @@ spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
         let keys: Vec<_> = t.snapshot.sidecars.iter().map(|s| s.key.as_str()).collect();
         assert_eq!(keys, ["Sidecar/data/good"]);
         assert_eq!(view(&t, "data", "c").0, ["data/db"]);
+    }
+
+    /// Ingress listeners resolve to (workload port, endpoint); a proxy's view keeps its own
+    /// Sidecar's. Unix sockets, TLS, other addresses and the proxy's own ports are refused
+    /// with the field.
+    #[test]
+    fn ingress_listeners_say_where_inbound_traffic_goes() {
+        use crate::mesh::IngressRoute;
+        let t = translated(
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: b, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: b}}, ingress: [\
+             {port: {number: 8080, protocol: HTTP, name: http}, defaultEndpoint: '127.0.0.1:7070'},\
+             {port: {number: 9000, protocol: TCP, name: echo}, defaultEndpoint: '0.0.0.0:9001'},\
+             {port: {number: 9100, protocol: TCP, name: plain}}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: unix, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: u}}, ingress: [{port: {number: 80}, defaultEndpoint: 'unix:///run/app.sock'}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: admin, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: v}}, ingress: [{port: {number: 80}, defaultEndpoint: '127.0.0.1:15000'}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: away, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: w}}, ingress: [{port: {number: 80}, defaultEndpoint: '10.0.0.9:80'}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: tls, namespace: shop}\n\
+             spec: {workloadSelector: {labels: {app: t}}, ingress: [{port: {number: 443}, defaultEndpoint: '127.0.0.1:8443', tls: {mode: SIMPLE}}]}\n",
+        );
+        let got: Vec<(String, String)> = t
+            .problems
+            .iter()
+            .map(|p| (p.object.name.clone(), p.field.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("admin", "spec.ingress[0].defaultEndpoint"),
+                ("away", "spec.ingress[0].defaultEndpoint"),
+                ("tls", "spec.ingress[0].tls"),
+                ("unix", "spec.ingress[0].defaultEndpoint"),
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+        let w = t.snapshot.workload_or_placeholder("shop", "b-1");
+        let v = t.snapshot.mesh_view(&t.digests, Some(&w), |_| true);
+        let own = sidecar_for(&v.sidecars, &w).expect("b's Sidecar travels with its view");
+        let at = |p: u16| own.ingress.iter().find(|r| r.port == p).copied();
+        let dst: std::net::SocketAddr = "10.0.0.4:8080".parse().unwrap();
+        assert_eq!(at(8080).unwrap().deliver(dst), "127.0.0.1:7070".parse().unwrap());
+        assert_eq!(at(9000).unwrap().deliver(dst), "10.0.0.4:9001".parse().unwrap());
+        assert_eq!(at(9100), None, "no defaultEndpoint: delivered as usual");
+        assert!(IngressRoute::refuse("[::1]:8080".parse().unwrap()).is_none());
+        // Another source's snapshot is held to the same rule.
+        let mut bad = t.snapshot.clone();
+        let mut scope = (*bad.sidecars[0]).clone();
+        scope.ingress[0].endpoint = "127.0.0.1:15021".parse().unwrap();
+        bad.sidecars[0] = std::sync::Arc::new(scope);
+        let errs = crate::validate::validate(&bad).unwrap_err();
+        assert!(format!("{errs:?}").contains("ingress[0]"), "{errs:?}");
     }
 }
