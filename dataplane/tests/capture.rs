@@ -165,12 +165,26 @@ fn init_iptables_captures_a_pods_ipv4_traffic_and_cleans_up() {
 #[test]
 fn init_iptables_captures_a_pods_ipv6_traffic_and_cleans_up() {
     captures("6", "ip6tables-save", "fd00:9:8::1", "fd00:9:8::7");
-    let pod = Netns::new("lo6");
+    let (pod, _node) = pod_and_node();
     let lo = || pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]);
     pod.exec(&[bin(), "init-iptables"]);
     assert!(lo().contains("::6/128"), "{}", lo());
     pod.exec(&[bin(), "init-iptables", "--cleanup"]);
     assert!(!lo().contains("::6/128"), "{}", lo());
+    // A pod without an IPv6 address of its own gets no IPv6 rules (nor `::6`).
+    let v4_only = Netns::new("v4only");
+    let before = v4_only.nat("ip6tables-save");
+    v4_only.exec(&[bin(), "init-iptables"]);
+    assert_eq!(v4_only.nat("ip6tables-save"), before);
+    assert!(
+        !v4_only
+            .exec(&["ip", "-6", "addr", "show", "dev", "lo"])
+            .contains("::6/128")
+    );
+    assert!(
+        v4_only.nat("iptables-save").contains("FERRUM_INBOUND"),
+        "IPv4 is captured"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! writes them (mesh.md): a pod's inbound TCP goes to 15006, its outbound to 15001, and the
 //! proxy's own traffic (UID/GID 1337) is left alone. Applied atomically and idempotently with
 //! `iptables-restore`, with whichever iptables (nft or legacy) the host already uses — and the
-//! same rules with `ip6tables` when the kernel has IPv6, so a dual-stack pod is captured on both.
+//! same rules with `ip6tables` when the pod has an IPv6 address, so a dual-stack pod is captured
+//! on both.
 //!
 //! The proxy reaches its own application from `127.0.0.6` / `::6`, which the rules leave alone.
 //! Every 127/8 address is local, but IPv6 has only `::1`: `::6/128` is added to `lo` (as
@@ -90,13 +91,22 @@ const CHAINS: [&str; 4] = [
 /// The jumps from the built-in chains into ours: added once, removed on cleanup.
 const JUMPS: [(&str, &str); 2] = [("PREROUTING", "FERRUM_INBOUND"), ("OUTPUT", "FERRUM_OUTPUT")];
 
-/// The families to capture: IPv4, and IPv6 when the kernel has it.
+/// The families to capture: IPv4, and IPv6 when the pod has an IPv6 address of global scope
+/// (one with only `::1` and link-local addresses can neither be reached nor reach out over
+/// IPv6, and needs no IPv6 NAT from the kernel).
 fn families() -> Vec<Family> {
     let mut f = vec![Family::V4];
-    if crate::listener::has_ipv6() {
+    let addresses = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    if has_global_ipv6(&addresses) {
         f.push(Family::V6);
     }
     f
+}
+
+/// Whether `/proc/net/if_inet6` (address, index, prefix length, scope, flags, name) lists an
+/// address of global scope (`00`).
+fn has_global_ipv6(if_inet6: &str) -> bool {
+    if_inet6.lines().any(|l| l.split_whitespace().nth(3) == Some("00"))
 }
 
 impl Capture {
@@ -160,7 +170,7 @@ impl Capture {
         s
     }
 
-    /// Installs the rules for every family the kernel has; running it again changes nothing.
+    /// Installs the rules for every family the pod has; running it again changes nothing.
     pub fn apply(&self, iptables: &str) -> Result<(), CaptureError> {
         for family in families() {
             let bin = family.iptables(iptables);
@@ -303,6 +313,16 @@ mod tests {
             assert!(r.starts_with("*nat\n:FERRUM_INBOUND - [0:0]") && r.ends_with("COMMIT\n"));
         }
         assert!(!c.restore_input(Family::V6).contains("127.0.0"));
+    }
+
+    #[test]
+    fn ipv6_is_captured_where_the_pod_has_a_global_address() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n";
+        let global = "fd000000000000000000000000000002 04 40 00 82     eth0\n";
+        assert!(!has_global_ipv6(""));
+        assert!(!has_global_ipv6(&format!("{lo}{link}")));
+        assert!(has_global_ipv6(&format!("{link}{lo}{global}")));
     }
 
     #[test]
