@@ -42,6 +42,49 @@ async fn until_routed(w: &World) {
     .await;
 }
 
+/// Sends `payload` 1,000 times to `host`:9000 (the echo port) from pod `i`, then half-closes;
+/// returns what came back as "<length> <its first payload>".
+fn echo_bulk(w: &World, i: usize, host: &str, payload: &str) -> String {
+    let out = w.pods[i].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket; s = socket.create_connection(('{host}', 9000), timeout=5)\n\
+             s.sendall(b'{payload}' * 1000); s.shutdown(socket.SHUT_WR)\n\
+             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+             print(len(got), got[:{}].decode())",
+            payload.len()
+        ),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What a capture saw between addresses `client` and `server`: several packets, all of them
+/// HBONE (to or from the server's 15008), and none of `secrets` in clear.
+fn only_hbone_between(raw: &[u8], packets: &str, client: &str, server: &str, secrets: &[&str]) {
+    let between: Vec<&str> = packets
+        .lines()
+        .filter(|l| l.contains(&format!("{client}.")) && l.contains(&format!("{server}.")))
+        .collect();
+    assert!(
+        between.len() > 4,
+        "the capture saw the pods talk ({} bytes captured): {packets}",
+        raw.len()
+    );
+    for l in &between {
+        assert!(
+            l.contains(&format!("{server}.15008")),
+            "pod-to-pod traffic other than HBONE: {l}"
+        );
+    }
+    for secret in secrets {
+        assert!(
+            !raw.windows(secret.len()).any(|x| x == secret.as_bytes()),
+            "{secret:?} crossed the wire in clear"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
     let mut w = two_pods(&[], &[]).await;
@@ -55,44 +98,11 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         "B's app answers, reached from its sidecar's inbound address: {body}"
     );
     // Raw TCP through the same path, with a half-close.
-    let echo = w.pods[0].run(&[
-        "python3",
-        "-c",
-        &format!(
-            "import socket; s = socket.create_connection(('{VIP}', 9000), timeout=5)\n\
-             s.sendall(b'tcp-payload-91c2' * 1000); s.shutdown(socket.SHUT_WR)\n\
-             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
-             print(len(got), got[:16].decode())"
-        ),
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&echo.stdout).trim(),
-        "16000 tcp-payload-91c2",
-        "{echo:?}"
-    );
+    assert_eq!(echo_bulk(&w, 0, VIP, "tcp-payload-91c2"), "16000 tcp-payload-91c2");
     let (raw, packets) = cap.finish();
     let (a_ip, b_ip) = (&w.pods[0].ip, &w.pods[1].ip);
-    let between: Vec<&str> = packets
-        .lines()
-        .filter(|l| l.contains(&format!("{a_ip}.")) && l.contains(&format!("{b_ip}.")))
-        .collect();
-    assert!(
-        between.len() > 4,
-        "the capture saw the pods talk ({} bytes captured): {packets}",
-        raw.len()
-    );
-    for l in &between {
-        assert!(
-            l.contains(&format!("{b_ip}.15008")),
-            "pod-to-pod traffic other than HBONE: {l}"
-        );
-    }
-    for secret in ["secret-path-7f3a", "tcp-payload-91c2", "hello from b-1"] {
-        assert!(
-            !raw.windows(secret.len()).any(|x| x == secret.as_bytes()),
-            "{secret:?} crossed the wire in clear"
-        );
-    }
+    let secrets = ["secret-path-7f3a", "tcp-payload-91c2", "hello from b-1"];
+    only_hbone_between(&raw, &packets, a_ip, b_ip, &secrets);
     // TLS application data records (type 23, version 0x0303) carry it.
     assert!(raw.windows(3).any(|x| x == [23, 3, 3]), "no TLS records in the capture");
 
@@ -207,40 +217,11 @@ async fn dual_stack_pods_talk_over_ipv6_through_both_sidecars() {
         body.starts_with("hello from b-1: /secret6-path-5d1e from ::6"),
         "B's app answers, reached from its sidecar's IPv6 inbound address: {body}"
     );
-    let echo = w.pods[a].run(&[
-        "python3",
-        "-c",
-        &format!(
-            "import socket; s = socket.create_connection(('{VIP6}', 9000), timeout=5)\n\
-             s.sendall(b'tcp6-payload-8b3f' * 1000); s.shutdown(socket.SHUT_WR)\n\
-             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
-             print(len(got), got[:17].decode())"
-        ),
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&echo.stdout).trim(),
-        "17000 tcp6-payload-8b3f",
-        "{echo:?}"
-    );
+    assert_eq!(echo_bulk(&w, a, VIP6, "tcp6-payload-8b3f"), "17000 tcp6-payload-8b3f");
     let (raw, packets) = cap.finish();
     let (a6, b6) = (&w.pods[a].ip6, &w.pods[b].ip6);
-    let between: Vec<&str> = packets
-        .lines()
-        .filter(|l| l.contains(&format!("{a6}.")) && l.contains(&format!("{b6}.")))
-        .collect();
-    assert!(between.len() > 4, "the pods talked over IPv6: {packets}");
-    for l in &between {
-        assert!(
-            l.contains(&format!("{b6}.15008")),
-            "IPv6 pod-to-pod traffic other than HBONE: {l}"
-        );
-    }
-    for secret in ["secret6-path-5d1e", "tcp6-payload-8b3f", "hello from b-1"] {
-        assert!(
-            !raw.windows(secret.len()).any(|x| x == secret.as_bytes()),
-            "{secret:?} crossed the wire in clear"
-        );
-    }
+    let secrets = ["secret6-path-5d1e", "tcp6-payload-8b3f", "hello from b-1"];
+    only_hbone_between(&raw, &packets, a6, b6, &secrets);
     let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
     eventually("B logs A's identity", Duration::from_secs(5), async || {
         w.pods[b].sidecar_log().contains(&a_id)

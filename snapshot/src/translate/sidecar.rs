@@ -241,6 +241,14 @@ spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
         translate(&r, 1, &Options::default())
     }
 
+    /// (object name, field) of every problem.
+    fn problems(t: &crate::Translation) -> Vec<(String, String)> {
+        t.problems
+            .iter()
+            .map(|p| (p.object.name.clone(), p.field.clone()))
+            .collect()
+    }
+
     /// The Services the proxy of pod `ns/name` knows, and whether it refuses the rest.
     fn view(t: &crate::Translation, ns: &str, name: &str) -> (Vec<String>, bool) {
         let (services, _, registry_only) = view_with_workloads(t, ns, name);
@@ -372,11 +380,7 @@ spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: good, namespace: data}\n\
              spec: {egress: [{hosts: ['./*']}]}\n",
         );
-        let got: Vec<(String, String)> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.clone(), p.field.clone()))
-            .collect();
+        let got = problems(&t);
         assert_eq!(
             got,
             [
@@ -413,11 +417,7 @@ spec: {clusterIP: 10.96.0.4, selector: {app: auth}, ports: [{port: 80}]}
              apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: tls, namespace: shop}\n\
              spec: {workloadSelector: {labels: {app: t}}, ingress: [{port: {number: 443}, defaultEndpoint: '127.0.0.1:8443', tls: {mode: SIMPLE}}]}\n",
         );
-        let got: Vec<(String, String)> = t
-            .problems
-            .iter()
-            .map(|p| (p.object.name.clone(), p.field.clone()))
-            .collect();
+        let got = problems(&t);
         assert_eq!(
             got,
             [
