@@ -183,15 +183,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// A sidecar port the kubelet probes: `addr` and, on an IPv6 host, its IPv6 twin (the kubelet
-/// probes the pod IP of the cluster's first family). An IPv6 socket that cannot be had is
-/// logged and skipped.
+/// probes the pod IP of the cluster's first family).
 pub async fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<Vec<TcpListener>> {
-    let mut all = vec![bind(addr).await?];
-    for v6 in crate::listener::dual_stack(addr).into_iter().skip(1) {
-        match crate::listener::bind(v6).and_then(TcpListener::from_std) {
-            Ok(l) => all.push(l),
-            Err(e) => tracing::warn!(addr = %v6, error = %e, "not listening on IPv6"),
-        }
-    }
-    Ok(all)
+    crate::listener::bind_dual_stack(addr)?
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect()
 }

@@ -57,24 +57,32 @@ pub fn has_ipv6() -> bool {
     std::fs::read("/proc/net/if_inet6").is_ok_and(|a| !a.is_empty())
 }
 
-/// `addr` and, when it is IPv4's any-address on a host with IPv6, IPv6's on the same port.
-pub fn dual_stack(addr: SocketAddr) -> Vec<SocketAddr> {
-    let mut all = vec![addr];
+/// Listening sockets for `addr` and, when it is IPv4's any-address on a host with IPv6, for
+/// IPv6's on the same port — IPv6 only, so each connection's original destination is looked up
+/// in its own family. A host that cannot have the IPv6 one is warned about and served on IPv4.
+pub fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut all = vec![bind(addr)?];
     if addr.ip() == std::net::Ipv4Addr::UNSPECIFIED && has_ipv6() {
-        all.push(SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port()));
+        let v6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+        match bind_socket(v6, true) {
+            Ok(l) => all.push(l),
+            Err(e) => tracing::warn!(addr = %v6, error = %e, "not listening on IPv6"),
+        }
     }
-    all
+    Ok(all)
 }
 
 /// A listening socket with SO_REUSEPORT, so each worker can have its own.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    bind_socket(addr, false)
+}
+
+fn bind_socket(addr: SocketAddr, v6_only: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        // One socket per family: a v4-mapped connection on an IPv6 socket would hide its
-        // IPv4 original destination, and `[::]` would share IPv4 connections with `0.0.0.0`.
+    if v6_only {
         s.set_only_v6(true)?;
     }
     s.set_nonblocking(true)?;

@@ -320,21 +320,8 @@ impl Sidecar {
             (s.inbound, Kind::Inbound),
             (s.hbone, Kind::Hbone),
         ] {
-            for (i, addr) in listener::dual_stack(addr).into_iter().enumerate() {
-                let socks = match workers
-                    .iter()
-                    .map(|_| listener::bind(addr))
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(socks) => socks,
-                    // The IPv6 twin is a bonus: a host that cannot have it still serves IPv4.
-                    Err(e) if i > 0 => {
-                        tracing::warn!(%addr, error = %e, "not listening on IPv6");
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                for (w, std) in workers.iter().zip(socks) {
+            for w in workers {
+                for std in listener::bind_dual_stack(addr)? {
                     let me = self.clone();
                     w.spawn(async move {
                         let Ok(l) = TcpListener::from_std(std) else { return };
