@@ -130,7 +130,7 @@ pub struct ConnInfo {
     pub client: SocketAddr,
 }
 
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     let cfg = shared.config.load();
     // A captured connection to a mesh Service is served by the Service port's routes.
@@ -141,7 +141,6 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
             None => return Local::RouteNotFound.response(),
         },
     };
-    let mut req = req;
     let span = shared.tracing.begin(req.headers_mut(), kind);
     if !listener.access_log && span.is_none() {
         return serve(&shared, listener, conn, req, started, None).await;
@@ -162,11 +161,10 @@ async fn serve(
     shared: &Arc<Shared>,
     listener: &CompiledListener,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     started: Instant,
     log: Option<&mut crate::access_log::Entry>,
 ) -> Response<ResponseBody> {
-    let mut req = req;
     let host_value = match check_head(&mut req, &shared.limits) {
         Ok(h) => h,
         Err(l) => return l.response(),
