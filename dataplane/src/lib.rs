@@ -6,6 +6,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod mesh;
 pub mod proxy;
 pub mod router;

@@ -80,6 +80,10 @@ struct Args {
     /// Concurrent HTTP/2 streams per client connection.
     #[arg(long, default_value_t = 128)]
     max_streams: u32,
+    /// Seconds between looks at the heap; once a load has ended, its freed memory is handed
+    /// back to the OS (0: never).
+    #[arg(long, default_value_t = 5)]
+    heap_release_interval: u64,
     /// Seconds to wait for in-flight requests at shutdown.
     #[arg(long, default_value_t = 15)]
     drain_timeout: u64,
@@ -455,6 +459,10 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
+    if args.heap_release_interval > 0 {
+        let every = Duration::from_secs(args.heap_release_interval);
+        tokio::spawn(ferrum_dp::memory::release_after_load(every, dp.shared.registry.clone()));
+    }
     let sidecar = if args.mesh.mode == Mode::Sidecar {
         match start_sidecar(&args.mesh, &dp, &workers).await {
             Ok(s) => Some(s),

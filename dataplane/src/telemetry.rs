@@ -122,6 +122,8 @@ pub struct Registry {
     pub downstream_rejected: AtomicU64,
     /// Requests that matched no route (404) or no listener host.
     pub unrouted: AtomicU64,
+    /// Times freed heap was handed back to the OS after a load (`memory`).
+    pub heap_releases: AtomicU64,
     /// Sidecar connections (shared with the sidecar's listeners).
     pub mesh: Arc<crate::mesh::sidecar::MeshStats>,
 }
@@ -301,6 +303,7 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(result, v)| ([("result", *result)], *v as i64)),
         )?;
+        self.encode_heap(&mut enc)?;
         self.encode_mesh(&mut enc)?;
         let routes = r.routes.lock().unwrap().clone();
         family(
@@ -352,6 +355,29 @@ impl Collector for Scrape {
 }
 
 impl Scrape {
+    /// The allocator's figures (where it reports them) and how often the heap was released.
+    fn encode_heap(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        if let Some(h) = crate::memory::heap() {
+            family(
+                enc,
+                "ferrum_heap_bytes",
+                "Heap bytes held by the allocator: allocated to the proxy, or free for reuse.",
+                MetricType::Gauge,
+                [
+                    ([("state", "allocated")], h.allocated as i64),
+                    ([("state", "free")], h.free as i64),
+                ],
+            )?;
+        }
+        single(
+            enc,
+            "ferrum_heap_releases",
+            "Times the heap a finished load left free was handed back to the OS.",
+            MetricType::Counter,
+            self.registry.heap_releases.load(Relaxed) as i64,
+        )
+    }
+
     /// Sidecar connection counters (all zero outside sidecar mode).
     fn encode_mesh(&self, enc: &mut DescriptorEncoder) -> Fmt {
         let m = &self.registry.mesh;
