@@ -42,11 +42,48 @@ pub struct Resources {
     pub secrets: BTreeMap<String, tls::Secret>,
 }
 
-pub fn decode<M: Message + Default>(a: &Any, want: &str) -> Result<M, String> {
-    if a.type_url != want {
-        return Err(format!("resource of type {} where {want} was expected", a.type_url));
+/// Why xDS resources cannot be served: the resource (and field) at fault and why. Its text is
+/// the NACK's `error_detail`.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("resource of type {got} where {want} was expected")]
+    WrongType { got: String, want: String },
+    #[error("{want} does not decode: {source}")]
+    Decode { want: String, source: prost::DecodeError },
+    #[error("{at}: {reason}")]
+    Refused { at: String, reason: String },
+    #[error("{at}: {source}")]
+    Within { at: String, source: Box<MapError> },
+}
+
+impl MapError {
+    fn refused(at: &str, reason: impl Into<String>) -> MapError {
+        MapError::Refused {
+            at: at.to_string(),
+            reason: reason.into(),
+        }
     }
-    M::decode(&a.value[..]).map_err(|e| format!("{want} does not decode: {e}"))
+
+    /// The same error, found inside `at`.
+    fn within(self, at: &str) -> MapError {
+        MapError::Within {
+            at: at.to_string(),
+            source: Box::new(self),
+        }
+    }
+}
+
+pub fn decode<M: Message + Default>(a: &Any, want: &str) -> Result<M, MapError> {
+    if a.type_url != want {
+        return Err(MapError::WrongType {
+            got: a.type_url.clone(),
+            want: want.to_string(),
+        });
+    }
+    M::decode(&a.value[..]).map_err(|source| MapError::Decode {
+        want: want.to_string(),
+        source,
+    })
 }
 
 fn ms(d: &Option<PbDuration>) -> Option<u64> {
@@ -67,8 +104,9 @@ pub enum RouteSource {
 }
 
 /// A listener's HTTP connection manager's route source; any other shape is refused.
-pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
-    let at = |what: &str| format!("Listener {}: {what}", l.name);
+pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, MapError> {
+    let name = format!("Listener {}", l.name);
+    let at = |what: &str| MapError::refused(&name, what);
     if l.api_listener.is_some() {
         return Err(at("api_listener is for gRPC clients, not a proxy"));
     }
@@ -86,7 +124,7 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
     let Some(listener::filter::ConfigType::TypedConfig(tc)) = &filter.config_type else {
         return Err(at("the network filter needs a typed_config"));
     };
-    let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| at(&e))?;
+    let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| e.within(&name))?;
     // A filter this proxy would skip may be the one enforcing a policy (RBAC, JWT): refused,
     // unless the server marked it optional or disabled.
     if let Some(f) = m
@@ -107,7 +145,7 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, String> {
 }
 
 /// A listener whose filter chains are each one TCP proxy; `None` for any other shape.
-fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, String> {
+fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, MapError> {
     let proxy = |c: &listener::FilterChain| match c.filters.last()?.config_type.as_ref()? {
         listener::filter::ConfigType::TypedConfig(tc) if tc.type_url == TCP_PROXY => Some(tc.clone()),
         _ => None,
@@ -117,9 +155,12 @@ fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, String> {
     }
     for (i, c) in l.filter_chains.iter().enumerate() {
         if let [f, _, ..] = &c.filters[..] {
-            return Err(format!(
-                "Listener {}: filter_chains[{i}]: network filter {} before the TCP proxy is not supported; refused rather than skipped",
-                l.name, f.name
+            return Err(MapError::refused(
+                &format!("Listener {}: filter_chains[{i}]", l.name),
+                format!(
+                    "network filter {} before the TCP proxy is not supported; refused rather than skipped",
+                    f.name
+                ),
             ));
         }
     }
@@ -127,7 +168,7 @@ fn tcp_chains(l: &listener::Listener) -> Result<Option<RouteSource>, String> {
     for (i, c) in l.filter_chains.iter().enumerate() {
         let tc = proxy(c).expect("checked above");
         let p: tcp_proxy::TcpProxy =
-            decode(&tc, TCP_PROXY).map_err(|e| format!("Listener {}: filter_chains[{i}]: {e}", l.name))?;
+            decode(&tc, TCP_PROXY).map_err(|e| e.within(&format!("Listener {}: filter_chains[{i}]", l.name)))?;
         let names = c
             .filter_chain_match
             .as_ref()
@@ -146,7 +187,7 @@ fn tcp_hosts(
     listener: &str,
     chains: &[(Vec<String>, tcp_proxy::TcpProxy)],
     known: &dyn Fn(&str) -> bool,
-) -> Result<Vec<Arc<VirtualHost>>, String> {
+) -> Result<Vec<Arc<VirtualHost>>, MapError> {
     use tcp_proxy::tcp_proxy::ClusterSpecifier;
     let mut out: Vec<Arc<VirtualHost>> = Vec::new();
     for (i, (names, p)) in chains.iter().enumerate() {
@@ -156,8 +197,9 @@ fn tcp_hosts(
                 weighted(w.clusters.iter().map(|c| (c.name.as_str(), c.weight)), known)
             }
             None => {
-                return Err(format!(
-                    "Listener {listener}: filter_chains[{i}]: the TCP proxy names no cluster"
+                return Err(MapError::refused(
+                    &format!("Listener {listener}: filter_chains[{i}]"),
+                    "the TCP proxy names no cluster",
                 ));
             }
         };
@@ -181,8 +223,9 @@ fn tcp_hosts(
         };
         for hostname in hosts {
             if out.iter().any(|v| v.hostname == hostname) {
-                return Err(format!(
-                    "Listener {listener}: two filter chains match server name {hostname:?}"
+                return Err(MapError::refused(
+                    &format!("Listener {listener}"),
+                    format!("two filter chains match server name {hostname:?}"),
                 ));
             }
             out.push(Arc::new(VirtualHost {
@@ -211,15 +254,16 @@ fn weighted<'a>(
 
 /// A listener's TLS termination: the SDS secrets its certificates come from (over ADS), or
 /// `None` for plaintext.
-pub fn listener_tls(l: &listener::Listener) -> Result<Option<Vec<String>>, String> {
-    let at = |what: &str| format!("Listener {}: filter_chains[0].transport_socket: {what}", l.name);
+pub fn listener_tls(l: &listener::Listener) -> Result<Option<Vec<String>>, MapError> {
+    let name = format!("Listener {}: filter_chains[0].transport_socket", l.name);
+    let at = |what: &str| MapError::refused(&name, what);
     let Some(ts) = l.filter_chains.first().and_then(|c| c.transport_socket.as_ref()) else {
         return Ok(None);
     };
     let Some(core::transport_socket::ConfigType::TypedConfig(tc)) = &ts.config_type else {
         return Err(at("needs a typed_config"));
     };
-    let ctx: tls::DownstreamTlsContext = decode(tc, DOWNSTREAM_TLS).map_err(|e| at(&e))?;
+    let ctx: tls::DownstreamTlsContext = decode(tc, DOWNSTREAM_TLS).map_err(|e| e.within(&name))?;
     if ctx.require_client_certificate.is_some_and(|b| b.value) {
         return Err(at("client certificates are not supported"));
     }
@@ -249,9 +293,10 @@ pub fn listener_tls(l: &listener::Listener) -> Result<Option<Vec<String>>, Strin
 }
 
 /// An SDS secret's key pair (inline PEM only: files would be the server's, not ours).
-fn key_pair(s: &tls::Secret) -> Result<ferrum_snapshot::TlsSecret, String> {
+fn key_pair(s: &tls::Secret) -> Result<ferrum_snapshot::TlsSecret, MapError> {
     use core::data_source::Specifier;
-    let at = |what: &str| format!("Secret {}: {what}", s.name);
+    let name = format!("Secret {}", s.name);
+    let at = |what: &str| MapError::refused(&name, what);
     let Some(tls::secret::Type::TlsCertificate(c)) = &s.r#type else {
         return Err(at("only tls_certificate secrets are supported"));
     };
@@ -280,22 +325,23 @@ fn socket(a: &Option<core::Address>) -> Option<(String, u16)> {
     }
 }
 
-fn string_match(m: &matcher::StringMatcher, at: &str) -> Result<StringMatch, String> {
+fn string_match(m: &matcher::StringMatcher, at: &str) -> Result<StringMatch, MapError> {
     use matcher::string_matcher::MatchPattern;
     if m.ignore_case {
-        return Err(format!("{at}: ignore_case is not supported"));
+        return Err(MapError::refused(at, "ignore_case is not supported"));
     }
     match &m.match_pattern {
         Some(MatchPattern::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
         Some(MatchPattern::SafeRegex(r)) => Ok(StringMatch::Regex(r.regex.clone())),
         Some(MatchPattern::Prefix(p)) => Ok(StringMatch::Regex(format!("{}.*", regex::escape(p)))),
-        _ => Err(format!(
-            "{at}: only exact, prefix and safe_regex string matches are supported"
+        _ => Err(MapError::refused(
+            at,
+            "only exact, prefix and safe_regex string matches are supported",
         )),
     }
 }
 
-fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Result<HeaderModifier, String> {
+fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Result<HeaderModifier, MapError> {
     use core::header_value_option::HeaderAppendAction;
     let mut m = HeaderModifier {
         remove: remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
@@ -305,15 +351,15 @@ fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Res
         let h = o
             .header
             .as_ref()
-            .ok_or_else(|| format!("{at}: a header option without a header"))?;
+            .ok_or_else(|| MapError::refused(at, "a header option without a header"))?;
         let kv = (h.key.to_ascii_lowercase(), h.value.clone());
         match HeaderAppendAction::try_from(o.append_action) {
             Ok(HeaderAppendAction::AppendIfExistsOrAdd) => m.add.push(kv),
             Ok(HeaderAppendAction::OverwriteIfExistsOrAdd) => m.set.push(kv),
             _ => {
-                return Err(format!(
-                    "{at}: header {}: only append or overwrite actions are supported",
-                    h.key
+                return Err(MapError::refused(
+                    at,
+                    format!("header {}: only append or overwrite actions are supported", h.key),
                 ));
             }
         }
@@ -322,12 +368,12 @@ fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Res
 }
 
 /// `known`: whether a cluster exists; a route to one that does not answers 500, as Envoy's 503.
-fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Result<Route, String> {
+fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Result<Route, MapError> {
     use route::route_match::PathSpecifier;
     let at = format!("{at} route {:?}", r.name);
-    let m = r.r#match.as_ref().ok_or_else(|| format!("{at}: no match"))?;
+    let m = r.r#match.as_ref().ok_or_else(|| MapError::refused(&at, "no match"))?;
     if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
-        return Err(format!("{at}: case-insensitive paths are not supported"));
+        return Err(MapError::refused(&at, "case-insensitive paths are not supported"));
     }
     let path = match &m.path_specifier {
         Some(PathSpecifier::Prefix(p)) if p == "/" || p.is_empty() => PathMatch::Prefix("/".into()),
@@ -337,8 +383,9 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
         Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(re.regex.clone()),
         _ => {
-            return Err(format!(
-                "{at}: only prefix, path, path_separated_prefix and safe_regex paths are supported"
+            return Err(MapError::refused(
+                &at,
+                "only prefix, path, path_separated_prefix and safe_regex paths are supported",
             ));
         }
     };
@@ -349,15 +396,28 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
     for h in &m.headers {
         use route::header_matcher::HeaderMatchSpecifier;
         if h.invert_match {
-            return Err(format!("{at}: header {}: invert_match is not supported", h.name));
+            return Err(MapError::refused(
+                &at,
+                format!("header {}: invert_match is not supported", h.name),
+            ));
         }
         let value = match &h.header_match_specifier {
             Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: header {}", h.name))?,
-            _ => return Err(format!("{at}: header {}: only string matches are supported", h.name)),
+            _ => {
+                return Err(MapError::refused(
+                    &at,
+                    format!("header {}: only string matches are supported", h.name),
+                ));
+            }
         };
         match (h.name.as_str(), value) {
             (":method", StringMatch::Exact(m)) => matcher.method = Some(m),
-            (n, _) if n.starts_with(':') => return Err(format!("{at}: pseudo-header {n} matches are not supported")),
+            (n, _) if n.starts_with(':') => {
+                return Err(MapError::refused(
+                    &at,
+                    format!("pseudo-header {n} matches are not supported"),
+                ));
+            }
             (n, value) => matcher.headers.push(KeyMatch {
                 name: n.to_ascii_lowercase(),
                 value,
@@ -368,7 +428,12 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         use route::query_parameter_matcher::QueryParameterMatchSpecifier;
         let value = match &q.query_parameter_match_specifier {
             Some(QueryParameterMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: query {}", q.name))?,
-            _ => return Err(format!("{at}: query {}: only string matches are supported", q.name)),
+            _ => {
+                return Err(MapError::refused(
+                    &at,
+                    format!("query {}: only string matches are supported", q.name),
+                ));
+            }
         };
         matcher.query_params.push(KeyMatch {
             name: q.name.clone(),
@@ -397,8 +462,9 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
                     known,
                 ),
                 _ => {
-                    return Err(format!(
-                        "{at}: only cluster and weighted_clusters targets are supported"
+                    return Err(MapError::refused(
+                        &at,
+                        "only cluster and weighted_clusters targets are supported",
                     ));
                 }
             };
@@ -408,7 +474,10 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             }
             if !ra.prefix_rewrite.is_empty() {
                 if !matches!(out.matcher.path, PathMatch::Prefix(_)) {
-                    return Err(format!("{at}: prefix_rewrite needs a path_separated_prefix match"));
+                    return Err(MapError::refused(
+                        &at,
+                        "prefix_rewrite needs a path_separated_prefix match",
+                    ));
                 }
                 rewrite.path = Some(PathRewrite::Prefix(ra.prefix_rewrite.clone()));
             }
@@ -416,7 +485,12 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
                 // Only the whole-path replacement is ours to express.
                 match rr.pattern.as_ref().map(|p| p.regex.as_str()) {
                     Some("^/.*$") | Some("^.*$") => rewrite.path = Some(PathRewrite::Full(rr.substitution.clone())),
-                    _ => return Err(format!("{at}: regex_rewrite must replace the whole path (^/.*$)")),
+                    _ => {
+                        return Err(MapError::refused(
+                            &at,
+                            "regex_rewrite must replace the whole path (^/.*$)",
+                        ));
+                    }
                 }
             }
             if rewrite != Rewrite::default() {
@@ -439,7 +513,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
                 path: match &rd.path_rewrite_specifier {
                     Some(PathRewriteSpecifier::PathRedirect(p)) => Some(PathRewrite::Full(p.clone())),
                     Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(PathRewrite::Prefix(p.clone())),
-                    Some(_) => return Err(format!("{at}: regex path redirects are not supported")),
+                    Some(_) => return Err(MapError::refused(&at, "regex path redirects are not supported")),
                     None => None,
                 },
                 status: match Code::try_from(rd.response_code) {
@@ -451,7 +525,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
                 },
             })
         }
-        _ => return Err(format!("{at}: only route and redirect actions are supported")),
+        _ => return Err(MapError::refused(&at, "only route and redirect actions are supported")),
     };
     Ok(out)
 }
@@ -459,7 +533,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
 fn virtual_hosts(
     rc: &route::RouteConfiguration,
     known: &dyn Fn(&str) -> bool,
-) -> Result<Vec<Arc<VirtualHost>>, String> {
+) -> Result<Vec<Arc<VirtualHost>>, MapError> {
     let mut by_host: BTreeMap<String, Vec<Arc<Route>>> = BTreeMap::new();
     for vh in &rc.virtual_hosts {
         let at = format!("RouteConfiguration {} virtual host {}", rc.name, vh.name);
@@ -471,12 +545,13 @@ fn virtual_hosts(
         for d in &vh.domains {
             let host = d.split(':').next().unwrap_or(d).to_ascii_lowercase();
             if host != "*" && host.contains('*') && !host.starts_with("*.") {
-                return Err(format!(
-                    "{at}: domain {d:?}: only exact, \"*.suffix\" and \"*\" domains are supported"
+                return Err(MapError::refused(
+                    &at,
+                    format!("domain {d:?}: only exact, \"*.suffix\" and \"*\" domains are supported"),
                 ));
             }
             if by_host.insert(host, routes.clone()).is_some() {
-                return Err(format!("{at}: domain {d:?} appears twice"));
+                return Err(MapError::refused(&at, format!("domain {d:?} appears twice")));
             }
         }
     }
@@ -490,9 +565,10 @@ fn threshold(v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default
     v.as_ref().map_or(default, |v| v.value)
 }
 
-fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment>) -> Result<model::Cluster, String> {
+fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment>) -> Result<model::Cluster, MapError> {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as EnvoyLb};
-    let at = |what: &str| format!("Cluster {}: {what}", c.name);
+    let name = format!("Cluster {}", c.name);
+    let at = |what: &str| MapError::refused(&name, what);
     if c.transport_socket.is_some() {
         return Err(at("transport_socket: upstream TLS over xDS is not supported yet"));
     }
@@ -582,7 +658,7 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
     if let Some(opts) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
         use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
         let o: upstream_http::HttpProtocolOptions =
-            decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| at(&e))?;
+            decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| e.within(&name))?;
         if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = o.upstream_protocol_options
             && matches!(e.protocol_config, Some(ProtocolConfig::Http2ProtocolOptions(_)))
         {
@@ -595,12 +671,12 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
 /// The snapshot the resources describe with the key pairs it names, or why they cannot be
 /// served. `Ok(None)`: some routes, endpoints or secrets a listener or cluster needs have not
 /// arrived yet.
-pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, String> {
+pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
     let mut listeners = Vec::new();
     let mut secrets = ferrum_snapshot::Secrets::new();
     for l in r.listeners.values() {
-        let (address, port) =
-            socket(&l.address).ok_or_else(|| format!("Listener {}: needs a socket address with a port", l.name))?;
+        let (address, port) = socket(&l.address)
+            .ok_or_else(|| MapError::refused(&format!("Listener {}", l.name), "needs a socket address with a port"))?;
         let known = |c: &str| r.clusters.contains_key(c);
         let (l4, virtual_hosts) = match listener_routes(l)? {
             RouteSource::Inline(rc) => (None, virtual_hosts(&rc, &known)?),
@@ -657,4 +733,238 @@ pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_
     }
     // Applying validates the rest (the same checks as every other source).
     Ok(Some((Snapshot::new(version, listeners, clusters), secrets)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+
+    fn socket_at(ip: &str, port: u32) -> core::Address {
+        core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn any(type_url: &str, m: &impl Message) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    /// Listener `l` on 0.0.0.0:8080 whose connection manager has `filters` and takes its routes
+    /// from RDS `rc`.
+    fn http_listener(filters: Vec<hcm::HttpFilter>) -> listener::Listener {
+        let manager = hcm::HttpConnectionManager {
+            http_filters: filters,
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+                route_config_name: "rc".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        listener::Listener {
+            name: "l".into(),
+            address: Some(socket_at("0.0.0.0", 8080)),
+            filter_chains: vec![listener::FilterChain {
+                filters: vec![listener::Filter {
+                    name: "hcm".into(),
+                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn filter(name: &str, is_optional: bool) -> hcm::HttpFilter {
+        hcm::HttpFilter {
+            name: name.into(),
+            is_optional,
+            ..Default::default()
+        }
+    }
+
+    fn routes(r#match: route::RouteMatch) -> route::RouteConfiguration {
+        route::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![route::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes: vec![route::Route {
+                    r#match: Some(r#match),
+                    action: Some(route::route::Action::Route(route::RouteAction {
+                        cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster("c".into())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn prefix(p: &str) -> route::RouteMatch {
+        route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix(p.into())),
+            ..Default::default()
+        }
+    }
+
+    fn eds_cluster() -> cluster::Cluster {
+        cluster::Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                cluster::cluster::DiscoveryType::Eds as i32,
+            )),
+            ..Default::default()
+        }
+    }
+
+    fn endpoints(port: u32) -> endpoint::ClusterLoadAssignment {
+        endpoint::ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+                        address: Some(socket_at("10.0.0.7", port)),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: Some(UInt32Value { value: 3 }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// LDS, RDS, CDS and EDS for one HTTP listener routing `/api` to cluster `c`.
+    fn complete() -> Resources {
+        let mut r = Resources::default();
+        r.listeners
+            .insert("l".into(), http_listener(vec![filter(ROUTER, false)]));
+        r.routes.insert("rc".into(), routes(prefix("/api")));
+        r.clusters.insert("c".into(), eds_cluster());
+        r.endpoints.insert("c".into(), endpoints(9000));
+        r
+    }
+
+    #[test]
+    fn a_resource_of_another_type_or_bad_bytes_is_refused_by_type() {
+        let c = eds_cluster();
+        let wrong = decode::<listener::Listener>(&any(CLUSTER, &c), LISTENER).unwrap_err();
+        assert!(
+            matches!(&wrong, MapError::WrongType { got, .. } if got == CLUSTER),
+            "{wrong}"
+        );
+        let garbage = Any {
+            type_url: LISTENER.into(),
+            value: vec![0xff, 0xff, 0xff],
+        };
+        let bad = decode::<listener::Listener>(&garbage, LISTENER).unwrap_err();
+        assert!(matches!(bad, MapError::Decode { .. }), "{bad}");
+        assert!(bad.to_string().starts_with(&format!("{LISTENER} does not decode")));
+    }
+
+    #[test]
+    fn a_complete_set_maps_to_a_snapshot() {
+        let (snap, secrets) = snapshot(&complete(), 7).unwrap().expect("complete");
+        assert!(secrets.is_empty());
+        assert_eq!(snap.version, 7);
+        let [l] = &snap.listeners[..] else {
+            panic!("{:?}", snap.listeners)
+        };
+        assert_eq!(
+            (l.address.as_str(), l.port, l.protocol),
+            ("0.0.0.0", 8080, Protocol::Http)
+        );
+        let [c] = &snap.clusters[..] else { panic!("one cluster") };
+        let [e] = &c.endpoints[..] else { panic!("one endpoint") };
+        assert_eq!((e.address.as_str(), e.port, e.weight), ("10.0.0.7", 9000, 3));
+    }
+
+    #[test]
+    fn a_set_still_waiting_for_rds_or_eds_is_not_a_snapshot_yet() {
+        let mut r = complete();
+        r.routes.clear();
+        assert!(snapshot(&r, 1).unwrap().is_none(), "RDS has not arrived");
+        let mut r = complete();
+        r.endpoints.clear();
+        assert!(snapshot(&r, 1).unwrap().is_none(), "EDS has not arrived");
+    }
+
+    #[test]
+    fn a_filter_it_would_skip_is_refused_unless_optional() {
+        let rbac = "envoy.filters.http.rbac";
+        let mut r = complete();
+        r.listeners.insert(
+            "l".into(),
+            http_listener(vec![filter(rbac, false), filter(ROUTER, false)]),
+        );
+        let e = snapshot(&r, 1).unwrap_err();
+        assert!(
+            matches!(&e, MapError::Refused { at, reason } if at == "Listener l" && reason.contains(rbac)),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Listener l: HTTP filter {rbac} is not supported (only the router is); refused rather than skipped"
+            )
+        );
+        r.listeners.insert(
+            "l".into(),
+            http_listener(vec![filter(rbac, true), filter(ROUTER, false)]),
+        );
+        assert!(snapshot(&r, 1).unwrap().is_some(), "an optional filter may be skipped");
+    }
+
+    #[test]
+    fn an_unsupported_match_names_its_route() {
+        let mut r = complete();
+        let mut m = prefix("/api");
+        m.case_sensitive = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+        r.routes.insert("rc".into(), routes(m));
+        let e = snapshot(&r, 1).unwrap_err();
+        let MapError::Refused { at, reason } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(at.starts_with("RouteConfiguration rc virtual host vh"), "{at}");
+        assert_eq!(reason, "case-insensitive paths are not supported");
+    }
+
+    #[test]
+    fn a_cluster_that_cannot_be_served_says_why() {
+        let mut r = complete();
+        let mut c = eds_cluster();
+        c.transport_socket = Some(core::TransportSocket::default());
+        r.clusters.insert("c".into(), c);
+        let e = snapshot(&r, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Cluster c: transport_socket: upstream TLS over xDS is not supported yet"
+        );
+    }
+
+    #[test]
+    fn a_connection_manager_that_does_not_decode_is_refused_within_its_listener() {
+        let mut l = http_listener(vec![]);
+        l.filter_chains[0].filters[0].config_type = Some(listener::filter::ConfigType::TypedConfig(Any {
+            type_url: HCM.into(),
+            value: vec![0xff; 3],
+        }));
+        let e = listener_routes(&l).err().expect("refused");
+        let MapError::Within { at, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(at, "Listener l");
+        assert!(matches!(**source, MapError::Decode { .. }));
+    }
 }

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
-use self::map::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, RouteSource, SECRET};
+use self::map::{CLUSTER, ENDPOINT, LISTENER, MapError, ROUTE, Resources, RouteSource, SECRET};
 use crate::dataplane::Dataplane;
 
 #[derive(Debug, Clone)]
@@ -39,6 +39,17 @@ pub enum XdsError {
     Status(#[from] tonic::Status),
     #[error("xDS server closed the stream")]
     Closed,
+}
+
+/// Why a response is refused (its text goes back in the NACK); the last good config serves on.
+#[derive(Debug, thiserror::Error)]
+enum Nack {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Apply(#[from] crate::dataplane::ApplyError),
+    #[error("applying the snapshot failed: {0}")]
+    Crashed(String),
 }
 
 /// Subscribes forever, reconnecting with exponential backoff and jitter.
@@ -99,7 +110,7 @@ fn type_of(url: &str) -> Option<&'static str> {
 
 /// `state` with one response taken in: LDS and CDS answers are the whole set, RDS, EDS and SDS
 /// answers replace the resources they carry.
-fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<Resources, String> {
+fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<Resources, MapError> {
     let mut next = state.clone();
     match type_url {
         LISTENER => {
@@ -209,17 +220,17 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
         };
         client.types.entry(type_url).or_default().nonce = resp.nonce.clone();
         // (the new state, the version applied if the config is complete) or why not.
-        let outcome: Result<(Resources, Option<u64>), String> = match take(&state, &resp, type_url) {
-            Err(e) => Err(e),
+        let outcome = match take(&state, &resp, type_url) {
+            Err(e) => Err(Nack::Map(e)),
             Ok(next) => match map::snapshot(&next, version + 1) {
-                Err(e) => Err(e),
+                Err(e) => Err(Nack::Map(e)),
                 Ok(None) => Ok((next, None)),
                 Ok(Some((snap, secrets))) => {
                     let dp = dp.clone();
-                    let applied =
-                        tokio::task::spawn_blocking(move || dp.apply(snap, secrets).map_err(|e| e.to_string()))
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string()));
+                    let applied = tokio::task::spawn_blocking(move || dp.apply(snap, secrets))
+                        .await
+                        .map_err(|e| Nack::Crashed(e.to_string()))
+                        .and_then(|r| r.map_err(Nack::Apply));
                     applied.map(|()| (next, Some(version + 1)))
                 }
             },
@@ -239,7 +250,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
             }
             Err(e) => {
                 tracing::error!(type_url, server_version = %resp.version_info, error = %e, "NACK: still serving the last good config");
-                client.request(type_url, Some(e));
+                client.request(type_url, Some(e.to_string()));
             }
         }
     }
