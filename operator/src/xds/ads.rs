@@ -285,7 +285,8 @@ pub(super) fn batches<T>(items: Vec<T>, size: impl Fn(&T) -> usize, max: usize) 
     out
 }
 
-struct Stream_ {
+/// One State-of-the-World ADS stream: what each type last sent and the client acked.
+struct SotwStream {
     ads: Arc<Ads>,
     types: BTreeMap<String, TypeState>,
     nonce: u64,
@@ -299,7 +300,7 @@ fn wildcard(type_url: &str, names: &BTreeSet<String>) -> bool {
     (type_url == LISTENER || type_url == CLUSTER) && (names.is_empty() || names.contains("*"))
 }
 
-impl Stream_ {
+impl SotwStream {
     async fn send_if_changed(&mut self, type_url: &str, g: &Generation) -> bool {
         let Some(st) = self.types.get_mut(type_url) else {
             return true;
@@ -450,8 +451,8 @@ impl Stream_ {
     }
 }
 
-pub(super) type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-pub(super) type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+pub(super) type SotwResponses = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+pub(super) type DeltaResponses = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 /// One ADS stream, State of the World or delta.
 pub(super) trait AdsStream<Req>: Send {
@@ -461,16 +462,16 @@ pub(super) trait AdsStream<Req>: Send {
     fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send;
 }
 
-impl AdsStream<SotwRequest> for Stream_ {
+impl AdsStream<SotwRequest> for SotwStream {
     fn on_request(
         &mut self,
         r: SotwRequest,
         peer: &str,
     ) -> impl std::future::Future<Output = Result<bool, Status>> + Send {
-        Stream_::on_request(self, r, peer)
+        SotwStream::on_request(self, r, peer)
     }
     fn push_all(&mut self) -> impl std::future::Future<Output = bool> + Send {
-        Stream_::push_all(self)
+        SotwStream::push_all(self)
     }
 }
 
@@ -501,12 +502,12 @@ async fn drive<Req, Resp, S: AdsStream<Req>>(
 }
 
 /// Serves a State-of-the-World ADS stream.
-pub(super) fn stream_sotw(ads: Arc<Ads>, req: Request<Streaming<SotwRequest>>) -> Response<SotwStream> {
+pub(super) fn stream_sotw(ads: Arc<Ads>, req: Request<Streaming<SotwRequest>>) -> Response<SotwResponses> {
     let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let inbound = req.into_inner();
     let (tx, rx) = mpsc::channel(16);
     let generations = ads.publisher.subscribe();
-    let s = Stream_ {
+    let s = SotwStream {
         ads,
         types: BTreeMap::new(),
         nonce: 0,
@@ -519,7 +520,7 @@ pub(super) fn stream_sotw(ads: Arc<Ads>, req: Request<Streaming<SotwRequest>>) -
 }
 
 /// Serves an incremental (delta) ADS stream.
-pub(super) fn stream_delta(ads: Arc<Ads>, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaStream> {
+pub(super) fn stream_delta(ads: Arc<Ads>, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Response<DeltaResponses> {
     let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let inbound = req.into_inner();
     // Two answers in flight per stream: the rest are made when the client has read these.

@@ -271,8 +271,8 @@ type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<to
 
 impl StreamingService<SotwRequest> for Sotw {
     type Response = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-    type ResponseStream = ads::SotwStream;
-    type Future = BoxFuture<ads::SotwStream>;
+    type ResponseStream = ads::SotwResponses;
+    type Future = BoxFuture<ads::SotwResponses>;
 
     fn call(&mut self, req: Request<Streaming<SotwRequest>>) -> Self::Future {
         let ads = self.0.clone();
@@ -285,8 +285,8 @@ impl StreamingService<SotwRequest> for Sotw {
 
 impl StreamingService<DeltaDiscoveryRequest> for Delta {
     type Response = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-    type ResponseStream = ads::DeltaStream;
-    type Future = BoxFuture<ads::DeltaStream>;
+    type ResponseStream = ads::DeltaResponses;
+    type Future = BoxFuture<ads::DeltaResponses>;
 
     fn call(&mut self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
         let ads = self.0.clone();
