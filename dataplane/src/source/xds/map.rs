@@ -369,11 +369,35 @@ fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Res
 
 /// `known`: whether a cluster exists; a route to one that does not answers 500, as Envoy's 503.
 fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Result<Route, MapError> {
-    use route::route_match::PathSpecifier;
     let at = format!("{at} route {:?}", r.name);
     let m = r.r#match.as_ref().ok_or_else(|| MapError::refused(&at, "no match"))?;
+    let matcher = route_match(m, &at)?;
+    let mut out = Route {
+        name: r.name.clone(),
+        request_headers: headers(&r.request_headers_to_add, &r.request_headers_to_remove, &at)?,
+        response_headers: headers(&r.response_headers_to_add, &r.response_headers_to_remove, &at)?,
+        rewrite: None,
+        action: Action::Forward(Vec::new()),
+        timeouts: RouteTimeouts::default(),
+        matcher,
+    };
+    out.action = match &r.action {
+        Some(route::route::Action::Route(ra)) => {
+            let (targets, rewrite, timeouts) = forward(ra, &out.matcher.path, &at, known)?;
+            (out.rewrite, out.timeouts) = (rewrite, timeouts);
+            Action::Forward(targets)
+        }
+        Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd, &at)?),
+        _ => return Err(MapError::refused(&at, "only route and redirect actions are supported")),
+    };
+    Ok(out)
+}
+
+/// A route's path, header and query conditions.
+fn route_match(m: &route::RouteMatch, at: &str) -> Result<RouteMatch, MapError> {
+    use route::route_match::PathSpecifier;
     if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
-        return Err(MapError::refused(&at, "case-insensitive paths are not supported"));
+        return Err(MapError::refused(at, "case-insensitive paths are not supported"));
     }
     let path = match &m.path_specifier {
         Some(PathSpecifier::Prefix(p)) if p == "/" || p.is_empty() => PathMatch::Prefix("/".into()),
@@ -384,7 +408,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(re.regex.clone()),
         _ => {
             return Err(MapError::refused(
-                &at,
+                at,
                 "only prefix, path, path_separated_prefix and safe_regex paths are supported",
             ));
         }
@@ -397,7 +421,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         use route::header_matcher::HeaderMatchSpecifier;
         if h.invert_match {
             return Err(MapError::refused(
-                &at,
+                at,
                 format!("header {}: invert_match is not supported", h.name),
             ));
         }
@@ -405,7 +429,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: header {}", h.name))?,
             _ => {
                 return Err(MapError::refused(
-                    &at,
+                    at,
                     format!("header {}: only string matches are supported", h.name),
                 ));
             }
@@ -414,7 +438,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             (":method", StringMatch::Exact(m)) => matcher.method = Some(m),
             (n, _) if n.starts_with(':') => {
                 return Err(MapError::refused(
-                    &at,
+                    at,
                     format!("pseudo-header {n} matches are not supported"),
                 ));
             }
@@ -430,7 +454,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             Some(QueryParameterMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: query {}", q.name))?,
             _ => {
                 return Err(MapError::refused(
-                    &at,
+                    at,
                     format!("query {}: only string matches are supported", q.name),
                 ));
             }
@@ -440,94 +464,89 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             value,
         });
     }
-    let mut out = Route {
-        name: r.name.clone(),
-        matcher,
-        request_headers: headers(&r.request_headers_to_add, &r.request_headers_to_remove, &at)?,
-        response_headers: headers(&r.response_headers_to_add, &r.response_headers_to_remove, &at)?,
-        rewrite: None,
-        action: Action::Forward(Vec::new()),
-        timeouts: RouteTimeouts::default(),
-    };
-    out.action = match &r.action {
-        Some(route::route::Action::Route(ra)) => {
-            use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
-            let targets = match &ra.cluster_specifier {
-                Some(ClusterSpecifier::Cluster(c)) => weighted([(c.as_str(), 1)], known),
-                Some(ClusterSpecifier::WeightedClusters(w)) => weighted(
-                    w.clusters
-                        .iter()
-                        .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(1, |w| w.value)))
-                        .filter(|(_, weight)| *weight > 0),
-                    known,
-                ),
-                _ => {
-                    return Err(MapError::refused(
-                        &at,
-                        "only cluster and weighted_clusters targets are supported",
-                    ));
-                }
-            };
-            let mut rewrite = Rewrite::default();
-            if let Some(HostRewriteSpecifier::HostRewriteLiteral(h)) = &ra.host_rewrite_specifier {
-                rewrite.hostname = Some(h.clone());
-            }
-            if !ra.prefix_rewrite.is_empty() {
-                if !matches!(out.matcher.path, PathMatch::Prefix(_)) {
-                    return Err(MapError::refused(
-                        &at,
-                        "prefix_rewrite needs a path_separated_prefix match",
-                    ));
-                }
-                rewrite.path = Some(PathRewrite::Prefix(ra.prefix_rewrite.clone()));
-            }
-            if let Some(rr) = &ra.regex_rewrite {
-                // Only the whole-path replacement is ours to express.
-                match rr.pattern.as_ref().map(|p| p.regex.as_str()) {
-                    Some("^/.*$") | Some("^.*$") => rewrite.path = Some(PathRewrite::Full(rr.substitution.clone())),
-                    _ => {
-                        return Err(MapError::refused(
-                            &at,
-                            "regex_rewrite must replace the whole path (^/.*$)",
-                        ));
-                    }
-                }
-            }
-            if rewrite != Rewrite::default() {
-                out.rewrite = Some(rewrite);
-            }
-            out.timeouts.request_ms = ms(&ra.timeout).filter(|t| *t > 0);
-            out.timeouts.backend_request_ms = ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout));
-            Action::Forward(targets)
+    Ok(matcher)
+}
+
+/// A route action's targets, rewrite and timeouts; `path` is the route's path match.
+fn forward(
+    ra: &route::RouteAction,
+    path: &PathMatch,
+    at: &str,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<(Vec<WeightedCluster>, Option<Rewrite>, RouteTimeouts), MapError> {
+    use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+    let targets = match &ra.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => weighted([(c.as_str(), 1)], known),
+        Some(ClusterSpecifier::WeightedClusters(w)) => weighted(
+            w.clusters
+                .iter()
+                .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(1, |w| w.value)))
+                .filter(|(_, weight)| *weight > 0),
+            known,
+        ),
+        _ => {
+            return Err(MapError::refused(
+                at,
+                "only cluster and weighted_clusters targets are supported",
+            ));
         }
-        Some(route::route::Action::Redirect(rd)) => {
-            use route::redirect_action::{PathRewriteSpecifier, RedirectResponseCode as Code, SchemeRewriteSpecifier};
-            Action::Redirect(Redirect {
-                scheme: match &rd.scheme_rewrite_specifier {
-                    Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
-                    Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
-                    _ => None,
-                },
-                hostname: Some(rd.host_redirect.clone()).filter(|h| !h.is_empty()),
-                port: u16::try_from(rd.port_redirect).ok().filter(|p| *p != 0),
-                path: match &rd.path_rewrite_specifier {
-                    Some(PathRewriteSpecifier::PathRedirect(p)) => Some(PathRewrite::Full(p.clone())),
-                    Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(PathRewrite::Prefix(p.clone())),
-                    Some(_) => return Err(MapError::refused(&at, "regex path redirects are not supported")),
-                    None => None,
-                },
-                status: match Code::try_from(rd.response_code) {
-                    Ok(Code::MovedPermanently) => 301,
-                    Ok(Code::SeeOther) => 303,
-                    Ok(Code::TemporaryRedirect) => 307,
-                    Ok(Code::PermanentRedirect) => 308,
-                    _ => 302,
-                },
-            })
-        }
-        _ => return Err(MapError::refused(&at, "only route and redirect actions are supported")),
     };
-    Ok(out)
+    let mut rewrite = Rewrite::default();
+    if let Some(HostRewriteSpecifier::HostRewriteLiteral(h)) = &ra.host_rewrite_specifier {
+        rewrite.hostname = Some(h.clone());
+    }
+    if !ra.prefix_rewrite.is_empty() {
+        if !matches!(path, PathMatch::Prefix(_)) {
+            return Err(MapError::refused(
+                at,
+                "prefix_rewrite needs a path_separated_prefix match",
+            ));
+        }
+        rewrite.path = Some(PathRewrite::Prefix(ra.prefix_rewrite.clone()));
+    }
+    if let Some(rr) = &ra.regex_rewrite {
+        // Only the whole-path replacement is ours to express.
+        match rr.pattern.as_ref().map(|p| p.regex.as_str()) {
+            Some("^/.*$") | Some("^.*$") => rewrite.path = Some(PathRewrite::Full(rr.substitution.clone())),
+            _ => {
+                return Err(MapError::refused(
+                    at,
+                    "regex_rewrite must replace the whole path (^/.*$)",
+                ));
+            }
+        }
+    }
+    let timeouts = RouteTimeouts {
+        request_ms: ms(&ra.timeout).filter(|t| *t > 0),
+        backend_request_ms: ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout)),
+    };
+    Ok((targets, Some(rewrite).filter(|r| *r != Rewrite::default()), timeouts))
+}
+
+fn redirect(rd: &route::RedirectAction, at: &str) -> Result<Redirect, MapError> {
+    use route::redirect_action::{PathRewriteSpecifier, RedirectResponseCode as Code, SchemeRewriteSpecifier};
+    Ok(Redirect {
+        scheme: match &rd.scheme_rewrite_specifier {
+            Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+            Some(SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+            _ => None,
+        },
+        hostname: Some(rd.host_redirect.clone()).filter(|h| !h.is_empty()),
+        port: u16::try_from(rd.port_redirect).ok().filter(|p| *p != 0),
+        path: match &rd.path_rewrite_specifier {
+            Some(PathRewriteSpecifier::PathRedirect(p)) => Some(PathRewrite::Full(p.clone())),
+            Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(PathRewrite::Prefix(p.clone())),
+            Some(_) => return Err(MapError::refused(at, "regex path redirects are not supported")),
+            None => None,
+        },
+        status: match Code::try_from(rd.response_code) {
+            Ok(Code::MovedPermanently) => 301,
+            Ok(Code::SeeOther) => 303,
+            Ok(Code::TemporaryRedirect) => 307,
+            Ok(Code::PermanentRedirect) => 308,
+            _ => 302,
+        },
+    })
 }
 
 fn virtual_hosts(
@@ -966,5 +985,68 @@ mod tests {
         };
         assert_eq!(at, "Listener l");
         assert!(matches!(**source, MapError::Decode { .. }));
+    }
+
+    #[test]
+    fn route_actions_map_rewrites_timeouts_and_redirects() {
+        use envoy_types::pb::google::protobuf::Duration as D;
+        let known = |c: &str| c == "c";
+        let mut r = routes(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::PathSeparatedPrefix("/api/".into())),
+            ..Default::default()
+        })
+        .virtual_hosts[0]
+            .routes[0]
+            .clone();
+        let Some(route::route::Action::Route(ra)) = &mut r.action else {
+            unreachable!()
+        };
+        ra.prefix_rewrite = "/v2".into();
+        ra.timeout = Some(D {
+            seconds: 2,
+            nanos: 500_000_000,
+        });
+        ra.retry_policy = Some(route::RetryPolicy {
+            per_try_timeout: Some(D { seconds: 1, nanos: 0 }),
+            ..Default::default()
+        });
+        let out = route_entry(&r, "rc", &known).unwrap();
+        assert_eq!(out.matcher.path, PathMatch::Prefix("/api".into()));
+        assert_eq!(out.rewrite.unwrap().path, Some(PathRewrite::Prefix("/v2".into())));
+        assert_eq!(
+            (out.timeouts.request_ms, out.timeouts.backend_request_ms),
+            (Some(2500), Some(1000))
+        );
+        let Action::Forward(targets) = &out.action else {
+            panic!("{:?}", out.action)
+        };
+        assert_eq!(targets.len(), 1);
+
+        // A prefix rewrite on a plain (string) prefix cannot be said by segment.
+        let mut plain = r.clone();
+        plain.r#match = Some(prefix("/api"));
+        let e = route_entry(&plain, "rc", &known).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("prefix_rewrite needs a path_separated_prefix match"),
+            "{e}"
+        );
+
+        use route::redirect_action::{RedirectResponseCode, SchemeRewriteSpecifier};
+        r.action = Some(route::route::Action::Redirect(route::RedirectAction {
+            scheme_rewrite_specifier: Some(SchemeRewriteSpecifier::HttpsRedirect(true)),
+            host_redirect: "example.com".into(),
+            response_code: RedirectResponseCode::PermanentRedirect as i32,
+            ..Default::default()
+        }));
+        let out = route_entry(&r, "rc", &known).unwrap();
+        let Action::Redirect(rd) = out.action else {
+            panic!("a redirect")
+        };
+        assert_eq!(
+            (rd.scheme.as_deref(), rd.hostname.as_deref(), rd.port, rd.status),
+            (Some("https"), Some("example.com"), None, 308)
+        );
+        assert!(out.rewrite.is_none());
     }
 }
