@@ -1,6 +1,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -388,11 +389,11 @@ fn main() -> ExitCode {
 /// Starts the certificate loop, the readiness port and the sidecar's listeners.
 async fn start_sidecar(
     m: &MeshArgs,
-    dp: &std::sync::Arc<Dataplane>,
+    dp: &Arc<Dataplane>,
     workers: &[tokio::runtime::Handle],
-) -> Result<std::sync::Arc<sidecar::Sidecar>, String> {
+) -> Result<Arc<sidecar::Sidecar>, String> {
     let (ca, settings) = m.settings()?;
-    let id = std::sync::Arc::new(identity::Identity::default());
+    let id = Arc::new(identity::Identity::default());
     tokio::spawn(identity::run(ca, id.clone()));
     let readiness = admin::bind_dual_stack(m.readiness_addr)
         .await
@@ -413,18 +414,24 @@ async fn start_sidecar(
     Ok(s)
 }
 
+impl Args {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_request_body: self.max_request_body,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout),
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            request_body_idle_timeout: Duration::from_secs(self.request_body_idle_timeout),
+            tcp_idle_timeout: Duration::from_secs(self.mesh.tcp_idle_timeout),
+            merge_slashes: self.merge_slashes,
+            max_connections: self.max_connections,
+            max_streams: self.max_streams,
+            ..Limits::default()
+        }
+    }
+}
+
 async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
-    let limits = Limits {
-        max_request_body: args.max_request_body,
-        header_read_timeout: Duration::from_secs(args.header_read_timeout),
-        drain_timeout: Duration::from_secs(args.drain_timeout),
-        request_body_idle_timeout: Duration::from_secs(args.request_body_idle_timeout),
-        tcp_idle_timeout: Duration::from_secs(args.mesh.tcp_idle_timeout),
-        merge_slashes: args.merge_slashes,
-        max_connections: args.max_connections,
-        max_streams: args.max_streams,
-        ..Limits::default()
-    };
+    let limits = args.limits();
     let drain_timeout = limits.drain_timeout;
     let dp = Dataplane::new(limits, workers.clone());
     if let Some(p) = &args.access_log {
@@ -443,19 +450,11 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
             return ExitCode::FAILURE;
         }
     };
-    if let Some(initial) = initial {
-        let from_cache = args.control_plane.is_some();
-        if let Err(e) = dp.apply(initial.snapshot, initial.secrets) {
-            eprintln!("ferrum-dp: {e}");
-            if !from_cache {
-                return ExitCode::FAILURE;
-            }
-        } else if !from_cache {
-            file::log_conditions(&initial.conditions);
-            dp.set_status(initial.status);
-        } else {
-            tracing::info!(path = %args.snapshot_cache.display(), "serving the cached snapshot until the control plane answers");
-        }
+    if let Some(initial) = initial
+        && let Err(e) = serve_initial(&args, &dp, initial)
+    {
+        eprintln!("ferrum-dp: {e}");
+        return ExitCode::FAILURE;
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
@@ -474,6 +473,33 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     } else {
         None
     };
+    let node_id = node_id(&args);
+    if let Some(endpoint) = &args.otlp_endpoint
+        && let Err(e) = start_tracing(&args, endpoint, &node_id, &dp)
+    {
+        eprintln!("ferrum-dp: {e}");
+        return ExitCode::FAILURE;
+    }
+    let source = follow_source(&args, node_id, &dp);
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+        r = source => if let Ok(Err(e)) = r {
+            eprintln!("ferrum-dp: cannot watch the config: {e}");
+            return ExitCode::FAILURE;
+        },
+    }
+    drain(&dp, sidecar.as_deref(), drain_timeout).await;
+    ExitCode::SUCCESS
+}
+
+/// The node name the control plane knows this proxy by: `--node-id`, a sidecar's pod
+/// (`name.namespace`), else the host name.
+fn node_id(args: &Args) -> String {
     let sidecar_node = (args.mesh.mode == Mode::Sidecar)
         .then(|| {
             Some(format!(
@@ -483,24 +509,15 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
             ))
         })
         .flatten();
-    let node_id = args.node_id.clone().or(sidecar_node).unwrap_or_else(|| {
+    args.node_id.clone().or(sidecar_node).unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map_or_else(|_| "ferrum-dp".into(), |h| h.trim().to_string())
-    });
-    if let Some(endpoint) = &args.otlp_endpoint {
-        let cfg = ferrum_dp::trace::TraceConfig {
-            endpoint: endpoint.clone(),
-            sampling: args.trace_sampling,
-            service_name: args.trace_service_name.clone().unwrap_or_else(|| node_id.clone()),
-            ca_file: args.otlp_ca_file.clone(),
-        };
-        if let Err(e) = dp.shared.tracing.start(&cfg) {
-            eprintln!("ferrum-dp: {e}");
-            return ExitCode::FAILURE;
-        }
-        tracing::info!(%endpoint, sampling = cfg.sampling, service = %cfg.service_name, "exporting request spans over OTLP");
-    }
-    let source = match (&args.control_plane, &args.xds) {
+    })
+}
+
+/// Follows the config's source — an xDS server, the operator, or the files — until it fails.
+fn follow_source(args: &Args, node_id: String, dp: &Arc<Dataplane>) -> tokio::task::JoinHandle<notify::Result<()>> {
+    match (&args.control_plane, &args.xds) {
         (_, Some(url)) => {
             let settings = xds::Settings {
                 url: url.clone(),
@@ -540,25 +557,17 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
             })
         }
         (None, None) => tokio::spawn(file::watch(args.config.clone(), args.strict, dp.clone())),
-    };
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("signal handler");
-    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-        r = source => if let Ok(Err(e)) = r {
-            eprintln!("ferrum-dp: cannot watch the config: {e}");
-            return ExitCode::FAILURE;
-        },
     }
+}
+
+/// Stops accepting, then waits up to `timeout` for open connections to finish.
+async fn drain(dp: &Arc<Dataplane>, sidecar: Option<&sidecar::Sidecar>, timeout: Duration) {
     tracing::info!("shutting down: draining connections");
     dp.drain();
-    if let Some(s) = &sidecar {
+    if let Some(s) = sidecar {
         s.drain();
     }
-    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     while dp.shared.registry.downstream_active.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -566,5 +575,35 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     // The exporter's connection lives on this runtime: flush beside it, not on it.
     let flushing = dp.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.shared.tracing.flush()).await;
-    ExitCode::SUCCESS
+}
+
+/// Serves the config read at start-up (a file's, or the control plane's cached snapshot). A
+/// cached snapshot that no longer applies is logged and left for the control plane to replace.
+fn serve_initial(args: &Args, dp: &Dataplane, initial: file::Loaded) -> Result<(), String> {
+    let from_cache = args.control_plane.is_some();
+    match dp.apply(initial.snapshot, initial.secrets) {
+        Err(e) if from_cache => eprintln!("ferrum-dp: {e}"),
+        Err(e) => return Err(e.to_string()),
+        Ok(()) if from_cache => {
+            tracing::info!(path = %args.snapshot_cache.display(), "serving the cached snapshot until the control plane answers")
+        }
+        Ok(()) => {
+            file::log_conditions(&initial.conditions);
+            dp.set_status(initial.status);
+        }
+    }
+    Ok(())
+}
+
+/// Exports request spans over OTLP to `endpoint`.
+fn start_tracing(args: &Args, endpoint: &str, node_id: &str, dp: &Dataplane) -> Result<(), String> {
+    let cfg = ferrum_dp::trace::TraceConfig {
+        endpoint: endpoint.to_string(),
+        sampling: args.trace_sampling,
+        service_name: args.trace_service_name.clone().unwrap_or_else(|| node_id.to_string()),
+        ca_file: args.otlp_ca_file.clone(),
+    };
+    dp.shared.tracing.start(&cfg).map_err(|e| e.to_string())?;
+    tracing::info!(%endpoint, sampling = cfg.sampling, service = %cfg.service_name, "exporting request spans over OTLP");
+    Ok(())
 }
