@@ -639,45 +639,7 @@ fn rule_parts(
                     missing(problems, "requestRedirect");
                     return None;
                 };
-                let status = rd.status_code.unwrap_or(302);
-                if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                    problems.push(
-                        obj,
-                        format!("{ffield}.requestRedirect.statusCode"),
-                        Reason::UnsupportedValue,
-                        format!("{status} is not 301, 302, 303, 307 or 308"),
-                    );
-                    return None;
-                }
-                let port = match rd.port.map(u16::try_from) {
-                    None => None,
-                    Some(Ok(p)) if p > 0 => Some(p),
-                    Some(_) => {
-                        problems.push(
-                            obj,
-                            format!("{ffield}.requestRedirect.port"),
-                            Reason::Invalid,
-                            "not a port",
-                        );
-                        return None;
-                    }
-                };
-                redirect = Some(Redirect {
-                    scheme: rd.scheme.as_ref().map(|s| match s {
-                        HttpRouteRulesFiltersRequestRedirectScheme::Http => "http".to_string(),
-                        HttpRouteRulesFiltersRequestRedirectScheme::Https => "https".to_string(),
-                    }),
-                    hostname: rd.hostname.clone(),
-                    port,
-                    path: rd.path.as_ref().and_then(|p| {
-                        path_rewrite(
-                            &p.replace_full_path,
-                            &p.replace_prefix_match,
-                            p.r#type == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath,
-                        )
-                    }),
-                    status: status as u16,
-                });
+                redirect = Some(redirect_of(rd, &ffield, obj, problems)?);
             }
             HttpRouteRulesFiltersType::UrlRewrite => {
                 let Some(rw) = &f.url_rewrite else {
@@ -706,14 +668,76 @@ fn rule_parts(
             }
         }
     }
+    parts.timeouts = rule_timeouts(rule, field, obj, problems)?;
+    if let Some(rd) = redirect {
+        parts.action = Action::Redirect(rd);
+        return Some(parts);
+    }
+    let backends = rule_backends(rule, field, obj, clusters, problems)?;
+    parts.action = Action::Forward(backends);
+    Some(parts)
+}
+
+/// A RequestRedirect filter's redirect, or `None` with the problem noted.
+fn redirect_of(
+    rd: &HttpRouteRulesFiltersRequestRedirect,
+    ffield: &str,
+    obj: &ObjectRef,
+    problems: &mut Problems<'_>,
+) -> Option<Redirect> {
+    let status = rd.status_code.unwrap_or(302);
+    if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+        problems.push(
+            obj,
+            format!("{ffield}.requestRedirect.statusCode"),
+            Reason::UnsupportedValue,
+            format!("{status} is not 301, 302, 303, 307 or 308"),
+        );
+        return None;
+    }
+    let port = match rd.port.map(u16::try_from) {
+        None => None,
+        Some(Ok(p)) if p > 0 => Some(p),
+        Some(_) => {
+            problems.push(
+                obj,
+                format!("{ffield}.requestRedirect.port"),
+                Reason::Invalid,
+                "not a port",
+            );
+            return None;
+        }
+    };
+    Some(Redirect {
+        scheme: rd.scheme.as_ref().map(|s| match s {
+            HttpRouteRulesFiltersRequestRedirectScheme::Http => "http".to_string(),
+            HttpRouteRulesFiltersRequestRedirectScheme::Https => "https".to_string(),
+        }),
+        hostname: rd.hostname.clone(),
+        port,
+        path: rd.path.as_ref().and_then(|p| {
+            path_rewrite(
+                &p.replace_full_path,
+                &p.replace_prefix_match,
+                p.r#type == HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath,
+            )
+        }),
+        status: status as u16,
+    })
+}
+
+/// A rule's request and backend-request timeouts, or `None` with the problem noted.
+fn rule_timeouts(
+    rule: &HttpRouteRules,
+    field: &str,
+    obj: &ObjectRef,
+    problems: &mut Problems<'_>,
+) -> Option<RouteTimeouts> {
+    let mut timeouts = RouteTimeouts::default();
     if let Some(t) = &rule.timeouts {
         for (name, v, slot) in [
-            ("request", &t.request, &mut parts.timeouts.request_ms),
-            (
-                "backendRequest",
-                &t.backend_request,
-                &mut parts.timeouts.backend_request_ms,
-            ),
+            ("request", &t.request, &mut timeouts.request_ms),
+            ("backendRequest", &t.backend_request, &mut timeouts.backend_request_ms),
         ] {
             if let Some(v) = v {
                 match parse_duration_ms(v) {
@@ -727,10 +751,18 @@ fn rule_parts(
             }
         }
     }
-    if let Some(rd) = redirect {
-        parts.action = Action::Redirect(rd);
-        return Some(parts);
-    }
+    Some(timeouts)
+}
+
+/// A rule's weighted backends (one unresolved backend when none has weight: the spec's 500),
+/// or `None` with the problem noted.
+fn rule_backends(
+    rule: &HttpRouteRules,
+    field: &str,
+    obj: &ObjectRef,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Option<Vec<WeightedCluster>> {
     let mut backends = Vec::new();
     for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
         let bfield = format!("{field}.backendRefs[{bi}]");
@@ -781,8 +813,7 @@ fn rule_parts(
             weight: 1,
         });
     }
-    parts.action = Action::Forward(backends);
-    Some(parts)
+    Some(backends)
 }
 
 fn string_match(

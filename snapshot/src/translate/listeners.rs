@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use gateway_api::gateways::{Gateway, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode};
+use gateway_api::gateways::{
+    Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom, GatewayListenersTlsMode,
+};
 
 use super::{Options, Problems, Reason, meta_ref};
 use crate::model::{
@@ -155,22 +157,9 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
     gateways.sort_by_key(|g| (g.metadata.namespace.clone(), g.metadata.name.clone()));
     for gw in gateways {
         let obj = meta_ref("Gateway", &gw.metadata);
-        let address = gw
-            .spec
-            .addresses
-            .as_ref()
-            .and_then(|a| a.first())
-            .and_then(|a| a.value.clone())
-            .unwrap_or_else(|| "0.0.0.0".into());
-        if address.parse::<std::net::IpAddr>().is_err() {
-            problems.push(
-                &obj,
-                "spec.addresses[0].value",
-                Reason::Invalid,
-                format!("{address:?} is not an IP address"),
-            );
+        let Some(address) = gateway_address(gw, &obj, problems) else {
             continue;
-        }
+        };
         let mut attachable = Vec::new();
         for (i, l) in gw.spec.listeners.iter().enumerate() {
             let field = format!("spec.listeners[{i}]");
@@ -181,114 +170,24 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
                     continue;
                 }
             };
-            let Ok(port) = u16::try_from(l.port)
-                .map_err(drop)
-                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
-            else {
-                problems.push(
-                    &obj,
-                    format!("{field}.port"),
-                    Reason::Invalid,
-                    format!("{} is not a port", l.port),
-                );
+            let Some(port) = listener_port(l, &field, &obj, problems) else {
                 continue;
             };
             let mut certs = Vec::new();
-            // A TLS listener terminates unless its mode is Passthrough (the Gateway API default
-            // is Terminate).
-            let terminates = match protocol {
-                Protocol::Https => true,
-                Protocol::Tls => !l
-                    .tls
-                    .as_ref()
-                    .is_some_and(|t| matches!(t.mode, Some(GatewayListenersTlsMode::Passthrough))),
-                _ => false,
-            };
+            let terminates = terminates(protocol, l);
             if terminates {
                 match listener_certificates(res, gw, &obj, i, l, problems) {
                     Some(c) => certs = c,
                     None => continue,
                 }
             }
-            let bound = match out
-                .bound
-                .iter()
-                .position(|b| b.listener.address == address && b.listener.port == port)
-            {
-                Some(b) => {
-                    let other = &out.bound[b].listener;
-                    // TLS passthrough and TLS termination cannot share a port: one socket either
-                    // answers the handshake or forwards it.
-                    if other.protocol != protocol
-                        || (protocol == Protocol::Tls && other.certificates.is_empty() == terminates)
-                    {
-                        let what = if protocol == Protocol::Tls {
-                            format!("TLS {}", if terminates { "passthrough" } else { "termination" })
-                        } else {
-                            format!("{:?}", other.protocol)
-                        };
-                        problems.push(
-                            &obj,
-                            format!("{field}.protocol"),
-                            Reason::ProtocolConflict,
-                            format!("port {port} is already {what} on another listener"),
-                        );
-                        continue;
-                    }
-                    b
-                }
-                None => {
-                    out.bound.push(Bound {
-                        listener: Listener {
-                            name: format!("{address}:{port}"),
-                            address: address.clone(),
-                            port,
-                            protocol,
-                            certificates: Vec::new(),
-                            virtual_hosts: Vec::new(),
-                            gateways: Vec::new(),
-                            gateway_hosts: Vec::new(),
-                            access_log: false,
-                        },
-                    });
-                    out.bound.len() - 1
-                }
+            let Some(bound) = out.bind(&address, port, protocol, terminates, &field, &obj, problems) else {
+                continue;
             };
             out.bound[bound].listener.certificates.extend(certs);
             out.bound[bound].listener.access_log |= access_log(gw);
-            let gw_key = format!("{}/{}", obj.namespace, obj.name);
-            let gateways = &mut out.bound[bound].listener.gateways;
-            if !gateways.contains(&gw_key) {
-                gateways.push(gw_key.clone());
-                gateways.sort();
-            }
-            let hosts = &mut out.bound[bound].listener.gateway_hosts;
-            let host = GatewayHost {
-                gateway: gw_key,
-                hostname: l.hostname.clone(),
-            };
-            if !hosts.contains(&host) {
-                hosts.push(host);
-                hosts.sort();
-            }
-            let ar = l.allowed_routes.as_ref();
-            let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {
-                None => AllowedNamespaces::Same,
-                Some(ns) => match ns.from {
-                    Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => AllowedNamespaces::All,
-                    Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => AllowedNamespaces::Selector(
-                        ns.selector
-                            .as_ref()
-                            .and_then(|s| s.match_labels.clone())
-                            .unwrap_or_default(),
-                    ),
-                    _ => AllowedNamespaces::Same,
-                },
-            };
-            let kinds = ar
-                .and_then(|a| a.kinds.as_ref())
-                .filter(|k| !k.is_empty())
-                .map(|k| k.iter().map(|k| k.kind.clone()).collect());
+            out.bound[bound].listener.note_gateway(&obj, l.hostname.clone());
+            let (allowed, kinds) = allowed_routes(l);
             attachable.push(GatewayListener {
                 gateway: obj.clone(),
                 name: l.name.clone(),
@@ -304,6 +203,162 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
         out.by_gateway.insert(obj, attachable);
     }
     out
+}
+
+/// The Gateway's address (its first, else any), or `None` with the problem noted.
+fn gateway_address(gw: &Gateway, obj: &ObjectRef, problems: &mut Problems<'_>) -> Option<String> {
+    let address = gw
+        .spec
+        .addresses
+        .as_ref()
+        .and_then(|a| a.first())
+        .and_then(|a| a.value.clone())
+        .unwrap_or_else(|| "0.0.0.0".into());
+    if address.parse::<std::net::IpAddr>().is_err() {
+        problems.push(
+            obj,
+            "spec.addresses[0].value",
+            Reason::Invalid,
+            format!("{address:?} is not an IP address"),
+        );
+        return None;
+    }
+    Some(address)
+}
+
+fn listener_port(l: &GatewayListeners, field: &str, obj: &ObjectRef, problems: &mut Problems<'_>) -> Option<u16> {
+    let Ok(port) = u16::try_from(l.port)
+        .map_err(drop)
+        .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+    else {
+        problems.push(
+            obj,
+            format!("{field}.port"),
+            Reason::Invalid,
+            format!("{} is not a port", l.port),
+        );
+        return None;
+    };
+    Some(port)
+}
+
+/// Whether a listener terminates TLS: HTTPS does, TLS unless its mode is Passthrough (the
+/// Gateway API default is Terminate).
+fn terminates(protocol: Protocol, l: &GatewayListeners) -> bool {
+    match protocol {
+        Protocol::Https => true,
+        Protocol::Tls => !l
+            .tls
+            .as_ref()
+            .is_some_and(|t| matches!(t.mode, Some(GatewayListenersTlsMode::Passthrough))),
+        _ => false,
+    }
+}
+
+/// `allowedRoutes`: the namespaces routes may come from, and the kinds when restricted.
+fn allowed_routes(l: &GatewayListeners) -> (AllowedNamespaces, Option<Vec<String>>) {
+    let ar = l.allowed_routes.as_ref();
+    let allowed = match ar.and_then(|a| a.namespaces.as_ref()) {
+        None => AllowedNamespaces::Same,
+        Some(ns) => match ns.from {
+            Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => AllowedNamespaces::All,
+            Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => AllowedNamespaces::Selector(
+                ns.selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.clone())
+                    .unwrap_or_default(),
+            ),
+            _ => AllowedNamespaces::Same,
+        },
+    };
+    let kinds = ar
+        .and_then(|a| a.kinds.as_ref())
+        .filter(|k| !k.is_empty())
+        .map(|k| k.iter().map(|k| k.kind.clone()).collect());
+    (allowed, kinds)
+}
+
+impl Listeners {
+    /// The bound listener at `address:port`, opened when it is the first there; `None` (with
+    /// the problem noted) when one with another protocol, or the other TLS mode, holds the port.
+    #[allow(clippy::too_many_arguments)]
+    fn bind(
+        &mut self,
+        address: &str,
+        port: u16,
+        protocol: Protocol,
+        terminates: bool,
+        field: &str,
+        obj: &ObjectRef,
+        problems: &mut Problems<'_>,
+    ) -> Option<usize> {
+        let bound = match self
+            .bound
+            .iter()
+            .position(|b| b.listener.address == address && b.listener.port == port)
+        {
+            Some(b) => {
+                let other = &self.bound[b].listener;
+                // TLS passthrough and TLS termination cannot share a port: one socket either
+                // answers the handshake or forwards it.
+                if other.protocol != protocol
+                    || (protocol == Protocol::Tls && other.certificates.is_empty() == terminates)
+                {
+                    let what = if protocol == Protocol::Tls {
+                        format!("TLS {}", if terminates { "passthrough" } else { "termination" })
+                    } else {
+                        format!("{:?}", other.protocol)
+                    };
+                    problems.push(
+                        obj,
+                        format!("{field}.protocol"),
+                        Reason::ProtocolConflict,
+                        format!("port {port} is already {what} on another listener"),
+                    );
+                    return None;
+                }
+                b
+            }
+            None => {
+                self.bound.push(Bound {
+                    listener: Listener {
+                        name: format!("{address}:{port}"),
+                        address: address.to_string(),
+                        port,
+                        protocol,
+                        certificates: Vec::new(),
+                        virtual_hosts: Vec::new(),
+                        gateways: Vec::new(),
+                        gateway_hosts: Vec::new(),
+                        access_log: false,
+                    },
+                });
+                self.bound.len() - 1
+            }
+        };
+        Some(bound)
+    }
+}
+
+impl Listener {
+    /// Records that Gateway `obj` has a listener here, for `hostname`.
+    fn note_gateway(&mut self, obj: &ObjectRef, hostname: Option<String>) {
+        let gw_key = format!("{}/{}", obj.namespace, obj.name);
+        let gateways = &mut self.gateways;
+        if !gateways.contains(&gw_key) {
+            gateways.push(gw_key.clone());
+            gateways.sort();
+        }
+        let hosts = &mut self.gateway_hosts;
+        let host = GatewayHost {
+            gateway: gw_key,
+            hostname,
+        };
+        if !hosts.contains(&host) {
+            hosts.push(host);
+            hosts.sort();
+        }
+    }
 }
 
 fn listener_certificates(
