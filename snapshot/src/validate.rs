@@ -26,141 +26,25 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
 
     let mut cluster_names = BTreeSet::new();
     for c in &s.clusters {
-        let obj = format!("cluster {:?}", c.name);
         if !cluster_names.insert(c.name.as_str()) {
-            err(obj.clone(), "name".into(), "duplicate cluster name".into());
-        }
-        for (i, e) in c.endpoints.iter().enumerate() {
-            if e.port == 0 {
-                err(obj.clone(), format!("endpoints[{i}].port"), "must be 1-65535".into());
-            }
-            if e.weight > MAX_WEIGHT {
-                err(
-                    obj.clone(),
-                    format!("endpoints[{i}].weight"),
-                    format!("{} is above the maximum weight {MAX_WEIGHT}", e.weight),
-                );
-            }
-            if e.address.is_empty() {
-                err(
-                    obj.clone(),
-                    format!("endpoints[{i}].address"),
-                    "must not be empty".into(),
-                );
-            }
-        }
-        if let Some(hc) = &c.health_check {
-            if !hc.path.starts_with('/') {
-                err(obj.clone(), "healthCheck.path".into(), "must start with '/'".into());
-            }
-            if hc.interval_ms == 0 || hc.timeout_ms == 0 {
-                err(
-                    obj.clone(),
-                    "healthCheck.intervalMs".into(),
-                    "interval and timeout must be > 0".into(),
-                );
-            }
-            if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
-                err(
-                    obj.clone(),
-                    "healthCheck.healthyThreshold".into(),
-                    "thresholds must be >= 1".into(),
-                );
-            }
-        }
-        if let Some(r) = &c.retry {
-            for (i, on) in r.on.iter().enumerate() {
-                let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
-                    || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
-                if !known {
-                    err(
-                        obj.clone(),
-                        format!("retry.on[{i}]"),
-                        format!(
-                            "unknown retry condition {on:?} (connect-failure, reset, 5xx, gateway-error or a status code)"
-                        ),
-                    );
-                }
-            }
-        }
-        if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
-            && http_header_name_invalid(h)
-        {
             err(
-                obj.clone(),
-                "lb.consistentHash.header".into(),
-                format!("invalid header name {h:?}"),
+                format!("cluster {:?}", c.name),
+                "name".into(),
+                "duplicate cluster name".into(),
             );
         }
-        if let Some(tls) = &c.tls
-            && tls.sni.is_empty()
-        {
-            err(obj.clone(), "tls.sni".into(), "must not be empty".into());
-        }
+        check_cluster(c, &mut err);
     }
-
     let mut ports = BTreeSet::new();
     for l in &s.listeners {
-        let obj = format!("listener {:?}", l.name);
-        if l.port == 0 {
-            err(obj.clone(), "port".into(), "must be 1-65535".into());
-        }
         if !ports.insert((l.address.as_str(), l.port)) {
             err(
-                obj.clone(),
+                format!("listener {:?}", l.name),
                 "port".into(),
                 format!("{}:{} is used by another listener", l.address, l.port),
             );
         }
-        if l.address.parse::<std::net::IpAddr>().is_err() {
-            err(
-                obj.clone(),
-                "address".into(),
-                format!("{:?} is not an IP address", l.address),
-            );
-        }
-        if l.protocol == Protocol::Https && l.certificates.is_empty() {
-            err(
-                obj.clone(),
-                "certificates".into(),
-                "an HTTPS listener needs at least one certificate".into(),
-            );
-        }
-        if l.protocol == Protocol::Tcp && !l.certificates.is_empty() {
-            err(
-                obj.clone(),
-                "certificates".into(),
-                "a TCP listener has no certificates (TLS terminates on a TLS listener)".into(),
-            );
-        }
-        if l.protocol.is_l4()
-            && let Some((vi, r)) = l
-                .virtual_hosts
-                .iter()
-                .enumerate()
-                .flat_map(|(vi, vh)| vh.routes.iter().map(move |r| (vi, r)))
-                .find(|(_, r)| !matches!(r.action, Action::Forward(_)))
-        {
-            err(
-                obj.clone(),
-                format!("virtualHosts[{vi}].routes"),
-                format!("route {:?}: a {:?} listener can only forward", r.name, l.protocol),
-            );
-        }
-        let mut hosts = BTreeSet::new();
-        for (vi, vh) in l.virtual_hosts.iter().enumerate() {
-            if !hosts.insert(vh.hostname.as_str()) {
-                err(
-                    obj.clone(),
-                    format!("virtualHosts[{vi}].hostname"),
-                    format!("duplicate hostname {:?}", vh.hostname),
-                );
-            }
-            for (ri, r) in vh.routes.iter().enumerate() {
-                let at = format!("virtualHosts[{vi}].routes[{ri}]");
-                check_route(r, &cluster_names, &obj, &at, &mut err);
-            }
-        }
+        check_listener(l, &cluster_names, &mut err);
     }
     for svc in &s.services {
         let obj = format!("service {:?}", svc.key);
@@ -174,6 +58,133 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
     if errs.is_empty() { Ok(()) } else { Err(errs) }
 }
 
+fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
+    let obj = format!("cluster {:?}", c.name);
+    for (i, e) in c.endpoints.iter().enumerate() {
+        if e.port == 0 {
+            err(obj.clone(), format!("endpoints[{i}].port"), "must be 1-65535".into());
+        }
+        if e.weight > MAX_WEIGHT {
+            err(
+                obj.clone(),
+                format!("endpoints[{i}].weight"),
+                format!("{} is above the maximum weight {MAX_WEIGHT}", e.weight),
+            );
+        }
+        if e.address.is_empty() {
+            err(
+                obj.clone(),
+                format!("endpoints[{i}].address"),
+                "must not be empty".into(),
+            );
+        }
+    }
+    if let Some(hc) = &c.health_check {
+        if !hc.path.starts_with('/') {
+            err(obj.clone(), "healthCheck.path".into(), "must start with '/'".into());
+        }
+        if hc.interval_ms == 0 || hc.timeout_ms == 0 {
+            err(
+                obj.clone(),
+                "healthCheck.intervalMs".into(),
+                "interval and timeout must be > 0".into(),
+            );
+        }
+        if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+            err(
+                obj.clone(),
+                "healthCheck.healthyThreshold".into(),
+                "thresholds must be >= 1".into(),
+            );
+        }
+    }
+    if let Some(r) = &c.retry {
+        for (i, on) in r.on.iter().enumerate() {
+            let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
+                || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
+            if !known {
+                err(
+                    obj.clone(),
+                    format!("retry.on[{i}]"),
+                    format!(
+                        "unknown retry condition {on:?} (connect-failure, reset, 5xx, gateway-error or a status code)"
+                    ),
+                );
+            }
+        }
+    }
+    if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
+        && http_header_name_invalid(h)
+    {
+        err(
+            obj.clone(),
+            "lb.consistentHash.header".into(),
+            format!("invalid header name {h:?}"),
+        );
+    }
+    if let Some(tls) = &c.tls
+        && tls.sni.is_empty()
+    {
+        err(obj.clone(), "tls.sni".into(), "must not be empty".into());
+    }
+}
+
+fn check_listener(l: &Listener, clusters: &BTreeSet<&str>, err: &mut impl FnMut(String, String, String)) {
+    let obj = format!("listener {:?}", l.name);
+    if l.port == 0 {
+        err(obj.clone(), "port".into(), "must be 1-65535".into());
+    }
+    if l.address.parse::<std::net::IpAddr>().is_err() {
+        err(
+            obj.clone(),
+            "address".into(),
+            format!("{:?} is not an IP address", l.address),
+        );
+    }
+    if l.protocol == Protocol::Https && l.certificates.is_empty() {
+        err(
+            obj.clone(),
+            "certificates".into(),
+            "an HTTPS listener needs at least one certificate".into(),
+        );
+    }
+    if l.protocol == Protocol::Tcp && !l.certificates.is_empty() {
+        err(
+            obj.clone(),
+            "certificates".into(),
+            "a TCP listener has no certificates (TLS terminates on a TLS listener)".into(),
+        );
+    }
+    if l.protocol.is_l4()
+        && let Some((vi, r)) = l
+            .virtual_hosts
+            .iter()
+            .enumerate()
+            .flat_map(|(vi, vh)| vh.routes.iter().map(move |r| (vi, r)))
+            .find(|(_, r)| !matches!(r.action, Action::Forward(_)))
+    {
+        err(
+            obj.clone(),
+            format!("virtualHosts[{vi}].routes"),
+            format!("route {:?}: a {:?} listener can only forward", r.name, l.protocol),
+        );
+    }
+    let mut hosts = BTreeSet::new();
+    for (vi, vh) in l.virtual_hosts.iter().enumerate() {
+        if !hosts.insert(vh.hostname.as_str()) {
+            err(
+                obj.clone(),
+                format!("virtualHosts[{vi}].hostname"),
+                format!("duplicate hostname {:?}", vh.hostname),
+            );
+        }
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let at = format!("virtualHosts[{vi}].routes[{ri}]");
+            check_route(r, clusters, &obj, &at, err);
+        }
+    }
+}
+
 fn check_route(
     r: &Route,
     clusters: &BTreeSet<&str>,
@@ -182,46 +193,7 @@ fn check_route(
     err: &mut impl FnMut(String, String, String),
 ) {
     let obj = || format!("{obj} route {:?}", r.name);
-    match &r.matcher.path {
-        PathMatch::Exact(p) | PathMatch::Prefix(p) if !p.starts_with('/') => {
-            err(obj(), format!("{at}.match.path"), format!("{p:?} must start with '/'"))
-        }
-        PathMatch::Regex(re) => {
-            if let Err(e) = regex::Regex::new(re) {
-                err(obj(), format!("{at}.match.path.regex"), format!("invalid regex: {e}"))
-            }
-        }
-        _ => {}
-    }
-    for (i, h) in r.matcher.headers.iter().enumerate() {
-        if http_header_name_invalid(&h.name) {
-            err(
-                obj(),
-                format!("{at}.match.headers[{i}].name"),
-                format!("invalid header name {:?}", h.name),
-            );
-        }
-        if let StringMatch::Regex(re) = &h.value
-            && let Err(e) = regex::Regex::new(re)
-        {
-            err(
-                obj(),
-                format!("{at}.match.headers[{i}].value"),
-                format!("invalid regex: {e}"),
-            );
-        }
-    }
-    for (i, q) in r.matcher.query_params.iter().enumerate() {
-        if let StringMatch::Regex(re) = &q.value
-            && let Err(e) = regex::Regex::new(re)
-        {
-            err(
-                obj(),
-                format!("{at}.match.queryParams[{i}].value"),
-                format!("invalid regex: {e}"),
-            );
-        }
-    }
+    check_match(&r.matcher, &obj, at, err);
     for (which, m) in [
         ("requestHeaders", &r.request_headers),
         ("responseHeaders", &r.response_headers),
@@ -240,7 +212,66 @@ fn check_route(
             "a prefix replacement needs a PathPrefix match".into(),
         );
     }
-    match &r.action {
+    check_action(&r.action, clusters, &obj, at, err);
+}
+
+/// Paths, header and query matches: regexes compile, names are tokens.
+fn check_match(
+    matcher: &RouteMatch,
+    obj: &impl Fn() -> String,
+    at: &str,
+    err: &mut impl FnMut(String, String, String),
+) {
+    match &matcher.path {
+        PathMatch::Exact(p) | PathMatch::Prefix(p) if !p.starts_with('/') => {
+            err(obj(), format!("{at}.match.path"), format!("{p:?} must start with '/'"))
+        }
+        PathMatch::Regex(re) => {
+            if let Err(e) = regex::Regex::new(re) {
+                err(obj(), format!("{at}.match.path.regex"), format!("invalid regex: {e}"))
+            }
+        }
+        _ => {}
+    }
+    for (i, h) in matcher.headers.iter().enumerate() {
+        if http_header_name_invalid(&h.name) {
+            err(
+                obj(),
+                format!("{at}.match.headers[{i}].name"),
+                format!("invalid header name {:?}", h.name),
+            );
+        }
+        if let StringMatch::Regex(re) = &h.value
+            && let Err(e) = regex::Regex::new(re)
+        {
+            err(
+                obj(),
+                format!("{at}.match.headers[{i}].value"),
+                format!("invalid regex: {e}"),
+            );
+        }
+    }
+    for (i, q) in matcher.query_params.iter().enumerate() {
+        if let StringMatch::Regex(re) = &q.value
+            && let Err(e) = regex::Regex::new(re)
+        {
+            err(
+                obj(),
+                format!("{at}.match.queryParams[{i}].value"),
+                format!("invalid regex: {e}"),
+            );
+        }
+    }
+}
+
+fn check_action(
+    action: &Action,
+    clusters: &BTreeSet<&str>,
+    obj: &impl Fn() -> String,
+    at: &str,
+    err: &mut impl FnMut(String, String, String),
+) {
+    match action {
         Action::Forward(backends) => {
             if backends.is_empty() {
                 err(obj(), format!("{at}.action.forward"), "no backends".into());
