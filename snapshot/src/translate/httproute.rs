@@ -353,13 +353,6 @@ fn parents(
 ) -> Vec<(usize, Vec<String>)> {
     let mut out = Vec::new();
     let route_hosts = route.spec.hostnames.clone().unwrap_or_default();
-    let ns_labels = |ns: &str| {
-        res.namespaces
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(ns))
-            .and_then(|n| n.metadata.labels.clone())
-            .unwrap_or_default()
-    };
     let refs = route.spec.parent_refs.as_deref().unwrap_or_default();
     if refs.is_empty() {
         problems.push(
@@ -370,7 +363,6 @@ fn parents(
         );
     }
     for (pi, p) in refs.iter().enumerate() {
-        let field = format!("spec.parentRefs[{pi}]");
         match (
             p.group.as_deref().unwrap_or(crate::GATEWAY_GROUP),
             p.kind.as_deref().unwrap_or("Gateway"),
@@ -386,93 +378,117 @@ fn parents(
             _ => {
                 problems.push(
                     obj,
-                    field,
+                    format!("spec.parentRefs[{pi}]"),
                     Reason::InvalidKind,
                     "only Gateway and Service parents are supported",
                 );
                 continue;
             }
         }
-        let gw = ObjectRef {
-            kind: "Gateway",
-            namespace: p.namespace.clone().unwrap_or_else(|| obj.namespace.clone()),
-            name: p.name.clone(),
-        };
-        let Some(gls) = listeners.by_gateway.get(&gw) else {
-            problems.push(
-                obj,
-                field,
-                Reason::NoMatchingParent,
-                format!("{gw} does not exist or is not served by Ferrum"),
-            );
-            continue;
-        };
-        let selected: Vec<&GatewayListener> = gls
-            .iter()
-            .filter(|l| {
-                p.section_name.as_ref().is_none_or(|s| *s == l.name)
-                    && p.port.is_none_or(|port| port == i32::from(l.port))
-            })
-            .collect();
-        if selected.is_empty() {
-            problems.push(
-                obj,
-                field,
-                Reason::NoMatchingParent,
-                format!("{gw} has no listener matching sectionName/port"),
-            );
-            continue;
-        }
-        let allowed: Vec<&&GatewayListener> = selected
-            .iter()
-            .filter(|l| {
-                l.allows_kind(obj.kind)
-                    && match &l.allowed {
-                        AllowedNamespaces::All => true,
-                        AllowedNamespaces::Same => l.gateway.namespace == obj.namespace,
-                        AllowedNamespaces::Selector(want) => {
-                            let have = ns_labels(&obj.namespace);
-                            want.iter().all(|(k, v)| have.get(k) == Some(v))
-                        }
-                    }
-            })
-            .collect();
-        if allowed.is_empty() {
-            problems.push(
-                obj,
-                field,
-                Reason::NotAllowedByListeners,
-                if selected.iter().any(|l| l.allows_kind(obj.kind)) {
-                    format!("no listener of {gw} allows {}s from namespace {:?}", obj.kind, obj.namespace)
-                } else {
-                    format!("no listener of {gw} takes {}s (an HTTP or HTTPS listener takes HTTPRoute and GRPCRoute, TLS takes TLSRoute, TCP takes TCPRoute)", obj.kind)
-                },
-            );
-            continue;
-        }
-        let mut attached = false;
-        for l in allowed {
-            if let Some(hosts) = intersect_hostnames(l.hostname.as_deref(), &route_hosts) {
-                attached = true;
-                out.push((l.bound, hosts));
-                problems.attachments.push(super::Attachment {
-                    route: obj.clone(),
-                    parent_ref: pi,
-                    gateway: gw.clone(),
-                    listener: l.name.clone(),
-                });
-            }
-        }
-        if !attached {
-            problems.push(
-                obj,
-                field,
-                Reason::NoMatchingListenerHostname,
-                format!("no hostname of the route intersects the listeners of {gw}"),
-            );
+        out.extend(gateway_parent(res, p, pi, obj, &route_hosts, listeners, problems));
+    }
+    merge_by_listener(out)
+}
+
+/// The listeners of one Gateway parentRef the route attaches to, with the hostnames it gets on
+/// each; a problem when it attaches to none.
+fn gateway_parent(
+    res: &Resources,
+    p: &HttpRouteParentRefs,
+    pi: usize,
+    obj: &ObjectRef,
+    route_hosts: &[String],
+    listeners: &Listeners,
+    problems: &mut Problems<'_>,
+) -> Vec<(usize, Vec<String>)> {
+    let field = format!("spec.parentRefs[{pi}]");
+    let gw = ObjectRef {
+        kind: "Gateway",
+        namespace: p.namespace.clone().unwrap_or_else(|| obj.namespace.clone()),
+        name: p.name.clone(),
+    };
+    let Some(gls) = listeners.by_gateway.get(&gw) else {
+        problems.push(
+            obj,
+            field,
+            Reason::NoMatchingParent,
+            format!("{gw} does not exist or is not served by Ferrum"),
+        );
+        return Vec::new();
+    };
+    let selected: Vec<&GatewayListener> = gls
+        .iter()
+        .filter(|l| {
+            p.section_name.as_ref().is_none_or(|s| *s == l.name) && p.port.is_none_or(|port| port == i32::from(l.port))
+        })
+        .collect();
+    if selected.is_empty() {
+        problems.push(
+            obj,
+            field,
+            Reason::NoMatchingParent,
+            format!("{gw} has no listener matching sectionName/port"),
+        );
+        return Vec::new();
+    }
+    let allowed: Vec<&&GatewayListener> = selected
+        .iter()
+        .filter(|l| l.allows_kind(obj.kind) && admits_namespace(res, l, &obj.namespace))
+        .collect();
+    if allowed.is_empty() {
+        problems.push(
+            obj,
+            field,
+            Reason::NotAllowedByListeners,
+            if selected.iter().any(|l| l.allows_kind(obj.kind)) {
+                format!("no listener of {gw} allows {}s from namespace {:?}", obj.kind, obj.namespace)
+            } else {
+                format!("no listener of {gw} takes {}s (an HTTP or HTTPS listener takes HTTPRoute and GRPCRoute, TLS takes TLSRoute, TCP takes TCPRoute)", obj.kind)
+            },
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for l in allowed {
+        if let Some(hosts) = intersect_hostnames(l.hostname.as_deref(), route_hosts) {
+            out.push((l.bound, hosts));
+            problems.attachments.push(super::Attachment {
+                route: obj.clone(),
+                parent_ref: pi,
+                gateway: gw.clone(),
+                listener: l.name.clone(),
+            });
         }
     }
-    // The same listener reached through two parentRefs: merge hostnames.
+    if out.is_empty() {
+        problems.push(
+            obj,
+            field,
+            Reason::NoMatchingListenerHostname,
+            format!("no hostname of the route intersects the listeners of {gw}"),
+        );
+    }
+    out
+}
+
+/// Whether a listener's `allowedRoutes.namespaces` admits routes from `namespace`.
+fn admits_namespace(res: &Resources, l: &GatewayListener, namespace: &str) -> bool {
+    match &l.allowed {
+        AllowedNamespaces::All => true,
+        AllowedNamespaces::Same => l.gateway.namespace == namespace,
+        AllowedNamespaces::Selector(want) => {
+            let have = res
+                .namespaces
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(namespace))
+                .and_then(|n| n.metadata.labels.as_ref());
+            want.iter().all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+        }
+    }
+}
+
+/// The same listener reached through two parentRefs: one entry with the hostnames merged.
+fn merge_by_listener(mut out: Vec<(usize, Vec<String>)>) -> Vec<(usize, Vec<String>)> {
     out.sort();
     let mut merged: Vec<(usize, Vec<String>)> = Vec::new();
     for (b, hosts) in out {
