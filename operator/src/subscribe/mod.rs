@@ -9,16 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribe;
 use ferrum_proto::mesh::v1::{
-    Heartbeat, SubscribeRequest, SubscribeResponse, TlsSecret, subscribe_request, subscribe_response,
+    Ack, Heartbeat, Hello, SubscribeRequest, SubscribeResponse, TlsSecret, subscribe_request, subscribe_response,
 };
 use ferrum_snapshot::Secrets;
 use futures_util::Stream;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::service::Authenticator;
-use crate::publish::{Publisher, Scope, parse_role};
+use crate::publish::{Encoded, Publisher, Scope, parse_role};
 
 /// How often each side says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -217,8 +217,30 @@ impl MeshSubscribe for Service {
         }
         let role = parse_role(&hello.role).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.access.check(&role, bearer.as_deref()).await?;
+        let reg = self.proxies.register(ProxyState::hello(&hello, peer))?;
+        tracing::info!(node = %hello.node_id, role = %hello.role, "proxy subscribed");
+        // One slot: while the proxy is slow the slot stays taken, generations coalesce in the
+        // watch, and the proxy gets the newest snapshot once it catches up.
+        let (tx, rx) = mpsc::channel::<Result<SubscribeResponse, Status>>(1);
+        let session = Session {
+            reg,
+            publisher: self.publisher.clone(),
+            role,
+            chunk: self.chunk,
+            tx,
+            last_sent_hash: hello.current_hash,
+            sent_delta: false,
+            sent_secrets: HashMap::new(),
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+impl ProxyState {
+    fn hello(hello: &Hello, peer: String) -> Self {
         let now = now_ms();
-        let reg = self.proxies.register(ProxyState {
+        ProxyState {
             node_id: hello.node_id.clone(),
             role: hello.role.clone(),
             proxy_version: hello.proxy_version.clone(),
@@ -233,116 +255,159 @@ impl MeshSubscribe for Service {
             applied_hash: hello.current_hash.clone(),
             last_rejection: None,
             rejected_version: None,
-        })?;
-        tracing::info!(node = %hello.node_id, role = %hello.role, "proxy subscribed");
-        // One slot: while the proxy is slow the slot stays taken, generations coalesce in the
-        // watch, and the proxy gets the newest snapshot once it catches up.
-        let (tx, rx) = mpsc::channel::<Result<SubscribeResponse, Status>>(1);
-        let publisher = self.publisher.clone();
-        let chunk = self.chunk;
-        let mut generations = publisher.subscribe();
-        let mut last_sent_hash = hello.current_hash.clone();
-        let mut sent_delta = false;
-        // What the proxy holds of the secrets we sent: those its last snapshot named.
-        let mut sent_secrets: HashMap<String, String> = HashMap::new();
-        tokio::spawn(async move {
-            let reg = reg;
-            let mut beat = tokio::time::interval(HEARTBEAT);
-            generations.mark_changed();
-            loop {
-                tokio::select! {
-                    r = generations.changed() => {
-                        if r.is_err() { return; }
-                        let Ok(permit) = tx.reserve().await else { return };
-                        generations.mark_unchanged();
-                        let Some(snap) = publisher.update_for(&role, &last_sent_hash) else {
-                            continue;
-                        };
-                        if snap.hash == last_sent_hash {
-                            continue;
-                        }
-                        last_sent_hash = snap.hash.clone();
-                        sent_delta = snap.base.is_some();
-                        reg.proxies.update(&reg.key, |p| {
-                            p.sent_version = snap.version;
-                            if sent_delta { p.deltas_sent += 1 } else { p.full_sent += 1 }
-                        });
-                        let (base_version, base_hash) = snap.base.clone().unwrap_or_default();
-                        let message = |body: bytes::Bytes, more: bool| SubscribeResponse {
-                            message: Some(subscribe_response::Message::Snapshot(ferrum_proto::mesh::v1::Snapshot {
-                                version: snap.version,
-                                hash: snap.hash.clone(),
-                                body,
-                                schema: SNAPSHOT_SCHEMA.into(),
-                                encoding: crate::publish::ENCODING.into(),
-                                delta: sent_delta,
-                                base_version,
-                                base_hash: base_hash.clone(),
-                                more,
-                            })),
-                        };
-                        // Key pairs first: the snapshot that names them must find them there.
-                        let unsent = unsent_secrets(&snap.secrets, &sent_secrets);
-                        sent_secrets = snap.secrets.iter().map(|(n, s)| (n.clone(), s.digest())).collect();
-                        let permit = match unsent {
-                            Some(m) => {
-                                permit.send(Ok(m));
-                                let Ok(p) = tx.reserve().await else { return };
-                                p
-                            }
-                            None => permit,
-                        };
-                        let chunks: Vec<bytes::Bytes> = (0..snap.body.len().max(1))
-                            .step_by(chunk)
-                            .map(|at| snap.body.slice(at..(at + chunk).min(snap.body.len())))
-                            .collect();
-                        let last = chunks.len() - 1;
-                        let mut chunks = chunks.into_iter().enumerate();
-                        let (_, first) = chunks.next().expect("at least one chunk");
-                        permit.send(Ok(message(first, last > 0)));
-                        for (i, chunk) in chunks {
-                            if tx.send(Ok(message(chunk, i < last))).await.is_err() {
-                                return;
-                            }
-                        }
+        }
+    }
+}
+
+/// One subscribed proxy: what its stream last sent it, and where its messages go.
+struct Session {
+    reg: Registration,
+    publisher: Arc<Publisher>,
+    role: Scope,
+    chunk: usize,
+    tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+    last_sent_hash: String,
+    sent_delta: bool,
+    /// What the proxy holds of the secrets we sent: those its last snapshot named.
+    sent_secrets: HashMap<String, String>,
+}
+
+/// The stream has ended (the proxy went away); the session stops.
+struct Closed;
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<SubscribeRequest>) {
+        let mut generations = self.publisher.subscribe();
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        generations.mark_changed();
+        loop {
+            let step = tokio::select! {
+                r = generations.changed() => match r {
+                    Ok(()) => self.send_update(&mut generations).await,
+                    Err(_) => Err(Closed),
+                },
+                m = inbound.message() => match m {
+                    Ok(Some(SubscribeRequest { message: Some(subscribe_request::Message::Ack(ack)) })) => {
+                        self.on_ack(&ack, &mut generations);
+                        Ok(())
                     }
-                    m = inbound.message() => match m {
-                        Ok(Some(SubscribeRequest { message: Some(subscribe_request::Message::Ack(ack)) })) => {
-                            reg.proxies.update(&reg.key, |p| {
-                                p.last_seen_unix_ms = now_ms();
-                                if ack.applied {
-                                    p.applied_version = ack.version;
-                                    p.applied_hash = ack.hash.clone();
-                                } else {
-                                    p.rejected_version = Some(ack.version);
-                                    p.last_rejection = Some(ack.error.clone());
-                                }
-                            });
-                            if !ack.applied {
-                                tracing::warn!(node = %reg.key.0, version = ack.version, error = %ack.error, "proxy rejected snapshot");
-                                // It still has an older snapshot: no delta fits it any more. A
-                                // delta it could not use is followed by the full snapshot at once;
-                                // a full snapshot it rejected waits for the next generation.
-                                last_sent_hash.clear();
-                                if ack.resync && sent_delta {
-                                    generations.mark_changed();
-                                }
-                            }
-                        }
-                        Ok(Some(_)) => reg.proxies.update(&reg.key, |p| p.last_seen_unix_ms = now_ms()),
-                        Ok(None) | Err(_) => return,
-                    },
-                    _ = beat.tick() => {
-                        if tx.try_send(Ok(SubscribeResponse {
-                            message: Some(subscribe_response::Message::Heartbeat(Heartbeat { unix_millis: now_ms() })),
-                        })).is_err() && tx.is_closed() {
-                            return;
-                        }
+                    Ok(Some(_)) => {
+                        self.reg.proxies.update(&self.reg.key, |p| p.last_seen_unix_ms = now_ms());
+                        Ok(())
                     }
-                }
+                    Ok(None) | Err(_) => Err(Closed),
+                },
+                _ = beat.tick() => self.heartbeat(),
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends the newest snapshot for this role (a delta when the proxy holds its base): key
+    /// pairs first, then the body in chunks.
+    async fn send_update(&mut self, generations: &mut watch::Receiver<u64>) -> Result<(), Closed> {
+        let permit = self.tx.reserve().await.map_err(|_| Closed)?;
+        generations.mark_unchanged();
+        let Some(snap) = self.publisher.update_for(&self.role, &self.last_sent_hash) else {
+            return Ok(());
+        };
+        if snap.hash == self.last_sent_hash {
+            return Ok(());
+        }
+        self.last_sent_hash = snap.hash.clone();
+        self.sent_delta = snap.base.is_some();
+        let sent_delta = self.sent_delta;
+        self.reg.proxies.update(&self.reg.key, |p| {
+            p.sent_version = snap.version;
+            if sent_delta {
+                p.deltas_sent += 1
+            } else {
+                p.full_sent += 1
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        // Key pairs first: the snapshot that names them must find them there.
+        let unsent = unsent_secrets(&snap.secrets, &self.sent_secrets);
+        self.sent_secrets = snap.secrets.iter().map(|(n, s)| (n.clone(), s.digest())).collect();
+        let permit = match unsent {
+            Some(m) => {
+                permit.send(Ok(m));
+                self.tx.reserve().await.map_err(|_| Closed)?
+            }
+            None => permit,
+        };
+        let body_len = snap.body.len();
+        let mut starts = (0..body_len.max(1)).step_by(self.chunk).peekable();
+        let chunk = |at: usize| snap.body.slice(at..(at + self.chunk).min(body_len));
+        let first = starts.next().expect("at least one chunk");
+        permit.send(Ok(snapshot_message(
+            &snap,
+            sent_delta,
+            chunk(first),
+            starts.peek().is_some(),
+        )));
+        while let Some(at) = starts.next() {
+            let message = snapshot_message(&snap, sent_delta, chunk(at), starts.peek().is_some());
+            self.tx.send(Ok(message)).await.map_err(|_| Closed)?;
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, ack: &Ack, generations: &mut watch::Receiver<u64>) {
+        self.reg.proxies.update(&self.reg.key, |p| {
+            p.last_seen_unix_ms = now_ms();
+            if ack.applied {
+                p.applied_version = ack.version;
+                p.applied_hash = ack.hash.clone();
+            } else {
+                p.rejected_version = Some(ack.version);
+                p.last_rejection = Some(ack.error.clone());
+            }
+        });
+        if !ack.applied {
+            tracing::warn!(node = %self.reg.key.0, version = ack.version, error = %ack.error, "proxy rejected snapshot");
+            // It still has an older snapshot: no delta fits it any more. A delta it could not
+            // use is followed by the full snapshot at once; a full snapshot it rejected waits
+            // for the next generation.
+            self.last_sent_hash.clear();
+            if ack.resync && self.sent_delta {
+                generations.mark_changed();
+            }
+        }
+    }
+
+    /// A heartbeat when the slot is free; a busy slot already tells the proxy we are alive.
+    fn heartbeat(&self) -> Result<(), Closed> {
+        let beat = SubscribeResponse {
+            message: Some(subscribe_response::Message::Heartbeat(Heartbeat {
+                unix_millis: now_ms(),
+            })),
+        };
+        match self.tx.try_send(Ok(beat)) {
+            Err(_) if self.tx.is_closed() => Err(Closed),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One chunk of a snapshot (full or delta); `more` when further chunks follow.
+fn snapshot_message(snap: &Encoded, delta: bool, body: bytes::Bytes, more: bool) -> SubscribeResponse {
+    let (base_version, base_hash) = snap.base.clone().unwrap_or_default();
+    SubscribeResponse {
+        message: Some(subscribe_response::Message::Snapshot(
+            ferrum_proto::mesh::v1::Snapshot {
+                version: snap.version,
+                hash: snap.hash.clone(),
+                body,
+                schema: SNAPSHOT_SCHEMA.into(),
+                encoding: crate::publish::ENCODING.into(),
+                delta,
+                base_version,
+                base_hash,
+                more,
+            },
+        )),
     }
 }
 
