@@ -23,7 +23,9 @@ use crate::limits::Limits;
 use crate::mesh::l7::Verdict;
 use crate::router::Route;
 use crate::telemetry::{Registry, UpstreamError};
-use crate::upstream::{ClusterRuntime, EndpointGuard, Lease, MaxConnections, Outcome, PoolError, RequestGuard};
+use crate::upstream::{
+    ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
+};
 use body::{RequestBody, ResponseBody};
 use headers::X_FERRUM_ERROR;
 
@@ -370,19 +372,6 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn retry_on(on: &[String], outcome: Result<u16, UpstreamError>) -> bool {
-    on.iter().any(|c| match (c.as_str(), outcome) {
-        ("connect-failure", Err(UpstreamError::ConnectFailure)) => true,
-        ("reset", Err(UpstreamError::Reset)) => true,
-        ("5xx", Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout)) => true,
-        ("5xx", Ok(s)) => s >= 500,
-        ("gateway-error", Err(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::Timeout)) => true,
-        ("gateway-error", Ok(s)) => matches!(s, 502..=504),
-        (code, Ok(s)) => code.parse::<u16>() == Ok(s),
-        _ => false,
-    })
-}
-
 /// Walks an error's sources looking for `T`.
 fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -393,6 +382,42 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
         cur = err.source();
     }
     false
+}
+
+/// Counts one try for its endpoint's health and its cluster's stats, and returns what the retry
+/// policy judges: the status, or why there was none. `Err` ends the request at once: the
+/// client's fault (no endpoint is blamed), or the circuit breaker's overflow.
+fn account(
+    cluster: &ClusterRuntime,
+    ep: &EndpointState,
+    outcome: &Try,
+    started: Instant,
+) -> Result<Result<u16, UpstreamError>, Local> {
+    let status = match outcome {
+        Try::Client(l) => return Err(*l),
+        Try::Response(r, _) => Ok(r.status().as_u16()),
+        Try::Upstream(UpstreamError::Overflow) => {
+            cluster.stats.error(UpstreamError::Overflow);
+            return Err(Local::Upstream(UpstreamError::Overflow));
+        }
+        Try::Upstream(e) => Err(*e),
+    };
+    cluster.record(
+        ep,
+        match status {
+            Ok(s) => Outcome::Status(s),
+            Err(UpstreamError::ConnectFailure) => Outcome::ConnectFailure,
+            Err(_) => Outcome::OtherFailure,
+        },
+    );
+    match status {
+        Ok(s) => {
+            cluster.stats.responses.record(s);
+            cluster.stats.latency.observe(started.elapsed());
+        }
+        Err(e) => cluster.stats.error(e),
+    }
+    Ok(status)
 }
 
 /// How one try ended, before the response is handed on.
@@ -408,24 +433,19 @@ enum Try {
 impl Forward<'_> {
     async fn run(self, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
         let limits = &self.shared.limits;
-        let mut upgrade = upgrade::requested(&mut req);
+        let upgrade = upgrade::requested(&mut req);
         let (mut parts, incoming) = req.into_parts();
         if incoming.size_hint().lower() > limits.max_request_body as u64 {
             return Err(Local::BodyTooLarge);
         }
         let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
         let cluster = self.cluster;
-        let spec = &cluster.spec;
         let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
-        let hash_key: Option<Vec<u8>> = match cluster.balancer.hash_on() {
-            Some(HashOn::Header(name)) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
-            Some(HashOn::ClientIp) => Some(self.conn.client.ip().to_string().into_bytes()),
-            None => None,
-        };
-
+        let hash_key = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
-        let retry = spec
+        let retry = cluster
+            .spec
             .retry
             .as_ref()
             .filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
@@ -436,15 +456,7 @@ impl Forward<'_> {
             (b, Some(u))
         };
         let mut body = Some(body);
-        let timing = Timing {
-            per_try: Duration::from_millis(self.route.timeouts.backend_request_ms.unwrap_or(spec.timeouts.read_ms)),
-            deadline: self
-                .route
-                .timeouts
-                .request_ms
-                .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
-            body_idle: limits.request_body_idle_timeout,
-        };
+        let timing = self.timing();
         let mut avoid = None;
         let mut attempt = 0u32;
         let mut _retry_guard = None;
@@ -454,64 +466,21 @@ impl Forward<'_> {
                 return Err(Local::Upstream(UpstreamError::NoHealthyUpstream));
             };
             let ep = &cluster.endpoints[idx];
-            let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = match parts.uri.path_and_query() {
-                Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
-                _ => Uri::default(),
-            };
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = if retry.is_some() {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            if self.host_value.is_none() {
-                // HTTP/1.0 without Host: the upstream still gets one.
-                up.headers_mut().insert(
-                    header::HOST,
-                    HeaderValue::from_str(&ep.key).map_err(|_| Local::BadHost)?,
-                );
-            }
+            let up = self.upstream_request(&mut parts, body.take(), retry.is_some(), ep)?;
             let try_started = Instant::now();
             let send = cluster.pool().send(idx, &ep.authority, up);
             tokio::pin!(send);
-            let outcome = timing.wait(send, upload.as_deref()).await;
-            let outcome = match outcome {
+            let outcome = match timing.wait(send, upload.as_deref()).await {
                 Ok(Ok((resp, lease))) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp, lease),
                 Ok(Ok(_)) => Try::Upstream(UpstreamError::InvalidResponse),
-                Ok(Err(e)) => classify(&e, &spec.name, &ep.key),
+                Ok(Err(e)) => classify(&e, &cluster.spec.name, &ep.key),
                 Err(t) => t,
             };
-            let status = match &outcome {
-                Try::Client(l) => return Err(*l),
-                Try::Response(r, _) => Ok(r.status().as_u16()),
-                Try::Upstream(UpstreamError::Overflow) => {
-                    cluster.stats.error(UpstreamError::Overflow);
-                    return Err(Local::Upstream(UpstreamError::Overflow));
-                }
-                Try::Upstream(e) => Err(*e),
-            };
-            cluster.record(
-                ep,
-                match status {
-                    Ok(s) => Outcome::Status(s),
-                    Err(UpstreamError::ConnectFailure) => Outcome::ConnectFailure,
-                    Err(_) => Outcome::OtherFailure,
-                },
-            );
-            match status {
-                Ok(s) => {
-                    cluster.stats.responses.record(s);
-                    cluster.stats.latency.observe(try_started.elapsed());
-                }
-                Err(e) => cluster.stats.error(e),
-            }
-            let out_of_time = timing.deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            let status = account(cluster, ep, &outcome, try_started)?;
             if let Some(policy) = retry
                 && attempt < policy.attempts
-                && !out_of_time
-                && retry_on(&policy.on, status)
+                && !timing.out_of_time()
+                && cluster.retry_on.matches(status)
                 && let Some(g) = cluster.try_retry()
             {
                 _retry_guard = Some(g);
@@ -523,27 +492,89 @@ impl Forward<'_> {
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
                 continue;
             }
-            return match outcome {
-                Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    let up = upgrade.take().expect("a 101 is valid only for an upgrade");
-                    Ok(up.switch(
-                        resp,
-                        via,
-                        Duration::from_millis(spec.timeouts.idle_ms),
-                        (guard, ep_guard),
-                    ))
+            return self.respond(outcome, upgrade, via, (guard, ep_guard), ep);
+        }
+    }
+
+    /// The bytes a consistent-hash cluster hashes this request on.
+    fn hash_key(&self, parts: &http::request::Parts) -> Option<Vec<u8>> {
+        match self.cluster.balancer.hash_on()? {
+            HashOn::Header(name) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
+            HashOn::ClientIp => Some(self.conn.client.ip().to_string().into_bytes()),
+        }
+    }
+
+    fn timing(&self) -> Timing {
+        let timeouts = &self.route.timeouts;
+        Timing {
+            per_try: Duration::from_millis(
+                timeouts
+                    .backend_request_ms
+                    .unwrap_or(self.cluster.spec.timeouts.read_ms),
+            ),
+            deadline: timeouts
+                .request_ms
+                .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
+            body_idle: self.shared.limits.request_body_idle_timeout,
+        }
+    }
+
+    /// The request of one try. Its head is cloned when a retry may need it again.
+    fn upstream_request(
+        &self,
+        parts: &mut http::request::Parts,
+        body: Option<RequestBody>,
+        keep_head: bool,
+        ep: &EndpointState,
+    ) -> Result<Request<RequestBody>, Local> {
+        let mut up = Request::new(body.unwrap_or(RequestBody::Empty));
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = match parts.uri.path_and_query() {
+            Some(pq) if pq.as_str() != "/" => Uri::from(pq.clone()),
+            _ => Uri::default(),
+        };
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = if keep_head {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        if self.host_value.is_none() {
+            // HTTP/1.0 without Host: the upstream still gets one.
+            up.headers_mut().insert(
+                header::HOST,
+                HeaderValue::from_str(&ep.key).map_err(|_| Local::BadHost)?,
+            );
+        }
+        Ok(up)
+    }
+
+    /// Hands the try that ended the request to the client: a response (or a switched
+    /// protocol, which keeps the guards for the tunnel's life), else the error.
+    fn respond(
+        &self,
+        outcome: Try,
+        upgrade: Option<upgrade::Upgrade>,
+        via: &'static str,
+        guards: (RequestGuard, EndpointGuard),
+        ep: &EndpointState,
+    ) -> Result<Response<ResponseBody>, Local> {
+        match outcome {
+            Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let up = upgrade.expect("a 101 is valid only for an upgrade");
+                let idle = Duration::from_millis(self.cluster.spec.timeouts.idle_ms);
+                Ok(up.switch(resp, via, idle, guards))
+            }
+            Try::Response(resp, lease) => {
+                let mut r = downstream_response(resp, via, (guards.0, guards.1, lease));
+                if self.logging {
+                    r.extensions_mut()
+                        .insert(crate::access_log::UpstreamHost(ep.key.clone()));
                 }
-                Try::Response(resp, lease) => {
-                    let mut r = downstream_response(resp, via, (guard, ep_guard, lease));
-                    if self.logging {
-                        r.extensions_mut()
-                            .insert(crate::access_log::UpstreamHost(ep.key.clone()));
-                    }
-                    Ok(r)
-                }
-                Try::Upstream(e) => Err(Local::Upstream(e)),
-                Try::Client(l) => Err(l),
-            };
+                Ok(r)
+            }
+            Try::Upstream(e) => Err(Local::Upstream(e)),
+            Try::Client(l) => Err(l),
         }
     }
 
@@ -662,6 +693,10 @@ struct Timing {
 }
 
 impl Timing {
+    fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+
     /// Waits for the upstream's response head. The per-try timeout runs once the upload is done;
     /// an upload that pauses longer than `body_idle` is the client's timeout. `fut` comes pinned:
     /// taken by value and pinned here, it would be held twice in this future's state (the
@@ -790,17 +825,5 @@ mod tests {
         assert_eq!(replace_prefix("/api/", "/api", "/"), "/");
         assert_eq!(replace_prefix("/api/x", "/api", "/"), "/x");
         assert_eq!(replace_prefix("/x/y", "/", "/pre"), "/pre/x/y");
-    }
-
-    #[test]
-    fn retry_conditions() {
-        let on = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(retry_on(&on(&["5xx"]), Ok(503)));
-        assert!(!retry_on(&on(&["5xx"]), Ok(404)));
-        assert!(retry_on(&on(&["gateway-error"]), Ok(502)));
-        assert!(!retry_on(&on(&["gateway-error"]), Ok(500)));
-        assert!(retry_on(&on(&["429"]), Ok(429)));
-        assert!(retry_on(&on(&["connect-failure"]), Err(UpstreamError::ConnectFailure)));
-        assert!(!retry_on(&on(&["connect-failure"]), Err(UpstreamError::Timeout)));
     }
 }

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod connector;
 pub mod health;
 pub mod pool;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,6 +103,8 @@ pub struct ClusterRuntime {
     pools: Box<[Arc<Pool>]>,
     pub scheme: Scheme,
     pub stats: Arc<ClusterStats>,
+    /// The retry policy's conditions, compiled.
+    pub retry_on: retry::RetryOn,
     active: AtomicU32,
     pending: AtomicU32,
     retries_active: AtomicU32,
@@ -214,6 +217,7 @@ impl ClusterRuntime {
             endpoints,
             pools,
             stats,
+            retry_on: retry::RetryOn::new(spec.retry.as_ref().map_or(&[][..], |r| &r.on)),
             active: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             retries_active: AtomicU32::new(0),
