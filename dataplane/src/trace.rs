@@ -92,7 +92,8 @@ impl Tracing {
                 };
                 let name = authority_host.trim_start_matches('[').trim_end_matches(']');
                 let addr = format!("{authority_host}:{}", uri.port_u16().unwrap_or(443));
-                let channel = crate::mesh::identity::lazy_tls_channel(&addr, name, roots).map_err(failed)?;
+                let channel =
+                    crate::mesh::identity::lazy_tls_channel(&addr, name, roots).map_err(|e| failed(e.to_string()))?;
                 builder.with_channel(channel)
             }
             _ => return Err(TraceError::Endpoint(cfg.endpoint.clone())),

@@ -190,14 +190,35 @@ fn main() -> ExitCode {
     rt.block_on(run(args))
 }
 
+/// Why the operator could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot reach the Kubernetes API (KUBECONFIG or in-cluster): {0}")]
+    Kubernetes(#[source] kube::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("--grpc-tls needs the CA (--ca-addr)")]
+    TlsWithoutCa,
+    #[error("{0}")]
+    CaSettings(String),
+    #[error("the CA did not start, so the TLS gRPC port cannot")]
+    CaNotStarted,
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[source] tonic::transport::Error),
+}
+
 async fn run(args: Args) -> ExitCode {
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
+    match serve(args).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferrum-operator: cannot reach the Kubernetes API (KUBECONFIG or in-cluster): {e}");
-            return ExitCode::FAILURE;
+            eprintln!("ferrum-operator: {e}");
+            ExitCode::FAILURE
         }
-    };
+    }
+}
+
+async fn serve(args: Args) -> Result<(), StartError> {
+    let client = kube::Client::try_default().await.map_err(StartError::Kubernetes)?;
     let publisher = publish::Publisher::new(ferrum_snapshot::CONTROLLER_NAME.into());
     let proxies = Arc::new(subscribe::Proxies::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -210,31 +231,17 @@ async fn run(args: Args) -> ExitCode {
         leader: leader.clone(),
         kinds: kinds.clone(),
     });
-    if let Err(e) = admin::serve(args.admin_addr, admin).await {
-        eprintln!("ferrum-operator: cannot listen on {}: {e}", args.admin_addr);
-        return ExitCode::FAILURE;
+    let listen = |addr| move |source| StartError::Listen { addr, source };
+    admin::serve(args.admin_addr, admin)
+        .await
+        .map_err(listen(args.admin_addr))?;
+    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .map_err(listen(args.grpc_addr))?;
+    if args.grpc_tls && args.ca_addr.is_empty() {
+        return Err(StartError::TlsWithoutCa);
     }
-    let grpc = tokio::net::TcpListener::bind(args.grpc_addr).await;
-    let grpc = match grpc {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("ferrum-operator: cannot listen on {}: {e}", args.grpc_addr);
-            return ExitCode::FAILURE;
-        }
-    };
-
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "ferrum-operator".into(), |h| h.trim().to_string())
-    });
-    let identity = format!("{identity}-{}", std::process::id());
-    let election = leader::Election {
-        api: kube::Api::namespaced(client.clone(), &args.namespace),
-        name: args.lease_name.clone(),
-        identity,
-        lease: Duration::from_secs(args.lease_seconds),
-    };
-    tokio::spawn(election.run(leader.clone()));
+    tokio::spawn(election(&args, &client).run(leader.clone()));
 
     let rediscover = Duration::from_secs(args.rediscover_seconds);
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
@@ -248,33 +255,11 @@ async fn run(args: Args) -> ExitCode {
     let namespaces = controller.stores.namespaces();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
-    if args.grpc_tls && args.ca_addr.is_empty() {
-        eprintln!("ferrum-operator: --grpc-tls needs the CA (--ca-addr)");
-        return ExitCode::FAILURE;
-    }
-    let (grpc_tls_tx, grpc_tls_rx) = tokio::sync::oneshot::channel();
-    let mut grpc_tls_tx = args.grpc_tls.then_some(grpc_tls_tx);
-    if !args.ca_addr.is_empty() {
-        let settings = match ca_settings(&args) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("ferrum-operator: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        // The trust domain as the MeshConfig says at startup (a change needs a restart: every
-        // identity in the mesh changes with it).
-        let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
-            .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
-        let (client, leader, auth) = (client.clone(), leader.clone(), workload_auth.clone());
-        let serving = grpc_tls_tx.take();
-        let namespaces = namespaces.clone();
-        tokio::spawn(async move {
-            if let Err(e) = ca::run(settings, client, auth, trust_domain, leader, serving, namespaces).await {
-                tracing::error!("{e}");
-            }
-        });
-    }
+    let grpc_tls = if args.ca_addr.is_empty() {
+        None
+    } else {
+        start_ca(&args, &client, &publisher, &leader, &workload_auth, namespaces)?
+    };
 
     let access = Arc::new(subscribe::Access {
         token: args.token.clone(),
@@ -301,29 +286,66 @@ async fn run(args: Args) -> ExitCode {
                 .max_encoding_message_size(256 << 20),
         )
         .add_service(xds::grpc::AdsServer::new(ads, 4 << 20));
-    let served = if args.grpc_tls {
-        // The CA has its material once the leader made or loaded it.
-        let Ok(tls) = grpc_tls_rx.await else {
-            eprintln!("ferrum-operator: the CA did not start, so the TLS gRPC port cannot");
-            return ExitCode::FAILURE;
-        };
-        ready.store(true, Relaxed);
-        tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, tls = true, "ferrum-operator serving");
-        router
-            .serve_with_incoming_shutdown(ca::tls::incoming(grpc, tls), shutdown())
-            .await
-    } else {
-        ready.store(true, Relaxed);
-        tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "ferrum-operator serving");
-        router
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown())
-            .await
+    let served = match grpc_tls {
+        Some(tls) => {
+            // The CA has its material once the leader made or loaded it.
+            let tls = tls.await.map_err(|_| StartError::CaNotStarted)?;
+            ready.store(true, Relaxed);
+            tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, tls = true, "ferrum-operator serving");
+            router
+                .serve_with_incoming_shutdown(ca::tls::incoming(grpc, tls), shutdown())
+                .await
+        }
+        None => {
+            ready.store(true, Relaxed);
+            tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "ferrum-operator serving");
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown())
+                .await
+        }
     };
-    if let Err(e) = served {
-        eprintln!("ferrum-operator: gRPC server failed: {e}");
-        return ExitCode::FAILURE;
+    served.map_err(StartError::Grpc)
+}
+
+/// This replica's candidacy for the Lease: the host name plus the process id, so two replicas
+/// on one host (and a restart before the old lease ends) stay distinct.
+fn election(args: &Args, client: &kube::Client) -> leader::Election {
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "ferrum-operator".into(), |h| h.trim().to_string())
+    });
+    leader::Election {
+        api: kube::Api::namespaced(client.clone(), &args.namespace),
+        name: args.lease_name.clone(),
+        identity: format!("{identity}-{}", std::process::id()),
+        lease: Duration::from_secs(args.lease_seconds),
     }
-    ExitCode::SUCCESS
+}
+
+/// Starts the CA; with `--grpc-tls`, returns where the gRPC port's TLS material arrives once
+/// the leader has made or loaded the CA.
+fn start_ca(
+    args: &Args,
+    client: &kube::Client,
+    publisher: &publish::Publisher,
+    leader: &Arc<AtomicBool>,
+    auth: &Arc<ca::service::Kubernetes>,
+    namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
+) -> Result<Option<tokio::sync::oneshot::Receiver<Arc<rustls::ServerConfig>>>, StartError> {
+    let settings = ca_settings(args).map_err(StartError::CaSettings)?;
+    // The trust domain as the MeshConfig says at startup (a change needs a restart: every
+    // identity in the mesh changes with it).
+    let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
+        .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
+    let (tls_tx, tls_rx) = tokio::sync::oneshot::channel();
+    let serving = args.grpc_tls.then_some(tls_tx);
+    let (client, leader, auth) = (client.clone(), leader.clone(), auth.clone());
+    tokio::spawn(async move {
+        if let Err(e) = ca::run(settings, client, auth, trust_domain, leader, serving, namespaces).await {
+            tracing::error!("{e}");
+        }
+    });
+    Ok(args.grpc_tls.then_some(tls_rx))
 }
 
 fn ca_settings(args: &Args) -> Result<ca::Settings, String> {

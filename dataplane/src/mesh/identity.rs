@@ -25,8 +25,12 @@ pub enum IdentityError {
     },
     #[error("CA root bundle {0}: no certificate in it")]
     NoRoots(String),
-    #[error("cannot reach the CA at {addr}: {error}")]
-    Connect { addr: String, error: String },
+    #[error("cannot reach the CA at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: ChannelError,
+    },
     #[error("the CA refused the request: {0}")]
     Refused(String),
     #[error("the CA answered with an unusable certificate: {0}")]
@@ -35,6 +39,20 @@ pub enum IdentityError {
     Csr(#[from] rcgen::Error),
     #[error("TLS settings: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+/// Why a gRPC channel over TLS could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0:?} is not a DNS name or an IP address")]
+    ServerName(String),
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    // Debug: the transport error's Display alone says only "transport error".
+    #[error("{0:?}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("timed out")]
+    Timeout,
 }
 
 /// Where and how to get certificates.
@@ -334,21 +352,27 @@ pub async fn tls_channel(
     name: &str,
     roots: RootCertStore,
 ) -> Result<tonic::transport::Channel, IdentityError> {
-    let err = |e: String| IdentityError::Connect {
-        addr: address.to_string(),
-        error: e,
+    let connect = async {
+        let connector = TlsConnector::new(address, name, roots)?;
+        let endpoint = origin(address)?;
+        tokio::time::timeout(Duration::from_secs(10), endpoint.connect_with_connector(connector))
+            .await
+            .map_err(|_| ChannelError::Timeout)?
+            .map_err(ChannelError::Transport)
     };
-    let connector = TlsConnector::new(address, name, roots).map_err(err)?;
-    let endpoint = origin(address).map_err(err)?;
-    tokio::time::timeout(Duration::from_secs(10), endpoint.connect_with_connector(connector))
-        .await
-        .map_err(|_| err("timed out".into()))?
-        .map_err(|e| err(format!("{e:?}")))
+    connect.await.map_err(|source| IdentityError::Connect {
+        addr: address.to_string(),
+        source,
+    })
 }
 
 /// [`tls_channel`] that connects on first use (and again after a failure), for a peer that
 /// may come and go, such as a trace collector.
-pub fn lazy_tls_channel(address: &str, name: &str, roots: RootCertStore) -> Result<tonic::transport::Channel, String> {
+pub fn lazy_tls_channel(
+    address: &str,
+    name: &str,
+    roots: RootCertStore,
+) -> Result<tonic::transport::Channel, ChannelError> {
     let connector = TlsConnector::new(address, name, roots)?;
     Ok(origin(address)?
         .connect_timeout(Duration::from_secs(5))
@@ -357,8 +381,8 @@ pub fn lazy_tls_channel(address: &str, name: &str, roots: RootCertStore) -> Resu
 
 /// The endpoint whose `:authority` requests name (a proxy in front may route by it); the
 /// connector makes the connection.
-fn origin(address: &str) -> Result<tonic::transport::Endpoint, String> {
-    tonic::transport::Endpoint::from_shared(format!("https://{address}")).map_err(|e| e.to_string())
+fn origin(address: &str) -> Result<tonic::transport::Endpoint, ChannelError> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("https://{address}"))?)
 }
 
 #[derive(Clone)]
@@ -369,16 +393,15 @@ struct TlsConnector {
 }
 
 impl TlsConnector {
-    fn new(address: &str, name: &str, roots: RootCertStore) -> Result<TlsConnector, String> {
+    fn new(address: &str, name: &str, roots: RootCertStore) -> Result<TlsConnector, ChannelError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TlsConnector {
             addr: address.to_string(),
-            name: ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?,
+            name: ServerName::try_from(name.to_string()).map_err(|_| ChannelError::ServerName(name.into()))?,
             tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
         })
     }

@@ -46,9 +46,44 @@ struct Key {
 #[derive(Default)]
 pub struct Keys(Vec<Key>);
 
+/// Why a JWKS could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("not a JWKS: {0}")]
+    Parse(#[source] serde_json::Error),
+    #[error("the JWKS has no usable key")]
+    NoUsableKey,
+    #[error("{0}")]
+    Uri(#[source] http::uri::InvalidUri),
+    /// The request failed; the text carries each cause (a bare "client error" says nothing).
+    #[error("{0}")]
+    Request(String),
+    #[error("status {0}")]
+    Status(http::StatusCode),
+    #[error("{0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the JWKS is not UTF-8")]
+    NotUtf8,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a token did not verify.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error("{0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    #[error("symmetric algorithms are not accepted")]
+    Symmetric,
+    #[error("JWKS {0} not fetched yet")]
+    NotFetched(String),
+    #[error("no key of the JWKS matches")]
+    NoMatchingKey,
+}
+
 impl Keys {
-    pub fn parse(json: &str) -> Result<Keys, String> {
-        let set: JwkSet = serde_json::from_str(json).map_err(|e| format!("not a JWKS: {e}"))?;
+    pub fn parse(json: &str) -> Result<Keys, JwksError> {
+        let set: JwkSet = serde_json::from_str(json).map_err(JwksError::Parse)?;
         let keys = set
             .keys
             .iter()
@@ -61,7 +96,7 @@ impl Keys {
             })
             .collect::<Vec<_>>();
         if keys.is_empty() {
-            return Err("the JWKS has no usable key".into());
+            return Err(JwksError::NoUsableKey);
         }
         Ok(Keys(keys))
     }
@@ -156,6 +191,7 @@ async fn refresh(remote: Weak<Remote>, timeout: Duration) {
             }
             Err(e) => {
                 tracing::warn!(uri = %r.uri, error = %e, "cannot fetch JWKS");
+                let e = e.to_string();
                 // A new reason (not every retry) is a change: producers report it on status.
                 if r.json.load().is_none() && r.failure.load().as_deref() != Some(&e) {
                     r.failure.store(Some(Arc::new(e)));
@@ -204,24 +240,24 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-async fn fetch(client: &FetchClient, uri: &str, timeout: Duration) -> Result<String, String> {
+async fn fetch(client: &FetchClient, uri: &str, timeout: Duration) -> Result<String, JwksError> {
     use http_body_util::BodyExt;
-    let uri: http::Uri = uri.parse().map_err(|e| format!("{e}"))?;
+    let uri: http::Uri = uri.parse().map_err(JwksError::Uri)?;
     let get = async {
-        let resp = client.get(uri).await.map_err(|e| with_causes(&e))?;
+        let resp = client.get(uri).await.map_err(|e| JwksError::Request(with_causes(&e)))?;
         if !resp.status().is_success() {
-            return Err(format!("status {}", resp.status()));
+            return Err(JwksError::Status(resp.status()));
         }
         let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(JwksError::Body)?
             .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|_| "the JWKS is not UTF-8".to_string())
+        String::from_utf8(body.to_vec()).map_err(|_| JwksError::NotUtf8)
     };
     tokio::time::timeout(timeout, get)
         .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|_| JwksError::Timeout(timeout))?
 }
 
 enum Source {
@@ -300,7 +336,7 @@ impl Authenticator {
                         claims,
                     }));
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         Err(Refused(last))
@@ -412,10 +448,10 @@ fn compile(r: &JwtRule, cache: &JwksCache) -> Option<Rule> {
 }
 
 impl Rule {
-    fn verify(&self, token: &str) -> Result<Map<String, Value>, String> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+    fn verify(&self, token: &str) -> Result<Map<String, Value>, TokenError> {
+        let header = jsonwebtoken::decode_header(token)?;
         if matches!(header.alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-            return Err("symmetric algorithms are not accepted".into());
+            return Err(TokenError::Symmetric);
         }
         let remote;
         let keys: &Keys = match &self.keys {
@@ -424,7 +460,7 @@ impl Rule {
                 remote = r
                     .keys
                     .load_full()
-                    .ok_or_else(|| format!("JWKS {} not fetched yet", r.uri))?;
+                    .ok_or_else(|| TokenError::NotFetched(r.uri.clone()))?;
                 &remote
             }
         };
@@ -437,7 +473,7 @@ impl Rule {
         }
         v.required_spec_claims.clear();
         v.validate_nbf = true;
-        let mut last = "no key of the JWKS matches".to_string();
+        let mut last = TokenError::NoMatchingKey;
         let candidates = keys.0.iter().filter(|k| {
             header.kid.as_ref().is_none_or(|kid| k.kid.as_ref() == Some(kid))
                 && k.algorithm.is_none_or(|a| a == header.alg)
@@ -445,7 +481,7 @@ impl Rule {
         for k in candidates {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, &v) {
                 Ok(d) => return Ok(d.claims),
-                Err(e) => last = e.to_string(),
+                Err(e) => last = e.into(),
             }
         }
         Err(last)

@@ -423,130 +423,13 @@ fn route_config(l: &model::Listener, unsupported: &mut Vec<String>) -> route::Ro
 }
 
 fn envoy_route(r: &model::Route, unsupported: &mut Vec<String>) -> route::Route {
-    use route::route_match::PathSpecifier;
-    let path = match &r.matcher.path {
-        PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
-        PathMatch::Prefix(p) if p == "/" => PathSpecifier::Prefix("/".into()),
-        PathMatch::Prefix(p) => PathSpecifier::PathSeparatedPrefix(p.clone()),
-        PathMatch::Regex(re) => PathSpecifier::SafeRegex(matcher::RegexMatcher {
-            regex: re.clone(),
-            ..Default::default()
-        }),
-    };
-    let mut headers: Vec<route::HeaderMatcher> = r
-        .matcher
-        .headers
-        .iter()
-        .map(|h| route::HeaderMatcher {
-            name: h.name.clone(),
-            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
-                string_matcher(&h.value),
-            )),
-            ..Default::default()
-        })
-        .collect();
-    if let Some(m) = &r.matcher.method {
-        headers.push(route::HeaderMatcher {
-            name: ":method".into(),
-            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
-                string_matcher(&StringMatch::Exact(m.clone())),
-            )),
-            ..Default::default()
-        });
-    }
-    let query_parameters = r
-        .matcher
-        .query_params
-        .iter()
-        .map(|q| route::QueryParameterMatcher {
-            name: q.name.clone(),
-            query_parameter_match_specifier: Some(
-                route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(&q.value)),
-            ),
-        })
-        .collect();
-    let action = match &r.action {
-        Action::Redirect(rd) => {
-            use route::redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier};
-            route::route::Action::Redirect(route::RedirectAction {
-                host_redirect: rd.hostname.clone().unwrap_or_default(),
-                port_redirect: u32::from(rd.port.unwrap_or(0)),
-                response_code: match rd.status {
-                    301 => route::redirect_action::RedirectResponseCode::MovedPermanently,
-                    303 => route::redirect_action::RedirectResponseCode::SeeOther,
-                    307 => route::redirect_action::RedirectResponseCode::TemporaryRedirect,
-                    308 => route::redirect_action::RedirectResponseCode::PermanentRedirect,
-                    _ => route::redirect_action::RedirectResponseCode::Found,
-                } as i32,
-                scheme_rewrite_specifier: rd.scheme.clone().map(SchemeRewriteSpecifier::SchemeRedirect),
-                path_rewrite_specifier: rd.path.as_ref().map(|p| match p {
-                    PathRewrite::Full(f) => PathRewriteSpecifier::PathRedirect(f.clone()),
-                    PathRewrite::Prefix(p) => PathRewriteSpecifier::PrefixRewrite(p.clone()),
-                }),
-                ..Default::default()
-            })
-        }
-        Action::Forward(targets) => {
-            use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
-            let cluster_specifier = if targets.len() == 1 && targets[0].cluster.is_some() {
-                ClusterSpecifier::Cluster(targets[0].cluster.clone().unwrap_or_default())
-            } else {
-                if targets.iter().any(|t| t.cluster.is_none()) {
-                    unsupported.push(format!("route {}: a backend that did not resolve is sent to a missing cluster (Envoy answers 503, not 500)", r.name));
-                }
-                ClusterSpecifier::WeightedClusters(route::WeightedCluster {
-                    clusters: targets
-                        .iter()
-                        .map(|t| route::weighted_cluster::ClusterWeight {
-                            name: t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into()),
-                            weight: u32v(t.weight),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                })
-            };
-            let mut ra = route::RouteAction {
-                cluster_specifier: Some(cluster_specifier),
-                timeout: r.timeouts.request_ms.map(ms),
-                ..Default::default()
-            };
-            if let Some(rw) = &r.rewrite {
-                if let Some(h) = &rw.hostname {
-                    ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
-                }
-                match &rw.path {
-                    Some(PathRewrite::Prefix(p)) => ra.prefix_rewrite = p.clone(),
-                    Some(PathRewrite::Full(f)) => {
-                        ra.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
-                            pattern: Some(matcher::RegexMatcher {
-                                regex: "^/.*$".into(),
-                                ..Default::default()
-                            }),
-                            substitution: f.clone(),
-                        })
-                    }
-                    None => {}
-                }
-            }
-            if let Some(ms_) = r.timeouts.backend_request_ms {
-                ra.retry_policy = Some(route::RetryPolicy {
-                    per_try_timeout: Some(ms(ms_)),
-                    ..Default::default()
-                });
-            }
-            route::route::Action::Route(ra)
-        }
-    };
     route::Route {
         name: r.name.clone(),
-        r#match: Some(route::RouteMatch {
-            path_specifier: Some(path),
-            headers,
-            query_parameters,
-            ..Default::default()
+        r#match: Some(route_match(&r.matcher)),
+        action: Some(match &r.action {
+            Action::Redirect(rd) => redirect_action(rd),
+            Action::Forward(targets) => forward_action(r, targets, unsupported),
         }),
-        action: Some(action),
         request_headers_to_add: [
             header_values(&r.request_headers.set, false),
             header_values(&r.request_headers.add, true),
@@ -561,6 +444,135 @@ fn envoy_route(r: &model::Route, unsupported: &mut Vec<String>) -> route::Route 
         response_headers_to_remove: r.response_headers.remove.clone(),
         ..Default::default()
     }
+}
+
+fn route_match(m: &model::RouteMatch) -> route::RouteMatch {
+    use route::route_match::PathSpecifier;
+    let path = match &m.path {
+        PathMatch::Exact(p) => PathSpecifier::Path(p.clone()),
+        PathMatch::Prefix(p) if p == "/" => PathSpecifier::Prefix("/".into()),
+        PathMatch::Prefix(p) => PathSpecifier::PathSeparatedPrefix(p.clone()),
+        PathMatch::Regex(re) => PathSpecifier::SafeRegex(matcher::RegexMatcher {
+            regex: re.clone(),
+            ..Default::default()
+        }),
+    };
+    let mut headers: Vec<route::HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|h| route::HeaderMatcher {
+            name: h.name.clone(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(&h.value),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    if let Some(method) = &m.method {
+        headers.push(route::HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(&StringMatch::Exact(method.clone())),
+            )),
+            ..Default::default()
+        });
+    }
+    let query_parameters = m
+        .query_params
+        .iter()
+        .map(|q| route::QueryParameterMatcher {
+            name: q.name.clone(),
+            query_parameter_match_specifier: Some(
+                route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(&q.value)),
+            ),
+        })
+        .collect();
+    route::RouteMatch {
+        path_specifier: Some(path),
+        headers,
+        query_parameters,
+        ..Default::default()
+    }
+}
+
+fn redirect_action(rd: &model::Redirect) -> route::route::Action {
+    use route::redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier};
+    route::route::Action::Redirect(route::RedirectAction {
+        host_redirect: rd.hostname.clone().unwrap_or_default(),
+        port_redirect: u32::from(rd.port.unwrap_or(0)),
+        response_code: match rd.status {
+            301 => route::redirect_action::RedirectResponseCode::MovedPermanently,
+            303 => route::redirect_action::RedirectResponseCode::SeeOther,
+            307 => route::redirect_action::RedirectResponseCode::TemporaryRedirect,
+            308 => route::redirect_action::RedirectResponseCode::PermanentRedirect,
+            _ => route::redirect_action::RedirectResponseCode::Found,
+        } as i32,
+        scheme_rewrite_specifier: rd.scheme.clone().map(SchemeRewriteSpecifier::SchemeRedirect),
+        path_rewrite_specifier: rd.path.as_ref().map(|p| match p {
+            PathRewrite::Full(f) => PathRewriteSpecifier::PathRedirect(f.clone()),
+            PathRewrite::Prefix(p) => PathRewriteSpecifier::PrefixRewrite(p.clone()),
+        }),
+        ..Default::default()
+    })
+}
+
+fn forward_action(
+    r: &model::Route,
+    targets: &[model::WeightedCluster],
+    unsupported: &mut Vec<String>,
+) -> route::route::Action {
+    use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
+    let cluster_specifier = if targets.len() == 1 && targets[0].cluster.is_some() {
+        ClusterSpecifier::Cluster(targets[0].cluster.clone().unwrap_or_default())
+    } else {
+        if targets.iter().any(|t| t.cluster.is_none()) {
+            unsupported.push(format!(
+                "route {}: a backend that did not resolve is sent to a missing cluster (Envoy answers 503, not 500)",
+                r.name
+            ));
+        }
+        ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: targets
+                .iter()
+                .map(|t| route::weighted_cluster::ClusterWeight {
+                    name: t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into()),
+                    weight: u32v(t.weight),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    let mut ra = route::RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: r.timeouts.request_ms.map(ms),
+        ..Default::default()
+    };
+    if let Some(rw) = &r.rewrite {
+        if let Some(h) = &rw.hostname {
+            ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
+        }
+        match &rw.path {
+            Some(PathRewrite::Prefix(p)) => ra.prefix_rewrite = p.clone(),
+            Some(PathRewrite::Full(f)) => {
+                ra.regex_rewrite = Some(matcher::RegexMatchAndSubstitute {
+                    pattern: Some(matcher::RegexMatcher {
+                        regex: "^/.*$".into(),
+                        ..Default::default()
+                    }),
+                    substitution: f.clone(),
+                })
+            }
+            None => {}
+        }
+    }
+    if let Some(ms_) = r.timeouts.backend_request_ms {
+        ra.retry_policy = Some(route::RetryPolicy {
+            per_try_timeout: Some(ms(ms_)),
+            ..Default::default()
+        });
+    }
+    route::route::Action::Route(ra)
 }
 
 fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Cluster, endpoint::ClusterLoadAssignment) {
@@ -607,37 +619,10 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
         });
     }
     if let Some(hc) = &c.health_check {
-        cl.health_checks = vec![core::HealthCheck {
-            timeout: Some(ms(hc.timeout_ms)),
-            interval: Some(ms(hc.interval_ms)),
-            healthy_threshold: u32v(hc.healthy_threshold),
-            unhealthy_threshold: u32v(hc.unhealthy_threshold),
-            health_checker: Some(core::health_check::HealthChecker::HttpHealthCheck(
-                core::health_check::HttpHealthCheck {
-                    path: hc.path.clone(),
-                    expected_statuses: vec![envoy_types::pb::envoy::r#type::v3::Int64Range {
-                        start: i64::from(hc.expected_status.0),
-                        end: i64::from(hc.expected_status.1) + 1,
-                    }],
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        }];
+        cl.health_checks = vec![health_check(hc)];
     }
     if c.protocol == UpstreamProtocol::Http2 {
-        let opts = upstream_http::HttpProtocolOptions {
-            upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                upstream_http::http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(
-                        upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                            Default::default(),
-                        ),
-                    ),
-                },
-            )),
-            ..Default::default()
-        };
+        let opts = http2_upstream();
         cl.typed_extension_protocol_options.insert(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
             any(
@@ -658,12 +643,52 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
             c.name
         ));
     }
+    (cl, load_assignment(c))
+}
+
+fn health_check(hc: &model::HealthCheck) -> core::HealthCheck {
+    core::HealthCheck {
+        timeout: Some(ms(hc.timeout_ms)),
+        interval: Some(ms(hc.interval_ms)),
+        healthy_threshold: u32v(hc.healthy_threshold),
+        unhealthy_threshold: u32v(hc.unhealthy_threshold),
+        health_checker: Some(core::health_check::HealthChecker::HttpHealthCheck(
+            core::health_check::HttpHealthCheck {
+                path: hc.path.clone(),
+                expected_statuses: vec![envoy_types::pb::envoy::r#type::v3::Int64Range {
+                    start: i64::from(hc.expected_status.0),
+                    end: i64::from(hc.expected_status.1) + 1,
+                }],
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// Upstream HTTP/2, as Envoy's `HttpProtocolOptions` extension says it.
+fn http2_upstream() -> upstream_http::HttpProtocolOptions {
+    upstream_http::HttpProtocolOptions {
+        upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            upstream_http::http_protocol_options::ExplicitHttpConfig {
+                protocol_config: Some(
+                    upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        Default::default(),
+                    ),
+                ),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(c: &model::Cluster) -> endpoint::ClusterLoadAssignment {
     // gRPC xDS clients need a locality with a weight; group endpoints by zone.
     let mut zones: BTreeMap<String, Vec<&model::Endpoint>> = BTreeMap::new();
     for e in &c.endpoints {
         zones.entry(e.zone.clone().unwrap_or_default()).or_default().push(e);
     }
-    let cla = endpoint::ClusterLoadAssignment {
+    endpoint::ClusterLoadAssignment {
         cluster_name: c.name.clone(),
         endpoints: zones
             .into_iter()
@@ -693,8 +718,7 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
             })
             .collect(),
         ..Default::default()
-    };
-    (cl, cla)
+    }
 }
 
 #[cfg(test)]
