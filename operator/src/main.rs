@@ -199,8 +199,11 @@ enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("--grpc-tls needs the CA (--ca-addr)")]
     TlsWithoutCa,
-    #[error("{0}")]
-    CaSettings(String),
+    #[error("--ca-addr {value:?}: {source}")]
+    CaAddress {
+        value: String,
+        source: std::net::AddrParseError,
+    },
     #[error("the CA did not start, so the TLS gRPC port cannot")]
     CaNotStarted,
     #[error("gRPC server failed: {0}")]
@@ -332,7 +335,7 @@ fn start_ca(
     auth: &Arc<ca::service::Kubernetes>,
     namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
 ) -> Result<Option<tokio::sync::oneshot::Receiver<Arc<rustls::ServerConfig>>>, StartError> {
-    let settings = ca_settings(args).map_err(StartError::CaSettings)?;
+    let settings = ca_settings(args)?;
     // The trust domain as the MeshConfig says at startup (a change needs a restart: every
     // identity in the mesh changes with it).
     let trust_domain = ferrum_snapshot::translate::mesh_config(&publisher.current().resources)
@@ -348,11 +351,11 @@ fn start_ca(
     Ok(args.grpc_tls.then_some(tls_rx))
 }
 
-fn ca_settings(args: &Args) -> Result<ca::Settings, String> {
-    let addr = args
-        .ca_addr
-        .parse()
-        .map_err(|e| format!("--ca-addr {:?}: {e}", args.ca_addr))?;
+fn ca_settings(args: &Args) -> Result<ca::Settings, StartError> {
+    let addr = args.ca_addr.parse().map_err(|source| StartError::CaAddress {
+        value: args.ca_addr.clone(),
+        source,
+    })?;
     let ns = &args.namespace;
     let mut names = vec![
         format!("ferrum-operator.{ns}.svc"),

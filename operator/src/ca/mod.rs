@@ -23,6 +23,19 @@ pub enum CaError {
     Material(String),
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    #[error("storing the CA: {0}")]
+    Store(#[source] kube::Error),
+    #[error("serving certificate: {0}")]
+    ServingPem(#[from] rustls_pki_types::pem::Error),
+    #[error("TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("CA server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
 }
 
 /// The CA's certificate and key as PEM, as stored in the Secret.
@@ -203,10 +216,10 @@ pub async fn run(
     leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
     serving: Option<tokio::sync::oneshot::Sender<std::sync::Arc<rustls::ServerConfig>>>,
     namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
-) -> Result<(), String> {
+) -> Result<(), CaError> {
     let listener = tokio::net::TcpListener::bind(s.addr)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", s.addr))?;
+        .map_err(|source| CaError::Listen { addr: s.addr, source })?;
     let api = kube::Api::namespaced(client.clone(), &s.namespace);
     let mut ca = store::load_or_create(api, &s.secret, &trust_domain, &leader).await;
     ca.max_validity = s.max_validity;
@@ -216,7 +229,7 @@ pub async fn run(
         ca.trust_bundle(),
         leader.clone(),
     ));
-    let (chain, key) = ca.serving(&s.names).map_err(|e| e.to_string())?;
+    let (chain, key) = ca.serving(&s.names)?;
     let tls = tls::server_config(&chain, &key)?;
     // The control-plane port serves the same certificate (its names are the operator's).
     if let Some(tx) = serving {
@@ -236,7 +249,7 @@ pub async fn run(
         )
         .serve_with_incoming(tls::incoming(listener, tls))
         .await
-        .map_err(|e| format!("CA server failed: {e}"))
+        .map_err(CaError::Serve)
 }
 
 fn serial() -> SerialNumber {

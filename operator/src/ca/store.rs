@@ -14,9 +14,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
-use super::{Authority, Material};
+use super::{Authority, CaError, Material};
 
-fn material_of(s: &Secret) -> Result<Material, String> {
+fn material_of(s: &Secret) -> Result<Material, CaError> {
     let data = s.data.clone().unwrap_or_default();
     let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
     let extra_roots_pem = get("trust-bundle.pem");
@@ -38,7 +38,9 @@ fn material_of(s: &Secret) -> Result<Material, String> {
             extra_roots_pem,
         });
     }
-    Err("needs ca.crt and ca.key (or Istio's ca-cert.pem and ca-key.pem)".into())
+    Err(CaError::Material(
+        "needs ca.crt and ca.key (or Istio's ca-cert.pem and ca-key.pem)".into(),
+    ))
 }
 
 /// The CA, once this replica can sign: loaded from the Secret, or generated and stored by the
@@ -47,8 +49,7 @@ pub async fn load_or_create(api: Api<Secret>, name: &str, trust_domain: &str, le
     let mut said = false;
     loop {
         match api.get_opt(name).await {
-            Ok(Some(secret)) => match material_of(&secret).and_then(|m| Authority::load(&m).map_err(|e| e.to_string()))
-            {
+            Ok(Some(secret)) => match material_of(&secret).and_then(|m| Authority::load(&m)) {
                 Ok(ca) => {
                     tracing::info!(secret = name, "CA loaded");
                     return ca;
@@ -72,8 +73,8 @@ pub async fn load_or_create(api: Api<Secret>, name: &str, trust_domain: &str, le
     }
 }
 
-async fn create(api: &Api<Secret>, name: &str, trust_domain: &str) -> Result<Authority, String> {
-    let (ca, m) = Authority::generate(trust_domain).map_err(|e| e.to_string())?;
+async fn create(api: &Api<Secret>, name: &str, trust_domain: &str) -> Result<Authority, CaError> {
+    let (ca, m) = Authority::generate(trust_domain)?;
     let data = BTreeMap::from([
         ("ca.crt".to_string(), ByteString(m.chain_pem.into_bytes())),
         ("ca.key".to_string(), ByteString(m.key_pem.into_bytes())),
@@ -89,7 +90,7 @@ async fn create(api: &Api<Secret>, name: &str, trust_domain: &str) -> Result<Aut
     };
     api.create(&PostParams::default(), &secret)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CaError::Store)?;
     tracing::info!(secret = name, trust_domain, "generated a new mesh root CA");
     Ok(ca)
 }

@@ -41,21 +41,18 @@ impl AsyncWrite for Conn {
 }
 
 /// rustls settings for a chain (leaf first) and its key, ALPN h2.
-pub fn server_config(chain: &[String], key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(chain: &[String], key_pem: &str) -> Result<Arc<rustls::ServerConfig>, super::CaError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = chain
         .iter()
         .map(|c| CertificateDer::from_pem_slice(c.as_bytes()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }

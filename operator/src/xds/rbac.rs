@@ -157,7 +157,7 @@ fn rule(r: &Rule, deny: bool, l4: bool, jwt: &Providers, why: &mut Vec<String>) 
             Ok(Some(When::Permission(p))) => permissions.push(p),
             Ok(Some(When::Principal(p))) => principals.push(p),
             Ok(None) => {}
-            Err(w) => why.push(w),
+            Err(w) => why.push(w.to_string()),
         }
     }
     if !deny && why.len() > before {
@@ -245,9 +245,20 @@ enum When {
     Principal(Id),
 }
 
+/// Why Envoy cannot check a `when` condition.
+#[derive(Debug, thiserror::Error)]
+enum Unchecked {
+    #[error("`{0}` needs an HTTP request (a TCP listener has none)")]
+    NeedsRequest(String),
+    #[error("`{0}` needs a token (a TCP listener has no request)")]
+    NeedsToken(String),
+    #[error("the condition key `{0}` is not known")]
+    UnknownKey(String),
+}
+
 /// A `when` condition on the side of the policy Envoy can check it; `Ok(None)` when nothing
-/// is left to check, `Err` when Envoy cannot check it.
-fn condition(c: &Condition, l4: bool, jwt: &Providers) -> Result<Option<When>, String> {
+/// is left to check.
+fn condition(c: &Condition, l4: bool, jwt: &Providers) -> Result<Option<When>, Unchecked> {
     let key = c.key.as_str();
     let both = |values: &[String], not_values: &[String], one: &dyn Fn(&str) -> Option<Perm>| {
         let mut parts = Vec::new();
@@ -273,7 +284,7 @@ fn condition(c: &Condition, l4: bool, jwt: &Providers) -> Result<Option<When>, S
     };
     if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
         if l4 {
-            return Err(format!("`{key}` needs an HTTP request (a TCP listener has none)"));
+            return Err(Unchecked::NeedsRequest(key.into()));
         }
         return Ok(both(&c.values, &c.not_values, &|v| {
             Some(Perm::Header(header(name, istio_string(v))))
@@ -290,16 +301,16 @@ fn condition(c: &Condition, l4: bool, jwt: &Providers) -> Result<Option<When>, S
             Some(Perm::RequestedServerName(istio_string(v)))
         }),
         k if k.starts_with("request.auth.") && l4 => {
-            return Err(format!("`{key}` needs a token (a TCP listener has no request)"));
+            return Err(Unchecked::NeedsToken(key.into()));
         }
         k if k.starts_with("request.auth.") => {
             let claim = &k["request.auth.".len()..];
             if jwt.claim(claim, "*").is_none() {
-                return Err(format!("the condition key `{key}` is not known"));
+                return Err(Unchecked::UnknownKey(key.into()));
             }
             ids(&|v| jwt.claim(claim, v))
         }
-        _ => return Err(format!("the condition key `{key}` is not known")),
+        _ => return Err(Unchecked::UnknownKey(key.into())),
     })
 }
 
