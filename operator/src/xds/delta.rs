@@ -308,3 +308,194 @@ impl super::ads::AdsStream<DeltaDiscoveryRequest> for DeltaStream {
         DeltaStream::push_all(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+    use ferrum_proto::xds::{CLUSTER, ENDPOINT};
+    use ferrum_snapshot::Resources;
+    use tokio::sync::mpsc;
+
+    use super::DeltaStream;
+    use crate::publish::Publisher;
+    use crate::xds::ads::Ads;
+
+    const CONTROLLER: &str = "ferrum.dev/gateway-controller";
+
+    /// A Gateway routing to `services`, each a Service with one endpoint at `10.0.<i>.<host>`.
+    fn world(services: &[&str], host: u8) -> Resources {
+        let mut y = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\n\
+             spec: {{controllerName: {CONTROLLER}}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: default}}\n\
+             spec:\n  gatewayClassName: ferrum\n  listeners: [{{name: http, port: 8080, protocol: HTTP}}]\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: default}}\n\
+             spec:\n  parentRefs: [{{name: gw}}]\n  rules:\n"
+        );
+        for s in services {
+            y += &format!(
+                "  - matches: [{{path: {{type: PathPrefix, value: /{s}}}}}]\n    backendRefs: [{{name: {s}, port: 80}}]\n"
+            );
+        }
+        for (i, s) in services.iter().enumerate() {
+            y += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {s}, namespace: default}}\n\
+                 spec: {{ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {s}-1, namespace: default, labels: {{kubernetes.io/service-name: {s}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.0.{i}.{host}]}}]\n"
+            );
+        }
+        let mut r = Resources::default();
+        r.add_yaml("world.yaml", &y).unwrap();
+        r
+    }
+
+    fn cluster(s: &str) -> String {
+        format!("service/default/{s}:80")
+    }
+
+    fn ads(publisher: Arc<Publisher>) -> Arc<Ads> {
+        // Not consulted here: the gRPC service checks access before a stream starts.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let (pods, _) = kube::runtime::reflector::store();
+        let access = crate::subscribe::Access {
+            token: None,
+            auth: Arc::new(crate::ca::service::Kubernetes::new(client, "test".into(), pods)),
+            trusted_namespaces: vec![],
+            required: false,
+        };
+        Arc::new(Ads::new(publisher, Default::default(), Arc::new(access)))
+    }
+
+    fn request(type_url: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: "envoy-1".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            ..Default::default()
+        }
+    }
+
+    type Answers = mpsc::Receiver<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    fn stream(ads: &Arc<Ads>) -> (DeltaStream, Answers) {
+        let (tx, rx) = mpsc::channel(16);
+        (DeltaStream::new(ads.clone(), tx), rx)
+    }
+
+    /// (type, names sent, names removed) of every answer waiting.
+    fn answers(rx: &mut Answers) -> Vec<(String, BTreeSet<String>, Vec<String>)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| {
+                let r = r.unwrap();
+                let names = r.resources.iter().map(|x| x.name.clone()).collect();
+                (r.type_url, names, r.removed_resources)
+            })
+            .collect()
+    }
+
+    fn names(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| cluster(s)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_push_sends_what_changed_and_removes_clusters_after_their_endpoints() {
+        let publisher = Publisher::new(CONTROLLER.into());
+        publisher.publish(world(&["echo", "web"], 1));
+        let ads = ads(publisher.clone());
+        let (mut s, mut rx) = stream(&ads);
+        assert!(s.on_request(request(CLUSTER), "peer").await.unwrap());
+        assert_eq!(
+            answers(&mut rx),
+            vec![(CLUSTER.into(), names(&["echo", "web"]), vec![])]
+        );
+        let mut eds = request(ENDPOINT);
+        eds.resource_names_subscribe = vec![cluster("echo"), cluster("web")];
+        assert!(s.on_request(eds, "peer").await.unwrap());
+        assert_eq!(
+            answers(&mut rx),
+            vec![(ENDPOINT.into(), names(&["echo", "web"]), vec![])]
+        );
+
+        // Nothing changed: a push sends nothing at all.
+        assert!(s.push_all().await);
+        assert!(answers(&mut rx).is_empty());
+
+        // echo's endpoints move and web goes away: one CLA, then web's removal from EDS, and
+        // only then from CDS (no cluster disappears while a route may still point at it).
+        publisher.publish(world(&["echo"], 2));
+        assert!(s.push_all().await);
+        assert_eq!(
+            answers(&mut rx),
+            vec![
+                (ENDPOINT.into(), names(&["echo"]), vec![cluster("web")]),
+                (CLUSTER.into(), BTreeSet::new(), vec![cluster("web")]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reconnecting_client_is_sent_only_what_it_lacks() {
+        let publisher = Publisher::new(CONTROLLER.into());
+        publisher.publish(world(&["echo", "web"], 1));
+        let ads = ads(publisher.clone());
+        let (mut first, mut rx) = stream(&ads);
+        first.on_request(request(CLUSTER), "peer").await.unwrap();
+        let sent = rx.try_recv().unwrap().unwrap();
+        let version = |n: &str| {
+            let r = sent.resources.iter().find(|r| r.name == cluster(n)).unwrap();
+            r.version.clone()
+        };
+        drop(first);
+
+        // It holds echo as it is, an old web, and a cluster that no longer exists.
+        let (mut again, mut rx) = stream(&ads);
+        let mut req = request(CLUSTER);
+        req.initial_resource_versions = [
+            (cluster("echo"), version("echo")),
+            (cluster("web"), "0000000000000000".into()),
+            (cluster("gone"), "0123456789abcdef".into()),
+        ]
+        .into();
+        again.on_request(req, "peer").await.unwrap();
+        assert_eq!(
+            answers(&mut rx),
+            vec![(CLUSTER.into(), names(&["web"]), vec![cluster("gone")])]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nack_is_recorded_and_a_stale_nonce_is_ignored() {
+        let publisher = Publisher::new(CONTROLLER.into());
+        publisher.publish(world(&["echo"], 1));
+        let ads = ads(publisher.clone());
+        let (mut s, mut rx) = stream(&ads);
+        s.on_request(request(CLUSTER), "peer").await.unwrap();
+        let nonce = rx.try_recv().unwrap().unwrap().nonce;
+        let nack = |nonce: &str| {
+            let mut r = request(CLUSTER);
+            r.response_nonce = nonce.into();
+            r.error_detail = Some(envoy_types::pb::google::rpc::Status {
+                message: "bad cluster".into(),
+                ..Default::default()
+            });
+            r
+        };
+        s.on_request(nack("99"), "peer").await.unwrap();
+        assert_eq!(ads.proxies.list()[0].last_rejection, None);
+        s.on_request(nack(&nonce), "peer").await.unwrap();
+        let p = &ads.proxies.list()[0];
+        assert_eq!(p.last_rejection.as_deref(), Some(&*format!("{CLUSTER}: bad cluster")));
+        assert_eq!(p.rejected_version, Some(publisher.current().generation));
+        // The stream's registration goes with it.
+        drop(s);
+        assert!(ads.proxies.list().is_empty());
+    }
+}
