@@ -531,3 +531,159 @@ pub(super) fn stream_delta(ads: Arc<Ads>, req: Request<Streaming<DeltaDiscoveryR
     tokio::spawn(drive(s, inbound, generations, tx, peer));
     Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use ferrum_proto::xds::{CLUSTER, ENDPOINT};
+    use prost::Message;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::xds::grpc::Read;
+    use crate::xds::test_world::{CONTROLLER, ads, cluster, world};
+
+    type Answers = mpsc::Receiver<Result<DiscoveryResponse, Status>>;
+
+    fn stream(ads: &Arc<Ads>) -> (SotwStream, Answers) {
+        let (tx, rx) = mpsc::channel(16);
+        let s = SotwStream {
+            ads: ads.clone(),
+            types: BTreeMap::new(),
+            nonce: 0,
+            reg: None,
+            tx,
+            lingering: BTreeMap::new(),
+        };
+        (s, rx)
+    }
+
+    fn request(type_url: &str, names: &[String], version: &str, nonce: &str) -> SotwRequest {
+        let r = DiscoveryRequest {
+            node: Some(Node {
+                id: "envoy-1".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.into(),
+            resource_names: names.to_vec(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        };
+        SotwRequest::read(r.encode_to_vec().into()).unwrap()
+    }
+
+    /// (type, names of the resources) of every answer waiting, and the last answer's nonce.
+    fn answers(rx: &mut Answers) -> (Vec<(String, BTreeSet<String>)>, String) {
+        let mut nonce = String::new();
+        let got = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| {
+                let r = r.unwrap();
+                nonce = r.nonce.clone();
+                let names = r
+                    .resources
+                    .iter()
+                    .map(|a| match r.type_url.as_str() {
+                        CLUSTER => Cluster::decode(&a.value[..]).unwrap().name,
+                        _ => ClusterLoadAssignment::decode(&a.value[..]).unwrap().cluster_name,
+                    })
+                    .collect();
+                (r.type_url, names)
+            })
+            .collect();
+        (got, nonce)
+    }
+
+    fn names(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| cluster(s)).collect()
+    }
+
+    /// SotW CDS answers are whole: a cluster the new generation dropped is still in the first
+    /// one (routes may point at it until LDS/RDS arrive) and gone from the last.
+    #[tokio::test]
+    async fn a_removed_cluster_lingers_until_the_routes_have_moved_off_it() {
+        let publisher = Publisher::new(CONTROLLER.into());
+        publisher.publish(world(&["echo", "web"], 1));
+        let ads = ads(publisher.clone());
+        let (mut s, mut rx) = stream(&ads);
+        assert!(s.on_request(request(CLUSTER, &[], "", ""), "peer").await.unwrap());
+        let eds = [cluster("echo"), cluster("web")];
+        assert!(s.on_request(request(ENDPOINT, &eds, "", ""), "peer").await.unwrap());
+        let (got, _) = answers(&mut rx);
+        assert_eq!(
+            got,
+            vec![
+                (CLUSTER.to_string(), names(&["echo", "web"])),
+                (ENDPOINT.to_string(), names(&["echo", "web"]))
+            ]
+        );
+
+        publisher.publish(world(&["echo"], 2));
+        assert!(s.push_all().await);
+        let (got, _) = answers(&mut rx);
+        assert_eq!(
+            got,
+            vec![
+                (CLUSTER.to_string(), names(&["echo", "web"])),
+                (ENDPOINT.to_string(), names(&["echo"])),
+                (CLUSTER.to_string(), names(&["echo"])),
+            ]
+        );
+        // Nothing new: nothing sent.
+        assert!(s.push_all().await);
+        assert!(answers(&mut rx).0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn acks_send_nothing_and_a_nack_of_the_last_answer_is_recorded() {
+        let publisher = Publisher::new(CONTROLLER.into());
+        publisher.publish(world(&["echo"], 1));
+        let version = publisher.current().generation.to_string();
+        let ads = ads(publisher.clone());
+        let (mut s, mut rx) = stream(&ads);
+        s.on_request(request(CLUSTER, &[], "", ""), "peer").await.unwrap();
+        let (_, nonce) = answers(&mut rx);
+        // The ACK repeats the subscription: no answer, and the proxy is at this version.
+        s.on_request(request(CLUSTER, &[], &version, &nonce), "peer")
+            .await
+            .unwrap();
+        assert!(answers(&mut rx).0.is_empty());
+        let p = &ads.proxies.list()[0];
+        assert_eq!(
+            (p.applied_version.to_string(), p.last_rejection.clone()),
+            (version, None)
+        );
+
+        let mut nack = DiscoveryRequest {
+            node: Some(Node {
+                id: "envoy-1".into(),
+                ..Default::default()
+            }),
+            type_url: CLUSTER.into(),
+            response_nonce: "41".into(),
+            error_detail: Some(envoy_types::pb::google::rpc::Status {
+                message: "bad cluster".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // A NACK of an answer this stream never sent is not the proxy's opinion of this one.
+        s.on_request(SotwRequest::read(nack.encode_to_vec().into()).unwrap(), "peer")
+            .await
+            .unwrap();
+        assert_eq!(ads.proxies.list()[0].last_rejection, None);
+        nack.response_nonce = nonce;
+        s.on_request(SotwRequest::read(nack.encode_to_vec().into()).unwrap(), "peer")
+            .await
+            .unwrap();
+        assert_eq!(
+            ads.proxies.list()[0].last_rejection.as_deref(),
+            Some(&*format!("{CLUSTER}: bad cluster"))
+        );
+    }
+}

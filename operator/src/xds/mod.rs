@@ -5,3 +5,5 @@ pub mod grpc;
 pub mod jwt;
 pub mod rbac;
 pub mod resources;
+#[cfg(test)]
+mod test_world;
