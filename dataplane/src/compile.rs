@@ -252,3 +252,120 @@ impl Compiler {
             .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferrum_snapshot::model::Protocol;
+    use ferrum_snapshot::translate::{Options, translate};
+
+    use super::*;
+
+    /// A Gateway with two listeners on port 8080 at different addresses, routing to `echo`
+    /// (endpoints `hosts`) and `web`.
+    fn snapshot(echo_hosts: &[&str]) -> Snapshot {
+        let eps: Vec<String> = echo_hosts.iter().map(|h| format!("{{addresses: [{h}]}}")).collect();
+        let yaml = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: default}}\n\
+             spec:\n  gatewayClassName: ferrum\n  addresses: [{{value: 127.0.0.2}}]\n  listeners:\n\
+             \x20 - {{name: http, port: 8080, protocol: HTTP, hostname: a.example}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: other, namespace: default}}\n\
+             spec:\n  gatewayClassName: ferrum\n  addresses: [{{value: 127.0.0.3}}]\n  listeners:\n\
+             \x20 - {{name: http, port: 8080, protocol: HTTP, hostname: b.example}}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: default}}\n\
+             spec:\n  parentRefs: [{{name: gw}}, {{name: other}}]\n  rules:\n\
+             \x20 - backendRefs: [{{name: echo, port: 80, weight: 3}}, {{name: web, port: 80, weight: 1}}]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\n\
+             spec: {{ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+             spec: {{ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.0.9.1]}}]\n",
+            eps.join(", ")
+        );
+        let mut res = ferrum_snapshot::Resources::default();
+        res.add_yaml("test.yaml", &yaml).unwrap();
+        let t = translate(&res, 1, &Options::default());
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        t.snapshot
+    }
+
+    fn compiler() -> Compiler {
+        Compiler::new(Arc::new(Registry::default()), 2)
+    }
+
+    const ECHO: &str = "service/default/echo:80";
+    const WEB: &str = "service/default/web:80";
+
+    /// Two Gateways on one port at different addresses are two listeners, each with its own
+    /// hosts — keyed by port alone, one would silently replace the other.
+    #[tokio::test]
+    async fn listeners_are_keyed_by_address_and_port() {
+        let c = compiler().compile(snapshot(&["10.0.0.1"]), &Secrets::default(), &Compiled::empty());
+        let c = c.unwrap();
+        let at = |ip: &str| &c.listeners[&format!("{ip}:8080").parse::<SocketAddr>().unwrap()];
+        assert_eq!(c.listeners.len(), 2);
+        assert!(at("127.0.0.2").hosts.find("a.example").is_some());
+        assert!(at("127.0.0.2").hosts.find("b.example").is_none());
+        assert!(at("127.0.0.3").hosts.find("b.example").is_some());
+    }
+
+    /// A new config keeps the runtime of every unchanged cluster (pools, health, counters), and
+    /// for a changed one the state of each endpoint it still has.
+    #[tokio::test]
+    async fn unchanged_clusters_and_kept_endpoints_carry_over() {
+        let comp = compiler();
+        let first = comp
+            .compile(
+                snapshot(&["10.0.0.1", "10.0.0.2"]),
+                &Secrets::default(),
+                &Compiled::empty(),
+            )
+            .unwrap();
+        let second = comp
+            .compile(snapshot(&["10.0.0.2", "10.0.0.3"]), &Secrets::default(), &first)
+            .unwrap();
+        assert!(Arc::ptr_eq(&first.clusters[WEB], &second.clusters[WEB]));
+        let (old, new) = (&first.clusters[ECHO], &second.clusters[ECHO]);
+        assert!(!Arc::ptr_eq(old, new));
+        let state = |rt: &ClusterRuntime, key: &str| rt.endpoints.iter().find(|e| e.key == key).cloned();
+        let kept = |key: &str| match (state(old, key), state(new, key)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a, &b),
+            _ => false,
+        };
+        assert!(kept("10.0.0.2:8080"), "an endpoint in both keeps its state");
+        assert!(state(new, "10.0.0.1:8080").is_none());
+        assert!(state(new, "10.0.0.3:8080").is_some() && !kept("10.0.0.3:8080"));
+        let health: Vec<String> = second.health().into_iter().map(|h| h.endpoint).collect();
+        assert_eq!(health, ["10.0.0.2:8080", "10.0.0.3:8080", "10.0.9.1:8080"]);
+    }
+
+    /// A snapshot that does not validate is refused whole with every problem named; one with a
+    /// listener kind from a newer producer serves everything else.
+    #[tokio::test]
+    async fn invalid_snapshots_are_refused_and_unknown_listeners_skipped() {
+        let mut bad = snapshot(&["10.0.0.1"]);
+        bad.listeners[0].port = 0;
+        Arc::make_mut(&mut bad.clusters[0]).endpoints[0].port = 0;
+        let err = compiler()
+            .compile(bad, &Secrets::default(), &Compiled::empty())
+            .err()
+            .expect("refused");
+        let CompileError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["endpoints[0].port", "port"], "{err}");
+
+        let mut newer = snapshot(&["10.0.0.1"]);
+        newer.listeners[0].protocol = Protocol::Unknown;
+        let c = compiler()
+            .compile(newer, &Secrets::default(), &Compiled::empty())
+            .unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.clusters.len(), 2);
+    }
+}
