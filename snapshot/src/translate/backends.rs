@@ -464,13 +464,17 @@ pub fn mesh_config(res: &Resources) -> Option<&crate::crd::MeshConfig> {
         .map(|m| &**m)
 }
 
-fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, String)> {
-    let dur = |field: &str, v: &Option<String>| -> Result<Option<u64>, (String, String)> {
-        v.as_deref()
-            .map(parse_duration_ms)
-            .transpose()
-            .map_err(|e| (format!("spec.{field}"), e))
-    };
+/// A policy field that cannot be applied: (field path, reason).
+type PolicyError = (String, String);
+
+fn duration_field(field: &str, v: &Option<String>) -> Result<Option<u64>, PolicyError> {
+    v.as_deref()
+        .map(parse_duration_ms)
+        .transpose()
+        .map_err(|e| (format!("spec.{field}"), e))
+}
+
+fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), PolicyError> {
     if let Some(proto) = &p.protocol {
         c.protocol = match proto.as_str() {
             "HTTP/1.1" | "HTTP" => UpstreamProtocol::Http1,
@@ -481,55 +485,10 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
         };
     }
     if let Some(lb) = &p.load_balancer {
-        c.lb = match lb.kind.as_str() {
-            "RoundRobin" => LbPolicy::RoundRobin,
-            "LeastRequest" => LbPolicy::LeastRequest,
-            "Random" => LbPolicy::Random,
-            "ConsistentHash" => match (&lb.hash_header, lb.hash_client_ip) {
-                (Some(h), _) if crate::validate::http_header_name_invalid(h) => {
-                    return Err((
-                        "spec.loadBalancer.hashHeader".into(),
-                        format!("{h:?} is not a valid header name"),
-                    ));
-                }
-                (Some(h), _) => LbPolicy::ConsistentHash(HashOn::Header(h.to_ascii_lowercase())),
-                (None, Some(true)) => LbPolicy::ConsistentHash(HashOn::ClientIp),
-                _ => {
-                    return Err((
-                        "spec.loadBalancer".into(),
-                        "ConsistentHash needs hashHeader or hashClientIP: true".into(),
-                    ));
-                }
-            },
-            other => {
-                return Err((
-                    "spec.loadBalancer.type".into(),
-                    format!("{other:?} is not RoundRobin, LeastRequest, Random or ConsistentHash"),
-                ));
-            }
-        };
+        c.lb = load_balancer(lb)?;
     }
     if let Some(hc) = &p.health_check {
-        let d = HealthCheck::default();
-        let expected_status = match hc.expected_status.as_deref() {
-            None => d.expected_status,
-            Some([lo, hi]) if lo <= hi => (*lo, *hi),
-            Some([one]) => (*one, *one),
-            Some(_) => {
-                return Err((
-                    "spec.healthCheck.expectedStatus".into(),
-                    "give [status] or [low, high]".into(),
-                ));
-            }
-        };
-        c.health_check = Some(HealthCheck {
-            path: hc.path.clone().unwrap_or(d.path),
-            interval_ms: dur("healthCheck.interval", &hc.interval)?.unwrap_or(d.interval_ms),
-            timeout_ms: dur("healthCheck.timeout", &hc.timeout)?.unwrap_or(d.timeout_ms),
-            healthy_threshold: hc.healthy_threshold.unwrap_or(d.healthy_threshold),
-            unhealthy_threshold: hc.unhealthy_threshold.unwrap_or(d.unhealthy_threshold),
-            expected_status,
-        });
+        c.health_check = Some(health_check(hc)?);
     }
     if let Some(od) = &p.outlier_detection {
         if od.disabled == Some(true) {
@@ -541,7 +500,7 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
                 consecutive_connect_failures: od
                     .consecutive_connect_failures
                     .unwrap_or(d.consecutive_connect_failures),
-                base_ejection_ms: dur("outlierDetection.baseEjectionTime", &od.base_ejection_time)?
+                base_ejection_ms: duration_field("outlierDetection.baseEjectionTime", &od.base_ejection_time)?
                     .unwrap_or(d.base_ejection_ms),
                 max_ejection_percent: od.max_ejection_percent.unwrap_or(d.max_ejection_percent).min(100),
             });
@@ -560,9 +519,9 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
         // default) set.
         let was = &c.timeouts;
         c.timeouts = ClusterTimeouts {
-            connect_ms: dur("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
-            read_ms: dur("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
-            idle_ms: dur("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
+            connect_ms: duration_field("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
+            read_ms: duration_field("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
+            idle_ms: duration_field("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
         };
     }
     if let Some(r) = &p.retry {
@@ -570,7 +529,7 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
         c.retry = Some(RetryPolicy {
             attempts: r.attempts.unwrap_or(d.attempts),
             on: r.on.clone().unwrap_or(d.on),
-            backoff_base_ms: dur("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
+            backoff_base_ms: duration_field("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
             budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
             min_retry_concurrency: d.min_retry_concurrency,
         });
@@ -583,4 +542,57 @@ fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), (String, Strin
         });
     }
     Ok(())
+}
+
+fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<LbPolicy, PolicyError> {
+    Ok(match lb.kind.as_str() {
+        "RoundRobin" => LbPolicy::RoundRobin,
+        "LeastRequest" => LbPolicy::LeastRequest,
+        "Random" => LbPolicy::Random,
+        "ConsistentHash" => match (&lb.hash_header, lb.hash_client_ip) {
+            (Some(h), _) if crate::validate::http_header_name_invalid(h) => {
+                return Err((
+                    "spec.loadBalancer.hashHeader".into(),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
+            (Some(h), _) => LbPolicy::ConsistentHash(HashOn::Header(h.to_ascii_lowercase())),
+            (None, Some(true)) => LbPolicy::ConsistentHash(HashOn::ClientIp),
+            _ => {
+                return Err((
+                    "spec.loadBalancer".into(),
+                    "ConsistentHash needs hashHeader or hashClientIP: true".into(),
+                ));
+            }
+        },
+        other => {
+            return Err((
+                "spec.loadBalancer.type".into(),
+                format!("{other:?} is not RoundRobin, LeastRequest, Random or ConsistentHash"),
+            ));
+        }
+    })
+}
+
+fn health_check(hc: &crate::crd::HealthCheckSpec) -> Result<HealthCheck, PolicyError> {
+    let d = HealthCheck::default();
+    let expected_status = match hc.expected_status.as_deref() {
+        None => d.expected_status,
+        Some([lo, hi]) if lo <= hi => (*lo, *hi),
+        Some([one]) => (*one, *one),
+        Some(_) => {
+            return Err((
+                "spec.healthCheck.expectedStatus".into(),
+                "give [status] or [low, high]".into(),
+            ));
+        }
+    };
+    Ok(HealthCheck {
+        path: hc.path.clone().unwrap_or(d.path),
+        interval_ms: duration_field("healthCheck.interval", &hc.interval)?.unwrap_or(d.interval_ms),
+        timeout_ms: duration_field("healthCheck.timeout", &hc.timeout)?.unwrap_or(d.timeout_ms),
+        healthy_threshold: hc.healthy_threshold.unwrap_or(d.healthy_threshold),
+        unhealthy_threshold: hc.unhealthy_threshold.unwrap_or(d.unhealthy_threshold),
+        expected_status,
+    })
 }
