@@ -70,6 +70,58 @@ pub struct Resources {
     pub jwks: Arc<crate::translate::Jwks>,
 }
 
+/// Every kind's field with its kind name and API group: what reading a file and the
+/// whole-collection operations below walk, so adding a kind is one line here.
+macro_rules! each_kind {
+    ($m:ident) => {
+        $m!(
+            gateway_classes: "GatewayClass" in crate::GATEWAY_GROUP,
+            gateways: "Gateway" in crate::GATEWAY_GROUP,
+            http_routes: "HTTPRoute" in crate::GATEWAY_GROUP,
+            grpc_routes: "GRPCRoute" in crate::GATEWAY_GROUP,
+            tls_routes: "TLSRoute" in crate::GATEWAY_GROUP,
+            tcp_routes: "TCPRoute" in crate::GATEWAY_GROUP,
+            reference_grants: "ReferenceGrant" in crate::GATEWAY_GROUP,
+            services: "Service" in "",
+            endpoint_slices: "EndpointSlice" in "discovery.k8s.io",
+            namespaces: "Namespace" in "",
+            secrets: "Secret" in "",
+            backends: "Backend" in crate::FERRUM_GROUP,
+            backend_policies: "BackendPolicy" in crate::FERRUM_GROUP,
+            mesh_configs: "MeshConfig" in crate::FERRUM_GROUP,
+            pods: "Pod" in "",
+            service_accounts: "ServiceAccount" in "",
+            authorization_policies: "AuthorizationPolicy" in crate::ISTIO_SECURITY_GROUP,
+            peer_authentications: "PeerAuthentication" in crate::ISTIO_SECURITY_GROUP,
+            request_authentications: "RequestAuthentication" in crate::ISTIO_SECURITY_GROUP,
+            sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP
+        )
+    };
+}
+
+/// A kind's name as kept, and its API group.
+fn kind_group(kind: &str) -> Option<(&'static str, &'static str)> {
+    macro_rules! find {
+        ($($field:ident: $kind:literal in $group:expr),+) => {
+            match kind {
+                $($kind => Some(($kind, $group)),)+
+                _ => None,
+            }
+        };
+    }
+    each_kind!(find)
+}
+
+/// Every kind a file may hold.
+const KINDS: &[&str] = {
+    macro_rules! names {
+        ($($field:ident: $kind:literal in $group:expr),+) => {
+            &[$($kind),+]
+        };
+    }
+    each_kind!(names)
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{origin}: not valid YAML: {source}")]
@@ -198,35 +250,11 @@ impl Resources {
             md.insert("namespace".into(), namespace.clone().into());
         }
         let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
-        let (static_kind, expected_group): (&'static str, &str) = match kind.as_str() {
-            "GatewayClass" => ("GatewayClass", crate::GATEWAY_GROUP),
-            "Gateway" => ("Gateway", crate::GATEWAY_GROUP),
-            "HTTPRoute" => ("HTTPRoute", crate::GATEWAY_GROUP),
-            "GRPCRoute" => ("GRPCRoute", crate::GATEWAY_GROUP),
-            "TLSRoute" => ("TLSRoute", crate::GATEWAY_GROUP),
-            "TCPRoute" => ("TCPRoute", crate::GATEWAY_GROUP),
-            "ReferenceGrant" => ("ReferenceGrant", crate::GATEWAY_GROUP),
-            "Service" => ("Service", ""),
-            "Secret" => ("Secret", ""),
-            "Namespace" => ("Namespace", ""),
-            "EndpointSlice" => ("EndpointSlice", "discovery.k8s.io"),
-            "Backend" => ("Backend", crate::FERRUM_GROUP),
-            "BackendPolicy" => ("BackendPolicy", crate::FERRUM_GROUP),
-            "MeshConfig" => ("MeshConfig", crate::FERRUM_GROUP),
-            "Pod" => ("Pod", ""),
-            "ServiceAccount" => ("ServiceAccount", ""),
-            "AuthorizationPolicy" => ("AuthorizationPolicy", crate::ISTIO_SECURITY_GROUP),
-            "PeerAuthentication" => ("PeerAuthentication", crate::ISTIO_SECURITY_GROUP),
-            "RequestAuthentication" => ("RequestAuthentication", crate::ISTIO_SECURITY_GROUP),
-            "Sidecar" => ("Sidecar", crate::ISTIO_NETWORKING_GROUP),
-            other => {
-                return Err(shape(format!(
-                    "kind {other:?} ({api_version}) is not supported; expected one of GatewayClass, Gateway, \
-                     HTTPRoute, GRPCRoute, TLSRoute, TCPRoute, ReferenceGrant, Service, EndpointSlice, Secret, Namespace, \
-                     Backend, BackendPolicy, MeshConfig, Pod, ServiceAccount, AuthorizationPolicy, PeerAuthentication, \
-                     RequestAuthentication, Sidecar"
-                )));
-            }
+        let Some((static_kind, expected_group)) = kind_group(&kind) else {
+            return Err(shape(format!(
+                "kind {kind:?} ({api_version}) is not supported; expected one of {}",
+                KINDS.join(", ")
+            )));
         };
         if group != expected_group {
             return Err(shape(format!(
@@ -250,71 +278,31 @@ impl Resources {
             object: object.to_string(),
             source,
         };
+        self.push_object(static_kind, value).map_err(typed_err)?;
+        self.origins.insert(object, origin.to_string());
+        Ok(())
+    }
+
+    fn push_object(
+        &mut self,
+        kind: &str,
+        value: serde_yaml::Value,
+    ) -> Result<(), serde_path_to_error::Error<serde_yaml::Error>> {
         macro_rules! push {
-            ($field:ident) => {
-                self.$field.push(Arc::new(
-                    serde_path_to_error::deserialize(value).map_err(typed_err)?,
-                ))
+            ($($field:ident: $kind:literal in $group:expr),+) => {
+                match kind {
+                    $($kind => self.$field.push(Arc::new(serde_path_to_error::deserialize(value)?)),)+
+                    _ => unreachable!("kinds come from each_kind"),
+                }
             };
         }
-        match static_kind {
-            "GatewayClass" => push!(gateway_classes),
-            "Gateway" => push!(gateways),
-            "HTTPRoute" => push!(http_routes),
-            "GRPCRoute" => push!(grpc_routes),
-            "TLSRoute" => push!(tls_routes),
-            "TCPRoute" => push!(tcp_routes),
-            "ReferenceGrant" => push!(reference_grants),
-            "Service" => push!(services),
-            "Secret" => push!(secrets),
-            "Namespace" => push!(namespaces),
-            "EndpointSlice" => push!(endpoint_slices),
-            "Backend" => push!(backends),
-            "BackendPolicy" => push!(backend_policies),
-            "MeshConfig" => push!(mesh_configs),
-            "Pod" => push!(pods),
-            "ServiceAccount" => push!(service_accounts),
-            "AuthorizationPolicy" => push!(authorization_policies),
-            "PeerAuthentication" => push!(peer_authentications),
-            "RequestAuthentication" => push!(request_authentications),
-            "Sidecar" => push!(sidecars),
-            _ => unreachable!("kinds are listed above"),
-        }
-        self.origins.insert(object, origin.to_string());
+        each_kind!(push);
         Ok(())
     }
 
     pub fn origin(&self, object: &ObjectRef) -> Option<&str> {
         self.origins.get(object).map(String::as_str)
     }
-}
-
-/// Every kind's field with its kind name: what the whole-collection operations below walk.
-macro_rules! each_kind {
-    ($m:ident) => {
-        $m!(
-            gateway_classes: "GatewayClass",
-            gateways: "Gateway",
-            http_routes: "HTTPRoute",
-            grpc_routes: "GRPCRoute",
-            tls_routes: "TLSRoute",
-            tcp_routes: "TCPRoute",
-            reference_grants: "ReferenceGrant",
-            services: "Service",
-            endpoint_slices: "EndpointSlice",
-            namespaces: "Namespace",
-            secrets: "Secret",
-            backends: "Backend",
-            backend_policies: "BackendPolicy",
-            mesh_configs: "MeshConfig",
-            pods: "Pod",
-            service_accounts: "ServiceAccount",
-            authorization_policies: "AuthorizationPolicy",
-            peer_authentications: "PeerAuthentication",
-            request_authentications: "RequestAuthentication",
-            sidecars: "Sidecar"
-        )
-    };
 }
 
 fn object_ref(kind: &'static str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
@@ -331,7 +319,7 @@ impl Resources {
     pub fn to_list(&self) -> serde_json::Value {
         let mut items: Vec<serde_json::Value> = Vec::new();
         macro_rules! list {
-            ($($field:ident: $kind:literal),+) => {
+            ($($field:ident: $kind:literal in $group:expr),+) => {
                 $(items.extend(self.$field.iter().filter_map(|o| serde_json::to_value(&**o).ok()));)+
             };
         }
@@ -351,7 +339,7 @@ impl Resources {
     /// kind, namespace and name, or is added (what `kubectl apply` of `other` would do).
     pub fn overlay(&mut self, other: Resources) {
         macro_rules! overlay {
-            ($($field:ident: $kind:literal),+) => {
+            ($($field:ident: $kind:literal in $group:expr),+) => {
                 $(
                     self.$field.retain(|o| !other.origins.contains_key(&object_ref($kind, &o.metadata)));
                     self.$field.extend(other.$field);
@@ -386,6 +374,42 @@ mod tests {
             name: "gw".into(),
         };
         assert_eq!(r.origin(&gw), Some("a.yaml, document 1"));
+    }
+
+    /// Every kind is read into its own collection; an unknown kind or a kind in the wrong API
+    /// group is refused with the document's place and what is accepted.
+    #[test]
+    fn each_kind_has_its_group_and_others_are_refused() {
+        let mut r = Resources::default();
+        r.add_yaml(
+            "k.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: a}\nspec: {}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: a}\nspec: {}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.authorization_policies.len(), r.sidecars.len(), r.namespaces.len()),
+            (1, 1, 1)
+        );
+        // Cluster-scoped: no namespace of its own.
+        assert!(
+            r.origins
+                .keys()
+                .any(|o| o.kind == "Namespace" && o.namespace.is_empty())
+        );
+        let refused = |doc: &str| Resources::default().add_yaml("x.yaml", doc).unwrap_err().to_string();
+        let e = refused("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+        assert!(
+            e.starts_with("x.yaml, document 1: kind \"Deployment\" (apps/v1) is not supported"),
+            "{e}"
+        );
+        assert!(
+            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar"),
+            "{e}"
+        );
+        let e = refused("apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n");
+        assert!(e.ends_with("is not in group \"gateway.networking.k8s.io\""), "{e}");
     }
 
     #[test]
