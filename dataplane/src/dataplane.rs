@@ -10,7 +10,6 @@ use ferrum_snapshot::{Secrets, Snapshot};
 use crate::compile::{CompileError, Compiled, Compiler};
 use crate::limits::Limits;
 use crate::listener::{BindError, Listeners};
-use crate::proxy::Shared;
 use crate::telemetry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +18,15 @@ pub enum ApplyError {
     Compile(#[from] CompileError),
     #[error(transparent)]
     Bind(#[from] BindError),
+}
+
+/// State every connection shares.
+pub struct Shared {
+    pub config: ArcSwap<Compiled>,
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+    pub access_log: Arc<crate::access_log::AccessLog>,
+    pub tracing: crate::trace::Tracing,
 }
 
 pub struct Dataplane {

@@ -15,6 +15,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
+use crate::upstream::UpstreamError;
+
 /// Upper bounds in microseconds.
 const BUCKETS_US: [u64; 14] = [
     250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000,
@@ -53,40 +55,6 @@ impl StatusCounts {
 pub struct RouteStats {
     pub responses: StatusCounts,
     pub latency: Histogram,
-}
-
-/// Why a request to a cluster failed without an upstream response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamError {
-    ConnectFailure,
-    Timeout,
-    Reset,
-    Overflow,
-    NoHealthyUpstream,
-    /// A response no client may be sent: a status outside 100-599, or a 101 nobody asked for.
-    InvalidResponse,
-}
-
-impl UpstreamError {
-    const ALL: [UpstreamError; 6] = [
-        UpstreamError::ConnectFailure,
-        UpstreamError::Timeout,
-        UpstreamError::Reset,
-        UpstreamError::Overflow,
-        UpstreamError::NoHealthyUpstream,
-        UpstreamError::InvalidResponse,
-    ];
-    /// Also the value of the `x-ferrum-error` response header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UpstreamError::ConnectFailure => "upstream_connect_failure",
-            UpstreamError::Timeout => "upstream_timeout",
-            UpstreamError::Reset => "upstream_reset",
-            UpstreamError::Overflow => "upstream_overflow",
-            UpstreamError::NoHealthyUpstream => "no_healthy_upstream",
-            UpstreamError::InvalidResponse => "upstream_invalid_response",
-        }
-    }
 }
 
 #[derive(Default)]
@@ -247,7 +215,7 @@ impl StatusCounts {
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> Fmt {
         let r = &*self.registry;
-        let (counter, gauge, histogram) = (MetricType::Counter, MetricType::Gauge, MetricType::Histogram);
+        let (counter, gauge) = (MetricType::Counter, MetricType::Gauge);
         let load = |a: &AtomicU64| a.load(Relaxed) as i64;
         single(
             &mut enc,
@@ -305,9 +273,19 @@ impl Collector for Scrape {
         )?;
         self.encode_heap(&mut enc)?;
         self.encode_mesh(&mut enc)?;
-        let routes = r.routes.lock().unwrap().clone();
+        self.encode_routes(&mut enc)?;
+        self.encode_clusters(&mut enc)?;
+        self.encode_endpoints(&mut enc)
+    }
+}
+
+impl Scrape {
+    /// Responses and their latency by route.
+    fn encode_routes(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let (counter, histogram) = (MetricType::Counter, MetricType::Histogram);
+        let routes = self.registry.routes.lock().unwrap().clone();
         family(
-            &mut enc,
+            enc,
             "ferrum_route_requests",
             "Responses by route and status class.",
             counter,
@@ -326,9 +304,14 @@ impl Collector for Scrape {
         for (name, s) in &routes {
             s.latency.encode(&mut m.encode_family(&[("route", name.as_str())])?)?;
         }
-        self.encode_clusters(&mut enc)?;
+        Ok(())
+    }
+
+    /// Health and requests in flight by endpoint.
+    fn encode_endpoints(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let gauge = MetricType::Gauge;
         family(
-            &mut enc,
+            enc,
             "ferrum_endpoint_healthy",
             "1 when the endpoint receives traffic (health checks and outlier detection).",
             gauge,
@@ -340,7 +323,7 @@ impl Collector for Scrape {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "ferrum_endpoint_active_requests",
             "Requests in flight per endpoint.",
             gauge,
@@ -352,9 +335,7 @@ impl Collector for Scrape {
             }),
         )
     }
-}
 
-impl Scrape {
     /// The allocator's figures (where it reports them) and how often the heap was released.
     fn encode_heap(&self, enc: &mut DescriptorEncoder) -> Fmt {
         if let Some(h) = crate::memory::heap() {

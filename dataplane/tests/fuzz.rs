@@ -302,7 +302,7 @@ proptest! {
         lb in any::<i32>(),
         port in any::<u32>(),
     ) {
-        let mut r = map::Resources::default();
+        let mut r = map::EnvoyResources::default();
         let rc = route::RouteConfiguration {
             name: "rc".into(),
             virtual_hosts: vec![route::VirtualHost {
@@ -325,7 +325,7 @@ proptest! {
 
     #[test]
     fn xds_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        let mut r = map::Resources::default();
+        let mut r = map::EnvoyResources::default();
         if let Ok(l) = listener::Listener::decode(&bytes[..]) {
             r.listeners.insert(l.name.clone(), l);
         }

@@ -12,8 +12,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+use crate::proxies::Proxies;
 use crate::publish::Publisher;
-use crate::subscribe::Proxies;
 
 pub struct Admin {
     pub publisher: Arc<Publisher>,

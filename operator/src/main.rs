@@ -6,6 +6,7 @@ mod ca;
 mod controller;
 mod jwks;
 mod leader;
+mod proxies;
 mod publish;
 mod status;
 mod subscribe;
@@ -223,7 +224,7 @@ async fn run(args: Args) -> ExitCode {
 async fn serve(args: Args) -> Result<(), StartError> {
     let client = kube::Client::try_default().await.map_err(StartError::Kubernetes)?;
     let publisher = publish::Publisher::new(ferrum_snapshot::CONTROLLER_NAME.into());
-    let proxies = Arc::new(subscribe::Proxies::default());
+    let proxies = Arc::new(proxies::Proxies::default());
     let ready = Arc::new(AtomicBool::new(false));
     let leader = Arc::new(AtomicBool::new(false));
     let kinds = controller::Kinds::default();

@@ -150,7 +150,7 @@ impl Publisher {
         }));
         Arc::new(Publisher {
             controller_name,
-            base: crate::subscribe::now_ms(),
+            base: crate::proxies::now_ms(),
             current: Mutex::new(Arc::new(Published {
                 generation: 0,
                 resources: Arc::new(Resources::default()),

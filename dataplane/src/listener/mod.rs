@@ -19,8 +19,9 @@ use tokio::sync::watch;
 
 use ferrum_snapshot::model::Protocol as SnapProtocol;
 
+use crate::dataplane::Shared;
 use crate::limits::{MAX_HEADER_BYTES, MAX_HEADERS};
-use crate::proxy::{self, ConnInfo, Shared};
+use crate::proxy::{self, ConnInfo};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::access_log::Entry;
-use crate::proxy::Shared;
+use crate::dataplane::Shared;
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);

@@ -1,7 +1,6 @@
 //! The request path: one atomic load of the compiled config, host and route lookup, then a
 //! redirect or a forward with balancing, breaker, timeouts and retries.
 
-pub mod body;
 pub mod headers;
 pub mod path;
 pub mod upgrade;
@@ -11,32 +10,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use ferrum_snapshot::model::{HashOn, PathMatch, PathRewrite, Redirect};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::{Body as _, Incoming};
 use opentelemetry::trace::SpanKind;
 
-use crate::compile::{Compiled, CompiledListener};
+use crate::compile::CompiledListener;
+use crate::dataplane::Shared;
 use crate::limits::Limits;
 use crate::mesh::l7::Verdict;
 use crate::router::Route;
-use crate::telemetry::{Registry, UpstreamError};
+use crate::upstream::body::{self, RequestBody, ResponseBody};
 use crate::upstream::{
     ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
+    UpstreamError,
 };
-use body::{RequestBody, ResponseBody};
 use headers::X_FERRUM_ERROR;
-
-/// State every connection shares.
-pub struct Shared {
-    pub config: ArcSwap<Compiled>,
-    pub registry: Arc<Registry>,
-    pub limits: Limits,
-    pub access_log: crate::access_log::AccessLog,
-    pub tracing: crate::trace::Tracing,
-}
 
 /// Why the proxy answered by itself; the value goes in `x-ferrum-error`.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +145,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
         .remove::<crate::access_log::UpstreamHost>()
         .map(|h| h.0);
     let log = listener.access_log;
-    resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.clone()))
+    resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.access_log.clone()))
 }
 
 /// Answers one request on `listener`; notes its route and cluster in `log`, when logging.

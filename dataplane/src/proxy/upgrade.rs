@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::body::ResponseBody;
 use super::headers;
+use crate::upstream::body::ResponseBody;
 use crate::upstream::{EndpointGuard, RequestGuard};
 
 /// A client's request to switch protocols.

@@ -142,17 +142,7 @@ pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
 }
 
 async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
-    let channel = match (&s.tls, s.url.strip_prefix("https://")) {
-        (Some((name, roots)), Some(addr)) => {
-            let roots = crate::mesh::identity::read_roots(roots)?;
-            crate::mesh::identity::tls_channel(addr.trim_end_matches('/'), name, roots).await?
-        }
-        _ => super::connect(&s.url).await.map_err(|source| CpError::Connect {
-            url: s.url.clone(),
-            source,
-        })?,
-    };
-    let mut client = MeshSubscribeClient::new(channel).max_decoding_message_size(256 << 20);
+    let mut client = MeshSubscribeClient::new(channel(s).await?).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(8);
     let current = dp.shared.config.load().snapshot.clone();
     let hello = Hello {
@@ -162,8 +152,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
         current_version: current.version,
         current_hash: current.hash.clone(),
     };
-    let send = |m| SubscribeRequest { message: Some(m) };
-    let _ = tx.send(send(subscribe_request::Message::Hello(hello))).await;
+    let _ = tx.send(request(subscribe_request::Message::Hello(hello))).await;
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     if let Some(t) = s.bearer()
         && let Ok(v) = format!("Bearer {t}").parse()
@@ -172,25 +161,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
     }
     let mut stream = client.subscribe(req).await?.into_inner();
     tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the control plane");
-    let beat_tx = tx.clone();
-    let beats = tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            t.tick().await;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            if beat_tx
-                .send(send(subscribe_request::Message::Heartbeat(Heartbeat {
-                    unix_millis: now,
-                })))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
+    let beats = tokio::spawn(heartbeats(tx.clone()));
     let mut partial: Vec<u8> = Vec::new();
     let result = loop {
         let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
@@ -220,32 +191,70 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
         }
         let (version, hash, delta) = (snap.version, snap.hash.clone(), snap.delta);
         let outcome = apply(dp, snap, s.cache.clone()).await;
-        if let Err(e) = &outcome {
-            tracing::error!(version, delta, error = %e.error, "rejected snapshot from the control plane; still serving the last good one");
-        } else {
-            tracing::info!(version, delta, "applied snapshot from the control plane");
+        match &outcome {
+            Err(e) => {
+                tracing::error!(version, delta, error = %e.error, "rejected snapshot from the control plane; still serving the last good one")
+            }
+            Ok(()) => tracing::info!(version, delta, "applied snapshot from the control plane"),
         }
-        let ack = match outcome {
-            Ok(()) => Ack {
-                version,
-                hash,
-                applied: true,
-                ..Default::default()
-            },
-            Err(r) => Ack {
-                version,
-                hash,
-                applied: false,
-                error: r.error,
-                resync: r.resync,
-            },
-        };
-        if tx.send(send(subscribe_request::Message::Ack(ack))).await.is_err() {
+        let ack = request(subscribe_request::Message::Ack(ack(version, hash, outcome)));
+        if tx.send(ack).await.is_err() {
             break Err(CpError::Closed);
         }
     };
     beats.abort();
     result
+}
+
+/// The gRPC channel to the control plane: TLS checked against the mesh roots when configured.
+async fn channel(s: &Settings) -> Result<tonic::transport::Channel, CpError> {
+    match (&s.tls, s.url.strip_prefix("https://")) {
+        (Some((name, roots)), Some(addr)) => {
+            let roots = crate::mesh::identity::read_roots(roots)?;
+            Ok(crate::mesh::identity::tls_channel(addr.trim_end_matches('/'), name, roots).await?)
+        }
+        _ => super::connect(&s.url).await.map_err(|source| CpError::Connect {
+            url: s.url.clone(),
+            source,
+        }),
+    }
+}
+
+fn request(m: subscribe_request::Message) -> SubscribeRequest {
+    SubscribeRequest { message: Some(m) }
+}
+
+/// Says we are alive every 10 s until the stream is gone.
+async fn heartbeats(tx: mpsc::Sender<SubscribeRequest>) {
+    let mut t = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        t.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let beat = request(subscribe_request::Message::Heartbeat(Heartbeat { unix_millis: now }));
+        if tx.send(beat).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn ack(version: u64, hash: String, outcome: Result<(), Rejection>) -> Ack {
+    match outcome {
+        Ok(()) => Ack {
+            version,
+            hash,
+            applied: true,
+            ..Default::default()
+        },
+        Err(r) => Ack {
+            version,
+            hash,
+            applied: false,
+            error: r.error,
+            resync: r.resync,
+        },
+    }
 }
 
 /// Why a snapshot was not applied; `resync` asks for the full snapshot (a delta did not fit).

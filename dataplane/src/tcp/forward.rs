@@ -10,8 +10,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::dataplane::Shared;
 use crate::mesh::policy::GatewayDecision;
-use crate::proxy::{ConnInfo, Shared};
+use crate::proxy::ConnInfo;
 
 /// The most a client may send before its ClientHello is complete.
 const MAX_HELLO: usize = 64 * 1024;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use http::{Request, Uri};
 use http_body_util::BodyExt;
 
+use super::body::RequestBody;
 use super::{ClusterRuntime, EndpointState};
-use crate::proxy::body::RequestBody;
 
 /// A health check reads at most this much of a response body before it closes the connection.
 const HEALTH_BODY_LIMIT: usize = 64 * 1024;

@@ -5,7 +5,9 @@
 //! ejections) is carried over by address, so a reload does not forget what it learned.
 
 pub mod balance;
+pub mod body;
 pub mod connector;
+mod failure;
 pub mod health;
 pub mod pool;
 pub mod retry;
@@ -19,7 +21,9 @@ use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection};
 use http::uri::{Authority, Scheme};
 use tokio::sync::Notify;
 
-use crate::telemetry::{ClusterStats, EndpointHealth, UpstreamError};
+pub use failure::UpstreamError;
+
+use crate::telemetry::{ClusterStats, EndpointHealth};
 use balance::{Balancer, Candidate};
 pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels};
 pub use pool::{Lease, Pool, PoolError};

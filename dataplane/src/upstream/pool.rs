@@ -23,9 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
 use tower_service::Service;
 
+use super::body::RequestBody;
 use super::connector::{BoxError, Connector};
 use super::now_ms;
-use crate::proxy::body::RequestBody;
 
 /// Why a request got no response from the pool.
 #[derive(Debug, thiserror::Error)]

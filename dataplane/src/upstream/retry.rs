@@ -1,7 +1,7 @@
 //! Which try outcomes a cluster retries, compiled once from the policy's condition names so a
 //! failed try is judged without comparing strings.
 
-use crate::telemetry::UpstreamError;
+use super::UpstreamError;
 
 /// A retry policy's `on` list (`connect-failure`, `reset`, `5xx`, `gateway-error`, status codes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

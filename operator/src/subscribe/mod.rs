@@ -1,10 +1,10 @@
 //! The MeshSubscribe gRPC service: every connected proxy gets the latest snapshot for its role,
 //! and the operator keeps what each proxy says it applied.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribe;
@@ -13,83 +13,15 @@ use ferrum_proto::mesh::v1::{
 };
 use ferrum_snapshot::Secrets;
 use futures_util::Stream;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::service::Authenticator;
+use crate::proxies::{Proxies, ProxyState, Registration, now_ms};
 use crate::publish::{Encoded, Publisher, Scope, parse_role};
 
 /// How often each side says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
-/// Streams one node id may hold at once (a restarting proxy briefly has two).
-const STREAMS_PER_NODE: usize = 2;
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyState {
-    pub node_id: String,
-    pub role: String,
-    pub proxy_version: String,
-    pub peer: String,
-    pub protocol: &'static str,
-    pub connected_since_unix_ms: u64,
-    pub last_seen_unix_ms: u64,
-    pub sent_version: u64,
-    /// Updates sent as deltas, and as full snapshots.
-    pub deltas_sent: u64,
-    pub full_sent: u64,
-    pub applied_version: u64,
-    pub applied_hash: String,
-    pub last_rejection: Option<String>,
-    pub rejected_version: Option<u64>,
-}
-
-/// Connected proxies, keyed by node id and stream number. Not on any hot path.
-#[derive(Default)]
-pub struct Proxies {
-    streams: Mutex<BTreeMap<(String, u64), ProxyState>>,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl Proxies {
-    /// Adds a stream, within the per-node limit; it is removed when the registration drops.
-    pub fn register(self: &Arc<Self>, state: ProxyState) -> Result<Registration, Status> {
-        let mut streams = self.streams.lock().unwrap();
-        let open = streams.keys().filter(|(n, _)| *n == state.node_id).count();
-        if open >= STREAMS_PER_NODE {
-            return Err(Status::resource_exhausted(format!(
-                "node {:?} already has {open} open streams",
-                state.node_id
-            )));
-        }
-        let key = (
-            state.node_id.clone(),
-            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        );
-        streams.insert(key.clone(), state);
-        Ok(Registration {
-            proxies: self.clone(),
-            key,
-        })
-    }
-
-    pub fn list(&self) -> Vec<ProxyState> {
-        self.streams.lock().unwrap().values().cloned().collect()
-    }
-
-    pub fn update(&self, key: &(String, u64), f: impl FnOnce(&mut ProxyState)) {
-        if let Some(p) = self.streams.lock().unwrap().get_mut(key) {
-            f(p);
-        }
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 pub struct Service {
     pub publisher: Arc<Publisher>,
@@ -100,25 +32,6 @@ pub struct Service {
     /// message per stream (and keeps the buffer), which for 100 proxies and a 10,000-route
     /// snapshot was ~50 MiB held for nothing.
     pub chunk: usize,
-}
-
-/// Removes the stream from the table when its task ends, however it ends.
-pub struct Registration {
-    proxies: Arc<Proxies>,
-    pub key: (String, u64),
-}
-
-impl Registration {
-    pub fn update(&self, f: impl FnOnce(&mut ProxyState)) {
-        self.proxies.update(&self.key, f);
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.proxies.streams.lock().unwrap().remove(&self.key);
-        tracing::info!(node = %self.key.0, "proxy disconnected");
-    }
 }
 
 /// The bearer token of a request, if any.
@@ -292,7 +205,7 @@ impl Session {
                         Ok(())
                     }
                     Ok(Some(_)) => {
-                        self.reg.proxies.update(&self.reg.key, |p| p.last_seen_unix_ms = now_ms());
+                        self.reg.update(|p| p.last_seen_unix_ms = now_ms());
                         Ok(())
                     }
                     Ok(None) | Err(_) => Err(Closed),
@@ -319,7 +232,7 @@ impl Session {
         self.last_sent_hash = snap.hash.clone();
         self.sent_delta = snap.base.is_some();
         let sent_delta = self.sent_delta;
-        self.reg.proxies.update(&self.reg.key, |p| {
+        self.reg.update(|p| {
             p.sent_version = snap.version;
             if sent_delta {
                 p.deltas_sent += 1
@@ -355,7 +268,7 @@ impl Session {
     }
 
     fn on_ack(&mut self, ack: &Ack, generations: &mut watch::Receiver<u64>) {
-        self.reg.proxies.update(&self.reg.key, |p| {
+        self.reg.update(|p| {
             p.last_seen_unix_ms = now_ms();
             if ack.applied {
                 p.applied_version = ack.version;

@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::{self, CLUSTER, LISTENER, PUSH_ORDER};
+use crate::proxies::{Proxies, ProxyState, Registration, now_ms};
 use crate::publish::Publisher;
-use crate::subscribe::{Proxies, ProxyState, Registration, now_ms};
 
 pub struct Ads {
     pub publisher: Arc<Publisher>,
@@ -38,8 +38,8 @@ pub struct Ads {
 /// One generation's resources and what changed since the one before, computed once.
 pub struct Generation {
     version: u64,
-    res: Arc<resources::Resources>,
-    prev: Option<Arc<resources::Resources>>,
+    res: Arc<resources::EnvoyResources>,
+    prev: Option<Arc<resources::EnvoyResources>>,
     /// Per type: names added or changed since `prev`…
     changed: BTreeMap<&'static str, BTreeSet<String>>,
     /// …and whether any went away.
@@ -55,12 +55,12 @@ impl Generation {
         self.version
     }
 
-    pub(super) fn resources(&self) -> &Arc<resources::Resources> {
+    pub(super) fn resources(&self) -> &Arc<resources::EnvoyResources> {
         &self.res
     }
 
     /// The generation before this one, when there was one.
-    pub(super) fn previous(&self) -> Option<&Arc<resources::Resources>> {
+    pub(super) fn previous(&self) -> Option<&Arc<resources::EnvoyResources>> {
         self.prev.as_ref()
     }
 
@@ -259,7 +259,7 @@ struct TypeState {
     nonce: u64,
     /// The generation last sent from and the subscription it was sent for: enough to send only
     /// what changed, with nothing copied per client.
-    sent_from: Option<Arc<resources::Resources>>,
+    sent_from: Option<Arc<resources::EnvoyResources>>,
     sent_for: u64,
     acked_version: String,
     /// The first nonce of the last (possibly split) answer: a NACK of any part of it counts.
@@ -537,7 +537,6 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use ferrum_proto::xds::{CLUSTER, ENDPOINT};
@@ -546,7 +545,7 @@ mod tests {
 
     use super::*;
     use crate::xds::grpc::Read;
-    use crate::xds::test_world::{CONTROLLER, ads, cluster, world};
+    use crate::xds::test_world::{cluster, clusters, node, published, world};
 
     type Answers = mpsc::Receiver<Result<DiscoveryResponse, Status>>;
 
@@ -565,10 +564,7 @@ mod tests {
 
     fn request(type_url: &str, names: &[String], version: &str, nonce: &str) -> SotwRequest {
         let r = DiscoveryRequest {
-            node: Some(Node {
-                id: "envoy-1".into(),
-                ..Default::default()
-            }),
+            node: node(),
             type_url: type_url.into(),
             resource_names: names.to_vec(),
             version_info: version.into(),
@@ -599,17 +595,11 @@ mod tests {
         (got, nonce)
     }
 
-    fn names(v: &[&str]) -> BTreeSet<String> {
-        v.iter().map(|s| cluster(s)).collect()
-    }
-
     /// SotW CDS answers are whole: a cluster the new generation dropped is still in the first
     /// one (routes may point at it until LDS/RDS arrive) and gone from the last.
     #[tokio::test]
     async fn a_removed_cluster_lingers_until_the_routes_have_moved_off_it() {
-        let publisher = Publisher::new(CONTROLLER.into());
-        publisher.publish(world(&["echo", "web"], 1));
-        let ads = ads(publisher.clone());
+        let (publisher, ads) = published(&["echo", "web"], 1);
         let (mut s, mut rx) = stream(&ads);
         assert!(s.on_request(request(CLUSTER, &[], "", ""), "peer").await.unwrap());
         let eds = [cluster("echo"), cluster("web")];
@@ -618,8 +608,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (CLUSTER.to_string(), names(&["echo", "web"])),
-                (ENDPOINT.to_string(), names(&["echo", "web"]))
+                (CLUSTER.to_string(), clusters(&["echo", "web"])),
+                (ENDPOINT.to_string(), clusters(&["echo", "web"]))
             ]
         );
 
@@ -629,9 +619,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (CLUSTER.to_string(), names(&["echo", "web"])),
-                (ENDPOINT.to_string(), names(&["echo"])),
-                (CLUSTER.to_string(), names(&["echo"])),
+                (CLUSTER.to_string(), clusters(&["echo", "web"])),
+                (ENDPOINT.to_string(), clusters(&["echo"])),
+                (CLUSTER.to_string(), clusters(&["echo"])),
             ]
         );
         // Nothing new: nothing sent.
@@ -641,10 +631,8 @@ mod tests {
 
     #[tokio::test]
     async fn acks_send_nothing_and_a_nack_of_the_last_answer_is_recorded() {
-        let publisher = Publisher::new(CONTROLLER.into());
-        publisher.publish(world(&["echo"], 1));
+        let (publisher, ads) = published(&["echo"], 1);
         let version = publisher.current().generation.to_string();
-        let ads = ads(publisher.clone());
         let (mut s, mut rx) = stream(&ads);
         s.on_request(request(CLUSTER, &[], "", ""), "peer").await.unwrap();
         let (_, nonce) = answers(&mut rx);
@@ -660,10 +648,7 @@ mod tests {
         );
 
         let mut nack = DiscoveryRequest {
-            node: Some(Node {
-                id: "envoy-1".into(),
-                ..Default::default()
-            }),
+            node: node(),
             type_url: CLUSTER.into(),
             response_nonce: "41".into(),
             error_detail: Some(envoy_types::pb::google::rpc::Status {

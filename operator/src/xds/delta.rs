@@ -13,7 +13,7 @@ use tonic::Status;
 
 use super::ads::{Ads, Generation};
 use super::resources::{CLUSTER, LISTENER, PUSH_ORDER};
-use crate::subscribe::{Registration, now_ms};
+use crate::proxies::{Registration, now_ms};
 
 #[derive(Default)]
 struct TypeState {
@@ -314,22 +314,17 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
     use ferrum_proto::xds::{CLUSTER, ENDPOINT};
     use tokio::sync::mpsc;
 
     use super::DeltaStream;
-    use crate::publish::Publisher;
     use crate::xds::ads::Ads;
-    use crate::xds::test_world::{CONTROLLER, ads, cluster, world};
+    use crate::xds::test_world::{cluster, clusters, node, published, world};
 
     fn request(type_url: &str) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {
-            node: Some(Node {
-                id: "envoy-1".into(),
-                ..Default::default()
-            }),
+            node: node(),
             type_url: type_url.into(),
             ..Default::default()
         }
@@ -353,27 +348,21 @@ mod tests {
             .collect()
     }
 
-    fn names(v: &[&str]) -> BTreeSet<String> {
-        v.iter().map(|s| cluster(s)).collect()
-    }
-
     #[tokio::test]
     async fn a_push_sends_what_changed_and_removes_clusters_after_their_endpoints() {
-        let publisher = Publisher::new(CONTROLLER.into());
-        publisher.publish(world(&["echo", "web"], 1));
-        let ads = ads(publisher.clone());
+        let (publisher, ads) = published(&["echo", "web"], 1);
         let (mut s, mut rx) = stream(&ads);
         assert!(s.on_request(request(CLUSTER), "peer").await.unwrap());
         assert_eq!(
             answers(&mut rx),
-            vec![(CLUSTER.into(), names(&["echo", "web"]), vec![])]
+            vec![(CLUSTER.into(), clusters(&["echo", "web"]), vec![])]
         );
         let mut eds = request(ENDPOINT);
         eds.resource_names_subscribe = vec![cluster("echo"), cluster("web")];
         assert!(s.on_request(eds, "peer").await.unwrap());
         assert_eq!(
             answers(&mut rx),
-            vec![(ENDPOINT.into(), names(&["echo", "web"]), vec![])]
+            vec![(ENDPOINT.into(), clusters(&["echo", "web"]), vec![])]
         );
 
         // Nothing changed: a push sends nothing at all.
@@ -387,7 +376,7 @@ mod tests {
         assert_eq!(
             answers(&mut rx),
             vec![
-                (ENDPOINT.into(), names(&["echo"]), vec![cluster("web")]),
+                (ENDPOINT.into(), clusters(&["echo"]), vec![cluster("web")]),
                 (CLUSTER.into(), BTreeSet::new(), vec![cluster("web")]),
             ]
         );
@@ -395,9 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reconnecting_client_is_sent_only_what_it_lacks() {
-        let publisher = Publisher::new(CONTROLLER.into());
-        publisher.publish(world(&["echo", "web"], 1));
-        let ads = ads(publisher.clone());
+        let (_, ads) = published(&["echo", "web"], 1);
         let (mut first, mut rx) = stream(&ads);
         first.on_request(request(CLUSTER), "peer").await.unwrap();
         let sent = rx.try_recv().unwrap().unwrap();
@@ -419,15 +406,13 @@ mod tests {
         again.on_request(req, "peer").await.unwrap();
         assert_eq!(
             answers(&mut rx),
-            vec![(CLUSTER.into(), names(&["web"]), vec![cluster("gone")])]
+            vec![(CLUSTER.into(), clusters(&["web"]), vec![cluster("gone")])]
         );
     }
 
     #[tokio::test]
     async fn a_nack_is_recorded_and_a_stale_nonce_is_ignored() {
-        let publisher = Publisher::new(CONTROLLER.into());
-        publisher.publish(world(&["echo"], 1));
-        let ads = ads(publisher.clone());
+        let (publisher, ads) = published(&["echo"], 1);
         let (mut s, mut rx) = stream(&ads);
         s.on_request(request(CLUSTER), "peer").await.unwrap();
         let nonce = rx.try_recv().unwrap().unwrap().nonce;

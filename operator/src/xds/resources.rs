@@ -102,7 +102,7 @@ fn header_values(set: &[(String, String)], append: bool) -> Vec<core::HeaderValu
 
 /// Envoy resources of one snapshot, by type URL and name, plus what could not be expressed.
 #[derive(Default)]
-pub struct Resources {
+pub struct EnvoyResources {
     pub by_type: BTreeMap<&'static str, BTreeMap<String, Any>>,
     /// Listeners for proxyless gRPC clients (`xds:///<hostname>`): only ever sent when asked for
     /// by name, since Envoy refuses an `api_listener` over LDS.
@@ -213,8 +213,8 @@ fn route_name(l: &model::Listener) -> String {
     format!("routes/{}", l.name)
 }
 
-pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
-    let mut out = Resources::default();
+pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
+    let mut out = EnvoyResources::default();
     for t in PUSH_ORDER {
         out.by_type.insert(t, BTreeMap::new());
     }
@@ -298,7 +298,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> Resources {
 }
 
 /// The listener's key pairs, as SDS secrets.
-fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut Resources) {
+fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut EnvoyResources) {
     for c in &l.certificates {
         match sds_secret(&c.source, secrets) {
             Some(sec) => {

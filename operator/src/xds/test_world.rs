@@ -1,6 +1,9 @@
 //! A small world for the ADS streams' unit tests: a Gateway routing to Services, published.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
 
 use ferrum_snapshot::Resources;
 
@@ -53,4 +56,25 @@ pub fn ads(publisher: Arc<Publisher>) -> Arc<Ads> {
         required: false,
     };
     Arc::new(Ads::new(publisher, Default::default(), Arc::new(access)))
+}
+
+/// The cluster names of `services`.
+pub fn clusters(services: &[&str]) -> BTreeSet<String> {
+    services.iter().map(|s| cluster(s)).collect()
+}
+
+/// A publisher that has published `world(services, host)`, and ADS over it.
+pub fn published(services: &[&str], host: u8) -> (Arc<Publisher>, Arc<Ads>) {
+    let publisher = Publisher::new(CONTROLLER.into());
+    publisher.publish(world(services, host));
+    let ads = ads(publisher.clone());
+    (publisher, ads)
+}
+
+/// The node every test client says it is.
+pub fn node() -> Option<Node> {
+    Some(Node {
+        id: "envoy-1".into(),
+        ..Default::default()
+    })
 }

@@ -31,9 +31,9 @@ const TCP_PROXY: &str = "type.googleapis.com/envoy.extensions.filters.network.tc
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 const ROUTER: &str = "envoy.filters.http.router";
 
-/// What the client holds, by type and name.
+/// The Envoy resources the client holds, by type and name.
 #[derive(Default, Clone)]
-pub struct Resources {
+pub struct EnvoyResources {
     pub listeners: BTreeMap<String, listener::Listener>,
     pub routes: BTreeMap<String, route::RouteConfiguration>,
     pub clusters: BTreeMap<String, cluster::Cluster>,
@@ -690,7 +690,7 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
 /// The snapshot the resources describe with the key pairs it names, or why they cannot be
 /// served. `Ok(None)`: some routes, endpoints or secrets a listener or cluster needs have not
 /// arrived yet.
-pub fn snapshot(r: &Resources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
+pub fn snapshot(r: &EnvoyResources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
     let mut listeners = Vec::new();
     let mut secrets = ferrum_snapshot::Secrets::new();
     for l in r.listeners.values() {
@@ -865,8 +865,8 @@ mod tests {
     }
 
     /// LDS, RDS, CDS and EDS for one HTTP listener routing `/api` to cluster `c`.
-    fn complete() -> Resources {
-        let mut r = Resources::default();
+    fn complete() -> EnvoyResources {
+        let mut r = EnvoyResources::default();
         r.listeners
             .insert("l".into(), http_listener(vec![filter(ROUTER, false)]));
         r.routes.insert("rc".into(), routes(prefix("/api")));

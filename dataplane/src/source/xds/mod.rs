@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
-use self::map::{CLUSTER, ENDPOINT, LISTENER, MapError, ROUTE, Resources, RouteSource, SECRET};
+use self::map::{CLUSTER, ENDPOINT, EnvoyResources, LISTENER, MapError, ROUTE, RouteSource, SECRET};
 use crate::dataplane::Dataplane;
 
 #[derive(Debug, Clone)]
@@ -110,7 +110,7 @@ fn type_of(url: &str) -> Option<&'static str> {
 
 /// `state` with one response taken in: LDS and CDS answers are the whole set, RDS, EDS and SDS
 /// answers replace the resources they carry.
-fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<Resources, MapError> {
+fn take(state: &EnvoyResources, resp: &DiscoveryResponse, type_url: &str) -> Result<EnvoyResources, MapError> {
     let mut next = state.clone();
     match type_url {
         LISTENER => {
@@ -157,7 +157,7 @@ fn take(state: &Resources, resp: &DiscoveryResponse, type_url: &str) -> Result<R
 
 /// The SDS secrets the listeners name (a listener that cannot be mapped names none; it is
 /// NACKed when the snapshot is made).
-fn sds_names(r: &Resources) -> Vec<String> {
+fn sds_names(r: &EnvoyResources) -> Vec<String> {
     r.listeners
         .values()
         .filter_map(|l| map::listener_tls(l).ok().flatten())
@@ -165,7 +165,7 @@ fn sds_names(r: &Resources) -> Vec<String> {
         .collect()
 }
 
-fn route_names(r: &Resources) -> Vec<String> {
+fn route_names(r: &EnvoyResources) -> Vec<String> {
     r.listeners
         .values()
         .filter_map(|l| match map::listener_routes(l) {
@@ -175,7 +175,7 @@ fn route_names(r: &Resources) -> Vec<String> {
         .collect()
 }
 
-fn eds_names(r: &Resources) -> Vec<String> {
+fn eds_names(r: &EnvoyResources) -> Vec<String> {
     use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
     r.clusters
         .values()
@@ -211,7 +211,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
     }
     let mut stream = ads.stream_aggregated_resources(req).await?.into_inner();
     tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the xDS server");
-    let mut state = Resources::default();
+    let mut state = EnvoyResources::default();
     let mut version = dp.shared.config.load().snapshot.version;
     while let Some(resp) = stream.message().await? {
         let Some(type_url) = type_of(&resp.type_url) else {

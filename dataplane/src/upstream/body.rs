@@ -130,7 +130,7 @@ pub struct Observed {
     entry: Option<crate::access_log::Entry>,
     log: bool,
     span: Option<crate::trace::RequestSpan>,
-    shared: Arc<super::Shared>,
+    access_log: Arc<crate::access_log::AccessLog>,
 }
 
 impl Observed {
@@ -139,14 +139,14 @@ impl Observed {
         entry: crate::access_log::Entry,
         log: bool,
         span: Option<crate::trace::RequestSpan>,
-        shared: Arc<super::Shared>,
+        access_log: Arc<crate::access_log::AccessLog>,
     ) -> ResponseBody {
         ResponseBody::Observed(Box::new(Observed {
             inner,
             entry: Some(entry),
             log,
             span,
-            shared,
+            access_log,
         }))
     }
 
@@ -158,7 +158,7 @@ impl Observed {
                 span.end(&e);
             }
             if self.log {
-                self.shared.access_log.send(e);
+                self.access_log.send(e);
             }
         }
     }
