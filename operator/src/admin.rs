@@ -72,13 +72,13 @@ impl Admin {
             "/resources" => json(self.publisher.current().resources.to_list()),
             "/snapshot" => {
                 let cur = self.publisher.current();
-                json(serde_json::to_value(&cur.full.snapshot).unwrap_or_default())
+                json(serde_json::to_value(&cur.translation.snapshot).unwrap_or_default())
             }
             "/problems" => {
                 let cur = self.publisher.current();
                 json(serde_json::json!({
                     "generation": cur.generation,
-                    "problems": cur.full.problems.iter().map(|p| serde_json::json!({
+                    "problems": cur.translation.problems.iter().map(|p| serde_json::json!({
                         "object": p.object.to_string(), "field": p.field, "reason": p.reason.as_str(), "message": p.message,
                         // A condition the object reports, not input the translator refused.
                         "condition": p.reason.is_condition(),
@@ -113,7 +113,7 @@ impl Admin {
                 (
                     "ferrum_operator_full_translate_milliseconds",
                     "Time the last full (non-incremental) translation took.",
-                    cur.full_translate_ms as i64,
+                    cur.cold_translate_ms as i64,
                 ),
                 (
                     "ferrum_operator_delta_bytes",
@@ -123,7 +123,7 @@ impl Admin {
                 (
                     "ferrum_operator_problems",
                     "Objects with a problem in the last translation.",
-                    cur.full.problems.len() as i64,
+                    cur.translation.problems.len() as i64,
                 ),
                 (
                     "ferrum_operator_leader",

@@ -399,7 +399,7 @@ async fn status_loop(client: kube::Client, publisher: Arc<publish::Publisher>, l
         if !leader.load(Relaxed) || cur.generation == written_for || cur.generation == 0 {
             continue;
         }
-        let n = status::write_all(&client, &cur.resources, &cur.full).await;
+        let n = status::write_all(&client, &cur.resources, &cur.translation).await;
         if n > 0 {
             tracing::info!(generation = cur.generation, written = n, "status updated");
         }

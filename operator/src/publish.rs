@@ -17,10 +17,11 @@ use tokio::sync::watch;
 pub struct Published {
     pub generation: u64,
     pub resources: Arc<Resources>,
-    pub full: Arc<Translation>,
+    /// The translation of every Gateway and the mesh (what each scope is projected from).
+    pub translation: Arc<Translation>,
     pub translate_ms: u64,
     /// The last translation that reused nothing (the first, or after a Gateway changed).
-    pub full_translate_ms: u64,
+    pub cold_translate_ms: u64,
     /// How the previous generation's snapshot (for every Gateway) becomes this one.
     pub delta: Option<Arc<Encoded>>,
     pub stats: ferrum_snapshot::translate::Stats,
@@ -91,7 +92,8 @@ struct RoleState {
     incremental: Option<Incremental>,
     generation: u64,
     snapshot: Option<Snapshot>,
-    full: Option<Arc<Encoded>>,
+    /// The snapshot itself (not a delta), encoded on first demand.
+    whole: Option<Arc<Encoded>>,
     delta: Option<Arc<Encoded>>,
 }
 
@@ -154,7 +156,7 @@ impl Publisher {
             current: Mutex::new(Arc::new(Published {
                 generation: 0,
                 resources: Arc::new(Resources::default()),
-                full: Arc::new(Translation {
+                translation: Arc::new(Translation {
                     snapshot: Snapshot::default(),
                     problems: vec![],
                     attachments: vec![],
@@ -163,7 +165,7 @@ impl Publisher {
                     secrets: Default::default(),
                 }),
                 translate_ms: 0,
-                full_translate_ms: 0,
+                cold_translate_ms: 0,
                 delta: None,
                 stats: Default::default(),
             })),
@@ -192,10 +194,10 @@ impl Publisher {
         };
         let translate_ms = started.elapsed().as_millis() as u64;
         let same = prev.generation > 0
-            && full.snapshot.hash == prev.full.snapshot.hash
-            && full.problems == prev.full.problems
-            && full.attachments == prev.full.attachments
-            && full.gateways == prev.full.gateways;
+            && full.snapshot.hash == prev.translation.snapshot.hash
+            && full.problems == prev.translation.problems
+            && full.attachments == prev.translation.attachments
+            && full.gateways == prev.translation.gateways;
         // Per-role snapshots depend on objects the full one may not show (e.g. a Gateway of
         // another class): compare the inputs too.
         let same = same && res_fingerprint(&res) == res_fingerprint(&prev.resources);
@@ -204,7 +206,8 @@ impl Publisher {
         }
         // Proxies that have the previous generation (nearly all of them) get only what changed:
         // work out and encode that once, now, before waking anyone.
-        let delta = (prev.generation > 0).then(|| Encoded::delta(&prev.full.snapshot, &full.snapshot, &full.secrets));
+        let delta =
+            (prev.generation > 0).then(|| Encoded::delta(&prev.translation.snapshot, &full.snapshot, &full.secrets));
         tracing::info!(
             generation,
             translate_ms,
@@ -219,12 +222,12 @@ impl Publisher {
         *self.current.lock().unwrap() = Arc::new(Published {
             generation,
             resources: Arc::new(res),
-            full: Arc::new(full),
+            translation: Arc::new(full),
             translate_ms,
-            full_translate_ms: if stats.routes_reused == 0 {
+            cold_translate_ms: if stats.routes_reused == 0 {
                 translate_ms
             } else {
-                prev.full_translate_ms
+                prev.cold_translate_ms
             },
             delta,
             stats,
@@ -262,19 +265,19 @@ impl Publisher {
                 {
                     return d.clone();
                 }
-                return self.full_snapshot();
+                return self.every_gateway();
             }
             Scope::Gateway(gw) => (format!("gateway/{}/{}", gw.namespace, gw.name), Some(gw)),
             // A sidecar gets the Services its namespace sees (exportTo) and only the policies
             // that select its workload; sidecars that see the same share one projection.
-            Scope::Sidecar { namespace, pod } => (sidecar_key(&cur.full.snapshot, namespace, pod), None),
+            Scope::Sidecar { namespace, pod } => (sidecar_key(&cur.translation.snapshot, namespace, pod), None),
         };
         let mut scopes = self.scopes.lock().unwrap();
         let st = scopes.entry(key).or_insert_with(|| RoleState {
             incremental: gateway.map(|gw| Incremental::new(self.options(Some(gw.clone())))),
             generation: 0,
             snapshot: None,
-            full: None,
+            whole: None,
             delta: None,
         });
         if st.generation != cur.generation {
@@ -285,16 +288,18 @@ impl Publisher {
                     let Scope::Sidecar { namespace, pod } = scope else {
                         unreachable!("only sidecars have no translator")
                     };
-                    let snap = &cur.full.snapshot;
+                    let snap = &cur.translation.snapshot;
                     let own = snap.workload_or_placeholder(namespace, pod);
-                    snap.mesh_view(&cur.full.digests, Some(&own), |p| p.applies_to(&own))
+                    snap.mesh_view(&cur.translation.digests, Some(&own), |p| p.applies_to(&own))
                 }
             };
             match &st.snapshot {
                 Some(prev) if prev.hash == next.hash => {}
                 prev => {
-                    st.delta = prev.as_ref().map(|p| Encoded::delta(p, &next, &cur.full.secrets));
-                    st.full = None;
+                    st.delta = prev
+                        .as_ref()
+                        .map(|p| Encoded::delta(p, &next, &cur.translation.secrets));
+                    st.whole = None;
                     st.snapshot = Some(next);
                 }
             }
@@ -306,21 +311,21 @@ impl Publisher {
         {
             return d.clone();
         }
-        st.full
-            .get_or_insert_with(|| Encoded::new(snap, &cur.full.secrets))
+        st.whole
+            .get_or_insert_with(|| Encoded::new(snap, &cur.translation.secrets))
             .clone()
     }
 
     /// The snapshot for every Gateway at the current generation, encoded once (on first
     /// demand) however many proxies ask.
-    pub fn full_snapshot(&self) -> Arc<Encoded> {
+    pub fn every_gateway(&self) -> Arc<Encoded> {
         let cur = self.current();
         let mut all = self.all.lock().unwrap();
         if all.0 != cur.generation {
             *all = (cur.generation, None);
         }
         all.1
-            .get_or_insert_with(|| Encoded::new(&cur.full.snapshot, &cur.full.secrets))
+            .get_or_insert_with(|| Encoded::new(&cur.translation.snapshot, &cur.translation.secrets))
             .clone()
     }
 }

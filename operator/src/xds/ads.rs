@@ -142,7 +142,10 @@ impl Ads {
         {
             return g.clone();
         }
-        let res = Arc::new(resources::translate(&cur.full.snapshot, &cur.full.secrets));
+        let res = Arc::new(resources::translate(
+            &cur.translation.snapshot,
+            &cur.translation.secrets,
+        ));
         let prev = cache.as_ref().map(|g| g.res.clone());
         // Once when it appears, not every generation: what Envoy and gRPC clients are not told
         // (a policy that fails closed, a feature they do not get).
