@@ -373,6 +373,76 @@ fn res_fingerprint(r: &Resources) -> Vec<(String, String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xds::test_world::{CONTROLLER, world};
+
+    fn gateway(name: &str) -> Scope {
+        parse_role(&format!("gateway/default/{name}")).unwrap()
+    }
+
+    fn decode(e: &Encoded) -> serde_json::Value {
+        let json = std::io::read_to_string(flate2::read::GzDecoder::new(&e.body[..])).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// A proxy that has the previous generation gets the delta from it; any other gets the
+    /// whole snapshot; each is encoded once however many proxies ask.
+    #[test]
+    fn a_proxy_one_generation_behind_gets_a_delta_and_any_other_the_whole_snapshot() {
+        let p = Publisher::new(CONTROLLER.into());
+        assert!(p.publish(world(&["echo"], 1)));
+        let first = p.update_for(&gateway("gw"), "").unwrap();
+        assert_eq!(first.base, None);
+        assert!(p.publish(world(&["echo", "web"], 1)));
+        let delta = p.update_for(&gateway("gw"), &first.hash).unwrap();
+        assert_eq!(delta.base, Some((first.version, first.hash.clone())));
+        assert!(delta.version > first.version && delta.hash != first.hash);
+        let whole = p.update_for(&gateway("gw"), "some other hash").unwrap();
+        assert_eq!((whole.base.as_ref(), &whole.hash), (None, &delta.hash));
+        assert!(Arc::ptr_eq(&delta, &p.update_for(&gateway("gw"), &first.hash).unwrap()));
+        assert!(Arc::ptr_eq(&whole, &p.update_for(&gateway("gw"), "").unwrap()));
+        // The delta names what changed: the new backend's cluster.
+        assert!(decode(&delta).to_string().contains("service/default/web:80"));
+    }
+
+    /// The same objects again are no new generation: proxies are not woken for nothing.
+    #[test]
+    fn republishing_the_same_objects_starts_no_generation() {
+        let p = Publisher::new(CONTROLLER.into());
+        assert!(p.publish(world(&["echo"], 1)));
+        let generation = p.current().generation;
+        assert!(!p.publish(world(&["echo"], 1)));
+        assert_eq!(p.current().generation, generation);
+        assert!(p.publish(world(&["echo"], 2)));
+        assert!(p.current().generation > generation);
+    }
+
+    /// A Gateway's proxy is sent its own listeners only; every Gateway's config has both.
+    #[test]
+    fn a_gateway_scope_holds_only_its_own_listeners() {
+        let mut res = world(&["echo"], 1);
+        res.add_yaml(
+            "other.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: other, namespace: default}\n\
+             spec:\n  gatewayClassName: ferrum\n  listeners: [{name: http, port: 9090, protocol: HTTP}]\n",
+        )
+        .unwrap();
+        let p = Publisher::new(CONTROLLER.into());
+        assert!(p.publish(res));
+        let ports = |scope: &Scope| -> Vec<u64> {
+            let snap = decode(&p.update_for(scope, "").unwrap());
+            let mut v: Vec<u64> = snap["listeners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["port"].as_u64().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ports(&gateway("gw")), [8080]);
+        assert_eq!(ports(&gateway("other")), [9090]);
+        assert_eq!(ports(&Scope::All), [8080, 9090]);
+    }
 
     /// A restarted operator's proxies reconnect before its first translation: they are told
     /// nothing (and keep what they have) instead of an empty snapshot — or a panic that

@@ -6,4 +6,4 @@ pub mod jwt;
 pub mod rbac;
 pub mod resources;
 #[cfg(test)]
-mod test_world;
+pub(crate) mod test_world;
