@@ -311,7 +311,9 @@ impl Incremental {
         self.stats
     }
 
-    pub fn translate(&mut self, res: &Resources, version: u64) -> Translation {
+    /// The clusters translator, with what the last translation built when nothing it depends
+    /// on changed (else the route and cluster memos are dropped).
+    fn reusable<'r>(&mut self, res: &'r Resources) -> backends::Clusters<'r> {
         let context = Context::of(res);
         let same_context = context.same(&self.context);
         let cluster_memo = if same_context {
@@ -322,11 +324,6 @@ impl Incremental {
             Default::default()
         };
         self.context = context;
-        let mut problems = Problems {
-            res,
-            list: Vec::new(),
-            attachments: Vec::with_capacity(self.routes.len()),
-        };
         let mut clusters = backends::Clusters::new(res, cluster_memo);
         clusters.services_unchanged = same_context
             && res.services.len() == self.services.len()
@@ -334,6 +331,43 @@ impl Incremental {
         if !clusters.services_unchanged {
             self.services = res.services.clone();
         }
+        clusters
+    }
+
+    /// The security policies, with their digests; a proxy of one Gateway gets those that
+    /// target it and no others.
+    fn policies(
+        &self,
+        res: &Resources,
+        problems: &mut Problems<'_>,
+    ) -> (Vec<Arc<crate::mesh::Policy>>, Vec<crate::model::Digest>) {
+        let (policies, digests) = policy::build(
+            &res.authorization_policies,
+            &res.peer_authentications,
+            &res.request_authentications,
+            &res.jwks,
+            problems,
+        );
+        match &self.opts.gateway {
+            None => (policies, digests),
+            Some(gw) => {
+                let key = format!("{}/{}", gw.namespace, gw.name);
+                policies
+                    .into_iter()
+                    .zip(digests)
+                    .filter(|(p, _)| p.targets.contains(&key))
+                    .unzip()
+            }
+        }
+    }
+
+    pub fn translate(&mut self, res: &Resources, version: u64) -> Translation {
+        let mut clusters = self.reusable(res);
+        let mut problems = Problems {
+            res,
+            list: Vec::new(),
+            attachments: Vec::with_capacity(self.routes.len()),
+        };
         let listeners = listeners::build(res, &self.opts, &mut problems);
         let served_gateways: Vec<ObjectRef> = listeners.by_gateway.keys().cloned().collect();
         let mut stats = Stats::default();
@@ -353,27 +387,7 @@ impl Incremental {
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;
-        let (policies, policy_digests) = {
-            let (policies, digests) = policy::build(
-                &res.authorization_policies,
-                &res.peer_authentications,
-                &res.request_authentications,
-                &res.jwks,
-                &mut problems,
-            );
-            // A proxy of one Gateway gets the policies that target it and no others.
-            match &self.opts.gateway {
-                None => (policies, digests),
-                Some(gw) => {
-                    let key = format!("{}/{}", gw.namespace, gw.name);
-                    policies
-                        .into_iter()
-                        .zip(digests)
-                        .filter(|(p, _)| p.targets.contains(&key))
-                        .unzip()
-                }
-            }
-        };
+        let (policies, policy_digests) = self.policies(res, &mut problems);
         let (sidecars, sidecar_digests) = if self.opts.gateway.is_none() {
             sidecar::build(&res.sidecars, &mut problems)
         } else {
