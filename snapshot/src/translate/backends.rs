@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -291,37 +291,7 @@ impl<'a> Clusters<'a> {
                 }
             }
         }
-        for slice in slices {
-            // The slice port that serves this Service port: same name (unnamed ports match each other).
-            let slice_port = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref().unwrap_or("") == sport.name.as_deref().unwrap_or(""))
-                .and_then(|p| p.port)
-                .or(match &sport.target_port {
-                    Some(IntOrString::Int(p)) => Some(*p),
-                    _ => None,
-                });
-            let Some(slice_port) = slice_port.and_then(|p| u16::try_from(p).ok()) else {
-                continue;
-            };
-            for e in &slice.endpoints {
-                let cond = e.conditions.clone().unwrap_or_default();
-                // A terminating endpoint that still serves gets no new requests.
-                let ready = cond.ready.unwrap_or(true) && !cond.terminating.unwrap_or(false);
-                for addr in &e.addresses {
-                    endpoints.push(Endpoint {
-                        address: addr.clone(),
-                        port: slice_port,
-                        weight: 1,
-                        identity: None,
-                        ready,
-                        zone: e.zone.clone(),
-                    });
-                }
-            }
-        }
+        endpoints.extend(slice_endpoints(slices, sport));
         endpoints.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
         endpoints.dedup_by(|a, b| a.address == b.address && a.port == b.port);
         let mut cluster = Cluster::new(name.clone(), endpoints);
@@ -462,6 +432,44 @@ pub fn mesh_config(res: &Resources) -> Option<&crate::crd::MeshConfig> {
                 && m.metadata.name.as_deref() == Some("default")
         })
         .map(|m| &**m)
+}
+
+/// The endpoints of a Service port from its EndpointSlices: each slice's port of the same name
+/// (or the Service's numeric targetPort), readiness from the conditions.
+fn slice_endpoints(slices: &[&Arc<EndpointSlice>], sport: &ServicePort) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    for slice in slices {
+        // The slice port that serves this Service port: same name (unnamed ports match each other).
+        let slice_port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == sport.name.as_deref().unwrap_or(""))
+            .and_then(|p| p.port)
+            .or(match &sport.target_port {
+                Some(IntOrString::Int(p)) => Some(*p),
+                _ => None,
+            });
+        let Some(slice_port) = slice_port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for e in &slice.endpoints {
+            let cond = e.conditions.clone().unwrap_or_default();
+            // A terminating endpoint that still serves gets no new requests.
+            let ready = cond.ready.unwrap_or(true) && !cond.terminating.unwrap_or(false);
+            for addr in &e.addresses {
+                out.push(Endpoint {
+                    address: addr.clone(),
+                    port: slice_port,
+                    weight: 1,
+                    identity: None,
+                    ready,
+                    zone: e.zone.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// A policy field that cannot be applied: (field path, reason).
