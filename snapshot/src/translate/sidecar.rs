@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::istio::Sidecar;
+use crate::istio::{Sidecar, SidecarSpec};
 use crate::mesh::{EgressHost, IngressRoute, SidecarScope};
 use crate::model::Digest;
 use crate::resources::ObjectRef;
@@ -29,8 +29,50 @@ pub(crate) fn build(sidecars: &[Arc<Sidecar>], problems: &mut Problems<'_>) -> (
 fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
     let obj: ObjectRef = meta_ref("Sidecar", &s.metadata);
     let spec = &s.spec;
+    let mut ok = supported(spec, &obj, problems);
+    let policy = spec.outbound_traffic_policy.as_ref();
+    let registry_only = match policy.and_then(|p| p.mode.as_deref()) {
+        None | Some("ALLOW_ANY") => false,
+        Some("REGISTRY_ONLY") => true,
+        Some(other) => {
+            problems.push(
+                &obj,
+                "spec.outboundTrafficPolicy.mode",
+                Reason::Invalid,
+                format!("{other:?} is not ALLOW_ANY or REGISTRY_ONLY"),
+            );
+            return None;
+        }
+    };
+    let hosts = egress_hosts(spec, &obj, problems)?;
+    let mut ingress = Vec::new();
+    for (i, l) in spec.ingress.iter().enumerate() {
+        match ingress_route(l) {
+            Ok(r) => ingress.extend(r),
+            Err((field, reason, why)) => {
+                problems.push(&obj, format!("spec.ingress[{i}].{field}"), reason, why);
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(SidecarScope {
+        key: format!("Sidecar/{}/{}", obj.namespace, obj.name),
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
+        selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
+        egress: (!spec.egress.is_empty()).then_some(hosts),
+        registry_only,
+        ingress,
+    })
+}
+
+/// Refuses (as problems) what a Sidecar may say that this mesh does not do; `false` if any.
+fn supported(spec: &SidecarSpec, obj: &ObjectRef, problems: &mut Problems<'_>) -> bool {
     let mut unsupported = |field: String, what: &str| {
-        problems.push(&obj, field, Reason::UnsupportedValue, what);
+        problems.push(obj, field, Reason::UnsupportedValue, what);
     };
     let mut ok = true;
     let listeners = (spec.egress.iter().map(|e| (&e.bind, &e.capture_mode)).enumerate())
@@ -64,32 +106,27 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
             ok = false;
         }
     }
-    let policy = spec.outbound_traffic_policy.as_ref();
-    if policy.is_some_and(|p| p.egress_proxy.is_some()) {
+    if spec
+        .outbound_traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.egress_proxy.is_some())
+    {
         unsupported(
             "spec.outboundTrafficPolicy.egressProxy".into(),
             "egress proxies are not supported",
         );
         ok = false;
     }
-    let registry_only = match policy.and_then(|p| p.mode.as_deref()) {
-        None | Some("ALLOW_ANY") => false,
-        Some("REGISTRY_ONLY") => true,
-        Some(other) => {
-            problems.push(
-                &obj,
-                "spec.outboundTrafficPolicy.mode",
-                Reason::Invalid,
-                format!("{other:?} is not ALLOW_ANY or REGISTRY_ONLY"),
-            );
-            return None;
-        }
-    };
+    ok
+}
+
+/// The egress hosts, each with its listener's port; `None` (a problem noted) when one is invalid.
+fn egress_hosts(spec: &SidecarSpec, obj: &ObjectRef, problems: &mut Problems<'_>) -> Option<Vec<EgressHost>> {
     let mut hosts = Vec::new();
     for (i, e) in spec.egress.iter().enumerate() {
         let Ok(port) = port_number(e.port.as_ref()) else {
             problems.push(
-                &obj,
+                obj,
                 format!("spec.egress[{i}].port.number"),
                 Reason::Invalid,
                 "not a port number",
@@ -101,34 +138,13 @@ fn scope(s: &Sidecar, problems: &mut Problems<'_>) -> Option<SidecarScope> {
                 Ok(Some(h)) => hosts.push(EgressHost { port, ..h }),
                 Ok(None) => {}
                 Err(why) => {
-                    problems.push(&obj, format!("spec.egress[{i}].hosts[{j}]"), Reason::Invalid, why);
+                    problems.push(obj, format!("spec.egress[{i}].hosts[{j}]"), Reason::Invalid, why);
                     return None;
                 }
             }
         }
     }
-    let mut ingress = Vec::new();
-    for (i, l) in spec.ingress.iter().enumerate() {
-        match ingress_route(l) {
-            Ok(r) => ingress.extend(r),
-            Err((field, reason, why)) => {
-                problems.push(&obj, format!("spec.ingress[{i}].{field}"), reason, why);
-                ok = false;
-            }
-        }
-    }
-    if !ok {
-        return None;
-    }
-    Some(SidecarScope {
-        key: format!("Sidecar/{}/{}", obj.namespace, obj.name),
-        namespace: obj.namespace.clone(),
-        name: obj.name.clone(),
-        selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
-        egress: (!spec.egress.is_empty()).then_some(hosts),
-        registry_only,
-        ingress,
-    })
+    Some(hosts)
 }
 
 /// A listener's `port.number`: absent (`None`), or 1..=65535.
