@@ -614,25 +614,7 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
         }
         _ => return Err(at("only EDS, STATIC and STRICT_DNS clusters are supported")),
     };
-    let mut endpoints = Vec::new();
-    for loc in &assignment.endpoints {
-        let zone = loc.locality.as_ref().map(|l| l.zone.clone()).filter(|z| !z.is_empty());
-        for lb in &loc.lb_endpoints {
-            let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
-                return Err(at("named endpoints are not supported"));
-            };
-            let (address, port) = socket(&e.address).ok_or_else(|| at("an endpoint without a socket address"))?;
-            let health = core::HealthStatus::try_from(lb.health_status).unwrap_or(core::HealthStatus::Unknown);
-            endpoints.push(Endpoint {
-                address,
-                port,
-                weight: lb.load_balancing_weight.as_ref().map_or(1, |w| w.value.max(1)),
-                identity: None,
-                ready: matches!(health, core::HealthStatus::Unknown | core::HealthStatus::Healthy),
-                zone: zone.clone(),
-            });
-        }
-    }
+    let endpoints = endpoints_of(assignment, &name)?;
     let mut out = model::Cluster::new(c.name.clone(), endpoints);
     out.lb = lb;
     let d = ClusterTimeouts::default();
@@ -658,21 +640,7 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
         }
     });
     if let Some(hc) = c.health_checks.first() {
-        let Some(core::health_check::HealthChecker::HttpHealthCheck(h)) = &hc.health_checker else {
-            return Err(at("health_checks[0]: only HTTP health checks are supported"));
-        };
-        let d = HealthCheck::default();
-        out.health_check = Some(HealthCheck {
-            path: h.path.clone(),
-            interval_ms: ms(&hc.interval).unwrap_or(d.interval_ms),
-            timeout_ms: ms(&hc.timeout).unwrap_or(d.timeout_ms),
-            healthy_threshold: threshold(&hc.healthy_threshold, d.healthy_threshold),
-            unhealthy_threshold: threshold(&hc.unhealthy_threshold, d.unhealthy_threshold),
-            expected_status: match h.expected_statuses.first() {
-                Some(r) => (r.start as u16, (r.end - 1) as u16),
-                None => d.expected_status,
-            },
-        });
+        out.health_check = Some(health_check_of(hc, &name)?);
     }
     if let Some(opts) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
         use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
@@ -685,6 +653,50 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
         }
     }
     Ok(out)
+}
+
+/// The endpoints of a ClusterLoadAssignment, each with its locality's zone.
+fn endpoints_of(assignment: &endpoint::ClusterLoadAssignment, name: &str) -> Result<Vec<Endpoint>, MapError> {
+    let at = |what: &str| MapError::refused(name, what);
+    let mut endpoints = Vec::new();
+    for loc in &assignment.endpoints {
+        let zone = loc.locality.as_ref().map(|l| l.zone.clone()).filter(|z| !z.is_empty());
+        for lb in &loc.lb_endpoints {
+            let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
+                return Err(at("named endpoints are not supported"));
+            };
+            let (address, port) = socket(&e.address).ok_or_else(|| at("an endpoint without a socket address"))?;
+            let health = core::HealthStatus::try_from(lb.health_status).unwrap_or(core::HealthStatus::Unknown);
+            endpoints.push(Endpoint {
+                address,
+                port,
+                weight: lb.load_balancing_weight.as_ref().map_or(1, |w| w.value.max(1)),
+                identity: None,
+                ready: matches!(health, core::HealthStatus::Unknown | core::HealthStatus::Healthy),
+                zone: zone.clone(),
+            });
+        }
+    }
+    Ok(endpoints)
+}
+
+fn health_check_of(hc: &core::HealthCheck, name: &str) -> Result<HealthCheck, MapError> {
+    let at = |what: &str| MapError::refused(name, what);
+    let Some(core::health_check::HealthChecker::HttpHealthCheck(h)) = &hc.health_checker else {
+        return Err(at("health_checks[0]: only HTTP health checks are supported"));
+    };
+    let d = HealthCheck::default();
+    Ok(HealthCheck {
+        path: h.path.clone(),
+        interval_ms: ms(&hc.interval).unwrap_or(d.interval_ms),
+        timeout_ms: ms(&hc.timeout).unwrap_or(d.timeout_ms),
+        healthy_threshold: threshold(&hc.healthy_threshold, d.healthy_threshold),
+        unhealthy_threshold: threshold(&hc.unhealthy_threshold, d.unhealthy_threshold),
+        expected_status: match h.expected_statuses.first() {
+            Some(r) => (r.start as u16, (r.end - 1) as u16),
+            None => d.expected_status,
+        },
+    })
 }
 
 /// The snapshot the resources describe with the key pairs it names, or why they cannot be
