@@ -182,11 +182,8 @@ struct MeshArgs {
 }
 
 impl MeshArgs {
-    fn settings(&self) -> Result<(identity::CaSettings, sidecar::Settings), String> {
-        let ca_address = self
-            .ca_address
-            .clone()
-            .ok_or("sidecar mode needs --ca-address (the mesh CA)")?;
+    fn settings(&self) -> Result<(identity::CaSettings, sidecar::Settings), StartError> {
+        let ca_address = self.ca_address.clone().ok_or(StartError::NoCa)?;
         let ca = identity::CaSettings {
             address: ca_address,
             server_name: self.ca_server_name.clone(),
@@ -391,26 +388,26 @@ async fn start_sidecar(
     m: &MeshArgs,
     dp: &Arc<Dataplane>,
     workers: &[tokio::runtime::Handle],
-) -> Result<Arc<sidecar::Sidecar>, String> {
+) -> Result<Arc<sidecar::Sidecar>, StartError> {
     let (ca, settings) = m.settings()?;
     let id = Arc::new(identity::Identity::default());
     tokio::spawn(identity::run(ca, id.clone()));
     let readiness = admin::bind_dual_stack(m.readiness_addr)
         .await
-        .map_err(|e| format!("cannot listen on readiness address {}: {e}", m.readiness_addr))?;
+        .map_err(StartError::listen("readiness", m.readiness_addr))?;
     let ready_id = id.clone();
     tokio::spawn(admin::serve_readiness(readiness, dp.clone(), move || {
         ready_id.current().is_some()
     }));
-    let probes = ferrum_dp::mesh::app_health::parse(m.app_probers.as_deref()).map_err(|e| e.to_string())?;
+    let probes = ferrum_dp::mesh::app_health::parse(m.app_probers.as_deref())?;
     if !probes.is_empty() {
         let health = admin::bind_dual_stack(m.app_health_addr)
             .await
-            .map_err(|e| format!("cannot listen on app-health address {}: {e}", m.app_health_addr))?;
+            .map_err(StartError::listen("app-health", m.app_health_addr))?;
         tokio::spawn(admin::serve_app_health(health, probes));
     }
     let s = sidecar::Sidecar::new(dp.clone(), id, settings);
-    s.start(workers).map_err(|e| format!("sidecar listeners: {e}"))?;
+    s.start(workers).map_err(StartError::SidecarListeners)?;
     Ok(s)
 }
 
@@ -430,7 +427,50 @@ impl Args {
     }
 }
 
+/// Why ferrum-dp could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot listen on {what} address {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("sidecar mode needs --ca-address (the mesh CA)")]
+    NoCa,
+    #[error(transparent)]
+    AppProbers(#[from] ferrum_dp::mesh::app_health::BadProbers),
+    #[error("sidecar listeners: {0}")]
+    SidecarListeners(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ferrum_dp::dataplane::ApplyError),
+    #[error(transparent)]
+    Tracing(#[from] ferrum_dp::trace::TraceError),
+    #[error("cannot watch the config: {0}")]
+    Watch(#[source] notify::Error),
+}
+
+impl StartError {
+    fn listen(what: &'static str, addr: std::net::SocketAddr) -> impl FnOnce(std::io::Error) -> StartError {
+        move |source| StartError::Listen { what, addr, source }
+    }
+}
+
 async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runtime::Handle>) -> ExitCode {
+    match serve(args, initial, workers).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrum-dp: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    args: Args,
+    initial: Option<file::Loaded>,
+    workers: Vec<tokio::runtime::Handle>,
+) -> Result<(), StartError> {
     let limits = args.limits();
     let drain_timeout = limits.drain_timeout;
     let dp = Dataplane::new(limits, workers.clone());
@@ -443,18 +483,11 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
     {
         dp.set_workload(ns.clone(), pod.clone());
     }
-    let admin = match admin::bind(args.admin_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("ferrum-dp: cannot listen on admin address {}: {e}", args.admin_addr);
-            return ExitCode::FAILURE;
-        }
-    };
-    if let Some(initial) = initial
-        && let Err(e) = serve_initial(&args, &dp, initial)
-    {
-        eprintln!("ferrum-dp: {e}");
-        return ExitCode::FAILURE;
+    let admin = admin::bind(args.admin_addr)
+        .await
+        .map_err(StartError::listen("admin", args.admin_addr))?;
+    if let Some(initial) = initial {
+        serve_initial(&args, &dp, initial)?;
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
@@ -462,23 +495,13 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         let every = Duration::from_secs(args.heap_release_interval);
         tokio::spawn(ferrum_dp::memory::release_after_load(every, dp.shared.registry.clone()));
     }
-    let sidecar = if args.mesh.mode == Mode::Sidecar {
-        match start_sidecar(&args.mesh, &dp, &workers).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("ferrum-dp: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        None
+    let sidecar = match args.mesh.mode {
+        Mode::Sidecar => Some(start_sidecar(&args.mesh, &dp, &workers).await?),
+        _ => None,
     };
     let node_id = node_id(&args);
-    if let Some(endpoint) = &args.otlp_endpoint
-        && let Err(e) = start_tracing(&args, endpoint, &node_id, &dp)
-    {
-        eprintln!("ferrum-dp: {e}");
-        return ExitCode::FAILURE;
+    if let Some(endpoint) = &args.otlp_endpoint {
+        start_tracing(&args, endpoint, &node_id, &dp)?;
     }
     let source = follow_source(&args, node_id, &dp);
 
@@ -489,12 +512,11 @@ async fn run(args: Args, initial: Option<file::Loaded>, workers: Vec<tokio::runt
         _ = term.recv() => {},
         _ = int.recv() => {},
         r = source => if let Ok(Err(e)) = r {
-            eprintln!("ferrum-dp: cannot watch the config: {e}");
-            return ExitCode::FAILURE;
+            return Err(StartError::Watch(e));
         },
     }
     drain(&dp, sidecar.as_deref(), drain_timeout).await;
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// The node name the control plane knows this proxy by: `--node-id`, a sidecar's pod
@@ -579,11 +601,11 @@ async fn drain(dp: &Arc<Dataplane>, sidecar: Option<&sidecar::Sidecar>, timeout:
 
 /// Serves the config read at start-up (a file's, or the control plane's cached snapshot). A
 /// cached snapshot that no longer applies is logged and left for the control plane to replace.
-fn serve_initial(args: &Args, dp: &Dataplane, initial: file::Loaded) -> Result<(), String> {
+fn serve_initial(args: &Args, dp: &Dataplane, initial: file::Loaded) -> Result<(), StartError> {
     let from_cache = args.control_plane.is_some();
     match dp.apply(initial.snapshot, initial.secrets) {
         Err(e) if from_cache => eprintln!("ferrum-dp: {e}"),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
         Ok(()) if from_cache => {
             tracing::info!(path = %args.snapshot_cache.display(), "serving the cached snapshot until the control plane answers")
         }
@@ -596,14 +618,14 @@ fn serve_initial(args: &Args, dp: &Dataplane, initial: file::Loaded) -> Result<(
 }
 
 /// Exports request spans over OTLP to `endpoint`.
-fn start_tracing(args: &Args, endpoint: &str, node_id: &str, dp: &Dataplane) -> Result<(), String> {
+fn start_tracing(args: &Args, endpoint: &str, node_id: &str, dp: &Dataplane) -> Result<(), StartError> {
     let cfg = ferrum_dp::trace::TraceConfig {
         endpoint: endpoint.to_string(),
         sampling: args.trace_sampling,
         service_name: args.trace_service_name.clone().unwrap_or_else(|| node_id.to_string()),
         ca_file: args.otlp_ca_file.clone(),
     };
-    dp.shared.tracing.start(&cfg).map_err(|e| e.to_string())?;
+    dp.shared.tracing.start(&cfg)?;
     tracing::info!(%endpoint, sampling = cfg.sampling, service = %cfg.service_name, "exporting request spans over OTLP");
     Ok(())
 }
