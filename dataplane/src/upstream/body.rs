@@ -1,4 +1,6 @@
-//! Body types of the proxy: streamed both ways, never buffered, with size limits.
+//! The bodies of a forwarded request: the client's, sent upstream within its size limit, and
+//! the answer — the upstream's body, holding its connection and guards until it ends, or a
+//! local one. Streamed both ways, never buffered.
 
 use std::pin::Pin;
 use std::sync::Arc;
