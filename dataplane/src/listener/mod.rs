@@ -247,19 +247,20 @@ impl Drop for ConnCount {
     }
 }
 
-/// What a connection speaks, from its first bytes or its ALPN.
+/// Which HTTP a connection speaks, from its first bytes or its ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Http1,
-    Http2,
+pub enum HttpVersion {
+    One,
+    Two,
 }
 
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads (without consuming) until the first bytes tell HTTP/1 from the HTTP/2 preface. `None`
 /// when the client closes or sends nothing within `within`: a connection that never speaks is
 /// closed instead of held.
-pub async fn detect(stream: &TcpStream, within: Duration) -> Option<Protocol> {
+pub async fn detect(stream: &TcpStream, within: Duration) -> Option<HttpVersion> {
     let sniff = async {
         let mut buf = [0u8; 24];
         loop {
@@ -268,10 +269,10 @@ pub async fn detect(stream: &TcpStream, within: Duration) -> Option<Protocol> {
                 return None;
             }
             if buf[..n] != H2_PREFACE[..n] {
-                return Some(Protocol::Http1);
+                return Some(HttpVersion::One);
             }
             if n == H2_PREFACE.len() {
-                return Some(Protocol::Http2);
+                return Some(HttpVersion::Two);
             }
             // A preface split across packets: peek returns the same bytes until more arrive.
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -304,8 +305,8 @@ async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: A
             match tokio::time::timeout(shared.limits.tls_handshake_timeout, accept).await {
                 Ok(Ok(s)) => {
                     let proto = match s.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => Protocol::Http2,
-                        _ => Protocol::Http1,
+                        Some(b"h2") => HttpVersion::Two,
+                        _ => HttpVersion::One,
                     };
                     serve(TokioIo::new(s), proto, info, shared, &http, stop).await
                 }
@@ -322,7 +323,7 @@ async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: A
 /// Serves HTTP on one connection through the proxy until it ends or `stop` is set.
 pub async fn serve<I>(
     io: I,
-    proto: Protocol,
+    proto: HttpVersion,
     info: ConnInfo,
     shared: Arc<Shared>,
     http: &Http,
@@ -358,8 +359,8 @@ pub async fn serve<I>(
         }};
     }
     let result = match proto {
-        Protocol::Http1 => drive!(http.h1.serve_connection(io, h1).with_upgrades()),
-        Protocol::Http2 => drive!(http.h2.serve_connection(io, h2)),
+        HttpVersion::One => drive!(http.h1.serve_connection(io, h1).with_upgrades()),
+        HttpVersion::Two => drive!(http.h2.serve_connection(io, h2)),
     };
     if let Err(e) = result {
         tracing::debug!(client = %info.client, error = %e, "connection ended with an error");

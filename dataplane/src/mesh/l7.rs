@@ -22,16 +22,10 @@ use tokio::net::TcpStream;
 
 use crate::access_log::Entry;
 use crate::dataplane::Shared;
+use crate::listener::{H2_PREFACE, HttpVersion};
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Http {
-    One,
-    Two,
-}
 
 /// The first bytes the client sent (empty when it sent nothing in time, or closed).
 pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> Bytes {
@@ -46,9 +40,10 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> Bytes {
 }
 
 /// What the first bytes say: an HTTP/2 preface, an HTTP/1 request line, or neither.
-pub fn detect(first: &[u8]) -> Option<Http> {
-    if first.starts_with(H2_PREFACE) || (first.len() >= 4 && H2_PREFACE.starts_with(first)) {
-        return Some(Http::Two);
+pub fn detect(first: &[u8]) -> Option<HttpVersion> {
+    // The preface's first line, or as much of the preface as has arrived.
+    if first.starts_with(&H2_PREFACE[..16]) || (first.len() >= 4 && H2_PREFACE.starts_with(first)) {
+        return Some(HttpVersion::Two);
     }
     // A method token (upper-case letters) and a space, then the request line's version.
     let line = first.split(|b| *b == b'\n').next().unwrap_or(&[]);
@@ -56,7 +51,7 @@ pub fn detect(first: &[u8]) -> Option<Http> {
     let is_http1 = (3..=7).contains(&method_len)
         && line.get(method_len) == Some(&b' ')
         && (line.windows(7).any(|w| w == b"HTTP/1." || w == b" HTTP/1") || !first.contains(&b'\n'));
-    is_http1.then_some(Http::One)
+    is_http1.then_some(HttpVersion::One)
 }
 
 /// A stream whose first bytes were already read: they are read again first.
@@ -190,26 +185,28 @@ where
 /// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
 /// forwarding the allowed ones to `app`, until either side closes. Each request continues its
 /// trace with an inbound span of this proxy when `shared` traces.
-pub async fn serve<S, F>(stream: S, http: Http, app: TcpStream, judge: F, conn: Conn)
+pub async fn serve<S, F>(stream: S, http: HttpVersion, app: TcpStream, judge: F, conn: Conn)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(&mut http::request::Parts) -> Verdict + Send + Sync + 'static,
 {
     let app = match http {
-        Http::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
+        HttpVersion::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
             Ok((send, conn)) => {
                 tokio::spawn(conn.with_upgrades());
                 AppConn::One(Arc::new(tokio::sync::Mutex::new(send)))
             }
             Err(e) => return tracing::debug!(error = %e, "application HTTP/1 handshake failed"),
         },
-        Http::Two => match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
-            Ok((send, conn)) => {
-                tokio::spawn(conn);
-                AppConn::Two(send)
+        HttpVersion::Two => {
+            match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
+                Ok((send, conn)) => {
+                    tokio::spawn(conn);
+                    AppConn::Two(send)
+                }
+                Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
             }
-            Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
-        },
+        }
     };
     let (judge, conn) = (Arc::new(judge), Arc::new(conn));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -230,7 +227,7 @@ where
     });
     let io = TokioIo::new(stream);
     let served = match http {
-        Http::One => {
+        HttpVersion::One => {
             hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
@@ -238,7 +235,7 @@ where
                 .with_upgrades()
                 .await
         }
-        Http::Two => {
+        HttpVersion::Two => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(io, svc)
@@ -256,14 +253,14 @@ mod tests {
 
     #[test]
     fn detection() {
-        assert_eq!(detect(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"), Some(Http::One));
-        assert_eq!(detect(b"OPTIONS * HTTP/1.1\r\n"), Some(Http::One));
+        assert_eq!(detect(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"), Some(HttpVersion::One));
+        assert_eq!(detect(b"OPTIONS * HTTP/1.1\r\n"), Some(HttpVersion::One));
         assert_eq!(
             detect(b"POST /upload"),
-            Some(Http::One),
+            Some(HttpVersion::One),
             "a request line still arriving"
         );
-        assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Http::Two));
+        assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(HttpVersion::Two));
         assert_eq!(detect(b"\x16\x03\x01\x02\x00"), None, "a TLS ClientHello");
         assert_eq!(detect(b"hello world\n"), None);
         assert_eq!(detect(b"SSH-2.0-OpenSSH\r\n"), None);
@@ -327,7 +324,7 @@ mod tests {
                         Verdict::Allow
                     }
                 };
-                tokio::spawn(serve(s, Http::One, app, judge, conn));
+                tokio::spawn(serve(s, HttpVersion::One, app, judge, conn));
             }
         });
 

@@ -25,7 +25,7 @@ use super::index::Destination;
 use super::l7;
 use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
-use crate::listener::{self, Protocol};
+use crate::listener;
 use crate::proxy::ConnInfo;
 use crate::upstream::{TunnelFuture, Tunnels};
 use ferrum_snapshot::identity::SpiffeId;
@@ -420,16 +420,12 @@ impl Sidecar {
         match http {
             Some(http) => {
                 self.app.stats.outbound_routed.fetch_add(1, Relaxed);
-                let proto = match http {
-                    l7::Http::One => Protocol::Http1,
-                    l7::Http::Two => Protocol::Http2,
-                };
                 let info = ConnInfo {
                     listener: dst,
                     client: peer,
                 };
                 let shared = self.dp.shared.clone();
-                listener::serve(TokioIo::new(s), proto, info, shared, &self.http, self.stop.subscribe()).await
+                listener::serve(TokioIo::new(s), http, info, shared, &self.http, self.stop.subscribe()).await
             }
             // Routes are for HTTP; anything else to the Service is balanced as before.
             None => self.outbound_l4(s, peer, dst).await,
