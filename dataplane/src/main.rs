@@ -26,9 +26,12 @@ struct Args {
     /// https:// its certificate must chain to --ca-root-file and name --ca-server-name.
     #[arg(long, env = "FERRUM_CONTROL_PLANE")]
     control_plane: Option<String>,
-    /// Follow any xDS server (State-of-the-World ADS), e.g. http://ferrum-operator:15010.
+    /// Follow any xDS server (ADS), e.g. http://ferrum-operator:15010.
     #[arg(long, env = "FERRUM_XDS")]
     xds: Option<String>,
+    /// The ADS protocol towards --xds: State of the World, or incremental (delta).
+    #[arg(long, value_enum, default_value = "sotw", env = "FERRUM_XDS_PROTOCOL")]
+    xds_protocol: xds::Protocol,
     /// `node.cluster` towards the xDS server.
     #[arg(long, default_value = "ferrum-dp")]
     xds_cluster: String,
@@ -546,6 +549,7 @@ fn follow_source(args: &Args, node_id: String, dp: &Arc<Dataplane>) -> tokio::ta
                 node_id,
                 cluster: args.xds_cluster.clone(),
                 token: args.token.clone(),
+                protocol: args.xds_protocol,
             };
             let dp = dp.clone();
             tokio::spawn(async move {

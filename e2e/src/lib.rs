@@ -328,6 +328,11 @@ impl Proxy {
         Self::spawn(node, &["--xds", url, "--token", token])
     }
 
+    /// A `ferrum-dp` following an xDS server over `protocol` ("sotw" or "delta").
+    pub async fn start_xds_over(url: &str, node: &str, protocol: &str) -> Proxy {
+        Self::spawn(node, &["--xds", url, "--xds-protocol", protocol])
+    }
+
     fn spawn(node: &str, args: &[&str]) -> Proxy {
         let admin = free_port();
         let child = Command::new(workspace_bin("ferrum-dp"))

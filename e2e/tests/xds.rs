@@ -191,12 +191,21 @@ async fn envoy_terminates_tls(delta: bool) {
 /// gets over SDS, follows a replaced one, and never shows the key at `/config`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrum_dp_over_xds_serves_https_with_keys_from_sds() {
+    ferrum_dp_serves_https_with_keys_from_sds("sotw").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrum_dp_over_delta_xds_serves_https_with_keys_from_sds() {
+    ferrum_dp_serves_https_with_keys_from_sds("delta").await
+}
+
+async fn ferrum_dp_serves_https_with_keys_from_sds(protocol: &str) {
     let a = Backend::start("a").await;
     let cluster = Cluster::start();
     let op = cluster.operator("op-1").await;
     let gw = TlsGateway::apply(&cluster, free_port(), a.addr.port());
     let cert = gw.new_certificate(&cluster);
-    let dp = Proxy::start_xds(&op.grpc_url(), "dp-xds-tls").await;
+    let dp = Proxy::start_xds_over(&op.grpc_url(), "dp-xds-tls", protocol).await;
     eventually(
         "ferrum-dp serves the certificate it got over SDS",
         Duration::from_secs(10),
@@ -515,12 +524,22 @@ async fn proxies_authenticate_with_service_account_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
+    ferrum_dp_follows_and_nacks("sotw", "xDS (SotW)").await
+}
+
+/// The same over incremental xDS: each change arrives as what changed (and what was removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrum_dp_follows_a_delta_xds_server_and_nacks_what_it_cannot_serve() {
+    ferrum_dp_follows_and_nacks("delta", "xDS (delta)").await
+}
+
+async fn ferrum_dp_follows_and_nacks(protocol: &str, registered_as: &str) {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
     let op = cluster.operator("op-1").await;
     let port = free_port();
     cluster.apply(&setup(port, &a, &b, (100, 0), None));
-    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-xds").await;
+    let dp = Proxy::start_xds_over(&op.grpc_url(), "dp-xds", protocol).await;
 
     // ferrum-dp keeps the Gateway API's rule for an unset redirect port (the listener's port).
     let location = format!("http://new.example.com:{port}/old/page");
@@ -533,6 +552,18 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
         async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b")),
     )
     .await;
+    // A Service deleted: its cluster leaves the proxy (over delta, as a name removed) and the
+    // route's other backend serves on.
+    let before = dp_clusters(&dp).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    cluster.kubectl(&["delete", "service", "a"], None);
+    eventually(
+        "ferrum-dp drops the deleted Service's cluster",
+        Duration::from_secs(5),
+        async || dp_clusters(&dp).await.len() == 1,
+    )
+    .await;
+    assert_eq!(get(port, "/x").await.unwrap().1.as_deref(), Some("b"));
     let dp_state = |p: &Value| {
         p["proxies"]
             .as_array()
@@ -543,7 +574,7 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
             .unwrap()
     };
     let s = dp_state(&op.admin_json("/proxies").await);
-    assert_eq!(s["protocol"], "xDS (SotW)");
+    assert_eq!(s["protocol"], registered_as);
     assert_eq!(s["lastRejection"], Value::Null, "{s}");
 
     // Consistent hashing reaches xDS as a ring-hash cluster, which ferrum-dp does not take from
@@ -569,6 +600,15 @@ async fn ferrum_dp_follows_an_xds_server_and_nacks_what_it_cannot_serve() {
             "last good config serves"
         );
     }
+}
+
+/// The names of the clusters a ferrum-dp serves (from its `/config`).
+async fn dp_clusters(dp: &Proxy) -> Vec<String> {
+    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap_or_default();
+    config["snapshot"]["clusters"]
+        .as_array()
+        .map(|cs| cs.iter().filter_map(|c| c["name"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
 }
 
 /// A Gateway with a TCP listener and a TLS passthrough listener, its TCPRoute and TLSRoutes

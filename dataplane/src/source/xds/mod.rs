@@ -1,21 +1,35 @@
-//! xDS mode: ferrum-dp as a State-of-the-World ADS client of any xDS server. Listeners and
-//! clusters are wildcard subscriptions; the route configurations and load assignments they name
-//! are subscribed to as they appear. Every response is mapped into a snapshot ([`map`]) and
-//! applied through the same path as a file reload; what cannot be mapped or applied is NACKed
-//! with the reason, and the last good config keeps serving.
+//! xDS mode: ferrum-dp as an ADS client of any xDS server, State of the World ([`sotw`]) or
+//! incremental ([`delta`]). Listeners and clusters are wildcard subscriptions; the route
+//! configurations, load assignments and secrets they name are subscribed to as they appear (and
+//! dropped when nothing names them any more). Every response is taken into the resources held,
+//! mapped into a snapshot ([`map`]) and applied through the same path as a file reload; what
+//! cannot be mapped or applied is NACKed with the reason, and the last good config keeps serving.
 
+mod delta;
 pub mod map;
+mod sotw;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use tokio::sync::mpsc;
+use tonic::transport::Channel;
 
 use self::map::{CLUSTER, ENDPOINT, EnvoyResources, LISTENER, MapError, ROUTE, RouteSource, SECRET};
 use crate::dataplane::Dataplane;
+
+/// Which ADS protocol to speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// State of the World: every LDS/CDS answer is the whole set.
+    #[default]
+    Sotw,
+    /// Incremental (delta): answers carry what changed and the names removed.
+    Delta,
+}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -25,6 +39,7 @@ pub struct Settings {
     pub cluster: String,
     /// Sent as `authorization: Bearer …` (the operator's `--token`).
     pub token: Option<String>,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,50 +70,47 @@ enum Nack {
 /// Subscribes forever, reconnecting with exponential backoff and jitter.
 pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
     let (s, d) = (&settings, &dp);
-    super::reconnecting("xDS stream", move || session(s, d)).await
-}
-
-/// Per type: the last accepted version, the last nonce seen and the names subscribed.
-#[derive(Default)]
-struct TypeState {
-    version: String,
-    nonce: String,
-    names: Vec<String>,
-}
-
-struct Client {
-    tx: mpsc::UnboundedSender<DiscoveryRequest>,
-    types: std::collections::HashMap<&'static str, TypeState>,
-    node: Option<Node>,
-}
-
-impl Client {
-    fn request(&mut self, type_url: &'static str, error: Option<String>) {
-        let st = self.types.entry(type_url).or_default();
-        let _ = self.tx.send(DiscoveryRequest {
-            version_info: st.version.clone(),
-            node: self.node.take(),
-            resource_names: st.names.clone(),
-            type_url: type_url.into(),
-            response_nonce: st.nonce.clone(),
-            error_detail: error.map(|message| RpcStatus {
-                code: tonic::Code::InvalidArgument as i32,
-                message,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+    match settings.protocol {
+        Protocol::Sotw => super::reconnecting("xDS stream", move || sotw::session(s, d)).await,
+        Protocol::Delta => super::reconnecting("delta xDS stream", move || delta::session(s, d)).await,
     }
+}
 
-    /// Subscribes to exactly `names` of `type_url` when that is not what it asks for already.
-    fn follow(&mut self, type_url: &'static str, mut names: Vec<String>) {
-        names.sort();
-        names.dedup();
-        let st = self.types.entry(type_url).or_default();
-        if st.names != names {
-            st.names = names;
-            self.request(type_url, None);
-        }
+/// An ADS client on a new channel to the server.
+async fn client(s: &Settings) -> Result<AggregatedDiscoveryServiceClient<Channel>, XdsError> {
+    let channel = super::connect(&s.url).await.map_err(|source| XdsError::Connect {
+        url: s.url.clone(),
+        source,
+    })?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20))
+}
+
+/// The request stream, with the bearer token when there is one.
+fn with_token<T>(stream: T, s: &Settings) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(stream);
+    if let Some(t) = &s.token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// Who we are, sent on the first request of a stream.
+fn node(s: &Settings) -> Node {
+    Node {
+        id: s.node_id.clone(),
+        cluster: s.cluster.clone(),
+        user_agent_name: "ferrum-dp".into(),
+        ..Default::default()
+    }
+}
+
+fn nack_status(message: String) -> RpcStatus {
+    RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message,
+        ..Default::default()
     }
 }
 
@@ -108,56 +120,66 @@ fn type_of(url: &str) -> Option<&'static str> {
         .find(|t| *t == url)
 }
 
-/// `state` with one response taken in: LDS and CDS answers are the whole set, RDS, EDS and SDS
-/// answers replace the resources they carry.
-fn take(state: &EnvoyResources, resp: &DiscoveryResponse, type_url: &str) -> Result<EnvoyResources, MapError> {
-    let mut next = state.clone();
+/// Takes one resource of `type_url` into `r`, replacing any of the same name.
+fn insert(r: &mut EnvoyResources, type_url: &str, a: &Any) -> Result<(), MapError> {
     match type_url {
         LISTENER => {
-            next.listeners.clear();
-            for a in &resp.resources {
-                let l: envoy_types::pb::envoy::config::listener::v3::Listener = map::decode(a, LISTENER)?;
-                next.listeners.insert(l.name.clone(), l);
-            }
+            let l: envoy_types::pb::envoy::config::listener::v3::Listener = map::decode(a, LISTENER)?;
+            r.listeners.insert(l.name.clone(), l);
         }
         CLUSTER => {
-            next.clusters.clear();
-            for a in &resp.resources {
-                let c: envoy_types::pb::envoy::config::cluster::v3::Cluster = map::decode(a, CLUSTER)?;
-                next.clusters.insert(c.name.clone(), c);
-            }
+            let c: envoy_types::pb::envoy::config::cluster::v3::Cluster = map::decode(a, CLUSTER)?;
+            r.clusters.insert(c.name.clone(), c);
         }
         ROUTE => {
-            for a in &resp.resources {
-                let r: envoy_types::pb::envoy::config::route::v3::RouteConfiguration = map::decode(a, ROUTE)?;
-                next.routes.insert(r.name.clone(), r);
-            }
+            let rc: envoy_types::pb::envoy::config::route::v3::RouteConfiguration = map::decode(a, ROUTE)?;
+            r.routes.insert(rc.name.clone(), rc);
         }
         SECRET => {
-            for a in &resp.resources {
-                let s: envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret = map::decode(a, SECRET)?;
-                next.secrets.insert(s.name.clone(), s);
-            }
+            let s: envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret = map::decode(a, SECRET)?;
+            r.secrets.insert(s.name.clone(), s);
         }
         _ => {
-            for a in &resp.resources {
-                let e: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment = map::decode(a, ENDPOINT)?;
-                next.endpoints.insert(e.cluster_name.clone(), e);
-            }
+            let e: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment = map::decode(a, ENDPOINT)?;
+            r.endpoints.insert(e.cluster_name.clone(), e);
         }
     }
-    // What nothing names any more goes.
-    let routes: Vec<String> = route_names(&next);
-    next.routes.retain(|n, _| routes.contains(n));
-    next.endpoints.retain(|n, _| next.clusters.contains_key(n));
-    let secrets = sds_names(&next);
-    next.secrets.retain(|n, _| secrets.contains(n));
-    Ok(next)
+    Ok(())
+}
+
+/// Forgets every resource of `type_url` named in `names` (all of them for `None`).
+fn remove(r: &mut EnvoyResources, type_url: &str, names: Option<&[String]>) {
+    fn drop_from<V>(m: &mut std::collections::BTreeMap<String, V>, names: Option<&[String]>) {
+        match names {
+            None => m.clear(),
+            Some(names) => names.iter().for_each(|n| {
+                m.remove(n);
+            }),
+        }
+    }
+    match type_url {
+        LISTENER => drop_from(&mut r.listeners, names),
+        CLUSTER => drop_from(&mut r.clusters, names),
+        ROUTE => drop_from(&mut r.routes, names),
+        SECRET => drop_from(&mut r.secrets, names),
+        _ => drop_from(&mut r.endpoints, names),
+    }
+}
+
+/// Drops the route configurations, load assignments and secrets that no listener or cluster
+/// names any more.
+fn prune(r: &mut EnvoyResources) {
+    let routes = route_names(r);
+    r.routes.retain(|n, _| routes.contains(n));
+    let clusters: BTreeSet<String> = r.clusters.keys().cloned().collect();
+    r.endpoints.retain(|n, _| clusters.contains(n));
+    let secrets = sds_names(r);
+    r.secrets.retain(|n, _| secrets.contains(n));
 }
 
 /// The SDS secrets the listeners name (a listener that cannot be mapped names none; it is
 /// NACKed when the snapshot is made).
-fn sds_names(r: &EnvoyResources) -> Vec<String> {
+fn sds_names(r: &EnvoyResources) -> BTreeSet<String> {
     r.listeners
         .values()
         .filter_map(|l| map::listener_tls(l).ok().flatten())
@@ -165,7 +187,7 @@ fn sds_names(r: &EnvoyResources) -> Vec<String> {
         .collect()
 }
 
-fn route_names(r: &EnvoyResources) -> Vec<String> {
+fn route_names(r: &EnvoyResources) -> BTreeSet<String> {
     r.listeners
         .values()
         .filter_map(|l| match map::listener_routes(l) {
@@ -175,7 +197,7 @@ fn route_names(r: &EnvoyResources) -> Vec<String> {
         .collect()
 }
 
-fn eds_names(r: &EnvoyResources) -> Vec<String> {
+fn eds_names(r: &EnvoyResources) -> BTreeSet<String> {
     use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
     r.clusters
         .values()
@@ -184,75 +206,24 @@ fn eds_names(r: &EnvoyResources) -> Vec<String> {
         .collect()
 }
 
-async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), XdsError> {
-    let channel = super::connect(&s.url).await.map_err(|source| XdsError::Connect {
-        url: s.url.clone(),
-        source,
-    })?;
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut client = Client {
-        tx,
-        types: Default::default(),
-        node: Some(Node {
-            id: s.node_id.clone(),
-            cluster: s.cluster.clone(),
-            user_agent_name: "ferrum-dp".into(),
-            ..Default::default()
-        }),
+/// The names of each dependent type that the resources held call for.
+fn wanted(r: &EnvoyResources) -> [(&'static str, BTreeSet<String>); 3] {
+    [
+        (ROUTE, route_names(r)),
+        (ENDPOINT, eds_names(r)),
+        (SECRET, sds_names(r)),
+    ]
+}
+
+/// Maps `next` and applies it as config `version + 1` when it is complete. The version now
+/// serving if it was applied, `None` while something named has not arrived yet.
+async fn apply(next: &EnvoyResources, version: u64, dp: &Arc<Dataplane>) -> Result<Option<u64>, Nack> {
+    let Some((snap, secrets)) = map::snapshot(next, version + 1)? else {
+        return Ok(None);
     };
-    client.request(LISTENER, None);
-    client.request(CLUSTER, None);
-    let mut req = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
-    if let Some(t) = &s.token
-        && let Ok(v) = format!("Bearer {t}").parse()
-    {
-        req.metadata_mut().insert("authorization", v);
-    }
-    let mut stream = ads.stream_aggregated_resources(req).await?.into_inner();
-    tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the xDS server");
-    let mut state = EnvoyResources::default();
-    let mut version = dp.shared.config.load().snapshot.version;
-    while let Some(resp) = stream.message().await? {
-        let Some(type_url) = type_of(&resp.type_url) else {
-            tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
-            continue;
-        };
-        client.types.entry(type_url).or_default().nonce = resp.nonce.clone();
-        // (the new state, the version applied if the config is complete) or why not.
-        let outcome = match take(&state, &resp, type_url) {
-            Err(e) => Err(Nack::Map(e)),
-            Ok(next) => match map::snapshot(&next, version + 1) {
-                Err(e) => Err(Nack::Map(e)),
-                Ok(None) => Ok((next, None)),
-                Ok(Some((snap, secrets))) => {
-                    let dp = dp.clone();
-                    let applied = tokio::task::spawn_blocking(move || dp.apply(snap, secrets))
-                        .await
-                        .map_err(|e| Nack::Crashed(e.to_string()))
-                        .and_then(|r| r.map_err(Nack::Apply));
-                    applied.map(|()| (next, Some(version + 1)))
-                }
-            },
-        };
-        match outcome {
-            Ok((next, applied)) => {
-                state = next;
-                if let Some(v) = applied {
-                    version = v;
-                    tracing::info!(version, type_url, server_version = %resp.version_info, "applied xDS config");
-                }
-                client.types.entry(type_url).or_default().version = resp.version_info.clone();
-                client.request(type_url, None);
-                client.follow(ROUTE, route_names(&state));
-                client.follow(ENDPOINT, eds_names(&state));
-                client.follow(SECRET, sds_names(&state));
-            }
-            Err(e) => {
-                tracing::error!(type_url, server_version = %resp.version_info, error = %e, "NACK: still serving the last good config");
-                client.request(type_url, Some(e.to_string()));
-            }
-        }
-    }
-    Err(XdsError::Closed)
+    let dp = dp.clone();
+    tokio::task::spawn_blocking(move || dp.apply(snap, secrets))
+        .await
+        .map_err(|e| Nack::Crashed(e.to_string()))??;
+    Ok(Some(version + 1))
 }
