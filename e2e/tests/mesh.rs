@@ -1435,3 +1435,41 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
         "the namespace's Sidecar still holds"
     );
 }
+
+/// More connections from one pod to another than one HBONE connection may carry tunnels (100
+/// streams): every one of them is open at once and carries its bytes — the client sidecar opens
+/// another HBONE connection rather than queueing tunnels behind the first one's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_one_hbone_connection_carries_all_flow() {
+    let w = two_pods(&[], &[]).await;
+    until_routed(&w).await;
+    let out = w.pods[0].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\n\
+             conns = [socket.create_connection(('{VIP}', 9000), timeout=10) for _ in range(250)]\n\
+             for i, s in enumerate(conns): s.sendall(b'c%d;' % i)\n\
+             ok = 0\n\
+             for i, s in enumerate(conns):\n\
+             \x20   want = b'c%d;' % i\n\
+             \x20   got = b''\n\
+             \x20   while len(got) < len(want):\n\
+             \x20       b = s.recv(64)\n\
+             \x20       if not b: break\n\
+             \x20       got += b\n\
+             \x20   ok += got == want\n\
+             import subprocess\n\
+             ss = subprocess.run(['ss', '-Htn', 'state', 'established', '( dport = :15008 )'], capture_output=True)\n\
+             print(ok, len(ss.stdout.splitlines()))"
+        ),
+    ]);
+    // All 250 echoed, over three HBONE connections (100 streams each at most).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "250 3",
+        "{}\nA's sidecar: {}",
+        String::from_utf8_lossy(&out.stderr),
+        w.pods[0].sidecar_log()
+    );
+}

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -202,33 +203,147 @@ pub struct Dial<'a> {
 /// One HTTP/2 client connection to a peer proxy; each request on it is a tunnel.
 type Tunnels = SendRequest<Bytes>;
 
-/// Client connections by (peer proxy, identity it presented); HTTP/2 multiplexes the tunnels.
+/// A pooled connection and the tunnels open on it now.
+#[derive(Clone)]
+struct Conn {
+    send: Tunnels,
+    open: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    /// A tunnel's place on this connection if the peer allows another stream now.
+    fn reserve(&self) -> Option<Slot> {
+        let limit = self.send.current_max_send_streams();
+        self.open
+            .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.open.clone()))
+    }
+}
+
+/// One tunnel's place on its connection, given back when the tunnel goes.
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The connections to one peer proxy (as one identity).
+#[derive(Default)]
+struct Peer {
+    conns: Vec<Conn>,
+    /// Held while a connection is dialled, so a burst of tunnels waits for that one connection
+    /// (which has room for a hundred of them) instead of each dialling its own.
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+type PeerKey = (SocketAddr, SpiffeId);
+
+/// Client connections by (peer proxy, identity it presented). HTTP/2 multiplexes the tunnels,
+/// up to the peer's stream limit per connection; past it another connection is opened rather
+/// than queueing tunnels behind the first (where they would wait for a stream to close).
 #[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<(SocketAddr, SpiffeId), Tunnels>>,
+    peers: Mutex<HashMap<PeerKey, Peer>>,
 }
 
 impl Pool {
-    /// Opens a tunnel, reusing a pooled connection to the same proxy and identity if any.
+    /// Opens a tunnel, on a pooled connection to the same proxy and identity with a stream to
+    /// spare if there is one, else on a new connection.
     pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
         let key = (d.proxy, d.identity.clone());
-        let pooled = self.conns.lock().unwrap().get(&key).cloned();
-        if let Some(send) = pooled {
-            match open_on(send, d).await {
-                // The peer has closed the pooled connection since: forget it, dial anew.
-                Err(HboneError::Http(..)) => {
-                    self.conns.lock().unwrap().remove(&key);
+        let (conn, slot) = match self.reserve(&key) {
+            Ok(found) => found,
+            Err(dialing) => {
+                let dialed = self.dial_once(identity, d, &key, dialing).await;
+                if dialed.is_err() {
+                    self.tidy(&key);
                 }
-                r => return r,
+                dialed?
             }
+        };
+        match open_on(conn.send.clone(), d, slot).await {
+            // The peer has closed the pooled connection since: forget it, dial anew.
+            Err(HboneError::Http(..)) => {
+                self.forget(&key, &conn);
+                let (conn, slot) = self.dial(identity, d, &key).await?;
+                open_on(conn.send, d, slot).await
+            }
+            r => r,
         }
-        let send = connect(identity, d).await?;
-        self.conns.lock().unwrap().insert(key, send.clone());
-        open_on(send, d).await
     }
 
+    /// Under the peer's dialling lock: a stream on the connection whoever held the lock before
+    /// made, or a new connection.
+    async fn dial_once(
+        &self,
+        identity: &Identity,
+        d: &Dial<'_>,
+        key: &PeerKey,
+        dialing: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<(Conn, Slot), HboneError> {
+        let _dialing = dialing.lock().await;
+        match self.reserve(key) {
+            Ok(found) => Ok(found),
+            Err(_) => self.dial(identity, d, key).await,
+        }
+    }
+
+    /// A new connection to the peer, pooled, with a stream reserved on it.
+    async fn dial(&self, identity: &Identity, d: &Dial<'_>, key: &PeerKey) -> Result<(Conn, Slot), HboneError> {
+        let conn = Conn {
+            send: connect(identity, d).await?,
+            open: Arc::default(),
+        };
+        let slot = conn.reserve().expect("a new connection has room for a stream");
+        let mut peers = self.peers.lock().unwrap();
+        peers.entry(key.clone()).or_default().conns.push(conn.clone());
+        Ok((conn, slot))
+    }
+
+    /// A connection to `key` with a stream to spare, and that stream reserved; else the lock to
+    /// take to dial one. Connections left idle beside another idle one are dropped (closing
+    /// them), so a burst's extra connections do not outlive it.
+    fn reserve(&self, key: &PeerKey) -> Result<(Conn, Slot), Arc<tokio::sync::Mutex<()>>> {
+        let mut peers = self.peers.lock().unwrap();
+        let peer = peers.entry(key.clone()).or_default();
+        let mut idle_kept = false;
+        peer.conns.retain(|c| {
+            let idle = c.open.load(Relaxed) == 0;
+            let keep = !idle || !idle_kept;
+            idle_kept |= idle;
+            keep
+        });
+        peer.conns
+            .iter()
+            .find_map(|c| c.reserve().map(|s| (c.clone(), s)))
+            .ok_or_else(|| peer.dialing.clone())
+    }
+
+    fn forget(&self, key: &PeerKey, conn: &Conn) {
+        if let Some(peer) = self.peers.lock().unwrap().get_mut(key) {
+            peer.conns.retain(|c| !Arc::ptr_eq(&c.open, &conn.open));
+        }
+        self.tidy(key);
+    }
+
+    /// Drops the entry of a peer with no connection that nobody is dialling (it may be gone for
+    /// good: pods come and go).
+    fn tidy(&self, key: &PeerKey) {
+        let mut peers = self.peers.lock().unwrap();
+        if peers
+            .get(key)
+            .is_some_and(|p| p.conns.is_empty() && Arc::strong_count(&p.dialing) == 1)
+        {
+            peers.remove(key);
+        }
+    }
+
+    /// Connections held, to every peer.
     pub fn len(&self) -> usize {
-        self.conns.lock().unwrap().len()
+        self.peers.lock().unwrap().values().map(|p| p.conns.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -237,7 +352,7 @@ impl Pool {
 }
 
 /// A CONNECT on `send`'s connection; the tunnel once the peer answers 200.
-async fn open_on(send: Tunnels, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
+async fn open_on(send: Tunnels, d: &Dial<'_>, slot: Slot) -> Result<Tunnel, HboneError> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(d.target.to_string())
@@ -254,7 +369,7 @@ async fn open_on(send: Tunnels, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status(d.proxy, resp.status()));
     }
-    Ok(Tunnel::new(stream, resp.into_body()))
+    Ok(Tunnel::new(stream, resp.into_body()).holding(slot))
 }
 
 fn forwarded(d: &Dial<'_>) -> String {

@@ -20,6 +20,8 @@ pub struct Tunnel {
     pending: Bytes,
     /// A read error or the end of the peer's stream has been seen.
     read_done: bool,
+    /// A client tunnel's place on its pooled connection, given back when the tunnel goes.
+    _slot: Option<super::hbone::Slot>,
 }
 
 impl Tunnel {
@@ -29,7 +31,14 @@ impl Tunnel {
             recv,
             pending: Bytes::new(),
             read_done: false,
+            _slot: None,
         }
+    }
+
+    /// This tunnel, holding `slot` for as long as it lives.
+    pub fn holding(mut self, slot: super::hbone::Slot) -> Tunnel {
+        self._slot = Some(slot);
+        self
     }
 }
 
