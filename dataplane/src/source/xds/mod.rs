@@ -215,6 +215,34 @@ fn wanted(r: &EnvoyResources) -> [(&'static str, BTreeSet<String>); 3] {
     ]
 }
 
+/// The resources held and the config version they last produced.
+struct Held {
+    resources: EnvoyResources,
+    version: u64,
+}
+
+impl Held {
+    fn new(dp: &Dataplane) -> Held {
+        Held {
+            resources: EnvoyResources::default(),
+            version: dp.shared.config.load().snapshot.version,
+        }
+    }
+
+    /// Holds `next` (the resources held with one answer taken in) if it maps and applies; the
+    /// version applied, or `None` while something named has not arrived yet. On an error
+    /// nothing changes.
+    async fn take(&mut self, next: Result<EnvoyResources, MapError>, dp: &Arc<Dataplane>) -> Result<Option<u64>, Nack> {
+        let next = next?;
+        let applied = apply(&next, self.version, dp).await?;
+        self.resources = next;
+        if let Some(v) = applied {
+            self.version = v;
+        }
+        Ok(applied)
+    }
+}
+
 /// Maps `next` and applies it as config `version + 1` when it is complete. The version now
 /// serving if it was applied, `None` while something named has not arrived yet.
 async fn apply(next: &EnvoyResources, version: u64, dp: &Arc<Dataplane>) -> Result<Option<u64>, Nack> {

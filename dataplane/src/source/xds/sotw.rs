@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use tokio::sync::mpsc;
 
 use super::map::{CLUSTER, EnvoyResources, LISTENER, MapError};
-use super::{Nack, Settings, XdsError};
+use super::{Settings, XdsError};
 use crate::dataplane::Dataplane;
 
 /// Per type: the last accepted version, the last nonce seen and the names subscribed.
@@ -77,28 +77,21 @@ pub(super) async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), Xds
     let req = super::with_token(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), s);
     let mut stream = ads.stream_aggregated_resources(req).await?.into_inner();
     tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the xDS server");
-    let mut state = EnvoyResources::default();
-    let mut version = dp.shared.config.load().snapshot.version;
+    let mut held = super::Held::new(dp);
     while let Some(resp) = stream.message().await? {
         let Some(type_url) = super::type_of(&resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
             continue;
         };
         client.types.entry(type_url).or_default().nonce = resp.nonce.clone();
-        let outcome = match take(&state, &resp, type_url) {
-            Err(e) => Err(Nack::Map(e)),
-            Ok(next) => super::apply(&next, version, dp).await.map(|v| (next, v)),
-        };
-        match outcome {
-            Ok((next, applied)) => {
-                state = next;
-                if let Some(v) = applied {
-                    version = v;
+        match held.take(take(&held.resources, &resp, type_url), dp).await {
+            Ok(applied) => {
+                if let Some(version) = applied {
                     tracing::info!(version, type_url, server_version = %resp.version_info, "applied xDS config");
                 }
                 client.types.entry(type_url).or_default().version = resp.version_info.clone();
                 client.request(type_url, None);
-                for (t, names) in super::wanted(&state) {
+                for (t, names) in super::wanted(&held.resources) {
                     client.follow(t, names);
                 }
             }
