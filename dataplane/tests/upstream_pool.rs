@@ -36,15 +36,16 @@ impl Counting {
     /// `lifetime`: the backend closes each connection that long after accepting it (between
     /// requests, as a server's keep-alive timeout does).
     async fn start(lifetime: Option<Duration>) -> Counting {
-        Self::serve(lifetime, false).await
+        Self::serve(lifetime, None).await
     }
 
-    /// The same over HTTP/2 with prior knowledge (h2c).
-    async fn start_h2() -> Counting {
-        Self::serve(None, true).await
+    /// The same over HTTP/2 with prior knowledge (h2c), allowing `max_streams` at once on a
+    /// connection.
+    async fn start_h2(max_streams: u32) -> Counting {
+        Self::serve(None, Some(max_streams)).await
     }
 
-    async fn serve(lifetime: Option<Duration>, h2: bool) -> Counting {
+    async fn serve(lifetime: Option<Duration>, h2: Option<u32>) -> Counting {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -55,8 +56,9 @@ impl Counting {
                 o.fetch_add(1, SeqCst);
                 let o = o.clone();
                 tokio::spawn(async move {
-                    if h2 {
+                    if let Some(max) = h2 {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .max_concurrent_streams(max)
                             .serve_connection(TokioIo::new(s), service_fn(respond))
                             .await;
                         o.fetch_sub(1, SeqCst);
@@ -89,6 +91,11 @@ impl Counting {
     }
 }
 
+/// `/hold` requests in the backend now, and the most there were at once.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+const HOLD_FOR: usize = 210;
+
 async fn respond(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<BoxBody<Bytes, Infallible>>, Infallible> {
@@ -105,6 +112,19 @@ async fn respond(
                 Ok(Frame::data(Bytes::from_static(b"end")))
             });
             BodyExt::boxed(StreamBody::new(futures_util::StreamExt::chain(first, rest)))
+        }
+        "/hold" => {
+            // Answers once HOLD_FOR requests are here together (or after 5 s).
+            let now = HELD.fetch_add(1, SeqCst) + 1;
+            PEAK.fetch_max(now, SeqCst);
+            let all_here = async {
+                while HELD.load(SeqCst) < HOLD_FOR && PEAK.load(SeqCst) < HOLD_FOR {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), all_here).await;
+            HELD.fetch_sub(1, SeqCst);
+            Full::new(Bytes::from_static(b"held")).boxed()
         }
         _ => Full::new(Bytes::from_static(b"ok")).boxed(),
     };
@@ -201,7 +221,7 @@ async fn connections_the_backend_closes_between_requests_cost_no_request() {
 
 #[tokio::test]
 async fn a_burst_shares_one_http2_connection_that_closes_when_idle() {
-    let b = Counting::start_h2().await;
+    let b = Counting::start_h2(200).await;
     let spec = "  protocol: HTTP/2\n  timeouts: {idle: 500ms}\n";
     let (dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
     // One HTTP/2 client connection: the 32 requests reach the proxy together.
@@ -227,4 +247,29 @@ async fn a_burst_shares_one_http2_connection_that_closes_when_idle() {
     let r = c.get(format!("{url}/")).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(b.accepted.load(SeqCst), 2);
+}
+
+/// A backend that allows 100 streams per HTTP/2 connection (what hyper assumes until the peer's
+/// SETTINGS say otherwise), and 210 requests that each wait for the others: all reach it
+/// together over three connections, instead of 110 queueing behind the first connection's
+/// limit (which long-lived streams, gRPC streaming or tunnels, would never free).
+#[tokio::test]
+async fn http2_requests_past_the_peers_stream_limit_open_another_connection() {
+    let b = Counting::start_h2(100).await;
+    let (_dp, url) = proxy_with(&b, "  protocol: HTTP/2\n", &["--workers", "1"]).await;
+    let c = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let all = (0..HOLD_FOR).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(format!("{url}/hold")).send().await.unwrap().text().await.unwrap() }
+    });
+    for body in futures_util::future::join_all(all).await {
+        assert_eq!(body, "held");
+    }
+    assert_eq!(PEAK.load(SeqCst), HOLD_FOR, "every request reached the backend at once");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "none waited for another to end"
+    );
+    assert_eq!(b.accepted.load(SeqCst), 3, "100 + 100 + 10 streams");
 }

@@ -9,7 +9,7 @@
 //! body gives the connection back when it ends.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -93,6 +93,12 @@ struct Conn {
 }
 
 impl Conn {
+    /// An open HTTP/2 connection below the peer's stream limit.
+    fn http2_room(&self) -> bool {
+        matches!(&self.send, Sender::Http2(s, streams)
+            if !s.is_closed() && (streams.in_flight.load(Relaxed) as usize) < streams.limit.load(Relaxed))
+    }
+
     /// Closed by the peer, or idle for `idle_ms`: the sweeper drops it, which closes it.
     fn expired(&self, now: u64, idle_ms: u64) -> bool {
         match &self.send {
@@ -107,14 +113,48 @@ impl Conn {
     }
 }
 
-/// Requests in flight on one HTTP/2 connection and when the last one ended.
-#[derive(Default)]
+/// An open HTTP/2 connection among `idle` that can take another stream now, that stream
+/// counted; `None` when each is at the peer's stream limit (another connection is opened then,
+/// rather than queueing streams that may be long-lived behind the limit).
+fn http2_with_room(idle: &[Conn]) -> Option<Conn> {
+    idle.iter().rev().find_map(|c| match &c.send {
+        Sender::Http2(s, streams) if !s.is_closed() && streams.try_start() => Some(Conn {
+            send: Sender::Http2(s.clone(), streams.clone()),
+            since_ms: 0,
+            reused: true,
+        }),
+        _ => None,
+    })
+}
+
+/// Requests in flight on one HTTP/2 connection, when the last one ended, and how many the peer
+/// allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by [`drive_http2`]).
 struct Streams {
     in_flight: AtomicU32,
     last_ms: AtomicU64,
+    limit: AtomicUsize,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            in_flight: AtomicU32::new(0),
+            last_ms: AtomicU64::new(0),
+            // hyper's assumption until the peer's SETTINGS arrive.
+            limit: AtomicUsize::new(100),
+        }
+    }
 }
 
 impl Streams {
+    /// Counts one more request in flight if the peer allows `limit` streams and fewer are open.
+    fn try_start(&self) -> bool {
+        let limit = u32::try_from(self.limit.load(Relaxed)).unwrap_or(u32::MAX);
+        self.in_flight
+            .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok()
+    }
+
     fn end(&self) {
         self.last_ms.store(now_ms(), Relaxed);
         self.in_flight.fetch_sub(1, Relaxed);
@@ -217,7 +257,7 @@ impl Pool {
                     sent.await
                 }
                 Sender::Http2(s, streams) => {
-                    streams.in_flight.fetch_add(1, Relaxed);
+                    // Its stream was counted when it was checked out.
                     lease.streams = Some(streams.clone());
                     self.absolute(&mut req, authority);
                     s.try_send_request(req).await
@@ -245,15 +285,9 @@ impl Pool {
                 match idle.last() {
                     None => return None,
                     Some(Conn {
-                        send: Sender::Http2(s, streams),
+                        send: Sender::Http2(..),
                         ..
-                    }) if !s.is_closed() => {
-                        return Some(Conn {
-                            send: Sender::Http2(s.clone(), streams.clone()),
-                            since_ms: 0,
-                            reused: true,
-                        });
-                    }
+                    }) => return http2_with_room(&idle),
                     Some(_) => idle.pop()?,
                 }
             };
@@ -305,14 +339,12 @@ impl Pool {
         let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
         if self.http2_only || io.connected().is_negotiated_h2() {
             let (send, conn) = self.h2.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-            tokio::spawn(drive(conn));
             let streams = Arc::new(Streams::default());
+            tokio::spawn(drive_http2(conn, streams.clone()));
+            streams.try_start();
             let mut idle = lock(&self.idle[ep]);
-            // Concurrent first requests may each open one; the pool keeps the first.
-            if !idle
-                .iter()
-                .any(|c| matches!(&c.send, Sender::Http2(s, _) if !s.is_closed()))
-            {
+            // Concurrent first requests may each open one; the pool keeps one with room.
+            if !idle.iter().any(|c| c.http2_room()) {
                 idle.push(Conn {
                     send: Sender::Http2(send.clone(), streams.clone()),
                     since_ms: 0,
@@ -393,6 +425,22 @@ where
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "upstream connection ended");
     }
+}
+
+/// [`drive`] for an HTTP/2 connection, noting the peer's stream limit whenever it may have
+/// changed (hyper shows it on the connection only).
+async fn drive_http2<T, E>(mut conn: http2::Connection<T, RequestBody, E>, streams: Arc<Streams>)
+where
+    http2::Connection<T, RequestBody, E>: Future<Output = hyper::Result<()>> + Unpin,
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    E: hyper::rt::bounds::Http2ClientConnExec<RequestBody, T> + Unpin,
+{
+    let noting = std::future::poll_fn(|cx| {
+        let r = std::pin::Pin::new(&mut conn).poll(cx);
+        streams.limit.store(conn.current_max_send_streams(), Relaxed);
+        r
+    });
+    drive(noting).await
 }
 
 #[cfg(test)]
