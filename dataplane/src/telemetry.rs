@@ -386,6 +386,13 @@ impl Scrape {
         )?;
         family(
             enc,
+            "ferrum_mesh_hbone_connections",
+            "Client HBONE connections open to peer proxies.",
+            MetricType::Gauge,
+            [([] as [(&str, &str); 0], m.hbone_connections.load(Relaxed) as i64)],
+        )?;
+        family(
+            enc,
             "ferrum_mesh_bytes",
             "Bytes relayed by sidecar connections, client to server (forward) and back.",
             MetricType::Counter,

@@ -87,11 +87,17 @@ impl Pod {
 
     /// The sidecar's `ferrum_mesh_connections_total` for one direction and path.
     pub fn connections(&self, direction: &str, path: &str) -> f64 {
+        self.metric(&format!(
+            "ferrum_mesh_connections_total{{direction=\"{direction}\",path=\"{path}\"}}"
+        ))
+    }
+
+    /// One series (name and labels, as exposed) of the sidecar's metrics.
+    pub fn metric(&self, series: &str) -> f64 {
         let out = self.run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let series = format!("ferrum_mesh_connections_total{{direction=\"{direction}\",path=\"{path}\"}}");
         text.lines()
-            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("{series} missing from {text}"))
     }
 

@@ -1441,7 +1441,7 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
 /// another HBONE connection rather than queueing tunnels behind the first one's limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_connections_than_one_hbone_connection_carries_all_flow() {
-    let w = two_pods(&[], &[]).await;
+    let mut w = two_pods(&[], &[]).await;
     until_routed(&w).await;
     let out = w.pods[0].run(&[
         "python3",
@@ -1472,4 +1472,17 @@ async fn more_connections_than_one_hbone_connection_carries_all_flow() {
         String::from_utf8_lossy(&out.stderr),
         w.pods[0].sidecar_log()
     );
+    const OPEN: &str = "ferrum_mesh_hbone_connections ";
+    assert_eq!(w.pods[0].metric(OPEN), 3.0);
+    // B's sidecar restarts: A's connections to it end and are no longer counted (or offered to
+    // a tunnel); the next call dials one anew.
+    w.pods[1].sidecar = None;
+    eventually("A's HBONE connections to B end", Duration::from_secs(10), async || {
+        w.pods[0].metric(OPEN) == 0.0
+    })
+    .await;
+    w.sidecar(1, "sa-b", &[]);
+    w.ready(1).await;
+    assert!(curl_svc_b(&w, "/again").0, "the first call after B's restart");
+    assert_eq!(w.pods[0].metric(OPEN), 1.0);
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use super::identity::{Identity, peer_id};
+use super::sidecar::MeshStats;
 pub use super::tunnel::Tunnel;
 
 /// The port a peer proxy dials.
@@ -203,16 +204,20 @@ pub struct Dial<'a> {
 /// One HTTP/2 client connection to a peer proxy; each request on it is a tunnel.
 type Tunnels = SendRequest<Bytes>;
 
-/// A pooled connection and the tunnels open on it now.
+/// A pooled connection, the tunnels open on it now, and whether it has ended.
 #[derive(Clone)]
 struct Conn {
     send: Tunnels,
     open: Arc<AtomicUsize>,
+    ended: Arc<AtomicBool>,
 }
 
 impl Conn {
-    /// A tunnel's place on this connection if the peer allows another stream now.
+    /// A tunnel's place on this connection if it is up and the peer allows another stream now.
     fn reserve(&self) -> Option<Slot> {
+        if self.ended.load(Relaxed) {
+            return None;
+        }
         let limit = self.send.current_max_send_streams();
         self.open
             .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
@@ -244,12 +249,32 @@ type PeerKey = (SocketAddr, SpiffeId);
 /// Client connections by (peer proxy, identity it presented). HTTP/2 multiplexes the tunnels,
 /// up to the peer's stream limit per connection; past it another connection is opened rather
 /// than queueing tunnels behind the first (where they would wait for a stream to close).
-#[derive(Default)]
 pub struct Pool {
     peers: Mutex<HashMap<PeerKey, Peer>>,
+    stats: Arc<MeshStats>,
+}
+
+/// Marks its connection ended, and uncounts it, when the task driving it ends.
+struct Live {
+    ended: Arc<AtomicBool>,
+    stats: Arc<MeshStats>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.ended.store(true, Relaxed);
+        self.stats.hbone_connections.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Pool {
+    pub fn new(stats: Arc<MeshStats>) -> Pool {
+        Pool {
+            peers: Mutex::default(),
+            stats,
+        }
+    }
+
     /// Opens a tunnel, on a pooled connection to the same proxy and identity with a stream to
     /// spare if there is one, else on a new connection.
     pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
@@ -293,12 +318,25 @@ impl Pool {
 
     /// A new connection to the peer, pooled, with a stream reserved on it.
     async fn dial(&self, identity: &Identity, d: &Dial<'_>, key: &PeerKey) -> Result<(Conn, Slot), HboneError> {
+        let ended = Arc::new(AtomicBool::new(false));
+        self.stats.hbone_connections.fetch_add(1, Relaxed);
+        let live = Live {
+            ended: ended.clone(),
+            stats: self.stats.clone(),
+        };
         let conn = Conn {
-            send: connect(identity, d).await?,
+            send: connect(identity, d, live).await?,
             open: Arc::default(),
+            ended,
         };
         let slot = conn.reserve().expect("a new connection has room for a stream");
         let mut peers = self.peers.lock().unwrap();
+        // Dialling is rare: the time to forget connections that have ended, and peers left with
+        // none (pods come and go; nothing else would remove them).
+        peers.retain(|_, p| {
+            p.conns.retain(|c| !c.ended.load(Relaxed));
+            !p.conns.is_empty() || Arc::strong_count(&p.dialing) > 1
+        });
         peers.entry(key.clone()).or_default().conns.push(conn.clone());
         Ok((conn, slot))
     }
@@ -311,6 +349,9 @@ impl Pool {
         let peer = peers.entry(key.clone()).or_default();
         let mut idle_kept = false;
         peer.conns.retain(|c| {
+            if c.ended.load(Relaxed) {
+                return false;
+            }
             let idle = c.open.load(Relaxed) == 0;
             let keep = !idle || !idle_kept;
             idle_kept |= idle;
@@ -389,8 +430,8 @@ fn traceparent() -> String {
 }
 
 /// A new mTLS + HTTP/2 connection to a peer proxy, whose identity is checked before any
-/// tunnel is opened on it.
-async fn connect(identity: &Identity, d: &Dial<'_>) -> Result<Tunnels, HboneError> {
+/// tunnel is opened on it; `live` goes with the task that drives it.
+async fn connect(identity: &Identity, d: &Dial<'_>, live: Live) -> Result<Tunnels, HboneError> {
     let tls = identity.current().ok_or(HboneError::NoIdentity)?;
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(d.proxy))
         .await
@@ -437,6 +478,7 @@ async fn connect(identity: &Identity, d: &Dial<'_>) -> Result<Tunnels, HboneErro
             r = conn => if let Err(e) = r { tracing::debug!(%proxy, error = %e, "HBONE connection ended") },
             () = keepalive => {}
         }
+        drop(live);
     });
     Ok(send)
 }

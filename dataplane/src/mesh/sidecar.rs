@@ -72,6 +72,8 @@ pub struct MeshStats {
     /// From clients towards servers, and back.
     pub bytes_forward: AtomicU64,
     pub bytes_back: AtomicU64,
+    /// Client HBONE connections open now (each carries up to the peer's stream limit).
+    pub hbone_connections: AtomicU64,
 }
 
 pub struct Sidecar {
@@ -293,18 +295,19 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
 
 impl Sidecar {
     pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
+        let stats = dp.shared.registry.mesh.clone();
         let sidecar = Arc::new(Sidecar {
             http: listener::Http::new(&dp.shared.limits),
             stop: watch::channel(false).0,
             app: Arc::new(App {
                 dp: dp.clone(),
-                stats: dp.shared.registry.mesh.clone(),
+                stats: stats.clone(),
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
             }),
             dp,
             identity,
-            pool: hbone::Pool::default(),
+            pool: hbone::Pool::new(stats),
             settings,
             draining: AtomicBool::new(false),
         });
