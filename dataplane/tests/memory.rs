@@ -70,14 +70,17 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
         start.0,
         peak.0
     );
+    // Released at the next tick once the load is over; a release while the last connections
+    // were still closing may leave some for the tick after.
+    let back_near_start = start.0 + (peak.0 - start.0) / 4.0;
     eventually("the freed heap is released", Duration::from_secs(5), async || {
-        released.metric("ferrum_heap_releases_total").await >= 1.0
+        released.metric("ferrum_heap_releases_total").await >= 1.0 && anon_mb(&released) < back_near_start
     })
     .await;
     let after = (anon_mb(&released), anon_mb(&kept));
     eprintln!("RssAnon MB: start {start:?}, peak {peak:?}, after {after:?}");
     assert!(
-        after.0 < start.0 + (peak.0 - start.0) / 4.0,
+        after.0 < back_near_start,
         "back near the start: {:.1} → {:.1} → {:.1} MB",
         start.0,
         peak.0,
