@@ -103,7 +103,7 @@ pub(super) async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), Xds
             tracing::warn!(type_url = %resp.type_url, "ignoring a response of a type never asked for");
             continue;
         };
-        match held.take(take(&held.resources, &resp, type_url), dp).await {
+        match held.take(type_url, take(&held.resources, &resp, type_url), dp).await {
             Ok(applied) => {
                 if let Some(version) = applied {
                     tracing::info!(version, type_url, server_version = %resp.system_version_info, changed = resp.resources.len(), removed = resp.removed_resources.len(), "applied xDS config");

@@ -703,12 +703,26 @@ fn health_check_of(hc: &core::HealthCheck, name: &str) -> Result<HealthCheck, Ma
 /// served. `Ok(None)`: some routes, endpoints or secrets a listener or cluster needs have not
 /// arrived yet.
 pub fn snapshot(r: &EnvoyResources, version: u64) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
+    snapshot_noting(r, version, &std::cell::Cell::new(false))
+}
+
+/// [`snapshot`], noting in `unknown` whether a route or TCP proxy names a cluster `r` lacks
+/// (it answers 500 / refuses connections in the snapshot).
+pub fn snapshot_noting(
+    r: &EnvoyResources,
+    version: u64,
+    unknown: &std::cell::Cell<bool>,
+) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
     let mut listeners = Vec::new();
     let mut secrets = ferrum_snapshot::Secrets::new();
     for l in r.listeners.values() {
         let (address, port) = socket(&l.address)
             .ok_or_else(|| MapError::refused(&format!("Listener {}", l.name), "needs a socket address with a port"))?;
-        let known = |c: &str| r.clusters.contains_key(c);
+        let known = |c: &str| {
+            let k = r.clusters.contains_key(c);
+            unknown.set(unknown.get() || !k);
+            k
+        };
         let (l4, virtual_hosts) = match listener_routes(l)? {
             RouteSource::Inline(rc) => (None, virtual_hosts(&rc, &known)?),
             RouteSource::Rds(name) => match r.routes.get(&name) {
@@ -919,6 +933,21 @@ mod tests {
         let [c] = &snap.clusters[..] else { panic!("one cluster") };
         let [e] = &c.endpoints[..] else { panic!("one endpoint") };
         assert_eq!((e.address.as_str(), e.port, e.weight), ("10.0.0.7", 9000, 3));
+    }
+
+    #[test]
+    fn a_route_naming_a_cluster_not_held_is_noted() {
+        let unknown = std::cell::Cell::new(false);
+        assert!(snapshot_noting(&complete(), 1, &unknown).unwrap().is_some());
+        assert!(!unknown.get(), "every cluster named is held");
+        let mut r = complete();
+        r.clusters.clear();
+        r.endpoints.clear();
+        assert!(
+            snapshot_noting(&r, 1, &unknown).unwrap().is_some(),
+            "maps, with a 500 route"
+        );
+        assert!(unknown.get(), "the route names a cluster not held");
     }
 
     #[test]

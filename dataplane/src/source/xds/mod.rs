@@ -215,10 +215,12 @@ fn wanted(r: &EnvoyResources) -> [(&'static str, BTreeSet<String>); 3] {
     ]
 }
 
-/// The resources held and the config version they last produced.
+/// The resources held, the config version they last produced, and whether this session's
+/// server has answered for clusters yet.
 struct Held {
     resources: EnvoyResources,
     version: u64,
+    clusters_answered: bool,
 }
 
 impl Held {
@@ -226,15 +228,22 @@ impl Held {
         Held {
             resources: EnvoyResources::default(),
             version: dp.shared.config.load().snapshot.version,
+            clusters_answered: false,
         }
     }
 
-    /// Holds `next` (the resources held with one answer taken in) if it maps and applies; the
-    /// version applied, or `None` while something named has not arrived yet. On an error
-    /// nothing changes.
-    async fn take(&mut self, next: Result<EnvoyResources, MapError>, dp: &Arc<Dataplane>) -> Result<Option<u64>, Nack> {
+    /// Holds `next` (the resources held with an answer of `type_url` taken in) if it maps and
+    /// applies; the version applied, or `None` while something named has not arrived yet. On
+    /// an error nothing changes.
+    async fn take(
+        &mut self,
+        type_url: &str,
+        next: Result<EnvoyResources, MapError>,
+        dp: &Arc<Dataplane>,
+    ) -> Result<Option<u64>, Nack> {
+        self.clusters_answered |= type_url == CLUSTER;
         let next = next?;
-        let applied = apply(&next, self.version, dp).await?;
+        let applied = apply(&next, self.version, self.clusters_answered, dp).await?;
         self.resources = next;
         if let Some(v) = applied {
             self.version = v;
@@ -244,11 +253,23 @@ impl Held {
 }
 
 /// Maps `next` and applies it as config `version + 1` when it is complete. The version now
-/// serving if it was applied, `None` while something named has not arrived yet.
-async fn apply(next: &EnvoyResources, version: u64, dp: &Arc<Dataplane>) -> Result<Option<u64>, Nack> {
-    let Some((snap, secrets)) = map::snapshot(next, version + 1)? else {
+/// serving if it was applied, `None` while something named has not arrived yet — including,
+/// until the server has answered for clusters (a reconnected session, a server that sends
+/// listeners first), a cluster a route names: the config serving keeps serving rather than a
+/// window of 500s.
+async fn apply(
+    next: &EnvoyResources,
+    version: u64,
+    clusters_answered: bool,
+    dp: &Arc<Dataplane>,
+) -> Result<Option<u64>, Nack> {
+    let unknown = std::cell::Cell::new(false);
+    let Some((snap, secrets)) = map::snapshot_noting(next, version + 1, &unknown)? else {
         return Ok(None);
     };
+    if unknown.get() && !clusters_answered {
+        return Ok(None);
+    }
     let dp = dp.clone();
     tokio::task::spawn_blocking(move || dp.apply(snap, secrets))
         .await

@@ -84,7 +84,7 @@ pub(super) async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), Xds
             continue;
         };
         client.types.entry(type_url).or_default().nonce = resp.nonce.clone();
-        match held.take(take(&held.resources, &resp, type_url), dp).await {
+        match held.take(type_url, take(&held.resources, &resp, type_url), dp).await {
             Ok(applied) => {
                 if let Some(version) = applied {
                     tracing::info!(version, type_url, server_version = %resp.version_info, "applied xDS config");
