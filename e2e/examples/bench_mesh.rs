@@ -135,6 +135,9 @@ struct Path {
     client: usize,
     url: String,
     sidecars: [u32; 2],
+    /// With the node agent's sockmap redirection of the sidecar → app hop (attached for this
+    /// path's rounds only).
+    ebpf: bool,
     runs: Vec<Run>,
     /// Per round: vCPU per 1,000 RPS of each sidecar, and the share of it spent in the kernel.
     cpu: Vec<[f64; 2]>,
@@ -143,9 +146,16 @@ struct Path {
 
 impl Path {
     fn round(&mut self, w: &World, round: usize, secs: u64, conns: u32) {
+        if self.ebpf {
+            node_agent("attach");
+        }
         let before = self.sidecars.map(cpu_split);
         let r = wrk(w, self.client, &self.url, secs, conns);
         let after = self.sidecars.map(cpu_split);
+        if self.ebpf {
+            print!("{}", node_agent("stats"));
+            node_agent("detach");
+        }
         let used = [0, 1].map(|i| (after[i].0 - before[i].0, after[i].1 - before[i].1));
         println!(
             "round {round} {}: {r:?} sidecar (user, system) cpu-seconds {used:?}",
@@ -170,6 +180,20 @@ impl Path {
                 .fold((f64::INFINITY, 0.0), |m, c| if c.0 < m.0 { c } else { m })
         })
     }
+}
+
+/// Runs `ferrum-node-agent <command>` on the bench's own pin directory; its output.
+fn node_agent(command: &str) -> String {
+    let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+        .args(["--pin-dir", "/sys/fs/bpf/ferrum-bench-mesh", command])
+        .output()
+        .expect("ferrum-node-agent runs");
+    assert!(
+        out.status.success(),
+        "ferrum-node-agent {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn best(v: &[Run]) -> Run {
@@ -228,6 +252,7 @@ async fn main() {
             client: a,
             url: format!("http://{VIP}/"),
             sidecars: sidecars(a, b),
+            ebpf: false,
             runs: Vec::new(),
             cpu: Vec::new(),
             kernel: Vec::new(),
@@ -237,6 +262,17 @@ async fn main() {
             client: e,
             url: format!("http://{PLAIN_VIP}/"),
             sidecars: sidecars(e, f),
+            ebpf: false,
+            runs: Vec::new(),
+            cpu: Vec::new(),
+            kernel: Vec::new(),
+        },
+        Path {
+            name: "hbone+ebpf",
+            client: a,
+            url: format!("http://{VIP}/"),
+            sidecars: sidecars(a, b),
+            ebpf: true,
             runs: Vec::new(),
             cpu: Vec::new(),
             kernel: Vec::new(),
@@ -263,13 +299,15 @@ async fn main() {
     report(&direct, &paths, rounds, secs, conns, smoke);
 }
 
-fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u32, smoke: bool) {
+fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u32, smoke: bool) {
     let d_best = best(direct);
-    let [hbone, plain] = paths;
+    let [hbone, plain, accelerated] = paths;
     let (m_best, p_best) = (hbone.best(), plain.best());
     let rss = hbone.sidecars.map(rss_mib);
     let [(cc, ck), (sc, sk)] = hbone.cpu_min();
     let [(pcc, pck), (psc, psk)] = plain.cpu_min();
+    let e_best = accelerated.best();
+    let [(ecc, eck), (esc, esk)] = accelerated.cpu_min();
     let errors: u64 = direct
         .iter()
         .chain(paths.iter().flat_map(|p| &p.runs))
@@ -284,6 +322,12 @@ fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u3
     );
     for (name, r, c, k) in [
         ("two sidecars, HBONE (A → svc-b → B)", m_best, (cc, sc), (ck, sk)),
+        (
+            "the same, node agent's eBPF on the sidecar → app hop",
+            e_best,
+            (ecc, esc),
+            (eck, esk),
+        ),
         (
             "two sidecars, plain TCP (E → svc-f → F)",
             p_best,
@@ -310,6 +354,10 @@ fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u3
         m_best.rps / p_best.rps
     );
     println!(
+        "with the node agent's eBPF: HBONE / direct RPS {:.2}",
+        e_best.rps / d_best.rps
+    );
+    println!(
         "sidecar vCPU per 1,000 RPS: client {cc:.3}, server {sc:.3} (target ≤ 0.10); RSS MiB: client {:.1}, server {:.1} (target ≤ 20)",
         rss[0], rss[1]
     );
@@ -321,6 +369,9 @@ fn report(direct: &[Run], paths: &[Path; 2], rounds: usize, secs: u64, conns: u3
         "plain_sidecars": {"rps": p_best.rps, "p50_ms": p_best.p50, "p99_ms": p_best.p99,
             "sidecar_vcpu_per_1000_rps": {"client": pcc, "server": psc}},
         "ratio": m_best.rps / d_best.rps,
+        "hbone_ebpf": {"rps": e_best.rps, "p50_ms": e_best.p50, "p99_ms": e_best.p99,
+            "ratio": e_best.rps / d_best.rps,
+            "sidecar_vcpu_per_1000_rps": {"client": ecc, "server": esc}},
         "hbone_vs_plain_sidecars": m_best.rps / p_best.rps,
         "sidecar_vcpu_per_1000_rps": {"client": cc, "server": sc},
         "sidecar_kernel_share": {"client": ck, "server": sk},

@@ -1,0 +1,118 @@
+//! The node agent's sockmap redirection under real sidecars (network-namespace pods, as root):
+//! B's sidecar delivers to B's app from 127.0.0.6, and with the agent attached those bytes are
+//! queued straight onto the app's socket — HTTP and raw TCP (with a half-close) answer exactly
+//! as without it — and detaching leaves the pods talking over TCP again. Its own test binary:
+//! the programs see every socket on the machine, and detaching drops bytes queued to sockets of
+//! other tests' pods.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferrum_e2e::mesh::{NS, World};
+use ferrum_e2e::*;
+
+const VIP: &str = "10.96.77.30";
+
+struct Agent(PathBuf);
+
+impl Agent {
+    fn attach() -> Agent {
+        let agent = Agent(PathBuf::from(format!("/sys/fs/bpf/ferrum-e2e-{}", std::process::id())));
+        agent.run("attach");
+        agent
+    }
+
+    fn run(&self, command: &str) -> String {
+        let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+            .arg("--pin-dir")
+            .arg(&self.0)
+            .arg(command)
+            .output()
+            .expect("ferrum-node-agent runs");
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A counter of `stats` ("paired", "redirected", "passed").
+    fn count(&self, name: &str) -> u64 {
+        let stats = self.run("stats");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+            .arg("--pin-dir")
+            .arg(&self.0)
+            .arg("detach")
+            .status();
+    }
+}
+
+fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
+    w.pods[0].curl(&[
+        "--resolve",
+        &format!("svc-b.{NS}.svc:80:{VIP}"),
+        &format!("http://svc-b.{NS}.svc{path}"),
+    ])
+}
+
+/// 1,000 × `payload` to B's echo port through both sidecars, then a half-close; what came back.
+fn echo_bulk(w: &World, payload: &str) -> String {
+    let out = w.pods[0].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket; s = socket.create_connection(('{VIP}', 9000), timeout=5)\n\
+             s.sendall(b'{payload}' * 1000); s.shutdown(socket.SHUT_WR)\n\
+             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+             print(len(got), got == b'{payload}' * 1000)"
+        ),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_sidecars_hop_to_its_app_is_redirected_and_answers_alike() {
+    let agent = Agent::attach();
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", VIP, "b");
+    w.app(b);
+    w.sidecar(a, "sa-a", &[]);
+    w.sidecar(b, "sa-b", &[]);
+    w.ready(a).await;
+    w.ready(b).await;
+    eventually("pod A reaches svc-b", Duration::from_secs(20), async || {
+        curl_svc_b(&w, "/warmup").0
+    })
+    .await;
+
+    let (paired, redirected) = (agent.count("paired"), agent.count("redirected"));
+    for i in 0..20 {
+        let (ok, body) = curl_svc_b(&w, &format!("/r-{i}"));
+        assert!(ok, "{body}");
+        assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
+    }
+    assert_eq!(echo_bulk(&w, "payload-5d1e"), "12000 True");
+    // Each request and the echo: the sidecar's end and the app's end (keep-alive aside).
+    assert!(agent.count("paired") - paired >= 2, "no connection was paired");
+    assert!(
+        agent.count("redirected") - redirected >= 21 * 2,
+        "requests and answers were not redirected"
+    );
+
+    agent.run("detach");
+    let (ok, body) = curl_svc_b(&w, "/after-detach");
+    assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
+    assert_eq!(echo_bulk(&w, "payload-after"), "13000 True");
+}

@@ -1,0 +1,34 @@
+//! Compiles the eBPF programs in `../ebpf` with clang (`-target bpf`, BTF for the map
+//! definitions); the binary embeds the object.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ebpf/redirect.bpf.c");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("redirect.bpf.o");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    println!("cargo:rerun-if-env-changed=CLANG");
+    // The kernel's uapi headers include <asm/types.h>, which Debian keeps per architecture.
+    let arch_include = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    let status = Command::new(&clang)
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            "-I",
+            &arch_include,
+            "-c",
+        ])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("running {clang} to build the eBPF programs (apt-get install clang libbpf-dev): {e}")
+        });
+    assert!(status.success(), "{clang} failed to compile {}", src.display());
+}

@@ -1,0 +1,57 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferrum_node_agent::redirect;
+
+/// The Ferrum Mesh node agent (one per node, privileged): attaches the eBPF programs that
+/// shorten the sidecar's loopback hops, pinned so that they outlive the agent.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The bpffs directory the programs and maps are pinned in.
+    #[arg(long, default_value = redirect::PIN_DIR, global = true)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load and attach (idempotent).
+    Attach {
+        /// The cgroup v2 directory whose sockets are paired (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Detach and unpin.
+    Detach,
+    /// Print the counters: sockets paired, writes redirected and passed.
+    Stats,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let done = match args.command {
+        Command::Attach { cgroup } => cgroup.map_or_else(redirect::cgroup2_root, Ok).and_then(|cgroup| {
+            let how = redirect::attach(&args.pin_dir, &cgroup)?;
+            tracing::info!(pin_dir = %args.pin_dir.display(), cgroup = %cgroup.display(), ?how, "sidecar loopback redirection attached");
+            Ok(())
+        }),
+        Command::Detach => redirect::detach(&args.pin_dir).map(|()| tracing::info!("detached")),
+        Command::Stats => redirect::counts(&args.pin_dir).map(|c| {
+            println!("paired {}\nredirected {}\npassed {}", c.paired, c.redirected, c.passed);
+        }),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

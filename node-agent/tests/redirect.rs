@@ -1,0 +1,275 @@
+//! The sidecar → app hop with the programs attached (as root, in network namespaces of its
+//! own): bytes written from 127.0.0.6 to the app, and the app's answers, are queued straight onto
+//! the peer socket — in order, with backpressure and half-close intact, never to a socket of
+//! another namespace — and nothing else is touched.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+
+use ferrum_node_agent::redirect::{self, Counts};
+
+/// A network namespace with its loopback up, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("ferrum-na-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+        let ns = File::open(format!("/run/netns/{}", self.0)).expect("the namespace exists");
+        thread::spawn(move || {
+            // SAFETY: a valid namespace fd; setns changes only this thread's network namespace.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            f()
+        })
+    }
+
+    /// Packets sent on this namespace's loopback so far.
+    fn lo_packets(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.0,
+                "cat",
+                "/sys/class/net/lo/statistics/tx_packets",
+            ])
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a packet count")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The programs attached on this test's own pin directory, detached on drop. They see every
+/// socket of the machine and their counters are global, so the tests take turns.
+struct Attached(PathBuf, #[allow(dead_code)] MutexGuard<'static, ()>);
+
+impl Attached {
+    fn new(name: &str) -> Attached {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-{name}-{}", std::process::id()));
+        let cgroup = redirect::cgroup2_root().expect("a cgroup v2 mount");
+        assert_eq!(
+            redirect::attach(&dir, &cgroup).expect("attach"),
+            redirect::Attached::Now
+        );
+        assert_eq!(
+            redirect::attach(&dir, &cgroup).expect("attach again"),
+            redirect::Attached::Already
+        );
+        Attached(dir, turn)
+    }
+
+    fn counts(&self) -> Counts {
+        redirect::counts(&self.0).expect("counters")
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        redirect::detach(&self.0).expect("detach");
+    }
+}
+
+/// An app on `addr` that answers each message with `tag` and the message, until EOF, then says
+/// "bye" and closes.
+fn app(addr: &'static str, tag: &'static [u8]) -> impl FnOnce() -> u64 + Send {
+    move || {
+        let listener = TcpListener::bind(addr).expect("bind the app");
+        let (mut s, _) = listener.accept().expect("accept");
+        let (mut buf, mut total) = (vec![0; 1 << 16], 0u64);
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                s.write_all(b"bye").expect("write");
+                return total;
+            }
+            total += n as u64;
+            s.write_all(tag).expect("write");
+            s.write_all(&buf[..n]).expect("write");
+        }
+    }
+}
+
+/// Connects from `from` (127.0.0.6 is the sidecar's inbound source) to `to`.
+fn connect(from: &str, to: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&from.parse::<SocketAddr>().expect("an address").into())
+        .expect("bind the sidecar end");
+    for _ in 0..100 {
+        if socket
+            .connect(&to.parse::<SocketAddr>().expect("an address").into())
+            .is_ok()
+        {
+            return socket.into();
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{to} never accepted");
+}
+
+/// Sends `n` numbered messages one at a time; each answer must be the tag and that message.
+fn exchange(s: &mut TcpStream, tag: &[u8], n: usize) {
+    for i in 0..n {
+        let msg = format!("{i:08}").repeat(1 + i % 64);
+        s.write_all(msg.as_bytes()).expect("write");
+        let mut got = vec![0; tag.len() + msg.len()];
+        s.read_exact(&mut got).expect("read the answer");
+        assert_eq!(
+            &got[..tag.len()],
+            tag,
+            "message {i} answered by the other namespace's app"
+        );
+        assert_eq!(&got[tag.len()..], msg.as_bytes(), "message {i} out of order or changed");
+    }
+}
+
+#[test]
+fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
+    let on = Attached::new("hop");
+    let before = on.counts();
+    let ns = Netns::new();
+    let server = ns.spawn(app("127.0.0.1:8080", b"A:"));
+    let lo_before = ns.lo_packets();
+    let client = ns.spawn(|| {
+        let mut s = connect("127.0.0.6:0", "127.0.0.1:8080");
+        exchange(&mut s, b"A:", 2_000);
+        // 8 MiB in one write, more than both socket buffers: backpressure, not loss.
+        let big = vec![7u8; 8 << 20];
+        let mut reader = s.try_clone().expect("clone");
+        // The app answers each read with its tag and what it read: count the payload bytes back.
+        let echo = thread::spawn(move || {
+            let (mut buf, mut payload) = (vec![0; 1 << 16], 0);
+            while payload < 8 << 20 {
+                let n = reader.read(&mut buf).expect("the big echo");
+                assert!(n > 0, "EOF after {payload} bytes of the big echo");
+                assert!(
+                    buf[..n].iter().all(|b| matches!(b, 7 | b'A' | b':')),
+                    "a stray byte in the big echo"
+                );
+                payload += buf[..n].iter().filter(|b| **b == 7).count();
+            }
+            payload == 8 << 20
+        });
+        s.write_all(&big).expect("write 8 MiB");
+        assert!(echo.join().unwrap(), "the big message came back intact");
+        // Half-close: the app sees EOF only after everything, and its last word still arrives.
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("read to EOF");
+        rest
+    });
+    let rest = client.join().expect("the client");
+    assert_eq!(rest, b"bye");
+    let received = server.join().expect("the app");
+    assert!(received > 8 << 20, "the app read {received} bytes");
+    let after = on.counts();
+    assert_eq!(after.paired - before.paired, 2, "both ends paired: {after:?}");
+    assert!(
+        after.redirected - before.redirected >= 4_000,
+        "writes redirected: {after:?}"
+    );
+    let lo = ns.lo_packets() - lo_before;
+    assert!(lo < 100, "{lo} packets crossed loopback for 4,000 messages and 16 MiB");
+}
+
+#[test]
+fn connections_not_from_the_inbound_source_are_left_alone() {
+    let on = Attached::new("other");
+    let before = on.counts();
+    let ns = Netns::new();
+    let server = ns.spawn(app("127.0.0.1:8081", b"B:"));
+    let lo_before = ns.lo_packets();
+    ns.spawn(|| {
+        let mut s = connect("127.0.0.1:0", "127.0.0.1:8081");
+        exchange(&mut s, b"B:", 200);
+    })
+    .join()
+    .expect("the client");
+    server.join().expect("the app");
+    assert_eq!(
+        on.counts().paired,
+        before.paired,
+        "a plain loopback connection was paired"
+    );
+    assert!(
+        ns.lo_packets() - lo_before >= 400,
+        "the messages crossed loopback as TCP"
+    );
+}
+
+#[test]
+fn identical_connections_in_two_namespaces_stay_apart() {
+    let on = Attached::new("apart");
+    let (one, two) = (Netns::new(), Netns::new());
+    let servers = [
+        one.spawn(app("127.0.0.1:8082", b"1:")),
+        two.spawn(app("127.0.0.1:8082", b"2:")),
+    ];
+    // The same four-tuple in both namespaces, talking at the same time.
+    let clients = [(&one, b"1:"), (&two, b"2:")].map(|(ns, tag)| {
+        ns.spawn(move || {
+            let mut s = connect("127.0.0.6:40001", "127.0.0.1:8082");
+            exchange(&mut s, tag, 1_000);
+        })
+    });
+    for c in clients {
+        c.join().expect("a client");
+    }
+    for s in servers {
+        s.join().expect("an app");
+    }
+    assert!(on.counts().paired >= 4, "{:?}", on.counts());
+}
+
+#[test]
+fn an_app_on_a_dual_stack_socket_is_paired_too() {
+    let on = Attached::new("dual");
+    let before = on.counts();
+    let ns = Netns::new();
+    let server = ns.spawn(app("[::]:8084", b"D:"));
+    ns.spawn(|| {
+        let mut s = connect("127.0.0.6:0", "127.0.0.1:8084");
+        exchange(&mut s, b"D:", 500);
+    })
+    .join()
+    .expect("the client");
+    server.join().expect("the app");
+    let after = on.counts();
+    assert_eq!(after.paired - before.paired, 2, "{after:?}");
+    assert!(after.redirected - before.redirected >= 1_000, "{after:?}");
+}
