@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferrum_node_agent::redirect;
@@ -24,8 +25,13 @@ enum Command {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
-    /// Detach and unpin.
-    Detach,
+    /// Stop pairing new connections; unpin the socket map once the paired connections have
+    /// closed, or after --drain-seconds (those still open fall back to TCP, losing bytes queued
+    /// to them and not yet read).
+    Detach {
+        #[arg(long, default_value_t = 30)]
+        drain_seconds: u64,
+    },
     /// Print the counters: sockets paired, writes redirected and passed.
     Stats,
 }
@@ -42,7 +48,12 @@ fn main() -> ExitCode {
             tracing::info!(pin_dir = %args.pin_dir.display(), cgroup = %cgroup.display(), ?how, "sidecar loopback redirection attached");
             Ok(())
         }),
-        Command::Detach => redirect::detach(&args.pin_dir).map(|()| tracing::info!("detached")),
+        Command::Detach { drain_seconds } => {
+            redirect::detach(&args.pin_dir, Duration::from_secs(drain_seconds)).map(|left| match left {
+                0 => tracing::info!("detached"),
+                n => tracing::warn!(sockets = n, "detached with paired connections still open: they fall back to TCP"),
+            })
+        }
         Command::Stats => redirect::counts(&args.pin_dir).map(|c| {
             println!("paired {}\nredirected {}\npassed {}", c.paired, c.redirected, c.passed);
         }),

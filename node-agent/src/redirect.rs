@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError};
@@ -108,18 +109,42 @@ pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
     Ok(Attached::Now)
 }
 
-/// Unpins everything `attach` pinned: new connections are no longer paired, and paired ones
-/// fall back to TCP (bytes redirected to a socket and not yet read are lost with the map).
-pub fn detach(pin_dir: &Path) -> Result<(), Error> {
-    for name in ["pair_sockets", "pairs", "counts"] {
-        let path = pin_dir.join(name);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("unpinning", &path, e)),
-            _ => {}
-        }
+/// Unpins everything `attach` pinned. New connections stop being paired at once; the socket map
+/// is kept until the connections in it have closed, or `drain` has passed: paired connections
+/// still open then fall back to TCP, losing bytes redirected to them and not yet read. Returns
+/// how many sockets were still paired when the map went.
+pub fn detach(pin_dir: &Path, drain: Duration) -> Result<usize, Error> {
+    unpin(&pin_dir.join("pair_sockets"))?;
+    let deadline = Instant::now() + drain;
+    let mut left = paired_now(pin_dir)?;
+    while left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = paired_now(pin_dir)?;
+    }
+    for name in ["pairs", "counts"] {
+        unpin(&pin_dir.join(name))?;
     }
     let _ = fs::remove_dir(pin_dir);
-    Ok(())
+    Ok(left)
+}
+
+/// Sockets in the pinned map now (0 when nothing is pinned).
+fn paired_now(pin_dir: &Path) -> Result<usize, Error> {
+    let path = pin_dir.join("pairs");
+    if !path.exists() {
+        return Ok(0);
+    }
+    let map = |source| Error::Map { name: "pairs", source };
+    let data = MapData::from_pin(&path).map_err(map)?;
+    let pairs: SockHash<_, [u8; 24]> = aya::maps::Map::SockHash(data).try_into().map_err(map)?;
+    Ok(pairs.keys().count())
+}
+
+fn unpin(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("unpinning", path, e)),
+        _ => Ok(()),
+    }
 }
 
 /// The counters of the attached programs.

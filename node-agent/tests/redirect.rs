@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use ferrum_node_agent::redirect::{self, Counts};
 
@@ -99,7 +100,7 @@ impl Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        redirect::detach(&self.0).expect("detach");
+        redirect::detach(&self.0, Duration::ZERO).expect("detach");
     }
 }
 
@@ -272,4 +273,38 @@ fn an_app_on_a_dual_stack_socket_is_paired_too() {
     let after = on.counts();
     assert_eq!(after.paired - before.paired, 2, "{after:?}");
     assert!(after.redirected - before.redirected >= 1_000, "{after:?}");
+}
+
+#[test]
+fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
+    let on = Attached::new("detach");
+    let ns = Netns::new();
+    let server = ns.spawn(app("127.0.0.1:8085", b"E:"));
+    let (opened, close) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let client = ns.spawn(move || {
+        let mut s = connect("127.0.0.6:0", "127.0.0.1:8085");
+        exchange(&mut s, b"E:", 100);
+        opened.0.send(()).unwrap();
+        close.1.recv().unwrap();
+        // Past the drain, the connection goes on over TCP.
+        exchange(&mut s, b"E:", 100);
+    });
+    opened.1.recv().unwrap();
+    let started = Instant::now();
+    let left = redirect::detach(&on.0, Duration::from_millis(500)).expect("detach");
+    assert_eq!(left, 2, "both ends were still paired when the map went");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "detach waited for the drain"
+    );
+    close.0.send(()).unwrap();
+    client.join().expect("the connection survives the detach");
+    server.join().expect("the app");
+    drop(on);
+
+    // With nothing paired, detach does not wait.
+    let on = Attached::new("detach-idle");
+    let started = Instant::now();
+    assert_eq!(redirect::detach(&on.0, Duration::from_secs(10)).expect("detach"), 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
