@@ -642,22 +642,6 @@ async fn security_policies_decide_who_reaches_b() {
     eventually("back to PERMISSIVE", Duration::from_secs(20), async || plain(&w)).await;
 }
 
-/// `make bench-mesh`'s harness, one short round: it runs and reports both paths.
-#[test]
-fn bench_mesh_harness_runs() {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples/bench_mesh");
-    assert!(bin.exists(), "{} is not built", bin.display());
-    let out = std::process::Command::new(&bin).arg("--smoke").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    for path in ["direct", "hbone"] {
-        assert!(last[path]["rps"].as_f64().unwrap() > 0.0, "{path}: {last}");
-    }
-    assert_eq!(last["errors"], 0, "{last}");
-}
-
 /// Subscribes to the operator with `role` and `token`: Ok once a snapshot arrives.
 async fn subscribe_as(w: &World, role: &str, token: Option<&str>) -> Result<(), tonic::Code> {
     use ferrum_proto::mesh::v1::subscribe_response;

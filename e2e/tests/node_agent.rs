@@ -1,9 +1,10 @@
 //! The node agent's sockmap redirection under real sidecars (network-namespace pods, as root):
 //! B's sidecar delivers to B's app from 127.0.0.6, and with the agent attached those bytes are
 //! queued straight onto the app's socket — HTTP and raw TCP (with a half-close) answer exactly
-//! as without it — and detaching leaves the pods talking over TCP again. Its own test binary:
-//! the programs see every socket on the machine, and detaching drops bytes queued to sockets of
-//! other tests' pods.
+//! as without it — and detaching leaves the pods talking over TCP again. Also `make
+//! bench-mesh`'s harness, which attaches the agent for a path of its own. Their own test binary,
+//! one test at a time: the programs see every socket on the machine, and detaching waits for
+//! (or, past its drain, drops bytes queued to) sockets of every pod.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use ferrum_e2e::mesh::{NS, World};
 use ferrum_e2e::*;
 
 const VIP: &str = "10.96.77.30";
+
+/// One test at a time (the async test holds it across awaits, hence tokio's).
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Agent(PathBuf);
 
@@ -82,6 +86,7 @@ fn echo_bulk(w: &World, payload: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_sidecars_hop_to_its_app_is_redirected_and_answers_alike() {
+    let _turn = TURN.lock().await;
     let agent = Agent::attach();
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
@@ -115,4 +120,21 @@ async fn b_sidecars_hop_to_its_app_is_redirected_and_answers_alike() {
     let (ok, body) = curl_svc_b(&w, "/after-detach");
     assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
     assert_eq!(echo_bulk(&w, "payload-after"), "13000 True");
+}
+
+/// `make bench-mesh`'s harness, one short round: it runs and reports every path.
+#[test]
+fn bench_mesh_harness_runs() {
+    let _turn = TURN.blocking_lock();
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("examples/bench_mesh");
+    assert!(bin.exists(), "{} is not built", bin.display());
+    let out = std::process::Command::new(&bin).arg("--smoke").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for path in ["direct", "hbone", "hbone_ebpf", "plain_sidecars"] {
+        assert!(last[path]["rps"].as_f64().unwrap() > 0.0, "{path}: {last}");
+    }
+    assert_eq!(last["errors"], 0, "{last}");
 }
