@@ -4,9 +4,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ebpf/redirect.bpf.c");
+    // Relative to the package: clones sharing one target dir share this script's output, and an
+    // absolute path would watch the file of whichever clone built last.
+    const SOURCE: &str = "../ebpf/redirect.bpf.c";
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SOURCE);
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("redirect.bpf.o");
-    println!("cargo:rerun-if-changed={}", src.display());
+    println!("cargo:rerun-if-changed={SOURCE}");
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     println!("cargo:rerun-if-env-changed=CLANG");
     // The kernel's uapi headers include <asm/types.h>, which Debian keeps per architecture.

@@ -135,8 +135,8 @@ struct Path {
     client: usize,
     url: String,
     sidecars: [u32; 2],
-    /// With the node agent's sockmap redirection of the sidecar → app hop (attached for this
-    /// path's rounds only).
+    /// With the node agent's eBPF (attached, and the client pod enrolled, for this path's
+    /// rounds only): both sidecar ↔ app hops redirected socket to socket.
     ebpf: bool,
     runs: Vec<Run>,
     /// Per round: vCPU per 1,000 RPS of each sidecar, and the share of it spent in the kernel.
@@ -147,14 +147,16 @@ struct Path {
 impl Path {
     fn round(&mut self, w: &World, round: usize, secs: u64, conns: u32) {
         if self.ebpf {
-            node_agent("attach");
+            node_agent(&["attach"]);
+            let netns = w.pods[self.client].ns.path();
+            node_agent(&["enroll", "--netns", netns.to_str().unwrap()]);
         }
         let before = self.sidecars.map(cpu_split);
         let r = wrk(w, self.client, &self.url, secs, conns);
         let after = self.sidecars.map(cpu_split);
         if self.ebpf {
-            print!("{}", node_agent("stats"));
-            node_agent("detach");
+            print!("{}", node_agent(&["stats"]));
+            node_agent(&["detach", "--drain-seconds", "5"]);
         }
         let used = [0, 1].map(|i| (after[i].0 - before[i].0, after[i].1 - before[i].1));
         println!(
@@ -182,15 +184,16 @@ impl Path {
     }
 }
 
-/// Runs `ferrum-node-agent <command>` on the bench's own pin directory; its output.
-fn node_agent(command: &str) -> String {
+/// Runs `ferrum-node-agent <args>` on the bench's own pin directory; its output.
+fn node_agent(args: &[&str]) -> String {
     let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
-        .args(["--pin-dir", "/sys/fs/bpf/ferrum-bench-mesh", command])
+        .args(["--pin-dir", "/sys/fs/bpf/ferrum-bench-mesh"])
+        .args(args)
         .output()
         .expect("ferrum-node-agent runs");
     assert!(
         out.status.success(),
-        "ferrum-node-agent {command}: {}",
+        "ferrum-node-agent {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -323,7 +326,7 @@ fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u3
     for (name, r, c, k) in [
         ("two sidecars, HBONE (A → svc-b → B)", m_best, (cc, sc), (ck, sk)),
         (
-            "the same, node agent's eBPF on the sidecar → app hop",
+            "the same, node agent's eBPF on both app ↔ sidecar hops",
             e_best,
             (ecc, esc),
             (eck, esk),

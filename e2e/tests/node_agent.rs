@@ -1,7 +1,9 @@
 //! The node agent's sockmap redirection under real sidecars (network-namespace pods, as root):
-//! B's sidecar delivers to B's app from 127.0.0.6, and with the agent attached those bytes are
-//! queued straight onto the app's socket — HTTP and raw TCP (with a half-close) answer exactly
-//! as without it — and detaching leaves the pods talking over TCP again. Also `make
+//! with the agent attached and pod A enrolled, A's connects to B's Service go straight to A's
+//! sidecar (which still learns the VIP they were meant for), B's sidecar delivers to B's app
+//! from 127.0.0.6, and on both hops the bytes are queued straight onto the peer socket — HTTP
+//! and raw TCP (with a half-close) answer exactly as without it — and detaching leaves the pods
+//! talking over TCP again. Also `make
 //! bench-mesh`'s harness, which attaches the agent for a path of its own. Their own test binary,
 //! one test at a time: the programs see every socket on the machine, and detaching waits for
 //! (or, past its drain, drops bytes queued to) sockets of every pod.
@@ -22,28 +24,28 @@ struct Agent(PathBuf);
 impl Agent {
     fn attach() -> Agent {
         let agent = Agent(PathBuf::from(format!("/sys/fs/bpf/ferrum-e2e-{}", std::process::id())));
-        agent.run("attach");
+        agent.run(&["attach"]);
         agent
     }
 
-    fn run(&self, command: &str) -> String {
+    fn run(&self, args: &[&str]) -> String {
         let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
             .arg("--pin-dir")
             .arg(&self.0)
-            .arg(command)
+            .args(args)
             .output()
             .expect("ferrum-node-agent runs");
         assert!(
             out.status.success(),
-            "{command}: {}",
+            "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A counter of `stats` ("paired", "redirected", "passed").
+    /// A counter of `stats` ("paired", "redirected", "passed", "connects").
     fn count(&self, name: &str) -> u64 {
-        let stats = self.run("stats");
+        let stats = self.run(&["stats"]);
         stats
             .lines()
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
@@ -85,7 +87,7 @@ fn echo_bulk(w: &World, payload: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn b_sidecars_hop_to_its_app_is_redirected_and_answers_alike() {
+async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     let _turn = TURN.lock().await;
     let agent = Agent::attach();
     let mut w = World::start(&[]).await;
@@ -102,21 +104,26 @@ async fn b_sidecars_hop_to_its_app_is_redirected_and_answers_alike() {
     })
     .await;
 
+    let a_netns = w.pods[a].ns.path();
+    agent.run(&["enroll", "--netns", a_netns.to_str().unwrap()]);
     let (paired, redirected) = (agent.count("paired"), agent.count("redirected"));
+    let connects = agent.count("connects");
     for i in 0..20 {
         let (ok, body) = curl_svc_b(&w, &format!("/r-{i}"));
         assert!(ok, "{body}");
         assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
     }
     assert_eq!(echo_bulk(&w, "payload-5d1e"), "12000 True");
-    // Each request and the echo: the sidecar's end and the app's end (keep-alive aside).
-    assert!(agent.count("paired") - paired >= 2, "no connection was paired");
+    // A's 21 connects went to its sidecar at connect(); each, and B's sidecar's connection to
+    // its app, paired at both ends.
+    assert_eq!(agent.count("connects") - connects, 21, "A's connects to the VIP");
+    assert!(agent.count("paired") - paired >= 4 * 21, "connections were not paired");
     assert!(
-        agent.count("redirected") - redirected >= 21 * 2,
+        agent.count("redirected") - redirected >= 21 * 4,
         "requests and answers were not redirected"
     );
 
-    agent.run("detach");
+    agent.run(&["detach"]);
     let (ok, body) = curl_svc_b(&w, "/after-detach");
     assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
     assert_eq!(echo_bulk(&w, "payload-after"), "13000 True");

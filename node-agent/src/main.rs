@@ -31,8 +31,32 @@ enum Command {
     Detach {
         #[arg(long, default_value_t = 30)]
         drain_seconds: u64,
+        /// The cgroup `attach` was given (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
-    /// Print the counters: sockets paired, writes redirected and passed.
+    /// Redirect a pod's outbound connects to its sidecar at connect() and pair the two ends
+    /// (what its capture rules would have sent to the sidecar, minus the NAT).
+    Enroll {
+        /// The pod's network namespace (/run/netns/NAME, /proc/PID/ns/net).
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        #[arg(long, default_value_t = 1337)]
+        proxy_gid: u32,
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// Outbound destination ports never captured.
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+    },
+    /// Undo `enroll`: the pod's new connects go through its capture rules again.
+    Unenroll {
+        #[arg(long)]
+        netns: PathBuf,
+    },
+    /// Print the counters: sockets paired, writes redirected and passed, connects redirected.
     Stats,
 }
 
@@ -48,14 +72,23 @@ fn main() -> ExitCode {
             tracing::info!(pin_dir = %args.pin_dir.display(), cgroup = %cgroup.display(), ?how, "sidecar loopback redirection attached");
             Ok(())
         }),
-        Command::Detach { drain_seconds } => {
-            redirect::detach(&args.pin_dir, Duration::from_secs(drain_seconds)).map(|left| match left {
+        Command::Detach { drain_seconds, cgroup } => cgroup.map_or_else(redirect::cgroup2_root, Ok).and_then(|cgroup| {
+            redirect::detach(&args.pin_dir, &cgroup, Duration::from_secs(drain_seconds)).map(|left| match left {
                 0 => tracing::info!("detached"),
                 n => tracing::warn!(sockets = n, "detached with paired connections still open: they fall back to TCP"),
             })
+        }),
+        Command::Enroll { netns, proxy_uid, proxy_gid, outbound_port, exclude_outbound_ports } => {
+            let e = redirect::Enrollment { proxy_uid, proxy_gid, outbound_port, exclude_outbound: exclude_outbound_ports };
+            redirect::enroll(&args.pin_dir, &netns, &e).map(|()| tracing::info!(netns = %netns.display(), "enrolled"))
         }
+        Command::Unenroll { netns } => redirect::unenroll(&args.pin_dir, &netns)
+            .map(|()| tracing::info!(netns = %netns.display(), "unenrolled")),
         Command::Stats => redirect::counts(&args.pin_dir).map(|c| {
-            println!("paired {}\nredirected {}\npassed {}", c.paired, c.redirected, c.passed);
+            println!(
+                "paired {}\nredirected {}\npassed {}\nconnects {}",
+                c.paired, c.redirected, c.passed, c.connects
+            );
         }),
     };
     match done {

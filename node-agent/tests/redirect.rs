@@ -3,73 +3,31 @@
 //! the peer socket — in order, with backpressure and half-close intact, never to a socket of
 //! another namespace — and nothing else is touched.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ferrum_node_agent::redirect::{self, Counts};
+use ferrum_testkit::netns::{Netns, sh};
 
-/// A network namespace with its loopback up, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("ferrum-na-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread that has entered this namespace.
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
-        let ns = File::open(format!("/run/netns/{}", self.0)).expect("the namespace exists");
-        thread::spawn(move || {
-            // SAFETY: a valid namespace fd; setns changes only this thread's network namespace.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            f()
-        })
-    }
-
-    /// Packets sent on this namespace's loopback so far.
-    fn lo_packets(&self) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.0,
-                "cat",
-                "/sys/class/net/lo/statistics/tx_packets",
-            ])
-            .output()
-            .expect("ip netns exec");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("a packet count")
-    }
+/// A "pod" namespace for these tests.
+fn netns() -> Netns {
+    Netns::new("na")
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Packets sent on the namespace's loopback so far.
+fn lo_packets(ns: &Netns) -> u64 {
+    ns.exec(&["cat", "/sys/class/net/lo/statistics/tx_packets"])
+        .trim()
+        .parse()
+        .expect("a packet count")
 }
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn cgroup() -> PathBuf {
+    redirect::cgroup2_root().expect("a cgroup v2 mount")
 }
 
 /// The programs attached on this test's own pin directory, detached on drop. They see every
@@ -100,7 +58,7 @@ impl Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        redirect::detach(&self.0, Duration::ZERO).expect("detach");
+        redirect::detach(&self.0, &cgroup(), Duration::ZERO).expect("detach");
     }
 }
 
@@ -163,9 +121,9 @@ fn exchange(s: &mut TcpStream, tag: &[u8], n: usize) {
 fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
     let on = Attached::new("hop");
     let before = on.counts();
-    let ns = Netns::new();
+    let ns = netns();
     let server = ns.spawn(app("127.0.0.1:8080", b"A:"));
-    let lo_before = ns.lo_packets();
+    let lo_before = lo_packets(&ns);
     let client = ns.spawn(|| {
         let mut s = connect("127.0.0.6:0", "127.0.0.1:8080");
         exchange(&mut s, b"A:", 2_000);
@@ -204,7 +162,7 @@ fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
         after.redirected - before.redirected >= 4_000,
         "writes redirected: {after:?}"
     );
-    let lo = ns.lo_packets() - lo_before;
+    let lo = lo_packets(&ns) - lo_before;
     assert!(lo < 100, "{lo} packets crossed loopback for 4,000 messages and 16 MiB");
 }
 
@@ -212,9 +170,9 @@ fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
 fn connections_not_from_the_inbound_source_are_left_alone() {
     let on = Attached::new("other");
     let before = on.counts();
-    let ns = Netns::new();
+    let ns = netns();
     let server = ns.spawn(app("127.0.0.1:8081", b"B:"));
-    let lo_before = ns.lo_packets();
+    let lo_before = lo_packets(&ns);
     ns.spawn(|| {
         let mut s = connect("127.0.0.1:0", "127.0.0.1:8081");
         exchange(&mut s, b"B:", 200);
@@ -228,7 +186,7 @@ fn connections_not_from_the_inbound_source_are_left_alone() {
         "a plain loopback connection was paired"
     );
     assert!(
-        ns.lo_packets() - lo_before >= 400,
+        lo_packets(&ns) - lo_before >= 400,
         "the messages crossed loopback as TCP"
     );
 }
@@ -236,7 +194,7 @@ fn connections_not_from_the_inbound_source_are_left_alone() {
 #[test]
 fn identical_connections_in_two_namespaces_stay_apart() {
     let on = Attached::new("apart");
-    let (one, two) = (Netns::new(), Netns::new());
+    let (one, two) = (netns(), netns());
     let servers = [
         one.spawn(app("127.0.0.1:8082", b"1:")),
         two.spawn(app("127.0.0.1:8082", b"2:")),
@@ -261,7 +219,7 @@ fn identical_connections_in_two_namespaces_stay_apart() {
 fn an_app_on_a_dual_stack_socket_is_paired_too() {
     let on = Attached::new("dual");
     let before = on.counts();
-    let ns = Netns::new();
+    let ns = netns();
     let server = ns.spawn(app("[::]:8084", b"D:"));
     ns.spawn(|| {
         let mut s = connect("127.0.0.6:0", "127.0.0.1:8084");
@@ -278,7 +236,7 @@ fn an_app_on_a_dual_stack_socket_is_paired_too() {
 #[test]
 fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
     let on = Attached::new("detach");
-    let ns = Netns::new();
+    let ns = netns();
     let server = ns.spawn(app("127.0.0.1:8085", b"E:"));
     let (opened, close) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
     let client = ns.spawn(move || {
@@ -291,7 +249,7 @@ fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
     });
     opened.1.recv().unwrap();
     let started = Instant::now();
-    let left = redirect::detach(&on.0, Duration::from_millis(500)).expect("detach");
+    let left = redirect::detach(&on.0, &cgroup(), Duration::from_millis(500)).expect("detach");
     assert_eq!(left, 2, "both ends were still paired when the map went");
     assert!(
         started.elapsed() >= Duration::from_millis(500),
@@ -305,6 +263,112 @@ fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
     // With nothing paired, detach does not wait.
     let on = Attached::new("detach-idle");
     let started = Instant::now();
-    assert_eq!(redirect::detach(&on.0, Duration::from_secs(10)).expect("detach"), 0);
+    assert_eq!(
+        redirect::detach(&on.0, &cgroup(), Duration::from_secs(10)).expect("detach"),
+        0
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// An address outside the namespace (routed into a veth whose other end answers nothing).
+const VIP: &str = "10.96.0.10";
+
+#[test]
+fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destination() {
+    let on = Attached::new("outbound");
+    let ns = netns();
+    for args in [
+        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"][..],
+        &["addr", "add", "10.7.0.1/24", "dev", "v0"],
+        &["link", "set", "v0", "up"],
+        &["link", "set", "v1", "up"],
+        &["route", "add", "default", "dev", "v0"],
+    ] {
+        sh(&[&["ip", "-n", &ns.0][..], args].concat());
+    }
+    let netns = ns.path();
+    let enrollment = redirect::Enrollment {
+        outbound_port: 15101,
+        exclude_outbound: vec![9999],
+        ..Default::default()
+    };
+    redirect::enroll(&on.0, &netns, &enrollment).expect("enroll");
+    let before = on.counts();
+
+    // The sidecar: its outbound port, answering with the original destination, then echoing.
+    let (bound, listening) = std::sync::mpsc::channel();
+    let sidecar = ns.spawn(move || {
+        let listener = TcpListener::bind("0.0.0.0:15101").expect("bind the sidecar");
+        bound.send(()).unwrap();
+        let (mut s, peer) = listener.accept().expect("accept");
+        let dst = socket2::SockRef::from(&s).original_dst_v4().expect("SO_ORIGINAL_DST");
+        s.write_all(format!("{}|", dst.as_socket().expect("an address")).as_bytes())
+            .expect("write");
+        let mut buf = vec![0; 1 << 16];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                return peer;
+            }
+            s.write_all(b"S:").and_then(|()| s.write_all(&buf[..n])).expect("write");
+        }
+    });
+    listening.recv().unwrap();
+    let (peer, seen) = ns
+        .spawn(|| {
+            let mut s = TcpStream::connect(format!("{VIP}:80")).expect("connect to the VIP");
+            let peer = s.peer_addr().expect("getpeername");
+            let mut seen = [0u8; 14];
+            s.read_exact(&mut seen).expect("the sidecar's first words");
+            exchange(&mut s, b"S:", 1_000);
+            (peer, String::from_utf8_lossy(&seen).into_owned())
+        })
+        .join()
+        .expect("the app");
+    assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
+    assert_eq!(peer.to_string(), format!("{VIP}:80"), "the app's getpeername");
+    let from = sidecar.join().expect("the sidecar");
+    assert!(
+        from.ip().is_loopback(),
+        "the app reached the sidecar over loopback: {from}"
+    );
+    let after = on.counts();
+    assert_eq!(after.connects - before.connects, 1, "{after:?}");
+    assert_eq!(after.paired - before.paired, 2, "{after:?}");
+    assert!(after.redirected - before.redirected >= 2_000, "{after:?}");
+
+    // Left to the capture rules: excluded ports, the pod's own address, loopback, the proxy's
+    // own connects, and everything once unenrolled.
+    let own = ns.spawn(|| TcpListener::bind("10.7.0.1:15102").expect("bind"));
+    let own = own.join().unwrap();
+    ns.spawn(move || {
+        let quick = std::time::Duration::from_millis(200);
+        let _ = TcpStream::connect_timeout(&format!("{VIP}:9999").parse().unwrap(), quick);
+        let s = TcpStream::connect("10.7.0.1:15102").expect("the pod's own address");
+        assert_eq!(s.peer_addr().unwrap().to_string(), "10.7.0.1:15102");
+        // As the proxy (setresuid on this thread only).
+        // SAFETY: changes this thread's credentials; the thread ends right after.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_setresuid, 1337, 1337, 1337) }, 0);
+        let _ = TcpStream::connect_timeout(&format!("{VIP}:80").parse().unwrap(), quick);
+    })
+    .join()
+    .expect("the other connects");
+    drop(own);
+    assert_eq!(
+        on.counts().connects,
+        after.connects,
+        "a connect the rules leave alone was redirected"
+    );
+    redirect::unenroll(&on.0, &netns).expect("unenroll");
+    ns.spawn(|| {
+        let quick = std::time::Duration::from_millis(200);
+        let _ = TcpStream::connect_timeout(&format!("{VIP}:80").parse().unwrap(), quick);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        on.counts().connects,
+        after.connects,
+        "a connect after unenroll was redirected"
+    );
 }

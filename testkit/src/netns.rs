@@ -55,6 +55,24 @@ impl Netns {
         c
     }
 
+    /// The namespace's path, for `setns` or tools that take one.
+    pub fn path(&self) -> std::path::PathBuf {
+        format!("/run/netns/{}", self.0).into()
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (setns changes only that thread's),
+    /// so a test can open sockets inside a "pod" without a helper process.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(self.path()).expect("the namespace exists");
+        std::thread::spawn(move || {
+            // SAFETY: a valid namespace fd; CLONE_NEWNET affects the calling thread only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
     pub fn exec(&self, args: &[&str]) -> String {
         let mut all = vec!["ip", "netns", "exec", &self.0];
         all.extend_from_slice(args);
