@@ -4,4 +4,6 @@
 //! connection paired by them keeps its redirected bytes across an agent restart or upgrade
 //! (unpinning the socket map would drop bytes queued to sockets not yet read).
 
+pub mod enroll;
+pub mod host;
 pub mod redirect;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ferrum_node_agent::redirect;
+use ferrum_node_agent::{enroll, host, redirect};
 
 /// The Ferrum Mesh node agent (one per node, privileged): attaches the eBPF programs that
 /// shorten the sidecar's loopback hops, pinned so that they outlive the agent.
@@ -67,22 +67,22 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let done = match args.command {
-        Command::Attach { cgroup } => cgroup.map_or_else(redirect::cgroup2_root, Ok).and_then(|cgroup| {
+        Command::Attach { cgroup } => cgroup.map_or_else(host::cgroup2_root, Ok).and_then(|cgroup| {
             let how = redirect::attach(&args.pin_dir, &cgroup)?;
             tracing::info!(pin_dir = %args.pin_dir.display(), cgroup = %cgroup.display(), ?how, "sidecar loopback redirection attached");
             Ok(())
         }),
-        Command::Detach { drain_seconds, cgroup } => cgroup.map_or_else(redirect::cgroup2_root, Ok).and_then(|cgroup| {
+        Command::Detach { drain_seconds, cgroup } => cgroup.map_or_else(host::cgroup2_root, Ok).and_then(|cgroup| {
             redirect::detach(&args.pin_dir, &cgroup, Duration::from_secs(drain_seconds)).map(|left| match left {
                 0 => tracing::info!("detached"),
                 n => tracing::warn!(sockets = n, "detached with paired connections still open: they fall back to TCP"),
             })
         }),
         Command::Enroll { netns, proxy_uid, proxy_gid, outbound_port, exclude_outbound_ports } => {
-            let e = redirect::Enrollment { proxy_uid, proxy_gid, outbound_port, exclude_outbound: exclude_outbound_ports };
-            redirect::enroll(&args.pin_dir, &netns, &e).map(|()| tracing::info!(netns = %netns.display(), "enrolled"))
+            let e = enroll::Enrollment { proxy_uid, proxy_gid, outbound_port, exclude_outbound: exclude_outbound_ports };
+            enroll::enroll(&args.pin_dir, &netns, &e).map(|()| tracing::info!(netns = %netns.display(), "enrolled"))
         }
-        Command::Unenroll { netns } => redirect::unenroll(&args.pin_dir, &netns)
+        Command::Unenroll { netns } => enroll::unenroll(&args.pin_dir, &netns)
             .map(|()| tracing::info!(netns = %netns.display(), "unenrolled")),
         Command::Stats => redirect::counts(&args.pin_dir).map(|c| {
             println!(

@@ -1,16 +1,17 @@
 //! Sockmap redirection of the sidecar's loopback hops (see `ebpf/redirect.bpf.c`): `attach`,
-//! `detach`, `enroll` (a pod's outbound connects redirected to its sidecar) and the counters.
+//! `detach` and the counters (enrolling pods: `crate::enroll`).
 
 use std::fs;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aya::maps::HashMap;
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockopt, CgroupSockoptAttachType, Program, SkMsg};
 use aya::{Ebpf, maps::SockHash};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use crate::host::{BPF_PROG_ATTACH, BPF_PROG_DETACH, mount_bpffs, prog_attach};
 
 /// The compiled programs (`build.rs`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.bpf.o"));
@@ -180,39 +181,6 @@ fn detach_sockopt(pin: &Path, cgroup: &Path) -> Result<(), Error> {
     unpin(pin)
 }
 
-// uapi linux/bpf.h: commands, the getsockopt attach point, and the flag that lets other
-// programs share the cgroup hook.
-const BPF_PROG_ATTACH: libc::c_long = 8;
-const BPF_PROG_DETACH: libc::c_long = 9;
-const BPF_CGROUP_GETSOCKOPT: u32 = 21;
-const BPF_F_ALLOW_MULTI: u32 = 2;
-
-/// The `bpf(2)` attribute for attach and detach (the leading fields of `union bpf_attr`).
-#[repr(C)]
-struct AttachAttr {
-    target_fd: u32,
-    attach_bpf_fd: u32,
-    attach_type: u32,
-    attach_flags: u32,
-    replace_bpf_fd: u32,
-}
-
-fn prog_attach(cmd: libc::c_long, cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
-    let attr = AttachAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_bpf_fd: prog.as_raw_fd() as u32,
-        attach_type: BPF_CGROUP_GETSOCKOPT,
-        attach_flags: if cmd == BPF_PROG_ATTACH { BPF_F_ALLOW_MULTI } else { 0 },
-        replace_bpf_fd: 0,
-    };
-    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for these commands, of the size given.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<AttachAttr>()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Unpins everything `attach` pinned. New connections stop being paired at once; the socket map
 /// is kept until the connections in it have closed, or `drain` has passed: paired connections
 /// still open then fall back to TCP, losing bytes redirected to them and not yet read. Returns
@@ -287,213 +255,7 @@ pub fn counts(pin_dir: &Path) -> Result<Counts, Error> {
     })
 }
 
-/// What a pod's capture rules say, for `enroll` (as `ferrum-dp init-iptables` was given).
-#[derive(Debug, Clone)]
-pub struct Enrollment {
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
-    pub outbound_port: u16,
-    /// Outbound destination ports never captured.
-    pub exclude_outbound: Vec<u16>,
-}
-
-impl Default for Enrollment {
-    fn default() -> Self {
-        Enrollment {
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            outbound_port: 15001,
-            exclude_outbound: Vec::new(),
-        }
-    }
-}
-
-/// `struct capture` in redirect.bpf.c.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct CaptureValue {
-    proxy_uid: u32,
-    proxy_gid: u32,
-    outbound_port: u32,
-    addrs: [u32; 4],
-    excluded: [u32; 16],
-}
-
-// SAFETY: plain integers, no padding.
-unsafe impl aya::Pod for CaptureValue {}
-
-/// Enrolls the pod whose network namespace is `netns` (a path such as /run/netns/NAME or
-/// /proc/PID/ns/net): its processes' TCP connects (IPv4; but the proxy's own, loopback, its
-/// own addresses and the excluded ports) go straight to its sidecar's outbound port, and the
-/// two ends are paired. The capture rules stay as they are for everything else.
-pub fn enroll(pin_dir: &Path, netns: &Path, e: &Enrollment) -> Result<(), Error> {
-    let (cookie, addrs) = in_netns(netns, || Ok((netns_cookie()?, own_ipv4()?)))?;
-    let too_many = |what, max, found| Error::TooMany { what, max, found };
-    let mut value = CaptureValue {
-        proxy_uid: e.proxy_uid,
-        proxy_gid: e.proxy_gid,
-        outbound_port: e.outbound_port.into(),
-        addrs: [0; 4],
-        excluded: [0; 16],
-    };
-    if addrs.len() > value.addrs.len() {
-        return Err(too_many("addresses of the pod", value.addrs.len(), addrs.len()));
-    }
-    if e.exclude_outbound.len() > value.excluded.len() {
-        return Err(too_many(
-            "excluded outbound ports",
-            value.excluded.len(),
-            e.exclude_outbound.len(),
-        ));
-    }
-    for (slot, ip) in value.addrs.iter_mut().zip(&addrs) {
-        *slot = u32::from_ne_bytes(ip.octets());
-    }
-    for (slot, port) in value.excluded.iter_mut().zip(&e.exclude_outbound) {
-        *slot = (*port).into();
-    }
-    enrolled(pin_dir)?
-        .insert(cookie, value, 0)
-        .map_err(|source| Error::Map {
-            name: "enrolled",
-            source,
-        })
-}
-
-/// Undoes `enroll`: new connects of the pod go through the capture rules again.
-pub fn unenroll(pin_dir: &Path, netns: &Path) -> Result<(), Error> {
-    let cookie = in_netns(netns, netns_cookie)?;
-    match enrolled(pin_dir)?.remove(&cookie) {
-        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-        Err(source) => Err(Error::Map {
-            name: "enrolled",
-            source,
-        }),
-    }
-}
-
-fn enrolled(pin_dir: &Path) -> Result<HashMap<MapData, u64, CaptureValue>, Error> {
-    let map = |source| Error::Map {
-        name: "enrolled",
-        source,
-    };
-    let data = MapData::from_pin(pin_dir.join("enrolled")).map_err(map)?;
-    aya::maps::Map::HashMap(data).try_into().map_err(map)
-}
-
-/// Runs `f` on a thread inside network namespace `netns` (setns changes only that thread's).
-fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> std::io::Result<T> + Send) -> Result<T, Error> {
-    let ns = fs::File::open(netns).map_err(|source| io("opening", netns, source))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: a valid namespace fd; CLONE_NEWNET affects the calling thread only.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                f()
-            })
-            .join()
-            .expect("the namespace thread does not panic")
-    })
-    .map_err(|source| io("entering", netns, source))
-}
-
-/// The kernel's cookie for the calling thread's network namespace (what the programs key on).
-fn netns_cookie() -> std::io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71; // asm-generic/socket.h, Linux 5.14
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    let (mut cookie, mut len) = (0u64, std::mem::size_of::<u64>() as libc::socklen_t);
-    // SAFETY: `cookie` and `len` are valid for the kernel to write.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
-/// The calling thread's namespace's IPv4 addresses, loopback aside.
-fn own_ipv4() -> std::io::Result<Vec<std::net::Ipv4Addr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list freed below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut addrs = Vec::new();
-    let mut at = head;
-    while !at.is_null() {
-        // SAFETY: a node of the list getifaddrs returned; ifa_addr, when set, points at a
-        // sockaddr whose family says its type.
-        unsafe {
-            let a = (*at).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                let v4 = *(a as *const libc::sockaddr_in);
-                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
-                if !ip.is_loopback() && !addrs.contains(&ip) {
-                    addrs.push(ip);
-                }
-            }
-            at = (*at).ifa_next;
-        }
-    }
-    // SAFETY: the list getifaddrs returned, freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(addrs)
-}
-
-/// Where the agent mounts the cgroup v2 hierarchy on a host that has none mounted (cgroup v1
-/// only): every process is in its root all the same.
-const CGROUP2_MOUNT: &str = "/run/ferrum/cgroup2";
-
-/// The cgroup v2 root (the first cgroup2 mount, else one the agent mounts): attached there, the
-/// programs see every socket of the node.
-pub fn cgroup2_root() -> Result<PathBuf, Error> {
-    if let Some(at) = mounted("cgroup2", None)? {
-        return Ok(at);
-    }
-    mount("cgroup2", Path::new(CGROUP2_MOUNT))?;
-    Ok(PathBuf::from(CGROUP2_MOUNT))
-}
-
-/// The mount point of the first filesystem of type `fstype` (at `at`, if given).
-fn mounted(fstype: &str, at: Option<&Path>) -> Result<Option<PathBuf>, Error> {
-    let mounts = fs::read_to_string("/proc/mounts").map_err(|s| io("reading", Path::new("/proc/mounts"), s))?;
-    Ok(mounts.lines().find_map(|l| {
-        let f: Vec<_> = l.split_whitespace().collect();
-        (f.len() > 2 && f[2] == fstype && at.is_none_or(|at| Path::new(f[1]) == at)).then(|| PathBuf::from(f[1]))
-    }))
-}
-
-fn mount(fstype: &str, at: &Path) -> Result<(), Error> {
-    fs::create_dir_all(at).map_err(|source| io("creating", at, source))?;
-    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).expect("a path without NUL");
-    let fstype = std::ffi::CString::new(fstype).expect("no NUL");
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(io("mounting", at, std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Mounts bpffs on the parent of `pin_dir` unless one is mounted there.
-fn mount_bpffs(pin_dir: &Path) -> Result<(), Error> {
-    let at = pin_dir.parent().unwrap_or(pin_dir);
-    match mounted("bpf", Some(at))? {
-        Some(_) => Ok(()),
-        None => mount("bpf", at),
-    }
-}
-
-fn io(what: &'static str, path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn io(what: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         what,
         path: path.to_path_buf(),

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferrum_node_agent::redirect::{self, Counts};
+use ferrum_node_agent::{enroll, host};
 use ferrum_testkit::netns::{Netns, sh};
 
 /// A "pod" namespace for these tests.
@@ -27,7 +28,7 @@ fn lo_packets(ns: &Netns) -> u64 {
 }
 
 fn cgroup() -> PathBuf {
-    redirect::cgroup2_root().expect("a cgroup v2 mount")
+    host::cgroup2_root().expect("a cgroup v2 mount")
 }
 
 /// The programs attached on this test's own pin directory, detached on drop. They see every
@@ -39,7 +40,7 @@ impl Attached {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-{name}-{}", std::process::id()));
-        let cgroup = redirect::cgroup2_root().expect("a cgroup v2 mount");
+        let cgroup = host::cgroup2_root().expect("a cgroup v2 mount");
         assert_eq!(
             redirect::attach(&dir, &cgroup).expect("attach"),
             redirect::Attached::Now
@@ -287,12 +288,12 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         sh(&[&["ip", "-n", &ns.0][..], args].concat());
     }
     let netns = ns.path();
-    let enrollment = redirect::Enrollment {
+    let enrollment = enroll::Enrollment {
         outbound_port: 15101,
         exclude_outbound: vec![9999],
         ..Default::default()
     };
-    redirect::enroll(&on.0, &netns, &enrollment).expect("enroll");
+    enroll::enroll(&on.0, &netns, &enrollment).expect("enroll");
     let before = on.counts();
 
     // The sidecar: its outbound port, answering with the original destination, then echoing.
@@ -359,7 +360,7 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         after.connects,
         "a connect the rules leave alone was redirected"
     );
-    redirect::unenroll(&on.0, &netns).expect("unenroll");
+    enroll::unenroll(&on.0, &netns).expect("unenroll");
     ns.spawn(|| {
         let quick = std::time::Duration::from_millis(200);
         let _ = TcpStream::connect_timeout(&format!("{VIP}:80").parse().unwrap(), quick);

@@ -1,0 +1,85 @@
+//! What the agent needs of the host beyond aya: the cgroup v2 and bpffs mounts, and the one
+//! `bpf(2)` call aya 0.14 does not make (a cgroup getsockopt attachment that outlives us).
+
+use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use crate::redirect::{Error, io};
+
+/// Where the agent mounts the cgroup v2 hierarchy on a host that has none mounted (cgroup v1
+/// only): every process is in its root all the same.
+const CGROUP2_MOUNT: &str = "/run/ferrum/cgroup2";
+
+/// The cgroup v2 root (the first cgroup2 mount, else one the agent mounts): attached there, the
+/// programs see every socket of the node.
+pub fn cgroup2_root() -> Result<PathBuf, Error> {
+    if let Some(at) = mounted("cgroup2", None)? {
+        return Ok(at);
+    }
+    mount("cgroup2", Path::new(CGROUP2_MOUNT))?;
+    Ok(PathBuf::from(CGROUP2_MOUNT))
+}
+
+/// The mount point of the first filesystem of type `fstype` (at `at`, if given).
+fn mounted(fstype: &str, at: Option<&Path>) -> Result<Option<PathBuf>, Error> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|s| io("reading", Path::new("/proc/mounts"), s))?;
+    Ok(mounts.lines().find_map(|l| {
+        let f: Vec<_> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == fstype && at.is_none_or(|at| Path::new(f[1]) == at)).then(|| PathBuf::from(f[1]))
+    }))
+}
+
+fn mount(fstype: &str, at: &Path) -> Result<(), Error> {
+    fs::create_dir_all(at).map_err(|source| io("creating", at, source))?;
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).expect("a path without NUL");
+    let fstype = std::ffi::CString::new(fstype).expect("no NUL");
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io("mounting", at, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Mounts bpffs on the parent of `pin_dir` unless one is mounted there.
+pub(crate) fn mount_bpffs(pin_dir: &Path) -> Result<(), Error> {
+    let at = pin_dir.parent().unwrap_or(pin_dir);
+    match mounted("bpf", Some(at))? {
+        Some(_) => Ok(()),
+        None => mount("bpf", at),
+    }
+}
+
+// uapi linux/bpf.h: commands, the getsockopt attach point, and the flag that lets other
+// programs share the cgroup hook.
+pub(crate) const BPF_PROG_ATTACH: libc::c_long = 8;
+pub(crate) const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// The `bpf(2)` attribute for attach and detach (the leading fields of `union bpf_attr`).
+#[repr(C)]
+struct AttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+pub(crate) fn prog_attach(cmd: libc::c_long, cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    let attr = AttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_GETSOCKOPT,
+        attach_flags: if cmd == BPF_PROG_ATTACH { BPF_F_ALLOW_MULTI } else { 0 },
+        replace_bpf_fd: 0,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for these commands, of the size given.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<AttachAttr>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
