@@ -186,17 +186,7 @@ impl Path {
 
 /// Runs `ferrum-node-agent <args>` on the bench's own pin directory; its output.
 fn node_agent(args: &[&str]) -> String {
-    let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
-        .args(["--pin-dir", "/sys/fs/bpf/ferrum-bench-mesh"])
-        .args(args)
-        .output()
-        .expect("ferrum-node-agent runs");
-    assert!(
-        out.status.success(),
-        "ferrum-node-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ferrum_e2e::node_agent(std::path::Path::new("/sys/fs/bpf/ferrum-bench-mesh"), args)
 }
 
 fn best(v: &[Run]) -> Run {

@@ -11,6 +11,22 @@ pub use ferrum_testkit::*;
 pub mod mesh;
 use serde_json::{Value, json};
 
+/// Runs `ferrum-node-agent --pin-dir <pin_dir> <args>` and returns its output; panics on failure.
+pub fn node_agent(pin_dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(args)
+        .output()
+        .expect("ferrum-node-agent runs");
+    assert!(
+        out.status.success(),
+        "ferrum-node-agent {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A binary of this workspace, next to the test executable (`make test` builds them first).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

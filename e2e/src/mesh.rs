@@ -101,6 +101,23 @@ impl Pod {
             .unwrap_or_else(|| panic!("{series} missing from {text}"))
     }
 
+    /// Sends `payload` 1,000 times to `host`:9000 (the echo port) from inside the pod, then
+    /// half-closes; what came back as "<length> <payload>" ("<length> changed" when it is not the
+    /// 1,000 payloads as sent).
+    pub fn echo_bulk(&self, host: &str, payload: &str) -> String {
+        let out = self.run(&[
+            "python3",
+            "-c",
+            &format!(
+                "import socket; s = socket.create_connection(('{host}', 9000), timeout=5)\n\
+                 p = b'{payload}'; s.sendall(p * 1000); s.shutdown(socket.SHUT_WR)\n\
+                 got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
+                 print(len(got), p.decode() if got == p * 1000 else 'changed')"
+            ),
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// `curl` from inside the pod: (exit success, body).
     pub fn curl(&self, args: &[&str]) -> (bool, String) {
         let mut all = vec!["curl", "-sS", "--max-time", "5"];

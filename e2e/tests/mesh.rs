@@ -42,23 +42,6 @@ async fn until_routed(w: &World) {
     .await;
 }
 
-/// Sends `payload` 1,000 times to `host`:9000 (the echo port) from pod `i`, then half-closes;
-/// returns what came back as "<length> <its first payload>".
-fn echo_bulk(w: &World, i: usize, host: &str, payload: &str) -> String {
-    let out = w.pods[i].run(&[
-        "python3",
-        "-c",
-        &format!(
-            "import socket; s = socket.create_connection(('{host}', 9000), timeout=5)\n\
-             s.sendall(b'{payload}' * 1000); s.shutdown(socket.SHUT_WR)\n\
-             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
-             print(len(got), got[:{}].decode())",
-            payload.len()
-        ),
-    ]);
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// What a capture saw between addresses `client` and `server`: several packets, all of them
 /// HBONE (to or from the server's 15008), and none of `secrets` in clear.
 fn only_hbone_between(raw: &[u8], packets: &str, client: &str, server: &str, secrets: &[&str]) {
@@ -98,7 +81,7 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         "B's app answers, reached from its sidecar's inbound address: {body}"
     );
     // Raw TCP through the same path, with a half-close.
-    assert_eq!(echo_bulk(&w, 0, VIP, "tcp-payload-91c2"), "16000 tcp-payload-91c2");
+    assert_eq!(w.pods[0].echo_bulk(VIP, "tcp-payload-91c2"), "16000 tcp-payload-91c2");
     let (raw, packets) = cap.finish();
     let (a_ip, b_ip) = (&w.pods[0].ip, &w.pods[1].ip);
     let secrets = ["secret-path-7f3a", "tcp-payload-91c2", "hello from b-1"];
@@ -217,7 +200,10 @@ async fn dual_stack_pods_talk_over_ipv6_through_both_sidecars() {
         body.starts_with("hello from b-1: /secret6-path-5d1e from ::6"),
         "B's app answers, reached from its sidecar's IPv6 inbound address: {body}"
     );
-    assert_eq!(echo_bulk(&w, a, VIP6, "tcp6-payload-8b3f"), "17000 tcp6-payload-8b3f");
+    assert_eq!(
+        w.pods[a].echo_bulk(VIP6, "tcp6-payload-8b3f"),
+        "17000 tcp6-payload-8b3f"
+    );
     let (raw, packets) = cap.finish();
     let (a6, b6) = (&w.pods[a].ip6, &w.pods[b].ip6);
     let secrets = ["secret6-path-5d1e", "tcp6-payload-8b3f", "hello from b-1"];

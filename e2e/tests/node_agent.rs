@@ -29,18 +29,7 @@ impl Agent {
     }
 
     fn run(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
-            .arg("--pin-dir")
-            .arg(&self.0)
-            .args(args)
-            .output()
-            .expect("ferrum-node-agent runs");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        node_agent(&self.0, args)
     }
 
     /// A counter of `stats` ("paired", "redirected", "passed", "connects").
@@ -55,11 +44,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(workspace_bin("ferrum-node-agent"))
-            .arg("--pin-dir")
-            .arg(&self.0)
-            .arg("detach")
-            .status();
+        node_agent(&self.0, &["detach"]);
     }
 }
 
@@ -69,21 +54,6 @@ fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
         &format!("svc-b.{NS}.svc:80:{VIP}"),
         &format!("http://svc-b.{NS}.svc{path}"),
     ])
-}
-
-/// 1,000 × `payload` to B's echo port through both sidecars, then a half-close; what came back.
-fn echo_bulk(w: &World, payload: &str) -> String {
-    let out = w.pods[0].run(&[
-        "python3",
-        "-c",
-        &format!(
-            "import socket; s = socket.create_connection(('{VIP}', 9000), timeout=5)\n\
-             s.sendall(b'{payload}' * 1000); s.shutdown(socket.SHUT_WR)\n\
-             got = b''\nwhile True:\n    b = s.recv(65536)\n    if not b: break\n    got += b\n\
-             print(len(got), got == b'{payload}' * 1000)"
-        ),
-    ]);
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +83,7 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
         assert!(ok, "{body}");
         assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
     }
-    assert_eq!(echo_bulk(&w, "payload-5d1e"), "12000 True");
+    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-5d1e"), "12000 payload-5d1e");
     // A's 21 connects went to its sidecar at connect(); each, and B's sidecar's connection to
     // its app, paired at both ends.
     assert_eq!(agent.count("connects") - connects, 21, "A's connects to the VIP");
@@ -126,7 +96,7 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     agent.run(&["detach"]);
     let (ok, body) = curl_svc_b(&w, "/after-detach");
     assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
-    assert_eq!(echo_bulk(&w, "payload-after"), "13000 True");
+    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-after"), "13000 payload-after");
 }
 
 /// `make bench-mesh`'s harness, one short round: it runs and reports every path.
