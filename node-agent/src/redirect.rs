@@ -107,7 +107,10 @@ pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
     std::mem::forget(msg.take_link(id).map_err(program)?);
 
     let cgroup_dir = fs::File::open(cgroup).map_err(|source| io("opening", cgroup, source))?;
-    attach_sockopt(&mut ebpf, &pin_dir.join(SOCKOPT_PROGRAM), &cgroup_dir)?;
+    let sockopt_pin = pin_dir.join(SOCKOPT_PROGRAM);
+    // Left attached by an attach that failed halfway: take it off, or it would stay twice.
+    detach_sockopt(&sockopt_pin, cgroup)?;
+    attach_sockopt(&mut ebpf, &sockopt_pin, &cgroup_dir)?;
     for name in CGROUP_PROGRAMS {
         let path = pin_dir.join(name);
         let _ = fs::remove_file(&path);
@@ -152,7 +155,6 @@ fn attach_sockopt(ebpf: &mut Ebpf, pin: &Path, cgroup: &fs::File) -> Result<(), 
         .try_into()
         .map_err(program)?;
     p.load().map_err(program)?;
-    let _ = fs::remove_file(pin);
     p.pin(pin).map_err(|source| Error::Pin {
         path: pin.to_path_buf(),
         source,

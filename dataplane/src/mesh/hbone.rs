@@ -279,17 +279,14 @@ impl Pool {
     /// spare if there is one, else on a new connection.
     pub async fn open(&self, identity: &Identity, d: &Dial<'_>) -> Result<Tunnel, HboneError> {
         let key = (d.proxy, d.identity.clone());
-        let (conn, slot) = match self.reserve(&key) {
-            Ok(found) => found,
-            Err(dialing) => {
-                let dialed = self.dial_once(identity, d, &key, dialing).await;
-                if dialed.is_err() {
-                    self.tidy(&key);
-                }
-                dialed?
-            }
-        };
+        let (conn, slot) = self.checkout(identity, d, &key).await?;
         match open_on(conn.send.clone(), d, slot).await {
+            // The peer allows fewer streams than we counted (its limit changed): the connection
+            // is fine, the tunnel takes another place.
+            Err(HboneError::Http(_, e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                let (conn, slot) = self.checkout(identity, d, &key).await?;
+                open_on(conn.send, d, slot).await
+            }
             // The peer has closed the pooled connection since: forget it, dial anew.
             Err(HboneError::Http(..)) => {
                 self.forget(&key, &conn);
@@ -297,6 +294,21 @@ impl Pool {
                 open_on(conn.send, d, slot).await
             }
             r => r,
+        }
+    }
+
+    /// A stream reserved on a pooled connection with room, else on one dialled for it (once per
+    /// burst, under the peer's dialling lock).
+    async fn checkout(&self, identity: &Identity, d: &Dial<'_>, key: &PeerKey) -> Result<(Conn, Slot), HboneError> {
+        match self.reserve(key) {
+            Ok(found) => Ok(found),
+            Err(dialing) => {
+                let dialed = self.dial_once(identity, d, key, dialing).await;
+                if dialed.is_err() {
+                    self.tidy(key);
+                }
+                dialed
+            }
         }
     }
 
@@ -453,6 +465,10 @@ async fn connect(identity: &Identity, d: &Dial<'_>, live: Live) -> Result<Tunnel
         });
     }
     let (send, mut conn) = h2::client::Builder::new()
+        // Until the peer's SETTINGS arrive h2 assumes no stream limit, and a burst of tunnels
+        // let onto a new connection would open more than the peer allows (the rest refused).
+        // Assume what our servers allow; the peer's SETTINGS correct it.
+        .initial_max_send_streams(MAX_STREAMS as usize)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
