@@ -76,6 +76,15 @@ pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
     if pin_dir.join("pair_sockets").exists() {
         return Ok(Attached::Already);
     }
+    // All or nothing: what a failed attach pinned or attached is taken off again.
+    attach_all(pin_dir, cgroup)
+        .inspect_err(|_| {
+            let _ = detach(pin_dir, cgroup, Duration::ZERO);
+        })
+        .map(|()| Attached::Now)
+}
+
+fn attach_all(pin_dir: &Path, cgroup: &Path) -> Result<(), Error> {
     mount_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir).map_err(|source| io("creating", pin_dir, source))?;
     let mut ebpf = Ebpf::load(OBJECT)?;
@@ -117,7 +126,7 @@ pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
         let link = attach_to_cgroup(&mut ebpf, name, &cgroup_dir)?;
         link.pin(&path).map_err(|source| Error::Pin { path, source })?;
     }
-    Ok(Attached::Now)
+    Ok(())
 }
 
 /// Loads program `name` and attaches it to the cgroup (a link, so it can be pinned).

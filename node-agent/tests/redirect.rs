@@ -373,3 +373,11 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         "a connect after unenroll was redirected"
     );
 }
+
+#[test]
+fn a_failed_attach_leaves_nothing_behind() {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-failed-{}", std::process::id()));
+    let err = redirect::attach(&dir, std::path::Path::new("/nonexistent-cgroup")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent-cgroup"), "{err}");
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}
