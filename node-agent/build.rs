@@ -7,7 +7,9 @@ fn main() {
     // Relative to the package: clones sharing one target dir share this script's output, and an
     // absolute path would watch the file of whichever clone built last.
     const SOURCE: &str = "../ebpf/redirect.bpf.c";
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SOURCE);
+    // The package's directory at run time (`env!` would bake in the clone this script was
+    // compiled in).
+    let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it")).join(SOURCE);
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("redirect.bpf.o");
     println!("cargo:rerun-if-changed={SOURCE}");
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());

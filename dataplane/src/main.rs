@@ -283,7 +283,7 @@ fn init_iptables(cmd: Cmd) -> ExitCode {
         exclude_outbound_ports,
         iptables,
     } = cmd;
-    use ferrum_dp::mesh::capture;
+    use ferrum_dp::mesh::capture::{self, Rules as _};
     let iptables = iptables.unwrap_or_else(capture::detect);
     let c = capture::Capture {
         proxy_uid,

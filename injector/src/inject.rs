@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use ferrum_snapshot::mesh::{AppProbe, AppProbes};
+use ferrum_snapshot::mesh::{AppProbe, AppProbes, Capture};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
@@ -19,7 +19,7 @@ use serde::Serialize;
 /// The opt-in/opt-out label or annotation on a pod.
 pub const INJECT: &str = "ferrum.dev/inject";
 /// What was injected (JSON), and the mark that a pod has been injected.
-pub const STATUS: &str = "ferrum.dev/status";
+pub const STATUS: &str = ferrum_snapshot::mesh::INJECTION_STATUS;
 pub const PROXY: &str = "ferrum-proxy";
 pub const INIT: &str = "ferrum-init";
 /// The sidecar's port for rewritten HTTP probes (`/app-health/<container>/<probe>`).
@@ -27,8 +27,6 @@ pub const APP_HEALTH_PORT: i32 = 15020;
 pub const READY_PORT: i32 = 15021;
 /// The proxy's UID and GID: capture leaves its traffic alone.
 pub const PROXY_UID: i64 = 1337;
-/// Inbound ports capture always leaves alone: HBONE, app health, readiness, metrics.
-const PROXY_INBOUND_PORTS: [u16; 4] = [15008, 15020, 15021, 15090];
 
 /// Per-pod overrides (annotations); Istio's names are read too, for migration.
 const EXCLUDE_INBOUND: [&str; 2] = [
@@ -47,7 +45,7 @@ const PROXY_MEMORY_LIMIT: &str = "ferrum.dev/proxy-memory-limit";
 
 /// Who captures the pod's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Capture {
+pub enum CaptureBy {
     /// An init container writes the iptables rules (needs NET_ADMIN and NET_RAW).
     Init,
     /// A CNI plugin or the node agent does: no init container.
@@ -68,7 +66,7 @@ pub struct Template {
     pub root_configmap: String,
     /// Audience of the projected ServiceAccount token (the CA's `--ca-audience`).
     pub token_audience: String,
-    pub capture: Capture,
+    pub capture: CaptureBy,
     /// Run the proxy as a native sidecar (an init container with `restartPolicy: Always`,
     /// Kubernetes ≥ 1.29): it starts before and stops after the app's containers.
     pub native_sidecar: bool,
@@ -134,6 +132,8 @@ struct Status<'a> {
     containers: Vec<&'a str>,
     volumes: Vec<&'a str>,
     rewritten_probes: usize,
+    /// What the pod's capture sends to the sidecar (read by the node agent).
+    capture: Capture,
 }
 
 /// The pod with the sidecar added.
@@ -150,9 +150,10 @@ pub fn inject(pod: &Pod, t: &Template) -> Result<Pod, BadAnnotation> {
             .get_or_insert_with(Vec::new)
             .push(env("FERRUM_APP_PROBERS", &json));
     }
+    let capture = capture(&annotations)?;
     let mut init = Vec::new();
-    if t.capture == Capture::Init {
-        init.push(init_container(t, &annotations)?);
+    if t.capture == CaptureBy::Init {
+        init.push(init_container(t, &annotations, &capture)?);
     }
     let mut status = Status {
         version: env!("CARGO_PKG_VERSION"),
@@ -160,6 +161,7 @@ pub fn inject(pod: &Pod, t: &Template) -> Result<Pod, BadAnnotation> {
         containers: vec![PROXY],
         volumes: vec!["ferrum-token", "ferrum-ca-root", "ferrum-data"],
         rewritten_probes: app_probers.len(),
+        capture,
     };
     let existing_init = spec.init_containers.take().unwrap_or_default();
     if t.native_sidecar {
@@ -210,17 +212,22 @@ fn join(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn init_container(t: &Template, a: &BTreeMap<String, String>) -> Result<Container, BadAnnotation> {
-    let mut inbound: Vec<u16> = PROXY_INBOUND_PORTS.to_vec();
-    inbound.extend(ports(a, &EXCLUDE_INBOUND)?);
+/// The pod's capture: the defaults with its excluded ports added.
+fn capture(a: &BTreeMap<String, String>) -> Result<Capture, BadAnnotation> {
+    let mut c = Capture::default();
+    c.exclude_inbound.extend(ports(a, &EXCLUDE_INBOUND)?);
+    c.exclude_outbound = ports(a, &EXCLUDE_OUTBOUND)?;
+    Ok(c)
+}
+
+fn init_container(t: &Template, a: &BTreeMap<String, String>, c: &Capture) -> Result<Container, BadAnnotation> {
     let mut args = vec![
         "init-iptables".to_string(),
         "--exclude-inbound-ports".into(),
-        join(&inbound),
+        join(&c.exclude_inbound),
     ];
-    let outbound = ports(a, &EXCLUDE_OUTBOUND)?;
-    if !outbound.is_empty() {
-        args.extend(["--exclude-outbound-ports".into(), join(&outbound)]);
+    if !c.exclude_outbound.is_empty() {
+        args.extend(["--exclude-outbound-ports".into(), join(&c.exclude_outbound)]);
     }
     Ok(Container {
         name: INIT.into(),

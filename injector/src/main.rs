@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ferrum_injector::inject::{Capture, Template};
+use ferrum_injector::inject::{CaptureBy, Template};
 use ferrum_injector::{ca_bundle, tls, webhook};
 
 /// The Ferrum Mesh sidecar injector: a mutating admission webhook (AdmissionReview v1 on
@@ -56,7 +56,7 @@ struct Args {
     token_audience: String,
     /// Who writes the capture rules: an init container, or a CNI/node agent (no init container).
     #[arg(long, value_enum, default_value = "init")]
-    capture: Capture,
+    capture: CaptureBy,
     /// Run the proxy as a native sidecar (Kubernetes ≥ 1.29).
     #[arg(long)]
     native_sidecar: bool,

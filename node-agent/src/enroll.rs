@@ -6,28 +6,9 @@ use std::path::Path;
 
 use aya::maps::{HashMap, MapData};
 
+pub use ferrum_snapshot::mesh::Capture;
+
 use crate::redirect::{Error, io};
-
-/// What a pod's capture rules say, for `enroll` (as `ferrum-dp init-iptables` was given).
-#[derive(Debug, Clone)]
-pub struct Enrollment {
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
-    pub outbound_port: u16,
-    /// Outbound destination ports never captured.
-    pub exclude_outbound: Vec<u16>,
-}
-
-impl Default for Enrollment {
-    fn default() -> Self {
-        Enrollment {
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            outbound_port: 15001,
-            exclude_outbound: Vec::new(),
-        }
-    }
-}
 
 /// `struct capture` in redirect.bpf.c.
 #[repr(C)]
@@ -46,8 +27,9 @@ unsafe impl aya::Pod for CaptureValue {}
 /// Enrolls the pod whose network namespace is `netns` (a path such as /run/netns/NAME or
 /// /proc/PID/ns/net): its processes' TCP connects (IPv4; but the proxy's own, loopback, its
 /// own addresses and the excluded ports) go straight to its sidecar's outbound port, and the
-/// two ends are paired. The capture rules stay as they are for everything else.
-pub fn enroll(pin_dir: &Path, netns: &Path, e: &Enrollment) -> Result<(), Error> {
+/// two ends are paired. The capture rules stay as they are for everything else. Returns the
+/// namespace's cookie, which names the enrollment (see [`forget`]).
+pub fn enroll(pin_dir: &Path, netns: &Path, e: &Capture) -> Result<u64, Error> {
     let (cookie, addrs) = in_netns(netns, || Ok((netns_cookie()?, own_ipv4()?)))?;
     let too_many = |what, max, found| Error::TooMany { what, max, found };
     let mut value = CaptureValue {
@@ -78,12 +60,18 @@ pub fn enroll(pin_dir: &Path, netns: &Path, e: &Enrollment) -> Result<(), Error>
         .map_err(|source| Error::Map {
             name: "enrolled",
             source,
-        })
+        })?;
+    Ok(cookie)
 }
 
 /// Undoes `enroll`: new connects of the pod go through the capture rules again.
 pub fn unenroll(pin_dir: &Path, netns: &Path) -> Result<(), Error> {
-    let cookie = in_netns(netns, netns_cookie)?;
+    forget(pin_dir, in_netns(netns, netns_cookie)?)
+}
+
+/// Undoes the enrollment [`enroll`] returned `cookie` for — also after the namespace is gone
+/// (cookies are never reused, so a stale one only takes a slot).
+pub fn forget(pin_dir: &Path, cookie: u64) -> Result<(), Error> {
     match enrolled(pin_dir)?.remove(&cookie) {
         Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
         Err(source) => Err(Error::Map {
@@ -91,6 +79,17 @@ pub fn unenroll(pin_dir: &Path, netns: &Path) -> Result<(), Error> {
             source,
         }),
     }
+}
+
+/// The cookies of the enrolled namespaces.
+pub fn cookies(pin_dir: &Path) -> Result<Vec<u64>, Error> {
+    enrolled(pin_dir)?
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(|source| Error::Map {
+            name: "enrolled",
+            source,
+        })
 }
 
 fn enrolled(pin_dir: &Path) -> Result<HashMap<MapData, u64, CaptureValue>, Error> {

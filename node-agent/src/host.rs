@@ -1,8 +1,11 @@
 //! What the agent needs of the host beyond aya: the cgroup v2 and bpffs mounts, and the one
-//! `bpf(2)` call aya 0.14 does not make (a cgroup getsockopt attachment that outlives us).
+//! `bpf(2)` call aya 0.14 does not make (a cgroup getsockopt attachment that outlives us), and
+//! finding pods' network namespaces in `/proc`.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::redirect::{Error, io};
@@ -82,4 +85,81 @@ pub(crate) fn prog_attach(cmd: libc::c_long, cgroup: BorrowedFd<'_>, prog: Borro
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A pod's network namespace as `/proc` shows it: a path to open it by, and its inode (which
+/// changes if the kubelet ever remakes the pod's sandbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetns {
+    pub path: PathBuf,
+    pub inode: u64,
+}
+
+/// The network namespaces of the pods whose processes `proc_root` shows, by pod UID. The kubelet
+/// puts every container of a pod in a cgroup named for the pod's UID (`pod<uid>`, with `_` for
+/// `-` under the systemd driver) whatever the runtime and cgroup version; what shares the
+/// host's namespace (host-network pods) is left out.
+pub fn pod_namespaces(proc_root: &Path) -> std::io::Result<HashMap<String, PodNetns>> {
+    let host = fs::metadata(proc_root.join("1/ns/net"))?.ino();
+    let mut found = HashMap::new();
+    for entry in fs::read_dir(proc_root)?.flatten() {
+        if !entry.file_name().as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        // Processes come and go while we read: what cannot be read is skipped.
+        let Ok(cgroup) = fs::read_to_string(entry.path().join("cgroup")) else {
+            continue;
+        };
+        let Some(uid) = pod_uid(&cgroup) else { continue };
+        if found.contains_key(&uid) {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        match fs::metadata(&path) {
+            Ok(m) if m.ino() != host => {
+                found.insert(uid, PodNetns { path, inode: m.ino() });
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+/// The pod UID in a `/proc/PID/cgroup`, with dashes.
+fn pod_uid(cgroup: &str) -> Option<String> {
+    cgroup.match_indices("pod").find_map(|(at, _)| {
+        let uid = cgroup.get(at + 3..at + 3 + 36)?;
+        let shaped = uid.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-' || c == '_',
+            _ => c.is_ascii_hexdigit(),
+        });
+        shaped.then(|| uid.replace('_', "-"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pod_uid;
+
+    #[test]
+    fn pod_uids_are_read_from_every_cgroup_layout() {
+        let uid = "5f1c2a9e-3b7d-4c1e-9a0f-1234567890ab";
+        for line in [
+            // cgroup v2, systemd driver (containerd, CRI-O)
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f1c2a9e_3b7d_4c1e_9a0f_1234567890ab.slice/cri-containerd-0123.scope\n",
+            // cgroupfs driver
+            "0::/kubepods/besteffort/pod5f1c2a9e-3b7d-4c1e-9a0f-1234567890ab/0123abcd\n",
+            // cgroup v1 lines
+            "12:memory:/kubepods/pod5f1c2a9e-3b7d-4c1e-9a0f-1234567890ab/abc\n1:name=systemd:/\n",
+        ] {
+            assert_eq!(pod_uid(line).as_deref(), Some(uid), "{line}");
+        }
+        for line in [
+            "0::/user.slice/user-1000.slice/session-3.scope\n",
+            "0::/podman-pod-xyz\n",
+            "0::/\n",
+        ] {
+            assert_eq!(pod_uid(line), None, "{line}");
+        }
+    }
 }

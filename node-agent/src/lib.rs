@@ -6,4 +6,6 @@
 
 pub mod enroll;
 pub mod host;
+pub mod pods;
 pub mod redirect;
+pub mod run;

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ferrum_node_agent::{enroll, host, redirect};
+use ferrum_node_agent::{enroll, host, redirect, run};
 
 /// The Ferrum Mesh node agent (one per node, privileged): attaches the eBPF programs that
 /// shorten the sidecar's loopback hops, pinned so that they outlive the agent.
@@ -19,6 +19,29 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The DaemonSet's process: attach, then enroll this node's pods that have a Ferrum sidecar
+    /// (as the injector recorded their capture) while they run. On exit everything stays
+    /// attached, unless the agent's DaemonSet is gone (an uninstall): then it detaches.
+    Run {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// The cgroup v2 directory whose sockets are paired (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// The host's /proc (the agent needs the host's PID namespace).
+        #[arg(long, default_value = "/proc")]
+        proc: PathBuf,
+        /// The agent's own DaemonSet (namespace/name): detach on exit once it is gone.
+        #[arg(long, env = "FERRUM_NODE_AGENT_DAEMONSET")]
+        daemonset: Option<String>,
+        /// On uninstall: how long paired connections may take to close before detaching.
+        #[arg(long, default_value_t = 20)]
+        drain_seconds: u64,
+        /// How often /proc is looked at again without a pod event.
+        #[arg(long, default_value_t = 10)]
+        resync_seconds: u64,
+    },
     /// Load and attach (idempotent).
     Attach {
         /// The cgroup v2 directory whose sockets are paired (default: the cgroup2 mount).
@@ -67,6 +90,20 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let done = match args.command {
+        Command::Run { node, cgroup, proc, daemonset, drain_seconds, resync_seconds } => {
+            return serve(run::Settings {
+                cgroup: match cgroup.map_or_else(host::cgroup2_root, Ok) {
+                    Ok(c) => c,
+                    Err(e) => return fail(&e),
+                },
+                pin_dir: args.pin_dir,
+                proc_root: proc,
+                node,
+                daemonset: daemonset.and_then(|d| d.split_once('/').map(|(n, d)| (n.to_string(), d.to_string()))),
+                drain: Duration::from_secs(drain_seconds),
+                resync: Duration::from_secs(resync_seconds.max(1)),
+            });
+        }
         Command::Attach { cgroup } => cgroup.map_or_else(host::cgroup2_root, Ok).and_then(|cgroup| {
             let how = redirect::attach(&args.pin_dir, &cgroup)?;
             tracing::info!(pin_dir = %args.pin_dir.display(), cgroup = %cgroup.display(), ?how, "sidecar loopback redirection attached");
@@ -79,8 +116,14 @@ fn main() -> ExitCode {
             })
         }),
         Command::Enroll { netns, proxy_uid, proxy_gid, outbound_port, exclude_outbound_ports } => {
-            let e = enroll::Enrollment { proxy_uid, proxy_gid, outbound_port, exclude_outbound: exclude_outbound_ports };
-            enroll::enroll(&args.pin_dir, &netns, &e).map(|()| tracing::info!(netns = %netns.display(), "enrolled"))
+            let e = enroll::Capture {
+                proxy_uid,
+                proxy_gid,
+                outbound_port,
+                exclude_outbound: exclude_outbound_ports,
+                ..Default::default()
+            };
+            enroll::enroll(&args.pin_dir, &netns, &e).map(|_| tracing::info!(netns = %netns.display(), "enrolled"))
         }
         Command::Unenroll { netns } => enroll::unenroll(&args.pin_dir, &netns)
             .map(|()| tracing::info!(netns = %netns.display(), "unenrolled")),
@@ -93,9 +136,25 @@ fn main() -> ExitCode {
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!("{e}");
+    ExitCode::FAILURE
+}
+
+fn serve(s: run::Settings) -> ExitCode {
+    // Multi-threaded for block_in_place (enrolling enters namespaces on threads of its own);
+    // one worker is plenty.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run::run(s)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }

@@ -288,7 +288,7 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         sh(&[&["ip", "-n", &ns.0][..], args].concat());
     }
     let netns = ns.path();
-    let enrollment = enroll::Enrollment {
+    let enrollment = enroll::Capture {
         outbound_port: 15101,
         exclude_outbound: vec![9999],
         ..Default::default()

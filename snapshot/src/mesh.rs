@@ -715,3 +715,37 @@ pub struct AppProbe {
 
 /// The app probes by path, as `FERRUM_APP_PROBERS` carries them.
 pub type AppProbes = BTreeMap<String, AppProbe>;
+
+/// The annotation the injector marks an injected pod with: what it added, as JSON, including
+/// the pod's [`Capture`] (under `capture`).
+pub const INJECTION_STATUS: &str = "ferrum.dev/status";
+
+/// A sidecar's traffic capture (mesh.md): what `ferrum-dp init-iptables` writes as nat rules,
+/// what the injector records on the pod (`capture` in the `ferrum.dev/status` annotation), and
+/// what the node agent reads back, so that its eBPF redirection sends exactly what the rules
+/// would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capture {
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// Inbound ports never captured (HBONE, proxy metrics and readiness, plus the user's).
+    pub exclude_inbound: Vec<u16>,
+    /// Outbound destination ports never captured.
+    pub exclude_outbound: Vec<u16>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            inbound_port: 15006,
+            outbound_port: 15001,
+            exclude_inbound: vec![15008, 15020, 15021, 15090],
+            exclude_outbound: Vec::new(),
+        }
+    }
+}

@@ -12,30 +12,7 @@
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
 
-#[derive(Debug, Clone)]
-pub struct Capture {
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
-    pub inbound_port: u16,
-    pub outbound_port: u16,
-    /// Inbound ports never captured (HBONE, proxy metrics and readiness, plus the user's).
-    pub exclude_inbound: Vec<u16>,
-    /// Outbound destination ports never captured.
-    pub exclude_outbound: Vec<u16>,
-}
-
-impl Default for Capture {
-    fn default() -> Self {
-        Capture {
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            inbound_port: 15006,
-            outbound_port: 15001,
-            exclude_inbound: vec![15008, 15020, 15021, 15090],
-            exclude_outbound: Vec::new(),
-        }
-    }
-}
+pub use ferrum_snapshot::mesh::Capture;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -109,10 +86,19 @@ fn has_global_ipv6(if_inet6: &str) -> bool {
     if_inet6.lines().any(|l| l.split_whitespace().nth(3) == Some("00"))
 }
 
-impl Capture {
+/// The rules of a [`Capture`].
+pub trait Rules {
     /// The `iptables-restore --noflush` input for one family: our chains, declared (so
     /// emptied) and filled.
-    pub fn restore_input(&self, family: Family) -> String {
+    fn restore_input(&self, family: Family) -> String;
+    /// What `--dry-run` prints: per family, the restore input and the jump commands.
+    fn describe(&self, iptables: &str) -> String;
+    /// Installs the rules for every family the pod has; running it again changes nothing.
+    fn apply(&self, iptables: &str) -> Result<(), CaptureError>;
+}
+
+impl Rules for Capture {
+    fn restore_input(&self, family: Family) -> String {
         let mut s = String::from("*nat\n");
         for c in CHAINS {
             let _ = writeln!(s, ":{c} - [0:0]");
@@ -152,8 +138,7 @@ impl Capture {
         s
     }
 
-    /// What `--dry-run` prints: per family, the restore input and the jump commands.
-    pub fn describe(&self, iptables: &str) -> String {
+    fn describe(&self, iptables: &str) -> String {
         let mut s = String::new();
         for family in [Family::V4, Family::V6] {
             let bin = family.iptables(iptables);
@@ -170,8 +155,7 @@ impl Capture {
         s
     }
 
-    /// Installs the rules for every family the pod has; running it again changes nothing.
-    pub fn apply(&self, iptables: &str) -> Result<(), CaptureError> {
+    fn apply(&self, iptables: &str) -> Result<(), CaptureError> {
         for family in families() {
             let bin = family.iptables(iptables);
             if family == Family::V6 {

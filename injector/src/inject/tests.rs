@@ -9,7 +9,7 @@ fn template() -> Template {
         ca_server_name: "ferrum-operator.ferrum-system.svc".into(),
         root_configmap: "ferrum-ca-root".into(),
         token_audience: "ferrum-ca".into(),
-        capture: Capture::Init,
+        capture: CaptureBy::Init,
         native_sidecar: false,
         cpu_request: "10m".into(),
         memory_request: "32Mi".into(),
@@ -69,7 +69,11 @@ fn the_sidecar_and_capture_are_added_with_the_pods_overrides() {
         .as_ref()
         .unwrap();
     assert_eq!(proj.audience.as_deref(), Some("ferrum-ca"));
-    assert!(out.metadata.annotations.as_ref().unwrap().contains_key(STATUS));
+    // The capture is recorded for the node agent, as the init container writes it.
+    let status: serde_json::Value = serde_json::from_str(&out.metadata.annotations.as_ref().unwrap()[STATUS]).unwrap();
+    let capture: ferrum_snapshot::mesh::Capture = serde_json::from_value(status["capture"].clone()).unwrap();
+    assert_eq!(capture.exclude_inbound, [15008, 15020, 15021, 15090, 9999]);
+    assert_eq!((capture.outbound_port, capture.proxy_uid), (15001, 1337));
 }
 
 #[test]
@@ -119,7 +123,7 @@ fn never_twice_and_opt_outs_are_respected() {
 fn native_sidecars_and_cni_capture() {
     let t = Template {
         native_sidecar: true,
-        capture: Capture::Cni,
+        capture: CaptureBy::Cni,
         ..template()
     };
     let mut p = pod(APP);
