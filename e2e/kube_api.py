@@ -44,6 +44,7 @@ RESOURCES = [
     ("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
     # What the Helm chart installs besides.
     ("apps", "v1", "deployments", "Deployment", True),
+    ("apps", "v1", "daemonsets", "DaemonSet", True),
     ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
     ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
     ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),

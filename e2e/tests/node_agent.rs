@@ -99,6 +99,210 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     assert_eq!(w.pods[a].echo_bulk(VIP, "payload-after"), "13000 payload-after");
 }
 
+/// A kubelet-like cgroup `pod<uid>` holding every process in a pod's network namespace (as
+/// the kubelet puts a pod's containers), under the cgroup2 root; undone on drop.
+struct PodCgroup {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl PodCgroup {
+    fn new(uid: &str, netns: &std::path::Path) -> PodCgroup {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = PathBuf::from(
+            mounts
+                .lines()
+                .find_map(|l| {
+                    l.split_whitespace()
+                        .nth(2)
+                        .filter(|t| *t == "cgroup2")
+                        .and(l.split_whitespace().nth(1))
+                })
+                .expect("a cgroup2 mount"),
+        );
+        let dir = root.join(format!("ferrum-e2e-{}/pod{uid}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let pod = ino(netns).unwrap();
+        let mut moved = 0;
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let is_pid = e
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+            if is_pid && ino(&e.path().join("ns/net")).is_ok_and(|i| i == pod) {
+                moved +=
+                    usize::from(std::fs::write(dir.join("cgroup.procs"), e.file_name().as_encoded_bytes()).is_ok());
+            }
+        }
+        assert!(moved > 0, "no process in {}", netns.display());
+        PodCgroup { root, dir }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for pid in std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(self.dir.parent().unwrap());
+    }
+}
+
+/// `ferrum-node-agent run` as the DaemonSet runs it, against the API emulator.
+fn run_agent(w: &World, pin_dir: &std::path::Path, log: &std::path::Path) -> Proc {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args([
+            "run",
+            "--node",
+            "node-1",
+            "--daemonset",
+            "ferrum-system/ferrum-node-agent",
+        ])
+        .args(["--drain-seconds", "1", "--resync-seconds", "1"])
+        .env("KUBECONFIG", &w.cluster.kubeconfig)
+        .env("RUST_LOG", "info")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// SIGTERM, as the kubelet stops a pod; the agent's exit status.
+fn stop(mut agent: Proc) -> std::process::ExitStatus {
+    let pid = agent.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    agent.0.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstall() {
+    let _turn = TURN.lock().await;
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", VIP, "b");
+    w.app(b);
+    w.sidecar(a, "sa-a", &[]);
+    w.sidecar(b, "sa-b", &[]);
+    w.ready(a).await;
+    w.ready(b).await;
+    eventually("pod A reaches svc-b", Duration::from_secs(20), async || {
+        curl_svc_b(&w, "/warmup").0
+    })
+    .await;
+    let uid = w.cluster.get("pod", NS, "a-1")["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _cgroup = PodCgroup::new(&uid, &w.pods[a].ns.path());
+    w.cluster.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferrum-system}\n---\n\
+         apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ferrum-node-agent, namespace: ferrum-system}\n\
+         spec: {selector: {matchLabels: {app: agent}}, template: {metadata: {labels: {app: agent}}, spec: {containers: [{name: agent, image: agent}]}}}\n",
+    );
+    // What the injector records: A's capture, with 9999 left alone.
+    let status = r#"{"version":"0.1.0","capture":{"proxyUid":1337,"proxyGid":1337,"inboundPort":15006,"outboundPort":15001,"excludeInbound":[15008,15020,15021,15090],"excludeOutbound":[9999]}}"#;
+    w.cluster.kubectl(
+        &[
+            "annotate",
+            "pod",
+            "a-1",
+            "-n",
+            NS,
+            &format!("ferrum.dev/status={status}"),
+        ],
+        None,
+    );
+
+    let agent = Agent(PathBuf::from(format!(
+        "/sys/fs/bpf/ferrum-e2e-run-{}",
+        std::process::id()
+    )));
+    let log = w.dir.path().join("agent.log");
+    let running = run_agent(&w, &agent.0, &log);
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let enrolled_becomes = async |n: u64, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !(agent.0.join("enrolled").exists() && agent.count("enrolled") == n) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not within 20 s: {what}\n{}",
+                agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    enrolled_becomes(1, "pod A is enrolled").await;
+    let connects = agent.count("connects");
+    for i in 0..10 {
+        let (ok, body) = curl_svc_b(&w, &format!("/run-{i}"));
+        assert!(ok && body.contains(&format!("/run-{i} from 127.0.0.6")), "{body}");
+    }
+    assert_eq!(
+        agent.count("connects") - connects,
+        10,
+        "A's connects went to its sidecar\n{}",
+        agent_log()
+    );
+
+    // A restart (the DaemonSet still there) leaves everything attached and A enrolled.
+    assert!(stop(running).success(), "{}", agent_log());
+    assert_eq!(agent.count("enrolled"), 1, "{}", agent_log());
+    let (ok, body) = curl_svc_b(&w, "/between-agents");
+    assert!(ok, "{body}");
+    assert_eq!(
+        agent.count("connects") - connects,
+        11,
+        "still redirected with no agent running"
+    );
+    let running = run_agent(&w, &agent.0, &log);
+
+    // Opting out takes A off; opting in again puts it back.
+    w.cluster.kubectl(
+        &["annotate", "pod", "a-1", "-n", NS, "ferrum.dev/socket-redirect=false"],
+        None,
+    );
+    enrolled_becomes(0, "pod A is forgotten").await;
+    let (ok, body) = curl_svc_b(&w, "/opted-out");
+    assert!(ok && body.contains("/opted-out from 127.0.0.6"), "{body}");
+    assert_eq!(
+        agent.count("connects") - connects,
+        11,
+        "an opted-out pod takes its capture rules"
+    );
+    w.cluster.kubectl(
+        &["annotate", "pod", "a-1", "-n", NS, "ferrum.dev/socket-redirect-"],
+        None,
+    );
+    enrolled_becomes(1, "pod A is enrolled again").await;
+
+    // Uninstall: the DaemonSet goes, then its pods; the agent detaches and the pods talk on.
+    w.cluster.kubectl(
+        &["delete", "daemonset", "ferrum-node-agent", "-n", "ferrum-system"],
+        None,
+    );
+    assert!(stop(running).success(), "{}", agent_log());
+    assert!(!agent.0.exists(), "still pinned after uninstall\n{}", agent_log());
+    assert!(agent_log().contains("being uninstalled"), "{}", agent_log());
+    let (ok, body) = curl_svc_b(&w, "/after-uninstall");
+    assert!(ok && body.contains("/after-uninstall from 127.0.0.6"), "{body}");
+    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-gone"), "12000 payload-gone");
+}
+
 /// `make bench-mesh`'s harness, one short round: it runs and reports every path.
 #[test]
 fn bench_mesh_harness_runs() {

@@ -98,9 +98,9 @@ pub struct PodNetns {
 /// The network namespaces of the pods whose processes `proc_root` shows, by pod UID. The kubelet
 /// puts every container of a pod in a cgroup named for the pod's UID (`pod<uid>`, with `_` for
 /// `-` under the systemd driver) whatever the runtime and cgroup version; what shares the
-/// host's namespace (host-network pods) is left out.
+/// agent's namespace — the host's: the agent runs on the host network — is left out.
 pub fn pod_namespaces(proc_root: &Path) -> std::io::Result<HashMap<String, PodNetns>> {
-    let host = fs::metadata(proc_root.join("1/ns/net"))?.ino();
+    let host = fs::metadata(proc_root.join("self/ns/net"))?.ino();
     let mut found = HashMap::new();
     for entry in fs::read_dir(proc_root)?.flatten() {
         if !entry.file_name().as_encoded_bytes().iter().all(u8::is_ascii_digit) {

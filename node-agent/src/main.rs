@@ -79,7 +79,8 @@ enum Command {
         #[arg(long)]
         netns: PathBuf,
     },
-    /// Print the counters: sockets paired, writes redirected and passed, connects redirected.
+    /// Print the counters: sockets paired, writes redirected and passed, connects redirected,
+    /// and the number of pods enrolled.
     Stats,
 }
 
@@ -127,11 +128,13 @@ fn main() -> ExitCode {
         }
         Command::Unenroll { netns } => enroll::unenroll(&args.pin_dir, &netns)
             .map(|()| tracing::info!(netns = %netns.display(), "unenrolled")),
-        Command::Stats => redirect::counts(&args.pin_dir).map(|c| {
+        Command::Stats => redirect::counts(&args.pin_dir).and_then(|c| {
+            let enrolled = enroll::cookies(&args.pin_dir)?.len();
             println!(
-                "paired {}\nredirected {}\npassed {}\nconnects {}",
+                "paired {}\nredirected {}\npassed {}\nconnects {}\nenrolled {enrolled}",
                 c.paired, c.redirected, c.passed, c.connects
             );
+            Ok(())
         }),
     };
     match done {
