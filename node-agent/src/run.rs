@@ -49,6 +49,11 @@ pub enum RunError {
 const SETTLE: Duration = Duration::from_millis(200);
 
 pub async fn run(s: Settings) -> Result<(), RunError> {
+    // First: a stop that comes while attaching still gets the clean exit below.
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate()).map_err(RunError::Signal)?,
+        signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
+    );
     let how = redirect::attach(&s.pin_dir, &s.cgroup)?;
     tracing::info!(node = s.node, cgroup = %s.cgroup.display(), ?how, "sidecar loopback redirection attached");
     let client = kube::Client::try_default().await?;
@@ -59,10 +64,6 @@ pub async fn run(s: Settings) -> Result<(), RunError> {
         .reflect(writer)
         .boxed();
     let mut node = Node::new(&s.pin_dir, &s.proc_root);
-    let (mut term, mut int) = (
-        signal(SignalKind::terminate()).map_err(RunError::Signal)?,
-        signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
-    );
     let mut resync = tokio::time::interval(s.resync);
     // Nothing is reconciled before the first list: an empty store would forget every pod.
     let (mut listed, mut due) = (false, None::<Instant>);
@@ -111,11 +112,20 @@ fn reconcile(node: &mut Node, pods: &[Arc<Pod>]) {
     }
 }
 
-/// Whether the agent's DaemonSet is gone or going (a failed lookup says no: stay attached).
+/// Whether the agent's DaemonSet is gone or going. An uninstall deletes the agent's
+/// ServiceAccount and Role too, often before the kubelet stops the agent, so being refused
+/// (401, 403) says the same; a lookup that fails otherwise says no: stay attached.
 async fn uninstalling(client: kube::Client, namespace: &str, name: &str) -> bool {
     match Api::<DaemonSet>::namespaced(client, namespace).get_opt(name).await {
         Ok(None) => true,
         Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+        Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => {
+            tracing::info!(
+                code = e.code,
+                "refused the agent's own DaemonSet: its ServiceAccount or Role is gone"
+            );
+            true
+        }
         Err(e) => {
             tracing::warn!(error = %e, daemonset = name, "cannot tell whether the node agent is being uninstalled: staying attached");
             false
