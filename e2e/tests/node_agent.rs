@@ -84,10 +84,14 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
         assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
     }
     assert_eq!(w.pods[a].echo_bulk(VIP, "payload-5d1e"), "12000 payload-5d1e");
-    // A's 21 connects went to its sidecar at connect(); each, and B's sidecar's connection to
-    // its app, paired at both ends.
+    // A's 21 connects went to its sidecar at connect(), each paired at both ends, and so were
+    // B's sidecar's connections to its app (at least the echo's: HTTP ones it may keep and
+    // reuse across requests, some made during the warm-up).
     assert_eq!(agent.count("connects") - connects, 21, "A's connects to the VIP");
-    assert!(agent.count("paired") - paired >= 4 * 21, "connections were not paired");
+    let paired = agent.count("paired") - paired;
+    assert!(paired >= 2 * 21 + 2, "connections were not paired: {paired}");
+    // At least one write each way on both hops of every exchange: without B's hop redirected
+    // too, A's alone would make about half.
     assert!(
         agent.count("redirected") - redirected >= 21 * 4,
         "requests and answers were not redirected"
