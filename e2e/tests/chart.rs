@@ -185,6 +185,15 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
         .map(|a| a.replace("/host/cgroup", &cgroup2))
         .collect();
     let pin_dir = format!("/sys/fs/bpf/ferrum-chart-{}", std::process::id());
+    // Whatever happens below, nothing stays attached (programs left on the cgroup would pair
+    // the sockets of every later test).
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            node_agent_ok(&self.0, &["detach".into(), "--drain-seconds=0".into()]);
+        }
+    }
+    let _detach = Detach(pin_dir.clone());
     let agent = || {
         let mut cmd = Command::new(workspace_bin("ferrum-node-agent"));
         cmd.args(["--pin-dir", &pin_dir])

@@ -32,7 +32,19 @@ impl Agent {
         node_agent(&self.0, args)
     }
 
-    /// A counter of `stats` ("paired", "redirected", "passed", "connects").
+    /// A counter of `stats`, or None while nothing is attached.
+    fn try_count(&self, name: &str) -> Option<u64> {
+        let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
+            .arg("--pin-dir")
+            .arg(&self.0)
+            .arg("stats")
+            .output()
+            .unwrap();
+        let stats = String::from_utf8_lossy(&out.stdout);
+        stats.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    }
+
+    /// A counter of `stats` ("paired", "redirected", "passed", "connects", "enrolled").
     fn count(&self, name: &str) -> u64 {
         let stats = self.run(&["stats"]);
         stats
@@ -241,7 +253,7 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
     let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let enrolled_becomes = async |n: u64, what: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !(agent.0.join("enrolled").exists() && agent.count("enrolled") == n) {
+        while agent.try_count("enrolled") != Some(n) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "not within 20 s: {what}\n{}",

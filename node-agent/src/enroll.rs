@@ -97,7 +97,7 @@ fn enrolled(pin_dir: &Path) -> Result<HashMap<MapData, u64, CaptureValue>, Error
         name: "enrolled",
         source,
     };
-    let data = MapData::from_pin(pin_dir.join("enrolled")).map_err(map)?;
+    let data = MapData::from_pin(crate::redirect::pins(pin_dir).join("enrolled")).map_err(map)?;
     aya::maps::Map::HashMap(data).try_into().map_err(map)
 }
 

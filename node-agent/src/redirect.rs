@@ -60,6 +60,9 @@ pub enum Error {
 pub enum Attached {
     Now,
     Already,
+    /// Another version's programs were attached: taken off, this version's put on (the old
+    /// version's paired connections keep its socket map until [`release_retired`]).
+    Replaced,
 }
 
 /// The programs attached to the cgroup, each pinned under its own name; the socket pairer last,
@@ -69,28 +72,97 @@ const CGROUP_PROGRAMS: [&str; 3] = ["redirect_outbound", "original_peer", "pair_
 /// The maps pinned beside them: what `detach`, `enroll` and `counts` open.
 const PINNED_MAPS: [&str; 3] = ["pairs", "counts", "enrolled"];
 
-/// Loads the programs, pins the socket map, the enrolled pods and the counters, attaches the
-/// message redirector to the socket map and the rest to `cgroup` (every socket and connect
-/// below it). Idempotent: programs already pinned in `pin_dir` are left as they are.
-pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
-    if pin_dir.join("pair_sockets").exists() {
-        return Ok(Attached::Already);
-    }
-    // All or nothing: what a failed attach pinned or attached is taken off again.
-    attach_all(pin_dir, cgroup)
-        .inspect_err(|_| {
-            let _ = detach(pin_dir, cgroup, Duration::ZERO);
-        })
-        .map(|()| Attached::Now)
+/// The programs' version, a digest of the object: an agent with other programs replaces what
+/// an older agent attached rather than keeping it (an upgrade), and finds its maps with the
+/// layout it expects.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(OBJECT)[..6])
+    })
 }
 
-fn attach_all(pin_dir: &Path, cgroup: &Path) -> Result<(), Error> {
+/// Where this version's maps and links are pinned: `<pin_dir>/<version>`.
+pub fn pins(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(version())
+}
+
+/// Other versions' pin directories: subdirectories of `pin_dir` but `version`'s, and `pin_dir`
+/// itself when pins sit directly in it (the first agent's layout).
+fn other_versions(pin_dir: &Path, version: &str) -> Result<Vec<PathBuf>, Error> {
+    let entries = match fs::read_dir(pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r.map_err(|source| io("reading", pin_dir, source))?,
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != version))
+        .collect();
+    if PINNED_MAPS.iter().any(|m| pin_dir.join(m).exists()) {
+        found.push(pin_dir.to_path_buf());
+    }
+    Ok(found)
+}
+
+/// Loads the programs, pins the socket map, the enrolled pods and the counters, attaches the
+/// message redirector to the socket map and the rest to `cgroup` (every socket and connect
+/// below it). Idempotent: this version's programs, once pinned, are left as they are; another
+/// version's are taken off the cgroup first.
+pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
+    attach_as(pin_dir, cgroup, version())
+}
+
+/// [`attach`] as though the programs were of version `version`: what an upgrade drill needs
+/// (an "older" agent with the same programs).
+#[doc(hidden)]
+pub fn attach_as(pin_dir: &Path, cgroup: &Path, version: &str) -> Result<Attached, Error> {
+    let here = pin_dir.join(version);
+    if here.join("pair_sockets").exists() {
+        return Ok(Attached::Already);
+    }
     mount_bpffs(pin_dir)?;
-    fs::create_dir_all(pin_dir).map_err(|source| io("creating", pin_dir, source))?;
+    let older = other_versions(pin_dir, version)?;
+    for dir in &older {
+        detach_programs(dir, cgroup)?;
+    }
+    // All or nothing: what a failed attach pinned or attached is taken off again.
+    attach_all(&here, cgroup)
+        .inspect_err(|_| {
+            let _ = detach_programs(&here, cgroup).and_then(|()| unpin_maps(&here));
+            let _ = fs::remove_dir(pin_dir);
+        })
+        .map(|()| {
+            if older.is_empty() {
+                Attached::Now
+            } else {
+                Attached::Replaced
+            }
+        })
+}
+
+/// Unpins the socket maps of other versions (whose programs `attach` took off) once no
+/// connection is paired in them any more — or at once, if `now`. Returns how many sockets were
+/// still paired in the maps released.
+pub fn release_retired(pin_dir: &Path, now: bool) -> Result<usize, Error> {
+    let mut dropped = 0;
+    for dir in other_versions(pin_dir, version())? {
+        let left = paired_now(&dir)?;
+        if left == 0 || now {
+            unpin_maps(&dir)?;
+            dropped += left;
+        }
+    }
+    Ok(dropped)
+}
+
+fn attach_all(dir: &Path, cgroup: &Path) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(|source| io("creating", dir, source))?;
     let mut ebpf = Ebpf::load(OBJECT)?;
     for name in PINNED_MAPS {
         let map = ebpf.map(name).ok_or(Error::Missing(name))?;
-        let path = pin_dir.join(name);
+        let path = dir.join(name);
         let _ = fs::remove_file(&path); // left by an attach that failed halfway
         map.pin(&path).map_err(|source| Error::Pin { path, source })?;
     }
@@ -116,12 +188,12 @@ fn attach_all(pin_dir: &Path, cgroup: &Path) -> Result<(), Error> {
     std::mem::forget(msg.take_link(id).map_err(program)?);
 
     let cgroup_dir = fs::File::open(cgroup).map_err(|source| io("opening", cgroup, source))?;
-    let sockopt_pin = pin_dir.join(SOCKOPT_PROGRAM);
+    let sockopt_pin = dir.join(SOCKOPT_PROGRAM);
     // Left attached by an attach that failed halfway: take it off, or it would stay twice.
     detach_sockopt(&sockopt_pin, cgroup)?;
     attach_sockopt(&mut ebpf, &sockopt_pin, &cgroup_dir)?;
     for name in CGROUP_PROGRAMS {
-        let path = pin_dir.join(name);
+        let path = dir.join(name);
         let _ = fs::remove_file(&path);
         let link = attach_to_cgroup(&mut ebpf, name, &cgroup_dir)?;
         link.pin(&path).map_err(|source| Error::Pin { path, source })?;
@@ -192,31 +264,52 @@ fn detach_sockopt(pin: &Path, cgroup: &Path) -> Result<(), Error> {
     unpin(pin)
 }
 
-/// Unpins everything `attach` pinned. New connections stop being paired at once; the socket map
-/// is kept until the connections in it have closed, or `drain` has passed: paired connections
-/// still open then fall back to TCP, losing bytes redirected to them and not yet read. Returns
-/// how many sockets were still paired when the map went.
+/// Unpins everything `attach` pinned (of every version). New connections stop being paired at
+/// once; the socket maps are kept until the connections in them have closed, or `drain` has
+/// passed: paired connections still open then fall back to TCP, losing bytes redirected to them
+/// and not yet read. Returns how many sockets were still paired when the maps went.
 pub fn detach(pin_dir: &Path, cgroup: &Path, drain: Duration) -> Result<usize, Error> {
-    for name in CGROUP_PROGRAMS.iter().rev() {
-        unpin(&pin_dir.join(name))?;
+    let mut dirs = other_versions(pin_dir, version())?;
+    dirs.push(pins(pin_dir));
+    for dir in &dirs {
+        detach_programs(dir, cgroup)?;
     }
-    detach_sockopt(&pin_dir.join(SOCKOPT_PROGRAM), cgroup)?;
     let deadline = Instant::now() + drain;
-    let mut left = paired_now(pin_dir)?;
+    let paired = || dirs.iter().try_fold(0, |n, d| Ok::<_, Error>(n + paired_now(d)?));
+    let mut left = paired()?;
     while left > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        left = paired_now(pin_dir)?;
+        left = paired()?;
     }
-    for name in PINNED_MAPS {
-        unpin(&pin_dir.join(name))?;
+    for dir in &dirs {
+        unpin_maps(dir)?;
     }
     let _ = fs::remove_dir(pin_dir);
     Ok(left)
 }
 
-/// Sockets in the pinned map now (0 when nothing is pinned).
-fn paired_now(pin_dir: &Path) -> Result<usize, Error> {
-    let path = pin_dir.join("pairs");
+/// Takes the programs pinned in `dir` off the cgroup (the socket map's redirector stays with
+/// the map).
+fn detach_programs(dir: &Path, cgroup: &Path) -> Result<(), Error> {
+    for name in CGROUP_PROGRAMS.iter().rev() {
+        unpin(&dir.join(name))?;
+    }
+    detach_sockopt(&dir.join(SOCKOPT_PROGRAM), cgroup)
+}
+
+/// Unpins the maps in `dir` and removes it if that leaves it empty (the pin directory itself,
+/// in the first layout, may hold other versions).
+fn unpin_maps(dir: &Path) -> Result<(), Error> {
+    for name in PINNED_MAPS {
+        unpin(&dir.join(name))?;
+    }
+    let _ = fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Sockets in the socket map pinned in `dir` now (0 when none is).
+fn paired_now(dir: &Path) -> Result<usize, Error> {
+    let path = dir.join("pairs");
     if !path.exists() {
         return Ok(0);
     }
@@ -247,7 +340,7 @@ pub struct Counts {
 }
 
 pub fn counts(pin_dir: &Path) -> Result<Counts, Error> {
-    let path = pin_dir.join("counts");
+    let path = pins(pin_dir).join("counts");
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name: "counts", source })?;
     let map = aya::maps::Map::PerCpuArray(data);
     let counts: PerCpuArray<_, u64> = map.try_into().map_err(|source| Error::Map { name: "counts", source })?;

@@ -64,6 +64,7 @@ pub async fn run(s: Settings) -> Result<(), RunError> {
         .reflect(writer)
         .boxed();
     let mut node = Node::new(&s.pin_dir, &s.proc_root);
+    let started = Instant::now();
     let mut resync = tokio::time::interval(s.resync);
     // Nothing is reconciled before the first list: an empty store would forget every pod.
     let (mut listed, mut due) = (false, None::<Instant>);
@@ -81,6 +82,7 @@ pub async fn run(s: Settings) -> Result<(), RunError> {
             () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() && listed => {
                 due = None;
                 reconcile(&mut node, &pods.state());
+                release_retired(&s, started);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -109,6 +111,19 @@ fn reconcile(node: &mut Node, pods: &[Arc<Pod>]) {
         }
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "enrolling the node's pods failed"),
+    }
+}
+
+/// After an upgrade, the older version's socket map goes once its paired connections have
+/// closed, or once the drain has passed since this agent started.
+fn release_retired(s: &Settings, started: Instant) {
+    match redirect::release_retired(&s.pin_dir, started.elapsed() >= s.drain) {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            sockets = n,
+            "released an older version's socket map with connections still paired: they go on over TCP"
+        ),
+        Err(e) => tracing::warn!(error = %e, "releasing an older version's socket map failed"),
     }
 }
 

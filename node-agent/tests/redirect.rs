@@ -35,10 +35,16 @@ fn cgroup() -> PathBuf {
 /// socket of the machine and their counters are global, so the tests take turns.
 struct Attached(PathBuf, #[allow(dead_code)] MutexGuard<'static, ()>);
 
+/// The programs see every socket of the machine and their counters are global: one test at a
+/// time.
+fn turn() -> MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Attached {
     fn new(name: &str) -> Attached {
-        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = turn();
         let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-{name}-{}", std::process::id()));
         let cgroup = host::cgroup2_root().expect("a cgroup v2 mount");
         assert_eq!(
@@ -380,4 +386,70 @@ fn a_failed_attach_leaves_nothing_behind() {
     let err = redirect::attach(&dir, std::path::Path::new("/nonexistent-cgroup")).unwrap_err();
     assert!(err.to_string().contains("/nonexistent-cgroup"), "{err}");
     assert!(!dir.exists(), "{} was left behind", dir.display());
+}
+
+/// An upgrade: an agent with other programs takes the older ones off the cgroup and puts its
+/// own on; connections the older ones paired keep being redirected through the older socket
+/// map, which goes once they have closed.
+#[test]
+fn an_upgrade_replaces_the_older_programs_and_keeps_their_paired_connections() {
+    let turn = turn();
+    let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-upgrade-{}", std::process::id()));
+    let older = dir.join("0ld");
+    assert_eq!(
+        redirect::attach_as(&dir, &cgroup(), "0ld").unwrap(),
+        redirect::Attached::Now
+    );
+    // Detaches every version on drop.
+    let on = Attached(dir.clone(), turn);
+    let ns = netns();
+    let old_app = ns.spawn(app("127.0.0.1:8080", b"A:"));
+    let (old_conn, exchanged) = std::sync::mpsc::channel::<TcpStream>();
+    let old_client = ns.spawn(move || {
+        let mut s = connect("127.0.0.6:0", "127.0.0.1:8080");
+        exchange(&mut s, b"A:", 100);
+        old_conn.send(s).unwrap();
+    });
+    old_client.join().unwrap();
+    let mut old = exchanged.recv().unwrap();
+
+    assert_eq!(redirect::attach(&dir, &cgroup()).unwrap(), redirect::Attached::Replaced);
+    assert_eq!(redirect::attach(&dir, &cgroup()).unwrap(), redirect::Attached::Already);
+    // The older connection is still redirected (no packets on lo), by the older map.
+    let lo_before = lo_packets(&ns);
+    exchange(&mut old, b"A:", 1_000);
+    let lo = lo_packets(&ns) - lo_before;
+    assert!(
+        lo < 50,
+        "{lo} packets on lo for 1,000 exchanges on the older connection"
+    );
+    // A new connection is paired by the new programs.
+    let before = on.counts();
+    let new_app = ns.spawn(app("127.0.0.1:8081", b"B:"));
+    ns.spawn(|| {
+        let mut s = connect("127.0.0.6:0", "127.0.0.1:8081");
+        exchange(&mut s, b"B:", 500);
+    })
+    .join()
+    .unwrap();
+    new_app.join().unwrap();
+    let after = on.counts();
+    assert_eq!(after.paired - before.paired, 2, "both ends paired by the new version");
+    assert!(after.redirected - before.redirected >= 1_000, "{after:?}");
+
+    // The older map stays while its connection is open, and goes once it has closed.
+    assert_eq!(redirect::release_retired(&dir, false).unwrap(), 0);
+    assert!(older.join("pairs").exists(), "released with a connection still paired");
+    old.shutdown(Shutdown::Write).unwrap();
+    let mut bye = Vec::new();
+    old.read_to_end(&mut bye).unwrap();
+    assert!(bye.ends_with(b"bye"));
+    old_app.join().unwrap();
+    drop(old);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while older.exists() {
+        redirect::release_retired(&dir, false).unwrap();
+        assert!(Instant::now() < deadline, "the older map outlived its connections");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
