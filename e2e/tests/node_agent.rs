@@ -15,6 +15,8 @@ use ferrum_e2e::mesh::{NS, World};
 use ferrum_e2e::*;
 
 const VIP: &str = "10.96.77.30";
+/// Pod A's index in [`pods_a_and_b`]'s world.
+const A: usize = 0;
 
 /// One test at a time (the async test holds it across awaits, hence tokio's).
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -68,10 +70,8 @@ fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
-    let _turn = TURN.lock().await;
-    let agent = Agent::attach();
+/// Pod A (sidecar, no app) and pod B (app, sidecar) behind svc-b, A reaching it.
+async fn pods_a_and_b() -> World {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b = w.pod("b-1", "sa-b", "b", 11, true);
@@ -85,8 +85,16 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
         curl_svc_b(&w, "/warmup").0
     })
     .await;
+    w
+}
 
-    let a_netns = w.pods[a].ns.path();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
+    let _turn = TURN.lock().await;
+    let agent = Agent::attach();
+    let w = pods_a_and_b().await;
+
+    let a_netns = w.pods[A].ns.path();
     agent.run(&["enroll", "--netns", a_netns.to_str().unwrap()]);
     let (paired, redirected) = (agent.count("paired"), agent.count("redirected"));
     let connects = agent.count("connects");
@@ -95,7 +103,7 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
         assert!(ok, "{body}");
         assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
     }
-    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-5d1e"), "12000 payload-5d1e");
+    assert_eq!(w.pods[A].echo_bulk(VIP, "payload-5d1e"), "12000 payload-5d1e");
     // A's 21 connects went to its sidecar at connect(), each paired at both ends, and so were
     // B's sidecar's connections to its app (at least the echo's: HTTP ones it may keep and
     // reuse across requests, some made during the warm-up).
@@ -112,7 +120,7 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     agent.run(&["detach"]);
     let (ok, body) = curl_svc_b(&w, "/after-detach");
     assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
-    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-after"), "13000 payload-after");
+    assert_eq!(w.pods[A].echo_bulk(VIP, "payload-after"), "13000 payload-after");
 }
 
 /// A kubelet-like cgroup `pod<uid>` holding every process in a pod's network namespace (as
@@ -207,24 +215,12 @@ fn stop(mut agent: Proc) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstall() {
     let _turn = TURN.lock().await;
-    let mut w = World::start(&[]).await;
-    let a = w.pod("a-1", "sa-a", "a", 10, true);
-    let b = w.pod("b-1", "sa-b", "b", 11, true);
-    w.service("svc-b", VIP, "b");
-    w.app(b);
-    w.sidecar(a, "sa-a", &[]);
-    w.sidecar(b, "sa-b", &[]);
-    w.ready(a).await;
-    w.ready(b).await;
-    eventually("pod A reaches svc-b", Duration::from_secs(20), async || {
-        curl_svc_b(&w, "/warmup").0
-    })
-    .await;
+    let w = pods_a_and_b().await;
     let uid = w.cluster.get("pod", NS, "a-1")["metadata"]["uid"]
         .as_str()
         .unwrap()
         .to_string();
-    let _cgroup = PodCgroup::new(&uid, &w.pods[a].ns.path());
+    let _cgroup = PodCgroup::new(&uid, &w.pods[A].ns.path());
     w.cluster.apply(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferrum-system}\n---\n\
          apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ferrum-node-agent, namespace: ferrum-system}\n\
@@ -316,7 +312,7 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
     assert!(agent_log().contains("being uninstalled"), "{}", agent_log());
     let (ok, body) = curl_svc_b(&w, "/after-uninstall");
     assert!(ok && body.contains("/after-uninstall from 127.0.0.6"), "{body}");
-    assert_eq!(w.pods[a].echo_bulk(VIP, "payload-gone"), "12000 payload-gone");
+    assert_eq!(w.pods[A].echo_bulk(VIP, "payload-gone"), "12000 payload-gone");
 }
 
 /// `make bench-mesh`'s harness, one short round: it runs and reports every path.
