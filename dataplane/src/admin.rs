@@ -1,27 +1,17 @@
 //! The admin listener (its own port): `/ready`, `/live`, `/metrics`, `/config`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::dataplane::Dataplane;
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    r
-}
+use ferrum_admin::reply;
 
 /// A Host a browser tricked by DNS rebinding cannot send: `localhost` or an IP literal.
 fn local_host(req: &Request<Incoming>) -> bool {
@@ -87,14 +77,8 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Admin connections open at once: probes and scrapes need few, and a flood must not take the
-/// process's descriptors.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
-/// Time an admin client gets to send its request head (and a connection to send anything).
-const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
-    serve_with(vec![listener], move |req| std::future::ready(route(&dp, &req))).await
+    ferrum_admin::serve(vec![listener], move |req, _| std::future::ready(route(&dp, &req))).await
 }
 
 /// The sidecar's readiness port (15021, reachable by the kubelet): `/healthz/ready` only, ready
@@ -104,7 +88,7 @@ pub async fn serve_readiness(
     dp: Arc<Dataplane>,
     extra: impl Fn() -> bool + Send + Sync + 'static,
 ) {
-    serve_with(listeners, move |req| {
+    ferrum_admin::serve(listeners, move |req, _| {
         std::future::ready(match req.uri().path() {
             "/healthz/ready" if dp.ready.load(Relaxed) && extra() => reply(StatusCode::OK, "text/plain", "ready\n"),
             "/healthz/ready" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
@@ -118,64 +102,11 @@ pub async fn serve_readiness(
 /// rewritten by the injector to come through here.
 pub async fn serve_app_health(listeners: Vec<TcpListener>, probes: ferrum_snapshot::mesh::AppProbes) {
     let probes = Arc::new(probes);
-    serve_with(listeners, move |req| {
+    ferrum_admin::serve(listeners, move |req, _| {
         let (probes, path) = (probes.clone(), req.uri().path().to_string());
         async move { crate::mesh::app_health::answer(&probes, &path).await }
     })
     .await
-}
-
-/// Serves small GET-style endpoints on `listeners`: bounded connections (all listeners
-/// together) and head time, one answer per request.
-async fn serve_with<F, Fut>(listeners: Vec<TcpListener>, route: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let route = Arc::new(route);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    let accepting: Vec<_> = listeners
-        .into_iter()
-        .map(|l| tokio::spawn(accept_loop(l, route.clone(), slots.clone())))
-        .collect();
-    for a in accepting {
-        let _ = a.await;
-    }
-}
-
-async fn accept_loop<F, Fut>(listener: TcpListener, route: Arc<F>, slots: Arc<tokio::sync::Semaphore>)
-where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let route = route.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            if tokio::time::timeout(ADMIN_HEAD_TIMEOUT, stream.readable())
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let svc = service_fn(move |req| {
-                let r = route(req);
-                async move { Ok::<_, Infallible>(r.await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

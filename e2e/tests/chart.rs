@@ -179,10 +179,16 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
         .find(|f| f[2] == "cgroup2")
         .map(|f| f[1].to_string())
         .expect("a cgroup2 mount");
+    // Its metrics on a port of this test's own, on loopback.
+    let port = free_port();
     let args: Vec<String> = serde_json::from_value::<Vec<String>>(c["args"].clone())
         .unwrap()
         .into_iter()
         .map(|a| a.replace("/host/cgroup", &cgroup2))
+        .map(|a| match a.starts_with("--metrics-addr=") {
+            true => format!("--metrics-addr=127.0.0.1:{port}"),
+            false => a,
+        })
         .collect();
     let pin_dir = format!("/sys/fs/bpf/ferrum-chart-{}", std::process::id());
     // Whatever happens below, nothing stays attached (programs left on the cgroup would pair
@@ -206,30 +212,48 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
             );
         Proc(cmd.spawn().unwrap())
     };
-    // The chart's readiness probe.
-    let probe: Vec<String> = serde_json::from_value(c["readinessProbe"]["exec"]["command"].clone()).unwrap();
-    assert_eq!(probe[1..], ["stats"]);
-    let ready = || node_agent_ok(&pin_dir, &probe[1..]);
+    // The chart's probes, on the port it names.
+    let probe = &c["readinessProbe"]["httpGet"];
+    assert_eq!((&probe["path"], &probe["port"]), (&json!("/ready"), &json!("metrics")));
+    assert_eq!(c["ports"][0]["name"], "metrics");
+    let ready = async || {
+        client()
+            .get(format!("http://127.0.0.1:{port}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    };
+    let attached = || node_agent_ok(&pin_dir, &["stats".into()]);
     let stop = |mut p: Proc| {
         let pid = p.0.id().to_string();
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
         assert!(p.0.wait().unwrap().success(), "the agent exits cleanly");
     };
     let first = agent();
-    eventually("the agent is ready", Duration::from_secs(20), async || ready()).await;
+    eventually("the agent is ready", Duration::from_secs(20), ready).await;
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ferrum_node_agent_pods_enrolled 0"), "{metrics}");
+    assert!(metrics.contains("ferrum_node_agent_sockets_paired_total"), "{metrics}");
     stop(first);
     assert!(
-        ready(),
+        attached(),
         "a restart (the DaemonSet still there) leaves the programs attached"
     );
     let second = agent();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the agent is ready again", Duration::from_secs(20), ready).await;
     cluster.kubectl(
         &["delete", "daemonset", "ferrum-node-agent", "-n", "ferrum-system"],
         None,
     );
     stop(second);
-    assert!(!ready(), "uninstalled, the programs are detached");
+    assert!(!attached(), "uninstalled, the programs are detached");
     assert!(!std::path::Path::new(&pin_dir).exists());
 }
 

@@ -178,7 +178,7 @@ impl Drop for PodCgroup {
 }
 
 /// `ferrum-node-agent run` as the DaemonSet runs it, against the API emulator.
-fn run_agent(w: &World, pin_dir: &std::path::Path, log: &std::path::Path) -> Proc {
+fn run_agent(w: &World, pin_dir: &std::path::Path, log: &std::path::Path, metrics: u16) -> Proc {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = std::process::Command::new(workspace_bin("ferrum-node-agent"))
         .arg("--pin-dir")
@@ -191,6 +191,7 @@ fn run_agent(w: &World, pin_dir: &std::path::Path, log: &std::path::Path) -> Pro
             "ferrum-system/ferrum-node-agent",
         ])
         .args(["--drain-seconds", "1", "--resync-seconds", "1"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .env("KUBECONFIG", &w.cluster.kubeconfig)
         .env("RUST_LOG", "info")
         .stderr(log)
@@ -245,7 +246,8 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
         std::process::id()
     )));
     let log = w.dir.path().join("agent.log");
-    let running = run_agent(&w, &agent.0, &log);
+    let metrics = free_port();
+    let running = run_agent(&w, &agent.0, &log, metrics);
     let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let enrolled_becomes = async |n: u64, what: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -270,6 +272,28 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
         "A's connects went to its sidecar\n{}",
         agent_log()
     );
+    // What Prometheus scrapes says the same.
+    let scraped = client()
+        .get(format!("http://127.0.0.1:{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        let line = scraped
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {scraped}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("ferrum_node_agent_pods_enrolled"), 1);
+    assert_eq!(
+        value("ferrum_node_agent_connects_redirected_total"),
+        agent.count("connects")
+    );
+    assert!(value("ferrum_node_agent_writes_redirected_total") >= 40, "{scraped}");
 
     // A restart (the DaemonSet still there) leaves everything attached and A enrolled.
     assert!(stop(running).success(), "{}", agent_log());
@@ -281,7 +305,7 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
         11,
         "still redirected with no agent running"
     );
-    let running = run_agent(&w, &agent.0, &log);
+    let running = run_agent(&w, &agent.0, &log, metrics);
 
     // Opting out takes A off; opting in again puts it back.
     w.cluster.kubectl(

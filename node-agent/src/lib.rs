@@ -6,6 +6,7 @@
 
 pub mod enroll;
 pub mod host;
+pub mod metrics;
 pub mod pods;
 pub mod redirect;
 pub mod run;

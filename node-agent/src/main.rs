@@ -41,6 +41,9 @@ enum Command {
         /// How often /proc is looked at again without a pod event.
         #[arg(long, default_value_t = 10)]
         resync_seconds: u64,
+        /// Serve /metrics (Prometheus), /ready and /live here.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Load and attach (idempotent).
     Attach {
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let done = match args.command {
-        Command::Run { node, cgroup, proc, daemonset, drain_seconds, resync_seconds } => {
+        Command::Run { node, cgroup, proc, daemonset, drain_seconds, resync_seconds, metrics_addr } => {
             return serve(run::Settings {
                 cgroup: match cgroup.map_or_else(host::cgroup2_root, Ok) {
                     Ok(c) => c,
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
                 daemonset: daemonset.and_then(|d| d.split_once('/').map(|(n, d)| (n.to_string(), d.to_string()))),
                 drain: Duration::from_secs(drain_seconds),
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                metrics: metrics_addr,
             });
         }
         Command::Attach { cgroup } => cgroup.map_or_else(host::cgroup2_root, Ok).and_then(|cgroup| {

@@ -30,6 +30,8 @@ pub struct Settings {
     /// The agent's own DaemonSet (namespace, name): detach on exit when it is gone.
     pub daemonset: Option<(String, String)>,
     pub drain: Duration,
+    /// Where `/metrics`, `/ready` and `/live` are served, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// How often `/proc` is looked at again with no pod event (a pod's sandbox may come up
     /// after the event that made it Running).
     pub resync: Duration,
@@ -43,6 +45,8 @@ pub enum RunError {
     Kube(#[from] kube::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("binding the metrics address {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Events closer together than this are reconciled once.
@@ -54,6 +58,12 @@ pub async fn run(s: Settings) -> Result<(), RunError> {
         signal(SignalKind::terminate()).map_err(RunError::Signal)?,
         signal(SignalKind::interrupt()).map_err(RunError::Signal)?,
     );
+    if let Some(addr) = s.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Metrics(addr, e))?;
+        tokio::spawn(crate::metrics::serve(listener, s.pin_dir.clone()));
+    }
     let how = redirect::attach(&s.pin_dir, &s.cgroup)?;
     tracing::info!(node = s.node, cgroup = %s.cgroup.display(), ?how, "sidecar loopback redirection attached");
     let client = kube::Client::try_default().await?;

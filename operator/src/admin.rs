@@ -1,16 +1,13 @@
 //! Operator admin HTTP: `/ready`, `/live`, `/proxies`, `/snapshot`, `/problems`, `/resources`,
 //! `/metrics`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 
 use crate::proxies::Proxies;
 use crate::publish::Publisher;
@@ -24,13 +21,7 @@ pub struct Admin {
     pub kinds: crate::controller::Kinds,
 }
 
-fn reply(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
-    r
-}
+use ferrum_admin::reply;
 
 impl Admin {
     /// Health and metrics answer anyone (probes, Prometheus); the views that describe the mesh
@@ -210,22 +201,8 @@ impl prometheus_client::collector::Collector for Scrape {
 
 pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> std::io::Result<()> {
     let l = tokio::net::TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, peer)) = l.accept().await else { continue };
-            let admin = admin.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let r = admin.route(&req, peer);
-                    async move { Ok::<_, Infallible>(r) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(5))
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(ferrum_admin::serve(vec![l], move |req, peer| {
+        std::future::ready(admin.route(&req, peer))
+    }));
     Ok(())
 }
