@@ -18,9 +18,14 @@ use crate::redirect::{Error, io};
 /// A pod annotation; `"false"` keeps the pod's outbound connects on its capture rules.
 pub const OPT_OUT: &str = "ferrum.dev/socket-redirect";
 
-/// The capture to enroll `pod` with: `Ok(None)` when it is not to be enrolled, `Err` (why) when
-/// it should be but its recorded capture cannot be read.
-pub fn wanted(pod: &Pod) -> Result<Option<Capture>, String> {
+/// A pod's injection record that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("annotation {INJECTION_STATUS}: {0}")]
+pub struct BadRecord(#[from] serde_json::Error);
+
+/// The capture to enroll `pod` with: `Ok(None)` when it is not to be enrolled, `Err` when it
+/// should be but its recorded capture cannot be read.
+pub fn wanted(pod: &Pod) -> Result<Option<Capture>, BadRecord> {
     let meta = &pod.metadata;
     let Some(status) = meta.annotations.as_ref().and_then(|a| a.get(INJECTION_STATUS)) else {
         return Ok(None);
@@ -40,9 +45,7 @@ pub fn wanted(pod: &Pod) -> Result<Option<Capture>, String> {
         // An injector older than the node agent recorded none.
         capture: Option<Capture>,
     }
-    serde_json::from_str::<Recorded>(status)
-        .map(|r| r.capture)
-        .map_err(|e| format!("annotation {INJECTION_STATUS}: {e}"))
+    Ok(serde_json::from_str::<Recorded>(status)?.capture)
 }
 
 struct Enrolled {
@@ -149,7 +152,7 @@ impl Node {
                 // Its sandbox is not up yet, or runs where /proc does not show it.
                 (Ok(Some(_)), None) => self.say(uid, &name, "no process of the pod found in /proc".into()),
                 (Ok(None), _) => {}
-                (Err(e), _) => self.say(uid, &name, e),
+                (Err(e), _) => self.say(uid, &name, e.to_string()),
             }
         }
         let live: HashSet<&str> = pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
@@ -182,16 +185,16 @@ mod tests {
         let recorded = r#"{"ferrum.dev/status": "{\"version\":\"0.1.0\",\"capture\":{\"proxyUid\":1337,\"proxyGid\":1337,\"inboundPort\":15006,\"outboundPort\":15001,\"excludeInbound\":[15008],\"excludeOutbound\":[5432]}}"}"#;
         let c = wanted(&pod(recorded, "Running")).unwrap().unwrap();
         assert_eq!((c.outbound_port, c.exclude_outbound), (15001, vec![5432]));
-        assert_eq!(wanted(&pod(recorded, "Pending")), Ok(None), "not running yet");
+        assert_eq!(wanted(&pod(recorded, "Pending")).unwrap(), None, "not running yet");
         let opted_out = format!(r#"{{"ferrum.dev/socket-redirect": "false", {}"#, &recorded[1..]);
-        assert_eq!(wanted(&pod(&opted_out, "Running")), Ok(None), "{opted_out}");
-        assert_eq!(wanted(&pod("{}", "Running")), Ok(None), "no sidecar");
+        assert_eq!(wanted(&pod(&opted_out, "Running")).unwrap(), None, "{opted_out}");
+        assert_eq!(wanted(&pod("{}", "Running")).unwrap(), None, "no sidecar");
         // Injected by an injector that recorded no capture: left to the rules.
         assert_eq!(
-            wanted(&pod(r#"{"ferrum.dev/status": "{\"version\":\"0.0.9\"}"}"#, "Running")),
-            Ok(None)
+            wanted(&pod(r#"{"ferrum.dev/status": "{\"version\":\"0.0.9\"}"}"#, "Running")).unwrap(),
+            None
         );
         let bad = wanted(&pod(r#"{"ferrum.dev/status": "{\"capture\": 7}"}"#, "Running")).unwrap_err();
-        assert!(bad.contains("ferrum.dev/status"), "{bad}");
+        assert!(bad.to_string().contains("ferrum.dev/status"), "{bad}");
     }
 }
