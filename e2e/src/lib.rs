@@ -13,18 +13,21 @@ use serde_json::{Value, json};
 
 /// Runs `ferrum-node-agent --pin-dir <pin_dir> <args>` and returns its output; panics on failure.
 pub fn node_agent(pin_dir: &Path, args: &[&str]) -> String {
+    try_node_agent(pin_dir, args).unwrap_or_else(|e| panic!("ferrum-node-agent {args:?}: {e}"))
+}
+
+/// [`node_agent`], its error output when it fails.
+pub fn try_node_agent(pin_dir: &Path, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
         .arg("--pin-dir")
         .arg(pin_dir)
         .args(args)
         .output()
         .expect("ferrum-node-agent runs");
-    assert!(
-        out.status.success(),
-        "ferrum-node-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
 }
 
 /// A binary of this workspace, next to the test executable (`make test` builds them first).

@@ -196,7 +196,7 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
     struct Detach(String);
     impl Drop for Detach {
         fn drop(&mut self) {
-            node_agent_ok(&self.0, &["detach".into(), "--drain-seconds=0".into()]);
+            let _ = try_node_agent(self.0.as_ref(), &["detach", "--drain-seconds=0"]);
         }
     }
     let _detach = Detach(pin_dir.clone());
@@ -223,7 +223,7 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
             .await
             .is_ok_and(|r| r.status() == 200)
     };
-    let attached = || node_agent_ok(&pin_dir, &["stats".into()]);
+    let attached = || try_node_agent(pin_dir.as_ref(), &["stats"]).is_ok();
     let stop = |mut p: Proc| {
         let pid = p.0.id().to_string();
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -255,13 +255,4 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
     stop(second);
     assert!(!attached(), "uninstalled, the programs are detached");
     assert!(!std::path::Path::new(&pin_dir).exists());
-}
-
-/// Whether `ferrum-node-agent --pin-dir DIR ARGS` succeeds.
-fn node_agent_ok(pin_dir: &str, args: &[String]) -> bool {
-    Command::new(workspace_bin("ferrum-node-agent"))
-        .args(["--pin-dir", pin_dir])
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
 }

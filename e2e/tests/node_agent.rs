@@ -36,13 +36,7 @@ impl Agent {
 
     /// A counter of `stats`, or None while nothing is attached.
     fn try_count(&self, name: &str) -> Option<u64> {
-        let out = std::process::Command::new(workspace_bin("ferrum-node-agent"))
-            .arg("--pin-dir")
-            .arg(&self.0)
-            .arg("stats")
-            .output()
-            .unwrap();
-        let stats = String::from_utf8_lossy(&out.stdout);
+        let stats = try_node_agent(&self.0, &["stats"]).ok()?;
         stats.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     }
 

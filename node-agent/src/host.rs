@@ -10,6 +10,34 @@ use std::path::{Path, PathBuf};
 
 use crate::redirect::{Error, io};
 
+/// The oldest kernel the programs load on: `bpf_get_netns_cookie` from `sk_msg` (5.15).
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// Refuses a kernel older than [`MIN_KERNEL`] with a message that says so (the verifier's own
+/// refusal would name an unknown helper).
+pub fn check_kernel() -> Result<(), Error> {
+    // SAFETY: a C struct of byte arrays, for which all zeroes is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is valid for the kernel to write.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return Err(io("asking", Path::new("uname"), std::io::Error::last_os_error()));
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    match kernel_version(&release) {
+        Some(v) if v < MIN_KERNEL => Err(Error::Kernel(release)),
+        _ => Ok(()),
+    }
+}
+
+/// (major, minor) of a kernel release such as `6.1.0-18-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 /// Where the agent mounts the cgroup v2 hierarchy on a host that has none mounted (cgroup v1
 /// only): every process is in its root all the same.
 const CGROUP2_MOUNT: &str = "/run/ferrum/cgroup2";
@@ -139,7 +167,16 @@ fn pod_uid(cgroup: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::pod_uid;
+    use super::{kernel_version, pod_uid};
+
+    #[test]
+    fn kernel_releases_are_read() {
+        assert_eq!(kernel_version("6.1.0-18-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.15.0-1051-azure"), Some((5, 15)));
+        assert_eq!(kernel_version("4.19.91"), Some((4, 19)));
+        assert!(kernel_version("5.14.0-362.el9").unwrap() < super::MIN_KERNEL);
+        assert_eq!(kernel_version("weird"), None);
+    }
 
     #[test]
     fn pod_uids_are_read_from_every_cgroup_layout() {

@@ -53,6 +53,8 @@ pub enum Error {
     },
     #[error("{0} is missing from the eBPF object")]
     Missing(&'static str),
+    #[error("kernel {0} is too old: the programs need Linux 5.15 or later")]
+    Kernel(String),
 }
 
 /// What `attach` found.
@@ -122,6 +124,7 @@ pub fn attach_as(pin_dir: &Path, cgroup: &Path, version: &str) -> Result<Attache
     if here.join("pair_sockets").exists() {
         return Ok(Attached::Already);
     }
+    crate::host::check_kernel()?;
     mount_bpffs(pin_dir)?;
     let older = other_versions(pin_dir, version)?;
     for dir in &older {
