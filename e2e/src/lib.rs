@@ -286,14 +286,7 @@ impl Operator {
     }
 
     pub async fn admin_json(&self, path: &str) -> Value {
-        let text = client()
-            .get(self.admin_url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&self.admin_url(path)).await;
         serde_json::from_str(&text).unwrap()
     }
 

@@ -231,14 +231,7 @@ async fn the_charts_node_agent_detaches_when_its_daemonset_is_uninstalled() {
     };
     let first = agent();
     eventually("the agent is ready", Duration::from_secs(20), ready).await;
-    let metrics = client()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("http://127.0.0.1:{port}/metrics")).await;
     assert!(metrics.contains("ferrum_node_agent_pods_enrolled 0"), "{metrics}");
     assert!(metrics.contains("ferrum_node_agent_sockets_paired_total"), "{metrics}");
     stop(first);

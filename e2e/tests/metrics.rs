@@ -44,10 +44,6 @@ fn dashboard_metrics() -> BTreeSet<String> {
     out
 }
 
-async fn scrape(url: &str) -> String {
-    client().get(url).send().await.unwrap().text().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_the_docs_name_only_metrics_that_exist() {
     let a = Backend::start("a").await;
@@ -72,7 +68,7 @@ async fn the_dashboard_and_the_docs_name_only_metrics_that_exist() {
     .await;
     let exposed: BTreeSet<String> = families(&dp.admin_text("/metrics").await)
         .into_iter()
-        .chain(families(&scrape(&op.admin_url("/metrics")).await))
+        .chain(families(&get_text(&op.admin_url("/metrics")).await))
         .collect();
     assert!(exposed.contains("ferrum_route_requests_total") && exposed.contains("ferrum_operator_generation"));
     let missing: Vec<String> = dashboard_metrics()

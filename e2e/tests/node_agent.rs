@@ -267,14 +267,7 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
         agent_log()
     );
     // What Prometheus scrapes says the same.
-    let scraped = client()
-        .get(format!("http://127.0.0.1:{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scraped = get_text(&format!("http://127.0.0.1:{metrics}/metrics")).await;
     let value = |name: &str| -> u64 {
         let line = scraped
             .lines()

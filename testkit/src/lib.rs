@@ -159,6 +159,11 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The body of a GET of `url` (panics on a transport error).
+pub async fn get_text(url: &str) -> String {
+    client().get(url).send().await.unwrap().text().await.unwrap()
+}
+
 pub async fn get_json(url: &str) -> (u16, Value) {
     let r = client().get(url).send().await.unwrap();
     let s = r.status().as_u16();
