@@ -222,7 +222,11 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
          spec: {selector: {matchLabels: {app: agent}}, template: {metadata: {labels: {app: agent}}, spec: {containers: [{name: agent, image: agent}]}}}\n",
     );
     // What the injector records: A's capture, with 9999 left alone.
-    let status = r#"{"version":"0.1.0","capture":{"proxyUid":1337,"proxyGid":1337,"inboundPort":15006,"outboundPort":15001,"excludeInbound":[15008,15020,15021,15090],"excludeOutbound":[9999]}}"#;
+    let capture = ferrum_snapshot::mesh::Capture {
+        exclude_outbound: vec![9999],
+        ..Default::default()
+    };
+    let status = serde_json::json!({"version": "0.1.0", "capture": capture}).to_string();
     w.cluster.kubectl(
         &[
             "annotate",
@@ -265,6 +269,16 @@ async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstal
         10,
         "A's connects went to its sidecar\n{}",
         agent_log()
+    );
+    // A port the recorded capture excludes is left alone, as the capture rules leave it.
+    let excluded = format!(
+        "import socket\ns = socket.socket(); s.settimeout(0.3)\ntry: s.connect(('{VIP}', 9999))\nexcept OSError: pass"
+    );
+    w.pods[A].run(&["python3", "-c", &excluded]);
+    assert_eq!(
+        agent.count("connects") - connects,
+        10,
+        "a connect to an excluded port was redirected"
     );
     // What Prometheus scrapes says the same.
     let scraped = get_text(&format!("http://127.0.0.1:{metrics}/metrics")).await;
