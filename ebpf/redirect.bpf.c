@@ -15,9 +15,10 @@
 // the original destination is kept for the sidecar's SO_ORIGINAL_DST and the app's getpeername().
 // Connections the capture rules NAT are never paired: their ends disagree about the addresses.
 //
-// An app on a dual-stack IPv6 socket sees the sidecar as ::ffff:127.0.0.6; the kernel keeps the
-// IPv4 addresses of such a socket beside the mapped ones, so the same tests apply (an IPv6-only
-// connection has no IPv4 addresses and never matches).
+// An app on a dual-stack IPv6 socket sees the sidecar as ::ffff:127.0.0.6, and dials IPv4
+// addresses as ::ffff:a.b.c.d (redirected to ::ffff:127.0.0.1); the kernel keeps the IPv4
+// addresses of such a socket beside the mapped ones, so the same tests apply. IPv6 connections
+// (no IPv4 addresses) are never redirected or paired: the IPv6 capture rules take them.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -137,8 +138,9 @@ static __always_inline int captured(struct capture *c, __u32 ip, __u32 port)
 	return 1;
 }
 
-SEC("cgroup/connect4")
-int redirect_outbound(struct bpf_sock_addr *ctx)
+/* Whether an enrolled pod's connect to ip:port (both network order) goes to its sidecar
+ * instead; if so, the original destination is kept by the socket's cookie. */
+static __always_inline int redirected(struct bpf_sock_addr *ctx, __u32 ip, __u32 port, __u32 *to_port)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct capture *c = bpf_map_lookup_elem(&enrolled, &netns);
@@ -146,20 +148,52 @@ int redirect_outbound(struct bpf_sock_addr *ctx)
 	struct dst original;
 
 	if (!c || ctx->type != SOCK_STREAM)
-		return 1;
+		return 0;
 	ids = bpf_get_current_uid_gid();
 	if ((__u32)ids == c->proxy_uid || (__u32)(ids >> 32) == c->proxy_gid)
-		return 1;
-	if (!captured(c, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port)))
-		return 1;
-	original.ip = ctx->user_ip4;
-	original.port = ctx->user_port;
+		return 0;
+	if (!captured(c, ip, bpf_ntohs((__u16)port)))
+		return 0;
+	original.ip = ip;
+	original.port = port;
 	cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&dst_by_cookie, &cookie, &original, BPF_ANY))
-		return 1; /* not redirected: the capture rules take it */
-	ctx->user_ip4 = bpf_htonl(LOCALHOST);
-	ctx->user_port = bpf_htons((__u16)c->outbound_port);
+		return 0; /* not redirected: the capture rules take it */
+	*to_port = bpf_htons((__u16)c->outbound_port);
 	count(CONNECTS);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int redirect_outbound(struct bpf_sock_addr *ctx)
+{
+	__u32 port;
+
+	if (redirected(ctx, ctx->user_ip4, ctx->user_port, &port)) {
+		ctx->user_ip4 = bpf_htonl(LOCALHOST);
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+/* Whether an IPv6 socket address is an IPv4 one, mapped (::ffff:a.b.c.d). */
+static __always_inline int v4_mapped(struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff);
+}
+
+/* An app on a dual-stack IPv6 socket (Java's default) dialling an IPv4 address: its packets
+ * are IPv4, which the IPv4 capture rules would take, so it goes to the sidecar the same way.
+ * IPv6 destinations are left to the IPv6 capture rules. */
+SEC("cgroup/connect6")
+int redirect_outbound6(struct bpf_sock_addr *ctx)
+{
+	__u32 port;
+
+	if (v4_mapped(ctx) && redirected(ctx, ctx->user_ip6[3], ctx->user_port, &port)) {
+		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
+		ctx->user_port = port;
+	}
 	return 1;
 }
 
@@ -172,6 +206,23 @@ int original_peer(struct bpf_sock_addr *ctx)
 
 	if (original) {
 		ctx->user_ip4 = original->ip;
+		ctx->user_port = original->port;
+	}
+	return 1;
+}
+
+/* The same on a dual-stack socket: only mapped connects were redirected, so it is mapped. */
+SEC("cgroup/getpeername6")
+int original_peer6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct dst *original = bpf_map_lookup_elem(&dst_by_cookie, &cookie);
+
+	if (original) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = original->ip;
 		ctx->user_port = original->port;
 	}
 	return 1;

@@ -64,6 +64,27 @@ fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
     ])
 }
 
+/// A Python client that GETs `path` from svc-b on a dual-stack IPv6 socket, as Java does, and
+/// prints whom it is connected to and the body.
+fn dual_stack_get(path: &str) -> String {
+    format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET6)
+s.settimeout(5)
+s.connect(("::ffff:{VIP}", 80))
+s.sendall(b"GET {path} HTTP/1.1\r\nHost: svc-b.{NS}.svc\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(s.getpeername()[0], data.decode().split("\r\n\r\n", 1)[1].strip())
+"#
+    )
+}
+
 /// Pod A (sidecar, no app) and pod B (app, sidecar) behind svc-b, A reaching it.
 async fn pods_a_and_b() -> World {
     let mut w = World::start(&[]).await;
@@ -98,16 +119,24 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
         assert_eq!(body.trim(), format!("hello from b-1: /r-{i} from 127.0.0.6"));
     }
     assert_eq!(w.pods[A].echo_bulk(VIP, "payload-5d1e"), "12000 payload-5d1e");
-    // A's 21 connects went to its sidecar at connect(), each paired at both ends, and so were
+    // Java's way: the IPv4 Service dialled on a dual-stack IPv6 socket (`::ffff:<VIP>`).
+    let out = w.pods[A].run(&["python3", "-c", &dual_stack_get("/dual")]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.trim(),
+        format!("::ffff:{VIP} hello from b-1: /dual from 127.0.0.6"),
+        "the app sees the address it dialled and B's answer"
+    );
+    // A's 22 connects went to its sidecar at connect(), each paired at both ends, and so were
     // B's sidecar's connections to its app (at least the echo's: HTTP ones it may keep and
     // reuse across requests, some made during the warm-up).
-    assert_eq!(agent.count("connects") - connects, 21, "A's connects to the VIP");
+    assert_eq!(agent.count("connects") - connects, 22, "A's connects to the VIP");
     let paired = agent.count("paired") - paired;
-    assert!(paired >= 2 * 21 + 2, "connections were not paired: {paired}");
+    assert!(paired >= 2 * 22 + 2, "connections were not paired: {paired}");
     // At least one write each way on both hops of every exchange: without B's hop redirected
     // too, A's alone would make about half.
     assert!(
-        agent.count("redirected") - redirected >= 21 * 4,
+        agent.count("redirected") - redirected >= 22 * 4,
         "requests and answers were not redirected"
     );
 

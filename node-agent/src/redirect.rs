@@ -69,7 +69,13 @@ pub enum Attached {
 
 /// The programs attached to the cgroup, each pinned under its own name; the socket pairer last,
 /// its pin saying that everything is attached.
-const CGROUP_PROGRAMS: [&str; 3] = ["redirect_outbound", "original_peer", "pair_sockets"];
+const CGROUP_PROGRAMS: [&str; 5] = [
+    "redirect_outbound",
+    "redirect_outbound6",
+    "original_peer",
+    "original_peer6",
+    "pair_sockets",
+];
 
 /// The maps pinned beside them: what `detach`, `enroll` and `counts` open.
 const PINNED_MAPS: [&str; 3] = ["pairs", "counts", "enrolled"];

@@ -280,9 +280,9 @@ fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
 /// An address outside the namespace (routed into a veth whose other end answers nothing).
 const VIP: &str = "10.96.0.10";
 
-#[test]
-fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destination() {
-    let on = Attached::new("outbound");
+/// A pod whose default route leads into a veth (nothing answers there), enrolled with its
+/// outbound port at `port` and port 9999 excluded.
+fn enrolled_pod(on: &Attached, port: u16) -> Netns {
     let ns = netns();
     for args in [
         &["link", "add", "v0", "type", "veth", "peer", "name", "v1"][..],
@@ -293,19 +293,21 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
     ] {
         sh(&[&["ip", "-n", &ns.0][..], args].concat());
     }
-    let netns = ns.path();
     let enrollment = enroll::Capture {
-        outbound_port: 15101,
+        outbound_port: port,
         exclude_outbound: vec![9999],
         ..Default::default()
     };
-    enroll::enroll(&on.0, &netns, &enrollment).expect("enroll");
-    let before = on.counts();
+    enroll::enroll(&on.0, &ns.path(), &enrollment).expect("enroll");
+    ns
+}
 
-    // The sidecar: its outbound port, answering with the original destination, then echoing.
+/// The pod's sidecar on its outbound port: answers one connection with its SO_ORIGINAL_DST,
+/// then echoes; returns whom it accepted. Listening when this returns.
+fn outbound_sidecar(ns: &Netns, port: u16) -> thread::JoinHandle<SocketAddr> {
     let (bound, listening) = std::sync::mpsc::channel();
     let sidecar = ns.spawn(move || {
-        let listener = TcpListener::bind("0.0.0.0:15101").expect("bind the sidecar");
+        let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind the sidecar");
         bound.send(()).unwrap();
         let (mut s, peer) = listener.accept().expect("accept");
         let dst = socket2::SockRef::from(&s).original_dst_v4().expect("SO_ORIGINAL_DST");
@@ -321,6 +323,16 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         }
     });
     listening.recv().unwrap();
+    sidecar
+}
+
+#[test]
+fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destination() {
+    let on = Attached::new("outbound");
+    let ns = enrolled_pod(&on, 15101);
+    let netns = ns.path();
+    let before = on.counts();
+    let sidecar = outbound_sidecar(&ns, 15101);
     let (peer, seen) = ns
         .spawn(|| {
             let mut s = TcpStream::connect(format!("{VIP}:80")).expect("connect to the VIP");
@@ -378,6 +390,50 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         after.connects,
         "a connect after unenroll was redirected"
     );
+}
+
+/// Java and others dial IPv4 addresses on dual-stack IPv6 sockets (`::ffff:a.b.c.d`): the
+/// packets are IPv4, which the IPv4 capture rules would take, so the connect goes to the sidecar
+/// just the same, and the app still sees the mapped address it dialled.
+#[test]
+fn a_dual_stack_socket_dialling_ipv4_reaches_the_sidecar_too() {
+    let on = Attached::new("outbound6");
+    let ns = enrolled_pod(&on, 15103);
+    let before = on.counts();
+    let sidecar = outbound_sidecar(&ns, 15103);
+    let (peer, seen) = ns
+        .spawn(|| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
+            socket.set_only_v6(false).expect("dual-stack");
+            let mapped: SocketAddr = format!("[::ffff:{VIP}]:80").parse().unwrap();
+            socket.connect(&mapped.into()).expect("connect to the VIP");
+            let mut s: TcpStream = socket.into();
+            let peer = s.peer_addr().expect("getpeername");
+            let mut seen = [0u8; 14];
+            s.read_exact(&mut seen).expect("the sidecar's first words");
+            exchange(&mut s, b"S:", 1_000);
+            (peer, String::from_utf8_lossy(&seen).into_owned())
+        })
+        .join()
+        .expect("the app");
+    assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
+    assert_eq!(peer.to_string(), format!("[::ffff:{VIP}]:80"), "the app's getpeername");
+    let from = sidecar.join().expect("the sidecar");
+    assert!(from.ip().is_loopback(), "over loopback: {from}");
+    let after = on.counts();
+    assert_eq!(after.connects - before.connects, 1, "{after:?}");
+    assert_eq!(after.paired - before.paired, 2, "{after:?}");
+    assert!(after.redirected - before.redirected >= 2_000, "{after:?}");
+
+    // A real IPv6 destination is the IPv6 rules' business: not redirected.
+    ns.exec(&["ip", "-6", "addr", "add", "fd00:7::1/64", "dev", "v0", "nodad"]);
+    ns.spawn(|| {
+        let quick = std::time::Duration::from_millis(200);
+        let _ = TcpStream::connect_timeout(&"[fd00:7::9]:80".parse().unwrap(), quick);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(on.counts().connects, after.connects, "an IPv6 connect was redirected");
 }
 
 #[test]
