@@ -302,9 +302,14 @@ fn enrolled_pod(on: &Attached, port: u16) -> Netns {
     ns
 }
 
-/// The pod's sidecar on its outbound port: answers one connection with its SO_ORIGINAL_DST,
-/// then echoes; returns whom it accepted. Listening when this returns.
-fn outbound_sidecar(ns: &Netns, port: u16) -> thread::JoinHandle<SocketAddr> {
+/// One outbound connection through the pod's sidecar on `port`: the sidecar answers with its
+/// SO_ORIGINAL_DST, then echoes 1,000 messages of the app, which `dial` connected. Returns the
+/// app's getpeername, the original destination the sidecar saw, and whom it accepted.
+fn through_sidecar(
+    ns: &Netns,
+    port: u16,
+    dial: impl FnOnce() -> TcpStream + Send + 'static,
+) -> (SocketAddr, String, SocketAddr) {
     let (bound, listening) = std::sync::mpsc::channel();
     let sidecar = ns.spawn(move || {
         let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind the sidecar");
@@ -323,19 +328,9 @@ fn outbound_sidecar(ns: &Netns, port: u16) -> thread::JoinHandle<SocketAddr> {
         }
     });
     listening.recv().unwrap();
-    sidecar
-}
-
-#[test]
-fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destination() {
-    let on = Attached::new("outbound");
-    let ns = enrolled_pod(&on, 15101);
-    let netns = ns.path();
-    let before = on.counts();
-    let sidecar = outbound_sidecar(&ns, 15101);
     let (peer, seen) = ns
         .spawn(|| {
-            let mut s = TcpStream::connect(format!("{VIP}:80")).expect("connect to the VIP");
+            let mut s = dial();
             let peer = s.peer_addr().expect("getpeername");
             let mut seen = [0u8; 14];
             s.read_exact(&mut seen).expect("the sidecar's first words");
@@ -344,9 +339,20 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         })
         .join()
         .expect("the app");
+    (peer, seen, sidecar.join().expect("the sidecar"))
+}
+
+#[test]
+fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destination() {
+    let on = Attached::new("outbound");
+    let ns = enrolled_pod(&on, 15101);
+    let netns = ns.path();
+    let before = on.counts();
+    let (peer, seen, from) = through_sidecar(&ns, 15101, || {
+        TcpStream::connect(format!("{VIP}:80")).expect("connect to the VIP")
+    });
     assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
     assert_eq!(peer.to_string(), format!("{VIP}:80"), "the app's getpeername");
-    let from = sidecar.join().expect("the sidecar");
     assert!(
         from.ip().is_loopback(),
         "the app reached the sidecar over loopback: {from}"
@@ -400,25 +406,15 @@ fn a_dual_stack_socket_dialling_ipv4_reaches_the_sidecar_too() {
     let on = Attached::new("outbound6");
     let ns = enrolled_pod(&on, 15103);
     let before = on.counts();
-    let sidecar = outbound_sidecar(&ns, 15103);
-    let (peer, seen) = ns
-        .spawn(|| {
-            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
-            socket.set_only_v6(false).expect("dual-stack");
-            let mapped: SocketAddr = format!("[::ffff:{VIP}]:80").parse().unwrap();
-            socket.connect(&mapped.into()).expect("connect to the VIP");
-            let mut s: TcpStream = socket.into();
-            let peer = s.peer_addr().expect("getpeername");
-            let mut seen = [0u8; 14];
-            s.read_exact(&mut seen).expect("the sidecar's first words");
-            exchange(&mut s, b"S:", 1_000);
-            (peer, String::from_utf8_lossy(&seen).into_owned())
-        })
-        .join()
-        .expect("the app");
+    let (peer, seen, from) = through_sidecar(&ns, 15103, || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
+        socket.set_only_v6(false).expect("dual-stack");
+        let mapped: SocketAddr = format!("[::ffff:{VIP}]:80").parse().unwrap();
+        socket.connect(&mapped.into()).expect("connect to the VIP");
+        socket.into()
+    });
     assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
     assert_eq!(peer.to_string(), format!("[::ffff:{VIP}]:80"), "the app's getpeername");
-    let from = sidecar.join().expect("the sidecar");
     assert!(from.ip().is_loopback(), "over loopback: {from}");
     let after = on.counts();
     assert_eq!(after.connects - before.connects, 1, "{after:?}");
