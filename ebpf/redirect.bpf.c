@@ -5,20 +5,19 @@
 // end's receive queue (sockmap redirection), skipping the TCP/IP stack twice per write:
 // segments, netfilter, the loopback device, softirq delivery and ACKs.
 //
-// Inbound: the sidecar delivers to its app from 127.0.0.6 (mesh.md). The capture rules return
-// those connections before any NAT, so both ends see each other's addresses exactly mirrored,
-// and a mirrored pair in one namespace is one connection.
+// Inbound: the sidecar delivers to its app from 127.0.0.6 / ::6 (mesh.md). The capture rules
+// return those connections before any NAT, so both ends see each other's addresses exactly
+// mirrored, and a mirrored pair in one namespace is one connection.
 //
 // Outbound, in namespaces the agent has enrolled: the app's connect() to anything but loopback,
-// its own addresses and the excluded ports is sent to 127.0.0.1:<outbound port> here, where the
-// sidecar listens — not NATed by the capture rules, so the ends mirror each other again — and
-// the original destination is kept for the sidecar's SO_ORIGINAL_DST and the app's getpeername().
-// Connections the capture rules NAT are never paired: their ends disagree about the addresses.
+// its own addresses and the excluded ports is sent to 127.0.0.1 / ::1 :<outbound port> here,
+// where the sidecar listens — not NATed by the capture rules, so the ends mirror each other
+// again — and the original destination is kept for the sidecar's SO_ORIGINAL_DST and the app's
+// getpeername(). Connections the capture rules NAT are never paired: their ends disagree about
+// the addresses.
 //
-// An app on a dual-stack IPv6 socket sees the sidecar as ::ffff:127.0.0.6, and dials IPv4
-// addresses as ::ffff:a.b.c.d (redirected to ::ffff:127.0.0.1); the kernel keeps the IPv4
-// addresses of such a socket beside the mapped ones, so the same tests apply. IPv6 connections
-// (no IPv4 addresses) are never redirected or paired: the IPv6 capture rules take them.
+// Addresses are compared as IPv6, IPv4 ones mapped (::ffff:a.b.c.d) — what a dual-stack socket
+// sees — so an IPv4 socket and a dual-stack one at the two ends of a connection name it alike.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -28,9 +27,9 @@
 #define AF_INET6 10
 #define SOCK_STREAM 1
 #define SOL_IP 0
-#define SO_ORIGINAL_DST 80
-#define LOCALHOST 0x7f000001      /* 127.0.0.1 */
-#define INBOUND_SOURCE 0x7f000006 /* 127.0.0.6 */
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* IP6T_SO_ORIGINAL_DST too */
+#define LOCALHOST 0x7f000001 /* 127.0.0.1 */
 #define MAX_ADDRS 4
 #define MAX_EXCLUDED 16
 
@@ -39,13 +38,19 @@ enum end { IN_PROXY = 0, IN_APP = 1, OUT_PROXY = 2, OUT_APP = 3 };
 enum decision { UNDECIDED = 0, REDIRECT = 1, PASS = 2 };
 enum count { REDIRECTED = 0, PASSED = 1, PAIRED = 2, CONNECTS = 3, COUNTS = 4 };
 
+/* An IPv6 address, or an IPv4 one mapped (::ffff:a.b.c.d); network byte order. */
+struct addr {
+	__u32 w[4];
+};
+
 /* One end of a sidecar ↔ app connection, named from the app's side. */
 struct pair_key {
 	__u64 netns;
-	__u32 app_ip;     /* network byte order */
+	struct addr app_ip;
 	__u32 app_port;   /* host byte order */
 	__u32 proxy_port; /* host byte order */
 	__u32 end;
+	__u32 pad;
 };
 
 struct {
@@ -78,6 +83,7 @@ struct capture {
 	__u32 proxy_gid;
 	__u32 outbound_port;              /* host byte order */
 	__u32 addrs[MAX_ADDRS];           /* the pod's own IPv4 addresses, network order; 0 = none */
+	struct addr addrs6[MAX_ADDRS];    /* its own IPv6 addresses (not ::1); :: = none */
 	__u32 excluded[MAX_EXCLUDED];     /* destination ports never captured, host order; 0 = none */
 };
 
@@ -89,7 +95,7 @@ struct {
 } enrolled SEC(".maps");
 
 struct dst {
-	__u32 ip;   /* network byte order */
+	struct addr ip;
 	__u32 port; /* network byte order, low 16 bits */
 };
 
@@ -104,8 +110,9 @@ struct {
 
 struct app_addr {
 	__u64 netns;
-	__u32 ip;   /* network byte order */
+	struct addr ip;
 	__u32 port; /* host byte order */
+	__u32 pad;
 };
 
 struct {
@@ -122,15 +129,61 @@ static __always_inline void count(__u32 which)
 		*n += 1;
 }
 
-/* Whether the capture rules would send a connect to ip:port (host order port) to the sidecar. */
-static __always_inline int captured(struct capture *c, __u32 ip, __u32 port)
+static __always_inline void mapped(struct addr *a, __u32 ip4)
 {
-	if ((bpf_ntohl(ip) >> 24) == 127)
-		return 0;
-#pragma unroll
-	for (int i = 0; i < MAX_ADDRS; i++)
-		if (c->addrs[i] == ip)
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0xffff);
+	a->w[3] = ip4;
+}
+
+static __always_inline int is_mapped(const struct addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int same(const struct addr *a, const struct addr *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+/* ::<low> (::1, ::6), or 127.0.0.<low> mapped. */
+static __always_inline int is_local(const struct addr *a, __u32 low)
+{
+	if (is_mapped(a))
+		return a->w[3] == bpf_htonl(0x7f000000 | low);
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0 && a->w[3] == bpf_htonl(low);
+}
+
+/* The sidecar's source towards its app. */
+static __always_inline int is_source(const struct addr *a)
+{
+	return is_local(a, 6);
+}
+
+static __always_inline int is_localhost(const struct addr *a)
+{
+	return is_local(a, 1);
+}
+
+/* Whether the capture rules would send a connect to ip:port (host order port) to the sidecar. */
+static __always_inline int captured(struct capture *c, const struct addr *ip, __u32 port)
+{
+	if (is_mapped(ip)) {
+		if ((bpf_ntohl(ip->w[3]) >> 24) == 127)
 			return 0;
+#pragma unroll
+		for (int i = 0; i < MAX_ADDRS; i++)
+			if (c->addrs[i] == ip->w[3])
+				return 0;
+	} else {
+		if (is_localhost(ip))
+			return 0;
+#pragma unroll
+		for (int i = 0; i < MAX_ADDRS; i++)
+			if (same(&c->addrs6[i], ip))
+				return 0;
+	}
 #pragma unroll
 	for (int i = 0; i < MAX_EXCLUDED; i++)
 		if (c->excluded[i] == port)
@@ -138,14 +191,15 @@ static __always_inline int captured(struct capture *c, __u32 ip, __u32 port)
 	return 1;
 }
 
-/* Whether an enrolled pod's connect to ip:port (both network order) goes to its sidecar
+/* Whether an enrolled pod's connect to ip:port (port in network order) goes to its sidecar
  * instead; if so, the original destination is kept by the socket's cookie. */
-static __always_inline int redirected(struct bpf_sock_addr *ctx, __u32 ip, __u32 port, __u32 *to_port)
+static __always_inline int redirected(struct bpf_sock_addr *ctx, const struct addr *ip, __u32 port,
+				      __u32 *to_port)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct capture *c = bpf_map_lookup_elem(&enrolled, &netns);
 	__u64 ids, cookie;
-	struct dst original;
+	struct dst original = {};
 
 	if (!c || ctx->type != SOCK_STREAM)
 		return 0;
@@ -154,7 +208,7 @@ static __always_inline int redirected(struct bpf_sock_addr *ctx, __u32 ip, __u32
 		return 0;
 	if (!captured(c, ip, bpf_ntohs((__u16)port)))
 		return 0;
-	original.ip = ip;
+	original.ip = *ip;
 	original.port = port;
 	cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&dst_by_cookie, &cookie, &original, BPF_ANY))
@@ -167,37 +221,41 @@ static __always_inline int redirected(struct bpf_sock_addr *ctx, __u32 ip, __u32
 SEC("cgroup/connect4")
 int redirect_outbound(struct bpf_sock_addr *ctx)
 {
+	struct addr ip;
 	__u32 port;
 
-	if (redirected(ctx, ctx->user_ip4, ctx->user_port, &port)) {
+	mapped(&ip, ctx->user_ip4);
+	if (redirected(ctx, &ip, ctx->user_port, &port)) {
 		ctx->user_ip4 = bpf_htonl(LOCALHOST);
 		ctx->user_port = port;
 	}
 	return 1;
 }
 
-/* Whether an IPv6 socket address is an IPv4 one, mapped (::ffff:a.b.c.d). */
-static __always_inline int v4_mapped(struct bpf_sock_addr *ctx)
-{
-	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff);
-}
-
-/* An app on a dual-stack IPv6 socket (Java's default) dialling an IPv4 address: its packets
- * are IPv4, which the IPv4 capture rules would take, so it goes to the sidecar the same way.
- * IPv6 destinations are left to the IPv6 capture rules. */
+/* IPv6, and IPv4 dialled on a dual-stack socket (::ffff:a.b.c.d, Java's default): the latter's
+ * packets are IPv4, which the IPv4 capture rules would take, so it goes to 127.0.0.1 mapped. */
 SEC("cgroup/connect6")
 int redirect_outbound6(struct bpf_sock_addr *ctx)
 {
+	struct addr ip = {{ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]}};
 	__u32 port;
 
-	if (v4_mapped(ctx) && redirected(ctx, ctx->user_ip6[3], ctx->user_port, &port)) {
+	if (!redirected(ctx, &ip, ctx->user_port, &port))
+		return 1;
+	if (is_mapped(&ip)) {
 		ctx->user_ip6[3] = bpf_htonl(LOCALHOST);
-		ctx->user_port = port;
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
 	}
+	ctx->user_port = port;
 	return 1;
 }
 
-/* The app asking whom it is connected to gets the address it dialled. */
+/* The app asking whom it is connected to gets the address it dialled (an IPv4 socket only
+ * ever dialled an IPv4 one). */
 SEC("cgroup/getpeername4")
 int original_peer(struct bpf_sock_addr *ctx)
 {
@@ -205,13 +263,12 @@ int original_peer(struct bpf_sock_addr *ctx)
 	struct dst *original = bpf_map_lookup_elem(&dst_by_cookie, &cookie);
 
 	if (original) {
-		ctx->user_ip4 = original->ip;
+		ctx->user_ip4 = original->ip.w[3];
 		ctx->user_port = original->port;
 	}
 	return 1;
 }
 
-/* The same on a dual-stack socket: only mapped connects were redirected, so it is mapped. */
 SEC("cgroup/getpeername6")
 int original_peer6(struct bpf_sock_addr *ctx)
 {
@@ -219,10 +276,10 @@ int original_peer6(struct bpf_sock_addr *ctx)
 	struct dst *original = bpf_map_lookup_elem(&dst_by_cookie, &cookie);
 
 	if (original) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = original->ip;
+		ctx->user_ip6[0] = original->ip.w[0];
+		ctx->user_ip6[1] = original->ip.w[1];
+		ctx->user_ip6[2] = original->ip.w[2];
+		ctx->user_ip6[3] = original->ip.w[3];
 		ctx->user_port = original->port;
 	}
 	return 1;
@@ -235,31 +292,71 @@ struct sockaddr_in4 {
 	__u8 zero[8];
 };
 
-/* The sidecar's SO_ORIGINAL_DST on a connection redirected at connect(): no NAT happened, so
- * conntrack has nothing to say; the address the app dialled is the answer. */
+struct sockaddr_in6 {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u32 addr[4];
+	__u32 scope_id;
+};
+
+/* The sidecar's SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6) on a connection redirected
+ * at connect(): no NAT happened, so conntrack has nothing to say; the address the app dialled
+ * is the answer. */
 SEC("cgroup/getsockopt")
 int original_dst(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct sockaddr_in4 *sa = ctx->optval;
 	struct app_addr app = {};
 	struct dst *original;
+	int v6;
 
-	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST || !sk)
+	if (ctx->optname != SO_ORIGINAL_DST || !sk)
 		return 1;
-	if (sk->family != AF_INET || sk->dst_ip4 != bpf_htonl(LOCALHOST))
+	if (ctx->level == SOL_IP && sk->family == AF_INET) {
+		v6 = 0;
+		mapped(&app.ip, sk->dst_ip4);
+	} else if (ctx->level == SOL_IPV6 && sk->family == AF_INET6) {
+		v6 = 1;
+		app.ip.w[0] = sk->dst_ip6[0];
+		app.ip.w[1] = sk->dst_ip6[1];
+		app.ip.w[2] = sk->dst_ip6[2];
+		app.ip.w[3] = sk->dst_ip6[3];
+	} else {
+		return 1;
+	}
+	if (!is_localhost(&app.ip))
 		return 1;
 	app.netns = bpf_get_netns_cookie(ctx);
-	app.ip = sk->dst_ip4;
 	app.port = bpf_ntohs(sk->dst_port);
 	original = bpf_map_lookup_elem(&dst_by_app, &app);
-	if (!original || (void *)(sa + 1) > ctx->optval_end)
+	if (!original)
 		return 1;
-	sa->family = AF_INET;
-	sa->port = (__u16)original->port;
-	sa->addr = original->ip;
-	__builtin_memset(sa->zero, 0, sizeof(sa->zero));
-	ctx->optlen = sizeof(*sa);
+	if (v6) {
+		struct sockaddr_in6 *sa = ctx->optval;
+
+		if ((void *)(sa + 1) > ctx->optval_end)
+			return 1;
+		sa->family = AF_INET6;
+		sa->port = (__u16)original->port;
+		sa->flowinfo = 0;
+		sa->addr[0] = original->ip.w[0];
+		sa->addr[1] = original->ip.w[1];
+		sa->addr[2] = original->ip.w[2];
+		sa->addr[3] = original->ip.w[3];
+		sa->scope_id = 0;
+		ctx->optlen = sizeof(*sa);
+	} else {
+		struct sockaddr_in4 *sa = ctx->optval;
+
+		if ((void *)(sa + 1) > ctx->optval_end)
+			return 1;
+		sa->family = AF_INET;
+		sa->port = (__u16)original->port;
+		sa->addr = original->ip.w[3];
+		__builtin_memset(sa->zero, 0, sizeof(sa->zero));
+		ctx->optlen = sizeof(*sa);
+	}
 	/* Two 4-byte context fields: the verifier refuses the one 8-byte store clang would merge
 	 * them into. */
 	asm volatile("" ::: "memory");
@@ -267,9 +364,28 @@ int original_dst(struct bpf_sockopt *ctx)
 	return 1;
 }
 
+/* A socket's two addresses, as IPv6 (ctx fields cannot be passed by pointer, hence a macro). */
+#define ADDRS(ctx, local, remote)                                                                  \
+	do {                                                                                       \
+		if ((ctx)->family == AF_INET) {                                                    \
+			mapped(&(local), (ctx)->local_ip4);                                        \
+			mapped(&(remote), (ctx)->remote_ip4);                                      \
+		} else {                                                                           \
+			(local).w[0] = (ctx)->local_ip6[0];                                        \
+			(local).w[1] = (ctx)->local_ip6[1];                                        \
+			(local).w[2] = (ctx)->local_ip6[2];                                        \
+			(local).w[3] = (ctx)->local_ip6[3];                                        \
+			(remote).w[0] = (ctx)->remote_ip6[0];                                      \
+			(remote).w[1] = (ctx)->remote_ip6[1];                                      \
+			(remote).w[2] = (ctx)->remote_ip6[2];                                      \
+			(remote).w[3] = (ctx)->remote_ip6[3];                                      \
+		}                                                                                  \
+	} while (0)
+
 /* The app's end of an outbound connection redirected at connect(): remember its original
  * destination by the app's address, for the sidecar's end. */
-static __always_inline int outbound_app_end(struct bpf_sock_ops *ops, struct pair_key *key)
+static __always_inline int outbound_app_end(struct bpf_sock_ops *ops, struct pair_key *key,
+					    const struct addr *local)
 {
 	__u64 cookie = bpf_get_socket_cookie(ops);
 	struct dst *original = bpf_map_lookup_elem(&dst_by_cookie, &cookie);
@@ -278,10 +394,10 @@ static __always_inline int outbound_app_end(struct bpf_sock_ops *ops, struct pai
 	if (!original)
 		return 0;
 	app.netns = key->netns;
-	app.ip = ops->local_ip4;
+	app.ip = *local;
 	app.port = ops->local_port;
 	bpf_map_update_elem(&dst_by_app, &app, original, BPF_ANY);
-	key->app_ip = ops->local_ip4;
+	key->app_ip = *local;
 	key->app_port = ops->local_port;
 	key->proxy_port = bpf_ntohl(ops->remote_port);
 	key->end = OUT_APP;
@@ -292,42 +408,38 @@ SEC("sockops")
 int pair_sockets(struct bpf_sock_ops *ops)
 {
 	struct pair_key key = {};
-	__u32 source = bpf_htonl(INBOUND_SOURCE), localhost = bpf_htonl(LOCALHOST);
+	struct addr local, remote;
 	struct capture *c;
 
 	if (ops->family != AF_INET && ops->family != AF_INET6)
 		return 1;
+	if (ops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
 	key.netns = bpf_get_netns_cookie(ops);
-	switch (ops->op) {
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		if (ops->local_ip4 == source) { /* the sidecar's end, inbound */
-			key.app_ip = ops->remote_ip4;
+	ADDRS(ops, local, remote);
+	if (ops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		if (is_source(&local)) { /* the sidecar's end, inbound */
+			key.app_ip = remote;
 			key.app_port = bpf_ntohl(ops->remote_port);
 			key.proxy_port = ops->local_port;
 			key.end = IN_PROXY;
-		} else if (ops->remote_ip4 != localhost || !outbound_app_end(ops, &key)) {
+		} else if (!is_localhost(&remote) || !outbound_app_end(ops, &key, &local)) {
 			return 1;
 		}
-		break;
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		if (ops->remote_ip4 == source) { /* the app's end, inbound */
-			key.app_ip = ops->local_ip4;
-			key.app_port = ops->local_port;
-			key.proxy_port = bpf_ntohl(ops->remote_port);
-			key.end = IN_APP;
-			break;
-		}
+	} else if (is_source(&remote)) { /* the app's end, inbound */
+		key.app_ip = local;
+		key.app_port = ops->local_port;
+		key.proxy_port = bpf_ntohl(ops->remote_port);
+		key.end = IN_APP;
+	} else {
 		/* The sidecar's end, outbound: accepted on its outbound port from loopback. */
 		c = bpf_map_lookup_elem(&enrolled, &key.netns);
-		if (!c || ops->local_port != c->outbound_port || ops->remote_ip4 != localhost)
+		if (!c || ops->local_port != c->outbound_port || !is_localhost(&remote))
 			return 1;
-		key.app_ip = ops->remote_ip4;
+		key.app_ip = remote;
 		key.app_port = bpf_ntohl(ops->remote_port);
 		key.proxy_port = ops->local_port;
 		key.end = OUT_PROXY;
-		break;
-	default:
-		return 1;
 	}
 	if (bpf_sock_hash_update(ops, &pairs, &key, BPF_ANY) == 0)
 		count(PAIRED);
@@ -338,34 +450,35 @@ SEC("sk_msg")
 int redirect_to_peer(struct sk_msg_md *msg)
 {
 	struct pair_key peer = {};
-	__u32 source = bpf_htonl(INBOUND_SOURCE), localhost = bpf_htonl(LOCALHOST);
+	struct addr local, remote;
 	__u32 *decision;
 	struct capture *c;
 
 	if (msg->family != AF_INET && msg->family != AF_INET6)
 		return SK_PASS;
 	peer.netns = bpf_get_netns_cookie(msg);
-	if (msg->local_ip4 == source) {
-		peer.app_ip = msg->remote_ip4;
+	ADDRS(msg, local, remote);
+	if (is_source(&local)) {
+		peer.app_ip = remote;
 		peer.app_port = bpf_ntohl(msg->remote_port);
 		peer.proxy_port = msg->local_port;
 		peer.end = IN_APP;
-	} else if (msg->remote_ip4 == source) {
-		peer.app_ip = msg->local_ip4;
+	} else if (is_source(&remote)) {
+		peer.app_ip = local;
 		peer.app_port = msg->local_port;
 		peer.proxy_port = bpf_ntohl(msg->remote_port);
 		peer.end = IN_PROXY;
-	} else if (msg->remote_ip4 == localhost && msg->local_ip4 == localhost) {
+	} else if (is_localhost(&remote) && is_localhost(&local)) {
 		c = bpf_map_lookup_elem(&enrolled, &peer.netns);
 		if (!c)
 			return SK_PASS;
 		if (bpf_ntohl(msg->remote_port) == c->outbound_port) { /* the app's end */
-			peer.app_ip = msg->local_ip4;
+			peer.app_ip = local;
 			peer.app_port = msg->local_port;
 			peer.proxy_port = c->outbound_port;
 			peer.end = OUT_PROXY;
 		} else if (msg->local_port == c->outbound_port) { /* the sidecar's end */
-			peer.app_ip = msg->remote_ip4;
+			peer.app_ip = remote;
 			peer.app_port = bpf_ntohl(msg->remote_port);
 			peer.proxy_port = c->outbound_port;
 			peer.end = OUT_APP;

@@ -119,6 +119,20 @@ impl Pod {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// `curl http://<service>.mesh.svc<path>` from inside the pod, the name resolved to `vip`.
+    pub fn curl_svc(&self, service: &str, vip: &str, path: &str) -> (bool, String) {
+        let vip = if vip.contains(':') {
+            format!("[{vip}]")
+        } else {
+            vip.to_string()
+        };
+        self.curl(&[
+            "--resolve",
+            &format!("{service}.{NS}.svc:80:{vip}"),
+            &format!("http://{service}.{NS}.svc{path}"),
+        ])
+    }
+
     /// `curl` from inside the pod: (exit success, body).
     pub fn curl(&self, args: &[&str]) -> (bool, String) {
         let mut all = vec!["curl", "-sS", "--max-time", "5"];
@@ -289,6 +303,30 @@ impl World {
             crate::client().get(&url).send().await.is_ok_and(|r| r.status() == 200)
         })
         .await;
+    }
+
+    /// Pods A (`a-1`, index 0) and B (`b-1`, index 1), both with sidecars, and B's app behind
+    /// Service `svc-b` at `vips` (one per family); both sidecars ready and A reaching svc-b at
+    /// every VIP.
+    pub async fn a_calls_b(vips: &[&str]) -> World {
+        let mut w = World::start(&[]).await;
+        let a = w.pod("a-1", "sa-a", "a", 10, true);
+        let b = w.pod("b-1", "sa-b", "b", 11, true);
+        w.service_with_vips("svc-b", vips, "app: b");
+        w.app(b);
+        w.sidecar(a, "sa-a", &[]);
+        w.sidecar(b, "sa-b", &[]);
+        w.ready(a).await;
+        w.ready(b).await;
+        for vip in vips {
+            eventually(
+                &format!("A reaches svc-b at {vip}"),
+                Duration::from_secs(20),
+                async || w.pods[a].curl_svc("svc-b", vip, "/warmup").0,
+            )
+            .await;
+        }
+        w
     }
 
     /// A capture on a pod's veth, stopped (and flushed) on [`Capture::finish`].

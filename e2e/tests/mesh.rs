@@ -170,28 +170,11 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_pods_talk_over_ipv6_through_both_sidecars() {
     const VIP6: &str = "fd00:96::77:10";
-    let mut w = World::start(&[]).await;
-    let a = w.pod("a-1", "sa-a", "a", 10, true);
-    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    let mut w = World::a_calls_b(&[VIP, VIP6]).await;
+    let (a, b) = (0, 1);
     let c = w.pod("c-1", "sa-c", "c", 12, false);
-    w.service_with_vips("svc-b", &[VIP, VIP6], "app: b");
-    w.app(b);
     w.app(c);
-    w.sidecar(a, "sa-a", &[]);
-    w.sidecar(b, "sa-b", &[]);
-    w.ready(a).await;
-    w.ready(b).await;
-    let curl6 = |path: &str| {
-        w.pods[a].curl(&[
-            "--resolve",
-            &format!("svc-b.{NS}.svc:80:[{VIP6}]"),
-            &format!("http://svc-b.{NS}.svc{path}"),
-        ])
-    };
-    eventually("A reaches svc-b's IPv6 VIP", Duration::from_secs(20), async || {
-        curl6("/warmup").0
-    })
-    .await;
+    let curl6 = |path: &str| w.pods[a].curl_svc("svc-b", VIP6, path);
 
     let cap = w.capture(b);
     let (ok, body) = curl6("/secret6-path-5d1e");

@@ -15,7 +15,7 @@ use ferrum_e2e::mesh::{NS, World};
 use ferrum_e2e::*;
 
 const VIP: &str = "10.96.77.30";
-/// Pod A's index in [`pods_a_and_b`]'s world.
+/// Pod A's index in [`World::a_calls_b`]'s world.
 const A: usize = 0;
 
 /// One test at a time (the async test holds it across awaits, hence tokio's).
@@ -56,14 +56,6 @@ impl Drop for Agent {
     }
 }
 
-fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
-    w.pods[0].curl(&[
-        "--resolve",
-        &format!("svc-b.{NS}.svc:80:{VIP}"),
-        &format!("http://svc-b.{NS}.svc{path}"),
-    ])
-}
-
 /// A Python client that GETs `path` from svc-b on a dual-stack IPv6 socket, as Java does, and
 /// prints whom it is connected to and the body.
 fn dual_stack_get(path: &str) -> String {
@@ -85,29 +77,15 @@ print(s.getpeername()[0], data.decode().split("\r\n\r\n", 1)[1].strip())
     )
 }
 
-/// Pod A (sidecar, no app) and pod B (app, sidecar) behind svc-b, A reaching it.
-async fn pods_a_and_b() -> World {
-    let mut w = World::start(&[]).await;
-    let a = w.pod("a-1", "sa-a", "a", 10, true);
-    let b = w.pod("b-1", "sa-b", "b", 11, true);
-    w.service("svc-b", VIP, "b");
-    w.app(b);
-    w.sidecar(a, "sa-a", &[]);
-    w.sidecar(b, "sa-b", &[]);
-    w.ready(a).await;
-    w.ready(b).await;
-    eventually("pod A reaches svc-b", Duration::from_secs(20), async || {
-        curl_svc_b(&w, "/warmup").0
-    })
-    .await;
-    w
+fn curl_svc_b(w: &World, path: &str) -> (bool, String) {
+    w.pods[A].curl_svc("svc-b", VIP, path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     let _turn = TURN.lock().await;
     let agent = Agent::attach();
-    let w = pods_a_and_b().await;
+    let w = World::a_calls_b(&[VIP]).await;
 
     let a_netns = w.pods[A].ns.path();
     agent.run(&["enroll", "--netns", a_netns.to_str().unwrap()]);
@@ -144,6 +122,39 @@ async fn both_sidecar_app_hops_are_redirected_and_answer_alike() {
     let (ok, body) = curl_svc_b(&w, "/after-detach");
     assert!(ok && body.contains("/after-detach from 127.0.0.6"), "{body}");
     assert_eq!(w.pods[A].echo_bulk(VIP, "payload-after"), "13000 payload-after");
+}
+
+/// Dual-stack pods, A calling svc-b's IPv6 ClusterIP: A's connects go to its sidecar's `[::1]`
+/// at connect(), B's sidecar reaches its app from `::6` socket to socket, and every answer is
+/// what it is without the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_hops_are_redirected_too() {
+    const VIP6: &str = "fd00:96::77:30";
+    let _turn = TURN.lock().await;
+    let agent = Agent::attach();
+    let w = World::a_calls_b(&[VIP, VIP6]).await;
+    let a = A;
+    let curl6 = |path: &str| w.pods[a].curl_svc("svc-b", VIP6, path);
+
+    agent.run(&["enroll", "--netns", w.pods[a].ns.path().to_str().unwrap()]);
+    let (paired, redirected, connects) = (
+        agent.count("paired"),
+        agent.count("redirected"),
+        agent.count("connects"),
+    );
+    for i in 0..5 {
+        let (ok, body) = curl6(&format!("/v6-{i}"));
+        assert!(ok, "{body}");
+        assert_eq!(body.trim(), format!("hello from b-1: /v6-{i} from ::6"));
+    }
+    assert_eq!(w.pods[a].echo_bulk(VIP6, "v6-payload-71c2"), "15000 v6-payload-71c2");
+    assert_eq!(agent.count("connects") - connects, 6, "A's connects to the IPv6 VIP");
+    let paired = agent.count("paired") - paired;
+    assert!(paired >= 2 * 6 + 2, "connections were not paired: {paired}");
+    assert!(
+        agent.count("redirected") - redirected >= 6 * 4,
+        "requests and answers were not redirected"
+    );
 }
 
 /// A kubelet-like cgroup `pod<uid>` holding every process in a pod's network namespace (as
@@ -239,7 +250,7 @@ fn stop(mut agent: Proc) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemonset_agent_enrolls_injected_pods_and_detaches_only_on_uninstall() {
     let _turn = TURN.lock().await;
-    let w = pods_a_and_b().await;
+    let w = World::a_calls_b(&[VIP]).await;
     let uid = w.cluster.get("pod", NS, "a-1")["metadata"]["uid"]
         .as_str()
         .unwrap()

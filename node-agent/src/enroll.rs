@@ -18,6 +18,8 @@ struct CaptureValue {
     proxy_gid: u32,
     outbound_port: u32,
     addrs: [u32; 4],
+    /// Network byte order, word by word, as `struct addr`.
+    addrs6: [[u32; 4]; 4],
     excluded: [u32; 16],
 }
 
@@ -25,22 +27,35 @@ struct CaptureValue {
 unsafe impl aya::Pod for CaptureValue {}
 
 /// Enrolls the pod whose network namespace is `netns` (a path such as /run/netns/NAME or
-/// /proc/PID/ns/net): its processes' TCP connects (IPv4; but the proxy's own, loopback, its
-/// own addresses and the excluded ports) go straight to its sidecar's outbound port, and the
+/// /proc/PID/ns/net): its processes' TCP connects (IPv4 and IPv6; but the proxy's own,
+/// loopback, its own addresses and the excluded ports) go straight to its sidecar's outbound port, and the
 /// two ends are paired. The capture rules stay as they are for everything else. Returns the
 /// namespace's cookie, which names the enrollment (see [`forget`]).
 pub fn enroll(pin_dir: &Path, netns: &Path, e: &Capture) -> Result<u64, Error> {
-    let (cookie, addrs) = in_netns(netns, || Ok((netns_cookie()?, own_ipv4()?)))?;
+    let (cookie, own) = in_netns(netns, || Ok((netns_cookie()?, own_addresses()?)))?;
     let too_many = |what, max, found| Error::TooMany { what, max, found };
     let mut value = CaptureValue {
         proxy_uid: e.proxy_uid,
         proxy_gid: e.proxy_gid,
         outbound_port: e.outbound_port.into(),
         addrs: [0; 4],
+        addrs6: [[0; 4]; 4],
         excluded: [0; 16],
     };
-    if addrs.len() > value.addrs.len() {
-        return Err(too_many("addresses of the pod", value.addrs.len(), addrs.len()));
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for ip in own {
+        match ip {
+            std::net::IpAddr::V4(ip) => v4.push(u32::from_ne_bytes(ip.octets())),
+            std::net::IpAddr::V6(ip) => v6.push(words(ip)),
+        }
+    }
+    for (what, found) in [
+        ("IPv4 addresses of the pod", v4.len()),
+        ("IPv6 addresses of the pod", v6.len()),
+    ] {
+        if found > value.addrs.len() {
+            return Err(too_many(what, value.addrs.len(), found));
+        }
     }
     if e.exclude_outbound.len() > value.excluded.len() {
         return Err(too_many(
@@ -49,9 +64,8 @@ pub fn enroll(pin_dir: &Path, netns: &Path, e: &Capture) -> Result<u64, Error> {
             e.exclude_outbound.len(),
         ));
     }
-    for (slot, ip) in value.addrs.iter_mut().zip(&addrs) {
-        *slot = u32::from_ne_bytes(ip.octets());
-    }
+    value.addrs[..v4.len()].copy_from_slice(&v4);
+    value.addrs6[..v6.len()].copy_from_slice(&v6);
     for (slot, port) in value.excluded.iter_mut().zip(&e.exclude_outbound) {
         *slot = (*port).into();
     }
@@ -140,8 +154,14 @@ fn netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// The calling thread's namespace's IPv4 addresses, loopback aside.
-fn own_ipv4() -> std::io::Result<Vec<std::net::Ipv4Addr>> {
+/// An IPv6 address as the programs hold it: four words in network byte order.
+fn words(ip: std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+/// The calling thread's namespace's addresses, loopback aside.
+fn own_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -152,16 +172,26 @@ fn own_ipv4() -> std::io::Result<Vec<std::net::Ipv4Addr>> {
     while !at.is_null() {
         // SAFETY: a node of the list getifaddrs returned; ifa_addr, when set, points at a
         // sockaddr whose family says its type.
-        unsafe {
+        let ip = unsafe {
             let a = (*at).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                let v4 = *(a as *const libc::sockaddr_in);
-                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
-                if !ip.is_loopback() && !addrs.contains(&ip) {
-                    addrs.push(ip);
-                }
-            }
             at = (*at).ifa_next;
+            if a.is_null() {
+                continue;
+            }
+            match i32::from((*a).sa_family) {
+                libc::AF_INET => {
+                    let v4 = *(a as *const libc::sockaddr_in);
+                    std::net::IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let v6 = *(a as *const libc::sockaddr_in6);
+                    std::net::IpAddr::from(v6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        if !ip.is_loopback() && !addrs.contains(&ip) {
+            addrs.push(ip);
         }
     }
     // SAFETY: the list getifaddrs returned, freed once.

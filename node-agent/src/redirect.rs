@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSockopt, CgroupSockoptAttachType, Program, SkMsg};
-use aya::{Ebpf, maps::SockHash};
+use aya::{
+    Ebpf,
+    maps::{SockHash, sock::SockMapFd},
+};
 
 use crate::host::{BPF_PROG_ATTACH, BPF_PROG_DETACH, mount_bpffs, prog_attach};
 
@@ -119,13 +122,13 @@ fn other_versions(pin_dir: &Path, version: &str) -> Result<Vec<PathBuf>, Error> 
 /// below it). Idempotent: this version's programs, once pinned, are left as they are; another
 /// version's are taken off the cgroup first.
 pub fn attach(pin_dir: &Path, cgroup: &Path) -> Result<Attached, Error> {
-    attach_as(pin_dir, cgroup, version())
+    attach_as(pin_dir, cgroup, version(), OBJECT)
 }
 
-/// [`attach`] as though the programs were of version `version`: what an upgrade drill needs
-/// (an "older" agent with the same programs).
+/// [`attach`] of another `object` as version `version`: what an upgrade drill needs (an older
+/// agent's programs).
 #[doc(hidden)]
-pub fn attach_as(pin_dir: &Path, cgroup: &Path, version: &str) -> Result<Attached, Error> {
+pub fn attach_as(pin_dir: &Path, cgroup: &Path, version: &str, object: &[u8]) -> Result<Attached, Error> {
     let here = pin_dir.join(version);
     if here.join("pair_sockets").exists() {
         return Ok(Attached::Already);
@@ -137,7 +140,7 @@ pub fn attach_as(pin_dir: &Path, cgroup: &Path, version: &str) -> Result<Attache
         detach_programs(dir, cgroup)?;
     }
     // All or nothing: what a failed attach pinned or attached is taken off again.
-    attach_all(&here, cgroup)
+    attach_all(&here, cgroup, object)
         .inspect_err(|_| {
             let _ = detach_programs(&here, cgroup).and_then(|()| unpin_maps(&here));
             let _ = fs::remove_dir(pin_dir);
@@ -166,21 +169,16 @@ pub fn release_retired(pin_dir: &Path, now: bool) -> Result<usize, Error> {
     Ok(dropped)
 }
 
-fn attach_all(dir: &Path, cgroup: &Path) -> Result<(), Error> {
+fn attach_all(dir: &Path, cgroup: &Path, object: &[u8]) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|source| io("creating", dir, source))?;
-    let mut ebpf = Ebpf::load(OBJECT)?;
+    let mut ebpf = Ebpf::load(object)?;
     for name in PINNED_MAPS {
         let map = ebpf.map(name).ok_or(Error::Missing(name))?;
         let path = dir.join(name);
         let _ = fs::remove_file(&path); // left by an attach that failed halfway
         map.pin(&path).map_err(|source| Error::Pin { path, source })?;
     }
-    let pairs: SockHash<_, [u8; 24]> = SockHash::try_from(ebpf.map("pairs").ok_or(Error::Missing("pairs"))?)
-        .map_err(|source| Error::Map { name: "pairs", source })?;
-    let map_fd = pairs
-        .fd()
-        .try_clone()
-        .map_err(|source| io("duplicating", Path::new("pairs"), source))?;
+    let map_fd = pairs_fd(&ebpf)?;
 
     let program = |source| Error::Program {
         name: "redirect_to_peer",
@@ -202,6 +200,10 @@ fn attach_all(dir: &Path, cgroup: &Path) -> Result<(), Error> {
     detach_sockopt(&sockopt_pin, cgroup)?;
     attach_sockopt(&mut ebpf, &sockopt_pin, &cgroup_dir)?;
     for name in CGROUP_PROGRAMS {
+        // An older version's object lacks the newer programs (the pairer it always has).
+        if name != "pair_sockets" && ebpf.program(name).is_none() {
+            continue;
+        }
         let path = dir.join(name);
         let _ = fs::remove_file(&path);
         let link = attach_to_cgroup(&mut ebpf, name, &cgroup_dir)?;
@@ -316,7 +318,8 @@ fn unpin_maps(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Sockets in the socket map pinned in `dir` now (0 when none is).
+/// Sockets in the socket map pinned in `dir` now (0 when none is) — whatever the key size of
+/// the version that pinned it (an upgrade counts the older version's map).
 fn paired_now(dir: &Path) -> Result<usize, Error> {
     let path = dir.join("pairs");
     if !path.exists() {
@@ -324,7 +327,33 @@ fn paired_now(dir: &Path) -> Result<usize, Error> {
     }
     let map = |source| Error::Map { name: "pairs", source };
     let data = MapData::from_pin(&path).map_err(map)?;
-    let pairs: SockHash<_, [u8; 24]> = aya::maps::Map::SockHash(data).try_into().map_err(map)?;
+    match data.info().map_err(map)?.key_size() {
+        PAIR_KEY_V1 => count_keys::<PAIR_KEY_V1_BYTES>(data),
+        _ => count_keys::<PAIR_KEY_BYTES>(data),
+    }
+}
+
+/// The loaded object's socket map, whatever its key size (an older version's are smaller).
+fn pairs_fd(ebpf: &Ebpf) -> Result<SockMapFd, Error> {
+    let map = ebpf.map("pairs").ok_or(Error::Missing("pairs"))?;
+    let fd = match SockHash::<_, [u8; PAIR_KEY_BYTES]>::try_from(map) {
+        Ok(pairs) => pairs.fd().try_clone(),
+        Err(_) => SockHash::<_, [u8; PAIR_KEY_V1_BYTES]>::try_from(map)
+            .map_err(|source| Error::Map { name: "pairs", source })?
+            .fd()
+            .try_clone(),
+    };
+    fd.map_err(|source| io("duplicating", Path::new("pairs"), source))
+}
+
+/// `struct pair_key` of redirect.bpf.c; the first agent's (IPv4 only) was smaller.
+const PAIR_KEY_BYTES: usize = 40;
+const PAIR_KEY_V1_BYTES: usize = 24;
+const PAIR_KEY_V1: u32 = PAIR_KEY_V1_BYTES as u32;
+
+fn count_keys<const N: usize>(data: MapData) -> Result<usize, Error> {
+    let map = |source| Error::Map { name: "pairs", source };
+    let pairs: SockHash<_, [u8; N]> = aya::maps::Map::SockHash(data).try_into().map_err(map)?;
     Ok(pairs.keys().count())
 }
 

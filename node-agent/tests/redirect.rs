@@ -89,13 +89,12 @@ fn app(addr: &'static str, tag: &'static [u8]) -> impl FnOnce() -> u64 + Send {
     }
 }
 
-/// Connects from `from` (127.0.0.6 is the sidecar's inbound source) to `to`.
+/// Connects from `from` (127.0.0.6 and ::6 are the sidecar's inbound sources) to `to`.
 fn connect(from: &str, to: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from: SocketAddr = from.parse().expect("an address");
+    let socket = socket2::Socket::new(socket2::Domain::for_address(from), socket2::Type::STREAM, None).expect("socket");
     socket.set_reuse_address(true).expect("SO_REUSEADDR");
-    socket
-        .bind(&from.parse::<SocketAddr>().expect("an address").into())
-        .expect("bind the sidecar end");
+    socket.bind(&from.into()).expect("bind the sidecar end");
     for _ in 0..100 {
         if socket
             .connect(&to.parse::<SocketAddr>().expect("an address").into())
@@ -222,22 +221,32 @@ fn identical_connections_in_two_namespaces_stay_apart() {
     assert!(on.counts().paired >= 4, "{:?}", on.counts());
 }
 
+/// The hop in the other families: an app on a dual-stack socket reached over IPv4 (its peer is
+/// `::ffff:127.0.0.6` to it), and IPv6 from `::6` (which init-iptables puts on `lo`).
 #[test]
-fn an_app_on_a_dual_stack_socket_is_paired_too() {
-    let on = Attached::new("dual");
-    let before = on.counts();
+fn dual_stack_and_ipv6_apps_are_paired_too() {
+    let on = Attached::new("families");
     let ns = netns();
-    let server = ns.spawn(app("[::]:8084", b"D:"));
-    ns.spawn(|| {
-        let mut s = connect("127.0.0.6:0", "127.0.0.1:8084");
-        exchange(&mut s, b"D:", 500);
-    })
-    .join()
-    .expect("the client");
-    server.join().expect("the app");
-    let after = on.counts();
-    assert_eq!(after.paired - before.paired, 2, "{after:?}");
-    assert!(after.redirected - before.redirected >= 1_000, "{after:?}");
+    ns.exec(&["ip", "-6", "addr", "add", "::6/128", "dev", "lo"]);
+    for (listen, from, to, tag) in [
+        ("[::]:8084", "127.0.0.6:0", "127.0.0.1:8084", &b"D:"[..]),
+        ("[::1]:8087", "[::6]:0", "[::1]:8087", &b"G:"[..]),
+    ] {
+        let before = on.counts();
+        let server = ns.spawn(app(listen, tag));
+        let packets = lo_packets(&ns);
+        ns.spawn(move || {
+            let mut s = connect(from, to);
+            exchange(&mut s, tag, 500);
+        })
+        .join()
+        .expect("the client");
+        server.join().expect("the app");
+        let after = on.counts();
+        assert_eq!(after.paired - before.paired, 2, "{to}: {after:?}");
+        assert!(after.redirected - before.redirected >= 1_000, "{to}: {after:?}");
+        assert!(lo_packets(&ns) - packets < 50, "{to}: the exchange crossed lo");
+    }
 }
 
 #[test]
@@ -279,9 +288,10 @@ fn detaching_waits_for_paired_connections_and_leaves_late_ones_on_tcp() {
 
 /// An address outside the namespace (routed into a veth whose other end answers nothing).
 const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
 
-/// A pod whose default route leads into a veth (nothing answers there), enrolled with its
-/// outbound port at `port` and port 9999 excluded.
+/// A pod (10.7.0.1, fd00:7::1) whose default routes lead into a veth (nothing answers there),
+/// enrolled with its outbound port at `port` and port 9999 excluded.
 fn enrolled_pod(on: &Attached, port: u16) -> Netns {
     let ns = netns();
     for args in [
@@ -290,6 +300,8 @@ fn enrolled_pod(on: &Attached, port: u16) -> Netns {
         &["link", "set", "v0", "up"],
         &["link", "set", "v1", "up"],
         &["route", "add", "default", "dev", "v0"],
+        &["-6", "addr", "add", "fd00:7::1/64", "dev", "v0", "nodad"],
+        &["-6", "route", "add", "default", "dev", "v0"],
     ] {
         sh(&[&["ip", "-n", &ns.0][..], args].concat());
     }
@@ -302,20 +314,28 @@ fn enrolled_pod(on: &Attached, port: u16) -> Netns {
     ns
 }
 
-/// One outbound connection through the pod's sidecar on `port`: the sidecar answers with its
-/// SO_ORIGINAL_DST, then echoes 1,000 messages of the app, which `dial` connected. Returns the
-/// app's getpeername, the original destination the sidecar saw, and whom it accepted.
+/// One outbound connection through the pod's sidecar listening on `listen`: the sidecar answers
+/// with its SO_ORIGINAL_DST, then echoes 1,000 messages of the app, which `dial` connected.
+/// Checks the programs' counts of it; returns the app's getpeername, the original destination
+/// the sidecar saw, and whom it accepted.
 fn through_sidecar(
+    on: &Attached,
     ns: &Netns,
-    port: u16,
+    listen: &'static str,
     dial: impl FnOnce() -> TcpStream + Send + 'static,
 ) -> (SocketAddr, String, SocketAddr) {
+    let before = on.counts();
     let (bound, listening) = std::sync::mpsc::channel();
     let sidecar = ns.spawn(move || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind the sidecar");
+        let listener = TcpListener::bind(listen).expect("bind the sidecar");
         bound.send(()).unwrap();
         let (mut s, peer) = listener.accept().expect("accept");
-        let dst = socket2::SockRef::from(&s).original_dst_v4().expect("SO_ORIGINAL_DST");
+        let socket = socket2::SockRef::from(&s);
+        let dst = match peer {
+            SocketAddr::V4(_) => socket.original_dst_v4(),
+            SocketAddr::V6(_) => socket.original_dst_v6(),
+        };
+        let dst = dst.expect("SO_ORIGINAL_DST");
         s.write_all(format!("{}|", dst.as_socket().expect("an address")).as_bytes())
             .expect("write");
         let mut buf = vec![0; 1 << 16];
@@ -332,14 +352,24 @@ fn through_sidecar(
         .spawn(|| {
             let mut s = dial();
             let peer = s.peer_addr().expect("getpeername");
-            let mut seen = [0u8; 14];
-            s.read_exact(&mut seen).expect("the sidecar's first words");
+            let mut seen = Vec::new();
+            let mut byte = [0u8];
+            while seen.last() != Some(&b'|') {
+                s.read_exact(&mut byte).expect("the sidecar's first words");
+                seen.push(byte[0]);
+            }
             exchange(&mut s, b"S:", 1_000);
             (peer, String::from_utf8_lossy(&seen).into_owned())
         })
         .join()
         .expect("the app");
-    (peer, seen, sidecar.join().expect("the sidecar"))
+    let from = sidecar.join().expect("the sidecar");
+    // One connect redirected, both ends paired, every message and answer redirected.
+    let after = on.counts();
+    assert_eq!(after.connects - before.connects, 1, "{after:?}");
+    assert_eq!(after.paired - before.paired, 2, "{after:?}");
+    assert!(after.redirected - before.redirected >= 2_000, "{after:?}");
+    (peer, seen, from)
 }
 
 #[test]
@@ -347,8 +377,7 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
     let on = Attached::new("outbound");
     let ns = enrolled_pod(&on, 15101);
     let netns = ns.path();
-    let before = on.counts();
-    let (peer, seen, from) = through_sidecar(&ns, 15101, || {
+    let (peer, seen, from) = through_sidecar(&on, &ns, "0.0.0.0:15101", || {
         TcpStream::connect(format!("{VIP}:80")).expect("connect to the VIP")
     });
     assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
@@ -358,9 +387,6 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
         "the app reached the sidecar over loopback: {from}"
     );
     let after = on.counts();
-    assert_eq!(after.connects - before.connects, 1, "{after:?}");
-    assert_eq!(after.paired - before.paired, 2, "{after:?}");
-    assert!(after.redirected - before.redirected >= 2_000, "{after:?}");
 
     // Left to the capture rules: excluded ports, the pod's own address, loopback, the proxy's
     // own connects, and everything once unenrolled.
@@ -405,8 +431,7 @@ fn an_enrolled_pods_outbound_connects_reach_its_sidecar_with_the_original_destin
 fn a_dual_stack_socket_dialling_ipv4_reaches_the_sidecar_too() {
     let on = Attached::new("outbound6");
     let ns = enrolled_pod(&on, 15103);
-    let before = on.counts();
-    let (peer, seen, from) = through_sidecar(&ns, 15103, || {
+    let (peer, seen, from) = through_sidecar(&on, &ns, "0.0.0.0:15103", || {
         let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
         socket.set_only_v6(false).expect("dual-stack");
         let mapped: SocketAddr = format!("[::ffff:{VIP}]:80").parse().unwrap();
@@ -416,20 +441,40 @@ fn a_dual_stack_socket_dialling_ipv4_reaches_the_sidecar_too() {
     assert_eq!(seen, format!("{VIP}:80|"), "the sidecar's SO_ORIGINAL_DST");
     assert_eq!(peer.to_string(), format!("[::ffff:{VIP}]:80"), "the app's getpeername");
     assert!(from.ip().is_loopback(), "over loopback: {from}");
-    let after = on.counts();
-    assert_eq!(after.connects - before.connects, 1, "{after:?}");
-    assert_eq!(after.paired - before.paired, 2, "{after:?}");
-    assert!(after.redirected - before.redirected >= 2_000, "{after:?}");
+}
 
-    // A real IPv6 destination is the IPv6 rules' business: not redirected.
-    ns.exec(&["ip", "-6", "addr", "add", "fd00:7::1/64", "dev", "v0", "nodad"]);
-    ns.spawn(|| {
+/// An IPv6 Service: the connect goes to the sidecar's `[::1]:<outbound port>`, which reads the
+/// VIP with IP6T_SO_ORIGINAL_DST, as it would after the IPv6 capture rules' REDIRECT.
+#[test]
+fn an_enrolled_pods_ipv6_connects_reach_its_sidecar_with_the_original_destination() {
+    let on = Attached::new("outbound-v6");
+    let ns = enrolled_pod(&on, 15104);
+    let (peer, seen, from) = through_sidecar(&on, &ns, "[::]:15104", || {
+        TcpStream::connect(format!("[{VIP6}]:80")).expect("connect to the VIP")
+    });
+    assert_eq!(seen, format!("[{VIP6}]:80|"), "the sidecar's IP6T_SO_ORIGINAL_DST");
+    assert_eq!(peer.to_string(), format!("[{VIP6}]:80"), "the app's getpeername");
+    assert_eq!(from.ip().to_string(), "::1", "over loopback");
+    let after = on.counts();
+
+    // Left to the capture rules: an excluded port, the pod's own address, loopback.
+    let own = ns.spawn(|| TcpListener::bind("[fd00:7::1]:15105").expect("bind"));
+    let own = own.join().unwrap();
+    ns.spawn(move || {
         let quick = std::time::Duration::from_millis(200);
-        let _ = TcpStream::connect_timeout(&"[fd00:7::9]:80".parse().unwrap(), quick);
+        let _ = TcpStream::connect_timeout(&format!("[{VIP6}]:9999").parse().unwrap(), quick);
+        let s = TcpStream::connect("[fd00:7::1]:15105").expect("the pod's own address");
+        assert_eq!(s.peer_addr().unwrap().to_string(), "[fd00:7::1]:15105");
+        let _ = TcpStream::connect_timeout(&"[::1]:15106".parse().unwrap(), quick);
     })
     .join()
-    .unwrap();
-    assert_eq!(on.counts().connects, after.connects, "an IPv6 connect was redirected");
+    .expect("the other connects");
+    drop(own);
+    assert_eq!(
+        on.counts().connects,
+        after.connects,
+        "a connect the rules leave alone was redirected"
+    );
 }
 
 #[test]
@@ -443,13 +488,18 @@ fn a_failed_attach_leaves_nothing_behind() {
 /// An upgrade: an agent with other programs takes the older ones off the cgroup and puts its
 /// own on; connections the older ones paired keep being redirected through the older socket
 /// map, which goes once they have closed.
+/// The first released agent's programs (`tests/redirect-v1.bpf.c`: IPv4 only, smaller keys).
+static FIRST_AGENT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-v1.bpf.o"));
+
+/// From the first released agent to this one: its connection stays redirected by its own map,
+/// which is counted (whatever its key size) and released once that connection closes.
 #[test]
 fn an_upgrade_replaces_the_older_programs_and_keeps_their_paired_connections() {
     let turn = turn();
     let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-upgrade-{}", std::process::id()));
     let older = dir.join("0ld");
     assert_eq!(
-        redirect::attach_as(&dir, &cgroup(), "0ld").unwrap(),
+        redirect::attach_as(&dir, &cgroup(), "0ld", FIRST_AGENT).unwrap(),
         redirect::Attached::Now
     );
     // Detaches every version on drop.
