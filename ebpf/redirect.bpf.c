@@ -30,7 +30,7 @@
 #define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80 /* IP6T_SO_ORIGINAL_DST too */
 #define LOCALHOST 0x7f000001 /* 127.0.0.1 */
-#define MAX_ADDRS 4
+#define MAX_ADDRS 8
 #define MAX_EXCLUDED 16
 
 /* Which end of which hop a socket is. */

@@ -10,6 +10,10 @@ pub use ferrum_snapshot::mesh::Capture;
 
 use crate::redirect::{Error, io};
 
+/// `MAX_ADDRS` in redirect.bpf.c: a pod's own addresses per family (a dual-stack pod has ~3
+/// IPv6 ones: its global, link-local and `::6`; each extra interface adds more).
+const MAX_ADDRS: usize = 8;
+
 /// `struct capture` in redirect.bpf.c.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -17,9 +21,9 @@ struct CaptureValue {
     proxy_uid: u32,
     proxy_gid: u32,
     outbound_port: u32,
-    addrs: [u32; 4],
+    addrs: [u32; MAX_ADDRS],
     /// Network byte order, word by word, as `struct addr`.
-    addrs6: [[u32; 4]; 4],
+    addrs6: [[u32; 4]; MAX_ADDRS],
     excluded: [u32; 16],
 }
 
@@ -38,8 +42,8 @@ pub fn enroll(pin_dir: &Path, netns: &Path, e: &Capture) -> Result<u64, Error> {
         proxy_uid: e.proxy_uid,
         proxy_gid: e.proxy_gid,
         outbound_port: e.outbound_port.into(),
-        addrs: [0; 4],
-        addrs6: [[0; 4]; 4],
+        addrs: [0; MAX_ADDRS],
+        addrs6: [[0; 4]; MAX_ADDRS],
         excluded: [0; 16],
     };
     let (mut v4, mut v6) = (Vec::new(), Vec::new());

@@ -477,6 +477,53 @@ fn an_enrolled_pods_ipv6_connects_reach_its_sidecar_with_the_original_destinatio
     );
 }
 
+/// A pod with several interfaces' worth of addresses enrolls, and a connect to any of its own
+/// addresses stays with the capture rules.
+#[test]
+fn a_pod_with_many_addresses_enrolls_and_keeps_its_own() {
+    let on = Attached::new("many");
+    let ns = netns();
+    sh(&[
+        "ip", "-n", &ns.0, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+    ]);
+    for i in 1..=6 {
+        sh(&["ip", "-n", &ns.0, "addr", "add", &format!("10.7.0.{i}/24"), "dev", "v0"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns.0,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:7::{i}/64"),
+            "dev",
+            "v0",
+            "nodad",
+        ]);
+    }
+    sh(&["ip", "-n", &ns.0, "link", "set", "v0", "up"]);
+    let enrollment = enroll::Capture {
+        outbound_port: 15107,
+        ..Default::default()
+    };
+    enroll::enroll(&on.0, &ns.path(), &enrollment).expect("enroll a pod with 7 IPv6 and 6 IPv4 addresses");
+    let before = on.counts();
+    ns.spawn(|| {
+        for own in ["10.7.0.6:15108", "[fd00:7::6]:15108"] {
+            let listener = TcpListener::bind(own).expect("bind");
+            let s = TcpStream::connect(own).expect("the pod's own address");
+            assert_eq!(s.peer_addr().unwrap(), listener.local_addr().unwrap());
+        }
+    })
+    .join()
+    .expect("the connects");
+    assert_eq!(
+        on.counts().connects,
+        before.connects,
+        "a connect to the pod's own address was redirected"
+    );
+}
+
 #[test]
 fn a_failed_attach_leaves_nothing_behind() {
     let dir = PathBuf::from(format!("/sys/fs/bpf/ferrum-test-failed-{}", std::process::id()));
