@@ -9,6 +9,7 @@
 //! changes), and the operator's resident memory. `--mesh --sidecar-hosts N`: with a mesh-wide
 //! Istio Sidecar whose egress hosts name the first N Services, so each sidecar knows N Services
 //! and the pods behind them instead of the whole mesh (the changed pod is behind svc-7).
+//! `--operator-args="--chunk-bytes 65536"`: flags for the operator, to compare settings.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,9 +47,20 @@ async fn proxy(url: String, id: usize, mesh: bool, seen: mpsc::UnboundedSender<(
     } else {
         (String::new(), None)
     };
-    let (tx, mut stream) = subscribe(channel(&url).await, &format!("sim-{id}"), &role, token.as_deref())
-        .await
-        .unwrap();
+    // Retried as a proxy would: a thousand subscribing at once may find the API emulator slow
+    // to answer a TokenReview.
+    let mut tries = 0;
+    let (tx, mut stream) = loop {
+        match subscribe(channel(&url).await, &format!("sim-{id}"), &role, token.as_deref()).await {
+            Ok(s) => break s,
+            Err(e) if tries < 5 => {
+                eprintln!("sim-{id}: subscribe: {e}; again in 1 s");
+                tries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("sim-{id}: subscribe: {e}"),
+        }
+    };
     while let Ok(Some(m)) = stream.message().await {
         if let Some(subscribe_response::Message::Snapshot(s)) = m.message
             && !s.more
@@ -194,7 +206,17 @@ async fn change(api: &str, s: &Scale, n: usize) {
 
 #[tokio::main]
 async fn main() {
+    // A panicking proxy task must end the run, not leave it waiting for that proxy forever.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |p| {
+        report(p);
+        std::process::exit(101);
+    }));
     let mesh = std::env::args().any(|a| a == "--mesh");
+    let operator_args: Vec<String> = std::env::args()
+        .find_map(|a| a.strip_prefix("--operator-args=").map(str::to_string))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
     let sidecar_hosts: Option<usize> = std::env::args().find_map(|a| {
         a.strip_prefix("--sidecar-hosts=")
             .map(|n| n.parse().expect("--sidecar-hosts=N"))
@@ -231,7 +253,9 @@ async fn main() {
     create_all(&api, objects).await;
     eprintln!("loaded {count} objects in {:?}", loaded.elapsed());
 
-    let op = cluster.operator("bench").await;
+    let op = cluster
+        .operator_with("bench", &operator_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
     let started = Instant::now();
     let translate_ms = translated(&op, &s).await;
     eprintln!(
@@ -317,7 +341,7 @@ async fn main() {
     };
     let result = json!({
         "when": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
-        "scale": what, "mesh": mesh, "sidecar_hosts": sidecar_hosts, "proxies": s.proxies, "changes": CHANGES,
+        "scale": what, "mesh": mesh, "operator_args": operator_args, "sidecar_hosts": sidecar_hosts, "proxies": s.proxies, "changes": CHANGES,
         "full_translate_ms": translate_ms,
         "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
         "operator_rss_mib": rss,

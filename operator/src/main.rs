@@ -6,6 +6,7 @@ mod ca;
 mod controller;
 mod jwks;
 mod leader;
+mod net;
 mod proxies;
 mod publish;
 mod status;
@@ -62,7 +63,11 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     rediscover_seconds: u64,
     /// Largest MeshSubscribe message body; larger snapshots go out in chunks of this size.
-    #[arg(long, default_value_t = 64 << 10, value_parser = clap::value_parser!(u32).range(256..))]
+    /// Each stream's send buffer stays as large as its largest message (tonic reuses it), so
+    /// this bounds what every subscribed proxy costs between snapshots (1,000 sidecars of a
+    /// 10k-Service mesh: operator RSS 393 MiB with 64 KiB chunks, 251 MiB with 16 KiB, and no
+    /// slower to propagate).
+    #[arg(long, default_value_t = 16 << 10, value_parser = clap::value_parser!(u32).range(256..))]
     chunk_bytes: u32,
     /// This replica's name in leader election (default: the host name).
     #[arg(long, env = "POD_NAME")]
@@ -239,9 +244,7 @@ async fn serve(args: Args) -> Result<(), StartError> {
     admin::serve(args.admin_addr, admin)
         .await
         .map_err(listen(args.admin_addr))?;
-    let grpc = tokio::net::TcpListener::bind(args.grpc_addr)
-        .await
-        .map_err(listen(args.grpc_addr))?;
+    let grpc = net::listen(args.grpc_addr).map_err(listen(args.grpc_addr))?;
     if args.grpc_tls && args.ca_addr.is_empty() {
         return Err(StartError::TlsWithoutCa);
     }

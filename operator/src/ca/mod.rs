@@ -217,9 +217,7 @@ pub async fn run(
     serving: Option<tokio::sync::oneshot::Sender<std::sync::Arc<rustls::ServerConfig>>>,
     namespaces: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Namespace>,
 ) -> Result<(), CaError> {
-    let listener = tokio::net::TcpListener::bind(s.addr)
-        .await
-        .map_err(|source| CaError::Listen { addr: s.addr, source })?;
+    let listener = crate::net::listen(s.addr).map_err(|source| CaError::Listen { addr: s.addr, source })?;
     let api = kube::Api::namespaced(client.clone(), &s.namespace);
     let mut ca = store::load_or_create(api, &s.secret, &trust_domain, &leader).await;
     ca.max_validity = s.max_validity;
