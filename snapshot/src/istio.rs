@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
     group = "security.istio.io",
     version = "v1",
     kind = "AuthorizationPolicy",
-    namespaced
+    namespaced,
+    status = "PolicyStatus"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
@@ -236,7 +237,13 @@ pub struct ClaimToHeader {
 /// `networking.istio.io/v1` Sidecar (v1beta1 and v1alpha3 have the same shape): which Services
 /// the selected workloads' proxies know, and what happens to traffic to anything else.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[kube(group = "networking.istio.io", version = "v1", kind = "Sidecar", namespaced)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "Sidecar",
+    namespaced,
+    status = "PolicyStatus"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SidecarSpec {
     /// Workloads in the Sidecar's namespace whose labels match; absent: the namespace's default

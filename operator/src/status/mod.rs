@@ -46,7 +46,7 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     for gw in &res.gateways {
         let obj = ferrum_snapshot::translate::meta_ref("Gateway", &gw.metadata);
         if t.gateways.contains(&obj) {
-            w.write(&**gw, gateway_status(gw, t)).await;
+            w.write(&**gw, &gw.status, gateway_status(gw, t)).await;
         }
     }
     for gc in res
@@ -56,10 +56,11 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
     {
         let status =
             json!({"conditions": [cond("Accepted", true, "Accepted", "handled by Ferrum", gc.metadata.generation)]});
-        w.write(&**gc, status).await;
+        w.write(&**gc, &gc.status, status).await;
     }
     for r in &res.http_routes {
-        w.write(&**r, route_status("HTTPRoute", r, t, &t.gateways, res)).await;
+        w.write(&**r, &r.status, route_status("HTTPRoute", r, t, &t.gateways, res))
+            .await;
     }
     // Other route kinds are read as the HTTPRoutes they mean; one that cannot be has its problem
     // listed on /problems.
@@ -67,7 +68,7 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
         ($($field:ident: $kind:literal by $read:path),+) => {$(
             for g in &res.$field {
                 if let Ok(r) = $read(g) {
-                    w.write(&**g, route_status($kind, &r, t, &t.gateways, res)).await;
+                    w.write(&**g, &g.status, route_status($kind, &r, t, &t.gateways, res)).await;
                 }
             }
         )+};
@@ -79,23 +80,25 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation) -> usi
         tcp_routes: "TCPRoute" by tcp_as_http_route
     );
     for b in &res.backends {
-        w.write(&**b, backend_status(b, t)).await;
+        w.write(&**b, &b.status, backend_status(b, t)).await;
     }
     for m in &res.mesh_configs {
-        w.write(&**m, mesh_config_status(m, t)).await;
+        w.write(&**m, &m.status, mesh_config_status(m, t)).await;
     }
     for p in &res.authorization_policies {
-        w.write(&**p, policy_status("AuthorizationPolicy", &p.metadata, t))
+        w.write(&**p, &p.status, policy_status("AuthorizationPolicy", &p.metadata, t))
             .await;
     }
     for p in &res.peer_authentications {
-        w.write(&**p, policy_status("PeerAuthentication", &p.metadata, t)).await;
+        w.write(&**p, &p.status, policy_status("PeerAuthentication", &p.metadata, t))
+            .await;
     }
     for p in &res.request_authentications {
-        w.write(&**p, request_authentication_status(p, t, &res.jwks)).await;
+        w.write(&**p, &p.status, request_authentication_status(p, t, &res.jwks))
+            .await;
     }
     for s in &res.sidecars {
-        w.write(&**s, policy_status("Sidecar", &s.metadata, t)).await;
+        w.write(&**s, &s.status, policy_status("Sidecar", &s.metadata, t)).await;
     }
     w.written
 }
@@ -107,13 +110,18 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    async fn write<K>(&mut self, obj: &K, mut new: Value)
+    /// Writes `new` as `obj`'s status unless `old` (its status as read) already says it. Only
+    /// the status is serialised to compare: every object is looked at after every generation
+    /// (10,000 routes), and the whole object — spec, metadata, managed fields — costs several
+    /// times more.
+    async fn write<K, S>(&mut self, obj: &K, old: &Option<S>, mut new: Value)
     where
-        K: Resource<DynamicType = ()> + Serialize,
+        K: Resource<DynamicType = ()>,
+        S: Serialize,
     {
-        let old = serde_json::to_value(obj)
-            .ok()
-            .and_then(|mut v| v.get_mut("status").map(Value::take))
+        let old = old
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
             .unwrap_or(Value::Null);
         carry_transition_times(&mut new, &old);
         if !differs(&new, &old) {
