@@ -112,8 +112,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     /// Writes `new` as `obj`'s status unless `old` (its status as read) already says it. Only
     /// the status is serialised to compare: every object is looked at after every generation
-    /// (10,000 routes), and the whole object — spec, metadata, managed fields — costs several
-    /// times more.
+    /// (10,000 routes), and its status is a small part of it.
     async fn write<K, S>(&mut self, obj: &K, old: &Option<S>, mut new: Value)
     where
         K: Resource<DynamicType = ()>,
