@@ -159,7 +159,7 @@ impl Publisher {
                 translation: Arc::new(Translation {
                     snapshot: Snapshot::default(),
                     problems: vec![],
-                    attachments: vec![],
+                    attachments: Default::default(),
                     gateways: vec![],
                     digests: Default::default(),
                     secrets: Default::default(),

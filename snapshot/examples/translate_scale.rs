@@ -1,5 +1,6 @@
 //! Times the translator on a synthetic cluster: `cargo run --release -p ferrum-snapshot --example translate_scale`.
 //! 10,000 HTTPRoutes over 5,000 Services with 10 endpoints each (the operator scale scenario).
+//! `-- N`: N one-route changes (default 5); prints their median.
 
 use std::fmt::Write;
 use std::time::Instant;
@@ -55,7 +56,11 @@ fn main() {
     // The operator's case: one route changes, everything else is the same objects.
     let mut inc = Incremental::new(Options::default());
     let mut prev = inc.translate(&r, 1).snapshot;
-    for i in 0..5 {
+    let rounds: u64 = std::env::args()
+        .nth(1)
+        .map_or(5, |n| n.parse().expect("a number of changes"));
+    let (mut translates, mut deltas) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
         let mut route = (*r.http_routes[7]).clone();
         route.spec.rules.as_mut().unwrap()[0].matches.as_mut().unwrap()[0]
             .path
@@ -68,6 +73,8 @@ fn main() {
         let took = t.elapsed();
         let t = Instant::now();
         let d = ferrum_snapshot::Delta::between(&prev, &out.snapshot);
+        translates.push(took);
+        deltas.push(t.elapsed());
         println!(
             "one-route change: incremental translate {took:?} ({:?}); delta in {:?}: {} virtual host(s), {} cluster(s)",
             inc.stats(),
@@ -77,4 +84,11 @@ fn main() {
         );
         prev = out.snapshot;
     }
+    translates.sort();
+    deltas.sort();
+    println!(
+        "median of {rounds} one-route changes: incremental translate {:?}, delta {:?}",
+        translates[translates.len() / 2],
+        deltas[deltas.len() / 2]
+    );
 }

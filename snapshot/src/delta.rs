@@ -6,7 +6,9 @@
 //! order). [`Delta::apply`] rebuilds that layout and checks the result against the target hash,
 //! so a consumer never serves a snapshot the producer did not make.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};

@@ -566,7 +566,11 @@ impl<T> Default for Changes<T> {
 impl<T: Keyed + PartialEq> Changes<T> {
     /// What turns `base` into `target`. Shared entries compare by address first.
     pub fn between(base: &[Arc<T>], target: &[Arc<T>]) -> Self {
-        let old: std::collections::HashMap<&str, &Arc<T>> = base.iter().map(|x| (x.key(), x)).collect();
+        let sorted = |v: &[Arc<T>]| v.is_sorted_by(|a, b| a.key() < b.key());
+        if sorted(base) && sorted(target) {
+            return Self::merge(base, target);
+        }
+        let old: foldhash::HashMap<&str, &Arc<T>> = base.iter().map(|x| (x.key(), x)).collect();
         let upserted = target
             .iter()
             .filter(|x| {
@@ -582,6 +586,40 @@ impl<T: Keyed + PartialEq> Changes<T> {
             .map(|x| x.key().to_string())
             .collect();
         Changes { upserted, removed }
+    }
+
+    /// [`Changes::between`] of two lists in strict key order (as snapshots keep them), in one
+    /// walk: an entry shared by both costs a pointer comparison, no hashing.
+    fn merge(base: &[Arc<T>], target: &[Arc<T>]) -> Self {
+        use std::cmp::Ordering;
+        let mut c = Changes::default();
+        let (mut i, mut j) = (0, 0);
+        while i < base.len() && j < target.len() {
+            let (b, t) = (&base[i], &target[j]);
+            if Arc::ptr_eq(b, t) {
+                (i, j) = (i + 1, j + 1);
+                continue;
+            }
+            match b.key().cmp(t.key()) {
+                Ordering::Less => {
+                    c.removed.push(b.key().to_string());
+                    i += 1;
+                }
+                Ordering::Greater => {
+                    c.upserted.push(t.clone());
+                    j += 1;
+                }
+                Ordering::Equal => {
+                    if b.as_ref() != t.as_ref() {
+                        c.upserted.push(t.clone());
+                    }
+                    (i, j) = (i + 1, j + 1);
+                }
+            }
+        }
+        c.removed.extend(base[i..].iter().map(|b| b.key().to_string()));
+        c.upserted.extend(target[j..].iter().cloned());
+        c
     }
 
     pub fn is_empty(&self) -> bool {
@@ -694,6 +732,47 @@ mod tests {
         let gone = Changes::between(&b, &a[..1]);
         assert_eq!(gone.removed, ["ns/b", "ns/c"]);
         assert_eq!(gone.apply(&b), a[..1].to_vec());
+    }
+
+    /// Lists in key order (every snapshot's) are merged in one walk; any other order is
+    /// matched by key. Both must find the same changes.
+    #[test]
+    fn changes_of_ordered_lists_equal_changes_found_by_key() {
+        let keys = |n: usize| (0..n).map(|i| format!("ns/s{i:03}")).collect::<Vec<_>>();
+        let base: Vec<_> = keys(60).iter().map(|k| svc(k, 80)).collect();
+        // Every third shared, every fifth changed, every seventh gone, some new at the end.
+        let mut target: Vec<_> = base
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 != 3)
+            .map(|(i, s)| {
+                if i % 5 == 0 {
+                    svc(&s.key, 81)
+                } else if i % 3 == 0 {
+                    s.clone()
+                } else {
+                    svc(&s.key, 80)
+                }
+            })
+            .collect();
+        target.extend(keys(70)[60..].iter().map(|k| svc(k, 80)));
+        let merged = Changes::between(&base, &target);
+        let mut shuffled = target.clone();
+        shuffled.reverse();
+        let by_key = Changes::between(&base, &shuffled);
+        let keys_of = |c: &Changes<MeshService>| {
+            let mut u: Vec<_> = c.upserted.iter().map(|s| s.key.clone()).collect();
+            u.sort();
+            (u, c.removed.clone())
+        };
+        assert_eq!(keys_of(&merged), keys_of(&by_key));
+        assert_eq!(merged.removed.len(), 9);
+        assert_eq!(
+            merged.upserted.len(),
+            10 + 10,
+            "changed and new; equal copies are not sent"
+        );
+        assert_eq!(merged.apply(&base), target);
     }
 }
 

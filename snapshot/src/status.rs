@@ -35,13 +35,6 @@ fn object_problems<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [Problem] {
     &t.problems[start..start + len]
 }
 
-/// The attachments of one route (`t.attachments` is sorted by route).
-fn route_attachments<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [crate::translate::Attachment] {
-    let start = t.attachments.partition_point(|a| &a.route < obj);
-    let len = t.attachments[start..].partition_point(|a| &a.route == obj);
-    &t.attachments[start..start + len]
-}
-
 fn problems_of<'a>(t: &'a Translation, obj: &ObjectRef, prefix: &str) -> Vec<&'a Problem> {
     object_problems(t, obj)
         .iter()
@@ -135,7 +128,7 @@ pub fn route_status(
     let rule_problem = own
         .iter()
         .find(|p| p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
-    let attachments = route_attachments(t, &obj);
+    let attachments = t.attachments.of(&obj);
     let mut parents: Vec<Value> = route
         .status
         .as_ref()

@@ -1,7 +1,9 @@
 //! backendRefs → clusters: core Services (endpoints from their EndpointSlices) and Ferrum
 //! `Backend`s (static addresses), each with the traffic policy that applies to it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};

@@ -4,7 +4,9 @@
 //! it wins for them). Route hostnames are ignored. Two kinds on one Service port conflict: the
 //! older route's kind keeps it, the other gets `Accepted=False`, reason `Conflicted`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use gateway_api::httproutes::HttpRouteParentRefs;
@@ -153,9 +155,7 @@ fn conflicts(memos: &RouteMemos, problems: &mut Problems<'_>) -> HashMap<MeshTar
                 Reason::Conflicted,
                 format!("an older {winner} already routes Service {} port {}", t.0, t.1),
             );
-            problems
-                .attachments
-                .retain(|a| !(&a.route == obj && a.parent_ref == pi));
+            problems.detached.push((obj.clone(), pi));
         }
     }
     losers

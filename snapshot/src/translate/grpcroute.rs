@@ -117,7 +117,7 @@ spec:
             .cluster("service/default/greeter:50051#h2")
             .expect("an h2 cluster");
         assert_eq!(c.protocol, UpstreamProtocol::Http2);
-        assert_eq!(t.attachments[0].route.kind, "GRPCRoute");
+        assert_eq!(t.attachments.iter().next().unwrap().route.kind, "GRPCRoute");
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! read as the HTTPRoutes they mean and take the same path.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::grpcroutes::GrpcRoute;
@@ -110,7 +112,8 @@ pub(crate) struct RouteMemo {
     pub(crate) mesh_targets: Vec<(MeshTarget, usize)>,
     rules: Vec<Arc<RouteEntry>>,
     problems: Vec<Problem>,
-    attachments: Vec<super::Attachment>,
+    /// Sorted; shared with the translations that list them.
+    attachments: Arc<[super::Attachment]>,
 }
 
 impl RouteMemo {
@@ -141,9 +144,72 @@ impl RouteTables {
     }
 }
 
-/// Keyed by the route object's address: an entry holds its object, so the address cannot be
-/// reused while the entry lives, and a changed object (a new `Arc`) misses.
-pub(crate) type RouteMemos = HashMap<usize, RouteMemo>;
+/// What every route contributed, keyed by the route object's address: an entry holds its
+/// object, so the address cannot be reused while the entry lives, and a changed object (a new
+/// `Arc`) misses. Indexed by name too, kept in step: the index finds the entry of a route
+/// whose object is new (a status write) and lists attachments in route order without sorting.
+#[derive(Default)]
+pub(crate) struct RouteMemos {
+    by_address: HashMap<usize, RouteMemo>,
+    by_name: BTreeMap<ObjectRef, (usize, Arc<[super::Attachment]>)>,
+}
+
+impl RouteMemos {
+    pub(crate) fn clear(&mut self) {
+        self.by_address.clear();
+        self.by_name.clear();
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &RouteMemo> {
+        self.by_address.values()
+    }
+
+    fn get_mut(&mut self, address: usize) -> Option<&mut RouteMemo> {
+        self.by_address.get_mut(&address)
+    }
+
+    /// The address of the entry for the route named `obj`.
+    fn named(&self, obj: &ObjectRef) -> Option<usize> {
+        self.by_name.get(obj).map(|(a, _)| *a)
+    }
+
+    fn insert(&mut self, address: usize, m: RouteMemo) {
+        self.by_name.insert(m.obj.clone(), (address, m.attachments.clone()));
+        self.by_address.insert(address, m);
+    }
+
+    fn remove(&mut self, address: usize) -> Option<RouteMemo> {
+        let m = self.by_address.remove(&address)?;
+        if self.by_name.get(&m.obj).is_some_and(|(a, _)| *a == address) {
+            self.by_name.remove(&m.obj);
+        }
+        Some(m)
+    }
+
+    /// Drops the entries not seen by translation `pass`, detaching them from `tables`.
+    fn drop_unseen(&mut self, pass: u64, tables: &mut RouteTables) {
+        let by_name = &mut self.by_name;
+        self.by_address.retain(|address, m| {
+            if m.seen != pass {
+                detach(tables, m);
+                if by_name.get(&m.obj).is_some_and(|(a, _)| a == address) {
+                    by_name.remove(&m.obj);
+                }
+            }
+            m.seen == pass
+        });
+    }
+
+    /// Every route's attachments, in route order (groups shared, not copied).
+    pub(crate) fn attachments(&self) -> super::Attachments {
+        super::Attachments::from_groups(
+            self.by_name
+                .values()
+                .filter(|(_, a)| !a.is_empty())
+                .map(|(_, a)| a.clone()),
+        )
+    }
+}
 
 /// Puts a route's matches on its hosts (whose virtual hosts must then be rebuilt).
 fn attach(tables: &mut RouteTables, m: &RouteMemo) {
@@ -197,34 +263,30 @@ pub(crate) fn attach_all(
 ) {
     *next_id += 1;
     let pass = *next_id;
-    let mut by_name: Option<HashMap<ObjectRef, usize>> = None;
     for object in route_objects(res) {
         let address = object.address();
         // In place: an unchanged route (nearly all) costs a lookup and a replay.
-        if let Some(m) = memo.get_mut(&address) {
+        if let Some(m) = memo.get_mut(address) {
             if clusters.replay(&m.lookups) {
                 m.seen = pass;
                 problems.list.extend(m.problems.iter().cloned());
-                problems.attachments.extend(m.attachments.iter().cloned());
                 stats.routes_reused += 1;
                 continue;
             }
-            let m = memo.remove(&address).expect("present");
+            let m = memo.remove(address).expect("present");
             detach(hosts, &m);
         }
         let obj = meta_ref(object.kind(), object.metadata());
         // A new object for a route we know with the same spec (a status write) changes nothing.
-        let index = by_name.get_or_insert_with(|| memo.iter().map(|(a, m)| (m.obj.clone(), *a)).collect());
-        if let Some(old) = index.get(&obj).copied()
+        if let Some(old) = memo.named(&obj)
             && memo
-                .get(&old)
+                .get_mut(old)
                 .is_some_and(|m| m.object.same_input(&object) && clusters.replay(&m.lookups))
         {
-            let mut m = memo.remove(&old).expect("checked");
+            let mut m = memo.remove(old).expect("checked");
             m.object = object;
             m.seen = pass;
             problems.list.extend(m.problems.iter().cloned());
-            problems.attachments.extend(m.attachments.iter().cloned());
             stats.routes_reused += 1;
             memo.insert(address, m);
             continue;
@@ -237,12 +299,7 @@ pub(crate) fn attach_all(
         memo.insert(address, m);
     }
     // Deleted routes, and old versions of changed ones.
-    memo.retain(|_, m| {
-        if m.seen != pass {
-            detach(hosts, m);
-        }
-        m.seen == pass
-    });
+    memo.drop_unseen(pass, hosts);
 }
 
 fn translate_route(
@@ -254,8 +311,10 @@ fn translate_route(
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
 ) -> RouteMemo {
-    let (p0, a0) = (problems.list.len(), problems.attachments.len());
+    let p0 = problems.list.len();
     let (targets, mesh_targets, rules) = translate_object(res, &object, &obj, id, listeners, clusters, problems);
+    let mut attachments = std::mem::take(&mut problems.attachments);
+    attachments.sort();
     RouteMemo {
         id,
         lookups: clusters.take_trace(),
@@ -263,7 +322,7 @@ fn translate_route(
         mesh_targets,
         rules,
         problems: problems.list[p0..].to_vec(),
-        attachments: problems.attachments[a0..].to_vec(),
+        attachments: attachments.into(),
         obj,
         object,
         seen: 0,

@@ -3,7 +3,9 @@
 //! Endpoints come from the Service's EndpointSlices when it has any (a cluster), else from its
 //! selector over the Pods (file mode, where nobody runs the endpoint controller).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -27,6 +29,34 @@ pub(crate) type Parts = (Vec<Arc<Workload>>, Vec<Arc<MeshService>>);
 pub(crate) struct MeshMemo {
     pods: HashMap<usize, (Arc<Pod>, Option<Part<Workload>>)>,
     services: HashMap<usize, ServiceMemo>,
+    /// The last build's inputs (held, so their addresses stay unique) and what it made: a
+    /// translation where no Pod, Service or EndpointSlice changed (a route change) reuses it all.
+    last: Option<(Inputs, Built)>,
+}
+
+type Built = (Parts, (Vec<Digest>, Vec<Digest>));
+
+struct Inputs {
+    pods: Vec<Arc<Pod>>,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+}
+
+impl Inputs {
+    fn of(res: &Resources) -> Inputs {
+        Inputs {
+            pods: res.pods.clone(),
+            services: res.services.clone(),
+            slices: res.endpoint_slices.clone(),
+        }
+    }
+
+    fn same(&self, res: &Resources) -> bool {
+        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        }
+        same(&self.pods, &res.pods) && same(&self.services, &res.services) && same(&self.slices, &res.endpoint_slices)
+    }
 }
 
 struct ServiceMemo {
@@ -43,7 +73,18 @@ fn addr<T>(a: &Arc<T>) -> usize {
 }
 
 /// The mesh collections (in key order) and their digests, reusing what `memo` has.
-pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> (Parts, (Vec<Digest>, Vec<Digest>)) {
+pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> Built {
+    if let Some((inputs, built)) = &memo.last
+        && inputs.same(res)
+    {
+        return built.clone();
+    }
+    let built = build_changed(res, memo);
+    memo.last = Some((Inputs::of(res), built.clone()));
+    built
+}
+
+fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
     let mut pods = HashMap::with_capacity(res.pods.len());
     let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
     for p in &res.pods {

@@ -133,13 +133,69 @@ pub struct Translation {
     pub snapshot: Snapshot,
     pub problems: Vec<Problem>,
     /// Which route attached to which Gateway listener (for status: `attachedRoutes`, `Accepted`).
-    pub attachments: Vec<Attachment>,
+    pub attachments: Attachments,
     /// Gateways that were served (their class is ours), for status.
     pub gateways: Vec<ObjectRef>,
     /// The snapshot's part digests, so views of it (a sidecar's) need no re-hashing.
     pub digests: PartDigests,
     /// The key pairs the snapshot names: they travel beside it, never in it.
     pub secrets: crate::Secrets,
+}
+
+/// Every route's attachments, grouped by route in route order. A group is shared with the
+/// translator's memo of its route: listing 10,000 routes' attachments after a one-route change
+/// copies 10,000 pointers, and comparing two listings compares pointers first.
+#[derive(Debug, Clone, Default)]
+pub struct Attachments(Vec<Arc<[Attachment]>>);
+
+impl Attachments {
+    /// `groups`: non-empty, each of one route, in route order.
+    pub(crate) fn from_groups(groups: impl Iterator<Item = Arc<[Attachment]>>) -> Attachments {
+        Attachments(groups.collect())
+    }
+
+    /// These attachments but those of `detached` (route, parentRef index).
+    fn without(mut self, detached: &[(ObjectRef, usize)]) -> Attachments {
+        if detached.is_empty() {
+            return self;
+        }
+        self.0.retain_mut(|g| {
+            if detached.iter().any(|(r, _)| r == &g[0].route) {
+                let kept: Vec<Attachment> = g
+                    .iter()
+                    .filter(|a| !detached.iter().any(|(r, pi)| r == &a.route && *pi == a.parent_ref))
+                    .cloned()
+                    .collect();
+                *g = kept.into();
+            }
+            !g.is_empty()
+        });
+        self
+    }
+
+    /// The attachments of one route.
+    pub fn of(&self, route: &ObjectRef) -> &[Attachment] {
+        let i = self.0.partition_point(|g| &g[0].route < route);
+        self.0.get(i).filter(|g| &g[0].route == route).map_or(&[], |g| g)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Attachment> {
+        self.0.iter().flat_map(|g| g.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|g| g.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PartialEq for Attachments {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && self.0.iter().zip(&other.0).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -165,7 +221,11 @@ pub struct Options {
 pub(crate) struct Problems<'a> {
     res: &'a Resources,
     list: Vec<Problem>,
+    /// The attachments of the route being translated.
     pub(crate) attachments: Vec<Attachment>,
+    /// (route, parentRef index) attachments that lost a conflict after their routes were
+    /// translated.
+    pub(crate) detached: Vec<(ObjectRef, usize)>,
 }
 
 impl Problems<'_> {
@@ -366,7 +426,8 @@ impl Incremental {
         let mut problems = Problems {
             res,
             list: Vec::new(),
-            attachments: Vec::with_capacity(self.routes.len()),
+            attachments: Vec::new(),
+            detached: Vec::new(),
         };
         let listeners = listeners::build(res, &self.opts, &mut problems);
         let served_gateways: Vec<ObjectRef> = listeners.by_gateway.keys().cloned().collect();
@@ -408,8 +469,7 @@ impl Incremental {
         );
         let mut list = problems.list;
         list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
-        let mut attachments = problems.attachments;
-        attachments.sort();
+        let attachments = self.routes.attachments().without(&problems.detached);
         let mesh = crate::mesh::Mesh {
             workloads,
             services,

@@ -620,7 +620,7 @@ fn gateway_class_filter_applies_when_asked() {
 fn attachments_name_route_parent_and_listener() {
     let t = run(&route("  - backendRefs: [{name: echo, port: 80}]\n"));
     assert_eq!(t.attachments.len(), 1);
-    let a = &t.attachments[0];
+    let a = t.attachments.iter().next().unwrap();
     assert_eq!(
         (
             a.route.name.as_str(),
