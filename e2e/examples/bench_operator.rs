@@ -6,7 +6,8 @@
 //! checked by TokenReview). Proxies are MeshSubscribe clients in this process that acknowledge
 //! each snapshot as it arrives. Reports the full translate time, the time from a one-object
 //! change (a route; a pod's labels) until each proxy has the new version (p50/p99 over several
-//! changes), and the operator's resident memory. `--mesh --sidecar-hosts N`: with a mesh-wide
+//! changes; measured once the operator has written every status, as in a cluster it has served
+//! for a while), and the operator's resident memory. `--mesh --sidecar-hosts N`: with a mesh-wide
 //! Istio Sidecar whose egress hosts name the first N Services, so each sidecar knows N Services
 //! and the pods behind them instead of the whole mesh (the changed pod is behind svc-7).
 //! `--operator-args="--chunk-bytes 65536"`: flags for the operator, to compare settings.
@@ -150,6 +151,25 @@ fn mesh_objects() -> Vec<(String, serde_json::Value)> {
     objects
 }
 
+/// Waits until the operator has written the status of every object for its current
+/// generation, as it has in a cluster it has served for a while: the changes are measured in
+/// that steady state, not while it writes 10,000 first statuses (it did before 2026-12-04 night).
+async fn settled(op: &Operator) {
+    let started = Instant::now();
+    loop {
+        let generation = op.metric("ferrum_operator_generation").await;
+        if generation.is_some() && op.metric("ferrum_operator_status_generation").await == generation {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "statuses not written in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("operator wrote every status in {:?}", started.elapsed());
+}
+
 /// Waits until the operator's snapshot has everything loaded; returns the full translate time.
 async fn translated(op: &Operator, s: &Scale) -> f64 {
     let mut translate_ms = 0.0;
@@ -281,6 +301,8 @@ async fn main() {
         "{} proxies subscribed at version {initial}; operator RSS {rss_translated:.1} MiB",
         s.proxies
     );
+
+    settled(&op).await;
 
     let mut samples = Vec::new();
     let mut version = initial;

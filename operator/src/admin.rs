@@ -17,6 +17,9 @@ pub struct Admin {
     pub proxies: Arc<Proxies>,
     pub ready: Arc<AtomicBool>,
     pub leader: Arc<AtomicBool>,
+    /// The generation whose statuses are all written (or were found right): 0 on a follower
+    /// and until the leader's first pass ends.
+    pub status_generation: Arc<std::sync::atomic::AtomicU64>,
     /// The watched kinds and whether the cluster serves them.
     pub kinds: crate::controller::Kinds,
 }
@@ -97,6 +100,11 @@ impl Admin {
                     cur.generation as i64,
                 ),
                 (
+                    "ferrum_operator_status_generation",
+                    "Generation whose statuses are all written (0 until then, and on a follower).",
+                    self.status_generation.load(Relaxed) as i64,
+                ),
+                (
                     "ferrum_operator_translate_milliseconds",
                     "Time the last translation took.",
                     cur.translate_ms as i64,
@@ -147,7 +155,7 @@ type ProxyValue = fn(&ProxyRow) -> i64;
 
 /// What one scrape of the operator reads.
 struct Scrape {
-    gauges: [(&'static str, &'static str, i64); 6],
+    gauges: [(&'static str, &'static str, i64); 7],
     /// Routes of the last translation by outcome.
     routes: [(&'static str, i64); 2],
     proxies: Vec<ProxyRow>,

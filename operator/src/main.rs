@@ -232,12 +232,14 @@ async fn serve(args: Args) -> Result<(), StartError> {
     let proxies = Arc::new(proxies::Proxies::default());
     let ready = Arc::new(AtomicBool::new(false));
     let leader = Arc::new(AtomicBool::new(false));
+    let status_generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let kinds = controller::Kinds::default();
     let admin = Arc::new(admin::Admin {
         publisher: publisher.clone(),
         proxies: proxies.clone(),
         ready: ready.clone(),
         leader: leader.clone(),
+        status_generation: status_generation.clone(),
         kinds: kinds.clone(),
     });
     let listen = |addr| move |source| StartError::Listen { addr, source };
@@ -261,7 +263,12 @@ async fn serve(args: Args) -> Result<(), StartError> {
     ));
     let namespaces = controller.stores.namespaces();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
-    tokio::spawn(status_loop(client.clone(), publisher.clone(), leader.clone()));
+    tokio::spawn(status_loop(
+        client.clone(),
+        publisher.clone(),
+        leader.clone(),
+        status_generation.clone(),
+    ));
     let grpc_tls = if args.ca_addr.is_empty() {
         None
     } else {
@@ -390,22 +397,39 @@ async fn shutdown() {
 }
 
 /// Writes status after each generation, and again when this replica becomes leader.
-async fn status_loop(client: kube::Client, publisher: Arc<publish::Publisher>, leader: Arc<AtomicBool>) {
+async fn status_loop(
+    client: kube::Client,
+    publisher: Arc<publish::Publisher>,
+    leader: Arc<AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut generations = publisher.subscribe();
     let mut written_for = 0;
+    let mut settled = status::Settled::default();
     loop {
         tokio::select! {
             r = generations.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(2)) => {},
         }
         let cur = publisher.current();
-        if !leader.load(Relaxed) || cur.generation == written_for || cur.generation == 0 {
+        if !leader.load(Relaxed) {
+            // Written again on becoming leader: another replica may have led meanwhile.
+            written_for = 0;
+            done.store(0, Relaxed);
             continue;
         }
-        let n = status::write_all(&client, &cur.resources, &cur.translation).await;
+        if cur.generation == written_for || cur.generation == 0 {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let n = status::write_all(&client, &cur.resources, &cur.translation, &mut settled).await;
+        let took_ms = started.elapsed().as_millis() as u64;
         if n > 0 {
-            tracing::info!(generation = cur.generation, written = n, "status updated");
+            tracing::info!(generation = cur.generation, written = n, took_ms, "status updated");
+        } else {
+            tracing::debug!(generation = cur.generation, took_ms, "status unchanged");
         }
         written_for = cur.generation;
+        done.store(written_for, Relaxed);
     }
 }

@@ -27,16 +27,8 @@ pub fn cond(kind: &str, ok: bool, reason: &str, message: &str, generation: Optio
     })
 }
 
-/// The problems of one object: `t.problems` is sorted by object, so this is a binary search,
-/// not a scan (status is computed for every route after every generation).
-fn object_problems<'a>(t: &'a Translation, obj: &ObjectRef) -> &'a [Problem] {
-    let start = t.problems.partition_point(|p| &p.object < obj);
-    let len = t.problems[start..].partition_point(|p| &p.object == obj);
-    &t.problems[start..start + len]
-}
-
 fn problems_of<'a>(t: &'a Translation, obj: &ObjectRef, prefix: &str) -> Vec<&'a Problem> {
-    object_problems(t, obj)
+    t.problems_of(obj)
         .iter()
         .filter(|p| {
             p.field == prefix
@@ -123,7 +115,7 @@ pub fn route_status(
         name: route.name_any(),
     };
     let generation = route.metadata.generation;
-    let own = object_problems(t, &obj);
+    let own = t.problems_of(&obj);
     let backend_problem = own.iter().find(|p| p.field.contains("backendRefs"));
     let rule_problem = own
         .iter()
@@ -232,7 +224,7 @@ fn supported_kinds(l: &GatewayListeners, routed: &[&'static str]) -> (Vec<&'stat
 fn accepted(t: &Translation, obj: &ObjectRef, generation: Option<i64>, ok: &str) -> Value {
     // An unfetched JWKS leaves the policy in effect: it has a condition of its own.
     let leaves_out = |p: &&Problem| p.reason != Reason::JwksUnavailable;
-    match object_problems(t, obj).iter().find(leaves_out) {
+    match t.problems_of(obj).iter().find(leaves_out) {
         Some(p) => cond(
             "Accepted",
             false,
@@ -310,7 +302,8 @@ pub fn request_authentication_status(
         return status;
     }
     let obj = crate::translate::meta_ref("RequestAuthentication", &p.metadata);
-    let failed: Vec<String> = object_problems(t, &obj)
+    let failed: Vec<String> = t
+        .problems_of(&obj)
         .iter()
         .filter(|p| p.reason == Reason::JwksUnavailable)
         .map(|p| format!("{}: {}", p.field, p.message))

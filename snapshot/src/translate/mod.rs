@@ -175,8 +175,14 @@ impl Attachments {
 
     /// The attachments of one route.
     pub fn of(&self, route: &ObjectRef) -> &[Attachment] {
+        self.group(route).map_or(&[], |g| g)
+    }
+
+    /// The attachments of one route, as shared: the same group (by address) means the same
+    /// attachments as a translation that gave it.
+    pub fn group(&self, route: &ObjectRef) -> Option<&Arc<[Attachment]>> {
         let i = self.0.partition_point(|g| &g[0].route < route);
-        self.0.get(i).filter(|g| &g[0].route == route).map_or(&[], |g| g)
+        self.0.get(i).filter(|g| &g[0].route == route)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Attachment> {
@@ -195,6 +201,16 @@ impl Attachments {
 impl PartialEq for Attachments {
     fn eq(&self, other: &Self) -> bool {
         self.0.len() == other.0.len() && self.0.iter().zip(&other.0).all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+}
+
+impl Translation {
+    /// The problems of one object: `problems` is sorted by object, so this is a binary search,
+    /// not a scan (status is computed for every route after every generation).
+    pub fn problems_of(&self, obj: &ObjectRef) -> &[Problem] {
+        let start = self.problems.partition_point(|p| &p.object < obj);
+        let len = self.problems[start..].partition_point(|p| &p.object == obj);
+        &self.problems[start..start + len]
     }
 }
 
