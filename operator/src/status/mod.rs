@@ -65,6 +65,23 @@ impl Settled {
         })
     }
 
+    /// Notes that the status of `object` (at `key`) is right for these problems and attachments.
+    fn settle(
+        &mut self,
+        key: usize,
+        object: Arc<dyn Any + Send + Sync>,
+        problems: &[Problem],
+        attachments: Option<&Arc<[Attachment]>>,
+    ) {
+        let entry = SettledObject {
+            _object: object,
+            problems: problems.to_vec(),
+            attachments: attachments.cloned(),
+            seen: self.pass,
+        };
+        self.by_object.insert(key, entry);
+    }
+
     fn end(&mut self) {
         let pass = self.pass;
         self.by_object.retain(|_, e| e.seen == pass);
@@ -210,13 +227,7 @@ impl Writer<'_> {
         }
         let Some(new) = compute() else { return };
         if self.write(&**obj, old, new).await {
-            let entry = SettledObject {
-                _object: obj.clone(),
-                problems: problems.to_vec(),
-                attachments: attachments.cloned(),
-                seen: self.settled.pass,
-            };
-            self.settled.by_object.insert(key, entry);
+            self.settled.settle(key, obj.clone(), problems, attachments);
         }
     }
 
@@ -280,5 +291,74 @@ mod tests {
         let mut new = json!({"conditions": [{"type": "Accepted", "status": "True", "lastTransitionTime": "x"}]});
         carry_transition_times(&mut new, &old);
         assert_eq!(new["conditions"][0]["lastTransitionTime"], "x");
+    }
+
+    fn translation(gateways: &[&str]) -> Translation {
+        Translation {
+            snapshot: Default::default(),
+            problems: vec![],
+            attachments: Default::default(),
+            gateways: gateways.iter().map(|n| gw(n)).collect(),
+            digests: Default::default(),
+            secrets: Default::default(),
+        }
+    }
+
+    fn gw(name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: "Gateway",
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    /// A status is skipped only for the same object with equal problems and the very same
+    /// attachments; objects not looked at in a pass are forgotten; a change of the Gateways
+    /// served forgets everything.
+    #[test]
+    fn a_settled_status_holds_only_while_its_inputs_are_the_same() {
+        let (res, t) = (Resources::default(), translation(&["web"]));
+        let mut s = Settled::default();
+        s.begin(&res, &t);
+        let group: Arc<[Attachment]> = vec![Attachment {
+            route: ObjectRef {
+                kind: "HTTPRoute",
+                namespace: "default".into(),
+                name: "shop".into(),
+            },
+            parent_ref: 0,
+            gateway: gw("web"),
+            listener: "http".into(),
+        }]
+        .into();
+        assert!(!s.holds(1, &[], Some(&group)), "nothing is settled at first");
+        s.settle(1, Arc::new(()), &[], Some(&group));
+        assert!(s.holds(1, &[], Some(&group)));
+        assert!(!s.holds(2, &[], Some(&group)), "another object");
+        let equal_copy: Arc<[Attachment]> = group.to_vec().into();
+        assert!(!s.holds(1, &[], Some(&equal_copy)), "attachments translated again");
+        assert!(!s.holds(1, &[], None), "attachments lost");
+        let problem = Problem {
+            object: gw("web"),
+            origin: None,
+            field: "spec.rules[0]".into(),
+            reason: ferrum_snapshot::translate::Reason::Invalid,
+            message: "bad".into(),
+        };
+        assert!(
+            !s.holds(1, std::slice::from_ref(&problem), Some(&group)),
+            "a new problem"
+        );
+        s.end();
+        assert!(s.holds(1, &[], Some(&group)), "looked at in this pass: kept");
+
+        s.begin(&res, &t);
+        s.end();
+        s.begin(&res, &t);
+        assert!(!s.holds(1, &[], Some(&group)), "not looked at in a pass: forgotten");
+
+        s.settle(1, Arc::new(()), &[], Some(&group));
+        s.begin(&res, &translation(&["web", "other"]));
+        assert!(!s.holds(1, &[], Some(&group)), "the Gateways served changed");
     }
 }
