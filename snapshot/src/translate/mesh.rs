@@ -106,6 +106,14 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (ip.as_str(), &**w)))
         .collect();
+    let previous = memo.last.take();
+    let moved = previous.as_ref().map(|(_, ((before, _), _))| moved(before, &by_ip));
+    // A reused Service's endpoints name the workloads the last build found at their addresses:
+    // only addresses whose workload changed since need a look (none, when no pod moved).
+    let owner_unchanged = |e: &MeshEndpoint| {
+        moved.as_ref().is_some_and(|m| !m.contains(e.address.as_str()))
+            || by_ip.get(e.address.as_str()).map(|w| w.uid.as_str()) == e.workload.as_deref()
+    };
     // Slices by (namespace, Service name), so each Service finds its own without a scan.
     let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for e in &res.endpoint_slices {
@@ -134,11 +142,9 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
                 && !own.is_empty()
                 && m.slices.len() == own.len()
                 && m.slices.iter().zip(&own).all(|(a, b)| Arc::ptr_eq(a, b))
-                && m.built.as_ref().is_none_or(|(s, _)| {
-                    s.endpoints
-                        .iter()
-                        .all(|e| by_ip.get(e.address.as_str()).map(|w| w.uid.as_str()) == e.workload.as_deref())
-                })
+                && m.built
+                    .as_ref()
+                    .is_none_or(|(s, _)| s.endpoints.iter().all(owner_unchanged))
         });
         let made = match reuse {
             Some(m) => m.built,
@@ -161,6 +167,22 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
     built.sort_by(|a, b| a.0.key.cmp(&b.0.key));
     let (services, service_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
     ((workloads, services), (workload_digests, service_digests))
+}
+
+/// The addresses whose workload in `by_ip` is not the one `before` had there (or that only one
+/// of them has), each side keyed as the builds key it (the last workload by uid wins).
+fn moved<'a>(before: &'a [Arc<Workload>], by_ip: &HashMap<&'a str, &'a Workload>) -> foldhash::HashSet<&'a str> {
+    let was: HashMap<&str, &str> = before
+        .iter()
+        .flat_map(|w| w.ips.iter().map(move |ip| (ip.as_str(), w.uid.as_str())))
+        .collect();
+    let mut moved: foldhash::HashSet<&str> = by_ip
+        .iter()
+        .filter(|(ip, w)| was.get(*ip) != Some(&w.uid.as_str()))
+        .map(|(ip, _)| *ip)
+        .collect();
+    moved.extend(was.keys().filter(|ip| !by_ip.contains_key(*ip)));
+    moved
 }
 
 fn workload(p: &Pod) -> Option<Workload> {
@@ -476,6 +498,52 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
 
     /// The operator's path: objects shared between translations are reused with their digests,
     /// and the hash (of the whole and of a sidecar's view) is still what a consumer recomputes.
+    #[test]
+    fn an_address_taken_over_by_another_pod_names_the_new_workload() {
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}, labels: {{app: c}}}}\n\
+                 spec: {{containers: [{{name: app}}]}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
+        let cluster = format!(
+            "{}---\n{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: c, namespace: shop}}\n\
+             spec: {{clusterIP: 10.96.0.20, ports: [{{name: http, port: 80}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: c-1, namespace: shop, labels: {{kubernetes.io/service-name: c}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [10.0.0.9]}}, {{addresses: [10.0.0.8]}}]\n",
+            pod("old", "10.0.0.9"),
+            pod("other", "10.0.0.8")
+        );
+        let mut r = Resources::default();
+        r.add_yaml("c.yaml", &cluster).unwrap();
+        let mut inc = crate::Incremental::new(Default::default());
+        let owners = |t: &crate::translate::Translation| -> Vec<Option<String>> {
+            t.snapshot.services[0]
+                .endpoints
+                .iter()
+                .map(|e| e.workload.clone())
+                .collect()
+        };
+        assert_eq!(
+            owners(&inc.translate(&r, 1)),
+            [Some("u-other".into()), Some("u-old".into())]
+        );
+        // The pod at 10.0.0.9 is replaced by another one with the same address; the Service and
+        // its slice are the same objects.
+        let mut next = Resources::default();
+        next.add_yaml("p.yaml", &pod("new", "10.0.0.9")).unwrap();
+        let i = r
+            .pods
+            .iter()
+            .position(|p| p.metadata.name.as_deref() == Some("old"))
+            .unwrap();
+        r.pods[i] = next.pods[0].clone();
+        let got = inc.translate(&r, 2);
+        assert_eq!(owners(&got), [Some("u-other".into()), Some("u-new".into())]);
+        assert_eq!(got.snapshot, crate::translate(&r, 2, &Default::default()).snapshot);
+    }
+
     #[test]
     fn reused_parts_keep_hashes_a_consumer_can_check() {
         let mut r = Resources::default();
