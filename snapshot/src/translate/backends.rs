@@ -17,9 +17,8 @@ use crate::resources::{ObjectRef, Resources};
 
 pub(crate) struct Clusters<'a> {
     res: &'a Resources,
-    /// Lookups built once, so resolving a backendRef does not scan every object.
-    services: HashMap<(&'a str, &'a str), &'a Arc<Service>>,
-    slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+    /// Built on the first lookup (see [`index`]).
+    index: std::cell::OnceCell<Index<'a>>,
     built: HashMap<String, Arc<BuiltCluster>>,
     /// Clusters of the last translation, reused when their Service, slices (and, through the
     /// caller's context check, policies) are the same objects.
@@ -104,8 +103,15 @@ pub(crate) fn reference_granted(
     })
 }
 
-impl<'a> Clusters<'a> {
-    pub(crate) fn new(res: &'a Resources, memo: ClusterMemos) -> Self {
+/// Services and EndpointSlices by (namespace, name), so resolving a backendRef does not scan
+/// every object.
+struct Index<'a> {
+    services: HashMap<(&'a str, &'a str), &'a Arc<Service>>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+}
+
+impl<'a> Index<'a> {
+    fn of(res: &'a Resources) -> Self {
         let key = |m: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
         };
@@ -123,10 +129,25 @@ impl<'a> Clusters<'a> {
                     .push(s);
             }
         }
-        Clusters {
-            res,
+        Index {
             services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
             slices,
+        }
+    }
+}
+
+/// The index, built on first use: a translation that resolves no backendRef (a mesh without
+/// routes) does not index 10,000 Services and slices. A field borrow, so the caller may still
+/// change the other fields while it holds the index.
+fn index<'s, 'a>(cell: &'s std::cell::OnceCell<Index<'a>>, res: &'a Resources) -> &'s Index<'a> {
+    cell.get_or_init(|| Index::of(res))
+}
+
+impl<'a> Clusters<'a> {
+    pub(crate) fn new(res: &'a Resources, memo: ClusterMemos) -> Self {
+        Clusters {
+            res,
+            index: Default::default(),
             built: HashMap::with_capacity(memo.len()),
             memo,
             trace: None,
@@ -153,7 +174,9 @@ impl<'a> Clusters<'a> {
     pub(crate) fn replay(&mut self, lookups: &[Lookup]) -> bool {
         let unchanged = self.services_unchanged
             || lookups.iter().all(|l| {
-                let now = self.services.get(&(l.namespace.as_str(), l.name.as_str()));
+                let now = index(&self.index, self.res)
+                    .services
+                    .get(&(l.namespace.as_str(), l.name.as_str()));
                 match (now, &l.service) {
                     (None, None) => true,
                     (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -199,7 +222,10 @@ impl<'a> Clusters<'a> {
                 namespace: r.namespace.to_string(),
                 name: r.name.to_string(),
                 port: r.port,
-                service: self.services.get(&(r.namespace, r.name)).map(|s| Arc::clone(s)),
+                service: index(&self.index, self.res)
+                    .services
+                    .get(&(r.namespace, r.name))
+                    .map(|s| Arc::clone(s)),
                 cluster: result.as_ref().ok().cloned(),
             });
         }
@@ -256,13 +282,14 @@ impl<'a> Clusters<'a> {
         if self.built.contains_key(&name) {
             return Ok(name);
         }
-        let svc = self.services.get(&(r.namespace, r.name)).copied().ok_or_else(|| {
+        let found = index(&self.index, self.res);
+        let svc = found.services.get(&(r.namespace, r.name)).copied().ok_or_else(|| {
             (
                 Reason::BackendNotFound,
                 format!("Service {}/{} not found", r.namespace, r.name),
             )
         })?;
-        let slices = self.slices.get(&(r.namespace, r.name)).map_or(&[][..], Vec::as_slice);
+        let slices = found.slices.get(&(r.namespace, r.name)).map_or(&[][..], Vec::as_slice);
         // From the selector (no slices), endpoints depend on every pod: only slices make it reusable.
         if let Some(m) = self.memo.get(&name)
             && m.service.as_ref().is_some_and(|s| Arc::ptr_eq(s, svc))
