@@ -897,3 +897,120 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
     .await;
     assert_eq!(call("GET", "/x", None).await, None, "nothing served unguarded");
 }
+
+/// Services with a BackendPolicy each — retries on connect failure (one of two endpoints
+/// refuses), consistent hashing on a header, TLS to the endpoints with a CA file and a name to
+/// check — routed by Envoy over our xDS and by ferrum-dp over MeshSubscribe, the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (s, ca_pem) = Backend::start_tls("s", "api.example.test").await;
+    let cluster = Cluster::start();
+    let ca_file = cluster.dir.path().join("api-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let op = cluster.operator("op-1").await;
+    let (port, refused) = (free_port(), free_port());
+    // A Service whose endpoints are on 127.0.0.1 at these ports (one slice each).
+    let svc = |name: &str, ports: &[u16]| {
+        let mut y = format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n"
+        );
+        for (i, p) in ports.iter().enumerate() {
+            y += &format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{i}, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: {p}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n"
+            );
+        }
+        y
+    };
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}}}\n\
+             spec: {{targetRefs: [{{group: '', kind: Service, name: {name}}}], {spec}}}\n"
+        )
+    };
+    let ca = ca_file.display();
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: http, port: {port}, protocol: HTTP}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: shop}}\n\
+         spec:\n  parentRefs: [{{name: web}}]\n  hostnames: [shop.example.com]\n  rules:\n\
+         \x20 - {{matches: [{{path: {{type: PathPrefix, value: /flaky}}}}], backendRefs: [{{name: flaky, port: 80}}]}}\n\
+         \x20 - {{matches: [{{path: {{type: PathPrefix, value: /sticky}}}}], backendRefs: [{{name: sticky, port: 80}}]}}\n\
+         \x20 - {{matches: [{{path: {{type: PathPrefix, value: /secure}}}}], backendRefs: [{{name: secure, port: 80}}]}}\n\
+         \x20 - {{matches: [{{path: {{type: PathPrefix, value: /misnamed}}}}], backendRefs: [{{name: misnamed, port: 80}}]}}\n\
+         {}{}{}{}{}{}{}{}",
+        svc("flaky", &[a.addr.port(), refused]),
+        policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
+        svc("sticky", &[a.addr.port(), b.addr.port()]),
+        policy("sticky", "loadBalancer: {type: ConsistentHash, hashHeader: x-user}"),
+        svc("secure", &[s.addr.port()]),
+        policy("secure", &format!("tls: {{sni: api.example.test, caFile: '{ca}'}}")),
+        svc("misnamed", &[s.addr.port()]),
+        policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
+    ));
+    let send = async |path: &str, user: &str| {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "shop.example.com")
+            .header("x-user", user)
+            .send()
+            .await
+            .ok()?;
+        let backend = r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string());
+        Some((r.status().as_u16(), backend))
+    };
+    let applies = async |proxy: &str, within: Duration| {
+        eventually(
+            &format!("{proxy} reaches the TLS backend, its name checked"),
+            within,
+            async || send("/secure", "u").await == Some((200, Some("s".into()))),
+        )
+        .await;
+        let misnamed = send("/misnamed", "u").await.unwrap();
+        assert!(
+            misnamed.0 >= 502 && misnamed.1.is_none(),
+            "{proxy}: a certificate for another name is refused: {misnamed:?}"
+        );
+        // Half the tries go to a port that refuses: every request is retried onto the other.
+        for i in 0..20 {
+            assert_eq!(
+                send("/flaky", "u").await,
+                Some((200, Some("a".into()))),
+                "{proxy}: request {i}"
+            );
+        }
+        // Each user stays on one endpoint; the users are spread over both.
+        let mut seen = std::collections::BTreeSet::new();
+        for u in 0..12 {
+            let user = format!("user-{u}");
+            let first = send("/sticky", &user).await.unwrap();
+            for _ in 0..4 {
+                assert_eq!(send("/sticky", &user).await.unwrap(), first, "{proxy}: {user} moved");
+            }
+            seen.insert(first.1);
+        }
+        assert_eq!(seen.len(), 2, "{proxy}: every user hashed to one endpoint: {seen:?}");
+    };
+
+    let envoy = envoy(cluster.dir.path(), "envoy-traffic", op.grpc, false);
+    applies("Envoy", ENVOY_START).await;
+    let proxies = op.admin_json("/proxies").await;
+    let state = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "envoy-traffic")
+        .cloned();
+    assert_eq!(
+        state.map(|s| s["lastRejection"].clone()),
+        Some(Value::Null),
+        "Envoy accepted every resource"
+    );
+    drop(envoy);
+
+    let cache = cluster.dir.path().join("dp-traffic.json");
+    let _dp = Proxy::start(&op.grpc_url(), "dp-traffic", &cache).await;
+    applies("ferrum-dp", Duration::from_secs(10)).await;
+}

@@ -56,6 +56,26 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Backend::serve(name, None).await
+    }
+
+    /// The same backend over TLS (HTTP/1.1 and h2 by ALPN) with a self-signed certificate for
+    /// `host`, and that certificate in PEM: the CA a client must trust.
+    pub async fn start_tls(name: &str, host: &str) -> (Backend, String) {
+        let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![c.cert.der().clone()], key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        (Backend::serve(name, Some(acceptor)).await, c.cert.pem())
+    }
+
+    async fn serve(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
@@ -73,14 +93,20 @@ impl Backend {
                     continue;
                 };
                 let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
                         async move { Ok::<_, Infallible>(respond(req, &n, &h, &hs, &fs).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(s), svc).await,
+                        Some(tls) => match tls.accept(s).await {
+                            Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });

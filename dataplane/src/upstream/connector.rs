@@ -193,7 +193,8 @@ fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth());
     };
-    let mut cfg = if tls.insecure_skip_verify {
+    // No ALPN here: the connector builder (`build`) sets it and refuses a config that has it.
+    Ok(if tls.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
@@ -201,12 +202,7 @@ fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
     } else {
         let roots = root_store(c, tls.ca_file.as_deref())?;
         builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    cfg.alpn_protocols = match c.protocol {
-        UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
-        UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
-    };
-    Ok(cfg)
+    })
 }
 
 /// The cluster's `caFile`, or the public web PKI roots (Mozilla's, via webpki-roots) when it
@@ -260,7 +256,11 @@ pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Res
         }
         None => builder,
     };
-    Ok(builder.enable_all_versions().wrap_connector(counting))
+    // ALPN offers only the cluster's protocol.
+    Ok(match c.protocol {
+        UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(counting),
+        UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(counting),
+    })
 }
 
 /// `insecureSkipVerify`: accepts any server certificate, still checks signatures. (Tests use
@@ -304,6 +304,23 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 mod tests {
     use super::*;
     use ferrum_snapshot::model::Endpoint;
+
+    /// Every upstream TLS cluster once failed here (hyper-rustls refuses a TLS config that
+    /// already names ALPN protocols), so the snapshot holding it was rejected.
+    #[test]
+    fn tls_clusters_of_either_protocol_get_a_connector() {
+        for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
+            let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 443)]);
+            c.protocol = protocol;
+            c.tls = Some(ferrum_snapshot::model::UpstreamTls {
+                sni: "api.example.test".into(),
+                ca_file: None,
+                insecure_skip_verify: false,
+            });
+            let stats = Arc::new(crate::telemetry::ClusterStats::default());
+            assert!(build(&c, stats, &Default::default()).is_ok(), "{protocol:?}");
+        }
+    }
 
     #[test]
     fn tls_without_a_ca_file_trusts_the_public_roots() {

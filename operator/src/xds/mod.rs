@@ -7,3 +7,4 @@ pub mod rbac;
 pub mod resources;
 #[cfg(test)]
 pub(crate) mod test_world;
+mod traffic;

@@ -24,6 +24,7 @@ use prost::Message;
 
 use super::jwt::Providers;
 use super::rbac;
+use super::traffic::{self, ClusterIndex};
 use ferrum_proto::xds::HCM;
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
@@ -38,14 +39,14 @@ pub(super) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     }
 }
 
-fn ms(ms: u64) -> PbDuration {
+pub(super) fn ms(ms: u64) -> PbDuration {
     PbDuration {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
 
-fn u32v(v: u32) -> Option<UInt32Value> {
+pub(super) fn u32v(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
 }
 
@@ -218,8 +219,9 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
     for t in PUSH_ORDER {
         out.by_type.insert(t, BTreeMap::new());
     }
+    let clusters: ClusterIndex = s.clusters.iter().map(|c| (c.name.as_str(), &**c)).collect();
     for c in &s.clusters {
-        let (cl, cla) = cluster(c, &mut out.unsupported);
+        let (cl, cla) = cluster(c);
         out.by_type
             .get_mut(CLUSTER)
             .unwrap()
@@ -246,7 +248,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
                 .insert(l.name.clone(), any(LISTENER, &lis));
             continue;
         }
-        let rc = route_config(l, &mut out.unsupported);
+        let rc = route_config(l, &clusters, &mut out.unsupported);
         out.by_type
             .get_mut(ROUTE)
             .unwrap()
@@ -403,14 +405,22 @@ fn tcp_cluster(
     }
 }
 
-fn route_config(l: &model::Listener, unsupported: &mut Vec<String>) -> route::RouteConfiguration {
+fn route_config(
+    l: &model::Listener,
+    clusters: &ClusterIndex,
+    unsupported: &mut Vec<String>,
+) -> route::RouteConfiguration {
     let vhosts = l
         .virtual_hosts
         .iter()
         .map(|vh| route::VirtualHost {
             name: vh.hostname.clone(),
             domains: vec![vh.hostname.clone()],
-            routes: vh.routes.iter().map(|r| envoy_route(r, unsupported)).collect(),
+            routes: vh
+                .routes
+                .iter()
+                .map(|r| envoy_route(r, clusters, unsupported))
+                .collect(),
             ..Default::default()
         })
         .collect();
@@ -422,13 +432,13 @@ fn route_config(l: &model::Listener, unsupported: &mut Vec<String>) -> route::Ro
     }
 }
 
-fn envoy_route(r: &model::Route, unsupported: &mut Vec<String>) -> route::Route {
+fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<String>) -> route::Route {
     route::Route {
         name: r.name.clone(),
         r#match: Some(route_match(&r.matcher)),
         action: Some(match &r.action {
             Action::Redirect(rd) => redirect_action(rd),
-            Action::Forward(targets) => forward_action(r, targets, unsupported),
+            Action::Forward(targets) => forward_action(r, targets, clusters, unsupported),
         }),
         request_headers_to_add: [
             header_values(&r.request_headers.set, false),
@@ -519,6 +529,7 @@ fn redirect_action(rd: &model::Redirect) -> route::route::Action {
 fn forward_action(
     r: &model::Route,
     targets: &[model::WeightedCluster],
+    clusters: &ClusterIndex,
     unsupported: &mut Vec<String>,
 ) -> route::route::Action {
     use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
@@ -566,28 +577,18 @@ fn forward_action(
             None => {}
         }
     }
-    if let Some(ms_) = r.timeouts.backend_request_ms {
-        ra.retry_policy = Some(route::RetryPolicy {
-            per_try_timeout: Some(ms(ms_)),
-            ..Default::default()
-        });
-    }
+    traffic::route_policies(r, targets, clusters, &mut ra, unsupported);
     route::route::Action::Route(ra)
 }
 
-fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Cluster, endpoint::ClusterLoadAssignment) {
+fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssignment) {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy as EnvoyLb};
     let lb = match &c.lb {
         LbPolicy::RoundRobin => EnvoyLb::RoundRobin,
         LbPolicy::LeastRequest => EnvoyLb::LeastRequest,
         LbPolicy::Random => EnvoyLb::Random,
-        LbPolicy::ConsistentHash(_) => {
-            unsupported.push(format!(
-                "cluster {}: consistent hashing needs a route hash policy (ring hash without a key)",
-                c.name
-            ));
-            EnvoyLb::RingHash
-        }
+        // The key is on each route that sends here (`traffic::route_policies`).
+        LbPolicy::ConsistentHash(_) => EnvoyLb::RingHash,
     };
     let mut cl = cluster::Cluster {
         name: c.name.clone(),
@@ -603,6 +604,7 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
                 max_connections: u32v(c.circuit_breaker.max_connections),
                 max_pending_requests: u32v(c.circuit_breaker.max_pending_requests),
                 max_requests: u32v(c.circuit_breaker.max_requests),
+                retry_budget: c.retry.as_ref().map(traffic::retry_budget),
                 ..Default::default()
             }],
             ..Default::default()
@@ -631,18 +633,7 @@ fn cluster(c: &model::Cluster, unsupported: &mut Vec<String>) -> (cluster::Clust
             ),
         );
     }
-    if c.tls.is_some() {
-        unsupported.push(format!(
-            "cluster {}: upstream TLS over xDS comes with SDS (not yet)",
-            c.name
-        ));
-    }
-    if c.retry.is_some() {
-        unsupported.push(format!(
-            "cluster {}: cluster retry policy is not expressed on Envoy routes yet",
-            c.name
-        ));
-    }
+    cl.transport_socket = c.tls.as_ref().map(|t| traffic::upstream_tls(t, c.protocol));
     (cl, load_assignment(c))
 }
 
