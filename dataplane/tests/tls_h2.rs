@@ -134,3 +134,57 @@ async fn h2c_downstream_and_h2_upstream() {
         assert_eq!(v["headers"]["via"][0], "2 ferrum");
     }
 }
+
+/// TLS to upstreams (a Backend's `tls`): the certificate checked against `caFile` and `sni`,
+/// ALPN of the Backend's protocol (HTTP/1.1 or HTTP/2), a certificate for another name refused.
+/// Every such Backend once made the file fail to load (the connector refused its TLS config).
+#[tokio::test]
+async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
+    let (s, ca) = Backend::start_tls("s", "api.example.test").await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let tls = |sni: &str, protocol: &str| {
+        format!(
+            "  protocol: {protocol}\n  tls: {{sni: {sni}, caFile: '{}'}}\n",
+            ca_file.display()
+        )
+    };
+    let route = |path: &str, name: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+             rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
+        )
+    };
+    let yaml = docs(&[
+        gateway(port),
+        backend("h1", &[&s], &tls("api.example.test", "HTTP/1.1")),
+        backend("h2", &[&s], &tls("api.example.test", "HTTP/2")),
+        backend("misnamed", &[&s], &tls("other.example.test", "HTTP/1.1")),
+        route("/h1", "h1"),
+        route("/h2", "h2"),
+        route("/misnamed", "misnamed"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    for (path, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["version"], version, "{path}: ALPN");
+    }
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/misnamed"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_server_error() && r.headers().get("x-backend").is_none(),
+        "{}",
+        r.status()
+    );
+}
