@@ -577,19 +577,40 @@ async fn ferrum_dp_follows_and_nacks(protocol: &str, registered_as: &str) {
     assert_eq!(s["protocol"], registered_as);
     assert_eq!(s["lastRejection"], Value::Null, "{s}");
 
-    // Consistent hashing reaches xDS as a ring-hash cluster, which ferrum-dp does not take from
-    // xDS: it NACKs the clusters with its reason and keeps routing as before.
+    // Consistent hashing reaches xDS as a ring-hash cluster with the key on its routes:
+    // ferrum-dp takes it (the cluster hashes on the routes' key).
     cluster.apply(
         "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: sticky}\n\
          spec: {targetRefs: [{group: '', kind: Service, name: b}], loadBalancer: {type: ConsistentHash, hashHeader: x-user}}\n",
     );
+    let lb_of_b = async || {
+        let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap_or_default();
+        config["snapshot"]["clusters"][0]["lb"].clone()
+    };
+    eventually("ferrum-dp hashes b on x-user", Duration::from_secs(5), async || {
+        lb_of_b().await == json!({"consistentHash": {"header": "x-user"}})
+    })
+    .await;
+    assert_eq!(dp_state(&op.admin_json("/proxies").await)["lastRejection"], Value::Null);
+
+    // A Gateway AuthorizationPolicy reaches xDS as an RBAC filter, which ferrum-dp does not
+    // take from xDS (a policy skipped would be a policy not enforced): it NACKs the listener
+    // with its reason and keeps routing as before.
+    cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    cluster.apply(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\n\
+         spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}], action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}\n",
+    );
     eventually(
         "the NACK is recorded with ferrum-dp's reason",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         async || {
             dp_state(&op.admin_json("/proxies").await)["lastRejection"]
                 .as_str()
-                .is_some_and(|m| m.contains("Cluster") && m.contains("lb_policy"))
+                .is_some_and(|m| m.contains("Listener") && m.contains("refused rather than skipped"))
         },
     )
     .await;
@@ -900,7 +921,8 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
 
 /// Services with a BackendPolicy each — retries on connect failure (one of two endpoints
 /// refuses), consistent hashing on a header, TLS to the endpoints with a CA file and a name to
-/// check — routed by Envoy over our xDS and by ferrum-dp over MeshSubscribe, the same way.
+/// check — routed the same way by Envoy over our xDS, by ferrum-dp over MeshSubscribe and by
+/// ferrum-dp over xDS (which reads the retries and the key back off Envoy's routes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
@@ -1011,6 +1033,19 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     drop(envoy);
 
     let cache = cluster.dir.path().join("dp-traffic.json");
-    let _dp = Proxy::start(&op.grpc_url(), "dp-traffic", &cache).await;
+    let dp = Proxy::start(&op.grpc_url(), "dp-traffic", &cache).await;
     applies("ferrum-dp", Duration::from_secs(10)).await;
+    drop(dp);
+
+    // ferrum-dp reading Envoy's resources reads the policies back off the routes.
+    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-traffic-xds").await;
+    applies("ferrum-dp over xDS", Duration::from_secs(10)).await;
+    let proxies = op.admin_json("/proxies").await;
+    let state = proxies["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "dp-traffic-xds")
+        .cloned();
+    assert_eq!(state.map(|s| s["lastRejection"].clone()), Some(Value::Null));
 }

@@ -24,6 +24,8 @@ use prost::Message;
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use ferrum_proto::xds::HCM;
+
+use super::traffic::{self, RoutePolicies};
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 const DOWNSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -65,7 +67,7 @@ impl MapError {
     }
 
     /// The same error, found inside `at`.
-    fn within(self, at: &str) -> MapError {
+    pub(super) fn within(self, at: &str) -> MapError {
         MapError::Within {
             at: at.to_string(),
             source: Box::new(self),
@@ -584,20 +586,23 @@ fn threshold(v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default
     v.as_ref().map_or(default, |v| v.value)
 }
 
-fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment>) -> Result<model::Cluster, MapError> {
+fn cluster_of(
+    c: &cluster::Cluster,
+    cla: Option<&endpoint::ClusterLoadAssignment>,
+    policies: &RoutePolicies,
+) -> Result<model::Cluster, MapError> {
     use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as EnvoyLb};
     let name = format!("Cluster {}", c.name);
     let at = |what: &str| MapError::refused(&name, what);
-    if c.transport_socket.is_some() {
-        return Err(at("transport_socket: upstream TLS over xDS is not supported yet"));
-    }
     let lb = match EnvoyLb::try_from(c.lb_policy) {
         Ok(EnvoyLb::RoundRobin) => LbPolicy::RoundRobin,
         Ok(EnvoyLb::LeastRequest) => LbPolicy::LeastRequest,
         Ok(EnvoyLb::Random) => LbPolicy::Random,
+        // The key comes from the routes (`RoutePolicies::apply`).
+        Ok(EnvoyLb::RingHash | EnvoyLb::Maglev) => LbPolicy::Random,
         _ => {
             return Err(at(
-                "lb_policy: only ROUND_ROBIN, LEAST_REQUEST and RANDOM are supported",
+                "lb_policy: only ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV are supported",
             ));
         }
     };
@@ -652,6 +657,10 @@ fn cluster_of(c: &cluster::Cluster, cla: Option<&endpoint::ClusterLoadAssignment
             out.protocol = UpstreamProtocol::Http2;
         }
     }
+    if let Some(ts) = &c.transport_socket {
+        out.tls = Some(traffic::upstream_tls(ts, &name)?);
+    }
+    policies.apply(&mut out, c);
     Ok(out)
 }
 
@@ -715,6 +724,7 @@ pub fn snapshot_noting(
 ) -> Result<Option<(Snapshot, ferrum_snapshot::Secrets)>, MapError> {
     let mut listeners = Vec::new();
     let mut secrets = ferrum_snapshot::Secrets::new();
+    let mut policies = RoutePolicies::default();
     for l in r.listeners.values() {
         let (address, port) = socket(&l.address)
             .ok_or_else(|| MapError::refused(&format!("Listener {}", l.name), "needs a socket address with a port"))?;
@@ -724,9 +734,15 @@ pub fn snapshot_noting(
             k
         };
         let (l4, virtual_hosts) = match listener_routes(l)? {
-            RouteSource::Inline(rc) => (None, virtual_hosts(&rc, &known)?),
+            RouteSource::Inline(rc) => {
+                policies.note(&rc)?;
+                (None, virtual_hosts(&rc, &known)?)
+            }
             RouteSource::Rds(name) => match r.routes.get(&name) {
-                Some(rc) => (None, virtual_hosts(rc, &known)?),
+                Some(rc) => {
+                    policies.note(rc)?;
+                    (None, virtual_hosts(rc, &known)?)
+                }
                 None => return Ok(None),
             },
             RouteSource::Tcp { tls, chains } => (
@@ -774,7 +790,7 @@ pub fn snapshot_noting(
         if eds && !r.endpoints.contains_key(&c.name) {
             return Ok(None);
         }
-        clusters.push(Arc::new(cluster_of(c, r.endpoints.get(&c.name))?));
+        clusters.push(Arc::new(cluster_of(c, r.endpoints.get(&c.name), &policies)?));
     }
     // Applying validates the rest (the same checks as every other source).
     Ok(Some((Snapshot::new(version, listeners, clusters), secrets)))
@@ -1000,16 +1016,178 @@ mod tests {
         assert_eq!(reason, "case-insensitive paths are not supported");
     }
 
+    fn tls_socket(ctx: &tls::UpstreamTlsContext) -> core::TransportSocket {
+        core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                ctx,
+            ))),
+        }
+    }
+
+    /// An `UpstreamTlsContext` trusting `ca` (a file, or inline PEM) and checking `san`.
+    fn tls_context(sni: &str, ca: core::data_source::Specifier, san: &str) -> tls::UpstreamTlsContext {
+        use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+        tls::UpstreamTlsContext {
+            sni: sni.into(),
+            common_tls_context: Some(tls::CommonTlsContext {
+                validation_context_type: Some(tls::common_tls_context::ValidationContextType::ValidationContext(
+                    tls::CertificateValidationContext {
+                        trusted_ca: Some(core::DataSource {
+                            specifier: Some(ca),
+                            ..Default::default()
+                        }),
+                        match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
+                            san_type: tls::subject_alt_name_matcher::SanType::Dns as i32,
+                            matcher: Some(matcher::StringMatcher {
+                                match_pattern: Some(MatchPattern::Exact(san.into())),
+                                ignore_case: false,
+                            }),
+                            oid: String::new(),
+                        }],
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_cluster_that_cannot_be_served_says_why() {
+        use self::core::data_source::Specifier;
+        let refused = |ctx: tls::UpstreamTlsContext| {
+            let mut r = complete();
+            let mut c = eds_cluster();
+            c.transport_socket = Some(tls_socket(&ctx));
+            r.clusters.insert("c".into(), c);
+            snapshot(&r, 1).unwrap_err().to_string()
+        };
+        let inline = refused(tls_context(
+            "api.test",
+            Specifier::InlineString("PEM".into()),
+            "api.test",
+        ));
+        assert_eq!(
+            inline,
+            "Cluster c: transport_socket: validation_context.trusted_ca must be a file name"
+        );
+        let other_name = refused(tls_context(
+            "api.test",
+            Specifier::Filename("/ca.pem".into()),
+            "db.test",
+        ));
+        assert!(other_name.contains("checked against the SNI name"), "{other_name}");
+
         let mut r = complete();
         let mut c = eds_cluster();
-        c.transport_socket = Some(core::TransportSocket::default());
+        c.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
         r.clusters.insert("c".into(), c);
-        let e = snapshot(&r, 1).unwrap_err();
+        assert!(
+            snapshot(&r, 1)
+                .unwrap_err()
+                .to_string()
+                .starts_with("Cluster c: lb_policy")
+        );
+    }
+
+    #[test]
+    fn upstream_tls_is_the_clusters_and_checks_the_sni_name() {
+        let mut r = complete();
+        let mut c = eds_cluster();
+        let ctx = tls_context(
+            "api.test",
+            core::data_source::Specifier::Filename("/ca.pem".into()),
+            "api.test",
+        );
+        c.transport_socket = Some(tls_socket(&ctx));
+        r.clusters.insert("c".into(), c.clone());
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        let tls = snap.clusters[0].tls.clone().unwrap();
         assert_eq!(
-            e.to_string(),
-            "Cluster c: transport_socket: upstream TLS over xDS is not supported yet"
+            (tls.sni.as_str(), tls.ca_file.as_deref(), tls.insecure_skip_verify),
+            ("api.test", Some("/ca.pem"), false)
+        );
+        // No validation context: Envoy checks nothing, and neither does ferrum-dp.
+        c.transport_socket = Some(tls_socket(&tls::UpstreamTlsContext {
+            sni: "api.test".into(),
+            ..Default::default()
+        }));
+        r.clusters.insert("c".into(), c);
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        assert!(snap.clusters[0].tls.as_ref().unwrap().insecure_skip_verify);
+    }
+
+    /// `complete()` with its route to `c` asking for `hash` and `retry`, and a second route
+    /// (`/other`) asking for `retry2`.
+    fn with_route_policies(
+        hash: Vec<route::route_action::HashPolicy>,
+        retry: Option<route::RetryPolicy>,
+        retry2: Option<route::RetryPolicy>,
+    ) -> EnvoyResources {
+        let mut r = complete();
+        let mut rc = routes(prefix("/api"));
+        let mut other = rc.virtual_hosts[0].routes[0].clone();
+        other.name = "other".into();
+        other.r#match = Some(prefix("/other"));
+        if let Some(route::route::Action::Route(ra)) = &mut other.action {
+            ra.retry_policy = retry2;
+        }
+        if let Some(route::route::Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action {
+            (ra.hash_policy, ra.retry_policy) = (hash, retry);
+        }
+        rc.virtual_hosts[0].routes.push(other);
+        r.routes.insert("rc".into(), rc);
+        let mut c = eds_cluster();
+        c.lb_policy = cluster::cluster::LbPolicy::RingHash as i32;
+        r.clusters.insert("c".into(), c);
+        r
+    }
+
+    #[test]
+    fn a_ring_hash_cluster_hashes_on_its_routes_key_and_retries_as_they_say() {
+        use route::route_action::hash_policy::{Header, PolicySpecifier};
+        let header = route::route_action::HashPolicy {
+            policy_specifier: Some(PolicySpecifier::Header(Header {
+                header_name: "X-User".into(),
+                regex_rewrite: None,
+            })),
+            terminal: false,
+        };
+        let retry = route::RetryPolicy {
+            retry_on: "connect-failure,refused-stream,unavailable,retriable-status-codes".into(),
+            retriable_status_codes: vec![429],
+            num_retries: Some(UInt32Value { value: 3 }),
+            ..Default::default()
+        };
+        let r = with_route_policies(vec![header], Some(retry.clone()), Some(retry.clone()));
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        let c = &snap.clusters[0];
+        assert_eq!(c.lb, LbPolicy::ConsistentHash(model::HashOn::Header("x-user".into())));
+        let p = c.retry.clone().unwrap();
+        assert_eq!(p.attempts, 3);
+        assert_eq!(
+            p.on,
+            vec!["connect-failure", "reset", "429"],
+            "gRPC conditions are not retried"
+        );
+
+        // Without a key Envoy hashes nothing: random.
+        let r = with_route_policies(Vec::new(), None, None);
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        assert_eq!(
+            (&snap.clusters[0].lb, &snap.clusters[0].retry),
+            (&LbPolicy::Random, &None)
+        );
+
+        // Two routes to one cluster, one retrying and one not: ferrum has one policy per cluster.
+        let r = with_route_policies(Vec::new(), Some(retry), None);
+        let e = snapshot(&r, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("route \"other\"") && e.contains("other retry policies"),
+            "{e}"
         );
     }
 

@@ -8,6 +8,7 @@
 mod delta;
 pub mod map;
 mod sotw;
+mod traffic;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -1,0 +1,254 @@
+//! The traffic policy Envoy keeps on routes, read back onto clusters: ferrum keeps retries and
+//! the consistent-hash key per cluster, Envoy per route (`RouteAction.retry_policy`,
+//! `hash_policy`). Every route that sends to a cluster must then agree on its retries; a route
+//! without a hash policy has no opinion on the key. Upstream TLS (`UpstreamTlsContext`) is the
+//! cluster's own.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use ferrum_snapshot::model::{HashOn, LbPolicy, RetryPolicy, UpstreamTls};
+
+use super::map::{MapError, decode};
+
+const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// gRPC and HTTP/2 retry conditions with no ferrum equivalent: ferrum-dp does not retry on them
+/// (it retries on what the others in the same list say). istiod sends some by default.
+const NOT_RETRIED: [&str; 6] = [
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+    "http3-post-connect-failure",
+];
+
+/// What the routes to one cluster ask of it, and the first route that asked.
+#[derive(Default)]
+struct Asked {
+    hash: Option<(HashOn, String)>,
+    retry: Option<(Option<RetryPolicy>, String)>,
+}
+
+/// The retry and hash policies of every route, by the cluster they send to.
+#[derive(Default)]
+pub struct RoutePolicies(HashMap<String, Asked>);
+
+impl RoutePolicies {
+    /// Notes what each forwarding route of `rc` asks of its clusters; routes that ask one cluster
+    /// for different things are refused.
+    pub fn note(&mut self, rc: &route::RouteConfiguration) -> Result<(), MapError> {
+        for vh in &rc.virtual_hosts {
+            for r in &vh.routes {
+                let Some(route::route::Action::Route(ra)) = &r.action else {
+                    continue;
+                };
+                let at = format!("RouteConfiguration {} route {:?}", rc.name, r.name);
+                self.note_route(ra, &at)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn note_route(&mut self, ra: &route::RouteAction, at: &str) -> Result<(), MapError> {
+        use route::route_action::ClusterSpecifier;
+        let hash = hash_on(&ra.hash_policy, at)?;
+        let retry = match &ra.retry_policy {
+            Some(p) if !p.retry_on.is_empty() => Some(retry_policy(p, at)?),
+            _ => None,
+        };
+        let clusters: Vec<&str> = match &ra.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(c)) => vec![c],
+            Some(ClusterSpecifier::WeightedClusters(w)) => w
+                .clusters
+                .iter()
+                .filter(|c| c.weight.as_ref().is_none_or(|w| w.value > 0))
+                .map(|c| c.name.as_str())
+                .collect(),
+            _ => Vec::new(),
+        };
+        for c in clusters {
+            let asked = self.0.entry(c.to_string()).or_default();
+            if let Some(h) = &hash {
+                match &asked.hash {
+                    Some((was, by)) if was != h => return Err(disagree(at, c, "hash policies", by)),
+                    Some(_) => {}
+                    None => asked.hash = Some((h.clone(), at.to_string())),
+                }
+            }
+            match &asked.retry {
+                Some((was, by)) if *was != retry => return Err(disagree(at, c, "retry policies", by)),
+                Some(_) => {}
+                None => asked.retry = Some((retry.clone(), at.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The routes' policies on cluster `c` (mapped from `envoy`): a ring-hash or Maglev cluster
+    /// hashes on the routes' key (without one Envoy hashes nothing: random), and retries as
+    /// its routes say, within the cluster's retry budget.
+    pub fn apply(&self, c: &mut ferrum_snapshot::model::Cluster, envoy: &cluster::Cluster) {
+        use cluster::cluster::LbPolicy as EnvoyLb;
+        let asked = self.0.get(&c.name);
+        if matches!(
+            EnvoyLb::try_from(envoy.lb_policy),
+            Ok(EnvoyLb::RingHash | EnvoyLb::Maglev)
+        ) {
+            c.lb = match asked.and_then(|a| a.hash.as_ref()) {
+                Some((on, _)) => LbPolicy::ConsistentHash(on.clone()),
+                None => LbPolicy::Random,
+            };
+        }
+        c.retry = asked
+            .and_then(|a| a.retry.as_ref())
+            .and_then(|(p, _)| p.clone())
+            .map(|mut p| {
+                let budget = envoy
+                    .circuit_breakers
+                    .as_ref()
+                    .and_then(|cb| cb.thresholds.first())
+                    .and_then(|t| t.retry_budget.as_ref());
+                if let Some(b) = budget {
+                    if let Some(pct) = &b.budget_percent {
+                        p.budget_percent = pct.value.clamp(0.0, 100.0) as u32;
+                    }
+                    if let Some(n) = &b.min_retry_concurrency {
+                        p.min_retry_concurrency = n.value;
+                    }
+                }
+                p
+            });
+    }
+}
+
+fn disagree(at: &str, cluster: &str, what: &str, first: &str) -> MapError {
+    MapError::Refused {
+        at: at.to_string(),
+        reason: format!("{first} sends to cluster {cluster} too, with other {what}; ferrum keeps one per cluster"),
+    }
+}
+
+/// A route's hash key: one header, or the client's address.
+fn hash_on(policies: &[route::route_action::HashPolicy], at: &str) -> Result<Option<HashOn>, MapError> {
+    use route::route_action::hash_policy::PolicySpecifier;
+    let refused = |reason: &str| MapError::Refused {
+        at: at.to_string(),
+        reason: reason.to_string(),
+    };
+    match policies {
+        [] => Ok(None),
+        [p] => match &p.policy_specifier {
+            Some(PolicySpecifier::Header(h)) if h.regex_rewrite.is_none() => {
+                Ok(Some(HashOn::Header(h.header_name.to_ascii_lowercase())))
+            }
+            Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => Ok(Some(HashOn::ClientIp)),
+            _ => Err(refused(
+                "hash_policy: only a header (without regex_rewrite) or the source IP is supported",
+            )),
+        },
+        _ => Err(refused("hash_policy: only one hash policy per route is supported")),
+    }
+}
+
+/// Envoy's `retry_on` names as ferrum's conditions.
+fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapError> {
+    let mut on = Vec::new();
+    for cond in p.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        match cond {
+            "connect-failure" | "reset" | "5xx" | "gateway-error" => on.push(cond.to_string()),
+            // A stream the server refused, or reset before it took the request: a reset to us.
+            "refused-stream" | "reset-before-request" => on.push("reset".into()),
+            "retriable-status-codes" => on.extend(p.retriable_status_codes.iter().map(u32::to_string)),
+            "retriable-4xx" => on.push("409".into()),
+            c if NOT_RETRIED.contains(&c) => {}
+            other => {
+                return Err(MapError::Refused {
+                    at: at.to_string(),
+                    reason: format!("retry_on {other:?} is not supported"),
+                });
+            }
+        }
+    }
+    on.dedup();
+    let d = RetryPolicy::default();
+    Ok(RetryPolicy {
+        // Envoy's default is one retry.
+        attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
+        on,
+        backoff_base_ms: p
+            .retry_back_off
+            .as_ref()
+            .and_then(|b| b.base_interval.as_ref())
+            .map_or(d.backoff_base_ms, |b| {
+                (b.seconds.max(0) as u64) * 1000 + (b.nanos.max(0) as u64) / 1_000_000
+            }),
+        ..d
+    })
+}
+
+/// A cluster's `UpstreamTlsContext`: SNI, and the CA file its certificate is checked against
+/// (none: not checked, as Envoy does without a validation context). The certificate's name is
+/// checked against the SNI name, so SAN matchers must name that and nothing else.
+pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls, MapError> {
+    use tls::common_tls_context::ValidationContextType;
+    let refused = |reason: &str| MapError::Refused {
+        at: format!("{at}: transport_socket"),
+        reason: reason.to_string(),
+    };
+    let Some(core::transport_socket::ConfigType::TypedConfig(tc)) = &ts.config_type else {
+        return Err(refused("needs a typed_config"));
+    };
+    let ctx: tls::UpstreamTlsContext = decode(tc, UPSTREAM_TLS).map_err(|e| e.within(at))?;
+    let common = ctx.common_tls_context.unwrap_or_default();
+    if !common.tls_certificates.is_empty() || !common.tls_certificate_sds_secret_configs.is_empty() {
+        return Err(refused("client certificates to upstreams are not supported"));
+    }
+    let validation = match common.validation_context_type {
+        None => None,
+        Some(ValidationContextType::ValidationContext(v)) => Some(v),
+        Some(_) => return Err(refused("only an inline validation_context is supported")),
+    };
+    let Some(v) = validation else {
+        return Ok(UpstreamTls {
+            sni: ctx.sni,
+            ca_file: None,
+            insecure_skip_verify: true,
+        });
+    };
+    let ca_file = match v.trusted_ca.and_then(|d| d.specifier) {
+        Some(core::data_source::Specifier::Filename(f)) => f,
+        _ => return Err(refused("validation_context.trusted_ca must be a file name")),
+    };
+    let names: Vec<&str> = v
+        .match_typed_subject_alt_names
+        .iter()
+        .map(|m| match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+            Some(MatchPattern::Exact(n)) if !m.matcher.as_ref().is_some_and(|m| m.ignore_case) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| refused("subject alt name matchers must be exact names"))?;
+    // Without SNI (an IP address), the name to check is the one SAN matcher's.
+    let sni = match (ctx.sni.is_empty(), names.as_slice()) {
+        (false, []) => ctx.sni,
+        (false, [n]) if *n == ctx.sni => ctx.sni,
+        (true, [n]) if n.parse::<IpAddr>().is_ok() => n.to_string(),
+        _ => {
+            return Err(refused(
+                "the certificate is checked against the SNI name: give sni, and at most one subject alt name matcher equal to it (or only an IP address)",
+            ));
+        }
+    };
+    Ok(UpstreamTls {
+        sni,
+        ca_file: Some(ca_file),
+        insecure_skip_verify: false,
+    })
+}
