@@ -310,3 +310,141 @@ pub struct OutboundTrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_proxy: Option<serde_json::Value>,
 }
+
+/// `networking.istio.io/v1` DestinationRule (v1beta1 and v1alpha3 have the same shape): the
+/// traffic policy of the Service `host` names. Fields Ferrum does not apply are kept in `other`
+/// maps, so a rule using one is reported and left out rather than half-applied.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "DestinationRule",
+    namespaced,
+    status = "PolicyStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// A Service: a short name (in the rule's namespace) or `name.namespace[.svc[.cluster.local]]`.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<DrTrafficPolicy>,
+    /// Named subsets are only reached through VirtualService routes, which Ferrum does not read:
+    /// accepted and unused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<serde_json::Value>,
+}
+
+/// Fields outside the ones a struct names (`#[serde(flatten)]`): what Ferrum does not apply.
+pub type Other = BTreeMap<String, serde_json::Value>;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrTrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<DrLoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<DrConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<DrOutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DrTls>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrLoadBalancer {
+    /// `ROUND_ROBIN`, `LEAST_REQUEST` (`LEAST_CONN`), `RANDOM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<DrConsistentHash>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrConsistentHash {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_header_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_source_ip: Option<bool>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrConnectionPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<DrTcpPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<DrHttpPool>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrTcpPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrHttpPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrOutlierDetection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// How often Envoy sweeps for ejections; Ferrum ejects as failures arrive: accepted, unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrTls {
+    /// `DISABLE`, `SIMPLE`, `MUTUAL` or `ISTIO_MUTUAL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// A file of PEM CA certificates on the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(flatten)]
+    pub other: Other,
+}

@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
-use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Sidecar};
+use crate::istio::{AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, Sidecar};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,6 +63,8 @@ pub struct Resources {
     pub request_authentications: Vec<Arc<RequestAuthentication>>,
     /// Istio Sidecars (networking.istio.io): which Services a workload's proxy knows.
     pub sidecars: Vec<Arc<Sidecar>>,
+    /// Istio DestinationRules (networking.istio.io): traffic policy for Services.
+    pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
     /// JWKS documents the producer fetched for RequestAuthentications' `jwksUri`s, by URI: the
@@ -94,7 +96,8 @@ macro_rules! each_kind {
             authorization_policies: "AuthorizationPolicy" in crate::ISTIO_SECURITY_GROUP,
             peer_authentications: "PeerAuthentication" in crate::ISTIO_SECURITY_GROUP,
             request_authentications: "RequestAuthentication" in crate::ISTIO_SECURITY_GROUP,
-            sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP
+            sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP,
+            destination_rules: "DestinationRule" in crate::ISTIO_NETWORKING_GROUP
         )
     };
 }
@@ -405,7 +408,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar"),
+            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar, DestinationRule"),
             "{e}"
         );
         let e = refused("apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n");

@@ -393,7 +393,8 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
         .iter()
         .map(|p| ("RequestAuthentication", &p.metadata));
     let sidecars = res.sidecars.iter().map(|s| ("Sidecar", &s.metadata));
-    for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars) {
+    let rules = res.destination_rules.iter().map(|d| ("DestinationRule", &d.metadata));
+    for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(rules) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),
             policy_status(kind, meta, t),

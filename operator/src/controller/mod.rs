@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
-use ferrum_snapshot::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication, Sidecar};
+use ferrum_snapshot::istio::{
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, Sidecar,
+};
 use futures_util::StreamExt;
 use gateway_api::experimental::tcproutes::TcpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
@@ -152,6 +154,7 @@ kinds! {
     peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: true),
     request_authentications: RequestAuthentication = ("security.istio.io", "RequestAuthentication", ["v1", "v1beta1"], optional: true, status: true),
     sidecars: Sidecar = ("networking.istio.io", "Sidecar", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
+    destination_rules: DestinationRule = ("networking.istio.io", "DestinationRule", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

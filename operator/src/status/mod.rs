@@ -194,6 +194,12 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         })
         .await;
     }
+    for d in &res.destination_rules {
+        w.write_settled(d, "DestinationRule", &d.status, || {
+            Some(policy_status("DestinationRule", &d.metadata, t))
+        })
+        .await;
+    }
     w.settled.end();
     w.written
 }

@@ -338,8 +338,18 @@ impl<'a> Clusters<'a> {
                     .iter()
                     .any(|t| t.group.is_empty() && t.kind == "Service" && t.name == r.name)
         });
-        // The mesh's default policy first, then the cluster's own: its fields win.
+        // The mesh's default policy first, then the Service's DestinationRule, then its
+        // BackendPolicy: the later ones' fields win.
         let mut policy_error = self.apply_mesh_default(&mut cluster);
+        if let Some(d) = super::destination_rule::for_service(self.res, r.namespace, r.name) {
+            let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
+            // Applied whole or not at all; one that cannot be is reported once, used or not
+            // (`destination_rule::check_all`).
+            let mut with_rule = cluster.clone();
+            if super::destination_rule::apply(d, &fqdn, &mut with_rule).is_ok() {
+                cluster = with_rule;
+            }
+        }
         if let Some(p) = policy {
             let obj = super::meta_ref("BackendPolicy", &p.metadata);
             if let Err((field, msg)) = apply_policy(&mut cluster, &p.spec.policy) {
@@ -511,7 +521,7 @@ fn duration_field(field: &str, v: &Option<String>) -> Result<Option<u64>, Policy
         .map_err(|e| (format!("spec.{field}"), e))
 }
 
-fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), PolicyError> {
+pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), PolicyError> {
     if let Some(proto) = &p.protocol {
         c.protocol = match proto.as_str() {
             "HTTP/1.1" | "HTTP" => UpstreamProtocol::Http1,

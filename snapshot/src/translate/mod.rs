@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+mod destination_rule;
 mod gamma;
 pub use backends::mesh_config;
 mod grpcroute;
@@ -350,6 +351,7 @@ impl Context {
             .chain(all(&res.secrets))
             .chain(all(&res.backends))
             .chain(all(&res.backend_policies))
+            .chain(all(&res.destination_rules))
             .chain(all(&res.mesh_configs))
             .collect();
         others.sort_by_key(|o| Arc::as_ptr(o) as *const () as usize);
@@ -461,6 +463,7 @@ impl Incremental {
         stats.clusters_reused = clusters.reused;
         let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
+        destination_rule::check_all(res, &mut problems);
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;

@@ -496,6 +496,83 @@ fn what_no_proxy_could_serve_is_reported_not_emitted() {
 }
 
 #[test]
+fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() {
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
+                spec:\n  host: echo.default.svc.cluster.local\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n\
+                \x20   loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n\
+                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s}}\n\
+                \x20   outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n\
+                \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}\n---\n";
+    let s = ok(&format!(
+        "{rule}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let c = s.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.lb, LbPolicy::ConsistentHash(HashOn::Header("x-user".into())));
+    let cb = &c.circuit_breaker;
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests, cb.max_requests),
+        (7, 9, 11)
+    );
+    assert_eq!((c.timeouts.connect_ms, c.timeouts.idle_ms), (2000, 30_000));
+    let od = c.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (
+            od.consecutive_5xx,
+            od.consecutive_connect_failures,
+            od.base_ejection_ms,
+            od.max_ejection_percent
+        ),
+        (3, 2, 60_000, 50)
+    );
+    let tls = c.tls.as_ref().unwrap();
+    assert_eq!(
+        (tls.sni.as_str(), tls.ca_file.as_deref()),
+        ("echo.default.svc.cluster.local", Some("/etc/ca.pem")),
+        "SNI defaults to the Service's name"
+    );
+
+    // The Service's BackendPolicy is applied over it: its fields win, the rule's others stay.
+    let policy = "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: p, namespace: default}\n\
+                  spec: {targetRefs: [{group: '', kind: Service, name: echo}], loadBalancer: {type: Random}}\n---\n";
+    let s = ok(&format!(
+        "{rule}{policy}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let c = s.cluster("service/default/echo:80").unwrap();
+    assert_eq!((&c.lb, c.circuit_breaker.max_connections), (&LbPolicy::Random, 7));
+
+    // A field Ferrum does not apply: the rule is left out whole, its field named.
+    let partial = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
+                   spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}, http: {maxRetries: 2}}}}\n---\n\
+                   apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: unused, namespace: default}\n\
+                   spec: {host: nobody-routes-here, trafficPolicy: {tls: {mode: MUTUAL}}}\n---\n";
+    let t = run(&format!(
+        "{partial}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let found: Vec<(&str, &str, &str)> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.kind, p.object.name.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (
+                "DestinationRule",
+                "echo",
+                "spec.trafficPolicy.connectionPool.http.maxRetries"
+            ),
+            ("DestinationRule", "unused", "spec.trafficPolicy.tls.mode"),
+        ],
+        "every rule that cannot be applied is reported, used or not"
+    );
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.circuit_breaker, CircuitBreaker::default(), "nothing of it applied");
+}
+
+#[test]
 fn invalid_backend_policy_is_reported() {
     let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
                    spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
