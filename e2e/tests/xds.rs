@@ -1049,3 +1049,105 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         .cloned();
     assert_eq!(state.map(|s| s["lastRejection"].clone()), Some(Value::Null));
 }
+
+/// An Istio DestinationRule is a Service's traffic policy: consistent hashing on a header
+/// reaches Envoy and ferrum-dp alike, its status says it is in effect, and a field Ferrum does
+/// not apply leaves the rule out with the field in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_reaches_envoy_and_ferrum_dp_and_reports_what_it_cannot_apply() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    let mut slices = String::new();
+    for (i, be) in [&a, &b].iter().enumerate() {
+        slices += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-{i}, labels: {{kubernetes.io/service-name: reviews}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+            be.addr.port()
+        );
+    }
+    let rule = |extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\n\
+             spec: {{host: reviews.default.svc.cluster.local, trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}{extra}}}}}\n"
+        )
+    };
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: http, port: {port}, protocol: HTTP}}]}}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews}}\n\
+         spec: {{parentRefs: [{{name: web}}], rules: [{{backendRefs: [{{name: reviews, port: 80}}]}}]}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n{slices}---\n{}",
+        rule("")
+    ));
+    let backend_of = async |user: &str| {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .header("x-user", user)
+            .send()
+            .await
+            .ok()?;
+        r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string())
+    };
+    // Each user stays on one endpoint; the users are spread over both.
+    let sticky = async |proxy: &str| {
+        let mut seen = std::collections::BTreeSet::new();
+        for u in 0..12 {
+            let user = format!("user-{u}");
+            let first = backend_of(&user).await;
+            for _ in 0..4 {
+                assert_eq!(backend_of(&user).await, first, "{proxy}: {user} moved");
+            }
+            seen.insert(first);
+        }
+        seen.len() == 2 && !seen.contains(&None)
+    };
+    let condition = || {
+        let dr = cluster.get("destinationrules", "default", "reviews");
+        let c = &dr["status"]["conditions"][0];
+        (
+            c["type"].as_str().map(String::from),
+            c["status"].as_str().map(String::from),
+            c["message"].as_str().map(String::from).unwrap_or_default(),
+        )
+    };
+    eventually(
+        "the rule's status says it is in effect",
+        Duration::from_secs(10),
+        async || {
+            let (t, s, _) = condition();
+            (t.as_deref(), s.as_deref()) == (Some("Accepted"), Some("True"))
+        },
+    )
+    .await;
+
+    let envoy = envoy(cluster.dir.path(), "envoy-dr", op.grpc, false);
+    eventually("Envoy serves the route", ENVOY_START, async || {
+        backend_of("u").await.is_some()
+    })
+    .await;
+    assert!(sticky("Envoy").await, "Envoy hashes on x-user");
+    drop(envoy);
+    let cache = cluster.dir.path().join("dp-dr.json");
+    let _dp = Proxy::start(&op.grpc_url(), "dp-dr", &cache).await;
+    eventually("ferrum-dp serves the route", Duration::from_secs(10), async || {
+        backend_of("u").await.is_some()
+    })
+    .await;
+    assert!(sticky("ferrum-dp").await, "ferrum-dp hashes on x-user");
+
+    // maxRetries has no Ferrum equivalent: the rule is left out whole and says why.
+    cluster.apply(&rule(", connectionPool: {http: {maxRetries: 3}}"));
+    eventually("the status names the field", Duration::from_secs(10), async || {
+        let (_, s, message) = condition();
+        s.as_deref() == Some("False") && message.starts_with("spec.trafficPolicy.connectionPool.http.maxRetries")
+    })
+    .await;
+    assert!(backend_of("u").await.is_some(), "the Service still serves");
+}
