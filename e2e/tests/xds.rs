@@ -1048,6 +1048,29 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         .find(|p| p["nodeId"] == "dp-traffic-xds")
         .cloned();
     assert_eq!(state.map(|s| s["lastRejection"].clone()), Some(Value::Null));
+
+    // Each BackendPolicy's status says whether it is in effect, or which field it cannot take
+    // (used by a route or not).
+    cluster.apply(&policy("ghost", "loadBalancer: {type: Fastest}"));
+    let accepted = |name: &str| {
+        let c = cluster.get("backendpolicies", "default", name)["status"]["conditions"][0].clone();
+        (
+            c["status"].as_str().map(String::from),
+            c["message"].as_str().map(String::from),
+        )
+    };
+    eventually(
+        "BackendPolicy statuses are written",
+        Duration::from_secs(10),
+        async || {
+            accepted("flaky").0.as_deref() == Some("True")
+                && accepted("ghost").0.as_deref() == Some("False")
+                && accepted("ghost")
+                    .1
+                    .is_some_and(|m| m.starts_with("spec.loadBalancer.type"))
+        },
+    )
+    .await;
 }
 
 /// An Istio DestinationRule is a Service's traffic policy: consistent hashing on a header

@@ -394,7 +394,9 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
         .map(|p| ("RequestAuthentication", &p.metadata));
     let sidecars = res.sidecars.iter().map(|s| ("Sidecar", &s.metadata));
     let rules = res.destination_rules.iter().map(|d| ("DestinationRule", &d.metadata));
-    for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(rules) {
+    let backend_policies = res.backend_policies.iter().map(|p| ("BackendPolicy", &p.metadata));
+    let traffic = rules.chain(backend_policies);
+    for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(traffic) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),
             policy_status(kind, meta, t),

@@ -146,7 +146,7 @@ kinds! {
     // and application secrets are never read.
     secrets: Secret = ("", "Secret", ["v1"], optional: false, status: false, fields: "type=kubernetes.io/tls"),
     backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: true),
-    backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: false),
+    backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: true),
     mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
     pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),

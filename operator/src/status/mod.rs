@@ -169,6 +169,12 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         w.write_settled(b, "Backend", &b.status, || Some(backend_status(b, t)))
             .await;
     }
+    for p in &res.backend_policies {
+        w.write_settled(p, "BackendPolicy", &p.status, || {
+            Some(policy_status("BackendPolicy", &p.metadata, t))
+        })
+        .await;
+    }
     for m in &res.mesh_configs {
         w.write(&**m, &m.status, mesh_config_status(m, t)).await;
     }

@@ -340,20 +340,20 @@ impl<'a> Clusters<'a> {
         });
         // The mesh's default policy first, then the Service's DestinationRule, then its
         // BackendPolicy: the later ones' fields win.
-        let mut policy_error = self.apply_mesh_default(&mut cluster);
+        // Each is applied whole or not at all; one that cannot be is reported once, whether a
+        // route uses its Service or not (`check_policies`).
+        let policy_error = self.apply_mesh_default(&mut cluster);
         if let Some(d) = super::destination_rule::for_service(self.res, r.namespace, r.name) {
             let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
-            // Applied whole or not at all; one that cannot be is reported once, used or not
-            // (`destination_rule::check_all`).
             let mut with_rule = cluster.clone();
             if super::destination_rule::apply(d, &fqdn, &mut with_rule).is_ok() {
                 cluster = with_rule;
             }
         }
         if let Some(p) = policy {
-            let obj = super::meta_ref("BackendPolicy", &p.metadata);
-            if let Err((field, msg)) = apply_policy(&mut cluster, &p.spec.policy) {
-                policy_error = Some(((obj, field), msg));
+            let mut with_policy = cluster.clone();
+            if apply_policy(&mut with_policy, &p.spec.policy).is_ok() {
+                cluster = with_policy;
             }
         }
         let mut built = BuiltCluster::new(cluster, policy_error);
@@ -441,6 +441,29 @@ impl<'a> Clusters<'a> {
         let clusters = order.iter().map(|b| b.cluster.clone()).collect();
         let digests = order.iter().map(|b| b.digest).collect();
         (clusters, digests, self.built)
+    }
+}
+
+/// Reports every BackendPolicy and DestinationRule that cannot be applied, whether a route uses
+/// its Service or not: the cluster build leaves them out quietly.
+pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
+    for p in &res.backend_policies {
+        let mut scratch = Cluster::new("scratch", Vec::new());
+        if let Err((field, msg)) = apply_policy(&mut scratch, &p.spec.policy) {
+            problems.push(
+                &super::meta_ref("BackendPolicy", &p.metadata),
+                field,
+                Reason::Invalid,
+                msg,
+            );
+        }
+    }
+    for d in &res.destination_rules {
+        let mut scratch = Cluster::new("scratch", Vec::new());
+        if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, &mut scratch) {
+            let obj = super::meta_ref("DestinationRule", &d.metadata);
+            problems.push(&obj, field, Reason::UnsupportedValue, msg);
+        }
     }
 }
 

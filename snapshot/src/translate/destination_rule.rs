@@ -11,7 +11,6 @@ use crate::model::Cluster;
 use crate::resources::Resources;
 
 use super::mesh::CLUSTER_DOMAIN;
-use super::{Problems, Reason, meta_ref};
 
 /// A field that cannot be applied: (field path, reason).
 pub type RuleError = (String, String);
@@ -49,17 +48,6 @@ pub fn for_service<'a>(res: &'a Resources, ns: &str, name: &str) -> Option<&'a D
 pub fn apply(d: &DestinationRule, fqdn: &str, c: &mut Cluster) -> Result<(), RuleError> {
     let p = traffic_policy(d, fqdn)?;
     super::backends::apply_policy(c, &p).map_err(|(_, msg)| ("spec.trafficPolicy".into(), msg))
-}
-
-/// Reports every rule Ferrum cannot apply, whether a route uses its Service or not.
-pub(super) fn check_all(res: &Resources, problems: &mut Problems<'_>) {
-    for d in &res.destination_rules {
-        let mut scratch = Cluster::new("scratch", Vec::new());
-        if let Err((field, msg)) = apply(d, &d.spec.host, &mut scratch) {
-            let obj = meta_ref("DestinationRule", &d.metadata);
-            problems.push(&obj, field, Reason::UnsupportedValue, msg);
-        }
-    }
 }
 
 fn unsupported(at: &str, other: &Other) -> Result<(), RuleError> {

@@ -463,7 +463,7 @@ impl Incremental {
         stats.clusters_reused = clusters.reused;
         let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
-        destination_rule::check_all(res, &mut problems);
+        backends::check_policies(res, &mut problems);
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;

@@ -573,6 +573,33 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
 }
 
 #[test]
+fn a_backend_policy_that_cannot_be_applied_is_left_out_whole_and_reported_used_or_not() {
+    let policies = "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: bad, namespace: default}\n\
+                    spec: {targetRefs: [{group: '', kind: Service, name: echo}], timeouts: {connect: 1s}, loadBalancer: {type: Fastest}}\n---\n\
+                    apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: unused, namespace: default}\n\
+                    spec: {targetRefs: [{group: '', kind: Service, name: ghost}], retry: {backoff: soon}}\n---\n";
+    let t = run(&format!(
+        "{policies}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let found: Vec<(&str, &str)> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.name.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![("bad", "spec.loadBalancer.type"), ("unused", "spec.retry.backoff")]
+    );
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(
+        c.timeouts.connect_ms,
+        ClusterTimeouts::default().connect_ms,
+        "nothing of it applied"
+    );
+}
+
+#[test]
 fn invalid_backend_policy_is_reported() {
     let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
                    spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
