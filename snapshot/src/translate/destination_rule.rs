@@ -164,7 +164,8 @@ fn tls(t: &DrTls, fqdn: &str) -> Result<Option<UpstreamTlsSpec>, RuleError> {
     unsupported(AT, &t.other)?;
     match t.mode.as_deref().unwrap_or("DISABLE") {
         "DISABLE" => Ok(None),
-        // Sidecars already speak mTLS to mesh workloads (HBONE): nothing to add.
+        // Sidecars reach mesh workloads over HBONE (mTLS) with or without it; a Gateway's
+        // proxy does not originate Istio mTLS (docs/operator.md says so).
         "ISTIO_MUTUAL" => Ok(None),
         "SIMPLE" => Ok(Some(UpstreamTlsSpec {
             sni: t.sni.clone().unwrap_or_else(|| fqdn.to_string()),
