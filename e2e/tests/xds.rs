@@ -326,6 +326,35 @@ async fn envoy_follows_the_routes(delta: bool) {
         async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("a")),
     )
     .await;
+
+    // Every backend at weight 0 (valid Gateway API: the rule answers 500): Envoy answers the
+    // 500 itself, with ferrum-dp's reason — a missing cluster would be its 503.
+    cluster.apply(&setup(port, &a, &b, (0, 0), None));
+    let error = async || {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}/x"))
+            .header("host", "shop.example.com")
+            .send()
+            .await
+            .ok()?;
+        let e = r.headers().get("x-ferrum-error")?.to_str().ok()?.to_string();
+        Some((r.status().as_u16(), e))
+    };
+    eventually(
+        "Envoy answers 500 for a rule without weight",
+        Duration::from_secs(5),
+        async || error().await == Some((500, "backend_not_found".into())),
+    )
+    .await;
+    // Weighted again, but both backends' Services gone: the 500 names the unresolved backend.
+    cluster.apply(&setup(port, &a, &b, (1, 1), None));
+    cluster.kubectl(&["delete", "service", "a", "b"], None);
+    eventually(
+        "Envoy answers 500 for unresolved backends",
+        Duration::from_secs(5),
+        async || error().await == Some((500, "backend_not_found".into())),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,10 @@ pub mod xds {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// `x-ferrum-error` of the 500 a route answers by itself (Envoy by a direct response, as
+    /// ferrum-dp does): its backends all have weight 0, or none of the weighted ones resolved.
+    pub const NO_WEIGHTED_BACKEND: &str = "no_weighted_backend";
+    pub const BACKEND_NOT_FOUND: &str = "backend_not_found";
     pub const HCM: &str =
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 }

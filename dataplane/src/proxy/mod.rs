@@ -80,8 +80,8 @@ impl Local {
     fn reason(self) -> &'static str {
         match self {
             Local::RouteNotFound => "route_not_found",
-            Local::BackendNotFound => "backend_not_found",
-            Local::NoWeightedBackend => "no_weighted_backend",
+            Local::BackendNotFound => ferrum_proto::xds::BACKEND_NOT_FOUND,
+            Local::NoWeightedBackend => ferrum_proto::xds::NO_WEIGHTED_BACKEND,
             Local::BodyTooLarge => "request_body_too_large",
             Local::HeadersTooLarge => "request_headers_too_large",
             Local::MethodNotAllowed => "method_not_allowed",

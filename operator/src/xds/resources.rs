@@ -26,7 +26,7 @@ use super::jwt::Providers;
 use super::rbac;
 use super::traffic::{self, ClusterIndex};
 use ferrum_proto::xds::HCM;
-pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+pub use ferrum_proto::xds::{BACKEND_NOT_FOUND, CLUSTER, ENDPOINT, LISTENER, NO_WEIGHTED_BACKEND, ROUTE, SECRET};
 
 /// The types in the order they must be pushed: clusters before their endpoints, secrets and
 /// listeners before their routes.
@@ -433,26 +433,51 @@ fn route_config(
 }
 
 fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<String>) -> route::Route {
+    let mut response_headers = [
+        header_values(&r.response_headers.set, false),
+        header_values(&r.response_headers.add, true),
+    ]
+    .concat();
+    let action = match &r.action {
+        Action::Redirect(rd) => redirect_action(rd),
+        Action::Forward(targets) => match local_error(targets) {
+            Some(error) => {
+                response_headers.extend(header_values(&[("x-ferrum-error".into(), error.into())], false));
+                route::route::Action::DirectResponse(route::DirectResponseAction {
+                    status: 500,
+                    ..Default::default()
+                })
+            }
+            None => forward_action(r, targets, clusters, unsupported),
+        },
+    };
     route::Route {
         name: r.name.clone(),
         r#match: Some(route_match(&r.matcher)),
-        action: Some(match &r.action {
-            Action::Redirect(rd) => redirect_action(rd),
-            Action::Forward(targets) => forward_action(r, targets, clusters, unsupported),
-        }),
+        action: Some(action),
         request_headers_to_add: [
             header_values(&r.request_headers.set, false),
             header_values(&r.request_headers.add, true),
         ]
         .concat(),
         request_headers_to_remove: r.request_headers.remove.clone(),
-        response_headers_to_add: [
-            header_values(&r.response_headers.set, false),
-            header_values(&r.response_headers.add, true),
-        ]
-        .concat(),
+        response_headers_to_add: response_headers,
         response_headers_to_remove: r.response_headers.remove.clone(),
         ..Default::default()
+    }
+}
+
+/// A rule that can only answer 500, and ferrum-dp's `x-ferrum-error` for it: every weighted
+/// backend unresolved (the translator's form of a rule without weight too; a missing cluster
+/// would be Envoy's 503), or every backend at weight 0 (a snapshot from elsewhere; weighted
+/// clusters must sum to more than 0).
+pub(super) fn local_error(targets: &[model::WeightedCluster]) -> Option<&'static str> {
+    if targets.iter().all(|t| t.weight == 0) {
+        Some(NO_WEIGHTED_BACKEND)
+    } else if targets.iter().filter(|t| t.weight > 0).all(|t| t.cluster.is_none()) {
+        Some(BACKEND_NOT_FOUND)
+    } else {
+        None
     }
 }
 
@@ -729,6 +754,34 @@ mod tests {
         )
         .unwrap();
         ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot
+    }
+
+    #[test]
+    fn a_rule_with_nothing_to_send_to_answers_500_with_ferrum_dps_reason() {
+        let t = |cluster: Option<&str>, weight| model::WeightedCluster {
+            cluster: cluster.map(String::from),
+            weight,
+        };
+        assert_eq!(local_error(&[t(None, 1)]), Some(BACKEND_NOT_FOUND));
+        assert_eq!(local_error(&[t(None, 1), t(Some("c"), 0)]), Some(BACKEND_NOT_FOUND));
+        assert_eq!(local_error(&[t(Some("c"), 0)]), Some(NO_WEIGHTED_BACKEND));
+        assert_eq!(local_error(&[t(None, 1), t(Some("c"), 1)]), None, "c takes its share");
+        let route = |targets| model::Route {
+            name: "r".into(),
+            matcher: Default::default(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+            rewrite: None,
+            action: Action::Forward(targets),
+            timeouts: Default::default(),
+        };
+        let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
+        assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));
+        let header = r.response_headers_to_add[0].header.clone().unwrap();
+        assert_eq!(
+            (header.key.as_str(), header.value.as_str()),
+            ("x-ferrum-error", BACKEND_NOT_FOUND)
+        );
     }
 
     #[test]

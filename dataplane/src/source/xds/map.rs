@@ -390,7 +390,24 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             Action::Forward(targets)
         }
         Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd, &at)?),
-        _ => return Err(MapError::refused(&at, "only route and redirect actions are supported")),
+        // The 500 ferrum-dp answers for a rule without a backend to send to.
+        Some(route::route::Action::DirectResponse(d)) if d.status == 500 && d.body.is_none() => {
+            let no_weight = r.response_headers_to_add.iter().any(|h| {
+                h.header.as_ref().is_some_and(|h| {
+                    h.key.eq_ignore_ascii_case("x-ferrum-error") && h.value == ferrum_proto::xds::NO_WEIGHTED_BACKEND
+                })
+            });
+            Action::Forward(vec![WeightedCluster {
+                cluster: None,
+                weight: u32::from(!no_weight),
+            }])
+        }
+        _ => {
+            return Err(MapError::refused(
+                &at,
+                "only route and redirect actions, and a direct 500 without a body, are supported",
+            ));
+        }
     };
     Ok(out)
 }
@@ -1091,6 +1108,37 @@ mod tests {
                 .to_string()
                 .starts_with("Cluster c: lb_policy")
         );
+    }
+
+    #[test]
+    fn a_direct_500_is_a_rule_without_a_backend() {
+        let answer = |reason: Option<&str>| {
+            let mut r = complete();
+            let mut rc = routes(prefix("/api"));
+            let route = &mut rc.virtual_hosts[0].routes[0];
+            route.action = Some(route::route::Action::DirectResponse(route::DirectResponseAction {
+                status: 500,
+                ..Default::default()
+            }));
+            route.response_headers_to_add = reason
+                .map(|v| core::HeaderValueOption {
+                    header: Some(core::HeaderValue {
+                        key: "x-ferrum-error".into(),
+                        value: v.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect();
+            r.routes.insert("rc".into(), rc);
+            let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+            snap.listeners[0].virtual_hosts[0].routes[0].action.clone()
+        };
+        let unresolved = |weight| Action::Forward(vec![WeightedCluster { cluster: None, weight }]);
+        assert_eq!(answer(None), unresolved(1));
+        assert_eq!(answer(Some(ferrum_proto::xds::BACKEND_NOT_FOUND)), unresolved(1));
+        assert_eq!(answer(Some(ferrum_proto::xds::NO_WEIGHTED_BACKEND)), unresolved(0));
     }
 
     #[test]
