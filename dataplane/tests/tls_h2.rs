@@ -162,9 +162,15 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
         backend("h1", &[&s], &tls("api.example.test", "HTTP/1.1")),
         backend("h2", &[&s], &tls("api.example.test", "HTTP/2")),
         backend("misnamed", &[&s], &tls("other.example.test", "HTTP/1.1")),
+        backend(
+            "unchecked",
+            &[&s],
+            "  tls: {sni: other.example.test, insecureSkipVerify: true}\n",
+        ),
         route("/h1", "h1"),
         route("/h2", "h2"),
         route("/misnamed", "misnamed"),
+        route("/unchecked", "unchecked"),
     ]);
     let _dp = Dp::start(&yaml).await;
     for (path, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
@@ -177,6 +183,13 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
         let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
         assert_eq!(v["version"], version, "{path}: ALPN");
     }
+    // insecureSkipVerify: any certificate, any name (and no CA file needed).
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/unchecked"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = client()
         .get(format!("http://127.0.0.1:{port}/misnamed"))
         .send()
