@@ -21,6 +21,7 @@ use crate::dataplane::Shared;
 use crate::limits::Limits;
 use crate::mesh::l7::Verdict;
 use crate::router::Route;
+use crate::upstream::balance::HashKey;
 use crate::upstream::body::{self, RequestBody, ResponseBody};
 use crate::upstream::{
     ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
@@ -451,7 +452,7 @@ impl Forward<'_> {
         let mut attempt = 0u32;
         let mut _retry_guard = None;
         loop {
-            let Some((idx, ep_guard)) = cluster.pick(hash_key.as_deref(), avoid) else {
+            let Some((idx, ep_guard)) = cluster.pick(hash_key.as_ref().map(HashKey::as_bytes), avoid) else {
                 cluster.stats.error(UpstreamError::NoHealthyUpstream);
                 return Err(Local::Upstream(UpstreamError::NoHealthyUpstream));
             };
@@ -486,11 +487,11 @@ impl Forward<'_> {
         }
     }
 
-    /// The bytes a consistent-hash cluster hashes this request on.
-    fn hash_key(&self, parts: &http::request::Parts) -> Option<Vec<u8>> {
+    /// What a consistent-hash cluster hashes this request on.
+    fn hash_key(&self, parts: &http::request::Parts) -> Option<HashKey> {
         match self.cluster.balancer.hash_on()? {
-            HashOn::Header(name) => parts.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()),
-            HashOn::ClientIp => Some(self.conn.client.ip().to_string().into_bytes()),
+            HashOn::Header(name) => parts.headers.get(name.as_str()).cloned().map(HashKey::Header),
+            HashOn::ClientIp => Some(HashKey::ip(self.conn.client.ip())),
         }
     }
 

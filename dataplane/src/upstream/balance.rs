@@ -5,6 +5,38 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::model::{HashOn, LbPolicy};
 
+/// What a consistent-hash cluster hashes a request or connection on, without allocating: a
+/// header's value (shared with the request's) or the client address's octets — the same for
+/// HTTP and TCP listeners.
+pub enum HashKey {
+    Header(http::HeaderValue),
+    Ip { octets: [u8; 16], len: usize },
+}
+
+impl HashKey {
+    pub fn ip(ip: std::net::IpAddr) -> HashKey {
+        let mut octets = [0; 16];
+        let len = match ip {
+            std::net::IpAddr::V4(a) => {
+                octets[..4].copy_from_slice(&a.octets());
+                4
+            }
+            std::net::IpAddr::V6(a) => {
+                octets = a.octets();
+                16
+            }
+        };
+        HashKey::Ip { octets, len }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HashKey::Header(v) => v.as_bytes(),
+            HashKey::Ip { octets, len } => &octets[..*len],
+        }
+    }
+}
+
 /// What the balancer needs to know about one endpoint at pick time.
 pub trait Candidate {
     fn available(&self) -> bool;
@@ -213,6 +245,16 @@ mod tests {
             c[b.pick(e, None, None).unwrap()] += 1;
         }
         c
+    }
+
+    #[test]
+    fn a_client_address_is_hashed_on_its_octets() {
+        let v4 = HashKey::ip("10.1.2.3".parse().unwrap());
+        assert_eq!(v4.as_bytes(), &[10, 1, 2, 3]);
+        let v6 = HashKey::ip("::1".parse().unwrap());
+        assert_eq!(v6.as_bytes().len(), 16);
+        let h = HashKey::Header(http::HeaderValue::from_static("alice"));
+        assert_eq!(h.as_bytes(), b"alice");
     }
 
     #[test]

@@ -285,11 +285,8 @@ impl ClusterRuntime {
         client: std::net::IpAddr,
     ) -> Result<(tokio::net::TcpStream, L4Guard), UpstreamError> {
         let guard = self.admit().await?;
-        let key = match client {
-            std::net::IpAddr::V4(a) => a.octets().to_vec(),
-            std::net::IpAddr::V6(a) => a.octets().to_vec(),
-        };
-        let key = matches!(self.balancer.hash_on(), Some(HashOn::ClientIp)).then_some(&key[..]);
+        let key = matches!(self.balancer.hash_on(), Some(HashOn::ClientIp)).then(|| balance::HashKey::ip(client));
+        let key = key.as_ref().map(balance::HashKey::as_bytes);
         let timeout = Duration::from_millis(self.spec.timeouts.connect_ms);
         let mut avoid = None;
         let mut last = UpstreamError::NoHealthyUpstream;
