@@ -108,6 +108,7 @@ pub(crate) fn reference_granted(
 struct Index<'a> {
     services: HashMap<(&'a str, &'a str), &'a Arc<Service>>,
     slices: HashMap<(&'a str, &'a str), Vec<&'a Arc<EndpointSlice>>>,
+    rules: HashMap<(&'a str, &'a str), &'a crate::istio::DestinationRule>,
 }
 
 impl<'a> Index<'a> {
@@ -132,6 +133,7 @@ impl<'a> Index<'a> {
         Index {
             services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
             slices,
+            rules: super::destination_rule::by_service(res),
         }
     }
 }
@@ -343,7 +345,7 @@ impl<'a> Clusters<'a> {
         // Each is applied whole or not at all; one that cannot be is reported once, whether a
         // route uses its Service or not (`check_policies`).
         let policy_error = self.apply_mesh_default(&mut cluster);
-        if let Some(d) = super::destination_rule::for_service(self.res, r.namespace, r.name) {
+        if let Some(d) = found.rules.get(&(r.namespace, r.name)) {
             let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
             let mut with_rule = cluster.clone();
             if super::destination_rule::apply(d, &fqdn, &mut with_rule).is_ok() {
@@ -458,11 +460,24 @@ pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
             );
         }
     }
+    let rules = super::destination_rule::by_service(res);
     for d in &res.destination_rules {
+        let obj = super::meta_ref("DestinationRule", &d.metadata);
         let mut scratch = Cluster::new("scratch", Vec::new());
         if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, &mut scratch) {
-            let obj = super::meta_ref("DestinationRule", &d.metadata);
             problems.push(&obj, field, Reason::UnsupportedValue, msg);
+        }
+        let won = super::destination_rule::target(d).and_then(|svc| Some((svc, *rules.get(&svc)?)));
+        if let Some(((ns, name), w)) = won.filter(|(_, w)| !std::ptr::eq(*w, &**d)) {
+            let by = super::meta_ref("DestinationRule", &w.metadata);
+            problems.push(
+                &obj,
+                "spec.host",
+                Reason::Conflicted,
+                format!(
+                    "{by} applies to Service {ns}/{name} instead (a rule in the Service's namespace first, then by namespace and name)"
+                ),
+            );
         }
     }
 }

@@ -7,6 +7,8 @@ use crate::crd::{
     CircuitBreakerSpec, LoadBalancerSpec, OutlierDetectionSpec, TimeoutsSpec, TrafficPolicy, UpstreamTlsSpec,
 };
 use crate::istio::{DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, Other};
+use foldhash::{HashMap, HashMapExt};
+
 use crate::model::Cluster;
 use crate::resources::Resources;
 
@@ -32,16 +34,29 @@ fn service_of<'a>(host: &'a str, rule_ns: &'a str) -> Option<(&'a str, &'a str)>
     }
 }
 
-/// The DestinationRule for Service `ns/name`: one in the Service's namespace first (by name),
-/// else one elsewhere naming it, by namespace and name — Istio's precedence without `exportTo`.
-pub fn for_service<'a>(res: &'a Resources, ns: &str, name: &str) -> Option<&'a DestinationRule> {
-    let rules = res.destination_rules.iter().filter_map(|d| {
-        let rule_ns = d.metadata.namespace.as_deref().unwrap_or("default");
-        (service_of(&d.spec.host, rule_ns) == Some((ns, name))).then_some((rule_ns != ns, rule_ns, d))
-    });
-    rules
-        .min_by(|a, b| (a.0, a.1, &a.2.metadata.name).cmp(&(b.0, b.1, &b.2.metadata.name)))
-        .map(|(.., d)| &**d)
+/// The Service (namespace, name) a rule applies to, if its host names one.
+pub fn target(d: &DestinationRule) -> Option<(&str, &str)> {
+    service_of(&d.spec.host, d.metadata.namespace.as_deref().unwrap_or("default"))
+}
+
+/// Each Service's DestinationRule: one in the Service's namespace first (by name), else one
+/// elsewhere naming it, by namespace and name — Istio's precedence without `exportTo`.
+pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
+    let rank = |d: &DestinationRule, svc_ns: &str| {
+        let ns = d.metadata.namespace.as_deref().unwrap_or("default");
+        (ns != svc_ns, ns.to_string(), d.metadata.name.clone())
+    };
+    let mut out: HashMap<(&str, &str), &DestinationRule> = HashMap::new();
+    for d in &res.destination_rules {
+        let Some(svc) = target(d) else { continue };
+        match out.get(&svc) {
+            Some(won) if rank(won, svc.0) <= rank(d, svc.0) => {}
+            _ => {
+                out.insert(svc, d);
+            }
+        }
+    }
+    out
 }
 
 /// Applies rule `d` to `c` whole, or says why it cannot be.

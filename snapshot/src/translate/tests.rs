@@ -570,6 +570,31 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     );
     let c = t.snapshot.cluster("service/default/echo:80").unwrap();
     assert_eq!(c.circuit_breaker, CircuitBreaker::default(), "nothing of it applied");
+
+    // Two rules for one Service: the one in the Service's namespace applies, the other says so.
+    let two = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a-elsewhere, namespace: other}\n\
+               spec: {host: echo.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: RANDOM}}}\n---\n\
+               apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: z-local, namespace: default}\n\
+               spec: {host: echo, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}\n---\n";
+    let t = run(&format!(
+        "{two}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        vec![("a-elsewhere", "spec.host", Reason::Conflicted)],
+        "{:#?}",
+        t.problems
+    );
+    assert!(
+        t.problems[0]
+            .message
+            .starts_with("DestinationRule default/z-local applies"),
+        "{}",
+        t.problems[0].message
+    );
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.lb, LbPolicy::LeastRequest);
 }
 
 #[test]
