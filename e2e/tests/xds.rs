@@ -97,6 +97,17 @@ async fn get(port: u16, path: &str) -> Option<(u16, Option<String>, Value, Optio
     Some((status, backend, body, location))
 }
 
+/// The last NACK the operator recorded for proxy `node` (`Null`: none), or `None` when it does
+/// not know the proxy.
+async fn last_rejection(op: &Operator, node: &str) -> Option<Value> {
+    let proxies = op.admin_json("/proxies").await;
+    proxies["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["nodeId"] == node)
+        .map(|p| p["lastRejection"].clone())
+}
+
 /// The proxy at `port` serves `setup`'s routes (weights 100/0): match, prefix rewrite, header
 /// modifier, redirect to `location`.
 async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &str) {
@@ -718,13 +729,7 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
 
     let envoy = envoy(cluster.dir.path(), "envoy-l4", op.grpc, false);
     serves("Envoy").await;
-    let proxies = op.admin_json("/proxies").await;
-    let rejected = proxies["proxies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["nodeId"] == "envoy-l4")
-        .map(|p| p["lastRejection"].clone());
+    let rejected = last_rejection(&op, "envoy-l4").await;
     assert_eq!(rejected, Some(Value::Null), "Envoy accepted the L4 listeners");
     drop(envoy);
 
@@ -1047,18 +1052,8 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
 
     let envoy = envoy(cluster.dir.path(), "envoy-traffic", op.grpc, false);
     applies("Envoy", ENVOY_START).await;
-    let proxies = op.admin_json("/proxies").await;
-    let state = proxies["proxies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["nodeId"] == "envoy-traffic")
-        .cloned();
-    assert_eq!(
-        state.map(|s| s["lastRejection"].clone()),
-        Some(Value::Null),
-        "Envoy accepted every resource"
-    );
+    let rejected = last_rejection(&op, "envoy-traffic").await;
+    assert_eq!(rejected, Some(Value::Null), "Envoy accepted every resource");
     drop(envoy);
 
     let cache = cluster.dir.path().join("dp-traffic.json");
@@ -1069,14 +1064,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     // ferrum-dp reading Envoy's resources reads the policies back off the routes.
     let _dp = Proxy::start_xds(&op.grpc_url(), "dp-traffic-xds").await;
     applies("ferrum-dp over xDS", Duration::from_secs(10)).await;
-    let proxies = op.admin_json("/proxies").await;
-    let state = proxies["proxies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["nodeId"] == "dp-traffic-xds")
-        .cloned();
-    assert_eq!(state.map(|s| s["lastRejection"].clone()), Some(Value::Null));
+    assert_eq!(last_rejection(&op, "dp-traffic-xds").await, Some(Value::Null));
 
     // Each BackendPolicy's status says whether it is in effect, or which field it cannot take
     // (used by a route or not).
