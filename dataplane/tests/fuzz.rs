@@ -127,7 +127,31 @@ fn yaml_config() -> impl Strategy<Value = String> {
                 q(&d)
             )
         });
-    (prop::collection::vec(listener, 1..3), prop::collection::vec(route, 1..4), backend).prop_map(|(ls, rs, b)| {
+    // The Service's DestinationRule and BackendPolicy: applied, left out or conflicting.
+    let rule = (
+        pick(&["svc", "svc.default.svc.cluster.local", "api.example.com", "*.default.svc"]),
+        pick(&["simple: LEAST_CONN", "simple: PASSTHROUGH", "consistentHash: {httpHeaderName: x}", "consistentHash: {}"]),
+        prop_oneof![4 => pick(&["1s", "250ms"]).prop_map(String::from), 1 => text()],
+        pick(&["SIMPLE", "MUTUAL", "DISABLE", "ISTIO_MUTUAL"]),
+        pick(&["", ", portLevelSettings: []", ", http: {maxRetries: 1}"]),
+        pick(&["Random", "Fastest"]),
+    )
+        .prop_map(|(host, lb, d, tls, extra, policy_lb)| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr}}\n\
+                 spec: {{host: \"{host}\", trafficPolicy: {{loadBalancer: {{{lb}}}, connectionPool: {{tcp: {{connectTimeout: {}}}}}, tls: {{mode: {tls}}}{extra}}}}}\n\
+                 ---\napiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: bp}}\n\
+                 spec: {{targetRefs: [{{group: '', kind: Service, name: svc}}], loadBalancer: {{type: {policy_lb}}}}}\n",
+                q(&d)
+            )
+        });
+    let config = (
+        prop::collection::vec(listener, 1..3),
+        prop::collection::vec(route, 1..4),
+        backend,
+        rule,
+    );
+    config.prop_map(|(ls, rs, b, traffic)| {
         let ls: Vec<String> = ls.iter().enumerate().map(|(i, l)| format!("{{name: l{i}, {l}}}")).collect();
         let mut docs = vec![
             format!(
@@ -139,6 +163,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
              addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.0.1]}]\n"
                 .into(),
             b,
+            traffic,
         ];
         for (i, (rules, hosts, kind)) in rs.into_iter().enumerate() {
             docs.push(format!(
