@@ -466,6 +466,7 @@ pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
         let mut scratch = Cluster::new("scratch", Vec::new());
         if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, &mut scratch) {
             problems.push(&obj, field, Reason::UnsupportedValue, msg);
+            continue;
         }
         let won = super::destination_rule::target(d).and_then(|svc| Some((svc, *rules.get(&svc)?)));
         if let Some(((ns, name), w)) = won.filter(|(_, w)| !std::ptr::eq(*w, &**d)) {

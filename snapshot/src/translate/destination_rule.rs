@@ -39,8 +39,9 @@ pub fn target(d: &DestinationRule) -> Option<(&str, &str)> {
     service_of(&d.spec.host, d.metadata.namespace.as_deref().unwrap_or("default"))
 }
 
-/// Each Service's DestinationRule: one in the Service's namespace first (by name), else one
-/// elsewhere naming it, by namespace and name — Istio's precedence without `exportTo`.
+/// Each Service's DestinationRule among those that can be applied: one in the Service's
+/// namespace first (by name), else one elsewhere naming it, by namespace and name — Istio's
+/// precedence without `exportTo`.
 pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
     let rank = |d: &DestinationRule, svc_ns: &str| {
         let ns = d.metadata.namespace.as_deref().unwrap_or("default");
@@ -49,6 +50,9 @@ pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
     let mut out: HashMap<(&str, &str), &DestinationRule> = HashMap::new();
     for d in &res.destination_rules {
         let Some(svc) = target(d) else { continue };
+        if apply(d, &d.spec.host, &mut Cluster::new("scratch", Vec::new())).is_err() {
+            continue;
+        }
         match out.get(&svc) {
             Some(won) if rank(won, svc.0) <= rank(d, svc.0) => {}
             _ => {

@@ -595,6 +595,17 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     );
     let c = t.snapshot.cluster("service/default/echo:80").unwrap();
     assert_eq!(c.lb, LbPolicy::LeastRequest);
+
+    // A rule left out does not shadow: the next one that can be applied does.
+    let t = run(&format!(
+        "{partial}{}{}",
+        two.split("---\n").next().unwrap().to_string() + "---\n",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let keys = t.problem_keys();
+    assert!(keys.iter().all(|k| k.2 == Reason::UnsupportedValue), "{keys:?}");
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.lb, LbPolicy::Random, "the rule in `other` applies");
 }
 
 #[test]
