@@ -421,11 +421,16 @@ impl<'a> Clusters<'a> {
             .collect();
         let mut cluster = Cluster::new(name.clone(), endpoints);
         let mesh_error = self.apply_mesh_default(&mut cluster);
-        let policy_error = apply_policy(&mut cluster, &b.spec.policy)
-            .err()
-            .map(|(field, msg)| ((super::meta_ref("Backend", &b.metadata), field), msg))
-            .or(endpoint_error)
-            .or(mesh_error);
+        // Whole or not at all, as for a BackendPolicy.
+        let mut with_policy = cluster.clone();
+        let policy_error = match apply_policy(&mut with_policy, &b.spec.policy) {
+            Ok(()) => {
+                cluster = with_policy;
+                None
+            }
+            Err((field, msg)) => Some(((super::meta_ref("Backend", &b.metadata), field), msg)),
+        };
+        let policy_error = policy_error.or(endpoint_error).or(mesh_error);
         self.built
             .insert(name.clone(), BuiltCluster::new(cluster, policy_error));
         Ok(name)

@@ -638,7 +638,7 @@ fn a_backend_policy_that_cannot_be_applied_is_left_out_whole_and_reported_used_o
 #[test]
 fn invalid_backend_policy_is_reported() {
     let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
-                   spec: {endpoints: [{address: 127.0.0.1, port: 1}], loadBalancer: {type: Fastest}}\n---\n";
+                   spec: {endpoints: [{address: 127.0.0.1, port: 1}], protocol: HTTP/2, loadBalancer: {type: Fastest}}\n---\n";
     let t = run(&format!(
         "{backend}{}",
         route("  - backendRefs: [{group: ferrum.dev, kind: Backend, name: b2}]\n")
@@ -647,6 +647,8 @@ fn invalid_backend_policy_is_reported() {
     assert_eq!(t.problems[0].field, "spec.loadBalancer.type");
     assert_eq!(t.problems[0].object.name, "b2");
     assert!(t.problems[0].message.contains("\"Fastest\""));
+    let c = t.snapshot.cluster("backend/default/b2").unwrap();
+    assert_eq!(c.protocol, UpstreamProtocol::Http1, "none of the policy applied");
 }
 
 #[test]
