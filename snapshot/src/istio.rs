@@ -311,6 +311,84 @@ pub struct OutboundTrafficPolicy {
     pub egress_proxy: Option<serde_json::Value>,
 }
 
+/// `networking.istio.io/v1` ServiceEntry (v1beta1 and v1alpha3 have the same shape): hosts the
+/// registry does not have, at the addresses clients dial, and where their connections go. Fields
+/// Ferrum does not apply land in `other` maps, so an entry using one is reported and left out.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "ServiceEntry",
+    namespaced,
+    status = "PolicyStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The virtual addresses clients dial (IPs; `/32` and `/128` CIDRs are single addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServiceEntryPort>,
+    /// `MESH_EXTERNAL` (default) or `MESH_INTERNAL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// `NONE` (default), `STATIC`, `DNS` or `DNS_ROUND_ROBIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ServiceEntryEndpoint>,
+    /// Pods of the entry's namespace whose labels match are its endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<SidecarSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    pub number: u32,
+    /// `HTTP`, `HTTPS`, `GRPC`, `HTTP2`, `TLS`, `TCP`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    /// The endpoints' port; absent: `number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryEndpoint {
+    /// An IP (`STATIC`) or a DNS name (`DNS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Port name → the port this endpoint listens on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
 /// `networking.istio.io/v1` DestinationRule (v1beta1 and v1alpha3 have the same shape): the
 /// traffic policy of the Service `host` names. Fields Ferrum does not apply are kept in `other`
 /// maps, so a rule using one is reported and left out rather than half-applied.

@@ -411,6 +411,29 @@ pub struct MeshService {
     /// every namespace. Elsewhere its address is not the mesh's (passthrough).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    /// Where a connection to one of its addresses goes (a Kubernetes Service: its endpoints).
+    #[serde(default, skip_serializing_if = "Resolution::is_endpoints")]
+    pub resolution: Resolution,
+}
+
+/// How a proxy finds where a connection to a service goes (Istio ServiceEntry `resolution`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Resolution {
+    /// To one of `endpoints`, IP addresses (a Service; a `STATIC` entry).
+    #[default]
+    Endpoints,
+    /// To the address the client dialled, as is: the service's addresses are real ones
+    /// (`NONE`); knowing them only lets the traffic past `REGISTRY_ONLY`.
+    Passthrough,
+    /// To one of `endpoints`, DNS names the proxy resolves when it connects (`DNS`).
+    Dns,
+}
+
+impl Resolution {
+    fn is_endpoints(&self) -> bool {
+        *self == Resolution::Endpoints
+    }
 }
 
 /// The routes of one Service port for one set of clients, in precedence order.
@@ -525,7 +548,8 @@ pub fn check(
             }
         }
         for (i, e) in s.endpoints.iter().enumerate() {
-            if e.address.parse::<IpAddr>().is_err() {
+            let named = s.resolution == Resolution::Dns && crate::validate::is_dns_name(&e.address);
+            if !named && e.address.parse::<IpAddr>().is_err() {
                 err(
                     obj.clone(),
                     format!("endpoints[{i}].address"),
@@ -656,6 +680,7 @@ mod tests {
             endpoints: vec![],
             routes: vec![],
             export_to: vec![],
+            resolution: Resolution::Endpoints,
         })
     }
 

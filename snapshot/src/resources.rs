@@ -16,7 +16,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
-use crate::istio::{AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, Sidecar};
+use crate::istio::{
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
+};
 
 /// Identifies one object in problems and status.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,6 +67,8 @@ pub struct Resources {
     pub sidecars: Vec<Arc<Sidecar>>,
     /// Istio DestinationRules (networking.istio.io): traffic policy for Services.
     pub destination_rules: Vec<Arc<DestinationRule>>,
+    /// Istio ServiceEntries (networking.istio.io): hosts outside the registry, for sidecars.
+    pub service_entries: Vec<Arc<ServiceEntry>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
     /// JWKS documents the producer fetched for RequestAuthentications' `jwksUri`s, by URI: the
@@ -97,7 +101,8 @@ macro_rules! each_kind {
             peer_authentications: "PeerAuthentication" in crate::ISTIO_SECURITY_GROUP,
             request_authentications: "RequestAuthentication" in crate::ISTIO_SECURITY_GROUP,
             sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP,
-            destination_rules: "DestinationRule" in crate::ISTIO_NETWORKING_GROUP
+            destination_rules: "DestinationRule" in crate::ISTIO_NETWORKING_GROUP,
+            service_entries: "ServiceEntry" in crate::ISTIO_NETWORKING_GROUP
         )
     };
 }
@@ -408,7 +413,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar, DestinationRule"),
+            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar, DestinationRule, ServiceEntry"),
             "{e}"
         );
         let e = refused("apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n");

@@ -395,7 +395,8 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
     let sidecars = res.sidecars.iter().map(|s| ("Sidecar", &s.metadata));
     let rules = res.destination_rules.iter().map(|d| ("DestinationRule", &d.metadata));
     let backend_policies = res.backend_policies.iter().map(|p| ("BackendPolicy", &p.metadata));
-    let traffic = rules.chain(backend_policies);
+    let entries = res.service_entries.iter().map(|e| ("ServiceEntry", &e.metadata));
+    let traffic = rules.chain(backend_policies).chain(entries);
     for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(traffic) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),

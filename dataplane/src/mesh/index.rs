@@ -1,13 +1,13 @@
 //! The mesh part of a snapshot, compiled for lookups by address: a captured connection's
 //! original destination is a Service VIP:port, a workload's IP, or neither (passthrough).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::Snapshot;
-use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Workload};
+use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, Workload};
 
 use super::jwt::{Authenticator, JwksCache};
 use super::policy::Authorizer;
@@ -19,6 +19,8 @@ pub struct ServiceTarget {
     pub port: u16,
     /// (workload IP : target port, the workload when known).
     pub endpoints: Vec<(SocketAddr, Option<Arc<Workload>>)>,
+    /// A DNS-resolved service's endpoints instead: (name, port), resolved when connecting.
+    pub names: Vec<(Arc<str>, u16)>,
     /// The Service port's mesh routes: HTTP to it is routed by them, like a listener's.
     pub http: Option<Arc<CompiledListener>>,
     next: AtomicUsize,
@@ -39,9 +41,10 @@ fn same_family(
 }
 
 impl ServiceTarget {
-    /// Round robin over the endpoints; `skip` tries the next ones after a failed connect.
-    pub fn pick(&self, skip: usize) -> Option<&(SocketAddr, Option<Arc<Workload>>)> {
-        if self.endpoints.is_empty() {
+    /// The next place in a round robin over `len` endpoints; `skip` tries the next ones after a
+    /// failed connect.
+    fn turn(&self, skip: usize, len: usize) -> Option<usize> {
+        if len == 0 {
             return None;
         }
         let i = if skip == 0 {
@@ -49,8 +52,41 @@ impl ServiceTarget {
         } else {
             self.next.load(Relaxed) + skip
         };
-        self.endpoints.get(i % self.endpoints.len())
+        Some(i % len)
     }
+
+    pub fn pick(&self, skip: usize) -> Option<&(SocketAddr, Option<Arc<Workload>>)> {
+        self.endpoints.get(self.turn(skip, self.endpoints.len())?)
+    }
+
+    /// [`Self::pick`] for a service resolved by DNS.
+    pub fn pick_name(&self, skip: usize) -> Option<&(Arc<str>, u16)> {
+        self.names.get(self.turn(skip, self.names.len())?)
+    }
+}
+
+/// A service port's endpoints: addresses with their workload (when known), or for a service
+/// resolved by DNS, (name or address, port) pairs.
+type Endpoints = (Vec<(SocketAddr, Option<Arc<Workload>>)>, Vec<(Arc<str>, u16)>);
+
+fn endpoints_of(
+    s: &MeshService,
+    port: u16,
+    by_uid: &HashMap<&str, &Arc<Workload>>,
+    workloads: &HashMap<IpAddr, Arc<Workload>>,
+) -> Endpoints {
+    let (mut addrs, mut names) = (Vec::new(), Vec::new());
+    for e in &s.endpoints {
+        let Some(target) = e.target_port(port) else { continue };
+        if s.resolution == Resolution::Dns {
+            names.push((Arc::from(e.address.as_str()), target));
+            continue;
+        }
+        let Ok(ip) = e.address.parse::<IpAddr>() else { continue };
+        let w = e.workload.as_deref().and_then(|u| by_uid.get(u)).map(|w| (*w).clone());
+        addrs.push((SocketAddr::new(ip, target), w.or_else(|| workloads.get(&ip).cloned())));
+    }
+    (addrs, names)
 }
 
 /// Where a captured outbound connection goes.
@@ -66,6 +102,9 @@ pub enum Destination<'a> {
 #[derive(Default)]
 pub struct MeshIndex {
     services: HashMap<SocketAddr, ServiceTarget>,
+    /// Addresses of services that send connections where they were dialled (ServiceEntry
+    /// `resolution: NONE`): known to the registry, so let past `REGISTRY_ONLY`.
+    registered: HashSet<SocketAddr>,
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
     pub inbound: Authorizer,
@@ -111,33 +150,29 @@ impl MeshIndex {
             }
         }
         let mut services = HashMap::new();
+        let mut registered = HashSet::new();
         for s in snap.services.iter().filter(|s| visible(s)) {
             for p in s
                 .ports
                 .iter()
                 .filter(|p| view.as_ref().is_none_or(|v| v.knows_port(s, p.port)))
             {
-                let endpoints: Vec<_> = s
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| {
-                        let ip: IpAddr = e.address.parse().ok()?;
-                        let w = e.workload.as_deref().and_then(|u| by_uid.get(u)).map(|w| (*w).clone());
-                        Some((
-                            SocketAddr::new(ip, e.target_port(p.port)?),
-                            w.or_else(|| workloads.get(&ip).cloned()),
-                        ))
-                    })
-                    .collect();
+                let vips = s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok());
+                if s.resolution == Resolution::Passthrough {
+                    // Real addresses: connections go where they were dialled, REGISTRY_ONLY or not.
+                    registered.extend(vips.map(|vip| SocketAddr::new(vip, p.port)));
+                    continue;
+                }
+                let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
                 let routes = http.get(&(s.key.clone(), p.port)).cloned();
-                for vip in &s.vips {
-                    let Ok(vip) = vip.parse::<IpAddr>() else { continue };
+                for vip in vips {
                     services.insert(
                         SocketAddr::new(vip, p.port),
                         ServiceTarget {
                             service: s.clone(),
                             port: p.port,
                             endpoints: same_family(&endpoints, vip),
+                            names: names.clone(),
                             http: routes.clone(),
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
@@ -158,6 +193,7 @@ impl MeshIndex {
         let ingress = scope.map(|s| s.ingress.clone()).unwrap_or_default();
         MeshIndex {
             services,
+            registered,
             workloads,
             inbound,
             authn,
@@ -173,7 +209,7 @@ impl MeshIndex {
         }
         match self.workloads.get(&dst.ip()) {
             Some(w) => Destination::Workload(w),
-            None if self.registry_only => Destination::Blocked,
+            None if self.registry_only && !self.registered.contains(&dst) => Destination::Blocked,
             None => Destination::Passthrough,
         }
     }
@@ -357,5 +393,54 @@ mod tests {
             other.destination(dst("1.1.1.1:443")),
             Destination::Passthrough
         ));
+    }
+
+    /// ServiceEntries under REGISTRY_ONLY: a STATIC entry's address leads to its endpoints, a
+    /// DNS one's to names resolved when connecting, a NONE one's address is let through as
+    /// dialled; addresses no entry names are still refused.
+    #[test]
+    fn service_entries_are_known_to_a_registry_only_sidecar() {
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml(
+            "m.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: ns}\n\
+             spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: fixed, namespace: ns}\n\
+             spec: {hosts: [a.example.com], addresses: [240.0.0.1], resolution: STATIC, ports: [{number: 80, name: http, targetPort: 8080}],\n\
+                    endpoints: [{address: 192.0.2.1}, {address: 192.0.2.2}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: named, namespace: ns}\n\
+             spec: {hosts: [b.example.com], addresses: [240.0.0.2], resolution: DNS, ports: [{number: 443, name: tls}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: real, namespace: ns}\n\
+             spec: {hosts: [db.example.com], addresses: [203.0.113.5], ports: [{number: 3306, name: mysql}]}\n",
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = sidecar_index(&snap, "ns");
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let Destination::Service(t) = m.destination(dst("240.0.0.1:80")) else {
+            panic!("the STATIC entry's address is a service")
+        };
+        let picked: Vec<SocketAddr> = (0..2).map(|_| t.pick(0).unwrap().0).collect();
+        assert!(
+            picked.contains(&dst("192.0.2.1:8080")) && picked.contains(&dst("192.0.2.2:8080")),
+            "{picked:?}"
+        );
+        assert!(t.pick(0).unwrap().1.is_none(), "outside the mesh: plain TCP");
+        let Destination::Service(t) = m.destination(dst("240.0.0.2:443")) else {
+            panic!("the DNS entry's address is a service")
+        };
+        assert_eq!(
+            (t.pick(0), t.pick_name(0)),
+            (None, Some(&(Arc::from("b.example.com"), 443)))
+        );
+        assert!(matches!(
+            m.destination(dst("203.0.113.5:3306")),
+            Destination::Passthrough
+        ));
+        assert!(
+            matches!(m.destination(dst("203.0.113.5:80")), Destination::Blocked),
+            "another port"
+        );
+        assert!(matches!(m.destination(dst("240.0.0.1:81")), Destination::Blocked));
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::hbone::{self, Dial, Inbound, PROXY_PORTS, Tunnel, TunnelRequest};
 use super::identity::Identity;
-use super::index::Destination;
+use super::index::{Destination, ServiceTarget};
 use super::l7;
 use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
@@ -443,24 +443,7 @@ impl Sidecar {
         let stats = &self.app.stats;
         let cfg = self.dp.shared.config.load_full();
         let up = match cfg.mesh.destination(dst) {
-            Destination::Service(t) => {
-                let mut last = None;
-                let mut got = None;
-                for attempt in 0..CONNECT_ATTEMPTS.min(t.endpoints.len()) {
-                    let Some((addr, w)) = t.pick(attempt) else { break };
-                    match self.connect(*addr, w.as_deref(), peer, Some(&t.service.hostname)).await {
-                        Ok(s) => {
-                            got = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(e),
-                    }
-                }
-                if got.is_none() {
-                    tracing::info!(%dst, service = %t.service.key, error = ?last.map(|e| e.to_string()), "no endpoint reachable");
-                }
-                got
-            }
+            Destination::Service(t) => self.connect_service(t, dst, peer).await,
             Destination::Workload(w) => self.connect(dst, Some(w), peer, None).await.ok(),
             Destination::Passthrough => self.connect(dst, None, peer, None).await.ok(),
             Destination::Blocked => {
@@ -479,6 +462,35 @@ impl Sidecar {
             Upstream::Tunnel(t) => relay(tcp, t, idle, stats).await,
             Upstream::Tcp(t) => relay(tcp, t, idle, stats).await,
         };
+    }
+
+    /// A stream to one of a service's endpoints, trying the next ones when a connect fails.
+    async fn connect_service(&self, t: &ServiceTarget, dst: SocketAddr, peer: SocketAddr) -> Option<Upstream> {
+        let mut last = None;
+        for attempt in 0..CONNECT_ATTEMPTS.min(t.endpoints.len().max(t.names.len())) {
+            let got = match (t.pick(attempt), t.pick_name(attempt)) {
+                (Some((addr, w)), _) => self.connect(*addr, w.as_deref(), peer, Some(&t.service.hostname)).await,
+                (None, Some((name, port))) => self.connect_name(name, *port).await,
+                (None, None) => break,
+            };
+            match got {
+                Ok(s) => return Some(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        tracing::info!(%dst, service = %t.service.key, error = ?last.map(|e| e.to_string()), "no endpoint reachable");
+        None
+    }
+
+    /// Plain TCP to a DNS-resolved endpoint (outside the mesh): every address the name has is
+    /// tried, within the connect timeout.
+    async fn connect_name(&self, name: &str, port: u16) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
+        let t = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect((name, port)))
+            .await
+            .map_err(|_| "connect timed out")??;
+        let _ = t.set_nodelay(true);
+        self.app.stats.outbound_passthrough.fetch_add(1, Relaxed);
+        Ok(Upstream::Tcp(t))
     }
 
     /// A stream to `addr`: over HBONE when the workload there has a mesh proxy, else plain TCP.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
 use ferrum_snapshot::istio::{
-    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, Sidecar,
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
 };
 use futures_util::StreamExt;
 use gateway_api::experimental::tcproutes::TcpRoute;
@@ -155,6 +155,7 @@ kinds! {
     request_authentications: RequestAuthentication = ("security.istio.io", "RequestAuthentication", ["v1", "v1beta1"], optional: true, status: true),
     sidecars: Sidecar = ("networking.istio.io", "Sidecar", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
     destination_rules: DestinationRule = ("networking.istio.io", "DestinationRule", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
+    service_entries: ServiceEntry = ("networking.istio.io", "ServiceEntry", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

@@ -206,6 +206,12 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         })
         .await;
     }
+    for e in &res.service_entries {
+        w.write_settled(e, "ServiceEntry", &e.status, || {
+            Some(policy_status("ServiceEntry", &e.metadata, t))
+        })
+        .await;
+    }
     w.settled.end();
     w.written
 }

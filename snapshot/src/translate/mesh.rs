@@ -255,8 +255,7 @@ fn pod_ready(p: &Pod) -> bool {
 /// Istio's annotation that limits which namespaces see a Service.
 pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
 
-/// The namespaces `networking.istio.io/exportTo` names (`.`: the Service's own; `*`: all, which
-/// is also the default; `~`: none), sorted; empty for all.
+/// The namespaces `networking.istio.io/exportTo` names, as [`exported_to`] reads them.
 fn export_to(s: &Service, ns: &str) -> Vec<String> {
     let Some(v) = s
         .metadata
@@ -266,8 +265,13 @@ fn export_to(s: &Service, ns: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    let mut out: Vec<String> = v
-        .split(',')
+    exported_to(v.split(','), ns)
+}
+
+/// The namespaces an `exportTo` list names (`.`: the object's own; `*`: all, which is also the
+/// default; `~`: none), sorted; empty for all.
+pub(crate) fn exported_to<'a>(names: impl Iterator<Item = &'a str>, ns: &str) -> Vec<String> {
+    let mut out: Vec<String> = names
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .map(|n| if n == "." { ns.to_string() } else { n.to_string() })
@@ -335,6 +339,7 @@ fn service(
         endpoints,
         routes: Vec::new(),
         export_to: export_to(s, &ns),
+        resolution: Default::default(),
     })
 }
 

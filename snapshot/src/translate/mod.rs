@@ -17,6 +17,7 @@ mod listeners;
 mod mesh;
 mod policy;
 pub use policy::{Jwks, JwksFetch};
+mod service_entry;
 mod sidecar;
 
 use std::any::Any;
@@ -479,6 +480,10 @@ impl Incremental {
         } else {
             Default::default()
         };
+        if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
+            let entries = service_entry::build(&res.service_entries, &workloads, &mut problems);
+            (services, service_digests) = merge_by_key(services, service_digests, entries);
+        }
         gamma::finish(
             &self.routes,
             &mut self.tables.mesh,
@@ -513,6 +518,17 @@ impl Incremental {
             gateways: served_gateways,
         }
     }
+}
+
+/// Services and their digests with `more` among them, all in key order.
+fn merge_by_key(
+    services: Vec<Arc<crate::mesh::MeshService>>,
+    digests: Vec<crate::model::Digest>,
+    more: Vec<(Arc<crate::mesh::MeshService>, crate::model::Digest)>,
+) -> (Vec<Arc<crate::mesh::MeshService>>, Vec<crate::model::Digest>) {
+    let mut all: Vec<_> = services.into_iter().zip(digests).chain(more).collect();
+    all.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+    all.into_iter().unzip()
 }
 
 #[cfg(test)]
