@@ -145,13 +145,27 @@ fn yaml_config() -> impl Strategy<Value = String> {
                 q(&d)
             )
         });
+    // A ServiceEntry: applied, by address or by host, or left out.
+    let entry = (
+        pick(&["api.example.com", "'*.example.com'", "svc", "'*'"]),
+        pick(&["", "addresses: [240.0.0.1], ", "addresses: [10.0.0.0/8], ", "addresses: [nope], "]),
+        pick(&["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]),
+        pick(&["", ", endpoints: [{address: 10.0.0.9, ports: {http: 9090}}]", ", endpoints: [{address: db.example.com}]", ", workloadSelector: {labels: {app: x}}"]),
+        0u32..70_000,
+    )
+        .prop_map(|(host, addresses, resolution, endpoints, port)| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se}}\n\
+                 spec: {{hosts: [{host}], {addresses}resolution: {resolution}, ports: [{{number: {port}, name: http, protocol: HTTP}}]{endpoints}}}\n"
+            )
+        });
     let config = (
         prop::collection::vec(listener, 1..3),
         prop::collection::vec(route, 1..4),
         backend,
-        rule,
+        (rule, entry),
     );
-    config.prop_map(|(ls, rs, b, traffic)| {
+    config.prop_map(|(ls, rs, b, (traffic, entry))| {
         let ls: Vec<String> = ls.iter().enumerate().map(|(i, l)| format!("{{name: l{i}, {l}}}")).collect();
         let mut docs = vec![
             format!(
@@ -164,6 +178,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
                 .into(),
             b,
             traffic,
+            entry,
         ];
         for (i, (rules, hosts, kind)) in rs.into_iter().enumerate() {
             docs.push(format!(

@@ -1389,6 +1389,127 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
     );
 }
 
+/// Under `REGISTRY_ONLY`, ServiceEntries are what lets a pod reach outside the mesh: a STATIC
+/// entry's address leads to its endpoint, a DNS entry's to the name it resolves, a NONE entry's
+/// real address is let through as dialled, and an entry without addresses is matched by the
+/// HTTP `Host` a connection asks for — the same server asked for another host stays refused. An
+/// entry that cannot be applied says which field on its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entries_are_what_a_registry_only_pod_may_reach_outside_the_mesh() {
+    let mut w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    w.app(0);
+    until_routed(&w).await;
+    // Two servers outside the mesh: on the host, at its address on the pods' bridge.
+    let host = w.bridge.host_ip();
+    let (port, other_port) = (free_port(), free_port());
+    let server = |port: u16| {
+        Proc(
+            std::process::Command::new("python3")
+                .args(["-m", "http.server", "--bind", &host, &port.to_string()])
+                .current_dir(w.dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _servers = (server(port), server(other_port));
+    let get = |url: String, host_header: Option<&str>| {
+        let header = host_header.map(|h| format!("Host: {h}"));
+        let mut args = vec!["--max-time", "3", url.as_str()];
+        if let Some(h) = &header {
+            args.extend(["-H", h.as_str()]);
+        }
+        w.pods[0].curl(&args)
+    };
+    eventually("A reaches the external server", Duration::from_secs(10), async || {
+        get(format!("http://{host}:{port}/"), None).0
+    })
+    .await;
+
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NS}}}\n\
+         spec: {{outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n"
+    ));
+    eventually(
+        "REGISTRY_ONLY refuses the external server",
+        Duration::from_secs(20),
+        async || !get(format!("http://{host}:{port}/"), None).0,
+    )
+    .await;
+
+    let entry = |name: &str, spec: String| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {NS}}}\nspec: {spec}\n---\n"
+        )
+    };
+    w.cluster.apply(
+        &[
+            entry(
+                "fixed",
+                format!("{{hosts: [fixed.example], addresses: [240.240.0.10], resolution: STATIC, ports: [{{number: 80, name: http, targetPort: {port}}}], endpoints: [{{address: '{host}'}}]}}"),
+            ),
+            entry(
+                "resolved",
+                "{hosts: [resolved.example], addresses: [240.240.0.11], resolution: DNS, ports: [{number: 80, name: http, targetPort: 8080}], endpoints: [{address: localhost}]}".into(),
+            ),
+            entry(
+                "real",
+                format!("{{hosts: [real.example], addresses: ['{host}'], resolution: NONE, ports: [{{number: {other_port}, name: tcp, protocol: TCP}}]}}"),
+            ),
+            entry(
+                "named",
+                format!("{{hosts: [api.example.com], resolution: NONE, ports: [{{number: {port}, name: http, protocol: HTTP}}]}}"),
+            ),
+            entry(
+                "range",
+                "{hosts: [range.example], addresses: [198.18.0.0/15], ports: [{number: 80, name: http}]}".into(),
+            ),
+        ]
+        .concat(),
+    );
+    eventually(
+        "the STATIC entry's address reaches its endpoint",
+        Duration::from_secs(20),
+        async || get("http://240.240.0.10/static.txt".into(), None).0,
+    )
+    .await;
+    let (ok, body) = get("http://240.240.0.11/dns".into(), None);
+    assert!(
+        ok && body.starts_with("hello from a-1: /dns"),
+        "the DNS entry's name (localhost, from A's sidecar): {body}"
+    );
+    assert!(
+        get(format!("http://{host}:{other_port}/"), None).0,
+        "the NONE entry's real address"
+    );
+    assert!(
+        get(format!("http://{host}:{port}/"), Some("api.example.com")).0,
+        "the address-less entry, by the Host asked for"
+    );
+    assert!(
+        !get(format!("http://{host}:{port}/"), Some("elsewhere.example")).0,
+        "the same server asked for a host no entry names is still refused"
+    );
+    assert!(w.pods[0].connections("outbound", "blocked") >= 2.0);
+
+    let status = |name: &str| w.cluster.get("serviceentry", NS, name)["status"]["conditions"][0].clone();
+    eventually("the statuses are written", Duration::from_secs(20), async || {
+        status("range")["status"] == "False" && status("fixed")["status"] == "True"
+    })
+    .await;
+    let range = status("range");
+    assert_eq!(range["reason"], "UnsupportedValue", "{range}");
+    assert!(
+        range["message"].as_str().unwrap().contains("spec.addresses[0]"),
+        "{range}"
+    );
+}
+
 /// More connections from one pod to another than one HBONE connection may carry tunnels (100
 /// streams): every one of them is open at once and carries its bytes — the client sidecar opens
 /// another HBONE connection rather than queueing tunnels behind the first one's limit.

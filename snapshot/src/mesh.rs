@@ -414,6 +414,10 @@ pub struct MeshService {
     /// Where a connection to one of its addresses goes (a Kubernetes Service: its endpoints).
     #[serde(default, skip_serializing_if = "Resolution::is_endpoints")]
     pub resolution: Resolution,
+    /// Connections are matched to it by the host they ask for (TLS SNI, HTTP `Host`) when the
+    /// mesh knows their address as nothing else: a ServiceEntry without addresses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_host: bool,
 }
 
 /// How a proxy finds where a connection to a service goes (Istio ServiceEntry `resolution`).
@@ -681,6 +685,7 @@ mod tests {
             routes: vec![],
             export_to: vec![],
             resolution: Resolution::Endpoints,
+            by_host: false,
         })
     }
 

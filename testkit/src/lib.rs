@@ -18,6 +18,20 @@ pub mod netns;
 pub mod otlp;
 
 /// A port nobody listens on right now.
+/// A real TLS ClientHello for `sni`, as rustls's client sends it first.
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut c = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let mut out = Vec::new();
+    c.write_tls(&mut out).unwrap();
+    out
+}
+
 pub fn free_port() -> u16 {
     // Above the mesh ports (15000-15090) and below the kernel's ephemeral range (32768-60999
     // by default), which port 0 would pick from: there, any outgoing connection made before

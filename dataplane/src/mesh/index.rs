@@ -105,6 +105,9 @@ pub struct MeshIndex {
     /// Addresses of services that send connections where they were dialled (ServiceEntry
     /// `resolution: NONE`): known to the registry, so let past `REGISTRY_ONLY`.
     registered: HashSet<SocketAddr>,
+    /// Services without addresses (ServiceEntries naming hosts only), by port: a connection to
+    /// an address the mesh does not know is matched by the TLS SNI or HTTP `Host` it asks for.
+    hosts: HashMap<u16, Vec<ServiceTarget>>,
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
     pub inbound: Authorizer,
@@ -151,6 +154,7 @@ impl MeshIndex {
         }
         let mut services = HashMap::new();
         let mut registered = HashSet::new();
+        let mut hosts: HashMap<u16, Vec<ServiceTarget>> = HashMap::new();
         for s in snap.services.iter().filter(|s| visible(s)) {
             for p in s
                 .ports
@@ -158,13 +162,25 @@ impl MeshIndex {
                 .filter(|p| view.as_ref().is_none_or(|v| v.knows_port(s, p.port)))
             {
                 let vips = s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok());
-                if s.resolution == Resolution::Passthrough {
+                if s.resolution == Resolution::Passthrough && !s.by_host {
                     // Real addresses: connections go where they were dialled, REGISTRY_ONLY or not.
                     registered.extend(vips.map(|vip| SocketAddr::new(vip, p.port)));
                     continue;
                 }
                 let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
                 let routes = http.get(&(s.key.clone(), p.port)).cloned();
+                if s.by_host {
+                    // A ServiceEntry without addresses: found by the host a connection asks for.
+                    hosts.entry(p.port).or_default().push(ServiceTarget {
+                        service: s.clone(),
+                        port: p.port,
+                        endpoints,
+                        names,
+                        http: None,
+                        next: AtomicUsize::new(fastrand::usize(..)),
+                    });
+                    continue;
+                }
                 for vip in vips {
                     services.insert(
                         SocketAddr::new(vip, p.port),
@@ -194,6 +210,7 @@ impl MeshIndex {
         MeshIndex {
             services,
             registered,
+            hosts,
             workloads,
             inbound,
             authn,
@@ -212,6 +229,35 @@ impl MeshIndex {
             None if self.registry_only && !self.registered.contains(&dst) => Destination::Blocked,
             None => Destination::Passthrough,
         }
+    }
+
+    /// Whether connections to `dst` are matched by the host they ask for: no service or workload
+    /// has the address, and some service without addresses has the port.
+    pub fn by_host_on(&self, dst: SocketAddr) -> bool {
+        self.hosts.contains_key(&dst.port())
+            && !self.services.contains_key(&dst)
+            && !self.workloads.contains_key(&dst.ip())
+    }
+
+    /// The service without addresses that has `host` on `port`: an exact name first, then the
+    /// longest `*.suffix` that matches.
+    pub fn by_host(&self, port: u16, host: &str) -> Option<&ServiceTarget> {
+        let targets = self.hosts.get(&port)?;
+        let host = host.trim_end_matches('.');
+        targets
+            .iter()
+            .find(|t| t.service.hostname.eq_ignore_ascii_case(host))
+            .or_else(|| {
+                targets
+                    .iter()
+                    .filter(|t| {
+                        t.service.hostname.strip_prefix('*').is_some_and(|suffix| {
+                            host.len() > suffix.len()
+                                && host.as_bytes()[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                        })
+                    })
+                    .max_by_key(|t| t.service.hostname.len())
+            })
     }
 
     /// The mesh routes of a Service VIP:port, when it has any.
@@ -442,5 +488,46 @@ mod tests {
             "another port"
         );
         assert!(matches!(m.destination(dst("240.0.0.1:81")), Destination::Blocked));
+    }
+
+    /// Entries without addresses are found by the host a connection asks for, on their ports
+    /// only: an exact name before the longest wildcard.
+    #[test]
+    fn entries_without_addresses_are_found_by_host() {
+        let mut r = ferrum_snapshot::Resources::default();
+        let entry = |name: &str, hosts: &str, extra: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: ns}}\n\
+                 spec: {{hosts: [{hosts}], ports: [{{number: 443, name: tls, protocol: TLS}}]{extra}}}\n---\n"
+            )
+        };
+        r.add_yaml(
+            "m.yaml",
+            &[
+                entry("exact", "pay.example.com", ", resolution: DNS"),
+                entry("wide", "'*.example.com'", ""),
+                entry(
+                    "narrow",
+                    "'*.eu.example.com'",
+                    ", resolution: STATIC, endpoints: [{address: 192.0.2.7}]",
+                ),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = sidecar_index(&snap, "ns");
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(m.by_host_on(dst("198.51.100.1:443")));
+        assert!(!m.by_host_on(dst("198.51.100.1:80")), "no entry has port 80");
+        let key = |host: &str| m.by_host(443, host).map(|t| t.service.key.as_str());
+        assert_eq!(key("PAY.example.com."), Some("ns/exact/pay.example.com"));
+        assert_eq!(key("shop.example.com"), Some("ns/wide/*.example.com"));
+        assert_eq!(key("a.eu.example.com"), Some("ns/narrow/*.eu.example.com"));
+        assert_eq!(key("example.com"), None, "a wildcard needs a label before its suffix");
+        assert_eq!(key("example.org"), None);
+        assert_eq!(m.by_host(80, "pay.example.com").map(|t| t.port), None);
+        let narrow = m.by_host(443, "a.eu.example.com").unwrap();
+        assert_eq!(narrow.pick(0).map(|e| e.0), Some(dst("192.0.2.7:443")));
     }
 }

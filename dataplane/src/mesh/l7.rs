@@ -39,6 +39,66 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> Bytes {
     }
 }
 
+/// The most of an HTTP/1 request head read to find its `Host`.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// What a client asks for in its first bytes, to match a service known by host only: the SNI
+/// name of a TLS ClientHello or the `Host` of an HTTP/1 request (`None`: neither, or not within
+/// [`SNIFF_TIMEOUT`]), with every byte read, to send on unchanged. `Err`: the connection cannot
+/// go on (it failed or closed mid-ClientHello, or sent one no TLS server would take).
+pub async fn requested_host<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Option<String>, Bytes)> {
+    let first = sniff(s).await;
+    if first.first() == Some(&0x16) {
+        let mut p = Prefixed::new(first, &mut *s);
+        return match crate::tcp::forward::client_hello(&mut p, SNIFF_TIMEOUT).await {
+            Ok((sni, seen)) => Ok((sni, seen.into())),
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+    }
+    if detect(&first) != Some(HttpVersion::One) {
+        return Ok((None, first));
+    }
+    let mut seen = first.to_vec();
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&seen) {
+            Ok(httparse::Status::Complete(_)) => {
+                let host = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(host_of);
+                return Ok((host, seen.into()));
+            }
+            Ok(httparse::Status::Partial) if seen.len() < MAX_HEAD => {}
+            // Malformed, or more than a head may be: no host to match.
+            _ => return Ok((None, seen.into())),
+        }
+        let mut buf = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok((None, seen.into())),
+        };
+        if n == 0 {
+            return Ok((None, seen.into()));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A `Host` value without its port, in lower case.
+fn host_of(v: &str) -> String {
+    let v = v.trim();
+    let host = match v.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(v, |(h, _)| h),
+        None => v.rsplit_once(':').map_or(v, |(h, _)| h),
+    };
+    host.to_ascii_lowercase()
+}
+
 /// What the first bytes say: an HTTP/2 preface, an HTTP/1 request line, or neither.
 pub fn detect(first: &[u8]) -> Option<HttpVersion> {
     // The preface's first line, or as much of the preface as has arrived.
@@ -265,6 +325,36 @@ mod tests {
         assert_eq!(detect(b"hello world\n"), None);
         assert_eq!(detect(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(detect(b""), None);
+    }
+
+    /// What `requested_host` finds in `sent` (written in pieces, then the writer waits), and
+    /// whether the bytes it hands on are exactly those sent.
+    async fn requested(sent: &[u8]) -> (Option<String>, bool) {
+        let (mut w, mut r) = tokio::io::duplex(64);
+        let all = sent.to_vec();
+        tokio::spawn(async move {
+            for chunk in all.chunks(40) {
+                tokio::io::AsyncWriteExt::write_all(&mut w, chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            std::future::pending::<()>().await;
+        });
+        let (host, seen) = requested_host(&mut r).await.unwrap();
+        (host, seen == sent)
+    }
+
+    #[tokio::test]
+    async fn the_host_a_connection_asks_for_is_read_without_losing_a_byte() {
+        let get = b"GET /v1 HTTP/1.1\r\nUser-Agent: curl\r\nHost: API.Example.com:8080\r\nAccept: */*\r\n\r\n";
+        assert_eq!(requested(get).await, (Some("api.example.com".into()), true));
+        let hello = ferrum_testkit::client_hello("Pay.Example.com");
+        assert_eq!(requested(&hello).await, (Some("pay.example.com".into()), true));
+        // Neither TLS nor HTTP/1: no host, the bytes go on as they came.
+        assert_eq!(requested(b"SSH-2.0-OpenSSH_9.6\r\n").await, (None, true));
+        // HTTP/1 with no Host, and a head that never ends within the limit.
+        assert_eq!(requested(b"GET / HTTP/1.0\r\n\r\n").await, (None, true));
+        let endless = [b"GET / HTTP/1.1\r\n".as_slice(), &b"X: y\r\n".repeat(3000)].concat();
+        assert_eq!(requested(&endless).await.0, None);
     }
 
     #[tokio::test]

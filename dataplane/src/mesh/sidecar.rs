@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use ferrum_snapshot::mesh::Workload;
+use ferrum_snapshot::mesh::{Resolution, Workload};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -414,7 +414,14 @@ impl Sidecar {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        if self.dp.shared.config.load().mesh.http(dst).is_none() {
+        let (routed, by_host) = {
+            let cfg = self.dp.shared.config.load();
+            (cfg.mesh.http(dst).is_some(), cfg.mesh.by_host_on(dst))
+        };
+        if by_host {
+            return self.outbound_by_host(tcp, peer, dst).await;
+        }
+        if !routed {
             return self.outbound_l4(tcp, peer, dst).await;
         }
         let first = l7::sniff(&mut tcp).await;
@@ -435,6 +442,28 @@ impl Sidecar {
         }
     }
 
+    /// A connection to an address the mesh does not know, on a port where services are known by
+    /// host only (ServiceEntries without addresses): the TLS SNI or HTTP `Host` it asks for picks
+    /// the service; anything else goes on by its address.
+    async fn outbound_by_host(&self, mut tcp: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let Ok((host, seen)) = l7::requested_host(&mut tcp).await else {
+            self.app.stats.outbound_failed.fetch_add(1, Relaxed);
+            return;
+        };
+        let s = l7::Prefixed::new(seen, tcp);
+        let cfg = self.dp.shared.config.load_full();
+        let Some(t) = host.as_deref().and_then(|h| cfg.mesh.by_host(dst.port(), h)) else {
+            drop(cfg);
+            return self.outbound_l4(s, peer, dst).await;
+        };
+        let up = match t.service.resolution {
+            Resolution::Passthrough => self.connect(dst, None, peer, None).await.ok(),
+            Resolution::Endpoints | Resolution::Dns => self.connect_service(t, dst, peer).await,
+        };
+        drop(cfg);
+        self.relay_to(s, up).await;
+    }
+
     /// Relays a captured outbound stream to where its original destination leads.
     async fn outbound_l4<S>(&self, tcp: S, peer: SocketAddr, dst: SocketAddr)
     where
@@ -453,6 +482,15 @@ impl Sidecar {
             }
         };
         drop(cfg);
+        self.relay_to(tcp, up).await;
+    }
+
+    /// Relays `tcp` to `up`, or counts the failure to get one.
+    async fn relay_to<S>(&self, tcp: S, up: Option<Upstream>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stats = &self.app.stats;
         let Some(up) = up else {
             stats.outbound_failed.fetch_add(1, Relaxed);
             return;

@@ -149,24 +149,9 @@ pub async fn serve_terminated(stream: TcpStream, tls: Arc<rustls::ServerConfig>,
 mod tests {
     use super::*;
 
-    /// A real ClientHello, from rustls's client.
-    fn hello(sni: &str) -> Vec<u8> {
-        let roots = rustls::RootCertStore::empty();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-        let mut c = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-        let mut out = Vec::new();
-        c.write_tls(&mut out).unwrap();
-        out
-    }
-
     #[tokio::test]
     async fn reads_the_sni_and_keeps_every_byte() {
-        let h = hello("DB.Example.com");
+        let h = ferrum_testkit::client_hello("DB.Example.com");
         // Split across reads, as a slow client sends it.
         let (mut w, mut r) = tokio::io::duplex(64);
         let sent = h.clone();

@@ -340,6 +340,7 @@ fn service(
         routes: Vec::new(),
         export_to: export_to(s, &ns),
         resolution: Default::default(),
+        by_host: false,
     })
 }
 

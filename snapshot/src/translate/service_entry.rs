@@ -100,6 +100,7 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
             routes: Vec::new(),
             export_to: export_to.clone(),
             resolution,
+            by_host: vips.is_empty(),
         })
         .collect())
 }
