@@ -28,6 +28,8 @@ pub struct Snapshot {
     /// The mesh: pods and the Services in front of them, in key order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<Arc<Workload>>,
+    /// Services carry how they resolve and whether they are matched by host (ServiceEntries,
+    /// schema 5).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Arc<MeshService>>,
     /// Security policies (AuthorizationPolicy, PeerAuthentication), in key order.
@@ -41,7 +43,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 4;
+pub const SCHEMA: u32 = 5;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
