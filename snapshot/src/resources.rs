@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
 use crate::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
+    VirtualService,
 };
 
 /// Identifies one object in problems and status.
@@ -69,6 +70,8 @@ pub struct Resources {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     /// Istio ServiceEntries (networking.istio.io): hosts outside the registry, for sidecars.
     pub service_entries: Vec<Arc<ServiceEntry>>,
+    /// Istio VirtualServices (networking.istio.io): HTTP routes for Services, in the mesh.
+    pub virtual_services: Vec<Arc<VirtualService>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
     /// JWKS documents the producer fetched for RequestAuthentications' `jwksUri`s, by URI: the
@@ -102,7 +105,8 @@ macro_rules! each_kind {
             request_authentications: "RequestAuthentication" in crate::ISTIO_SECURITY_GROUP,
             sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP,
             destination_rules: "DestinationRule" in crate::ISTIO_NETWORKING_GROUP,
-            service_entries: "ServiceEntry" in crate::ISTIO_NETWORKING_GROUP
+            service_entries: "ServiceEntry" in crate::ISTIO_NETWORKING_GROUP,
+            virtual_services: "VirtualService" in crate::ISTIO_NETWORKING_GROUP
         )
     };
 }
@@ -413,7 +417,8 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("GatewayClass, Gateway, HTTPRoute") && e.ends_with("Sidecar, DestinationRule, ServiceEntry"),
+            e.contains("GatewayClass, Gateway, HTTPRoute")
+                && e.ends_with("Sidecar, DestinationRule, ServiceEntry, VirtualService"),
             "{e}"
         );
         let e = refused("apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n");

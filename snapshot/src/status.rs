@@ -396,7 +396,8 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
     let rules = res.destination_rules.iter().map(|d| ("DestinationRule", &d.metadata));
     let backend_policies = res.backend_policies.iter().map(|p| ("BackendPolicy", &p.metadata));
     let entries = res.service_entries.iter().map(|e| ("ServiceEntry", &e.metadata));
-    let traffic = rules.chain(backend_policies).chain(entries);
+    let routed = res.virtual_services.iter().map(|v| ("VirtualService", &v.metadata));
+    let traffic = rules.chain(backend_policies).chain(entries).chain(routed);
     for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(traffic) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),

@@ -17,6 +17,7 @@ use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
 use ferrum_snapshot::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
+    VirtualService,
 };
 use futures_util::StreamExt;
 use gateway_api::experimental::tcproutes::TcpRoute;
@@ -156,6 +157,7 @@ kinds! {
     sidecars: Sidecar = ("networking.istio.io", "Sidecar", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
     destination_rules: DestinationRule = ("networking.istio.io", "DestinationRule", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
     service_entries: ServiceEntry = ("networking.istio.io", "ServiceEntry", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
+    virtual_services: VirtualService = ("networking.istio.io", "VirtualService", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

@@ -212,6 +212,12 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         })
         .await;
     }
+    for v in &res.virtual_services {
+        w.write_settled(v, "VirtualService", &v.status, || {
+            Some(policy_status("VirtualService", &v.metadata, t))
+        })
+        .await;
+    }
     w.settled.end();
     w.written
 }

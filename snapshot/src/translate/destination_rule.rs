@@ -19,7 +19,7 @@ pub type RuleError = (String, String);
 
 /// The Service (namespace, name) a rule's `host` names; `None` for hosts that are no Service
 /// of this cluster (external names, wildcards), to which the rule does nothing here.
-fn service_of<'a>(host: &'a str, rule_ns: &'a str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn service_of<'a>(host: &'a str, rule_ns: &'a str) -> Option<(&'a str, &'a str)> {
     if host.contains('*') {
         return None;
     }

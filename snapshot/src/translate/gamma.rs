@@ -13,6 +13,7 @@ use gateway_api::httproutes::HttpRouteParentRefs;
 
 use super::httproute::RouteMemos;
 use super::listeners::Host;
+use super::virtual_service::VsTable;
 use super::{Attachment, Problems, Reason};
 use crate::mesh::{MeshService, ServiceRoutes};
 use crate::model::{Digest, Route};
@@ -85,12 +86,13 @@ pub(crate) fn service_parent(
 }
 
 /// Puts every mesh target's routes on its Service (re-hashing only those Services), after
-/// settling conflicts between route kinds.
+/// settling conflicts between route kinds; VirtualServices' tables go where no route is.
 pub(crate) fn finish(
     memos: &RouteMemos,
     hosts: &mut MeshHosts,
     services: &mut [Arc<MeshService>],
     digests: &mut [Digest],
+    mut istio: Vec<VsTable>,
     problems: &mut Problems<'_>,
 ) {
     let losers = conflicts(memos, problems);
@@ -115,6 +117,29 @@ pub(crate) fn finish(
                 routes,
             });
         }
+    }
+    // VirtualServices take the Service ports no route table holds, the oldest first.
+    istio.sort_by(|a, b| a.rank.cmp(&b.rank));
+    for t in &istio {
+        let (key, port, consumer) = &t.target;
+        let held = tables
+            .get(key.as_str())
+            .is_some_and(|v| v.iter().any(|r| r.port == *port && &r.consumer == consumer));
+        if held {
+            super::virtual_service::push_once(
+                problems,
+                &t.owner,
+                format!("spec.hosts[{}]", t.host),
+                Reason::Conflicted,
+                format!("an HTTPRoute or an older VirtualService already routes Service {key} port {port}"),
+            );
+            continue;
+        }
+        tables.entry(key.as_str()).or_default().push(ServiceRoutes {
+            port: *port,
+            consumer: consumer.clone(),
+            routes: t.routes.clone(),
+        });
     }
     for (key, routes) in tables {
         let Ok(i) = services.binary_search_by(|s| s.key.as_str().cmp(key)) else {

@@ -123,7 +123,7 @@ impl RouteMemo {
     }
 }
 
-fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+pub(crate) fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     meta.creation_timestamp
         .as_ref()
         .map(|t| format!("{:?}", t.0))

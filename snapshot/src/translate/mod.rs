@@ -19,6 +19,7 @@ mod policy;
 pub use policy::{Jwks, JwksFetch};
 mod service_entry;
 mod sidecar;
+mod virtual_service;
 
 use std::any::Any;
 use std::fmt;
@@ -461,6 +462,10 @@ impl Incremental {
             &mut self.next_id,
             &mut stats,
         );
+        let virtual_services = match self.opts.gateway {
+            None => virtual_service::translate(res, &mut clusters, &mut problems),
+            Some(_) => Vec::new(),
+        };
         stats.clusters_reused = clusters.reused;
         let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
@@ -489,6 +494,7 @@ impl Incremental {
             &mut self.tables.mesh,
             &mut services,
             &mut service_digests,
+            virtual_services,
             &mut problems,
         );
         let mut list = problems.list;

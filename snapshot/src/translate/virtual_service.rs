@@ -1,0 +1,744 @@
+//! Istio VirtualServices → mesh routes: the `http` routes of a VirtualService whose `hosts`
+//! name Services become those Services' route tables in the sidecars (like a GAMMA producer
+//! route, or a consumer route with `exportTo: ["."]`), in the order written — the first route
+//! that matches wins, as in Istio. Destinations are Services (port: the one asked, or the one
+//! named); a destination that does not resolve gets its share of requests answered 500. A
+//! VirtualService with a field Ferrum does not apply (subsets, retries, faults, mirrors, TCP or
+//! TLS routes, Istio Gateways, …) is left out whole, its status naming the field.
+
+use std::sync::Arc;
+
+use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
+use crate::model::{
+    Action, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, Rewrite, Route, RouteMatch, RouteTimeouts,
+    StringMatch, WeightedCluster,
+};
+use crate::resources::{ObjectRef, Resources};
+
+use super::backends::{BackendRef, Clusters};
+use super::destination_rule::service_of;
+use super::gamma::MeshTarget;
+use super::{Problems, Reason, meta_ref};
+
+/// The routes one VirtualService gives one Service port.
+pub(crate) struct VsTable {
+    pub target: MeshTarget,
+    pub routes: Vec<Arc<Route>>,
+    pub owner: ObjectRef,
+    /// Its `spec.hosts` index, for a conflict's field.
+    pub host: usize,
+    /// Creation time, then namespace and name: the older VirtualService keeps a Service port.
+    pub rank: (String, String, String),
+}
+
+/// A field and why the VirtualService cannot be applied.
+type Refusal = (String, Reason, String);
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> Refusal {
+    (field.into(), Reason::Invalid, why.into())
+}
+
+fn unsupported(field: impl Into<String>, why: impl Into<String>) -> Refusal {
+    (field.into(), Reason::UnsupportedValue, why.into())
+}
+
+/// One `http` route, read: its matches (each with the port it is limited to) and what it does.
+struct Rule {
+    matches: Vec<(RouteMatch, Option<u16>)>,
+    request: HeaderModifier,
+    response: HeaderModifier,
+    /// Per match (a prefix rewrite depends on the match).
+    rewrites: Vec<Option<Rewrite>>,
+    redirect: Option<Redirect>,
+    timeout_ms: Option<u64>,
+    /// (Service namespace, name, port, weight).
+    destinations: Vec<(String, String, Option<u16>, u32)>,
+}
+
+pub(crate) fn translate(res: &Resources, clusters: &mut Clusters<'_>, problems: &mut Problems<'_>) -> Vec<VsTable> {
+    let mut out = Vec::new();
+    clusters.waive_grants(true);
+    for vs in &res.virtual_services {
+        let obj = meta_ref("VirtualService", &vs.metadata);
+        match rules(vs) {
+            Ok(rules) => out.extend(tables(vs, &rules, res, clusters, problems, &obj)),
+            Err((field, reason, why)) => problems.push(&obj, field, reason, why),
+        }
+    }
+    clusters.waive_grants(false);
+    out
+}
+
+fn namespace(vs: &VirtualService) -> &str {
+    vs.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// Every route of `vs`, or the field that keeps it out.
+fn rules(vs: &VirtualService) -> Result<Vec<Rule>, Refusal> {
+    let spec = &vs.spec;
+    if let Some(f) = spec.other.keys().next() {
+        return Err(unsupported(format!("spec.{f}"), "not supported: only http routes are"));
+    }
+    if let Some((i, g)) = spec.gateways.iter().enumerate().find(|(_, g)| *g != "mesh") {
+        return Err(unsupported(
+            format!("spec.gateways[{i}]"),
+            format!("{g:?}: Istio Gateways are not read; route Gateways with HTTPRoutes"),
+        ));
+    }
+    if spec.hosts.is_empty() {
+        return Err(invalid("spec.hosts", "at least one host"));
+    }
+    if spec.http.is_empty() {
+        return Err(invalid("spec.http", "at least one http route"));
+    }
+    let ns = namespace(vs);
+    spec.http
+        .iter()
+        .enumerate()
+        .map(|(i, h)| rule(h, ns, &format!("spec.http[{i}]")))
+        .collect()
+}
+
+fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
+    if let Some(f) = h.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let mut matches = Vec::new();
+    for (j, m) in h.matches.iter().enumerate() {
+        matches.push(route_match(m, &format!("{at}.match[{j}]"))?);
+    }
+    if matches.is_empty() {
+        matches.push((RouteMatch::default(), None));
+    }
+    let (mut request, mut response) = header_edits(h.headers.as_ref());
+    let mut destinations = Vec::new();
+    let several = h.route.len() > 1;
+    for (j, d) in h.route.iter().enumerate() {
+        let at = format!("{at}.route[{j}]");
+        if let Some(f) = d.other.keys().next().or(d.destination.other.keys().next()) {
+            return Err(unsupported(format!("{at}.{f}"), "not supported"));
+        }
+        if d.destination.subset.is_some() {
+            return Err(unsupported(
+                format!("{at}.destination.subset"),
+                "DestinationRule subsets are not supported: route to a Service per version",
+            ));
+        }
+        let (sns, name) = service_of(&d.destination.host, ns).ok_or_else(|| {
+            unsupported(
+                format!("{at}.destination.host"),
+                format!("{:?} is not a Service of this cluster", d.destination.host),
+            )
+        })?;
+        let port = match &d.destination.port {
+            None => None,
+            Some(p) => Some(port(p.number, &format!("{at}.destination.port.number"))?),
+        };
+        let weight = match (d.weight, several) {
+            (None, false) => 1,
+            (None, true) => {
+                return Err(invalid(
+                    format!("{at}.weight"),
+                    "a route with several destinations weighs each",
+                ));
+            }
+            (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
+        };
+        if let Some(hd) = &d.headers {
+            if several {
+                return Err(unsupported(
+                    format!("{at}.headers"),
+                    "header edits per destination are supported on a route with one destination only",
+                ));
+            }
+            let (req, resp) = header_edits(Some(hd));
+            request = merged(request, req);
+            response = merged(response, resp);
+        }
+        destinations.push((sns.to_string(), name.to_string(), port, weight));
+    }
+    let redirect = h
+        .redirect
+        .as_ref()
+        .map(|r| redirect(r, &format!("{at}.redirect")))
+        .transpose()?;
+    match (redirect.is_some(), destinations.is_empty()) {
+        (true, false) => {
+            return Err(invalid(
+                format!("{at}.redirect"),
+                "a route either redirects or has destinations",
+            ));
+        }
+        (false, true) => {
+            return Err(invalid(
+                format!("{at}.route"),
+                "a route needs destinations or a redirect",
+            ));
+        }
+        _ => {}
+    }
+    if redirect.is_some() && h.rewrite.is_some() {
+        return Err(invalid(format!("{at}.rewrite"), "a redirect cannot rewrite"));
+    }
+    let rewrites = matches
+        .iter()
+        .map(|(m, _)| rewrite(h, &m.path, &format!("{at}.rewrite")))
+        .collect::<Result<_, _>>()?;
+    let timeout_ms = h
+        .timeout
+        .as_deref()
+        .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
+        .transpose()?;
+    Ok(Rule {
+        matches,
+        request,
+        response,
+        rewrites,
+        redirect,
+        timeout_ms,
+        destinations,
+    })
+}
+
+fn port(n: u32, field: &str) -> Result<u16, Refusal> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(field, "ports are 1-65535"))
+}
+
+/// An Istio duration: `10s`, `0.5s`, `250ms`, `1m`, `1h`.
+fn duration_ms(s: &str) -> Result<u64, String> {
+    if !s.ends_with("ms")
+        && let Some(secs) = s.strip_suffix('s')
+        && let Ok(v) = secs.parse::<f64>()
+    {
+        return (v.is_finite() && v >= 0.0)
+            .then(|| (v * 1000.0).round() as u64)
+            .ok_or_else(|| format!("invalid duration {s:?}"));
+    }
+    super::parse_duration_ms(s)
+}
+
+/// A match's one string condition as Ferrum's: exact, or an anchored regex (prefixes too).
+fn string_match(m: &VsStringMatch, field: &str) -> Result<StringMatch, Refusal> {
+    if let Some(f) = m.other.keys().next() {
+        return Err(unsupported(format!("{field}.{f}"), "not supported"));
+    }
+    let out = match (&m.exact, &m.prefix, &m.regex) {
+        (Some(v), None, None) => StringMatch::Exact(v.clone()),
+        (None, Some(p), None) => StringMatch::Regex(format!("{}.*", regex::escape(p))),
+        (None, None, Some(re)) => StringMatch::Regex(re.clone()),
+        // `{}`: present, with any value.
+        (None, None, None) => StringMatch::Regex(".*".into()),
+        _ => return Err(invalid(field, "one of exact, prefix or regex")),
+    };
+    if let StringMatch::Regex(re) = &out
+        && let Err(e) = regex::Regex::new(re)
+    {
+        return Err(invalid(field, format!("invalid regex: {e}")));
+    }
+    Ok(out)
+}
+
+fn route_match(m: &VsMatch, at: &str) -> Result<(RouteMatch, Option<u16>), Refusal> {
+    if let Some(f) = m.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let path = match &m.uri {
+        None => PathMatch::default(),
+        Some(u) => match (string_match(u, &format!("{at}.uri"))?, &u.prefix) {
+            (_, Some(p)) if p == "/" => PathMatch::Prefix("/".into()),
+            (StringMatch::Exact(p), _) => PathMatch::Exact(p),
+            (StringMatch::Regex(re), _) => PathMatch::Regex(re),
+        },
+    };
+    let method = match &m.method {
+        None => None,
+        Some(v) => match (&v.exact, string_match(v, &format!("{at}.method"))?) {
+            (Some(e), _) => Some(e.clone()),
+            _ => return Err(unsupported(format!("{at}.method"), "methods match exactly")),
+        },
+    };
+    let keyed = |map: &std::collections::BTreeMap<String, VsStringMatch>, what: &str, lower: bool| {
+        map.iter()
+            .map(|(k, v)| {
+                Ok(KeyMatch {
+                    name: if lower { k.to_ascii_lowercase() } else { k.clone() },
+                    value: string_match(v, &format!("{at}.{what}.{k}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, Refusal>>()
+    };
+    let matcher = RouteMatch {
+        path,
+        method,
+        headers: keyed(&m.headers, "headers", true)?,
+        query_params: keyed(&m.query_params, "queryParams", false)?,
+    };
+    let port = m.port.map(|p| port(p, &format!("{at}.port"))).transpose()?;
+    Ok((matcher, port))
+}
+
+fn header_ops(ops: Option<&VsHeaderOps>) -> HeaderModifier {
+    let Some(o) = ops else { return HeaderModifier::default() };
+    let pairs = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
+    };
+    HeaderModifier {
+        set: pairs(&o.set),
+        add: pairs(&o.add),
+        remove: o.remove.iter().map(|h| h.to_ascii_lowercase()).collect(),
+    }
+}
+
+fn header_edits(h: Option<&VsHeaders>) -> (HeaderModifier, HeaderModifier) {
+    (
+        header_ops(h.and_then(|h| h.request.as_ref())),
+        header_ops(h.and_then(|h| h.response.as_ref())),
+    )
+}
+
+fn merged(mut a: HeaderModifier, b: HeaderModifier) -> HeaderModifier {
+    a.set.extend(b.set);
+    a.add.extend(b.add);
+    a.remove.extend(b.remove);
+    a
+}
+
+fn redirect(r: &crate::istio::VsRedirect, at: &str) -> Result<Redirect, Refusal> {
+    if let Some(f) = r.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let status = match r.redirect_code.unwrap_or(301) {
+        c @ (301 | 302 | 303 | 307 | 308) => c as u16,
+        c => {
+            return Err(invalid(
+                format!("{at}.redirectCode"),
+                format!("{c} is not 301, 302, 303, 307 or 308"),
+            ));
+        }
+    };
+    Ok(Redirect {
+        scheme: r.scheme.clone(),
+        hostname: r.authority.clone(),
+        port: r.port.map(|p| port(p, &format!("{at}.port"))).transpose()?,
+        path: r.uri.clone().map(PathRewrite::Full),
+        status,
+    })
+}
+
+/// The rewrite of a route matching `path`: a prefix is replaced only after the prefix `/`
+/// (Ferrum's prefix rewrite replaces a segment-wise prefix, Istio's prefixes are of the string).
+fn rewrite(h: &VsHttpRoute, path: &PathMatch, at: &str) -> Result<Option<Rewrite>, Refusal> {
+    let Some(r) = &h.rewrite else { return Ok(None) };
+    if let Some(f) = r.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let from_prefix = h.matches.iter().any(|m| {
+        m.uri
+            .as_ref()
+            .is_some_and(|u| u.prefix.as_deref().is_some_and(|p| p != "/"))
+    });
+    let path = match (&r.uri, path) {
+        (None, _) => None,
+        (Some(_), _) if from_prefix => {
+            return Err(unsupported(
+                format!("{at}.uri"),
+                "a rewrite after a uri.prefix match other than \"/\" is not supported",
+            ));
+        }
+        (Some(u), PathMatch::Prefix(_)) => Some(PathRewrite::Prefix(u.clone())),
+        (Some(u), _) => Some(PathRewrite::Full(u.clone())),
+    };
+    Ok(Some(Rewrite {
+        hostname: r.authority.clone(),
+        path,
+    }))
+}
+
+/// Who sees the routes: every client (`None`), or the VirtualService's own namespace.
+fn clients(vs: &VirtualService) -> Result<Option<String>, Refusal> {
+    let ns = namespace(vs);
+    match super::mesh::exported_to(vs.spec.export_to.iter().map(String::as_str), ns).as_slice() {
+        [] => Ok(None),
+        [only] if only == ns => Ok(Some(ns.to_string())),
+        _ => Err(unsupported(
+            "spec.exportTo",
+            "exported to every namespace (\"*\") or its own (\".\") only",
+        )),
+    }
+}
+
+/// The route tables of `vs` on each port of each Service it names; hosts that are no Service
+/// and destinations that do not resolve are reported.
+fn tables(
+    vs: &VirtualService,
+    rules: &[Rule],
+    res: &Resources,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+    obj: &ObjectRef,
+) -> Vec<VsTable> {
+    let ns = namespace(vs);
+    let consumer = match clients(vs) {
+        Ok(c) => c,
+        Err((field, reason, why)) => {
+            problems.push(obj, field, reason, why);
+            return Vec::new();
+        }
+    };
+    let rank = (
+        super::httproute::created(&vs.metadata),
+        ns.to_string(),
+        obj.name.clone(),
+    );
+    let mut out = Vec::new();
+    for (k, host) in vs.spec.hosts.iter().enumerate() {
+        let field = format!("spec.hosts[{k}]");
+        let Some((sns, name)) = service_of(host, ns) else {
+            problems.push(
+                obj,
+                field,
+                Reason::NoMatchingParent,
+                format!("{host:?} is not a Service of this cluster"),
+            );
+            continue;
+        };
+        let svc = res
+            .services
+            .iter()
+            .find(|s| s.metadata.namespace.as_deref() == Some(sns) && s.metadata.name.as_deref() == Some(name));
+        let Some(svc) = svc else {
+            problems.push(
+                obj,
+                field,
+                Reason::NoMatchingParent,
+                format!("Service {sns}/{name} does not exist"),
+            );
+            continue;
+        };
+        for p in tcp_ports(svc) {
+            let routes = routes_on(res, rules, ns, &obj.name, p, clusters, problems, obj);
+            if !routes.is_empty() {
+                out.push(VsTable {
+                    target: (format!("{sns}/{name}"), p, consumer.clone()),
+                    routes,
+                    owner: obj.clone(),
+                    host: k,
+                    rank: rank.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The port of a Service that has one TCP port: a destination naming no port goes there (Istio's
+/// rule); with several, to the port the request was for.
+fn only_port(res: &Resources, ns: &str, name: &str) -> Option<u16> {
+    let svc = res
+        .services
+        .iter()
+        .find(|s| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))?;
+    let mut ports = tcp_ports(svc);
+    let first = ports.next();
+    ports.next().is_none().then_some(first).flatten()
+}
+
+fn tcp_ports(svc: &k8s_openapi::api::core::v1::Service) -> impl Iterator<Item = u16> + '_ {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter(|sp| sp.protocol.as_deref().is_none_or(|x| x == "TCP"))
+        .filter_map(|sp| u16::try_from(sp.port).ok())
+}
+
+/// The routes of `rules` for requests to Service port `port`, in order.
+#[allow(clippy::too_many_arguments)]
+fn routes_on(
+    res: &Resources,
+    rules: &[Rule],
+    ns: &str,
+    name: &str,
+    port: u16,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+    obj: &ObjectRef,
+) -> Vec<Arc<Route>> {
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let action = match &r.redirect {
+            Some(red) => Action::Redirect(red.clone()),
+            None => Action::Forward(
+                r.destinations
+                    .iter()
+                    .enumerate()
+                    .map(|(j, (dns, dname, dport, weight))| {
+                        let target = BackendRef {
+                            group: "",
+                            kind: "Service",
+                            namespace: dns,
+                            name: dname,
+                            port: Some(dport.or_else(|| only_port(res, dns, dname)).unwrap_or(port).into()),
+                        };
+                        let cluster = match clusters.resolve("VirtualService", ns, &target) {
+                            Ok(c) => Some(c),
+                            Err((reason, why)) => {
+                                push_once(
+                                    problems,
+                                    obj,
+                                    format!("spec.http[{i}].route[{j}].destination"),
+                                    reason,
+                                    why,
+                                );
+                                None
+                            }
+                        };
+                        WeightedCluster {
+                            cluster,
+                            weight: *weight,
+                        }
+                    })
+                    .collect(),
+            ),
+        };
+        for (j, (matcher, only)) in r.matches.iter().enumerate() {
+            if only.is_some_and(|p| p != port) {
+                continue;
+            }
+            out.push(Arc::new(Route {
+                name: format!("{ns}/{name}/{i}/{j}"),
+                matcher: matcher.clone(),
+                request_headers: r.request.clone(),
+                response_headers: r.response.clone(),
+                rewrite: r.rewrites[j].clone(),
+                action: action.clone(),
+                timeouts: RouteTimeouts {
+                    request_ms: r.timeout_ms,
+                    backend_request_ms: None,
+                },
+            }));
+        }
+    }
+    out
+}
+
+/// A problem, unless the object already has one on that field (one per field, not per port).
+pub(crate) fn push_once(problems: &mut Problems<'_>, obj: &ObjectRef, field: String, reason: Reason, why: String) {
+    if !problems.list.iter().any(|p| &p.object == obj && p.field == field) {
+        problems.push(obj, field, reason, why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{Action, KeyMatch, PathMatch, PathRewrite, StringMatch};
+    use crate::translate::{Options, Reason, translate};
+
+    const MESH: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: b1, namespace: shop, labels: {app: b, version: v1}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b2, namespace: shop, labels: {app: b, version: v2}}
+spec: {containers: [{name: app}]}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec: {clusterIP: 10.96.0.9, selector: {app: b}, ports: [{name: http, port: 80, targetPort: 8080}, {name: admin, port: 81, targetPort: 8081}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b-v1, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: b, version: v1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b-v2, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: b, version: v2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+";
+
+    fn run(extra: &str) -> crate::Translation {
+        let mut r = crate::Resources::default();
+        r.add_yaml("vs.yaml", &format!("{MESH}{extra}")).unwrap();
+        translate(&r, 1, &Options::default())
+    }
+
+    fn clusters(a: &Action) -> Vec<(Option<&str>, u32)> {
+        let Action::Forward(t) = a else { panic!("{a:?}") };
+        t.iter().map(|w| (w.cluster.as_deref(), w.weight)).collect()
+    }
+
+    #[test]
+    fn http_routes_become_the_services_route_table_in_the_order_written() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-routes, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{uri: {prefix: /v2}}, {headers: {X-Version: {exact: '2'}}}]
+    route: [{destination: {host: b-v2}}]
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - match: [{uri: {regex: '/api/[0-9]+'}, port: 81}]
+    route: [{destination: {host: b-v1, port: {number: 80}}, headers: {request: {set: {x-from: vs}}}}]
+    timeout: 0.5s
+  - match: [{uri: {exact: /v1}}]
+    rewrite: {uri: /, authority: b-v1.shop}
+    route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
+  - route:
+    - {destination: {host: b-v1, port: {number: 80}}, weight: 90}
+    - {destination: {host: gone.shop}, weight: 10}
+");
+        // A destination that is no Service is reported, and its share answered 500.
+        assert_eq!(
+            t.problem_keys(),
+            [("b-routes", "spec.http[4].route[1].destination", Reason::BackendNotFound)],
+            "{:#?}",
+            t.problems
+        );
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on80 = &b.routes_for(80, "anyone").unwrap().routes;
+        let names: Vec<&str> = on80.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "shop/b-routes/0/0",
+                "shop/b-routes/0/1",
+                "shop/b-routes/1/0",
+                "shop/b-routes/3/0",
+                "shop/b-routes/4/0"
+            ],
+            "first match wins: the order written; the port-81 route is not on port 80"
+        );
+        assert_eq!(
+            on80[0].matcher.path,
+            PathMatch::Regex("/v2.*".into()),
+            "Istio prefixes are of the string"
+        );
+        assert_eq!(
+            on80[1].matcher.headers,
+            [KeyMatch {
+                name: "x-version".into(),
+                value: StringMatch::Exact("2".into())
+            }]
+        );
+        assert_eq!(clusters(&on80[0].action), [(Some("service/shop/b-v2:80"), 1)]);
+        let Action::Redirect(r) = &on80[2].action else { panic!() };
+        assert_eq!((r.status, &r.path), (302, &Some(PathRewrite::Full("/new".into()))));
+        let rewrite = on80[3].rewrite.as_ref().unwrap();
+        assert_eq!(
+            (rewrite.hostname.as_deref(), &rewrite.path),
+            (Some("b-v1.shop"), &Some(PathRewrite::Full("/".into())))
+        );
+        assert_eq!(
+            clusters(&on80[4].action),
+            [(Some("service/shop/b-v1:80"), 90), (None, 10)]
+        );
+
+        let on81 = &b.routes_for(81, "anyone").unwrap().routes;
+        assert_eq!(on81.len(), 6);
+        let api = &on81[3];
+        assert_eq!(api.name, "shop/b-routes/2/0");
+        assert_eq!(api.timeouts.request_ms, Some(500));
+        assert_eq!(api.request_headers.set, [("x-from".to_string(), "vs".to_string())]);
+        assert_eq!(clusters(&api.action), [(Some("service/shop/b-v1:80"), 1)]);
+        assert_eq!(
+            clusters(&on81[0].action),
+            [(Some("service/shop/b-v2:80"), 1)],
+            "a destination without a port goes to the only port its Service has"
+        );
+        // A sidecar's view carries the clusters the routes send to.
+        let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
+        assert!(view.clusters.iter().any(|c| c.name == "service/shop/b-v2:80"));
+        crate::validate(&view).unwrap();
+    }
+
+    #[test]
+    fn what_cannot_be_applied_is_reported_and_the_older_virtual_service_keeps_a_port() {
+        let vs = |name: &str, created: &str, spec: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+                 metadata: {{name: {name}, namespace: shop, creationTimestamp: '{created}'}}\nspec: {spec}\n---\n"
+            )
+        };
+        let route = "http: [{route: [{destination: {host: b-v1}}]}]";
+        let t = run(&[
+            vs(
+                "subset",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{route: [{destination: {host: b-v1, subset: v1}}]}]}",
+            ),
+            vs(
+                "gateway",
+                "2026-01-01T00:00:00Z",
+                &format!("{{hosts: [b-v2], gateways: [shop/gw], {route}}}"),
+            ),
+            vs(
+                "tcp",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], tcp: [{route: [{destination: {host: b-v1}}]}]}",
+            ),
+            vs(
+                "regex",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{match: [{uri: {regex: '(['}}], route: [{destination: {host: b-v1}}]}]}",
+            ),
+            vs(
+                "retries",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{retries: {attempts: 3}, route: [{destination: {host: b-v1}}]}]}",
+            ),
+            vs("nohost", "2026-01-01T00:00:00Z", &format!("{{hosts: [nope], {route}}}")),
+            vs("older", "2026-01-01T00:00:00Z", &format!("{{hosts: [b], {route}}}")),
+            vs("younger", "2026-02-01T00:00:00Z", &format!("{{hosts: [b], {route}}}")),
+        ]
+        .concat());
+        assert_eq!(
+            t.problem_keys(),
+            [
+                ("gateway", "spec.gateways[0]", Reason::UnsupportedValue),
+                ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
+                ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
+                ("retries", "spec.http[0].retries", Reason::UnsupportedValue),
+                (
+                    "subset",
+                    "spec.http[0].route[0].destination.subset",
+                    Reason::UnsupportedValue
+                ),
+                ("tcp", "spec.tcp", Reason::UnsupportedValue),
+                ("younger", "spec.hosts[0]", Reason::Conflicted),
+            ],
+            "{:#?}",
+            t.problems
+        );
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        assert!(b.routes_for(80, "x").unwrap().routes[0].name.starts_with("shop/older/"));
+        let v2 = t.snapshot.services.iter().find(|s| s.key == "shop/b-v2").unwrap();
+        assert!(v2.routes.is_empty(), "nothing of the VirtualServices left out");
+
+        // An HTTPRoute on the Service port holds it against any VirtualService.
+        let t = run(&format!(
+            "{}apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: gamma, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: b, port: 80}}], rules: [{{backendRefs: [{{name: b-v2, port: 80}}]}}]}}\n",
+            vs("older", "2026-01-01T00:00:00Z", &format!("{{hosts: [b], {route}}}"))
+        ));
+        assert_eq!(t.problem_keys(), [("older", "spec.hosts[0]", Reason::Conflicted)]);
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        assert!(b.routes_for(80, "x").unwrap().routes[0].name.starts_with("shop/gamma/"));
+        assert!(
+            b.routes_for(81, "x").unwrap().routes[0].name.starts_with("shop/older/"),
+            "port 81 is free"
+        );
+    }
+}
