@@ -805,6 +805,107 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
     .await;
 }
 
+/// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
+/// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
+/// string prefix pins v2, a path is redirected, another rewritten, the rest goes to v1 by weight.
+/// It is reported Accepted; deleting it returns HTTP to plain balancing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    w.service("svc-b", VIP, "b");
+    w.service_selecting("b-v1", "10.96.77.11", "app: b, version: v1");
+    w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
+        w.app(i);
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1, b2] {
+        w.ready(i).await;
+    }
+    until_routed(&w).await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-routes, namespace: {NS}}}\n\
+         spec:\n  hosts: [svc-b]\n  http:\n\
+         \x20 - match: [{{uri: {{prefix: /first}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 - match: [{{uri: {{exact: /first/exact}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
+         \x20 - match: [{{headers: {{x-version: {{exact: v2}}}}}}, {{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
+         \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
+         \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
+    ));
+    // `n` calls to `path`, each on a connection of its own (so L4 balancing alone would spread
+    // them): (answers from b-1, answers from b-2).
+    let calls = |n: usize, path: &str, extra: &[&str]| -> (usize, usize) {
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        let url = format!("http://svc-b.{NS}.svc{path}");
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-H",
+            "connection: close",
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.extend(std::iter::repeat_n(url.as_str(), n));
+        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
+        (
+            out.matches("hello from b-1").count(),
+            out.matches("hello from b-2").count(),
+        )
+    };
+    eventually(
+        "the VirtualService sends the rest to v1",
+        Duration::from_secs(20),
+        async || calls(10, "/any", &[]) == (10, 0),
+    )
+    .await;
+    assert_eq!(
+        calls(10, "/first/exact", &[]),
+        (10, 0),
+        "the earlier prefix wins over the later exact path"
+    );
+    assert_eq!(
+        calls(10, "/any", &["-H", "x-version: v2"]),
+        (0, 10),
+        "the header pins v2"
+    );
+    assert_eq!(calls(10, "/v2beta", &[]), (0, 10), "Istio prefixes are string prefixes");
+    let (ok, head) = w.pods[a].curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "--resolve",
+        &format!("svc-b.{NS}.svc:80:{VIP}"),
+        &format!("http://svc-b.{NS}.svc/old"),
+    ]);
+    assert!(ok && head == format!("302 http://svc-b.{NS}.svc/new"), "{head}");
+    let (ok, body) = curl_svc_b(&w, "/legacy");
+    assert!(ok && body.starts_with("hello from b-1: /modern"), "{body}");
+
+    let vs = w.cluster.get("virtualservice", NS, "b-routes");
+    assert_eq!(vs["status"]["conditions"][0]["status"], "True", "{vs}");
+
+    w.cluster
+        .kubectl(&["delete", "virtualservice", "b-routes", "-n", NS], None);
+    eventually(
+        "without it, plain balancing reaches v2 again",
+        Duration::from_secs(20),
+        async || calls(10, "/any", &[]).1 > 0,
+    )
+    .await;
+}
+
 /// Mints keys and tokens with PyJWT (a real JWT library, not ours): prints a JSON object with
 /// the RS256 JWKS (inline in the policy), the ES256 JWKS (served at a jwksUri) and tokens.
 const MINT: &str = r#"
