@@ -139,7 +139,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
         .prop_map(|(host, lb, d, tls, extra, policy_lb)| {
             format!(
                 "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr}}\n\
-                 spec: {{host: \"{host}\", trafficPolicy: {{loadBalancer: {{{lb}}}, connectionPool: {{tcp: {{connectTimeout: {}}}}}, tls: {{mode: {tls}}}{extra}}}}}\n\
+                 spec: {{host: \"{host}\", subsets: [{{name: v1, labels: {{app: x}}}}], trafficPolicy: {{loadBalancer: {{{lb}}}, connectionPool: {{tcp: {{connectTimeout: {}}}}}, tls: {{mode: {tls}}}{extra}}}}}\n\
                  ---\napiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: bp}}\n\
                  spec: {{targetRefs: [{{group: '', kind: Service, name: svc}}], loadBalancer: {{type: {policy_lb}}}}}\n",
                 q(&d)
@@ -159,13 +159,26 @@ fn yaml_config() -> impl Strategy<Value = String> {
                  spec: {{hosts: [{host}], {addresses}resolution: {resolution}, ports: [{{number: {port}, name: http, protocol: HTTP}}]{endpoints}}}\n"
             )
         });
+    // A VirtualService on the Service: routes in order, to it, a subset or nothing.
+    let virtual_service = (
+        pick(&["svc", "svc.default", "nope", "'*.example.com'"]),
+        pick(&["{uri: {prefix: /a}}", "{uri: {regex: '[a-z'}}", "{headers: {x: {}}}", "{method: {exact: GET}, port: 80}"]),
+        pick(&["{host: svc}", "{host: svc, subset: v1}", "{host: svc, port: {number: 81}}", "{host: gone}"]),
+        pick(&["", "rewrite: {uri: /b}, ", "timeout: 1.5s, ", "retries: {attempts: 2}, "]),
+    )
+        .prop_map(|(host, m, dest, extra)| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs}}\n\
+                 spec: {{hosts: [{host}], http: [{{match: [{m}], {extra}route: [{{destination: {dest}}}]}}, {{redirect: {{uri: /x}}}}]}}\n"
+            )
+        });
     let config = (
         prop::collection::vec(listener, 1..3),
         prop::collection::vec(route, 1..4),
         backend,
-        (rule, entry),
+        (rule, entry, virtual_service),
     );
-    config.prop_map(|(ls, rs, b, (traffic, entry))| {
+    config.prop_map(|(ls, rs, b, (traffic, entry, vs))| {
         let ls: Vec<String> = ls.iter().enumerate().map(|(i, l)| format!("{{name: l{i}, {l}}}")).collect();
         let mut docs = vec![
             format!(
@@ -179,6 +192,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
             b,
             traffic,
             entry,
+            vs,
         ];
         for (i, (rules, hosts, kind)) in rs.into_iter().enumerate() {
             docs.push(format!(

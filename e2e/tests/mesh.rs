@@ -721,13 +721,9 @@ async fn mesh_svid(w: &World, sa: &str) -> ClientAuth {
     )
 }
 
-/// GAMMA: an HTTPRoute whose parent is Service B (port 80) routes pod A's plain HTTP calls to
-/// B's ClusterIP in A's sidecar — 80/20 between two versions, a header pinned to v2 — over HBONE
-/// to the chosen pod; the route is reported Accepted on its Service parentRef. Port 9000 of the
-/// same Service is not a parent: raw TCP there is balanced as before. Deleting the route
-/// returns HTTP to plain balancing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_routes_split_and_match_in_the_client_sidecar() {
+/// Pod A, and Service B over two pods, b-1 (`version: v1`) and b-2 (`v2`), each version also a
+/// Service of its own (b-v1, b-v2): every pod with its app and a sidecar, A routed to svc-b.
+async fn two_versions_of_b() -> (World, [usize; 3]) {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
@@ -743,6 +739,17 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
         w.ready(i).await;
     }
     until_routed(&w).await;
+    (w, [a, b1, b2])
+}
+
+/// GAMMA: an HTTPRoute whose parent is Service B (port 80) routes pod A's plain HTTP calls to
+/// B's ClusterIP in A's sidecar — 80/20 between two versions, a header pinned to v2 — over HBONE
+/// to the chosen pod; the route is reported Accepted on its Service parentRef. Port 9000 of the
+/// same Service is not a parent: raw TCP there is balanced as before. Deleting the route
+/// returns HTTP to plain balancing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_routes_split_and_match_in_the_client_sidecar() {
+    let (w, [a, b1, b2]) = two_versions_of_b().await;
     w.cluster.apply(&format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-split, namespace: {NS}}}\n\
          spec:\n  parentRefs: [{{group: '', kind: Service, name: svc-b, port: 80}}]\n  rules:\n\
@@ -807,29 +814,20 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 
 /// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
 /// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
-/// string prefix pins v2, a path is redirected, another rewritten, the rest goes to v1 by weight.
+/// string prefix pins v2, as does a DestinationRule subset of svc-b itself, a path is
+/// redirected, another rewritten, the rest goes to v1 by weight.
 /// It is reported Accepted; deleting it returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
-    let mut w = World::start(&[]).await;
-    let a = w.pod("a-1", "sa-a", "a", 10, true);
-    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
-    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
-    w.service("svc-b", VIP, "b");
-    w.service_selecting("b-v1", "10.96.77.11", "app: b, version: v1");
-    w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
-    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
-        w.app(i);
-        w.sidecar(i, sa, &[]);
-    }
-    for i in [a, b1, b2] {
-        w.ready(i).await;
-    }
-    until_routed(&w).await;
+    let (w, [a, _, _]) = two_versions_of_b().await;
     w.cluster.kubectl(
         &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
         None,
     );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+         spec: {{host: svc-b, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n"
+    ));
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-routes, namespace: {NS}}}\n\
          spec:\n  hosts: [svc-b]\n  http:\n\
@@ -838,6 +836,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{headers: {{x-version: {{exact: v2}}}}}}, {{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
          \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-subset: {{exact: v2}}}}}}]\n    route: [{{destination: {{host: svc-b, subset: v2}}}}]\n\
          \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
     ));
     // `n` calls to `path`, each on a connection of its own (so L4 balancing alone would spread
@@ -880,6 +879,11 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         "the header pins v2"
     );
     assert_eq!(calls(10, "/v2beta", &[]), (0, 10), "Istio prefixes are string prefixes");
+    assert_eq!(
+        calls(10, "/any", &["-H", "x-subset: v2"]),
+        (0, 10),
+        "the DestinationRule subset v2: svc-b's pods labelled version v2"
+    );
     let (ok, head) = w.pods[a].curl(&[
         "-o",
         "/dev/null",

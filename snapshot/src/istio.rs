@@ -565,14 +565,28 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<DrTrafficPolicy>,
-    /// Named subsets are only reached through VirtualService routes, which Ferrum does not read:
-    /// accepted and unused.
+    /// Named versions of the Service (its pods with some labels), which VirtualService routes
+    /// send to by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subsets: Vec<serde_json::Value>,
+    pub subsets: Vec<DrSubset>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<serde_json::Value>,
+}
+
+/// One of a DestinationRule's `subsets`: the Service's pods with all of `labels`, with their own
+/// traffic policy over the rule's.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrSubset {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<DrTrafficPolicy>,
+    #[serde(flatten)]
+    pub other: Other,
 }
 
 /// Fields outside the ones a struct names (`#[serde(flatten)]`): what Ferrum does not apply.

@@ -169,55 +169,31 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         w.write_settled(b, "Backend", &b.status, || Some(backend_status(b, t)))
             .await;
     }
-    for p in &res.backend_policies {
-        w.write_settled(p, "BackendPolicy", &p.status, || {
-            Some(policy_status("BackendPolicy", &p.metadata, t))
-        })
-        .await;
-    }
     for m in &res.mesh_configs {
         w.write(&**m, &m.status, mesh_config_status(m, t)).await;
-    }
-    for p in &res.authorization_policies {
-        w.write_settled(p, "AuthorizationPolicy", &p.status, || {
-            Some(policy_status("AuthorizationPolicy", &p.metadata, t))
-        })
-        .await;
-    }
-    for p in &res.peer_authentications {
-        w.write_settled(p, "PeerAuthentication", &p.status, || {
-            Some(policy_status("PeerAuthentication", &p.metadata, t))
-        })
-        .await;
     }
     for p in &res.request_authentications {
         w.write(&**p, &p.status, request_authentication_status(p, t, &res.jwks))
             .await;
     }
-    for s in &res.sidecars {
-        w.write_settled(s, "Sidecar", &s.status, || {
-            Some(policy_status("Sidecar", &s.metadata, t))
-        })
-        .await;
+    // Policies: `Accepted`, or the field and reason each was left out for.
+    macro_rules! policies {
+        ($($field:ident: $kind:literal),+) => {$(
+            for p in &res.$field {
+                w.write_settled(p, $kind, &p.status, || Some(policy_status($kind, &p.metadata, t)))
+                    .await;
+            }
+        )+};
     }
-    for d in &res.destination_rules {
-        w.write_settled(d, "DestinationRule", &d.status, || {
-            Some(policy_status("DestinationRule", &d.metadata, t))
-        })
-        .await;
-    }
-    for e in &res.service_entries {
-        w.write_settled(e, "ServiceEntry", &e.status, || {
-            Some(policy_status("ServiceEntry", &e.metadata, t))
-        })
-        .await;
-    }
-    for v in &res.virtual_services {
-        w.write_settled(v, "VirtualService", &v.status, || {
-            Some(policy_status("VirtualService", &v.metadata, t))
-        })
-        .await;
-    }
+    policies!(
+        backend_policies: "BackendPolicy",
+        authorization_policies: "AuthorizationPolicy",
+        peer_authentications: "PeerAuthentication",
+        sidecars: "Sidecar",
+        destination_rules: "DestinationRule",
+        service_entries: "ServiceEntry",
+        virtual_services: "VirtualService"
+    );
     w.settled.end();
     w.written
 }

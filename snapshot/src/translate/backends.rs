@@ -366,6 +366,52 @@ impl<'a> Clusters<'a> {
         Ok(name)
     }
 
+    /// The cluster of subset `subset` of Service `ns/name`, from its cluster `base`: the
+    /// endpoints on pods with all of the subset's labels (in its DestinationRule in effect),
+    /// and the subset's traffic policy over the rest. Built anew each translation: it depends
+    /// on the pods' labels.
+    pub(crate) fn subset(
+        &mut self,
+        base: &str,
+        ns: &str,
+        name: &str,
+        subset: &str,
+    ) -> Result<String, (Reason, String)> {
+        let cluster = format!("{base}~{subset}");
+        if self.built.contains_key(&cluster) {
+            return Ok(cluster);
+        }
+        let found = index(&self.index, self.res);
+        let rule = found.rules.get(&(ns, name)).copied();
+        let Some((d, i)) = rule.and_then(|d| Some((d, d.spec.subsets.iter().position(|s| s.name == subset)?))) else {
+            return Err((
+                Reason::BackendNotFound,
+                format!("no DestinationRule in effect for Service {ns}/{name} has a subset {subset:?}"),
+            ));
+        };
+        let fqdn = format!("{name}.{ns}.svc.{}", super::mesh::CLUSTER_DOMAIN);
+        let policy = super::destination_rule::subset_policy(d, i, &fqdn)
+            .map_err(|(f, m)| (Reason::Invalid, format!("{f}: {m}")))?;
+        let labels = &d.spec.subsets[i].labels;
+        let labelled: std::collections::HashSet<String> = self
+            .res
+            .pods
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
+            .filter(|p| {
+                let have = p.metadata.labels.as_ref();
+                labels.iter().all(|(k, v)| have.and_then(|l| l.get(k)) == Some(v))
+            })
+            .flat_map(|p| super::mesh::pod_ips(p))
+            .collect();
+        let mut c = (*self.built[base].cluster).clone();
+        c.name = cluster.clone();
+        c.endpoints.retain(|e| labelled.contains(&e.address));
+        apply_policy(&mut c, &policy).map_err(|(f, m)| (Reason::Invalid, format!("{f}: {m}")))?;
+        self.built.insert(cluster.clone(), BuiltCluster::new(c, None));
+        Ok(cluster)
+    }
+
     fn backend(&mut self, r: &BackendRef<'_>) -> Result<String, (Reason, String)> {
         let name = format!("backend/{}/{}", r.namespace, r.name);
         if self.built.contains_key(&name) {

@@ -6,7 +6,9 @@
 use crate::crd::{
     CircuitBreakerSpec, LoadBalancerSpec, OutlierDetectionSpec, TimeoutsSpec, TrafficPolicy, UpstreamTlsSpec,
 };
-use crate::istio::{DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, Other};
+use crate::istio::{
+    DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
+};
 use foldhash::{HashMap, HashMapExt};
 
 use crate::model::Cluster;
@@ -84,15 +86,41 @@ fn duration(at: &str, v: &Option<String>) -> Result<Option<String>, RuleError> {
         .map_err(|e| (at.to_string(), e))
 }
 
-/// The rule's traffic policy as Ferrum's; `sni` defaults to the Service's DNS name.
+/// The rule's traffic policy as Ferrum's; `sni` defaults to the Service's DNS name. Its subsets
+/// are checked too, so a rule with one that cannot be applied is left out whole.
 pub fn traffic_policy(d: &DestinationRule, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
     if d.spec.workload_selector.is_some() {
         return Err(("spec.workloadSelector".into(), "not supported by Ferrum".into()));
     }
+    for i in 0..d.spec.subsets.len() {
+        subset_policy(d, i, fqdn)?;
+    }
+    match &d.spec.traffic_policy {
+        None => Ok(TrafficPolicy::default()),
+        Some(p) => policy_of(p, fqdn),
+    }
+}
+
+/// Subset `i`'s own traffic policy (applied over the rule's), or why it cannot be applied.
+pub fn subset_policy(d: &DestinationRule, i: usize, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
+    let s = &d.spec.subsets[i];
+    let at = format!("spec.subsets[{i}]");
+    unsupported(&at, &s.other)?;
+    if s.name.is_empty() || d.spec.subsets[..i].iter().any(|o| o.name == s.name) {
+        return Err((
+            format!("{at}.name"),
+            format!("{:?}: subsets need distinct names", s.name),
+        ));
+    }
+    match &s.traffic_policy {
+        None => Ok(TrafficPolicy::default()),
+        Some(p) => policy_of(p, fqdn).map_err(|(f, m)| (f.replacen("spec.", &format!("{at}."), 1), m)),
+    }
+}
+
+/// A `trafficPolicy` as Ferrum's; errors name `spec.trafficPolicy.…`.
+fn policy_of(p: &DrTrafficPolicy, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
     let mut out = TrafficPolicy::default();
-    let Some(p) = &d.spec.traffic_policy else {
-        return Ok(out);
-    };
     unsupported("spec.trafficPolicy", &p.other)?;
     if let Some(lb) = &p.load_balancer {
         out.load_balancer = load_balancer(lb)?;

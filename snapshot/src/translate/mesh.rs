@@ -185,6 +185,23 @@ fn moved<'a>(before: &'a [Arc<Workload>], by_ip: &HashMap<&'a str, &'a Workload>
     moved
 }
 
+/// A pod's IP addresses, the primary first; only addresses that parse.
+pub(crate) fn pod_ips(p: &Pod) -> Vec<String> {
+    let status = p.status.as_ref();
+    let mut ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|ip| ip.ip.clone()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status.and_then(|s| s.pod_ip.clone())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    // The API server validates these; files and fuzzers do not.
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    ips
+}
+
 fn workload(p: &Pod) -> Option<Workload> {
     let meta = &p.metadata;
     let (ns, name) = (
@@ -198,17 +215,7 @@ fn workload(p: &Pod) -> Option<Workload> {
     {
         return None;
     }
-    let mut ips: Vec<String> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|v| v.iter().map(|ip| ip.ip.clone()).collect())
-        .unwrap_or_default();
-    if let Some(ip) = status.and_then(|s| s.pod_ip.clone())
-        && !ips.contains(&ip)
-    {
-        ips.insert(0, ip);
-    }
-    // The API server validates these; files and fuzzers do not.
-    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    let ips = pod_ips(p);
     if ips.is_empty() {
         return None;
     }

@@ -3,8 +3,9 @@
 //! route, or a consumer route with `exportTo: ["."]`), in the order written — the first route
 //! that matches wins, as in Istio. Destinations are Services (port: the one asked, or the one
 //! named); a destination that does not resolve gets its share of requests answered 500. A
-//! VirtualService with a field Ferrum does not apply (subsets, retries, faults, mirrors, TCP or
-//! TLS routes, Istio Gateways, …) is left out whole, its status naming the field.
+//! `subset` is the DestinationRule subset's cluster: the Service's pods with its labels. A
+//! VirtualService with a field Ferrum does not apply (retries, faults, mirrors, TCP or TLS
+//! routes, Istio Gateways, …) is left out whole, its status naming the field.
 
 use std::sync::Arc;
 
@@ -51,8 +52,16 @@ struct Rule {
     rewrites: Vec<Option<Rewrite>>,
     redirect: Option<Redirect>,
     timeout_ms: Option<u64>,
-    /// (Service namespace, name, port, weight).
-    destinations: Vec<(String, String, Option<u16>, u32)>,
+    destinations: Vec<Destination>,
+}
+
+/// A Service (a subset of it, with a DestinationRule) and its weight.
+struct Destination {
+    namespace: String,
+    name: String,
+    port: Option<u16>,
+    subset: Option<String>,
+    weight: u32,
 }
 
 pub(crate) fn translate(res: &Resources, clusters: &mut Clusters<'_>, problems: &mut Problems<'_>) -> Vec<VsTable> {
@@ -118,12 +127,6 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         if let Some(f) = d.other.keys().next().or(d.destination.other.keys().next()) {
             return Err(unsupported(format!("{at}.{f}"), "not supported"));
         }
-        if d.destination.subset.is_some() {
-            return Err(unsupported(
-                format!("{at}.destination.subset"),
-                "DestinationRule subsets are not supported: route to a Service per version",
-            ));
-        }
         let (sns, name) = service_of(&d.destination.host, ns).ok_or_else(|| {
             unsupported(
                 format!("{at}.destination.host"),
@@ -155,7 +158,13 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
             request = merged(request, req);
             response = merged(response, resp);
         }
-        destinations.push((sns.to_string(), name.to_string(), port, weight));
+        destinations.push(Destination {
+            namespace: sns.to_string(),
+            name: name.to_string(),
+            port,
+            subset: d.destination.subset.clone(),
+            weight,
+        });
     }
     let redirect = h
         .redirect
@@ -474,15 +483,27 @@ fn routes_on(
                 r.destinations
                     .iter()
                     .enumerate()
-                    .map(|(j, (dns, dname, dport, weight))| {
+                    .map(|(j, d)| {
                         let target = BackendRef {
                             group: "",
                             kind: "Service",
-                            namespace: dns,
-                            name: dname,
-                            port: Some(dport.or_else(|| only_port(res, dns, dname)).unwrap_or(port).into()),
+                            namespace: &d.namespace,
+                            name: &d.name,
+                            port: Some(
+                                d.port
+                                    .or_else(|| only_port(res, &d.namespace, &d.name))
+                                    .unwrap_or(port)
+                                    .into(),
+                            ),
                         };
-                        let cluster = match clusters.resolve("VirtualService", ns, &target) {
+                        let resolved =
+                            clusters
+                                .resolve("VirtualService", ns, &target)
+                                .and_then(|base| match &d.subset {
+                                    None => Ok(base),
+                                    Some(subset) => clusters.subset(&base, &d.namespace, &d.name, subset),
+                                });
+                        let cluster = match resolved {
                             Ok(c) => Some(c),
                             Err((reason, why)) => {
                                 push_once(
@@ -497,7 +518,7 @@ fn routes_on(
                         };
                         WeightedCluster {
                             cluster,
-                            weight: *weight,
+                            weight: d.weight,
                         }
                     })
                     .collect(),
@@ -677,7 +698,7 @@ spec:
             vs(
                 "subset",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{route: [{destination: {host: b-v1, subset: v1}}]}]}",
+                "{hosts: [b-v2], http: [{fault: {abort: {httpStatus: 503}}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "gateway",
@@ -711,11 +732,7 @@ spec:
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries", Reason::UnsupportedValue),
-                (
-                    "subset",
-                    "spec.http[0].route[0].destination.subset",
-                    Reason::UnsupportedValue
-                ),
+                ("subset", "spec.http[0].fault", Reason::UnsupportedValue),
                 ("tcp", "spec.tcp", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],
@@ -739,6 +756,85 @@ spec:
         assert!(
             b.routes_for(81, "x").unwrap().routes[0].name.starts_with("shop/older/"),
             "port 81 is free"
+        );
+    }
+
+    #[test]
+    fn subsets_of_a_destination_rule_are_clusters_of_the_labelled_pods() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: b, namespace: shop}
+spec:
+  host: b
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: b-v1, namespace: shop}
+spec:
+  host: b-v1
+  subsets: [{name: all, trafficPolicy: {portLevelSettings: []}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{headers: {x-v: {exact: '2'}}}]
+    route: [{destination: {host: b, subset: v2}}]
+  - route:
+    - {destination: {host: b, subset: v1}, weight: 75}
+    - {destination: {host: b, subset: v3}, weight: 25}
+");
+        assert_eq!(
+            t.problem_keys(),
+            [
+                (
+                    "b-v1",
+                    "spec.subsets[0].trafficPolicy.portLevelSettings",
+                    Reason::UnsupportedValue
+                ),
+                ("b", "spec.http[1].route[1].destination", Reason::BackendNotFound),
+            ],
+            "{:#?}",
+            t.problems
+        );
+        let on80 = &t
+            .snapshot
+            .services
+            .iter()
+            .find(|s| s.key == "shop/b")
+            .unwrap()
+            .routes_for(80, "x")
+            .unwrap()
+            .routes;
+        assert_eq!(clusters(&on80[0].action), [(Some("service/shop/b:80~v2"), 1)]);
+        assert_eq!(
+            clusters(&on80[1].action),
+            [(Some("service/shop/b:80~v1"), 75), (None, 25)]
+        );
+        let v1 = t.snapshot.cluster("service/shop/b:80~v1").unwrap();
+        let v2 = t.snapshot.cluster("service/shop/b:80~v2").unwrap();
+        let at = |c: &crate::model::Cluster| {
+            c.endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.address, e.port))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            (at(v1), at(v2)),
+            (vec!["10.1.0.2:8080".to_string()], vec!["10.1.0.3:8080".to_string()])
+        );
+        assert_eq!(v2.lb, crate::model::LbPolicy::Random, "the subset's own policy");
+        assert_eq!(
+            (v1.circuit_breaker.max_connections, v2.circuit_breaker.max_connections),
+            (7, 7),
+            "over the rule's"
         );
     }
 }
