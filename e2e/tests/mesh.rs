@@ -910,6 +910,59 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
     .await;
 }
 
+/// A VirtualService's retries are the route's own: with b-2's application gone (its sidecar
+/// still up, so each call there fails), a route retrying connect failures and resets answers
+/// every call from b-1, while a route with `attempts: 0` — on the same Service, whose own
+/// cluster policy retries nothing — lets b-2's failures through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_retries_are_the_routes_own() {
+    let (mut w, [a, _, b2]) = two_versions_of_b().await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    // No ejection (it would hide b-2 from the route without retries too), no cluster retries.
+    w.cluster.apply(&format!(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+         spec: {{targetRefs: [{{group: '', kind: Service, name: svc-b}}], outlierDetection: {{disabled: true}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-retries, namespace: {NS}}}\n\
+         spec:\n  hosts: [svc-b]\n  http:\n\
+         \x20 - match: [{{uri: {{prefix: /retried}}}}]\n    retries: {{attempts: 2, retryOn: 'connect-failure,refused-stream,reset,503'}}\n    route: [{{destination: {{host: svc-b}}}}]\n\
+         \x20 - retries: {{attempts: 0}}\n    route: [{{destination: {{host: svc-b}}}}]\n"
+    ));
+    let calls = |w: &World, path: &str| -> usize {
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        let url = format!("http://svc-b.{NS}.svc{path}");
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-H",
+            "connection: close",
+            "--resolve",
+            &resolve,
+        ];
+        args.extend(std::iter::repeat_n(url.as_str(), 20));
+        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
+        out.matches("hello from b-").count()
+    };
+    eventually("the VirtualService is in effect", Duration::from_secs(20), async || {
+        w.cluster.get("virtualservice", NS, "b-retries")["status"]["conditions"][0]["status"] == "True"
+            && calls(&w, "/retried") == 20
+    })
+    .await;
+    w.pods[b2].app = None;
+    let retried = calls(&w, "/retried");
+    let unretried = calls(&w, "/plain");
+    println!("with b-2's app gone: {retried}/20 answered with retries, {unretried}/20 without");
+    assert_eq!(retried, 20, "every call that met b-2 was retried on b-1");
+    assert!(
+        unretried < 20,
+        "attempts: 0 lets b-2's failures through ({unretried}/20 answered)"
+    );
+}
+
 /// Mints keys and tokens with PyJWT (a real JWT library, not ours): prints a JSON object with
 /// the RS256 JWKS (inline in the policy), the ES256 JWKS (served at a jwksUri) and tokens.
 const MINT: &str = r#"

@@ -355,7 +355,24 @@ pub struct VsHttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<VsRetries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<VsHeaders>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRetries {
+    /// Retries after the first try (absent: 2, Istio's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated Envoy conditions and status codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -517,6 +517,10 @@ pub struct Route {
     pub action: Action,
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// This route's retries, instead of its cluster's (whose retry budget still bounds them;
+    /// `attempts: 0` turns the cluster's off here). Schema 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -99,19 +99,7 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
         }
     }
     if let Some(r) = &c.retry {
-        for (i, on) in r.on.iter().enumerate() {
-            let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
-                || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
-            if !known {
-                err(
-                    obj.clone(),
-                    format!("retry.on[{i}]"),
-                    format!(
-                        "unknown retry condition {on:?} (connect-failure, reset, 5xx, gateway-error or a status code)"
-                    ),
-                );
-            }
-        }
+        retry_conditions(r, &mut |field, why| err(obj.clone(), field, why));
     }
     if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
         && http_header_name_invalid(h)
@@ -193,7 +181,13 @@ fn check_route(
     err: &mut impl FnMut(String, String, String),
 ) {
     let obj = || format!("{obj} route {:?}", r.name);
-    check_match(&r.matcher, &obj, at, err);
+    check_route_shape(r, &obj, at, err);
+    check_action(&r.action, clusters, &obj, at, err);
+}
+
+/// What a route must be whatever it sends to: matches, header edits, rewrites, retries.
+fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut impl FnMut(String, String, String)) {
+    check_match(&r.matcher, obj, at, err);
     for (which, m) in [
         ("requestHeaders", &r.request_headers),
         ("responseHeaders", &r.response_headers),
@@ -212,7 +206,20 @@ fn check_route(
             "a prefix replacement needs a PathPrefix match".into(),
         );
     }
-    check_action(&r.action, clusters, &obj, at, err);
+    if let Some(retry) = &r.retry {
+        retry_conditions(retry, &mut |field, why| err(obj(), format!("{at}.{field}"), why));
+    }
+}
+
+/// The first problem of a route's own shape (not what it sends to): `(field, why)`, the field
+/// under `at`. For translators that build routes from objects, to refuse them with a reason
+/// instead of emitting a snapshot `validate` refuses.
+pub(crate) fn route_shape_problem(r: &Route, at: &str) -> Option<(String, String)> {
+    let mut first = None;
+    check_route_shape(r, &String::new, at, &mut |_, field, why| {
+        first.get_or_insert((field, why));
+    });
+    first
 }
 
 /// Paths, header and query matches: regexes compile, names are tokens.
@@ -339,6 +346,20 @@ pub fn http_header_name_invalid(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// Reports each condition of a retry policy no proxy knows, as `retry.on[i]`.
+pub(crate) fn retry_conditions(r: &RetryPolicy, err: &mut dyn FnMut(String, String)) {
+    for (i, on) in r.on.iter().enumerate() {
+        let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
+            || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));
+        if !known {
+            err(
+                format!("retry.on[{i}]"),
+                format!("unknown retry condition {on:?} (connect-failure, reset, 5xx, gateway-error or a status code)"),
+            );
+        }
+    }
+}
+
 /// Whether `name` is a DNS name (RFC 1123 labels, at most 253 characters, an optional final
 /// dot): what a proxy may hand the resolver.
 pub fn is_dns_name(name: &str) -> bool {
@@ -370,6 +391,7 @@ mod tests {
             rewrite: None,
             action,
             timeouts: Default::default(),
+            retry: None,
         }
     }
 

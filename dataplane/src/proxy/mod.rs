@@ -435,11 +435,12 @@ impl Forward<'_> {
         let hash_key = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
-        let retry = cluster
-            .spec
-            .retry
-            .as_ref()
-            .filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
+        // The route's retries, else the cluster's.
+        let (retry, retry_on) = match &self.route.retry {
+            Some((policy, on)) => (Some(policy), on),
+            None => (cluster.spec.retry.as_ref(), &cluster.retry_on),
+        };
+        let retry = retry.filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
         let (body, upload) = if body_empty {
             (RequestBody::Empty, None)
         } else {
@@ -471,8 +472,8 @@ impl Forward<'_> {
             if let Some(policy) = retry
                 && attempt < policy.attempts
                 && !timing.out_of_time()
-                && cluster.retry_on.matches(status)
-                && let Some(g) = cluster.try_retry()
+                && retry_on.matches(status)
+                && let Some(g) = cluster.try_retry(policy)
             {
                 _retry_guard = Some(g);
                 attempt += 1;

@@ -45,6 +45,8 @@ pub struct Route {
     pub rewrite: Option<model::Rewrite>,
     pub action: Action,
     pub timeouts: model::RouteTimeouts,
+    /// Retries of its own, instead of the cluster's, with their conditions compiled.
+    pub retry: Option<(model::RetryPolicy, crate::upstream::retry::RetryOn)>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -211,6 +213,10 @@ impl VirtualHost {
                 rewrite: r.rewrite.clone(),
                 action: p.action,
                 timeouts: r.timeouts.clone(),
+                retry: r.retry.clone().map(|p| {
+                    let on = crate::upstream::retry::RetryOn::new(&p.on);
+                    (p, on)
+                }),
                 stats: p.stats,
             });
         }
@@ -356,6 +362,7 @@ mod tests {
             rewrite: None,
             action: model::Action::Forward(vec![]),
             timeouts: Default::default(),
+            retry: None,
         }
     }
 

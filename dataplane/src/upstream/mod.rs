@@ -320,10 +320,10 @@ impl ClusterRuntime {
         Err(last)
     }
 
-    /// Retry budget: retries in flight stay under `budget_percent` of requests in flight, with
-    /// a floor of `min_retry_concurrency`.
-    pub fn try_retry(self: &Arc<Self>) -> Option<RetryGuard> {
-        let policy = self.spec.retry.as_ref()?;
+    /// Retry budget: retries in flight to this cluster stay under `budget_percent` (of the
+    /// policy retrying: the route's or the cluster's) of requests in flight, with a floor of
+    /// `min_retry_concurrency`.
+    pub fn try_retry(self: &Arc<Self>, policy: &ferrum_snapshot::model::RetryPolicy) -> Option<RetryGuard> {
         let active = self.active.load(Relaxed);
         let allowed = (active * policy.budget_percent / 100).max(policy.min_retry_concurrency);
         if self.retries_active.fetch_add(1, Relaxed) >= allowed {

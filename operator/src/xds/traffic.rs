@@ -48,6 +48,8 @@ pub fn route_policies(
     let backends = backends(targets, clusters);
     let retries: Vec<Option<&RetryPolicy>> = backends.iter().map(|c| c.retry.as_ref()).collect();
     let retry = match retries.split_first() {
+        // A route's own retries are Envoy's per-route policy as they are.
+        _ if r.retry.is_some() => r.retry.as_ref(),
         Some((first, rest)) if rest.iter().all(|p| p == first) => *first,
         Some(_) => {
             unsupported.push(format!(
@@ -217,6 +219,7 @@ mod tests {
             rewrite: None,
             action: model::Action::Forward(Vec::new()),
             timeouts: Default::default(),
+            retry: None,
         }
     }
 
@@ -270,6 +273,18 @@ mod tests {
         assert!(
             matches!(key, Some(route::route_action::hash_policy::PolicySpecifier::Header(h)) if h.header_name == "x-user")
         );
+
+        // A route's own retries win over its backends', agreeing or not.
+        let own = Route {
+            retry: Some(RetryPolicy {
+                attempts: 5,
+                ..RetryPolicy::default()
+            }),
+            ..route
+        };
+        let (ra, unsupported) = policies(&own, &[target("a", 1), target("c", 1)], &clusters);
+        assert_eq!(ra.retry_policy.map(|p| p.num_retries), Some(u32v(5)));
+        assert_eq!(unsupported.len(), 1, "only the hash keys disagree: {unsupported:?}");
     }
 
     #[test]

@@ -595,6 +595,7 @@ fn translate_rules(
                 rewrite: parts.rewrite.clone(),
                 action: parts.action.clone(),
                 timeouts: parts.timeouts.clone(),
+                retry: None,
             };
             let needs_prefix = matches!(
                 &r.rewrite,

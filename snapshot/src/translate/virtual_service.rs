@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
 use crate::model::{
-    Action, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, Rewrite, Route, RouteMatch, RouteTimeouts,
-    StringMatch, WeightedCluster,
+    Action, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch,
+    RouteTimeouts, StringMatch, WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
 
@@ -51,7 +51,8 @@ struct Rule {
     /// Per match (a prefix rewrite depends on the match).
     rewrites: Vec<Option<Rewrite>>,
     redirect: Option<Redirect>,
-    timeout_ms: Option<u64>,
+    timeouts: RouteTimeouts,
+    retry: Option<RetryPolicy>,
     destinations: Vec<Destination>,
 }
 
@@ -193,20 +194,35 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .iter()
         .map(|(m, _)| rewrite(h, &m.path, &format!("{at}.rewrite")))
         .collect::<Result<_, _>>()?;
-    let timeout_ms = h
+    let request_ms = h
         .timeout
         .as_deref()
         .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
         .transpose()?;
-    Ok(Rule {
+    let (retry, backend_request_ms) = match &h.retries {
+        None => (None, None),
+        Some(r) => retries(r, &format!("{at}.retries"))?,
+    };
+    let rule = Rule {
         matches,
         request,
         response,
         rewrites,
         redirect,
-        timeout_ms,
+        timeouts: RouteTimeouts {
+            request_ms,
+            backend_request_ms,
+        },
+        retry,
         destinations,
-    })
+    };
+    for (j, (matcher, _)) in rule.matches.iter().enumerate() {
+        let probe = route_of(&rule, j, matcher, String::new(), Action::Forward(Vec::new()));
+        if let Some((field, why)) = crate::validate::route_shape_problem(&probe, at) {
+            return Err(invalid(field, why));
+        }
+    }
+    Ok(rule)
 }
 
 fn port(n: u32, field: &str) -> Result<u16, Refusal> {
@@ -214,6 +230,53 @@ fn port(n: u32, field: &str) -> Result<u16, Refusal> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid(field, "ports are 1-65535"))
+}
+
+/// A route's retries (their `on` list in Ferrum's names) and per-try timeout. Istio's default
+/// conditions (`connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
+/// with 503) are `connect-failure`, `reset` and `503` here.
+fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>, Option<u64>), Refusal> {
+    if let Some(f) = r.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let attempts =
+        u32::try_from(r.attempts.unwrap_or(2)).map_err(|_| invalid(format!("{at}.attempts"), "0 or more"))?;
+    let mut on = Vec::new();
+    let conditions = r
+        .retry_on
+        .as_deref()
+        .unwrap_or("connect-failure,refused-stream,retriable-status-codes,503");
+    for c in conditions.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let ferrum = match c {
+            "5xx" | "gateway-error" | "connect-failure" | "reset" => c,
+            "refused-stream" => "reset",
+            // The codes are listed beside it.
+            "retriable-status-codes" => continue,
+            code if code.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s)) => code,
+            other => {
+                return Err(unsupported(
+                    format!("{at}.retryOn"),
+                    format!(
+                        "{other:?}: 5xx, gateway-error, connect-failure, reset, refused-stream and status codes are"
+                    ),
+                ));
+            }
+        };
+        if !on.iter().any(|x| x == ferrum) {
+            on.push(ferrum.to_string());
+        }
+    }
+    let per_try = r
+        .per_try_timeout
+        .as_deref()
+        .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.perTryTimeout"), e)))
+        .transpose()?;
+    let policy = RetryPolicy {
+        attempts,
+        on,
+        ..RetryPolicy::default()
+    };
+    Ok((Some(policy), per_try))
 }
 
 /// An Istio duration: `10s`, `0.5s`, `250ms`, `1m`, `1h`.
@@ -528,21 +591,30 @@ fn routes_on(
             if only.is_some_and(|p| p != port) {
                 continue;
             }
-            out.push(Arc::new(Route {
-                name: format!("{ns}/{name}/{i}/{j}"),
-                matcher: matcher.clone(),
-                request_headers: r.request.clone(),
-                response_headers: r.response.clone(),
-                rewrite: r.rewrites[j].clone(),
-                action: action.clone(),
-                timeouts: RouteTimeouts {
-                    request_ms: r.timeout_ms,
-                    backend_request_ms: None,
-                },
-            }));
+            out.push(Arc::new(route_of(
+                r,
+                j,
+                matcher,
+                format!("{ns}/{name}/{i}/{j}"),
+                action.clone(),
+            )));
         }
     }
     out
+}
+
+/// The route of match `j` of `rule`.
+fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: Action) -> Route {
+    Route {
+        name,
+        matcher: matcher.clone(),
+        request_headers: rule.request.clone(),
+        response_headers: rule.response.clone(),
+        rewrite: rule.rewrites[j].clone(),
+        action,
+        timeouts: rule.timeouts.clone(),
+        retry: rule.retry.clone(),
+    }
 }
 
 /// A problem, unless the object already has one on that field (one per field, not per port).
@@ -614,6 +686,7 @@ spec:
   - match: [{uri: {regex: '/api/[0-9]+'}, port: 81}]
     route: [{destination: {host: b-v1, port: {number: 80}}, headers: {request: {set: {x-from: vs}}}}]
     timeout: 0.5s
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes'}
   - match: [{uri: {exact: /v1}}]
     rewrite: {uri: /, authority: b-v1.shop}
     route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
@@ -671,7 +744,16 @@ spec:
         assert_eq!(on81.len(), 6);
         let api = &on81[3];
         assert_eq!(api.name, "shop/b-routes/2/0");
-        assert_eq!(api.timeouts.request_ms, Some(500));
+        assert_eq!(
+            (api.timeouts.request_ms, api.timeouts.backend_request_ms),
+            (Some(500), Some(2000))
+        );
+        let retry = api.retry.as_ref().unwrap();
+        assert_eq!(
+            (retry.attempts, retry.on.as_slice()),
+            (3, &["5xx", "reset", "429"].map(String::from)[..])
+        );
+        assert!(on80[0].retry.is_none(), "no retries field: the cluster's");
         assert_eq!(api.request_headers.set, [("x-from".to_string(), "vs".to_string())]);
         assert_eq!(clusters(&api.action), [(Some("service/shop/b-v1:80"), 1)]);
         assert_eq!(
@@ -718,7 +800,7 @@ spec:
             vs(
                 "retries",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{retries: {attempts: 3}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'retriable-4xx'}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs("nohost", "2026-01-01T00:00:00Z", &format!("{{hosts: [nope], {route}}}")),
             vs("older", "2026-01-01T00:00:00Z", &format!("{{hosts: [b], {route}}}")),
@@ -731,7 +813,7 @@ spec:
                 ("gateway", "spec.gateways[0]", Reason::UnsupportedValue),
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
-                ("retries", "spec.http[0].retries", Reason::UnsupportedValue),
+                ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
                 ("subset", "spec.http[0].fault", Reason::UnsupportedValue),
                 ("tcp", "spec.tcp", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),

@@ -217,6 +217,7 @@ fn tcp_hosts(
             rewrite: None,
             action: Action::Forward(targets),
             timeouts: RouteTimeouts::default(),
+            retry: None,
         });
         let hosts = if names.is_empty() {
             vec!["*".to_string()]
@@ -381,6 +382,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         rewrite: None,
         action: Action::Forward(Vec::new()),
         timeouts: RouteTimeouts::default(),
+        retry: None,
         matcher,
     };
     out.action = match &r.action {
