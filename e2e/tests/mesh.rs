@@ -815,7 +815,7 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 /// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
 /// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
 /// string prefix pins v2, as does a DestinationRule subset of svc-b itself, a path is
-/// redirected, another rewritten, the rest goes to v1 by weight.
+/// redirected, another rewritten, faults abort or delay, the rest goes to v1 by weight.
 /// It is reported Accepted; deleting it returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
@@ -837,6 +837,8 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
          \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-subset: {{exact: v2}}}}}}]\n    route: [{{destination: {{host: svc-b, subset: v2}}}}]\n\
+         \x20 - match: [{{headers: {{x-fault: {{exact: abort}}}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-fault: {{exact: delay}}}}}}]\n    fault: {{delay: {{fixedDelay: 0.4s, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
     ));
     // `n` calls to `path`, each on a connection of its own (so L4 balancing alone would spread
@@ -894,6 +896,30 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         &format!("http://svc-b.{NS}.svc/old"),
     ]);
     assert!(ok && head == format!("302 http://svc-b.{NS}.svc/new"), "{head}");
+    let faulted = |fault: &str, out: &str| {
+        w.pods[a]
+            .curl(&[
+                "-H",
+                &format!("x-fault: {fault}"),
+                "-w",
+                out,
+                "--resolve",
+                &format!("svc-b.{NS}.svc:80:{VIP}"),
+                &format!("http://svc-b.{NS}.svc/f"),
+            ])
+            .1
+    };
+    let aborted = faulted("abort", " %{http_code}");
+    assert_eq!(
+        aborted, "fault_filter_abort\n 418",
+        "the abort answers in the client's sidecar"
+    );
+    let delayed = faulted("delay", " %{time_total}");
+    let secs: f64 = delayed.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        delayed.starts_with("hello from b-1") && secs >= 0.4,
+        "delayed, then forwarded: {delayed}"
+    );
     let (ok, body) = curl_svc_b(&w, "/legacy");
     assert!(ok && body.starts_with("hello from b-1: /modern"), "{body}");
 

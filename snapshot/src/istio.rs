@@ -357,7 +357,49 @@ pub struct VsHttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<VsRetries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<VsFault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<VsHeaders>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct VsFault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<VsFaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<VsFaultAbort>,
+}
+
+/// A share of requests: `value` percent (0-100, fractions allowed).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct VsPercent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsFaultDelay {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_delay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<VsPercent>,
+    /// Deprecated whole percent, read when `percentage` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<i64>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsFaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<VsPercent>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -209,6 +209,35 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
     if let Some(retry) = &r.retry {
         retry_conditions(retry, &mut |field, why| err(obj(), format!("{at}.{field}"), why));
     }
+    if let Some(f) = &r.fault {
+        for (field, why) in fault_problems(f) {
+            err(obj(), format!("{at}.fault.{field}"), why.into());
+        }
+    }
+}
+
+/// The longest fault delay a route may inject.
+pub const MAX_FAULT_DELAY_MS: u64 = 3_600_000;
+
+fn fault_problems(f: &Fault) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if let Some(d) = &f.delay {
+        if d.ms > MAX_FAULT_DELAY_MS {
+            out.push(("delay.ms", "at most an hour"));
+        }
+        if d.per_million > 1_000_000 {
+            out.push(("delay.perMillion", "at most 1,000,000"));
+        }
+    }
+    if let Some(a) = &f.abort {
+        if !(200..=599).contains(&a.status) {
+            out.push(("abort.status", "200-599"));
+        }
+        if a.per_million > 1_000_000 {
+            out.push(("abort.perMillion", "at most 1,000,000"));
+        }
+    }
+    out
 }
 
 /// The first problem of a route's own shape (not what it sends to): `(field, why)`, the field
@@ -392,6 +421,7 @@ mod tests {
             action,
             timeouts: Default::default(),
             retry: None,
+            fault: None,
         }
     }
 
@@ -476,6 +506,34 @@ mod tests {
             weight: 0,
         }]);
         validate(&snap(vec![r], vec![Cluster::new("c", vec![])])).unwrap();
+    }
+
+    /// Whatever the source, a route's faults and retries are bounded: no status outside
+    /// 200-599, no share above all requests, no delay over an hour, no unknown retry condition.
+    #[test]
+    fn route_faults_and_retries_are_bounded() {
+        let mut r = route(PathMatch::Prefix("/".into()), fwd("c"));
+        r.fault = Some(Fault {
+            delay: Some(FaultDelay {
+                ms: MAX_FAULT_DELAY_MS + 1,
+                per_million: 1_000_001,
+            }),
+            abort: Some(FaultAbort {
+                status: 700,
+                per_million: 5,
+            }),
+        });
+        r.retry = Some(RetryPolicy {
+            on: vec!["sometimes".into()],
+            ..RetryPolicy::default()
+        });
+        let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
+        let errs = validate(&snap(vec![r], vec![c])).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        for field in ["fault.delay.ms", "fault.delay.perMillion", "fault.abort.status", "retry.on[0]"] {
+            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
+        }
+        assert!(!text.iter().any(|e| e.contains("abort.perMillion")), "{text:?}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ enum Local {
     Denied,
     /// The request's JWT is not accepted by the Gateway's RequestAuthentications.
     Unauthenticated,
+    /// The route's fault injection answers with this status (200-599, validated).
+    FaultAbort(u16),
 }
 
 impl Local {
@@ -69,6 +71,7 @@ impl Local {
             Local::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Local::Denied => StatusCode::FORBIDDEN,
             Local::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Local::FaultAbort(s) => StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             Local::Upstream(UpstreamError::ConnectFailure | UpstreamError::Reset | UpstreamError::InvalidResponse) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -93,6 +96,7 @@ impl Local {
             Local::ClientBodyTimeout => "request_body_timeout",
             Local::Denied => "rbac_access_denied",
             Local::Unauthenticated => "jwt_invalid",
+            Local::FaultAbort(_) => "fault_filter_abort",
             Local::Upstream(e) => e.as_str(),
         }
     }
@@ -194,9 +198,14 @@ async fn serve(
     if let Some(e) = log.as_deref_mut() {
         e.route = Some(route.name.clone());
     }
-    let mut resp = match &route.action {
-        crate::router::Action::Redirect(rd) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
-        crate::router::Action::Forward(_) => match route.action.pick() {
+    let aborted = match &route.fault {
+        Some(f) => inject(f).await,
+        None => None,
+    };
+    let mut resp = match (aborted, &route.action) {
+        (Some(status), _) => Local::FaultAbort(status).response(),
+        (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
+        (None, crate::router::Action::Forward(_)) => match route.action.pick() {
             Some(Some(cluster)) => {
                 if let Some(e) = log.as_deref_mut() {
                     e.upstream_cluster = Some(cluster.spec.name.clone());
@@ -223,6 +232,18 @@ async fn serve(
     route.stats.responses.record(resp.status().as_u16());
     route.stats.latency.observe(started.elapsed());
     resp
+}
+
+/// A route's faults for one request: waits out the delay when it falls in the delay's share,
+/// and says what to answer when it falls in the abort's.
+async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<u16> {
+    let drawn = |per_million: u32| fastrand::u32(0..1_000_000) < per_million;
+    if let Some(d) = &f.delay
+        && drawn(d.per_million)
+    {
+        tokio::time::sleep(Duration::from_millis(d.ms)).await;
+    }
+    f.abort.as_ref().filter(|a| drawn(a.per_million)).map(|a| a.status)
 }
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.

@@ -47,6 +47,7 @@ pub struct Route {
     pub timeouts: model::RouteTimeouts,
     /// Retries of its own, instead of the cluster's, with their conditions compiled.
     pub retry: Option<(model::RetryPolicy, crate::upstream::retry::RetryOn)>,
+    pub fault: Option<model::Fault>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -217,6 +218,7 @@ impl VirtualHost {
                     let on = crate::upstream::retry::RetryOn::new(&p.on);
                     (p, on)
                 }),
+                fault: r.fault.clone(),
                 stats: p.stats,
             });
         }
@@ -363,6 +365,7 @@ mod tests {
             action: model::Action::Forward(vec![]),
             timeouts: Default::default(),
             retry: None,
+            fault: None,
         }
     }
 

@@ -775,6 +775,7 @@ mod tests {
             action: Action::Forward(targets),
             timeouts: Default::default(),
             retry: None,
+            fault: None,
         };
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));

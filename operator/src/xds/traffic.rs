@@ -220,6 +220,7 @@ mod tests {
             action: model::Action::Forward(Vec::new()),
             timeouts: Default::default(),
             retry: None,
+            fault: None,
         }
     }
 

@@ -596,6 +596,7 @@ fn translate_rules(
                 action: parts.action.clone(),
                 timeouts: parts.timeouts.clone(),
                 retry: None,
+                fault: None,
             };
             let needs_prefix = matches!(
                 &r.rewrite,

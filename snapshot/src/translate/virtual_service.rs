@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
 use crate::model::{
-    Action, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch,
-    RouteTimeouts, StringMatch, WeightedCluster,
+    Action, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, RetryPolicy,
+    Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
 
@@ -53,6 +53,7 @@ struct Rule {
     redirect: Option<Redirect>,
     timeouts: RouteTimeouts,
     retry: Option<RetryPolicy>,
+    fault: Option<Fault>,
     destinations: Vec<Destination>,
 }
 
@@ -203,7 +204,9 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         None => (None, None),
         Some(r) => retries(r, &format!("{at}.retries"))?,
     };
+    let fault = h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?;
     let rule = Rule {
+        fault,
         matches,
         request,
         response,
@@ -277,6 +280,57 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
         ..RetryPolicy::default()
     };
     Ok((Some(policy), per_try))
+}
+
+/// A share in percent as per million (Istio's fractions of a percent kept to four places); an
+/// absent share injects nothing, as in Istio (Envoy's default percentage is 0).
+fn per_million(p: Option<&crate::istio::VsPercent>, whole: Option<i64>, field: &str) -> Result<u32, Refusal> {
+    let percent = match (p, whole) {
+        (Some(p), _) => p.value,
+        (None, Some(w)) => w as f64,
+        (None, None) => 0.0,
+    };
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(invalid(field, format!("{percent} is not a percentage (0-100)")));
+    }
+    Ok((percent * 10_000.0).round() as u32)
+}
+
+fn fault(f: &crate::istio::VsFault, at: &str) -> Result<Fault, Refusal> {
+    let mut out = Fault::default();
+    if let Some(d) = &f.delay {
+        if let Some(k) = d.other.keys().next() {
+            return Err(unsupported(format!("{at}.delay.{k}"), "only fixedDelay is supported"));
+        }
+        let fixed = d
+            .fixed_delay
+            .as_deref()
+            .ok_or_else(|| invalid(format!("{at}.delay.fixedDelay"), "a delay needs fixedDelay"))?;
+        out.delay = Some(FaultDelay {
+            ms: duration_ms(fixed).map_err(|e| invalid(format!("{at}.delay.fixedDelay"), e))?,
+            per_million: per_million(d.percentage.as_ref(), d.percent, &format!("{at}.delay.percentage"))?,
+        });
+    }
+    if let Some(a) = &f.abort {
+        if let Some(k) = a.other.keys().next() {
+            return Err(unsupported(format!("{at}.abort.{k}"), "only httpStatus is supported"));
+        }
+        let status = a
+            .http_status
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (200..=599).contains(s))
+            .ok_or_else(|| {
+                invalid(
+                    format!("{at}.abort.httpStatus"),
+                    "an abort needs an httpStatus of 200-599",
+                )
+            })?;
+        out.abort = Some(FaultAbort {
+            status,
+            per_million: per_million(a.percentage.as_ref(), None, &format!("{at}.abort.percentage"))?,
+        });
+    }
+    Ok(out)
 }
 
 /// An Istio duration: `10s`, `0.5s`, `250ms`, `1m`, `1h`.
@@ -614,6 +668,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         action,
         timeouts: rule.timeouts.clone(),
         retry: rule.retry.clone(),
+        fault: rule.fault.clone(),
     }
 }
 
@@ -689,6 +744,7 @@ spec:
     retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes'}
   - match: [{uri: {exact: /v1}}]
     rewrite: {uri: /, authority: b-v1.shop}
+    fault: {delay: {fixedDelay: 1.5s, percentage: {value: 12.5}}, abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
   - route:
     - {destination: {host: b-v1, port: {number: 80}}, weight: 90}
@@ -730,6 +786,17 @@ spec:
         assert_eq!(clusters(&on80[0].action), [(Some("service/shop/b-v2:80"), 1)]);
         let Action::Redirect(r) = &on80[2].action else { panic!() };
         assert_eq!((r.status, &r.path), (302, &Some(PathRewrite::Full("/new".into()))));
+        let fault = crate::model::Fault {
+            delay: Some(crate::model::FaultDelay {
+                ms: 1500,
+                per_million: 125_000,
+            }),
+            abort: Some(crate::model::FaultAbort {
+                status: 418,
+                per_million: 1_000_000,
+            }),
+        };
+        assert_eq!(on80[3].fault.as_ref(), Some(&fault));
         let rewrite = on80[3].rewrite.as_ref().unwrap();
         assert_eq!(
             (rewrite.hostname.as_deref(), &rewrite.path),
@@ -780,7 +847,7 @@ spec:
             vs(
                 "subset",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{fault: {abort: {httpStatus: 503}}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{mirror: {host: b-v1}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "gateway",
@@ -814,7 +881,7 @@ spec:
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
-                ("subset", "spec.http[0].fault", Reason::UnsupportedValue),
+                ("subset", "spec.http[0].mirror", Reason::UnsupportedValue),
                 ("tcp", "spec.tcp", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],

@@ -218,6 +218,7 @@ fn tcp_hosts(
             action: Action::Forward(targets),
             timeouts: RouteTimeouts::default(),
             retry: None,
+            fault: None,
         });
         let hosts = if names.is_empty() {
             vec!["*".to_string()]
@@ -383,6 +384,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         action: Action::Forward(Vec::new()),
         timeouts: RouteTimeouts::default(),
         retry: None,
+        fault: None,
         matcher,
     };
     out.action = match &r.action {
