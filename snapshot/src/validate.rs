@@ -530,7 +530,12 @@ mod tests {
         let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
         let errs = validate(&snap(vec![r], vec![c])).unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        for field in ["fault.delay.ms", "fault.delay.perMillion", "fault.abort.status", "retry.on[0]"] {
+        for field in [
+            "fault.delay.ms",
+            "fault.delay.perMillion",
+            "fault.abort.status",
+            "retry.on[0]",
+        ] {
             assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
         }
         assert!(!text.iter().any(|e| e.contains("abort.perMillion")), "{text:?}");
