@@ -105,14 +105,17 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
         if let Some(svc) = c.name.strip_prefix("service/")
             && c.endpoints.iter().all(|e| !e.ready)
         {
+            // `service/ns/name:port`, or `…:port~subset` for a DestinationRule subset.
+            let (svc, subset) = svc.split_once('~').map_or((svc, None), |(s, sub)| (s, Some(sub)));
             let (ns_name, _port) = svc.rsplit_once(':').unwrap_or((svc, ""));
             let object = format!("Service {ns_name}");
-            out.push(Finding::warning(
-                "endpoints",
-                "NoReadyEndpoints",
-                format!("{object} has no ready endpoints: requests to it get 503"),
-                object,
-            ));
+            let message = match subset {
+                None => format!("{object} has no ready endpoints: requests to it get 503"),
+                Some(sub) => format!(
+                    "subset {sub:?} of {object} has no ready endpoints (no ready pod has its labels): requests routed to it get 503"
+                ),
+            };
+            out.push(Finding::warning("endpoints", "NoReadyEndpoints", message, object));
         }
     }
     // A Sidecar host naming one Service that is not there (a typo) admits nothing.

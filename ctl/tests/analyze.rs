@@ -58,6 +58,31 @@ fn warnings_name_the_object_field_and_reason_and_pass_unless_strict() {
     );
 }
 
+/// A VirtualService routing to a DestinationRule subset that no pod's labels match: the
+/// subset is named, not only its Service.
+#[test]
+fn a_subset_no_pod_serves_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: b1, labels: {app: b, version: v1}}\n\
+         spec: {containers: [{name: app}]}\nstatus: {podIP: 10.1.0.2}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.9, selector: {app: b}, ports: [{port: 80}]}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: b}\n\
+         spec: {host: b, subsets: [{name: v1, labels: {version: v1}}, {name: v9, labels: {version: v9}}]}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b}\n\
+         spec: {hosts: [b], http: [{route: [{destination: {host: b, subset: v1}, weight: 90}, {destination: {host: b, subset: v9}, weight: 10}]}]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = ferrumctl(&["analyze", "-f", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "a warning: {out}{err}");
+    assert!(
+        out.contains("subset \"v9\" of Service default/b has no ready endpoints"),
+        "{out}"
+    );
+    assert!(!out.contains("subset \"v1\""), "v1 has b1: {out}");
+}
+
 #[test]
 fn invalid_input_is_an_error_and_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
