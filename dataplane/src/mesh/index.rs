@@ -65,6 +65,11 @@ impl ServiceTarget {
     }
 }
 
+/// Istio port protocols whose streams name no host.
+fn opaque(protocol: &str) -> bool {
+    matches!(protocol, "tcp" | "mongo" | "mysql" | "redis")
+}
+
 /// A service port's endpoints: addresses with their workload (when known), or for a service
 /// resolved by DNS, (name or address, port) pairs.
 type Endpoints = (Vec<(SocketAddr, Option<Arc<Workload>>)>, Vec<(Arc<str>, u16)>);
@@ -170,7 +175,12 @@ impl MeshIndex {
                 let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
                 let routes = http.get(&(s.key.clone(), p.port)).cloned();
                 if s.by_host {
-                    // A ServiceEntry without addresses: found by the host a connection asks for.
+                    // A ServiceEntry without addresses: found by the host a connection asks for
+                    // (SNI or Host), so never on a port declared opaque — nothing there names one,
+                    // and a server-first protocol would wait out the sniff for nothing.
+                    if p.app_protocol.as_deref().is_some_and(opaque) {
+                        continue;
+                    }
                     hosts.entry(p.port).or_default().push(ServiceTarget {
                         service: s.clone(),
                         port: p.port,
@@ -236,6 +246,7 @@ impl MeshIndex {
     pub fn by_host_on(&self, dst: SocketAddr) -> bool {
         self.hosts.contains_key(&dst.port())
             && !self.services.contains_key(&dst)
+            && !self.registered.contains(&dst)
             && !self.workloads.contains_key(&dst.ip())
     }
 
@@ -511,6 +522,9 @@ mod tests {
                     "'*.eu.example.com'",
                     ", resolution: STATIC, endpoints: [{address: 192.0.2.7}]",
                 ),
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db, namespace: ns}\n\
+                 spec: {hosts: [db.example.com], ports: [{number: 3306, name: mysql, protocol: MYSQL}]}\n---\n"
+                    .into(),
             ]
             .concat(),
         )
@@ -520,6 +534,10 @@ mod tests {
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
         assert!(m.by_host_on(dst("198.51.100.1:443")));
         assert!(!m.by_host_on(dst("198.51.100.1:80")), "no entry has port 80");
+        assert!(
+            !m.by_host_on(dst("198.51.100.1:3306")),
+            "an opaque port is decided by address, unsniffed"
+        );
         let key = |host: &str| m.by_host(443, host).map(|t| t.service.key.as_str());
         assert_eq!(key("PAY.example.com."), Some("ns/exact/pay.example.com"));
         assert_eq!(key("shop.example.com"), Some("ns/wide/*.example.com"));

@@ -47,12 +47,20 @@ const MAX_HEAD: usize = 16 * 1024;
 /// [`SNIFF_TIMEOUT`]), with every byte read, to send on unchanged. `Err`: the connection cannot
 /// go on (it failed or closed mid-ClientHello, or sent one no TLS server would take).
 pub async fn requested_host<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Option<String>, Bytes)> {
+    use crate::tcp::forward::{HelloError, client_hello};
     let first = sniff(s).await;
     if first.first() == Some(&0x16) {
         let mut p = Prefixed::new(first, &mut *s);
-        return match crate::tcp::forward::client_hello(&mut p, SNIFF_TIMEOUT).await {
+        let mut rec = Recorded {
+            inner: &mut p,
+            seen: Vec::new(),
+        };
+        return match client_hello(&mut rec, SNIFF_TIMEOUT).await {
             Ok((sni, seen)) => Ok((sni, seen.into())),
-            Err(e) => Err(std::io::Error::other(e)),
+            // No ClientHello that names a host in time: what came goes on, decided by address.
+            Err(HelloError::Timeout(_) | HelloError::NotTls(_) | HelloError::TooLarge) => Ok((None, rec.seen.into())),
+            Err(HelloError::Closed) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Err(HelloError::Io(e)) => Err(e),
         };
     }
     if detect(&first) != Some(HttpVersion::One) {
@@ -86,6 +94,22 @@ pub async fn requested_host<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<
             return Ok((None, seen.into()));
         }
         seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Reads through to `inner`, keeping a copy of every byte read.
+struct Recorded<'a, S> {
+    inner: &'a mut S,
+    seen: Vec<u8>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorded<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut *me.inner).poll_read(cx, buf))?;
+        me.seen.extend_from_slice(&buf.filled()[before..]);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -328,7 +352,7 @@ mod tests {
     }
 
     /// What `requested_host` finds in `sent` (written in pieces, then the writer waits), and
-    /// whether the bytes it hands on are exactly those sent.
+    /// whether the bytes it hands on, followed by the rest of the stream, are exactly those sent.
     async fn requested(sent: &[u8]) -> (Option<String>, bool) {
         let (mut w, mut r) = tokio::io::duplex(64);
         let all = sent.to_vec();
@@ -340,7 +364,11 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let (host, seen) = requested_host(&mut r).await.unwrap();
-        (host, seen == sent)
+        // What it read, then what is still to be read: the connection as the upstream gets it.
+        let mut all = Prefixed::new(seen, r);
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_millis(300), all.read_to_end(&mut got)).await;
+        (host, got == sent)
     }
 
     #[tokio::test]
@@ -349,6 +377,11 @@ mod tests {
         assert_eq!(requested(get).await, (Some("api.example.com".into()), true));
         let hello = ferrum_testkit::client_hello("Pay.Example.com");
         assert_eq!(requested(&hello).await, (Some("pay.example.com".into()), true));
+        // A first byte like TLS's, then no ClientHello: no host, nothing lost.
+        assert_eq!(
+            requested(b"\x16 definitely not a handshake, but a long line of text\r\n").await,
+            (None, true)
+        );
         // Neither TLS nor HTTP/1: no host, the bytes go on as they came.
         assert_eq!(requested(b"SSH-2.0-OpenSSH_9.6\r\n").await, (None, true));
         // HTTP/1 with no Host, and a head that never ends within the limit.
