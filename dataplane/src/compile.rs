@@ -191,6 +191,10 @@ impl Compiler {
                     )
                 }
             },
+            mirror: r
+                .mirror
+                .as_ref()
+                .and_then(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million))),
             stats: self.registry.route(&r.name),
         })
     }

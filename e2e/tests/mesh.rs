@@ -815,7 +815,8 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 /// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
 /// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
 /// string prefix pins v2, as does a DestinationRule subset of svc-b itself, a path is
-/// redirected, another rewritten, faults abort or delay, the rest goes to v1 by weight.
+/// redirected, another rewritten, faults abort or delay, copies are mirrored to v2, the rest
+/// goes to v1 by weight.
 /// It is reported Accepted; deleting it returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
@@ -837,6 +838,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
          \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-subset: {{exact: v2}}}}}}]\n    route: [{{destination: {{host: svc-b, subset: v2}}}}]\n\
+         \x20 - match: [{{uri: {{prefix: /mirrored}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n    mirror: {{host: b-v2}}\n\
          \x20 - match: [{{headers: {{x-fault: {{exact: abort}}}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-fault: {{exact: delay}}}}}}]\n    fault: {{delay: {{fixedDelay: 0.4s, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
@@ -896,6 +898,21 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         &format!("http://svc-b.{NS}.svc/old"),
     ]);
     assert!(ok && head == format!("302 http://svc-b.{NS}.svc/new"), "{head}");
+    // Copies go to b-v2 as well (A's sidecar counts them on that cluster); answers come from v1.
+    let mirrored = || {
+        let out = w.pods[a].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+        let series = "ferrum_cluster_requests_total{cluster=\"service/mesh/b-v2:80\",code=\"2xx\"}";
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = mirrored();
+    assert_eq!(calls(10, "/mirrored", &[]), (10, 0), "the route's answers are v1's");
+    eventually("ten copies reached v2", Duration::from_secs(10), async || {
+        mirrored() >= before + 10.0
+    })
+    .await;
     let faulted = |fault: &str, out: &str| {
         w.pods[a]
             .curl(&[

@@ -358,6 +358,12 @@ pub struct VsHttpRoute {
     pub retries: Option<VsRetries>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<VsFault>,
+    /// A copy of the requests goes there too, its answer ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<VsDestination>,
+    /// The share copied (absent: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<VsPercent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<VsHeaders>,
     #[serde(flatten)]

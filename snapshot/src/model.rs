@@ -524,6 +524,18 @@ pub struct Route {
     /// Faults injected before forwarding (Istio's `fault`). Schema 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// A copy of a share of its requests goes to another cluster too, its answer ignored
+    /// (Istio's `mirror`). Schema 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    pub cluster: String,
+    /// Requests copied, per million.
+    pub per_million: u32,
 }
 
 /// Faults a route injects, each in a share of its requests (drawn independently): a delay

@@ -183,6 +183,15 @@ fn check_route(
     let obj = || format!("{obj} route {:?}", r.name);
     check_route_shape(r, &obj, at, err);
     check_action(&r.action, clusters, &obj, at, err);
+    if let Some(m) = &r.mirror
+        && !clusters.contains(m.cluster.as_str())
+    {
+        err(
+            obj(),
+            format!("{at}.mirror.cluster"),
+            format!("unknown cluster {:?}", m.cluster),
+        );
+    }
 }
 
 /// What a route must be whatever it sends to: matches, header edits, rewrites, retries.
@@ -213,6 +222,9 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
         for (field, why) in fault_problems(f) {
             err(obj(), format!("{at}.fault.{field}"), why.into());
         }
+    }
+    if r.mirror.as_ref().is_some_and(|m| m.per_million > 1_000_000) {
+        err(obj(), format!("{at}.mirror.perMillion"), "at most 1,000,000".into());
     }
 }
 
@@ -422,6 +434,7 @@ mod tests {
             timeouts: Default::default(),
             retry: None,
             fault: None,
+            mirror: None,
         }
     }
 

@@ -234,6 +234,57 @@ async fn serve(
     resp
 }
 
+/// How long a mirrored copy may take, end to end.
+const SHADOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends a copy of a request without a body (its upstream head, as it goes to the route's
+/// backend) to the route's mirror in a task of its own: the answer is read and dropped, counted
+/// in the mirror cluster's metrics only. Copies with a body are not made.
+fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts) {
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = parts.method.clone();
+    if let Some(pq) = parts.uri.path_and_query() {
+        *req.uri_mut() = Uri::from(pq.clone());
+    }
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = parts.headers.clone();
+    // Envoy's mark, so the mirror can tell a copy: its authority ends in `-shadow`.
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    if let Some(v) = host.map(shadow_host).and_then(|h| HeaderValue::from_str(&h).ok()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    tokio::spawn(async move {
+        let copy = async {
+            let Ok(_admitted) = cluster.admit().await else { return };
+            let Some((idx, _ep)) = cluster.pick(None, None) else {
+                return;
+            };
+            let started = Instant::now();
+            match cluster.pool().send(idx, &cluster.endpoints[idx].authority, req).await {
+                Ok((resp, lease)) => {
+                    cluster.stats.responses.record(resp.status().as_u16());
+                    cluster.stats.latency.observe(started.elapsed());
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    drop(lease);
+                }
+                Err(e) if e.is_connect() => cluster.stats.error(UpstreamError::ConnectFailure),
+                Err(_) => cluster.stats.error(UpstreamError::Reset),
+            }
+        };
+        let _ = tokio::time::timeout(SHADOW_TIMEOUT, copy).await;
+    });
+}
+
+/// `host[:port]` with `-shadow` after the host.
+fn shadow_host(h: &str) -> String {
+    match h.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{name}-shadow:{port}")
+        }
+        _ => format!("{h}-shadow"),
+    }
+}
+
 /// A route's faults for one request: waits out the delay when it falls in the delay's share,
 /// and says what to answer when it falls in the abort's.
 async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<u16> {
@@ -456,6 +507,13 @@ impl Forward<'_> {
         let hash_key = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
+        if let Some((mirror, share)) = &self.route.mirror
+            && body_empty
+            && upgrade.is_none()
+            && fastrand::u32(0..1_000_000) < *share
+        {
+            shadow(mirror.clone(), &parts);
+        }
         // The route's retries, else the cluster's.
         let (retry, retry_on) = match &self.route.retry {
             Some((policy, on)) => (Some(policy), on),
@@ -761,6 +819,14 @@ impl Timing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mirrored_copy_says_so_in_its_host() {
+        assert_eq!(shadow_host("svc-b.shop.svc"), "svc-b.shop.svc-shadow");
+        assert_eq!(shadow_host("svc-b.shop.svc:8080"), "svc-b.shop.svc-shadow:8080");
+        assert_eq!(shadow_host("[fd00::1]:80"), "[fd00::1]-shadow:80");
+        assert_eq!(shadow_host("[fd00::1]"), "[fd00::1]-shadow");
+    }
 
     /// The size of the future `f` returns, without calling it.
     fn returned_size<A, B, C, R>(_: &impl Fn(A, B, C) -> R) -> usize {

@@ -48,6 +48,8 @@ pub struct Route {
     /// Retries of its own, instead of the cluster's, with their conditions compiled.
     pub retry: Option<(model::RetryPolicy, crate::upstream::retry::RetryOn)>,
     pub fault: Option<model::Fault>,
+    /// Copies of a share of its requests go to this cluster too.
+    pub mirror: Option<(Arc<ClusterRuntime>, u32)>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -129,6 +131,8 @@ pub enum RouteError {
 /// What the compiler hands over for each snapshot route.
 pub struct RouteParts {
     pub action: Action,
+    /// The mirror's cluster and the share of requests copied there.
+    pub mirror: Option<(Arc<ClusterRuntime>, u32)>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -219,6 +223,7 @@ impl VirtualHost {
                     (p, on)
                 }),
                 fault: r.fault.clone(),
+                mirror: p.mirror,
                 stats: p.stats,
             });
         }
@@ -366,6 +371,7 @@ mod tests {
             timeouts: Default::default(),
             retry: None,
             fault: None,
+            mirror: None,
         }
     }
 
@@ -385,6 +391,7 @@ mod tests {
             },
             |_| RouteParts {
                 action: Action::Forward(vec![]),
+                mirror: None,
                 stats: Default::default(),
             },
         )

@@ -776,6 +776,7 @@ mod tests {
             timeouts: Default::default(),
             retry: None,
             fault: None,
+            mirror: None,
         };
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));

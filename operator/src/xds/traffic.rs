@@ -221,6 +221,7 @@ mod tests {
             timeouts: Default::default(),
             retry: None,
             fault: None,
+            mirror: None,
         }
     }
 

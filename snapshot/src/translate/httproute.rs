@@ -597,6 +597,7 @@ fn translate_rules(
                 timeouts: parts.timeouts.clone(),
                 retry: None,
                 fault: None,
+                mirror: None,
             };
             let needs_prefix = matches!(
                 &r.rewrite,

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
 use crate::model::{
-    Action, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, PathMatch, PathRewrite, Redirect, RetryPolicy,
-    Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
+    Action, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch, PathRewrite, Redirect,
+    RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
 
@@ -54,6 +54,8 @@ struct Rule {
     timeouts: RouteTimeouts,
     retry: Option<RetryPolicy>,
     fault: Option<Fault>,
+    /// Where copies go (a destination of weight 0 is not sent to), and the share copied.
+    mirror: Option<(Destination, u32)>,
     destinations: Vec<Destination>,
 }
 
@@ -126,19 +128,9 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
     let several = h.route.len() > 1;
     for (j, d) in h.route.iter().enumerate() {
         let at = format!("{at}.route[{j}]");
-        if let Some(f) = d.other.keys().next().or(d.destination.other.keys().next()) {
+        if let Some(f) = d.other.keys().next() {
             return Err(unsupported(format!("{at}.{f}"), "not supported"));
         }
-        let (sns, name) = service_of(&d.destination.host, ns).ok_or_else(|| {
-            unsupported(
-                format!("{at}.destination.host"),
-                format!("{:?} is not a Service of this cluster", d.destination.host),
-            )
-        })?;
-        let port = match &d.destination.port {
-            None => None,
-            Some(p) => Some(port(p.number, &format!("{at}.destination.port.number"))?),
-        };
         let weight = match (d.weight, several) {
             (None, false) => 1,
             (None, true) => {
@@ -160,13 +152,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
             request = merged(request, req);
             response = merged(response, resp);
         }
-        destinations.push(Destination {
-            namespace: sns.to_string(),
-            name: name.to_string(),
-            port,
-            subset: d.destination.subset.clone(),
-            weight,
-        });
+        destinations.push(destination(&d.destination, ns, &format!("{at}.destination"), weight)?);
     }
     let redirect = h
         .redirect
@@ -205,8 +191,19 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         Some(r) => retries(r, &format!("{at}.retries"))?,
     };
     let fault = h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?;
+    let mirror = match &h.mirror {
+        None => None,
+        Some(m) => {
+            let share = match &h.mirror_percentage {
+                None => 1_000_000,
+                Some(p) => per_million(Some(p), None, &format!("{at}.mirrorPercentage"))?,
+            };
+            Some((destination(m, ns, &format!("{at}.mirror"), 0)?, share))
+        }
+    };
     let rule = Rule {
         fault,
+        mirror,
         matches,
         request,
         response,
@@ -226,6 +223,30 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         }
     }
     Ok(rule)
+}
+
+/// A destination: a Service (a subset of it) in the cluster, and its weight.
+fn destination(d: &crate::istio::VsDestination, ns: &str, at: &str, weight: u32) -> Result<Destination, Refusal> {
+    if let Some(f) = d.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let (sns, name) = service_of(&d.host, ns).ok_or_else(|| {
+        unsupported(
+            format!("{at}.host"),
+            format!("{:?} is not a Service of this cluster", d.host),
+        )
+    })?;
+    let port = match &d.port {
+        None => None,
+        Some(p) => Some(port(p.number, &format!("{at}.port.number"))?),
+    };
+    Ok(Destination {
+        namespace: sns.to_string(),
+        name: name.to_string(),
+        port,
+        subset: d.subset.clone(),
+        weight,
+    })
 }
 
 fn port(n: u32, field: &str) -> Result<u16, Refusal> {
@@ -560,6 +581,33 @@ fn tables(
     out
 }
 
+/// The cluster of destination `d` for requests to Service port `port`.
+fn resolve(
+    res: &Resources,
+    ns: &str,
+    d: &Destination,
+    port: u16,
+    clusters: &mut Clusters<'_>,
+) -> Result<String, (Reason, String)> {
+    let target = BackendRef {
+        group: "",
+        kind: "Service",
+        namespace: &d.namespace,
+        name: &d.name,
+        port: Some(
+            d.port
+                .or_else(|| only_port(res, &d.namespace, &d.name))
+                .unwrap_or(port)
+                .into(),
+        ),
+    };
+    let base = clusters.resolve("VirtualService", ns, &target)?;
+    match &d.subset {
+        None => Ok(base),
+        Some(subset) => clusters.subset(&base, &d.namespace, &d.name, subset),
+    }
+}
+
 /// The port of a Service that has one TCP port: a destination naming no port goes there (Istio's
 /// rule); with several, to the port the request was for.
 fn only_port(res: &Resources, ns: &str, name: &str) -> Option<u16> {
@@ -594,64 +642,38 @@ fn routes_on(
 ) -> Vec<Arc<Route>> {
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
+        let mut cluster_of = |d: &Destination, field: String| {
+            let found = resolve(res, ns, d, port, clusters);
+            found
+                .map_err(|(reason, why)| push_once(problems, obj, field, reason, why))
+                .ok()
+        };
         let action = match &r.redirect {
             Some(red) => Action::Redirect(red.clone()),
             None => Action::Forward(
                 r.destinations
                     .iter()
                     .enumerate()
-                    .map(|(j, d)| {
-                        let target = BackendRef {
-                            group: "",
-                            kind: "Service",
-                            namespace: &d.namespace,
-                            name: &d.name,
-                            port: Some(
-                                d.port
-                                    .or_else(|| only_port(res, &d.namespace, &d.name))
-                                    .unwrap_or(port)
-                                    .into(),
-                            ),
-                        };
-                        let resolved =
-                            clusters
-                                .resolve("VirtualService", ns, &target)
-                                .and_then(|base| match &d.subset {
-                                    None => Ok(base),
-                                    Some(subset) => clusters.subset(&base, &d.namespace, &d.name, subset),
-                                });
-                        let cluster = match resolved {
-                            Ok(c) => Some(c),
-                            Err((reason, why)) => {
-                                push_once(
-                                    problems,
-                                    obj,
-                                    format!("spec.http[{i}].route[{j}].destination"),
-                                    reason,
-                                    why,
-                                );
-                                None
-                            }
-                        };
-                        WeightedCluster {
-                            cluster,
-                            weight: d.weight,
-                        }
+                    .map(|(j, d)| WeightedCluster {
+                        cluster: cluster_of(d, format!("spec.http[{i}].route[{j}].destination")),
+                        weight: d.weight,
                     })
                     .collect(),
             ),
         };
+        let mirror = r.mirror.as_ref().and_then(|(d, share)| {
+            Some(Mirror {
+                cluster: cluster_of(d, format!("spec.http[{i}].mirror"))?,
+                per_million: *share,
+            })
+        });
         for (j, (matcher, only)) in r.matches.iter().enumerate() {
             if only.is_some_and(|p| p != port) {
                 continue;
             }
-            out.push(Arc::new(route_of(
-                r,
-                j,
-                matcher,
-                format!("{ns}/{name}/{i}/{j}"),
-                action.clone(),
-            )));
+            let mut route = route_of(r, j, matcher, format!("{ns}/{name}/{i}/{j}"), action.clone());
+            route.mirror = mirror.clone();
+            out.push(Arc::new(route));
         }
     }
     out
@@ -669,6 +691,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         timeouts: rule.timeouts.clone(),
         retry: rule.retry.clone(),
         fault: rule.fault.clone(),
+        mirror: None,
     }
 }
 
@@ -744,6 +767,8 @@ spec:
     retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes'}
   - match: [{uri: {exact: /v1}}]
     rewrite: {uri: /, authority: b-v1.shop}
+    mirror: {host: b-v2}
+    mirrorPercentage: {value: 25}
     fault: {delay: {fixedDelay: 1.5s, percentage: {value: 12.5}}, abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
   - route:
@@ -797,6 +822,12 @@ spec:
             }),
         };
         assert_eq!(on80[3].fault.as_ref(), Some(&fault));
+        let mirror = on80[3].mirror.as_ref().unwrap();
+        assert_eq!(
+            (mirror.cluster.as_str(), mirror.per_million),
+            ("service/shop/b-v2:80", 250_000)
+        );
+        assert!(on80[0].mirror.is_none());
         let rewrite = on80[3].rewrite.as_ref().unwrap();
         assert_eq!(
             (rewrite.hostname.as_deref(), &rewrite.path),
@@ -847,7 +878,7 @@ spec:
             vs(
                 "subset",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{mirror: {host: b-v1}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{corsPolicy: {allowOrigins: []}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "gateway",
@@ -881,7 +912,7 @@ spec:
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
-                ("subset", "spec.http[0].mirror", Reason::UnsupportedValue),
+                ("subset", "spec.http[0].corsPolicy", Reason::UnsupportedValue),
                 ("tcp", "spec.tcp", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],

@@ -219,6 +219,7 @@ fn tcp_hosts(
             timeouts: RouteTimeouts::default(),
             retry: None,
             fault: None,
+            mirror: None,
         });
         let hosts = if names.is_empty() {
             vec!["*".to_string()]
@@ -385,6 +386,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         timeouts: RouteTimeouts::default(),
         retry: None,
         fault: None,
+        mirror: None,
         matcher,
     };
     out.action = match &r.action {
