@@ -467,16 +467,16 @@ impl MeshService {
             .or_else(|| of_port().find(|r| r.consumer.is_none()))
     }
 
-    /// Every cluster its routes send to.
+    /// Every cluster its routes send to, mirrors included.
     pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
-        self.routes
-            .iter()
-            .flat_map(|r| &r.routes)
-            .flat_map(|r| match &r.action {
+        self.routes.iter().flat_map(|r| &r.routes).flat_map(|r| {
+            let targets = match &r.action {
                 crate::model::Action::Forward(t) => t.as_slice(),
                 crate::model::Action::Redirect(_) => &[],
-            })
-            .filter_map(|t| t.cluster.as_deref())
+            };
+            let mirror = r.mirror.as_ref().map(|m| m.cluster.as_str());
+            targets.iter().filter_map(|t| t.cluster.as_deref()).chain(mirror)
+        })
     }
 }
 

@@ -767,7 +767,7 @@ spec:
     retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes'}
   - match: [{uri: {exact: /v1}}]
     rewrite: {uri: /, authority: b-v1.shop}
-    mirror: {host: b-v2}
+    mirror: {host: b, port: {number: 81}}
     mirrorPercentage: {value: 25}
     fault: {delay: {fixedDelay: 1.5s, percentage: {value: 12.5}}, abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
@@ -825,7 +825,7 @@ spec:
         let mirror = on80[3].mirror.as_ref().unwrap();
         assert_eq!(
             (mirror.cluster.as_str(), mirror.per_million),
-            ("service/shop/b-v2:80", 250_000)
+            ("service/shop/b:81", 250_000)
         );
         assert!(on80[0].mirror.is_none());
         let rewrite = on80[3].rewrite.as_ref().unwrap();
@@ -862,6 +862,10 @@ spec:
         // A sidecar's view carries the clusters the routes send to.
         let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
         assert!(view.clusters.iter().any(|c| c.name == "service/shop/b-v2:80"));
+        assert!(
+            view.clusters.iter().any(|c| c.name == "service/shop/b:81"),
+            "and the clusters they only mirror to"
+        );
         crate::validate(&view).unwrap();
     }
 
