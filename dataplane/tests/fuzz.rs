@@ -164,7 +164,14 @@ fn yaml_config() -> impl Strategy<Value = String> {
         pick(&["svc", "svc.default", "nope", "'*.example.com'"]),
         pick(&["{uri: {prefix: /a}}", "{uri: {regex: '[a-z'}}", "{headers: {x: {}}}", "{method: {exact: GET}, port: 80}"]),
         pick(&["{host: svc}", "{host: svc, subset: v1}", "{host: svc, port: {number: 81}}", "{host: gone}"]),
-        pick(&["", "rewrite: {uri: /b}, ", "timeout: 1.5s, ", "retries: {attempts: 2}, "]),
+        pick(&[
+            "",
+            "rewrite: {uri: /b}, ",
+            "timeout: 1.5s, ",
+            "retries: {attempts: 2}, ",
+            "fault: {abort: {httpStatus: 503, percentage: {value: 50}}, delay: {fixedDelay: 1ms}}, ",
+            "mirror: {host: svc, subset: v1}, mirrorPercentage: {value: 101}, ",
+        ]),
     )
         .prop_map(|(host, m, dest, extra)| {
             format!(
