@@ -721,6 +721,30 @@ async fn mesh_svid(w: &World, sa: &str) -> ClientAuth {
     )
 }
 
+/// `n` calls from pod `from` to `path` on svc-b, each on a connection of its own (so L4
+/// balancing alone would spread them), `extra` curl arguments added: (answers from b-1, from b-2).
+fn calls_to_svc_b(w: &World, from: usize, n: usize, path: &str, extra: &[&str]) -> (usize, usize) {
+    let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+    let url = format!("http://svc-b.{NS}.svc{path}");
+    let mut args = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "60",
+        "-H",
+        "connection: close",
+        "--resolve",
+        &resolve,
+    ];
+    args.extend_from_slice(extra);
+    args.extend(std::iter::repeat_n(url.as_str(), n));
+    let out = String::from_utf8_lossy(&w.pods[from].run(&args).stdout).into_owned();
+    (
+        out.matches("hello from b-1").count(),
+        out.matches("hello from b-2").count(),
+    )
+}
+
 /// Pod A, and Service B over two pods, b-1 (`version: v1`) and b-2 (`v2`), each version also a
 /// Service of its own (b-v1, b-v2): every pod with its app and a sidecar, A routed to svc-b.
 async fn two_versions_of_b() -> (World, [usize; 3]) {
@@ -843,29 +867,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{headers: {{x-fault: {{exact: delay}}}}}}]\n    fault: {{delay: {{fixedDelay: 0.4s, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
     ));
-    // `n` calls to `path`, each on a connection of its own (so L4 balancing alone would spread
-    // them): (answers from b-1, answers from b-2).
-    let calls = |n: usize, path: &str, extra: &[&str]| -> (usize, usize) {
-        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
-        let url = format!("http://svc-b.{NS}.svc{path}");
-        let mut args = vec![
-            "curl",
-            "-sS",
-            "--max-time",
-            "60",
-            "-H",
-            "connection: close",
-            "--resolve",
-            &resolve,
-        ];
-        args.extend_from_slice(extra);
-        args.extend(std::iter::repeat_n(url.as_str(), n));
-        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
-        (
-            out.matches("hello from b-1").count(),
-            out.matches("hello from b-2").count(),
-        )
-    };
+    let calls = |n: usize, path: &str, extra: &[&str]| calls_to_svc_b(&w, a, n, path, extra);
     eventually(
         "the VirtualService sends the rest to v1",
         Duration::from_secs(20),
@@ -973,22 +975,9 @@ async fn virtual_service_retries_are_the_routes_own() {
          \x20 - match: [{{uri: {{prefix: /retried}}}}]\n    retries: {{attempts: 2, retryOn: 'connect-failure,refused-stream,reset,503'}}\n    route: [{{destination: {{host: svc-b}}}}]\n\
          \x20 - retries: {{attempts: 0}}\n    route: [{{destination: {{host: svc-b}}}}]\n"
     ));
-    let calls = |w: &World, path: &str| -> usize {
-        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
-        let url = format!("http://svc-b.{NS}.svc{path}");
-        let mut args = vec![
-            "curl",
-            "-sS",
-            "--max-time",
-            "60",
-            "-H",
-            "connection: close",
-            "--resolve",
-            &resolve,
-        ];
-        args.extend(std::iter::repeat_n(url.as_str(), 20));
-        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
-        out.matches("hello from b-").count()
+    let calls = |w: &World, path: &str| {
+        let (b1, b2) = calls_to_svc_b(w, a, 20, path, &[]);
+        b1 + b2
     };
     eventually("the VirtualService is in effect", Duration::from_secs(20), async || {
         w.cluster.get("virtualservice", NS, "b-retries")["status"]["conditions"][0]["status"] == "True"
