@@ -1486,6 +1486,20 @@ async fn a_sidecar_ingress_listener_delivers_to_an_app_on_loopback() {
     .await;
 }
 
+/// An HTTP server outside the mesh, on the host at `host:port` (the host's address on the pods'
+/// bridge), serving the test's directory.
+fn external_server(w: &World, host: &str, port: u16) -> Proc {
+    Proc(
+        std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", host, &port.to_string()])
+            .current_dir(w.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// An Istio Sidecar scopes what a workload's proxy knows: with `egress.hosts` naming another
 /// namespace only, A's proxy no longer knows svc-b (its ClusterIP is an address outside the mesh,
 /// which nothing here answers) while an external server is still passed through; with `./*` and
@@ -1498,15 +1512,7 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
     // A server outside the mesh: on the host, at its address on the pods' bridge.
     let host = w.bridge.host_ip();
     let port = free_port();
-    let _external = Proc(
-        std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", &host, &port.to_string()])
-            .current_dir(w.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _external = external_server(&w, &host, port);
     let external = || {
         w.pods[0]
             .curl(&["--max-time", "3", &format!("http://{host}:{port}/")])
@@ -1592,18 +1598,7 @@ async fn service_entries_are_what_a_registry_only_pod_may_reach_outside_the_mesh
     // Two servers outside the mesh: on the host, at its address on the pods' bridge.
     let host = w.bridge.host_ip();
     let (port, other_port) = (free_port(), free_port());
-    let server = |port: u16| {
-        Proc(
-            std::process::Command::new("python3")
-                .args(["-m", "http.server", "--bind", &host, &port.to_string()])
-                .current_dir(w.dir.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _servers = (server(port), server(other_port));
+    let _servers = (external_server(&w, &host, port), external_server(&w, &host, other_port));
     let get = |url: String, host_header: Option<&str>| {
         let header = host_header.map(|h| format!("Host: {h}"));
         let mut args = vec!["--max-time", "3", url.as_str()];
