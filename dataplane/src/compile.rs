@@ -9,7 +9,7 @@ use ferrum_snapshot::model::{Action as SnapAction, Protocol};
 use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::listener::tls::{self, TlsError};
-use crate::mesh::index::MeshIndex;
+use crate::mesh::index::{MeshIndex, MeshRoutes};
 use crate::mesh::policy::GatewayPolicies;
 use crate::router::{self, HostTable, RouteError, RouteParts, VirtualHost};
 use crate::telemetry::{EndpointHealth, Registry};
@@ -159,7 +159,7 @@ impl Compiler {
         let me = self.me.get();
         let mesh_http = match me {
             Some((namespace, _)) => self.mesh_routes(&snap, namespace, &clusters)?,
-            None => HashMap::new(),
+            None => MeshRoutes::default(),
         };
         Ok(Compiled {
             mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks),
@@ -199,35 +199,39 @@ impl Compiler {
         })
     }
 
-    /// The mesh routes a client in `namespace` follows, per (Service, port): served like a
-    /// listener whose one virtual host takes any Host (GAMMA ignores route hostnames).
+    /// The mesh routes a client in `namespace` follows: per (service, port), served like a
+    /// listener whose one virtual host takes any Host (GAMMA ignores route hostnames); for
+    /// services found by host (ServiceEntries without addresses), per port, a virtual host each.
     fn mesh_routes(
         &self,
         snap: &Snapshot,
         namespace: &str,
         clusters: &HashMap<String, Arc<ClusterRuntime>>,
-    ) -> Result<HashMap<(String, u16), Arc<CompiledListener>>, RouteError> {
-        let mut out = HashMap::new();
+    ) -> Result<MeshRoutes, RouteError> {
+        let mut out = MeshRoutes::default();
+        let mut hosted: HashMap<u16, Vec<_>> = HashMap::new();
         for s in snap.services.iter().filter(|s| !s.routes.is_empty()) {
             for p in &s.ports {
                 let Some(t) = s.routes_for(p.port, namespace) else {
                     continue;
                 };
+                let host = if s.by_host { s.hostname.as_str() } else { "*" };
                 let vh = ferrum_snapshot::model::VirtualHost {
-                    hostname: "*".into(),
+                    hostname: host.into(),
                     routes: t.routes.clone(),
                 };
                 let built = self.virtual_host(&vh, clusters)?;
-                let l = CompiledListener {
-                    name: format!("{}:{}", s.hostname, p.port),
-                    https: false,
-                    protocol: Protocol::Http,
-                    hosts: HostTable::build(vec![("*".into(), built)]),
-                    tls: None,
-                    access_log: false,
-                };
-                out.insert((s.key.clone(), p.port), Arc::new(l));
+                if s.by_host {
+                    hosted.entry(p.port).or_default().push((host.to_string(), built));
+                    continue;
+                }
+                let l = mesh_listener(format!("{}:{}", s.hostname, p.port), vec![("*".into(), built)]);
+                out.by_service.insert((s.key.clone(), p.port), Arc::new(l));
             }
+        }
+        for (port, vhosts) in hosted {
+            out.by_host
+                .insert(port, Arc::new(mesh_listener(format!("hosts:{port}"), vhosts)));
         }
         Ok(out)
     }
@@ -254,6 +258,18 @@ impl Compiler {
             .collect();
         self.registry
             .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c));
+    }
+}
+
+/// A captured connection's listener for mesh routes: plain HTTP, virtual hosts as given.
+fn mesh_listener(name: String, vhosts: Vec<(String, VirtualHost)>) -> CompiledListener {
+    CompiledListener {
+        name,
+        https: false,
+        protocol: Protocol::Http,
+        hosts: HostTable::build(vhosts),
+        tls: None,
+        access_log: false,
     }
 }
 

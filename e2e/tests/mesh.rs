@@ -1695,6 +1695,109 @@ async fn service_entries_are_what_a_registry_only_pod_may_reach_outside_the_mesh
     );
 }
 
+/// An HTTPS server outside the mesh, on the host at `host:port`, serving the test's directory
+/// with a certificate for `name` only (self-signed; its PEM is returned, to trust it).
+fn external_tls_server(w: &World, host: &str, port: u16, name: &str) -> (Proc, std::path::PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let (cert, key) = (w.dir.path().join("external.pem"), w.dir.path().join("external.key"));
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let serve = format!(
+        "import http.server, ssl\n\
+         s = http.server.ThreadingHTTPServer(('{host}', {port}), http.server.SimpleHTTPRequestHandler)\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         ctx.load_cert_chain('{}', '{}')\n\
+         s.socket = ctx.wrap_socket(s.socket, server_side=True)\n\
+         s.serve_forever()",
+        cert.display(),
+        key.display()
+    );
+    let p = std::process::Command::new("python3")
+        .args(["-c", &serve])
+        .current_dir(w.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (Proc(p), cert)
+}
+
+/// Egress TLS origination, Istio's way: the application calls `http://api.external.test` (a
+/// ServiceEntry host without addresses, port 80 → the server's TLS port), and a DestinationRule
+/// with `tls.mode: SIMPLE` makes A's sidecar speak TLS to the server, checking its certificate
+/// for that name against `caCertificates`. Without the rule the plaintext request fails at the
+/// HTTPS server; with it, it is answered. A VirtualService for the entry's host then routes in
+/// A's sidecar (a fault on one path, a header on the rest), still over the rule's TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_originates_tls_to_a_service_entry_host() {
+    let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    until_routed(&w).await;
+    let host = w.bridge.host_ip();
+    let tls_port = free_port();
+    const NAME: &str = "api.external.test";
+    let (_server, ca) = external_tls_server(&w, &host, tls_port, NAME);
+    std::fs::write(w.dir.path().join("egress.txt"), "egress ok\n").unwrap();
+    let call = |path: &str| {
+        let (_, out) = w.pods[0].curl(&[
+            "-w",
+            " %{http_code}",
+            "--resolve",
+            &format!("{NAME}:80:{host}"),
+            &format!("http://{NAME}{path}"),
+        ]);
+        out
+    };
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external, namespace: {NS}}}\n\
+         spec: {{hosts: [{NAME}], resolution: STATIC, endpoints: [{{address: '{host}'}}],\n\
+                 ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {tls_port}}}]}}\n"
+    ));
+    eventually(
+        "the entry is in A's sidecar: plaintext reaches the HTTPS port, and fails there",
+        Duration::from_secs(20),
+        async || {
+            let out = call("/egress.txt");
+            w.pods[0].connections("outbound", "passthrough") >= 1.0 && !out.ends_with(" 200")
+        },
+    )
+    .await;
+
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: external-tls, namespace: {NS}}}\n\
+         spec: {{host: {NAME}, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: '{}'}}}}}}\n",
+        ca.display()
+    ));
+    eventually(
+        "with the DestinationRule, A's sidecar originates TLS",
+        Duration::from_secs(20),
+        async || call("/egress.txt") == "egress ok\n 200",
+    )
+    .await;
+    assert!(w.pods[0].connections("outbound", "routed") >= 1.0);
+
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: external, namespace: {NS}}}\n\
+         spec: {{hosts: [{NAME}], http: [\n\
+           {{match: [{{uri: {{prefix: /teapot}}}}], fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}, route: [{{destination: {{host: {NAME}}}}}]}},\n\
+           {{route: [{{destination: {{host: {NAME}}}}}]}}]}}\n"
+    ));
+    eventually(
+        "the VirtualService routes the entry's host",
+        Duration::from_secs(20),
+        async || call("/teapot").ends_with(" 418"),
+    )
+    .await;
+    assert_eq!(call("/egress.txt"), "egress ok\n 200", "the rest still over TLS");
+    eventually("the VirtualService is Accepted", Duration::from_secs(20), async || {
+        w.cluster.get("virtualservice", NS, "external")["status"]["conditions"][0]["status"] == "True"
+    })
+    .await;
+}
+
 /// More connections from one pod to another than one HBONE connection may carry tunnels (100
 /// streams): every one of them is open at once and carries its bytes — the client sidecar opens
 /// another HBONE connection rather than queueing tunnels behind the first one's limit.

@@ -104,6 +104,15 @@ pub enum Destination<'a> {
     Blocked,
 }
 
+/// The mesh routes a sidecar follows, compiled.
+#[derive(Default)]
+pub struct MeshRoutes {
+    /// Per (service key, port), for services at addresses.
+    pub by_service: HashMap<(String, u16), Arc<CompiledListener>>,
+    /// Per port, a virtual host for each service found by host there.
+    pub by_host: HashMap<u16, Arc<CompiledListener>>,
+}
+
 #[derive(Default)]
 pub struct MeshIndex {
     services: HashMap<SocketAddr, ServiceTarget>,
@@ -113,6 +122,8 @@ pub struct MeshIndex {
     /// Services without addresses (ServiceEntries naming hosts only), by port: a connection to
     /// an address the mesh does not know is matched by the TLS SNI or HTTP `Host` it asks for.
     hosts: HashMap<u16, Vec<ServiceTarget>>,
+    /// The routes of the services found by host, per port (a virtual host each).
+    host_routes: HashMap<u16, Arc<CompiledListener>>,
     workloads: HashMap<IpAddr, Arc<Workload>>,
     /// The AuthorizationPolicies that select this proxy's own workload, for its inbound side.
     pub inbound: Authorizer,
@@ -130,15 +141,10 @@ pub struct MeshIndex {
 pub type Me = (String, String);
 
 impl MeshIndex {
-    /// `http`: the compiled mesh routes by (Service key, port); `jwks`: fetched JWKS, shared
-    /// between configs.
-    pub fn build(
-        snap: &Snapshot,
-        me: Option<&Me>,
-        http: HashMap<(String, u16), Arc<CompiledListener>>,
-        jwks: &JwksCache,
-    ) -> MeshIndex {
+    /// `http`: the compiled mesh routes; `jwks`: fetched JWKS, shared between configs.
+    pub fn build(snap: &Snapshot, me: Option<&Me>, http: MeshRoutes, jwks: &JwksCache) -> MeshIndex {
         let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
+        let own_ns = me.map_or("", |me| me.0.as_str());
         // A Service exported elsewhere only, or that this proxy's Sidecar does not admit, is not
         // this sidecar's to route, nor are workloads its Sidecar leaves out (a snapshot from a
         // file or another producer may carry them).
@@ -173,7 +179,7 @@ impl MeshIndex {
                     continue;
                 }
                 let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
-                let routes = http.get(&(s.key.clone(), p.port)).cloned();
+                let routes = http.by_service.get(&(s.key.clone(), p.port)).cloned();
                 if s.by_host {
                     // A ServiceEntry without addresses: found by the host a connection asks for
                     // (SNI or Host), so never on a port declared opaque — nothing there names one,
@@ -186,7 +192,9 @@ impl MeshIndex {
                         port: p.port,
                         endpoints,
                         names,
-                        http: None,
+                        http: s
+                            .routes_for(p.port, own_ns)
+                            .and_then(|_| http.by_host.get(&p.port).cloned()),
                         next: AtomicUsize::new(fastrand::usize(..)),
                     });
                     continue;
@@ -221,6 +229,7 @@ impl MeshIndex {
             services,
             registered,
             hosts,
+            host_routes: http.by_host,
             workloads,
             inbound,
             authn,
@@ -271,9 +280,14 @@ impl MeshIndex {
             })
     }
 
-    /// The mesh routes of a Service VIP:port, when it has any.
+    /// The mesh routes of a Service VIP:port, or of the services found by host on the port of
+    /// an address the mesh does not know, when there are any.
     pub fn http(&self, dst: SocketAddr) -> Option<&CompiledListener> {
-        self.services.get(&dst)?.http.as_deref()
+        match self.services.get(&dst) {
+            Some(t) => t.http.as_deref(),
+            None if self.by_host_on(dst) => self.host_routes.get(&dst.port()).map(|l| &**l),
+            None => None,
+        }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -299,7 +313,7 @@ mod tests {
         MeshIndex::build(
             snap,
             Some(&(ns.into(), "me".into())),
-            HashMap::new(),
+            MeshRoutes::default(),
             &JwksCache::default(),
         )
     }
@@ -316,7 +330,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None, HashMap::new(), &JwksCache::default());
+        let m = MeshIndex::build(&snap, None, MeshRoutes::default(), &JwksCache::default());
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
         };
@@ -353,7 +367,7 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None, HashMap::new(), &JwksCache::default());
+        let m = MeshIndex::build(&snap, None, MeshRoutes::default(), &JwksCache::default());
         let only = |vip: &str| {
             let Destination::Service(t) = m.destination(vip.parse().unwrap()) else {
                 panic!("{vip} is a service")

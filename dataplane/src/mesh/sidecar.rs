@@ -428,18 +428,27 @@ impl Sidecar {
         let http = l7::detect(&first);
         let s = l7::Prefixed::new(first, tcp);
         match http {
-            Some(http) => {
-                self.app.stats.outbound_routed.fetch_add(1, Relaxed);
-                let info = ConnInfo {
-                    listener: dst,
-                    client: peer,
-                };
-                let shared = self.dp.shared.clone();
-                listener::serve(TokioIo::new(s), http, info, shared, &self.http, self.stop.subscribe()).await
-            }
+            Some(http) => self.outbound_routed(s, http, peer, dst).await,
             // Routes are for HTTP; anything else to the Service is balanced as before.
             None => self.outbound_l4(s, peer, dst).await,
         }
+    }
+
+    /// Serves captured HTTP by the mesh routes of its original destination, like a listener.
+    async fn outbound_routed(
+        &self,
+        s: l7::Prefixed<TcpStream>,
+        http: listener::HttpVersion,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) {
+        self.app.stats.outbound_routed.fetch_add(1, Relaxed);
+        let info = ConnInfo {
+            listener: dst,
+            client: peer,
+        };
+        let shared = self.dp.shared.clone();
+        listener::serve(TokioIo::new(s), http, info, shared, &self.http, self.stop.subscribe()).await
     }
 
     /// A connection to an address the mesh does not know, on a port where services are known by
@@ -450,12 +459,17 @@ impl Sidecar {
             self.app.stats.outbound_failed.fetch_add(1, Relaxed);
             return;
         };
+        let http = l7::detect(&seen);
         let s = l7::Prefixed::new(seen, tcp);
         let cfg = self.dp.shared.config.load_full();
         let Some(t) = host.as_deref().and_then(|h| cfg.mesh.by_host(dst.port(), h)) else {
             drop(cfg);
             return self.outbound_l4(s, peer, dst).await;
         };
+        if let (Some(http), Some(_)) = (http, &t.http) {
+            drop(cfg);
+            return self.outbound_routed(s, http, peer, dst).await;
+        }
         let up = match t.service.resolution {
             Resolution::Passthrough => self.connect(dst, None, peer, None).await.ok(),
             Resolution::Endpoints | Resolution::Dns => self.connect_service(t, dst, peer).await,

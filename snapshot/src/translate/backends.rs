@@ -412,6 +412,60 @@ impl<'a> Clusters<'a> {
         Ok(cluster)
     }
 
+    /// The cluster of port `port` of ServiceEntry host `s`: its endpoints (IPs, or names the
+    /// proxy resolves when it connects), HTTP/2 for `HTTP2` and `GRPC` ports, with the mesh
+    /// default and the DestinationRule for its host applied (TLS origination, pools, balancing).
+    /// Built anew each translation (entries are few).
+    pub(crate) fn entry(&mut self, s: &crate::mesh::MeshService, port: u16) -> Result<String, (Reason, String)> {
+        let name = format!("serviceentry/{}:{port}", s.key);
+        if self.built.contains_key(&name) {
+            return Ok(name);
+        }
+        let Some(sp) = s.ports.iter().find(|p| p.port == port) else {
+            return Err((
+                Reason::BackendNotFound,
+                format!("ServiceEntry host {} has no port {port}", s.hostname),
+            ));
+        };
+        if s.resolution == crate::mesh::Resolution::Passthrough {
+            return Err((
+                Reason::UnsupportedValue,
+                format!(
+                    "ServiceEntry host {} has resolution NONE: its connections go where they were dialled",
+                    s.hostname
+                ),
+            ));
+        }
+        let endpoints = s
+            .endpoints
+            .iter()
+            .filter_map(|e| Some(Endpoint::new(e.address.clone(), e.target_port(port)?)))
+            .collect();
+        let mut c = Cluster::new(name.clone(), endpoints);
+        if matches!(sp.app_protocol.as_deref(), Some("http2" | "grpc")) {
+            c.protocol = UpstreamProtocol::Http2;
+        }
+        let policy_error = self.apply_mesh_default(&mut c);
+        let entry_ns = s.key.split('/').next().unwrap_or_default();
+        if let Some(d) = super::destination_rule::for_host(self.res, &s.hostname, entry_ns) {
+            let mut with_rule = c.clone();
+            if super::destination_rule::apply(d, &s.hostname, &mut with_rule).is_ok() {
+                c = with_rule;
+            }
+        }
+        if c.tls.as_ref().is_some_and(|t| t.sni.starts_with('*')) {
+            return Err((
+                Reason::UnsupportedValue,
+                format!(
+                    "TLS to wildcard host {} needs the DestinationRule's tls.sni",
+                    s.hostname
+                ),
+            ));
+        }
+        self.built.insert(name.clone(), BuiltCluster::new(c, policy_error));
+        Ok(name)
+    }
+
     fn backend(&mut self, r: &BackendRef<'_>) -> Result<String, (Reason, String)> {
         let name = format!("backend/{}/{}", r.namespace, r.name);
         if self.built.contains_key(&name) {

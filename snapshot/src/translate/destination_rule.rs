@@ -65,6 +65,34 @@ pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
     out
 }
 
+/// The DestinationRule for ServiceEntry host `host` (of an entry in `entry_ns`) among those that
+/// can be applied: a rule naming the host exactly first, else the longest `*.suffix` covering
+/// it; among rules for one host, one in the entry's namespace first, then by namespace and name.
+pub fn for_host<'r>(res: &'r Resources, host: &str, entry_ns: &str) -> Option<&'r DestinationRule> {
+    let specificity = |d: &DestinationRule| {
+        let h = d.spec.host.to_ascii_lowercase();
+        if h == host {
+            return Some(usize::MAX);
+        }
+        let suffix = h.strip_prefix('*')?;
+        (host.len() > suffix.len() && host.ends_with(suffix)).then_some(suffix.len())
+    };
+    res.destination_rules
+        .iter()
+        .filter_map(|d| Some((specificity(d)?, &**d)))
+        .filter(|(_, d)| apply(d, &d.spec.host, &mut Cluster::new("scratch", Vec::new())).is_ok())
+        .min_by_key(|(spec, d)| {
+            let ns = d.metadata.namespace.as_deref().unwrap_or("default");
+            (
+                std::cmp::Reverse(*spec),
+                ns != entry_ns,
+                ns.to_string(),
+                d.metadata.name.clone(),
+            )
+        })
+        .map(|(_, d)| d)
+}
+
 /// Applies rule `d` to `c` whole, or says why it cannot be.
 pub fn apply(d: &DestinationRule, fqdn: &str, c: &mut Cluster) -> Result<(), RuleError> {
     let p = traffic_policy(d, fqdn)?;

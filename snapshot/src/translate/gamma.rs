@@ -146,7 +146,12 @@ pub(crate) fn finish(
             continue; // A Service the mesh does not serve (ExternalName).
         };
         let mut s = (*services[i]).clone();
-        s.routes = routes;
+        // A ServiceEntry's default table (for its DestinationRule) gives way to these.
+        s.routes
+            .retain(|old| !routes.iter().any(|r| r.port == old.port && r.consumer == old.consumer));
+        s.routes.extend(routes);
+        s.routes
+            .sort_by(|a, b| (a.port, &a.consumer).cmp(&(b.port, &b.consumer)));
         digests[i] = s.digest();
         services[i] = Arc::new(s);
     }

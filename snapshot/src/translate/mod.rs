@@ -462,8 +462,20 @@ impl Incremental {
             &mut self.next_id,
             &mut stats,
         );
+        // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
+        let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {
+            mesh::build(res, &mut self.mesh)
+        } else {
+            Default::default()
+        };
+        let mut entries = if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
+            service_entry::build(&res.service_entries, &workloads, &mut problems)
+        } else {
+            Vec::new()
+        };
+        service_entry::default_routes(&mut entries, res, &mut clusters);
         let virtual_services = match self.opts.gateway {
-            None => virtual_service::translate(res, &mut clusters, &mut problems),
+            None => virtual_service::translate(res, &entries, &mut clusters, &mut problems),
             Some(_) => Vec::new(),
         };
         stats.clusters_reused = clusters.reused;
@@ -479,14 +491,7 @@ impl Incremental {
         } else {
             Default::default()
         };
-        // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
-        let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {
-            mesh::build(res, &mut self.mesh)
-        } else {
-            Default::default()
-        };
-        if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
-            let entries = service_entry::build(&res.service_entries, &workloads, &mut problems);
+        if !entries.is_empty() {
             (services, service_digests) = merge_by_key(services, service_digests, entries);
         }
         gamma::finish(

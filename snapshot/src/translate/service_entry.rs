@@ -10,10 +10,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::istio::{ServiceEntry, ServiceEntryEndpoint, ServiceEntrySpec};
-use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, Workload};
-use crate::model::Digest;
+use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, ServiceRoutes, Workload};
+use crate::model::{Action, Digest, HeaderModifier, Route, RouteMatch, RouteTimeouts, WeightedCluster};
+use crate::resources::Resources;
 use crate::translate::{Problems, Reason, meta_ref};
 use crate::validate::is_dns_name;
+
+use super::backends::Clusters;
 
 /// A field and why the entry cannot be applied.
 type Refusal = (String, Reason, String);
@@ -103,6 +106,62 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
             by_host: vips.is_empty(),
         })
         .collect())
+}
+
+/// The ports of an entry whose protocol is HTTP (`HTTP`, `HTTP2`, `GRPC`): a sidecar can route
+/// requests to them, and a DestinationRule or VirtualService for the host applies there.
+pub(crate) fn http_ports(s: &MeshService) -> impl Iterator<Item = u16> + '_ {
+    s.ports
+        .iter()
+        .filter(|p| matches!(p.app_protocol.as_deref(), Some("http" | "http2" | "grpc")))
+        .map(|p| p.port)
+}
+
+/// Gives each HTTP port of an entry whose host has a DestinationRule one route to the entry's
+/// cluster, so the rule applies to its requests (TLS origination, pools, outlier detection,
+/// balancing). A VirtualService for the host replaces that table with its own. Entries with
+/// resolution `NONE` (no endpoints to route to) and wildcard hosts keep going at L4.
+pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &Resources, clusters: &mut Clusters<'_>) {
+    for (s, digest) in entries.iter_mut() {
+        let ns = s.key.split('/').next().unwrap_or_default();
+        if s.resolution == Resolution::Passthrough
+            || s.hostname.starts_with('*')
+            || super::destination_rule::for_host(res, &s.hostname, ns).is_none()
+        {
+            continue;
+        }
+        let routes: Vec<ServiceRoutes> = http_ports(s)
+            .filter_map(|port| {
+                let cluster = clusters.entry(s, port).ok()?;
+                let route = Route {
+                    name: cluster.clone(),
+                    matcher: RouteMatch::default(),
+                    request_headers: HeaderModifier::default(),
+                    response_headers: HeaderModifier::default(),
+                    rewrite: None,
+                    action: Action::Forward(vec![WeightedCluster {
+                        cluster: Some(cluster),
+                        weight: 1,
+                    }]),
+                    timeouts: RouteTimeouts::default(),
+                    retry: None,
+                    fault: None,
+                    mirror: None,
+                };
+                Some(ServiceRoutes {
+                    port,
+                    consumer: None,
+                    routes: vec![Arc::new(route)],
+                })
+            })
+            .collect();
+        if !routes.is_empty() {
+            let mut with = (**s).clone();
+            with.routes = routes;
+            *digest = with.digest();
+            *s = Arc::new(with);
+        }
+    }
 }
 
 /// Fields the entry carries that Ferrum does not apply.
@@ -414,6 +473,93 @@ mod tests {
             ),
             (1, Some("u-db"), Some(5433))
         );
+    }
+
+    fn cluster<'a>(t: &'a crate::Translation, name: &str) -> &'a crate::model::Cluster {
+        let found = t.snapshot.clusters.iter().find(|c| c.name == name);
+        found.unwrap_or_else(|| panic!("{name} in {:#?}", t.snapshot.clusters))
+    }
+
+    fn forwards_to(s: &MeshService, port: u16) -> Vec<Option<String>> {
+        let table = s
+            .routes_for(port, "any")
+            .unwrap_or_else(|| panic!("routes on {port}: {s:#?}"));
+        table
+            .routes
+            .iter()
+            .flat_map(|r| match &r.action {
+                crate::model::Action::Forward(to) => to.iter().map(|w| w.cluster.clone()).collect(),
+                crate::model::Action::Redirect(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    const EXTERNAL: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: ns}\n\
+        spec: {hosts: [api.example.com], resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}, {number: 9000, name: raw, protocol: TCP}]}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: legacy, namespace: ns}\n\
+        spec: {hosts: [legacy.example.com], addresses: [203.0.113.7], ports: [{number: 80, name: http, protocol: HTTP}]}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api-tls, namespace: other}\n\
+        spec: {host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}, connectionPool: {tcp: {connectTimeout: 2s}}}}\n---\n";
+
+    #[test]
+    fn a_destination_rule_for_an_entry_host_routes_its_http_ports_through_the_rules_cluster() {
+        let t = translate(EXTERNAL);
+        assert!(t.problems.is_empty(), "{:#?}", t.problems);
+        let api = service(&t, "ns/api/api.example.com");
+        assert_eq!(
+            forwards_to(api, 80),
+            [Some("serviceentry/ns/api/api.example.com:80".to_string())],
+            "one route to the entry's cluster on the HTTP port"
+        );
+        assert!(api.routes_for(9000, "any").is_none(), "a TCP port stays at L4");
+        let c = cluster(&t, "serviceentry/ns/api/api.example.com:80");
+        assert_eq!(
+            (c.endpoints[0].address.as_str(), c.endpoints[0].port),
+            ("api.example.com", 443),
+            "resolved by the proxy, at the target port"
+        );
+        let tls = c.tls.as_ref().expect("TLS originated");
+        assert_eq!(
+            (tls.sni.as_str(), tls.ca_file.as_deref()),
+            ("api.example.com", Some("/etc/ca.pem")),
+            "SNI defaults to the host"
+        );
+        assert_eq!(c.timeouts.connect_ms, 2000);
+        let legacy = service(&t, "ns/legacy/legacy.example.com");
+        assert!(legacy.routes.is_empty(), "no rule, no routes: L4 as before");
+    }
+
+    #[test]
+    fn a_virtual_service_routes_an_entry_host_and_replaces_the_rules_default_table() {
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: ns}\n\
+            spec: {hosts: [api.example.com], http: [{match: [{uri: {prefix: /v2}}], route: [{destination: {host: api.example.com}}], timeout: 3s},\n\
+                   {fault: {abort: {httpStatus: 503, percentage: {value: 100}}}, route: [{destination: {host: api.example.com}}]}]}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: legacy, namespace: ns}\n\
+            spec: {hosts: [legacy.example.com], http: [{route: [{destination: {host: legacy.example.com}}]}]}\n---\n";
+        let t = translate(&format!("{EXTERNAL}{vs}"));
+        assert_eq!(
+            t.problem_keys(),
+            [("legacy", "spec.hosts[0]", Reason::NoMatchingParent)],
+            "resolution NONE has no endpoints to route to"
+        );
+        let api = service(&t, "ns/api/api.example.com");
+        let table = api.routes_for(80, "any").unwrap();
+        assert_eq!(
+            table.routes.len(),
+            2,
+            "the VirtualService's routes, not the default one"
+        );
+        assert_eq!(table.routes[0].timeouts.request_ms, Some(3000));
+        assert!(table.routes[1].fault.is_some());
+        assert_eq!(
+            forwards_to(api, 80),
+            [
+                Some("serviceentry/ns/api/api.example.com:80".to_string()),
+                Some("serviceentry/ns/api/api.example.com:80".to_string())
+            ],
+            "the destination is the entry's port (its only HTTP one asked), with the rule's TLS"
+        );
+        assert!(cluster(&t, "serviceentry/ns/api/api.example.com:80").tls.is_some());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
+use crate::mesh::{MeshService, Resolution};
+use crate::model::Digest;
 use crate::model::{
     Action, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch, PathRewrite, Redirect,
     RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
@@ -59,22 +61,47 @@ struct Rule {
     destinations: Vec<Destination>,
 }
 
-/// A Service (a subset of it, with a DestinationRule) and its weight.
+/// A Service (a subset of it, with a DestinationRule) or a ServiceEntry host, and its weight.
 struct Destination {
-    namespace: String,
-    name: String,
+    /// As written, lower-cased: a ServiceEntry host when an entry has it.
+    host: String,
+    /// The Service the host names otherwise, (namespace, name).
+    service: Option<(String, String)>,
     port: Option<u16>,
     subset: Option<String>,
     weight: u32,
 }
 
-pub(crate) fn translate(res: &Resources, clusters: &mut Clusters<'_>, problems: &mut Problems<'_>) -> Vec<VsTable> {
+/// What hosts name: the cluster's Services and the ServiceEntries' hosts.
+struct Registry<'r> {
+    res: &'r Resources,
+    entries: &'r [(Arc<MeshService>, Digest)],
+}
+
+impl Registry<'_> {
+    /// The entries with `host` (each entry's service for it), in key order.
+    fn entries(&self, host: &str) -> impl Iterator<Item = &MeshService> {
+        let host = host.to_ascii_lowercase();
+        self.entries
+            .iter()
+            .map(|(s, _)| &**s)
+            .filter(move |s| s.hostname == host)
+    }
+}
+
+pub(crate) fn translate(
+    res: &Resources,
+    entries: &[(Arc<MeshService>, Digest)],
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Vec<VsTable> {
     let mut out = Vec::new();
+    let reg = Registry { res, entries };
     clusters.waive_grants(true);
     for vs in &res.virtual_services {
         let obj = meta_ref("VirtualService", &vs.metadata);
         match rules(vs) {
-            Ok(rules) => out.extend(tables(vs, &rules, res, clusters, problems, &obj)),
+            Ok(rules) => out.extend(tables(vs, &rules, &reg, clusters, problems, &obj)),
             Err((field, reason, why)) => problems.push(&obj, field, reason, why),
         }
     }
@@ -230,19 +257,19 @@ fn destination(d: &crate::istio::VsDestination, ns: &str, at: &str, weight: u32)
     if let Some(f) = d.other.keys().next() {
         return Err(unsupported(format!("{at}.{f}"), "not supported"));
     }
-    let (sns, name) = service_of(&d.host, ns).ok_or_else(|| {
-        unsupported(
+    if d.host.contains('*') {
+        return Err(unsupported(
             format!("{at}.host"),
-            format!("{:?} is not a Service of this cluster", d.host),
-        )
-    })?;
+            format!("{:?}: a destination is one host, not a wildcard", d.host),
+        ));
+    }
     let port = match &d.port {
         None => None,
         Some(p) => Some(port(p.number, &format!("{at}.port.number"))?),
     };
     Ok(Destination {
-        namespace: sns.to_string(),
-        name: name.to_string(),
+        host: d.host.to_ascii_lowercase(),
+        service: service_of(&d.host, ns).map(|(sns, name)| (sns.to_string(), name.to_string())),
         port,
         subset: d.subset.clone(),
         weight,
@@ -517,12 +544,12 @@ fn clients(vs: &VirtualService) -> Result<Option<String>, Refusal> {
     }
 }
 
-/// The route tables of `vs` on each port of each Service it names; hosts that are no Service
-/// and destinations that do not resolve are reported.
+/// The route tables of `vs` on each port of each Service or ServiceEntry host it names; hosts
+/// that are neither and destinations that do not resolve are reported.
 fn tables(
     vs: &VirtualService,
     rules: &[Rule],
-    res: &Resources,
+    reg: &Registry<'_>,
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
     obj: &ObjectRef,
@@ -542,69 +569,101 @@ fn tables(
     );
     let mut out = Vec::new();
     for (k, host) in vs.spec.hosts.iter().enumerate() {
-        let field = format!("spec.hosts[{k}]");
-        let Some((sns, name)) = service_of(host, ns) else {
-            problems.push(
-                obj,
-                field,
-                Reason::NoMatchingParent,
-                format!("{host:?} is not a Service of this cluster"),
-            );
-            continue;
+        let targets = match targets(reg, host, ns) {
+            Ok(t) => t,
+            Err(why) => {
+                problems.push(obj, format!("spec.hosts[{k}]"), Reason::NoMatchingParent, why);
+                continue;
+            }
         };
-        let svc = res
-            .services
-            .iter()
-            .find(|s| s.metadata.namespace.as_deref() == Some(sns) && s.metadata.name.as_deref() == Some(name));
-        let Some(svc) = svc else {
-            problems.push(
-                obj,
-                field,
-                Reason::NoMatchingParent,
-                format!("Service {sns}/{name} does not exist"),
-            );
-            continue;
-        };
-        for p in tcp_ports(svc) {
-            let routes = routes_on(res, rules, ns, &obj.name, p, clusters, problems, obj);
-            if !routes.is_empty() {
-                out.push(VsTable {
-                    target: (format!("{sns}/{name}"), p, consumer.clone()),
-                    routes,
-                    owner: obj.clone(),
-                    host: k,
-                    rank: rank.clone(),
-                });
+        for (key, ports) in targets {
+            for p in ports {
+                let routes = routes_on(reg, rules, ns, &obj.name, p, clusters, problems, obj);
+                if !routes.is_empty() {
+                    out.push(VsTable {
+                        target: (key.clone(), p, consumer.clone()),
+                        routes,
+                        owner: obj.clone(),
+                        host: k,
+                        rank: rank.clone(),
+                    });
+                }
             }
         }
     }
     out
 }
 
-/// The cluster of destination `d` for requests to Service port `port`.
+/// What a VirtualService host names, as (mesh service key, its ports that take routes): the
+/// ServiceEntries with that host (their HTTP ports), else the Service (its TCP ports).
+fn targets(reg: &Registry<'_>, host: &str, ns: &str) -> Result<Vec<(String, Vec<u16>)>, String> {
+    let entries: Vec<&MeshService> = reg.entries(host).collect();
+    if !entries.is_empty() {
+        let routed: Vec<(String, Vec<u16>)> = entries
+            .iter()
+            .filter(|s| s.resolution != Resolution::Passthrough)
+            .map(|s| (s.key.clone(), super::service_entry::http_ports(s).collect::<Vec<_>>()))
+            .filter(|(_, ports)| !ports.is_empty())
+            .collect();
+        if routed.is_empty() {
+            return Err(format!(
+                "ServiceEntry host {host:?} has no HTTP port (HTTP, HTTP2, GRPC) with endpoints to route to (resolution STATIC or DNS)"
+            ));
+        }
+        return Ok(routed);
+    }
+    let (sns, name) = service_of(host, ns)
+        .ok_or_else(|| format!("{host:?} is neither a Service of this cluster nor a ServiceEntry host"))?;
+    let svc = reg
+        .res
+        .services
+        .iter()
+        .find(|s| s.metadata.namespace.as_deref() == Some(sns) && s.metadata.name.as_deref() == Some(name))
+        .ok_or_else(|| format!("Service {sns}/{name} does not exist"))?;
+    Ok(vec![(format!("{sns}/{name}"), tcp_ports(svc).collect())])
+}
+
+/// The cluster of destination `d` for requests to port `port` of the host routed.
 fn resolve(
-    res: &Resources,
+    reg: &Registry<'_>,
     ns: &str,
     d: &Destination,
     port: u16,
     clusters: &mut Clusters<'_>,
 ) -> Result<String, (Reason, String)> {
+    if let Some(entry) = reg.entries(&d.host).next() {
+        if d.subset.is_some() {
+            return Err((
+                Reason::BackendNotFound,
+                format!("ServiceEntry host {}: subsets are not supported", d.host),
+            ));
+        }
+        let only = match entry.ports.as_slice() {
+            [p] => Some(p.port),
+            _ => None,
+        };
+        return clusters.entry(entry, d.port.or(only).unwrap_or(port));
+    }
+    let Some((sns, name)) = &d.service else {
+        return Err((
+            Reason::BackendNotFound,
+            format!(
+                "{:?} is neither a Service of this cluster nor a ServiceEntry host",
+                d.host
+            ),
+        ));
+    };
     let target = BackendRef {
         group: "",
         kind: "Service",
-        namespace: &d.namespace,
-        name: &d.name,
-        port: Some(
-            d.port
-                .or_else(|| only_port(res, &d.namespace, &d.name))
-                .unwrap_or(port)
-                .into(),
-        ),
+        namespace: sns,
+        name,
+        port: Some(d.port.or_else(|| only_port(reg.res, sns, name)).unwrap_or(port).into()),
     };
     let base = clusters.resolve("VirtualService", ns, &target)?;
     match &d.subset {
         None => Ok(base),
-        Some(subset) => clusters.subset(&base, &d.namespace, &d.name, subset),
+        Some(subset) => clusters.subset(&base, sns, name, subset),
     }
 }
 
@@ -631,7 +690,7 @@ fn tcp_ports(svc: &k8s_openapi::api::core::v1::Service) -> impl Iterator<Item = 
 /// The routes of `rules` for requests to Service port `port`, in order.
 #[allow(clippy::too_many_arguments)]
 fn routes_on(
-    res: &Resources,
+    reg: &Registry<'_>,
     rules: &[Rule],
     ns: &str,
     name: &str,
@@ -643,7 +702,7 @@ fn routes_on(
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         let mut cluster_of = |d: &Destination, field: String| {
-            let found = resolve(res, ns, d, port, clusters);
+            let found = resolve(reg, ns, d, port, clusters);
             found
                 .map_err(|(reason, why)| push_once(problems, obj, field, reason, why))
                 .ok()
