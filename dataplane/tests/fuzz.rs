@@ -159,11 +159,11 @@ fn yaml_config() -> impl Strategy<Value = String> {
                  spec: {{hosts: [{host}], {addresses}resolution: {resolution}, ports: [{{number: {port}, name: http, protocol: HTTP}}]{endpoints}}}\n"
             )
         });
-    // A VirtualService on the Service: routes in order, to it, a subset or nothing.
+    // A VirtualService on the Service or the entry's host: routes in order, to it, a subset or nothing.
     let virtual_service = (
-        pick(&["svc", "svc.default", "nope", "'*.example.com'"]),
+        pick(&["svc", "svc.default", "nope", "'*.example.com'", "api.example.com"]),
         pick(&["{uri: {prefix: /a}}", "{uri: {regex: '[a-z'}}", "{headers: {x: {}}}", "{method: {exact: GET}, port: 80}"]),
-        pick(&["{host: svc}", "{host: svc, subset: v1}", "{host: svc, port: {number: 81}}", "{host: gone}"]),
+        pick(&["{host: svc}", "{host: svc, subset: v1}", "{host: svc, port: {number: 81}}", "{host: gone}", "{host: api.example.com}"]),
         pick(&[
             "",
             "rewrite: {uri: /b}, ",
