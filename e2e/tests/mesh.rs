@@ -957,8 +957,9 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
 
 /// A VirtualService's retries are the route's own: with b-2's application gone (its sidecar
 /// still up, so each call there fails), a route retrying connect failures and resets answers
-/// every call from b-1, while a route with `attempts: 0` — on the same Service, whose own
-/// cluster policy retries nothing — lets b-2's failures through.
+/// every call from b-1, and so does a route without `retries` (Istio's default policy), while a
+/// route with `attempts: 0` — on the same Service, whose own cluster policy retries nothing —
+/// lets b-2's failures through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_service_retries_are_the_routes_own() {
     let (mut w, [a, _, b2]) = two_versions_of_b().await;
@@ -973,6 +974,7 @@ async fn virtual_service_retries_are_the_routes_own() {
          apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-retries, namespace: {NS}}}\n\
          spec:\n  hosts: [svc-b]\n  http:\n\
          \x20 - match: [{{uri: {{prefix: /retried}}}}]\n    retries: {{attempts: 2, retryOn: 'connect-failure,refused-stream,reset,503'}}\n    route: [{{destination: {{host: svc-b}}}}]\n\
+         \x20 - match: [{{uri: {{prefix: /default}}}}]\n    route: [{{destination: {{host: svc-b}}}}]\n\
          \x20 - retries: {{attempts: 0}}\n    route: [{{destination: {{host: svc-b}}}}]\n"
     ));
     let calls = |w: &World, path: &str| {
@@ -986,9 +988,16 @@ async fn virtual_service_retries_are_the_routes_own() {
     .await;
     w.pods[b2].app = None;
     let retried = calls(&w, "/retried");
+    let by_default = calls(&w, "/default");
     let unretried = calls(&w, "/plain");
-    println!("with b-2's app gone: {retried}/20 answered with retries, {unretried}/20 without");
+    println!(
+        "with b-2's app gone: {retried}/20 answered with retries, {by_default}/20 with Istio's default, {unretried}/20 without"
+    );
     assert_eq!(retried, 20, "every call that met b-2 was retried on b-1");
+    assert_eq!(
+        by_default, 20,
+        "a route without retries retries as Istio's do by default"
+    );
     assert!(
         unretried < 20,
         "attempts: 0 lets b-2's failures through ({unretried}/20 answered)"

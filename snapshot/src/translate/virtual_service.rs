@@ -213,8 +213,9 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .as_deref()
         .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
         .transpose()?;
+    // Without `retries`, Istio's default policy: a VirtualService's routes retry unless told not to.
     let (retry, backend_request_ms) = match &h.retries {
-        None => (None, None),
+        None => retries(&Default::default(), &format!("{at}.retries"))?,
         Some(r) => retries(r, &format!("{at}.retries"))?,
     };
     let fault = h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?;
@@ -910,7 +911,11 @@ spec:
             (retry.attempts, retry.on.as_slice()),
             (3, &["5xx", "reset", "429"].map(String::from)[..])
         );
-        assert!(on80[0].retry.is_none(), "no retries field: the cluster's");
+        let default = on80[0].retry.as_ref().expect("no retries field: Istio's default");
+        assert_eq!(
+            (default.attempts, default.on.as_slice()),
+            (2, &["connect-failure", "reset", "503"].map(String::from)[..])
+        );
         assert_eq!(api.request_headers.set, [("x-from".to_string(), "vs".to_string())]);
         assert_eq!(clusters(&api.action), [(Some("service/shop/b-v1:80"), 1)]);
         assert_eq!(
