@@ -133,7 +133,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
         pick(&["simple: LEAST_CONN", "simple: PASSTHROUGH", "consistentHash: {httpHeaderName: x}", "consistentHash: {}"]),
         prop_oneof![4 => pick(&["1s", "250ms"]).prop_map(String::from), 1 => text()],
         pick(&["SIMPLE", "MUTUAL", "DISABLE", "ISTIO_MUTUAL"]),
-        pick(&["", ", portLevelSettings: []", ", http: {maxRetries: 1}"]),
+        pick(&["", ", portLevelSettings: [{port: {number: 80}, tls: {mode: SIMPLE}}]", ", portLevelSettings: [{}]", ", http: {maxRetries: 1}"]),
         pick(&["Random", "Fastest"]),
     )
         .prop_map(|(host, lb, d, tls, extra, policy_lb)| {

@@ -668,6 +668,36 @@ pub struct DrTrafficPolicy {
     pub outlier_detection: Option<DrOutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<DrTls>,
+    /// Per port, sections that replace the ones above for that port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_level_settings: Vec<DrPortPolicy>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// A DestinationRule's `portLevelSettings` entry.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrPortPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<DrPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<DrLoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<DrConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<DrOutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DrTls>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrPort {
+    #[serde(default)]
+    pub number: u32,
     #[serde(flatten)]
     pub other: Other,
 }

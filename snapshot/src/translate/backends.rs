@@ -348,7 +348,7 @@ impl<'a> Clusters<'a> {
         if let Some(d) = found.rules.get(&(r.namespace, r.name)) {
             let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
             let mut with_rule = cluster.clone();
-            if super::destination_rule::apply(d, &fqdn, &mut with_rule).is_ok() {
+            if super::destination_rule::apply(d, &fqdn, u16::try_from(port).ok(), &mut with_rule).is_ok() {
                 cluster = with_rule;
             }
         }
@@ -390,7 +390,9 @@ impl<'a> Clusters<'a> {
             ));
         };
         let fqdn = format!("{name}.{ns}.svc.{}", super::mesh::CLUSTER_DOMAIN);
-        let policy = super::destination_rule::subset_policy(d, i, &fqdn)
+        // `base` is the Service port's cluster, `service/ns/name:port`.
+        let port = base.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+        let policy = super::destination_rule::subset_policy(d, i, &fqdn, port)
             .map_err(|(f, m)| (Reason::Invalid, format!("{f}: {m}")))?;
         let labels = &d.spec.subsets[i].labels;
         let labelled: std::collections::HashSet<String> = self
@@ -449,7 +451,7 @@ impl<'a> Clusters<'a> {
         let entry_ns = s.key.split('/').next().unwrap_or_default();
         if let Some(d) = super::destination_rule::for_host(self.res, &s.hostname, entry_ns) {
             let mut with_rule = c.clone();
-            if super::destination_rule::apply(d, &s.hostname, &mut with_rule).is_ok() {
+            if super::destination_rule::apply(d, &s.hostname, Some(port), &mut with_rule).is_ok() {
                 c = with_rule;
             }
         }
@@ -569,7 +571,7 @@ pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
     for d in &res.destination_rules {
         let obj = super::meta_ref("DestinationRule", &d.metadata);
         let mut scratch = Cluster::new("scratch", Vec::new());
-        if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, &mut scratch) {
+        if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, None, &mut scratch) {
             problems.push(&obj, field, Reason::UnsupportedValue, msg);
             continue;
         }

@@ -52,7 +52,7 @@ pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
     let mut out: HashMap<(&str, &str), &DestinationRule> = HashMap::new();
     for d in &res.destination_rules {
         let Some(svc) = target(d) else { continue };
-        if apply(d, &d.spec.host, &mut Cluster::new("scratch", Vec::new())).is_err() {
+        if apply(d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_err() {
             continue;
         }
         match out.get(&svc) {
@@ -80,7 +80,7 @@ pub fn for_host<'r>(res: &'r Resources, host: &str, entry_ns: &str) -> Option<&'
     res.destination_rules
         .iter()
         .filter_map(|d| Some((specificity(d)?, &**d)))
-        .filter(|(_, d)| apply(d, &d.spec.host, &mut Cluster::new("scratch", Vec::new())).is_ok())
+        .filter(|(_, d)| apply(d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_ok())
         .min_by_key(|(spec, d)| {
             let ns = d.metadata.namespace.as_deref().unwrap_or("default");
             (
@@ -93,9 +93,10 @@ pub fn for_host<'r>(res: &'r Resources, host: &str, entry_ns: &str) -> Option<&'
         .map(|(_, d)| d)
 }
 
-/// Applies rule `d` to `c` whole, or says why it cannot be.
-pub fn apply(d: &DestinationRule, fqdn: &str, c: &mut Cluster) -> Result<(), RuleError> {
-    let p = traffic_policy(d, fqdn)?;
+/// Applies rule `d` to `c` (of port `port`, whose `portLevelSettings` then apply) whole, or
+/// says why it cannot be.
+pub fn apply(d: &DestinationRule, fqdn: &str, port: Option<u16>, c: &mut Cluster) -> Result<(), RuleError> {
+    let p = traffic_policy(d, fqdn, port)?;
     super::backends::apply_policy(c, &p).map_err(|(_, msg)| ("spec.trafficPolicy".into(), msg))
 }
 
@@ -114,23 +115,24 @@ fn duration(at: &str, v: &Option<String>) -> Result<Option<String>, RuleError> {
         .map_err(|e| (at.to_string(), e))
 }
 
-/// The rule's traffic policy as Ferrum's; `sni` defaults to the Service's DNS name. Its subsets
-/// are checked too, so a rule with one that cannot be applied is left out whole.
-pub fn traffic_policy(d: &DestinationRule, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
+/// The rule's traffic policy as Ferrum's, for port `port`; `sni` defaults to the Service's DNS
+/// name. Its subsets are checked too, so a rule with one that cannot be applied is left out
+/// whole.
+pub fn traffic_policy(d: &DestinationRule, fqdn: &str, port: Option<u16>) -> Result<TrafficPolicy, RuleError> {
     if d.spec.workload_selector.is_some() {
         return Err(("spec.workloadSelector".into(), "not supported by Ferrum".into()));
     }
     for i in 0..d.spec.subsets.len() {
-        subset_policy(d, i, fqdn)?;
+        subset_policy(d, i, fqdn, port)?;
     }
     match &d.spec.traffic_policy {
         None => Ok(TrafficPolicy::default()),
-        Some(p) => policy_of(p, fqdn),
+        Some(p) => policy_of(p, fqdn, "spec.trafficPolicy", port),
     }
 }
 
 /// Subset `i`'s own traffic policy (applied over the rule's), or why it cannot be applied.
-pub fn subset_policy(d: &DestinationRule, i: usize, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
+pub fn subset_policy(d: &DestinationRule, i: usize, fqdn: &str, port: Option<u16>) -> Result<TrafficPolicy, RuleError> {
     let s = &d.spec.subsets[i];
     let at = format!("spec.subsets[{i}]");
     unsupported(&at, &s.other)?;
@@ -142,50 +144,117 @@ pub fn subset_policy(d: &DestinationRule, i: usize, fqdn: &str) -> Result<Traffi
     }
     match &s.traffic_policy {
         None => Ok(TrafficPolicy::default()),
-        Some(p) => policy_of(p, fqdn).map_err(|(f, m)| (f.replacen("spec.", &format!("{at}."), 1), m)),
+        Some(p) => policy_of(p, fqdn, &format!("{at}.trafficPolicy"), port),
     }
 }
 
-/// A `trafficPolicy` as Ferrum's; errors name `spec.trafficPolicy.…`.
-fn policy_of(p: &DrTrafficPolicy, fqdn: &str) -> Result<TrafficPolicy, RuleError> {
-    let mut out = TrafficPolicy::default();
-    unsupported("spec.trafficPolicy", &p.other)?;
-    if let Some(lb) = &p.load_balancer {
-        out.load_balancer = load_balancer(lb)?;
-    }
-    if let Some(cp) = &p.connection_pool {
-        (out.circuit_breaker, out.timeouts) = connection_pool(cp)?;
-    }
-    if let Some(od) = &p.outlier_detection {
-        out.outlier_detection = Some(outlier_detection(od)?);
-    }
-    if let Some(t) = &p.tls {
-        out.tls = tls(t, fqdn)?;
+/// A `trafficPolicy` (at field path `at`) as Ferrum's, for port `port`: a `portLevelSettings`
+/// entry for the port replaces each section it sets, as in Istio. Every entry is checked.
+fn policy_of(p: &DrTrafficPolicy, fqdn: &str, at: &str, port: Option<u16>) -> Result<TrafficPolicy, RuleError> {
+    unsupported(at, &p.other)?;
+    let top = Sections {
+        load_balancer: p.load_balancer.as_ref(),
+        connection_pool: p.connection_pool.as_ref(),
+        outlier_detection: p.outlier_detection.as_ref(),
+        tls: p.tls.as_ref(),
+    };
+    let mut out = top.read(fqdn, at)?;
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let at = format!("{at}.portLevelSettings[{i}]");
+        unsupported(&at, &pl.other)?;
+        let number = pl
+            .port
+            .as_ref()
+            .and_then(|p| u16::try_from(p.number).ok())
+            .filter(|n| *n != 0)
+            .ok_or_else(|| (format!("{at}.port.number"), "a port 1-65535 is required".to_string()))?;
+        if let Some(k) = pl.port.as_ref().and_then(|p| p.other.keys().next()) {
+            return Err((format!("{at}.port.{k}"), "not supported by Ferrum".into()));
+        }
+        if p.port_level_settings[..i]
+            .iter()
+            .any(|o| o.port.as_ref().is_some_and(|o| o.number == u32::from(number)))
+        {
+            return Err((format!("{at}.port.number"), format!("port {number} is listed twice")));
+        }
+        let sections = Sections {
+            load_balancer: pl.load_balancer.as_ref(),
+            connection_pool: pl.connection_pool.as_ref(),
+            outlier_detection: pl.outlier_detection.as_ref(),
+            tls: pl.tls.as_ref(),
+        };
+        let over = sections.read(fqdn, &at)?;
+        if port == Some(number) {
+            sections.replace(&mut out, over);
+        }
     }
     Ok(out)
 }
 
-fn load_balancer(lb: &DrLoadBalancer) -> Result<Option<LoadBalancerSpec>, RuleError> {
-    const AT: &str = "spec.trafficPolicy.loadBalancer";
-    unsupported(AT, &lb.other)?;
+/// The sections of a traffic policy, at the top or for one port.
+struct Sections<'p> {
+    load_balancer: Option<&'p DrLoadBalancer>,
+    connection_pool: Option<&'p DrConnectionPool>,
+    outlier_detection: Option<&'p DrOutlierDetection>,
+    tls: Option<&'p DrTls>,
+}
+
+impl Sections<'_> {
+    fn read(&self, fqdn: &str, at: &str) -> Result<TrafficPolicy, RuleError> {
+        let mut out = TrafficPolicy::default();
+        if let Some(lb) = self.load_balancer {
+            out.load_balancer = load_balancer(lb, at)?;
+        }
+        if let Some(cp) = self.connection_pool {
+            (out.circuit_breaker, out.timeouts) = connection_pool(cp, at)?;
+        }
+        if let Some(od) = self.outlier_detection {
+            out.outlier_detection = Some(outlier_detection(od, at)?);
+        }
+        if let Some(t) = self.tls {
+            out.tls = tls(t, fqdn, at)?;
+        }
+        Ok(out)
+    }
+
+    /// Replaces in `out` each section these set, with `read`'s.
+    fn replace(&self, out: &mut TrafficPolicy, read: TrafficPolicy) {
+        if self.load_balancer.is_some() {
+            out.load_balancer = read.load_balancer;
+        }
+        if self.connection_pool.is_some() {
+            (out.circuit_breaker, out.timeouts) = (read.circuit_breaker, read.timeouts);
+        }
+        if self.outlier_detection.is_some() {
+            out.outlier_detection = read.outlier_detection;
+        }
+        if self.tls.is_some() {
+            out.tls = read.tls;
+        }
+    }
+}
+
+fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, RuleError> {
+    let at = format!("{at}.loadBalancer");
+    unsupported(&at, &lb.other)?;
     let kind = |k: &str| LoadBalancerSpec {
         kind: k.into(),
         ..Default::default()
     };
     match (&lb.simple, &lb.consistent_hash) {
-        (Some(_), Some(_)) => Err((AT.into(), "simple and consistentHash exclude each other".into())),
+        (Some(_), Some(_)) => Err((at, "simple and consistentHash exclude each other".into())),
         (Some(s), None) => match s.as_str() {
             "UNSPECIFIED" => Ok(None),
             "ROUND_ROBIN" => Ok(Some(kind("RoundRobin"))),
             "LEAST_REQUEST" | "LEAST_CONN" => Ok(Some(kind("LeastRequest"))),
             "RANDOM" => Ok(Some(kind("Random"))),
-            other => Err((format!("{AT}.simple"), format!("{other:?} is not supported by Ferrum"))),
+            other => Err((format!("{at}.simple"), format!("{other:?} is not supported by Ferrum"))),
         },
         (None, Some(h)) => {
-            unsupported(&format!("{AT}.consistentHash"), &h.other)?;
+            unsupported(&format!("{at}.consistentHash"), &h.other)?;
             if h.http_header_name.is_none() && h.use_source_ip != Some(true) {
                 return Err((
-                    format!("{AT}.consistentHash"),
+                    format!("{at}.consistentHash"),
                     "needs httpHeaderName or useSourceIp: true".into(),
                 ));
             }
@@ -199,21 +268,24 @@ fn load_balancer(lb: &DrLoadBalancer) -> Result<Option<LoadBalancerSpec>, RuleEr
     }
 }
 
-fn connection_pool(cp: &DrConnectionPool) -> Result<(Option<CircuitBreakerSpec>, Option<TimeoutsSpec>), RuleError> {
-    const AT: &str = "spec.trafficPolicy.connectionPool";
-    unsupported(AT, &cp.other)?;
+fn connection_pool(
+    cp: &DrConnectionPool,
+    at: &str,
+) -> Result<(Option<CircuitBreakerSpec>, Option<TimeoutsSpec>), RuleError> {
+    let at = format!("{at}.connectionPool");
+    unsupported(&at, &cp.other)?;
     let (tcp, http) = (cp.tcp.clone().unwrap_or_default(), cp.http.clone().unwrap_or_default());
-    unsupported(&format!("{AT}.tcp"), &tcp.other)?;
-    unsupported(&format!("{AT}.http"), &http.other)?;
+    unsupported(&format!("{at}.tcp"), &tcp.other)?;
+    unsupported(&format!("{at}.http"), &http.other)?;
     let breaker = CircuitBreakerSpec {
         max_connections: tcp.max_connections,
         max_pending_requests: http.http1_max_pending_requests,
         max_requests: http.http2_max_requests,
     };
     let timeouts = TimeoutsSpec {
-        connect: duration(&format!("{AT}.tcp.connectTimeout"), &tcp.connect_timeout)?,
+        connect: duration(&format!("{at}.tcp.connectTimeout"), &tcp.connect_timeout)?,
         read: None,
-        idle: duration(&format!("{AT}.http.idleTimeout"), &http.idle_timeout)?,
+        idle: duration(&format!("{at}.http.idleTimeout"), &http.idle_timeout)?,
     };
     Ok((
         Some(breaker).filter(|b| *b != CircuitBreakerSpec::default()),
@@ -221,22 +293,22 @@ fn connection_pool(cp: &DrConnectionPool) -> Result<(Option<CircuitBreakerSpec>,
     ))
 }
 
-fn outlier_detection(od: &DrOutlierDetection) -> Result<OutlierDetectionSpec, RuleError> {
-    const AT: &str = "spec.trafficPolicy.outlierDetection";
-    unsupported(AT, &od.other)?;
-    duration(&format!("{AT}.interval"), &od.interval)?;
+fn outlier_detection(od: &DrOutlierDetection, at: &str) -> Result<OutlierDetectionSpec, RuleError> {
+    let at = format!("{at}.outlierDetection");
+    unsupported(&at, &od.other)?;
+    duration(&format!("{at}.interval"), &od.interval)?;
     Ok(OutlierDetectionSpec {
         consecutive_5xx: od.consecutive_5xx_errors,
         consecutive_connect_failures: od.consecutive_gateway_errors,
-        base_ejection_time: duration(&format!("{AT}.baseEjectionTime"), &od.base_ejection_time)?,
+        base_ejection_time: duration(&format!("{at}.baseEjectionTime"), &od.base_ejection_time)?,
         max_ejection_percent: od.max_ejection_percent,
         disabled: None,
     })
 }
 
-fn tls(t: &DrTls, fqdn: &str) -> Result<Option<UpstreamTlsSpec>, RuleError> {
-    const AT: &str = "spec.trafficPolicy.tls";
-    unsupported(AT, &t.other)?;
+fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleError> {
+    let at = format!("{at}.tls");
+    unsupported(&at, &t.other)?;
     match t.mode.as_deref().unwrap_or("DISABLE") {
         "DISABLE" => Ok(None),
         // Sidecars reach mesh workloads over HBONE (mTLS) with or without it; a Gateway's
@@ -248,7 +320,7 @@ fn tls(t: &DrTls, fqdn: &str) -> Result<Option<UpstreamTlsSpec>, RuleError> {
             insecure_skip_verify: t.insecure_skip_verify,
         })),
         other => Err((
-            format!("{AT}.mode"),
+            format!("{at}.mode"),
             format!("{other:?} is not supported by Ferrum (DISABLE, SIMPLE, ISTIO_MUTUAL)"),
         )),
     }

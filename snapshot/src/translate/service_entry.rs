@@ -529,6 +529,46 @@ mod tests {
         assert!(legacy.routes.is_empty(), "no rule, no routes: L4 as before");
     }
 
+    /// Istio's "Egress TLS Origination" task, as written there (plus an HTTP port the rule
+    /// does not name and a top-level load balancer).
+    #[test]
+    fn port_level_settings_replace_the_sections_they_set_on_their_port() {
+        let t = translate(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: edition-cnn-com, namespace: ns}\n\
+             spec:\n  hosts: [edition.cnn.com]\n  ports:\n  - {number: 80, name: http-port, protocol: HTTP, targetPort: 443}\n\
+             \x20 - {number: 443, name: https-port, protocol: HTTPS}\n  - {number: 8080, name: http-alt, protocol: HTTP}\n  resolution: DNS\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: edition-cnn-com, namespace: ns}\n\
+             spec:\n  host: edition.cnn.com\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    portLevelSettings:\n\
+             \x20   - port: {number: 80}\n      tls: {mode: SIMPLE}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: broken, namespace: ns}\n\
+             spec: {host: other.example.com, trafficPolicy: {portLevelSettings: [{tls: {mode: SIMPLE}}, {port: {number: 80}, tls: {mode: MUTUAL}}]}}\n",
+        );
+        assert_eq!(
+            t.problem_keys(),
+            [(
+                "broken",
+                "spec.trafficPolicy.portLevelSettings[0].port.number",
+                Reason::UnsupportedValue
+            )]
+        );
+        let on80 = cluster(&t, "serviceentry/ns/edition-cnn-com/edition.cnn.com:80");
+        assert_eq!(
+            (on80.endpoints[0].port, on80.tls.as_ref().map(|t| t.sni.as_str())),
+            (443, Some("edition.cnn.com")),
+            "port 80 originates TLS to 443"
+        );
+        assert_eq!(
+            on80.lb,
+            crate::model::LbPolicy::Random,
+            "the sections it does not set stay"
+        );
+        let on8080 = cluster(&t, "serviceentry/ns/edition-cnn-com/edition.cnn.com:8080");
+        assert!(on8080.tls.is_none(), "another port keeps the top-level policy");
+        assert_eq!(on8080.lb, crate::model::LbPolicy::Random);
+        let s = service(&t, "ns/edition-cnn-com/edition.cnn.com");
+        assert!(s.routes_for(443, "any").is_none(), "an HTTPS port is TLS already: L4");
+    }
+
     #[test]
     fn a_virtual_service_routes_an_entry_host_and_replaces_the_rules_default_table() {
         let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api, namespace: ns}\n\

@@ -1025,7 +1025,7 @@ kind: DestinationRule
 metadata: {name: b-v1, namespace: shop}
 spec:
   host: b-v1
-  subsets: [{name: all, trafficPolicy: {portLevelSettings: []}}]
+  subsets: [{name: all, trafficPolicy: {tunnel: {protocol: CONNECT}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -1042,11 +1042,7 @@ spec:
         assert_eq!(
             t.problem_keys(),
             [
-                (
-                    "b-v1",
-                    "spec.subsets[0].trafficPolicy.portLevelSettings",
-                    Reason::UnsupportedValue
-                ),
+                ("b-v1", "spec.subsets[0].trafficPolicy.tunnel", Reason::UnsupportedValue),
                 ("b", "spec.http[1].route[1].destination", Reason::BackendNotFound),
             ],
             "{:#?}",
