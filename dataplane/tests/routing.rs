@@ -255,3 +255,80 @@ async fn two_gateways_on_one_port_with_different_addresses_keep_their_routes() {
         assert_eq!((status, v["backend"].as_str()), (200, Some(want)), "{ip}: {v}");
     }
 }
+
+/// A RequestMirror filter copies a share of a rule's requests to another backend — their
+/// bodies too, streamed as they are sent, the copy's host marked `-shadow` — while the client
+/// gets the primary's answer, and a mirror that is down costs the client nothing.
+#[tokio::test]
+async fn request_mirror_copies_requests_with_their_bodies() {
+    let (main, shadow) = (Backend::start("main").await, Backend::start("shadow").await);
+    let port = free_port();
+    let down = free_port();
+    let mirror = |to: &str| {
+        format!(
+            "    filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{group: ferrum.dev, kind: Backend, name: {to}}}}}}}]\n    \
+             backendRefs: [{{group: ferrum.dev, kind: Backend, name: main}}]\n"
+        )
+    };
+    let yaml = docs(&[
+        gateway(port),
+        backend("main", &[&main], ""),
+        backend("shadow", &[&shadow], ""),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: down}}\nspec:\n  endpoints: [{{address: 127.0.0.1, port: {down}}}]\n"
+        ),
+        route(&format!(
+            "  - matches: [{{path: {{value: /down}}}}]\n{}  - matches: [{{path: {{value: /}}}}]\n{}",
+            mirror("down"),
+            mirror("shadow")
+        )),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let post = |path: &str, body: Vec<u8>| {
+        c.post(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "shop.example")
+            .body(body)
+            .send()
+    };
+
+    let r = post("/orders", b"hello mirror".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        (v["backend"].as_str(), v["body_len"].as_u64()),
+        (Some("main"), Some(12))
+    );
+    eventually(
+        "the mirror gets the copy",
+        std::time::Duration::from_secs(5),
+        async || shadow.last().is_some(),
+    )
+    .await;
+    let copy = shadow.last().unwrap();
+    assert_eq!(
+        (copy["method"].as_str(), copy["path"].as_str(), copy["body"].as_str()),
+        (Some("POST"), Some("/orders"), Some("hello mirror"))
+    );
+    assert_eq!(copy["headers"]["host"][0], "shop.example-shadow");
+
+    // A larger body, in many frames: copied whole.
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let r = post("/big", big.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(
+        "the mirror gets the big copy",
+        std::time::Duration::from_secs(5),
+        async || shadow.last().is_some_and(|l| l["path"] == "/big"),
+    )
+    .await;
+    let copy = shadow.last().unwrap();
+    assert_eq!(copy["body"].as_str().unwrap().as_bytes(), &big[..]);
+
+    // A mirror nobody answers: the client does not notice.
+    let before = main.hits();
+    for _ in 0..5 {
+        assert_eq!(post("/down", b"x".to_vec()).await.unwrap().status(), 200);
+    }
+    assert_eq!(main.hits(), before + 5);
+}

@@ -59,6 +59,8 @@ pub struct Backend {
     pub health_status: Arc<AtomicU16>,
     /// Status for every non-health request when non-zero.
     pub force_status: Arc<AtomicU16>,
+    /// The last request it answered: its echo, with `body` (as UTF-8, lossy) added.
+    pub last: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -95,23 +97,25 @@ impl Backend {
         let hits = Arc::new(AtomicU64::new(0));
         let health_status = Arc::new(AtomicU16::new(200));
         let force_status = Arc::new(AtomicU16::new(0));
-        let (h, hs, fs, n) = (
+        let last = Arc::new(std::sync::Mutex::new(None));
+        let (h, hs, fs, n, la) = (
             hits.clone(),
             health_status.clone(),
             force_status.clone(),
             name.to_string(),
+            last.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else {
                     continue;
                 };
-                let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
+                let (h, hs, fs, n, la) = (h.clone(), hs.clone(), fs.clone(), n.clone(), la.clone());
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (h, hs, fs, n) = (h.clone(), hs.clone(), fs.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(respond(req, &n, &h, &hs, &fs).await) }
+                        let (h, hs, fs, n, la) = (h.clone(), hs.clone(), fs.clone(), n.clone(), la.clone());
+                        async move { Ok::<_, Infallible>(respond(req, &n, &h, &hs, &fs, &la).await) }
                     });
                     let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let _ = match tls {
@@ -130,12 +134,18 @@ impl Backend {
             hits,
             health_status,
             force_status,
+            last,
             task,
         }
     }
 
     pub fn hits(&self) -> u64 {
         self.hits.load(SeqCst)
+    }
+
+    /// The last request it answered (see [`Backend::last`]).
+    pub fn last(&self) -> Option<serde_json::Value> {
+        self.last.lock().unwrap().clone()
     }
 }
 
@@ -145,6 +155,7 @@ async fn respond(
     hits: &AtomicU64,
     health: &AtomicU16,
     force: &AtomicU16,
+    last: &std::sync::Mutex<Option<serde_json::Value>>,
 ) -> hyper::Response<Full<Bytes>> {
     if req.uri().path() == "/healthz" {
         let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
@@ -179,8 +190,15 @@ async fn respond(
     let method = req.method().to_string();
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let version = format!("{:?}", req.version());
-    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let json = serde_json::json!({"backend": name, "method": method, "path": path, "headers": headers, "version": version, "body_len": body});
+    // A body that fails (reset, truncated) is not a request answered: `last` keeps the one before.
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).ok();
+    let len = body.as_ref().map_or(0, Bytes::len);
+    let json = serde_json::json!({"backend": name, "method": method, "path": path, "headers": headers, "version": version, "body_len": len});
+    if let Some(body) = body {
+        let mut seen = json.clone();
+        seen["body"] = String::from_utf8_lossy(&body).into();
+        *last.lock().unwrap() = Some(seen);
+    }
     let mut r = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
     let status = match force.load(SeqCst) {
         0 => q.get("status").and_then(|s| s.parse().ok()).unwrap_or(200),

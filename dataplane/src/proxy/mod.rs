@@ -237,11 +237,11 @@ async fn serve(
 /// How long a mirrored copy may take, end to end.
 const SHADOW_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Sends a copy of a request without a body (its upstream head, as it goes to the route's
-/// backend) to the route's mirror in a task of its own: the answer is read and dropped, counted
-/// in the mirror cluster's metrics only. Copies with a body are not made.
-fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts) {
-    let mut req = Request::new(RequestBody::Empty);
+/// Sends a copy of a request (its upstream head, as it goes to the route's backend, and `body`,
+/// a copy of its body as it is sent) to the route's mirror in a task of its own: the answer is
+/// read and dropped, counted in the mirror cluster's metrics only.
+fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: RequestBody) {
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     if let Some(pq) = parts.uri.path_and_query() {
         *req.uri_mut() = Uri::from(pq.clone());
@@ -507,25 +507,26 @@ impl Forward<'_> {
         let hash_key = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
-        if let Some((mirror, share)) = &self.route.mirror
-            && body_empty
-            && upgrade.is_none()
-            && fastrand::u32(0..1_000_000) < *share
-        {
-            shadow(mirror.clone(), &parts);
-        }
+        let mirror = self
+            .route
+            .mirror
+            .as_ref()
+            .filter(|(_, share)| upgrade.is_none() && fastrand::u32(0..1_000_000) < *share);
         // The route's retries, else the cluster's.
         let (retry, retry_on) = match &self.route.retry {
             Some((policy, on)) => (Some(policy), on),
             None => (cluster.spec.retry.as_ref(), &cluster.retry_on),
         };
         let retry = retry.filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
-        let (body, upload) = if body_empty {
+        let (mut body, upload) = if body_empty {
             (RequestBody::Empty, None)
         } else {
             let (b, u) = RequestBody::stream(incoming, limits.max_request_body);
             (b, Some(u))
         };
+        if let Some((mirror, _)) = mirror {
+            shadow(mirror.clone(), &parts, body.copy().unwrap_or(RequestBody::Empty));
+        }
         let mut body = Some(body);
         let timing = self.timing();
         let mut avoid = None;

@@ -54,13 +54,120 @@ impl Upload {
     }
 }
 
-/// What goes upstream: the client's body (bounded) or nothing.
+/// What goes upstream: the client's body (bounded), a mirror's copy of one, or nothing.
 pub enum RequestBody {
     Empty,
     Stream {
         body: Limited<Incoming>,
         upload: Arc<Upload>,
+        /// Frames are copied here too, for a mirror.
+        copy: Option<BodyCopy>,
     },
+    Copied(CopiedBody),
+}
+
+/// Bytes of a copied body a mirror may have waiting behind the request it copies before the
+/// copy is given up (Envoy's default connection buffer limit).
+const COPY_BUDGET: usize = 1 << 20;
+
+/// What a frame counts against [`COPY_BUDGET`]: its bytes and a little for the frame itself,
+/// so empty frames are bounded too.
+fn copy_cost(f: &Frame<Bytes>) -> usize {
+    f.data_ref().map_or(0, Bytes::len) + 64
+}
+
+/// Where a request body's frames are copied for a mirror. A copy never slows the request:
+/// when the mirror falls behind by more than [`COPY_BUDGET`], or the body fails or is dropped
+/// unfinished, the copy is given up and its request fails rather than reach the mirror
+/// truncated.
+pub struct BodyCopy {
+    tx: Option<tokio::sync::mpsc::UnboundedSender<Frame<Bytes>>>,
+    /// Bytes sent and not yet taken by the mirror's request.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    given_up: Arc<AtomicBool>,
+}
+
+/// A mirror's copy of a request body, as it arrives.
+pub struct CopiedBody {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Frame<Bytes>>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    given_up: Arc<AtomicBool>,
+    done: bool,
+}
+
+/// The two ends of a body's copy.
+fn copy_pair() -> (BodyCopy, CopiedBody) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (waiting, given_up) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+    let copy = BodyCopy {
+        tx: Some(tx),
+        waiting: Arc::clone(&waiting),
+        given_up: given_up.clone(),
+    };
+    let copied = CopiedBody {
+        rx,
+        waiting,
+        given_up,
+        done: false,
+    };
+    (copy, copied)
+}
+
+impl BodyCopy {
+    fn offer(&mut self, frame: &Frame<Bytes>) {
+        let Some(tx) = &self.tx else { return };
+        let copy = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(d), _) => Frame::data(d.clone()),
+            (None, Some(t)) => Frame::trailers(t.clone()),
+            (None, None) => return,
+        };
+        let cost = copy_cost(&copy);
+        if self.waiting.fetch_add(cost, Relaxed) + cost > COPY_BUDGET || tx.send(copy).is_err() {
+            self.give_up();
+        }
+    }
+
+    fn give_up(&mut self) {
+        if self.tx.take().is_some() {
+            // Before the sender goes: the receiver checks it once the channel closes.
+            self.given_up.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.tx = None;
+    }
+}
+
+impl Drop for BodyCopy {
+    fn drop(&mut self) {
+        self.give_up();
+    }
+}
+
+impl Body for CopiedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(f)) => {
+                self.waiting.fetch_sub(copy_cost(&f), Relaxed);
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(None) if self.given_up.load(std::sync::atomic::Ordering::Acquire) => {
+                Poll::Ready(Some(Err("the mirrored request's body was not copied whole".into())))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
 }
 
 impl RequestBody {
@@ -73,8 +180,20 @@ impl RequestBody {
         let body = RequestBody::Stream {
             body: Limited::new(body, limit),
             upload: upload.clone(),
+            copy: None,
         };
         (body, upload)
+    }
+
+    /// A copy of this body, frame by frame as it is sent, for a mirror; `None` when there is
+    /// no body to copy or it is copied already.
+    pub fn copy(&mut self) -> Option<RequestBody> {
+        let RequestBody::Stream { copy: copy @ None, .. } = self else {
+            return None;
+        };
+        let (tx, rx) = copy_pair();
+        *copy = Some(tx);
+        Some(RequestBody::Copied(rx))
     }
 }
 
@@ -85,27 +204,49 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Stream { body, upload } => {
+            RequestBody::Stream { body, upload, copy } => {
                 let r = Pin::new(&mut *body).poll_frame(cx);
                 match &r {
-                    Poll::Ready(Some(Ok(_))) => upload.progress(body.is_end_stream()),
-                    Poll::Ready(None) => upload.progress(true),
-                    _ => {}
+                    Poll::Ready(Some(Ok(f))) => {
+                        let end = body.is_end_stream();
+                        upload.progress(end);
+                        if let Some(c) = copy {
+                            c.offer(f);
+                            if end {
+                                c.finish();
+                            }
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        upload.progress(true);
+                        if let Some(c) = copy {
+                            c.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(c) = copy {
+                            c.give_up();
+                        }
+                    }
+                    Poll::Pending => {}
                 }
                 r.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
             }
+            RequestBody::Copied(c) => Pin::new(c).poll_frame(cx),
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
             RequestBody::Stream { body, .. } => body.is_end_stream(),
+            RequestBody::Copied(c) => c.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Stream { body, .. } => body.size_hint(),
+            RequestBody::Copied(_) => SizeHint::default(),
         }
     }
 }
@@ -224,5 +365,57 @@ impl Body for ResponseBody {
             ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Observed(l) => l.inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn data(n: usize) -> Frame<Bytes> {
+        Frame::data(Bytes::from(vec![b'x'; n]))
+    }
+
+    #[tokio::test]
+    async fn a_copy_carries_every_frame_and_ends_when_the_body_does() {
+        let (mut copy, copied) = copy_pair();
+        copy.offer(&Frame::data(Bytes::from_static(b"hello ")));
+        copy.offer(&Frame::data(Bytes::from_static(b"mirror")));
+        copy.finish();
+        drop(copy);
+        let got = copied.collect().await.expect("whole").to_bytes();
+        assert_eq!(&got[..], b"hello mirror");
+    }
+
+    #[tokio::test]
+    async fn a_copy_the_mirror_falls_behind_on_or_left_unfinished_fails_instead_of_ending() {
+        let (mut copy, copied) = copy_pair();
+        for _ in 0..COPY_BUDGET / 65_536 + 1 {
+            copy.offer(&data(65_536));
+        }
+        copy.finish();
+        assert!(copied.collect().await.is_err(), "over the budget: given up");
+
+        let (mut copy, copied) = copy_pair();
+        copy.offer(&data(10));
+        drop(copy);
+        assert!(copied.collect().await.is_err(), "the body never ended: given up");
+    }
+
+    #[tokio::test]
+    async fn what_the_mirror_has_taken_no_longer_counts_against_the_budget() {
+        let (mut copy, mut copied) = copy_pair();
+        for _ in 0..4 * (COPY_BUDGET / 65_536) {
+            copy.offer(&data(65_536));
+            let f = copied.frame().await.unwrap().unwrap();
+            assert_eq!(f.data_ref().map(Bytes::len), Some(65_536));
+        }
+        copy.finish();
+        drop(copy);
+        assert!(
+            copied.frame().await.is_none(),
+            "4 MiB copied, in step, and ended cleanly"
+        );
     }
 }

@@ -603,7 +603,25 @@ fn forward_action(
         }
     }
     traffic::route_policies(r, targets, clusters, &mut ra, unsupported);
+    ra.request_mirror_policies.extend(r.mirror.as_ref().map(mirror_policy));
     route::route::Action::Route(ra)
+}
+
+/// A route's mirror: the share of requests copied, per million (Envoy appends `-shadow` to the
+/// copy's host, as ferrum-dp does).
+fn mirror_policy(m: &model::Mirror) -> route::route_action::RequestMirrorPolicy {
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent::DenominatorType};
+    route::route_action::RequestMirrorPolicy {
+        cluster: m.cluster.clone(),
+        runtime_fraction: Some(envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: m.per_million,
+                denominator: DenominatorType::Million as i32,
+            }),
+            runtime_key: String::new(),
+        }),
+        ..Default::default()
+    }
 }
 
 fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssignment) {
@@ -785,6 +803,21 @@ mod tests {
             (header.key.as_str(), header.value.as_str()),
             ("x-ferrum-error", BACKEND_NOT_FOUND)
         );
+    }
+
+    #[test]
+    fn a_routes_mirror_is_envoys_request_mirror_policy_per_million() {
+        let p = mirror_policy(&model::Mirror {
+            cluster: "service/default/s:80".into(),
+            per_million: 250_000,
+        });
+        let f = p.runtime_fraction.unwrap().default_value.unwrap();
+        assert_eq!(
+            (p.cluster.as_str(), f.numerator, f.denominator),
+            ("service/default/s:80", 250_000, 2),
+            "MILLION is denominator 2"
+        );
+        assert!(!p.disable_shadow_host_suffix_append, "the copy's host says -shadow");
     }
 
     #[test]

@@ -597,7 +597,7 @@ fn translate_rules(
                 timeouts: parts.timeouts.clone(),
                 retry: None,
                 fault: None,
-                mirror: None,
+                mirror: parts.mirror.clone(),
             };
             let needs_prefix = matches!(
                 &r.rewrite,
@@ -633,6 +633,7 @@ struct RuleParts {
     rewrite: Option<Rewrite>,
     action: Action,
     timeouts: RouteTimeouts,
+    mirror: Option<Mirror>,
 }
 
 /// Request and response header modifiers are distinct generated types of the same shape.
@@ -677,6 +678,7 @@ fn rule_parts(
         rewrite: None,
         action: Action::Forward(Vec::new()),
         timeouts: RouteTimeouts::default(),
+        mirror: None,
     };
     let mut redirect = None;
     for (fi, f) in rule.filters.iter().flatten().enumerate() {
@@ -735,6 +737,22 @@ fn rule_parts(
                     }),
                 });
             }
+            HttpRouteRulesFiltersType::RequestMirror => {
+                let Some(m) = &f.request_mirror else {
+                    missing(problems, "requestMirror");
+                    return None;
+                };
+                if parts.mirror.is_some() {
+                    problems.push(
+                        obj,
+                        ffield,
+                        Reason::UnsupportedValue,
+                        "one RequestMirror filter per rule is supported",
+                    );
+                    return None;
+                }
+                parts.mirror = mirror_of(m, &ffield, obj, clusters, problems)?;
+            }
             ref other => {
                 problems.push(
                     obj,
@@ -754,6 +772,52 @@ fn rule_parts(
     let backends = rule_backends(rule, field, obj, clusters, problems)?;
     parts.action = Action::Forward(backends);
     Some(parts)
+}
+
+/// A RequestMirror filter's mirror: `Some(None)` when its backend does not resolve (the problem
+/// noted, the mirror left out while the rule serves, as the spec asks), `None` when the filter
+/// is invalid.
+fn mirror_of(
+    m: &HttpRouteRulesFiltersRequestMirror,
+    field: &str,
+    obj: &ObjectRef,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Option<Option<Mirror>> {
+    let share = match (m.percent, &m.fraction) {
+        (None, None) => Some(1_000_000),
+        (Some(p), None) => (0..=100).contains(&p).then(|| p as u32 * 10_000),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            (d > 0 && (0..=d).contains(&f.numerator))
+                .then(|| (i64::from(f.numerator) * 1_000_000 / i64::from(d)) as u32)
+        }
+        (Some(_), Some(_)) => None,
+    };
+    let Some(per_million) = share else {
+        problems.push(
+            obj,
+            format!("{field}.requestMirror"),
+            Reason::Invalid,
+            "percent (0-100) or a fraction (0 ≤ numerator ≤ denominator, denominator > 0), not both",
+        );
+        return None;
+    };
+    let b = &m.backend_ref;
+    let r = BackendRef {
+        group: b.group.as_deref().unwrap_or(""),
+        kind: b.kind.as_deref().unwrap_or("Service"),
+        namespace: b.namespace.as_deref().unwrap_or(&obj.namespace),
+        name: &b.name,
+        port: b.port,
+    };
+    match clusters.resolve(obj.kind, &obj.namespace, &r) {
+        Ok(cluster) => Some(Some(Mirror { cluster, per_million })),
+        Err((reason, msg)) => {
+            problems.push(obj, format!("{field}.requestMirror.backendRef"), reason, msg);
+            Some(None)
+        }
+    }
 }
 
 /// A RequestRedirect filter's redirect, or `None` with the problem noted.

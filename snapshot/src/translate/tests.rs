@@ -332,6 +332,47 @@ fn routes_for_a_backend_that_does_not_resolve_get_500_and_a_problem() {
 }
 
 #[test]
+fn a_request_mirror_copies_a_share_of_the_rules_requests_and_an_unresolved_one_is_left_out() {
+    let s = ok(&route(
+        "  - matches: [{path: {value: /a}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {group: ferrum.dev, kind: Backend, name: static}, fraction: {numerator: 1, denominator: 4}}}]\n\
+         \x20   backendRefs: [{name: echo, port: 80}]\n\
+         \x20 - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    ));
+    let rs = routes(&s, "*");
+    let mirror = |path: &str| {
+        let r = rs
+            .iter()
+            .find(|r| r.matcher.path == PathMatch::Prefix(path.into()))
+            .unwrap();
+        r.mirror.as_ref().map(|m| (m.cluster.clone(), m.per_million))
+    };
+    assert_eq!(mirror("/a"), Some(("backend/default/static".into(), 250_000)));
+    assert_eq!(
+        mirror("/"),
+        Some(("service/default/echo:80".into(), 1_000_000)),
+        "no share: every request"
+    );
+
+    let t = run(&route(
+        "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope, port: 80}, percent: 10}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        [(
+            "r",
+            "spec.rules[0].filters[0].requestMirror.backendRef",
+            Reason::BackendNotFound
+        )]
+    );
+    let r = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
+    assert!(r.mirror.is_none(), "left out");
+    assert!(
+        matches!(&r.action, Action::Forward(b) if b[0].cluster.as_deref() == Some("service/default/echo:80")),
+        "the rule still serves"
+    );
+}
+
+#[test]
 fn cross_namespace_backend_needs_a_reference_grant() {
     let other_ns =
         "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: other}\nspec: {ports: [{port: 80}]}\n";
@@ -376,9 +417,14 @@ fn invalid_input_is_reported_with_field_and_reason() {
             Reason::UnsupportedValue,
         ),
         (
-            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}}}]\n",
+            "  - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: t}}]\n",
             "spec.rules[0].filters[0].type",
             Reason::UnsupportedValue,
+        ),
+        (
+            "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}, percent: 101}}]\n",
+            "spec.rules[0].filters[0].requestMirror",
+            Reason::Invalid,
         ),
         (
             "  - filters: [{type: RequestRedirect}]\n",

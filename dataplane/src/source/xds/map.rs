@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use ferrum_snapshot::model::{
     Action, CircuitBreaker, ClusterTimeouts, Endpoint, HeaderModifier, HealthCheck, KeyMatch, LbPolicy, Listener,
-    OutlierDetection, PathMatch, PathRewrite, Protocol, Redirect, Rewrite, Route, RouteMatch, RouteTimeouts,
+    Mirror, OutlierDetection, PathMatch, PathRewrite, Protocol, Redirect, Rewrite, Route, RouteMatch, RouteTimeouts,
     StringMatch, UpstreamProtocol, VirtualHost, WeightedCluster,
 };
 use ferrum_snapshot::{Snapshot, model};
@@ -393,6 +393,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         Some(route::route::Action::Route(ra)) => {
             let (targets, rewrite, timeouts) = forward(ra, &out.matcher.path, &at, known)?;
             (out.rewrite, out.timeouts) = (rewrite, timeouts);
+            out.mirror = mirror(&ra.request_mirror_policies, &at, known)?;
             Action::Forward(targets)
         }
         Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd, &at)?),
@@ -546,6 +547,43 @@ fn forward(
         backend_request_ms: ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout)),
     };
     Ok((targets, Some(rewrite).filter(|r| *r != Rewrite::default()), timeouts))
+}
+
+/// A route's request mirror: one cluster, by name, and the share of requests copied (all when
+/// no fraction is given, as in Envoy). A mirror to a cluster that does not exist copies nothing.
+fn mirror(
+    policies: &[route::route_action::RequestMirrorPolicy],
+    at: &str,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<Option<Mirror>, MapError> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    let m = match policies {
+        [] => return Ok(None),
+        [m] => m,
+        _ => return Err(MapError::refused(at, "one request_mirror_policy is supported")),
+    };
+    if m.cluster.is_empty() {
+        return Err(MapError::refused(
+            at,
+            "request_mirror_policy: only a cluster by name is supported",
+        ));
+    }
+    let per_million = match m.runtime_fraction.as_ref().and_then(|f| f.default_value.as_ref()) {
+        None => 1_000_000,
+        Some(f) => {
+            let scale: u64 = match DenominatorType::try_from(f.denominator) {
+                Ok(DenominatorType::Hundred) => 10_000,
+                Ok(DenominatorType::TenThousand) => 100,
+                Ok(DenominatorType::Million) => 1,
+                Err(_) => return Err(MapError::refused(at, "request_mirror_policy: unknown denominator")),
+            };
+            (u64::from(f.numerator) * scale).min(1_000_000) as u32
+        }
+    };
+    Ok(known(&m.cluster).then(|| Mirror {
+        cluster: m.cluster.clone(),
+        per_million,
+    }))
 }
 
 fn redirect(rd: &route::RedirectAction, at: &str) -> Result<Redirect, MapError> {
@@ -938,6 +976,44 @@ mod tests {
         r.clusters.insert("c".into(), eds_cluster());
         r.endpoints.insert("c".into(), endpoints(9000));
         r
+    }
+
+    #[test]
+    fn a_request_mirror_policy_is_the_routes_mirror() {
+        use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+        let policy = |cluster: &str, fraction: Option<(u32, i32)>| route::route_action::RequestMirrorPolicy {
+            cluster: cluster.into(),
+            runtime_fraction: fraction.map(|(numerator, denominator)| core::RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent { numerator, denominator }),
+                runtime_key: String::new(),
+            }),
+            ..Default::default()
+        };
+        let known = |c: &str| c == "shadow";
+        let got = |p: &[route::route_action::RequestMirrorPolicy]| {
+            mirror(p, "r", &known).map(|m| m.map(|m| (m.cluster, m.per_million)))
+        };
+        assert_eq!(got(&[]).unwrap(), None);
+        assert_eq!(
+            got(&[policy("shadow", None)]).unwrap(),
+            Some(("shadow".into(), 1_000_000))
+        );
+        assert_eq!(
+            got(&[policy("shadow", Some((25, 0)))]).unwrap(),
+            Some(("shadow".into(), 250_000)),
+            "per hundred"
+        );
+        assert_eq!(
+            got(&[policy("shadow", Some((7, 2)))]).unwrap(),
+            Some(("shadow".into(), 7)),
+            "per million"
+        );
+        assert_eq!(
+            got(&[policy("gone", None)]).unwrap(),
+            None,
+            "no such cluster: nothing copied"
+        );
+        assert!(got(&[policy("shadow", None), policy("shadow", None)]).is_err());
     }
 
     #[test]
