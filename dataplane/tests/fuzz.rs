@@ -171,6 +171,7 @@ fn yaml_config() -> impl Strategy<Value = String> {
             "retries: {attempts: 2}, ",
             "fault: {abort: {httpStatus: 503, percentage: {value: 50}}, delay: {fixedDelay: 1ms}}, ",
             "mirror: {host: svc, subset: v1}, mirrorPercentage: {value: 101}, ",
+            "corsPolicy: {allowOrigins: [{prefix: 'https://a'}, {regex: '(['}], allowMethods: [GET, 'B AD'], maxAge: 1h}, ",
         ]),
     )
         .prop_map(|(host, m, dest, extra)| {

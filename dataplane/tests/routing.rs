@@ -332,3 +332,97 @@ async fn request_mirror_copies_requests_with_their_bodies() {
     }
     assert_eq!(main.hits(), before + 5);
 }
+
+/// A CORS filter: a preflight from an allowed origin is answered by the proxy (the backend never
+/// sees it) — even where the Gateway's AuthorizationPolicy refuses every request, since a
+/// browser's preflight carries no credentials — and the answers to that origin's requests are
+/// marked for it; another origin's preflight goes to the backend and its answers are unmarked.
+#[tokio::test]
+async fn a_cors_filter_answers_preflights_and_marks_allowed_origins() {
+    let api = Backend::start("api").await;
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("api", &[&api], ""),
+        route(
+            "  - matches: [{path: {value: /open}}]\n    filters: [{type: CORS, cors: {allowOrigins: ['https://*.example.org'], allowMethods: [GET, PUT], allowHeaders: [x-token], exposeHeaders: [x-backend], maxAge: 60}}]\n    \
+             backendRefs: [{group: ferrum.dev, kind: Backend, name: api}]\n\
+             \x20 - matches: [{path: {value: /locked}}]\n    filters: [{type: CORS, cors: {allowOrigins: ['https://app.example'], allowMethods: ['*'], allowCredentials: true}}]\n    \
+             backendRefs: [{group: ferrum.dev, kind: Backend, name: api}]\n",
+        ),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete}\n\
+         spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}], action: DENY, rules: [{to: [{operation: {paths: [/locked]}}]}]}\n"
+            .into(),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    let preflight = |path: &str, origin: &str, method: &str| {
+        c.request(reqwest::Method::OPTIONS, url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "x-token")
+            .send()
+    };
+    let header = |r: &reqwest::Response, h: &str| r.headers().get(h).map(|v| v.to_str().unwrap().to_string());
+
+    let r = preflight("/open", "https://shop.example.org", "PUT").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("https://shop.example.org")
+    );
+    assert_eq!(header(&r, "access-control-allow-methods").as_deref(), Some("GET, PUT"));
+    assert_eq!(header(&r, "access-control-allow-headers").as_deref(), Some("x-token"));
+    assert_eq!(header(&r, "access-control-max-age").as_deref(), Some("60"));
+    assert_eq!(api.hits(), 0, "answered by the proxy");
+
+    let r = c
+        .get(url("/open"))
+        .header("origin", "https://shop.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-backend").as_deref()),
+        (200, Some("api"))
+    );
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("https://shop.example.org")
+    );
+    assert_eq!(
+        header(&r, "access-control-expose-headers").as_deref(),
+        Some("x-backend")
+    );
+    assert_eq!(header(&r, "vary").as_deref(), Some("Origin"));
+
+    let r = preflight("/open", "https://evil.example", "PUT").await.unwrap();
+    assert_eq!(
+        header(&r, "x-backend").as_deref(),
+        Some("api"),
+        "another origin's preflight goes on"
+    );
+    assert!(header(&r, "access-control-allow-origin").is_none());
+    let r = c
+        .get(url("/open"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&r, "access-control-allow-origin").is_none(), "unmarked");
+
+    // Behind a policy that refuses every request: the preflight is still answered, with
+    // credentials allowed, so the method asked for rather than `*`.
+    let r = preflight("/locked", "https://app.example", "DELETE").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "access-control-allow-methods").as_deref(), Some("DELETE"));
+    assert_eq!(header(&r, "access-control-allow-credentials").as_deref(), Some("true"));
+    let r = c
+        .delete(url("/locked"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "the request itself is judged");
+}

@@ -337,6 +337,29 @@ pub struct VirtualServiceSpec {
     pub other: Other,
 }
 
+/// A VirtualService route's `corsPolicy`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsCorsPolicy {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_origins: Vec<VsStringMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_credentials: Option<bool>,
+    /// `FORWARD` (default) or `IGNORE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmatched_preflights: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VsHttpRoute {
@@ -366,6 +389,8 @@ pub struct VsHttpRoute {
     pub mirror_percentage: Option<VsPercent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<VsHeaders>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors_policy: Option<VsCorsPolicy>,
     #[serde(flatten)]
     pub other: Other,
 }

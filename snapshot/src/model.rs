@@ -43,7 +43,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 5;
+pub const SCHEMA: u32 = 6;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -528,6 +528,32 @@ pub struct Route {
     /// (Istio's `mirror`). Schema 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Cross-origin requests (Gateway API `CORS`, Istio `corsPolicy`). Schema 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
+}
+
+/// Cross-origin resource sharing for a route: the proxy answers the preflights of the origins
+/// it allows, and marks the answers to their requests as shareable with them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cors {
+    /// `Origin`s allowed, as sent (`scheme://host[:port]`).
+    pub allow_origins: Vec<StringMatch>,
+    /// Methods a preflight may ask for (`*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    /// Request headers a preflight may ask for (`*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    /// Response headers scripts may read (`*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    /// How long a preflight's answer may be cached, in seconds (no `Access-Control-Max-Age` when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_credentials: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

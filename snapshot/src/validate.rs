@@ -218,6 +218,9 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
     if let Some(retry) = &r.retry {
         retry_conditions(retry, &mut |field, why| err(obj(), format!("{at}.{field}"), why));
     }
+    if let Some((field, why)) = r.cors.as_ref().and_then(cors_problem) {
+        err(obj(), format!("{at}.cors.{field}"), why);
+    }
     if let Some(f) = &r.fault {
         for (field, why) in fault_problems(f) {
             err(obj(), format!("{at}.fault.{field}"), why.into());
@@ -379,6 +382,26 @@ pub fn header_modifier_problem(m: &HeaderModifier) -> Option<String> {
         .map(|(n, _)| format!("value of {n:?} contains a control character"))
 }
 
+/// A route's CORS lists as header values: every method and header name a token (`*` is one),
+/// and every origin regex one that compiles. (field, why) of the first that is not.
+pub fn cors_problem(c: &crate::model::Cors) -> Option<(String, String)> {
+    for (list, name) in [
+        (&c.allow_methods, "allowMethods"),
+        (&c.allow_headers, "allowHeaders"),
+        (&c.expose_headers, "exposeHeaders"),
+    ] {
+        if let Some((i, bad)) = list.iter().enumerate().find(|(_, v)| http_header_name_invalid(v)) {
+            return Some((format!("{name}[{i}]"), format!("{bad:?} is not a token")));
+        }
+    }
+    c.allow_origins.iter().enumerate().find_map(|(i, o)| match o {
+        crate::model::StringMatch::Regex(r) => regex::Regex::new(r)
+            .err()
+            .map(|e| (format!("allowOrigins[{i}]"), e.to_string())),
+        crate::model::StringMatch::Exact(_) => None,
+    })
+}
+
 /// RFC 9110 token characters.
 pub fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
@@ -435,6 +458,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            cors: None,
         }
     }
 

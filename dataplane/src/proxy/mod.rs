@@ -21,6 +21,7 @@ use crate::dataplane::Shared;
 use crate::limits::Limits;
 use crate::mesh::l7::Verdict;
 use crate::router::Route;
+use crate::router::cors;
 use crate::upstream::balance::HashKey;
 use crate::upstream::body::{self, RequestBody, ResponseBody};
 use crate::upstream::{
@@ -177,6 +178,11 @@ async fn serve(
         Cow::Borrowed(host)
     };
     let vh = listener.hosts.find(&host);
+    // A browser's preflight carries no credentials: its route's CORS policy answers it before
+    // any authentication or authorization (as Istio places its CORS filter).
+    if let Some(resp) = vh.and_then(|vh| preflight(vh, &req)) {
+        return resp;
+    }
     // The host's Gateways' policies decide before any route is chosen.
     if let Some(p) = vh.and_then(|vh| vh.policies.as_deref()) {
         let (mut parts, body) = req.into_parts();
@@ -198,6 +204,11 @@ async fn serve(
     if let Some(e) = log.as_deref_mut() {
         e.route = Some(route.name.clone());
     }
+    let cors = match route.cors.as_deref().map(|c| c.check(&req)) {
+        Some(cors::Check::Preflight(resp)) => return resp,
+        Some(cors::Check::Allowed(origin)) => Some(origin),
+        _ => None,
+    };
     let aborted = match &route.fault {
         Some(f) => inject(f).await,
         None => None,
@@ -229,6 +240,9 @@ async fn serve(
         },
     };
     route.response_headers.apply(resp.headers_mut());
+    if let (Some(c), Some(origin)) = (route.cors.as_deref(), cors) {
+        c.mark(origin, resp.headers_mut());
+    }
     route.stats.responses.record(resp.status().as_u16());
     route.stats.latency.observe(started.elapsed());
     resp
@@ -273,6 +287,19 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
         };
         let _ = tokio::time::timeout(SHADOW_TIMEOUT, copy).await;
     });
+}
+
+/// The answer to a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`) whose route
+/// allows its origin.
+fn preflight<B>(vh: &crate::router::VirtualHost, req: &Request<B>) -> Option<Response<ResponseBody>> {
+    if req.method() != Method::OPTIONS || !req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        return None;
+    }
+    let route = vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers())?;
+    match route.cors.as_deref()?.check(req) {
+        cors::Check::Preflight(resp) => Some(resp),
+        _ => None,
+    }
 }
 
 /// `host[:port]` with `-shadow` after the host.

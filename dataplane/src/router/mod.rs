@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+pub mod cors;
+
 use ferrum_snapshot::model::{self, PathMatch, StringMatch};
 use http::{HeaderMap, HeaderName, Method};
 use regex::Regex;
@@ -50,6 +52,7 @@ pub struct Route {
     pub fault: Option<model::Fault>,
     /// Copies of a share of its requests go to this cluster too.
     pub mirror: Option<(Arc<ClusterRuntime>, u32)>,
+    pub cors: Option<Box<cors::Cors>>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -108,13 +111,13 @@ enum Matcher {
 }
 
 impl Matcher {
-    fn new(m: &StringMatch) -> Result<Self, regex::Error> {
+    pub(crate) fn new(m: &StringMatch) -> Result<Self, regex::Error> {
         Ok(match m {
             StringMatch::Exact(s) => Matcher::Exact(s.clone()),
             StringMatch::Regex(r) => Matcher::Regex(Regex::new(&format!("^(?:{r})$"))?),
         })
     }
-    fn is_match(&self, v: &str) -> bool {
+    pub(crate) fn is_match(&self, v: &str) -> bool {
         match self {
             Matcher::Exact(s) => s == v,
             Matcher::Regex(r) => r.is_match(v),
@@ -224,6 +227,11 @@ impl VirtualHost {
                 }),
                 fault: r.fault.clone(),
                 mirror: p.mirror,
+                cors: r
+                    .cors
+                    .as_ref()
+                    .map(|c| cors::Cors::build(c, &r.name).map(Box::new))
+                    .transpose()?,
                 stats: p.stats,
             });
         }
@@ -372,6 +380,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            cors: None,
         }
     }
 

@@ -1,5 +1,6 @@
 pub mod ads;
 pub mod bootstrap;
+mod cors;
 mod delta;
 pub mod grpc;
 pub mod jwt;

@@ -276,7 +276,11 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
         }
         let jwt = Providers::of(&s.policies, &l.gateways, &mut out.unsupported);
         let rbac = rbac::rules(&s.policies, &l.gateways, false, &jwt, &mut out.unsupported);
-        let filters = jwt.filter().into_iter().chain(rbac::http_filters(rbac)).collect();
+        let filters = super::cors::filter(l)
+            .into_iter()
+            .chain(jwt.filter())
+            .chain(rbac::http_filters(rbac))
+            .collect();
         let manager = connection_manager(&l.name, route_name(l), filters);
         let lis = listener::Listener {
             name: l.name.clone(),
@@ -463,6 +467,12 @@ fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<
         request_headers_to_remove: r.request_headers.remove.clone(),
         response_headers_to_add: response_headers,
         response_headers_to_remove: r.response_headers.remove.clone(),
+        typed_per_filter_config: r
+            .cors
+            .as_ref()
+            .map(|c| (super::cors::FILTER.to_string(), super::cors::policy(c)))
+            .into_iter()
+            .collect(),
         ..Default::default()
     }
 }
@@ -795,6 +805,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            cors: None,
         };
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));

@@ -222,6 +222,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            cors: None,
         }
     }
 

@@ -598,6 +598,7 @@ fn translate_rules(
                 retry: None,
                 fault: None,
                 mirror: parts.mirror.clone(),
+                cors: parts.cors.clone(),
             };
             let needs_prefix = matches!(
                 &r.rewrite,
@@ -634,6 +635,7 @@ struct RuleParts {
     action: Action,
     timeouts: RouteTimeouts,
     mirror: Option<Mirror>,
+    cors: Option<Cors>,
 }
 
 /// Request and response header modifiers are distinct generated types of the same shape.
@@ -679,6 +681,7 @@ fn rule_parts(
         action: Action::Forward(Vec::new()),
         timeouts: RouteTimeouts::default(),
         mirror: None,
+        cors: None,
     };
     let mut redirect = None;
     for (fi, f) in rule.filters.iter().flatten().enumerate() {
@@ -736,6 +739,19 @@ fn rule_parts(
                         )
                     }),
                 });
+            }
+            HttpRouteRulesFiltersType::Cors => {
+                let Some(c) = &f.cors else {
+                    missing(problems, "cors");
+                    return None;
+                };
+                match super::cors::of_filter(c, &format!("{ffield}.cors")) {
+                    Ok(c) => parts.cors = Some(c),
+                    Err((field, why)) => {
+                        problems.push(obj, field, Reason::Invalid, why);
+                        return None;
+                    }
+                }
             }
             HttpRouteRulesFiltersType::RequestMirror => {
                 let Some(m) = &f.request_mirror else {

@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+mod cors;
 mod destination_rule;
 mod gamma;
 pub use backends::mesh_config;

@@ -147,6 +147,7 @@ pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &R
                     retry: None,
                     fault: None,
                     mirror: None,
+                    cors: None,
                 };
                 Some(ServiceRoutes {
                     port,

@@ -373,6 +373,36 @@ fn a_request_mirror_copies_a_share_of_the_rules_requests_and_an_unresolved_one_i
 }
 
 #[test]
+fn a_cors_filter_becomes_the_routes_cors_policy() {
+    let s = ok(&route(
+        "  - filters: [{type: CORS, cors: {allowOrigins: ['https://app.example', 'https://*.example.org'], allowMethods: [GET, PUT], allowHeaders: [x-token], allowCredentials: true}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    ));
+    let r = &routes(&s, "*")[0];
+    let c = r.cors.as_ref().expect("a policy");
+    assert_eq!(
+        c.allow_origins,
+        [
+            StringMatch::Exact("https://app.example".into()),
+            StringMatch::Regex(r"https://.*\.example\.org".into())
+        ]
+    );
+    assert_eq!(
+        (c.allow_methods.len(), c.max_age_s, c.allow_credentials),
+        (2, Some(5), true),
+        "maxAge defaults to 5 s"
+    );
+
+    let t = run(&route(
+        "  - filters: [{type: CORS, cors: {allowOrigins: [app.example]}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        [("r", "spec.rules[0].filters[0].cors.allowOrigins[0]", Reason::Invalid)],
+        "an origin has a scheme"
+    );
+}
+
+#[test]
 fn cross_namespace_backend_needs_a_reference_grant() {
     let other_ns =
         "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: other}\nspec: {ports: [{port: 80}]}\n";

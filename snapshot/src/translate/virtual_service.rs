@@ -13,7 +13,7 @@ use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch,
 use crate::mesh::{MeshService, Resolution};
 use crate::model::Digest;
 use crate::model::{
-    Action, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch, PathRewrite, Redirect,
+    Action, Cors, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch, PathRewrite, Redirect,
     RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
@@ -56,6 +56,7 @@ struct Rule {
     timeouts: RouteTimeouts,
     retry: Option<RetryPolicy>,
     fault: Option<Fault>,
+    cors: Option<Cors>,
     /// Where copies go (a destination of weight 0 is not sent to), and the share copied.
     mirror: Option<(Destination, u32)>,
     destinations: Vec<Destination>,
@@ -219,6 +220,12 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         Some(r) => retries(r, &format!("{at}.retries"))?,
     };
     let fault = h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?;
+    let cors = h
+        .cors_policy
+        .as_ref()
+        .map(|c| super::cors::of_policy(c, &format!("{at}.corsPolicy")))
+        .transpose()
+        .map_err(|(field, why)| invalid(field, why))?;
     let mirror = match &h.mirror {
         None => None,
         Some(m) => {
@@ -231,6 +238,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
     };
     let rule = Rule {
         fault,
+        cors,
         mirror,
         matches,
         request,
@@ -752,6 +760,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         retry: rule.retry.clone(),
         fault: rule.fault.clone(),
         mirror: None,
+        cors: rule.cors.clone(),
     }
 }
 
@@ -946,7 +955,7 @@ spec:
             vs(
                 "subset",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{corsPolicy: {allowOrigins: []}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{corsPolicy: {allowOrigins: [{exact: 'https://a.example'}], unmatchedPreflights: IGNORE}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "gateway",
@@ -980,7 +989,7 @@ spec:
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
-                ("subset", "spec.http[0].corsPolicy", Reason::UnsupportedValue),
+                ("subset", "spec.http[0].corsPolicy.unmatchedPreflights", Reason::Invalid),
                 ("tcp", "spec.tcp", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],
@@ -1004,6 +1013,29 @@ spec:
         assert!(
             b.routes_for(81, "x").unwrap().routes[0].name.starts_with("shop/older/"),
             "port 81 is free"
+        );
+    }
+
+    #[test]
+    fn a_cors_policy_is_the_routes_own() {
+        let t = run(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: c, namespace: shop}\n\
+             spec: {hosts: [b], http: [{corsPolicy: {allowOrigins: [{prefix: 'https://app.'}, {exact: 'https://x.example'}], allowMethods: [GET, POST], maxAge: 24h, allowCredentials: true},\n\
+                    route: [{destination: {host: b-v1}}]}]}\n",
+        );
+        assert!(t.problems.is_empty(), "{:#?}", t.problems);
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let c = b.routes_for(80, "x").unwrap().routes[0].cors.clone().expect("a policy");
+        assert_eq!(
+            c.allow_origins,
+            [
+                StringMatch::Regex(r"https://app\..*".into()),
+                StringMatch::Exact("https://x.example".into())
+            ]
+        );
+        assert_eq!(
+            (c.max_age_s, c.allow_credentials, c.allow_methods.len()),
+            (Some(86_400), true, 2)
         );
     }
 

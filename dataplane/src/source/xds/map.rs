@@ -132,10 +132,10 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, MapError> 
     if let Some(f) = m
         .http_filters
         .iter()
-        .find(|f| f.name != ROUTER && !f.is_optional && !f.disabled)
+        .find(|f| f.name != ROUTER && f.name != CORS_FILTER && !f.is_optional && !f.disabled)
     {
         return Err(at(&format!(
-            "HTTP filter {} is not supported (only the router is); refused rather than skipped",
+            "HTTP filter {} is not supported (only the router and CORS are); refused rather than skipped",
             f.name
         )));
     }
@@ -220,6 +220,7 @@ fn tcp_hosts(
             retry: None,
             fault: None,
             mirror: None,
+            cors: None,
         });
         let hosts = if names.is_empty() {
             vec!["*".to_string()]
@@ -387,6 +388,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         retry: None,
         fault: None,
         mirror: None,
+        cors: None,
         matcher,
     };
     out.action = match &r.action {
@@ -394,6 +396,11 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             let (targets, rewrite, timeouts) = forward(ra, &out.matcher.path, &at, known)?;
             (out.rewrite, out.timeouts) = (rewrite, timeouts);
             out.mirror = mirror(&ra.request_mirror_policies, &at, known)?;
+            out.cors = r
+                .typed_per_filter_config
+                .get(CORS_FILTER)
+                .map(|c| cors(c, &at))
+                .transpose()?;
             Action::Forward(targets)
         }
         Some(route::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd, &at)?),
@@ -547,6 +554,51 @@ fn forward(
         backend_request_ms: ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout)),
     };
     Ok((targets, Some(rewrite).filter(|r| *r != Rewrite::default()), timeouts))
+}
+
+/// Envoy's CORS filter, whose per-route config is a route's CORS policy.
+const CORS_FILTER: &str = "envoy.filters.http.cors";
+
+/// A route's CORS policy (`typed_per_filter_config` of the CORS filter): origins by exact,
+/// prefix, suffix or regex match.
+fn cors(a: &Any, at: &str) -> Result<model::Cors, MapError> {
+    use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
+    use matcher::string_matcher::MatchPattern;
+    let p: CorsPolicy = decode(
+        a,
+        "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+    )
+    .map_err(|e| e.within(at))?;
+    let origin = |m: &matcher::StringMatcher| match &m.match_pattern {
+        Some(MatchPattern::Exact(e)) if !m.ignore_case => Ok(StringMatch::Exact(e.clone())),
+        Some(MatchPattern::Exact(e)) => Ok(StringMatch::Regex(format!("(?i){}", regex::escape(e)))),
+        Some(MatchPattern::Prefix(x)) => Ok(StringMatch::Regex(format!("{}.*", regex::escape(x)))),
+        Some(MatchPattern::Suffix(x)) => Ok(StringMatch::Regex(format!(".*{}", regex::escape(x)))),
+        Some(MatchPattern::SafeRegex(r)) => Ok(StringMatch::Regex(r.regex.clone())),
+        _ => Err(MapError::refused(
+            at,
+            "CORS origins: exact, prefix, suffix or safe_regex",
+        )),
+    };
+    let list = |s: &str| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    Ok(model::Cors {
+        allow_origins: p
+            .allow_origin_string_match
+            .iter()
+            .map(origin)
+            .collect::<Result<_, _>>()?,
+        allow_methods: list(&p.allow_methods),
+        allow_headers: list(&p.allow_headers),
+        expose_headers: list(&p.expose_headers),
+        max_age_s: p.max_age.parse().ok(),
+        allow_credentials: p.allow_credentials.is_some_and(|b| b.value),
+    })
 }
 
 /// A route's request mirror: one cluster, by name, and the share of requests copied (all when
@@ -1091,7 +1143,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "Listener l: HTTP filter {rbac} is not supported (only the router is); refused rather than skipped"
+                "Listener l: HTTP filter {rbac} is not supported (only the router and CORS are); refused rather than skipped"
             )
         );
         r.listeners.insert(
