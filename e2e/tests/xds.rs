@@ -955,11 +955,13 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
 
 /// Services with a BackendPolicy each — retries on connect failure (one of two endpoints
 /// refuses), consistent hashing on a header, TLS to the endpoints with a CA file and a name to
-/// check — routed the same way by Envoy over our xDS, by ferrum-dp over MeshSubscribe and by
-/// ferrum-dp over xDS (which reads the retries and the key back off Envoy's routes).
+/// check — and a rule with a CORS policy and a request mirror, routed the same way by Envoy over
+/// our xDS, by ferrum-dp over MeshSubscribe and by ferrum-dp over xDS (which reads the retries,
+/// the key, the CORS policy and the mirror back off Envoy's routes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let m = Backend::start("m").await;
     let (s, ca_pem) = Backend::start_tls("s", "api.example.test").await;
     let cluster = Cluster::start();
     let ca_file = cluster.dir.path().join("api-ca.pem");
@@ -996,7 +998,10 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /sticky}}}}], backendRefs: [{{name: sticky, port: 80}}]}}\n\
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /secure}}}}], backendRefs: [{{name: secure, port: 80}}]}}\n\
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /misnamed}}}}], backendRefs: [{{name: misnamed, port: 80}}]}}\n\
-         {}{}{}{}{}{}{}{}",
+         \x20 - matches: [{{path: {{type: PathPrefix, value: /cors}}}}]\n\
+         \x20   filters: [{{type: CORS, cors: {{allowOrigins: ['https://app.example.com'], allowMethods: [GET, PUT]}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: mirrored, port: 80}}}}}}]\n\
+         \x20   backendRefs: [{{name: plain, port: 80}}]\n\
+         {}{}{}{}{}{}{}{}{}{}",
         svc("flaky", &[a.addr.port(), refused]),
         policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
         svc("sticky", &[a.addr.port(), b.addr.port()]),
@@ -1005,6 +1010,8 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         policy("secure", &format!("tls: {{sni: api.example.test, caFile: '{ca}'}}")),
         svc("misnamed", &[s.addr.port()]),
         policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
+        svc("plain", &[a.addr.port()]),
+        svc("mirrored", &[m.addr.port()]),
     ));
     let send = async |path: &str, user: &str| {
         let r = client()
@@ -1016,6 +1023,46 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             .ok()?;
         let backend = r.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string());
         Some((r.status().as_u16(), backend))
+    };
+    // A preflight from the allowed origin is answered with it; its request's answer is marked
+    // for it; and a copy goes to the mirror, its host marked `-shadow`.
+    let cors_and_mirror = async |proxy: &str| {
+        let origin = "https://app.example.com";
+        let r = client()
+            .request(reqwest::Method::OPTIONS, format!("http://127.0.0.1:{port}/cors"))
+            .header("host", "shop.example.com")
+            .header("origin", origin)
+            .header("access-control-request-method", "PUT")
+            .send()
+            .await
+            .unwrap();
+        let allowed = |r: &reqwest::Response| r.headers().get("access-control-allow-origin").cloned();
+        assert_eq!(
+            (r.status().as_u16(), allowed(&r)),
+            (200, Some(origin.parse().unwrap())),
+            "{proxy}: the preflight"
+        );
+        let path = format!("/cors/{}", proxy.replace(' ', "-"));
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .header("host", "shop.example.com")
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            allowed(&r),
+            Some(origin.parse().unwrap()),
+            "{proxy}: the answer is marked"
+        );
+        eventually(
+            &format!("{proxy} mirrors the request"),
+            Duration::from_secs(5),
+            async || m.last().is_some_and(|l| l["path"] == path.as_str()),
+        )
+        .await;
+        let copy = m.last().unwrap();
+        assert_eq!(copy["headers"]["host"][0], "shop.example.com-shadow", "{proxy}");
     };
     let applies = async |proxy: &str, within: Duration| {
         eventually(
@@ -1048,6 +1095,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             seen.insert(first.1);
         }
         assert_eq!(seen.len(), 2, "{proxy}: every user hashed to one endpoint: {seen:?}");
+        cors_and_mirror(proxy).await;
     };
 
     let envoy = envoy(cluster.dir.path(), "envoy-traffic", op.grpc, false);
