@@ -80,6 +80,27 @@ pub(crate) struct BackendRef<'r> {
     pub port: Option<i32>,
 }
 
+impl<'r> BackendRef<'r> {
+    /// A Gateway API backendRef's fields with the spec's defaults: the core group, kind
+    /// Service, the route's namespace.
+    pub(crate) fn with_defaults(
+        group: Option<&'r str>,
+        kind: Option<&'r str>,
+        namespace: Option<&'r str>,
+        name: &'r str,
+        port: Option<i32>,
+        route_ns: &'r str,
+    ) -> Self {
+        BackendRef {
+            group: group.unwrap_or(""),
+            kind: kind.unwrap_or("Service"),
+            namespace: namespace.unwrap_or(route_ns),
+            name,
+            port,
+        }
+    }
+}
+
 /// Does a ReferenceGrant in `to_ns` let a `from_kind` in `from_ns` refer to `to_kind` `to_name`?
 pub(crate) fn reference_granted(
     res: &Resources,

@@ -820,13 +820,14 @@ fn mirror_of(
         return None;
     };
     let b = &m.backend_ref;
-    let r = BackendRef {
-        group: b.group.as_deref().unwrap_or(""),
-        kind: b.kind.as_deref().unwrap_or("Service"),
-        namespace: b.namespace.as_deref().unwrap_or(&obj.namespace),
-        name: &b.name,
-        port: b.port,
-    };
+    let r = BackendRef::with_defaults(
+        b.group.as_deref(),
+        b.kind.as_deref(),
+        b.namespace.as_deref(),
+        &b.name,
+        b.port,
+        &obj.namespace,
+    );
     match clusters.resolve(obj.kind, &obj.namespace, &r) {
         Ok(cluster) => Some(Some(Mirror { cluster, per_million })),
         Err((reason, msg)) => {
@@ -943,13 +944,14 @@ fn rule_backends(
             );
             return None;
         }
-        let r = BackendRef {
-            group: b.group.as_deref().unwrap_or(""),
-            kind: b.kind.as_deref().unwrap_or("Service"),
-            namespace: b.namespace.as_deref().unwrap_or(&obj.namespace),
-            name: &b.name,
-            port: b.port,
-        };
+        let r = BackendRef::with_defaults(
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            b.namespace.as_deref(),
+            &b.name,
+            b.port,
+            &obj.namespace,
+        );
         let cluster = match clusters.resolve(obj.kind, &obj.namespace, &r) {
             Ok(c) => Some(c),
             Err((reason, msg)) => {

@@ -151,37 +151,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
     if matches.is_empty() {
         matches.push((RouteMatch::default(), None));
     }
-    let (mut request, mut response) = header_edits(h.headers.as_ref());
-    let mut destinations = Vec::new();
-    let several = h.route.len() > 1;
-    for (j, d) in h.route.iter().enumerate() {
-        let at = format!("{at}.route[{j}]");
-        if let Some(f) = d.other.keys().next() {
-            return Err(unsupported(format!("{at}.{f}"), "not supported"));
-        }
-        let weight = match (d.weight, several) {
-            (None, false) => 1,
-            (None, true) => {
-                return Err(invalid(
-                    format!("{at}.weight"),
-                    "a route with several destinations weighs each",
-                ));
-            }
-            (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
-        };
-        if let Some(hd) = &d.headers {
-            if several {
-                return Err(unsupported(
-                    format!("{at}.headers"),
-                    "header edits per destination are supported on a route with one destination only",
-                ));
-            }
-            let (req, resp) = header_edits(Some(hd));
-            request = merged(request, req);
-            response = merged(response, resp);
-        }
-        destinations.push(destination(&d.destination, ns, &format!("{at}.destination"), weight)?);
-    }
+    let (destinations, request, response) = destinations(h, ns, at)?;
     let redirect = h
         .redirect
         .as_ref()
@@ -215,31 +185,16 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
         .transpose()?;
     // Without `retries`, Istio's default policy: a VirtualService's routes retry unless told not to.
-    let (retry, backend_request_ms) = match &h.retries {
-        None => retries(&Default::default(), &format!("{at}.retries"))?,
-        Some(r) => retries(r, &format!("{at}.retries"))?,
-    };
-    let fault = h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?;
-    let cors = h
-        .cors_policy
-        .as_ref()
-        .map(|c| super::cors::of_policy(c, &format!("{at}.corsPolicy")))
-        .transpose()
-        .map_err(|(field, why)| invalid(field, why))?;
-    let mirror = match &h.mirror {
-        None => None,
-        Some(m) => {
-            let share = match &h.mirror_percentage {
-                None => 1_000_000,
-                Some(p) => per_million(Some(p), None, &format!("{at}.mirrorPercentage"))?,
-            };
-            Some((destination(m, ns, &format!("{at}.mirror"), 0)?, share))
-        }
-    };
+    let (retry, backend_request_ms) = retries(&h.retries.clone().unwrap_or_default(), &format!("{at}.retries"))?;
     let rule = Rule {
-        fault,
-        cors,
-        mirror,
+        fault: h.fault.as_ref().map(|f| fault(f, &format!("{at}.fault"))).transpose()?,
+        cors: h
+            .cors_policy
+            .as_ref()
+            .map(|c| super::cors::of_policy(c, &format!("{at}.corsPolicy")))
+            .transpose()
+            .map_err(|(field, why)| invalid(field, why))?,
+        mirror: mirror(h, ns, at)?,
         matches,
         request,
         response,
@@ -259,6 +214,57 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         }
     }
     Ok(rule)
+}
+
+/// A route's weighted destinations, and its header edits with the destination's own (allowed
+/// when there is one destination).
+fn destinations(
+    h: &VsHttpRoute,
+    ns: &str,
+    at: &str,
+) -> Result<(Vec<Destination>, HeaderModifier, HeaderModifier), Refusal> {
+    let (mut request, mut response) = header_edits(h.headers.as_ref());
+    let mut out = Vec::new();
+    let several = h.route.len() > 1;
+    for (j, d) in h.route.iter().enumerate() {
+        let at = format!("{at}.route[{j}]");
+        if let Some(f) = d.other.keys().next() {
+            return Err(unsupported(format!("{at}.{f}"), "not supported"));
+        }
+        let weight = match (d.weight, several) {
+            (None, false) => 1,
+            (None, true) => {
+                return Err(invalid(
+                    format!("{at}.weight"),
+                    "a route with several destinations weighs each",
+                ));
+            }
+            (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
+        };
+        if let Some(hd) = &d.headers {
+            if several {
+                return Err(unsupported(
+                    format!("{at}.headers"),
+                    "header edits per destination are supported on a route with one destination only",
+                ));
+            }
+            let (req, resp) = header_edits(Some(hd));
+            request = merged(request, req);
+            response = merged(response, resp);
+        }
+        out.push(destination(&d.destination, ns, &format!("{at}.destination"), weight)?);
+    }
+    Ok((out, request, response))
+}
+
+/// A route's mirror and the share of its requests copied (all when no percentage is given).
+fn mirror(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Option<(Destination, u32)>, Refusal> {
+    let Some(m) = &h.mirror else { return Ok(None) };
+    let share = match &h.mirror_percentage {
+        None => 1_000_000,
+        Some(p) => per_million(Some(p), None, &format!("{at}.mirrorPercentage"))?,
+    };
+    Ok(Some((destination(m, ns, &format!("{at}.mirror"), 0)?, share)))
 }
 
 /// A destination: a Service (a subset of it) in the cluster, and its weight.
