@@ -174,28 +174,39 @@ impl Compiler {
         vh: &ferrum_snapshot::model::VirtualHost,
         clusters: &HashMap<String, Arc<ClusterRuntime>>,
     ) -> Result<VirtualHost, RouteError> {
-        VirtualHost::build(vh, |r| RouteParts {
-            action: match &r.action {
-                SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
-                SnapAction::Forward(targets) => {
-                    let mut cum = 0;
-                    router::Action::Forward(
-                        targets
-                            .iter()
-                            .map(|t| {
-                                cum += t.weight;
-                                // validate() guarantees every named cluster exists.
-                                (cum, t.cluster.as_ref().and_then(|c| clusters.get(c).cloned()))
-                            })
-                            .collect(),
-                    )
-                }
-            },
-            mirror: r
-                .mirror
-                .as_ref()
-                .and_then(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million))),
-            stats: self.registry.route(&r.name),
+        VirtualHost::build(vh, |r| {
+            Ok(RouteParts {
+                action: match &r.action {
+                    SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
+                    SnapAction::Forward(targets) => {
+                        let mut cum = 0;
+                        router::Action::Forward(
+                            targets
+                                .iter()
+                                .map(|t| {
+                                    cum += t.weight;
+                                    let target = router::Target {
+                                        // validate() guarantees every named cluster exists.
+                                        cluster: t.cluster.as_ref().and_then(|c| clusters.get(c).cloned()),
+                                        headers: t
+                                            .headers
+                                            .as_deref()
+                                            .map(|h| router::BackendMods::build(h, &r.name))
+                                            .transpose()?
+                                            .map(Box::new),
+                                    };
+                                    Ok((cum, target))
+                                })
+                                .collect::<Result<_, RouteError>>()?,
+                        )
+                    }
+                },
+                mirror: r
+                    .mirror
+                    .as_ref()
+                    .and_then(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million))),
+                stats: self.registry.route(&r.name),
+            })
         })
     }
 

@@ -75,8 +75,13 @@ fn rule() -> impl Strategy<Value = String> {
         prop_oneof![4 => pick(&["", "group: ferrum.dev, kind: Backend, "]), 1 => pick(&["kind: Pod, ", "namespace: other, "])],
         weight(),
         prop_oneof![8 => Just(80u32), 1 => pick(&[0u32, 70000])],
+        prop_oneof![6 => Just(""), 1 => pick(&[
+            ", filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-b, value: v}]}}]",
+            ", filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: 'bad name', value: v}]}}]",
+            ", filters: [{type: RequestMirror}]",
+        ])],
     )
-        .prop_map(|(name, kind, w, port)| format!("{{{kind}name: {name}, port: {port}, weight: {w}}}"));
+        .prop_map(|(name, kind, w, port, f)| format!("{{{kind}name: {name}, port: {port}, weight: {w}{f}}}"));
     let filter = prop_oneof![
         24 => Just(String::new()),
         4 => header_name().prop_map(|h| format!("filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: {}, value: v}}]}}}}]\n    ", q(&h))),

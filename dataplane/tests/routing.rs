@@ -334,9 +334,10 @@ async fn request_mirror_copies_requests_with_their_bodies() {
 }
 
 /// A CORS filter: a preflight from an allowed origin is answered by the proxy (the backend never
-/// sees it) — even where the Gateway's AuthorizationPolicy refuses every request, since a
-/// browser's preflight carries no credentials — and the answers to that origin's requests are
-/// marked for it; another origin's preflight goes to the backend and its answers are unmarked.
+/// sees it) — even where the Gateway's AuthorizationPolicy refuses the request, since a
+/// browser's preflight carries no credentials — and the answers to that origin's requests,
+/// refusals included, are marked for it; another origin's preflight goes to the backend and its
+/// answers are unmarked.
 #[tokio::test]
 async fn a_cors_filter_answers_preflights_and_marks_allowed_origins() {
     let api = Backend::start("api").await;
@@ -425,4 +426,58 @@ async fn a_cors_filter_answers_preflights_and_marks_allowed_origins() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "the request itself is judged");
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("https://app.example"),
+        "and its refusal is readable by the origin's script"
+    );
+}
+
+/// A backendRef's own header filters: requests sent to that backend (and only that one) get its
+/// request edits after the rule's, and its answers its response edits.
+#[tokio::test]
+async fn a_backend_refs_header_filters_apply_to_its_share_only() {
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("v1", &[&v1], ""),
+        backend("v2", &[&v2], ""),
+        route(
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-rule, value: r}]}}]\n    backendRefs:\n\
+             \x20   - {group: ferrum.dev, kind: Backend, name: v1, weight: 1}\n\
+             \x20   - group: ferrum.dev\n      kind: Backend\n      name: v2\n      weight: 1\n      filters:\n\
+             \x20     - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: 'yes'}], remove: [x-drop]}}\n\
+             \x20     - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-served-by, value: canary}]}}\n",
+        ),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let r = c
+            .get(format!("http://127.0.0.1:{port}/"))
+            .header("x-drop", "1")
+            .send()
+            .await
+            .unwrap();
+        let served_by = r.headers().get("x-served-by").map(|v| v.to_str().unwrap().to_string());
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let h = &v["headers"];
+        let backend = v["backend"].as_str().unwrap().to_string();
+        assert_eq!(h["x-rule"][0], "r", "the rule's edits for every backend");
+        match backend.as_str() {
+            "v2" => {
+                assert_eq!(h["x-canary"][0], "yes");
+                assert!(h.get("x-drop").is_none());
+                assert_eq!(served_by.as_deref(), Some("canary"));
+            }
+            _ => {
+                assert!(h.get("x-canary").is_none() && h.get("x-drop").is_some(), "{h}");
+                assert_eq!(served_by, None);
+            }
+        }
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both backends served: {seen:?}");
 }

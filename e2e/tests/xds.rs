@@ -955,9 +955,10 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
 
 /// Services with a BackendPolicy each — retries on connect failure (one of two endpoints
 /// refuses), consistent hashing on a header, TLS to the endpoints with a CA file and a name to
-/// check — and a rule with a CORS policy and a request mirror, routed the same way by Envoy over
-/// our xDS, by ferrum-dp over MeshSubscribe and by ferrum-dp over xDS (which reads the retries,
-/// the key, the CORS policy and the mirror back off Envoy's routes).
+/// check — and a rule with a CORS policy, a request mirror and a backendRef's own header filter,
+/// routed the same way by Envoy over our xDS, by ferrum-dp over MeshSubscribe and by ferrum-dp
+/// over xDS (which reads the retries, the key, the CORS policy, the mirror and the backend's
+/// headers back off Envoy's routes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
@@ -1000,7 +1001,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /misnamed}}}}], backendRefs: [{{name: misnamed, port: 80}}]}}\n\
          \x20 - matches: [{{path: {{type: PathPrefix, value: /cors}}}}]\n\
          \x20   filters: [{{type: CORS, cors: {{allowOrigins: ['https://app.example.com'], allowMethods: [GET, PUT]}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: mirrored, port: 80}}}}}}]\n\
-         \x20   backendRefs: [{{name: plain, port: 80}}]\n\
+         \x20   backendRefs: [{{name: plain, port: 80, filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-own, value: plain}}]}}}}]}}]\n\
          {}{}{}{}{}{}{}{}{}{}",
         svc("flaky", &[a.addr.port(), refused]),
         policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
@@ -1054,6 +1055,11 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             allowed(&r),
             Some(origin.parse().unwrap()),
             "{proxy}: the answer is marked"
+        );
+        assert_eq!(
+            r.headers().get("x-own").map(|v| v.to_str().unwrap()),
+            Some("plain"),
+            "{proxy}: the backendRef's own filter"
         );
         eventually(
             &format!("{proxy} mirrors the request"),

@@ -683,6 +683,19 @@ pub enum Action {
 pub struct WeightedCluster {
     pub cluster: Option<String>,
     pub weight: u32,
+    /// Header edits of the requests sent to this backend and of its answers (a backendRef's
+    /// own filters), after the route's. Schema 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Box<BackendHeaders>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendHeaders {
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    pub request: HeaderModifier,
+    #[serde(default, skip_serializing_if = "HeaderModifier::is_empty")]
+    pub response: HeaderModifier,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -344,6 +344,15 @@ fn check_action(
                         format!("unknown cluster {c:?}"),
                     );
                 }
+                for (which, m) in b
+                    .headers
+                    .iter()
+                    .flat_map(|h| [("request", &h.request), ("response", &h.response)])
+                {
+                    if let Some(msg) = header_modifier_problem(m) {
+                        err(obj(), format!("{at}.action.forward[{i}].headers.{which}"), msg);
+                    }
+                }
             }
         }
         Action::Redirect(rd) => {
@@ -487,6 +496,7 @@ mod tests {
         Action::Forward(vec![WeightedCluster {
             cluster: Some(c.into()),
             weight: 1,
+            headers: None,
         }])
     }
 
@@ -529,6 +539,7 @@ mod tests {
         r.action = Action::Forward(vec![WeightedCluster {
             cluster: Some("c".into()),
             weight: MAX_WEIGHT + 1,
+            headers: None,
         }]);
         let mut ep = Endpoint::new("127.0.0.1", 80);
         ep.weight = u32::MAX;
@@ -541,6 +552,7 @@ mod tests {
         r.action = Action::Forward(vec![WeightedCluster {
             cluster: Some("c".into()),
             weight: 0,
+            headers: None,
         }]);
         validate(&snap(vec![r], vec![Cluster::new("c", vec![])])).unwrap();
     }

@@ -186,10 +186,14 @@ async fn serve(
     // The host's Gateways' policies decide before any route is chosen.
     if let Some(p) = vh.and_then(|vh| vh.policies.as_deref()) {
         let (mut parts, body) = req.into_parts();
-        match p.judge(&mut parts, conn.client, conn.listener) {
-            Verdict::Allow => req = Request::from_parts(parts, body),
-            Verdict::Deny => return Local::Denied.response(),
-            Verdict::Unauthenticated => return Local::Unauthenticated.response(),
+        let refused = match p.judge(&mut parts, conn.client, conn.listener) {
+            Verdict::Allow => None,
+            Verdict::Deny => Some(Local::Denied),
+            Verdict::Unauthenticated => Some(Local::Unauthenticated),
+        };
+        req = Request::from_parts(parts, body);
+        if let Some(l) = refused {
+            return cors_marked(vh, &req, l.response());
         }
     }
     let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
@@ -213,11 +217,16 @@ async fn serve(
         Some(f) => inject(f).await,
         None => None,
     };
+    let mut backend = None;
     let mut resp = match (aborted, &route.action) {
         (Some(status), _) => Local::FaultAbort(status).response(),
         (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
         (None, crate::router::Action::Forward(_)) => match route.action.pick() {
-            Some(Some(cluster)) => {
+            Some(crate::router::Target {
+                cluster: Some(cluster),
+                headers,
+            }) => {
+                backend = headers.as_deref();
                 if let Some(e) = log.as_deref_mut() {
                     e.upstream_cluster = Some(cluster.spec.name.clone());
                 }
@@ -229,17 +238,21 @@ async fn serve(
                     conn,
                     host_value,
                     logging: log.is_some(),
+                    backend,
                 };
                 match ctx.run(req).await {
                     Ok(r) => r,
                     Err(l) => l.response(),
                 }
             }
-            Some(None) => Local::BackendNotFound.response(),
+            Some(_) => Local::BackendNotFound.response(),
             None => Local::NoWeightedBackend.response(),
         },
     };
     route.response_headers.apply(resp.headers_mut());
+    if let Some(b) = backend {
+        b.response.apply(resp.headers_mut());
+    }
     if let (Some(c), Some(origin)) = (route.cors.as_deref(), cors) {
         c.mark(origin, resp.headers_mut());
     }
@@ -300,6 +313,22 @@ fn preflight<B>(vh: &crate::router::VirtualHost, req: &Request<B>) -> Option<Res
         cors::Check::Preflight(resp) => Some(resp),
         _ => None,
     }
+}
+
+/// `resp` (a refusal before any route was chosen), marked for the request's origin when its
+/// route's CORS policy allows it: a browser script can then read why it was refused.
+fn cors_marked<B>(
+    vh: Option<&crate::router::VirtualHost>,
+    req: &Request<B>,
+    mut resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
+    if let Some(c) = route.and_then(|r| r.cors.as_deref())
+        && let cors::Check::Allowed(origin) = c.check(req)
+    {
+        c.mark(origin, resp.headers_mut());
+    }
+    resp
 }
 
 /// `host[:port]` with `-shadow` after the host.
@@ -453,6 +482,8 @@ struct Forward<'a> {
     host_value: Option<HeaderValue>,
     /// The listener logs requests: the response carries the endpoint that answered.
     logging: bool,
+    /// The chosen backend's own header edits.
+    backend: Option<&'a crate::router::BackendMods>,
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -725,6 +756,9 @@ impl Forward<'_> {
             }
         }
         self.route.request_headers.apply(&mut parts.headers);
+        if let Some(b) = self.backend {
+            b.request.apply(&mut parts.headers);
+        }
         Ok(via)
     }
 }

@@ -57,14 +57,39 @@ pub struct Route {
 }
 
 pub enum Action {
-    /// Cumulative weights; a `None` target is a backend that did not resolve (500).
-    Forward(Vec<(u32, Option<Arc<ClusterRuntime>>)>),
+    /// Targets with their cumulative weights.
+    Forward(Vec<(u32, Target)>),
     Redirect(model::Redirect),
+}
+
+/// One weighted backend of a forwarding route.
+#[derive(Default)]
+pub struct Target {
+    /// `None`: a backend that did not resolve (500).
+    pub cluster: Option<Arc<ClusterRuntime>>,
+    /// Its own header edits (a backendRef's filters), after the route's.
+    pub headers: Option<Box<BackendMods>>,
+}
+
+/// Header edits of the requests sent to one backend and of its answers.
+#[derive(Default)]
+pub struct BackendMods {
+    pub request: HeaderMods,
+    pub response: HeaderMods,
+}
+
+impl BackendMods {
+    pub fn build(h: &model::BackendHeaders, route: &str) -> Result<BackendMods, RouteError> {
+        Ok(BackendMods {
+            request: mods(&h.request, route)?,
+            response: mods(&h.response, route)?,
+        })
+    }
 }
 
 impl Action {
     /// Weighted pick of a backend; `None` when no target has weight (the caller answers 500).
-    pub fn pick(&self) -> Option<&Option<Arc<ClusterRuntime>>> {
+    pub fn pick(&self) -> Option<&Target> {
         let Action::Forward(targets) = self else {
             return None;
         };
@@ -164,7 +189,7 @@ fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError
 impl VirtualHost {
     pub fn build(
         vh: &model::VirtualHost,
-        mut parts: impl FnMut(&model::Route) -> RouteParts,
+        mut parts: impl FnMut(&model::Route) -> Result<RouteParts, RouteError>,
     ) -> Result<Self, RouteError> {
         let mut out = VirtualHost {
             policies: None,
@@ -209,7 +234,7 @@ impl VirtualHost {
                 .iter()
                 .map(|q| Ok((q.name.clone(), Matcher::new(&q.value).map_err(|e| bad(e.to_string()))?)))
                 .collect::<Result<_, RouteError>>()?;
-            let p = parts(r);
+            let p = parts(r)?;
             out.routes.push(Route {
                 name: r.name.clone(),
                 method,
@@ -386,10 +411,11 @@ mod tests {
 
     #[test]
     fn a_rule_without_weight_picks_nothing() {
-        assert!(Action::Forward(vec![(0, None), (0, None)]).pick().is_none());
-        assert!(Action::Forward(vec![(0, None)]).pick().is_none());
+        let none = Target::default;
+        assert!(Action::Forward(vec![(0, none()), (0, none())]).pick().is_none());
+        assert!(Action::Forward(vec![(0, none())]).pick().is_none());
         assert!(Action::Forward(vec![]).pick().is_none());
-        assert!(Action::Forward(vec![(0, None), (3, None)]).pick().is_some());
+        assert!(Action::Forward(vec![(0, none()), (3, none())]).pick().is_some());
     }
 
     fn vh(routes: Vec<model::Route>) -> VirtualHost {
@@ -398,10 +424,12 @@ mod tests {
                 hostname: "*".into(),
                 routes: routes.into_iter().map(std::sync::Arc::new).collect(),
             },
-            |_| RouteParts {
-                action: Action::Forward(vec![]),
-                mirror: None,
-                stats: Default::default(),
+            |_| {
+                Ok(RouteParts {
+                    action: Action::Forward(vec![]),
+                    mirror: None,
+                    stats: Default::default(),
+                })
             },
         )
         .unwrap()

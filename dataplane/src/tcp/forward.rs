@@ -89,7 +89,7 @@ where
         tracing::debug!(client = %info.client, host, "no route for this connection");
         return;
     };
-    let Some(Some(cluster)) = route.action.pick().cloned() else {
+    let Some(cluster) = route.action.pick().and_then(|t| t.cluster.clone()) else {
         tracing::debug!(client = %info.client, route = %route.name, "the route's backend does not resolve");
         return;
     };

@@ -568,7 +568,7 @@ fn forward_action(
     unsupported: &mut Vec<String>,
 ) -> route::route::Action {
     use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
-    let cluster_specifier = if targets.len() == 1 && targets[0].cluster.is_some() {
+    let cluster_specifier = if targets.len() == 1 && targets[0].cluster.is_some() && targets[0].headers.is_none() {
         ClusterSpecifier::Cluster(targets[0].cluster.clone().unwrap_or_default())
     } else {
         if targets.iter().any(|t| t.cluster.is_none()) {
@@ -580,10 +580,21 @@ fn forward_action(
         ClusterSpecifier::WeightedClusters(route::WeightedCluster {
             clusters: targets
                 .iter()
-                .map(|t| route::weighted_cluster::ClusterWeight {
-                    name: t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into()),
-                    weight: u32v(t.weight),
-                    ..Default::default()
+                .map(|t| {
+                    // A backend's own header edits ride on its ClusterWeight.
+                    let h = t.headers.as_deref().cloned().unwrap_or_default();
+                    let add = |m: &model::HeaderModifier| {
+                        [header_values(&m.set, false), header_values(&m.add, true)].concat()
+                    };
+                    route::weighted_cluster::ClusterWeight {
+                        name: t.cluster.clone().unwrap_or_else(|| "ferrum-invalid-backend".into()),
+                        weight: u32v(t.weight),
+                        request_headers_to_add: add(&h.request),
+                        request_headers_to_remove: h.request.remove.clone(),
+                        response_headers_to_add: add(&h.response),
+                        response_headers_to_remove: h.response.remove.clone(),
+                        ..Default::default()
+                    }
                 })
                 .collect(),
             ..Default::default()
@@ -789,6 +800,7 @@ mod tests {
         let t = |cluster: Option<&str>, weight| model::WeightedCluster {
             cluster: cluster.map(String::from),
             weight,
+            headers: None,
         };
         assert_eq!(local_error(&[t(None, 1)]), Some(BACKEND_NOT_FOUND));
         assert_eq!(local_error(&[t(None, 1), t(Some("c"), 0)]), Some(BACKEND_NOT_FOUND));

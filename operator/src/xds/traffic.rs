@@ -204,6 +204,7 @@ mod tests {
         WeightedCluster {
             cluster: Some(name.into()),
             weight,
+            headers: None,
         }
     }
 

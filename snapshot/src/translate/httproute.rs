@@ -913,6 +913,42 @@ fn rule_timeouts(
     Some(timeouts)
 }
 
+/// A backendRef's own filters: header edits of what is sent to it and of its answers (the
+/// other filter types are not supported per backend).
+fn backend_headers(
+    filters: &[HttpRouteRulesBackendRefsFilters],
+    at: &str,
+) -> Result<Option<Box<BackendHeaders>>, (String, Reason, String)> {
+    let mut h = BackendHeaders::default();
+    for (fi, f) in filters.iter().enumerate() {
+        let at = format!("{at}.filters[{fi}]");
+        let (edits, which) = match (&f.r#type, &f.request_header_modifier, &f.response_header_modifier) {
+            (HttpRouteRulesBackendRefsFiltersType::RequestHeaderModifier, Some(m), _) => {
+                (&mut h.request, header_modifier!(m))
+            }
+            (HttpRouteRulesBackendRefsFiltersType::ResponseHeaderModifier, _, Some(m)) => {
+                (&mut h.response, header_modifier!(m))
+            }
+            (HttpRouteRulesBackendRefsFiltersType::RequestHeaderModifier, None, _)
+            | (HttpRouteRulesBackendRefsFiltersType::ResponseHeaderModifier, _, None) => {
+                return Err((at, Reason::Invalid, "the filter's modifier is missing".into()));
+            }
+            (other, ..) => {
+                return Err((
+                    format!("{at}.type"),
+                    Reason::UnsupportedValue,
+                    format!("filter type {other:?} is not supported on a backendRef (header modifiers are)"),
+                ));
+            }
+        };
+        if let Some(msg) = crate::validate::header_modifier_problem(&which) {
+            return Err((at, Reason::Invalid, msg));
+        }
+        *edits = which;
+    }
+    Ok(Some(Box::new(h)).filter(|h| **h != BackendHeaders::default()))
+}
+
 /// A rule's weighted backends (one unresolved backend when none has weight: the spec's 500),
 /// or `None` with the problem noted.
 fn rule_backends(
@@ -935,15 +971,13 @@ fn rule_backends(
             );
             return None;
         }
-        if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-            problems.push(
-                obj,
-                format!("{bfield}.filters"),
-                Reason::UnsupportedValue,
-                "per-backend filters are not supported yet",
-            );
-            return None;
-        }
+        let headers = match backend_headers(b.filters.as_deref().unwrap_or_default(), &bfield) {
+            Ok(h) => h,
+            Err((field, reason, why)) => {
+                problems.push(obj, field, reason, why);
+                return None;
+            }
+        };
         let r = BackendRef::with_defaults(
             b.group.as_deref(),
             b.kind.as_deref(),
@@ -963,6 +997,7 @@ fn rule_backends(
             backends.push(WeightedCluster {
                 cluster,
                 weight: weight as u32,
+                headers,
             });
         }
     }
@@ -971,6 +1006,7 @@ fn rule_backends(
         backends.push(WeightedCluster {
             cluster: None,
             weight: 1,
+            headers: None,
         });
     }
     Some(backends)

@@ -142,6 +142,7 @@ pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &R
                     action: Action::Forward(vec![WeightedCluster {
                         cluster: Some(cluster),
                         weight: 1,
+                        headers: None,
                     }]),
                     timeouts: RouteTimeouts::default(),
                     retry: None,

@@ -226,11 +226,13 @@ fn filters_redirect_rewrite_headers_and_timeouts() {
         Action::Forward(vec![
             WeightedCluster {
                 cluster: Some("service/default/echo:80".into()),
-                weight: 90
+                weight: 90,
+                headers: None,
             },
             WeightedCluster {
                 cluster: Some("backend/default/static".into()),
-                weight: 10
+                weight: 10,
+                headers: None,
             },
         ])
     );
@@ -399,6 +401,31 @@ fn a_cors_filter_becomes_the_routes_cors_policy() {
         t.problem_keys(),
         [("r", "spec.rules[0].filters[0].cors.allowOrigins[0]", Reason::Invalid)],
         "an origin has a scheme"
+    );
+}
+
+#[test]
+fn a_backend_refs_header_filters_are_its_own() {
+    let s = ok(&route(
+        "  - backendRefs:\n    - {name: echo, port: 80}\n    - name: echo\n      port: 80\n      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Canary, value: 'yes'}]}}]\n",
+    ));
+    let Action::Forward(targets) = &routes(&s, "*")[0].action else {
+        panic!("forwards")
+    };
+    assert_eq!(targets[0].headers, None);
+    let h = targets[1].headers.as_deref().expect("its own edits");
+    assert_eq!(h.request.set, [("x-canary".to_string(), "yes".to_string())]);
+
+    let t = run(&route(
+        "  - backendRefs:\n    - name: echo\n      port: 80\n      filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        [(
+            "r",
+            "spec.rules[0].backendRefs[0].filters[0].type",
+            Reason::UnsupportedValue
+        )]
     );
 }
 

@@ -13,8 +13,8 @@ use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch,
 use crate::mesh::{MeshService, Resolution};
 use crate::model::Digest;
 use crate::model::{
-    Action, Cors, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch, PathRewrite, Redirect,
-    RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
+    Action, BackendHeaders, Cors, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch,
+    PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
 
@@ -71,6 +71,8 @@ struct Destination {
     port: Option<u16>,
     subset: Option<String>,
     weight: u32,
+    /// Its own header edits (with several destinations).
+    headers: Option<Box<BackendHeaders>>,
 }
 
 /// What hosts name: the cluster's Services and the ServiceEntries' hosts.
@@ -241,18 +243,21 @@ fn destinations(
             }
             (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
         };
+        let mut dest = destination(&d.destination, ns, &format!("{at}.destination"), weight)?;
         if let Some(hd) = &d.headers {
-            if several {
-                return Err(unsupported(
-                    format!("{at}.headers"),
-                    "header edits per destination are supported on a route with one destination only",
-                ));
-            }
             let (req, resp) = header_edits(Some(hd));
-            request = merged(request, req);
-            response = merged(response, resp);
+            if several {
+                // That destination's own, as a backendRef's filters.
+                dest.headers = Some(Box::new(BackendHeaders {
+                    request: req,
+                    response: resp,
+                }));
+            } else {
+                request = merged(request, req);
+                response = merged(response, resp);
+            }
         }
-        out.push(destination(&d.destination, ns, &format!("{at}.destination"), weight)?);
+        out.push(dest);
     }
     Ok((out, request, response))
 }
@@ -288,6 +293,7 @@ fn destination(d: &crate::istio::VsDestination, ns: &str, at: &str, weight: u32)
         port,
         subset: d.subset.clone(),
         weight,
+        headers: None,
     })
 }
 
@@ -731,6 +737,7 @@ fn routes_on(
                     .map(|(j, d)| WeightedCluster {
                         cluster: cluster_of(d, format!("spec.http[{i}].route[{j}].destination")),
                         weight: d.weight,
+                        headers: d.headers.clone(),
                     })
                     .collect(),
             ),

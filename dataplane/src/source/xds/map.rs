@@ -245,6 +245,18 @@ fn tcp_hosts(
 
 /// Forwarding targets by cluster name and weight; a cluster this client does not know is a
 /// backend that did not resolve.
+/// A weighted cluster's own header edits (a backendRef's filters, as the operator sends them).
+fn backend_headers(
+    c: &route::weighted_cluster::ClusterWeight,
+    at: &str,
+) -> Result<Option<Box<model::BackendHeaders>>, MapError> {
+    let h = model::BackendHeaders {
+        request: headers(&c.request_headers_to_add, &c.request_headers_to_remove, at)?,
+        response: headers(&c.response_headers_to_add, &c.response_headers_to_remove, at)?,
+    };
+    Ok(Some(Box::new(h)).filter(|h| **h != model::BackendHeaders::default()))
+}
+
 fn weighted<'a>(
     clusters: impl IntoIterator<Item = (&'a str, u32)>,
     known: &dyn Fn(&str) -> bool,
@@ -254,6 +266,7 @@ fn weighted<'a>(
         .map(|(c, weight)| WeightedCluster {
             cluster: Some(c.to_string()).filter(|c| known(c)),
             weight,
+            headers: None,
         })
         .collect()
 }
@@ -414,6 +427,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             Action::Forward(vec![WeightedCluster {
                 cluster: None,
                 weight: u32::from(!no_weight),
+                headers: None,
             }])
         }
         _ => {
@@ -510,13 +524,22 @@ fn forward(
     use route::route_action::{ClusterSpecifier, HostRewriteSpecifier};
     let targets = match &ra.cluster_specifier {
         Some(ClusterSpecifier::Cluster(c)) => weighted([(c.as_str(), 1)], known),
-        Some(ClusterSpecifier::WeightedClusters(w)) => weighted(
-            w.clusters
+        Some(ClusterSpecifier::WeightedClusters(w)) => {
+            let live: Vec<_> = w
+                .clusters
                 .iter()
-                .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(1, |w| w.value)))
-                .filter(|(_, weight)| *weight > 0),
-            known,
-        ),
+                .filter(|c| c.weight.as_ref().is_none_or(|w| w.value > 0))
+                .collect();
+            let mut targets = weighted(
+                live.iter()
+                    .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(1, |w| w.value))),
+                known,
+            );
+            for (t, c) in targets.iter_mut().zip(&live) {
+                t.headers = backend_headers(c, at)?;
+            }
+            targets
+        }
         _ => {
             return Err(MapError::refused(
                 at,
@@ -1269,7 +1292,13 @@ mod tests {
             let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
             snap.listeners[0].virtual_hosts[0].routes[0].action.clone()
         };
-        let unresolved = |weight| Action::Forward(vec![WeightedCluster { cluster: None, weight }]);
+        let unresolved = |weight| {
+            Action::Forward(vec![WeightedCluster {
+                cluster: None,
+                weight,
+                headers: None,
+            }])
+        };
         assert_eq!(answer(None), unresolved(1));
         assert_eq!(answer(Some(ferrum_proto::xds::BACKEND_NOT_FOUND)), unresolved(1));
         assert_eq!(answer(Some(ferrum_proto::xds::NO_WEIGHTED_BACKEND)), unresolved(0));
