@@ -244,6 +244,19 @@ impl Compiler {
             out.by_host
                 .insert(port, Arc::new(mesh_listener(format!("hosts:{port}"), vhosts)));
         }
+        for s in snap.services.iter().filter(|s| !s.tcp_routes.is_empty()) {
+            for p in &s.ports {
+                let Some(t) = s.tcp_routes_for(p.port, namespace) else {
+                    continue;
+                };
+                let vh = ferrum_snapshot::model::VirtualHost {
+                    hostname: "*".into(),
+                    routes: t.routes.clone(),
+                };
+                out.tcp
+                    .insert((s.key.clone(), p.port), Arc::new(self.virtual_host(&vh, clusters)?));
+            }
+        }
         Ok(out)
     }
 
@@ -257,14 +270,7 @@ impl Compiler {
             .iter()
             .flat_map(|l| &l.virtual_hosts)
             .flat_map(|v| &v.routes)
-            .chain(
-                serving
-                    .snapshot
-                    .services
-                    .iter()
-                    .flat_map(|s| &s.routes)
-                    .flat_map(|t| &t.routes),
-            )
+            .chain(serving.snapshot.services.iter().flat_map(|s| s.all_routes()))
             .map(|r| r.name.as_str())
             .collect();
         self.registry

@@ -955,6 +955,104 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
     .await;
 }
 
+/// Opens `n` TCP connections in turn from pod `from` to svc-b's port 9000 (the echo port),
+/// each sending a line and reading it back; how many came back whole.
+fn echoes_to_svc_b(w: &World, from: usize, n: usize) -> usize {
+    let out = w.pods[from].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\nok = 0\nfor i in range({n}):\n\
+             \x20   s = socket.create_connection(('{VIP}', 9000), timeout=5)\n\
+             \x20   s.sendall(b'ping %d' % i); s.shutdown(socket.SHUT_WR)\n\
+             \x20   got = b''\n\
+             \x20   while True:\n\
+             \x20       b = s.recv(64)\n\
+             \x20       if not b: break\n\
+             \x20       got += b\n\
+             \x20   ok += got == b'ping %d' % i\n\
+             \x20   s.close()\n\
+             print(ok)"
+        ),
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// TCP traffic shifting, Istio's task: a VirtualService `tcp` route on svc-b's port 9000 sends
+/// pod A's raw TCP connections to the DestinationRule's subsets by weight, decided per
+/// connection in A's sidecar and carried over HBONE to the chosen pod; HTTP on port 80 is not
+/// the route's and stays balanced. Shifting the weights moves the connections; deleting the
+/// VirtualService returns to plain balancing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
+    let (w, [a, b1, b2]) = two_versions_of_b().await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let shift = |v1: u32, v2: u32| {
+        w.cluster.apply(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+             spec: {{host: svc-b, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-tcp, namespace: {NS}}}\n\
+             spec:\n  hosts: [svc-b]\n  tcp:\n\
+             \x20 - match: [{{port: 9000}}]\n    route:\n\
+             \x20   - {{destination: {{host: svc-b, subset: v1, port: {{number: 9000}}}}, weight: {v1}}}\n\
+             \x20   - {{destination: {{host: svc-b, subset: v2, port: {{number: 9000}}}}, weight: {v2}}}\n"
+        ))
+    };
+    // Connections each pod's sidecar took in over HBONE.
+    let tunnels = || {
+        (
+            w.pods[b1].connections("inbound", "hbone"),
+            w.pods[b2].connections("inbound", "hbone"),
+        )
+    };
+    // (to v1, to v2) of `n` connections, every one echoed.
+    let spread = |n: usize| {
+        let before = tunnels();
+        assert_eq!(echoes_to_svc_b(&w, a, n), n, "every connection echoed");
+        let after = tunnels();
+        ((after.0 - before.0) as usize, (after.1 - before.1) as usize)
+    };
+    shift(0, 100);
+    eventually(
+        "the route sends every connection to v2",
+        Duration::from_secs(20),
+        async || spread(10) == (0, 10),
+    )
+    .await;
+    let vs = w.cluster.get("virtualservice", NS, "b-tcp");
+    assert_eq!(vs["status"]["conditions"][0]["status"], "True", "{vs}");
+    let http = calls_to_svc_b(&w, a, 20, "/r", &[]);
+    assert!(http.0 > 0 && http.1 > 0, "HTTP on port 80 is not the route's: {http:?}");
+
+    shift(80, 20);
+    eventually("the new weights are in effect", Duration::from_secs(20), async || {
+        spread(10).0 > 0
+    })
+    .await;
+    let (v1, v2) = spread(300);
+    let share = v1 as f64 / 300.0;
+    println!("TCP shift over 300 connections: v1 {v1}, v2 {v2} (v1 share {share:.3}, want 0.80 ± 0.07)");
+    assert_eq!(v1 + v2, 300, "each connection reached one pod");
+    assert!((share - 0.80).abs() <= 0.07, "v1 share {share}");
+    let routed = w.pods[a].connections("outbound", "routed");
+    assert!(routed >= 300.0, "A's sidecar counts them routed: {routed}");
+
+    w.cluster
+        .kubectl(&["delete", "virtualservice", "b-tcp", "-n", NS], None);
+    eventually(
+        "without it, connections are balanced over both pods",
+        Duration::from_secs(20),
+        async || {
+            let (v1, v2) = spread(10);
+            v1 >= 4 && v2 >= 4
+        },
+    )
+    .await;
+}
+
 /// A VirtualService's retries are the route's own: with b-2's application gone (its sidecar
 /// still up, so each call there fails), a route retrying connect failures and resets answers
 /// every call from b-1, and so does a route without `retries` (Istio's default policy), while a

@@ -331,8 +331,33 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<VsHttpRoute>,
+    /// Opaque TCP routes: the first whose match holds takes a connection to a port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<VsTcpRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// A VirtualService `tcp` route: where connections go, weighted, when a match holds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsTcpRoute {
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<VsL4Match>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<VsRouteDestination>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// A `tcp` route's match: the Service port (other attributes are reported, not read).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsL4Match {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -370,6 +370,7 @@ impl<'a> ClientView<'a> {
         let mut n = (**s).clone();
         n.ports.retain(|p| self.knows_port(s, p.port));
         n.routes.retain(|r| self.knows_port(s, r.port));
+        n.tcp_routes.retain(|r| self.knows_port(s, r.port));
         Some(Arc::new(n))
     }
 
@@ -407,6 +408,11 @@ pub struct MeshService {
     /// `endpoints`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ServiceRoutes>,
+    /// L4 routes (Istio VirtualService `tcp`), per port: a client's sidecar sends a connection
+    /// to the port that is not routed as HTTP to a weighted pick of the one route's clusters,
+    /// instead of balancing over `endpoints`. Schema 7.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<ServiceRoutes>,
     /// The namespaces whose clients see it (Istio's `networking.istio.io/exportTo`); empty:
     /// every namespace. Elsewhere its address is not the mesh's (passthrough).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -452,6 +458,17 @@ pub struct ServiceRoutes {
     pub routes: Vec<Arc<crate::model::Route>>,
 }
 
+impl ServiceRoutes {
+    /// Of `tables`, the one a client in `namespace` follows to `port`: its namespace's consumer
+    /// table, else the producer table.
+    fn for_client<'t>(tables: &'t [ServiceRoutes], port: u16, namespace: &str) -> Option<&'t ServiceRoutes> {
+        let of_port = || tables.iter().filter(move |r| r.port == port);
+        of_port()
+            .find(|r| r.consumer.as_deref() == Some(namespace))
+            .or_else(|| of_port().find(|r| r.consumer.is_none()))
+    }
+}
+
 impl MeshService {
     /// Whether clients in `namespace` see this Service.
     pub fn visible_to(&self, namespace: &str) -> bool {
@@ -461,15 +478,22 @@ impl MeshService {
     /// The routes a client in `namespace` follows to `port`: its namespace's consumer routes,
     /// else the producer routes; `None` when neither exists (plain Service balancing).
     pub fn routes_for(&self, port: u16, namespace: &str) -> Option<&ServiceRoutes> {
-        let of_port = || self.routes.iter().filter(move |r| r.port == port);
-        of_port()
-            .find(|r| r.consumer.as_deref() == Some(namespace))
-            .or_else(|| of_port().find(|r| r.consumer.is_none()))
+        ServiceRoutes::for_client(&self.routes, port, namespace)
+    }
+
+    /// [`Self::routes_for`] for the L4 routes.
+    pub fn tcp_routes_for(&self, port: u16, namespace: &str) -> Option<&ServiceRoutes> {
+        ServiceRoutes::for_client(&self.tcp_routes, port, namespace)
+    }
+
+    /// Every route of every table, HTTP and L4.
+    pub fn all_routes(&self) -> impl Iterator<Item = &Arc<crate::model::Route>> {
+        self.routes.iter().chain(&self.tcp_routes).flat_map(|r| &r.routes)
     }
 
     /// Every cluster its routes send to, mirrors included.
     pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
-        self.routes.iter().flat_map(|r| &r.routes).flat_map(|r| {
+        self.all_routes().flat_map(|r| {
             let targets = match &r.action {
                 crate::model::Action::Forward(t) => t.as_slice(),
                 crate::model::Action::Redirect(_) => &[],
@@ -683,6 +707,7 @@ mod tests {
             }],
             endpoints: vec![],
             routes: vec![],
+            tcp_routes: vec![],
             export_to: vec![],
             resolution: Resolution::Endpoints,
             by_host: false,

@@ -48,9 +48,17 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
     }
     for svc in &s.services {
         let obj = format!("service {:?}", svc.key);
-        for (ti, t) in svc.routes.iter().enumerate() {
-            for (ri, r) in t.routes.iter().enumerate() {
-                check_route(r, &cluster_names, &obj, &format!("routes[{ti}].routes[{ri}]"), &mut err);
+        for (field, tables) in [("routes", &svc.routes), ("tcpRoutes", &svc.tcp_routes)] {
+            for (ti, t) in tables.iter().enumerate() {
+                for (ri, r) in t.routes.iter().enumerate() {
+                    check_route(
+                        r,
+                        &cluster_names,
+                        &obj,
+                        &format!("{field}[{ti}].routes[{ri}]"),
+                        &mut err,
+                    );
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, W
 use super::jwt::{Authenticator, JwksCache};
 use super::policy::Authorizer;
 use crate::compile::CompiledListener;
+use crate::router::VirtualHost;
 
 /// One Service port and the endpoints that serve it.
 pub struct ServiceTarget {
@@ -23,6 +24,8 @@ pub struct ServiceTarget {
     pub names: Vec<(Arc<str>, u16)>,
     /// The Service port's mesh routes: HTTP to it is routed by them, like a listener's.
     pub http: Option<Arc<CompiledListener>>,
+    /// Its L4 route: other connections go to a weighted pick of the route's clusters.
+    pub tcp: Option<Arc<VirtualHost>>,
     next: AtomicUsize,
 }
 
@@ -111,6 +114,8 @@ pub struct MeshRoutes {
     pub by_service: HashMap<(String, u16), Arc<CompiledListener>>,
     /// Per port, a virtual host for each service found by host there.
     pub by_host: HashMap<u16, Arc<CompiledListener>>,
+    /// The L4 route per (service key, port), as the one route of a virtual host.
+    pub tcp: HashMap<(String, u16), Arc<VirtualHost>>,
 }
 
 #[derive(Default)]
@@ -180,6 +185,7 @@ impl MeshIndex {
                 }
                 let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
                 let routes = http.by_service.get(&(s.key.clone(), p.port)).cloned();
+                let tcp = http.tcp.get(&(s.key.clone(), p.port)).cloned();
                 if s.by_host {
                     // A ServiceEntry without addresses: found by the host a connection asks for
                     // (SNI or Host), so never on a port declared opaque — nothing there names one,
@@ -195,6 +201,7 @@ impl MeshIndex {
                         http: s
                             .routes_for(p.port, own_ns)
                             .and_then(|_| http.by_host.get(&p.port).cloned()),
+                        tcp: None,
                         next: AtomicUsize::new(fastrand::usize(..)),
                     });
                     continue;
@@ -208,6 +215,7 @@ impl MeshIndex {
                             endpoints: same_family(&endpoints, vip),
                             names: names.clone(),
                             http: routes.clone(),
+                            tcp: tcp.clone(),
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
                     );

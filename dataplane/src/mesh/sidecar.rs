@@ -27,7 +27,8 @@ use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
 use crate::listener;
 use crate::proxy::ConnInfo;
-use crate::upstream::{TunnelFuture, Tunnels};
+use crate::router::VirtualHost;
+use crate::upstream::{L4Guard, L4Stream, TunnelFuture, Tunnels};
 use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
@@ -485,8 +486,16 @@ impl Sidecar {
     {
         let stats = &self.app.stats;
         let cfg = self.dp.shared.config.load_full();
+        // Held (a circuit-breaker slot of the route's cluster) while the connection lasts.
+        let mut held = None;
         let up = match cfg.mesh.destination(dst) {
-            Destination::Service(t) => self.connect_service(t, dst, peer).await,
+            Destination::Service(t) => match &t.tcp {
+                Some(route) => self.connect_routed(route, dst, peer).await.map(|(s, guard)| {
+                    held = Some(guard);
+                    s
+                }),
+                None => self.connect_service(t, dst, peer).await,
+            },
             Destination::Workload(w) => self.connect(dst, Some(w), peer, None).await.ok(),
             Destination::Passthrough => self.connect(dst, None, peer, None).await.ok(),
             Destination::Blocked => {
@@ -497,10 +506,31 @@ impl Sidecar {
         };
         drop(cfg);
         self.relay_to(tcp, up).await;
+        drop(held);
+    }
+
+    /// A stream to a cluster of a Service port's L4 route (VirtualService `tcp`), picked by
+    /// weight; `None` when the pick does not resolve or no endpoint of it answers.
+    async fn connect_routed(&self, vh: &VirtualHost, dst: SocketAddr, peer: SocketAddr) -> Option<(L4Stream, L4Guard)> {
+        let route = vh.first_route()?;
+        let Some(cluster) = route.action.pick().and_then(|t| t.cluster.as_ref()) else {
+            tracing::info!(%dst, route = %route.name, "no backend: the route's pick does not resolve");
+            return None;
+        };
+        match cluster.connect_l4(peer.ip()).await {
+            Ok(up) => {
+                self.app.stats.outbound_routed.fetch_add(1, Relaxed);
+                Some(up)
+            }
+            Err(e) => {
+                tracing::info!(%dst, route = %route.name, cluster = %cluster.spec.name, error = e.as_str(), "no endpoint reachable");
+                None
+            }
+        }
     }
 
     /// Relays `tcp` to `up`, or counts the failure to get one.
-    async fn relay_to<S>(&self, tcp: S, up: Option<Upstream>)
+    async fn relay_to<S>(&self, tcp: S, up: Option<L4Stream>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -510,14 +540,11 @@ impl Sidecar {
             return;
         };
         let idle = self.settings.idle_timeout;
-        let _ = match up {
-            Upstream::Tunnel(t) => relay(tcp, t, idle, stats).await,
-            Upstream::Tcp(t) => relay(tcp, t, idle, stats).await,
-        };
+        let _ = relay(tcp, up, idle, stats).await;
     }
 
     /// A stream to one of a service's endpoints, trying the next ones when a connect fails.
-    async fn connect_service(&self, t: &ServiceTarget, dst: SocketAddr, peer: SocketAddr) -> Option<Upstream> {
+    async fn connect_service(&self, t: &ServiceTarget, dst: SocketAddr, peer: SocketAddr) -> Option<L4Stream> {
         let mut last = None;
         for attempt in 0..CONNECT_ATTEMPTS.min(t.endpoints.len().max(t.names.len())) {
             let got = match (t.pick(attempt), t.pick_name(attempt)) {
@@ -536,13 +563,13 @@ impl Sidecar {
 
     /// Plain TCP to a DNS-resolved endpoint (outside the mesh): every address the name has is
     /// tried, within the connect timeout.
-    async fn connect_name(&self, name: &str, port: u16) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
+    async fn connect_name(&self, name: &str, port: u16) -> Result<L4Stream, Box<dyn std::error::Error + Send + Sync>> {
         let t = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect((name, port)))
             .await
             .map_err(|_| "connect timed out")??;
         let _ = t.set_nodelay(true);
         self.app.stats.outbound_passthrough.fetch_add(1, Relaxed);
-        Ok(Upstream::Tcp(t))
+        Ok(L4Stream::Tcp(t))
     }
 
     /// A stream to `addr`: over HBONE when the workload there has a mesh proxy, else plain TCP.
@@ -552,10 +579,10 @@ impl Sidecar {
         w: Option<&Workload>,
         client: SocketAddr,
         host: Option<&str>,
-    ) -> Result<Upstream, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<L4Stream, Box<dyn std::error::Error + Send + Sync>> {
         let stats = &self.app.stats;
         match w.filter(|w| w.hbone) {
-            Some(w) => Ok(Upstream::Tunnel(self.tunnel(addr, w, client, host).await?)),
+            Some(w) => Ok(L4Stream::Tunnel(self.tunnel(addr, w, client, host).await?)),
             None => {
                 let t = tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
                     .await
@@ -567,7 +594,7 @@ impl Sidecar {
                     &stats.outbound_passthrough
                 };
                 counter.fetch_add(1, Relaxed);
-                Ok(Upstream::Tcp(t))
+                Ok(L4Stream::Tcp(t))
             }
         }
     }
@@ -629,9 +656,4 @@ enum Kind {
     Outbound,
     Inbound,
     Hbone,
-}
-
-enum Upstream {
-    Tunnel(Tunnel),
-    Tcp(TcpStream),
 }

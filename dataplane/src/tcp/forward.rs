@@ -95,7 +95,7 @@ where
     };
     let name = route.name.clone();
     drop(cfg);
-    let (mut upstream, held) = match cluster.connect_tcp(info.client.ip()).await {
+    let (mut upstream, held) = match cluster.connect_l4(info.client.ip()).await {
         Ok(x) => x,
         Err(e) => {
             tracing::info!(client = %info.client, route = %name, cluster = %cluster.spec.name, error = e.as_str(), "no backend connection");

@@ -20,8 +20,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::net::TcpStream;
 
+use super::l4::L4Stream;
 use crate::mesh::tunnel::Tunnel;
 use crate::telemetry::ClusterStats;
 
@@ -72,11 +72,12 @@ impl tower_service::Service<Uri> for CountingConnector {
             t.dial(addr)
         });
         let fut = match tunnel {
-            Some(t) => Box::pin(async move { t.await.map(|t| Io::Tunnel(TokioIo::new(t))) })
-                as Pin<Box<dyn Future<Output = _> + Send>>,
+            Some(t) => {
+                Box::pin(async move { t.await.map(L4Stream::Tunnel) }) as Pin<Box<dyn Future<Output = _> + Send>>
+            }
             None => {
                 let tcp = self.inner.call(uri);
-                Box::pin(async move { tcp.await.map(Io::Tcp).map_err(BoxError::from) })
+                Box::pin(async move { Ok(L4Stream::Tcp(tcp.await?.into_inner())) })
             }
         };
         Box::pin(async move {
@@ -88,7 +89,10 @@ impl tower_service::Service<Uri> for CountingConnector {
             match fut.await {
                 Ok(io) => {
                     stats.connections_total.fetch_add(1, Relaxed);
-                    Ok(Counted { io, stats })
+                    Ok(Counted {
+                        io: TokioIo::new(io),
+                        stats,
+                    })
                 }
                 Err(e) => {
                     stats.connections_active.fetch_sub(1, Relaxed);
@@ -99,25 +103,9 @@ impl tower_service::Service<Uri> for CountingConnector {
     }
 }
 
-/// An upstream connection: TCP, or a mesh tunnel.
-enum Io {
-    Tcp(TokioIo<TcpStream>),
-    Tunnel(TokioIo<Tunnel>),
-}
-
-/// Forwards a call to whichever stream the connection is.
-macro_rules! either {
-    ($io:expr, $s:ident => $e:expr) => {
-        match $io {
-            Io::Tcp($s) => $e,
-            Io::Tunnel($s) => $e,
-        }
-    };
-}
-
 /// A connection that keeps the cluster's open-connection gauge honest.
 pub struct Counted {
-    io: Io,
+    io: TokioIo<L4Stream>,
     stats: Arc<ClusterStats>,
 }
 
@@ -129,38 +117,38 @@ impl Drop for Counted {
 
 impl Connection for Counted {
     fn connected(&self) -> Connected {
-        match &self.io {
-            Io::Tcp(t) => t.connected(),
-            Io::Tunnel(_) => Connected::new(),
+        match self.io.inner() {
+            L4Stream::Tcp(t) => t.connected(),
+            L4Stream::Tunnel(_) => Connected::new(),
         }
     }
 }
 
 impl Read for Counted {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        either!(&mut self.io, s => Pin::new(s).poll_read(cx, buf))
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl Write for Counted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        either!(&mut self.io, s => Pin::new(s).poll_write(cx, buf))
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        either!(&mut self.io, s => Pin::new(s).poll_flush(cx))
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        either!(&mut self.io, s => Pin::new(s).poll_shutdown(cx))
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn is_write_vectored(&self) -> bool {
-        either!(&self.io, s => s.is_write_vectored())
+        self.io.is_write_vectored()
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        either!(&mut self.io, s => Pin::new(s).poll_write_vectored(cx, bufs))
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 

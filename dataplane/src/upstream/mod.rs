@@ -9,6 +9,7 @@ pub mod body;
 pub mod connector;
 mod failure;
 pub mod health;
+pub mod l4;
 pub mod pool;
 pub mod retry;
 
@@ -26,6 +27,7 @@ pub use failure::UpstreamError;
 use crate::telemetry::{ClusterStats, EndpointHealth};
 use balance::{Balancer, Candidate};
 pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels};
+pub use l4::L4Stream;
 pub use pool::{Lease, Pool, PoolError};
 
 /// Milliseconds since the process started: a cheap, monotonic clock for atomics.
@@ -114,6 +116,8 @@ pub struct ClusterRuntime {
     retries_active: AtomicU32,
     released: Notify,
     health: Option<tokio::task::AbortHandle>,
+    /// A mesh proxy's tunnels: L4 connections to mesh workloads go over HBONE, as requests do.
+    tunnels: connector::TunnelSlot,
 }
 
 impl Drop for ClusterRuntime {
@@ -227,6 +231,7 @@ impl ClusterRuntime {
             retries_active: AtomicU32::new(0),
             released: Notify::new(),
             health: None,
+            tunnels: tunnels.clone(),
         };
         if spec.health_check.is_some() && !rt.endpoints.is_empty() {
             rt.health = Some(health::spawn(&rt));
@@ -276,14 +281,12 @@ impl ClusterRuntime {
         Some((i, EndpointGuard(e.clone())))
     }
 
-    /// A TCP connection to one of the cluster's endpoints, for L4 routes: balanced like a
-    /// request (`client` is the hash key of a client-IP hash), up to [`CONNECT_ATTEMPTS`]
-    /// endpoints tried, each within the connect timeout, failures counted by outlier detection.
+    /// A stream to one of the cluster's endpoints, for L4 routes: balanced like a request
+    /// (`client` is the hash key of a client-IP hash), up to [`CONNECT_ATTEMPTS`] endpoints
+    /// tried, each within the connect timeout, failures counted by outlier detection. A mesh
+    /// proxy reaches an endpoint that is a mesh workload over HBONE, anything else over TCP.
     /// The guard holds a circuit-breaker slot for the connection's life.
-    pub async fn connect_tcp(
-        self: &Arc<Self>,
-        client: std::net::IpAddr,
-    ) -> Result<(tokio::net::TcpStream, L4Guard), UpstreamError> {
+    pub async fn connect_l4(self: &Arc<Self>, client: std::net::IpAddr) -> Result<(L4Stream, L4Guard), UpstreamError> {
         let guard = self.admit().await?;
         let key = matches!(self.balancer.hash_on(), Some(HashOn::ClientIp)).then(|| balance::HashKey::ip(client));
         let key = key.as_ref().map(balance::HashKey::as_bytes);
@@ -292,10 +295,8 @@ impl ClusterRuntime {
         let mut last = UpstreamError::NoHealthyUpstream;
         for _ in 0..CONNECT_ATTEMPTS {
             let Some((i, ep)) = self.pick(key, avoid) else { break };
-            let connect = tokio::net::TcpStream::connect(ep.0.authority.as_str());
-            last = match tokio::time::timeout(timeout, connect).await {
+            last = match tokio::time::timeout(timeout, self.open(&ep.0)).await {
                 Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
                     self.record(&ep.0, Outcome::Status(200));
                     self.stats.connections_total.fetch_add(1, Relaxed);
                     self.stats.connections_active.fetch_add(1, Relaxed);
@@ -318,6 +319,17 @@ impl ClusterRuntime {
         }
         self.stats.error(last);
         Err(last)
+    }
+
+    /// A tunnel to `ep` when a mesh proxy serves it, else a TCP connection.
+    async fn open(&self, ep: &EndpointState) -> Result<L4Stream, connector::BoxError> {
+        let tunnel = self.tunnels.get().and_then(|t| t.dial(ep.key.parse().ok()?));
+        if let Some(t) = tunnel {
+            return Ok(L4Stream::Tunnel(t.await?));
+        }
+        let s = tokio::net::TcpStream::connect(ep.authority.as_str()).await?;
+        let _ = s.set_nodelay(true);
+        Ok(L4Stream::Tcp(s))
     }
 
     /// Retry budget: retries in flight to this cluster stay under `budget_percent` (of the

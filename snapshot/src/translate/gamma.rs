@@ -97,6 +97,7 @@ pub(crate) fn finish(
 ) {
     let losers = conflicts(memos, problems);
     let mut tables: BTreeMap<&str, Vec<ServiceRoutes>> = BTreeMap::new();
+    let mut tcp: BTreeMap<&str, Vec<ServiceRoutes>> = BTreeMap::new();
     for (target, h) in hosts.iter_mut() {
         let (key, port, consumer) = target;
         let routes: Vec<Arc<Route>> = match losers.get(target) {
@@ -135,22 +136,36 @@ pub(crate) fn finish(
             );
             continue;
         }
+        // The port is the VirtualService's, both its tables (an empty HTTP one holds it too).
         tables.entry(key.as_str()).or_default().push(ServiceRoutes {
             port: *port,
             consumer: consumer.clone(),
             routes: t.routes.clone(),
         });
+        if let Some(route) = &t.tcp {
+            tcp.entry(key.as_str()).or_default().push(ServiceRoutes {
+                port: *port,
+                consumer: consumer.clone(),
+                routes: vec![route.clone()],
+            });
+        }
     }
-    for (key, routes) in tables {
+    let keys: BTreeSet<&str> = tables.keys().chain(tcp.keys()).copied().collect();
+    for key in keys {
         let Ok(i) = services.binary_search_by(|s| s.key.as_str().cmp(key)) else {
             continue; // A Service the mesh does not serve (ExternalName).
         };
+        let mut routes = tables.remove(key).unwrap_or_default();
+        routes.retain(|r| !r.routes.is_empty());
         let mut s = (*services[i]).clone();
         // A ServiceEntry's default table (for its DestinationRule) gives way to these.
         s.routes
             .retain(|old| !routes.iter().any(|r| r.port == old.port && r.consumer == old.consumer));
         s.routes.extend(routes);
         s.routes
+            .sort_by(|a, b| (a.port, &a.consumer).cmp(&(b.port, &b.consumer)));
+        s.tcp_routes = tcp.remove(key).unwrap_or_default();
+        s.tcp_routes
             .sort_by(|a, b| (a.port, &a.consumer).cmp(&(b.port, &b.consumer)));
         digests[i] = s.digest();
         services[i] = Arc::new(s);

@@ -345,6 +345,7 @@ fn service(
         ports,
         endpoints,
         routes: Vec::new(),
+        tcp_routes: Vec::new(),
         export_to: export_to(s, &ns),
         resolution: Default::default(),
         by_host: false,

@@ -101,6 +101,7 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
             ports: ports.iter().map(|(p, _)| p.clone()).collect(),
             endpoints: endpoints.clone(),
             routes: Vec::new(),
+            tcp_routes: Vec::new(),
             export_to: export_to.clone(),
             resolution,
             by_host: vips.is_empty(),

@@ -3,13 +3,15 @@
 //! route, or a consumer route with `exportTo: ["."]`), in the order written — the first route
 //! that matches wins, as in Istio. Destinations are Services (port: the one asked, or the one
 //! named); a destination that does not resolve gets its share of requests answered 500. A
-//! `subset` is the DestinationRule subset's cluster: the Service's pods with its labels. A
-//! VirtualService with a field Ferrum does not apply (retries, faults, mirrors, TCP or TLS
-//! routes, Istio Gateways, …) is left out whole, its status naming the field.
+//! `subset` is the DestinationRule subset's cluster: the Service's pods with its labels. Its
+//! `tcp` routes give each Service port one L4 route (the first whose `port` match holds): the
+//! connections the sidecar does not route as HTTP go to a weighted pick of its destinations. A
+//! VirtualService with a field Ferrum does not apply (TLS routes, Istio Gateways, …) is left
+//! out whole, its status naming the field.
 
 use std::sync::Arc;
 
-use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch};
+use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch, VsStringMatch, VsTcpRoute};
 use crate::mesh::{MeshService, Resolution};
 use crate::model::Digest;
 use crate::model::{
@@ -27,6 +29,8 @@ use super::{Problems, Reason, meta_ref};
 pub(crate) struct VsTable {
     pub target: MeshTarget,
     pub routes: Vec<Arc<Route>>,
+    /// Its L4 route there (the first `tcp` route for the port).
+    pub tcp: Option<Arc<Route>>,
     pub owner: ObjectRef,
     /// Its `spec.hosts` index, for a conflict's field.
     pub host: usize,
@@ -60,6 +64,18 @@ struct Rule {
     /// Where copies go (a destination of weight 0 is not sent to), and the share copied.
     mirror: Option<(Destination, u32)>,
     destinations: Vec<Destination>,
+}
+
+/// One `tcp` route, read: the Service ports it is limited to (`None`: any) and where it sends.
+struct TcpRule {
+    ports: Option<Vec<u16>>,
+    destinations: Vec<Destination>,
+}
+
+/// Every route of a VirtualService.
+struct Rules {
+    http: Vec<Rule>,
+    tcp: Vec<TcpRule>,
 }
 
 /// A Service (a subset of it, with a DestinationRule) or a ServiceEntry host, and its weight.
@@ -117,7 +133,7 @@ fn namespace(vs: &VirtualService) -> &str {
 }
 
 /// Every route of `vs`, or the field that keeps it out.
-fn rules(vs: &VirtualService) -> Result<Vec<Rule>, Refusal> {
+fn rules(vs: &VirtualService) -> Result<Rules, Refusal> {
     let spec = &vs.spec;
     if let Some(f) = spec.other.keys().next() {
         return Err(unsupported(format!("spec.{f}"), "not supported: only http routes are"));
@@ -131,15 +147,54 @@ fn rules(vs: &VirtualService) -> Result<Vec<Rule>, Refusal> {
     if spec.hosts.is_empty() {
         return Err(invalid("spec.hosts", "at least one host"));
     }
-    if spec.http.is_empty() {
-        return Err(invalid("spec.http", "at least one http route"));
+    if spec.http.is_empty() && spec.tcp.is_empty() {
+        return Err(invalid("spec.http", "at least one http or tcp route"));
     }
     let ns = namespace(vs);
-    spec.http
-        .iter()
-        .enumerate()
-        .map(|(i, h)| rule(h, ns, &format!("spec.http[{i}]")))
-        .collect()
+    Ok(Rules {
+        http: spec
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, h)| rule(h, ns, &format!("spec.http[{i}]")))
+            .collect::<Result<_, _>>()?,
+        tcp: spec
+            .tcp
+            .iter()
+            .enumerate()
+            .map(|(i, t)| tcp_rule(t, ns, &format!("spec.tcp[{i}]")))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn tcp_rule(t: &VsTcpRoute, ns: &str, at: &str) -> Result<TcpRule, Refusal> {
+    if let Some(f) = t.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let destinations = weighted(&t.route, ns, at, false)?;
+    if destinations.is_empty() {
+        return Err(invalid(format!("{at}.route"), "a tcp route needs destinations"));
+    }
+    let mut ports = Some(Vec::new());
+    for (j, m) in t.matches.iter().enumerate() {
+        let at = format!("{at}.match[{j}]");
+        if let Some(f) = m.other.keys().next() {
+            return Err(unsupported(
+                format!("{at}.{f}"),
+                "not supported: a tcp route matches the port only",
+            ));
+        }
+        match (m.port, ports.as_mut()) {
+            (Some(n), Some(ports)) => ports.push(port(n, &format!("{at}.port"))?),
+            (Some(n), None) => drop(port(n, &format!("{at}.port"))?),
+            // A match without a port holds on every port.
+            (None, _) => ports = None,
+        }
+    }
+    Ok(TcpRule {
+        ports: ports.filter(|p| !p.is_empty()),
+        destinations,
+    })
 }
 
 fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
@@ -226,24 +281,9 @@ fn destinations(
     at: &str,
 ) -> Result<(Vec<Destination>, HeaderModifier, HeaderModifier), Refusal> {
     let (mut request, mut response) = header_edits(h.headers.as_ref());
-    let mut out = Vec::new();
-    let several = h.route.len() > 1;
-    for (j, d) in h.route.iter().enumerate() {
-        let at = format!("{at}.route[{j}]");
-        if let Some(f) = d.other.keys().next() {
-            return Err(unsupported(format!("{at}.{f}"), "not supported"));
-        }
-        let weight = match (d.weight, several) {
-            (None, false) => 1,
-            (None, true) => {
-                return Err(invalid(
-                    format!("{at}.weight"),
-                    "a route with several destinations weighs each",
-                ));
-            }
-            (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
-        };
-        let mut dest = destination(&d.destination, ns, &format!("{at}.destination"), weight)?;
+    let mut out = weighted(&h.route, ns, at, true)?;
+    let several = out.len() > 1;
+    for (dest, d) in out.iter_mut().zip(&h.route) {
         if let Some(hd) = &d.headers {
             let (req, resp) = header_edits(Some(hd));
             if several {
@@ -257,9 +297,41 @@ fn destinations(
                 response = merged(response, resp);
             }
         }
-        out.push(dest);
     }
     Ok((out, request, response))
+}
+
+/// A route's destinations with their weights (each weighed when there are several); `headers`
+/// says whether they may carry header edits (HTTP routes), read by the caller.
+fn weighted(
+    route: &[crate::istio::VsRouteDestination],
+    ns: &str,
+    at: &str,
+    headers: bool,
+) -> Result<Vec<Destination>, Refusal> {
+    let several = route.len() > 1;
+    let mut out = Vec::with_capacity(route.len());
+    for (j, d) in route.iter().enumerate() {
+        let at = format!("{at}.route[{j}]");
+        if let Some(f) = d.other.keys().next() {
+            return Err(unsupported(format!("{at}.{f}"), "not supported"));
+        }
+        if !headers && d.headers.is_some() {
+            return Err(unsupported(format!("{at}.headers"), "a tcp route carries no headers"));
+        }
+        let weight = match (d.weight, several) {
+            (None, false) => 1,
+            (None, true) => {
+                return Err(invalid(
+                    format!("{at}.weight"),
+                    "a route with several destinations weighs each",
+                ));
+            }
+            (Some(w), _) => u32::try_from(w).map_err(|_| invalid(format!("{at}.weight"), "weights are 0 or more"))?,
+        };
+        out.push(destination(&d.destination, ns, &format!("{at}.destination"), weight)?);
+    }
+    Ok(out)
 }
 
 /// A route's mirror and the share of its requests copied (all when no percentage is given).
@@ -569,7 +641,7 @@ fn clients(vs: &VirtualService) -> Result<Option<String>, Refusal> {
 /// that are neither and destinations that do not resolve are reported.
 fn tables(
     vs: &VirtualService,
-    rules: &[Rule],
+    rules: &Rules,
     reg: &Registry<'_>,
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
@@ -588,6 +660,17 @@ fn tables(
         ns.to_string(),
         obj.name.clone(),
     );
+    if !rules.tcp.is_empty()
+        && let Some(k) = vs.spec.hosts.iter().position(|h| reg.entries(h).next().is_some())
+    {
+        problems.push(
+            obj,
+            format!("spec.hosts[{k}]"),
+            Reason::UnsupportedValue,
+            "tcp routes apply to Services; a ServiceEntry host's TCP ports are not routed",
+        );
+        return Vec::new();
+    }
     let mut out = Vec::new();
     for (k, host) in vs.spec.hosts.iter().enumerate() {
         let targets = match targets(reg, host, ns) {
@@ -599,11 +682,19 @@ fn tables(
         };
         for (key, ports) in targets {
             for p in ports {
-                let routes = routes_on(reg, rules, ns, &obj.name, p, clusters, problems, obj);
-                if !routes.is_empty() {
+                let at = Place {
+                    ns,
+                    name: &obj.name,
+                    port: p,
+                    obj,
+                };
+                let routes = routes_on(reg, &rules.http, &at, clusters, problems);
+                let tcp = tcp_route_on(reg, &rules.tcp, &at, clusters, problems);
+                if !routes.is_empty() || tcp.is_some() {
                     out.push(VsTable {
                         target: (key.clone(), p, consumer.clone()),
                         routes,
+                        tcp,
                         owner: obj.clone(),
                         host: k,
                         rank: rank.clone(),
@@ -708,18 +799,65 @@ fn tcp_ports(svc: &k8s_openapi::api::core::v1::Service) -> impl Iterator<Item = 
         .filter_map(|sp| u16::try_from(sp.port).ok())
 }
 
-/// The routes of `rules` for requests to Service port `port`, in order.
-#[allow(clippy::too_many_arguments)]
+/// The VirtualService (namespace, name, object) and the Service port its routes are built for.
+struct Place<'a> {
+    ns: &'a str,
+    name: &'a str,
+    port: u16,
+    obj: &'a ObjectRef,
+}
+
+/// The L4 route for connections to the port: the first `tcp` route whose match holds there.
+fn tcp_route_on(
+    reg: &Registry<'_>,
+    rules: &[TcpRule],
+    at: &Place<'_>,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Option<Arc<Route>> {
+    let (i, r) = rules
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.ports.as_ref().is_none_or(|p| p.contains(&at.port)))?;
+    let targets = r
+        .destinations
+        .iter()
+        .enumerate()
+        .map(|(j, d)| WeightedCluster {
+            cluster: resolve(reg, at.ns, d, at.port, clusters)
+                .map_err(|(reason, why)| {
+                    let field = format!("spec.tcp[{i}].route[{j}].destination");
+                    push_once(problems, at.obj, field, reason, why)
+                })
+                .ok(),
+            weight: d.weight,
+            headers: None,
+        })
+        .collect();
+    Some(Arc::new(Route {
+        name: format!("{}/{}/tcp/{i}", at.ns, at.name),
+        matcher: RouteMatch::default(),
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
+        rewrite: None,
+        action: Action::Forward(targets),
+        timeouts: RouteTimeouts::default(),
+        retry: None,
+        fault: None,
+        mirror: None,
+        cors: None,
+    }))
+}
+
+/// The routes of `rules` for requests to the port, in order.
 fn routes_on(
     reg: &Registry<'_>,
     rules: &[Rule],
-    ns: &str,
-    name: &str,
-    port: u16,
+    at: &Place<'_>,
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
-    obj: &ObjectRef,
 ) -> Vec<Arc<Route>> {
+    let (ns, name, port, obj) = (at.ns, at.name, at.port, at.obj);
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         let mut cluster_of = |d: &Destination, field: String| {
@@ -978,7 +1116,7 @@ spec:
             vs(
                 "tcp",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], tcp: [{route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], tcp: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "regex",
@@ -1003,7 +1141,7 @@ spec:
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
                 ("subset", "spec.http[0].corsPolicy.unmatchedPreflights", Reason::Invalid),
-                ("tcp", "spec.tcp", Reason::UnsupportedValue),
+                ("tcp", "spec.tcp[0].match[0].sourceLabels", Reason::UnsupportedValue),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],
             "{:#?}",
@@ -1050,6 +1188,91 @@ spec:
             (c.max_age_s, c.allow_credentials, c.allow_methods.len()),
             (Some(86_400), true, 2)
         );
+    }
+
+    #[test]
+    fn tcp_routes_give_each_port_the_first_route_that_matches_it() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: b, namespace: shop}
+spec:
+  host: b
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{port: 80}]
+    route: [{destination: {host: b-v2}}]
+  tcp:
+  - match: [{port: 81}]
+    route:
+    - {destination: {host: b, subset: v1}, weight: 80}
+    - {destination: {host: b, subset: v2}, weight: 20}
+  - route: [{destination: {host: b-v1, port: {number: 80}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: only-tcp, namespace: shop}
+spec:
+  hosts: [b-v2]
+  tcp: [{route: [{destination: {host: nope}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad, namespace: shop}
+spec:
+  hosts: [b-v1]
+  tcp: [{route: [{destination: {host: b}, headers: {request: {set: {a: b}}}}]}]
+");
+        assert_eq!(
+            t.problem_keys(),
+            [
+                ("bad", "spec.tcp[0].route[0].headers", Reason::UnsupportedValue),
+                ("only-tcp", "spec.tcp[0].route[0].destination", Reason::BackendNotFound),
+            ],
+            "{:#?}",
+            t.problems
+        );
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on81 = &b.tcp_routes_for(81, "any").unwrap().routes;
+        assert_eq!(on81.len(), 1, "one L4 route per port");
+        assert_eq!(on81[0].name, "shop/b/tcp/0");
+        assert_eq!(
+            clusters(&on81[0].action),
+            [(Some("service/shop/b:81~v1"), 80), (Some("service/shop/b:81~v2"), 20)]
+        );
+        let on80 = &b.tcp_routes_for(80, "any").unwrap().routes;
+        assert_eq!(
+            clusters(&on80[0].action),
+            [(Some("service/shop/b-v1:80"), 1)],
+            "the next route takes the ports the first does not match"
+        );
+        assert!(
+            b.routes_for(80, "any").is_some() && b.routes_for(81, "any").is_none(),
+            "HTTP on 80 only"
+        );
+        let subset = t.snapshot.cluster("service/shop/b:81~v1").unwrap();
+        assert_eq!(subset.endpoints.len(), 1, "v1's pod at the admin port: {subset:?}");
+        assert_eq!(
+            (subset.endpoints[0].address.as_str(), subset.endpoints[0].port),
+            ("10.1.0.2", 8081)
+        );
+        // A destination that does not resolve: its share of connections is refused.
+        let v2 = t.snapshot.services.iter().find(|s| s.key == "shop/b-v2").unwrap();
+        assert_eq!(
+            clusters(&v2.tcp_routes_for(80, "any").unwrap().routes[0].action),
+            [(None, 1)]
+        );
+        assert!(
+            v2.routes.is_empty(),
+            "no HTTP table: HTTP on the port goes by the L4 route"
+        );
+        crate::validate(&t.snapshot).unwrap();
     }
 
     #[test]
