@@ -106,6 +106,7 @@ impl Compiler {
                     self.registry.cluster(&c.name),
                     self.workers,
                     &self.tunnels,
+                    secrets,
                 )?,
             };
             clusters.insert(c.name.clone(), rt);

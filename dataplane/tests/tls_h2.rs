@@ -201,3 +201,87 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
         r.status()
     );
 }
+
+/// Mutual TLS to upstreams: a Backend whose server asks for a client certificate is answered
+/// when its `tls` presents one its CA issued — read from files (`certFile`, `keyFile`) or from a
+/// `kubernetes.io/tls` Secret (`clientCertificateRef`) — and refused (5xx, no answer from the
+/// backend) with none or with one from another CA.
+#[tokio::test]
+async fn mutual_tls_to_upstreams_presents_the_client_certificate() {
+    let (client_ca, cert, key) = ferrum_testkit::client_ca_and_cert("gateway.example.test");
+    let (_, other_cert, other_key) = ferrum_testkit::client_ca_and_cert("stranger.example.test");
+    let (s, ca) = Backend::start_mtls("s", "api.example.test", &client_ca).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (file("ca.pem", &ca), file("c.pem", &cert), file("k.pem", &key));
+    let (other_cert_file, other_key_file) = (file("oc.pem", &other_cert), file("ok.pem", &other_key));
+    let tls = |extra: &str| format!("  tls: {{sni: api.example.test, caFile: '{ca_file}'{extra}}}\n");
+    let route = |name: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+             rules: [{{matches: [{{path: {{type: PathPrefix, value: /{name}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
+        )
+    };
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let yaml = docs(&[
+        gateway(port),
+        backend(
+            "files",
+            &[&s],
+            &tls(&format!(", certFile: '{cert_file}', keyFile: '{key_file}'")),
+        ),
+        backend("secret", &[&s], &tls(", clientCertificateRef: client-cert")),
+        backend("none", &[&s], &tls("")),
+        backend(
+            "stranger",
+            &[&s],
+            &tls(&format!(", certFile: '{other_cert_file}', keyFile: '{other_key_file}'")),
+        ),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(&cert),
+            indent(&key)
+        ),
+        route("files"),
+        route("secret"),
+        route("none"),
+        route("stranger"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+    for path in ["/files", "/secret"] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}: the client certificate is accepted");
+    }
+    for path in ["/none", "/stranger"] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_server_error() && r.headers().get("x-backend").is_none(),
+            "{path}: {}",
+            r.status()
+        );
+    }
+    // The key stays out of what the proxy shows.
+    let config = client()
+        .get(format!("http://{}/config", dp.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(config.contains("client-cert"), "the reference is shown");
+    assert!(!config.contains("PRIVATE KEY"), "the key is not: {config}");
+}

@@ -1803,17 +1803,31 @@ async fn service_entries_are_what_a_registry_only_pod_may_reach_outside_the_mesh
 }
 
 /// An HTTPS server outside the mesh, on the host at `host:port`, serving the test's directory
-/// with a certificate for `name` only (self-signed; its PEM is returned, to trust it).
-fn external_tls_server(w: &World, host: &str, port: u16, name: &str) -> (Proc, std::path::PathBuf) {
+/// with a certificate for `name` only (self-signed; its PEM is returned, to trust it); with
+/// `client_ca` (a PEM file), only to clients presenting a certificate that CA issued.
+fn external_tls_server(
+    w: &World,
+    host: &str,
+    port: u16,
+    name: &str,
+    client_ca: Option<&std::path::Path>,
+) -> (Proc, std::path::PathBuf) {
     let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
     let (cert, key) = (w.dir.path().join("external.pem"), w.dir.path().join("external.key"));
     std::fs::write(&cert, c.cert.pem()).unwrap();
     std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    let verify = match client_ca {
+        Some(ca) => format!(
+            "ctx.verify_mode = ssl.CERT_REQUIRED\nctx.load_verify_locations('{}')\n",
+            ca.display()
+        ),
+        None => String::new(),
+    };
     let serve = format!(
         "import http.server, ssl\n\
          s = http.server.ThreadingHTTPServer(('{host}', {port}), http.server.SimpleHTTPRequestHandler)\n\
          ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
-         ctx.load_cert_chain('{}', '{}')\n\
+         ctx.load_cert_chain('{}', '{}')\n{verify}\
          s.socket = ctx.wrap_socket(s.socket, server_side=True)\n\
          s.serve_forever()",
         cert.display(),
@@ -1842,7 +1856,7 @@ async fn a_destination_rule_originates_tls_to_a_service_entry_host() {
     let host = w.bridge.host_ip();
     let tls_port = free_port();
     const NAME: &str = "api.external.test";
-    let (_server, ca) = external_tls_server(&w, &host, tls_port, NAME);
+    let (_server, ca) = external_tls_server(&w, &host, tls_port, NAME, None);
     std::fs::write(w.dir.path().join("egress.txt"), "egress ok\n").unwrap();
     let call = |path: &str| {
         let (_, out) = w.pods[0].curl(&[
@@ -1903,6 +1917,82 @@ async fn a_destination_rule_originates_tls_to_a_service_entry_host() {
         w.cluster.get("virtualservice", NS, "external")["status"]["conditions"][0]["status"] == "True"
     })
     .await;
+}
+
+/// Egress mutual TLS origination: the external server answers only clients with a certificate
+/// its CA issued. A DestinationRule with `tls.mode: SIMPLE` reaches it but is refused; with
+/// `MUTUAL` and `credentialName` (a `kubernetes.io/tls` Secret in the rule's namespace), A's
+/// sidecar presents the Secret's certificate — delivered beside the snapshot, never shown in the
+/// sidecar's `/config` — and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
+    let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    until_routed(&w).await;
+    let host = w.bridge.host_ip();
+    let tls_port = free_port();
+    const NAME: &str = "mtls.external.test";
+    let (client_ca, cert, key) = ferrum_testkit::client_ca_and_cert("a.mesh.example");
+    let client_ca_file = w.dir.path().join("client-ca.pem");
+    std::fs::write(&client_ca_file, client_ca).unwrap();
+    let (_server, ca) = external_tls_server(&w, &host, tls_port, NAME, Some(&client_ca_file));
+    std::fs::write(w.dir.path().join("mtls.txt"), "mutual ok\n").unwrap();
+    let call = || {
+        let (_, out) = w.pods[0].curl(&[
+            "-w",
+            " %{http_code}",
+            "--resolve",
+            &format!("{NAME}:80:{host}"),
+            &format!("http://{NAME}/mtls.txt"),
+        ]);
+        out
+    };
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let rule = |tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: external-mtls, namespace: {NS}}}\n\
+             spec: {{host: {NAME}, trafficPolicy: {{tls: {{caCertificates: '{}', {tls}}}}}}}\n",
+            ca.display()
+        )
+    };
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external, namespace: {NS}}}\n\
+         spec: {{hosts: [{NAME}], resolution: STATIC, endpoints: [{{address: '{host}'}}],\n\
+                 ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {tls_port}}}]}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert, namespace: {NS}}}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n{}",
+        indent(&cert),
+        indent(&key),
+        rule("mode: SIMPLE")
+    ));
+    eventually(
+        "with SIMPLE, A's sidecar speaks TLS to the server, which refuses it (no client certificate)",
+        Duration::from_secs(20),
+        async || {
+            let out = call();
+            w.pods[0].connections("outbound", "routed") >= 1.0 && (out.ends_with(" 502") || out.ends_with(" 503"))
+        },
+    )
+    .await;
+    w.cluster.apply(&rule("mode: MUTUAL, credentialName: client-cert"));
+    eventually(
+        "with MUTUAL, the Secret's certificate is presented and accepted",
+        Duration::from_secs(20),
+        async || call() == "mutual ok\n 200",
+    )
+    .await;
+    let dr = w.cluster.get("destinationrule", NS, "external-mtls");
+    assert_eq!(dr["status"]["conditions"][0]["status"], "True", "{dr}");
+    let config = w.pods[0].run(&["curl", "-sS", "http://127.0.0.1:15000/config"]);
+    let config = String::from_utf8_lossy(&config.stdout);
+    assert!(
+        config.contains("mesh/client-cert"),
+        "the sidecar names the Secret: {config}"
+    );
+    assert!(!config.contains("PRIVATE KEY"), "and never shows the key");
 }
 
 /// More connections from one pod to another than one HBONE connection may carry tunnels (100

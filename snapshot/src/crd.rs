@@ -181,6 +181,16 @@ pub struct UpstreamTlsSpec {
     pub ca_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure_skip_verify: Option<bool>,
+    /// Mutual TLS: the client certificate (PEM chain) presented to the upstream, a file on the
+    /// proxy; with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// Mutual TLS: a `kubernetes.io/tls` Secret in the policy's namespace holding the client
+    /// certificate and key (delivered to proxies beside the snapshot, never inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_ref: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -841,6 +841,14 @@ pub struct DrTls {
     pub ca_certificates: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure_skip_verify: Option<bool>,
+    /// `MUTUAL`: the client certificate and its key, files on the proxy…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// …or a `kubernetes.io/tls` Secret of the rule's namespace holding both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -956,4 +956,7 @@ pub struct UpstreamTls {
     pub ca_file: Option<String>,
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// The certificate this proxy presents when the upstream asks for one (mutual TLS). Schema 7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<CertSource>,
 }

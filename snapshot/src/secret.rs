@@ -44,12 +44,19 @@ impl TlsSecret {
 /// Secrets by name (`namespace/name` for Kubernetes Secrets).
 pub type Secrets = BTreeMap<String, Arc<TlsSecret>>;
 
-/// The secret references of a snapshot: (name, digest) for every certificate it names.
+/// The secret references of a snapshot: (name, digest) for every certificate it names — its
+/// listeners' and the client certificates of its clusters.
 pub fn references(snap: &Snapshot) -> impl Iterator<Item = (&str, &str)> {
+    let clients = snap
+        .clusters
+        .iter()
+        .filter_map(|c| c.tls.as_ref()?.client_certificate.as_ref());
     snap.listeners
         .iter()
         .flat_map(|l| &l.certificates)
-        .filter_map(|c| match &c.source {
+        .map(|c| &c.source)
+        .chain(clients)
+        .filter_map(|c| match c {
             CertSource::Secret { name, digest } => Some((name.as_str(), digest.as_str())),
             CertSource::Files { .. } => None,
         })

@@ -64,6 +64,23 @@ pub struct Backend {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A CA for client certificates, and a client certificate it issued: (CA PEM, client
+/// certificate PEM, client key PEM).
+pub fn client_ca_and_cert(client: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "test client CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec![client.to_string()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, client);
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
@@ -78,14 +95,37 @@ impl Backend {
     /// The same backend over TLS (HTTP/1.1 and h2 by ALPN) with a self-signed certificate for
     /// `host`, and that certificate in PEM: the CA a client must trust.
     pub async fn start_tls(name: &str, host: &str) -> (Backend, String) {
+        Backend::start_tls_verifying(name, host, None).await
+    }
+
+    /// [`Backend::start_tls`] that answers only clients presenting a certificate issued by
+    /// `client_ca` (PEM): mutual TLS.
+    pub async fn start_mtls(name: &str, host: &str, client_ca: &str) -> (Backend, String) {
+        Backend::start_tls_verifying(name, host, Some(client_ca)).await
+    }
+
+    async fn start_tls_verifying(name: &str, host: &str, client_ca: Option<&str>) -> (Backend, String) {
         let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![c.cert.der().clone()], key)
             .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls::pki_types::pem::PemObject;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder.with_single_cert(vec![c.cert.der().clone()], key).unwrap();
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         (Backend::serve(name, Some(acceptor)).await, c.cert.pem())

@@ -74,8 +74,10 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-fn load(
-    c: &Certificate,
+/// The key pair `source` names, checked to match: a listener's certificate, or the client
+/// certificate a cluster presents upstream.
+pub fn certified_key(
+    source: &CertSource,
     secrets: &Secrets,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, CertError> {
@@ -85,7 +87,7 @@ fn load(
             source,
         })
     };
-    let (cert_pem, key_pem) = match &c.source {
+    let (cert_pem, key_pem) = match source {
         CertSource::Secret { name, digest } => {
             let s = ferrum_snapshot::secret::resolve(secrets, name, digest)?;
             (s.cert.as_bytes().to_vec(), s.key.as_bytes().to_vec())
@@ -119,7 +121,7 @@ pub fn server_config(
     };
     for c in certs {
         let host = c.hostname.clone().unwrap_or_else(|| "*".into());
-        let key = load(c, secrets, &provider).map_err(|source| TlsError::Certificate {
+        let key = certified_key(&c.source, secrets, &provider).map_err(|source| TlsError::Certificate {
             listener: listener.to_string(),
             host: host.clone(),
             source,

@@ -24,6 +24,7 @@ use rustls_pki_types::pem::PemObject;
 use super::l4::L4Stream;
 use crate::mesh::tunnel::Tunnel;
 use crate::telemetry::ClusterStats;
+use ferrum_snapshot::Secrets;
 
 /// Opens one connection to an endpoint: TCP (or a mesh tunnel), then TLS when the cluster asks.
 pub type Connector = HttpsConnector<CountingConnector>;
@@ -165,9 +166,28 @@ pub enum ClientError {
     NoCa { cluster: String, path: String },
     #[error("cluster {cluster:?}: TLS: {what}")]
     Tls { cluster: String, what: String },
+    #[error("cluster {cluster:?}: client certificate: {source}")]
+    ClientCertificate {
+        cluster: String,
+        #[source]
+        source: crate::listener::tls::CertError,
+    },
 }
 
-fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
+/// Presents one certificate to every upstream that asks (mutual TLS).
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn tls_config(c: &Cluster, secrets: &Secrets) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -181,15 +201,28 @@ fn tls_config(c: &Cluster) -> Result<rustls::ClientConfig, ClientError> {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth());
     };
+    let client = match &tls.client_certificate {
+        None => None,
+        Some(source) => Some(Arc::new(ClientCert(
+            crate::listener::tls::certified_key(source, secrets, &provider).map_err(|source| {
+                ClientError::ClientCertificate {
+                    cluster: c.name.clone(),
+                    source,
+                }
+            })?,
+        ))),
+    };
     // No ALPN here: the connector builder (`build`) sets it and refuses a config that has it.
-    Ok(if tls.insecure_skip_verify {
+    let verified = if tls.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
     } else {
-        let roots = root_store(c, tls.ca_file.as_deref())?;
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(root_store(c, tls.ca_file.as_deref())?)
+    };
+    Ok(match client {
+        Some(cert) => verified.with_client_cert_resolver(cert),
+        None => verified.with_no_client_auth(),
     })
 }
 
@@ -220,7 +253,12 @@ fn root_store(c: &Cluster, ca_file: Option<&str>) -> Result<rustls::RootCertStor
 }
 
 /// The cluster's connector, shared by its pools on every worker.
-pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Result<Connector, ClientError> {
+pub fn build(
+    c: &Cluster,
+    stats: Arc<ClusterStats>,
+    tunnels: &TunnelSlot,
+    secrets: &Secrets,
+) -> Result<Connector, ClientError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -232,7 +270,7 @@ pub fn build(c: &Cluster, stats: Arc<ClusterStats>, tunnels: &TunnelSlot) -> Res
         max: c.circuit_breaker.max_connections,
     };
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(c)?)
+        .with_tls_config(tls_config(c, secrets)?)
         .https_or_http();
     let builder = match &c.tls {
         Some(t) => {
@@ -304,9 +342,13 @@ mod tests {
                 sni: "api.example.test".into(),
                 ca_file: None,
                 insecure_skip_verify: false,
+                client_certificate: None,
             });
             let stats = Arc::new(crate::telemetry::ClusterStats::default());
-            assert!(build(&c, stats, &Default::default()).is_ok(), "{protocol:?}");
+            assert!(
+                build(&c, stats, &Default::default(), &Secrets::new()).is_ok(),
+                "{protocol:?}"
+            );
         }
     }
 

@@ -191,6 +191,7 @@ impl ClusterRuntime {
         stats: Arc<ClusterStats>,
         workers: usize,
         tunnels: &connector::TunnelSlot,
+        secrets: &ferrum_snapshot::Secrets,
     ) -> Result<Arc<Self>, ClusterError> {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
@@ -214,7 +215,7 @@ impl ClusterRuntime {
         } else {
             Scheme::HTTP
         };
-        let connector = connector::build(spec, stats.clone(), tunnels)?;
+        let connector = connector::build(spec, stats.clone(), tunnels, secrets)?;
         let pools = (0..=workers)
             .map(|_| Arc::new(Pool::new(spec, connector.clone(), scheme.clone(), endpoints.len())))
             .collect();

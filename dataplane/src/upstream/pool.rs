@@ -452,7 +452,7 @@ mod tests {
     fn a_request_future_stays_small() {
         let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
         let stats = Arc::new(crate::telemetry::ClusterStats::default());
-        let connector = super::super::connector::build(&c, stats, &Default::default()).unwrap();
+        let connector = super::super::connector::build(&c, stats, &Default::default(), &Default::default()).unwrap();
         let pool = Arc::new(Pool::new(&c, connector, Scheme::HTTP, 1));
         let a = Authority::from_static("127.0.0.1:80");
         let f = pool.send(0, &a, Request::new(RequestBody::empty()));

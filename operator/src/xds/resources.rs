@@ -50,7 +50,7 @@ pub(super) fn u32v(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
 }
 
-fn ads() -> core::ConfigSource {
+pub(super) fn ads() -> core::ConfigSource {
     core::ConfigSource {
         resource_api_version: core::ApiVersion::V3 as i32,
         config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
@@ -144,7 +144,7 @@ fn downstream_tls(certificates: &[model::Certificate], alpn: &[&str]) -> Option<
 /// The SDS name of a certificate: its Secret's name (stable across rotations, so a new key pair
 /// is a new Secret resource and the Listener stays as it is: no drain), or the files it is read
 /// from.
-fn secret_name(source: &model::CertSource) -> String {
+pub(super) fn secret_name(source: &model::CertSource) -> String {
     match source {
         model::CertSource::Secret { name, .. } => name.clone(),
         model::CertSource::Files { cert, key } => format!("file:{cert}:{key}"),
@@ -178,6 +178,22 @@ fn sds_secret(source: &model::CertSource, secrets: &Secrets) -> Option<tls::Secr
             ..Default::default()
         })),
     })
+}
+
+/// The SDS `Secret` resource of `source` (used by `owner`), or why it cannot be sent.
+fn sds_secret_of(source: &model::CertSource, owner: &str, secrets: &Secrets, out: &mut EnvoyResources) {
+    match sds_secret(source, secrets) {
+        Some(sec) => {
+            out.by_type
+                .get_mut(SECRET)
+                .unwrap()
+                .insert(sec.name.clone(), any(SECRET, &sec));
+        }
+        None => out.unsupported.push(format!(
+            "{owner}: the key pair of {} is not at hand",
+            secret_name(source)
+        )),
+    }
 }
 
 /// An HTTP connection manager routing by RDS; `filters` run before the router.
@@ -221,6 +237,9 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
     }
     let clusters: ClusterIndex = s.clusters.iter().map(|c| (c.name.as_str(), &**c)).collect();
     for c in &s.clusters {
+        if let Some(cert) = c.tls.as_ref().and_then(|t| t.client_certificate.as_ref()) {
+            sds_secret_of(cert, &format!("cluster {}", c.name), secrets, &mut out);
+        }
         let (cl, cla) = cluster(c);
         out.by_type
             .get_mut(CLUSTER)
@@ -306,19 +325,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
 /// The listener's key pairs, as SDS secrets.
 fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut EnvoyResources) {
     for c in &l.certificates {
-        match sds_secret(&c.source, secrets) {
-            Some(sec) => {
-                out.by_type
-                    .get_mut(SECRET)
-                    .unwrap()
-                    .insert(sec.name.clone(), any(SECRET, &sec));
-            }
-            None => out.unsupported.push(format!(
-                "listener {}: the key pair of {} is not at hand",
-                l.name,
-                secret_name(&c.source)
-            )),
-        }
+        sds_secret_of(&c.source, &format!("listener {}", l.name), secrets, out);
     }
 }
 

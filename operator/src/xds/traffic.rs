@@ -175,6 +175,15 @@ pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::Transp
                 UpstreamProtocol::Http1 => "http/1.1".into(),
             }],
             validation_context_type: validation,
+            // Mutual TLS: the client certificate comes over SDS, like a listener's.
+            tls_certificate_sds_secret_configs: t
+                .client_certificate
+                .iter()
+                .map(|c| tls::SdsSecretConfig {
+                    name: super::resources::secret_name(c),
+                    sds_config: Some(super::resources::ads()),
+                })
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -303,6 +312,7 @@ mod tests {
             sni: "api.example.test".into(),
             ca_file: Some("/etc/ca.pem".into()),
             insecure_skip_verify: false,
+            client_certificate: None,
         };
         let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http2));
         assert_eq!(ctx.sni, "api.example.test");
@@ -342,5 +352,19 @@ mod tests {
         t.insecure_skip_verify = true;
         let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http1));
         assert!(ctx.common_tls_context.unwrap().validation_context_type.is_none());
+
+        // Mutual TLS: the client certificate by SDS name, never inline.
+        t.client_certificate = Some(ferrum_snapshot::model::CertSource::Secret {
+            name: "shop/client".into(),
+            digest: "0123456789abcdef".into(),
+        });
+        let common = decode(upstream_tls(&t, UpstreamProtocol::Http1))
+            .common_tls_context
+            .unwrap();
+        assert!(common.tls_certificates.is_empty());
+        let sds = &common.tls_certificate_sds_secret_configs;
+        assert_eq!(sds.len(), 1);
+        assert_eq!(sds[0].name, "shop/client");
+        assert!(sds[0].sds_config.is_some(), "over ADS");
     }
 }

@@ -369,13 +369,13 @@ impl<'a> Clusters<'a> {
         if let Some(d) = found.rules.get(&(r.namespace, r.name)) {
             let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
             let mut with_rule = cluster.clone();
-            if super::destination_rule::apply(d, &fqdn, u16::try_from(port).ok(), &mut with_rule).is_ok() {
+            if super::destination_rule::apply(self.res, d, &fqdn, u16::try_from(port).ok(), &mut with_rule).is_ok() {
                 cluster = with_rule;
             }
         }
         if let Some(p) = policy {
             let mut with_policy = cluster.clone();
-            if apply_policy(&mut with_policy, &p.spec.policy).is_ok() {
+            if apply_policy(&mut with_policy, &p.spec.policy, SecretScope::of(self.res, &p.metadata)).is_ok() {
                 cluster = with_policy;
             }
         }
@@ -430,7 +430,8 @@ impl<'a> Clusters<'a> {
         let mut c = (*self.built[base].cluster).clone();
         c.name = cluster.clone();
         c.endpoints.retain(|e| labelled.contains(&e.address));
-        apply_policy(&mut c, &policy).map_err(|(f, m)| (Reason::Invalid, format!("{f}: {m}")))?;
+        apply_policy(&mut c, &policy, SecretScope::of(self.res, &d.metadata))
+            .map_err(|(f, m)| (Reason::Invalid, format!("{f}: {m}")))?;
         self.built.insert(cluster.clone(), BuiltCluster::new(c, None));
         Ok(cluster)
     }
@@ -472,7 +473,7 @@ impl<'a> Clusters<'a> {
         let entry_ns = s.key.split('/').next().unwrap_or_default();
         if let Some(d) = super::destination_rule::for_host(self.res, &s.hostname, entry_ns) {
             let mut with_rule = c.clone();
-            if super::destination_rule::apply(d, &s.hostname, Some(port), &mut with_rule).is_ok() {
+            if super::destination_rule::apply(self.res, d, &s.hostname, Some(port), &mut with_rule).is_ok() {
                 c = with_rule;
             }
         }
@@ -546,7 +547,8 @@ impl<'a> Clusters<'a> {
         let mesh_error = self.apply_mesh_default(&mut cluster);
         // Whole or not at all, as for a BackendPolicy.
         let mut with_policy = cluster.clone();
-        let policy_error = match apply_policy(&mut with_policy, &b.spec.policy) {
+        let policy_error = match apply_policy(&mut with_policy, &b.spec.policy, SecretScope::of(self.res, &b.metadata))
+        {
             Ok(()) => {
                 cluster = with_policy;
                 None
@@ -579,7 +581,7 @@ impl<'a> Clusters<'a> {
 pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
     for p in &res.backend_policies {
         let mut scratch = Cluster::new("scratch", Vec::new());
-        if let Err((field, msg)) = apply_policy(&mut scratch, &p.spec.policy) {
+        if let Err((field, msg)) = apply_policy(&mut scratch, &p.spec.policy, SecretScope::of(res, &p.metadata)) {
             problems.push(
                 &super::meta_ref("BackendPolicy", &p.metadata),
                 field,
@@ -592,7 +594,7 @@ pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
     for d in &res.destination_rules {
         let obj = super::meta_ref("DestinationRule", &d.metadata);
         let mut scratch = Cluster::new("scratch", Vec::new());
-        if let Err((field, msg)) = super::destination_rule::apply(d, &d.spec.host, None, &mut scratch) {
+        if let Err((field, msg)) = super::destination_rule::apply(res, d, &d.spec.host, None, &mut scratch) {
             problems.push(&obj, field, Reason::UnsupportedValue, msg);
             continue;
         }
@@ -617,15 +619,17 @@ impl Clusters<'_> {
     fn apply_mesh_default(&self, c: &mut Cluster) -> Option<((ObjectRef, String), String)> {
         let mc = mesh_config(self.res)?;
         let p = mc.spec.default_traffic_policy.as_ref()?;
-        apply_policy(c, p).err().map(|(field, msg)| {
-            (
+        apply_policy(c, p, SecretScope::of(self.res, &mc.metadata))
+            .err()
+            .map(|(field, msg)| {
                 (
-                    super::meta_ref("MeshConfig", &mc.metadata),
-                    format!("spec.defaultTrafficPolicy.{}", field.trim_start_matches("spec.")),
-                ),
-                msg,
-            )
-        })
+                    (
+                        super::meta_ref("MeshConfig", &mc.metadata),
+                        format!("spec.defaultTrafficPolicy.{}", field.trim_start_matches("spec.")),
+                    ),
+                    msg,
+                )
+            })
     }
 }
 
@@ -688,7 +692,26 @@ fn duration_field(field: &str, v: &Option<String>) -> Result<Option<u64>, Policy
         .map_err(|e| (format!("spec.{field}"), e))
 }
 
-pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), PolicyError> {
+/// Where a policy's Secret references resolve: the Secrets of the policy's own namespace.
+#[derive(Clone, Copy)]
+pub(super) struct SecretScope<'a> {
+    res: &'a Resources,
+    namespace: &'a str,
+}
+
+impl<'a> SecretScope<'a> {
+    pub(super) fn of(
+        res: &'a Resources,
+        policy: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Self {
+        SecretScope {
+            res,
+            namespace: policy.namespace.as_deref().unwrap_or("default"),
+        }
+    }
+}
+
+pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretScope<'_>) -> Result<(), PolicyError> {
     if let Some(proto) = &p.protocol {
         c.protocol = match proto.as_str() {
             "HTTP/1.1" | "HTTP" => UpstreamProtocol::Http1,
@@ -753,9 +776,43 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy) -> Result<(), Pol
             sni: t.sni.clone(),
             ca_file: t.ca_file.clone(),
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+            client_certificate: client_certificate(t, secrets)?,
         });
     }
     Ok(())
+}
+
+/// The client certificate of mutual TLS to the upstream: files on the proxy, or a Secret.
+fn client_certificate(
+    t: &crate::crd::UpstreamTlsSpec,
+    secrets: SecretScope<'_>,
+) -> Result<Option<CertSource>, PolicyError> {
+    match (&t.cert_file, &t.key_file, &t.client_certificate_ref) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), None) => Ok(Some(CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, None, Some(name)) => {
+            let ns = secrets.namespace;
+            let s = super::listeners::tls_secret(secrets.res, ns, name).ok_or_else(|| {
+                (
+                    "spec.tls.clientCertificateRef".to_string(),
+                    format!(
+                        "Secret {ns}/{name} does not exist, is not of type kubernetes.io/tls, or lacks tls.crt/tls.key"
+                    ),
+                )
+            })?;
+            Ok(Some(CertSource::Secret {
+                name: format!("{ns}/{name}"),
+                digest: s.digest(),
+            }))
+        }
+        _ => Err((
+            "spec.tls".into(),
+            "a client certificate is certFile with keyFile, or clientCertificateRef".into(),
+        )),
+    }
 }
 
 fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<LbPolicy, PolicyError> {

@@ -52,7 +52,7 @@ pub fn by_service(res: &Resources) -> HashMap<(&str, &str), &DestinationRule> {
     let mut out: HashMap<(&str, &str), &DestinationRule> = HashMap::new();
     for d in &res.destination_rules {
         let Some(svc) = target(d) else { continue };
-        if apply(d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_err() {
+        if apply(res, d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_err() {
             continue;
         }
         match out.get(&svc) {
@@ -80,7 +80,7 @@ pub fn for_host<'r>(res: &'r Resources, host: &str, entry_ns: &str) -> Option<&'
     res.destination_rules
         .iter()
         .filter_map(|d| Some((specificity(d)?, &**d)))
-        .filter(|(_, d)| apply(d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_ok())
+        .filter(|(_, d)| apply(res, d, &d.spec.host, None, &mut Cluster::new("scratch", Vec::new())).is_ok())
         .min_by_key(|(spec, d)| {
             let ns = d.metadata.namespace.as_deref().unwrap_or("default");
             (
@@ -95,9 +95,16 @@ pub fn for_host<'r>(res: &'r Resources, host: &str, entry_ns: &str) -> Option<&'
 
 /// Applies rule `d` to `c` (of port `port`, whose `portLevelSettings` then apply) whole, or
 /// says why it cannot be.
-pub fn apply(d: &DestinationRule, fqdn: &str, port: Option<u16>, c: &mut Cluster) -> Result<(), RuleError> {
+pub fn apply(
+    res: &Resources,
+    d: &DestinationRule,
+    fqdn: &str,
+    port: Option<u16>,
+    c: &mut Cluster,
+) -> Result<(), RuleError> {
     let p = traffic_policy(d, fqdn, port)?;
-    super::backends::apply_policy(c, &p).map_err(|(_, msg)| ("spec.trafficPolicy".into(), msg))
+    let secrets = super::backends::SecretScope::of(res, &d.metadata);
+    super::backends::apply_policy(c, &p, secrets).map_err(|(_, msg)| ("spec.trafficPolicy".into(), msg))
 }
 
 fn unsupported(at: &str, other: &Other) -> Result<(), RuleError> {
@@ -309,19 +316,44 @@ fn outlier_detection(od: &DrOutlierDetection, at: &str) -> Result<OutlierDetecti
 fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleError> {
     let at = format!("{at}.tls");
     unsupported(&at, &t.other)?;
-    match t.mode.as_deref().unwrap_or("DISABLE") {
+    let simple = || UpstreamTlsSpec {
+        sni: t.sni.clone().unwrap_or_else(|| fqdn.to_string()),
+        ca_file: t.ca_certificates.clone(),
+        insecure_skip_verify: t.insecure_skip_verify,
+        ..UpstreamTlsSpec::default()
+    };
+    let mode = t.mode.as_deref().unwrap_or("DISABLE");
+    let client = (&t.client_certificate, &t.private_key, &t.credential_name);
+    if mode != "MUTUAL" && client != (&None, &None, &None) {
+        return Err((
+            format!("{at}.mode"),
+            format!("{mode:?}: a client certificate is presented in MUTUAL mode only"),
+        ));
+    }
+    match mode {
         "DISABLE" => Ok(None),
         // Sidecars reach mesh workloads over HBONE (mTLS) with or without it; a Gateway's
         // proxy does not originate Istio mTLS (docs/operator.md says so).
         "ISTIO_MUTUAL" => Ok(None),
-        "SIMPLE" => Ok(Some(UpstreamTlsSpec {
-            sni: t.sni.clone().unwrap_or_else(|| fqdn.to_string()),
-            ca_file: t.ca_certificates.clone(),
-            insecure_skip_verify: t.insecure_skip_verify,
-        })),
+        "SIMPLE" => Ok(Some(simple())),
+        "MUTUAL" => match client {
+            (Some(cert), Some(key), None) => Ok(Some(UpstreamTlsSpec {
+                cert_file: Some(cert.clone()),
+                key_file: Some(key.clone()),
+                ..simple()
+            })),
+            (None, None, Some(name)) => Ok(Some(UpstreamTlsSpec {
+                client_certificate_ref: Some(name.clone()),
+                ..simple()
+            })),
+            _ => Err((
+                at,
+                "MUTUAL presents a client certificate: clientCertificate and privateKey, or credentialName".into(),
+            )),
+        },
         other => Err((
             format!("{at}.mode"),
-            format!("{other:?} is not supported by Ferrum (DISABLE, SIMPLE, ISTIO_MUTUAL)"),
+            format!("{other:?} is not supported by Ferrum (DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL)"),
         )),
     }
 }

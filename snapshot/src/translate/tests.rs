@@ -598,6 +598,81 @@ fn what_no_proxy_could_serve_is_reported_not_emitted() {
     assert_eq!(c.endpoints[0].port, 8);
 }
 
+/// `tls.mode: MUTUAL`: the client certificate is files on the proxy, or a `kubernetes.io/tls`
+/// Secret of the rule's namespace, named in the snapshot by reference and digest only.
+#[test]
+fn a_mutual_destination_rule_presents_a_client_certificate_from_files_or_a_secret() {
+    let rule = |name: &str, host: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{host: {host}, trafficPolicy: {{tls: {{mode: MUTUAL, {tls}}}}}}}\n---\n"
+        )
+    };
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: client, namespace: default}\ntype: kubernetes.io/tls\n\
+                  stringData: {tls.crt: CERT-PEM, tls.key: SECRET-KEY-PEM}\n---\n";
+    let t = run(&format!(
+        "{}{}{}{}{secret}{}",
+        rule(
+            "files",
+            "echo",
+            "clientCertificate: /etc/c.pem, privateKey: /etc/k.pem, sni: api.test"
+        ),
+        rule("by-secret", "other", "credentialName: client"),
+        rule("missing", "third", "credentialName: nope"),
+        rule("half", "fourth", "clientCertificate: /etc/c.pem"),
+        route("  - backendRefs: [{name: echo, port: 80}, {name: other, port: 80}]\n")
+            + "---\napiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec: {ports: [{port: 80}]}\n"
+    ));
+    let found: Vec<(&str, &str)> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.name.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [("half", "spec.trafficPolicy.tls"), ("missing", "spec.trafficPolicy")],
+        "{:#?}",
+        t.problems
+    );
+    assert!(
+        t.problems.iter().any(|p| p.message.contains("Secret default/nope")),
+        "{:#?}",
+        t.problems
+    );
+    let tls = t
+        .snapshot
+        .cluster("service/default/echo:80")
+        .unwrap()
+        .tls
+        .clone()
+        .unwrap();
+    assert_eq!(tls.sni, "api.test");
+    assert_eq!(
+        tls.client_certificate,
+        Some(CertSource::Files {
+            cert: "/etc/c.pem".into(),
+            key: "/etc/k.pem".into()
+        })
+    );
+    let tls = t
+        .snapshot
+        .cluster("service/default/other:80")
+        .unwrap()
+        .tls
+        .clone()
+        .unwrap();
+    let Some(CertSource::Secret { name, digest }) = &tls.client_certificate else {
+        panic!("{tls:?}")
+    };
+    assert_eq!((name.as_str(), digest.len()), ("default/client", 16));
+    assert!(
+        t.secrets.contains_key("default/client"),
+        "delivered beside the snapshot"
+    );
+    let json = serde_json::to_string(&t.snapshot).unwrap();
+    assert!(!json.contains("SECRET-KEY-PEM"), "never inside it");
+}
+
 #[test]
 fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() {
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
@@ -667,7 +742,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
                 "echo",
                 "spec.trafficPolicy.connectionPool.http.maxRetries"
             ),
-            ("DestinationRule", "unused", "spec.trafficPolicy.tls.mode"),
+            ("DestinationRule", "unused", "spec.trafficPolicy.tls"),
         ],
         "every rule that cannot be applied is reported, used or not"
     );

@@ -220,6 +220,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             sni: ctx.sni,
             ca_file: None,
             insecure_skip_verify: true,
+            client_certificate: None,
         });
     };
     let ca_file = match v.trusted_ca.and_then(|d| d.specifier) {
@@ -250,5 +251,6 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         sni,
         ca_file: Some(ca_file),
         insecure_skip_verify: false,
+        client_certificate: None,
     })
 }
