@@ -964,9 +964,15 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let m = Backend::start("m").await;
     let (s, ca_pem) = Backend::start_tls("s", "api.example.test").await;
+    // Mutual TLS: this one answers only clients with a certificate `client_ca` issued.
+    let (client_ca, client_cert, client_key) = ferrum_testkit::client_ca_and_cert("gateway.example.test");
+    let (mt, mt_ca_pem) = Backend::start_mtls("mt", "mtls.example.test", &client_ca).await;
     let cluster = Cluster::start();
     let ca_file = cluster.dir.path().join("api-ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
+    let mt_ca_file = cluster.dir.path().join("mtls-ca.pem");
+    std::fs::write(&mt_ca_file, mt_ca_pem).unwrap();
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let op = cluster.operator("op-1").await;
     let (port, refused) = (free_port(), free_port());
     // A Service whose endpoints are on 127.0.0.1 at these ports (one slice each).
@@ -999,10 +1005,13 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /sticky}}}}], backendRefs: [{{name: sticky, port: 80}}]}}\n\
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /secure}}}}], backendRefs: [{{name: secure, port: 80}}]}}\n\
          \x20 - {{matches: [{{path: {{type: PathPrefix, value: /misnamed}}}}], backendRefs: [{{name: misnamed, port: 80}}]}}\n\
+         \x20 - {{matches: [{{path: {{type: PathPrefix, value: /mutual}}}}], backendRefs: [{{name: mutual, port: 80}}]}}\n\
          \x20 - matches: [{{path: {{type: PathPrefix, value: /cors}}}}]\n\
          \x20   filters: [{{type: CORS, cors: {{allowOrigins: ['https://app.example.com'], allowMethods: [GET, PUT]}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: mirrored, port: 80}}}}}}]\n\
          \x20   backendRefs: [{{name: plain, port: 80, filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-own, value: plain}}]}}}}]}}]\n\
-         {}{}{}{}{}{}{}{}{}{}",
+         {}{}{}{}{}{}{}{}{}{}{}{}\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert}}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
         svc("flaky", &[a.addr.port(), refused]),
         policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
         svc("sticky", &[a.addr.port(), b.addr.port()]),
@@ -1013,6 +1022,16 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
         svc("plain", &[a.addr.port()]),
         svc("mirrored", &[m.addr.port()]),
+        svc("mutual", &[mt.addr.port()]),
+        policy(
+            "mutual",
+            &format!(
+                "tls: {{sni: mtls.example.test, caFile: '{}', clientCertificateRef: client-cert}}",
+                mt_ca_file.display()
+            )
+        ),
+        indent(&client_cert),
+        indent(&client_key),
     ));
     let send = async |path: &str, user: &str| {
         let r = client()
@@ -1077,6 +1096,11 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             async || send("/secure", "u").await == Some((200, Some("s".into()))),
         )
         .await;
+        assert_eq!(
+            send("/mutual", "u").await,
+            Some((200, Some("mt".into()))),
+            "{proxy} presents the Secret's client certificate"
+        );
         let misnamed = send("/misnamed", "u").await.unwrap();
         assert!(
             misnamed.0 >= 502 && misnamed.1.is_none(),

@@ -293,22 +293,32 @@ pub fn listener_tls(l: &listener::Listener) -> Result<Option<Vec<String>>, MapEr
     let names: Vec<String> = common
         .tls_certificate_sds_secret_configs
         .iter()
-        .map(|s| match &s.sds_config {
-            Some(c)
-                if matches!(
-                    c.config_source_specifier,
-                    Some(core::config_source::ConfigSourceSpecifier::Ads(_))
-                ) =>
-            {
-                Ok(s.name.clone())
-            }
-            _ => Err(at("SDS secrets must come over ADS")),
-        })
+        .map(|s| ads_secret(s).ok_or_else(|| at("SDS secrets must come over ADS")))
         .collect::<Result<_, _>>()?;
     if names.is_empty() {
         return Err(at("no certificate"));
     }
     Ok(Some(names))
+}
+
+/// The name of an SDS secret served over ADS (`None`: from elsewhere, which is not followed).
+pub fn ads_secret(s: &tls::SdsSecretConfig) -> Option<String> {
+    let ads = s.sds_config.as_ref().is_some_and(|c| {
+        matches!(
+            c.config_source_specifier,
+            Some(core::config_source::ConfigSourceSpecifier::Ads(_))
+        )
+    });
+    ads.then(|| s.name.clone())
+}
+
+/// The SDS secret a cluster's client certificate comes from (mutual TLS to its endpoints).
+pub fn client_certificate_sds(c: &cluster::Cluster) -> Option<String> {
+    let tls = traffic::upstream_tls(c.transport_socket.as_ref()?, &c.name).ok()?;
+    match tls.client_certificate? {
+        model::CertSource::Secret { name, .. } => Some(name),
+        model::CertSource::Files { .. } => None,
+    }
 }
 
 /// An SDS secret's key pair (inline PEM only: files would be the server's, not ours).
@@ -926,7 +936,19 @@ pub fn snapshot_noting(
         if eds && !r.endpoints.contains_key(&c.name) {
             return Ok(None);
         }
-        clusters.push(Arc::new(cluster_of(c, r.endpoints.get(&c.name), &policies)?));
+        let mut mapped = cluster_of(c, r.endpoints.get(&c.name), &policies)?;
+        // Its client certificate, named by SDS: the digest is that of the key pair received.
+        if let Some(model::CertSource::Secret { name, digest }) =
+            mapped.tls.as_mut().and_then(|t| t.client_certificate.as_mut())
+        {
+            let Some(s) = r.secrets.get(name.as_str()) else {
+                return Ok(None);
+            };
+            let pair = key_pair(s)?;
+            *digest = pair.digest();
+            secrets.insert(name.clone(), Arc::new(pair));
+        }
+        clusters.push(Arc::new(mapped));
     }
     // Applying validates the rest (the same checks as every other source).
     Ok(Some((Snapshot::new(version, listeners, clusters), secrets)))

@@ -178,13 +178,14 @@ fn prune(r: &mut EnvoyResources) {
     r.secrets.retain(|n, _| secrets.contains(n));
 }
 
-/// The SDS secrets the listeners name (a listener that cannot be mapped names none; it is
-/// NACKed when the snapshot is made).
+/// The SDS secrets the listeners and the clusters' client certificates name (a resource that
+/// cannot be mapped names none; it is NACKed when the snapshot is made).
 fn sds_names(r: &EnvoyResources) -> BTreeSet<String> {
     r.listeners
         .values()
         .filter_map(|l| map::listener_tls(l).ok().flatten())
         .flatten()
+        .chain(r.clusters.values().filter_map(map::client_certificate_sds))
         .collect()
 }
 

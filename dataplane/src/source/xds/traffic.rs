@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use ferrum_snapshot::model::{HashOn, LbPolicy, RetryPolicy, UpstreamTls};
+use ferrum_snapshot::model::{CertSource, HashOn, LbPolicy, RetryPolicy, UpstreamTls};
 
 use super::map::{MapError, decode};
 
@@ -207,9 +207,21 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
     };
     let ctx: tls::UpstreamTlsContext = decode(tc, UPSTREAM_TLS).map_err(|e| e.within(at))?;
     let common = ctx.common_tls_context.unwrap_or_default();
-    if !common.tls_certificates.is_empty() || !common.tls_certificate_sds_secret_configs.is_empty() {
-        return Err(refused("client certificates to upstreams are not supported"));
+    if !common.tls_certificates.is_empty() {
+        return Err(refused(
+            "inline tls_certificates are not accepted: serve key pairs over SDS",
+        ));
     }
+    // Mutual TLS: one client certificate, over SDS; its digest is filled in when the secret
+    // arrives.
+    let client_certificate = match common.tls_certificate_sds_secret_configs.as_slice() {
+        [] => None,
+        [one] => Some(CertSource::Secret {
+            name: super::map::ads_secret(one).ok_or_else(|| refused("SDS secrets must come over ADS"))?,
+            digest: String::new(),
+        }),
+        _ => return Err(refused("one client certificate at most")),
+    };
     let validation = match common.validation_context_type {
         None => None,
         Some(ValidationContextType::ValidationContext(v)) => Some(v),
@@ -220,7 +232,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             sni: ctx.sni,
             ca_file: None,
             insecure_skip_verify: true,
-            client_certificate: None,
+            client_certificate,
         });
     };
     let ca_file = match v.trusted_ca.and_then(|d| d.specifier) {
@@ -251,6 +263,6 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         sni,
         ca_file: Some(ca_file),
         insecure_skip_verify: false,
-        client_certificate: None,
+        client_certificate,
     })
 }
