@@ -109,6 +109,23 @@ impl Route {
     pub fn digest(&self) -> Digest {
         digest_json(self)
     }
+
+    /// A route that matches everything and only forwards (an L4 route, a default route).
+    pub fn forward(name: String, targets: Vec<WeightedCluster>) -> Route {
+        Route {
+            name,
+            matcher: RouteMatch::default(),
+            request_headers: HeaderModifier::default(),
+            response_headers: HeaderModifier::default(),
+            rewrite: None,
+            action: Action::Forward(targets),
+            timeouts: RouteTimeouts::default(),
+            retry: None,
+            fault: None,
+            mirror: None,
+            cors: None,
+        }
+    }
 }
 
 impl Cluster {

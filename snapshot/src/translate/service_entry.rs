@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::istio::{ServiceEntry, ServiceEntryEndpoint, ServiceEntrySpec};
 use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, ServiceRoutes, Workload};
-use crate::model::{Action, Digest, HeaderModifier, Route, RouteMatch, RouteTimeouts, WeightedCluster};
+use crate::model::{Digest, Route, WeightedCluster};
 use crate::resources::Resources;
 use crate::translate::{Problems, Reason, meta_ref};
 use crate::validate::is_dns_name;
@@ -134,23 +134,14 @@ pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &R
         let routes: Vec<ServiceRoutes> = http_ports(s)
             .filter_map(|port| {
                 let cluster = clusters.entry(s, port).ok()?;
-                let route = Route {
-                    name: cluster.clone(),
-                    matcher: RouteMatch::default(),
-                    request_headers: HeaderModifier::default(),
-                    response_headers: HeaderModifier::default(),
-                    rewrite: None,
-                    action: Action::Forward(vec![WeightedCluster {
+                let route = Route::forward(
+                    cluster.clone(),
+                    vec![WeightedCluster {
                         cluster: Some(cluster),
                         weight: 1,
                         headers: None,
-                    }]),
-                    timeouts: RouteTimeouts::default(),
-                    retry: None,
-                    fault: None,
-                    mirror: None,
-                    cors: None,
-                };
+                    }],
+                );
                 Some(ServiceRoutes {
                     port,
                     consumer: None,

@@ -834,19 +834,10 @@ fn tcp_route_on(
             headers: None,
         })
         .collect();
-    Some(Arc::new(Route {
-        name: format!("{}/{}/tcp/{i}", at.ns, at.name),
-        matcher: RouteMatch::default(),
-        request_headers: HeaderModifier::default(),
-        response_headers: HeaderModifier::default(),
-        rewrite: None,
-        action: Action::Forward(targets),
-        timeouts: RouteTimeouts::default(),
-        retry: None,
-        fault: None,
-        mirror: None,
-        cors: None,
-    }))
+    Some(Arc::new(Route::forward(
+        format!("{}/{}/tcp/{i}", at.ns, at.name),
+        targets,
+    )))
 }
 
 /// The routes of `rules` for requests to the port, in order.

@@ -205,23 +205,12 @@ fn tcp_hosts(
                 ));
             }
         };
-        let route = Arc::new(Route {
-            name: if p.stat_prefix.is_empty() {
-                format!("{listener}/{i}")
-            } else {
-                p.stat_prefix.clone()
-            },
-            matcher: RouteMatch::default(),
-            request_headers: HeaderModifier::default(),
-            response_headers: HeaderModifier::default(),
-            rewrite: None,
-            action: Action::Forward(targets),
-            timeouts: RouteTimeouts::default(),
-            retry: None,
-            fault: None,
-            mirror: None,
-            cors: None,
-        });
+        let name = if p.stat_prefix.is_empty() {
+            format!("{listener}/{i}")
+        } else {
+            p.stat_prefix.clone()
+        };
+        let route = Arc::new(Route::forward(name, targets));
         let hosts = if names.is_empty() {
             vec!["*".to_string()]
         } else {
