@@ -159,7 +159,10 @@ impl Compiler {
         }
         let me = self.me.get();
         let mesh_http = match me {
-            Some((namespace, _)) => self.mesh_routes(&snap, namespace, &clusters)?,
+            Some(me) => {
+                let own = snap.workload_or_placeholder(&me.0, &me.1);
+                self.mesh_routes(&snap, &own, &clusters)?
+            }
             None => MeshRoutes::default(),
         };
         Ok(Compiled {
@@ -211,15 +214,30 @@ impl Compiler {
         })
     }
 
-    /// The mesh routes a client in `namespace` follows: per (service, port), served like a
+    /// The mesh routes workload `own` follows as a client: per (service, port), served like a
     /// listener whose one virtual host takes any Host (GAMMA ignores route hostnames); for
-    /// services found by host (ServiceEntries without addresses), per port, a virtual host each.
+    /// services found by host (ServiceEntries without addresses), per port, a virtual host each;
+    /// per (service, port), its L4 route. Routes for other clients (a source match `own` does
+    /// not meet) are left out here, so requests never look at them.
     fn mesh_routes(
         &self,
         snap: &Snapshot,
-        namespace: &str,
+        own: &ferrum_snapshot::mesh::Workload,
         clusters: &HashMap<String, Arc<ClusterRuntime>>,
     ) -> Result<MeshRoutes, RouteError> {
+        let namespace = own.namespace.as_str();
+        let mine = |routes: &[Arc<ferrum_snapshot::model::Route>]| -> Vec<Arc<ferrum_snapshot::model::Route>> {
+            routes
+                .iter()
+                .filter(|r| {
+                    r.matcher
+                        .source
+                        .as_ref()
+                        .is_none_or(|s| s.admits(&own.labels, namespace))
+                })
+                .cloned()
+                .collect()
+        };
         let mut out = MeshRoutes::default();
         let mut hosted: HashMap<u16, Vec<_>> = HashMap::new();
         for s in snap.services.iter().filter(|s| !s.routes.is_empty()) {
@@ -230,7 +248,7 @@ impl Compiler {
                 let host = if s.by_host { s.hostname.as_str() } else { "*" };
                 let vh = ferrum_snapshot::model::VirtualHost {
                     hostname: host.into(),
-                    routes: t.routes.clone(),
+                    routes: mine(&t.routes),
                 };
                 let built = self.virtual_host(&vh, clusters)?;
                 if s.by_host {
@@ -250,9 +268,13 @@ impl Compiler {
                 let Some(t) = s.tcp_routes_for(p.port, namespace) else {
                     continue;
                 };
+                // The first route for this client; none: plain balancing.
+                let Some(first) = mine(&t.routes).into_iter().next() else {
+                    continue;
+                };
                 let vh = ferrum_snapshot::model::VirtualHost {
                     hostname: "*".into(),
-                    routes: t.routes.clone(),
+                    routes: vec![first],
                 };
                 out.tcp
                     .insert((s.key.clone(), p.port), Arc::new(self.virtual_host(&vh, clusters)?));

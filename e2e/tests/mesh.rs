@@ -1053,6 +1053,79 @@ async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
     .await;
 }
 
+/// Routes for some callers only (Istio `sourceLabels`): a canary client (`track: canary`) and a
+/// plain one call the same Service; a VirtualService sends the canary's HTTP to v2 and its raw
+/// TCP to the v2 subset, everyone else's to v1 — each sidecar keeps only the routes its own
+/// workload is a source of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_service_routes_by_the_callers_labels() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let canary = w.pod_labelled("a-2", "sa-a", "app: a, track: canary", 13, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    w.service("svc-b", VIP, "b");
+    w.service_selecting("b-v1", "10.96.77.11", "app: b, version: v1");
+    w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a"), (canary, "sa-a")] {
+        w.app(i);
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, canary, b1, b2] {
+        w.ready(i).await;
+    }
+    until_routed(&w).await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+         spec: {{host: svc-b, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: b-by-caller, namespace: {NS}}}\n\
+         spec:\n  hosts: [svc-b]\n  http:\n\
+         \x20 - match: [{{sourceLabels: {{track: canary}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
+         \x20 - route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 tcp:\n\
+         \x20 - match: [{{port: 9000, sourceLabels: {{track: canary}}, sourceNamespace: {NS}}}]\n\
+         \x20   route: [{{destination: {{host: svc-b, subset: v2, port: {{number: 9000}}}}}}]\n\
+         \x20 - match: [{{port: 9000}}]\n\
+         \x20   route: [{{destination: {{host: svc-b, subset: v1, port: {{number: 9000}}}}}}]\n"
+    ));
+    eventually(
+        "each caller follows its own routes",
+        Duration::from_secs(20),
+        async || {
+            calls_to_svc_b(&w, a, 10, "/r", &[]) == (10, 0) && calls_to_svc_b(&w, canary, 10, "/r", &[]) == (0, 10)
+        },
+    )
+    .await;
+    let tunnels = || {
+        (
+            w.pods[b1].connections("inbound", "hbone"),
+            w.pods[b2].connections("inbound", "hbone"),
+        )
+    };
+    for (from, want) in [(a, (10.0, 0.0)), (canary, (0.0, 10.0))] {
+        let before = tunnels();
+        assert_eq!(
+            echoes_to_svc_b(&w, from, 10),
+            10,
+            "{}: every connection echoed",
+            w.pods[from].name
+        );
+        let after = tunnels();
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            want,
+            "{}: raw TCP goes to its own subset",
+            w.pods[from].name
+        );
+    }
+    let vs = w.cluster.get("virtualservice", NS, "b-by-caller");
+    assert_eq!(vs["status"]["conditions"][0]["status"], "True", "{vs}");
+}
+
 /// A VirtualService's retries are the route's own: with b-2's application gone (its sidecar
 /// still up, so each call there fails), a route retrying connect failures and resets answers
 /// every call from b-1, and so does a route without `retries` (Istio's default policy), while a

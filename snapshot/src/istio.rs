@@ -352,12 +352,17 @@ pub struct VsTcpRoute {
     pub other: Other,
 }
 
-/// A `tcp` route's match: the Service port (other attributes are reported, not read).
+/// A `tcp` route's match: the Service port and the calling workload (other attributes are
+/// reported, not read).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VsL4Match {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }
@@ -491,6 +496,12 @@ pub struct VsMatch {
     /// The Service port the request is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
+    /// Labels the calling workload has (all of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    /// The calling workload's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -409,8 +409,8 @@ pub struct MeshService {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ServiceRoutes>,
     /// L4 routes (Istio VirtualService `tcp`), per port: a client's sidecar sends a connection
-    /// to the port that is not routed as HTTP to a weighted pick of the one route's clusters,
-    /// instead of balancing over `endpoints`. Schema 7.
+    /// to the port that is not routed as HTTP to a weighted pick of the clusters of the first
+    /// route whose source it is, instead of balancing over `endpoints`. Schema 7.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp_routes: Vec<ServiceRoutes>,
     /// The namespaces whose clients see it (Istio's `networking.istio.io/exportTo`); empty:

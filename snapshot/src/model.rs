@@ -3,6 +3,7 @@
 //! Every collection is a `Vec` or `BTreeMap` so the JSON form (and therefore the content hash) is
 //! deterministic. Durations are whole milliseconds for the same reason.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -619,6 +620,31 @@ pub struct RouteMatch {
     pub headers: Vec<KeyMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<KeyMatch>,
+    /// Which clients the route is for (Istio `sourceLabels`, `sourceNamespace`): a sidecar keeps
+    /// the routes its own workload is a source of when it compiles them, so requests pay
+    /// nothing for it. Mesh routes only. Schema 7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceMatch>,
+}
+
+/// The client workloads a mesh route applies to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceMatch {
+    /// Labels the client's workload has, all of them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The client's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl SourceMatch {
+    /// Whether a client with these labels, in this namespace, is one.
+    pub fn admits(&self, labels: &BTreeMap<String, String>, namespace: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == namespace)
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

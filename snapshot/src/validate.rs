@@ -177,6 +177,14 @@ fn check_listener(l: &Listener, clusters: &BTreeSet<&str>, err: &mut impl FnMut(
         for (ri, r) in vh.routes.iter().enumerate() {
             let at = format!("virtualHosts[{vi}].routes[{ri}]");
             check_route(r, clusters, &obj, &at, err);
+            if r.matcher.source.is_some() {
+                // A gateway is no client workload: only sidecars pick routes by source.
+                err(
+                    obj.clone(),
+                    format!("{at}.match.source"),
+                    "a source match applies to mesh routes only".into(),
+                );
+            }
         }
     }
 }

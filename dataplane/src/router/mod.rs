@@ -501,6 +501,7 @@ mod tests {
                 name: "q".into(),
                 value: StringMatch::Exact("1".into()),
             }],
+            source: None,
         };
         let v = vh(vec![
             route("strict", m),

@@ -142,11 +142,11 @@ pub(crate) fn finish(
             consumer: consumer.clone(),
             routes: t.routes.clone(),
         });
-        if let Some(route) = &t.tcp {
+        if !t.tcp.is_empty() {
             tcp.entry(key.as_str()).or_default().push(ServiceRoutes {
                 port: *port,
                 consumer: consumer.clone(),
-                routes: vec![route.clone()],
+                routes: t.tcp.clone(),
             });
         }
     }

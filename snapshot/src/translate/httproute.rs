@@ -1132,5 +1132,6 @@ fn route_match(
         method,
         headers,
         query_params,
+        source: None,
     })
 }

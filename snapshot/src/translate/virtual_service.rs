@@ -16,7 +16,8 @@ use crate::mesh::{MeshService, Resolution};
 use crate::model::Digest;
 use crate::model::{
     Action, BackendHeaders, Cors, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch,
-    PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, StringMatch, WeightedCluster,
+    PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, SourceMatch, StringMatch,
+    WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
 
@@ -29,8 +30,8 @@ use super::{Problems, Reason, meta_ref};
 pub(crate) struct VsTable {
     pub target: MeshTarget,
     pub routes: Vec<Arc<Route>>,
-    /// Its L4 route there (the first `tcp` route for the port).
-    pub tcp: Option<Arc<Route>>,
+    /// Its L4 routes there, in order (a client follows the first whose source it is).
+    pub tcp: Vec<Arc<Route>>,
     pub owner: ObjectRef,
     /// Its `spec.hosts` index, for a conflict's field.
     pub host: usize,
@@ -66,9 +67,10 @@ struct Rule {
     destinations: Vec<Destination>,
 }
 
-/// One `tcp` route, read: the Service ports it is limited to (`None`: any) and where it sends.
+/// One `tcp` route, read: its matches (each with the port it is limited to and the clients it
+/// is for) and where it sends.
 struct TcpRule {
-    ports: Option<Vec<u16>>,
+    matches: Vec<(Option<u16>, Option<SourceMatch>)>,
     destinations: Vec<Destination>,
 }
 
@@ -175,26 +177,22 @@ fn tcp_rule(t: &VsTcpRoute, ns: &str, at: &str) -> Result<TcpRule, Refusal> {
     if destinations.is_empty() {
         return Err(invalid(format!("{at}.route"), "a tcp route needs destinations"));
     }
-    let mut ports = Some(Vec::new());
+    let mut matches = Vec::new();
     for (j, m) in t.matches.iter().enumerate() {
         let at = format!("{at}.match[{j}]");
         if let Some(f) = m.other.keys().next() {
             return Err(unsupported(
                 format!("{at}.{f}"),
-                "not supported: a tcp route matches the port only",
+                "not supported: a tcp route matches the port and the calling workload",
             ));
         }
-        match (m.port, ports.as_mut()) {
-            (Some(n), Some(ports)) => ports.push(port(n, &format!("{at}.port"))?),
-            (Some(n), None) => drop(port(n, &format!("{at}.port"))?),
-            // A match without a port holds on every port.
-            (None, _) => ports = None,
-        }
+        let port = m.port.map(|n| port(n, &format!("{at}.port"))).transpose()?;
+        matches.push((port, source(&m.source_labels, &m.source_namespace)));
     }
-    Ok(TcpRule {
-        ports: ports.filter(|p| !p.is_empty()),
-        destinations,
-    })
+    if matches.is_empty() {
+        matches.push((None, None));
+    }
+    Ok(TcpRule { matches, destinations })
 }
 
 fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
@@ -542,9 +540,18 @@ fn route_match(m: &VsMatch, at: &str) -> Result<(RouteMatch, Option<u16>), Refus
         method,
         headers: keyed(&m.headers, "headers", true)?,
         query_params: keyed(&m.query_params, "queryParams", false)?,
+        source: source(&m.source_labels, &m.source_namespace),
     };
     let port = m.port.map(|p| port(p, &format!("{at}.port"))).transpose()?;
     Ok((matcher, port))
+}
+
+/// A match's condition on the calling workload, if it has one.
+fn source(labels: &std::collections::BTreeMap<String, String>, namespace: &Option<String>) -> Option<SourceMatch> {
+    (!labels.is_empty() || namespace.is_some()).then(|| SourceMatch {
+        labels: labels.clone(),
+        namespace: namespace.clone(),
+    })
 }
 
 fn header_ops(ops: Option<&VsHeaderOps>) -> HeaderModifier {
@@ -689,8 +696,8 @@ fn tables(
                     obj,
                 };
                 let routes = routes_on(reg, &rules.http, &at, clusters, problems);
-                let tcp = tcp_route_on(reg, &rules.tcp, &at, clusters, problems);
-                if !routes.is_empty() || tcp.is_some() {
+                let tcp = tcp_routes_on(reg, &rules.tcp, &at, clusters, problems);
+                if !routes.is_empty() || !tcp.is_empty() {
                     out.push(VsTable {
                         target: (key.clone(), p, consumer.clone()),
                         routes,
@@ -807,20 +814,49 @@ struct Place<'a> {
     obj: &'a ObjectRef,
 }
 
-/// The L4 route for connections to the port: the first `tcp` route whose match holds there.
-fn tcp_route_on(
+/// The L4 routes for connections to the port, in order: each match of a `tcp` route that holds
+/// there, up to the first that holds for every client (a sidecar takes the first whose source
+/// it is).
+fn tcp_routes_on(
     reg: &Registry<'_>,
     rules: &[TcpRule],
     at: &Place<'_>,
     clusters: &mut Clusters<'_>,
     problems: &mut Problems<'_>,
-) -> Option<Arc<Route>> {
-    let (i, r) = rules
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.ports.as_ref().is_none_or(|p| p.contains(&at.port)))?;
-    let targets = r
-        .destinations
+) -> Vec<Arc<Route>> {
+    let mut out = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let on_port = r
+            .matches
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| p.is_none_or(|p| p == at.port));
+        let mut targets = None;
+        for (j, (_, source)) in on_port {
+            let targets = targets
+                .get_or_insert_with(|| tcp_targets(reg, r, i, at, clusters, problems))
+                .clone();
+            let mut route = Route::forward(format!("{}/{}/tcp/{i}/{j}", at.ns, at.name), targets);
+            route.matcher.source = source.clone();
+            out.push(Arc::new(route));
+            if source.is_none() {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+/// Where rule `i` sends connections to the port.
+fn tcp_targets(
+    reg: &Registry<'_>,
+    r: &TcpRule,
+    i: usize,
+    at: &Place<'_>,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+) -> Vec<WeightedCluster> {
+    r.destinations
         .iter()
         .enumerate()
         .map(|(j, d)| WeightedCluster {
@@ -833,11 +869,7 @@ fn tcp_route_on(
             weight: d.weight,
             headers: None,
         })
-        .collect();
-    Some(Arc::new(Route::forward(
-        format!("{}/{}/tcp/{i}", at.ns, at.name),
-        targets,
-    )))
+        .collect()
 }
 
 /// The routes of `rules` for requests to the port, in order.
@@ -1107,7 +1139,7 @@ spec:
             vs(
                 "tcp",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], tcp: [{match: [{sourceLabels: {app: a}}], route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], tcp: [{match: [{destinationSubnets: [10.0.0.0/8]}], route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "regex",
@@ -1132,7 +1164,11 @@ spec:
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
                 ("subset", "spec.http[0].corsPolicy.unmatchedPreflights", Reason::Invalid),
-                ("tcp", "spec.tcp[0].match[0].sourceLabels", Reason::UnsupportedValue),
+                (
+                    "tcp",
+                    "spec.tcp[0].match[0].destinationSubnets",
+                    Reason::UnsupportedValue
+                ),
                 ("younger", "spec.hosts[0]", Reason::Conflicted),
             ],
             "{:#?}",
@@ -1200,6 +1236,8 @@ spec:
   - match: [{port: 80}]
     route: [{destination: {host: b-v2}}]
   tcp:
+  - match: [{port: 81, sourceLabels: {track: canary}, sourceNamespace: shop}]
+    route: [{destination: {host: b, subset: v2}}]
   - match: [{port: 81}]
     route:
     - {destination: {host: b, subset: v1}, weight: 80}
@@ -1231,12 +1269,25 @@ spec:
         );
         let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
         let on81 = &b.tcp_routes_for(81, "any").unwrap().routes;
-        assert_eq!(on81.len(), 1, "one L4 route per port");
-        assert_eq!(on81[0].name, "shop/b/tcp/0");
         assert_eq!(
-            clusters(&on81[0].action),
+            on81.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["shop/b/tcp/0/0", "shop/b/tcp/1/0"],
+            "the canaries' route, then everyone's; nothing after it"
+        );
+        let canary = on81[0].matcher.source.as_ref().unwrap();
+        assert_eq!(
+            (
+                canary.labels.get("track").map(String::as_str),
+                canary.namespace.as_deref()
+            ),
+            (Some("canary"), Some("shop"))
+        );
+        assert_eq!(clusters(&on81[0].action), [(Some("service/shop/b:81~v2"), 1)]);
+        assert_eq!(
+            clusters(&on81[1].action),
             [(Some("service/shop/b:81~v1"), 80), (Some("service/shop/b:81~v2"), 20)]
         );
+        assert!(on81[1].matcher.source.is_none());
         let on80 = &b.tcp_routes_for(80, "any").unwrap().routes;
         assert_eq!(
             clusters(&on80[0].action),
