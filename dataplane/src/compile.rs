@@ -181,6 +181,10 @@ impl Compiler {
         VirtualHost::build(vh, |r| {
             Ok(RouteParts {
                 action: match &r.action {
+                    _ if r.direct_response.is_some() => {
+                        let d = r.direct_response.as_ref().expect("checked");
+                        router::Action::Respond(Box::new(router::Direct::new(d)))
+                    }
                     SnapAction::Redirect(rd) => router::Action::Redirect(rd.clone()),
                     SnapAction::Forward(targets) => {
                         let mut cum = 0;

@@ -839,8 +839,8 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 /// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
 /// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
 /// string prefix pins v2, as does a DestinationRule subset of svc-b itself, a path is
-/// redirected, another rewritten, faults abort or delay, copies are mirrored to v2, the rest
-/// goes to v1 by weight.
+/// redirected, another rewritten, one answered by the sidecar itself (`directResponse`), faults
+/// abort or delay, copies are mirrored to v2, the rest goes to v1 by weight.
 /// It is reported Accepted; deleting it returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
@@ -860,6 +860,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{uri: {{exact: /first/exact}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{headers: {{x-version: {{exact: v2}}}}}}, {{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
+         \x20 - match: [{{uri: {{prefix: /maintenance}}}}]\n    directResponse: {{status: 503, body: {{string: down for maintenance}}}}\n\
          \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-subset: {{exact: v2}}}}}}]\n    route: [{{destination: {{host: svc-b, subset: v2}}}}]\n\
          \x20 - match: [{{uri: {{prefix: /mirrored}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n    mirror: {{host: b-v2}}\n\
@@ -900,6 +901,14 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         &format!("http://svc-b.{NS}.svc/old"),
     ]);
     assert!(ok && head == format!("302 http://svc-b.{NS}.svc/new"), "{head}");
+    let (_, answered) = w.pods[a].curl(&[
+        "-w",
+        " %{http_code}",
+        "--resolve",
+        &format!("svc-b.{NS}.svc:80:{VIP}"),
+        &format!("http://svc-b.{NS}.svc/maintenance/now"),
+    ]);
+    assert_eq!(answered, "down for maintenance 503", "A's sidecar answers itself");
     // Copies go to b-v2 as well (A's sidecar counts them on that cluster); answers come from v1.
     let mirrored = || {
         let out = w.pods[a].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);

@@ -421,6 +421,29 @@ pub struct VsHttpRoute {
     pub headers: Option<VsHeaders>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<VsCorsPolicy>,
+    /// Answered by the proxy itself, forwarded nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<VsDirectResponse>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// A route's `directResponse`: a status, and a body (`string`; `bytes` is not read).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsDirectResponse {
+    pub status: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<VsHttpBody>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VsHttpBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

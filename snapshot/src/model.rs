@@ -125,6 +125,7 @@ impl Route {
             fault: None,
             mirror: None,
             cors: None,
+            direct_response: None,
         }
     }
 }
@@ -549,6 +550,26 @@ pub struct Route {
     /// Cross-origin requests (Gateway API `CORS`, Istio `corsPolicy`). Schema 6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<Cors>,
+    /// The proxy answers itself (Istio `directResponse`); `action` then forwards nowhere, so a
+    /// proxy older than schema 7 answers 500 rather than forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+}
+
+/// A response the proxy makes itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectResponse {
+    /// 200-599.
+    pub status: u16,
+    /// At most [`DirectResponse::MAX_BODY`] bytes, sent as `text/plain`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub body: String,
+}
+
+impl DirectResponse {
+    /// Envoy's default limit for a direct response body.
+    pub const MAX_BODY: usize = 4096;
 }
 
 /// Cross-origin resource sharing for a route: the proxy answers the preflights of the origins

@@ -199,6 +199,19 @@ fn check_route(
     let obj = || format!("{obj} route {:?}", r.name);
     check_route_shape(r, &obj, at, err);
     check_action(&r.action, clusters, &obj, at, err);
+    if let Some(d) = &r.direct_response {
+        if let Some((field, why)) = direct_response_problem(d) {
+            err(obj(), format!("{at}.directResponse.{field}"), why);
+        }
+        let nowhere = matches!(&r.action, Action::Forward(t) if t.iter().all(|t| t.cluster.is_none()));
+        if !nowhere {
+            err(
+                obj(),
+                format!("{at}.action"),
+                "a route that answers itself forwards nowhere".into(),
+            );
+        }
+    }
     if let Some(m) = &r.mirror
         && !clusters.contains(m.cluster.as_str())
     {
@@ -274,6 +287,24 @@ fn fault_problems(f: &Fault) -> Vec<(&'static str, &'static str)> {
 /// The first problem of a route's own shape (not what it sends to): `(field, why)`, the field
 /// under `at`. For translators that build routes from objects, to refuse them with a reason
 /// instead of emitting a snapshot `validate` refuses.
+/// Why a direct response cannot be made: (field, reason).
+pub(crate) fn direct_response_problem(d: &crate::model::DirectResponse) -> Option<(String, String)> {
+    if !(200..=599).contains(&d.status) {
+        return Some(("status".into(), format!("{} is not 200-599", d.status)));
+    }
+    if d.body.len() > crate::model::DirectResponse::MAX_BODY {
+        return Some((
+            "body".into(),
+            format!(
+                "{} bytes is over {}",
+                d.body.len(),
+                crate::model::DirectResponse::MAX_BODY
+            ),
+        ));
+    }
+    None
+}
+
 pub(crate) fn route_shape_problem(r: &Route, at: &str) -> Option<(String, String)> {
     let mut first = None;
     check_route_shape(r, &String::new, at, &mut |_, field, why| {
@@ -484,6 +515,7 @@ mod tests {
             fault: None,
             mirror: None,
             cors: None,
+            direct_response: None,
         }
     }
 

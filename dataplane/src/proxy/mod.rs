@@ -118,6 +118,17 @@ impl Local {
     }
 }
 
+/// A route's own answer (Istio `directResponse`): `text/plain` when it has a body.
+fn direct(d: &crate::router::Direct) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::local(d.body.clone()));
+    *r.status_mut() = d.status;
+    if !d.body.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
 /// Connection facts the handler needs.
 #[derive(Clone, Copy)]
 pub struct ConnInfo {
@@ -221,6 +232,7 @@ async fn serve(
     let mut resp = match (aborted, &route.action) {
         (Some(status), _) => Local::FaultAbort(status).response(),
         (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
+        (None, crate::router::Action::Respond(d)) => direct(d),
         (None, crate::router::Action::Forward(_)) => match route.action.pick() {
             Some(crate::router::Target {
                 cluster: Some(cluster),

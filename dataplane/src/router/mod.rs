@@ -60,6 +60,23 @@ pub enum Action {
     /// Targets with their cumulative weights.
     Forward(Vec<(u32, Target)>),
     Redirect(model::Redirect),
+    /// Answered by the proxy itself.
+    Respond(Box<Direct>),
+}
+
+/// A direct response, ready to send: status and body (validated at the snapshot boundary).
+pub struct Direct {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+}
+
+impl Direct {
+    pub fn new(d: &model::DirectResponse) -> Direct {
+        Direct {
+            status: http::StatusCode::from_u16(d.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+            body: bytes::Bytes::copy_from_slice(d.body.as_bytes()),
+        }
+    }
 }
 
 /// One weighted backend of a forwarding route.
@@ -406,6 +423,7 @@ mod tests {
             fault: None,
             mirror: None,
             cors: None,
+            direct_response: None,
         }
     }
 

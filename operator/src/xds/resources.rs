@@ -450,6 +450,17 @@ fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<
     ]
     .concat();
     let action = match &r.action {
+        _ if r.direct_response.is_some() => {
+            let d = r.direct_response.as_ref().expect("checked");
+            route::route::Action::DirectResponse(route::DirectResponseAction {
+                status: d.status.into(),
+                body: (!d.body.is_empty()).then(|| core::DataSource {
+                    specifier: Some(core::data_source::Specifier::InlineString(d.body.clone())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        }
         Action::Redirect(rd) => redirect_action(rd),
         Action::Forward(targets) => match local_error(targets) {
             Some(error) => {
@@ -825,6 +836,7 @@ mod tests {
             fault: None,
             mirror: None,
             cors: None,
+            direct_response: None,
         };
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));
@@ -833,6 +845,25 @@ mod tests {
             (header.key.as_str(), header.value.as_str()),
             ("x-ferrum-error", BACKEND_NOT_FOUND)
         );
+
+        // A route that answers itself (Istio `directResponse`) is Envoy's direct response.
+        let mut own = route(vec![t(None, 1)]);
+        own.direct_response = Some(model::DirectResponse {
+            status: 503,
+            body: "down for maintenance".into(),
+        });
+        let r = envoy_route(&own, &Default::default(), &mut Vec::new());
+        let Some(route::route::Action::DirectResponse(d)) = r.action else {
+            panic!("{r:?}")
+        };
+        assert_eq!(d.status, 503);
+        assert_eq!(
+            d.body.and_then(|b| b.specifier),
+            Some(core::data_source::Specifier::InlineString(
+                "down for maintenance".into()
+            ))
+        );
+        assert!(r.response_headers_to_add.is_empty(), "not an error");
     }
 
     #[test]

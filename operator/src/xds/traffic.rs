@@ -233,6 +233,7 @@ mod tests {
             fault: None,
             mirror: None,
             cors: None,
+            direct_response: None,
         }
     }
 

@@ -599,6 +599,7 @@ fn translate_rules(
                 fault: None,
                 mirror: parts.mirror.clone(),
                 cors: parts.cors.clone(),
+                direct_response: None,
             };
             let needs_prefix = matches!(
                 &r.rewrite,

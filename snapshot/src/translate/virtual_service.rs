@@ -15,8 +15,8 @@ use crate::istio::{VirtualService, VsHeaderOps, VsHeaders, VsHttpRoute, VsMatch,
 use crate::mesh::{MeshService, Resolution};
 use crate::model::Digest;
 use crate::model::{
-    Action, BackendHeaders, Cors, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror, PathMatch,
-    PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, SourceMatch, StringMatch,
+    Action, BackendHeaders, Cors, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderModifier, KeyMatch, Mirror,
+    PathMatch, PathRewrite, Redirect, RetryPolicy, Rewrite, Route, RouteMatch, RouteTimeouts, SourceMatch, StringMatch,
     WeightedCluster,
 };
 use crate::resources::{ObjectRef, Resources};
@@ -65,6 +65,7 @@ struct Rule {
     /// Where copies go (a destination of weight 0 is not sent to), and the share copied.
     mirror: Option<(Destination, u32)>,
     destinations: Vec<Destination>,
+    direct: Option<DirectResponse>,
 }
 
 /// One `tcp` route, read: its matches (each with the port it is limited to and the clients it
@@ -212,23 +213,33 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .as_ref()
         .map(|r| redirect(r, &format!("{at}.redirect")))
         .transpose()?;
-    match (redirect.is_some(), destinations.is_empty()) {
-        (true, false) => {
-            return Err(invalid(
-                format!("{at}.redirect"),
-                "a route either redirects or has destinations",
-            ));
-        }
-        (false, true) => {
+    let direct = h
+        .direct_response
+        .as_ref()
+        .map(|d| direct_response(d, &format!("{at}.directResponse")))
+        .transpose()?;
+    match (redirect.is_some(), direct.is_some(), destinations.is_empty()) {
+        (false, false, true) => {
             return Err(invalid(
                 format!("{at}.route"),
-                "a route needs destinations or a redirect",
+                "a route needs destinations, a redirect or a directResponse",
+            ));
+        }
+        (true, true, _) | (true, _, false) | (_, true, false) => {
+            let field = if redirect.is_some() {
+                "redirect"
+            } else {
+                "directResponse"
+            };
+            return Err(invalid(
+                format!("{at}.{field}"),
+                "a route has one of destinations, a redirect or a directResponse",
             ));
         }
         _ => {}
     }
-    if redirect.is_some() && h.rewrite.is_some() {
-        return Err(invalid(format!("{at}.rewrite"), "a redirect cannot rewrite"));
+    if (redirect.is_some() || direct.is_some()) && h.rewrite.is_some() {
+        return Err(invalid(format!("{at}.rewrite"), "only a forwarding route rewrites"));
     }
     let rewrites = matches
         .iter()
@@ -261,6 +272,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         },
         retry,
         destinations,
+        direct,
     };
     for (j, (matcher, _)) in rule.matches.iter().enumerate() {
         let probe = route_of(&rule, j, matcher, String::new(), Action::Forward(Vec::new()));
@@ -580,6 +592,30 @@ fn merged(mut a: HeaderModifier, b: HeaderModifier) -> HeaderModifier {
     a
 }
 
+/// A `directResponse`: a status of 200-599 and a UTF-8 body of at most 4 KiB.
+fn direct_response(d: &crate::istio::VsDirectResponse, at: &str) -> Result<DirectResponse, Refusal> {
+    if let Some(f) = d.other.keys().next() {
+        return Err(unsupported(format!("{at}.{f}"), "not supported"));
+    }
+    let body = match &d.body {
+        None => String::new(),
+        Some(b) => {
+            if let Some(f) = b.other.keys().next() {
+                return Err(unsupported(format!("{at}.body.{f}"), "the body is a string"));
+            }
+            b.string.clone().unwrap_or_default()
+        }
+    };
+    let r = DirectResponse {
+        status: u16::try_from(d.status).unwrap_or(0),
+        body,
+    };
+    match crate::validate::direct_response_problem(&r) {
+        Some((field, why)) => Err(invalid(format!("{at}.{field}"), why)),
+        None => Ok(r),
+    }
+}
+
 fn redirect(r: &crate::istio::VsRedirect, at: &str) -> Result<Redirect, Refusal> {
     if let Some(f) = r.other.keys().next() {
         return Err(unsupported(format!("{at}.{f}"), "not supported"));
@@ -891,6 +927,13 @@ fn routes_on(
         };
         let action = match &r.redirect {
             Some(red) => Action::Redirect(red.clone()),
+            // Answered by the proxy: a backend that resolves nowhere stands for it (an older
+            // proxy answers 500 there rather than forwarding).
+            None if r.direct.is_some() => Action::Forward(vec![WeightedCluster {
+                cluster: None,
+                weight: 1,
+                headers: None,
+            }]),
             None => Action::Forward(
                 r.destinations
                     .iter()
@@ -935,6 +978,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         fault: rule.fault.clone(),
         mirror: None,
         cors: rule.cors.clone(),
+        direct_response: rule.direct.clone(),
     }
 }
 
@@ -1215,6 +1259,51 @@ spec:
             (c.max_age_s, c.allow_credentials, c.allow_methods.len()),
             (Some(86_400), true, 2)
         );
+    }
+
+    #[test]
+    fn a_direct_response_is_answered_by_the_proxy_and_forwards_nowhere() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{uri: {prefix: /maintenance}}]
+    directResponse: {status: 503, body: {string: down for maintenance}}
+  - route: [{destination: {host: b-v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: odd-status, namespace: shop}
+spec:
+  hosts: [b-v1]
+  http: [{directResponse: {status: 99}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: both, namespace: shop}
+spec:
+  hosts: [b-v2]
+  http: [{directResponse: {status: 200}, route: [{destination: {host: b-v1}}]}]
+");
+        assert_eq!(
+            t.problem_keys(),
+            [
+                ("both", "spec.http[0].directResponse", Reason::Invalid),
+                ("odd-status", "spec.http[0].directResponse.status", Reason::Invalid),
+            ],
+            "{:#?}",
+            t.problems
+        );
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on80 = &b.routes_for(80, "any").unwrap().routes;
+        let d = on80[0].direct_response.as_ref().unwrap();
+        assert_eq!((d.status, d.body.as_str()), (503, "down for maintenance"));
+        assert_eq!(clusters(&on80[0].action), [(None, 1)], "forwards nowhere");
+        assert!(on80[1].direct_response.is_none());
+        crate::validate(&t.snapshot).unwrap();
     }
 
     #[test]

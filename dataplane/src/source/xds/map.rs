@@ -401,6 +401,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         fault: None,
         mirror: None,
         cors: None,
+        direct_response: None,
         matcher,
     };
     out.action = match &r.action {
@@ -429,10 +430,30 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
                 headers: None,
             }])
         }
+        // Any other direct response: the route answers itself.
+        Some(route::route::Action::DirectResponse(d)) => {
+            use core::data_source::Specifier;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => String::new(),
+                Some(Specifier::InlineString(s)) => s.clone(),
+                Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone())
+                    .map_err(|_| MapError::refused(&at, "a direct response body must be UTF-8"))?,
+                Some(_) => return Err(MapError::refused(&at, "a direct response body must be inline")),
+            };
+            out.direct_response = Some(model::DirectResponse {
+                status: u16::try_from(d.status).unwrap_or(0),
+                body,
+            });
+            Action::Forward(vec![WeightedCluster {
+                cluster: None,
+                weight: 1,
+                headers: None,
+            }])
+        }
         _ => {
             return Err(MapError::refused(
                 &at,
-                "only route and redirect actions, and a direct 500 without a body, are supported",
+                "only route, redirect and direct response actions are supported",
             ));
         }
     };
@@ -1313,6 +1334,32 @@ mod tests {
         assert_eq!(answer(None), unresolved(1));
         assert_eq!(answer(Some(ferrum_proto::xds::BACKEND_NOT_FOUND)), unresolved(1));
         assert_eq!(answer(Some(ferrum_proto::xds::NO_WEIGHTED_BACKEND)), unresolved(0));
+    }
+
+    #[test]
+    fn another_direct_response_is_answered_by_the_route() {
+        let mut r = complete();
+        let mut rc = routes(prefix("/api"));
+        rc.virtual_hosts[0].routes[0].action =
+            Some(route::route::Action::DirectResponse(route::DirectResponseAction {
+                status: 503,
+                body: Some(core::DataSource {
+                    specifier: Some(core::data_source::Specifier::InlineString("down".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }));
+        r.routes.insert("rc".into(), rc);
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        let route = &snap.listeners[0].virtual_hosts[0].routes[0];
+        assert_eq!(
+            route.direct_response,
+            Some(model::DirectResponse {
+                status: 503,
+                body: "down".into()
+            })
+        );
+        ferrum_snapshot::validate(&snap).unwrap();
     }
 
     #[test]
