@@ -389,21 +389,10 @@ fn headers(opts: &[core::HeaderValueOption], remove: &[String], at: &str) -> Res
 fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Result<Route, MapError> {
     let at = format!("{at} route {:?}", r.name);
     let m = r.r#match.as_ref().ok_or_else(|| MapError::refused(&at, "no match"))?;
-    let matcher = route_match(m, &at)?;
-    let mut out = Route {
-        name: r.name.clone(),
-        request_headers: headers(&r.request_headers_to_add, &r.request_headers_to_remove, &at)?,
-        response_headers: headers(&r.response_headers_to_add, &r.response_headers_to_remove, &at)?,
-        rewrite: None,
-        action: Action::Forward(Vec::new()),
-        timeouts: RouteTimeouts::default(),
-        retry: None,
-        fault: None,
-        mirror: None,
-        cors: None,
-        direct_response: None,
-        matcher,
-    };
+    let mut out = Route::forward(r.name.clone(), Vec::new());
+    out.matcher = route_match(m, &at)?;
+    out.request_headers = headers(&r.request_headers_to_add, &r.request_headers_to_remove, &at)?;
+    out.response_headers = headers(&r.response_headers_to_add, &r.response_headers_to_remove, &at)?;
     out.action = match &r.action {
         Some(route::route::Action::Route(ra)) => {
             let (targets, rewrite, timeouts) = forward(ra, &out.matcher.path, &at, known)?;
