@@ -861,6 +861,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{headers: {{x-version: {{exact: v2}}}}}}, {{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
          \x20 - match: [{{uri: {{prefix: /maintenance}}}}]\n    directResponse: {{status: 503, body: {{string: down for maintenance}}}}\n\
+         \x20 - match: [{{uri: {{exact: /CaseLess}}, ignoreUriCase: true}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{uri: {{exact: /legacy}}}}]\n    rewrite: {{uri: /modern}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-subset: {{exact: v2}}}}}}]\n    route: [{{destination: {{host: svc-b, subset: v2}}}}]\n\
          \x20 - match: [{{uri: {{prefix: /mirrored}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n    mirror: {{host: b-v2}}\n\
@@ -886,6 +887,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         "the header pins v2"
     );
     assert_eq!(calls(10, "/v2beta", &[]), (0, 10), "Istio prefixes are string prefixes");
+    assert_eq!(calls(10, "/cASElESS", &[]), (0, 10), "ignoreUriCase");
     assert_eq!(
         calls(10, "/any", &["-H", "x-subset: v2"]),
         (0, 10),

@@ -525,6 +525,9 @@ pub struct VsMatch {
     /// The calling workload's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_namespace: Option<String>,
+    /// `uri` matches without regard to case.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
     #[serde(flatten)]
     pub other: Other,
 }

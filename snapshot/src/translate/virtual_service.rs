@@ -526,6 +526,10 @@ fn route_match(m: &VsMatch, at: &str) -> Result<(RouteMatch, Option<u16>), Refus
         None => PathMatch::default(),
         Some(u) => match (string_match(u, &format!("{at}.uri"))?, &u.prefix) {
             (_, Some(p)) if p == "/" => PathMatch::Prefix("/".into()),
+            // Without regard to case: the same path as a case-insensitive regex (the router's
+            // exact index compares bytes; a prefix is a regex already).
+            (StringMatch::Exact(p), _) if m.ignore_uri_case => PathMatch::Regex(format!("(?i){}", regex::escape(&p))),
+            (StringMatch::Regex(re), _) if m.ignore_uri_case => PathMatch::Regex(format!("(?i){re}")),
             (StringMatch::Exact(p), _) => PathMatch::Exact(p),
             (StringMatch::Regex(re), _) => PathMatch::Regex(re),
         },
@@ -1259,6 +1263,32 @@ spec:
             (c.max_age_s, c.allow_credentials, c.allow_methods.len()),
             (Some(86_400), true, 2)
         );
+    }
+
+    #[test]
+    fn ignore_uri_case_matches_paths_in_any_case() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{uri: {exact: /Api/V1}, ignoreUriCase: true}, {uri: {prefix: /Docs}, ignoreUriCase: true}]
+    route: [{destination: {host: b-v2}}]
+  - route: [{destination: {host: b-v1}}]
+");
+        assert!(t.problems.is_empty(), "{:#?}", t.problems);
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on80 = &b.routes_for(80, "any").unwrap().routes;
+        let regex = |p: &PathMatch| match p {
+            PathMatch::Regex(re) => regex::Regex::new(&format!("^(?:{re})$")).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let (exact, prefix) = (regex(&on80[0].matcher.path), regex(&on80[1].matcher.path));
+        assert!(exact.is_match("/api/v1") && exact.is_match("/API/V1") && !exact.is_match("/api/v1/x"));
+        assert!(prefix.is_match("/docs") && prefix.is_match("/DOCS/intro") && !prefix.is_match("/doc"));
+        crate::validate(&t.snapshot).unwrap();
     }
 
     #[test]
