@@ -45,6 +45,7 @@ fn policy_with(i: usize, action: AuthzAction, rule: Rule) -> Arc<Policy> {
             action,
             rules: vec![rule],
             dry_run: false,
+            check: None,
         }),
     })
 }

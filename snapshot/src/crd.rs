@@ -224,6 +224,60 @@ pub struct MeshConfigSpec {
     /// Traffic policy applied to every cluster that sets nothing itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_traffic_policy: Option<TrafficPolicy>,
+    /// Services AuthorizationPolicies with action `CUSTOM` ask (Istio MeshConfig
+    /// `extensionProviders`), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// One external authorization service, as Istio's MeshConfig writes it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    /// Asked over HTTP: Envoy's `ext_authz` HTTP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttpProvider>,
+    /// Asked over gRPC (`envoy.service.auth.v3.Authorization`): not supported yet; a policy
+    /// naming it refuses what it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcProvider>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzHttpProvider {
+    /// The Service's host (`ext-authz.foo.svc.cluster.local`) or a ServiceEntry host.
+    pub service: String,
+    pub port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    /// How long to wait for its answer (`0.5s`); default 600s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Let requests on when it cannot be asked.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// The status answered when it cannot be asked (default 403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_on_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_request_headers_in_check: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_deny: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthzGrpcProvider {
+    pub service: String,
+    pub port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 fn default_trust_domain() -> String {
@@ -235,6 +289,7 @@ impl Default for MeshConfigSpec {
         MeshConfigSpec {
             trust_domain: default_trust_domain(),
             default_traffic_policy: None,
+            extension_providers: Vec::new(),
         }
     }
 }

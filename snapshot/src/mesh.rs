@@ -94,6 +94,59 @@ pub struct Authorization {
     /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
     #[serde(default)]
     pub dry_run: bool,
+    /// Istio `CUSTOM`: a request the rules match is asked of this external authorization
+    /// service, first, and refused if it refuses (schema 8). Written with action `DENY`, so a
+    /// proxy older than that refuses those requests outright — it fails closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<ExtAuthz>,
+}
+
+/// An external authorization service over HTTP (Istio `envoyExtAuthzHttp`; Envoy's
+/// `ext_authz` filter): the request's method, path and chosen headers go to it with an empty
+/// body; a 2xx answer lets the request on, any other is the client's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtAuthz {
+    /// The MeshConfig `extensionProviders` entry it came from.
+    pub provider: String,
+    /// The snapshot cluster that serves it.
+    pub cluster: String,
+    pub timeout_ms: u64,
+    /// Put before the request's path in the check (`/verify` + `/orders?id=1`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path_prefix: String,
+    /// Request headers sent along (Istio patterns: exact, `prefix*`, `*suffix`, lowercase);
+    /// `Host`, the method and the path always are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_request_headers: Vec<String>,
+    /// Headers of an allowing answer set on the request that goes on (patterns).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    /// Headers of a refusing answer passed to the client (patterns); empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    /// When the service cannot be asked (unreachable, timed out, a 5xx is an answer): let the
+    /// request on instead of answering `status_on_error`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_open: bool,
+    pub status_on_error: u16,
+}
+
+impl Authorization {
+    /// Whether requests it matches are asked of an external service (Istio `CUSTOM`).
+    pub fn is_custom(&self) -> bool {
+        self.check.is_some()
+    }
+}
+
+impl Policy {
+    /// The cluster its external authorization service is reached by, if it has one.
+    pub fn check_cluster(&self) -> Option<&str> {
+        match &self.rule {
+            PolicyRule::Authorization(a) => a.check.as_ref().map(|c| c.cluster.as_str()),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

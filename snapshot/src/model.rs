@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 7;
+pub const SCHEMA: u32 = 8;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -263,9 +263,14 @@ impl Snapshot {
                 None => (s.clone(), *d),
             })
             .unzip();
-        let routed: std::collections::HashSet<&str> = services.iter().flat_map(|s| s.route_clusters()).collect();
-        let (clusters, cluster_digests) = kept(&self.clusters, &d.clusters, |c| routed.contains(c.name.as_str()));
         let (policies, policy_digests) = kept(&self.policies, &d.policies, keep);
+        // The clusters its routes send to, and those its policies' authorization services use.
+        let routed: std::collections::HashSet<&str> = services
+            .iter()
+            .flat_map(|s| s.route_clusters())
+            .chain(policies.iter().filter_map(|p| p.check_cluster()))
+            .collect();
+        let (clusters, cluster_digests) = kept(&self.clusters, &d.clusters, |c| routed.contains(c.name.as_str()));
         let (sidecars, sidecar_digests) = kept(&self.sidecars, &d.sidecars, |s| {
             client.is_none() || scope.is_some_and(|sc| sc.key == s.key)
         });

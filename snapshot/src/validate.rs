@@ -62,8 +62,52 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
             }
         }
     }
+    for p in &s.policies {
+        if let crate::mesh::PolicyRule::Authorization(a) = &p.rule
+            && let Some(c) = &a.check
+        {
+            check_ext_authz(c, a.action, &cluster_names, &mut |field, why| {
+                err(format!("policy {:?}", p.key), field, why)
+            });
+        }
+    }
     crate::mesh::check(&s.workloads, &s.services, &s.sidecars, &mut err);
     if errs.is_empty() { Ok(()) } else { Err(errs) }
+}
+
+/// The longest a proxy waits for an external authorization service (Istio's default).
+pub const MAX_EXT_AUTHZ_TIMEOUT_MS: u64 = 600_000;
+
+fn check_ext_authz(
+    c: &crate::mesh::ExtAuthz,
+    action: crate::mesh::AuthzAction,
+    clusters: &BTreeSet<&str>,
+    err: &mut impl FnMut(String, String),
+) {
+    if action != crate::mesh::AuthzAction::Deny {
+        err(
+            "action".into(),
+            "a policy that asks a service is written with action DENY".into(),
+        );
+    }
+    if !clusters.contains(c.cluster.as_str()) {
+        err("check.cluster".into(), format!("no cluster {:?}", c.cluster));
+    }
+    if c.timeout_ms == 0 || c.timeout_ms > MAX_EXT_AUTHZ_TIMEOUT_MS {
+        err(
+            "check.timeoutMs".into(),
+            format!("must be 1-{MAX_EXT_AUTHZ_TIMEOUT_MS}"),
+        );
+    }
+    if !(200..=599).contains(&c.status_on_error) {
+        err("check.statusOnError".into(), "must be 200-599".into());
+    }
+    if !c.path_prefix.is_empty() && (!c.path_prefix.starts_with('/') || c.path_prefix.contains(['?', '#'])) {
+        err(
+            "check.pathPrefix".into(),
+            "must start with '/' and have no query".into(),
+        );
+    }
 }
 
 fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {

@@ -60,6 +60,8 @@ pub fn rules(
         let deny = match authz.action {
             _ if authz.dry_run => continue,
             AuthzAction::Audit => continue,
+            // A CUSTOM policy (one with a `check`) too: no ext_authz filter is generated yet,
+            // so Envoy refuses what it matches — closed, not open.
             AuthzAction::Deny => true,
             AuthzAction::Allow => false,
         };
@@ -577,6 +579,7 @@ mod tests {
                 action,
                 rules,
                 dry_run: false,
+                check: None,
             }),
         })
     }

@@ -117,7 +117,7 @@ fn unsupported(at: &str, other: &Other) -> Result<(), RuleError> {
 /// Checks a duration here, so an error names the rule's field.
 fn duration(at: &str, v: &Option<String>) -> Result<Option<String>, RuleError> {
     v.as_deref()
-        .map(|d| super::parse_duration_ms(d).map(|ms| format!("{ms}ms")))
+        .map(|d| super::istio_duration_ms(d).map(|ms| format!("{ms}ms")))
         .transpose()
         .map_err(|e| (at.to_string(), e))
 }

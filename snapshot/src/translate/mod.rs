@@ -8,6 +8,7 @@
 mod backends;
 mod cors;
 mod destination_rule;
+mod ext_authz;
 mod gamma;
 pub use backends::mesh_config;
 mod grpcroute;
@@ -280,6 +281,19 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     Ok(d.as_millis() as u64)
 }
 
+/// Parses an Istio duration (protobuf JSON: `10s`, `0.5s`; and `250ms`, `1m`, `1h`).
+pub(crate) fn istio_duration_ms(s: &str) -> Result<u64, String> {
+    if !s.ends_with("ms")
+        && let Some(secs) = s.strip_suffix('s')
+        && let Ok(v) = secs.parse::<f64>()
+    {
+        return (v.is_finite() && v >= 0.0)
+            .then(|| (v * 1000.0).round() as u64)
+            .ok_or_else(|| format!("invalid duration {s:?}"));
+    }
+    parse_duration_ms(s)
+}
+
 /// Translates from scratch.
 pub fn translate(res: &Resources, version: u64, opts: &Options) -> Translation {
     Incremental::new(opts.clone()).translate(res, version)
@@ -420,15 +434,10 @@ impl Incremental {
     fn policies(
         &self,
         res: &Resources,
+        providers: &ext_authz::Providers,
         problems: &mut Problems<'_>,
     ) -> (Vec<Arc<crate::mesh::Policy>>, Vec<crate::model::Digest>) {
-        let (policies, digests) = policy::build(
-            &res.authorization_policies,
-            &res.peer_authentications,
-            &res.request_authentications,
-            &res.jwks,
-            problems,
-        );
+        let (policies, digests) = policy::build(res, providers, problems);
         match &self.opts.gateway {
             None => (policies, digests),
             Some(gw) => {
@@ -479,6 +488,7 @@ impl Incremental {
             None => virtual_service::translate(res, &entries, &mut clusters, &mut problems),
             Some(_) => Vec::new(),
         };
+        let providers = ext_authz::resolve(res, &entries, &mut clusters);
         stats.clusters_reused = clusters.reused;
         let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
@@ -486,7 +496,7 @@ impl Incremental {
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
         self.clusters = cluster_memo;
         self.stats = stats;
-        let (policies, policy_digests) = self.policies(res, &mut problems);
+        let (policies, policy_digests) = self.policies(res, &providers, &mut problems);
         let (sidecars, sidecar_digests) = if self.opts.gateway.is_none() {
             sidecar::build(&res.sidecars, &mut problems)
         } else {

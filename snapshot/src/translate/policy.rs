@@ -1,11 +1,13 @@
 //! AuthorizationPolicy, PeerAuthentication and RequestAuthentication objects → the snapshot's
-//! policies. CUSTOM, and `targetRefs` to anything but a Gateway, are not supported yet: such a
-//! policy is left out with a problem on the field, so the rest of the mesh keeps its policies.
+//! policies. A CUSTOM policy asks its MeshConfig provider (see `ext_authz`); `targetRefs` to
+//! anything but a Gateway are not supported yet: such a policy is left out with a problem on
+//! the field, so the rest of the mesh keeps its policies.
 
 use std::sync::Arc;
 
-use crate::istio::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
-use crate::mesh::{Authorization, AuthzAction, MtlsMode, PeerAuthn, Policy, PolicyRule, RequestAuthn};
+use super::ext_authz::Providers;
+use crate::istio::{AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, RequestAuthentication};
+use crate::mesh::{Authorization, AuthzAction, ExtAuthz, MtlsMode, PeerAuthn, Policy, PolicyRule, RequestAuthn};
 use crate::model::Digest;
 use crate::resources::ObjectRef;
 use crate::translate::{Problems, Reason, meta_ref};
@@ -24,13 +26,18 @@ pub enum JwksFetch {
 /// The annotation that makes a policy dry-run.
 pub const DRY_RUN: &str = "istio.io/dry-run";
 
+/// The security policies of `res`; CUSTOM AuthorizationPolicies ask `providers`.
 pub(crate) fn build(
-    authz: &[Arc<AuthorizationPolicy>],
-    peer: &[Arc<PeerAuthentication>],
-    authn: &[Arc<RequestAuthentication>],
-    jwks: &Jwks,
+    res: &crate::resources::Resources,
+    providers: &Providers,
     problems: &mut Problems<'_>,
 ) -> (Vec<Arc<Policy>>, Vec<Digest>) {
+    let (authz, peer, authn, jwks) = (
+        &res.authorization_policies,
+        &res.peer_authentications,
+        &res.request_authentications,
+        &res.jwks,
+    );
     let mut out: Vec<Arc<Policy>> = Vec::with_capacity(authz.len() + peer.len() + authn.len());
     out.extend(
         authn
@@ -38,7 +45,12 @@ pub(crate) fn build(
             .filter_map(|p| request_authentication(p, jwks, problems))
             .map(Arc::new),
     );
-    out.extend(authz.iter().filter_map(|p| authorization(p, problems)).map(Arc::new));
+    out.extend(
+        authz
+            .iter()
+            .filter_map(|p| authorization(p, providers, problems))
+            .map(Arc::new),
+    );
     out.extend(
         peer.iter()
             .filter_map(|p| peer_authentication(p, problems))
@@ -49,21 +61,17 @@ pub(crate) fn build(
     (out, digests)
 }
 
-fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option<Policy> {
+fn authorization(p: &AuthorizationPolicy, providers: &Providers, problems: &mut Problems<'_>) -> Option<Policy> {
     let obj: ObjectRef = meta_ref("AuthorizationPolicy", &p.metadata);
     let spec = &p.spec;
+    let mut check = None;
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => AuthzAction::Allow,
         "DENY" => AuthzAction::Deny,
         "AUDIT" => AuthzAction::Audit,
         "CUSTOM" => {
-            problems.push(
-                &obj,
-                "spec.action",
-                Reason::UnsupportedValue,
-                "CUSTOM (external authorization) is not supported",
-            );
-            return None;
+            check = custom(&obj, spec, providers, problems)?;
+            AuthzAction::Deny
         }
         other => {
             problems.push(
@@ -124,9 +132,46 @@ fn authorization(p: &AuthorizationPolicy, problems: &mut Problems<'_>) -> Option
         ..policy(
             &obj,
             spec.selector.as_ref(),
-            PolicyRule::Authorization(Authorization { action, rules, dry_run }),
+            PolicyRule::Authorization(Authorization {
+                action,
+                rules,
+                dry_run,
+                check,
+            }),
         )
     })
+}
+
+/// A CUSTOM policy's provider, resolved: `Some(None)` when it cannot be (the problem says why),
+/// and the policy then refuses what it matches, as Istio does; `None` when the policy is invalid.
+fn custom(
+    obj: &ObjectRef,
+    spec: &AuthorizationPolicySpec,
+    providers: &Providers,
+    problems: &mut Problems<'_>,
+) -> Option<Option<ExtAuthz>> {
+    let Some(name) = super::ext_authz::provider_name(spec) else {
+        problems.push(
+            obj,
+            "spec.provider.name",
+            Reason::Invalid,
+            "CUSTOM needs a provider name",
+        );
+        return None;
+    };
+    let unresolved = (Reason::BackendNotFound, format!("provider {name:?} is not resolved"));
+    match providers.get(name).unwrap_or(&Err(unresolved)) {
+        Ok(p) => Some(Some(p.clone())),
+        Err((reason, why)) if !reason.is_condition() => {
+            problems.push(obj, "spec.provider.name", *reason, why.clone());
+            None
+        }
+        Err((reason, why)) => {
+            let why = format!("{why}; the requests it matches are refused");
+            problems.push(obj, "spec.provider.name", *reason, why);
+            Some(None)
+        }
+    }
 }
 
 fn request_authentication(p: &RequestAuthentication, jwks: &Jwks, problems: &mut Problems<'_>) -> Option<Policy> {
@@ -221,7 +266,7 @@ fn check_jwt_rule(r: &crate::istio::JwtRule) -> Result<(), (&'static str, String
         return Err(("fromHeaders", format!("{bad:?} is not a valid header name")));
     }
     if let Some(t) = &r.timeout {
-        crate::translate::parse_duration_ms(t).map_err(|e| ("timeout", e))?;
+        crate::translate::istio_duration_ms(t).map_err(|e| ("timeout", e))?;
     }
     Ok(())
 }
@@ -356,7 +401,7 @@ mod tests {
 
     use super::JwksFetch;
     use crate::Resources;
-    use crate::mesh::{AuthzAction, MtlsMode, PolicyRule};
+    use crate::mesh::{AuthzAction, ExtAuthz, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, Translation, translate};
 
     #[test]
@@ -498,7 +543,6 @@ mod tests {
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-web, namespace: shop, annotations: {istio.io/dry-run: 'true'}}\n\
              spec: {action: DENY, selector: {matchLabels: {app: cart}}, rules: [{from: [{source: {namespaces: [web]}}]}]}\n---\n\
              apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec: {}\n---\n\
-             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: shop}\nspec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad-ip, namespace: shop}\nspec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/40]}}]}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\n\
              spec: {selector: {matchLabels: {app: cart}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}\n---\n\
@@ -538,10 +582,89 @@ mod tests {
             problems,
             [
                 ("bad-ip", "spec.rules[0].from[0].source.ipBlocks", Reason::Invalid),
-                ("ext", "spec.action", Reason::UnsupportedValue),
                 ("odd", "spec.mtls.mode", Reason::Invalid)
             ]
         );
         assert_eq!(t.snapshot.hash, t.snapshot.content_hash());
+    }
+
+    #[test]
+    fn custom_policies_ask_their_provider_through_its_cluster_or_refuse_when_it_cannot_be_found() {
+        let mut r = Resources::default();
+        r.add_yaml(
+            "p.yaml",
+            "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec:\n  extensionProviders:\n  \
+             - {name: authz, envoyExtAuthzHttp: {service: ext-authz.auth.svc.cluster.local, port: '8000', timeout: 0.5s, pathPrefix: /check, \
+             statusOnError: '503', includeRequestHeadersInCheck: [X-User, 'x-ext-*'], headersToUpstreamOnAllow: [x-authz-user]}}\n  \
+             - {name: opa, envoyExtAuthzGrpc: {service: opa.auth.svc.cluster.local, port: 9191}}\n  \
+             - {name: nowhere, envoyExtAuthzHttp: {service: gone.auth.svc.cluster.local, port: 80}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: auth}\nspec: {ports: [{name: http, port: 8000}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-authz-1, namespace: auth, labels: {kubernetes.io/service-name: ext-authz}}\n\
+             addressType: IPv4\nports: [{name: http, port: 8000}]\nendpoints: [{addresses: [10.0.0.9]}]\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: asks, namespace: shop}\n\
+             spec: {action: CUSTOM, provider: {name: authz}, rules: [{to: [{operation: {paths: [/admin/*]}}]}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unknown, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nope}, rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unreachable, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nowhere}, rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: grpc, namespace: shop}\nspec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unnamed, namespace: shop}\nspec: {action: CUSTOM, rules: [{}]}\n",
+        )
+        .unwrap();
+        let t = translate(&r, 1, &Options::default());
+        let rule = |name: &str| {
+            let p = t.snapshot.policies.iter().find(|p| p.name == name)?;
+            match &p.rule {
+                PolicyRule::Authorization(a) => Some(a.clone()),
+                _ => None,
+            }
+        };
+        let asks = rule("asks").unwrap();
+        assert_eq!(
+            asks.action,
+            AuthzAction::Deny,
+            "an older proxy refuses what it cannot ask"
+        );
+        let check = asks.check.expect("asks its provider");
+        assert_eq!(
+            check,
+            ExtAuthz {
+                provider: "authz".into(),
+                cluster: "service/auth/ext-authz:8000".into(),
+                timeout_ms: 500,
+                path_prefix: "/check".into(),
+                include_request_headers: vec!["x-user".into(), "x-ext-*".into()],
+                headers_to_upstream_on_allow: vec!["x-authz-user".into()],
+                headers_to_downstream_on_deny: vec![],
+                fail_open: false,
+                status_on_error: 503,
+            }
+        );
+        let cluster = t
+            .snapshot
+            .clusters
+            .iter()
+            .find(|c| c.name == check.cluster)
+            .expect("its cluster");
+        assert_eq!(cluster.endpoints[0].address, "10.0.0.9");
+        // Providers that cannot be found or reached: the policy refuses what it matches.
+        for name in ["unknown", "unreachable"] {
+            let a = rule(name).unwrap();
+            assert_eq!((a.action, a.check.is_none()), (AuthzAction::Deny, true), "{name}");
+        }
+        assert!(rule("grpc").is_none() && rule("unnamed").is_none());
+        assert_eq!(
+            t.problem_keys(),
+            [
+                ("grpc", "spec.provider.name", Reason::UnsupportedValue),
+                ("unknown", "spec.provider.name", Reason::BackendNotFound),
+                ("unnamed", "spec.provider.name", Reason::Invalid),
+                ("unreachable", "spec.provider.name", Reason::BackendNotFound),
+            ]
+        );
+        crate::validate(&t.snapshot).expect("valid");
+        // A sidecar the policy selects gets the provider's cluster with it.
+        let w = t.snapshot.workload_or_placeholder("shop", "cart-1");
+        let view = t.snapshot.mesh_view(&t.digests, Some(&w), |p| p.applies_to(&w));
+        assert!(view.clusters.iter().any(|c| c.name == check.cluster));
+        assert_eq!(view.hash, view.content_hash());
     }
 }

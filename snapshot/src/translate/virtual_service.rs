@@ -248,7 +248,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
     let request_ms = h
         .timeout
         .as_deref()
-        .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
+        .map(|t| super::istio_duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
         .transpose()?;
     // Without `retries`, Istio's default policy: a VirtualService's routes retry unless told not to.
     let (retry, backend_request_ms) = retries(&h.retries.clone().unwrap_or_default(), &format!("{at}.retries"))?;
@@ -423,7 +423,7 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
     let per_try = r
         .per_try_timeout
         .as_deref()
-        .map(|t| duration_ms(t).map_err(|e| invalid(format!("{at}.perTryTimeout"), e)))
+        .map(|t| super::istio_duration_ms(t).map_err(|e| invalid(format!("{at}.perTryTimeout"), e)))
         .transpose()?;
     let policy = RetryPolicy {
         attempts,
@@ -458,7 +458,7 @@ fn fault(f: &crate::istio::VsFault, at: &str) -> Result<Fault, Refusal> {
             .as_deref()
             .ok_or_else(|| invalid(format!("{at}.delay.fixedDelay"), "a delay needs fixedDelay"))?;
         out.delay = Some(FaultDelay {
-            ms: duration_ms(fixed).map_err(|e| invalid(format!("{at}.delay.fixedDelay"), e))?,
+            ms: super::istio_duration_ms(fixed).map_err(|e| invalid(format!("{at}.delay.fixedDelay"), e))?,
             per_million: per_million(d.percentage.as_ref(), d.percent, &format!("{at}.delay.percentage"))?,
         });
     }
@@ -482,19 +482,6 @@ fn fault(f: &crate::istio::VsFault, at: &str) -> Result<Fault, Refusal> {
         });
     }
     Ok(out)
-}
-
-/// An Istio duration: `10s`, `0.5s`, `250ms`, `1m`, `1h`.
-fn duration_ms(s: &str) -> Result<u64, String> {
-    if !s.ends_with("ms")
-        && let Some(secs) = s.strip_suffix('s')
-        && let Ok(v) = secs.parse::<f64>()
-    {
-        return (v.is_finite() && v >= 0.0)
-            .then(|| (v * 1000.0).round() as u64)
-            .ok_or_else(|| format!("invalid duration {s:?}"));
-    }
-    super::parse_duration_ms(s)
 }
 
 /// A match's one string condition as Ferrum's: exact, or an anchored regex (prefixes too).

@@ -38,6 +38,7 @@ fn policy(ns: &str, name: &str, spec: &str) -> Arc<Policy> {
             },
             rules: spec.rules.unwrap_or_default(),
             dry_run: false,
+            check: None,
         }),
     })
 }
