@@ -130,8 +130,18 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
         let mut parts = http_parts(req, &path);
         // Source-address rules see a loopback client.
         let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        match p.decide(&mut parts, client, *addr) {
-            GatewayDecision::Allow => writeln!(out, "allowed by the Gateway's policies"),
+        let mut decision = p.decide(&mut parts, client, *addr);
+        if let GatewayDecision::Ask(provider, rest) = decision {
+            let _ = writeln!(
+                out,
+                "asks external authorization provider {provider:?} first; if it allows:"
+            );
+            decision = *rest;
+        }
+        match decision {
+            GatewayDecision::Allow | GatewayDecision::Ask(..) => {
+                let _ = writeln!(out, "allowed by the Gateway's policies");
+            }
             GatewayDecision::Unauthenticated(why) => {
                 let _ = writeln!(out, "token refused by the Gateway's RequestAuthentication ({why}): 401");
                 return Ok(out);
@@ -141,7 +151,6 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
                 return Ok(out);
             }
         }
-        .expect("writing to a String");
     }
     let Some(r) = vh.find(&req.method, &path, req.query.as_deref(), &req.headers) else {
         let _ = writeln!(out, "host {:?}: no route matches: 404", req.host);

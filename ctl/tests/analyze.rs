@@ -204,7 +204,12 @@ fn explain_request_says_which_gateway_policy_decides() {
          apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: block}}\n\
          spec: {{{target}, action: DENY, rules: [{{to: [{{operation: {{paths: [\"/admin/*\"]}}}}]}}]}}\n---\n\
          apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt}}\n\
-         spec: {{{target}, jwtRules: [{{issuer: https://issuer.example, jwks: '{jwk}'}}]}}\n"
+         spec: {{{target}, jwtRules: [{{issuer: https://issuer.example, jwks: '{jwk}'}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: orders}}\n\
+         spec: {{{target}, action: CUSTOM, provider: {{name: authz}}, rules: [{{to: [{{operation: {{paths: [\"/orders/*\"]}}}}]}}]}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
+         spec: {{extensionProviders: [{{name: authz, envoyExtAuthzHttp: {{service: ext-authz.auth.svc.cluster.local, port: 8000}}}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: auth}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n"
     );
     let f = dir.path().join("gw.yaml");
     std::fs::write(&f, yaml).unwrap();
@@ -224,6 +229,12 @@ fn explain_request_says_which_gateway_policy_decides() {
         "{admin}"
     );
     assert!(!admin.contains("route "), "denied before routing: {admin}");
+    let orders = ask("GET http://localhost:8080/orders/1");
+    assert!(
+        orders.contains("asks external authorization provider \"authz\" first")
+            && orders.contains("allowed by the Gateway's policies"),
+        "{orders}"
+    );
     let bad = ask("GET http://localhost:8080/shop -H authorization: Bearer not.a.jwt");
     assert!(bad.contains("token refused") && bad.contains("401"), "{bad}");
 }

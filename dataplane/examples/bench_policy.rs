@@ -202,7 +202,7 @@ fn main() {
             _ => (Connection { ..allowed }, Connection { ..denied }),
         };
         let t = Instant::now();
-        let a = Authorizer::for_workload(&all, &w);
+        let a = Authorizer::for_workload(&all, &w, &Default::default());
         let compile_us = t.elapsed().as_secs_f64() * 1e6;
         let allow_ns = per_decision(&a, &allowed, &Decision::Allow, n);
         let deny_ns = per_decision(&a, &denied, &Decision::Deny("no ALLOW policy matches".into()), n);

@@ -125,7 +125,7 @@ impl Compiler {
                 compiled.policies = policies
                     .entry(l.gateways_of(&vh.hostname))
                     .or_insert_with_key(|gws| {
-                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks).map(Arc::new)
+                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks, &clusters).map(Arc::new)
                     })
                     .clone();
                 vhosts.push((vh.hostname.to_ascii_lowercase(), compiled));
@@ -166,7 +166,7 @@ impl Compiler {
             None => MeshRoutes::default(),
         };
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks),
+            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks, &clusters),
             snapshot: Arc::new(snap),
             listeners,
             clusters,

@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
+pub mod ext_authz;
 pub mod l4;
 pub mod netns;
 pub mod otlp;

@@ -10,7 +10,7 @@ use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, Workload};
 
 use super::jwt::{Authenticator, JwksCache};
-use super::policy::Authorizer;
+use super::policy::{Authorizer, Clusters};
 use crate::compile::CompiledListener;
 use crate::router::VirtualHost;
 
@@ -147,7 +147,14 @@ pub type Me = (String, String);
 
 impl MeshIndex {
     /// `http`: the compiled mesh routes; `jwks`: fetched JWKS, shared between configs.
-    pub fn build(snap: &Snapshot, me: Option<&Me>, http: MeshRoutes, jwks: &JwksCache) -> MeshIndex {
+    /// `clusters`: the config's, where CUSTOM policies find their providers.
+    pub fn build(
+        snap: &Snapshot,
+        me: Option<&Me>,
+        http: MeshRoutes,
+        jwks: &JwksCache,
+        clusters: &Clusters,
+    ) -> MeshIndex {
         let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
         let own_ns = me.map_or("", |me| me.0.as_str());
         // A Service exported elsewhere only, or that this proxy's Sidecar does not admit, is not
@@ -224,7 +231,7 @@ impl MeshIndex {
         }
         let inbound = own
             .as_ref()
-            .map(|w| Authorizer::for_workload(&snap.policies, w))
+            .map(|w| Authorizer::for_workload(&snap.policies, w, clusters))
             .unwrap_or_default();
         let authn = own
             .as_ref()
@@ -323,6 +330,7 @@ mod tests {
             Some(&(ns.into(), "me".into())),
             MeshRoutes::default(),
             &JwksCache::default(),
+            &Clusters::new(),
         )
     }
 
@@ -338,7 +346,13 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None, MeshRoutes::default(), &JwksCache::default());
+        let m = MeshIndex::build(
+            &snap,
+            None,
+            MeshRoutes::default(),
+            &JwksCache::default(),
+            &Clusters::new(),
+        );
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
         };
@@ -375,7 +389,13 @@ mod tests {
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
-        let m = MeshIndex::build(&snap, None, MeshRoutes::default(), &JwksCache::default());
+        let m = MeshIndex::build(
+            &snap,
+            None,
+            MeshRoutes::default(),
+            &JwksCache::default(),
+            &Clusters::new(),
+        );
         let only = |vip: &str| {
             let Destination::Service(t) = m.destination(vip.parse().unwrap()) else {
                 panic!("{vip} is a service")

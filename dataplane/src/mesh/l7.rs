@@ -20,6 +20,7 @@ use opentelemetry::trace::SpanKind;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::ext_authz::Settled;
 use crate::access_log::Entry;
 use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
@@ -206,14 +207,19 @@ impl AppConn {
 }
 
 /// What the policies say about one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
     /// An AuthorizationPolicy denies it: 403.
     Deny,
     /// It carries a JWT no RequestAuthentication rule accepts: 401.
     Unauthenticated,
+    /// A CUSTOM policy matches it: this provider is asked first; if it lets the request on
+    /// (maybe adding headers), the rest of the verdict is taken.
+    Ask(Arc<super::ext_authz::ExtAuthz>, Then),
 }
+
+/// The rest of a verdict, once a provider let the request on.
+pub type Then = Box<dyn FnOnce(&mut http::request::Parts) -> Verdict + Send>;
 
 /// The connection a sidecar serves: for spans and for upgraded streams.
 pub struct Conn {
@@ -236,10 +242,12 @@ where
 {
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
-    match judge(&mut parts) {
-        Verdict::Allow => {}
-        Verdict::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
-        Verdict::Unauthenticated => {
+    let verdict = judge(&mut parts);
+    match super::ext_authz::settle(verdict, &mut parts).await {
+        Settled::Allow => {}
+        Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
+        Settled::Refused(d) => return Ok(d.into_response(|b| Full::new(b).map_err(|n| match n {}).boxed())),
+        Settled::Unauthenticated => {
             // Envoy's answer, so clients written against Istio see what they expect.
             let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
             r.headers_mut().insert(

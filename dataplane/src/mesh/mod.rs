@@ -3,6 +3,7 @@
 
 pub mod app_health;
 pub mod capture;
+pub mod ext_authz;
 pub mod hbone;
 pub mod identity;
 pub mod index;

@@ -8,14 +8,21 @@
 //! rule that asks for it never match, and a DENY rule ignore those fields and match on the rest
 //! (fail closed). A request without a valid JWT has no request principal and no claims.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::istio::{Condition, Operation, Rule, Source};
 use ferrum_snapshot::mesh::{AuthzAction, Policy, PolicyRule, Workload};
 use serde_json::Value;
 
+use super::ext_authz::ExtAuthz;
 use super::jwt::Jwt;
+use crate::upstream::ClusterRuntime;
+
+/// The clusters of a config, by name.
+pub type Clusters = HashMap<String, Arc<ClusterRuntime>>;
 
 /// What a connection offers to be judged on.
 pub struct Connection<'a> {
@@ -39,6 +46,8 @@ pub enum Decision {
 /// The policies that select one workload, compiled.
 #[derive(Default)]
 pub struct Authorizer {
+    /// Enforced CUSTOM policies: a request one matches is asked of its provider first.
+    custom: Vec<(Compiled, Arc<ExtAuthz>)>,
     deny: Vec<Compiled>,
     /// Enforced ALLOW rules that name principals or namespaces and nothing else (the common
     /// form), by pattern: a few lookups however many there are.
@@ -61,7 +70,7 @@ pub struct Authorizer {
 /// prefixes and suffixes in sets by length, so a value is checked with one lookup per distinct
 /// pattern length instead of one comparison per pattern.
 #[derive(Default)]
-struct Patterns {
+pub(crate) struct Patterns {
     exact: std::collections::HashSet<String>,
     prefixes: std::collections::HashMap<usize, std::collections::HashSet<String>>,
     suffixes: std::collections::HashMap<usize, std::collections::HashSet<String>>,
@@ -69,7 +78,7 @@ struct Patterns {
 }
 
 impl Patterns {
-    fn insert(&mut self, p: &str) {
+    pub(crate) fn insert(&mut self, p: &str) {
         if p == "*" {
             self.any = true;
         } else if let Some(pre) = p.strip_suffix('*') {
@@ -81,7 +90,7 @@ impl Patterns {
         }
     }
 
-    fn matches(&self, v: &str) -> bool {
+    pub(crate) fn matches(&self, v: &str) -> bool {
         self.any
             || self.exact.contains(v)
             || self
@@ -519,12 +528,13 @@ impl Compiled {
 
 impl Authorizer {
     /// The policies in `policies` that select `w`.
-    pub fn for_workload(policies: &[std::sync::Arc<Policy>], w: &Workload) -> Authorizer {
-        Authorizer::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p))
+    pub fn for_workload(policies: &[Arc<Policy>], w: &Workload, clusters: &Clusters) -> Authorizer {
+        Authorizer::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p), clusters)
     }
 
-    /// The AuthorizationPolicies among `policies`, compiled (the rest are skipped).
-    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>) -> Authorizer {
+    /// The AuthorizationPolicies among `policies`, compiled (the rest are skipped); CUSTOM
+    /// providers are reached by their cluster among `clusters`.
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>, clusters: &Clusters) -> Authorizer {
         let mut a = Authorizer::default();
         for p in policies {
             let PolicyRule::Authorization(authz) = &p.rule else {
@@ -538,6 +548,12 @@ impl Authorizer {
                 rules: rules.map(CRule::compile).collect(),
             };
             match authz.action {
+                // Asking needs the request: HTTP connections are judged per request.
+                AuthzAction::Deny if authz.check.is_some() && !authz.dry_run => {
+                    a.http = true;
+                    let service = Arc::new(ExtAuthz::new(authz.check.as_ref().expect("checked"), clusters));
+                    a.custom.push((compile(&mut authz.rules.iter()), service));
+                }
                 AuthzAction::Deny => a.deny.push(compile(&mut authz.rules.iter())),
                 AuthzAction::Audit => a.audit.push(compile(&mut authz.rules.iter())),
                 AuthzAction::Allow if authz.dry_run => a.allow_dry_run.push(compile(&mut authz.rules.iter())),
@@ -573,7 +589,24 @@ impl Authorizer {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.deny.is_empty() && !self.allow_any && self.allow_dry_run.is_empty() && self.audit.is_empty()
+        self.custom.is_empty()
+            && self.deny.is_empty()
+            && !self.allow_any
+            && self.allow_dry_run.is_empty()
+            && self.audit.is_empty()
+    }
+
+    /// The provider of the first CUSTOM policy that matches the request `c` carries: it is
+    /// asked before [`Self::check`] decides (Envoy's ext_authz filter runs before its RBAC).
+    pub fn asks(&self, c: &Connection<'_>) -> Option<Arc<ExtAuthz>> {
+        if self.custom.is_empty() || c.request.is_none() {
+            return None;
+        }
+        let f = Facts::of(c);
+        self.custom
+            .iter()
+            .find(|(p, _)| p.matches(&f, true))
+            .map(|(_, service)| service.clone())
     }
 
     /// The decision for one connection, in Istio's order.
@@ -591,6 +624,12 @@ impl Authorizer {
                 continue;
             }
             return Decision::Deny(p.name.clone());
+        }
+        // A connection shows no request to ask about: what a CUSTOM policy matches is refused.
+        if c.request.is_none()
+            && let Some((p, _)) = self.custom.iter().find(|(p, _)| p.matches(&f, true))
+        {
+            return Decision::Deny(format!("{} (CUSTOM, asked about requests only)", p.name));
         }
         for p in self.allow_dry_run.iter().filter(|p| !p.matches(&f, false)) {
             tracing::info!(policy = %p.name, source = %c.source, "dry-run: no ALLOW rule matches");
@@ -614,10 +653,7 @@ impl Authorizer {
 #[cfg(test)]
 mod tests;
 
-/// The AuthorizationPolicies and RequestAuthentications that target a Gateway (`targetRefs`),
-/// for the listeners that serve it: each request is authenticated, then authorized, before it
-/// is routed.
-/// A gateway's policies on one request.
+/// What a gateway's policies make of one request (for `ferrumctl explain`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayDecision {
     Allow,
@@ -625,8 +661,14 @@ pub enum GatewayDecision {
     Unauthenticated(String),
     /// Denied by this policy (`namespace/name`), or by no ALLOW matching: 403.
     Deny(String),
+    /// A CUSTOM policy asks this provider first; if it lets the request on, the rest decides
+    /// (without the headers the provider would add).
+    Ask(String, Box<GatewayDecision>),
 }
 
+/// The AuthorizationPolicies and RequestAuthentications that target a Gateway (`targetRefs`),
+/// for the listeners that serve it: each request is authenticated, then authorized, before it
+/// is routed.
 pub struct GatewayPolicies {
     authz: Authorizer,
     authn: super::jwt::Authenticator,
@@ -635,9 +677,10 @@ pub struct GatewayPolicies {
 impl GatewayPolicies {
     /// Those of `policies` that target one of `gateways`; `None` when there are none.
     pub fn for_gateways(
-        policies: &[std::sync::Arc<Policy>],
+        policies: &[Arc<Policy>],
         gateways: &[&str],
         jwks: &super::jwt::JwksCache,
+        clusters: &Clusters,
     ) -> Option<GatewayPolicies> {
         let targeting = || {
             policies
@@ -646,49 +689,66 @@ impl GatewayPolicies {
                 .map(|p| &**p)
         };
         let g = GatewayPolicies {
-            authz: Authorizer::compile(targeting()),
+            authz: Authorizer::compile(targeting(), clusters),
             authn: super::jwt::Authenticator::compile(targeting(), jwks),
         };
         (!g.authz.is_empty() || !g.authn.is_empty()).then_some(g)
     }
 
-    /// The verdict on one request from `client` to the listener at `listener`.
+    /// The verdict on one request from `client` to the listener at `listener`: its token, then
+    /// a CUSTOM policy's provider, then the other AuthorizationPolicies.
     pub fn judge(
-        &self,
+        self: &Arc<Self>,
         req: &mut http::request::Parts,
         client: SocketAddr,
         listener: SocketAddr,
     ) -> super::l7::Verdict {
-        match self.decide(req, client, listener) {
-            GatewayDecision::Allow => super::l7::Verdict::Allow,
-            GatewayDecision::Unauthenticated(why) => {
+        let auth = match self.authn.authenticate(req) {
+            Ok(auth) => auth,
+            Err(why) => {
                 tracing::info!(%client, path = req.uri.path(), reason = %why, "token refused");
-                super::l7::Verdict::Unauthenticated
+                return super::l7::Verdict::Unauthenticated;
             }
-            GatewayDecision::Deny(why) => {
+        };
+        let conn = Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: Some(req),
+            auth: auth.as_ref(),
+        };
+        if let Some(service) = self.authz.asks(&conn) {
+            let me = self.clone();
+            let then = move |req: &mut http::request::Parts| me.authorize(req, client, listener, auth.as_ref());
+            return super::l7::Verdict::Ask(service, Box::new(then));
+        }
+        self.authorize(req, client, listener, auth.as_ref())
+    }
+
+    fn authorize(
+        &self,
+        req: &http::request::Parts,
+        client: SocketAddr,
+        listener: SocketAddr,
+        auth: Option<&Jwt>,
+    ) -> super::l7::Verdict {
+        let conn = Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: Some(req),
+            auth,
+        };
+        match self.authz.check(&conn) {
+            Decision::Allow => super::l7::Verdict::Allow,
+            Decision::Deny(why) => {
                 tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
                 super::l7::Verdict::Deny
             }
         }
     }
 
-    /// The verdict on one connection of a TCP or TLS listener: no request, so rules on HTTP
-    /// fields never allow and always deny (Istio's reading for TCP), and a token is never seen.
-    pub fn decide_connection(&self, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
-        let conn = Connection {
-            peer: None,
-            source: client.ip(),
-            destination: listener,
-            request: None,
-            auth: None,
-        };
-        match self.authz.check(&conn) {
-            Decision::Allow => GatewayDecision::Allow,
-            Decision::Deny(why) => GatewayDecision::Deny(why),
-        }
-    }
-
-    /// What the policies decide and why: the token's fault, or the denying policy.
+    /// [`Self::judge`]'s reading of a request, with the reasons, and no provider asked.
     pub fn decide(&self, req: &mut http::request::Parts, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
         let auth = match self.authn.authenticate(req) {
             Ok(auth) => auth,
@@ -701,9 +761,30 @@ impl GatewayPolicies {
             request: Some(req),
             auth: auth.as_ref(),
         };
-        match self.authz.check(&conn) {
+        let rest = match self.authz.check(&conn) {
             Decision::Allow => GatewayDecision::Allow,
             Decision::Deny(why) => GatewayDecision::Deny(why),
+        };
+        match self.authz.asks(&conn) {
+            Some(service) => GatewayDecision::Ask(service.spec.provider.clone(), Box::new(rest)),
+            None => rest,
+        }
+    }
+
+    /// Why one connection of a TCP or TLS listener is denied (the denying policy), if it is: no
+    /// request, so rules on HTTP fields never allow and always deny (Istio's reading for TCP),
+    /// and a token is never seen.
+    pub fn denies_connection(&self, client: SocketAddr, listener: SocketAddr) -> Option<String> {
+        let conn = Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: None,
+            auth: None,
+        };
+        match self.authz.check(&conn) {
+            Decision::Allow => None,
+            Decision::Deny(why) => Some(why),
         }
     }
 }

@@ -114,9 +114,11 @@ impl App {
         connect_app(target, self.connect_timeout).await
     }
 
-    /// One inbound HTTP request: its JWT (RequestAuthentication), then the AuthorizationPolicies.
-    fn judge(&self, c: &Caller, request: &mut http::request::Parts) -> l7::Verdict {
-        let auth = match self.dp.shared.config.load().mesh.authn.authenticate(request) {
+    /// One inbound HTTP request: its JWT (RequestAuthentication), then a CUSTOM policy's
+    /// provider, then the other AuthorizationPolicies.
+    fn judge(self: &Arc<Self>, c: &Caller, request: &mut http::request::Parts) -> l7::Verdict {
+        let cfg = self.dp.shared.config.load();
+        let auth = match cfg.mesh.authn.authenticate(request) {
             Ok(auth) => auth,
             Err(why) => {
                 self.stats.inbound_unauthenticated.fetch_add(1, Relaxed);
@@ -125,7 +127,23 @@ impl App {
                 return l7::Verdict::Unauthenticated;
             }
         };
-        match self.authorize(c, Some(request), auth.as_ref()) {
+        let conn = Connection {
+            peer: c.peer.as_ref(),
+            source: c.source,
+            destination: c.destination,
+            request: Some(request),
+            auth: auth.as_ref(),
+        };
+        if let Some(service) = cfg.mesh.inbound.asks(&conn) {
+            let (me, c) = (self.clone(), c.clone());
+            let then = move |req: &mut http::request::Parts| me.verdict(&c, req, auth.as_ref());
+            return l7::Verdict::Ask(service, Box::new(then));
+        }
+        self.verdict(c, request, auth.as_ref())
+    }
+
+    fn verdict(&self, c: &Caller, request: &http::request::Parts, auth: Option<&super::jwt::Jwt>) -> l7::Verdict {
+        match self.authorize(c, Some(request), auth) {
             true => l7::Verdict::Allow,
             false => l7::Verdict::Deny,
         }

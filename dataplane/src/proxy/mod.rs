@@ -19,7 +19,7 @@ use opentelemetry::trace::SpanKind;
 use crate::compile::CompiledListener;
 use crate::dataplane::Shared;
 use crate::limits::Limits;
-use crate::mesh::l7::Verdict;
+use crate::mesh::ext_authz::{Settled, settle};
 use crate::router::Route;
 use crate::router::cors;
 use crate::upstream::balance::HashKey;
@@ -195,16 +195,18 @@ async fn serve(
         return resp;
     }
     // The host's Gateways' policies decide before any route is chosen.
-    if let Some(p) = vh.and_then(|vh| vh.policies.as_deref()) {
+    if let Some(p) = vh.and_then(|vh| vh.policies.as_ref()) {
         let (mut parts, body) = req.into_parts();
-        let refused = match p.judge(&mut parts, conn.client, conn.listener) {
-            Verdict::Allow => None,
-            Verdict::Deny => Some(Local::Denied),
-            Verdict::Unauthenticated => Some(Local::Unauthenticated),
+        let verdict = p.judge(&mut parts, conn.client, conn.listener);
+        let refused = match settle(verdict, &mut parts).await {
+            Settled::Allow => None,
+            Settled::Deny => Some(Local::Denied.response()),
+            Settled::Unauthenticated => Some(Local::Unauthenticated.response()),
+            Settled::Refused(d) => Some(d.into_response(|b| ResponseBody::Local(Some(b)))),
         };
         req = Request::from_parts(parts, body);
-        if let Some(l) = refused {
-            return cors_marked(vh, &req, l.response());
+        if let Some(r) = refused {
+            return cors_marked(vh, &req, r);
         }
     }
     let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));

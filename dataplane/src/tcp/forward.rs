@@ -11,7 +11,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::dataplane::Shared;
-use crate::mesh::policy::GatewayDecision;
 use crate::proxy::ConnInfo;
 
 /// The most a client may send before its ClientHello is complete.
@@ -78,8 +77,7 @@ where
     let cfg = shared.config.load();
     let vhost = cfg.listeners.get(&info.listener).and_then(|l| l.hosts.find(host));
     if let Some(p) = vhost.and_then(|vh| vh.policies.as_ref())
-        && let GatewayDecision::Deny(why) | GatewayDecision::Unauthenticated(why) =
-            p.decide_connection(info.client, info.listener)
+        && let Some(why) = p.denies_connection(info.client, info.listener)
     {
         tracing::info!(client = %info.client, host, policy = %why, "connection denied");
         return;

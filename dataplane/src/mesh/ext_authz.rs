@@ -1,0 +1,222 @@
+//! Istio `CUSTOM` authorization, as Envoy's HTTP `ext_authz` filter does it: a request a CUSTOM
+//! policy matches is first asked of the provider's service — its method, the provider's path
+//! prefix before its path, its `Host`, the headers the provider names and an empty body. A 200
+//! lets it on (with the answer's headers the provider names set on it), a 5xx or no answer in
+//! time is an error (`failOpen`, else `statusOnError`), and any other answer is the client's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
+
+use super::policy::Patterns;
+use crate::upstream::body::RequestBody;
+use crate::upstream::{ClusterRuntime, UpstreamError};
+
+/// The most of a refusing answer's body passed on to the client; a longer one is an error.
+const MAX_DENY_BODY: usize = 64 * 1024;
+
+/// Headers that belong to one hop, never copied between the request, the check and answers.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "upgrade" | "trailer"
+    ) || name == header::CONTENT_LENGTH
+        || name == header::HOST
+}
+
+/// One provider, with the cluster that reaches it.
+pub struct ExtAuthz {
+    pub spec: ferrum_snapshot::mesh::ExtAuthz,
+    /// `None` only if the snapshot lost it (validate() requires it): every check is an error.
+    cluster: Option<Arc<ClusterRuntime>>,
+    include: Patterns,
+    upstream: Patterns,
+    /// `None`: every header of a refusing answer goes to the client.
+    downstream: Option<Patterns>,
+}
+
+/// What a provider said about one request.
+pub enum Answer {
+    /// Let it on, with these headers set on it.
+    Allow(Vec<(HeaderName, HeaderValue)>),
+    /// Refused: the client's answer.
+    Deny(Denial),
+}
+
+/// A refusal, as the client gets it.
+#[derive(Debug)]
+pub struct Denial {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Denial {
+    fn status(status: StatusCode) -> Self {
+        Denial {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// As a response whose body `body` makes from the bytes.
+    pub fn into_response<B>(self, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+        let mut r = Response::new(body(self.body));
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers;
+        r
+    }
+}
+
+fn patterns(list: &[String]) -> Patterns {
+    let mut p = Patterns::default();
+    list.iter().for_each(|h| p.insert(h));
+    p
+}
+
+impl ExtAuthz {
+    pub fn new(spec: &ferrum_snapshot::mesh::ExtAuthz, clusters: &HashMap<String, Arc<ClusterRuntime>>) -> Self {
+        ExtAuthz {
+            cluster: clusters.get(&spec.cluster).cloned(),
+            include: patterns(&spec.include_request_headers),
+            upstream: patterns(&spec.headers_to_upstream_on_allow),
+            downstream: (!spec.headers_to_downstream_on_deny.is_empty())
+                .then(|| patterns(&spec.headers_to_downstream_on_deny)),
+            spec: spec.clone(),
+        }
+    }
+
+    /// Asks about the request `req`; an error answers as the provider says errors do.
+    pub async fn ask(&self, req: &http::request::Parts) -> Answer {
+        let limit = Duration::from_millis(self.spec.timeout_ms);
+        let failed = match tokio::time::timeout(limit, self.call(req)).await {
+            Ok(Ok(answer)) => return answer,
+            Ok(Err(why)) => why,
+            Err(_) => format!("no answer within {} ms", self.spec.timeout_ms),
+        };
+        tracing::warn!(provider = %self.spec.provider, path = req.uri.path(), error = %failed, fail_open = self.spec.fail_open, "external authorization failed");
+        if self.spec.fail_open {
+            return Answer::Allow(Vec::new());
+        }
+        Answer::Deny(Denial::status(
+            StatusCode::from_u16(self.spec.status_on_error).unwrap_or(StatusCode::FORBIDDEN),
+        ))
+    }
+
+    async fn call(&self, req: &http::request::Parts) -> Result<Answer, String> {
+        let cluster = self.cluster.as_ref().ok_or("its cluster is gone")?;
+        let check = self.check_request(req)?;
+        let _admitted = cluster.admit().await.map_err(|e| format!("{e:?}"))?;
+        let (idx, _endpoint) = cluster.pick(None, None).ok_or("no endpoint to ask")?;
+        let started = Instant::now();
+        let (resp, lease) = match cluster.pool().send(idx, &cluster.endpoints[idx].authority, check).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                let what = if e.is_connect() {
+                    UpstreamError::ConnectFailure
+                } else {
+                    UpstreamError::Reset
+                };
+                cluster.stats.error(what);
+                return Err(format!("{e}"));
+            }
+        };
+        cluster.stats.responses.record(resp.status().as_u16());
+        cluster.stats.latency.observe(started.elapsed());
+        let (head, body) = resp.into_parts();
+        if head.status.is_server_error() {
+            return Err(format!("it answered {}", head.status));
+        }
+        let body = http_body_util::Limited::new(body, MAX_DENY_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("its answer's body: {e}"))?
+            .to_bytes();
+        drop(lease);
+        if head.status == StatusCode::OK {
+            let set = head
+                .headers
+                .iter()
+                .filter(|(n, _)| !hop_by_hop(n) && self.upstream.matches(n.as_str()))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            return Ok(Answer::Allow(set));
+        }
+        let mut headers = HeaderMap::new();
+        for (n, v) in head.headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
+            if self.downstream.as_ref().is_none_or(|p| p.matches(n.as_str())) {
+                headers.append(n.clone(), v.clone());
+            }
+        }
+        Ok(Answer::Deny(Denial {
+            status: head.status,
+            headers,
+            body,
+        }))
+    }
+
+    /// The check for `req`: its method, the prefixed path, its host, the headers named.
+    fn check_request(&self, req: &http::request::Parts) -> Result<Request<RequestBody>, String> {
+        let pq = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri: Uri = format!("{}{pq}", self.spec.path_prefix)
+            .parse()
+            .map_err(|e| format!("the check's path: {e}"))?;
+        let mut check = Request::new(RequestBody::Empty);
+        *check.method_mut() = req.method.clone();
+        *check.uri_mut() = uri;
+        *check.version_mut() = Version::HTTP_11;
+        let headers = check.headers_mut();
+        let host = req
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers.get(header::HOST).cloned());
+        if let Some(h) = host {
+            headers.insert(header::HOST, h);
+        }
+        for (n, v) in req.headers.iter() {
+            if !hop_by_hop(n) && self.include.matches(n.as_str()) {
+                headers.append(n.clone(), v.clone());
+            }
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        Ok(check)
+    }
+}
+
+/// A request's verdict once any provider it needed was asked: the same verdicts, or the
+/// provider's refusal.
+pub enum Settled {
+    Allow,
+    Deny,
+    Unauthenticated,
+    Refused(Denial),
+}
+
+/// Asks the provider a verdict defers to (setting the headers it allows on `req`), then takes
+/// the rest of the verdict.
+pub async fn settle(mut verdict: super::l7::Verdict, req: &mut http::request::Parts) -> Settled {
+    use super::l7::Verdict;
+    loop {
+        verdict = match verdict {
+            Verdict::Allow => return Settled::Allow,
+            Verdict::Deny => return Settled::Deny,
+            Verdict::Unauthenticated => return Settled::Unauthenticated,
+            // Boxed: a request's future stays small when nothing is asked.
+            Verdict::Ask(service, then) => match Box::pin(service.ask(req)).await {
+                Answer::Deny(d) => return Settled::Refused(d),
+                Answer::Allow(set) => {
+                    for (n, v) in set {
+                        req.headers.insert(n, v);
+                    }
+                    then(req)
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! File mode: AuthorizationPolicies with action CUSTOM targeting the Gateway, asking an
+//! external authorization service (MeshConfig `extensionProviders`, `envoyExtAuthzHttp`) that
+//! runs on loopback, before the other policies and routing — the YAML an Istio user applies.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferrum_testkit::ext_authz::AuthzServer;
+
+fn config(port: u16, a: &Backend, authz: &AuthzServer) -> String {
+    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]";
+    let provider = |name: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    envoyExtAuthzHttp:\n      service: ext-authz.auth.svc.cluster.local\n      port: '8000'\n      \
+             timeout: 0.5s\n      pathPrefix: /check\n      includeRequestHeadersInCheck: [x-ext-authz, x-user]\n      \
+             headersToUpstreamOnAllow: [x-authz-user]\n      headersToDownstreamOnDeny: [x-ext-authz-check-result]\n{extra}"
+        )
+    };
+    let custom = |name: &str, provider: &str, paths: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\n\
+             spec: {{{target}, action: CUSTOM, provider: {{name: {provider}}}, rules: [{{to: [{{operation: {{paths: [{paths}]}}}}]}}]}}\n"
+        )
+    };
+    docs(&[
+        gateway(port),
+        backend("a", &[a], ""),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n\
+         spec: {parentRefs: [{name: gw}], rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: a}]}]}\n"
+            .to_string(),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\nspec:\n  \
+             extensionProviders:\n{}{}",
+            provider("authz", ""),
+            provider("lenient", "      failOpen: true\n"),
+        ),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: auth}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-authz-1, namespace: auth, labels: {{kubernetes.io/service-name: ext-authz}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+            authz.addr.port()
+        ),
+        custom("private", "authz", "\"/private/*\""),
+        custom("open", "lenient", "\"/open/*\""),
+        // The provider's headers are on the request before the other policies look at it.
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: who}}\n\
+             spec: {{{target}, rules: [{{to: [{{operation: {{notPaths: [/private/admin]}}}}]}}, \
+             {{when: [{{key: \"request.headers[x-authz-user]\", values: [root]}}]}}]}}\n"
+        ),
+    ])
+}
+
+#[tokio::test]
+async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
+    let a = Backend::start("a").await;
+    let authz = AuthzServer::start().await;
+    let port = free_port();
+    let _dp = Dp::start(&config(port, &a, &authz)).await;
+    let c = client();
+    let get = async |path: &str, headers: &[(&str, &str)]| {
+        let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.unwrap()
+    };
+
+    assert_eq!(get("/public/page", &[]).await.status(), 200);
+    assert!(authz.asked().is_empty(), "no CUSTOM policy matches: nothing is asked");
+
+    // Refused by the service: its status, body and the headers the provider passes on.
+    let refused = get("/private/page", &[("x-leak", "no")]).await;
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.headers()["x-ext-authz-check-result"], "denied");
+    assert!(refused.text().await.unwrap().starts_with("denied by ext_authz"));
+    assert_eq!(a.hits(), 1, "a refused request never reaches the backend");
+
+    // Allowed: the check carried the method, the prefixed path and query, the host and the
+    // named headers only, with no body; the backend sees the header the service set.
+    let allowed = [
+        ("x-ext-authz", "allow"),
+        ("x-user", "alice"),
+        ("authorization", "Bearer secret"),
+    ];
+    let ok = get("/private/page?q=1", &allowed).await;
+    assert_eq!(ok.status(), 200);
+    let seen = a.last().unwrap();
+    assert_eq!(seen["path"], "/private/page?q=1");
+    assert_eq!(seen["headers"]["x-authz-user"][0], "alice");
+    let asked = authz.asked().last().cloned().unwrap();
+    assert_eq!(
+        (asked["method"].as_str(), asked["path"].as_str()),
+        (Some("GET"), Some("/check/private/page?q=1"))
+    );
+    let h = &asked["headers"];
+    assert_eq!(h["host"], format!("127.0.0.1:{port}"));
+    assert_eq!(
+        (h["x-ext-authz"].as_str(), h["x-user"].as_str()),
+        (Some("allow"), Some("alice"))
+    );
+    assert_eq!(h["content-length"], "0");
+    assert!(
+        h.get("authorization").is_none(),
+        "headers not named stay out of the check: {h}"
+    );
+
+    // Its answer's headers count for the other policies: root may see /private/admin.
+    assert_eq!(
+        get("/private/admin", &[("x-ext-authz", "allow"), ("x-user", "root")])
+            .await
+            .status(),
+        200
+    );
+    let bob = get("/private/admin", &[("x-ext-authz", "allow"), ("x-user", "bob")]).await;
+    assert_eq!(bob.status(), 403);
+    assert_eq!(bob.headers()["x-ferrum-error"], "rbac_access_denied");
+
+    // A body goes to the backend, never to the service.
+    let post = c
+        .post(format!("http://127.0.0.1:{port}/private/upload"))
+        .header("x-ext-authz", "allow")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(a.last().unwrap()["body"], "payload");
+    assert_eq!(authz.asked().last().unwrap()["method"], "POST");
+
+    // The service failing (a 5xx, or no answer in time): closed by default, open when the
+    // provider says so.
+    let allow = [("x-ext-authz", "allow")];
+    assert_eq!(get("/private/error", &allow).await.status(), 403);
+    assert_eq!(get("/open/error", &allow).await.status(), 200);
+    let started = Instant::now();
+    assert_eq!(get("/private/slow", &allow).await.status(), 403);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the provider's 0.5 s timeout bounds the wait"
+    );
+    assert_eq!(get("/open/slow", &allow).await.status(), 200);
+}
+
+/// A CUSTOM policy whose provider cannot be found refuses what it matches and says why; the
+/// rest of the config serves.
+#[tokio::test]
+async fn a_custom_policy_without_its_provider_refuses_what_it_matches() {
+    let a = Backend::start("a").await;
+    let authz = AuthzServer::start().await;
+    let port = free_port();
+    let yaml = config(port, &a, &authz).replace("provider: {name: authz}", "provider: {name: missing}");
+    let dp = Dp::start(&yaml).await;
+    let c = client();
+    let status = async |path: &str| {
+        c.get(format!("http://127.0.0.1:{port}{path}"))
+            .header("x-ext-authz", "allow")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status("/private/page").await, 403);
+    assert_eq!(status("/public/page").await, 200);
+    assert!(authz.asked().is_empty());
+    let config = dp.admin_get("/config").await;
+    assert!(
+        config.contains("no extensionProviders entry \\\"missing\\\""),
+        "the reason is shown: {config}"
+    );
+}

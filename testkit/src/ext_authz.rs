@@ -1,0 +1,106 @@
+//! An external authorization service over HTTP, answering as Istio's sample one
+//! (`samples/extauthz`) does: a request that carries `x-ext-authz: allow` is allowed (200,
+//! `x-ext-authz-check-result: allowed`, and `x-authz-user` set from its `x-user`); any other is
+//! denied (403, a body, `x-ext-authz-check-result: denied`). A path ending in `/error` is
+//! answered 500 and one ending in `/slow` after two seconds. It keeps what it was asked.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+pub struct AuthzServer {
+    pub addr: SocketAddr,
+    asked: Arc<Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AuthzServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AuthzServer {
+    /// On a free loopback port.
+    pub async fn start() -> AuthzServer {
+        AuthzServer::serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// On `listener` (bound wherever the caller chose, e.g. in a pod's network namespace).
+    pub fn serve(listener: std::net::TcpListener) -> AuthzServer {
+        listener.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(listener).unwrap();
+        let addr = l.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { continue };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move { Ok::<_, Infallible>(answer(req, &log).await) }
+                    });
+                    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        AuthzServer { addr, asked, task }
+    }
+
+    /// What it was asked, in order: `{"method", "path", "headers": {name: value}}`.
+    pub fn asked(&self) -> Vec<Value> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Value>>) -> hyper::Response<Full<Bytes>> {
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let path = req.uri().path().to_string();
+    log.lock().unwrap().push(json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+        "headers": headers,
+    }));
+    let reply = |status: u16, body: &'static str| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        r
+    };
+    if path.ends_with("/error") {
+        return reply(500, "authorization service failed\n");
+    }
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if headers.get("x-ext-authz").map(String::as_str) == Some("allow") {
+        let mut r = reply(200, "");
+        r.headers_mut()
+            .insert("x-ext-authz-check-result", "allowed".parse().unwrap());
+        if let Some(v) = headers.get("x-user").and_then(|u| u.parse().ok()) {
+            r.headers_mut().insert("x-authz-user", v);
+        }
+        return r;
+    }
+    let mut r = reply(
+        403,
+        "denied by ext_authz for not found header `x-ext-authz: allow` in the request\n",
+    );
+    r.headers_mut()
+        .insert("x-ext-authz-check-result", "denied".parse().unwrap());
+    r
+}
