@@ -33,6 +33,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("x-saw-authorization", "yes" if self.headers.get("authorization") else "no")
         self.send_header("x-saw-sub", self.headers.get("x-jwt-sub", "-"))
         self.send_header("x-saw-traceparent", self.headers.get("traceparent", "-"))
+        self.send_header("x-saw-authz-user", self.headers.get("x-authz-user", "-"))
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a):

@@ -481,6 +481,77 @@ async fn http_policies_are_enforced_per_request() {
     assert!(log.contains("request denied") && log.contains("/private"), "{log}");
 }
 
+/// An AuthorizationPolicy with action CUSTOM on B: B's sidecar asks an external authorization
+/// service (MeshConfig `extensionProviders`) that is itself a pod of the mesh — reached over
+/// HBONE — before a matching request goes to B's app: refused with the service's answer, or let
+/// on with the header it sets; requests the policy does not match are not asked about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
+    const AUTHZ_VIP: &str = "10.96.77.12";
+    let mut w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
+    let z = w.pod("authz-1", "sa-authz", "authz", 12, true);
+    w.service("svc-authz", AUTHZ_VIP, "authz");
+    // Dual-stack, as the pod is: its IPv6 endpoint is asked too.
+    let bound = w.pods[z].ns.spawn(|| std::net::TcpListener::bind("[::]:8080"));
+    let authz = ferrum_testkit::ext_authz::AuthzServer::serve(bound.join().unwrap().unwrap());
+    w.sidecar(z, "sa-authz", &[]);
+    w.ready(z).await;
+    until_routed(&w).await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
+         spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: svc-authz.{NS}.svc.cluster.local, port: '80', \
+         includeRequestHeadersInCheck: [x-ext-authz, x-user], headersToUpstreamOnAllow: [x-authz-user], \
+         headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: b}}}}, action: CUSTOM, provider: {{name: sample}}, \
+         rules: [{{to: [{{operation: {{paths: [\"/private/*\"]}}}}]}}]}}\n"
+    ));
+    let get = |path: &str, extra: &[&str]| {
+        let mut args = vec!["-D", "-", "--resolve"];
+        let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
+        let url = format!("http://svc-b.{NS}.svc{path}");
+        args.push(&resolve);
+        args.extend_from_slice(extra);
+        args.push(&url);
+        w.pods[0].curl(&args).1
+    };
+    eventually("the CUSTOM policy takes effect", Duration::from_secs(20), async || {
+        get("/private/page", &[]).starts_with("HTTP/1.1 403")
+    })
+    .await;
+    let refused = get("/private/page", &[]);
+    assert!(
+        refused.contains("x-ext-authz-check-result: denied") && refused.contains("denied by ext_authz"),
+        "the service's answer reaches the client: {refused}"
+    );
+    let allowed = get("/private/page", &["-H", "x-ext-authz: allow", "-H", "x-user: alice"]);
+    assert!(
+        allowed.starts_with("HTTP/1.1 200") && allowed.contains("x-saw-authz-user: alice"),
+        "allowed, with the header the service set: {allowed}\nB's sidecar: {}",
+        w.pods[1].sidecar_log()
+    );
+    let asked = authz.asked();
+    let last = asked.last().unwrap();
+    assert_eq!(last["path"], "/private/page");
+    assert_eq!(last["headers"]["x-user"], "alice");
+    let n = asked.len();
+    assert!(get("/public", &[]).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        authz.asked().len(),
+        n,
+        "what the policy does not match is not asked about"
+    );
+    assert!(
+        w.pods[z].connections("inbound", "hbone") >= 1.0,
+        "B's sidecar reached the service's pod over HBONE"
+    );
+}
+
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
 /// DENY by principal, ALLOW by namespace, dry-run, and removal — each enforced by B's sidecar on
 /// the HBONE tunnel (401) and seen as a refused connection by A's app; then a PeerAuthentication
