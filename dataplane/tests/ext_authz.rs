@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferrum_testkit::ext_authz::AuthzServer;
 
-fn config(port: u16, a: &Backend, authz: &AuthzServer) -> String {
-    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]";
+/// The HTTP provider `authz` (and `lenient`, the same but failing open) at `authz`.
+fn http_providers(authz: &AuthzServer) -> (String, String) {
     let provider = |name: &str, extra: &str| {
         format!(
             "  - name: {name}\n    envoyExtAuthzHttp:\n      service: ext-authz.auth.svc.cluster.local\n      port: '8000'\n      \
@@ -18,6 +18,30 @@ fn config(port: u16, a: &Backend, authz: &AuthzServer) -> String {
              headersToUpstreamOnAllow: [x-authz-user]\n      headersToDownstreamOnDeny: [x-ext-authz-check-result]\n{extra}"
         )
     };
+    (
+        format!(
+            "{}{}",
+            provider("authz", ""),
+            provider("lenient", "      failOpen: true\n")
+        ),
+        service("ext-authz", 8000, authz),
+    )
+}
+
+/// A Service `auth/<name>` on `port` whose one endpoint is `authz`.
+fn service(name: &str, port: u16, authz: &AuthzServer) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: auth}}\nspec: {{ports: [{{name: http, port: {port}}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: auth, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+        authz.addr.port()
+    )
+}
+
+/// A Gateway on `port` routing to `a`; `/private/*` asks provider `authz`, `/open/*` asks
+/// `lenient`, and an ALLOW policy reads the header the provider sets.
+fn config(port: u16, a: &Backend, (providers, services): (String, String)) -> String {
+    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]";
     let custom = |name: &str, provider: &str, paths: &str| {
         format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\n\
@@ -32,16 +56,9 @@ fn config(port: u16, a: &Backend, authz: &AuthzServer) -> String {
             .to_string(),
         format!(
             "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\nspec:\n  \
-             extensionProviders:\n{}{}",
-            provider("authz", ""),
-            provider("lenient", "      failOpen: true\n"),
+             extensionProviders:\n{providers}"
         ),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: auth}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-authz-1, namespace: auth, labels: {{kubernetes.io/service-name: ext-authz}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
-            authz.addr.port()
-        ),
+        services,
         custom("private", "authz", "\"/private/*\""),
         custom("open", "lenient", "\"/open/*\""),
         // The provider's headers are on the request before the other policies look at it.
@@ -58,7 +75,7 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
     let a = Backend::start("a").await;
     let authz = AuthzServer::start().await;
     let port = free_port();
-    let _dp = Dp::start(&config(port, &a, &authz)).await;
+    let _dp = Dp::start(&config(port, &a, http_providers(&authz))).await;
     let c = client();
     let get = async |path: &str, headers: &[(&str, &str)]| {
         let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
@@ -151,7 +168,7 @@ async fn a_custom_policy_without_its_provider_refuses_what_it_matches() {
     let a = Backend::start("a").await;
     let authz = AuthzServer::start().await;
     let port = free_port();
-    let yaml = config(port, &a, &authz).replace("provider: {name: authz}", "provider: {name: missing}");
+    let yaml = config(port, &a, http_providers(&authz)).replace("provider: {name: authz}", "provider: {name: missing}");
     let dp = Dp::start(&yaml).await;
     let c = client();
     let status = async |path: &str| {
@@ -170,4 +187,86 @@ async fn a_custom_policy_without_its_provider_refuses_what_it_matches() {
         config.contains("no extensionProviders entry \\\"missing\\\""),
         "the reason is shown: {config}"
     );
+}
+
+/// The same over gRPC (Istio `envoyExtAuthzGrpc`, OPA-Envoy's API): the check carries the
+/// request's head and the caller; OK lets it on with the response's header edits, a denial is
+/// the client's answer, a failed call or no answer in time follows `failOpen`/`statusOnError`.
+#[tokio::test]
+async fn a_grpc_provider_is_asked_check_by_check() {
+    let a = Backend::start("a").await;
+    let authz = AuthzServer::start_grpc().await;
+    let port = free_port();
+    let provider = |name: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    envoyExtAuthzGrpc:\n      service: opa.auth.svc.cluster.local\n      port: 9191\n      timeout: 0.5s\n{extra}"
+        )
+    };
+    let providers = format!(
+        "{}{}",
+        provider("authz", ""),
+        provider("lenient", "      failOpen: true\n")
+    );
+    let _dp = Dp::start(&config(port, &a, (providers, service("opa", 9191, &authz)))).await;
+    let c = client();
+    let get = async |path: &str, headers: &[(&str, &str)]| {
+        let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.unwrap()
+    };
+    assert_eq!(get("/public/page", &[]).await.status(), 200);
+    assert!(authz.asked().is_empty());
+
+    let refused = get("/private/page", &[]).await;
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.headers()["x-ext-authz-check-result"], "denied");
+    assert!(refused.text().await.unwrap().starts_with("denied by ext_authz"));
+
+    let allowed = [
+        ("x-ext-authz", "allow"),
+        ("x-user", "alice"),
+        ("authorization", "Bearer t"),
+    ];
+    assert_eq!(get("/private/page?q=1", &allowed).await.status(), 200);
+    let seen = a.last().unwrap();
+    assert_eq!(seen["headers"]["x-authz-user"][0], "alice");
+    assert_eq!(seen["headers"]["x-ext-authz-check-result"][0], "allowed");
+    let asked = authz.asked().last().cloned().unwrap();
+    assert_eq!(
+        (asked["method"].as_str(), asked["path"].as_str()),
+        (Some("GET"), Some("/private/page?q=1"))
+    );
+    let h = &asked["headers"];
+    assert_eq!(h[":authority"], format!("127.0.0.1:{port}"));
+    assert_eq!(h["authorization"], "Bearer t", "gRPC checks carry every header");
+
+    assert_eq!(
+        get("/private/admin", &[("x-ext-authz", "allow"), ("x-user", "root")])
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        get("/private/admin", &[("x-ext-authz", "allow"), ("x-user", "bob")])
+            .await
+            .status(),
+        403
+    );
+
+    let allow = [("x-ext-authz", "allow")];
+    assert_eq!(
+        get("/private/error", &allow).await.status(),
+        403,
+        "a failed call refuses"
+    );
+    assert_eq!(
+        get("/open/error", &allow).await.status(),
+        200,
+        "unless the provider fails open"
+    );
+    let started = Instant::now();
+    assert_eq!(get("/private/slow", &allow).await.status(), 403);
+    assert!(started.elapsed() < Duration::from_millis(1500));
 }

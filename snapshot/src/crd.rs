@@ -238,8 +238,7 @@ pub struct ExtensionProvider {
     /// Asked over HTTP: Envoy's `ext_authz` HTTP service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_ext_authz_http: Option<ExtAuthzHttpProvider>,
-    /// Asked over gRPC (`envoy.service.auth.v3.Authorization`): not supported yet; a policy
-    /// naming it refuses what it matches.
+    /// Asked over gRPC (`envoy.service.auth.v3.Authorization/Check`, as OPA-Envoy serves it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcProvider>,
 }
@@ -272,12 +271,15 @@ pub struct ExtAuthzHttpProvider {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExtAuthzGrpcProvider {
+    /// The Service's host or a ServiceEntry host (an HTTP/2 or gRPC port).
     pub service: String,
     pub port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
     #[serde(default)]
     pub fail_open: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_on_error: Option<String>,
 }
 
 fn default_trust_domain() -> String {

@@ -101,14 +101,18 @@ pub struct Authorization {
     pub check: Option<ExtAuthz>,
 }
 
-/// An external authorization service over HTTP (Istio `envoyExtAuthzHttp`; Envoy's
-/// `ext_authz` filter): the request's method, path and chosen headers go to it with an empty
-/// body; a 2xx answer lets the request on, any other is the client's answer.
+/// An external authorization service (Istio `envoyExtAuthzHttp` or `envoyExtAuthzGrpc`;
+/// Envoy's `ext_authz` filter): the request's method, path and headers go to it, never its
+/// body; an allowing answer lets the request on, a refusal is the client's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExtAuthz {
     /// The MeshConfig `extensionProviders` entry it came from.
     pub provider: String,
+    /// How it is asked: plain HTTP, or `envoy.service.auth.v3.Authorization/Check` over gRPC
+    /// (then the path prefix and header lists do not apply: the check carries every header).
+    #[serde(default, skip_serializing_if = "ExtAuthzApi::is_http")]
+    pub api: ExtAuthzApi,
     /// The snapshot cluster that serves it.
     pub cluster: String,
     pub timeout_ms: u64,
@@ -130,6 +134,22 @@ pub struct ExtAuthz {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fail_open: bool,
     pub status_on_error: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExtAuthzApi {
+    /// Istio `envoyExtAuthzHttp`.
+    #[default]
+    Http,
+    /// Istio `envoyExtAuthzGrpc`.
+    Grpc,
+}
+
+impl ExtAuthzApi {
+    pub fn is_http(&self) -> bool {
+        *self == ExtAuthzApi::Http
+    }
 }
 
 impl Authorization {

@@ -1,8 +1,9 @@
-//! An external authorization service over HTTP, answering as Istio's sample one
-//! (`samples/extauthz`) does: a request that carries `x-ext-authz: allow` is allowed (200,
-//! `x-ext-authz-check-result: allowed`, and `x-authz-user` set from its `x-user`); any other is
-//! denied (403, a body, `x-ext-authz-check-result: denied`). A path ending in `/error` is
-//! answered 500 and one ending in `/slow` after two seconds. It keeps what it was asked.
+//! An external authorization service, over HTTP or gRPC (`envoy.service.auth.v3`), answering
+//! as Istio's sample one (`samples/extauthz`) does: a request that carries `x-ext-authz: allow`
+//! is allowed (200 / OK, `x-ext-authz-check-result: allowed`, and `x-authz-user` set from its
+//! `x-user`); any other is denied (403, a body, `x-ext-authz-check-result: denied`). A path
+//! ending in `/error` fails (500 / gRPC INTERNAL) and one ending in `/slow` is answered after
+//! two seconds. It keeps what it was asked.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -10,6 +11,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
@@ -32,6 +39,27 @@ impl AuthzServer {
     /// On a free loopback port.
     pub async fn start() -> AuthzServer {
         AuthzServer::serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// The gRPC service (`Authorization/Check`, h2c) on a free loopback port.
+    pub async fn start_grpc() -> AuthzServer {
+        AuthzServer::serve_grpc(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// The gRPC service on `listener`.
+    pub fn serve_grpc(listener: std::net::TcpListener) -> AuthzServer {
+        listener.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(listener).unwrap();
+        let addr = l.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let svc = AuthorizationServer::new(Grpc(asked.clone()));
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
+                .await;
+        });
+        AuthzServer { addr, asked, task }
     }
 
     /// On `listener` (bound wherever the caller chose, e.g. in a pod's network namespace).
@@ -58,7 +86,8 @@ impl AuthzServer {
         AuthzServer { addr, asked, task }
     }
 
-    /// What it was asked, in order: `{"method", "path", "headers": {name: value}}`.
+    /// What it was asked, in order: `{"method", "path", "headers": {name: value}}` (and, over
+    /// gRPC, `"source"`: the caller's principal).
     pub fn asked(&self) -> Vec<Value> {
         self.asked.lock().unwrap().clone()
     }
@@ -103,4 +132,67 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Valu
     r.headers_mut()
         .insert("x-ext-authz-check-result", "denied".parse().unwrap());
     r
+}
+
+struct Grpc(Arc<Mutex<Vec<Value>>>);
+
+#[tonic::async_trait]
+impl Authorization for Grpc {
+    async fn check(
+        &self,
+        request: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        let attrs = request.into_inner().attributes.unwrap_or_default();
+        let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+        let headers: BTreeMap<&str, &str> = http.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.0.lock().unwrap().push(json!({
+            "method": http.method,
+            "path": http.path,
+            "headers": headers,
+            "source": attrs.source.map(|s| s.principal).unwrap_or_default(),
+        }));
+        let path = http.path.split('?').next().unwrap_or("");
+        if path.ends_with("/error") {
+            return Err(tonic::Status::internal("authorization service failed"));
+        }
+        if path.ends_with("/slow") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let header = |k: &str, v: &str| HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resp = if headers.get("x-ext-authz") == Some(&"allow") {
+            let mut set = vec![header("x-ext-authz-check-result", "allowed")];
+            if let Some(u) = headers.get("x-user") {
+                set.push(header("x-authz-user", u));
+            }
+            CheckResponse {
+                status: Some(RpcStatus::default()),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: set,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }
+        } else {
+            CheckResponse {
+                status: Some(RpcStatus {
+                    code: tonic::Code::PermissionDenied as i32,
+                    ..Default::default()
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus { code: 403 }),
+                    headers: vec![header("x-ext-authz-check-result", "denied")],
+                    body: "denied by ext_authz for not found header `x-ext-authz: allow` in the request\n".into(),
+                })),
+                ..Default::default()
+            }
+        };
+        Ok(tonic::Response::new(resp))
+    }
 }

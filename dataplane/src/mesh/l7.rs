@@ -213,9 +213,9 @@ pub enum Verdict {
     Deny,
     /// It carries a JWT no RequestAuthentication rule accepts: 401.
     Unauthenticated,
-    /// A CUSTOM policy matches it: this provider is asked first; if it lets the request on
-    /// (maybe adding headers), the rest of the verdict is taken.
-    Ask(Arc<super::ext_authz::ExtAuthz>, Then),
+    /// A CUSTOM policy matches it: its provider is asked first; if it lets the request on
+    /// (maybe editing its headers), the rest of the verdict is taken.
+    Ask(Box<super::ext_authz::Ask>),
 }
 
 /// The rest of a verdict, once a provider let the request on.

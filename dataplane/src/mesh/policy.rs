@@ -720,7 +720,15 @@ impl GatewayPolicies {
         if let Some(service) = self.authz.asks(&conn) {
             let me = self.clone();
             let then = move |req: &mut http::request::Parts| me.authorize(req, client, listener, auth.as_ref());
-            return super::l7::Verdict::Ask(service, Box::new(then));
+            return super::l7::Verdict::Ask(Box::new(super::ext_authz::Ask {
+                service,
+                who: super::ext_authz::Requester {
+                    client,
+                    principal: None,
+                    destination: listener,
+                },
+                then: Box::new(then),
+            }));
         }
         self.authorize(req, client, listener, auth.as_ref())
     }

@@ -135,9 +135,18 @@ impl App {
             auth: auth.as_ref(),
         };
         if let Some(service) = cfg.mesh.inbound.asks(&conn) {
+            let who = super::ext_authz::Requester {
+                client: SocketAddr::new(c.source, 0),
+                principal: c.peer.as_ref().map(|p| p.to_string()),
+                destination: c.destination,
+            };
             let (me, c) = (self.clone(), c.clone());
             let then = move |req: &mut http::request::Parts| me.verdict(&c, req, auth.as_ref());
-            return l7::Verdict::Ask(service, Box::new(then));
+            return l7::Verdict::Ask(Box::new(super::ext_authz::Ask {
+                service,
+                who,
+                then: Box::new(then),
+            }));
         }
         self.verdict(c, request, auth.as_ref())
     }

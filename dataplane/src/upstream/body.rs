@@ -54,9 +54,12 @@ impl Upload {
     }
 }
 
-/// What goes upstream: the client's body (bounded), a mirror's copy of one, or nothing.
+/// What goes upstream: the client's body (bounded), a mirror's copy of one, a body made here
+/// (an authorization check), or nothing.
 pub enum RequestBody {
     Empty,
+    /// Sent in one frame, then taken.
+    Full(Option<Bytes>),
     Stream {
         body: Limited<Incoming>,
         upload: Arc<Upload>,
@@ -204,6 +207,7 @@ impl Body for RequestBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Stream { body, upload, copy } => {
                 let r = Pin::new(&mut *body).poll_frame(cx);
                 match &r {
@@ -238,6 +242,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Full(b) => b.is_none(),
             RequestBody::Stream { body, .. } => body.is_end_stream(),
             RequestBody::Copied(c) => c.is_end_stream(),
         }
@@ -245,6 +250,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Stream { body, .. } => body.size_hint(),
             RequestBody::Copied(_) => SizeHint::default(),
         }

@@ -10,7 +10,7 @@ use super::backends::{BackendRef, Clusters};
 use super::destination_rule::service_of;
 use crate::crd::ExtensionProvider;
 use crate::istio::AuthorizationPolicySpec;
-use crate::mesh::{ExtAuthz, MeshService};
+use crate::mesh::{ExtAuthz, ExtAuthzApi, MeshService};
 use crate::model::Digest;
 use crate::resources::Resources;
 use crate::translate::Reason;
@@ -58,34 +58,66 @@ pub(crate) fn resolve(
         .collect()
 }
 
+/// What both provider kinds say.
+struct Common<'a> {
+    service: &'a str,
+    port: &'a IntOrString,
+    timeout: Option<&'a str>,
+    fail_open: bool,
+    status_on_error: Option<&'a str>,
+}
+
 fn provider(
     p: &ExtensionProvider,
     entries: &[(Arc<MeshService>, Digest)],
     clusters: &mut Clusters<'_>,
 ) -> Result<ExtAuthz, (Reason, String)> {
-    let Some(h) = &p.envoy_ext_authz_http else {
-        let why = match p.envoy_ext_authz_grpc {
-            Some(_) => "envoyExtAuthzGrpc is not supported yet (use envoyExtAuthzHttp)",
-            None => "it is not an authorization provider (envoyExtAuthzHttp)",
-        };
-        return Err((
-            Reason::UnsupportedValue,
-            format!("extensionProviders {:?}: {why}", p.name),
-        ));
+    let (kind, api, common) = match (&p.envoy_ext_authz_http, &p.envoy_ext_authz_grpc) {
+        (Some(h), _) => (
+            "envoyExtAuthzHttp",
+            ExtAuthzApi::Http,
+            Common {
+                service: &h.service,
+                port: &h.port,
+                timeout: h.timeout.as_deref(),
+                fail_open: h.fail_open,
+                status_on_error: h.status_on_error.as_deref(),
+            },
+        ),
+        (None, Some(g)) => (
+            "envoyExtAuthzGrpc",
+            ExtAuthzApi::Grpc,
+            Common {
+                service: &g.service,
+                port: &g.port,
+                timeout: g.timeout.as_deref(),
+                fail_open: g.fail_open,
+                status_on_error: g.status_on_error.as_deref(),
+            },
+        ),
+        (None, None) => {
+            return Err((
+                Reason::UnsupportedValue,
+                format!(
+                    "extensionProviders {:?}: not an authorization provider (envoyExtAuthzHttp, envoyExtAuthzGrpc)",
+                    p.name
+                ),
+            ));
+        }
     };
     let bad = |field: &str, why: String| {
         (
             Reason::Invalid,
-            format!("extensionProviders {:?}: envoyExtAuthzHttp.{field}: {why}", p.name),
+            format!("extensionProviders {:?}: {kind}.{field}: {why}", p.name),
         )
     };
-    let port = match &h.port {
+    let port = match common.port {
         IntOrString::Int(n) => u16::try_from(*n).ok(),
         IntOrString::String(s) => s.parse().ok(),
     }
     .filter(|p| *p != 0)
     .ok_or_else(|| bad("port", "must be 1-65535".into()))?;
-    let timeout_ms = match &h.timeout {
+    let timeout_ms = match common.timeout {
         None => MAX_EXT_AUTHZ_TIMEOUT_MS,
         Some(t) => super::istio_duration_ms(t).map_err(|e| bad("timeout", e))?,
     };
@@ -95,7 +127,7 @@ fn provider(
             format!("must be above 0 and at most {MAX_EXT_AUTHZ_TIMEOUT_MS} ms"),
         ));
     }
-    let status_on_error = match &h.status_on_error {
+    let status_on_error = match common.status_on_error {
         None => 403,
         Some(s) => s
             .trim()
@@ -104,22 +136,30 @@ fn provider(
             .filter(|c| (200..=599).contains(c))
             .ok_or_else(|| bad("statusOnError", format!("{s:?} is not a status 200-599")))?,
     };
-    let path_prefix = h.path_prefix.clone().unwrap_or_default();
-    if !path_prefix.is_empty() && (!path_prefix.starts_with('/') || path_prefix.contains(['?', '#'])) {
-        return Err(bad("pathPrefix", "must start with '/' and have no query".into()));
-    }
-    let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect();
-    Ok(ExtAuthz {
+    let mut out = ExtAuthz {
         provider: p.name.clone(),
-        cluster: cluster_of(&h.service, port, entries, clusters)?,
+        api,
+        cluster: cluster_of(common.service, port, api, entries, clusters)?,
         timeout_ms,
-        path_prefix,
-        include_request_headers: lower(&h.include_request_headers_in_check),
-        headers_to_upstream_on_allow: lower(&h.headers_to_upstream_on_allow),
-        headers_to_downstream_on_deny: lower(&h.headers_to_downstream_on_deny),
-        fail_open: h.fail_open,
+        path_prefix: String::new(),
+        include_request_headers: Vec::new(),
+        headers_to_upstream_on_allow: Vec::new(),
+        headers_to_downstream_on_deny: Vec::new(),
+        fail_open: common.fail_open,
         status_on_error,
-    })
+    };
+    if let Some(h) = &p.envoy_ext_authz_http {
+        let prefix = h.path_prefix.clone().unwrap_or_default();
+        if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.contains(['?', '#'])) {
+            return Err(bad("pathPrefix", "must start with '/' and have no query".into()));
+        }
+        let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect();
+        out.path_prefix = prefix;
+        out.include_request_headers = lower(&h.include_request_headers_in_check);
+        out.headers_to_upstream_on_allow = lower(&h.headers_to_upstream_on_allow);
+        out.headers_to_downstream_on_deny = lower(&h.headers_to_downstream_on_deny);
+    }
+    Ok(out)
 }
 
 /// The cluster of `host:port`: a ServiceEntry host's, else a Service's (its FQDN, or
@@ -127,11 +167,22 @@ fn provider(
 fn cluster_of(
     host: &str,
     port: u16,
+    api: ExtAuthzApi,
     entries: &[(Arc<MeshService>, Digest)],
     clusters: &mut Clusters<'_>,
 ) -> Result<String, (Reason, String)> {
     let host = host.to_ascii_lowercase();
     if let Some((entry, _)) = entries.iter().find(|(s, _)| s.hostname == host) {
+        let h2 = entry
+            .ports
+            .iter()
+            .any(|p| p.port == port && matches!(p.app_protocol.as_deref(), Some("http2" | "grpc")));
+        if api == ExtAuthzApi::Grpc && !h2 {
+            return Err((
+                Reason::UnsupportedValue,
+                format!("ServiceEntry host {host} port {port} is not GRPC or HTTP2: gRPC cannot reach it"),
+            ));
+        }
         return clusters.entry(entry, port);
     }
     let Some((ns, name)) = service_of(&host, crate::ROOT_NAMESPACE) else {
@@ -147,5 +198,10 @@ fn cluster_of(
         name,
         port: Some(port.into()),
     };
-    clusters.resolve("MeshConfig", ns, &target)
+    // gRPC: the HTTP/2 variant of the Service's cluster, as a GRPCRoute's backend gets.
+    let kind = match api {
+        ExtAuthzApi::Http => "MeshConfig",
+        ExtAuthzApi::Grpc => "GRPCRoute",
+    };
+    clusters.resolve(kind, ns, &target)
 }

@@ -401,7 +401,7 @@ mod tests {
 
     use super::JwksFetch;
     use crate::Resources;
-    use crate::mesh::{AuthzAction, ExtAuthz, MtlsMode, PolicyRule};
+    use crate::mesh::{AuthzAction, ExtAuthz, ExtAuthzApi, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, Translation, translate};
 
     #[test]
@@ -596,8 +596,10 @@ mod tests {
             "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec:\n  extensionProviders:\n  \
              - {name: authz, envoyExtAuthzHttp: {service: ext-authz.auth.svc.cluster.local, port: '8000', timeout: 0.5s, pathPrefix: /check, \
              statusOnError: '503', includeRequestHeadersInCheck: [X-User, 'x-ext-*'], headersToUpstreamOnAllow: [x-authz-user]}}\n  \
-             - {name: opa, envoyExtAuthzGrpc: {service: opa.auth.svc.cluster.local, port: 9191}}\n  \
+             - {name: opa, envoyExtAuthzGrpc: {service: opa.auth, port: 9191, timeout: 2s, failOpen: true}}\n  \
+             - {name: tracer, zipkin: {service: zipkin.auth.svc.cluster.local, port: 9411}}\n  \
              - {name: nowhere, envoyExtAuthzHttp: {service: gone.auth.svc.cluster.local, port: 80}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: opa, namespace: auth}\nspec: {ports: [{name: grpc, port: 9191}]}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: auth}\nspec: {ports: [{name: http, port: 8000}]}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-authz-1, namespace: auth, labels: {kubernetes.io/service-name: ext-authz}}\n\
              addressType: IPv4\nports: [{name: http, port: 8000}]\nendpoints: [{addresses: [10.0.0.9]}]\n---\n\
@@ -606,6 +608,7 @@ mod tests {
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unknown, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nope}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unreachable, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nowhere}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: grpc, namespace: shop}\nspec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: traced, namespace: shop}\nspec: {action: CUSTOM, provider: {name: tracer}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unnamed, namespace: shop}\nspec: {action: CUSTOM, rules: [{}]}\n",
         )
         .unwrap();
@@ -628,6 +631,7 @@ mod tests {
             check,
             ExtAuthz {
                 provider: "authz".into(),
+                api: ExtAuthzApi::Http,
                 cluster: "service/auth/ext-authz:8000".into(),
                 timeout_ms: 500,
                 path_prefix: "/check".into(),
@@ -650,11 +654,19 @@ mod tests {
             let a = rule(name).unwrap();
             assert_eq!((a.action, a.check.is_none()), (AuthzAction::Deny, true), "{name}");
         }
-        assert!(rule("grpc").is_none() && rule("unnamed").is_none());
+        // gRPC (OPA-Envoy): the HTTP/2 variant of the Service's cluster.
+        let grpc = rule("grpc").unwrap().check.unwrap();
+        assert_eq!(
+            (grpc.api, grpc.cluster.as_str(), grpc.timeout_ms, grpc.fail_open),
+            (ExtAuthzApi::Grpc, "service/auth/opa:9191#h2", 2000, true)
+        );
+        let h2 = t.snapshot.clusters.iter().find(|c| c.name == grpc.cluster).unwrap();
+        assert_eq!(h2.protocol, crate::model::UpstreamProtocol::Http2);
+        assert!(rule("traced").is_none() && rule("unnamed").is_none());
         assert_eq!(
             t.problem_keys(),
             [
-                ("grpc", "spec.provider.name", Reason::UnsupportedValue),
+                ("traced", "spec.provider.name", Reason::UnsupportedValue),
                 ("unknown", "spec.provider.name", Reason::BackendNotFound),
                 ("unnamed", "spec.provider.name", Reason::Invalid),
                 ("unreachable", "spec.provider.name", Reason::BackendNotFound),

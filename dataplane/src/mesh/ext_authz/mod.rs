@@ -1,8 +1,11 @@
-//! Istio `CUSTOM` authorization, as Envoy's HTTP `ext_authz` filter does it: a request a CUSTOM
-//! policy matches is first asked of the provider's service — its method, the provider's path
-//! prefix before its path, its `Host`, the headers the provider names and an empty body. A 200
-//! lets it on (with the answer's headers the provider names set on it), a 5xx or no answer in
-//! time is an error (`failOpen`, else `statusOnError`), and any other answer is the client's.
+//! Istio `CUSTOM` authorization, as Envoy's `ext_authz` filter does it: a request a CUSTOM
+//! policy matches is first asked of the provider's service. Over HTTP: its method, the
+//! provider's path prefix before its path, its `Host`, the headers the provider names and an
+//! empty body; a 200 lets it on (with the answer's headers the provider names set on it), any
+//! other answer but a 5xx is the client's. Over gRPC: see [`grpc`]. A 5xx, a failed call or no
+//! answer in time is an error: `failOpen`, else `statusOnError`.
+
+mod grpc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,12 +18,13 @@ use http_body_util::BodyExt;
 use super::policy::Patterns;
 use crate::upstream::body::RequestBody;
 use crate::upstream::{ClusterRuntime, UpstreamError};
+use ferrum_snapshot::mesh::ExtAuthzApi;
 
 /// The most of a refusing answer's body passed on to the client; a longer one is an error.
 const MAX_DENY_BODY: usize = 64 * 1024;
 
 /// Headers that belong to one hop, never copied between the request, the check and answers.
-fn hop_by_hop(name: &HeaderName) -> bool {
+pub(super) fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "upgrade" | "trailer"
@@ -41,10 +45,52 @@ pub struct ExtAuthz {
 
 /// What a provider said about one request.
 pub enum Answer {
-    /// Let it on, with these headers set on it.
-    Allow(Vec<(HeaderName, HeaderValue)>),
+    /// Let it on, with these edits to its headers.
+    Allow(Edits),
     /// Refused: the client's answer.
     Deny(Denial),
+}
+
+/// How an allowing answer changes the request's headers.
+#[derive(Default)]
+pub struct Edits {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub append: Vec<(HeaderName, HeaderValue)>,
+    pub add_if_absent: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl Edits {
+    fn apply(self, headers: &mut HeaderMap) {
+        for n in self.remove {
+            headers.remove(n);
+        }
+        for (n, v) in self.set {
+            headers.insert(n, v);
+        }
+        for (n, v) in self.append {
+            headers.append(n, v);
+        }
+        for (n, v) in self.add_if_absent {
+            headers.entry(n).or_insert(v);
+        }
+    }
+}
+
+/// Who asks, as a provider is told: the client's address and mTLS identity, and where the
+/// request was going.
+pub struct Requester {
+    pub client: std::net::SocketAddr,
+    pub principal: Option<String>,
+    pub destination: std::net::SocketAddr,
+}
+
+/// A verdict that defers to a provider: whom to ask, for whom, and the rest of the verdict once
+/// the provider lets the request on.
+pub struct Ask {
+    pub service: Arc<ExtAuthz>,
+    pub who: Requester,
+    pub then: super::l7::Then,
 }
 
 /// A refusal, as the client gets it.
@@ -56,7 +102,7 @@ pub struct Denial {
 }
 
 impl Denial {
-    fn status(status: StatusCode) -> Self {
+    pub(super) fn status(status: StatusCode) -> Self {
         Denial {
             status,
             headers: HeaderMap::new(),
@@ -91,27 +137,30 @@ impl ExtAuthz {
         }
     }
 
-    /// Asks about the request `req`; an error answers as the provider says errors do.
-    pub async fn ask(&self, req: &http::request::Parts) -> Answer {
+    /// Asks about the request `req` from `who`; an error answers as the provider says errors do.
+    pub async fn ask(&self, req: &http::request::Parts, who: &Requester) -> Answer {
         let limit = Duration::from_millis(self.spec.timeout_ms);
-        let failed = match tokio::time::timeout(limit, self.call(req)).await {
+        let failed = match tokio::time::timeout(limit, self.call(req, who)).await {
             Ok(Ok(answer)) => return answer,
             Ok(Err(why)) => why,
             Err(_) => format!("no answer within {} ms", self.spec.timeout_ms),
         };
         tracing::warn!(provider = %self.spec.provider, path = req.uri.path(), error = %failed, fail_open = self.spec.fail_open, "external authorization failed");
         if self.spec.fail_open {
-            return Answer::Allow(Vec::new());
+            return Answer::Allow(Edits::default());
         }
         Answer::Deny(Denial::status(
             StatusCode::from_u16(self.spec.status_on_error).unwrap_or(StatusCode::FORBIDDEN),
         ))
     }
 
-    async fn call(&self, req: &http::request::Parts) -> Result<Answer, String> {
+    async fn call(&self, req: &http::request::Parts, who: &Requester) -> Result<Answer, String> {
         let cluster = self.cluster.as_ref().ok_or("its cluster is gone")?;
-        let check = self.check_request(req)?;
         let _admitted = cluster.admit().await.map_err(|e| format!("{e:?}"))?;
+        if self.spec.api == ExtAuthzApi::Grpc {
+            return grpc::check(cluster, req, who).await;
+        }
+        let check = self.check_request(req)?;
         let (idx, _endpoint) = cluster.pick(None, None).ok_or("no endpoint to ask")?;
         let started = Instant::now();
         let (resp, lease) = match cluster.pool().send(idx, &cluster.endpoints[idx].authority, check).await {
@@ -145,7 +194,10 @@ impl ExtAuthz {
                 .filter(|(n, _)| !hop_by_hop(n) && self.upstream.matches(n.as_str()))
                 .map(|(n, v)| (n.clone(), v.clone()))
                 .collect();
-            return Ok(Answer::Allow(set));
+            return Ok(Answer::Allow(Edits {
+                set,
+                ..Edits::default()
+            }));
         }
         let mut headers = HeaderMap::new();
         for (n, v) in head.headers.iter().filter(|(n, _)| !hop_by_hop(n)) {
@@ -198,8 +250,8 @@ pub enum Settled {
     Refused(Denial),
 }
 
-/// Asks the provider a verdict defers to (setting the headers it allows on `req`), then takes
-/// the rest of the verdict.
+/// Asks the provider a verdict defers to (applying the header edits it allows with to `req`),
+/// then takes the rest of the verdict.
 pub async fn settle(mut verdict: super::l7::Verdict, req: &mut http::request::Parts) -> Settled {
     use super::l7::Verdict;
     loop {
@@ -208,13 +260,11 @@ pub async fn settle(mut verdict: super::l7::Verdict, req: &mut http::request::Pa
             Verdict::Deny => return Settled::Deny,
             Verdict::Unauthenticated => return Settled::Unauthenticated,
             // Boxed: a request's future stays small when nothing is asked.
-            Verdict::Ask(service, then) => match Box::pin(service.ask(req)).await {
+            Verdict::Ask(ask) => match Box::pin(ask.service.ask(req, &ask.who)).await {
                 Answer::Deny(d) => return Settled::Refused(d),
-                Answer::Allow(set) => {
-                    for (n, v) in set {
-                        req.headers.insert(n, v);
-                    }
-                    then(req)
+                Answer::Allow(edits) => {
+                    edits.apply(&mut req.headers);
+                    (ask.then)(req)
                 }
             },
         }
