@@ -484,7 +484,8 @@ async fn http_policies_are_enforced_per_request() {
 /// An AuthorizationPolicy with action CUSTOM on B: B's sidecar asks an external authorization
 /// service (MeshConfig `extensionProviders`) that is itself a pod of the mesh — reached over
 /// HBONE — before a matching request goes to B's app: refused with the service's answer, or let
-/// on with the header it sets; requests the policy does not match are not asked about.
+/// on with the header it sets; requests the policy does not match are not asked about. A gRPC
+/// provider (OPA-Envoy's API) on the same pod is told the caller's SPIFFE ID.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
     const AUTHZ_VIP: &str = "10.96.77.12";
@@ -494,6 +495,9 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
     // Dual-stack, as the pod is: its IPv6 endpoint is asked too.
     let bound = w.pods[z].ns.spawn(|| std::net::TcpListener::bind("[::]:8080"));
     let authz = ferrum_testkit::ext_authz::AuthzServer::serve(bound.join().unwrap().unwrap());
+    // Its gRPC twin (OPA-Envoy's API) on the Service's other port.
+    let bound = w.pods[z].ns.spawn(|| std::net::TcpListener::bind("[::]:9000"));
+    let opa = ferrum_testkit::ext_authz::AuthzServer::serve_grpc(bound.join().unwrap().unwrap());
     w.sidecar(z, "sa-authz", &[]);
     w.ready(z).await;
     until_routed(&w).await;
@@ -506,10 +510,14 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
          apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
          spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: svc-authz.{NS}.svc.cluster.local, port: '80', \
          includeRequestHeadersInCheck: [x-ext-authz, x-user], headersToUpstreamOnAllow: [x-authz-user], \
-         headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}]}}\n---\n\
+         headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}, \
+         {{name: opa, envoyExtAuthzGrpc: {{service: svc-authz.{NS}.svc.cluster.local, port: 9000}}}}]}}\n---\n\
          apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: {NS}}}\n\
          spec: {{selector: {{matchLabels: {{app: b}}}}, action: CUSTOM, provider: {{name: sample}}, \
-         rules: [{{to: [{{operation: {{paths: [\"/private/*\"]}}}}]}}]}}\n"
+         rules: [{{to: [{{operation: {{paths: [\"/private/*\"]}}}}]}}]}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext-grpc, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: b}}}}, action: CUSTOM, provider: {{name: opa}}, \
+         rules: [{{to: [{{operation: {{paths: [\"/grpc/*\"]}}}}]}}]}}\n"
     ));
     let get = |path: &str, extra: &[&str]| {
         let mut args = vec!["-D", "-", "--resolve"];
@@ -550,6 +558,21 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
         w.pods[z].connections("inbound", "hbone") >= 1.0,
         "B's sidecar reached the service's pod over HBONE"
     );
+
+    // Over gRPC: the check names A's identity as the source principal.
+    let refused = get("/grpc/page", &[]);
+    assert!(
+        refused.starts_with("HTTP/1.1 403") && refused.contains("denied by ext_authz"),
+        "{refused}"
+    );
+    let allowed = get("/grpc/page", &["-H", "x-ext-authz: allow", "-H", "x-user: carol"]);
+    assert!(
+        allowed.starts_with("HTTP/1.1 200") && allowed.contains("x-saw-authz-user: carol"),
+        "{allowed}"
+    );
+    let last = opa.asked().last().cloned().unwrap();
+    assert_eq!(last["path"], "/grpc/page");
+    assert_eq!(last["source"], format!("spiffe://cluster.local/ns/{NS}/sa/sa-a"));
 }
 
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
