@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferrum_dp::mesh::policy::{Authorizer, Connection, Decision};
+use ferrum_dp::mesh::policy::{Authorizer, Connection, Decision, Upstreams};
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::istio::{Condition, From, Operation, Rule, Source, To};
 use ferrum_snapshot::mesh::{Authorization, AuthzAction, Policy, PolicyRule, Workload};
@@ -202,7 +202,7 @@ fn main() {
             _ => (Connection { ..allowed }, Connection { ..denied }),
         };
         let t = Instant::now();
-        let a = Authorizer::for_workload(&all, &w, &Default::default());
+        let a = Authorizer::for_workload(&all, &w, &Upstreams::none());
         let compile_us = t.elapsed().as_secs_f64() * 1e6;
         let allow_ns = per_decision(&a, &allowed, &Decision::Allow, n);
         let deny_ns = per_decision(&a, &denied, &Decision::Deny("no ALLOW policy matches".into()), n);

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ferrum_snapshot::mesh::PolicyRule;
 use ferrum_snapshot::model::{Action as SnapAction, Protocol};
 use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::listener::tls::{self, TlsError};
 use crate::mesh::index::{MeshIndex, MeshRoutes};
-use crate::mesh::policy::GatewayPolicies;
+use crate::mesh::policy::{GatewayPolicies, Upstreams};
 use crate::router::{self, HostTable, RouteError, RouteParts, VirtualHost};
 use crate::telemetry::{EndpointHealth, Registry};
 use crate::upstream::{ClusterError, ClusterRuntime};
@@ -111,6 +112,10 @@ impl Compiler {
             };
             clusters.insert(c.name.clone(), rt);
         }
+        let upstreams = Upstreams {
+            clusters: &clusters,
+            registry: &self.registry,
+        };
         let mut listeners = crate::router::FastMap::with_capacity_and_hasher(snap.listeners.len(), Default::default());
         for l in &snap.listeners {
             if l.protocol == Protocol::Unknown {
@@ -125,7 +130,7 @@ impl Compiler {
                 compiled.policies = policies
                     .entry(l.gateways_of(&vh.hostname))
                     .or_insert_with_key(|gws| {
-                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks, &clusters).map(Arc::new)
+                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks, &upstreams).map(Arc::new)
                     })
                     .clone();
                 vhosts.push((vh.hostname.to_ascii_lowercase(), compiled));
@@ -166,7 +171,7 @@ impl Compiler {
             None => MeshRoutes::default(),
         };
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks, &clusters),
+            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks, &upstreams),
             snapshot: Arc::new(snap),
             listeners,
             clusters,
@@ -300,8 +305,19 @@ impl Compiler {
             .chain(serving.snapshot.services.iter().flat_map(|s| s.all_routes()))
             .map(|r| r.name.as_str())
             .collect();
+        let providers: std::collections::HashSet<&str> = serving
+            .snapshot
+            .policies
+            .iter()
+            .filter_map(|p| match &p.rule {
+                PolicyRule::Authorization(a) => a.check.as_ref().map(|c| c.provider.as_str()),
+                _ => None,
+            })
+            .collect();
         self.registry
-            .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c));
+            .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c), &|p| {
+                providers.contains(p)
+            });
     }
 }
 

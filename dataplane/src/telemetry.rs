@@ -77,10 +77,23 @@ impl ClusterStats {
     }
 }
 
+/// One external authorization provider's checks (AuthorizationPolicy CUSTOM), by outcome.
+#[derive(Default)]
+pub struct CheckStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    /// It could not be asked, and the request was refused (`statusOnError`).
+    pub error: AtomicU64,
+    /// It could not be asked, and the request went on (`failOpen`).
+    pub failed_open: AtomicU64,
+}
+
 #[derive(Default)]
 pub struct Registry {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
+    /// By provider name.
+    checks: Mutex<BTreeMap<String, Arc<CheckStats>>>,
     pub config_version: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -118,10 +131,26 @@ impl Registry {
             .clone()
     }
 
-    /// Forgets stats of routes and clusters the current config no longer has.
-    pub fn retain(&self, routes: &dyn Fn(&str) -> bool, clusters: &dyn Fn(&str) -> bool) {
+    pub fn checks(&self, provider: &str) -> Arc<CheckStats> {
+        self.checks
+            .lock()
+            .unwrap()
+            .entry(provider.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets stats of routes, clusters and authorization providers the current config no
+    /// longer has.
+    pub fn retain(
+        &self,
+        routes: &dyn Fn(&str) -> bool,
+        clusters: &dyn Fn(&str) -> bool,
+        providers: &dyn Fn(&str) -> bool,
+    ) {
         self.routes.lock().unwrap().retain(|k, _| routes(k));
         self.clusters.lock().unwrap().retain(|k, _| clusters(k));
+        self.checks.lock().unwrap().retain(|k, _| providers(k));
     }
 
     /// The Prometheus text exposition of every metric (encoded by `prometheus-client`):
@@ -273,6 +302,7 @@ impl Collector for Scrape {
         )?;
         self.encode_heap(&mut enc)?;
         self.encode_mesh(&mut enc)?;
+        self.encode_checks(&mut enc)?;
         self.encode_routes(&mut enc)?;
         self.encode_clusters(&mut enc)?;
         self.encode_endpoints(&mut enc)
@@ -356,6 +386,31 @@ impl Scrape {
             "Times the heap a finished load left free was handed back to the OS.",
             MetricType::Counter,
             self.registry.heap_releases.load(Relaxed) as i64,
+        )
+    }
+
+    /// External authorization checks by provider and outcome.
+    fn encode_checks(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let checks = self.registry.checks.lock().unwrap().clone();
+        family(
+            enc,
+            "ferrum_ext_authz_checks",
+            "External authorization checks (AuthorizationPolicy CUSTOM) by provider and result.",
+            MetricType::Counter,
+            checks.iter().flat_map(|(provider, s)| {
+                [
+                    ("allowed", &s.allowed),
+                    ("denied", &s.denied),
+                    ("error", &s.error),
+                    ("failed_open", &s.failed_open),
+                ]
+                .map(|(result, v)| {
+                    (
+                        [("provider", provider.as_str()), ("result", result)],
+                        v.load(Relaxed) as i64,
+                    )
+                })
+            }),
         )
     }
 

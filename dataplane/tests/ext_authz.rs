@@ -75,7 +75,7 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
     let a = Backend::start("a").await;
     let authz = AuthzServer::start().await;
     let port = free_port();
-    let _dp = Dp::start(&config(port, &a, http_providers(&authz))).await;
+    let dp = Dp::start(&config(port, &a, http_providers(&authz))).await;
     let c = client();
     let get = async |path: &str, headers: &[(&str, &str)]| {
         let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
@@ -159,6 +159,15 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
         "the provider's 0.5 s timeout bounds the wait"
     );
     assert_eq!(get("/open/slow", &allow).await.status(), 200);
+
+    // Each outcome is counted by provider.
+    let checks = |provider: &str, result: &str| {
+        format!("ferrum_ext_authz_checks_total{{provider=\"{provider}\",result=\"{result}\"}}")
+    };
+    assert_eq!(dp.metric(&checks("authz", "allowed")).await, 4.0);
+    assert_eq!(dp.metric(&checks("authz", "denied")).await, 1.0);
+    assert_eq!(dp.metric(&checks("authz", "error")).await, 2.0);
+    assert_eq!(dp.metric(&checks("lenient", "failed_open")).await, 2.0);
 }
 
 /// A CUSTOM policy whose provider cannot be found refuses what it matches and says why; the

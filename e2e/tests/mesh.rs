@@ -620,7 +620,7 @@ async fn security_policies_decide_who_reaches_b() {
     };
     assert_eq!(policies_of(1), [format!("AuthorizationPolicy/{NS}/deny-a")]);
     assert!(policies_of(0).is_empty(), "A is not selected: {:?}", policies_of(0));
-    // Status: the policy is Accepted; one asking for CUSTOM says why it is not.
+    // Status: the policy is Accepted; a CUSTOM one that names no provider says why it is not.
     w.cluster.apply(&policy("ext", "CUSTOM", "", "[{}]"));
     let condition = |name: &str| {
         let v = w.cluster.get("authorizationpolicy", NS, name);
@@ -632,7 +632,7 @@ async fn security_policies_decide_who_reaches_b() {
     };
     eventually("policy status written", Duration::from_secs(20), async || {
         condition("deny-a") == ("True".to_string(), "Accepted".to_string())
-            && condition("ext") == ("False".to_string(), "UnsupportedValue".to_string())
+            && condition("ext") == ("False".to_string(), "Invalid".to_string())
     })
     .await;
     w.cluster

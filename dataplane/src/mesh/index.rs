@@ -10,7 +10,7 @@ use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, Workload};
 
 use super::jwt::{Authenticator, JwksCache};
-use super::policy::{Authorizer, Clusters};
+use super::policy::{Authorizer, Upstreams};
 use crate::compile::CompiledListener;
 use crate::router::VirtualHost;
 
@@ -147,13 +147,13 @@ pub type Me = (String, String);
 
 impl MeshIndex {
     /// `http`: the compiled mesh routes; `jwks`: fetched JWKS, shared between configs.
-    /// `clusters`: the config's, where CUSTOM policies find their providers.
+    /// `upstreams`: where CUSTOM policies find their providers.
     pub fn build(
         snap: &Snapshot,
         me: Option<&Me>,
         http: MeshRoutes,
         jwks: &JwksCache,
-        clusters: &Clusters,
+        upstreams: &Upstreams,
     ) -> MeshIndex {
         let own = me.map(|me| snap.workload_or_placeholder(&me.0, &me.1));
         let own_ns = me.map_or("", |me| me.0.as_str());
@@ -231,7 +231,7 @@ impl MeshIndex {
         }
         let inbound = own
             .as_ref()
-            .map(|w| Authorizer::for_workload(&snap.policies, w, clusters))
+            .map(|w| Authorizer::for_workload(&snap.policies, w, upstreams))
             .unwrap_or_default();
         let authn = own
             .as_ref()
@@ -330,7 +330,7 @@ mod tests {
             Some(&(ns.into(), "me".into())),
             MeshRoutes::default(),
             &JwksCache::default(),
-            &Clusters::new(),
+            &Upstreams::none(),
         )
     }
 
@@ -351,7 +351,7 @@ mod tests {
             None,
             MeshRoutes::default(),
             &JwksCache::default(),
-            &Clusters::new(),
+            &Upstreams::none(),
         );
         let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
             panic!("the VIP is a service")
@@ -394,7 +394,7 @@ mod tests {
             None,
             MeshRoutes::default(),
             &JwksCache::default(),
-            &Clusters::new(),
+            &Upstreams::none(),
         );
         let only = |vip: &str| {
             let Destination::Service(t) = m.destination(vip.parse().unwrap()) else {

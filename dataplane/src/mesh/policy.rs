@@ -21,8 +21,25 @@ use super::ext_authz::ExtAuthz;
 use super::jwt::Jwt;
 use crate::upstream::ClusterRuntime;
 
-/// The clusters of a config, by name.
-pub type Clusters = HashMap<String, Arc<ClusterRuntime>>;
+/// What compiled policies reach their CUSTOM providers by: the config's clusters, by name,
+/// and the registry their checks are counted in.
+pub struct Upstreams<'a> {
+    pub clusters: &'a HashMap<String, Arc<ClusterRuntime>>,
+    pub registry: &'a crate::telemetry::Registry,
+}
+
+impl Upstreams<'static> {
+    /// No clusters, and a registry of its own: for policies without providers (tests, benches).
+    pub fn none() -> Upstreams<'static> {
+        static CLUSTERS: std::sync::LazyLock<HashMap<String, Arc<ClusterRuntime>>> =
+            std::sync::LazyLock::new(HashMap::new);
+        static REGISTRY: std::sync::LazyLock<crate::telemetry::Registry> = std::sync::LazyLock::new(Default::default);
+        Upstreams {
+            clusters: &CLUSTERS,
+            registry: &REGISTRY,
+        }
+    }
+}
 
 /// What a connection offers to be judged on.
 pub struct Connection<'a> {
@@ -528,13 +545,13 @@ impl Compiled {
 
 impl Authorizer {
     /// The policies in `policies` that select `w`.
-    pub fn for_workload(policies: &[Arc<Policy>], w: &Workload, clusters: &Clusters) -> Authorizer {
-        Authorizer::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p), clusters)
+    pub fn for_workload(policies: &[Arc<Policy>], w: &Workload, upstreams: &Upstreams) -> Authorizer {
+        Authorizer::compile(policies.iter().filter(|p| p.applies_to(w)).map(|p| &**p), upstreams)
     }
 
     /// The AuthorizationPolicies among `policies`, compiled (the rest are skipped); CUSTOM
-    /// providers are reached by their cluster among `clusters`.
-    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>, clusters: &Clusters) -> Authorizer {
+    /// providers are reached by their cluster among `upstreams`.
+    pub fn compile<'a>(policies: impl Iterator<Item = &'a Policy>, upstreams: &Upstreams) -> Authorizer {
         let mut a = Authorizer::default();
         for p in policies {
             let PolicyRule::Authorization(authz) = &p.rule else {
@@ -551,7 +568,7 @@ impl Authorizer {
                 // Asking needs the request: HTTP connections are judged per request.
                 AuthzAction::Deny if authz.check.is_some() && !authz.dry_run => {
                     a.http = true;
-                    let service = Arc::new(ExtAuthz::new(authz.check.as_ref().expect("checked"), clusters));
+                    let service = Arc::new(ExtAuthz::new(authz.check.as_ref().expect("checked"), upstreams));
                     a.custom.push((compile(&mut authz.rules.iter()), service));
                 }
                 AuthzAction::Deny => a.deny.push(compile(&mut authz.rules.iter())),
@@ -680,7 +697,7 @@ impl GatewayPolicies {
         policies: &[Arc<Policy>],
         gateways: &[&str],
         jwks: &super::jwt::JwksCache,
-        clusters: &Clusters,
+        upstreams: &Upstreams,
     ) -> Option<GatewayPolicies> {
         let targeting = || {
             policies
@@ -689,7 +706,7 @@ impl GatewayPolicies {
                 .map(|p| &**p)
         };
         let g = GatewayPolicies {
-            authz: Authorizer::compile(targeting(), clusters),
+            authz: Authorizer::compile(targeting(), upstreams),
             authn: super::jwt::Authenticator::compile(targeting(), jwks),
         };
         (!g.authz.is_empty() || !g.authn.is_empty()).then_some(g)

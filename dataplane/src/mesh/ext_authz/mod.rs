@@ -7,15 +7,16 @@
 
 mod grpc;
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
 
-use super::policy::Patterns;
+use super::policy::{Patterns, Upstreams};
+use crate::telemetry::CheckStats;
 use crate::upstream::body::RequestBody;
 use crate::upstream::{ClusterRuntime, UpstreamError};
 use ferrum_snapshot::mesh::ExtAuthzApi;
@@ -37,6 +38,7 @@ pub struct ExtAuthz {
     pub spec: ferrum_snapshot::mesh::ExtAuthz,
     /// `None` only if the snapshot lost it (validate() requires it): every check is an error.
     cluster: Option<Arc<ClusterRuntime>>,
+    stats: Arc<CheckStats>,
     include: Patterns,
     upstream: Patterns,
     /// `None`: every header of a refusing answer goes to the client.
@@ -126,9 +128,10 @@ fn patterns(list: &[String]) -> Patterns {
 }
 
 impl ExtAuthz {
-    pub fn new(spec: &ferrum_snapshot::mesh::ExtAuthz, clusters: &HashMap<String, Arc<ClusterRuntime>>) -> Self {
+    pub fn new(spec: &ferrum_snapshot::mesh::ExtAuthz, upstreams: &Upstreams) -> Self {
         ExtAuthz {
-            cluster: clusters.get(&spec.cluster).cloned(),
+            cluster: upstreams.clusters.get(&spec.cluster).cloned(),
+            stats: upstreams.registry.checks(&spec.provider),
             include: patterns(&spec.include_request_headers),
             upstream: patterns(&spec.headers_to_upstream_on_allow),
             downstream: (!spec.headers_to_downstream_on_deny.is_empty())
@@ -141,14 +144,23 @@ impl ExtAuthz {
     pub async fn ask(&self, req: &http::request::Parts, who: &Requester) -> Answer {
         let limit = Duration::from_millis(self.spec.timeout_ms);
         let failed = match tokio::time::timeout(limit, self.call(req, who)).await {
-            Ok(Ok(answer)) => return answer,
+            Ok(Ok(answer)) => {
+                let counter = match answer {
+                    Answer::Allow(_) => &self.stats.allowed,
+                    Answer::Deny(_) => &self.stats.denied,
+                };
+                counter.fetch_add(1, Relaxed);
+                return answer;
+            }
             Ok(Err(why)) => why,
             Err(_) => format!("no answer within {} ms", self.spec.timeout_ms),
         };
         tracing::warn!(provider = %self.spec.provider, path = req.uri.path(), error = %failed, fail_open = self.spec.fail_open, "external authorization failed");
         if self.spec.fail_open {
+            self.stats.failed_open.fetch_add(1, Relaxed);
             return Answer::Allow(Edits::default());
         }
+        self.stats.error.fetch_add(1, Relaxed);
         Answer::Deny(Denial::status(
             StatusCode::from_u16(self.spec.status_on_error).unwrap_or(StatusCode::FORBIDDEN),
         ))

@@ -60,7 +60,7 @@ fn from(ns: &str, sa: &str, ip: &str, port: u16) -> (SpiffeId, IpAddr, SocketAdd
 }
 
 fn decide(policies: &[Arc<Policy>], w: &Workload, who: &(SpiffeId, IpAddr, SocketAddr), mtls: bool) -> Decision {
-    let a = Authorizer::for_workload(policies, w, &Default::default());
+    let a = Authorizer::for_workload(policies, w, &Upstreams::none());
     a.check(&Connection {
         peer: mtls.then_some(&who.0),
         source: who.1,
@@ -83,7 +83,7 @@ fn decide_request(
         b = b.header(*k, *v);
     }
     let (parts, ()) = b.body(()).unwrap().into_parts();
-    Authorizer::for_workload(policies, w, &Default::default()).check(&Connection {
+    Authorizer::for_workload(policies, w, &Upstreams::none()).check(&Connection {
         peer: Some(&who.0),
         source: who.1,
         destination: who.2,
@@ -100,7 +100,7 @@ fn decide_jwt(
     jwt: Option<&Jwt>,
 ) -> Decision {
     let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
-    Authorizer::for_workload(policies, w, &Default::default()).check(&Connection {
+    Authorizer::for_workload(policies, w, &Upstreams::none()).check(&Connection {
         peer: Some(&who.0),
         source: who.1,
         destination: who.2,
