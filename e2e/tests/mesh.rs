@@ -2132,8 +2132,7 @@ async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
     let rule = |tls: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: external-mtls, namespace: {NS}}}\n\
-             spec: {{host: {NAME}, trafficPolicy: {{tls: {{caCertificates: '{}', {tls}}}}}}}\n",
-            ca.display()
+             spec: {{host: {NAME}, trafficPolicy: {{tls: {{{tls}}}}}}}\n"
         )
     };
     w.cluster.apply(&format!(
@@ -2141,10 +2140,11 @@ async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
          spec: {{hosts: [{NAME}], resolution: STATIC, endpoints: [{{address: '{host}'}}],\n\
                  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {tls_port}}}]}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert, namespace: {NS}}}\ntype: kubernetes.io/tls\n\
-         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n{}",
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}---\n{}",
         indent(&cert),
         indent(&key),
-        rule("mode: SIMPLE")
+        indent(&std::fs::read_to_string(&ca).unwrap()),
+        rule(&format!("mode: SIMPLE, caCertificates: '{}'", ca.display()))
     ));
     eventually(
         "with SIMPLE, A's sidecar speaks TLS to the server, which refuses it (no client certificate)",
@@ -2155,6 +2155,7 @@ async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
         },
     )
     .await;
+    // The Secret's ca.crt verifies the server (no caCertificates file on the proxy).
     w.cluster.apply(&rule("mode: MUTUAL, credentialName: client-cert"));
     eventually(
         "with MUTUAL, the Secret's certificate is presented and accepted",

@@ -970,8 +970,6 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     let cluster = Cluster::start();
     let ca_file = cluster.dir.path().join("api-ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
-    let mt_ca_file = cluster.dir.path().join("mtls-ca.pem");
-    std::fs::write(&mt_ca_file, mt_ca_pem).unwrap();
     let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let op = cluster.operator("op-1").await;
     let (port, refused) = (free_port(), free_port());
@@ -1011,7 +1009,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          \x20   backendRefs: [{{name: plain, port: 80, filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-own, value: plain}}]}}}}]}}]\n\
          {}{}{}{}{}{}{}{}{}{}{}{}\
          ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert}}\ntype: kubernetes.io/tls\n\
-         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}",
         svc("flaky", &[a.addr.port(), refused]),
         policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
         svc("sticky", &[a.addr.port(), b.addr.port()]),
@@ -1023,15 +1021,11 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         svc("plain", &[a.addr.port()]),
         svc("mirrored", &[m.addr.port()]),
         svc("mutual", &[mt.addr.port()]),
-        policy(
-            "mutual",
-            &format!(
-                "tls: {{sni: mtls.example.test, caFile: '{}', clientCertificateRef: client-cert}}",
-                mt_ca_file.display()
-            )
-        ),
+        // The Secret's ca.crt verifies the server: inline CAs, for Envoy too.
+        policy("mutual", "tls: {sni: mtls.example.test, clientCertificateRef: client-cert}"),
         indent(&client_cert),
         indent(&client_key),
+        indent(&mt_ca_pem),
     ));
     let send = async |path: &str, user: &str| {
         let r = client()

@@ -188,9 +188,15 @@ pub struct UpstreamTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
     /// Mutual TLS: a `kubernetes.io/tls` Secret in the policy's namespace holding the client
-    /// certificate and key (delivered to proxies beside the snapshot, never inside it).
+    /// certificate and key (delivered to proxies beside the snapshot, never inside it). When
+    /// it also holds `ca.crt` and nothing else names the CAs, those verify the upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate_ref: Option<String>,
+    /// A Secret in the policy's namespace whose `ca.crt` (or a Secret `<name>-cacert`'s
+    /// `ca.crt` or `cacert`, as Istio reads it) holds the CAs that verify the upstream; the
+    /// certificates travel in the snapshot (they are public).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate_ref: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -1023,6 +1023,11 @@ pub struct UpstreamTls {
     /// PEM bundle of trusted CAs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// The trusted CAs themselves, PEM (from a Secret's `ca.crt`: public, so carried here);
+    /// not with `ca_file`. Schema 8: an older proxy trusts the public roots instead, and so
+    /// refuses a private CA's upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     #[serde(default)]
     pub insecure_skip_verify: bool,
     /// The certificate this proxy presents when the upstream asks for one (mutual TLS). Schema 7.

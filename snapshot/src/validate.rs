@@ -131,6 +131,21 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
             );
         }
     }
+    if let Some(t) = &c.tls {
+        if t.ca_file.is_some() && t.ca_pem.is_some() {
+            err(
+                obj.clone(),
+                "tls.caPem".into(),
+                "not with caFile: one names the CAs".into(),
+            );
+        }
+        if t.ca_pem
+            .as_deref()
+            .is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
+        {
+            err(obj.clone(), "tls.caPem".into(), "holds no PEM certificate".into());
+        }
+    }
     if let Some(hc) = &c.health_check {
         if !hc.path.starts_with('/') {
             err(obj.clone(), "healthCheck.path".into(), "must start with '/'".into());

@@ -218,7 +218,7 @@ fn tls_config(c: &Cluster, secrets: &Secrets) -> Result<rustls::ClientConfig, Cl
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
     } else {
-        builder.with_root_certificates(root_store(c, tls.ca_file.as_deref())?)
+        builder.with_root_certificates(root_store(c, tls.ca_file.as_deref(), tls.ca_pem.as_deref())?)
     };
     Ok(match client {
         Some(cert) => verified.with_client_cert_resolver(cert),
@@ -226,19 +226,25 @@ fn tls_config(c: &Cluster, secrets: &Secrets) -> Result<rustls::ClientConfig, Cl
     })
 }
 
-/// The cluster's `caFile`, or the public web PKI roots (Mozilla's, via webpki-roots) when it
-/// names none: an HTTPS upstream without a CA file is a public service.
-fn root_store(c: &Cluster, ca_file: Option<&str>) -> Result<rustls::RootCertStore, ClientError> {
-    let Some(path) = ca_file else {
-        return Ok(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        });
+/// The cluster's CAs (`ca_pem`, else `caFile`), or the public web PKI roots (Mozilla's, via
+/// webpki-roots) when it names none: an HTTPS upstream without CAs of its own is a public service.
+fn root_store(c: &Cluster, ca_file: Option<&str>, ca_pem: Option<&str>) -> Result<rustls::RootCertStore, ClientError> {
+    let (pem, path) = match (ca_pem, ca_file) {
+        (Some(pem), _) => (pem.as_bytes().to_vec(), "(the snapshot's caPem)"),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
+                cluster: c.name.clone(),
+                path: path.to_string(),
+                source,
+            })?;
+            (pem, path)
+        }
+        (None, None) => {
+            return Ok(rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            });
+        }
     };
-    let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
-        cluster: c.name.clone(),
-        path: path.to_string(),
-        source,
-    })?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
         let _ = roots.add(cert);
@@ -341,6 +347,7 @@ mod tests {
             c.tls = Some(ferrum_snapshot::model::UpstreamTls {
                 sni: "api.example.test".into(),
                 ca_file: None,
+                ca_pem: None,
                 insecure_skip_verify: false,
                 client_certificate: None,
             });
@@ -355,12 +362,19 @@ mod tests {
     #[test]
     fn tls_without_a_ca_file_trusts_the_public_roots() {
         let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 443)]);
-        let roots = root_store(&c, None).unwrap();
+        let roots = root_store(&c, None, None).unwrap();
         assert!(roots.len() > 100, "public roots: {}", roots.len());
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
-        let e = root_store(&c, empty.to_str()).unwrap_err();
+        let e = root_store(&c, empty.to_str(), None).unwrap_err();
         assert!(e.to_string().contains("holds no usable certificate"), "{e}");
+        // CAs carried in the snapshot (a Secret's ca.crt) are the only roots.
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()])
+            .unwrap()
+            .cert
+            .pem();
+        let roots = root_store(&c, None, Some(&ca)).unwrap();
+        assert_eq!(roots.len(), 1);
     }
 }

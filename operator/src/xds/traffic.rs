@@ -146,9 +146,13 @@ pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::Transp
     let validation = (!t.insecure_skip_verify).then(|| {
         ValidationContextType::ValidationContext(tls::CertificateValidationContext {
             trusted_ca: Some(core::DataSource {
-                specifier: Some(core::data_source::Specifier::Filename(
-                    t.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into()),
-                )),
+                specifier: Some(match &t.ca_pem {
+                    // Certificates only (public): inline, not a secret.
+                    Some(pem) => core::data_source::Specifier::InlineString(pem.clone()),
+                    None => core::data_source::Specifier::Filename(
+                        t.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into()),
+                    ),
+                }),
                 ..Default::default()
             }),
             match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
@@ -302,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_tls_checks_the_name_against_the_ca_file_or_the_system_bundle() {
+    fn upstream_tls_checks_the_name_against_the_ca_file_inline_cas_or_the_system_bundle() {
         let decode = |s: core::TransportSocket| match s.config_type {
             Some(core::transport_socket::ConfigType::TypedConfig(a)) => {
                 <tls::UpstreamTlsContext as prost::Message>::decode(&a.value[..]).unwrap()
@@ -312,6 +316,7 @@ mod tests {
         let mut t = UpstreamTls {
             sni: "api.example.test".into(),
             ca_file: Some("/etc/ca.pem".into()),
+            ca_pem: None,
             insecure_skip_verify: false,
             client_certificate: None,
         };
@@ -332,7 +337,21 @@ mod tests {
             tls::subject_alt_name_matcher::SanType::Dns as i32
         );
 
+        // CAs from a Secret's ca.crt: inline (certificates are public).
         t.ca_file = None;
+        t.ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
+        let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http2));
+        let Some(tls::common_tls_context::ValidationContextType::ValidationContext(v)) =
+            ctx.common_tls_context.unwrap().validation_context_type
+        else {
+            panic!("no validation context")
+        };
+        assert_eq!(
+            v.trusted_ca.and_then(|d| d.specifier),
+            Some(core::data_source::Specifier::InlineString(t.ca_pem.clone().unwrap()))
+        );
+
+        t.ca_pem = None;
         t.sni = "10.0.0.1".into();
         let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http1));
         assert_eq!(ctx.sni, "", "no IP addresses in SNI");

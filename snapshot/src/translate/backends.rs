@@ -775,11 +775,37 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         c.tls = Some(UpstreamTls {
             sni: t.sni.clone(),
             ca_file: t.ca_file.clone(),
+            ca_pem: ca_pem(t, secrets)?,
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
             client_certificate: client_certificate(t, secrets)?,
         });
     }
     Ok(())
+}
+
+/// The CAs `t` takes from Secrets: its `caCertificateRef`'s (required), else — when no CA file
+/// is named either — the client certificate Secret's `ca.crt`, if it has one (Istio's
+/// `credentialName` convention).
+fn ca_pem(t: &crate::crd::UpstreamTlsSpec, secrets: SecretScope<'_>) -> Result<Option<String>, PolicyError> {
+    let ns = secrets.namespace;
+    if let Some(name) = &t.ca_certificate_ref {
+        if t.ca_file.is_some() {
+            return Err((
+                "spec.tls.caCertificateRef".into(),
+                "caFile and caCertificateRef both name the CAs: keep one".into(),
+            ));
+        }
+        return super::listeners::ca_bundle(secrets.res, ns, name).map(Some).ok_or_else(|| {
+            (
+                "spec.tls.caCertificateRef".to_string(),
+                format!("neither Secret {ns}/{name} (ca.crt) nor {ns}/{name}-cacert (ca.crt, cacert) holds CA certificates"),
+            )
+        });
+    }
+    Ok(match (&t.ca_file, &t.client_certificate_ref) {
+        (None, Some(name)) => super::listeners::ca_bundle(secrets.res, ns, name),
+        _ => None,
+    })
 }
 
 /// The client certificate of mutual TLS to the upstream: files on the proxy, or a Secret.

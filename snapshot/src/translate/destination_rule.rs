@@ -324,10 +324,17 @@ fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleE
     };
     let mode = t.mode.as_deref().unwrap_or("DISABLE");
     let client = (&t.client_certificate, &t.private_key, &t.credential_name);
-    if mode != "MUTUAL" && client != (&None, &None, &None) {
+    let simple_ca = mode == "SIMPLE" && client == (&None, &None, &t.credential_name);
+    if mode != "MUTUAL" && !simple_ca && client != (&None, &None, &None) {
         return Err((
             format!("{at}.mode"),
             format!("{mode:?}: a client certificate is presented in MUTUAL mode only"),
+        ));
+    }
+    if t.credential_name.is_some() && t.ca_certificates.is_some() {
+        return Err((
+            format!("{at}.caCertificates"),
+            "the CAs come from credentialName's Secret (ca.crt) or from caCertificates, not both".into(),
         ));
     }
     match mode {
@@ -335,7 +342,11 @@ fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleE
         // Sidecars reach mesh workloads over HBONE (mTLS) with or without it; a Gateway's
         // proxy does not originate Istio mTLS (docs/operator.md says so).
         "ISTIO_MUTUAL" => Ok(None),
-        "SIMPLE" => Ok(Some(simple())),
+        // SIMPLE with credentialName: the Secret's ca.crt (or `<name>-cacert`) verifies.
+        "SIMPLE" => Ok(Some(UpstreamTlsSpec {
+            ca_certificate_ref: t.credential_name.clone(),
+            ..simple()
+        })),
         "MUTUAL" => match client {
             (Some(cert), Some(key), None) => Ok(Some(UpstreamTlsSpec {
                 cert_file: Some(cert.clone()),

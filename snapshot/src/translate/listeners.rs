@@ -471,24 +471,39 @@ pub(crate) fn finish(listeners: Listeners, hosts: &mut Hosts) -> (Vec<Listener>,
     out.into_iter().unzip()
 }
 
-/// The key pair of the `kubernetes.io/tls` Secret `ns/name`, if it exists and has both keys.
-pub(crate) fn tls_secret(res: &Resources, ns: &str, name: &str) -> Option<TlsSecret> {
+/// Value `key` of Secret `ns/name`, if both exist.
+fn secret_value(res: &Resources, ns: &str, name: &str, key: &str) -> Option<String> {
     let secret = res
         .secrets
         .iter()
         .find(|s| s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name))?;
-    let get = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(k)).cloned())
-    };
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(key)).cloned())
+}
+
+/// The key pair of Secret `ns/name`, if it exists and has both: `tls.crt` and `tls.key` (a
+/// `kubernetes.io/tls` Secret), or `cert` and `key` (Istio's generic form).
+pub(crate) fn tls_secret(res: &Resources, ns: &str, name: &str) -> Option<TlsSecret> {
+    let get = |a: &str, b: &str| secret_value(res, ns, name, a).or_else(|| secret_value(res, ns, name, b));
     Some(TlsSecret {
-        cert: get("tls.crt")?,
-        key: get("tls.key")?,
+        cert: get("tls.crt", "cert")?,
+        key: get("tls.key", "key")?,
     })
+}
+
+/// The CA certificates Istio reads for Secret `ns/name`: its `ca.crt` or `cacert`, else Secret
+/// `<name>-cacert`'s — if they hold a PEM certificate.
+pub(crate) fn ca_bundle(res: &Resources, ns: &str, name: &str) -> Option<String> {
+    let separate = format!("{name}-cacert");
+    [name, separate.as_str()]
+        .into_iter()
+        .flat_map(|n| ["ca.crt", "cacert"].map(|k| (n, k)))
+        .find_map(|(n, k)| secret_value(res, ns, n, k))
+        .filter(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
 }
 
 /// The key pairs `snap` names, from the Secrets they were translated from.

@@ -673,6 +673,87 @@ fn a_mutual_destination_rule_presents_a_client_certificate_from_files_or_a_secre
     assert!(!json.contains("SECRET-KEY-PEM"), "never inside it");
 }
 
+/// `credentialName`'s Secret carries the CAs that verify the upstream, as Istio reads it:
+/// `ca.crt` beside the key pair (MUTUAL), or alone or in `<name>-cacert` (SIMPLE). They are
+/// public, so they travel in the snapshot; the key never does.
+#[test]
+fn credential_name_secrets_bring_the_cas_that_verify_the_upstream() {
+    let rule = |name: &str, host: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{host: {host}, trafficPolicy: {{tls: {{{tls}}}}}}}\n---\n"
+        )
+    };
+    let ca = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n";
+    let secrets = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: client, namespace: default}}\ntype: kubernetes.io/tls\n\
+         stringData: {{tls.crt: CERT-PEM, tls.key: SECRET-KEY-PEM, ca.crt: \"{ca}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: trust-cacert, namespace: default}}\ntype: Opaque\n\
+         stringData: {{cacert: \"{ca}\"}}\n---\n"
+    );
+    let svc = |n: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: default}}\nspec: {{ports: [{{port: 80}}]}}\n---\n"
+        )
+    };
+    let t = run(&format!(
+        "{}{}{}{}{secrets}{}{}{}{}",
+        rule("mutual", "echo", "mode: MUTUAL, credentialName: client"),
+        rule("simple", "other", "mode: SIMPLE, credentialName: trust"),
+        rule("no-ca", "third", "mode: SIMPLE, credentialName: nope"),
+        rule(
+            "both",
+            "fourth",
+            "mode: MUTUAL, credentialName: client, caCertificates: /etc/ca.pem"
+        ),
+        svc("other"),
+        svc("third"),
+        svc("fourth"),
+        route(
+            "  - backendRefs: [{name: echo, port: 80}, {name: other, port: 80}, {name: third, port: 80}, {name: fourth, port: 80}]\n"
+        )
+    ));
+    let found: Vec<(&str, &str)> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.name.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("both", "spec.trafficPolicy.tls.caCertificates"),
+            ("no-ca", "spec.trafficPolicy")
+        ],
+        "{:#?}",
+        t.problems
+    );
+    let tls = |svc: &str| {
+        t.snapshot
+            .cluster(&format!("service/default/{svc}:80"))
+            .unwrap()
+            .tls
+            .clone()
+    };
+    let mutual = tls("echo").unwrap();
+    assert!(
+        mutual
+            .ca_pem
+            .as_deref()
+            .is_some_and(|p| p.contains("BEGIN CERTIFICATE"))
+    );
+    assert!(matches!(mutual.client_certificate, Some(CertSource::Secret { .. })));
+    let simple = tls("other").unwrap();
+    assert_eq!(simple.ca_pem, mutual.ca_pem, "from trust-cacert's cacert");
+    assert_eq!(simple.client_certificate, None);
+    assert_eq!(tls("third"), None, "a rule that cannot be applied is left out whole");
+    let json = serde_json::to_string(&t.snapshot).unwrap();
+    assert!(
+        !json.contains("SECRET-KEY-PEM"),
+        "the key never travels in the snapshot"
+    );
+    crate::validate(&t.snapshot).expect("valid");
+}
+
 #[test]
 fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() {
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\

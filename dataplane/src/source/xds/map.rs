@@ -1262,12 +1262,12 @@ mod tests {
         };
         let inline = refused(tls_context(
             "api.test",
-            Specifier::InlineString("PEM".into()),
+            Specifier::EnvironmentVariable("CA".into()),
             "api.test",
         ));
         assert_eq!(
             inline,
-            "Cluster c: transport_socket: validation_context.trusted_ca must be a file name"
+            "Cluster c: transport_socket: validation_context.trusted_ca must be a file name or inline PEM"
         );
         let other_name = refused(tls_context(
             "api.test",

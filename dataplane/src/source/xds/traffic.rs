@@ -231,13 +231,19 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         return Ok(UpstreamTls {
             sni: ctx.sni,
             ca_file: None,
+            ca_pem: None,
             insecure_skip_verify: true,
             client_certificate,
         });
     };
-    let ca_file = match v.trusted_ca.and_then(|d| d.specifier) {
-        Some(core::data_source::Specifier::Filename(f)) => f,
-        _ => return Err(refused("validation_context.trusted_ca must be a file name")),
+    let (ca_file, ca_pem) = match v.trusted_ca.and_then(|d| d.specifier) {
+        Some(core::data_source::Specifier::Filename(f)) => (Some(f), None),
+        Some(core::data_source::Specifier::InlineString(pem)) => (None, Some(pem)),
+        _ => {
+            return Err(refused(
+                "validation_context.trusted_ca must be a file name or inline PEM",
+            ));
+        }
     };
     let names: Vec<&str> = v
         .match_typed_subject_alt_names
@@ -261,7 +267,8 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
     };
     Ok(UpstreamTls {
         sni,
-        ca_file: Some(ca_file),
+        ca_file,
+        ca_pem,
         insecure_skip_verify: false,
         client_certificate,
     })
