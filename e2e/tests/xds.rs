@@ -791,7 +791,8 @@ fn user_token(k: &jsonwebtoken::EncodingKey, sub: &str, groups: &[&str]) -> Stri
 }
 
 /// AuthorizationPolicies that target a Gateway: a stock Envoy is given them as RBAC filters
-/// (DENY, then ALLOW) and answers every request of a table as ferrum-dp does — hosts, methods,
+/// (a CUSTOM policy's shadow rules and `ext_authz` asking a real authorization service, DENY,
+/// then ALLOW) and answers every request of a table as ferrum-dp does — hosts, methods,
 /// paths with templates, ports, source IP blocks, header conditions, `not*` fields, and with a
 /// RequestAuthentication (Envoy's `jwt_authn`, with the JWKS the operator fetched from the
 /// rule's `jwksUri` put inline: Envoy has no cluster to fetch it from) tokens, request principals
@@ -802,6 +803,7 @@ fn user_token(k: &jsonwebtoken::EncodingKey, sub: &str, groups: &[&str]) -> Stri
 async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alike() {
     use ferrum_testkit::l4::{tcp_call, tcp_server};
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let authz = ferrum_testkit::ext_authz::AuthzServer::start().await;
     let db = tcp_server("db").await;
     let ((key, jwks), (other_key, _)) = (jwt_key(), jwt_key());
     let cluster = Cluster::start();
@@ -843,7 +845,7 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
          ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: local-reads}}\n\
          spec:\n  {target}\n  rules:\n\
          \x20 - from: [{{source: {{ipBlocks: [127.0.0.0/8], notIpBlocks: [127.0.0.9]}}}}]\n\
-         \x20   to: [{{operation: {{methods: [GET, HEAD], paths: [/x, '/api/*', '/items/{{*}}/view']}}}}]\n\
+         \x20   to: [{{operation: {{methods: [GET, HEAD], paths: [/x, '/api/*', '/items/{{*}}/view', '/ext/*']}}}}]\n\
          \x20 - to: [{{operation: {{hosts: ['*.example.com'], methods: [POST], ports: ['{port}']}}}}]\n\
          \x20   when: [{{key: 'request.headers[x-team]', values: [ops], notValues: [ops-intern]}}]\n\
          ---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt}}\n\
@@ -853,8 +855,18 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
          \x20 - from: [{{source: {{requestPrincipals: ['https://issuer.example/*']}}}}]\n\
          \x20   to: [{{operation: {{paths: [/private]}}}}]\n\
          \x20 - to: [{{operation: {{paths: [/team]}}}}]\n\
-         \x20   when: [{{key: 'request.auth.claims[groups]', values: [ops]}}]\n",
-        db.port()
+         \x20   when: [{{key: 'request.auth.claims[groups]', values: [ops]}}]\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext}}\n\
+         spec: {{{target}, action: CUSTOM, provider: {{name: sample}}, rules: [{{to: [{{operation: {{paths: ['/ext/*']}}}}]}}]}}\n\
+         ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n\
+         ---\napiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
+         spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: ext-authz.default.svc.cluster.local, port: 8000, \
+         includeRequestHeadersInCheck: [x-ext-authz], headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}]}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-authz-1, labels: {{kubernetes.io/service-name: ext-authz}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
+        db.port(),
+        authz.addr.port()
     ));
     let bearer = |k: &jsonwebtoken::EncodingKey, groups: &[&str]| format!("Bearer {}", user_token(k, "alice", groups));
     let (ok, ops, dev, forged) = (
@@ -886,6 +898,9 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
         ("GET", "/x", Some(("authorization", &ok)), 200),
         ("GET", "/team", Some(("authorization", &ops)), 200),
         ("GET", "/team", Some(("authorization", &dev)), 403),
+        // CUSTOM: the external service is asked first, then the other policies.
+        ("GET", "/ext/page", None, 403),
+        ("GET", "/ext/page", Some(("x-ext-authz", "allow")), 200),
     ];
     let call = async |method: &str, path: &str, header: Option<(&str, &str)>| {
         let mut r = client()
@@ -903,9 +918,15 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
                 && call("GET", "/private", Some(("authorization", &ok))).await == Some(200)
         })
         .await;
+        let asked = authz.asked().len();
         let got: Vec<_> = futures_util::future::join_all(table.iter().map(|(m, p, h, _)| call(m, p, *h))).await;
         let want: Vec<_> = table.iter().map(|t| Some(t.3)).collect();
         assert_eq!(got, want, "{proxy}: {table:?}");
+        assert_eq!(
+            authz.asked().len(),
+            asked + 2,
+            "{proxy} asks about the CUSTOM policy's paths only"
+        );
         // The DENY rule on paths cannot see a path at L4: it denies every TCP connection (Istio).
         let reply = tcp_call(tcp_port, "SELECT 1").await;
         assert!(

@@ -2,6 +2,7 @@ pub mod ads;
 pub mod bootstrap;
 mod cors;
 mod delta;
+mod ext_authz;
 pub mod grpc;
 pub mod jwt;
 pub mod rbac;

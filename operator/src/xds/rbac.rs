@@ -1,6 +1,7 @@
 //! Istio AuthorizationPolicies that target a Gateway (`targetRefs`), as Envoy RBAC filters in
-//! front of the router (HTTP) or the TCP proxy (TCP and TLS listeners): a DENY filter, then an
-//! ALLOW filter when any ALLOW policy applies — Istio's order, and what ferrum-dp decides.
+//! front of the router (HTTP) or the TCP proxy (TCP and TLS listeners): the CUSTOM providers'
+//! filters (`ext_authz`), a DENY filter, then an ALLOW filter when any ALLOW policy applies —
+//! Istio's order, and what ferrum-dp decides.
 //!
 //! Each Istio rule becomes one RBAC policy: its `from` sources are the principals, its `to`
 //! operations and `when` conditions the permissions (Envoy ORs the entries of each list and ANDs
@@ -25,12 +26,15 @@ use ferrum_snapshot::mesh::{AuthzAction, Policy, PolicyRule};
 use rbac::permission::Rule as Perm;
 use rbac::principal::Identifier as Id;
 
+use super::ext_authz::Custom;
 use super::jwt::Providers;
 use super::resources::any;
 
-/// What one listener is told: the DENY rules, and the ALLOW rules when any ALLOW policy applies.
+/// What one listener is told: the CUSTOM policies' providers with their rules, the DENY rules,
+/// and the ALLOW rules when any ALLOW policy applies.
 #[derive(Debug, Default, PartialEq)]
 pub struct Rules {
+    pub custom: Vec<Custom>,
     pub deny: Option<rbac::Rbac>,
     pub allow: Option<rbac::Rbac>,
 }
@@ -60,20 +64,32 @@ pub fn rules(
         let deny = match authz.action {
             _ if authz.dry_run => continue,
             AuthzAction::Audit => continue,
-            // A CUSTOM policy (one with a `check`) too: no ext_authz filter is generated yet,
-            // so Envoy refuses what it matches — closed, not open.
+            // A CUSTOM policy (one with a `check`) is a DENY where no request can be asked
+            // about (TCP and TLS listeners): closed, not open.
             AuthzAction::Deny => true,
             AuthzAction::Allow => false,
         };
-        let (action, set) = if deny {
-            (rbac::rbac::Action::Deny, &mut out.deny)
-        } else {
-            (rbac::rbac::Action::Allow, &mut out.allow)
+        let set = match (&authz.check, deny) {
+            (Some(check), _) if !l4 => {
+                let at = match out.custom.iter().position(|c| c.provider == *check) {
+                    Some(i) => i,
+                    None => {
+                        out.custom.push(Custom::new(check.clone()));
+                        out.custom.len() - 1
+                    }
+                };
+                &mut out.custom[at].rules
+            }
+            (_, true) => out.deny.get_or_insert_with(|| rbac::Rbac {
+                action: rbac::rbac::Action::Deny as i32,
+                ..Default::default()
+            }),
+            (_, false) => out.allow.get_or_insert_with(|| rbac::Rbac {
+                action: rbac::rbac::Action::Allow as i32,
+                ..Default::default()
+            }),
         };
-        let set = set.get_or_insert_with(|| rbac::Rbac {
-            action: action as i32,
-            ..Default::default()
-        });
+        let shadow = authz.check.is_some() && !l4;
         for (i, r) in authz.rules.iter().enumerate() {
             let mut why = Vec::new();
             let policy = rule(r, deny, l4, jwt, &mut why);
@@ -86,6 +102,11 @@ pub fn rules(
                 unsupported.push(format!("AuthorizationPolicy rule {rule_name}: {w}: {effect}"));
             }
             if let Some(policy) = policy {
+                let rule_name = if shadow {
+                    Custom::policy_name(&rule_name)
+                } else {
+                    rule_name
+                };
                 set.policies.insert(rule_name, policy);
             }
         }
@@ -103,9 +124,10 @@ impl Rules {
     }
 }
 
-/// The HTTP filters that enforce `r`, to go before the router.
-pub fn http_filters(r: Rules) -> Vec<hcm::HttpFilter> {
-    r.each(|which, rules| {
+/// The HTTP filters that enforce `r`, to go before the router: the CUSTOM providers' first.
+pub fn http_filters(mut r: Rules) -> Vec<hcm::HttpFilter> {
+    let mut out = super::ext_authz::http_filters(std::mem::take(&mut r.custom));
+    out.extend(r.each(|which, rules| {
         let config = HttpRbac {
             rules: Some(rules),
             rules_stat_prefix: format!("{which}_"),
@@ -119,7 +141,8 @@ pub fn http_filters(r: Rules) -> Vec<hcm::HttpFilter> {
             ))),
             ..Default::default()
         }
-    })
+    }));
+    out
 }
 
 /// The network filters that enforce `r`, to go before the TCP proxy.

@@ -1,7 +1,7 @@
 //! Istio `CUSTOM` authorization, as Envoy's `ext_authz` filter does it: a request a CUSTOM
 //! policy matches is first asked of the provider's service. Over HTTP: its method, the
-//! provider's path prefix before its path, its `Host`, the headers the provider names and an
-//! empty body; a 200 lets it on (with the answer's headers the provider names set on it), any
+//! provider's path prefix before its path, its `Host`, `Authorization`, the headers the
+//! provider names and an empty body; a 200 lets it on (with the answer's headers the provider names set on it), any
 //! other answer but a 5xx is the client's. Over gRPC: see [`grpc`]. A 5xx, a failed call or no
 //! answer in time is an error: `failOpen`, else `statusOnError`.
 
@@ -244,7 +244,8 @@ impl ExtAuthz {
             headers.insert(header::HOST, h);
         }
         for (n, v) in req.headers.iter() {
-            if !hop_by_hop(n) && self.include.matches(n.as_str()) {
+            // Envoy always sends `Authorization` too.
+            if !hop_by_hop(n) && (n == header::AUTHORIZATION || self.include.matches(n.as_str())) {
                 headers.append(n.clone(), v.clone());
             }
         }
