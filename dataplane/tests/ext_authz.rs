@@ -70,6 +70,15 @@ fn config(port: u16, a: &Backend, (providers, services): (String, String)) -> St
     ])
 }
 
+/// `GET path` on the gateway at `port` with `headers`.
+async fn get(c: &reqwest::Client, port: u16, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
 #[tokio::test]
 async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
     let a = Backend::start("a").await;
@@ -77,13 +86,7 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
     let port = free_port();
     let dp = Dp::start(&config(port, &a, http_providers(&authz))).await;
     let c = client();
-    let get = async |path: &str, headers: &[(&str, &str)]| {
-        let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        r.send().await.unwrap()
-    };
+    let get = async |path: &str, headers: &[(&str, &str)]| get(&c, port, path, headers).await;
 
     assert_eq!(get("/public/page", &[]).await.status(), 200);
     assert!(authz.asked().is_empty(), "no CUSTOM policy matches: nothing is asked");
@@ -223,13 +226,7 @@ async fn a_grpc_provider_is_asked_check_by_check() {
     );
     let _dp = Dp::start(&config(port, &a, (providers, service("opa", 9191, &authz)))).await;
     let c = client();
-    let get = async |path: &str, headers: &[(&str, &str)]| {
-        let mut r = c.get(format!("http://127.0.0.1:{port}{path}"));
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        r.send().await.unwrap()
-    };
+    let get = async |path: &str, headers: &[(&str, &str)]| get(&c, port, path, headers).await;
     assert_eq!(get("/public/page", &[]).await.status(), 200);
     assert!(authz.asked().is_empty());
 

@@ -28,7 +28,7 @@ async fn load(url: &str) {
         let url = format!("{url}/load/{i}?delay=400");
         async move {
             let r = c.post(url).body(vec![b'x'; 32 * 1024]).send().await.unwrap();
-            assert_eq!(r.status(), 200);
+            assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-ferrum-error"));
             r.bytes().await.unwrap();
         }
     });

@@ -53,6 +53,19 @@ pub struct Connection<'a> {
     pub auth: Option<&'a Jwt>,
 }
 
+impl<'a> Connection<'a> {
+    /// A request a gateway's listener at `listener` took from `client` (no mTLS peer).
+    fn gateway(req: &'a http::request::Parts, client: SocketAddr, listener: SocketAddr, auth: Option<&'a Jwt>) -> Self {
+        Connection {
+            peer: None,
+            source: client.ip(),
+            destination: listener,
+            request: Some(req),
+            auth,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow,
@@ -727,13 +740,7 @@ impl GatewayPolicies {
                 return super::l7::Verdict::Unauthenticated;
             }
         };
-        let conn = Connection {
-            peer: None,
-            source: client.ip(),
-            destination: listener,
-            request: Some(req),
-            auth: auth.as_ref(),
-        };
+        let conn = Connection::gateway(req, client, listener, auth.as_ref());
         if let Some(service) = self.authz.asks(&conn) {
             let me = self.clone();
             let then = move |req: &mut http::request::Parts| me.authorize(req, client, listener, auth.as_ref());
@@ -757,14 +764,7 @@ impl GatewayPolicies {
         listener: SocketAddr,
         auth: Option<&Jwt>,
     ) -> super::l7::Verdict {
-        let conn = Connection {
-            peer: None,
-            source: client.ip(),
-            destination: listener,
-            request: Some(req),
-            auth,
-        };
-        match self.authz.check(&conn) {
+        match self.authz.check(&Connection::gateway(req, client, listener, auth)) {
             Decision::Allow => super::l7::Verdict::Allow,
             Decision::Deny(why) => {
                 tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
@@ -779,13 +779,7 @@ impl GatewayPolicies {
             Ok(auth) => auth,
             Err(why) => return GatewayDecision::Unauthenticated(why.to_string()),
         };
-        let conn = Connection {
-            peer: None,
-            source: client.ip(),
-            destination: listener,
-            request: Some(req),
-            auth: auth.as_ref(),
-        };
+        let conn = Connection::gateway(req, client, listener, auth.as_ref());
         let rest = match self.authz.check(&conn) {
             Decision::Allow => GatewayDecision::Allow,
             Decision::Deny(why) => GatewayDecision::Deny(why),

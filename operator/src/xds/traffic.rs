@@ -337,15 +337,14 @@ mod tests {
             tls::subject_alt_name_matcher::SanType::Dns as i32
         );
 
+        let validation = |ctx: tls::UpstreamTlsContext| match ctx.common_tls_context.unwrap().validation_context_type {
+            Some(tls::common_tls_context::ValidationContextType::ValidationContext(v)) => v,
+            _ => panic!("no validation context"),
+        };
         // CAs from a Secret's ca.crt: inline (certificates are public).
         t.ca_file = None;
         t.ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
-        let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http2));
-        let Some(tls::common_tls_context::ValidationContextType::ValidationContext(v)) =
-            ctx.common_tls_context.unwrap().validation_context_type
-        else {
-            panic!("no validation context")
-        };
+        let v = validation(decode(upstream_tls(&t, UpstreamProtocol::Http2)));
         assert_eq!(
             v.trusted_ca.and_then(|d| d.specifier),
             Some(core::data_source::Specifier::InlineString(t.ca_pem.clone().unwrap()))
@@ -355,11 +354,7 @@ mod tests {
         t.sni = "10.0.0.1".into();
         let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http1));
         assert_eq!(ctx.sni, "", "no IP addresses in SNI");
-        let Some(tls::common_tls_context::ValidationContextType::ValidationContext(v)) =
-            ctx.common_tls_context.unwrap().validation_context_type
-        else {
-            panic!("no validation context")
-        };
+        let v = validation(ctx);
         assert_eq!(
             v.trusted_ca.and_then(|d| d.specifier),
             Some(core::data_source::Specifier::Filename(SYSTEM_CA_BUNDLE.into()))
