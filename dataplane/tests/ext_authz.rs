@@ -15,7 +15,8 @@ fn http_providers(authz: &AuthzServer) -> (String, String) {
         format!(
             "  - name: {name}\n    envoyExtAuthzHttp:\n      service: ext-authz.auth.svc.cluster.local\n      port: '8000'\n      \
              timeout: 0.5s\n      pathPrefix: /check\n      includeRequestHeadersInCheck: [x-ext-authz, x-user]\n      \
-             headersToUpstreamOnAllow: [x-authz-user]\n      headersToDownstreamOnDeny: [x-ext-authz-check-result]\n{extra}"
+             headersToUpstreamOnAllow: [x-authz-user]\n      headersToDownstreamOnDeny: [x-ext-authz-check-result]\n      \
+             includeAdditionalHeadersInCheck: {{X-Gateway: edge}}\n{extra}"
         )
     };
     (
@@ -126,6 +127,7 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
         h["authorization"], "Bearer secret",
         "as Envoy, Authorization always goes"
     );
+    assert_eq!(h["x-gateway"], "edge", "includeAdditionalHeadersInCheck");
     let refused_check = &authz.asked()[0]["headers"];
     assert!(
         refused_check.get("x-leak").is_none(),

@@ -861,7 +861,8 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
          ---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n\
          ---\napiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
          spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: ext-authz.default.svc.cluster.local, port: 8000, \
-         includeRequestHeadersInCheck: [x-ext-authz], headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}]}}\n\
+         includeRequestHeadersInCheck: [x-ext-authz], headersToDownstreamOnDeny: [x-ext-authz-check-result], \
+         includeAdditionalHeadersInCheck: {{x-gateway: web}}}}}}]}}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-authz-1, labels: {{kubernetes.io/service-name: ext-authz}}}}\n\
          addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
@@ -926,6 +927,11 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
             authz.asked().len(),
             asked + 2,
             "{proxy} asks about the CUSTOM policy's paths only"
+        );
+        let check = authz.asked().last().cloned().unwrap();
+        assert_eq!(
+            check["headers"]["x-gateway"], "web",
+            "{proxy}: includeAdditionalHeadersInCheck"
         );
         // The DENY rule on paths cannot see a path at L4: it denies every TCP connection (Istio).
         let reply = tcp_call(tcp_port, "SELECT 1").await;

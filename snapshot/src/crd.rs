@@ -268,6 +268,9 @@ pub struct ExtAuthzHttpProvider {
     pub status_on_error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include_request_headers_in_check: Vec<String>,
+    /// Headers (name: value) set on every check.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub include_additional_headers_in_check: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers_to_upstream_on_allow: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -123,6 +123,10 @@ pub struct ExtAuthz {
     /// `Host`, the method and the path always are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include_request_headers: Vec<String>,
+    /// Headers set on every check (Istio `includeAdditionalHeadersInCheck`): name (lowercase),
+    /// value. HTTP providers only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub additional_headers: BTreeMap<String, String>,
     /// Headers of an allowing answer set on the request that goes on (patterns).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers_to_upstream_on_allow: Vec<String>,

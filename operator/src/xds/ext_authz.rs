@@ -122,6 +122,18 @@ fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
                 timeout,
             }),
             path_prefix: p.path_prefix.clone(),
+            authorization_request: Some(ext::AuthorizationRequest {
+                headers_to_add: p
+                    .additional_headers
+                    .iter()
+                    .map(|(k, v)| core::HeaderValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
             authorization_response: Some(ext::AuthorizationResponse {
                 allowed_upstream_headers: patterns(&p.headers_to_upstream_on_allow),
                 allowed_client_headers: patterns(&p.headers_to_downstream_on_deny),

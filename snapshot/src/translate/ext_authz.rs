@@ -143,6 +143,7 @@ fn provider(
         timeout_ms,
         path_prefix: String::new(),
         include_request_headers: Vec::new(),
+        additional_headers: Default::default(),
         headers_to_upstream_on_allow: Vec::new(),
         headers_to_downstream_on_deny: Vec::new(),
         fail_open: common.fail_open,
@@ -156,6 +157,17 @@ fn provider(
         let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect();
         out.path_prefix = prefix;
         out.include_request_headers = lower(&h.include_request_headers_in_check);
+        for (name, value) in &h.include_additional_headers_in_check {
+            let valid = !crate::validate::http_header_name_invalid(name)
+                && value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+            if !valid {
+                return Err(bad(
+                    "includeAdditionalHeadersInCheck",
+                    format!("{name:?}: {value:?} is not a valid header"),
+                ));
+            }
+            out.additional_headers.insert(name.to_ascii_lowercase(), value.clone());
+        }
         out.headers_to_upstream_on_allow = lower(&h.headers_to_upstream_on_allow);
         out.headers_to_downstream_on_deny = lower(&h.headers_to_downstream_on_deny);
     }

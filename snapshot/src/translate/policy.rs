@@ -636,6 +636,7 @@ mod tests {
                 timeout_ms: 500,
                 path_prefix: "/check".into(),
                 include_request_headers: vec!["x-user".into(), "x-ext-*".into()],
+                additional_headers: Default::default(),
                 headers_to_upstream_on_allow: vec!["x-authz-user".into()],
                 headers_to_downstream_on_deny: vec![],
                 fail_open: false,

@@ -249,6 +249,12 @@ impl ExtAuthz {
                 headers.append(n.clone(), v.clone());
             }
         }
+        for (n, v) in &self.spec.additional_headers {
+            // validate() and the translator checked them; a bad one is left out.
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(n.as_str()), HeaderValue::try_from(v.as_str())) {
+                headers.insert(n, v);
+            }
+        }
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         Ok(check)
     }
