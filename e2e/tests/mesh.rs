@@ -573,6 +573,25 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
     let last = opa.asked().last().cloned().unwrap();
     assert_eq!(last["path"], "/grpc/page");
     assert_eq!(last["source"], format!("spiffe://cluster.local/ns/{NS}/sa/sa-a"));
+
+    // The status says which policies ask, and why one naming an undeclared provider refuses.
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: nowhere, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: none}}}}, action: CUSTOM, provider: {{name: missing}}, rules: [{{}}]}}\n"
+    ));
+    let condition = |name: &str| {
+        let v = w.cluster.get("authorizationpolicy", NS, name);
+        let c = &v["status"]["conditions"][0];
+        let field = |k: &str| c[k].as_str().unwrap_or("").to_string();
+        (field("status"), field("reason"), field("message"))
+    };
+    eventually("the policies' status is written", Duration::from_secs(20), async || {
+        condition("ext").0 == "True" && condition("nowhere").0 == "False"
+    })
+    .await;
+    let (_, reason, message) = condition("nowhere");
+    assert_eq!(reason, "BackendNotFound");
+    assert!(message.contains("no extensionProviders entry \"missing\""), "{message}");
 }
 
 /// Istio AuthorizationPolicies (the CRDs installed while the mesh runs) decide who reaches B:
