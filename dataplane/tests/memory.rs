@@ -18,39 +18,22 @@ fn anon_mb(dp: &Dp) -> f64 {
 }
 
 /// 400 overlapping requests: 400 client and 400 pooled upstream connections, with bodies.
-///
-/// In CI (never locally, bar once in ~50 runs) one of them sometimes comes back 502
-/// `upstream_reset`: an open finding, not what this test is about. Such a request is sent again
-/// and counted; any other failure, or more than two resets in a load, fails the test.
 async fn load(url: &str) {
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let resets = std::sync::atomic::AtomicUsize::new(0);
     let calls = (0..400).map(|i| {
-        let (c, resets) = (c.clone(), &resets);
+        let c = c.clone();
         let url = format!("{url}/load/{i}?delay=400");
         async move {
-            for attempt in 0..2 {
-                let r = c.post(&url).body(vec![b'x'; 32 * 1024]).send().await.unwrap();
-                let why = r.headers().get("x-ferrum-error").cloned();
-                if attempt == 0 && r.status() == 502 && why.as_ref().is_some_and(|v| v == "upstream_reset") {
-                    resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    continue;
-                }
-                assert_eq!(r.status(), 200, "{why:?}");
-                r.bytes().await.unwrap();
-                return;
-            }
+            let r = c.post(&url).body(vec![b'x'; 32 * 1024]).send().await.unwrap();
+            let why = r.headers().get("x-ferrum-error").cloned();
+            assert_eq!(r.status(), 200, "{why:?}");
+            r.bytes().await.unwrap();
         }
     });
     futures_util::future::join_all(calls).await;
-    let resets = resets.into_inner();
-    if resets > 0 {
-        eprintln!("{resets} of 400 uploads came back 502 upstream_reset (sent again)");
-    }
-    assert!(resets <= 2, "{resets} of 400 uploads came back 502 upstream_reset");
 }
 
 async fn proxy(b: &Backend, release_every: &str) -> (Dp, String) {
@@ -74,8 +57,7 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
     let (released, url) = proxy(&b, "1").await;
     let (kept, kept_url) = proxy(&b, "0").await;
     let start = (anon_mb(&released), anon_mb(&kept));
-    // One proxy after the other: 400 connections through the shared backend at a time, not
-    // 800 (once, in CI, one of 800 overlapping uploads came back 502 `upstream_reset`).
+    // One proxy after the other, so each peak is its own load's.
     load(&url).await;
     // Each peak right after its own load, while its upstream connections are still pooled.
     let peak_released = anon_mb(&released);

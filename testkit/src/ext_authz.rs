@@ -38,12 +38,12 @@ impl Drop for AuthzServer {
 impl AuthzServer {
     /// On a free loopback port.
     pub async fn start() -> AuthzServer {
-        AuthzServer::serve(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        AuthzServer::serve(crate::listen_local().await.into_std().unwrap())
     }
 
     /// The gRPC service (`Authorization/Check`, h2c) on a free loopback port.
     pub async fn start_grpc() -> AuthzServer {
-        AuthzServer::serve_grpc(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        AuthzServer::serve_grpc(crate::listen_local().await.into_std().unwrap())
     }
 
     /// The gRPC service on `listener`.

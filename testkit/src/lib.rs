@@ -18,7 +18,6 @@ pub mod l4;
 pub mod netns;
 pub mod otlp;
 
-/// A port nobody listens on right now.
 /// A real TLS ClientHello for `sni`, as rustls's client sends it first.
 pub fn client_hello(sni: &str) -> Vec<u8> {
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -33,6 +32,18 @@ pub fn client_hello(sni: &str) -> Vec<u8> {
     out
 }
 
+/// A listener on a free loopback port whose accept queue holds a burst. The default queue
+/// (128) overflows when a proxy opens hundreds of upstream connections at once to a server
+/// that shares the test's runtime; the kernel then drops SYNs (a second's stall each) and
+/// resets some connections after their request was sent, which a proxy rightly reports as
+/// `upstream_reset`.
+pub async fn listen_local() -> tokio::net::TcpListener {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    s.listen(4096).unwrap()
+}
+
+/// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     // Above the mesh ports (15000-15090) and below the kernel's ephemeral range (32768-60999
     // by default), which port 0 would pick from: there, any outgoing connection made before
@@ -133,7 +144,7 @@ impl Backend {
     }
 
     async fn serve(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = listen_local().await;
         let addr = l.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let health_status = Arc::new(AtomicU16::new(200));

@@ -44,7 +44,8 @@ impl Dp {
             .arg("--admin-addr")
             .arg(admin.to_string())
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // FERRUM_TEST_LOG shows more of the proxy when a test is being looked into.
+            .env("RUST_LOG", std::env::var("FERRUM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
