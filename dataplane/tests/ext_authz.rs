@@ -218,7 +218,8 @@ async fn a_grpc_provider_is_asked_check_by_check() {
     let port = free_port();
     let provider = |name: &str, extra: &str| {
         format!(
-            "  - name: {name}\n    envoyExtAuthzGrpc:\n      service: opa.auth.svc.cluster.local\n      port: 9191\n      timeout: 0.5s\n{extra}"
+            "  - name: {name}\n    envoyExtAuthzGrpc:\n      service: opa.auth.svc.cluster.local\n      port: 9191\n      timeout: 0.5s\n      \
+             includeRequestBodyInCheck: {{maxRequestBytes: 64, packAsBytes: true}}\n{extra}"
         )
     };
     let providers = format!(
@@ -282,4 +283,106 @@ async fn a_grpc_provider_is_asked_check_by_check() {
     let started = Instant::now();
     assert_eq!(get("/private/slow", &allow).await.status(), 403);
     assert!(started.elapsed() < Duration::from_millis(1500));
+
+    // The body goes along as bytes (`packAsBytes`), with its size; the OK response's
+    // `response_headers_to_add` are on the client's response.
+    let ok = c
+        .post(format!("http://127.0.0.1:{port}/private/orders"))
+        .body("x-ext-authz: allow")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-ext-authz-check-result"], "allowed");
+    let asked = authz.asked().last().cloned().unwrap();
+    assert_eq!(
+        (&asked["body"], &asked["raw"], &asked["size"]),
+        (&"x-ext-authz: allow".into(), &true.into(), &18.into())
+    );
+    assert_eq!(asked["headers"]["x-envoy-auth-partial-body"], "false");
+    assert_eq!(a.last().unwrap()["body"], "x-ext-authz: allow");
+}
+
+/// Providers that ask for the body (Istio `includeRequestBodyInCheck`): `authz` takes at most
+/// 64 bytes and refuses longer bodies, `lenient` checks the first 32 bytes of longer ones; both
+/// add their result to the client's response (`headersToDownstreamOnAllow`).
+fn body_providers(authz: &AuthzServer) -> (String, String) {
+    let provider = |name: &str, body: &str| {
+        format!(
+            "  - name: {name}\n    envoyExtAuthzHttp:\n      service: ext-authz.auth.svc.cluster.local\n      port: '8000'\n      \
+             timeout: 0.5s\n      includeRequestHeadersInCheck: [x-ext-authz]\n      \
+             headersToDownstreamOnAllow: [x-ext-authz-check-result]\n      includeRequestBodyInCheck: {body}\n"
+        )
+    };
+    (
+        format!(
+            "{}{}",
+            provider("authz", "{maxRequestBytes: 64}"),
+            provider("lenient", "{maxRequestBytes: 32, allowPartialMessage: true}")
+        ),
+        service("ext-authz", 8000, authz),
+    )
+}
+
+/// The body goes to the provider with the check, and then whole to the backend; a body longer
+/// than the provider takes is refused (413) or checked by its start, as the provider says; an
+/// upload that stalls while it is read ahead gets 408; the provider's headers for the client
+/// are on the response.
+#[tokio::test]
+async fn a_provider_that_asks_for_the_body_gets_it_before_the_backend_does() {
+    let a = Backend::start("a").await;
+    let authz = AuthzServer::start().await;
+    let port = free_port();
+    let yaml = config(port, &a, body_providers(&authz));
+    let _dp = Dp::start_with(&yaml, &["--request-body-idle-timeout", "1"]).await;
+    let c = client();
+    let post = async |path: &str, body: String| {
+        c.post(format!("http://127.0.0.1:{port}{path}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    // Allowed by what the body says (no header): the check carried the body whole.
+    let ok = post("/private/orders", "x-ext-authz: allow".into()).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-ext-authz-check-result"], "allowed");
+    assert_eq!(a.last().unwrap()["body"], "x-ext-authz: allow");
+    let asked = authz.asked().last().cloned().unwrap();
+    assert_eq!(asked["body"], "x-ext-authz: allow");
+    assert_eq!(asked["headers"]["content-length"], "18");
+    assert_eq!(asked["headers"]["x-envoy-auth-partial-body"], "false");
+    let refused = post("/private/orders", "x-ext-authz: deny".into()).await;
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.headers()["x-ext-authz-check-result"], "denied");
+
+    // Longer than `authz` takes: 413 before any check, and the backend never sees it.
+    let (asked, hits) = (authz.asked().len(), a.hits());
+    let long = format!("x-ext-authz: allow{}", "y".repeat(100));
+    assert_eq!(post("/private/orders", long.clone()).await.status(), 413);
+    assert_eq!((authz.asked().len(), a.hits()), (asked, hits));
+
+    // `lenient` checks the first 32 bytes and marks them partial; the backend gets it all.
+    assert_eq!(post("/open/orders", long.clone()).await.status(), 200);
+    let asked = authz.asked().last().cloned().unwrap();
+    assert_eq!(asked["body"], long[..32]);
+    assert_eq!(asked["headers"]["x-envoy-auth-partial-body"], "true");
+    assert_eq!(a.last().unwrap()["body"], long.as_str());
+
+    // A body that stalls while it is read ahead: the client's timeout, nothing asked.
+    let asked = authz.asked().len();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"POST /private/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\nx-ext")
+        .await
+        .unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out[..n]);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert_eq!(authz.asked().len(), asked);
 }

@@ -17,8 +17,8 @@ pub const NS: &str = "mesh";
 
 /// The pods' application, on IPv4 and IPv6: answers HTTP on 8080 with who it is, what it was
 /// asked and from where (the peer address) — and, in response headers, whether the request
-/// reached it with an `authorization` header, its `x-jwt-sub` and `traceparent` — and echoes
-/// TCP on 9000.
+/// reached it with an `authorization` header, its `x-jwt-sub` and `traceparent`, and the body
+/// of a POST — and echoes TCP on 9000.
 pub const APP: &str = r#"
 import socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,8 +34,13 @@ class H(BaseHTTPRequestHandler):
         self.send_header("x-saw-sub", self.headers.get("x-jwt-sub", "-"))
         self.send_header("x-saw-traceparent", self.headers.get("traceparent", "-"))
         self.send_header("x-saw-authz-user", self.headers.get("x-authz-user", "-"))
+        self.send_header("x-saw-body", self.posted.decode(errors="replace") if self.posted else "-")
         self.end_headers()
         self.wfile.write(body)
+    posted = b""
+    def do_POST(self):
+        self.posted = self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.do_GET()
     def log_message(self, *a):
         pass
 def echo():

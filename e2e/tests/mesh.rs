@@ -510,7 +510,8 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
          apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
          spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: svc-authz.{NS}.svc.cluster.local, port: '80', \
          includeRequestHeadersInCheck: [x-ext-authz, x-user], headersToUpstreamOnAllow: [x-authz-user], \
-         headersToDownstreamOnDeny: [x-ext-authz-check-result]}}}}, \
+         headersToDownstreamOnDeny: [x-ext-authz-check-result], headersToDownstreamOnAllow: [x-ext-authz-check-result], \
+         includeRequestBodyInCheck: {{maxRequestBytes: 1024}}}}}}, \
          {{name: opa, envoyExtAuthzGrpc: {{service: svc-authz.{NS}.svc.cluster.local, port: 9000}}}}]}}\n---\n\
          apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ext, namespace: {NS}}}\n\
          spec: {{selector: {{matchLabels: {{app: b}}}}, action: CUSTOM, provider: {{name: sample}}, \
@@ -547,7 +548,17 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
     let last = asked.last().unwrap();
     assert_eq!(last["path"], "/private/page");
     assert_eq!(last["headers"]["x-user"], "alice");
-    let n = asked.len();
+    // What the body says counts too: B's sidecar reads it ahead for the check, then the app
+    // gets it whole; the service's result is on the response.
+    let posted = get("/private/orders", &["--data-binary", "x-ext-authz: allow"]);
+    assert!(
+        posted.starts_with("HTTP/1.1 200")
+            && posted.contains("x-saw-body: x-ext-authz: allow")
+            && posted.contains("x-ext-authz-check-result: allowed"),
+        "{posted}"
+    );
+    assert_eq!(authz.asked().last().unwrap()["body"], "x-ext-authz: allow");
+    let n = authz.asked().len();
     assert!(get("/public", &[]).starts_with("HTTP/1.1 200"));
     assert_eq!(
         authz.asked().len(),

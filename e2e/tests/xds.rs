@@ -862,6 +862,7 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
          ---\napiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
          spec: {{extensionProviders: [{{name: sample, envoyExtAuthzHttp: {{service: ext-authz.default.svc.cluster.local, port: 8000, \
          includeRequestHeadersInCheck: [x-ext-authz], headersToDownstreamOnDeny: [x-ext-authz-check-result], \
+         headersToDownstreamOnAllow: [x-ext-authz-check-result], includeRequestBodyInCheck: {{maxRequestBytes: 1024}}, \
          includeAdditionalHeadersInCheck: {{x-gateway: web}}}}}}]}}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz}}\nspec: {{ports: [{{name: http, port: 8000}}]}}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-authz-1, labels: {{kubernetes.io/service-name: ext-authz}}}}\n\
@@ -933,6 +934,23 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
             check["headers"]["x-gateway"], "web",
             "{proxy}: includeAdditionalHeadersInCheck"
         );
+        // The body goes with the check (the service allows on what it says), and the service's
+        // result comes back to the client.
+        let posted = client()
+            .post(format!("http://127.0.0.1:{port}/ext/orders"))
+            .header("host", "shop.example.com")
+            .header("x-team", "ops")
+            .body("x-ext-authz: allow")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 200, "{proxy}: includeRequestBodyInCheck");
+        assert_eq!(
+            posted.headers()["x-ext-authz-check-result"],
+            "allowed",
+            "{proxy}: headersToDownstreamOnAllow"
+        );
+        assert_eq!(authz.asked().last().unwrap()["body"], "x-ext-authz: allow");
         // The DENY rule on paths cannot see a path at L4: it denies every TCP connection (Istio).
         let reply = tcp_call(tcp_port, "SELECT 1").await;
         assert!(

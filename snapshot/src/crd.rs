@@ -275,6 +275,26 @@ pub struct ExtAuthzHttpProvider {
     pub headers_to_upstream_on_allow: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers_to_downstream_on_deny: Vec<String>,
+    /// Headers of an allowing answer added to the client's response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
+}
+
+/// Send the request's body with the check (Istio `includeRequestBodyInCheck`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestBodyInCheck {
+    /// The most bytes read ahead and sent (required; at most 8 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u32>,
+    /// Check a longer body by its first `maxRequestBytes` instead of answering 413.
+    #[serde(default)]
+    pub allow_partial_message: bool,
+    /// gRPC: send the body as bytes (`raw_body`), not as UTF-8 text.
+    #[serde(default)]
+    pub pack_as_bytes: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -289,6 +309,8 @@ pub struct ExtAuthzGrpcProvider {
     pub fail_open: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_on_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body_in_check: Option<RequestBodyInCheck>,
 }
 
 fn default_trust_domain() -> String {

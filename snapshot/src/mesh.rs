@@ -98,7 +98,7 @@ pub struct Authorization {
     /// service, first, and refused if it refuses (schema 8). Written with action `DENY`, so a
     /// proxy older than that refuses those requests outright — it fails closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check: Option<ExtAuthz>,
+    pub check: Option<Box<ExtAuthz>>,
 }
 
 /// An external authorization service (Istio `envoyExtAuthzHttp` or `envoyExtAuthzGrpc`;
@@ -133,11 +133,33 @@ pub struct ExtAuthz {
     /// Headers of a refusing answer passed to the client (patterns); empty: all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers_to_downstream_on_deny: Vec<String>,
+    /// Headers of an allowing answer added to the client's response (patterns; Istio
+    /// `headersToDownstreamOnAllow`, schema 9). HTTP providers only: a gRPC answer names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    /// The request's body goes along (Istio `includeRequestBodyInCheck`, schema 9); an older
+    /// proxy asks without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_request_body: Option<BodyInCheck>,
     /// When the service cannot be asked (unreachable, timed out, a 5xx is an answer): let the
     /// request on instead of answering `status_on_error`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fail_open: bool,
     pub status_on_error: u16,
+}
+
+/// How much of a request's body a check carries (Envoy's `with_request_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BodyInCheck {
+    /// The most bytes read ahead and sent (1 - [`crate::validate::MAX_EXT_AUTHZ_BODY`]).
+    pub max_bytes: u32,
+    /// A longer body is checked by its first `max_bytes`; without this it is refused (413).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial: bool,
+    /// gRPC: the body as bytes (`raw_body`) rather than UTF-8 text (`body`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pack_as_bytes: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

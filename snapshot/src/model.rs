@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 8;
+pub const SCHEMA: u32 = 9;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];

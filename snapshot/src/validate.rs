@@ -78,6 +78,9 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<InvalidSnapshot>> {
 /// The longest a proxy waits for an external authorization service (Istio's default).
 pub const MAX_EXT_AUTHZ_TIMEOUT_MS: u64 = 600_000;
 
+/// The most of a request's body a proxy reads ahead for an external authorization check.
+pub const MAX_EXT_AUTHZ_BODY: u32 = 8 << 20;
+
 fn check_ext_authz(
     c: &crate::mesh::ExtAuthz,
     action: crate::mesh::AuthzAction,
@@ -97,6 +100,14 @@ fn check_ext_authz(
         err(
             "check.timeoutMs".into(),
             format!("must be 1-{MAX_EXT_AUTHZ_TIMEOUT_MS}"),
+        );
+    }
+    if c.include_request_body
+        .is_some_and(|b| b.max_bytes == 0 || b.max_bytes > MAX_EXT_AUTHZ_BODY)
+    {
+        err(
+            "check.includeRequestBody.maxBytes".into(),
+            format!("must be 1-{MAX_EXT_AUTHZ_BODY}"),
         );
     }
     if !(200..=599).contains(&c.status_on_error) {

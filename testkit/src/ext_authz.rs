@@ -1,9 +1,10 @@
 //! An external authorization service, over HTTP or gRPC (`envoy.service.auth.v3`), answering
 //! as Istio's sample one (`samples/extauthz`) does: a request that carries `x-ext-authz: allow`
-//! is allowed (200 / OK, `x-ext-authz-check-result: allowed`, and `x-authz-user` set from its
-//! `x-user`); any other is denied (403, a body, `x-ext-authz-check-result: denied`). A path
-//! ending in `/error` fails (500 / gRPC INTERNAL) and one ending in `/slow` is answered after
-//! two seconds. It keeps what it was asked.
+//! — as a header, or in the body the check carries — is allowed (200 / OK,
+//! `x-ext-authz-check-result: allowed`, and `x-authz-user` set from its `x-user`; over gRPC the
+//! result is also added to the client's response); any other is denied (403, a body,
+//! `x-ext-authz-check-result: denied`). A path ending in `/error` fails (500 / gRPC INTERNAL)
+//! and one ending in `/slow` is answered after two seconds. It keeps what it was asked.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -86,8 +87,9 @@ impl AuthzServer {
         AuthzServer { addr, asked, task }
     }
 
-    /// What it was asked, in order: `{"method", "path", "headers": {name: value}}` (and, over
-    /// gRPC, `"source"`: the caller's principal).
+    /// What it was asked, in order: `{"method", "path", "headers": {name: value}, "body"}`
+    /// (the body as UTF-8, lossy; over gRPC also `"source"`: the caller's principal, `"raw"`:
+    /// whether the body came as bytes, and `"size"`).
     pub fn asked(&self) -> Vec<Value> {
         self.asked.lock().unwrap().clone()
     }
@@ -100,10 +102,18 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Valu
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     let path = req.uri().path().to_string();
+    let method = req.method().to_string();
+    let path_and_query = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let body = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    let allowed = headers.get("x-ext-authz").map(String::as_str) == Some("allow") || body.contains(ALLOW);
     log.lock().unwrap().push(json!({
-        "method": req.method().as_str(),
-        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+        "method": method,
+        "path": path_and_query,
         "headers": headers,
+        "body": body,
     }));
     let reply = |status: u16, body: &'static str| {
         let mut r = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -116,7 +126,7 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Valu
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    if headers.get("x-ext-authz").map(String::as_str) == Some("allow") {
+    if allowed {
         let mut r = reply(200, "");
         r.headers_mut()
             .insert("x-ext-authz-check-result", "allowed".parse().unwrap());
@@ -134,6 +144,9 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Valu
     r
 }
 
+/// What allows a request when a check's body carries it.
+const ALLOW: &str = "x-ext-authz: allow";
+
 struct Grpc(Arc<Mutex<Vec<Value>>>);
 
 #[tonic::async_trait]
@@ -145,10 +158,19 @@ impl Authorization for Grpc {
         let attrs = request.into_inner().attributes.unwrap_or_default();
         let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
         let headers: BTreeMap<&str, &str> = http.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let raw = !http.raw_body.is_empty();
+        let body = if raw {
+            String::from_utf8_lossy(&http.raw_body).into_owned()
+        } else {
+            http.body.clone()
+        };
         self.0.lock().unwrap().push(json!({
             "method": http.method,
             "path": http.path,
             "headers": headers,
+            "body": body,
+            "raw": raw,
+            "size": http.size,
             "source": attrs.source.map(|s| s.principal).unwrap_or_default(),
         }));
         let path = http.path.split('?').next().unwrap_or("");
@@ -166,7 +188,7 @@ impl Authorization for Grpc {
             }),
             ..Default::default()
         };
-        let resp = if headers.get("x-ext-authz") == Some(&"allow") {
+        let resp = if headers.get("x-ext-authz") == Some(&"allow") || body.contains(ALLOW) {
             let mut set = vec![header("x-ext-authz-check-result", "allowed")];
             if let Some(u) = headers.get("x-user") {
                 set.push(header("x-authz-user", u));
@@ -175,6 +197,7 @@ impl Authorization for Grpc {
                 status: Some(RpcStatus::default()),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                     headers: set,
+                    response_headers_to_add: vec![header("x-ext-authz-check-result", "allowed")],
                     ..Default::default()
                 })),
                 ..Default::default()

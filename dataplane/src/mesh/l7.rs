@@ -24,6 +24,7 @@ use super::ext_authz::Settled;
 use crate::access_log::Entry;
 use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
+use crate::upstream::body::ClientBody;
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -193,12 +194,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 /// or HTTP/2 (shared).
 #[derive(Clone)]
 enum AppConn {
-    One(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>>),
-    Two(hyper::client::conn::http2::SendRequest<Incoming>),
+    One(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ClientBody>>>),
+    Two(hyper::client::conn::http2::SendRequest<ClientBody>),
 }
 
 impl AppConn {
-    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
+    async fn send(&self, req: Request<ClientBody>) -> Result<Response<Incoming>, hyper::Error> {
         match self {
             AppConn::One(s) => s.lock().await.send_request(req).await,
             AppConn::Two(s) => s.clone().send_request(req).await,
@@ -230,21 +231,23 @@ pub struct Conn {
 }
 
 /// One request: judged, then answered locally or by the app; an allowed HTTP/1.1 Upgrade
-/// (WebSocket) that the app accepts becomes a relay between the two.
+/// (WebSocket) that the app accepts becomes a relay between the two. `idle` bounds an upgraded
+/// stream's silence, `body_idle` the wait for each frame of a body read ahead for a check.
 async fn answer<F>(
     mut req: Request<Incoming>,
     app: &AppConn,
     judge: &F,
-    idle: Duration,
+    (idle, body_idle): (Duration, Duration),
 ) -> Result<Response<Body>, std::convert::Infallible>
 where
     F: Fn(&mut http::request::Parts) -> Verdict,
 {
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
+    let mut body = ClientBody::from(body);
     let verdict = judge(&mut parts);
-    match super::ext_authz::settle(verdict, &mut parts).await {
-        Settled::Allow => {}
+    let on_allow = match super::ext_authz::settle(verdict, &mut parts, &mut body, body_idle).await {
+        Settled::Allow(add) => add,
         Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
         Settled::Refused(d) => return Ok(d.into_response(|b| Full::new(b).map_err(|n| match n {}).boxed())),
         Settled::Unauthenticated => {
@@ -256,12 +259,13 @@ where
             );
             return Ok(r);
         }
-    }
+    };
     Ok(match app.send(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
             if let Some(u) = upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
                 u.splice(hyper::upgrade::on(&mut resp), idle, ());
             }
+            super::ext_authz::add_response_headers(on_allow, resp.headers_mut());
             resp.map(BodyExt::boxed)
         }
         Err(e) => {
@@ -300,15 +304,16 @@ where
             }
         }
     };
+    let idles = (conn.idle, conn.shared.limits.request_body_idle_timeout);
     let (judge, conn) = (Arc::new(judge), Arc::new(conn));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (app, judge, conn) = (app.clone(), judge.clone(), conn.clone());
         async move {
             let Some(span) = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
-                return answer(req, &app, &*judge, conn.idle).await;
+                return answer(req, &app, &*judge, idles).await;
             };
             let mut entry = Entry::of(&req, conn.client, "inbound");
-            let resp = answer(req, &app, &*judge, conn.idle).await;
+            let resp = answer(req, &app, &*judge, idles).await;
             if let Ok(r) = &resp {
                 entry.respond(r);
             }

@@ -19,11 +19,11 @@ use opentelemetry::trace::SpanKind;
 use crate::compile::CompiledListener;
 use crate::dataplane::Shared;
 use crate::limits::Limits;
-use crate::mesh::ext_authz::{Settled, settle};
+use crate::mesh::ext_authz::{ResponseHeaders, Settled, add_response_headers, settle};
 use crate::router::Route;
 use crate::router::cors;
 use crate::upstream::balance::HashKey;
-use crate::upstream::body::{self, RequestBody, ResponseBody};
+use crate::upstream::body::{self, ClientBody, RequestBody, ResponseBody};
 use crate::upstream::{
     ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
     UpstreamError,
@@ -170,9 +170,29 @@ async fn serve(
     shared: &Arc<Shared>,
     listener: &CompiledListener,
     conn: ConnInfo,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     started: Instant,
     log: Option<&mut crate::access_log::Entry>,
+) -> Response<ResponseBody> {
+    // Whatever answers the request, the headers an authorization provider gave for the
+    // client go on it.
+    let mut on_allow = Vec::new();
+    let req = req.map(ClientBody::from);
+    let mut resp = answer(shared, listener, conn, req, started, log, &mut on_allow).await;
+    add_response_headers(on_allow, resp.headers_mut());
+    resp
+}
+
+/// [`serve`], noting in `on_allow` the headers a provider that let the request on gave for the
+/// client.
+async fn answer(
+    shared: &Arc<Shared>,
+    listener: &CompiledListener,
+    conn: ConnInfo,
+    mut req: Request<ClientBody>,
+    started: Instant,
+    log: Option<&mut crate::access_log::Entry>,
+    on_allow: &mut ResponseHeaders,
 ) -> Response<ResponseBody> {
     let host_value = match check_head(&mut req, &shared.limits) {
         Ok(h) => h,
@@ -196,10 +216,14 @@ async fn serve(
     }
     // The host's Gateways' policies decide before any route is chosen.
     if let Some(p) = vh.and_then(|vh| vh.policies.as_ref()) {
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         let verdict = p.judge(&mut parts, conn.client, conn.listener);
-        let refused = match settle(verdict, &mut parts).await {
-            Settled::Allow => None,
+        let idle = shared.limits.request_body_idle_timeout;
+        let refused = match settle(verdict, &mut parts, &mut body, idle).await {
+            Settled::Allow(add) => {
+                *on_allow = add;
+                None
+            }
             Settled::Deny => Some(Local::Denied.response()),
             Settled::Unauthenticated => Some(Local::Unauthenticated.response()),
             Settled::Refused(d) => Some(d.into_response(|b| ResponseBody::Local(Some(b)))),
@@ -368,7 +392,7 @@ async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<u16> {
 }
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.
-fn check_head(req: &mut Request<Incoming>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
+fn check_head<B>(req: &mut Request<B>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
     // CONNECT tunnels come with mesh mode; an HTTP/2 extended CONNECT (RFC 8441) is an upgrade.
     if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
         return Err(Local::MethodNotAllowed);
@@ -452,7 +476,7 @@ fn redirect(
     listener: &CompiledListener,
     port: u16,
     host: &str,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let scheme = rd
         .scheme
@@ -566,7 +590,7 @@ enum Try {
 }
 
 impl Forward<'_> {
-    async fn run(self, mut req: Request<Incoming>) -> Result<Response<ResponseBody>, Local> {
+    async fn run(self, mut req: Request<ClientBody>) -> Result<Response<ResponseBody>, Local> {
         let limits = &self.shared.limits;
         let upgrade = upgrade::requested(&mut req);
         let (mut parts, incoming) = req.into_parts();

@@ -24,7 +24,7 @@ pub struct Upgrade {
 }
 
 /// The upgrade `req` asks for, if any.
-pub fn requested(req: &mut Request<Incoming>) -> Option<Upgrade> {
+pub fn requested<B>(req: &mut Request<B>) -> Option<Upgrade> {
     let (protocol, h2) = if req.method() == Method::CONNECT {
         let p = req.extensions().get::<hyper::ext::Protocol>()?;
         (HeaderValue::from_str(p.as_str()).ok()?, true)

@@ -23,6 +23,134 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("client request body: {0}")]
 pub struct ClientBodyError(#[source] pub BoxError);
 
+/// The client's request body: what was read ahead of it (for an authorization check that
+/// includes the body), then the rest as it arrives. Forwarded whole either way.
+pub struct ClientBody {
+    /// Boxed: every request's future holds a body, and few read one ahead.
+    ahead: Option<Box<Ahead>>,
+    /// `None` once read to its end.
+    rest: Option<Incoming>,
+}
+
+/// What was read of a body and not yet sent on.
+struct Ahead {
+    data: Option<Bytes>,
+    /// Trailers that ended a body read ahead whole.
+    trailers: Option<http::HeaderMap>,
+}
+
+/// The start of a body, read ahead for a check: at most the bytes asked for, and whether more
+/// followed them.
+pub struct ReadAhead {
+    pub bytes: Bytes,
+    pub partial: bool,
+}
+
+/// Why a body could not be read ahead: each the client's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadAheadError {
+    #[error("no body bytes for {0:?}")]
+    Stalled(Duration),
+    #[error("client request body: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(b: Incoming) -> Self {
+        ClientBody {
+            ahead: None,
+            rest: Some(b),
+        }
+    }
+}
+
+impl ClientBody {
+    /// Reads the body until its end or until more than `max` bytes have come (bounded by
+    /// one frame past `max`), waiting at most `idle` for each frame; what was read is still
+    /// sent on.
+    pub async fn read_ahead(&mut self, max: usize, idle: Duration) -> Result<ReadAhead, ReadAheadError> {
+        let mut buf = bytes::BytesMut::new();
+        let mut trailers = None;
+        if let Some(a) = self.ahead.take() {
+            buf.extend_from_slice(a.data.as_deref().unwrap_or_default());
+            trailers = a.trailers;
+        }
+        while buf.len() <= max {
+            let Some(rest) = self.rest.as_mut().filter(|r| !r.is_end_stream()) else {
+                self.rest = None;
+                break;
+            };
+            let frame = match tokio::time::timeout(idle, http_body_util::BodyExt::frame(rest)).await {
+                Err(_) => return Err(ReadAheadError::Stalled(idle)),
+                Ok(None) => None,
+                Ok(Some(f)) => Some(f.map_err(ReadAheadError::Client)?),
+            };
+            match frame.map(Frame::into_data) {
+                Some(Ok(data)) => buf.extend_from_slice(&data),
+                Some(Err(other)) => {
+                    trailers = other.into_trailers().ok();
+                    self.rest = None;
+                }
+                None => self.rest = None,
+            }
+        }
+        let all = buf.freeze();
+        let partial = all.len() > max;
+        let bytes = all.slice(..all.len().min(max));
+        let data = (!all.is_empty()).then_some(all);
+        if data.is_some() || trailers.is_some() {
+            self.ahead = Some(Box::new(Ahead { data, trailers }));
+        }
+        Ok(ReadAhead { bytes, partial })
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(a) = this.ahead.as_mut()
+            && let Some(data) = a.data.take()
+        {
+            if a.trailers.is_none() {
+                this.ahead = None;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(
+                this.ahead
+                    .take()
+                    .and_then(|a| a.trailers)
+                    .map(|t| Ok(Frame::trailers(t))),
+            ),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.ahead.is_none() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+    fn size_hint(&self) -> SizeHint {
+        let ahead = self
+            .ahead
+            .as_ref()
+            .and_then(|a| a.data.as_ref())
+            .map_or(0, |d| d.len() as u64);
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
+    }
+}
+
 /// How far the client's upload has come: the response timeout starts when it is done, and an
 /// upload that stalls is the client's timeout, not the upstream's.
 #[derive(Default)]
@@ -61,7 +189,7 @@ pub enum RequestBody {
     /// Sent in one frame, then taken.
     Full(Option<Bytes>),
     Stream {
-        body: Limited<Incoming>,
+        body: Limited<ClientBody>,
         upload: Arc<Upload>,
         /// Frames are copied here too, for a mirror.
         copy: Option<BodyCopy>,
@@ -178,7 +306,7 @@ impl RequestBody {
         RequestBody::Empty
     }
 
-    pub fn stream(body: Incoming, limit: usize) -> (Self, Arc<Upload>) {
+    pub fn stream(body: ClientBody, limit: usize) -> (Self, Arc<Upload>) {
         let upload = Upload::new();
         let body = RequestBody::Stream {
             body: Limited::new(body, limit),

@@ -45,7 +45,10 @@ impl Dp {
             .arg(admin.to_string())
             .args(extra)
             // FERRUM_TEST_LOG shows more of the proxy when a test is being looked into.
-            .env("RUST_LOG", std::env::var("FERRUM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRUM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -137,6 +137,7 @@ fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
             authorization_response: Some(ext::AuthorizationResponse {
                 allowed_upstream_headers: patterns(&p.headers_to_upstream_on_allow),
                 allowed_client_headers: patterns(&p.headers_to_downstream_on_deny),
+                allowed_client_headers_on_success: patterns(&p.headers_to_downstream_on_allow),
                 ..Default::default()
             }),
             ..Default::default()
@@ -160,6 +161,11 @@ fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
         }),
         filter_enabled_metadata: Some(enabled),
         allowed_headers: patterns(&p.include_request_headers),
+        with_request_body: p.include_request_body.map(|b| ext::BufferSettings {
+            max_request_bytes: b.max_bytes,
+            allow_partial_message: b.allow_partial,
+            pack_as_bytes: b.pack_as_bytes,
+        }),
         services: Some(services),
         ..Default::default()
     }

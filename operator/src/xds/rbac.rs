@@ -71,10 +71,10 @@ pub fn rules(
         };
         let set = match (&authz.check, deny) {
             (Some(check), _) if !l4 => {
-                let at = match out.custom.iter().position(|c| c.provider == *check) {
+                let at = match out.custom.iter().position(|c| c.provider == **check) {
                     Some(i) => i,
                     None => {
-                        out.custom.push(Custom::new(check.clone()));
+                        out.custom.push(Custom::new((**check).clone()));
                         out.custom.len() - 1
                     }
                 };

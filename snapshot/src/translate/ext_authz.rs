@@ -8,13 +8,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::backends::{BackendRef, Clusters};
 use super::destination_rule::service_of;
-use crate::crd::ExtensionProvider;
+use crate::crd::{ExtensionProvider, RequestBodyInCheck};
 use crate::istio::AuthorizationPolicySpec;
-use crate::mesh::{ExtAuthz, ExtAuthzApi, MeshService};
+use crate::mesh::{BodyInCheck, ExtAuthz, ExtAuthzApi, MeshService};
 use crate::model::Digest;
 use crate::resources::Resources;
 use crate::translate::Reason;
-use crate::validate::MAX_EXT_AUTHZ_TIMEOUT_MS;
+use crate::validate::{MAX_EXT_AUTHZ_BODY, MAX_EXT_AUTHZ_TIMEOUT_MS};
 
 /// The providers CUSTOM policies name, by name: resolved, or why not.
 pub(crate) type Providers = BTreeMap<String, Result<ExtAuthz, (Reason, String)>>;
@@ -65,6 +65,7 @@ struct Common<'a> {
     timeout: Option<&'a str>,
     fail_open: bool,
     status_on_error: Option<&'a str>,
+    body: Option<&'a RequestBodyInCheck>,
 }
 
 fn provider(
@@ -82,6 +83,7 @@ fn provider(
                 timeout: h.timeout.as_deref(),
                 fail_open: h.fail_open,
                 status_on_error: h.status_on_error.as_deref(),
+                body: h.include_request_body_in_check.as_ref(),
             },
         ),
         (None, Some(g)) => (
@@ -93,6 +95,7 @@ fn provider(
                 timeout: g.timeout.as_deref(),
                 fail_open: g.fail_open,
                 status_on_error: g.status_on_error.as_deref(),
+                body: g.include_request_body_in_check.as_ref(),
             },
         ),
         (None, None) => {
@@ -136,6 +139,22 @@ fn provider(
             .filter(|c| (200..=599).contains(c))
             .ok_or_else(|| bad("statusOnError", format!("{s:?} is not a status 200-599")))?,
     };
+    let include_request_body = match common.body {
+        None => None,
+        Some(b) => Some(BodyInCheck {
+            max_bytes: b
+                .max_request_bytes
+                .filter(|n| (1..=MAX_EXT_AUTHZ_BODY).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "includeRequestBodyInCheck.maxRequestBytes",
+                        format!("must be set, 1-{MAX_EXT_AUTHZ_BODY}"),
+                    )
+                })?,
+            allow_partial: b.allow_partial_message,
+            pack_as_bytes: b.pack_as_bytes,
+        }),
+    };
     let mut out = ExtAuthz {
         provider: p.name.clone(),
         api,
@@ -146,6 +165,8 @@ fn provider(
         additional_headers: Default::default(),
         headers_to_upstream_on_allow: Vec::new(),
         headers_to_downstream_on_deny: Vec::new(),
+        headers_to_downstream_on_allow: Vec::new(),
+        include_request_body,
         fail_open: common.fail_open,
         status_on_error,
     };
@@ -170,6 +191,7 @@ fn provider(
         }
         out.headers_to_upstream_on_allow = lower(&h.headers_to_upstream_on_allow);
         out.headers_to_downstream_on_deny = lower(&h.headers_to_downstream_on_deny);
+        out.headers_to_downstream_on_allow = lower(&h.headers_to_downstream_on_allow);
     }
     Ok(out)
 }

@@ -136,7 +136,7 @@ fn authorization(p: &AuthorizationPolicy, providers: &Providers, problems: &mut 
                 action,
                 rules,
                 dry_run,
-                check,
+                check: check.map(Box::new),
             }),
         )
     })
@@ -401,7 +401,7 @@ mod tests {
 
     use super::JwksFetch;
     use crate::Resources;
-    use crate::mesh::{AuthzAction, ExtAuthz, ExtAuthzApi, MtlsMode, PolicyRule};
+    use crate::mesh::{AuthzAction, BodyInCheck, ExtAuthz, ExtAuthzApi, MtlsMode, PolicyRule};
     use crate::translate::{Options, Reason, Translation, translate};
 
     #[test]
@@ -595,8 +595,10 @@ mod tests {
             "p.yaml",
             "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec:\n  extensionProviders:\n  \
              - {name: authz, envoyExtAuthzHttp: {service: ext-authz.auth.svc.cluster.local, port: '8000', timeout: 0.5s, pathPrefix: /check, \
-             statusOnError: '503', includeRequestHeadersInCheck: [X-User, 'x-ext-*'], headersToUpstreamOnAllow: [x-authz-user]}}\n  \
+             statusOnError: '503', includeRequestHeadersInCheck: [X-User, 'x-ext-*'], headersToUpstreamOnAllow: [x-authz-user], \
+             headersToDownstreamOnAllow: [X-Ext-Authz-Check-Result], includeRequestBodyInCheck: {maxRequestBytes: 1024, allowPartialMessage: true}}}\n  \
              - {name: opa, envoyExtAuthzGrpc: {service: opa.auth, port: 9191, timeout: 2s, failOpen: true}}\n  \
+             - {name: unbounded, envoyExtAuthzGrpc: {service: opa.auth, port: 9191, includeRequestBodyInCheck: {packAsBytes: true}}}\n  \
              - {name: tracer, zipkin: {service: zipkin.auth.svc.cluster.local, port: 9411}}\n  \
              - {name: nowhere, envoyExtAuthzHttp: {service: gone.auth.svc.cluster.local, port: 80}}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {name: opa, namespace: auth}\nspec: {ports: [{name: grpc, port: 9191}]}\n---\n\
@@ -608,6 +610,7 @@ mod tests {
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unknown, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nope}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unreachable, namespace: shop}\nspec: {action: CUSTOM, provider: {name: nowhere}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: grpc, namespace: shop}\nspec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}\n---\n\
+             apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: whole-body, namespace: shop}\nspec: {action: CUSTOM, provider: {name: unbounded}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: traced, namespace: shop}\nspec: {action: CUSTOM, provider: {name: tracer}, rules: [{}]}\n---\n\
              apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: unnamed, namespace: shop}\nspec: {action: CUSTOM, rules: [{}]}\n",
         )
@@ -628,7 +631,7 @@ mod tests {
         );
         let check = asks.check.expect("asks its provider");
         assert_eq!(
-            check,
+            *check,
             ExtAuthz {
                 provider: "authz".into(),
                 api: ExtAuthzApi::Http,
@@ -639,6 +642,12 @@ mod tests {
                 additional_headers: Default::default(),
                 headers_to_upstream_on_allow: vec!["x-authz-user".into()],
                 headers_to_downstream_on_deny: vec![],
+                headers_to_downstream_on_allow: vec!["x-ext-authz-check-result".into()],
+                include_request_body: Some(BodyInCheck {
+                    max_bytes: 1024,
+                    allow_partial: true,
+                    pack_as_bytes: false,
+                }),
                 fail_open: false,
                 status_on_error: 503,
             }
@@ -663,7 +672,15 @@ mod tests {
         );
         let h2 = t.snapshot.clusters.iter().find(|c| c.name == grpc.cluster).unwrap();
         assert_eq!(h2.protocol, crate::model::UpstreamProtocol::Http2);
-        assert!(rule("traced").is_none() && rule("unnamed").is_none());
+        assert!(rule("traced").is_none() && rule("unnamed").is_none() && rule("whole-body").is_none());
+        let unbounded = t.problems.iter().find(|p| p.object.name == "whole-body").unwrap();
+        assert!(
+            unbounded
+                .message
+                .contains("includeRequestBodyInCheck.maxRequestBytes: must be set"),
+            "{}",
+            unbounded.message
+        );
         assert_eq!(
             t.problem_keys(),
             [
@@ -671,6 +688,7 @@ mod tests {
                 ("unknown", "spec.provider.name", Reason::BackendNotFound),
                 ("unnamed", "spec.provider.name", Reason::Invalid),
                 ("unreachable", "spec.provider.name", Reason::BackendNotFound),
+                ("whole-body", "spec.provider.name", Reason::Invalid),
             ]
         );
         crate::validate(&t.snapshot).expect("valid");

@@ -18,18 +18,22 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{Answer, Denial, Edits, Requester};
-use crate::upstream::body::{BoxError, RequestBody};
+use crate::upstream::body::{BoxError, ReadAhead, RequestBody};
 use crate::upstream::{ClusterRuntime, Lease};
+
+/// The body a check carries, and whether as bytes (`raw_body`) rather than text (`body`).
+pub(super) type CheckBody<'a> = (&'a ReadAhead, bool);
 
 /// Asks `cluster`'s service about `req`.
 pub(super) async fn check(
     cluster: &Arc<ClusterRuntime>,
     req: &http::request::Parts,
+    body: Option<CheckBody<'_>>,
     who: &Requester,
 ) -> Result<Answer, String> {
     let mut client = AuthorizationClient::new(ClusterChannel(cluster.clone()));
     let started = std::time::Instant::now();
-    let resp = client.check(check_request(req, who)).await;
+    let resp = client.check(check_request(req, body, who)).await;
     cluster.stats.latency.observe(started.elapsed());
     match resp {
         Ok(r) => answer(r.into_inner()),
@@ -51,9 +55,9 @@ fn peer(addr: std::net::SocketAddr, principal: Option<&str>) -> Peer {
     }
 }
 
-/// What Envoy tells a provider of a request: the peers, and the request's head (headers
-/// lowercased; several values of one joined with `,`).
-fn check_request(req: &http::request::Parts, who: &Requester) -> CheckRequest {
+/// What Envoy tells a provider of a request: the peers, the request's head (headers
+/// lowercased; several values of one joined with `,`) and the body read for it, if any.
+fn check_request(req: &http::request::Parts, body: Option<CheckBody<'_>>, who: &Requester) -> CheckRequest {
     let mut headers = std::collections::HashMap::new();
     for (n, v) in req.headers.iter() {
         let v = String::from_utf8_lossy(v.as_bytes());
@@ -75,16 +79,29 @@ fn check_request(req: &http::request::Parts, who: &Requester) -> CheckRequest {
     headers.insert(":method".into(), req.method.to_string());
     let path = req.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string();
     headers.insert(":path".into(), path.clone());
-    let http = HttpRequest {
+    if let Some((read, _)) = body {
+        headers.insert(super::PARTIAL_BODY.as_str().into(), read.partial.to_string());
+    }
+    let size = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(-1);
+    let mut http = HttpRequest {
         method: req.method.to_string(),
         headers,
         path,
         host,
         scheme: req.uri.scheme_str().unwrap_or("http").to_string(),
         protocol: format!("{:?}", req.version),
-        size: -1,
+        size,
         ..Default::default()
     };
+    match body {
+        Some((read, true)) => http.raw_body = read.bytes.to_vec(),
+        Some((read, false)) => http.body = String::from_utf8_lossy(&read.bytes).into_owned(),
+        None => {}
+    }
     CheckRequest {
         attributes: Some(AttributeContext {
             source: Some(peer(who.client, who.principal.as_deref())),
@@ -121,6 +138,12 @@ fn answer(resp: CheckResponse) -> Result<Answer, String> {
                 .headers_to_remove
                 .iter()
                 .filter_map(|h| HeaderName::try_from(h.as_str()).ok())
+                .collect();
+            edits.respond = ok
+                .response_headers_to_add
+                .iter()
+                .filter_map(|o| header(o.header.as_ref()))
+                .filter(|(n, _)| !super::hop_by_hop(n))
                 .collect();
             Ok(Answer::Allow(edits))
         }

@@ -1,9 +1,12 @@
 //! Istio `CUSTOM` authorization, as Envoy's `ext_authz` filter does it: a request a CUSTOM
 //! policy matches is first asked of the provider's service. Over HTTP: its method, the
 //! provider's path prefix before its path, its `Host`, `Authorization`, the headers the
-//! provider names and an empty body; a 200 lets it on (with the answer's headers the provider names set on it), any
-//! other answer but a 5xx is the client's. Over gRPC: see [`grpc`]. A 5xx, a failed call or no
-//! answer in time is an error: `failOpen`, else `statusOnError`.
+//! provider names, and its body when the provider asks for it (else none); a 200 lets it on
+//! (with the answer's headers the provider names set on it, and those it names for the client
+//! added to the response), any other answer but a 5xx is the client's. Over gRPC: see
+//! [`grpc`]. A 5xx, a failed call or no answer in time is an error: `failOpen`, else
+//! `statusOnError`. A body the provider wants is read ahead first, up to its limit: a longer
+//! one is refused (413) unless the provider takes part of it; the request goes on with all of it.
 
 mod grpc;
 
@@ -17,12 +20,15 @@ use http_body_util::BodyExt;
 
 use super::policy::{Patterns, Upstreams};
 use crate::telemetry::CheckStats;
-use crate::upstream::body::RequestBody;
+use crate::upstream::body::{ClientBody, ReadAhead, ReadAheadError, RequestBody};
 use crate::upstream::{ClusterRuntime, UpstreamError};
 use ferrum_snapshot::mesh::ExtAuthzApi;
 
 /// The most of a refusing answer's body passed on to the client; a longer one is an error.
 const MAX_DENY_BODY: usize = 64 * 1024;
+
+/// Tells a provider whether the body it got is all of it (Envoy's header).
+const PARTIAL_BODY: HeaderName = HeaderName::from_static("x-envoy-auth-partial-body");
 
 /// Headers that belong to one hop, never copied between the request, the check and answers.
 pub(super) fn hop_by_hop(name: &HeaderName) -> bool {
@@ -43,6 +49,8 @@ pub struct ExtAuthz {
     upstream: Patterns,
     /// `None`: every header of a refusing answer goes to the client.
     downstream: Option<Patterns>,
+    /// Headers of an allowing answer added to the client's response.
+    downstream_on_allow: Patterns,
 }
 
 /// What a provider said about one request.
@@ -53,17 +61,30 @@ pub enum Answer {
     Deny(Denial),
 }
 
-/// How an allowing answer changes the request's headers.
+/// How an allowing answer changes the request's headers, and what it adds to the response.
 #[derive(Default)]
 pub struct Edits {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub append: Vec<(HeaderName, HeaderValue)>,
     pub add_if_absent: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
+    /// Added to the client's response.
+    pub respond: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Headers added to a response: `(name, value)`, appended.
+pub type ResponseHeaders = Vec<(HeaderName, HeaderValue)>;
+
+/// Appends `add` to `headers`.
+pub fn add_response_headers(add: ResponseHeaders, headers: &mut HeaderMap) {
+    for (n, v) in add {
+        headers.append(n, v);
+    }
 }
 
 impl Edits {
-    fn apply(self, headers: &mut HeaderMap) {
+    /// Edits `headers`; returns the headers for the response.
+    fn apply(self, headers: &mut HeaderMap) -> ResponseHeaders {
         for n in self.remove {
             headers.remove(n);
         }
@@ -76,6 +97,7 @@ impl Edits {
         for (n, v) in self.add_if_absent {
             headers.entry(n).or_insert(v);
         }
+        self.respond
     }
 }
 
@@ -136,14 +158,27 @@ impl ExtAuthz {
             upstream: patterns(&spec.headers_to_upstream_on_allow),
             downstream: (!spec.headers_to_downstream_on_deny.is_empty())
                 .then(|| patterns(&spec.headers_to_downstream_on_deny)),
+            downstream_on_allow: patterns(&spec.headers_to_downstream_on_allow),
             spec: spec.clone(),
         }
     }
 
-    /// Asks about the request `req` from `who`; an error answers as the provider says errors do.
-    pub async fn ask(&self, req: &http::request::Parts, who: &Requester) -> Answer {
+    /// Asks about the request `req` from `who`, with its body read ahead first if the provider
+    /// wants it (each frame waited for at most `body_idle`); an error answers as the provider
+    /// says errors do.
+    pub async fn ask(
+        &self,
+        req: &http::request::Parts,
+        body: &mut ClientBody,
+        body_idle: Duration,
+        who: &Requester,
+    ) -> Answer {
+        let body = match self.read_body(body, body_idle).await {
+            Ok(b) => b,
+            Err(refused) => return Answer::Deny(refused),
+        };
         let limit = Duration::from_millis(self.spec.timeout_ms);
-        let failed = match tokio::time::timeout(limit, self.call(req, who)).await {
+        let failed = match tokio::time::timeout(limit, self.call(req, body.as_ref(), who)).await {
             Ok(Ok(answer)) => {
                 let counter = match answer {
                     Answer::Allow(_) => &self.stats.allowed,
@@ -166,13 +201,36 @@ impl ExtAuthz {
         ))
     }
 
-    async fn call(&self, req: &http::request::Parts, who: &Requester) -> Result<Answer, String> {
+    /// The start of the body for the check, if the provider wants it; a body it would refuse
+    /// (too long, stalled, broken) is the client's answer, and the provider is not asked.
+    async fn read_body(&self, body: &mut ClientBody, idle: Duration) -> Result<Option<ReadAhead>, Denial> {
+        let Some(wanted) = self.spec.include_request_body else {
+            return Ok(None);
+        };
+        let refused = match body.read_ahead(wanted.max_bytes as usize, idle).await {
+            Ok(read) if !read.partial || wanted.allow_partial => return Ok(Some(read)),
+            // Envoy's answer, before any check (and whatever `failOpen` says).
+            Ok(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Err(ReadAheadError::Stalled(_)) => StatusCode::REQUEST_TIMEOUT,
+            Err(ReadAheadError::Client(_)) => StatusCode::BAD_REQUEST,
+        };
+        tracing::debug!(provider = %self.spec.provider, status = %refused, "request body not read for its check");
+        Err(Denial::status(refused))
+    }
+
+    async fn call(
+        &self,
+        req: &http::request::Parts,
+        body: Option<&ReadAhead>,
+        who: &Requester,
+    ) -> Result<Answer, String> {
         let cluster = self.cluster.as_ref().ok_or("its cluster is gone")?;
         let _admitted = cluster.admit().await.map_err(|e| format!("{e:?}"))?;
         if self.spec.api == ExtAuthzApi::Grpc {
-            return grpc::check(cluster, req, who).await;
+            let packed = self.spec.include_request_body.is_some_and(|b| b.pack_as_bytes);
+            return grpc::check(cluster, req, body.map(|b| (b, packed)), who).await;
         }
-        let check = self.check_request(req)?;
+        let check = self.check_request(req, body)?;
         let (idx, _endpoint) = cluster.pick(None, None).ok_or("no endpoint to ask")?;
         let started = Instant::now();
         let (resp, lease) = match cluster.pool().send(idx, &cluster.endpoints[idx].authority, check).await {
@@ -200,14 +258,16 @@ impl ExtAuthz {
             .to_bytes();
         drop(lease);
         if head.status == StatusCode::OK {
-            let set = head
-                .headers
-                .iter()
-                .filter(|(n, _)| !hop_by_hop(n) && self.upstream.matches(n.as_str()))
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect();
+            let named = |p: &Patterns| {
+                head.headers
+                    .iter()
+                    .filter(|(n, _)| !hop_by_hop(n) && p.matches(n.as_str()))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect()
+            };
             return Ok(Answer::Allow(Edits {
-                set,
+                set: named(&self.upstream),
+                respond: named(&self.downstream_on_allow),
                 ..Edits::default()
             }));
         }
@@ -224,13 +284,24 @@ impl ExtAuthz {
         }))
     }
 
-    /// The check for `req`: its method, the prefixed path, its host, the headers named.
-    fn check_request(&self, req: &http::request::Parts) -> Result<Request<RequestBody>, String> {
+    /// The check for `req`: its method, the prefixed path, its host, the headers named, and
+    /// `body` when the provider wants it.
+    fn check_request(
+        &self,
+        req: &http::request::Parts,
+        body: Option<&ReadAhead>,
+    ) -> Result<Request<RequestBody>, String> {
         let pq = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let uri: Uri = format!("{}{pq}", self.spec.path_prefix)
             .parse()
             .map_err(|e| format!("the check's path: {e}"))?;
-        let mut check = Request::new(RequestBody::Empty);
+        let bytes = body.map_or_else(Bytes::new, |b| b.bytes.clone());
+        let length = HeaderValue::from(bytes.len());
+        let mut check = Request::new(if bytes.is_empty() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Full(Some(bytes))
+        });
         *check.method_mut() = req.method.clone();
         *check.uri_mut() = uri;
         *check.version_mut() = Version::HTTP_11;
@@ -255,7 +326,13 @@ impl ExtAuthz {
                 headers.insert(n, v);
             }
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        if let Some(b) = body {
+            headers.insert(
+                PARTIAL_BODY,
+                HeaderValue::from_static(if b.partial { "true" } else { "false" }),
+            );
+        }
+        headers.insert(header::CONTENT_LENGTH, length);
         Ok(check)
     }
 }
@@ -263,26 +340,34 @@ impl ExtAuthz {
 /// A request's verdict once any provider it needed was asked: the same verdicts, or the
 /// provider's refusal.
 pub enum Settled {
-    Allow,
+    /// With the headers the providers asked, if any, add to the response.
+    Allow(ResponseHeaders),
     Deny,
     Unauthenticated,
     Refused(Denial),
 }
 
-/// Asks the provider a verdict defers to (applying the header edits it allows with to `req`),
-/// then takes the rest of the verdict.
-pub async fn settle(mut verdict: super::l7::Verdict, req: &mut http::request::Parts) -> Settled {
+/// Asks the provider a verdict defers to (applying the header edits it allows with to `req`;
+/// `body` is read ahead if it wants it, each frame waited for at most `body_idle`), then takes
+/// the rest of the verdict.
+pub async fn settle(
+    mut verdict: super::l7::Verdict,
+    req: &mut http::request::Parts,
+    body: &mut ClientBody,
+    body_idle: Duration,
+) -> Settled {
     use super::l7::Verdict;
+    let mut respond = ResponseHeaders::new();
     loop {
         verdict = match verdict {
-            Verdict::Allow => return Settled::Allow,
+            Verdict::Allow => return Settled::Allow(respond),
             Verdict::Deny => return Settled::Deny,
             Verdict::Unauthenticated => return Settled::Unauthenticated,
             // Boxed: a request's future stays small when nothing is asked.
-            Verdict::Ask(ask) => match Box::pin(ask.service.ask(req, &ask.who)).await {
+            Verdict::Ask(ask) => match Box::pin(ask.service.ask(req, body, body_idle, &ask.who)).await {
                 Answer::Deny(d) => return Settled::Refused(d),
                 Answer::Allow(edits) => {
-                    edits.apply(&mut req.headers);
+                    respond.extend(edits.apply(&mut req.headers));
                     (ask.then)(req)
                 }
             },
