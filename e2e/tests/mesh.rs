@@ -2129,9 +2129,9 @@ async fn a_destination_rule_originates_tls_to_a_service_entry_host() {
 
 /// Egress mutual TLS origination: the external server answers only clients with a certificate
 /// its CA issued. A DestinationRule with `tls.mode: SIMPLE` reaches it but is refused; with
-/// `MUTUAL` and `credentialName` (a `kubernetes.io/tls` Secret in the rule's namespace), A's
-/// sidecar presents the Secret's certificate — delivered beside the snapshot, never shown in the
-/// sidecar's `/config` — and is answered.
+/// `MUTUAL` and `credentialName` (a `kubernetes.io/tls` Secret in the rule's namespace, then a
+/// generic one), A's sidecar presents the Secret's certificate — delivered beside the snapshot,
+/// never shown in the sidecar's `/config` — and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
     let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
@@ -2202,6 +2202,35 @@ async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
         "the sidecar names the Secret: {config}"
     );
     assert!(!config.contains("PRIVATE KEY"), "and never shows the key");
+
+    // Istio's documented form, a generic Secret (`cert`/`key`/`cacert`), works as well. Named
+    // before it exists, the rule is left out (the server refuses plaintext); once it is
+    // created, the operator's watch of that one name picks it up.
+    w.cluster.apply(&rule("mode: MUTUAL, credentialName: client-generic"));
+    eventually(
+        "a rule naming a missing Secret is left out",
+        Duration::from_secs(20),
+        async || {
+            let dr = w.cluster.get("destinationrule", NS, "external-mtls");
+            dr["status"]["conditions"][0]["status"] == "False" && !call().ends_with(" 200")
+        },
+    )
+    .await;
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: client-generic, namespace: {NS}}}\ntype: Opaque\n\
+         stringData:\n  cert: |\n{}  key: |\n{}  cacert: |\n{}",
+        indent(&cert),
+        indent(&key),
+        indent(&std::fs::read_to_string(&ca).unwrap()),
+    ));
+    eventually(
+        "the generic Secret's certificate is presented and accepted",
+        Duration::from_secs(20),
+        async || call() == "mutual ok\n 200",
+    )
+    .await;
+    let dr = w.cluster.get("destinationrule", NS, "external-mtls");
+    assert_eq!(dr["status"]["conditions"][0]["status"], "True", "{dr}");
 }
 
 /// More connections from one pod to another than one HBONE connection may carry tunnels (100

@@ -9,6 +9,7 @@ mod leader;
 mod net;
 mod proxies;
 mod publish;
+mod secrets;
 mod status;
 mod subscribe;
 mod xds;

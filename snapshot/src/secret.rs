@@ -97,6 +97,54 @@ pub fn resolve<'a>(secrets: &'a Secrets, name: &str, digest: &str) -> Result<&'a
     Ok(s)
 }
 
+/// Every Secret `res` names for TLS, as (namespace, name): Gateway listeners' `certificateRefs`,
+/// Backend and BackendPolicy `tls` references and DestinationRule `credentialName`s — each with
+/// its `<name>-cacert` companion, where Istio also looks for CA certificates. A controller that
+/// lists only `kubernetes.io/tls` Secrets fetches the others (Istio accepts generic ones) by
+/// these names, and reads no other Secret.
+pub fn named_by(res: &crate::Resources) -> std::collections::BTreeSet<(String, String)> {
+    let mut out = std::collections::BTreeSet::new();
+    let ns_of = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        m.namespace.clone().unwrap_or_else(|| "default".into())
+    };
+    let mut name = |ns: &str, name: &str| {
+        out.insert((ns.to_string(), name.to_string()));
+        out.insert((ns.to_string(), format!("{name}-cacert")));
+    };
+    for gw in &res.gateways {
+        let refs = gw
+            .spec
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref()?.certificate_refs.as_ref());
+        for r in refs.flatten() {
+            name(r.namespace.as_deref().unwrap_or(&ns_of(&gw.metadata)), &r.name);
+        }
+    }
+    let policies = res.backends.iter().map(|b| (&b.metadata, &b.spec.policy));
+    let policies = policies.chain(res.backend_policies.iter().map(|p| (&p.metadata, &p.spec.policy)));
+    for (meta, tls) in policies.filter_map(|(m, p)| Some((m, p.tls.as_ref()?))) {
+        for n in [&tls.ca_certificate_ref, &tls.client_certificate_ref]
+            .into_iter()
+            .flatten()
+        {
+            name(&ns_of(meta), n);
+        }
+    }
+    for dr in &res.destination_rules {
+        let subsets = dr.spec.subsets.iter().filter_map(|s| s.traffic_policy.as_ref());
+        for p in dr.spec.traffic_policy.iter().chain(subsets) {
+            let ports = p.port_level_settings.iter().filter_map(|l| l.tls.as_ref());
+            for t in p.tls.iter().chain(ports) {
+                if let Some(n) = &t.credential_name {
+                    name(&ns_of(&dr.metadata), n);
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +185,42 @@ mod tests {
             resolve(&all, "ns/b", &a.digest()),
             Err(MissingSecret::Absent { .. })
         ));
+    }
+
+    #[test]
+    fn the_secrets_objects_name_and_no_others() {
+        let mut r = crate::Resources::default();
+        r.add_yaml(
+            "t.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: edge}\n\
+             spec: {gatewayClassName: ferrum, listeners: [{name: https, port: 443, protocol: HTTPS, \
+             tls: {certificateRefs: [{name: site}, {name: shared, namespace: certs}]}}]}\n---\n\
+             apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b, namespace: shop}\n\
+             spec: {endpoints: [{address: 10.0.0.1, port: 443}], tls: {sni: pay.example, caCertificateRef: upstream-ca}}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d, namespace: shop}\n\
+             spec: {host: pay, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: MUTUAL, credentialName: pay-client}}]}, \
+             subsets: [{name: v2, trafficPolicy: {tls: {mode: SIMPLE, credentialName: pay-v2}}}]}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: unrelated, namespace: shop}\ntype: Opaque\n",
+        )
+        .unwrap();
+        let named: Vec<String> = super::named_by(&r)
+            .into_iter()
+            .map(|(ns, n)| format!("{ns}/{n}"))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                "certs/shared",
+                "certs/shared-cacert",
+                "edge/site",
+                "edge/site-cacert",
+                "shop/pay-client",
+                "shop/pay-client-cacert",
+                "shop/pay-v2",
+                "shop/pay-v2-cacert",
+                "shop/upstream-ca",
+                "shop/upstream-ca-cacert",
+            ]
+        );
     }
 }

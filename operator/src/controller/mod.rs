@@ -367,12 +367,15 @@ fn labels_and_annotations(m: &kube::api::ObjectMeta) -> u64 {
 pub struct Controller {
     pub stores: Stores,
     changed: mpsc::Receiver<()>,
+    /// The Secrets objects name that the TLS list lacks.
+    named: crate::secrets::Named,
 }
 
 impl Controller {
     /// Starts every watch and waits (at most 30 s) until each served kind has listed once.
     pub async fn start(client: Client, kinds: Kinds, rediscover: Duration) -> Controller {
         let (ctx, crx) = mpsc::channel(1);
+        let named = crate::secrets::Named::new(client.clone(), ctx.clone());
         let stores = Stores::start(&Watchers {
             client,
             rediscover,
@@ -391,7 +394,11 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Controller { stores, changed: crx }
+        Controller {
+            stores,
+            changed: crx,
+            named,
+        }
     }
 
     /// Translates after every burst of changes (coalesced for `debounce`), and when a JWKS
@@ -399,9 +406,11 @@ impl Controller {
     pub async fn run(mut self, publisher: Arc<Publisher>, debounce: Duration) {
         let jwks = crate::jwks::Fetched::default();
         let mut fetched = jwks.changes();
+        let named = &self.named;
         let resources = |stores: &Stores| {
             let mut res = stores.resources();
             res.jwks = jwks.for_resources(&res);
+            named.add_to(&mut res);
             res
         };
         publisher.publish(resources(&self.stores));

@@ -824,9 +824,7 @@ fn client_certificate(
             let s = super::listeners::tls_secret(secrets.res, ns, name).ok_or_else(|| {
                 (
                     "spec.tls.clientCertificateRef".to_string(),
-                    format!(
-                        "Secret {ns}/{name} does not exist, is not of type kubernetes.io/tls, or lacks tls.crt/tls.key"
-                    ),
+                    format!("Secret {ns}/{name} does not exist or lacks tls.crt/tls.key (cert/key)"),
                 )
             })?;
             Ok(Some(CertSource::Secret {
