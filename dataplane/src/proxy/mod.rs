@@ -151,11 +151,17 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
         },
     };
     let span = shared.tracing.begin(req.headers_mut(), kind);
+    // Whatever answers the request, the headers an authorization provider that let it on gave
+    // for the client go on it.
+    let mut on_allow = ResponseHeaders::new();
     if !listener.access_log && span.is_none() {
-        return serve(&shared, listener, conn, req, started, None).await;
+        let mut resp = serve(&shared, listener, conn, req, started, None, &mut on_allow).await;
+        add_response_headers(on_allow, resp.headers_mut());
+        return resp;
     }
     let mut entry = crate::access_log::Entry::of(&req, conn.client, &listener.name);
-    let mut resp = serve(&shared, listener, conn, req, started, Some(&mut entry)).await;
+    let mut resp = serve(&shared, listener, conn, req, started, Some(&mut entry), &mut on_allow).await;
+    add_response_headers(on_allow, resp.headers_mut());
     entry.respond(&resp);
     entry.upstream_host = resp
         .extensions_mut()
@@ -165,7 +171,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
     resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.access_log.clone()))
 }
 
-/// Answers one request on `listener`; notes its route and cluster in `log`, when logging.
+/// Answers one request on `listener`; notes its route and cluster in `log`, when logging, and
+/// in `on_allow` the headers an authorization provider that let it on gave for the client.
 async fn serve(
     shared: &Arc<Shared>,
     listener: &CompiledListener,
@@ -173,27 +180,9 @@ async fn serve(
     req: Request<Incoming>,
     started: Instant,
     log: Option<&mut crate::access_log::Entry>,
-) -> Response<ResponseBody> {
-    // Whatever answers the request, the headers an authorization provider gave for the
-    // client go on it.
-    let mut on_allow = Vec::new();
-    let req = req.map(ClientBody::from);
-    let mut resp = answer(shared, listener, conn, req, started, log, &mut on_allow).await;
-    add_response_headers(on_allow, resp.headers_mut());
-    resp
-}
-
-/// [`serve`], noting in `on_allow` the headers a provider that let the request on gave for the
-/// client.
-async fn answer(
-    shared: &Arc<Shared>,
-    listener: &CompiledListener,
-    conn: ConnInfo,
-    mut req: Request<ClientBody>,
-    started: Instant,
-    log: Option<&mut crate::access_log::Entry>,
     on_allow: &mut ResponseHeaders,
 ) -> Response<ResponseBody> {
+    let mut req = req.map(ClientBody::from);
     let host_value = match check_head(&mut req, &shared.limits) {
         Ok(h) => h,
         Err(l) => return l.response(),
