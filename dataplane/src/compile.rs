@@ -214,10 +214,10 @@ impl Compiler {
                         )
                     }
                 },
-                mirror: r
-                    .mirror
-                    .as_ref()
-                    .and_then(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million))),
+                mirrors: r
+                    .mirrors()
+                    .filter_map(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million)))
+                    .collect(),
                 stats: self.registry.route(&r.name),
             })
         })

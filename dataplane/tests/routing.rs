@@ -258,10 +258,12 @@ async fn two_gateways_on_one_port_with_different_addresses_keep_their_routes() {
 
 /// A RequestMirror filter copies a share of a rule's requests to another backend — their
 /// bodies too, streamed as they are sent, the copy's host marked `-shadow` — while the client
-/// gets the primary's answer, and a mirror that is down costs the client nothing.
+/// gets the primary's answer, and a mirror that is down costs the client nothing. Several
+/// filters on a rule copy to each.
 #[tokio::test]
 async fn request_mirror_copies_requests_with_their_bodies() {
     let (main, shadow) = (Backend::start("main").await, Backend::start("shadow").await);
+    let second = Backend::start("second").await;
     let port = free_port();
     let down = free_port();
     let mirror = |to: &str| {
@@ -274,13 +276,20 @@ async fn request_mirror_copies_requests_with_their_bodies() {
         gateway(port),
         backend("main", &[&main], ""),
         backend("shadow", &[&shadow], ""),
+        backend("second", &[&second], ""),
         format!(
             "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: down}}\nspec:\n  endpoints: [{{address: 127.0.0.1, port: {down}}}]\n"
         ),
         route(&format!(
-            "  - matches: [{{path: {{value: /down}}}}]\n{}  - matches: [{{path: {{value: /}}}}]\n{}",
+            "  - matches: [{{path: {{value: /down}}}}]\n{}  - matches: [{{path: {{value: /}}}}]\n{}\
+             \x20 - matches: [{{path: {{value: /both}}}}]\n{}",
             mirror("down"),
-            mirror("shadow")
+            mirror("shadow"),
+            mirror("shadow").replacen(
+                "filters: [",
+                "filters: [{type: RequestMirror, requestMirror: {backendRef: {group: ferrum.dev, kind: Backend, name: second}}}, ",
+                1
+            )
         )),
     ]);
     let _dp = Dp::start(&yaml).await;
@@ -324,6 +333,19 @@ async fn request_mirror_copies_requests_with_their_bodies() {
     .await;
     let copy = shadow.last().unwrap();
     assert_eq!(copy["body"].as_str().unwrap().as_bytes(), &big[..]);
+
+    // Two mirrors: each gets its own whole copy.
+    let r = post("/both", big.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    for m in [&shadow, &second] {
+        eventually(
+            "each mirror gets a copy",
+            std::time::Duration::from_secs(5),
+            async || m.last().is_some_and(|l| l["path"] == "/both"),
+        )
+        .await;
+        assert_eq!(m.last().unwrap()["body"].as_str().unwrap().as_bytes(), &big[..]);
+    }
 
     // A mirror nobody answers: the client does not notice.
     let before = main.hits();

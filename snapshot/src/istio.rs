@@ -417,6 +417,9 @@ pub struct VsHttpRoute {
     /// The share copied (absent: all of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<VsPercent>,
+    /// Several mirrors (instead of `mirror`), each with its own share.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<VsMirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<VsHeaders>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -458,6 +461,17 @@ pub struct VsFault {
 
 /// A share of requests: `value` percent (0-100, fractions allowed).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct VsMirror {
+    pub destination: VsDestination,
+    /// The share copied (absent: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<VsPercent>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct VsPercent {
     #[serde(default)]
     pub value: f64,

@@ -597,8 +597,8 @@ impl MeshService {
                 crate::model::Action::Forward(t) => t.as_slice(),
                 crate::model::Action::Redirect(_) => &[],
             };
-            let mirror = r.mirror.as_ref().map(|m| m.cluster.as_str());
-            targets.iter().filter_map(|t| t.cluster.as_deref()).chain(mirror)
+            let mirrors = r.mirrors().map(|m| m.cluster.as_str());
+            targets.iter().filter_map(|t| t.cluster.as_deref()).chain(mirrors)
         })
     }
 }

@@ -124,9 +124,22 @@ impl Route {
             retry: None,
             fault: None,
             mirror: None,
+            more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
         }
+    }
+
+    /// Every mirror of the route: `mirror`, then `more_mirrors`.
+    pub fn mirrors(&self) -> impl Iterator<Item = &Mirror> {
+        self.mirror.iter().chain(&self.more_mirrors)
+    }
+
+    /// Sets the route's mirrors: the first in `mirror`, the rest in `more_mirrors`.
+    pub fn set_mirrors(&mut self, all: Vec<Mirror>) {
+        let mut all = all.into_iter();
+        self.mirror = all.next();
+        self.more_mirrors = all.collect();
     }
 }
 
@@ -549,9 +562,14 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
     /// A copy of a share of its requests goes to another cluster too, its answer ignored
-    /// (Istio's `mirror`). Schema 5.
+    /// (Istio's `mirror`; the first of several). Schema 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Further mirrors, each drawn on its own (Istio's `mirrors`, a Gateway API rule's further
+    /// RequestMirror filters; schema 9). Apart from `mirror`, so an older proxy still copies to
+    /// the first and snapshots without them read and hash as they always did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_mirrors: Vec<Mirror>,
     /// Cross-origin requests (Gateway API `CORS`, Istio `corsPolicy`). Schema 6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<Cors>,

@@ -282,14 +282,22 @@ fn check_route(
             );
         }
     }
-    if let Some(m) = &r.mirror
-        && !clusters.contains(m.cluster.as_str())
-    {
-        err(
-            obj(),
-            format!("{at}.mirror.cluster"),
-            format!("unknown cluster {:?}", m.cluster),
-        );
+    for (i, m) in r.mirrors().enumerate() {
+        if !clusters.contains(m.cluster.as_str()) {
+            err(
+                obj(),
+                format!("{at}.{}.cluster", mirror_field(i)),
+                format!("unknown cluster {:?}", m.cluster),
+            );
+        }
+    }
+}
+
+/// Where mirror `i` of a route is written: `mirror`, then `moreMirrors[i - 1]`.
+fn mirror_field(i: usize) -> String {
+    match i {
+        0 => "mirror".into(),
+        i => format!("moreMirrors[{}]", i - 1),
     }
 }
 
@@ -325,8 +333,14 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
             err(obj(), format!("{at}.fault.{field}"), why.into());
         }
     }
-    if r.mirror.as_ref().is_some_and(|m| m.per_million > 1_000_000) {
-        err(obj(), format!("{at}.mirror.perMillion"), "at most 1,000,000".into());
+    for (i, m) in r.mirrors().enumerate() {
+        if m.per_million > 1_000_000 {
+            err(
+                obj(),
+                format!("{at}.{}.perMillion", mirror_field(i)),
+                "at most 1,000,000".into(),
+            );
+        }
     }
 }
 
@@ -584,6 +598,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
         }

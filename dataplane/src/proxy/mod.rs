@@ -592,11 +592,8 @@ impl Forward<'_> {
         let hash_key = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
-        let mirror = self
-            .route
-            .mirror
-            .as_ref()
-            .filter(|(_, share)| upgrade.is_none() && fastrand::u32(0..1_000_000) < *share);
+        // Each mirror draws its share on its own.
+        let copied = |share: u32| upgrade.is_none() && fastrand::u32(0..1_000_000) < share;
         // The route's retries, else the cluster's.
         let (retry, retry_on) = match &self.route.retry {
             Some((policy, on)) => (Some(policy), on),
@@ -609,7 +606,7 @@ impl Forward<'_> {
             let (b, u) = RequestBody::stream(incoming, limits.max_request_body);
             (b, Some(u))
         };
-        if let Some((mirror, _)) = mirror {
+        for (mirror, _) in self.route.mirrors.iter().filter(|(_, share)| copied(*share)) {
             shadow(mirror.clone(), &parts, body.copy().unwrap_or(RequestBody::Empty));
         }
         let mut body = Some(body);

@@ -50,8 +50,9 @@ pub struct Route {
     /// Retries of its own, instead of the cluster's, with their conditions compiled.
     pub retry: Option<(model::RetryPolicy, crate::upstream::retry::RetryOn)>,
     pub fault: Option<model::Fault>,
-    /// Copies of a share of its requests go to this cluster too.
-    pub mirror: Option<(Arc<ClusterRuntime>, u32)>,
+    /// Copies of a share of its requests go to each of these clusters too (share per million,
+    /// drawn for each on its own).
+    pub mirrors: Box<[(Arc<ClusterRuntime>, u32)]>,
     pub cors: Option<Box<cors::Cors>>,
     pub stats: Arc<RouteStats>,
 }
@@ -176,8 +177,8 @@ pub enum RouteError {
 /// What the compiler hands over for each snapshot route.
 pub struct RouteParts {
     pub action: Action,
-    /// The mirror's cluster and the share of requests copied there.
-    pub mirror: Option<(Arc<ClusterRuntime>, u32)>,
+    /// The mirrors' clusters and the share of requests copied to each.
+    pub mirrors: Box<[(Arc<ClusterRuntime>, u32)]>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -268,7 +269,7 @@ impl VirtualHost {
                     (p, on)
                 }),
                 fault: r.fault.clone(),
-                mirror: p.mirror,
+                mirrors: p.mirrors,
                 cors: r
                     .cors
                     .as_ref()
@@ -422,6 +423,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
         }
@@ -445,7 +447,7 @@ mod tests {
             |_| {
                 Ok(RouteParts {
                     action: Action::Forward(vec![]),
-                    mirror: None,
+                    mirrors: Box::default(),
                     stats: Default::default(),
                 })
             },

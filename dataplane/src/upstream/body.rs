@@ -191,8 +191,8 @@ pub enum RequestBody {
     Stream {
         body: Limited<ClientBody>,
         upload: Arc<Upload>,
-        /// Frames are copied here too, for a mirror.
-        copy: Option<BodyCopy>,
+        /// Frames are copied here too, one copy per mirror.
+        copies: Vec<BodyCopy>,
     },
     Copied(CopiedBody),
 }
@@ -311,19 +311,19 @@ impl RequestBody {
         let body = RequestBody::Stream {
             body: Limited::new(body, limit),
             upload: upload.clone(),
-            copy: None,
+            copies: Vec::new(),
         };
         (body, upload)
     }
 
     /// A copy of this body, frame by frame as it is sent, for a mirror; `None` when there is
-    /// no body to copy or it is copied already.
+    /// no body to copy.
     pub fn copy(&mut self) -> Option<RequestBody> {
-        let RequestBody::Stream { copy: copy @ None, .. } = self else {
+        let RequestBody::Stream { copies, .. } = self else {
             return None;
         };
         let (tx, rx) = copy_pair();
-        *copy = Some(tx);
+        copies.push(tx);
         Some(RequestBody::Copied(rx))
     }
 }
@@ -336,13 +336,13 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Stream { body, upload, copy } => {
+            RequestBody::Stream { body, upload, copies } => {
                 let r = Pin::new(&mut *body).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(f))) => {
                         let end = body.is_end_stream();
                         upload.progress(end);
-                        if let Some(c) = copy {
+                        for c in copies {
                             c.offer(f);
                             if end {
                                 c.finish();
@@ -351,15 +351,9 @@ impl Body for RequestBody {
                     }
                     Poll::Ready(None) => {
                         upload.progress(true);
-                        if let Some(c) = copy {
-                            c.finish();
-                        }
+                        copies.iter_mut().for_each(BodyCopy::finish);
                     }
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Some(c) = copy {
-                            c.give_up();
-                        }
-                    }
+                    Poll::Ready(Some(Err(_))) => copies.iter_mut().for_each(BodyCopy::give_up),
                     Poll::Pending => {}
                 }
                 r.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)

@@ -642,7 +642,7 @@ fn forward_action(
         }
     }
     traffic::route_policies(r, targets, clusters, &mut ra, unsupported);
-    ra.request_mirror_policies.extend(r.mirror.as_ref().map(mirror_policy));
+    ra.request_mirror_policies.extend(r.mirrors().map(mirror_policy));
     route::route::Action::Route(ra)
 }
 
@@ -835,6 +835,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
         };

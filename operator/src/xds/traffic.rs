@@ -236,6 +236,7 @@ mod tests {
             retry: None,
             fault: None,
             mirror: None,
+            more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
         }

@@ -587,7 +587,7 @@ fn translate_rules(
                 continue;
             };
             let name = format!("{}/{}/{ri}/{mi}", obj.namespace, obj.name);
-            let r = Route {
+            let mut r = Route {
                 name,
                 matcher,
                 request_headers: parts.request_headers.clone(),
@@ -597,10 +597,12 @@ fn translate_rules(
                 timeouts: parts.timeouts.clone(),
                 retry: None,
                 fault: None,
-                mirror: parts.mirror.clone(),
+                mirror: None,
+                more_mirrors: Vec::new(),
                 cors: parts.cors.clone(),
                 direct_response: None,
             };
+            r.set_mirrors(parts.mirrors.clone());
             let needs_prefix = matches!(
                 &r.rewrite,
                 Some(Rewrite {
@@ -635,7 +637,8 @@ struct RuleParts {
     rewrite: Option<Rewrite>,
     action: Action,
     timeouts: RouteTimeouts,
-    mirror: Option<Mirror>,
+    /// One per RequestMirror filter, in order.
+    mirrors: Vec<Mirror>,
     cors: Option<Cors>,
 }
 
@@ -681,7 +684,7 @@ fn rule_parts(
         rewrite: None,
         action: Action::Forward(Vec::new()),
         timeouts: RouteTimeouts::default(),
-        mirror: None,
+        mirrors: Vec::new(),
         cors: None,
     };
     let mut redirect = None;
@@ -759,16 +762,8 @@ fn rule_parts(
                     missing(problems, "requestMirror");
                     return None;
                 };
-                if parts.mirror.is_some() {
-                    problems.push(
-                        obj,
-                        ffield,
-                        Reason::UnsupportedValue,
-                        "one RequestMirror filter per rule is supported",
-                    );
-                    return None;
-                }
-                parts.mirror = mirror_of(m, &ffield, obj, clusters, problems)?;
+                // Several are copied to each (Gateway API: HTTPRouteRequestMultipleMirrors).
+                parts.mirrors.extend(mirror_of(m, &ffield, obj, clusters, problems)?);
             }
             ref other => {
                 problems.push(

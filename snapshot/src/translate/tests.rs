@@ -338,22 +338,40 @@ fn a_request_mirror_copies_a_share_of_the_rules_requests_and_an_unresolved_one_i
     let s = ok(&route(
         "  - matches: [{path: {value: /a}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {group: ferrum.dev, kind: Backend, name: static}, fraction: {numerator: 1, denominator: 4}}}]\n\
          \x20   backendRefs: [{name: echo, port: 80}]\n\
-         \x20 - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}}}]\n    backendRefs: [{name: echo, port: 80}]\n",
+         \x20 - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}}}]\n    backendRefs: [{name: echo, port: 80}]\n\
+         \x20 - matches: [{path: {value: /both}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 80}, percent: 50}}, \
+         {type: RequestMirror, requestMirror: {backendRef: {group: ferrum.dev, kind: Backend, name: static}}}]\n    backendRefs: [{name: echo, port: 80}]\n",
     ));
     let rs = routes(&s, "*");
-    let mirror = |path: &str| {
+    let mirrors = |path: &str| {
         let r = rs
             .iter()
             .find(|r| r.matcher.path == PathMatch::Prefix(path.into()))
             .unwrap();
-        r.mirror.as_ref().map(|m| (m.cluster.clone(), m.per_million))
+        r.mirrors()
+            .map(|m| (m.cluster.clone(), m.per_million))
+            .collect::<Vec<_>>()
     };
-    assert_eq!(mirror("/a"), Some(("backend/default/static".into(), 250_000)));
+    assert_eq!(mirrors("/a"), [("backend/default/static".into(), 250_000)]);
     assert_eq!(
-        mirror("/"),
-        Some(("service/default/echo:80".into(), 1_000_000)),
+        mirrors("/"),
+        [("service/default/echo:80".into(), 1_000_000)],
         "no share: every request"
     );
+    // Several filters: each a mirror of its own (the first where older proxies read it).
+    assert_eq!(
+        mirrors("/both"),
+        [
+            ("service/default/echo:80".into(), 500_000),
+            ("backend/default/static".into(), 1_000_000)
+        ]
+    );
+    let both = rs
+        .iter()
+        .find(|r| r.matcher.path == PathMatch::Prefix("/both".into()))
+        .unwrap();
+    assert_eq!(both.mirror.as_ref().unwrap().per_million, 500_000);
+    assert_eq!(both.more_mirrors.len(), 1);
 
     let t = run(&route(
         "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope, port: 80}, percent: 10}}]\n    backendRefs: [{name: echo, port: 80}]\n",
@@ -367,7 +385,7 @@ fn a_request_mirror_copies_a_share_of_the_rules_requests_and_an_unresolved_one_i
         )]
     );
     let r = &t.snapshot.listeners[0].virtual_hosts[0].routes[0];
-    assert!(r.mirror.is_none(), "left out");
+    assert_eq!(r.mirrors().count(), 0, "left out");
     assert!(
         matches!(&r.action, Action::Forward(b) if b[0].cluster.as_deref() == Some("service/default/echo:80")),
         "the rule still serves"

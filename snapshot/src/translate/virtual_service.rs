@@ -62,8 +62,9 @@ struct Rule {
     retry: Option<RetryPolicy>,
     fault: Option<Fault>,
     cors: Option<Cors>,
-    /// Where copies go (a destination of weight 0 is not sent to), and the share copied.
-    mirror: Option<(Destination, u32)>,
+    /// Where copies go (a destination of weight 0 is not sent to), each with the share copied
+    /// and its field.
+    mirrors: Vec<(Destination, u32, String)>,
     destinations: Vec<Destination>,
     direct: Option<DirectResponse>,
 }
@@ -260,7 +261,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
             .map(|c| super::cors::of_policy(c, &format!("{at}.corsPolicy")))
             .transpose()
             .map_err(|(field, why)| invalid(field, why))?,
-        mirror: mirror(h, ns, at)?,
+        mirrors: mirrors(h, ns, at)?,
         matches,
         request,
         response,
@@ -344,14 +345,32 @@ fn weighted(
     Ok(out)
 }
 
-/// A route's mirror and the share of its requests copied (all when no percentage is given).
-fn mirror(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Option<(Destination, u32)>, Refusal> {
-    let Some(m) = &h.mirror else { return Ok(None) };
-    let share = match &h.mirror_percentage {
-        None => 1_000_000,
-        Some(p) => per_million(Some(p), None, &format!("{at}.mirrorPercentage"))?,
+/// A route's mirrors (`mirror`, or `mirrors`), each with the share of its requests copied (all
+/// when no percentage is given) and the field that names it.
+fn mirrors(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Vec<(Destination, u32, String)>, Refusal> {
+    let share = |p: Option<&crate::istio::VsPercent>, field: String| match p {
+        None => Ok(1_000_000),
+        Some(p) => per_million(Some(p), None, &field),
     };
-    Ok(Some((destination(m, ns, &format!("{at}.mirror"), 0)?, share)))
+    if let Some(m) = &h.mirror {
+        if !h.mirrors.is_empty() {
+            return Err(invalid(format!("{at}.mirrors"), "not with mirror: one or the other"));
+        }
+        let field = format!("{at}.mirror");
+        let share = share(h.mirror_percentage.as_ref(), format!("{at}.mirrorPercentage"))?;
+        return Ok(vec![(destination(m, ns, &field, 0)?, share, field)]);
+    }
+    let mut out = Vec::new();
+    for (k, m) in h.mirrors.iter().enumerate() {
+        let at = format!("{at}.mirrors[{k}]");
+        if let Some(f) = m.other.keys().next() {
+            return Err(unsupported(format!("{at}.{f}"), "not supported"));
+        }
+        let share = share(m.percentage.as_ref(), format!("{at}.percentage"))?;
+        let field = format!("{at}.destination");
+        out.push((destination(&m.destination, ns, &field, 0)?, share, field));
+    }
+    Ok(out)
 }
 
 /// A destination: a Service (a subset of it) in the cluster, and its weight.
@@ -937,18 +956,22 @@ fn routes_on(
                     .collect(),
             ),
         };
-        let mirror = r.mirror.as_ref().and_then(|(d, share)| {
-            Some(Mirror {
-                cluster: cluster_of(d, format!("spec.http[{i}].mirror"))?,
-                per_million: *share,
+        let mirrors: Vec<Mirror> = r
+            .mirrors
+            .iter()
+            .filter_map(|(d, share, field)| {
+                Some(Mirror {
+                    cluster: cluster_of(d, field.clone())?,
+                    per_million: *share,
+                })
             })
-        });
+            .collect();
         for (j, (matcher, only)) in r.matches.iter().enumerate() {
             if only.is_some_and(|p| p != port) {
                 continue;
             }
             let mut route = route_of(r, j, matcher, format!("{ns}/{name}/{i}/{j}"), action.clone());
-            route.mirror = mirror.clone();
+            route.set_mirrors(mirrors.clone());
             out.push(Arc::new(route));
         }
     }
@@ -968,6 +991,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         retry: rule.retry.clone(),
         fault: rule.fault.clone(),
         mirror: None,
+        more_mirrors: Vec::new(),
         cors: rule.cors.clone(),
         direct_response: rule.direct.clone(),
     }
@@ -1049,7 +1073,8 @@ spec:
     mirrorPercentage: {value: 25}
     fault: {delay: {fixedDelay: 1.5s, percentage: {value: 12.5}}, abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: b-v1.shop.svc.cluster.local, port: {number: 80}}}]
-  - route:
+  - mirrors: [{destination: {host: b, port: {number: 81}}, percentage: {value: 5}}, {destination: {host: b-v2}}]
+    route:
     - {destination: {host: b-v1, port: {number: 80}}, weight: 90}
     - {destination: {host: gone.shop}, weight: 10}
 ");
@@ -1106,6 +1131,12 @@ spec:
             ("service/shop/b:81", 250_000)
         );
         assert!(on80[0].mirror.is_none());
+        // `mirrors`: each with its own share (all when it names none).
+        let mirrors: Vec<_> = on80[4].mirrors().map(|m| (m.cluster.as_str(), m.per_million)).collect();
+        assert_eq!(
+            mirrors,
+            [("service/shop/b:81", 50_000), ("service/shop/b-v2:80", 1_000_000)]
+        );
         let rewrite = on80[3].rewrite.as_ref().unwrap();
         assert_eq!(
             (rewrite.hostname.as_deref(), &rewrite.path),
@@ -1186,6 +1217,11 @@ spec:
                 "2026-01-01T00:00:00Z",
                 "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'retriable-4xx'}, route: [{destination: {host: b-v1}}]}]}",
             ),
+            vs(
+                "mirrors",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{mirror: {host: b-v1}, mirrors: [{destination: {host: b-v1}}], route: [{destination: {host: b-v1}}]}]}",
+            ),
             vs("nohost", "2026-01-01T00:00:00Z", &format!("{{hosts: [nope], {route}}}")),
             vs("older", "2026-01-01T00:00:00Z", &format!("{{hosts: [b], {route}}}")),
             vs("younger", "2026-02-01T00:00:00Z", &format!("{{hosts: [b], {route}}}")),
@@ -1195,6 +1231,7 @@ spec:
             t.problem_keys(),
             [
                 ("gateway", "spec.gateways[0]", Reason::UnsupportedValue),
+                ("mirrors", "spec.http[0].mirrors", Reason::Invalid),
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),

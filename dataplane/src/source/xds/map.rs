@@ -397,7 +397,7 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
         Some(route::route::Action::Route(ra)) => {
             let (targets, rewrite, timeouts) = forward(ra, &out.matcher.path, &at, known)?;
             (out.rewrite, out.timeouts) = (rewrite, timeouts);
-            out.mirror = mirror(&ra.request_mirror_policies, &at, known)?;
+            out.set_mirrors(mirrors(&ra.request_mirror_policies, &at, known)?);
             out.cors = r
                 .typed_per_filter_config
                 .get(CORS_FILTER)
@@ -633,19 +633,27 @@ fn cors(a: &Any, at: &str) -> Result<model::Cors, MapError> {
     })
 }
 
-/// A route's request mirror: one cluster, by name, and the share of requests copied (all when
-/// no fraction is given, as in Envoy). A mirror to a cluster that does not exist copies nothing.
-fn mirror(
+/// A route's request mirrors: each a cluster, by name, and the share of requests copied there
+/// (all when no fraction is given, as in Envoy). A mirror to a cluster that does not exist
+/// copies nothing.
+fn mirrors(
     policies: &[route::route_action::RequestMirrorPolicy],
+    at: &str,
+    known: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Mirror>, MapError> {
+    let mut out = Vec::new();
+    for m in policies {
+        out.extend(mirror(m, at, known)?);
+    }
+    Ok(out)
+}
+
+fn mirror(
+    m: &route::route_action::RequestMirrorPolicy,
     at: &str,
     known: &dyn Fn(&str) -> bool,
 ) -> Result<Option<Mirror>, MapError> {
     use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
-    let m = match policies {
-        [] => return Ok(None),
-        [m] => m,
-        _ => return Err(MapError::refused(at, "one request_mirror_policy is supported")),
-    };
     if m.cluster.is_empty() {
         return Err(MapError::refused(
             at,
@@ -1075,7 +1083,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_mirror_policy_is_the_routes_mirror() {
+    fn request_mirror_policies_are_the_routes_mirrors() {
         use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
         let policy = |cluster: &str, fraction: Option<(u32, i32)>| route::route_action::RequestMirrorPolicy {
             cluster: cluster.into(),
@@ -1087,7 +1095,9 @@ mod tests {
         };
         let known = |c: &str| c == "shadow";
         let got = |p: &[route::route_action::RequestMirrorPolicy]| {
-            mirror(p, "r", &known).map(|m| m.map(|m| (m.cluster, m.per_million)))
+            let all = mirrors(p, "r", &known)?;
+            assert!(all.len() <= 1, "{all:?}");
+            Ok::<_, MapError>(all.into_iter().next().map(|m| (m.cluster, m.per_million)))
         };
         assert_eq!(got(&[]).unwrap(), None);
         assert_eq!(
@@ -1109,7 +1119,21 @@ mod tests {
             None,
             "no such cluster: nothing copied"
         );
-        assert!(got(&[policy("shadow", None), policy("shadow", None)]).is_err());
+        let both = mirrors(
+            &[
+                policy("shadow", Some((25, 0))),
+                policy("gone", None),
+                policy("shadow", None),
+            ],
+            "r",
+            &known,
+        )
+        .unwrap();
+        assert_eq!(
+            both.iter().map(|m| m.per_million).collect::<Vec<_>>(),
+            [250_000, 1_000_000],
+            "each known cluster, in order"
+        );
     }
 
     #[test]
