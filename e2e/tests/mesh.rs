@@ -991,6 +991,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          \x20 - match: [{{uri: {{prefix: /mirrored}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n    mirror: {{host: b-v2}}\n\
          \x20 - match: [{{headers: {{x-fault: {{exact: abort}}}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{headers: {{x-fault: {{exact: delay}}}}}}]\n    fault: {{delay: {{fixedDelay: 0.4s, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
+         \x20 - match: [{{headers: {{x-fault: {{exact: grpc}}}}}}]\n    fault: {{abort: {{grpcStatus: UNAVAILABLE, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - route: [{{destination: {{host: b-v1}}, weight: 100}}, {{destination: {{host: b-v2}}, weight: 0}}]\n"
     ));
     let calls = |n: usize, path: &str, extra: &[&str]| calls_to_svc_b(&w, a, n, path, extra);
@@ -1067,6 +1068,21 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
     assert_eq!(
         aborted, "fault_filter_abort\n 418",
         "the abort answers in the client's sidecar"
+    );
+    let (_, grpc) = w.pods[a].curl(&[
+        "-D",
+        "-",
+        "-H",
+        "x-fault: grpc",
+        "--resolve",
+        &format!("svc-b.{NS}.svc:80:{VIP}"),
+        &format!("http://svc-b.{NS}.svc/pkg.Svc/Call"),
+    ]);
+    assert!(
+        grpc.starts_with("HTTP/1.1 200")
+            && grpc.contains("grpc-status: 14")
+            && grpc.contains("content-type: application/grpc"),
+        "a gRPC abort is a gRPC error: {grpc}"
     );
     let delayed = faulted("delay", " %{time_total}");
     let secs: f64 = delayed.rsplit(' ').next().unwrap().parse().unwrap();

@@ -459,7 +459,7 @@ pub struct VsFault {
     pub abort: Option<VsFaultAbort>,
 }
 
-/// A share of requests: `value` percent (0-100, fractions allowed).
+/// One of a route's `mirrors`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct VsMirror {
     pub destination: VsDestination,
@@ -470,8 +470,8 @@ pub struct VsMirror {
     pub other: Other,
 }
 
+/// A share of requests: `value` percent (0-100, fractions allowed).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
 pub struct VsPercent {
     #[serde(default)]
     pub value: f64,
@@ -496,6 +496,9 @@ pub struct VsFaultDelay {
 pub struct VsFaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<i64>,
+    /// A gRPC status by name (`UNAVAILABLE`) or number, instead of `httpStatus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<VsPercent>,
     #[serde(flatten)]

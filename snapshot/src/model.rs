@@ -648,8 +648,12 @@ pub struct FaultDelay {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
-    /// 200-599.
+    /// 200-599. With `grpc_status`, what a proxy older than schema 9 answers instead.
     pub status: u16,
+    /// Answered as a gRPC error instead: HTTP 200 with this `grpc-status` (0-16) and no body,
+    /// as Envoy's fault filter does (Istio `grpcStatus`; schema 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u8>,
     /// Requests answered with `status`, per million.
     pub per_million: u32,
 }

@@ -364,6 +364,9 @@ fn fault_problems(f: &Fault) -> Vec<(&'static str, &'static str)> {
         if a.per_million > 1_000_000 {
             out.push(("abort.perMillion", "at most 1,000,000"));
         }
+        if a.grpc_status.is_some_and(|c| c > 16) {
+            out.push(("abort.grpcStatus", "a gRPC status code, 0-16"));
+        }
     }
     out
 }
@@ -703,6 +706,7 @@ mod tests {
             abort: Some(FaultAbort {
                 status: 700,
                 per_million: 5,
+                grpc_status: Some(17),
             }),
         });
         r.retry = Some(RetryPolicy {
@@ -716,6 +720,7 @@ mod tests {
             "fault.delay.ms",
             "fault.delay.perMillion",
             "fault.abort.status",
+            "fault.abort.grpcStatus",
             "retry.on[0]",
         ] {
             assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");

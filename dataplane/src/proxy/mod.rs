@@ -245,7 +245,7 @@ async fn serve(
     };
     let mut backend = None;
     let mut resp = match (aborted, &route.action) {
-        (Some(status), _) => Local::FaultAbort(status).response(),
+        (Some(abort), _) => abort_answer(abort),
         (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
         (None, crate::router::Action::Respond(d)) => direct(d),
         (None, crate::router::Action::Forward(_)) => match route.action.pick() {
@@ -370,14 +370,29 @@ fn shadow_host(h: &str) -> String {
 
 /// A route's faults for one request: waits out the delay when it falls in the delay's share,
 /// and says what to answer when it falls in the abort's.
-async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<u16> {
+async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<&ferrum_snapshot::model::FaultAbort> {
     let drawn = |per_million: u32| fastrand::u32(0..1_000_000) < per_million;
     if let Some(d) = &f.delay
         && drawn(d.per_million)
     {
         tokio::time::sleep(Duration::from_millis(d.ms)).await;
     }
-    f.abort.as_ref().filter(|a| drawn(a.per_million)).map(|a| a.status)
+    f.abort.as_ref().filter(|a| drawn(a.per_million))
+}
+
+/// The answer of an injected abort: its status, or — for a gRPC status — a gRPC error as
+/// Envoy's fault filter gives it (HTTP 200, `grpc-status`, no body: a trailers-only response).
+fn abort_answer(a: &ferrum_snapshot::model::FaultAbort) -> Response<ResponseBody> {
+    let Some(code) = a.grpc_status else {
+        return Local::FaultAbort(a.status).response();
+    };
+    let mut r = Response::new(ResponseBody::Local(None));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+    h.insert(&X_FERRUM_ERROR, HeaderValue::from_static("fault_filter_abort"));
+    r
 }
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.

@@ -483,24 +483,91 @@ fn fault(f: &crate::istio::VsFault, at: &str) -> Result<Fault, Refusal> {
     }
     if let Some(a) = &f.abort {
         if let Some(k) = a.other.keys().next() {
-            return Err(unsupported(format!("{at}.abort.{k}"), "only httpStatus is supported"));
+            return Err(unsupported(
+                format!("{at}.abort.{k}"),
+                "only httpStatus and grpcStatus are supported",
+            ));
         }
-        let status = a
-            .http_status
-            .and_then(|s| u16::try_from(s).ok())
-            .filter(|s| (200..=599).contains(s))
-            .ok_or_else(|| {
-                invalid(
-                    format!("{at}.abort.httpStatus"),
-                    "an abort needs an httpStatus of 200-599",
-                )
-            })?;
+        let (status, grpc_status) = match (a.http_status, &a.grpc_status) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("{at}.abort.grpcStatus"),
+                    "not with httpStatus: one or the other",
+                ));
+            }
+            (None, Some(name)) => {
+                let code = grpc_code(name).ok_or_else(|| {
+                    invalid(
+                        format!("{at}.abort.grpcStatus"),
+                        format!("{name:?} is not a gRPC status (OK … UNAUTHENTICATED, or 0-16)"),
+                    )
+                })?;
+                (http_of_grpc(code), Some(code))
+            }
+            (status, None) => {
+                let status = status
+                    .and_then(|s| u16::try_from(s).ok())
+                    .filter(|s| (200..=599).contains(s))
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{at}.abort.httpStatus"),
+                            "an abort needs an httpStatus of 200-599 or a grpcStatus",
+                        )
+                    })?;
+                (status, None)
+            }
+        };
         out.abort = Some(FaultAbort {
             status,
+            grpc_status,
             per_million: per_million(a.percentage.as_ref(), None, &format!("{at}.abort.percentage"))?,
         });
     }
     Ok(out)
+}
+
+/// The gRPC status codes by name, in code order.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status, by name or number.
+fn grpc_code(s: &str) -> Option<u8> {
+    let s = s.trim();
+    let code = match s.parse::<u8>() {
+        Ok(n) => n,
+        Err(_) => GRPC_CODES.iter().position(|c| c.eq_ignore_ascii_case(s))? as u8,
+    };
+    (usize::from(code) < GRPC_CODES.len()).then_some(code)
+}
+
+/// The HTTP status a gRPC client reads as `code` (the gRPC spec's HTTP-to-gRPC mapping, turned
+/// around): what a proxy that cannot answer in gRPC answers instead.
+fn http_of_grpc(code: u8) -> u16 {
+    match code {
+        16 => 401,
+        7 => 403,
+        12 => 404,
+        14 | 8 => 503,
+        4 => 504,
+        _ => 500,
+    }
 }
 
 /// A match's one string condition as Ferrum's: exact, or an anchored regex (prefixes too).
@@ -1077,6 +1144,9 @@ spec:
     route:
     - {destination: {host: b-v1, port: {number: 80}}, weight: 90}
     - {destination: {host: gone.shop}, weight: 10}
+  - match: [{uri: {prefix: /rpc}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}
+    route: [{destination: {host: b-v1, port: {number: 80}}}]
 ");
         // A destination that is no Service is reported, and its share answered 500.
         assert_eq!(
@@ -1095,7 +1165,8 @@ spec:
                 "shop/b-routes/0/1",
                 "shop/b-routes/1/0",
                 "shop/b-routes/3/0",
-                "shop/b-routes/4/0"
+                "shop/b-routes/4/0",
+                "shop/b-routes/5/0"
             ],
             "first match wins: the order written; the port-81 route is not on port 80"
         );
@@ -1121,6 +1192,7 @@ spec:
             }),
             abort: Some(crate::model::FaultAbort {
                 status: 418,
+                grpc_status: None,
                 per_million: 1_000_000,
             }),
         };
@@ -1131,6 +1203,12 @@ spec:
             ("service/shop/b:81", 250_000)
         );
         assert!(on80[0].mirror.is_none());
+        // A gRPC abort: the code, and the HTTP status an older proxy answers instead.
+        let grpc = on80[5].fault.as_ref().unwrap().abort.clone().unwrap();
+        assert_eq!(
+            (grpc.grpc_status, grpc.status, grpc.per_million),
+            (Some(14), 503, 500_000)
+        );
         // `mirrors`: each with its own share (all when it names none).
         let mirrors: Vec<_> = on80[4].mirrors().map(|m| (m.cluster.as_str(), m.per_million)).collect();
         assert_eq!(
@@ -1148,7 +1226,7 @@ spec:
         );
 
         let on81 = &b.routes_for(81, "anyone").unwrap().routes;
-        assert_eq!(on81.len(), 6);
+        assert_eq!(on81.len(), 7);
         let api = &on81[3];
         assert_eq!(api.name, "shop/b-routes/2/0");
         assert_eq!(
@@ -1218,6 +1296,11 @@ spec:
                 "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'retriable-4xx'}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
+                "grpc",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{fault: {abort: {grpcStatus: SOMETIMES}}, route: [{destination: {host: b-v1}}]}]}",
+            ),
+            vs(
                 "mirrors",
                 "2026-01-01T00:00:00Z",
                 "{hosts: [b-v2], http: [{mirror: {host: b-v1}, mirrors: [{destination: {host: b-v1}}], route: [{destination: {host: b-v1}}]}]}",
@@ -1231,6 +1314,7 @@ spec:
             t.problem_keys(),
             [
                 ("gateway", "spec.gateways[0]", Reason::UnsupportedValue),
+                ("grpc", "spec.http[0].fault.abort.grpcStatus", Reason::Invalid),
                 ("mirrors", "spec.http[0].mirrors", Reason::Invalid),
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
