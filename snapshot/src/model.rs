@@ -616,6 +616,11 @@ pub struct Cors {
     pub max_age_s: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_credentials: bool,
+    /// A preflight from an origin not allowed is answered here (200, no CORS headers) instead
+    /// of going on to the backend (Istio `unmatchedPreflights: IGNORE`; schema 9 — an older
+    /// proxy forwards it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer_unmatched_preflights: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

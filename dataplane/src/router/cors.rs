@@ -16,6 +16,8 @@ pub struct Cors {
     expose: List,
     max_age: Option<HeaderValue>,
     credentials: bool,
+    /// Preflights from origins not allowed are answered here, without CORS headers.
+    answer_unmatched: bool,
 }
 
 /// A configured list: nothing, `*`, or names joined for a header.
@@ -81,6 +83,7 @@ impl Cors {
             expose: List::build(&c.expose_headers, "expose headers", route)?,
             max_age: c.max_age_s.map(HeaderValue::from),
             credentials: c.allow_credentials,
+            answer_unmatched: c.answer_unmatched_preflights,
         })
     }
 
@@ -91,15 +94,19 @@ impl Cors {
         let allowed = origin
             .to_str()
             .is_ok_and(|o| self.origins.iter().any(|m| m.is_match(o)));
-        if !allowed {
-            return Check::Unmarked;
-        }
         let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD);
         match asked {
-            Some(method) if req.method() == Method::OPTIONS => {
+            Some(method) if req.method() == Method::OPTIONS && allowed => {
                 Check::Preflight(self.preflight(origin, method, req.headers()))
             }
-            _ => Check::Allowed(origin.clone()),
+            // Answered, unmarked: the browser refuses the cross-origin request itself.
+            Some(_) if req.method() == Method::OPTIONS && self.answer_unmatched => {
+                let mut r = Response::new(ResponseBody::Local(None));
+                *r.status_mut() = StatusCode::OK;
+                Check::Preflight(r)
+            }
+            _ if allowed => Check::Allowed(origin.clone()),
+            _ => Check::Unmarked,
         }
     }
 
@@ -160,6 +167,7 @@ mod tests {
             expose_headers: vec!["*".into()],
             max_age_s: Some(600),
             allow_credentials: credentials,
+            answer_unmatched_preflights: false,
         };
         Cors::build(&c, "r").unwrap()
     }
@@ -204,6 +212,21 @@ mod tests {
             ),
             "OPTIONS without Access-Control-Request-Method is no preflight"
         );
+    }
+
+    #[test]
+    fn with_unmatched_preflights_ignored_another_origins_preflight_is_answered_bare() {
+        let mut c = cors(false, &["GET"]);
+        c.answer_unmatched = true;
+        let Check::Preflight(r) = c.check(&req(Method::OPTIONS, "https://evil.example", Some("GET"))) else {
+            panic!("answered here, not forwarded");
+        };
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().is_empty(), "no CORS headers: the browser refuses");
+        assert!(matches!(
+            c.check(&req(Method::GET, "https://evil.example", None)),
+            Check::Unmarked
+        ));
     }
 
     #[test]

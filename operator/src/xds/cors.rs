@@ -46,6 +46,7 @@ pub fn policy(c: &model::Cors) -> Any {
         expose_headers: c.expose_headers.join(","),
         max_age: c.max_age_s.map(|s| s.to_string()).unwrap_or_default(),
         allow_credentials: c.allow_credentials.then_some(BoolValue { value: true }),
+        forward_not_matching_preflights: c.answer_unmatched_preflights.then_some(BoolValue { value: false }),
         ..Default::default()
     };
     any(
@@ -71,8 +72,10 @@ mod tests {
             expose_headers: vec![],
             max_age_s: Some(600),
             allow_credentials: true,
+            answer_unmatched_preflights: true,
         };
         let p = CorsPolicy::decode(&policy(&c).value[..]).unwrap();
+        assert_eq!(p.forward_not_matching_preflights, Some(BoolValue { value: false }));
         assert_eq!(p.allow_origin_string_match.len(), 2);
         assert_eq!((p.allow_methods.as_str(), p.max_age.as_str()), ("GET,PUT", "600"));
         assert_eq!(p.allow_credentials, Some(BoolValue { value: true }));

@@ -29,6 +29,7 @@ pub(crate) fn of_filter(c: &HttpRouteRulesFiltersCors, at: &str) -> Result<Cors,
         expose_headers: c.expose_headers.clone().unwrap_or_default(),
         max_age_s: Some(max_age),
         allow_credentials: c.allow_credentials.unwrap_or(false),
+        answer_unmatched_preflights: false,
     };
     check(&cors, at)?;
     Ok(cors)
@@ -39,12 +40,16 @@ pub(crate) fn of_policy(p: &VsCorsPolicy, at: &str) -> Result<Cors, CorsError> {
     if let Some(k) = p.other.keys().next() {
         return Err((format!("{at}.{k}"), "not supported".into()));
     }
-    if p.unmatched_preflights.as_deref().is_some_and(|u| u != "FORWARD") {
-        return Err((
-            format!("{at}.unmatchedPreflights"),
-            "FORWARD (the default) only: a preflight from an origin not allowed goes to the backend".into(),
-        ));
-    }
+    let answer_unmatched_preflights = match p.unmatched_preflights.as_deref() {
+        None | Some("FORWARD" | "UNSPECIFIED") => false,
+        Some("IGNORE") => true,
+        Some(other) => {
+            return Err((
+                format!("{at}.unmatchedPreflights"),
+                format!("{other:?}: FORWARD (the default) or IGNORE"),
+            ));
+        }
+    };
     let mut origins = Vec::new();
     for (i, m) in p.allow_origins.iter().enumerate() {
         origins.push(istio_origin(m).map_err(|why| (format!("{at}.allowOrigins[{i}]"), why))?);
@@ -62,6 +67,7 @@ pub(crate) fn of_policy(p: &VsCorsPolicy, at: &str) -> Result<Cors, CorsError> {
         expose_headers: p.expose_headers.clone(),
         max_age_s: max_age,
         allow_credentials: p.allow_credentials.unwrap_or(false),
+        answer_unmatched_preflights,
     };
     check(&cors, at)?;
     Ok(cors)
@@ -128,5 +134,20 @@ mod tests {
         assert_eq!(origin("*").unwrap(), StringMatch::Regex(".*".into()));
         assert!(origin("example.com").is_err());
         assert!(origin("https://example.com/path").is_err());
+    }
+
+    #[test]
+    fn unmatched_preflights_are_forwarded_unless_ignored() {
+        let policy = |unmatched: Option<&str>| {
+            let p = VsCorsPolicy {
+                unmatched_preflights: unmatched.map(String::from),
+                ..Default::default()
+            };
+            of_policy(&p, "c").map(|c| c.answer_unmatched_preflights)
+        };
+        assert_eq!(policy(None), Ok(false));
+        assert_eq!(policy(Some("FORWARD")), Ok(false));
+        assert_eq!(policy(Some("IGNORE")), Ok(true));
+        assert_eq!(policy(Some("DROP")).unwrap_err().0, "c.unmatchedPreflights");
     }
 }

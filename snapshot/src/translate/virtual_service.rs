@@ -1273,7 +1273,7 @@ spec:
             vs(
                 "subset",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{corsPolicy: {allowOrigins: [{exact: 'https://a.example'}], unmatchedPreflights: IGNORE}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{corsPolicy: {allowOrigins: [{exact: 'https://a.example'}], unmatchedPreflights: DROP}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "gateway",

@@ -630,6 +630,7 @@ fn cors(a: &Any, at: &str) -> Result<model::Cors, MapError> {
         expose_headers: list(&p.expose_headers),
         max_age_s: p.max_age.parse().ok(),
         allow_credentials: p.allow_credentials.is_some_and(|b| b.value),
+        answer_unmatched_preflights: p.forward_not_matching_preflights.is_some_and(|b| !b.value),
     })
 }
 
