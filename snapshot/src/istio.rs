@@ -427,8 +427,19 @@ pub struct VsHttpRoute {
     /// Answered by the proxy itself, forwarded nowhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<VsDirectResponse>,
+    /// The routes of another VirtualService (without hosts) take this route's place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<VsDelegate>,
     #[serde(flatten)]
     pub other: Other,
+}
+
+/// A route's `delegate`: a VirtualService by name (namespace: the root's when absent).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct VsDelegate {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// A route's `directResponse`: a status, and a body (`string`; `bytes` is not read).

@@ -7,6 +7,7 @@
 
 mod backends;
 mod cors;
+mod delegate;
 mod destination_rule;
 mod ext_authz;
 mod gamma;

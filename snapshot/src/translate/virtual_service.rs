@@ -122,8 +122,12 @@ pub(crate) fn translate(
     let reg = Registry { res, entries };
     clusters.waive_grants(true);
     for vs in &res.virtual_services {
+        // A delegate: applied only through the routes that name it.
+        if vs.spec.hosts.is_empty() {
+            continue;
+        }
         let obj = meta_ref("VirtualService", &vs.metadata);
-        match rules(vs) {
+        match rules(vs, &res.virtual_services) {
             Ok(rules) => out.extend(tables(vs, &rules, &reg, clusters, problems, &obj)),
             Err((field, reason, why)) => problems.push(&obj, field, reason, why),
         }
@@ -136,8 +140,8 @@ fn namespace(vs: &VirtualService) -> &str {
     vs.metadata.namespace.as_deref().unwrap_or("default")
 }
 
-/// Every route of `vs`, or the field that keeps it out.
-fn rules(vs: &VirtualService) -> Result<Rules, Refusal> {
+/// Every route of `vs` (delegations expanded from `all`), or the field that keeps it out.
+fn rules(vs: &VirtualService, all: &[Arc<VirtualService>]) -> Result<Rules, Refusal> {
     let spec = &vs.spec;
     if let Some(f) = spec.other.keys().next() {
         return Err(unsupported(format!("spec.{f}"), "not supported: only http routes are"));
@@ -156,11 +160,9 @@ fn rules(vs: &VirtualService) -> Result<Rules, Refusal> {
     }
     let ns = namespace(vs);
     Ok(Rules {
-        http: spec
-            .http
+        http: super::delegate::expand(vs, ns, all)?
             .iter()
-            .enumerate()
-            .map(|(i, h)| rule(h, ns, &format!("spec.http[{i}]")))
+            .map(|e| rule(&e.route, e.namespace, &e.at))
             .collect::<Result<_, _>>()?,
         tcp: spec
             .tcp
@@ -1616,6 +1618,103 @@ spec:
             (v1.circuit_breaker.max_connections, v2.circuit_breaker.max_connections),
             (7, 7),
             "over the rule's"
+        );
+    }
+
+    /// A route that delegates takes the delegate's routes, merged into it, in their place; the
+    /// delegate (no hosts) is not applied on its own.
+    #[test]
+    fn a_delegating_route_takes_the_delegates_routes_within_its_match() {
+        let t = run("
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root, namespace: shop}
+spec:
+  hosts: [b]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    timeout: 3s
+    delegate: {name: api-team}
+  - route: [{destination: {host: b-v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-team, namespace: shop}
+spec:
+  http:
+  - match: [{uri: {prefix: /api/v2}}]
+    route: [{destination: {host: b-v2}}]
+  - match: [{uri: {prefix: /web}}]
+    route: [{destination: {host: b-v2}}]
+  - timeout: 1s
+    route: [{destination: {host: b-v1}}]
+");
+        assert!(t.problems.is_empty(), "{:#?}", t.problems);
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on80 = &b.routes_for(80, "anyone").unwrap().routes;
+        let seen: Vec<_> = on80
+            .iter()
+            .map(|r| (&r.matcher.path, r.timeouts.request_ms, clusters(&r.action)))
+            .collect();
+        assert_eq!(
+            seen,
+            // A VirtualService prefix is of the string: a regex here.
+            [
+                (
+                    &PathMatch::Regex("/api/v2.*".into()),
+                    Some(3000),
+                    vec![(Some("service/shop/b-v2:80"), 1)]
+                ),
+                (
+                    &PathMatch::Regex("/api.*".into()),
+                    Some(1000),
+                    vec![(Some("service/shop/b-v1:80"), 1)]
+                ),
+                (
+                    &PathMatch::Prefix("/".into()),
+                    None,
+                    vec![(Some("service/shop/b-v1:80"), 1)]
+                ),
+            ],
+            "/web lies outside /api and is dropped; the root's timeout where the delegate sets none"
+        );
+        assert!(
+            on80.iter().all(|r| r.name.starts_with("shop/root/")),
+            "named for the root, whose status tells"
+        );
+    }
+
+    #[test]
+    fn a_delegation_that_cannot_be_followed_keeps_the_root_out() {
+        let root = |name: &str, to: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{hosts: [{name}], http: [{{delegate: {{name: {to}}}}}]}}\n---\n"
+            )
+        };
+        let t = run(&[
+            root("b", "missing"),
+            root("b-v1", "hosted"),
+            root("b-v2", "nested"),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: hosted, namespace: shop}\n\
+             spec: {hosts: [x], http: [{route: [{destination: {host: b}}]}]}\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nested, namespace: shop}\n\
+             spec: {http: [{delegate: {name: hosted}}]}\n"
+                .into(),
+        ]
+        .concat());
+        let keys = t.problem_keys();
+        assert!(
+            keys.contains(&("b", "spec.http[0].delegate", Reason::BackendNotFound)),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("b-v1", "spec.http[0].delegate", Reason::Invalid)),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("b-v2", "spec.http[0].delegate", Reason::UnsupportedValue)),
+            "{keys:?}"
         );
     }
 }
