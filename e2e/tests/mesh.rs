@@ -982,6 +982,7 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
          spec:\n  hosts: [svc-b]\n  http:\n\
          \x20 - match: [{{uri: {{prefix: /first}}}}]\n    route: [{{destination: {{host: b-v1}}}}]\n\
          \x20 - match: [{{uri: {{exact: /first/exact}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
+         \x20 - match: [{{uri: {{prefix: /team}}}}]\n    delegate: {{name: team-b}}\n\
          \x20 - match: [{{headers: {{x-version: {{exact: v2}}}}}}, {{uri: {{prefix: /v2}}}}]\n    route: [{{destination: {{host: b-v2}}}}]\n\
          \x20 - match: [{{uri: {{exact: /old}}}}]\n    redirect: {{uri: /new, redirectCode: 302}}\n\
          \x20 - match: [{{uri: {{prefix: /maintenance}}}}]\n    directResponse: {{status: 503, body: {{string: down for maintenance}}}}\n\
@@ -1012,6 +1013,31 @@ async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
         "the header pins v2"
     );
     assert_eq!(calls(10, "/v2beta", &[]), (0, 10), "Istio prefixes are string prefixes");
+    // A delegated route: the team's VirtualService (no hosts) routes under /team — and a change
+    // to it alone takes effect.
+    let team = |v2: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: team-b, namespace: {NS}}}\n\
+             spec:\n  http:\n\
+             \x20 - match: [{{uri: {{prefix: /team/new}}}}]\n    route: [{{destination: {{host: {v2}}}}}]\n\
+             \x20 - route: [{{destination: {{host: b-v1}}}}]\n"
+        )
+    };
+    w.cluster.apply(&team("b-v2"));
+    eventually(
+        "the delegate's routes serve /team",
+        Duration::from_secs(20),
+        async || calls(10, "/team/new/x", &[]) == (0, 10),
+    )
+    .await;
+    assert_eq!(calls(10, "/team/old", &[]), (10, 0));
+    w.cluster.apply(&team("b-v1"));
+    eventually(
+        "an edit of the delegate alone takes effect",
+        Duration::from_secs(20),
+        async || calls(10, "/team/new/x", &[]) == (10, 0),
+    )
+    .await;
     assert_eq!(calls(10, "/cASElESS", &[]), (0, 10), "ignoreUriCase");
     assert_eq!(
         calls(10, "/any", &["-H", "x-subset: v2"]),

@@ -4,7 +4,9 @@
 //! match that cannot, e.g. a path outside the root's prefix, is dropped; a route none of whose
 //! matches can is dropped), and what the delegate's route leaves unset (rewrite, timeout,
 //! retries, fault, mirrors, headers, CORS) is the root route's. One level only; a delegate has
-//! no `hosts` and is applied only through the roots that name it.
+//! no `hosts` and is applied only through the roots that name it. A delegation that cannot be
+//! followed (no such VirtualService, one with hosts, one that delegates again) takes no
+//! requests, as in Istio, and is reported; the root's other routes serve.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -26,13 +28,15 @@ pub(crate) struct Expanded<'a> {
 }
 
 /// `vs`'s `http` routes (in namespace `ns`) with every delegating route replaced by its
-/// delegate's routes merged into it; `all` is every VirtualService.
+/// delegate's routes merged into it (`all` is every VirtualService), and the delegations that
+/// could not be followed. A delegating route with destinations of its own keeps `vs` out.
 pub(crate) fn expand<'a>(
     vs: &'a VirtualService,
     ns: &'a str,
     all: &'a [Arc<VirtualService>],
-) -> Result<Vec<Expanded<'a>>, Refusal> {
+) -> Result<(Vec<Expanded<'a>>, Vec<Refusal>), Refusal> {
     let mut out = Vec::new();
+    let mut unfollowed = Vec::new();
     for (i, root) in vs.spec.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
         let Some(d) = &root.delegate else {
@@ -51,48 +55,44 @@ pub(crate) fn expand<'a>(
             ));
         }
         let dns = d.namespace.as_deref().unwrap_or(ns);
-        let delegate = all
-            .iter()
-            .find(|v| {
-                v.metadata.name.as_deref() == Some(d.name.as_str())
-                    && v.metadata.namespace.as_deref().unwrap_or("default") == dns
-            })
-            .ok_or_else(|| {
-                (
-                    format!("{at}.delegate"),
-                    Reason::BackendNotFound,
-                    format!("VirtualService {dns}/{} does not exist", d.name),
-                )
-            })?;
-        if !delegate.spec.hosts.is_empty() {
-            return Err((
-                format!("{at}.delegate"),
-                Reason::Invalid,
-                format!("VirtualService {dns}/{} has hosts: a delegate has none", d.name),
-            ));
-        }
-        for (j, leaf) in delegate.spec.http.iter().enumerate() {
-            if leaf.delegate.is_some() {
-                return Err((
-                    format!("{at}.delegate"),
-                    Reason::UnsupportedValue,
-                    format!("VirtualService {dns}/{} delegates again: one level only", d.name),
-                ));
+        let delegate = match find(all, dns, &d.name) {
+            Ok(v) => v,
+            Err((reason, why)) => {
+                let why = format!("VirtualService {dns}/{} {why}; the route takes no requests", d.name);
+                unfollowed.push((format!("{at}.delegate"), reason, why));
+                continue;
             }
+        };
+        for (j, leaf) in delegate.spec.http.iter().enumerate() {
             if let Some(route) = merged(root, leaf) {
                 out.push(Expanded {
                     route: Cow::Owned(route),
-                    namespace: delegate_namespace(delegate),
+                    namespace: dns,
                     at: format!("{at}.delegate({dns}/{}).http[{j}]", d.name),
                 });
             }
         }
     }
-    Ok(out)
+    Ok((out, unfollowed))
 }
 
-fn delegate_namespace(vs: &VirtualService) -> &str {
-    vs.metadata.namespace.as_deref().unwrap_or("default")
+/// The delegate `ns/name`, or why it cannot be one.
+fn find<'a>(
+    all: &'a [Arc<VirtualService>],
+    ns: &str,
+    name: &str,
+) -> Result<&'a VirtualService, (Reason, &'static str)> {
+    let found = all.iter().find(|v| {
+        v.metadata.name.as_deref() == Some(name) && v.metadata.namespace.as_deref().unwrap_or("default") == ns
+    });
+    match found {
+        None => Err((Reason::BackendNotFound, "does not exist")),
+        Some(v) if !v.spec.hosts.is_empty() => Err((Reason::Invalid, "has hosts: a delegate has none")),
+        Some(v) if v.spec.http.iter().any(|h| h.delegate.is_some()) => {
+            Err((Reason::UnsupportedValue, "delegates again: one level only"))
+        }
+        Some(v) => Ok(v),
+    }
 }
 
 /// The delegate's route `leaf` within the root's route: `None` when none of its matches lies

@@ -76,10 +76,11 @@ struct TcpRule {
     destinations: Vec<Destination>,
 }
 
-/// Every route of a VirtualService.
+/// Every route of a VirtualService, and the delegations it could not follow.
 struct Rules {
     http: Vec<Rule>,
     tcp: Vec<TcpRule>,
+    unfollowed: Vec<Refusal>,
 }
 
 /// A Service (a subset of it, with a DestinationRule) or a ServiceEntry host, and its weight.
@@ -128,7 +129,12 @@ pub(crate) fn translate(
         }
         let obj = meta_ref("VirtualService", &vs.metadata);
         match rules(vs, &res.virtual_services) {
-            Ok(rules) => out.extend(tables(vs, &rules, &reg, clusters, problems, &obj)),
+            Ok(rules) => {
+                for (field, reason, why) in &rules.unfollowed {
+                    problems.push(&obj, field.clone(), *reason, why.clone());
+                }
+                out.extend(tables(vs, &rules, &reg, clusters, problems, &obj));
+            }
             Err((field, reason, why)) => problems.push(&obj, field, reason, why),
         }
     }
@@ -159,8 +165,10 @@ fn rules(vs: &VirtualService, all: &[Arc<VirtualService>]) -> Result<Rules, Refu
         return Err(invalid("spec.http", "at least one http or tcp route"));
     }
     let ns = namespace(vs);
+    let (expanded, unfollowed) = super::delegate::expand(vs, ns, all)?;
     Ok(Rules {
-        http: super::delegate::expand(vs, ns, all)?
+        unfollowed,
+        http: expanded
             .iter()
             .map(|e| rule(&e.route, e.namespace, &e.at))
             .collect::<Result<_, _>>()?,
@@ -1685,11 +1693,11 @@ spec:
     }
 
     #[test]
-    fn a_delegation_that_cannot_be_followed_keeps_the_root_out() {
+    fn a_delegation_that_cannot_be_followed_takes_no_requests_and_says_why() {
         let root = |name: &str, to: &str| {
             format!(
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n\
-                 spec: {{hosts: [{name}], http: [{{delegate: {{name: {to}}}}}]}}\n---\n"
+                 spec: {{hosts: [{name}], http: [{{delegate: {{name: {to}}}}}, {{route: [{{destination: {{host: b-v1}}}}]}}]}}\n---\n"
             )
         };
         let t = run(&[
@@ -1716,5 +1724,10 @@ spec:
             keys.contains(&("b-v2", "spec.http[0].delegate", Reason::UnsupportedValue)),
             "{keys:?}"
         );
+        // The root's other routes serve.
+        let b = t.snapshot.services.iter().find(|s| s.key == "shop/b").unwrap();
+        let on80 = &b.routes_for(80, "anyone").unwrap().routes;
+        assert_eq!(on80.len(), 1);
+        assert_eq!(clusters(&on80[0].action), [(Some("service/shop/b-v1:80"), 1)]);
     }
 }
