@@ -372,17 +372,11 @@ async fn a_provider_that_asks_for_the_body_gets_it_before_the_backend_does() {
 
     // A body that stalls while it is read ahead: the client's timeout, nothing asked.
     let asked = authz.asked().len();
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"POST /private/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\nx-ext")
-        .await
-        .unwrap();
-    let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out[..n]);
+    let out = first_answer(
+        port,
+        b"POST /private/orders HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\nx-ext",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert_eq!(authz.asked().len(), asked);
 }

@@ -245,16 +245,7 @@ async fn client_body_faults_never_eject_the_backend() {
     assert_eq!(status(&out), 200, "{out}");
     assert_eq!(body(&out)["body_len"], 8);
     // An upload that stalls is the client's timeout: 408.
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nab")
-        .await
-        .unwrap();
-    let mut out = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out[..n]);
+    let out = first_answer(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nab").await;
     assert_eq!(status(&out), 408, "{out}");
     assert_eq!(
         dp.metric("ferrum_cluster_ejections_total{cluster=\"backend/default/a\"}")

@@ -151,3 +151,17 @@ pub fn backend(name: &str, eps: &[&Backend], spec: &str) -> String {
 pub fn docs(parts: &[String]) -> String {
     parts.join("\n---\n")
 }
+
+/// Sends `bytes` on a new connection to `port` and returns the first answer that comes back
+/// within 5 s — for requests whose body never ends, which the proxy answers without closing.
+pub async fn first_answer(port: u16, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&out[..n]).into_owned()
+}
