@@ -98,18 +98,15 @@ pub fn resolve<'a>(secrets: &'a Secrets, name: &str, digest: &str) -> Result<&'a
 }
 
 /// Every Secret `res` names for TLS, as (namespace, name): Gateway listeners' `certificateRefs`,
-/// Backend and BackendPolicy `tls` references and DestinationRule `credentialName`s — each with
-/// its `<name>-cacert` companion, where Istio also looks for CA certificates. A controller that
-/// lists only `kubernetes.io/tls` Secrets fetches the others (Istio accepts generic ones) by
-/// these names, and reads no other Secret.
+/// Backend and BackendPolicy `tls` references and DestinationRule `credentialName`s — the
+/// latter two with their `<name>-cacert` companion, where Istio also looks for the CAs that
+/// verify an upstream (a listener's certificate needs none). A controller that lists only
+/// `kubernetes.io/tls` Secrets fetches the others (Istio accepts generic ones) by these
+/// names, and reads no other Secret.
 pub fn named_by(res: &crate::Resources) -> std::collections::BTreeSet<(String, String)> {
     let mut out = std::collections::BTreeSet::new();
     let ns_of = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         m.namespace.clone().unwrap_or_else(|| "default".into())
-    };
-    let mut name = |ns: &str, name: &str| {
-        out.insert((ns.to_string(), name.to_string()));
-        out.insert((ns.to_string(), format!("{name}-cacert")));
     };
     for gw in &res.gateways {
         let refs = gw
@@ -118,9 +115,14 @@ pub fn named_by(res: &crate::Resources) -> std::collections::BTreeSet<(String, S
             .iter()
             .filter_map(|l| l.tls.as_ref()?.certificate_refs.as_ref());
         for r in refs.flatten() {
-            name(r.namespace.as_deref().unwrap_or(&ns_of(&gw.metadata)), &r.name);
+            let ns = r.namespace.clone().unwrap_or_else(|| ns_of(&gw.metadata));
+            out.insert((ns, r.name.clone()));
         }
     }
+    let mut name = |ns: &str, name: &str| {
+        out.insert((ns.to_string(), name.to_string()));
+        out.insert((ns.to_string(), format!("{name}-cacert")));
+    };
     let policies = res.backends.iter().map(|b| (&b.metadata, &b.spec.policy));
     let policies = policies.chain(res.backend_policies.iter().map(|p| (&p.metadata, &p.spec.policy)));
     for (meta, tls) in policies.filter_map(|(m, p)| Some((m, p.tls.as_ref()?))) {
@@ -211,9 +213,7 @@ mod tests {
             named,
             [
                 "certs/shared",
-                "certs/shared-cacert",
                 "edge/site",
-                "edge/site-cacert",
                 "shop/pay-client",
                 "shop/pay-client-cacert",
                 "shop/pay-v2",
