@@ -1028,6 +1028,11 @@ pub struct RetryPolicy {
     pub budget_percent: u32,
     /// …but this many are always allowed.
     pub min_retry_concurrency: u32,
+    /// gRPC status codes retried when a response's headers carry them (a trailers-only gRPC
+    /// error): Envoy's `cancelled` (1), `deadline-exceeded` (4), `resource-exhausted` (8),
+    /// `internal` (13), `unavailable` (14). Schema 9: an older proxy does not retry on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_on: Vec<u8>,
 }
 
 impl Default for RetryPolicy {
@@ -1038,9 +1043,19 @@ impl Default for RetryPolicy {
             backoff_base_ms: 25,
             budget_percent: 20,
             min_retry_concurrency: 3,
+            grpc_on: Vec::new(),
         }
     }
 }
+
+/// Envoy's gRPC retry conditions and the status codes they name.
+pub const GRPC_RETRY_CONDITIONS: [(&str, u8); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

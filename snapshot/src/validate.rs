@@ -555,6 +555,11 @@ pub fn http_header_name_invalid(name: &str) -> bool {
 
 /// Reports each condition of a retry policy no proxy knows, as `retry.on[i]`.
 pub(crate) fn retry_conditions(r: &RetryPolicy, err: &mut dyn FnMut(String, String)) {
+    for (i, code) in r.grpc_on.iter().enumerate() {
+        if *code > 16 {
+            err(format!("retry.grpcOn[{i}]"), "a gRPC status code, 0-16".into());
+        }
+    }
     for (i, on) in r.on.iter().enumerate() {
         let known = matches!(on.as_str(), "connect-failure" | "reset" | "5xx" | "gateway-error")
             || on.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s));

@@ -649,7 +649,8 @@ impl Forward<'_> {
             if let Some(policy) = retry
                 && attempt < policy.attempts
                 && !timing.out_of_time()
-                && retry_on.matches(status)
+                && (retry_on.matches(status)
+                    || matches!(&outcome, Try::Response(r, _) if retry_on.matches_grpc(r.headers())))
                 && let Some(g) = cluster.try_retry(policy)
             {
                 _retry_guard = Some(g);

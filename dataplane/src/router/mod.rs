@@ -265,7 +265,7 @@ impl VirtualHost {
                 action: p.action,
                 timeouts: r.timeouts.clone(),
                 retry: r.retry.clone().map(|p| {
-                    let on = crate::upstream::retry::RetryOn::new(&p.on);
+                    let on = crate::upstream::retry::RetryOn::of(&p);
                     (p, on)
                 }),
                 fault: r.fault.clone(),

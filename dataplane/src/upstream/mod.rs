@@ -226,7 +226,7 @@ impl ClusterRuntime {
             endpoints,
             pools,
             stats,
-            retry_on: retry::RetryOn::new(spec.retry.as_ref().map_or(&[][..], |r| &r.on)),
+            retry_on: spec.retry.as_ref().map(retry::RetryOn::of).unwrap_or_default(),
             active: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             retries_active: AtomicU32::new(0),

@@ -1,6 +1,9 @@
 //! Which try outcomes a cluster retries, compiled once from the policy's condition names so a
 //! failed try is judged without comparing strings.
 
+use ferrum_snapshot::model::RetryPolicy;
+use http::HeaderMap;
+
 use super::UpstreamError;
 
 /// A retry policy's `on` list (`connect-failure`, `reset`, `5xx`, `gateway-error`, status codes).
@@ -13,6 +16,8 @@ pub struct RetryOn {
     /// `gateway-error`: 502, 503, 504, and a failed connect, a reset or a timeout.
     gateway_error: bool,
     statuses: Box<[u16]>,
+    /// gRPC status codes retried, one bit each.
+    grpc: u32,
 }
 
 impl RetryOn {
@@ -31,6 +36,23 @@ impl RetryOn {
         }
         r.statuses = statuses.into();
         r
+    }
+
+    /// A policy's conditions, its gRPC ones included.
+    pub fn of(p: &RetryPolicy) -> Self {
+        let mut r = RetryOn::new(&p.on);
+        r.grpc = p.grpc_on.iter().filter(|c| **c < 32).fold(0, |bits, c| bits | 1 << c);
+        r
+    }
+
+    /// Whether a response is a gRPC error it retries: `grpc-status` in its headers (a
+    /// trailers-only response), one of the codes. Read only when the policy names any.
+    pub fn matches_grpc(&self, headers: &HeaderMap) -> bool {
+        self.grpc != 0
+            && headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<u8>().ok())
+                .is_some_and(|c| c < 32 && self.grpc & (1 << c) != 0)
     }
 
     /// Whether a try that ended so (a response status, or no response) is retried.
@@ -72,6 +94,25 @@ mod tests {
         assert!(!on(&["connect-failure"]).matches(Err(UpstreamError::Timeout)));
         assert!(!on(&["reset"]).matches(Err(UpstreamError::ConnectFailure)));
         assert!(on(&["reset", "503"]).matches(Ok(503)));
+    }
+
+    #[test]
+    fn grpc_conditions_match_a_trailers_only_error() {
+        let p = RetryPolicy {
+            grpc_on: vec![1, 14],
+            ..RetryPolicy::default()
+        };
+        let r = RetryOn::of(&p);
+        let headers = |status: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", status.parse().unwrap());
+            h
+        };
+        assert!(r.matches_grpc(&headers("14")), "unavailable");
+        assert!(!r.matches_grpc(&headers("0")), "OK");
+        assert!(!r.matches_grpc(&headers("13")), "internal: not named");
+        assert!(!r.matches_grpc(&HeaderMap::new()), "no grpc-status in the headers");
+        assert!(!RetryOn::of(&RetryPolicy::default()).matches_grpc(&headers("14")));
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub fn retry_policy(p: &RetryPolicy, per_try_ms: Option<u64>) -> route::RetryPol
     if !codes.is_empty() {
         on.push("retriable-status-codes");
     }
+    let grpc = ferrum_snapshot::model::GRPC_RETRY_CONDITIONS.iter();
+    on.extend(grpc.filter(|(_, code)| p.grpc_on.contains(code)).map(|(name, _)| *name));
     route::RetryPolicy {
         retry_on: on.join(","),
         num_retries: u32v(p.attempts),

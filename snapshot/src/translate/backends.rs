@@ -768,7 +768,7 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             on: r.on.clone().unwrap_or(d.on),
             backoff_base_ms: duration_field("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
             budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
-            min_retry_concurrency: d.min_retry_concurrency,
+            ..d
         });
     }
     if let Some(t) = &p.tls {

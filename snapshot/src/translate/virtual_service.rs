@@ -415,9 +415,9 @@ fn port(n: u32, field: &str) -> Result<u16, Refusal> {
         .ok_or_else(|| invalid(field, "ports are 1-65535"))
 }
 
-/// A route's retries (their `on` list in Ferrum's names) and per-try timeout. Istio's default
-/// conditions (`connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
-/// with 503) are `connect-failure`, `reset` and `503` here.
+/// A route's retries (their `on` list in Ferrum's names, gRPC conditions as status codes) and
+/// per-try timeout. Istio's default conditions are
+/// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with 503.
 fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>, Option<u64>), Refusal> {
     if let Some(f) = r.other.keys().next() {
         return Err(unsupported(format!("{at}.{f}"), "not supported"));
@@ -425,14 +425,21 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
     let attempts =
         u32::try_from(r.attempts.unwrap_or(2)).map_err(|_| invalid(format!("{at}.attempts"), "0 or more"))?;
     let mut on = Vec::new();
+    let mut grpc_on = Vec::new();
     let conditions = r
         .retry_on
         .as_deref()
-        .unwrap_or("connect-failure,refused-stream,retriable-status-codes,503");
+        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503");
     for c in conditions.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        if let Some((_, code)) = crate::model::GRPC_RETRY_CONDITIONS.iter().find(|(n, _)| *n == c) {
+            grpc_on.push(*code);
+            continue;
+        }
         let ferrum = match c {
             "5xx" | "gateway-error" | "connect-failure" | "reset" => c,
             "refused-stream" => "reset",
+            // Envoy's only retriable 4xx.
+            "retriable-4xx" => "409",
             // The codes are listed beside it.
             "retriable-status-codes" => continue,
             code if code.parse::<u16>().is_ok_and(|s| (100..=599).contains(&s)) => code,
@@ -440,7 +447,9 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
                 return Err(unsupported(
                     format!("{at}.retryOn"),
                     format!(
-                        "{other:?}: 5xx, gateway-error, connect-failure, reset, refused-stream and status codes are"
+                        "{other:?}: 5xx, gateway-error, connect-failure, reset, refused-stream, retriable-4xx, \
+                         status codes and the gRPC conditions (cancelled, deadline-exceeded, internal, \
+                         resource-exhausted, unavailable) are"
                     ),
                 ));
             }
@@ -454,9 +463,12 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
         .as_deref()
         .map(|t| super::istio_duration_ms(t).map_err(|e| invalid(format!("{at}.perTryTimeout"), e)))
         .transpose()?;
+    grpc_on.sort_unstable();
+    grpc_on.dedup();
     let policy = RetryPolicy {
         attempts,
         on,
+        grpc_on,
         ..RetryPolicy::default()
     };
     Ok((Some(policy), per_try))
@@ -1250,8 +1262,13 @@ spec:
         );
         let default = on80[0].retry.as_ref().expect("no retries field: Istio's default");
         assert_eq!(
-            (default.attempts, default.on.as_slice()),
-            (2, &["connect-failure", "reset", "503"].map(String::from)[..])
+            (default.attempts, default.on.as_slice(), default.grpc_on.as_slice()),
+            (
+                2,
+                &["connect-failure", "reset", "503"].map(String::from)[..],
+                &[1, 14][..]
+            ),
+            "gRPC's cancelled and unavailable too"
         );
         assert_eq!(api.request_headers.set, [("x-from".to_string(), "vs".to_string())]);
         assert_eq!(clusters(&api.action), [(Some("service/shop/b-v1:80"), 1)]);
@@ -1303,7 +1320,7 @@ spec:
             vs(
                 "retries",
                 "2026-01-01T00:00:00Z",
-                "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'retriable-4xx'}, route: [{destination: {host: b-v1}}]}]}",
+                "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'sometimes'}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
                 "grpc",

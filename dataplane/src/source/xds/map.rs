@@ -1451,11 +1451,8 @@ mod tests {
         assert_eq!(c.lb, LbPolicy::ConsistentHash(model::HashOn::Header("x-user".into())));
         let p = c.retry.clone().unwrap();
         assert_eq!(p.attempts, 3);
-        assert_eq!(
-            p.on,
-            vec!["connect-failure", "reset", "429"],
-            "gRPC conditions are not retried"
-        );
+        assert_eq!(p.on, vec!["connect-failure", "reset", "429"]);
+        assert_eq!(p.grpc_on, [14], "unavailable: a trailers-only gRPC error's code");
 
         // Without a key Envoy hashes nothing: random.
         let r = with_route_policies(Vec::new(), None, None);

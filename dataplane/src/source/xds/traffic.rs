@@ -18,16 +18,9 @@ use super::map::{MapError, decode};
 
 const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 
-/// gRPC and HTTP/2 retry conditions with no ferrum equivalent: ferrum-dp does not retry on them
-/// (it retries on what the others in the same list say). istiod sends some by default.
-const NOT_RETRIED: [&str; 6] = [
-    "cancelled",
-    "deadline-exceeded",
-    "internal",
-    "resource-exhausted",
-    "unavailable",
-    "http3-post-connect-failure",
-];
+/// Retry conditions with no ferrum equivalent: ferrum-dp does not retry on them (it retries on
+/// what the others in the same list say).
+const NOT_RETRIED: [&str; 1] = ["http3-post-connect-failure"];
 
 /// What the routes to one cluster ask of it, and the first route that asked.
 #[derive(Default)]
@@ -160,6 +153,7 @@ fn hash_on(policies: &[route::route_action::HashPolicy], at: &str) -> Result<Opt
 /// Envoy's `retry_on` names as ferrum's conditions.
 fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapError> {
     let mut on = Vec::new();
+    let mut grpc_on = Vec::new();
     for cond in p.retry_on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
         match cond {
             "connect-failure" | "reset" | "5xx" | "gateway-error" => on.push(cond.to_string()),
@@ -167,6 +161,12 @@ fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapErro
             "refused-stream" | "reset-before-request" => on.push("reset".into()),
             "retriable-status-codes" => on.extend(p.retriable_status_codes.iter().map(u32::to_string)),
             "retriable-4xx" => on.push("409".into()),
+            c if let Some((_, code)) = ferrum_snapshot::model::GRPC_RETRY_CONDITIONS
+                .iter()
+                .find(|(n, _)| *n == c) =>
+            {
+                grpc_on.push(*code)
+            }
             c if NOT_RETRIED.contains(&c) => {}
             other => {
                 return Err(MapError::Refused {
@@ -182,6 +182,7 @@ fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapErro
         // Envoy's default is one retry.
         attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
         on,
+        grpc_on,
         backoff_base_ms: p
             .retry_back_off
             .as_ref()
