@@ -63,6 +63,9 @@ pub struct ClusterStats {
     pub latency: Histogram,
     pub errors: [AtomicU64; UpstreamError::ALL.len()],
     pub retries: AtomicU64,
+    /// Retries the policy called for but the request's body, longer than the retry buffer and
+    /// partly sent, could not be sent again.
+    pub retries_abandoned: AtomicU64,
     pub connections_active: AtomicI64,
     pub connections_total: AtomicU64,
     pub ejections: AtomicU64,
@@ -494,10 +497,16 @@ impl Scrape {
                 })
             }),
         )?;
-        let per_cluster: [(&str, MetricType, &str, ClusterValue); 6] = [
+        let per_cluster: [(&str, MetricType, &str, ClusterValue); 7] = [
             ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
                 s.retries.load(Relaxed) as i64
             }),
+            (
+                "ferrum_cluster_retries_abandoned",
+                MetricType::Counter,
+                "Retries not sent: the request's body outgrew the retry buffer.",
+                |s| s.retries_abandoned.load(Relaxed) as i64,
+            ),
             (
                 "ferrum_cluster_connections_active",
                 MetricType::Gauge,

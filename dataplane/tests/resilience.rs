@@ -2,6 +2,9 @@
 
 mod common;
 use common::*;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse, attribute_context};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
@@ -81,7 +84,7 @@ async fn consecutive_5xx_eject_an_endpoint_until_it_serves_again() {
 }
 
 #[tokio::test]
-async fn retries_recover_idempotent_requests_only() {
+async fn retries_send_the_request_again_body_and_all() {
     let ok = Backend::start("ok").await;
     let dead_port = free_port(); // nothing listens here
     let port = free_port();
@@ -110,16 +113,61 @@ async fn retries_recover_idempotent_requests_only() {
             .await
             >= 10.0
     );
-    // A POST with a body is never replayed: half of them hit the dead endpoint and fail.
-    let mut failed = 0;
-    for _ in 0..20 {
-        let r = c.post(&url).body("payload").send().await.unwrap();
-        if r.status() == 502 {
-            assert_eq!(r.headers()["x-ferrum-error"], "upstream_connect_failure");
-            failed += 1;
+    // A POST is retried too, as by Envoy, with its whole body (a body larger than the retry
+    // buffer included: a refused connection read none of it).
+    for size in [7, 300_000, 3 << 20] {
+        for _ in 0..4 {
+            let r = c.post(&url).body(vec![b'x'; size]).send().await.unwrap();
+            assert_eq!(r.status(), 200, "a {size}-byte POST is retried");
+            let echo: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            assert_eq!(echo["body_len"], size, "the retried request carries the whole body");
         }
     }
-    assert_eq!(failed, 10);
+}
+
+#[tokio::test]
+async fn a_retry_resends_a_body_the_failed_try_already_sent() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    let policy = "  retry: {attempts: 1, on: [\"503\"], backoff: 1ms}\n  outlierDetection: {disabled: true}\n";
+    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b], policy), route_to("pool")]);
+    let dp = Dp::start(&yaml).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    // `a` reads each body whole, then answers 503: the retry sends what the client sent to `b`.
+    a.force_status.store(503, SeqCst);
+    let body: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..6 {
+        let r = c.post(&url).body(body.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-backend"], "b");
+    }
+    assert!(a.hits() >= 3, "half the first tries went to a: {}", a.hits());
+    let last = b.last().unwrap();
+    assert_eq!(last["body_len"], body.len());
+    assert_eq!(last["body"], String::from_utf8_lossy(&body).as_ref(), "byte for byte");
+    // A body past the retry buffer (1 MiB) that a failed try has read cannot be sent again:
+    // its 503 is the answer, as in Envoy.
+    let big = vec![b'y'; 2 << 20];
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = c.post(&url).body(big.clone()).send().await.unwrap();
+        statuses.push((
+            r.status().as_u16(),
+            r.headers()["x-backend"].to_str().unwrap().to_string(),
+        ));
+    }
+    assert!(
+        statuses.iter().all(|(s, who)| (*s == 503) == (who == "a")),
+        "{statuses:?}"
+    );
+    let abandoned = statuses.iter().filter(|(s, _)| *s == 503).count();
+    assert!(abandoned > 0, "{statuses:?}");
+    assert_eq!(
+        dp.metric("ferrum_cluster_retries_abandoned_total{cluster=\"backend/default/pool\"}")
+            .await,
+        abandoned as f64
+    );
 }
 
 #[tokio::test]
@@ -175,4 +223,161 @@ async fn timeouts_overflow_and_limits_answer_with_reasons() {
         .await
         .unwrap();
     assert_eq!(r.status(), 431, "oversized request head");
+}
+
+/// A gRPC service that fails every call with UNAVAILABLE, or answers each with the path its
+/// request names.
+struct Grpc {
+    failing: bool,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl Authorization for Grpc {
+    async fn check(&self, req: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        self.calls.fetch_add(1, SeqCst);
+        if self.failing {
+            return Err(tonic::Status::unavailable("draining"));
+        }
+        let path = req
+            .into_inner()
+            .attributes
+            .and_then(|a| a.request?.http)
+            .map(|h| h.path)
+            .unwrap_or_default();
+        Ok(tonic::Response::new(CheckResponse {
+            status: Some(envoy_types::pb::google::rpc::Status {
+                message: path,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+}
+
+async fn grpc_server(failing: bool) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let l = ferrum_testkit::listen_local().await;
+    let addr = l.local_addr().unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let svc = AuthorizationServer::new(Grpc {
+        failing,
+        calls: calls.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l)),
+    );
+    (addr, calls)
+}
+
+#[tokio::test]
+async fn grpc_calls_are_retried_on_their_status() {
+    let (down, down_calls) = grpc_server(true).await;
+    let (up, up_calls) = grpc_server(false).await;
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  protocol: HTTP/2\n  \
+             endpoints:\n  - {{address: 127.0.0.1, port: {}}}\n  - {{address: 127.0.0.1, port: {}}}\n  \
+             retry: {{attempts: 1, on: [unavailable], backoff: 1ms}}\n  outlierDetection: {{disabled: true}}\n",
+            down.port(),
+            up.port()
+        ),
+        route_to("pool"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let path = format!("/call/{i}");
+        let req = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        path: path.clone(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let answer = client
+            .check(req)
+            .await
+            .expect("UNAVAILABLE is retried on the other endpoint");
+        assert_eq!(
+            answer.into_inner().status.unwrap().message,
+            path,
+            "the retry carried the call's message"
+        );
+    }
+    assert_eq!(up_calls.load(SeqCst), 10);
+    assert!(
+        down_calls.load(SeqCst) >= 4,
+        "about half the first tries failed: {down_calls:?}"
+    );
+}
+
+/// An HTTP/1.1 server that answers 503 as soon as a request's head has come, reads none of its
+/// body, and holds the connection open.
+async fn early_503() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = ferrum_testkit::listen_local().await;
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(1) => head.push(buf[0]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_retry_takes_over_a_body_the_failed_try_was_still_sending() {
+    let early = early_503().await;
+    let b = Backend::start("b").await;
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
+             - {{address: 127.0.0.1, port: {}}}\n  - {{address: 127.0.0.1, port: {}}}\n  \
+             retry: {{attempts: 1, on: [\"503\"], backoff: 1ms}}\n  outlierDetection: {{disabled: true}}\n",
+            early.port(),
+            b.addr.port()
+        ),
+        route_to("pool"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    let body: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+    for _ in 0..6 {
+        let r = tokio::time::timeout(Duration::from_secs(10), c.post(&url).body(body.clone()).send())
+            .await
+            .expect("the retry does not wait on the first try's upload")
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-backend"], "b");
+        let last = b.last().unwrap();
+        assert_eq!(last["body_len"], body.len());
+        assert_eq!(last["body"], String::from_utf8_lossy(&body).as_ref(), "byte for byte");
+    }
 }

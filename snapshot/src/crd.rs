@@ -164,7 +164,9 @@ pub struct TimeoutsSpec {
 pub struct RetrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
-    /// `connect-failure`, `reset`, `5xx`, `gateway-error` or status codes such as `"429"`.
+    /// `connect-failure`, `reset`, `5xx`, `gateway-error`, status codes such as `"429"`, or the
+    /// gRPC conditions `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable` (a response whose `grpc-status` says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

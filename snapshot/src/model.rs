@@ -1057,6 +1057,14 @@ pub const GRPC_RETRY_CONDITIONS: [(&str, u8); 5] = [
     ("unavailable", 14),
 ];
 
+/// The gRPC status code an Envoy gRPC retry condition names.
+pub fn grpc_retry_code(condition: &str) -> Option<u8> {
+    GRPC_RETRY_CONDITIONS
+        .iter()
+        .find(|(n, _)| *n == condition)
+        .map(|(_, c)| *c)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamTls {

@@ -23,7 +23,7 @@ use crate::mesh::ext_authz::{ResponseHeaders, Settled, add_response_headers, set
 use crate::router::Route;
 use crate::router::cors;
 use crate::upstream::balance::HashKey;
-use crate::upstream::body::{self, ClientBody, RequestBody, ResponseBody};
+use crate::upstream::body::{self, ClientBody, Replay, RequestBody, ResponseBody};
 use crate::upstream::{
     ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
     UpstreamError,
@@ -528,11 +528,16 @@ struct Forward<'a> {
     backend: Option<&'a crate::router::BackendMods>,
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
+/// Whether a retry can send the request's body again; counts it when not.
+fn replayable(cluster: &ClusterRuntime, replay: Option<&Replay>) -> bool {
+    let ok = replay.is_none_or(Replay::replayable);
+    if !ok {
+        cluster
+            .stats
+            .retries_abandoned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    ok
 }
 
 /// Walks an error's sources looking for `T`.
@@ -614,13 +619,16 @@ impl Forward<'_> {
             Some((policy, on)) => (Some(policy), on),
             None => (cluster.spec.retry.as_ref(), &cluster.retry_on),
         };
-        let retry = retry.filter(|_| body_empty && upgrade.is_none() && is_idempotent(&parts.method));
+        // Any method is retried, as by Envoy: the retry conditions say when.
+        let retry = retry.filter(|_| upgrade.is_none());
         let (mut body, upload) = if body_empty {
             (RequestBody::Empty, None)
         } else {
             let (b, u) = RequestBody::stream(incoming, limits.max_request_body);
             (b, Some(u))
         };
+        // A body is kept for a retry to send again.
+        let replay = retry.and_then(|_| body.replayable());
         for (mirror, _) in self.route.mirrors.iter().filter(|(_, share)| copied(*share)) {
             shadow(mirror.clone(), &parts, body.copy().unwrap_or(RequestBody::Empty));
         }
@@ -651,9 +659,11 @@ impl Forward<'_> {
                 && !timing.out_of_time()
                 && (retry_on.matches(status)
                     || matches!(&outcome, Try::Response(r, _) if retry_on.matches_grpc(r.headers())))
+                && replayable(cluster, replay.as_ref())
                 && let Some(g) = cluster.try_retry(policy)
             {
                 _retry_guard = Some(g);
+                body = Some(replay.as_ref().map_or(RequestBody::Empty, Replay::again));
                 attempt += 1;
                 avoid = Some(idx);
                 drop(ep_guard);

@@ -1,11 +1,12 @@
 //! The bodies of a forwarded request: the client's, sent upstream within its size limit, and
 //! the answer — the upstream's body, holding its connection and guards until it ends, or a
-//! local one. Streamed both ways, never buffered.
+//! local one. Streamed both ways; a request that may be retried keeps what it sent, up to
+//! [`RETRY_BUFFER`], to send it again.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -182,19 +183,195 @@ impl Upload {
     }
 }
 
-/// What goes upstream: the client's body (bounded), a mirror's copy of one, a body made here
-/// (an authorization check), or nothing.
+/// What goes upstream: the client's body (bounded), one try's replay of it, a mirror's copy of
+/// one, a body made here (an authorization check), or nothing.
 pub enum RequestBody {
     Empty,
     /// Sent in one frame, then taken.
     Full(Option<Bytes>),
-    Stream {
-        body: Limited<ClientBody>,
-        upload: Arc<Upload>,
-        /// Frames are copied here too, one copy per mirror.
-        copies: Vec<BodyCopy>,
-    },
+    Stream(Source),
+    Replay(Replay),
     Copied(CopiedBody),
+}
+
+/// The client's body as it arrives: bounded, its progress noted, each frame copied to mirrors.
+pub struct Source {
+    body: Limited<ClientBody>,
+    upload: Arc<Upload>,
+    /// Frames are copied here too, one copy per mirror.
+    copies: Vec<BodyCopy>,
+}
+
+impl Source {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                let end = self.body.is_end_stream();
+                self.upload.progress(end);
+                for c in &mut self.copies {
+                    c.offer(f);
+                    if end {
+                        c.finish();
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                self.upload.progress(true);
+                self.copies.iter_mut().for_each(BodyCopy::finish);
+            }
+            Poll::Ready(Some(Err(_))) => self.copies.iter_mut().for_each(BodyCopy::give_up),
+            Poll::Pending => {}
+        }
+        r.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
+    }
+}
+
+/// Bytes of a request body kept so that a retry can send it again (Envoy's default request
+/// buffer limit). A longer body is still forwarded whole, but its request is not retried.
+pub const RETRY_BUFFER: usize = 1 << 20;
+
+/// One try's request body, when the request may be retried: what earlier tries read of the
+/// client's body, from the start, then the rest as it arrives (and is kept for the next try).
+/// Tries run one after another; a try's body fails once a later try has started, so a
+/// connection still sending it stops instead of waiting on a body that moved on.
+pub struct Replay {
+    kept: Arc<Mutex<Kept>>,
+    try_no: u32,
+    /// How many kept parts this try has sent.
+    next: usize,
+}
+
+struct Kept {
+    source: Source,
+    parts: Vec<Part>,
+    bytes: usize,
+    /// The try that read past [`RETRY_BUFFER`]: nothing is kept, and only it may go on.
+    overflowed: Option<u32>,
+    ended: bool,
+    failed: bool,
+    /// The try that may read.
+    current: u32,
+    /// The try that last waited on the client: woken when a later try takes over.
+    waiting: Option<Waker>,
+}
+
+#[derive(Clone)]
+enum Part {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+impl Part {
+    fn of(f: &Frame<Bytes>) -> Option<Part> {
+        match (f.data_ref(), f.trailers_ref()) {
+            (Some(d), _) => Some(Part::Data(d.clone())),
+            (None, Some(t)) => Some(Part::Trailers(t.clone())),
+            (None, None) => None,
+        }
+    }
+    fn frame(self) -> Frame<Bytes> {
+        match self {
+            Part::Data(d) => Frame::data(d),
+            Part::Trailers(t) => Frame::trailers(t),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Part::Data(d) => d.len(),
+            Part::Trailers(t) => t.iter().map(|(k, v)| k.as_str().len() + v.len()).sum(),
+        }
+    }
+}
+
+fn lock(kept: &Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
+    kept.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Replay {
+    /// Whether the body can be sent again: it was not longer than [`RETRY_BUFFER`] (or not
+    /// read that far), and the client's upload has not failed.
+    pub fn replayable(&self) -> bool {
+        let k = lock(&self.kept);
+        k.overflowed.is_none() && !k.failed
+    }
+
+    /// The next try's body, which starts over from the first byte; the try before it can send
+    /// no more of it. Only when [`Replay::replayable`]: otherwise the body fails.
+    pub fn again(&self) -> RequestBody {
+        let mut k = lock(&self.kept);
+        k.current += 1;
+        if let Some(w) = k.waiting.take() {
+            w.wake();
+        }
+        RequestBody::Replay(Replay {
+            kept: self.kept.clone(),
+            try_no: k.current,
+            next: 0,
+        })
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut k = lock(&self.kept);
+        if k.current != self.try_no {
+            return Poll::Ready(Some(Err("the request body was taken by a retry".into())));
+        }
+        if k.overflowed.is_some_and(|t| t != self.try_no) {
+            return Poll::Ready(Some(Err("the request body is too long to send again".into())));
+        }
+        if let Some(p) = k.parts.get(self.next) {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(p.clone().frame())));
+        }
+        if k.failed {
+            return Poll::Ready(Some(Err(Box::new(ClientBodyError("the upload failed".into())))));
+        }
+        if k.ended {
+            return Poll::Ready(None);
+        }
+        let r = k.source.poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => k.keep(f, self.try_no, &mut self.next),
+            Poll::Ready(None) => k.ended = true,
+            Poll::Ready(Some(Err(_))) => k.failed = true,
+            Poll::Pending => match &k.waiting {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => k.waiting = Some(cx.waker().clone()),
+            },
+        }
+        r
+    }
+}
+
+impl Kept {
+    /// Keeps a frame read from the client for later tries, unless the body has outgrown the
+    /// buffer, and counts it as sent by the try that read it.
+    fn keep(&mut self, f: &Frame<Bytes>, try_no: u32, next: &mut usize) {
+        self.ended = self.source.body.is_end_stream();
+        if self.overflowed.is_some() {
+            return;
+        }
+        let Some(part) = Part::of(f) else { return };
+        self.bytes += part.len();
+        if self.bytes > RETRY_BUFFER {
+            self.overflowed = Some(try_no);
+            self.parts = Vec::new();
+        } else {
+            self.parts.push(part);
+            *next += 1;
+        }
+    }
+
+    /// Bytes kept that a try at `next` has yet to send.
+    fn unsent(&self, next: usize) -> u64 {
+        self.parts[next.min(self.parts.len())..]
+            .iter()
+            .map(|p| match p {
+                Part::Data(d) => d.len() as u64,
+                Part::Trailers(_) => 0,
+            })
+            .sum()
+    }
 }
 
 /// Bytes of a copied body a mirror may have waiting behind the request it copies before the
@@ -308,22 +485,53 @@ impl RequestBody {
 
     pub fn stream(body: ClientBody, limit: usize) -> (Self, Arc<Upload>) {
         let upload = Upload::new();
-        let body = RequestBody::Stream {
+        let body = RequestBody::Stream(Source {
             body: Limited::new(body, limit),
             upload: upload.clone(),
             copies: Vec::new(),
-        };
+        });
         (body, upload)
+    }
+
+    /// Makes a streamed body one that retries can send again, and returns what makes their
+    /// bodies; `None` for any other body.
+    pub fn replayable(&mut self) -> Option<Replay> {
+        let RequestBody::Stream(_) = self else { return None };
+        let RequestBody::Stream(source) = std::mem::replace(self, RequestBody::Empty) else {
+            unreachable!()
+        };
+        let kept = Arc::new(Mutex::new(Kept {
+            source,
+            parts: Vec::new(),
+            bytes: 0,
+            overflowed: None,
+            ended: false,
+            failed: false,
+            current: 0,
+            waiting: None,
+        }));
+        let first = Replay {
+            kept: kept.clone(),
+            try_no: 0,
+            next: 0,
+        };
+        *self = RequestBody::Replay(first);
+        Some(Replay {
+            kept,
+            try_no: 0,
+            next: 0,
+        })
     }
 
     /// A copy of this body, frame by frame as it is sent, for a mirror; `None` when there is
     /// no body to copy.
     pub fn copy(&mut self) -> Option<RequestBody> {
-        let RequestBody::Stream { copies, .. } = self else {
-            return None;
-        };
         let (tx, rx) = copy_pair();
-        copies.push(tx);
+        match self {
+            RequestBody::Stream(s) => s.copies.push(tx),
+            RequestBody::Replay(r) => lock(&r.kept).source.copies.push(tx),
+            _ => return None,
+        }
         Some(RequestBody::Copied(rx))
     }
 }
@@ -336,28 +544,8 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Stream { body, upload, copies } => {
-                let r = Pin::new(&mut *body).poll_frame(cx);
-                match &r {
-                    Poll::Ready(Some(Ok(f))) => {
-                        let end = body.is_end_stream();
-                        upload.progress(end);
-                        for c in copies {
-                            c.offer(f);
-                            if end {
-                                c.finish();
-                            }
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        upload.progress(true);
-                        copies.iter_mut().for_each(BodyCopy::finish);
-                    }
-                    Poll::Ready(Some(Err(_))) => copies.iter_mut().for_each(BodyCopy::give_up),
-                    Poll::Pending => {}
-                }
-                r.map_err(|e| Box::new(ClientBodyError(e)) as BoxError)
-            }
+            RequestBody::Stream(s) => s.poll_frame(cx),
+            RequestBody::Replay(r) => r.poll_frame(cx),
             RequestBody::Copied(c) => Pin::new(c).poll_frame(cx),
         }
     }
@@ -365,7 +553,11 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => true,
             RequestBody::Full(b) => b.is_none(),
-            RequestBody::Stream { body, .. } => body.is_end_stream(),
+            RequestBody::Stream(s) => s.body.is_end_stream(),
+            RequestBody::Replay(r) => {
+                let k = lock(&r.kept);
+                k.ended && r.next >= k.parts.len()
+            }
             RequestBody::Copied(c) => c.is_end_stream(),
         }
     }
@@ -373,7 +565,18 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            RequestBody::Stream { body, .. } => body.size_hint(),
+            RequestBody::Stream(s) => s.body.size_hint(),
+            RequestBody::Replay(r) => {
+                let k = lock(&r.kept);
+                let rest = k.source.body.size_hint();
+                let unsent = k.unsent(r.next);
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + unsent);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + unsent);
+                }
+                hint
+            }
             RequestBody::Copied(_) => SizeHint::default(),
         }
     }

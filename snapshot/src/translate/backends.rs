@@ -763,9 +763,16 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
     }
     if let Some(r) = &p.retry {
         let d = RetryPolicy::default();
+        // gRPC conditions are read from a response's grpc-status, the rest from how it ended.
+        let (grpc, on): (Vec<String>, Vec<String>) =
+            r.on.clone()
+                .unwrap_or(d.on)
+                .into_iter()
+                .partition(|c| crate::model::grpc_retry_code(c).is_some());
         c.retry = Some(RetryPolicy {
             attempts: r.attempts.unwrap_or(d.attempts),
-            on: r.on.clone().unwrap_or(d.on),
+            on,
+            grpc_on: grpc.iter().filter_map(|c| crate::model::grpc_retry_code(c)).collect(),
             backoff_base_ms: duration_field("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
             budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
             ..d

@@ -34,7 +34,7 @@ metadata: {name: static, namespace: default}
 spec:
   endpoints: [{address: 127.0.0.1, port: 9000, weight: 3}]
   loadBalancer: {type: LeastRequest}
-  retry: {attempts: 3, on: [5xx]}
+  retry: {attempts: 3, on: [5xx, unavailable, resource-exhausted]}
   timeouts: {connect: 250ms}
 "#;
 
@@ -102,6 +102,8 @@ fn ferrum_backend_carries_its_policy() {
     assert_eq!(c.timeouts.connect_ms, 250);
     let retry = c.retry.as_ref().unwrap();
     assert_eq!((retry.attempts, retry.on.clone()), (3, vec!["5xx".to_string()]));
+    // gRPC conditions are read from grpc-status.
+    assert_eq!(retry.grpc_on, vec![14, 8]);
 }
 
 #[test]

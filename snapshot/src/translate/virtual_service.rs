@@ -431,8 +431,8 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
         .as_deref()
         .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503");
     for c in conditions.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        if let Some((_, code)) = crate::model::GRPC_RETRY_CONDITIONS.iter().find(|(n, _)| *n == c) {
-            grpc_on.push(*code);
+        if let Some(code) = crate::model::grpc_retry_code(c) {
+            grpc_on.push(code);
             continue;
         }
         let ferrum = match c {

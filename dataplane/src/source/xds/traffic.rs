@@ -161,12 +161,7 @@ fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapErro
             "refused-stream" | "reset-before-request" => on.push("reset".into()),
             "retriable-status-codes" => on.extend(p.retriable_status_codes.iter().map(u32::to_string)),
             "retriable-4xx" => on.push("409".into()),
-            c if let Some((_, code)) = ferrum_snapshot::model::GRPC_RETRY_CONDITIONS
-                .iter()
-                .find(|(n, _)| *n == c) =>
-            {
-                grpc_on.push(*code)
-            }
+            c if let Some(code) = ferrum_snapshot::model::grpc_retry_code(c) => grpc_on.push(code),
             c if NOT_RETRIED.contains(&c) => {}
             other => {
                 return Err(MapError::Refused {
