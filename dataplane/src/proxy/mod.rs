@@ -672,6 +672,10 @@ impl Forward<'_> {
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
                 continue;
             }
+            if let Some(r) = &replay {
+                // A streaming upload goes on without being kept.
+                r.settle();
+            }
             return self.respond(outcome, upgrade, via, (guard, ep_guard), ep);
         }
     }

@@ -246,8 +246,10 @@ struct Kept {
     source: Source,
     parts: Vec<Part>,
     bytes: usize,
-    /// The try that read past [`RETRY_BUFFER`]: nothing is kept, and only it may go on.
-    overflowed: Option<u32>,
+    /// The last try: the one whose answer was taken, or the one that read past
+    /// [`RETRY_BUFFER`] (and dropped what was kept, having sent it all). Nothing more is kept,
+    /// and only it may go on.
+    last: Option<u32>,
     ended: bool,
     failed: bool,
     /// The try that may read.
@@ -293,7 +295,13 @@ impl Replay {
     /// read that far), and the client's upload has not failed.
     pub fn replayable(&self) -> bool {
         let k = lock(&self.kept);
-        k.overflowed.is_none() && !k.failed
+        k.last.is_none() && !k.failed
+    }
+
+    /// No try follows the current one: what it reads from here on is not kept.
+    pub fn settle(&self) {
+        let mut k = lock(&self.kept);
+        k.last = Some(k.current);
     }
 
     /// The next try's body, which starts over from the first byte; the try before it can send
@@ -316,7 +324,7 @@ impl Replay {
         if k.current != self.try_no {
             return Poll::Ready(Some(Err("the request body was taken by a retry".into())));
         }
-        if k.overflowed.is_some_and(|t| t != self.try_no) {
+        if k.last.is_some_and(|t| t != self.try_no) {
             return Poll::Ready(Some(Err("the request body is too long to send again".into())));
         }
         if let Some(p) = k.parts.get(self.next) {
@@ -348,13 +356,13 @@ impl Kept {
     /// buffer, and counts it as sent by the try that read it.
     fn keep(&mut self, f: &Frame<Bytes>, try_no: u32, next: &mut usize) {
         self.ended = self.source.body.is_end_stream();
-        if self.overflowed.is_some() {
+        if self.last.is_some() {
             return;
         }
         let Some(part) = Part::of(f) else { return };
         self.bytes += part.len();
         if self.bytes > RETRY_BUFFER {
-            self.overflowed = Some(try_no);
+            self.last = Some(try_no);
             self.parts = Vec::new();
         } else {
             self.parts.push(part);
@@ -504,7 +512,7 @@ impl RequestBody {
             source,
             parts: Vec::new(),
             bytes: 0,
-            overflowed: None,
+            last: None,
             ended: false,
             failed: false,
             current: 0,
