@@ -126,6 +126,39 @@ async fn retries_send_the_request_again_body_and_all() {
 }
 
 #[tokio::test]
+async fn max_retries_caps_the_retries_in_flight() {
+    let ok = Backend::start("ok").await;
+    let dead_port = free_port();
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
+             - {{address: 127.0.0.1, port: {dead_port}}}\n  - {{address: 127.0.0.1, port: {}}}\n  \
+             retry: {{attempts: 2, on: [connect-failure], backoff: 1ms}}\n  circuitBreaker: {{maxRetries: 0}}\n  \
+             outlierDetection: {{disabled: true}}\n",
+            ok.addr.port()
+        ),
+        route_to("pool"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    let mut failed = 0;
+    for _ in 0..20 {
+        if c.get(&url).send().await.unwrap().status() == 502 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10, "the retry policy is there, but no retry may be in flight");
+    assert_eq!(
+        dp.metric("ferrum_cluster_retries_total{cluster=\"backend/default/pool\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
 async fn a_retry_resends_a_body_the_failed_try_already_sent() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let port = free_port();

@@ -273,3 +273,51 @@ async fn http2_requests_past_the_peers_stream_limit_open_another_connection() {
     );
     assert_eq!(b.accepted.load(SeqCst), 3, "100 + 100 + 10 streams");
 }
+
+#[tokio::test]
+async fn a_connection_serves_at_most_max_requests_per_connection() {
+    let b = Counting::start(None).await;
+    let (_dp, url) = proxy_with(
+        &b,
+        "  circuitBreaker: {maxRequestsPerConnection: 3}\n",
+        &["--workers", "1"],
+    )
+    .await;
+    let c = client();
+    for _ in 0..9 {
+        let r = c.get(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 3, "nine requests, three per connection");
+    eventually(
+        "each used-up connection is closed",
+        Duration::from_secs(5),
+        async || b.open.load(SeqCst) == 0,
+    )
+    .await;
+    // 1 turns keep-alive off, as in Istio.
+    let b = Counting::start(None).await;
+    let (_dp, url) = proxy(&b, "  circuitBreaker: {maxRequestsPerConnection: 1}\n").await;
+    for _ in 0..5 {
+        let r = c.get(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 5);
+}
+
+#[tokio::test]
+async fn an_http2_connection_starts_at_most_max_requests_per_connection_streams() {
+    let b = Counting::start_h2(200).await;
+    let spec = "  protocol: HTTP/2\n  circuitBreaker: {maxRequestsPerConnection: 10}\n";
+    let (dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for _ in 0..25 {
+        let r = c.get(format!("{url}/")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 3, "10 + 10 + 5 streams");
+    eventually("the used-up connections close", Duration::from_secs(5), async || {
+        b.open.load(SeqCst) == 1 && dp.metric(ACTIVE).await == 1.0
+    })
+    .await;
+}

@@ -1052,7 +1052,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          \x20 - matches: [{{path: {{type: PathPrefix, value: /cors}}}}]\n\
          \x20   filters: [{{type: CORS, cors: {{allowOrigins: ['https://app.example.com'], allowMethods: [GET, PUT]}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: mirrored, port: 80}}}}}}]\n\
          \x20   backendRefs: [{{name: plain, port: 80, filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-own, value: plain}}]}}}}]}}]\n\
-         {}{}{}{}{}{}{}{}{}{}{}{}\
+         {}{}{}{}{}{}{}{}{}{}{}{}{}\
          ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert}}\ntype: kubernetes.io/tls\n\
          stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}",
         svc("flaky", &[a.addr.port(), refused]),
@@ -1064,6 +1064,8 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         svc("misnamed", &[s.addr.port()]),
         policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
         svc("plain", &[a.addr.port()]),
+        // Connection options Envoy takes in its HTTP protocol options and circuit breaker.
+        policy("plain", "circuitBreaker: {maxRequestsPerConnection: 1, maxRetries: 5}"),
         svc("mirrored", &[m.addr.port()]),
         svc("mutual", &[mt.addr.port()]),
         // The Secret's ca.crt verifies the server: inline CAs, for Envoy too.

@@ -871,6 +871,12 @@ pub struct DrHttpPool {
     pub http2_max_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
+    /// 0 (the default): unlimited; 1 turns keep-alive off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// 0 (the default): unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
     #[serde(flatten)]
     pub other: Other,
 }

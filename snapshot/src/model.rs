@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 9;
+pub const SCHEMA: u32 = 10;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -982,6 +982,15 @@ pub struct CircuitBreaker {
     pub max_connections: u32,
     pub max_pending_requests: u32,
     pub max_requests: u32,
+    /// Retries in flight at once, beside the retry policy's budget (Envoy's `max_retries`).
+    /// Schema 10: an older proxy keeps to the budget alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Requests one upstream connection serves before it is closed (Istio's
+    /// `maxRequestsPerConnection`; 1 turns keep-alive off). Schema 10: an older proxy keeps
+    /// its connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Default for CircuitBreaker {
@@ -991,6 +1000,8 @@ impl Default for CircuitBreaker {
             max_connections: 1024,
             max_pending_requests: 1024,
             max_requests: 1024,
+            max_retries: None,
+            max_requests_per_connection: None,
         }
     }
 }

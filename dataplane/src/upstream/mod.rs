@@ -335,10 +335,13 @@ impl ClusterRuntime {
 
     /// Retry budget: retries in flight to this cluster stay under `budget_percent` (of the
     /// policy retrying: the route's or the cluster's) of requests in flight, with a floor of
-    /// `min_retry_concurrency`.
+    /// `min_retry_concurrency`, and never above the circuit breaker's `max_retries`.
     pub fn try_retry(self: &Arc<Self>, policy: &ferrum_snapshot::model::RetryPolicy) -> Option<RetryGuard> {
         let active = self.active.load(Relaxed);
-        let allowed = (active * policy.budget_percent / 100).max(policy.min_retry_concurrency);
+        let mut allowed = (active * policy.budget_percent / 100).max(policy.min_retry_concurrency);
+        if let Some(max) = self.spec.circuit_breaker.max_retries {
+            allowed = allowed.min(max);
+        }
         if self.retries_active.fetch_add(1, Relaxed) >= allowed {
             self.retries_active.fetch_sub(1, Relaxed);
             return None;

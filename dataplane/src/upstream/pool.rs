@@ -72,6 +72,8 @@ pub struct Pool {
     idle: Box<[Idle]>,
     http2_only: bool,
     idle_ms: u64,
+    /// Requests one connection serves before it is closed (Istio's `maxRequestsPerConnection`).
+    max_per_conn: u32,
     /// A sweeper task closes idle connections; it runs while the pool holds any.
     sweeping: AtomicBool,
     h1: http1::Builder,
@@ -90,13 +92,17 @@ struct Conn {
     since_ms: u64,
     /// Served a request before: a request it fails to start may be retried on another.
     reused: bool,
+    /// Requests an HTTP/1.1 connection has been lent to.
+    served: u32,
 }
 
 impl Conn {
     /// An open HTTP/2 connection below the peer's stream limit.
     fn http2_room(&self) -> bool {
         matches!(&self.send, Sender::Http2(s, streams)
-            if !s.is_closed() && (streams.in_flight.load(Relaxed) as usize) < streams.limit.load(Relaxed))
+            if !s.is_closed()
+                && !streams.used_up()
+                && (streams.in_flight.load(Relaxed) as usize) < streams.limit.load(Relaxed))
     }
 
     /// Closed by the peer, or idle for `idle_ms`: the sweeper drops it, which closes it.
@@ -104,10 +110,11 @@ impl Conn {
         match &self.send {
             Sender::Http1(s) => s.is_closed() || now.saturating_sub(self.since_ms) >= idle_ms,
             Sender::Http2(s, streams) => {
+                let idle_since = streams.idle_since_ms();
                 s.is_closed()
-                    || streams
-                        .idle_since_ms()
-                        .is_some_and(|t| now.saturating_sub(t) >= idle_ms)
+                    || idle_since.is_some_and(|t| now.saturating_sub(t) >= idle_ms)
+                    // Served all it may: closed once its last stream is done.
+                    || (idle_since.is_some() && streams.used_up())
             }
         }
     }
@@ -122,37 +129,54 @@ fn http2_with_room(idle: &[Conn]) -> Option<Conn> {
             send: Sender::Http2(s.clone(), streams.clone()),
             since_ms: 0,
             reused: true,
+            served: 0,
         }),
         _ => None,
     })
 }
 
-/// Requests in flight on one HTTP/2 connection, when the last one ended, and how many the peer
-/// allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by [`drive_http2`]).
+/// Requests in flight on one HTTP/2 connection, when the last one ended, how many the peer
+/// allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by [`drive_http2`]), and
+/// how many more it may start in all.
 struct Streams {
     in_flight: AtomicU32,
     last_ms: AtomicU64,
     limit: AtomicUsize,
+    left: AtomicU32,
 }
 
-impl Default for Streams {
-    fn default() -> Self {
+impl Streams {
+    fn new(max_per_conn: u32) -> Self {
         Streams {
             in_flight: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
             // hyper's assumption until the peer's SETTINGS arrive.
             limit: AtomicUsize::new(100),
+            left: AtomicU32::new(max_per_conn),
         }
     }
-}
 
-impl Streams {
-    /// Counts one more request in flight if the peer allows `limit` streams and fewer are open.
+    /// Counts one more request in flight if the peer allows `limit` streams and fewer are open,
+    /// and the connection has not served all it may.
     fn try_start(&self) -> bool {
         let limit = u32::try_from(self.limit.load(Relaxed)).unwrap_or(u32::MAX);
-        self.in_flight
+        if self.used_up() {
+            return false;
+        }
+        let started = self
+            .in_flight
             .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
-            .is_ok()
+            .is_ok();
+        if started && self.left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_err() {
+            // Another request took the last one meanwhile.
+            self.in_flight.fetch_sub(1, Relaxed);
+            return false;
+        }
+        started
+    }
+
+    fn used_up(&self) -> bool {
+        self.left.load(Relaxed) == 0
     }
 
     fn end(&self) {
@@ -182,7 +206,8 @@ impl Lease {
         if let Some(s) = self.streams.take() {
             s.end();
         }
-        if let Some(mut c) = self.conn.take() {
+        // One that has served all it may is dropped, which closes it.
+        if let Some(mut c) = self.conn.take().filter(|c| c.served < self.pool.max_per_conn) {
             c.since_ms = now_ms();
             lock(&self.pool.idle[self.ep]).push(c);
             self.pool.sweep();
@@ -216,6 +241,7 @@ impl Pool {
             idle: (0..endpoints).map(|_| Idle::default()).collect(),
             http2_only: c.protocol == UpstreamProtocol::Http2,
             idle_ms: c.timeouts.idle_ms,
+            max_per_conn: c.circuit_breaker.max_requests_per_connection.unwrap_or(u32::MAX).max(1),
             sweeping: AtomicBool::new(false),
             h1,
             h2,
@@ -246,6 +272,7 @@ impl Pool {
             };
             let reused = conn.reused;
             conn.reused = true;
+            conn.served += 1;
             let sent = match &mut conn.send {
                 Sender::Http1(s) => {
                     if req.method() == Method::CONNECT {
@@ -339,16 +366,19 @@ impl Pool {
         let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
         if self.http2_only || io.connected().is_negotiated_h2() {
             let (send, conn) = self.h2.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-            let streams = Arc::new(Streams::default());
+            let streams = Arc::new(Streams::new(self.max_per_conn));
             tokio::spawn(drive_http2(conn, streams.clone()));
             streams.try_start();
             let mut idle = lock(&self.idle[ep]);
+            // One that has started all the streams it may is let go: it closes once they end.
+            idle.retain(|c| !matches!(&c.send, Sender::Http2(_, s) if s.used_up()));
             // Concurrent first requests may each open one; the pool keeps one with room.
             if !idle.iter().any(|c| c.http2_room()) {
                 idle.push(Conn {
                     send: Sender::Http2(send.clone(), streams.clone()),
                     since_ms: 0,
                     reused: true,
+                    served: 0,
                 });
                 drop(idle);
                 self.sweep();
@@ -357,6 +387,7 @@ impl Pool {
                 send: Sender::Http2(send, streams),
                 since_ms: 0,
                 reused: false,
+                served: 0,
             });
         }
         let (send, conn) = self.h1.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
@@ -365,6 +396,7 @@ impl Pool {
             send: Sender::Http1(send),
             since_ms: 0,
             reused: false,
+            served: 0,
         })
     }
 

@@ -686,6 +686,7 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
                 max_connections: u32v(c.circuit_breaker.max_connections),
                 max_pending_requests: u32v(c.circuit_breaker.max_pending_requests),
                 max_requests: u32v(c.circuit_breaker.max_requests),
+                max_retries: c.circuit_breaker.max_retries.and_then(u32v),
                 retry_budget: c.retry.as_ref().map(traffic::retry_budget),
                 ..Default::default()
             }],
@@ -705,8 +706,18 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
     if let Some(hc) = &c.health_check {
         cl.health_checks = vec![health_check(hc)];
     }
-    if c.protocol == UpstreamProtocol::Http2 {
-        let opts = http2_upstream();
+    let per_conn = c.circuit_breaker.max_requests_per_connection;
+    if c.protocol == UpstreamProtocol::Http2 || per_conn.is_some() {
+        let mut opts = if c.protocol == UpstreamProtocol::Http2 {
+            http2_upstream()
+        } else {
+            http1_upstream()
+        };
+        opts.common_http_protocol_options =
+            per_conn.map(|n| envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                max_requests_per_connection: u32v(n),
+                ..Default::default()
+            });
         cl.typed_extension_protocol_options.insert(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
             any(
@@ -735,6 +746,25 @@ fn health_check(hc: &model::HealthCheck) -> core::HealthCheck {
                 ..Default::default()
             },
         )),
+        ..Default::default()
+    }
+}
+
+/// Upstream HTTP/1.1, as Envoy's `HttpProtocolOptions` extension says it (the extension must
+/// name a protocol when it carries other options).
+fn http1_upstream() -> upstream_http::HttpProtocolOptions {
+    upstream_http::HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                upstream_http::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                            Default::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
         ..Default::default()
     }
 }

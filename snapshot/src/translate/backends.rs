@@ -749,6 +749,8 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             max_connections: cb.max_connections.unwrap_or(d.max_connections),
             max_pending_requests: cb.max_pending_requests.unwrap_or(d.max_pending_requests),
             max_requests: cb.max_requests.unwrap_or(d.max_requests),
+            max_retries: cb.max_retries,
+            max_requests_per_connection: cb.max_requests_per_connection,
         };
     }
     if let Some(t) = &p.timeouts {

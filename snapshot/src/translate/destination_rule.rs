@@ -288,6 +288,9 @@ fn connection_pool(
         max_connections: tcp.max_connections,
         max_pending_requests: http.http1_max_pending_requests,
         max_requests: http.http2_max_requests,
+        // Istio reads 0 as unset.
+        max_retries: http.max_retries.filter(|n| *n > 0),
+        max_requests_per_connection: http.max_requests_per_connection.filter(|n| *n > 0),
     };
     let timeouts = TimeoutsSpec {
         connect: duration(&format!("{at}.tcp.connectTimeout"), &tcp.connect_timeout)?,

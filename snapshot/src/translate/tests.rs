@@ -779,7 +779,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
                 spec:\n  host: echo.default.svc.cluster.local\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n\
                 \x20   loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n\
-                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s}}\n\
+                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
                 \x20   outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n\
                 \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}\n---\n";
     let s = ok(&format!(
@@ -793,6 +793,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
         (cb.max_connections, cb.max_pending_requests, cb.max_requests),
         (7, 9, 11)
     );
+    assert_eq!((cb.max_requests_per_connection, cb.max_retries), (Some(1), Some(4)));
     assert_eq!((c.timeouts.connect_ms, c.timeouts.idle_ms), (2000, 30_000));
     let od = c.outlier_detection.as_ref().unwrap();
     assert_eq!(
@@ -823,7 +824,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
 
     // A field Ferrum does not apply: the rule is left out whole, its field named.
     let partial = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
-                   spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}, http: {maxRetries: 2}}}}\n---\n\
+                   spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}, http: {h2UpgradePolicy: UPGRADE}}}}\n---\n\
                    apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: unused, namespace: default}\n\
                    spec: {host: nobody-routes-here, trafficPolicy: {tls: {mode: MUTUAL}}}\n---\n";
     let t = run(&format!(
@@ -841,7 +842,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
             (
                 "DestinationRule",
                 "echo",
-                "spec.trafficPolicy.connectionPool.http.maxRetries"
+                "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"
             ),
             ("DestinationRule", "unused", "spec.trafficPolicy.tls"),
         ],

@@ -787,6 +787,8 @@ fn cluster_of(
             max_connections: threshold(&t.max_connections, d.max_connections),
             max_pending_requests: threshold(&t.max_pending_requests, d.max_pending_requests),
             max_requests: threshold(&t.max_requests, d.max_requests),
+            max_retries: t.max_retries.as_ref().map(|v| v.value),
+            max_requests_per_connection: None,
         };
     }
     out.outlier_detection = c.outlier_detection.as_ref().map(|od| {
@@ -810,6 +812,11 @@ fn cluster_of(
         {
             out.protocol = UpstreamProtocol::Http2;
         }
+        out.circuit_breaker.max_requests_per_connection = o
+            .common_http_protocol_options
+            .and_then(|c| c.max_requests_per_connection)
+            .map(|v| v.value)
+            .filter(|n| *n > 0);
     }
     if let Some(ts) = &c.transport_socket {
         out.tls = Some(traffic::upstream_tls(ts, &name)?);
