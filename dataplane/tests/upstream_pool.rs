@@ -321,3 +321,33 @@ async fn an_http2_connection_starts_at_most_max_requests_per_connection_streams(
     })
     .await;
 }
+
+/// What `ss` shows of the established TCP connections to `port` (with their timers).
+fn sockets_to(port: u16) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &format!("dport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn tcp_keepalive_probes_idle_upstream_connections() {
+    let b = Counting::start(None).await;
+    let spec = "  tcpKeepalive: {time: 45s, interval: 5s, probes: 3}\n";
+    let (_dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+    let r = client().get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let ss = sockets_to(b.addr.port());
+    assert!(
+        ss.contains("timer:(keepalive,4"),
+        "the pooled connection probes after 45 s: {ss}"
+    );
+    // A cluster without it sends none (the kernel's default is off).
+    let b = Counting::start(None).await;
+    let (_dp, url) = proxy(&b, "").await;
+    let r = client().get(format!("{url}/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let ss = sockets_to(b.addr.port());
+    assert!(!ss.is_empty() && !ss.contains("keepalive"), "{ss}");
+}

@@ -1065,7 +1065,10 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
         svc("plain", &[a.addr.port()]),
         // Connection options Envoy takes in its HTTP protocol options and circuit breaker.
-        policy("plain", "circuitBreaker: {maxRequestsPerConnection: 1, maxRetries: 5}"),
+        policy(
+            "plain",
+            "circuitBreaker: {maxRequestsPerConnection: 1, maxRetries: 5}, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}",
+        ),
         svc("mirrored", &[m.addr.port()]),
         svc("mutual", &[mt.addr.port()]),
         // The Secret's ca.crt verifies the server: inline CAs, for Envoy too.

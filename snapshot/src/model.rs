@@ -840,6 +840,24 @@ pub struct Cluster {
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// TCP keepalive on connections to the endpoints. Schema 10: an older proxy sends none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keepalive probes; what is unset is the host's default (`net.ipv4.tcp_keepalive_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    /// Idle time before the first probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
+    /// Time between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Unanswered probes before the connection is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u32>,
 }
 
 impl Cluster {
@@ -855,6 +873,7 @@ impl Cluster {
             timeouts: ClusterTimeouts::default(),
             retry: None,
             tls: None,
+            tcp_keepalive: None,
         }
     }
 }

@@ -179,6 +179,20 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
     if let Some(r) = &c.retry {
         retry_conditions(r, &mut |field, why| err(obj.clone(), field, why));
     }
+    if let Some(k) = &c.tcp_keepalive {
+        // Linux counts whole seconds, up to 32,767, and at most 127 probes.
+        for (field, ms) in [
+            ("tcpKeepalive.timeMs", k.time_ms),
+            ("tcpKeepalive.intervalMs", k.interval_ms),
+        ] {
+            if ms.is_some_and(|ms| !(1000..=32_767_000).contains(&ms)) {
+                err(obj.clone(), field.into(), "1 s to 32,767 s".into());
+            }
+        }
+        if k.probes.is_some_and(|n| !(1..=127).contains(&n)) {
+            err(obj.clone(), "tcpKeepalive.probes".into(), "1 to 127".into());
+        }
+    }
     if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
         && http_header_name_invalid(h)
     {
@@ -672,6 +686,21 @@ mod tests {
             "{text:?}"
         );
         assert_eq!(errs.len(), 3, "{text:?}");
+    }
+
+    #[test]
+    fn keepalive_is_what_the_kernel_takes() {
+        let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
+        c.tcp_keepalive = Some(TcpKeepalive {
+            time_ms: Some(500),
+            interval_ms: Some(40_000_000),
+            probes: Some(0),
+        });
+        let errs = validate(&snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c])).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        for field in ["tcpKeepalive.timeMs", "tcpKeepalive.intervalMs", "tcpKeepalive.probes"] {
+            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
+        }
     }
 
     #[test]

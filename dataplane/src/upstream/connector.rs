@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
+use ferrum_snapshot::model::{Cluster, TcpKeepalive, UpstreamProtocol};
 use hyper::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::HttpsConnector;
@@ -258,6 +258,23 @@ fn root_store(c: &Cluster, ca_file: Option<&str>, ca_pem: Option<&str>) -> Resul
     Ok(roots)
 }
 
+/// Idle time before the first keepalive probe: the policy's, else Linux's default (2 h).
+fn keepalive_time(k: &TcpKeepalive) -> Duration {
+    Duration::from_millis(k.time_ms.unwrap_or(7_200_000))
+}
+
+/// Turns keepalive on for an L4 connection to an endpoint, as the policy says.
+pub fn set_keepalive(s: &tokio::net::TcpStream, k: &TcpKeepalive) -> std::io::Result<()> {
+    let mut ka = socket2::TcpKeepalive::new().with_time(keepalive_time(k));
+    if let Some(ms) = k.interval_ms {
+        ka = ka.with_interval(Duration::from_millis(ms));
+    }
+    if let Some(n) = k.probes {
+        ka = ka.with_retries(n);
+    }
+    socket2::SockRef::from(s).set_tcp_keepalive(&ka)
+}
+
 /// The cluster's connector, shared by its pools on every worker.
 pub fn build(
     c: &Cluster,
@@ -269,6 +286,11 @@ pub fn build(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_millis(c.timeouts.connect_ms)));
+    if let Some(k) = &c.tcp_keepalive {
+        http.set_keepalive(Some(keepalive_time(k)));
+        http.set_keepalive_interval(k.interval_ms.map(Duration::from_millis));
+        http.set_keepalive_retries(k.probes);
+    }
     let counting = CountingConnector {
         inner: http,
         tunnels: tunnels.clone(),

@@ -330,6 +330,9 @@ impl ClusterRuntime {
         }
         let s = tokio::net::TcpStream::connect(ep.authority.as_str()).await?;
         let _ = s.set_nodelay(true);
+        if let Some(k) = &self.spec.tcp_keepalive {
+            connector::set_keepalive(&s, k)?;
+        }
         Ok(L4Stream::Tcp(s))
     }
 

@@ -727,6 +727,18 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
         );
     }
     cl.transport_socket = c.tls.as_ref().map(|t| traffic::upstream_tls(t, c.protocol));
+    cl.upstream_connection_options = c.tcp_keepalive.as_ref().map(|k| {
+        // Envoy counts in whole seconds.
+        let secs = |ms: Option<u64>| ms.and_then(|ms| u32v(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)));
+        cluster::UpstreamConnectionOptions {
+            tcp_keepalive: Some(envoy_types::pb::envoy::config::core::v3::TcpKeepalive {
+                keepalive_probes: k.probes.and_then(u32v),
+                keepalive_time: secs(k.time_ms),
+                keepalive_interval: secs(k.interval_ms),
+            }),
+            ..Default::default()
+        }
+    });
     (cl, load_assignment(c))
 }
 

@@ -780,6 +780,13 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             ..d
         });
     }
+    if let Some(k) = &p.tcp_keepalive {
+        c.tcp_keepalive = Some(crate::model::TcpKeepalive {
+            time_ms: duration_field("tcpKeepalive.time", &k.time)?,
+            interval_ms: duration_field("tcpKeepalive.interval", &k.interval)?,
+            probes: k.probes,
+        });
+    }
     if let Some(t) = &p.tls {
         c.tls = Some(UpstreamTls {
             sni: t.sni.clone(),

@@ -4,7 +4,8 @@
 //! out whole, its status naming the field — never half-applied.
 
 use crate::crd::{
-    CircuitBreakerSpec, LoadBalancerSpec, OutlierDetectionSpec, TimeoutsSpec, TrafficPolicy, UpstreamTlsSpec,
+    CircuitBreakerSpec, LoadBalancerSpec, OutlierDetectionSpec, TcpKeepaliveSpec, TimeoutsSpec, TrafficPolicy,
+    UpstreamTlsSpec,
 };
 use crate::istio::{
     DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
@@ -117,9 +118,27 @@ fn unsupported(at: &str, other: &Other) -> Result<(), RuleError> {
 /// Checks a duration here, so an error names the rule's field.
 fn duration(at: &str, v: &Option<String>) -> Result<Option<String>, RuleError> {
     v.as_deref()
-        .map(|d| super::istio_duration_ms(d).map(|ms| format!("{ms}ms")))
+        .map(|d| super::istio_duration_ms(d).map(gateway_duration))
         .transpose()
         .map_err(|e| (at.to_string(), e))
+}
+
+/// Milliseconds as a Gateway API duration, whose parts have at most five digits (so `3m` is
+/// `3m`, not `180000ms`).
+fn gateway_duration(ms: u64) -> String {
+    let mut out = String::new();
+    let mut rest = ms;
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)] {
+        let n = rest / size;
+        rest %= size;
+        if n > 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
 }
 
 /// The rule's traffic policy as Ferrum's, for port `port`; `sni` defaults to the Service's DNS
@@ -213,7 +232,7 @@ impl Sections<'_> {
             out.load_balancer = load_balancer(lb, at)?;
         }
         if let Some(cp) = self.connection_pool {
-            (out.circuit_breaker, out.timeouts) = connection_pool(cp, at)?;
+            (out.circuit_breaker, out.timeouts, out.tcp_keepalive) = connection_pool(cp, at)?;
         }
         if let Some(od) = self.outlier_detection {
             out.outlier_detection = Some(outlier_detection(od, at)?);
@@ -230,7 +249,8 @@ impl Sections<'_> {
             out.load_balancer = read.load_balancer;
         }
         if self.connection_pool.is_some() {
-            (out.circuit_breaker, out.timeouts) = (read.circuit_breaker, read.timeouts);
+            (out.circuit_breaker, out.timeouts, out.tcp_keepalive) =
+                (read.circuit_breaker, read.timeouts, read.tcp_keepalive);
         }
         if self.outlier_detection.is_some() {
             out.outlier_detection = read.outlier_detection;
@@ -275,10 +295,14 @@ fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpe
     }
 }
 
-fn connection_pool(
-    cp: &DrConnectionPool,
-    at: &str,
-) -> Result<(Option<CircuitBreakerSpec>, Option<TimeoutsSpec>), RuleError> {
+/// A connection pool's breaker, timeouts and keepalive.
+type Pool = (
+    Option<CircuitBreakerSpec>,
+    Option<TimeoutsSpec>,
+    Option<TcpKeepaliveSpec>,
+);
+
+fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
     let at = format!("{at}.connectionPool");
     unsupported(&at, &cp.other)?;
     let (tcp, http) = (cp.tcp.clone().unwrap_or_default(), cp.http.clone().unwrap_or_default());
@@ -297,9 +321,22 @@ fn connection_pool(
         read: None,
         idle: duration(&format!("{at}.http.idleTimeout"), &http.idle_timeout)?,
     };
+    let keepalive = match &tcp.tcp_keepalive {
+        Some(k) => {
+            let at = format!("{at}.tcp.tcpKeepalive");
+            unsupported(&at, &k.other)?;
+            Some(TcpKeepaliveSpec {
+                time: duration(&format!("{at}.time"), &k.time)?,
+                interval: duration(&format!("{at}.interval"), &k.interval)?,
+                probes: k.probes,
+            })
+        }
+        None => None,
+    };
     Ok((
         Some(breaker).filter(|b| *b != CircuitBreakerSpec::default()),
         Some(timeouts).filter(|t| *t != TimeoutsSpec::default()),
+        keepalive,
     ))
 }
 
@@ -375,6 +412,18 @@ fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_stay_within_the_gateway_apis_five_digits() {
+        // Istio's circuit-breaking task ejects for `3m`: 180000ms would be refused.
+        let d = |s: &str| duration("x", &Some(s.into())).unwrap().unwrap();
+        assert_eq!(d("3m"), "3m");
+        assert_eq!(d("1h"), "1h");
+        assert_eq!(d("90s"), "1m30s");
+        assert_eq!(d("1.5s"), "1s500ms");
+        assert_eq!(d("0s"), "0s");
+        assert_eq!(super::super::parse_duration_ms(&d("36h")).unwrap(), 36 * 3_600_000);
+    }
 
     #[test]
     fn hosts_name_services_as_istio_reads_them() {

@@ -779,7 +779,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
                 spec:\n  host: echo.default.svc.cluster.local\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n\
                 \x20   loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n\
-                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
+                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
                 \x20   outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n\
                 \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}\n---\n";
     let s = ok(&format!(
@@ -794,6 +794,14 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
         (7, 9, 11)
     );
     assert_eq!((cb.max_requests_per_connection, cb.max_retries), (Some(1), Some(4)));
+    assert_eq!(
+        c.tcp_keepalive,
+        Some(crate::model::TcpKeepalive {
+            time_ms: Some(600_000),
+            interval_ms: Some(75_000),
+            probes: Some(9)
+        })
+    );
     assert_eq!((c.timeouts.connect_ms, c.timeouts.idle_ms), (2000, 30_000));
     let od = c.outlier_detection.as_ref().unwrap();
     assert_eq!(
@@ -1167,4 +1175,32 @@ spec:
 
     res.http_routes.remove(1);
     check(&res, "route deleted");
+}
+
+#[test]
+fn istios_circuit_breaking_task_rule_applies_as_written() {
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
+                spec:\n  host: echo\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        maxConnections: 1\n\
+                \x20     http:\n        http1MaxPendingRequests: 1\n        maxRequestsPerConnection: 1\n\
+                \x20   outlierDetection:\n      consecutive5xxErrors: 1\n      interval: 1s\n      baseEjectionTime: 3m\n\
+                \x20     maxEjectionPercent: 100\n---\n";
+    let s = ok(&format!(
+        "{rule}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let c = s.cluster("service/default/echo:80").unwrap();
+    let cb = &c.circuit_breaker;
+    assert_eq!(
+        (
+            cb.max_connections,
+            cb.max_pending_requests,
+            cb.max_requests_per_connection
+        ),
+        (1, 1, Some(1))
+    );
+    let od = c.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (od.consecutive_5xx, od.base_ejection_ms, od.max_ejection_percent),
+        (1, 180_000, 100)
+    );
 }

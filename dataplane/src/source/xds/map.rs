@@ -821,6 +821,15 @@ fn cluster_of(
     if let Some(ts) = &c.transport_socket {
         out.tls = Some(traffic::upstream_tls(ts, &name)?);
     }
+    out.tcp_keepalive = c
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())
+        .map(|k| model::TcpKeepalive {
+            time_ms: k.keepalive_time.as_ref().map(|s| u64::from(s.value) * 1000),
+            interval_ms: k.keepalive_interval.as_ref().map(|s| u64::from(s.value) * 1000),
+            probes: k.keepalive_probes.as_ref().map(|p| p.value),
+        });
     policies.apply(&mut out, c);
     Ok(out)
 }
