@@ -414,3 +414,73 @@ async fn a_retry_takes_over_a_body_the_failed_try_was_still_sending() {
         assert_eq!(last["body"], String::from_utf8_lossy(&body).as_ref(), "byte for byte");
     }
 }
+
+#[tokio::test]
+async fn a_hash_cookie_keeps_a_client_on_one_endpoint() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let port = free_port();
+    let policy = "  loadBalancer: {type: ConsistentHash, hashCookie: {name: sticky, ttl: 1h, path: /}}\n";
+    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b, &c3], policy), route_to("pool")]);
+    let _dp = Dp::start(&yaml).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    // No cookie yet: the response sets one, made from the client's address…
+    let r = c.get(&url).send().await.unwrap();
+    let first = r.headers()["x-backend"].to_str().unwrap().to_string();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        set.starts_with("sticky=\"") && set.ends_with("; Max-Age=3600; Path=/; HttpOnly"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    // …and every request that carries it goes where the first one went, setting nothing.
+    for _ in 0..10 {
+        let r = c.get(&url).header("cookie", &cookie).send().await.unwrap();
+        assert_eq!(r.headers()["x-backend"], first.as_str());
+        assert!(r.headers().get("set-cookie").is_none());
+    }
+    // Other sessions spread over the endpoints.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        let r = c
+            .get(&url)
+            .header("cookie", format!("sticky=s{i}"))
+            .send()
+            .await
+            .unwrap();
+        seen.insert(r.headers()["x-backend"].to_str().unwrap().to_string());
+    }
+    assert!(seen.len() >= 2, "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_hash_query_parameter_keeps_its_value_on_one_endpoint() {
+    let (a, b, c3) = (
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    );
+    let port = free_port();
+    let policy = "  loadBalancer: {type: ConsistentHash, hashQueryParameter: user}\n";
+    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b, &c3], policy), route_to("pool")]);
+    let _dp = Dp::start(&yaml).await;
+    let c = client();
+    let mut by_user = std::collections::BTreeMap::new();
+    for round in 0..3 {
+        for user in 0..20 {
+            let r = c
+                .get(format!("http://127.0.0.1:{port}/?round={round}&user=u{user}"))
+                .send()
+                .await
+                .unwrap();
+            let who = r.headers()["x-backend"].to_str().unwrap().to_string();
+            assert_eq!(by_user.entry(user).or_insert_with(|| who.clone()), &who, "user u{user}");
+        }
+    }
+    let used: std::collections::BTreeSet<_> = by_user.values().collect();
+    assert!(used.len() >= 2, "{used:?}");
+}

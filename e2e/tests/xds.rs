@@ -1067,7 +1067,8 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         // Connection options Envoy takes in its HTTP protocol options and circuit breaker.
         policy(
             "plain",
-            "circuitBreaker: {maxRequestsPerConnection: 1, maxRetries: 5}, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}",
+            "circuitBreaker: {maxRequestsPerConnection: 1, maxRetries: 5}, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}, \
+             loadBalancer: {type: ConsistentHash, hashCookie: {name: sticky, ttl: 1h, path: /}}",
         ),
         svc("mirrored", &[m.addr.port()]),
         svc("mutual", &[mt.addr.port()]),
@@ -1123,6 +1124,13 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             r.headers().get("x-own").map(|v| v.to_str().unwrap()),
             Some("plain"),
             "{proxy}: the backendRef's own filter"
+        );
+        // The Service hashes on a cookie the client did not send: the answer sets it.
+        let set = r.headers().get("set-cookie").map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            set.as_deref()
+                .is_some_and(|s| s.starts_with("sticky=") && s.contains("Max-Age=3600")),
+            "{proxy}: {set:?}"
         );
         eventually(
             &format!("{proxy} mirrors the request"),

@@ -116,9 +116,27 @@ pub struct LoadBalancerSpec {
     /// For `ConsistentHash`: hash on this request header…
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_header: Option<String>,
-    /// …or on the client IP.
+    /// …or on the client IP…
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_client_ip: Option<bool>,
+    /// …or on a cookie (sticky sessions), set on the response when the request has none and
+    /// `ttl` is given…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_cookie: Option<HashCookieSpec>,
+    /// …or on a query parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_query_parameter: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HashCookieSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The generated cookie's lifetime (`0s`: a session cookie); without it none is generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

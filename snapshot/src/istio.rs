@@ -836,6 +836,29 @@ pub struct DrConsistentHash {
     pub http_header_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_source_ip: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_cookie: Option<DrHttpCookie>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_query_parameter_name: Option<String>,
+    /// The ring's kind and size: ferrum-dp has one ring of its own, so these are read, not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ring_size: Option<u64>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrHttpCookie {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

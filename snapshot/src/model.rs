@@ -843,6 +843,34 @@ pub struct Cluster {
     /// TCP keepalive on connections to the endpoints. Schema 10: an older proxy sends none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_keepalive: Option<TcpKeepalive>,
+    /// A consistent-hash key other than a header or the client IP: a cookie or a query
+    /// parameter; it wins over `lb`'s. Schema 10: an older proxy hashes on `lb`'s key instead
+    /// (for a cookie, the `Cookie` header; for a query parameter, the client IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_input: Option<HashInput>,
+}
+
+/// One of its fields is set; one a proxy does not know leaves it hashing on `lb`'s key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HashInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<HashCookie>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_parameter: Option<String>,
+}
+
+/// Hashing on a cookie, as Envoy does: a request without it, when `ttl_ms` is set, is hashed on
+/// a value made from the client's address, which its response sets as the cookie (`Max-Age`
+/// `ttl_ms`; 0: a session cookie), so the client's next requests go where this one went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HashCookie {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
 }
 
 /// TCP keepalive probes; what is unset is the host's default (`net.ipv4.tcp_keepalive_*`).
@@ -874,6 +902,7 @@ impl Cluster {
             retry: None,
             tls: None,
             tcp_keepalive: None,
+            hash_input: None,
         }
     }
 }

@@ -179,6 +179,21 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
     if let Some(r) = &c.retry {
         retry_conditions(r, &mut |field, why| err(obj.clone(), field, why));
     }
+    if let Some(h) = &c.hash_input {
+        if !matches!(c.lb, LbPolicy::ConsistentHash(_)) {
+            err(obj.clone(), "hashInput".into(), "only with a consistentHash lb".into());
+        }
+        if h.cookie.as_ref().is_some_and(|c| http_header_name_invalid(&c.name)) {
+            err(obj.clone(), "hashInput.cookie.name".into(), "not a cookie name".into());
+        }
+        if h.query_parameter.as_deref() == Some("") {
+            err(
+                obj.clone(),
+                "hashInput.queryParameter".into(),
+                "must not be empty".into(),
+            );
+        }
+    }
     if let Some(k) = &c.tcp_keepalive {
         // Linux counts whole seconds, up to 32,767, and at most 127 probes.
         for (field, ms) in [

@@ -1,6 +1,7 @@
 //! The request path: one atomic load of the compiled config, host and route lookup, then a
 //! redirect or a forward with balancing, breaker, timeouts and retries.
 
+mod hash;
 pub mod headers;
 pub mod path;
 pub mod upgrade;
@@ -609,7 +610,7 @@ impl Forward<'_> {
         let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
         let cluster = self.cluster;
         let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
-        let hash_key = self.hash_key(&parts);
+        let (hash_key, set_cookie) = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
         let body_empty = incoming.is_end_stream() || upgrade.is_some();
         // Each mirror draws its share on its own.
@@ -676,16 +677,29 @@ impl Forward<'_> {
                 // A streaming upload goes on without being kept.
                 r.settle();
             }
-            return self.respond(outcome, upgrade, via, (guard, ep_guard), ep);
+            let mut resp = self.respond(outcome, upgrade, via, (guard, ep_guard), ep)?;
+            if let Some(c) = set_cookie {
+                resp.headers_mut().append(header::SET_COOKIE, c);
+            }
+            return Ok(resp);
         }
     }
 
     /// What a consistent-hash cluster hashes this request on.
-    fn hash_key(&self, parts: &http::request::Parts) -> Option<HashKey> {
-        match self.cluster.balancer.hash_on()? {
+    /// The request's consistent-hash key, and the cookie its response sets when the cluster
+    /// hashes on one the request lacks.
+    fn hash_key(&self, parts: &http::request::Parts) -> (Option<HashKey>, Option<HeaderValue>) {
+        let Some(on) = self.cluster.balancer.hash_on() else {
+            return (None, None);
+        };
+        if let Some(input) = &self.cluster.spec.hash_input {
+            return hash::input_key(input, parts, self.conn.client);
+        }
+        let key = match on {
             HashOn::Header(name) => parts.headers.get(name.as_str()).cloned().map(HashKey::Header),
             HashOn::ClientIp => Some(HashKey::ip(self.conn.client.ip())),
-        }
+        };
+        (key, None)
     }
 
     fn timing(&self) -> Timing {

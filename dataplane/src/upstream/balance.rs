@@ -174,7 +174,7 @@ fn ring_points(weights: &[u32]) -> Vec<u64> {
         .collect()
 }
 
-fn hash(b: &[u8]) -> u64 {
+pub fn hash(b: &[u8]) -> u64 {
     // FNV-1a then a finaliser: stable across processes and platforms, so every proxy agrees.
     let mut h: u64 = 0xcbf29ce484222325;
     for x in b {

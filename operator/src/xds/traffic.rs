@@ -68,10 +68,10 @@ pub fn route_policies(
             ..Default::default()
         }),
     };
-    let keys: Vec<&HashOn> = backends
+    let keys: Vec<(&HashOn, Option<&model::HashInput>)> = backends
         .iter()
         .filter_map(|c| match &c.lb {
-            LbPolicy::ConsistentHash(on) => Some(on),
+            LbPolicy::ConsistentHash(on) => Some((on, c.hash_input.as_ref())),
             _ => None,
         })
         .collect();
@@ -82,7 +82,7 @@ pub fn route_policies(
                 r.name
             ));
         }
-        ra.hash_policy = vec![hash_policy(first)];
+        ra.hash_policy = vec![hash_policy(first.0, first.1)];
     }
 }
 
@@ -114,16 +114,31 @@ pub fn retry_policy(p: &RetryPolicy, per_try_ms: Option<u64>) -> route::RetryPol
     }
 }
 
-fn hash_policy(on: &HashOn) -> route::route_action::HashPolicy {
-    use route::route_action::hash_policy::{ConnectionProperties, Header, PolicySpecifier};
-    route::route_action::HashPolicy {
-        policy_specifier: Some(match on {
-            HashOn::Header(h) => PolicySpecifier::Header(Header {
-                header_name: h.clone(),
-                regex_rewrite: None,
-            }),
-            HashOn::ClientIp => PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true }),
+/// Envoy's key: the cookie or query parameter when the cluster names one, else `lb`'s.
+fn hash_policy(on: &HashOn, input: Option<&model::HashInput>) -> route::route_action::HashPolicy {
+    use route::route_action::hash_policy::{ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter};
+    let lb_key = || match on {
+        HashOn::Header(h) => PolicySpecifier::Header(Header {
+            header_name: h.clone(),
+            regex_rewrite: None,
         }),
+        HashOn::ClientIp => PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true }),
+    };
+    let specifier = match input {
+        Some(model::HashInput { cookie: Some(c), .. }) => PolicySpecifier::Cookie(Cookie {
+            name: c.name.clone(),
+            ttl: c.ttl_ms.map(ms),
+            path: c.path.clone().unwrap_or_default(),
+            attributes: Vec::new(),
+        }),
+        Some(model::HashInput {
+            query_parameter: Some(q),
+            ..
+        }) => PolicySpecifier::QueryParameter(QueryParameter { name: q.clone() }),
+        _ => lb_key(),
+    };
+    route::route_action::HashPolicy {
+        policy_specifier: Some(specifier),
         terminal: false,
     }
 }
@@ -306,6 +321,41 @@ mod tests {
         let (ra, unsupported) = policies(&own, &[target("a", 1), target("c", 1)], &clusters);
         assert_eq!(ra.retry_policy.map(|p| p.num_retries), Some(u32v(5)));
         assert_eq!(unsupported.len(), 1, "only the hash keys disagree: {unsupported:?}");
+    }
+
+    #[test]
+    fn a_cookie_or_query_parameter_is_envoys_key() {
+        use route::route_action::hash_policy::PolicySpecifier;
+        let mut sticky = cluster("s", None, LbPolicy::ConsistentHash(HashOn::Header("cookie".into())));
+        sticky.hash_input = Some(model::HashInput {
+            cookie: Some(model::HashCookie {
+                name: "user".into(),
+                path: Some("/".into()),
+                ttl_ms: Some(3_600_000),
+            }),
+            ..Default::default()
+        });
+        let mut by_query = cluster("q", None, LbPolicy::ConsistentHash(HashOn::ClientIp));
+        by_query.hash_input = Some(model::HashInput {
+            query_parameter: Some("user".into()),
+            ..Default::default()
+        });
+        let clusters = [sticky, by_query];
+        let (ra, _) = policies(&route(), &[target("s", 1)], &clusters);
+        match ra.hash_policy[0].policy_specifier.clone() {
+            Some(PolicySpecifier::Cookie(c)) => {
+                assert_eq!(
+                    (c.name.as_str(), c.path.as_str(), c.ttl),
+                    ("user", "/", Some(ms(3_600_000)))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let (ra, _) = policies(&route(), &[target("q", 1)], &clusters);
+        assert!(matches!(
+            ra.hash_policy[0].policy_specifier.clone(),
+            Some(PolicySpecifier::QueryParameter(q)) if q.name == "user"
+        ));
     }
 
     #[test]

@@ -722,7 +722,7 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         };
     }
     if let Some(lb) = &p.load_balancer {
-        c.lb = load_balancer(lb)?;
+        (c.lb, c.hash_input) = load_balancer(lb)?;
     }
     if let Some(hc) = &p.health_check {
         c.health_check = Some(health_check(hc)?);
@@ -855,8 +855,23 @@ fn client_certificate(
     }
 }
 
-fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<LbPolicy, PolicyError> {
-    Ok(match lb.kind.as_str() {
+/// The balancing policy, and the hash input that wins over its key.
+fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<(LbPolicy, Option<HashInput>), PolicyError> {
+    if let Some(input) = hash_input(lb)? {
+        if lb.kind != "ConsistentHash" {
+            return Err((
+                "spec.loadBalancer.type".into(),
+                "hashCookie and hashQueryParameter are for ConsistentHash".into(),
+            ));
+        }
+        // What a proxy older than schema 10 hashes on instead.
+        let fallback = match input.cookie {
+            Some(_) => HashOn::Header("cookie".into()),
+            None => HashOn::ClientIp,
+        };
+        return Ok((LbPolicy::ConsistentHash(fallback), Some(input)));
+    }
+    let policy = match lb.kind.as_str() {
         "RoundRobin" => LbPolicy::RoundRobin,
         "LeastRequest" => LbPolicy::LeastRequest,
         "Random" => LbPolicy::Random,
@@ -872,7 +887,7 @@ fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<LbPolicy, PolicyEr
             _ => {
                 return Err((
                     "spec.loadBalancer".into(),
-                    "ConsistentHash needs hashHeader or hashClientIP: true".into(),
+                    "ConsistentHash needs hashHeader, hashClientIP: true, hashCookie or hashQueryParameter".into(),
                 ));
             }
         },
@@ -882,7 +897,51 @@ fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<LbPolicy, PolicyEr
                 format!("{other:?} is not RoundRobin, LeastRequest, Random or ConsistentHash"),
             ));
         }
-    })
+    };
+    Ok((policy, None))
+}
+
+/// A cookie or query parameter to hash on; at most one key of all four is named.
+fn hash_input(lb: &crate::crd::LoadBalancerSpec) -> Result<Option<HashInput>, PolicyError> {
+    let named = [
+        lb.hash_header.is_some(),
+        lb.hash_client_ip == Some(true),
+        lb.hash_cookie.is_some(),
+        lb.hash_query_parameter.is_some(),
+    ];
+    if named.iter().filter(|n| **n).count() > 1 {
+        return Err((
+            "spec.loadBalancer".into(),
+            "one of hashHeader, hashClientIP, hashCookie and hashQueryParameter".into(),
+        ));
+    }
+    if let Some(q) = &lb.hash_query_parameter {
+        if q.is_empty() {
+            return Err((
+                "spec.loadBalancer.hashQueryParameter".into(),
+                "must not be empty".into(),
+            ));
+        }
+        return Ok(Some(HashInput {
+            query_parameter: Some(q.clone()),
+            ..Default::default()
+        }));
+    }
+    let Some(c) = &lb.hash_cookie else { return Ok(None) };
+    if crate::validate::http_header_name_invalid(&c.name) {
+        return Err((
+            "spec.loadBalancer.hashCookie.name".into(),
+            format!("{:?} is not a cookie name", c.name),
+        ));
+    }
+    Ok(Some(HashInput {
+        cookie: Some(HashCookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl_ms: duration_field("loadBalancer.hashCookie.ttl", &c.ttl)?,
+        }),
+        ..Default::default()
+    }))
 }
 
 fn health_check(hc: &crate::crd::HealthCheckSpec) -> Result<HealthCheck, PolicyError> {

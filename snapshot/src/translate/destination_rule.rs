@@ -4,8 +4,8 @@
 //! out whole, its status naming the field — never half-applied.
 
 use crate::crd::{
-    CircuitBreakerSpec, LoadBalancerSpec, OutlierDetectionSpec, TcpKeepaliveSpec, TimeoutsSpec, TrafficPolicy,
-    UpstreamTlsSpec,
+    CircuitBreakerSpec, HashCookieSpec, LoadBalancerSpec, OutlierDetectionSpec, TcpKeepaliveSpec, TimeoutsSpec,
+    TrafficPolicy, UpstreamTlsSpec,
 };
 use crate::istio::{
     DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
@@ -278,17 +278,37 @@ fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpe
             other => Err((format!("{at}.simple"), format!("{other:?} is not supported by Ferrum"))),
         },
         (None, Some(h)) => {
-            unsupported(&format!("{at}.consistentHash"), &h.other)?;
-            if h.http_header_name.is_none() && h.use_source_ip != Some(true) {
+            let at = format!("{at}.consistentHash");
+            unsupported(&at, &h.other)?;
+            let hash_cookie = match &h.http_cookie {
+                Some(c) => {
+                    unsupported(&format!("{at}.httpCookie"), &c.other)?;
+                    Some(HashCookieSpec {
+                        name: c.name.clone(),
+                        path: c.path.clone(),
+                        ttl: duration(&format!("{at}.httpCookie.ttl"), &c.ttl)?,
+                    })
+                }
+                None => None,
+            };
+            let keys = [
+                h.http_header_name.is_some(),
+                h.use_source_ip == Some(true),
+                hash_cookie.is_some(),
+                h.http_query_parameter_name.is_some(),
+            ];
+            if keys.iter().filter(|k| **k).count() != 1 {
                 return Err((
-                    format!("{at}.consistentHash"),
-                    "needs httpHeaderName or useSourceIp: true".into(),
+                    at,
+                    "one of httpHeaderName, useSourceIp: true, httpCookie and httpQueryParameterName".into(),
                 ));
             }
             Ok(Some(LoadBalancerSpec {
                 kind: "ConsistentHash".into(),
                 hash_header: h.http_header_name.clone(),
-                hash_client_ip: h.use_source_ip,
+                hash_client_ip: h.use_source_ip.filter(|u| *u),
+                hash_cookie,
+                hash_query_parameter: h.http_query_parameter_name.clone(),
             }))
         }
         (None, None) => Ok(None),

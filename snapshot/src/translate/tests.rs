@@ -1204,3 +1204,45 @@ fn istios_circuit_breaking_task_rule_applies_as_written() {
         (1, 180_000, 100)
     );
 }
+
+#[test]
+fn a_destination_rule_hashes_on_a_cookie_or_a_query_parameter() {
+    let rule = |hash: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
+             spec: {{host: echo, trafficPolicy: {{loadBalancer: {{consistentHash: {hash}}}}}}}\n---\n"
+        )
+    };
+    let cluster = |hash: &str| {
+        let s = ok(&format!(
+            "{}{}",
+            rule(hash),
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        ));
+        s.cluster("service/default/echo:80").unwrap().clone()
+    };
+    let c = cluster("{httpCookie: {name: user, path: /, ttl: 0s}, minimumRingSize: 1024}");
+    assert_eq!(
+        c.hash_input.unwrap().cookie.unwrap(),
+        crate::model::HashCookie {
+            name: "user".into(),
+            path: Some("/".into()),
+            ttl_ms: Some(0)
+        }
+    );
+    // What a proxy older than schema 10 hashes on instead.
+    assert_eq!(c.lb, LbPolicy::ConsistentHash(HashOn::Header("cookie".into())));
+    let c = cluster("{httpQueryParameterName: user, ringHash: {minimumRingSize: 64}}");
+    assert_eq!(c.hash_input.unwrap().query_parameter.as_deref(), Some("user"));
+    assert_eq!(c.lb, LbPolicy::ConsistentHash(HashOn::ClientIp));
+    // Two keys at once are not a key.
+    let t = run(&format!(
+        "{}{}",
+        rule("{httpHeaderName: x-user, httpQueryParameterName: user}"),
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    assert_eq!(
+        t.problems.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(),
+        vec!["spec.trafficPolicy.loadBalancer.consistentHash"]
+    );
+}

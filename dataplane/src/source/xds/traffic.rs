@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use ferrum_snapshot::model::{CertSource, HashOn, LbPolicy, RetryPolicy, UpstreamTls};
+use ferrum_snapshot::model::{CertSource, HashCookie, HashInput, HashOn, LbPolicy, RetryPolicy, UpstreamTls};
 
 use super::map::{MapError, decode};
 
@@ -25,9 +25,12 @@ const NOT_RETRIED: [&str; 1] = ["http3-post-connect-failure"];
 /// What the routes to one cluster ask of it, and the first route that asked.
 #[derive(Default)]
 struct Asked {
-    hash: Option<(HashOn, String)>,
+    hash: Option<(HashKeyOf, String)>,
     retry: Option<(Option<RetryPolicy>, String)>,
 }
+
+/// A route's hash key: `lb`'s, and a cookie or query parameter that wins over it.
+type HashKeyOf = (HashOn, Option<HashInput>);
 
 /// The retry and hash policies of every route, by the cluster they send to.
 #[derive(Default)]
@@ -94,9 +97,9 @@ impl RoutePolicies {
             EnvoyLb::try_from(envoy.lb_policy),
             Ok(EnvoyLb::RingHash | EnvoyLb::Maglev)
         ) {
-            c.lb = match asked.and_then(|a| a.hash.as_ref()) {
-                Some((on, _)) => LbPolicy::ConsistentHash(on.clone()),
-                None => LbPolicy::Random,
+            (c.lb, c.hash_input) = match asked.and_then(|a| a.hash.as_ref()) {
+                Some(((on, input), _)) => (LbPolicy::ConsistentHash(on.clone()), input.clone()),
+                None => (LbPolicy::Random, None),
             };
         }
         c.retry = asked
@@ -128,8 +131,8 @@ fn disagree(at: &str, cluster: &str, what: &str, first: &str) -> MapError {
     }
 }
 
-/// A route's hash key: one header, or the client's address.
-fn hash_on(policies: &[route::route_action::HashPolicy], at: &str) -> Result<Option<HashOn>, MapError> {
+/// A route's hash key: one header, the client's address, a cookie or a query parameter.
+fn hash_on(policies: &[route::route_action::HashPolicy], at: &str) -> Result<Option<HashKeyOf>, MapError> {
     use route::route_action::hash_policy::PolicySpecifier;
     let refused = |reason: &str| MapError::Refused {
         at: at.to_string(),
@@ -139,11 +142,33 @@ fn hash_on(policies: &[route::route_action::HashPolicy], at: &str) -> Result<Opt
         [] => Ok(None),
         [p] => match &p.policy_specifier {
             Some(PolicySpecifier::Header(h)) if h.regex_rewrite.is_none() => {
-                Ok(Some(HashOn::Header(h.header_name.to_ascii_lowercase())))
+                Ok(Some((HashOn::Header(h.header_name.to_ascii_lowercase()), None)))
             }
-            Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => Ok(Some(HashOn::ClientIp)),
+            Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => Ok(Some((HashOn::ClientIp, None))),
+            Some(PolicySpecifier::Cookie(c)) if c.attributes.is_empty() => {
+                let cookie = HashCookie {
+                    name: c.name.clone(),
+                    path: Some(c.path.clone()).filter(|p| !p.is_empty()),
+                    ttl_ms: c.ttl.as_ref().map(|d| {
+                        u64::try_from(d.seconds).unwrap_or(0) * 1000 + u64::from(d.nanos.max(0) as u32 / 1_000_000)
+                    }),
+                };
+                let input = HashInput {
+                    cookie: Some(cookie),
+                    ..Default::default()
+                };
+                Ok(Some((HashOn::Header("cookie".into()), Some(input))))
+            }
+            Some(PolicySpecifier::QueryParameter(q)) => {
+                let input = HashInput {
+                    query_parameter: Some(q.name.clone()),
+                    ..Default::default()
+                };
+                Ok(Some((HashOn::ClientIp, Some(input))))
+            }
             _ => Err(refused(
-                "hash_policy: only a header (without regex_rewrite) or the source IP is supported",
+                "hash_policy: only a header (without regex_rewrite), the source IP, a cookie (without attributes) \
+                 or a query parameter is supported",
             )),
         },
         _ => Err(refused("hash_policy: only one hash policy per route is supported")),
