@@ -24,6 +24,23 @@ async fn pool_of_two(policy: &str) -> (Backend, Backend, Dp, String) {
     (a, b, dp, format!("http://127.0.0.1:{port}/"))
 }
 
+/// Endpoints `a`, `b` and `c` behind one Backend with the given policy lines.
+async fn pool_of_three(policy: &str) -> ([Backend; 3], Dp, String) {
+    let all = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("pool", &[&all[0], &all[1], &all[2]], policy),
+        route_to("pool"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+    (all, dp, format!("http://127.0.0.1:{port}/"))
+}
+
 #[tokio::test]
 async fn active_health_checks_eject_and_restore_endpoints() {
     let (a, _b, dp, url) = pool_of_two(
@@ -417,16 +434,8 @@ async fn a_retry_takes_over_a_body_the_failed_try_was_still_sending() {
 
 #[tokio::test]
 async fn a_hash_cookie_keeps_a_client_on_one_endpoint() {
-    let (a, b, c3) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
-    let port = free_port();
-    let policy = "  loadBalancer: {type: ConsistentHash, hashCookie: {name: sticky, ttl: 1h, path: /}}\n";
-    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b, &c3], policy), route_to("pool")]);
-    let _dp = Dp::start(&yaml).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    let (_backends, _dp, url) =
+        pool_of_three("  loadBalancer: {type: ConsistentHash, hashCookie: {name: sticky, ttl: 1h, path: /}}\n").await;
     let c = client();
     // No cookie yet: the response sets one, made from the client's address…
     let r = c.get(&url).send().await.unwrap();
@@ -459,24 +468,13 @@ async fn a_hash_cookie_keeps_a_client_on_one_endpoint() {
 
 #[tokio::test]
 async fn a_hash_query_parameter_keeps_its_value_on_one_endpoint() {
-    let (a, b, c3) = (
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    );
-    let port = free_port();
-    let policy = "  loadBalancer: {type: ConsistentHash, hashQueryParameter: user}\n";
-    let yaml = docs(&[gateway(port), backend("pool", &[&a, &b, &c3], policy), route_to("pool")]);
-    let _dp = Dp::start(&yaml).await;
+    let (_backends, _dp, url) =
+        pool_of_three("  loadBalancer: {type: ConsistentHash, hashQueryParameter: user}\n").await;
     let c = client();
     let mut by_user = std::collections::BTreeMap::new();
     for round in 0..3 {
         for user in 0..20 {
-            let r = c
-                .get(format!("http://127.0.0.1:{port}/?round={round}&user=u{user}"))
-                .send()
-                .await
-                .unwrap();
+            let r = c.get(format!("{url}?round={round}&user=u{user}")).send().await.unwrap();
             let who = r.headers()["x-backend"].to_str().unwrap().to_string();
             assert_eq!(by_user.entry(user).or_insert_with(|| who.clone()), &who, "user u{user}");
         }

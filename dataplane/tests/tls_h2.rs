@@ -167,7 +167,26 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
             &[&s],
             "  tls: {sni: other.example.test, insecureSkipVerify: true}\n",
         ),
+        // The certificate names one of the subject alt names, not the SNI name: accepted.
+        backend(
+            "alt",
+            &[&s],
+            &format!(
+                "  tls: {{sni: other.example.test, caFile: '{}', subjectAltNames: [nope.example.test, api.example.test]}}\n",
+                ca_file.display()
+            ),
+        ),
+        backend(
+            "altless",
+            &[&s],
+            &format!(
+                "  tls: {{sni: api.example.test, caFile: '{}', subjectAltNames: [nope.example.test]}}\n",
+                ca_file.display()
+            ),
+        ),
         route("/h1", "h1"),
+        route("/altless", "altless"),
+        route("/alt", "alt"),
         route("/h2", "h2"),
         route("/misnamed", "misnamed"),
         route("/unchecked", "unchecked"),
@@ -191,15 +210,24 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = client()
-        .get(format!("http://127.0.0.1:{port}/misnamed"))
+        .get(format!("http://127.0.0.1:{port}/alt"))
         .send()
         .await
         .unwrap();
-    assert!(
-        r.status().is_server_error() && r.headers().get("x-backend").is_none(),
-        "{}",
-        r.status()
-    );
+    assert_eq!(r.status(), 200, "a subject alt name matches");
+    // Neither the SNI name nor another counts when the certificate names none of the list.
+    for path in ["/misnamed", "/altless"] {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_server_error() && r.headers().get("x-backend").is_none(),
+            "{path}: {}",
+            r.status()
+        );
+    }
 }
 
 /// Mutual TLS to upstreams: a Backend whose server asks for a client certificate is answered

@@ -1312,11 +1312,11 @@ async fn a_destination_rule_reaches_envoy_and_ferrum_dp_and_reports_what_it_cann
     .await;
     assert!(sticky("ferrum-dp").await, "ferrum-dp hashes on x-user");
 
-    // maxRetries has no Ferrum equivalent: the rule is left out whole and says why.
-    cluster.apply(&rule(", connectionPool: {http: {maxRetries: 3}}"));
+    // h2UpgradePolicy has no Ferrum equivalent: the rule is left out whole and says why.
+    cluster.apply(&rule(", connectionPool: {http: {h2UpgradePolicy: UPGRADE}}"));
     eventually("the status names the field", Duration::from_secs(10), async || {
         let (_, s, message) = condition();
-        s.as_deref() == Some("False") && message.starts_with("spec.trafficPolicy.connectionPool.http.maxRetries")
+        s.as_deref() == Some("False") && message.starts_with("spec.trafficPolicy.connectionPool.http.h2UpgradePolicy")
     })
     .await;
     assert!(backend_of("u").await.is_some(), "the Service still serves");

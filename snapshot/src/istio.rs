@@ -958,6 +958,8 @@ pub struct DrTls {
     /// …or a `kubernetes.io/tls` Secret of the rule's namespace holding both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -1142,4 +1142,9 @@ pub struct UpstreamTls {
     /// The certificate this proxy presents when the upstream asks for one (mutual TLS). Schema 7.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate: Option<CertSource>,
+    /// Names (DNS names or IP addresses) of which the certificate must carry one, instead of
+    /// `sni` (Istio's `subjectAltNames`). Schema 10: an older proxy checks `sni`, and so refuses
+    /// a certificate that does not name it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }

@@ -222,6 +222,15 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
     {
         err(obj.clone(), "tls.sni".into(), "must not be empty".into());
     }
+    for (i, san) in c.tls.iter().flat_map(|t| t.subject_alt_names.iter()).enumerate() {
+        if !san_checkable(san) {
+            err(
+                obj.clone(),
+                format!("tls.subjectAltNames[{i}]"),
+                format!("{san:?}: a DNS name or an IP address (URI names such as spiffe:// are not checked)"),
+            );
+        }
+    }
 }
 
 fn check_listener(l: &Listener, clusters: &BTreeSet<&str>, err: &mut impl FnMut(String, String, String)) {
@@ -572,6 +581,20 @@ pub fn cors_problem(c: &crate::model::Cors) -> Option<(String, String)> {
             .map(|e| (format!("allowOrigins[{i}]"), e.to_string())),
         crate::model::StringMatch::Exact(_) => None,
     })
+}
+
+/// A name a server certificate can be checked against: an IP address, or a DNS name
+/// (letters, digits, `-`, `.`, and a leading `*.`).
+fn san_checkable(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// RFC 9110 token characters.

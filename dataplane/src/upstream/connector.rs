@@ -213,12 +213,16 @@ fn tls_config(c: &Cluster, secrets: &Secrets) -> Result<rustls::ClientConfig, Cl
         ))),
     };
     // No ALPN here: the connector builder (`build`) sets it and refuses a config that has it.
+    let roots = || root_store(c, tls.ca_file.as_deref(), tls.ca_pem.as_deref());
     let verified = if tls.insecure_skip_verify {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    } else if tls.subject_alt_names.is_empty() {
+        builder.with_root_certificates(roots()?)
     } else {
-        builder.with_root_certificates(root_store(c, tls.ca_file.as_deref(), tls.ca_pem.as_deref())?)
+        let verifier = AnyOfNames::new(c, roots()?, provider, &tls.subject_alt_names)?;
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
     };
     Ok(match client {
         Some(cert) => verified.with_client_cert_resolver(cert),
@@ -317,6 +321,81 @@ pub fn build(
     })
 }
 
+/// `subjectAltNames`: the chain is checked as for any upstream, and the certificate must name
+/// one of the names (whatever SNI was sent).
+#[derive(Debug)]
+struct AnyOfNames {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    names: Vec<rustls_pki_types::ServerName<'static>>,
+}
+
+impl AnyOfNames {
+    fn new(
+        c: &Cluster,
+        roots: rustls::RootCertStore,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        names: &[String],
+    ) -> Result<Self, ClientError> {
+        let tls_err = |what: String| ClientError::Tls {
+            cluster: c.name.clone(),
+            what,
+        };
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| tls_err(e.to_string()))?;
+        let names = names
+            .iter()
+            .map(|n| {
+                rustls_pki_types::ServerName::try_from(n.clone())
+                    .map_err(|e| tls_err(format!("subject alt name {n:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(AnyOfNames { inner, names })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyOfNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no subject alt name to check".into());
+        for name in &self.names {
+            match self
+                .inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// `insecureSkipVerify`: accepts any server certificate, still checks signatures. (Tests use
 /// it too, to play clients that do not care who the server is.)
 #[derive(Debug)]
@@ -372,6 +451,7 @@ mod tests {
                 ca_pem: None,
                 insecure_skip_verify: false,
                 client_certificate: None,
+                subject_alt_names: Vec::new(),
             });
             let stats = Arc::new(crate::telemetry::ClusterStats::default());
             assert!(

@@ -154,8 +154,24 @@ pub fn retry_budget(p: &RetryPolicy) -> RetryBudget {
     }
 }
 
+/// A certificate name that must be there: an IP address or a DNS name.
+fn san_matcher(name: &str) -> tls::SubjectAltNameMatcher {
+    tls::SubjectAltNameMatcher {
+        san_type: if name.parse::<IpAddr>().is_ok() {
+            tls::subject_alt_name_matcher::SanType::IpAddress
+        } else {
+            tls::subject_alt_name_matcher::SanType::Dns
+        } as i32,
+        matcher: Some(matcher::StringMatcher {
+            match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(name.to_string())),
+            ignore_case: false,
+        }),
+        oid: String::new(),
+    }
+}
+
 /// TLS to the cluster's endpoints: SNI, and the certificate checked against the CA file (or the
-/// system bundle) and the SNI name, as ferrum-dp checks it; nothing checked when the policy
+/// system bundle) and the SNI name (or the policy's subject alt names), as ferrum-dp checks it; nothing checked when the policy
 /// says `insecureSkipVerify`.
 pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::TransportSocket {
     use tls::common_tls_context::ValidationContextType;
@@ -172,18 +188,10 @@ pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::Transp
                 }),
                 ..Default::default()
             }),
-            match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
-                san_type: if ip {
-                    tls::subject_alt_name_matcher::SanType::IpAddress
-                } else {
-                    tls::subject_alt_name_matcher::SanType::Dns
-                } as i32,
-                matcher: Some(matcher::StringMatcher {
-                    match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(t.sni.clone())),
-                    ignore_case: false,
-                }),
-                oid: String::new(),
-            }],
+            match_typed_subject_alt_names: match t.subject_alt_names.as_slice() {
+                [] => vec![san_matcher(&t.sni)],
+                names => names.iter().map(|n| san_matcher(n)).collect(),
+            },
             ..Default::default()
         })
     });
@@ -372,6 +380,7 @@ mod tests {
             ca_pem: None,
             insecure_skip_verify: false,
             client_certificate: None,
+            subject_alt_names: Vec::new(),
         };
         let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http2));
         assert_eq!(ctx.sni, "api.example.test");
@@ -402,6 +411,30 @@ mod tests {
             v.trusted_ca.and_then(|d| d.specifier),
             Some(core::data_source::Specifier::InlineString(t.ca_pem.clone().unwrap()))
         );
+
+        // Subject alt names: one matcher each, instead of the SNI name.
+        t.subject_alt_names = vec!["api.example.test".into(), "10.0.0.2".into()];
+        let v = validation(decode(upstream_tls(&t, UpstreamProtocol::Http2)));
+        let names: Vec<(i32, String)> = v
+            .match_typed_subject_alt_names
+            .iter()
+            .map(|m| {
+                let exact = match m.matcher.as_ref().and_then(|m| m.match_pattern.clone()) {
+                    Some(matcher::string_matcher::MatchPattern::Exact(e)) => e,
+                    other => panic!("{other:?}"),
+                };
+                (m.san_type, exact)
+            })
+            .collect();
+        use tls::subject_alt_name_matcher::SanType;
+        assert_eq!(
+            names,
+            vec![
+                (SanType::Dns as i32, "api.example.test".to_string()),
+                (SanType::IpAddress as i32, "10.0.0.2".to_string())
+            ]
+        );
+        t.subject_alt_names = Vec::new();
 
         t.ca_pem = None;
         t.sni = "10.0.0.1".into();

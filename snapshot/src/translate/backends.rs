@@ -794,6 +794,7 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             ca_pem: ca_pem(t, secrets)?,
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
             client_certificate: client_certificate(t, secrets)?,
+            subject_alt_names: t.subject_alt_names.clone().unwrap_or_default(),
         });
     }
     Ok(())

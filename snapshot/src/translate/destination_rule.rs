@@ -380,6 +380,7 @@ fn tls(t: &DrTls, fqdn: &str, at: &str) -> Result<Option<UpstreamTlsSpec>, RuleE
         sni: t.sni.clone().unwrap_or_else(|| fqdn.to_string()),
         ca_file: t.ca_certificates.clone(),
         insecure_skip_verify: t.insecure_skip_verify,
+        subject_alt_names: Some(t.subject_alt_names.clone()).filter(|s| !s.is_empty()),
         ..UpstreamTlsSpec::default()
     };
     let mode = t.mode.as_deref().unwrap_or("DISABLE");

@@ -781,7 +781,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
                 \x20   loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n\
                 \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
                 \x20   outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n\
-                \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}\n---\n";
+                \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem, subjectAltNames: [echo.example.com]}\n---\n";
     let s = ok(&format!(
         "{rule}{}",
         route("  - backendRefs: [{name: echo, port: 80}]\n")
@@ -819,6 +819,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
         ("echo.default.svc.cluster.local", Some("/etc/ca.pem")),
         "SNI defaults to the Service's name"
     );
+    assert_eq!(tls.subject_alt_names, vec!["echo.example.com".to_string()]);
 
     // The Service's BackendPolicy is applied over it: its fields win, the rule's others stay.
     let policy = "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: p, namespace: default}\n\

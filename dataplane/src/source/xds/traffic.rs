@@ -255,6 +255,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             ca_pem: None,
             insecure_skip_verify: true,
             client_certificate,
+            subject_alt_names: Vec::new(),
         });
     };
     let (ca_file, ca_pem) = match v.trusted_ca.and_then(|d| d.specifier) {
@@ -275,14 +276,16 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         })
         .collect::<Option<_>>()
         .ok_or_else(|| refused("subject alt name matchers must be exact names"))?;
-    // Without SNI (an IP address), the name to check is the one SAN matcher's.
-    let sni = match (ctx.sni.is_empty(), names.as_slice()) {
-        (false, []) => ctx.sni,
-        (false, [n]) if *n == ctx.sni => ctx.sni,
-        (true, [n]) if n.parse::<IpAddr>().is_ok() => n.to_string(),
-        _ => {
+    // Without SNI (an IP address), the name to check is the one SAN matcher's; other
+    // matchers name what the certificate must carry one of instead of the SNI name.
+    let (sni, subject_alt_names) = match (ctx.sni.is_empty(), names.as_slice()) {
+        (false, []) => (ctx.sni, Vec::new()),
+        (false, [n]) if *n == ctx.sni => (ctx.sni, Vec::new()),
+        (true, [n]) if n.parse::<IpAddr>().is_ok() => (n.to_string(), Vec::new()),
+        (false, names) => (ctx.sni, names.iter().map(|n| n.to_string()).collect()),
+        (true, _) => {
             return Err(refused(
-                "the certificate is checked against the SNI name: give sni, and at most one subject alt name matcher equal to it (or only an IP address)",
+                "without sni, the certificate is checked against the one subject alt name matcher, an IP address",
             ));
         }
     };
@@ -292,5 +295,6 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         ca_pem,
         insecure_skip_verify: false,
         client_certificate,
+        subject_alt_names,
     })
 }
