@@ -351,3 +351,34 @@ async fn tcp_keepalive_probes_idle_upstream_connections() {
     let ss = sockets_to(b.addr.port());
     assert!(!ss.is_empty() && !ss.contains("keepalive"), "{ss}");
 }
+
+#[tokio::test]
+async fn connections_past_max_connection_duration_take_no_new_requests() {
+    for (spec, h2) in [
+        ("  timeouts: {maxConnectionDuration: 300ms}\n", false),
+        ("  protocol: HTTP/2\n  timeouts: {maxConnectionDuration: 300ms}\n", true),
+    ] {
+        let b = if h2 {
+            Counting::start_h2(100).await
+        } else {
+            Counting::start(None).await
+        };
+        let (_dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+        let c = client();
+        // Eight requests 100 ms apart: about one new connection every 300 ms.
+        for _ in 0..8 {
+            let r = c.get(format!("{url}/")).send().await.unwrap();
+            assert_eq!(r.text().await.unwrap(), "ok");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let accepted = b.accepted.load(SeqCst);
+        assert!(
+            (2..=5).contains(&accepted),
+            "h2 {h2}: {accepted} connections for 8 requests over 800 ms"
+        );
+        eventually("retired connections close", Duration::from_secs(5), async || {
+            b.open.load(SeqCst) <= 1
+        })
+        .await;
+    }
+}

@@ -199,6 +199,9 @@ pub struct TimeoutsSpec {
     pub read: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<String>,
+    /// An upstream HTTP connection takes no new request this long after it opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

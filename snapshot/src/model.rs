@@ -1062,6 +1062,11 @@ pub struct ClusterTimeouts {
     pub read_ms: u64,
     /// Idle pooled connections are closed after this.
     pub idle_ms: u64,
+    /// An upstream HTTP connection takes no new request this long after it opened, and closes
+    /// once its requests are done (so long-lived connections, gRPC's, rebalance). Schema 10: an
+    /// older proxy keeps its connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration_ms: Option<u64>,
 }
 
 impl Default for ClusterTimeouts {
@@ -1070,6 +1075,7 @@ impl Default for ClusterTimeouts {
             connect_ms: 5_000,
             read_ms: 15_000,
             idle_ms: 60_000,
+            max_connection_duration_ms: None,
         }
     }
 }

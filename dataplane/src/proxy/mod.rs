@@ -236,7 +236,7 @@ async fn serve(
         e.route = Some(route.name.clone());
     }
     let cors = match route.cors.as_deref().map(|c| c.check(&req)) {
-        Some(cors::Check::Preflight(resp)) => return resp,
+        Some(cors::Check::Preflight(resp)) => return *resp,
         Some(cors::Check::Allowed(origin)) => Some(origin),
         _ => None,
     };
@@ -338,7 +338,7 @@ fn preflight<B>(vh: &crate::router::VirtualHost, req: &Request<B>) -> Option<Res
     }
     let route = vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers())?;
     match route.cors.as_deref()?.check(req) {
-        cors::Check::Preflight(resp) => Some(resp),
+        cors::Check::Preflight(resp) => Some(*resp),
         _ => None,
     }
 }

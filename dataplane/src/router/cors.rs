@@ -60,7 +60,8 @@ pub enum Check {
     /// Not cross-origin, or from an origin not allowed: served as if there were no policy.
     Unmarked,
     /// A preflight from an allowed origin, answered here.
-    Preflight(Response<ResponseBody>),
+    /// Boxed: preflights are rare, and every request's check would carry a response's size.
+    Preflight(Box<Response<ResponseBody>>),
     /// A request from this allowed origin: its answer is marked for it.
     Allowed(HeaderValue),
 }
@@ -97,13 +98,13 @@ impl Cors {
         let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD);
         match asked {
             Some(method) if req.method() == Method::OPTIONS && allowed => {
-                Check::Preflight(self.preflight(origin, method, req.headers()))
+                Check::Preflight(Box::new(self.preflight(origin, method, req.headers())))
             }
             // Answered, unmarked: the browser refuses the cross-origin request itself.
             Some(_) if req.method() == Method::OPTIONS && self.answer_unmatched => {
                 let mut r = Response::new(ResponseBody::Local(None));
                 *r.status_mut() = StatusCode::OK;
-                Check::Preflight(r)
+                Check::Preflight(Box::new(r))
             }
             _ if allowed => Check::Allowed(origin.clone()),
             _ => Check::Unmarked,

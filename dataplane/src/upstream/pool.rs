@@ -74,6 +74,8 @@ pub struct Pool {
     idle_ms: u64,
     /// Requests one connection serves before it is closed (Istio's `maxRequestsPerConnection`).
     max_per_conn: u32,
+    /// How long a connection takes new requests after it opened (`u64::MAX`: for ever).
+    max_conn_ms: u64,
     /// A sweeper task closes idle connections; it runs while the pool holds any.
     sweeping: AtomicBool,
     h1: http1::Builder,
@@ -94,6 +96,8 @@ struct Conn {
     reused: bool,
     /// Requests an HTTP/1.1 connection has been lent to.
     served: u32,
+    /// When an HTTP/1.1 connection stops taking requests (`u64::MAX`: never).
+    retire_at_ms: u64,
 }
 
 impl Conn {
@@ -105,10 +109,13 @@ impl Conn {
                 && (streams.in_flight.load(Relaxed) as usize) < streams.limit.load(Relaxed))
     }
 
-    /// Closed by the peer, or idle for `idle_ms`: the sweeper drops it, which closes it.
+    /// Closed by the peer, idle for `idle_ms`, or past its duration: the sweeper drops it,
+    /// which closes it.
     fn expired(&self, now: u64, idle_ms: u64) -> bool {
         match &self.send {
-            Sender::Http1(s) => s.is_closed() || now.saturating_sub(self.since_ms) >= idle_ms,
+            Sender::Http1(s) => {
+                s.is_closed() || now.saturating_sub(self.since_ms) >= idle_ms || now >= self.retire_at_ms
+            }
             Sender::Http2(s, streams) => {
                 let idle_since = streams.idle_since_ms();
                 s.is_closed()
@@ -130,6 +137,7 @@ fn http2_with_room(idle: &[Conn]) -> Option<Conn> {
             since_ms: 0,
             reused: true,
             served: 0,
+            retire_at_ms: u64::MAX,
         }),
         _ => None,
     })
@@ -143,16 +151,19 @@ struct Streams {
     last_ms: AtomicU64,
     limit: AtomicUsize,
     left: AtomicU32,
+    /// When it stops taking streams (`u64::MAX`: never).
+    retire_at_ms: u64,
 }
 
 impl Streams {
-    fn new(max_per_conn: u32) -> Self {
+    fn new(max_per_conn: u32, retire_at_ms: u64) -> Self {
         Streams {
             in_flight: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
             // hyper's assumption until the peer's SETTINGS arrive.
             limit: AtomicUsize::new(100),
             left: AtomicU32::new(max_per_conn),
+            retire_at_ms,
         }
     }
 
@@ -175,8 +186,9 @@ impl Streams {
         started
     }
 
+    /// Started all the streams it may, or lived as long as it may.
     fn used_up(&self) -> bool {
-        self.left.load(Relaxed) == 0
+        self.left.load(Relaxed) == 0 || (self.retire_at_ms != u64::MAX && now_ms() >= self.retire_at_ms)
     }
 
     fn end(&self) {
@@ -206,8 +218,10 @@ impl Lease {
         if let Some(s) = self.streams.take() {
             s.end();
         }
-        // One that has served all it may is dropped, which closes it.
-        if let Some(mut c) = self.conn.take().filter(|c| c.served < self.pool.max_per_conn) {
+        // One that has served all it may, or lived as long as it may, is dropped, which closes it.
+        let live =
+            |c: &Conn| c.served < self.pool.max_per_conn && (c.retire_at_ms == u64::MAX || now_ms() < c.retire_at_ms);
+        if let Some(mut c) = self.conn.take().filter(live) {
             c.since_ms = now_ms();
             lock(&self.pool.idle[self.ep]).push(c);
             self.pool.sweep();
@@ -242,6 +256,7 @@ impl Pool {
             http2_only: c.protocol == UpstreamProtocol::Http2,
             idle_ms: c.timeouts.idle_ms,
             max_per_conn: c.circuit_breaker.max_requests_per_connection.unwrap_or(u32::MAX).max(1),
+            max_conn_ms: c.timeouts.max_connection_duration_ms.unwrap_or(u64::MAX),
             sweeping: AtomicBool::new(false),
             h1,
             h2,
@@ -318,6 +333,10 @@ impl Pool {
                     Some(_) => idle.pop()?,
                 }
             };
+            if conn.retire_at_ms != u64::MAX && now_ms() >= conn.retire_at_ms {
+                // Lived as long as it may: dropped, which closes it.
+                continue;
+            }
             let Sender::Http1(s) = &conn.send else { continue };
             if s.is_ready() {
                 return Some(conn);
@@ -366,7 +385,7 @@ impl Pool {
         let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
         if self.http2_only || io.connected().is_negotiated_h2() {
             let (send, conn) = self.h2.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-            let streams = Arc::new(Streams::new(self.max_per_conn));
+            let streams = Arc::new(Streams::new(self.max_per_conn, self.retire_at()));
             tokio::spawn(drive_http2(conn, streams.clone()));
             streams.try_start();
             let mut idle = lock(&self.idle[ep]);
@@ -379,6 +398,7 @@ impl Pool {
                     since_ms: 0,
                     reused: true,
                     served: 0,
+                    retire_at_ms: u64::MAX,
                 });
                 drop(idle);
                 self.sweep();
@@ -388,6 +408,7 @@ impl Pool {
                 since_ms: 0,
                 reused: false,
                 served: 0,
+                retire_at_ms: u64::MAX,
             });
         }
         let (send, conn) = self.h1.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
@@ -397,7 +418,16 @@ impl Pool {
             since_ms: 0,
             reused: false,
             served: 0,
+            retire_at_ms: self.retire_at(),
         })
+    }
+
+    /// When a connection opened now stops taking requests.
+    fn retire_at(&self) -> u64 {
+        match self.max_conn_ms {
+            u64::MAX => u64::MAX,
+            ms => now_ms().saturating_add(ms),
+        }
     }
 
     /// HTTP/2 names the endpoint in `:scheme` and `:authority`.

@@ -707,17 +707,20 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
         cl.health_checks = vec![health_check(hc)];
     }
     let per_conn = c.circuit_breaker.max_requests_per_connection;
-    if c.protocol == UpstreamProtocol::Http2 || per_conn.is_some() {
+    let lifetime = c.timeouts.max_connection_duration_ms;
+    if c.protocol == UpstreamProtocol::Http2 || per_conn.is_some() || lifetime.is_some() {
         let mut opts = if c.protocol == UpstreamProtocol::Http2 {
             http2_upstream()
         } else {
             http1_upstream()
         };
-        opts.common_http_protocol_options =
-            per_conn.map(|n| envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
-                max_requests_per_connection: u32v(n),
+        opts.common_http_protocol_options = (per_conn.is_some() || lifetime.is_some()).then(|| {
+            envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                max_requests_per_connection: per_conn.and_then(u32v),
+                max_connection_duration: lifetime.map(ms),
                 ..Default::default()
-            });
+            }
+        });
         cl.typed_extension_protocol_options.insert(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
             any(

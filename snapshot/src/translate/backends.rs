@@ -761,6 +761,8 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             connect_ms: duration_field("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
             read_ms: duration_field("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
             idle_ms: duration_field("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
+            max_connection_duration_ms: duration_field("timeouts.maxConnectionDuration", &t.max_connection_duration)?
+                .or(was.max_connection_duration_ms),
         };
     }
     if let Some(r) = &p.retry {

@@ -340,6 +340,7 @@ fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
         connect: duration(&format!("{at}.tcp.connectTimeout"), &tcp.connect_timeout)?,
         read: None,
         idle: duration(&format!("{at}.http.idleTimeout"), &http.idle_timeout)?,
+        max_connection_duration: duration(&format!("{at}.tcp.maxConnectionDuration"), &tcp.max_connection_duration)?,
     };
     let keepalive = match &tcp.tcp_keepalive {
         Some(k) => {

@@ -812,11 +812,10 @@ fn cluster_of(
         {
             out.protocol = UpstreamProtocol::Http2;
         }
-        out.circuit_breaker.max_requests_per_connection = o
-            .common_http_protocol_options
-            .and_then(|c| c.max_requests_per_connection)
-            .map(|v| v.value)
-            .filter(|n| *n > 0);
+        let common = o.common_http_protocol_options.unwrap_or_default();
+        out.circuit_breaker.max_requests_per_connection =
+            common.max_requests_per_connection.map(|v| v.value).filter(|n| *n > 0);
+        out.timeouts.max_connection_duration_ms = ms(&common.max_connection_duration).filter(|ms| *ms > 0);
     }
     if let Some(ts) = &c.transport_socket {
         out.tls = Some(traffic::upstream_tls(ts, &name)?);
@@ -1310,12 +1309,24 @@ mod tests {
             inline,
             "Cluster c: transport_socket: validation_context.trusted_ca must be a file name or inline PEM"
         );
-        let other_name = refused(tls_context(
+        // A SAN matcher other than the SNI name: the certificate must name it instead.
+        let mut r = complete();
+        let mut c = eds_cluster();
+        c.transport_socket = Some(tls_socket(&tls_context(
             "api.test",
             Specifier::Filename("/ca.pem".into()),
             "db.test",
-        ));
-        assert!(other_name.contains("checked against the SNI name"), "{other_name}");
+        )));
+        r.clusters.insert("c".into(), c);
+        let (s, _) = snapshot(&r, 1).unwrap().unwrap();
+        let tls = s.cluster("c").unwrap().tls.clone().unwrap();
+        assert_eq!(
+            (tls.sni.as_str(), tls.subject_alt_names),
+            ("api.test", vec!["db.test".to_string()])
+        );
+        // Without SNI, only one IP address can be checked.
+        let no_sni = refused(tls_context("", Specifier::Filename("/ca.pem".into()), "db.test"));
+        assert!(no_sni.contains("without sni"), "{no_sni}");
 
         let mut r = complete();
         let mut c = eds_cluster();
