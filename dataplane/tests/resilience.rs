@@ -24,6 +24,26 @@ async fn pool_of_two(policy: &str) -> (Backend, Backend, Dp, String) {
     (a, b, dp, format!("http://127.0.0.1:{port}/"))
 }
 
+/// A Backend of two endpoints, the first refusing connections (nothing listens on its port),
+/// the second answering, with the given policy lines; returns the answering one, the proxy and
+/// its URL.
+async fn dead_then_ok(policy: &str) -> (Backend, Dp, String) {
+    let ok = Backend::start("ok").await;
+    let dead_port = free_port();
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
+             - {{address: 127.0.0.1, port: {dead_port}}}\n  - {{address: 127.0.0.1, port: {}}}\n{policy}",
+            ok.addr.port()
+        ),
+        route_to("pool"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+    (ok, dp, format!("http://127.0.0.1:{port}/"))
+}
+
 /// Endpoints `a`, `b` and `c` behind one Backend with the given policy lines.
 async fn pool_of_three(policy: &str) -> ([Backend; 3], Dp, String) {
     let all = [
@@ -102,21 +122,10 @@ async fn consecutive_5xx_eject_an_endpoint_until_it_serves_again() {
 
 #[tokio::test]
 async fn retries_send_the_request_again_body_and_all() {
-    let ok = Backend::start("ok").await;
-    let dead_port = free_port(); // nothing listens here
-    let port = free_port();
-    let yaml = docs(&[
-        gateway(port),
-        format!(
-            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
-             - {{address: 127.0.0.1, port: {dead_port}}}\n  - {{address: 127.0.0.1, port: {}}}\n  \
-             retry: {{attempts: 2, on: [connect-failure, \"503\"], backoff: 1ms}}\n  outlierDetection: {{disabled: true}}\n",
-            ok.addr.port()
-        ),
-        route_to("pool"),
-    ]);
-    let dp = Dp::start(&yaml).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    let (_ok, dp, url) = dead_then_ok(
+        "  retry: {attempts: 2, on: [connect-failure, \"503\"], backoff: 1ms}\n  outlierDetection: {disabled: true}\n",
+    )
+    .await;
     let c = client();
     for _ in 0..20 {
         assert_eq!(
@@ -144,22 +153,11 @@ async fn retries_send_the_request_again_body_and_all() {
 
 #[tokio::test]
 async fn max_retries_caps_the_retries_in_flight() {
-    let ok = Backend::start("ok").await;
-    let dead_port = free_port();
-    let port = free_port();
-    let yaml = docs(&[
-        gateway(port),
-        format!(
-            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n  \
-             - {{address: 127.0.0.1, port: {dead_port}}}\n  - {{address: 127.0.0.1, port: {}}}\n  \
-             retry: {{attempts: 2, on: [connect-failure], backoff: 1ms}}\n  circuitBreaker: {{maxRetries: 0}}\n  \
-             outlierDetection: {{disabled: true}}\n",
-            ok.addr.port()
-        ),
-        route_to("pool"),
-    ]);
-    let dp = Dp::start(&yaml).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    let (_ok, dp, url) = dead_then_ok(
+        "  retry: {attempts: 2, on: [connect-failure], backoff: 1ms}\n  circuitBreaker: {maxRetries: 0}\n  \
+         outlierDetection: {disabled: true}\n",
+    )
+    .await;
     let c = client();
     let mut failed = 0;
     for _ in 0..20 {
