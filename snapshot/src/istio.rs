@@ -527,6 +527,15 @@ pub struct VsRetries {
     /// Comma-separated Envoy conditions and status codes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<String>,
+    /// The base of the jittered exponential backoff between tries (Envoy's: 25 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+    /// ferrum-dp does not balance by locality, so a retry may go to any locality either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_remote_localities: Option<bool>,
+    /// Istio's default, `true`, is what ferrum-dp does: another endpoint when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_ignore_previous_hosts: Option<bool>,
     #[serde(flatten)]
     pub other: Other,
 }

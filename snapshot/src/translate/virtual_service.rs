@@ -465,11 +465,23 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
         .transpose()?;
     grpc_on.sort_unstable();
     grpc_on.dedup();
+    if r.retry_ignore_previous_hosts == Some(false) {
+        return Err(unsupported(
+            format!("{at}.retryIgnorePreviousHosts"),
+            "false: ferrum-dp retries on another endpoint whenever there is one",
+        ));
+    }
+    let d = RetryPolicy::default();
+    let backoff_base_ms = match r.backoff.as_deref() {
+        Some(b) => super::istio_duration_ms(b).map_err(|e| invalid(format!("{at}.backoff"), e))?,
+        None => d.backoff_base_ms,
+    };
     let policy = RetryPolicy {
         attempts,
         on,
         grpc_on,
-        ..RetryPolicy::default()
+        backoff_base_ms,
+        ..d
     };
     Ok((Some(policy), per_try))
 }
@@ -1155,7 +1167,7 @@ spec:
   - match: [{uri: {regex: '/api/[0-9]+'}, port: 81}]
     route: [{destination: {host: b-v1, port: {number: 80}}, headers: {request: {set: {x-from: vs}}}}]
     timeout: 0.5s
-    retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes'}
+    retries: {attempts: 3, perTryTimeout: 2s, retryOn: '5xx,refused-stream,429,retriable-status-codes', backoff: 100ms, retryRemoteLocalities: true, retryIgnorePreviousHosts: true}
   - match: [{uri: {exact: /v1}}]
     rewrite: {uri: /, authority: b-v1.shop}
     mirror: {host: b, port: {number: 81}}
@@ -1257,8 +1269,8 @@ spec:
         );
         let retry = api.retry.as_ref().unwrap();
         assert_eq!(
-            (retry.attempts, retry.on.as_slice()),
-            (3, &["5xx", "reset", "429"].map(String::from)[..])
+            (retry.attempts, retry.on.as_slice(), retry.backoff_base_ms),
+            (3, &["5xx", "reset", "429"].map(String::from)[..], 100)
         );
         let default = on80[0].retry.as_ref().expect("no retries field: Istio's default");
         assert_eq!(
@@ -1323,6 +1335,11 @@ spec:
                 "{hosts: [b-v2], http: [{retries: {attempts: 3, retryOn: 'sometimes'}, route: [{destination: {host: b-v1}}]}]}",
             ),
             vs(
+                "sticky-retries",
+                "2026-01-01T00:00:00Z",
+                "{hosts: [b-v2], http: [{retries: {attempts: 3, retryIgnorePreviousHosts: false}, route: [{destination: {host: b-v1}}]}]}",
+            ),
+            vs(
                 "grpc",
                 "2026-01-01T00:00:00Z",
                 "{hosts: [b-v2], http: [{fault: {abort: {grpcStatus: SOMETIMES}}, route: [{destination: {host: b-v1}}]}]}",
@@ -1346,6 +1363,11 @@ spec:
                 ("nohost", "spec.hosts[0]", Reason::NoMatchingParent),
                 ("regex", "spec.http[0].match[0].uri", Reason::Invalid),
                 ("retries", "spec.http[0].retries.retryOn", Reason::UnsupportedValue),
+                (
+                    "sticky-retries",
+                    "spec.http[0].retries.retryIgnorePreviousHosts",
+                    Reason::UnsupportedValue
+                ),
                 ("subset", "spec.http[0].corsPolicy.unmatchedPreflights", Reason::Invalid),
                 (
                     "tcp",
