@@ -69,6 +69,8 @@ pub struct ClusterStats {
     pub connections_active: AtomicI64,
     pub connections_total: AtomicU64,
     pub ejections: AtomicU64,
+    /// Requests and connections balanced over every endpoint: too few were available.
+    pub panics: AtomicU64,
     /// Bytes forwarded to and from the cluster by L4 (TCP and TLS) routes.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -497,10 +499,16 @@ impl Scrape {
                 })
             }),
         )?;
-        let per_cluster: [(&str, MetricType, &str, ClusterValue); 7] = [
+        let per_cluster: [(&str, MetricType, &str, ClusterValue); 8] = [
             ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
                 s.retries.load(Relaxed) as i64
             }),
+            (
+                "ferrum_cluster_lb_panic",
+                MetricType::Counter,
+                "Requests balanced over every endpoint, available or not: fewer than the panic threshold were available.",
+                |s| s.panics.load(Relaxed) as i64,
+            ),
             (
                 "ferrum_cluster_retries_abandoned",
                 MetricType::Counter,

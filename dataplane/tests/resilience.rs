@@ -480,3 +480,86 @@ async fn a_hash_query_parameter_keeps_its_value_on_one_endpoint() {
     let used: std::collections::BTreeSet<_> = by_user.values().collect();
     assert!(used.len() >= 2, "{used:?}");
 }
+
+/// Of `n` requests, the share `b` answered.
+async fn share_of(b: &Backend, url: &str, n: u64) -> f64 {
+    let (c, before) = (client(), b.hits());
+    for _ in 0..n {
+        assert_eq!(c.get(url).send().await.unwrap().status(), 200);
+    }
+    (b.hits() - before) as f64 / n as f64
+}
+
+#[tokio::test]
+async fn endpoints_added_or_healthy_again_warm_up_before_their_full_share() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let port = free_port();
+    // No type: slow start alone leaves the balancing as it was (round robin).
+    let policy = "  loadBalancer: {slowStart: {window: 3s}}\n  \
+                  healthCheck: {path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 1, unhealthyThreshold: 1}\n";
+    let yaml = |eps: &[&Backend]| docs(&[gateway(port), backend("pool", eps, policy), route_to("pool")]);
+    let dp = Dp::start(&yaml(&[&a])).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    // A scale-up: b is new to a Backend that serves.
+    let v = dp.version().await;
+    let added = Instant::now();
+    dp.reconfigure(&yaml(&[&a, &b]), v).await;
+    let early = share_of(&b, &url, 200).await;
+    let took = added.elapsed();
+    // 10 % of its weight for the first 300 ms, then growing: under 1 s in, at most 1/3 of its
+    // weight, a share of at most 1/4 (half without slow start).
+    assert!(took < Duration::from_secs(1), "the first 200 requests took {took:?}");
+    assert!(early < 0.25, "b answered {early} of the requests in its first {took:?}");
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(added.elapsed())).await;
+    let warm = share_of(&b, &url, 200).await;
+    assert!((0.4..=0.6).contains(&warm), "b answered {warm} once warm");
+
+    // Failing health checks, then passing again: it warms up again.
+    let b_ep = format!(
+        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
+        b.addr.port()
+    );
+    b.health_status.store(503, SeqCst);
+    eventually("b marked unhealthy", Duration::from_secs(5), async || {
+        dp.metric(&b_ep).await == 0.0
+    })
+    .await;
+    b.health_status.store(200, SeqCst);
+    eventually("b healthy again", Duration::from_secs(5), async || {
+        dp.metric(&b_ep).await == 1.0
+    })
+    .await;
+    let back = share_of(&b, &url, 200).await;
+    assert!(back < 0.25, "b answered {back} right after it recovered");
+}
+
+#[tokio::test]
+async fn below_min_health_percent_every_endpoint_takes_requests() {
+    let (a, b, dp, url) = pool_of_two(
+        "  healthCheck: {path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 1, unhealthyThreshold: 1}\n  \
+         outlierDetection: {minHealthPercent: 60}\n",
+    )
+    .await;
+    let a_ep = format!(
+        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
+        a.addr.port()
+    );
+    a.health_status.store(503, SeqCst);
+    eventually("a marked unhealthy", Duration::from_secs(5), async || {
+        dp.metric(&a_ep).await == 0.0
+    })
+    .await;
+    // One of two available is 50 %, under 60: both take requests, as Envoy does in panic.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (a0, b0) = (a.hits(), b.hits());
+    let c = client();
+    for _ in 0..40 {
+        assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    }
+    assert!(a.hits() - a0 >= 10, "a took {} of 40", a.hits() - a0);
+    assert!(b.hits() - b0 >= 10, "b took {} of 40", b.hits() - b0);
+    let panics = dp
+        .metric("ferrum_cluster_lb_panic_total{cluster=\"backend/default/pool\"}")
+        .await;
+    assert!(panics >= 40.0, "{panics} requests counted in panic");
+}

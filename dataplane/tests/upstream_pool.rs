@@ -18,7 +18,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// An HTTP/1.1 backend that counts the connections it accepts and those still open. `/empty`
-/// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; anything else "ok".
+/// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; `/slow` "ok" after 300 ms;
+/// anything else "ok".
 struct Counting {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -112,6 +113,10 @@ async fn respond(
                 Ok(Frame::data(Bytes::from_static(b"end")))
             });
             BodyExt::boxed(StreamBody::new(futures_util::StreamExt::chain(first, rest)))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Full::new(Bytes::from_static(b"ok")).boxed()
         }
         "/hold" => {
             // Answers once HOLD_FOR requests are here together (or after 5 s).
@@ -381,4 +386,48 @@ async fn connections_past_max_connection_duration_take_no_new_requests() {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn a_bursts_leftover_connections_close_before_the_idle_timeout_and_busy_ones_stay() {
+    let b = Counting::start(None).await;
+    // An 8 s idle timeout: the sweeper looks every second.
+    let (dp, url) = proxy_with(&b, "  timeouts: {idle: 8s}\n", &["--workers", "1"]).await;
+    let c = client();
+    let burst = (0..64).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(format!("{url}/slow")).send().await.unwrap().text().await.unwrap() }
+    });
+    for body in futures_util::future::join_all(burst).await {
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 64, "64 overlapping requests, 64 connections");
+    // Then a steady load of 4 at a time for 6.5 s (not yet the idle timeout of any connection).
+    let until = tokio::time::Instant::now() + Duration::from_millis(6500);
+    let steady = (0..4).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            while tokio::time::Instant::now() < until {
+                let r = c.get(format!("{url}/")).send().await.unwrap();
+                assert_eq!(r.text().await.unwrap(), "ok");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    futures_util::future::join_all(steady).await;
+    // Each look (after the first, which has nothing to compare with) halved the ~60 the steady
+    // load never needed; none of those it used was closed.
+    let open = b.open.load(SeqCst);
+    assert!(open <= 4 + 60 / 8, "{open} of 64 connections still open");
+    eventually(
+        "the gauge shows what the backend sees",
+        Duration::from_secs(2),
+        async || dp.metric(ACTIVE).await as usize == b.open.load(SeqCst),
+    )
+    .await;
+    assert_eq!(
+        b.accepted.load(SeqCst),
+        64,
+        "the steady load kept its connections: no new one opened"
+    );
 }

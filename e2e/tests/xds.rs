@@ -1056,7 +1056,11 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
          ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-cert}}\ntype: kubernetes.io/tls\n\
          stringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}",
         svc("flaky", &[a.addr.port(), refused]),
-        policy("flaky", "retry: {attempts: 2, on: [connect-failure]}"),
+        // Slow start reaches Envoy as round robin's slow_start_config (it validates the window).
+        policy(
+            "flaky",
+            "retry: {attempts: 2, on: [connect-failure]}, loadBalancer: {slowStart: {window: 30s, aggression: 2}}",
+        ),
         svc("sticky", &[a.addr.port(), b.addr.port()]),
         policy("sticky", "loadBalancer: {type: ConsistentHash, hashHeader: x-user}"),
         svc("secure", &[s.addr.port()]),
@@ -1192,9 +1196,23 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     drop(dp);
 
     // ferrum-dp reading Envoy's resources reads the policies back off the routes.
-    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-traffic-xds").await;
+    let dp = Proxy::start_xds(&op.grpc_url(), "dp-traffic-xds").await;
     applies("ferrum-dp over xDS", Duration::from_secs(10)).await;
     assert_eq!(last_rejection(&op, "dp-traffic-xds").await, Some(Value::Null));
+    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap();
+    let flaky = config["snapshot"]["clusters"]
+        .as_array()
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["name"].as_str().is_some_and(|n| n.contains("flaky")))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        flaky["slowStart"],
+        json!({"windowMs": 30000, "aggression": 2.0, "minWeightPercent": 10.0}),
+        "ferrum-dp over xDS reads the slow start back"
+    );
 
     // Each BackendPolicy's status says whether it is in effect, or which field it cannot take
     // (used by a route or not).

@@ -110,8 +110,9 @@ pub struct TcpKeepaliveSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
-    /// `RoundRobin` (default), `LeastRequest`, `Random` or `ConsistentHash`.
-    #[serde(rename = "type")]
+    /// `RoundRobin` (the default), `LeastRequest`, `Random` or `ConsistentHash`; left out
+    /// beside `slowStart` alone, the type stays what it was.
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
     /// For `ConsistentHash`: hash on this request header…
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +127,23 @@ pub struct LoadBalancerSpec {
     /// …or on a query parameter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_query_parameter: Option<String>,
+    /// Not `ConsistentHash`: an endpoint added to the Service, or back from failing health
+    /// checks, gets a share of requests that grows over `window` (Envoy's slow start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStartSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowStartSpec {
+    /// How long an endpoint warms up, e.g. `30s`.
+    pub window: String,
+    /// How fast its share grows: 1 (the default) linearly, above 1 faster early on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggression: Option<f64>,
+    /// The least share of its weight it gets while warming, in percent (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_weight_percent: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -168,6 +186,11 @@ pub struct OutlierDetectionSpec {
     pub base_ejection_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
+    /// While fewer than this share of the endpoints (percent) are available — healthy and not
+    /// ejected — requests are balanced over all of them (Envoy's panic threshold; 0, the
+    /// default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_health_percent: Option<u32>,
     /// Turns passive health off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,

@@ -834,6 +834,24 @@ pub struct DrLoadBalancer {
     pub simple: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<DrConsistentHash>,
+    /// Slow start (Istio 1.2x); `warmupDurationSecs` is its older, duration-only form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<DrWarmup>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_duration_secs: Option<String>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrWarmup {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggression: Option<f64>,
     #[serde(flatten)]
     pub other: Other,
 }
@@ -944,6 +962,8 @@ pub struct DrOutlierDetection {
     /// How often Envoy sweeps for ejections; Ferrum ejects as failures arrive: accepted, unused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_health_percent: Option<i32>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 10;
+pub const SCHEMA: u32 = 11;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -848,6 +848,63 @@ pub struct Cluster {
     /// (for a cookie, the `Cookie` header; for a query parameter, the client IP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_input: Option<HashInput>,
+    /// Slow start: an endpoint new to the cluster, or back from failing health checks, gets a
+    /// growing share of requests. Schema 11: an older proxy gives it its full share at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStart>,
+    /// Envoy's healthy panic threshold (Istio's `minHealthPercent`): while fewer than this share
+    /// of the endpoints (percent) are available — healthy and not ejected — requests are balanced
+    /// over all of them instead. 0: never. Schema 11: an older proxy never does.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub panic_threshold_percent: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Envoy's `slow_start_config` (Istio's `warmup`): during `window_ms` from the moment an
+/// endpoint starts warming, its weight is scaled by
+/// `max(min_weight_percent / 100, (elapsed / window) ^ (1 / aggression))`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowStart {
+    pub window_ms: u64,
+    /// Above 1 the share grows faster early in the window, below 1 slower; 1 is linear.
+    #[serde(default = "SlowStart::default_aggression")]
+    pub aggression: f64,
+    /// The least share of its weight a warming endpoint gets (percent).
+    #[serde(default = "SlowStart::default_min_weight_percent")]
+    pub min_weight_percent: f64,
+}
+
+impl SlowStart {
+    fn default_aggression() -> f64 {
+        1.0
+    }
+
+    fn default_min_weight_percent() -> f64 {
+        10.0
+    }
+
+    pub fn new(window_ms: u64) -> Self {
+        SlowStart {
+            window_ms,
+            aggression: Self::default_aggression(),
+            min_weight_percent: Self::default_min_weight_percent(),
+        }
+    }
+
+    /// The share of its weight an endpoint warming for `elapsed_ms` gets, in (0, 1].
+    pub fn factor(&self, elapsed_ms: u64) -> f64 {
+        if elapsed_ms >= self.window_ms {
+            return 1.0;
+        }
+        let time = elapsed_ms as f64 / self.window_ms as f64;
+        time.powf(1.0 / self.aggression)
+            .max(self.min_weight_percent / 100.0)
+            .clamp(f64::MIN_POSITIVE, 1.0)
+    }
 }
 
 /// One of its fields is set; one a proxy does not know leaves it hashing on `lb`'s key.
@@ -903,6 +960,8 @@ impl Cluster {
             tls: None,
             tcp_keepalive: None,
             hash_input: None,
+            slow_start: None,
+            panic_threshold_percent: 0,
         }
     }
 }

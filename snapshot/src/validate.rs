@@ -208,6 +208,12 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
             err(obj.clone(), "tcpKeepalive.probes".into(), "1 to 127".into());
         }
     }
+    if c.panic_threshold_percent > 100 {
+        err(obj.clone(), "panicThresholdPercent".into(), "0 to 100".into());
+    }
+    if let Some(s) = &c.slow_start {
+        slow_start(s, &c.lb, &mut |field, why| err(obj.clone(), field, why));
+    }
     if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
         && http_header_name_invalid(h)
     {
@@ -598,6 +604,25 @@ fn san_checkable(name: &str) -> bool {
 }
 
 /// RFC 9110 token characters.
+/// Slow start scales a balancer's picks by weight: a hash ring maps each key to its endpoint.
+fn slow_start(s: &crate::model::SlowStart, lb: &LbPolicy, err: &mut impl FnMut(String, String)) {
+    if !(1..=86_400_000).contains(&s.window_ms) {
+        err("slowStart.windowMs".into(), "1 ms to 24 h".into());
+    }
+    if !(s.aggression.is_finite() && s.aggression > 0.0) {
+        err("slowStart.aggression".into(), "a number above 0".into());
+    }
+    if !(0.0..=100.0).contains(&s.min_weight_percent) {
+        err("slowStart.minWeightPercent".into(), "0 to 100".into());
+    }
+    if matches!(lb, LbPolicy::ConsistentHash(_)) {
+        err(
+            "slowStart".into(),
+            "applies to RoundRobin, LeastRequest and Random, not to ConsistentHash".into(),
+        );
+    }
+}
+
 pub fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
         || !name
@@ -724,6 +749,42 @@ mod tests {
             "{text:?}"
         );
         assert_eq!(errs.len(), 3, "{text:?}");
+    }
+
+    #[test]
+    fn slow_start_is_bounded_and_not_for_a_hash_ring() {
+        let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
+        c.lb = LbPolicy::ConsistentHash(HashOn::ClientIp);
+        c.slow_start = Some(crate::model::SlowStart {
+            window_ms: 0,
+            aggression: -1.0,
+            min_weight_percent: 101.0,
+        });
+        c.panic_threshold_percent = 101;
+        let errs = validate(&snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c])).unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        for field in [
+            "panicThresholdPercent",
+            "slowStart.windowMs",
+            "slowStart.aggression",
+            "slowStart.minWeightPercent",
+            "not to ConsistentHash",
+        ] {
+            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
+        }
+    }
+
+    #[test]
+    fn a_warming_endpoints_share_grows_as_envoy_scales_it() {
+        let mut s = crate::model::SlowStart::new(10_000);
+        assert_eq!(s.factor(0), 0.1, "the 10 % floor");
+        assert_eq!(s.factor(5_000), 0.5, "linear");
+        assert_eq!(s.factor(10_000), 1.0);
+        assert_eq!(s.factor(60_000), 1.0);
+        s.aggression = 2.0;
+        assert!((s.factor(2_500) - 0.5).abs() < 1e-9, "faster early: 0.25 ^ (1/2)");
+        s.min_weight_percent = 0.0;
+        assert!(s.factor(0) > 0.0, "never nothing");
     }
 
     #[test]

@@ -111,11 +111,22 @@ impl Balancer {
     /// Picks an available endpoint, avoiding `avoid` (the one a retry just failed on) when
     /// another is available. `key` is the consistent-hash input.
     pub fn pick<C: Candidate>(&self, eps: &[C], key: Option<&[u8]>, avoid: Option<usize>) -> Option<usize> {
+        self.pick_among(eps, key, avoid, false)
+    }
+
+    /// [`Balancer::pick`], over every endpoint, available or not, when `panicking`.
+    pub fn pick_among<C: Candidate>(
+        &self,
+        eps: &[C],
+        key: Option<&[u8]>,
+        avoid: Option<usize>,
+        panicking: bool,
+    ) -> Option<usize> {
         let n = eps.len();
         if n == 0 {
             return None;
         }
-        let ok = |i: usize| eps[i].available() && (Some(i) != avoid || n == 1);
+        let ok = |i: usize| (panicking || eps[i].available()) && (Some(i) != avoid || n == 1);
         let first = match self {
             Balancer::RoundRobin { schedule, next } => {
                 let at = next.fetch_add(1, Relaxed);
@@ -245,6 +256,23 @@ mod tests {
             c[b.pick(e, None, None).unwrap()] += 1;
         }
         c
+    }
+
+    #[test]
+    fn panicking_balances_over_every_endpoint_down_or_not() {
+        let e = eps(4);
+        for x in &e[1..] {
+            x.up.store(false, Relaxed);
+        }
+        for policy in [LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest] {
+            let b = Balancer::new(&policy, &[1, 1, 1, 1]);
+            assert_eq!(counts(&b, &e, 100)[0], 100, "{policy:?}: only the one up");
+            let mut seen = [0; 4];
+            for _ in 0..400 {
+                seen[b.pick_among(&e, None, None, true).unwrap()] += 1;
+            }
+            assert!(seen.iter().all(|n| *n > 40), "{policy:?} in panic: {seen:?}");
+        }
     }
 
     #[test]

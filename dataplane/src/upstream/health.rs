@@ -18,6 +18,7 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
     let endpoints: Vec<Arc<EndpointState>> = rt.endpoints.clone();
     let pool = rt.pools[rt.pools.len() - 1].clone();
     let cluster = rt.spec.name.clone();
+    let warmup = rt.warmup.clone();
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(hc.interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -55,7 +56,10 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
             });
             let results = futures_util::future::join_all(checks).await;
             for (e, ok) in endpoints.iter().zip(results) {
-                transition(e, ok, hc.healthy_threshold, hc.unhealthy_threshold, &cluster);
+                let back = transition(e, ok, hc.healthy_threshold, hc.unhealthy_threshold, &cluster);
+                if let (true, Some(w)) = (back, &warmup) {
+                    w.start(e, super::now_ms());
+                }
             }
         }
     });
@@ -63,12 +67,12 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
 }
 
 /// `hc_streak` counts results that disagree with the current state; enough of them in a row
-/// flip it.
-fn transition(e: &EndpointState, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32, cluster: &str) {
+/// flip it. Whether it became healthy again.
+fn transition(e: &EndpointState, ok: bool, healthy_threshold: u32, unhealthy_threshold: u32, cluster: &str) -> bool {
     let healthy = e.healthy.load(Relaxed);
     if ok == healthy {
         e.hc_streak.store(0, Relaxed);
-        return;
+        return false;
     }
     let streak = e.hc_streak.fetch_add(1, Relaxed) + 1;
     let needed = if ok { healthy_threshold } else { unhealthy_threshold };
@@ -80,7 +84,9 @@ fn transition(e: &EndpointState, ok: bool, healthy_threshold: u32, unhealthy_thr
         } else {
             tracing::warn!(cluster, endpoint = %e.key, "endpoint failed health checks");
         }
+        return ok;
     }
+    false
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection};
+use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection, SlowStart};
 use http::uri::{Authority, Scheme};
 use tokio::sync::Notify;
 
@@ -40,7 +40,9 @@ pub struct EndpointState {
     pub key: String,
     pub authority: Authority,
     pub weight: u32,
-    /// Ready from the source (EndpointSlice) and not failed by active health checks.
+    /// What the source (EndpointSlice) said of it when this state was made.
+    source_ready: bool,
+    /// Ready from the source and not failed by active health checks.
     healthy: AtomicBool,
     hc_streak: AtomicU32,
     consecutive_5xx: AtomicU32,
@@ -48,6 +50,8 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
     active: AtomicU32,
+    /// When it started its slow start (0: it never did).
+    warm_from_ms: AtomicU64,
 }
 
 impl EndpointState {
@@ -61,6 +65,7 @@ impl EndpointState {
             authority: Authority::try_from(key.as_str())?,
             key,
             weight: e.weight,
+            source_ready: e.ready,
             healthy: AtomicBool::new(e.ready),
             hc_streak: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
@@ -68,6 +73,7 @@ impl EndpointState {
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             active: AtomicU32::new(0),
+            warm_from_ms: AtomicU64::new(0),
         })
     }
 
@@ -87,6 +93,54 @@ impl Candidate for Arc<EndpointState> {
     }
     fn active_requests(&self) -> u32 {
         self.active.load(Relaxed)
+    }
+}
+
+/// Slow start at run time: a warming endpoint keeps a pick with the probability of its share of
+/// its weight, else the balancer picks again — so its share of requests is its weight scaled by
+/// that factor, whatever the balancing.
+pub struct Warmup {
+    spec: SlowStart,
+    /// When the last endpoint to start warming is done: until then picks are looked at.
+    until_ms: AtomicU64,
+}
+
+/// How stale the count of available endpoints that decides panic may be.
+const PANIC_RECOUNT_MS: u64 = 100;
+
+/// Picks made for one request at most while warming endpoints turn them down; the last stands.
+const WARMUP_PICKS: usize = 8;
+
+impl Warmup {
+    fn start(&self, e: &EndpointState, now: u64) {
+        e.warm_from_ms.store(now.max(1), Relaxed);
+        self.until_ms
+            .fetch_max(now.saturating_add(self.spec.window_ms), Relaxed);
+    }
+
+    /// `first`, or another pick of `again` if a warming endpoint turned it down at `now`.
+    fn thin(
+        &self,
+        now: u64,
+        first: usize,
+        eps: &[Arc<EndpointState>],
+        mut again: impl FnMut() -> Option<usize>,
+    ) -> usize {
+        if now >= self.until_ms.load(Relaxed) {
+            return first;
+        }
+        let mut i = first;
+        for _ in 1..WARMUP_PICKS {
+            let from = eps[i].warm_from_ms.load(Relaxed);
+            if from == 0 || fastrand::f64() < self.spec.factor(now.saturating_sub(from)) {
+                break;
+            }
+            match again() {
+                Some(j) => i = j,
+                None => break,
+            }
+        }
+        i
     }
 }
 
@@ -116,6 +170,11 @@ pub struct ClusterRuntime {
     retries_active: AtomicU32,
     released: Notify,
     health: Option<tokio::task::AbortHandle>,
+    /// Slow start, when the cluster has it.
+    warmup: Option<Arc<Warmup>>,
+    /// When the endpoints were last counted for the panic threshold (ms, shifted left one) and
+    /// whether too few were available (the low bit).
+    panic: AtomicU64,
     /// A mesh proxy's tunnels: L4 connections to mesh workloads go over HBONE, as requests do.
     tunnels: connector::TunnelSlot,
 }
@@ -196,6 +255,12 @@ impl ClusterRuntime {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
             .unwrap_or_default();
+        let warmup = spec.slow_start.clone().map(|spec| {
+            Arc::new(Warmup {
+                spec,
+                until_ms: AtomicU64::new(0),
+            })
+        });
         let mut endpoints = Vec::with_capacity(spec.endpoints.len());
         for e in &spec.endpoints {
             let fresh = EndpointState::new(e).map_err(|source| ClusterError::Endpoint {
@@ -204,9 +269,31 @@ impl ClusterRuntime {
                 source,
             })?;
             match old.get(fresh.key.as_str()) {
-                // Same endpoint and the source still calls it ready: keep what we learned.
-                Some(prev) if prev.weight == e.weight && e.ready => endpoints.push(Arc::clone(prev)),
-                _ => endpoints.push(Arc::new(fresh)),
+                // Same endpoint and the source called it ready then and now: keep what we learned.
+                // (One that became ready starts afresh: healthy, as the source now says.)
+                Some(prev) if prev.weight == e.weight && e.ready && prev.source_ready => {
+                    endpoints.push(Arc::clone(prev))
+                }
+                prev => {
+                    match (&warmup, prev) {
+                        // New to a cluster that was serving, or ready again: it warms up.
+                        (Some(w), prev) if e.ready && previous.is_some() && !prev.is_some_and(|p| p.healthy()) => {
+                            w.start(&fresh, now_ms())
+                        }
+                        // Its weight changed: it goes on warming if it was.
+                        (_, Some(p)) => fresh.warm_from_ms.store(p.warm_from_ms.load(Relaxed), Relaxed),
+                        _ => {}
+                    }
+                    endpoints.push(Arc::new(fresh));
+                }
+            }
+        }
+        if let Some(w) = &warmup {
+            for e in &endpoints {
+                let from = e.warm_from_ms.load(Relaxed);
+                if from != 0 {
+                    w.until_ms.fetch_max(from.saturating_add(w.spec.window_ms), Relaxed);
+                }
             }
         }
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
@@ -232,6 +319,8 @@ impl ClusterRuntime {
             retries_active: AtomicU32::new(0),
             released: Notify::new(),
             health: None,
+            warmup,
+            panic: AtomicU64::new(0),
             tunnels: tunnels.clone(),
         };
         if spec.health_check.is_some() && !rt.endpoints.is_empty() {
@@ -276,10 +365,39 @@ impl ClusterRuntime {
     }
 
     pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {
-        let i = self.balancer.pick(&self.endpoints, key, avoid)?;
+        let panicking = self.panicking();
+        let pick = || self.balancer.pick_among(&self.endpoints, key, avoid, panicking);
+        let mut i = pick()?;
+        if let Some(w) = &self.warmup {
+            i = w.thin(now_ms(), i, &self.endpoints, pick);
+        }
         let e = &self.endpoints[i];
         e.active.fetch_add(1, Relaxed);
         Some((i, EndpointGuard(e.clone())))
+    }
+
+    /// Whether fewer than the panic threshold of the endpoints are available, looked at again
+    /// at most every [`PANIC_RECOUNT_MS`] (a count over every endpoint): then every endpoint
+    /// takes requests, as in Envoy.
+    fn panicking(&self) -> bool {
+        let threshold = self.spec.panic_threshold_percent as usize;
+        if threshold == 0 {
+            return false;
+        }
+        let now = now_ms();
+        let seen = self.panic.load(Relaxed);
+        let panicking = if now < (seen >> 1).saturating_add(PANIC_RECOUNT_MS) {
+            seen & 1 == 1
+        } else {
+            let available = self.endpoints.iter().filter(|e| e.available()).count();
+            let panicking = available * 100 < self.endpoints.len() * threshold;
+            self.panic.store(now << 1 | u64::from(panicking), Relaxed);
+            panicking
+        };
+        if panicking {
+            self.stats.panics.fetch_add(1, Relaxed);
+        }
+        panicking
     }
 
     /// A stream to one of the cluster's endpoints, for L4 routes: balanced like a request
@@ -419,5 +537,105 @@ pub struct RetryGuard(Arc<ClusterRuntime>);
 impl Drop for RetryGuard {
     fn drop(&mut self) {
         self.0.retries_active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrum_snapshot::model::LbPolicy;
+
+    /// The share of 20,000 picks the second of two equal endpoints gets while it has warmed
+    /// for `warmed_ms` of a 10 s window.
+    fn share_of_warming(lb: LbPolicy, warmed_ms: u64) -> f64 {
+        let eps: Vec<Arc<EndpointState>> = (1..=2)
+            .map(|p| Arc::new(EndpointState::new(&Endpoint::new("127.0.0.1", p)).unwrap()))
+            .collect();
+        let balancer = Balancer::new(&lb, &[1, 1]);
+        let w = Warmup {
+            spec: SlowStart::new(10_000),
+            until_ms: AtomicU64::new(0),
+        };
+        w.start(&eps[1], 1);
+        let now = 1 + warmed_ms;
+        let picks = 20_000;
+        let second = (0..picks)
+            .filter(|_| {
+                let first = balancer.pick(&eps, None, None).unwrap();
+                w.thin(now, first, &eps, || balancer.pick(&eps, None, None)) == 1
+            })
+            .count();
+        second as f64 / picks as f64
+    }
+
+    #[test]
+    fn a_warming_endpoint_gets_its_weight_scaled_by_its_warm_up() {
+        for lb in [LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest] {
+            // Just started: 10 % of its weight, so 0.1 / 1.1 of the picks.
+            let share = share_of_warming(lb.clone(), 0);
+            assert!((0.06..0.13).contains(&share), "{lb:?} at the start: {share}");
+            let share = share_of_warming(lb.clone(), 5_000);
+            assert!(
+                (0.28..0.39).contains(&share),
+                "{lb:?} halfway: 0.5 / 1.5 expected, {share}"
+            );
+        }
+    }
+
+    fn runtime(c: &Cluster, previous: Option<&ClusterRuntime>) -> Arc<ClusterRuntime> {
+        ClusterRuntime::new(
+            c,
+            previous,
+            Default::default(),
+            1,
+            &Default::default(),
+            &Default::default(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_the_source_calls_ready_takes_requests_and_warms_up() {
+        let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 1), Endpoint::new("127.0.0.1", 2)]);
+        c.slow_start = Some(SlowStart::new(60_000));
+        c.endpoints[1].ready = false;
+        let first = runtime(&c, None);
+        assert!((0..20).all(|_| first.pick(None, None).unwrap().0 == 0));
+        assert_eq!(first.endpoints[0].warm_from_ms.load(Relaxed), 0, "no warm-up at start");
+        // The pod became ready: it takes requests, warming up.
+        c.endpoints[1].ready = true;
+        let second = runtime(&c, Some(&first));
+        assert!((0..200).any(|_| second.pick(None, None).unwrap().0 == 1));
+        assert_ne!(second.endpoints[1].warm_from_ms.load(Relaxed), 0);
+        assert_eq!(
+            second.endpoints[0].warm_from_ms.load(Relaxed),
+            0,
+            "the one serving all along"
+        );
+        assert!(
+            Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]),
+            "its state carried over"
+        );
+    }
+
+    #[test]
+    fn picks_are_not_looked_at_once_every_endpoint_has_warmed() {
+        let eps = vec![Arc::new(EndpointState::new(&Endpoint::new("127.0.0.1", 1)).unwrap())];
+        let w = Warmup {
+            spec: SlowStart::new(10_000),
+            until_ms: AtomicU64::new(0),
+        };
+        w.start(&eps[0], 1);
+        // Past `until_ms`, the pick stands without a look at the endpoint.
+        assert_eq!(w.thin(10_001, 0, &eps, || panic!("picked again")), 0);
+        // Within it, a warming endpoint turns picks down.
+        let mut again = 0;
+        for _ in 0..100 {
+            w.thin(2, 0, &eps, || {
+                again += 1;
+                Some(0)
+            });
+        }
+        assert!(again > 100, "{again} picks again over 100 requests at 10 %");
     }
 }

@@ -27,6 +27,9 @@ use super::body::RequestBody;
 use super::connector::{BoxError, Connector};
 use super::now_ms;
 
+/// How often at most the sweeper looks at idle connections, as HAProxy's `pool-purge-delay`.
+const PURGE_PERIOD_MS: u64 = 5_000;
+
 /// Why a request got no response from the pool.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -50,6 +53,9 @@ impl PoolError {
 struct Idle {
     /// Idle HTTP/1.1 connections (most recently used last), and the shared HTTP/2 connection.
     conns: Mutex<Vec<Conn>>,
+    /// The fewest idle HTTP/1.1 connections there were at once since the sweeper last looked:
+    /// that many sat unused through the whole period. Written under `conns`' lock.
+    fewest: AtomicUsize,
     /// An HTTP/2 connection is being opened: requests that find none wait for it.
     opening: AtomicBool,
     opened: Notify,
@@ -330,7 +336,13 @@ impl Pool {
                         send: Sender::Http2(..),
                         ..
                     }) => return http2_with_room(&idle),
-                    Some(_) => idle.pop()?,
+                    Some(_) => {
+                        let conn = idle.pop()?;
+                        if idle.len() < slot.fewest.load(Relaxed) {
+                            slot.fewest.store(idle.len(), Relaxed);
+                        }
+                        conn
+                    }
                 }
             };
             if conn.retire_at_ms != u64::MAX && now_ms() >= conn.retire_at_ms {
@@ -448,7 +460,7 @@ impl Pool {
             return;
         }
         let pool = Arc::downgrade(self);
-        let period = Duration::from_millis((self.idle_ms / 2).max(10));
+        let period = Duration::from_millis((self.idle_ms / 8).clamp(10, PURGE_PERIOD_MS));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
@@ -465,13 +477,27 @@ impl Pool {
         });
     }
 
-    /// Drops the connections idle for `idle_ms` or closed by the peer; whether any remain.
+    /// Drops the connections idle for `idle_ms` or closed by the peer, and half of the HTTP/1.1
+    /// connections that sat unused since the last look (a burst's leftovers: they go over a few
+    /// periods instead of holding memory, file descriptors and the backend's connection slots
+    /// until the idle timeout, and a load that comes back finds half of them still there).
+    /// Whether any remain.
     fn close_idle(&self) -> bool {
         let now = now_ms();
         let mut left = false;
-        for idle in &self.idle {
-            let mut conns = lock(idle);
+        for slot in &self.idle {
+            let mut conns = lock(slot);
             conns.retain(|c| !c.expired(now, self.idle_ms));
+            // The oldest go: checkout takes the most recently used.
+            let mut surplus = slot.fewest.load(Relaxed).min(conns.len()).div_ceil(2);
+            conns.retain(|c| match c.send {
+                Sender::Http1(_) if surplus > 0 => {
+                    surplus -= 1;
+                    false
+                }
+                _ => true,
+            });
+            slot.fewest.store(conns.len(), Relaxed);
             left |= !conns.is_empty();
         }
         left

@@ -694,6 +694,14 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
         }),
         ..Default::default()
     };
+    cl.lb_config = c.slow_start.as_ref().and_then(|s| slow_start(&c.lb, s));
+    // Always written: Envoy's default is 50 %, ferrum-dp's (and Istio's) 0 — never.
+    cl.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+        healthy_panic_threshold: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+            value: f64::from(c.panic_threshold_percent),
+        }),
+        ..Default::default()
+    });
     if let Some(od) = &c.outlier_detection {
         cl.outlier_detection = Some(cluster::OutlierDetection {
             consecutive_5xx: u32v(od.consecutive_5xx),
@@ -743,6 +751,31 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
         }
     });
     (cl, load_assignment(c))
+}
+
+/// Envoy's slow start is a round-robin and least-request option: a Random cluster's is left out.
+fn slow_start(lb: &LbPolicy, s: &model::SlowStart) -> Option<cluster::cluster::LbConfig> {
+    use cluster::cluster::{LbConfig, LeastRequestLbConfig, RoundRobinLbConfig, SlowStartConfig};
+    let config = Some(SlowStartConfig {
+        slow_start_window: Some(ms(s.window_ms)),
+        aggression: Some(core::RuntimeDouble {
+            default_value: s.aggression,
+            runtime_key: String::new(),
+        }),
+        min_weight_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+            value: s.min_weight_percent,
+        }),
+    });
+    match lb {
+        LbPolicy::RoundRobin => Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+            slow_start_config: config,
+        })),
+        LbPolicy::LeastRequest => Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+            slow_start_config: config,
+            ..Default::default()
+        })),
+        LbPolicy::Random | LbPolicy::ConsistentHash(_) => None,
+    }
 }
 
 fn health_check(hc: &model::HealthCheck) -> core::HealthCheck {

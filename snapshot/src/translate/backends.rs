@@ -722,12 +722,29 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         };
     }
     if let Some(lb) = &p.load_balancer {
-        (c.lb, c.hash_input) = load_balancer(lb)?;
+        let slow_start_alone = *lb
+            == crate::crd::LoadBalancerSpec {
+                slow_start: lb.slow_start.clone(),
+                ..Default::default()
+            };
+        if !slow_start_alone || lb.slow_start.is_none() {
+            (c.lb, c.hash_input) = load_balancer(lb)?;
+        }
+        c.slow_start = lb.slow_start.as_ref().map(|s| slow_start(s, &c.lb)).transpose()?;
     }
     if let Some(hc) = &p.health_check {
         c.health_check = Some(health_check(hc)?);
     }
     if let Some(od) = &p.outlier_detection {
+        c.panic_threshold_percent = match od.min_health_percent {
+            Some(p) if p > 100 => {
+                return Err((
+                    "spec.outlierDetection.minHealthPercent".into(),
+                    format!("{p} is not a percentage (0 to 100)"),
+                ));
+            }
+            p => p.unwrap_or(0),
+        };
         if od.disabled == Some(true) {
             c.outlier_detection = None;
         } else {
@@ -890,7 +907,7 @@ fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<(LbPolicy, Option<
             _ => {
                 return Err((
                     "spec.loadBalancer".into(),
-                    "ConsistentHash needs hashHeader, hashClientIP: true, hashCookie or hashQueryParameter".into(),
+                    "ConsistentHash needs hashHeader, hashClientIp: true, hashCookie or hashQueryParameter".into(),
                 ));
             }
         },
@@ -904,6 +921,30 @@ fn load_balancer(lb: &crate::crd::LoadBalancerSpec) -> Result<(LbPolicy, Option<
     Ok((policy, None))
 }
 
+fn slow_start(s: &crate::crd::SlowStartSpec, lb: &LbPolicy) -> Result<crate::model::SlowStart, PolicyError> {
+    let at = |f: &str| format!("spec.loadBalancer.slowStart{f}");
+    if matches!(lb, LbPolicy::ConsistentHash(_)) {
+        return Err((
+            at(""),
+            "a hash ring sends each key to its endpoint: not with ConsistentHash".into(),
+        ));
+    }
+    let window = Some(s.window.clone());
+    let mut out = crate::model::SlowStart::new(duration_field("loadBalancer.slowStart.window", &window)?.unwrap_or(0));
+    if !(1..=86_400_000).contains(&out.window_ms) {
+        return Err((at(".window"), "must be 1 ms to 24 h".into()));
+    }
+    out.aggression = s.aggression.unwrap_or(out.aggression);
+    if !(out.aggression.is_finite() && out.aggression > 0.0) {
+        return Err((at(".aggression"), "must be a number above 0".into()));
+    }
+    out.min_weight_percent = s.min_weight_percent.unwrap_or(out.min_weight_percent);
+    if !(0.0..=100.0).contains(&out.min_weight_percent) {
+        return Err((at(".minWeightPercent"), "must be 0 to 100".into()));
+    }
+    Ok(out)
+}
+
 /// A cookie or query parameter to hash on; at most one key of all four is named.
 fn hash_input(lb: &crate::crd::LoadBalancerSpec) -> Result<Option<HashInput>, PolicyError> {
     let named = [
@@ -915,7 +956,7 @@ fn hash_input(lb: &crate::crd::LoadBalancerSpec) -> Result<Option<HashInput>, Po
     if named.iter().filter(|n| **n).count() > 1 {
         return Err((
             "spec.loadBalancer".into(),
-            "one of hashHeader, hashClientIP, hashCookie and hashQueryParameter".into(),
+            "one of hashHeader, hashClientIp, hashCookie and hashQueryParameter".into(),
         ));
     }
     if let Some(q) = &lb.hash_query_parameter {

@@ -4,8 +4,8 @@
 //! out whole, its status naming the field — never half-applied.
 
 use crate::crd::{
-    CircuitBreakerSpec, HashCookieSpec, LoadBalancerSpec, OutlierDetectionSpec, TcpKeepaliveSpec, TimeoutsSpec,
-    TrafficPolicy, UpstreamTlsSpec,
+    CircuitBreakerSpec, HashCookieSpec, LoadBalancerSpec, OutlierDetectionSpec, SlowStartSpec, TcpKeepaliveSpec,
+    TimeoutsSpec, TrafficPolicy, UpstreamTlsSpec,
 };
 use crate::istio::{
     DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
@@ -264,6 +264,58 @@ impl Sections<'_> {
 fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, RuleError> {
     let at = format!("{at}.loadBalancer");
     unsupported(&at, &lb.other)?;
+    let slow_start = warmup(lb, &at)?;
+    let Some(slow_start) = slow_start else {
+        return balancing(lb, &at);
+    };
+    if lb.consistent_hash.is_some() {
+        return Err((
+            format!("{at}.warmup"),
+            "a hash ring sends each key to its endpoint: not with consistentHash".into(),
+        ));
+    }
+    // Without `simple` the balancing stays what it was.
+    let kind = balancing(lb, &at)?.map(|b| b.kind).unwrap_or_default();
+    Ok(Some(LoadBalancerSpec {
+        kind,
+        slow_start: Some(slow_start),
+        ..Default::default()
+    }))
+}
+
+/// `warmup`, or the older `warmupDurationSecs`, as Ferrum's slow start.
+fn warmup(lb: &DrLoadBalancer, at: &str) -> Result<Option<SlowStartSpec>, RuleError> {
+    let (w, legacy) = (&lb.warmup, &lb.warmup_duration_secs);
+    let (window, at) = match (w, legacy) {
+        (Some(_), Some(_)) => {
+            return Err((
+                format!("{at}.warmupDurationSecs"),
+                "warmup replaces it: give one".into(),
+            ));
+        }
+        (None, None) => return Ok(None),
+        (None, Some(d)) => (d, format!("{at}.warmupDurationSecs")),
+        (Some(w), None) => {
+            let at = format!("{at}.warmup");
+            unsupported(&at, &w.other)?;
+            let d = w
+                .duration
+                .as_ref()
+                .ok_or_else(|| (format!("{at}.duration"), "is required".to_string()))?;
+            (d, format!("{at}.duration"))
+        }
+    };
+    let window = duration(&at, &Some(window.clone()))?.unwrap_or_default();
+    Ok(Some(SlowStartSpec {
+        window,
+        aggression: w.as_ref().and_then(|w| w.aggression),
+        min_weight_percent: w.as_ref().and_then(|w| w.minimum_percent),
+    }))
+}
+
+/// `simple` or `consistentHash`.
+fn balancing(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, RuleError> {
+    let at = at.to_string();
     let kind = |k: &str| LoadBalancerSpec {
         kind: k.into(),
         ..Default::default()
@@ -309,6 +361,7 @@ fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpe
                 hash_client_ip: h.use_source_ip.filter(|u| *u),
                 hash_cookie,
                 hash_query_parameter: h.http_query_parameter_name.clone(),
+                slow_start: None,
             }))
         }
         (None, None) => Ok(None),
@@ -365,7 +418,14 @@ fn outlier_detection(od: &DrOutlierDetection, at: &str) -> Result<OutlierDetecti
     let at = format!("{at}.outlierDetection");
     unsupported(&at, &od.other)?;
     duration(&format!("{at}.interval"), &od.interval)?;
+    let min_health_percent = match od.min_health_percent {
+        Some(p) if !(0..=100).contains(&p) => {
+            return Err((format!("{at}.minHealthPercent"), format!("{p} is not 0 to 100")));
+        }
+        p => p.map(|p| p as u32),
+    };
     Ok(OutlierDetectionSpec {
+        min_health_percent,
         consecutive_5xx: od.consecutive_5xx_errors,
         consecutive_connect_failures: od.consecutive_gateway_errors,
         base_ejection_time: duration(&format!("{at}.baseEjectionTime"), &od.base_ejection_time)?,

@@ -1248,3 +1248,115 @@ fn a_destination_rule_hashes_on_a_cookie_or_a_query_parameter() {
         vec!["spec.trafficPolicy.loadBalancer.consistentHash"]
     );
 }
+
+#[test]
+fn a_destination_rules_warmup_is_the_services_slow_start() {
+    let rule = |lb: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
+             spec: {{host: echo, trafficPolicy: {{loadBalancer: {lb}}}}}\n---\n{}",
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        )
+    };
+    let cluster = |t: &Translation| t.snapshot.cluster("service/default/echo:80").unwrap().clone();
+    let t = run(&rule(
+        "{simple: LEAST_REQUEST, warmup: {duration: 2m, minimumPercent: 5, aggression: 2}}",
+    ));
+    assert!(t.problems.is_empty(), "{:#?}", t.problems);
+    let c = cluster(&t);
+    assert_eq!(c.lb, LbPolicy::LeastRequest);
+    assert_eq!(
+        c.slow_start,
+        Some(crate::model::SlowStart {
+            window_ms: 120_000,
+            aggression: 2.0,
+            min_weight_percent: 5.0
+        })
+    );
+    // The older duration-only form, and no `simple`: the balancing stays Ferrum's.
+    let c = cluster(&run(&rule("{warmupDurationSecs: 30s}")));
+    assert_eq!(c.lb, LbPolicy::RoundRobin);
+    assert_eq!(c.slow_start, Some(crate::model::SlowStart::new(30_000)));
+    // What cannot be applied leaves the rule out, the field named.
+    for (lb, field) in [
+        (
+            "{consistentHash: {useSourceIp: true}, warmup: {duration: 1m}}",
+            "spec.trafficPolicy.loadBalancer.warmup",
+        ),
+        (
+            "{warmup: {duration: 1m}, warmupDurationSecs: 1m}",
+            "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+        ),
+        (
+            "{warmup: {minimumPercent: 5}}",
+            "spec.trafficPolicy.loadBalancer.warmup.duration",
+        ),
+    ] {
+        let t = run(&rule(lb));
+        let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, vec![field], "{lb}");
+        assert_eq!(cluster(&t).slow_start, None);
+    }
+}
+
+#[test]
+fn a_backend_policys_slow_start_is_checked_where_it_is_written() {
+    let policy = |lb: &str| {
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p, namespace: default}}\n\
+             spec: {{targetRefs: [{{group: '', kind: Service, name: echo}}], loadBalancer: {lb}}}\n---\n{}",
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        )
+    };
+    let t = run(&policy(
+        "{type: Random, slowStart: {window: 45s, minWeightPercent: 20}}",
+    ));
+    assert!(t.problems.is_empty(), "{:#?}", t.problems);
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.lb, LbPolicy::Random);
+    assert_eq!(
+        c.slow_start.as_ref().map(|s| (s.window_ms, s.min_weight_percent)),
+        Some((45_000, 20.0))
+    );
+    for (lb, field) in [
+        (
+            "{type: ConsistentHash, hashHeader: x-user, slowStart: {window: 1m}}",
+            "spec.loadBalancer.slowStart",
+        ),
+        (
+            "{slowStart: {window: 1m, aggression: 0}}",
+            "spec.loadBalancer.slowStart.aggression",
+        ),
+        ("{slowStart: {window: 0s}}", "spec.loadBalancer.slowStart.window"),
+        ("{slowStart: {window: 25h}}", "spec.loadBalancer.slowStart.window"),
+        (
+            "{slowStart: {window: 1m, minWeightPercent: 150}}",
+            "spec.loadBalancer.slowStart.minWeightPercent",
+        ),
+    ] {
+        let t = run(&policy(lb));
+        let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, vec![field], "{lb}");
+    }
+}
+
+#[test]
+fn min_health_percent_is_the_panic_threshold() {
+    let rule = |od: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
+             spec: {{host: echo, trafficPolicy: {{outlierDetection: {od}}}}}\n---\n{}",
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        )
+    };
+    let t = run(&rule("{consecutive5xxErrors: 2, minHealthPercent: 50}"));
+    assert!(t.problems.is_empty(), "{:#?}", t.problems);
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.panic_threshold_percent, 50);
+    assert_eq!(c.outlier_detection.as_ref().map(|od| od.consecutive_5xx), Some(2));
+    let t = run(&rule("{minHealthPercent: 120}"));
+    let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, vec!["spec.trafficPolicy.outlierDetection.minHealthPercent"]);
+    let c = t.snapshot.cluster("service/default/echo:80").unwrap();
+    assert_eq!(c.panic_threshold_percent, 0, "off unless asked for");
+}

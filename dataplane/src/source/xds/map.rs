@@ -736,6 +736,25 @@ fn virtual_hosts(
         .collect())
 }
 
+/// A round-robin or least-request cluster's slow start.
+fn slow_start_of(c: &cluster::Cluster) -> Option<model::SlowStart> {
+    use cluster::cluster::LbConfig;
+    let config = match &c.lb_config {
+        Some(LbConfig::RoundRobinLbConfig(rr)) => rr.slow_start_config.as_ref(),
+        Some(LbConfig::LeastRequestLbConfig(lr)) => lr.slow_start_config.as_ref(),
+        _ => None,
+    }?;
+    // Envoy leaves an endpoint out of slow start when no window is set.
+    let mut out = model::SlowStart::new(ms(&config.slow_start_window).filter(|ms| *ms > 0)?);
+    if let Some(a) = &config.aggression {
+        out.aggression = a.default_value;
+    }
+    if let Some(p) = &config.min_weight_percent {
+        out.min_weight_percent = p.value;
+    }
+    Some(out)
+}
+
 fn threshold(v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32) -> u32 {
     v.as_ref().map_or(default, |v| v.value)
 }
@@ -776,6 +795,23 @@ fn cluster_of(
     let endpoints = endpoints_of(assignment, &name)?;
     let mut out = model::Cluster::new(c.name.clone(), endpoints);
     out.lb = lb;
+    out.slow_start = slow_start_of(c);
+    // Envoy's default when the cluster names none is 50 %.
+    out.panic_threshold_percent = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+        .map_or(50, |p| p.value.clamp(0.0, 100.0).ceil() as u32);
+    if let Some(s) = &out.slow_start
+        && !(s.aggression > 0.0
+            && s.aggression.is_finite()
+            && (0.0..=100.0).contains(&s.min_weight_percent)
+            && s.window_ms <= 86_400_000)
+    {
+        return Err(at(
+            "slow_start_config: a window of at most 24 h, aggression above 0, min_weight_percent 0 to 100",
+        ));
+    }
     let d = ClusterTimeouts::default();
     out.timeouts = ClusterTimeouts {
         connect_ms: ms(&c.connect_timeout).unwrap_or(d.connect_ms),
