@@ -280,6 +280,22 @@ async fn http2_requests_past_the_peers_stream_limit_open_another_connection() {
 }
 
 #[tokio::test]
+async fn max_concurrent_streams_caps_streams_below_the_peers_limit() {
+    let b = Counting::start_h2(100).await;
+    let spec = "  protocol: HTTP/2\n  circuitBreaker: {maxConcurrentStreams: 10}\n";
+    let (_dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+    let c = reqwest::Client::new();
+    let all = (0..30).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(format!("{url}/slow")).send().await.unwrap().text().await.unwrap() }
+    });
+    for body in futures_util::future::join_all(all).await {
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(b.accepted.load(SeqCst), 3, "30 overlapping streams, 10 a connection");
+}
+
+#[tokio::test]
 async fn a_connection_serves_at_most_max_requests_per_connection() {
     let b = Counting::start(None).await;
     let (_dp, url) = proxy_with(

@@ -211,6 +211,9 @@ pub struct CircuitBreakerSpec {
     /// Requests one upstream connection serves before it is closed; 1 turns keep-alive off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+    /// Streams at once on one upstream HTTP/2 connection (below the backend's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -944,6 +944,8 @@ pub struct DrHttpPool {
     /// 0 (the default): unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -1098,6 +1098,11 @@ pub struct CircuitBreaker {
     /// its connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+    /// Streams at once on one upstream HTTP/2 connection, below the peer's own limit; past
+    /// it another connection is opened (Envoy's `max_concurrent_streams`). Schema 11: an older
+    /// proxy keeps to the peer's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 impl Default for CircuitBreaker {
@@ -1109,6 +1114,7 @@ impl Default for CircuitBreaker {
             max_requests: 1024,
             max_retries: None,
             max_requests_per_connection: None,
+            max_concurrent_streams: None,
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct Pool {
     max_per_conn: u32,
     /// How long a connection takes new requests after it opened (`u64::MAX`: for ever).
     max_conn_ms: u64,
+    /// Streams at once on an HTTP/2 connection, at most (below the peer's limit).
+    max_streams: usize,
     /// A sweeper task closes idle connections; it runs while the pool holds any.
     sweeping: AtomicBool,
     h1: http1::Builder,
@@ -159,17 +161,20 @@ struct Streams {
     left: AtomicU32,
     /// When it stops taking streams (`u64::MAX`: never).
     retire_at_ms: u64,
+    /// The cluster's own cap on `limit` (`maxConcurrentStreams`).
+    cap: usize,
 }
 
 impl Streams {
-    fn new(max_per_conn: u32, retire_at_ms: u64) -> Self {
+    fn new(max_per_conn: u32, retire_at_ms: u64, cap: usize) -> Self {
         Streams {
             in_flight: AtomicU32::new(0),
             last_ms: AtomicU64::new(0),
             // hyper's assumption until the peer's SETTINGS arrive.
-            limit: AtomicUsize::new(100),
+            limit: AtomicUsize::new(cap.min(100)),
             left: AtomicU32::new(max_per_conn),
             retire_at_ms,
+            cap,
         }
     }
 
@@ -263,6 +268,10 @@ impl Pool {
             idle_ms: c.timeouts.idle_ms,
             max_per_conn: c.circuit_breaker.max_requests_per_connection.unwrap_or(u32::MAX).max(1),
             max_conn_ms: c.timeouts.max_connection_duration_ms.unwrap_or(u64::MAX),
+            max_streams: c
+                .circuit_breaker
+                .max_concurrent_streams
+                .map_or(usize::MAX, |n| n.max(1) as usize),
             sweeping: AtomicBool::new(false),
             h1,
             h2,
@@ -397,7 +406,7 @@ impl Pool {
         let io = self.connector.clone().call(uri).await.map_err(PoolError::Connect)?;
         if self.http2_only || io.connected().is_negotiated_h2() {
             let (send, conn) = self.h2.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-            let streams = Arc::new(Streams::new(self.max_per_conn, self.retire_at()));
+            let streams = Arc::new(Streams::new(self.max_per_conn, self.retire_at(), self.max_streams));
             tokio::spawn(drive_http2(conn, streams.clone()));
             streams.try_start();
             let mut idle = lock(&self.idle[ep]);
@@ -525,7 +534,9 @@ where
 {
     let noting = std::future::poll_fn(|cx| {
         let r = std::pin::Pin::new(&mut conn).poll(cx);
-        streams.limit.store(conn.current_max_send_streams(), Relaxed);
+        streams
+            .limit
+            .store(conn.current_max_send_streams().min(streams.cap), Relaxed);
         r
     });
     drive(noting).await

@@ -718,7 +718,7 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
     let lifetime = c.timeouts.max_connection_duration_ms;
     if c.protocol == UpstreamProtocol::Http2 || per_conn.is_some() || lifetime.is_some() {
         let mut opts = if c.protocol == UpstreamProtocol::Http2 {
-            http2_upstream()
+            http2_upstream(c.circuit_breaker.max_concurrent_streams)
         } else {
             http1_upstream()
         };
@@ -818,13 +818,17 @@ fn http1_upstream() -> upstream_http::HttpProtocolOptions {
 }
 
 /// Upstream HTTP/2, as Envoy's `HttpProtocolOptions` extension says it.
-fn http2_upstream() -> upstream_http::HttpProtocolOptions {
+/// An HTTP/2 upstream, opening at most `max_streams` streams on a connection when given.
+fn http2_upstream(max_streams: Option<u32>) -> upstream_http::HttpProtocolOptions {
     upstream_http::HttpProtocolOptions {
         upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
             upstream_http::http_protocol_options::ExplicitHttpConfig {
                 protocol_config: Some(
                     upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                        Default::default(),
+                        core::Http2ProtocolOptions {
+                            max_concurrent_streams: max_streams.and_then(u32v),
+                            ..Default::default()
+                        },
                     ),
                 ),
             },

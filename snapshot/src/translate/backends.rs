@@ -768,6 +768,7 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             max_requests: cb.max_requests.unwrap_or(d.max_requests),
             max_retries: cb.max_retries,
             max_requests_per_connection: cb.max_requests_per_connection,
+            max_concurrent_streams: cb.max_concurrent_streams,
         };
     }
     if let Some(t) = &p.timeouts {

@@ -388,6 +388,7 @@ fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
         // Istio reads 0 as unset.
         max_retries: http.max_retries.filter(|n| *n > 0),
         max_requests_per_connection: http.max_requests_per_connection.filter(|n| *n > 0),
+        max_concurrent_streams: http.max_concurrent_streams.filter(|n| *n > 0),
     };
     let timeouts = TimeoutsSpec {
         connect: duration(&format!("{at}.tcp.connectTimeout"), &tcp.connect_timeout)?,

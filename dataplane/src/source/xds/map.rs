@@ -825,6 +825,7 @@ fn cluster_of(
             max_requests: threshold(&t.max_requests, d.max_requests),
             max_retries: t.max_retries.as_ref().map(|v| v.value),
             max_requests_per_connection: None,
+            max_concurrent_streams: None,
         };
     }
     out.outlier_detection = c.outlier_detection.as_ref().map(|od| {
@@ -844,9 +845,10 @@ fn cluster_of(
         let o: upstream_http::HttpProtocolOptions =
             decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| e.within(&name))?;
         if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = o.upstream_protocol_options
-            && matches!(e.protocol_config, Some(ProtocolConfig::Http2ProtocolOptions(_)))
+            && let Some(ProtocolConfig::Http2ProtocolOptions(h2)) = e.protocol_config
         {
             out.protocol = UpstreamProtocol::Http2;
+            out.circuit_breaker.max_concurrent_streams = h2.max_concurrent_streams.map(|v| v.value).filter(|n| *n > 0);
         }
         let common = o.common_http_protocol_options.unwrap_or_default();
         out.circuit_breaker.max_requests_per_connection =
@@ -1132,6 +1134,61 @@ mod tests {
         r.clusters.insert("c".into(), eds_cluster());
         r.endpoints.insert("c".into(), endpoints(9000));
         r
+    }
+
+    #[test]
+    fn slow_start_panic_threshold_and_stream_cap_are_read_off_the_cluster() {
+        use cluster::cluster::{CommonLbConfig, LbConfig, RoundRobinLbConfig, SlowStartConfig};
+        use envoy_types::pb::envoy::r#type::v3::Percent;
+        use upstream_http::http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions};
+        let r = complete();
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        assert_eq!(
+            snap.clusters[0].panic_threshold_percent, 50,
+            "Envoy's default when none is named"
+        );
+        assert_eq!(snap.clusters[0].slow_start, None);
+
+        let mut r = complete();
+        let c = r.clusters.get_mut("c").unwrap();
+        c.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+            slow_start_config: Some(SlowStartConfig {
+                slow_start_window: Some(PbDuration { seconds: 30, nanos: 0 }),
+                aggression: None,
+                min_weight_percent: Some(Percent { value: 25.0 }),
+            }),
+        }));
+        c.common_lb_config = Some(CommonLbConfig {
+            healthy_panic_threshold: Some(Percent { value: 0.0 }),
+            ..Default::default()
+        });
+        let h2 = upstream_http::HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(
+                    upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        core::Http2ProtocolOptions {
+                            max_concurrent_streams: Some(UInt32Value { value: 16 }),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+            })),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            HTTP_OPTIONS.into(),
+            any(&format!("type.googleapis.com/{HTTP_OPTIONS}"), &h2),
+        );
+        let (snap, _) = snapshot(&r, 2).unwrap().unwrap();
+        let c = &snap.clusters[0];
+        let mut slow = model::SlowStart::new(30_000);
+        slow.min_weight_percent = 25.0;
+        assert_eq!(c.slow_start, Some(slow));
+        assert_eq!(c.panic_threshold_percent, 0);
+        assert_eq!(
+            (c.protocol, c.circuit_breaker.max_concurrent_streams),
+            (UpstreamProtocol::Http2, Some(16))
+        );
     }
 
     #[test]
