@@ -61,6 +61,27 @@ async fn pool_of_three(policy: &str) -> ([Backend; 3], Dp, String) {
     (all, dp, format!("http://127.0.0.1:{port}/"))
 }
 
+/// Makes `b`'s health checks answer `status` and waits until the proxy has marked it so
+/// (healthy for 200, unhealthy otherwise) in the Backend `pool`.
+async fn health_checks_answer(dp: &Dp, b: &Backend, status: u16) {
+    let sample = format!(
+        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
+        b.addr.port()
+    );
+    b.health_status.store(status, SeqCst);
+    let (want, what) = if status == 200 {
+        (1.0, "healthy")
+    } else {
+        (0.0, "unhealthy")
+    };
+    eventually(
+        &format!("{} marked {what}", b.name),
+        Duration::from_secs(10),
+        async || dp.metric(&sample).await == want,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn active_health_checks_eject_and_restore_endpoints() {
     let (a, _b, dp, url) = pool_of_two(
@@ -68,25 +89,13 @@ async fn active_health_checks_eject_and_restore_endpoints() {
     )
     .await;
     let c = client();
-    a.health_status.store(503, SeqCst);
-    let a_ep = format!(
-        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
-        a.addr.port()
-    );
-    eventually("a marked unhealthy", Duration::from_secs(10), async || {
-        dp.metric(&a_ep).await == 0.0
-    })
-    .await;
+    health_checks_answer(&dp, &a, 503).await;
     let before = a.hits();
     for _ in 0..20 {
         assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
     }
     assert_eq!(a.hits(), before, "no traffic to an unhealthy endpoint");
-    a.health_status.store(200, SeqCst);
-    eventually("a healthy again", Duration::from_secs(10), async || {
-        dp.metric(&a_ep).await == 1.0
-    })
-    .await;
+    health_checks_answer(&dp, &a, 200).await;
     for _ in 0..20 {
         c.get(&url).send().await.unwrap();
     }
@@ -515,20 +524,8 @@ async fn endpoints_added_or_healthy_again_warm_up_before_their_full_share() {
     assert!((0.4..=0.6).contains(&warm), "b answered {warm} once warm");
 
     // Failing health checks, then passing again: it warms up again.
-    let b_ep = format!(
-        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
-        b.addr.port()
-    );
-    b.health_status.store(503, SeqCst);
-    eventually("b marked unhealthy", Duration::from_secs(5), async || {
-        dp.metric(&b_ep).await == 0.0
-    })
-    .await;
-    b.health_status.store(200, SeqCst);
-    eventually("b healthy again", Duration::from_secs(5), async || {
-        dp.metric(&b_ep).await == 1.0
-    })
-    .await;
+    health_checks_answer(&dp, &b, 503).await;
+    health_checks_answer(&dp, &b, 200).await;
     let back = share_of(&b, &url, 200).await;
     assert!(back < 0.25, "b answered {back} right after it recovered");
 }
@@ -540,15 +537,7 @@ async fn below_min_health_percent_every_endpoint_takes_requests() {
          outlierDetection: {minHealthPercent: 60}\n",
     )
     .await;
-    let a_ep = format!(
-        "ferrum_endpoint_healthy{{cluster=\"backend/default/pool\",endpoint=\"127.0.0.1:{}\"}}",
-        a.addr.port()
-    );
-    a.health_status.store(503, SeqCst);
-    eventually("a marked unhealthy", Duration::from_secs(5), async || {
-        dp.metric(&a_ep).await == 0.0
-    })
-    .await;
+    health_checks_answer(&dp, &a, 503).await;
     // One of two available is 50 %, under 60: both take requests, as Envoy does in panic.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let (a0, b0) = (a.hits(), b.hits());

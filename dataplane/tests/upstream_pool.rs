@@ -279,19 +279,24 @@ async fn http2_requests_past_the_peers_stream_limit_open_another_connection() {
     assert_eq!(b.accepted.load(SeqCst), 3, "100 + 100 + 10 streams");
 }
 
-#[tokio::test]
-async fn max_concurrent_streams_caps_streams_below_the_peers_limit() {
-    let b = Counting::start_h2(100).await;
-    let spec = "  protocol: HTTP/2\n  circuitBreaker: {maxConcurrentStreams: 10}\n";
-    let (_dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
-    let c = reqwest::Client::new();
-    let all = (0..30).map(|_| {
-        let (c, url) = (c.clone(), url.clone());
+/// `n` overlapping `/slow` requests, each answered "ok".
+async fn slow_burst(url: &str, n: usize) {
+    let c = client();
+    let all = (0..n).map(|_| {
+        let c = c.clone();
         async move { c.get(format!("{url}/slow")).send().await.unwrap().text().await.unwrap() }
     });
     for body in futures_util::future::join_all(all).await {
         assert_eq!(body, "ok");
     }
+}
+
+#[tokio::test]
+async fn max_concurrent_streams_caps_streams_below_the_peers_limit() {
+    let b = Counting::start_h2(100).await;
+    let spec = "  protocol: HTTP/2\n  circuitBreaker: {maxConcurrentStreams: 10}\n";
+    let (_dp, url) = proxy_with(&b, spec, &["--workers", "1"]).await;
+    slow_burst(&url, 30).await;
     assert_eq!(b.accepted.load(SeqCst), 3, "30 overlapping streams, 10 a connection");
 }
 
@@ -410,13 +415,7 @@ async fn a_bursts_leftover_connections_close_before_the_idle_timeout_and_busy_on
     // An 8 s idle timeout: the sweeper looks every second.
     let (dp, url) = proxy_with(&b, "  timeouts: {idle: 8s}\n", &["--workers", "1"]).await;
     let c = client();
-    let burst = (0..64).map(|_| {
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.get(format!("{url}/slow")).send().await.unwrap().text().await.unwrap() }
-    });
-    for body in futures_util::future::join_all(burst).await {
-        assert_eq!(body, "ok");
-    }
+    slow_burst(&url, 64).await;
     assert_eq!(b.accepted.load(SeqCst), 64, "64 overlapping requests, 64 connections");
     // Then a steady load of 4 at a time for 6.5 s (not yet the idle timeout of any connection).
     let until = tokio::time::Instant::now() + Duration::from_millis(6500);

@@ -751,6 +751,15 @@ mod tests {
         assert_eq!(errs.len(), 3, "{text:?}");
     }
 
+    /// `s` is refused, with an error naming each of `fields`; the errors.
+    fn assert_refused(s: &Snapshot, fields: &[&str]) -> Vec<String> {
+        let text: Vec<String> = validate(s).unwrap_err().iter().map(ToString::to_string).collect();
+        for field in fields {
+            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
+        }
+        text
+    }
+
     #[test]
     fn slow_start_is_bounded_and_not_for_a_hash_ring() {
         let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
@@ -761,17 +770,16 @@ mod tests {
             min_weight_percent: 101.0,
         });
         c.panic_threshold_percent = 101;
-        let errs = validate(&snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c])).unwrap_err();
-        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        for field in [
-            "panicThresholdPercent",
-            "slowStart.windowMs",
-            "slowStart.aggression",
-            "slowStart.minWeightPercent",
-            "not to ConsistentHash",
-        ] {
-            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
-        }
+        assert_refused(
+            &snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c]),
+            &[
+                "panicThresholdPercent",
+                "slowStart.windowMs",
+                "slowStart.aggression",
+                "slowStart.minWeightPercent",
+                "not to ConsistentHash",
+            ],
+        );
     }
 
     #[test]
@@ -795,11 +803,10 @@ mod tests {
             interval_ms: Some(40_000_000),
             probes: Some(0),
         });
-        let errs = validate(&snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c])).unwrap_err();
-        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        for field in ["tcpKeepalive.timeMs", "tcpKeepalive.intervalMs", "tcpKeepalive.probes"] {
-            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
-        }
+        assert_refused(
+            &snap(vec![route(PathMatch::Prefix("/".into()), fwd("c"))], vec![c]),
+            &["tcpKeepalive.timeMs", "tcpKeepalive.intervalMs", "tcpKeepalive.probes"],
+        );
     }
 
     #[test]
@@ -847,17 +854,16 @@ mod tests {
             ..RetryPolicy::default()
         });
         let c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 80)]);
-        let errs = validate(&snap(vec![r], vec![c])).unwrap_err();
-        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        for field in [
-            "fault.delay.ms",
-            "fault.delay.perMillion",
-            "fault.abort.status",
-            "fault.abort.grpcStatus",
-            "retry.on[0]",
-        ] {
-            assert!(text.iter().any(|e| e.contains(field)), "{field}: {text:?}");
-        }
+        let text = assert_refused(
+            &snap(vec![r], vec![c]),
+            &[
+                "fault.delay.ms",
+                "fault.delay.perMillion",
+                "fault.abort.status",
+                "fault.abort.grpcStatus",
+                "retry.on[0]",
+            ],
+        );
         assert!(!text.iter().any(|e| e.contains("abort.perMillion")), "{text:?}");
     }
 

@@ -1249,15 +1249,19 @@ fn a_destination_rule_hashes_on_a_cookie_or_a_query_parameter() {
     );
 }
 
+/// A DestinationRule for Service `echo` with `policy` as its trafficPolicy's fields, and a route
+/// to the Service.
+fn echo_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
+         spec: {{host: echo, trafficPolicy: {{{policy}}}}}\n---\n{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    )
+}
+
 #[test]
 fn a_destination_rules_warmup_is_the_services_slow_start() {
-    let rule = |lb: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
-             spec: {{host: echo, trafficPolicy: {{loadBalancer: {lb}}}}}\n---\n{}",
-            route("  - backendRefs: [{name: echo, port: 80}]\n")
-        )
-    };
+    let rule = |lb: &str| echo_rule(&format!("loadBalancer: {lb}"));
     let cluster = |t: &Translation| t.snapshot.cluster("service/default/echo:80").unwrap().clone();
     let t = run(&rule(
         "{simple: LEAST_REQUEST, warmup: {duration: 2m, minimumPercent: 5, aggression: 2}}",
@@ -1342,13 +1346,7 @@ fn a_backend_policys_slow_start_is_checked_where_it_is_written() {
 
 #[test]
 fn min_health_percent_is_the_panic_threshold() {
-    let rule = |od: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
-             spec: {{host: echo, trafficPolicy: {{outlierDetection: {od}}}}}\n---\n{}",
-            route("  - backendRefs: [{name: echo, port: 80}]\n")
-        )
-    };
+    let rule = |od: &str| echo_rule(&format!("outlierDetection: {od}"));
     let t = run(&rule("{consecutive5xxErrors: 2, minHealthPercent: 50}"));
     assert!(t.problems.is_empty(), "{:#?}", t.problems);
     let c = t.snapshot.cluster("service/default/echo:80").unwrap();
