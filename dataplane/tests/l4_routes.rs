@@ -232,3 +232,28 @@ async fn gateway_authorization_policies_judge_l4_connections() {
     .await;
     assert_eq!(tcp_call(tcp_port, "q").await.unwrap(), "db: q");
 }
+
+#[tokio::test]
+async fn a_quiet_connection_ends_after_its_clusters_tcp_idle_timeout() {
+    let db = tcp_server("db").await;
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let yaml = docs(&[
+        l4_gateway(tcp_port, tls_port),
+        backend_at("db", &[db]) + "  timeouts: {tcpIdle: 300ms}\n",
+        route("TCPRoute", "db", "db", "", "db"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    // A connection that sends nothing (the backend answers only at the client's end of stream).
+    let mut quiet = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), quiet.read(&mut buf)).await;
+    let quiet_for = started.elapsed();
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the proxy ended it: {read:?}");
+    assert!(
+        (Duration::from_millis(250)..Duration::from_secs(2)).contains(&quiet_for),
+        "after {quiet_for:?} quiet (the default would be an hour)"
+    );
+    // One that talks is served as before.
+    assert_eq!(tcp_call(tcp_port, "SELECT 1").await.unwrap(), "db: SELECT 1");
+}

@@ -698,7 +698,7 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
          spec:\n  gatewayClassName: ferrum\n  addresses: [{{type: IPAddress, value: 127.0.0.1}}]\n  listeners:\n\
          \x20 - {{name: db, port: {tcp_port}, protocol: TCP}}\n\
          \x20 - {{name: tls, port: {tls_port}, protocol: TLS, tls: {{mode: Passthrough}}}}\n\
-         {}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {{name: db}}\n\
+         {}{}{}{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: TCPRoute\nmetadata: {{name: db}}\n\
          spec: {{parentRefs: [{{name: edge, sectionName: db}}], rules: [{{backendRefs: [{{name: db, port: 9000}}]}}]}}\n\
          ---\napiVersion: gateway.networking.k8s.io/v1\nkind: TLSRoute\nmetadata: {{name: a}}\n\
          spec: {{parentRefs: [{{name: edge, sectionName: tls}}], hostnames: [a.example.test], rules: [{{backendRefs: [{{name: a, port: 9000}}]}}]}}\n\
@@ -707,6 +707,9 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
         svc("db", db.port()),
         svc("a", a.port()),
         svc("b", b.port()),
+        // The TCP proxy's idle timeout, from the Service's policy: Envoy takes it too.
+        "---\napiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {name: db}\n\
+         spec: {targetRefs: [{group: '', kind: Service, name: db}], timeouts: {tcpIdle: 1h}}\n",
     ));
     let serves = async |proxy: &str| {
         eventually(&format!("{proxy} forwards the TCP route"), ENVOY_START, async || {
@@ -751,8 +754,21 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     drop(dp);
     // …and over MeshSubscribe (the snapshot itself).
     let cache = cluster.dir.path().join("dp-l4.json");
-    let _dp = Proxy::start(&op.grpc_url(), "dp-l4", &cache).await;
+    let dp = Proxy::start(&op.grpc_url(), "dp-l4", &cache).await;
     serves("ferrum-dp").await;
+    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap();
+    let db = config["snapshot"]["clusters"]
+        .as_array()
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c["name"].as_str().is_some_and(|n| n.contains("/db:")))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        db["timeouts"]["tcpIdleMs"], 3_600_000,
+        "the policy's idle timeout is the cluster's: {db}"
+    );
 
     // Route status, as the operator wrote it.
     let route = cluster.get("tlsroutes", "default", "a");

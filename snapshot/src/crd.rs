@@ -228,6 +228,10 @@ pub struct TimeoutsSpec {
     /// An upstream HTTP connection takes no new request this long after it opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Option<String>,
+    /// A TCP or TLS passthrough connection ends after this long with no byte either way (`0s`:
+    /// never; default: the proxy's `--tcp-idle-timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -912,6 +912,8 @@ pub struct DrTcpPool {
     pub tcp_keepalive: Option<DrTcpKeepalive>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -1132,6 +1132,22 @@ pub struct ClusterTimeouts {
     /// older proxy keeps its connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration_ms: Option<u64>,
+    /// An L4 (TCP, TLS passthrough) connection to the cluster ends after this long with no byte
+    /// either way; 0: never; unset: the proxy's own default (`--tcp-idle-timeout`). Schema 11:
+    /// an older proxy keeps its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_ms: Option<u64>,
+}
+
+impl ClusterTimeouts {
+    /// How long an L4 connection to the cluster may stay quiet, given the proxy's default.
+    pub fn tcp_idle(&self, default: std::time::Duration) -> std::time::Duration {
+        match self.tcp_idle_ms {
+            None => default,
+            Some(0) => std::time::Duration::MAX,
+            Some(ms) => std::time::Duration::from_millis(ms),
+        }
+    }
 }
 
 impl Default for ClusterTimeouts {
@@ -1141,6 +1157,7 @@ impl Default for ClusterTimeouts {
             read_ms: 15_000,
             idle_ms: 60_000,
             max_connection_duration_ms: None,
+            tcp_idle_ms: None,
         }
     }
 }

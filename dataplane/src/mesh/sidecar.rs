@@ -503,7 +503,7 @@ impl Sidecar {
             Resolution::Endpoints | Resolution::Dns => self.connect_service(t, dst, peer).await,
         };
         drop(cfg);
-        self.relay_to(s, up).await;
+        self.relay_to(s, up, self.settings.idle_timeout).await;
     }
 
     /// Relays a captured outbound stream to where its original destination leads.
@@ -532,7 +532,10 @@ impl Sidecar {
             }
         };
         drop(cfg);
-        self.relay_to(tcp, up).await;
+        let idle = held
+            .as_ref()
+            .map_or(self.settings.idle_timeout, |g| g.tcp_idle(self.settings.idle_timeout));
+        self.relay_to(tcp, up, idle).await;
         drop(held);
     }
 
@@ -556,8 +559,9 @@ impl Sidecar {
         }
     }
 
-    /// Relays `tcp` to `up`, or counts the failure to get one.
-    async fn relay_to<S>(&self, tcp: S, up: Option<L4Stream>)
+    /// Relays `tcp` to `up` until both ends close or it stays quiet for `idle`, or counts the
+    /// failure to get one.
+    async fn relay_to<S>(&self, tcp: S, up: Option<L4Stream>, idle: Duration)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -566,7 +570,6 @@ impl Sidecar {
             stats.outbound_failed.fetch_add(1, Relaxed);
             return;
         };
-        let idle = self.settings.idle_timeout;
         let _ = relay(tcp, up, idle, stats).await;
     }
 

@@ -108,7 +108,8 @@ where
     }
     let stats = &cluster.stats;
     stats.bytes_sent.fetch_add(early.len() as u64, Relaxed);
-    match super::relay(&mut client, &mut upstream, shared.limits.tcp_idle_timeout).await {
+    let idle = cluster.spec.timeouts.tcp_idle(shared.limits.tcp_idle_timeout);
+    match super::relay(&mut client, &mut upstream, idle).await {
         Ok(n) => {
             stats.bytes_sent.fetch_add(n.forward, Relaxed);
             stats.bytes_received.fetch_add(n.back, Relaxed);

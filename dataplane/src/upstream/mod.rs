@@ -228,6 +228,11 @@ impl L4Guard {
     pub fn endpoint(&self) -> &str {
         &self.endpoint.0.key
     }
+
+    /// How long the connection may stay quiet: its cluster's, else `default`.
+    pub fn tcp_idle(&self, default: Duration) -> Duration {
+        self.request.cluster.spec.timeouts.tcp_idle(default)
+    }
 }
 
 impl Drop for L4Guard {

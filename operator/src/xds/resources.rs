@@ -260,7 +260,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
                 &Providers::default(),
                 &mut out.unsupported,
             );
-            let lis = l4_listener(l, rbac, &mut out.unsupported);
+            let lis = l4_listener(l, rbac, &clusters, &mut out.unsupported);
             out.by_type
                 .get_mut(LISTENER)
                 .unwrap()
@@ -331,7 +331,12 @@ fn secrets_of(l: &model::Listener, secrets: &Secrets, out: &mut EnvoyResources) 
 
 /// A TCP or TLS listener: one TCP proxy filter chain per virtual host, matched by SNI (the TLS
 /// inspector reads it) on TLS; terminated with the listener's certificates when it has them.
-fn l4_listener(l: &model::Listener, rbac: rbac::Rules, unsupported: &mut Vec<String>) -> listener::Listener {
+fn l4_listener(
+    l: &model::Listener,
+    rbac: rbac::Rules,
+    clusters: &ClusterIndex,
+    unsupported: &mut Vec<String>,
+) -> listener::Listener {
     let guards = rbac::network_filters(rbac, &l.name);
     let tls = l.protocol == model::Protocol::Tls;
     let filter_chains = l
@@ -342,9 +347,16 @@ fn l4_listener(l: &model::Listener, rbac: rbac::Rules, unsupported: &mut Vec<Str
             let Action::Forward(targets) = &r.action else {
                 return None;
             };
+            // The first backend's idle timeout (Envoy has one per proxy, not per cluster).
+            let idle = targets
+                .iter()
+                .find_map(|t| clusters.get(t.cluster.as_deref()?))
+                .and_then(|c| c.timeouts.tcp_idle_ms);
             let proxy = tcp_proxy::TcpProxy {
                 stat_prefix: r.name.clone(),
                 cluster_specifier: Some(tcp_cluster(&r.name, targets, unsupported)),
+                // Envoy reads 0 as never, as ferrum-dp does.
+                idle_timeout: idle.map(ms),
                 ..Default::default()
             };
             Some(listener::FilterChain {

@@ -781,6 +781,7 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
             idle_ms: duration_field("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
             max_connection_duration_ms: duration_field("timeouts.maxConnectionDuration", &t.max_connection_duration)?
                 .or(was.max_connection_duration_ms),
+            tcp_idle_ms: duration_field("timeouts.tcpIdle", &t.tcp_idle)?.or(was.tcp_idle_ms),
         };
     }
     if let Some(r) = &p.retry {

@@ -395,6 +395,7 @@ fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
         read: None,
         idle: duration(&format!("{at}.http.idleTimeout"), &http.idle_timeout)?,
         max_connection_duration: duration(&format!("{at}.tcp.maxConnectionDuration"), &tcp.max_connection_duration)?,
+        tcp_idle: duration(&format!("{at}.tcp.idleTimeout"), &tcp.idle_timeout)?,
     };
     let keepalive = match &tcp.tcp_keepalive {
         Some(k) => {

@@ -779,7 +779,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
                 spec:\n  host: echo.default.svc.cluster.local\n  subsets: [{name: v1, labels: {version: v1}}]\n  trafficPolicy:\n\
                 \x20   loadBalancer: {consistentHash: {httpHeaderName: X-User}}\n\
-                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}, maxConnectionDuration: 30m}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
+                \x20   connectionPool: {tcp: {maxConnections: 7, connectTimeout: 2s, tcpKeepalive: {time: 10m, interval: 75s, probes: 9}, maxConnectionDuration: 30m, idleTimeout: 2h}, http: {http1MaxPendingRequests: 9, http2MaxRequests: 11, idleTimeout: 30s, maxRequestsPerConnection: 1, maxRetries: 4}}\n\
                 \x20   outlierDetection: {consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 50}\n\
                 \x20   tls: {mode: SIMPLE, caCertificates: /etc/ca.pem, subjectAltNames: [echo.example.com]}\n---\n";
     let s = ok(&format!(
@@ -804,6 +804,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     );
     assert_eq!((c.timeouts.connect_ms, c.timeouts.idle_ms), (2000, 30_000));
     assert_eq!(c.timeouts.max_connection_duration_ms, Some(1_800_000));
+    assert_eq!(c.timeouts.tcp_idle_ms, Some(7_200_000));
     let od = c.outlier_detection.as_ref().unwrap();
     assert_eq!(
         (
