@@ -672,6 +672,17 @@ async fn dp_clusters(dp: &Proxy) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The first cluster a ferrum-dp serves whose name contains `part` (from its `/config`), or
+/// null.
+async fn dp_cluster(dp: &Proxy, part: &str) -> Value {
+    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap_or_default();
+    config["snapshot"]["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"].as_str().is_some_and(|n| n.contains(part))))
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// A Gateway with a TCP listener and a TLS passthrough listener, its TCPRoute and TLSRoutes
 /// applied to the cluster: served the same by Envoy (TCP proxy filter chains, SNI through the
 /// TLS inspector), by ferrum-dp over xDS and by ferrum-dp over MeshSubscribe, one after the
@@ -756,15 +767,7 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     let cache = cluster.dir.path().join("dp-l4.json");
     let dp = Proxy::start(&op.grpc_url(), "dp-l4", &cache).await;
     serves("ferrum-dp").await;
-    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap();
-    let db = config["snapshot"]["clusters"]
-        .as_array()
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c["name"].as_str().is_some_and(|n| n.contains("/db:")))
-        })
-        .cloned()
-        .unwrap_or_default();
+    let db = dp_cluster(&dp, "/db:").await;
     assert_eq!(
         db["timeouts"]["tcpIdleMs"], 3_600_000,
         "the policy's idle timeout is the cluster's: {db}"
@@ -1215,15 +1218,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
     let dp = Proxy::start_xds(&op.grpc_url(), "dp-traffic-xds").await;
     applies("ferrum-dp over xDS", Duration::from_secs(10)).await;
     assert_eq!(last_rejection(&op, "dp-traffic-xds").await, Some(Value::Null));
-    let config: Value = serde_json::from_str(&dp.admin_text("/config").await).unwrap();
-    let flaky = config["snapshot"]["clusters"]
-        .as_array()
-        .and_then(|cs| {
-            cs.iter()
-                .find(|c| c["name"].as_str().is_some_and(|n| n.contains("flaky")))
-        })
-        .cloned()
-        .unwrap_or_default();
+    let flaky = dp_cluster(&dp, "flaky").await;
     assert_eq!(
         flaky["slowStart"],
         json!({"windowMs": 30000, "aggression": 2.0, "minWeightPercent": 10.0}),
