@@ -150,6 +150,52 @@ async fn h2c_downstream_and_h2_upstream() {
     }
 }
 
+/// `protocol: Client` (Istio's `useClientProtocol`): each request goes upstream in the protocol
+/// its client spoke — over h2c, and over TLS with ALPN offering that protocol — on connections
+/// kept apart per protocol, so the two kinds of client interleave.
+#[tokio::test]
+async fn the_clients_protocol_is_spoken_upstream() {
+    let plain = Backend::start("plain").await;
+    let (tls, ca) = Backend::start_tls("tls", "api.example.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let port = free_port();
+    let route = |path: &str, name: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+             rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
+        )
+    };
+    let yaml = docs(&[
+        gateway(port),
+        backend("plain", &[&plain], "  protocol: Client\n"),
+        backend(
+            "tls",
+            &[&tls],
+            &format!(
+                "  protocol: Client\n  tls: {{sni: api.example.test, caFile: '{}'}}\n",
+                ca_file.display()
+            ),
+        ),
+        route("/plain", "plain"),
+        route("/tls", "tls"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let h1 = client();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for _ in 0..3 {
+        for path in ["/plain", "/tls"] {
+            for (c, version) in [(&h1, "HTTP/1.1"), (&h2, "HTTP/2.0")] {
+                let r = c.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap();
+                assert_eq!(r.status(), 200, "{path} {version}");
+                let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+                assert_eq!(v["version"], version, "{path}: the client's protocol upstream");
+            }
+        }
+    }
+}
+
 /// TLS to upstreams (a Backend's `tls`): the certificate checked against `caFile` and `sni`,
 /// ALPN of the Backend's protocol (HTTP/1.1 or HTTP/2), a certificate for another name refused.
 /// Every such Backend once made the file fail to load (the connector refused its TLS config).

@@ -1083,7 +1083,11 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
         svc("sticky", &[a.addr.port(), b.addr.port()]),
         policy("sticky", "loadBalancer: {type: ConsistentHash, hashHeader: x-user}"),
         svc("secure", &[s.addr.port()]),
-        policy("secure", &format!("tls: {{sni: api.example.test, caFile: '{ca}'}}")),
+        // Each request goes upstream in its client's protocol (Envoy's use_downstream_protocol_config).
+        policy(
+            "secure",
+            &format!("protocol: Client, tls: {{sni: api.example.test, caFile: '{ca}'}}"),
+        ),
         svc("misnamed", &[s.addr.port()]),
         policy("misnamed", &format!("tls: {{sni: other.example.test, caFile: '{ca}'}}")),
         svc("plain", &[a.addr.port()]),
@@ -1176,6 +1180,26 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
             Some((200, Some("mt".into()))),
             "{proxy} presents the Secret's client certificate"
         );
+        // Over HTTP/2 the host is `:authority`, named in the URL.
+        let shop = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let shop_client = || reqwest::Client::builder().resolve("shop.example.com", shop);
+        for (c, version) in [
+            (shop_client().http1_only(), "HTTP/1.1"),
+            (shop_client().http2_prior_knowledge(), "HTTP/2.0"),
+        ] {
+            let c = c.build().unwrap();
+            let r = c
+                .get(format!("http://shop.example.com:{port}/secure"))
+                .send()
+                .await
+                .unwrap();
+            let (status, text) = (r.status(), r.text().await.unwrap());
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            assert_eq!(
+                v["version"], version,
+                "{proxy}: the client's protocol upstream: {status} {text}"
+            );
+        }
         let misnamed = send("/misnamed", "u").await.unwrap();
         assert!(
             misnamed.0 >= 502 && misnamed.1.is_none(),
@@ -1341,11 +1365,11 @@ async fn a_destination_rule_reaches_envoy_and_ferrum_dp_and_reports_what_it_cann
     .await;
     assert!(sticky("ferrum-dp").await, "ferrum-dp hashes on x-user");
 
-    // h2UpgradePolicy has no Ferrum equivalent: the rule is left out whole and says why.
-    cluster.apply(&rule(", connectionPool: {http: {h2UpgradePolicy: UPGRADE}}"));
+    // proxyProtocol has no Ferrum equivalent: the rule is left out whole and says why.
+    cluster.apply(&rule(", proxyProtocol: {version: V1}"));
     eventually("the status names the field", Duration::from_secs(10), async || {
         let (_, s, message) = condition();
-        s.as_deref() == Some("False") && message.starts_with("spec.trafficPolicy.connectionPool.http.h2UpgradePolicy")
+        s.as_deref() == Some("False") && message.starts_with("spec.trafficPolicy.proxyProtocol")
     })
     .await;
     assert!(backend_of("u").await.is_some(), "the Service still serves");

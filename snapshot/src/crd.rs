@@ -70,7 +70,8 @@ pub struct PolicyTargetRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicy {
-    /// `HTTP/1.1` (default) or `HTTP/2`.
+    /// `HTTP/1.1` (default), `HTTP/2`, or `Client`: the client's (HTTP/2 for HTTP/2 clients,
+    /// HTTP/1.1 for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -948,6 +948,12 @@ pub struct DrHttpPool {
     pub max_retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
+    /// `DEFAULT`, `DO_NOT_UPGRADE` or `UPGRADE` (HTTP/1.1 requests go upstream over HTTP/2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_upgrade_policy: Option<String>,
+    /// Upstream requests in the client's protocol (wins over `h2UpgradePolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_client_protocol: Option<bool>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 11;
+pub const SCHEMA: u32 = 12;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -825,6 +825,12 @@ pub struct Cluster {
     pub name: String,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// Requests from HTTP/2 clients go upstream over HTTP/2, the others over HTTP/1.1, whatever
+    /// `protocol` says (Istio's `useClientProtocol`, Envoy's `use_downstream_protocol_config`);
+    /// health checks and authorization checks use `protocol`. Schema 12: an older proxy uses
+    /// `protocol` for every request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow_client_protocol: bool,
     #[serde(default)]
     pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
@@ -950,6 +956,7 @@ impl Cluster {
         Cluster {
             name: name.into(),
             protocol: UpstreamProtocol::default(),
+            follow_client_protocol: false,
             lb: LbPolicy::default(),
             endpoints,
             health_check: None,

@@ -303,6 +303,7 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
     }
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = parts.headers.clone();
+    let client_h2 = parts.version == Version::HTTP_2;
     // Envoy's mark, so the mirror can tell a copy: its authority ends in `-shadow`.
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     if let Some(v) = host.map(shadow_host).and_then(|h| HeaderValue::from_str(&h).ok()) {
@@ -315,7 +316,11 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
                 return;
             };
             let started = Instant::now();
-            match cluster.pool().send(idx, &cluster.endpoints[idx].authority, req).await {
+            match cluster
+                .pool_for(client_h2)
+                .send(idx, &cluster.endpoints[idx].authority, req)
+                .await
+            {
                 Ok((resp, lease)) => {
                     cluster.stats.responses.record(resp.status().as_u16());
                     cluster.stats.latency.observe(started.elapsed());
@@ -609,6 +614,8 @@ impl Forward<'_> {
         }
         let guard = self.cluster.admit().await.map_err(Local::Upstream)?;
         let cluster = self.cluster;
+        // An upgrade goes upstream as HTTP/1.1's, whatever the client spoke.
+        let client_h2 = parts.version == Version::HTTP_2 && upgrade.is_none();
         let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
         let (hash_key, set_cookie) = self.hash_key(&parts);
         // An upgrade's stream is the tunnel, not a body to forward.
@@ -646,7 +653,7 @@ impl Forward<'_> {
             let ep = &cluster.endpoints[idx];
             let up = self.upstream_request(&mut parts, body.take(), retry.is_some(), ep)?;
             let try_started = Instant::now();
-            let send = cluster.pool().send(idx, &ep.authority, up);
+            let send = cluster.pool_for(client_h2).send(idx, &ep.authority, up);
             tokio::pin!(send);
             let outcome = match timing.wait(send, upload.as_deref()).await {
                 Ok(Ok((resp, lease))) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp, lease),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection, SlowStart};
+use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection, SlowStart, UpstreamProtocol};
 use http::uri::{Authority, Scheme};
 use tokio::sync::Notify;
 
@@ -161,6 +161,9 @@ pub struct ClusterRuntime {
     pub balancer: Balancer,
     /// One pool per worker thread, then one for health checks: connections never cross threads.
     pools: Box<[Arc<Pool>]>,
+    /// With `follow_client_protocol`, the same per worker for the other protocol: requests
+    /// whose client's protocol is not the cluster's `protocol` go there.
+    client_pools: Box<[Arc<Pool>]>,
     pub scheme: Scheme,
     pub stats: Arc<ClusterStats>,
     /// The retry policy's conditions, compiled.
@@ -307,16 +310,31 @@ impl ClusterRuntime {
         } else {
             Scheme::HTTP
         };
-        let connector = connector::build(spec, stats.clone(), tunnels, secrets)?;
-        let pools = (0..=workers)
-            .map(|_| Arc::new(Pool::new(spec, connector.clone(), scheme.clone(), endpoints.len())))
-            .collect();
+        let pools_of = |c: &Cluster| -> Result<Box<[Arc<Pool>]>, ClusterError> {
+            let connector = connector::build(c, stats.clone(), tunnels, secrets)?;
+            Ok((0..=workers)
+                .map(|_| Arc::new(Pool::new(c, connector.clone(), scheme.clone(), endpoints.len())))
+                .collect())
+        };
+        let pools = pools_of(spec)?;
+        let client_pools = if spec.follow_client_protocol {
+            // Its connector offers the other protocol in ALPN.
+            let mut other = spec.clone();
+            other.protocol = match spec.protocol {
+                UpstreamProtocol::Http1 => UpstreamProtocol::Http2,
+                UpstreamProtocol::Http2 => UpstreamProtocol::Http1,
+            };
+            pools_of(&other)?
+        } else {
+            Box::default()
+        };
         let mut rt = ClusterRuntime {
             balancer: Balancer::new(&spec.lb, &weights),
             scheme,
             spec: spec.clone(),
             endpoints,
             pools,
+            client_pools,
             stats,
             retry_on: spec.retry.as_ref().map(retry::RetryOn::of).unwrap_or_default(),
             active: AtomicU32::new(0),
@@ -367,6 +385,16 @@ impl ClusterRuntime {
     pub fn pool(&self) -> &Arc<Pool> {
         let i = crate::workers::index().min(self.pools.len() - 1);
         &self.pools[i]
+    }
+
+    /// [`Self::pool`] for a request whose client speaks HTTP/2 (`client_h2`) or not: the
+    /// other protocol's when the cluster follows the client's and `protocol` is not it.
+    pub fn pool_for(&self, client_h2: bool) -> &Arc<Pool> {
+        let pools = match self.client_pools.is_empty() || client_h2 == (self.spec.protocol == UpstreamProtocol::Http2) {
+            true => &self.pools,
+            false => &self.client_pools,
+        };
+        &pools[crate::workers::index().min(pools.len() - 1)]
     }
 
     pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {

@@ -728,8 +728,10 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
     }
     let per_conn = c.circuit_breaker.max_requests_per_connection;
     let lifetime = c.timeouts.max_connection_duration_ms;
-    if c.protocol == UpstreamProtocol::Http2 || per_conn.is_some() || lifetime.is_some() {
-        let mut opts = if c.protocol == UpstreamProtocol::Http2 {
+    if c.protocol == UpstreamProtocol::Http2 || c.follow_client_protocol || per_conn.is_some() || lifetime.is_some() {
+        let mut opts = if c.follow_client_protocol {
+            client_protocol_upstream(c.circuit_breaker.max_concurrent_streams)
+        } else if c.protocol == UpstreamProtocol::Http2 {
             http2_upstream(c.circuit_breaker.max_concurrent_streams)
         } else {
             http1_upstream()
@@ -749,7 +751,9 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
             ),
         );
     }
-    cl.transport_socket = c.tls.as_ref().map(|t| traffic::upstream_tls(t, c.protocol));
+    // Following the client's protocol, ALPN is left to Envoy: each protocol's pool offers its own.
+    let alpn = (!c.follow_client_protocol).then_some(c.protocol);
+    cl.transport_socket = c.tls.as_ref().map(|t| traffic::upstream_tls(t, alpn));
     cl.upstream_connection_options = c.tcp_keepalive.as_ref().map(|k| {
         // Envoy counts in whole seconds.
         let secs = |ms: Option<u64>| ms.and_then(|ms| u32v(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)));
@@ -825,6 +829,25 @@ fn http1_upstream() -> upstream_http::HttpProtocolOptions {
                 },
             ),
         ),
+        ..Default::default()
+    }
+}
+
+/// Upstream requests in the client's protocol (Istio's `useClientProtocol`), at most
+/// `max_streams` streams on an HTTP/2 connection when given.
+fn client_protocol_upstream(max_streams: Option<u32>) -> upstream_http::HttpProtocolOptions {
+    use upstream_http::http_protocol_options::{UpstreamProtocolOptions, UseDownstreamHttpConfig};
+    upstream_http::HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            UseDownstreamHttpConfig {
+                http_protocol_options: Some(Default::default()),
+                http2_protocol_options: Some(core::Http2ProtocolOptions {
+                    max_concurrent_streams: max_streams.and_then(u32v),
+                    ..Default::default()
+                }),
+                http3_protocol_options: None,
+            },
+        )),
         ..Default::default()
     }
 }

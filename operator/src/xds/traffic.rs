@@ -173,7 +173,7 @@ fn san_matcher(name: &str) -> tls::SubjectAltNameMatcher {
 /// TLS to the cluster's endpoints: SNI, and the certificate checked against the CA file (or the
 /// system bundle) and the SNI name (or the policy's subject alt names), as ferrum-dp checks it; nothing checked when the policy
 /// says `insecureSkipVerify`.
-pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::TransportSocket {
+pub fn upstream_tls(t: &UpstreamTls, protocol: Option<UpstreamProtocol>) -> core::TransportSocket {
     use tls::common_tls_context::ValidationContextType;
     let ip = t.sni.parse::<IpAddr>().is_ok();
     let validation = (!t.insecure_skip_verify).then(|| {
@@ -199,10 +199,13 @@ pub fn upstream_tls(t: &UpstreamTls, protocol: UpstreamProtocol) -> core::Transp
         // SNI carries host names only (RFC 6066).
         sni: if ip { String::new() } else { t.sni.clone() },
         common_tls_context: Some(tls::CommonTlsContext {
-            alpn_protocols: vec![match protocol {
-                UpstreamProtocol::Http2 => "h2".into(),
-                UpstreamProtocol::Http1 => "http/1.1".into(),
-            }],
+            alpn_protocols: protocol
+                .map(|p| match p {
+                    UpstreamProtocol::Http2 => "h2".into(),
+                    UpstreamProtocol::Http1 => "http/1.1".into(),
+                })
+                .into_iter()
+                .collect(),
             validation_context_type: validation,
             // Mutual TLS: the client certificate comes over SDS, like a listener's.
             tls_certificate_sds_secret_configs: t
@@ -382,7 +385,7 @@ mod tests {
             client_certificate: None,
             subject_alt_names: Vec::new(),
         };
-        let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http2));
+        let ctx = decode(upstream_tls(&t, Some(UpstreamProtocol::Http2)));
         assert_eq!(ctx.sni, "api.example.test");
         let common = ctx.common_tls_context.unwrap();
         assert_eq!(common.alpn_protocols, vec!["h2"]);
@@ -406,7 +409,7 @@ mod tests {
         // CAs from a Secret's ca.crt: inline (certificates are public).
         t.ca_file = None;
         t.ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
-        let v = validation(decode(upstream_tls(&t, UpstreamProtocol::Http2)));
+        let v = validation(decode(upstream_tls(&t, Some(UpstreamProtocol::Http2))));
         assert_eq!(
             v.trusted_ca.and_then(|d| d.specifier),
             Some(core::data_source::Specifier::InlineString(t.ca_pem.clone().unwrap()))
@@ -414,7 +417,7 @@ mod tests {
 
         // Subject alt names: one matcher each, instead of the SNI name.
         t.subject_alt_names = vec!["api.example.test".into(), "10.0.0.2".into()];
-        let v = validation(decode(upstream_tls(&t, UpstreamProtocol::Http2)));
+        let v = validation(decode(upstream_tls(&t, Some(UpstreamProtocol::Http2))));
         let names: Vec<(i32, String)> = v
             .match_typed_subject_alt_names
             .iter()
@@ -438,7 +441,7 @@ mod tests {
 
         t.ca_pem = None;
         t.sni = "10.0.0.1".into();
-        let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http1));
+        let ctx = decode(upstream_tls(&t, Some(UpstreamProtocol::Http1)));
         assert_eq!(ctx.sni, "", "no IP addresses in SNI");
         let v = validation(ctx);
         assert_eq!(
@@ -451,7 +454,7 @@ mod tests {
         );
 
         t.insecure_skip_verify = true;
-        let ctx = decode(upstream_tls(&t, UpstreamProtocol::Http1));
+        let ctx = decode(upstream_tls(&t, Some(UpstreamProtocol::Http1)));
         assert!(ctx.common_tls_context.unwrap().validation_context_type.is_none());
 
         // Mutual TLS: the client certificate by SDS name, never inline.
@@ -459,7 +462,7 @@ mod tests {
             name: "shop/client".into(),
             digest: "0123456789abcdef".into(),
         });
-        let common = decode(upstream_tls(&t, UpstreamProtocol::Http1))
+        let common = decode(upstream_tls(&t, Some(UpstreamProtocol::Http1)))
             .common_tls_context
             .unwrap();
         assert!(common.tls_certificates.is_empty());

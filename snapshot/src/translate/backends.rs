@@ -290,6 +290,7 @@ impl<'a> Clusters<'a> {
                 let mut c = (*self.built[&name].cluster).clone();
                 c.name = h2.clone();
                 c.protocol = UpstreamProtocol::Http2;
+                c.follow_client_protocol = false;
                 self.built.insert(h2.clone(), BuiltCluster::new(c, None));
             }
             return Ok(h2);
@@ -713,11 +714,15 @@ impl<'a> SecretScope<'a> {
 
 pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretScope<'_>) -> Result<(), PolicyError> {
     if let Some(proto) = &p.protocol {
-        c.protocol = match proto.as_str() {
-            "HTTP/1.1" | "HTTP" => UpstreamProtocol::Http1,
-            "HTTP/2" | "h2c" | "h2" => UpstreamProtocol::Http2,
+        (c.protocol, c.follow_client_protocol) = match proto.as_str() {
+            "HTTP/1.1" | "HTTP" => (UpstreamProtocol::Http1, false),
+            "HTTP/2" | "h2c" | "h2" => (UpstreamProtocol::Http2, false),
+            "Client" => (UpstreamProtocol::Http1, true),
             other => {
-                return Err(("spec.protocol".into(), format!("{other:?} is not HTTP/1.1 or HTTP/2")));
+                return Err((
+                    "spec.protocol".into(),
+                    format!("{other:?} is not HTTP/1.1, HTTP/2 or Client"),
+                ));
             }
         };
     }

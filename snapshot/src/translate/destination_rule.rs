@@ -8,7 +8,7 @@ use crate::crd::{
     TimeoutsSpec, TrafficPolicy, UpstreamTlsSpec,
 };
 use crate::istio::{
-    DestinationRule, DrConnectionPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
+    DestinationRule, DrConnectionPool, DrHttpPool, DrLoadBalancer, DrOutlierDetection, DrTls, DrTrafficPolicy, Other,
 };
 use foldhash::{HashMap, HashMapExt};
 
@@ -232,7 +232,9 @@ impl Sections<'_> {
             out.load_balancer = load_balancer(lb, at)?;
         }
         if let Some(cp) = self.connection_pool {
-            (out.circuit_breaker, out.timeouts, out.tcp_keepalive) = connection_pool(cp, at)?;
+            let pool = connection_pool(cp, at)?;
+            (out.circuit_breaker, out.timeouts, out.tcp_keepalive, out.protocol) =
+                (pool.breaker, pool.timeouts, pool.keepalive, pool.protocol);
         }
         if let Some(od) = self.outlier_detection {
             out.outlier_detection = Some(outlier_detection(od, at)?);
@@ -249,8 +251,8 @@ impl Sections<'_> {
             out.load_balancer = read.load_balancer;
         }
         if self.connection_pool.is_some() {
-            (out.circuit_breaker, out.timeouts, out.tcp_keepalive) =
-                (read.circuit_breaker, read.timeouts, read.tcp_keepalive);
+            (out.circuit_breaker, out.timeouts, out.tcp_keepalive, out.protocol) =
+                (read.circuit_breaker, read.timeouts, read.tcp_keepalive, read.protocol);
         }
         if self.outlier_detection.is_some() {
             out.outlier_detection = read.outlier_detection;
@@ -368,12 +370,14 @@ fn balancing(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, 
     }
 }
 
-/// A connection pool's breaker, timeouts and keepalive.
-type Pool = (
-    Option<CircuitBreakerSpec>,
-    Option<TimeoutsSpec>,
-    Option<TcpKeepaliveSpec>,
-);
+/// What a `connectionPool` sets.
+struct Pool {
+    breaker: Option<CircuitBreakerSpec>,
+    timeouts: Option<TimeoutsSpec>,
+    keepalive: Option<TcpKeepaliveSpec>,
+    /// The upstream protocol, when the pool names one.
+    protocol: Option<String>,
+}
 
 fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
     let at = format!("{at}.connectionPool");
@@ -409,11 +413,28 @@ fn connection_pool(cp: &DrConnectionPool, at: &str) -> Result<Pool, RuleError> {
         }
         None => None,
     };
-    Ok((
-        Some(breaker).filter(|b| *b != CircuitBreakerSpec::default()),
-        Some(timeouts).filter(|t| *t != TimeoutsSpec::default()),
+    Ok(Pool {
+        breaker: Some(breaker).filter(|b| *b != CircuitBreakerSpec::default()),
+        timeouts: Some(timeouts).filter(|t| *t != TimeoutsSpec::default()),
         keepalive,
-    ))
+        protocol: upstream_protocol(&http, &format!("{at}.http"))?,
+    })
+}
+
+/// `useClientProtocol` and `h2UpgradePolicy` as Ferrum's upstream protocol; `None` leaves the
+/// Service's (an `http2` or `grpc` port is spoken to in HTTP/2 whatever the policy).
+fn upstream_protocol(http: &DrHttpPool, at: &str) -> Result<Option<String>, RuleError> {
+    if http.use_client_protocol == Some(true) {
+        return Ok(Some("Client".into()));
+    }
+    match http.h2_upgrade_policy.as_deref() {
+        None | Some("DEFAULT" | "DO_NOT_UPGRADE") => Ok(None),
+        Some("UPGRADE") => Ok(Some("HTTP/2".into())),
+        Some(other) => Err((
+            format!("{at}.h2UpgradePolicy"),
+            format!("{other:?} is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+        )),
+    }
 }
 
 fn outlier_detection(od: &DrOutlierDetection, at: &str) -> Result<OutlierDetectionSpec, RuleError> {

@@ -835,7 +835,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
 
     // A field Ferrum does not apply: the rule is left out whole, its field named.
     let partial = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
-                   spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}, http: {h2UpgradePolicy: UPGRADE}}}}\n---\n\
+                   spec: {host: echo, trafficPolicy: {connectionPool: {tcp: {maxConnections: 7}}, proxyProtocol: {version: V1}}}\n---\n\
                    apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: unused, namespace: default}\n\
                    spec: {host: nobody-routes-here, trafficPolicy: {tls: {mode: MUTUAL}}}\n---\n";
     let t = run(&format!(
@@ -850,11 +850,7 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     assert_eq!(
         found,
         vec![
-            (
-                "DestinationRule",
-                "echo",
-                "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"
-            ),
+            ("DestinationRule", "echo", "spec.trafficPolicy.proxyProtocol"),
             ("DestinationRule", "unused", "spec.trafficPolicy.tls"),
         ],
         "every rule that cannot be applied is reported, used or not"
@@ -897,6 +893,62 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
     assert!(keys.iter().all(|k| k.2 == Reason::UnsupportedValue), "{keys:?}");
     let c = t.snapshot.cluster("service/default/echo:80").unwrap();
     assert_eq!(c.lb, LbPolicy::Random, "the rule in `other` applies");
+}
+
+/// `useClientProtocol` and `h2UpgradePolicy` choose the upstream protocol, per port too; an
+/// `http2` port stays HTTP/2 whatever the policy.
+#[test]
+fn destination_rules_choose_the_upstream_protocol() {
+    let rule = |http: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
+             spec: {{host: echo, trafficPolicy: {{connectionPool: {{http: {http}}}}}}}\n---\n"
+        )
+    };
+    let protocol_of = |http: &str| {
+        let s = ok(&format!(
+            "{}{}",
+            rule(http),
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        ));
+        let c = s.cluster("service/default/echo:80").unwrap();
+        (c.protocol, c.follow_client_protocol)
+    };
+    use UpstreamProtocol::{Http1, Http2};
+    assert_eq!(protocol_of("{h2UpgradePolicy: UPGRADE}"), (Http2, false));
+    assert_eq!(protocol_of("{h2UpgradePolicy: DO_NOT_UPGRADE}"), (Http1, false));
+    assert_eq!(protocol_of("{useClientProtocol: true}"), (Http1, true));
+    assert_eq!(
+        protocol_of("{useClientProtocol: true, h2UpgradePolicy: UPGRADE}"),
+        (Http1, true),
+        "the client's protocol wins, as in Istio"
+    );
+    assert_eq!(protocol_of("{useClientProtocol: false}"), (Http1, false));
+
+    // Per port: the port's pool replaces the rule's.
+    let per_port = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
+                    spec: {host: echo, trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}, \
+                    portLevelSettings: [{port: {number: 80}, connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}]}}\n---\n";
+    let s = ok(&format!(
+        "{per_port}{}",
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    let c = s.cluster("service/default/echo:80").unwrap();
+    assert_eq!((c.protocol, c.follow_client_protocol), (Http2, false));
+
+    let t = run(&format!(
+        "{}{}",
+        rule("{h2UpgradePolicy: SOMETIMES}"),
+        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        vec![(
+            "echo",
+            "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+            Reason::UnsupportedValue
+        )]
+    );
 }
 
 #[test]

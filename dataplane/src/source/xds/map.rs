@@ -844,12 +844,24 @@ fn cluster_of(
         use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
         let o: upstream_http::HttpProtocolOptions =
             decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| e.within(&name))?;
-        if let Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) = o.upstream_protocol_options
-            && let Some(ProtocolConfig::Http2ProtocolOptions(h2)) = e.protocol_config
-        {
-            out.protocol = UpstreamProtocol::Http2;
-            out.circuit_breaker.max_concurrent_streams = h2.max_concurrent_streams.map(|v| v.value).filter(|n| *n > 0);
-        }
+        let h2 = match o.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                    out.protocol = UpstreamProtocol::Http2;
+                    Some(h2)
+                }
+                _ => None,
+            },
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(d)) => {
+                out.follow_client_protocol = true;
+                d.http2_protocol_options
+            }
+            _ => None,
+        };
+        out.circuit_breaker.max_concurrent_streams = h2
+            .and_then(|h2| h2.max_concurrent_streams)
+            .map(|v| v.value)
+            .filter(|n| *n > 0);
         let common = o.common_http_protocol_options.unwrap_or_default();
         out.circuit_breaker.max_requests_per_connection =
             common.max_requests_per_connection.map(|v| v.value).filter(|n| *n > 0);
