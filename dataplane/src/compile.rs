@@ -79,6 +79,8 @@ pub struct Compiler {
     jwks: crate::mesh::jwt::JwksCache,
     /// The pod a sidecar serves (its inbound policies are compiled for it).
     pub me: std::sync::OnceLock<crate::mesh::index::Me>,
+    /// The zone the proxy runs in, when known.
+    pub zone: std::sync::OnceLock<String>,
 }
 
 impl Compiler {
@@ -89,6 +91,7 @@ impl Compiler {
             tunnels: Default::default(),
             jwks: Default::default(),
             me: Default::default(),
+            zone: Default::default(),
         }
     }
 
@@ -108,6 +111,7 @@ impl Compiler {
                     self.workers,
                     &self.tunnels,
                     secrets,
+                    self.zone.get().map(String::as_str),
                 )?,
             };
             clusters.insert(c.name.clone(), rt);

@@ -72,6 +72,12 @@ impl Dataplane {
         let _ = self.compiler.me.set((namespace, pod));
     }
 
+    /// The zone this proxy runs in, before the first snapshot is applied: clusters with
+    /// locality failover prefer their endpoints in it.
+    pub fn set_zone(&self, zone: String) {
+        let _ = self.compiler.zone.set(zone);
+    }
+
     /// Mesh proxies: how upstream connections reach mesh workloads (set once).
     pub fn set_tunnels(&self, t: Arc<dyn crate::upstream::Tunnels>) {
         let _ = self.compiler.tunnels.set(t);

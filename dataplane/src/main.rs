@@ -94,6 +94,10 @@ struct Args {
     /// Worker threads, each with its own listeners and upstream pools (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// The zone this proxy runs in (a node's `topology.kubernetes.io/zone`): clusters with
+    /// locality failover send requests to their endpoints in it while enough are available.
+    #[arg(long, env = "FERRUM_ZONE")]
+    zone: Option<String>,
     /// OTLP/gRPC collector for request spans (e.g. `http://otel-collector:4317`); without one,
     /// `traceparent` passes through untouched and no spans are made.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -477,6 +481,9 @@ async fn serve(
     let limits = args.limits();
     let drain_timeout = limits.drain_timeout;
     let dp = Dataplane::new(limits, workers.clone());
+    if let Some(z) = args.zone.clone().filter(|z| !z.is_empty()) {
+        dp.set_zone(z);
+    }
     if let Some(p) = &args.access_log {
         dp.shared.access_log.set_path(p.clone());
     }

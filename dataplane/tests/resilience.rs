@@ -552,3 +552,67 @@ async fn below_min_health_percent_every_endpoint_takes_requests() {
         .await;
     assert!(panics >= 40.0, "{panics} requests counted in panic");
 }
+
+/// Locality failover (`--zone zone-a`, `localityFailover`): requests stay in the proxy's zone
+/// while its endpoints are healthy; when half of them fail, 1.4 × 50 % = 70 % stay and the rest
+/// spill to the other zone; when all fail, everything goes there; and it comes back.
+#[tokio::test]
+async fn requests_stay_in_the_proxys_zone_and_fail_over_as_its_endpoints_fail() {
+    let (near1, near2, far) = (
+        Backend::start("near1").await,
+        Backend::start("near2").await,
+        Backend::start("far").await,
+    );
+    let port = free_port();
+    let ep = |b: &Backend, zone: &str| format!("  - {{address: 127.0.0.1, port: {}, zone: {zone}}}\n", b.addr.port());
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n{}{}{}\
+             \x20 loadBalancer: {{localityFailover: true}}\n\
+             \x20 healthCheck: {{path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 1, unhealthyThreshold: 1}}\n",
+            ep(&near1, "zone-a"),
+            ep(&near2, "zone-a"),
+            ep(&far, "zone-b"),
+        ),
+        route_to("pool"),
+    ]);
+    let dp = Dp::start_with(&yaml, &["--zone", "zone-a"]).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    // How many of `n` requests each backend answered.
+    let spread = async |n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let r = c.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            *seen
+                .entry(r.headers()["x-backend"].to_str().unwrap().into())
+                .or_default() += 1;
+        }
+        let of = |name: &str| seen.get(name).copied().unwrap_or(0);
+        (of("near1"), of("near2"), of("far"))
+    };
+    let (n1, n2, f) = spread(60).await;
+    assert_eq!(f, 0, "the other zone takes nothing while this one is healthy");
+    assert!(n1 > 20 && n2 > 20, "both local endpoints serve: {n1} {n2}");
+
+    health_checks_answer(&dp, &near1, 503).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (n1, n2, f) = spread(400).await;
+    assert_eq!(n1, 0);
+    let spilled = f as f64 / 400.0;
+    assert!(
+        (0.18..0.42).contains(&spilled),
+        "30 % expected in the other zone: {n2} {f}"
+    );
+
+    health_checks_answer(&dp, &near2, 503).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(spread(20).await, (0, 0, 20), "the whole zone down: all fail over");
+
+    health_checks_answer(&dp, &near1, 200).await;
+    health_checks_answer(&dp, &near2, 200).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(spread(40).await.2, 0, "back in the zone once it recovers");
+}

@@ -33,7 +33,7 @@ pub struct BackendEndpoint {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
-    /// Zone, for locality-aware balancing later.
+    /// Zone: a proxy in this zone (`--zone`) prefers it under locality failover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
 }
@@ -112,7 +112,7 @@ pub struct TcpKeepaliveSpec {
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     /// `RoundRobin` (the default), `LeastRequest`, `Random` or `ConsistentHash`; left out
-    /// beside `slowStart` alone, the type stays what it was.
+    /// beside `slowStart` or `localityFailover` alone, the type stays what it was.
     #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
     /// For `ConsistentHash`: hash on this request header…
@@ -132,6 +132,11 @@ pub struct LoadBalancerSpec {
     /// checks, gets a share of requests that grows over `window` (Envoy's slow start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<SlowStartSpec>,
+    /// A proxy that knows its zone (`--zone`) sends requests to the endpoints in that zone while
+    /// enough of them are available, and a growing share to the others as they fail (Istio's
+    /// locality failover). On by default for a Service with `trafficDistribution: PreferClose`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_failover: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -839,6 +839,19 @@ pub struct DrLoadBalancer {
     pub warmup: Option<DrWarmup>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_lb_setting: Option<DrLocalityLbSetting>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+/// Locality load balancing: `enabled` only (`distribute`, `failover` and `failoverPriority`
+/// are refused by name).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrLocalityLbSetting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     #[serde(flatten)]
     pub other: Other,
 }

@@ -863,6 +863,11 @@ pub struct Cluster {
     /// over all of them instead. 0: never. Schema 11: an older proxy never does.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub panic_threshold_percent: u32,
+    /// Locality failover: a proxy that knows its zone sends requests to the endpoints in it
+    /// while enough of them are available, spilling a growing share to the other zones as they
+    /// fail (Envoy's priority loads). Schema 12: an older proxy balances over every zone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locality_failover: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -969,6 +974,7 @@ impl Cluster {
             hash_input: None,
             slow_start: None,
             panic_threshold_percent: 0,
+            locality_failover: false,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod connector;
 mod failure;
 pub mod health;
 pub mod l4;
+mod locality;
 pub mod pool;
 pub mod retry;
 
@@ -52,6 +53,7 @@ pub struct EndpointState {
     active: AtomicU32,
     /// When it started its slow start (0: it never did).
     warm_from_ms: AtomicU64,
+    pub zone: Option<String>,
 }
 
 impl EndpointState {
@@ -74,6 +76,7 @@ impl EndpointState {
             ejections: AtomicU32::new(0),
             active: AtomicU32::new(0),
             warm_from_ms: AtomicU64::new(0),
+            zone: e.zone.clone(),
         })
     }
 
@@ -180,6 +183,9 @@ pub struct ClusterRuntime {
     panic: AtomicU64,
     /// A mesh proxy's tunnels: L4 connections to mesh workloads go over HBONE, as requests do.
     tunnels: connector::TunnelSlot,
+    /// Locality failover, when the cluster has it, the proxy knows its zone and the endpoints
+    /// are in more than one.
+    localities: Option<locality::Localities>,
 }
 
 impl Drop for ClusterRuntime {
@@ -259,6 +265,7 @@ impl ClusterRuntime {
         workers: usize,
         tunnels: &connector::TunnelSlot,
         secrets: &ferrum_snapshot::Secrets,
+        zone: Option<&str>,
     ) -> Result<Arc<Self>, ClusterError> {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
@@ -279,7 +286,7 @@ impl ClusterRuntime {
             match old.get(fresh.key.as_str()) {
                 // Same endpoint and the source called it ready then and now: keep what we learned.
                 // (One that became ready starts afresh: healthy, as the source now says.)
-                Some(prev) if prev.weight == e.weight && e.ready && prev.source_ready => {
+                Some(prev) if prev.weight == e.weight && e.ready && prev.source_ready && prev.zone == e.zone => {
                     endpoints.push(Arc::clone(prev))
                 }
                 prev => {
@@ -328,7 +335,11 @@ impl ClusterRuntime {
         } else {
             Box::default()
         };
+        let localities = zone
+            .filter(|_| spec.locality_failover)
+            .and_then(|z| locality::Localities::new(z, &spec.lb, &endpoints));
         let mut rt = ClusterRuntime {
+            localities,
             balancer: Balancer::new(&spec.lb, &weights),
             scheme,
             spec: spec.clone(),
@@ -399,7 +410,12 @@ impl ClusterRuntime {
 
     pub fn pick(&self, key: Option<&[u8]>, avoid: Option<usize>) -> Option<(usize, EndpointGuard)> {
         let panicking = self.panicking();
-        let pick = || self.balancer.pick_among(&self.endpoints, key, avoid, panicking);
+        let pick = || match &self.localities {
+            Some(l) if !panicking => l
+                .pick(now_ms(), key, avoid, PANIC_RECOUNT_MS)
+                .or_else(|| self.balancer.pick_among(&self.endpoints, key, avoid, false)),
+            _ => self.balancer.pick_among(&self.endpoints, key, avoid, panicking),
+        };
         let mut i = pick()?;
         if let Some(w) = &self.warmup {
             i = w.thin(now_ms(), i, &self.endpoints, pick);
@@ -623,6 +639,7 @@ mod tests {
             1,
             &Default::default(),
             &Default::default(),
+            None,
         )
         .unwrap()
     }

@@ -355,6 +355,11 @@ impl<'a> Clusters<'a> {
         {
             cluster.protocol = UpstreamProtocol::Http2;
         }
+        // Kubernetes' topology-aware routing: the endpoints in the proxy's zone first.
+        cluster.locality_failover = matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone")
+        );
         let policy = self.res.backend_policies.iter().find(|p| {
             p.metadata.namespace.as_deref() == Some(r.namespace)
                 && p.spec
@@ -727,15 +732,20 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         };
     }
     if let Some(lb) = &p.load_balancer {
-        let slow_start_alone = *lb
+        // `slowStart` or `localityFailover` alone keeps the balancing as it was.
+        let alone = *lb
             == crate::crd::LoadBalancerSpec {
                 slow_start: lb.slow_start.clone(),
+                locality_failover: lb.locality_failover,
                 ..Default::default()
             };
-        if !slow_start_alone || lb.slow_start.is_none() {
+        if !alone || (lb.slow_start.is_none() && lb.locality_failover.is_none()) {
             (c.lb, c.hash_input) = load_balancer(lb)?;
         }
         c.slow_start = lb.slow_start.as_ref().map(|s| slow_start(s, &c.lb)).transpose()?;
+        if let Some(on) = lb.locality_failover {
+            c.locality_failover = on;
+        }
     }
     if let Some(hc) = &p.health_check {
         c.health_check = Some(health_check(hc)?);

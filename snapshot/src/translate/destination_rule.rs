@@ -214,6 +214,14 @@ fn policy_of(p: &DrTrafficPolicy, fqdn: &str, at: &str, port: Option<u16>) -> Re
             sections.replace(&mut out, over);
         }
     }
+    // Istio's mesh-wide default: with outlier detection, locality failover unless the rule
+    // turns it off.
+    if out.outlier_detection.is_some() {
+        out.load_balancer
+            .get_or_insert_default()
+            .locality_failover
+            .get_or_insert(true);
+    }
     Ok(out)
 }
 
@@ -266,6 +274,18 @@ impl Sections<'_> {
 fn load_balancer(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, RuleError> {
     let at = format!("{at}.loadBalancer");
     unsupported(&at, &lb.other)?;
+    let mut out = balancing_and_warmup(lb, &at)?;
+    if let Some(l) = &lb.locality_lb_setting {
+        unsupported(&format!("{at}.localityLbSetting"), &l.other)?;
+        if let Some(on) = l.enabled {
+            out.get_or_insert_default().locality_failover = Some(on);
+        }
+    }
+    Ok(out)
+}
+
+fn balancing_and_warmup(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, RuleError> {
+    let at = at.to_string();
     let slow_start = warmup(lb, &at)?;
     let Some(slow_start) = slow_start else {
         return balancing(lb, &at);
@@ -363,7 +383,7 @@ fn balancing(lb: &DrLoadBalancer, at: &str) -> Result<Option<LoadBalancerSpec>, 
                 hash_client_ip: h.use_source_ip.filter(|u| *u),
                 hash_cookie,
                 hash_query_parameter: h.http_query_parameter_name.clone(),
-                slow_start: None,
+                ..Default::default()
             }))
         }
         (None, None) => Ok(None),

@@ -1411,3 +1411,63 @@ fn min_health_percent_is_the_panic_threshold() {
     let c = t.snapshot.cluster("service/default/echo:80").unwrap();
     assert_eq!(c.panic_threshold_percent, 0, "off unless asked for");
 }
+
+/// Locality failover: a Service's `trafficDistribution: PreferClose`, a BackendPolicy's
+/// `localityFailover`, and a DestinationRule's `localityLbSetting` — on by default beside
+/// `outlierDetection`, as Istio's mesh-wide default is — with each endpoint's zone from its slice.
+#[test]
+fn locality_failover_comes_from_the_service_and_its_policies() {
+    let zoned = "apiVersion: v1\nkind: Service\nmetadata: {name: zoned, namespace: default}\n\
+                 spec: {trafficDistribution: PreferClose, ports: [{name: http, port: 80}]}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: zoned-1, namespace: default, labels: {kubernetes.io/service-name: zoned}}\n\
+                 addressType: IPv4\nports: [{name: http, port: 80}]\n\
+                 endpoints: [{addresses: [10.0.1.1], zone: zone-a}, {addresses: [10.0.2.1], zone: zone-b}]\n---\n";
+    let s = ok(&format!(
+        "{zoned}{}",
+        route("  - backendRefs: [{name: zoned, port: 80}]\n")
+    ));
+    let c = s.cluster("service/default/zoned:80").unwrap();
+    assert!(c.locality_failover, "PreferClose");
+    let zones: Vec<Option<&str>> = c.endpoints.iter().map(|e| e.zone.as_deref()).collect();
+    assert_eq!(zones, vec![Some("zone-a"), Some("zone-b")]);
+
+    // A BackendPolicy turns it on or off, the balancing staying what it was.
+    let policy = |lb: &str| {
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p, namespace: default}}\n\
+             spec: {{targetRefs: [{{group: '', kind: Service, name: echo}}], loadBalancer: {lb}}}\n---\n{}",
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        )
+    };
+    let echo = |yaml: &str| ok(yaml).cluster("service/default/echo:80").unwrap().clone();
+    let c = echo(&policy("{localityFailover: true}"));
+    assert_eq!((c.locality_failover, &c.lb), (true, &LbPolicy::RoundRobin));
+    assert!(!echo(&policy("{type: Random}")).locality_failover, "off unless asked");
+
+    let cluster = |policy: &str| {
+        let t = run(&echo_rule(policy));
+        assert_eq!(t.problems, vec![], "{policy}");
+        t.snapshot.cluster("service/default/echo:80").unwrap().clone()
+    };
+    assert!(cluster("outlierDetection: {consecutive5xxErrors: 3}").locality_failover);
+    assert!(
+        !cluster("outlierDetection: {consecutive5xxErrors: 3}, loadBalancer: {localityLbSetting: {enabled: false}}")
+            .locality_failover
+    );
+    let c = cluster("loadBalancer: {simple: LEAST_REQUEST, localityLbSetting: {enabled: true}}");
+    assert_eq!((c.locality_failover, &c.lb), (true, &LbPolicy::LeastRequest));
+    assert!(!cluster("loadBalancer: {simple: RANDOM}").locality_failover);
+
+    let t = run(&echo_rule(
+        "loadBalancer: {localityLbSetting: {enabled: true, distribute: [{from: 'us/*', to: {'us/a/*': 100}}]}}",
+    ));
+    assert_eq!(
+        t.problem_keys(),
+        vec![(
+            "echo",
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+            Reason::UnsupportedValue
+        )]
+    );
+}
