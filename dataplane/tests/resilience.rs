@@ -616,3 +616,43 @@ async fn requests_stay_in_the_proxys_zone_and_fail_over_as_its_endpoints_fail() 
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(spread(40).await.2, 0, "back in the zone once it recovers");
 }
+
+/// A backup endpoint (`priority: 1`, Envoy's priorities): idle while the first priority is
+/// healthy, everything once it fails, nothing again once it recovers.
+#[tokio::test]
+async fn a_backup_endpoint_serves_only_while_the_primary_is_down() {
+    let (primary, backup) = (Backend::start("primary").await, Backend::start("backup").await);
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: pool}}\nspec:\n  endpoints:\n\
+             \x20 - {{address: 127.0.0.1, port: {}}}\n\
+             \x20 - {{address: 127.0.0.1, port: {}, priority: 1}}\n\
+             \x20 healthCheck: {{path: /healthz, interval: 100ms, timeout: 50ms, healthyThreshold: 1, unhealthyThreshold: 1}}\n",
+            primary.addr.port(),
+            backup.addr.port(),
+        ),
+        route_to("pool"),
+    ]);
+    let dp = Dp::start(&yaml).await;
+    let url = format!("http://127.0.0.1:{port}/");
+    let c = client();
+    let answered_by = async || {
+        let r = c.get(&url).send().await.unwrap();
+        r.headers()["x-backend"].to_str().unwrap().to_string()
+    };
+    for _ in 0..20 {
+        assert_eq!(answered_by().await, "primary");
+    }
+    health_checks_answer(&dp, &primary, 503).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..20 {
+        assert_eq!(answered_by().await, "backup");
+    }
+    health_checks_answer(&dp, &primary, 200).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..20 {
+        assert_eq!(answered_by().await, "primary");
+    }
+}

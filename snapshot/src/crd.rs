@@ -36,6 +36,10 @@ pub struct BackendEndpoint {
     /// Zone: a proxy in this zone (`--zone`) prefers it under locality failover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// 0 (the default) first; a higher priority is a backup, sent requests only as the
+    /// endpoints before it fail (Envoy's priorities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 /// Traffic policy for Services: the same settings a `Backend` carries, attached to Services

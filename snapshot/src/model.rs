@@ -1026,6 +1026,10 @@ pub struct Endpoint {
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Envoy's priority: requests go to endpoints of a later priority (a backup) only as those
+    /// before it fail, in Envoy's priority loads. Schema 12: an older proxy balances over all.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u32,
 }
 
 fn one() -> u32 {
@@ -1044,6 +1048,7 @@ impl Endpoint {
             identity: None,
             ready: true,
             zone: None,
+            priority: 0,
         }
     }
 }

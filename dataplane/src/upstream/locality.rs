@@ -1,11 +1,12 @@
-//! Locality failover (Istio's, on by default with outlier detection; Kubernetes' `PreferClose`
-//! traffic distribution): the endpoints in the proxy's own zone take the requests while enough
-//! of them are available; as they fail, a growing share spills to the other zones. The shares
-//! are Envoy's priority loads: a level whose endpoints are `h` available takes `min(1, 1.4 h)`
-//! of what is left, and the loads are scaled up when no level can take it all.
+//! Priority levels of a cluster's endpoints: Envoy's priorities (a backup takes requests only
+//! as the endpoints before it fail), and within each, locality failover (Istio's, on by default
+//! with outlier detection; Kubernetes' `PreferClose` traffic distribution) — the endpoints in
+//! the proxy's own zone first. A level whose endpoints are `h` available takes `min(1, 1.4 h)` of
+//! what the levels before it left (Envoy's priority loads), and the loads are scaled up when no
+//! level can take it all.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use ferrum_snapshot::model::LbPolicy;
 
@@ -14,8 +15,8 @@ use super::balance::{Balancer, Candidate};
 
 /// Envoy's overprovisioning factor (percent): a level 72 % available still takes everything.
 const OVERPROVISION_PERCENT: u32 = 140;
-/// Levels kept apart at most (a byte of load each in one atomic).
-const MAX_LEVELS: usize = 4;
+/// Levels kept apart at most (a byte of load each in one atomic): later ones join the last.
+const MAX_LEVELS: usize = 8;
 
 /// The endpoints of one level, balanced among themselves.
 struct Level {
@@ -26,33 +27,47 @@ struct Level {
 }
 
 pub struct Localities {
-    /// Best first: the proxy's zone, then the others.
+    /// Best first: by priority, and within one the proxy's zone before the others.
     levels: Vec<Level>,
-    /// Percent of requests per level, a byte each (`u32::MAX`: none can take any).
-    loads: AtomicU32,
+    /// Percent of requests per level, a byte each (`u64::MAX`: none can take any).
+    loads: AtomicU64,
     /// When `loads` was counted (ms since start, `u64::MAX`: never).
     counted_ms: AtomicU64,
 }
 
 impl Localities {
-    /// The levels of `eps` seen from zone `zone`; `None` when they all fall in one (nothing to
-    /// prefer).
-    pub fn new(zone: &str, lb: &LbPolicy, eps: &[Arc<EndpointState>]) -> Option<Localities> {
-        let (near, far): (Vec<usize>, Vec<usize>) = (0..eps.len()).partition(|i| eps[*i].zone.as_deref() == Some(zone));
-        if near.is_empty() || far.is_empty() {
+    /// The levels of `eps`, by priority and, when `zone` is given (the cluster has locality
+    /// failover and the proxy knows its zone), by whether they are in it; `None` when they all
+    /// fall in one (nothing to prefer).
+    pub fn new(eps: &[Arc<EndpointState>], lb: &LbPolicy, zone: Option<&str>) -> Option<Localities> {
+        let key = |e: &EndpointState| (e.priority, zone.is_some_and(|z| e.zone.as_deref() != Some(z)));
+        let mut keys: Vec<(u32, bool)> = eps.iter().map(|e| key(e)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() < 2 {
             return None;
         }
-        let level = |members: Vec<usize>| {
-            let weights: Vec<u32> = members.iter().map(|i| eps[*i].weight).collect();
-            Level {
-                eps: members.iter().map(|i| eps[*i].clone()).collect(),
-                members,
-                balancer: Balancer::new(lb, &weights),
-            }
-        };
+        keys.truncate(MAX_LEVELS);
+        let mut members = vec![Vec::new(); keys.len()];
+        for (i, e) in eps.iter().enumerate() {
+            let k = key(e);
+            let level = keys.iter().position(|l| *l == k).unwrap_or(keys.len() - 1);
+            members[level].push(i);
+        }
+        let levels = members
+            .into_iter()
+            .map(|members| {
+                let weights: Vec<u32> = members.iter().map(|i| eps[*i].weight).collect();
+                Level {
+                    eps: members.iter().map(|i| eps[*i].clone()).collect(),
+                    members,
+                    balancer: Balancer::new(lb, &weights),
+                }
+            })
+            .collect();
         Some(Localities {
-            levels: vec![level(near), level(far)],
-            loads: AtomicU32::new(0),
+            levels,
+            loads: AtomicU64::new(0),
             counted_ms: AtomicU64::new(u64::MAX),
         })
     }
@@ -61,13 +76,13 @@ impl Localities {
     /// from the next that has one available; `None` when no level has any.
     pub fn pick(&self, now_ms: u64, key: Option<&[u8]>, avoid: Option<usize>, recount_ms: u64) -> Option<usize> {
         let loads = self.loads(now_ms, recount_ms);
-        if loads == u32::MAX {
+        if loads == u64::MAX {
             return None;
         }
         let mut draw = fastrand::u32(..100);
         let first = (0..self.levels.len())
             .find(|l| {
-                let load = (loads >> (8 * l)) & 0xff;
+                let load = ((loads >> (8 * l)) & 0xff) as u32;
                 let here = draw < load;
                 draw = draw.saturating_sub(load);
                 here
@@ -82,7 +97,7 @@ impl Localities {
     }
 
     /// Each level's share, counted again at most every `recount_ms`.
-    fn loads(&self, now_ms: u64, recount_ms: u64) -> u32 {
+    fn loads(&self, now_ms: u64, recount_ms: u64) -> u64 {
         let counted = self.counted_ms.load(Relaxed);
         if counted != u64::MAX && now_ms < counted.saturating_add(recount_ms) {
             return self.loads.load(Relaxed);
@@ -126,15 +141,15 @@ fn shares(health: &[u32]) -> Vec<u32> {
     out
 }
 
-fn pack(shares: &[u32]) -> u32 {
+fn pack(shares: &[u32]) -> u64 {
     if shares.is_empty() {
-        return u32::MAX;
+        return u64::MAX;
     }
     shares
         .iter()
         .take(MAX_LEVELS)
         .enumerate()
-        .fold(0, |acc, (i, s)| acc | (s << (8 * i)))
+        .fold(0, |acc, (i, s)| acc | (u64::from(*s) << (8 * i)))
 }
 
 #[cfg(test)]
@@ -159,12 +174,16 @@ mod tests {
     }
 
     fn endpoints(zones: &[&str]) -> Vec<Arc<EndpointState>> {
-        zones
-            .iter()
+        prioritised(&zones.iter().map(|z| (*z, 0)).collect::<Vec<_>>())
+    }
+
+    fn prioritised(eps: &[(&str, u32)]) -> Vec<Arc<EndpointState>> {
+        eps.iter()
             .enumerate()
-            .map(|(i, z)| {
+            .map(|(i, (z, p))| {
                 let mut e = Endpoint::new("127.0.0.1", 1000 + i as u16);
                 e.zone = Some(z.to_string());
+                e.priority = *p;
                 Arc::new(EndpointState::new(&e).unwrap())
             })
             .collect()
@@ -181,7 +200,7 @@ mod tests {
     #[test]
     fn the_local_zone_takes_everything_until_its_endpoints_fail() {
         let eps = endpoints(&["a", "a", "b", "c"]);
-        let l = Localities::new("a", &LbPolicy::RoundRobin, &eps).unwrap();
+        let l = Localities::new(&eps, &LbPolicy::RoundRobin, Some("a")).unwrap();
         let counts = picks(&l, 1000, 0);
         assert_eq!((counts[2], counts[3]), (0, 0), "{counts:?}");
         assert!(counts[0] > 400 && counts[1] > 400, "{counts:?}");
@@ -207,7 +226,36 @@ mod tests {
 
     #[test]
     fn endpoints_all_in_one_zone_or_none_have_nothing_to_prefer() {
-        assert!(Localities::new("a", &LbPolicy::RoundRobin, &endpoints(&["a", "a"])).is_none());
-        assert!(Localities::new("a", &LbPolicy::RoundRobin, &endpoints(&["b", "c"])).is_none());
+        let rr = LbPolicy::RoundRobin;
+        assert!(Localities::new(&endpoints(&["a", "a"]), &rr, Some("a")).is_none());
+        assert!(Localities::new(&endpoints(&["b", "c"]), &rr, Some("a")).is_none());
+        assert!(
+            Localities::new(&endpoints(&["a", "b"]), &rr, None).is_none(),
+            "zone unknown"
+        );
+    }
+
+    #[test]
+    fn a_backup_priority_takes_requests_only_as_the_first_fails_and_zones_split_each() {
+        let eps = prioritised(&[("a", 0), ("b", 0), ("a", 1)]);
+        // Without a zone: two levels, by priority.
+        let l = Localities::new(&eps, &LbPolicy::RoundRobin, None).unwrap();
+        let counts = picks(&l, 100, 0);
+        assert_eq!(counts[2], 0, "the backup idles: {counts:?}");
+        eps[0].healthy.store(false, Relaxed);
+        eps[1].healthy.store(false, Relaxed);
+        assert_eq!(picks(&l, 50, 200)[2], 50, "the first priority down: all to the backup");
+        eps[0].healthy.store(true, Relaxed);
+        eps[1].healthy.store(true, Relaxed);
+        // With zone a: (0, near), (0, far), (1, near).
+        let l = Localities::new(&eps, &LbPolicy::RoundRobin, Some("a")).unwrap();
+        assert_eq!(picks(&l, 100, 0), vec![100, 0, 0, 0]);
+        eps[0].healthy.store(false, Relaxed);
+        let counts = picks(&l, 100, 200);
+        assert_eq!(
+            counts,
+            vec![0, 100, 0, 0],
+            "the other zone of priority 0 before the backup"
+        );
     }
 }

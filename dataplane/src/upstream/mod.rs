@@ -54,6 +54,7 @@ pub struct EndpointState {
     /// When it started its slow start (0: it never did).
     warm_from_ms: AtomicU64,
     pub zone: Option<String>,
+    pub priority: u32,
 }
 
 impl EndpointState {
@@ -77,6 +78,7 @@ impl EndpointState {
             active: AtomicU32::new(0),
             warm_from_ms: AtomicU64::new(0),
             zone: e.zone.clone(),
+            priority: e.priority,
         })
     }
 
@@ -183,8 +185,8 @@ pub struct ClusterRuntime {
     panic: AtomicU64,
     /// A mesh proxy's tunnels: L4 connections to mesh workloads go over HBONE, as requests do.
     tunnels: connector::TunnelSlot,
-    /// Locality failover, when the cluster has it, the proxy knows its zone and the endpoints
-    /// are in more than one.
+    /// The endpoints' priorities and, with locality failover and a proxy that knows its zone,
+    /// whether they are in it: `None` when that makes one level.
     localities: Option<locality::Localities>,
 }
 
@@ -286,7 +288,13 @@ impl ClusterRuntime {
             match old.get(fresh.key.as_str()) {
                 // Same endpoint and the source called it ready then and now: keep what we learned.
                 // (One that became ready starts afresh: healthy, as the source now says.)
-                Some(prev) if prev.weight == e.weight && e.ready && prev.source_ready && prev.zone == e.zone => {
+                Some(prev)
+                    if prev.weight == e.weight
+                        && e.ready
+                        && prev.source_ready
+                        && prev.zone == e.zone
+                        && prev.priority == e.priority =>
+                {
                     endpoints.push(Arc::clone(prev))
                 }
                 prev => {
@@ -335,9 +343,8 @@ impl ClusterRuntime {
         } else {
             Box::default()
         };
-        let localities = zone
-            .filter(|_| spec.locality_failover)
-            .and_then(|z| locality::Localities::new(z, &spec.lb, &endpoints));
+        let zone = zone.filter(|_| spec.locality_failover);
+        let localities = locality::Localities::new(&endpoints, &spec.lb, zone);
         let mut rt = ClusterRuntime {
             localities,
             balancer: Balancer::new(&spec.lb, &weights),

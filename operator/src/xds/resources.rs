@@ -873,20 +873,27 @@ fn http2_upstream(max_streams: Option<u32>) -> upstream_http::HttpProtocolOption
 }
 
 fn load_assignment(c: &model::Cluster) -> endpoint::ClusterLoadAssignment {
-    // gRPC xDS clients need a locality with a weight; group endpoints by zone.
-    let mut zones: BTreeMap<String, Vec<&model::Endpoint>> = BTreeMap::new();
+    // gRPC xDS clients need a locality with a weight; group endpoints by priority and zone.
+    let mut zones: BTreeMap<(u32, String), Vec<&model::Endpoint>> = BTreeMap::new();
     for e in &c.endpoints {
-        zones.entry(e.zone.clone().unwrap_or_default()).or_default().push(e);
+        zones
+            .entry((e.priority, e.zone.clone().unwrap_or_default()))
+            .or_default()
+            .push(e);
     }
+    // Envoy's priorities count up from 0 without gaps.
+    let mut priorities: Vec<u32> = zones.keys().map(|(p, _)| *p).collect();
+    priorities.dedup();
     endpoint::ClusterLoadAssignment {
         cluster_name: c.name.clone(),
         endpoints: zones
             .into_iter()
-            .map(|(zone, eps)| endpoint::LocalityLbEndpoints {
+            .map(|((priority, zone), eps)| endpoint::LocalityLbEndpoints {
                 locality: Some(core::Locality {
                     zone,
                     ..Default::default()
                 }),
+                priority: priorities.binary_search(&priority).unwrap_or_default() as u32,
                 load_balancing_weight: u32v(eps.iter().map(|e| e.weight.max(1)).sum()),
                 lb_endpoints: eps
                     .iter()
@@ -982,6 +989,48 @@ mod tests {
             ))
         );
         assert!(r.response_headers_to_add.is_empty(), "not an error");
+    }
+
+    #[test]
+    fn endpoints_are_grouped_by_priority_and_zone_and_priorities_count_from_zero() {
+        let ep = |port, zone: &str, priority| model::Endpoint {
+            zone: Some(zone.into()),
+            priority,
+            ..model::Endpoint::new("10.0.0.1", port)
+        };
+        let c = model::Cluster::new("c", vec![ep(1, "b", 0), ep(2, "a", 0), ep(3, "a", 5), ep(4, "a", 0)]);
+        let got: Vec<(u32, String, Vec<u32>)> = load_assignment(&c)
+            .endpoints
+            .iter()
+            .map(|l| {
+                let ports = l
+                    .lb_endpoints
+                    .iter()
+                    .map(|e| match &e.host_identifier {
+                        Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(e)) => {
+                            match e.address.as_ref().and_then(|a| a.address.as_ref()) {
+                                Some(core::address::Address::SocketAddress(s)) => match s.port_specifier {
+                                    Some(core::socket_address::PortSpecifier::PortValue(p)) => p,
+                                    _ => 0,
+                                },
+                                _ => 0,
+                            }
+                        }
+                        _ => 0,
+                    })
+                    .collect();
+                (l.priority, l.locality.clone().unwrap_or_default().zone, ports)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "a".into(), vec![2, 4]),
+                (0, "b".into(), vec![1]),
+                (1, "a".into(), vec![3]),
+            ],
+            "priority 5 is Envoy's 1: no gaps"
+        );
     }
 
     #[test]

@@ -545,6 +545,7 @@ impl<'a> Clusters<'a> {
                 Some(Endpoint {
                     weight,
                     zone: e.zone.clone(),
+                    priority: e.priority.unwrap_or(0),
                     ..Endpoint::new(e.address.clone(), e.port)
                 })
             })
@@ -681,6 +682,7 @@ fn slice_endpoints(slices: &[&Arc<EndpointSlice>], sport: &ServicePort) -> Vec<E
                     identity: None,
                     ready,
                     zone: e.zone.clone(),
+                    priority: 0,
                 });
             }
         }

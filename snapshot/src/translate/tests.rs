@@ -1471,3 +1471,16 @@ fn locality_failover_comes_from_the_service_and_its_policies() {
         )]
     );
 }
+
+#[test]
+fn a_backend_endpoints_priority_makes_it_a_backup() {
+    let backend = "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {name: b2}\n\
+                   spec: {endpoints: [{address: 127.0.0.1, port: 1}, {address: 127.0.0.1, port: 2, priority: 1}]}\n---\n";
+    let s = ok(&format!(
+        "{backend}{}",
+        route("  - backendRefs: [{group: ferrum.dev, kind: Backend, name: b2}]\n")
+    ));
+    let c = s.cluster("backend/default/b2").unwrap();
+    let priorities: Vec<u32> = c.endpoints.iter().map(|e| e.priority).collect();
+    assert_eq!(priorities, vec![0, 1]);
+}

@@ -883,7 +883,7 @@ fn cluster_of(
     Ok(out)
 }
 
-/// The endpoints of a ClusterLoadAssignment, each with its locality's zone.
+/// The endpoints of a ClusterLoadAssignment, each with its locality's zone and priority.
 fn endpoints_of(assignment: &endpoint::ClusterLoadAssignment, name: &str) -> Result<Vec<Endpoint>, MapError> {
     let at = |what: &str| MapError::refused(name, what);
     let mut endpoints = Vec::new();
@@ -902,6 +902,7 @@ fn endpoints_of(assignment: &endpoint::ClusterLoadAssignment, name: &str) -> Res
                 identity: None,
                 ready: matches!(health, core::HealthStatus::Unknown | core::HealthStatus::Healthy),
                 zone: zone.clone(),
+                priority: loc.priority,
             });
         }
     }
@@ -1146,6 +1147,26 @@ mod tests {
         r.clusters.insert("c".into(), eds_cluster());
         r.endpoints.insert("c".into(), endpoints(9000));
         r
+    }
+
+    #[test]
+    fn endpoint_priorities_and_zones_are_read_off_the_assignment() {
+        let mut r = complete();
+        let cla = r.endpoints.get_mut("c").unwrap();
+        let mut backup = cla.endpoints[0].clone();
+        backup.priority = 1;
+        backup.locality = Some(core::Locality {
+            zone: "zone-b".into(),
+            ..Default::default()
+        });
+        cla.endpoints.push(backup);
+        let (snap, _) = snapshot(&r, 1).unwrap().unwrap();
+        let eps: Vec<(u32, Option<&str>)> = snap.clusters[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.priority, e.zone.as_deref()))
+            .collect();
+        assert_eq!(eps, vec![(0, None), (1, Some("zone-b"))]);
     }
 
     #[test]
