@@ -39,6 +39,7 @@ RESOURCES = [
     ("", "v1", "configmaps", "ConfigMap", True),
     ("", "v1", "pods", "Pod", True),
     ("", "v1", "serviceaccounts", "ServiceAccount", True),
+    ("", "v1", "nodes", "Node", False),
     ("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     ("coordination.k8s.io", "v1", "leases", "Lease", True),
     ("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),

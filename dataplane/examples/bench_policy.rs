@@ -160,6 +160,7 @@ fn main() {
         labels: BTreeMap::from([("app".to_string(), "cart".to_string())]),
         ports: vec![8080],
         hbone: true,
+        zone: None,
     };
     let dst: SocketAddr = "10.1.0.2:8080".parse().unwrap();
     let front = SpiffeId::new("cluster.local", "web", "front");

@@ -100,10 +100,19 @@ impl Compiler {
     /// state of those that changed.
     pub fn compile(&self, snap: Snapshot, secrets: &Secrets, previous: &Compiled) -> Result<Compiled, CompileError> {
         ferrum_snapshot::validate(&snap).map_err(CompileError::Invalid)?;
+        // The proxy's zone: given, else (a sidecar) its pod's node's.
+        let zone = self.zone.get().cloned().or_else(|| {
+            let (ns, pod) = self.me.get()?;
+            let own = snap.workloads.iter().find(|w| &w.namespace == ns && &w.name == pod)?;
+            own.zone.clone()
+        });
+        let zone = zone.as_deref();
         let mut clusters = HashMap::with_capacity(snap.clusters.len());
         for c in &snap.clusters {
+            // Only locality failover looks at the zone.
+            let zone = zone.filter(|_| c.locality_failover);
             let rt = match previous.clusters.get(&c.name) {
-                Some(prev) if prev.spec == **c => prev.clone(),
+                Some(prev) if prev.spec == **c && prev.zone.as_deref() == zone => prev.clone(),
                 prev => ClusterRuntime::new(
                     c,
                     prev.map(|p| &**p),
@@ -111,7 +120,7 @@ impl Compiler {
                     self.workers,
                     &self.tunnels,
                     secrets,
-                    self.zone.get().map(String::as_str),
+                    zone,
                 )?,
             };
             clusters.insert(c.name.clone(), rt);
@@ -175,7 +184,7 @@ impl Compiler {
             None => MeshRoutes::default(),
         };
         Ok(Compiled {
-            mesh: MeshIndex::build(&snap, me, mesh_http, &self.jwks, &upstreams),
+            mesh: MeshIndex::build(&snap, me, zone, mesh_http, &self.jwks, &upstreams),
             snapshot: Arc::new(snap),
             listeners,
             clusters,

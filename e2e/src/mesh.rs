@@ -80,7 +80,12 @@ pub struct Pod {
     pub app: Option<Proc>,
     /// The sidecar's stderr.
     pub log: PathBuf,
+    /// Its Pod object as applied (on node [`NODE`]).
+    manifest: String,
 }
+
+/// The node every pod is scheduled on unless [`World::place`] moves it.
+pub const NODE: &str = "node-1";
 
 impl Pod {
     /// Runs a program inside the pod as its application would (UID 0: captured).
@@ -217,11 +222,12 @@ impl World {
         let ip = format!("{}.{host}", self.bridge.prefix);
         let ip6 = format!("{}{host}", self.bridge.prefix6);
         let tls = if mesh { ", security.istio.io/tlsMode: istio" } else { "" };
-        self.cluster.apply(&format!(
+        let manifest = format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}{tls}}}}}\n\
-             spec: {{serviceAccountName: {sa}, nodeName: node-1, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
+             spec: {{serviceAccountName: {sa}, nodeName: {NODE}, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
              status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}\n"
-        ));
+        );
+        self.cluster.apply(&manifest);
         if mesh {
             ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
         }
@@ -236,8 +242,16 @@ impl World {
             sidecar: None,
             app: None,
             log,
+            manifest,
         });
         self.pods.len() - 1
+    }
+
+    /// Moves pod `i` to node `node` (in the API: the same pod, scheduled there).
+    pub fn place(&self, i: usize, node: &str) {
+        let manifest = &self.pods[i].manifest;
+        self.cluster
+            .apply(&manifest.replace(&format!("nodeName: {NODE}"), &format!("nodeName: {node}")));
     }
 
     pub fn service(&self, name: &str, vip: &str, app_label: &str) {

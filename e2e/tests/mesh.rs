@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrum_e2e::mesh::{NS, World};
+use ferrum_e2e::mesh::{NODE, NS, World};
 use ferrum_e2e::*;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -888,6 +888,69 @@ async fn two_versions_of_b() -> (World, [usize; 3]) {
     }
     until_routed(&w).await;
     (w, [a, b1, b2])
+}
+
+/// Topology-aware routing (`trafficDistribution: PreferClose`): A and b-2 run on a node in
+/// zone-a, b-1 on one in zone-b (the operator reads the nodes' zones); A's sidecar keeps its
+/// connections to svc-b — raw TCP and HTTP — on b-2, and when b-2's app stops answering, a
+/// connection's last try crosses to b-1, so nothing fails. Without PreferClose both serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefer_close_service_keeps_the_callers_connections_in_its_zone() {
+    let (mut w, [a, b1, b2]) = two_versions_of_b().await;
+    let service = |w: &World, distribution: &str| {
+        w.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node-b, labels: {{topology.kubernetes.io/zone: zone-b}}}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+             spec: {{clusterIP: '{VIP}', selector: {{app: b}}, {distribution}ports: [{{name: http, port: 80, targetPort: http}}, {{name: echo, port: 9000, targetPort: 9000}}]}}\n"
+        ))
+    };
+    let tunnels = |w: &World| {
+        (
+            w.pods[b1].connections("inbound", "hbone"),
+            w.pods[b2].connections("inbound", "hbone"),
+        )
+    };
+    // (to b-1, to b-2) of `n` raw TCP connections, and how many were echoed.
+    let spread = |w: &World, n: usize| {
+        let before = tunnels(w);
+        let echoed = echoes_to_svc_b(w, a, n);
+        let after = tunnels(w);
+        ((after.0 - before.0) as usize, (after.1 - before.1) as usize, echoed)
+    };
+    w.place(b1, "node-b");
+    service(&w, "trafficDistribution: PreferClose, ");
+    eventually(
+        "A's sidecar keeps connections in zone-a",
+        Duration::from_secs(20),
+        async || spread(&w, 10) == (0, 10, 10),
+    )
+    .await;
+    assert_eq!(spread(&w, 40), (0, 40, 40), "raw TCP stays on b-2");
+    assert_eq!(calls_to_svc_b(&w, a, 20, "/z", &[]), (0, 20), "HTTP too");
+
+    // b-2 stops answering: each connection fails there, then crosses to zone-b.
+    w.pods[b2].app = None;
+    let (to_b1, _, echoed) = spread(&w, 10);
+    let log = std::fs::read_to_string(&w.pods[a].log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    assert_eq!(
+        (to_b1, echoed),
+        (10, 10),
+        "the last try goes to the other zone: {tail:#?}"
+    );
+
+    w.app(b2);
+    service(&w, "");
+    eventually(
+        "without PreferClose, both pods serve again",
+        Duration::from_secs(20),
+        async || {
+            let (x, y, echoed) = spread(&w, 20);
+            x >= 4 && y >= 4 && echoed == 20
+        },
+    )
+    .await;
 }
 
 /// GAMMA: an HTTPRoute whose parent is Service B (port 80) routes pod A's plain HTTP calls to

@@ -36,6 +36,9 @@ pub struct Workload {
     /// A mesh proxy in front of it accepts HBONE on 15008; otherwise peers send plain TCP.
     #[serde(default)]
     pub hbone: bool,
+    /// Its node's `topology.kubernetes.io/zone`. Schema 12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Workload {
@@ -523,6 +526,10 @@ pub struct MeshService {
     /// mesh knows their address as nothing else: a ServiceEntry without addresses.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub by_host: bool,
+    /// Clients prefer its endpoints in their own zone (Kubernetes' `trafficDistribution:
+    /// PreferClose`). Schema 12: an older proxy balances over every zone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locality_failover: bool,
 }
 
 /// How a proxy finds where a connection to a service goes (Istio ServiceEntry `resolution`).
@@ -629,6 +636,9 @@ pub struct MeshEndpoint {
     pub workload: Option<String>,
     /// Service port → the port the workload listens on.
     pub ports: Vec<(u16, u16)>,
+    /// Its zone (the EndpointSlice's, else its workload's). Schema 12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl MeshEndpoint {
@@ -810,6 +820,7 @@ mod tests {
             export_to: vec![],
             resolution: Resolution::Endpoints,
             by_host: false,
+            locality_failover: false,
         })
     }
 
@@ -845,6 +856,7 @@ mod tests {
             labels: [("app".to_string(), "cart".to_string())].into(),
             ports: vec![],
             hbone: true,
+            zone: None,
         };
         assert_eq!(mtls_mode(&[], &w, 80), MtlsMode::Permissive, "nothing said");
         let mesh = peer_authn(crate::ROOT_NAMESPACE, "default", None, MtlsMode::Strict, &[]);

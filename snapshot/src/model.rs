@@ -323,6 +323,7 @@ impl Snapshot {
                 ips: Vec::new(),
                 labels: Default::default(),
                 ports: Vec::new(),
+                zone: None,
                 hbone: true,
             })
     }

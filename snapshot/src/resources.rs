@@ -11,7 +11,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
 use gateway_api::tlsroutes::TlsRoute;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
@@ -60,6 +60,8 @@ pub struct Resources {
     /// Workloads and their identities (the mesh reads these; gateways do not).
     pub pods: Vec<Arc<Pod>>,
     pub service_accounts: Vec<Arc<ServiceAccount>>,
+    /// Nodes: the zone of the workloads on each (`topology.kubernetes.io/zone`).
+    pub nodes: Vec<Arc<Node>>,
     /// Istio security policies (security.istio.io, v1 or v1beta1).
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<PeerAuthentication>>,
@@ -100,6 +102,7 @@ macro_rules! each_kind {
             mesh_configs: "MeshConfig" in crate::FERRUM_GROUP,
             pods: "Pod" in "",
             service_accounts: "ServiceAccount" in "",
+            nodes: "Node" in "",
             authorization_policies: "AuthorizationPolicy" in crate::ISTIO_SECURITY_GROUP,
             peer_authentications: "PeerAuthentication" in crate::ISTIO_SECURITY_GROUP,
             request_authentications: "RequestAuthentication" in crate::ISTIO_SECURITY_GROUP,

@@ -26,7 +26,23 @@ pub struct ServiceTarget {
     pub http: Option<Arc<CompiledListener>>,
     /// Its L4 route: other connections go to a weighted pick of the route's clusters.
     pub tcp: Option<Arc<VirtualHost>>,
+    /// The first `near` endpoints are in the proxy's zone and taken first (the service prefers
+    /// close endpoints); 0: no preference.
+    near: usize,
     next: AtomicUsize,
+}
+
+/// Puts the endpoints in zone `zone` first; how many there are, 0 when that prefers nothing
+/// (no zone, or all or none of them in it).
+fn near_first(endpoints: &mut [(SocketAddr, Option<Arc<Workload>>)], zone: Option<&str>) -> usize {
+    let Some(zone) = zone else { return 0 };
+    let in_zone = |e: &(SocketAddr, Option<Arc<Workload>>)| e.1.as_ref().and_then(|w| w.zone.as_deref()) == Some(zone);
+    // Stable: each group keeps its order.
+    endpoints.sort_by_key(|e| !in_zone(e));
+    match endpoints.iter().filter(|e| in_zone(e)).count() {
+        n if n == endpoints.len() => 0,
+        n => n,
+    }
 }
 
 /// A dual-stack Service's VIP leads to the endpoints of its own family (as kube-proxy does);
@@ -53,13 +69,25 @@ impl ServiceTarget {
         let i = if skip == 0 {
             self.next.fetch_add(1, Relaxed)
         } else {
-            self.next.load(Relaxed) + skip
+            // The first try's place (its fetch_add moved the turn on by one), `skip` further.
+            self.next.load(Relaxed).wrapping_sub(1).wrapping_add(skip)
         };
         Some(i % len)
     }
 
+    /// The endpoint for try `skip` of a connection. With endpoints in the proxy's zone, they
+    /// take the tries but the last (one each at most), as kube-proxy's `PreferClose` keeps
+    /// connections in the zone; the last goes to the other zones, so a zone that refuses
+    /// connections is not a dead end.
     pub fn pick(&self, skip: usize) -> Option<&(SocketAddr, Option<Arc<Workload>>)> {
-        self.endpoints.get(self.turn(skip, self.endpoints.len())?)
+        let (near, len) = (self.near, self.endpoints.len());
+        if near == 0 {
+            return self.endpoints.get(self.turn(skip, len)?);
+        }
+        if skip < near.min(crate::upstream::CONNECT_ATTEMPTS - 1) {
+            return self.endpoints.get(self.turn(skip, near)?);
+        }
+        self.endpoints.get(near + self.turn(skip - near.min(skip), len - near)?)
     }
 
     /// [`Self::pick`] for a service resolved by DNS.
@@ -148,9 +176,11 @@ pub type Me = (String, String);
 impl MeshIndex {
     /// `http`: the compiled mesh routes; `jwks`: fetched JWKS, shared between configs.
     /// `upstreams`: where CUSTOM policies find their providers.
+    /// `zone`: the proxy's, when known.
     pub fn build(
         snap: &Snapshot,
         me: Option<&Me>,
+        zone: Option<&str>,
         http: MeshRoutes,
         jwks: &JwksCache,
         upstreams: &Upstreams,
@@ -209,20 +239,24 @@ impl MeshIndex {
                             .routes_for(p.port, own_ns)
                             .and_then(|_| http.by_host.get(&p.port).cloned()),
                         tcp: None,
+                        near: 0,
                         next: AtomicUsize::new(fastrand::usize(..)),
                     });
                     continue;
                 }
                 for vip in vips {
+                    let mut endpoints = same_family(&endpoints, vip);
+                    let near = near_first(&mut endpoints, zone.filter(|_| s.locality_failover));
                     services.insert(
                         SocketAddr::new(vip, p.port),
                         ServiceTarget {
                             service: s.clone(),
                             port: p.port,
-                            endpoints: same_family(&endpoints, vip),
+                            endpoints,
                             names: names.clone(),
                             http: routes.clone(),
                             tcp: tcp.clone(),
+                            near,
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
                     );
@@ -323,11 +357,99 @@ impl MeshIndex {
 mod tests {
     use super::*;
 
+    /// A sidecar in zone-a whose Service `b` (PreferClose) has pods on nodes in zone-a and
+    /// zone-b: connections try the zone-a pods first (one try each, but the last), then zone-b.
+    #[test]
+    fn a_prefer_close_service_keeps_connections_in_the_sidecars_zone() {
+        let mut r = ferrum_snapshot::Resources::default();
+        let node = |name: &str, zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n---\n"
+            )
+        };
+        let pod = |name: &str, node: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ns, labels: {{app: b}}}}\n\
+                 spec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
+            )
+        };
+        let yaml = [
+            node("n-a", "zone-a"),
+            node("n-b", "zone-b"),
+            pod("b-1", "n-b", "10.1.0.1"),
+            pod("b-2", "n-a", "10.1.0.2"),
+            pod("b-3", "n-b", "10.1.0.3"),
+            pod("b-4", "n-a", "10.1.0.4"),
+        ]
+        .concat();
+        let svc = |distribution: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: b, namespace: ns}}\n\
+                 spec: {{clusterIP: 10.96.0.9, selector: {{app: b}}, ports: [{{port: 80}}]{distribution}}}\n"
+            )
+        };
+        r.add_yaml(
+            "m.yaml",
+            &format!("{yaml}{}", svc(", trafficDistribution: PreferClose")),
+        )
+        .unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let zone = |name: &str| snap.workloads.iter().find(|w| w.name == name).unwrap().zone.clone();
+        assert_eq!(
+            zone("b-1").as_deref(),
+            Some("zone-b"),
+            "a workload's zone is its node's"
+        );
+        let index = |snap: &Snapshot, zone| {
+            MeshIndex::build(
+                snap,
+                None,
+                zone,
+                MeshRoutes::default(),
+                &JwksCache::default(),
+                &Upstreams::none(),
+            )
+        };
+        let tries = |m: &MeshIndex| -> Vec<Vec<u8>> {
+            let Destination::Service(t) = m.destination("10.96.0.9:80".parse().unwrap()) else {
+                panic!("the VIP is a service")
+            };
+            (0..20)
+                .map(|_| {
+                    (0..3)
+                        .map(|skip| match t.pick(skip).unwrap().0.ip() {
+                            IpAddr::V4(ip) => ip.octets()[3],
+                            IpAddr::V6(_) => 0,
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let local = [2u8, 4];
+        for t in tries(&index(&snap, Some("zone-a"))) {
+            assert!(local.contains(&t[0]) && local.contains(&t[1]) && t[0] != t[1], "{t:?}");
+            assert!(!local.contains(&t[2]), "the last try leaves the zone: {t:?}");
+        }
+        // A connection's tries go to different endpoints (the second used to repeat the first
+        // of two, the third the first of three).
+        for t in tries(&index(&snap, None)) {
+            assert!(t[0] != t[1] && t[1] != t[2] && t[0] != t[2], "{t:?}");
+        }
+        // Without PreferClose, or without a zone, every pod takes first tries.
+        let firsts = |m: &MeshIndex| tries(m).iter().map(|t| t[0]).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(firsts(&index(&snap, None)).len(), 4);
+        let mut r = ferrum_snapshot::Resources::default();
+        r.add_yaml("m.yaml", &format!("{yaml}{}", svc(""))).unwrap();
+        let plain = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        assert_eq!(firsts(&index(&plain, Some("zone-a"))).len(), 4);
+    }
+
     /// The index of a sidecar in namespace `ns`.
     fn sidecar_index(snap: &Snapshot, ns: &str) -> MeshIndex {
         MeshIndex::build(
             snap,
             Some(&(ns.into(), "me".into())),
+            None,
             MeshRoutes::default(),
             &JwksCache::default(),
             &Upstreams::none(),
@@ -348,6 +470,7 @@ mod tests {
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
         let m = MeshIndex::build(
             &snap,
+            None,
             None,
             MeshRoutes::default(),
             &JwksCache::default(),
@@ -391,6 +514,7 @@ mod tests {
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
         let m = MeshIndex::build(
             &snap,
+            None,
             None,
             MeshRoutes::default(),
             &JwksCache::default(),

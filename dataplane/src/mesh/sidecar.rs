@@ -28,15 +28,13 @@ use crate::dataplane::Dataplane;
 use crate::listener;
 use crate::proxy::ConnInfo;
 use crate::router::VirtualHost;
-use crate::upstream::{L4Guard, L4Stream, TunnelFuture, Tunnels};
+use crate::upstream::{CONNECT_ATTEMPTS, L4Guard, L4Stream, TunnelFuture, Tunnels};
 use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
 pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// Its IPv6 twin; `init-iptables` puts it on `lo` (only `::1` is local by default).
 pub const INBOUND_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-/// Endpoints tried for one outbound connection before it is given up.
-const CONNECT_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct Settings {

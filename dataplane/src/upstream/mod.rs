@@ -188,6 +188,8 @@ pub struct ClusterRuntime {
     /// The endpoints' priorities and, with locality failover and a proxy that knows its zone,
     /// whether they are in it: `None` when that makes one level.
     localities: Option<locality::Localities>,
+    /// The proxy's zone it was built for, with locality failover.
+    pub zone: Option<String>,
 }
 
 impl Drop for ClusterRuntime {
@@ -267,6 +269,7 @@ impl ClusterRuntime {
         workers: usize,
         tunnels: &connector::TunnelSlot,
         secrets: &ferrum_snapshot::Secrets,
+        // The proxy's zone, when the cluster has locality failover.
         zone: Option<&str>,
     ) -> Result<Arc<Self>, ClusterError> {
         let old: HashMap<&str, &Arc<EndpointState>> = previous
@@ -343,10 +346,10 @@ impl ClusterRuntime {
         } else {
             Box::default()
         };
-        let zone = zone.filter(|_| spec.locality_failover);
         let localities = locality::Localities::new(&endpoints, &spec.lb, zone);
         let mut rt = ClusterRuntime {
             localities,
+            zone: zone.map(String::from),
             balancer: Balancer::new(&spec.lb, &weights),
             scheme,
             spec: spec.clone(),

@@ -27,7 +27,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
 use gateway_api::tlsroutes::TlsRoute;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store, store::Writer};
@@ -151,6 +151,8 @@ kinds! {
     mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
     pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),
+    // For the zone of the workloads on each: without them, sidecars balance over every zone.
+    nodes: Node = ("", "Node", ["v1"], optional: true, status: false),
     authorization_policies: AuthorizationPolicy = ("security.istio.io", "AuthorizationPolicy", ["v1", "v1beta1"], optional: true, status: true),
     peer_authentications: PeerAuthentication = ("security.istio.io", "PeerAuthentication", ["v1", "v1beta1"], optional: true, status: true),
     request_authentications: RequestAuthentication = ("security.istio.io", "RequestAuthentication", ["v1", "v1beta1"], optional: true, status: true),

@@ -469,9 +469,15 @@ impl<'a> Clusters<'a> {
         let endpoints = s
             .endpoints
             .iter()
-            .filter_map(|e| Some(Endpoint::new(e.address.clone(), e.target_port(port)?)))
+            .filter_map(|e| {
+                Some(Endpoint {
+                    zone: e.zone.clone(),
+                    ..Endpoint::new(e.address.clone(), e.target_port(port)?)
+                })
+            })
             .collect();
         let mut c = Cluster::new(name.clone(), endpoints);
+        c.locality_failover = s.locality_failover;
         if matches!(sp.app_protocol.as_deref(), Some("http2" | "grpc")) {
             c.protocol = UpstreamProtocol::Http2;
         }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -40,6 +40,11 @@ struct Inputs {
     pods: Vec<Arc<Pod>>,
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
+    nodes: Vec<Arc<Node>>,
+}
+
+fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
 impl Inputs {
@@ -48,15 +53,32 @@ impl Inputs {
             pods: res.pods.clone(),
             services: res.services.clone(),
             slices: res.endpoint_slices.clone(),
+            nodes: res.nodes.clone(),
         }
     }
 
     fn same(&self, res: &Resources) -> bool {
-        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
-        }
-        same(&self.pods, &res.pods) && same(&self.services, &res.services) && same(&self.slices, &res.endpoint_slices)
+        same(&self.pods, &res.pods)
+            && same(&self.services, &res.services)
+            && same(&self.slices, &res.endpoint_slices)
+            && same(&self.nodes, &res.nodes)
     }
+}
+
+/// Each node's zone, by node name.
+type NodeZones<'a> = HashMap<&'a str, &'a str>;
+
+fn node_zones(res: &Resources) -> NodeZones<'_> {
+    res.nodes
+        .iter()
+        .filter_map(|n| {
+            let labels = n.metadata.labels.as_ref()?;
+            let zone = labels
+                .get("topology.kubernetes.io/zone")
+                .or_else(|| labels.get("failure-domain.beta.kubernetes.io/zone"))?;
+            Some((n.metadata.name.as_deref()?, zone.as_str()))
+        })
+        .collect()
 }
 
 struct ServiceMemo {
@@ -85,12 +107,18 @@ pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> Built {
 }
 
 fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
+    // A workload's zone is its node's: when nodes change, nothing built before is kept.
+    if !memo.last.as_ref().is_some_and(|(i, _)| same(&i.nodes, &res.nodes)) {
+        memo.pods.clear();
+        memo.services.clear();
+    }
+    let zones = node_zones(res);
     let mut pods = HashMap::with_capacity(res.pods.len());
     let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
     for p in &res.pods {
         let w = match memo.pods.remove(&addr(p)) {
             Some((same, w)) if Arc::ptr_eq(&same, p) => w,
-            _ => workload(p).map(|w| {
+            _ => workload(p, &zones).map(|w| {
                 let d = w.digest();
                 (Arc::new(w), d)
             }),
@@ -202,7 +230,7 @@ pub(crate) fn pod_ips(p: &Pod) -> Vec<String> {
     ips
 }
 
-fn workload(p: &Pod) -> Option<Workload> {
+fn workload(p: &Pod, zones: &NodeZones) -> Option<Workload> {
     let meta = &p.metadata;
     let (ns, name) = (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -237,10 +265,12 @@ fn workload(p: &Pod) -> Option<Workload> {
         .collect();
     ports.sort_unstable();
     ports.dedup();
+    let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
     Some(Workload {
         uid: meta.uid.clone().unwrap_or_else(|| format!("{ns}/{name}")),
         service_account,
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        zone: zones.get(node.as_str()).map(|z| z.to_string()),
+        node,
         hbone: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
         name,
         namespace: ns,
@@ -334,7 +364,11 @@ fn service(
         slices.iter().flat_map(|e| from_slice(e, &tcp)).collect()
     };
     for e in &mut endpoints {
-        e.workload = by_ip.get(e.address.as_str()).map(|w| w.uid.clone());
+        let w = by_ip.get(e.address.as_str());
+        e.workload = w.map(|w| w.uid.clone());
+        if e.zone.is_none() {
+            e.zone = w.and_then(|w| w.zone.clone());
+        }
     }
     endpoints.sort_by(|a, b| a.address.cmp(&b.address));
     endpoints.dedup_by(|a, b| a.address == b.address);
@@ -349,6 +383,10 @@ fn service(
         export_to: export_to(s, &ns),
         resolution: Default::default(),
         by_host: false,
+        locality_failover: matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone")
+        ),
     })
 }
 
@@ -372,12 +410,13 @@ fn from_slice(
     e.endpoints
         .iter()
         .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .flat_map(|ep| &ep.addresses)
-        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-        .map(|a| MeshEndpoint {
+        .flat_map(|ep| ep.addresses.iter().map(move |a| (a, &ep.zone)))
+        .filter(|(a, _)| a.parse::<std::net::IpAddr>().is_ok())
+        .map(|(a, zone)| MeshEndpoint {
             address: a.clone(),
             workload: None,
             ports: mapping.clone(),
+            zone: zone.clone(),
         })
         .collect()
 }
@@ -400,17 +439,19 @@ pub(crate) fn selected(
         })
         .filter(|p| pod_ready(p))
         .filter_map(|p| {
-            let w = workload(p)?;
+            let w = workload(p, &NodeZones::default())?;
             let mapping: Vec<(u16, u16)> = ports
                 .iter()
                 .filter_map(|sp| Some((u16::try_from(sp.port).ok()?, target_port(sp, p)?)))
                 .filter(|(s, t)| *s != 0 && *t != 0)
                 .collect();
             // Every family the pod has, as the endpoint controller's slices (one per family) give.
+            // The zone comes from the workload the address is found to be.
             Some(w.ips.into_iter().map(move |address| MeshEndpoint {
                 address,
                 workload: None,
                 ports: mapping.clone(),
+                zone: None,
             }))
         })
         .flatten()

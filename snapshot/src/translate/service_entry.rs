@@ -105,6 +105,7 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
             export_to: export_to.clone(),
             resolution,
             by_host: vips.is_empty(),
+            locality_failover: false,
         })
         .collect())
 }
@@ -312,6 +313,7 @@ fn static_endpoints(
                     address: ip.clone(),
                     workload: Some(w.uid.clone()),
                     ports: by_default.clone(),
+                    zone: w.zone.clone(),
                 })
             })
             .collect());
@@ -347,6 +349,7 @@ fn static_endpoints(
             address: ip.to_string(),
             workload,
             ports: mapping(e, ports, &field)?,
+            zone: None,
         });
     }
     Ok(out)
@@ -368,6 +371,7 @@ fn dns_endpoints(spec: &ServiceEntrySpec, ports: &[(ServicePort, u16)]) -> Resul
                 address: h.to_ascii_lowercase(),
                 workload: None,
                 ports: by_default.clone(),
+                zone: None,
             })
             .collect());
     }
@@ -385,6 +389,7 @@ fn dns_endpoints(spec: &ServiceEntrySpec, ports: &[(ServicePort, u16)]) -> Resul
             address: address.to_ascii_lowercase(),
             workload: None,
             ports: mapping(e, ports, &field)?,
+            zone: None,
         });
     }
     Ok(out)

@@ -18,6 +18,7 @@ fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ports: vec![],
         hbone: true,
+        zone: None,
     }
 }
 
