@@ -530,7 +530,8 @@ pub struct VsRetries {
     /// The base of the jittered exponential backoff between tries (Envoy's: 25 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
-    /// ferrum-dp does not balance by locality, so a retry may go to any locality either way.
+    /// Read, not acted on: a retry is balanced like the first try (its zone and priority
+    /// first, as Istio's default `false` has it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_remote_localities: Option<bool>,
     /// Istio's default, `true`, is what ferrum-dp does: another endpoint when there is one.

@@ -88,11 +88,12 @@ impl Localities {
                 here
             })
             .unwrap_or(0);
+        // A retry leaves a level whose only available endpoint is the one that just failed.
         (first..self.levels.len()).chain(0..first).find_map(|l| {
             let level = &self.levels[l];
-            let avoid = avoid.and_then(|a| level.members.iter().position(|m| *m == a));
-            let i = level.balancer.pick_among(&level.eps, key, avoid, false)?;
-            Some(level.members[i])
+            let in_level = avoid.and_then(|a| level.members.iter().position(|m| *m == a));
+            let i = level.balancer.pick_among(&level.eps, key, in_level, false)?;
+            Some(level.members[i]).filter(|m| Some(*m) != avoid)
         })
     }
 
@@ -222,6 +223,16 @@ mod tests {
         eps[2].healthy.store(false, Relaxed);
         eps[3].healthy.store(false, Relaxed);
         assert_eq!(l.pick(600, None, None, 100), None);
+    }
+
+    #[test]
+    fn a_retry_leaves_a_zone_whose_only_endpoint_failed() {
+        let eps = endpoints(&["a", "b", "b"]);
+        let l = Localities::new(&eps, &LbPolicy::RoundRobin, Some("a")).unwrap();
+        for _ in 0..20 {
+            assert_eq!(l.pick(0, None, None, 100), Some(0));
+            assert_ne!(l.pick(0, None, Some(0), 100), Some(0), "the retry goes elsewhere");
+        }
     }
 
     #[test]

@@ -349,10 +349,15 @@ fn static_endpoints(
             address: ip.to_string(),
             workload,
             ports: mapping(e, ports, &field)?,
-            zone: None,
+            zone: locality_zone(e.locality.as_deref()),
         });
     }
     Ok(out)
+}
+
+/// The zone of an Istio locality, `region/zone/subzone`.
+fn locality_zone(locality: Option<&str>) -> Option<String> {
+    locality?.split('/').nth(1).filter(|z| !z.is_empty()).map(String::from)
 }
 
 fn dns_endpoints(spec: &ServiceEntrySpec, ports: &[(ServicePort, u16)]) -> Result<Vec<MeshEndpoint>, Refusal> {
@@ -389,7 +394,7 @@ fn dns_endpoints(spec: &ServiceEntrySpec, ports: &[(ServicePort, u16)]) -> Resul
             address: address.to_ascii_lowercase(),
             workload: None,
             ports: mapping(e, ports, &field)?,
-            zone: None,
+            zone: locality_zone(e.locality.as_deref()),
         });
     }
     Ok(out)
@@ -420,7 +425,7 @@ mod tests {
             "{POD}apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api, namespace: ns}}\n\
              spec: {{hosts: [api.example.com, API.example.org], addresses: [240.0.0.1/32], location: MESH_INTERNAL, resolution: STATIC,\n\
                      ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}, {{number: 5432, name: pg}}],\n\
-                     endpoints: [{{address: 10.1.0.7, ports: {{pg: 15432}}}}, {{address: 192.0.2.9}}], exportTo: ['.']}}\n---\n\
+                     endpoints: [{{address: 10.1.0.7, ports: {{pg: 15432}}}}, {{address: 192.0.2.9, locality: us-east1/us-east1-b}}], exportTo: ['.']}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ext, namespace: ns}}\n\
              spec: {{hosts: [ext.example.com], addresses: ['2001:db8::1'], resolution: DNS, ports: [{{number: 443, name: tls, protocol: TLS}}]}}\n---\n\
              apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: range, namespace: ns}}\n\
@@ -446,6 +451,11 @@ mod tests {
         assert_eq!(
             (api.endpoints[1].workload.as_deref(), api.endpoints[1].target_port(5432)),
             (None, Some(5432))
+        );
+        assert_eq!(
+            api.endpoints[1].zone.as_deref(),
+            Some("us-east1-b"),
+            "the zone of the endpoint's locality"
         );
         assert_eq!(service(&t, "ns/api/api.example.org").hostname, "api.example.org");
 
