@@ -11,6 +11,14 @@ fn cert(name: &str) -> (String, String) {
 
 /// The proxy answers `path` itself with a 5xx: the upstream's TLS handshake failed, so no
 /// backend answered.
+/// An HTTPRoute `name` sending path prefix `path` to the Backend `name`.
+fn prefix_route(path: &str, name: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
+         rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
+    )
+}
+
 async fn assert_refused(port: u16, path: &str) {
     let r = client()
         .get(format!("http://127.0.0.1:{port}{path}"))
@@ -161,12 +169,6 @@ async fn the_clients_protocol_is_spoken_upstream() {
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca).unwrap();
     let port = free_port();
-    let route = |path: &str, name: &str| {
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
-             rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
-        )
-    };
     let yaml = docs(&[
         gateway(port),
         backend("plain", &[&plain], "  protocol: Client\n"),
@@ -178,8 +180,8 @@ async fn the_clients_protocol_is_spoken_upstream() {
                 ca_file.display()
             ),
         ),
-        route("/plain", "plain"),
-        route("/tls", "tls"),
+        prefix_route("/plain", "plain"),
+        prefix_route("/tls", "tls"),
     ]);
     let _dp = Dp::start(&yaml).await;
     let h1 = client();
@@ -212,12 +214,6 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
             ca_file.display()
         )
     };
-    let route = |path: &str, name: &str| {
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: gw}}]\n  \
-             rules: [{{matches: [{{path: {{type: PathPrefix, value: {path}}}}}], backendRefs: [{{group: ferrum.dev, kind: Backend, name: {name}}}]}}]\n"
-        )
-    };
     let yaml = docs(&[
         gateway(port),
         backend("h1", &[&s], &tls("api.example.test", "HTTP/1.1")),
@@ -245,12 +241,12 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
                 ca_file.display()
             ),
         ),
-        route("/h1", "h1"),
-        route("/altless", "altless"),
-        route("/alt", "alt"),
-        route("/h2", "h2"),
-        route("/misnamed", "misnamed"),
-        route("/unchecked", "unchecked"),
+        prefix_route("/h1", "h1"),
+        prefix_route("/altless", "altless"),
+        prefix_route("/alt", "alt"),
+        prefix_route("/h2", "h2"),
+        prefix_route("/misnamed", "misnamed"),
+        prefix_route("/unchecked", "unchecked"),
     ]);
     let _dp = Dp::start(&yaml).await;
     for (path, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {

@@ -899,18 +899,9 @@ fn a_destination_rule_is_the_services_traffic_policy_under_its_backend_policy() 
 /// `http2` port stays HTTP/2 whatever the policy.
 #[test]
 fn destination_rules_choose_the_upstream_protocol() {
-    let rule = |http: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo, namespace: default}}\n\
-             spec: {{host: echo, trafficPolicy: {{connectionPool: {{http: {http}}}}}}}\n---\n"
-        )
-    };
+    let rule = |http: &str| echo_rule(&format!("connectionPool: {{http: {http}}}"));
     let protocol_of = |http: &str| {
-        let s = ok(&format!(
-            "{}{}",
-            rule(http),
-            route("  - backendRefs: [{name: echo, port: 80}]\n")
-        ));
+        let s = ok(&rule(http));
         let c = s.cluster("service/default/echo:80").unwrap();
         (c.protocol, c.follow_client_protocol)
     };
@@ -926,21 +917,14 @@ fn destination_rules_choose_the_upstream_protocol() {
     assert_eq!(protocol_of("{useClientProtocol: false}"), (Http1, false));
 
     // Per port: the port's pool replaces the rule's.
-    let per_port = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: default}\n\
-                    spec: {host: echo, trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}, \
-                    portLevelSettings: [{port: {number: 80}, connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}]}}\n---\n";
-    let s = ok(&format!(
-        "{per_port}{}",
-        route("  - backendRefs: [{name: echo, port: 80}]\n")
+    let s = ok(&echo_rule(
+        "connectionPool: {http: {useClientProtocol: true}}, \
+         portLevelSettings: [{port: {number: 80}, connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}]",
     ));
     let c = s.cluster("service/default/echo:80").unwrap();
     assert_eq!((c.protocol, c.follow_client_protocol), (Http2, false));
 
-    let t = run(&format!(
-        "{}{}",
-        rule("{h2UpgradePolicy: SOMETIMES}"),
-        route("  - backendRefs: [{name: echo, port: 80}]\n")
-    ));
+    let t = run(&rule("{h2UpgradePolicy: SOMETIMES}"));
     assert_eq!(
         t.problem_keys(),
         vec![(
