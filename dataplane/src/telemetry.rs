@@ -71,6 +71,9 @@ pub struct ClusterStats {
     pub ejections: AtomicU64,
     /// Requests and connections balanced over every endpoint: too few were available.
     pub panics: AtomicU64,
+    /// Requests and connections sent past the first locality level: out of the proxy's zone,
+    /// or to a backup priority.
+    pub failovers: AtomicU64,
     /// Bytes forwarded to and from the cluster by L4 (TCP and TLS) routes.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -499,10 +502,16 @@ impl Scrape {
                 })
             }),
         )?;
-        let per_cluster: [(&str, MetricType, &str, ClusterValue); 8] = [
+        let per_cluster: [(&str, MetricType, &str, ClusterValue); 9] = [
             ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
                 s.retries.load(Relaxed) as i64
             }),
+            (
+                "ferrum_cluster_lb_failover",
+                MetricType::Counter,
+                "Requests sent out of the proxy's zone, or to a backup priority, by locality failover.",
+                |s| s.failovers.load(Relaxed) as i64,
+            ),
             (
                 "ferrum_cluster_lb_panic",
                 MetricType::Counter,

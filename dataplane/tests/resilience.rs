@@ -606,6 +606,12 @@ async fn requests_stay_in_the_proxys_zone_and_fail_over_as_its_endpoints_fail() 
         (0.18..0.42).contains(&spilled),
         "30 % expected in the other zone: {n2} {f}"
     );
+    assert_eq!(
+        dp.metric("ferrum_cluster_lb_failover_total{cluster=\"backend/default/pool\"}")
+            .await,
+        f as f64,
+        "each request sent out of the zone is counted"
+    );
 
     health_checks_answer(&dp, &near2, 503).await;
     tokio::time::sleep(Duration::from_millis(150)).await;

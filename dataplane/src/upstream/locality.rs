@@ -33,6 +33,8 @@ pub struct Localities {
     loads: AtomicU64,
     /// When `loads` was counted (ms since start, `u64::MAX`: never).
     counted_ms: AtomicU64,
+    /// Each endpoint's level, by its index in the cluster.
+    level_of: Box<[u8]>,
 }
 
 impl Localities {
@@ -49,10 +51,12 @@ impl Localities {
         }
         keys.truncate(MAX_LEVELS);
         let mut members = vec![Vec::new(); keys.len()];
+        let mut level_of = Vec::with_capacity(eps.len());
         for (i, e) in eps.iter().enumerate() {
             let k = key(e);
             let level = keys.iter().position(|l| *l == k).unwrap_or(keys.len() - 1);
             members[level].push(i);
+            level_of.push(level as u8);
         }
         let levels = members
             .into_iter()
@@ -69,7 +73,13 @@ impl Localities {
             levels,
             loads: AtomicU64::new(0),
             counted_ms: AtomicU64::new(u64::MAX),
+            level_of: level_of.into(),
         })
+    }
+
+    /// Endpoint `i` is not of the first level (another zone, or a backup priority).
+    pub fn failed_over_to(&self, i: usize) -> bool {
+        self.level_of.get(i).is_some_and(|l| *l > 0)
     }
 
     /// An endpoint (its index in the cluster) from the level a draw over the loads picks, or
@@ -204,6 +214,10 @@ mod tests {
         let l = Localities::new(&eps, &LbPolicy::RoundRobin, Some("a")).unwrap();
         let counts = picks(&l, 1000, 0);
         assert_eq!((counts[2], counts[3]), (0, 0), "{counts:?}");
+        assert_eq!(
+            (0..4).map(|i| l.failed_over_to(i)).collect::<Vec<_>>(),
+            [false, false, true, true]
+        );
         assert!(counts[0] > 400 && counts[1] > 400, "{counts:?}");
         // One of the two local endpoints fails: 70 % stay local (on the one left), 30 % spill.
         eps[0].healthy.store(false, Relaxed);

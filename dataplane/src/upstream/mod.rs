@@ -430,6 +430,9 @@ impl ClusterRuntime {
         if let Some(w) = &self.warmup {
             i = w.thin(now_ms(), i, &self.endpoints, pick);
         }
+        if self.localities.as_ref().is_some_and(|l| l.failed_over_to(i)) {
+            self.stats.failovers.fetch_add(1, Relaxed);
+        }
         let e = &self.endpoints[i];
         e.active.fetch_add(1, Relaxed);
         Some((i, EndpointGuard(e.clone())))
