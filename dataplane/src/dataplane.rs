@@ -74,8 +74,9 @@ impl Dataplane {
 
     /// The zone this proxy runs in, before the first snapshot is applied: clusters with
     /// locality failover prefer their endpoints in it.
-    pub fn set_zone(&self, zone: String) {
-        let _ = self.compiler.zone.set(zone);
+    /// Whether it was not set before (a zone once set stays).
+    pub fn set_zone(&self, zone: String) -> bool {
+        self.compiler.zone.set(zone).is_ok()
     }
 
     /// Mesh proxies: how upstream connections reach mesh workloads (set once).

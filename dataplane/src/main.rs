@@ -579,6 +579,13 @@ fn follow_source(args: &Args, node_id: String, dp: &Arc<Dataplane>) -> tokio::ta
                     || (args.token.is_none() && args.mesh.token_file.exists()))
                 .then(|| args.mesh.token_file.clone()),
                 cache: Some(args.snapshot_cache.clone()),
+                // The operator answers with the pod's zone.
+                pod: args
+                    .mesh
+                    .pod_namespace
+                    .as_ref()
+                    .zip(args.mesh.pod_name.as_ref())
+                    .map(|(ns, name)| format!("{ns}/{name}")),
                 tls: url
                     .starts_with("https://")
                     .then(|| (args.mesh.ca_server_name.clone(), args.mesh.ca_root_file.clone())),

@@ -761,3 +761,76 @@ async fn ferrumctl_lists_proxies_and_diffs_manifests_against_the_operator() {
     assert_eq!(code, Some(2), "an unreachable operator is not a clean bill: {text}");
     assert!(text.contains("cannot reach the operator"), "{text}");
 }
+
+/// A Gateway's proxy that names its pod (`POD_NAME`, `POD_NAMESPACE`) is told its node's zone,
+/// so a Service with `trafficDistribution: PreferClose` keeps its requests on the endpoints in
+/// that zone; a proxy that does not name its pod balances over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_proxy_learns_its_zone_and_keeps_prefer_close_traffic_in_it() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    let endpoint = |be: &Backend, zone: &str| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: zoned-{zone}, namespace: default, labels: {{kubernetes.io/service-name: zoned}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1], zone: {zone}}}]\n",
+            be.addr.port()
+        )
+    };
+    cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: ferrum}}\nspec: {{controllerName: ferrum.dev/gateway-controller}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: default}}\n\
+         spec: {{gatewayClassName: ferrum, addresses: [{{type: IPAddress, value: 127.0.0.1}}], listeners: [{{name: http, port: {port}, protocol: HTTP}}]}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: zoned, namespace: default}}\n\
+         spec: {{parentRefs: [{{name: web}}], rules: [{{backendRefs: [{{name: zoned, port: 80}}]}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: zoned, namespace: default}}\n\
+         spec: {{trafficDistribution: PreferClose, ports: [{{name: http, port: 80}}]}}\n\
+         {}{}---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: gw-1, namespace: default}}\nspec: {{nodeName: node-a, containers: [{{name: dp}}]}}\n",
+        endpoint(&a, "zone-a"),
+        endpoint(&b, "zone-b"),
+    ));
+    let answered = async |n: usize| {
+        let mut by = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            let (status, backend) = hit(port, "zoned.example.com").await;
+            if status == 200 {
+                *by.entry(backend.unwrap_or_default()).or_default() += 1;
+            }
+        }
+        by
+    };
+    // The operator has read what was applied (its caches hold the pod and node by then).
+    eventually("the route is accepted", Duration::from_secs(10), async || {
+        let r = cluster.get("httproutes", "default", "zoned");
+        condition(&r["status"]["parents"][0]["conditions"], "Accepted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let cache = cluster.dir.path().join("dp-zoned.json");
+    let dp = Proxy::start_with(
+        &op.grpc_url(),
+        "gw-1",
+        &cache,
+        &["--pod-name", "gw-1", "--pod-namespace", "default"],
+    )
+    .await;
+    eventually("the route serves", Duration::from_secs(10), async || {
+        answered(1).await.values().sum::<usize>() == 1
+    })
+    .await;
+    let by = answered(30).await;
+    assert_eq!(by.get("a"), Some(&30), "every request stays in zone-a: {by:?}");
+    drop(dp);
+
+    // Naming no pod, the proxy knows no zone: both endpoints serve.
+    let cache = cluster.dir.path().join("dp-unzoned.json");
+    let _dp = Proxy::start(&op.grpc_url(), "gw-2", &cache).await;
+    eventually("both zones serve", Duration::from_secs(10), async || {
+        let by = answered(30).await;
+        by.get("a").is_some_and(|n| *n >= 5) && by.get("b").is_some_and(|n| *n >= 5)
+    })
+    .await;
+}

@@ -261,6 +261,7 @@ async fn serve(args: Args) -> Result<(), StartError> {
         client.clone(),
         args.ca_audience.clone(),
         controller.stores.pods(),
+        controller.stores.nodes(),
     ));
     let namespaces = controller.stores.namespaces();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));

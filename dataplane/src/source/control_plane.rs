@@ -29,6 +29,8 @@ pub struct Settings {
     /// kubelet rotates it; takes the place of `token`.
     pub token_file: Option<PathBuf>,
     pub cache: Option<PathBuf>,
+    /// `<namespace>/<name>` of the pod the proxy runs in, when known.
+    pub pod: Option<String>,
     /// For an `https://` control plane: the name its certificate is checked against and the
     /// mesh roots it must chain to.
     pub tls: Option<(String, PathBuf)>,
@@ -136,6 +138,21 @@ fn store_cache(path: &Path, body: &[u8]) {
 }
 
 /// Subscribes forever, reconnecting with exponential backoff and jitter.
+/// The zone the operator says the proxy's pod is in, unless it was given one: the snapshot
+/// serving now is compiled again, so its clusters prefer that zone at once.
+fn learn_zone(dp: &Dataplane, zone: String) {
+    if zone.is_empty() || !dp.set_zone(zone.clone()) {
+        return;
+    }
+    tracing::info!(%zone, "zone from the control plane");
+    let current = (*dp.shared.config.load().snapshot).clone();
+    if current.version != 0
+        && let Err(e) = dp.apply(current, Default::default())
+    {
+        tracing::warn!(error = %e, "could not compile the serving snapshot again for the zone");
+    }
+}
+
 pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
     let (s, d) = (&settings, &dp);
     super::reconnecting("control-plane stream", move || session(s, d)).await
@@ -151,6 +168,7 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
         proxy_version: env!("CARGO_PKG_VERSION").into(),
         current_version: current.version,
         current_hash: current.hash.clone(),
+        pod: s.pod.clone().unwrap_or_default(),
     };
     let _ = tx.send(request(subscribe_request::Message::Hello(hello))).await;
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -174,6 +192,10 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
             Some(subscribe_response::Message::Snapshot(snap)) => snap,
             Some(subscribe_response::Message::Secrets(s)) => {
                 dp.add_secrets(secrets_of(s));
+                continue;
+            }
+            Some(subscribe_response::Message::Locality(l)) => {
+                learn_zone(dp, l.zone);
                 continue;
             }
             _ => continue,

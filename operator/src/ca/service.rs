@@ -9,7 +9,7 @@ use ferrum_proto::istio::v1::auth::istio_certificate_service_server::IstioCertif
 use ferrum_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 use ferrum_snapshot::identity::SpiffeId;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
 use tonic::{Request, Response, Status};
 
@@ -35,6 +35,8 @@ pub struct Kubernetes {
     pub client: kube::Client,
     /// The operator's cache of pods (a watch), for node proxies' claims.
     pods: kube::runtime::reflector::Store<Pod>,
+    /// And of nodes, for a pod's zone.
+    nodes: kube::runtime::reflector::Store<Node>,
     /// The audience tokens must be minted for (projected ServiceAccount tokens).
     pub audience: String,
     /// Recent successful reviews by token hash: a proxy renewing, or many pods of one service
@@ -48,10 +50,16 @@ const REVIEW_TTL: Duration = Duration::from_secs(30);
 const MAX_REVIEWED: usize = 10_000;
 
 impl Kubernetes {
-    pub fn new(client: kube::Client, audience: String, pods: kube::runtime::reflector::Store<Pod>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        audience: String,
+        pods: kube::runtime::reflector::Store<Pod>,
+        nodes: kube::runtime::reflector::Store<Node>,
+    ) -> Self {
         Kubernetes {
             client,
             pods,
+            nodes,
             audience,
             reviewed: Default::default(),
         }
@@ -121,6 +129,14 @@ impl Kubernetes {
 }
 
 impl Kubernetes {
+    /// The zone of the node pod `namespace/name` runs on, if the operator's caches know both.
+    pub fn pod_zone(&self, namespace: &str, name: &str) -> Option<String> {
+        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+        let node_name = self.pods.get(&key)?.spec.as_ref()?.node_name.clone()?;
+        let node = self.nodes.get(&kube::runtime::reflector::ObjectRef::new(&node_name))?;
+        ferrum_snapshot::translate::node_zone(&node).map(String::from)
+    }
+
     /// The service account of pod `namespace/name`, if the operator's cache has the pod.
     pub fn pod_service_account(&self, namespace: &str, name: &str) -> Option<String> {
         let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);

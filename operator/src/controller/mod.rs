@@ -115,6 +115,11 @@ macro_rules! kinds {
                 self.pods.clone()
             }
 
+            /// The nodes on record (a proxy is told its pod's zone).
+            pub fn nodes(&self) -> Store<Node> {
+                self.nodes.clone()
+            }
+
             /// The namespaces on record (the CA publishes its roots into each).
             pub fn namespaces(&self) -> Store<Namespace> {
                 self.namespaces.clone()

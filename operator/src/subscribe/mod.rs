@@ -9,7 +9,8 @@ use std::time::Duration;
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_server::MeshSubscribe;
 use ferrum_proto::mesh::v1::{
-    Ack, Heartbeat, Hello, SubscribeRequest, SubscribeResponse, TlsSecret, subscribe_request, subscribe_response,
+    Ack, Heartbeat, Hello, Locality, SubscribeRequest, SubscribeResponse, TlsSecret, subscribe_request,
+    subscribe_response,
 };
 use ferrum_snapshot::Secrets;
 use futures_util::Stream;
@@ -91,6 +92,15 @@ impl Access {
         }
     }
 
+    /// The zone of the proxy's pod: a sidecar's (its role), or the pod a Hello names.
+    fn zone_of(&self, scope: &Scope, pod: &str) -> Option<String> {
+        let (namespace, name) = match scope {
+            Scope::Sidecar { namespace, pod } => (namespace.as_str(), pod.as_str()),
+            _ => pod.split_once('/')?,
+        };
+        self.auth.pod_zone(namespace, name)
+    }
+
     /// A sidecar proves it is its pod's workload: the token's namespace and service account
     /// must be the pod's.
     async fn check_sidecar(&self, namespace: &str, pod: &str, bearer: Option<&str>) -> Result<(), Status> {
@@ -135,6 +145,15 @@ impl MeshSubscribe for Service {
         // One slot: while the proxy is slow the slot stays taken, generations coalesce in the
         // watch, and the proxy gets the newest snapshot once it catches up.
         let (tx, rx) = mpsc::channel::<Result<SubscribeResponse, Status>>(1);
+        if let Some(zone) = self.access.zone_of(&role, &hello.pod) {
+            // First, so the proxy balances by it from its first snapshot on.
+            let locality = subscribe_response::Message::Locality(Locality { zone });
+            let _ = tx
+                .send(Ok(SubscribeResponse {
+                    message: Some(locality),
+                }))
+                .await;
+        }
         let session = Session {
             reg,
             publisher: self.publisher.clone(),

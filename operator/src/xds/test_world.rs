@@ -49,9 +49,10 @@ pub fn ads(publisher: Arc<Publisher>) -> Arc<Ads> {
     // Not consulted here: the gRPC service checks access before a stream starts.
     let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
     let (pods, _) = kube::runtime::reflector::store();
+    let (nodes, _) = kube::runtime::reflector::store();
     let access = crate::subscribe::Access {
         token: None,
-        auth: Arc::new(crate::ca::service::Kubernetes::new(client, "test".into(), pods)),
+        auth: Arc::new(crate::ca::service::Kubernetes::new(client, "test".into(), pods, nodes)),
         trusted_namespaces: vec![],
         required: false,
     };

@@ -71,14 +71,17 @@ type NodeZones<'a> = HashMap<&'a str, &'a str>;
 fn node_zones(res: &Resources) -> NodeZones<'_> {
     res.nodes
         .iter()
-        .filter_map(|n| {
-            let labels = n.metadata.labels.as_ref()?;
-            let zone = labels
-                .get("topology.kubernetes.io/zone")
-                .or_else(|| labels.get("failure-domain.beta.kubernetes.io/zone"))?;
-            Some((n.metadata.name.as_deref()?, zone.as_str()))
-        })
+        .filter_map(|n| Some((n.metadata.name.as_deref()?, node_zone(n)?)))
         .collect()
+}
+
+/// A node's zone label (or the older, deprecated one).
+pub fn node_zone(n: &Node) -> Option<&str> {
+    let labels = n.metadata.labels.as_ref()?;
+    labels
+        .get("topology.kubernetes.io/zone")
+        .or_else(|| labels.get("failure-domain.beta.kubernetes.io/zone"))
+        .map(String::as_str)
 }
 
 struct ServiceMemo {

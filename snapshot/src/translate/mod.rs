@@ -12,6 +12,7 @@ mod destination_rule;
 mod ext_authz;
 mod gamma;
 pub use backends::mesh_config;
+pub use mesh::node_zone;
 mod grpcroute;
 mod hostname;
 mod httproute;
