@@ -278,6 +278,45 @@ async fn tls_to_upstreams_checks_the_name_and_speaks_the_backends_protocol() {
     }
 }
 
+/// `subjectAltNames` with a URI (`spiffe://…`, as Istio's DestinationRules name peers of another
+/// mesh): the certificate must carry that URI SAN, and its chain is checked against the CA all
+/// the same — another URI, or the right URI from an untrusted issuer, is refused.
+#[tokio::test]
+async fn a_uri_subject_alt_name_is_matched_against_the_certificates_uris() {
+    let id = "spiffe://other.mesh/ns/shop/sa/api";
+    let (s, ca) = Backend::start_tls_with_uris("s", "api.example.test", &[id]).await;
+    let (stranger, _) = Backend::start_tls_with_uris("stranger", "api.example.test", &[id]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let port = free_port();
+    let tls = |uri: &str| {
+        format!(
+            "  tls: {{sni: api.example.test, caFile: '{}', subjectAltNames: ['{uri}']}}\n",
+            ca_file.display()
+        )
+    };
+    let yaml = docs(&[
+        gateway(port),
+        backend("named", &[&s], &tls(id)),
+        backend("other", &[&s], &tls("spiffe://other.mesh/ns/shop/sa/web")),
+        backend("untrusted", &[&stranger], &tls(id)),
+        prefix_route("/named", "named"),
+        prefix_route("/other", "other"),
+        prefix_route("/untrusted", "untrusted"),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/named"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the certificate names the URI");
+    for path in ["/other", "/untrusted"] {
+        assert_refused(port, path).await;
+    }
+}
+
 /// Mutual TLS to upstreams: a Backend whose server asks for a client certificate is answered
 /// when its `tls` presents one its CA issued — read from files (`certFile`, `keyFile`) or from a
 /// `kubernetes.io/tls` Secret (`clientCertificateRef`) — and refused (5xx, no answer from the

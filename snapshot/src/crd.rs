@@ -284,8 +284,8 @@ pub struct UpstreamTlsSpec {
     /// certificates travel in the snapshot (they are public).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificate_ref: Option<String>,
-    /// DNS names or IP addresses of which the upstream's certificate must carry one, instead
-    /// of `sni`.
+    /// DNS names, IP addresses or URIs (`spiffe://…`, matched against the certificate's URI
+    /// SANs) of which the upstream's certificate must carry one, instead of `sni`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_alt_names: Option<Vec<String>>,
 }

@@ -1254,4 +1254,8 @@ pub struct UpstreamTls {
     /// a certificate that does not name it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
+    /// URIs (`spiffe://…`) the certificate may carry one of instead, its chain checked all the
+    /// same. Schema 12: an older proxy checks the names above (or `sni`) alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_uris: Vec<String>,
 }

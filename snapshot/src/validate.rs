@@ -228,12 +228,21 @@ fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
     {
         err(obj.clone(), "tls.sni".into(), "must not be empty".into());
     }
+    for (i, uri) in c.tls.iter().flat_map(|t| t.subject_alt_uris.iter()).enumerate() {
+        if !is_uri(uri) {
+            err(
+                obj.clone(),
+                format!("tls.subjectAltUris[{i}]"),
+                format!("{uri:?}: a URI, scheme://…"),
+            );
+        }
+    }
     for (i, san) in c.tls.iter().flat_map(|t| t.subject_alt_names.iter()).enumerate() {
         if !san_checkable(san) {
             err(
                 obj.clone(),
                 format!("tls.subjectAltNames[{i}]"),
-                format!("{san:?}: a DNS name or an IP address (URI names such as spiffe:// are not checked)"),
+                format!("{san:?}: a DNS name or an IP address"),
             );
         }
     }
@@ -601,6 +610,20 @@ fn san_checkable(name: &str) -> bool {
         && host
             .split('.')
             .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+/// A URI as a certificate names one: `scheme://…`, printable ASCII without spaces (RFC 3986's
+/// scheme: a letter, then letters, digits, `+`, `-`, `.`).
+pub fn is_uri(name: &str) -> bool {
+    let Some((scheme, rest)) = name.split_once("://") else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && name.len() <= 2048
+        && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// RFC 9110 token characters.

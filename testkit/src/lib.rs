@@ -116,8 +116,28 @@ impl Backend {
         Backend::start_tls_verifying(name, host, Some(client_ca)).await
     }
 
+    /// [`Backend::start_tls`] whose certificate names `host` and the URIs `uris` (URI SANs,
+    /// such as `spiffe://…`).
+    pub async fn start_tls_with_uris(name: &str, host: &str, uris: &[&str]) -> (Backend, String) {
+        Backend::start_tls_certified(name, host, uris, None).await
+    }
+
     async fn start_tls_verifying(name: &str, host: &str, client_ca: Option<&str>) -> (Backend, String) {
-        let c = rcgen::generate_simple_self_signed(vec![host.to_string()]).unwrap();
+        Backend::start_tls_certified(name, host, &[], client_ca).await
+    }
+
+    async fn start_tls_certified(name: &str, host: &str, uris: &[&str], client_ca: Option<&str>) -> (Backend, String) {
+        let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*uri).unwrap()));
+        }
+        let signing_key = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertifiedKey {
+            cert: params.self_signed(&signing_key).unwrap(),
+            signing_key,
+        };
         let key = rustls::pki_types::PrivateKeyDer::try_from(c.signing_key.serialize_der()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())

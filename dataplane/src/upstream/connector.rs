@@ -218,10 +218,10 @@ fn tls_config(c: &Cluster, secrets: &Secrets) -> Result<rustls::ClientConfig, Cl
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-    } else if tls.subject_alt_names.is_empty() {
+    } else if tls.subject_alt_names.is_empty() && tls.subject_alt_uris.is_empty() {
         builder.with_root_certificates(roots()?)
     } else {
-        let verifier = AnyOfNames::new(c, roots()?, provider, &tls.subject_alt_names)?;
+        let verifier = AnyOfNames::new(c, roots()?, provider, &tls.subject_alt_names, &tls.subject_alt_uris)?;
         builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
     };
     Ok(match client {
@@ -327,6 +327,8 @@ pub fn build(
 struct AnyOfNames {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     names: Vec<rustls_pki_types::ServerName<'static>>,
+    /// URI names (`spiffe://…`), matched against the certificate's URI SANs.
+    uris: Vec<String>,
 }
 
 impl AnyOfNames {
@@ -335,6 +337,7 @@ impl AnyOfNames {
         roots: rustls::RootCertStore,
         provider: Arc<rustls::crypto::CryptoProvider>,
         names: &[String],
+        uris: &[String],
     ) -> Result<Self, ClientError> {
         let tls_err = |what: String| ClientError::Tls {
             cluster: c.name.clone(),
@@ -350,7 +353,42 @@ impl AnyOfNames {
                     .map_err(|e| tls_err(format!("subject alt name {n:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        Ok(AnyOfNames { inner, names })
+        Ok(AnyOfNames {
+            inner,
+            names,
+            uris: uris.to_vec(),
+        })
+    }
+
+    /// The chain checks out whatever name the certificate is for, and it names one of `uris`.
+    fn uri_matches(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        sni: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        use rustls::client::danger::ServerCertVerifier;
+        match self.inner.verify_server_cert(end_entity, intermediates, sni, ocsp, now) {
+            Ok(_) | Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {}
+            Err(e) => return Err(e),
+        }
+        let named = x509_parser::parse_x509_certificate(end_entity)
+            .ok()
+            .and_then(|(_, cert)| {
+                cert.subject_alternative_name().ok().flatten().map(|san| {
+                    san.value.general_names.iter().any(|n| {
+                    matches!(n, x509_parser::extensions::GeneralName::URI(u) if self.uris.iter().any(|want| want == u))
+                })
+                })
+            })
+            .unwrap_or(false);
+        match named {
+            true => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            false => Err(rustls::Error::InvalidCertificate(NotValidForName)),
+        }
     }
 }
 
@@ -359,7 +397,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyOfNames {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
+        sni: &rustls_pki_types::ServerName<'_>,
         ocsp: &[u8],
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
@@ -372,6 +410,9 @@ impl rustls::client::danger::ServerCertVerifier for AnyOfNames {
                 Ok(v) => return Ok(v),
                 Err(e) => last = e,
             }
+        }
+        if !self.uris.is_empty() {
+            return self.uri_matches(end_entity, intermediates, sni, ocsp, now);
         }
         Err(last)
     }
@@ -452,6 +493,7 @@ mod tests {
                 insecure_skip_verify: false,
                 client_certificate: None,
                 subject_alt_names: Vec::new(),
+                subject_alt_uris: Vec::new(),
             });
             let stats = Arc::new(crate::telemetry::ClusterStats::default());
             assert!(

@@ -156,11 +156,14 @@ pub fn retry_budget(p: &RetryPolicy) -> RetryBudget {
 
 /// A certificate name that must be there: an IP address or a DNS name.
 fn san_matcher(name: &str) -> tls::SubjectAltNameMatcher {
+    use tls::subject_alt_name_matcher::SanType;
     tls::SubjectAltNameMatcher {
         san_type: if name.parse::<IpAddr>().is_ok() {
-            tls::subject_alt_name_matcher::SanType::IpAddress
+            SanType::IpAddress
+        } else if ferrum_snapshot::validate::is_uri(name) {
+            SanType::Uri
         } else {
-            tls::subject_alt_name_matcher::SanType::Dns
+            SanType::Dns
         } as i32,
         matcher: Some(matcher::StringMatcher {
             match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(name.to_string())),
@@ -188,9 +191,9 @@ pub fn upstream_tls(t: &UpstreamTls, protocol: Option<UpstreamProtocol>) -> core
                 }),
                 ..Default::default()
             }),
-            match_typed_subject_alt_names: match t.subject_alt_names.as_slice() {
-                [] => vec![san_matcher(&t.sni)],
-                names => names.iter().map(|n| san_matcher(n)).collect(),
+            match_typed_subject_alt_names: match (t.subject_alt_names.as_slice(), t.subject_alt_uris.as_slice()) {
+                ([], []) => vec![san_matcher(&t.sni)],
+                (names, uris) => names.iter().chain(uris).map(|n| san_matcher(n)).collect(),
             },
             ..Default::default()
         })
@@ -384,6 +387,7 @@ mod tests {
             insecure_skip_verify: false,
             client_certificate: None,
             subject_alt_names: Vec::new(),
+            subject_alt_uris: Vec::new(),
         };
         let ctx = decode(upstream_tls(&t, Some(UpstreamProtocol::Http2)));
         assert_eq!(ctx.sni, "api.example.test");
@@ -417,6 +421,7 @@ mod tests {
 
         // Subject alt names: one matcher each, instead of the SNI name.
         t.subject_alt_names = vec!["api.example.test".into(), "10.0.0.2".into()];
+        t.subject_alt_uris = vec!["spiffe://other.mesh/ns/a/sa/b".into()];
         let v = validation(decode(upstream_tls(&t, Some(UpstreamProtocol::Http2))));
         let names: Vec<(i32, String)> = v
             .match_typed_subject_alt_names
@@ -434,10 +439,12 @@ mod tests {
             names,
             vec![
                 (SanType::Dns as i32, "api.example.test".to_string()),
-                (SanType::IpAddress as i32, "10.0.0.2".to_string())
+                (SanType::IpAddress as i32, "10.0.0.2".to_string()),
+                (SanType::Uri as i32, "spiffe://other.mesh/ns/a/sa/b".to_string()),
             ]
         );
         t.subject_alt_names = Vec::new();
+        t.subject_alt_uris = Vec::new();
 
         t.ca_pem = None;
         t.sni = "10.0.0.1".into();

@@ -832,13 +832,20 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         });
     }
     if let Some(t) = &p.tls {
+        // URIs (spiffe://…) are matched against the certificate's URI SANs.
+        let (uris, names): (Vec<&String>, Vec<&String>) = t
+            .subject_alt_names
+            .iter()
+            .flatten()
+            .partition(|n| crate::validate::is_uri(n));
         c.tls = Some(UpstreamTls {
             sni: t.sni.clone(),
             ca_file: t.ca_file.clone(),
             ca_pem: ca_pem(t, secrets)?,
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
             client_certificate: client_certificate(t, secrets)?,
-            subject_alt_names: t.subject_alt_names.clone().unwrap_or_default(),
+            subject_alt_names: names.into_iter().cloned().collect(),
+            subject_alt_uris: uris.into_iter().cloned().collect(),
         });
     }
     Ok(())

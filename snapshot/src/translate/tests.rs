@@ -1468,3 +1468,18 @@ fn a_backend_endpoints_priority_makes_it_a_backup() {
     let priorities: Vec<u32> = c.endpoints.iter().map(|e| e.priority).collect();
     assert_eq!(priorities, vec![0, 1]);
 }
+
+#[test]
+fn a_destination_rules_uri_subject_alt_names_are_matched_as_uris() {
+    let s = ok(&echo_rule(
+        "tls: {mode: SIMPLE, subjectAltNames: [echo.example.com, 'spiffe://other.mesh/ns/shop/sa/api']}",
+    ));
+    let tls = s.cluster("service/default/echo:80").unwrap().tls.clone().unwrap();
+    assert_eq!(
+        (tls.subject_alt_names, tls.subject_alt_uris),
+        (
+            vec!["echo.example.com".to_string()],
+            vec!["spiffe://other.mesh/ns/shop/sa/api".to_string()]
+        )
+    );
+}

@@ -256,6 +256,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             insecure_skip_verify: true,
             client_certificate,
             subject_alt_names: Vec::new(),
+            subject_alt_uris: Vec::new(),
         });
     };
     let (ca_file, ca_pem) = match v.trusted_ca.and_then(|d| d.specifier) {
@@ -289,6 +290,9 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             ));
         }
     };
+    let (subject_alt_uris, subject_alt_names) = subject_alt_names
+        .into_iter()
+        .partition(|n| ferrum_snapshot::validate::is_uri(n));
     Ok(UpstreamTls {
         sni,
         ca_file,
@@ -296,5 +300,6 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
         insecure_skip_verify: false,
         client_certificate,
         subject_alt_names,
+        subject_alt_uris,
     })
 }
