@@ -360,35 +360,19 @@ impl AnyOfNames {
         })
     }
 
-    /// The chain checks out whatever name the certificate is for, and it names one of `uris`.
-    fn uri_matches(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        sni: &rustls_pki_types::ServerName<'_>,
-        ocsp: &[u8],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        use rustls::client::danger::ServerCertVerifier;
-        match self.inner.verify_server_cert(end_entity, intermediates, sni, ocsp, now) {
-            Ok(_) | Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {}
-            Err(e) => return Err(e),
-        }
-        let named = x509_parser::parse_x509_certificate(end_entity)
-            .ok()
-            .and_then(|(_, cert)| {
-                cert.subject_alternative_name().ok().flatten().map(|san| {
-                    san.value.general_names.iter().any(|n| {
-                    matches!(n, x509_parser::extensions::GeneralName::URI(u) if self.uris.iter().any(|want| want == u))
-                })
-                })
-            })
-            .unwrap_or(false);
-        match named {
-            true => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-            false => Err(rustls::Error::InvalidCertificate(NotValidForName)),
-        }
+    /// The certificate carries one of `uris` among its URI SANs.
+    fn names_a_uri(&self, end_entity: &CertificateDer<'_>) -> bool {
+        use x509_parser::extensions::GeneralName;
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity) else {
+            return false;
+        };
+        let Ok(Some(san)) = cert.subject_alternative_name() else {
+            return false;
+        };
+        san.value
+            .general_names
+            .iter()
+            .any(|n| matches!(n, GeneralName::URI(u) if self.uris.iter().any(|want| want == u)))
     }
 }
 
@@ -401,20 +385,30 @@ impl rustls::client::danger::ServerCertVerifier for AnyOfNames {
         ocsp: &[u8],
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        let verify = |name: &rustls_pki_types::ServerName<'_>| {
+            self.inner
+                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
+        };
         let mut last = rustls::Error::General("no subject alt name to check".into());
         for name in &self.names {
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, name, ocsp, now)
-            {
+            match verify(name) {
                 Ok(v) => return Ok(v),
                 Err(e) => last = e,
             }
         }
-        if !self.uris.is_empty() {
-            return self.uri_matches(end_entity, intermediates, sni, ocsp, now);
+        if self.uris.is_empty() {
+            return Err(last);
         }
-        Err(last)
+        // URIs: the chain checks out (whatever name it is for), and the certificate names one.
+        match verify(sni) {
+            Ok(_) | Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {}
+            Err(e) => return Err(e),
+        }
+        match self.names_a_uri(end_entity) {
+            true => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            false => Err(rustls::Error::InvalidCertificate(NotValidForName)),
+        }
     }
     fn verify_tls12_signature(
         &self,
