@@ -1293,6 +1293,60 @@ async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
     .await;
 }
 
+/// A DestinationRule alone — no route of any kind — applies to each request of a Service port
+/// declared HTTP (svc-b's port 80 is named `http`): with consistent hashing on `x-user`, each
+/// user's calls from A stay on one pod of B, connection after connection, while the users
+/// spread over both; without the rule, one user's connections are balanced over both pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
+    let (w, [a, ..]) = two_versions_of_b().await;
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let as_user = |user: &str, n: usize| calls_to_svc_b(&w, a, n, "/u", &["-H", &format!("x-user: {user}")]);
+    let one_user = as_user("alice", 10);
+    assert!(
+        one_user.0 > 0 && one_user.1 > 0,
+        "no rule: one user's connections go to both pods: {one_user:?}"
+    );
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
+         spec: {{host: svc-b, trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}}}}}\n"
+    ));
+    eventually("the rule pins a user to one pod", Duration::from_secs(20), async || {
+        let (x, y) = as_user("alice", 10);
+        x + y == 10 && (x == 0 || y == 0)
+    })
+    .await;
+    let mut pods = (0, 0);
+    for i in 0..12 {
+        let (x, y) = as_user(&format!("user-{i}"), 6);
+        assert_eq!(x + y, 6, "user-{i}: every call answered");
+        assert!(x == 0 || y == 0, "user-{i} stays on one pod: {x} / {y}");
+        pods.0 += usize::from(x > 0);
+        pods.1 += usize::from(y > 0);
+    }
+    println!(
+        "12 users over svc-b's pods under the rule: b-1 {}, b-2 {}",
+        pods.0, pods.1
+    );
+    assert!(pods.0 > 0 && pods.1 > 0, "the users spread over both pods: {pods:?}");
+    let dr = w.cluster.get("destinationrule", NS, "svc-b");
+    assert_eq!(dr["status"]["conditions"][0]["status"], "True", "{dr}");
+    w.cluster
+        .kubectl(&["delete", "destinationrule", "svc-b", "-n", NS], None);
+    eventually(
+        "without the rule, one user's connections are balanced again",
+        Duration::from_secs(20),
+        async || {
+            let (x, y) = as_user("alice", 10);
+            x > 0 && y > 0
+        },
+    )
+    .await;
+}
+
 /// Routes for some callers only (Istio `sourceLabels`): a canary client (`track: canary`) and a
 /// plain one call the same Service; a VirtualService sends the canary's HTTP to v2 and its raw
 /// TCP to the v2 subset, everyone else's to v1 — each sidecar keeps only the routes its own
@@ -1760,24 +1814,30 @@ for _ in range(n):
     print(call(b"hi", timeout=10).decode())
 "#;
 
-/// A GRPCRoute whose parent is a Service routes gRPC calls in the client's sidecar: a method
-/// match pins one version, the rest split by weight — for a plain gRPC client calling the
-/// Service's ClusterIP, over one HTTP/2 connection.
+/// gRPC in the client's sidecar, for a plain gRPC client calling the Service's ClusterIP over one
+/// HTTP/2 connection: with no route at all, a port declared gRPC (by its name alone) has its
+/// calls spread over the Service's pods, not pinned to the one the connection reached; a
+/// GRPCRoute whose parent is the Service then routes them — a method match pins one version,
+/// the rest split by weight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
     let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
-    let svc = |name: &str, vip: &str, selector: &str| {
+    let svc = |name: &str, vip: &str, selector: &str, declared: &str| {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: grpc, port: 9090, targetPort: 9090, appProtocol: kubernetes.io/h2c}}]}}\n"
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 9090, targetPort: 9090, {declared}}}]}}\n"
         )
     };
-    w.cluster.apply(&svc("echo", VIP, "app: b"));
-    w.cluster.apply(&svc("echo-v1", "10.96.77.11", "app: b, version: v1"));
-    w.cluster.apply(&svc("echo-v2", "10.96.77.12", "app: b, version: v2"));
+    // Istio's port naming for the Service the client calls; appProtocol for the versions.
+    w.cluster.apply(&svc("echo", VIP, "app: b", "name: grpc-echo"));
+    let h2c = "name: api, appProtocol: kubernetes.io/h2c";
+    w.cluster
+        .apply(&svc("echo-v1", "10.96.77.11", "app: b, version: v1", h2c));
+    w.cluster
+        .apply(&svc("echo-v2", "10.96.77.12", "app: b, version: v2", h2c));
     for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
         if i != a {
             let p = &mut w.pods[i];
@@ -1809,6 +1869,12 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
         },
     )
     .await;
+    let (x, y) = calls("Say", 100);
+    println!("100 calls on one channel, no route: b-1 {x}, b-2 {y}");
+    assert_eq!(x + y, 100, "every call answered");
+    assert!(x >= 30 && y >= 30, "spread over both pods, per call: {x} / {y}");
+    let routed = w.pods[a].connections("outbound", "routed");
+    assert!(routed >= 1.0, "A's sidecar serves the connection as gRPC: {routed}");
     w.cluster.apply(&format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: echo, namespace: {NS}}}\n\
          spec:\n  parentRefs: [{{group: '', kind: Service, name: echo, port: 9090}}]\n  rules:\n\

@@ -626,6 +626,40 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
+impl ServicePort {
+    /// The HTTP its clients speak, when the port declares it ([`declared_http`]).
+    pub fn http(&self) -> Option<HttpProtocol> {
+        declared_http(&self.name, self.app_protocol.as_deref())
+    }
+}
+
+/// HTTP as a port declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpProtocol {
+    /// HTTP/1.1 (WebSocket too).
+    Http1,
+    /// HTTP/2 and gRPC: one connection carries every request.
+    Http2,
+}
+
+/// The HTTP a Service port declares, as Istio's explicit protocol selection reads it: its
+/// `appProtocol` (a ServiceEntry port's `protocol`), else its name's prefix (`http`,
+/// `http-web`, `grpc-api`). `None`: not declared HTTP (another protocol, or nothing said).
+pub fn declared_http(name: &str, app_protocol: Option<&str>) -> Option<HttpProtocol> {
+    let declared = app_protocol.unwrap_or_else(|| name.split('-').next().unwrap_or_default());
+    let is = |p: &str| declared.eq_ignore_ascii_case(p);
+    if is("http") || is("kubernetes.io/ws") {
+        Some(HttpProtocol::Http1)
+    } else if ["http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"]
+        .into_iter()
+        .any(is)
+    {
+        Some(HttpProtocol::Http2)
+    } else {
+        None
+    }
+}
+
 /// One address behind a Service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -803,6 +837,32 @@ impl<T: Keyed + PartialEq> Changes<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_declares_http_by_app_protocol_else_by_its_names_prefix() {
+        use HttpProtocol::*;
+        let cases = [
+            ("http", None, Some(Http1)),
+            ("http-web", None, Some(Http1)),
+            ("HTTP", None, Some(Http1)),
+            ("grpc", None, Some(Http2)),
+            ("grpc-web", None, Some(Http2)),
+            ("http2-api", None, Some(Http2)),
+            ("httpbin", None, None),
+            ("web", None, None),
+            ("tcp-http", None, None),
+            ("", None, None),
+            ("web", Some("kubernetes.io/h2c"), Some(Http2)),
+            ("web", Some("GRPC"), Some(Http2)),
+            ("web", Some("kubernetes.io/ws"), Some(Http1)),
+            // appProtocol wins over the name.
+            ("http", Some("tcp"), None),
+            ("grpc", Some("https"), None),
+        ];
+        for (name, app, want) in cases {
+            assert_eq!(declared_http(name, app), want, "{name:?} {app:?}");
+        }
+    }
 
     fn svc(key: &str, port: u16) -> Arc<MeshService> {
         Arc::new(MeshService {

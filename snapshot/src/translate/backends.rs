@@ -348,11 +348,11 @@ impl<'a> Clusters<'a> {
         endpoints.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
         endpoints.dedup_by(|a, b| a.address == b.address && a.port == b.port);
         let mut cluster = Cluster::new(name.clone(), endpoints);
-        if sport
-            .app_protocol
-            .as_deref()
-            .is_some_and(|p| p == "kubernetes.io/h2c" || p == "h2c")
-        {
+        // A port declared HTTP/2 or gRPC (appProtocol, else Istio's port-name prefix) is spoken
+        // to as such, whoever routes to it.
+        let declared =
+            crate::mesh::declared_http(sport.name.as_deref().unwrap_or_default(), sport.app_protocol.as_deref());
+        if declared == Some(crate::mesh::HttpProtocol::Http2) {
             cluster.protocol = UpstreamProtocol::Http2;
         }
         // Kubernetes' topology-aware routing: the endpoints in the proxy's zone first.
@@ -478,7 +478,7 @@ impl<'a> Clusters<'a> {
             .collect();
         let mut c = Cluster::new(name.clone(), endpoints);
         c.locality_failover = s.locality_failover;
-        if matches!(sp.app_protocol.as_deref(), Some("http2" | "grpc")) {
+        if sp.http() == Some(crate::mesh::HttpProtocol::Http2) {
             c.protocol = UpstreamProtocol::Http2;
         }
         let policy_error = self.apply_mesh_default(&mut c);

@@ -210,7 +210,7 @@ fn cluster_of(
         let h2 = entry
             .ports
             .iter()
-            .any(|p| p.port == port && matches!(p.app_protocol.as_deref(), Some("http2" | "grpc")));
+            .any(|p| p.port == port && p.http() == Some(crate::mesh::HttpProtocol::Http2));
         if api == ExtAuthzApi::Grpc && !h2 {
             return Err((
                 Reason::UnsupportedValue,

@@ -7,6 +7,7 @@
 
 mod backends;
 mod cors;
+mod default_routes;
 mod delegate;
 mod destination_rule;
 mod ext_authz;
@@ -480,6 +481,7 @@ impl Incremental {
         } else {
             Default::default()
         };
+        default_routes::services(&mut services, &mut service_digests, res, &mut clusters);
         let mut entries = if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
             service_entry::build(&res.service_entries, &workloads, &mut problems)
         } else {

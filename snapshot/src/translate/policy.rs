@@ -601,7 +601,7 @@ mod tests {
              - {name: unbounded, envoyExtAuthzGrpc: {service: opa.auth, port: 9191, includeRequestBodyInCheck: {packAsBytes: true}}}\n  \
              - {name: tracer, zipkin: {service: zipkin.auth.svc.cluster.local, port: 9411}}\n  \
              - {name: nowhere, envoyExtAuthzHttp: {service: gone.auth.svc.cluster.local, port: 80}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: opa, namespace: auth}\nspec: {ports: [{name: grpc, port: 9191}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: opa, namespace: auth}\nspec: {ports: [{name: api, port: 9191}]}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: auth}\nspec: {ports: [{name: http, port: 8000}]}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-authz-1, namespace: auth, labels: {kubernetes.io/service-name: ext-authz}}\n\
              addressType: IPv4\nports: [{name: http, port: 8000}]\nendpoints: [{addresses: [10.0.0.9]}]\n---\n\
@@ -664,7 +664,7 @@ mod tests {
             let a = rule(name).unwrap();
             assert_eq!((a.action, a.check.is_none()), (AuthzAction::Deny, true), "{name}");
         }
-        // gRPC (OPA-Envoy): the HTTP/2 variant of the Service's cluster.
+        // gRPC (OPA-Envoy): the HTTP/2 variant of the Service's cluster (its port declares nothing).
         let grpc = rule("grpc").unwrap().check.unwrap();
         assert_eq!(
             (grpc.api, grpc.cluster.as_str(), grpc.timeout_ms, grpc.fail_open),

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::istio::{ServiceEntry, ServiceEntryEndpoint, ServiceEntrySpec};
-use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, ServiceRoutes, Workload};
-use crate::model::{Digest, Route, WeightedCluster};
+use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, Workload};
+use crate::model::Digest;
 use crate::resources::Resources;
 use crate::translate::{Problems, Reason, meta_ref};
 use crate::validate::is_dns_name;
@@ -113,46 +113,22 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
 /// The ports of an entry whose protocol is HTTP (`HTTP`, `HTTP2`, `GRPC`): a sidecar can route
 /// requests to them, and a DestinationRule or VirtualService for the host applies there.
 pub(crate) fn http_ports(s: &MeshService) -> impl Iterator<Item = u16> + '_ {
-    s.ports
-        .iter()
-        .filter(|p| matches!(p.app_protocol.as_deref(), Some("http" | "http2" | "grpc")))
-        .map(|p| p.port)
+    s.ports.iter().filter(|p| p.http().is_some()).map(|p| p.port)
 }
 
-/// Gives each HTTP port of an entry whose host has a DestinationRule one route to the entry's
-/// cluster, so the rule applies to its requests (TLS origination, pools, outlier detection,
-/// balancing). A VirtualService for the host replaces that table with its own. Entries with
-/// resolution `NONE` (no endpoints to route to) and wildcard hosts keep going at L4.
+/// Gives the entries their default tables (`default_routes.rs`): a DestinationRule for the
+/// host is the traffic policy that makes its HTTP ports routed. A VirtualService for the host
+/// replaces that table with its own. Entries with resolution `NONE` (no endpoints to route to)
+/// and wildcard hosts keep going at L4.
 pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &Resources, clusters: &mut Clusters<'_>) {
     for (s, digest) in entries.iter_mut() {
         let ns = s.key.split('/').next().unwrap_or_default();
-        if s.resolution == Resolution::Passthrough
-            || s.hostname.starts_with('*')
-            || super::destination_rule::for_host(res, &s.hostname, ns).is_none()
-        {
+        if s.resolution == Resolution::Passthrough || s.hostname.starts_with('*') {
             continue;
         }
-        let routes: Vec<ServiceRoutes> = http_ports(s)
-            .filter_map(|port| {
-                let cluster = clusters.entry(s, port).ok()?;
-                let route = Route::forward(
-                    cluster.clone(),
-                    vec![WeightedCluster {
-                        cluster: Some(cluster),
-                        weight: 1,
-                        headers: None,
-                    }],
-                );
-                Some(ServiceRoutes {
-                    port,
-                    consumer: None,
-                    routes: vec![Arc::new(route)],
-                })
-            })
-            .collect();
-        if !routes.is_empty() {
-            let mut with = (**s).clone();
-            with.routes = routes;
+        let policy = super::destination_rule::for_host(res, &s.hostname, ns).is_some();
+        let entry: &MeshService = s;
+        if let Some(with) = super::default_routes::table(entry, policy, |port| clusters.entry(entry, port).ok()) {
             *digest = with.digest();
             *s = Arc::new(with);
         }
