@@ -2071,6 +2071,90 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
     );
 }
 
+/// A VM in the mesh's Services (Istio's WorkloadEntry): "vm-1" is a host with the app but no
+/// Pod object and no proxy. A WorkloadEntry with its address and svc-b's label makes it one of
+/// svc-b's endpoints beside pod b-1: A's HTTP calls and raw TCP to svc-b's ClusterIP reach both,
+/// the VM's in plain TCP (no proxy there to speak HBONE) at the port the entry names for `http`.
+/// An entry with a DNS name for its address says so on its status; deleting the good one takes
+/// the VM out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_entry_puts_a_vm_behind_a_service() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b1 = w.pod("b-1", "sa-b", "b", 11, true);
+    let vm = w.pod_labelled("vm-1", "sa-b", "host: vm", 13, false);
+    w.cluster.kubectl(&["delete", "pod", "vm-1", "-n", NS], None);
+    w.service("svc-b", VIP, "b");
+    w.cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    w.app(b1);
+    w.app(vm);
+    for (i, sa) in [(b1, "sa-b"), (a, "sa-a")] {
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1] {
+        w.ready(i).await;
+    }
+    let vm_ip = w.pods[vm].ip.clone();
+    // The VM's app listens on 8080 and 9000, as the pods' do; its entry names 8080 for `http`.
+    w.cluster.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm-1, namespace: {NS}}}\n\
+         spec: {{address: '{vm_ip}', labels: {{app: b}}, serviceAccount: sa-b, ports: {{http: 8080}}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: by-name, namespace: {NS}}}\n\
+         spec: {{address: vm-2.example.com, labels: {{app: b}}}}\n"
+    ));
+    // (from b-1, from the VM) of `n` HTTP calls, each on its own connection.
+    let calls = |n: usize| {
+        let (resolve, url) = (format!("svc-b.{NS}.svc:80:{VIP}"), format!("http://svc-b.{NS}.svc/vm"));
+        let mut args = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            "connection: close",
+            "--resolve",
+            &resolve,
+        ];
+        args.extend(std::iter::repeat_n(url.as_str(), n));
+        let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
+        let from_vm = format!("hello from vm-1: /vm from {}", w.pods[a].ip);
+        (out.matches("hello from b-1").count(), out.matches(&from_vm).count())
+    };
+    eventually("svc-b's calls reach the VM too", Duration::from_secs(20), async || {
+        let (pod, vm) = calls(10);
+        pod + vm == 10 && pod > 0 && vm > 0
+    })
+    .await;
+    let (pod, on_vm) = calls(40);
+    println!("40 calls to svc-b: b-1 {pod}, the VM {on_vm}");
+    assert_eq!(pod + on_vm, 40, "every call answered, the VM's seeing A's address");
+    assert!(pod >= 10 && on_vm >= 10, "both serve: {pod} / {on_vm}");
+    assert_eq!(echoes_to_svc_b(&w, a, 20), 20, "raw TCP to port 9000 too");
+    let entry = w.cluster.get("workloadentry", NS, "vm-1");
+    assert_eq!(entry["status"]["conditions"][0]["status"], "True", "{entry}");
+    let bad = w.cluster.get("workloadentry", NS, "by-name");
+    let condition = &bad["status"]["conditions"][0];
+    assert_eq!(condition["status"], "False", "{bad}");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.address"),
+        "{bad}"
+    );
+
+    w.cluster.kubectl(&["delete", "workloadentry", "vm-1", "-n", NS], None);
+    eventually(
+        "without the entry, only b-1 serves",
+        Duration::from_secs(20),
+        async || calls(10) == (10, 0),
+    )
+    .await;
+}
+
 /// Under `REGISTRY_ONLY`, ServiceEntries are what lets a pod reach outside the mesh: a STATIC
 /// entry's address leads to its endpoint, a DNS entry's to the name it resolves, a NONE entry's
 /// real address is let through as dialled, and an entry without addresses is matched by the

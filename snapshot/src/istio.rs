@@ -687,7 +687,7 @@ pub struct ServiceEntrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub endpoints: Vec<ServiceEntryEndpoint>,
+    pub endpoints: Vec<WorkloadEntrySpec>,
     /// Pods of the entry's namespace whose labels match are its endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<SidecarSelector>,
@@ -715,9 +715,19 @@ pub struct ServiceEntryPort {
     pub other: Other,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// `networking.istio.io/v1` WorkloadEntry (v1beta1 and v1alpha3 have the same shape): a workload
+/// outside Kubernetes (a VM) at `address`, which Services select by its `labels` as they select
+/// pods; also the shape of a ServiceEntry's `endpoints`, as in Istio.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "WorkloadEntry",
+    namespaced,
+    status = "PolicyStatus"
+)]
 #[serde(rename_all = "camelCase")]
-pub struct ServiceEntryEndpoint {
+pub struct WorkloadEntrySpec {
     /// An IP (`STATIC`) or a DNS name (`DNS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,

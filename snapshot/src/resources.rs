@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::crd::{Backend, BackendPolicy, MeshConfig};
 use crate::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
-    VirtualService,
+    VirtualService, WorkloadEntry,
 };
 
 /// Identifies one object in problems and status.
@@ -74,6 +74,8 @@ pub struct Resources {
     pub service_entries: Vec<Arc<ServiceEntry>>,
     /// Istio VirtualServices (networking.istio.io): HTTP routes for Services, in the mesh.
     pub virtual_services: Vec<Arc<VirtualService>>,
+    /// Istio WorkloadEntries (networking.istio.io): workloads outside Kubernetes (VMs).
+    pub workload_entries: Vec<Arc<WorkloadEntry>>,
     /// Where each object came from (`file.yaml, document 3`), for error messages.
     pub origins: BTreeMap<ObjectRef, String>,
     /// JWKS documents the producer fetched for RequestAuthentications' `jwksUri`s, by URI: the
@@ -109,7 +111,8 @@ macro_rules! each_kind {
             sidecars: "Sidecar" in crate::ISTIO_NETWORKING_GROUP,
             destination_rules: "DestinationRule" in crate::ISTIO_NETWORKING_GROUP,
             service_entries: "ServiceEntry" in crate::ISTIO_NETWORKING_GROUP,
-            virtual_services: "VirtualService" in crate::ISTIO_NETWORKING_GROUP
+            virtual_services: "VirtualService" in crate::ISTIO_NETWORKING_GROUP,
+            workload_entries: "WorkloadEntry" in crate::ISTIO_NETWORKING_GROUP
         )
     };
 }
@@ -421,7 +424,7 @@ mod tests {
         );
         assert!(
             e.contains("GatewayClass, Gateway, HTTPRoute")
-                && e.ends_with("Sidecar, DestinationRule, ServiceEntry, VirtualService"),
+                && e.ends_with("Sidecar, DestinationRule, ServiceEntry, VirtualService, WorkloadEntry"),
             "{e}"
         );
         let e = refused("apiVersion: v1\nkind: HTTPRoute\nmetadata: {name: r}\n");

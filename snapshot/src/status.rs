@@ -397,7 +397,12 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
     let backend_policies = res.backend_policies.iter().map(|p| ("BackendPolicy", &p.metadata));
     let entries = res.service_entries.iter().map(|e| ("ServiceEntry", &e.metadata));
     let routed = res.virtual_services.iter().map(|v| ("VirtualService", &v.metadata));
-    let traffic = rules.chain(backend_policies).chain(entries).chain(routed);
+    let outside = res.workload_entries.iter().map(|w| ("WorkloadEntry", &w.metadata));
+    let traffic = rules
+        .chain(backend_policies)
+        .chain(entries)
+        .chain(routed)
+        .chain(outside);
     for (kind, meta) in authz.chain(peer).chain(authn).chain(sidecars).chain(traffic) {
         out.insert(
             crate::translate::meta_ref(kind, meta).to_string(),

@@ -17,7 +17,7 @@ use ferrum_snapshot::Resources;
 use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
 use ferrum_snapshot::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
-    VirtualService,
+    VirtualService, WorkloadEntry,
 };
 use futures_util::StreamExt;
 use gateway_api::experimental::tcproutes::TcpRoute;
@@ -165,6 +165,7 @@ kinds! {
     destination_rules: DestinationRule = ("networking.istio.io", "DestinationRule", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
     service_entries: ServiceEntry = ("networking.istio.io", "ServiceEntry", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
     virtual_services: VirtualService = ("networking.istio.io", "VirtualService", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
+    workload_entries: WorkloadEntry = ("networking.istio.io", "WorkloadEntry", ["v1", "v1beta1", "v1alpha3"], optional: true, status: true),
 }
 
 /// What every watch shares: the client, the change signal and the kinds' states.

@@ -192,7 +192,8 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         sidecars: "Sidecar",
         destination_rules: "DestinationRule",
         service_entries: "ServiceEntry",
-        virtual_services: "VirtualService"
+        virtual_services: "VirtualService",
+        workload_entries: "WorkloadEntry"
     );
     w.settled.end();
     w.written

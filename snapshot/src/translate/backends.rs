@@ -345,6 +345,15 @@ impl<'a> Clusters<'a> {
             }
         }
         endpoints.extend(slice_endpoints(slices, sport));
+        if spec.type_.as_deref() != Some("ExternalName") {
+            let outside = super::workload_entry::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res);
+            endpoints.extend(outside.into_iter().filter_map(|e| {
+                Some(Endpoint {
+                    zone: e.zone.clone(),
+                    ..Endpoint::new(e.address.clone(), e.target_port(port as u16)?)
+                })
+            }));
+        }
         endpoints.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
         endpoints.dedup_by(|a, b| a.address == b.address && a.port == b.port);
         let mut cluster = Cluster::new(name.clone(), endpoints);

@@ -9,6 +9,8 @@ use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+
+use crate::istio::WorkloadEntry;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -41,6 +43,7 @@ struct Inputs {
     services: Vec<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     nodes: Vec<Arc<Node>>,
+    outside: Vec<Arc<WorkloadEntry>>,
 }
 
 fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
@@ -54,6 +57,7 @@ impl Inputs {
             services: res.services.clone(),
             slices: res.endpoint_slices.clone(),
             nodes: res.nodes.clone(),
+            outside: res.workload_entries.clone(),
         }
     }
 
@@ -62,6 +66,7 @@ impl Inputs {
             && same(&self.services, &res.services)
             && same(&self.slices, &res.endpoint_slices)
             && same(&self.nodes, &res.nodes)
+            && same(&self.outside, &res.workload_entries)
     }
 }
 
@@ -110,8 +115,13 @@ pub(crate) fn build(res: &Resources, memo: &mut MeshMemo) -> Built {
 }
 
 fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
-    // A workload's zone is its node's: when nodes change, nothing built before is kept.
-    if !memo.last.as_ref().is_some_and(|(i, _)| same(&i.nodes, &res.nodes)) {
+    // A workload's zone is its node's: when nodes change, nothing built before is kept; nor
+    // when WorkloadEntries do, which any Service's selector may pick.
+    if !memo
+        .last
+        .as_ref()
+        .is_some_and(|(i, _)| same(&i.nodes, &res.nodes) && same(&i.outside, &res.workload_entries))
+    {
         memo.pods.clear();
         memo.services.clear();
     }
@@ -130,6 +140,11 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
         pods.insert(addr(p), (p.clone(), w));
     }
     memo.pods = pods;
+    built.extend(res.workload_entries.iter().filter_map(|we| {
+        let w = super::workload_entry::workload(we).ok()?;
+        let d = w.digest();
+        Some((Arc::new(w), d))
+    }));
     built.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
     built.dedup_by(|a, b| a.0.uid == b.0.uid);
     let (workloads, workload_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
@@ -366,6 +381,8 @@ fn service(
     } else {
         slices.iter().flat_map(|e| from_slice(e, &tcp)).collect()
     };
+    // No endpoint controller slices WorkloadEntries: the selector picks them here.
+    endpoints.extend(super::workload_entry::selected(spec.selector.as_ref(), &ns, &tcp, res));
     for e in &mut endpoints {
         let w = by_ip.get(e.address.as_str());
         e.workload = w.map(|w| w.uid.clone());

@@ -25,6 +25,7 @@ pub use policy::{Jwks, JwksFetch};
 mod service_entry;
 mod sidecar;
 mod virtual_service;
+mod workload_entry;
 
 use std::any::Any;
 use std::fmt;
@@ -373,6 +374,7 @@ impl Context {
             .chain(all(&res.backend_policies))
             .chain(all(&res.destination_rules))
             .chain(all(&res.mesh_configs))
+            .chain(all(&res.workload_entries))
             .collect();
         others.sort_by_key(|o| Arc::as_ptr(o) as *const () as usize);
         Context {
@@ -482,8 +484,11 @@ impl Incremental {
             Default::default()
         };
         default_routes::services(&mut services, &mut service_digests, res, &mut clusters);
+        if self.opts.gateway.is_none() {
+            workload_entry::check(res, &mut problems);
+        }
         let mut entries = if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
-            service_entry::build(&res.service_entries, &workloads, &mut problems)
+            service_entry::build(&res.service_entries, &workloads, &res.workload_entries, &mut problems)
         } else {
             Vec::new()
         };

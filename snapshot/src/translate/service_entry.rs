@@ -9,12 +9,13 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::istio::{ServiceEntry, ServiceEntryEndpoint, ServiceEntrySpec};
+use crate::istio::{ServiceEntry, ServiceEntrySpec, WorkloadEntry, WorkloadEntrySpec};
 use crate::mesh::{MeshEndpoint, MeshService, Resolution, ServicePort, Workload};
 use crate::model::Digest;
 use crate::resources::Resources;
 use crate::translate::{Problems, Reason, meta_ref};
 use crate::validate::is_dns_name;
+use foldhash::HashMap;
 
 use super::backends::Clusters;
 
@@ -33,11 +34,17 @@ fn unsupported(field: impl Into<String>, why: impl Into<String>) -> Refusal {
 pub(crate) fn build(
     entries: &[Arc<ServiceEntry>],
     workloads: &[Arc<Workload>],
+    outside: &[Arc<WorkloadEntry>],
     problems: &mut Problems<'_>,
 ) -> Vec<(Arc<MeshService>, Digest)> {
+    // WorkloadEntries by their workload's UID: a selected one serves at the ports it names.
+    let named: HashMap<String, &WorkloadEntrySpec> = outside
+        .iter()
+        .map(|we| (super::workload_entry::uid(we), &we.spec))
+        .collect();
     let mut out = Vec::new();
     for se in entries {
-        match services(se, workloads) {
+        match services(se, workloads, &named) {
             Ok(list) => out.extend(list.into_iter().map(|s| {
                 let d = s.digest();
                 (Arc::new(s), d)
@@ -48,7 +55,11 @@ pub(crate) fn build(
     out
 }
 
-fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshService>, Refusal> {
+fn services(
+    se: &ServiceEntry,
+    workloads: &[Arc<Workload>],
+    named: &HashMap<String, &WorkloadEntrySpec>,
+) -> Result<Vec<MeshService>, Refusal> {
     let spec = &se.spec;
     let ns = se.metadata.namespace.as_deref().unwrap_or("default");
     let name = se.metadata.name.as_deref().unwrap_or("");
@@ -87,7 +98,7 @@ fn services(se: &ServiceEntry, workloads: &[Arc<Workload>]) -> Result<Vec<MeshSe
             }
             Vec::new()
         }
-        Resolution::Endpoints => static_endpoints(spec, ns, &ports, internal, workloads)?,
+        Resolution::Endpoints => static_endpoints(spec, ns, &ports, internal, (workloads, named))?,
         Resolution::Dns => dns_endpoints(spec, &ports)?,
     };
     let export_to = super::mesh::exported_to(spec.export_to.iter().map(String::as_str), ns);
@@ -252,7 +263,7 @@ fn ports(spec: &ServiceEntrySpec) -> Result<Vec<(ServicePort, u16)>, Refusal> {
 }
 
 /// An endpoint's (service port, its port) pairs: by port name in its `ports`, else the default.
-fn mapping(e: &ServiceEntryEndpoint, ports: &[(ServicePort, u16)], field: &str) -> Result<Vec<(u16, u16)>, Refusal> {
+fn mapping(e: &WorkloadEntrySpec, ports: &[(ServicePort, u16)], field: &str) -> Result<Vec<(u16, u16)>, Refusal> {
     ports
         .iter()
         .map(|(p, target)| match e.ports.get(&p.name) {
@@ -271,7 +282,7 @@ fn static_endpoints(
     ns: &str,
     ports: &[(ServicePort, u16)],
     internal: bool,
-    workloads: &[Arc<Workload>],
+    (workloads, named): (&[Arc<Workload>], &HashMap<String, &WorkloadEntrySpec>),
 ) -> Result<Vec<MeshEndpoint>, Refusal> {
     if let Some(sel) = &spec.workload_selector {
         if !spec.endpoints.is_empty() {
@@ -285,10 +296,15 @@ fn static_endpoints(
             .iter()
             .filter(|w| w.namespace == ns && sel.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
             .flat_map(|w| {
-                w.ips.iter().map(|ip| MeshEndpoint {
+                // A WorkloadEntry's ports by name, a pod's at the entry's target ports.
+                let ports = named
+                    .get(&w.uid)
+                    .and_then(|e| mapping(e, ports, "spec.workloadSelector").ok())
+                    .unwrap_or_else(|| by_default.clone());
+                w.ips.iter().map(move |ip| MeshEndpoint {
                     address: ip.clone(),
                     workload: Some(w.uid.clone()),
-                    ports: by_default.clone(),
+                    ports: ports.clone(),
                     zone: w.zone.clone(),
                 })
             })
@@ -332,7 +348,7 @@ fn static_endpoints(
 }
 
 /// The zone of an Istio locality, `region/zone/subzone`.
-fn locality_zone(locality: Option<&str>) -> Option<String> {
+pub(crate) fn locality_zone(locality: Option<&str>) -> Option<String> {
     locality?.split('/').nth(1).filter(|z| !z.is_empty()).map(String::from)
 }
 
