@@ -66,15 +66,17 @@ struct Args {
     /// everything else serves).
     #[arg(long)]
     strict: bool,
-    /// Request bodies larger than this many bytes get 413.
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    max_request_body: usize,
+    /// Request bodies larger than this many bytes get 413 (default: 64 MiB; a sidecar, whose
+    /// clients are its own pod's, none).
+    #[arg(long)]
+    max_request_body: Option<usize>,
     /// Seconds a client gets to send a full request head.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
-    /// Seconds a client may pause while sending a request body before it gets 408.
-    #[arg(long, default_value_t = 60)]
-    request_body_idle_timeout: u64,
+    /// Seconds a client may pause while sending a request body before it gets 408 (default: 60;
+    /// a sidecar's, 3600 — a gRPC stream may stay quiet between messages).
+    #[arg(long)]
+    request_body_idle_timeout: Option<u64>,
     /// Merge repeated slashes in request paths before matching.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     merge_slashes: bool,
@@ -420,11 +422,19 @@ async fn start_sidecar(
 
 impl Args {
     fn limits(&self) -> Limits {
+        // A gateway's clients are strangers; a sidecar's are its own application, whose uploads
+        // and streams it carries as a TCP relay would.
+        let sidecar = self.mesh.mode == Mode::Sidecar;
+        let (body, body_idle) = if sidecar {
+            (usize::MAX, 3600)
+        } else {
+            (64 * 1024 * 1024, 60)
+        };
         Limits {
-            max_request_body: self.max_request_body,
+            max_request_body: self.max_request_body.unwrap_or(body),
             header_read_timeout: Duration::from_secs(self.header_read_timeout),
             drain_timeout: Duration::from_secs(self.drain_timeout),
-            request_body_idle_timeout: Duration::from_secs(self.request_body_idle_timeout),
+            request_body_idle_timeout: Duration::from_secs(self.request_body_idle_timeout.unwrap_or(body_idle)),
             tcp_idle_timeout: Duration::from_secs(self.mesh.tcp_idle_timeout),
             merge_slashes: self.merge_slashes,
             max_connections: self.max_connections,

@@ -282,6 +282,42 @@ async fn timeouts_overflow_and_limits_answer_with_reasons() {
     assert_eq!(r.status(), 431, "oversized request head");
 }
 
+/// The cluster's read timeout is a route's per-try limit only while the route says nothing:
+/// with the backend's `read: 300ms`, a 700 ms answer is 504 on a plain route, but 200 on one with
+/// `timeouts.request: 2s` (that deadline governs alone) and on one with `request: 0s` (no limit,
+/// as the Gateway API and Istio mean it) — before, both waited 300 ms per try and answered 504.
+#[tokio::test]
+async fn a_routes_own_timeout_replaces_the_clusters_read_timeout() {
+    let slow = Backend::start("slow").await;
+    let port = free_port();
+    let yaml = docs(&[
+        gateway(port),
+        backend("slow", &[&slow], "  timeouts: {read: 300ms}\n"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: gw}]\n  rules:\n  \
+         - matches: [{path: {value: /long}}]\n    timeouts: {request: 2s}\n    backendRefs: [{group: ferrum.dev, kind: Backend, name: slow}]\n  \
+         - matches: [{path: {value: /unlimited}}]\n    timeouts: {request: 0s}\n    backendRefs: [{group: ferrum.dev, kind: Backend, name: slow}]\n  \
+         - backendRefs: [{group: ferrum.dev, kind: Backend, name: slow}]\n"
+            .into(),
+    ]);
+    let _dp = Dp::start(&yaml).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let c = client();
+    let status = |path: &str| {
+        let url = format!("{base}{path}?delay=700");
+        let c = c.clone();
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/plain").await, 504, "the cluster's read timeout");
+    assert_eq!(
+        status("/long").await,
+        200,
+        "the route's 2 s deadline, not 300 ms per try"
+    );
+    assert_eq!(status("/unlimited").await, 200, "0s: no limit");
+    let r = c.get(format!("{base}/long?delay=2500")).send().await.unwrap();
+    assert_eq!(r.status(), 504, "the route's own deadline still holds");
+}
+
 /// A gRPC service that fails every call with UNAVAILABLE, or answers each with the path its
 /// request names.
 struct Grpc {

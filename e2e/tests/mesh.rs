@@ -2071,41 +2071,49 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
     );
 }
 
-/// A VM in the mesh's Services (Istio's WorkloadEntry): "vm-1" is a host with the app but no
-/// Pod object and no proxy. A WorkloadEntry with its address and svc-b's label makes it one of
-/// svc-b's endpoints beside pod b-1: A's HTTP calls and raw TCP to svc-b's ClusterIP reach both,
-/// the VM's in plain TCP (no proxy there to speak HBONE) at the port the entry names for `http`.
-/// An entry with a DNS name for its address says so on its status; deleting the good one takes
-/// the VM out again.
+/// VMs in the mesh's Services (Istio's WorkloadEntry): "vm-1" and "vm-2" are hosts with the app
+/// but no Pod object. WorkloadEntries with their addresses and svc-b's label make them svc-b's
+/// endpoints beside pod b-1: A's HTTP calls and raw TCP to svc-b's ClusterIP reach all three —
+/// vm-1 in plain TCP (no proxy there) at the port its entry names for `http`, vm-2 over HBONE to
+/// the ferrum-dp sidecar it runs, which subscribes as its entry (its service account's token) and
+/// calls svc-b in turn. An entry with a DNS name for its address says so on its status; deleting
+/// the entries takes the VMs out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workload_entry_puts_a_vm_behind_a_service() {
+async fn workload_entries_put_vms_behind_a_service() {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b1 = w.pod("b-1", "sa-b", "b", 11, true);
-    let vm = w.pod_labelled("vm-1", "sa-b", "host: vm", 13, false);
-    w.cluster.kubectl(&["delete", "pod", "vm-1", "-n", NS], None);
+    let vm1 = w.pod_labelled("vm-1", "sa-b", "host: vm", 13, false);
+    let vm2 = w.pod_labelled("vm-2", "sa-b", "host: vm", 14, true);
+    w.cluster.kubectl(&["delete", "pod", "vm-1", "vm-2", "-n", NS], None);
     w.service("svc-b", VIP, "b");
     w.cluster.kubectl(
         &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
         None,
     );
-    w.app(b1);
-    w.app(vm);
-    for (i, sa) in [(b1, "sa-b"), (a, "sa-a")] {
+    // The VMs' apps listen on 8080 and 9000, as the pods' do; their entries name 8080 `http`.
+    let entry = |name: &str, ip: &str, labels: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+             spec: {{address: '{ip}', labels: {{app: b{labels}}}, serviceAccount: sa-b, ports: {{http: 8080}}}}\n---\n"
+        )
+    };
+    w.cluster.apply(&format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: by-name, namespace: {NS}}}\n\
+         spec: {{address: vm-3.example.com, labels: {{app: b}}}}\n",
+        entry("vm-1", &w.pods[vm1].ip, ""),
+        entry("vm-2", &w.pods[vm2].ip, ", security.istio.io/tlsMode: istio"),
+    ));
+    for i in [b1, vm1, vm2] {
+        w.app(i);
+    }
+    for (i, sa) in [(b1, "sa-b"), (vm2, "sa-b"), (a, "sa-a")] {
         w.sidecar(i, sa, &[]);
     }
-    for i in [a, b1] {
+    for i in [a, b1, vm2] {
         w.ready(i).await;
     }
-    let vm_ip = w.pods[vm].ip.clone();
-    // The VM's app listens on 8080 and 9000, as the pods' do; its entry names 8080 for `http`.
-    w.cluster.apply(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm-1, namespace: {NS}}}\n\
-         spec: {{address: '{vm_ip}', labels: {{app: b}}, serviceAccount: sa-b, ports: {{http: 8080}}}}\n---\n\
-         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: by-name, namespace: {NS}}}\n\
-         spec: {{address: vm-2.example.com, labels: {{app: b}}}}\n"
-    ));
-    // (from b-1, from the VM) of `n` HTTP calls, each on its own connection.
+    // (b-1, vm-1, vm-2) of `n` HTTP calls from A, each on its own connection.
     let calls = |n: usize| {
         let (resolve, url) = (format!("svc-b.{NS}.svc:80:{VIP}"), format!("http://svc-b.{NS}.svc/vm"));
         let mut args = vec![
@@ -2120,21 +2128,39 @@ async fn a_workload_entry_puts_a_vm_behind_a_service() {
         ];
         args.extend(std::iter::repeat_n(url.as_str(), n));
         let out = String::from_utf8_lossy(&w.pods[a].run(&args).stdout).into_owned();
-        let from_vm = format!("hello from vm-1: /vm from {}", w.pods[a].ip);
-        (out.matches("hello from b-1").count(), out.matches(&from_vm).count())
+        let vm1_saw_a = format!("hello from vm-1: /vm from {}", w.pods[a].ip);
+        (
+            out.matches("hello from b-1").count(),
+            out.matches(&vm1_saw_a).count(),
+            out.matches("hello from vm-2").count(),
+        )
     };
-    eventually("svc-b's calls reach the VM too", Duration::from_secs(20), async || {
-        let (pod, vm) = calls(10);
-        pod + vm == 10 && pod > 0 && vm > 0
+    eventually("svc-b's calls reach both VMs", Duration::from_secs(20), async || {
+        let (pod, v1, v2) = calls(12);
+        pod + v1 + v2 == 12 && pod > 0 && v1 > 0 && v2 > 0
     })
     .await;
-    let (pod, on_vm) = calls(40);
-    println!("40 calls to svc-b: b-1 {pod}, the VM {on_vm}");
-    assert_eq!(pod + on_vm, 40, "every call answered, the VM's seeing A's address");
-    assert!(pod >= 10 && on_vm >= 10, "both serve: {pod} / {on_vm}");
-    assert_eq!(echoes_to_svc_b(&w, a, 20), 20, "raw TCP to port 9000 too");
-    let entry = w.cluster.get("workloadentry", NS, "vm-1");
-    assert_eq!(entry["status"]["conditions"][0]["status"], "True", "{entry}");
+    let (pod, v1, v2) = calls(60);
+    println!("60 calls to svc-b: b-1 {pod}, vm-1 {v1}, vm-2 {v2}");
+    assert_eq!(pod + v1 + v2, 60, "every call answered, vm-1 seeing A's address");
+    assert!(
+        pod >= 10 && v1 >= 10 && v2 >= 10,
+        "all three serve: {pod} / {v1} / {v2}"
+    );
+    assert!(
+        w.pods[vm2].connections("inbound", "hbone") >= 10.0,
+        "vm-2's calls came over HBONE"
+    );
+    assert_eq!(echoes_to_svc_b(&w, a, 30), 30, "raw TCP to port 9000 too");
+    let (ok, body) = w.pods[vm2].curl_svc("svc-b", VIP, "/from-vm");
+    assert!(
+        ok && body.contains(": /from-vm from "),
+        "vm-2 calls svc-b through its sidecar: {body}"
+    );
+    for name in ["vm-1", "vm-2"] {
+        let e = w.cluster.get("workloadentry", NS, name);
+        assert_eq!(e["status"]["conditions"][0]["status"], "True", "{e}");
+    }
     let bad = w.cluster.get("workloadentry", NS, "by-name");
     let condition = &bad["status"]["conditions"][0];
     assert_eq!(condition["status"], "False", "{bad}");
@@ -2146,11 +2172,12 @@ async fn a_workload_entry_puts_a_vm_behind_a_service() {
         "{bad}"
     );
 
-    w.cluster.kubectl(&["delete", "workloadentry", "vm-1", "-n", NS], None);
+    w.cluster
+        .kubectl(&["delete", "workloadentry", "vm-1", "vm-2", "-n", NS], None);
     eventually(
-        "without the entry, only b-1 serves",
+        "without the entries, only b-1 serves",
         Duration::from_secs(20),
-        async || calls(10) == (10, 0),
+        async || calls(10) == (10, 0, 0),
     )
     .await;
 }

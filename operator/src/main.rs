@@ -257,13 +257,18 @@ async fn serve(args: Args) -> Result<(), StartError> {
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
     // Workloads prove who they are with their projected ServiceAccount token (TokenReview), to
     // the CA and when they subscribe as a sidecar.
+    let stores = &controller.stores;
+    let workloads = ca::service::Workloads {
+        pods: stores.pods.clone(),
+        nodes: stores.nodes.clone(),
+        entries: stores.workload_entries.clone(),
+    };
     let workload_auth = Arc::new(ca::service::Kubernetes::new(
         client.clone(),
         args.ca_audience.clone(),
-        controller.stores.pods(),
-        controller.stores.nodes(),
+        workloads,
     ));
-    let namespaces = controller.stores.namespaces();
+    let namespaces = controller.stores.namespaces.clone();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(
         client.clone(),

@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 12;
+pub const SCHEMA: u32 = 13;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -818,6 +818,23 @@ pub struct RouteTimeouts {
     /// One try against one endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_request_ms: Option<u64>,
+    /// No limit but those set above — not even the cluster's read timeout: Istio's disabled
+    /// timeout (a VirtualService route's default, and `0s`), the Gateway API's `0s`, a mesh
+    /// Service's default route. Schema 13: an older proxy waits the cluster's read timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unbounded: bool,
+}
+
+impl RouteTimeouts {
+    /// How long one try may wait for response headers: the route's per-try limit, else none
+    /// when unbounded, else the cluster's `read_ms`.
+    pub fn per_try_ms(&self, read_ms: u64) -> Option<u64> {
+        match (self.backend_request_ms, self.unbounded) {
+            (Some(ms), _) => Some(ms),
+            (None, true) => None,
+            (None, false) => Some(read_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

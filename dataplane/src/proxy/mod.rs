@@ -712,11 +712,9 @@ impl Forward<'_> {
     fn timing(&self) -> Timing {
         let timeouts = &self.route.timeouts;
         Timing {
-            per_try: Duration::from_millis(
-                timeouts
-                    .backend_request_ms
-                    .unwrap_or(self.cluster.spec.timeouts.read_ms),
-            ),
+            per_try: timeouts
+                .per_try_ms(self.cluster.spec.timeouts.read_ms)
+                .map(Duration::from_millis),
             deadline: timeouts
                 .request_ms
                 .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms)),
@@ -892,8 +890,8 @@ fn downstream_response(
 
 /// The clocks of one forwarded request.
 struct Timing {
-    /// Per try, counted from when the client's body is complete.
-    per_try: Duration,
+    /// Per try, counted from when the client's body is complete; `None`: no limit.
+    per_try: Option<Duration>,
     /// The route's whole-request deadline.
     deadline: Option<tokio::time::Instant>,
     /// Longest pause in the client's upload.
@@ -924,7 +922,14 @@ impl Timing {
                         .body_idle
                         .saturating_sub(upload.map_or(Duration::ZERO, |u| u.idle()))
             } else {
-                since + self.per_try
+                match self.per_try {
+                    Some(t) => since + t,
+                    // Unbounded: only the route's deadline (if any) ends the wait.
+                    None => match self.deadline {
+                        Some(d) => d,
+                        None => return Ok(fut.await),
+                    },
+                }
             };
             if let Some(d) = self.deadline {
                 at = at.min(d);
@@ -977,7 +982,7 @@ mod tests {
         let size = returned_size(&handle);
         assert!(size <= 6000, "proxy::handle's future is {size} bytes");
         let timing = Timing {
-            per_try: Duration::ZERO,
+            per_try: None,
             deadline: None,
             body_idle: Duration::ZERO,
         };

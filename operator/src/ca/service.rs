@@ -8,9 +8,11 @@ use std::time::Duration;
 use ferrum_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ferrum_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 use ferrum_snapshot::identity::SpiffeId;
+use ferrum_snapshot::istio::WorkloadEntry;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use tonic::{Request, Response, Status};
 
 use super::Authority;
@@ -33,10 +35,7 @@ pub trait Authenticator: Send + Sync + 'static {
 
 pub struct Kubernetes {
     pub client: kube::Client,
-    /// The operator's cache of pods (a watch), for node proxies' claims.
-    pods: kube::runtime::reflector::Store<Pod>,
-    /// And of nodes, for a pod's zone.
-    nodes: kube::runtime::reflector::Store<Node>,
+    workloads: Workloads,
     /// The audience tokens must be minted for (projected ServiceAccount tokens).
     pub audience: String,
     /// Recent successful reviews by token hash: a proxy renewing, or many pods of one service
@@ -49,17 +48,21 @@ const REVIEW_TTL: Duration = Duration::from_secs(30);
 /// Most remembered reviews; beyond it expired ones go, then all.
 const MAX_REVIEWED: usize = 10_000;
 
+/// The operator's caches (watches) of what workloads run as and where.
+pub struct Workloads {
+    /// Pods: a sidecar's service account, node proxies' claims.
+    pub pods: Store<Pod>,
+    /// Nodes: a pod's zone.
+    pub nodes: Store<Node>,
+    /// WorkloadEntries: a VM's sidecar subscribes as one.
+    pub entries: Store<WorkloadEntry>,
+}
+
 impl Kubernetes {
-    pub fn new(
-        client: kube::Client,
-        audience: String,
-        pods: kube::runtime::reflector::Store<Pod>,
-        nodes: kube::runtime::reflector::Store<Node>,
-    ) -> Self {
+    pub fn new(client: kube::Client, audience: String, workloads: Workloads) -> Self {
         Kubernetes {
             client,
-            pods,
-            nodes,
+            workloads,
             audience,
             reviewed: Default::default(),
         }
@@ -129,25 +132,30 @@ impl Kubernetes {
 }
 
 impl Kubernetes {
-    /// The zone of the node pod `namespace/name` runs on, if the operator's caches know both.
+    /// The zone of workload `namespace/name`: a pod's node's, else a WorkloadEntry's locality.
     pub fn pod_zone(&self, namespace: &str, name: &str) -> Option<String> {
-        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
-        let node_name = self.pods.get(&key)?.spec.as_ref()?.node_name.clone()?;
-        let node = self.nodes.get(&kube::runtime::reflector::ObjectRef::new(&node_name))?;
+        let key = ObjectRef::new(name).within(namespace);
+        let Some(pod) = self.workloads.pods.get(&key) else {
+            let entry = self.workloads.entries.get(&ObjectRef::new(name).within(namespace))?;
+            return ferrum_snapshot::translate::locality_zone(entry.spec.locality.as_deref());
+        };
+        let node_name = pod.spec.as_ref()?.node_name.clone()?;
+        let node = self.workloads.nodes.get(&ObjectRef::new(&node_name))?;
         ferrum_snapshot::translate::node_zone(&node).map(String::from)
     }
 
-    /// The service account of pod `namespace/name`, if the operator's cache has the pod.
+    /// The service account workload `namespace/name` runs as — a pod's, else a WorkloadEntry's
+    /// (a VM's sidecar subscribes under its entry's name) — if the operator's caches have it.
     pub fn pod_service_account(&self, namespace: &str, name: &str) -> Option<String> {
-        let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
-        let pod = self.pods.get(&key)?;
-        Some(
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
-        )
+        let key = ObjectRef::new(name).within(namespace);
+        let account = match self.workloads.pods.get(&key) {
+            Some(pod) => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+            None => {
+                let entry = self.workloads.entries.get(&ObjectRef::new(name).within(namespace))?;
+                entry.spec.service_account.clone()
+            }
+        };
+        Some(account.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()))
     }
 }
 
@@ -175,7 +183,7 @@ impl Authenticator for Kubernetes {
     }
 
     async fn runs_on(&self, id: &SpiffeId, node: &str) -> Result<bool, Status> {
-        Ok(self.pods.state().iter().any(|p| {
+        Ok(self.workloads.pods.state().iter().any(|p| {
             p.metadata.namespace.as_deref() == Some(id.namespace.as_str())
                 && p.spec.as_ref().is_some_and(|s| {
                     s.node_name.as_deref() == Some(node)

@@ -73,10 +73,11 @@ pub type Kinds = Arc<Mutex<BTreeMap<&'static str, (KindSpec, KindState)>>>;
 /// `Resources` (the translator's input, which has a field of the same name).
 macro_rules! kinds {
     ($($field:ident: $ty:ty = ($group:expr, $kind:expr, [$($v:expr),+], optional: $opt:expr, status: $st:expr $(, fields: $fields:expr)?)),+ $(,)?) => {
-        /// Read-only caches of every kind the translator reads.
+        /// Read-only caches of every kind the translator reads (the CA and the subscription
+        /// checks read some too: pods, nodes, WorkloadEntries, namespaces).
         #[derive(Clone)]
         pub struct Stores {
-            $($field: Store<$ty>,)+
+            $(pub $field: Store<$ty>,)+
         }
 
         /// Every row: (spec, plural), for checks against what the operator may read.
@@ -108,21 +109,6 @@ macro_rules! kinds {
                         fields: None $(.or(Some($fields)))?,
                     }),)+
                 }
-            }
-
-            /// The pods on record (the CA checks a node proxy's claims against them).
-            pub fn pods(&self) -> Store<Pod> {
-                self.pods.clone()
-            }
-
-            /// The nodes on record (a proxy is told its pod's zone).
-            pub fn nodes(&self) -> Store<Node> {
-                self.nodes.clone()
-            }
-
-            /// The namespaces on record (the CA publishes its roots into each).
-            pub fn namespaces(&self) -> Store<Namespace> {
-                self.namespaces.clone()
             }
 
             /// A consistent-enough view of the caches for one translation (shared, not copied).

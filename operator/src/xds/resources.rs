@@ -632,7 +632,8 @@ fn forward_action(
     };
     let mut ra = route::RouteAction {
         cluster_specifier: Some(cluster_specifier),
-        timeout: r.timeouts.request_ms.map(ms),
+        // Envoy's `0s` is no limit, its absence 15 s.
+        timeout: r.timeouts.request_ms.or(r.timeouts.unbounded.then_some(0)).map(ms),
         ..Default::default()
     };
     if let Some(rw) = &r.rewrite {

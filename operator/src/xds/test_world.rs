@@ -52,7 +52,15 @@ pub fn ads(publisher: Arc<Publisher>) -> Arc<Ads> {
     let (nodes, _) = kube::runtime::reflector::store();
     let access = crate::subscribe::Access {
         token: None,
-        auth: Arc::new(crate::ca::service::Kubernetes::new(client, "test".into(), pods, nodes)),
+        auth: Arc::new(crate::ca::service::Kubernetes::new(
+            client,
+            "test".into(),
+            crate::ca::service::Workloads {
+                pods,
+                nodes,
+                entries: kube::runtime::reflector::store().0,
+            },
+        )),
         trusted_namespaces: vec![],
         required: false,
     };

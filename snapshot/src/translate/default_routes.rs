@@ -38,10 +38,13 @@ pub(crate) fn table(
                 weight: 1,
                 headers: None,
             };
+            let mut route = Route::forward(c, vec![target]);
+            // As Istio's default route: no timeout (long polls and gRPC streams are the app's).
+            route.timeouts.unbounded = true;
             Some(ServiceRoutes {
                 port: p.port,
                 consumer: None,
-                routes: vec![Arc::new(Route::forward(c, vec![target]))],
+                routes: vec![Arc::new(route)],
             })
         })
         .collect();
@@ -207,6 +210,13 @@ spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type:
             let c = t.snapshot.cluster(&format!("service/shop/greeter:{port}")).unwrap();
             assert_eq!(c.protocol, UpstreamProtocol::Http2, "{port}");
         }
+        let greeter = t.snapshot.services.iter().find(|s| s.key == "shop/greeter").unwrap();
+        let route = &greeter.routes_for(9090, "shop").unwrap().routes[0];
+        assert_eq!(
+            route.timeouts.per_try_ms(15_000),
+            None,
+            "no timeout, as Istio's default route"
+        );
         // A sidecar's view carries the default routes' clusters.
         let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
         assert!(view.clusters.iter().any(|c| c.name == "service/shop/greeter:9090"));

@@ -890,6 +890,9 @@ fn rule_timeouts(
 ) -> Option<RouteTimeouts> {
     let mut timeouts = RouteTimeouts::default();
     if let Some(t) = &rule.timeouts {
+        // Once the route says anything (a request limit, or "0s": none), the cluster's read
+        // timeout is no longer its per-try limit: only what the route sets applies.
+        timeouts.unbounded = t.request.is_some() || t.backend_request.is_some();
         for (name, v, slot) in [
             ("request", &t.request, &mut timeouts.request_ms),
             ("backendRequest", &t.backend_request, &mut timeouts.backend_request_ms),

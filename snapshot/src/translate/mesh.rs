@@ -89,6 +89,11 @@ pub fn node_zone(n: &Node) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// The zone of an Istio locality, `region/zone/subzone`.
+pub fn locality_zone(locality: Option<&str>) -> Option<String> {
+    locality?.split('/').nth(1).filter(|z| !z.is_empty()).map(String::from)
+}
+
 struct ServiceMemo {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,

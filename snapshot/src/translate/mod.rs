@@ -13,7 +13,7 @@ mod destination_rule;
 mod ext_authz;
 mod gamma;
 pub use backends::mesh_config;
-pub use mesh::node_zone;
+pub use mesh::{locality_zone, node_zone};
 mod grpcroute;
 mod hostname;
 mod httproute;

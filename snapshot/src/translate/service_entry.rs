@@ -18,6 +18,7 @@ use crate::validate::is_dns_name;
 use foldhash::HashMap;
 
 use super::backends::Clusters;
+use super::mesh::locality_zone;
 
 /// A field and why the entry cannot be applied.
 type Refusal = (String, Reason, String);
@@ -345,11 +346,6 @@ fn static_endpoints(
         });
     }
     Ok(out)
-}
-
-/// The zone of an Istio locality, `region/zone/subzone`.
-pub(crate) fn locality_zone(locality: Option<&str>) -> Option<String> {
-    locality?.split('/').nth(1).filter(|z| !z.is_empty()).map(String::from)
 }
 
 fn dns_endpoints(spec: &ServiceEntrySpec, ports: &[(ServicePort, u16)]) -> Result<Vec<MeshEndpoint>, Refusal> {

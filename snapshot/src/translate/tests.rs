@@ -220,7 +220,8 @@ fn filters_redirect_rewrite_headers_and_timeouts() {
         api.timeouts,
         RouteTimeouts {
             request_ms: Some(2000),
-            backend_request_ms: Some(500)
+            backend_request_ms: Some(500),
+            unbounded: true,
         }
     );
     assert_eq!(

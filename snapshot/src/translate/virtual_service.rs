@@ -256,11 +256,13 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .iter()
         .map(|(m, _)| rewrite(h, &m.path, &format!("{at}.rewrite")))
         .collect::<Result<_, _>>()?;
+    // `0s` disables it, as Istio's default does.
     let request_ms = h
         .timeout
         .as_deref()
         .map(|t| super::istio_duration_ms(t).map_err(|e| invalid(format!("{at}.timeout"), e)))
-        .transpose()?;
+        .transpose()?
+        .filter(|ms| *ms > 0);
     // Without `retries`, Istio's default policy: a VirtualService's routes retry unless told not to.
     let (retry, backend_request_ms) = retries(&h.retries.clone().unwrap_or_default(), &format!("{at}.retries"))?;
     let rule = Rule {
@@ -277,9 +279,11 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         response,
         rewrites,
         redirect,
+        // Istio has no per-try limit but `perTryTimeout`: the cluster's read timeout is not one.
         timeouts: RouteTimeouts {
             request_ms,
             backend_request_ms,
+            unbounded: true,
         },
         retry,
         destinations,
@@ -462,7 +466,8 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
         .per_try_timeout
         .as_deref()
         .map(|t| super::istio_duration_ms(t).map_err(|e| invalid(format!("{at}.perTryTimeout"), e)))
-        .transpose()?;
+        .transpose()?
+        .filter(|ms| *ms > 0);
     grpc_on.sort_unstable();
     grpc_on.dedup();
     if r.retry_ignore_previous_hosts == Some(false) {
@@ -1266,6 +1271,15 @@ spec:
         assert_eq!(
             (api.timeouts.request_ms, api.timeouts.backend_request_ms),
             (Some(500), Some(2000))
+        );
+        assert!(
+            on81.iter().all(|r| r.timeouts.unbounded),
+            "the cluster's read timeout is no per-try limit under a VirtualService"
+        );
+        assert_eq!(
+            on81[0].timeouts.per_try_ms(15_000),
+            None,
+            "no timeout by default, as in Istio"
         );
         let retry = api.retry.as_ref().unwrap();
         assert_eq!(

@@ -76,7 +76,7 @@ pub(crate) fn workload(we: &WorkloadEntry) -> Result<Workload, Refusal> {
     Ok(Workload {
         uid: uid(we),
         service_account,
-        zone: super::service_entry::locality_zone(spec.locality.as_deref()),
+        zone: super::mesh::locality_zone(spec.locality.as_deref()),
         node: String::new(),
         hbone: labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
         name,

@@ -584,6 +584,9 @@ fn forward(
     let timeouts = RouteTimeouts {
         request_ms: ms(&ra.timeout).filter(|t| *t > 0),
         backend_request_ms: ra.retry_policy.as_ref().and_then(|p| ms(&p.per_try_timeout)),
+        // A route timeout (`0s`: none) governs alone; without one, Envoy's 15 s default is the
+        // cluster's read timeout here.
+        unbounded: ra.timeout.is_some(),
     };
     Ok((targets, Some(rewrite).filter(|r| *r != Rewrite::default()), timeouts))
 }
