@@ -1345,6 +1345,29 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
         },
     )
     .await;
+    // Istio's way, mesh-wide: every declared HTTP port per request, so A's sidecar counts them.
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\nspec: {{httpRouting: Always}}\n"
+    ));
+    let series = format!("ferrum_route_requests_total{{route=\"service/{NS}/svc-b:80\",code=\"2xx\"}}");
+    let counted = || {
+        let out = w.pods[a].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eventually(
+        "httpRouting: Always routes svc-b's port 80 per request",
+        Duration::from_secs(20),
+        async || {
+            let before = counted();
+            let (x, y) = as_user("bob", 10);
+            x + y == 10 && counted() >= before + 10.0
+        },
+    )
+    .await;
 }
 
 /// Routes for some callers only (Istio `sourceLabels`): a canary client (`track: canary`) and a

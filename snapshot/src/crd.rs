@@ -325,6 +325,20 @@ pub struct MeshConfigSpec {
     /// `extensionProviders`), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Which Service ports declared HTTP a client's sidecar serves request by request without a
+    /// mesh route: `WhenNeeded` (the default) those of Services with a traffic policy, and HTTP/2
+    /// and gRPC ports; `Always` every one, as Istio does (per-request metrics for all of them,
+    /// at a sidecar's L7 cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_routing: Option<HttpRouting>,
+}
+
+/// See [`MeshConfigSpec::http_routing`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum HttpRouting {
+    #[default]
+    WhenNeeded,
+    Always,
 }
 
 /// One external authorization service, as Istio's MeshConfig writes it.
@@ -414,6 +428,7 @@ impl Default for MeshConfigSpec {
             trust_domain: default_trust_domain(),
             default_traffic_policy: None,
             extension_providers: Vec::new(),
+            http_routing: None,
         }
     }
 }

@@ -4,12 +4,14 @@
 //! connections gives: a traffic policy for the Service (a DestinationRule, a BackendPolicy)
 //! then applies to each request, and the requests of an HTTP/2 or gRPC port, which one
 //! connection carries, spread over its endpoints instead of staying on the first one picked.
-//! Other HTTP ports stay at L4, where a sidecar relays bytes for less than it parses requests.
+//! Other HTTP ports stay at L4, where a sidecar relays bytes for less than it parses requests —
+//! unless the MeshConfig says `httpRouting: Always`, Istio's way (every declared HTTP port).
 //! GAMMA routes and VirtualServices replace a port's default table.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::crd::HttpRouting;
 use crate::mesh::{HttpProtocol, MeshService, ServiceRoutes};
 use crate::model::{Digest, Route, WeightedCluster};
 use crate::resources::Resources;
@@ -56,6 +58,11 @@ pub(crate) fn table(
     Some(with)
 }
 
+/// Whether the mesh routes every declared HTTP port (MeshConfig `httpRouting: Always`).
+pub(crate) fn always(res: &Resources) -> bool {
+    super::backends::mesh_config(res).and_then(|m| m.spec.http_routing) == Some(HttpRouting::Always)
+}
+
 /// Gives the Kubernetes Services their default tables (re-hashing only those Services).
 pub(crate) fn services(
     services: &mut [Arc<MeshService>],
@@ -64,6 +71,7 @@ pub(crate) fn services(
     clusters: &mut Clusters<'_>,
 ) {
     let ruled = with_policy(res);
+    let always = always(res);
     for (s, digest) in services.iter_mut().zip(digests.iter_mut()) {
         if !s.ports.iter().any(|p| p.http().is_some()) {
             continue;
@@ -71,7 +79,7 @@ pub(crate) fn services(
         let Some((ns, name)) = s.key.split_once('/') else {
             continue;
         };
-        let policy = ruled.contains(&(ns, name));
+        let policy = always || ruled.contains(&(ns, name));
         let with = table(s, policy, |port| {
             let target = BackendRef {
                 group: "",
@@ -221,6 +229,23 @@ spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type:
         let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
         assert!(view.clusters.iter().any(|c| c.name == "service/shop/greeter:9090"));
         crate::validate(&view).unwrap();
+    }
+
+    #[test]
+    fn the_mesh_config_may_route_every_declared_http_port() {
+        let t = translated(
+            "apiVersion: ferrum.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: default, namespace: ferrum-system}
+spec: {httpRouting: Always}
+",
+        );
+        assert_eq!(
+            defaults(&t, "shop/plain"),
+            [(80, "service/shop/plain:80".to_string())],
+            "its HTTP port, without a policy; not its undeclared one"
+        );
+        assert_eq!(defaults(&t, "shop/web"), [(80, "service/shop/web:80".to_string())]);
     }
 
     #[test]

@@ -133,12 +133,13 @@ pub(crate) fn http_ports(s: &MeshService) -> impl Iterator<Item = u16> + '_ {
 /// replaces that table with its own. Entries with resolution `NONE` (no endpoints to route to)
 /// and wildcard hosts keep going at L4.
 pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &Resources, clusters: &mut Clusters<'_>) {
+    let always = super::default_routes::always(res);
     for (s, digest) in entries.iter_mut() {
         let ns = s.key.split('/').next().unwrap_or_default();
         if s.resolution == Resolution::Passthrough || s.hostname.starts_with('*') {
             continue;
         }
-        let policy = super::destination_rule::for_host(res, &s.hostname, ns).is_some();
+        let policy = always || super::destination_rule::for_host(res, &s.hostname, ns).is_some();
         let entry: &MeshService = s;
         if let Some(with) = super::default_routes::table(entry, policy, |port| clusters.entry(entry, port).ok()) {
             *digest = with.digest();
