@@ -1346,10 +1346,10 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
     )
     .await;
     // Istio's way, mesh-wide: every declared HTTP port per request, so A's sidecar counts them.
-    w.cluster.apply(&format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n---\n\
-         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\nspec: {{httpRouting: Always}}\n"
-    ));
+    w.cluster.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferrum-system}\n---\n\
+         apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec: {httpRouting: Always}\n",
+    );
     let series = format!("ferrum_route_requests_total{{route=\"service/{NS}/svc-b:80\",code=\"2xx\"}}");
     let counted = || {
         let out = w.pods[a].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
