@@ -81,6 +81,17 @@ pub(crate) struct BackendRef<'r> {
 }
 
 impl<'r> BackendRef<'r> {
+    /// Port `port` of Service `namespace/name`.
+    pub(crate) fn service(namespace: &'r str, name: &'r str, port: u16) -> Self {
+        BackendRef {
+            group: "",
+            kind: "Service",
+            namespace,
+            name,
+            port: Some(port.into()),
+        }
+    }
+
     /// A Gateway API backendRef's fields with the spec's defaults: the core group, kind
     /// Service, the route's namespace.
     pub(crate) fn with_defaults(

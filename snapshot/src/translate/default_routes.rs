@@ -81,14 +81,9 @@ pub(crate) fn services(
         };
         let policy = always || ruled.contains(&(ns, name));
         let with = table(s, policy, |port| {
-            let target = BackendRef {
-                group: "",
-                kind: "Service",
-                namespace: ns,
-                name,
-                port: Some(port.into()),
-            };
-            clusters.resolve("Service", ns, &target).ok()
+            clusters
+                .resolve("Service", ns, &BackendRef::service(ns, name, port))
+                .ok()
         });
         if let Some(with) = with {
             *digest = with.digest();

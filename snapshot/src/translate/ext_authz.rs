@@ -225,13 +225,7 @@ fn cluster_of(
             format!("{host:?} is neither a Service of this cluster nor a ServiceEntry host"),
         ));
     };
-    let target = BackendRef {
-        group: "",
-        kind: "Service",
-        namespace: ns,
-        name,
-        port: Some(port.into()),
-    };
+    let target = BackendRef::service(ns, name, port);
     // gRPC: the HTTP/2 variant of the Service's cluster, as a GRPCRoute's backend gets.
     let kind = match api {
         ExtAuthzApi::Http => "MeshConfig",

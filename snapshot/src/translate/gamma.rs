@@ -271,6 +271,11 @@ spec:
         assert_eq!(b.routes.len(), 2, "one producer and one consumer table on port 80 only");
         let producer = b.routes_for(80, "other").unwrap();
         assert_eq!(producer.consumer, None);
+        assert_eq!(
+            producer.routes[0].timeouts.per_try_ms(15_000),
+            None,
+            "a mesh route without timeouts has none"
+        );
         let Action::Forward(split) = &producer.routes[0].action else {
             panic!()
         };

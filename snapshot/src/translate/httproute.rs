@@ -364,9 +364,13 @@ fn translate_object(
             let created = created(&route.metadata);
             // Mesh routes need no ReferenceGrant for backends in other namespaces (mesh.md).
             clusters.waive_grants(targets.is_empty());
+            let mesh_only = targets.is_empty();
             rules = translate_rules(route, &obj, clusters, problems)
                 .into_iter()
-                .map(|(ri, mi, r)| {
+                .map(|(ri, mi, mut r)| {
+                    // In the mesh, as Istio has it, a route without timeouts has none: the
+                    // cluster's read timeout is a Gateway's default, not a sidecar's.
+                    r.timeouts.unbounded |= mesh_only;
                     Arc::new(RouteEntry {
                         owner: id,
                         key: key(&created, &obj, ri, mi, &r.matcher),

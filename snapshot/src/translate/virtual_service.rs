@@ -924,13 +924,8 @@ fn resolve(
             ),
         ));
     };
-    let target = BackendRef {
-        group: "",
-        kind: "Service",
-        namespace: sns,
-        name,
-        port: Some(d.port.or_else(|| only_port(reg.res, sns, name)).unwrap_or(port).into()),
-    };
+    let at = d.port.or_else(|| only_port(reg.res, sns, name)).unwrap_or(port);
+    let target = BackendRef::service(sns, name, at);
     let base = clusters.resolve("VirtualService", ns, &target)?;
     match &d.subset {
         None => Ok(base),
