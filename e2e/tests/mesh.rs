@@ -1299,13 +1299,13 @@ async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
 /// spread over both; without the rule, one user's connections are balanced over both pods.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
-    let (w, [a, ..]) = two_versions_of_b().await;
+    let (mut w, [a, _, b2]) = two_versions_of_b().await;
     w.cluster.kubectl(
         &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
         None,
     );
-    let as_user = |user: &str, n: usize| calls_to_svc_b(&w, a, n, "/u", &["-H", &format!("x-user: {user}")]);
-    let one_user = as_user("alice", 10);
+    let as_user = |w: &World, user: &str, n: usize| calls_to_svc_b(w, a, n, "/u", &["-H", &format!("x-user: {user}")]);
+    let one_user = as_user(&w, "alice", 10);
     assert!(
         one_user.0 > 0 && one_user.1 > 0,
         "no rule: one user's connections go to both pods: {one_user:?}"
@@ -1315,13 +1315,13 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
          spec: {{host: svc-b, trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}}}}}\n"
     ));
     eventually("the rule pins a user to one pod", Duration::from_secs(20), async || {
-        let (x, y) = as_user("alice", 10);
+        let (x, y) = as_user(&w, "alice", 10);
         x + y == 10 && (x == 0 || y == 0)
     })
     .await;
     let mut pods = (0, 0);
     for i in 0..12 {
-        let (x, y) = as_user(&format!("user-{i}"), 6);
+        let (x, y) = as_user(&w, &format!("user-{i}"), 6);
         assert_eq!(x + y, 6, "user-{i}: every call answered");
         assert!(x == 0 || y == 0, "user-{i} stays on one pod: {x} / {y}");
         pods.0 += usize::from(x > 0);
@@ -1332,6 +1332,13 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
         pods.0, pods.1
     );
     assert!(pods.0 > 0 && pods.1 > 0, "the users spread over both pods: {pods:?}");
+    // b-2's app goes away: its users' calls are tried again on b-1 (Istio's default retries).
+    w.pods[b2].app = None;
+    for i in 0..12 {
+        let (x, y) = as_user(&w, &format!("user-{i}"), 3);
+        assert_eq!((x, y), (3, 0), "user-{i}: every call answered by b-1");
+    }
+    w.app(b2);
     let dr = w.cluster.get("destinationrule", NS, "svc-b");
     assert_eq!(dr["status"]["conditions"][0]["status"], "True", "{dr}");
     w.cluster
@@ -1340,7 +1347,7 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
         "without the rule, one user's connections are balanced again",
         Duration::from_secs(20),
         async || {
-            let (x, y) = as_user("alice", 10);
+            let (x, y) = as_user(&w, "alice", 10);
             x > 0 && y > 0
         },
     )
@@ -1363,7 +1370,7 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
         Duration::from_secs(20),
         async || {
             let before = counted();
-            let (x, y) = as_user("bob", 10);
+            let (x, y) = as_user(&w, "bob", 10);
             x + y == 10 && counted() >= before + 10.0
         },
     )

@@ -272,6 +272,9 @@ impl ClusterRuntime {
         // The proxy's zone, when the cluster has locality failover.
         zone: Option<&str>,
     ) -> Result<Arc<Self>, ClusterError> {
+        // Failures under other TLS settings (a DestinationRule's mode changed) say nothing about
+        // these: like Envoy for a changed cluster, its endpoints start afresh.
+        let previous = previous.filter(|p| p.spec.tls == spec.tls);
         let old: HashMap<&str, &Arc<EndpointState>> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
             .unwrap_or_default();
@@ -678,6 +681,25 @@ mod tests {
         assert!(
             Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]),
             "its state carried over"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ejection_outlives_a_config_change_but_not_a_change_of_tls() {
+        let mut c = Cluster::new("c", vec![Endpoint::new("127.0.0.1", 1)]);
+        let first = runtime(&c, None);
+        first.endpoints[0].ejected_until_ms.store(now_ms() + 30_000, Relaxed);
+        c.lb = LbPolicy::Random;
+        let second = runtime(&c, Some(&first));
+        assert!(second.endpoints[0].ejected(), "same TLS: what was learned stays");
+        c.tls = Some(ferrum_snapshot::model::UpstreamTls {
+            sni: "backend.example".into(),
+            ..Default::default()
+        });
+        let third = runtime(&c, Some(&second));
+        assert!(
+            !third.endpoints[0].ejected(),
+            "failures under the old TLS settings are forgotten"
         );
     }
 

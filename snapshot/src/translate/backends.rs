@@ -191,6 +191,11 @@ impl<'a> Clusters<'a> {
         }
     }
 
+    /// Cluster `name`, built this translation.
+    pub(crate) fn built(&self, name: &str) -> Option<&Cluster> {
+        self.built.get(name).map(|b| &*b.cluster)
+    }
+
     pub(crate) fn waive_grants(&mut self, waived: bool) {
         self.grants_waived = waived;
     }

@@ -19,11 +19,14 @@ use crate::resources::Resources;
 use super::backends::{BackendRef, Clusters};
 
 /// `s` with a default route on each port that gets one (`policy`: a traffic policy applies to
-/// the service), to the cluster `cluster` gives for the port; `None` when no port gets one.
+/// the service), to the cluster `clusters` resolves for the port with `resolve`; `None` when no
+/// port gets one. Each route retries as Istio's default route does unless its cluster has a
+/// retry policy of its own (a BackendPolicy's).
 pub(crate) fn table(
     s: &MeshService,
     policy: bool,
-    mut cluster: impl FnMut(u16) -> Option<String>,
+    clusters: &mut Clusters<'_>,
+    mut resolve: impl FnMut(&mut Clusters<'_>, u16) -> Option<String>,
 ) -> Option<MeshService> {
     let routes: Vec<ServiceRoutes> = s
         .ports
@@ -34,7 +37,8 @@ pub(crate) fn table(
             None => false,
         })
         .filter_map(|p| {
-            let c = cluster(p.port)?;
+            let c = resolve(clusters, p.port)?;
+            let own_retry = clusters.built(&c).is_some_and(|c| c.retry.is_some());
             let target = WeightedCluster {
                 cluster: Some(c.clone()),
                 weight: 1,
@@ -43,6 +47,7 @@ pub(crate) fn table(
             let mut route = Route::forward(c, vec![target]);
             // As Istio's default route: no timeout (long polls and gRPC streams are the app's).
             route.timeouts.unbounded = true;
+            route.retry = (!own_retry).then(super::virtual_service::istio_default_retry);
             Some(ServiceRoutes {
                 port: p.port,
                 consumer: None,
@@ -80,7 +85,7 @@ pub(crate) fn services(
             continue;
         };
         let policy = always || ruled.contains(&(ns, name));
-        let with = table(s, policy, |port| {
+        let with = table(s, policy, clusters, |clusters, port| {
             clusters
                 .resolve("Service", ns, &BackendRef::service(ns, name, port))
                 .ok()
@@ -152,7 +157,7 @@ spec: {host: web, trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName
 apiVersion: ferrum.dev/v1alpha1
 kind: BackendPolicy
 metadata: {name: api, namespace: shop}
-spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type: LeastRequest}}
+spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type: LeastRequest}, retry: {attempts: 1}}
 ";
 
     fn translated(extra: &str) -> crate::Translation {
@@ -220,6 +225,15 @@ spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type:
             None,
             "no timeout, as Istio's default route"
         );
+        let retry = route.retry.as_ref().expect("Istio's default retries");
+        let on: Vec<&str> = retry.on.iter().map(String::as_str).collect();
+        assert_eq!(
+            (retry.attempts, on.as_slice()),
+            (2, &["connect-failure", "reset", "503"][..])
+        );
+        let api = t.snapshot.services.iter().find(|s| s.key == "shop/api").unwrap();
+        let route = &api.routes_for(80, "shop").unwrap().routes[0];
+        assert_eq!(route.retry, None, "the BackendPolicy's own retries apply");
         // A sidecar's view carries the default routes' clusters.
         let view = t.snapshot.mesh_view(&t.digests, None, |_| true);
         assert!(view.clusters.iter().any(|c| c.name == "service/shop/greeter:9090"));

@@ -141,7 +141,10 @@ pub(crate) fn default_routes(entries: &mut [(Arc<MeshService>, Digest)], res: &R
         }
         let policy = always || super::destination_rule::for_host(res, &s.hostname, ns).is_some();
         let entry: &MeshService = s;
-        if let Some(with) = super::default_routes::table(entry, policy, |port| clusters.entry(entry, port).ok()) {
+        let with = super::default_routes::table(entry, policy, clusters, |clusters, port| {
+            clusters.entry(entry, port).ok()
+        });
+        if let Some(with) = with {
             *digest = with.digest();
             *s = Arc::new(with);
         }

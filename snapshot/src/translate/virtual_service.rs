@@ -491,6 +491,13 @@ fn retries(r: &crate::istio::VsRetries, at: &str) -> Result<(Option<RetryPolicy>
     Ok((Some(policy), per_try))
 }
 
+/// Istio's retry policy for a route that sets none: 2 attempts on `connect-failure`,
+/// `refused-stream`, `unavailable`, `cancelled` and 503.
+pub(crate) fn istio_default_retry() -> RetryPolicy {
+    let (policy, _) = retries(&Default::default(), "").expect("the defaults are valid");
+    policy.expect("the defaults retry")
+}
+
 /// A share in percent as per million (Istio's fractions of a percent kept to four places); an
 /// absent share injects nothing, as in Istio (Envoy's default percentage is 0).
 fn per_million(p: Option<&crate::istio::VsPercent>, whole: Option<i64>, field: &str) -> Result<u32, Refusal> {
