@@ -514,6 +514,9 @@ impl<'a> Clusters<'a> {
                 c = with_rule;
             }
         }
+        if let Some(tls) = c.tls.as_mut() {
+            entry_subject_alt_names(self.res, &s.key, tls);
+        }
         if c.tls.as_ref().is_some_and(|t| t.sni.starts_with('*')) {
             return Err((
                 Reason::UnsupportedValue,
@@ -874,6 +877,32 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         });
     }
     Ok(())
+}
+
+/// A ServiceEntry's `subjectAltNames` (entry key `namespace/name/host`) for the TLS a
+/// DestinationRule originates to it, when the rule names none itself (Istio's precedence).
+fn entry_subject_alt_names(res: &Resources, key: &str, tls: &mut UpstreamTls) {
+    if !tls.subject_alt_names.is_empty() || !tls.subject_alt_uris.is_empty() {
+        return;
+    }
+    let mut parts = key.splitn(3, '/');
+    let (Some(ns), Some(name)) = (parts.next(), parts.next()) else {
+        return;
+    };
+    let Some(se) = res
+        .service_entries
+        .iter()
+        .find(|e| e.metadata.namespace.as_deref() == Some(ns) && e.metadata.name.as_deref() == Some(name))
+    else {
+        return;
+    };
+    let (uris, names): (Vec<&String>, Vec<&String>) = se
+        .spec
+        .subject_alt_names
+        .iter()
+        .partition(|n| crate::validate::is_uri(n));
+    tls.subject_alt_names = names.into_iter().cloned().collect();
+    tls.subject_alt_uris = uris.into_iter().cloned().collect();
 }
 
 /// The CAs `t` takes from Secrets: its `caCertificateRef`'s (required), else — when no CA file

@@ -156,10 +156,10 @@ fn not_read(spec: &ServiceEntrySpec) -> Result<(), Refusal> {
     if let Some(field) = spec.other.keys().next() {
         return Err(unsupported(format!("spec.{field}"), "not supported"));
     }
-    if !spec.subject_alt_names.is_empty() {
+    if !spec.subject_alt_names.is_empty() && spec.location.as_deref() == Some("MESH_INTERNAL") {
         return Err(unsupported(
             "spec.subjectAltNames",
-            "not supported: mesh endpoints are checked against their workload's SPIFFE identity",
+            "not supported inside the mesh: mesh endpoints are checked against their workload's SPIFFE identity",
         ));
     }
     for (i, p) in spec.ports.iter().enumerate() {
@@ -496,7 +496,8 @@ mod tests {
     }
 
     const EXTERNAL: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: ns}\n\
-        spec: {hosts: [api.example.com], resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}, {number: 9000, name: raw, protocol: TCP}]}\n---\n\
+        spec: {hosts: [api.example.com], resolution: DNS, ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}, {number: 9000, name: raw, protocol: TCP}], \
+               subjectAltNames: [edge.example.net, 'spiffe://example.net/edge']}\n---\n\
         apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: legacy, namespace: ns}\n\
         spec: {hosts: [legacy.example.com], addresses: [203.0.113.7], ports: [{number: 80, name: http, protocol: HTTP}]}\n---\n\
         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api-tls, namespace: other}\n\
@@ -524,6 +525,14 @@ mod tests {
             (tls.sni.as_str(), tls.ca_file.as_deref()),
             ("api.example.com", Some("/etc/ca.pem")),
             "SNI defaults to the host"
+        );
+        assert_eq!(
+            (tls.subject_alt_names.as_slice(), tls.subject_alt_uris.as_slice()),
+            (
+                &["edge.example.net".to_string()][..],
+                &["spiffe://example.net/edge".to_string()][..]
+            ),
+            "the entry's subjectAltNames check the certificate the rule's TLS meets"
         );
         assert_eq!(c.timeouts.connect_ms, 2000);
         let legacy = service(&t, "ns/legacy/legacy.example.com");
