@@ -128,9 +128,10 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
     };
     if let Some(p) = &vh.policies {
         let mut parts = http_parts(req, &path);
-        // Source-address rules see a loopback client.
-        let client = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut decision = p.decide(&mut parts, client, *addr);
+        // Source-address rules see a loopback client, or the trusted X-Forwarded-For hop.
+        let mut conn = ferrum_dp::proxy::ConnInfo::direct(*addr, std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        conn.trust_forwarded(&parts.headers, l.client_address.xff_trusted_hops);
+        let mut decision = p.decide(&mut parts, &conn);
         if let GatewayDecision::Ask(provider, rest) = decision {
             let _ = writeln!(
                 out,

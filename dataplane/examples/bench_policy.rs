@@ -168,6 +168,7 @@ fn main() {
     let allowed = Connection {
         peer: Some(&front),
         source: "10.2.0.9".parse().unwrap(),
+        remote: "10.2.0.9".parse().unwrap(),
         destination: dst,
         request: None,
         auth: None,

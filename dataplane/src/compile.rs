@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrum_snapshot::mesh::PolicyRule;
-use ferrum_snapshot::model::{Action as SnapAction, Protocol};
+use ferrum_snapshot::model::{Action as SnapAction, ClientAddress, Protocol};
 use ferrum_snapshot::{Secrets, Snapshot};
 
 use crate::listener::tls::{self, TlsError};
@@ -35,6 +35,8 @@ pub struct CompiledListener {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Each request is logged (see [`crate::access_log`]).
     pub access_log: bool,
+    /// PROXY protocol and trusted `X-Forwarded-For` hops (see [`crate::listener::client`]).
+    pub client_address: ClientAddress,
 }
 
 impl Compiled {
@@ -172,6 +174,7 @@ impl Compiler {
                     hosts: HostTable::build(vhosts),
                     tls,
                     access_log: l.access_log,
+                    client_address: l.client_address,
                 },
             );
         }
@@ -343,6 +346,7 @@ fn mesh_listener(name: String, vhosts: Vec<(String, VirtualHost)>) -> CompiledLi
         hosts: HostTable::build(vhosts),
         tls: None,
         access_log: false,
+        client_address: ClientAddress::default(),
     }
 }
 

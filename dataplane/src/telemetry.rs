@@ -109,6 +109,9 @@ pub struct Registry {
     pub downstream_total: AtomicU64,
     /// Client connections closed at accept because their listener was full.
     pub downstream_rejected: AtomicU64,
+    /// Client connections closed because they did not start with the PROXY protocol header
+    /// their listener expects.
+    pub proxy_protocol_refused: AtomicU64,
     /// Requests that matched no route (404) or no listener host.
     pub unrouted: AtomicU64,
     /// Times freed heap was handed back to the OS after a load (`memory`).
@@ -291,6 +294,13 @@ impl Collector for Scrape {
             "Client connections closed at accept because their listener had --max-connections open.",
             counter,
             load(&r.downstream_rejected),
+        )?;
+        single(
+            &mut enc,
+            "ferrum_downstream_proxy_protocol_refused",
+            "Client connections closed because they did not start with the PROXY protocol header their listener expects.",
+            counter,
+            load(&r.proxy_protocol_refused),
         )?;
         single(
             &mut enc,

@@ -31,4 +31,8 @@ pub mod xds {
     pub const BACKEND_NOT_FOUND: &str = "backend_not_found";
     pub const HCM: &str =
         "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    /// The listener filter that reads a PROXY protocol header first.
+    pub const PROXY_PROTOCOL_FILTER: &str = "envoy.filters.listener.proxy_protocol";
+    pub const PROXY_PROTOCOL: &str =
+        "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
 }

@@ -75,6 +75,7 @@ fn same_head(a: &Listener, b: &Listener) -> bool {
         && a.gateways == b.gateways
         && a.gateway_hosts == b.gateway_hosts
         && a.access_log == b.access_log
+        && a.client_address == b.client_address
 }
 
 fn head(l: &Listener) -> Listener {

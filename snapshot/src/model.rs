@@ -44,7 +44,7 @@ pub struct Snapshot {
 
 /// The snapshot format this build writes and fully understands. Raise it when a field or kind
 /// is added that older consumers would drop.
-pub const SCHEMA: u32 = 13;
+pub const SCHEMA: u32 = 14;
 
 /// SHA-256 of one part of a snapshot.
 pub type Digest = [u8; 32];
@@ -188,6 +188,8 @@ struct ListenerHead<'a> {
     gateway_hosts: &'a [GatewayHost],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     access_log: bool,
+    #[serde(skip_serializing_if = "ClientAddress::is_default")]
+    client_address: ClientAddress,
 }
 
 impl Listener {
@@ -201,6 +203,7 @@ impl Listener {
             gateways: &self.gateways,
             gateway_hosts: &self.gateway_hosts,
             access_log: self.access_log,
+            client_address: self.client_address,
         })
     }
 }
@@ -478,6 +481,30 @@ pub struct Listener {
     /// Log every request as a JSON line (a Gateway's `ferrum.dev/access-log: "true"`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub access_log: bool,
+    /// Who the client is when load balancers stand in front (schema 14).
+    #[serde(default, skip_serializing_if = "ClientAddress::is_default")]
+    pub client_address: ClientAddress,
+}
+
+/// How a listener learns the client's address when load balancers stand in front of it, as
+/// Envoy's `proxy_protocol` listener filter and `xff_num_trusted_hops` do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAddress {
+    /// Every connection starts with a PROXY protocol header (v1 or v2), whose source address is
+    /// the client's; a connection without one is closed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// How many proxies in front append to `X-Forwarded-For`: the client is the address this
+    /// many entries from its right end (0: the connection's own).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub xff_trusted_hops: u8,
+}
+
+impl ClientAddress {
+    pub fn is_default(&self) -> bool {
+        *self == ClientAddress::default()
+    }
 }
 
 /// One Gateway listener bound to a snapshot listener.
@@ -888,8 +915,8 @@ pub struct Cluster {
     pub locality_failover: bool,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// Envoy's `slow_start_config` (Istio's `warmup`): during `window_ms` from the moment an

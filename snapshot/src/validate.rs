@@ -728,6 +728,7 @@ mod tests {
                 gateways: vec![],
                 gateway_hosts: vec![],
                 access_log: false,
+                client_address: Default::default(),
             }],
             clusters.into_iter().map(Arc::new).collect(),
         )

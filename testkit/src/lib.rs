@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 pub mod ext_authz;
+pub mod haproxy;
 pub mod l4;
 pub mod netns;
 pub mod otlp;

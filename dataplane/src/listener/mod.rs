@@ -1,6 +1,7 @@
 //! Bound sockets and connections: accept (with a per-listener cap), TLS, protocol detection
 //! (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), header limits, and draining.
 
+pub mod client;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -215,10 +216,7 @@ async fn accept_loop(
         let count = ConnCount::new(shared.clone(), open.clone());
         tokio::spawn(connection(
             stream,
-            ConnInfo {
-                listener: bound,
-                client,
-            },
+            ConnInfo::direct(bound, client),
             count,
             http.clone(),
             stop.clone(),
@@ -281,14 +279,32 @@ pub async fn detect(stream: &TcpStream, within: Duration) -> Option<HttpVersion>
     tokio::time::timeout(within, sniff).await.ok().flatten()
 }
 
-async fn connection(stream: TcpStream, info: ConnInfo, count: ConnCount, http: Arc<Http>, stop: watch::Receiver<bool>) {
+async fn connection(
+    mut stream: TcpStream,
+    mut info: ConnInfo,
+    count: ConnCount,
+    http: Arc<Http>,
+    stop: watch::Receiver<bool>,
+) {
     let shared = count.shared.clone();
-    let (protocol, tls) = shared
+    let (protocol, tls, proxy_protocol) = shared
         .config
         .load()
         .listeners
         .get(&info.listener)
-        .map_or((SnapProtocol::Http, None), |l| (l.protocol, l.tls.clone()));
+        .map_or((SnapProtocol::Http, None, false), |l| {
+            (l.protocol, l.tls.clone(), l.client_address.proxy_protocol)
+        });
+    if proxy_protocol {
+        match client::read_proxy_header(&mut stream, info.peer, shared.limits.header_read_timeout).await {
+            Ok(c) => (info.client, info.remote) = (c, c),
+            Err(e) => {
+                shared.registry.proxy_protocol_refused.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %info.peer, error = %e, "connection refused");
+                return;
+            }
+        }
+    }
     match (protocol, tls) {
         (SnapProtocol::Tcp, _) => crate::tcp::forward::serve_plain(stream, false, info, shared).await,
         (SnapProtocol::Tls, None) => crate::tcp::forward::serve_plain(stream, true, info, shared).await,

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::ext_authz::ExtAuthz;
 use super::jwt::Jwt;
+use crate::proxy::ConnInfo;
 use crate::upstream::ClusterRuntime;
 
 /// What compiled policies reach their CUSTOM providers by: the config's clusters, by name,
@@ -45,7 +46,11 @@ impl Upstreams<'static> {
 pub struct Connection<'a> {
     /// The mTLS peer, if any (plaintext has none).
     pub peer: Option<&'a SpiffeId>,
+    /// The address the connection comes from (`ipBlocks`).
     pub source: IpAddr,
+    /// The client's, behind load balancers a gateway trusts (`remoteIpBlocks`): the source
+    /// elsewhere.
+    pub remote: IpAddr,
     pub destination: SocketAddr,
     /// The HTTP request, when judged per request.
     pub request: Option<&'a http::request::Parts>,
@@ -54,12 +59,13 @@ pub struct Connection<'a> {
 }
 
 impl<'a> Connection<'a> {
-    /// A request a gateway's listener at `listener` took from `client` (no mTLS peer).
-    fn gateway(req: &'a http::request::Parts, client: SocketAddr, listener: SocketAddr, auth: Option<&'a Jwt>) -> Self {
+    /// A request a gateway's listener took on `conn` (no mTLS peer).
+    fn gateway(req: &'a http::request::Parts, conn: &ConnInfo, auth: Option<&'a Jwt>) -> Self {
         Connection {
             peer: None,
-            source: client.ip(),
-            destination: listener,
+            source: conn.peer.ip(),
+            remote: conn.remote.ip(),
+            destination: conn.listener,
             request: Some(req),
             auth,
         }
@@ -423,9 +429,8 @@ impl CSource {
             && not_field(&self.not_service_accounts, sa)
             && in_nets(&self.ip_blocks, f.source)
             && not_in_nets(&self.not_ip_blocks, f.source)
-            // Without a proxy in front (no X-Forwarded-For at L4) the remote is the source.
-            && in_nets(&self.remote_ip_blocks, f.source)
-            && not_in_nets(&self.not_remote_ip_blocks, f.source)
+            && in_nets(&self.remote_ip_blocks, f.remote)
+            && not_in_nets(&self.not_remote_ip_blocks, f.remote)
     }
 }
 
@@ -529,6 +534,7 @@ struct Facts<'a> {
     namespace: Option<&'a str>,
     service_account: Option<String>,
     source: IpAddr,
+    remote: IpAddr,
     destination: SocketAddr,
     port: String,
     request: Option<&'a http::request::Parts>,
@@ -542,6 +548,7 @@ impl<'a> Facts<'a> {
             namespace: c.peer.map(|p| p.namespace.as_str()),
             service_account: c.peer.map(|p| format!("{}/{}", p.namespace, p.service_account)),
             source: c.source,
+            remote: c.remote,
             destination: c.destination,
             port: c.destination.port().to_string(),
             request: c.request,
@@ -725,14 +732,10 @@ impl GatewayPolicies {
         (!g.authz.is_empty() || !g.authn.is_empty()).then_some(g)
     }
 
-    /// The verdict on one request from `client` to the listener at `listener`: its token, then
-    /// a CUSTOM policy's provider, then the other AuthorizationPolicies.
-    pub fn judge(
-        self: &Arc<Self>,
-        req: &mut http::request::Parts,
-        client: SocketAddr,
-        listener: SocketAddr,
-    ) -> super::l7::Verdict {
+    /// The verdict on one request a listener took on `conn`: its token, then a CUSTOM policy's
+    /// provider, then the other AuthorizationPolicies.
+    pub fn judge(self: &Arc<Self>, req: &mut http::request::Parts, conn: &ConnInfo) -> super::l7::Verdict {
+        let client = conn.remote;
         let auth = match self.authn.authenticate(req) {
             Ok(auth) => auth,
             Err(why) => {
@@ -740,33 +743,27 @@ impl GatewayPolicies {
                 return super::l7::Verdict::Unauthenticated;
             }
         };
-        let conn = Connection::gateway(req, client, listener, auth.as_ref());
-        if let Some(service) = self.authz.asks(&conn) {
-            let me = self.clone();
-            let then = move |req: &mut http::request::Parts| me.authorize(req, client, listener, auth.as_ref());
+        if let Some(service) = self.authz.asks(&Connection::gateway(req, conn, auth.as_ref())) {
+            let (me, conn) = (self.clone(), *conn);
+            let then = move |req: &mut http::request::Parts| me.authorize(req, &conn, auth.as_ref());
             return super::l7::Verdict::Ask(Box::new(super::ext_authz::Ask {
                 service,
                 who: super::ext_authz::Requester {
                     client,
                     principal: None,
-                    destination: listener,
+                    destination: conn.listener,
                 },
                 then: Box::new(then),
             }));
         }
-        self.authorize(req, client, listener, auth.as_ref())
+        self.authorize(req, conn, auth.as_ref())
     }
 
-    fn authorize(
-        &self,
-        req: &http::request::Parts,
-        client: SocketAddr,
-        listener: SocketAddr,
-        auth: Option<&Jwt>,
-    ) -> super::l7::Verdict {
-        match self.authz.check(&Connection::gateway(req, client, listener, auth)) {
+    fn authorize(&self, req: &http::request::Parts, conn: &ConnInfo, auth: Option<&Jwt>) -> super::l7::Verdict {
+        match self.authz.check(&Connection::gateway(req, conn, auth)) {
             Decision::Allow => super::l7::Verdict::Allow,
             Decision::Deny(why) => {
+                let client = conn.remote;
                 tracing::info!(%client, method = %req.method, path = req.uri.path(), policy = %why, "request denied");
                 super::l7::Verdict::Deny
             }
@@ -774,12 +771,12 @@ impl GatewayPolicies {
     }
 
     /// [`Self::judge`]'s reading of a request, with the reasons, and no provider asked.
-    pub fn decide(&self, req: &mut http::request::Parts, client: SocketAddr, listener: SocketAddr) -> GatewayDecision {
+    pub fn decide(&self, req: &mut http::request::Parts, conn: &ConnInfo) -> GatewayDecision {
         let auth = match self.authn.authenticate(req) {
             Ok(auth) => auth,
             Err(why) => return GatewayDecision::Unauthenticated(why.to_string()),
         };
-        let conn = Connection::gateway(req, client, listener, auth.as_ref());
+        let conn = Connection::gateway(req, conn, auth.as_ref());
         let rest = match self.authz.check(&conn) {
             Decision::Allow => GatewayDecision::Allow,
             Decision::Deny(why) => GatewayDecision::Deny(why),
@@ -793,11 +790,12 @@ impl GatewayPolicies {
     /// Why one connection of a TCP or TLS listener is denied (the denying policy), if it is: no
     /// request, so rules on HTTP fields never allow and always deny (Istio's reading for TCP),
     /// and a token is never seen.
-    pub fn denies_connection(&self, client: SocketAddr, listener: SocketAddr) -> Option<String> {
+    pub fn denies_connection(&self, conn: &ConnInfo) -> Option<String> {
         let conn = Connection {
             peer: None,
-            source: client.ip(),
-            destination: listener,
+            source: conn.peer.ip(),
+            remote: conn.remote.ip(),
+            destination: conn.listener,
             request: None,
             auth: None,
         };

@@ -128,6 +128,7 @@ impl App {
         let conn = Connection {
             peer: c.peer.as_ref(),
             source: c.source,
+            remote: c.source,
             destination: c.destination,
             request: Some(request),
             auth: auth.as_ref(),
@@ -162,6 +163,7 @@ impl App {
         let conn = Connection {
             peer: c.peer.as_ref(),
             source: c.source,
+            remote: c.source,
             destination: c.destination,
             request,
             auth,
@@ -469,10 +471,7 @@ impl Sidecar {
         dst: SocketAddr,
     ) {
         self.app.stats.outbound_routed.fetch_add(1, Relaxed);
-        let info = ConnInfo {
-            listener: dst,
-            client: peer,
-        };
+        let info = ConnInfo::direct(dst, peer);
         let shared = self.dp.shared.clone();
         listener::serve(TokioIo::new(s), http, info, shared, &self.http, self.stop.subscribe()).await
     }

@@ -137,10 +137,38 @@ pub struct ConnInfo {
     /// listeners on one port with different addresses are different listeners. For a captured
     /// connection to a mesh Service: its original destination (VIP and port).
     pub listener: SocketAddr,
+    /// Where the connection comes from: a load balancer, when one is in front.
+    pub peer: SocketAddr,
+    /// The client of the connection: its PROXY protocol header's source, else the peer. It is
+    /// what `X-Forwarded-For` is extended with.
     pub client: SocketAddr,
+    /// The client of the request: the trusted `X-Forwarded-For` hop (see
+    /// [`crate::listener::client`]), else the connection's. Policies' `remoteIpBlocks`, the
+    /// access log, source-IP hashing and authorization providers see it.
+    pub remote: SocketAddr,
 }
 
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incoming>) -> Response<ResponseBody> {
+impl ConnInfo {
+    /// A connection with nothing in front of it: peer, client and remote are one.
+    pub fn direct(listener: SocketAddr, peer: SocketAddr) -> Self {
+        ConnInfo {
+            listener,
+            peer,
+            client: peer,
+            remote: peer,
+        }
+    }
+
+    /// Takes the request's client from `X-Forwarded-For` when `hops` proxies in front are
+    /// trusted and it names one.
+    pub fn trust_forwarded(&mut self, headers: &http::HeaderMap, hops: u8) {
+        if let Some(ip) = crate::listener::client::forwarded_client(headers, hops) {
+            self.remote = SocketAddr::new(ip, 0);
+        }
+    }
+}
+
+pub async fn handle(shared: Arc<Shared>, mut conn: ConnInfo, mut req: Request<Incoming>) -> Response<ResponseBody> {
     let started = Instant::now();
     let cfg = shared.config.load();
     // A captured connection to a mesh Service is served by the Service port's routes.
@@ -151,6 +179,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
             None => return Local::RouteNotFound.response(),
         },
     };
+    conn.trust_forwarded(req.headers(), listener.client_address.xff_trusted_hops);
     let span = shared.tracing.begin(req.headers_mut(), kind);
     // Whatever answers the request, the headers an authorization provider that let it on gave
     // for the client go on it.
@@ -160,7 +189,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, mut req: Request<Incomi
         add_response_headers(on_allow, resp.headers_mut());
         return resp;
     }
-    let mut entry = crate::access_log::Entry::of(&req, conn.client, &listener.name);
+    let mut entry = crate::access_log::Entry::of(&req, conn.remote, &listener.name);
     let mut resp = serve(&shared, listener, conn, req, started, Some(&mut entry), &mut on_allow).await;
     add_response_headers(on_allow, resp.headers_mut());
     entry.respond(&resp);
@@ -207,7 +236,7 @@ async fn serve(
     // The host's Gateways' policies decide before any route is chosen.
     if let Some(p) = vh.and_then(|vh| vh.policies.as_ref()) {
         let (mut parts, mut body) = req.into_parts();
-        let verdict = p.judge(&mut parts, conn.client, conn.listener);
+        let verdict = p.judge(&mut parts, &conn);
         let idle = shared.limits.request_body_idle_timeout;
         let refused = match settle(verdict, &mut parts, &mut body, idle).await {
             Settled::Allow(add) => {
@@ -700,11 +729,11 @@ impl Forward<'_> {
             return (None, None);
         };
         if let Some(input) = &self.cluster.spec.hash_input {
-            return hash::input_key(input, parts, self.conn.client);
+            return hash::input_key(input, parts, self.conn.remote);
         }
         let key = match on {
             HashOn::Header(name) => parts.headers.get(name.as_str()).cloned().map(HashKey::Header),
-            HashOn::ClientIp => Some(HashKey::ip(self.conn.client.ip())),
+            HashOn::ClientIp => Some(HashKey::ip(self.conn.remote.ip())),
         };
         (key, None)
     }

@@ -77,7 +77,7 @@ where
     let cfg = shared.config.load();
     let vhost = cfg.listeners.get(&info.listener).and_then(|l| l.hosts.find(host));
     if let Some(p) = vhost.and_then(|vh| vh.policies.as_ref())
-        && let Some(why) = p.denies_connection(info.client, info.listener)
+        && let Some(why) = p.denies_connection(&info)
     {
         tracing::info!(client = %info.client, host, policy = %why, "connection denied");
         return;

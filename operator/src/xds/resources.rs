@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
@@ -25,8 +26,8 @@ use prost::Message;
 use super::jwt::Providers;
 use super::rbac;
 use super::traffic::{self, ClusterIndex};
-use ferrum_proto::xds::HCM;
 pub use ferrum_proto::xds::{BACKEND_NOT_FOUND, CLUSTER, ENDPOINT, LISTENER, NO_WEIGHTED_BACKEND, ROUTE, SECRET};
+use ferrum_proto::xds::{HCM, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER};
 
 /// The types in the order they must be pushed: clusters before their endpoints, secrets and
 /// listeners before their routes.
@@ -196,11 +197,13 @@ fn sds_secret_of(source: &model::CertSource, owner: &str, secrets: &Secrets, out
     }
 }
 
-/// An HTTP connection manager routing by RDS; `filters` run before the router.
+/// An HTTP connection manager routing by RDS; `filters` run before the router; the client is
+/// `xff_trusted_hops` entries from the right of `X-Forwarded-For` (0: the connection's).
 fn connection_manager(
     stat_prefix: &str,
     route_config_name: String,
     filters: Vec<hcm::HttpFilter>,
+    xff_trusted_hops: u8,
 ) -> hcm::HttpConnectionManager {
     let router = hcm::HttpFilter {
         name: "envoy.filters.http.router".into(),
@@ -221,8 +224,31 @@ fn connection_manager(
         // The client is the peer, never what it claims in X-Forwarded-For (which Envoy extends,
         // as ferrum-dp does): RBAC's `remoteIpBlocks` and the access log see the real address.
         use_remote_address: Some(BoolValue { value: true }),
+        xff_num_trusted_hops: xff_trusted_hops.into(),
         ..Default::default()
     }
+}
+
+/// A listener's filters before its chains: the PROXY protocol header first (it precedes the TLS
+/// handshake), then, when chains match server names, the TLS inspector.
+fn listener_filters(l: &model::Listener, tls_inspector: bool) -> Vec<listener::ListenerFilter> {
+    let proxy_protocol = l.client_address.proxy_protocol.then(|| listener::ListenerFilter {
+        name: PROXY_PROTOCOL_FILTER.into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+            PROXY_PROTOCOL,
+            &ProxyProtocol::default(),
+        ))),
+        ..Default::default()
+    });
+    let inspector = tls_inspector.then(|| listener::ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+            "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+            &TlsInspector::default(),
+        ))),
+        ..Default::default()
+    });
+    proxy_protocol.into_iter().chain(inspector).collect()
 }
 
 /// The name of the route configuration of a listener.
@@ -287,7 +313,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
             let api = listener::Listener {
                 name: vh.name.clone(),
                 api_listener: Some(listener::ApiListener {
-                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name, Vec::new()))),
+                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name, Vec::new(), 0))),
                 }),
                 ..Default::default()
             };
@@ -300,10 +326,11 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
             .chain(jwt.filter())
             .chain(rbac::http_filters(rbac))
             .collect();
-        let manager = connection_manager(&l.name, route_name(l), filters);
+        let manager = connection_manager(&l.name, route_name(l), filters, l.client_address.xff_trusted_hops);
         let lis = listener::Listener {
             name: l.name.clone(),
             address: Some(socket(&l.address, l.port)),
+            listener_filters: listener_filters(l, false),
             filter_chains: vec![listener::FilterChain {
                 filters: vec![listener::Filter {
                     name: "envoy.filters.network.http_connection_manager".into(),
@@ -380,22 +407,10 @@ fn l4_listener(
             })
         })
         .collect();
-    let listener_filters = if tls {
-        vec![listener::ListenerFilter {
-            name: "envoy.filters.listener.tls_inspector".into(),
-            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
-                "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
-                &TlsInspector::default(),
-            ))),
-            ..Default::default()
-        }]
-    } else {
-        Vec::new()
-    };
     listener::Listener {
         name: l.name.clone(),
         address: Some(socket(&l.address, l.port)),
-        listener_filters,
+        listener_filters: listener_filters(l, tls),
         filter_chains,
         ..Default::default()
     }

@@ -10,7 +10,7 @@ use gateway_api::gateways::{
 
 use super::{Options, Problems, Reason, meta_ref};
 use crate::model::{
-    CertSource, Certificate, Digest, GatewayHost, Listener, Protocol, Route, VirtualHost, vhost_digest,
+    CertSource, Certificate, ClientAddress, Digest, GatewayHost, Listener, Protocol, Route, VirtualHost, vhost_digest,
 };
 use crate::resources::{ObjectRef, Resources};
 use crate::secret::TlsSecret;
@@ -142,6 +142,42 @@ fn access_log(gw: &Gateway) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// The Gateway annotations that say how its listeners learn the client's address behind load
+/// balancers: `"true"` when every connection starts with a PROXY protocol header, and how many
+/// proxies in front append to `X-Forwarded-For`.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferrum.dev/proxy-protocol";
+pub const XFF_TRUSTED_HOPS_ANNOTATION: &str = "ferrum.dev/xff-trusted-hops";
+
+/// Proxies in front one can trust: more is a misconfiguration, not a topology.
+const MAX_XFF_TRUSTED_HOPS: u8 = 16;
+
+fn client_address(gw: &Gateway, obj: &ObjectRef, problems: &mut Problems<'_>) -> Option<ClientAddress> {
+    let get = |k: &str| gw.metadata.annotations.as_ref().and_then(|a| a.get(k));
+    let field = |k: &str| format!("metadata.annotations[{k}]");
+    let proxy_protocol = match get(PROXY_PROTOCOL_ANNOTATION).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            let why = format!("{other:?} is neither \"true\" nor \"false\"");
+            problems.push(obj, field(PROXY_PROTOCOL_ANNOTATION), Reason::Invalid, why);
+            return None;
+        }
+    };
+    let xff_trusted_hops = match get(XFF_TRUSTED_HOPS_ANNOTATION).map(|v| v.parse::<u8>()) {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_XFF_TRUSTED_HOPS => n,
+        Some(_) => {
+            let why = format!("not a number of proxies from 0 to {MAX_XFF_TRUSTED_HOPS}");
+            problems.push(obj, field(XFF_TRUSTED_HOPS_ANNOTATION), Reason::Invalid, why);
+            return None;
+        }
+    };
+    Some(ClientAddress {
+        proxy_protocol,
+        xff_trusted_hops,
+    })
+}
+
 pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>) -> Listeners {
     let mut out = Listeners {
         bound: Vec::new(),
@@ -158,6 +194,9 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
     for gw in gateways {
         let obj = meta_ref("Gateway", &gw.metadata);
         let Some(address) = gateway_address(gw, &obj, problems) else {
+            continue;
+        };
+        let Some(client) = client_address(gw, &obj, problems) else {
             continue;
         };
         let mut attachable = Vec::new();
@@ -184,6 +223,17 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
             let Some(bound) = out.bind(&address, port, protocol, terminates, &field, &obj, problems) else {
                 continue;
             };
+            // One socket either reads a PROXY header first or does not.
+            let listener = &mut out.bound[bound].listener;
+            if listener.gateways.is_empty() {
+                listener.client_address = client;
+            } else if listener.client_address != client {
+                let why = format!(
+                    "port {port} is shared with a Gateway whose {PROXY_PROTOCOL_ANNOTATION} or {XFF_TRUSTED_HOPS_ANNOTATION} differ"
+                );
+                problems.push(&obj, format!("{field}.port"), Reason::ProtocolConflict, why);
+                continue;
+            }
             out.bound[bound].listener.certificates.extend(certs);
             out.bound[bound].listener.access_log |= access_log(gw);
             out.bound[bound].listener.note_gateway(&obj, l.hostname.clone());
@@ -331,6 +381,7 @@ impl Listeners {
                         gateways: Vec::new(),
                         gateway_hosts: Vec::new(),
                         access_log: false,
+                        client_address: Default::default(),
                     },
                 });
                 self.bound.len() - 1

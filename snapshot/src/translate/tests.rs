@@ -557,6 +557,66 @@ fn invalid_input_is_reported_with_field_and_reason() {
 }
 
 #[test]
+fn gateway_annotations_say_how_listeners_learn_the_client_address() {
+    let gw = |name: &str, port: u16, annotations: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}\n\
+             spec: {{gatewayClassName: ferrum, listeners: [{{name: http, port: {port}, protocol: HTTP}}]}}\n---\n"
+        )
+    };
+    let lb = "ferrum.dev/proxy-protocol: 'true', ferrum.dev/xff-trusted-hops: '2'";
+    let s = ok(&gw("behind-lb", 9090, lb));
+    let at = |s: &Snapshot, port: u16| s.listeners.iter().find(|l| l.port == port).unwrap().client_address;
+    let want = ClientAddress {
+        proxy_protocol: true,
+        xff_trusted_hops: 2,
+    };
+    assert_eq!(at(&s, 9090), want);
+    assert_eq!(at(&s, 8080), ClientAddress::default(), "other Gateways are untouched");
+    // The snapshot says it only where it is set, so older proxies read the same listeners.
+    let json = |port: u16| serde_json::to_value(s.listeners.iter().find(|l| l.port == port).unwrap()).unwrap();
+    assert!(json(8080).get("clientAddress").is_none(), "{}", json(8080));
+    assert_eq!(
+        json(9090)["clientAddress"],
+        serde_json::json!({"proxyProtocol": true, "xffTrustedHops": 2})
+    );
+
+    // A value that is neither, and a port shared with a Gateway that reads connections
+    // differently: the field and the reason, and the rest serves.
+    let t = run(&format!(
+        "{}{}{}",
+        gw("bad", 9091, "ferrum.dev/proxy-protocol: 'yes'"),
+        gw("too-many", 9092, "ferrum.dev/xff-trusted-hops: '17'"),
+        gw("shares", 8080, lb),
+    ));
+    let got: Vec<_> = t
+        .problems
+        .iter()
+        .map(|p| (p.object.name.as_str(), p.field.as_str(), p.reason))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "bad",
+                "metadata.annotations[ferrum.dev/proxy-protocol]",
+                Reason::Invalid
+            ),
+            ("shares", "spec.listeners[0].port", Reason::ProtocolConflict),
+            (
+                "too-many",
+                "metadata.annotations[ferrum.dev/xff-trusted-hops]",
+                Reason::Invalid
+            ),
+        ]
+    );
+    let ports: Vec<u16> = t.snapshot.listeners.iter().map(|l| l.port).collect();
+    assert_eq!(ports, [8080]);
+    assert_eq!(at(&t.snapshot, 8080), ClientAddress::default());
+}
+
+#[test]
 fn the_mesh_default_policy_fills_what_clusters_do_not_set() {
     let mesh = "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\n\
                 spec: {defaultTrafficPolicy: {timeouts: {connect: 100ms, read: 7s}, retry: {attempts: 1, on: [reset]}}}\n---\n\

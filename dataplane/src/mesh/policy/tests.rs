@@ -65,6 +65,7 @@ fn decide(policies: &[Arc<Policy>], w: &Workload, who: &(SpiffeId, IpAddr, Socke
     a.check(&Connection {
         peer: mtls.then_some(&who.0),
         source: who.1,
+        remote: who.1,
         destination: who.2,
         request: None,
         auth: None,
@@ -87,6 +88,7 @@ fn decide_request(
     Authorizer::for_workload(policies, w, &Upstreams::none()).check(&Connection {
         peer: Some(&who.0),
         source: who.1,
+        remote: who.1,
         destination: who.2,
         request: Some(&parts),
         auth: None,
@@ -104,6 +106,7 @@ fn decide_jwt(
     Authorizer::for_workload(policies, w, &Upstreams::none()).check(&Connection {
         peer: Some(&who.0),
         source: who.1,
+        remote: who.1,
         destination: who.2,
         request: Some(&parts),
         auth: jwt,

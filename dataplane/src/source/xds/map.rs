@@ -22,8 +22,9 @@ use ferrum_snapshot::model::{
 use ferrum_snapshot::{Snapshot, model};
 use prost::Message;
 
+use envoy_types::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
-use ferrum_proto::xds::HCM;
+use ferrum_proto::xds::{HCM, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER};
 
 use super::traffic::{self, RoutePolicies};
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
@@ -144,6 +145,44 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, MapError> 
         Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) => Ok(RouteSource::Inline(Box::new(rc))),
         _ => Err(at("routes must come from RDS or be inline")),
     }
+}
+
+/// How the listener learns the client's address: Envoy's PROXY protocol listener filter (the
+/// header required, as Envoy requires it by default) and its connection manager's
+/// `xff_num_trusted_hops`.
+fn client_address(l: &listener::Listener) -> Result<model::ClientAddress, MapError> {
+    let name = format!("Listener {}", l.name);
+    let mut out = model::ClientAddress::default();
+    for f in l.listener_filters.iter().filter(|f| f.name == PROXY_PROTOCOL_FILTER) {
+        if let Some(listener::listener_filter::ConfigType::TypedConfig(tc)) = &f.config_type {
+            let p: ProxyProtocol = decode(tc, PROXY_PROTOCOL).map_err(|e| e.within(&name))?;
+            if p.allow_requests_without_proxy_protocol {
+                return Err(MapError::refused(
+                    &name,
+                    "allow_requests_without_proxy_protocol is not supported: the header is required",
+                ));
+            }
+        }
+        out.proxy_protocol = true;
+    }
+    let managers = l
+        .filter_chains
+        .iter()
+        .flat_map(|c| &c.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(listener::filter::ConfigType::TypedConfig(tc)) if tc.type_url == HCM => Some(tc),
+            _ => None,
+        });
+    for tc in managers {
+        let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| e.within(&name))?;
+        out.xff_trusted_hops = u8::try_from(m.xff_num_trusted_hops).map_err(|_| {
+            MapError::refused(
+                &name,
+                format!("xff_num_trusted_hops {} is too many", m.xff_num_trusted_hops),
+            )
+        })?;
+    }
+    Ok(out)
 }
 
 /// A listener whose filter chains are each one TCP proxy; `None` for any other shape.
@@ -1003,6 +1042,7 @@ pub fn snapshot_noting(
             gateways: Vec::new(),
             gateway_hosts: Vec::new(),
             access_log: false,
+            client_address: client_address(l)?,
         });
     }
     listeners.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
