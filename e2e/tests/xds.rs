@@ -1374,3 +1374,108 @@ async fn a_destination_rule_reaches_envoy_and_ferrum_dp_and_reports_what_it_cann
     .await;
     assert!(backend_of("u").await.is_some(), "the Service still serves");
 }
+
+/// A Gateway behind an L4 load balancer (HAProxy, `send-proxy-v2` and `send-proxy`) that
+/// trusts one `X-Forwarded-For` hop, served by Envoy over our xDS (its `proxy_protocol` listener
+/// filter and `xff_num_trusted_hops`), by ferrum-dp over MeshSubscribe and by ferrum-dp over
+/// xDS (which reads both back off Envoy's listener): each sees the client the header names in
+/// `remoteIpBlocks` and extends `X-Forwarded-For` with it, sees the balancer in `ipBlocks`, and
+/// closes a connection that comes without the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_behind_a_load_balancer_sees_the_client_in_envoy_and_ferrum_dp_alike() {
+    use ferrum_testkit::haproxy::LoadBalancer;
+    const CLIENT: &str = "127.0.0.3";
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    cluster.kubectl(
+        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+        None,
+    );
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]";
+    cluster.apply(&setup(port, &a, &b, (100, 0), None).replacen(
+        "kind: Gateway\nmetadata: {name: web}",
+        "kind: Gateway\nmetadata: {name: web, annotations: {ferrum.dev/proxy-protocol: 'true', ferrum.dev/xff-trusted-hops: '1'}}",
+        1,
+    ));
+    cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: via-lb}}\n\
+         spec: {{{target}, rules: [{{from: [{{source: {{ipBlocks: [127.0.0.1/32]}}}}]}}]}}\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-doc-net}}\n\
+         spec: {{{target}, action: DENY, rules: [{{from: [{{source: {{remoteIpBlocks: [198.51.100.0/24]}}}}]}}]}}\n"
+    ));
+    let lb = LoadBalancer::start(port, "127.0.0.1").await;
+    let c = reqwest::Client::builder()
+        .local_address(CLIENT.parse::<std::net::IpAddr>().unwrap())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let call = async |front: u16, xff: Option<&str>| {
+        let mut r = c
+            .get(format!("http://127.0.0.1:{front}/x"))
+            .header("host", "shop.example.com");
+        if let Some(v) = xff {
+            r = r.header("x-forwarded-for", v);
+        }
+        let r = r.send().await.ok()?;
+        let status = r.status().as_u16();
+        let body: Value = serde_json::from_str(&r.text().await.ok()?).unwrap_or(Value::Null);
+        // Entries only: Envoy appends with "," and ferrum-dp with ", ".
+        let xff: Vec<String> = body["headers"]["x-forwarded-for"][0]
+            .as_str()
+            .map_or(Vec::new(), |v| v.split(',').map(|e| e.trim().to_string()).collect());
+        Some((status, xff))
+    };
+    let sees_the_client = async |proxy: &str, policies: bool| {
+        eventually(
+            &format!("{proxy} serves behind the balancer"),
+            ENVOY_START,
+            async || call(lb.v2, None).await.is_some_and(|(s, _)| s == 200),
+        )
+        .await;
+        for front in [lb.v1, lb.v2] {
+            assert_eq!(
+                call(front, None).await,
+                Some((200, vec![CLIENT.into()])),
+                "{proxy}, port {front}"
+            );
+        }
+        let denied = if policies { 403 } else { 200 };
+        assert_eq!(
+            call(lb.v2, Some("198.51.100.7")).await.map(|r| r.0),
+            Some(denied),
+            "{proxy}"
+        );
+        assert_eq!(
+            call(lb.v2, Some("198.51.100.7, 203.0.113.5")).await,
+            Some((200, vec!["198.51.100.7".into(), "203.0.113.5".into(), CLIENT.into()])),
+            "{proxy}"
+        );
+        let direct = client()
+            .get(format!("http://127.0.0.1:{port}/x"))
+            .header("host", "shop.example.com")
+            .send()
+            .await;
+        assert!(direct.is_err(), "{proxy} answered without a PROXY header: {direct:?}");
+    };
+
+    let envoy = envoy(cluster.dir.path(), "envoy-lb", op.grpc, false);
+    sees_the_client("Envoy", true).await;
+    assert_eq!(
+        last_rejection(&op, "envoy-lb").await,
+        Some(Value::Null),
+        "Envoy accepted"
+    );
+    drop(envoy);
+
+    let cache = cluster.dir.path().join("dp-lb.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-lb", &cache).await;
+    sees_the_client("ferrum-dp", true).await;
+    drop(dp);
+
+    // ferrum-dp over xDS refuses RBAC filters (see above): the listener alone.
+    cluster.kubectl(&["delete", "authorizationpolicy", "via-lb", "no-doc-net"], None);
+    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-lb-xds").await;
+    sees_the_client("ferrum-dp over xDS", false).await;
+}

@@ -1371,6 +1371,50 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_protocol_filter_and_trusted_hops_are_the_listeners_client_address() {
+        let behind_lb = |allow_without: bool, hops: u32| {
+            let mut l = http_listener(vec![filter(ROUTER, false)]);
+            let proxy = ProxyProtocol {
+                allow_requests_without_proxy_protocol: allow_without,
+                ..Default::default()
+            };
+            l.listener_filters.push(listener::ListenerFilter {
+                name: PROXY_PROTOCOL_FILTER.into(),
+                config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+                    PROXY_PROTOCOL,
+                    &proxy,
+                ))),
+                ..Default::default()
+            });
+            let Some(listener::filter::ConfigType::TypedConfig(tc)) = &mut l.filter_chains[0].filters[0].config_type
+            else {
+                unreachable!()
+            };
+            let mut m: hcm::HttpConnectionManager = decode(tc, HCM).unwrap();
+            m.xff_num_trusted_hops = hops;
+            *tc = any(HCM, &m);
+            let mut r = complete();
+            r.listeners.insert("l".into(), l);
+            snapshot(&r, 1)
+        };
+        let (s, _) = behind_lb(false, 2).unwrap().unwrap();
+        assert_eq!(
+            s.listeners[0].client_address,
+            model::ClientAddress {
+                proxy_protocol: true,
+                xff_trusted_hops: 2
+            }
+        );
+        let (s, _) = snapshot(&complete(), 1).unwrap().unwrap();
+        assert_eq!(s.listeners[0].client_address, model::ClientAddress::default());
+        // Serving plain connections too would read their first bytes as a header: refused.
+        let e = behind_lb(true, 0).unwrap_err();
+        assert!(e.to_string().contains("allow_requests_without_proxy_protocol"), "{e}");
+        let e = behind_lb(false, 300).unwrap_err();
+        assert!(e.to_string().contains("xff_num_trusted_hops 300"), "{e}");
+    }
+
+    #[test]
     fn a_set_still_waiting_for_rds_or_eds_is_not_a_snapshot_yet() {
         let mut r = complete();
         r.routes.clear();
