@@ -142,11 +142,12 @@ bench-policy:
 	cargo build --release -p ferrum-dp --example bench_policy
 	$(CARGO_TARGET_DIR)/release/examples/bench_policy
 
-## What the mesh tests and benchmark run inside their network-namespace pods, and HAProxy (the
-## load balancer in front of the client-address tests) — root, apt.
+## What the mesh tests and benchmark run inside their network-namespace pods, HAProxy (the load
+## balancer in front of the client-address tests) and Redis (global rate limits) — root, apt.
 mesh-tools:
-	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v tcpdump >/dev/null && command -v haproxy >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump haproxy >/dev/null; }
+	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v tcpdump >/dev/null && \
+	  command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump haproxy redis-server >/dev/null; }
 
 ## clang and libbpf's headers: the node agent's build compiles ebpf/*.bpf.c (-target bpf).
 ebpf-tools:

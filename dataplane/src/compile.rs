@@ -83,6 +83,8 @@ pub struct Compiler {
     pub me: std::sync::OnceLock<crate::mesh::index::Me>,
     /// The zone the proxy runs in, when known.
     pub zone: std::sync::OnceLock<String>,
+    /// Rate limits' counts, kept across configs.
+    pub limiters: crate::ratelimit::Limiters,
 }
 
 impl Compiler {
@@ -94,6 +96,7 @@ impl Compiler {
             jwks: Default::default(),
             me: Default::default(),
             zone: Default::default(),
+            limiters: Default::default(),
         }
     }
 
@@ -235,6 +238,11 @@ impl Compiler {
                     .filter_map(|m| Some((clusters.get(&m.cluster)?.clone(), m.per_million)))
                     .collect(),
                 stats: self.registry.route(&r.name),
+                limits: r
+                    .rate_limits
+                    .iter()
+                    .map(|l| self.limiters.get(l, self.registry.rate_limit(&l.name)))
+                    .collect(),
             })
         })
     }
@@ -312,14 +320,19 @@ impl Compiler {
     /// serves: a config that fails later (a busy port) must not hide the metrics of the one that
     /// keeps serving.
     pub fn prune_metrics(&self, serving: &Compiled) {
-        let routes: std::collections::HashSet<&str> = serving
-            .snapshot
-            .listeners
-            .iter()
-            .flat_map(|l| &l.virtual_hosts)
-            .flat_map(|v| &v.routes)
-            .chain(serving.snapshot.services.iter().flat_map(|s| s.all_routes()))
-            .map(|r| r.name.as_str())
+        let all_routes = || {
+            serving
+                .snapshot
+                .listeners
+                .iter()
+                .flat_map(|l| &l.virtual_hosts)
+                .flat_map(|v| &v.routes)
+                .chain(serving.snapshot.services.iter().flat_map(|s| s.all_routes()))
+        };
+        let routes: std::collections::HashSet<&str> = all_routes().map(|r| r.name.as_str()).collect();
+        let limits: std::collections::HashSet<&str> = all_routes()
+            .flat_map(|r| &r.rate_limits)
+            .map(|l| l.name.as_str())
             .collect();
         let providers: std::collections::HashSet<&str> = serving
             .snapshot
@@ -330,10 +343,12 @@ impl Compiler {
                 _ => None,
             })
             .collect();
-        self.registry
-            .retain(&|r| routes.contains(r), &|c| serving.clusters.contains_key(c), &|p| {
-                providers.contains(p)
-            });
+        self.registry.retain(
+            &|r| routes.contains(r),
+            &|c| serving.clusters.contains_key(c),
+            &|p| providers.contains(p),
+            &|l| limits.contains(l),
+        );
     }
 }
 

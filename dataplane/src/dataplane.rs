@@ -79,6 +79,11 @@ impl Dataplane {
         self.compiler.zone.set(zone).is_ok()
     }
 
+    /// Global rate limits count in the Redis at `url`.
+    pub fn use_redis(&self, url: &str) -> Result<(), redis::RedisError> {
+        self.compiler.limiters.use_redis(url)
+    }
+
     /// Mesh proxies: how upstream connections reach mesh workloads (set once).
     pub fn set_tunnels(&self, t: Arc<dyn crate::upstream::Tunnels>) {
         let _ = self.compiler.tunnels.set(t);

@@ -9,6 +9,7 @@ pub mod listener;
 pub mod memory;
 pub mod mesh;
 pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod source;
 pub mod tcp;

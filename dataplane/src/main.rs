@@ -100,6 +100,10 @@ struct Args {
     /// locality failover send requests to their endpoints in it while enough are available.
     #[arg(long, env = "FERRUM_ZONE")]
     zone: Option<String>,
+    /// Redis that Global RateLimitPolicies count in (`redis://host:6379[/db]`), shared by every
+    /// proxy given the same; without one they count in each proxy.
+    #[arg(long, env = "FERRUM_RATE_LIMIT_REDIS")]
+    rate_limit_redis: Option<String>,
     /// OTLP/gRPC collector for request spans (e.g. `http://otel-collector:4317`); without one,
     /// `traceparent` passes through untouched and no spans are made.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -465,6 +469,8 @@ enum StartError {
     Tracing(#[from] ferrum_dp::trace::TraceError),
     #[error("cannot watch the config: {0}")]
     Watch(#[source] notify::Error),
+    #[error("--rate-limit-redis: {0}")]
+    Redis(#[source] redis::RedisError),
 }
 
 impl StartError {
@@ -496,6 +502,9 @@ async fn serve(
     }
     if let Some(p) = &args.access_log {
         dp.shared.access_log.set_path(p.clone());
+    }
+    if let Some(url) = &args.rate_limit_redis {
+        dp.use_redis(url).map_err(StartError::Redis)?;
     }
     // Its own policies are compiled into every snapshot, the cached one included.
     if args.mesh.mode == Mode::Sidecar

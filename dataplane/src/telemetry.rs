@@ -102,6 +102,8 @@ pub struct Registry {
     clusters: Mutex<BTreeMap<String, Arc<ClusterStats>>>,
     /// By provider name.
     checks: Mutex<BTreeMap<String, Arc<CheckStats>>>,
+    /// By RateLimitPolicy (`namespace/name`).
+    rate_limits: Mutex<BTreeMap<String, Arc<crate::ratelimit::RateLimitStats>>>,
     pub config_version: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -142,6 +144,11 @@ impl Registry {
             .clone()
     }
 
+    pub fn rate_limit(&self, policy: &str) -> Arc<crate::ratelimit::RateLimitStats> {
+        let mut all = self.rate_limits.lock().unwrap();
+        all.entry(policy.to_string()).or_default().clone()
+    }
+
     pub fn checks(&self, provider: &str) -> Arc<CheckStats> {
         self.checks
             .lock()
@@ -158,10 +165,12 @@ impl Registry {
         routes: &dyn Fn(&str) -> bool,
         clusters: &dyn Fn(&str) -> bool,
         providers: &dyn Fn(&str) -> bool,
+        rate_limits: &dyn Fn(&str) -> bool,
     ) {
         self.routes.lock().unwrap().retain(|k, _| routes(k));
         self.clusters.lock().unwrap().retain(|k, _| clusters(k));
         self.checks.lock().unwrap().retain(|k, _| providers(k));
+        self.rate_limits.lock().unwrap().retain(|k, _| rate_limits(k));
     }
 
     /// The Prometheus text exposition of every metric (encoded by `prometheus-client`):
@@ -321,6 +330,7 @@ impl Collector for Scrape {
         self.encode_heap(&mut enc)?;
         self.encode_mesh(&mut enc)?;
         self.encode_checks(&mut enc)?;
+        self.encode_rate_limits(&mut enc)?;
         self.encode_routes(&mut enc)?;
         self.encode_clusters(&mut enc)?;
         self.encode_endpoints(&mut enc)
@@ -425,6 +435,25 @@ impl Scrape {
                 .map(|(result, v)| {
                     (
                         [("provider", provider.as_str()), ("result", result)],
+                        v.load(Relaxed) as i64,
+                    )
+                })
+            }),
+        )
+    }
+
+    /// Requests counted by rate limits, by policy and outcome.
+    fn encode_rate_limits(&self, enc: &mut DescriptorEncoder) -> Fmt {
+        let all = self.registry.rate_limits.lock().unwrap().clone();
+        family(
+            enc,
+            "ferrum_rate_limit_requests",
+            "Requests counted by RateLimitPolicies, by policy and result (error: not counted, Redis failed or the client table was full).",
+            MetricType::Counter,
+            all.iter().flat_map(|(policy, s)| {
+                [("allowed", &s.allowed), ("limited", &s.limited), ("error", &s.error)].map(|(result, v)| {
+                    (
+                        [("policy", policy.as_str()), ("result", result)],
                         v.load(Relaxed) as i64,
                     )
                 })

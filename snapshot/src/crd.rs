@@ -290,6 +290,81 @@ pub struct UpstreamTlsSpec {
     pub subject_alt_names: Option<Vec<String>>,
 }
 
+/// Request rate limits on Gateways and routes (`targetRefs`: a Gateway, an HTTPRoute or a
+/// GRPCRoute in the policy's namespace), in fixed windows. `Local`: each proxy counts its own
+/// requests; `Global`: every proxy shares one count in Redis (`--rate-limit-redis`). A request
+/// over a limit gets 429.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "ferrum.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    status = "ResourceStatus",
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// `Local` (the default) or `Global`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub rules: Vec<RateLimitRuleSpec>,
+}
+
+/// Requests that every client selector matches (all requests without any) count against the
+/// limit; a `Distinct` selector gives each value (header value, client address) a count of
+/// its own.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitRuleSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_selectors: Vec<RateLimitSelectorSpec>,
+    pub limit: RateLimitValueSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSelectorSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<RateLimitHeaderSpec>,
+    /// The client's address (behind load balancers, as the listener learns it).
+    #[serde(rename = "sourceCIDR", default, skip_serializing_if = "Option::is_none")]
+    pub source_cidr: Option<RateLimitCidrSpec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitHeaderSpec {
+    pub name: String,
+    /// `Exact` (the default), `RegularExpression`, or `Distinct` (present; each value counted
+    /// on its own, `value` not given).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitCidrSpec {
+    /// `Exact` (the default: the block's clients share one count) or `Distinct` (each client
+    /// address in it has its own).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub value: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitValueSpec {
+    pub requests: u32,
+    /// `Second`, `Minute`, `Hour` or `Day`: the window.
+    pub unit: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceStatus {

@@ -127,6 +127,7 @@ impl Route {
             more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -605,6 +606,55 @@ pub struct Route {
     /// proxy older than schema 7 answers 500 rather than forwarding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<DirectResponse>,
+    /// Rate limits its requests count against (RateLimitPolicies on the route or its
+    /// Gateway; schema 14). Shared by name: the routes one policy is on share its counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<Arc<RateLimit>>,
+}
+
+/// A RateLimitPolicy as proxies apply it: each rule counts the requests it selects in fixed
+/// windows (aligned to the epoch) and refuses those over its limit with 429.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// `namespace/name`: what its counts are kept under.
+    pub name: String,
+    /// Counted in Redis, shared by every proxy (else each proxy counts its own requests).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global: bool,
+    pub rules: Vec<RateLimitRule>,
+}
+
+/// Which requests count (all of `headers` and `clients` hold; nothing to hold: every request),
+/// and how many a window allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<RateLimitHeader>,
+    /// CIDR blocks the request's client address must be in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<RateLimitClients>,
+    pub requests: u32,
+    pub window_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitHeader {
+    pub name: String,
+    /// `None`: present, each value counted on its own (`Distinct`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<StringMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitClients {
+    pub cidr: String,
+    /// Each client address in the block counted on its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub distinct: bool,
 }
 
 /// A response the proxy makes itself.

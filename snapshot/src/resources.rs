@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceA
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::crd::{Backend, BackendPolicy, MeshConfig};
+use crate::crd::{Backend, BackendPolicy, MeshConfig, RateLimitPolicy};
 use crate::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
     VirtualService, WorkloadEntry,
@@ -56,6 +56,7 @@ pub struct Resources {
     pub secrets: Vec<Arc<Secret>>,
     pub backends: Vec<Arc<Backend>>,
     pub backend_policies: Vec<Arc<BackendPolicy>>,
+    pub rate_limit_policies: Vec<Arc<RateLimitPolicy>>,
     pub mesh_configs: Vec<Arc<MeshConfig>>,
     /// Workloads and their identities (the mesh reads these; gateways do not).
     pub pods: Vec<Arc<Pod>>,
@@ -101,6 +102,7 @@ macro_rules! each_kind {
             secrets: "Secret" in "",
             backends: "Backend" in crate::FERRUM_GROUP,
             backend_policies: "BackendPolicy" in crate::FERRUM_GROUP,
+            rate_limit_policies: "RateLimitPolicy" in crate::FERRUM_GROUP,
             mesh_configs: "MeshConfig" in crate::FERRUM_GROUP,
             pods: "Pod" in "",
             service_accounts: "ServiceAccount" in "",

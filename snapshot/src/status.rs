@@ -395,11 +395,13 @@ pub fn all(res: &Resources, t: &Translation) -> serde_json::Map<String, Value> {
     let sidecars = res.sidecars.iter().map(|s| ("Sidecar", &s.metadata));
     let rules = res.destination_rules.iter().map(|d| ("DestinationRule", &d.metadata));
     let backend_policies = res.backend_policies.iter().map(|p| ("BackendPolicy", &p.metadata));
+    let rate_limits = res.rate_limit_policies.iter().map(|p| ("RateLimitPolicy", &p.metadata));
     let entries = res.service_entries.iter().map(|e| ("ServiceEntry", &e.metadata));
     let routed = res.virtual_services.iter().map(|v| ("VirtualService", &v.metadata));
     let outside = res.workload_entries.iter().map(|w| ("WorkloadEntry", &w.metadata));
     let traffic = rules
         .chain(backend_policies)
+        .chain(rate_limits)
         .chain(entries)
         .chain(routed)
         .chain(outside);

@@ -386,6 +386,13 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
             err(obj(), format!("{at}.fault.{field}"), why.into());
         }
     }
+    for (i, l) in r.rate_limits.iter().enumerate() {
+        for (j, rule) in l.rules.iter().enumerate() {
+            if let Some((field, why)) = rate_limit_problem(rule) {
+                err(obj(), format!("{at}.rateLimits[{i}].rules[{j}].{field}"), why);
+            }
+        }
+    }
     for (i, m) in r.mirrors().enumerate() {
         if m.per_million > 1_000_000 {
             err(
@@ -395,6 +402,39 @@ fn check_route_shape(r: &Route, obj: &impl Fn() -> String, at: &str, err: &mut i
             );
         }
     }
+}
+
+/// What a proxy could not count: no requests allowed, a window outside a second to a day,
+/// header names and regexes, client blocks.
+fn rate_limit_problem(r: &crate::model::RateLimitRule) -> Option<(String, String)> {
+    if r.requests == 0 {
+        return Some(("requests".into(), "must be at least 1".into()));
+    }
+    if !(1..=86_400).contains(&r.window_secs) {
+        return Some(("windowSecs".into(), "must be 1 to 86,400".into()));
+    }
+    for (i, h) in r.headers.iter().enumerate() {
+        if http_header_name_invalid(&h.name) {
+            return Some((
+                format!("headers[{i}].name"),
+                format!("invalid header name {:?}", h.name),
+            ));
+        }
+        if let Some(StringMatch::Regex(re)) = &h.value
+            && let Err(e) = regex::Regex::new(re)
+        {
+            return Some((format!("headers[{i}].value"), format!("invalid regex: {e}")));
+        }
+    }
+    r.clients
+        .iter()
+        .position(|c| !c.cidr.contains('/') || !crate::translate::valid_block(&c.cidr))
+        .map(|i| {
+            (
+                format!("clients[{i}].cidr"),
+                format!("{:?} is not a CIDR block", r.clients[i].cidr),
+            )
+        })
 }
 
 /// The longest fault delay a route may inject.
@@ -709,6 +749,7 @@ mod tests {
             more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
+            rate_limits: Vec::new(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod haproxy;
 pub mod l4;
 pub mod netns;
 pub mod otlp;
+pub mod redis;
 
 /// A real TLS ClientHello for `sni`, as rustls's client sends it first.
 pub fn client_hello(sni: &str) -> Vec<u8> {

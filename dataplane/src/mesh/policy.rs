@@ -241,13 +241,13 @@ struct CCondition {
 
 /// An address block: `10.0.0.0/8` or a single address.
 #[derive(Debug, Clone, Copy)]
-struct Net {
+pub(crate) struct Net {
     addr: IpAddr,
     prefix: u8,
 }
 
 impl Net {
-    fn parse(s: &str) -> Option<Net> {
+    pub(crate) fn parse(s: &str) -> Option<Net> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = a.parse().ok()?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
@@ -259,7 +259,7 @@ impl Net {
         Some(Net { addr, prefix })
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let bits = |ip: IpAddr| -> u128 {
             match ip {
                 IpAddr::V4(v) => u32::from(v) as u128,

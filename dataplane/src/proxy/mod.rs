@@ -269,12 +269,18 @@ async fn serve(
         Some(cors::Check::Allowed(origin)) => Some(origin),
         _ => None,
     };
+    // Boxed: a Global limit's Redis call would grow every request's future.
+    if !route.limits.is_empty()
+        && let Some(l) = Box::pin(over_limit(&route.limits, req.headers(), conn.remote.ip())).await
+    {
+        return answered(route, None, cors, started, rate_limited(l));
+    }
     let aborted = match &route.fault {
         Some(f) => inject(f).await,
         None => None,
     };
     let mut backend = None;
-    let mut resp = match (aborted, &route.action) {
+    let resp = match (aborted, &route.action) {
         (Some(abort), _) => abort_answer(abort),
         (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
         (None, crate::router::Action::Respond(d)) => direct(d),
@@ -306,6 +312,18 @@ async fn serve(
             None => Local::NoWeightedBackend.response(),
         },
     };
+    answered(route, backend, cors, started, resp)
+}
+
+/// A route's answer with the route's (and its backend's) response headers, marked for the
+/// origin its CORS policy allowed, and counted.
+fn answered(
+    route: &crate::router::Route,
+    backend: Option<&crate::router::BackendMods>,
+    cors: Option<HeaderValue>,
+    started: Instant,
+    mut resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
     route.response_headers.apply(resp.headers_mut());
     if let Some(b) = backend {
         b.response.apply(resp.headers_mut());
@@ -316,6 +334,36 @@ async fn serve(
     route.stats.responses.record(resp.status().as_u16());
     route.stats.latency.observe(started.elapsed());
     resp
+}
+
+/// The first limit of `limits` the request is over, once every one has counted it.
+async fn over_limit(
+    limits: &[Arc<crate::ratelimit::Limiter>],
+    headers: &http::HeaderMap,
+    client: std::net::IpAddr,
+) -> Option<crate::ratelimit::Limited> {
+    let mut over = None;
+    for l in limits {
+        if let Err(e) = l.check(headers, client).await {
+            over.get_or_insert(e);
+        }
+    }
+    over
+}
+
+/// 429 with the limit and when the window ends, as Envoy's rate limit filters say them.
+fn rate_limited(l: crate::ratelimit::Limited) -> Response<ResponseBody> {
+    let reason = "rate_limited";
+    let mut r = Response::new(ResponseBody::local(format!("{reason}\n")));
+    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let h = r.headers_mut();
+    h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert("x-ratelimit-limit", HeaderValue::from(l.limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+    h.insert("x-ratelimit-reset", HeaderValue::from(l.reset));
+    h.insert(header::RETRY_AFTER, HeaderValue::from(l.reset));
+    r
 }
 
 /// How long a mirrored copy may take, end to end.

@@ -55,6 +55,8 @@ pub struct Route {
     pub mirrors: Box<[(Arc<ClusterRuntime>, u32)]>,
     pub cors: Option<Box<cors::Cors>>,
     pub stats: Arc<RouteStats>,
+    /// RateLimitPolicies its requests count against.
+    pub limits: Box<[Arc<crate::ratelimit::Limiter>]>,
 }
 
 pub enum Action {
@@ -148,7 +150,7 @@ impl HeaderMods {
     }
 }
 
-enum Matcher {
+pub(crate) enum Matcher {
     Exact(String),
     Regex(Regex),
 }
@@ -180,6 +182,7 @@ pub struct RouteParts {
     /// The mirrors' clusters and the share of requests copied to each.
     pub mirrors: Box<[(Arc<ClusterRuntime>, u32)]>,
     pub stats: Arc<RouteStats>,
+    pub limits: Box<[Arc<crate::ratelimit::Limiter>]>,
 }
 
 fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError> {
@@ -276,6 +279,7 @@ impl VirtualHost {
                     .map(|c| cors::Cors::build(c, &r.name).map(Box::new))
                     .transpose()?,
                 stats: p.stats,
+                limits: p.limits,
             });
         }
         Ok(out)
@@ -426,6 +430,7 @@ mod tests {
             more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -449,6 +454,7 @@ mod tests {
                     action: Action::Forward(vec![]),
                     mirrors: Box::default(),
                     stats: Default::default(),
+                    limits: Box::default(),
                 })
             },
         )

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferrum_snapshot::Resources;
-use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig};
+use ferrum_snapshot::crd::{Backend, BackendPolicy, MeshConfig, RateLimitPolicy};
 use ferrum_snapshot::istio::{
     AuthorizationPolicy, DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, Sidecar,
     VirtualService, WorkloadEntry,
@@ -139,6 +139,7 @@ kinds! {
     secrets: Secret = ("", "Secret", ["v1"], optional: false, status: false, fields: "type=kubernetes.io/tls"),
     backends: Backend = ("ferrum.dev", "Backend", ["v1alpha1"], optional: true, status: true),
     backend_policies: BackendPolicy = ("ferrum.dev", "BackendPolicy", ["v1alpha1"], optional: true, status: true),
+    rate_limit_policies: RateLimitPolicy = ("ferrum.dev", "RateLimitPolicy", ["v1alpha1"], optional: true, status: true),
     mesh_configs: MeshConfig = ("ferrum.dev", "MeshConfig", ["v1alpha1"], optional: true, status: true),
     pods: Pod = ("", "Pod", ["v1"], optional: false, status: false),
     service_accounts: ServiceAccount = ("", "ServiceAccount", ["v1"], optional: false, status: false),

@@ -187,6 +187,7 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
     }
     policies!(
         backend_policies: "BackendPolicy",
+        rate_limit_policies: "RateLimitPolicy",
         authorization_policies: "AuthorizationPolicy",
         peer_authentications: "PeerAuthentication",
         sidecars: "Sidecar",

@@ -471,6 +471,12 @@ fn route_config(
 }
 
 fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<String>) -> route::Route {
+    for l in &r.rate_limits {
+        unsupported.push(format!(
+            "route {}: RateLimitPolicy {} is not sent to Envoy (ferrum-dp enforces it)",
+            r.name, l.name
+        ));
+    }
     let mut response_headers = [
         header_values(&r.response_headers.set, false),
         header_values(&r.response_headers.add, true),
@@ -978,6 +984,7 @@ mod tests {
             more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
+            rate_limits: Vec::new(),
         };
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));

@@ -270,6 +270,7 @@ mod tests {
             more_mirrors: Vec::new(),
             cors: None,
             direct_response: None,
+            rate_limits: Vec::new(),
         }
     }
 

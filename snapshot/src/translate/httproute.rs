@@ -605,6 +605,7 @@ fn translate_rules(
                 more_mirrors: Vec::new(),
                 cors: parts.cors.clone(),
                 direct_response: None,
+                rate_limits: Vec::new(),
             };
             r.set_mirrors(parts.mirrors.clone());
             let needs_prefix = matches!(

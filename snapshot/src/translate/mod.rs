@@ -21,6 +21,7 @@ mod l4route;
 mod listeners;
 mod mesh;
 mod policy;
+mod rate_limit;
 pub use policy::{Jwks, JwksFetch};
 mod service_entry;
 mod sidecar;
@@ -59,6 +60,7 @@ pub fn routes_as_http(
     httproute::route_objects(res).map(|o| (o.kind(), o.as_http().map(std::borrow::Cow::into_owned)))
 }
 pub use hostname::{hostname_matches, intersect_hostnames};
+pub(crate) use policy::valid_block;
 
 /// Status reasons, named as the Gateway API names them where it has a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -499,7 +501,9 @@ impl Incremental {
         };
         let providers = ext_authz::resolve(res, &entries, &mut clusters);
         stats.clusters_reused = clusters.reused;
-        let (listeners, vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
+        let (mut listeners, mut vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
+        let rate_limits = rate_limit::build(res, &mut problems);
+        rate_limit::apply(&mut listeners, &mut vhost_digests, &rate_limits);
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
         backends::check_policies(res, &mut problems);
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());

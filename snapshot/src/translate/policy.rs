@@ -386,7 +386,7 @@ fn peer_authentication(p: &PeerAuthentication, problems: &mut Problems<'_>) -> O
     ))
 }
 
-fn valid_block(b: &str) -> bool {
+pub(crate) fn valid_block(b: &str) -> bool {
     let (addr, prefix) = b.split_once('/').unwrap_or((b, ""));
     let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
         return false;

@@ -616,6 +616,118 @@ fn gateway_annotations_say_how_listeners_learn_the_client_address() {
     assert_eq!(at(&t.snapshot, 8080), ClientAddress::default());
 }
 
+fn rate_limit_policy(name: &str, kind: &str, target: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: {kind}, name: {target}}}]\n{spec}---\n"
+    )
+}
+
+#[test]
+fn rate_limit_policies_go_on_the_routes_they_target() {
+    let day = "  rules: [{limit: {requests: 5, unit: Day}}]\n";
+    let per_user = "  type: Global\n  rules: [{clientSelectors: [{headers: [{name: X-User, type: Distinct}], \
+                    sourceCIDR: {type: Distinct, value: 10.0.0.0/8}}], limit: {requests: 2, unit: Minute}}]\n";
+    let s = ok(&format!(
+        "{}{}{}",
+        rate_limit_policy("on-route", "HTTPRoute", "r", day),
+        rate_limit_policy("on-gateway", "Gateway", "gw", per_user),
+        route("  - matches: [{path: {type: PathPrefix, value: /a}}]\n    backendRefs: [{name: echo, port: 80}]\n"),
+    ));
+    let routes: Vec<&Arc<Route>> = s.listeners[0].virtual_hosts.iter().flat_map(|v| &v.routes).collect();
+    let names: Vec<&str> = routes[0].rate_limits.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["default/on-gateway", "default/on-route"]);
+    let global = &routes[0].rate_limits[0];
+    assert!(global.global);
+    assert_eq!(
+        global.rules[0],
+        RateLimitRule {
+            headers: vec![RateLimitHeader {
+                name: "x-user".into(),
+                value: None
+            }],
+            clients: vec![RateLimitClients {
+                cidr: "10.0.0.0/8".into(),
+                distinct: true
+            }],
+            requests: 2,
+            window_secs: 60,
+        }
+    );
+    // The digests the translator stamps cover the limits: a consumer computes the same hash.
+    assert_eq!(s.content_hash(), s.hash);
+}
+
+#[test]
+fn a_rate_limit_policy_that_cannot_be_applied_names_the_field() {
+    let day = "  rules: [{limit: {requests: 5, unit: Day}}]\n";
+    let selector = |sel: &str| format!("  rules: [{{clientSelectors: [{sel}], limit: {{requests: 1, unit: Day}}}}]\n");
+    let cases: Vec<(&str, &str, String, &str, Reason)> = vec![
+        (
+            "HTTPRoute",
+            "r",
+            "  rules: [{limit: {requests: 5, unit: Week}}]\n".into(),
+            "spec.rules[0].limit.unit",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "HTTPRoute",
+            "r",
+            "  rules: [{limit: {requests: 0, unit: Day}}]\n".into(),
+            "spec.rules[0].limit.requests",
+            Reason::Invalid,
+        ),
+        (
+            "HTTPRoute",
+            "r",
+            selector("{sourceCIDR: {value: 10.0.0.300/8}}"),
+            "spec.rules[0].clientSelectors[0].sourceCIDR.value",
+            Reason::Invalid,
+        ),
+        (
+            "HTTPRoute",
+            "r",
+            selector("{headers: [{name: x, type: RegularExpression, value: '('}]}"),
+            "spec.rules[0].clientSelectors[0].headers[0].value",
+            Reason::UnsupportedValue,
+        ),
+        (
+            "HTTPRoute",
+            "r",
+            "  type: Cluster\n  rules: []\n".into(),
+            "spec.type",
+            Reason::UnsupportedValue,
+        ),
+        ("Service", "echo", day.into(), "spec.targetRefs[0]", Reason::InvalidKind),
+        (
+            "Gateway",
+            "nope",
+            day.into(),
+            "spec.targetRefs[0]",
+            Reason::NoMatchingParent,
+        ),
+    ];
+    for (kind, target, spec, field, reason) in cases {
+        let t = run(&format!(
+            "{}{}",
+            rate_limit_policy("p", kind, target, &spec),
+            route("  - backendRefs: [{name: echo, port: 80}]\n")
+        ));
+        let got: Vec<_> = t
+            .problems
+            .iter()
+            .map(|p| (p.object.kind, p.field.as_str(), p.reason))
+            .collect();
+        assert_eq!(got, [("RateLimitPolicy", field, reason)], "{spec}");
+        let limited = t.snapshot.listeners[0]
+            .virtual_hosts
+            .iter()
+            .flat_map(|v| &v.routes)
+            .any(|r| !r.rate_limits.is_empty());
+        assert!(!limited, "{spec}: nothing applied");
+    }
+}
+
 #[test]
 fn the_mesh_default_policy_fills_what_clusters_do_not_set() {
     let mesh = "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\n\

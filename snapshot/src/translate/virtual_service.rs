@@ -1102,6 +1102,7 @@ fn route_of(rule: &Rule, j: usize, matcher: &RouteMatch, name: String, action: A
         more_mirrors: Vec::new(),
         cors: rule.cors.clone(),
         direct_response: rule.direct.clone(),
+        rate_limits: Vec::new(),
     }
 }
 
