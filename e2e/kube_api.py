@@ -62,6 +62,7 @@ RESOURCES = [
     ("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", True),
     ("ferrum.dev", "v1alpha1", "backends", "Backend", True),
     ("ferrum.dev", "v1alpha1", "backendpolicies", "BackendPolicy", True),
+    ("ferrum.dev", "v1alpha1", "ratelimitpolicies", "RateLimitPolicy", True),
     ("ferrum.dev", "v1alpha1", "meshconfigs", "MeshConfig", True),
 ]
 INFO = {}

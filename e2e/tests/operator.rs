@@ -834,3 +834,74 @@ async fn a_gateway_proxy_learns_its_zone_and_keeps_prefer_close_traffic_in_it() 
     })
     .await;
 }
+
+/// RateLimitPolicies from kubectl: the operator writes `Accepted` (or the field and reason),
+/// and a ferrum-dp following it answers 429 past the limit — per user, on the route the
+/// policy targets — while the policy that cannot be applied limits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_policies_are_accepted_and_enforced_by_the_gateway() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(&route((100, 0)));
+    let cache = cluster.dir.path().join("dp-rl.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-rl", &cache).await;
+    eventually("route serves", Duration::from_secs(5), async || {
+        hit(port, "shop.example.com").await.0 == 200
+    })
+    .await;
+    let before = dp.version().await;
+    let policy = |name: &str, limit: &str| {
+        format!(
+            "apiVersion: ferrum.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: shop}}]\n\
+             \x20 rules: [{{clientSelectors: [{{headers: [{{name: x-user, type: Distinct}}]}}], limit: {limit}}}]\n"
+        )
+    };
+    cluster.apply(&format!(
+        "{}---\n{}",
+        policy("per-user", "{requests: 2, unit: Day}"),
+        policy("weekly", "{requests: 1, unit: Week}")
+    ));
+    let accepted = |name: &str| {
+        let p = cluster.get("ratelimitpolicies", "default", name);
+        condition(&p["status"]["conditions"], "Accepted").cloned()
+    };
+    eventually("the policies' status", Duration::from_secs(10), async || {
+        accepted("per-user").is_some_and(|c| c["status"] == "True")
+            && accepted("weekly").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let refused = accepted("weekly").unwrap();
+    assert_eq!(refused["reason"], "UnsupportedValue");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].limit.unit"),
+        "{refused}"
+    );
+    eventually("the proxy has the limit", Duration::from_secs(5), async || {
+        dp.version().await > before
+    })
+    .await;
+    let get = async |user: &str| {
+        client()
+            .get(format!("http://127.0.0.1:{port}/"))
+            .header("host", "shop.example.com")
+            .header("x-user", user)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let mut got = Vec::new();
+    for user in ["ann", "ann", "ann", "bob", "bob", "bob"] {
+        got.push(get(user).await);
+    }
+    assert_eq!(got, [200, 200, 429, 200, 200, 429]);
+    assert_eq!(hit(port, "shop.example.com").await.0, 200, "no user: not counted");
+}
