@@ -848,8 +848,13 @@ async fn mesh_svid(w: &World, sa: &str) -> ClientAuth {
 /// `n` calls from pod `from` to `path` on svc-b, each on a connection of its own (so L4
 /// balancing alone would spread them), `extra` curl arguments added: (answers from b-1, from b-2).
 fn calls_to_svc_b(w: &World, from: usize, n: usize, path: &str, extra: &[&str]) -> (usize, usize) {
-    let resolve = format!("svc-b.{NS}.svc:80:{VIP}");
-    let url = format!("http://svc-b.{NS}.svc{path}");
+    calls_to(w, from, ("svc-b", VIP), n, path, extra)
+}
+
+/// [`calls_to_svc_b`] for Service `name` at `vip`.
+fn calls_to(w: &World, from: usize, (name, vip): (&str, &str), n: usize, path: &str, extra: &[&str]) -> (usize, usize) {
+    let resolve = format!("{name}.{NS}.svc:80:{vip}");
+    let url = format!("http://{name}.{NS}.svc{path}");
     let mut args = vec![
         "curl",
         "-sS",
@@ -1332,6 +1337,39 @@ async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
         pods.0, pods.1
     );
     assert!(pods.0 > 0 && pods.1 > 0, "the users spread over both pods: {pods:?}");
+    // A port that declares no protocol (one port, no name): sniffed, and its HTTP served per
+    // request under its rule too, as Istio's protocol detection would.
+    let undeclared = ("svc-u", "10.96.77.13");
+    w.cluster.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-u, namespace: {NS}}}\n\
+         spec: {{clusterIP: '{}', selector: {{app: b}}, ports: [{{port: 80, targetPort: http}}]}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-u, namespace: {NS}}}\n\
+         spec: {{host: svc-u, trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}}}}}\n",
+        undeclared.1
+    ));
+    let on_undeclared =
+        |w: &World, user: &str| calls_to(w, a, undeclared, 8, "/u", &["-H", &format!("x-user: {user}")]);
+    eventually(
+        "the rule pins a user on the undeclared port",
+        Duration::from_secs(20),
+        async || {
+            let (x, y) = on_undeclared(&w, "carol");
+            x + y == 8 && (x == 0 || y == 0)
+        },
+    )
+    .await;
+    let mut pods = (0, 0);
+    for i in 0..8 {
+        let (x, y) = on_undeclared(&w, &format!("user-{i}"));
+        assert_eq!(x + y, 8, "user-{i}: every call answered");
+        assert!(x == 0 || y == 0, "user-{i} stays on one pod of svc-u: {x} / {y}");
+        pods.0 += usize::from(x > 0);
+        pods.1 += usize::from(y > 0);
+    }
+    assert!(
+        pods.0 > 0 && pods.1 > 0,
+        "svc-u's users spread over both pods: {pods:?}"
+    );
     // b-2's app goes away: its users' calls are tried again on b-1 (Istio's default retries).
     w.pods[b2].app = None;
     for i in 0..12 {

@@ -631,6 +631,22 @@ impl ServicePort {
     pub fn http(&self) -> Option<HttpProtocol> {
         declared_http(&self.name, self.app_protocol.as_deref())
     }
+
+    /// Says nothing Istio would read as a protocol: what its clients speak is sniffed.
+    pub fn sniffed(&self) -> bool {
+        !protocol_declared(&self.name, self.app_protocol.as_deref())
+    }
+}
+
+/// Whether a port says what it speaks, as Istio's explicit protocol selection reads it: an
+/// `appProtocol`, else its name's prefix, naming a protocol Istio knows. Istio detects the
+/// protocol of the other ports (and so does a sidecar where it routes them).
+pub fn protocol_declared(name: &str, app_protocol: Option<&str>) -> bool {
+    let declared = app_protocol.unwrap_or_else(|| name.split('-').next().unwrap_or_default());
+    declared_http(name, app_protocol).is_some()
+        || ["https", "tcp", "tls", "udp", "mongo", "mysql", "redis"]
+            .into_iter()
+            .any(|p| declared.eq_ignore_ascii_case(p))
 }
 
 /// HTTP as a port declares it.

@@ -26,6 +26,9 @@ pub struct ServiceTarget {
     pub http: Option<Arc<CompiledListener>>,
     /// Its L4 route: other connections go to a weighted pick of the route's clusters.
     pub tcp: Option<Arc<VirtualHost>>,
+    /// The port declares no protocol: only HTTP/1 is routed (HTTP/2, perhaps gRPC that needs
+    /// HTTP/2 end to end, is balanced at L4).
+    pub sniffed: bool,
     /// The first `near` endpoints are in the proxy's zone and taken first (the service prefers
     /// close endpoints); 0: no preference.
     near: usize,
@@ -239,6 +242,7 @@ impl MeshIndex {
                             .routes_for(p.port, own_ns)
                             .and_then(|_| http.by_host.get(&p.port).cloned()),
                         tcp: None,
+                        sniffed: p.sniffed(),
                         near: 0,
                         next: AtomicUsize::new(fastrand::usize(..)),
                     });
@@ -256,6 +260,7 @@ impl MeshIndex {
                             names: names.clone(),
                             http: routes.clone(),
                             tcp: tcp.clone(),
+                            sniffed: p.sniffed(),
                             near,
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
@@ -331,6 +336,11 @@ impl MeshIndex {
 
     /// The mesh routes of a Service VIP:port, or of the services found by host on the port of
     /// an address the mesh does not know, when there are any.
+    /// Whether `dst` is a Service port that declares no protocol (see [`ServiceTarget::sniffed`]).
+    pub fn sniffed(&self, dst: SocketAddr) -> bool {
+        self.services.get(&dst).is_some_and(|t| t.sniffed)
+    }
+
     pub fn http(&self, dst: SocketAddr) -> Option<&CompiledListener> {
         match self.services.get(&dst) {
             Some(t) => t.http.as_deref(),

@@ -442,9 +442,13 @@ impl Sidecar {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        let (routed, by_host) = {
+        let (routed, sniffed, by_host) = {
             let cfg = self.dp.shared.config.load();
-            (cfg.mesh.http(dst).is_some(), cfg.mesh.by_host_on(dst))
+            (
+                cfg.mesh.http(dst).is_some(),
+                cfg.mesh.sniffed(dst),
+                cfg.mesh.by_host_on(dst),
+            )
         };
         if by_host {
             return self.outbound_by_host(tcp, peer, dst).await;
@@ -456,6 +460,9 @@ impl Sidecar {
         let http = l7::detect(&first);
         let s = l7::Prefixed::new(first, tcp);
         match http {
+            // HTTP/2 on a port that does not say it speaks it (perhaps gRPC, which needs HTTP/2
+            // upstream too) is balanced as before.
+            Some(listener::HttpVersion::Two) if sniffed => self.outbound_l4(s, peer, dst).await,
             Some(http) => self.outbound_routed(s, http, peer, dst).await,
             // Routes are for HTTP; anything else to the Service is balanced as before.
             None => self.outbound_l4(s, peer, dst).await,

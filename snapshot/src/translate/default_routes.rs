@@ -6,6 +6,8 @@
 //! connection carries, spread over its endpoints instead of staying on the first one picked.
 //! Other HTTP ports stay at L4, where a sidecar relays bytes for less than it parses requests —
 //! unless the MeshConfig says `httpRouting: Always`, Istio's way (every declared HTTP port).
+//! A port that declares no protocol gets one where a policy applies, as Istio's protocol
+//! detection would serve its HTTP: the sidecar sniffs, and routes HTTP/1 requests.
 //! GAMMA routes and VirtualServices replace a port's default table.
 
 use std::collections::HashSet;
@@ -34,7 +36,8 @@ pub(crate) fn table(
         .filter(|p| match p.http() {
             Some(HttpProtocol::Http2) => true,
             Some(HttpProtocol::Http1) => policy,
-            None => false,
+            // Undeclared: sniffed, HTTP/1 served by the route (HTTP/2 stays at L4).
+            None => policy && p.sniffed(),
         })
         .filter_map(|p| {
             let c = resolve(clusters, p.port)?;
@@ -78,7 +81,7 @@ pub(crate) fn services(
     let ruled = with_policy(res);
     let always = always(res);
     for (s, digest) in services.iter_mut().zip(digests.iter_mut()) {
-        if !s.ports.iter().any(|p| p.http().is_some()) {
+        if !s.ports.iter().any(|p| p.http().is_some() || p.sniffed()) {
             continue;
         }
         let Some((ns, name)) = s.key.split_once('/') else {
@@ -120,8 +123,8 @@ mod tests {
     use crate::model::{Action, HashOn, LbPolicy, UpstreamProtocol};
     use crate::translate::{Options, translate};
 
-    /// Four Services: ports declared HTTP/1.1 (by name), gRPC (by name), h2c (by appProtocol),
-    /// and undeclared; a DestinationRule for `web`, a BackendPolicy for `api`.
+    /// Five Services: ports declared HTTP/1.1 (by name), gRPC (by name), h2c (by appProtocol),
+    /// MySQL, and undeclared; DestinationRules for `web` and `legacy`, a BackendPolicy for `api`.
     const MESH: &str = "
 apiVersion: v1
 kind: Pod
@@ -148,6 +151,16 @@ apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: shop}
 spec: {clusterIP: 10.96.0.4, selector: {app: w}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {clusterIP: 10.96.0.5, selector: {app: w}, ports: [{port: 80, targetPort: 8080}, {name: mysql, port: 3306, targetPort: 8080}, {name: web, port: 8081, targetPort: 8080, appProtocol: custom}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: legacy, namespace: shop}
+spec: {host: legacy, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -207,6 +220,15 @@ spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type:
             "HTTP/1.1 without a policy is balanced per connection"
         );
         assert_eq!(
+            defaults(&t, "shop/legacy"),
+            [
+                (80, "service/shop/legacy:80".to_string()),
+                (8081, "service/shop/legacy:8081".to_string())
+            ],
+            "ports that declare nothing (no name, an appProtocol Istio does not know) are sniffed \
+             where a policy applies; MySQL is not"
+        );
+        assert_eq!(
             defaults(&t, "shop/greeter"),
             [
                 (9090, "service/shop/greeter:9090".to_string()),
@@ -251,10 +273,17 @@ spec: {httpRouting: Always}
         );
         assert_eq!(
             defaults(&t, "shop/plain"),
-            [(80, "service/shop/plain:80".to_string())],
-            "its HTTP port, without a policy; not its undeclared one"
+            [
+                (80, "service/shop/plain:80".to_string()),
+                (82, "service/shop/plain:82".to_string())
+            ],
+            "its HTTP port, and its undeclared one (sniffed, as Istio does), without a policy"
         );
-        assert_eq!(defaults(&t, "shop/web"), [(80, "service/shop/web:80".to_string())]);
+        assert_eq!(
+            defaults(&t, "shop/web"),
+            [(80, "service/shop/web:80".to_string())],
+            "not a port declared TCP"
+        );
     }
 
     #[test]
