@@ -158,13 +158,20 @@ pub(crate) fn finish(
         let mut routes = tables.remove(key).unwrap_or_default();
         routes.retain(|r| !r.routes.is_empty());
         let mut s = (*services[i]).clone();
-        // A ServiceEntry's default table (for its DestinationRule) gives way to these.
-        s.routes
-            .retain(|old| !routes.iter().any(|r| r.port == old.port && r.consumer == old.consumer));
+        let tcp_routes = tcp.remove(key).unwrap_or_default();
+        // L4 routes say what a port that declares no protocol carries: its default table (for
+        // a traffic policy) would send its HTTP around them.
+        let l4_only = |port: u16| {
+            tcp_routes.iter().any(|t| t.port == port) && s.ports.iter().any(|p| p.port == port && p.sniffed())
+        };
+        // Default tables (a Service's or ServiceEntry's, for its traffic policy) give way to these.
+        s.routes.retain(|old| {
+            !routes.iter().any(|r| r.port == old.port && r.consumer == old.consumer) && !l4_only(old.port)
+        });
         s.routes.extend(routes);
         s.routes
             .sort_by(|a, b| (a.port, &a.consumer).cmp(&(b.port, &b.consumer)));
-        s.tcp_routes = tcp.remove(key).unwrap_or_default();
+        s.tcp_routes = tcp_routes;
         s.tcp_routes
             .sort_by(|a, b| (a.port, &a.consumer).cmp(&(b.port, &b.consumer)));
         digests[i] = s.digest();
