@@ -62,22 +62,35 @@ fn policy(res: &Resources, p: &RateLimitPolicy, problems: &mut Problems<'_>) -> 
     for (i, t) in p.spec.target_refs.iter().enumerate() {
         let field = format!("spec.targetRefs[{i}]");
         let key = format!("{}/{}", obj.namespace, t.name);
-        let exists = |kind: &str| match kind {
-            "Gateway" => res.gateways.iter().any(|g| named(&g.metadata, &obj.namespace, &t.name)),
-            "HTTPRoute" => res
-                .http_routes
-                .iter()
-                .any(|r| named(&r.metadata, &obj.namespace, &t.name)),
-            _ => res
-                .grpc_routes
-                .iter()
-                .any(|r| named(&r.metadata, &obj.namespace, &t.name)),
+        // Whether the target exists and, for a route, has a Gateway among its parents (mesh
+        // routes, whose parents are Services, are not limited).
+        let gateway = |kind: Option<&str>| kind.unwrap_or("Gateway") == "Gateway";
+        let found = |kind: &str| -> Option<bool> {
+            let here =
+                |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| named(m, &obj.namespace, &t.name);
+            match kind {
+                "Gateway" => res.gateways.iter().any(|g| here(&g.metadata)).then_some(true),
+                "HTTPRoute" => res.http_routes.iter().find(|r| here(&r.metadata)).map(|r| {
+                    let refs = r.spec.parent_refs.iter().flatten();
+                    refs.clone().any(|p| gateway(p.kind.as_deref()))
+                }),
+                _ => res.grpc_routes.iter().find(|r| here(&r.metadata)).map(|r| {
+                    let refs = r.spec.parent_refs.iter().flatten();
+                    refs.clone().any(|p| gateway(p.kind.as_deref()))
+                }),
+            }
         };
         match (t.group.as_str(), t.kind.as_str()) {
             (crate::GATEWAY_GROUP, kind @ ("Gateway" | "HTTPRoute" | "GRPCRoute")) => {
-                if !exists(kind) {
+                let found = found(kind);
+                if found.is_none() {
                     let why = format!("no {kind} {key}");
                     problems.push(&obj, field, Reason::NoMatchingParent, why);
+                } else if found == Some(false) {
+                    let why = format!(
+                        "{kind} {key} has no Gateway parent: rate limits apply to Gateway routes, not mesh routes"
+                    );
+                    problems.push(&obj, field, Reason::UnsupportedValue, why);
                 } else if kind == "Gateway" {
                     out.gateways.push(key);
                 } else {

@@ -700,6 +700,13 @@ fn a_rate_limit_policy_that_cannot_be_applied_names_the_field() {
         ),
         ("Service", "echo", day.into(), "spec.targetRefs[0]", Reason::InvalidKind),
         (
+            "HTTPRoute",
+            "mesh",
+            day.into(),
+            "spec.targetRefs[0]",
+            Reason::UnsupportedValue,
+        ),
+        (
             "Gateway",
             "nope",
             day.into(),
@@ -709,9 +716,11 @@ fn a_rate_limit_policy_that_cannot_be_applied_names_the_field() {
     ];
     for (kind, target, spec, field, reason) in cases {
         let t = run(&format!(
-            "{}{}",
+            "{}{}---\n{}",
             rate_limit_policy("p", kind, target, &spec),
-            route("  - backendRefs: [{name: echo, port: 80}]\n")
+            route("  - backendRefs: [{name: echo, port: 80}]\n"),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mesh, namespace: default}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: echo, port: 80}], rules: [{backendRefs: [{name: echo, port: 80}]}]}\n"
         ));
         let got: Vec<_> = t
             .problems
