@@ -46,11 +46,7 @@ async fn behind_a_load_balancer_the_client_is_the_proxy_headers_and_the_trusted_
     let log = dir.path().join("access.log");
     let dp = Dp::start_with(&yaml, &["--access-log", log.to_str().unwrap()]).await;
     let lb = LoadBalancer::start(port, BALANCER).await;
-    let c = reqwest::Client::builder()
-        .local_address(CLIENT.parse::<std::net::IpAddr>().unwrap())
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let c = client_from(CLIENT);
     let call = async |front: u16, xff: Option<&str>| {
         let mut r = c.get(format!("http://127.0.0.1:{front}/x"));
         if let Some(v) = xff {

@@ -254,10 +254,7 @@ async fn main() {
          spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n",
     );
     if let Some(n) = sidecar_hosts {
-        cluster.kubectl(
-            &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-            None,
-        );
+        cluster.install_istio_crds();
         let hosts: Vec<String> = (0..n.max(8))
             .map(|i| format!("'*/svc-{i}.default.svc.cluster.local'"))
             .collect();

@@ -65,14 +65,6 @@ pub fn spawn_announcing(cmd: &mut Command) -> (Child, String) {
     (child, line.trim().to_string())
 }
 
-pub struct Proc(pub Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The Kubernetes API emulator and a kubeconfig for it.
 pub struct Cluster {
     _api: Proc,
@@ -155,6 +147,15 @@ impl Cluster {
         })
         .await;
         root.unwrap()
+    }
+
+    /// Installs Istio's CRDs (`../shared/testdata/istio-crds.yaml`): the operator watches the
+    /// kinds once it discovers them.
+    pub fn install_istio_crds(&self) {
+        self.kubectl(
+            &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
+            None,
+        );
     }
 
     /// Runs kubectl against the emulator; panics with its output on failure.

@@ -417,10 +417,7 @@ async fn http_policies_are_enforced_per_request() {
     let w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
     until_routed(&w).await;
     assert!(echo_through(&w), "TCP reaches B before any policy");
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: read-public, namespace: {NS}}}\n\
          spec: {{selector: {{matchLabels: {{app: b}}}}, rules: [{{to: [{{operation: {{methods: [GET], paths: [\"/public/{{*}}\"]}}}}]}}]}}\n\
@@ -501,10 +498,7 @@ async fn a_custom_policy_asks_an_authorization_service_in_the_mesh() {
     w.sidecar(z, "sa-authz", &[]);
     w.ready(z).await;
     until_routed(&w).await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ferrum-system}}\n---\n\
          apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: default, namespace: ferrum-system}}\n\
@@ -614,10 +608,7 @@ async fn security_policies_decide_who_reaches_b() {
     let mut w = two_pods(&["--rediscover-seconds", "1"], &[]).await;
     w.pod("c-1", "sa-c", "c", 12, false);
     until_routed(&w).await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let policy = |name: &str, action: &str, annotations: &str, rules: &str| {
         format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {NS}{annotations}}}\n\
@@ -1037,10 +1028,7 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
     let (w, [a, _, _]) = two_versions_of_b().await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
          spec: {{host: svc-b, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n"
@@ -1231,10 +1219,7 @@ fn echoes_to_svc_b(w: &World, from: usize, n: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
     let (w, [a, b1, b2]) = two_versions_of_b().await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let shift = |v1: u32, v2: u32| {
         w.cluster.apply(&format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
@@ -1305,10 +1290,7 @@ async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
     let (mut w, [a, _, b2]) = two_versions_of_b().await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let as_user = |w: &World, user: &str, n: usize| calls_to_svc_b(w, a, n, "/u", &["-H", &format!("x-user: {user}")]);
     let one_user = as_user(&w, "alice", 10);
     assert!(
@@ -1437,10 +1419,7 @@ async fn a_virtual_service_routes_by_the_callers_labels() {
         w.ready(i).await;
     }
     until_routed(&w).await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
          spec: {{host: svc-b, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}\n---\n\
@@ -1496,10 +1475,7 @@ async fn a_virtual_service_routes_by_the_callers_labels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_service_retries_are_the_routes_own() {
     let (mut w, [a, _, b2]) = two_versions_of_b().await;
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     // No ejection (it would hide b-2 from the route without retries too), no cluster retries.
     w.cluster.apply(&format!(
         "apiVersion: ferrum.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
@@ -1591,10 +1567,7 @@ async fn request_authentication_validates_jwts_for_policies() {
             .spawn()
             .unwrap(),
     );
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let jwks_rs = serde_json::to_string(m["jwks_rs"].as_str().unwrap()).unwrap();
     w.cluster.apply(&format!(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: {NS}}}\n\
@@ -1824,10 +1797,7 @@ async fn consumer_routes_and_namespace_policies_across_two_namespaces() {
     assert_eq!(calls(c, 5), (0, 5, true), "C's consumer route to b-v2 is untouched");
 
     // Only the clients namespace may call B.
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: from-clients, namespace: {NS}}}\n\
          spec: {{action: ALLOW, selector: {{matchLabels: {{app: b}}}}, rules: [{{from: [{{source: {{namespaces: [{CLIENTS}]}}}}]}}]}}\n"
@@ -1989,10 +1959,7 @@ async fn a_sidecar_ingress_listener_delivers_to_an_app_on_loopback() {
     let from_c = |host: &str| w.pods[c].curl(&[&format!("http://{host}:8080/who.txt")]).1;
     assert!(curl_svc_b(&w, "/who.txt").1.starts_with("hello from b-1"));
 
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: b-in, namespace: {NS}}}\n\
          spec: {{workloadSelector: {{labels: {{app: b}}}}, ingress: [{{port: {{number: 8080, protocol: HTTP, name: http}}, defaultEndpoint: '127.0.0.1:7070'}}]}}\n"
@@ -2079,10 +2046,7 @@ async fn a_sidecar_resource_scopes_egress_and_registry_only_refuses_the_rest() {
     let blocked = || w.pods[0].connections("outbound", "blocked");
     assert_eq!(blocked(), 0.0);
 
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let sidecar = |hosts: &str, mode: &str| {
         w.cluster.apply(&format!(
             "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NS}}}\n\
@@ -2155,10 +2119,7 @@ async fn workload_entries_put_vms_behind_a_service() {
     let vm2 = w.pod_labelled("vm-2", "sa-b", "host: vm", 14, true);
     w.cluster.kubectl(&["delete", "pod", "vm-1", "vm-2", "-n", NS], None);
     w.service("svc-b", VIP, "b");
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     // The VMs' apps listen on 8080 and 9000, as the pods' do; their entries name 8080 `http`.
     let entry = |name: &str, ip: &str, labels: &str| {
         format!(
@@ -2277,10 +2238,7 @@ async fn service_entries_are_what_a_registry_only_pod_may_reach_outside_the_mesh
     })
     .await;
 
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: {NS}}}\n\
          spec: {{outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n"
@@ -2426,10 +2384,7 @@ async fn a_destination_rule_originates_tls_to_a_service_entry_host() {
         ]);
         out
     };
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: external, namespace: {NS}}}\n\
          spec: {{hosts: [{NAME}], resolution: STATIC, endpoints: [{{address: '{host}'}}],\n\
@@ -2504,10 +2459,7 @@ async fn a_mutual_destination_rule_presents_the_secrets_client_certificate() {
         ]);
         out
     };
-    w.cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    w.cluster.install_istio_crds();
     let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
     let rule = |tls: &str| {
         format!(

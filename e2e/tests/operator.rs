@@ -466,10 +466,7 @@ async fn ferrum_kinds_get_status_and_the_mesh_default_policy_applies() {
 async fn statuses_are_written_when_they_change_not_on_every_generation() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     let _op = cluster.operator("op-1").await;
     cluster.apply(&base(free_port(), &a, &b));
     cluster.apply(
@@ -518,10 +515,7 @@ async fn statuses_are_written_when_they_change_not_on_every_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfetchable_jwks_uri_is_reported_on_the_request_authentication() {
     let cluster = Cluster::start();
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     let _op = cluster.operator("op-1").await;
     let jwks_port = free_port();
     let uri = format!("http://127.0.0.1:{jwks_port}/jwks.json");

@@ -636,10 +636,7 @@ async fn ferrum_dp_follows_and_nacks(protocol: &str, registered_as: &str) {
     // A Gateway AuthorizationPolicy reaches xDS as an RBAC filter, which ferrum-dp does not
     // take from xDS (a policy skipped would be a policy not enforced): it NACKs the listener
     // with its reason and keeps routing as before.
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     cluster.apply(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin}\n\
          spec: {targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}], action: DENY, rules: [{to: [{operation: {paths: ['/admin*']}}]}]}\n",
@@ -840,10 +837,7 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
             .spawn()
             .unwrap(),
     );
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     let op = cluster.operator("op-1").await;
     let (port, tcp_port) = (free_port(), free_port());
     let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]";
@@ -1280,10 +1274,7 @@ async fn retries_hashing_and_upstream_tls_reach_envoy_as_ferrum_dp_applies_them(
 async fn a_destination_rule_reaches_envoy_and_ferrum_dp_and_reports_what_it_cannot_apply() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     let op = cluster.operator("op-1").await;
     let port = free_port();
     let mut slices = String::new();
@@ -1387,10 +1378,7 @@ async fn a_gateway_behind_a_load_balancer_sees_the_client_in_envoy_and_ferrum_dp
     const CLIENT: &str = "127.0.0.3";
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let cluster = Cluster::start();
-    cluster.kubectl(
-        &["apply", "--validate=false", "-f", &shared_testdata("istio-crds.yaml")],
-        None,
-    );
+    cluster.install_istio_crds();
     let op = cluster.operator("op-1").await;
     let port = free_port();
     let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]";
@@ -1406,11 +1394,7 @@ async fn a_gateway_behind_a_load_balancer_sees_the_client_in_envoy_and_ferrum_dp
          spec: {{{target}, action: DENY, rules: [{{from: [{{source: {{remoteIpBlocks: [198.51.100.0/24]}}}}]}}]}}\n"
     ));
     let lb = LoadBalancer::start(port, "127.0.0.1").await;
-    let c = reqwest::Client::builder()
-        .local_address(CLIENT.parse::<std::net::IpAddr>().unwrap())
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let c = client_from(CLIENT);
     let call = async |front: u16, xff: Option<&str>| {
         let mut r = c
             .get(format!("http://127.0.0.1:{front}/x"))

@@ -2,24 +2,16 @@
 //! starting it with a PROXY protocol header (v1 or v2) that names the client it accepted.
 //! Debian's `haproxy` package (`make mesh-tools` installs it).
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 /// A running HAProxy (killed on drop) with one frontend per PROXY protocol version.
 pub struct LoadBalancer {
-    child: Child,
+    _proc: crate::Proc,
     _dir: tempfile::TempDir,
     /// Connections here reach the upstream with a v1 (text) header.
     pub v1: u16,
     /// Connections here reach the upstream with a v2 (binary) header.
     pub v2: u16,
-}
-
-impl Drop for LoadBalancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl LoadBalancer {
@@ -40,24 +32,19 @@ impl LoadBalancer {
             ),
         )
         .unwrap();
-        // Owned at once: dropping it (a panic below included) stops HAProxy.
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("haproxy (Debian's haproxy package; make mesh-tools installs it)");
         let lb = LoadBalancer {
-            child: Command::new("haproxy")
-                .args(["-db", "-f"])
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("haproxy (Debian's haproxy package; make mesh-tools installs it)"),
+            _proc: crate::Proc(child),
             _dir: dir,
             v1,
             v2,
         };
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", v2)).await.is_ok() {
-                return lb;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("haproxy did not listen on {v2}");
+        crate::until_listening(v2, "haproxy").await;
+        lb
     }
 }

@@ -64,6 +64,28 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A child process, killed (and reaped) on drop: a panicking test leaves nothing running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (up to 5 s) until something accepts connections on 127.0.0.1:`port`; panics naming
+/// `what` otherwise.
+pub async fn until_listening(port: u16, what: &str) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not listen on {port}");
+}
+
 /// An HTTP/1.1 + h2c backend that echoes what it received as JSON.
 /// `?status=N` answers N, `?delay=MS` waits first; `/healthz` answers `health_status`.
 pub struct Backend {
@@ -287,6 +309,18 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// [`client`] connecting from `local` (a loopback address other than 127.0.0.1: a client the
+/// proxy can tell from a load balancer), one connection per request.
+pub fn client_from(local: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .local_address(local.parse::<std::net::IpAddr>().unwrap())
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap()
 }
