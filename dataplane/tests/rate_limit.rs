@@ -104,6 +104,20 @@ async fn local_limits_count_per_route_and_per_distinct_user_and_survive_a_reload
     );
     assert_eq!(statuses(port, "/b", Some("ann"), 1).await, [429]);
     assert_eq!(statuses(port, "/a", None, 1).await, [429]);
+
+    // A gRPC call over the limit gets RESOURCE_EXHAUSTED, as a gRPC client reads a quota.
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = h2
+        .post(format!("http://127.0.0.1:{port}/a/Hello"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    let grpc_status = r.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!((r.status().as_u16(), grpc_status.as_deref()), (200, Some("8")));
+    assert_eq!(r.headers()["x-ratelimit-limit"], "3");
 }
 
 #[tokio::test]

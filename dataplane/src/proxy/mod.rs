@@ -273,7 +273,7 @@ async fn serve(
     if !route.limits.is_empty()
         && let Some(l) = Box::pin(over_limit(&route.limits, req.headers(), conn.remote.ip())).await
     {
-        return answered(route, None, cors, started, rate_limited(l));
+        return answered(route, None, cors, started, rate_limited(l, is_grpc(&req)));
     }
     let aborted = match &route.fault {
         Some(f) => inject(f).await,
@@ -351,14 +351,24 @@ async fn over_limit(
     over
 }
 
-/// 429 with the limit and when the window ends, as Envoy's rate limit filters say them.
-fn rate_limited(l: crate::ratelimit::Limited) -> Response<ResponseBody> {
+/// 429 with the limit and when the window ends, as Envoy's rate limit filters say them; to a
+/// gRPC call, `RESOURCE_EXHAUSTED` (Envoy's `rate_limited_as_resource_exhausted`), which gRPC
+/// clients read as "over a quota" where a bare 429 would be `UNAVAILABLE`.
+fn rate_limited(l: crate::ratelimit::Limited, grpc: bool) -> Response<ResponseBody> {
+    const RESOURCE_EXHAUSTED: u16 = 8;
     let reason = "rate_limited";
-    let mut r = Response::new(ResponseBody::local(format!("{reason}\n")));
-    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let mut r = if grpc {
+        grpc_error(RESOURCE_EXHAUSTED, "rate limited", reason)
+    } else {
+        let mut r = Response::new(ResponseBody::local(format!("{reason}\n")));
+        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        r.headers_mut()
+            .insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
     let h = r.headers_mut();
-    h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert("x-ratelimit-limit", HeaderValue::from(l.limit));
     h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
     h.insert("x-ratelimit-reset", HeaderValue::from(l.reset));
@@ -466,16 +476,28 @@ async fn inject(f: &ferrum_snapshot::model::Fault) -> Option<&ferrum_snapshot::m
 /// The answer of an injected abort: its status, or — for a gRPC status — a gRPC error as
 /// Envoy's fault filter gives it (HTTP 200, `grpc-status`, no body: a trailers-only response).
 fn abort_answer(a: &ferrum_snapshot::model::FaultAbort) -> Response<ResponseBody> {
-    let Some(code) = a.grpc_status else {
-        return Local::FaultAbort(a.status).response();
-    };
+    match a.grpc_status {
+        Some(code) => grpc_error(code.into(), "fault filter abort", "fault_filter_abort"),
+        None => Local::FaultAbort(a.status).response(),
+    }
+}
+
+/// A gRPC error as gRPC clients read it: HTTP 200, `grpc-status`, no body.
+fn grpc_error(code: u16, message: &'static str, reason: &'static str) -> Response<ResponseBody> {
     let mut r = Response::new(ResponseBody::Local(None));
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
-    h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
-    h.insert(&X_FERRUM_ERROR, HeaderValue::from_static("fault_filter_abort"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
     r
+}
+
+/// Whether a request is a gRPC call (its errors are answered as gRPC statuses).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.
