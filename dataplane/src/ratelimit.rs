@@ -34,12 +34,32 @@ pub struct RateLimitStats {
     pub error: AtomicU64,
 }
 
-/// A request over a limit: what the 429 says.
+/// Where a request stands under a limit: what the `x-ratelimit-*` headers say (Envoy's
+/// `DRAFT_VERSION_03`), on its answer, and on the 429 when nothing remains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limited {
+pub struct Quota {
     pub limit: u32,
+    pub remaining: u32,
     /// Seconds until the window ends.
     pub reset: u64,
+}
+
+impl Quota {
+    pub fn headers(self) -> [(HeaderName, http::HeaderValue); 3] {
+        [
+            (HeaderName::from_static("x-ratelimit-limit"), self.limit.into()),
+            (HeaderName::from_static("x-ratelimit-remaining"), self.remaining.into()),
+            (HeaderName::from_static("x-ratelimit-reset"), self.reset.into()),
+        ]
+    }
+
+    /// The one of `a` and `b` closer to refusing.
+    pub fn tighter(a: Option<Quota>, b: Option<Quota>) -> Option<Quota> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.remaining < a.remaining { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// The limits of every config, by policy: a policy whose spec did not change keeps its counts
@@ -191,11 +211,11 @@ impl Limiter {
         &self.spec.name
     }
 
-    /// Counts the request against every rule that selects it; `Err` names the first limit it
-    /// is over.
-    pub async fn check(&self, headers: &HeaderMap, client: IpAddr) -> Result<(), Limited> {
+    /// Counts the request against every rule that selects it: `Err` with the first limit it is
+    /// over, else the tightest of those it counted against (`None`: no rule selected it).
+    pub async fn check(&self, headers: &HeaderMap, client: IpAddr) -> Result<Option<Quota>, Quota> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let mut over = None;
+        let (mut over, mut tightest) = (None, None);
         for (i, r) in self.rules.iter().enumerate() {
             let Some(key) = r.selects(headers, client) else {
                 continue;
@@ -209,22 +229,24 @@ impl Limiter {
                 self.stats.error.fetch_add(1, Relaxed);
                 continue;
             };
-            if count > u64::from(r.requests) && over.is_none() {
-                let reset = (window + 1) * u64::from(r.window_secs) - now;
-                over = Some(Limited {
-                    limit: r.requests,
-                    reset,
-                });
+            let quota = Quota {
+                limit: r.requests,
+                remaining: u64::from(r.requests).saturating_sub(count) as u32,
+                reset: (window + 1) * u64::from(r.window_secs) - now,
+            };
+            if count > u64::from(r.requests) {
+                over = over.or(Some(quota));
             }
+            tightest = Quota::tighter(tightest, Some(quota));
         }
         match over {
-            Some(l) => {
+            Some(q) => {
                 self.stats.limited.fetch_add(1, Relaxed);
-                Err(l)
+                Err(q)
             }
             None => {
                 self.stats.allowed.fetch_add(1, Relaxed);
-                Ok(())
+                Ok(tightest)
             }
         }
     }
@@ -340,11 +362,12 @@ mod tests {
     async fn a_rule_allows_its_limit_per_window_then_refuses() {
         let l = limiter(vec![rule(3)]);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        for _ in 0..3 {
-            assert_eq!(l.check(&HeaderMap::new(), ip).await, Ok(()));
+        for left in [2, 1, 0] {
+            let q = l.check(&HeaderMap::new(), ip).await.unwrap().unwrap();
+            assert_eq!((q.limit, q.remaining), (3, left));
         }
         let e = l.check(&HeaderMap::new(), ip).await.unwrap_err();
-        assert_eq!(e.limit, 3);
+        assert_eq!((e.limit, e.remaining), (3, 0));
         assert!((1..=3600).contains(&e.reset), "{e:?}");
         assert_eq!((l.stats.allowed.load(Relaxed), l.stats.limited.load(Relaxed)), (3, 1));
         // The next window starts afresh.

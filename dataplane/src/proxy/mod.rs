@@ -21,6 +21,7 @@ use crate::compile::CompiledListener;
 use crate::dataplane::Shared;
 use crate::limits::Limits;
 use crate::mesh::ext_authz::{ResponseHeaders, Settled, add_response_headers, settle};
+use crate::ratelimit::Quota;
 use crate::router::Route;
 use crate::router::cors;
 use crate::upstream::balance::HashKey;
@@ -202,7 +203,8 @@ pub async fn handle(shared: Arc<Shared>, mut conn: ConnInfo, mut req: Request<In
 }
 
 /// Answers one request on `listener`; notes its route and cluster in `log`, when logging, and
-/// in `on_allow` the headers an authorization provider that let it on gave for the client.
+/// in `on_allow` the headers its answer gets whoever gives it (an authorization provider's for the
+/// client, the rate limit quota left).
 async fn serve(
     shared: &Arc<Shared>,
     listener: &CompiledListener,
@@ -270,10 +272,12 @@ async fn serve(
         _ => None,
     };
     // Boxed: a Global limit's Redis call would grow every request's future.
-    if !route.limits.is_empty()
-        && let Some(l) = Box::pin(over_limit(&route.limits, req.headers(), conn.remote.ip())).await
-    {
-        return answered(route, None, cors, started, rate_limited(l, is_grpc(&req)));
+    if !route.limits.is_empty() {
+        match Box::pin(over_limit(&route.limits, req.headers(), conn.remote.ip())).await {
+            Err(q) => return answered(route, None, cors, started, rate_limited(q, is_grpc(&req))),
+            Ok(Some(q)) => on_allow.extend(q.headers()),
+            Ok(None) => {}
+        }
     }
     let aborted = match &route.fault {
         Some(f) => inject(f).await,
@@ -336,25 +340,27 @@ fn answered(
     resp
 }
 
-/// The first limit of `limits` the request is over, once every one has counted it.
+/// Counts the request against every one of `limits`: `Err` with the first it is over, else the
+/// tightest quota left.
 async fn over_limit(
     limits: &[Arc<crate::ratelimit::Limiter>],
     headers: &http::HeaderMap,
     client: std::net::IpAddr,
-) -> Option<crate::ratelimit::Limited> {
-    let mut over = None;
+) -> Result<Option<Quota>, Quota> {
+    let (mut over, mut tightest) = (None, None);
     for l in limits {
-        if let Err(e) = l.check(headers, client).await {
-            over.get_or_insert(e);
+        match l.check(headers, client).await {
+            Err(q) => over = over.or(Some(q)),
+            Ok(q) => tightest = Quota::tighter(tightest, q),
         }
     }
-    over
+    over.map_or(Ok(tightest), Err)
 }
 
 /// 429 with the limit and when the window ends, as Envoy's rate limit filters say them; to a
 /// gRPC call, `RESOURCE_EXHAUSTED` (Envoy's `rate_limited_as_resource_exhausted`), which gRPC
 /// clients read as "over a quota" where a bare 429 would be `UNAVAILABLE`.
-fn rate_limited(l: crate::ratelimit::Limited, grpc: bool) -> Response<ResponseBody> {
+fn rate_limited(q: Quota, grpc: bool) -> Response<ResponseBody> {
     const RESOURCE_EXHAUSTED: u16 = 8;
     let reason = "rate_limited";
     let mut r = if grpc {
@@ -369,10 +375,8 @@ fn rate_limited(l: crate::ratelimit::Limited, grpc: bool) -> Response<ResponseBo
         r
     };
     let h = r.headers_mut();
-    h.insert("x-ratelimit-limit", HeaderValue::from(l.limit));
-    h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
-    h.insert("x-ratelimit-reset", HeaderValue::from(l.reset));
-    h.insert(header::RETRY_AFTER, HeaderValue::from(l.reset));
+    h.extend(q.headers());
+    h.insert(header::RETRY_AFTER, HeaderValue::from(q.reset));
     r
 }
 
