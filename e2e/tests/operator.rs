@@ -59,6 +59,38 @@ spec:
     )
 }
 
+/// An operator, Services `a` and `b`, the Gateway and route `shop` (all to `a`), and a
+/// ferrum-dp (`node`) following the operator that serves it.
+struct Serving {
+    _backends: (Backend, Backend),
+    cluster: Cluster,
+    op: Operator,
+    port: u16,
+    dp: Proxy,
+}
+
+async fn serving(node: &str) -> Serving {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&base(port, &a, &b));
+    cluster.apply(&route((100, 0)));
+    let cache = cluster.dir.path().join(format!("{node}.json"));
+    let dp = Proxy::start(&op.grpc_url(), node, &cache).await;
+    eventually("the route serves", Duration::from_secs(5), async || {
+        hit(port, "shop.example.com").await == (200, Some("a".into()))
+    })
+    .await;
+    Serving {
+        _backends: (a, b),
+        cluster,
+        op,
+        port,
+        dp,
+    }
+}
+
 fn condition<'a>(conds: &'a Value, kind: &str) -> Option<&'a Value> {
     conds.as_array()?.iter().find(|c| c["type"] == kind)
 }
@@ -646,17 +678,14 @@ async fn gateway_keys_travel_beside_the_snapshot() {
 /// names the route a changed manifest would change (exit codes 0 and 1, as diff(1)).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrumctl_lists_proxies_and_diffs_manifests_against_the_operator() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let cluster = Cluster::start();
-    let op = cluster.operator("op-1").await;
-    let port = free_port();
-    cluster.apply(&base(port, &a, &b));
-    cluster.apply(&route((100, 0)));
-    let _dp = Proxy::start(&op.grpc_url(), "dp-ctl", &cluster.dir.path().join("ctl.json")).await;
-    eventually("the route serves", Duration::from_secs(5), async || {
-        hit(port, "shop.example.com").await == (200, Some("a".into()))
-    })
-    .await;
+    // Every part bound: what a pattern leaves out is dropped (stopped) at once.
+    let Serving {
+        _backends,
+        cluster,
+        op,
+        port,
+        dp: _dp,
+    } = serving("dp-ctl").await;
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(workspace_bin("ferrumctl"))
             .args(args)
@@ -834,18 +863,13 @@ async fn a_gateway_proxy_learns_its_zone_and_keeps_prefer_close_traffic_in_it() 
 /// policy targets — while the policy that cannot be applied limits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_policies_are_accepted_and_enforced_by_the_gateway() {
-    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let cluster = Cluster::start();
-    let op = cluster.operator("op-1").await;
-    let port = free_port();
-    cluster.apply(&base(port, &a, &b));
-    cluster.apply(&route((100, 0)));
-    let cache = cluster.dir.path().join("dp-rl.json");
-    let dp = Proxy::start(&op.grpc_url(), "dp-rl", &cache).await;
-    eventually("route serves", Duration::from_secs(5), async || {
-        hit(port, "shop.example.com").await.0 == 200
-    })
-    .await;
+    let Serving {
+        _backends,
+        cluster,
+        op: _op,
+        port,
+        dp,
+    } = serving("dp-rl").await;
     let before = dp.version().await;
     let policy = |name: &str, limit: &str| {
         format!(
