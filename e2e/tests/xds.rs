@@ -1463,3 +1463,83 @@ async fn a_gateway_behind_a_load_balancer_sees_the_client_in_envoy_and_ferrum_dp
     let _dp = Proxy::start_xds(&op.grpc_url(), "dp-lb-xds").await;
     sees_the_client("ferrum-dp over xDS", false).await;
 }
+
+/// A Gateway's RateLimitPolicy (Local) is enforced alike by Envoy over our xDS (its local rate
+/// limit filter, one descriptor per rule), by ferrum-dp over MeshSubscribe and by ferrum-dp
+/// over xDS (which reads the policy back off Envoy's route): a header-selected rule counts each
+/// user on its own, a block of client addresses shares one count, a distinct block counts each
+/// address on its own, and requests no rule selects are never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limits_are_enforced_alike_by_envoy_and_ferrum_dp() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    cluster.apply(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: limits}\nspec:\n\
+         \x20 targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]\n\
+         \x20 rules:\n\
+         \x20 - clientSelectors: [{headers: [{name: x-tier, value: free}, {name: x-user, type: Distinct}]}]\n\
+         \x20   limit: {requests: 2, unit: Minute}\n\
+         \x20 - clientSelectors: [{sourceCIDR: {value: 127.0.0.3/32}}]\n\
+         \x20   limit: {requests: 1, unit: Hour}\n\
+         \x20 - clientSelectors: [{sourceCIDR: {value: 127.0.0.4/30, type: Distinct}}]\n\
+         \x20   limit: {requests: 1, unit: Minute}\n",
+    );
+    let call = async |from: &str, headers: &[(&str, &str)]| {
+        let mut r = client_from(from)
+            .get(format!("http://127.0.0.1:{port}/x"))
+            .header("host", "shop.example.com");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    let enforces = async |proxy: &str| {
+        eventually(&format!("{proxy} serves"), ENVOY_START, async || {
+            call("127.0.0.1", &[]).await == 200
+        })
+        .await;
+        let free = |user| [("x-tier", "free"), ("x-user", user)];
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(call("127.0.0.1", &free("ann")).await);
+        }
+        seen.push(call("127.0.0.1", &free("bob")).await);
+        seen.push(call("127.0.0.1", &[("x-tier", "paid"), ("x-user", "ann")]).await);
+        seen.push(call("127.0.0.1", &[("x-user", "ann")]).await);
+        for from in [
+            "127.0.0.3",
+            "127.0.0.3",
+            "127.0.0.4",
+            "127.0.0.4",
+            "127.0.0.5",
+            "127.0.0.8",
+        ] {
+            seen.push(call(from, &[]).await);
+        }
+        assert_eq!(
+            seen,
+            [200, 200, 429, 200, 200, 200, 200, 429, 200, 429, 200, 200],
+            "{proxy}: ann ×3, bob, paid, no tier, then by client address"
+        );
+    };
+
+    let envoy = envoy(cluster.dir.path(), "envoy-rl", op.grpc, false);
+    enforces("Envoy").await;
+    assert_eq!(
+        last_rejection(&op, "envoy-rl").await,
+        Some(Value::Null),
+        "Envoy accepted"
+    );
+    drop(envoy);
+
+    let cache = cluster.dir.path().join("dp-rl.json");
+    let dp = Proxy::start(&op.grpc_url(), "dp-rl", &cache).await;
+    enforces("ferrum-dp").await;
+    drop(dp);
+
+    let _dp = Proxy::start_xds(&op.grpc_url(), "dp-rl-xds").await;
+    enforces("ferrum-dp over xDS").await;
+}

@@ -35,4 +35,12 @@ pub mod xds {
     pub const PROXY_PROTOCOL_FILTER: &str = "envoy.filters.listener.proxy_protocol";
     pub const PROXY_PROTOCOL: &str =
         "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
+    /// The HTTP filter that enforces a route's local rate limits (its per-route config).
+    pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+    pub const LOCAL_RATE_LIMIT: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+    /// The descriptor entry that names the RateLimitPolicy a rate limit descriptor counts for
+    /// (`namespace/name`); the next entry is the rule's index in it.
+    pub const RATE_LIMIT_POLICY_KEY: &str = "ferrum_rate_limit";
+    pub const RATE_LIMIT_RULE_KEY: &str = "ferrum_rule";
 }

@@ -5,6 +5,7 @@ mod delta;
 mod ext_authz;
 pub mod grpc;
 pub mod jwt;
+mod rate_limit;
 pub mod rbac;
 pub mod resources;
 #[cfg(test)]

@@ -325,6 +325,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
             .into_iter()
             .chain(jwt.filter())
             .chain(rbac::http_filters(rbac))
+            .chain(super::rate_limit::filter(l))
             .collect();
         let manager = connection_manager(&l.name, route_name(l), filters, l.client_address.xff_trusted_hops);
         let lis = listener::Listener {
@@ -471,12 +472,6 @@ fn route_config(
 }
 
 fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<String>) -> route::Route {
-    for l in &r.rate_limits {
-        unsupported.push(format!(
-            "route {}: RateLimitPolicy {} is not sent to Envoy (ferrum-dp enforces it)",
-            r.name, l.name
-        ));
-    }
     let mut response_headers = [
         header_values(&r.response_headers.set, false),
         header_values(&r.response_headers.add, true),
@@ -523,6 +518,10 @@ fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<
             .as_ref()
             .map(|c| (super::cors::FILTER.to_string(), super::cors::policy(c)))
             .into_iter()
+            .chain(
+                super::rate_limit::route_config(r, unsupported)
+                    .map(|c| (ferrum_proto::xds::LOCAL_RATE_LIMIT_FILTER.to_string(), c)),
+            )
             .collect(),
         ..Default::default()
     }

@@ -24,7 +24,7 @@ use prost::Message;
 
 use envoy_types::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
-use ferrum_proto::xds::{HCM, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER};
+use ferrum_proto::xds::{HCM, LOCAL_RATE_LIMIT_FILTER, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER};
 
 use super::traffic::{self, RoutePolicies};
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
@@ -60,7 +60,7 @@ pub enum MapError {
 }
 
 impl MapError {
-    fn refused(at: &str, reason: impl Into<String>) -> MapError {
+    pub(super) fn refused(at: &str, reason: impl Into<String>) -> MapError {
         MapError::Refused {
             at: at.to_string(),
             reason: reason.into(),
@@ -130,13 +130,11 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, MapError> 
     let m: hcm::HttpConnectionManager = decode(tc, HCM).map_err(|e| e.within(&name))?;
     // A filter this proxy would skip may be the one enforcing a policy (RBAC, JWT): refused,
     // unless the server marked it optional or disabled.
-    if let Some(f) = m
-        .http_filters
-        .iter()
-        .find(|f| f.name != ROUTER && f.name != CORS_FILTER && !f.is_optional && !f.disabled)
-    {
+    if let Some(f) = m.http_filters.iter().find(|f| {
+        ![ROUTER, CORS_FILTER, LOCAL_RATE_LIMIT_FILTER].contains(&f.name.as_str()) && !f.is_optional && !f.disabled
+    }) {
         return Err(at(&format!(
-            "HTTP filter {} is not supported (only the router and CORS are); refused rather than skipped",
+            "HTTP filter {} is not supported (only the router, CORS and local rate limits are); refused rather than skipped",
             f.name
         )));
     }
@@ -382,7 +380,7 @@ fn socket(a: &Option<core::Address>) -> Option<(String, u16)> {
     }
 }
 
-fn string_match(m: &matcher::StringMatcher, at: &str) -> Result<StringMatch, MapError> {
+pub(super) fn string_match(m: &matcher::StringMatcher, at: &str) -> Result<StringMatch, MapError> {
     use matcher::string_matcher::MatchPattern;
     if m.ignore_case {
         return Err(MapError::refused(at, "ignore_case is not supported"));
@@ -485,6 +483,9 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
             ));
         }
     };
+    if let Some(c) = r.typed_per_filter_config.get(LOCAL_RATE_LIMIT_FILTER) {
+        out.rate_limits = super::rate_limit::policies(c, &r.name, &at)?;
+    }
     Ok(out)
 }
 
@@ -1440,7 +1441,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "Listener l: HTTP filter {rbac} is not supported (only the router and CORS are); refused rather than skipped"
+                "Listener l: HTTP filter {rbac} is not supported (only the router, CORS and local rate limits are); refused rather than skipped"
             )
         );
         r.listeners.insert(

@@ -7,6 +7,7 @@
 
 mod delta;
 pub mod map;
+mod rate_limit;
 mod sotw;
 mod traffic;
 

@@ -1,0 +1,333 @@
+//! A route's local rate limits as Envoy's `envoy.filters.http.local_ratelimit` takes them: the
+//! filter sits after authorization in the connection manager of a listener that has such a
+//! route, disabled there; each limited route carries a per-route config whose embedded
+//! `rate_limits` turn a request into descriptors and whose `descriptors` hold one token bucket
+//! per rule. The first two entries of every descriptor name the policy and the rule, so
+//! ferrum-dp following this xDS reads the policies back (`source/xds/map.rs`).
+//!
+//! Envoy's buckets belong to the route (ferrum-dp's to the policy: a Gateway's policy shares
+//! one count across its routes there) and refill on a timer (ferrum-dp's windows are aligned
+//! to the clock). `Global` policies need a rate limit service Envoy is not given: they are
+//! reported as not sent.
+
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3 as ratelimit;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent::DenominatorType};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
+use ferrum_proto::xds::{LOCAL_RATE_LIMIT, LOCAL_RATE_LIMIT_FILTER, RATE_LIMIT_POLICY_KEY, RATE_LIMIT_RULE_KEY};
+use ferrum_snapshot::model;
+
+use super::resources::any;
+
+/// The values a distinct client selector keeps a bucket for, per rule (ferrum-dp keeps 4,096).
+const DISTINCT_VALUES: u32 = 4096;
+
+/// The filter, for a listener with a route under a local limit; disabled there, so routes
+/// without a per-route config pass untouched.
+pub fn filter(l: &model::Listener) -> Option<HttpFilter> {
+    let mut routes = l.virtual_hosts.iter().flat_map(|v| &v.routes);
+    routes
+        .any(|r| r.rate_limits.iter().any(|p| !p.global))
+        .then(|| HttpFilter {
+            name: LOCAL_RATE_LIMIT_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                LOCAL_RATE_LIMIT,
+                &LocalRateLimit {
+                    stat_prefix: "ferrum_rate_limit".into(),
+                    ..Default::default()
+                },
+            ))),
+            ..Default::default()
+        })
+}
+
+/// The per-route config of a route's local policies (`None` without any); `Global` ones are
+/// reported in `unsupported`.
+pub fn route_config(r: &model::Route, unsupported: &mut Vec<String>) -> Option<Any> {
+    let mut descriptors = Vec::new();
+    let mut rate_limits = Vec::new();
+    for p in &r.rate_limits {
+        if p.global {
+            unsupported.push(format!(
+                "route {}: RateLimitPolicy {} is Global, which Envoy would need a rate limit service for (ferrum-dp enforces it)",
+                r.name, p.name
+            ));
+            continue;
+        }
+        for (i, rule) in p.rules.iter().enumerate() {
+            let (actions, entries) = rule_descriptor(&p.name, i, rule);
+            rate_limits.push(route::RateLimit {
+                actions,
+                ..Default::default()
+            });
+            descriptors.push(ratelimit::LocalRateLimitDescriptor {
+                entries,
+                token_bucket: Some(bucket(rule.requests, rule.window_secs)),
+                ..Default::default()
+            });
+        }
+    }
+    if descriptors.is_empty() {
+        return None;
+    }
+    let all = || {
+        Some(core::RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: 100,
+                denominator: DenominatorType::Hundred as i32,
+            }),
+            runtime_key: String::new(),
+        })
+    };
+    let config = LocalRateLimit {
+        stat_prefix: "ferrum_rate_limit".into(),
+        // Requests no rule selects: a bucket that never runs dry, and only those consume it.
+        token_bucket: Some(bucket(u32::MAX, 1)),
+        always_consume_default_token_bucket: Some(BoolValue { value: false }),
+        filter_enabled: all(),
+        filter_enforced: all(),
+        descriptors,
+        rate_limits,
+        max_dynamic_descriptors: Some(UInt32Value { value: DISTINCT_VALUES }),
+        enable_x_ratelimit_headers: ratelimit::XRateLimitHeadersRfcVersion::DraftVersion03 as i32,
+        enable_retry_after_header: true,
+        rate_limited_as_resource_exhausted: true,
+        ..Default::default()
+    };
+    Some(any(LOCAL_RATE_LIMIT, &config))
+}
+
+/// `requests` per `secs`, refilled whole at the end of each window.
+fn bucket(requests: u32, secs: u32) -> TokenBucket {
+    TokenBucket {
+        max_tokens: requests,
+        tokens_per_fill: Some(UInt32Value { value: requests }),
+        fill_interval: Some(PbDuration {
+            seconds: secs.into(),
+            nanos: 0,
+        }),
+    }
+}
+
+/// The actions that make a request's descriptor for one rule, and the descriptor the rule's
+/// bucket is kept under (an empty value: one bucket per distinct value). A header that is
+/// missing or does not match, or a client outside a block, makes no descriptor: the rule
+/// does not select the request.
+fn rule_descriptor(
+    policy: &str,
+    index: usize,
+    rule: &model::RateLimitRule,
+) -> (
+    Vec<route::rate_limit::Action>,
+    Vec<ratelimit::rate_limit_descriptor::Entry>,
+) {
+    use route::rate_limit::action::{self, ActionSpecifier};
+    let entry = |key: &str, value: &str| ratelimit::rate_limit_descriptor::Entry {
+        key: key.into(),
+        value: value.into(),
+    };
+    let generic = |key: &str, value: String| {
+        ActionSpecifier::GenericKey(action::GenericKey {
+            descriptor_key: key.into(),
+            descriptor_value: value,
+            ..Default::default()
+        })
+    };
+    let mut actions = vec![
+        generic(RATE_LIMIT_POLICY_KEY, policy.into()),
+        generic(RATE_LIMIT_RULE_KEY, index.to_string()),
+    ];
+    let mut entries = vec![
+        entry(RATE_LIMIT_POLICY_KEY, policy),
+        entry(RATE_LIMIT_RULE_KEY, &index.to_string()),
+    ];
+    for (j, h) in rule.headers.iter().enumerate() {
+        let key = format!("header_{j}");
+        match &h.value {
+            Some(m) => {
+                actions.push(ActionSpecifier::HeaderValueMatch(action::HeaderValueMatch {
+                    descriptor_key: key.clone(),
+                    descriptor_value: "1".into(),
+                    expect_match: Some(BoolValue { value: true }),
+                    headers: vec![header_matcher(&h.name, m)],
+                    ..Default::default()
+                }));
+                entries.push(entry(&key, "1"));
+            }
+            None => {
+                actions.push(ActionSpecifier::RequestHeaders(action::RequestHeaders {
+                    header_name: h.name.clone(),
+                    descriptor_key: key.clone(),
+                    ..Default::default()
+                }));
+                entries.push(entry(&key, ""));
+            }
+        }
+    }
+    for c in &rule.clients {
+        let Some((block, prefix, v4)) = masked(&c.cidr) else {
+            continue; // the translator refuses blocks that do not parse
+        };
+        let len = |l: u32| Some(UInt32Value { value: l });
+        let (v4_len, v6_len) = if v4 {
+            (len(prefix), len(128))
+        } else {
+            (len(32), len(prefix))
+        };
+        actions.push(ActionSpecifier::MaskedRemoteAddress(action::MaskedRemoteAddress {
+            v4_prefix_mask_len: v4_len,
+            v6_prefix_mask_len: v6_len,
+        }));
+        entries.push(entry("masked_remote_address", &block));
+        if c.distinct {
+            actions.push(ActionSpecifier::RemoteAddress(action::RemoteAddress {}));
+            entries.push(entry("remote_address", ""));
+        }
+    }
+    let actions = actions
+        .into_iter()
+        .map(|a| route::rate_limit::Action {
+            action_specifier: Some(a),
+        })
+        .collect();
+    (actions, entries)
+}
+
+fn header_matcher(name: &str, m: &model::StringMatch) -> route::HeaderMatcher {
+    use matcher::string_matcher::MatchPattern;
+    let pattern = match m {
+        model::StringMatch::Exact(e) => MatchPattern::Exact(e.clone()),
+        model::StringMatch::Regex(r) => MatchPattern::SafeRegex(matcher::RegexMatcher {
+            regex: r.clone(),
+            ..Default::default()
+        }),
+    };
+    route::HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            matcher::StringMatcher {
+                match_pattern: Some(pattern),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// A block as Envoy writes a masked client address (`10.0.0.0/8`: the address masked), its
+/// prefix length, and whether it is IPv4.
+fn masked(cidr: &str) -> Option<(String, u32, bool)> {
+    let (addr, prefix) = cidr.split_once('/')?;
+    let prefix: u32 = prefix.parse().ok()?;
+    match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) if prefix <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+            let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
+            Some((format!("{net}/{prefix}"), prefix, true))
+        }
+        IpAddr::V6(a) if prefix <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            let net = std::net::Ipv6Addr::from(u128::from(a) & mask);
+            Some((format!("{net}/{prefix}"), prefix, false))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use std::sync::Arc;
+
+    fn policy(global: bool) -> Arc<model::RateLimit> {
+        Arc::new(model::RateLimit {
+            name: "ns/limits".into(),
+            global,
+            rules: vec![
+                model::RateLimitRule {
+                    headers: vec![
+                        model::RateLimitHeader {
+                            name: "x-tier".into(),
+                            value: Some(model::StringMatch::Exact("free".into())),
+                        },
+                        model::RateLimitHeader {
+                            name: "x-user".into(),
+                            value: None,
+                        },
+                    ],
+                    clients: vec![model::RateLimitClients {
+                        cidr: "10.1.2.3/8".into(),
+                        distinct: true,
+                    }],
+                    requests: 5,
+                    window_secs: 60,
+                },
+                model::RateLimitRule {
+                    headers: Vec::new(),
+                    clients: Vec::new(),
+                    requests: 100,
+                    window_secs: 1,
+                },
+            ],
+        })
+    }
+
+    #[test]
+    fn each_rule_is_a_descriptor_with_its_bucket_and_the_actions_that_make_it() {
+        let mut r = model::Route::forward("r".into(), Vec::new());
+        r.rate_limits = vec![policy(false)];
+        let mut unsupported = Vec::new();
+        let any = route_config(&r, &mut unsupported).expect("a config");
+        assert!(unsupported.is_empty());
+        let c = LocalRateLimit::decode(any.value.as_slice()).unwrap();
+        assert_eq!(c.descriptors.len(), 2);
+        let keys: Vec<_> = c.descriptors[0]
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (RATE_LIMIT_POLICY_KEY, "ns/limits"),
+                (RATE_LIMIT_RULE_KEY, "0"),
+                ("header_0", "1"),
+                ("header_1", ""),
+                ("masked_remote_address", "10.0.0.0/8"),
+                ("remote_address", ""),
+            ]
+        );
+        let b = c.descriptors[0].token_bucket.unwrap();
+        assert_eq!((b.max_tokens, b.tokens_per_fill.unwrap().value), (5, 5));
+        assert_eq!(b.fill_interval.unwrap().seconds, 60);
+        // One action per entry, in the same order.
+        assert_eq!(c.rate_limits[0].actions.len(), 6);
+        assert_eq!(c.rate_limits[1].actions.len(), 2);
+        assert_eq!(c.always_consume_default_token_bucket, Some(BoolValue { value: false }));
+    }
+
+    #[test]
+    fn global_policies_are_reported_and_a_route_without_local_ones_has_no_config() {
+        let mut r = model::Route::forward("r".into(), Vec::new());
+        r.rate_limits = vec![policy(true)];
+        let mut unsupported = Vec::new();
+        assert!(route_config(&r, &mut unsupported).is_none());
+        assert_eq!(unsupported.len(), 1, "{unsupported:?}");
+    }
+
+    #[test]
+    fn blocks_are_written_masked() {
+        assert_eq!(masked("10.1.2.3/8").unwrap().0, "10.0.0.0/8");
+        assert_eq!(masked("10.1.2.3/32").unwrap().0, "10.1.2.3/32");
+        assert_eq!(masked("0.0.0.0/0").unwrap().0, "0.0.0.0/0");
+        assert_eq!(masked("fd00:1::5/16").unwrap(), ("fd00::/16".into(), 16, false));
+        assert!(masked("10.0.0.0/33").is_none());
+    }
+}
