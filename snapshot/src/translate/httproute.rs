@@ -88,6 +88,16 @@ impl RouteObject {
     }
 }
 
+/// What the names of a route object's routes start with: `namespace/name/` for an HTTPRoute,
+/// the kind first for the others (`GRPCRoute:namespace/name/`; no object name has a `:`), so
+/// an HTTPRoute and a GRPCRoute of one name never share route names, counts or policies.
+pub(crate) fn route_name_prefix(kind: &str, namespace: &str, name: &str) -> String {
+    match kind {
+        "HTTPRoute" => format!("{namespace}/{name}/"),
+        _ => format!("{kind}:{namespace}/{name}/"),
+    }
+}
+
 /// Every route object of `res`, in a stable order.
 pub(crate) fn route_objects(res: &Resources) -> impl Iterator<Item = RouteObject> + '_ {
     let http = res.http_routes.iter().cloned().map(RouteObject::Http);
@@ -590,7 +600,7 @@ fn translate_rules(
             let Some(matcher) = route_match(m, &mfield, obj, problems) else {
                 continue;
             };
-            let name = format!("{}/{}/{ri}/{mi}", obj.namespace, obj.name);
+            let name = format!("{}{ri}/{mi}", route_name_prefix(obj.kind, &obj.namespace, &obj.name));
             let mut r = Route {
                 name,
                 matcher,

@@ -94,7 +94,8 @@ fn policy(res: &Resources, p: &RateLimitPolicy, problems: &mut Problems<'_>) -> 
                 } else if kind == "Gateway" {
                     out.gateways.push(key);
                 } else {
-                    out.routes.push(format!("{key}/"));
+                    out.routes
+                        .push(super::httproute::route_name_prefix(kind, &obj.namespace, &t.name));
                 }
             }
             (group, kind) => {

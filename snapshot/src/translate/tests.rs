@@ -658,6 +658,29 @@ fn rate_limit_policies_go_on_the_routes_they_target() {
     assert_eq!(s.content_hash(), s.hash);
 }
 
+/// An HTTPRoute and a GRPCRoute of one name have routes of different names, and a policy on
+/// one limits only its routes.
+#[test]
+fn a_policy_on_an_httproute_leaves_the_grpcroute_of_the_same_name_alone() {
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r, namespace: default}\n\
+                spec:\n  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{name: echo, port: 80}]}]\n---\n";
+    let s = ok(&format!(
+        "{}{grpc}{}",
+        rate_limit_policy(
+            "on-route",
+            "HTTPRoute",
+            "r",
+            "  rules: [{limit: {requests: 5, unit: Day}}]\n"
+        ),
+        route("  - matches: [{path: {type: PathPrefix, value: /a}}]\n    backendRefs: [{name: echo, port: 80}]\n"),
+    ));
+    let routes: Vec<&Arc<Route>> = s.listeners[0].virtual_hosts.iter().flat_map(|v| &v.routes).collect();
+    let limited: Vec<(&str, usize)> = routes.iter().map(|r| (r.name.as_str(), r.rate_limits.len())).collect();
+    assert_eq!(limited.len(), 2, "{limited:?}");
+    assert!(limited.contains(&("default/r/0/0", 1)), "{limited:?}");
+    assert!(limited.contains(&("GRPCRoute:default/r/0/0", 0)), "{limited:?}");
+}
+
 #[test]
 fn a_rate_limit_policy_that_cannot_be_applied_names_the_field() {
     let day = "  rules: [{limit: {requests: 5, unit: Day}}]\n";
