@@ -108,6 +108,24 @@ async fn last_rejection(op: &Operator, node: &str) -> Option<Value> {
         .map(|p| p["lastRejection"].clone())
 }
 
+/// Runs `check` (given the proxy's name) through a real Envoy over our xDS, which must accept
+/// what it is sent, then through ferrum-dp over MeshSubscribe; one at a time, on the listener
+/// port the Gateway names.
+async fn through_envoy_and_ferrum_dp(cluster: &Cluster, op: &Operator, node: &str, check: impl AsyncFn(&str)) {
+    let envoy_node = format!("envoy-{node}");
+    let envoy = envoy(cluster.dir.path(), &envoy_node, op.grpc, false);
+    check("Envoy").await;
+    assert_eq!(
+        last_rejection(op, &envoy_node).await,
+        Some(Value::Null),
+        "Envoy accepted"
+    );
+    drop(envoy);
+    let cache = cluster.dir.path().join(format!("dp-{node}.json"));
+    let _dp = Proxy::start(&op.grpc_url(), &format!("dp-{node}"), &cache).await;
+    check("ferrum-dp").await;
+}
+
 /// The proxy at `port` serves `setup`'s routes (weights 100/0): match, prefix rewrite, header
 /// modifier, redirect to `location`.
 async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &str) {
@@ -1444,19 +1462,7 @@ async fn a_gateway_behind_a_load_balancer_sees_the_client_in_envoy_and_ferrum_dp
         assert!(direct.is_err(), "{proxy} answered without a PROXY header: {direct:?}");
     };
 
-    let envoy = envoy(cluster.dir.path(), "envoy-lb", op.grpc, false);
-    sees_the_client("Envoy", true).await;
-    assert_eq!(
-        last_rejection(&op, "envoy-lb").await,
-        Some(Value::Null),
-        "Envoy accepted"
-    );
-    drop(envoy);
-
-    let cache = cluster.dir.path().join("dp-lb.json");
-    let dp = Proxy::start(&op.grpc_url(), "dp-lb", &cache).await;
-    sees_the_client("ferrum-dp", true).await;
-    drop(dp);
+    through_envoy_and_ferrum_dp(&cluster, &op, "lb", async |proxy| sees_the_client(proxy, true).await).await;
 
     // ferrum-dp over xDS refuses RBAC filters (see above): the listener alone.
     cluster.kubectl(&["delete", "authorizationpolicy", "via-lb", "no-doc-net"], None);
@@ -1526,20 +1532,7 @@ async fn local_rate_limits_are_enforced_alike_by_envoy_and_ferrum_dp() {
         );
     };
 
-    let envoy = envoy(cluster.dir.path(), "envoy-rl", op.grpc, false);
-    enforces("Envoy").await;
-    assert_eq!(
-        last_rejection(&op, "envoy-rl").await,
-        Some(Value::Null),
-        "Envoy accepted"
-    );
-    drop(envoy);
-
-    let cache = cluster.dir.path().join("dp-rl.json");
-    let dp = Proxy::start(&op.grpc_url(), "dp-rl", &cache).await;
-    enforces("ferrum-dp").await;
-    drop(dp);
-
+    through_envoy_and_ferrum_dp(&cluster, &op, "rl", async |proxy| enforces(proxy).await).await;
     let _dp = Proxy::start_xds(&op.grpc_url(), "dp-rl-xds").await;
     enforces("ferrum-dp over xDS").await;
 }
