@@ -4,8 +4,6 @@ use std::time::Duration;
 
 /// Largest request or response head (request line and headers); beyond it HTTP/1 gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most header fields in one HTTP/1 message.
-pub const MAX_HEADERS: usize = 128;
 
 /// Limits set from the command line.
 #[derive(Debug, Clone)]

@@ -164,6 +164,27 @@ async fn transfer_codings_we_do_not_apply_are_refused() {
     assert_eq!(body(&ok)["body_len"], 5);
 }
 
+/// HTTP/1 heads carry at most 100 header fields (hyper's and Envoy's default): 431 beyond,
+/// from the proxy itself (a backend that takes anything answers 204).
+#[tokio::test]
+async fn a_request_with_too_many_header_fields_gets_431() {
+    let anything = raw_backend(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend_at("a", anything, ""),
+        route("r", "\"*\"", "/", "a"),
+    ]))
+    .await;
+    // Host and Connection, and the rest as x-N fields.
+    let with = |fields: usize| {
+        let extra: String = (0..fields - 2).map(|i| format!("x-{i}: v\r\n")).collect();
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n")
+    };
+    assert_eq!(status(&raw(port, with(100).as_bytes()).await), 204);
+    assert_eq!(status(&raw(port, with(101).as_bytes()).await), 431);
+}
+
 #[tokio::test]
 async fn upstream_framing_and_statuses_are_checked() {
     let cl_and_te = raw_backend(

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use ferrum_snapshot::model::Protocol as SnapProtocol;
 
 use crate::dataplane::Shared;
-use crate::limits::{MAX_HEADER_BYTES, MAX_HEADERS};
+use crate::limits::MAX_HEADER_BYTES;
 use crate::proxy::{self, ConnInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,8 @@ impl Http {
         h1.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
-            .max_headers(MAX_HEADERS)
+            // No `max_headers`: hyper's own limit of 100 fields (Envoy's default too) is parsed
+            // into arrays on the stack; any other costs two 4 KB heap arrays per request.
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         // Few streams per connection: one client's connection cannot take a cluster's whole
