@@ -480,4 +480,52 @@ mod tests {
         assert_eq!(c.listeners.len(), 1);
         assert_eq!(c.clusters.len(), 2);
     }
+
+    /// A sidecar routes HTTP/2 on a port that declares no protocol when its routes' clusters
+    /// follow the client's protocol (gRPC keeps HTTP/2 end to end); a snapshot whose routes
+    /// there send to an HTTP/1.1-only cluster (an older operator's) leaves it at L4.
+    #[tokio::test]
+    async fn http2_on_a_sniffed_port_is_routed_only_to_clusters_that_speak_it() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.9, ports: [{port: 9090, targetPort: 9090}, {name: http, port: 80, targetPort: 9090}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: echo-v1, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{port: 9090, targetPort: 9090}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: echo, port: 9090}, {group: '', kind: Service, name: echo, port: 80}]\n\
+             \x20 rules: [{backendRefs: [{name: echo-v1, port: 9090}]}]\n";
+        let mut res = ferrum_snapshot::Resources::default();
+        res.add_yaml("test.yaml", yaml).unwrap();
+        let t = translate(&res, 1, &Options::default());
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let sidecar = || {
+            let c = compiler();
+            c.me.set(("shop".into(), "client".into())).unwrap();
+            c
+        };
+        let (sniffed, declared): (SocketAddr, SocketAddr) =
+            ("10.96.0.9:9090".parse().unwrap(), "10.96.0.9:80".parse().unwrap());
+        let c = sidecar()
+            .compile(t.snapshot.clone(), &Secrets::default(), &Compiled::empty())
+            .unwrap();
+        assert!(c.mesh.http(sniffed).is_some() && c.mesh.http(declared).is_some());
+        assert!(!c.mesh.h2_at_l4(sniffed), "its route's cluster follows the client");
+        assert!(!c.mesh.h2_at_l4(declared));
+
+        let mut older = t.snapshot;
+        for s in &mut older.services {
+            for table in &mut Arc::make_mut(s).routes {
+                for r in &mut table.routes {
+                    Arc::make_mut(r).rename_clusters(|c| c.trim_end_matches("#client").to_string());
+                }
+            }
+        }
+        let c = sidecar()
+            .compile(older, &Secrets::default(), &Compiled::empty())
+            .unwrap();
+        assert!(c.mesh.h2_at_l4(sniffed), "an HTTP/1.1 cluster would break gRPC: L4");
+        assert!(
+            !c.mesh.h2_at_l4(declared),
+            "a port declared HTTP says what its clients speak"
+        );
+    }
 }

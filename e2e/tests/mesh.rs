@@ -1842,14 +1842,16 @@ s.start()
 s.wait_for_termination()
 "#;
 
-/// A gRPC client in a pod: `n` calls of `method` on one channel to `target`; prints each answer.
+/// A gRPC client in a pod: `n` calls of `method` on one channel to `target`, with metadata
+/// `x-version` when a fourth argument gives it; prints each answer.
 const GRPC_CALLS: &str = r#"
 import sys, grpc
 target, method, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+md = [("x-version", sys.argv[4])] if len(sys.argv) > 4 else None
 ch = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
 call = ch.unary_unary("/echo.Echo/" + method)
 for _ in range(n):
-    print(call(b"hi", timeout=10).decode())
+    print(call(b"hi", timeout=10, metadata=md).decode())
 "#;
 
 /// gRPC in the client's sidecar, for a plain gRPC client calling the Service's ClusterIP over one
@@ -1930,6 +1932,82 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     assert!((share - 0.80).abs() <= 0.07, "v1 share {share}");
     let route = w.cluster.get("grpcroute", NS, "echo");
     assert_eq!(route["status"]["parents"][0]["parentRef"]["kind"], "Service", "{route}");
+}
+
+/// gRPC on a Service port that declares no protocol (no name, no appProtocol): the client's
+/// sidecar sniffs HTTP/2 and routes it by the port's HTTPRoute — a header match pins v2, the
+/// rest go to v1 — over HTTP/2 to the app, although the backends' ports declare nothing either
+/// (their clusters follow the client's protocol there, as Istio's do for detected ports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_on_an_undeclared_port_is_routed_by_its_httproute() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
+    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
+    for (name, vip, selector) in [
+        ("echo", VIP, "app: b"),
+        ("echo-v1", "10.96.77.11", "app: b, version: v1"),
+        ("echo-v2", "10.96.77.12", "app: b, version: v2"),
+    ] {
+        w.cluster.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 9090, targetPort: 9090}}]}}\n"
+        ));
+    }
+    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
+        if i != a {
+            let p = &mut w.pods[i];
+            let child =
+                p.ns.cmd(&[venv_bin("python").to_str().unwrap(), "-c", GRPC_APP, &p.name])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+            p.app = Some(Proc(child));
+        }
+        w.sidecar(i, sa, &[]);
+    }
+    for i in [a, b1, b2] {
+        w.ready(i).await;
+    }
+    let target = format!("{VIP}:9090");
+    let calls = |version: &str, n: usize| -> (usize, usize) {
+        let py = venv_bin("python");
+        let out = w.pods[a].run(&[
+            py.to_str().unwrap(),
+            "-c",
+            GRPC_CALLS,
+            &target,
+            "Say",
+            &n.to_string(),
+            version,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.matches("from b-1").count(), text.matches("from b-2").count())
+    };
+    eventually(
+        "gRPC reaches B through the sidecars",
+        Duration::from_secs(20),
+        async || {
+            let (x, y) = calls("any", 2);
+            x + y == 2
+        },
+    )
+    .await;
+    w.cluster.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: echo, namespace: {NS}}}\n\
+         spec:\n  parentRefs: [{{group: '', kind: Service, name: echo, port: 9090}}]\n  rules:\n\
+         \x20 - matches: [{{headers: [{{name: x-version, value: v2}}]}}]\n    backendRefs: [{{name: echo-v2, port: 9090}}]\n\
+         \x20 - backendRefs: [{{name: echo-v1, port: 9090}}]\n"
+    ));
+    eventually("the header match pins v2", Duration::from_secs(20), async || {
+        calls("v2", 10) == (0, 10)
+    })
+    .await;
+    let routed_before = w.pods[a].connections("outbound", "routed");
+    assert_eq!(calls("v2", 50), (0, 50), "every call with the header on v2");
+    assert_eq!(calls("v1", 50), (50, 0), "every other call on v1");
+    let routed = w.pods[a].connections("outbound", "routed") - routed_before;
+    assert!(routed >= 2.0, "A's sidecar routes each channel's HTTP/2: {routed}");
 }
 
 /// A Sidecar's ingress listener: B serves port 8080's traffic from an app on loopback only

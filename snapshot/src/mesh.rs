@@ -599,14 +599,7 @@ impl MeshService {
 
     /// Every cluster its routes send to, mirrors included.
     pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
-        self.all_routes().flat_map(|r| {
-            let targets = match &r.action {
-                crate::model::Action::Forward(t) => t.as_slice(),
-                crate::model::Action::Redirect(_) => &[],
-            };
-            let mirrors = r.mirrors().map(|m| m.cluster.as_str());
-            targets.iter().filter_map(|t| t.cluster.as_deref()).chain(mirrors)
-        })
+        self.all_routes().flat_map(|r| r.clusters())
     }
 }
 

@@ -131,6 +131,28 @@ impl Route {
         }
     }
 
+    /// Every cluster the route sends to, its mirrors' included.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        let targets = match &self.action {
+            Action::Forward(t) => t.as_slice(),
+            Action::Redirect(_) => &[],
+        };
+        let mirrors = self.mirrors().map(|m| m.cluster.as_str());
+        targets.iter().filter_map(|t| t.cluster.as_deref()).chain(mirrors)
+    }
+
+    /// Renames every cluster the route sends to (its mirrors' included) by `rename`.
+    pub fn rename_clusters(&mut self, mut rename: impl FnMut(&str) -> String) {
+        if let Action::Forward(targets) = &mut self.action {
+            for c in targets.iter_mut().filter_map(|t| t.cluster.as_mut()) {
+                *c = rename(c);
+            }
+        }
+        for m in self.mirror.iter_mut().chain(&mut self.more_mirrors) {
+            m.cluster = rename(&m.cluster);
+        }
+    }
+
     /// Every mirror of the route: `mirror`, then `more_mirrors`.
     pub fn mirrors(&self) -> impl Iterator<Item = &Mirror> {
         self.mirror.iter().chain(&self.more_mirrors)

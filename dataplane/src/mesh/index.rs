@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::Snapshot;
 use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, Workload};
+use ferrum_snapshot::model::{Route, UpstreamProtocol};
 
 use super::jwt::{Authenticator, JwksCache};
 use super::policy::{Authorizer, Upstreams};
@@ -26,13 +27,25 @@ pub struct ServiceTarget {
     pub http: Option<Arc<CompiledListener>>,
     /// Its L4 route: other connections go to a weighted pick of the route's clusters.
     pub tcp: Option<Arc<VirtualHost>>,
-    /// The port declares no protocol: only HTTP/1 is routed (HTTP/2, perhaps gRPC that needs
-    /// HTTP/2 end to end, is balanced at L4).
-    pub sniffed: bool,
+    /// HTTP/2 to it is balanced at L4: the port declares no protocol and a cluster of its routes
+    /// speaks HTTP/1.1 only (a snapshot whose sniffed ports' routes do not follow the client's
+    /// protocol), which would break gRPC, which needs HTTP/2 end to end.
+    pub h2_at_l4: bool,
     /// The first `near` endpoints are in the proxy's zone and taken first (the service prefers
     /// close endpoints); 0: no preference.
     near: usize,
     next: AtomicUsize,
+}
+
+/// Whether every cluster `route` sends to speaks HTTP/2 to an HTTP/2 client: it speaks HTTP/2,
+/// or follows the client's protocol.
+fn speak_h2(route: &Route, upstreams: &Upstreams) -> bool {
+    route.clusters().all(|c| {
+        upstreams
+            .clusters
+            .get(c)
+            .is_some_and(|c| c.spec.protocol == UpstreamProtocol::Http2 || c.spec.follow_client_protocol)
+    })
 }
 
 /// Puts the endpoints in zone `zone` first; how many there are, 0 when that prefers nothing
@@ -224,6 +237,9 @@ impl MeshIndex {
                     continue;
                 }
                 let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
+                let h2_at_l4 = p.sniffed()
+                    && s.routes_for(p.port, own_ns)
+                        .is_some_and(|t| !t.routes.iter().all(|r| speak_h2(r, upstreams)));
                 let routes = http.by_service.get(&(s.key.clone(), p.port)).cloned();
                 let tcp = http.tcp.get(&(s.key.clone(), p.port)).cloned();
                 if s.by_host {
@@ -242,7 +258,7 @@ impl MeshIndex {
                             .routes_for(p.port, own_ns)
                             .and_then(|_| http.by_host.get(&p.port).cloned()),
                         tcp: None,
-                        sniffed: p.sniffed(),
+                        h2_at_l4,
                         near: 0,
                         next: AtomicUsize::new(fastrand::usize(..)),
                     });
@@ -260,7 +276,7 @@ impl MeshIndex {
                             names: names.clone(),
                             http: routes.clone(),
                             tcp: tcp.clone(),
-                            sniffed: p.sniffed(),
+                            h2_at_l4,
                             near,
                             next: AtomicUsize::new(fastrand::usize(..)),
                         },
@@ -336,9 +352,10 @@ impl MeshIndex {
 
     /// The mesh routes of a Service VIP:port, or of the services found by host on the port of
     /// an address the mesh does not know, when there are any.
-    /// Whether `dst` is a Service port that declares no protocol (see [`ServiceTarget::sniffed`]).
-    pub fn sniffed(&self, dst: SocketAddr) -> bool {
-        self.services.get(&dst).is_some_and(|t| t.sniffed)
+    /// Whether HTTP/2 to `dst` is balanced at L4 rather than routed (see
+    /// [`ServiceTarget::h2_at_l4`]).
+    pub fn h2_at_l4(&self, dst: SocketAddr) -> bool {
+        self.services.get(&dst).is_some_and(|t| t.h2_at_l4)
     }
 
     pub fn http(&self, dst: SocketAddr) -> Option<&CompiledListener> {

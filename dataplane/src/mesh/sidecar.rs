@@ -442,11 +442,11 @@ impl Sidecar {
             return;
         }
         let _ = tcp.set_nodelay(true);
-        let (routed, sniffed, by_host) = {
+        let (routed, h2_at_l4, by_host) = {
             let cfg = self.dp.shared.config.load();
             (
                 cfg.mesh.http(dst).is_some(),
-                cfg.mesh.sniffed(dst),
+                cfg.mesh.h2_at_l4(dst),
                 cfg.mesh.by_host_on(dst),
             )
         };
@@ -460,9 +460,9 @@ impl Sidecar {
         let http = l7::detect(&first);
         let s = l7::Prefixed::new(first, tcp);
         match http {
-            // HTTP/2 on a port that does not say it speaks it (perhaps gRPC, which needs HTTP/2
+            // HTTP/2 that a route would send on as HTTP/1.1 (perhaps gRPC, which needs HTTP/2
             // upstream too) is balanced as before.
-            Some(listener::HttpVersion::Two) if sniffed => self.outbound_l4(s, peer, dst).await,
+            Some(listener::HttpVersion::Two) if h2_at_l4 => self.outbound_l4(s, peer, dst).await,
             Some(http) => self.outbound_routed(s, http, peer, dst).await,
             // Routes are for HTTP; anything else to the Service is balanced as before.
             None => self.outbound_l4(s, peer, dst).await,

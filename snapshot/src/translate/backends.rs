@@ -196,6 +196,25 @@ impl<'a> Clusters<'a> {
         self.built.get(name).map(|b| &*b.cluster)
     }
 
+    /// Cluster `name` (built this translation) as its requests' clients speak: itself when it
+    /// speaks HTTP/2 or already follows the client, else its `#client` variant, which does.
+    pub(crate) fn following_client(&mut self, name: &str) -> String {
+        let Some(b) = self.built.get(name) else {
+            return name.to_string();
+        };
+        if b.cluster.protocol == UpstreamProtocol::Http2 || b.cluster.follow_client_protocol {
+            return name.to_string();
+        }
+        let variant = format!("{name}#client");
+        if !self.built.contains_key(&variant) {
+            let mut c = (*b.cluster).clone();
+            c.name = variant.clone();
+            c.follow_client_protocol = true;
+            self.built.insert(variant.clone(), BuiltCluster::new(c, None));
+        }
+        variant
+    }
+
     pub(crate) fn waive_grants(&mut self, waived: bool) {
         self.grants_waived = waived;
     }

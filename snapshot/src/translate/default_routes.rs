@@ -7,7 +7,8 @@
 //! Other HTTP ports stay at L4, where a sidecar relays bytes for less than it parses requests —
 //! unless the MeshConfig says `httpRouting: Always`, Istio's way (every declared HTTP port).
 //! A port that declares no protocol gets one where a policy applies, as Istio's protocol
-//! detection would serve its HTTP: the sidecar sniffs, and routes HTTP/1 requests.
+//! detection would serve its HTTP: the sidecar sniffs, and routes HTTP/1 and HTTP/2 requests
+//! (to clusters that follow the client's protocol, see `client_protocol`).
 //! GAMMA routes and VirtualServices replace a port's default table.
 
 use std::collections::HashSet;
@@ -36,7 +37,7 @@ pub(crate) fn table(
         .filter(|p| match p.http() {
             Some(HttpProtocol::Http2) => true,
             Some(HttpProtocol::Http1) => policy,
-            // Undeclared: sniffed, HTTP/1 served by the route (HTTP/2 stays at L4).
+            // Undeclared: sniffed, its HTTP served by the route.
             None => policy && p.sniffed(),
         })
         .filter_map(|p| {
@@ -222,8 +223,8 @@ spec: {targetRefs: [{group: '', kind: Service, name: api}], loadBalancer: {type:
         assert_eq!(
             defaults(&t, "shop/legacy"),
             [
-                (80, "service/shop/legacy:80".to_string()),
-                (8081, "service/shop/legacy:8081".to_string())
+                (80, "service/shop/legacy:80#client".to_string()),
+                (8081, "service/shop/legacy:8081#client".to_string())
             ],
             "ports that declare nothing (no name, an appProtocol Istio does not know) are sniffed \
              where a policy applies; MySQL is not"
@@ -275,7 +276,7 @@ spec: {httpRouting: Always}
             defaults(&t, "shop/plain"),
             [
                 (80, "service/shop/plain:80".to_string()),
-                (82, "service/shop/plain:82".to_string())
+                (82, "service/shop/plain:82#client".to_string())
             ],
             "its HTTP port, and its undeclared one (sniffed, as Istio does), without a policy"
         );

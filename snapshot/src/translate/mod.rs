@@ -6,6 +6,7 @@
 //! turns them into status conditions.
 
 mod backends;
+mod client_protocol;
 mod cors;
 mod default_routes;
 mod delegate;
@@ -504,17 +505,6 @@ impl Incremental {
         let (mut listeners, mut vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let rate_limits = rate_limit::build(res, &mut problems);
         rate_limit::apply(&mut listeners, &mut vhost_digests, &rate_limits);
-        let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
-        backends::check_policies(res, &mut problems);
-        stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
-        self.clusters = cluster_memo;
-        self.stats = stats;
-        let (policies, policy_digests) = self.policies(res, &providers, &mut problems);
-        let (sidecars, sidecar_digests) = if self.opts.gateway.is_none() {
-            sidecar::build(&res.sidecars, &mut problems)
-        } else {
-            Default::default()
-        };
         if !entries.is_empty() {
             (services, service_digests) = merge_by_key(services, service_digests, entries);
         }
@@ -526,6 +516,18 @@ impl Incremental {
             virtual_services,
             &mut problems,
         );
+        client_protocol::services(&mut services, &mut service_digests, &mut clusters);
+        let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
+        backends::check_policies(res, &mut problems);
+        stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
+        self.clusters = cluster_memo;
+        self.stats = stats;
+        let (policies, policy_digests) = self.policies(res, &providers, &mut problems);
+        let (sidecars, sidecar_digests) = if self.opts.gateway.is_none() {
+            sidecar::build(&res.sidecars, &mut problems)
+        } else {
+            Default::default()
+        };
         let mut list = problems.list;
         list.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let attachments = self.routes.attachments().without(&problems.detached);

@@ -1300,10 +1300,14 @@ spec:
             "gRPC's cancelled and unavailable too"
         );
         assert_eq!(api.request_headers.set, [("x-from".to_string(), "vs".to_string())]);
-        assert_eq!(clusters(&api.action), [(Some("service/shop/b-v1:80"), 1)]);
+        assert_eq!(
+            clusters(&api.action),
+            [(Some("service/shop/b-v1:80#client"), 1)],
+            "port 81 declares no protocol: its clusters speak the client's"
+        );
         assert_eq!(
             clusters(&on81[0].action),
-            [(Some("service/shop/b-v2:80"), 1)],
+            [(Some("service/shop/b-v2:80#client"), 1)],
             "a destination without a port goes to the only port its Service has"
         );
         // A sidecar's view carries the clusters the routes send to.
