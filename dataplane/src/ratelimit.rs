@@ -4,13 +4,12 @@
 //! pointed at it. A request is counted by every rule that selects it.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferrum_snapshot::model::{RateLimit, RateLimitRule};
+use ferrum_snapshot::model::{DistinctValues, RateLimit, RateLimitRule};
 use http::{HeaderMap, HeaderName};
 
 use crate::mesh::policy::Net;
@@ -185,13 +184,13 @@ impl Rule {
 
     /// Whether the rule selects the request, and the hash of its distinct values.
     fn selects(&self, headers: &HeaderMap, client: IpAddr) -> Option<u64> {
-        let mut key = foldhash::fast::FixedState::with_seed(0x5eed).build_hasher();
+        let mut key = DistinctValues::default();
         for (name, m) in &self.headers {
             let v = headers.get(name)?.to_str().ok()?;
             match m {
                 Some(m) if !m.is_match(v) => return None,
                 Some(_) => {}
-                None => v.hash(&mut key),
+                None => key.header(v),
             }
         }
         for (net, distinct) in &self.clients {
@@ -199,7 +198,7 @@ impl Rule {
                 return None;
             }
             if *distinct {
-                client.hash(&mut key);
+                key.client(client);
             }
         }
         Some(key.finish())
@@ -253,10 +252,7 @@ impl Limiter {
 
     async fn count_in_redis(&self, redis: &Redis, rule: usize, r: &Rule, window: u64, key: u64) -> Option<u64> {
         let name = &self.spec.name;
-        let k = match r.distinct {
-            true => format!("ferrum:ratelimit:{name}:{rule}:{window}:{key:016x}"),
-            false => format!("ferrum:ratelimit:{name}:{rule}:{window}"),
-        };
+        let k = RateLimit::redis_key(name, rule, window, r.distinct.then_some(key));
         match tokio::time::timeout(REDIS_TIMEOUT, redis.incr(&k, r.window_secs + 1)).await {
             Ok(Ok(n)) => Some(n),
             Ok(Err(e)) => {

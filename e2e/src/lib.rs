@@ -333,7 +333,14 @@ impl Proxy {
 
     /// A `ferrum-dp` following an xDS server instead.
     pub async fn start_xds(url: &str, node: &str) -> Proxy {
-        Self::spawn(node, &["--xds", url])
+        Self::start_xds_with(url, node, &[]).await
+    }
+
+    /// The same, with more arguments.
+    pub async fn start_xds_with(url: &str, node: &str, extra: &[&str]) -> Proxy {
+        let mut args = vec!["--xds", url];
+        args.extend(extra);
+        Self::spawn(node, &args)
     }
 
     /// The same, presenting a bearer token.

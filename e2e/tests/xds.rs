@@ -1536,3 +1536,118 @@ async fn local_rate_limits_are_enforced_alike_by_envoy_and_ferrum_dp() {
     let _dp = Proxy::start_xds(&op.grpc_url(), "dp-rl-xds").await;
     enforces("ferrum-dp over xDS").await;
 }
+
+/// A `Global` RateLimitPolicy counts every proxy's requests together: Envoy asks the operator's
+/// rate limit service (on the gRPC port its bootstrap names), which counts in the Redis
+/// ferrum-dp counts in, under the same keys — so Envoy, ferrum-dp over MeshSubscribe and ferrum-dp
+/// over xDS (which reads the Global policy back off Envoy's route) draw on one budget per user
+/// and per client address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_rate_limits_are_counted_together_by_envoy_and_ferrum_dp() {
+    let redis = ferrum_testkit::redis::RedisServer::start().await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let op = cluster
+        .operator_with("op-1", &["--rate-limit-redis", &redis.url()])
+        .await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    cluster.apply(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: shared}\nspec:\n\
+         \x20 type: Global\n\
+         \x20 targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]\n\
+         \x20 rules:\n\
+         \x20 - clientSelectors: [{headers: [{name: x-user, type: Distinct}]}]\n\
+         \x20   limit: {requests: 3, unit: Hour}\n\
+         \x20 - clientSelectors: [{sourceCIDR: {value: 127.0.0.3/32}}]\n\
+         \x20   limit: {requests: 2, unit: Hour}\n",
+    );
+    let call = async |from: &str, user: Option<&str>| {
+        let mut r = client_from(from)
+            .get(format!("http://127.0.0.1:{port}/x"))
+            .header("host", "shop.example.com");
+        if let Some(u) = user {
+            r = r.header("x-user", u);
+        }
+        match r.send().await {
+            Ok(r) => (r.status().as_u16(), r.headers().contains_key("x-ratelimit-limit")),
+            Err(_) => (0, false),
+        }
+    };
+    let serving = async |proxy: &str| {
+        eventually(&format!("{proxy} serves"), ENVOY_START, async || {
+            call("127.0.0.1", None).await.0 == 200
+        })
+        .await;
+    };
+    let statuses = async |calls: &[(&str, Option<&str>)]| {
+        let mut seen = Vec::new();
+        for (from, user) in calls {
+            seen.push(call(from, *user).await.0);
+        }
+        seen
+    };
+
+    // Envoy spends two of ann's three and one of the block's two.
+    let envoy_node = "envoy-global";
+    let first = envoy(cluster.dir.path(), envoy_node, op.grpc, false);
+    serving("Envoy").await;
+    assert_eq!(
+        call("127.0.0.1", Some("ann")).await,
+        (200, true),
+        "Envoy asks the service, and says the limit"
+    );
+    assert_eq!(
+        statuses(&[("127.0.0.1", Some("ann")), ("127.0.0.3", None)]).await,
+        [200, 200]
+    );
+    assert_eq!(last_rejection(&op, envoy_node).await, Some(Value::Null), "Envoy accepted");
+    drop(first);
+
+    // ferrum-dp over MeshSubscribe has what is left: ann 1, the block 1; bob all of his.
+    let cache = cluster.dir.path().join("dp-global.json");
+    let dp = Proxy::start_with(&op.grpc_url(), "dp-global", &cache, &["--rate-limit-redis", &redis.url()]).await;
+    serving("ferrum-dp").await;
+    assert_eq!(
+        statuses(&[
+            ("127.0.0.1", Some("ann")),
+            ("127.0.0.1", Some("ann")),
+            ("127.0.0.3", None),
+            ("127.0.0.3", None),
+            ("127.0.0.1", Some("bob")),
+        ])
+        .await,
+        [200, 429, 200, 429, 200],
+        "ferrum-dp counts on from Envoy's counts"
+    );
+    drop(dp);
+
+    // ferrum-dp over xDS reads the Global policy back and counts in the same Redis; Envoy, back,
+    // sees what ferrum-dp spent.
+    let xds = Proxy::start_xds_with(&op.grpc_url(), "dp-global-xds", &["--rate-limit-redis", &redis.url()]).await;
+    serving("ferrum-dp over xDS").await;
+    assert_eq!(
+        statuses(&[
+            ("127.0.0.1", Some("ann")),
+            ("127.0.0.1", Some("bob")),
+            ("127.0.0.1", Some("bob")),
+            ("127.0.0.3", None),
+        ])
+        .await,
+        [429, 200, 200, 429],
+        "ferrum-dp over xDS: ann and the block are spent, bob has two left"
+    );
+    drop(xds);
+    let _envoy = envoy(cluster.dir.path(), envoy_node, op.grpc, false);
+    serving("Envoy again").await;
+    assert_eq!(
+        statuses(&[
+            ("127.0.0.1", Some("bob")),
+            ("127.0.0.1", Some("cyd")),
+            ("127.0.0.1", None)
+        ])
+        .await,
+        [429, 200, 200],
+        "Envoy: bob is spent, cyd is not, no user is not limited"
+    );
+}

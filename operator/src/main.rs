@@ -9,6 +9,7 @@ mod leader;
 mod net;
 mod proxies;
 mod publish;
+mod rate_limit_service;
 mod secrets;
 mod status;
 mod subscribe;
@@ -103,6 +104,11 @@ struct Args {
     /// Longest certificate validity the CA hands out, in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     ca_max_validity: u64,
+    /// Redis (`redis://host:port[/db]`) where the rate limit service counts Envoy's requests
+    /// under `Global` RateLimitPolicies — ferrum-dp's `--rate-limit-redis`, so they count
+    /// together. Without it, this operator counts them itself.
+    #[arg(long, env = "FERRUM_RATE_LIMIT_REDIS")]
+    rate_limit_redis: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +224,8 @@ enum StartError {
     },
     #[error("the CA did not start, so the TLS gRPC port cannot")]
     CaNotStarted,
+    #[error("--rate-limit-redis: {0}")]
+    RateLimitRedis(#[source] redis::RedisError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[source] tonic::transport::Error),
 }
@@ -298,6 +306,8 @@ async fn serve(args: Args) -> Result<(), StartError> {
         required: args.proxy_auth_required,
     });
     let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone(), access.clone()));
+    let rate_limits = rate_limit_service::RateLimitService::new(args.rate_limit_redis.as_deref())
+        .map_err(StartError::RateLimitRedis)?;
     let svc = subscribe::Service {
         publisher: publisher.clone(),
         proxies,
@@ -311,7 +321,8 @@ async fn serve(args: Args) -> Result<(), StartError> {
                 .max_decoding_message_size(1 << 20)
                 .max_encoding_message_size(256 << 20),
         )
-        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20));
+        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20))
+        .add_service(rate_limits.server());
     let served = match grpc_tls {
         Some(tls) => {
             // The CA has its material once the leader made or loaded it.

@@ -43,4 +43,20 @@ pub mod xds {
     /// (`namespace/name`); the next entry is the rule's index in it.
     pub const RATE_LIMIT_POLICY_KEY: &str = "ferrum_rate_limit";
     pub const RATE_LIMIT_RULE_KEY: &str = "ferrum_rule";
+    /// The HTTP filter that asks a rate limit service about a route's `Global` limits (its
+    /// per-route `rate_limits`): the operator's, on its gRPC port, in [`RATE_LIMIT_DOMAIN`].
+    pub const RATE_LIMIT_FILTER: &str = "envoy.filters.http.ratelimit";
+    pub const RATE_LIMIT: &str = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit";
+    pub const RATE_LIMIT_PER_ROUTE: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute";
+    pub const RATE_LIMIT_DOMAIN: &str = "ferrum";
+    /// A `Global` rule's descriptor says what it allows (`<requests>/<window seconds>`) and, before
+    /// each masked client address, the block the address must be (`10.0.0.0/8`): the rate limit
+    /// service needs nothing but the descriptor.
+    pub const RATE_LIMIT_LIMIT_KEY: &str = "ferrum_limit";
+    pub const RATE_LIMIT_BLOCK_KEY: &str = "ferrum_block";
+    /// The entries of a rule's header selectors: a header that matches (`1`), and the value of a
+    /// header counted per value; the index is the header's in the rule.
+    pub const RATE_LIMIT_HEADER_KEY: &str = "header_";
+    pub const RATE_LIMIT_HEADER_VALUE_KEY: &str = "header_value_";
 }

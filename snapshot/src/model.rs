@@ -647,6 +647,44 @@ pub struct RateLimit {
     pub rules: Vec<RateLimitRule>,
 }
 
+impl RateLimit {
+    /// Where a Global policy's rule `rule` keeps its count for `window` (seconds since the epoch
+    /// divided by the rule's window) in Redis: ferrum-dp and the operator's rate limit service
+    /// (Envoy's) build it alike, so every proxy counts together. `distinct`: the request's
+    /// [`DistinctValues`] when the rule counts them apart.
+    pub fn redis_key(policy: &str, rule: usize, window: u64, distinct: Option<u64>) -> String {
+        match distinct {
+            Some(key) => format!("ferrum:ratelimit:{policy}:{rule}:{window}:{key:016x}"),
+            None => format!("ferrum:ratelimit:{policy}:{rule}:{window}"),
+        }
+    }
+}
+
+/// The values a request is counted apart by, for one rule: its `Distinct` headers' values in the
+/// rule's order, then its client address once per distinct block. One hash for every counter.
+pub struct DistinctValues(foldhash::fast::FoldHasher<'static>);
+
+impl Default for DistinctValues {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        DistinctValues(foldhash::fast::FixedState::with_seed(0x5eed).build_hasher())
+    }
+}
+
+impl DistinctValues {
+    pub fn header(&mut self, value: &str) {
+        std::hash::Hash::hash(value, &mut self.0);
+    }
+
+    pub fn client(&mut self, ip: std::net::IpAddr) {
+        std::hash::Hash::hash(&ip, &mut self.0);
+    }
+
+    pub fn finish(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
 /// Which requests count (all of `headers` and `clients` hold; nothing to hold: every request),
 /// and how many a window allows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

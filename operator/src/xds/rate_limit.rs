@@ -1,14 +1,17 @@
-//! A route's local rate limits as Envoy's `envoy.filters.http.local_ratelimit` takes them: the
-//! filter sits after authorization in the connection manager of a listener that has such a
-//! route, disabled there; each limited route carries a per-route config whose embedded
-//! `rate_limits` turn a request into descriptors and whose `descriptors` hold one token bucket
-//! per rule. The first two entries of every descriptor name the policy and the rule, so
-//! ferrum-dp following this xDS reads the policies back (`source/xds/map.rs`).
+//! A route's rate limits as Envoy takes them. `Local` policies: Envoy's
+//! `envoy.filters.http.local_ratelimit` sits after authorization in the connection manager of a
+//! listener that has such a route, disabled there; each limited route carries a per-route config
+//! whose embedded `rate_limits` turn a request into descriptors and whose `descriptors` hold one
+//! token bucket per rule. `Global` policies: `envoy.filters.http.ratelimit` asks the operator's
+//! rate limit service (`crate::rate_limit_service`, on the gRPC port Envoy's bootstrap already
+//! names) about the descriptors of the route's per-route `rate_limits`, which carry the rule's limit
+//! and blocks, so the service counts — in the Redis ferrum-dp counts in — from the descriptor
+//! alone. The first two entries of every descriptor name the policy and the rule, so ferrum-dp
+//! following this xDS reads the policies back (`source/xds/rate_limit.rs`).
 //!
-//! Envoy's buckets belong to the route (ferrum-dp's to the policy: a Gateway's policy shares
-//! one count across its routes there) and refill on a timer (ferrum-dp's windows are aligned
-//! to the clock). `Global` policies need a rate limit service Envoy is not given: they are
-//! reported as not sent.
+//! Envoy's local buckets belong to the route (ferrum-dp's to the policy: a Gateway's policy
+//! shares one count across its routes there) and refill on a timer (ferrum-dp's windows, and
+//! the rate limit service's, are aligned to the clock).
 
 use std::net::IpAddr;
 
@@ -16,11 +19,18 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3 as ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::{
+    RateLimit as GlobalRateLimit, RateLimitPerRoute,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent::DenominatorType};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as PbDuration, UInt32Value};
-use ferrum_proto::xds::{LOCAL_RATE_LIMIT, LOCAL_RATE_LIMIT_FILTER, RATE_LIMIT_POLICY_KEY, RATE_LIMIT_RULE_KEY};
+use ferrum_proto::xds::{
+    LOCAL_RATE_LIMIT, LOCAL_RATE_LIMIT_FILTER, RATE_LIMIT, RATE_LIMIT_BLOCK_KEY, RATE_LIMIT_DOMAIN, RATE_LIMIT_FILTER,
+    RATE_LIMIT_HEADER_KEY, RATE_LIMIT_HEADER_VALUE_KEY, RATE_LIMIT_LIMIT_KEY, RATE_LIMIT_PER_ROUTE,
+    RATE_LIMIT_POLICY_KEY, RATE_LIMIT_RULE_KEY,
+};
 use ferrum_snapshot::model;
 
 use super::resources::any;
@@ -47,21 +57,89 @@ pub fn filter(l: &model::Listener) -> Option<HttpFilter> {
         })
 }
 
-/// The per-route config of a route's local policies (`None` without any); `Global` ones are
-/// reported in `unsupported`.
-pub fn route_config(r: &model::Route, unsupported: &mut Vec<String>) -> Option<Any> {
-    let mut descriptors = Vec::new();
-    let mut rate_limits = Vec::new();
-    for p in &r.rate_limits {
-        if p.global {
+/// The filter that asks the operator's rate limit service, for a listener with a route under a
+/// `Global` limit. It asks only about routes with `rate_limits` of their own; if the service
+/// cannot answer (in time), the request goes on, as in ferrum-dp when Redis fails.
+pub fn global_filter(l: &model::Listener) -> Option<HttpFilter> {
+    let mut routes = l.virtual_hosts.iter().flat_map(|v| &v.routes);
+    routes.any(|r| r.rate_limits.iter().any(|p| p.global)).then(|| {
+        let service = core::GrpcService {
+            target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+                core::grpc_service::EnvoyGrpc {
+                    cluster_name: super::bootstrap::XDS_CLUSTER.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        HttpFilter {
+            name: RATE_LIMIT_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                RATE_LIMIT,
+                &GlobalRateLimit {
+                    domain: RATE_LIMIT_DOMAIN.into(),
+                    request_type: "both".into(),
+                    timeout: Some(PbDuration {
+                        seconds: 0,
+                        nanos: 100_000_000,
+                    }),
+                    failure_mode_deny: false,
+                    rate_limit_service: Some(envoy_types::pb::envoy::config::ratelimit::v3::RateLimitServiceConfig {
+                        grpc_service: Some(service),
+                        transport_api_version: core::ApiVersion::V3 as i32,
+                    }),
+                    enable_x_ratelimit_headers: 1, // DRAFT_VERSION_03
+                    rate_limited_as_resource_exhausted: true,
+                    ..Default::default()
+                },
+            ))),
+            ..Default::default()
+        }
+    })
+}
+
+/// The per-route config of a route's `Global` policies (`None` without any): one descriptor per
+/// rule, which the route makes only when the rule's headers match. Envoy asks about routes
+/// that forward only: on a redirect or a direct response they are reported in `unsupported`.
+pub fn global_route_config(r: &model::Route, unsupported: &mut Vec<String>) -> Option<Any> {
+    let global: Vec<_> = r.rate_limits.iter().filter(|p| p.global).collect();
+    if global.is_empty() {
+        return None;
+    }
+    if r.direct_response.is_some() || matches!(r.action, model::Action::Redirect(_)) {
+        for p in global {
             unsupported.push(format!(
-                "route {}: RateLimitPolicy {} is Global, which Envoy would need a rate limit service for (ferrum-dp enforces it)",
+                "route {}: Global RateLimitPolicy {}: Envoy asks its rate limit service about forwarding routes only (ferrum-dp enforces it)",
                 r.name, p.name
             ));
-            continue;
         }
+        return None;
+    }
+    let rate_limits = global
+        .iter()
+        .flat_map(|p| {
+            p.rules.iter().enumerate().map(|(i, rule)| route::RateLimit {
+                actions: rule_descriptor(&p.name, i, rule, true).0,
+                ..Default::default()
+            })
+        })
+        .collect();
+    Some(any(
+        RATE_LIMIT_PER_ROUTE,
+        &RateLimitPerRoute {
+            rate_limits,
+            ..Default::default()
+        },
+    ))
+}
+
+/// The per-route config of a route's local policies (`None` without any).
+pub fn route_config(r: &model::Route) -> Option<Any> {
+    let mut descriptors = Vec::new();
+    let mut rate_limits = Vec::new();
+    for p in r.rate_limits.iter().filter(|p| !p.global) {
         for (i, rule) in p.rules.iter().enumerate() {
-            let (actions, entries) = rule_descriptor(&p.name, i, rule);
+            let (actions, entries) = rule_descriptor(&p.name, i, rule, false);
             rate_limits.push(route::RateLimit {
                 actions,
                 ..Default::default()
@@ -117,12 +195,14 @@ fn bucket(requests: u32, secs: u32) -> TokenBucket {
 
 /// The actions that make a request's descriptor for one rule, and the descriptor the rule's
 /// bucket is kept under (an empty value: one bucket per distinct value). A header that is
-/// missing or does not match, or a client outside a block, makes no descriptor: the rule
-/// does not select the request.
+/// missing or does not match makes no descriptor: the rule does not select the request; nor
+/// does a client outside a block, whose masked address is not the block. `global`: the
+/// descriptor also says the limit and each block, for the rate limit service.
 fn rule_descriptor(
     policy: &str,
     index: usize,
     rule: &model::RateLimitRule,
+    global: bool,
 ) -> (
     Vec<route::rate_limit::Action>,
     Vec<ratelimit::rate_limit_descriptor::Entry>,
@@ -147,10 +227,16 @@ fn rule_descriptor(
         entry(RATE_LIMIT_POLICY_KEY, policy),
         entry(RATE_LIMIT_RULE_KEY, &index.to_string()),
     ];
+    if global {
+        actions.push(generic(
+            RATE_LIMIT_LIMIT_KEY,
+            format!("{}/{}", rule.requests, rule.window_secs),
+        ));
+    }
     for (j, h) in rule.headers.iter().enumerate() {
-        let key = format!("header_{j}");
         match &h.value {
             Some(m) => {
+                let key = format!("{RATE_LIMIT_HEADER_KEY}{j}");
                 actions.push(ActionSpecifier::HeaderValueMatch(action::HeaderValueMatch {
                     descriptor_key: key.clone(),
                     descriptor_value: "1".into(),
@@ -161,6 +247,7 @@ fn rule_descriptor(
                 entries.push(entry(&key, "1"));
             }
             None => {
+                let key = format!("{RATE_LIMIT_HEADER_VALUE_KEY}{j}");
                 actions.push(ActionSpecifier::RequestHeaders(action::RequestHeaders {
                     header_name: h.name.clone(),
                     descriptor_key: key.clone(),
@@ -174,6 +261,9 @@ fn rule_descriptor(
         let Some((block, prefix, v4)) = masked(&c.cidr) else {
             continue; // the translator refuses blocks that do not parse
         };
+        if global {
+            actions.push(generic(RATE_LIMIT_BLOCK_KEY, block.clone()));
+        }
         let len = |l: u32| Some(UInt32Value { value: l });
         let (v4_len, v6_len) = if v4 {
             (len(prefix), len(128))
@@ -283,9 +373,7 @@ mod tests {
     fn each_rule_is_a_descriptor_with_its_bucket_and_the_actions_that_make_it() {
         let mut r = model::Route::forward("r".into(), Vec::new());
         r.rate_limits = vec![policy(false)];
-        let mut unsupported = Vec::new();
-        let any = route_config(&r, &mut unsupported).expect("a config");
-        assert!(unsupported.is_empty());
+        let any = route_config(&r).expect("a config");
         let c = LocalRateLimit::decode(any.value.as_slice()).unwrap();
         assert_eq!(c.descriptors.len(), 2);
         let keys: Vec<_> = c.descriptors[0]
@@ -299,7 +387,7 @@ mod tests {
                 (RATE_LIMIT_POLICY_KEY, "ns/limits"),
                 (RATE_LIMIT_RULE_KEY, "0"),
                 ("header_0", "1"),
-                ("header_1", ""),
+                ("header_value_1", ""),
                 ("masked_remote_address", "10.0.0.0/8"),
                 ("remote_address", ""),
             ]
@@ -314,11 +402,70 @@ mod tests {
     }
 
     #[test]
-    fn global_policies_are_reported_and_a_route_without_local_ones_has_no_config() {
+    fn global_rules_describe_their_limit_and_blocks_for_the_rate_limit_service() {
+        use route::rate_limit::action::ActionSpecifier as A;
         let mut r = model::Route::forward("r".into(), Vec::new());
         r.rate_limits = vec![policy(true)];
+        assert!(route_config(&r).is_none(), "no local config");
         let mut unsupported = Vec::new();
-        assert!(route_config(&r, &mut unsupported).is_none());
+        let any = global_route_config(&r, &mut unsupported).expect("a config");
+        assert!(unsupported.is_empty());
+        assert_eq!(any.type_url, RATE_LIMIT_PER_ROUTE);
+        let c = RateLimitPerRoute::decode(any.value.as_slice()).unwrap();
+        assert_eq!(c.rate_limits.len(), 2, "one descriptor per rule");
+        let shape: Vec<String> = c.rate_limits[0]
+            .actions
+            .iter()
+            .map(|a| match a.action_specifier.as_ref().unwrap() {
+                A::GenericKey(g) => format!("{}={}", g.descriptor_key, g.descriptor_value),
+                A::HeaderValueMatch(h) => format!("{}=1 if {}", h.descriptor_key, h.headers[0].name),
+                A::RequestHeaders(h) => format!("{}=<{}>", h.descriptor_key, h.header_name),
+                A::MaskedRemoteAddress(m) => format!("masked/{}", m.v4_prefix_mask_len.unwrap().value),
+                A::RemoteAddress(_) => "remote".into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "ferrum_rate_limit=ns/limits",
+                "ferrum_rule=0",
+                "ferrum_limit=5/60",
+                "header_0=1 if x-tier",
+                "header_value_1=<x-user>",
+                "ferrum_block=10.0.0.0/8",
+                "masked/8",
+                "remote",
+            ]
+        );
+        let l = model::Listener {
+            name: "l".into(),
+            address: "0.0.0.0".into(),
+            port: 80,
+            protocol: model::Protocol::Http,
+            certificates: Vec::new(),
+            virtual_hosts: vec![Arc::new(model::VirtualHost {
+                hostname: "*".into(),
+                routes: vec![Arc::new(r.clone())],
+            })],
+            gateways: Vec::new(),
+            gateway_hosts: Vec::new(),
+            access_log: false,
+            client_address: Default::default(),
+        };
+        let f = global_filter(&l).expect("the filter");
+        let Some(http_filter::ConfigType::TypedConfig(cfg)) = f.config_type else {
+            panic!()
+        };
+        let cfg = GlobalRateLimit::decode(cfg.value.as_slice()).unwrap();
+        let service = cfg.rate_limit_service.unwrap().grpc_service.unwrap();
+        assert_eq!((cfg.domain.as_str(), cfg.failure_mode_deny), (RATE_LIMIT_DOMAIN, false));
+        assert!(matches!(service.target_specifier,
+            Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(g)) if g.cluster_name == "ferrum-xds"));
+        assert!(filter(&l).is_none(), "no local filter");
+
+        r.action = model::Action::Redirect(Default::default());
+        assert!(global_route_config(&r, &mut unsupported).is_none());
         assert_eq!(unsupported.len(), 1, "{unsupported:?}");
     }
 

@@ -326,6 +326,7 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
             .chain(jwt.filter())
             .chain(rbac::http_filters(rbac))
             .chain(super::rate_limit::filter(l))
+            .chain(super::rate_limit::global_filter(l))
             .collect();
         let manager = connection_manager(&l.name, route_name(l), filters, l.client_address.xff_trusted_hops);
         let lis = listener::Listener {
@@ -519,8 +520,11 @@ fn envoy_route(r: &model::Route, clusters: &ClusterIndex, unsupported: &mut Vec<
             .map(|c| (super::cors::FILTER.to_string(), super::cors::policy(c)))
             .into_iter()
             .chain(
-                super::rate_limit::route_config(r, unsupported)
-                    .map(|c| (ferrum_proto::xds::LOCAL_RATE_LIMIT_FILTER.to_string(), c)),
+                super::rate_limit::route_config(r).map(|c| (ferrum_proto::xds::LOCAL_RATE_LIMIT_FILTER.to_string(), c)),
+            )
+            .chain(
+                super::rate_limit::global_route_config(r, unsupported)
+                    .map(|c| (ferrum_proto::xds::RATE_LIMIT_FILTER.to_string(), c)),
             )
             .collect(),
         ..Default::default()

@@ -24,7 +24,7 @@ use prost::Message;
 
 use envoy_types::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
-use ferrum_proto::xds::{HCM, LOCAL_RATE_LIMIT_FILTER, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER};
+use ferrum_proto::xds::{HCM, LOCAL_RATE_LIMIT_FILTER, PROXY_PROTOCOL, PROXY_PROTOCOL_FILTER, RATE_LIMIT_FILTER};
 
 use super::traffic::{self, RoutePolicies};
 pub use ferrum_proto::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
@@ -131,10 +131,13 @@ pub fn listener_routes(l: &listener::Listener) -> Result<RouteSource, MapError> 
     // A filter this proxy would skip may be the one enforcing a policy (RBAC, JWT): refused,
     // unless the server marked it optional or disabled.
     if let Some(f) = m.http_filters.iter().find(|f| {
-        ![ROUTER, CORS_FILTER, LOCAL_RATE_LIMIT_FILTER].contains(&f.name.as_str()) && !f.is_optional && !f.disabled
+        ![ROUTER, CORS_FILTER, LOCAL_RATE_LIMIT_FILTER].contains(&f.name.as_str())
+            && !super::rate_limit::ferrum_global_filter(f)
+            && !f.is_optional
+            && !f.disabled
     }) {
         return Err(at(&format!(
-            "HTTP filter {} is not supported (only the router, CORS and local rate limits are); refused rather than skipped",
+            "HTTP filter {} is not supported (only the router, CORS, local rate limits and Ferrum's rate limit service are); refused rather than skipped",
             f.name
         )));
     }
@@ -485,6 +488,9 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
     };
     if let Some(c) = r.typed_per_filter_config.get(LOCAL_RATE_LIMIT_FILTER) {
         out.rate_limits = super::rate_limit::policies(c, &r.name, &at)?;
+    }
+    if let Some(c) = r.typed_per_filter_config.get(RATE_LIMIT_FILTER) {
+        out.rate_limits.extend(super::rate_limit::global_policies(c, &at)?);
     }
     Ok(out)
 }
@@ -1441,7 +1447,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "Listener l: HTTP filter {rbac} is not supported (only the router, CORS and local rate limits are); refused rather than skipped"
+                "Listener l: HTTP filter {rbac} is not supported (only the router, CORS, local rate limits and Ferrum's rate limit service are); refused rather than skipped"
             )
         );
         r.listeners.insert(

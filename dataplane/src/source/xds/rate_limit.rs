@@ -1,10 +1,14 @@
-//! A route's local rate limits read back from Envoy's `envoy.filters.http.local_ratelimit`
-//! per-route config, in the shape the operator writes it (`operator/src/xds/rate_limit.rs`):
-//! each embedded `rate_limits` entry is one rule, whose actions say which requests it selects;
-//! the descriptor its actions make (values left empty where they come from the request) finds
-//! the rule's token bucket, refilled whole each window. The first two actions name the policy
-//! and the rule; a config without them (not from our operator) is one policy named after the
-//! route. Anything else these rules cannot say is refused, never skipped.
+//! A route's rate limits read back from the shape the operator writes them in
+//! (`operator/src/xds/rate_limit.rs`). Local ones from Envoy's `envoy.filters.http.local_ratelimit`
+//! per-route config: each embedded `rate_limits` entry is one rule, whose actions say which
+//! requests it selects; the descriptor its actions make (values left empty where they come from
+//! the request) finds the rule's token bucket, refilled whole each window. Global ones from
+//! `envoy.filters.http.ratelimit`'s per-route `rate_limits`, whose descriptors say the limit
+//! and blocks themselves; ferrum-dp counts them in its own Redis (`--rate-limit-redis`) under
+//! the keys the operator's rate limit service counts Envoy's requests under. The first two
+//! actions name the policy and the rule; a local config without them (not from our operator)
+//! is one policy named after the route. Anything else these rules cannot say is refused, never
+//! skipped.
 
 use std::sync::Arc;
 
@@ -12,8 +16,13 @@ use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
 use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3 as ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::ratelimit::v3::{RateLimit as GlobalFilter, RateLimitPerRoute};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
 use envoy_types::pb::google::protobuf::Any;
-use ferrum_proto::xds::{LOCAL_RATE_LIMIT, RATE_LIMIT_POLICY_KEY};
+use ferrum_proto::xds::{
+    LOCAL_RATE_LIMIT, RATE_LIMIT, RATE_LIMIT_BLOCK_KEY, RATE_LIMIT_DOMAIN, RATE_LIMIT_FILTER, RATE_LIMIT_LIMIT_KEY,
+    RATE_LIMIT_PER_ROUTE, RATE_LIMIT_POLICY_KEY,
+};
 use ferrum_snapshot::model::{RateLimit, RateLimitClients, RateLimitHeader, RateLimitRule};
 
 use super::map::{MapError, decode, string_match};
@@ -37,18 +46,55 @@ pub fn policies(a: &Any, route: &str, at: &str) -> Result<Vec<Arc<RateLimit>>, M
     let mut out: Vec<RateLimit> = Vec::new();
     for (i, rl) in c.rate_limits.iter().enumerate() {
         let at = format!("{at} rate_limits[{i}]");
-        let (policy, rule) = rule(rl, &c.descriptors, &at)?;
-        let policy = policy.unwrap_or_else(|| format!("xds/{route}"));
-        match out.iter_mut().find(|p| p.name == policy) {
-            Some(p) => p.rules.push(rule),
-            None => out.push(RateLimit {
-                name: policy,
-                global: false,
-                rules: vec![rule],
-            }),
-        }
+        let (policy, rule) = rule(rl, Some(&c.descriptors), &at)?;
+        add(&mut out, policy.unwrap_or_else(|| format!("xds/{route}")), false, rule);
     }
     Ok(out.into_iter().map(Arc::new).collect())
+}
+
+/// Whether `f` is the operator's rate limit filter: it asks Ferrum's rate limit service, whose
+/// descriptors say everything a Global policy is (another service's limits are its own).
+pub fn ferrum_global_filter(f: &HttpFilter) -> bool {
+    let Some(http_filter::ConfigType::TypedConfig(c)) = &f.config_type else {
+        return false;
+    };
+    f.name == RATE_LIMIT_FILTER
+        && decode::<GlobalFilter>(c, RATE_LIMIT).is_ok_and(|g: GlobalFilter| g.domain == RATE_LIMIT_DOMAIN)
+}
+
+/// The Global policies of one route's per-route config for the rate limit filter.
+pub fn global_policies(a: &Any, at: &str) -> Result<Vec<Arc<RateLimit>>, MapError> {
+    let at = format!("{at} rate limit");
+    let c: RateLimitPerRoute = decode(a, RATE_LIMIT_PER_ROUTE).map_err(|e| e.within(&at))?;
+    if !c.domain.is_empty() && c.domain != RATE_LIMIT_DOMAIN {
+        return Err(MapError::refused(
+            &at,
+            format!(
+                "domain {:?}: only Ferrum's ({RATE_LIMIT_DOMAIN:?}) is supported",
+                c.domain
+            ),
+        ));
+    }
+    let mut out: Vec<RateLimit> = Vec::new();
+    for (i, rl) in c.rate_limits.iter().enumerate() {
+        let at = format!("{at} rate_limits[{i}]");
+        let (policy, rule) = rule(rl, None, &at)?;
+        let policy = policy.ok_or_else(|| MapError::refused(&at, "a Global rule must name its policy"))?;
+        add(&mut out, policy, true, rule);
+    }
+    Ok(out.into_iter().map(Arc::new).collect())
+}
+
+/// Adds `rule` to its policy among `out`.
+fn add(out: &mut Vec<RateLimit>, policy: String, global: bool, rule: RateLimitRule) {
+    match out.iter_mut().find(|p| p.name == policy) {
+        Some(p) => p.rules.push(rule),
+        None => out.push(RateLimit {
+            name: policy,
+            global,
+            rules: vec![rule],
+        }),
+    }
 }
 
 fn every_request(p: &Option<RuntimeFractionalPercent>) -> bool {
@@ -62,10 +108,11 @@ fn every_request(p: &Option<RuntimeFractionalPercent>) -> bool {
         .is_some_and(|f| f.numerator >= whole(f.denominator))
 }
 
-/// One rule: its selectors from the actions, its limit from the descriptor they make.
+/// One rule: its selectors from the actions; its limit from the local descriptor they make
+/// (`descriptors`), else (Global) from the actions themselves.
 fn rule(
     rl: &route::RateLimit,
-    descriptors: &[ratelimit::LocalRateLimitDescriptor],
+    descriptors: Option<&[ratelimit::LocalRateLimitDescriptor]>,
     at: &str,
 ) -> Result<(Option<String>, RateLimitRule), MapError> {
     use route::rate_limit::action::ActionSpecifier as A;
@@ -79,6 +126,9 @@ fn rule(
     // The descriptor's entries, `None` where the request gives the value.
     let mut wanted: Vec<(String, Option<String>)> = Vec::new();
     let mut masked = Vec::new();
+    // A Global rule's limit and blocks.
+    let mut limit = None;
+    let mut blocks = Vec::new();
     for a in &rl.actions {
         match &a.action_specifier {
             Some(A::GenericKey(g)) => {
@@ -87,8 +137,11 @@ fn rule(
                 } else {
                     &g.descriptor_key
                 };
-                if key == RATE_LIMIT_POLICY_KEY {
-                    policy = Some(g.descriptor_value.clone());
+                match key {
+                    RATE_LIMIT_POLICY_KEY => policy = Some(g.descriptor_value.clone()),
+                    RATE_LIMIT_LIMIT_KEY => limit = Some(g.descriptor_value.clone()),
+                    RATE_LIMIT_BLOCK_KEY => blocks.push(g.descriptor_value.clone()),
+                    _ => {}
                 }
                 wanted.push((key.into(), Some(g.descriptor_value.clone())));
             }
@@ -159,6 +212,13 @@ fn rule(
             }
         }
     }
+    let Some(descriptors) = descriptors else {
+        let lens = masked
+            .iter()
+            .map(|&i| wanted[i].1.clone().unwrap_or_default())
+            .collect();
+        return global_limit(rule, limit, blocks, lens, at).map(|rule| (policy, rule));
+    };
     let d = descriptor(&wanted, &masked, descriptors)
         .ok_or_else(|| MapError::refused(at, "no descriptor matches what its actions make"))?;
     for (c, &i) in rule.clients.iter_mut().zip(&masked) {
@@ -183,6 +243,41 @@ fn rule(
         }
     }
     Ok((policy, rule))
+}
+
+/// A Global rule's limit (`<requests>/<window seconds>`) and blocks (one before each masked
+/// address, of the length it is masked to: `lens`), as its actions say them.
+fn global_limit(
+    mut rule: RateLimitRule,
+    limit: Option<String>,
+    blocks: Vec<String>,
+    lens: Vec<String>,
+    at: &str,
+) -> Result<RateLimitRule, MapError> {
+    let parsed = limit.as_deref().and_then(|l| {
+        let (n, secs) = l.split_once('/')?;
+        Some((n.parse::<u32>().ok()?, secs.parse::<u32>().ok().filter(|s| *s > 0)?))
+    });
+    let Some((requests, window_secs)) = parsed else {
+        return Err(MapError::refused(
+            at,
+            format!("a Global rule must say its limit ({RATE_LIMIT_LIMIT_KEY}: <requests>/<window seconds>)"),
+        ));
+    };
+    if blocks.len() != rule.clients.len() || !blocks.iter().zip(&lens).all(|(b, l)| block_has_length(b, l)) {
+        return Err(MapError::refused(
+            at,
+            format!(
+                "each masked_remote_address must follow its block ({RATE_LIMIT_BLOCK_KEY}), of the length it masks to"
+            ),
+        ));
+    }
+    for (c, b) in rule.clients.iter_mut().zip(blocks) {
+        c.cidr = b;
+    }
+    rule.requests = requests;
+    rule.window_secs = window_secs;
+    Ok(rule)
 }
 
 /// The configured descriptor with `wanted`'s keys, its fixed values, wildcards (empty values)
@@ -225,7 +320,7 @@ mod tests {
     use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
     use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket};
     use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
-    use ferrum_proto::xds::RATE_LIMIT_RULE_KEY;
+    use ferrum_proto::xds::{RATE_LIMIT_BLOCK_KEY, RATE_LIMIT_LIMIT_KEY, RATE_LIMIT_PER_ROUTE, RATE_LIMIT_RULE_KEY};
     use prost::Message;
     use route::rate_limit::action::{self, ActionSpecifier as A};
 
@@ -292,6 +387,77 @@ mod tests {
             descriptor_value: v.into(),
             ..Default::default()
         })
+    }
+
+    fn global(actions: Vec<A>, domain: &str) -> Any {
+        let c = RateLimitPerRoute {
+            rate_limits: vec![route::RateLimit {
+                actions: actions
+                    .into_iter()
+                    .map(|a| route::rate_limit::Action {
+                        action_specifier: Some(a),
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            domain: domain.into(),
+            ..Default::default()
+        };
+        Any {
+            type_url: RATE_LIMIT_PER_ROUTE.into(),
+            value: c.encode_to_vec(),
+        }
+    }
+
+    fn masked(v4: u32) -> A {
+        A::MaskedRemoteAddress(action::MaskedRemoteAddress {
+            v4_prefix_mask_len: Some(UInt32Value { value: v4 }),
+            v6_prefix_mask_len: None,
+        })
+    }
+
+    #[test]
+    fn a_global_rule_reads_back_with_the_limit_and_block_its_descriptor_says() {
+        let a = global(
+            vec![
+                generic(RATE_LIMIT_POLICY_KEY, "ns/limits"),
+                generic(RATE_LIMIT_RULE_KEY, "0"),
+                generic(RATE_LIMIT_LIMIT_KEY, "5/60"),
+                generic(RATE_LIMIT_BLOCK_KEY, "10.0.0.0/8"),
+                masked(8),
+                A::RemoteAddress(action::RemoteAddress {}),
+            ],
+            "",
+        );
+        let p = global_policies(&a, "Route r").unwrap();
+        assert_eq!((p.len(), p[0].name.as_str(), p[0].global), (1, "ns/limits", true));
+        let r = &p[0].rules[0];
+        assert_eq!((r.requests, r.window_secs), (5, 60));
+        assert_eq!(
+            (r.clients[0].cidr.as_str(), r.clients[0].distinct),
+            ("10.0.0.0/8", true)
+        );
+
+        let refused = |actions: Vec<A>, domain: &str| {
+            global_policies(&global(actions, domain), "Route r")
+                .unwrap_err()
+                .to_string()
+        };
+        let named = || {
+            vec![
+                generic(RATE_LIMIT_POLICY_KEY, "ns/limits"),
+                generic(RATE_LIMIT_RULE_KEY, "0"),
+            ]
+        };
+        assert!(refused(named(), "").contains("must say its limit"));
+        let mut other = named();
+        other.push(generic(RATE_LIMIT_LIMIT_KEY, "5/60"));
+        assert!(refused(other.clone(), "someone-else").contains("domain"));
+        other.extend([generic(RATE_LIMIT_BLOCK_KEY, "10.0.0.0/8"), masked(16)]);
+        assert!(
+            refused(other, "").contains("of the length it masks to"),
+            "a block the masked address can never be"
+        );
     }
 
     #[test]
