@@ -1001,7 +1001,7 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
         .unwrap();
     assert_eq!(accepted["status"], "True", "{route}");
 
-    let routed = w.pods[a].connections("outbound", "routed");
+    let routed = w.pods[0].connections("outbound", "routed");
     let tunnels = w.pods[a].connections("outbound", "hbone");
     assert!(routed >= 2.0 && tunnels >= 2.0, "routed {routed}, tunnels {tunnels}");
     for b in [b1, b2] {
@@ -1854,30 +1854,24 @@ for _ in range(n):
     print(call(b"hi", timeout=10, metadata=md).decode())
 "#;
 
-/// gRPC in the client's sidecar, for a plain gRPC client calling the Service's ClusterIP over one
-/// HTTP/2 connection: with no route at all, a port declared gRPC (by its name alone) has its
-/// calls spread over the Service's pods, not pinned to the one the connection reached; a
-/// GRPCRoute whose parent is the Service then routes them — a method match pins one version,
-/// the rest split by weight.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
+/// Pods a-1 (0), b-1 (1, version v1) and b-2 (2, v2), each with a sidecar, the b pods serving
+/// [`GRPC_APP`]; Services `echo` (the VIP, both b pods; its port 9090 declared by `echo_port`,
+/// e.g. `name: grpc-echo`) and `echo-v1`, `echo-v2` (one pod each, `version_port`).
+async fn grpc_world(echo_port: &str, version_port: &str) -> World {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
     let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
-    let svc = |name: &str, vip: &str, selector: &str, declared: &str| {
-        format!(
+    for (name, vip, selector, declared) in [
+        ("echo", VIP, "app: b", echo_port),
+        ("echo-v1", "10.96.77.11", "app: b, version: v1", version_port),
+        ("echo-v2", "10.96.77.12", "app: b, version: v2", version_port),
+    ] {
+        w.cluster.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
              spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 9090, targetPort: 9090, {declared}}}]}}\n"
-        )
-    };
-    // Istio's port naming for the Service the client calls; appProtocol for the versions.
-    w.cluster.apply(&svc("echo", VIP, "app: b", "name: grpc-echo"));
-    let h2c = "name: api, appProtocol: kubernetes.io/h2c";
-    w.cluster
-        .apply(&svc("echo-v1", "10.96.77.11", "app: b, version: v1", h2c));
-    w.cluster
-        .apply(&svc("echo-v2", "10.96.77.12", "app: b, version: v2", h2c));
+        ));
+    }
     for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
         if i != a {
             let p = &mut w.pods[i];
@@ -1893,13 +1887,32 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     for i in [a, b1, b2] {
         w.ready(i).await;
     }
+    w
+}
+
+/// `n` calls of `method` from pod a-1 to `echo`'s VIP on one channel (with metadata `x-version`
+/// when given): how many b-1 and b-2 answered.
+fn grpc_calls(w: &World, method: &str, n: usize, version: Option<&str>) -> (usize, usize) {
+    let py = venv_bin("python");
     let target = format!("{VIP}:9090");
-    let calls = |method: &str, n: usize| -> (usize, usize) {
-        let py = venv_bin("python");
-        let out = w.pods[a].run(&[py.to_str().unwrap(), "-c", GRPC_CALLS, &target, method, &n.to_string()]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (text.matches("from b-1").count(), text.matches("from b-2").count())
-    };
+    let n = n.to_string();
+    let mut args = vec![py.to_str().unwrap(), "-c", GRPC_CALLS, &target, method, &n];
+    args.extend(version);
+    let out = w.pods[0].run(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (text.matches("from b-1").count(), text.matches("from b-2").count())
+}
+
+/// gRPC in the client's sidecar, for a plain gRPC client calling the Service's ClusterIP over one
+/// HTTP/2 connection: with no route at all, a port declared gRPC (by its name alone) has its
+/// calls spread over the Service's pods, not pinned to the one the connection reached; a
+/// GRPCRoute whose parent is the Service then routes them — a method match pins one version,
+/// the rest split by weight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
+    // Istio's port naming for the Service the client calls; appProtocol for the versions.
+    let w = grpc_world("name: grpc-echo", "name: api, appProtocol: kubernetes.io/h2c").await;
+    let calls = |method: &str, n: usize| grpc_calls(&w, method, n, None);
     eventually(
         "gRPC reaches B through the sidecars",
         Duration::from_secs(20),
@@ -1913,7 +1926,7 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     println!("100 calls on one channel, no route: b-1 {x}, b-2 {y}");
     assert_eq!(x + y, 100, "every call answered");
     assert!(x >= 30 && y >= 30, "spread over both pods, per call: {x} / {y}");
-    let routed = w.pods[a].connections("outbound", "routed");
+    let routed = w.pods[0].connections("outbound", "routed");
     assert!(routed >= 1.0, "A's sidecar serves the connection as gRPC: {routed}");
     w.cluster.apply(&format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: echo, namespace: {NS}}}\n\
@@ -1940,50 +1953,9 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
 /// (their clusters follow the client's protocol there, as Istio's do for detected ports).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_on_an_undeclared_port_is_routed_by_its_httproute() {
-    let mut w = World::start(&[]).await;
-    let a = w.pod("a-1", "sa-a", "a", 10, true);
-    let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
-    let b2 = w.pod_labelled("b-2", "sa-b", "app: b, version: v2", 12, true);
-    for (name, vip, selector) in [
-        ("echo", VIP, "app: b"),
-        ("echo-v1", "10.96.77.11", "app: b, version: v1"),
-        ("echo-v2", "10.96.77.12", "app: b, version: v2"),
-    ] {
-        w.cluster.apply(&format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 9090, targetPort: 9090}}]}}\n"
-        ));
-    }
-    for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
-        if i != a {
-            let p = &mut w.pods[i];
-            let child =
-                p.ns.cmd(&[venv_bin("python").to_str().unwrap(), "-c", GRPC_APP, &p.name])
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap();
-            p.app = Some(Proc(child));
-        }
-        w.sidecar(i, sa, &[]);
-    }
-    for i in [a, b1, b2] {
-        w.ready(i).await;
-    }
-    let target = format!("{VIP}:9090");
-    let calls = |version: &str, n: usize| -> (usize, usize) {
-        let py = venv_bin("python");
-        let out = w.pods[a].run(&[
-            py.to_str().unwrap(),
-            "-c",
-            GRPC_CALLS,
-            &target,
-            "Say",
-            &n.to_string(),
-            version,
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (text.matches("from b-1").count(), text.matches("from b-2").count())
-    };
+    // No name, no appProtocol: sniffed.
+    let w = grpc_world("name: ''", "name: ''").await;
+    let calls = |version: &str, n: usize| grpc_calls(&w, "Say", n, Some(version));
     eventually(
         "gRPC reaches B through the sidecars",
         Duration::from_secs(20),
@@ -2003,10 +1975,10 @@ async fn grpc_on_an_undeclared_port_is_routed_by_its_httproute() {
         calls("v2", 10) == (0, 10)
     })
     .await;
-    let routed_before = w.pods[a].connections("outbound", "routed");
+    let routed_before = w.pods[0].connections("outbound", "routed");
     assert_eq!(calls("v2", 50), (0, 50), "every call with the header on v2");
     assert_eq!(calls("v1", 50), (50, 0), "every other call on v1");
-    let routed = w.pods[a].connections("outbound", "routed") - routed_before;
+    let routed = w.pods[0].connections("outbound", "routed") - routed_before;
     assert!(routed >= 2.0, "A's sidecar routes each channel's HTTP/2: {routed}");
 }
 

@@ -1601,12 +1601,22 @@ async fn global_rate_limits_are_counted_together_by_envoy_and_ferrum_dp() {
         statuses(&[("127.0.0.1", Some("ann")), ("127.0.0.3", None)]).await,
         [200, 200]
     );
-    assert_eq!(last_rejection(&op, envoy_node).await, Some(Value::Null), "Envoy accepted");
+    assert_eq!(
+        last_rejection(&op, envoy_node).await,
+        Some(Value::Null),
+        "Envoy accepted"
+    );
     drop(first);
 
     // ferrum-dp over MeshSubscribe has what is left: ann 1, the block 1; bob all of his.
     let cache = cluster.dir.path().join("dp-global.json");
-    let dp = Proxy::start_with(&op.grpc_url(), "dp-global", &cache, &["--rate-limit-redis", &redis.url()]).await;
+    let dp = Proxy::start_with(
+        &op.grpc_url(),
+        "dp-global",
+        &cache,
+        &["--rate-limit-redis", &redis.url()],
+    )
+    .await;
     serving("ferrum-dp").await;
     assert_eq!(
         statuses(&[

@@ -354,20 +354,24 @@ mod tests {
             .collect()
     }
 
+    fn one_rule(actions: Vec<A>) -> route::RateLimit {
+        route::RateLimit {
+            actions: actions
+                .into_iter()
+                .map(|a| route::rate_limit::Action {
+                    action_specifier: Some(a),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     fn config(actions: Vec<A>, descriptor: &[(&str, &str)], b: Option<TokenBucket>) -> Any {
         let c = LocalRateLimit {
             filter_enabled: all(),
             filter_enforced: all(),
             always_consume_default_token_bucket: Some(BoolValue { value: false }),
-            rate_limits: vec![route::RateLimit {
-                actions: actions
-                    .into_iter()
-                    .map(|a| route::rate_limit::Action {
-                        action_specifier: Some(a),
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
+            rate_limits: vec![one_rule(actions)],
             descriptors: vec![ratelimit::LocalRateLimitDescriptor {
                 entries: entries(descriptor),
                 token_bucket: b,
@@ -391,15 +395,7 @@ mod tests {
 
     fn global(actions: Vec<A>, domain: &str) -> Any {
         let c = RateLimitPerRoute {
-            rate_limits: vec![route::RateLimit {
-                actions: actions
-                    .into_iter()
-                    .map(|a| route::rate_limit::Action {
-                        action_specifier: Some(a),
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
+            rate_limits: vec![one_rule(actions)],
             domain: domain.into(),
             ..Default::default()
         };
