@@ -30,9 +30,13 @@ pub fn applied_over(
     Ok((translate(&cluster, 1, &opts).snapshot, scope))
 }
 
-/// The translation of these manifests in file mode (every Gateway served), with its secrets.
-pub fn translation(files: &[PathBuf]) -> Result<ferrum_snapshot::Translation, LoadError> {
-    Ok(translate(&Resources::from_paths(files)?, 1, &Options::default()))
+/// The translation of these manifests in file mode (every Gateway served), with its secrets,
+/// and the mesh's trust domain (the MeshConfig's; `cluster.local` without one).
+pub fn translation(files: &[PathBuf]) -> Result<(ferrum_snapshot::Translation, String), LoadError> {
+    let res = Resources::from_paths(files)?;
+    let trust_domain = ferrum_snapshot::translate::mesh_config(&res)
+        .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
+    Ok((translate(&res, 1, &Options::default()), trust_domain))
 }
 
 pub fn snapshot(files: &[PathBuf]) -> Result<Snapshot, LoadError> {

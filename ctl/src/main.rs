@@ -5,6 +5,7 @@
 mod analyze;
 mod cluster;
 mod explain;
+mod mesh_request;
 mod request;
 
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ enum Command {
         /// answering it needs the listeners' keys, which the operator never shows).
         #[arg(long, requires = "files")]
         request: Option<String>,
+        /// With --request: the pod (`namespace/name`) whose app sends it. Explains the mesh
+        /// instead: the Service and mesh route its sidecar picks, and whether the sidecar of
+        /// each pod it may reach lets it in (AuthorizationPolicies).
+        #[arg(long, requires = "request")]
+        from: Option<String>,
     },
     /// Every proxy connected to the operator (ferrum-dp, Envoy, gRPC): its node and role, the
     /// version it applied, whether it is in sync, and its last rejection with the reason.
@@ -96,13 +102,15 @@ fn main() -> ExitCode {
         Command::Explain {
             files,
             request: Some(req),
+            from,
             ..
-        } => explain_request(&files, &req),
+        } => explain_request(&files, &req, from.as_deref()),
         Command::Explain {
             files,
             operator,
             output,
             request: None,
+            ..
         } => explain(&files, &operator, output),
         Command::Proxies { operator, output } => block_on(proxies(&operator, output)),
         Command::Diff {
@@ -176,7 +184,7 @@ async fn diff(files: &[PathBuf], operator: &str, output: Output) -> ExitCode {
     }
 }
 
-fn explain_request(files: &[PathBuf], req: &str) -> ExitCode {
+fn explain_request(files: &[PathBuf], req: &str, from: Option<&str>) -> ExitCode {
     let req = match request::parse(req) {
         Ok(r) => r,
         Err(e) => {
@@ -184,20 +192,24 @@ fn explain_request(files: &[PathBuf], req: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let t = match explain::translation(files) {
+    let (t, trust_domain) = match explain::translation(files) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ferrumctl: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match request::explain(t.snapshot, &t.secrets, &req) {
+    let explained = match from {
+        Some(pod) => mesh_request::explain(t.snapshot, &t.secrets, &req, pod, &trust_domain),
+        None => request::explain(t.snapshot, &t.secrets, &req),
+    };
+    match explained {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ferrumctl: the configuration does not compile: {e}");
+            eprintln!("ferrumctl: {e}");
             ExitCode::FAILURE
         }
     }

@@ -66,7 +66,7 @@ pub fn parse(s: &str) -> Result<Request, String> {
 }
 
 /// The request as the proxy's policies see it.
-fn http_parts(req: &Request, path: &str) -> http::request::Parts {
+pub fn http_parts(req: &Request, path: &str) -> http::request::Parts {
     let target = match &req.query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -91,17 +91,27 @@ fn model_route<'a>(snap: &'a Snapshot, name: &str) -> Option<&'a Route> {
         .map(|r| &**r)
 }
 
-/// What happens to `req` under `snap`, as text; `Err` for a configuration that does not compile.
-pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<String, String> {
+/// `snap` compiled as ferrum-dp compiles it: for the sidecar of pod `me` (`namespace`, `name`),
+/// or (`None`) for every Gateway.
+pub fn compile_as(snap: Snapshot, secrets: &Secrets, me: Option<(String, String)>) -> Result<Compiled, String> {
     // Cluster runtimes start health checks: they need a runtime to exist in.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let _in_rt = rt.enter();
-    let compiled = Compiler::new(Arc::new(Registry::default()), 1)
+    let compiler = Compiler::new(Arc::new(Registry::default()), 1);
+    if let Some(me) = me {
+        let _ = compiler.me.set(me);
+    }
+    compiler
         .compile(snap, secrets, &Compiled::empty())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("the configuration does not compile: {e}"))
+}
+
+/// What happens to `req` under `snap`, as text; `Err` for a configuration that does not compile.
+pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<String, String> {
+    let compiled = compile_as(snap, secrets, None)?;
     let mut out = String::new();
     let Some((addr, l)) = compiled.listeners.iter().find(|(a, _)| a.port() == req.port) else {
         let _ = writeln!(out, "no listener on port {}: the connection is refused", req.port);

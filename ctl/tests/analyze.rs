@@ -259,3 +259,88 @@ fn the_mistakes_example_reports_each_mistake() {
     }
     assert_eq!(out.lines().count(), 6, "a header and one line per finding:\n{out}");
 }
+
+#[test]
+fn explain_request_from_a_pod_follows_its_mesh_route_to_each_destinations_policies() {
+    let pod = |name: &str, sa: &str, labels: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}, security.istio.io/tlsMode: istio}}}}\n\
+             spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+             status: {{podIP: {ip}}}\n---\n"
+        )
+    };
+    let service = |name: &str, vip: &str, selector: &str, pod: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: [{ip}], targetRef: {{kind: Pod, name: {pod}, namespace: shop}}}}]\n---\n"
+        )
+    };
+    let yaml = [
+        pod("a-1", "sa-a", "app: a", "10.1.0.1"),
+        pod("c-1", "sa-c", "app: c", "10.1.0.4"),
+        pod("b-1", "sa-b", "app: b, version: v1", "10.1.0.2"),
+        pod("b-2", "sa-b", "app: b, version: v2", "10.1.0.3"),
+        service("b", "10.96.0.9", "app: b", "b-1", "10.1.0.2"),
+        service("b-v1", "10.96.0.10", "app: b, version: v1", "b-1", "10.1.0.2"),
+        service("b-v2", "10.96.0.11", "app: b, version: v2", "b-2", "10.1.0.3"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: canary, namespace: shop}\n\
+         spec:\n  parentRefs: [{group: '', kind: Service, name: b, port: 80}]\n  rules:\n\
+         \x20 - matches: [{headers: [{name: x-canary, value: 'true'}]}]\n    backendRefs: [{name: b-v2, port: 80}]\n\
+         \x20 - backendRefs: [{name: b-v1, port: 80}]\n---\n"
+            .to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a-reads-v2, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: b, version: v2}}, action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sa-a]}}], to: [{operation: {methods: [GET]}}]}]}\n"
+            .to_string(),
+    ]
+    .concat();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("mesh.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let ask = |from: &str, req: &str| {
+        let (code, out, err) = ferrumctl(&["explain", "-f", f.to_str().unwrap(), "--request", req, "--from", from]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let plain = ask("shop/a-1", "GET http://b/x");
+    for want in [
+        "from pod shop/a-1 (spiffe://cluster.local/ns/shop/sa/sa-a, 10.1.0.1)",
+        "to service shop/b at 10.96.0.9:80",
+        "route shop/canary/1/0",
+        "pod shop/b-1 at 10.1.0.2:8080: allowed (over HBONE)",
+    ] {
+        assert!(plain.contains(want), "{want:?} missing:\n{plain}");
+    }
+    let canary = ask("shop/a-1", "GET http://b.shop.svc.cluster.local/x -H x-canary: true");
+    assert!(
+        canary.contains("route shop/canary/0/0") && canary.contains("pod shop/b-2 at 10.1.0.3:8080: allowed"),
+        "{canary}"
+    );
+    let post = ask("shop/a-1", "POST http://b.shop/x -H x-canary: true");
+    assert!(
+        post.contains(
+            "pod shop/b-2 at 10.1.0.3:8080: denied by no ALLOW policy matches: 403 (over HBONE, judged per request)"
+        ),
+        "{post}"
+    );
+    let other = ask("shop/c-1", "GET http://10.96.0.9/x -H x-canary: true");
+    assert!(
+        other.contains("denied by no ALLOW policy matches: 403"),
+        "another caller: {other}"
+    );
+    let outside = ask("shop/a-1", "GET http://example.com/");
+    assert!(outside.contains("is no Service or pod of the mesh"), "{outside}");
+    let (code, _, err) = ferrumctl(&[
+        "explain",
+        "-f",
+        f.to_str().unwrap(),
+        "--request",
+        "GET http://b/",
+        "--from",
+        "shop/nobody",
+    ]);
+    assert!(code != 0 && err.contains("no pod shop/nobody"), "{err}");
+}

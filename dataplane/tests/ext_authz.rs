@@ -248,6 +248,11 @@ async fn a_grpc_provider_is_asked_check_by_check() {
     assert_eq!(seen["headers"]["x-authz-user"][0], "alice");
     assert_eq!(seen["headers"]["x-ext-authz-check-result"][0], "allowed");
     let asked = authz.asked().last().cloned().unwrap();
+    // The OK response's query edits: `secret` removed, `checked` set; the rest as sent.
+    let edit = [("x-ext-authz", "allow"), ("x-edit-query", "yes")];
+    let path = "/private/page?q=a%20b&secret=s3&checked=no&secret=again&z";
+    assert_eq!(get(path, &edit).await.status(), 200);
+    assert_eq!(a.last().unwrap()["path"], "/private/page?q=a%20b&z&checked=by+authz");
     assert_eq!(
         (asked["method"].as_str(), asked["path"].as_str()),
         (Some("GET"), Some("/private/page?q=1"))

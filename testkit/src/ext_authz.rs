@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, QueryParameter};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse};
@@ -193,11 +193,21 @@ impl Authorization for Grpc {
             if let Some(u) = headers.get("x-user") {
                 set.push(header("x-authz-user", u));
             }
+            // `x-edit-query: yes`: the query's `secret` removed, `checked=by authz` set.
+            let edit = headers.get("x-edit-query") == Some(&"yes");
             CheckResponse {
                 status: Some(RpcStatus::default()),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                     headers: set,
                     response_headers_to_add: vec![header("x-ext-authz-check-result", "allowed")],
+                    query_parameters_to_set: edit
+                        .then(|| QueryParameter {
+                            key: "checked".into(),
+                            value: "by authz".into(),
+                        })
+                        .into_iter()
+                        .collect(),
+                    query_parameters_to_remove: edit.then(|| "secret".to_string()).into_iter().collect(),
                     ..Default::default()
                 })),
                 ..Default::default()

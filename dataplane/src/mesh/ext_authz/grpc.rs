@@ -139,6 +139,12 @@ fn answer(resp: CheckResponse) -> Result<Answer, String> {
                 .iter()
                 .filter_map(|h| HeaderName::try_from(h.as_str()).ok())
                 .collect();
+            edits.query_set = ok
+                .query_parameters_to_set
+                .iter()
+                .map(|q| (q.key.clone(), q.value.clone()))
+                .collect();
+            edits.query_remove = ok.query_parameters_to_remove.clone();
             edits.respond = ok
                 .response_headers_to_add
                 .iter()

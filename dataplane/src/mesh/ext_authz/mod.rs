@@ -68,6 +68,9 @@ pub struct Edits {
     pub append: Vec<(HeaderName, HeaderValue)>,
     pub add_if_absent: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
+    /// Query parameters set (replacing any of the name) and removed (a gRPC provider's).
+    pub query_set: Vec<(String, String)>,
+    pub query_remove: Vec<String>,
     /// Added to the client's response.
     pub respond: Vec<(HeaderName, HeaderValue)>,
 }
@@ -83,8 +86,12 @@ pub fn add_response_headers(add: ResponseHeaders, headers: &mut HeaderMap) {
 }
 
 impl Edits {
-    /// Edits `headers`; returns the headers for the response.
-    fn apply(self, headers: &mut HeaderMap) -> ResponseHeaders {
+    /// Edits the request's headers and query; returns the headers for the response.
+    fn apply(self, req: &mut http::request::Parts) -> ResponseHeaders {
+        if !self.query_set.is_empty() || !self.query_remove.is_empty() {
+            edit_query(&mut req.uri, &self.query_set, &self.query_remove);
+        }
+        let headers = &mut req.headers;
         for n in self.remove {
             headers.remove(n);
         }
@@ -99,6 +106,39 @@ impl Edits {
         }
         self.respond
     }
+}
+
+/// Sets (replacing every parameter of the name) and removes query parameters of `uri`, as
+/// Envoy applies an ext_authz OK response's; parameters neither names stay as they were sent.
+fn edit_query(uri: &mut http::Uri, set: &[(String, String)], remove: &[String]) {
+    let Some(pq) = uri.path_and_query() else { return };
+    let touched = |segment: &str| {
+        let raw = segment.split('=').next().unwrap_or(segment);
+        let key: String = form_urlencoded::parse(raw.as_bytes()).map(|(k, _)| k).collect();
+        set.iter().any(|(k, _)| *k == key) || remove.contains(&key)
+    };
+    let kept = pq
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty() && !touched(s));
+    let mut query = kept.collect::<Vec<_>>().join("&");
+    let mut added = form_urlencoded::Serializer::new(String::new());
+    added.extend_pairs(set);
+    let added = added.finish();
+    if !added.is_empty() {
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(&added);
+    }
+    let target = match query.is_empty() {
+        true => pq.path().to_string(),
+        false => format!("{}?{query}", pq.path()),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = target.parse().ok().or(parts.path_and_query);
+    *uri = http::Uri::from_parts(parts).unwrap_or_default();
 }
 
 /// Who asks, as a provider is told: the client's address and mTLS identity, and where the
@@ -367,7 +407,7 @@ pub async fn settle(
             Verdict::Ask(ask) => match Box::pin(ask.service.ask(req, body, body_idle, &ask.who)).await {
                 Answer::Deny(d) => return Settled::Refused(d),
                 Answer::Allow(edits) => {
-                    respond.extend(edits.apply(&mut req.headers));
+                    respond.extend(edits.apply(req));
                     (ask.then)(req)
                 }
             },
