@@ -19,6 +19,11 @@ struct Envoy {
 const ENVOY_START: Duration = Duration::from_secs(60);
 
 fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
+    envoy_with(dir, node, grpc, delta, &[])
+}
+
+/// [`envoy`], its bootstrap made with more `envoy-bootstrap` arguments.
+fn envoy_with(dir: &std::path::Path, node: &str, grpc: u16, delta: bool, extra: &[&str]) -> Envoy {
     let bin = venv_bin("envoy");
     let admin = free_port();
     // The bootstrap the operator generates: also what users get from `ferrum-operator envoy-bootstrap`.
@@ -34,9 +39,10 @@ fn envoy(dir: &std::path::Path, node: &str, grpc: u16, delta: bool) -> Envoy {
         ])
         .args(["--xds-port", &grpc.to_string(), "--admin-port", &admin.to_string()])
         .args(delta.then_some("--delta"))
+        .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bootstrap: Value = serde_json::from_slice(&out.stdout).unwrap();
     let path = dir.join(format!("{node}.json"));
     std::fs::write(&path, bootstrap.to_string()).unwrap();
@@ -499,6 +505,56 @@ async fn ads_requires_the_proxy_token_when_one_is_set() {
     let _dp = Proxy::start_xds_with_token(&op.grpc_url(), "dp-xds-token", "s3cret").await;
     let location = format!("http://new.example.com:{port}/old/page");
     serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
+}
+
+/// The chart's defaults: the operator serves its gRPC port over TLS from the mesh CA and wants
+/// credentials. A stock Envoy follows it with the bootstrap's `--xds-ca` (the mesh roots; the
+/// operator's certificate must name the host) and `--token-file`, and routes; with roots that
+/// did not sign the operator's certificate it gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_an_operator_that_serves_tls_and_wants_a_token() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let cluster = Cluster::start();
+    let ca = format!("127.0.0.1:{}", free_port());
+    let op = cluster
+        .operator_with("op-1", &["--grpc-tls", "--ca-addr", &ca, "--token", "s3cret"])
+        .await;
+    let port = free_port();
+    cluster.apply(&setup(port, &a, &b, (100, 0), None));
+    let dir = cluster.dir.path();
+    let (root, other, token) = (dir.join("root.pem"), dir.join("other.pem"), dir.join("token"));
+    std::fs::write(&root, cluster.ca_root().await).unwrap();
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let args = |roots: &std::path::Path| {
+        vec![
+            "--xds-ca".to_string(),
+            roots.display().to_string(),
+            "--token-file".to_string(),
+            token.display().to_string(),
+        ]
+    };
+    // A root of its own making, which signed nothing the operator serves.
+    let foreign = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(&other, foreign.cert.pem()).unwrap();
+    let untrusting = args(&other);
+    let untrusting: Vec<&str> = untrusting.iter().map(String::as_str).collect();
+    let wrong = envoy_with(dir, "envoy-untrusting", op.grpc, false, &untrusting);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        get(port, "/x").await.is_none(),
+        "no listener without trusting the operator"
+    );
+    drop(wrong);
+
+    let trusting = args(&root);
+    let trusting: Vec<&str> = trusting.iter().map(String::as_str).collect();
+    let _envoy = envoy_with(dir, "envoy-tls", op.grpc, false, &trusting);
+    serves_the_routes(port, "Envoy over TLS", ENVOY_START, "http://new.example.com/old/page").await;
+    assert_eq!(
+        last_rejection(&op, "envoy-tls").await,
+        Some(Value::Null),
+        "Envoy accepted"
+    );
 }
 
 /// What an ADS stream presenting `token` gets: `Ok` once the first response (listeners) comes.

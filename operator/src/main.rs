@@ -119,22 +119,7 @@ enum Command {
         out_dir: Option<std::path::PathBuf>,
     },
     /// Print an Envoy bootstrap (JSON) that takes its config from this operator over ADS.
-    EnvoyBootstrap {
-        #[arg(long)]
-        node_id: String,
-        #[arg(long, default_value = "ferrum")]
-        cluster: String,
-        /// Host name or IP of the operator's gRPC port.
-        #[arg(long, default_value = "ferrum-operator")]
-        xds_host: String,
-        #[arg(long, default_value_t = 15010)]
-        xds_port: u16,
-        #[arg(long, default_value_t = 15000)]
-        admin_port: u16,
-        /// Use incremental (delta) ADS instead of State-of-the-World.
-        #[arg(long)]
-        delta: bool,
-    },
+    EnvoyBootstrap(xds::bootstrap::EnvoyBootstrap),
 }
 
 /// (file name, YAML) of every Ferrum CRD, generated from the Rust types.
@@ -166,18 +151,17 @@ fn main() -> ExitCode {
     // constant by libmimalloc-sys).
     unsafe { libmimalloc_sys::mi_option_set(15, 2) };
     let args = Args::parse();
-    if let Some(Command::EnvoyBootstrap {
-        node_id,
-        cluster,
-        xds_host,
-        xds_port,
-        admin_port,
-        delta,
-    }) = &args.command
-    {
-        let b = xds::bootstrap::envoy(node_id, cluster, xds_host, *xds_port, *admin_port, *delta);
-        println!("{}", serde_json::to_string_pretty(&b).expect("JSON"));
-        return ExitCode::SUCCESS;
+    if let Some(Command::EnvoyBootstrap(b)) = &args.command {
+        return match b.json() {
+            Ok(b) => {
+                println!("{}", serde_json::to_string_pretty(&b).expect("JSON"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferrum-operator envoy-bootstrap: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(Command::Crds { out_dir }) = &args.command {
         for (file, yaml) in crds() {
