@@ -206,13 +206,27 @@ impl<'a> Clusters<'a> {
             return name.to_string();
         }
         let variant = format!("{name}#client");
-        if !self.built.contains_key(&variant) {
-            let mut c = (*b.cluster).clone();
-            c.name = variant.clone();
-            c.follow_client_protocol = true;
-            self.built.insert(variant.clone(), BuiltCluster::new(c, None));
+        if self.built.contains_key(&variant) {
+            return variant;
         }
+        // The cluster is last translation's: so is its variant (no clone, no hashing again).
+        let reused = self.memo.get(name).is_some_and(|m| Arc::ptr_eq(m, b));
+        let built = match self.memo.get(&variant) {
+            Some(v) if reused => v.clone(),
+            _ => {
+                let mut c = (*b.cluster).clone();
+                c.name = variant.clone();
+                c.follow_client_protocol = true;
+                BuiltCluster::new(c, None)
+            }
+        };
+        self.built.insert(variant.clone(), built);
         variant
+    }
+
+    /// Whether cluster `name` (built this translation) is the last translation's, unchanged.
+    pub(crate) fn unchanged(&self, name: &str) -> bool {
+        matches!((self.built.get(name), self.memo.get(name)), (Some(b), Some(m)) if Arc::ptr_eq(b, m))
     }
 
     pub(crate) fn waive_grants(&mut self, waived: bool) {

@@ -5,6 +5,7 @@
 //! by its `#client` variant. Gateways keep the clusters as the Services declare them, as in
 //! Istio, where a client's ALPN `h2` says nothing of what the backend speaks.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::mesh::MeshService;
@@ -12,27 +13,51 @@ use crate::model::Digest;
 
 use super::backends::Clusters;
 
+/// The last translation's rewritten Services, by key: (the digest of the Service as it came,
+/// the Service as it went out, its digest).
+pub(crate) type Memo = HashMap<String, (Digest, Arc<MeshService>, Digest)>;
+
 /// Points the routes of every sniffed port of `services` at clusters that follow the client's
-/// protocol (re-hashing only the Services that change).
-pub(crate) fn services(services: &mut [Arc<MeshService>], digests: &mut [Digest], clusters: &mut Clusters<'_>) {
+/// protocol, re-hashing only the Services that change: one that came as last time (its digest),
+/// whose clusters are all last translation's, goes out as last time.
+pub(crate) fn services(
+    services: &mut [Arc<MeshService>],
+    digests: &mut [Digest],
+    clusters: &mut Clusters<'_>,
+    memo: &mut Memo,
+) {
+    let mut next = Memo::new();
     for (s, digest) in services.iter_mut().zip(digests.iter_mut()) {
         let sniffed = |port: u16| s.ports.iter().any(|p| p.port == port && p.sniffed());
         if !s.routes.iter().any(|t| sniffed(t.port)) {
             continue;
         }
-        let mut with = (**s).clone();
-        for table in with.routes.iter_mut().filter(|t| sniffed(t.port)) {
-            for route in &mut table.routes {
-                if route.clusters().any(|c| clusters.following_client(c) != c) {
-                    Arc::make_mut(route).rename_clusters(|c| clusters.following_client(c));
+        let tables = || s.routes.iter().filter(|t| sniffed(t.port));
+        let names: Vec<&str> = tables().flat_map(|t| &t.routes).flat_map(|r| r.clusters()).collect();
+        // Every variant goes into this translation's clusters, rewritten or not.
+        let variants: Vec<String> = names.iter().map(|c| clusters.following_client(c)).collect();
+        let input = *digest;
+        let (out, out_digest) = match memo.remove(&s.key) {
+            Some((was, out, d)) if was == input && names.iter().all(|c| clusters.unchanged(c)) => (out, d),
+            _ if variants.iter().zip(&names).all(|(v, c)| v == c) => continue,
+            _ => {
+                let mut with = (**s).clone();
+                for table in with.routes.iter_mut().filter(|t| sniffed(t.port)) {
+                    for route in &mut table.routes {
+                        if route.clusters().any(|c| clusters.following_client(c) != c) {
+                            Arc::make_mut(route).rename_clusters(|c| clusters.following_client(c));
+                        }
+                    }
                 }
+                let d = with.digest();
+                (Arc::new(with), d)
             }
-        }
-        if with != **s {
-            *digest = with.digest();
-            *s = Arc::new(with);
-        }
+        };
+        next.insert(s.key.clone(), (input, out.clone(), out_digest));
+        *s = out;
+        *digest = out_digest;
     }
+    *memo = next;
 }
 
 #[cfg(test)]
@@ -55,6 +80,27 @@ apiVersion: v1
 kind: Service
 metadata: {name: echo-v2, namespace: shop}
 spec: {clusterIP: 10.96.0.11, selector: {app: echo, version: v2}, ports: [{name: grpc, port: 9090, targetPort: 9090}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-v1-1, namespace: shop, labels: {kubernetes.io/service-name: echo-v1}}
+addressType: IPv4
+ports: [{port: 9090}]
+endpoints: [{addresses: [10.1.0.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-v2-1, namespace: shop, labels: {kubernetes.io/service-name: echo-v2}}
+addressType: IPv4
+ports: [{name: grpc, port: 9090}]
+endpoints: [{addresses: [10.1.0.3]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-1, namespace: shop, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{port: 9090}]
+endpoints: [{addresses: [10.1.0.2]}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -128,5 +174,26 @@ spec:
         assert_eq!(first.digests.services, again.digests.services);
         assert_eq!(first.digests.clusters, again.digests.clusters);
         assert_eq!(first.snapshot.services, t.snapshot.services);
+        let echo = |t: &crate::Translation| {
+            t.snapshot
+                .services
+                .iter()
+                .find(|s| s.key == "shop/echo")
+                .cloned()
+                .unwrap()
+        };
+        assert!(
+            std::sync::Arc::ptr_eq(&echo(&first), &echo(&again)),
+            "nothing changed: the rewritten Service is last translation's, not rewritten and hashed again"
+        );
+        let variant = |t: &crate::Translation| {
+            t.snapshot
+                .clusters
+                .iter()
+                .find(|c| c.name == "service/shop/echo-v1:9090#client")
+                .cloned()
+                .unwrap()
+        };
+        assert!(std::sync::Arc::ptr_eq(&variant(&first), &variant(&again)));
     }
 }

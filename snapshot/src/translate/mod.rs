@@ -327,6 +327,8 @@ pub struct Incremental {
     services: Vec<Arc<k8s_openapi::api::core::v1::Service>>,
     /// Workloads and mesh services of the last translation, for reuse.
     mesh: mesh::MeshMemo,
+    /// Services whose sniffed ports' routes were pointed at `#client` clusters.
+    client_protocol: client_protocol::Memo,
     stats: Stats,
 }
 
@@ -406,6 +408,7 @@ impl Incremental {
             next_id: 0,
             services: Vec::new(),
             mesh: Default::default(),
+            client_protocol: Default::default(),
             stats: Stats::default(),
         }
     }
@@ -516,7 +519,12 @@ impl Incremental {
             virtual_services,
             &mut problems,
         );
-        client_protocol::services(&mut services, &mut service_digests, &mut clusters);
+        client_protocol::services(
+            &mut services,
+            &mut service_digests,
+            &mut clusters,
+            &mut self.client_protocol,
+        );
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
         backends::check_policies(res, &mut problems);
         stats.clusters_built = cluster_memo.len() - stats.clusters_reused.min(cluster_memo.len());
