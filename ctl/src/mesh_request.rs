@@ -1,8 +1,9 @@
 //! `explain --request … --from <namespace>/<pod>`: what the mesh does with a request a pod's app
 //! sends — where its sidecar sends it (the Service, the mesh route, the backends) and whether
 //! the sidecar of each pod it may reach lets it in (AuthorizationPolicies, as that sidecar
-//! judges them: per request or per connection). Both answers come from ferrum-dp's own index,
-//! router and authorizer, compiled for each pod as its sidecar would compile them.
+//! judges them: per request or per connection, with the request's JWT as its
+//! RequestAuthentications validate it). Both answers come from ferrum-dp's own index, router,
+//! authenticator and authorizer, compiled for each pod as its sidecar would compile them.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -70,13 +71,12 @@ pub fn explain(
             return Ok(out);
         }
     };
-    let parts = http_parts(req, &req.path);
     for at in targets {
         let Destination::Workload(w) = compiled.mesh.destination(at) else {
             let _ = writeln!(out, "endpoint {at}: no pod of the mesh (plain TCP, nothing judges it)");
             continue;
         };
-        let verdict = inbound(&snap, secrets, w, &id, client, client_ip, at, &parts)?;
+        let verdict = inbound(&snap, secrets, w, &id, client, client_ip, at, req)?;
         let _ = writeln!(out, "pod {}/{} at {at}: {verdict}", w.namespace, w.name);
     }
     Ok(out)
@@ -167,7 +167,7 @@ fn inbound(
     client: &Workload,
     client_ip: IpAddr,
     at: SocketAddr,
-    parts: &http::request::Parts,
+    req: &Request,
 ) -> Result<String, String> {
     let mesh = w.hbone && client.hbone;
     if !w.hbone {
@@ -175,16 +175,28 @@ fn inbound(
     }
     let compiled = compile_as(snap.clone(), secrets, Some((w.namespace.clone(), w.name.clone())))?;
     let policies = &compiled.mesh.inbound;
-    let per_request = policies.needs_http();
+    let authn = &compiled.mesh.authn;
+    // A RequestAuthentication switches the sidecar to judging requests, as policies on HTTP do.
+    let per_request = policies.needs_http() || !authn.is_empty();
+    let how = if mesh { "over HBONE" } else { "in plaintext" };
+    let mut parts = http_parts(req, &req.path);
+    let jwt = match authn.authenticate(&mut parts) {
+        Ok(jwt) => jwt,
+        Err(refused) => {
+            return Ok(format!(
+                "token refused by its RequestAuthentication ({}): 401 ({how})",
+                refused.0
+            ));
+        }
+    };
     let c = Connection {
         peer: mesh.then_some(id),
         source: client_ip,
         remote: client_ip,
         destination: at,
-        request: per_request.then_some(parts),
-        auth: None,
+        request: per_request.then_some(&parts),
+        auth: jwt.as_ref(),
     };
-    let how = if mesh { "over HBONE" } else { "in plaintext" };
     let mut verdict = String::new();
     if let Some(p) = policies.asks(&c) {
         let _ = write!(

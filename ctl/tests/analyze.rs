@@ -293,8 +293,14 @@ fn explain_request_from_a_pod_follows_its_mesh_route_to_each_destinations_polici
          \x20 - backendRefs: [{name: b-v1, port: 80}]\n---\n"
             .to_string(),
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a-reads-v2, namespace: shop}\n\
-         spec: {selector: {matchLabels: {app: b, version: v2}}, action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sa-a]}}], to: [{operation: {methods: [GET]}}]}]}\n"
+         spec: {selector: {matchLabels: {app: b, version: v2}}, action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sa-a]}}], to: [{operation: {methods: [GET]}}]}]}\n---\n"
             .to_string(),
+        // RFC 7517, appendix A.1.
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n\
+             spec: {{selector: {{matchLabels: {{version: v1}}}}, jwtRules: [{{issuer: https://issuer.example, jwks: '{}'}}]}}\n",
+            r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4", "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM", "kid": "1"}]}"#
+        ),
     ]
     .concat();
     let dir = tempfile::tempdir().unwrap();
@@ -330,6 +336,12 @@ fn explain_request_from_a_pod_follows_its_mesh_route_to_each_destinations_polici
     assert!(
         other.contains("denied by no ALLOW policy matches: 403"),
         "another caller: {other}"
+    );
+    let forged = ask("shop/a-1", "GET http://b/x -H authorization: Bearer not.a.jwt");
+    assert!(
+        forged.contains("pod shop/b-1 at 10.1.0.2:8080: token refused by its RequestAuthentication")
+            && forged.contains("401"),
+        "b-1's RequestAuthentication: {forged}"
     );
     let outside = ask("shop/a-1", "GET http://example.com/");
     assert!(outside.contains("is no Service or pod of the mesh"), "{outside}");
