@@ -510,7 +510,8 @@ async fn ads_requires_the_proxy_token_when_one_is_set() {
 /// The chart's defaults: the operator serves its gRPC port over TLS from the mesh CA and wants
 /// credentials. A stock Envoy follows it with the bootstrap's `--xds-ca` (the mesh roots; the
 /// operator's certificate must name the host) and `--token-file`, and routes; with roots that
-/// did not sign the operator's certificate it gets nothing.
+/// did not sign the operator's certificate it gets nothing. Its rate limit filter is answered
+/// over the same cluster (the service takes calls from hosts with an authenticated stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_an_operator_that_serves_tls_and_wants_a_token() {
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
@@ -555,6 +556,30 @@ async fn envoy_follows_an_operator_that_serves_tls_and_wants_a_token() {
         Some(Value::Null),
         "Envoy accepted"
     );
+
+    // Its rate limit filter reaches the rate limit service over the same TLS cluster, which
+    // answers it (its host has an authenticated stream) though the filter presents no token.
+    cluster.apply(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: shared}\nspec:\n\
+         \x20 type: Global\n\
+         \x20 targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: web}]\n\
+         \x20 rules: [{clientSelectors: [{headers: [{name: x-user, type: Distinct}]}], limit: {requests: 1, unit: Hour}}]\n",
+    );
+    let call = async || {
+        let r = client()
+            .get(format!("http://127.0.0.1:{port}/x"))
+            .header("host", "shop.example.com")
+            .header("x-user", "ann")
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.headers().contains_key("x-ratelimit-limit"))
+    };
+    eventually("Envoy asks the rate limit service", ENVOY_START, async || {
+        call().await == (200, true)
+    })
+    .await;
+    assert_eq!(call().await, (429, true), "ann's one request an hour is spent");
 }
 
 /// What an ADS stream presenting `token` gets: `Ok` once the first response (listeners) comes.

@@ -290,7 +290,9 @@ async fn serve(args: Args) -> Result<(), StartError> {
         required: args.proxy_auth_required,
     });
     let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone(), access.clone()));
-    let rate_limits = rate_limit_service::RateLimitService::new(args.rate_limit_redis.as_deref())
+    // Its callers bring no credentials: with them required, it answers proxies' hosts only.
+    let callers = (args.proxy_auth_required || args.token.is_some()).then(|| proxies.clone());
+    let rate_limits = rate_limit_service::RateLimitService::new(args.rate_limit_redis.as_deref(), callers)
         .map_err(StartError::RateLimitRedis)?;
     let svc = subscribe::Service {
         publisher: publisher.clone(),

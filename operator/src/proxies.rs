@@ -1,7 +1,8 @@
 //! Connected proxies (MeshSubscribe and xDS streams alike): who they are, what each was sent
 //! and what it says it applied — for `/proxies`, `ferrumctl` and status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,11 +32,17 @@ pub struct ProxyState {
     pub rejected_version: Option<u64>,
 }
 
-/// Connected proxies, keyed by node id and stream number. Not on any hot path.
+/// Connected proxies, keyed by node id and stream number, and how many streams come from each
+/// address. Not on any hot path.
 #[derive(Default)]
 pub struct Proxies {
     streams: Mutex<BTreeMap<(String, u64), ProxyState>>,
+    from: Mutex<HashMap<IpAddr, usize>>,
     next: std::sync::atomic::AtomicU64,
+}
+
+fn peer_ip(peer: &str) -> Option<IpAddr> {
+    peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 impl Proxies {
@@ -53,11 +60,19 @@ impl Proxies {
             state.node_id.clone(),
             self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
+        if let Some(ip) = peer_ip(&state.peer) {
+            *self.from.lock().unwrap().entry(ip).or_default() += 1;
+        }
         streams.insert(key.clone(), state);
         Ok(Registration {
             proxies: self.clone(),
             key,
         })
+    }
+
+    /// Whether a proxy stream is open from `ip` (it passed the stream's credential check).
+    pub fn connected_from(&self, ip: IpAddr) -> bool {
+        self.from.lock().unwrap().contains_key(&ip)
     }
 
     pub fn list(&self) -> Vec<ProxyState> {
@@ -91,7 +106,16 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.proxies.streams.lock().unwrap().remove(&self.key);
+        let gone = self.proxies.streams.lock().unwrap().remove(&self.key);
+        if let Some(ip) = gone.and_then(|s| peer_ip(&s.peer)) {
+            let mut from = self.proxies.from.lock().unwrap();
+            if let Some(n) = from.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    from.remove(&ip);
+                }
+            }
+        }
         tracing::info!(node = %self.key.0, "proxy disconnected");
     }
 }

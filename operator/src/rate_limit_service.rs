@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -25,6 +25,8 @@ use ferrum_proto::xds::{
 };
 use ferrum_snapshot::model::{DistinctValues, RateLimit};
 
+use crate::proxies::Proxies;
+
 /// How long a Redis count may take (ferrum-dp's bound too).
 const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 /// Counts kept in memory at most, without Redis: past windows' are dropped first.
@@ -32,6 +34,9 @@ const MEMORY_COUNTS: usize = 100_000;
 
 pub struct RateLimitService {
     counts: Counts,
+    /// When proxies must present credentials: only hosts with a proxy stream open (which
+    /// passed them) may ask. The filter's calls carry no credentials of their own.
+    callers: Option<Arc<Proxies>>,
 }
 
 enum Counts {
@@ -55,8 +60,9 @@ struct Counted {
 }
 
 impl RateLimitService {
-    /// Counting in the Redis at `redis` (`redis://host:port[/db]`), else in memory.
-    pub fn new(redis: Option<&str>) -> Result<Self, redis::RedisError> {
+    /// Counting in the Redis at `redis` (`redis://host:port[/db]`), else in memory; answering
+    /// only hosts with a stream among `callers`, when given.
+    pub fn new(redis: Option<&str>, callers: Option<Arc<Proxies>>) -> Result<Self, redis::RedisError> {
         let counts = match redis {
             Some(url) => Counts::Redis {
                 client: redis::Client::open(url)?,
@@ -64,7 +70,7 @@ impl RateLimitService {
             },
             None => Counts::Memory(Mutex::default()),
         };
-        Ok(RateLimitService { counts })
+        Ok(RateLimitService { counts, callers })
     }
 
     pub fn server(self) -> RateLimitServiceServer<Self> {
@@ -122,6 +128,15 @@ impl Service for RateLimitService {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        if let Some(proxies) = &self.callers {
+            let from = request.remote_addr().map(|a| a.ip());
+            if !from.is_some_and(|ip| proxies.connected_from(ip)) {
+                tracing::debug!(?from, "rate limit check refused: no proxy stream from that host");
+                return Err(tonic::Status::permission_denied(
+                    "only hosts with an authenticated proxy stream may ask",
+                ));
+            }
+        }
         let req = request.into_inner();
         if req.domain != RATE_LIMIT_DOMAIN {
             return Err(tonic::Status::invalid_argument(format!(
@@ -312,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_over_the_limit_are_over_limit_with_what_remains() {
-        let service = RateLimitService::new(None).unwrap();
+        let service = RateLimitService::new(None, None).unwrap();
         let ask = |client: &'static str| {
             let req = RateLimitRequest {
                 domain: RATE_LIMIT_DOMAIN.into(),
@@ -350,6 +365,53 @@ mod tests {
             domain: "someone-else".into(),
             ..Default::default()
         };
+        let err = service
+            .should_rate_limit(tonic::Request::new(foreign.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        // With credentials required: only a host with a proxy stream open may ask.
+        let proxies = Arc::new(Proxies::default());
+        let guarded = RateLimitService::new(None, Some(proxies.clone())).unwrap();
+        let from = |ip: &str| {
+            let mut r = tonic::Request::new(RateLimitRequest {
+                domain: RATE_LIMIT_DOMAIN.into(),
+                ..Default::default()
+            });
+            r.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(format!("{ip}:40000").parse().unwrap()),
+            });
+            r
+        };
+        let refused = guarded.should_rate_limit(from("10.0.0.7")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let stream = proxies
+            .register(crate::proxies::ProxyState {
+                node_id: "envoy-1".into(),
+                role: String::new(),
+                proxy_version: String::new(),
+                peer: "10.0.0.7:51000".into(),
+                protocol: "xDS (SotW)",
+                connected_since_unix_ms: 0,
+                last_seen_unix_ms: 0,
+                sent_version: 0,
+                deltas_sent: 0,
+                full_sent: 0,
+                applied_version: 0,
+                applied_hash: String::new(),
+                last_rejection: None,
+                rejected_version: None,
+            })
+            .unwrap();
+        assert!(guarded.should_rate_limit(from("10.0.0.7")).await.is_ok());
+        assert!(guarded.should_rate_limit(from("10.0.0.8")).await.is_err());
+        drop(stream);
+        assert!(
+            guarded.should_rate_limit(from("10.0.0.7")).await.is_err(),
+            "its stream closed"
+        );
         let err = service
             .should_rate_limit(tonic::Request::new(foreign))
             .await
