@@ -32,6 +32,29 @@ pub struct ProxyState {
     pub rejected_version: Option<u64>,
 }
 
+impl ProxyState {
+    /// A stream that just connected from `peer`, sent nothing yet.
+    pub fn connected(node_id: &str, role: &str, proxy_version: &str, peer: String, protocol: &'static str) -> Self {
+        let now = now_ms();
+        ProxyState {
+            node_id: node_id.into(),
+            role: role.into(),
+            proxy_version: proxy_version.into(),
+            peer,
+            protocol,
+            connected_since_unix_ms: now,
+            last_seen_unix_ms: now,
+            sent_version: 0,
+            deltas_sent: 0,
+            full_sent: 0,
+            applied_version: 0,
+            applied_hash: String::new(),
+            last_rejection: None,
+            rejected_version: None,
+        }
+    }
+}
+
 /// Connected proxies, keyed by node id and stream number, and how many streams come from each
 /// address. Not on any hot path.
 #[derive(Default)]

@@ -388,22 +388,13 @@ mod tests {
         let refused = guarded.should_rate_limit(from("10.0.0.7")).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         let stream = proxies
-            .register(crate::proxies::ProxyState {
-                node_id: "envoy-1".into(),
-                role: String::new(),
-                proxy_version: String::new(),
-                peer: "10.0.0.7:51000".into(),
-                protocol: "xDS (SotW)",
-                connected_since_unix_ms: 0,
-                last_seen_unix_ms: 0,
-                sent_version: 0,
-                deltas_sent: 0,
-                full_sent: 0,
-                applied_version: 0,
-                applied_hash: String::new(),
-                last_rejection: None,
-                rejected_version: None,
-            })
+            .register(crate::proxies::ProxyState::connected(
+                "envoy-1",
+                "",
+                "",
+                "10.0.0.7:51000".into(),
+                "xDS (SotW)",
+            ))
             .unwrap();
         assert!(guarded.should_rate_limit(from("10.0.0.7")).await.is_ok());
         assert!(guarded.should_rate_limit(from("10.0.0.8")).await.is_err());

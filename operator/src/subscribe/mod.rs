@@ -171,22 +171,10 @@ impl MeshSubscribe for Service {
 
 impl ProxyState {
     fn hello(hello: &Hello, peer: String) -> Self {
-        let now = now_ms();
         ProxyState {
-            node_id: hello.node_id.clone(),
-            role: hello.role.clone(),
-            proxy_version: hello.proxy_version.clone(),
-            peer,
-            protocol: "MeshSubscribe",
-            connected_since_unix_ms: now,
-            last_seen_unix_ms: now,
-            sent_version: 0,
-            deltas_sent: 0,
-            full_sent: 0,
             applied_version: hello.current_version,
             applied_hash: hello.current_hash.clone(),
-            last_rejection: None,
-            rejected_version: None,
+            ..ProxyState::connected(&hello.node_id, &hello.role, &hello.proxy_version, peer, "MeshSubscribe")
         }
     }
 }

@@ -218,23 +218,13 @@ impl Ads {
         let node = node
             .filter(|n| !n.id.is_empty())
             .ok_or_else(|| Status::invalid_argument("the first request of a stream must carry node.id"))?;
-        let now = now_ms();
-        self.proxies.register(ProxyState {
-            node_id: node.id.clone(),
-            role: node.cluster.clone(),
-            proxy_version: node.user_agent_name.clone(),
-            peer: peer.to_string(),
+        self.proxies.register(ProxyState::connected(
+            &node.id,
+            &node.cluster,
+            &node.user_agent_name,
+            peer.to_string(),
             protocol,
-            connected_since_unix_ms: now,
-            last_seen_unix_ms: now,
-            sent_version: 0,
-            deltas_sent: 0,
-            full_sent: 0,
-            applied_version: 0,
-            applied_hash: String::new(),
-            last_rejection: None,
-            rejected_version: None,
-        })
+        ))
     }
 
     /// The shared set of `names` (`hash` is their [`hash_names`]).
