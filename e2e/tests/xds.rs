@@ -135,10 +135,15 @@ async fn through_envoy_and_ferrum_dp(cluster: &Cluster, op: &Operator, node: &st
 /// The proxy at `port` serves `setup`'s routes (weights 100/0): match, prefix rewrite, header
 /// modifier, redirect to `location`.
 async fn serves_the_routes(port: u16, proxy: &str, within: Duration, location: &str) {
-    eventually(&format!("{proxy} routes to a"), within, async || {
-        get(port, "/x")
-            .await
-            .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some("a"))
+    // The Gateway's objects may reach the operator over several watch events, so the proxy may
+    // serve a partial translation first: wait until it has both backends.
+    eventually(&format!("{proxy} routes to a and b"), within, async || {
+        let routed = async |path: &str, to: &str| {
+            get(port, path)
+                .await
+                .is_some_and(|r| r.0 == 200 && r.1.as_deref() == Some(to))
+        };
+        routed("/x", "a").await && routed("/api/users", "b").await
     })
     .await;
     let (_, backend, body, _) = get(port, "/api/users").await.unwrap();
