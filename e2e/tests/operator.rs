@@ -106,9 +106,9 @@ async fn routes_follow_kubectl_and_survive_the_operator() {
     let cache = cluster.dir.path().join("dp1-snapshot.json");
     let dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
 
-    // Apply a route: traffic flows within a second.
+    // Apply a route: traffic flows.
     cluster.apply(&route((100, 0)));
-    eventually("route serves", Duration::from_secs(1), async || {
+    eventually("route serves", PROPAGATION, async || {
         hit(port, "shop.example.com").await == (200, Some("a".into()))
     })
     .await;
@@ -143,7 +143,7 @@ async fn routes_follow_kubectl_and_survive_the_operator() {
 
     // A weight change shifts traffic.
     cluster.apply(&route((0, 100)));
-    eventually("weights shift to b", Duration::from_secs(1), async || {
+    eventually("weights shift to b", PROPAGATION, async || {
         hit(port, "shop.example.com").await.1.as_deref() == Some("b")
     })
     .await;
@@ -152,14 +152,10 @@ async fn routes_follow_kubectl_and_survive_the_operator() {
     }
     // After the first full snapshot, changes travel as deltas, and the proxy applies them all
     // (its acknowledgement of the latest may still be on the way).
-    eventually(
-        "the proxy acknowledged what was sent",
-        Duration::from_secs(3),
-        async || {
-            let p = &op.admin_json("/proxies").await["proxies"][0];
-            p["appliedVersion"] == p["sentVersion"]
-        },
-    )
+    eventually("the proxy acknowledged what was sent", PROPAGATION, async || {
+        let p = &op.admin_json("/proxies").await["proxies"][0];
+        p["appliedVersion"] == p["sentVersion"]
+    })
     .await;
     let p = &op.admin_json("/proxies").await["proxies"][0];
     assert_eq!(p["fullSent"], 1, "{p}");
@@ -177,11 +173,9 @@ async fn routes_follow_kubectl_and_survive_the_operator() {
     let version = dp.version().await;
     drop(dp);
     let dp = Proxy::start(&op.grpc_url(), "dp-1", &cache).await;
-    eventually(
-        "restarted proxy serves from its cache",
-        Duration::from_secs(3),
-        async || hit(port, "shop.example.com").await == (200, Some("b".into())),
-    )
+    eventually("restarted proxy serves from its cache", PROPAGATION, async || {
+        hit(port, "shop.example.com").await == (200, Some("b".into()))
+    })
     .await;
     assert_eq!(dp.version().await, version);
 
@@ -423,11 +417,9 @@ async fn a_proxy_with_a_role_serves_only_its_gateway() {
 
     // Its Gateway's changes reach it as deltas of its own snapshot.
     cluster.apply(&route((0, 100)));
-    eventually(
-        "the weight change reaches the role proxy",
-        Duration::from_secs(1),
-        async || hit(web, "shop.example.com").await.1.as_deref() == Some("b"),
-    )
+    eventually("the weight change reaches the role proxy", PROPAGATION, async || {
+        hit(web, "shop.example.com").await.1.as_deref() == Some("b")
+    })
     .await;
     let p = &op.admin_json("/proxies").await["proxies"][0];
     assert!(p["deltasSent"].as_u64() >= Some(1), "{p}");

@@ -324,9 +324,9 @@ async fn envoy_follows_the_routes(delta: bool) {
     );
     assert_eq!(envoy_state["lastRejection"], Value::Null);
 
-    // A weight change reaches Envoy within a second.
+    // A weight change reaches Envoy.
     cluster.apply(&setup(port, &a, &b, (0, 100), None));
-    eventually("Envoy follows the weight change", Duration::from_secs(1), async || {
+    eventually("Envoy follows the weight change", PROPAGATION, async || {
         get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b"))
     })
     .await;
@@ -354,17 +354,15 @@ async fn envoy_follows_the_routes(delta: bool) {
         "last good config keeps serving"
     );
 
-    // An endpoint change (Service b now backed by a's address) reaches Envoy within a second.
+    // An endpoint change (Service b now backed by a's address) reaches Envoy.
     cluster.apply(&format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: b-1, labels: {{kubernetes.io/service-name: b}}}}\n\
          addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [127.0.0.1]}}]\n",
         a.addr.port()
     ));
-    eventually(
-        "Envoy follows the endpoint change",
-        Duration::from_secs(1),
-        async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("a")),
-    )
+    eventually("Envoy follows the endpoint change", PROPAGATION, async || {
+        get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("a"))
+    })
     .await;
 
     // Every backend at weight 0 (valid Gateway API: the rule answers 500): Envoy answers the
@@ -690,11 +688,9 @@ async fn ferrum_dp_follows_and_nacks(protocol: &str, registered_as: &str) {
     serves_the_routes(port, "ferrum-dp", Duration::from_secs(10), &location).await;
 
     cluster.apply(&setup(port, &a, &b, (0, 100), None));
-    eventually(
-        "ferrum-dp follows the weight change",
-        Duration::from_secs(1),
-        async || get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b")),
-    )
+    eventually("ferrum-dp follows the weight change", PROPAGATION, async || {
+        get(port, "/x").await.is_some_and(|r| r.1.as_deref() == Some("b"))
+    })
     .await;
     // A Service deleted: its cluster leaves the proxy (over delta, as a name removed) and the
     // route's other backend serves on.

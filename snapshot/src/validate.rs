@@ -733,23 +733,12 @@ mod tests {
 
     fn route(path: PathMatch, action: Action) -> Route {
         Route {
-            name: "r".into(),
             matcher: RouteMatch {
                 path,
                 ..Default::default()
             },
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-            rewrite: None,
             action,
-            timeouts: Default::default(),
-            retry: None,
-            fault: None,
-            mirror: None,
-            more_mirrors: Vec::new(),
-            cors: None,
-            direct_response: None,
-            rate_limits: Vec::new(),
+            ..Route::forward("r".into(), Vec::new())
         }
     }
 

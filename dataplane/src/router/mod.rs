@@ -417,20 +417,8 @@ mod tests {
 
     fn route(name: &str, m: RouteMatch) -> model::Route {
         model::Route {
-            name: name.into(),
             matcher: m,
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-            rewrite: None,
-            action: model::Action::Forward(vec![]),
-            timeouts: Default::default(),
-            retry: None,
-            fault: None,
-            mirror: None,
-            more_mirrors: Vec::new(),
-            cors: None,
-            direct_response: None,
-            rate_limits: Vec::new(),
+            ..model::Route::forward(name.into(), vec![])
         }
     }
 

@@ -973,22 +973,7 @@ mod tests {
         assert_eq!(local_error(&[t(None, 1), t(Some("c"), 0)]), Some(BACKEND_NOT_FOUND));
         assert_eq!(local_error(&[t(Some("c"), 0)]), Some(NO_WEIGHTED_BACKEND));
         assert_eq!(local_error(&[t(None, 1), t(Some("c"), 1)]), None, "c takes its share");
-        let route = |targets| model::Route {
-            name: "r".into(),
-            matcher: Default::default(),
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-            rewrite: None,
-            action: Action::Forward(targets),
-            timeouts: Default::default(),
-            retry: None,
-            fault: None,
-            mirror: None,
-            more_mirrors: Vec::new(),
-            cors: None,
-            direct_response: None,
-            rate_limits: Vec::new(),
-        };
+        let route = |targets| model::Route::forward("r".into(), targets);
         let r = envoy_route(&route(vec![t(None, 1)]), &Default::default(), &mut Vec::new());
         assert!(matches!(r.action, Some(route::route::Action::DirectResponse(ref d)) if d.status == 500));
         let header = r.response_headers_to_add[0].header.clone().unwrap();

@@ -254,23 +254,11 @@ mod tests {
 
     fn route() -> Route {
         Route {
-            name: "default/r/0/0".into(),
             matcher: model::RouteMatch {
                 path: model::PathMatch::Prefix("/".into()),
                 ..Default::default()
             },
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-            rewrite: None,
-            action: model::Action::Forward(Vec::new()),
-            timeouts: Default::default(),
-            retry: None,
-            fault: None,
-            mirror: None,
-            more_mirrors: Vec::new(),
-            cors: None,
-            direct_response: None,
-            rate_limits: Vec::new(),
+            ..Route::forward("default/r/0/0".into(), Vec::new())
         }
     }
 
