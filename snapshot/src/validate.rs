@@ -123,128 +123,124 @@ fn check_ext_authz(
 
 fn check_cluster(c: &Cluster, err: &mut impl FnMut(String, String, String)) {
     let obj = format!("cluster {:?}", c.name);
-    for (i, e) in c.endpoints.iter().enumerate() {
+    let mut bad = |field: String, why: String| err(obj.clone(), field, why);
+    cluster_endpoints(&c.endpoints, &mut bad);
+    if let Some(t) = &c.tls {
+        upstream_tls(t, &mut bad);
+    }
+    if let Some(hc) = &c.health_check {
+        health_check(hc, &mut bad);
+    }
+    if let Some(r) = &c.retry {
+        retry_conditions(r, &mut bad);
+    }
+    hashing(c, &mut bad);
+    if let Some(k) = &c.tcp_keepalive {
+        tcp_keepalive(k, &mut bad);
+    }
+    if c.panic_threshold_percent > 100 {
+        bad("panicThresholdPercent".into(), "0 to 100".into());
+    }
+    if let Some(s) = &c.slow_start {
+        slow_start(s, &c.lb, &mut bad);
+    }
+}
+
+fn cluster_endpoints(endpoints: &[Endpoint], bad: &mut impl FnMut(String, String)) {
+    for (i, e) in endpoints.iter().enumerate() {
         if e.port == 0 {
-            err(obj.clone(), format!("endpoints[{i}].port"), "must be 1-65535".into());
+            bad(format!("endpoints[{i}].port"), "must be 1-65535".into());
         }
         if e.weight > MAX_WEIGHT {
-            err(
-                obj.clone(),
+            bad(
                 format!("endpoints[{i}].weight"),
                 format!("{} is above the maximum weight {MAX_WEIGHT}", e.weight),
             );
         }
         if e.address.is_empty() {
-            err(
-                obj.clone(),
-                format!("endpoints[{i}].address"),
-                "must not be empty".into(),
-            );
+            bad(format!("endpoints[{i}].address"), "must not be empty".into());
         }
     }
-    if let Some(t) = &c.tls {
-        if t.ca_file.is_some() && t.ca_pem.is_some() {
-            err(
-                obj.clone(),
-                "tls.caPem".into(),
-                "not with caFile: one names the CAs".into(),
-            );
-        }
-        if t.ca_pem
-            .as_deref()
-            .is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
-        {
-            err(obj.clone(), "tls.caPem".into(), "holds no PEM certificate".into());
-        }
+}
+
+fn upstream_tls(t: &UpstreamTls, bad: &mut impl FnMut(String, String)) {
+    if t.ca_file.is_some() && t.ca_pem.is_some() {
+        bad("tls.caPem".into(), "not with caFile: one names the CAs".into());
     }
-    if let Some(hc) = &c.health_check {
-        if !hc.path.starts_with('/') {
-            err(obj.clone(), "healthCheck.path".into(), "must start with '/'".into());
-        }
-        if hc.interval_ms == 0 || hc.timeout_ms == 0 {
-            err(
-                obj.clone(),
-                "healthCheck.intervalMs".into(),
-                "interval and timeout must be > 0".into(),
-            );
-        }
-        if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
-            err(
-                obj.clone(),
-                "healthCheck.healthyThreshold".into(),
-                "thresholds must be >= 1".into(),
-            );
-        }
-    }
-    if let Some(r) = &c.retry {
-        retry_conditions(r, &mut |field, why| err(obj.clone(), field, why));
-    }
-    if let Some(h) = &c.hash_input {
-        if !matches!(c.lb, LbPolicy::ConsistentHash(_)) {
-            err(obj.clone(), "hashInput".into(), "only with a consistentHash lb".into());
-        }
-        if h.cookie.as_ref().is_some_and(|c| http_header_name_invalid(&c.name)) {
-            err(obj.clone(), "hashInput.cookie.name".into(), "not a cookie name".into());
-        }
-        if h.query_parameter.as_deref() == Some("") {
-            err(
-                obj.clone(),
-                "hashInput.queryParameter".into(),
-                "must not be empty".into(),
-            );
-        }
-    }
-    if let Some(k) = &c.tcp_keepalive {
-        // Linux counts whole seconds, up to 32,767, and at most 127 probes.
-        for (field, ms) in [
-            ("tcpKeepalive.timeMs", k.time_ms),
-            ("tcpKeepalive.intervalMs", k.interval_ms),
-        ] {
-            if ms.is_some_and(|ms| !(1000..=32_767_000).contains(&ms)) {
-                err(obj.clone(), field.into(), "1 s to 32,767 s".into());
-            }
-        }
-        if k.probes.is_some_and(|n| !(1..=127).contains(&n)) {
-            err(obj.clone(), "tcpKeepalive.probes".into(), "1 to 127".into());
-        }
-    }
-    if c.panic_threshold_percent > 100 {
-        err(obj.clone(), "panicThresholdPercent".into(), "0 to 100".into());
-    }
-    if let Some(s) = &c.slow_start {
-        slow_start(s, &c.lb, &mut |field, why| err(obj.clone(), field, why));
-    }
-    if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
-        && http_header_name_invalid(h)
+    if t.ca_pem
+        .as_deref()
+        .is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
     {
-        err(
-            obj.clone(),
-            "lb.consistentHash.header".into(),
-            format!("invalid header name {h:?}"),
-        );
+        bad("tls.caPem".into(), "holds no PEM certificate".into());
     }
-    if let Some(tls) = &c.tls
-        && tls.sni.is_empty()
-    {
-        err(obj.clone(), "tls.sni".into(), "must not be empty".into());
+    if t.sni.is_empty() {
+        bad("tls.sni".into(), "must not be empty".into());
     }
-    for (i, uri) in c.tls.iter().flat_map(|t| t.subject_alt_uris.iter()).enumerate() {
+    for (i, uri) in t.subject_alt_uris.iter().enumerate() {
         if !is_uri(uri) {
-            err(
-                obj.clone(),
+            bad(
                 format!("tls.subjectAltUris[{i}]"),
                 format!("{uri:?}: a URI, scheme://…"),
             );
         }
     }
-    for (i, san) in c.tls.iter().flat_map(|t| t.subject_alt_names.iter()).enumerate() {
+    for (i, san) in t.subject_alt_names.iter().enumerate() {
         if !san_checkable(san) {
-            err(
-                obj.clone(),
+            bad(
                 format!("tls.subjectAltNames[{i}]"),
                 format!("{san:?}: a DNS name or an IP address"),
             );
         }
+    }
+}
+
+fn health_check(hc: &HealthCheck, bad: &mut impl FnMut(String, String)) {
+    if !hc.path.starts_with('/') {
+        bad("healthCheck.path".into(), "must start with '/'".into());
+    }
+    if hc.interval_ms == 0 || hc.timeout_ms == 0 {
+        bad(
+            "healthCheck.intervalMs".into(),
+            "interval and timeout must be > 0".into(),
+        );
+    }
+    if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+        bad("healthCheck.healthyThreshold".into(), "thresholds must be >= 1".into());
+    }
+}
+
+/// What a consistent-hash cluster hashes on.
+fn hashing(c: &Cluster, bad: &mut impl FnMut(String, String)) {
+    if let Some(h) = &c.hash_input {
+        if !matches!(c.lb, LbPolicy::ConsistentHash(_)) {
+            bad("hashInput".into(), "only with a consistentHash lb".into());
+        }
+        if h.cookie.as_ref().is_some_and(|c| http_header_name_invalid(&c.name)) {
+            bad("hashInput.cookie.name".into(), "not a cookie name".into());
+        }
+        if h.query_parameter.as_deref() == Some("") {
+            bad("hashInput.queryParameter".into(), "must not be empty".into());
+        }
+    }
+    if let LbPolicy::ConsistentHash(HashOn::Header(h)) = &c.lb
+        && http_header_name_invalid(h)
+    {
+        bad("lb.consistentHash.header".into(), format!("invalid header name {h:?}"));
+    }
+}
+
+fn tcp_keepalive(k: &TcpKeepalive, bad: &mut impl FnMut(String, String)) {
+    // Linux counts whole seconds, up to 32,767, and at most 127 probes.
+    for (field, ms) in [
+        ("tcpKeepalive.timeMs", k.time_ms),
+        ("tcpKeepalive.intervalMs", k.interval_ms),
+    ] {
+        if ms.is_some_and(|ms| !(1000..=32_767_000).contains(&ms)) {
+            bad(field.into(), "1 s to 32,767 s".into());
+        }
+    }
+    if k.probes.is_some_and(|n| !(1..=127).contains(&n)) {
+        bad("tcpKeepalive.probes".into(), "1 to 127".into());
     }
 }
 

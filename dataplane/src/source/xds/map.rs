@@ -813,35 +813,11 @@ fn cluster_of(
     cla: Option<&endpoint::ClusterLoadAssignment>,
     policies: &RoutePolicies,
 ) -> Result<model::Cluster, MapError> {
-    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as EnvoyLb};
     let name = format!("Cluster {}", c.name);
     let at = |what: &str| MapError::refused(&name, what);
-    let lb = match EnvoyLb::try_from(c.lb_policy) {
-        Ok(EnvoyLb::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(EnvoyLb::LeastRequest) => LbPolicy::LeastRequest,
-        Ok(EnvoyLb::Random) => LbPolicy::Random,
-        // The key comes from the routes (`RoutePolicies::apply`).
-        Ok(EnvoyLb::RingHash | EnvoyLb::Maglev) => LbPolicy::Random,
-        _ => {
-            return Err(at(
-                "lb_policy: only ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV are supported",
-            ));
-        }
-    };
-    let assignment = match &c.cluster_discovery_type {
-        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => {
-            cla.ok_or_else(|| at("its ClusterLoadAssignment has not arrived"))?
-        }
-        Some(ClusterDiscoveryType::Type(t))
-            if *t == DiscoveryType::Static as i32 || *t == DiscoveryType::StrictDns as i32 =>
-        {
-            c.load_assignment
-                .as_ref()
-                .ok_or_else(|| at("load_assignment is missing"))?
-        }
-        _ => return Err(at("only EDS, STATIC and STRICT_DNS clusters are supported")),
-    };
-    let endpoints = endpoints_of(assignment, &name)?;
+    let lb = lb_of(c)
+        .ok_or_else(|| at("lb_policy: only ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH and MAGLEV are supported"))?;
+    let endpoints = endpoints_of(assignment_of(c, cla, &name)?, &name)?;
     let mut out = model::Cluster::new(c.name.clone(), endpoints);
     out.lb = lb;
     out.slow_start = slow_start_of(c);
@@ -867,54 +843,14 @@ fn cluster_of(
         ..d
     };
     if let Some(t) = c.circuit_breakers.as_ref().and_then(|cb| cb.thresholds.first()) {
-        let d = CircuitBreaker::default();
-        out.circuit_breaker = CircuitBreaker {
-            max_connections: threshold(&t.max_connections, d.max_connections),
-            max_pending_requests: threshold(&t.max_pending_requests, d.max_pending_requests),
-            max_requests: threshold(&t.max_requests, d.max_requests),
-            max_retries: t.max_retries.as_ref().map(|v| v.value),
-            max_requests_per_connection: None,
-            max_concurrent_streams: None,
-        };
+        out.circuit_breaker = circuit_breaker_of(t);
     }
-    out.outlier_detection = c.outlier_detection.as_ref().map(|od| {
-        let d = OutlierDetection::default();
-        OutlierDetection {
-            consecutive_5xx: threshold(&od.consecutive_5xx, d.consecutive_5xx),
-            consecutive_connect_failures: threshold(&od.consecutive_gateway_failure, d.consecutive_connect_failures),
-            base_ejection_ms: ms(&od.base_ejection_time).unwrap_or(d.base_ejection_ms),
-            max_ejection_percent: threshold(&od.max_ejection_percent, d.max_ejection_percent).min(100),
-        }
-    });
+    out.outlier_detection = c.outlier_detection.as_ref().map(outlier_detection_of);
     if let Some(hc) = c.health_checks.first() {
         out.health_check = Some(health_check_of(hc, &name)?);
     }
     if let Some(opts) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) {
-        use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
-        let o: upstream_http::HttpProtocolOptions =
-            decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| e.within(&name))?;
-        let h2 = match o.upstream_protocol_options {
-            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
-                Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
-                    out.protocol = UpstreamProtocol::Http2;
-                    Some(h2)
-                }
-                _ => None,
-            },
-            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(d)) => {
-                out.follow_client_protocol = true;
-                d.http2_protocol_options
-            }
-            _ => None,
-        };
-        out.circuit_breaker.max_concurrent_streams = h2
-            .and_then(|h2| h2.max_concurrent_streams)
-            .map(|v| v.value)
-            .filter(|n| *n > 0);
-        let common = o.common_http_protocol_options.unwrap_or_default();
-        out.circuit_breaker.max_requests_per_connection =
-            common.max_requests_per_connection.map(|v| v.value).filter(|n| *n > 0);
-        out.timeouts.max_connection_duration_ms = ms(&common.max_connection_duration).filter(|ms| *ms > 0);
+        http_options(opts, &mut out, &name)?;
     }
     if let Some(ts) = &c.transport_socket {
         out.tls = Some(traffic::upstream_tls(ts, &name)?);
@@ -930,6 +866,94 @@ fn cluster_of(
         });
     policies.apply(&mut out, c);
     Ok(out)
+}
+
+/// The cluster's balancing, `None` for one ferrum-dp does not do. A hash ring's key comes
+/// from the routes (`RoutePolicies::apply`).
+fn lb_of(c: &cluster::Cluster) -> Option<LbPolicy> {
+    use cluster::cluster::LbPolicy as EnvoyLb;
+    match EnvoyLb::try_from(c.lb_policy).ok()? {
+        EnvoyLb::RoundRobin => Some(LbPolicy::RoundRobin),
+        EnvoyLb::LeastRequest => Some(LbPolicy::LeastRequest),
+        EnvoyLb::Random | EnvoyLb::RingHash | EnvoyLb::Maglev => Some(LbPolicy::Random),
+        _ => None,
+    }
+}
+
+/// Where the cluster's endpoints are: its ClusterLoadAssignment (EDS) or inline.
+fn assignment_of<'a>(
+    c: &'a cluster::Cluster,
+    cla: Option<&'a endpoint::ClusterLoadAssignment>,
+    name: &str,
+) -> Result<&'a endpoint::ClusterLoadAssignment, MapError> {
+    use cluster::cluster::{ClusterDiscoveryType, DiscoveryType};
+    let at = |what: &str| MapError::refused(name, what);
+    match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if *t == DiscoveryType::Eds as i32 => {
+            cla.ok_or_else(|| at("its ClusterLoadAssignment has not arrived"))
+        }
+        Some(ClusterDiscoveryType::Type(t))
+            if *t == DiscoveryType::Static as i32 || *t == DiscoveryType::StrictDns as i32 =>
+        {
+            c.load_assignment
+                .as_ref()
+                .ok_or_else(|| at("load_assignment is missing"))
+        }
+        _ => Err(at("only EDS, STATIC and STRICT_DNS clusters are supported")),
+    }
+}
+
+fn circuit_breaker_of(t: &cluster::circuit_breakers::Thresholds) -> CircuitBreaker {
+    let d = CircuitBreaker::default();
+    CircuitBreaker {
+        max_connections: threshold(&t.max_connections, d.max_connections),
+        max_pending_requests: threshold(&t.max_pending_requests, d.max_pending_requests),
+        max_requests: threshold(&t.max_requests, d.max_requests),
+        max_retries: t.max_retries.as_ref().map(|v| v.value),
+        max_requests_per_connection: None,
+        max_concurrent_streams: None,
+    }
+}
+
+fn outlier_detection_of(od: &cluster::OutlierDetection) -> OutlierDetection {
+    let d = OutlierDetection::default();
+    OutlierDetection {
+        consecutive_5xx: threshold(&od.consecutive_5xx, d.consecutive_5xx),
+        consecutive_connect_failures: threshold(&od.consecutive_gateway_failure, d.consecutive_connect_failures),
+        base_ejection_ms: ms(&od.base_ejection_time).unwrap_or(d.base_ejection_ms),
+        max_ejection_percent: threshold(&od.max_ejection_percent, d.max_ejection_percent).min(100),
+    }
+}
+
+/// The cluster's `HttpProtocolOptions`: the protocol it speaks upstream (HTTP/2, or the
+/// client's), streams and requests per connection, and how long a connection may live.
+fn http_options(opts: &Any, out: &mut model::Cluster, name: &str) -> Result<(), MapError> {
+    use upstream_http::http_protocol_options::{UpstreamProtocolOptions, explicit_http_config::ProtocolConfig};
+    let o: upstream_http::HttpProtocolOptions =
+        decode(opts, &format!("type.googleapis.com/{HTTP_OPTIONS}")).map_err(|e| e.within(name))?;
+    let h2 = match o.upstream_protocol_options {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+            Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                out.protocol = UpstreamProtocol::Http2;
+                Some(h2)
+            }
+            _ => None,
+        },
+        Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(d)) => {
+            out.follow_client_protocol = true;
+            d.http2_protocol_options
+        }
+        _ => None,
+    };
+    out.circuit_breaker.max_concurrent_streams = h2
+        .and_then(|h2| h2.max_concurrent_streams)
+        .map(|v| v.value)
+        .filter(|n| *n > 0);
+    let common = o.common_http_protocol_options.unwrap_or_default();
+    out.circuit_breaker.max_requests_per_connection =
+        common.max_requests_per_connection.map(|v| v.value).filter(|n| *n > 0);
+    out.timeouts.max_connection_duration_ms = ms(&common.max_connection_duration).filter(|ms| *ms > 0);
+    Ok(())
 }
 
 /// The endpoints of a ClusterLoadAssignment, each with its locality's zone and priority.

@@ -115,85 +115,79 @@ fn rule(
     descriptors: Option<&[ratelimit::LocalRateLimitDescriptor]>,
     at: &str,
 ) -> Result<(Option<String>, RateLimitRule), MapError> {
-    use route::rate_limit::action::ActionSpecifier as A;
-    let mut rule = RateLimitRule {
-        headers: Vec::new(),
-        clients: Vec::new(),
-        requests: 0,
-        window_secs: 0,
-    };
-    let mut policy = None;
-    // The descriptor's entries, `None` where the request gives the value.
-    let mut wanted: Vec<(String, Option<String>)> = Vec::new();
-    let mut masked = Vec::new();
-    // A Global rule's limit and blocks.
-    let mut limit = None;
-    let mut blocks = Vec::new();
+    let mut actions = Actions::default();
     for a in &rl.actions {
+        actions.read(a, at)?;
+    }
+    let policy = actions.policy.take();
+    let rule = match descriptors {
+        None => global_limit(actions, at)?,
+        Some(descriptors) => local_limit(actions, descriptors, at)?,
+    };
+    Ok((policy, rule))
+}
+
+/// What a route's rate limit actions say, read one action at a time.
+struct Actions {
+    /// The rule's matchers (its limit comes from elsewhere).
+    rule: RateLimitRule,
+    policy: Option<String>,
+    /// The descriptor's entries, `None` where the request gives the value.
+    wanted: Vec<(String, Option<String>)>,
+    /// Where in `wanted` the masked client addresses are.
+    masked: Vec<usize>,
+    /// A Global rule's limit and blocks.
+    limit: Option<String>,
+    blocks: Vec<String>,
+}
+
+impl Default for Actions {
+    fn default() -> Self {
+        Actions {
+            rule: RateLimitRule {
+                headers: Vec::new(),
+                clients: Vec::new(),
+                requests: 0,
+                window_secs: 0,
+            },
+            policy: None,
+            wanted: Vec::new(),
+            masked: Vec::new(),
+            limit: None,
+            blocks: Vec::new(),
+        }
+    }
+}
+
+impl Actions {
+    fn read(&mut self, a: &route::rate_limit::Action, at: &str) -> Result<(), MapError> {
+        use route::rate_limit::action::ActionSpecifier as A;
         match &a.action_specifier {
-            Some(A::GenericKey(g)) => {
-                let key = if g.descriptor_key.is_empty() {
-                    "generic_key"
-                } else {
-                    &g.descriptor_key
-                };
-                match key {
-                    RATE_LIMIT_POLICY_KEY => policy = Some(g.descriptor_value.clone()),
-                    RATE_LIMIT_LIMIT_KEY => limit = Some(g.descriptor_value.clone()),
-                    RATE_LIMIT_BLOCK_KEY => blocks.push(g.descriptor_value.clone()),
-                    _ => {}
-                }
-                wanted.push((key.into(), Some(g.descriptor_value.clone())));
-            }
+            Some(A::GenericKey(g)) => self.generic_key(g),
             Some(A::HeaderValueMatch(h)) if h.expect_match.is_none_or(|b| b.value) => {
-                let [m] = &h.headers[..] else {
-                    return Err(MapError::refused(
-                        at,
-                        "a header_value_match must match exactly one header",
-                    ));
-                };
-                let value = match &m.header_match_specifier {
-                    Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(s)) if !m.invert_match => {
-                        string_match(s, at)?
-                    }
-                    _ => {
-                        return Err(MapError::refused(
-                            at,
-                            "header_value_match: only string matches are supported",
-                        ));
-                    }
-                };
-                rule.headers.push(RateLimitHeader {
-                    name: m.name.to_ascii_lowercase(),
-                    value: Some(value),
-                });
-                let key = if h.descriptor_key.is_empty() {
-                    "header_match"
-                } else {
-                    &h.descriptor_key
-                };
-                wanted.push((key.into(), Some(h.descriptor_value.clone())));
+                return self.header_value_match(h, at);
             }
             Some(A::RequestHeaders(h)) if !h.skip_if_absent => {
-                rule.headers.push(RateLimitHeader {
+                self.rule.headers.push(RateLimitHeader {
                     name: h.header_name.to_ascii_lowercase(),
                     value: None,
                 });
-                wanted.push((h.descriptor_key.clone(), None));
+                self.wanted.push((h.descriptor_key.clone(), None));
             }
             Some(A::MaskedRemoteAddress(m)) => {
-                masked.push(wanted.len());
-                rule.clients.push(RateLimitClients {
-                    cidr: String::new(), // the descriptor's block, below
+                self.masked.push(self.wanted.len());
+                self.rule.clients.push(RateLimitClients {
+                    cidr: String::new(), // the descriptor's block, or the Global rule's
                     distinct: false,
                 });
                 let v4 = m.v4_prefix_mask_len.map_or(32, |l| l.value);
                 let v6 = m.v6_prefix_mask_len.map_or(128, |l| l.value);
-                wanted.push(("masked_remote_address".into(), Some(format!("{v4}/{v6}"))));
+                self.wanted
+                    .push(("masked_remote_address".into(), Some(format!("{v4}/{v6}"))));
             }
             Some(A::RemoteAddress(_)) => {
-                let after_block = wanted.last().is_some_and(|(k, _)| k == "masked_remote_address");
-                match rule.clients.last_mut() {
+                let after_block = self.wanted.last().is_some_and(|(k, _)| k == "masked_remote_address");
+                match self.rule.clients.last_mut() {
                     Some(c) if after_block => c.distinct = true,
                     _ => {
                         return Err(MapError::refused(
@@ -202,7 +196,7 @@ fn rule(
                         ));
                     }
                 }
-                wanted.push(("remote_address".into(), None));
+                self.wanted.push(("remote_address".into(), None));
             }
             _ => {
                 return Err(MapError::refused(
@@ -211,14 +205,74 @@ fn rule(
                 ));
             }
         }
+        Ok(())
     }
-    let Some(descriptors) = descriptors else {
-        let lens = masked
-            .iter()
-            .map(|&i| wanted[i].1.clone().unwrap_or_default())
-            .collect();
-        return global_limit(rule, limit, blocks, lens, at).map(|rule| (policy, rule));
-    };
+
+    /// A generic key: one of Ferrum's own (the policy's name, a Global rule's limit and
+    /// blocks) or a constant entry of the descriptor.
+    fn generic_key(&mut self, g: &route::rate_limit::action::GenericKey) {
+        let key = match g.descriptor_key.as_str() {
+            "" => "generic_key",
+            k => k,
+        };
+        let value = g.descriptor_value.clone();
+        match key {
+            RATE_LIMIT_POLICY_KEY => self.policy = Some(value.clone()),
+            RATE_LIMIT_LIMIT_KEY => self.limit = Some(value.clone()),
+            RATE_LIMIT_BLOCK_KEY => self.blocks.push(value.clone()),
+            _ => {}
+        }
+        self.wanted.push((key.into(), Some(value)));
+    }
+
+    fn header_value_match(
+        &mut self,
+        h: &route::rate_limit::action::HeaderValueMatch,
+        at: &str,
+    ) -> Result<(), MapError> {
+        let [m] = &h.headers[..] else {
+            return Err(MapError::refused(
+                at,
+                "a header_value_match must match exactly one header",
+            ));
+        };
+        let value = match &m.header_match_specifier {
+            Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(s)) if !m.invert_match => {
+                string_match(s, at)?
+            }
+            _ => {
+                return Err(MapError::refused(
+                    at,
+                    "header_value_match: only string matches are supported",
+                ));
+            }
+        };
+        self.rule.headers.push(RateLimitHeader {
+            name: m.name.to_ascii_lowercase(),
+            value: Some(value),
+        });
+        let key = match h.descriptor_key.as_str() {
+            "" => "header_match",
+            k => k,
+        };
+        self.wanted.push((key.into(), Some(h.descriptor_value.clone())));
+        Ok(())
+    }
+}
+
+/// A Local rule: the descriptor its actions make gives the client blocks and the token
+/// bucket, which must refill whole.
+fn local_limit(
+    actions: Actions,
+    descriptors: &[ratelimit::LocalRateLimitDescriptor],
+    at: &str,
+) -> Result<RateLimitRule, MapError> {
+    let Actions {
+        mut rule,
+        wanted,
+        masked,
+        ..
+    } = actions;
     let d = descriptor(&wanted, &masked, descriptors)
         .ok_or_else(|| MapError::refused(at, "no descriptor matches what its actions make"))?;
     for (c, &i) in rule.clients.iter_mut().zip(&masked) {
@@ -234,26 +288,27 @@ fn rule(
         Some(s) if refill == b.max_tokens => {
             rule.requests = b.max_tokens;
             rule.window_secs = u32::try_from(s.seconds).unwrap_or(u32::MAX);
+            Ok(rule)
         }
-        _ => {
-            return Err(MapError::refused(
-                at,
-                "token buckets must refill whole (tokens_per_fill = max_tokens) every whole number of seconds",
-            ));
-        }
+        _ => Err(MapError::refused(
+            at,
+            "token buckets must refill whole (tokens_per_fill = max_tokens) every whole number of seconds",
+        )),
     }
-    Ok((policy, rule))
 }
 
 /// A Global rule's limit (`<requests>/<window seconds>`) and blocks (one before each masked
-/// address, of the length it is masked to: `lens`), as its actions say them.
-fn global_limit(
-    mut rule: RateLimitRule,
-    limit: Option<String>,
-    blocks: Vec<String>,
-    lens: Vec<String>,
-    at: &str,
-) -> Result<RateLimitRule, MapError> {
+/// address, of the length it is masked to), as its actions say them.
+fn global_limit(actions: Actions, at: &str) -> Result<RateLimitRule, MapError> {
+    let Actions {
+        mut rule,
+        wanted,
+        masked,
+        limit,
+        blocks,
+        ..
+    } = actions;
+    let lens = masked.iter().map(|&i| wanted[i].1.as_deref().unwrap_or_default());
     let parsed = limit.as_deref().and_then(|l| {
         let (n, secs) = l.split_once('/')?;
         Some((n.parse::<u32>().ok()?, secs.parse::<u32>().ok().filter(|s| *s > 0)?))
@@ -264,7 +319,7 @@ fn global_limit(
             format!("a Global rule must say its limit ({RATE_LIMIT_LIMIT_KEY}: <requests>/<window seconds>)"),
         ));
     };
-    if blocks.len() != rule.clients.len() || !blocks.iter().zip(&lens).all(|(b, l)| block_has_length(b, l)) {
+    if blocks.len() != rule.clients.len() || !blocks.iter().zip(lens).all(|(b, l)| block_has_length(b, l)) {
         return Err(MapError::refused(
             at,
             format!(
