@@ -10,9 +10,10 @@
 ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
-# The node agent's eBPF programs are C, compiled by its build script.
+# The node agent's eBPF programs are C, compiled by its build script; ferrum-dp's allocator
+# (jemalloc) is C too, built with make.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends clang=1:14.* libbpf-dev=1:1.1.* \
+ && apt-get install -y --no-install-recommends clang=1:14.* libbpf-dev=1:1.1.* make=4.3-* \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Protos compile in Rust (protox): no protoc.

@@ -17,3 +17,8 @@ pub mod telemetry;
 pub mod trace;
 pub mod upstream;
 pub mod workers;
+
+/// The lib's own tests run on the binary's allocator, so `memory`'s figures are its.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

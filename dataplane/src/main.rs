@@ -10,6 +10,11 @@ use ferrum_dp::mesh::{identity, sidecar};
 use ferrum_dp::source::{control_plane, file, xds};
 use ferrum_dp::{admin, dataplane::Dataplane, limits::Limits, workers::Workers};
 
+/// jemalloc: less CPU per HTTP/2 request than glibc's allocator, and freed memory returned on
+/// its own (`ferrum_dp::memory`).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Ferrum Mesh data-plane proxy.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -86,8 +91,8 @@ struct Args {
     /// Concurrent HTTP/2 streams per client connection.
     #[arg(long, default_value_t = 128)]
     max_streams: u32,
-    /// Seconds between looks at the heap; once a load has ended, its freed memory is handed
-    /// back to the OS (0: never).
+    /// Seconds a freed page stays with the allocator, unused, before it goes back to the OS
+    /// (0: kept).
     #[arg(long, default_value_t = 5)]
     heap_release_interval: u64,
     /// Seconds to wait for in-flight requests at shutdown.
@@ -379,6 +384,11 @@ fn main() -> ExitCode {
     let n = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let release_after = Some(Duration::from_secs(args.heap_release_interval)).filter(|d| !d.is_zero());
+    if let Err(e) = ferrum_dp::memory::release_freed_after(release_after) {
+        eprintln!("ferrum-dp: cannot configure the allocator: {e}");
+        return ExitCode::FAILURE;
+    }
     let workers = match Workers::start(n.max(1)) {
         Ok(w) => w,
         Err(e) => {
@@ -520,10 +530,6 @@ async fn serve(
     }
     tracing::info!(admin = %args.admin_addr, version = dp.shared.config.load().snapshot.version, "ferrum-dp started");
     tokio::spawn(admin::serve(admin, dp.clone()));
-    if args.heap_release_interval > 0 {
-        let every = Duration::from_secs(args.heap_release_interval);
-        tokio::spawn(ferrum_dp::memory::release_after_load(every, dp.shared.registry.clone()));
-    }
     let sidecar = match args.mesh.mode {
         Mode::Sidecar => Some(start_sidecar(&args.mesh, &dp, &workers).await?),
         _ => None,

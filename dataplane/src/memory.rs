@@ -1,109 +1,64 @@
-//! Gives the heap a burst left behind back to the OS once the burst is over.
+//! ferrum-dp's heap is jemalloc's, and what a load freed goes back to the OS on its own.
 //!
-//! glibc's `free` returns memory to the kernel only from the top of each arena (and for large
-//! mmapped blocks); a burst of connections leaves the arenas fragmented and the process at its
-//! peak RSS for good: 15 MB at start, 43 MB after `h2load -c50 -m10` once the idle timeout
-//! had closed all 333 pooled upstream connections. `malloc_trim` hands every whole free page
-//! inside every arena back (43 → 19 MB there). It walks the arenas under their locks, so it
-//! runs only when the heap in use has fallen well below its peak since the last release —
-//! after a load, not during one.
+//! glibc's allocator took ~7 % of an HTTP/2 request's CPU (bench/README, "the allocator under
+//! HTTP/2") and returns freed memory to the kernel only from the top of each arena, so a burst
+//! left the process at its peak RSS until something called `malloc_trim`. jemalloc purges
+//! pages that stayed unused for its decay time, on a background thread, whether the workers are
+//! busy or idle: set here from `--heap-release-interval`.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::telemetry::Registry;
+use tikv_jemalloc_ctl::{arenas, background_thread, epoch, raw, stats};
 
-/// Bytes the allocator holds for the program and keeps free.
+/// The allocator's figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heap {
+    /// Bytes allocated to the proxy.
     pub allocated: u64,
+    /// Resident bytes the allocator holds beyond those (free for reuse, its own metadata).
     pub free: u64,
+    /// Purges that handed freed pages back to the OS.
+    pub releases: u64,
 }
 
-/// The allocator's figures, where it reports them (glibc).
+/// Pages freed and then unused for `after` go back to the OS (`None`: the allocator keeps
+/// them). Call before the worker threads start; arenas made later take it too.
+pub fn release_freed_after(after: Option<Duration>) -> Result<(), tikv_jemalloc_ctl::Error> {
+    let ms = after.map_or(-1, |d| isize::try_from(d.as_millis()).unwrap_or(isize::MAX));
+    // SAFETY: both decay times are `ssize_t` (jemalloc's mallctl manual).
+    unsafe {
+        raw::write(b"arenas.dirty_decay_ms\0", ms)?;
+        // Purged pages go back at once (MADV_DONTNEED), not when the kernel gets round to them
+        // (MADV_FREE): RSS shows what was returned.
+        raw::write(b"arenas.muzzy_decay_ms\0", 0isize)?;
+    }
+    // The arenas that exist already (the main thread's) took the old defaults.
+    for i in 0..arenas::narenas::read()? {
+        for (what, value) in [("dirty", ms), ("muzzy", 0)] {
+            let name = format!("arena.{i}.{what}_decay_ms\0");
+            // SAFETY: as above. An arena not initialised yet refuses (and takes the new default).
+            let _ = unsafe { raw::write(name.as_bytes(), value) };
+        }
+    }
+    if after.is_some() {
+        background_thread::write(true)?;
+    }
+    Ok(())
+}
+
+/// The allocator's figures now.
 pub fn heap() -> Option<Heap> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's state (under its own locks).
-        let m = unsafe { libc::mallinfo2() };
-        Some(Heap {
-            allocated: (m.uordblks + m.hblkhd) as u64,
-            free: m.fordblks as u64,
-        })
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    None
-}
-
-/// Hands free pages back; false where the allocator cannot.
-fn trim() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: malloc_trim only releases pages no allocation uses.
-        unsafe { libc::malloc_trim(0) };
-        true
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    false
-}
-
-/// A fall smaller than this is noise, not the end of a load. (32 relayed TCP connections take
-/// 1.4 MB; the proxy idles at 0.3.)
-const MIN_FALL: u64 = 1 << 20;
-
-/// Decides when a load has ended: the heap in use fell to half its peak since the last
-/// release, and by at least `MIN_FALL`.
-#[derive(Debug, Default)]
-pub struct Releaser {
-    peak: u64,
-}
-
-impl Releaser {
-    pub fn should_release(&mut self, allocated: u64) -> bool {
-        self.peak = self.peak.max(allocated);
-        let fell = self.peak - allocated;
-        if allocated <= self.peak / 2 && fell >= MIN_FALL {
-            self.peak = allocated;
-            return true;
-        }
-        false
-    }
-}
-
-/// Resident anonymous memory (RSS less file-backed pages), for the log line.
-fn resident_anon() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let mut f = statm.split_whitespace().skip(1).map(|v| v.parse::<u64>().ok());
-    let (rss, shared) = (f.next()??, f.next()??);
-    Some(rss.saturating_sub(shared) * 4096)
-}
-
-/// Looks at the heap every `every` and releases what a finished load left behind.
-pub async fn release_after_load(every: Duration, registry: Arc<Registry>) {
-    let mut releaser = Releaser::default();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(h) = heap() else { return };
-        if !releaser.should_release(h.allocated) {
-            continue;
-        }
-        let (before, started) = (resident_anon(), Instant::now());
-        if !trim() {
-            return;
-        }
-        registry.heap_releases.fetch_add(1, Relaxed);
-        let mb = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / 1e6);
-        tracing::debug!(
-            allocated_mb = h.allocated as f64 / 1e6,
-            anon_before_mb = mb(before),
-            anon_after_mb = mb(resident_anon()),
-            took_us = started.elapsed().as_micros() as u64,
-            "returned free heap to the OS"
-        );
-    }
+    epoch::advance().ok()?;
+    let allocated = stats::allocated::read().ok()? as u64;
+    let resident = stats::resident::read().ok()? as u64;
+    // SAFETY: the purge counters are `uint64_t`; 4096 is MALLCTL_ARENAS_ALL (every arena's sum).
+    let purges = |name: &[u8]| unsafe { raw::read::<u64>(name) }.ok();
+    let releases = purges(b"stats.arenas.4096.dirty_npurge\0")? + purges(b"stats.arenas.4096.muzzy_npurge\0")?;
+    Some(Heap {
+        allocated,
+        free: resident.saturating_sub(allocated),
+        releases,
+    })
 }
 
 #[cfg(test)]
@@ -113,35 +68,8 @@ mod tests {
     const MB: u64 = 1 << 20;
 
     #[test]
-    fn steady_load_is_left_alone() {
-        let mut r = Releaser::default();
-        for a in [20, 30, 28, 31, 25, 30, 16] {
-            assert!(!r.should_release(a * MB), "{a} MB");
-        }
-    }
-
-    #[test]
-    fn the_end_of_a_load_releases_once() {
-        let mut r = Releaser::default();
-        assert!(!r.should_release(30 * MB));
-        assert!(r.should_release(3 * MB));
-        // Nothing new to give back until another load has come and gone.
-        assert!(!r.should_release(2 * MB));
-        assert!(!r.should_release(3 * MB));
-        assert!(!r.should_release(12 * MB));
-        assert!(r.should_release(5 * MB));
-    }
-
-    #[test]
-    fn small_heaps_are_not_worth_it() {
-        let mut r = Releaser::default();
-        assert!(!r.should_release(MB + MB / 2));
-        assert!(!r.should_release(MB / 2 + MB / 8), "a 0.875 MB fall");
-    }
-
-    #[test]
     fn the_allocator_reports_what_is_allocated() {
-        let Some(before) = heap() else { return };
+        let before = heap().unwrap();
         // Other tests allocate and free meanwhile; 64 MB stands out of that.
         let block = std::hint::black_box(vec![1u8; 64 * MB as usize]);
         let during = heap().unwrap();
@@ -150,5 +78,16 @@ mod tests {
             "{before:?} → {during:?}"
         );
         drop(block);
+    }
+
+    #[test]
+    fn the_release_time_reaches_every_arena() {
+        release_freed_after(Some(Duration::from_millis(1500))).unwrap();
+        // SAFETY: `ssize_t`, as written.
+        let read = |name: &[u8]| unsafe { raw::read::<isize>(name) }.unwrap();
+        assert_eq!(read(b"arenas.dirty_decay_ms\0"), 1500);
+        assert_eq!(read(b"arena.0.dirty_decay_ms\0"), 1500);
+        assert_eq!(read(b"arena.0.muzzy_decay_ms\0"), 0);
+        assert!(background_thread::read().unwrap());
     }
 }

@@ -116,8 +116,6 @@ pub struct Registry {
     pub proxy_protocol_refused: AtomicU64,
     /// Requests that matched no route (404) or no listener host.
     pub unrouted: AtomicU64,
-    /// Times freed heap was handed back to the OS after a load (`memory`).
-    pub heap_releases: AtomicU64,
     /// Sidecar connections (shared with the sidecar's listeners).
     pub mesh: Arc<crate::mesh::sidecar::MeshStats>,
 }
@@ -394,26 +392,27 @@ impl Scrape {
         )
     }
 
-    /// The allocator's figures (where it reports them) and how often the heap was released.
+    /// The allocator's figures and how often it handed freed pages back.
     fn encode_heap(&self, enc: &mut DescriptorEncoder) -> Fmt {
-        if let Some(h) = crate::memory::heap() {
-            family(
-                enc,
-                "ferrum_heap_bytes",
-                "Heap bytes held by the allocator: allocated to the proxy, or free for reuse.",
-                MetricType::Gauge,
-                [
-                    ([("state", "allocated")], h.allocated as i64),
-                    ([("state", "free")], h.free as i64),
-                ],
-            )?;
-        }
+        let Some(h) = crate::memory::heap() else {
+            return Ok(());
+        };
+        family(
+            enc,
+            "ferrum_heap_bytes",
+            "Heap bytes held by the allocator: allocated to the proxy, or free for reuse.",
+            MetricType::Gauge,
+            [
+                ([("state", "allocated")], h.allocated as i64),
+                ([("state", "free")], h.free as i64),
+            ],
+        )?;
         single(
             enc,
             "ferrum_heap_releases",
-            "Times the heap a finished load left free was handed back to the OS.",
+            "Purges that handed pages the proxy freed back to the OS.",
             MetricType::Counter,
-            self.registry.heap_releases.load(Relaxed) as i64,
+            h.releases as i64,
         )
     }
 

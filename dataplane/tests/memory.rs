@@ -36,7 +36,7 @@ async fn load(url: &str) {
     futures_util::future::join_all(calls).await;
 }
 
-async fn proxy(b: &Backend, release_every: &str) -> (Dp, String) {
+async fn proxy(b: &Backend, release_after: &str) -> (Dp, String) {
     let port = free_port();
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  \
                  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{group: ferrum.dev, kind: Backend, name: b}]}]\n";
@@ -45,7 +45,7 @@ async fn proxy(b: &Backend, release_every: &str) -> (Dp, String) {
         backend("b", &[b], "  timeouts: {idle: 1s}\n"),
         route.to_string(),
     ]);
-    let args = ["--workers", "2", "--heap-release-interval", release_every];
+    let args = ["--workers", "2", "--heap-release-interval", release_after];
     (Dp::start_with(&yaml, &args).await, format!("http://127.0.0.1:{port}"))
 }
 
@@ -75,8 +75,8 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
         start.0,
         peak.0
     );
-    // Released at the next tick once the load is over; a release while the last connections
-    // were still closing may leave some for the tick after.
+    // Released once the freed pages have sat unused for the release time (1 s here), by the
+    // allocator's background thread, while the proxy idles.
     let back_near_start = start.0 + (peak.0 - start.0) / 4.0;
     eventually("the freed heap is released", Duration::from_secs(5), async || {
         released.metric("ferrum_heap_releases_total").await >= 1.0 && anon_mb(&released) < back_near_start
@@ -91,7 +91,7 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
         peak.0,
         after.0
     );
-    // Without the release the allocator keeps it: this is what the release is for.
+    // With releases off the allocator keeps it: this is what the release is for.
     assert_eq!(kept.metric("ferrum_heap_releases_total").await, 0.0);
     assert!(
         after.1 > start.1 + (peak.1 - start.1) / 4.0,
