@@ -112,6 +112,48 @@ impl Compiler {
             own.zone.clone()
         });
         let zone = zone.as_deref();
+        let clusters = self.clusters(&snap, secrets, previous, zone)?;
+        let upstreams = Upstreams {
+            clusters: &clusters,
+            registry: &self.registry,
+        };
+        let mut listeners = crate::router::FastMap::with_capacity_and_hasher(snap.listeners.len(), Default::default());
+        for l in &snap.listeners {
+            if l.protocol == Protocol::Unknown {
+                tracing::warn!(listener = %l.name, "listener protocol unknown to this build (a newer producer); not served");
+                continue;
+            }
+            // validate() checked the address parses.
+            let addr = SocketAddr::new(
+                l.address.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                l.port,
+            );
+            listeners.insert(addr, self.listener(l, &snap, &upstreams, secrets)?);
+        }
+        let me = self.me.get();
+        let mesh_http = match me {
+            Some(me) => {
+                let own = snap.workload_or_placeholder(&me.0, &me.1);
+                self.mesh_routes(&snap, &own, &clusters)?
+            }
+            None => MeshRoutes::default(),
+        };
+        Ok(Compiled {
+            mesh: MeshIndex::build(&snap, me, zone, mesh_http, &self.jwks, &upstreams),
+            snapshot: Arc::new(snap),
+            listeners,
+            clusters,
+        })
+    }
+
+    /// The runtimes of `snap`'s clusters: `previous`'s where the spec (and zone) is the same.
+    fn clusters(
+        &self,
+        snap: &Snapshot,
+        secrets: &Secrets,
+        previous: &Compiled,
+        zone: Option<&str>,
+    ) -> Result<HashMap<String, Arc<ClusterRuntime>>, CompileError> {
         let mut clusters = HashMap::with_capacity(snap.clusters.len());
         for c in &snap.clusters {
             // Only locality failover looks at the zone.
@@ -130,70 +172,47 @@ impl Compiler {
             };
             clusters.insert(c.name.clone(), rt);
         }
-        let upstreams = Upstreams {
-            clusters: &clusters,
-            registry: &self.registry,
-        };
-        let mut listeners = crate::router::FastMap::with_capacity_and_hasher(snap.listeners.len(), Default::default());
-        for l in &snap.listeners {
-            if l.protocol == Protocol::Unknown {
-                tracing::warn!(listener = %l.name, "listener protocol unknown to this build (a newer producer); not served");
-                continue;
-            }
-            let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
-            // One compiled policy set per distinct set of Gateways.
-            let mut policies: HashMap<Vec<&str>, Option<Arc<GatewayPolicies>>> = HashMap::new();
-            for vh in &l.virtual_hosts {
-                let mut compiled = self.virtual_host(vh, &clusters)?;
-                compiled.policies = policies
-                    .entry(l.gateways_of(&vh.hostname))
-                    .or_insert_with_key(|gws| {
-                        GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks, &upstreams).map(Arc::new)
-                    })
-                    .clone();
-                vhosts.push((vh.hostname.to_ascii_lowercase(), compiled));
-            }
-            let tls = match l.protocol {
-                Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
-                Protocol::Tls if !l.certificates.is_empty() => {
-                    // Bytes go on as they come: no ALPN is negotiated for the backend.
-                    let mut cfg = (*tls::server_config(&l.name, &l.certificates, secrets)?).clone();
-                    cfg.alpn_protocols.clear();
-                    Some(Arc::new(cfg))
-                }
-                Protocol::Http | Protocol::Tcp | Protocol::Tls | Protocol::Unknown => None,
-            };
-            // validate() checked the address parses.
-            let addr = SocketAddr::new(
-                l.address.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                l.port,
-            );
-            listeners.insert(
-                addr,
-                CompiledListener {
-                    name: l.name.clone(),
-                    https: l.protocol == Protocol::Https,
-                    protocol: l.protocol,
-                    hosts: HostTable::build(vhosts),
-                    tls,
-                    access_log: l.access_log,
-                    client_address: l.client_address,
-                },
-            );
+        Ok(clusters)
+    }
+
+    fn listener(
+        &self,
+        l: &ferrum_snapshot::model::Listener,
+        snap: &Snapshot,
+        upstreams: &Upstreams<'_>,
+        secrets: &Secrets,
+    ) -> Result<CompiledListener, CompileError> {
+        let mut vhosts = Vec::with_capacity(l.virtual_hosts.len());
+        // One compiled policy set per distinct set of Gateways.
+        let mut policies: HashMap<Vec<&str>, Option<Arc<GatewayPolicies>>> = HashMap::new();
+        for vh in &l.virtual_hosts {
+            let mut compiled = self.virtual_host(vh, upstreams.clusters)?;
+            compiled.policies = policies
+                .entry(l.gateways_of(&vh.hostname))
+                .or_insert_with_key(|gws| {
+                    GatewayPolicies::for_gateways(&snap.policies, gws, &self.jwks, upstreams).map(Arc::new)
+                })
+                .clone();
+            vhosts.push((vh.hostname.to_ascii_lowercase(), compiled));
         }
-        let me = self.me.get();
-        let mesh_http = match me {
-            Some(me) => {
-                let own = snap.workload_or_placeholder(&me.0, &me.1);
-                self.mesh_routes(&snap, &own, &clusters)?
+        let tls = match l.protocol {
+            Protocol::Https => Some(tls::server_config(&l.name, &l.certificates, secrets)?),
+            Protocol::Tls if !l.certificates.is_empty() => {
+                // Bytes go on as they come: no ALPN is negotiated for the backend.
+                let mut cfg = (*tls::server_config(&l.name, &l.certificates, secrets)?).clone();
+                cfg.alpn_protocols.clear();
+                Some(Arc::new(cfg))
             }
-            None => MeshRoutes::default(),
+            Protocol::Http | Protocol::Tcp | Protocol::Tls | Protocol::Unknown => None,
         };
-        Ok(Compiled {
-            mesh: MeshIndex::build(&snap, me, zone, mesh_http, &self.jwks, &upstreams),
-            snapshot: Arc::new(snap),
-            listeners,
-            clusters,
+        Ok(CompiledListener {
+            name: l.name.clone(),
+            https: l.protocol == Protocol::Https,
+            protocol: l.protocol,
+            hosts: HostTable::build(vhosts),
+            tls,
+            access_log: l.access_log,
+            client_address: l.client_address,
         })
     }
 

@@ -540,60 +540,7 @@ impl Scrape {
                 })
             }),
         )?;
-        let per_cluster: [(&str, MetricType, &str, ClusterValue); 9] = [
-            ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
-                s.retries.load(Relaxed) as i64
-            }),
-            (
-                "ferrum_cluster_lb_failover",
-                MetricType::Counter,
-                "Requests sent out of the proxy's zone, or to a backup priority, by locality failover.",
-                |s| s.failovers.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_lb_panic",
-                MetricType::Counter,
-                "Requests balanced over every endpoint, available or not: fewer than the panic threshold were available.",
-                |s| s.panics.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_retries_abandoned",
-                MetricType::Counter,
-                "Retries not sent: the request's body outgrew the retry buffer.",
-                |s| s.retries_abandoned.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_connections_active",
-                MetricType::Gauge,
-                "Open upstream connections.",
-                |s| s.connections_active.load(Relaxed),
-            ),
-            (
-                "ferrum_cluster_connections",
-                MetricType::Counter,
-                "Upstream connections opened.",
-                |s| s.connections_total.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_ejections",
-                MetricType::Counter,
-                "Endpoints ejected by outlier detection.",
-                |s| s.ejections.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_l4_bytes_sent",
-                MetricType::Counter,
-                "Bytes TCP and TLS routes forwarded to the cluster.",
-                |s| s.bytes_sent.load(Relaxed) as i64,
-            ),
-            (
-                "ferrum_cluster_l4_bytes_received",
-                MetricType::Counter,
-                "Bytes TCP and TLS routes forwarded from the cluster.",
-                |s| s.bytes_received.load(Relaxed) as i64,
-            ),
-        ];
-        for (name, ty, help, f) in per_cluster {
+        for (name, ty, help, f) in PER_CLUSTER {
             family(
                 enc,
                 name,
@@ -605,6 +552,61 @@ impl Scrape {
         Ok(())
     }
 }
+
+/// The counters and gauges kept per cluster, each one family with a `cluster` label.
+const PER_CLUSTER: [(&str, MetricType, &str, ClusterValue); 9] = [
+    ("ferrum_cluster_retries", MetricType::Counter, "Retries sent.", |s| {
+        s.retries.load(Relaxed) as i64
+    }),
+    (
+        "ferrum_cluster_lb_failover",
+        MetricType::Counter,
+        "Requests sent out of the proxy's zone, or to a backup priority, by locality failover.",
+        |s| s.failovers.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_lb_panic",
+        MetricType::Counter,
+        "Requests balanced over every endpoint, available or not: fewer than the panic threshold were available.",
+        |s| s.panics.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_retries_abandoned",
+        MetricType::Counter,
+        "Retries not sent: the request's body outgrew the retry buffer.",
+        |s| s.retries_abandoned.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_connections_active",
+        MetricType::Gauge,
+        "Open upstream connections.",
+        |s| s.connections_active.load(Relaxed),
+    ),
+    (
+        "ferrum_cluster_connections",
+        MetricType::Counter,
+        "Upstream connections opened.",
+        |s| s.connections_total.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_ejections",
+        MetricType::Counter,
+        "Endpoints ejected by outlier detection.",
+        |s| s.ejections.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_l4_bytes_sent",
+        MetricType::Counter,
+        "Bytes TCP and TLS routes forwarded to the cluster.",
+        |s| s.bytes_sent.load(Relaxed) as i64,
+    ),
+    (
+        "ferrum_cluster_l4_bytes_received",
+        MetricType::Counter,
+        "Bytes TCP and TLS routes forwarded from the cluster.",
+        |s| s.bytes_received.load(Relaxed) as i64,
+    ),
+];
 
 #[cfg(test)]
 mod tests {

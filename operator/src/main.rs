@@ -279,36 +279,8 @@ async fn serve(args: Args) -> Result<(), StartError> {
         start_ca(&args, &client, &publisher, &leader, &workload_auth, namespaces)?
     };
 
-    let access = Arc::new(subscribe::Access {
-        token: args.token.clone(),
-        auth: workload_auth,
-        trusted_namespaces: if args.trusted_namespaces.is_empty() {
-            vec![args.namespace.clone()]
-        } else {
-            args.trusted_namespaces.clone()
-        },
-        required: args.proxy_auth_required,
-    });
-    let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone(), access.clone()));
-    // Its callers bring no credentials: with them required, it answers proxies' hosts only.
-    let callers = (args.proxy_auth_required || args.token.is_some()).then(|| proxies.clone());
-    let rate_limits = rate_limit_service::RateLimitService::new(args.rate_limit_redis.as_deref(), callers)
-        .map_err(StartError::RateLimitRedis)?;
-    let svc = subscribe::Service {
-        publisher: publisher.clone(),
-        proxies,
-        access,
-        chunk: args.chunk_bytes as usize,
-    };
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_service(
-            MeshSubscribeServer::new(svc)
-                .max_decoding_message_size(1 << 20)
-                .max_encoding_message_size(256 << 20),
-        )
-        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20))
-        .add_service(rate_limits.server());
+    let access = proxy_access(&args, workload_auth);
+    let router = grpc_router(&args, &publisher, proxies, access)?;
     let served = match grpc_tls {
         Some(tls) => {
             // The CA has its material once the leader made or loaded it.
@@ -328,6 +300,51 @@ async fn serve(args: Args) -> Result<(), StartError> {
         }
     };
     served.map_err(StartError::Grpc)
+}
+
+/// How proxies prove who they are: the shared token, when set, or their ServiceAccount token;
+/// the service accounts of the trusted namespaces (the operator's own by default) may read
+/// every Gateway's config.
+fn proxy_access(args: &Args, auth: Arc<ca::service::Kubernetes>) -> Arc<subscribe::Access> {
+    Arc::new(subscribe::Access {
+        token: args.token.clone(),
+        auth,
+        trusted_namespaces: if args.trusted_namespaces.is_empty() {
+            vec![args.namespace.clone()]
+        } else {
+            args.trusted_namespaces.clone()
+        },
+        required: args.proxy_auth_required,
+    })
+}
+
+/// The gRPC services on the operator's port: MeshSubscribe, ADS and the rate limit service.
+fn grpc_router(
+    args: &Args,
+    publisher: &Arc<publish::Publisher>,
+    proxies: Arc<proxies::Proxies>,
+    access: Arc<subscribe::Access>,
+) -> Result<tonic::transport::server::Router, StartError> {
+    let ads = Arc::new(xds::ads::Ads::new(publisher.clone(), proxies.clone(), access.clone()));
+    // Its callers bring no credentials: with them required, it answers proxies' hosts only.
+    let callers = (args.proxy_auth_required || args.token.is_some()).then(|| proxies.clone());
+    let rate_limits = rate_limit_service::RateLimitService::new(args.rate_limit_redis.as_deref(), callers)
+        .map_err(StartError::RateLimitRedis)?;
+    let svc = subscribe::Service {
+        publisher: publisher.clone(),
+        proxies,
+        access,
+        chunk: args.chunk_bytes as usize,
+    };
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_service(
+            MeshSubscribeServer::new(svc)
+                .max_decoding_message_size(1 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+        .add_service(xds::grpc::AdsServer::new(ads, 4 << 20))
+        .add_service(rate_limits.server()))
 }
 
 /// This replica's candidacy for the Lease: the host name plus the process id, so two replicas

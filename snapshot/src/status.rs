@@ -121,17 +121,7 @@ pub fn route_status(
         .iter()
         .find(|p| p.field.starts_with("spec.rules") && !p.field.contains("backendRefs"));
     let attachments = t.attachments.of(&obj);
-    let mut parents: Vec<Value> = route
-        .status
-        .as_ref()
-        .map(|s| {
-            s.parents
-                .iter()
-                .filter(|p| p.controller_name != CONTROLLER_NAME)
-                .filter_map(|p| serde_json::to_value(p).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut parents = other_controllers_parents(route);
     for (i, p) in route.spec.parent_refs.iter().flatten().enumerate() {
         let gw = ObjectRef {
             kind: "Gateway",
@@ -150,44 +140,7 @@ pub fn route_status(
         let parent_problem = problems_of(t, &obj, &format!("spec.parentRefs[{i}]"))
             .into_iter()
             .next();
-        let mut conditions = vec![
-            match (attached, parent_problem) {
-                (true, _) => cond("Accepted", true, "Accepted", "route attached", generation),
-                (false, Some(pp)) => cond("Accepted", false, pp.reason.as_str(), &pp.message, generation),
-                (false, None) => cond(
-                    "Accepted",
-                    false,
-                    "NoMatchingParent",
-                    "no listener accepts the route",
-                    generation,
-                ),
-            },
-            match backend_problem {
-                Some(bp) => cond(
-                    "ResolvedRefs",
-                    false,
-                    bp.reason.as_str(),
-                    &format!("{}: {}", bp.field, bp.message),
-                    generation,
-                ),
-                None => cond(
-                    "ResolvedRefs",
-                    true,
-                    "ResolvedRefs",
-                    "all references resolved",
-                    generation,
-                ),
-            },
-        ];
-        if let Some(rp) = rule_problem {
-            conditions.push(cond(
-                "PartiallyInvalid",
-                true,
-                rp.reason.as_str(),
-                &format!("{}: {}", rp.field, rp.message),
-                generation,
-            ));
-        }
+        let conditions = parent_conditions(attached, parent_problem, backend_problem, rule_problem, generation);
         parents.push(json!({
             "controllerName": CONTROLLER_NAME,
             "parentRef": serde_json::to_value(p).unwrap_or_default(),
@@ -195,6 +148,70 @@ pub fn route_status(
         }));
     }
     json!({ "parents": parents })
+}
+
+/// A route's parents that other controllers report on, kept as they wrote them.
+fn other_controllers_parents(route: &HttpRoute) -> Vec<Value> {
+    route
+        .status
+        .as_ref()
+        .map(|s| {
+            s.parents
+                .iter()
+                .filter(|p| p.controller_name != CONTROLLER_NAME)
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One parent's conditions: Accepted (attached, or why not), ResolvedRefs (the route's first
+/// backend problem) and PartiallyInvalid when one of its rules is dropped.
+fn parent_conditions(
+    attached: bool,
+    parent_problem: Option<&Problem>,
+    backend_problem: Option<&Problem>,
+    rule_problem: Option<&Problem>,
+    generation: Option<i64>,
+) -> Vec<Value> {
+    let accepted = match (attached, parent_problem) {
+        (true, _) => cond("Accepted", true, "Accepted", "route attached", generation),
+        (false, Some(pp)) => cond("Accepted", false, pp.reason.as_str(), &pp.message, generation),
+        (false, None) => cond(
+            "Accepted",
+            false,
+            "NoMatchingParent",
+            "no listener accepts the route",
+            generation,
+        ),
+    };
+    let resolved = match backend_problem {
+        Some(bp) => cond(
+            "ResolvedRefs",
+            false,
+            bp.reason.as_str(),
+            &format!("{}: {}", bp.field, bp.message),
+            generation,
+        ),
+        None => cond(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "all references resolved",
+            generation,
+        ),
+    };
+    let mut conditions = vec![accepted, resolved];
+    if let Some(rp) = rule_problem {
+        conditions.push(cond(
+            "PartiallyInvalid",
+            true,
+            rp.reason.as_str(),
+            &format!("{}: {}", rp.field, rp.message),
+            generation,
+        ));
+    }
+    conditions
 }
 
 /// Route kinds a listener serves: those of `allowedRoutes.kinds` its protocol routes (`routed`;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use ferrum_snapshot::Snapshot;
-use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, Workload};
+use ferrum_snapshot::mesh::{ClientView, IngressRoute, MeshService, Resolution, ServicePort, Workload};
 use ferrum_snapshot::model::{Route, UpstreamProtocol};
 
 use super::jwt::{Authenticator, JwksCache};
@@ -186,6 +186,93 @@ pub struct MeshIndex {
     ingress: Vec<IngressRoute>,
 }
 
+/// The workloads a proxy may see, by IP.
+fn visible_workloads(snap: &Snapshot, view: Option<&ClientView<'_>>) -> HashMap<IpAddr, Arc<Workload>> {
+    let mut workloads = HashMap::new();
+    for w in snap
+        .workloads
+        .iter()
+        .filter(|w| view.is_none_or(|v| v.knows_workload(w)))
+    {
+        for ip in &w.ips {
+            if let Ok(ip) = ip.parse() {
+                workloads.insert(ip, w.clone());
+            }
+        }
+    }
+    workloads
+}
+
+/// What building one service port's targets reads.
+struct PortScope<'a> {
+    /// The proxy's own namespace ("" outside sidecar mode).
+    own_ns: &'a str,
+    zone: Option<&'a str>,
+    http: &'a MeshRoutes,
+    upstreams: &'a Upstreams<'a>,
+    by_uid: &'a HashMap<&'a str, &'a Arc<Workload>>,
+    workloads: &'a HashMap<IpAddr, Arc<Workload>>,
+}
+
+/// Where outbound connections to services go: by address, by host (per port), and the
+/// addresses merely registered.
+#[derive(Default)]
+struct Targets {
+    services: HashMap<SocketAddr, ServiceTarget>,
+    registered: HashSet<SocketAddr>,
+    hosts: HashMap<u16, Vec<ServiceTarget>>,
+}
+
+impl Targets {
+    fn add(&mut self, s: &Arc<MeshService>, p: &ServicePort, at: &PortScope<'_>) {
+        let vips = s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok());
+        if s.resolution == Resolution::Passthrough && !s.by_host {
+            // Real addresses: connections go where they were dialled, REGISTRY_ONLY or not.
+            self.registered.extend(vips.map(|vip| SocketAddr::new(vip, p.port)));
+            return;
+        }
+        let (endpoints, names) = endpoints_of(s, p.port, at.by_uid, at.workloads);
+        let h2_at_l4 = p.sniffed()
+            && s.routes_for(p.port, at.own_ns)
+                .is_some_and(|t| !t.routes.iter().all(|r| speak_h2(r, at.upstreams)));
+        let target = |endpoints, near, http, tcp| ServiceTarget {
+            service: s.clone(),
+            port: p.port,
+            endpoints,
+            names: names.clone(),
+            http,
+            tcp,
+            h2_at_l4,
+            near,
+            next: AtomicUsize::new(fastrand::usize(..)),
+        };
+        if s.by_host {
+            // A ServiceEntry without addresses: found by the host a connection asks for (SNI or
+            // Host), so never on a port declared opaque — nothing there names one, and a
+            // server-first protocol would wait out the sniff for nothing.
+            if p.app_protocol.as_deref().is_some_and(opaque) {
+                return;
+            }
+            let http = s
+                .routes_for(p.port, at.own_ns)
+                .and_then(|_| at.http.by_host.get(&p.port).cloned());
+            self.hosts
+                .entry(p.port)
+                .or_default()
+                .push(target(endpoints, 0, http, None));
+            return;
+        }
+        let routes = at.http.by_service.get(&(s.key.clone(), p.port));
+        let tcp = at.http.tcp.get(&(s.key.clone(), p.port));
+        for vip in vips {
+            let mut endpoints = same_family(&endpoints, vip);
+            let near = near_first(&mut endpoints, at.zone.filter(|_| s.locality_failover));
+            let t = target(endpoints, near, routes.cloned(), tcp.cloned());
+            self.services.insert(SocketAddr::new(vip, p.port), t);
+        }
+    }
+}
+
 /// The pod a sidecar serves: `(namespace, name)`.
 pub type Me = (String, String);
 
@@ -208,82 +295,31 @@ impl MeshIndex {
         // file or another producer may carry them).
         let view = own.as_ref().map(|w| ClientView::of(snap, w));
         let visible = |s: &MeshService| view.as_ref().is_none_or(|v| v.knows(s));
-        let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+        let workloads = visible_workloads(snap, view.as_ref());
         let by_uid: HashMap<&str, &Arc<Workload>> = snap.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
-        for w in snap
-            .workloads
-            .iter()
-            .filter(|w| view.as_ref().is_none_or(|v| v.knows_workload(w)))
-        {
-            for ip in &w.ips {
-                if let Ok(ip) = ip.parse() {
-                    workloads.insert(ip, w.clone());
-                }
-            }
-        }
-        let mut services = HashMap::new();
-        let mut registered = HashSet::new();
-        let mut hosts: HashMap<u16, Vec<ServiceTarget>> = HashMap::new();
+        let ports = PortScope {
+            own_ns,
+            zone,
+            http: &http,
+            upstreams,
+            by_uid: &by_uid,
+            workloads: &workloads,
+        };
+        let mut targets = Targets::default();
         for s in snap.services.iter().filter(|s| visible(s)) {
             for p in s
                 .ports
                 .iter()
                 .filter(|p| view.as_ref().is_none_or(|v| v.knows_port(s, p.port)))
             {
-                let vips = s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok());
-                if s.resolution == Resolution::Passthrough && !s.by_host {
-                    // Real addresses: connections go where they were dialled, REGISTRY_ONLY or not.
-                    registered.extend(vips.map(|vip| SocketAddr::new(vip, p.port)));
-                    continue;
-                }
-                let (endpoints, names) = endpoints_of(s, p.port, &by_uid, &workloads);
-                let h2_at_l4 = p.sniffed()
-                    && s.routes_for(p.port, own_ns)
-                        .is_some_and(|t| !t.routes.iter().all(|r| speak_h2(r, upstreams)));
-                let routes = http.by_service.get(&(s.key.clone(), p.port)).cloned();
-                let tcp = http.tcp.get(&(s.key.clone(), p.port)).cloned();
-                if s.by_host {
-                    // A ServiceEntry without addresses: found by the host a connection asks for
-                    // (SNI or Host), so never on a port declared opaque — nothing there names one,
-                    // and a server-first protocol would wait out the sniff for nothing.
-                    if p.app_protocol.as_deref().is_some_and(opaque) {
-                        continue;
-                    }
-                    hosts.entry(p.port).or_default().push(ServiceTarget {
-                        service: s.clone(),
-                        port: p.port,
-                        endpoints,
-                        names,
-                        http: s
-                            .routes_for(p.port, own_ns)
-                            .and_then(|_| http.by_host.get(&p.port).cloned()),
-                        tcp: None,
-                        h2_at_l4,
-                        near: 0,
-                        next: AtomicUsize::new(fastrand::usize(..)),
-                    });
-                    continue;
-                }
-                for vip in vips {
-                    let mut endpoints = same_family(&endpoints, vip);
-                    let near = near_first(&mut endpoints, zone.filter(|_| s.locality_failover));
-                    services.insert(
-                        SocketAddr::new(vip, p.port),
-                        ServiceTarget {
-                            service: s.clone(),
-                            port: p.port,
-                            endpoints,
-                            names: names.clone(),
-                            http: routes.clone(),
-                            tcp: tcp.clone(),
-                            h2_at_l4,
-                            near,
-                            next: AtomicUsize::new(fastrand::usize(..)),
-                        },
-                    );
-                }
+                targets.add(s, p, &ports);
             }
         }
+        let Targets {
+            services,
+            registered,
+            hosts,
+        } = targets;
         let inbound = own
             .as_ref()
             .map(|w| Authorizer::for_workload(&snap.policies, w, upstreams))

@@ -219,16 +219,7 @@ async fn serve(
         Ok(h) => h,
         Err(l) => return l.response(),
     };
-    let host = host_value
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .map(strip_port)
-        .unwrap_or("");
-    let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(host)
-    };
+    let host = host_name(host_value.as_ref());
     let vh = listener.hosts.find(&host);
     // A browser's preflight carries no credentials: its route's CORS policy answers it before
     // any authentication or authorization (as Istio places its CORS filter).
@@ -237,22 +228,10 @@ async fn serve(
     }
     // The host's Gateways' policies decide before any route is chosen.
     if let Some(p) = vh.and_then(|vh| vh.policies.as_ref()) {
-        let (mut parts, mut body) = req.into_parts();
-        let verdict = p.judge(&mut parts, &conn);
-        let idle = shared.limits.request_body_idle_timeout;
-        let refused = match settle(verdict, &mut parts, &mut body, idle).await {
-            Settled::Allow(add) => {
-                *on_allow = add;
-                None
-            }
-            Settled::Deny => Some(Local::Denied.response()),
-            Settled::Unauthenticated => Some(Local::Unauthenticated.response()),
-            Settled::Refused(d) => Some(d.into_response(|b| ResponseBody::Local(Some(b)))),
+        req = match gateway_policies(shared, p, req, &conn, on_allow).await {
+            Ok(req) => req,
+            Err((req, refused)) => return cors_marked(vh, &req, refused),
         };
-        req = Request::from_parts(parts, body);
-        if let Some(r) = refused {
-            return cors_marked(vh, &req, r);
-        }
     }
     let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
     let Some(route) = route else {
@@ -307,16 +286,51 @@ async fn serve(
                     logging: log.is_some(),
                     backend,
                 };
-                match ctx.run(req).await {
-                    Ok(r) => r,
-                    Err(l) => l.response(),
-                }
+                ctx.run(req).await.unwrap_or_else(Local::response)
             }
             Some(_) => Local::BackendNotFound.response(),
             None => Local::NoWeightedBackend.response(),
         },
     };
     answered(route, backend, cors, started, resp)
+}
+
+/// The request's host, without its port and lowercased (borrowed when already lowercase).
+fn host_name(host_value: Option<&HeaderValue>) -> Cow<'_, str> {
+    let host = host_value.and_then(|h| h.to_str().ok()).map(strip_port).unwrap_or("");
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// The host's Gateway policies decide on `req` before any route is chosen: the request goes on
+/// (`on_allow` noting the headers its answer gets), or comes back with its refusal.
+async fn gateway_policies(
+    shared: &Shared,
+    policies: &Arc<crate::mesh::policy::GatewayPolicies>,
+    req: Request<ClientBody>,
+    conn: &ConnInfo,
+    on_allow: &mut ResponseHeaders,
+) -> Result<Request<ClientBody>, (Request<ClientBody>, Response<ResponseBody>)> {
+    let (mut parts, mut body) = req.into_parts();
+    let verdict = policies.judge(&mut parts, conn);
+    let idle = shared.limits.request_body_idle_timeout;
+    let refused = match settle(verdict, &mut parts, &mut body, idle).await {
+        Settled::Allow(add) => {
+            *on_allow = add;
+            None
+        }
+        Settled::Deny => Some(Local::Denied.response()),
+        Settled::Unauthenticated => Some(Local::Unauthenticated.response()),
+        Settled::Refused(d) => Some(d.into_response(|b| ResponseBody::Local(Some(b)))),
+    };
+    let req = Request::from_parts(parts, body);
+    match refused {
+        Some(r) => Err((req, r)),
+        None => Ok(req),
+    }
 }
 
 /// A route's answer with the route's (and its backend's) response headers, marked for the

@@ -260,6 +260,60 @@ impl Drop for EndpointGuard {
     }
 }
 
+/// The endpoints of `spec`, each keeping the state `previous` learned of it while it stayed the
+/// same; new ones (and ones ready again) warm up under `warmup`.
+fn endpoint_states(
+    spec: &Cluster,
+    previous: Option<&ClusterRuntime>,
+    warmup: Option<&Warmup>,
+) -> Result<Vec<Arc<EndpointState>>, ClusterError> {
+    let old: HashMap<&str, &Arc<EndpointState>> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
+        .unwrap_or_default();
+    let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+    for e in &spec.endpoints {
+        let fresh = EndpointState::new(e).map_err(|source| ClusterError::Endpoint {
+            cluster: spec.name.clone(),
+            endpoint: format!("{}:{}", e.address, e.port),
+            source,
+        })?;
+        match old.get(fresh.key.as_str()) {
+            // Same endpoint and the source called it ready then and now: keep what we learned.
+            // (One that became ready starts afresh: healthy, as the source now says.)
+            Some(prev)
+                if prev.weight == e.weight
+                    && e.ready
+                    && prev.source_ready
+                    && prev.zone == e.zone
+                    && prev.priority == e.priority =>
+            {
+                endpoints.push(Arc::clone(prev))
+            }
+            prev => {
+                match (warmup, prev) {
+                    // New to a cluster that was serving, or ready again: it warms up.
+                    (Some(w), prev) if e.ready && previous.is_some() && !prev.is_some_and(|p| p.healthy()) => {
+                        w.start(&fresh, now_ms())
+                    }
+                    // Its weight changed: it goes on warming if it was.
+                    (_, Some(p)) => fresh.warm_from_ms.store(p.warm_from_ms.load(Relaxed), Relaxed),
+                    _ => {}
+                }
+                endpoints.push(Arc::new(fresh));
+            }
+        }
+    }
+    if let Some(w) = warmup {
+        for e in &endpoints {
+            let from = e.warm_from_ms.load(Relaxed);
+            if from != 0 {
+                w.until_ms.fetch_max(from.saturating_add(w.spec.window_ms), Relaxed);
+            }
+        }
+    }
+    Ok(endpoints)
+}
+
 impl ClusterRuntime {
     /// Builds a runtime, reusing endpoint state from `previous` for endpoints it already knew.
     pub fn new(
@@ -275,56 +329,13 @@ impl ClusterRuntime {
         // Failures under other TLS settings (a DestinationRule's mode changed) say nothing about
         // these: like Envoy for a changed cluster, its endpoints start afresh.
         let previous = previous.filter(|p| p.spec.tls == spec.tls);
-        let old: HashMap<&str, &Arc<EndpointState>> = previous
-            .map(|p| p.endpoints.iter().map(|e| (e.key.as_str(), e)).collect())
-            .unwrap_or_default();
         let warmup = spec.slow_start.clone().map(|spec| {
             Arc::new(Warmup {
                 spec,
                 until_ms: AtomicU64::new(0),
             })
         });
-        let mut endpoints = Vec::with_capacity(spec.endpoints.len());
-        for e in &spec.endpoints {
-            let fresh = EndpointState::new(e).map_err(|source| ClusterError::Endpoint {
-                cluster: spec.name.clone(),
-                endpoint: format!("{}:{}", e.address, e.port),
-                source,
-            })?;
-            match old.get(fresh.key.as_str()) {
-                // Same endpoint and the source called it ready then and now: keep what we learned.
-                // (One that became ready starts afresh: healthy, as the source now says.)
-                Some(prev)
-                    if prev.weight == e.weight
-                        && e.ready
-                        && prev.source_ready
-                        && prev.zone == e.zone
-                        && prev.priority == e.priority =>
-                {
-                    endpoints.push(Arc::clone(prev))
-                }
-                prev => {
-                    match (&warmup, prev) {
-                        // New to a cluster that was serving, or ready again: it warms up.
-                        (Some(w), prev) if e.ready && previous.is_some() && !prev.is_some_and(|p| p.healthy()) => {
-                            w.start(&fresh, now_ms())
-                        }
-                        // Its weight changed: it goes on warming if it was.
-                        (_, Some(p)) => fresh.warm_from_ms.store(p.warm_from_ms.load(Relaxed), Relaxed),
-                        _ => {}
-                    }
-                    endpoints.push(Arc::new(fresh));
-                }
-            }
-        }
-        if let Some(w) = &warmup {
-            for e in &endpoints {
-                let from = e.warm_from_ms.load(Relaxed);
-                if from != 0 {
-                    w.until_ms.fetch_max(from.saturating_add(w.spec.window_ms), Relaxed);
-                }
-            }
-        }
+        let endpoints = endpoint_states(spec, previous, warmup.as_deref())?;
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
         let scheme = if spec.tls.is_some() {
             Scheme::HTTPS

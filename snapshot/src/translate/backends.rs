@@ -381,31 +381,7 @@ impl<'a> Clusters<'a> {
                 format!("Service {}/{} has no port {port}", r.namespace, r.name),
             )
         })?;
-        let mut endpoints = Vec::new();
-        if spec.type_.as_deref() == Some("ExternalName") {
-            let host = spec.external_name.clone().unwrap_or_default();
-            endpoints.push(Endpoint::new(host, port as u16));
-        } else if slices.is_empty() {
-            // Nobody runs the endpoint controller (file mode, the API emulator): the selector's pods.
-            for e in super::mesh::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res) {
-                if let Some(p) = e.target_port(port as u16) {
-                    endpoints.push(Endpoint::new(e.address, p));
-                }
-            }
-        }
-        endpoints.extend(slice_endpoints(slices, sport));
-        if spec.type_.as_deref() != Some("ExternalName") {
-            let outside = super::workload_entry::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res);
-            endpoints.extend(outside.into_iter().filter_map(|e| {
-                Some(Endpoint {
-                    zone: e.zone.clone(),
-                    ..Endpoint::new(e.address.clone(), e.target_port(port as u16)?)
-                })
-            }));
-        }
-        endpoints.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-        endpoints.dedup_by(|a, b| a.address == b.address && a.port == b.port);
-        let mut cluster = Cluster::new(name.clone(), endpoints);
+        let mut cluster = Cluster::new(name.clone(), self.service_endpoints(r, &spec, sport, slices));
         // A port declared HTTP/2 or gRPC (appProtocol, else Istio's port-name prefix) is spoken
         // to as such, whoever routes to it.
         let declared =
@@ -418,6 +394,74 @@ impl<'a> Clusters<'a> {
             spec.traffic_distribution.as_deref(),
             Some("PreferClose" | "PreferSameZone")
         );
+        let rule = found.rules.get(&(r.namespace, r.name)).copied();
+        let policy_error = self.apply_service_policies(&mut cluster, rule, r, port);
+        let mut built = BuiltCluster::new(cluster, policy_error);
+        let b = Arc::get_mut(&mut built).expect("just made");
+        b.service = Some(svc.clone());
+        b.slices = slices.iter().map(|s| Arc::clone(s)).collect();
+        self.built.insert(name.clone(), built);
+        Ok(name)
+    }
+
+    /// A Service port's endpoints, sorted and without duplicates: an ExternalName's host, else
+    /// its EndpointSlices' (or, when nobody runs the endpoint controller, the selector's pods')
+    /// and those of the WorkloadEntries it selects.
+    fn service_endpoints(
+        &self,
+        r: &BackendRef<'_>,
+        spec: &k8s_openapi::api::core::v1::ServiceSpec,
+        sport: &ServicePort,
+        slices: &[&Arc<EndpointSlice>],
+    ) -> Vec<Endpoint> {
+        let port = sport.port as u16;
+        let external = spec.type_.as_deref() == Some("ExternalName");
+        let mut endpoints = Vec::new();
+        if external {
+            let host = spec.external_name.clone().unwrap_or_default();
+            endpoints.push(Endpoint::new(host, port));
+        } else if slices.is_empty() {
+            // Nobody runs the endpoint controller (file mode, the API emulator): the selector's pods.
+            for e in super::mesh::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res) {
+                if let Some(p) = e.target_port(port) {
+                    endpoints.push(Endpoint::new(e.address, p));
+                }
+            }
+        }
+        endpoints.extend(slice_endpoints(slices, sport));
+        if !external {
+            let outside = super::workload_entry::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res);
+            endpoints.extend(outside.into_iter().filter_map(|e| {
+                Some(Endpoint {
+                    zone: e.zone.clone(),
+                    ..Endpoint::new(e.address.clone(), e.target_port(port)?)
+                })
+            }));
+        }
+        endpoints.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+        endpoints.dedup_by(|a, b| a.address == b.address && a.port == b.port);
+        endpoints
+    }
+
+    /// The mesh's default policy first, then the Service's DestinationRule, then its
+    /// BackendPolicy: the later ones' fields win. Each is applied whole or not at all; one that
+    /// cannot be is reported once, whether a route uses its Service or not (`check_policies`).
+    /// Returns the mesh default's error, if any.
+    fn apply_service_policies(
+        &self,
+        cluster: &mut Cluster,
+        rule: Option<&crate::istio::DestinationRule>,
+        r: &BackendRef<'_>,
+        port: i32,
+    ) -> Option<((ObjectRef, String), String)> {
+        let policy_error = self.apply_mesh_default(cluster);
+        if let Some(d) = rule {
+            let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
+            let mut with_rule = cluster.clone();
+            if super::destination_rule::apply(self.res, d, &fqdn, u16::try_from(port).ok(), &mut with_rule).is_ok() {
+                *cluster = with_rule;
+            }
+        }
         let policy = self.res.backend_policies.iter().find(|p| {
             p.metadata.namespace.as_deref() == Some(r.namespace)
                 && p.spec
@@ -425,30 +469,13 @@ impl<'a> Clusters<'a> {
                     .iter()
                     .any(|t| t.group.is_empty() && t.kind == "Service" && t.name == r.name)
         });
-        // The mesh's default policy first, then the Service's DestinationRule, then its
-        // BackendPolicy: the later ones' fields win.
-        // Each is applied whole or not at all; one that cannot be is reported once, whether a
-        // route uses its Service or not (`check_policies`).
-        let policy_error = self.apply_mesh_default(&mut cluster);
-        if let Some(d) = found.rules.get(&(r.namespace, r.name)) {
-            let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
-            let mut with_rule = cluster.clone();
-            if super::destination_rule::apply(self.res, d, &fqdn, u16::try_from(port).ok(), &mut with_rule).is_ok() {
-                cluster = with_rule;
-            }
-        }
         if let Some(p) = policy {
             let mut with_policy = cluster.clone();
             if apply_policy(&mut with_policy, &p.spec.policy, SecretScope::of(self.res, &p.metadata)).is_ok() {
-                cluster = with_policy;
+                *cluster = with_policy;
             }
         }
-        let mut built = BuiltCluster::new(cluster, policy_error);
-        let b = Arc::get_mut(&mut built).expect("just made");
-        b.service = Some(svc.clone());
-        b.slices = slices.iter().map(|s| Arc::clone(s)).collect();
-        self.built.insert(name.clone(), built);
-        Ok(name)
+        policy_error
     }
 
     /// The cluster of subset `subset` of Service `ns/name`, from its cluster `base`: the
@@ -788,102 +815,25 @@ impl<'a> SecretScope<'a> {
 
 pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretScope<'_>) -> Result<(), PolicyError> {
     if let Some(proto) = &p.protocol {
-        (c.protocol, c.follow_client_protocol) = match proto.as_str() {
-            "HTTP/1.1" | "HTTP" => (UpstreamProtocol::Http1, false),
-            "HTTP/2" | "h2c" | "h2" => (UpstreamProtocol::Http2, false),
-            "Client" => (UpstreamProtocol::Http1, true),
-            other => {
-                return Err((
-                    "spec.protocol".into(),
-                    format!("{other:?} is not HTTP/1.1, HTTP/2 or Client"),
-                ));
-            }
-        };
+        (c.protocol, c.follow_client_protocol) = protocol(proto)?;
     }
     if let Some(lb) = &p.load_balancer {
-        // `slowStart` or `localityFailover` alone keeps the balancing as it was.
-        let alone = *lb
-            == crate::crd::LoadBalancerSpec {
-                slow_start: lb.slow_start.clone(),
-                locality_failover: lb.locality_failover,
-                ..Default::default()
-            };
-        if !alone || (lb.slow_start.is_none() && lb.locality_failover.is_none()) {
-            (c.lb, c.hash_input) = load_balancer(lb)?;
-        }
-        c.slow_start = lb.slow_start.as_ref().map(|s| slow_start(s, &c.lb)).transpose()?;
-        if let Some(on) = lb.locality_failover {
-            c.locality_failover = on;
-        }
+        apply_load_balancer(c, lb)?;
     }
     if let Some(hc) = &p.health_check {
         c.health_check = Some(health_check(hc)?);
     }
     if let Some(od) = &p.outlier_detection {
-        c.panic_threshold_percent = match od.min_health_percent {
-            Some(p) if p > 100 => {
-                return Err((
-                    "spec.outlierDetection.minHealthPercent".into(),
-                    format!("{p} is not a percentage (0 to 100)"),
-                ));
-            }
-            p => p.unwrap_or(0),
-        };
-        if od.disabled == Some(true) {
-            c.outlier_detection = None;
-        } else {
-            let d = OutlierDetection::default();
-            c.outlier_detection = Some(OutlierDetection {
-                consecutive_5xx: od.consecutive_5xx.unwrap_or(d.consecutive_5xx),
-                consecutive_connect_failures: od
-                    .consecutive_connect_failures
-                    .unwrap_or(d.consecutive_connect_failures),
-                base_ejection_ms: duration_field("outlierDetection.baseEjectionTime", &od.base_ejection_time)?
-                    .unwrap_or(d.base_ejection_ms),
-                max_ejection_percent: od.max_ejection_percent.unwrap_or(d.max_ejection_percent).min(100),
-            });
-        }
+        apply_outlier_detection(c, od)?;
     }
     if let Some(cb) = &p.circuit_breaker {
-        let d = CircuitBreaker::default();
-        c.circuit_breaker = CircuitBreaker {
-            max_connections: cb.max_connections.unwrap_or(d.max_connections),
-            max_pending_requests: cb.max_pending_requests.unwrap_or(d.max_pending_requests),
-            max_requests: cb.max_requests.unwrap_or(d.max_requests),
-            max_retries: cb.max_retries,
-            max_requests_per_connection: cb.max_requests_per_connection,
-            max_concurrent_streams: cb.max_concurrent_streams,
-        };
+        c.circuit_breaker = circuit_breaker(cb);
     }
     if let Some(t) = &p.timeouts {
-        // Field by field: what a policy leaves out keeps what the mesh default (or the built-in
-        // default) set.
-        let was = &c.timeouts;
-        c.timeouts = ClusterTimeouts {
-            connect_ms: duration_field("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
-            read_ms: duration_field("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
-            idle_ms: duration_field("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
-            max_connection_duration_ms: duration_field("timeouts.maxConnectionDuration", &t.max_connection_duration)?
-                .or(was.max_connection_duration_ms),
-            tcp_idle_ms: duration_field("timeouts.tcpIdle", &t.tcp_idle)?.or(was.tcp_idle_ms),
-        };
+        c.timeouts = timeouts(t, &c.timeouts)?;
     }
     if let Some(r) = &p.retry {
-        let d = RetryPolicy::default();
-        // gRPC conditions are read from a response's grpc-status, the rest from how it ended.
-        let (grpc, on): (Vec<String>, Vec<String>) =
-            r.on.clone()
-                .unwrap_or(d.on)
-                .into_iter()
-                .partition(|c| crate::model::grpc_retry_code(c).is_some());
-        c.retry = Some(RetryPolicy {
-            attempts: r.attempts.unwrap_or(d.attempts),
-            on,
-            grpc_on: grpc.iter().filter_map(|c| crate::model::grpc_retry_code(c)).collect(),
-            backoff_base_ms: duration_field("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
-            budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
-            ..d
-        });
+        c.retry = Some(retry(r)?);
     }
     if let Some(k) = &p.tcp_keepalive {
         c.tcp_keepalive = Some(crate::model::TcpKeepalive {
@@ -893,23 +843,128 @@ pub(super) fn apply_policy(c: &mut Cluster, p: &TrafficPolicy, secrets: SecretSc
         });
     }
     if let Some(t) = &p.tls {
-        // URIs (spiffe://…) are matched against the certificate's URI SANs.
-        let (uris, names): (Vec<&String>, Vec<&String>) = t
-            .subject_alt_names
-            .iter()
-            .flatten()
-            .partition(|n| crate::validate::is_uri(n));
-        c.tls = Some(UpstreamTls {
-            sni: t.sni.clone(),
-            ca_file: t.ca_file.clone(),
-            ca_pem: ca_pem(t, secrets)?,
-            insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
-            client_certificate: client_certificate(t, secrets)?,
-            subject_alt_names: names.into_iter().cloned().collect(),
-            subject_alt_uris: uris.into_iter().cloned().collect(),
-        });
+        c.tls = Some(upstream_tls(t, secrets)?);
     }
     Ok(())
+}
+
+/// `spec.protocol`: the upstream protocol, and whether it follows the client's.
+fn protocol(proto: &str) -> Result<(UpstreamProtocol, bool), PolicyError> {
+    match proto {
+        "HTTP/1.1" | "HTTP" => Ok((UpstreamProtocol::Http1, false)),
+        "HTTP/2" | "h2c" | "h2" => Ok((UpstreamProtocol::Http2, false)),
+        "Client" => Ok((UpstreamProtocol::Http1, true)),
+        other => Err((
+            "spec.protocol".into(),
+            format!("{other:?} is not HTTP/1.1, HTTP/2 or Client"),
+        )),
+    }
+}
+
+fn apply_load_balancer(c: &mut Cluster, lb: &crate::crd::LoadBalancerSpec) -> Result<(), PolicyError> {
+    // `slowStart` or `localityFailover` alone keeps the balancing as it was.
+    let alone = *lb
+        == crate::crd::LoadBalancerSpec {
+            slow_start: lb.slow_start.clone(),
+            locality_failover: lb.locality_failover,
+            ..Default::default()
+        };
+    if !alone || (lb.slow_start.is_none() && lb.locality_failover.is_none()) {
+        (c.lb, c.hash_input) = load_balancer(lb)?;
+    }
+    c.slow_start = lb.slow_start.as_ref().map(|s| slow_start(s, &c.lb)).transpose()?;
+    if let Some(on) = lb.locality_failover {
+        c.locality_failover = on;
+    }
+    Ok(())
+}
+
+fn apply_outlier_detection(c: &mut Cluster, od: &crate::crd::OutlierDetectionSpec) -> Result<(), PolicyError> {
+    c.panic_threshold_percent = match od.min_health_percent {
+        Some(p) if p > 100 => {
+            return Err((
+                "spec.outlierDetection.minHealthPercent".into(),
+                format!("{p} is not a percentage (0 to 100)"),
+            ));
+        }
+        p => p.unwrap_or(0),
+    };
+    if od.disabled == Some(true) {
+        c.outlier_detection = None;
+        return Ok(());
+    }
+    let d = OutlierDetection::default();
+    c.outlier_detection = Some(OutlierDetection {
+        consecutive_5xx: od.consecutive_5xx.unwrap_or(d.consecutive_5xx),
+        consecutive_connect_failures: od
+            .consecutive_connect_failures
+            .unwrap_or(d.consecutive_connect_failures),
+        base_ejection_ms: duration_field("outlierDetection.baseEjectionTime", &od.base_ejection_time)?
+            .unwrap_or(d.base_ejection_ms),
+        max_ejection_percent: od.max_ejection_percent.unwrap_or(d.max_ejection_percent).min(100),
+    });
+    Ok(())
+}
+
+fn circuit_breaker(cb: &crate::crd::CircuitBreakerSpec) -> CircuitBreaker {
+    let d = CircuitBreaker::default();
+    CircuitBreaker {
+        max_connections: cb.max_connections.unwrap_or(d.max_connections),
+        max_pending_requests: cb.max_pending_requests.unwrap_or(d.max_pending_requests),
+        max_requests: cb.max_requests.unwrap_or(d.max_requests),
+        max_retries: cb.max_retries,
+        max_requests_per_connection: cb.max_requests_per_connection,
+        max_concurrent_streams: cb.max_concurrent_streams,
+    }
+}
+
+/// Field by field: what a policy leaves out keeps what the mesh default (or the built-in default)
+/// set.
+fn timeouts(t: &crate::crd::TimeoutsSpec, was: &ClusterTimeouts) -> Result<ClusterTimeouts, PolicyError> {
+    Ok(ClusterTimeouts {
+        connect_ms: duration_field("timeouts.connect", &t.connect)?.unwrap_or(was.connect_ms),
+        read_ms: duration_field("timeouts.read", &t.read)?.unwrap_or(was.read_ms),
+        idle_ms: duration_field("timeouts.idle", &t.idle)?.unwrap_or(was.idle_ms),
+        max_connection_duration_ms: duration_field("timeouts.maxConnectionDuration", &t.max_connection_duration)?
+            .or(was.max_connection_duration_ms),
+        tcp_idle_ms: duration_field("timeouts.tcpIdle", &t.tcp_idle)?.or(was.tcp_idle_ms),
+    })
+}
+
+fn retry(r: &crate::crd::RetrySpec) -> Result<RetryPolicy, PolicyError> {
+    let d = RetryPolicy::default();
+    // gRPC conditions are read from a response's grpc-status, the rest from how it ended.
+    let (grpc, on): (Vec<String>, Vec<String>) =
+        r.on.clone()
+            .unwrap_or(d.on)
+            .into_iter()
+            .partition(|c| crate::model::grpc_retry_code(c).is_some());
+    Ok(RetryPolicy {
+        attempts: r.attempts.unwrap_or(d.attempts),
+        on,
+        grpc_on: grpc.iter().filter_map(|c| crate::model::grpc_retry_code(c)).collect(),
+        backoff_base_ms: duration_field("retry.backoff", &r.backoff)?.unwrap_or(d.backoff_base_ms),
+        budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
+        ..d
+    })
+}
+
+fn upstream_tls(t: &crate::crd::UpstreamTlsSpec, secrets: SecretScope<'_>) -> Result<UpstreamTls, PolicyError> {
+    // URIs (spiffe://…) are matched against the certificate's URI SANs.
+    let (uris, names): (Vec<&String>, Vec<&String>) = t
+        .subject_alt_names
+        .iter()
+        .flatten()
+        .partition(|n| crate::validate::is_uri(n));
+    Ok(UpstreamTls {
+        sni: t.sni.clone(),
+        ca_file: t.ca_file.clone(),
+        ca_pem: ca_pem(t, secrets)?,
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        client_certificate: client_certificate(t, secrets)?,
+        subject_alt_names: names.into_iter().cloned().collect(),
+        subject_alt_uris: uris.into_iter().cloned().collect(),
+    })
 }
 
 /// A ServiceEntry's `subjectAltNames` (entry key `namespace/name/host`) for the TLS a

@@ -96,8 +96,19 @@ pub(crate) fn finish(
     problems: &mut Problems<'_>,
 ) {
     let losers = conflicts(memos, problems);
-    let mut tables: BTreeMap<&str, Vec<ServiceRoutes>> = BTreeMap::new();
-    let mut tcp: BTreeMap<&str, Vec<ServiceRoutes>> = BTreeMap::new();
+    let mut tables = route_tables(hosts, &losers);
+    // VirtualServices take the Service ports no route table holds, the oldest first.
+    istio.sort_by(|a, b| a.rank.cmp(&b.rank));
+    let tcp = virtual_service_tables(&istio, &mut tables, problems);
+    put_on_services(services, digests, tables, tcp);
+}
+
+/// Route tables per Service key.
+type Tables<'a> = BTreeMap<&'a str, Vec<ServiceRoutes>>;
+
+/// Each mesh target's routes in key order, without those that lost it to another kind.
+fn route_tables<'a>(hosts: &'a mut MeshHosts, losers: &HashMap<MeshTarget, BTreeSet<u64>>) -> Tables<'a> {
+    let mut tables: Tables<'a> = BTreeMap::new();
     for (target, h) in hosts.iter_mut() {
         let (key, port, consumer) = target;
         let routes: Vec<Arc<Route>> = match losers.get(target) {
@@ -119,9 +130,18 @@ pub(crate) fn finish(
             });
         }
     }
-    // VirtualServices take the Service ports no route table holds, the oldest first.
-    istio.sort_by(|a, b| a.rank.cmp(&b.rank));
-    for t in &istio {
+    tables
+}
+
+/// Adds the tables of VirtualServices (`istio`, in rank order) for the ports `tables` does not
+/// hold yet, reporting the others; returns their L4 tables.
+fn virtual_service_tables<'a>(
+    istio: &'a [VsTable],
+    tables: &mut Tables<'a>,
+    problems: &mut Problems<'_>,
+) -> Tables<'a> {
+    let mut tcp: Tables<'a> = BTreeMap::new();
+    for t in istio {
         let (key, port, consumer) = &t.target;
         let held = tables
             .get(key.as_str())
@@ -150,6 +170,16 @@ pub(crate) fn finish(
             });
         }
     }
+    tcp
+}
+
+/// Puts the tables on their Services (re-hashing only those).
+fn put_on_services(
+    services: &mut [Arc<MeshService>],
+    digests: &mut [Digest],
+    mut tables: Tables<'_>,
+    mut tcp: Tables<'_>,
+) {
     let keys: BTreeSet<&str> = tables.keys().chain(tcp.keys()).copied().collect();
     for key in keys {
         let Ok(i) = services.binary_search_by(|s| s.key.as_str().cmp(key)) else {

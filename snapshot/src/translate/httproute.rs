@@ -705,90 +705,8 @@ fn rule_parts(
     let mut redirect = None;
     for (fi, f) in rule.filters.iter().flatten().enumerate() {
         let ffield = format!("{field}.filters[{fi}]");
-        let missing = |problems: &mut Problems<'_>, what: &str| {
-            problems.push(
-                obj,
-                format!("{ffield}.{what}"),
-                Reason::Invalid,
-                format!("filter type {:?} needs {what}", f.r#type),
-            );
-        };
-        match f.r#type {
-            HttpRouteRulesFiltersType::RequestHeaderModifier => {
-                let Some(m) = &f.request_header_modifier else {
-                    missing(problems, "requestHeaderModifier");
-                    return None;
-                };
-                parts.request_headers = header_modifier!(m);
-                if let Some(msg) = crate::validate::header_modifier_problem(&parts.request_headers) {
-                    problems.push(obj, format!("{ffield}.requestHeaderModifier"), Reason::Invalid, msg);
-                    return None;
-                }
-            }
-            HttpRouteRulesFiltersType::ResponseHeaderModifier => {
-                let Some(m) = &f.response_header_modifier else {
-                    missing(problems, "responseHeaderModifier");
-                    return None;
-                };
-                parts.response_headers = header_modifier!(m);
-                if let Some(msg) = crate::validate::header_modifier_problem(&parts.response_headers) {
-                    problems.push(obj, format!("{ffield}.responseHeaderModifier"), Reason::Invalid, msg);
-                    return None;
-                }
-            }
-            HttpRouteRulesFiltersType::RequestRedirect => {
-                let Some(rd) = &f.request_redirect else {
-                    missing(problems, "requestRedirect");
-                    return None;
-                };
-                redirect = Some(redirect_of(rd, &ffield, obj, problems)?);
-            }
-            HttpRouteRulesFiltersType::UrlRewrite => {
-                let Some(rw) = &f.url_rewrite else {
-                    missing(problems, "urlRewrite");
-                    return None;
-                };
-                parts.rewrite = Some(Rewrite {
-                    hostname: rw.hostname.clone(),
-                    path: rw.path.as_ref().and_then(|p| {
-                        path_rewrite(
-                            &p.replace_full_path,
-                            &p.replace_prefix_match,
-                            p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath,
-                        )
-                    }),
-                });
-            }
-            HttpRouteRulesFiltersType::Cors => {
-                let Some(c) = &f.cors else {
-                    missing(problems, "cors");
-                    return None;
-                };
-                match super::cors::of_filter(c, &format!("{ffield}.cors")) {
-                    Ok(c) => parts.cors = Some(c),
-                    Err((field, why)) => {
-                        problems.push(obj, field, Reason::Invalid, why);
-                        return None;
-                    }
-                }
-            }
-            HttpRouteRulesFiltersType::RequestMirror => {
-                let Some(m) = &f.request_mirror else {
-                    missing(problems, "requestMirror");
-                    return None;
-                };
-                // Several are copied to each (Gateway API: HTTPRouteRequestMultipleMirrors).
-                parts.mirrors.extend(mirror_of(m, &ffield, obj, clusters, problems)?);
-            }
-            ref other => {
-                problems.push(
-                    obj,
-                    format!("{ffield}.type"),
-                    Reason::UnsupportedValue,
-                    format!("filter type {other:?} is not supported yet"),
-                );
-                return None;
-            }
+        if let Some(rd) = apply_filter(f, &ffield, obj, clusters, problems, &mut parts)? {
+            redirect = Some(rd);
         }
     }
     parts.timeouts = rule_timeouts(rule, field, obj, problems)?;
@@ -799,6 +717,100 @@ fn rule_parts(
     let backends = rule_backends(rule, field, obj, clusters, problems)?;
     parts.action = Action::Forward(backends);
     Some(parts)
+}
+
+/// Applies filter `f` (at `ffield`) to `parts`, returning a RequestRedirect's redirect; `None`
+/// when the filter cannot be applied (the problem noted).
+fn apply_filter(
+    f: &HttpRouteRulesFilters,
+    ffield: &str,
+    obj: &ObjectRef,
+    clusters: &mut Clusters<'_>,
+    problems: &mut Problems<'_>,
+    parts: &mut RuleParts,
+) -> Option<Option<Redirect>> {
+    let missing = |problems: &mut Problems<'_>, what: &str| {
+        problems.push(
+            obj,
+            format!("{ffield}.{what}"),
+            Reason::Invalid,
+            format!("filter type {:?} needs {what}", f.r#type),
+        );
+        None
+    };
+    let checked =
+        |problems: &mut Problems<'_>, m: HeaderModifier, what: &str| match crate::validate::header_modifier_problem(&m)
+        {
+            Some(msg) => {
+                problems.push(obj, format!("{ffield}.{what}"), Reason::Invalid, msg);
+                None
+            }
+            None => Some(m),
+        };
+    match f.r#type {
+        HttpRouteRulesFiltersType::RequestHeaderModifier => {
+            let Some(m) = &f.request_header_modifier else {
+                return missing(problems, "requestHeaderModifier");
+            };
+            parts.request_headers = checked(problems, header_modifier!(m), "requestHeaderModifier")?;
+        }
+        HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+            let Some(m) = &f.response_header_modifier else {
+                return missing(problems, "responseHeaderModifier");
+            };
+            parts.response_headers = checked(problems, header_modifier!(m), "responseHeaderModifier")?;
+        }
+        HttpRouteRulesFiltersType::RequestRedirect => {
+            let Some(rd) = &f.request_redirect else {
+                return missing(problems, "requestRedirect");
+            };
+            return Some(Some(redirect_of(rd, ffield, obj, problems)?));
+        }
+        HttpRouteRulesFiltersType::UrlRewrite => {
+            let Some(rw) = &f.url_rewrite else {
+                return missing(problems, "urlRewrite");
+            };
+            parts.rewrite = Some(Rewrite {
+                hostname: rw.hostname.clone(),
+                path: rw.path.as_ref().and_then(|p| {
+                    path_rewrite(
+                        &p.replace_full_path,
+                        &p.replace_prefix_match,
+                        p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath,
+                    )
+                }),
+            });
+        }
+        HttpRouteRulesFiltersType::Cors => {
+            let Some(c) = &f.cors else {
+                return missing(problems, "cors");
+            };
+            match super::cors::of_filter(c, &format!("{ffield}.cors")) {
+                Ok(c) => parts.cors = Some(c),
+                Err((field, why)) => {
+                    problems.push(obj, field, Reason::Invalid, why);
+                    return None;
+                }
+            }
+        }
+        HttpRouteRulesFiltersType::RequestMirror => {
+            let Some(m) = &f.request_mirror else {
+                return missing(problems, "requestMirror");
+            };
+            // Several are copied to each (Gateway API: HTTPRouteRequestMultipleMirrors).
+            parts.mirrors.extend(mirror_of(m, ffield, obj, clusters, problems)?);
+        }
+        ref other => {
+            problems.push(
+                obj,
+                format!("{ffield}.type"),
+                Reason::UnsupportedValue,
+                format!("filter type {other:?} is not supported yet"),
+            );
+            return None;
+        }
+    }
+    Some(None)
 }
 
 /// A RequestMirror filter's mirror: `Some(None)` when its backend does not resolve (the problem

@@ -36,7 +36,7 @@ pub(crate) struct MeshMemo {
     last: Option<(Inputs, Built)>,
 }
 
-type Built = (Parts, (Vec<Digest>, Vec<Digest>));
+pub(crate) type Built = (Parts, (Vec<Digest>, Vec<Digest>));
 
 struct Inputs {
     pods: Vec<Arc<Pod>>,
@@ -130,29 +130,7 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
         memo.pods.clear();
         memo.services.clear();
     }
-    let zones = node_zones(res);
-    let mut pods = HashMap::with_capacity(res.pods.len());
-    let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
-    for p in &res.pods {
-        let w = match memo.pods.remove(&addr(p)) {
-            Some((same, w)) if Arc::ptr_eq(&same, p) => w,
-            _ => workload(p, &zones).map(|w| {
-                let d = w.digest();
-                (Arc::new(w), d)
-            }),
-        };
-        built.extend(w.clone());
-        pods.insert(addr(p), (p.clone(), w));
-    }
-    memo.pods = pods;
-    built.extend(res.workload_entries.iter().filter_map(|we| {
-        let w = super::workload_entry::workload(we).ok()?;
-        let d = w.digest();
-        Some((Arc::new(w), d))
-    }));
-    built.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
-    built.dedup_by(|a, b| a.0.uid == b.0.uid);
-    let (workloads, workload_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
+    let (workloads, workload_digests) = workloads(res, memo);
     let by_ip: HashMap<&str, &Workload> = workloads
         .iter()
         .flat_map(|w| w.ips.iter().map(move |ip| (ip.as_str(), &**w)))
@@ -165,19 +143,7 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
         moved.as_ref().is_some_and(|m| !m.contains(e.address.as_str()))
             || by_ip.get(e.address.as_str()).map(|w| w.uid.as_str()) == e.workload.as_deref()
     };
-    // Slices by (namespace, Service name), so each Service finds its own without a scan.
-    let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-    for e in &res.endpoint_slices {
-        if let Some(svc) = e
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
-        {
-            let ns = e.metadata.namespace.as_deref().unwrap_or("default");
-            slices.entry((ns, svc.as_str())).or_default().push(e);
-        }
-    }
+    let slices = slices_by_service(res);
     let mut services_memo = HashMap::with_capacity(res.services.len());
     let mut built: Vec<(Arc<MeshService>, Digest)> = Vec::with_capacity(res.services.len());
     for svc in &res.services {
@@ -218,6 +184,51 @@ fn build_changed(res: &Resources, memo: &mut MeshMemo) -> Built {
     built.sort_by(|a, b| a.0.key.cmp(&b.0.key));
     let (services, service_digests): (Vec<_>, Vec<_>) = built.into_iter().unzip();
     ((workloads, services), (workload_digests, service_digests))
+}
+
+/// The workloads of the pods (reusing those of pods `memo` saw unchanged) and the
+/// WorkloadEntries, one per uid in uid order, with their digests.
+fn workloads(res: &Resources, memo: &mut MeshMemo) -> (Vec<Arc<Workload>>, Vec<Digest>) {
+    let zones = node_zones(res);
+    let mut pods = HashMap::with_capacity(res.pods.len());
+    let mut built: Vec<(Arc<Workload>, Digest)> = Vec::with_capacity(res.pods.len());
+    for p in &res.pods {
+        let w = match memo.pods.remove(&addr(p)) {
+            Some((same, w)) if Arc::ptr_eq(&same, p) => w,
+            _ => workload(p, &zones).map(|w| {
+                let d = w.digest();
+                (Arc::new(w), d)
+            }),
+        };
+        built.extend(w.clone());
+        pods.insert(addr(p), (p.clone(), w));
+    }
+    memo.pods = pods;
+    built.extend(res.workload_entries.iter().filter_map(|we| {
+        let w = super::workload_entry::workload(we).ok()?;
+        let d = w.digest();
+        Some((Arc::new(w), d))
+    }));
+    built.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+    built.dedup_by(|a, b| a.0.uid == b.0.uid);
+    built.into_iter().unzip()
+}
+
+/// EndpointSlices by (namespace, Service name), so each Service finds its own without a scan.
+fn slices_by_service(res: &Resources) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
+    for e in &res.endpoint_slices {
+        if let Some(svc) = e
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        {
+            let ns = e.metadata.namespace.as_deref().unwrap_or("default");
+            slices.entry((ns, svc.as_str())).or_default().push(e);
+        }
+    }
+    slices
 }
 
 /// The addresses whose workload in `by_ip` is not the one `before` had there (or that only one

@@ -462,6 +462,43 @@ impl Incremental {
         }
     }
 
+    /// The mesh before routes attach to its services. A proxy of one Gateway gets no mesh;
+    /// every other scope is projected from the full one.
+    fn mesh_parts(
+        &mut self,
+        res: &Resources,
+        clusters: &mut backends::Clusters<'_>,
+        problems: &mut Problems<'_>,
+    ) -> MeshParts {
+        let gateway = self.opts.gateway.is_some();
+        let mut built = if gateway {
+            Default::default()
+        } else {
+            mesh::build(res, &mut self.mesh)
+        };
+        let ((workloads, services), (_, service_digests)) = &mut built;
+        default_routes::services(services, service_digests, res, clusters);
+        if !gateway {
+            workload_entry::check(res, problems);
+        }
+        let mut entries = if !gateway && !res.service_entries.is_empty() {
+            service_entry::build(&res.service_entries, workloads, &res.workload_entries, problems)
+        } else {
+            Vec::new()
+        };
+        service_entry::default_routes(&mut entries, res, clusters);
+        let virtual_services = if gateway {
+            Vec::new()
+        } else {
+            virtual_service::translate(res, &entries, clusters, problems)
+        };
+        MeshParts {
+            built,
+            entries,
+            virtual_services,
+        }
+    }
+
     pub fn translate(&mut self, res: &Resources, version: u64) -> Translation {
         let mut clusters = self.reusable(res);
         let mut problems = Problems {
@@ -483,26 +520,11 @@ impl Incremental {
             &mut self.next_id,
             &mut stats,
         );
-        // A proxy of one Gateway gets no mesh; every other scope is projected from the full one.
-        let ((workloads, mut services), (workload_digests, mut service_digests)) = if self.opts.gateway.is_none() {
-            mesh::build(res, &mut self.mesh)
-        } else {
-            Default::default()
-        };
-        default_routes::services(&mut services, &mut service_digests, res, &mut clusters);
-        if self.opts.gateway.is_none() {
-            workload_entry::check(res, &mut problems);
-        }
-        let mut entries = if self.opts.gateway.is_none() && !res.service_entries.is_empty() {
-            service_entry::build(&res.service_entries, &workloads, &res.workload_entries, &mut problems)
-        } else {
-            Vec::new()
-        };
-        service_entry::default_routes(&mut entries, res, &mut clusters);
-        let virtual_services = match self.opts.gateway {
-            None => virtual_service::translate(res, &entries, &mut clusters, &mut problems),
-            Some(_) => Vec::new(),
-        };
+        let MeshParts {
+            built: ((workloads, mut services), (workload_digests, mut service_digests)),
+            entries,
+            virtual_services,
+        } = self.mesh_parts(res, &mut clusters, &mut problems);
         let providers = ext_authz::resolve(res, &entries, &mut clusters);
         stats.clusters_reused = clusters.reused;
         let (mut listeners, mut vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
@@ -563,6 +585,14 @@ impl Incremental {
             gateways: served_gateways,
         }
     }
+}
+
+/// The mesh's workloads and services with their digests, the ServiceEntries' services (merged
+/// in once the routes are attached) and the VirtualServices' route tables.
+struct MeshParts {
+    built: mesh::Built,
+    entries: Vec<(Arc<crate::mesh::MeshService>, crate::model::Digest)>,
+    virtual_services: Vec<virtual_service::VsTable>,
 }
 
 /// Services and their digests with `more` among them, all in key order.

@@ -1019,87 +1019,114 @@ pub fn snapshot_noting(
     let mut secrets = ferrum_snapshot::Secrets::new();
     let mut policies = RoutePolicies::default();
     for l in r.listeners.values() {
-        let (address, port) = socket(&l.address)
-            .ok_or_else(|| MapError::refused(&format!("Listener {}", l.name), "needs a socket address with a port"))?;
-        let known = |c: &str| {
-            let k = r.clusters.contains_key(c);
-            unknown.set(unknown.get() || !k);
-            k
+        let Some(mapped) = listener_of(l, r, unknown, &mut policies, &mut secrets)? else {
+            return Ok(None);
         };
-        let (l4, virtual_hosts) = match listener_routes(l)? {
-            RouteSource::Inline(rc) => {
-                policies.note(&rc)?;
-                (None, virtual_hosts(&rc, &known)?)
-            }
-            RouteSource::Rds(name) => match r.routes.get(&name) {
-                Some(rc) => {
-                    policies.note(rc)?;
-                    (None, virtual_hosts(rc, &known)?)
-                }
-                None => return Ok(None),
-            },
-            RouteSource::Tcp { tls, chains } => (
-                Some(if tls { Protocol::Tls } else { Protocol::Tcp }),
-                tcp_hosts(&l.name, &chains, &known)?,
-            ),
-        };
-        let mut certificates = Vec::new();
-        for name in listener_tls(l)?.unwrap_or_default() {
-            let Some(s) = r.secrets.get(&name) else {
-                return Ok(None);
-            };
-            let pair = key_pair(s)?;
-            certificates.push(model::Certificate {
-                hostname: None,
-                source: model::CertSource::Secret {
-                    name: name.clone(),
-                    digest: pair.digest(),
-                },
-            });
-            secrets.insert(name, Arc::new(pair));
-        }
-        listeners.push(Listener {
-            name: l.name.clone(),
-            address,
-            port,
-            protocol: match l4 {
-                Some(p) => p,
-                None if certificates.is_empty() => Protocol::Http,
-                None => Protocol::Https,
-            },
-            certificates,
-            virtual_hosts,
-            // xDS carries no Gateway API policies (RBAC filters are not mapped).
-            gateways: Vec::new(),
-            gateway_hosts: Vec::new(),
-            access_log: false,
-            client_address: client_address(l)?,
-        });
+        listeners.push(mapped);
     }
     listeners.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
     let mut clusters = Vec::new();
     for c in r.clusters.values() {
-        let eds = matches!(&c.cluster_discovery_type, Some(cluster::cluster::ClusterDiscoveryType::Type(t))
-            if *t == cluster::cluster::DiscoveryType::Eds as i32);
-        if eds && !r.endpoints.contains_key(&c.name) {
+        let Some(mapped) = cluster_with_secret(c, r, &policies, &mut secrets)? else {
             return Ok(None);
-        }
-        let mut mapped = cluster_of(c, r.endpoints.get(&c.name), &policies)?;
-        // Its client certificate, named by SDS: the digest is that of the key pair received.
-        if let Some(model::CertSource::Secret { name, digest }) =
-            mapped.tls.as_mut().and_then(|t| t.client_certificate.as_mut())
-        {
-            let Some(s) = r.secrets.get(name.as_str()) else {
-                return Ok(None);
-            };
-            let pair = key_pair(s)?;
-            *digest = pair.digest();
-            secrets.insert(name.clone(), Arc::new(pair));
-        }
+        };
         clusters.push(Arc::new(mapped));
     }
     // Applying validates the rest (the same checks as every other source).
     Ok(Some((Snapshot::new(version, listeners, clusters), secrets)))
+}
+
+/// Listener `l`, its route policies noted and its key pairs put in `secrets`; `None` while a
+/// route configuration or secret it names has not arrived.
+fn listener_of(
+    l: &listener::Listener,
+    r: &EnvoyResources,
+    unknown: &std::cell::Cell<bool>,
+    policies: &mut RoutePolicies,
+    secrets: &mut ferrum_snapshot::Secrets,
+) -> Result<Option<Listener>, MapError> {
+    let (address, port) = socket(&l.address)
+        .ok_or_else(|| MapError::refused(&format!("Listener {}", l.name), "needs a socket address with a port"))?;
+    let known = |c: &str| {
+        let k = r.clusters.contains_key(c);
+        unknown.set(unknown.get() || !k);
+        k
+    };
+    let (l4, virtual_hosts) = match listener_routes(l)? {
+        RouteSource::Inline(rc) => {
+            policies.note(&rc)?;
+            (None, virtual_hosts(&rc, &known)?)
+        }
+        RouteSource::Rds(name) => match r.routes.get(&name) {
+            Some(rc) => {
+                policies.note(rc)?;
+                (None, virtual_hosts(rc, &known)?)
+            }
+            None => return Ok(None),
+        },
+        RouteSource::Tcp { tls, chains } => (
+            Some(if tls { Protocol::Tls } else { Protocol::Tcp }),
+            tcp_hosts(&l.name, &chains, &known)?,
+        ),
+    };
+    let mut certificates = Vec::new();
+    for name in listener_tls(l)?.unwrap_or_default() {
+        let Some(pair) = r.secrets.get(&name).map(key_pair).transpose()? else {
+            return Ok(None);
+        };
+        certificates.push(model::Certificate {
+            hostname: None,
+            source: model::CertSource::Secret {
+                name: name.clone(),
+                digest: pair.digest(),
+            },
+        });
+        secrets.insert(name, Arc::new(pair));
+    }
+    Ok(Some(Listener {
+        name: l.name.clone(),
+        address,
+        port,
+        protocol: match l4 {
+            Some(p) => p,
+            None if certificates.is_empty() => Protocol::Http,
+            None => Protocol::Https,
+        },
+        certificates,
+        virtual_hosts,
+        // xDS carries no Gateway API policies (RBAC filters are not mapped).
+        gateways: Vec::new(),
+        gateway_hosts: Vec::new(),
+        access_log: false,
+        client_address: client_address(l)?,
+    }))
+}
+
+/// Cluster `c` with its endpoints and the client certificate SDS names for it (put in
+/// `secrets`); `None` while its assignment or that secret has not arrived.
+fn cluster_with_secret(
+    c: &cluster::Cluster,
+    r: &EnvoyResources,
+    policies: &RoutePolicies,
+    secrets: &mut ferrum_snapshot::Secrets,
+) -> Result<Option<model::Cluster>, MapError> {
+    let eds = matches!(&c.cluster_discovery_type, Some(cluster::cluster::ClusterDiscoveryType::Type(t))
+        if *t == cluster::cluster::DiscoveryType::Eds as i32);
+    if eds && !r.endpoints.contains_key(&c.name) {
+        return Ok(None);
+    }
+    let mut mapped = cluster_of(c, r.endpoints.get(&c.name), policies)?;
+    // The digest is that of the key pair received.
+    if let Some(model::CertSource::Secret { name, digest }) =
+        mapped.tls.as_mut().and_then(|t| t.client_certificate.as_mut())
+    {
+        let Some(pair) = r.secrets.get(name.as_str()).map(key_pair).transpose()? else {
+            return Ok(None);
+        };
+        *digest = pair.digest();
+        secrets.insert(name.clone(), Arc::new(pair));
+    }
+    Ok(Some(mapped))
 }
 
 #[cfg(test)]
