@@ -224,36 +224,35 @@ async fn change(api: &str, s: &Scale, n: usize) {
     assert!(r.status().is_success());
 }
 
-#[tokio::main]
-async fn main() {
-    // A panicking proxy task must end the run, not leave it waiting for that proxy forever.
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |p| {
-        report(p);
-        std::process::exit(101);
-    }));
-    let mesh = std::env::args().any(|a| a == "--mesh");
-    let operator_args: Vec<String> = std::env::args()
-        .find_map(|a| a.strip_prefix("--operator-args=").map(str::to_string))
-        .map(|v| v.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
-    let sidecar_hosts: Option<usize> = std::env::args().find_map(|a| {
-        a.strip_prefix("--sidecar-hosts=")
-            .map(|n| n.parse().expect("--sidecar-hosts=N"))
-    });
-    let s = Scale {
-        mesh,
-        proxies: if mesh { SIDECARS } else { PROXIES },
-    };
-    let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
-    let api = cluster.url();
+/// What to run: `--mesh`, `--operator-args=…`, `--sidecar-hosts=N`.
+struct Args {
+    mesh: bool,
+    operator_args: Vec<String>,
+    sidecar_hosts: Option<usize>,
+}
+
+impl Args {
+    fn parse() -> Args {
+        Args {
+            mesh: std::env::args().any(|a| a == "--mesh"),
+            operator_args: std::env::args()
+                .find_map(|a| a.strip_prefix("--operator-args=").map(str::to_string))
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+            sidecar_hosts: std::env::args().find_map(|a| {
+                a.strip_prefix("--sidecar-hosts=")
+                    .map(|n| n.parse().expect("--sidecar-hosts=N"))
+            }),
+        }
+    }
+}
+
+/// Loads the Gateway (and, with `--sidecar-hosts`, the mesh-wide Sidecar) and the scale's
+/// objects into the API emulator.
+async fn load(cluster: &Cluster, args: &Args) {
     let loaded = Instant::now();
-    cluster.apply(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: ferrum}\nspec: {controllerName: ferrum.dev/gateway-controller}\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
-         spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n",
-    );
-    if let Some(n) = sidecar_hosts {
+    cluster.apply(WEB_GATEWAY);
+    if let Some(n) = args.sidecar_hosts {
         cluster.install_istio_crds();
         let hosts: Vec<String> = (0..n.max(8))
             .map(|i| format!("'*/svc-{i}.default.svc.cluster.local'"))
@@ -265,25 +264,19 @@ async fn main() {
             hosts.join(", ")
         ));
     }
-    let objects = if mesh { mesh_objects() } else { gateway_objects() };
+    let objects = if args.mesh { mesh_objects() } else { gateway_objects() };
     let count = objects.len();
-    create_all(&api, objects).await;
+    create_all(&cluster.url(), objects).await;
     eprintln!("loaded {count} objects in {:?}", loaded.elapsed());
+}
 
-    let op = cluster
-        .operator_with("bench", &operator_args.iter().map(String::as_str).collect::<Vec<_>>())
-        .await;
-    let started = Instant::now();
-    let translate_ms = translated(&op, &s).await;
-    eprintln!(
-        "operator translated everything ({translate_ms} ms for the translation; {:?} from start); RSS {:.1} MiB",
-        started.elapsed(),
-        op.pid().map_or(0.0, rss_mib)
-    );
+type Seen = mpsc::UnboundedReceiver<(usize, u64, Instant)>;
 
+/// Starts the scale's proxies; returns what they report and the version they all have.
+async fn subscribe_all(op: &Operator, s: &Scale) -> (Seen, u64) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     for id in 0..s.proxies {
-        tokio::spawn(proxy(op.grpc_url(), id, mesh, tx.clone()));
+        tokio::spawn(proxy(op.grpc_url(), id, s.mesh, tx.clone()));
     }
     let latest = Arc::new(Mutex::new(vec![0u64; s.proxies]));
     let mut got = 0;
@@ -293,19 +286,17 @@ async fn main() {
         got += 1;
     }
     let initial = *latest.lock().await.iter().max().unwrap();
-    let rss_translated = op.pid().map_or(0.0, rss_mib);
-    eprintln!(
-        "{} proxies subscribed at version {initial}; operator RSS {rss_translated:.1} MiB",
-        s.proxies
-    );
+    (rx, initial)
+}
 
-    settled(&op).await;
-
+/// Makes `CHANGES` one-object changes; returns, for every proxy and change, the milliseconds
+/// until the proxy had it.
+async fn propagate(api: &str, op: &Operator, s: &Scale, rx: &mut Seen, initial: u64) -> Vec<f64> {
     let mut samples = Vec::new();
     let mut version = initial;
     for n in 0..CHANGES {
         let t0 = Instant::now();
-        change(&api, &s, n).await;
+        change(api, s, n).await;
         let patched_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let mut arrived = 0;
         let first_sample = samples.len();
@@ -337,9 +328,50 @@ async fn main() {
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    samples
+}
+
+#[tokio::main]
+async fn main() {
+    // A panicking proxy task must end the run, not leave it waiting for that proxy forever.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |p| {
+        report(p);
+        std::process::exit(101);
+    }));
+    let args = Args::parse();
+    let s = Scale {
+        mesh: args.mesh,
+        proxies: if args.mesh { SIDECARS } else { PROXIES },
+    };
+    let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
+    load(&cluster, &args).await;
+    let operator_args: Vec<&str> = args.operator_args.iter().map(String::as_str).collect();
+    let op = cluster.operator_with("bench", &operator_args).await;
+    let started = Instant::now();
+    let translate_ms = translated(&op, &s).await;
+    eprintln!(
+        "operator translated everything ({translate_ms} ms for the translation; {:?} from start); RSS {:.1} MiB",
+        started.elapsed(),
+        op.pid().map_or(0.0, rss_mib)
+    );
+    let (mut rx, initial) = subscribe_all(&op, &s).await;
+    let rss_translated = op.pid().map_or(0.0, rss_mib);
+    eprintln!(
+        "{} proxies subscribed at version {initial}; operator RSS {rss_translated:.1} MiB",
+        s.proxies
+    );
+    settled(&op).await;
+    let mut samples = propagate(&cluster.url(), &op, &s, &mut rx, initial).await;
     let rss = op.pid().map_or(0.0, rss_mib);
-    let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
-    let scoped = sidecar_hosts.map_or(String::new(), |n| {
+    write_report(&args, &s, translate_ms, &mut samples, rss);
+}
+
+/// Prints the results and writes them to `bench/results/operator[-mesh]-<time>.json`.
+fn write_report(args: &Args, s: &Scale, translate_ms: f64, samples: &mut [f64], rss: f64) {
+    let mesh = args.mesh;
+    let (p50, p99) = (pct(samples, 0.5), pct(samples, 0.99));
+    let scoped = args.sidecar_hosts.map_or(String::new(), |n| {
         format!(", a mesh-wide Sidecar admitting {} Services", n.max(8))
     });
     let (what, p99_target, rss_target) = if mesh {
@@ -360,7 +392,7 @@ async fn main() {
     };
     let result = json!({
         "when": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
-        "scale": what, "mesh": mesh, "operator_args": operator_args, "sidecar_hosts": sidecar_hosts, "proxies": s.proxies, "changes": CHANGES,
+        "scale": what, "mesh": mesh, "operator_args": args.operator_args, "sidecar_hosts": args.sidecar_hosts, "proxies": s.proxies, "changes": CHANGES,
         "full_translate_ms": translate_ms,
         "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
         "operator_rss_mib": rss,

@@ -173,30 +173,19 @@ async fn delta_client(
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let mode = std::env::args().nth(1).unwrap_or_else(|| "sotw".into());
-    let clients = clients();
-    let delta = match mode.as_str() {
-        "sotw" => false,
-        "delta" => true,
-        other => panic!("mode {other:?}: sotw or delta"),
-    };
-    let cluster = Cluster::start();
-    let api = cluster.url();
-    cluster.apply(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: ferrum}\nspec: {controllerName: ferrum.dev/gateway-controller}\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
-         spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n",
-    );
-    let slice = |i: usize, n: usize| {
-        let eps: Vec<_> = (0..n)
-            .map(|e| json!({"addresses": [format!("10.{}.{}.{}", i / 250, i % 250, e + 1)]}))
-            .collect();
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-               "metadata": {"name": format!("svc-{i}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps})
-    };
+/// Endpoint slice `svc-<i>-1` of Service `svc-<i>`, with `n` endpoints.
+fn slice(i: usize, n: usize) -> serde_json::Value {
+    let eps: Vec<_> = (0..n)
+        .map(|e| json!({"addresses": [format!("10.{}.{}.{}", i / 250, i % 250, e + 1)]}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("svc-{i}-1"), "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps})
+}
+
+/// The Gateway and, per service, a Service, its slice and an HTTPRoute to it.
+async fn load(cluster: &Cluster) {
+    cluster.apply(WEB_GATEWAY);
     let mut objects = Vec::new();
     for i in 0..SERVICES {
         objects.push((
@@ -214,15 +203,13 @@ async fn main() {
                             "rules": [{"backendRefs": [{"name": format!("svc-{i}"), "port": 80}]}]}}),
         ));
     }
-    create_all(&api, objects).await;
-    let op = cluster.operator("bench").await;
-    eventually("snapshot with every service", Duration::from_secs(120), async || {
-        op.admin_json("/snapshot").await["clusters"]
-            .as_array()
-            .is_some_and(|c| c.len() == SERVICES)
-    })
-    .await;
+    create_all(&cluster.url(), objects).await;
+}
 
+type Seen = mpsc::UnboundedReceiver<(usize, usize, Instant)>;
+
+/// Starts `clients` ADS clients and waits until each has every endpoint set.
+async fn start_clients(op: &Operator, clients: usize, delta: bool) -> Seen {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let names: Arc<Vec<Bytes>> = Arc::new(
         (0..SERVICES)
@@ -252,8 +239,12 @@ async fn main() {
             ready += 1;
         }
     }
-    let pid = op.pid().unwrap();
-    let (rss_before, cpu_before) = (rss_mib(pid), cpu_seconds(pid));
+    rx
+}
+
+/// Changes one Service's endpoints `CHANGES` times; returns, per client and change, the
+/// milliseconds until the client had it.
+async fn propagate(api: &str, rx: &mut Seen, clients: usize) -> Vec<f64> {
     let client = reqwest::Client::new();
     let mut samples = Vec::new();
     for change in 0..CHANGES {
@@ -283,6 +274,31 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    samples
+}
+
+#[tokio::main]
+async fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "sotw".into());
+    let clients = clients();
+    let delta = match mode.as_str() {
+        "sotw" => false,
+        "delta" => true,
+        other => panic!("mode {other:?}: sotw or delta"),
+    };
+    let cluster = Cluster::start();
+    load(&cluster).await;
+    let op = cluster.operator("bench").await;
+    eventually("snapshot with every service", Duration::from_secs(120), async || {
+        op.admin_json("/snapshot").await["clusters"]
+            .as_array()
+            .is_some_and(|c| c.len() == SERVICES)
+    })
+    .await;
+    let mut rx = start_clients(&op, clients, delta).await;
+    let pid = op.pid().unwrap();
+    let (rss_before, cpu_before) = (rss_mib(pid), cpu_seconds(pid));
+    let mut samples = propagate(&cluster.url(), &mut rx, clients).await;
     let rss = rss_mib(pid);
     let cpu = cpu_seconds(pid) - cpu_before;
     let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));

@@ -523,6 +523,12 @@ pub async fn hit(port: u16, host: &str) -> (u16, Option<String>) {
 /// The key the API emulator (`--token-key`) checks ServiceAccount tokens with.
 pub const TOKEN_KEY: &str = "e2e-token-signing-key";
 
+/// The GatewayClass `ferrum` and Gateway `default/web` with one HTTP listener on 8080, which the
+/// benchmarks' routes attach to.
+pub const WEB_GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: ferrum}\nspec: {controllerName: ferrum.dev/gateway-controller}\n---\n\
+     apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: default}\n\
+     spec: {gatewayClassName: ferrum, listeners: [{name: http, port: 8080, protocol: HTTP}]}\n";
+
 /// A token shaped like a projected ServiceAccount token, signed as the emulator expects.
 pub fn token(ns: &str, sa: &str, aud: &str, ttl: i64, key: &str) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;

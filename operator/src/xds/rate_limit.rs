@@ -207,62 +207,95 @@ fn rule_descriptor(
     Vec<route::rate_limit::Action>,
     Vec<ratelimit::rate_limit_descriptor::Entry>,
 ) {
-    use route::rate_limit::action::{self, ActionSpecifier};
-    let entry = |key: &str, value: &str| ratelimit::rate_limit_descriptor::Entry {
-        key: key.into(),
-        value: value.into(),
-    };
-    let generic = |key: &str, value: String| {
-        ActionSpecifier::GenericKey(action::GenericKey {
+    let mut d = Descriptor::default();
+    d.generic(RATE_LIMIT_POLICY_KEY, policy.into(), true);
+    d.generic(RATE_LIMIT_RULE_KEY, index.to_string(), true);
+    if global {
+        let limit = format!("{}/{}", rule.requests, rule.window_secs);
+        d.generic(RATE_LIMIT_LIMIT_KEY, limit, false);
+    }
+    for (j, h) in rule.headers.iter().enumerate() {
+        d.header(j, h);
+    }
+    for c in &rule.clients {
+        d.client(c, global);
+    }
+    let actions = d
+        .actions
+        .into_iter()
+        .map(|a| route::rate_limit::Action {
+            action_specifier: Some(a),
+        })
+        .collect();
+    (actions, d.entries)
+}
+
+/// A rule's rate limit actions and the descriptor entries they make.
+#[derive(Default)]
+struct Descriptor {
+    actions: Vec<route::rate_limit::action::ActionSpecifier>,
+    entries: Vec<ratelimit::rate_limit_descriptor::Entry>,
+}
+
+impl Descriptor {
+    fn entry(&mut self, key: &str, value: &str) {
+        self.entries.push(ratelimit::rate_limit_descriptor::Entry {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    /// A fixed key and value; `entry`: the descriptor the read-back expects carries it too.
+    fn generic(&mut self, key: &str, value: String, entry: bool) {
+        use route::rate_limit::action::{self, ActionSpecifier};
+        if entry {
+            self.entry(key, &value);
+        }
+        self.actions.push(ActionSpecifier::GenericKey(action::GenericKey {
             descriptor_key: key.into(),
             descriptor_value: value,
             ..Default::default()
-        })
-    };
-    let mut actions = vec![
-        generic(RATE_LIMIT_POLICY_KEY, policy.into()),
-        generic(RATE_LIMIT_RULE_KEY, index.to_string()),
-    ];
-    let mut entries = vec![
-        entry(RATE_LIMIT_POLICY_KEY, policy),
-        entry(RATE_LIMIT_RULE_KEY, &index.to_string()),
-    ];
-    if global {
-        actions.push(generic(
-            RATE_LIMIT_LIMIT_KEY,
-            format!("{}/{}", rule.requests, rule.window_secs),
-        ));
+        }));
     }
-    for (j, h) in rule.headers.iter().enumerate() {
+
+    /// Header `j`: whether it matches, or (no value given) its value.
+    fn header(&mut self, j: usize, h: &model::RateLimitHeader) {
+        use route::rate_limit::action::{self, ActionSpecifier};
         match &h.value {
             Some(m) => {
                 let key = format!("{RATE_LIMIT_HEADER_KEY}{j}");
-                actions.push(ActionSpecifier::HeaderValueMatch(action::HeaderValueMatch {
-                    descriptor_key: key.clone(),
-                    descriptor_value: "1".into(),
-                    expect_match: Some(BoolValue { value: true }),
-                    headers: vec![header_matcher(&h.name, m)],
-                    ..Default::default()
-                }));
-                entries.push(entry(&key, "1"));
+                self.entry(&key, "1");
+                self.actions
+                    .push(ActionSpecifier::HeaderValueMatch(action::HeaderValueMatch {
+                        descriptor_key: key,
+                        descriptor_value: "1".into(),
+                        expect_match: Some(BoolValue { value: true }),
+                        headers: vec![header_matcher(&h.name, m)],
+                        ..Default::default()
+                    }));
             }
             None => {
                 let key = format!("{RATE_LIMIT_HEADER_VALUE_KEY}{j}");
-                actions.push(ActionSpecifier::RequestHeaders(action::RequestHeaders {
-                    header_name: h.name.clone(),
-                    descriptor_key: key.clone(),
-                    ..Default::default()
-                }));
-                entries.push(entry(&key, ""));
+                self.entry(&key, "");
+                self.actions
+                    .push(ActionSpecifier::RequestHeaders(action::RequestHeaders {
+                        header_name: h.name.clone(),
+                        descriptor_key: key,
+                        ..Default::default()
+                    }));
             }
         }
     }
-    for c in &rule.clients {
+
+    /// A client block: the masked address (and the block, for a global limit), and the
+    /// address itself when each client is limited on its own.
+    fn client(&mut self, c: &model::RateLimitClients, global: bool) {
+        use route::rate_limit::action::{self, ActionSpecifier};
         let Some((block, prefix, v4)) = masked(&c.cidr) else {
-            continue; // the translator refuses blocks that do not parse
+            return; // the translator refuses blocks that do not parse
         };
         if global {
-            actions.push(generic(RATE_LIMIT_BLOCK_KEY, block.clone()));
+            self.generic(RATE_LIMIT_BLOCK_KEY, block.clone(), false);
         }
         let len = |l: u32| Some(UInt32Value { value: l });
         let (v4_len, v6_len) = if v4 {
@@ -270,23 +303,18 @@ fn rule_descriptor(
         } else {
             (len(32), len(prefix))
         };
-        actions.push(ActionSpecifier::MaskedRemoteAddress(action::MaskedRemoteAddress {
-            v4_prefix_mask_len: v4_len,
-            v6_prefix_mask_len: v6_len,
-        }));
-        entries.push(entry("masked_remote_address", &block));
+        self.actions
+            .push(ActionSpecifier::MaskedRemoteAddress(action::MaskedRemoteAddress {
+                v4_prefix_mask_len: v4_len,
+                v6_prefix_mask_len: v6_len,
+            }));
+        self.entry("masked_remote_address", &block);
         if c.distinct {
-            actions.push(ActionSpecifier::RemoteAddress(action::RemoteAddress {}));
-            entries.push(entry("remote_address", ""));
+            self.actions
+                .push(ActionSpecifier::RemoteAddress(action::RemoteAddress {}));
+            self.entry("remote_address", "");
         }
     }
-    let actions = actions
-        .into_iter()
-        .map(|a| route::rate_limit::Action {
-            action_specifier: Some(a),
-        })
-        .collect();
-    (actions, entries)
 }
 
 fn header_matcher(name: &str, m: &model::StringMatch) -> route::HeaderMatcher {

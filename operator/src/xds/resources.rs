@@ -112,6 +112,13 @@ pub struct EnvoyResources {
     pub unsupported: Vec<String>,
 }
 
+impl EnvoyResources {
+    /// Adds resource `name` of type `type_url`.
+    fn put<M: Message>(&mut self, type_url: &'static str, name: String, m: &M) {
+        self.by_type.entry(type_url).or_default().insert(name, any(type_url, m));
+    }
+}
+
 /// TLS termination with the listener's certificates, each named for SDS over ADS: key pairs
 /// travel as `Secret` resources, never inside a Listener. Envoy picks the certificate whose
 /// names match the client's SNI.
@@ -184,12 +191,7 @@ fn sds_secret(source: &model::CertSource, secrets: &Secrets) -> Option<tls::Secr
 /// The SDS `Secret` resource of `source` (used by `owner`), or why it cannot be sent.
 fn sds_secret_of(source: &model::CertSource, owner: &str, secrets: &Secrets, out: &mut EnvoyResources) {
     match sds_secret(source, secrets) {
-        Some(sec) => {
-            out.by_type
-                .get_mut(SECRET)
-                .unwrap()
-                .insert(sec.name.clone(), any(SECRET, &sec));
-        }
+        Some(sec) => out.put(SECRET, sec.name.clone(), &sec),
         None => out.unsupported.push(format!(
             "{owner}: the key pair of {} is not at hand",
             secret_name(source)
@@ -267,14 +269,8 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
             sds_secret_of(cert, &format!("cluster {}", c.name), secrets, &mut out);
         }
         let (cl, cla) = cluster(c);
-        out.by_type
-            .get_mut(CLUSTER)
-            .unwrap()
-            .insert(c.name.clone(), any(CLUSTER, &cl));
-        out.by_type
-            .get_mut(ENDPOINT)
-            .unwrap()
-            .insert(c.name.clone(), any(ENDPOINT, &cla));
+        out.put(CLUSTER, c.name.clone(), &cl);
+        out.put(ENDPOINT, c.name.clone(), &cla);
     }
     for l in &s.listeners {
         secrets_of(l, secrets, &mut out);
@@ -287,68 +283,70 @@ pub fn translate(s: &Snapshot, secrets: &Secrets) -> EnvoyResources {
                 &mut out.unsupported,
             );
             let lis = l4_listener(l, rbac, &clusters, &mut out.unsupported);
-            out.by_type
-                .get_mut(LISTENER)
-                .unwrap()
-                .insert(l.name.clone(), any(LISTENER, &lis));
+            out.put(LISTENER, l.name.clone(), &lis);
             continue;
         }
         let rc = route_config(l, &clusters, &mut out.unsupported);
-        out.by_type
-            .get_mut(ROUTE)
-            .unwrap()
-            .insert(rc.name.clone(), any(ROUTE, &rc));
-        // Every concrete hostname is also an xds:/// target for gRPC clients, with its own routes.
-        for vh in rc.virtual_hosts.iter().filter(|v| !v.name.contains('*')) {
-            let name = format!("api/{}", vh.name);
-            let api_rc = route::RouteConfiguration {
-                name: name.clone(),
-                virtual_hosts: vec![vh.clone()],
-                ..Default::default()
-            };
-            out.by_type
-                .get_mut(ROUTE)
-                .unwrap()
-                .insert(name.clone(), any(ROUTE, &api_rc));
-            let api = listener::Listener {
-                name: vh.name.clone(),
-                api_listener: Some(listener::ApiListener {
-                    api_listener: Some(any(HCM, &connection_manager(&vh.name, name, Vec::new(), 0))),
-                }),
-                ..Default::default()
-            };
-            out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
-        }
-        let jwt = Providers::of(&s.policies, &l.gateways, &mut out.unsupported);
-        let rbac = rbac::rules(&s.policies, &l.gateways, false, &jwt, &mut out.unsupported);
-        let filters = super::cors::filter(l)
-            .into_iter()
-            .chain(jwt.filter())
-            .chain(rbac::http_filters(rbac))
-            .chain(super::rate_limit::filter(l))
-            .chain(super::rate_limit::global_filter(l))
-            .collect();
-        let manager = connection_manager(&l.name, route_name(l), filters, l.client_address.xff_trusted_hops);
-        let lis = listener::Listener {
-            name: l.name.clone(),
-            address: Some(socket(&l.address, l.port)),
-            listener_filters: listener_filters(l, false),
-            filter_chains: vec![listener::FilterChain {
-                filters: vec![listener::Filter {
-                    name: "envoy.filters.network.http_connection_manager".into(),
-                    config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
-                }],
-                transport_socket: downstream_tls(&l.certificates, &["h2", "http/1.1"]),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        out.by_type
-            .get_mut(LISTENER)
-            .unwrap()
-            .insert(l.name.clone(), any(LISTENER, &lis));
+        api_listeners(&rc, &mut out);
+        out.put(ROUTE, rc.name.clone(), &rc);
+        let lis = http_listener(l, &s.policies, &mut out.unsupported);
+        out.put(LISTENER, l.name.clone(), &lis);
     }
     out
+}
+
+/// Every concrete hostname of `rc` is also an xds:/// target for gRPC clients, with its own
+/// routes.
+fn api_listeners(rc: &route::RouteConfiguration, out: &mut EnvoyResources) {
+    for vh in rc.virtual_hosts.iter().filter(|v| !v.name.contains('*')) {
+        let name = format!("api/{}", vh.name);
+        let api_rc = route::RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts: vec![vh.clone()],
+            ..Default::default()
+        };
+        out.put(ROUTE, name.clone(), &api_rc);
+        let api = listener::Listener {
+            name: vh.name.clone(),
+            api_listener: Some(listener::ApiListener {
+                api_listener: Some(any(HCM, &connection_manager(&vh.name, name, Vec::new(), 0))),
+            }),
+            ..Default::default()
+        };
+        out.api_listeners.insert(vh.name.clone(), any(LISTENER, &api));
+    }
+}
+
+/// An HTTP(S) listener: its HTTP filters (CORS, JWT, RBAC, rate limits) before the router.
+fn http_listener(
+    l: &model::Listener,
+    policies: &[std::sync::Arc<ferrum_snapshot::mesh::Policy>],
+    unsupported: &mut Vec<String>,
+) -> listener::Listener {
+    let jwt = Providers::of(policies, &l.gateways, unsupported);
+    let rbac = rbac::rules(policies, &l.gateways, false, &jwt, unsupported);
+    let filters = super::cors::filter(l)
+        .into_iter()
+        .chain(jwt.filter())
+        .chain(rbac::http_filters(rbac))
+        .chain(super::rate_limit::filter(l))
+        .chain(super::rate_limit::global_filter(l))
+        .collect();
+    let manager = connection_manager(&l.name, route_name(l), filters, l.client_address.xff_trusted_hops);
+    listener::Listener {
+        name: l.name.clone(),
+        address: Some(socket(&l.address, l.port)),
+        listener_filters: listener_filters(l, false),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(any(HCM, &manager))),
+            }],
+            transport_socket: downstream_tls(&l.certificates, &["h2", "http/1.1"]),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// The listener's key pairs, as SDS secrets.
@@ -751,23 +749,7 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
     if let Some(hc) = &c.health_check {
         cl.health_checks = vec![health_check(hc)];
     }
-    let per_conn = c.circuit_breaker.max_requests_per_connection;
-    let lifetime = c.timeouts.max_connection_duration_ms;
-    if c.protocol == UpstreamProtocol::Http2 || c.follow_client_protocol || per_conn.is_some() || lifetime.is_some() {
-        let mut opts = if c.follow_client_protocol {
-            client_protocol_upstream(c.circuit_breaker.max_concurrent_streams)
-        } else if c.protocol == UpstreamProtocol::Http2 {
-            http2_upstream(c.circuit_breaker.max_concurrent_streams)
-        } else {
-            http1_upstream()
-        };
-        opts.common_http_protocol_options = (per_conn.is_some() || lifetime.is_some()).then(|| {
-            envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
-                max_requests_per_connection: per_conn.and_then(u32v),
-                max_connection_duration: lifetime.map(ms),
-                ..Default::default()
-            }
-        });
+    if let Some(opts) = http_protocol_options(c) {
         cl.typed_extension_protocol_options.insert(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
             any(
@@ -779,19 +761,45 @@ fn cluster(c: &model::Cluster) -> (cluster::Cluster, endpoint::ClusterLoadAssign
     // Following the client's protocol, ALPN is left to Envoy: each protocol's pool offers its own.
     let alpn = (!c.follow_client_protocol).then_some(c.protocol);
     cl.transport_socket = c.tls.as_ref().map(|t| traffic::upstream_tls(t, alpn));
-    cl.upstream_connection_options = c.tcp_keepalive.as_ref().map(|k| {
-        // Envoy counts in whole seconds.
-        let secs = |ms: Option<u64>| ms.and_then(|ms| u32v(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)));
-        cluster::UpstreamConnectionOptions {
-            tcp_keepalive: Some(envoy_types::pb::envoy::config::core::v3::TcpKeepalive {
-                keepalive_probes: k.probes.and_then(u32v),
-                keepalive_time: secs(k.time_ms),
-                keepalive_interval: secs(k.interval_ms),
-            }),
-            ..Default::default()
-        }
-    });
+    cl.upstream_connection_options = c.tcp_keepalive.as_ref().map(connection_options);
     (cl, load_assignment(c))
+}
+
+/// The upstream HTTP protocol options, when the cluster needs any: HTTP/2 (or the client's
+/// protocol), or a limit on a connection's requests or lifetime.
+fn http_protocol_options(c: &model::Cluster) -> Option<upstream_http::HttpProtocolOptions> {
+    let per_conn = c.circuit_breaker.max_requests_per_connection;
+    let lifetime = c.timeouts.max_connection_duration_ms;
+    let limited = per_conn.is_some() || lifetime.is_some();
+    if c.protocol != UpstreamProtocol::Http2 && !c.follow_client_protocol && !limited {
+        return None;
+    }
+    let mut opts = if c.follow_client_protocol {
+        client_protocol_upstream(c.circuit_breaker.max_concurrent_streams)
+    } else if c.protocol == UpstreamProtocol::Http2 {
+        http2_upstream(c.circuit_breaker.max_concurrent_streams)
+    } else {
+        http1_upstream()
+    };
+    opts.common_http_protocol_options = limited.then(|| core::HttpProtocolOptions {
+        max_requests_per_connection: per_conn.and_then(u32v),
+        max_connection_duration: lifetime.map(ms),
+        ..Default::default()
+    });
+    Some(opts)
+}
+
+fn connection_options(k: &model::TcpKeepalive) -> cluster::UpstreamConnectionOptions {
+    // Envoy counts in whole seconds.
+    let secs = |ms: Option<u64>| ms.and_then(|ms| u32v(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX)));
+    cluster::UpstreamConnectionOptions {
+        tcp_keepalive: Some(core::TcpKeepalive {
+            keepalive_probes: k.probes.and_then(u32v),
+            keepalive_time: secs(k.time_ms),
+            keepalive_interval: secs(k.interval_ms),
+        }),
+        ..Default::default()
+    }
 }
 
 /// Envoy's slow start is a round-robin and least-request option: a Random cluster's is left out.

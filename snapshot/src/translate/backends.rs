@@ -145,26 +145,16 @@ struct Index<'a> {
 
 impl<'a> Index<'a> {
     fn of(res: &'a Resources) -> Self {
+        // Namespaced objects without a namespace are in `default`, as for the mesh's Services.
         let key = |m: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            (m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""))
+            (
+                m.namespace.as_deref().unwrap_or("default"),
+                m.name.as_deref().unwrap_or(""),
+            )
         };
-        let mut slices: HashMap<_, Vec<_>> = HashMap::with_capacity(res.endpoint_slices.len());
-        for s in &res.endpoint_slices {
-            if let Some(svc) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-            {
-                slices
-                    .entry((s.metadata.namespace.as_deref().unwrap_or(""), svc.as_str()))
-                    .or_default()
-                    .push(s);
-            }
-        }
         Index {
             services: res.services.iter().map(|s| (key(&s.metadata), s)).collect(),
-            slices,
+            slices: super::mesh::slices_by_service(res),
             rules: super::destination_rule::by_service(res),
         }
     }

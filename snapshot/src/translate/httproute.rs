@@ -1062,6 +1062,49 @@ fn string_match(
     }
 }
 
+fn path_match(
+    p: &HttpRouteRulesMatchesPath,
+    field: &str,
+    obj: &ObjectRef,
+    problems: &mut Problems<'_>,
+) -> Option<PathMatch> {
+    let value = p.value.clone().unwrap_or_else(|| "/".into());
+    let kind = p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix);
+    if kind == HttpRouteRulesMatchesPathType::RegularExpression {
+        return match regex::Regex::new(&value) {
+            Ok(_) => Some(PathMatch::Regex(value)),
+            Err(e) => {
+                problems.push(
+                    obj,
+                    format!("{field}.path.value"),
+                    Reason::UnsupportedValue,
+                    format!("invalid regular expression: {e}"),
+                );
+                None
+            }
+        };
+    }
+    if !value.starts_with('/') {
+        problems.push(
+            obj,
+            format!("{field}.path.value"),
+            Reason::Invalid,
+            format!("{value:?} must start with '/'"),
+        );
+        return None;
+    }
+    if kind == HttpRouteRulesMatchesPathType::Exact {
+        return Some(PathMatch::Exact(value));
+    }
+    // `/foo/` and `/foo` are the same segment prefix.
+    let trimmed = value.trim_end_matches('/');
+    Some(PathMatch::Prefix(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.to_string()
+    }))
+}
+
 fn route_match(
     m: &HttpRouteRulesMatches,
     field: &str,
@@ -1070,45 +1113,7 @@ fn route_match(
 ) -> Option<RouteMatch> {
     let path = match &m.path {
         None => PathMatch::default(),
-        Some(p) => {
-            let value = p.value.clone().unwrap_or_else(|| "/".into());
-            match p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
-                HttpRouteRulesMatchesPathType::RegularExpression => match regex::Regex::new(&value) {
-                    Ok(_) => PathMatch::Regex(value),
-                    Err(e) => {
-                        problems.push(
-                            obj,
-                            format!("{field}.path.value"),
-                            Reason::UnsupportedValue,
-                            format!("invalid regular expression: {e}"),
-                        );
-                        return None;
-                    }
-                },
-                kind => {
-                    if !value.starts_with('/') {
-                        problems.push(
-                            obj,
-                            format!("{field}.path.value"),
-                            Reason::Invalid,
-                            format!("{value:?} must start with '/'"),
-                        );
-                        return None;
-                    }
-                    if kind == HttpRouteRulesMatchesPathType::Exact {
-                        PathMatch::Exact(value)
-                    } else {
-                        // `/foo/` and `/foo` are the same segment prefix.
-                        let trimmed = value.trim_end_matches('/');
-                        PathMatch::Prefix(if trimmed.is_empty() {
-                            "/".into()
-                        } else {
-                            trimmed.to_string()
-                        })
-                    }
-                }
-            }
-        }
+        Some(p) => path_match(p, field, obj, problems)?,
     };
     let mut headers = Vec::new();
     for (i, h) in m.headers.iter().flatten().enumerate() {

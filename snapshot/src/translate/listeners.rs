@@ -452,39 +452,13 @@ fn listener_certificates(
     }
     let gw_ns = gw.metadata.namespace.clone().unwrap_or_default();
     for (ci, r) in tls.certificate_refs.iter().flatten().enumerate() {
-        let f = format!("{field}.certificateRefs[{ci}]");
-        if !r.group.as_deref().unwrap_or("").is_empty() || r.kind.as_deref().unwrap_or("Secret") != "Secret" {
-            problems.push(obj, f, Reason::InvalidCertificateRef, "only core Secrets are supported");
-            return None;
-        }
-        let ns = r.namespace.clone().unwrap_or_else(|| gw_ns.clone());
-        if ns != gw_ns && !super::backends::reference_granted(res, "Gateway", &gw_ns, "", "Secret", &ns, &r.name) {
-            problems.push(
-                obj,
-                f,
-                Reason::RefNotPermitted,
-                format!(
-                    "Secret {ns}/{} is in another namespace and no ReferenceGrant allows it",
-                    r.name
-                ),
-            );
-            return None;
-        }
-        match tls_secret(res, &ns, &r.name) {
-            Some(secret) => certs.push(Certificate {
+        match certificate_ref(res, &gw_ns, r) {
+            Ok(source) => certs.push(Certificate {
                 hostname: l.hostname.clone(),
-                source: CertSource::Secret {
-                    name: format!("{ns}/{}", r.name),
-                    digest: secret.digest(),
-                },
+                source,
             }),
-            None => {
-                problems.push(
-                    obj,
-                    f,
-                    Reason::InvalidCertificateRef,
-                    format!("Secret {ns}/{} does not exist or lacks tls.crt/tls.key", r.name),
-                );
+            Err((reason, why)) => {
+                problems.push(obj, format!("{field}.certificateRefs[{ci}]"), reason, why);
                 return None;
             }
         }
@@ -499,6 +473,38 @@ fn listener_certificates(
         return None;
     }
     Some(certs)
+}
+
+/// The key pair a Gateway in `gw_ns` names by certificateRef `r`: a Secret of its own
+/// namespace, or of one whose ReferenceGrant allows it.
+fn certificate_ref(
+    res: &Resources,
+    gw_ns: &str,
+    r: &gateway_api::gateways::GatewayListenersTlsCertificateRefs,
+) -> Result<CertSource, (Reason, String)> {
+    if !r.group.as_deref().unwrap_or("").is_empty() || r.kind.as_deref().unwrap_or("Secret") != "Secret" {
+        return Err((Reason::InvalidCertificateRef, "only core Secrets are supported".into()));
+    }
+    let ns = r.namespace.as_deref().unwrap_or(gw_ns);
+    if ns != gw_ns && !super::backends::reference_granted(res, "Gateway", gw_ns, "", "Secret", ns, &r.name) {
+        return Err((
+            Reason::RefNotPermitted,
+            format!(
+                "Secret {ns}/{} is in another namespace and no ReferenceGrant allows it",
+                r.name
+            ),
+        ));
+    }
+    match tls_secret(res, ns, &r.name) {
+        Some(secret) => Ok(CertSource::Secret {
+            name: format!("{ns}/{}", r.name),
+            digest: secret.digest(),
+        }),
+        None => Err((
+            Reason::InvalidCertificateRef,
+            format!("Secret {ns}/{} does not exist or lacks tls.crt/tls.key", r.name),
+        )),
+    }
 }
 
 /// Orders routes by precedence and drops listeners that nothing could ever reach.

@@ -215,7 +215,7 @@ fn workloads(res: &Resources, memo: &mut MeshMemo) -> (Vec<Arc<Workload>>, Vec<D
 }
 
 /// EndpointSlices by (namespace, Service name), so each Service finds its own without a scan.
-fn slices_by_service(res: &Resources) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+pub(crate) fn slices_by_service(res: &Resources) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
     let mut slices: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for e in &res.endpoint_slices {
         if let Some(svc) = e

@@ -229,29 +229,7 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         .as_ref()
         .map(|d| direct_response(d, &format!("{at}.directResponse")))
         .transpose()?;
-    match (redirect.is_some(), direct.is_some(), destinations.is_empty()) {
-        (false, false, true) => {
-            return Err(invalid(
-                format!("{at}.route"),
-                "a route needs destinations, a redirect or a directResponse",
-            ));
-        }
-        (true, true, _) | (true, _, false) | (_, true, false) => {
-            let field = if redirect.is_some() {
-                "redirect"
-            } else {
-                "directResponse"
-            };
-            return Err(invalid(
-                format!("{at}.{field}"),
-                "a route has one of destinations, a redirect or a directResponse",
-            ));
-        }
-        _ => {}
-    }
-    if (redirect.is_some() || direct.is_some()) && h.rewrite.is_some() {
-        return Err(invalid(format!("{at}.rewrite"), "only a forwarding route rewrites"));
-    }
+    one_action(h, redirect.is_some(), direct.is_some(), destinations.is_empty(), at)?;
     let rewrites = matches
         .iter()
         .map(|(m, _)| rewrite(h, &m.path, &format!("{at}.rewrite")))
@@ -289,13 +267,44 @@ fn rule(h: &VsHttpRoute, ns: &str, at: &str) -> Result<Rule, Refusal> {
         destinations,
         direct,
     };
+    check_shape(&rule, at)?;
+    Ok(rule)
+}
+
+/// A route has one of destinations, a redirect or a direct response; only a forwarding one
+/// rewrites.
+fn one_action(h: &VsHttpRoute, redirect: bool, direct: bool, no_destinations: bool, at: &str) -> Result<(), Refusal> {
+    match (redirect, direct, no_destinations) {
+        (false, false, true) => {
+            return Err(invalid(
+                format!("{at}.route"),
+                "a route needs destinations, a redirect or a directResponse",
+            ));
+        }
+        (true, true, _) | (true, _, false) | (_, true, false) => {
+            let field = if redirect { "redirect" } else { "directResponse" };
+            return Err(invalid(
+                format!("{at}.{field}"),
+                "a route has one of destinations, a redirect or a directResponse",
+            ));
+        }
+        _ => {}
+    }
+    if (redirect || direct) && h.rewrite.is_some() {
+        return Err(invalid(format!("{at}.rewrite"), "only a forwarding route rewrites"));
+    }
+    Ok(())
+}
+
+/// The route each match of `rule` makes passes the checks every snapshot's routes get.
+fn check_shape(rule: &Rule, at: &str) -> Result<(), Refusal> {
     for (j, (matcher, _)) in rule.matches.iter().enumerate() {
-        let probe = route_of(&rule, j, matcher, String::new(), Action::Forward(Vec::new()));
+        let probe = route_of(rule, j, matcher, String::new(), Action::Forward(Vec::new()));
         if let Some((field, why)) = crate::validate::route_shape_problem(&probe, at) {
             return Err(invalid(field, why));
         }
     }
-    Ok(rule)
+    Ok(())
 }
 
 /// A route's weighted destinations, and its header edits with the destination's own (allowed

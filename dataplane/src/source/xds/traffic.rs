@@ -217,6 +217,29 @@ fn retry_policy(p: &route::RetryPolicy, at: &str) -> Result<RetryPolicy, MapErro
 /// A cluster's `UpstreamTlsContext`: SNI, and the CA file its certificate is checked against
 /// (none: not checked, as Envoy does without a validation context). The certificate's name is
 /// checked against the SNI name, so SAN matchers must name that and nothing else.
+/// The name the upstream certificate is checked against (the SNI, else the one SAN matcher's
+/// IP address) and the names it must carry one of instead, from the exact SAN matchers.
+fn names_to_check(sni: String, v: &tls::CertificateValidationContext) -> Result<(String, Vec<String>), &'static str> {
+    let names: Vec<&str> = v
+        .match_typed_subject_alt_names
+        .iter()
+        .map(|m| match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+            Some(MatchPattern::Exact(n)) if !m.matcher.as_ref().is_some_and(|m| m.ignore_case) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect::<Option<_>>()
+        .ok_or("subject alt name matchers must be exact names")?;
+    match (sni.is_empty(), names.as_slice()) {
+        (false, []) => Ok((sni, Vec::new())),
+        (false, [n]) if *n == sni => Ok((sni, Vec::new())),
+        (true, [n]) if n.parse::<IpAddr>().is_ok() => Ok((n.to_string(), Vec::new())),
+        (false, names) => Ok((sni, names.iter().map(|n| n.to_string()).collect())),
+        (true, _) => {
+            Err("without sni, the certificate is checked against the one subject alt name matcher, an IP address")
+        }
+    }
+}
+
 pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls, MapError> {
     use tls::common_tls_context::ValidationContextType;
     let refused = |reason: &str| MapError::Refused {
@@ -259,7 +282,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             subject_alt_uris: Vec::new(),
         });
     };
-    let (ca_file, ca_pem) = match v.trusted_ca.and_then(|d| d.specifier) {
+    let (ca_file, ca_pem) = match v.trusted_ca.as_ref().and_then(|d| d.specifier.clone()) {
         Some(core::data_source::Specifier::Filename(f)) => (Some(f), None),
         Some(core::data_source::Specifier::InlineString(pem)) => (None, Some(pem)),
         _ => {
@@ -268,28 +291,7 @@ pub fn upstream_tls(ts: &core::TransportSocket, at: &str) -> Result<UpstreamTls,
             ));
         }
     };
-    let names: Vec<&str> = v
-        .match_typed_subject_alt_names
-        .iter()
-        .map(|m| match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
-            Some(MatchPattern::Exact(n)) if !m.matcher.as_ref().is_some_and(|m| m.ignore_case) => Some(n.as_str()),
-            _ => None,
-        })
-        .collect::<Option<_>>()
-        .ok_or_else(|| refused("subject alt name matchers must be exact names"))?;
-    // Without SNI (an IP address), the name to check is the one SAN matcher's; other
-    // matchers name what the certificate must carry one of instead of the SNI name.
-    let (sni, subject_alt_names) = match (ctx.sni.is_empty(), names.as_slice()) {
-        (false, []) => (ctx.sni, Vec::new()),
-        (false, [n]) if *n == ctx.sni => (ctx.sni, Vec::new()),
-        (true, [n]) if n.parse::<IpAddr>().is_ok() => (n.to_string(), Vec::new()),
-        (false, names) => (ctx.sni, names.iter().map(|n| n.to_string()).collect()),
-        (true, _) => {
-            return Err(refused(
-                "without sni, the certificate is checked against the one subject alt name matcher, an IP address",
-            ));
-        }
-    };
+    let (sni, subject_alt_names) = names_to_check(ctx.sni, &v).map_err(refused)?;
     let (subject_alt_uris, subject_alt_names) = subject_alt_names
         .into_iter()
         .partition(|n| ferrum_snapshot::validate::is_uri(n));
