@@ -809,7 +809,6 @@ impl Forward<'_> {
         }
     }
 
-    /// What a consistent-hash cluster hashes this request on.
     /// The request's consistent-hash key, and the cookie its response sets when the cluster
     /// hashes on one the request lacks.
     fn hash_key(&self, parts: &http::request::Parts) -> (Option<HashKey>, Option<HeaderValue>) {

@@ -678,6 +678,19 @@ macro_rules! header_modifier {
     }};
 }
 
+fn rewrite_of(rw: &HttpRouteRulesFiltersUrlRewrite) -> Rewrite {
+    Rewrite {
+        hostname: rw.hostname.clone(),
+        path: rw.path.as_ref().and_then(|p| {
+            path_rewrite(
+                &p.replace_full_path,
+                &p.replace_prefix_match,
+                p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath,
+            )
+        }),
+    }
+}
+
 fn path_rewrite(full: &Option<String>, prefix: &Option<String>, is_full: bool) -> Option<PathRewrite> {
     if is_full {
         full.clone().map(PathRewrite::Full)
@@ -770,16 +783,7 @@ fn apply_filter(
             let Some(rw) = &f.url_rewrite else {
                 return missing(problems, "urlRewrite");
             };
-            parts.rewrite = Some(Rewrite {
-                hostname: rw.hostname.clone(),
-                path: rw.path.as_ref().and_then(|p| {
-                    path_rewrite(
-                        &p.replace_full_path,
-                        &p.replace_prefix_match,
-                        p.r#type == HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath,
-                    )
-                }),
-            });
+            parts.rewrite = Some(rewrite_of(rw));
         }
         HttpRouteRulesFiltersType::Cors => {
             let Some(c) = &f.cors else {
