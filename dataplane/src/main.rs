@@ -348,38 +348,7 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        let Some(file::Loaded {
-            snapshot: snap,
-            conditions,
-            ..
-        }) = initial
-        else {
-            eprintln!("ferrum-dp: --check needs --config");
-            return ExitCode::FAILURE;
-        };
-        for c in &conditions {
-            eprintln!("ferrum-dp: warning: {c}");
-        }
-        if let Err(errs) = ferrum_snapshot::validate(&snap) {
-            for e in errs {
-                eprintln!("ferrum-dp: {e}");
-            }
-            return ExitCode::FAILURE;
-        }
-        let routes: usize = snap
-            .listeners
-            .iter()
-            .flat_map(|l| &l.virtual_hosts)
-            .map(|v| v.routes.len())
-            .sum();
-        println!(
-            "config ok: {} listener(s), {} route(s), {} cluster(s), hash {}",
-            snap.listeners.len(),
-            routes,
-            snap.clusters.len(),
-            snap.hash
-        );
-        return ExitCode::SUCCESS;
+        return check(initial);
     }
     let n = args
         .workers
@@ -404,6 +373,42 @@ fn main() -> ExitCode {
     let code = rt.block_on(run(args, initial, workers.handles.clone()));
     workers.stop();
     code
+}
+
+/// `--check`: the config's conditions as warnings, and whether it is valid.
+fn check(initial: Option<file::Loaded>) -> ExitCode {
+    let Some(file::Loaded {
+        snapshot: snap,
+        conditions,
+        ..
+    }) = initial
+    else {
+        eprintln!("ferrum-dp: --check needs --config");
+        return ExitCode::FAILURE;
+    };
+    for c in &conditions {
+        eprintln!("ferrum-dp: warning: {c}");
+    }
+    if let Err(errs) = ferrum_snapshot::validate(&snap) {
+        for e in errs {
+            eprintln!("ferrum-dp: {e}");
+        }
+        return ExitCode::FAILURE;
+    }
+    let routes: usize = snap
+        .listeners
+        .iter()
+        .flat_map(|l| &l.virtual_hosts)
+        .map(|v| v.routes.len())
+        .sum();
+    println!(
+        "config ok: {} listener(s), {} route(s), {} cluster(s), hash {}",
+        snap.listeners.len(),
+        routes,
+        snap.clusters.len(),
+        snap.hash
+    );
+    ExitCode::SUCCESS
 }
 
 /// Starts the certificate loop, the readiness port and the sidecar's listeners.

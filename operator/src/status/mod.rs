@@ -126,76 +126,9 @@ pub async fn write_all(client: &Client, res: &Resources, t: &Translation, settle
         settled,
         t,
     };
-    for gw in &res.gateways {
-        let obj = ferrum_snapshot::translate::meta_ref("Gateway", &gw.metadata);
-        if t.gateways.contains(&obj) {
-            w.write(&**gw, &gw.status, gateway_status(gw, t)).await;
-        }
-    }
-    for gc in res
-        .gateway_classes
-        .iter()
-        .filter(|c| c.spec.controller_name == CONTROLLER_NAME)
-    {
-        let status =
-            json!({"conditions": [cond("Accepted", true, "Accepted", "handled by Ferrum", gc.metadata.generation)]});
-        w.write(&**gc, &gc.status, status).await;
-    }
-    for r in &res.http_routes {
-        w.write_settled(r, "HTTPRoute", &r.status, || {
-            Some(route_status("HTTPRoute", r, t, &t.gateways, res))
-        })
-        .await;
-    }
-    // Other route kinds are read as the HTTPRoutes they mean; one that cannot be has its problem
-    // listed on /problems.
-    macro_rules! routes {
-        ($($field:ident: $kind:literal by $read:path),+) => {$(
-            for g in &res.$field {
-                w.write_settled(g, $kind, &g.status, || {
-                    $read(g).ok().map(|r| route_status($kind, &r, t, &t.gateways, res))
-                })
-                .await;
-            }
-        )+};
-    }
-    use ferrum_snapshot::translate::{as_http_route, tcp_as_http_route, tls_as_http_route};
-    routes!(
-        grpc_routes: "GRPCRoute" by as_http_route,
-        tls_routes: "TLSRoute" by tls_as_http_route,
-        tcp_routes: "TCPRoute" by tcp_as_http_route
-    );
-    for b in &res.backends {
-        w.write_settled(b, "Backend", &b.status, || Some(backend_status(b, t)))
-            .await;
-    }
-    for m in &res.mesh_configs {
-        w.write(&**m, &m.status, mesh_config_status(m, t)).await;
-    }
-    for p in &res.request_authentications {
-        w.write(&**p, &p.status, request_authentication_status(p, t, &res.jwks))
-            .await;
-    }
-    // Policies: `Accepted`, or the field and reason each was left out for.
-    macro_rules! policies {
-        ($($field:ident: $kind:literal),+) => {$(
-            for p in &res.$field {
-                w.write_settled(p, $kind, &p.status, || Some(policy_status($kind, &p.metadata, t)))
-                    .await;
-            }
-        )+};
-    }
-    policies!(
-        backend_policies: "BackendPolicy",
-        rate_limit_policies: "RateLimitPolicy",
-        authorization_policies: "AuthorizationPolicy",
-        peer_authentications: "PeerAuthentication",
-        sidecars: "Sidecar",
-        destination_rules: "DestinationRule",
-        service_entries: "ServiceEntry",
-        virtual_services: "VirtualService",
-        workload_entries: "WorkloadEntry"
-    );
+    w.gateways(res).await;
+    w.routes(res).await;
+    w.others(res).await;
     w.settled.end();
     w.written
 }
@@ -209,6 +142,89 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// The Gateways this controller serves, and its GatewayClasses.
+    async fn gateways(&mut self, res: &Resources) {
+        for gw in &res.gateways {
+            let obj = ferrum_snapshot::translate::meta_ref("Gateway", &gw.metadata);
+            if self.t.gateways.contains(&obj) {
+                self.write(&**gw, &gw.status, gateway_status(gw, self.t)).await;
+            }
+        }
+        for gc in res
+            .gateway_classes
+            .iter()
+            .filter(|c| c.spec.controller_name == CONTROLLER_NAME)
+        {
+            let status = json!({"conditions": [cond("Accepted", true, "Accepted", "handled by Ferrum", gc.metadata.generation)]});
+            self.write(&**gc, &gc.status, status).await;
+        }
+    }
+
+    /// Every route kind's.
+    async fn routes(&mut self, res: &Resources) {
+        let t = self.t;
+        for r in &res.http_routes {
+            self.write_settled(r, "HTTPRoute", &r.status, || {
+                Some(route_status("HTTPRoute", r, t, &t.gateways, res))
+            })
+            .await;
+        }
+        // Other route kinds are read as the HTTPRoutes they mean; one that cannot be has its problem
+        // listed on /problems.
+        macro_rules! routes {
+            ($($field:ident: $kind:literal by $read:path),+) => {$(
+                for g in &res.$field {
+                    self.write_settled(g, $kind, &g.status, || {
+                        $read(g).ok().map(|r| route_status($kind, &r, t, &t.gateways, res))
+                    })
+                    .await;
+                }
+            )+};
+        }
+        use ferrum_snapshot::translate::{as_http_route, tcp_as_http_route, tls_as_http_route};
+        routes!(
+            grpc_routes: "GRPCRoute" by as_http_route,
+            tls_routes: "TLSRoute" by tls_as_http_route,
+            tcp_routes: "TCPRoute" by tcp_as_http_route
+        );
+    }
+
+    /// Backends, MeshConfigs, RequestAuthentications and the policies.
+    async fn others(&mut self, res: &Resources) {
+        let t = self.t;
+        for b in &res.backends {
+            self.write_settled(b, "Backend", &b.status, || Some(backend_status(b, t)))
+                .await;
+        }
+        for m in &res.mesh_configs {
+            self.write(&**m, &m.status, mesh_config_status(m, t)).await;
+        }
+        for p in &res.request_authentications {
+            self.write(&**p, &p.status, request_authentication_status(p, t, &res.jwks))
+                .await;
+        }
+        // Policies: `Accepted`, or the field and reason each was left out for.
+        macro_rules! policies {
+            ($($field:ident: $kind:literal),+) => {$(
+                for p in &res.$field {
+                    self.write_settled(p, $kind, &p.status, || Some(policy_status($kind, &p.metadata, t)))
+                        .await;
+                }
+            )+};
+        }
+        policies!(
+            backend_policies: "BackendPolicy",
+            rate_limit_policies: "RateLimitPolicy",
+            authorization_policies: "AuthorizationPolicy",
+            peer_authentications: "PeerAuthentication",
+            sidecars: "Sidecar",
+            destination_rules: "DestinationRule",
+            service_entries: "ServiceEntry",
+            virtual_services: "VirtualService",
+            workload_entries: "WorkloadEntry"
+        );
+    }
+
     /// [`Writer::write`] for an object whose status (`compute`d; `None`: it has none) depends
     /// only on itself, its problems and its attachments, unless [`Settled`] holds it.
     async fn write_settled<K, S>(

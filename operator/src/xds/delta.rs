@@ -40,6 +40,79 @@ pub(super) struct DeltaStream {
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
+/// For a client one generation behind: the names that changed since and that it wants, and
+/// those it had that went.
+fn since_previous<'g>(st: &TypeState, g: &'g Generation, type_url: &str) -> (Vec<&'g String>, Vec<String>) {
+    let of_type = &g.resources().by_type[type_url];
+    let versions = g.versions(type_url);
+    let wanted = |n: &str| (st.wildcard && of_type.contains_key(n)) || st.names.contains(n);
+    let send = g
+        .changed(type_url)
+        .iter()
+        .filter(|n| wanted(n))
+        .filter_map(|n| versions.get_key_value(n.as_str()).map(|(k, _)| k))
+        .collect();
+    let mut removed = Vec::new();
+    if g.removed_any(type_url) {
+        let prev = st.synced.as_ref().expect("one behind").resources();
+        removed.extend(
+            prev.by_type[type_url]
+                .keys()
+                .filter(|n| (st.wildcard || st.names.contains(*n)) && !versions.contains_key(*n))
+                .cloned(),
+        );
+    }
+    (send, removed)
+}
+
+/// Compared with what the client holds, name by name: what it lacks or holds another version
+/// of, and what it holds that no longer exists.
+fn name_by_name<'g>(st: &TypeState, g: &'g Generation, type_url: &str) -> (Vec<&'g String>, Vec<String>) {
+    let of_type = &g.resources().by_type[type_url];
+    let versions = g.versions(type_url);
+    let exists = |n: &str| versions.contains_key(n);
+    // The generation's own copy of a name that exists in it.
+    let resource = |n: &str| versions.get_key_value(n).map(|(k, _)| k);
+    let held = |n: &str| -> Option<String> {
+        if let Some(v) = st.differs.get(n) {
+            return Some(v.clone()).filter(|v| !v.is_empty());
+        }
+        st.synced.as_ref().and_then(|s| s.versions(type_url).get(n).cloned())
+    };
+    let mut candidates: Vec<&'g String> = st.names.iter().filter_map(|n| resource(n)).collect();
+    if st.wildcard {
+        candidates.extend(of_type.keys().filter_map(|n| resource(n)));
+    }
+    candidates.sort_unstable();
+    candidates.dedup();
+    let send = candidates
+        .into_iter()
+        .filter(|n| held(n).as_ref() != versions.get(n.as_str()))
+        .collect();
+    let mut gone: Vec<String> = st
+        .differs
+        .iter()
+        .filter(|(n, v)| !v.is_empty() && !exists(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if let Some(s) = &st.synced {
+        let before = &s.resources().by_type[type_url];
+        gone.extend(
+            s.versions(type_url)
+                .keys()
+                .filter(|n| {
+                    !exists(n)
+                        && !st.differs.contains_key(*n)
+                        && ((st.wildcard && before.contains_key(*n)) || st.names.contains(*n))
+                })
+                .cloned(),
+        );
+    }
+    gone.sort();
+    gone.dedup();
+    (send, gone)
+}
+
 impl DeltaStream {
     pub(super) fn new(ads: Arc<Ads>, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) -> Self {
         DeltaStream {
@@ -59,79 +132,17 @@ impl DeltaStream {
             return (Vec::new(), Vec::new());
         };
         let g: &'g Generation = generation;
-        let of_type = &g.resources().by_type[type_url];
-        let versions = g.versions(type_url);
-        let exists = |n: &str| versions.contains_key(n);
-        let wanted = |n: &str, st: &TypeState| (st.wildcard && of_type.contains_key(n)) || st.names.contains(n);
-        // The generation's own copy of a name that exists in it.
-        let resource = |n: &str| versions.get_key_value(n).map(|(k, _)| k);
-        let mut send = Vec::new();
-        let mut removed = Vec::new();
         let synced = st.synced.as_ref();
         let fresh = synced.is_some_and(|s| std::ptr::eq(&**s, g));
         let one_behind = synced.is_some_and(|s| g.previous().is_some_and(|p| Arc::ptr_eq(s.resources(), p)));
         if st.differs.is_empty() && fresh {
-            return (send, removed);
+            return (Vec::new(), Vec::new());
         }
-        if st.differs.is_empty() && one_behind {
-            send.extend(
-                g.changed(type_url)
-                    .iter()
-                    .filter(|n| wanted(n, st))
-                    .filter_map(|n| resource(n)),
-            );
-            if g.removed_any(type_url) {
-                let prev = synced.expect("one behind").resources();
-                removed.extend(
-                    prev.by_type[type_url]
-                        .keys()
-                        .filter(|n| (st.wildcard || st.names.contains(*n)) && !exists(n))
-                        .cloned(),
-                );
-            }
+        let (send, removed) = if st.differs.is_empty() && one_behind {
+            since_previous(st, g, type_url)
         } else {
-            // Compare with what the client holds, name by name.
-            let held = |n: &str, st: &TypeState| -> Option<String> {
-                if let Some(v) = st.differs.get(n) {
-                    return Some(v.clone()).filter(|v| !v.is_empty());
-                }
-                st.synced.as_ref().and_then(|s| s.versions(type_url).get(n).cloned())
-            };
-            let mut candidates: Vec<&'g String> = st.names.iter().filter_map(|n| resource(n)).collect();
-            if st.wildcard {
-                candidates.extend(of_type.keys().filter_map(|n| resource(n)));
-            }
-            candidates.sort_unstable();
-            candidates.dedup();
-            send.extend(
-                candidates
-                    .into_iter()
-                    .filter(|n| held(n, st).as_ref() != versions.get(n.as_str())),
-            );
-            // What the client holds that no longer exists.
-            let mut gone: Vec<String> = st
-                .differs
-                .iter()
-                .filter(|(n, v)| !v.is_empty() && !exists(n))
-                .map(|(n, _)| n.clone())
-                .collect();
-            if let Some(s) = &st.synced {
-                let before = &s.resources().by_type[type_url];
-                gone.extend(
-                    s.versions(type_url)
-                        .keys()
-                        .filter(|n| {
-                            !exists(n)
-                                && !st.differs.contains_key(*n)
-                                && ((st.wildcard && before.contains_key(*n)) || st.names.contains(*n))
-                        })
-                        .cloned(),
-                );
-            }
-            gone.sort();
-            gone.dedup();
-            removed = gone;
-        }
+            name_by_name(st, g, type_url)
+        };
         st.synced = Some(Arc::clone(generation));
         // A new map, not clear(): a cleared map keeps its capacity (5,000 names per client).
         st.differs = HashMap::new();

@@ -499,6 +499,31 @@ impl Incremental {
         }
     }
 
+    /// The mesh's services with the ServiceEntries' among them, and the routes that attach to
+    /// them (GAMMA routes, else VirtualServices, else their default tables).
+    fn routed_services(
+        &mut self,
+        (mut services, mut digests): (Vec<Arc<crate::mesh::MeshService>>, Vec<crate::model::Digest>),
+        entries: Vec<(Arc<crate::mesh::MeshService>, crate::model::Digest)>,
+        virtual_services: Vec<virtual_service::VsTable>,
+        clusters: &mut backends::Clusters<'_>,
+        problems: &mut Problems<'_>,
+    ) -> (Vec<Arc<crate::mesh::MeshService>>, Vec<crate::model::Digest>) {
+        if !entries.is_empty() {
+            (services, digests) = merge_by_key(services, digests, entries);
+        }
+        gamma::finish(
+            &self.routes,
+            &mut self.tables.mesh,
+            &mut services,
+            &mut digests,
+            virtual_services,
+            problems,
+        );
+        client_protocol::services(&mut services, &mut digests, clusters, &mut self.client_protocol);
+        (services, digests)
+    }
+
     pub fn translate(&mut self, res: &Resources, version: u64) -> Translation {
         let mut clusters = self.reusable(res);
         let mut problems = Problems {
@@ -530,22 +555,12 @@ impl Incremental {
         let (mut listeners, mut vhost_digests) = listeners::finish(listeners, &mut self.tables.hosts);
         let rate_limits = rate_limit::build(res, &mut problems);
         rate_limit::apply(&mut listeners, &mut vhost_digests, &rate_limits);
-        if !entries.is_empty() {
-            (services, service_digests) = merge_by_key(services, service_digests, entries);
-        }
-        gamma::finish(
-            &self.routes,
-            &mut self.tables.mesh,
-            &mut services,
-            &mut service_digests,
+        (services, service_digests) = self.routed_services(
+            (services, service_digests),
+            entries,
             virtual_services,
-            &mut problems,
-        );
-        client_protocol::services(
-            &mut services,
-            &mut service_digests,
             &mut clusters,
-            &mut self.client_protocol,
+            &mut problems,
         );
         let (clusters, cluster_digests, cluster_memo) = clusters.finish(&mut problems);
         backends::check_policies(res, &mut problems);

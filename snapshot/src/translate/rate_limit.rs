@@ -62,27 +62,9 @@ fn policy(res: &Resources, p: &RateLimitPolicy, problems: &mut Problems<'_>) -> 
     for (i, t) in p.spec.target_refs.iter().enumerate() {
         let field = format!("spec.targetRefs[{i}]");
         let key = format!("{}/{}", obj.namespace, t.name);
-        // Whether the target exists and, for a route, has a Gateway among its parents (mesh
-        // routes, whose parents are Services, are not limited).
-        let gateway = |kind: Option<&str>| kind.unwrap_or("Gateway") == "Gateway";
-        let found = |kind: &str| -> Option<bool> {
-            let here =
-                |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| named(m, &obj.namespace, &t.name);
-            match kind {
-                "Gateway" => res.gateways.iter().any(|g| here(&g.metadata)).then_some(true),
-                "HTTPRoute" => res.http_routes.iter().find(|r| here(&r.metadata)).map(|r| {
-                    let refs = r.spec.parent_refs.iter().flatten();
-                    refs.clone().any(|p| gateway(p.kind.as_deref()))
-                }),
-                _ => res.grpc_routes.iter().find(|r| here(&r.metadata)).map(|r| {
-                    let refs = r.spec.parent_refs.iter().flatten();
-                    refs.clone().any(|p| gateway(p.kind.as_deref()))
-                }),
-            }
-        };
         match (t.group.as_str(), t.kind.as_str()) {
             (crate::GATEWAY_GROUP, kind @ ("Gateway" | "HTTPRoute" | "GRPCRoute")) => {
-                let found = found(kind);
+                let found = target_found(res, kind, &obj.namespace, &t.name);
                 if found.is_none() {
                     let why = format!("no {kind} {key}");
                     problems.push(&obj, field, Reason::NoMatchingParent, why);
@@ -105,6 +87,26 @@ fn policy(res: &Resources, p: &RateLimitPolicy, problems: &mut Problems<'_>) -> 
         }
     }
     Some(out)
+}
+
+/// Whether target `kind` `namespace/name` exists (`None`: it does not) and, for a route, has a
+/// Gateway among its parents (mesh routes, whose parents are Services, are not limited).
+fn target_found(res: &Resources, kind: &str, namespace: &str, name: &str) -> Option<bool> {
+    let here = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| named(m, namespace, name);
+    let gateway = |kind: Option<&str>| kind.unwrap_or("Gateway") == "Gateway";
+    match kind {
+        "Gateway" => res.gateways.iter().any(|g| here(&g.metadata)).then_some(true),
+        "HTTPRoute" => res
+            .http_routes
+            .iter()
+            .find(|r| here(&r.metadata))
+            .map(|r| r.spec.parent_refs.iter().flatten().any(|p| gateway(p.kind.as_deref()))),
+        _ => res
+            .grpc_routes
+            .iter()
+            .find(|r| here(&r.metadata))
+            .map(|r| r.spec.parent_refs.iter().flatten().any(|p| gateway(p.kind.as_deref()))),
+    }
 }
 
 fn named(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, namespace: &str, name: &str) -> bool {
