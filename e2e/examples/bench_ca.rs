@@ -23,25 +23,18 @@ fn csr() -> String {
     p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
-    let ca_port = free_port();
-    let op = cluster
-        .operator_with("op-1", &["--ca-addr", &format!("127.0.0.1:{ca_port}")])
-        .await;
-    let root = cluster.ca_root().await;
-    let tokens: Vec<String> = (0..ACCOUNTS)
-        .map(|i| token("bench", &format!("sa-{i}"), "ferrum-ca", 3600, TOKEN_KEY))
-        .collect();
-    let csrs: Vec<String> = (0..CSRS).map(|_| csr()).collect();
-    let mut clients = Vec::new();
-    for _ in 0..CONNECTIONS {
-        clients.push(ca_client(ca_port, &root).await);
-    }
-    let cpu_before = cpu_seconds(op.pid().expect("operator running"));
-    let started = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+type Client = ferrum_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// `IN_FLIGHT` signers over `clients` send every CSR, each with one of the tokens; each answer is
+/// reported as (signed, latency).
+fn sign_all(
+    clients: &[Client],
+    csrs: Vec<String>,
+    tokens: Vec<String>,
+) -> tokio::sync::mpsc::UnboundedReceiver<(bool, std::time::Duration)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (csrs, tokens) = (std::sync::Arc::new(csrs), std::sync::Arc::new(tokens));
     for w in 0..IN_FLIGHT {
@@ -68,7 +61,28 @@ async fn main() {
             }
         });
     }
-    drop(tx);
+    rx
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
+    let ca_port = free_port();
+    let op = cluster
+        .operator_with("op-1", &["--ca-addr", &format!("127.0.0.1:{ca_port}")])
+        .await;
+    let root = cluster.ca_root().await;
+    let tokens: Vec<String> = (0..ACCOUNTS)
+        .map(|i| token("bench", &format!("sa-{i}"), "ferrum-ca", 3600, TOKEN_KEY))
+        .collect();
+    let csrs: Vec<String> = (0..CSRS).map(|_| csr()).collect();
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(ca_client(ca_port, &root).await);
+    }
+    let cpu_before = cpu_seconds(op.pid().expect("operator running"));
+    let started = Instant::now();
+    let mut rx = sign_all(&clients, csrs, tokens);
     let mut lat = Vec::with_capacity(CSRS);
     let mut failed = 0;
     while let Some((ok, d)) = rx.recv().await {
@@ -100,11 +114,6 @@ async fn main() {
         "connections": CONNECTIONS,
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    let when = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    std::fs::write(dir.join(format!("ca-{when}.json")), format!("{result:#}\n")).unwrap();
+    write_result("ca", &result);
     assert_eq!(failed, 0, "every CSR signed");
 }

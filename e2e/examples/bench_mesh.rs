@@ -12,7 +12,7 @@
 //! harness working). `--pin` puts the clients and servers on CPU 0 and the four sidecars on
 //! CPU 1, so the proxies do not compete with the application for the same core.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferrum_e2e::mesh::World;
 use ferrum_e2e::*;
@@ -145,6 +145,19 @@ struct Path {
 }
 
 impl Path {
+    fn new(name: &'static str, client: usize, url: String, sidecars: [u32; 2], ebpf: bool) -> Path {
+        Path {
+            name,
+            client,
+            url,
+            sidecars,
+            ebpf,
+            runs: Vec::new(),
+            cpu: Vec::new(),
+            kernel: Vec::new(),
+        }
+    }
+
     fn round(&mut self, w: &World, round: usize, secs: u64, conns: u32) {
         if self.ebpf {
             node_agent(&["attach"]);
@@ -195,14 +208,9 @@ fn best(v: &[Run]) -> Run {
         .fold(Run::default(), |m, r| if r.rps > m.rps { r } else { m })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let smoke = std::env::args().any(|a| a == "--smoke");
-    let rounds: usize = arg("--rounds").map_or(if smoke { 1 } else { 3 }, |v| v.parse().unwrap());
-    let secs: u64 = arg("--duration").map_or(if smoke { 1 } else { 10 }, |v| v.parse().unwrap());
-    let conns: u32 = arg("--connections").map_or(16, |v| v.parse().unwrap());
-
-    let mut w = World::start(&[]).await;
+/// The six pods, their two Services, nginx on B, D and F, and ready sidecars on A, B, E and F
+/// (on CPU 1 when pinning); returns the pods' indices `[a, b, c, d, e, f]` and the servers.
+async fn pods(w: &mut World) -> ([usize; 6], (Proc, Proc, Proc)) {
     let (a, b) = (w.pod("a-1", "sa-a", "a", 10, true), w.pod("b-1", "sa-b", "b", 11, true));
     let (c, d) = (
         w.pod("c-1", "sa-c", "c", 12, false),
@@ -221,7 +229,7 @@ async fn main() {
     }
     w.service("svc-b", VIP, "b");
     w.service("svc-f", PLAIN_VIP, "f");
-    let _servers = (nginx(&w, b), nginx(&w, d), nginx(&w, f));
+    let servers = (nginx(w, b), nginx(w, d), nginx(w, f));
     for (i, sa) in [(a, "sa-a"), (b, "sa-b"), (e, "sa-e"), (f, "sa-f")] {
         w.sidecar(i, sa, &[]);
     }
@@ -237,39 +245,24 @@ async fn main() {
             assert!(ok.is_ok_and(|o| o.status.success()), "taskset the sidecar of pod {i}");
         }
     }
+    ([a, b, c, d, e, f], servers)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let rounds: usize = arg("--rounds").map_or(if smoke { 1 } else { 3 }, |v| v.parse().unwrap());
+    let secs: u64 = arg("--duration").map_or(if smoke { 1 } else { 10 }, |v| v.parse().unwrap());
+    let conns: u32 = arg("--connections").map_or(16, |v| v.parse().unwrap());
+
+    let mut w = World::start(&[]).await;
+    let ([a, b, c, d, e, f], _servers) = pods(&mut w).await;
     let direct_url = format!("http://{}:8080/", w.pods[d].ip);
     let sidecars = |x: usize, y: usize| [x, y].map(|i| w.pods[i].sidecar.as_ref().unwrap().0.id());
     let mut paths = [
-        Path {
-            name: "hbone",
-            client: a,
-            url: format!("http://{VIP}/"),
-            sidecars: sidecars(a, b),
-            ebpf: false,
-            runs: Vec::new(),
-            cpu: Vec::new(),
-            kernel: Vec::new(),
-        },
-        Path {
-            name: "plain",
-            client: e,
-            url: format!("http://{PLAIN_VIP}/"),
-            sidecars: sidecars(e, f),
-            ebpf: false,
-            runs: Vec::new(),
-            cpu: Vec::new(),
-            kernel: Vec::new(),
-        },
-        Path {
-            name: "hbone+ebpf",
-            client: a,
-            url: format!("http://{VIP}/"),
-            sidecars: sidecars(a, b),
-            ebpf: true,
-            runs: Vec::new(),
-            cpu: Vec::new(),
-            kernel: Vec::new(),
-        },
+        Path::new("hbone", a, format!("http://{VIP}/"), sidecars(a, b), false),
+        Path::new("plain", e, format!("http://{PLAIN_VIP}/"), sidecars(e, f), false),
+        Path::new("hbone+ebpf", a, format!("http://{VIP}/"), sidecars(a, b), true),
     ];
     for p in &paths {
         eventually(
@@ -292,20 +285,8 @@ async fn main() {
     report(&direct, &paths, rounds, secs, conns, smoke);
 }
 
-fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u32, smoke: bool) {
-    let d_best = best(direct);
-    let [hbone, plain, accelerated] = paths;
-    let (m_best, p_best) = (hbone.best(), plain.best());
-    let rss = hbone.sidecars.map(rss_mib);
-    let [(cc, ck), (sc, sk)] = hbone.cpu_min();
-    let [(pcc, pck), (psc, psk)] = plain.cpu_min();
-    let e_best = accelerated.best();
-    let [(ecc, eck), (esc, esk)] = accelerated.cpu_min();
-    let errors: u64 = direct
-        .iter()
-        .chain(paths.iter().flat_map(|p| &p.runs))
-        .map(|r| r.errors)
-        .sum();
+/// The Markdown table: each path's best round against the best direct one.
+fn print_table(d_best: Run, [hbone, plain, accelerated]: &[Path; 3]) {
     println!();
     println!("| path | RPS | / direct | p50 ms | p99 ms | sidecar vCPU per 1k RPS (client, server) | in kernel |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
@@ -313,33 +294,39 @@ fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u3
         "| direct (C → D) | {:.0} | 1.00 | {:.2} | {:.2} | — | — |",
         d_best.rps, d_best.p50, d_best.p99
     );
-    for (name, r, c, k) in [
-        ("two sidecars, HBONE (A → svc-b → B)", m_best, (cc, sc), (ck, sk)),
-        (
-            "the same, node agent's eBPF on both app ↔ sidecar hops",
-            e_best,
-            (ecc, esc),
-            (eck, esk),
-        ),
-        (
-            "two sidecars, plain TCP (E → svc-f → F)",
-            p_best,
-            (pcc, psc),
-            (pck, psk),
-        ),
+    for (name, p) in [
+        ("two sidecars, HBONE (A → svc-b → B)", hbone),
+        ("the same, node agent's eBPF on both app ↔ sidecar hops", accelerated),
+        ("two sidecars, plain TCP (E → svc-f → F)", plain),
     ] {
+        let (r, [(cc, ck), (sc, sk)]) = (p.best(), p.cpu_min());
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.3}, {:.3} | {:.0}%, {:.0}% |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {cc:.3}, {sc:.3} | {:.0}%, {:.0}% |",
             r.rps,
             r.rps / d_best.rps,
             r.p50,
             r.p99,
-            c.0,
-            c.1,
-            k.0 * 100.0,
-            k.1 * 100.0
+            ck * 100.0,
+            sk * 100.0
         );
     }
+}
+
+fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u32, smoke: bool) {
+    let d_best = best(direct);
+    let [hbone, plain, accelerated] = paths;
+    let (m_best, p_best) = (hbone.best(), plain.best());
+    let rss = hbone.sidecars.map(rss_mib);
+    let [(cc, ck), (sc, sk)] = hbone.cpu_min();
+    let [(pcc, _), (psc, _)] = plain.cpu_min();
+    let e_best = accelerated.best();
+    let [(ecc, _), (esc, _)] = accelerated.cpu_min();
+    let errors: u64 = direct
+        .iter()
+        .chain(paths.iter().flat_map(|p| &p.runs))
+        .map(|r| r.errors)
+        .sum();
+    print_table(d_best, paths);
     println!();
     println!(
         "HBONE / direct RPS: {:.2} (target ≥ 0.70); HBONE / plain-TCP sidecars: {:.2}; errors: {errors}",
@@ -372,13 +359,7 @@ fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u3
         "errors": errors,
     });
     if !smoke {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(
-            dir.join(format!("mesh-{t}.json")),
-            serde_json::to_vec_pretty(&result).unwrap(),
-        );
+        write_result("mesh", &result);
     }
     println!("{result}");
 }

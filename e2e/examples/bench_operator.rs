@@ -402,10 +402,6 @@ fn write_report(args: &Args, s: &Scale, translate_ms: f64, samples: &mut [f64], 
     println!("  full translate        {translate_ms:>8.0} ms");
     println!("  change → all proxies have it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < {p99_target})");
     println!("  operator RSS          {rss:>8.1} MiB  (target < {rss_target})");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let kind = if mesh { "operator-mesh" } else { "operator" };
-    let out = dir.join(format!("{kind}-{}.json", result["when"]));
-    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    let out = write_result(if mesh { "operator-mesh" } else { "operator" }, &result);
     println!("  written to {}", out.display());
 }

@@ -314,13 +314,6 @@ async fn main() {
         "operator_rss_mib": rss, "operator_cpu_seconds": cpu,
         "targets": {"propagation_p99_ms": 200, "rss_mib": 300},
     });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let when = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let out = dir.join(format!("xds-{mode}-{when}.json"));
-    std::fs::write(&out, serde_json::to_string_pretty(&result).unwrap()).unwrap();
+    let out = write_result(&format!("xds-{mode}"), &result);
     println!("  written to {}", out.display());
 }

@@ -483,6 +483,16 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11), ticks(12))
 }
 
+/// For the benchmarks: writes `result` to `bench/results/<kind>-<unix seconds>.json`.
+pub fn write_result(kind: &str, result: &Value) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    std::fs::create_dir_all(&dir).expect("bench/results can be made");
+    let when = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let out = dir.join(format!("{kind}-{when}.json"));
+    std::fs::write(&out, format!("{result:#}\n")).expect("bench/results is writable");
+    out
+}
+
 /// For the benchmarks.
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
