@@ -252,19 +252,7 @@ async fn serve(args: Args) -> Result<(), StartError> {
 
     let rediscover = Duration::from_secs(args.rediscover_seconds);
     let controller = controller::Controller::start(client.clone(), kinds, rediscover).await;
-    // Workloads prove who they are with their projected ServiceAccount token (TokenReview), to
-    // the CA and when they subscribe as a sidecar.
-    let stores = &controller.stores;
-    let workloads = ca::service::Workloads {
-        pods: stores.pods.clone(),
-        nodes: stores.nodes.clone(),
-        entries: stores.workload_entries.clone(),
-    };
-    let workload_auth = Arc::new(ca::service::Kubernetes::new(
-        client.clone(),
-        args.ca_audience.clone(),
-        workloads,
-    ));
+    let workload_auth = workload_auth(&client, &args, &controller.stores);
     let namespaces = controller.stores.namespaces.clone();
     tokio::spawn(controller.run(publisher.clone(), Duration::from_millis(args.debounce_ms)));
     tokio::spawn(status_loop(
@@ -281,9 +269,35 @@ async fn serve(args: Args) -> Result<(), StartError> {
 
     let access = proxy_access(&args, workload_auth);
     let router = grpc_router(&args, &publisher, proxies, access)?;
-    let served = match grpc_tls {
+    serve_grpc(&args, router, grpc, grpc_tls, &ready).await
+}
+
+/// Workloads prove who they are with their projected ServiceAccount token (TokenReview), to the
+/// CA and when they subscribe as a sidecar.
+fn workload_auth(client: &kube::Client, args: &Args, stores: &controller::Stores) -> Arc<ca::service::Kubernetes> {
+    let workloads = ca::service::Workloads {
+        pods: stores.pods.clone(),
+        nodes: stores.nodes.clone(),
+        entries: stores.workload_entries.clone(),
+    };
+    Arc::new(ca::service::Kubernetes::new(
+        client.clone(),
+        args.ca_audience.clone(),
+        workloads,
+    ))
+}
+
+/// Serves the gRPC port until shutdown: over TLS from the mesh CA once it has its material
+/// (`tls`), else in plain text. Ready from then on.
+async fn serve_grpc(
+    args: &Args,
+    router: tonic::transport::server::Router,
+    grpc: tokio::net::TcpListener,
+    tls: Option<tokio::sync::oneshot::Receiver<Arc<rustls::ServerConfig>>>,
+    ready: &AtomicBool,
+) -> Result<(), StartError> {
+    let served = match tls {
         Some(tls) => {
-            // The CA has its material once the leader made or loaded it.
             let tls = tls.await.map_err(|_| StartError::CaNotStarted)?;
             ready.store(true, Relaxed);
             tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, tls = true, "ferrum-operator serving");

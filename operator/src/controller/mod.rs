@@ -294,24 +294,10 @@ async fn watch<K>(
         config = config.fields(f);
     }
     let events = watcher(api, config).filter_map(|ev| async move {
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => return Some(Err(e)),
-        };
-        let ev = ev.modify(|o| {
-            o.metadata.managed_fields = None;
-            if let Some(a) = &mut o.metadata.annotations {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        });
-        // An object we cannot read is left out (and logged), not a reason to stop watching.
-        Some(Ok(match ev {
-            watcher::Event::Apply(o) => watcher::Event::Apply(typed(o)?),
-            watcher::Event::InitApply(o) => watcher::Event::InitApply(typed(o)?),
-            watcher::Event::Delete(o) => watcher::Event::Delete(typed(o)?),
-            watcher::Event::Init => watcher::Event::Init,
-            watcher::Event::InitDone => watcher::Event::InitDone,
-        }))
+        match ev {
+            Ok(ev) => cleaned(ev).map(Ok),
+            Err(e) => Some(Err(e)),
+        }
     });
     let mut stream = events.reflect(writer).default_backoff().boxed();
     let mut generations: std::collections::HashMap<String, (i64, u64)> = Default::default();
@@ -333,20 +319,58 @@ async fn watch<K>(
                 },
             );
         }
-        if spec.status_written
-            && let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = &ev
-            && let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation)
-            && let seen = (generation, labels_and_annotations(o.meta()))
-            && generations.insert(uid, seen) == Some(seen)
-        {
+        if spec.status_written && own_write(&mut generations, &ev) {
             continue;
         }
-        if let watcher::Event::Delete(o) = &ev
-            && let Some(uid) = &o.meta().uid
-        {
-            generations.remove(uid);
-        }
         let _ = changed.try_send(());
+    }
+}
+
+/// `ev` with its object typed, and without managedFields or kubectl's last-applied copy:
+/// nothing reads them, and in a real cluster they are often most of an object's size. `None`
+/// for an object we cannot read: left out (and logged), not a reason to stop watching.
+fn cleaned<K>(ev: watcher::Event<DynamicObject>) -> Option<watcher::Event<K>>
+where
+    K: Resource + DeserializeOwned,
+    K::DynamicType: Default,
+{
+    let ev = ev.modify(|o| {
+        o.metadata.managed_fields = None;
+        if let Some(a) = &mut o.metadata.annotations {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    });
+    Some(match ev {
+        watcher::Event::Apply(o) => watcher::Event::Apply(typed(o)?),
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(typed(o)?),
+        watcher::Event::Delete(o) => watcher::Event::Delete(typed(o)?),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    })
+}
+
+/// Whether `ev` reports an object at the generation, labels and annotations last seen — i.e.
+/// only its status changed, which this operator writes itself. Keeps `generations` (by uid)
+/// up to date.
+fn own_write<K: Resource>(
+    generations: &mut std::collections::HashMap<String, (i64, u64)>,
+    ev: &watcher::Event<K>,
+) -> bool {
+    match ev {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+            let (Some(uid), Some(generation)) = (o.meta().uid.clone(), o.meta().generation) else {
+                return false;
+            };
+            let seen = (generation, labels_and_annotations(o.meta()));
+            generations.insert(uid, seen) == Some(seen)
+        }
+        watcher::Event::Delete(o) => {
+            if let Some(uid) = &o.meta().uid {
+                generations.remove(uid);
+            }
+            false
+        }
+        _ => false,
     }
 }
 

@@ -289,6 +289,57 @@ struct SotwStream {
     lingering: BTreeMap<String, Any>,
 }
 
+/// What a state-of-the-world answer for `type_url` carries now, or `None` when the client
+/// already has it (or asked for nothing yet). A client one generation behind gets what changed;
+/// named LDS/CDS answers carry every requested resource, EDS/RDS only the changed ones.
+fn to_send(st: &mut TypeState, lingering: &BTreeMap<String, Any>, type_url: &str, g: &Generation) -> Option<Vec<Any>> {
+    let names = st.names.clone()?;
+    let of_type = &g.res.by_type[type_url];
+    let lookup = |n: &String| {
+        of_type.get(n).or_else(|| {
+            if type_url == LISTENER {
+                g.res.api_listeners.get(n)
+            } else {
+                None
+            }
+        })
+    };
+    let same_subscription = st.sent_for == st.names_hash;
+    let fresh = matches!(&st.sent_from, Some(p) if Arc::ptr_eq(p, &g.res)) && same_subscription;
+    let one_behind =
+        matches!((&st.sent_from, &g.prev), (Some(p), Some(prev)) if Arc::ptr_eq(p, prev)) && same_subscription;
+    if wildcard(type_url, &names) {
+        let lingering_clusters = type_url == CLUSTER && !lingering.is_empty();
+        let removed = g.removed[type_url];
+        if fresh && !lingering_clusters
+            || one_behind && g.changed[type_url].is_empty() && !removed && !lingering_clusters
+        {
+            st.sent_from = Some(g.res.clone());
+            return None;
+        }
+        let mut all: BTreeMap<&String, &Any> = of_type.iter().collect();
+        for (n, a) in lingering {
+            all.entry(n).or_insert(a);
+        }
+        return Some(all.into_values().cloned().collect());
+    }
+    if fresh {
+        return None;
+    }
+    let delta: Vec<&String> = if one_behind {
+        g.changed[type_url].iter().filter(|n| names.contains(*n)).collect()
+    } else {
+        names.iter().collect()
+    };
+    if delta.is_empty() {
+        st.sent_from = Some(g.res.clone());
+        return None;
+    }
+    let full_state = type_url == LISTENER || type_url == CLUSTER;
+    let send: Vec<&String> = if full_state { names.iter().collect() } else { delta };
+    Some(send.into_iter().filter_map(|n| lookup(n).cloned()).collect())
+}
+
 fn wildcard(type_url: &str, names: &BTreeSet<String>) -> bool {
     (type_url == LISTENER || type_url == CLUSTER) && (names.is_empty() || names.contains("*"))
 }
@@ -298,51 +349,10 @@ impl SotwStream {
         let Some(st) = self.types.get_mut(type_url) else {
             return true;
         };
-        let Some(names) = st.names.clone() else { return true };
-        let of_type = &g.res.by_type[type_url];
-        let lookup = |n: &String| {
-            of_type.get(n).or_else(|| {
-                if type_url == LISTENER {
-                    g.res.api_listeners.get(n)
-                } else {
-                    None
-                }
-            })
+        let Some(resources) = to_send(st, &self.lingering, type_url, g) else {
+            return true;
         };
-        let same_subscription = st.sent_for == st.names_hash;
-        let fresh = matches!(&st.sent_from, Some(p) if Arc::ptr_eq(p, &g.res)) && same_subscription;
-        let one_behind =
-            matches!((&st.sent_from, &g.prev), (Some(p), Some(prev)) if Arc::ptr_eq(p, prev)) && same_subscription;
-        let lingering = type_url == CLUSTER && !self.lingering.is_empty();
         let full_state = type_url == LISTENER || type_url == CLUSTER;
-        let resources: Vec<Any> = if wildcard(type_url, &names) {
-            let removed = g.removed[type_url];
-            if fresh && !lingering || one_behind && g.changed[type_url].is_empty() && !removed && !lingering {
-                st.sent_from = Some(g.res.clone());
-                return true;
-            }
-            let mut all: BTreeMap<&String, &Any> = of_type.iter().collect();
-            for (n, a) in &self.lingering {
-                all.entry(n).or_insert(a);
-            }
-            all.into_values().cloned().collect()
-        } else {
-            if fresh {
-                return true;
-            }
-            let delta: Vec<&String> = if one_behind {
-                g.changed[type_url].iter().filter(|n| names.contains(*n)).collect()
-            } else {
-                names.iter().collect()
-            };
-            if delta.is_empty() {
-                st.sent_from = Some(g.res.clone());
-                return true;
-            }
-            // Named LDS/CDS answers carry every requested resource; EDS/RDS only the changed ones.
-            let send: Vec<&String> = if full_state { names.iter().collect() } else { delta };
-            send.into_iter().filter_map(|n| lookup(n).cloned()).collect()
-        };
         st.sent_from = Some(g.res.clone());
         st.sent_for = st.names_hash;
         if let Some(reg) = &self.reg {

@@ -489,38 +489,13 @@ fn gateway_parent(
         );
         return Vec::new();
     };
-    let selected: Vec<&GatewayListener> = gls
-        .iter()
-        .filter(|l| {
-            p.section_name.as_ref().is_none_or(|s| *s == l.name) && p.port.is_none_or(|port| port == i32::from(l.port))
-        })
-        .collect();
-    if selected.is_empty() {
-        problems.push(
-            obj,
-            field,
-            Reason::NoMatchingParent,
-            format!("{gw} has no listener matching sectionName/port"),
-        );
-        return Vec::new();
-    }
-    let allowed: Vec<&&GatewayListener> = selected
-        .iter()
-        .filter(|l| l.allows_kind(obj.kind) && admits_namespace(res, l, &obj.namespace))
-        .collect();
-    if allowed.is_empty() {
-        problems.push(
-            obj,
-            field,
-            Reason::NotAllowedByListeners,
-            if selected.iter().any(|l| l.allows_kind(obj.kind)) {
-                format!("no listener of {gw} allows {}s from namespace {:?}", obj.kind, obj.namespace)
-            } else {
-                format!("no listener of {gw} takes {}s (an HTTP or HTTPS listener takes HTTPRoute and GRPCRoute, TLS takes TLSRoute, TCP takes TCPRoute)", obj.kind)
-            },
-        );
-        return Vec::new();
-    }
+    let allowed = match allowed_listeners(res, p, gls, obj, &gw) {
+        Ok(allowed) => allowed,
+        Err((reason, why)) => {
+            problems.push(obj, field, reason, why);
+            return Vec::new();
+        }
+    };
     let mut out = Vec::new();
     for l in allowed {
         if let Some(hosts) = intersect_hostnames(l.hostname.as_deref(), route_hosts) {
@@ -542,6 +517,49 @@ fn gateway_parent(
         );
     }
     out
+}
+
+/// The listeners of Gateway `gw` (`gls`) that parentRef `p` selects (by sectionName and port)
+/// and that take route `obj`'s kind from its namespace, or why there are none.
+fn allowed_listeners<'l>(
+    res: &Resources,
+    p: &HttpRouteParentRefs,
+    gls: &'l [GatewayListener],
+    obj: &ObjectRef,
+    gw: &ObjectRef,
+) -> Result<Vec<&'l GatewayListener>, (Reason, String)> {
+    let selected: Vec<&GatewayListener> = gls
+        .iter()
+        .filter(|l| {
+            p.section_name.as_ref().is_none_or(|s| *s == l.name) && p.port.is_none_or(|port| port == i32::from(l.port))
+        })
+        .collect();
+    if selected.is_empty() {
+        return Err((
+            Reason::NoMatchingParent,
+            format!("{gw} has no listener matching sectionName/port"),
+        ));
+    }
+    let allowed: Vec<&GatewayListener> = selected
+        .iter()
+        .copied()
+        .filter(|l| l.allows_kind(obj.kind) && admits_namespace(res, l, &obj.namespace))
+        .collect();
+    if !allowed.is_empty() {
+        return Ok(allowed);
+    }
+    let why = if selected.iter().any(|l| l.allows_kind(obj.kind)) {
+        format!(
+            "no listener of {gw} allows {}s from namespace {:?}",
+            obj.kind, obj.namespace
+        )
+    } else {
+        format!(
+            "no listener of {gw} takes {}s (an HTTP or HTTPS listener takes HTTPRoute and GRPCRoute, TLS takes TLSRoute, TCP takes TCPRoute)",
+            obj.kind
+        )
+    };
+    Err((Reason::NotAllowedByListeners, why))
 }
 
 /// Whether a listener's `allowedRoutes.namespaces` admits routes from `namespace`.

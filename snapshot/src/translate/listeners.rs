@@ -199,60 +199,83 @@ pub(crate) fn build(res: &Resources, opts: &Options, problems: &mut Problems<'_>
         let Some(client) = client_address(gw, &obj, problems) else {
             continue;
         };
-        let mut attachable = Vec::new();
-        for (i, l) in gw.spec.listeners.iter().enumerate() {
-            let field = format!("spec.listeners[{i}]");
-            let protocol = match listener_protocol(l) {
-                Ok(p) => p,
-                Err(why) => {
-                    problems.push(&obj, format!("{field}.protocol"), Reason::UnsupportedProtocol, why);
-                    continue;
-                }
-            };
-            let Some(port) = listener_port(l, &field, &obj, problems) else {
-                continue;
-            };
-            let mut certs = Vec::new();
-            let terminates = terminates(protocol, l);
-            if terminates {
-                match listener_certificates(res, gw, &obj, i, l, problems) {
-                    Some(c) => certs = c,
-                    None => continue,
-                }
-            }
-            let Some(bound) = out.bind(&address, port, protocol, terminates, &field, &obj, problems) else {
-                continue;
-            };
-            // One socket either reads a PROXY header first or does not.
-            let listener = &mut out.bound[bound].listener;
-            if listener.gateways.is_empty() {
-                listener.client_address = client;
-            } else if listener.client_address != client {
-                let why = format!(
-                    "port {port} is shared with a Gateway whose {PROXY_PROTOCOL_ANNOTATION} or {XFF_TRUSTED_HOPS_ANNOTATION} differ"
-                );
-                problems.push(&obj, format!("{field}.port"), Reason::ProtocolConflict, why);
-                continue;
-            }
-            out.bound[bound].listener.certificates.extend(certs);
-            out.bound[bound].listener.access_log |= access_log(gw);
-            out.bound[bound].listener.note_gateway(&obj, l.hostname.clone());
-            let (allowed, kinds) = allowed_routes(l);
-            attachable.push(GatewayListener {
-                gateway: obj.clone(),
-                name: l.name.clone(),
-                port,
-                protocol,
-                // TCP has no hostnames: whatever the listener says, its one host is `*`.
-                hostname: l.hostname.clone().filter(|_| protocol != Protocol::Tcp),
-                allowed,
-                kinds,
-                bound,
-            });
-        }
+        let site = Site {
+            gw,
+            obj: &obj,
+            address: &address,
+            client,
+        };
+        let attachable = (gw.spec.listeners.iter().enumerate())
+            .filter_map(|(i, l)| out.add(res, &site, i, l, problems))
+            .collect();
         out.by_gateway.insert(obj, attachable);
     }
     out
+}
+
+/// A Gateway with its address and client-address settings, as its listeners are bound.
+struct Site<'a> {
+    gw: &'a Gateway,
+    obj: &'a ObjectRef,
+    address: &'a str,
+    client: ClientAddress,
+}
+
+impl Listeners {
+    /// Binds listener `i` (`l`) of the Gateway at `site`: the route attachment point it makes,
+    /// or `None` with the problem noted.
+    fn add(
+        &mut self,
+        res: &Resources,
+        site: &Site<'_>,
+        i: usize,
+        l: &gateway_api::gateways::GatewayListeners,
+        problems: &mut Problems<'_>,
+    ) -> Option<GatewayListener> {
+        let (gw, obj) = (site.gw, site.obj);
+        let field = format!("spec.listeners[{i}]");
+        let protocol = match listener_protocol(l) {
+            Ok(p) => p,
+            Err(why) => {
+                problems.push(obj, format!("{field}.protocol"), Reason::UnsupportedProtocol, why);
+                return None;
+            }
+        };
+        let port = listener_port(l, &field, obj, problems)?;
+        let terminates = terminates(protocol, l);
+        let certs = if terminates {
+            listener_certificates(res, gw, obj, i, l, problems)?
+        } else {
+            Vec::new()
+        };
+        let bound = self.bind(site.address, port, protocol, terminates, &field, obj, problems)?;
+        // One socket either reads a PROXY header first or does not.
+        let listener = &mut self.bound[bound].listener;
+        if listener.gateways.is_empty() {
+            listener.client_address = site.client;
+        } else if listener.client_address != site.client {
+            let why = format!(
+                "port {port} is shared with a Gateway whose {PROXY_PROTOCOL_ANNOTATION} or {XFF_TRUSTED_HOPS_ANNOTATION} differ"
+            );
+            problems.push(obj, format!("{field}.port"), Reason::ProtocolConflict, why);
+            return None;
+        }
+        listener.certificates.extend(certs);
+        listener.access_log |= access_log(gw);
+        listener.note_gateway(obj, l.hostname.clone());
+        let (allowed, kinds) = allowed_routes(l);
+        Some(GatewayListener {
+            gateway: obj.clone(),
+            name: l.name.clone(),
+            port,
+            protocol,
+            // TCP has no hostnames: whatever the listener says, its one host is `*`.
+            hostname: l.hostname.clone().filter(|_| protocol != Protocol::Tcp),
+            allowed,
+            kinds,
+            bound,
+        })
+    }
 }
 
 /// The Gateway's address (its first, else any), or `None` with the problem noted.

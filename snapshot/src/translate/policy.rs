@@ -91,35 +91,9 @@ fn authorization(p: &AuthorizationPolicy, providers: &Providers, problems: &mut 
         problems,
     )?;
     let rules = spec.rules.clone().unwrap_or_default();
-    for (i, r) in rules.iter().enumerate() {
-        for (j, f) in r.from.iter().enumerate() {
-            let s = &f.source;
-            for (name, blocks) in [
-                ("ipBlocks", &s.ip_blocks),
-                ("notIpBlocks", &s.not_ip_blocks),
-                ("remoteIpBlocks", &s.remote_ip_blocks),
-                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-            ] {
-                if let Some(bad) = blocks.iter().find(|b| !valid_block(b)) {
-                    let field = format!("spec.rules[{i}].from[{j}].source.{name}");
-                    problems.push(
-                        &obj,
-                        field,
-                        Reason::Invalid,
-                        format!("{bad:?} is not an IP address or CIDR block"),
-                    );
-                    return None;
-                }
-            }
-        }
-        for (j, t) in r.to.iter().enumerate() {
-            let o = &t.operation;
-            if let Some(bad) = o.ports.iter().chain(&o.not_ports).find(|p| p.parse::<u16>().is_err()) {
-                let field = format!("spec.rules[{i}].to[{j}].operation.ports");
-                problems.push(&obj, field, Reason::Invalid, format!("{bad:?} is not a port number"));
-                return None;
-            }
-        }
+    if let Some((field, why)) = rules.iter().enumerate().find_map(|(i, r)| rule_problem(i, r)) {
+        problems.push(&obj, field, Reason::Invalid, why);
+        return None;
     }
     let dry_run = p
         .metadata
@@ -140,6 +114,37 @@ fn authorization(p: &AuthorizationPolicy, providers: &Providers, problems: &mut 
             }),
         )
     })
+}
+
+/// What is wrong with rule `i`, if anything: (field, why) of an address block or port that does
+/// not parse.
+fn rule_problem(i: usize, r: &crate::istio::Rule) -> Option<(String, String)> {
+    for (j, f) in r.from.iter().enumerate() {
+        let s = &f.source;
+        for (name, blocks) in [
+            ("ipBlocks", &s.ip_blocks),
+            ("notIpBlocks", &s.not_ip_blocks),
+            ("remoteIpBlocks", &s.remote_ip_blocks),
+            ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+        ] {
+            if let Some(bad) = blocks.iter().find(|b| !valid_block(b)) {
+                return Some((
+                    format!("spec.rules[{i}].from[{j}].source.{name}"),
+                    format!("{bad:?} is not an IP address or CIDR block"),
+                ));
+            }
+        }
+    }
+    for (j, t) in r.to.iter().enumerate() {
+        let o = &t.operation;
+        if let Some(bad) = o.ports.iter().chain(&o.not_ports).find(|p| p.parse::<u16>().is_err()) {
+            return Some((
+                format!("spec.rules[{i}].to[{j}].operation.ports"),
+                format!("{bad:?} is not a port number"),
+            ));
+        }
+    }
+    None
 }
 
 /// A CUSTOM policy's provider, resolved: `Some(None)` when it cannot be (the problem says why),
