@@ -154,30 +154,7 @@ impl Ads {
                 tracing::warn!(generation = cur.generation, "xDS clients are not told: {u}");
             }
         }
-        let mut changed = BTreeMap::new();
-        for t in PUSH_ORDER {
-            let before = prev.as_ref().and_then(|p| p.by_type.get(t));
-            let names: BTreeSet<String> = res.by_type[t]
-                .iter()
-                .filter(|(n, a)| before.and_then(|b| b.get(*n)) != Some(*a))
-                .map(|(n, _)| n.clone())
-                .collect();
-            changed.insert(t, names);
-        }
-        if let Some(p) = &prev {
-            let api: BTreeSet<String> = res
-                .api_listeners
-                .iter()
-                .filter(|(n, a)| p.api_listeners.get(*n) != Some(*a))
-                .map(|(n, _)| n.clone())
-                .collect();
-            changed.get_mut(LISTENER).expect("every type").extend(api);
-        } else {
-            changed
-                .get_mut(LISTENER)
-                .expect("every type")
-                .extend(res.api_listeners.keys().cloned());
-        }
+        let changed = changed_names(&res, prev.as_deref());
         let removed: BTreeMap<&'static str, bool> = PUSH_ORDER
             .iter()
             .map(|t| {
@@ -338,6 +315,31 @@ fn to_send(st: &mut TypeState, lingering: &BTreeMap<String, Any>, type_url: &str
     let full_state = type_url == LISTENER || type_url == CLUSTER;
     let send: Vec<&String> = if full_state { names.iter().collect() } else { delta };
     Some(send.into_iter().filter_map(|n| lookup(n).cloned()).collect())
+}
+
+/// Per type, the names whose resource is new in `res` or differs from `prev`'s; API listeners
+/// count as listeners.
+fn changed_names(
+    res: &resources::EnvoyResources,
+    prev: Option<&resources::EnvoyResources>,
+) -> BTreeMap<&'static str, BTreeSet<String>> {
+    let mut changed = BTreeMap::new();
+    for t in PUSH_ORDER {
+        let before = prev.and_then(|p| p.by_type.get(t));
+        let names: BTreeSet<String> = res.by_type[t]
+            .iter()
+            .filter(|(n, a)| before.and_then(|b| b.get(*n)) != Some(*a))
+            .map(|(n, _)| n.clone())
+            .collect();
+        changed.insert(t, names);
+    }
+    let api = res
+        .api_listeners
+        .iter()
+        .filter(|(n, a)| prev.is_none_or(|p| p.api_listeners.get(*n) != Some(*a)))
+        .map(|(n, _)| n.clone());
+    changed.get_mut(LISTENER).expect("every type").extend(api);
+    changed
 }
 
 fn wildcard(type_url: &str, names: &BTreeSet<String>) -> bool {
