@@ -16,6 +16,17 @@ pub fn now() -> String {
     k8s_openapi::jiff::Timestamp::from_second(t.as_second()).map_or_else(|_| t.to_string(), |t| t.to_string())
 }
 
+/// Condition `kind` with status `ok` for problem `p`: its reason, and its field and message.
+fn problem_cond(kind: &str, ok: bool, p: &Problem, generation: Option<i64>) -> Value {
+    cond(
+        kind,
+        ok,
+        p.reason.as_str(),
+        &format!("{}: {}", p.field, p.message),
+        generation,
+    )
+}
+
 pub fn cond(kind: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Value {
     json!({
         "type": kind,
@@ -186,13 +197,7 @@ fn parent_conditions(
         ),
     };
     let resolved = match backend_problem {
-        Some(bp) => cond(
-            "ResolvedRefs",
-            false,
-            bp.reason.as_str(),
-            &format!("{}: {}", bp.field, bp.message),
-            generation,
-        ),
+        Some(bp) => problem_cond("ResolvedRefs", false, bp, generation),
         None => cond(
             "ResolvedRefs",
             true,
@@ -203,13 +208,7 @@ fn parent_conditions(
     };
     let mut conditions = vec![accepted, resolved];
     if let Some(rp) = rule_problem {
-        conditions.push(cond(
-            "PartiallyInvalid",
-            true,
-            rp.reason.as_str(),
-            &format!("{}: {}", rp.field, rp.message),
-            generation,
-        ));
+        conditions.push(problem_cond("PartiallyInvalid", true, rp, generation));
     }
     conditions
 }
@@ -242,13 +241,7 @@ fn accepted(t: &Translation, obj: &ObjectRef, generation: Option<i64>, ok: &str)
     // An unfetched JWKS leaves the policy in effect: it has a condition of its own.
     let leaves_out = |p: &&Problem| p.reason != Reason::JwksUnavailable;
     match t.problems_of(obj).iter().find(leaves_out) {
-        Some(p) => cond(
-            "Accepted",
-            false,
-            p.reason.as_str(),
-            &format!("{}: {}", p.field, p.message),
-            generation,
-        ),
+        Some(p) => problem_cond("Accepted", false, p, generation),
         None => cond("Accepted", true, "Accepted", ok, generation),
     }
 }
