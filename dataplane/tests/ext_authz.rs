@@ -156,6 +156,19 @@ async fn custom_policies_ask_the_external_service_before_the_request_goes_on() {
     assert_eq!(post.status(), 200);
     assert_eq!(a.last().unwrap()["body"], "payload");
     assert_eq!(authz.asked().last().unwrap()["method"], "POST");
+    // One check at a time: they share a connection to the service (one per worker at most)
+    // instead of opening one each.
+    let peers: std::collections::BTreeSet<String> = authz
+        .asked()
+        .iter()
+        .map(|a| a["peer"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        peers.len() <= 2,
+        "{} checks came on {} connections",
+        authz.asked().len(),
+        peers.len()
+    );
 
     // The service failing (a 5xx, or no answer in time): closed by default, open when the
     // provider says so.

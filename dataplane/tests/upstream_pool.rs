@@ -446,3 +446,35 @@ async fn a_bursts_leftover_connections_close_before_the_idle_timeout_and_busy_on
         "the steady load kept its connections: no new one opened"
     );
 }
+
+#[tokio::test]
+async fn mirrored_copies_share_a_connection_to_the_mirror() {
+    let (b, copy) = (Counting::start(None).await, Counting::start(None).await);
+    let mirror = format!(
+        "---\napiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: copy}}\nspec:\n  \
+         endpoints: [{{address: 127.0.0.1, port: {}}}]\n---\napiVersion: gateway.networking.k8s.io/v1\n\
+         kind: HTTPRoute\nmetadata: {{name: m}}\nspec:\n  parentRefs: [{{name: gw}}]\n  rules:\n  \
+         - matches: [{{path: {{value: /copied}}}}]\n    filters: [{{type: RequestMirror, requestMirror: \
+         {{backendRef: {{group: ferrum.dev, kind: Backend, name: copy}}}}}}]\n    \
+         backendRefs: [{{group: ferrum.dev, kind: Backend, name: pool}}]\n",
+        copy.addr.port()
+    );
+    let (dp, url) = proxy_with(&b, &mirror, &["--workers", "1"]).await;
+    let c = client();
+    let copies = "ferrum_cluster_requests_total{cluster=\"backend/default/copy\",code=\"2xx\"}";
+    for i in 1..=10 {
+        let r = c.get(format!("{url}/copied")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // One copy at a time, each answered before the next is sent.
+        eventually("the mirror answers the copy", Duration::from_secs(5), async || {
+            dp.metric(copies).await == f64::from(i)
+        })
+        .await;
+    }
+    assert_eq!(b.accepted.load(SeqCst), 1, "the primary's connection is reused");
+    assert_eq!(
+        copy.accepted.load(SeqCst),
+        1,
+        "10 copies, read to their end, on one connection to the mirror"
+    );
+}

@@ -72,12 +72,12 @@ impl AuthzServer {
         let log = asked.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
+                let Ok((s, peer)) = l.accept().await else { continue };
                 let log = log.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let log = log.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &log).await) }
+                        async move { Ok::<_, Infallible>(answer(req, &log, peer).await) }
                     });
                     let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let _ = http.serve_connection(TokioIo::new(s), svc).await;
@@ -88,14 +88,19 @@ impl AuthzServer {
     }
 
     /// What it was asked, in order: `{"method", "path", "headers": {name: value}, "body"}`
-    /// (the body as UTF-8, lossy; over gRPC also `"source"`: the caller's principal, `"raw"`:
+    /// (the body as UTF-8, lossy; over HTTP also `"peer"`: the asking connection's address;
+    /// over gRPC also `"source"`: the caller's principal, `"raw"`:
     /// whether the body came as bytes, and `"size"`).
     pub fn asked(&self) -> Vec<Value> {
         self.asked.lock().unwrap().clone()
     }
 }
 
-async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Value>>) -> hyper::Response<Full<Bytes>> {
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    log: &Mutex<Vec<Value>>,
+    peer: SocketAddr,
+) -> hyper::Response<Full<Bytes>> {
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
@@ -114,6 +119,7 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, log: &Mutex<Vec<Valu
         "path": path_and_query,
         "headers": headers,
         "body": body,
+        "peer": peer.to_string(),
     }));
     let reply = |status: u16, body: &'static str| {
         let mut r = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -426,11 +426,13 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
                 .send(idx, &cluster.endpoints[idx].authority, req)
                 .await
             {
-                Ok((resp, lease)) => {
+                Ok((resp, mut lease)) => {
                     cluster.stats.responses.record(resp.status().as_u16());
                     cluster.stats.latency.observe(started.elapsed());
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                    drop(lease);
+                    // Read to the end, the connection serves the next copy.
+                    if http_body_util::BodyExt::collect(resp.into_body()).await.is_ok() {
+                        lease.finish();
+                    }
                 }
                 Err(e) if e.is_connect() => cluster.stats.error(UpstreamError::ConnectFailure),
                 Err(_) => cluster.stats.error(UpstreamError::Reset),
