@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ferrum_snapshot::model::{Action, Cluster, PathMatch, PathRewrite, Route, StringMatch};
 use ferrum_snapshot::resources::LoadError;
-use ferrum_snapshot::translate::Options;
+use ferrum_snapshot::translate::{JwksFetch, Options};
 use ferrum_snapshot::{Resources, Snapshot, translate};
 
 /// The snapshot the operator would make once these manifests are applied over `cluster` (its
@@ -31,9 +31,18 @@ pub fn applied_over(
 }
 
 /// The translation of these manifests in file mode (every Gateway served), with its secrets,
-/// and the mesh's trust domain (the MeshConfig's; `cluster.local` without one).
+/// and the mesh's trust domain (the MeshConfig's; `cluster.local` without one). The JWKS that
+/// RequestAuthentications name by `jwksUri` are fetched first and put inline, as the operator
+/// does, so tokens are judged with the keys a sidecar would be sent; one that cannot be
+/// fetched is said on stderr (its tokens are refused, as by a sidecar).
 pub fn translation(files: &[PathBuf]) -> Result<(ferrum_snapshot::Translation, String), LoadError> {
-    let res = Resources::from_paths(files)?;
+    let mut res = Resources::from_paths(files)?;
+    res.jwks = crate::block_on(ferrum_dp::mesh::jwt::Fetched::default().first_fetches(&res));
+    for (uri, got) in res.jwks.iter() {
+        if let JwksFetch::Failed(why) = got {
+            eprintln!("ferrumctl: cannot fetch {uri}: {why}");
+        }
+    }
     let trust_domain = ferrum_snapshot::translate::mesh_config(&res)
         .map_or_else(|| "cluster.local".to_string(), |m| m.spec.trust_domain.clone());
     Ok((translate(&res, 1, &Options::default()), trust_domain))

@@ -260,25 +260,29 @@ fn the_mistakes_example_reports_each_mistake() {
     assert_eq!(out.lines().count(), 6, "a header and one line per finding:\n{out}");
 }
 
+/// A pod of namespace `shop` in the mesh, serving HTTP on 8080.
+fn pod(name: &str, sa: &str, labels: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}, security.istio.io/tlsMode: istio}}}}\n\
+         spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{podIP: {ip}}}\n---\n"
+    )
+}
+
+/// A Service of namespace `shop` on port 80 (`http`, to 8080) whose one endpoint is `pod`.
+fn service(name: &str, vip: &str, selector: &str, pod: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints: [{{addresses: [{ip}], targetRef: {{kind: Pod, name: {pod}, namespace: shop}}}}]\n---\n"
+    )
+}
+
 #[test]
 fn explain_request_from_a_pod_follows_its_mesh_route_to_each_destinations_policies() {
-    let pod = |name: &str, sa: &str, labels: &str, ip: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{{labels}, security.istio.io/tlsMode: istio}}}}\n\
-             spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
-             status: {{podIP: {ip}}}\n---\n"
-        )
-    };
-    let service = |name: &str, vip: &str, selector: &str, pod: &str, ip: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
-             spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
-             endpoints: [{{addresses: [{ip}], targetRef: {{kind: Pod, name: {pod}, namespace: shop}}}}]\n---\n"
-        )
-    };
     let yaml = [
         pod("a-1", "sa-a", "app: a", "10.1.0.1"),
         pod("c-1", "sa-c", "app: c", "10.1.0.4"),
@@ -355,4 +359,81 @@ fn explain_request_from_a_pod_follows_its_mesh_route_to_each_destinations_polici
         "shop/nobody",
     ]);
     assert!(code != 0 && err.contains("no pod shop/nobody"), "{err}");
+}
+
+/// A RequestAuthentication whose keys are behind a `jwksUri`: `explain --from` fetches them, as
+/// the operator does for the sidecars, and judges tokens with them; a URI it cannot fetch is
+/// named, and its tokens are refused, as a sidecar would refuse them.
+#[test]
+fn explain_request_judges_tokens_with_the_keys_behind_a_jwks_uri() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let issuer = ferrum_testkit::jwt::Issuer::default();
+    let server = rt.block_on(ferrum_testkit::jwt::JwksServer::start(&issuer.jwks));
+    let manifests = |jwks_uri: &str| {
+        [
+            pod("a-1", "sa-a", "app: a", "10.1.0.1"),
+            pod("b-1", "sa-b", "app: b", "10.1.0.2"),
+            service("b", "10.96.0.9", "app: b", "b-1", "10.1.0.2"),
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\n\
+                 spec: {{selector: {{matchLabels: {{app: b}}}}, jwtRules: [{{issuer: https://issuer.example, jwksUri: '{jwks_uri}', timeout: 2s}}]}}\n---\n\
+                 apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: users, namespace: shop}}\n\
+                 spec: {{selector: {{matchLabels: {{app: b}}}}, rules: [{{from: [{{source: {{requestPrincipals: [https://issuer.example/alice]}}}}]}}]}}\n"
+            ),
+        ]
+        .concat()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ask = |yaml: &str, token: Option<String>| {
+        let f = dir.path().join("mesh.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let req = match token {
+            Some(t) => format!("GET http://b/x -H authorization: Bearer {t}"),
+            None => "GET http://b/x".to_string(),
+        };
+        let (code, out, err) = ferrumctl(&[
+            "explain",
+            "-f",
+            f.to_str().unwrap(),
+            "--request",
+            &req,
+            "--from",
+            "shop/a-1",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        (out, err)
+    };
+    let alice = |by: &ferrum_testkit::jwt::Issuer| {
+        Some(by.token(&serde_json::json!({
+            "iss": "https://issuer.example", "sub": "alice", "exp": ferrum_testkit::jwt::now() + 600
+        })))
+    };
+    let served = manifests(&format!("http://{}/jwks.json", server.addr));
+    let (out, err) = ask(&served, alice(&issuer));
+    assert!(
+        out.contains("pod shop/b-1 at 10.1.0.2:8080: allowed"),
+        "a token signed by the key behind the URI: {out}{err}"
+    );
+    let (out, _) = ask(&served, alice(&ferrum_testkit::jwt::Issuer::default()));
+    assert!(
+        out.contains("token refused by its RequestAuthentication") && out.contains("401"),
+        "a token signed by another key: {out}"
+    );
+    let (out, _) = ask(&served, None);
+    assert!(
+        out.contains("denied") && out.contains("403"),
+        "no token, no principal: {out}"
+    );
+
+    let port = ferrum_testkit::free_port();
+    let gone = manifests(&format!("http://127.0.0.1:{port}/jwks.json"));
+    let (out, err) = ask(&gone, alice(&issuer));
+    assert!(
+        err.contains(&format!("cannot fetch http://127.0.0.1:{port}/jwks.json")),
+        "the URI that could not be fetched is named: {err}"
+    );
+    assert!(
+        out.contains("token refused by its RequestAuthentication"),
+        "its tokens are refused, as by a sidecar: {out}"
+    );
 }

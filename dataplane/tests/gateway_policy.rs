@@ -4,37 +4,20 @@
 
 mod common;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use ferrum_testkit::jwt::{self, Issuer};
 use serde_json::json;
 
-/// A P-256 key pair: the encoding half, and the public half as a JWKS.
-fn key() -> (EncodingKey, String) {
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let point = kp.public_key_raw();
-    let (x, y) = point[1..].split_at(32);
-    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)});
-    let enc = EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
-    (enc, json!({"keys": [jwk]}).to_string())
-}
-
-fn token(k: &EncodingKey, sub: &str, exp_in: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some("k1".into());
-    let claims = json!({"iss": "https://issuer.example", "sub": sub, "aud": "gw", "exp": now + exp_in});
-    jsonwebtoken::encode(&h, &claims, k).unwrap()
+/// A token from `https://issuer.example` for audience `gw`, expiring `exp_in` seconds from now.
+fn token(k: &Issuer, sub: &str, exp_in: i64) -> String {
+    k.token(&json!({"iss": "https://issuer.example", "sub": sub, "aud": "gw", "exp": jwt::now() + exp_in}))
 }
 
 #[tokio::test]
 async fn policies_targeting_the_gateway_guard_its_routes() {
     let a = Backend::start("a").await;
-    let (k, jwks) = key();
+    let k = Issuer::default();
+    let jwks = &k.jwks;
     let port = free_port();
     let target = "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]";
     let yaml = docs(&[
@@ -74,7 +57,7 @@ async fn policies_targeting_the_gateway_guard_its_routes() {
     let expired = get("/private", &bearer(token(&k, "alice", -600))).await;
     assert_eq!(expired.status(), 401);
     assert!(expired.headers().contains_key("www-authenticate"));
-    let (other, _) = key();
+    let other = Issuer::default();
     assert_eq!(
         get("/public/page", &bearer(token(&other, "mallory", 600)))
             .await

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ferrum_e2e::*;
+use ferrum_testkit::jwt::{self, Issuer, JwksServer};
 use serde_json::{Value, json};
 
 /// A running Envoy (killed on drop) and its admin port.
@@ -882,28 +883,11 @@ async fn tcp_and_tls_routes_are_served_by_envoy_and_ferrum_dp_alike() {
     assert_eq!(gw["status"]["listeners"][1]["attachedRoutes"], 2);
 }
 
-/// A P-256 key for signing test tokens, and its public half as a JWKS (kid `k1`).
-fn jwt_key() -> (jsonwebtoken::EncodingKey, String) {
-    use base64::Engine;
-    let kp = rcgen::KeyPair::generate().unwrap();
-    let point = kp.public_key_raw();
-    let (x, y) = point[1..].split_at(32);
-    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(x), "y": b64(y)});
-    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
-    (enc, json!({"keys": [jwk]}).to_string())
-}
-
 /// A token from `https://issuer.example` for audience `gw`, valid for an hour.
-fn user_token(k: &jsonwebtoken::EncodingKey, sub: &str, groups: &[&str]) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    h.kid = Some("k1".into());
-    let claims = json!({"iss": "https://issuer.example", "sub": sub, "aud": "gw", "exp": now + 3600, "groups": groups});
-    jsonwebtoken::encode(&h, &claims, k).unwrap()
+fn user_token(k: &Issuer, sub: &str, groups: &[&str]) -> String {
+    k.token(
+        &json!({"iss": "https://issuer.example", "sub": sub, "aud": "gw", "exp": jwt::now() + 3600, "groups": groups}),
+    )
 }
 
 /// AuthorizationPolicies that target a Gateway: a stock Envoy is given them as RBAC filters
@@ -921,22 +905,11 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let authz = ferrum_testkit::ext_authz::AuthzServer::start().await;
     let db = tcp_server("db").await;
-    let ((key, jwks), (other_key, _)) = (jwt_key(), jwt_key());
+    let (key, other_key) = (Issuer::default(), Issuer::default());
     let cluster = Cluster::start();
     // The issuer's JWKS, served over HTTP where only the operator looks.
-    let keys_dir = cluster.dir.path().join("issuer");
-    std::fs::create_dir_all(&keys_dir).unwrap();
-    std::fs::write(keys_dir.join("jwks.json"), &jwks).unwrap();
-    let jwks_port = free_port();
-    let _issuer = Proc(
-        Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", &jwks_port.to_string()])
-            .current_dir(&keys_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let issuer = JwksServer::start(&key.jwks).await;
+    let jwks_port = issuer.addr.port();
     cluster.install_istio_crds();
     let op = cluster.operator("op-1").await;
     let (port, tcp_port) = (free_port(), free_port());
@@ -983,7 +956,7 @@ async fn gateway_authorization_policies_are_enforced_by_envoy_and_ferrum_dp_alik
         db.port(),
         authz.addr.port()
     ));
-    let bearer = |k: &jsonwebtoken::EncodingKey, groups: &[&str]| format!("Bearer {}", user_token(k, "alice", groups));
+    let bearer = |k: &Issuer, groups: &[&str]| format!("Bearer {}", user_token(k, "alice", groups));
     let (ok, ops, dev, forged) = (
         bearer(&key, &[]),
         bearer(&key, &["ops", "dev"]),

@@ -4,7 +4,6 @@
 mod admin;
 mod ca;
 mod controller;
-mod jwks;
 mod leader;
 mod net;
 mod proxies;

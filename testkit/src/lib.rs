@@ -15,6 +15,7 @@ use serde_json::Value;
 
 pub mod ext_authz;
 pub mod haproxy;
+pub mod jwt;
 pub mod l4;
 pub mod netns;
 pub mod otlp;

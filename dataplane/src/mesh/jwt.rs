@@ -4,13 +4,15 @@
 //! `requestPrincipals`); a token that no rule accepts is refused with 401. A valid token gives
 //! the request principal `<iss>/<sub>` and its claims to the AuthorizationPolicies.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use ferrum_snapshot::Resources;
 use ferrum_snapshot::istio::JwtRule;
 use ferrum_snapshot::mesh::{Policy, PolicyRule, Workload};
+use ferrum_snapshot::translate::{Jwks, JwksFetch};
 use http::HeaderName;
 use http::header::{AUTHORIZATION, COOKIE};
 use jsonwebtoken::jwk::JwkSet;
@@ -169,6 +171,79 @@ impl JwksCache {
         }
         r
     }
+}
+
+/// The JWKS that RequestAuthentications name by `jwksUri`, fetched by a producer of snapshots
+/// (the operator, as istiod does; `ferrumctl explain`) to be put inline: Envoy validates with
+/// them — it is given no cluster to fetch from — and sidecars fetch nothing. Each URI is fetched
+/// with [`JwksCache`]'s fetchers (1 MiB, the rule's timeout, every 20 minutes, every 5 s after a
+/// failure) while an object names it.
+#[derive(Default)]
+pub struct Fetched {
+    cache: JwksCache,
+    /// The URIs the current objects name: holding them keeps their fetchers going.
+    held: Mutex<BTreeMap<String, Arc<Remote>>>,
+}
+
+impl Fetched {
+    /// Changes when a fetch brings a different document, or fails for a new reason before any
+    /// succeeded.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.cache.changes()
+    }
+
+    /// Starts fetching what the RequestAuthentications of `res` name (and stops fetching what
+    /// they no longer do); what the fetches brought so far, by URI.
+    pub fn for_resources(&self, res: &Resources) -> Arc<Jwks> {
+        let want = named_uris(res);
+        let mut held = self.held.lock().unwrap();
+        held.retain(|uri, _| want.contains_key(uri));
+        for (uri, timeout) in want {
+            held.entry(uri).or_insert_with_key(|uri| self.cache.get(uri, timeout));
+        }
+        Arc::new(
+            held.iter()
+                .filter_map(|(uri, r)| {
+                    let got = match (r.json(), r.failure()) {
+                        (Some(doc), _) => JwksFetch::Document(doc),
+                        (None, Some(why)) => JwksFetch::Failed(why),
+                        (None, None) => return None,
+                    };
+                    Some((uri.clone(), got))
+                })
+                .collect(),
+        )
+    }
+
+    /// [`Self::for_resources`] once each URI's first fetch has ended (fetched or failed), or
+    /// the longest of their timeouts has passed: what a one-off producer uses.
+    pub async fn first_fetches(&self, res: &Resources) -> Arc<Jwks> {
+        let want = named_uris(res);
+        let within = want.values().max().copied().unwrap_or_default() + Duration::from_millis(100);
+        let mut changed = self.changes();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let got = self.for_resources(res);
+            if got.len() == want.len() {
+                return got;
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.for_resources(res),
+            }
+        }
+    }
+}
+
+/// The `jwksUri`s of rules without inline keys, with their fetch timeouts.
+fn named_uris(res: &Resources) -> BTreeMap<String, Duration> {
+    let mut want = BTreeMap::new();
+    for r in res.request_authentications.iter().flat_map(|ra| &ra.spec.jwt_rules) {
+        if let (None, Some(uri)) = (&r.jwks, &r.jwks_uri) {
+            want.entry(uri.clone()).or_insert_with(|| fetch_timeout(r));
+        }
+    }
+    want
 }
 
 /// Fetches `remote` now and every [`REFRESH`] (every [`RETRY`] after a failure) until no

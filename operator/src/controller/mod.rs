@@ -423,7 +423,7 @@ impl Controller {
     /// Translates after every burst of changes (coalesced for `debounce`), and when a JWKS
     /// named by URI is fetched anew, forever.
     pub async fn run(mut self, publisher: Arc<Publisher>, debounce: Duration) {
-        let jwks = crate::jwks::Fetched::default();
+        let jwks = ferrum_dp::mesh::jwt::Fetched::default();
         let mut fetched = jwks.changes();
         let named = &self.named;
         let resources = |stores: &Stores| {
