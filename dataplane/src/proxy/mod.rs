@@ -427,12 +427,14 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
                 .await
             {
                 Ok((resp, mut lease)) => {
-                    cluster.stats.responses.record(resp.status().as_u16());
-                    cluster.stats.latency.observe(started.elapsed());
+                    let (status, took) = (resp.status().as_u16(), started.elapsed());
                     // Read to the end, the connection serves the next copy.
                     if http_body_util::BodyExt::collect(resp.into_body()).await.is_ok() {
                         lease.finish();
                     }
+                    // Counted once the connection is back: a copy counted is a copy done.
+                    cluster.stats.responses.record(status);
+                    cluster.stats.latency.observe(took);
                 }
                 Err(e) if e.is_connect() => cluster.stats.error(UpstreamError::ConnectFailure),
                 Err(_) => cluster.stats.error(UpstreamError::Reset),
