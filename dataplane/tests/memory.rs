@@ -6,17 +6,6 @@ use common::*;
 
 use std::time::Duration;
 
-/// Resident anonymous memory (the heap and stacks, not the binary's pages), in MB.
-fn anon_mb(dp: &Dp) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", dp.child.id())).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 /// 400 overlapping requests: 400 client and 400 pooled upstream connections, with bodies.
 async fn load(url: &str) {
     let c = reqwest::Client::builder()
@@ -56,13 +45,13 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
     let b = Backend::start("b").await;
     let (released, url) = proxy(&b, "1").await;
     let (kept, kept_url) = proxy(&b, "0").await;
-    let start = (anon_mb(&released), anon_mb(&kept));
+    let start = (released.anon_mb(), kept.anon_mb());
     // One proxy after the other, so each peak is its own load's.
     load(&url).await;
     // Each peak right after its own load, while its upstream connections are still pooled.
-    let peak_released = anon_mb(&released);
+    let peak_released = released.anon_mb();
     load(&kept_url).await;
-    let peak = (peak_released, anon_mb(&kept));
+    let peak = (peak_released, kept.anon_mb());
     for dp in [&released, &kept] {
         eventually("the pooled connections close", Duration::from_secs(10), async || {
             dp.metric(ACTIVE).await == 0.0
@@ -79,10 +68,10 @@ async fn memory_a_load_took_is_returned_once_it_is_over() {
     // allocator's background thread, while the proxy idles.
     let back_near_start = start.0 + (peak.0 - start.0) / 4.0;
     eventually("the freed heap is released", Duration::from_secs(5), async || {
-        released.metric("ferrum_heap_releases_total").await >= 1.0 && anon_mb(&released) < back_near_start
+        released.metric("ferrum_heap_releases_total").await >= 1.0 && released.anon_mb() < back_near_start
     })
     .await;
-    let after = (anon_mb(&released), anon_mb(&kept));
+    let after = (released.anon_mb(), kept.anon_mb());
     eprintln!("RssAnon MB: start {start:?}, peak {peak:?}, after {after:?}");
     assert!(
         after.0 < back_near_start,

@@ -18,8 +18,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// An HTTP/1.1 backend that counts the connections it accepts and those still open. `/empty`
-/// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; `/slow` "ok" after 300 ms;
-/// anything else "ok".
+/// answers 204; `/stream` sends 64 KiB, then the rest after 30 s; a path ending in `/big`,
+/// 128 MiB; `/slow` "ok" after 300 ms; anything else "ok".
 struct Counting {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -113,6 +113,12 @@ async fn respond(
                 Ok(Frame::data(Bytes::from_static(b"end")))
             });
             BodyExt::boxed(StreamBody::new(futures_util::StreamExt::chain(first, rest)))
+        }
+        p if p.ends_with("/big") => {
+            // 128 MiB in 64 KiB frames.
+            let frame = Bytes::from(vec![b'x'; 64 * 1024]);
+            let frames = futures_util::stream::iter((0..2048).map(move |_| Ok(Frame::data(frame.clone()))));
+            BodyExt::boxed(StreamBody::new(frames))
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -447,9 +453,8 @@ async fn a_bursts_leftover_connections_close_before_the_idle_timeout_and_busy_on
     );
 }
 
-#[tokio::test]
-async fn mirrored_copies_share_a_connection_to_the_mirror() {
-    let (b, copy) = (Counting::start(None).await, Counting::start(None).await);
+/// A route `/copied` on `b` whose requests are copied to `copy`, in front of one worker.
+async fn mirrored(b: &Counting, copy: &Counting) -> (Dp, String) {
     let mirror = format!(
         "---\napiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: copy}}\nspec:\n  \
          endpoints: [{{address: 127.0.0.1, port: {}}}]\n---\napiVersion: gateway.networking.k8s.io/v1\n\
@@ -459,15 +464,22 @@ async fn mirrored_copies_share_a_connection_to_the_mirror() {
          backendRefs: [{{group: ferrum.dev, kind: Backend, name: pool}}]\n",
         copy.addr.port()
     );
-    let (dp, url) = proxy_with(&b, &mirror, &["--workers", "1"]).await;
+    proxy_with(b, &mirror, &["--workers", "1"]).await
+}
+
+const COPIES: &str = "ferrum_cluster_requests_total{cluster=\"backend/default/copy\",code=\"2xx\"}";
+
+#[tokio::test]
+async fn mirrored_copies_share_a_connection_to_the_mirror() {
+    let (b, copy) = (Counting::start(None).await, Counting::start(None).await);
+    let (dp, url) = mirrored(&b, &copy).await;
     let c = client();
-    let copies = "ferrum_cluster_requests_total{cluster=\"backend/default/copy\",code=\"2xx\"}";
     for i in 1..=10 {
         let r = c.get(format!("{url}/copied")).send().await.unwrap();
         assert_eq!(r.text().await.unwrap(), "ok");
         // One copy at a time, each answered before the next is sent.
         eventually("the mirror answers the copy", Duration::from_secs(5), async || {
-            dp.metric(copies).await == f64::from(i)
+            dp.metric(COPIES).await == f64::from(i)
         })
         .await;
     }
@@ -477,4 +489,32 @@ async fn mirrored_copies_share_a_connection_to_the_mirror() {
         1,
         "10 copies, read to their end, on one connection to the mirror"
     );
+}
+
+#[tokio::test]
+async fn a_mirrors_large_answer_is_read_and_dropped_not_held() {
+    let (b, copy) = (Counting::start(None).await, Counting::start(None).await);
+    let (dp, url) = mirrored(&b, &copy).await;
+    let start = dp.anon_mb();
+    // The client reads the primary's 128 MiB as it comes; the mirror's 128 MiB are the proxy's
+    // to get rid of.
+    let mut r = client().get(format!("{url}/copied/big")).send().await.unwrap();
+    let mut got = 0;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(got, 128 << 20);
+    eventually(
+        "the mirror's answer is read to its end",
+        Duration::from_secs(20),
+        async || dp.metric(COPIES).await == 1.0,
+    )
+    .await;
+    let grown = dp.anon_mb() - start;
+    eprintln!("RssAnon grew by {grown:.1} MB");
+    assert!(
+        grown < 48.0,
+        "the proxy grew by {grown:.0} MB for a 128 MiB answer it drops"
+    );
+    assert_eq!(copy.accepted.load(SeqCst), 1);
 }

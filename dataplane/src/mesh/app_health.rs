@@ -13,6 +13,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// What the kubelet reads of an HTTP probe's body (`maxRespBodyLength`).
+const PROBE_BODY_BYTES: usize = 10 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 #[error("FERRUM_APP_PROBERS is not valid: {0}")]
 pub struct BadProbers(#[from] serde_json::Error);
@@ -94,8 +97,10 @@ where
     tokio::spawn(conn);
     let resp = tx.send_request(req).await?;
     let status = resp.status();
-    // Drain what the app sends (bounded by the probe's timeout), as a client should.
-    let _ = resp.into_body().collect().await;
+    // The kubelet reads at most this much of a probe's body, and judges by the status.
+    let _ = http_body_util::Limited::new(resp.into_body(), PROBE_BODY_BYTES)
+        .collect()
+        .await;
     Ok(status)
 }
 
@@ -114,6 +119,53 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An app whose probe answers 200 with a body that never ends.
+    async fn endless_app() -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        let chunk = Bytes::from(vec![b'x'; 4096]);
+                        let frames = futures_util::stream::repeat_with(move || {
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))
+                        });
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::StreamBody::new(frames)))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn an_app_answering_an_endless_body_is_judged_by_its_status() {
+        let port = endless_app().await;
+        let probe = AppProbe {
+            port,
+            path: "/metrics".into(),
+            scheme: "HTTP".into(),
+            headers: vec![],
+            timeout_seconds: 2,
+        };
+        let probes = AppProbes::from([("/app-health/app/livez".to_string(), probe)]);
+        let started = std::time::Instant::now();
+        let r = answer(&probes, "/app-health/app/livez").await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "the app answered 200; the kubelet reads 10 KB of the body at most"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "not held until the probe's timeout"
+        );
+    }
 
     #[test]
     fn probers_come_from_the_environment_as_the_injector_writes_them() {

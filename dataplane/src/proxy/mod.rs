@@ -428,8 +428,17 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
             {
                 Ok((resp, mut lease)) => {
                     let (status, took) = (resp.status().as_u16(), started.elapsed());
-                    // Read to the end, the connection serves the next copy.
-                    if http_body_util::BodyExt::collect(resp.into_body()).await.is_ok() {
+                    // Read to the end and dropped as it comes (a copy's answer may be any
+                    // size); then the connection serves the next copy.
+                    let mut body = resp.into_body();
+                    let read = loop {
+                        match http_body_util::BodyExt::frame(&mut body).await {
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) => break false,
+                            None => break true,
+                        }
+                    };
+                    if read {
                         lease.finish();
                     }
                     // Counted once the connection is back: a copy counted is a copy done.

@@ -115,6 +115,17 @@ impl Dp {
         }
     }
 
+    /// Resident anonymous memory (the heap and stacks, not the binary's pages), in MB.
+    pub fn anon_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb / 1024.0
+    }
+
     /// The value of one unlabelled-or-labelled Prometheus sample, 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         self.admin_get("/metrics")
