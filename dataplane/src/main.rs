@@ -197,6 +197,10 @@ struct MeshArgs {
     /// ways before it is closed.
     #[arg(long, default_value_t = 3600)]
     tcp_idle_timeout: u64,
+    /// Seconds an HBONE connection to a peer proxy may carry no tunnel before it is closed
+    /// (ztunnel's `POOL_UNUSED_RELEASE_TIMEOUT`); the next tunnel to that peer dials anew.
+    #[arg(long, default_value_t = 300)]
+    hbone_idle_timeout: u64,
 }
 
 impl MeshArgs {
@@ -224,6 +228,7 @@ impl MeshArgs {
             inbound_plaintext: self.inbound_plaintext,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(self.tcp_idle_timeout),
+            hbone_unused_release: Duration::from_secs(self.hbone_idle_timeout),
             baggage: baggage.join(","),
         };
         Ok((ca, s))

@@ -2635,3 +2635,47 @@ async fn more_connections_than_one_hbone_connection_carries_all_flow() {
     assert!(curl_svc_b(&w, "/again").0, "the first call after B's restart");
     assert_eq!(w.pods[0].metric(OPEN), 1.0);
 }
+
+/// An HBONE connection that has carried no tunnel for `--hbone-idle-timeout` is closed (as
+/// ztunnel releases unused pool connections), so a sidecar keeps no connection to every pod it
+/// ever called; one that carries a tunnel stays however long, and the next call dials anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_hbone_connection_is_released_and_a_busy_one_is_not() {
+    let w = two_pods(&[], &["--hbone-idle-timeout", "1"]).await;
+    until_routed(&w).await;
+    const OPEN: &str = "ferrum_mesh_hbone_connections ";
+    eventually(
+        "A's unused HBONE connection is released",
+        Duration::from_secs(10),
+        async || w.pods[0].metric(OPEN) == 0.0,
+    )
+    .await;
+    // One raw TCP connection through both sidecars, silent for 3 s (three release periods)
+    // between two echoes: its tunnel keeps the HBONE connection.
+    let out = w.pods[0].run(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket, time\n\
+             s = socket.create_connection(('{VIP}', 9000), timeout=10)\n\
+             s.sendall(b'one;'); first = s.recv(64)\n\
+             time.sleep(3)\n\
+             s.sendall(b'two;'); second = s.recv(64)\n\
+             print(first.decode(), second.decode())"
+        ),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "one; two;",
+        "{}\nA's sidecar: {}",
+        String::from_utf8_lossy(&out.stderr),
+        w.pods[0].sidecar_log()
+    );
+    eventually(
+        "released again once the tunnel closed",
+        Duration::from_secs(10),
+        async || w.pods[0].metric(OPEN) == 0.0,
+    )
+    .await;
+    assert!(curl_svc_b(&w, "/after").0, "the next call dials anew");
+}

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -204,12 +204,35 @@ pub struct Dial<'a> {
 /// One HTTP/2 client connection to a peer proxy; each request on it is a tunnel.
 type Tunnels = SendRequest<Bytes>;
 
-/// A pooled connection, the tunnels open on it now, and whether it has ended.
+/// A pooled connection, its use, and whether it has ended.
 #[derive(Clone)]
 struct Conn {
     send: Tunnels,
-    open: Arc<AtomicUsize>,
+    usage: Arc<Usage>,
     ended: Arc<AtomicBool>,
+}
+
+/// The tunnels open on a connection now, and since when it has had none.
+struct Usage {
+    open: AtomicUsize,
+    idle_since_ms: AtomicU64,
+}
+
+impl Usage {
+    fn new() -> Usage {
+        Usage {
+            open: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(crate::upstream::now_ms()),
+        }
+    }
+
+    /// How long it has carried no tunnel (zero while it carries one).
+    fn unused_for(&self) -> Duration {
+        if self.open.load(Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(crate::upstream::now_ms().saturating_sub(self.idle_since_ms.load(Relaxed)))
+    }
 }
 
 impl Conn {
@@ -219,19 +242,22 @@ impl Conn {
             return None;
         }
         let limit = self.send.current_max_send_streams();
-        self.open
+        self.usage
+            .open
             .fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1))
             .ok()
-            .map(|_| Slot(self.open.clone()))
+            .map(|_| Slot(self.usage.clone()))
     }
 }
 
 /// One tunnel's place on its connection, given back when the tunnel goes.
-pub struct Slot(Arc<AtomicUsize>);
+pub struct Slot(Arc<Usage>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        if self.0.open.fetch_sub(1, Relaxed) == 1 {
+            self.0.idle_since_ms.store(crate::upstream::now_ms(), Relaxed);
+        }
     }
 }
 
@@ -252,6 +278,9 @@ type PeerKey = (SocketAddr, SpiffeId);
 pub struct Pool {
     peers: Mutex<HashMap<PeerKey, Peer>>,
     stats: Arc<MeshStats>,
+    /// A connection that carries no tunnel this long is closed (ztunnel's
+    /// `POOL_UNUSED_RELEASE_TIMEOUT`): a sidecar keeps no connection to every pod it ever called.
+    unused_release: Duration,
 }
 
 /// Marks its connection ended, and uncounts it, when the task driving it ends.
@@ -268,10 +297,11 @@ impl Drop for Live {
 }
 
 impl Pool {
-    pub fn new(stats: Arc<MeshStats>) -> Pool {
+    pub fn new(stats: Arc<MeshStats>, unused_release: Duration) -> Pool {
         Pool {
             peers: Mutex::default(),
             stats,
+            unused_release,
         }
     }
 
@@ -336,9 +366,10 @@ impl Pool {
             ended: ended.clone(),
             stats: self.stats.clone(),
         };
+        let usage = Arc::new(Usage::new());
         let conn = Conn {
-            send: connect(identity, d, live).await?,
-            open: Arc::default(),
+            send: connect(identity, d, live, (usage.clone(), self.unused_release)).await?,
+            usage,
             ended,
         };
         let slot = conn.reserve().expect("a new connection has room for a stream");
@@ -364,7 +395,7 @@ impl Pool {
             if c.ended.load(Relaxed) {
                 return false;
             }
-            let idle = c.open.load(Relaxed) == 0;
+            let idle = c.usage.open.load(Relaxed) == 0;
             let keep = !idle || !idle_kept;
             idle_kept |= idle;
             keep
@@ -377,7 +408,7 @@ impl Pool {
 
     fn forget(&self, key: &PeerKey, conn: &Conn) {
         if let Some(peer) = self.peers.lock().unwrap().get_mut(key) {
-            peer.conns.retain(|c| !Arc::ptr_eq(&c.open, &conn.open));
+            peer.conns.retain(|c| !Arc::ptr_eq(&c.usage, &conn.usage));
         }
         self.tidy(key);
     }
@@ -442,8 +473,14 @@ fn traceparent() -> String {
 }
 
 /// A new mTLS + HTTP/2 connection to a peer proxy, whose identity is checked before any
-/// tunnel is opened on it; `live` goes with the task that drives it.
-async fn connect(identity: &Identity, d: &Dial<'_>, live: Live) -> Result<Tunnels, HboneError> {
+/// tunnel is opened on it; `live` goes with the task that drives it, which closes it once it
+/// has carried no tunnel for the given time.
+async fn connect(
+    identity: &Identity,
+    d: &Dial<'_>,
+    live: Live,
+    (usage, release): (Arc<Usage>, Duration),
+) -> Result<Tunnels, HboneError> {
     let tls = identity.current().ok_or(HboneError::NoIdentity)?;
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(d.proxy))
         .await
@@ -490,9 +527,19 @@ async fn connect(identity: &Identity, d: &Dial<'_>, live: Live) -> Result<Tunnel
                 }
             }
         };
+        let unused = async {
+            let tick = (release / 2).clamp(Duration::from_millis(100), KEEPALIVE);
+            loop {
+                tokio::time::sleep(tick).await;
+                if usage.unused_for() >= release {
+                    return tracing::debug!(%proxy, "HBONE connection unused: released");
+                }
+            }
+        };
         tokio::select! {
             r = conn => if let Err(e) = r { tracing::debug!(%proxy, error = %e, "HBONE connection ended") },
             () = keepalive => {}
+            () = unused => {}
         }
         drop(live);
     });

@@ -45,6 +45,8 @@ pub struct Settings {
     pub inbound_plaintext: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// An HBONE connection to a peer proxy that carries no tunnel this long is closed.
+    pub hbone_unused_release: Duration,
     /// W3C `baggage` sent on every tunnel (who is calling).
     pub baggage: String,
 }
@@ -335,7 +337,7 @@ impl Sidecar {
             }),
             dp,
             identity,
-            pool: hbone::Pool::new(stats),
+            pool: hbone::Pool::new(stats, settings.hbone_unused_release),
             settings,
             draining: AtomicBool::new(false),
         });
