@@ -71,6 +71,15 @@ pub enum CpError {
     TooLarge(usize),
 }
 
+impl super::SessionError for CpError {
+    fn pushback(&self) -> Option<Duration> {
+        match self {
+            CpError::Status(s) => super::pushback_of(s),
+            _ => None,
+        }
+    }
+}
+
 fn secrets_of(m: ferrum_proto::mesh::v1::Secrets) -> Secrets {
     m.items
         .into_iter()

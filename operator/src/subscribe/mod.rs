@@ -107,7 +107,14 @@ impl Access {
         let token = bearer.ok_or_else(|| Status::unauthenticated("a sidecar must present its ServiceAccount token"))?;
         let caller = self.auth.review(token).await?;
         let Some(sa) = self.auth.pod_service_account(namespace, pod) else {
-            return Err(Status::unavailable(format!("pod {namespace}/{pod} is not known (yet)")));
+            // A sidecar may start before the operator has seen its pod: it is told to come back
+            // soon (gRPC's retry pushback), rather than backing off further with each try.
+            let mut st = Status::unavailable(format!("pod {namespace}/{pod} is not known (yet)"));
+            st.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from_static("500"),
+            );
+            return Err(st);
         };
         if caller.namespace != namespace || caller.service_account != sa {
             return Err(Status::permission_denied(format!(

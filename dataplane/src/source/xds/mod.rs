@@ -58,6 +58,15 @@ pub enum XdsError {
     Closed,
 }
 
+impl super::SessionError for XdsError {
+    fn pushback(&self) -> Option<std::time::Duration> {
+        match self {
+            XdsError::Status(s) => super::pushback_of(s),
+            _ => None,
+        }
+    }
+}
+
 /// Why a response is refused (its text goes back in the NACK); the last good config serves on.
 #[derive(Debug, thiserror::Error)]
 enum Nack {
