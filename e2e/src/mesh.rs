@@ -213,6 +213,22 @@ impl World {
 
     /// [`World::pod_labelled`] in Kubernetes namespace `namespace` (made if new).
     pub fn pod_in(&mut self, namespace: &str, name: &str, sa: &str, labels: &str, host: u8, mesh: bool) -> usize {
+        let i = self.pod_unannounced(namespace, name, sa, labels, host, mesh);
+        self.announce(i);
+        i
+    }
+
+    /// [`World::pod_in`] not yet in the API: the pod's network (and whatever runs in it) exists
+    /// before the operator can know the pod, until [`World::announce`].
+    pub fn pod_unannounced(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        labels: &str,
+        host: u8,
+        mesh: bool,
+    ) -> usize {
         if namespace != NS {
             self.cluster.apply(&format!(
                 "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {namespace}}}\n"
@@ -227,7 +243,6 @@ impl World {
              spec: {{serviceAccountName: {sa}, nodeName: {NODE}, containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}, {{name: echo, containerPort: 9000}}]}}]}}\n\
              status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}\n"
         );
-        self.cluster.apply(&manifest);
         if mesh {
             ns.exec(&[workspace_bin("ferrum-dp").to_str().unwrap(), "init-iptables"]);
         }
@@ -245,6 +260,11 @@ impl World {
             manifest,
         });
         self.pods.len() - 1
+    }
+
+    /// Puts pod `i` in the API.
+    pub fn announce(&self, i: usize) {
+        self.cluster.apply(&self.pods[i].manifest);
     }
 
     /// Moves pod `i` to node `node` (in the API: the same pod, scheduled there).

@@ -2679,3 +2679,37 @@ async fn an_unused_hbone_connection_is_released_and_a_busy_one_is_not() {
     .await;
     assert!(curl_svc_b(&w, "/after").0, "the next call dials anew");
 }
+
+/// The kubelet starts a pod's containers once it is scheduled; the operator's watch may see the
+/// pod later. A sidecar refused until then is told to come back in 500 ms (gRPC's retry
+/// pushback), so however long it waited it is ready soon after its pod is known, not after a
+/// backoff that has grown to seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_before_its_pod_is_known_is_ready_soon_after() {
+    let mut w = World::start(&[]).await;
+    let a = w.pod_unannounced(NS, "a-1", "sa-a", "app: a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    w.service("svc-b", VIP, "b");
+    w.app(b);
+    w.sidecar(b, "sa-b", &[]);
+    w.sidecar(a, "sa-a", &[]);
+    w.ready(b).await;
+    // By now a backoff doubling from 100 ms would wait 3 to 13 s between tries.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let url = format!("http://{}:15021/healthz/ready", w.pods[a].ip);
+    let status = client().get(&url).send().await.map(|r| r.status().as_u16());
+    assert_eq!(status.ok(), Some(503), "ready before its pod is known");
+    let known = std::time::Instant::now();
+    w.announce(a);
+    w.ready(a).await;
+    let took = known.elapsed();
+    let log = w.pods[a].sidecar_log();
+    assert!(
+        took < Duration::from_millis(2500),
+        "ready {took:?} after its pod became known\n{log}"
+    );
+    // It asked every half second, as told, rather than less and less often.
+    let asked = log.matches("the server asked to retry then").count();
+    assert!(asked >= 10, "retried {asked} times as the server asked in 8 s\n{log}");
+    until_routed(&w).await;
+}
