@@ -143,11 +143,14 @@ bench-policy:
 	$(CARGO_TARGET_DIR)/release/examples/bench_policy
 
 ## What the mesh tests and benchmark run inside their network-namespace pods, HAProxy (the load
-## balancer in front of the client-address tests) and Redis (global rate limits) — root, apt.
+## balancer in front of the client-address tests), Redis (global rate limits), and h2load and
+## nginx's stream module for make bench's smoke run — root, apt.
 mesh-tools:
 	@command -v wrk >/dev/null && command -v nginx >/dev/null && command -v tcpdump >/dev/null && \
-	  command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump haproxy redis-server >/dev/null; }
+	  command -v haproxy >/dev/null && command -v redis-server >/dev/null && command -v h2load >/dev/null && \
+	  test -e /usr/lib/nginx/modules/ngx_stream_module.so || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light tcpdump haproxy redis-server \
+	    nghttp2-client libnginx-mod-stream >/dev/null; }
 
 ## clang and libbpf's headers: the node agent's build compiles ebpf/*.bpf.c (-target bpf).
 ebpf-tools:

@@ -352,7 +352,7 @@ def rss_mb(pid):
 
 
 def main():
-    global WORK
+    global WORK, DP
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8)
@@ -361,7 +361,12 @@ def main():
     ap.add_argument("--h2-requests", type=int, default=200000)
     ap.add_argument("--envoy", default=shutil.which("envoy") or "/var/tmp/ferrum-bench-venv/bin/envoy")
     ap.add_argument("--profile", action="store_true", help="perf record ferrum-dp during one extra run")
+    ap.add_argument("--dp", default=str(DP), help="the ferrum-dp binary (default: the release build)")
+    ap.add_argument("--smoke", action="store_true", help="one short round, nothing written: the result as JSON on the last line (the tests run it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.duration, args.h2_requests = 1, 1, 5000
+    DP = Path(args.dp)
 
     WORK = Path(tempfile.mkdtemp(prefix="ferrum-bench-"))
     (WORK / "tmp").mkdir()
@@ -486,10 +491,12 @@ def main():
         "rss_mb": rss,
         "profile_top": profile,
     }
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{result['when'].replace(':', '')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = None
+    if not args.smoke:
+        out_dir = ROOT / "bench" / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"{result['when'].replace(':', '')}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
     print(f"HTTP/1.1  wrk -t{args.threads} -c{args.connections} -d{args.duration}s, median of {args.rounds} interleaved rounds")
@@ -513,7 +520,10 @@ def main():
     if profile:
         print("\nprofile (perf, self time):")
         print("\n".join(profile))
-    print(f"\nwritten to {out.relative_to(ROOT)}")
+    if out:
+        print(f"\nwritten to {out.relative_to(ROOT)}")
+    else:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ async fn pods(w: &mut World) -> ([usize; 6], (Proc, Proc, Proc)) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let smoke = std::env::args().any(|a| a == "--smoke");
+    let smoke = smoke();
     let rounds: usize = arg("--rounds").map_or(if smoke { 1 } else { 3 }, |v| v.parse().unwrap());
     let secs: u64 = arg("--duration").map_or(if smoke { 1 } else { 10 }, |v| v.parse().unwrap());
     let conns: u32 = arg("--connections").map_or(16, |v| v.parse().unwrap());
@@ -282,7 +282,7 @@ async fn main() {
             p.round(&w, round, secs, conns);
         }
     }
-    report(&direct, &paths, rounds, secs, conns, smoke);
+    report(&direct, &paths, rounds, secs, conns);
 }
 
 /// The Markdown table: each path's best round against the best direct one.
@@ -312,7 +312,7 @@ fn print_table(d_best: Run, [hbone, plain, accelerated]: &[Path; 3]) {
     }
 }
 
-fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u32, smoke: bool) {
+fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u32) {
     let d_best = best(direct);
     let [hbone, plain, accelerated] = paths;
     let (m_best, p_best) = (hbone.best(), plain.best());
@@ -358,8 +358,5 @@ fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u3
         "sidecar_rss_mib": {"client": rss[0], "server": rss[1]},
         "errors": errors,
     });
-    if !smoke {
-        write_result("mesh", &result);
-    }
-    println!("{result}");
+    publish("mesh", &result);
 }

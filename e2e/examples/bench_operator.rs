@@ -11,6 +11,7 @@
 //! Istio Sidecar whose egress hosts name the first N Services, so each sidecar knows N Services
 //! and the pods behind them instead of the whole mesh (the changed pod is behind svc-7).
 //! `--operator-args="--chunk-bytes 65536"`: flags for the operator, to compare settings.
+//! `--smoke`: a hundredth of the scale, nothing written (the tests run it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,10 +31,29 @@ const MESH_PODS: usize = 5_000;
 const SIDECARS: usize = 1_000;
 const ACCOUNTS: usize = 50;
 
-/// The scale a run is at: what it loads, who subscribes, what it changes.
+/// The scale a run is at: what it loads, who subscribes, what it changes (`--smoke`: a
+/// hundredth of it).
 struct Scale {
     mesh: bool,
     proxies: usize,
+    routes: usize,
+    services: usize,
+    mesh_services: usize,
+    mesh_pods: usize,
+}
+
+impl Scale {
+    fn new(mesh: bool) -> Scale {
+        let d = if smoke() { 100 } else { 1 };
+        Scale {
+            mesh,
+            proxies: if mesh { SIDECARS } else { PROXIES }.div_ceil(d),
+            routes: ROUTES / d,
+            services: SERVICES / d,
+            mesh_services: MESH_SERVICES / d,
+            mesh_pods: MESH_PODS / d,
+        }
+    }
 }
 
 /// One simulated proxy: acknowledges every snapshot on receipt and reports (version, when).
@@ -82,9 +102,9 @@ async fn proxy(url: String, id: usize, mesh: bool, seen: mpsc::UnboundedSender<(
     }
 }
 
-fn gateway_objects() -> Vec<(String, serde_json::Value)> {
+fn gateway_objects(s: &Scale) -> Vec<(String, serde_json::Value)> {
     let mut objects = Vec::new();
-    for i in 0..SERVICES {
+    for i in 0..s.services {
         objects.push((
             "/api/v1/namespaces/default/services".to_string(),
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{i}")}, "spec": {"ports": [{"name": "http", "port": 80}]}}),
@@ -94,13 +114,13 @@ fn gateway_objects() -> Vec<(String, serde_json::Value)> {
             .collect();
         objects.push(slice(&format!("svc-{i}"), eps));
     }
-    for i in 0..ROUTES {
+    for i in 0..s.routes {
         objects.push((
             "/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes".to_string(),
             json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": format!("route-{i}")},
                    "spec": {"parentRefs": [{"name": "web"}], "hostnames": [format!("r{i}.example.com")],
                             "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": format!("/api/{i}")}}],
-                                       "backendRefs": [{"name": format!("svc-{}", i % SERVICES), "port": 80}]}]}}),
+                                       "backendRefs": [{"name": format!("svc-{}", i % s.services), "port": 80}]}]}}),
         ));
     }
     objects
@@ -120,28 +140,30 @@ fn pod_ip(i: usize) -> String {
 }
 
 /// 5,000 pods (50 service accounts) and 10,000 Services, each Service over 5 of the pods.
-fn mesh_objects() -> Vec<(String, serde_json::Value)> {
+fn mesh_objects(s: &Scale) -> Vec<(String, serde_json::Value)> {
+    // Five pods per app label.
+    let apps = s.mesh_pods / 5;
     let mut objects = Vec::new();
-    for i in 0..MESH_PODS {
+    for i in 0..s.mesh_pods {
         objects.push((
             "/api/v1/namespaces/default/pods".to_string(),
             json!({"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": format!("pod-{i}"), "labels": {"app": format!("app-{}", i % 1000), "security.istio.io/tlsMode": "istio"}},
+                   "metadata": {"name": format!("pod-{i}"), "labels": {"app": format!("app-{}", i % apps), "security.istio.io/tlsMode": "istio"}},
                    "spec": {"serviceAccountName": format!("sa-{}", i % ACCOUNTS), "nodeName": format!("node-{}", i % 20), "containers": [{"name": "app"}]},
                    "status": {"phase": "Running", "podIP": pod_ip(i), "podIPs": [{"ip": pod_ip(i)}]}}),
         ));
     }
-    for i in 0..MESH_SERVICES {
+    for i in 0..s.mesh_services {
         let name = format!("svc-{i}");
         objects.push((
             "/api/v1/namespaces/default/services".to_string(),
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-                   "spec": {"clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1), "selector": {"app": format!("app-{}", i % 1000)},
+                   "spec": {"clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1), "selector": {"app": format!("app-{}", i % apps)},
                             "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
         ));
         let eps: Vec<_> = (0..5)
             .map(|k| {
-                let p = (i % 1000) + 1000 * k;
+                let p = (i % apps) + apps * k;
                 json!({"addresses": [pod_ip(p)], "conditions": {"ready": true},
                        "targetRef": {"kind": "Pod", "name": format!("pod-{p}"), "namespace": "default"}})
             })
@@ -176,8 +198,8 @@ async fn translated(op: &Operator, s: &Scale) -> f64 {
     eventually("first full translation", Duration::from_secs(300), async || {
         let snap = op.admin_json("/snapshot").await;
         let loaded = if s.mesh {
-            snap["services"].as_array().map_or(0, Vec::len) == MESH_SERVICES
-                && snap["workloads"].as_array().map_or(0, Vec::len) == MESH_PODS
+            snap["services"].as_array().map_or(0, Vec::len) == s.mesh_services
+                && snap["workloads"].as_array().map_or(0, Vec::len) == s.mesh_pods
         } else {
             let routes: usize = snap["listeners"]
                 .as_array()
@@ -188,7 +210,7 @@ async fn translated(op: &Operator, s: &Scale) -> f64 {
                         .sum()
                 })
                 .unwrap_or(0);
-            routes == ROUTES
+            routes == s.routes
         };
         translate_ms = op
             .metric("ferrum_operator_full_translate_milliseconds")
@@ -249,7 +271,7 @@ impl Args {
 
 /// Loads the Gateway (and, with `--sidecar-hosts`, the mesh-wide Sidecar) and the scale's
 /// objects into the API emulator.
-async fn load(cluster: &Cluster, args: &Args) {
+async fn load(cluster: &Cluster, args: &Args, s: &Scale) {
     let loaded = Instant::now();
     cluster.apply(WEB_GATEWAY);
     if let Some(n) = args.sidecar_hosts {
@@ -264,7 +286,7 @@ async fn load(cluster: &Cluster, args: &Args) {
             hosts.join(", ")
         ));
     }
-    let objects = if args.mesh { mesh_objects() } else { gateway_objects() };
+    let objects = if s.mesh { mesh_objects(s) } else { gateway_objects(s) };
     let count = objects.len();
     create_all(&cluster.url(), objects).await;
     eprintln!("loaded {count} objects in {:?}", loaded.elapsed());
@@ -340,12 +362,9 @@ async fn main() {
         std::process::exit(101);
     }));
     let args = Args::parse();
-    let s = Scale {
-        mesh: args.mesh,
-        proxies: if args.mesh { SIDECARS } else { PROXIES },
-    };
+    let s = Scale::new(args.mesh);
     let cluster = Cluster::start_with(free_port(), &["--token-key", TOKEN_KEY]);
-    load(&cluster, &args).await;
+    load(&cluster, &args, &s).await;
     let operator_args: Vec<&str> = args.operator_args.iter().map(String::as_str).collect();
     let op = cluster.operator_with("bench", &operator_args).await;
     let started = Instant::now();
@@ -376,15 +395,21 @@ fn write_report(args: &Args, s: &Scale, translate_ms: f64, samples: &mut [f64], 
     });
     let (what, p99_target, rss_target) = if mesh {
         (
-            format!("{MESH_SERVICES} Services, {MESH_PODS} Pods, {SIDECARS} sidecars{scoped}; a pod's labels change"),
+            format!(
+                "{} Services, {} Pods, {} sidecars{scoped}; a pod's labels change",
+                s.mesh_services, s.mesh_pods, s.proxies
+            ),
             200,
             400,
         )
     } else {
         (
             format!(
-                "{ROUTES} HTTPRoutes, {SERVICES} Services, {} endpoints, {PROXIES} proxies; a route changes",
-                SERVICES * ENDPOINTS_PER_SERVICE
+                "{} HTTPRoutes, {} Services, {} endpoints, {} proxies; a route changes",
+                s.routes,
+                s.services,
+                s.services * ENDPOINTS_PER_SERVICE,
+                s.proxies
             ),
             100,
             200,
@@ -402,6 +427,5 @@ fn write_report(args: &Args, s: &Scale, translate_ms: f64, samples: &mut [f64], 
     println!("  full translate        {translate_ms:>8.0} ms");
     println!("  change → all proxies have it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < {p99_target})");
     println!("  operator RSS          {rss:>8.1} MiB  (target < {rss_target})");
-    let out = write_result(if mesh { "operator-mesh" } else { "operator" }, &result);
-    println!("  written to {}", out.display());
+    publish(if mesh { "operator-mesh" } else { "operator" }, &result);
 }

@@ -2,7 +2,8 @@
 //! each response) on a 5,000-service snapshot; one endpoint change → time until every client has
 //! the new ClusterLoadAssignment and ACKed it (p50/p99); operator RSS and CPU. The first argument
 //! picks the protocol: `sotw` (State of the World: every EDS ACK repeats the 5,000 names) or
-//! `delta` (incremental); the second, optionally, the number of clients.
+//! `delta` (incremental); the second, optionally, the number of clients. `--smoke`: 50 services
+//! and 20 clients, nothing written (the tests run it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +19,12 @@ use prost::Message;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-const SERVICES: usize = 5_000;
+/// Services in the snapshot (`--smoke`: a few dozen).
+static SERVICES: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| if smoke() { 50 } else { 5_000 });
 /// Clients, unless the second argument says otherwise (to see what one client costs).
 fn clients() -> usize {
-    std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(1_000)
+    let default = if smoke() { 20 } else { 1_000 };
+    std::env::args().nth(2).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 const CHANGES: usize = 3;
 /// `envoy.service.discovery.v3.DiscoveryRequest` (same wire format) with the names as `Bytes`:
@@ -102,7 +105,7 @@ async fn client(
         } else if resp.type_url == EDS {
             let now = Instant::now();
             received += resp.resources.len();
-            if received >= SERVICES && !std::mem::replace(&mut synced, true) {
+            if received >= *SERVICES && !std::mem::replace(&mut synced, true) {
                 let _ = seen.send((id, SYNCED, now));
             }
             for r in &resp.resources {
@@ -144,7 +147,7 @@ async fn delta_client(
         if resp.type_url == EDS {
             let now = Instant::now();
             received += resp.resources.len();
-            if received >= SERVICES && !std::mem::replace(&mut synced, true) {
+            if received >= *SERVICES && !std::mem::replace(&mut synced, true) {
                 let _ = seen.send((id, SYNCED, now));
             }
             for r in &resp.resources {
@@ -166,7 +169,7 @@ async fn delta_client(
             subscribed = true;
             let _ = tx.send(DeltaDiscoveryRequest {
                 type_url: EDS.into(),
-                resource_names_subscribe: (0..SERVICES).map(|i| format!("service/default/svc-{i}:80")).collect(),
+                resource_names_subscribe: (0..*SERVICES).map(|i| format!("service/default/svc-{i}:80")).collect(),
                 ..Default::default()
             });
         }
@@ -187,7 +190,7 @@ fn slice(i: usize, n: usize) -> serde_json::Value {
 async fn load(cluster: &Cluster) {
     cluster.apply(WEB_GATEWAY);
     let mut objects = Vec::new();
-    for i in 0..SERVICES {
+    for i in 0..*SERVICES {
         objects.push((
             "/api/v1/namespaces/default/services".to_string(),
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("svc-{i}")}, "spec": {"ports": [{"name": "http", "port": 80}]}}),
@@ -212,23 +215,22 @@ type Seen = mpsc::UnboundedReceiver<(usize, usize, Instant)>;
 async fn start_clients(op: &Operator, clients: usize, delta: bool) -> Seen {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let names: Arc<Vec<Bytes>> = Arc::new(
-        (0..SERVICES)
+        (0..*SERVICES)
             .map(|i| Bytes::from(format!("service/default/svc-{i}:80")))
             .collect(),
     );
-    // 50 connections, 20 streams each: as many proxies as a real fleet, without 1,000 sockets.
-    for conn in 0..clients / 20 {
-        let channel = tonic::transport::Endpoint::from_shared(op.grpc_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        for k in 0..20 {
-            if delta {
-                tokio::spawn(delta_client(channel.clone(), conn * 20 + k, tx.clone()));
-            } else {
-                tokio::spawn(client(channel.clone(), conn * 20 + k, names.clone(), tx.clone()));
-            }
+    // 20 streams per connection: as many proxies as a real fleet, without 1,000 sockets.
+    let mut channel = None;
+    for id in 0..clients {
+        if id % 20 == 0 {
+            let endpoint = tonic::transport::Endpoint::from_shared(op.grpc_url()).unwrap();
+            channel = Some(endpoint.connect().await.unwrap());
+        }
+        let channel = channel.clone().expect("connected at the first client");
+        if delta {
+            tokio::spawn(delta_client(channel, id, tx.clone()));
+        } else {
+            tokio::spawn(client(channel, id, names.clone(), tx.clone()));
         }
     }
     // Changes start once every client has all 5,000 endpoint sets: the latency measured is that
@@ -292,7 +294,7 @@ async fn main() {
     eventually("snapshot with every service", Duration::from_secs(120), async || {
         op.admin_json("/snapshot").await["clusters"]
             .as_array()
-            .is_some_and(|c| c.len() == SERVICES)
+            .is_some_and(|c| c.len() == *SERVICES)
     })
     .await;
     let mut rx = start_clients(&op, clients, delta).await;
@@ -303,17 +305,17 @@ async fn main() {
     let cpu = cpu_seconds(pid) - cpu_before;
     let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
     println!(
-        "\nxDS at scale ({mode}): {SERVICES} services, {clients} ADS clients (CDS + EDS), {CHANGES} endpoint changes"
+        "\nxDS at scale ({mode}): {} services, {clients} ADS clients (CDS + EDS), {CHANGES} endpoint changes",
+        *SERVICES
     );
     println!("  endpoint change → every client has it: p50 {p50:.1} ms, p99 {p99:.1} ms   (target p99 < 200)");
     println!("  operator RSS {rss:.1} MiB (before the changes {rss_before:.1})   (target < 300)");
     println!("  operator CPU for the changes: {cpu:.2} s");
     let result = json!({
-        "mode": mode, "services": SERVICES, "clients": clients, "changes": CHANGES,
+        "mode": mode, "services": *SERVICES, "clients": clients, "changes": CHANGES,
         "propagation_ms": {"p50": p50, "p99": p99, "samples": samples.len()},
         "operator_rss_mib": rss, "operator_cpu_seconds": cpu,
         "targets": {"propagation_p99_ms": 200, "rss_mib": 300},
     });
-    let out = write_result(&format!("xds-{mode}"), &result);
-    println!("  written to {}", out.display());
+    publish(&format!("xds-{mode}"), &result);
 }

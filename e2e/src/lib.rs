@@ -483,8 +483,23 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11), ticks(12))
 }
 
+/// For the benchmarks: `--smoke` asks for a short run at a small scale, which the tests make to
+/// keep each harness working.
+pub fn smoke() -> bool {
+    std::env::args().any(|a| a == "--smoke")
+}
+
+/// For the benchmarks: prints `result` as the output's last line and, unless `--smoke`, writes
+/// it to `bench/results/<kind>-<unix seconds>.json`.
+pub fn publish(kind: &str, result: &Value) {
+    if !smoke() {
+        eprintln!("written to {}", write_result(kind, result).display());
+    }
+    println!("{result}");
+}
+
 /// For the benchmarks: writes `result` to `bench/results/<kind>-<unix seconds>.json`.
-pub fn write_result(kind: &str, result: &Value) -> PathBuf {
+fn write_result(kind: &str, result: &Value) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&dir).expect("bench/results can be made");
     let when = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
