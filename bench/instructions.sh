@@ -4,11 +4,13 @@
 # clock on two shared cores drifts 10-25 % between runs). One worker, the make-bench backend and
 # config; 2,000 requests to warm up, then N (default 10,000) counted, over h2c (h2load -m10) and
 # HTTP/1.1 (h2load --h1). Prints the totals and the heaviest functions (inclusive), and leaves
-# the profiles in $WORK for callgrind_annotate.
+# the profiles in $WORK for callgrind_annotate. DP=<binary> counts that binary instead of the
+# release build; WARMUP=<n> changes the warm-up (the tests run DP=debug N=100 WARMUP=100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 N="${N:-10000}"
+WARMUP="${WARMUP:-2000}"
 WORK="${WORK:-$(mktemp -d /tmp/ferrum-instructions.XXXXXX)}"
 
 need=()
@@ -20,8 +22,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release -p ferrum-dp
-DP="$CARGO_TARGET_DIR/release/ferrum-dp"
+if [ -z "${DP:-}" ]; then
+  cargo build --release -p ferrum-dp
+  DP="$CARGO_TARGET_DIR/release/ferrum-dp"
+fi
 
 # The backend and ferrum-dp's config, exactly as make bench writes them.
 python3 - "$WORK" <<'EOF'
@@ -52,7 +56,7 @@ count() {
     "$DP" --config "$WORK/dp.yaml" --admin-addr 127.0.0.1:18900 --workers 1 >"$WORK/$name.log" 2>&1 &
   dp=$!
   for _ in $(seq 1 120); do curl -s -o /dev/null "$URL" && break; sleep 0.5; done
-  h2load -n 2000 -c 10 "$@" "$URL" >/dev/null
+  h2load -n "$WARMUP" -c 10 "$@" "$URL" >/dev/null
   callgrind_control -z "$dp" >/dev/null
   h2load -n "$N" -c 10 "$@" "$URL" | grep -q "$N succeeded" || { echo "$name: requests failed"; exit 1; }
   callgrind_control -d "$dp" >/dev/null

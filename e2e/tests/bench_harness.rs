@@ -1,9 +1,14 @@
 //! The benchmark harnesses stay working: each runs briefly, at a small scale (`--smoke`), and
-//! reports what `make bench`, `make bench-ca`, `make bench-xds`, `make bench-operator` and
+//! reports what `make bench`, `make bench-instructions`, `make bench-ca`, `make bench-xds`, `make bench-operator` and
 //! `make bench-operator-mesh` report.
+
+use std::sync::Mutex;
 
 use ferrum_e2e::{venv_bin, workspace_bin};
 use serde_json::Value;
+
+/// bench.py and instructions.sh listen on the same fixed ports: one at a time.
+static FIXED_PORTS: Mutex<()> = Mutex::new(());
 
 /// Runs example `name` with `args` and `--smoke`; returns its report (the output's last line).
 fn smoke(name: &str, args: &[&str]) -> Value {
@@ -68,6 +73,7 @@ fn bench_operator_measures_translation_and_propagation_for_gateways_and_the_mesh
 /// and Envoy in front of one nginx backend.
 #[test]
 fn bench_py_compares_ferrum_dp_with_every_proxy() {
+    let _turn = FIXED_PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/bench.py");
     let out = std::process::Command::new("python3")
         .arg(script)
@@ -100,4 +106,31 @@ fn bench_py_compares_ferrum_dp_with_every_proxy() {
         r["ratios"]["scale_rps_10k_over_10"].as_f64().is_some_and(|v| v > 0.0),
         "{r}"
     );
+}
+
+/// `make bench-instructions`: callgrind counts what this build's ferrum-dp executes per request,
+/// over h2c and HTTP/1.1.
+#[test]
+fn bench_instructions_counts_both_protocols() {
+    let _turn = FIXED_PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let work = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/instructions.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .env("DP", workspace_bin("ferrum-dp"))
+        .env("N", "100")
+        .env("WARMUP", "100")
+        .env("WORK", work.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for load in ["h2c", "http1"] {
+        let count = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{load}: ")))
+            .and_then(|l| l.strip_suffix(" instructions per request"))
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(count.is_some_and(|n| n > 1_000), "{load}: {text}");
+    }
 }
