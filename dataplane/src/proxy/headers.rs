@@ -4,13 +4,15 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-static HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::TE,
+    // Connection-specific (RFC 9113 §8.2.2), even when `Connection` does not name it.
+    HeaderName::from_static("http2-settings"),
 ];
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -19,8 +21,9 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_FERRUM_ERROR: HeaderName = HeaderName::from_static("x-ferrum-error");
 
 /// `Connection` tokens whose header is removed anyway, or that name none.
-const GONE_ANYWAY: [&str; 8] = [
+const GONE_ANYWAY: [&str; 9] = [
     "",
+    "http2-settings",
     "close",
     "keep-alive",
     "upgrade",

@@ -533,8 +533,9 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.
 fn check_head<B>(req: &mut Request<B>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
-    // CONNECT tunnels come with mesh mode; an HTTP/2 extended CONNECT (RFC 8441) is an upgrade.
-    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
+    // CONNECT tunnels come with mesh mode; an HTTP/2 extended CONNECT (RFC 8441) is an upgrade,
+    // unless to HTTP or TLS, which would go past every route and policy.
+    if upgrade::refused_connect(req) {
         return Err(Local::MethodNotAllowed);
     }
     // hyper bounds its read buffer, not the head: a head that arrives in one read can exceed it.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -23,19 +23,67 @@ pub struct Upgrade {
     downstream: OnUpgrade,
 }
 
-/// The upgrade `req` asks for, if any.
+/// `HTTP2-Settings`, which only an h2c upgrade carries (RFC 7540 §3.2.1).
+static HTTP2_SETTINGS: header::HeaderName = header::HeaderName::from_static("http2-settings");
+
+/// Upgrades never forwarded: after the switch the client would speak HTTP (`h2c`, `HTTP/2.0`) or
+/// TLS (RFC 2817) straight to the backend, its further requests seen by no route, policy or limit
+/// of ours ("h2c smuggling"). Envoy strips h2c upgrades too; the request goes on as a plain one.
+fn smuggles(protocol: &str) -> bool {
+    let name = protocol.split('/').next().unwrap_or_default().trim();
+    ["h2c", "http", "tls"].iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// The comma-separated tokens of every `name` field.
+fn tokens<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+    h.get_all(name)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Rewrites `name` without the tokens `drop` picks; removes it when none is left.
+fn retain_tokens(h: &mut HeaderMap, name: &header::HeaderName, drop: impl Fn(&str) -> bool) {
+    let kept: Vec<&str> = tokens(h, name).filter(|t| !drop(t)).collect();
+    match HeaderValue::from_str(&kept.join(", ")) {
+        Ok(v) if !kept.is_empty() => {
+            h.insert(name.clone(), v);
+        }
+        _ => {
+            h.remove(name);
+        }
+    }
+}
+
+/// Takes out of `h` the upgrade protocols that must not be forwarded (see [`smuggles`]),
+/// whether or not `Connection` names `Upgrade` (some servers switch on `Upgrade` alone).
+fn refuse_smuggling(h: &mut HeaderMap) {
+    if !tokens(h, &header::UPGRADE).any(smuggles) {
+        return;
+    }
+    retain_tokens(h, &header::UPGRADE, smuggles);
+    h.remove(&HTTP2_SETTINGS);
+    let upgrading = h.contains_key(header::UPGRADE);
+    retain_tokens(h, &header::CONNECTION, |t| {
+        t.eq_ignore_ascii_case("http2-settings") || (!upgrading && t.eq_ignore_ascii_case("upgrade"))
+    });
+}
+
+/// The upgrade `req` asks for, if any. Protocols that would bypass the proxy are taken out of
+/// its head first: such a request goes on as a plain one.
 pub fn requested<B>(req: &mut Request<B>) -> Option<Upgrade> {
     let (protocol, h2) = if req.method() == Method::CONNECT {
         let p = req.extensions().get::<hyper::ext::Protocol>()?;
+        if smuggles(p.as_str()) {
+            return None;
+        }
         (HeaderValue::from_str(p.as_str()).ok()?, true)
     } else {
-        let h = req.headers();
-        let named = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        let h = req.headers_mut();
+        h.get(header::UPGRADE)?;
+        refuse_smuggling(h);
+        let named = tokens(h, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
         (h.get(header::UPGRADE).filter(|_| named)?.clone(), false)
     };
     Some(Upgrade {
@@ -43,6 +91,15 @@ pub fn requested<B>(req: &mut Request<B>) -> Option<Upgrade> {
         h2,
         downstream: hyper::upgrade::on(req),
     })
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441) to a protocol [`requested`] refuses.
+pub fn refused_connect<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_none_or(|p| smuggles(p.as_str()))
 }
 
 impl Upgrade {
@@ -112,5 +169,91 @@ impl Upgrade {
     /// An HTTP/2 extended CONNECT, not an HTTP/1.1 Upgrade.
     pub fn is_h2(&self) -> bool {
         self.h2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get("/public");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn values(req: &Request<()>, name: &str) -> Vec<String> {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn an_h2c_upgrade_becomes_a_plain_request() {
+        let mut req = request(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        assert!(requested(&mut req).is_none());
+        assert!(values(&req, "upgrade").is_empty());
+        assert!(values(&req, "http2-settings").is_empty());
+        assert!(values(&req, "connection").is_empty());
+    }
+
+    #[test]
+    fn upgrades_to_http_or_tls_are_refused_however_spelled() {
+        for p in ["H2C", "HTTP/2.0", "http/1.1", "TLS/1.2", " h2c "] {
+            let mut req = request(&[("connection", "upgrade, keep-alive"), ("upgrade", p)]);
+            assert!(requested(&mut req).is_none(), "{p}");
+            assert!(values(&req, "upgrade").is_empty(), "{p}");
+            assert_eq!(values(&req, "connection"), ["keep-alive"], "{p}");
+        }
+        // Some servers switch on `Upgrade` alone: it goes even when `Connection` does not name it.
+        let mut req = request(&[("upgrade", "h2c")]);
+        assert!(requested(&mut req).is_none());
+        assert!(values(&req, "upgrade").is_empty());
+    }
+
+    #[test]
+    fn the_other_protocols_offered_stay() {
+        let mut req = request(&[
+            ("connection", "upgrade, http2-settings"),
+            ("upgrade", "h2c, websocket"),
+            ("upgrade", "TLS/1.0"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ]);
+        let u = requested(&mut req).expect("the WebSocket upgrade");
+        assert_eq!(u.protocol, "websocket");
+        assert_eq!(values(&req, "upgrade"), ["websocket"]);
+        assert_eq!(values(&req, "connection"), ["upgrade"]);
+        assert!(values(&req, "http2-settings").is_empty());
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_untouched() {
+        let mut req = request(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(requested(&mut req).expect("an upgrade").protocol, "websocket");
+        assert_eq!(values(&req, "connection"), ["keep-alive, Upgrade"]);
+        assert!(!refused_connect(&req));
+    }
+
+    #[test]
+    fn extended_connect_to_http_is_refused() {
+        let connect = |p: &str| {
+            let mut req = Request::connect("/chat").body(()).unwrap();
+            req.extensions_mut().insert(hyper::ext::Protocol::from(p));
+            req
+        };
+        assert!(refused_connect(&connect("h2c")));
+        assert!(requested(&mut connect("h2c")).is_none());
+        assert!(!refused_connect(&connect("websocket")));
+        assert!(requested(&mut connect("websocket")).is_some_and(|u| u.is_h2()));
+        // A plain CONNECT is a tunnel, which only mesh mode opens.
+        assert!(refused_connect(&Request::connect("example.com:443").body(()).unwrap()));
     }
 }
