@@ -478,6 +478,65 @@ async fn http_policies_are_enforced_per_request() {
     assert!(log.contains("request denied") && log.contains("/private"), "{log}");
 }
 
+/// h2c smuggling in the mesh: a client upgrades a request that B's policy allows to HTTP/2
+/// cleartext, hoping that once the connection is relayed it can ask B's app (Hypercorn, which
+/// switches on `Upgrade: h2c`) for what the policy denies. Neither A's sidecar (outbound) nor
+/// B's (inbound, from an unmeshed pod) lets the upgrade through: the request goes on as a plain
+/// HTTP/1.1 one and the denied path stays denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_cannot_carry_requests_past_a_policy() {
+    let mut w = World::start(&["--rediscover-seconds", "1"]).await;
+    let a = w.pod("a-1", "sa-a", "a", 10, true);
+    let b = w.pod("b-1", "sa-b", "b", 11, true);
+    let c = w.pod("c-1", "sa-c", "c", 12, false);
+    w.service("svc-b", VIP, "b");
+    let ns = w.pods[b].ns.0.clone();
+    let _app = h2c::H2cServer::spawn(&["ip", "netns", "exec", &ns], "0.0.0.0", 8080);
+    w.sidecar(a, "sa-a", &[]);
+    w.sidecar(b, "sa-b", &[]);
+    w.ready(a).await;
+    w.ready(b).await;
+    w.cluster.install_istio_crds();
+    w.cluster.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: read-public, namespace: {NS}}}\n\
+         spec: {{selector: {{matchLabels: {{app: b}}}}, rules: [{{to: [{{operation: {{methods: [GET], paths: [\"/public/*\"]}}}}]}}]}}\n"
+    ));
+    eventually("the request policy takes effect", Duration::from_secs(20), async || {
+        let denied = curl_svc_b(&w, "/admin/secret");
+        let allowed = curl_svc_b(&w, "/public/x");
+        denied.1.contains("RBAC: access denied") && allowed.1.contains("/public/x")
+    })
+    .await;
+    let b_ip = w.pods[b].ip.clone();
+    for (from, base) in [(a, format!("http://{VIP}")), (c, format!("http://{b_ip}:8080"))] {
+        let pod = &w.pods[from];
+        let out = h2c::upgrade_then_request(
+            &["ip", "netns", "exec", &pod.ns.0],
+            &[&format!("{base}/public/x"), &format!("{base}/admin/secret")],
+        );
+        assert!(
+            !out.contains(" 101"),
+            "{}: a sidecar switched protocols: {out}",
+            pod.name
+        );
+        assert!(
+            !out.contains("/admin/secret\n"),
+            "{}: the app answered a denied request: {out}",
+            pod.name
+        );
+        let (ok, plain) = pod.curl(&[
+            "-H",
+            "Connection: Upgrade, HTTP2-Settings",
+            "-H",
+            "Upgrade: h2c",
+            "-H",
+            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+            &format!("{base}/public/x"),
+        ]);
+        assert!(ok && plain.trim() == "1.1 /public/x", "{}: {plain}", pod.name);
+    }
+}
+
 /// An AuthorizationPolicy with action CUSTOM on B: B's sidecar asks an external authorization
 /// service (MeshConfig `extensionProviders`) that is itself a pod of the mesh — reached over
 /// HBONE — before a matching request goes to B's app: refused with the service's answer, or let
