@@ -447,3 +447,36 @@ async fn an_h2c_upgrade_never_reaches_the_backend() {
     let r = client().get(format!("{base}/admin/secret")).send().await.unwrap();
     assert_eq!(r.status(), 404, "no route");
 }
+
+/// An upgrade the backend must not be asked for goes on as a plain request: one with a body
+/// (forwarded as an upgrade, its head promised a body the switch leaves unsent, and the backend
+/// waited for it) and one over HTTP/1.0, where `Upgrade` means nothing.
+#[tokio::test]
+async fn an_upgrade_with_a_body_or_over_http_1_0_is_a_plain_request() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let _dp = Dp::start(&docs(&[
+        gateway(port),
+        backend_at("a", a.addr, ""),
+        route("r", "\"*\"", "/", "a"),
+    ]))
+    .await;
+    let started = Instant::now();
+    let r = raw(
+        port,
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    let seen = body(&r);
+    assert_eq!(seen["body_len"], 5, "{r}");
+    assert!(seen["headers"].get("upgrade").is_none(), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    let r = raw(
+        port,
+        b"GET /old HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(body(&r)["headers"].get("upgrade").is_none(), "{r}");
+}

@@ -56,13 +56,14 @@ fn retain_tokens(h: &mut HeaderMap, name: &header::HeaderName, drop: impl Fn(&st
     }
 }
 
-/// Takes out of `h` the upgrade protocols that must not be forwarded (see [`smuggles`]),
-/// whether or not `Connection` names `Upgrade` (some servers switch on `Upgrade` alone).
-fn refuse_smuggling(h: &mut HeaderMap) {
-    if !tokens(h, &header::UPGRADE).any(smuggles) {
+/// Takes out of `h` the upgrade protocols `refused` picks, whether or not `Connection` names
+/// `Upgrade` (some servers switch on `Upgrade` alone), and with the last of them `Connection`'s
+/// `Upgrade` and h2c's `HTTP2-Settings`.
+fn refuse(h: &mut HeaderMap, refused: impl Fn(&str) -> bool) {
+    if !tokens(h, &header::UPGRADE).any(&refused) {
         return;
     }
-    retain_tokens(h, &header::UPGRADE, smuggles);
+    retain_tokens(h, &header::UPGRADE, refused);
     h.remove(&HTTP2_SETTINGS);
     let upgrading = h.contains_key(header::UPGRADE);
     retain_tokens(h, &header::CONNECTION, |t| {
@@ -70,9 +71,11 @@ fn refuse_smuggling(h: &mut HeaderMap) {
     });
 }
 
-/// The upgrade `req` asks for, if any. Protocols that would bypass the proxy are taken out of
-/// its head first: such a request goes on as a plain one.
-pub fn requested<B>(req: &mut Request<B>) -> Option<Upgrade> {
+/// The upgrade `req` asks for, if any. What must not be forwarded is taken out of its head
+/// first, and the request goes on as a plain one: protocols that would bypass the proxy (see
+/// [`smuggles`]), and any upgrade of an HTTP/1.0 request (RFC 9110 §7.8) or of one with a body
+/// (the backend would wait for a body the switch leaves unsent; RFC 6455's handshake has none).
+pub fn requested<B: http_body::Body>(req: &mut Request<B>) -> Option<Upgrade> {
     let (protocol, h2) = if req.method() == Method::CONNECT {
         let p = req.extensions().get::<hyper::ext::Protocol>()?;
         if smuggles(p.as_str()) {
@@ -80,9 +83,10 @@ pub fn requested<B>(req: &mut Request<B>) -> Option<Upgrade> {
         }
         (HeaderValue::from_str(p.as_str()).ok()?, true)
     } else {
+        req.headers().get(header::UPGRADE)?;
+        let plain = req.version() != http::Version::HTTP_11 || !req.body().is_end_stream();
         let h = req.headers_mut();
-        h.get(header::UPGRADE)?;
-        refuse_smuggling(h);
+        refuse(h, |p| plain || smuggles(p));
         let named = tokens(h, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
         (h.get(header::UPGRADE).filter(|_| named)?.clone(), false)
     };
@@ -176,15 +180,17 @@ impl Upgrade {
 mod tests {
     use super::*;
 
-    fn request(headers: &[(&str, &str)]) -> Request<()> {
+    type Body = http_body_util::Full<bytes::Bytes>;
+
+    fn request(headers: &[(&str, &str)]) -> Request<Body> {
         let mut b = Request::get("/public");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap()
+        b.body(Body::default()).unwrap()
     }
 
-    fn values(req: &Request<()>, name: &str) -> Vec<String> {
+    fn values<B>(req: &Request<B>, name: &str) -> Vec<String> {
         req.headers()
             .get_all(name)
             .iter()
@@ -245,7 +251,7 @@ mod tests {
     #[test]
     fn extended_connect_to_http_is_refused() {
         let connect = |p: &str| {
-            let mut req = Request::connect("/chat").body(()).unwrap();
+            let mut req = Request::connect("/chat").body(Body::default()).unwrap();
             req.extensions_mut().insert(hyper::ext::Protocol::from(p));
             req
         };
@@ -255,5 +261,18 @@ mod tests {
         assert!(requested(&mut connect("websocket")).is_some_and(|u| u.is_h2()));
         // A plain CONNECT is a tunnel, which only mesh mode opens.
         assert!(refused_connect(&Request::connect("example.com:443").body(()).unwrap()));
+    }
+
+    #[test]
+    fn an_upgrade_with_a_body_or_over_http_1_0_is_a_plain_request() {
+        let mut req = request(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        *req.body_mut() = Body::from("hello");
+        assert!(requested(&mut req).is_none());
+        assert!(values(&req, "upgrade").is_empty());
+        assert!(values(&req, "connection").is_empty());
+        let mut req = request(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        *req.version_mut() = http::Version::HTTP_10;
+        assert!(requested(&mut req).is_none());
+        assert!(values(&req, "upgrade").is_empty());
     }
 }
