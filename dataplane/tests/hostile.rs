@@ -108,6 +108,38 @@ async fn host_must_be_single_and_the_target_authority_wins() {
     assert_eq!(status(&old), 200, "{old}");
     assert_eq!(body(&old)["backend"], "any");
     assert_eq!(body(&old)["headers"]["host"][0], any.addr.to_string());
+    // A Host (or authority) that is not `host[:port]` is refused, not forwarded for an app to
+    // build URLs from; one with userinfo too (it obscures the authority).
+    for bad in [
+        "a.test/evil",
+        "a.test?x",
+        "a .test",
+        "user@a.test",
+        "[::1",
+        "a.test:80:80",
+    ] {
+        let r = raw(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {bad}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status(&r), 400, "{bad}: {r}");
+        assert!(r.contains("invalid_host"), "{bad}: {r}");
+    }
+    let userinfo = raw(
+        port,
+        b"GET http://user:pw@a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&userinfo), 400, "{userinfo}");
+    for good in ["a.test:8080", "a.test.", "[::1]:80"] {
+        let r = raw(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {good}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status(&r), 200, "{good}: {r}");
+    }
     assert_eq!(b.hits(), 0);
     drop(dp);
 }

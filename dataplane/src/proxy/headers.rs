@@ -105,6 +105,39 @@ pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Optio
     h.append(header::VIA, HeaderValue::from_static(via));
 }
 
+/// Whether `host` is an RFC 3986 `host [":" port]`, as `Host` and an authority must be (RFC 9112
+/// §3.2: anything else is a 400). Refuses userinfo (`user@host`, RFC 9110 §4.2.4: it obscures
+/// the authority) and the characters that would turn the host into part of a path or query
+/// where an application builds URLs from it (`/`, `?`, `#`, spaces). Empty is valid.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host.strip_prefix(b"[") {
+        Some(literal) => {
+            let Some(end) = literal.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            // IPv6, IPvFuture or a zone (RFC 6874): unreserved characters, `:` and escapes.
+            if !literal[..end]
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b":.%-_~".contains(&b))
+            {
+                return false;
+            }
+            (&[][..], &literal[end + 1..])
+        }
+        None => match host.iter().position(|&b| b == b':') {
+            Some(i) => (&host[..i], &host[i..]),
+            None => (host, &[][..]),
+        },
+    };
+    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    port_ok && name.iter().all(reg_name)
+}
+
 /// Joins HTTP/2 cookie crumbs (RFC 9113 §8.2.3) into the one `cookie` header HTTP/1.1 allows.
 pub fn join_cookies(h: &mut HeaderMap) {
     let mut all = h.get_all(header::COOKIE).iter();
@@ -160,6 +193,42 @@ fn fmt_ip(ip: IpAddr, buf: &mut [u8; 48]) -> &str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hosts_are_checked_as_rfc_3986_says() {
+        for ok in [
+            "",
+            "a",
+            "a.example.com",
+            "a.",
+            "a:8080",
+            "a:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[fe80::1%25eth0]",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "user@a",
+            "user:pw@a",
+            "[::1",
+            "[::1]x",
+            "a:80:80",
+            "a:8o",
+            "a\\b",
+            "[::1/]",
+            "a\"b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

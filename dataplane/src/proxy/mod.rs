@@ -572,10 +572,17 @@ fn request_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, Local> {
     if hosts.next().is_some() || (first.is_none() && req.version() == Version::HTTP_11) {
         return Err(Local::BadHost);
     }
-    match req.uri().authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).map(Some).map_err(|_| Local::BadHost),
-        None => Ok(first.cloned()),
+    let host = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| Local::BadHost)?,
+        None => match first {
+            Some(h) => h.clone(),
+            None => return Ok(None),
+        },
+    };
+    if !headers::valid_host(host.as_bytes()) {
+        return Err(Local::BadHost);
     }
+    Ok(Some(host))
 }
 
 fn strip_port(h: &str) -> &str {
