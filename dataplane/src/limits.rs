@@ -18,6 +18,10 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Longest pause in a client's request body before it gets 408.
     pub request_body_idle_timeout: Duration,
+    /// Longest quiet spell of a response: the upstream sending nothing of its body, or the
+    /// client taking none of what is ready for it (Envoy's `stream_idle_timeout`); `None`: no
+    /// limit.
+    pub stream_idle_timeout: Option<Duration>,
     /// Longest quiet spell of a TCP or TLS route's connection (Envoy's tcp_proxy default).
     pub tcp_idle_timeout: Duration,
     /// Merge `//` in request paths before matching (Istio's default).
@@ -36,10 +40,74 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(15),
             request_body_idle_timeout: Duration::from_secs(60),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
             tcp_idle_timeout: Duration::from_secs(3600),
             merge_slashes: true,
             max_connections: 16_384,
             max_streams: 128,
         }
+    }
+}
+
+/// A bound on how long something may stay stuck: a timer armed the first time it has to wait,
+/// restarted when it waits again after moving. Nothing (no timer, no allocation) while it never
+/// waits, which is every fast request.
+pub struct Stall {
+    limit: Option<Duration>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    moved: bool,
+}
+
+impl Stall {
+    pub fn new(limit: Option<Duration>) -> Stall {
+        Stall {
+            limit,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    /// What was guarded could not proceed: ready once it has been stuck `limit` since it last
+    /// moved (the caller's task is woken then).
+    pub fn poll_stuck(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Duration> {
+        use std::future::Future;
+        let Some(limit) = self.limit else {
+            return std::task::Poll::Pending;
+        };
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if std::mem::take(&mut self.moved) {
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        }
+        timer.as_mut().poll(cx).map(|()| limit)
+    }
+
+    /// What was guarded moved.
+    pub fn moved(&mut self) {
+        self.moved = self.timer.is_some();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Poll;
+
+    async fn stuck(s: &mut Stall) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(s.poll_stuck(cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_stall_counts_from_when_it_last_moved() {
+        let step = Duration::from_millis(300);
+        let mut s = Stall::new(Some(step * 2));
+        assert!(!stuck(&mut s).await);
+        tokio::time::sleep(step).await;
+        s.moved();
+        tokio::time::sleep(step + step / 2).await;
+        assert!(!stuck(&mut s).await, "restarted when it waited again after moving");
+        tokio::time::sleep(step * 3).await;
+        assert!(stuck(&mut s).await);
+        let mut unbounded = Stall::new(None);
+        assert!(!stuck(&mut unbounded).await);
     }
 }

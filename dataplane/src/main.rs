@@ -82,6 +82,11 @@ struct Args {
     /// a sidecar's, 3600 — a gRPC stream may stay quiet between messages).
     #[arg(long)]
     request_body_idle_timeout: Option<u64>,
+    /// Seconds a response may stay quiet — the upstream sending nothing of its body, or the
+    /// client reading none of it — before it is cut off (default: 300, Envoy's
+    /// `stream_idle_timeout`; a sidecar's, 3600; 0: no limit).
+    #[arg(long)]
+    stream_idle_timeout: Option<u64>,
     /// Merge repeated slashes in request paths before matching.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     merge_slashes: bool,
@@ -449,16 +454,20 @@ impl Args {
         // A gateway's clients are strangers; a sidecar's are its own application, whose uploads
         // and streams it carries as a TCP relay would.
         let sidecar = self.mesh.mode == Mode::Sidecar;
-        let (body, body_idle) = if sidecar {
-            (usize::MAX, 3600)
+        let (body, body_idle, stream_idle) = if sidecar {
+            (usize::MAX, 3600, 3600)
         } else {
-            (64 * 1024 * 1024, 60)
+            (64 * 1024 * 1024, 60, 300)
         };
         Limits {
             max_request_body: self.max_request_body.unwrap_or(body),
             header_read_timeout: Duration::from_secs(self.header_read_timeout),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             request_body_idle_timeout: Duration::from_secs(self.request_body_idle_timeout.unwrap_or(body_idle)),
+            stream_idle_timeout: match self.stream_idle_timeout.unwrap_or(stream_idle) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
             tcp_idle_timeout: Duration::from_secs(self.mesh.tcp_idle_timeout),
             merge_slashes: self.merge_slashes,
             max_connections: self.max_connections,

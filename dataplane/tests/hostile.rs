@@ -512,3 +512,80 @@ async fn an_upgrade_with_a_body_or_over_http_1_0_is_a_plain_request() {
     assert_eq!(status(&r), 200, "{r}");
     assert!(body(&r)["headers"].get("upgrade").is_none(), "{r}");
 }
+
+/// A backend that sends a response head and the start of a body, then nothing, keeping the
+/// connection open; or (with `endless`) a chunked body for ever. Notifies once the proxy has
+/// closed the connection under it.
+async fn quiet_backend(endless: bool) -> (SocketAddr, std::sync::Arc<tokio::sync::Notify>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let gone = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                if endless {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    let chunk = [&b"10000\r\n"[..], &[b'x'; 0x10000], b"\r\n"].concat();
+                    while s.write_all(&chunk).await.is_ok() {}
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+                        .await;
+                    // Reads until the proxy closes its end.
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+                gone.notify_one();
+            });
+        }
+    });
+    (addr, closed)
+}
+
+/// Neither side of a response may stay silent for ever (`--stream-idle-timeout`, Envoy's
+/// `stream_idle_timeout`): an upstream that stops sending its body, and a client that stops
+/// reading one, each lose the response after the limit, and the upstream connection is let go.
+#[tokio::test]
+async fn a_response_nobody_moves_is_cut_off() {
+    let (stalling, stalling_closed) = quiet_backend(false).await;
+    let (endless, endless_closed) = quiet_backend(true).await;
+    let port = free_port();
+    let config = docs(&[
+        gateway(port),
+        backend_at("stalling", stalling, ""),
+        backend_at("endless", endless, ""),
+        route("s", "\"*\"", "/stalling", "stalling"),
+        route("e", "\"*\"", "/endless", "endless"),
+    ]);
+    let _dp = Dp::start_with(&config, &["--stream-idle-timeout", "1"]).await;
+    let started = Instant::now();
+    let r = client()
+        .get(format!("http://127.0.0.1:{port}/stalling"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Within the client's own 10 s timeout: the proxy's limit ended it.
+    let body = tokio::time::timeout(Duration::from_secs(5), r.bytes()).await;
+    assert!(matches!(body, Ok(Err(_))), "the body was cut off: {body:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "{took:?}");
+    tokio::time::timeout(Duration::from_secs(2), stalling_closed.notified())
+        .await
+        .expect("the stalled upstream connection is closed");
+
+    // A client that asks for an endless body and reads none of it.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /endless HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), endless_closed.notified())
+        .await
+        .expect("the upstream connection of the unread response is closed");
+    let mut sink = Vec::new();
+    let drained = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
+    assert!(drained.is_ok(), "the client's connection is closed too");
+}

@@ -2,6 +2,7 @@
 //! (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), header limits, and draining.
 
 pub mod client;
+mod stall;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -348,6 +349,7 @@ pub async fn serve<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let stream_idle = shared.limits.stream_idle_timeout;
     let h1 = {
         let shared = shared.clone();
         service_fn(move |req| {
@@ -375,6 +377,7 @@ pub async fn serve<I>(
             }
         }};
     }
+    let io = stall::WriteStall::new(io, stream_idle);
     let result = match proto {
         HttpVersion::One => drive!(http.h1.serve_connection(io, h1).with_upgrades()),
         HttpVersion::Two => drive!(http.h2.serve_connection(io, h2)),

@@ -906,7 +906,8 @@ impl Forward<'_> {
                 Ok(up.switch(resp, via, idle, guards))
             }
             Try::Response(resp, lease) => {
-                let mut r = downstream_response(resp, via, (guards.0, guards.1, lease));
+                let idle = self.shared.limits.stream_idle_timeout;
+                let mut r = downstream_response(resp, via, idle, (guards.0, guards.1, lease));
                 if self.logging {
                     r.extensions_mut()
                         .insert(crate::access_log::UpstreamHost(ep.key.clone()));
@@ -1000,6 +1001,7 @@ fn classify(e: &PoolError, cluster: &str, endpoint: &str) -> Try {
 fn downstream_response(
     resp: Response<Incoming>,
     via: &'static str,
+    idle: Option<Duration>,
     (guard, ep_guard, mut lease): (RequestGuard, EndpointGuard, Lease),
 ) -> Response<ResponseBody> {
     let (mut rp, body) = resp.into_parts();
@@ -1019,6 +1021,7 @@ fn downstream_response(
         ResponseBody::Upstream {
             body,
             lease,
+            stall: crate::limits::Stall::new(idle),
             _request: guard,
             _endpoint: ep_guard,
         },

@@ -598,6 +598,8 @@ pub enum ResponseBody {
     Upstream {
         body: Incoming,
         lease: Lease,
+        /// Bounds the upstream's silence once it has sent the head.
+        stall: crate::limits::Stall,
         _request: RequestGuard,
         _endpoint: EndpointGuard,
     },
@@ -659,21 +661,36 @@ impl ResponseBody {
     }
 }
 
+/// Why a response body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    #[error("the upstream sent nothing more of the body for {0:?}")]
+    Stalled(Duration),
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream { body, lease, .. } => {
+            ResponseBody::Upstream { body, lease, stall, .. } => {
                 let r = Pin::new(&mut *body).poll_frame(cx);
                 match &r {
+                    Poll::Pending => {
+                        return stall
+                            .poll_stuck(cx)
+                            .map(|limit| Some(Err(ResponseBodyError::Stalled(limit))));
+                    }
                     Poll::Ready(None) => lease.finish(),
                     Poll::Ready(Some(Ok(_))) if body.is_end_stream() => lease.finish(),
-                    _ => {}
+                    Poll::Ready(_) => {}
                 }
-                r
+                stall.moved();
+                r.map(|f| f.map(|f| f.map_err(ResponseBodyError::from)))
             }
             ResponseBody::Observed(l) => {
                 let r = Pin::new(&mut l.inner).poll_frame(cx);
