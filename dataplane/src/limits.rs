@@ -51,29 +51,32 @@ impl Default for Limits {
 
 /// A bound on how long something may stay stuck: a timer armed the first time it has to wait,
 /// restarted when it waits again after moving. Nothing (no timer, no allocation) while it never
-/// waits, which is every fast request.
+/// waits, which is every fast request; 16 bytes, as it rides in every response body.
 pub struct Stall {
-    limit: Option<Duration>,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The bound in milliseconds; 0: none.
+    limit_ms: u32,
     moved: bool,
 }
 
 impl Stall {
     pub fn new(limit: Option<Duration>) -> Stall {
         Stall {
-            limit,
             timer: None,
+            // At least 1 ms, at most ~49 days.
+            limit_ms: limit.map_or(0, |l| l.as_millis().clamp(1, u32::MAX as u128) as u32),
             moved: false,
         }
     }
 
-    /// What was guarded could not proceed: ready once it has been stuck `limit` since it last
+    /// What was guarded could not proceed: ready once it has been stuck the limit since it last
     /// moved (the caller's task is woken then).
     pub fn poll_stuck(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Duration> {
         use std::future::Future;
-        let Some(limit) = self.limit else {
+        if self.limit_ms == 0 {
             return std::task::Poll::Pending;
-        };
+        }
+        let limit = Duration::from_millis(self.limit_ms.into());
         let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         if std::mem::take(&mut self.moved) {
             timer.as_mut().reset(tokio::time::Instant::now() + limit);
@@ -109,5 +112,6 @@ mod tests {
         assert!(stuck(&mut s).await);
         let mut unbounded = Stall::new(None);
         assert!(!stuck(&mut unbounded).await);
+        assert_eq!(std::mem::size_of::<Stall>(), 16);
     }
 }
