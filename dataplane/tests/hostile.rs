@@ -574,7 +574,10 @@ async fn a_response_nobody_moves_is_cut_off() {
     let body = tokio::time::timeout(Duration::from_secs(5), r.bytes()).await;
     assert!(matches!(body, Ok(Err(_))), "the body was cut off: {body:?}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
     tokio::time::timeout(Duration::from_secs(2), stalling_closed.notified())
         .await
         .expect("the stalled upstream connection is closed");
