@@ -915,3 +915,39 @@ async fn rate_limit_policies_are_accepted_and_enforced_by_the_gateway() {
     assert_eq!(got, [200, 200, 429, 200, 200, 429]);
     assert_eq!(hit(port, "shop.example.com").await.0, 200, "no user: not counted");
 }
+
+/// Connections to the operator's gRPC port that never start HTTP/2 are closed: every pod of the
+/// mesh can reach that port, and connections left open for ever would use up the operator's
+/// file descriptors (as idle ones did ferrum-dp's). A proxy's own stream is untouched.
+#[tokio::test]
+async fn silent_connections_to_the_operator_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let cluster = Cluster::start();
+    let op = cluster.operator("op-1").await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(
+            tokio::net::TcpStream::connect((op.host.as_str(), op.grpc))
+                .await
+                .unwrap(),
+        );
+    }
+    let started = std::time::Instant::now();
+    let dir = cluster.dir.path();
+    let _dp = Proxy::start(&op.grpc_url(), "dp-1", &dir.join("dp.json")).await;
+    for s in &mut silent {
+        // The server's SETTINGS come at once; then the end.
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "still open after {:?}", started.elapsed());
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the 10 s allowed"
+    );
+    eventually("the proxy's stream stays", Duration::from_secs(5), async || {
+        op.admin_json("/proxies").await["proxies"][0]["nodeId"] == "dp-1"
+    })
+    .await;
+}

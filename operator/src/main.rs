@@ -308,7 +308,7 @@ async fn serve_grpc(
             ready.store(true, Relaxed);
             tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "ferrum-operator serving");
             router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), shutdown())
+                .serve_with_incoming_shutdown(net::incoming(grpc), shutdown())
                 .await
         }
     };

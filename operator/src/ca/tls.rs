@@ -58,7 +58,10 @@ pub fn server_config(chain: &[String], key_pem: &str) -> Result<Arc<rustls::Serv
 }
 
 /// Accepts TLS connections (handshakes bounded by 10 s, off the accept loop) for tonic.
-pub fn incoming(l: TcpListener, cfg: Arc<rustls::ServerConfig>) -> ReceiverStream<std::io::Result<Conn>> {
+pub fn incoming(
+    l: TcpListener,
+    cfg: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<std::io::Result<crate::net::FirstByte<Conn>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     tokio::spawn(async move {
@@ -73,7 +76,7 @@ pub fn incoming(l: TcpListener, cfg: Arc<rustls::ServerConfig>) -> ReceiverStrea
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(Conn(s))).await;
+                        let _ = tx.send(Ok(crate::net::FirstByte::new(Conn(s)))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "CA TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "CA TLS handshake timed out"),
