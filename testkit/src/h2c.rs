@@ -44,7 +44,9 @@ impl H2cServer {
         let hypercorn = which("hypercorn");
         let bind = format!("{addr}:{port}");
         let mut argv: Vec<&str> = prefix.to_vec();
-        argv.extend([hypercorn.as_str(), "--bind", &bind, "h2c_app:app"]);
+        // No worker processes: killing Hypercorn then stops the server (a spawned worker
+        // would outlive it, still listening).
+        argv.extend([hypercorn.as_str(), "--workers", "0", "--bind", &bind, "h2c_app:app"]);
         let child = Command::new(argv[0])
             .args(&argv[1..])
             .current_dir(dir.path())
