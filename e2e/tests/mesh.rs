@@ -478,20 +478,17 @@ async fn http_policies_are_enforced_per_request() {
     assert!(log.contains("request denied") && log.contains("/private"), "{log}");
 }
 
-/// h2c smuggling in the mesh: a client upgrades a request that B's policy allows to HTTP/2
-/// cleartext, hoping that once the connection is relayed it can ask B's app (Hypercorn, which
-/// switches on `Upgrade: h2c`) for what the policy denies. Neither A's sidecar (outbound) nor
-/// B's (inbound, from an unmeshed pod) lets the upgrade through: the request goes on as a plain
-/// HTTP/1.1 one and the denied path stays denied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2c_upgrade_cannot_carry_requests_past_a_policy() {
+/// Pods A (meshed) and C (unmeshed) and B, whose app is Hypercorn (answering `<HTTP version>
+/// <path>`) and whose AuthorizationPolicy allows only `GET /public/*`; with the base URL of B
+/// for each of A (its Service, through A's sidecar) and C (B's pod, straight to B's inbound).
+async fn public_only() -> (World, h2c::H2cServer, [(usize, String); 2]) {
     let mut w = World::start(&["--rediscover-seconds", "1"]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b = w.pod("b-1", "sa-b", "b", 11, true);
     let c = w.pod("c-1", "sa-c", "c", 12, false);
     w.service("svc-b", VIP, "b");
     let ns = w.pods[b].ns.0.clone();
-    let _app = h2c::H2cServer::spawn(&["ip", "netns", "exec", &ns], "0.0.0.0", 8080);
+    let app = h2c::H2cServer::spawn(&["ip", "netns", "exec", &ns], "0.0.0.0", 8080);
     w.sidecar(a, "sa-a", &[]);
     w.sidecar(b, "sa-b", &[]);
     w.ready(a).await;
@@ -508,7 +505,22 @@ async fn an_h2c_upgrade_cannot_carry_requests_past_a_policy() {
     })
     .await;
     let b_ip = w.pods[b].ip.clone();
-    for (from, base) in [(a, format!("http://{VIP}")), (c, format!("http://{b_ip}:8080"))] {
+    (
+        w,
+        app,
+        [(a, format!("http://{VIP}")), (c, format!("http://{b_ip}:8080"))],
+    )
+}
+
+/// h2c smuggling in the mesh: a client upgrades a request that B's policy allows to HTTP/2
+/// cleartext, hoping that once the connection is relayed it can ask B's app (Hypercorn, which
+/// switches on `Upgrade: h2c`) for what the policy denies. Neither A's sidecar (outbound) nor
+/// B's (inbound, from an unmeshed pod) lets the upgrade through: the request goes on as a plain
+/// HTTP/1.1 one and the denied path stays denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_cannot_carry_requests_past_a_policy() {
+    let (w, _app, bases) = public_only().await;
+    for (from, base) in bases {
         let pod = &w.pods[from];
         let out = h2c::upgrade_then_request(
             &["ip", "netns", "exec", &pod.ns.0],
@@ -534,6 +546,42 @@ async fn an_h2c_upgrade_cannot_carry_requests_past_a_policy() {
             &format!("{base}/public/x"),
         ]);
         assert!(ok && plain.trim() == "1.1 /public/x", "{}: {plain}", pod.name);
+    }
+}
+
+/// A path is judged as the app will read it. `/public/../admin/secret` is `/admin/secret` to
+/// any app that resolves dot segments, so it is to the policy: each proxy normalises the path
+/// (RFC 3986: dot segments, percent-decoded unreserved characters) before matching and
+/// forwards the normalised one; an encoded `/`, which an app may decode into a separator the
+/// policy never saw, is refused — from a meshed pod (A's outbound, then B's inbound) and from an
+/// unmeshed one (B's inbound alone, over HTTP/1.1 and HTTP/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_judged_as_the_app_will_read_it() {
+    let (w, _app, bases) = public_only().await;
+    for (from, base) in bases {
+        let pod = &w.pods[from];
+        for http in ["--http1.1", "--http2-prior-knowledge"] {
+            for (path, want) in [
+                ("/public/../admin/secret", "403"),
+                ("/public/%2e%2e/admin/secret", "403"),
+                ("/public/.%2E/admin/secret", "403"),
+                ("/public/x/../../admin/secret", "403"),
+                ("/public/..%2fadmin/secret", "400"),
+                ("/public/%2E/x", "200"),
+            ] {
+                let url = format!("{base}{path}");
+                let (_, out) = pod.curl(&[http, "--path-as-is", "-w", "|%{http_code}", &url]);
+                let (body, code) = out.rsplit_once('|').unwrap_or((&out, ""));
+                assert_eq!(code, want, "{} {http} {path}: {body}", pod.name);
+                if want == "200" {
+                    assert!(
+                        body.ends_with(" /public/x\n"),
+                        "{} {http} {path}: the app got {body}",
+                        pod.name
+                    );
+                }
+            }
+        }
     }
 }
 

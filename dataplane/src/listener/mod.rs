@@ -345,7 +345,7 @@ pub async fn serve<I>(
     info: ConnInfo,
     shared: Arc<Shared>,
     http: &Http,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -363,27 +363,52 @@ pub async fn serve<I>(
         let fut = Box::pin(proxy::handle(shared.clone(), info, req));
         async move { Ok::<_, Infallible>(fut.await) }
     });
-    // Runs a connection until it ends or the listener stops, then lets it finish gracefully.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }};
-    }
-    let io = stall::WriteStall::new(io, stream_idle);
-    let result = match proto {
-        HttpVersion::One => drive!(http.h1.serve_connection(io, h1).with_upgrades()),
-        HttpVersion::Two => drive!(http.h2.serve_connection(io, h2)),
-    };
-    if let Err(e) = result {
+    if let Err(e) = http.serve(io, proto, (h1, h2), stream_idle, stop).await {
         tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
+    }
+}
+
+impl Http {
+    /// Runs one connection with `h1` or `h2` (as `proto` says) until it ends or `stop` is set,
+    /// then lets it finish gracefully; a client that reads nothing for `stream_idle` loses it.
+    pub async fn serve<I, S1, S2, B1, B2>(
+        &self,
+        io: I,
+        proto: HttpVersion,
+        (h1, h2): (S1, S2),
+        stream_idle: Option<Duration>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), hyper::Error>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S1: hyper::service::HttpService<hyper::body::Incoming, ResBody = B1>,
+        S2: hyper::service::HttpService<hyper::body::Incoming, ResBody = B2>,
+        S1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B1: hyper::body::Body + Send + 'static,
+        B2: hyper::body::Body + Send + 'static,
+        B1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S2::Future, B2>,
+    {
+        macro_rules! drive {
+            ($conn:expr) => {{
+                let conn = $conn;
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stopped(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }};
+        }
+        let io = stall::WriteStall::new(io, stream_idle);
+        match proto {
+            HttpVersion::One => drive!(self.h1.serve_connection(io, h1).with_upgrades()),
+            HttpVersion::Two => drive!(self.h2.serve_connection(io, h2)),
+        }
     }
 }
 

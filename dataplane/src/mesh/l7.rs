@@ -4,6 +4,7 @@
 //! request checked, 403 `RBAC: access denied` as Istio answers, the rest forwarded to the app
 //! over the connection already opened to it — and anything else is judged once, at L4.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -228,24 +229,33 @@ pub struct Conn {
     pub client: SocketAddr,
     /// How long an upgraded (WebSocket) stream may stay silent.
     pub idle: Duration,
+    /// The proxy's HTTP server settings (the gateway's limits hold here too).
+    pub http: Arc<crate::listener::Http>,
+    /// Set when the proxy drains: the connection finishes its requests and closes.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// One request: judged, then answered locally or by the app; an allowed HTTP/1.1 Upgrade
-/// (WebSocket) that the app accepts becomes a relay between the two. `idle` bounds an upgraded
-/// stream's silence, `body_idle` the wait for each frame of a body read ahead for a check.
+/// One request: checked as the gateway checks a head (so the policy judges the path the app
+/// will read), judged, then answered locally or by the app; an allowed HTTP/1.1 Upgrade
+/// (WebSocket) that the app accepts becomes a relay between the two.
 async fn answer<F>(
     mut req: Request<Incoming>,
     app: &AppConn,
     judge: &F,
-    (idle, body_idle): (Duration, Duration),
-) -> Result<Response<Body>, std::convert::Infallible>
+    conn: &Conn,
+) -> Result<Response<Body>, Infallible>
 where
     F: Fn(&mut http::request::Parts) -> Verdict,
 {
+    let limits = &conn.shared.limits;
+    if let Err(refused) = crate::proxy::check_head(&mut req, limits) {
+        return Ok(refused.into_response(|b| Full::new(b).map_err(|n| match n {}).boxed()));
+    }
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
     let mut body = ClientBody::from(body);
     let verdict = judge(&mut parts);
+    let body_idle = limits.request_body_idle_timeout;
     let on_allow = match super::ext_authz::settle(verdict, &mut parts, &mut body, body_idle).await {
         Settled::Allow(add) => add,
         Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
@@ -263,7 +273,7 @@ where
     Ok(match app.send(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
             if let Some(u) = upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
-                u.splice(hyper::upgrade::on(&mut resp), idle, ());
+                u.splice(hyper::upgrade::on(&mut resp), conn.idle, ());
             }
             super::ext_authz::add_response_headers(on_allow, resp.headers_mut());
             resp.map(BodyExt::boxed)
@@ -304,16 +314,21 @@ where
             }
         }
     };
-    let idles = (conn.idle, conn.shared.limits.request_body_idle_timeout);
-    let (judge, conn) = (Arc::new(judge), Arc::new(conn));
+    let (server, stream_idle, stop) = (
+        conn.http.clone(),
+        conn.shared.limits.stream_idle_timeout,
+        conn.stop.clone(),
+    );
+    let conn = Arc::new(conn);
+    let judge = Arc::new(judge);
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (app, judge, conn) = (app.clone(), judge.clone(), conn.clone());
         async move {
             let Some(span) = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
-                return answer(req, &app, &*judge, idles).await;
+                return answer(req, &app, &*judge, &conn).await;
             };
             let mut entry = Entry::of(&req, conn.client, "inbound");
-            let resp = answer(req, &app, &*judge, idles).await;
+            let resp = answer(req, &app, &*judge, &conn).await;
             if let Ok(r) = &resp {
                 entry.respond(r);
             }
@@ -322,23 +337,9 @@ where
             resp
         }
     });
-    let io = TokioIo::new(stream);
-    let served = match http {
-        HttpVersion::One => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(io, svc)
-                .with_upgrades()
-                .await
-        }
-        HttpVersion::Two => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(io, svc)
-                .await
-        }
-    };
+    let served = server
+        .serve(TokioIo::new(stream), http, (svc.clone(), svc), stream_idle, stop)
+        .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "inbound HTTP connection ended");
     }
@@ -445,6 +446,8 @@ mod tests {
         let shared = crate::dataplane::Dataplane::new(crate::limits::Limits::default(), vec![])
             .shared
             .clone();
+        let http = Arc::new(crate::listener::Http::new(&shared.limits));
+        let stop = tokio::sync::watch::channel(false).0;
         tokio::spawn(async move {
             while let Ok((s, client)) = sidecar.accept().await {
                 let app = TcpStream::connect(echo_addr).await.unwrap();
@@ -452,6 +455,8 @@ mod tests {
                     shared: shared.clone(),
                     client,
                     idle: Duration::from_secs(10),
+                    http: http.clone(),
+                    stop: stop.subscribe(),
                 };
                 let judge = |p: &mut http::request::Parts| {
                     if p.uri.path() == "/blocked" {

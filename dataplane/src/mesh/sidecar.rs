@@ -83,8 +83,8 @@ pub struct Sidecar {
     pool: hbone::Pool,
     settings: Settings,
     app: Arc<App>,
-    /// HTTP server settings for routed outbound connections.
-    http: listener::Http,
+    /// HTTP server settings, for routed outbound and judged inbound connections alike.
+    http: Arc<listener::Http>,
     draining: AtomicBool,
     /// Tells routed outbound connections to finish their requests and close.
     stop: watch::Sender<bool>,
@@ -96,6 +96,9 @@ pub struct App {
     stats: Arc<MeshStats>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    http: Arc<listener::Http>,
+    /// Set when the proxy drains.
+    stop: watch::Receiver<bool>,
 }
 
 /// Who is on the other end of an inbound connection, and where it goes.
@@ -214,6 +217,8 @@ impl App {
                     shared: self.dp.shared.clone(),
                     client: SocketAddr::new(c.source, 0),
                     idle: self.idle_timeout,
+                    http: self.http.clone(),
+                    stop: self.stop.clone(),
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
@@ -326,15 +331,19 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
 impl Sidecar {
     pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
         let stats = dp.shared.registry.mesh.clone();
+        let http = Arc::new(listener::Http::new(&dp.shared.limits));
+        let stop = watch::channel(false).0;
         let sidecar = Arc::new(Sidecar {
-            http: listener::Http::new(&dp.shared.limits),
-            stop: watch::channel(false).0,
             app: Arc::new(App {
                 dp: dp.clone(),
                 stats: stats.clone(),
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
+                http: http.clone(),
+                stop: stop.subscribe(),
             }),
+            http,
+            stop,
             dp,
             identity,
             pool: hbone::Pool::new(stats, settings.hbone_unused_release),

@@ -34,7 +34,7 @@ use headers::X_FERRUM_ERROR;
 
 /// Why the proxy answered by itself; the value goes in `x-ferrum-error`.
 #[derive(Debug, Clone, Copy)]
-enum Local {
+pub enum Local {
     RouteNotFound,
     BackendNotFound,
     /// Every backend of the rule has weight 0.
@@ -104,8 +104,13 @@ impl Local {
         }
     }
     fn response(self) -> Response<ResponseBody> {
+        self.into_response(ResponseBody::local)
+    }
+
+    /// The answer, with its body made by `body` (for servers whose bodies are not the proxy's).
+    pub fn into_response<B>(self, body: impl FnOnce(bytes::Bytes) -> B) -> Response<B> {
         let reason = self.reason();
-        let mut r = Response::new(ResponseBody::local(format!("{reason}\n")));
+        let mut r = Response::new(body(format!("{reason}\n").into()));
         *r.status_mut() = self.status();
         let h = r.headers_mut();
         h.insert(&X_FERRUM_ERROR, HeaderValue::from_static(reason));
@@ -532,7 +537,9 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 }
 
 /// Refuses what must not be forwarded and normalises the path; returns the request's host.
-fn check_head<B>(req: &mut Request<B>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
+/// Every server of the proxy calls it before anything looks at the request, so a policy and
+/// the app behind it read the same path and host.
+pub fn check_head<B>(req: &mut Request<B>, limits: &Limits) -> Result<Option<HeaderValue>, Local> {
     // CONNECT tunnels come with mesh mode; an HTTP/2 extended CONNECT (RFC 8441) is an upgrade,
     // unless to HTTP or TLS, which would go past every route and policy.
     if upgrade::refused_connect(req) {
