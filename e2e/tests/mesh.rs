@@ -585,6 +585,40 @@ async fn a_path_is_judged_as_the_app_will_read_it() {
     }
 }
 
+/// A client keeps its connection through the sidecars while B's app closes idle ones (Hypercorn
+/// after 5 s, as Node and gunicorn do): the next request on the client's connection is not
+/// lost — B's sidecar opens a new connection to the app for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_outlives_the_apps_idle_close() {
+    let (w, _app, bases) = public_only().await;
+    const KEEP_ALIVE: &str = "import http.client, sys, time\n\
+        host, port = sys.argv[1].split(':')\n\
+        c = http.client.HTTPConnection(host, int(port), timeout=5)\n\
+        for i, pause in enumerate([0, 6.5, 0]):\n\
+        \x20   time.sleep(pause)\n\
+        \x20   c.request('GET', f'/public/{i}')\n\
+        \x20   r = c.getresponse()\n\
+        \x20   print(r.status, r.read().decode().strip())\n";
+    for (from, base) in bases {
+        let pod = &w.pods[from];
+        let authority = base.trim_start_matches("http://");
+        let authority = if authority.contains(':') {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let out = pod.run(&["python3", "-c", KEEP_ALIVE, &authority]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text,
+            "200 1.1 /public/0\n200 1.1 /public/1\n200 1.1 /public/2\n",
+            "{}: {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// An AuthorizationPolicy with action CUSTOM on B: B's sidecar asks an external authorization
 /// service (MeshConfig `extensionProviders`) that is itself a pod of the mesh — reached over
 /// HBONE — before a matching request goes to B's app: refused with the service's answer, or let

@@ -191,21 +191,116 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-/// The app connection, as HTTP/1 (one request at a time, as the server side hands them over)
-/// or HTTP/2 (shared).
-#[derive(Clone)]
-enum AppConn {
-    One(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ClientBody>>>),
+/// The app, as the judged requests of one client connection reach it: over one connection at a
+/// time, dialled again when the app has closed the last — apps close idle keep-alives (Node and
+/// Hypercorn after 5 s) while the client's connection through the mesh stays open.
+struct AppConn {
+    http: HttpVersion,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    /// HTTP/1 holds the lock for a request's exchange (one at a time, as the server side hands
+    /// them over); HTTP/2 only to take a handle to the shared connection.
+    sender: tokio::sync::Mutex<Option<Sender>>,
+}
+
+enum Sender {
+    One(hyper::client::conn::http1::SendRequest<ClientBody>),
     Two(hyper::client::conn::http2::SendRequest<ClientBody>),
 }
 
-impl AppConn {
-    async fn send(&self, req: Request<ClientBody>) -> Result<Response<Incoming>, hyper::Error> {
+impl Sender {
+    fn is_closed(&self) -> bool {
         match self {
-            AppConn::One(s) => s.lock().await.send_request(req).await,
-            AppConn::Two(s) => s.clone().send_request(req).await,
+            Sender::One(s) => s.is_closed(),
+            Sender::Two(s) => s.is_closed(),
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error("connecting to the application: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("the application closed a new connection before taking the request")]
+    Closed,
+}
+
+/// A request's fate on one connection: not sent (it may go on another), or failed once sent.
+enum Failed {
+    Unsent(Request<ClientBody>),
+    Sent(hyper::Error),
+}
+
+impl From<hyper::client::conn::TrySendError<Request<ClientBody>>> for Failed {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<ClientBody>>) -> Self {
+        match e.take_message() {
+            Some(req) => Failed::Unsent(req),
+            None => Failed::Sent(e.into_error()),
+        }
+    }
+}
+
+impl AppConn {
+    async fn new(http: HttpVersion, stream: TcpStream, conn: &Conn) -> Result<AppConn, AppError> {
+        Ok(AppConn {
+            http,
+            addr: conn.app,
+            connect_timeout: conn.connect_timeout,
+            sender: tokio::sync::Mutex::new(Some(handshake(http, stream).await?)),
+        })
+    }
+
+    /// Sends `req` on the open connection, or on a new one when the app has closed it (before
+    /// or while the request was handed over: a request the app never saw goes on once more).
+    async fn send(&self, mut req: Request<ClientBody>) -> Result<Response<Incoming>, AppError> {
+        for _ in 0..2 {
+            let mut slot = self.sender.lock().await;
+            if slot.as_ref().is_none_or(Sender::is_closed) {
+                let stream = super::sidecar::connect_app(self.addr, self.connect_timeout).await?;
+                *slot = Some(handshake(self.http, stream).await?);
+            }
+            let sent = match slot.as_mut() {
+                Some(Sender::One(s)) => match s.ready().await {
+                    Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
+                    Err(_) => Err(Failed::Unsent(req)),
+                },
+                Some(Sender::Two(s)) => {
+                    let mut s = s.clone();
+                    drop(slot);
+                    match s.ready().await {
+                        Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
+                        Err(_) => Err(Failed::Unsent(req)),
+                    }
+                }
+                None => unreachable!("dialled above"),
+            };
+            match sent {
+                Ok(resp) => return Ok(resp),
+                Err(Failed::Sent(e)) => return Err(e.into()),
+                Err(Failed::Unsent(back)) => req = back,
+            }
+        }
+        Err(AppError::Closed)
+    }
+}
+
+/// An HTTP client connection to the app on `stream`, driven by its own task.
+async fn handshake(http: HttpVersion, stream: TcpStream) -> Result<Sender, hyper::Error> {
+    let io = TokioIo::new(stream);
+    Ok(match http {
+        HttpVersion::One => {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn.with_upgrades());
+            Sender::One(send)
+        }
+        HttpVersion::Two => {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Sender::Two(send)
+        }
+    })
 }
 
 /// What the policies say about one request.
@@ -233,6 +328,9 @@ pub struct Conn {
     pub http: Arc<crate::listener::Http>,
     /// Set when the proxy drains: the connection finishes its requests and closes.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Where the app listens, to dial it again, and how long a dial may take.
+    pub app: SocketAddr,
+    pub connect_timeout: Duration,
 }
 
 /// One request: checked as the gateway checks a head (so the policy judges the path the app
@@ -296,23 +394,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(&mut http::request::Parts) -> Verdict + Send + Sync + 'static,
 {
-    let app = match http {
-        HttpVersion::One => match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
-            Ok((send, conn)) => {
-                tokio::spawn(conn.with_upgrades());
-                AppConn::One(Arc::new(tokio::sync::Mutex::new(send)))
-            }
-            Err(e) => return tracing::debug!(error = %e, "application HTTP/1 handshake failed"),
-        },
-        HttpVersion::Two => {
-            match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
-                Ok((send, conn)) => {
-                    tokio::spawn(conn);
-                    AppConn::Two(send)
-                }
-                Err(e) => return tracing::debug!(error = %e, "application HTTP/2 handshake failed"),
-            }
-        }
+    let app = match AppConn::new(http, app, &conn).await {
+        Ok(app) => Arc::new(app),
+        Err(e) => return tracing::debug!(error = %e, "application handshake failed"),
     };
     let (server, stream_idle, stop) = (
         conn.http.clone(),
@@ -418,6 +502,120 @@ mod tests {
         assert_eq!(all, b"GET / HTTP/1.1\r\n");
     }
 
+    /// A per-request sidecar in front of the app at `app`, speaking `http`; it denies `/blocked`.
+    async fn judging(app: SocketAddr, http: HttpVersion) -> SocketAddr {
+        let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = sidecar.local_addr().unwrap();
+        let shared = crate::dataplane::Dataplane::new(crate::limits::Limits::default(), vec![])
+            .shared
+            .clone();
+        let server = Arc::new(crate::listener::Http::new(&shared.limits));
+        let stop = tokio::sync::watch::channel(false).0;
+        tokio::spawn(async move {
+            while let Ok((s, client)) = sidecar.accept().await {
+                let stream = TcpStream::connect(app).await.unwrap();
+                let conn = Conn {
+                    shared: shared.clone(),
+                    client,
+                    idle: Duration::from_secs(10),
+                    http: server.clone(),
+                    stop: stop.subscribe(),
+                    app,
+                    connect_timeout: Duration::from_secs(1),
+                };
+                let judge = |p: &mut http::request::Parts| {
+                    if p.uri.path() == "/blocked" {
+                        Verdict::Deny
+                    } else {
+                        Verdict::Allow
+                    }
+                };
+                tokio::spawn(serve(s, http, stream, judge, conn));
+            }
+        });
+        addr
+    }
+
+    /// The app closes each connection 200 ms after accepting it, as apps close idle keep-alives;
+    /// the client's connection to the sidecar stays, and each request on it reaches the app —
+    /// after a pause (the app's connection long closed) and right after a response (closing
+    /// while the request is handed over).
+    #[tokio::test]
+    async fn an_app_that_closes_its_connection_is_dialled_again() {
+        for http in [HttpVersion::One, HttpVersion::Two] {
+            let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let app_addr = app.local_addr().unwrap();
+            let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let count = accepted.clone();
+            tokio::spawn(async move {
+                while let Ok((s, _)) = app.accept().await {
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(req.uri().path().to_owned()))))
+                    });
+                    let io = TokioIo::new(s);
+                    tokio::spawn(async move {
+                        let served = async {
+                            match http {
+                                HttpVersion::One => {
+                                    let _ = hyper::server::conn::http1::Builder::new()
+                                        .serve_connection(io, svc)
+                                        .await;
+                                }
+                                HttpVersion::Two => {
+                                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                        .serve_connection(io, svc)
+                                        .await;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_millis(200), served).await;
+                    });
+                }
+            });
+            let addr = judging(app_addr, http).await;
+            let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+            type Client<B> = (
+                Option<hyper::client::conn::http1::SendRequest<B>>,
+                Option<hyper::client::conn::http2::SendRequest<B>>,
+            );
+            let mut client: Client<http_body_util::Empty<Bytes>> = match http {
+                HttpVersion::One => {
+                    let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                    tokio::spawn(conn);
+                    (Some(send), None)
+                }
+                HttpVersion::Two => {
+                    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .unwrap();
+                    tokio::spawn(conn);
+                    (None, Some(send))
+                }
+            };
+            for (i, pause) in [0, 400, 0, 150, 0].into_iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                let path = format!("/r{i}");
+                let req = Request::builder()
+                    .uri(format!("http://app{path}"))
+                    .header(http::header::HOST, "app")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                let resp = match &mut client {
+                    (Some(s), _) => s.send_request(req).await,
+                    (_, Some(s)) => s.send_request(req).await,
+                    _ => unreachable!(),
+                };
+                let resp = resp.unwrap_or_else(|e| panic!("{http:?} {path}: the client's connection broke: {e}"));
+                assert_eq!(resp.status(), StatusCode::OK, "{http:?} {path}");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, path.as_bytes(), "{http:?}");
+            }
+            let dials = accepted.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(dials >= 2, "{http:?}: the app was dialled {dials} times");
+        }
+    }
+
     /// A WebSocket through the per-request path: the allowed upgrade is carried both ways, a
     /// denied one gets the 403 before any switch.
     #[tokio::test]
@@ -441,34 +639,7 @@ mod tests {
                 });
             }
         });
-        let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = sidecar.local_addr().unwrap();
-        let shared = crate::dataplane::Dataplane::new(crate::limits::Limits::default(), vec![])
-            .shared
-            .clone();
-        let http = Arc::new(crate::listener::Http::new(&shared.limits));
-        let stop = tokio::sync::watch::channel(false).0;
-        tokio::spawn(async move {
-            while let Ok((s, client)) = sidecar.accept().await {
-                let app = TcpStream::connect(echo_addr).await.unwrap();
-                let conn = Conn {
-                    shared: shared.clone(),
-                    client,
-                    idle: Duration::from_secs(10),
-                    http: http.clone(),
-                    stop: stop.subscribe(),
-                };
-                let judge = |p: &mut http::request::Parts| {
-                    if p.uri.path() == "/blocked" {
-                        Verdict::Deny
-                    } else {
-                        Verdict::Allow
-                    }
-                };
-                tokio::spawn(serve(s, HttpVersion::One, app, judge, conn));
-            }
-        });
-
+        let addr = judging(echo_addr, HttpVersion::One).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
         let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/chat"), tcp)
             .await

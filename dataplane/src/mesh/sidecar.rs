@@ -219,6 +219,8 @@ impl App {
                     idle: self.idle_timeout,
                     http: self.http.clone(),
                     stop: self.stop.clone(),
+                    app: self.dp.shared.config.load().mesh.deliver(c.destination),
+                    connect_timeout: self.connect_timeout,
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
@@ -280,7 +282,7 @@ fn caller(req: &TunnelRequest) -> Caller {
 }
 
 /// Connects to the application in this pod from [`INBOUND_SOURCE`] or [`INBOUND_SOURCE_V6`].
-async fn connect_app(target: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+pub(super) async fn connect_app(target: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let (s, source) = match target.ip() {
         IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::from(INBOUND_SOURCE)),
         IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::from(INBOUND_SOURCE_V6)),
