@@ -229,14 +229,14 @@ enum AppError {
 
 /// A request's fate on one connection: not sent (it may go on another), or failed once sent.
 enum Failed {
-    Unsent(Request<ClientBody>),
+    Unsent(Box<Request<ClientBody>>),
     Sent(hyper::Error),
 }
 
 impl From<hyper::client::conn::TrySendError<Request<ClientBody>>> for Failed {
     fn from(mut e: hyper::client::conn::TrySendError<Request<ClientBody>>) -> Self {
         match e.take_message() {
-            Some(req) => Failed::Unsent(req),
+            Some(req) => Failed::Unsent(Box::new(req)),
             None => Failed::Sent(e.into_error()),
         }
     }
@@ -264,14 +264,14 @@ impl AppConn {
             let sent = match slot.as_mut() {
                 Some(Sender::One(s)) => match s.ready().await {
                     Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
-                    Err(_) => Err(Failed::Unsent(req)),
+                    Err(_) => Err(Failed::Unsent(Box::new(req))),
                 },
                 Some(Sender::Two(s)) => {
                     let mut s = s.clone();
                     drop(slot);
                     match s.ready().await {
                         Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
-                        Err(_) => Err(Failed::Unsent(req)),
+                        Err(_) => Err(Failed::Unsent(Box::new(req))),
                     }
                 }
                 None => unreachable!("dialled above"),
@@ -279,7 +279,7 @@ impl AppConn {
             match sent {
                 Ok(resp) => return Ok(resp),
                 Err(Failed::Sent(e)) => return Err(e.into()),
-                Err(Failed::Unsent(back)) => req = back,
+                Err(Failed::Unsent(back)) => req = *back,
             }
         }
         Err(AppError::Closed)
