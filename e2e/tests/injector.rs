@@ -469,3 +469,52 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
     )
     .await;
 }
+
+/// Connections to the webhook that finish the TLS handshake and then send nothing are closed:
+/// any pod can reach the injector's Service, and connections held for ever would use up its file
+/// descriptors. The API server's requests, which come at once, are served as before.
+#[tokio::test]
+async fn silent_connections_to_the_injector_are_closed() {
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::AsyncReadExt as _;
+    let cluster = Cluster::start();
+    cluster.apply(WEBHOOK_CONFIG);
+    let inj = start_injector(&cluster, &["--self-signed", "--webhook-config", "ferrum-injector"]);
+    let ca = webhook_ca_bundle(&cluster, "ferrum-injector", 2).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ));
+    let name = rustls_pki_types::ServerName::try_from("ferrum-injector.ferrum-system.svc").unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", inj.port)).await.unwrap();
+        silent.push(tls.connect(name.clone(), tcp).await.expect("TLS handshake"));
+    }
+    let started = std::time::Instant::now();
+    for s in &mut silent {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "still open after {:?}", started.elapsed());
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the 10 s allowed"
+    );
+    let client = api_server_client(&cluster, &inj).await;
+    let (status, body) = post(
+        &client,
+        inj.port,
+        review("u-9", "CREATE", &app_pod()).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

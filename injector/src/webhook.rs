@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use tokio::io::AsyncBufReadExt as _;
 use tokio::net::TcpListener;
 
 use crate::inject::{self, Template};
@@ -119,6 +120,14 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, t: Arc
                 }
                 Err(_) => return,
             };
+            // Any pod can reach the webhook: a connection that sends nothing is closed, or enough
+            // of them would hold every file descriptor (hyper's header timeout starts with the
+            // first byte, and its HTTP/2 detection waits for ever).
+            let mut stream = tokio::io::BufReader::new(stream);
+            match tokio::time::timeout(READ_TIMEOUT, stream.fill_buf()).await {
+                Ok(Ok(first)) if !first.is_empty() => {}
+                _ => return tracing::debug!(%peer, "nothing sent after the TLS handshake"),
+            }
             let svc = hyper::service::service_fn(move |req| {
                 let t = t.clone();
                 async move { Ok::<_, Infallible>(handle(req, t).await) }
@@ -128,6 +137,12 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, t: Arc
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(READ_TIMEOUT);
+            // An idle HTTP/2 connection whose peer went away is found by its unanswered ping.
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(READ_TIMEOUT)
+                .keep_alive_timeout(READ_TIMEOUT);
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
