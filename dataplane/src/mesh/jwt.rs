@@ -361,6 +361,10 @@ struct Rule {
 #[derive(Default)]
 pub struct Authenticator {
     rules: Vec<Rule>,
+    /// Every rule's output headers: what a client sends in them is removed from every request,
+    /// so the app can trust them to come from a verified token (Envoy sanitises them the same
+    /// way, filter-wide).
+    outputs: Vec<HeaderName>,
 }
 
 /// Why a request's token was refused (the 401's log line).
@@ -384,16 +388,32 @@ impl Authenticator {
             };
             rules.extend(ra.jwt_rules.iter().filter_map(|r| compile(r, cache)));
         }
-        Authenticator { rules }
+        Authenticator::of(rules)
+    }
+
+    fn of(rules: Vec<Rule>) -> Authenticator {
+        let mut outputs: Vec<HeaderName> = rules
+            .iter()
+            .flat_map(|r| r.claim_headers.iter().map(|(h, _)| h).chain(&r.payload_header))
+            .cloned()
+            .collect();
+        outputs.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        outputs.dedup();
+        Authenticator { rules, outputs }
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
-    /// Validates the request's token, if it has one, and applies the rule's header outputs.
+    /// Validates the request's token, if it has one, and applies the rule's header outputs;
+    /// output headers the client sent are removed whatever the token.
     pub fn authenticate(&self, req: &mut http::request::Parts) -> Result<Option<Jwt>, Refused> {
-        let Some((token, at)) = self.find(req) else {
+        let found = self.find(req);
+        for h in &self.outputs {
+            req.headers.remove(h);
+        }
+        let Some((token, at)) = found else {
             return Ok(None);
         };
         if token.len() > MAX_TOKEN_BYTES {
@@ -623,9 +643,7 @@ mod tests {
             "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}]
         }))
         .unwrap();
-        Authenticator {
-            rules: vec![compile(&rule, &JwksCache::default()).unwrap()],
-        }
+        Authenticator::of(vec![compile(&rule, &JwksCache::default()).unwrap()])
     }
 
     fn request(auth: Option<&str>) -> http::request::Parts {
@@ -677,6 +695,33 @@ mod tests {
             ("garbage", "a.b.c".to_string()),
         ] {
             assert!(a.authenticate(&mut request(Some(&t))).is_err(), "{why}");
+        }
+    }
+
+    /// A client cannot pass itself off as a token's subject by sending the header the rule
+    /// writes the claim to: with no token, with a token that lacks the claim, or beside a good one.
+    #[test]
+    fn output_headers_come_only_from_a_verified_token() {
+        let (k, jwks) = key("k1");
+        let a = authenticator(&jwks);
+        let exp = now() + 600;
+        let with_sub = token(
+            &k,
+            "k1",
+            json!({"iss": "https://issuer.example", "sub": "alice", "aud": "svc", "exp": exp}),
+        );
+        let no_sub = token(
+            &k,
+            "k1",
+            json!({"iss": "https://issuer.example", "aud": "svc", "exp": exp}),
+        );
+        for (t, want) in [(None, None), (Some(&no_sub), None), (Some(&with_sub), Some("alice"))] {
+            let mut req = request(t.map(String::as_str));
+            req.headers.append("x-sub", "admin".parse().unwrap());
+            req.headers.append("x-sub", "root".parse().unwrap());
+            a.authenticate(&mut req).unwrap();
+            let got: Vec<_> = req.headers.get_all("x-sub").iter().collect();
+            assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "token: {}", t.is_some());
         }
     }
 
