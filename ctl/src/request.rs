@@ -122,7 +122,9 @@ pub fn explain(snap: Snapshot, secrets: &Secrets, req: &Request) -> Result<Strin
         false => writeln!(out, "listener {} ({addr})", l.name),
     }
     .expect("writing to a String");
-    let path = match ferrum_dp::proxy::path::normalize(&req.path, true) {
+    // As a proxy with the default flags normalises it.
+    let limits = ferrum_dp::limits::Limits::default();
+    let path = match ferrum_dp::proxy::path::normalize(&req.path, limits.merge_slashes, limits.escaped_slashes) {
         Ok(p) => p.into_owned(),
         Err(e) => {
             let _ = writeln!(out, "path {:?} is refused: {e} (400)", req.path);

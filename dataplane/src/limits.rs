@@ -26,6 +26,8 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
     /// Merge `//` in request paths before matching (Istio's default).
     pub merge_slashes: bool,
+    /// What an encoded `/` or `\` in a path gets.
+    pub escaped_slashes: crate::proxy::path::EscapedSlashes,
     /// Open client connections per listener; more are closed at accept.
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per client connection.
@@ -43,6 +45,7 @@ impl Default for Limits {
             stream_idle_timeout: Some(Duration::from_secs(300)),
             tcp_idle_timeout: Duration::from_secs(3600),
             merge_slashes: true,
+            escaped_slashes: crate::proxy::path::EscapedSlashes::Reject,
             max_connections: 16_384,
             max_streams: 128,
         }

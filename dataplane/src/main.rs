@@ -88,8 +88,12 @@ struct Args {
     #[arg(long)]
     stream_idle_timeout: Option<u64>,
     /// Merge repeated slashes in request paths before matching.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FERRUM_MERGE_SLASHES")]
     merge_slashes: bool,
+    /// What an encoded `/` or `\` (`%2F`, `%5C`) in a request path gets: `reject` (400), `keep`
+    /// (left encoded, part of its segment) or `unescape` (decoded to `/` before normalising).
+    #[arg(long, value_enum, default_value = "reject", env = "FERRUM_ESCAPED_SLASHES")]
+    escaped_slashes: ferrum_dp::proxy::path::EscapedSlashes,
     /// Open client connections per listener; more are closed at once (and counted).
     #[arg(long, default_value_t = 16_384)]
     max_connections: usize,
@@ -470,6 +474,7 @@ impl Args {
             },
             tcp_idle_timeout: Duration::from_secs(self.mesh.tcp_idle_timeout),
             merge_slashes: self.merge_slashes,
+            escaped_slashes: self.escaped_slashes,
             max_connections: self.max_connections,
             max_streams: self.max_streams,
             ..Limits::default()

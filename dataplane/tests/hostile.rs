@@ -170,6 +170,34 @@ async fn paths_are_normalised_before_matching_and_forwarded_normalised() {
     assert_eq!(body(&r)["path"], "/public/a/c~?q=%2F");
 }
 
+/// An app that carries `/` inside a segment (`/repos/group%2Fname`) is served when escaped
+/// slashes are kept; decoding them instead resolves a traversal hidden in them before matching.
+#[tokio::test]
+async fn escaped_slashes_can_be_kept_or_decoded() {
+    let public = Backend::start("public").await;
+    let yaml = |port| {
+        docs(&[
+            gateway(port),
+            backend("public", &[&public], ""),
+            route("r", "\"*\"", "/public", "public"),
+        ])
+    };
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let port = free_port();
+    let keep = Dp::start_with(&yaml(port), &["--escaped-slashes", "keep"]).await;
+    let r = raw(port, get("/public/repos/group%2fname").as_bytes()).await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(body(&r)["path"], "/public/repos/group%2Fname");
+    drop(keep);
+    let port = free_port();
+    let _unescape = Dp::start_with(&yaml(port), &["--escaped-slashes", "unescape"]).await;
+    let r = raw(port, get("/public/..%2fadmin").as_bytes()).await;
+    assert_eq!(status(&r), 404, "/public/..%2fadmin is /admin: {r}");
+    let r = raw(port, get("/public/a%2Fb").as_bytes()).await;
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(body(&r)["path"], "/public/a/b");
+}
+
 #[tokio::test]
 async fn transfer_codings_we_do_not_apply_are_refused() {
     let a = Backend::start("a").await;

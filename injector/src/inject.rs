@@ -42,6 +42,8 @@ const PROXY_CPU: &str = "ferrum.dev/proxy-cpu";
 const PROXY_MEMORY: &str = "ferrum.dev/proxy-memory";
 const PROXY_CPU_LIMIT: &str = "ferrum.dev/proxy-cpu-limit";
 const PROXY_MEMORY_LIMIT: &str = "ferrum.dev/proxy-memory-limit";
+/// What the sidecar does with `%2F` and `%5C` in request paths (ferrum-dp's `--escaped-slashes`).
+const ESCAPED_SLASHES: &str = "ferrum.dev/escaped-slashes";
 
 /// Who captures the pod's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -296,6 +298,18 @@ fn resources(t: &Template, a: &BTreeMap<String, String>) -> Result<ResourceRequi
     })
 }
 
+/// The sidecar's `FERRUM_ESCAPED_SLASHES`, when the pod asks for other than the default.
+fn escaped_slashes(a: &BTreeMap<String, String>) -> Result<Option<EnvVar>, BadAnnotation> {
+    match a.get(ESCAPED_SLASHES).map(String::as_str) {
+        None => Ok(None),
+        Some(v @ ("reject" | "keep" | "unescape")) => Ok(Some(env("FERRUM_ESCAPED_SLASHES", v))),
+        Some(v) => Err(BadAnnotation {
+            key: ESCAPED_SLASHES.into(),
+            reason: format!("{v:?} is not one of reject, keep, unescape"),
+        }),
+    }
+}
+
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -358,6 +372,7 @@ fn proxy_container(t: &Template, a: &BTreeMap<String, String>) -> Result<Contain
                     .map(|e| env("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
             )
             .chain(t.trace_sampling.as_deref().map(|r| env("FERRUM_TRACE_SAMPLING", r)))
+            .chain(escaped_slashes(a)?)
             .collect(),
         ),
         ports: Some(vec![port("hbone", 15008), port("health", READY_PORT)]),

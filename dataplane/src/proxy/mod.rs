@@ -557,7 +557,8 @@ pub fn check_head<B>(req: &mut Request<B>, limits: &Limits) -> Result<Option<Hea
         return Err(Local::UnsupportedTransferCoding);
     }
     let host = request_host(req)?;
-    let normal = path::normalize(req.uri().path(), limits.merge_slashes).map_err(|_| Local::BadPath)?;
+    let normal =
+        path::normalize(req.uri().path(), limits.merge_slashes, limits.escaped_slashes).map_err(|_| Local::BadPath)?;
     if let Cow::Owned(p) = normal {
         let pq = match req.uri().query() {
             Some(q) => format!("{p}?{q}"),

@@ -1,8 +1,9 @@
 //! Request path normalisation before matching (RFC 3986 §6.2.2): percent-decoding of
 //! unreserved characters, dot-segment removal, optional slash merging. What cannot be normalised
-//! safely is refused: an encoded `/` or `\` (a backend may decode it into a separator the route
-//! match never saw, as Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST` does), a raw
-//! `\`, and broken percent-encoding.
+//! safely is refused: by default an encoded `/` or `\` (a backend may decode it into a separator
+//! the route match never saw, as Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST`
+//! does; [`EscapedSlashes`] can keep or decode them instead), a raw `\`, and broken
+//! percent-encoding.
 
 use std::borrow::Cow;
 
@@ -16,8 +17,23 @@ pub enum PathError {
     BadEncoding,
 }
 
+/// What an encoded `/` or `\` (`%2F`, `%5C`) in a path gets (Envoy's
+/// `path_with_escaped_slashes_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EscapedSlashes {
+    /// 400 `invalid_path`: the safe default.
+    #[default]
+    Reject,
+    /// Left encoded, part of its segment, for apps that carry `/` in a segment's data (a route or
+    /// policy sees `%2F`; a backend that decodes it again must not resolve what follows).
+    Keep,
+    /// Decoded to `/` before dot segments are removed, so what is matched is what a backend that
+    /// decodes them would resolve.
+    Unescape,
+}
+
 /// The normalised path; borrowed (no allocation) when the path is already normal.
-pub fn normalize(path: &str, merge_slashes: bool) -> Result<Cow<'_, str>, PathError> {
+pub fn normalize(path: &str, merge_slashes: bool, escaped: EscapedSlashes) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
         // `*` (OPTIONS) and authority-form targets have no path to normalise.
         return Ok(Cow::Borrowed(path));
@@ -32,7 +48,7 @@ pub fn normalize(path: &str, merge_slashes: bool) -> Result<Cow<'_, str>, PathEr
         return Ok(Cow::Borrowed(path));
     }
     let decoded = if encoded {
-        Cow::Owned(decode_unreserved(b)?)
+        Cow::Owned(decode_unreserved(b, escaped)?)
     } else {
         Cow::Borrowed(path)
     };
@@ -43,8 +59,9 @@ fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// Decodes `%XX` of unreserved characters; keeps every other escape, with upper-case hex.
-fn decode_unreserved(b: &[u8]) -> Result<String, PathError> {
+/// Decodes `%XX` of unreserved characters (and of `/` and `\`, as `/`, when unescaping them);
+/// keeps every other escape, with upper-case hex.
+fn decode_unreserved(b: &[u8], escaped: EscapedSlashes) -> Result<String, PathError> {
     let mut out = String::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -59,7 +76,8 @@ fn decode_unreserved(b: &[u8]) -> Result<String, PathError> {
         };
         let c = (hi * 16 + lo) as u8;
         match c {
-            b'/' | b'\\' => return Err(PathError::EscapedSlash),
+            b'/' | b'\\' if escaped == EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
+            b'/' | b'\\' if escaped == EscapedSlashes::Unescape => out.push('/'),
             c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => out.push(c as char),
             c => {
                 out.push('%');
@@ -100,7 +118,7 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize(p, true).map(Cow::into_owned)
+        normalize(p, true, EscapedSlashes::Reject).map(Cow::into_owned)
     }
 
     #[test]
@@ -125,8 +143,9 @@ mod tests {
     #[test]
     fn slashes_merge_when_configured() {
         assert_eq!(n("//a///b//").unwrap(), "/a/b/");
-        assert_eq!(normalize("//a//b", false).unwrap(), "//a//b");
-        assert_eq!(normalize("/a//../b", false).unwrap(), "/a/b");
+        let kept = |p| normalize(p, false, EscapedSlashes::Reject).unwrap();
+        assert_eq!(kept("//a//b"), "//a//b");
+        assert_eq!(kept("/a//../b"), "/a/b");
     }
 
     #[test]
@@ -139,9 +158,26 @@ mod tests {
     }
 
     #[test]
+    fn escaped_slashes_can_be_kept_or_decoded() {
+        let keep = |p| normalize(p, true, EscapedSlashes::Keep).map(Cow::into_owned);
+        assert_eq!(keep("/repos/a%2fb/tags").unwrap(), "/repos/a%2Fb/tags");
+        assert_eq!(keep("/public/..%2fadmin").unwrap(), "/public/..%2Fadmin", "one segment");
+        assert_eq!(keep("/a%5Cb/../c").unwrap(), "/c");
+        assert_eq!(keep("/a\\b"), Err(PathError::Backslash), "a raw one is still refused");
+        let unescape = |p| normalize(p, true, EscapedSlashes::Unescape).map(Cow::into_owned);
+        assert_eq!(unescape("/public/..%2fadmin").unwrap(), "/admin");
+        assert_eq!(unescape("/public/%5c..%5cadmin").unwrap(), "/admin");
+        assert_eq!(unescape("/a%2F%2Fb").unwrap(), "/a/b", "merged once decoded");
+        assert_eq!(unescape("/a%252Fb").unwrap(), "/a%252Fb", "decoded once, not twice");
+    }
+
+    #[test]
     fn normal_paths_are_borrowed() {
         for p in ["/", "/a/b", "/a/b/", "/a.b/c..d", "*"] {
-            assert!(matches!(normalize(p, true), Ok(Cow::Borrowed(x)) if x == p), "{p}");
+            assert!(
+                matches!(normalize(p, true, EscapedSlashes::Reject), Ok(Cow::Borrowed(x)) if x == p),
+                "{p}"
+            );
         }
     }
 }

@@ -191,3 +191,27 @@ fn tracing_settings_reach_the_sidecar() {
     assert_eq!(on["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://collector.obs:4317");
     assert_eq!(on["FERRUM_TRACE_SAMPLING"], "0.05");
 }
+
+#[test]
+fn a_pod_can_keep_escaped_slashes_in_its_paths() {
+    let env_of = |value: Option<&str>| {
+        let mut p = pod(APP);
+        if let Some(v) = value {
+            let a = p.metadata.annotations.get_or_insert_with(Default::default);
+            a.insert("ferrum.dev/escaped-slashes".into(), v.into());
+        }
+        inject(&p, &template()).map(|out| {
+            let spec = out.spec.unwrap();
+            let proxy = container(&spec.containers, PROXY).env.clone().unwrap_or_default();
+            proxy
+                .into_iter()
+                .find(|e| e.name == "FERRUM_ESCAPED_SLASHES")
+                .and_then(|e| e.value)
+        })
+    };
+    assert_eq!(env_of(None).unwrap(), None, "the proxy's default: reject");
+    assert_eq!(env_of(Some("keep")).unwrap().as_deref(), Some("keep"));
+    let e = env_of(Some("decode")).unwrap_err();
+    assert_eq!(e.key, "ferrum.dev/escaped-slashes");
+    assert!(e.reason.contains("reject, keep, unescape"), "{e}");
+}
