@@ -25,6 +25,8 @@ use super::ext_authz::Settled;
 use crate::access_log::Entry;
 use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
+use crate::proxy::{Local, headers};
+use crate::upstream::UpstreamError;
 use crate::upstream::body::ClientBody;
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
@@ -179,12 +181,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A body the sidecar answers with itself.
+fn local_body(b: Bytes) -> Body {
+    Full::new(b).map_err(|n| match n {}).boxed()
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
+    let mut r = Response::new(local_body(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
@@ -347,7 +350,7 @@ where
 {
     let limits = &conn.shared.limits;
     if let Err(refused) = crate::proxy::check_head(&mut req, limits) {
-        return Ok(refused.into_response(|b| Full::new(b).map_err(|n| match n {}).boxed()));
+        return Ok(refused.into_response(local_body));
     }
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
@@ -357,7 +360,7 @@ where
     let on_allow = match super::ext_authz::settle(verdict, &mut parts, &mut body, body_idle).await {
         Settled::Allow(add) => add,
         Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
-        Settled::Refused(d) => return Ok(d.into_response(|b| Full::new(b).map_err(|n| match n {}).boxed())),
+        Settled::Refused(d) => return Ok(d.into_response(local_body)),
         Settled::Unauthenticated => {
             // Envoy's answer, so clients written against Istio see what they expect.
             let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
@@ -368,10 +371,21 @@ where
             return Ok(r);
         }
     };
+    // The app's request and the client's response get what the gateway's do: hop-by-hop
+    // headers stop here both ways (an upgrade's own are put back).
+    headers::strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(u) = &upgrade {
+        u.upstream_head(&mut parts);
+    }
     Ok(match app.send(Request::from_parts(parts, body)).await {
+        Ok(resp) if !crate::proxy::valid_status(resp.status(), upgrade.is_some()) => {
+            tracing::debug!(status = %resp.status(), "application answered with a status no client may get");
+            Local::Upstream(UpstreamError::InvalidResponse).into_response(local_body)
+        }
         Ok(mut resp) => {
-            if let Some(u) = upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
-                u.splice(hyper::upgrade::on(&mut resp), conn.idle, ());
+            match upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+                Some(u) => u.splice(hyper::upgrade::on(&mut resp), conn.idle, ()),
+                None => headers::downstream_response(resp.headers_mut()),
             }
             super::ext_authz::add_response_headers(on_allow, resp.headers_mut());
             resp.map(BodyExt::boxed)
@@ -614,6 +628,84 @@ mod tests {
             let dials = accepted.load(std::sync::atomic::Ordering::Relaxed);
             assert!(dials >= 2, "{http:?}: the app was dialled {dials} times");
         }
+    }
+
+    /// Hop-by-hop headers stop at the sidecar both ways, as at the gateway: the app gets none of
+    /// the client's (nor a header its `Connection` names), and a chunked answer that also says
+    /// `Content-Length` reaches the client whole (RFC 9112 §6.3), without the app's hop-by-hop
+    /// headers; a 101 nobody asked for, or a status out of range, is a 502.
+    #[tokio::test]
+    async fn hop_by_hop_headers_stop_at_the_sidecar() {
+        use tokio::io::AsyncWriteExt;
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = app.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let text = String::from_utf8_lossy(&head[..end]).to_lowercase();
+                        head.drain(..end);
+                        let answer: &[u8] = if text.starts_with("get /switch") {
+                            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\
+                              Connection: keep-alive, x-secret\r\nx-secret: s\r\nKeep-Alive: timeout=5\r\n\r\n\
+                              b\r\nhello world\r\n0\r\n\r\n"
+                        };
+                        seen.lock().unwrap().push(text);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let addr = judging(app_addr, HttpVersion::One).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/x")
+            .header(http::header::HOST, "app")
+            .header(http::header::CONNECTION, "keep-alive, x-internal")
+            .header("x-internal", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("x-app", "kept")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        for gone in ["x-secret", "keep-alive", "connection"] {
+            assert!(resp.headers().get(gone).is_none(), "{gone}: {:?}", resp.headers());
+        }
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello world");
+        let head = heads.lock().unwrap()[0].clone();
+        assert!(head.contains("x-app: kept"), "{head}");
+        for gone in ["x-internal", "keep-alive", "proxy-connection"] {
+            assert!(!head.contains(gone), "{gone} reached the app: {head}");
+        }
+        send.ready().await.unwrap();
+        let req = Request::builder()
+            .uri("/switch")
+            .header(http::header::HOST, "app")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "a 101 nobody asked for");
     }
 
     /// A WebSocket through the per-request path: the allowed upgrade is carried both ways, a

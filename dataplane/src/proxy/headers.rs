@@ -76,6 +76,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// A response head as it goes to the client: hop-by-hop headers out, and `Content-Length`
+/// dropped beside `Transfer-Encoding` — RFC 9112 §6.3: it is meaningless then, and a client that
+/// framed the re-chunked body by it would get it truncated.
+pub fn downstream_response(h: &mut HeaderMap) {
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(h, false);
+}
+
 /// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
 pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Option<&HeaderValue>, via: &'static str) {
     // Four more entries: grow the map once, not entry by entry.

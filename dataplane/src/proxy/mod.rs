@@ -983,7 +983,7 @@ impl Forward<'_> {
 }
 
 /// A status a client may be sent: 1xx-5xx, and 101 only when the client asked to upgrade.
-fn valid_status(s: StatusCode, upgrading: bool) -> bool {
+pub fn valid_status(s: StatusCode, upgrading: bool) -> bool {
     (100..600).contains(&s.as_u16()) && (s != StatusCode::SWITCHING_PROTOCOLS || upgrading)
 }
 
@@ -1013,12 +1013,7 @@ fn downstream_response(
     (guard, ep_guard, mut lease): (RequestGuard, EndpointGuard, Lease),
 ) -> Response<ResponseBody> {
     let (mut rp, body) = resp.into_parts();
-    // RFC 9112 §6.3: with Transfer-Encoding, Content-Length is meaningless and must not reach a
-    // client that would frame the re-chunked body by it.
-    if rp.headers.contains_key(header::TRANSFER_ENCODING) {
-        rp.headers.remove(header::CONTENT_LENGTH);
-    }
-    headers::strip_hop_by_hop(&mut rp.headers, false);
+    headers::downstream_response(&mut rp.headers);
     rp.headers.append(header::VIA, HeaderValue::from_static(via));
     if body.is_end_stream() {
         // No body to read (HEAD, 204, 304, empty): the connection is free now.
