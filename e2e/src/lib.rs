@@ -710,3 +710,23 @@ pub async fn webhook_ca_bundle(cluster: &Cluster, name: &str, count: usize) -> S
     .await;
     ca
 }
+
+/// Asserts that every one of `silent` (connections that sent nothing since `started`) is closed
+/// by the server after about `allowed` (not more than a second early), and within twice that.
+pub async fn closed_after<S: tokio::io::AsyncRead + Unpin>(
+    silent: &mut [S],
+    started: std::time::Instant,
+    allowed: Duration,
+) {
+    use tokio::io::AsyncReadExt;
+    for s in silent {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(allowed * 2, s.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "still open after {:?}", started.elapsed());
+    }
+    let took = started.elapsed();
+    assert!(
+        took + Duration::from_secs(1) >= allowed,
+        "closed after {took:?}, before the {allowed:?} allowed"
+    );
+}
