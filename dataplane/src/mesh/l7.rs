@@ -265,10 +265,17 @@ impl AppConn {
                 *slot = Some(handshake(self.http, stream).await?);
             }
             let sent = match slot.as_mut() {
-                Some(Sender::One(s)) => match s.ready().await {
-                    Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
-                    Err(_) => Err(Failed::Unsent(Box::new(req))),
-                },
+                Some(Sender::One(s)) => {
+                    let sent = match s.ready().await {
+                        Ok(()) => s.try_send_request(req).await.map_err(Failed::from),
+                        Err(_) => Err(Failed::Unsent(Box::new(req))),
+                    };
+                    if let Err(Failed::Unsent(_)) = sent {
+                        // Dial again even if hyper has not marked it closed yet.
+                        *slot = None;
+                    }
+                    sent
+                }
                 Some(Sender::Two(s)) => {
                     let mut s = s.clone();
                     drop(slot);
