@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::SpanKind;
@@ -27,7 +25,7 @@ use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
 use crate::proxy::{Local, headers};
 use crate::upstream::UpstreamError;
-use crate::upstream::body::ClientBody;
+use crate::upstream::body::{ClientBody, ResponseBody};
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -179,15 +177,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
-
-/// A body the sidecar answers with itself.
-fn local_body(b: Bytes) -> Body {
-    Full::new(b).map_err(|n| match n {}).boxed()
-}
+type Body = ResponseBody;
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(local_body(Bytes::from_static(body.as_bytes())));
+    let mut r = Response::new(ResponseBody::local(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
@@ -357,7 +350,7 @@ where
 {
     let limits = &conn.shared.limits;
     if let Err(refused) = crate::proxy::check_head(&mut req, limits) {
-        return Ok(refused.into_response(local_body));
+        return Ok(refused.into_response(ResponseBody::local));
     }
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
@@ -367,7 +360,7 @@ where
     let on_allow = match super::ext_authz::settle(verdict, &mut parts, &mut body, body_idle).await {
         Settled::Allow(add) => add,
         Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
-        Settled::Refused(d) => return Ok(d.into_response(local_body)),
+        Settled::Refused(d) => return Ok(d.into_response(ResponseBody::local)),
         Settled::Unauthenticated => {
             // Envoy's answer, so clients written against Istio see what they expect.
             let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
@@ -387,7 +380,7 @@ where
     Ok(match app.send(Request::from_parts(parts, body)).await {
         Ok(resp) if !crate::proxy::valid_status(resp.status(), upgrade.is_some()) => {
             tracing::debug!(status = %resp.status(), "application answered with a status no client may get");
-            Local::Upstream(UpstreamError::InvalidResponse).into_response(local_body)
+            Local::Upstream(UpstreamError::InvalidResponse).into_response(ResponseBody::local)
         }
         Ok(mut resp) => {
             match upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
@@ -395,7 +388,9 @@ where
                 None => headers::downstream_response(resp.headers_mut()),
             }
             super::ext_authz::add_response_headers(on_allow, resp.headers_mut());
-            resp.map(BodyExt::boxed)
+            // Bounded like an upstream's: an app that stops mid-body loses the response.
+            let stall = crate::limits::Stall::new(conn.shared.limits.stream_idle_timeout);
+            resp.map(|body| ResponseBody::App { body, stall })
         }
         Err(e) => {
             tracing::debug!(error = %e, "application request failed");
@@ -453,6 +448,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::{BodyExt, Full};
 
     #[test]
     fn detection() {
@@ -525,11 +521,13 @@ mod tests {
 
     /// A per-request sidecar in front of the app at `app`, speaking `http`; it denies `/blocked`.
     async fn judging(app: SocketAddr, http: HttpVersion) -> SocketAddr {
+        judging_with(app, http, crate::limits::Limits::default()).await
+    }
+
+    async fn judging_with(app: SocketAddr, http: HttpVersion, limits: crate::limits::Limits) -> SocketAddr {
         let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = sidecar.local_addr().unwrap();
-        let shared = crate::dataplane::Dataplane::new(crate::limits::Limits::default(), vec![])
-            .shared
-            .clone();
+        let shared = crate::dataplane::Dataplane::new(limits, vec![]).shared.clone();
         let server = Arc::new(crate::listener::Http::new(&shared.limits));
         let stop = tokio::sync::watch::channel(false).0;
         tokio::spawn(async move {
@@ -713,6 +711,55 @@ mod tests {
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "a 101 nobody asked for");
+    }
+
+    /// An app that sends the head and part of a body, then nothing, loses the response after
+    /// the stream idle timeout, as an upstream does at the gateway: the client is not held.
+    #[tokio::test]
+    async fn an_app_that_stops_mid_body_is_cut_off() {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = app.accept().await {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    let first = futures_util::stream::iter([Ok::<_, Infallible>(hyper::body::Frame::data(
+                        Bytes::from_static(b"part"),
+                    ))]);
+                    let body = http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+                        first,
+                        futures_util::stream::pending(),
+                    ));
+                    Ok::<_, Infallible>(Response::new(body))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+            }
+        });
+        let limits = crate::limits::Limits {
+            stream_idle_timeout: Some(Duration::from_millis(500)),
+            ..Default::default()
+        };
+        let addr = judging_with(app_addr, HttpVersion::One, limits).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/stream")
+            .header(http::header::HOST, "app")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
+        assert!(
+            body.expect("still waiting after 5 s").is_err(),
+            "the body cannot end well"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A WebSocket through the per-request path: the allowed upgrade is carried both ways, a

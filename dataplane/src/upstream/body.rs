@@ -605,6 +605,12 @@ pub enum ResponseBody {
     },
     /// Either of the above, counted for an access log line sent when it ends.
     Observed(Box<Observed>),
+    /// From a connection of the request's own (a sidecar's app): bounded like an upstream's,
+    /// with nothing to give back when it ends.
+    App {
+        body: Incoming,
+        stall: crate::limits::Stall,
+    },
 }
 
 /// A response body whose request is observed — logged, its span ended, or both — once the
@@ -670,6 +676,23 @@ pub enum ResponseBodyError {
     Stalled(Duration),
 }
 
+/// A frame of `body`, or the stall's error once it has sent nothing for its limit.
+fn poll_bounded(
+    body: &mut Incoming,
+    stall: &mut crate::limits::Stall,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Pending => stall
+            .poll_stuck(cx)
+            .map(|limit| Some(Err(ResponseBodyError::Stalled(limit)))),
+        Poll::Ready(r) => {
+            stall.moved();
+            Poll::Ready(r.map(|f| f.map_err(ResponseBodyError::from)))
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = ResponseBodyError;
@@ -678,20 +701,15 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Upstream { body, lease, stall, .. } => {
-                let r = Pin::new(&mut *body).poll_frame(cx);
+                let r = poll_bounded(body, stall, cx);
                 match &r {
-                    Poll::Pending => {
-                        return stall
-                            .poll_stuck(cx)
-                            .map(|limit| Some(Err(ResponseBodyError::Stalled(limit))));
-                    }
                     Poll::Ready(None) => lease.finish(),
                     Poll::Ready(Some(Ok(_))) if body.is_end_stream() => lease.finish(),
-                    Poll::Ready(_) => {}
+                    _ => {}
                 }
-                stall.moved();
-                r.map(|f| f.map(|f| f.map_err(ResponseBodyError::from)))
+                r
             }
+            ResponseBody::App { body, stall } => poll_bounded(body, stall, cx),
             ResponseBody::Observed(l) => {
                 let r = Pin::new(&mut l.inner).poll_frame(cx);
                 match &r {
@@ -711,14 +729,14 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Local(b) => b.is_none(),
-            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::Upstream { body, .. } | ResponseBody::App { body, .. } => body.is_end_stream(),
             ResponseBody::Observed(l) => l.inner.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::Upstream { body, .. } | ResponseBody::App { body, .. } => body.size_hint(),
             ResponseBody::Observed(l) => l.inner.size_hint(),
         }
     }
