@@ -22,6 +22,9 @@ pub struct Limits {
     /// client taking none of what is ready for it (Envoy's `stream_idle_timeout`); `None`: no
     /// limit.
     pub stream_idle_timeout: Option<Duration>,
+    /// How long an HTTP/2 client connection may have no open stream before it is closed
+    /// (Envoy's `idle_timeout`); `None`: no limit.
+    pub idle_timeout: Option<Duration>,
     /// Longest quiet spell of a TCP or TLS route's connection (Envoy's tcp_proxy default).
     pub tcp_idle_timeout: Duration,
     /// Merge `//` in request paths before matching (Istio's default).
@@ -43,6 +46,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(15),
             request_body_idle_timeout: Duration::from_secs(60),
             stream_idle_timeout: Some(Duration::from_secs(300)),
+            idle_timeout: Some(Duration::from_secs(300)),
             tcp_idle_timeout: Duration::from_secs(3600),
             merge_slashes: true,
             escaped_slashes: crate::proxy::path::EscapedSlashes::Reject,

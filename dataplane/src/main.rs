@@ -87,6 +87,11 @@ struct Args {
     /// `stream_idle_timeout`; a sidecar's, 3600; 0: no limit).
     #[arg(long)]
     stream_idle_timeout: Option<u64>,
+    /// Seconds an HTTP/2 client connection may have no open stream before it is closed with a
+    /// GOAWAY (default: 300; a sidecar's, 3600 — Envoy's `idle_timeout`; 0: no limit). An idle
+    /// HTTP/1.1 connection waits --header-read-timeout for its next request.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
     /// Merge repeated slashes in request paths before matching.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FERRUM_MERGE_SLASHES")]
     merge_slashes: bool,
@@ -468,10 +473,8 @@ impl Args {
             header_read_timeout: Duration::from_secs(self.header_read_timeout),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             request_body_idle_timeout: Duration::from_secs(self.request_body_idle_timeout.unwrap_or(body_idle)),
-            stream_idle_timeout: match self.stream_idle_timeout.unwrap_or(stream_idle) {
-                0 => None,
-                s => Some(Duration::from_secs(s)),
-            },
+            stream_idle_timeout: seconds(self.stream_idle_timeout.unwrap_or(stream_idle)),
+            idle_timeout: seconds(self.idle_timeout.unwrap_or(stream_idle)),
             tcp_idle_timeout: Duration::from_secs(self.mesh.tcp_idle_timeout),
             merge_slashes: self.merge_slashes,
             escaped_slashes: self.escaped_slashes,
@@ -480,6 +483,11 @@ impl Args {
             ..Limits::default()
         }
     }
+}
+
+/// A limit in seconds; 0: none.
+fn seconds(s: u64) -> Option<Duration> {
+    (s > 0).then(|| Duration::from_secs(s))
 }
 
 /// Why ferrum-dp could not start, or stopped.

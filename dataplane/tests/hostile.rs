@@ -408,6 +408,56 @@ async fn silent_connections_are_closed_and_capped() {
     );
 }
 
+/// An HTTP/2 connection with no open stream for the idle timeout is closed: one that sent only
+/// its preface (before, it stayed for ever, and enough of them filled the connection cap), and
+/// one whose last response was sent (after a GOAWAY; the header timeout for a client that does
+/// not answer its PING). A stream still open keeps its connection.
+#[tokio::test]
+async fn idle_h2_connections_are_closed() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let _dp = Dp::start_with(
+        &docs(&[gateway(port), backend("a", &[&a], ""), route("r", "\"*\"", "/", "a")]),
+        &["--idle-timeout", "1", "--header-read-timeout", "1"],
+    )
+    .await;
+    let mut preface_only = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    preface_only
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    // The backend takes 2.5 s: longer than the idle timeout, with the stream open throughout.
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/?delay=2500"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .expect("an open stream keeps its connection");
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), preface_only.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "a preface-only connection still open after {:?}",
+        started.elapsed()
+    );
+    let after = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("the connection closes once idle")
+        .unwrap()
+        .unwrap();
+    assert!(after.elapsed() >= Duration::from_millis(500), "{:?}", after.elapsed());
+}
+
 /// A request body that never ends.
 struct Endless;
 impl hyper::body::Body for Endless {

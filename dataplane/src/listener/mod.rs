@@ -2,6 +2,7 @@
 //! (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), header limits, and draining.
 
 pub mod client;
+mod idle;
 mod stall;
 pub mod tls;
 
@@ -349,7 +350,7 @@ pub async fn serve<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let stream_idle = shared.limits.stream_idle_timeout;
+    let held = shared.clone();
     let h1 = {
         let shared = shared.clone();
         service_fn(move |req| {
@@ -360,54 +361,83 @@ pub async fn serve<I>(
     // HTTP/2 spawns a task per stream, moving the request's future into it several times:
     // boxed, only a pointer moves (6 % fewer instructions per request, by callgrind).
     let h2 = service_fn(move |req| {
-        let fut = Box::pin(proxy::handle(shared.clone(), info, req));
-        async move { Ok::<_, Infallible>(fut.await) }
+        use futures_util::FutureExt;
+        Box::pin(proxy::handle(shared.clone(), info, req)).map(Ok::<_, Infallible>)
     });
-    if let Err(e) = http.serve(io, proto, (h1, h2), stream_idle, stop).await {
+    if let Err(e) = http.serve(io, proto, (h1, h2), &held.limits, stop).await {
         tracing::debug!(client = %info.client, error = %e, "connection ended with an error");
     }
 }
 
 impl Http {
     /// Runs one connection with `h1` or `h2` (as `proto` says) until it ends or `stop` is set,
-    /// then lets it finish gracefully; a client that reads nothing for `stream_idle` loses it.
+    /// then lets it finish gracefully; so too an HTTP/2 connection with no open stream for the
+    /// idle timeout. A client that reads nothing for the stream idle timeout loses it.
     pub async fn serve<I, S1, S2, B1, B2>(
         &self,
         io: I,
         proto: HttpVersion,
         (h1, h2): (S1, S2),
-        stream_idle: Option<Duration>,
+        limits: &crate::limits::Limits,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), hyper::Error>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
         S1: hyper::service::HttpService<hyper::body::Incoming, ResBody = B1>,
-        S2: hyper::service::HttpService<hyper::body::Incoming, ResBody = B2>,
+        S2: hyper::service::Service<
+                http::Request<hyper::body::Incoming>,
+                Response = http::Response<B2>,
+                Future: Unpin + Send + 'static,
+            >,
         S1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B1: hyper::body::Body + Send + 'static,
-        B2: hyper::body::Body + Send + 'static,
+        B2: hyper::body::Body + Unpin + Send + 'static,
         B1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S2::Future, B2>,
+        TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<idle::Opening<S2::Future>, idle::Open<B2>>,
     {
         macro_rules! drive {
-            ($conn:expr) => {{
-                let conn = $conn;
-                tokio::pin!(conn);
+            ($conn:expr, $idle:expr) => {{
+                let (conn, idle) = ($conn, $idle);
+                tokio::pin!(conn, idle);
                 tokio::select! {
                     r = conn.as_mut() => r,
                     _ = stopped(&mut stop) => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
+                    () = &mut idle => {
+                        // A GOAWAY, then the end: a client that does not answer the shutdown's
+                        // PING gets the header timeout, not for ever.
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(limits.header_read_timeout, conn).await.unwrap_or(Ok(()))
+                    }
                 }
             }};
         }
-        let io = stall::WriteStall::new(io, stream_idle);
+        let io = stall::WriteStall::new(io, limits.stream_idle_timeout);
         match proto {
-            HttpVersion::One => drive!(self.h1.serve_connection(io, h1).with_upgrades()),
-            HttpVersion::Two => drive!(self.h2.serve_connection(io, h2)),
+            // Between requests, the header timeout bounds an idle connection.
+            HttpVersion::One => drive!(
+                self.h1.serve_connection(io, h1).with_upgrades(),
+                std::future::pending::<()>()
+            ),
+            HttpVersion::Two => {
+                let streams = Arc::new(idle::Streams::default());
+                let h2 = idle::Counted {
+                    inner: h2,
+                    streams: streams.clone(),
+                };
+                let limit = limits.idle_timeout;
+                let idle = async move {
+                    match limit {
+                        Some(limit) => streams.idle(limit).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                drive!(self.h2.serve_connection(io, h2), idle)
+            }
         }
     }
 }

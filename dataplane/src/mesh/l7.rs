@@ -414,16 +414,13 @@ where
         Ok(app) => Arc::new(app),
         Err(e) => return tracing::debug!(error = %e, "application handshake failed"),
     };
-    let (server, stream_idle, stop) = (
-        conn.http.clone(),
-        conn.shared.limits.stream_idle_timeout,
-        conn.stop.clone(),
-    );
+    let (server, shared, stop) = (conn.http.clone(), conn.shared.clone(), conn.stop.clone());
     let conn = Arc::new(conn);
     let judge = Arc::new(judge);
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (app, judge, conn) = (app.clone(), judge.clone(), conn.clone());
-        async move {
+        // Boxed: the server counts HTTP/2 streams around a future it can move.
+        Box::pin(async move {
             let Some(span) = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
                 return answer(req, &app, &*judge, &conn).await;
             };
@@ -435,10 +432,10 @@ where
             entry.complete = true;
             span.end(&entry);
             resp
-        }
+        })
     });
     let served = server
-        .serve(TokioIo::new(stream), http, (svc.clone(), svc), stream_idle, stop)
+        .serve(TokioIo::new(stream), http, (svc.clone(), svc), &shared.limits, stop)
         .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "inbound HTTP connection ended");
