@@ -670,3 +670,56 @@ async fn a_response_nobody_moves_is_cut_off() {
     let drained = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
     assert!(drained.is_ok(), "the client's connection is closed too");
 }
+
+/// An HTTP/2 client that takes none of a response (it grants no flow-control window) loses
+/// the stream after `--stream-idle-timeout`, and the upstream connection is let go; one that
+/// reads slowly keeps it. hyper does
+/// not poll a response body while its stream has no window, so only a stream-wide watch sees it;
+/// before, the stream and its upstream connection were held for ever.
+#[tokio::test]
+async fn an_h2_stream_whose_window_stays_shut_is_reset() {
+    let (endless, endless_closed) = quiet_backend(true).await;
+    let port = free_port();
+    let config = docs(&[
+        gateway(port),
+        backend_at("endless", endless, ""),
+        route("e", "\"*\"", "/", "endless"),
+    ]);
+    let _dp = Dp::start_with(&config, &["--stream-idle-timeout", "1"]).await;
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(1 << 20)
+        .handshake(io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/endless"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The body is not read: the stream's window stays shut.
+    tokio::time::timeout(Duration::from_secs(10), endless_closed.notified())
+        .await
+        .expect("the upstream connection of the unread stream is closed");
+    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    let body = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    assert!(matches!(body, Ok(Err(_))), "the stream was reset");
+    // The connection still serves, and a client that reads slowly but steadily keeps its stream.
+    let again = http::Request::get(format!("http://127.0.0.1:{port}/endless"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut body = send.send_request(again).await.unwrap().into_body();
+    let slow = Instant::now();
+    while slow.elapsed() < Duration::from_secs(3) {
+        let frame = http_body_util::BodyExt::frame(&mut body).await;
+        assert!(matches!(frame, Some(Ok(_))), "a slow reader lost its stream: {frame:?}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}

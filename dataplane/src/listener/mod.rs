@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -41,7 +41,7 @@ struct Running {
 /// HTTP/1.1 and HTTP/2 server settings; a connection gets one after detection.
 pub struct Http {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<stall::StreamExec>,
 }
 
 /// The sockets the current config listens on.
@@ -104,7 +104,9 @@ impl Http {
             // No `max_headers`: hyper's own limit of 100 fields (Envoy's default too) is parsed
             // into arrays on the stack; any other costs two 4 KB heap arrays per request.
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(stall::StreamExec {
+            limit: limits.stream_idle_timeout,
+        });
         // Few streams per connection: one client's connection cannot take a cluster's whole
         // circuit-breaker budget.
         h2.timer(TokioTimer::new())
@@ -395,7 +397,7 @@ impl Http {
         B2: hyper::body::Body + Unpin + Send + 'static,
         B1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<idle::Opening<S2::Future>, idle::Open<B2>>,
+        stall::StreamExec: hyper::rt::bounds::Http2ServerConnExec<idle::Opening<S2::Future>, idle::Open<B2>>,
     {
         macro_rules! drive {
             ($conn:expr, $idle:expr) => {{
