@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry::trace::SpanKind;
@@ -25,7 +26,7 @@ use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
 use crate::proxy::{Local, headers};
 use crate::upstream::UpstreamError;
-use crate::upstream::body::{ClientBody, ResponseBody};
+use crate::upstream::body::{ClientBody, RequestBody, ResponseBody};
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -200,8 +201,8 @@ struct AppConn {
 }
 
 enum Sender {
-    One(hyper::client::conn::http1::SendRequest<ClientBody>),
-    Two(hyper::client::conn::http2::SendRequest<ClientBody>),
+    One(hyper::client::conn::http1::SendRequest<RequestBody>),
+    Two(hyper::client::conn::http2::SendRequest<RequestBody>),
 }
 
 impl Sender {
@@ -225,12 +226,12 @@ enum AppError {
 
 /// A request's fate on one connection: not sent (it may go on another), or failed once sent.
 enum Failed {
-    Unsent(Box<Request<ClientBody>>),
+    Unsent(Box<Request<RequestBody>>),
     Sent(hyper::Error),
 }
 
-impl From<hyper::client::conn::TrySendError<Request<ClientBody>>> for Failed {
-    fn from(mut e: hyper::client::conn::TrySendError<Request<ClientBody>>) -> Self {
+impl From<hyper::client::conn::TrySendError<Request<RequestBody>>> for Failed {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<RequestBody>>) -> Self {
         match e.take_message() {
             Some(req) => Failed::Unsent(Box::new(req)),
             None => Failed::Sent(e.into_error()),
@@ -250,7 +251,7 @@ impl AppConn {
 
     /// Sends `req` on the open connection, or on a new one when the app has closed it (before
     /// or while the request was handed over: a request the app never saw goes on once more).
-    async fn send(&self, mut req: Request<ClientBody>) -> Result<Response<Incoming>, AppError> {
+    async fn send(&self, mut req: Request<RequestBody>) -> Result<Response<Incoming>, AppError> {
         for _ in 0..2 {
             let mut slot = self.sender.lock().await;
             if slot.as_ref().is_none_or(Sender::is_closed) {
@@ -377,7 +378,22 @@ where
     if let Some(u) = &upgrade {
         u.upstream_head(&mut parts);
     }
-    Ok(match app.send(Request::from_parts(parts, body)).await {
+    // Bounded as at the gateway: --max-request-body, and pauses of --request-body-idle-timeout.
+    if body.size_hint().lower() > limits.max_request_body as u64 {
+        return Ok(Local::BodyTooLarge.into_response(ResponseBody::local));
+    }
+    let (body, upload) = if body.is_end_stream() {
+        (RequestBody::empty(), None)
+    } else {
+        let (b, u) = RequestBody::stream(body, limits.max_request_body);
+        (b, Some(u))
+    };
+    let sent = std::pin::pin!(app.send(Request::from_parts(parts, body)));
+    let sent = match crate::proxy::await_app(sent, upload.as_deref(), body_idle).await {
+        Ok(sent) => sent,
+        Err(local) => return Ok(local.into_response(ResponseBody::local)),
+    };
+    Ok(match sent {
         Ok(resp) if !crate::proxy::valid_status(resp.status(), upgrade.is_some()) => {
             tracing::debug!(status = %resp.status(), "application answered with a status no client may get");
             Local::Upstream(UpstreamError::InvalidResponse).into_response(ResponseBody::local)
@@ -391,6 +407,9 @@ where
             // Bounded like an upstream's: an app that stops mid-body loses the response.
             let stall = crate::limits::Stall::new(conn.shared.limits.stream_idle_timeout);
             resp.map(|body| ResponseBody::App { body, stall })
+        }
+        Err(AppError::Http(e)) if let Some(local) = crate::proxy::client_fault(&e) => {
+            local.into_response(ResponseBody::local)
         }
         Err(e) => {
             tracing::debug!(error = %e, "application request failed");
@@ -757,6 +776,90 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// The gateway's bounds on a client's upload hold on the way to the app: a body that pauses
+    /// longer than the request body idle timeout gets 408 (before, the app waited for ever), and
+    /// one over --max-request-body gets 413 — over HTTP/1.1 and HTTP/2.
+    #[tokio::test]
+    async fn uploads_to_the_app_are_bounded() {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = app.accept().await {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async {
+                    let got = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{got:?}")))))
+                });
+                let io = TokioIo::new(s);
+                tokio::spawn(async move {
+                    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = server.serve_connection(io, svc).await;
+                });
+            }
+        });
+        let limits = crate::limits::Limits {
+            request_body_idle_timeout: Duration::from_millis(400),
+            max_request_body: 1000,
+            ..Default::default()
+        };
+        for http in [HttpVersion::One, HttpVersion::Two] {
+            let addr = judging_with(app_addr, http, limits.clone()).await;
+            let send = |body: http_body_util::combinators::BoxBody<Bytes, Infallible>| async move {
+                let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+                let mut req = Request::post("http://app/upload").body(body).unwrap();
+                if http == HttpVersion::One {
+                    req.headers_mut()
+                        .insert(http::header::HOST, http::HeaderValue::from_static("app"));
+                }
+                let resp = match http {
+                    HttpVersion::One => {
+                        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                        tokio::spawn(conn);
+                        send.send_request(req).await
+                    }
+                    HttpVersion::Two => {
+                        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                            .await
+                            .unwrap();
+                        tokio::spawn(conn);
+                        send.send_request(req).await
+                    }
+                };
+                let resp = resp.unwrap();
+                let status = resp.status();
+                let text = resp.into_body().collect().await.map(|b| b.to_bytes());
+                (
+                    status,
+                    text.map(|t| String::from_utf8_lossy(&t).into_owned())
+                        .unwrap_or_default(),
+                )
+            };
+            let whole = Full::new(Bytes::from_static(b"hello")).boxed();
+            assert_eq!(send(whole).await, (StatusCode::OK, "Ok(5)".into()), "{http:?}");
+
+            // A first chunk, then nothing.
+            let paused = futures_util::StreamExt::chain(
+                futures_util::stream::iter([Ok(hyper::body::Frame::data(Bytes::from_static(b"part")))]),
+                futures_util::stream::pending(),
+            );
+            let started = std::time::Instant::now();
+            let (status, _) = tokio::time::timeout(
+                Duration::from_secs(5),
+                send(http_body_util::StreamBody::new(paused).boxed()),
+            )
+            .await
+            .expect("still waiting after 5 s");
+            assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{http:?}");
+            assert!(
+                started.elapsed() >= Duration::from_millis(400),
+                "{:?}",
+                started.elapsed()
+            );
+
+            let big = Full::new(Bytes::from(vec![b'x'; 2000])).boxed();
+            assert_eq!(send(big).await.0, StatusCode::PAYLOAD_TOO_LARGE, "{http:?}");
+        }
     }
 
     /// A WebSocket through the per-request path: the allowed upgrade is carried both ways, a

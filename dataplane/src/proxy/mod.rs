@@ -987,13 +987,18 @@ pub fn valid_status(s: StatusCode, upgrading: bool) -> bool {
     (100..600).contains(&s.as_u16()) && (s != StatusCode::SWITCHING_PROTOCOLS || upgrading)
 }
 
+/// The client's part in a failed exchange, if it had one: a body too large, or broken.
+pub fn client_fault(e: &(dyn std::error::Error + 'static)) -> Option<Local> {
+    if caused_by::<http_body_util::LengthLimitError>(e) {
+        return Some(Local::BodyTooLarge);
+    }
+    caused_by::<body::ClientBodyError>(e).then_some(Local::ClientBody)
+}
+
 /// Whose fault a failed try was.
 fn classify(e: &PoolError, cluster: &str, endpoint: &str) -> Try {
-    if caused_by::<http_body_util::LengthLimitError>(e) {
-        return Try::Client(Local::BodyTooLarge);
-    }
-    if caused_by::<body::ClientBodyError>(e) {
-        return Try::Client(Local::ClientBody);
+    if let Some(local) = client_fault(e) {
+        return Try::Client(local);
     }
     if caused_by::<MaxConnections>(e) {
         return Try::Upstream(UpstreamError::Overflow);
@@ -1039,6 +1044,25 @@ struct Timing {
     deadline: Option<tokio::time::Instant>,
     /// Longest pause in the client's upload.
     body_idle: Duration,
+}
+
+/// Waits for an application's response head (a sidecar's inbound request): no response timeout
+/// but the app's own, while the client's upload may pause at most `body_idle` (then 408).
+pub async fn await_app<F: std::future::Future>(
+    fut: std::pin::Pin<&mut F>,
+    upload: Option<&body::Upload>,
+    body_idle: Duration,
+) -> Result<F::Output, Local> {
+    let timing = Timing {
+        per_try: None,
+        deadline: None,
+        body_idle,
+    };
+    timing.wait(fut, upload).await.map_err(|t| match t {
+        Try::Client(local) => local,
+        Try::Upstream(e) => Local::Upstream(e),
+        Try::Response(..) => Local::Upstream(UpstreamError::InvalidResponse),
+    })
 }
 
 impl Timing {
