@@ -46,14 +46,7 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/metrics" => {
-            let cfg = dp.shared.config.load();
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                dp.shared.registry.render(cfg.health(), &dp.shared.access_log),
-            )
-        }
+        "/metrics" => reply(StatusCode::OK, PROMETHEUS_TEXT, metrics(dp)),
         "/config" => {
             let cfg = dp.shared.config.load();
             let body = serde_json::json!({
@@ -77,6 +70,13 @@ fn route(dp: &Dataplane, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+fn metrics(dp: &Dataplane) -> String {
+    let cfg = dp.shared.config.load();
+    dp.shared.registry.render(cfg.health(), &dp.shared.access_log)
+}
+
 pub async fn serve(listener: TcpListener, dp: Arc<Dataplane>) {
     ferrum_admin::serve(vec![listener], move |req, _| std::future::ready(route(&dp, &req))).await
 }
@@ -98,13 +98,37 @@ pub async fn serve_readiness(
     .await
 }
 
-/// The sidecar's app-health port (15020, reachable by the kubelet): the app's HTTP probes,
-/// rewritten by the injector to come through here.
-pub async fn serve_app_health(listeners: Vec<TcpListener>, probes: ferrum_snapshot::mesh::AppProbes) {
-    let probes = Arc::new(probes);
+/// The sidecar's agent port (15020, reachable by the kubelet and Prometheus): the app's HTTP
+/// probes, rewritten by the injector to come through here, and `/stats/prometheus` — the
+/// proxy's metrics, then the app's when `app_metrics` says where it serves them (Istio's
+/// metrics merging). Nothing of the admin port's (`/config`).
+pub async fn serve_agent(
+    listeners: Vec<TcpListener>,
+    dp: Arc<Dataplane>,
+    probes: ferrum_snapshot::mesh::AppProbes,
+    app_metrics: Option<ferrum_snapshot::mesh::AppProbe>,
+) {
+    let shared = Arc::new((dp, probes, app_metrics));
     ferrum_admin::serve(listeners, move |req, _| {
-        let (probes, path) = (probes.clone(), req.uri().path().to_string());
-        async move { crate::mesh::app_health::answer(&probes, &path).await }
+        let shared = shared.clone();
+        async move {
+            let (dp, probes, app_metrics) = &*shared;
+            if req.method() != Method::GET {
+                return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+            }
+            match req.uri().path() {
+                "/stats/prometheus" => {
+                    let mut text = metrics(dp);
+                    if let Some(p) = app_metrics
+                        && let Some(app) = crate::mesh::app_health::metrics(p).await
+                    {
+                        text.push_str(&app);
+                    }
+                    reply(StatusCode::OK, PROMETHEUS_TEXT, text)
+                }
+                path => crate::mesh::app_health::answer(probes, path).await,
+            }
+        }
     })
     .await
 }
@@ -120,4 +144,67 @@ pub async fn bind_dual_stack(addr: SocketAddr) -> std::io::Result<Vec<TcpListene
         .into_iter()
         .map(TcpListener::from_std)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrum_snapshot::mesh::AppProbe;
+
+    /// An app serving `body` at every path.
+    async fn app(body: &'static str) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(ferrum_admin::serve(vec![l], move |_, _| {
+            std::future::ready(reply(StatusCode::OK, PROMETHEUS_TEXT, body))
+        }));
+        port
+    }
+
+    async fn agent(app_metrics: Option<AppProbe>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let dp = Dataplane::new(crate::limits::Limits::default(), vec![]);
+        dp.shared.registry.unrouted.fetch_add(3, Relaxed);
+        tokio::spawn(serve_agent(vec![l], dp, Default::default(), app_metrics));
+        addr
+    }
+
+    /// Prometheus scrapes the sidecar's 15020 from outside the pod: the proxy's metrics, then the
+    /// app's (when the injector said where they are); an app that does not answer leaves the
+    /// proxy's. The admin port's config is not there.
+    #[tokio::test]
+    async fn the_agent_port_serves_the_proxys_metrics_and_the_apps() {
+        let port = app("# TYPE app_orders_total counter\napp_orders_total 7\n").await;
+        let probe = |port| AppProbe {
+            port,
+            path: "/metrics".into(),
+            scheme: "HTTP".into(),
+            headers: vec![],
+            timeout_seconds: 1,
+        };
+        let get = |addr: SocketAddr, path: &'static str| async move {
+            let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        };
+        let merged = agent(Some(probe(port))).await;
+        let (status, text) = get(merged, "/stats/prometheus").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("ferrum_unrouted_requests_total 3"), "{text}");
+        assert!(text.contains("\napp_orders_total 7\n"), "{text}");
+        assert_eq!(get(merged, "/config").await.0, StatusCode::NOT_FOUND);
+
+        let unused = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (status, text) = get(agent(Some(probe(unused))).await, "/stats/prometheus").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            text.contains("ferrum_unrouted_requests_total 3") && !text.contains("app_orders"),
+            "{text}"
+        );
+    }
 }

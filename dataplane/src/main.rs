@@ -197,13 +197,19 @@ struct MeshArgs {
     /// Readiness for the kubelet: `/healthz/ready`.
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-    /// The app's HTTP probes for the kubelet (`/app-health/<container>/<probe>`, from
-    /// FERRUM_APP_PROBERS, which the injector writes); served only when there are any.
+    /// The agent port, for the kubelet and Prometheus: the app's HTTP probes
+    /// (`/app-health/<container>/<probe>`, from FERRUM_APP_PROBERS, which the injector writes)
+    /// and `/stats/prometheus` (the proxy's metrics, and the app's with --app-metrics).
     #[arg(long, default_value = "0.0.0.0:15020")]
     app_health_addr: SocketAddr,
     /// The app probes (JSON: path → {port, path, scheme, headers, timeoutSeconds}).
     #[arg(long, env = "FERRUM_APP_PROBERS")]
     app_probers: Option<String>,
+    /// Where the app serves its Prometheus metrics, merged into `/stats/prometheus` (JSON:
+    /// {port, path, scheme, timeoutSeconds}; the injector writes it from the pod's
+    /// `prometheus.io/*` annotations).
+    #[arg(long, env = "FERRUM_APP_METRICS")]
+    app_metrics: Option<String>,
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     inbound_plaintext: bool,
@@ -447,12 +453,11 @@ async fn start_sidecar(
         ready_id.current().is_some()
     }));
     let probes = ferrum_dp::mesh::app_health::parse(m.app_probers.as_deref())?;
-    if !probes.is_empty() {
-        let health = admin::bind_dual_stack(m.app_health_addr)
-            .await
-            .map_err(StartError::listen("app-health", m.app_health_addr))?;
-        tokio::spawn(admin::serve_app_health(health, probes));
-    }
+    let app_metrics = ferrum_dp::mesh::app_health::parse_metrics(m.app_metrics.as_deref())?;
+    let agent = admin::bind_dual_stack(m.app_health_addr)
+        .await
+        .map_err(StartError::listen("agent", m.app_health_addr))?;
+    tokio::spawn(admin::serve_agent(agent, dp.clone(), probes, app_metrics));
     let s = sidecar::Sidecar::new(dp.clone(), id, settings);
     s.start(workers).map_err(StartError::SidecarListeners)?;
     Ok(s)

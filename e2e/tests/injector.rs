@@ -344,6 +344,10 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
     pod["metadata"]["namespace"] = json!(NS);
     pod["metadata"]["labels"] = json!({"app": "b"});
     pod["spec"]["serviceAccountName"] = json!("sa-b");
+    // The app's metrics were scraped before the mesh (the harness's app answers any path).
+    pod["metadata"]["annotations"] = json!({
+        "prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/app-metrics",
+    });
     let (status, body) = post(
         &client,
         inj.port,
@@ -458,6 +462,21 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
         },
     )
     .await;
+    // Prometheus follows the injected pod's annotations from outside it: the sidecar's metrics,
+    // then the app's.
+    let scrape = &injected["metadata"]["annotations"];
+    let url = format!(
+        "http://{}:{}{}",
+        w.pods[b].ip,
+        scrape["prometheus.io/port"].as_str().unwrap(),
+        scrape["prometheus.io/path"].as_str().unwrap()
+    );
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains("ferrum_mesh_connections_total{direction=\"inbound\""),
+        "{url}: {text}"
+    );
+    assert!(text.contains("hello from b-1: /app-metrics"), "{url}: {text}");
     // Logged as the tunnel opens, before B's app answers; written by another process, so read
     // until it shows.
     let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");

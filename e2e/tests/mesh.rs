@@ -95,6 +95,22 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         w.pods[1].sidecar_log().contains(&a_id)
     })
     .await;
+    // Prometheus scrapes B's sidecar from outside the pod, at the port the injector annotates.
+    let scraped = client()
+        .get(format!("http://{b_ip}:15020/stats/prometheus"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let inbound = "ferrum_mesh_connections_total{direction=\"inbound\",path=\"hbone\"} ";
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l.strip_prefix(inbound).is_some_and(|n| n != "0")),
+        "{scraped}"
+    );
 
     // The HBONE port itself, as other clients see it.
     let hbone: std::net::SocketAddr = format!("{b_ip}:15008").parse().unwrap();

@@ -22,7 +22,8 @@ pub const INJECT: &str = "ferrum.dev/inject";
 pub const STATUS: &str = ferrum_snapshot::mesh::INJECTION_STATUS;
 pub const PROXY: &str = "ferrum-proxy";
 pub const INIT: &str = "ferrum-init";
-/// The sidecar's port for rewritten HTTP probes (`/app-health/<container>/<probe>`).
+/// The sidecar's port for rewritten HTTP probes (`/app-health/<container>/<probe>`) and for
+/// Prometheus (`/stats/prometheus`).
 pub const APP_HEALTH_PORT: i32 = 15020;
 pub const READY_PORT: i32 = 15021;
 /// The proxy's UID and GID: capture leaves its traffic alone.
@@ -44,6 +45,14 @@ const PROXY_CPU_LIMIT: &str = "ferrum.dev/proxy-cpu-limit";
 const PROXY_MEMORY_LIMIT: &str = "ferrum.dev/proxy-memory-limit";
 /// What the sidecar does with `%2F` and `%5C` in request paths (ferrum-dp's `--escaped-slashes`).
 const ESCAPED_SLASHES: &str = "ferrum.dev/escaped-slashes";
+/// Prometheus's scrape annotations: pointed at the sidecar's `/stats/prometheus`, which serves
+/// the proxy's metrics and then the app's (Istio's metrics merging).
+const SCRAPE: &str = "prometheus.io/scrape";
+const SCRAPE_PORT: &str = "prometheus.io/port";
+const SCRAPE_PATH: &str = "prometheus.io/path";
+/// `"false"` leaves the pod's scrape annotations as they are; Istio's name is read too.
+const MERGE_METRICS: [&str; 2] = ["ferrum.dev/merge-metrics", "prometheus.istio.io/merge-metrics"];
+pub const STATS_PATH: &str = "/stats/prometheus";
 
 /// Who captures the pod's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -152,6 +161,14 @@ pub fn inject(pod: &Pod, t: &Template) -> Result<Pod, BadAnnotation> {
             .get_or_insert_with(Vec::new)
             .push(env("FERRUM_APP_PROBERS", &json));
     }
+    let scrape = pod.metadata.annotations.get_or_insert_with(Default::default);
+    if let Some(app) = merge_metrics(scrape)? {
+        let json = serde_json::to_string(&app).expect("a probe serialises");
+        proxy
+            .env
+            .get_or_insert_with(Vec::new)
+            .push(env("FERRUM_APP_METRICS", &json));
+    }
     let capture = capture(&annotations)?;
     let mut init = Vec::new();
     if t.capture == CaptureBy::Init {
@@ -186,6 +203,44 @@ pub fn inject(pod: &Pod, t: &Template) -> Result<Pod, BadAnnotation> {
         .get_or_insert_with(Default::default)
         .insert(STATUS.into(), status);
     Ok(pod)
+}
+
+/// Points the pod's Prometheus scrape at the sidecar, unless the pod opts out (merging off, or
+/// `prometheus.io/scrape: "false"`); returns where the app's own metrics are when it had them
+/// scraped (`prometheus.io/port`, default 80; `prometheus.io/path`, default `/metrics`).
+fn merge_metrics(a: &mut BTreeMap<String, String>) -> Result<Option<AppProbe>, BadAnnotation> {
+    if annotation(a, &MERGE_METRICS) == Some("false") || a.get(SCRAPE).is_some_and(|v| v == "false") {
+        return Ok(None);
+    }
+    let app = match a.get(SCRAPE).map(String::as_str) {
+        Some("true") => {
+            let port = match a.get(SCRAPE_PORT) {
+                Some(p) => p
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| BadAnnotation {
+                        key: SCRAPE_PORT.into(),
+                        reason: format!("{p:?} is not a port"),
+                    })?,
+                None => 80,
+            };
+            let path = a.get(SCRAPE_PATH).map_or("/metrics", String::as_str);
+            Some(AppProbe {
+                port,
+                path: format!("/{}", path.trim_start_matches('/')),
+                scheme: "HTTP".into(),
+                headers: vec![],
+                timeout_seconds: 5,
+            })
+        }
+        _ => None,
+    };
+    a.insert(SCRAPE.into(), "true".into());
+    a.insert(SCRAPE_PORT.into(), APP_HEALTH_PORT.to_string());
+    a.insert(SCRAPE_PATH.into(), STATS_PATH.into());
+    Ok(app)
 }
 
 /// A pod annotation's value, ours first, then Istio's.

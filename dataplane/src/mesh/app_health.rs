@@ -1,7 +1,9 @@
-//! The app's HTTP probes, performed by the sidecar for the kubelet (port 15020,
-//! `/app-health/<container>/<probe>`): the injector rewrote the pod's probes to come here, since
-//! with mTLS required a plaintext probe to the app's own port would be refused. The sidecar asks
-//! the app over loopback (not captured) and answers with the app's status.
+//! What the sidecar asks of its app over loopback (not captured) for others on port 15020: the
+//! kubelet's HTTP probes (`/app-health/<container>/<probe>`: the injector rewrote the pod's
+//! probes to come here, since with mTLS required a plaintext probe to the app's own port would
+//! be refused), answered with the app's status; and the app's own Prometheus metrics, merged into
+//! the sidecar's `/stats/prometheus` (the injector points the pod's `prometheus.io/*`
+//! annotations there, as Istio's metrics merging does).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,16 +17,51 @@ use tokio::net::TcpStream;
 
 /// What the kubelet reads of an HTTP probe's body (`maxRespBodyLength`).
 const PROBE_BODY_BYTES: usize = 10 * 1024;
+/// The most of an app's metrics merged into one scrape.
+const METRICS_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-#[error("FERRUM_APP_PROBERS is not valid: {0}")]
-pub struct BadProbers(#[from] serde_json::Error);
+#[error("{0} is not valid: {1}")]
+pub struct BadProbers(&'static str, #[source] serde_json::Error);
 
 /// The probes from `--app-probers` / `FERRUM_APP_PROBERS` (none when unset).
 pub fn parse(json: Option<&str>) -> Result<AppProbes, BadProbers> {
     match json {
-        Some(v) if !v.trim().is_empty() => Ok(serde_json::from_str(v)?),
+        Some(v) if !v.trim().is_empty() => serde_json::from_str(v).map_err(|e| BadProbers("FERRUM_APP_PROBERS", e)),
         _ => Ok(AppProbes::new()),
+    }
+}
+
+/// Where the app serves its metrics, from `--app-metrics` / `FERRUM_APP_METRICS` (a probe's
+/// JSON; none when unset).
+pub fn parse_metrics(json: Option<&str>) -> Result<Option<AppProbe>, BadProbers> {
+    match json {
+        Some(v) if !v.trim().is_empty() => serde_json::from_str(v)
+            .map(Some)
+            .map_err(|e| BadProbers("FERRUM_APP_METRICS", e)),
+        _ => Ok(None),
+    }
+}
+
+/// The app's metrics (Prometheus text), or `None` — logged — when it does not answer 200 with
+/// at most 16 MiB of UTF-8 in the probe's timeout: a scrape then has the sidecar's own.
+pub async fn metrics(p: &AppProbe) -> Option<String> {
+    let timeout = Duration::from_secs(u64::from(p.timeout_seconds.max(1)));
+    let got = tokio::time::timeout(timeout, get(p, METRICS_BYTES)).await;
+    match got {
+        Ok(Ok((StatusCode::OK, Some(body)))) => String::from_utf8(body.to_vec()).ok(),
+        Ok(Ok((status, _))) => {
+            tracing::debug!(%status, "the app's metrics: not 200, or over 16 MiB");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the app's metrics");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?timeout, "the app's metrics timed out");
+            None
+        }
     }
 }
 
@@ -41,8 +78,8 @@ pub async fn answer(probes: &AppProbes, path: &str) -> Response<Full<Bytes>> {
         return reply(StatusCode::NOT_FOUND, "no such app probe\n");
     };
     let timeout = Duration::from_secs(u64::from(p.timeout_seconds.max(1)));
-    match tokio::time::timeout(timeout, ask_app(p)).await {
-        Ok(Ok(status)) => {
+    match tokio::time::timeout(timeout, get(p, PROBE_BODY_BYTES)).await {
+        Ok(Ok((status, _))) => {
             let mut r = reply(status, "");
             *r.body_mut() = Full::new(Bytes::from(format!("app answered {}\n", status.as_u16())));
             r
@@ -65,8 +102,9 @@ enum ProbeError {
     Request(#[from] http::Error),
 }
 
-/// GET the app on 127.0.0.1 as the kubelet would have (its headers, `User-Agent: kube-probe`).
-async fn ask_app(p: &AppProbe) -> Result<StatusCode, ProbeError> {
+/// GET the app on 127.0.0.1 as the kubelet would have (its headers, `User-Agent: kube-probe`):
+/// its status, and its body when no longer than `max_body`.
+async fn get(p: &AppProbe, max_body: usize) -> Result<(StatusCode, Option<Bytes>), ProbeError> {
     let tcp = TcpStream::connect(("127.0.0.1", p.port)).await?;
     let _ = tcp.set_nodelay(true);
     let mut req = Request::get(&p.path)
@@ -83,13 +121,13 @@ async fn ask_app(p: &AppProbe) -> Result<StatusCode, ProbeError> {
                 tcp,
             )
             .await?;
-        send(TokioIo::new(tls), req).await
+        send(TokioIo::new(tls), req, max_body).await
     } else {
-        send(TokioIo::new(tcp), req).await
+        send(TokioIo::new(tcp), req, max_body).await
     }
 }
 
-async fn send<T>(io: T, req: Request<Empty<Bytes>>) -> Result<StatusCode, ProbeError>
+async fn send<T>(io: T, req: Request<Empty<Bytes>>, max_body: usize) -> Result<(StatusCode, Option<Bytes>), ProbeError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -97,11 +135,14 @@ where
     tokio::spawn(conn);
     let resp = tx.send_request(req).await?;
     let status = resp.status();
-    // The kubelet reads at most this much of a probe's body, and judges by the status.
-    let _ = http_body_util::Limited::new(resp.into_body(), PROBE_BODY_BYTES)
+    // Read no further than that: the kubelet reads at most 10 KiB of a probe's body, and judges
+    // by the status.
+    let body = http_body_util::Limited::new(resp.into_body(), max_body)
         .collect()
-        .await;
-    Ok(status)
+        .await
+        .ok()
+        .map(|b| b.to_bytes());
+    Ok((status, body))
 }
 
 /// The kubelet does not check an HTTPS probe's certificate; neither do we.

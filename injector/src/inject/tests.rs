@@ -215,3 +215,63 @@ fn a_pod_can_keep_escaped_slashes_in_its_paths() {
     assert_eq!(e.key, "ferrum.dev/escaped-slashes");
     assert!(e.reason.contains("reject, keep, unescape"), "{e}");
 }
+
+/// Prometheus scrapes the sidecar's merged `/stats/prometheus` (Istio's metrics merging): a pod
+/// with no scrape annotations gets them; one whose app was scraped has its port and path handed
+/// to the sidecar; a pod that says no to scraping or to merging keeps its own.
+#[test]
+fn prometheus_scrapes_the_sidecar_and_the_app_through_it() {
+    let injected = |annotations: &[(&str, &str)]| {
+        let mut p = pod(APP);
+        let a = p.metadata.annotations.get_or_insert_with(Default::default);
+        for (k, v) in annotations {
+            a.insert((*k).into(), (*v).into());
+        }
+        inject(&p, &template()).map(|out| {
+            let app = container(&out.spec.as_ref().unwrap().containers, PROXY)
+                .env
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| e.name == "FERRUM_APP_METRICS")
+                .and_then(|e| e.value)
+                .map(|v| serde_json::from_str::<AppProbe>(&v).unwrap());
+            let a = out.metadata.annotations.unwrap();
+            let scrape = ["prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"]
+                .map(|k| a.get(k).cloned().unwrap_or_default());
+            (scrape, app)
+        })
+    };
+    let sidecar = ["true", "15020", "/stats/prometheus"].map(String::from);
+    assert_eq!(injected(&[]).unwrap(), (sidecar.clone(), None));
+    let (scrape, app) = injected(&[
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "9102"),
+        ("prometheus.io/path", "/stats"),
+    ])
+    .unwrap();
+    assert_eq!(scrape, sidecar);
+    let app = app.expect("the app's metrics are merged");
+    assert_eq!(
+        (app.port, app.path.as_str(), app.scheme.as_str()),
+        (9102, "/stats", "HTTP")
+    );
+    let (_, app) = injected(&[("prometheus.io/scrape", "true")]).unwrap();
+    assert_eq!(
+        app.map(|a| (a.port, a.path)),
+        Some((80, "/metrics".into())),
+        "Prometheus's defaults"
+    );
+
+    let own = ["true", "9102", ""].map(String::from);
+    let kept = [("prometheus.io/scrape", "true"), ("prometheus.io/port", "9102")];
+    for opt_out in ["ferrum.dev/merge-metrics", "prometheus.istio.io/merge-metrics"] {
+        let mut a = kept.to_vec();
+        a.push((opt_out, "false"));
+        assert_eq!(injected(&a).unwrap(), (own.clone(), None), "{opt_out}");
+    }
+    let (scrape, app) = injected(&[("prometheus.io/scrape", "false")]).unwrap();
+    assert_eq!((scrape[0].as_str(), app), ("false", None));
+    let e = injected(&[("prometheus.io/scrape", "true"), ("prometheus.io/port", "metrics")]).unwrap_err();
+    assert_eq!(e.key, "prometheus.io/port");
+}
