@@ -501,7 +501,23 @@ impl Scrape {
                 ([("direction", "forward")], m.bytes_forward.load(Relaxed) as i64),
                 ([("direction", "back")], m.bytes_back.load(Relaxed) as i64),
             ],
-        )
+        )?;
+        // Istio's standard TCP metrics, by caller, as the destination reports them.
+        let peers = m.peers.samples();
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let istio = [
+            ("istio_tcp_connections_opened", "Inbound connections opened, by caller."),
+            ("istio_tcp_connections_closed", "Inbound connections closed, by caller."),
+            ("istio_tcp_received_bytes", "Bytes received from callers."),
+            ("istio_tcp_sent_bytes", "Bytes sent to callers."),
+        ];
+        for (i, (name, help)) in istio.into_iter().enumerate() {
+            let samples = peers.iter().map(|(labels, n)| (labels.as_slice(), n[i] as i64));
+            family(enc, name, help, MetricType::Counter, samples)?;
+        }
+        Ok(())
     }
 
     fn encode_clusters(&self, enc: &mut DescriptorEncoder) -> Fmt {

@@ -111,6 +111,27 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
             .any(|l| l.strip_prefix(inbound).is_some_and(|n| n != "0")),
         "{scraped}"
     );
+    // Istio's standard TCP metrics say who called: A's workload and identity, over mTLS, with
+    // the raw TCP payload among the bytes B received from it.
+    let from_a = [
+        "reporter=\"destination\"".to_string(),
+        "source_workload=\"a-1\"".into(),
+        format!("source_workload_namespace=\"{NS}\""),
+        format!("source_principal=\"{a_id}\""),
+        "source_canonical_service=\"a\"".into(),
+        "destination_workload=\"b-1\"".into(),
+        format!("destination_principal=\"spiffe://cluster.local/ns/{NS}/sa/sa-b\""),
+        "connection_security_policy=\"mutual_tls\"".into(),
+    ];
+    let received = scraped
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{") && from_a.iter().all(|f| l.contains(f.as_str())))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(received.is_some_and(|n| n >= 16_000), "{received:?}\n{scraped}");
+    assert!(
+        scraped.contains("istio_tcp_connections_opened_total{reporter=\"destination\""),
+        "{scraped}"
+    );
 
     // The HBONE port itself, as other clients see it.
     let hbone: std::net::SocketAddr = format!("{b_ip}:15008").parse().unwrap();

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod index;
 pub mod jwt;
 pub mod l7;
+pub mod peers;
 pub mod policy;
 pub mod sidecar;
 pub mod tunnel;

@@ -75,6 +75,8 @@ pub struct MeshStats {
     pub bytes_back: AtomicU64,
     /// Client HBONE connections open now (each carries up to the peer's stream limit).
     pub hbone_connections: AtomicU64,
+    /// Inbound connections by caller (Istio's standard TCP metrics).
+    pub peers: super::peers::Peers,
 }
 
 pub struct Sidecar {
@@ -94,6 +96,8 @@ pub struct Sidecar {
 pub struct App {
     dp: Arc<Dataplane>,
     stats: Arc<MeshStats>,
+    /// This workload's certificate: who callers reach, for the metrics.
+    identity: Arc<Identity>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     http: Arc<listener::Http>,
@@ -204,8 +208,9 @@ impl App {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let open = self.opened(&c);
         if judged {
-            return self.relay_while_allowed(s, app, &c).await;
+            return self.relay_while_allowed(s, app, &c, &open).await;
         }
         let first = l7::sniff(&mut s).await;
         let http = l7::detect(&first);
@@ -224,15 +229,28 @@ impl App {
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
-            None if self.authorize(&c, None, None) => self.relay_while_allowed(s, app, &c).await,
+            None if self.authorize(&c, None, None) => self.relay_while_allowed(s, app, &c, &open).await,
             None => {}
         }
+    }
+
+    /// Counts a connection from `c` to this workload, by caller (its bytes once relayed; a
+    /// connection served request by request counts no bytes).
+    fn opened(&self, c: &Caller) -> super::peers::Open {
+        let cfg = self.dp.shared.config.load();
+        let workload = cfg.mesh.workload(c.source).cloned();
+        self.stats
+            .peers
+            .open(workload, c.peer.clone(), cfg.snapshot.version, || {
+                let principal = self.identity.current().map(|t| t.svid.id.clone());
+                super::peers::Party::of(cfg.mesh.own.as_ref(), principal.as_ref())
+            })
     }
 
     /// Relays a connection judged once, at L4, until either side closes — or until a new
     /// snapshot's policies deny its caller: then it is closed (as ztunnel does), so a policy
     /// change reaches connections that were open before it, pooled keep-alives included.
-    async fn relay_while_allowed<S>(&self, s: S, app: TcpStream, c: &Caller)
+    async fn relay_while_allowed<S>(&self, s: S, app: TcpStream, c: &Caller, open: &super::peers::Open)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -247,7 +265,7 @@ impl App {
             std::future::pending().await
         };
         tokio::select! {
-            _ = relay(s, app, self.idle_timeout, &self.stats) => {}
+            _ = relay(s, app, self.idle_timeout, &self.stats, Some(open)) => {}
             () = revoked => {
                 tracing::info!(peer = ?c.peer.as_ref().map(|p| p.to_string()), source = %c.source, destination = %c.destination, "open connection closed: the policies now deny it");
             }
@@ -301,11 +319,14 @@ pub(super) async fn connect_app(target: SocketAddr, timeout: Duration) -> std::i
     Ok(s)
 }
 
+/// Relays `a` (the client) and `b` until both are done, counting the bytes — by caller too, for
+/// an inbound connection (`open`).
 async fn relay<A, B>(
     a: A,
     b: B,
     idle: Duration,
     stats: &MeshStats,
+    open: Option<&super::peers::Open>,
 ) -> Result<crate::tcp::Relayed, crate::tcp::RelayError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -315,6 +336,9 @@ where
     if let Ok(n) = &r {
         stats.bytes_forward.fetch_add(n.forward, Relaxed);
         stats.bytes_back.fetch_add(n.back, Relaxed);
+        if let Some(open) = open {
+            open.bytes(n.forward, n.back);
+        }
     }
     r
 }
@@ -339,6 +363,7 @@ impl Sidecar {
             app: Arc::new(App {
                 dp: dp.clone(),
                 stats: stats.clone(),
+                identity: identity.clone(),
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
                 http: http.clone(),
@@ -587,7 +612,7 @@ impl Sidecar {
             stats.outbound_failed.fetch_add(1, Relaxed);
             return;
         };
-        let _ = relay(tcp, up, idle, stats).await;
+        let _ = relay(tcp, up, idle, stats, None).await;
     }
 
     /// A stream to one of a service's endpoints, trying the next ones when a connect fails.

@@ -1,0 +1,341 @@
+//! Who calls this workload: Istio's standard TCP metrics, reported by the destination
+//! (`istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`, `reporter="destination"`),
+//! labelled with the caller's workload, namespace and SPIFFE ID and this workload's, so that
+//! dashboards and graphs written for Istio read a Ferrum mesh.
+//!
+//! A workload's name is its controller's, as Istio reports it — found from its pod's labels,
+//! since the snapshot does not carry owners: a Deployment's pod `web-7d9f8c6b5-x2k4q` (label
+//! `pod-template-hash: 7d9f8c6b5`) is `web`, a StatefulSet's `db-0` is `db`, a DaemonSet's
+//! `agent-x2k4q` is `agent`, a Job's is its `job-name`; any other pod is itself.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ferrum_snapshot::identity::SpiffeId;
+use ferrum_snapshot::mesh::Workload;
+
+/// Distinct callers kept at most; past it, new ones are counted as `unknown` (a bound on memory
+/// and on the scrape, whatever the callers).
+const MAX_CALLERS: usize = 4096;
+
+/// One side of a connection, as its labels say it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+const UNKNOWN: &str = "unknown";
+
+impl Party {
+    /// `w` (when the snapshot knows it) with the identity it proved (when it proved one).
+    pub fn of(w: Option<&Workload>, principal: Option<&SpiffeId>) -> Party {
+        let label = |keys: &[&str]| w.and_then(|w| keys.iter().find_map(|k| w.labels.get(*k))).cloned();
+        let workload = w.map_or_else(|| UNKNOWN.to_string(), controller_name);
+        Party {
+            namespace: w
+                .map(|w| w.namespace.clone())
+                .or_else(|| principal.map(|p| p.namespace.clone()))
+                .unwrap_or_else(|| UNKNOWN.into()),
+            principal: principal.map_or_else(|| UNKNOWN.into(), ToString::to_string),
+            app: label(&["app"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: label(&["version"]).unwrap_or_else(|| UNKNOWN.into()),
+            canonical_service: label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+                .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            workload,
+        }
+    }
+
+    fn labels(&self, side: &str, out: &mut Vec<(String, String)>) {
+        let fields = [
+            ("workload", &self.workload),
+            ("workload_namespace", &self.namespace),
+            ("principal", &self.principal),
+            ("app", &self.app),
+            ("version", &self.version),
+            ("canonical_service", &self.canonical_service),
+            ("canonical_revision", &self.canonical_revision),
+        ];
+        out.extend(fields.iter().map(|(k, v)| (format!("{side}_{k}"), (*v).clone())));
+    }
+}
+
+/// The name of the controller that made a pod, from the labels controllers put on their pods.
+fn controller_name(w: &Workload) -> String {
+    let name = w.name.as_str();
+    let label = |k: &str| w.labels.get(k).map(String::as_str);
+    // `<deployment>-<pod-template-hash>-<5 chars>`.
+    if let Some(hash) = label("pod-template-hash")
+        && let Some((rest, _)) = name.rsplit_once('-')
+        && let Some(deployment) = rest.strip_suffix(hash).and_then(|d| d.strip_suffix('-'))
+    {
+        return deployment.into();
+    }
+    if let Some(job) = label("job-name") {
+        return job.into();
+    }
+    if label("controller-revision-hash").is_some()
+        && let Some((owner, suffix)) = name.rsplit_once('-')
+    {
+        // A StatefulSet's `<name>-<ordinal>`, a DaemonSet's `<name>-<5 chars>`.
+        let stateful = label("statefulset.kubernetes.io/pod-name").is_some();
+        if !stateful || suffix.bytes().all(|b| b.is_ascii_digit()) {
+            return owner.into();
+        }
+    }
+    name.into()
+}
+
+/// A caller, told apart by its workload and proven identity.
+#[derive(Clone)]
+struct Caller {
+    workload: Option<Arc<Workload>>,
+    principal: Option<SpiffeId>,
+}
+
+impl PartialEq for Caller {
+    fn eq(&self, o: &Self) -> bool {
+        self.workload.as_ref().map(|w| &w.uid) == o.workload.as_ref().map(|w| &w.uid) && self.principal == o.principal
+    }
+}
+impl Eq for Caller {}
+impl Hash for Caller {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.workload.as_ref().map(|w| &w.uid).hash(h);
+        self.principal.hash(h);
+    }
+}
+
+/// A caller's connections: opened, closed, and bytes received from it and sent to it.
+#[derive(Debug, Default)]
+pub struct Counts {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+/// An open inbound connection: counted as closed when dropped, however it ends.
+pub struct Open(Arc<Counts>);
+
+impl Open {
+    pub fn bytes(&self, received: u64, sent: u64) {
+        self.0.received.fetch_add(received, Relaxed);
+        self.0.sent.fetch_add(sent, Relaxed);
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Relaxed);
+    }
+}
+
+/// One caller's labels (Istio's names) and its four counts: opened, closed, received, sent.
+pub type Sample = (Vec<(String, String)>, [u64; 4]);
+
+/// Inbound connections by caller.
+#[derive(Default)]
+pub struct Peers {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Peers")
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    callers: HashMap<Caller, Arc<Counts>>,
+    /// This workload, as the snapshot (of the version noted) and its certificate say it.
+    own: Option<(u64, Party)>,
+}
+
+impl Peers {
+    /// Counts a connection from `workload` (by its address), which proved `principal` (mTLS),
+    /// to this workload; `own` says this workload when the snapshot `version` is new to it.
+    pub fn open(
+        &self,
+        workload: Option<Arc<Workload>>,
+        principal: Option<SpiffeId>,
+        version: u64,
+        own: impl FnOnce() -> Party,
+    ) -> Open {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner
+            .own
+            .as_ref()
+            .is_none_or(|(v, p)| *v != version || p.principal == UNKNOWN)
+        {
+            inner.own = Some((version, own()));
+        }
+        let mut caller = Caller { workload, principal };
+        if inner.callers.len() >= MAX_CALLERS && !inner.callers.contains_key(&caller) {
+            caller = Caller {
+                workload: None,
+                principal: None,
+            };
+        }
+        let counts = inner.callers.entry(caller).or_default().clone();
+        counts.opened.fetch_add(1, Relaxed);
+        Open(counts)
+    }
+
+    /// Each caller's labels (Istio's names) with its four counts: opened, closed, received,
+    /// sent.
+    pub fn samples(&self) -> Vec<Sample> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((_, own)) = &inner.own else {
+            return Vec::new();
+        };
+        inner
+            .callers
+            .iter()
+            .map(|(caller, c)| {
+                let source = Party::of(caller.workload.as_deref(), caller.principal.as_ref());
+                let mut labels = vec![("reporter".to_string(), "destination".to_string())];
+                source.labels("source", &mut labels);
+                own.labels("destination", &mut labels);
+                let security = if caller.principal.is_some() {
+                    "mutual_tls"
+                } else {
+                    "none"
+                };
+                labels.push(("connection_security_policy".into(), security.into()));
+                labels.push(("request_protocol".into(), "tcp".into()));
+                let counts = [&c.opened, &c.closed, &c.received, &c.sent].map(|n| n.load(Relaxed));
+                (labels, counts)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            uid: format!("uid-{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            node: String::new(),
+            ips: vec![],
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ports: vec![],
+            hbone: true,
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn a_workload_is_named_for_its_controller() {
+        let named = |name, labels: &[(&str, &str)]| controller_name(&pod(name, labels));
+        assert_eq!(
+            named("web-7d9f8c6b5-x2k4q", &[("pod-template-hash", "7d9f8c6b5")]),
+            "web"
+        );
+        assert_eq!(
+            named(
+                "db-0",
+                &[
+                    ("controller-revision-hash", "db-5c9"),
+                    ("statefulset.kubernetes.io/pod-name", "db-0")
+                ]
+            ),
+            "db"
+        );
+        assert_eq!(named("agent-x2k4q", &[("controller-revision-hash", "6f7")]), "agent");
+        assert_eq!(named("migrate-29xq7", &[("job-name", "migrate")]), "migrate");
+        assert_eq!(named("b-1", &[("app", "b")]), "b-1", "a bare pod is itself");
+        assert_eq!(
+            named("web-1", &[("pod-template-hash", "abc")]),
+            "web-1",
+            "a hash it does not carry"
+        );
+    }
+
+    #[test]
+    fn callers_are_counted_apart_with_istios_labels() {
+        let peers = Peers::default();
+        let own = || {
+            Party::of(
+                Some(&pod("api-0", &[("app", "api"), ("version", "v2")])),
+                Some(&"spiffe://cluster.local/ns/shop/sa/api".parse().unwrap()),
+            )
+        };
+        let web = Arc::new(pod(
+            "web-7d9f8c6b5-x2k4q",
+            &[("pod-template-hash", "7d9f8c6b5"), ("app", "web")],
+        ));
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let first = peers.open(Some(web.clone()), Some(id.clone()), 1, own);
+        first.bytes(100, 2000);
+        drop(first);
+        let second = peers.open(Some(web), Some(id), 1, || unreachable!("the same snapshot"));
+        let plaintext = peers.open(None, None, 1, own);
+        drop(plaintext);
+        let samples = peers.samples();
+        assert_eq!(samples.len(), 2);
+        let label = |labels: &Vec<(String, String)>, k: &str| labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        let (mtls, counts) = samples
+            .iter()
+            .find(|(l, _)| label(l, "connection_security_policy") == "mutual_tls")
+            .unwrap();
+        assert_eq!(*counts, [2, 1, 100, 2000]);
+        assert_eq!(label(mtls, "reporter"), "destination");
+        assert_eq!(label(mtls, "source_workload"), "web");
+        assert_eq!(label(mtls, "source_workload_namespace"), "shop");
+        assert_eq!(label(mtls, "source_principal"), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(label(mtls, "source_canonical_service"), "web");
+        assert_eq!(label(mtls, "source_canonical_revision"), "latest");
+        assert_eq!(label(mtls, "destination_workload"), "api-0");
+        assert_eq!(label(mtls, "destination_version"), "v2");
+        assert_eq!(
+            label(mtls, "destination_principal"),
+            "spiffe://cluster.local/ns/shop/sa/api"
+        );
+        let (plain, counts) = samples
+            .iter()
+            .find(|(l, _)| label(l, "connection_security_policy") == "none")
+            .unwrap();
+        assert_eq!(*counts, [1, 1, 0, 0]);
+        assert_eq!(label(plain, "source_workload"), "unknown");
+        assert_eq!(label(plain, "source_principal"), "unknown");
+        drop(second);
+    }
+
+    #[test]
+    fn callers_past_the_bound_are_unknown() {
+        let peers = Peers::default();
+        let own = || Party::of(None, None);
+        let mut open = Vec::new();
+        for i in 0..MAX_CALLERS + 10 {
+            open.push(peers.open(Some(Arc::new(pod(&format!("p-{i}"), &[]))), None, 1, own));
+        }
+        let samples = peers.samples();
+        assert_eq!(samples.len(), MAX_CALLERS + 1);
+        let unknown = samples
+            .iter()
+            .find(|(l, _)| l.iter().any(|(k, v)| k == "source_workload" && v == "unknown"))
+            .unwrap();
+        assert_eq!(unknown.1[0], 10);
+    }
+}
