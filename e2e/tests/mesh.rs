@@ -132,6 +132,30 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         scraped.contains("istio_tcp_connections_opened_total{reporter=\"destination\""),
         "{scraped}"
     );
+    // And A's sidecar reports the same connections as their source, by the Service it called.
+    let scraped_a = client()
+        .get(format!("http://{a_ip}:15020/stats/prometheus"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let to_b = [
+        "reporter=\"source\"".to_string(),
+        "source_workload=\"a-1\"".into(),
+        format!("source_principal=\"{a_id}\""),
+        "destination_workload=\"b-1\"".into(),
+        format!("destination_principal=\"spiffe://cluster.local/ns/{NS}/sa/sa-b\""),
+        format!("destination_service=\"svc-b.{NS}.svc.cluster.local\""),
+        "destination_service_name=\"svc-b\"".into(),
+        "connection_security_policy=\"mutual_tls\"".into(),
+    ];
+    let sent = scraped_a
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{") && to_b.iter().all(|f| l.contains(f.as_str())))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(sent.is_some_and(|n| n >= 16_000), "{sent:?}\n{scraped_a}");
 
     // The HBONE port itself, as other clients see it.
     let hbone: std::net::SocketAddr = format!("{b_ip}:15008").parse().unwrap();

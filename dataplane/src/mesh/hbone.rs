@@ -453,7 +453,7 @@ async fn open_on(send: Tunnels, d: &Dial<'_>, slot: Slot) -> Result<Tunnel, Hbon
     if resp.status() != StatusCode::OK {
         return Err(HboneError::Status(d.proxy, resp.status()));
     }
-    Ok(Tunnel::new(stream, resp.into_body()).holding(slot))
+    Ok(Tunnel::new(stream, resp.into_body()).holding(slot, d.target))
 }
 
 fn forwarded(d: &Dial<'_>) -> String {

@@ -1,8 +1,9 @@
-//! Who calls this workload: Istio's standard TCP metrics, reported by the destination
-//! (`istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
-//! `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`, `reporter="destination"`),
-//! labelled with the caller's workload, namespace and SPIFFE ID and this workload's, so that
-//! dashboards and graphs written for Istio read a Ferrum mesh.
+//! Who talks to this workload: Istio's standard TCP metrics (`istio_tcp_connections_opened_total`,
+//! `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total`,
+//! `istio_tcp_sent_bytes_total`), for inbound connections by caller (`reporter="destination"`)
+//! and for outbound ones by the workload and Service reached (`reporter="source"`), labelled with
+//! each side's workload, namespace and SPIFFE ID, so that dashboards and graphs written for
+//! Istio read a Ferrum mesh.
 //!
 //! A workload's name is its controller's, as Istio reports it — found from its pod's labels,
 //! since the snapshot does not carry owners: a Deployment's pod `web-7d9f8c6b5-x2k4q` (label
@@ -15,11 +16,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ferrum_snapshot::identity::SpiffeId;
-use ferrum_snapshot::mesh::Workload;
+use ferrum_snapshot::mesh::{MeshService, Workload};
 
-/// Distinct callers kept at most; past it, new ones are counted as `unknown` (a bound on memory
-/// and on the scrape, whatever the callers).
+/// Distinct peers kept at most; past it, new ones are counted as `unknown` (a bound on memory
+/// and on the scrape, whatever the peers).
 const MAX_CALLERS: usize = 4096;
+
+/// Which end of the connection this proxy is, as Istio's `reporter` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// Outbound: this workload called.
+    Source,
+    /// Inbound: this workload was called.
+    Destination,
+}
 
 /// One side of a connection, as its labels say it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,24 +110,52 @@ fn controller_name(w: &Workload) -> String {
     name.into()
 }
 
-/// A caller, told apart by its workload and proven identity.
+/// The other end of a connection: its workload and proven identity, and the Service it was
+/// reached by (outbound).
 #[derive(Clone)]
-struct Caller {
+struct Peer {
+    reporter: Reporter,
     workload: Option<Arc<Workload>>,
     principal: Option<SpiffeId>,
+    service: Option<Arc<MeshService>>,
 }
 
-impl PartialEq for Caller {
-    fn eq(&self, o: &Self) -> bool {
-        self.workload.as_ref().map(|w| &w.uid) == o.workload.as_ref().map(|w| &w.uid) && self.principal == o.principal
+impl Peer {
+    fn unknown(reporter: Reporter) -> Peer {
+        Peer {
+            reporter,
+            workload: None,
+            principal: None,
+            service: None,
+        }
     }
 }
-impl Eq for Caller {}
-impl Hash for Caller {
+
+impl PartialEq for Peer {
+    fn eq(&self, o: &Self) -> bool {
+        self.reporter == o.reporter
+            && self.workload.as_ref().map(|w| &w.uid) == o.workload.as_ref().map(|w| &w.uid)
+            && self.principal == o.principal
+            && self.service.as_ref().map(|s| &s.key) == o.service.as_ref().map(|s| &s.key)
+    }
+}
+impl Eq for Peer {}
+impl Hash for Peer {
     fn hash<H: Hasher>(&self, h: &mut H) {
+        self.reporter.hash(h);
         self.workload.as_ref().map(|w| &w.uid).hash(h);
         self.principal.hash(h);
+        self.service.as_ref().map(|s| &s.key).hash(h);
     }
+}
+
+/// A Service's labels: its host name, name and namespace (`unknown` without one).
+fn service_labels(s: Option<&MeshService>, out: &mut Vec<(String, String)>) {
+    let (ns, name) = s.and_then(|s| s.key.split_once('/')).unwrap_or((UNKNOWN, UNKNOWN));
+    let host = s.map_or(UNKNOWN, |s| s.hostname.as_str());
+    out.push(("destination_service".into(), host.into()));
+    out.push(("destination_service_name".into(), name.into()));
+    out.push(("destination_service_namespace".into(), ns.into()));
 }
 
 /// A caller's connections: opened, closed, and bytes received from it and sent to it.
@@ -129,7 +167,7 @@ pub struct Counts {
     sent: AtomicU64,
 }
 
-/// An open inbound connection: counted as closed when dropped, however it ends.
+/// An open connection: counted as closed when dropped, however it ends.
 pub struct Open(Arc<Counts>);
 
 impl Open {
@@ -148,7 +186,7 @@ impl Drop for Open {
 /// One caller's labels (Istio's names) and its four counts: opened, closed, received, sent.
 pub type Sample = (Vec<(String, String)>, [u64; 4]);
 
-/// Inbound connections by caller.
+/// Connections by peer.
 #[derive(Default)]
 pub struct Peers {
     inner: Mutex<Inner>,
@@ -162,7 +200,7 @@ impl std::fmt::Debug for Peers {
 
 #[derive(Default)]
 struct Inner {
-    callers: HashMap<Caller, Arc<Counts>>,
+    callers: HashMap<Peer, Arc<Counts>>,
     /// This workload, as the snapshot (of the version noted) and its certificate say it.
     own: Option<(u64, Party)>,
 }
@@ -170,13 +208,42 @@ struct Inner {
 impl Peers {
     /// Counts a connection from `workload` (by its address), which proved `principal` (mTLS),
     /// to this workload; `own` says this workload when the snapshot `version` is new to it.
-    pub fn open(
+    pub fn inbound(
         &self,
         workload: Option<Arc<Workload>>,
         principal: Option<SpiffeId>,
         version: u64,
         own: impl FnOnce() -> Party,
     ) -> Open {
+        let peer = Peer {
+            reporter: Reporter::Destination,
+            workload,
+            principal,
+            service: None,
+        };
+        self.open(peer, version, own)
+    }
+
+    /// Counts a connection from this workload to `workload` (by the address reached; `principal`
+    /// when over HBONE, which checked it) by `service`.
+    pub fn outbound(
+        &self,
+        workload: Option<Arc<Workload>>,
+        principal: Option<SpiffeId>,
+        service: Option<Arc<MeshService>>,
+        version: u64,
+        own: impl FnOnce() -> Party,
+    ) -> Open {
+        let peer = Peer {
+            reporter: Reporter::Source,
+            workload,
+            principal,
+            service,
+        };
+        self.open(peer, version, own)
+    }
+
+    fn open(&self, mut peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Open {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner
             .own
@@ -185,14 +252,10 @@ impl Peers {
         {
             inner.own = Some((version, own()));
         }
-        let mut caller = Caller { workload, principal };
-        if inner.callers.len() >= MAX_CALLERS && !inner.callers.contains_key(&caller) {
-            caller = Caller {
-                workload: None,
-                principal: None,
-            };
+        if inner.callers.len() >= MAX_CALLERS && !inner.callers.contains_key(&peer) {
+            peer = Peer::unknown(peer.reporter);
         }
-        let counts = inner.callers.entry(caller).or_default().clone();
+        let counts = inner.callers.entry(peer).or_default().clone();
         counts.opened.fetch_add(1, Relaxed);
         Open(counts)
     }
@@ -207,16 +270,17 @@ impl Peers {
         inner
             .callers
             .iter()
-            .map(|(caller, c)| {
-                let source = Party::of(caller.workload.as_deref(), caller.principal.as_ref());
-                let mut labels = vec![("reporter".to_string(), "destination".to_string())];
-                source.labels("source", &mut labels);
-                own.labels("destination", &mut labels);
-                let security = if caller.principal.is_some() {
-                    "mutual_tls"
-                } else {
-                    "none"
+            .map(|(peer, c)| {
+                let other = Party::of(peer.workload.as_deref(), peer.principal.as_ref());
+                let (source, destination, reporter) = match peer.reporter {
+                    Reporter::Destination => (&other, own, "destination"),
+                    Reporter::Source => (own, &other, "source"),
                 };
+                let mut labels = vec![("reporter".to_string(), reporter.to_string())];
+                source.labels("source", &mut labels);
+                destination.labels("destination", &mut labels);
+                service_labels(peer.service.as_deref(), &mut labels);
+                let security = if peer.principal.is_some() { "mutual_tls" } else { "none" };
                 labels.push(("connection_security_policy".into(), security.into()));
                 labels.push(("request_protocol".into(), "tcp".into()));
                 let counts = [&c.opened, &c.closed, &c.received, &c.sent].map(|n| n.load(Relaxed));
@@ -286,11 +350,11 @@ mod tests {
             &[("pod-template-hash", "7d9f8c6b5"), ("app", "web")],
         ));
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let first = peers.open(Some(web.clone()), Some(id.clone()), 1, own);
+        let first = peers.inbound(Some(web.clone()), Some(id.clone()), 1, own);
         first.bytes(100, 2000);
         drop(first);
-        let second = peers.open(Some(web), Some(id), 1, || unreachable!("the same snapshot"));
-        let plaintext = peers.open(None, None, 1, own);
+        let second = peers.inbound(Some(web), Some(id), 1, || unreachable!("the same snapshot"));
+        let plaintext = peers.inbound(None, None, 1, own);
         drop(plaintext);
         let samples = peers.samples();
         assert_eq!(samples.len(), 2);
@@ -323,12 +387,52 @@ mod tests {
     }
 
     #[test]
+    fn outbound_connections_name_the_service_and_the_workload_reached() {
+        let peers = Peers::default();
+        let own = || Party::of(Some(&pod("web-1", &[])), None);
+        let service: MeshService = serde_json::from_value(serde_json::json!({
+            "key": "shop/api", "hostname": "api.shop.svc.cluster.local", "ports": [], "endpoints": []
+        }))
+        .unwrap();
+        let api = Arc::new(pod("api-0", &[]));
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().unwrap();
+        let open = peers.outbound(Some(api), Some(id), Some(Arc::new(service)), 1, own);
+        open.bytes(10, 20);
+        drop(open);
+        let external = peers.outbound(None, None, None, 1, own);
+        drop(external);
+        let samples = peers.samples();
+        let label = |labels: &Vec<(String, String)>, k: &str| labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        let (l, counts) = samples
+            .iter()
+            .find(|(l, _)| label(l, "destination_workload") == "api-0")
+            .unwrap();
+        assert_eq!(*counts, [1, 1, 10, 20]);
+        assert_eq!(label(l, "reporter"), "source");
+        assert_eq!(label(l, "source_workload"), "web-1");
+        assert_eq!(label(l, "destination_service"), "api.shop.svc.cluster.local");
+        assert_eq!(label(l, "destination_service_name"), "api");
+        assert_eq!(label(l, "destination_service_namespace"), "shop");
+        assert_eq!(
+            label(l, "destination_principal"),
+            "spiffe://cluster.local/ns/shop/sa/api"
+        );
+        assert_eq!(label(l, "connection_security_policy"), "mutual_tls");
+        let (l, _) = samples
+            .iter()
+            .find(|(l, _)| label(l, "destination_workload") == "unknown")
+            .unwrap();
+        assert_eq!(label(l, "destination_service"), "unknown");
+        assert_eq!(label(l, "connection_security_policy"), "none");
+    }
+
+    #[test]
     fn callers_past_the_bound_are_unknown() {
         let peers = Peers::default();
         let own = || Party::of(None, None);
         let mut open = Vec::new();
         for i in 0..MAX_CALLERS + 10 {
-            open.push(peers.open(Some(Arc::new(pod(&format!("p-{i}"), &[]))), None, 1, own));
+            open.push(peers.inbound(Some(Arc::new(pod(&format!("p-{i}"), &[]))), None, 1, own));
         }
         let samples = peers.samples();
         assert_eq!(samples.len(), MAX_CALLERS + 1);

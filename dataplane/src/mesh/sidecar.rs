@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use ferrum_snapshot::mesh::{Resolution, Workload};
+use ferrum_snapshot::mesh::{MeshService, Resolution, Workload};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -241,10 +241,13 @@ impl App {
         let workload = cfg.mesh.workload(c.source).cloned();
         self.stats
             .peers
-            .open(workload, c.peer.clone(), cfg.snapshot.version, || {
-                let principal = self.identity.current().map(|t| t.svid.id.clone());
-                super::peers::Party::of(cfg.mesh.own.as_ref(), principal.as_ref())
-            })
+            .inbound(workload, c.peer.clone(), cfg.snapshot.version, || self.own(&cfg))
+    }
+
+    /// This workload, as the snapshot and its certificate say it, for the metrics.
+    fn own(&self, cfg: &crate::compile::Compiled) -> super::peers::Party {
+        let principal = self.identity.current().map(|t| t.svid.id.clone());
+        super::peers::Party::of(cfg.mesh.own.as_ref(), principal.as_ref())
     }
 
     /// Relays a connection judged once, at L4, until either side closes — or until a new
@@ -544,8 +547,9 @@ impl Sidecar {
             Resolution::Passthrough => self.connect(dst, None, peer, None).await.ok(),
             Resolution::Endpoints | Resolution::Dns => self.connect_service(t, dst, peer).await,
         };
+        let service = t.service.clone();
         drop(cfg);
-        self.relay_to(s, up, self.settings.idle_timeout).await;
+        self.relay_to(s, up, self.settings.idle_timeout, Some(service)).await;
     }
 
     /// Relays a captured outbound stream to where its original destination leads.
@@ -557,7 +561,12 @@ impl Sidecar {
         let cfg = self.dp.shared.config.load_full();
         // Held (a circuit-breaker slot of the route's cluster) while the connection lasts.
         let mut held = None;
-        let up = match cfg.mesh.destination(dst) {
+        let destination = cfg.mesh.destination(dst);
+        let service = match &destination {
+            Destination::Service(t) => Some(t.service.clone()),
+            _ => None,
+        };
+        let up = match destination {
             Destination::Service(t) => match &t.tcp {
                 Some(route) => self.connect_routed(route, dst, peer).await.map(|(s, guard)| {
                     held = Some(guard);
@@ -577,7 +586,7 @@ impl Sidecar {
         let idle = held
             .as_ref()
             .map_or(self.settings.idle_timeout, |g| g.tcp_idle(self.settings.idle_timeout));
-        self.relay_to(tcp, up, idle).await;
+        self.relay_to(tcp, up, idle, service).await;
         drop(held);
     }
 
@@ -603,7 +612,7 @@ impl Sidecar {
 
     /// Relays `tcp` to `up` until both ends close or it stays quiet for `idle`, or counts the
     /// failure to get one.
-    async fn relay_to<S>(&self, tcp: S, up: Option<L4Stream>, idle: Duration)
+    async fn relay_to<S>(&self, tcp: S, up: Option<L4Stream>, idle: Duration, service: Option<Arc<MeshService>>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -612,7 +621,25 @@ impl Sidecar {
             stats.outbound_failed.fetch_add(1, Relaxed);
             return;
         };
-        let _ = relay(tcp, up, idle, stats, None).await;
+        let open = self.opened(&up, service);
+        let _ = relay(tcp, up, idle, stats, Some(&open)).await;
+    }
+
+    /// Counts a connection from this workload to what `up` reaches, by `service`.
+    fn opened(&self, up: &L4Stream, service: Option<Arc<MeshService>>) -> super::peers::Open {
+        let cfg = self.dp.shared.config.load();
+        let workload = up.peer().and_then(|a| cfg.mesh.workload(a.ip()).cloned());
+        // An HBONE tunnel checked the peer's identity before a byte went.
+        let principal = match (up, &workload, self.identity.current()) {
+            (L4Stream::Tunnel(_), Some(w), Some(t)) => Some(w.identity(&t.svid.id.trust_domain)),
+            _ => None,
+        };
+        self.app
+            .stats
+            .peers
+            .outbound(workload, principal, service, cfg.snapshot.version, || {
+                self.app.own(&cfg)
+            })
     }
 
     /// A stream to one of a service's endpoints, trying the next ones when a connect fails.

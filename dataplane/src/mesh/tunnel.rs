@@ -22,6 +22,8 @@ pub struct Tunnel {
     read_done: bool,
     /// A client tunnel's place on its pooled connection, given back when the tunnel goes.
     _slot: Option<super::hbone::Slot>,
+    /// Where a client tunnel leads.
+    pub target: Option<std::net::SocketAddr>,
 }
 
 impl Tunnel {
@@ -32,12 +34,14 @@ impl Tunnel {
             pending: Bytes::new(),
             read_done: false,
             _slot: None,
+            target: None,
         }
     }
 
-    /// This tunnel, holding `slot` for as long as it lives.
-    pub fn holding(mut self, slot: super::hbone::Slot) -> Tunnel {
+    /// This client tunnel to `target`, holding `slot` for as long as it lives.
+    pub fn holding(mut self, slot: super::hbone::Slot, target: std::net::SocketAddr) -> Tunnel {
         self._slot = Some(slot);
+        self.target = Some(target);
         self
     }
 }

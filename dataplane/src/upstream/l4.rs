@@ -15,6 +15,16 @@ pub enum L4Stream {
     Tunnel(Tunnel),
 }
 
+impl L4Stream {
+    /// The address it reaches (a tunnel's target, not its proxy's).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            L4Stream::Tcp(t) => t.peer_addr().ok(),
+            L4Stream::Tunnel(t) => t.target,
+        }
+    }
+}
+
 /// Forwards a call to whichever stream it is.
 macro_rules! either {
     ($s:expr, $inner:ident => $e:expr) => {
