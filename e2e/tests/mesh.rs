@@ -68,6 +68,70 @@ fn only_hbone_between(raw: &[u8], packets: &str, client: &str, server: &str, sec
     }
 }
 
+/// A sidecar's metrics as Prometheus scrapes them: from outside its pod, at the port the
+/// injector annotates.
+async fn scrape(ip: &str) -> String {
+    let url = format!("http://{ip}:15020/stats/prometheus");
+    client().get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// The value of the first `name` series whose labels include every one of `labels`.
+fn series(text: &str, name: &str, labels: &[String]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|l| l.starts_with('{')))
+        .filter(|l| labels.iter().all(|f| l.contains(f.as_str())))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// After A sent B 16,000 bytes of raw TCP over HBONE: B's sidecar counts the connection and,
+/// in Istio's standard TCP metrics, who called (A's workload and identity, over mTLS) and the
+/// bytes received from it; A's reports the same connection as its source, by the Service called.
+async fn who_talks_to_whom_is_scraped(a_ip: &str, b_ip: &str, a_id: &str) {
+    let b = scrape(b_ip).await;
+    let hbone = ["direction=\"inbound\",path=\"hbone\"".to_string()];
+    assert!(
+        series(&b, "ferrum_mesh_connections_total", &hbone).is_some_and(|n| n > 0),
+        "{b}"
+    );
+    let label = |k: &str, v: &str| format!("{k}=\"{v}\"");
+    let b_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-b");
+    let (a_side, b_side) = (
+        [
+            label("source_workload", "a-1"),
+            label("source_workload_namespace", NS),
+            label("source_principal", a_id),
+        ],
+        [
+            label("destination_workload", "b-1"),
+            label("destination_principal", &b_id),
+        ],
+    );
+    let mtls = label("connection_security_policy", "mutual_tls");
+    let mut from_a = vec![
+        label("reporter", "destination"),
+        label("source_canonical_service", "a"),
+        mtls.clone(),
+    ];
+    from_a.extend(a_side.iter().chain(&b_side).cloned());
+    let received = series(&b, "istio_tcp_received_bytes_total", &from_a);
+    assert!(received.is_some_and(|n| n >= 16_000), "{received:?}\n{b}");
+    assert!(
+        series(&b, "istio_tcp_connections_opened_total", &from_a).is_some_and(|n| n > 0),
+        "{b}"
+    );
+
+    let a = scrape(a_ip).await;
+    let service = format!("svc-b.{NS}.svc.cluster.local");
+    let mut to_b = vec![
+        label("reporter", "source"),
+        label("destination_service", &service),
+        mtls,
+    ];
+    to_b.extend(a_side.iter().chain(&b_side).cloned());
+    let sent = series(&a, "istio_tcp_received_bytes_total", &to_b);
+    assert!(sent.is_some_and(|n| n >= 16_000), "{sent:?}\n{a}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
     let mut w = two_pods(&[], &[]).await;
@@ -95,67 +159,7 @@ async fn two_pods_talk_mtls_over_hbone_and_nothing_else_crosses() {
         w.pods[1].sidecar_log().contains(&a_id)
     })
     .await;
-    // Prometheus scrapes B's sidecar from outside the pod, at the port the injector annotates.
-    let scraped = client()
-        .get(format!("http://{b_ip}:15020/stats/prometheus"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let inbound = "ferrum_mesh_connections_total{direction=\"inbound\",path=\"hbone\"} ";
-    assert!(
-        scraped
-            .lines()
-            .any(|l| l.strip_prefix(inbound).is_some_and(|n| n != "0")),
-        "{scraped}"
-    );
-    // Istio's standard TCP metrics say who called: A's workload and identity, over mTLS, with
-    // the raw TCP payload among the bytes B received from it.
-    let from_a = [
-        "reporter=\"destination\"".to_string(),
-        "source_workload=\"a-1\"".into(),
-        format!("source_workload_namespace=\"{NS}\""),
-        format!("source_principal=\"{a_id}\""),
-        "source_canonical_service=\"a\"".into(),
-        "destination_workload=\"b-1\"".into(),
-        format!("destination_principal=\"spiffe://cluster.local/ns/{NS}/sa/sa-b\""),
-        "connection_security_policy=\"mutual_tls\"".into(),
-    ];
-    let received = scraped
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{") && from_a.iter().all(|f| l.contains(f.as_str())))
-        .find_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
-    assert!(received.is_some_and(|n| n >= 16_000), "{received:?}\n{scraped}");
-    assert!(
-        scraped.contains("istio_tcp_connections_opened_total{reporter=\"destination\""),
-        "{scraped}"
-    );
-    // And A's sidecar reports the same connections as their source, by the Service it called.
-    let scraped_a = client()
-        .get(format!("http://{a_ip}:15020/stats/prometheus"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let to_b = [
-        "reporter=\"source\"".to_string(),
-        "source_workload=\"a-1\"".into(),
-        format!("source_principal=\"{a_id}\""),
-        "destination_workload=\"b-1\"".into(),
-        format!("destination_principal=\"spiffe://cluster.local/ns/{NS}/sa/sa-b\""),
-        format!("destination_service=\"svc-b.{NS}.svc.cluster.local\""),
-        "destination_service_name=\"svc-b\"".into(),
-        "connection_security_policy=\"mutual_tls\"".into(),
-    ];
-    let sent = scraped_a
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_received_bytes_total{") && to_b.iter().all(|f| l.contains(f.as_str())))
-        .find_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
-    assert!(sent.is_some_and(|n| n >= 16_000), "{sent:?}\n{scraped_a}");
+    who_talks_to_whom_is_scraped(a_ip, b_ip, &a_id).await;
 
     // The HBONE port itself, as other clients see it.
     let hbone: std::net::SocketAddr = format!("{b_ip}:15008").parse().unwrap();
