@@ -20,7 +20,7 @@ use ferrum_snapshot::mesh::{MeshService, Workload};
 
 /// Distinct peers kept at most; past it, new ones are counted as `unknown` (a bound on memory
 /// and on the scrape, whatever the peers).
-const MAX_CALLERS: usize = 4096;
+const MAX_PEERS: usize = 4096;
 
 /// Which end of the connection this proxy is, as Istio's `reporter` label says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -158,7 +158,7 @@ fn service_labels(s: Option<&MeshService>, out: &mut Vec<(String, String)>) {
     out.push(("destination_service_namespace".into(), ns.into()));
 }
 
-/// A caller's connections: opened, closed, and bytes received from it and sent to it.
+/// A peer's connections: opened, closed, and bytes received (client to server) and sent.
 #[derive(Debug, Default)]
 pub struct Counts {
     opened: AtomicU64,
@@ -183,7 +183,7 @@ impl Drop for Open {
     }
 }
 
-/// One caller's labels (Istio's names) and its four counts: opened, closed, received, sent.
+/// One peer's labels (Istio's names) and its four counts: opened, closed, received, sent.
 pub type Sample = (Vec<(String, String)>, [u64; 4]);
 
 /// Connections by peer.
@@ -200,7 +200,7 @@ impl std::fmt::Debug for Peers {
 
 #[derive(Default)]
 struct Inner {
-    callers: HashMap<Peer, Arc<Counts>>,
+    peers: HashMap<Peer, Arc<Counts>>,
     /// This workload, as the snapshot (of the version noted) and its certificate say it.
     own: Option<(u64, Party)>,
 }
@@ -252,15 +252,15 @@ impl Peers {
         {
             inner.own = Some((version, own()));
         }
-        if inner.callers.len() >= MAX_CALLERS && !inner.callers.contains_key(&peer) {
+        if inner.peers.len() >= MAX_PEERS && !inner.peers.contains_key(&peer) {
             peer = Peer::unknown(peer.reporter);
         }
-        let counts = inner.callers.entry(peer).or_default().clone();
+        let counts = inner.peers.entry(peer).or_default().clone();
         counts.opened.fetch_add(1, Relaxed);
         Open(counts)
     }
 
-    /// Each caller's labels (Istio's names) with its four counts: opened, closed, received,
+    /// Each peer's labels (Istio's names) with its four counts: opened, closed, received,
     /// sent.
     pub fn samples(&self) -> Vec<Sample> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -268,7 +268,7 @@ impl Peers {
             return Vec::new();
         };
         inner
-            .callers
+            .peers
             .iter()
             .map(|(peer, c)| {
                 let other = Party::of(peer.workload.as_deref(), peer.principal.as_ref());
@@ -427,15 +427,15 @@ mod tests {
     }
 
     #[test]
-    fn callers_past_the_bound_are_unknown() {
+    fn peers_past_the_bound_are_unknown() {
         let peers = Peers::default();
         let own = || Party::of(None, None);
         let mut open = Vec::new();
-        for i in 0..MAX_CALLERS + 10 {
+        for i in 0..MAX_PEERS + 10 {
             open.push(peers.inbound(Some(Arc::new(pod(&format!("p-{i}"), &[]))), None, 1, own));
         }
         let samples = peers.samples();
-        assert_eq!(samples.len(), MAX_CALLERS + 1);
+        assert_eq!(samples.len(), MAX_PEERS + 1);
         let unknown = samples
             .iter()
             .find(|(l, _)| l.iter().any(|(k, v)| k == "source_workload" && v == "unknown"))
