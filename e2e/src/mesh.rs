@@ -3,6 +3,7 @@
 //! --mode sidecar` running as UID 1337; the API emulator (answering TokenReviews) and the
 //! operator (snapshot + CA) run on the host, reachable from the pods at the bridge's address.
 
+use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -43,11 +44,11 @@ class H(BaseHTTPRequestHandler):
         self.do_GET()
     def log_message(self, *a):
         pass
+l = socket.socket(socket.AF_INET6); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+# A backlog no test's burst overflows: a dropped SYN is retried only after 1 s, then 3 s.
+l.bind(("::", 9000)); l.listen(1024)
 def echo():
-    l = socket.socket(socket.AF_INET6); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    # A backlog no test's burst overflows: a dropped SYN is retried only after 1 s, then 3 s.
-    l.bind(("::", 9000)); l.listen(1024)
     while True:
         c, _ = l.accept()
         def pump(c=c):
@@ -64,7 +65,9 @@ class Dual(ThreadingHTTPServer):
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
-Dual(("::", 8080), H).serve_forever()
+http = Dual(("::", 8080), H)
+print("listening", flush=True)
+http.serve_forever()
 "#;
 
 pub struct Pod {
@@ -296,11 +299,18 @@ impl World {
 
     pub fn app(&mut self, i: usize) {
         let p = &mut self.pods[i];
-        let child =
+        let mut child =
             p.ns.cmd(&["python3", "-c", APP, &p.name])
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
+        // Up only once both ports listen: a test that calls the moment the sidecars are ready
+        // must not find the app still starting (a refused call is retried on another pod).
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening", "the app of {} started", p.name);
         p.app = Some(Proc(child));
     }
 
