@@ -17,26 +17,86 @@ use prometheus_client::metrics::MetricType;
 
 use crate::upstream::UpstreamError;
 
-/// Upper bounds in microseconds.
-const BUCKETS_US: [u64; 14] = [
-    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 10_000_000,
-];
+/// A histogram's bucket bounds (microseconds) and the unit its samples are shown in.
+pub struct Scale {
+    bounds_us: &'static [u64],
+    /// Microseconds in one unit of the exposed values.
+    unit_us: f64,
+}
 
-#[derive(Default)]
+/// Ours: seconds.
+pub const SECONDS: Scale = Scale {
+    bounds_us: &[
+        250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+        10_000_000,
+    ],
+    unit_us: 1e6,
+};
+
+/// Istio's (Envoy's default buckets), in milliseconds.
+pub const MILLISECONDS: Scale = Scale {
+    bounds_us: &[
+        500,
+        1_000,
+        5_000,
+        10_000,
+        25_000,
+        50_000,
+        100_000,
+        250_000,
+        500_000,
+        1_000_000,
+        2_500_000,
+        5_000_000,
+        10_000_000,
+        30_000_000,
+        60_000_000,
+        300_000_000,
+        600_000_000,
+        1_800_000_000,
+        3_600_000_000,
+    ],
+    unit_us: 1e3,
+};
+
+/// The most buckets of any [`Scale`].
+const MAX_BUCKETS: usize = 19;
+
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS_US.len()],
+    scale: &'static Scale,
+    buckets: [AtomicU64; MAX_BUCKETS],
     count: AtomicU64,
     sum_us: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&SECONDS)
+    }
+}
+
 impl Histogram {
+    pub fn new(scale: &'static Scale) -> Self {
+        debug_assert!(scale.bounds_us.len() <= MAX_BUCKETS);
+        Histogram {
+            scale,
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
         let us = d.as_micros() as u64;
-        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+        if let Some(i) = self.scale.bounds_us.iter().position(|b| us <= *b) {
             self.buckets[i].fetch_add(1, Relaxed);
         }
         self.count.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
     }
 }
 
@@ -236,14 +296,18 @@ fn family<'a, L: EncodeLabelSet + 'a>(
 }
 
 impl Histogram {
-    fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
-        let buckets: Vec<(f64, u64)> = BUCKETS_US
-            .iter()
+    pub fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
+        let unit = self.scale.unit_us;
+        let mut buckets: Vec<(f64, u64)> = (self.scale.bounds_us.iter())
             .zip(&self.buckets)
-            .map(|(b, c)| (*b as f64 / 1e6, c.load(Relaxed)))
+            .map(|(b, c)| (*b as f64 / unit, c.load(Relaxed)))
             .collect();
-        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
-        m.encode_histogram::<NoLabelSet>(sum, self.count.load(Relaxed), &buckets, None)
+        // Prometheus needs `le="+Inf"` (histogram_quantile is NaN without it): what no bound held.
+        let count = self.count.load(Relaxed);
+        let bounded: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::INFINITY, count.saturating_sub(bounded)));
+        let sum = self.sum_us.load(Relaxed) as f64 / unit;
+        m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
 
@@ -635,6 +699,7 @@ mod tests {
         s.responses.record(200);
         s.responses.record(503);
         s.latency.observe(Duration::from_millis(3));
+        s.latency.observe(Duration::from_secs(20));
         r.cluster("c").error(UpstreamError::Timeout);
         let r = Arc::new(r);
         let text = r.render(
@@ -650,6 +715,10 @@ mod tests {
         assert!(text.contains("ferrum_route_requests_total{route=\"default/r/0/0\",code=\"5xx\"} 1"));
         assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.005\"} 1"));
         assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"0.0025\"} 0"));
+        // Past the last bound, only in +Inf (which the count matches, as Prometheus needs).
+        assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"10\"} 1"));
+        assert!(text.contains("ferrum_route_request_duration_seconds_bucket{route=\"default/r/0/0\",le=\"+Inf\"} 2"));
+        assert!(text.contains("ferrum_route_request_duration_seconds_count{route=\"default/r/0/0\"} 2"));
         assert!(text.contains("ferrum_cluster_upstream_errors_total{cluster=\"c\",reason=\"upstream_timeout\"} 1"));
         assert!(text.contains("ferrum_endpoint_healthy{cluster=\"c\",endpoint=\"1.2.3.4:80\"} 0"));
         // Label values are escaped (a DNS endpoint name is the user's text).
