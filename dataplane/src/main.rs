@@ -210,6 +210,12 @@ struct MeshArgs {
     /// `prometheus.io/*` annotations).
     #[arg(long, env = "FERRUM_APP_METRICS")]
     app_metrics: Option<String>,
+    /// Serve inbound HTTP request by request, so that each is counted by caller and response
+    /// code (`istio_requests_total`), as Istio's sidecar does. Without it, inbound HTTP is
+    /// relayed as a connection (counted in `istio_tcp_*` only) unless a policy, a JWT rule or
+    /// tracing needs its requests.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "FERRUM_REQUEST_METRICS")]
+    request_metrics: bool,
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     inbound_plaintext: bool,
@@ -246,6 +252,7 @@ impl MeshArgs {
             inbound: self.inbound_addr,
             hbone: self.hbone_addr,
             inbound_plaintext: self.inbound_plaintext,
+            request_metrics: self.request_metrics,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(self.tcp_idle_timeout),
             hbone_unused_release: Duration::from_secs(self.hbone_idle_timeout),

@@ -95,6 +95,7 @@ impl Histogram {
         self.sum_us.fetch_add(us, Relaxed);
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)
     }
@@ -264,6 +265,50 @@ impl std::fmt::Debug for Scrape {
 }
 
 type Fmt = std::fmt::Result;
+
+/// Istio's standard metrics, by peer: connections (TCP) and the requests served one by one.
+fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample]) -> Fmt {
+    let tcp = [("request_protocol", "tcp")];
+    let istio = [
+        ("istio_tcp_connections_opened", "Connections opened, by peer."),
+        ("istio_tcp_connections_closed", "Connections closed, by peer."),
+        ("istio_tcp_received_bytes", "Bytes received from the client, by peer."),
+        ("istio_tcp_sent_bytes", "Bytes sent to the client, by peer."),
+    ];
+    for (i, (name, help)) in istio.into_iter().enumerate() {
+        let samples = (peers.iter()).map(|p| ((p.labels.as_slice(), tcp), p.connections()[i] as i64));
+        family(enc, name, help, MetricType::Counter, samples)?;
+    }
+    let requests = || {
+        peers.iter().flat_map(|p| {
+            p.requests().map(move |(protocol, code, n, took)| {
+                let labels = [
+                    ("request_protocol", protocol.to_string()),
+                    ("response_code", code),
+                    ("response_flags", "-".to_string()),
+                ];
+                ((p.labels.as_slice(), labels), n, took)
+            })
+        })
+    };
+    family(
+        enc,
+        "istio_requests",
+        "Requests, by peer and response code.",
+        MetricType::Counter,
+        requests().map(|(labels, n, _)| (labels, n as i64)),
+    )?;
+    let mut m = enc.encode_descriptor(
+        "istio_request_duration_milliseconds",
+        "Time to the response's head, by peer and response code.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (labels, _, took) in requests() {
+        took.encode(&mut m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
 /// One per-cluster sample's value.
 type ClusterValue = fn(&ClusterStats) -> i64;
 
@@ -296,7 +341,7 @@ fn family<'a, L: EncodeLabelSet + 'a>(
 }
 
 impl Histogram {
-    pub fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
+    fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
         let unit = self.scale.unit_us;
         let mut buckets: Vec<(f64, u64)> = (self.scale.bounds_us.iter())
             .zip(&self.buckets)
@@ -566,22 +611,11 @@ impl Scrape {
                 ([("direction", "back")], m.bytes_back.load(Relaxed) as i64),
             ],
         )?;
-        // Istio's standard TCP metrics, by caller, as the destination reports them.
         let peers = m.peers.samples();
         if peers.is_empty() {
             return Ok(());
         }
-        let istio = [
-            ("istio_tcp_connections_opened", "Inbound connections opened, by caller."),
-            ("istio_tcp_connections_closed", "Inbound connections closed, by caller."),
-            ("istio_tcp_received_bytes", "Bytes received from callers."),
-            ("istio_tcp_sent_bytes", "Bytes sent to callers."),
-        ];
-        for (i, (name, help)) in istio.into_iter().enumerate() {
-            let samples = peers.iter().map(|(labels, n)| (labels.as_slice(), n[i] as i64));
-            family(enc, name, help, MetricType::Counter, samples)?;
-        }
-        Ok(())
+        encode_istio(enc, &peers)
     }
 
     fn encode_clusters(&self, enc: &mut DescriptorEncoder) -> Fmt {

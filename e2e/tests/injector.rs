@@ -337,6 +337,7 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
             &format!("{host}:{ca}"),
             "--ca-server-name",
             &host,
+            "--proxy-request-metrics",
         ],
     );
     let client = api_server_client(&w.cluster, &inj).await;
@@ -477,6 +478,14 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
         "{url}: {text}"
     );
     assert!(text.contains("hello from b-1: /app-metrics"), "{url}: {text}");
+    // The injector asked for request metrics: A's calls are counted by caller and code.
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("istio_requests_total{reporter=\"destination\",source_workload=\"a-1\"")
+                && l.contains("response_code=\"200\"")
+        ),
+        "{url}: {text}"
+    );
     // Logged as the tunnel opens, before B's app answers; written by another process, so read
     // until it shows.
     let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");

@@ -541,6 +541,83 @@ async fn http_policies_are_enforced_per_request() {
     assert!(!echo_through(&w), "an ALLOW on HTTP fields cannot match TCP: refused");
     let log = w.pods[1].sidecar_log();
     assert!(log.contains("request denied") && log.contains("/private"), "{log}");
+    // Requests judged one by one are counted by caller and code, the denied ones as 403.
+    let b = scrape(&w.pods[1].ip).await;
+    let code = |c: &str| {
+        let labels = [
+            "reporter=\"destination\"",
+            "source_workload=\"a-1\"",
+            "destination_workload=\"b-1\"",
+            &format!("response_code=\"{c}\""),
+        ];
+        series(&b, "istio_requests_total", &labels.map(String::from))
+    };
+    assert!(code("403").is_some_and(|n| n >= 5), "{b}");
+    assert!(code("200").is_some_and(|n| n >= 3), "{b}");
+}
+
+/// With `--request-metrics` and no policy that looks at requests, B's sidecar still serves
+/// inbound HTTP request by request, so Prometheus reads requests by caller and response code —
+/// the app's own 501 among them — and how long they took, as from Istio's sidecars; raw TCP on
+/// another port is relayed as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_by_caller_and_response_code() {
+    let w = two_pods(&[], &["--request-metrics", "true"]).await;
+    until_routed(&w).await;
+    let code_of = |method: &str| {
+        let (_, out) = w.pods[0].curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "--resolve",
+            &format!("svc-b.{NS}.svc:80:{VIP}"),
+            &format!("http://svc-b.{NS}.svc/counted"),
+        ]);
+        out
+    };
+    for _ in 0..4 {
+        assert_eq!(code_of("GET"), "200");
+    }
+    assert_eq!(code_of("PUT"), "501", "the app does not do PUT");
+    assert!(echo_through(&w), "raw TCP is relayed");
+    let b = scrape(&w.pods[1].ip).await;
+    let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
+    let labels = |code: &str| {
+        [
+            "reporter=\"destination\"".to_string(),
+            "source_workload=\"a-1\"".into(),
+            format!("source_principal=\"{a_id}\""),
+            "destination_workload=\"b-1\"".into(),
+            "connection_security_policy=\"mutual_tls\"".into(),
+            "request_protocol=\"http\"".into(),
+            format!("response_code=\"{code}\""),
+        ]
+    };
+    // The warm-up's calls are counted too.
+    let ok = series(&b, "istio_requests_total", &labels("200"));
+    assert!(ok.is_some_and(|n| n >= 4), "{ok:?}\n{b}");
+    assert_eq!(series(&b, "istio_requests_total", &labels("501")), Some(1), "{b}");
+    let timed = series(&b, "istio_request_duration_milliseconds_count", &labels("200"));
+    assert_eq!(timed, ok, "each request timed");
+    let mut inf = labels("501").to_vec();
+    inf.push("le=\"+Inf\"".into());
+    assert_eq!(
+        series(&b, "istio_request_duration_milliseconds_bucket", &inf),
+        Some(1),
+        "{b}"
+    );
+    let echoed = [
+        "reporter=\"destination\"".to_string(),
+        "source_workload=\"a-1\"".into(),
+        "request_protocol=\"tcp\"".into(),
+    ];
+    assert!(
+        series(&b, "istio_tcp_received_bytes_total", &echoed).is_some_and(|n| n >= 4),
+        "{b}"
+    );
 }
 
 /// Pods A (meshed) and C (unmeshed) and B, whose app is Hypercorn (answering `<HTTP version>

@@ -45,6 +45,9 @@ const PROXY_CPU_LIMIT: &str = "ferrum.dev/proxy-cpu-limit";
 const PROXY_MEMORY_LIMIT: &str = "ferrum.dev/proxy-memory-limit";
 /// What the sidecar does with `%2F` and `%5C` in request paths (ferrum-dp's `--escaped-slashes`).
 const ESCAPED_SLASHES: &str = "ferrum.dev/escaped-slashes";
+/// `"true"` or `"false"`: the sidecar counts each inbound HTTP request (`istio_requests_total`),
+/// overriding the injector's `--proxy-request-metrics`.
+const REQUEST_METRICS: &str = "ferrum.dev/request-metrics";
 /// Prometheus's scrape annotations: pointed at the sidecar's `/stats/prometheus`, which serves
 /// the proxy's metrics and then the app's (Istio's metrics merging).
 const SCRAPE: &str = "prometheus.io/scrape";
@@ -89,6 +92,8 @@ pub struct Template {
     /// they sample; no tracing without an endpoint.
     pub otlp_endpoint: Option<String>,
     pub trace_sampling: Option<String>,
+    /// Sidecars serve inbound HTTP request by request, each counted (`istio_requests_total`).
+    pub request_metrics: bool,
 }
 
 /// Why a pod is left as it is.
@@ -365,6 +370,22 @@ fn escaped_slashes(a: &BTreeMap<String, String>) -> Result<Option<EnvVar>, BadAn
     }
 }
 
+/// The sidecar's `FERRUM_REQUEST_METRICS`: the pod's annotation, else the injector's setting.
+fn request_metrics(t: &Template, a: &BTreeMap<String, String>) -> Result<Option<EnvVar>, BadAnnotation> {
+    let on = match a.get(REQUEST_METRICS).map(String::as_str) {
+        None => t.request_metrics,
+        Some("true") => true,
+        Some("false") => false,
+        Some(v) => {
+            return Err(BadAnnotation {
+                key: REQUEST_METRICS.into(),
+                reason: format!("{v:?} is not true or false"),
+            });
+        }
+    };
+    Ok(on.then(|| env("FERRUM_REQUEST_METRICS", "true")))
+}
+
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -428,6 +449,7 @@ fn proxy_container(t: &Template, a: &BTreeMap<String, String>) -> Result<Contain
             )
             .chain(t.trace_sampling.as_deref().map(|r| env("FERRUM_TRACE_SAMPLING", r)))
             .chain(escaped_slashes(a)?)
+            .chain(request_metrics(t, a)?)
             .collect(),
         ),
         ports: Some(vec![port("hbone", 15008), port("health", READY_PORT)]),

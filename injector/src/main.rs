@@ -74,6 +74,11 @@ struct Args {
     /// Share of new traces the sidecars sample (0 to 1).
     #[arg(long)]
     proxy_trace_sampling: Option<f64>,
+    /// Sidecars count each inbound HTTP request by caller and response code
+    /// (`istio_requests_total`), serving inbound HTTP request by request as Istio's do; a pod's
+    /// `ferrum.dev/request-metrics` annotation overrides it.
+    #[arg(long)]
+    proxy_request_metrics: bool,
 }
 
 impl Args {
@@ -94,6 +99,7 @@ impl Args {
             memory_limit: self.proxy_memory_limit.clone(),
             otlp_endpoint: self.proxy_otlp_endpoint.clone(),
             trace_sampling: self.proxy_trace_sampling.map(|r| r.to_string()),
+            request_metrics: self.proxy_request_metrics,
         }
     }
 }

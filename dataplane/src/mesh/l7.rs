@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
@@ -335,6 +335,8 @@ pub struct Conn {
     /// Where the app listens, to dial it again, and how long a dial may take.
     pub app: SocketAddr,
     pub connect_timeout: Duration,
+    /// Where each request is counted, by the caller's.
+    pub calls: super::peers::Calls,
 }
 
 /// One request: checked as the gateway checks a head (so the policy judges the path the app
@@ -440,17 +442,18 @@ where
         let (app, judge, conn) = (app.clone(), judge.clone(), conn.clone());
         // Boxed: the server counts HTTP/2 streams around a future it can move.
         Box::pin(async move {
-            let Some(span) = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server) else {
-                return answer(req, &app, &*judge, &conn).await;
-            };
-            let mut entry = Entry::of(&req, conn.client, "inbound");
-            let resp = answer(req, &app, &*judge, &conn).await;
-            if let Ok(r) = &resp {
-                entry.respond(r);
+            let started = Instant::now();
+            let grpc = crate::proxy::is_grpc(&req);
+            let traced = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server);
+            let entry = traced.as_ref().map(|_| Entry::of(&req, conn.client, "inbound"));
+            let Ok(resp) = answer(req, &app, &*judge, &conn).await;
+            conn.calls.record(resp.status().as_u16(), grpc, started.elapsed());
+            if let (Some(span), Some(mut entry)) = (traced, entry) {
+                entry.respond(&resp);
+                entry.complete = true;
+                span.end(&entry);
             }
-            entry.complete = true;
-            span.end(&entry);
-            resp
+            Ok::<_, Infallible>(resp)
         })
     });
     let served = server
@@ -541,14 +544,26 @@ mod tests {
     }
 
     async fn judging_with(app: SocketAddr, http: HttpVersion, limits: crate::limits::Limits) -> SocketAddr {
+        sidecar(app, http, limits).await.0
+    }
+
+    /// [`judging_with`], and the sidecar's metrics (each connection from an unknown caller).
+    async fn sidecar(
+        app: SocketAddr,
+        http: HttpVersion,
+        limits: crate::limits::Limits,
+    ) -> (SocketAddr, Arc<crate::telemetry::Registry>) {
         let sidecar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = sidecar.local_addr().unwrap();
         let shared = crate::dataplane::Dataplane::new(limits, vec![]).shared.clone();
+        let registry = shared.registry.clone();
         let server = Arc::new(crate::listener::Http::new(&shared.limits));
         let stop = tokio::sync::watch::channel(false).0;
         tokio::spawn(async move {
             while let Ok((s, client)) = sidecar.accept().await {
                 let stream = TcpStream::connect(app).await.unwrap();
+                let own = || crate::mesh::peers::Party::of(None, None);
+                let open = shared.registry.mesh.peers.inbound(None, None, 1, own);
                 let conn = Conn {
                     shared: shared.clone(),
                     client,
@@ -557,6 +572,7 @@ mod tests {
                     stop: stop.subscribe(),
                     app,
                     connect_timeout: Duration::from_secs(1),
+                    calls: open.calls(),
                 };
                 let judge = |p: &mut http::request::Parts| {
                     if p.uri.path() == "/blocked" {
@@ -565,10 +581,13 @@ mod tests {
                         Verdict::Allow
                     }
                 };
-                tokio::spawn(serve(s, http, stream, judge, conn));
+                tokio::spawn(async move {
+                    serve(s, http, stream, judge, conn).await;
+                    drop(open);
+                });
             }
         });
-        addr
+        (addr, registry)
     }
 
     /// The app closes each connection 200 ms after accepting it, as apps close idle keep-alives;
@@ -649,6 +668,69 @@ mod tests {
             let dials = accepted.load(std::sync::atomic::Ordering::Relaxed);
             assert!(dials >= 2, "{http:?}: the app was dialled {dials} times");
         }
+    }
+
+    /// Each request is counted for its caller in Istio's request metrics, by the code the
+    /// client got — the app's, or the sidecar's own 403 — and gRPC calls apart.
+    #[tokio::test]
+    async fn each_request_is_counted_by_its_response_code() {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app_addr = app.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = app.accept().await {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    if req.uri().path() == "/missing" {
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, Infallible>(r)
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+            }
+        });
+        let (addr, registry) = sidecar(app_addr, HttpVersion::One, Default::default()).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        for (path, grpc) in [
+            ("/a", false),
+            ("/a", false),
+            ("/blocked", false),
+            ("/missing", false),
+            ("/s/M", true),
+        ] {
+            let mut req = Request::builder().uri(path).header(http::header::HOST, "app");
+            if grpc {
+                req = req
+                    .method("POST")
+                    .header(http::header::CONTENT_TYPE, "application/grpc");
+            }
+            let resp = send
+                .send_request(req.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+        let text = registry.render(vec![], &Default::default());
+        let count = |protocol: &str, code: &str| {
+            let labels = format!("request_protocol=\"{protocol}\",response_code=\"{code}\",response_flags=\"-\"}}");
+            text.lines()
+                .find(|l| l.starts_with("istio_requests_total{") && l.contains(&labels))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(count("http", "200"), Some(2), "{text}");
+        assert_eq!(count("http", "403"), Some(1), "{text}");
+        assert_eq!(count("http", "404"), Some(1), "{text}");
+        assert_eq!(count("grpc", "200"), Some(1), "{text}");
+        let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap();
+        assert!(
+            line.contains("reporter=\"destination\",source_workload=\"unknown\""),
+            "{line}"
+        );
+        assert!(
+            text.contains("istio_request_duration_milliseconds_bucket{") && text.contains("le=\"+Inf\"} 2"),
+            "{text}"
+        );
     }
 
     /// Hop-by-hop headers stop at the sidecar both ways, as at the gateway: the app gets none of

@@ -3,7 +3,8 @@
 //! `istio_tcp_sent_bytes_total`), for inbound connections by caller (`reporter="destination"`)
 //! and for outbound ones by the workload and Service reached (`reporter="source"`), labelled with
 //! each side's workload, namespace and SPIFFE ID, so that dashboards and graphs written for
-//! Istio read a Ferrum mesh.
+//! Istio read a Ferrum mesh. Requests the sidecar serves one by one are counted too, by response
+//! code (`istio_requests_total`, `istio_request_duration_milliseconds`).
 //!
 //! A workload's name is its controller's, as Istio reports it — found from its pod's labels,
 //! since the snapshot does not carry owners: a Deployment's pod `web-7d9f8c6b5-x2k4q` (label
@@ -12,11 +13,14 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::mesh::{MeshService, Workload};
+
+use crate::telemetry::{Histogram, MILLISECONDS};
 
 /// Distinct peers kept at most; past it, new ones are counted as `unknown` (a bound on memory
 /// and on the scrape, whatever the peers).
@@ -158,13 +162,53 @@ fn service_labels(s: Option<&MeshService>, out: &mut Vec<(String, String)>) {
     out.push(("destination_service_namespace".into(), ns.into()));
 }
 
-/// A peer's connections: opened, closed, and bytes received (client to server) and sent.
-#[derive(Debug, Default)]
+/// A peer's connections: opened, closed, and bytes received (client to server) and sent; and
+/// its requests, once it makes any.
+#[derive(Default)]
 pub struct Counts {
     opened: AtomicU64,
     closed: AtomicU64,
     received: AtomicU64,
     sent: AtomicU64,
+    requests: OnceLock<Box<Requests>>,
+}
+
+/// Distinct (response code, protocol) pairs counted apart per peer; the last slot counts the
+/// rest, as `response_code="other"` (a bound whatever the app answers).
+const CODES: usize = 16;
+/// The key of the slot past the bound.
+const OTHER: u32 = u32::MAX;
+
+/// One peer's requests by response code and protocol: lock-free, a slot claimed per pair.
+#[derive(Default)]
+struct Requests([Slot; CODES]);
+
+#[derive(Default)]
+struct Slot {
+    /// `code | grpc << 16`; 0 while free.
+    key: AtomicU32,
+    count: AtomicU64,
+    duration: OnceLock<Box<Histogram>>,
+}
+
+impl Requests {
+    fn slot(&self, key: u32) -> &Slot {
+        let (last, claimable) = self.0.split_last().expect("CODES > 0");
+        for slot in claimable {
+            let k = match slot.key.load(Relaxed) {
+                0 => match slot.key.compare_exchange(0, key, Relaxed, Relaxed) {
+                    Ok(_) => return slot,
+                    Err(k) => k,
+                },
+                k => k,
+            };
+            if k == key {
+                return slot;
+            }
+        }
+        last.key.store(OTHER, Relaxed);
+        last
+    }
 }
 
 /// An open connection: counted as closed when dropped, however it ends.
@@ -175,6 +219,26 @@ impl Open {
         self.0.received.fetch_add(received, Relaxed);
         self.0.sent.fetch_add(sent, Relaxed);
     }
+
+    /// Where this connection's requests are counted.
+    pub fn calls(&self) -> Calls {
+        Calls(self.0.clone())
+    }
+}
+
+/// A connection's requests, as its peer's.
+#[derive(Clone)]
+pub struct Calls(Arc<Counts>);
+
+impl Calls {
+    /// One request answered with `status` after `took` (to the response's head); `grpc` when
+    /// it was a gRPC call.
+    pub fn record(&self, status: u16, grpc: bool, took: Duration) {
+        let slot = (self.0.requests.get_or_init(Box::default)).slot(u32::from(status) | u32::from(grpc) << 16);
+        slot.count.fetch_add(1, Relaxed);
+        let duration = slot.duration.get_or_init(|| Box::new(Histogram::new(&MILLISECONDS)));
+        duration.observe(took);
+    }
 }
 
 impl Drop for Open {
@@ -183,8 +247,36 @@ impl Drop for Open {
     }
 }
 
-/// One peer's labels (Istio's names) and its four counts: opened, closed, received, sent.
-pub type Sample = (Vec<(String, String)>, [u64; 4]);
+/// One peer, as a scrape reads it.
+pub struct Sample {
+    /// Istio's labels for the peer and this workload (all but the protocol's and the response's).
+    pub labels: Vec<(String, String)>,
+    counts: Arc<Counts>,
+}
+
+impl Sample {
+    /// Its connections: opened, closed, bytes received and sent.
+    pub fn connections(&self) -> [u64; 4] {
+        let c = &self.counts;
+        [&c.opened, &c.closed, &c.received, &c.sent].map(|n| n.load(Relaxed))
+    }
+
+    /// Its requests: `request_protocol` (`http` or `grpc`), `response_code`, how many, and how
+    /// long they took.
+    pub fn requests(&self) -> impl Iterator<Item = (&'static str, String, u64, &Histogram)> {
+        let slots = self.counts.requests.get().map_or(&[][..], |r| &r.0[..]);
+        slots.iter().filter_map(|slot| {
+            let key = slot.key.load(Relaxed);
+            let duration = slot.duration.get()?;
+            let code = match key {
+                OTHER => "other".to_string(),
+                k => (k & 0xffff).to_string(),
+            };
+            let protocol = if key != OTHER && key >> 16 == 1 { "grpc" } else { "http" };
+            Some((protocol, code, slot.count.load(Relaxed), &**duration))
+        })
+    }
+}
 
 /// Connections by peer.
 #[derive(Default)]
@@ -260,8 +352,7 @@ impl Peers {
         Open(counts)
     }
 
-    /// Each peer's labels (Istio's names) with its four counts: opened, closed, received,
-    /// sent.
+    /// Each peer, labelled with Istio's names.
     pub fn samples(&self) -> Vec<Sample> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let Some((_, own)) = &inner.own else {
@@ -282,9 +373,10 @@ impl Peers {
                 service_labels(peer.service.as_deref(), &mut labels);
                 let security = if peer.principal.is_some() { "mutual_tls" } else { "none" };
                 labels.push(("connection_security_policy".into(), security.into()));
-                labels.push(("request_protocol".into(), "tcp".into()));
-                let counts = [&c.opened, &c.closed, &c.received, &c.sent].map(|n| n.load(Relaxed));
-                (labels, counts)
+                Sample {
+                    labels,
+                    counts: c.clone(),
+                }
             })
             .collect()
     }
@@ -359,11 +451,12 @@ mod tests {
         let samples = peers.samples();
         assert_eq!(samples.len(), 2);
         let label = |labels: &Vec<(String, String)>, k: &str| labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
-        let (mtls, counts) = samples
+        let mtls = samples
             .iter()
-            .find(|(l, _)| label(l, "connection_security_policy") == "mutual_tls")
+            .find(|s| label(&s.labels, "connection_security_policy") == "mutual_tls")
             .unwrap();
-        assert_eq!(*counts, [2, 1, 100, 2000]);
+        assert_eq!(mtls.connections(), [2, 1, 100, 2000]);
+        let mtls = &mtls.labels;
         assert_eq!(label(mtls, "reporter"), "destination");
         assert_eq!(label(mtls, "source_workload"), "web");
         assert_eq!(label(mtls, "source_workload_namespace"), "shop");
@@ -376,11 +469,12 @@ mod tests {
             label(mtls, "destination_principal"),
             "spiffe://cluster.local/ns/shop/sa/api"
         );
-        let (plain, counts) = samples
+        let plain = samples
             .iter()
-            .find(|(l, _)| label(l, "connection_security_policy") == "none")
+            .find(|s| label(&s.labels, "connection_security_policy") == "none")
             .unwrap();
-        assert_eq!(*counts, [1, 1, 0, 0]);
+        assert_eq!(plain.connections(), [1, 1, 0, 0]);
+        let plain = &plain.labels;
         assert_eq!(label(plain, "source_workload"), "unknown");
         assert_eq!(label(plain, "source_principal"), "unknown");
         drop(second);
@@ -403,11 +497,12 @@ mod tests {
         drop(external);
         let samples = peers.samples();
         let label = |labels: &Vec<(String, String)>, k: &str| labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
-        let (l, counts) = samples
+        let api = samples
             .iter()
-            .find(|(l, _)| label(l, "destination_workload") == "api-0")
+            .find(|s| label(&s.labels, "destination_workload") == "api-0")
             .unwrap();
-        assert_eq!(*counts, [1, 1, 10, 20]);
+        assert_eq!(api.connections(), [1, 1, 10, 20]);
+        let l = &api.labels;
         assert_eq!(label(l, "reporter"), "source");
         assert_eq!(label(l, "source_workload"), "web-1");
         assert_eq!(label(l, "destination_service"), "api.shop.svc.cluster.local");
@@ -418,12 +513,42 @@ mod tests {
             "spiffe://cluster.local/ns/shop/sa/api"
         );
         assert_eq!(label(l, "connection_security_policy"), "mutual_tls");
-        let (l, _) = samples
+        let l = &samples
             .iter()
-            .find(|(l, _)| label(l, "destination_workload") == "unknown")
-            .unwrap();
+            .find(|s| label(&s.labels, "destination_workload") == "unknown")
+            .unwrap()
+            .labels;
         assert_eq!(label(l, "destination_service"), "unknown");
         assert_eq!(label(l, "connection_security_policy"), "none");
+    }
+
+    #[test]
+    fn requests_are_counted_by_code_and_protocol_within_a_bound() {
+        let peers = Peers::default();
+        let open = peers.inbound(None, None, 1, || Party::of(None, None));
+        let calls = open.calls();
+        for _ in 0..3 {
+            calls.record(200, false, Duration::from_millis(3));
+        }
+        calls.record(403, false, Duration::from_micros(200));
+        calls.record(200, true, Duration::from_secs(2));
+        // More distinct codes than a peer keeps apart: the rest are "other".
+        for code in 500..520 {
+            calls.record(code, false, Duration::from_millis(1));
+        }
+        let samples = peers.samples();
+        let requests: Vec<_> = samples[0].requests().collect();
+        let find = |protocol: &str, code: &str| {
+            let (_, _, n, d) = requests.iter().find(|r| r.0 == protocol && r.1 == code).unwrap();
+            (*n, d.count())
+        };
+        assert_eq!(find("http", "200"), (3, 3));
+        assert_eq!(find("http", "403"), (1, 1));
+        assert_eq!(find("grpc", "200"), (1, 1));
+        assert_eq!(requests.len(), CODES);
+        let kept_apart = CODES - 1 - 3;
+        assert_eq!(find("http", "other").0, (20 - kept_apart) as u64);
+        assert_eq!(samples[0].connections(), [1, 0, 0, 0], "requests are not connections");
     }
 
     #[test]
@@ -438,8 +563,8 @@ mod tests {
         assert_eq!(samples.len(), MAX_PEERS + 1);
         let unknown = samples
             .iter()
-            .find(|(l, _)| l.iter().any(|(k, v)| k == "source_workload" && v == "unknown"))
+            .find(|s| s.labels.iter().any(|(k, v)| k == "source_workload" && v == "unknown"))
             .unwrap();
-        assert_eq!(unknown.1[0], 10);
+        assert_eq!(unknown.connections()[0], 10);
     }
 }

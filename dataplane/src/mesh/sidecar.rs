@@ -43,6 +43,8 @@ pub struct Settings {
     pub hbone: SocketAddr,
     /// PERMISSIVE (true) accepts plaintext on the inbound port; STRICT (false) refuses it.
     pub inbound_plaintext: bool,
+    /// Inbound HTTP is served request by request, each counted (`istio_requests_total`).
+    pub request_metrics: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// An HBONE connection to a peer proxy that carries no tunnel this long is closed.
@@ -103,6 +105,8 @@ pub struct App {
     http: Arc<listener::Http>,
     /// Set when the proxy drains.
     stop: watch::Receiver<bool>,
+    /// Inbound HTTP is always served request by request, for the request metrics.
+    request_metrics: bool,
 }
 
 /// Who is on the other end of an inbound connection, and where it goes.
@@ -196,10 +200,13 @@ impl App {
     }
 
     /// Whether HTTP requests must be seen, not just the connection: the policies look at
-    /// request fields or JWTs, or requests are traced.
+    /// request fields or JWTs, or requests are traced or counted.
     fn per_request(&self) -> bool {
         let cfg = self.dp.shared.config.load();
-        cfg.mesh.inbound.needs_http() || !cfg.mesh.authn.is_empty() || self.dp.shared.tracing.enabled()
+        self.request_metrics
+            || cfg.mesh.inbound.needs_http()
+            || !cfg.mesh.authn.is_empty()
+            || self.dp.shared.tracing.enabled()
     }
 
     /// Carries an allowed-so-far inbound stream to the app: judged per request when it speaks
@@ -226,6 +233,7 @@ impl App {
                     stop: self.stop.clone(),
                     app: self.dp.shared.config.load().mesh.deliver(c.destination),
                     connect_timeout: self.connect_timeout,
+                    calls: open.calls(),
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
@@ -371,6 +379,7 @@ impl Sidecar {
                 idle_timeout: settings.idle_timeout,
                 http: http.clone(),
                 stop: stop.subscribe(),
+                request_metrics: settings.request_metrics,
             }),
             http,
             stop,

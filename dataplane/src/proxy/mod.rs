@@ -530,7 +530,7 @@ fn grpc_error(code: u16, message: &'static str, reason: &'static str) -> Respons
 }
 
 /// Whether a request is a gRPC call (its errors are answered as gRPC statuses).
-fn is_grpc<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))

@@ -17,6 +17,7 @@ fn template() -> Template {
         memory_limit: Some("256Mi".into()),
         otlp_endpoint: None,
         trace_sampling: None,
+        request_metrics: false,
     }
 }
 
@@ -214,6 +215,36 @@ fn a_pod_can_keep_escaped_slashes_in_its_paths() {
     let e = env_of(Some("decode")).unwrap_err();
     assert_eq!(e.key, "ferrum.dev/escaped-slashes");
     assert!(e.reason.contains("reject, keep, unescape"), "{e}");
+}
+
+/// Request metrics are the injector's choice, which a pod's annotation overrides.
+#[test]
+fn a_pod_can_turn_request_metrics_on_or_off() {
+    let env_of = |on: bool, value: Option<&str>| {
+        let mut p = pod(APP);
+        if let Some(v) = value {
+            let a = p.metadata.annotations.get_or_insert_with(Default::default);
+            a.insert("ferrum.dev/request-metrics".into(), v.into());
+        }
+        let t = Template {
+            request_metrics: on,
+            ..template()
+        };
+        inject(&p, &t).map(|out| {
+            let spec = out.spec.unwrap();
+            let proxy = container(&spec.containers, PROXY).env.clone().unwrap_or_default();
+            proxy
+                .into_iter()
+                .find(|e| e.name == "FERRUM_REQUEST_METRICS")
+                .and_then(|e| e.value)
+        })
+    };
+    assert_eq!(env_of(false, None).unwrap(), None);
+    assert_eq!(env_of(true, None).unwrap().as_deref(), Some("true"));
+    assert_eq!(env_of(true, Some("false")).unwrap(), None, "the pod says no");
+    assert_eq!(env_of(false, Some("true")).unwrap().as_deref(), Some("true"));
+    let e = env_of(false, Some("yes")).unwrap_err();
+    assert_eq!(e.key, "ferrum.dev/request-metrics");
 }
 
 /// Prometheus scrapes the sidecar's merged `/stats/prometheus` (Istio's metrics merging): a pod
