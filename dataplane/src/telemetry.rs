@@ -17,25 +17,25 @@ use prometheus_client::metrics::MetricType;
 
 use crate::upstream::UpstreamError;
 
-/// A histogram's bucket bounds (microseconds) and the unit its samples are shown in.
+/// A histogram's bucket bounds, in what it records (microseconds for a duration), and how many
+/// of those make one unit of the values shown.
 pub struct Scale {
-    bounds_us: &'static [u64],
-    /// Microseconds in one unit of the exposed values.
-    unit_us: f64,
+    bounds: &'static [u64],
+    per_unit: f64,
 }
 
 /// Ours: seconds.
 pub const SECONDS: Scale = Scale {
-    bounds_us: &[
+    bounds: &[
         250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
         10_000_000,
     ],
-    unit_us: 1e6,
+    per_unit: 1e6,
 };
 
 /// Istio's (Envoy's default buckets), in milliseconds.
 pub const MILLISECONDS: Scale = Scale {
-    bounds_us: &[
+    bounds: &[
         500,
         1_000,
         5_000,
@@ -56,7 +56,24 @@ pub const MILLISECONDS: Scale = Scale {
         1_800_000_000,
         3_600_000_000,
     ],
-    unit_us: 1e3,
+    per_unit: 1e3,
+};
+
+/// Sizes: bytes, by powers of ten (Istio's request and response sizes).
+pub const BYTES: Scale = Scale {
+    bounds: &[
+        1,
+        10,
+        100,
+        1_000,
+        10_000,
+        100_000,
+        1_000_000,
+        10_000_000,
+        100_000_000,
+        1_000_000_000,
+    ],
+    per_unit: 1.0,
 };
 
 /// The most buckets of any [`Scale`].
@@ -66,7 +83,7 @@ pub struct Histogram {
     scale: &'static Scale,
     buckets: [AtomicU64; MAX_BUCKETS],
     count: AtomicU64,
-    sum_us: AtomicU64,
+    sum: AtomicU64,
 }
 
 impl Default for Histogram {
@@ -77,22 +94,26 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn new(scale: &'static Scale) -> Self {
-        debug_assert!(scale.bounds_us.len() <= MAX_BUCKETS);
+        debug_assert!(scale.bounds.len() <= MAX_BUCKETS);
         Histogram {
             scale,
             buckets: Default::default(),
             count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
         }
     }
 
+    /// A duration, on a scale of microseconds.
     pub fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        if let Some(i) = self.scale.bounds_us.iter().position(|b| us <= *b) {
+        self.record(d.as_micros() as u64);
+    }
+
+    pub fn record(&self, v: u64) {
+        if let Some(i) = self.scale.bounds.iter().position(|b| v <= *b) {
             self.buckets[i].fetch_add(1, Relaxed);
         }
         self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
     }
 
     #[cfg(test)]
@@ -268,6 +289,7 @@ type Fmt = std::fmt::Result;
 
 /// Istio's standard metrics, by peer: connections (TCP) and the requests served one by one.
 fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample]) -> Fmt {
+    use crate::mesh::peers::RequestSample;
     let tcp = [("request_protocol", "tcp")];
     let istio = [
         ("istio_tcp_connections_opened", "Connections opened, by peer."),
@@ -281,13 +303,16 @@ fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample
     }
     let requests = || {
         peers.iter().flat_map(|p| {
-            p.requests().map(move |(protocol, code, n, took)| {
-                let labels = [
-                    ("request_protocol", protocol.to_string()),
-                    ("response_code", code),
-                    ("response_flags", "-".to_string()),
+            p.requests().map(move |r| {
+                let mut labels = vec![
+                    ("request_protocol", r.protocol.to_string()),
+                    ("response_code", r.code.clone()),
                 ];
-                ((p.labels.as_slice(), labels), n, took)
+                if let Some(status) = r.grpc_status {
+                    labels.push(("grpc_response_status", status.to_string()));
+                }
+                labels.push(("response_flags", "-".to_string()));
+                ((p.labels.as_slice(), labels), r)
             })
         })
     };
@@ -296,16 +321,31 @@ fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample
         "istio_requests",
         "Requests, by peer and response code.",
         MetricType::Counter,
-        requests().map(|(labels, n, _)| (labels, n as i64)),
+        requests().map(|(labels, r)| (labels, r.count as i64)),
     )?;
-    let mut m = enc.encode_descriptor(
-        "istio_request_duration_milliseconds",
-        "Time to the response's head, by peer and response code.",
-        None,
-        MetricType::Histogram,
-    )?;
-    for (labels, _, took) in requests() {
-        took.encode(&mut m.encode_family(&labels)?)?;
+    type Measure = for<'a> fn(&'a RequestSample<'a>) -> &'a Histogram;
+    let histograms: [(&str, &str, Measure); 3] = [
+        (
+            "istio_request_duration_milliseconds",
+            "Time from the request's head to the response's end, by peer and response code.",
+            |r| r.duration,
+        ),
+        (
+            "istio_request_bytes",
+            "Request body sizes, by peer and response code.",
+            |r| r.request_bytes,
+        ),
+        (
+            "istio_response_bytes",
+            "Response body sizes, by peer and response code.",
+            |r| r.response_bytes,
+        ),
+    ];
+    for (name, help, measure) in histograms {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, r) in requests() {
+            measure(&r).encode(&mut m.encode_family(&labels)?)?;
+        }
     }
     Ok(())
 }
@@ -342,8 +382,8 @@ fn family<'a, L: EncodeLabelSet + 'a>(
 
 impl Histogram {
     fn encode(&self, m: &mut MetricEncoder<'_>) -> Fmt {
-        let unit = self.scale.unit_us;
-        let mut buckets: Vec<(f64, u64)> = (self.scale.bounds_us.iter())
+        let unit = self.scale.per_unit;
+        let mut buckets: Vec<(f64, u64)> = (self.scale.bounds.iter())
             .zip(&self.buckets)
             .map(|(b, c)| (*b as f64 / unit, c.load(Relaxed)))
             .collect();
@@ -351,7 +391,7 @@ impl Histogram {
         let count = self.count.load(Relaxed);
         let bounded: u64 = buckets.iter().map(|(_, n)| n).sum();
         buckets.push((f64::INFINITY, count.saturating_sub(bounded)));
-        let sum = self.sum_us.load(Relaxed) as f64 / unit;
+        let sum = self.sum.load(Relaxed) as f64 / unit;
         m.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }

@@ -583,7 +583,6 @@ async fn requests_are_counted_by_caller_and_response_code() {
     }
     assert_eq!(code_of("PUT"), "501", "the app does not do PUT");
     assert!(echo_through(&w), "raw TCP is relayed");
-    let b = scrape(&w.pods[1].ip).await;
     let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
     let labels = |code: &str| {
         [
@@ -596,12 +595,29 @@ async fn requests_are_counted_by_caller_and_response_code() {
             format!("response_code=\"{code}\""),
         ]
     };
+    // Counted as each response ends, which the client may see just before.
+    let mut b = String::new();
+    eventually("B's sidecar counted the PUT", Duration::from_secs(5), async || {
+        b = scrape(&w.pods[1].ip).await;
+        series(&b, "istio_requests_total", &labels("501")).is_some()
+    })
+    .await;
     // The warm-up's calls are counted too.
     let ok = series(&b, "istio_requests_total", &labels("200"));
     assert!(ok.is_some_and(|n| n >= 4), "{ok:?}\n{b}");
     assert_eq!(series(&b, "istio_requests_total", &labels("501")), Some(1), "{b}");
     let timed = series(&b, "istio_request_duration_milliseconds_count", &labels("200"));
     assert_eq!(timed, ok, "each request timed");
+    // The app's answers, "hello from b-1: /counted from 127.0.0.6\n" (40 bytes) and the
+    // warm-up's (39).
+    let sent: f64 = b
+        .lines()
+        .filter(|l| l.starts_with("istio_response_bytes_sum{"))
+        .filter(|l| labels("200").iter().all(|f| l.contains(f.as_str())))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{b}"));
+    let ok = ok.unwrap() as f64;
+    assert!(sent >= 4.0 * 40.0 && sent <= ok * 40.0, "{sent} bytes in {ok} answers");
     let mut inf = labels("501").to_vec();
     inf.push("le=\"+Inf\"".into());
     assert_eq!(

@@ -26,7 +26,7 @@ use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
 use crate::proxy::{Local, headers};
 use crate::upstream::UpstreamError;
-use crate::upstream::body::{ClientBody, RequestBody, ResponseBody};
+use crate::upstream::body::{ClientBody, Counted, Observed, RequestBody, ResponseBody};
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -444,16 +444,17 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let grpc = crate::proxy::is_grpc(&req);
-            let traced = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server);
-            let entry = traced.as_ref().map(|_| Entry::of(&req, conn.client, "inbound"));
+            let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+            let span = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server);
+            let traced = span.map(|span| (Entry::of(&req, conn.client, "inbound"), span));
             let Ok(resp) = answer(req, &app, &*judge, &conn).await;
-            conn.calls.record(resp.status().as_u16(), grpc, started.elapsed());
-            if let (Some(span), Some(mut entry)) = (traced, entry) {
+            let call = Counted::new(conn.calls.clone(), &resp, grpc, started, request_bytes);
+            let traced = traced.map(|(mut entry, span)| {
                 entry.respond(&resp);
-                entry.complete = true;
-                span.end(&entry);
-            }
-            Ok::<_, Infallible>(resp)
+                (entry, span)
+            });
+            let log = conn.shared.access_log.clone();
+            Ok::<_, Infallible>(resp.map(|body| Observed::counted(body, call, traced, log)))
         })
     });
     let served = server
@@ -670,8 +671,9 @@ mod tests {
         }
     }
 
-    /// Each request is counted for its caller in Istio's request metrics, by the code the
-    /// client got — the app's, or the sidecar's own 403 — and gRPC calls apart.
+    /// Each request is counted for its caller in Istio's request metrics once its response has
+    /// ended, by the code the client got — the app's, or the sidecar's own 403 — with its sizes;
+    /// gRPC calls apart, by the status their trailers end with.
     #[tokio::test]
     async fn each_request_is_counted_by_its_response_code() {
         let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -679,18 +681,26 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((s, _)) = app.accept().await {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    let grpc = req.headers().contains_key(http::header::CONTENT_TYPE);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                    let trailers = grpc.then_some(Ok(trailers));
+                    let body = Full::new(Bytes::from_static(b"answer")).with_trailers(async move { trailers });
+                    let mut r = Response::new(body);
                     if req.uri().path() == "/missing" {
                         *r.status_mut() = StatusCode::NOT_FOUND;
                     }
                     Ok::<_, Infallible>(r)
                 });
-                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc));
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                tokio::spawn(async move { conn.serve_connection(TokioIo::new(s), svc).await });
             }
         });
-        let (addr, registry) = sidecar(app_addr, HttpVersion::One, Default::default()).await;
+        let (addr, registry) = sidecar(app_addr, HttpVersion::Two, Default::default()).await;
         let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         for (path, grpc) in [
             ("/a", false),
@@ -699,37 +709,67 @@ mod tests {
             ("/missing", false),
             ("/s/M", true),
         ] {
-            let mut req = Request::builder().uri(path).header(http::header::HOST, "app");
+            let mut req = Request::builder().uri(format!("http://app{path}"));
             if grpc {
                 req = req
                     .method("POST")
                     .header(http::header::CONTENT_TYPE, "application/grpc");
             }
-            let resp = send
-                .send_request(req.body(http_body_util::Empty::<Bytes>::new()).unwrap())
-                .await
-                .unwrap();
+            let body = Full::new(Bytes::from_static(b"12345"));
+            let resp = send.send_request(req.body(body).unwrap()).await.unwrap();
             resp.into_body().collect().await.unwrap();
         }
-        let text = registry.render(vec![], &Default::default());
-        let count = |protocol: &str, code: &str| {
-            let labels = format!("request_protocol=\"{protocol}\",response_code=\"{code}\",response_flags=\"-\"}}");
+        // Counted as the server lets each response body go, just after the client has it all.
+        let grpc = "request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"14\"";
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = registry.render(vec![], &Default::default());
+            if text.contains(grpc) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let value = |name: &str, labels: &str| {
             text.lines()
-                .find(|l| l.starts_with("istio_requests_total{") && l.contains(&labels))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         };
-        assert_eq!(count("http", "200"), Some(2), "{text}");
-        assert_eq!(count("http", "403"), Some(1), "{text}");
-        assert_eq!(count("http", "404"), Some(1), "{text}");
-        assert_eq!(count("grpc", "200"), Some(1), "{text}");
+        let count = |code: &str| {
+            value(
+                "istio_requests_total",
+                &format!("request_protocol=\"http\",response_code=\"{code}\",response_flags=\"-\"}}"),
+            )
+        };
+        assert_eq!(count("200"), Some(2.0), "{text}");
+        assert_eq!(count("403"), Some(1.0), "{text}");
+        assert_eq!(count("404"), Some(1.0), "{text}");
+        assert_eq!(value("istio_requests_total", grpc), Some(1.0), "{text}");
         let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap();
         assert!(
             line.contains("reporter=\"destination\",source_workload=\"unknown\""),
             "{line}"
         );
-        assert!(
-            text.contains("istio_request_duration_milliseconds_bucket{") && text.contains("le=\"+Inf\"} 2"),
+        let ok = "response_code=\"200\",response_flags=\"-\"";
+        assert_eq!(
+            value("istio_request_duration_milliseconds_count", ok),
+            Some(2.0),
             "{text}"
+        );
+        assert_eq!(
+            value("istio_response_bytes_sum", ok),
+            Some(12.0),
+            "the app's bodies: {text}"
+        );
+        assert_eq!(
+            value("istio_request_bytes_sum", ok),
+            Some(10.0),
+            "the client's bodies: {text}"
+        );
+        let denied = "response_code=\"403\",response_flags=\"-\"";
+        assert_eq!(
+            value("istio_response_bytes_sum", denied),
+            Some(19.0),
+            "RBAC: access denied"
         );
     }
 

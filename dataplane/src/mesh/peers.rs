@@ -20,7 +20,7 @@ use std::time::Duration;
 use ferrum_snapshot::identity::SpiffeId;
 use ferrum_snapshot::mesh::{MeshService, Workload};
 
-use crate::telemetry::{Histogram, MILLISECONDS};
+use crate::telemetry::{BYTES, Histogram, MILLISECONDS};
 
 /// Distinct peers kept at most; past it, new ones are counted as `unknown` (a bound on memory
 /// and on the scrape, whatever the peers).
@@ -179,16 +179,63 @@ const CODES: usize = 16;
 /// The key of the slot past the bound.
 const OTHER: u32 = u32::MAX;
 
+/// How a request was made, as Istio's `request_protocol` (and `grpc_response_status`) say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    /// A gRPC call, with the `grpc-status` its response ended with, when it said one.
+    Grpc(Option<u8>),
+}
+
+impl Protocol {
+    /// Part of a slot's key: 0 for HTTP, 1 for gRPC without a status, 2 + the status.
+    fn key(self) -> u32 {
+        match self {
+            Protocol::Http => 0,
+            Protocol::Grpc(None) => 1,
+            Protocol::Grpc(Some(s)) => 2 + u32::from(s.min(31)),
+        }
+    }
+
+    fn of_key(k: u32) -> Protocol {
+        match k {
+            0 => Protocol::Http,
+            1 => Protocol::Grpc(None),
+            k => Protocol::Grpc(Some((k - 2) as u8)),
+        }
+    }
+}
+
+/// One request, as Istio's request metrics count it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    /// The status the client got.
+    pub status: u16,
+    pub protocol: Protocol,
+    /// From the request's head until the response ended (or the client went away).
+    pub took: Duration,
+    /// Body bytes: the request's (as it declared them), the response's (as sent).
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
 /// One peer's requests by response code and protocol: lock-free, a slot claimed per pair.
 #[derive(Default)]
 struct Requests([Slot; CODES]);
 
 #[derive(Default)]
 struct Slot {
-    /// `code | grpc << 16`; 0 while free.
+    /// `code | protocol << 16`; 0 while free.
     key: AtomicU32,
     count: AtomicU64,
-    duration: OnceLock<Box<Histogram>>,
+    measured: OnceLock<Box<Measured>>,
+}
+
+/// A slot's histograms: made when its first request is counted.
+struct Measured {
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 impl Requests {
@@ -231,13 +278,20 @@ impl Open {
 pub struct Calls(Arc<Counts>);
 
 impl Calls {
-    /// One request answered with `status` after `took` (to the response's head); `grpc` when
-    /// it was a gRPC call.
-    pub fn record(&self, status: u16, grpc: bool, took: Duration) {
-        let slot = (self.0.requests.get_or_init(Box::default)).slot(u32::from(status) | u32::from(grpc) << 16);
+    pub fn record(&self, call: &Call) {
+        let key = u32::from(call.status) | call.protocol.key() << 16;
+        let slot = (self.0.requests.get_or_init(Box::default)).slot(key);
         slot.count.fetch_add(1, Relaxed);
-        let duration = slot.duration.get_or_init(|| Box::new(Histogram::new(&MILLISECONDS)));
-        duration.observe(took);
+        let m = slot.measured.get_or_init(|| {
+            Box::new(Measured {
+                duration: Histogram::new(&MILLISECONDS),
+                request_bytes: Histogram::new(&BYTES),
+                response_bytes: Histogram::new(&BYTES),
+            })
+        });
+        m.duration.observe(call.took);
+        m.request_bytes.record(call.request_bytes);
+        m.response_bytes.record(call.response_bytes);
     }
 }
 
@@ -245,6 +299,19 @@ impl Drop for Open {
     fn drop(&mut self) {
         self.0.closed.fetch_add(1, Relaxed);
     }
+}
+
+/// One (response code, protocol) of a peer's requests, as a scrape reads it.
+pub struct RequestSample<'a> {
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    pub code: String,
+    /// A gRPC call's status (`grpc_response_status`), when it said one.
+    pub grpc_status: Option<u8>,
+    pub count: u64,
+    pub duration: &'a Histogram,
+    pub request_bytes: &'a Histogram,
+    pub response_bytes: &'a Histogram,
 }
 
 /// One peer, as a scrape reads it.
@@ -261,19 +328,29 @@ impl Sample {
         [&c.opened, &c.closed, &c.received, &c.sent].map(|n| n.load(Relaxed))
     }
 
-    /// Its requests: `request_protocol` (`http` or `grpc`), `response_code`, how many, and how
-    /// long they took.
-    pub fn requests(&self) -> impl Iterator<Item = (&'static str, String, u64, &Histogram)> {
+    /// Its requests, by response code and protocol.
+    pub fn requests(&self) -> impl Iterator<Item = RequestSample<'_>> {
         let slots = self.counts.requests.get().map_or(&[][..], |r| &r.0[..]);
         slots.iter().filter_map(|slot| {
             let key = slot.key.load(Relaxed);
-            let duration = slot.duration.get()?;
-            let code = match key {
-                OTHER => "other".to_string(),
-                k => (k & 0xffff).to_string(),
+            let m = slot.measured.get()?;
+            let (code, protocol) = match key {
+                OTHER => ("other".to_string(), Protocol::Http),
+                k => ((k & 0xffff).to_string(), Protocol::of_key(k >> 16)),
             };
-            let protocol = if key != OTHER && key >> 16 == 1 { "grpc" } else { "http" };
-            Some((protocol, code, slot.count.load(Relaxed), &**duration))
+            let (protocol, grpc_status) = match protocol {
+                Protocol::Http => ("http", None),
+                Protocol::Grpc(status) => ("grpc", status),
+            };
+            Some(RequestSample {
+                protocol,
+                code,
+                grpc_status,
+                count: slot.count.load(Relaxed),
+                duration: &m.duration,
+                request_bytes: &m.request_bytes,
+                response_bytes: &m.response_bytes,
+            })
         })
     }
 }
@@ -527,27 +604,39 @@ mod tests {
         let peers = Peers::default();
         let open = peers.inbound(None, None, 1, || Party::of(None, None));
         let calls = open.calls();
+        let call = |status, protocol, ms, response_bytes| Call {
+            status,
+            protocol,
+            took: Duration::from_millis(ms),
+            request_bytes: 0,
+            response_bytes,
+        };
         for _ in 0..3 {
-            calls.record(200, false, Duration::from_millis(3));
+            calls.record(&call(200, Protocol::Http, 3, 2_000));
         }
-        calls.record(403, false, Duration::from_micros(200));
-        calls.record(200, true, Duration::from_secs(2));
+        calls.record(&call(403, Protocol::Http, 0, 19));
+        calls.record(&call(200, Protocol::Grpc(Some(0)), 2_000, 5));
+        calls.record(&call(200, Protocol::Grpc(Some(14)), 1, 0));
         // More distinct codes than a peer keeps apart: the rest are "other".
         for code in 500..520 {
-            calls.record(code, false, Duration::from_millis(1));
+            calls.record(&call(code, Protocol::Http, 1, 0));
         }
         let samples = peers.samples();
         let requests: Vec<_> = samples[0].requests().collect();
-        let find = |protocol: &str, code: &str| {
-            let (_, _, n, d) = requests.iter().find(|r| r.0 == protocol && r.1 == code).unwrap();
-            (*n, d.count())
+        let find = |protocol: &str, code: &str, grpc: Option<u8>| {
+            let r = requests
+                .iter()
+                .find(|r| r.protocol == protocol && r.code == code && r.grpc_status == grpc)
+                .unwrap();
+            (r.count, r.duration.count(), r.response_bytes.count())
         };
-        assert_eq!(find("http", "200"), (3, 3));
-        assert_eq!(find("http", "403"), (1, 1));
-        assert_eq!(find("grpc", "200"), (1, 1));
+        assert_eq!(find("http", "200", None), (3, 3, 3));
+        assert_eq!(find("http", "403", None), (1, 1, 1));
+        assert_eq!(find("grpc", "200", Some(0)).0, 1);
+        assert_eq!(find("grpc", "200", Some(14)).0, 1, "a failed call apart from an ok one");
         assert_eq!(requests.len(), CODES);
-        let kept_apart = CODES - 1 - 3;
-        assert_eq!(find("http", "other").0, (20 - kept_apart) as u64);
+        let kept_apart = CODES - 1 - 4;
+        assert_eq!(find("http", "other", None).0, (20 - kept_apart) as u64);
         assert_eq!(samples[0].connections(), [1, 0, 0, 0], "requests are not connections");
     }
 

@@ -613,14 +613,68 @@ pub enum ResponseBody {
     },
 }
 
-/// A response body whose request is observed — logged, its span ended, or both — once the
-/// body is done (or dropped unfinished).
+/// A response body whose request is observed — logged, its span ended, counted for its
+/// caller — once the body is done (or dropped unfinished).
 pub struct Observed {
     inner: ResponseBody,
     entry: Option<crate::access_log::Entry>,
     log: bool,
     span: Option<crate::trace::RequestSpan>,
     access_log: Arc<crate::access_log::AccessLog>,
+    call: Option<Counted>,
+}
+
+/// A request a sidecar counts for its caller (Istio's request metrics) once its response ends.
+pub struct Counted {
+    calls: crate::mesh::peers::Calls,
+    call: crate::mesh::peers::Call,
+    started: std::time::Instant,
+}
+
+impl Counted {
+    /// `resp`, answering a request made at `started` (`grpc`: a gRPC call) that declared
+    /// `request_bytes` of body.
+    pub fn new<B>(
+        calls: crate::mesh::peers::Calls,
+        resp: &http::Response<B>,
+        grpc: bool,
+        started: std::time::Instant,
+        request_bytes: u64,
+    ) -> Counted {
+        use crate::mesh::peers::Protocol;
+        let protocol = match grpc {
+            // A trailers-only answer (an error) says its status in the head.
+            true => Protocol::Grpc(grpc_status(resp.headers())),
+            false => Protocol::Http,
+        };
+        let call = crate::mesh::peers::Call {
+            status: resp.status().as_u16(),
+            protocol,
+            took: Duration::ZERO,
+            request_bytes,
+            response_bytes: 0,
+        };
+        Counted { calls, call, started }
+    }
+
+    fn frame(&mut self, f: &Frame<Bytes>) {
+        use crate::mesh::peers::Protocol;
+        if let Some(d) = f.data_ref() {
+            self.call.response_bytes += d.len() as u64;
+        } else if let (Some(t), Protocol::Grpc(status)) = (f.trailers_ref(), &mut self.call.protocol) {
+            *status = grpc_status(t).or(*status);
+        }
+    }
+
+    fn record(mut self) {
+        self.call.took = self.started.elapsed();
+        self.calls.record(&self.call);
+    }
+}
+
+/// A `grpc-status` header's code.
+fn grpc_status(h: &http::HeaderMap) -> Option<u8> {
+    std::str::from_utf8(h.get("grpc-status")?.as_bytes()).ok()?.parse().ok()
 }
 
 impl Observed {
@@ -637,10 +691,33 @@ impl Observed {
             log,
             span,
             access_log,
+            call: None,
+        }))
+    }
+
+    /// [`Observed::wrap`] for a request a sidecar counts for its caller, and traces when it
+    /// has an `entry` and a `span` (it logs none).
+    pub fn counted(
+        inner: ResponseBody,
+        call: Counted,
+        traced: Option<(crate::access_log::Entry, crate::trace::RequestSpan)>,
+        access_log: Arc<crate::access_log::AccessLog>,
+    ) -> ResponseBody {
+        let (entry, span) = traced.unzip();
+        ResponseBody::Observed(Box::new(Observed {
+            inner,
+            entry,
+            log: false,
+            span,
+            access_log,
+            call: Some(call),
         }))
     }
 
     fn finish(&mut self, complete: bool) {
+        if let Some(call) = self.call.take() {
+            call.record();
+        }
         if let Some(mut e) = self.entry.take() {
             e.complete = complete;
             e.duration_ms = e.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
@@ -716,6 +793,9 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Ok(f))) => {
                         if let (Some(d), Some(e)) = (f.data_ref(), l.entry.as_mut()) {
                             e.bytes_sent += d.len() as u64;
+                        }
+                        if let Some(c) = l.call.as_mut() {
+                            c.frame(f);
                         }
                     }
                     Poll::Ready(None) => l.finish(true),
