@@ -35,6 +35,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("x-saw-sub", self.headers.get("x-jwt-sub", "-"))
         self.send_header("x-saw-traceparent", self.headers.get("traceparent", "-"))
         self.send_header("x-saw-authz-user", self.headers.get("x-authz-user", "-"))
+        self.send_header("x-saw-xfcc", self.headers.get("x-forwarded-client-cert", "-"))
         self.send_header("x-saw-body", self.posted.decode(errors="replace") if self.posted else "-")
         self.end_headers()
         self.wfile.write(body)

@@ -556,6 +556,63 @@ async fn http_policies_are_enforced_per_request() {
     assert!(code("200").is_some_and(|n| n >= 3), "{b}");
 }
 
+/// B's app is told who called as Istio's sidecars tell it (`x-forwarded-client-cert`, Envoy's
+/// APPEND_FORWARD): A's certificate, after whatever A's app claimed; a plaintext caller's claim
+/// is dropped.
+async fn client_certificates_reach_the_app_as_istios_do(w: &World) {
+    let xfcc_seen = |claim: Option<&str>| {
+        let mut args = vec![
+            "-D".to_string(),
+            "-".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "--resolve".into(),
+            format!("svc-b.{NS}.svc:80:{VIP}"),
+        ];
+        if let Some(c) = claim {
+            args.extend(["-H".into(), format!("x-forwarded-client-cert: {c}")]);
+        }
+        args.push(format!("http://svc-b.{NS}.svc/who"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_, head) = w.pods[0].curl(&args);
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-saw-xfcc: "))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{head}"))
+    };
+    let (a_id, b_id) = (
+        format!("spiffe://cluster.local/ns/{NS}/sa/sa-a"),
+        format!("spiffe://cluster.local/ns/{NS}/sa/sa-b"),
+    );
+    let seen = xfcc_seen(None);
+    let (by, rest) = seen.split_once(";Hash=").unwrap_or_else(|| panic!("{seen}"));
+    assert_eq!(by, format!("By={b_id}"));
+    let (hash, rest) = rest.split_once(';').unwrap();
+    assert!(
+        hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{seen}"
+    );
+    assert_eq!(rest, format!("Subject=\"\";URI={a_id}"));
+    let claimed = xfcc_seen(Some("By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin"));
+    assert_eq!(
+        claimed,
+        format!("By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin,{seen}"),
+        "what the sidecar proved comes last"
+    );
+    // From outside the mesh, in plaintext to B's pod: no identity reaches the app.
+    let url = format!("http://{}:8080/who", w.pods[1].ip);
+    let resp = client()
+        .get(url)
+        .header(
+            "x-forwarded-client-cert",
+            "By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-saw-xfcc"], "-");
+}
+
 /// With `--request-metrics` and no policy that looks at requests, B's sidecar still serves
 /// inbound HTTP request by request, so Prometheus reads requests by caller and response code —
 /// the app's own 501 among them — and how long they took, as from Istio's sidecars; raw TCP on
@@ -583,6 +640,7 @@ async fn requests_are_counted_by_caller_and_response_code() {
     }
     assert_eq!(code_of("PUT"), "501", "the app does not do PUT");
     assert!(echo_through(&w), "raw TCP is relayed");
+    client_certificates_reach_the_app_as_istios_do(&w).await;
     let a_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-a");
     let labels = |code: &str| {
         [

@@ -13,7 +13,7 @@ use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use super::identity::{Identity, peer_id};
+use super::identity::{Identity, PeerCert, peer_cert, peer_id};
 use super::sidecar::MeshStats;
 pub use super::tunnel::Tunnel;
 
@@ -57,7 +57,8 @@ pub enum HboneError {
 
 /// What the server knows about a tunnel request, for the decision to accept it.
 pub struct TunnelRequest {
-    pub peer: SpiffeId,
+    /// The client's certificate: its SPIFFE ID, and what the app may be told of it.
+    pub peer: Arc<PeerCert>,
     pub source: SocketAddr,
     pub target: SocketAddr,
 }
@@ -92,10 +93,10 @@ pub async fn serve<I: Inbound>(tcp: TcpStream, identity: &Identity, inbound: Arc
         Ok(Err(e)) => return tracing::debug!(%source, error = %e, "HBONE handshake failed"),
         Err(_) => return tracing::debug!(%source, "HBONE handshake timed out"),
     };
-    let peer = match peer_id(stream.get_ref().1.peer_certificates()) {
-        Some(id) if id.trust_domain == tls.svid.id.trust_domain => id,
+    let peer = match peer_cert(stream.get_ref().1.peer_certificates()) {
+        Some(c) if c.id.trust_domain == tls.svid.id.trust_domain => c,
         other => {
-            return tracing::info!(%source, peer = ?other.map(|i| i.to_string()), "HBONE peer is not in our trust domain: closed");
+            return tracing::info!(%source, peer = ?other.map(|c| c.id.to_string()), "HBONE peer is not in our trust domain: closed");
         }
     };
     drop(tls);
@@ -128,7 +129,7 @@ async fn tunnel<I: Inbound>(
     mut respond: h2::server::SendResponse<Bytes>,
     local: SocketAddr,
     source: SocketAddr,
-    peer: &Arc<SpiffeId>,
+    peer: &Arc<PeerCert>,
     inbound: Arc<I>,
 ) {
     let treq = match check(&req, local, source, peer) {
@@ -145,7 +146,7 @@ async fn tunnel<I: Inbound>(
             return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    tracing::debug!(peer = %treq.peer, source = %source, target = %treq.target, "inbound tunnel opened");
+    tracing::debug!(peer = %treq.peer.id, source = %source, target = %treq.target, "inbound tunnel opened");
     let Ok(send) = respond.send_response(status(StatusCode::OK), false) else {
         return;
     };
@@ -157,7 +158,7 @@ fn check<B>(
     req: &Request<B>,
     local: SocketAddr,
     source: SocketAddr,
-    peer: &SpiffeId,
+    peer: &Arc<PeerCert>,
 ) -> Result<TunnelRequest, StatusCode> {
     if req.method() != Method::CONNECT {
         return Err(StatusCode::BAD_REQUEST);

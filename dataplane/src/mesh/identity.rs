@@ -127,9 +127,44 @@ fn spiffe_id_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<
 
 /// The SPIFFE ID in a peer's leaf certificate (its first `spiffe://` URI SAN).
 pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    peer_cert(certs).map(|c| c.id)
+}
+
+/// What a peer's leaf certificate says, as a sidecar tells its app (`x-forwarded-client-cert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Its first `spiffe://` URI SAN.
+    pub id: SpiffeId,
+    /// SHA-256 of its DER, in hex.
+    pub hash: String,
+    /// Its subject, RFC 4514 (empty for mesh certificates).
+    pub subject: String,
+}
+
+impl PeerCert {
+    /// The XFCC element Envoy writes for this client on a server whose own identity is `by`:
+    /// `By=<by>;Hash=<hash>;Subject="<subject>";URI=<id>`.
+    pub fn xfcc(&self, by: &SpiffeId) -> String {
+        let subject = self.subject.replace('\\', "\\\\").replace('"', "\\\"");
+        format!("By={by};Hash={};Subject=\"{subject}\";URI={}", self.hash, self.id)
+    }
+}
+
+/// A peer's leaf certificate, when it names a SPIFFE ID.
+pub fn peer_cert(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerCert> {
+    use sha2::Digest;
+    use std::fmt::Write;
     let leaf = certs?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    spiffe_id_of(&cert)
+    let hash = sha2::Sha256::digest(leaf.as_ref());
+    Some(PeerCert {
+        id: spiffe_id_of(&cert)?,
+        hash: hash.iter().fold(String::with_capacity(64), |mut h, b| {
+            let _ = write!(h, "{b:02x}");
+            h
+        }),
+        subject: cert.subject().to_string(),
+    })
 }
 
 /// HBONE's TLS: 1.3 only, AES-GCM suites only (mesh.md).
@@ -423,5 +458,45 @@ impl tower_service::Service<http::Uri> for TlsConnector {
             tcp.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(c.tls.connect(c.name, tcp).await?))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(san: &str, cn: Option<&str>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(san).unwrap())];
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// The app behind a sidecar reads the caller as Istio's apps do: Envoy's XFCC element, with
+    /// the certificate's hash and its (empty, for mesh certificates) subject.
+    #[test]
+    fn a_peer_certificate_reads_as_envoy_tells_it() {
+        let der = cert("spiffe://cluster.local/ns/shop/sa/web", None);
+        let c = peer_cert(Some(std::slice::from_ref(&der))).unwrap();
+        assert_eq!(c.id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(c.hash.len(), 64);
+        assert!(c.hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        let by = SpiffeId::new("cluster.local", "shop", "api");
+        assert_eq!(
+            c.xfcc(&by),
+            format!(
+                "By=spiffe://cluster.local/ns/shop/sa/api;Hash={};Subject=\"\";URI=spiffe://cluster.local/ns/shop/sa/web",
+                c.hash
+            )
+        );
+        let other = cert("spiffe://cluster.local/ns/shop/sa/web", Some("we\"b"));
+        let o = peer_cert(Some(std::slice::from_ref(&other))).unwrap();
+        assert_ne!(o.hash, c.hash, "another certificate, another hash");
+        assert!(o.xfcc(&by).contains(r#"Subject="CN=we\"b";"#), "{}", o.xfcc(&by));
+        assert!(peer_cert(Some(&[cert("https://example.com", None)])).is_none());
     }
 }

@@ -337,6 +337,26 @@ pub struct Conn {
     pub connect_timeout: Duration,
     /// Where each request is counted, by the caller's.
     pub calls: super::peers::Calls,
+    /// The caller's certificate as the app is told it (`x-forwarded-client-cert`), over mTLS.
+    pub client_cert: Option<http::HeaderValue>,
+}
+
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
+/// Envoy's `APPEND_FORWARD`, as on Istio's sidecars: an mTLS caller's certificate is appended to
+/// the header; from a plaintext caller, the header is dropped — nobody outside the mesh can
+/// claim an identity to the app.
+fn forward_client_cert(headers: &mut http::HeaderMap, cert: Option<&http::HeaderValue>) {
+    let Some(cert) = cert else {
+        headers.remove(XFCC);
+        return;
+    };
+    let value = match headers.get(XFCC) {
+        Some(sent) => http::HeaderValue::from_bytes(&[sent.as_bytes(), b",", cert.as_bytes()].concat())
+            .unwrap_or_else(|_| cert.clone()),
+        None => cert.clone(),
+    };
+    headers.insert(XFCC, value);
 }
 
 /// One request: checked as the gateway checks a head (so the policy judges the path the app
@@ -377,6 +397,7 @@ where
     // The app's request and the client's response get what the gateway's do: hop-by-hop
     // headers stop here both ways (an upgrade's own are put back).
     headers::strip_hop_by_hop(&mut parts.headers, true);
+    forward_client_cert(&mut parts.headers, conn.client_cert.as_ref());
     if let Some(u) = &upgrade {
         u.upstream_head(&mut parts);
     }
@@ -469,6 +490,33 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    #[test]
+    fn the_app_is_told_only_what_mtls_proved() {
+        let mine =
+            http::HeaderValue::from_static("By=spiffe://td/ns/b/sa/b;Hash=ab;Subject=\"\";URI=spiffe://td/ns/a/sa/a");
+        let sent = |v: Option<&'static str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(XFCC, http::HeaderValue::from_static(v));
+            }
+            h
+        };
+        let mut h = sent(Some("By=x;URI=spiffe://td/ns/admin/sa/root"));
+        forward_client_cert(&mut h, None);
+        assert!(h.get(XFCC).is_none(), "a plaintext caller's claim is dropped");
+        let mut h = sent(None);
+        forward_client_cert(&mut h, Some(&mine));
+        assert_eq!(h[XFCC], mine);
+        let mut h = sent(Some("By=x;URI=spiffe://td/ns/admin/sa/root"));
+        forward_client_cert(&mut h, Some(&mine));
+        let got = h[XFCC].to_str().unwrap();
+        assert!(got.starts_with("By=x;URI=spiffe://td/ns/admin/sa/root,By="), "{got}");
+        assert!(
+            got.ends_with(";URI=spiffe://td/ns/a/sa/a"),
+            "what the sidecar proved comes last: {got}"
+        );
+    }
 
     #[test]
     fn detection() {
@@ -574,6 +622,7 @@ mod tests {
                     app,
                     connect_timeout: Duration::from_secs(1),
                     calls: open.calls(),
+                    client_cert: None,
                 };
                 let judge = |p: &mut http::request::Parts| {
                     if p.uri.path() == "/blocked" {

@@ -113,6 +113,8 @@ pub struct App {
 #[derive(Clone)]
 struct Caller {
     peer: Option<SpiffeId>,
+    /// Its certificate, over mTLS (HBONE).
+    client_cert: Option<Arc<super::identity::PeerCert>>,
     source: IpAddr,
     destination: SocketAddr,
 }
@@ -234,6 +236,7 @@ impl App {
                     app: self.dp.shared.config.load().mesh.deliver(c.destination),
                     connect_timeout: self.connect_timeout,
                     calls: open.calls(),
+                    client_cert: self.xfcc(&c),
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
             }
@@ -250,6 +253,13 @@ impl App {
         self.stats
             .peers
             .inbound(workload, c.peer.clone(), cfg.snapshot.version, || self.own(&cfg))
+    }
+
+    /// What the app is told of an mTLS caller's certificate (`x-forwarded-client-cert`), as
+    /// Istio's sidecars tell it.
+    fn xfcc(&self, c: &Caller) -> Option<http::HeaderValue> {
+        let by = self.identity.current()?.svid.id.clone();
+        http::HeaderValue::try_from(c.client_cert.as_ref()?.xfcc(&by)).ok()
     }
 
     /// This workload, as the snapshot and its certificate say it, for the metrics.
@@ -298,13 +308,14 @@ impl Inbound for App {
         self.stats.inbound_hbone.fetch_add(1, Relaxed);
         let judged = !self.per_request();
         self.serve(tunnel, app, caller(&req), judged).await;
-        tracing::debug!(peer = %req.peer, "inbound tunnel closed");
+        tracing::debug!(peer = %req.peer.id, "inbound tunnel closed");
     }
 }
 
 fn caller(req: &TunnelRequest) -> Caller {
     Caller {
-        peer: Some(req.peer.clone()),
+        peer: Some(req.peer.id.clone()),
+        client_cert: Some(req.peer.clone()),
         source: req.source.ip(),
         destination: req.target,
     }
@@ -468,6 +479,7 @@ impl Sidecar {
         }
         let c = Caller {
             peer: None,
+            client_cert: None,
             source: peer.ip(),
             destination: dst,
         };
