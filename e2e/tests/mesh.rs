@@ -683,15 +683,19 @@ async fn requests_are_counted_by_caller_and_response_code() {
         Some(1),
         "{b}"
     );
-    let echoed = [
+    // A's connections carry its raw TCP and its HTTP alike: the answers' bytes are in what B
+    // sent back.
+    let from_a = [
         "reporter=\"destination\"".to_string(),
         "source_workload=\"a-1\"".into(),
         "request_protocol=\"tcp\"".into(),
     ];
     assert!(
-        series(&b, "istio_tcp_received_bytes_total", &echoed).is_some_and(|n| n >= 4),
+        series(&b, "istio_tcp_received_bytes_total", &from_a).is_some_and(|n| n >= 4),
         "{b}"
     );
+    let back = series(&b, "istio_tcp_sent_bytes_total", &from_a);
+    assert!(back.is_some_and(|n| n as f64 >= sent), "{back:?} < {sent}: {b}");
 }
 
 /// Pods A (meshed) and C (unmeshed) and B, whose app is Hypercorn (answering `<HTTP version>

@@ -226,6 +226,10 @@ impl App {
         let s = l7::Prefixed::new(first, s);
         match http {
             Some(http) => {
+                let (stats, calls) = (self.stats.clone(), open.calls());
+                let s = crate::tcp::Metered::new(s, move |read, written| {
+                    count_bytes(&stats, Some(&open), read, written);
+                });
                 let me = self.clone();
                 let conn = l7::Conn {
                     shared: self.dp.shared.clone(),
@@ -235,7 +239,7 @@ impl App {
                     stop: self.stop.clone(),
                     app: self.dp.shared.config.load().mesh.deliver(c.destination),
                     connect_timeout: self.connect_timeout,
-                    calls: open.calls(),
+                    calls,
                     client_cert: self.xfcc(&c),
                 };
                 l7::serve(s, http, app, move |parts| me.judge(&c, parts), conn).await;
@@ -245,8 +249,7 @@ impl App {
         }
     }
 
-    /// Counts a connection from `c` to this workload, by caller (its bytes once relayed; a
-    /// connection served request by request counts no bytes).
+    /// Counts a connection from `c` to this workload, by caller (its bytes when it ends).
     fn opened(&self, c: &Caller) -> super::peers::Open {
         let cfg = self.dp.shared.config.load();
         let workload = cfg.mesh.workload(c.source).cloned();
@@ -356,13 +359,18 @@ where
 {
     let r = crate::tcp::relay(a, b, idle).await;
     if let Ok(n) = &r {
-        stats.bytes_forward.fetch_add(n.forward, Relaxed);
-        stats.bytes_back.fetch_add(n.back, Relaxed);
-        if let Some(open) = open {
-            open.bytes(n.forward, n.back);
-        }
+        count_bytes(stats, open, n.forward, n.back);
     }
     r
+}
+
+/// Bytes a sidecar connection carried from its client (`forward`) and back.
+fn count_bytes(stats: &MeshStats, open: Option<&super::peers::Open>, forward: u64, back: u64) {
+    stats.bytes_forward.fetch_add(forward, Relaxed);
+    stats.bytes_back.fetch_add(back, Relaxed);
+    if let Some(open) = open {
+        open.bytes(forward, back);
+    }
 }
 
 /// The destination a capture rule redirected this connection from.

@@ -80,9 +80,104 @@ where
     }
 }
 
+/// A stream whose bytes are counted as they pass, and reported once when it is dropped:
+/// `done(read, written)`.
+pub struct Metered<S, F: FnOnce(u64, u64)> {
+    inner: S,
+    read: u64,
+    written: u64,
+    done: Option<F>,
+}
+
+impl<S, F: FnOnce(u64, u64)> Metered<S, F> {
+    pub fn new(inner: S, done: F) -> Self {
+        Metered {
+            inner,
+            read: 0,
+            written: 0,
+            done: Some(done),
+        }
+    }
+}
+
+impl<S, F: FnOnce(u64, u64)> Drop for Metered<S, F> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.read, self.written);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin, F: FnOnce(u64, u64) + Unpin> AsyncRead for Metered<S, F> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin, F: FnOnce(u64, u64) + Unpin> AsyncWrite for Metered<S, F> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_metered_stream_reports_what_passed_once_dropped() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut m = Metered::new(a, move |read, written| tx.send((read, written)).unwrap());
+        m.write_all(b"hello").await.unwrap();
+        b.write_all(b"hi there").await.unwrap();
+        let mut got = [0u8; 8];
+        m.read_exact(&mut got).await.unwrap();
+        assert!(rx.try_recv().is_err(), "reported only at the end");
+        drop(m);
+        assert_eq!(rx.recv().unwrap(), (8, 5));
+    }
 
     #[tokio::test]
     async fn relays_both_ways_and_passes_half_close_on() {
