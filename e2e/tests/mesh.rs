@@ -240,6 +240,12 @@ async fn dual_stack_pods_talk_over_ipv6_through_both_sidecars() {
     let c = w.pod("c-1", "sa-c", "c", 12, false);
     w.app(c);
     let curl6 = |path: &str| w.pods[a].curl_svc("svc-b", VIP6, path);
+    // Until A's sidecar knows B's IPv6 address, the IPv6 VIP leads to B's IPv4 one (a family
+    // with no endpoints falls back to the other): B's app would see 127.0.0.6.
+    eventually("A reaches B's IPv6 address", Duration::from_secs(20), async || {
+        curl6("/warm6").1.contains("from ::6")
+    })
+    .await;
 
     let cap = w.capture(b);
     let (ok, body) = curl6("/secret6-path-5d1e");
