@@ -2249,12 +2249,29 @@ async fn grpc_world(echo_port: &str, version_port: &str) -> World {
                     .unwrap();
             p.app = Some(Proc(child));
         }
-        w.sidecar(i, sa, &[]);
+        // B's sidecars serve gRPC call by call (as the chart's request metrics make them).
+        let args: &[&str] = if i == a { &[] } else { &["--request-metrics", "true"] };
+        w.sidecar(i, sa, args);
     }
     for i in [a, b1, b2] {
         w.ready(i).await;
     }
     w
+}
+
+/// What B's sidecars counted of A's gRPC calls that ended with `status`.
+async fn grpc_counted(w: &World, status: &str) -> u64 {
+    let labels = [
+        "reporter=\"destination\"".to_string(),
+        "source_workload=\"a-1\"".into(),
+        "request_protocol=\"grpc\"".into(),
+        format!("grpc_response_status=\"{status}\""),
+    ];
+    let mut n = 0;
+    for b in [1, 2] {
+        n += series(&scrape(&w.pods[b].ip).await, "istio_requests_total", &labels).unwrap_or(0);
+    }
+    n
 }
 
 /// `n` calls of `method` from pod a-1 to `echo`'s VIP on one channel (with metadata `x-version`
@@ -2312,6 +2329,15 @@ async fn grpc_mesh_routes_match_methods_in_the_client_sidecar() {
     assert!((share - 0.80).abs() <= 0.07, "v1 share {share}");
     let route = w.cluster.get("grpcroute", NS, "echo");
     assert_eq!(route["status"]["parents"][0]["parentRef"]["kind"], "Service", "{route}");
+    // B's sidecars count each call by how it ended: OK in its trailers, UNIMPLEMENTED (12) in a
+    // trailers-only answer.
+    assert_eq!(grpc_calls(&w, "Nope", 1, None), (0, 0));
+    eventually("the failed call is counted", Duration::from_secs(5), async || {
+        grpc_counted(&w, "12").await == 1
+    })
+    .await;
+    let ok = grpc_counted(&w, "0").await;
+    assert!(ok >= 612, "every call counted with its status: {ok}");
 }
 
 /// gRPC on a Service port that declares no protocol (no name, no appProtocol): the client's
