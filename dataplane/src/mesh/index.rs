@@ -184,6 +184,33 @@ pub struct MeshIndex {
     registry_only: bool,
     /// Its Sidecar's ingress listeners: where inbound traffic for a port is delivered.
     ingress: Vec<IngressRoute>,
+    /// Its ports that only Services declaring another protocol than HTTP reach.
+    opaque_inbound: HashSet<u16>,
+}
+
+/// `own`'s ports that every Service port reaching them declares as a protocol other than HTTP
+/// (`tcp`, `mysql`, `tls`, …): inbound connections there are relayed whole, never sniffed, as
+/// Istio's sidecars relay declared TCP — a server-first protocol would wait out the sniff.
+fn opaque_inbound(snap: &Snapshot, own: &Workload) -> HashSet<u16> {
+    let (mut opaque, mut http) = (HashSet::new(), HashSet::new());
+    for s in &snap.services {
+        let own_endpoints = s
+            .endpoints
+            .iter()
+            .filter(|e| e.workload.as_deref() == Some(own.uid.as_str()) || own.ips.contains(&e.address));
+        for e in own_endpoints {
+            for p in &s.ports {
+                let Some(target) = e.target_port(p.port) else { continue };
+                if p.sniffed() || p.http().is_some() {
+                    http.insert(target);
+                } else {
+                    opaque.insert(target);
+                }
+            }
+        }
+    }
+    opaque.retain(|p| !http.contains(p));
+    opaque
 }
 
 /// The workloads a proxy may see, by IP.
@@ -331,6 +358,7 @@ impl MeshIndex {
         let scope = view.as_ref().and_then(|v| v.scope);
         let registry_only = scope.is_some_and(|s| s.registry_only);
         let ingress = scope.map(|s| s.ingress.clone()).unwrap_or_default();
+        let opaque_inbound = own.as_ref().map(|w| opaque_inbound(snap, w)).unwrap_or_default();
         MeshIndex {
             services,
             registered,
@@ -342,7 +370,14 @@ impl MeshIndex {
             own,
             registry_only,
             ingress,
+            opaque_inbound,
         }
+    }
+
+    /// Whether inbound connections to this workload's `port` are relayed whole: the Services
+    /// that reach it declare a protocol other than HTTP.
+    pub fn opaque_inbound(&self, port: u16) -> bool {
+        self.opaque_inbound.contains(&port)
     }
 
     pub fn destination(&self, dst: SocketAddr) -> Destination<'_> {
@@ -517,6 +552,45 @@ mod tests {
             &JwksCache::default(),
             &Upstreams::none(),
         )
+    }
+
+    /// The sidecar of pod `me` relays whole what reaches it only by ports declared as another
+    /// protocol than HTTP — MySQL's server speaks first — and sniffs the rest.
+    #[test]
+    fn ports_declared_opaque_are_relayed_whole() {
+        let mut r = ferrum_snapshot::Resources::default();
+        let svc = |name: &str, port: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\n\
+                 spec: {{selector: {{app: db}}, ports: [{port}]}}\n"
+            )
+        };
+        let yaml = [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: me, namespace: ns, labels: {app: db}}\n\
+             spec: {containers: [{name: c}]}\nstatus: {podIP: 10.1.0.5}\n"
+                .to_string(),
+            svc(
+                "mysql",
+                "{name: tcp-mysql, port: 3306}, {name: mysql-x, port: 3307, targetPort: 3307}",
+            ),
+            svc("web", "{name: http, port: 80, targetPort: 8080}, {port: 9000}"),
+            // 7000 is declared TCP by one Service and HTTP by another: sniffed.
+            svc("a", "{name: tcp, port: 7000}"),
+            svc("b", "{name: http-admin, port: 7000}"),
+        ]
+        .concat();
+        r.add_yaml("m.yaml", &yaml).unwrap();
+        let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
+        let m = sidecar_index(&snap, "ns");
+        let opaque: Vec<u16> = [3306, 3307, 8080, 9000, 7000, 5432]
+            .into_iter()
+            .filter(|p| m.opaque_inbound(*p))
+            .collect();
+        assert_eq!(
+            opaque,
+            [3306, 3307],
+            "the others are HTTP, sniffed, or reached by no Service"
+        );
     }
 
     #[test]

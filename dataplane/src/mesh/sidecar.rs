@@ -201,14 +201,16 @@ impl App {
         }
     }
 
-    /// Whether HTTP requests must be seen, not just the connection: the policies look at
-    /// request fields or JWTs, or requests are traced or counted.
-    fn per_request(&self) -> bool {
+    /// Whether HTTP requests to `port` must be seen, not just the connection: the policies
+    /// look at request fields or JWTs, or requests are traced or counted — unless the port is
+    /// declared to speak something else.
+    fn per_request(&self, port: u16) -> bool {
         let cfg = self.dp.shared.config.load();
-        self.request_metrics
+        let wanted = self.request_metrics
             || cfg.mesh.inbound.needs_http()
             || !cfg.mesh.authn.is_empty()
-            || self.dp.shared.tracing.enabled()
+            || self.dp.shared.tracing.enabled();
+        wanted && !cfg.mesh.opaque_inbound(port)
     }
 
     /// Carries an allowed-so-far inbound stream to the app: judged per request when it speaks
@@ -300,7 +302,7 @@ impl App {
 impl Inbound for App {
     fn allow(&self, req: &TunnelRequest) -> bool {
         // Policies that look at requests decide per request, once the tunnel shows HTTP.
-        self.per_request() || self.authorize(&caller(req), None, None)
+        self.per_request(req.target.port()) || self.authorize(&caller(req), None, None)
     }
 
     async fn connect(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
@@ -309,7 +311,7 @@ impl Inbound for App {
 
     async fn relay(self: Arc<Self>, tunnel: Tunnel, app: TcpStream, req: TunnelRequest) {
         self.stats.inbound_hbone.fetch_add(1, Relaxed);
-        let judged = !self.per_request();
+        let judged = !self.per_request(req.target.port());
         self.serve(tunnel, app, caller(&req), judged).await;
         tracing::debug!(peer = %req.peer.id, "inbound tunnel closed");
     }
@@ -491,7 +493,7 @@ impl Sidecar {
             source: peer.ip(),
             destination: dst,
         };
-        let judged = !self.app.per_request();
+        let judged = !self.app.per_request(dst.port());
         if judged && !self.app.authorize(&c, None, None) {
             return;
         }
