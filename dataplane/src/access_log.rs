@@ -177,11 +177,6 @@ impl Entry {
     }
 }
 
-/// The upstream endpoint that answered, carried from the forwarder to the log in the
-/// response's extensions (only when the listener logs).
-#[derive(Clone)]
-pub struct UpstreamHost(pub String);
-
 /// The time now, RFC 3339 with milliseconds.
 pub fn now() -> String {
     format!("{:.3}", jiff::Timestamp::now())

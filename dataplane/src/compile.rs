@@ -37,6 +37,9 @@ pub struct CompiledListener {
     pub access_log: bool,
     /// PROXY protocol and trusted `X-Forwarded-For` hops (see [`crate::listener::client`]).
     pub client_address: ClientAddress,
+    /// A Service port's mesh routes, serving a sidecar's captured outbound connections: its
+    /// requests are this workload's calls.
+    pub outbound: bool,
 }
 
 impl Compiled {
@@ -75,8 +78,8 @@ pub enum CompileError {
 pub struct Compiler {
     registry: Arc<Registry>,
     workers: usize,
-    /// A mesh proxy's tunnels, for every cluster's connector.
-    pub tunnels: crate::upstream::TunnelSlot,
+    /// A mesh proxy's side of the upstreams, for every cluster's connector.
+    pub mesh: crate::upstream::MeshSlot,
     /// JWKS fetched for RequestAuthentications, kept across configs.
     jwks: crate::mesh::jwt::JwksCache,
     /// The pod a sidecar serves (its inbound policies are compiled for it).
@@ -92,7 +95,7 @@ impl Compiler {
         Compiler {
             registry,
             workers,
-            tunnels: Default::default(),
+            mesh: Default::default(),
             jwks: Default::default(),
             me: Default::default(),
             zone: Default::default(),
@@ -165,7 +168,7 @@ impl Compiler {
                     prev.map(|p| &**p),
                     self.registry.cluster(&c.name),
                     self.workers,
-                    &self.tunnels,
+                    &self.mesh,
                     secrets,
                     zone,
                 )?,
@@ -213,6 +216,7 @@ impl Compiler {
             tls,
             access_log: l.access_log,
             client_address: l.client_address,
+            outbound: false,
         })
     }
 
@@ -381,6 +385,7 @@ fn mesh_listener(name: String, vhosts: Vec<(String, VirtualHost)>) -> CompiledLi
         tls: None,
         access_log: false,
         client_address: ClientAddress::default(),
+        outbound: true,
     }
 }
 

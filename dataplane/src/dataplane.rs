@@ -27,6 +27,8 @@ pub struct Shared {
     pub limits: Limits,
     pub access_log: Arc<crate::access_log::AccessLog>,
     pub tracing: crate::trace::Tracing,
+    /// A mesh proxy's side of the upstreams (the compiler's, shared).
+    pub mesh: crate::upstream::MeshSlot,
 }
 
 pub struct Dataplane {
@@ -49,15 +51,17 @@ impl Dataplane {
     /// `workers` run the listeners; with none, they run on the caller's runtime.
     pub fn new(limits: Limits, workers: Vec<tokio::runtime::Handle>) -> Arc<Self> {
         let registry = Arc::new(Registry::default());
+        let compiler = Compiler::new(registry.clone(), workers.len());
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(Compiled::empty()),
-            registry: registry.clone(),
+            registry,
             limits,
             access_log: Default::default(),
             tracing: Default::default(),
+            mesh: compiler.mesh.clone(),
         });
         Arc::new(Dataplane {
-            compiler: Compiler::new(registry, workers.len()),
+            compiler,
             listeners: Mutex::new(Listeners::new(shared.clone(), workers)),
             shared,
             ready: AtomicBool::new(false),
@@ -84,9 +88,9 @@ impl Dataplane {
         self.compiler.limiters.use_redis(url)
     }
 
-    /// Mesh proxies: how upstream connections reach mesh workloads (set once).
-    pub fn set_tunnels(&self, t: Arc<dyn crate::upstream::Tunnels>) {
-        let _ = self.compiler.tunnels.set(t);
+    /// Mesh proxies: how upstream connections reach mesh workloads, and who they are (set once).
+    pub fn set_mesh(&self, t: Arc<dyn crate::upstream::MeshUpstreams>) {
+        let _ = self.compiler.mesh.set(t);
     }
 
     pub fn set_status(&self, status: serde_json::Map<String, serde_json::Value>) {

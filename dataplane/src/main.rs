@@ -213,7 +213,8 @@ struct MeshArgs {
     /// Serve inbound HTTP request by request, so that each is counted by caller and response
     /// code (`istio_requests_total`), as Istio's sidecar does. Without it, inbound HTTP is
     /// relayed as a connection (counted in `istio_tcp_*` only) unless a policy, a JWT rule or
-    /// tracing needs its requests.
+    /// tracing needs its requests. Outbound calls routed by mesh routes are counted too, by
+    /// the Service and pod that answered (`reporter="source"`).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "FERRUM_REQUEST_METRICS")]
     request_metrics: bool,
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).

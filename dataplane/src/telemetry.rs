@@ -297,8 +297,10 @@ fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample
         ("istio_tcp_received_bytes", "Bytes received from the client, by peer."),
         ("istio_tcp_sent_bytes", "Bytes sent to the client, by peer."),
     ];
+    // A peer known only by the requests routed to it has no connections of its own to show.
+    let connected = || peers.iter().map(|p| (p, p.connections())).filter(|(_, c)| c[0] > 0);
     for (i, (name, help)) in istio.into_iter().enumerate() {
-        let samples = (peers.iter()).map(|p| ((p.labels.as_slice(), tcp), p.connections()[i] as i64));
+        let samples = connected().map(|(p, c)| ((p.labels.as_slice(), tcp), c[i] as i64));
         family(enc, name, help, MetricType::Counter, samples)?;
     }
     let requests = || {

@@ -1234,7 +1234,7 @@ fn calls_to(w: &World, from: usize, (name, vip): (&str, &str), n: usize, path: &
 
 /// Pod A, and Service B over two pods, b-1 (`version: v1`) and b-2 (`v2`), each version also a
 /// Service of its own (b-v1, b-v2): every pod with its app and a sidecar, A routed to svc-b.
-async fn two_versions_of_b() -> (World, [usize; 3]) {
+async fn two_versions_of_b(sidecar_args: &[&str]) -> (World, [usize; 3]) {
     let mut w = World::start(&[]).await;
     let a = w.pod("a-1", "sa-a", "a", 10, true);
     let b1 = w.pod_labelled("b-1", "sa-b", "app: b, version: v1", 11, true);
@@ -1244,7 +1244,7 @@ async fn two_versions_of_b() -> (World, [usize; 3]) {
     w.service_selecting("b-v2", "10.96.77.12", "app: b, version: v2");
     for (i, sa) in [(b1, "sa-b"), (b2, "sa-b"), (a, "sa-a")] {
         w.app(i);
-        w.sidecar(i, sa, &[]);
+        w.sidecar(i, sa, sidecar_args);
     }
     for i in [a, b1, b2] {
         w.ready(i).await;
@@ -1259,7 +1259,7 @@ async fn two_versions_of_b() -> (World, [usize; 3]) {
 /// connection's last try crosses to b-1, so nothing fails. Without PreferClose both serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefer_close_service_keeps_the_callers_connections_in_its_zone() {
-    let (mut w, [a, b1, b2]) = two_versions_of_b().await;
+    let (mut w, [a, b1, b2]) = two_versions_of_b(&[]).await;
     let service = |w: &World, distribution: &str| {
         w.cluster.apply(&format!(
             "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}, labels: {{topology.kubernetes.io/zone: zone-a}}}}\n---\n\
@@ -1323,7 +1323,7 @@ async fn a_prefer_close_service_keeps_the_callers_connections_in_its_zone() {
 /// returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_routes_split_and_match_in_the_client_sidecar() {
-    let (w, [a, b1, b2]) = two_versions_of_b().await;
+    let (w, [a, b1, b2]) = two_versions_of_b(&["--request-metrics", "true"]).await;
     w.cluster.apply(&format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-split, namespace: {NS}}}\n\
          spec:\n  parentRefs: [{{group: '', kind: Service, name: svc-b, port: 80}}]\n  rules:\n\
@@ -1376,6 +1376,7 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
         assert!(n >= 1.0, "{} got {n} tunnels", w.pods[b].name);
     }
     assert!(echo_through(&w), "raw TCP to port 9000 is balanced as before");
+    calls_are_counted_by_the_service_and_pod_that_answered(&w.pods[a].ip, (v1, v2)).await;
 
     w.cluster.kubectl(&["delete", "httproute", "b-split", "-n", NS], None);
     eventually(
@@ -1386,6 +1387,49 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
     .await;
 }
 
+/// A's sidecar, which routed `split` calls to b-1 (by Service b-v1) and b-2 (b-v2), counts
+/// them as its calls (Istio's `reporter="source"`): by the Service the route sent each to, the
+/// pod that answered and the identity its tunnel checked — requests only, no connections.
+async fn calls_are_counted_by_the_service_and_pod_that_answered(a_ip: &str, split: (usize, usize)) {
+    let b_id = format!("spiffe://cluster.local/ns/{NS}/sa/sa-b");
+    let to = |pod: &str, service: &str| {
+        [
+            "reporter=\"source\"".to_string(),
+            "source_workload=\"a-1\"".into(),
+            format!("destination_workload=\"{pod}\""),
+            format!("destination_principal=\"{b_id}\""),
+            format!("destination_service=\"{service}.{NS}.svc.cluster.local\""),
+            format!("destination_service_name=\"{service}\""),
+            "connection_security_policy=\"mutual_tls\"".into(),
+        ]
+    };
+    let ok = |pod: &str, service: &str| {
+        let mut l = to(pod, service).to_vec();
+        l.extend(["request_protocol=\"http\"".into(), "response_code=\"200\"".into()]);
+        l
+    };
+    let mut text = String::new();
+    eventually("A counted its calls to b-2", Duration::from_secs(5), async || {
+        text = scrape(a_ip).await;
+        series(&text, "istio_requests_total", &ok("b-2", "b-v2")).is_some_and(|n| n >= split.1 as u64)
+    })
+    .await;
+    let v1 = series(&text, "istio_requests_total", &ok("b-1", "b-v1"));
+    assert!(v1.is_some_and(|n| n >= split.0 as u64), "{v1:?} < {}: {text}", split.0);
+    let timed = series(&text, "istio_request_duration_milliseconds_count", &ok("b-1", "b-v1"));
+    assert_eq!(timed, v1, "each call timed");
+    assert_eq!(
+        series(&text, "istio_requests_total", &to("b-1", "b-v2")),
+        None,
+        "b-1 answered only by b-v1: {text}"
+    );
+    assert_eq!(
+        series(&text, "istio_tcp_connections_opened_total", &to("b-1", "b-v1")),
+        None,
+        "routed calls are not connections: {text}"
+    );
+}
+
 /// An Istio VirtualService on Service B routes pod A's HTTP in A's sidecar, first match wins
 /// (an earlier prefix beats a later exact path, unlike Gateway API precedence): a header or a
 /// string prefix pins v2, as does a DestinationRule subset of svc-b itself, a path is
@@ -1394,7 +1438,7 @@ async fn mesh_routes_split_and_match_in_the_client_sidecar() {
 /// It is reported Accepted; deleting it returns HTTP to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_routes_in_the_client_sidecar_first_match_first() {
-    let (w, [a, _, _]) = two_versions_of_b().await;
+    let (w, [a, _, _]) = two_versions_of_b(&[]).await;
     w.cluster.install_istio_crds();
     w.cluster.apply(&format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: svc-b, namespace: {NS}}}\n\
@@ -1585,7 +1629,7 @@ fn echoes_to_svc_b(w: &World, from: usize, n: usize) -> usize {
 /// VirtualService returns to plain balancing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
-    let (w, [a, b1, b2]) = two_versions_of_b().await;
+    let (w, [a, b1, b2]) = two_versions_of_b(&[]).await;
     w.cluster.install_istio_crds();
     let shift = |v1: u32, v2: u32| {
         w.cluster.apply(&format!(
@@ -1656,7 +1700,7 @@ async fn a_virtual_service_shifts_tcp_connections_between_subsets() {
 /// spread over both; without the rule, one user's connections are balanced over both pods.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rule_alone_balances_each_request_of_an_http_port() {
-    let (mut w, [a, _, b2]) = two_versions_of_b().await;
+    let (mut w, [a, _, b2]) = two_versions_of_b(&[]).await;
     w.cluster.install_istio_crds();
     let as_user = |w: &World, user: &str, n: usize| calls_to_svc_b(w, a, n, "/u", &["-H", &format!("x-user: {user}")]);
     let one_user = as_user(&w, "alice", 10);
@@ -1841,7 +1885,7 @@ async fn a_virtual_service_routes_by_the_callers_labels() {
 /// lets b-2's failures through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_service_retries_are_the_routes_own() {
-    let (mut w, [a, _, b2]) = two_versions_of_b().await;
+    let (mut w, [a, _, b2]) = two_versions_of_b(&[]).await;
     w.cluster.install_istio_crds();
     // No ejection (it would hide b-2 from the route without retries too), no cluster retries.
     w.cluster.apply(&format!(

@@ -492,6 +492,15 @@ pub struct Mesh {
     pub sidecars: Vec<Arc<SidecarScope>>,
 }
 
+/// The key of the [`MeshService`] whose endpoints a cluster the translator named has:
+/// `service/<namespace>/<name>:<port>…` (a Service's), `serviceentry/<namespace>/<name>/<host>:<port>…`
+/// (a ServiceEntry host's); what follows the port (a subset, a protocol variant) is the same
+/// Service's.
+pub fn cluster_service_key(cluster: &str) -> Option<&str> {
+    let rest = (cluster.strip_prefix("service/")).or_else(|| cluster.strip_prefix("serviceentry/"))?;
+    rest.rsplit_once(':').map(|(key, _)| key)
+}
+
 /// A Kubernetes Service as the mesh sees it: its virtual IPs and ports, and the workloads
 /// behind each port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -846,6 +855,17 @@ impl<T: Keyed + PartialEq> Changes<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clusters_name_says_whose_endpoints_it_has() {
+        assert_eq!(cluster_service_key("service/shop/b:80"), Some("shop/b"));
+        assert_eq!(cluster_service_key("service/shop/b:81~v1#h2"), Some("shop/b"));
+        assert_eq!(
+            cluster_service_key("serviceentry/ns/api/api.example.com:443"),
+            Some("ns/api/api.example.com")
+        );
+        assert_eq!(cluster_service_key("backend/shop/legacy:80"), None);
+    }
 
     #[test]
     fn a_port_declares_http_by_app_protocol_else_by_its_names_prefix() {

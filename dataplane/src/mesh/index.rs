@@ -437,6 +437,11 @@ impl MeshIndex {
         }
     }
 
+    /// The Service at `dst` (one of its addresses and ports).
+    pub fn service(&self, dst: SocketAddr) -> Option<&Arc<MeshService>> {
+        self.services.get(&dst).map(|t| &t.service)
+    }
+
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
     }

@@ -470,12 +470,12 @@ where
             let traced = span.map(|span| (Entry::of(&req, conn.client, "inbound"), span));
             let Ok(resp) = answer(req, &app, &*judge, &conn).await;
             let call = Counted::new(conn.calls.clone(), &resp, grpc, started, request_bytes);
-            let traced = traced.map(|(mut entry, span)| {
-                entry.respond(&resp);
-                (entry, span)
-            });
+            let (mut entry, span) = traced.unzip();
+            if let Some(e) = &mut entry {
+                e.respond(&resp);
+            }
             let log = conn.shared.access_log.clone();
-            Ok::<_, Infallible>(resp.map(|body| Observed::counted(body, call, traced, log)))
+            Ok::<_, Infallible>(resp.map(|body| Observed::wrap(body, entry, false, span, log, Some(call))))
         })
     });
     let served = server

@@ -412,7 +412,32 @@ impl Peers {
         self.open(peer, version, own)
     }
 
-    fn open(&self, mut peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Open {
+    /// Where this workload's calls to `workload` (`principal` when over HBONE) by `service` are
+    /// counted: requests, not connections.
+    pub fn calls_to(
+        &self,
+        workload: Option<Arc<Workload>>,
+        principal: Option<SpiffeId>,
+        service: Option<Arc<MeshService>>,
+        version: u64,
+        own: impl FnOnce() -> Party,
+    ) -> Calls {
+        let peer = Peer {
+            reporter: Reporter::Source,
+            workload,
+            principal,
+            service,
+        };
+        Calls(self.counts(peer, version, own))
+    }
+
+    fn open(&self, peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Open {
+        let counts = self.counts(peer, version, own);
+        counts.opened.fetch_add(1, Relaxed);
+        Open(counts)
+    }
+
+    fn counts(&self, mut peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Arc<Counts> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner
             .own
@@ -424,9 +449,7 @@ impl Peers {
         if inner.peers.len() >= MAX_PEERS && !inner.peers.contains_key(&peer) {
             peer = Peer::unknown(peer.reporter);
         }
-        let counts = inner.peers.entry(peer).or_default().clone();
-        counts.opened.fetch_add(1, Relaxed);
-        Open(counts)
+        inner.peers.entry(peer).or_default().clone()
     }
 
     /// Each peer, labelled with Istio's names.
@@ -597,6 +620,38 @@ mod tests {
             .labels;
         assert_eq!(label(l, "destination_service"), "unknown");
         assert_eq!(label(l, "connection_security_policy"), "none");
+    }
+
+    #[test]
+    fn calls_routed_to_a_workload_are_its_requests_not_connections() {
+        let peers = Peers::default();
+        let own = || Party::of(Some(&pod("web-1", &[])), None);
+        let api = Arc::new(pod("api-0", &[]));
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().unwrap();
+        let calls = peers.calls_to(Some(api.clone()), Some(id.clone()), None, 1, own);
+        calls.record(&Call {
+            status: 503,
+            protocol: Protocol::Http,
+            took: Duration::from_millis(2),
+            request_bytes: 0,
+            response_bytes: 19,
+        });
+        let again = peers.calls_to(Some(api), Some(id), None, 1, own);
+        again.record(&Call {
+            status: 503,
+            protocol: Protocol::Http,
+            took: Duration::from_millis(1),
+            request_bytes: 0,
+            response_bytes: 19,
+        });
+        let samples = peers.samples();
+        assert_eq!(samples.len(), 1, "one peer, however often it is looked up");
+        assert_eq!(samples[0].connections(), [0; 4]);
+        let label = |k: &str| samples[0].labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(label("reporter"), "source");
+        assert_eq!(label("destination_workload"), "api-0");
+        let requests: Vec<_> = samples[0].requests().collect();
+        assert_eq!((requests[0].code.as_str(), requests[0].count), ("503", 2));
     }
 
     #[test]

@@ -23,12 +23,13 @@ use super::hbone::{self, Dial, Inbound, PROXY_PORTS, Tunnel, TunnelRequest};
 use super::identity::Identity;
 use super::index::{Destination, ServiceTarget};
 use super::l7;
+use super::peers::Calls;
 use super::policy::{Connection, Decision};
 use crate::dataplane::Dataplane;
 use crate::listener;
 use crate::proxy::ConnInfo;
 use crate::router::VirtualHost;
-use crate::upstream::{CONNECT_ATTEMPTS, L4Guard, L4Stream, TunnelFuture, Tunnels};
+use crate::upstream::{CONNECT_ATTEMPTS, L4Guard, L4Stream, MeshUpstreams, TunnelFuture};
 use ferrum_snapshot::identity::SpiffeId;
 
 /// The source address the proxy uses towards its own application (capture rule 1 skips it).
@@ -410,7 +411,10 @@ impl Sidecar {
             settings,
             draining: AtomicBool::new(false),
         });
-        sidecar.dp.set_tunnels(Arc::new(Dialer(Arc::downgrade(&sidecar))));
+        sidecar.dp.set_mesh(Arc::new(Dialer {
+            sidecar: Arc::downgrade(&sidecar),
+            counts: sidecar.settings.request_metrics,
+        }));
         sidecar
     }
 
@@ -673,6 +677,23 @@ impl Sidecar {
             })
     }
 
+    /// Where this workload's routed calls to the Service at `requested` are counted: by the
+    /// Service whose `cluster` answered (else the one requested), and the workload at `endpoint`
+    /// with the identity its tunnel checked.
+    fn calls_to(&self, requested: SocketAddr, cluster: Option<&str>, endpoint: Option<SocketAddr>) -> Calls {
+        let cfg = self.dp.shared.config.load();
+        let key = cluster.and_then(ferrum_snapshot::mesh::cluster_service_key);
+        let answered = key.and_then(|k| cfg.snapshot.services.iter().find(|s| s.key == k));
+        let service = answered.or_else(|| cfg.mesh.service(requested)).cloned();
+        let workload = endpoint.and_then(|a| cfg.mesh.workload(a.ip())).cloned();
+        let principal = match (&workload, self.identity.current()) {
+            (Some(w), Some(t)) if w.hbone => Some(w.identity(&t.svid.id.trust_domain)),
+            _ => None,
+        };
+        let own = || self.app.own(&cfg);
+        (self.app.stats.peers).calls_to(workload, principal, service, cfg.snapshot.version, own)
+    }
+
     /// A stream to one of a service's endpoints, trying the next ones when a connect fails.
     async fn connect_service(&self, t: &ServiceTarget, dst: SocketAddr, peer: SocketAddr) -> Option<L4Stream> {
         let mut last = None;
@@ -763,12 +784,25 @@ impl Sidecar {
     }
 }
 
-/// Opens the routed proxy's upstream connections to mesh workloads as HBONE tunnels.
-struct Dialer(Weak<Sidecar>);
+/// Opens the routed proxy's upstream connections to mesh workloads as HBONE tunnels, and says
+/// who they reach for the request metrics.
+struct Dialer {
+    sidecar: Weak<Sidecar>,
+    /// Routed requests are counted as this workload's calls.
+    counts: bool,
+}
 
-impl Tunnels for Dialer {
+impl MeshUpstreams for Dialer {
+    fn counts_calls(&self) -> bool {
+        self.counts
+    }
+
+    fn callee(&self, requested: SocketAddr, cluster: Option<&str>, endpoint: Option<SocketAddr>) -> Option<Calls> {
+        Some(self.sidecar.upgrade()?.calls_to(requested, cluster, endpoint))
+    }
+
     fn dial(&self, addr: SocketAddr) -> Option<TunnelFuture> {
-        let sidecar = self.0.upgrade()?;
+        let sidecar = self.sidecar.upgrade()?;
         let (w, me) = {
             let cfg = sidecar.dp.shared.config.load();
             let w = cfg.mesh.workload(addr.ip()).filter(|w| w.hbone)?.clone();

@@ -190,21 +190,63 @@ pub async fn handle(shared: Arc<Shared>, mut conn: ConnInfo, mut req: Request<In
     // Whatever answers the request, the headers an authorization provider that let it on gave
     // for the client go on it.
     let mut on_allow = ResponseHeaders::new();
-    if !listener.access_log && span.is_none() {
+    let mesh = calls_counted(&shared, listener);
+    if !listener.access_log && span.is_none() && mesh.is_none() {
         let mut resp = serve(&shared, listener, conn, req, started, None, &mut on_allow).await;
         add_response_headers(on_allow, resp.headers_mut());
         return resp;
     }
-    let mut entry = crate::access_log::Entry::of(&req, conn.remote, &listener.name);
-    let mut resp = serve(&shared, listener, conn, req, started, Some(&mut entry), &mut on_allow).await;
+    // What a call is counted by, known before the request goes.
+    let call = (is_grpc(&req), req.body().size_hint().exact().unwrap_or(0));
+    let requested = conn.listener;
+    let mut entry = (listener.access_log || span.is_some())
+        .then(|| crate::access_log::Entry::of(&req, conn.remote, &listener.name));
+    // Boxed: what this path keeps across the wait would grow every request's future.
+    let mut resp = Box::pin(serve(
+        &shared,
+        listener,
+        conn,
+        req,
+        started,
+        entry.as_mut(),
+        &mut on_allow,
+    ))
+    .await;
     add_response_headers(on_allow, resp.headers_mut());
-    entry.respond(&resp);
-    entry.upstream_host = resp
-        .extensions_mut()
-        .remove::<crate::access_log::UpstreamHost>()
-        .map(|h| h.0);
+    let reached = resp.extensions_mut().remove::<Reached>();
+    if let Some(e) = &mut entry {
+        e.respond(&resp);
+        e.upstream_host = reached.as_ref().map(|r| r.endpoint.key.clone());
+    }
+    let counted = mesh.and_then(|mesh| {
+        let calls = match reached.and_then(|r| r.calls) {
+            Some(calls) => calls,
+            // Nothing answered (no route, no endpoint): a call to the Service still.
+            None => mesh.callee(requested, None, None)?,
+        };
+        Some(body::Counted::new(calls, &resp, call.0, started, call.1))
+    });
     let log = listener.access_log;
-    resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.access_log.clone()))
+    resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.access_log.clone(), counted))
+}
+
+/// The mesh proxy that counts `listener`'s requests as its workload's calls (Istio's
+/// `reporter="source"`), when it does.
+fn calls_counted<'a>(
+    shared: &'a Shared,
+    listener: &CompiledListener,
+) -> Option<&'a dyn crate::upstream::MeshUpstreams> {
+    let mesh = shared.mesh.get().filter(|_| listener.outbound)?;
+    mesh.counts_calls().then_some(&**mesh)
+}
+
+/// The endpoint that answered, carried from the forwarder in the response's extensions for the
+/// request's log line and its caller's metrics (only when either is wanted).
+#[derive(Clone)]
+struct Reached {
+    endpoint: Arc<crate::upstream::EndpointState>,
+    /// Where a mesh proxy counts the call.
+    calls: Option<crate::mesh::peers::Calls>,
 }
 
 /// Answers one request on `listener`; notes its route and cluster in `log`, when logging, and
@@ -288,7 +330,7 @@ async fn serve(
                     cluster,
                     conn,
                     host_value,
-                    logging: log.is_some(),
+                    noting: log.is_some() || calls_counted(shared, listener).is_some(),
                     backend,
                 };
                 ctx.run(req).await.unwrap_or_else(Local::response)
@@ -674,8 +716,9 @@ struct Forward<'a> {
     cluster: &'a Arc<ClusterRuntime>,
     conn: ConnInfo,
     host_value: Option<HeaderValue>,
-    /// The listener logs requests: the response carries the endpoint that answered.
-    logging: bool,
+    /// The request is logged or counted as a call: the response carries the endpoint that
+    /// answered.
+    noting: bool,
     /// The chosen backend's own header edits.
     backend: Option<&'a crate::router::BackendMods>,
 }
@@ -905,7 +948,7 @@ impl Forward<'_> {
         upgrade: Option<upgrade::Upgrade>,
         via: &'static str,
         guards: (RequestGuard, EndpointGuard),
-        ep: &EndpointState,
+        ep: &Arc<EndpointState>,
     ) -> Result<Response<ResponseBody>, Local> {
         match outcome {
             Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -916,9 +959,15 @@ impl Forward<'_> {
             Try::Response(resp, lease) => {
                 let idle = self.shared.limits.stream_idle_timeout;
                 let mut r = downstream_response(resp, via, idle, (guards.0, guards.1, lease));
-                if self.logging {
-                    r.extensions_mut()
-                        .insert(crate::access_log::UpstreamHost(ep.key.clone()));
+                if self.noting {
+                    let calls = self
+                        .listener
+                        .outbound
+                        .then(|| self.cluster.callee(ep, self.conn.listener));
+                    r.extensions_mut().insert(Reached {
+                        endpoint: ep.clone(),
+                        calls: calls.flatten().cloned(),
+                    });
                 }
                 Ok(r)
             }

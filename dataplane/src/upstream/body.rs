@@ -678,39 +678,23 @@ fn grpc_status(h: &http::HeaderMap) -> Option<u8> {
 }
 
 impl Observed {
+    /// `inner`, whose request is logged (`log`, with `entry`), traced (`span`, ended with
+    /// `entry`) and counted for its caller (`call`), as each is wanted.
     pub fn wrap(
         inner: ResponseBody,
-        entry: crate::access_log::Entry,
+        entry: Option<crate::access_log::Entry>,
         log: bool,
         span: Option<crate::trace::RequestSpan>,
         access_log: Arc<crate::access_log::AccessLog>,
+        call: Option<Counted>,
     ) -> ResponseBody {
-        ResponseBody::Observed(Box::new(Observed {
-            inner,
-            entry: Some(entry),
-            log,
-            span,
-            access_log,
-            call: None,
-        }))
-    }
-
-    /// [`Observed::wrap`] for a request a sidecar counts for its caller, and traces when it
-    /// has an `entry` and a `span` (it logs none).
-    pub fn counted(
-        inner: ResponseBody,
-        call: Counted,
-        traced: Option<(crate::access_log::Entry, crate::trace::RequestSpan)>,
-        access_log: Arc<crate::access_log::AccessLog>,
-    ) -> ResponseBody {
-        let (entry, span) = traced.unzip();
         ResponseBody::Observed(Box::new(Observed {
             inner,
             entry,
-            log: false,
+            log,
             span,
             access_log,
-            call: Some(call),
+            call,
         }))
     }
 

@@ -39,19 +39,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A tunnel being opened to one endpoint.
 pub type TunnelFuture = Pin<Box<dyn Future<Output = Result<Tunnel, BoxError>> + Send>>;
 
-/// Opens mesh tunnels (a sidecar's HBONE client).
-pub trait Tunnels: Send + Sync {
+/// A mesh proxy's side of the routed path's upstreams (a sidecar's): how they are reached, and
+/// who they are for its request metrics.
+pub trait MeshUpstreams: Send + Sync {
     /// A tunnel to `addr` when a mesh proxy serves it; `None` means connect directly.
     fn dial(&self, addr: SocketAddr) -> Option<TunnelFuture>;
+
+    /// Whether this workload's calls are counted (Istio's `reporter="source"` request metrics).
+    fn counts_calls(&self) -> bool;
+
+    /// Where a call to the Service at `requested` is counted: by the Service of the `cluster`
+    /// that answered (else the one requested) and the workload at `endpoint` (else unknown);
+    /// `None` once the proxy is gone.
+    fn callee(
+        &self,
+        requested: SocketAddr,
+        cluster: Option<&str>,
+        endpoint: Option<SocketAddr>,
+    ) -> Option<crate::mesh::peers::Calls>;
 }
 
-/// Set once a mesh proxy starts; shared by every cluster's connector.
-pub type TunnelSlot = Arc<OnceLock<Arc<dyn Tunnels>>>;
+/// Set once a mesh proxy starts; shared by every cluster's connector and the request path.
+pub type MeshSlot = Arc<OnceLock<Arc<dyn MeshUpstreams>>>;
 
 #[derive(Clone)]
 pub struct CountingConnector {
     inner: HttpConnector,
-    tunnels: TunnelSlot,
+    mesh: MeshSlot,
     stats: Arc<ClusterStats>,
     max: u32,
 }
@@ -68,7 +82,7 @@ impl tower_service::Service<Uri> for CountingConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let stats = self.stats.clone();
         let max = self.max;
-        let tunnel = self.tunnels.get().and_then(|t| {
+        let tunnel = self.mesh.get().and_then(|t| {
             let addr: SocketAddr = uri.authority()?.as_str().parse().ok()?;
             t.dial(addr)
         });
@@ -283,7 +297,7 @@ pub fn set_keepalive(s: &tokio::net::TcpStream, k: &TcpKeepalive) -> std::io::Re
 pub fn build(
     c: &Cluster,
     stats: Arc<ClusterStats>,
-    tunnels: &TunnelSlot,
+    mesh: &MeshSlot,
     secrets: &Secrets,
 ) -> Result<Connector, ClientError> {
     let mut http = HttpConnector::new();
@@ -297,7 +311,7 @@ pub fn build(
     }
     let counting = CountingConnector {
         inner: http,
-        tunnels: tunnels.clone(),
+        mesh: mesh.clone(),
         stats,
         max: c.circuit_breaker.max_connections,
     };

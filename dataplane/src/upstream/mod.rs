@@ -15,8 +15,9 @@ pub mod pool;
 pub mod retry;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferrum_snapshot::model::{Cluster, Endpoint, HashOn, OutlierDetection, SlowStart, UpstreamProtocol};
@@ -27,7 +28,7 @@ pub use failure::UpstreamError;
 
 use crate::telemetry::{ClusterStats, EndpointHealth};
 use balance::{Balancer, Candidate};
-pub use connector::{MaxConnections, TunnelFuture, TunnelSlot, Tunnels};
+pub use connector::{MaxConnections, MeshSlot, MeshUpstreams, TunnelFuture};
 pub use l4::L4Stream;
 pub use pool::{Lease, Pool, PoolError};
 
@@ -55,6 +56,8 @@ pub struct EndpointState {
     warm_from_ms: AtomicU64,
     pub zone: Option<String>,
     pub priority: u32,
+    /// Where a mesh proxy counts its calls answered here (found on the first one).
+    callee: OnceLock<Option<crate::mesh::peers::Calls>>,
 }
 
 impl EndpointState {
@@ -79,6 +82,7 @@ impl EndpointState {
             warm_from_ms: AtomicU64::new(0),
             zone: e.zone.clone(),
             priority: e.priority,
+            callee: OnceLock::new(),
         })
     }
 
@@ -183,8 +187,8 @@ pub struct ClusterRuntime {
     /// When the endpoints were last counted for the panic threshold (ms, shifted left one) and
     /// whether too few were available (the low bit).
     panic: AtomicU64,
-    /// A mesh proxy's tunnels: L4 connections to mesh workloads go over HBONE, as requests do.
-    tunnels: connector::TunnelSlot,
+    /// A mesh proxy's side: L4 connections to mesh workloads go over HBONE, as requests do.
+    mesh: connector::MeshSlot,
     /// The endpoints' priorities and, with locality failover and a proxy that knows its zone,
     /// whether they are in it: `None` when that makes one level.
     localities: Option<locality::Localities>,
@@ -321,7 +325,7 @@ impl ClusterRuntime {
         previous: Option<&ClusterRuntime>,
         stats: Arc<ClusterStats>,
         workers: usize,
-        tunnels: &connector::TunnelSlot,
+        mesh: &connector::MeshSlot,
         secrets: &ferrum_snapshot::Secrets,
         // The proxy's zone, when the cluster has locality failover.
         zone: Option<&str>,
@@ -343,7 +347,7 @@ impl ClusterRuntime {
             Scheme::HTTP
         };
         let pools_of = |c: &Cluster| -> Result<Box<[Arc<Pool>]>, ClusterError> {
-            let connector = connector::build(c, stats.clone(), tunnels, secrets)?;
+            let connector = connector::build(c, stats.clone(), mesh, secrets)?;
             Ok((0..=workers)
                 .map(|_| Arc::new(Pool::new(c, connector.clone(), scheme.clone(), endpoints.len())))
                 .collect())
@@ -379,7 +383,7 @@ impl ClusterRuntime {
             health: None,
             warmup,
             panic: AtomicU64::new(0),
-            tunnels: tunnels.clone(),
+            mesh: mesh.clone(),
         };
         if spec.health_check.is_some() && !rt.endpoints.is_empty() {
             rt.health = Some(health::spawn(&rt));
@@ -414,6 +418,16 @@ impl ClusterRuntime {
         };
         self.pending.fetch_sub(1, Relaxed);
         result
+    }
+
+    /// Where a mesh proxy counts its call to the Service at `requested` that `ep` answered;
+    /// `None` when it counts none. Found on the endpoint's first call, then read without a lock.
+    pub fn callee<'e>(&self, ep: &'e EndpointState, requested: SocketAddr) -> Option<&'e crate::mesh::peers::Calls> {
+        let mesh = self.mesh.get().filter(|m| m.counts_calls())?;
+        let at = ep.key.parse().ok();
+        ep.callee
+            .get_or_init(|| mesh.callee(requested, Some(&self.spec.name), at))
+            .as_ref()
     }
 
     /// The calling worker's pool (the control thread's when called elsewhere).
@@ -518,7 +532,7 @@ impl ClusterRuntime {
 
     /// A tunnel to `ep` when a mesh proxy serves it, else a TCP connection.
     async fn open(&self, ep: &EndpointState) -> Result<L4Stream, connector::BoxError> {
-        let tunnel = self.tunnels.get().and_then(|t| t.dial(ep.key.parse().ok()?));
+        let tunnel = self.mesh.get().and_then(|t| t.dial(ep.key.parse().ok()?));
         if let Some(t) = tunnel {
             return Ok(L4Stream::Tunnel(t.await?));
         }

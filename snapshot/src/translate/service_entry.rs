@@ -537,6 +537,8 @@ mod tests {
         assert_eq!(c.timeouts.connect_ms, 2000);
         let legacy = service(&t, "ns/legacy/legacy.example.com");
         assert!(legacy.routes.is_empty(), "no rule, no routes: L4 as before");
+        // A proxy finds the Service that answered from the cluster's name (request metrics).
+        assert_eq!(crate::mesh::cluster_service_key(&c.name), Some(api.key.as_str()));
     }
 
     /// Istio's "Egress TLS Origination" task, as written there (plus an HTTP port the rule
