@@ -26,7 +26,7 @@ use crate::dataplane::Shared;
 use crate::listener::{H2_PREFACE, HttpVersion};
 use crate::proxy::{Local, headers};
 use crate::upstream::UpstreamError;
-use crate::upstream::body::{ClientBody, Counted, Observed, RequestBody, ResponseBody};
+use crate::upstream::body::{ClientBody, Counted, Observed, RequestBody, ResponseBody, Upload};
 
 /// How long a client gets to show what it speaks; silence means a server-first protocol.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
@@ -367,13 +367,13 @@ async fn answer<F>(
     app: &AppConn,
     judge: &F,
     conn: &Conn,
-) -> Result<Response<Body>, Infallible>
+) -> (Response<Body>, Option<Arc<Upload>>)
 where
     F: Fn(&mut http::request::Parts) -> Verdict,
 {
     let limits = &conn.shared.limits;
     if let Err(refused) = crate::proxy::check_head(&mut req, limits) {
-        return Ok(refused.into_response(ResponseBody::local));
+        return (refused.into_response(ResponseBody::local), None);
     }
     let upgrade = crate::proxy::upgrade::requested(&mut req).filter(|u| !u.is_h2());
     let (mut parts, body) = req.into_parts();
@@ -382,8 +382,8 @@ where
     let body_idle = limits.request_body_idle_timeout;
     let on_allow = match super::ext_authz::settle(verdict, &mut parts, &mut body, body_idle).await {
         Settled::Allow(add) => add,
-        Settled::Deny => return Ok(text(StatusCode::FORBIDDEN, "RBAC: access denied")),
-        Settled::Refused(d) => return Ok(d.into_response(ResponseBody::local)),
+        Settled::Deny => return (text(StatusCode::FORBIDDEN, "RBAC: access denied"), None),
+        Settled::Refused(d) => return (d.into_response(ResponseBody::local), None),
         Settled::Unauthenticated => {
             // Envoy's answer, so clients written against Istio see what they expect.
             let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
@@ -391,7 +391,7 @@ where
                 http::header::WWW_AUTHENTICATE,
                 http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
             );
-            return Ok(r);
+            return (r, None);
         }
     };
     // The app's request and the client's response get what the gateway's do: hop-by-hop
@@ -403,7 +403,7 @@ where
     }
     // Bounded as at the gateway: --max-request-body, and pauses of --request-body-idle-timeout.
     if body.size_hint().lower() > limits.max_request_body as u64 {
-        return Ok(Local::BodyTooLarge.into_response(ResponseBody::local));
+        return (Local::BodyTooLarge.into_response(ResponseBody::local), None);
     }
     let (body, upload) = if body.is_end_stream() {
         (RequestBody::empty(), None)
@@ -414,9 +414,9 @@ where
     let sent = std::pin::pin!(app.send(Request::from_parts(parts, body)));
     let sent = match crate::proxy::await_app(sent, upload.as_deref(), body_idle).await {
         Ok(sent) => sent,
-        Err(local) => return Ok(local.into_response(ResponseBody::local)),
+        Err(local) => return (local.into_response(ResponseBody::local), upload),
     };
-    Ok(match sent {
+    let resp = match sent {
         Ok(resp) if !crate::proxy::valid_status(resp.status(), upgrade.is_some()) => {
             tracing::debug!(status = %resp.status(), "application answered with a status no client may get");
             Local::Upstream(UpstreamError::InvalidResponse).into_response(ResponseBody::local)
@@ -441,7 +441,8 @@ where
                 "upstream connect error or disconnect/reset before headers",
             )
         }
-    })
+    };
+    (resp, upload)
 }
 
 /// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
@@ -465,11 +466,11 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let grpc = crate::proxy::is_grpc(&req);
-            let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+            let declared = req.body().size_hint().exact().unwrap_or(0);
             let span = conn.shared.tracing.begin(req.headers_mut(), SpanKind::Server);
             let traced = span.map(|span| (Entry::of(&req, conn.client, "inbound"), span));
-            let Ok(resp) = answer(req, &app, &*judge, &conn).await;
-            let call = Counted::new(conn.calls.clone(), &resp, grpc, started, request_bytes);
+            let (resp, upload) = answer(req, &app, &*judge, &conn).await;
+            let call = Counted::new(conn.calls.clone(), &resp, grpc, started, (declared, upload));
             let (mut entry, span) = traced.unzip();
             if let Some(e) = &mut entry {
                 e.respond(&resp);
@@ -731,12 +732,18 @@ mod tests {
             while let Ok((s, _)) = app.accept().await {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let grpc = req.headers().contains_key(http::header::CONTENT_TYPE);
+                    let path = req.uri().path().to_string();
+                    let answer = match path.as_str() {
+                        // Read whole before answering, as an app taking an upload does.
+                        "/upload" => Bytes::from(req.into_body().collect().await.unwrap().to_bytes().len().to_string()),
+                        _ => Bytes::from_static(b"answer"),
+                    };
                     let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
                     let trailers = grpc.then_some(Ok(trailers));
-                    let body = Full::new(Bytes::from_static(b"answer")).with_trailers(async move { trailers });
+                    let body = Full::new(answer).with_trailers(async move { trailers });
                     let mut r = Response::new(body);
-                    if req.uri().path() == "/missing" {
+                    if path == "/missing" {
                         *r.status_mut() = StatusCode::NOT_FOUND;
                     }
                     Ok::<_, Infallible>(r)
@@ -765,9 +772,15 @@ mod tests {
                     .header(http::header::CONTENT_TYPE, "application/grpc");
             }
             let body = Full::new(Bytes::from_static(b"12345"));
-            let resp = send.send_request(req.body(body).unwrap()).await.unwrap();
+            let resp = send.send_request(req.body(body.boxed()).unwrap()).await.unwrap();
             resp.into_body().collect().await.unwrap();
         }
+        // An upload of unknown length (no content-length), in three frames: 11 bytes arrive.
+        let frames = ["hello", " ", "world"].map(|f| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(f))));
+        let upload = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let req = Request::post("http://app/upload").body(upload.boxed()).unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "11");
         // Counted as the server lets each response body go, just after the client has it all.
         let grpc = "request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"14\"";
         let mut text = String::new();
@@ -789,7 +802,7 @@ mod tests {
                 &format!("request_protocol=\"http\",response_code=\"{code}\",response_flags=\"-\"}}"),
             )
         };
-        assert_eq!(count("200"), Some(2.0), "{text}");
+        assert_eq!(count("200"), Some(3.0), "{text}");
         assert_eq!(count("403"), Some(1.0), "{text}");
         assert_eq!(count("404"), Some(1.0), "{text}");
         assert_eq!(value("istio_requests_total", grpc), Some(1.0), "{text}");
@@ -801,18 +814,18 @@ mod tests {
         let ok = "response_code=\"200\",response_flags=\"-\"";
         assert_eq!(
             value("istio_request_duration_milliseconds_count", ok),
-            Some(2.0),
+            Some(3.0),
             "{text}"
         );
         assert_eq!(
             value("istio_response_bytes_sum", ok),
-            Some(12.0),
+            Some(14.0),
             "the app's bodies: {text}"
         );
         assert_eq!(
             value("istio_request_bytes_sum", ok),
-            Some(10.0),
-            "the client's bodies: {text}"
+            Some(21.0),
+            "the client's bodies, as declared or as they arrived: {text}"
         );
         let denied = "response_code=\"403\",response_flags=\"-\"";
         assert_eq!(

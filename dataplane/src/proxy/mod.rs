@@ -196,8 +196,7 @@ pub async fn handle(shared: Arc<Shared>, mut conn: ConnInfo, mut req: Request<In
         add_response_headers(on_allow, resp.headers_mut());
         return resp;
     }
-    // What a call is counted by, known before the request goes.
-    let call = (is_grpc(&req), req.body().size_hint().exact().unwrap_or(0));
+    let (grpc, declared) = (is_grpc(&req), req.body().size_hint().exact().unwrap_or(0));
     let requested = conn.listener;
     let mut entry = (listener.access_log || span.is_some())
         .then(|| crate::access_log::Entry::of(&req, conn.remote, &listener.name));
@@ -219,12 +218,14 @@ pub async fn handle(shared: Arc<Shared>, mut conn: ConnInfo, mut req: Request<In
         e.upstream_host = reached.as_ref().map(|r| r.endpoint.key.clone());
     }
     let counted = mesh.and_then(|mesh| {
-        let calls = match reached.and_then(|r| r.calls) {
-            Some(calls) => calls,
+        let (calls, upload) = match reached {
+            Some(Reached {
+                calls: Some(c), upload, ..
+            }) => (c, upload),
             // Nothing answered (no route, no endpoint): a call to the Service still.
-            None => mesh.callee(requested, None, None)?,
+            _ => (mesh.callee(requested, None, None)?, None),
         };
-        Some(body::Counted::new(calls, &resp, call.0, started, call.1))
+        Some(body::Counted::new(calls, &resp, grpc, started, (declared, upload)))
     });
     let log = listener.access_log;
     resp.map(|b| body::Observed::wrap(b, entry, log, span, shared.access_log.clone(), counted))
@@ -247,6 +248,8 @@ struct Reached {
     endpoint: Arc<crate::upstream::EndpointState>,
     /// Where a mesh proxy counts the call.
     calls: Option<crate::mesh::peers::Calls>,
+    /// The request's body as it arrived, when it had one.
+    upload: Option<Arc<body::Upload>>,
 }
 
 /// Answers one request on `listener`; notes its route and cluster in `log`, when logging, and
@@ -873,11 +876,28 @@ impl Forward<'_> {
                 // A streaming upload goes on without being kept.
                 r.settle();
             }
-            let mut resp = self.respond(outcome, upgrade, via, (guard, ep_guard), ep)?;
+            let mut resp = self.respond(outcome, upgrade, via, (guard, ep_guard))?;
             if let Some(c) = set_cookie {
                 resp.headers_mut().append(header::SET_COOKIE, c);
             }
+            if self.noting {
+                resp.extensions_mut().insert(self.reached(ep, upload));
+            }
             return Ok(resp);
+        }
+    }
+
+    /// What the response carries of the endpoint `ep` that answered, whose request's body
+    /// `upload` received.
+    fn reached(&self, ep: &Arc<EndpointState>, upload: Option<Arc<body::Upload>>) -> Reached {
+        let calls = self
+            .listener
+            .outbound
+            .then(|| self.cluster.callee(ep, self.conn.listener));
+        Reached {
+            endpoint: ep.clone(),
+            calls: calls.flatten().cloned(),
+            upload,
         }
     }
 
@@ -948,7 +968,6 @@ impl Forward<'_> {
         upgrade: Option<upgrade::Upgrade>,
         via: &'static str,
         guards: (RequestGuard, EndpointGuard),
-        ep: &Arc<EndpointState>,
     ) -> Result<Response<ResponseBody>, Local> {
         match outcome {
             Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -958,18 +977,7 @@ impl Forward<'_> {
             }
             Try::Response(resp, lease) => {
                 let idle = self.shared.limits.stream_idle_timeout;
-                let mut r = downstream_response(resp, via, idle, (guards.0, guards.1, lease));
-                if self.noting {
-                    let calls = self
-                        .listener
-                        .outbound
-                        .then(|| self.cluster.callee(ep, self.conn.listener));
-                    r.extensions_mut().insert(Reached {
-                        endpoint: ep.clone(),
-                        calls: calls.flatten().cloned(),
-                    });
-                }
-                Ok(r)
+                Ok(downstream_response(resp, via, idle, (guards.0, guards.1, lease)))
             }
             Try::Upstream(e) => Err(Local::Upstream(e)),
             Try::Client(l) => Err(l),

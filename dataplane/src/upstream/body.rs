@@ -159,6 +159,8 @@ pub struct Upload {
     /// `now_ms()` of the last frame (or of the start).
     last_ms: AtomicU64,
     done: AtomicBool,
+    /// Body bytes received so far.
+    bytes: AtomicU64,
 }
 
 impl Upload {
@@ -166,7 +168,12 @@ impl Upload {
         Arc::new(Upload {
             last_ms: AtomicU64::new(now_ms()),
             done: AtomicBool::new(false),
+            bytes: AtomicU64::new(0),
         })
+    }
+    /// Body bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.bytes.load(Relaxed)
     }
     pub fn done(&self) -> bool {
         self.done.load(Relaxed)
@@ -175,7 +182,8 @@ impl Upload {
     pub fn idle(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Relaxed)))
     }
-    fn progress(&self, done: bool) {
+    fn progress(&self, done: bool, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Relaxed);
         self.last_ms.store(now_ms(), Relaxed);
         if done {
             self.done.store(true, Relaxed);
@@ -208,7 +216,7 @@ impl Source {
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 let end = self.body.is_end_stream();
-                self.upload.progress(end);
+                self.upload.progress(end, f.data_ref().map_or(0, Bytes::len));
                 for c in &mut self.copies {
                     c.offer(f);
                     if end {
@@ -217,7 +225,7 @@ impl Source {
                 }
             }
             Poll::Ready(None) => {
-                self.upload.progress(true);
+                self.upload.progress(true, 0);
                 self.copies.iter_mut().for_each(BodyCopy::finish);
             }
             Poll::Ready(Some(Err(_))) => self.copies.iter_mut().for_each(BodyCopy::give_up),
@@ -629,17 +637,19 @@ pub struct Counted {
     calls: crate::mesh::peers::Calls,
     call: crate::mesh::peers::Call,
     started: std::time::Instant,
+    /// The request's body: its declared length, and what of it arrived (none: it had none).
+    request: (u64, Option<Arc<Upload>>),
 }
 
 impl Counted {
-    /// `resp`, answering a request made at `started` (`grpc`: a gRPC call) that declared
-    /// `request_bytes` of body.
+    /// `resp`, answering a request made at `started` (`grpc`: a gRPC call) whose body declared
+    /// a length and was received by an upload, as each did (`request`).
     pub fn new<B>(
         calls: crate::mesh::peers::Calls,
         resp: &http::Response<B>,
         grpc: bool,
         started: std::time::Instant,
-        request_bytes: u64,
+        request: (u64, Option<Arc<Upload>>),
     ) -> Counted {
         use crate::mesh::peers::Protocol;
         let protocol = match grpc {
@@ -651,10 +661,15 @@ impl Counted {
             status: resp.status().as_u16(),
             protocol,
             took: Duration::ZERO,
-            request_bytes,
+            request_bytes: 0,
             response_bytes: 0,
         };
-        Counted { calls, call, started }
+        Counted {
+            calls,
+            call,
+            started,
+            request,
+        }
     }
 
     fn frame(&mut self, f: &Frame<Bytes>) {
@@ -668,6 +683,9 @@ impl Counted {
 
     fn record(mut self) {
         self.call.took = self.started.elapsed();
+        // What arrived, or what was declared when the app answered before reading it all.
+        let (declared, upload) = &self.request;
+        self.call.request_bytes = upload.as_ref().map_or(0, |u| u.received()).max(*declared);
         self.calls.record(&self.call);
     }
 }
