@@ -313,7 +313,7 @@ fn encode_istio(enc: &mut DescriptorEncoder, peers: &[crate::mesh::peers::Sample
                 if let Some(status) = r.grpc_status {
                     labels.push(("grpc_response_status", status.to_string()));
                 }
-                labels.push(("response_flags", "-".to_string()));
+                labels.push(("response_flags", r.flag.as_str().to_string()));
                 ((p.labels.as_slice(), labels), r)
             })
         })

@@ -436,10 +436,18 @@ where
         }
         Err(e) => {
             tracing::debug!(error = %e, "application request failed");
-            text(
+            let mut r = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers",
-            )
+            );
+            // Said as the gateway says it (and counted with Envoy's flag for it).
+            let failed = match e {
+                AppError::Connect(_) => UpstreamError::ConnectFailure,
+                AppError::Http(_) | AppError::Closed => UpstreamError::Reset,
+            };
+            let reason = http::HeaderValue::from_static(failed.as_str());
+            r.headers_mut().insert(&headers::X_FERRUM_ERROR, reason);
+            r
         }
     };
     (resp, upload)
@@ -736,6 +744,8 @@ mod tests {
                     let answer = match path.as_str() {
                         // Read whole before answering, as an app taking an upload does.
                         "/upload" => Bytes::from(req.into_body().collect().await.unwrap().to_bytes().len().to_string()),
+                        // The app fails the call: its server resets the stream.
+                        "/reset" => return Err(std::io::Error::other("failed")),
                         _ => Bytes::from_static(b"answer"),
                     };
                     let mut trailers = http::HeaderMap::new();
@@ -746,7 +756,7 @@ mod tests {
                     if path == "/missing" {
                         *r.status_mut() = StatusCode::NOT_FOUND;
                     }
-                    Ok::<_, Infallible>(r)
+                    Ok::<_, std::io::Error>(r)
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 tokio::spawn(async move { conn.serve_connection(TokioIo::new(s), svc).await });
@@ -763,6 +773,7 @@ mod tests {
             ("/a", false),
             ("/blocked", false),
             ("/missing", false),
+            ("/reset", false),
             ("/s/M", true),
         ] {
             let mut req = Request::builder().uri(format!("http://app{path}"));
@@ -805,6 +816,8 @@ mod tests {
         assert_eq!(count("200"), Some(3.0), "{text}");
         assert_eq!(count("403"), Some(1.0), "{text}");
         assert_eq!(count("404"), Some(1.0), "{text}");
+        let reset = "response_code=\"503\",response_flags=\"UC\"";
+        assert_eq!(value("istio_requests_total", reset), Some(1.0), "the app's reset, flagged: {text}");
         assert_eq!(value("istio_requests_total", grpc), Some(1.0), "{text}");
         let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap();
         assert!(

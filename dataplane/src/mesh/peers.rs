@@ -173,8 +173,8 @@ pub struct Counts {
     requests: OnceLock<Box<Requests>>,
 }
 
-/// Distinct (response code, protocol) pairs counted apart per peer; the last slot counts the
-/// rest, as `response_code="other"` (a bound whatever the app answers).
+/// Distinct (response code, protocol, flag) combinations counted apart per peer; the last slot
+/// counts the rest, as `response_code="other"` (a bound whatever the app answers).
 const CODES: usize = 16;
 /// The key of the slot past the bound.
 const OTHER: u32 = u32::MAX;
@@ -206,12 +206,93 @@ impl Protocol {
     }
 }
 
+/// Why the proxy rather than the app answered, or ended, a request: Envoy's response flags, as
+/// Istio's `response_flags` label says them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flag {
+    /// Nothing to note: `-`.
+    #[default]
+    None,
+    /// `NR`: no route matched.
+    NoRoute,
+    /// `NC`: the route's backend does not resolve.
+    NoCluster,
+    /// `UH`: no healthy endpoint.
+    NoHealthyUpstream,
+    /// `UF`: the upstream could not be reached.
+    UpstreamConnectFailure,
+    /// `UO`: the circuit breaker was full.
+    UpstreamOverflow,
+    /// `UT`: the upstream did not answer in time.
+    UpstreamTimeout,
+    /// `UC`: the upstream's connection broke off.
+    UpstreamReset,
+    /// `UPE`: the upstream answered what no client may get.
+    UpstreamProtocolError,
+    /// `FI`: fault injection answered.
+    FaultAbort,
+    /// `RL`: rate limited.
+    RateLimited,
+    /// `DPE`: the client's request was malformed.
+    DownstreamProtocolError,
+    /// `DC`: the client's body broke off.
+    DownstreamTermination,
+}
+
+const FLAGS: [(Flag, &str); 13] = [
+    (Flag::None, "-"),
+    (Flag::NoRoute, "NR"),
+    (Flag::NoCluster, "NC"),
+    (Flag::NoHealthyUpstream, "UH"),
+    (Flag::UpstreamConnectFailure, "UF"),
+    (Flag::UpstreamOverflow, "UO"),
+    (Flag::UpstreamTimeout, "UT"),
+    (Flag::UpstreamReset, "UC"),
+    (Flag::UpstreamProtocolError, "UPE"),
+    (Flag::FaultAbort, "FI"),
+    (Flag::RateLimited, "RL"),
+    (Flag::DownstreamProtocolError, "DPE"),
+    (Flag::DownstreamTermination, "DC"),
+];
+
+impl Flag {
+    /// The flag of a response the proxy made, by the reason it gave (`x-ferrum-error`).
+    pub fn of_reason(reason: &[u8]) -> Flag {
+        match reason {
+            b"route_not_found" => Flag::NoRoute,
+            b"backend_not_found" | b"no_weighted_backend" => Flag::NoCluster,
+            b"no_healthy_upstream" => Flag::NoHealthyUpstream,
+            b"upstream_connect_failure" => Flag::UpstreamConnectFailure,
+            b"upstream_overflow" => Flag::UpstreamOverflow,
+            b"upstream_timeout" => Flag::UpstreamTimeout,
+            b"upstream_reset" => Flag::UpstreamReset,
+            b"upstream_invalid_response" => Flag::UpstreamProtocolError,
+            b"fault_filter_abort" => Flag::FaultAbort,
+            b"rate_limited" => Flag::RateLimited,
+            b"invalid_host" | b"invalid_path" | b"unsupported_transfer_coding" | b"request_headers_too_large" => {
+                Flag::DownstreamProtocolError
+            }
+            b"request_body_error" => Flag::DownstreamTermination,
+            _ => Flag::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        FLAGS[self as usize].1
+    }
+
+    fn of_index(i: u32) -> Flag {
+        FLAGS.get(i as usize).map_or(Flag::None, |f| f.0)
+    }
+}
+
 /// One request, as Istio's request metrics count it.
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
     /// The status the client got.
     pub status: u16,
     pub protocol: Protocol,
+    pub flag: Flag,
     /// From the request's head until the response ended (or the client went away).
     pub took: Duration,
     /// Body bytes: the request's (as it declared them), the response's (as sent).
@@ -225,7 +306,7 @@ struct Requests([Slot; CODES]);
 
 #[derive(Default)]
 struct Slot {
-    /// `code | protocol << 16`; 0 while free.
+    /// `code | protocol << 10 | flag << 16` ([`Call::key`]); 0 while free.
     key: AtomicU32,
     count: AtomicU64,
     measured: OnceLock<Box<Measured>>,
@@ -277,10 +358,22 @@ impl Open {
 #[derive(Clone)]
 pub struct Calls(Arc<Counts>);
 
+impl Call {
+    /// Its slot's key: codes are below 1,000, protocols' keys below 64.
+    fn key(&self) -> u32 {
+        u32::from(self.status.min(999)) | self.protocol.key() << 10 | (self.flag as u32) << 16
+    }
+}
+
 impl Calls {
+    /// Counts a connection to this peer (an outbound one, by the address reached).
+    pub fn opened(self) -> Open {
+        self.0.opened.fetch_add(1, Relaxed);
+        Open(self.0)
+    }
+
     pub fn record(&self, call: &Call) {
-        let key = u32::from(call.status) | call.protocol.key() << 16;
-        let slot = (self.0.requests.get_or_init(Box::default)).slot(key);
+        let slot = (self.0.requests.get_or_init(Box::default)).slot(call.key());
         slot.count.fetch_add(1, Relaxed);
         let m = slot.measured.get_or_init(|| {
             Box::new(Measured {
@@ -308,6 +401,8 @@ pub struct RequestSample<'a> {
     pub code: String,
     /// A gRPC call's status (`grpc_response_status`), when it said one.
     pub grpc_status: Option<u8>,
+    /// `response_flags`.
+    pub flag: Flag,
     pub count: u64,
     pub duration: &'a Histogram,
     pub request_bytes: &'a Histogram,
@@ -334,9 +429,13 @@ impl Sample {
         slots.iter().filter_map(|slot| {
             let key = slot.key.load(Relaxed);
             let m = slot.measured.get()?;
-            let (code, protocol) = match key {
-                OTHER => ("other".to_string(), Protocol::Http),
-                k => ((k & 0xffff).to_string(), Protocol::of_key(k >> 16)),
+            let (code, protocol, flag) = match key {
+                OTHER => ("other".to_string(), Protocol::Http, Flag::None),
+                k => (
+                    (k & 0x3ff).to_string(),
+                    Protocol::of_key(k >> 10 & 0x3f),
+                    Flag::of_index(k >> 16),
+                ),
             };
             let (protocol, grpc_status) = match protocol {
                 Protocol::Http => ("http", None),
@@ -346,6 +445,7 @@ impl Sample {
                 protocol,
                 code,
                 grpc_status,
+                flag,
                 count: slot.count.load(Relaxed),
                 duration: &m.duration,
                 request_bytes: &m.request_bytes,
@@ -390,30 +490,13 @@ impl Peers {
             principal,
             service: None,
         };
-        self.open(peer, version, own)
+        let counts = self.counts(peer, version, own);
+        counts.opened.fetch_add(1, Relaxed);
+        Open(counts)
     }
 
-    /// Counts a connection from this workload to `workload` (by the address reached; `principal`
-    /// when over HBONE, which checked it) by `service`.
-    pub fn outbound(
-        &self,
-        workload: Option<Arc<Workload>>,
-        principal: Option<SpiffeId>,
-        service: Option<Arc<MeshService>>,
-        version: u64,
-        own: impl FnOnce() -> Party,
-    ) -> Open {
-        let peer = Peer {
-            reporter: Reporter::Source,
-            workload,
-            principal,
-            service,
-        };
-        self.open(peer, version, own)
-    }
-
-    /// Where this workload's calls to `workload` (`principal` when over HBONE) by `service` are
-    /// counted: requests, not connections.
+    /// Where this workload's calls to `workload` (`principal` when over HBONE, which checked it)
+    /// by `service` are counted: its requests, and its connections once [`Calls::opened`].
     pub fn calls_to(
         &self,
         workload: Option<Arc<Workload>>,
@@ -429,12 +512,6 @@ impl Peers {
             service,
         };
         Calls(self.counts(peer, version, own))
-    }
-
-    fn open(&self, peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Open {
-        let counts = self.counts(peer, version, own);
-        counts.opened.fetch_add(1, Relaxed);
-        Open(counts)
     }
 
     fn counts(&self, mut peer: Peer, version: u64, own: impl FnOnce() -> Party) -> Arc<Counts> {
@@ -590,10 +667,12 @@ mod tests {
         .unwrap();
         let api = Arc::new(pod("api-0", &[]));
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().unwrap();
-        let open = peers.outbound(Some(api), Some(id), Some(Arc::new(service)), 1, own);
+        let open = peers
+            .calls_to(Some(api), Some(id), Some(Arc::new(service)), 1, own)
+            .opened();
         open.bytes(10, 20);
         drop(open);
-        let external = peers.outbound(None, None, None, 1, own);
+        let external = peers.calls_to(None, None, None, 1, own).opened();
         drop(external);
         let samples = peers.samples();
         let label = |labels: &Vec<(String, String)>, k: &str| labels.iter().find(|(n, _)| n == k).unwrap().1.clone();
@@ -632,6 +711,7 @@ mod tests {
         calls.record(&Call {
             status: 503,
             protocol: Protocol::Http,
+            flag: Flag::None,
             took: Duration::from_millis(2),
             request_bytes: 0,
             response_bytes: 19,
@@ -640,6 +720,7 @@ mod tests {
         again.record(&Call {
             status: 503,
             protocol: Protocol::Http,
+            flag: Flag::UpstreamConnectFailure,
             took: Duration::from_millis(1),
             request_bytes: 0,
             response_bytes: 19,
@@ -651,7 +732,15 @@ mod tests {
         assert_eq!(label("reporter"), "source");
         assert_eq!(label("destination_workload"), "api-0");
         let requests: Vec<_> = samples[0].requests().collect();
-        assert_eq!((requests[0].code.as_str(), requests[0].count), ("503", 2));
+        let by_flag = |flag: &str| {
+            let r = requests.iter().find(|r| r.flag.as_str() == flag).unwrap();
+            (r.code.as_str(), r.count)
+        };
+        assert_eq!(by_flag("-"), ("503", 1), "the app's own 503");
+        assert_eq!(by_flag("UF"), ("503", 1), "the proxy's, apart");
+        assert_eq!(Flag::of_reason(b"no_healthy_upstream").as_str(), "UH");
+        assert_eq!(Flag::of_reason(b"route_not_found").as_str(), "NR");
+        assert_eq!(Flag::of_reason(b"rbac_access_denied"), Flag::None);
     }
 
     #[test]
@@ -662,6 +751,7 @@ mod tests {
         let call = |status, protocol, ms, response_bytes| Call {
             status,
             protocol,
+            flag: Flag::None,
             took: Duration::from_millis(ms),
             request_bytes: 0,
             response_bytes,

@@ -669,12 +669,9 @@ impl Sidecar {
             (L4Stream::Tunnel(_), Some(w), Some(t)) => Some(w.identity(&t.svid.id.trust_domain)),
             _ => None,
         };
-        self.app
-            .stats
-            .peers
-            .outbound(workload, principal, service, cfg.snapshot.version, || {
-                self.app.own(&cfg)
-            })
+        let own = || self.app.own(&cfg);
+        let calls = (self.app.stats.peers).calls_to(workload, principal, service, cfg.snapshot.version, own);
+        calls.opened()
     }
 
     /// Where this workload's routed calls to the Service at `requested` are counted: by the

@@ -810,10 +810,6 @@ impl Forward<'_> {
         let client_h2 = parts.version == Version::HTTP_2 && upgrade.is_none();
         let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
         let (hash_key, set_cookie) = self.hash_key(&parts);
-        // An upgrade's stream is the tunnel, not a body to forward.
-        let body_empty = incoming.is_end_stream() || upgrade.is_some();
-        // Each mirror draws its share on its own.
-        let copied = |share: u32| upgrade.is_none() && fastrand::u32(0..1_000_000) < share;
         // The route's retries, else the cluster's.
         let (retry, retry_on) = match &self.route.retry {
             Some((policy, on)) => (Some(policy), on),
@@ -821,17 +817,7 @@ impl Forward<'_> {
         };
         // Any method is retried, as by Envoy: the retry conditions say when.
         let retry = retry.filter(|_| upgrade.is_none());
-        let (mut body, upload) = if body_empty {
-            (RequestBody::Empty, None)
-        } else {
-            let (b, u) = RequestBody::stream(incoming, limits.max_request_body);
-            (b, Some(u))
-        };
-        // A body is kept for a retry to send again.
-        let replay = retry.and_then(|_| body.replayable());
-        for (mirror, _) in self.route.mirrors.iter().filter(|(_, share)| copied(*share)) {
-            shadow(mirror.clone(), &parts, body.copy().unwrap_or(RequestBody::Empty));
-        }
+        let (body, upload, replay) = self.upstream_body(&parts, incoming, upgrade.is_some(), retry.is_some());
         let mut body = Some(body);
         let timing = self.timing();
         let mut avoid = None;
@@ -885,6 +871,31 @@ impl Forward<'_> {
             }
             return Ok(resp);
         }
+    }
+
+    /// The request's body as it goes upstream — streamed and bounded (`upload` notes its
+    /// progress), kept when a retry may send it again (`replay`), copied to the route's mirrors
+    /// that draw it — or none for an upgrade, whose stream is the tunnel.
+    fn upstream_body(
+        &self,
+        parts: &http::request::Parts,
+        incoming: ClientBody,
+        upgrade: bool,
+        retry: bool,
+    ) -> (RequestBody, Option<Arc<body::Upload>>, Option<Replay>) {
+        let (mut body, upload) = if incoming.is_end_stream() || upgrade {
+            (RequestBody::Empty, None)
+        } else {
+            let (b, u) = RequestBody::stream(incoming, self.shared.limits.max_request_body);
+            (b, Some(u))
+        };
+        let replay = retry.then(|| body.replayable()).flatten();
+        // Each mirror draws its share on its own.
+        let copied = |share: u32| !upgrade && fastrand::u32(0..1_000_000) < share;
+        for (mirror, _) in self.route.mirrors.iter().filter(|(_, share)| copied(*share)) {
+            shadow(mirror.clone(), parts, body.copy().unwrap_or(RequestBody::Empty));
+        }
+        (body, upload, replay)
     }
 
     /// What the response carries of the endpoint `ep` that answered, whose request's body

@@ -651,15 +651,17 @@ impl Counted {
         started: std::time::Instant,
         request: (u64, Option<Arc<Upload>>),
     ) -> Counted {
-        use crate::mesh::peers::Protocol;
+        use crate::mesh::peers::{Flag, Protocol};
         let protocol = match grpc {
             // A trailers-only answer (an error) says its status in the head.
             true => Protocol::Grpc(grpc_status(resp.headers())),
             false => Protocol::Http,
         };
+        let reason = resp.headers().get(&crate::proxy::headers::X_FERRUM_ERROR);
         let call = crate::mesh::peers::Call {
             status: resp.status().as_u16(),
             protocol,
+            flag: reason.map_or(Flag::None, |r| Flag::of_reason(r.as_bytes())),
             took: Duration::ZERO,
             request_bytes: 0,
             response_bytes: 0,
