@@ -217,6 +217,10 @@ struct MeshArgs {
     /// the Service and pod that answered (`reporter="source"`).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "FERRUM_REQUEST_METRICS")]
     request_metrics: bool,
+    /// The cluster this mesh runs in, as Istio's `source_cluster` and `destination_cluster`
+    /// labels name it (Istio's `ISTIO_META_CLUSTER_ID`; its default is `Kubernetes`).
+    #[arg(long, default_value = "Kubernetes", env = "FERRUM_CLUSTER_ID")]
+    cluster_id: String,
     /// Accept plaintext on the inbound port (PERMISSIVE); `false` refuses it (STRICT).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     inbound_plaintext: bool,
@@ -254,6 +258,7 @@ impl MeshArgs {
             hbone: self.hbone_addr,
             inbound_plaintext: self.inbound_plaintext,
             request_metrics: self.request_metrics,
+            cluster_id: self.cluster_id.clone(),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(self.tcp_idle_timeout),
             hbone_unused_release: Duration::from_secs(self.hbone_idle_timeout),

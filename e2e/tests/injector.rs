@@ -338,6 +338,8 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
             "--ca-server-name",
             &host,
             "--proxy-request-metrics",
+            "--proxy-cluster-id",
+            "east",
         ],
     );
     let client = api_server_client(&w.cluster, &inj).await;
@@ -483,6 +485,7 @@ async fn an_injected_pod_talks_mtls_in_the_mesh() {
         text.lines().any(
             |l| l.starts_with("istio_requests_total{reporter=\"destination\",source_workload=\"a-1\"")
                 && l.contains("response_code=\"200\"")
+                && l.contains("destination_cluster=\"east\"")
         ),
         "{url}: {text}"
     );

@@ -94,6 +94,9 @@ pub struct Template {
     pub trace_sampling: Option<String>,
     /// Sidecars serve inbound HTTP request by request, each counted (`istio_requests_total`).
     pub request_metrics: bool,
+    /// The cluster the mesh runs in, as the sidecars' metrics name it (their default:
+    /// `Kubernetes`).
+    pub cluster_id: Option<String>,
 }
 
 /// Why a pod is left as it is.
@@ -448,6 +451,7 @@ fn proxy_container(t: &Template, a: &BTreeMap<String, String>) -> Result<Contain
                     .map(|e| env("OTEL_EXPORTER_OTLP_ENDPOINT", e)),
             )
             .chain(t.trace_sampling.as_deref().map(|r| env("FERRUM_TRACE_SAMPLING", r)))
+            .chain(t.cluster_id.as_deref().map(|c| env("FERRUM_CLUSTER_ID", c)))
             .chain(escaped_slashes(a)?)
             .chain(request_metrics(t, a)?)
             .collect(),

@@ -79,6 +79,10 @@ struct Args {
     /// `ferrum.dev/request-metrics` annotation overrides it.
     #[arg(long)]
     proxy_request_metrics: bool,
+    /// The cluster the mesh runs in, as the sidecars' metrics name it (`source_cluster`,
+    /// `destination_cluster`; the sidecars' default is Istio's, `Kubernetes`).
+    #[arg(long)]
+    proxy_cluster_id: Option<String>,
 }
 
 impl Args {
@@ -100,6 +104,7 @@ impl Args {
             otlp_endpoint: self.proxy_otlp_endpoint.clone(),
             trace_sampling: self.proxy_trace_sampling.map(|r| r.to_string()),
             request_metrics: self.proxy_request_metrics,
+            cluster_id: self.proxy_cluster_id.clone(),
         }
     }
 }

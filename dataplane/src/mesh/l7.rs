@@ -817,7 +817,11 @@ mod tests {
         assert_eq!(count("403"), Some(1.0), "{text}");
         assert_eq!(count("404"), Some(1.0), "{text}");
         let reset = "response_code=\"503\",response_flags=\"UC\"";
-        assert_eq!(value("istio_requests_total", reset), Some(1.0), "the app's reset, flagged: {text}");
+        assert_eq!(
+            value("istio_requests_total", reset),
+            Some(1.0),
+            "the app's reset, flagged: {text}"
+        );
         assert_eq!(value("istio_requests_total", grpc), Some(1.0), "{text}");
         let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap();
         assert!(

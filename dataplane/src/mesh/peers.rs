@@ -74,7 +74,8 @@ impl Party {
         }
     }
 
-    fn labels(&self, side: &str, out: &mut Vec<(String, String)>) {
+    /// Its labels, `cluster` being the mesh's when it is known.
+    fn labels(&self, side: &str, cluster: &str, out: &mut Vec<(String, String)>) {
         let fields = [
             ("workload", &self.workload),
             ("workload_namespace", &self.namespace),
@@ -85,6 +86,9 @@ impl Party {
             ("canonical_revision", &self.canonical_revision),
         ];
         out.extend(fields.iter().map(|(k, v)| (format!("{side}_{k}"), (*v).clone())));
+        let known = self.workload != UNKNOWN || self.principal != UNKNOWN;
+        let cluster = if known { cluster } else { UNKNOWN };
+        out.push((format!("{side}_cluster"), cluster.into()));
     }
 }
 
@@ -459,6 +463,8 @@ impl Sample {
 #[derive(Default)]
 pub struct Peers {
     inner: Mutex<Inner>,
+    /// The cluster the mesh runs in (`Kubernetes` unless set, as Istio's default).
+    cluster: OnceLock<String>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -475,6 +481,11 @@ struct Inner {
 }
 
 impl Peers {
+    /// Names the cluster the mesh runs in (once).
+    pub fn set_cluster(&self, id: String) {
+        let _ = self.cluster.set(id);
+    }
+
     /// Counts a connection from `workload` (by its address), which proved `principal` (mTLS),
     /// to this workload; `own` says this workload when the snapshot `version` is new to it.
     pub fn inbound(
@@ -545,8 +556,9 @@ impl Peers {
                     Reporter::Source => (own, &other, "source"),
                 };
                 let mut labels = vec![("reporter".to_string(), reporter.to_string())];
-                source.labels("source", &mut labels);
-                destination.labels("destination", &mut labels);
+                let cluster = self.cluster.get().map_or("Kubernetes", String::as_str);
+                source.labels("source", cluster, &mut labels);
+                destination.labels("destination", cluster, &mut labels);
                 service_labels(peer.service.as_deref(), &mut labels);
                 let security = if peer.principal.is_some() { "mutual_tls" } else { "none" };
                 labels.push(("connection_security_policy".into(), security.into()));
@@ -641,6 +653,8 @@ mod tests {
         assert_eq!(label(mtls, "source_canonical_service"), "web");
         assert_eq!(label(mtls, "source_canonical_revision"), "latest");
         assert_eq!(label(mtls, "destination_workload"), "api-0");
+        assert_eq!(label(mtls, "source_cluster"), "Kubernetes", "Istio's default cluster");
+        assert_eq!(label(mtls, "destination_cluster"), "Kubernetes");
         assert_eq!(label(mtls, "destination_version"), "v2");
         assert_eq!(
             label(mtls, "destination_principal"),
@@ -654,12 +668,14 @@ mod tests {
         let plain = &plain.labels;
         assert_eq!(label(plain, "source_workload"), "unknown");
         assert_eq!(label(plain, "source_principal"), "unknown");
+        assert_eq!(label(plain, "source_cluster"), "unknown", "nothing is known of it");
         drop(second);
     }
 
     #[test]
     fn outbound_connections_name_the_service_and_the_workload_reached() {
         let peers = Peers::default();
+        peers.set_cluster("east".into());
         let own = || Party::of(Some(&pod("web-1", &[])), None);
         let service: MeshService = serde_json::from_value(serde_json::json!({
             "key": "shop/api", "hostname": "api.shop.svc.cluster.local", "ports": [], "endpoints": []
@@ -684,6 +700,10 @@ mod tests {
         let l = &api.labels;
         assert_eq!(label(l, "reporter"), "source");
         assert_eq!(label(l, "source_workload"), "web-1");
+        assert_eq!(
+            (label(l, "source_cluster"), label(l, "destination_cluster")),
+            ("east".into(), "east".into())
+        );
         assert_eq!(label(l, "destination_service"), "api.shop.svc.cluster.local");
         assert_eq!(label(l, "destination_service_name"), "api");
         assert_eq!(label(l, "destination_service_namespace"), "shop");

@@ -46,6 +46,8 @@ pub struct Settings {
     pub inbound_plaintext: bool,
     /// Inbound HTTP is served request by request, each counted (`istio_requests_total`).
     pub request_metrics: bool,
+    /// The cluster the mesh runs in, for the metrics' `*_cluster` labels.
+    pub cluster_id: String,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// An HBONE connection to a peer proxy that carries no tunnel this long is closed.
@@ -390,6 +392,7 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
 impl Sidecar {
     pub fn new(dp: Arc<Dataplane>, identity: Arc<Identity>, settings: Settings) -> Arc<Sidecar> {
         let stats = dp.shared.registry.mesh.clone();
+        stats.peers.set_cluster(settings.cluster_id.clone());
         let http = Arc::new(listener::Http::new(&dp.shared.limits));
         let stop = watch::channel(false).0;
         let sidecar = Arc::new(Sidecar {

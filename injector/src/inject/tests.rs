@@ -18,6 +18,7 @@ fn template() -> Template {
         otlp_endpoint: None,
         trace_sampling: None,
         request_metrics: false,
+        cluster_id: None,
     }
 }
 
@@ -170,7 +171,7 @@ fn the_patch_turns_the_pod_into_the_injected_one() {
 }
 
 #[test]
-fn tracing_settings_reach_the_sidecar() {
+fn tracing_and_metrics_settings_reach_the_sidecar() {
     let env_of = |t: &Template| -> BTreeMap<String, String> {
         let out = inject(&pod(APP), t).unwrap();
         let spec = out.spec.unwrap();
@@ -184,13 +185,16 @@ fn tracing_settings_reach_the_sidecar() {
     };
     let off = env_of(&template());
     assert!(!off.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"), "{off:?}");
+    assert!(!off.contains_key("FERRUM_CLUSTER_ID"), "the sidecar's default: {off:?}");
     let on = env_of(&Template {
         otlp_endpoint: Some("http://collector.obs:4317".into()),
         trace_sampling: Some("0.05".into()),
+        cluster_id: Some("east".into()),
         ..template()
     });
     assert_eq!(on["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://collector.obs:4317");
     assert_eq!(on["FERRUM_TRACE_SAMPLING"], "0.05");
+    assert_eq!(on["FERRUM_CLUSTER_ID"], "east");
 }
 
 #[test]
