@@ -11,6 +11,10 @@
 //! bench/results/mesh-<time>.json. `--smoke` runs one short round (the tests do, to keep the
 //! harness working). `--pin` puts the clients and servers on CPU 0 and the four sidecars on
 //! CPU 1, so the proxies do not compete with the application for the same core.
+//! `--http-routing-always` applies the MeshConfig `httpRouting: Always` first: the client
+//! sidecars then serve svc-b's and svc-f's HTTP request by request (routed, as Istio's do)
+//! instead of relaying connections — with `FERRUM_REQUEST_METRICS=true` in the environment,
+//! each call is counted on both sides.
 
 use std::time::Duration;
 
@@ -197,6 +201,14 @@ impl Path {
     }
 }
 
+/// Whether the sidecar of pod `i` has routed a request by a Service's route.
+fn routes(w: &World, i: usize) -> bool {
+    let out = w.pods[i].run(&["curl", "-sS", "http://127.0.0.1:15000/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .any(|l| l.starts_with("ferrum_route_requests_total{route=\"service/") && !l.ends_with(" 0"))
+}
+
 /// Runs `ferrum-node-agent <args>` on the bench's own pin directory; its output.
 fn node_agent(args: &[&str]) -> String {
     ferrum_e2e::node_agent(std::path::Path::new("/sys/fs/bpf/ferrum-bench-mesh"), args)
@@ -257,6 +269,13 @@ async fn main() {
 
     let mut w = World::start(&[]).await;
     let ([a, b, c, d, e, f], _servers) = pods(&mut w).await;
+    let routed = std::env::args().any(|a| a == "--http-routing-always");
+    if routed {
+        w.cluster.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferrum-system}\n---\n\
+             apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec: {httpRouting: Always}\n",
+        );
+    }
     let direct_url = format!("http://{}:8080/", w.pods[d].ip);
     let sidecars = |x: usize, y: usize| [x, y].map(|i| w.pods[i].sidecar.as_ref().unwrap().0.id());
     let mut paths = [
@@ -268,7 +287,7 @@ async fn main() {
         eventually(
             &format!("{} reaches its Service", p.name),
             Duration::from_secs(20),
-            async || wrk(&w, p.client, &p.url, 1, 1).rps > 0.0,
+            async || wrk(&w, p.client, &p.url, 1, 1).rps > 0.0 && (!routed || routes(&w, p.client)),
         )
         .await;
     }
@@ -344,6 +363,8 @@ fn report(direct: &[Run], paths: &[Path; 3], rounds: usize, secs: u64, conns: u3
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = json!({
         "cores": cores, "rounds": rounds, "duration_s": secs, "connections": conns, "pinned": pinned(),
+        "http_routing_always": std::env::args().any(|a| a == "--http-routing-always"),
+        "request_metrics": std::env::var("FERRUM_REQUEST_METRICS").is_ok_and(|v| v == "true"),
         "direct": {"rps": d_best.rps, "p50_ms": d_best.p50, "p99_ms": d_best.p99},
         "hbone": {"rps": m_best.rps, "p50_ms": m_best.p50, "p99_ms": m_best.p99},
         "plain_sidecars": {"rps": p_best.rps, "p50_ms": p_best.p50, "p99_ms": p_best.p99,
