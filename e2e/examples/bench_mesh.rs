@@ -120,7 +120,7 @@ fn wrk(w: &World, i: usize, url: &str, secs: u64, conns: u32) -> Run {
         .expect("wrk (make bench-mesh installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
     let r = parse_wrk(&text);
-    if r.rps == 0.0 {
+    if r.rps == 0.0 || r.errors > 0 {
         eprintln!("wrk {url}: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
     r

@@ -650,7 +650,7 @@ mod tests {
              apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\n\
              spec: {clusterIP: 10.96.0.9, clusterIPs: [10.96.0.9, 'fd00:96::9'], selector: {app: b}, ports: [{port: 80, targetPort: 8080}]}\n---\n\
              apiVersion: v1\nkind: Service\nmetadata: {name: c, namespace: ns}\n\
-             spec: {clusterIP: 'fd00:96::c', clusterIPs: ['fd00:96::c'], selector: {app: c}, ports: [{port: 80}]}\n",
+             spec: {clusterIP: 10.96.0.12, clusterIPs: [10.96.0.12, 'fd00:96::c'], selector: {app: c}, ports: [{port: 80}]}\n",
         )
         .unwrap();
         let snap = ferrum_snapshot::translate(&r, 1, &Default::default()).snapshot;
@@ -680,7 +680,8 @@ mod tests {
             m.destination("[fd00::2]:9000".parse().unwrap()),
             Destination::Workload(_)
         ));
-        // No endpoint of its family: the other family's rather than none.
+        // A dual-stack Service none of whose endpoints has an IPv6 address (yet): its IPv6
+        // address leads to the IPv4 ones rather than none.
         assert_eq!(only("[fd00:96::c]:80").0, "10.1.0.3:80".parse().unwrap());
     }
 

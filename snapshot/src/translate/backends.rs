@@ -412,7 +412,7 @@ impl<'a> Clusters<'a> {
             endpoints.push(Endpoint::new(host, port));
         } else if slices.is_empty() {
             // Nobody runs the endpoint controller (file mode, the API emulator): the selector's pods.
-            for e in super::mesh::selected(spec.selector.as_ref(), r.namespace, &[sport], self.res) {
+            for e in super::mesh::selected(spec, r.namespace, &[sport], self.res) {
                 if let Some(p) = e.target_port(port) {
                     endpoints.push(Endpoint::new(e.address, p));
                 }

@@ -393,10 +393,11 @@ fn service(
     }
     vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
     let mut endpoints: Vec<MeshEndpoint> = if slices.is_empty() {
-        selected(spec.selector.as_ref(), &ns, &tcp, res)
+        selected(spec, &ns, &tcp, res)
     } else {
         slices.iter().flat_map(|e| from_slice(e, &tcp)).collect()
     };
+
     // No endpoint controller slices WorkloadEntries: the selector picks them here.
     endpoints.extend(super::workload_entry::selected(spec.selector.as_ref(), &ns, &tcp, res));
     for e in &mut endpoints {
@@ -424,6 +425,21 @@ fn service(
             Some("PreferClose" | "PreferSameZone")
         ),
     })
+}
+
+/// Whether an address of `family` (IPv6: true) is one of the Service's: its `ipFamilies`, else
+/// its cluster IPs' families; any when it says neither (a headless Service without them).
+fn has_family(spec: &k8s_openapi::api::core::v1::ServiceSpec, v6: bool) -> bool {
+    let declared = spec.ip_families.iter().flatten().map(|f| f == "IPv6");
+    let ips = spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip);
+    let from_ips = ips
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .map(|ip| ip.is_ipv6());
+    let mut families: Vec<bool> = declared.collect();
+    if families.is_empty() {
+        families = from_ips.collect();
+    }
+    families.is_empty() || families.contains(&v6)
 }
 
 fn from_slice(
@@ -457,13 +473,15 @@ fn from_slice(
         .collect()
 }
 
+/// The endpoints of a Service (`spec`, in `ns`) on `ports`, from its selector over the Pods:
+/// each ready pod's addresses of the Service's families.
 pub(crate) fn selected(
-    selector: Option<&BTreeMap<String, String>>,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
     ns: &str,
     ports: &[&k8s_openapi::api::core::v1::ServicePort],
     res: &Resources,
 ) -> Vec<MeshEndpoint> {
-    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+    let Some(sel) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
         return Vec::new();
     };
     res.pods
@@ -481,9 +499,12 @@ pub(crate) fn selected(
                 .filter_map(|sp| Some((u16::try_from(sp.port).ok()?, target_port(sp, p)?)))
                 .filter(|(s, t)| *s != 0 && *t != 0)
                 .collect();
-            // Every family the pod has, as the endpoint controller's slices (one per family) give.
-            // The zone comes from the workload the address is found to be.
-            Some(w.ips.into_iter().map(move |address| MeshEndpoint {
+            // The pod's addresses of the Service's families, as the endpoint controller slices
+            // them (one slice per family): an IPv4-only Service has no IPv6 endpoint, whose app
+            // may listen on IPv4 alone. The zone comes from the workload the address is found
+            // to be.
+            let own = move |a: &String| has_family(spec, a.contains(':'));
+            Some(w.ips.into_iter().filter(own).map(move |address| MeshEndpoint {
                 address,
                 workload: None,
                 ports: mapping.clone(),
@@ -585,6 +606,58 @@ spec: {clusterIP: 10.96.0.10, selector: {app: b}, ports: [{port: 80, targetPort:
                 ("10.0.0.3", Some("shop/b-2"), Some(9090))
             ]
         );
+    }
+
+    /// A dual-stack pod is an endpoint of a Service in the Service's families only, as the
+    /// endpoint controller slices it: an IPv4-only Service's app may listen on IPv4 alone.
+    #[test]
+    fn a_dual_stack_pod_is_reached_in_its_services_families() {
+        let service = |name: &str, spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{selector: {{app: d}}, ports: [{{name: http, port: 80}}], {spec}}}\n---\n"
+            )
+        };
+        let yaml = [
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: d-1, namespace: shop, labels: {app: d}}\n\
+             spec: {containers: [{name: app}]}\nstatus: {podIP: 10.0.0.7, podIPs: [{ip: 10.0.0.7}, {ip: 'fd00::7'}]}\n---\n"
+                .to_string(),
+            service("v4", "clusterIP: 10.96.0.7"),
+            service("both", "clusterIP: 10.96.0.8, clusterIPs: [10.96.0.8, 'fd00:96::8']"),
+            service("v6", "ipFamilies: [IPv6], clusterIP: None"),
+            service("any", "clusterIP: None"),
+        ]
+        .concat();
+        let mut r = Resources::default();
+        r.add_yaml("dual.yaml", &yaml).unwrap();
+        let ((_, services), _) = build(&r, &mut MeshMemo::default());
+        let addresses = |name: &str| {
+            let s = services.iter().find(|s| s.key == format!("shop/{name}")).unwrap();
+            s.endpoints.iter().map(|e| e.address.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(addresses("v4"), ["10.0.0.7"]);
+        assert_eq!(addresses("both"), ["10.0.0.7", "fd00::7"]);
+        assert_eq!(addresses("v6"), ["fd00::7"]);
+        assert_eq!(
+            addresses("any"),
+            ["10.0.0.7", "fd00::7"],
+            "a Service that says no family"
+        );
+        // The cluster a route sends to (a gateway's, or a sidecar's routing every HTTP port
+        // per request), alike.
+        r.add_yaml(
+            "mesh-config.yaml",
+            "apiVersion: ferrum.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default, namespace: ferrum-system}\nspec: {httpRouting: Always}\n",
+        )
+        .unwrap();
+        let t = crate::translate(&r, 1, &Default::default());
+        let endpoints = |name: &str| {
+            let c = t.snapshot.cluster(&format!("service/shop/{name}:80"));
+            let c = c.unwrap_or_else(|| panic!("{name}: {:#?}", t.snapshot.clusters));
+            c.endpoints.iter().map(|e| e.address.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(endpoints("v4"), ["10.0.0.7"]);
+        assert_eq!(endpoints("both"), ["10.0.0.7", "fd00::7"]);
     }
 
     /// The operator's path: objects shared between translations are reused with their digests,
