@@ -761,6 +761,13 @@ mod tests {
         assert_eq!(Flag::of_reason(b"no_healthy_upstream").as_str(), "UH");
         assert_eq!(Flag::of_reason(b"route_not_found").as_str(), "NR");
         assert_eq!(Flag::of_reason(b"rbac_access_denied"), Flag::None);
+        for (i, (flag, _)) in FLAGS.iter().enumerate() {
+            assert_eq!(
+                (*flag as usize, Flag::of_index(i as u32)),
+                (i, *flag),
+                "the table's order"
+            );
+        }
     }
 
     #[test]
