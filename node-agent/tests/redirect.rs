@@ -19,6 +19,23 @@ fn netns() -> Netns {
     Netns::new("na")
 }
 
+/// Reads from a paired socket as a blocking reader should see it. The kernel's receive path
+/// for paired sockets (`tcp_bpf_recvmsg`) answers a blocking read woken by anything but data —
+/// the ACK of our FIN, say — with EAGAIN; the sidecar's sockets are non-blocking and take that as
+/// "not yet", so the tests' stand-ins do too.
+struct Patient<'a>(&'a TcpStream);
+
+impl Read for Patient<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match (&mut &*self.0).read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
+                read => return read,
+            }
+        }
+    }
+}
+
 /// Packets sent on the namespace's loopback so far.
 fn lo_packets(ns: &Netns) -> u64 {
     ns.exec(&["cat", "/sys/class/net/lo/statistics/tx_packets"])
@@ -77,7 +94,7 @@ fn app(addr: &'static str, tag: &'static [u8]) -> impl FnOnce() -> u64 + Send {
         let (mut s, _) = listener.accept().expect("accept");
         let (mut buf, mut total) = (vec![0; 1 << 16], 0u64);
         loop {
-            let n = s.read(&mut buf).expect("read");
+            let n = Patient(&s).read(&mut buf).expect("read");
             if n == 0 {
                 s.write_all(b"bye").expect("write");
                 return total;
@@ -113,7 +130,7 @@ fn exchange(s: &mut TcpStream, tag: &[u8], n: usize) {
         let msg = format!("{i:08}").repeat(1 + i % 64);
         s.write_all(msg.as_bytes()).expect("write");
         let mut got = vec![0; tag.len() + msg.len()];
-        s.read_exact(&mut got).expect("read the answer");
+        Patient(s).read_exact(&mut got).expect("read the answer");
         assert_eq!(
             &got[..tag.len()],
             tag,
@@ -135,12 +152,12 @@ fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
         exchange(&mut s, b"A:", 2_000);
         // 8 MiB in one write, more than both socket buffers: backpressure, not loss.
         let big = vec![7u8; 8 << 20];
-        let mut reader = s.try_clone().expect("clone");
+        let reader = s.try_clone().expect("clone");
         // The app answers each read with its tag and what it read: count the payload bytes back.
         let echo = thread::spawn(move || {
             let (mut buf, mut payload) = (vec![0; 1 << 16], 0);
             while payload < 8 << 20 {
-                let n = reader.read(&mut buf).expect("the big echo");
+                let n = Patient(&reader).read(&mut buf).expect("the big echo");
                 assert!(n > 0, "EOF after {payload} bytes of the big echo");
                 assert!(
                     buf[..n].iter().all(|b| matches!(b, 7 | b'A' | b':')),
@@ -155,7 +172,7 @@ fn the_sidecar_to_app_hop_skips_loopback_and_keeps_tcp_semantics() {
         // Half-close: the app sees EOF only after everything, and its last word still arrives.
         s.shutdown(Shutdown::Write).expect("shutdown");
         let mut rest = Vec::new();
-        s.read_to_end(&mut rest).expect("read to EOF");
+        Patient(&s).read_to_end(&mut rest).expect("read to EOF");
         rest
     });
     let rest = client.join().expect("the client");
@@ -340,7 +357,7 @@ fn through_sidecar(
             .expect("write");
         let mut buf = vec![0; 1 << 16];
         loop {
-            let n = s.read(&mut buf).expect("read");
+            let n = Patient(&s).read(&mut buf).expect("read");
             if n == 0 {
                 return peer;
             }
@@ -355,7 +372,7 @@ fn through_sidecar(
             let mut seen = Vec::new();
             let mut byte = [0u8];
             while seen.last() != Some(&b'|') {
-                s.read_exact(&mut byte).expect("the sidecar's first words");
+                Patient(&s).read_exact(&mut byte).expect("the sidecar's first words");
                 seen.push(byte[0]);
             }
             exchange(&mut s, b"S:", 1_000);
@@ -591,7 +608,7 @@ fn an_upgrade_replaces_the_older_programs_and_keeps_their_paired_connections() {
     assert!(older.join("pairs").exists(), "released with a connection still paired");
     old.shutdown(Shutdown::Write).unwrap();
     let mut bye = Vec::new();
-    old.read_to_end(&mut bye).unwrap();
+    Patient(&old).read_to_end(&mut bye).unwrap();
     assert!(bye.ends_with(b"bye"));
     old_app.join().unwrap();
     drop(old);
