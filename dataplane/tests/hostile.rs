@@ -408,6 +408,60 @@ async fn silent_connections_are_closed_and_capped() {
     );
 }
 
+/// An HTTP/1.1 connection waits for a request head no longer than the header timeout: one
+/// trickling its head a byte at a time, and a keep-alive one idle after its answer, are closed;
+/// a request whose answer takes longer than that keeps its connection.
+#[tokio::test]
+async fn http1_heads_are_bounded_by_the_header_timeout() {
+    let a = Backend::start("a").await;
+    let port = free_port();
+    let _dp = Dp::start_with(
+        &docs(&[gateway(port), backend("a", &[&a], ""), route("r", "\"*\"", "/", "a")]),
+        &["--header-read-timeout", "1"],
+    )
+    .await;
+    let trickle = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let started = Instant::now();
+        for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ".iter().chain([b'x'; 64].iter()) {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        started.elapsed()
+    };
+    let slow_answer_then_idle = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"GET /?delay=1800 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let answered = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let idle_from = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        (answered, idle_from.elapsed())
+    };
+    let (trickled, (answered, idle)) = tokio::join!(trickle, slow_answer_then_idle);
+    assert!(
+        trickled >= Duration::from_millis(900) && trickled < Duration::from_millis(2600),
+        "a trickled head was cut after {trickled:?}"
+    );
+    assert_eq!(
+        status(&answered),
+        200,
+        "an answer slower than the header timeout: {answered}"
+    );
+    assert!(
+        idle >= Duration::from_millis(700) && idle < Duration::from_millis(2600),
+        "an idle keep-alive connection was closed after {idle:?}"
+    );
+}
+
 /// An HTTP/2 connection with no open stream for the idle timeout is closed: one that sent only
 /// its preface (before, it stayed for ever, and enough of them filled the connection cap), and
 /// one whose last response was sent (after a GOAWAY; the header timeout for a client that does

@@ -1,8 +1,9 @@
-//! An HTTP/2 connection that has had no open stream for the idle timeout is closed with a
-//! GOAWAY (Envoy's `idle_timeout`). Without it a client that sent the preface — or one request —
-//! and then nothing held its connection for ever, and enough of them took every slot of the
-//! listener's connection cap. (An idle HTTP/1.1 connection waits for its next request head only
-//! as long as the header timeout allows.)
+//! A connection that has had no open stream for a while is closed. HTTP/2: for the idle timeout,
+//! with a GOAWAY (Envoy's `idle_timeout`); without it a client that sent the preface — or one
+//! request — and then nothing held its connection for ever, and enough of them took every slot
+//! of the listener's connection cap. HTTP/1.1: for the header timeout, which so bounds both a
+//! head trickled in and the wait for the next one; hyper's own header timeout allocated and
+//! registered a timer for every request.
 //!
 //! Each stream's response carries a guard of its connection's count, so the hot path pays two
 //! uncontended atomic adds and no clock read; a timer per connection looks at the count.
@@ -54,7 +55,6 @@ pub struct Counted<S> {
 impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Unpin,
 {
     type Response = Response<Open<B>>;
     type Error = S::Error;
@@ -78,21 +78,25 @@ impl Drop for Guard {
     }
 }
 
-/// The response on its way, the stream counted.
-pub struct Opening<F> {
-    fut: F,
-    guard: Option<Guard>,
+pin_project_lite::pin_project! {
+    /// The response on its way, the stream counted.
+    pub struct Opening<F> {
+        #[pin]
+        fut: F,
+        guard: Option<Guard>,
+    }
 }
 
 impl<F, B, E> Future for Opening<F>
 where
-    F: Future<Output = Result<Response<B>, E>> + Unpin,
+    F: Future<Output = Result<Response<B>, E>>,
 {
     type Output = Result<Response<Open<B>>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = std::task::ready!(Pin::new(&mut self.fut).poll(cx));
-        let guard = self.guard.take();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.fut.poll(cx));
+        let guard = this.guard.take();
         Poll::Ready(resp.map(|r| r.map(|body| Open { body, _guard: guard })))
     }
 }

@@ -98,8 +98,8 @@ fn bind_socket(addr: SocketAddr, v6_only: bool) -> std::io::Result<std::net::Tcp
 impl Http {
     pub fn new(limits: &crate::limits::Limits) -> Self {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+        // The header timeout is `idle`'s, one timer per connection (see `Http::serve`).
+        h1.header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BYTES)
             // No `max_headers`: hyper's own limit of 100 fields (Envoy's default too) is parsed
             // into arrays on the stack; any other costs two 4 KB heap arrays per request.
@@ -385,7 +385,7 @@ impl Http {
     ) -> Result<(), hyper::Error>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S1: hyper::service::HttpService<hyper::body::Incoming, ResBody = B1>,
+        S1: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B1>>,
         S2: hyper::service::Service<
                 http::Request<hyper::body::Incoming>,
                 Response = http::Response<B2>,
@@ -393,14 +393,16 @@ impl Http {
             >,
         S1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B1: hyper::body::Body + Send + 'static,
+        B1: hyper::body::Body + Unpin + Send + 'static,
         B2: hyper::body::Body + Unpin + Send + 'static,
         B1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         stall::StreamExec: hyper::rt::bounds::Http2ServerConnExec<idle::Opening<S2::Future>, idle::Open<B2>>,
     {
+        // `graceful`: an idle connection is told to go (GOAWAY) rather than dropped; an
+        // HTTP/1.1 one with no request open has nothing to finish.
         macro_rules! drive {
-            ($conn:expr, $idle:expr) => {{
+            ($conn:expr, $idle:expr, graceful: $graceful:expr) => {{
                 let (conn, idle) = ($conn, $idle);
                 tokio::pin!(conn, idle);
                 tokio::select! {
@@ -410,6 +412,9 @@ impl Http {
                         conn.await
                     }
                     () = &mut idle => {
+                        if !$graceful {
+                            return Ok(());
+                        }
                         // A GOAWAY, then the end: a client that does not answer the shutdown's
                         // PING gets the header timeout, not for ever.
                         conn.as_mut().graceful_shutdown();
@@ -420,11 +425,17 @@ impl Http {
         }
         let io = stall::WriteStall::new(io, limits.stream_idle_timeout);
         match proto {
-            // Between requests, the header timeout bounds an idle connection.
-            HttpVersion::One => drive!(
-                self.h1.serve_connection(io, h1).with_upgrades(),
-                std::future::pending::<()>()
-            ),
+            HttpVersion::One => {
+                // No request open for the header timeout: a head trickled in or none coming.
+                let streams = Arc::new(idle::Streams::default());
+                let h1 = idle::Counted {
+                    inner: h1,
+                    streams: streams.clone(),
+                };
+                let limit = limits.header_read_timeout;
+                let idle = async move { streams.idle(limit).await };
+                drive!(self.h1.serve_connection(io, h1).with_upgrades(), idle, graceful: false)
+            }
             HttpVersion::Two => {
                 let streams = Arc::new(idle::Streams::default());
                 let h2 = idle::Counted {
@@ -438,7 +449,7 @@ impl Http {
                         None => std::future::pending().await,
                     }
                 };
-                drive!(self.h2.serve_connection(io, h2), idle)
+                drive!(self.h2.serve_connection(io, h2), idle, graceful: true)
             }
         }
     }
