@@ -5,6 +5,7 @@ pub mod client;
 mod idle;
 mod stall;
 pub mod tls;
+mod watched;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,6 +26,7 @@ use ferrum_snapshot::model::Protocol as SnapProtocol;
 use crate::dataplane::Shared;
 use crate::limits::MAX_HEADER_BYTES;
 use crate::proxy::{self, ConnInfo};
+use watched::{First, Watched};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr}: {source}")]
@@ -404,21 +406,27 @@ impl Http {
         macro_rules! drive {
             ($conn:expr, $idle:expr, graceful: $graceful:expr) => {{
                 let (conn, idle) = ($conn, $idle);
-                tokio::pin!(conn, idle);
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stopped(&mut stop) => {
+                tokio::pin!(conn);
+                let ending = async {
+                    tokio::select! {
+                        _ = stopped(&mut stop) => Ending::Stop,
+                        () = idle => Ending::Idle,
+                    }
+                };
+                match Watched::new(conn.as_mut(), ending).await {
+                    First::Conn(r) => r,
+                    First::Watch(Ending::Stop) => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
-                    () = &mut idle => {
-                        if !$graceful {
-                            return Ok(());
-                        }
+                    First::Watch(Ending::Idle) if !$graceful => Ok(()),
+                    First::Watch(Ending::Idle) => {
                         // A GOAWAY, then the end: a client that does not answer the shutdown's
                         // PING gets the header timeout, not for ever.
                         conn.as_mut().graceful_shutdown();
-                        tokio::time::timeout(limits.header_read_timeout, conn).await.unwrap_or(Ok(()))
+                        tokio::time::timeout(limits.header_read_timeout, conn)
+                            .await
+                            .unwrap_or(Ok(()))
                     }
                 }
             }};
@@ -453,6 +461,12 @@ impl Http {
             }
         }
     }
+}
+
+/// Why a connection is ended before it ends by itself.
+enum Ending {
+    Stop,
+    Idle,
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

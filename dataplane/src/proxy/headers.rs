@@ -47,7 +47,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     if present == 0 {
         return;
     }
-    if let Some(conn) = h.get(header::CONNECTION) {
+    if let Some(conn) = h.get(header::CONNECTION).filter(|v| !names_nothing_else(v.as_bytes())) {
         // Tokens naming hop-by-hop headers (or none: `close`) go anyway; only others, rare,
         // become names to remove.
         let named: Vec<HeaderName> = conn
@@ -74,6 +74,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// The `Connection` values nearly every message carries, which name no other header.
+fn names_nothing_else(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
 /// A response head as it goes to the client: hop-by-hop headers out, and `Content-Length`
@@ -282,6 +287,15 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-app"]);
+        // The usual single token.
+        for only in ["Keep-Alive", "close"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, only.parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("x-app", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"], "{only}");
+        }
         // Nothing hop-by-hop: untouched.
         let mut plain = HeaderMap::new();
         plain.insert("x-app", "1".parse().unwrap());
