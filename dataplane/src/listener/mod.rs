@@ -376,7 +376,8 @@ pub async fn serve<I>(
 impl Http {
     /// Runs one connection with `h1` or `h2` (as `proto` says) until it ends or `stop` is set,
     /// then lets it finish gracefully; so too an HTTP/2 connection with no open stream for the
-    /// idle timeout. A client that reads nothing for the stream idle timeout loses it.
+    /// idle timeout. An HTTP/1.1 one with no request open for the header timeout is closed. A
+    /// client that reads nothing for the stream idle timeout loses it.
     pub async fn serve<I, S1, S2, B1, B2>(
         &self,
         io: I,
