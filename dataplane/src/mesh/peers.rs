@@ -239,7 +239,7 @@ pub enum Flag {
     RateLimited,
     /// `DPE`: the client's request was malformed.
     DownstreamProtocolError,
-    /// `DC`: the client's body broke off.
+    /// `DC`: the client's body broke off, or the client left before the answer's end.
     DownstreamTermination,
 }
 
@@ -768,6 +768,34 @@ mod tests {
                 "the table's order"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_client_left_is_flagged_dc() {
+        use crate::upstream::body::{Counted, Observed, ResponseBody};
+        use http_body_util::BodyExt;
+        let peers = Peers::default();
+        let own = || Party::of(Some(&pod("web-1", &[])), None);
+        let api = Arc::new(pod("api-0", &[]));
+        let answer = |left: bool| {
+            let calls = peers.calls_to(Some(api.clone()), None, None, 1, own);
+            let resp = http::Response::new(());
+            let counted = Counted::new(calls, &resp, false, std::time::Instant::now(), (0, None));
+            let log = Arc::new(crate::access_log::AccessLog::default());
+            let body = Observed::wrap(ResponseBody::local("hello"), None, false, None, log, Some(counted));
+            async move {
+                if !left {
+                    assert_eq!(body.collect().await.expect("whole").to_bytes(), "hello");
+                }
+            }
+        };
+        answer(true).await;
+        answer(false).await;
+        let samples = peers.samples();
+        let requests: Vec<_> = samples[0].requests().collect();
+        let by_flag = |flag: &str| requests.iter().find(|r| r.flag.as_str() == flag).map(|r| r.count);
+        assert_eq!(by_flag("DC"), Some(1), "the client left before the body");
+        assert_eq!(by_flag("-"), Some(1), "the whole answer");
     }
 
     #[test]

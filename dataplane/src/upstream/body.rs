@@ -683,13 +683,32 @@ impl Counted {
         }
     }
 
-    fn record(mut self) {
+    fn record(mut self, ended: Ended) {
+        use crate::mesh::peers::Flag;
+        // The proxy's own answer keeps its reason; a body cut short gets whose fault it was.
+        if self.call.flag == Flag::None {
+            self.call.flag = match ended {
+                Ended::Whole => Flag::None,
+                Ended::UpstreamBroke => Flag::UpstreamReset,
+                Ended::ClientLeft => Flag::DownstreamTermination,
+            };
+        }
         self.call.took = self.started.elapsed();
         // What arrived, or what was declared when the app answered before reading it all.
         let (declared, upload) = &self.request;
         self.call.request_bytes = upload.as_ref().map_or(0, |u| u.received()).max(*declared);
         self.calls.record(&self.call);
     }
+}
+
+/// How a response body ended.
+#[derive(Clone, Copy, PartialEq)]
+enum Ended {
+    Whole,
+    /// The upstream's body broke off (or stalled).
+    UpstreamBroke,
+    /// Dropped before its end: the client went.
+    ClientLeft,
 }
 
 /// A `grpc-status` header's code.
@@ -718,12 +737,12 @@ impl Observed {
         }))
     }
 
-    fn finish(&mut self, complete: bool) {
+    fn finish(&mut self, ended: Ended) {
         if let Some(call) = self.call.take() {
-            call.record();
+            call.record(ended);
         }
         if let Some(mut e) = self.entry.take() {
-            e.complete = complete;
+            e.complete = ended == Ended::Whole;
             e.duration_ms = e.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
             if let Some(span) = self.span.take() {
                 span.end(&e);
@@ -737,8 +756,11 @@ impl Observed {
 
 impl Drop for Observed {
     fn drop(&mut self) {
-        let done = self.inner.is_end_stream();
-        self.finish(done);
+        let ended = match self.inner.is_end_stream() {
+            true => Ended::Whole,
+            false => Ended::ClientLeft,
+        };
+        self.finish(ended);
     }
 }
 
@@ -802,8 +824,8 @@ impl Body for ResponseBody {
                             c.frame(f);
                         }
                     }
-                    Poll::Ready(None) => l.finish(true),
-                    Poll::Ready(Some(Err(_))) => l.finish(false),
+                    Poll::Ready(None) => l.finish(Ended::Whole),
+                    Poll::Ready(Some(Err(_))) => l.finish(Ended::UpstreamBroke),
                     Poll::Pending => {}
                 }
                 r
