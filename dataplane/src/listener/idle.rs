@@ -48,8 +48,26 @@ impl Streams {
 /// A service whose every response counts as an open stream of its connection until its body
 /// is dropped (sent, or reset).
 pub struct Counted<S> {
-    pub inner: S,
-    pub streams: Arc<Streams>,
+    inner: S,
+    streams: Arc<Streams>,
+}
+
+impl<S> Counted<S> {
+    /// `inner` with its streams counted, and what resolves once none has been open for `limit`
+    /// (never, without one).
+    pub fn watched(inner: S, limit: Option<Duration>) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let streams = Arc::new(Streams::default());
+        let idle = {
+            let streams = streams.clone();
+            async move {
+                match limit {
+                    Some(limit) => streams.idle(limit).await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        (Counted { inner, streams }, idle)
+    }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>

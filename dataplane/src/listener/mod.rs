@@ -436,28 +436,11 @@ impl Http {
         match proto {
             HttpVersion::One => {
                 // No request open for the header timeout: a head trickled in or none coming.
-                let streams = Arc::new(idle::Streams::default());
-                let h1 = idle::Counted {
-                    inner: h1,
-                    streams: streams.clone(),
-                };
-                let limit = limits.header_read_timeout;
-                let idle = async move { streams.idle(limit).await };
+                let (h1, idle) = idle::Counted::watched(h1, Some(limits.header_read_timeout));
                 drive!(self.h1.serve_connection(io, h1).with_upgrades(), idle, graceful: false)
             }
             HttpVersion::Two => {
-                let streams = Arc::new(idle::Streams::default());
-                let h2 = idle::Counted {
-                    inner: h2,
-                    streams: streams.clone(),
-                };
-                let limit = limits.idle_timeout;
-                let idle = async move {
-                    match limit {
-                        Some(limit) => streams.idle(limit).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let (h2, idle) = idle::Counted::watched(h2, limits.idle_timeout);
                 drive!(self.h2.serve_connection(io, h2), idle, graceful: true)
             }
         }
