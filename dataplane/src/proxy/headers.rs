@@ -133,6 +133,24 @@ pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Optio
     h.append(header::VIA, HeaderValue::from_static(via));
 }
 
+/// The bytes a host's reg-name may hold (RFC 3986 §3.2.2: unreserved, sub-delims, escapes),
+/// looked up rather than searched for.
+static REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = (c as u8).is_ascii_alphanumeric();
+        c += 1;
+    }
+    let extra = b"-._~!$&'()*+,;=%";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 /// Whether `host` is an RFC 3986 `host [":" port]`, as `Host` and an authority must be (RFC 9112
 /// §3.2: anything else is a 400). Refuses userinfo (`user@host`, RFC 9110 §4.2.4: it obscures
 /// the authority) and the characters that would turn the host into part of a path or query
@@ -157,7 +175,7 @@ pub fn valid_host(host: &[u8]) -> bool {
             None => (host, &[][..]),
         },
     };
-    let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b);
+    let reg_name = |b: &u8| REG_NAME[*b as usize];
     let port_ok = match port {
         [] => true,
         [b':', digits @ ..] => digits.iter().all(u8::is_ascii_digit),

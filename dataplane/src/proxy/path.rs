@@ -39,12 +39,12 @@ pub fn normalize(path: &str, merge_slashes: bool, escaped: EscapedSlashes) -> Re
         return Ok(Cow::Borrowed(path));
     }
     let b = path.as_bytes();
-    if b.contains(&b'\\') {
+    let found = scan(b);
+    if found.backslash {
         return Err(PathError::Backslash);
     }
-    let encoded = b.contains(&b'%');
-    let double_slash = merge_slashes && path.contains("//");
-    if !encoded && !double_slash && !has_dot_segment(path) {
+    let encoded = found.encoded;
+    if !(encoded || found.dot_segment || merge_slashes && found.double_slash) {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = if encoded {
@@ -55,8 +55,35 @@ pub fn normalize(path: &str, merge_slashes: bool, escaped: EscapedSlashes) -> Re
     Ok(Cow::Owned(remove_dot_segments(&decoded, merge_slashes)))
 }
 
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|s| s == "." || s == "..")
+/// What a path holds that normalising would change, or refuse.
+#[derive(Default)]
+struct Found {
+    backslash: bool,
+    encoded: bool,
+    double_slash: bool,
+    dot_segment: bool,
+}
+
+/// One pass over the path's bytes (four searches cost more than the rest of a short path's
+/// handling).
+fn scan(b: &[u8]) -> Found {
+    let mut found = Found::default();
+    let dots = |seg: &[u8]| seg == b"." || seg == b"..";
+    let mut segment = 0;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'\\' => found.backslash = true,
+            b'%' => found.encoded = true,
+            b'/' => {
+                found.double_slash |= i > 0 && b[i - 1] == b'/';
+                found.dot_segment |= dots(&b[segment..i]);
+                segment = i + 1;
+            }
+            _ => {}
+        }
+    }
+    found.dot_segment |= dots(&b[segment..]);
+    found
 }
 
 /// Decodes `%XX` of unreserved characters (and of `/` and `\`, as `/`, when unescaping them);
