@@ -384,15 +384,7 @@ where
         Settled::Allow(add) => add,
         Settled::Deny => return (text(StatusCode::FORBIDDEN, "RBAC: access denied"), None),
         Settled::Refused(d) => return (d.into_response(ResponseBody::local), None),
-        Settled::Unauthenticated => {
-            // Envoy's answer, so clients written against Istio see what they expect.
-            let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
-            r.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
-            );
-            return (r, None);
-        }
+        Settled::Unauthenticated => return (unauthenticated(), None),
     };
     // The app's request and the client's response get what the gateway's do: hop-by-hop
     // headers stop here both ways (an upgrade's own are put back).
@@ -416,7 +408,29 @@ where
         Ok(sent) => sent,
         Err(local) => return (local.into_response(ResponseBody::local), upload),
     };
-    let resp = match sent {
+    (app_answer(sent, upgrade, on_allow, conn), upload)
+}
+
+/// A request with no valid JWT where a policy requires one: Envoy's answer, so clients written
+/// against Istio see what they expect.
+fn unauthenticated() -> Response<Body> {
+    let mut r = text(StatusCode::UNAUTHORIZED, "Jwt verification fails");
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+    );
+    r
+}
+
+/// What the client gets for what the app sent (or why it could not): the app's answer, its
+/// hop-by-hop headers out (an accepted upgrade spliced instead), or the proxy's own.
+fn app_answer(
+    sent: Result<Response<Incoming>, AppError>,
+    upgrade: Option<crate::proxy::upgrade::Upgrade>,
+    on_allow: super::ext_authz::ResponseHeaders,
+    conn: &Conn,
+) -> Response<Body> {
+    match sent {
         Ok(resp) if !crate::proxy::valid_status(resp.status(), upgrade.is_some()) => {
             tracing::debug!(status = %resp.status(), "application answered with a status no client may get");
             Local::Upstream(UpstreamError::InvalidResponse).into_response(ResponseBody::local)
@@ -449,8 +463,7 @@ where
             r.headers_mut().insert(&headers::X_FERRUM_ERROR, reason);
             r
         }
-    };
-    (resp, upload)
+    }
 }
 
 /// Serves HTTP on `stream`, asking `judge` about each request (which may rewrite its head) and
