@@ -261,7 +261,7 @@ async fn serve(
     conn: ConnInfo,
     req: Request<Incoming>,
     started: Instant,
-    log: Option<&mut crate::access_log::Entry>,
+    mut log: Option<&mut crate::access_log::Entry>,
     on_allow: &mut ResponseHeaders,
 ) -> Response<ResponseBody> {
     let mut req = req.map(ClientBody::from);
@@ -269,8 +269,7 @@ async fn serve(
         Ok(h) => h,
         Err(l) => return l.response(),
     };
-    let host = host_name(host_value.as_ref());
-    let vh = listener.hosts.find(&host);
+    let vh = listener.hosts.find(&host_name(host_value.as_ref()));
     // A browser's preflight carries no credentials: its route's CORS policy answers it before
     // any authentication or authorization (as Istio places its CORS filter).
     if let Some(resp) = vh.and_then(|vh| preflight(vh, &req)) {
@@ -283,15 +282,9 @@ async fn serve(
             Err((req, refused)) => return cors_marked(vh, &req, refused),
         };
     }
-    let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
-    let Some(route) = route else {
-        shared
-            .registry
-            .unrouted
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(route) = routed(shared, vh, &req) else {
         return Local::RouteNotFound.response();
     };
-    let mut log = log;
     if let Some(e) = log.as_deref_mut() {
         e.route = Some(route.name.clone());
     }
@@ -300,49 +293,103 @@ async fn serve(
         Some(cors::Check::Allowed(origin)) => Some(origin),
         _ => None,
     };
-    // Boxed: a Global limit's Redis call would grow every request's future.
+    // Boxed: what a Global limit's Redis call or a fault's delay keeps would grow every
+    // request's future.
+    if (!route.limits.is_empty() || route.fault.is_some())
+        && let Some(refused) = Box::pin(before_acting(route, &req, conn.remote.ip(), on_allow)).await
+    {
+        return answered(route, None, cors, started, refused);
+    }
+    let (resp, backend) = match act(shared, listener, route, conn, host_value, &req, log) {
+        Act::Answer(resp) => (resp, None),
+        Act::Forward(ctx) => {
+            let backend = ctx.backend;
+            (ctx.run(req).await.unwrap_or_else(Local::response), backend)
+        }
+    };
+    answered(route, backend, cors, started, resp)
+}
+
+/// The route the request takes on its host; a request with none is counted.
+fn routed<'a>(
+    shared: &Shared,
+    vh: Option<&'a crate::router::VirtualHost>,
+    req: &Request<ClientBody>,
+) -> Option<&'a Route> {
+    let route = vh.and_then(|vh| vh.find(req.method(), req.uri().path(), req.uri().query(), req.headers()));
+    if route.is_none() {
+        let unrouted = &shared.registry.unrouted;
+        unrouted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    route
+}
+
+/// The route's rate limits (the quota left noted in `on_allow`), then its fault injection: the
+/// answer, when either refuses the request.
+async fn before_acting(
+    route: &Route,
+    req: &Request<ClientBody>,
+    client: std::net::IpAddr,
+    on_allow: &mut ResponseHeaders,
+) -> Option<Response<ResponseBody>> {
     if !route.limits.is_empty() {
-        match Box::pin(over_limit(&route.limits, req.headers(), conn.remote.ip())).await {
-            Err(q) => return answered(route, None, cors, started, rate_limited(q, is_grpc(&req))),
+        match over_limit(&route.limits, req.headers(), client).await {
+            Err(q) => return Some(rate_limited(q, is_grpc(req))),
             Ok(Some(q)) => on_allow.extend(q.headers()),
             Ok(None) => {}
         }
     }
-    let aborted = match &route.fault {
-        Some(f) => inject(f).await,
-        None => None,
+    inject(route.fault.as_ref()?).await.map(abort_answer)
+}
+
+/// What the route says to do with a request: answer it here, or forward it.
+enum Act<'a> {
+    Answer(Response<ResponseBody>),
+    Forward(Forward<'a>),
+}
+
+/// Decides what the route does (redirect, answer, forward to a weighted backend), with the
+/// chosen backend's own header edits for the answer; notes the cluster in `log`.
+fn act<'a>(
+    shared: &'a Shared,
+    listener: &'a CompiledListener,
+    route: &'a Route,
+    conn: ConnInfo,
+    host_value: Option<HeaderValue>,
+    req: &Request<ClientBody>,
+    log: Option<&mut crate::access_log::Entry>,
+) -> Act<'a> {
+    use crate::router::{Action, Target};
+    let target = match &route.action {
+        Action::Redirect(rd) => {
+            let host = host_name(host_value.as_ref());
+            return Act::Answer(redirect(rd, route, listener, conn.listener.port(), &host, req));
+        }
+        Action::Respond(d) => return Act::Answer(direct(d)),
+        Action::Forward(_) => route.action.pick(),
     };
-    let mut backend = None;
-    let resp = match (aborted, &route.action) {
-        (Some(abort), _) => abort_answer(abort),
-        (None, crate::router::Action::Redirect(rd)) => redirect(rd, route, listener, conn.listener.port(), &host, &req),
-        (None, crate::router::Action::Respond(d)) => direct(d),
-        (None, crate::router::Action::Forward(_)) => match route.action.pick() {
-            Some(crate::router::Target {
-                cluster: Some(cluster),
-                headers,
-            }) => {
-                backend = headers.as_deref();
-                if let Some(e) = log.as_deref_mut() {
-                    e.upstream_cluster = Some(cluster.spec.name.clone());
-                }
-                let ctx = Forward {
-                    shared,
-                    listener,
-                    route,
-                    cluster,
-                    conn,
-                    host_value,
-                    noting: log.is_some() || calls_counted(shared, listener).is_some(),
-                    backend,
-                };
-                ctx.run(req).await.unwrap_or_else(Local::response)
-            }
-            Some(_) => Local::BackendNotFound.response(),
-            None => Local::NoWeightedBackend.response(),
-        },
+    let (cluster, backend) = match target {
+        Some(Target {
+            cluster: Some(cluster),
+            headers,
+        }) => (cluster, headers.as_deref()),
+        Some(_) => return Act::Answer(Local::BackendNotFound.response()),
+        None => return Act::Answer(Local::NoWeightedBackend.response()),
     };
-    answered(route, backend, cors, started, resp)
+    let noting = log.is_some() || calls_counted(shared, listener).is_some();
+    if let Some(e) = log {
+        e.upstream_cluster = Some(cluster.spec.name.clone());
+    }
+    Act::Forward(Forward {
+        shared,
+        listener,
+        route,
+        cluster,
+        conn,
+        host_value,
+        noting,
+        backend,
+    })
 }
 
 /// The request's host, without its port and lowercased (borrowed when already lowercase).
@@ -800,7 +847,7 @@ enum Try {
     Client(Local),
 }
 
-impl Forward<'_> {
+impl<'a> Forward<'a> {
     async fn run(self, mut req: Request<ClientBody>) -> Result<Response<ResponseBody>, Local> {
         let limits = &self.shared.limits;
         let upgrade = upgrade::requested(&mut req);
@@ -814,18 +861,11 @@ impl Forward<'_> {
         let client_h2 = parts.version == Version::HTTP_2 && upgrade.is_none();
         let via = self.upstream_head(&mut parts, upgrade.as_ref())?;
         let (hash_key, set_cookie) = self.hash_key(&parts);
-        // The route's retries, else the cluster's.
-        let (retry, retry_on) = match &self.route.retry {
-            Some((policy, on)) => (Some(policy), on),
-            None => (cluster.spec.retry.as_ref(), &cluster.retry_on),
-        };
-        // Any method is retried, as by Envoy: the retry conditions say when.
-        let retry = retry.filter(|_| upgrade.is_none());
-        let (body, upload, replay) = self.upstream_body(&parts, incoming, upgrade.is_some(), retry.is_some());
+        let mut retries = self.retries(upgrade.is_some());
+        let (body, upload, replay) = self.upstream_body(&parts, incoming, upgrade.is_some(), retries.policy.is_some());
         let mut body = Some(body);
         let timing = self.timing();
         let mut avoid = None;
-        let mut attempt = 0u32;
         let mut _retry_guard = None;
         loop {
             let Some((idx, ep_guard)) = cluster.pick(hash_key.as_ref().map(HashKey::as_bytes), avoid) else {
@@ -833,7 +873,7 @@ impl Forward<'_> {
                 return Err(Local::Upstream(UpstreamError::NoHealthyUpstream));
             };
             let ep = &cluster.endpoints[idx];
-            let up = self.upstream_request(&mut parts, body.take(), retry.is_some(), ep)?;
+            let up = self.upstream_request(&mut parts, body.take(), retries.policy.is_some(), ep)?;
             let try_started = Instant::now();
             let send = cluster.pool_for(client_h2).send(idx, &ep.authority, up);
             tokio::pin!(send);
@@ -844,22 +884,14 @@ impl Forward<'_> {
                 Err(t) => t,
             };
             let status = account(cluster, ep, &outcome, try_started)?;
-            if let Some(policy) = retry
-                && attempt < policy.attempts
-                && !timing.out_of_time()
-                && (retry_on.matches(status)
-                    || matches!(&outcome, Try::Response(r, _) if retry_on.matches_grpc(r.headers())))
-                && replayable(cluster, replay.as_ref())
-                && let Some(g) = cluster.try_retry(policy)
+            if !timing.out_of_time()
+                && let Some((g, backoff)) = retries.again(cluster, status, &outcome, replay.as_ref())
             {
                 _retry_guard = Some(g);
                 body = Some(replay.as_ref().map_or(RequestBody::Empty, Replay::again));
-                attempt += 1;
                 avoid = Some(idx);
                 drop(ep_guard);
-                // Full jitter on an exponential backoff.
-                let cap = policy.backoff_base_ms.saturating_mul(1 << attempt.min(6));
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=cap))).await;
+                tokio::time::sleep(backoff).await;
                 continue;
             }
             if let Some(r) = &replay {
@@ -930,6 +962,20 @@ impl Forward<'_> {
             HashOn::ClientIp => Some(HashKey::ip(self.conn.remote.ip())),
         };
         (key, None)
+    }
+
+    /// The route's retries, else the cluster's; none for an upgrade. Any method is retried, as
+    /// by Envoy: the retry conditions say when.
+    fn retries(&self, upgrade: bool) -> Retries<'a> {
+        let (policy, on) = match &self.route.retry {
+            Some((policy, on)) => (Some(policy), on),
+            None => (self.cluster.spec.retry.as_ref(), &self.cluster.retry_on),
+        };
+        Retries {
+            policy: policy.filter(|_| !upgrade),
+            on,
+            attempt: 0,
+        }
     }
 
     fn timing(&self) -> Timing {
@@ -1106,6 +1152,37 @@ fn downstream_response(
             _endpoint: ep_guard,
         },
     )
+}
+
+/// A request's retry policy, its conditions and the tries made so far.
+struct Retries<'a> {
+    policy: Option<&'a ferrum_snapshot::model::RetryPolicy>,
+    on: &'a crate::upstream::retry::RetryOn,
+    attempt: u32,
+}
+
+impl Retries<'_> {
+    /// Another try, when the policy has one left, the outcome is one it retries, the body can be
+    /// sent again and the cluster's retry budget allows: its guard and the backoff (full jitter
+    /// on an exponential backoff) to wait first.
+    fn again(
+        &mut self,
+        cluster: &Arc<ClusterRuntime>,
+        status: Result<u16, UpstreamError>,
+        outcome: &Try,
+        replay: Option<&Replay>,
+    ) -> Option<(crate::upstream::RetryGuard, Duration)> {
+        let policy = self.policy.filter(|p| self.attempt < p.attempts)?;
+        let retried =
+            self.on.matches(status) || matches!(outcome, Try::Response(r, _) if self.on.matches_grpc(r.headers()));
+        if !retried || !replayable(cluster, replay) {
+            return None;
+        }
+        let guard = cluster.try_retry(policy)?;
+        self.attempt += 1;
+        let cap = policy.backoff_base_ms.saturating_mul(1 << self.attempt.min(6));
+        Some((guard, Duration::from_millis(fastrand::u64(0..=cap))))
+    }
 }
 
 /// The clocks of one forwarded request.

@@ -207,6 +207,52 @@ fn mods(m: &model::HeaderModifier, route: &str) -> Result<HeaderMods, RouteError
     })
 }
 
+/// A route that cannot be compiled, and why.
+fn invalid(route: &str, e: impl std::fmt::Display) -> RouteError {
+    RouteError::Invalid {
+        route: route.to_string(),
+        what: e.to_string(),
+    }
+}
+
+impl Route {
+    /// Compiles a snapshot route's conditions and edits around what the compiler built for it.
+    fn build(r: &model::Route, p: RouteParts) -> Result<Self, RouteError> {
+        let bad = |e: &dyn std::fmt::Display| invalid(&r.name, e);
+        let method = r.matcher.method.as_deref();
+        let method = method.map(|m| Method::from_bytes(m.as_bytes()).map_err(|e| bad(&e)));
+        let headers = r.matcher.headers.iter().map(|h| {
+            let name = HeaderName::try_from(h.name.as_str()).map_err(|e| bad(&e))?;
+            Ok((name, Matcher::new(&h.value).map_err(|e| bad(&e))?))
+        });
+        let query =
+            (r.matcher.query_params.iter()).map(|q| Ok((q.name.clone(), Matcher::new(&q.value).map_err(|e| bad(&e))?)));
+        Ok(Route {
+            name: r.name.clone(),
+            method: method.transpose()?,
+            headers: headers.collect::<Result<_, RouteError>>()?,
+            query: query.collect::<Result<_, RouteError>>()?,
+            path: r.matcher.path.clone(),
+            request_headers: mods(&r.request_headers, &r.name)?,
+            response_headers: mods(&r.response_headers, &r.name)?,
+            rewrite: r.rewrite.clone(),
+            action: p.action,
+            timeouts: r.timeouts.clone(),
+            retry: r.retry.clone().map(|p| {
+                let on = crate::upstream::retry::RetryOn::of(&p);
+                (p, on)
+            }),
+            fault: r.fault.clone(),
+            mirrors: p.mirrors,
+            cors: (r.cors.as_ref())
+                .map(|c| cors::Cors::build(c, &r.name).map(Box::new))
+                .transpose()?,
+            stats: p.stats,
+            limits: p.limits,
+        })
+    }
+}
+
 impl VirtualHost {
     pub fn build(
         vh: &model::VirtualHost,
@@ -220,72 +266,19 @@ impl VirtualHost {
             regex: Vec::new(),
         };
         for (i, r) in vh.routes.iter().enumerate() {
-            let bad = |what: String| RouteError::Invalid {
-                route: r.name.clone(),
-                what,
-            };
             let i = i as u32;
             match &r.matcher.path {
                 PathMatch::Exact(p) => out.exact.entry(p.clone()).or_default().push(i),
                 PathMatch::Prefix(p) => out.prefix.entry(p.clone()).or_default().push(i),
                 PathMatch::Regex(re) => out
                     .regex
-                    .push((Regex::new(&format!("^(?:{re})$")).map_err(|e| bad(e.to_string()))?, i)),
+                    .push((Regex::new(&format!("^(?:{re})$")).map_err(|e| invalid(&r.name, e))?, i)),
             }
-            let method = r
-                .matcher
-                .method
-                .as_deref()
-                .map(|m| Method::from_bytes(m.as_bytes()).map_err(|e| bad(e.to_string())))
-                .transpose()?;
-            let headers = r
-                .matcher
-                .headers
-                .iter()
-                .map(|h| {
-                    Ok((
-                        HeaderName::try_from(h.name.as_str()).map_err(|e| bad(e.to_string()))?,
-                        Matcher::new(&h.value).map_err(|e| bad(e.to_string()))?,
-                    ))
-                })
-                .collect::<Result<_, RouteError>>()?;
-            let query = r
-                .matcher
-                .query_params
-                .iter()
-                .map(|q| Ok((q.name.clone(), Matcher::new(&q.value).map_err(|e| bad(e.to_string()))?)))
-                .collect::<Result<_, RouteError>>()?;
-            let p = parts(r)?;
-            out.routes.push(Route {
-                name: r.name.clone(),
-                method,
-                headers,
-                query,
-                path: r.matcher.path.clone(),
-                request_headers: mods(&r.request_headers, &r.name)?,
-                response_headers: mods(&r.response_headers, &r.name)?,
-                rewrite: r.rewrite.clone(),
-                action: p.action,
-                timeouts: r.timeouts.clone(),
-                retry: r.retry.clone().map(|p| {
-                    let on = crate::upstream::retry::RetryOn::of(&p);
-                    (p, on)
-                }),
-                fault: r.fault.clone(),
-                mirrors: p.mirrors,
-                cors: r
-                    .cors
-                    .as_ref()
-                    .map(|c| cors::Cors::build(c, &r.name).map(Box::new))
-                    .transpose()?,
-                stats: p.stats,
-                limits: p.limits,
-            });
+            out.routes.push(Route::build(r, parts(r)?)?);
         }
         Ok(out)
     }
 
-    /// The first route, in precedence order, that matches.
     /// The route of highest precedence: what an L4 (TCP or TLS) host forwards to.
     pub fn first_route(&self) -> Option<&Route> {
         self.routes.first()
