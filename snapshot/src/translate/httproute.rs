@@ -760,54 +760,37 @@ fn apply_filter(
     problems: &mut Problems<'_>,
     parts: &mut RuleParts,
 ) -> Option<Option<Redirect>> {
-    let missing = |problems: &mut Problems<'_>, what: &str| {
-        problems.push(
-            obj,
-            format!("{ffield}.{what}"),
-            Reason::Invalid,
-            format!("filter type {:?} needs {what}", f.r#type),
-        );
-        None
+    // The filter's settings for its type: a filter without them is invalid.
+    let mut need = |what: &str, present: bool| {
+        if !present {
+            let why = format!("filter type {:?} needs {what}", f.r#type);
+            problems.push(obj, format!("{ffield}.{what}"), Reason::Invalid, why);
+        }
+        present.then_some(())
     };
-    let checked =
-        |problems: &mut Problems<'_>, m: HeaderModifier, what: &str| match crate::validate::header_modifier_problem(&m)
-        {
-            Some(msg) => {
-                problems.push(obj, format!("{ffield}.{what}"), Reason::Invalid, msg);
-                None
-            }
-            None => Some(m),
-        };
+    use HttpRouteRulesFiltersType as Type;
     match f.r#type {
-        HttpRouteRulesFiltersType::RequestHeaderModifier => {
-            let Some(m) = &f.request_header_modifier else {
-                return missing(problems, "requestHeaderModifier");
-            };
-            parts.request_headers = checked(problems, header_modifier!(m), "requestHeaderModifier")?;
+        Type::RequestHeaderModifier => {
+            need("requestHeaderModifier", f.request_header_modifier.is_some())?;
+            let m = header_modifier!(f.request_header_modifier.as_ref()?);
+            parts.request_headers = checked(m, &format!("{ffield}.requestHeaderModifier"), obj, problems)?;
         }
-        HttpRouteRulesFiltersType::ResponseHeaderModifier => {
-            let Some(m) = &f.response_header_modifier else {
-                return missing(problems, "responseHeaderModifier");
-            };
-            parts.response_headers = checked(problems, header_modifier!(m), "responseHeaderModifier")?;
+        Type::ResponseHeaderModifier => {
+            need("responseHeaderModifier", f.response_header_modifier.is_some())?;
+            let m = header_modifier!(f.response_header_modifier.as_ref()?);
+            parts.response_headers = checked(m, &format!("{ffield}.responseHeaderModifier"), obj, problems)?;
         }
-        HttpRouteRulesFiltersType::RequestRedirect => {
-            let Some(rd) = &f.request_redirect else {
-                return missing(problems, "requestRedirect");
-            };
-            return Some(Some(redirect_of(rd, ffield, obj, problems)?));
+        Type::RequestRedirect => {
+            need("requestRedirect", f.request_redirect.is_some())?;
+            return Some(Some(redirect_of(f.request_redirect.as_ref()?, ffield, obj, problems)?));
         }
-        HttpRouteRulesFiltersType::UrlRewrite => {
-            let Some(rw) = &f.url_rewrite else {
-                return missing(problems, "urlRewrite");
-            };
-            parts.rewrite = Some(rewrite_of(rw));
+        Type::UrlRewrite => {
+            need("urlRewrite", f.url_rewrite.is_some())?;
+            parts.rewrite = Some(rewrite_of(f.url_rewrite.as_ref()?));
         }
-        HttpRouteRulesFiltersType::Cors => {
-            let Some(c) = &f.cors else {
-                return missing(problems, "cors");
-            };
-            match super::cors::of_filter(c, &format!("{ffield}.cors")) {
+        Type::Cors => {
+            need("cors", f.cors.is_some())?;
+            match super::cors::of_filter(f.cors.as_ref()?, &format!("{ffield}.cors")) {
                 Ok(c) => parts.cors = Some(c),
                 Err((field, why)) => {
                     problems.push(obj, field, Reason::Invalid, why);
@@ -815,24 +798,31 @@ fn apply_filter(
                 }
             }
         }
-        HttpRouteRulesFiltersType::RequestMirror => {
-            let Some(m) = &f.request_mirror else {
-                return missing(problems, "requestMirror");
-            };
+        Type::RequestMirror => {
+            need("requestMirror", f.request_mirror.is_some())?;
             // Several are copied to each (Gateway API: HTTPRouteRequestMultipleMirrors).
-            parts.mirrors.extend(mirror_of(m, ffield, obj, clusters, problems)?);
+            parts
+                .mirrors
+                .extend(mirror_of(f.request_mirror.as_ref()?, ffield, obj, clusters, problems)?);
         }
         ref other => {
-            problems.push(
-                obj,
-                format!("{ffield}.type"),
-                Reason::UnsupportedValue,
-                format!("filter type {other:?} is not supported yet"),
-            );
+            let why = format!("filter type {other:?} is not supported yet");
+            problems.push(obj, format!("{ffield}.type"), Reason::UnsupportedValue, why);
             return None;
         }
     }
     Some(None)
+}
+
+/// A header modifier (at `field`) that can be applied; `None` with the problem noted when not.
+fn checked(m: HeaderModifier, field: &str, obj: &ObjectRef, problems: &mut Problems<'_>) -> Option<HeaderModifier> {
+    match crate::validate::header_modifier_problem(&m) {
+        Some(why) => {
+            problems.push(obj, field, Reason::Invalid, why);
+            None
+        }
+        None => Some(m),
+    }
 }
 
 /// A RequestMirror filter's mirror: `Some(None)` when its backend does not resolve (the problem

@@ -510,6 +510,16 @@ fn invalid_input_is_reported_with_field_and_reason() {
             Reason::Invalid,
         ),
         (
+            "  - filters: [{type: ResponseHeaderModifier}]\n",
+            "spec.rules[0].filters[0].responseHeaderModifier",
+            Reason::Invalid,
+        ),
+        (
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: \"a b\", value: x}]}}]\n",
+            "spec.rules[0].filters[0].requestHeaderModifier",
+            Reason::Invalid,
+        ),
+        (
             "  - timeouts: {request: forever}\n",
             "spec.rules[0].timeouts.request",
             Reason::UnsupportedValue,
