@@ -482,6 +482,28 @@ async fn connect(
     live: Live,
     (usage, release): (Arc<Usage>, Duration),
 ) -> Result<Tunnels, HboneError> {
+    let stream = handshake(identity, d).await?;
+    let (send, conn) = h2::client::Builder::new()
+        // Until the peer's SETTINGS arrive h2 assumes no stream limit, and a burst of tunnels
+        // let onto a new connection would open more than the peer allows (the rest refused).
+        // Assume what our servers allow; the peer's SETTINGS correct it.
+        .initial_max_send_streams(MAX_STREAMS as usize)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| HboneError::Http(d.proxy, e))?;
+    tokio::spawn(drive(conn, d.proxy, (usage, release), live));
+    Ok(send)
+}
+
+/// TCP and TLS to the peer proxy, both within [`HANDSHAKE_TIMEOUT`]; the peer must present the
+/// identity dialled.
+async fn handshake(
+    identity: &Identity,
+    d: &Dial<'_>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HboneError> {
     let tls = identity.current().ok_or(HboneError::NoIdentity)?;
     let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(d.proxy))
         .await
@@ -502,49 +524,45 @@ async fn connect(
             got,
         });
     }
-    let (send, mut conn) = h2::client::Builder::new()
-        // Until the peer's SETTINGS arrive h2 assumes no stream limit, and a burst of tunnels
-        // let onto a new connection would open more than the peer allows (the rest refused).
-        // Assume what our servers allow; the peer's SETTINGS correct it.
-        .initial_max_send_streams(MAX_STREAMS as usize)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .map_err(|e| HboneError::Http(d.proxy, e))?;
+    Ok(stream)
+}
+
+/// Drives an HBONE connection until it ends, a keepalive ping goes unanswered, or it has carried
+/// no tunnel for `release`; `live` is dropped with it.
+async fn drive(
+    mut conn: h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    proxy: SocketAddr,
+    (usage, release): (Arc<Usage>, Duration),
+    live: Live,
+) {
     let pings = conn.ping_pong();
-    let proxy = d.proxy;
-    tokio::spawn(async move {
-        let keepalive = async {
-            let Some(mut pings) = pings else {
-                return std::future::pending().await;
-            };
-            loop {
-                tokio::time::sleep(KEEPALIVE).await;
-                match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-                    Ok(Ok(_)) => {}
-                    _ => return tracing::info!(%proxy, "HBONE connection unanswered: closed"),
-                }
-            }
+    let keepalive = async {
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
         };
-        let unused = async {
-            let tick = (release / 2).clamp(Duration::from_millis(100), KEEPALIVE);
-            loop {
-                tokio::time::sleep(tick).await;
-                if usage.unused_for() >= release {
-                    return tracing::debug!(%proxy, "HBONE connection unused: released");
-                }
+        loop {
+            tokio::time::sleep(KEEPALIVE).await;
+            match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                _ => return tracing::info!(%proxy, "HBONE connection unanswered: closed"),
             }
-        };
-        tokio::select! {
-            r = conn => if let Err(e) = r { tracing::debug!(%proxy, error = %e, "HBONE connection ended") },
-            () = keepalive => {}
-            () = unused => {}
         }
-        drop(live);
-    });
-    Ok(send)
+    };
+    let unused = async {
+        let tick = (release / 2).clamp(Duration::from_millis(100), KEEPALIVE);
+        loop {
+            tokio::time::sleep(tick).await;
+            if usage.unused_for() >= release {
+                return tracing::debug!(%proxy, "HBONE connection unused: released");
+            }
+        }
+    };
+    tokio::select! {
+        r = conn => if let Err(e) = r { tracing::debug!(%proxy, error = %e, "HBONE connection ended") },
+        () = keepalive => {}
+        () = unused => {}
+    }
+    drop(live);
 }
 
 #[cfg(test)]

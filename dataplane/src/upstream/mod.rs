@@ -318,6 +318,18 @@ fn endpoint_states(
     Ok(endpoints)
 }
 
+/// A cluster that follows the client's protocol, as it is for the protocol it does not speak by
+/// default: its connector offers that one in ALPN.
+fn other_protocol(spec: &Cluster) -> Option<Cluster> {
+    spec.follow_client_protocol.then(|| Cluster {
+        protocol: match spec.protocol {
+            UpstreamProtocol::Http1 => UpstreamProtocol::Http2,
+            UpstreamProtocol::Http2 => UpstreamProtocol::Http1,
+        },
+        ..spec.clone()
+    })
+}
+
 impl ClusterRuntime {
     /// Builds a runtime, reusing endpoint state from `previous` for endpoints it already knew.
     pub fn new(
@@ -333,7 +345,7 @@ impl ClusterRuntime {
         // Failures under other TLS settings (a DestinationRule's mode changed) say nothing about
         // these: like Envoy for a changed cluster, its endpoints start afresh.
         let previous = previous.filter(|p| p.spec.tls == spec.tls);
-        let warmup = spec.slow_start.clone().map(|spec| {
+        let warmup = (spec.slow_start.clone()).map(|spec| {
             Arc::new(Warmup {
                 spec,
                 until_ms: AtomicU64::new(0),
@@ -353,16 +365,9 @@ impl ClusterRuntime {
                 .collect())
         };
         let pools = pools_of(spec)?;
-        let client_pools = if spec.follow_client_protocol {
-            // Its connector offers the other protocol in ALPN.
-            let mut other = spec.clone();
-            other.protocol = match spec.protocol {
-                UpstreamProtocol::Http1 => UpstreamProtocol::Http2,
-                UpstreamProtocol::Http2 => UpstreamProtocol::Http1,
-            };
-            pools_of(&other)?
-        } else {
-            Box::default()
+        let client_pools = match other_protocol(spec) {
+            Some(other) => pools_of(&other)?,
+            None => Box::default(),
         };
         let localities = locality::Localities::new(&endpoints, &spec.lb, zone);
         let mut rt = ClusterRuntime {

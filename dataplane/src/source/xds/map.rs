@@ -497,52 +497,19 @@ fn route_entry(r: &route::Route, at: &str, known: &dyn Fn(&str) -> bool) -> Resu
 
 /// A route's path, header and query conditions.
 fn route_match(m: &route::RouteMatch, at: &str) -> Result<RouteMatch, MapError> {
-    use route::route_match::PathSpecifier;
     if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
         return Err(MapError::refused(at, "case-insensitive paths are not supported"));
     }
-    let path = match &m.path_specifier {
-        Some(PathSpecifier::Prefix(p)) if p == "/" || p.is_empty() => PathMatch::Prefix("/".into()),
-        // Envoy prefixes are plain string prefixes; ours are by segment, so say it as a regex.
-        Some(PathSpecifier::Prefix(p)) => PathMatch::Regex(format!("{}.*", regex::escape(p))),
-        Some(PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::Prefix(p.trim_end_matches('/').to_string()),
-        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
-        Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(re.regex.clone()),
-        _ => {
-            return Err(MapError::refused(
-                at,
-                "only prefix, path, path_separated_prefix and safe_regex paths are supported",
-            ));
-        }
-    };
     let mut matcher = RouteMatch {
-        path,
+        path: path_match(m.path_specifier.as_ref(), at)?,
         ..Default::default()
     };
     for h in &m.headers {
-        use route::header_matcher::HeaderMatchSpecifier;
-        if h.invert_match {
-            return Err(MapError::refused(
-                at,
-                format!("header {}: invert_match is not supported", h.name),
-            ));
-        }
-        let value = match &h.header_match_specifier {
-            Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: header {}", h.name))?,
-            _ => {
-                return Err(MapError::refused(
-                    at,
-                    format!("header {}: only string matches are supported", h.name),
-                ));
-            }
-        };
-        match (h.name.as_str(), value) {
+        match (h.name.as_str(), header_match(h, at)?) {
             (":method", StringMatch::Exact(m)) => matcher.method = Some(m),
             (n, _) if n.starts_with(':') => {
-                return Err(MapError::refused(
-                    at,
-                    format!("pseudo-header {n} matches are not supported"),
-                ));
+                let why = format!("pseudo-header {n} matches are not supported");
+                return Err(MapError::refused(at, why));
             }
             (n, value) => matcher.headers.push(KeyMatch {
                 name: n.to_ascii_lowercase(),
@@ -555,10 +522,8 @@ fn route_match(m: &route::RouteMatch, at: &str) -> Result<RouteMatch, MapError> 
         let value = match &q.query_parameter_match_specifier {
             Some(QueryParameterMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: query {}", q.name))?,
             _ => {
-                return Err(MapError::refused(
-                    at,
-                    format!("query {}: only string matches are supported", q.name),
-                ));
+                let why = format!("query {}: only string matches are supported", q.name);
+                return Err(MapError::refused(at, why));
             }
         };
         matcher.query_params.push(KeyMatch {
@@ -567,6 +532,41 @@ fn route_match(m: &route::RouteMatch, at: &str) -> Result<RouteMatch, MapError> 
         });
     }
     Ok(matcher)
+}
+
+/// A route's path condition.
+fn path_match(p: Option<&route::route_match::PathSpecifier>, at: &str) -> Result<PathMatch, MapError> {
+    use route::route_match::PathSpecifier;
+    Ok(match p {
+        Some(PathSpecifier::Prefix(p)) if p == "/" || p.is_empty() => PathMatch::Prefix("/".into()),
+        // Envoy prefixes are plain string prefixes; ours are by segment, so say it as a regex.
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Regex(format!("{}.*", regex::escape(p))),
+        Some(PathSpecifier::PathSeparatedPrefix(p)) => PathMatch::Prefix(p.trim_end_matches('/').to_string()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(re.regex.clone()),
+        _ => {
+            let why = "only prefix, path, path_separated_prefix and safe_regex paths are supported";
+            return Err(MapError::refused(at, why));
+        }
+    })
+}
+
+/// A header condition's value match (string matches only, not inverted).
+fn header_match(h: &route::HeaderMatcher, at: &str) -> Result<StringMatch, MapError> {
+    use route::header_matcher::HeaderMatchSpecifier;
+    if h.invert_match {
+        return Err(MapError::refused(
+            at,
+            format!("header {}: invert_match is not supported", h.name),
+        ));
+    }
+    match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(s, &format!("{at}: header {}", h.name)),
+        _ => Err(MapError::refused(
+            at,
+            format!("header {}: only string matches are supported", h.name),
+        )),
+    }
 }
 
 /// A route action's targets, rewrite and timeouts; `path` is the route's path match.
