@@ -32,6 +32,35 @@ struct TypeState {
     first_nonce: u64,
 }
 
+impl TypeState {
+    /// Applies a request's subscriptions and unsubscriptions; whether it had any.
+    fn subscribe(&mut self, r: &DeltaDiscoveryRequest, ads: &Ads) -> bool {
+        if r.resource_names_subscribe.is_empty() && r.resource_names_unsubscribe.is_empty() {
+            return false;
+        }
+        let mut names: BTreeSet<String> = (*self.names).clone();
+        for n in &r.resource_names_subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else if names.insert(n.clone()) {
+                // Newly asked for: the client holds none of it yet.
+                self.differs.insert(n.clone(), String::new());
+            }
+        }
+        for n in &r.resource_names_unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                names.remove(n);
+            }
+            self.differs.remove(n);
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        self.names = ads.intern(super::ads::hash_names(&names), &names);
+        true
+    }
+}
+
 pub(super) struct DeltaStream {
     ads: Arc<Ads>,
     types: BTreeMap<String, TypeState>,
@@ -269,28 +298,7 @@ impl DeltaStream {
         if first && (r.type_url == LISTENER || r.type_url == CLUSTER) && r.resource_names_subscribe.is_empty() {
             st.wildcard = true;
         }
-        let subscriptions_changed = !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty();
-        if subscriptions_changed {
-            let mut names: BTreeSet<String> = (*st.names).clone();
-            for n in &r.resource_names_subscribe {
-                if n == "*" {
-                    st.wildcard = true;
-                } else if names.insert(n.clone()) {
-                    // Newly asked for: the client holds none of it yet.
-                    st.differs.insert(n.clone(), String::new());
-                }
-            }
-            for n in &r.resource_names_unsubscribe {
-                if n == "*" {
-                    st.wildcard = false;
-                } else {
-                    names.remove(n);
-                }
-                st.differs.remove(n);
-            }
-            let names: Vec<String> = names.into_iter().collect();
-            st.names = self.ads.intern(super::ads::hash_names(&names), &names);
-        }
+        let subscriptions_changed = st.subscribe(&r, &self.ads);
         // A reconnecting client says what it already has.
         if !r.initial_resource_versions.is_empty() {
             st.synced = None;

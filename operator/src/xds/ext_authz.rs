@@ -97,8 +97,28 @@ pub fn http_filters(custom: Vec<Custom>) -> Vec<hcm::HttpFilter> {
 
 /// The ext_authz filter of `p`, enabled for requests the shadow rules behind `prefix` matched.
 fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
+    ext::ExtAuthz {
+        transport_api_version: core::ApiVersion::V3 as i32,
+        failure_mode_allow: p.fail_open,
+        status_on_error: Some(HttpStatus {
+            code: i32::from(p.status_on_error),
+        }),
+        filter_enabled_metadata: Some(marked(prefix)),
+        allowed_headers: patterns(&p.include_request_headers),
+        with_request_body: p.include_request_body.map(|b| ext::BufferSettings {
+            max_request_bytes: b.max_bytes,
+            allow_partial_message: b.allow_partial,
+            pack_as_bytes: b.pack_as_bytes,
+        }),
+        services: Some(service(p)),
+        ..Default::default()
+    }
+}
+
+/// Requests the shadow rules behind `prefix` marked for the provider.
+fn marked(prefix: &str) -> matcher::MetadataMatcher {
     use matcher::metadata_matcher::{PathSegment, path_segment::Segment};
-    let enabled = matcher::MetadataMatcher {
+    matcher::MetadataMatcher {
         filter: RBAC_NAMESPACE.into(),
         path: vec![PathSegment {
             segment: Some(Segment::Key(format!("{prefix}shadow_effective_policy_id"))),
@@ -112,9 +132,13 @@ fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
             )),
         }),
         invert: false,
-    };
+    }
+}
+
+/// The provider's service: HTTP or gRPC, within its timeout.
+fn service(p: &ExtAuthz) -> ext::ext_authz::Services {
     let timeout = Some(ms(p.timeout_ms));
-    let services = match p.api {
+    match p.api {
         ExtAuthzApi::Http => ext::ext_authz::Services::HttpService(ext::HttpService {
             server_uri: Some(core::HttpUri {
                 uri: format!("http://{}", p.cluster),
@@ -152,21 +176,5 @@ fn ext_authz(p: &ExtAuthz, prefix: &str) -> ext::ExtAuthz {
             )),
             ..Default::default()
         }),
-    };
-    ext::ExtAuthz {
-        transport_api_version: core::ApiVersion::V3 as i32,
-        failure_mode_allow: p.fail_open,
-        status_on_error: Some(HttpStatus {
-            code: i32::from(p.status_on_error),
-        }),
-        filter_enabled_metadata: Some(enabled),
-        allowed_headers: patterns(&p.include_request_headers),
-        with_request_body: p.include_request_body.map(|b| ext::BufferSettings {
-            max_request_bytes: b.max_bytes,
-            allow_partial_message: b.allow_partial,
-            pack_as_bytes: b.pack_as_bytes,
-        }),
-        services: Some(services),
-        ..Default::default()
     }
 }
