@@ -98,8 +98,19 @@ fn sorted(mut out: Vec<Finding>) -> Vec<Finding> {
 }
 
 /// What is not a translation problem but still a user's: Services without ready endpoints,
-/// and (when the workloads are known) policies whose selector matches none of them.
+/// Sidecar hosts that name no Service, and (when the workloads are known) objects whose
+/// selector matches none of them.
 fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
+    let mut out = unready_services(snap);
+    out.extend(unknown_sidecar_hosts(snap));
+    if !snap.workloads.is_empty() {
+        out.extend(unselected(snap));
+    }
+    out
+}
+
+/// Services (and DestinationRule subsets) none of whose endpoints is ready.
+fn unready_services(snap: &Snapshot) -> Vec<Finding> {
     let mut out = Vec::new();
     for c in &snap.clusters {
         if let Some(svc) = c.name.strip_prefix("service/")
@@ -118,7 +129,12 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
             out.push(Finding::warning("endpoints", "NoReadyEndpoints", message, object));
         }
     }
-    // A Sidecar host naming one Service that is not there (a typo) admits nothing.
+    out
+}
+
+/// A Sidecar host naming one Service that is not there (a typo) admits nothing.
+fn unknown_sidecar_hosts(snap: &Snapshot) -> Vec<Finding> {
+    let mut out = Vec::new();
     for sc in &snap.sidecars {
         for h in sc.egress.iter().flatten().filter(|h| !h.host.starts_with('*')) {
             let named = |s: &&std::sync::Arc<ferrum_snapshot::mesh::MeshService>| {
@@ -129,22 +145,24 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
             };
             if !snap.services.iter().any(|s| named(&s)) {
                 let object = format!("Sidecar {}/{}", sc.namespace, sc.name);
+                let message = format!(
+                    "{object} names {}/{}, which is no Service: it admits nothing",
+                    h.namespace, h.host
+                );
                 out.push(Finding::warning(
                     "spec.egress.hosts",
                     "NoMatchingService",
-                    format!(
-                        "{object} names {}/{}, which is no Service: it admits nothing",
-                        h.namespace, h.host
-                    ),
+                    message,
                     object,
                 ));
             }
         }
     }
-    if snap.workloads.is_empty() {
-        return out;
-    }
-    // Objects whose selector matches no workload apply to nothing: (object, selector field).
+    out
+}
+
+/// Sidecars and policies whose selector matches no workload: they apply to nothing.
+fn unselected(snap: &Snapshot) -> impl Iterator<Item = Finding> + '_ {
     let sidecars = snap.sidecars.iter().filter(|sc| {
         sc.selector.is_some()
             && !snap.workloads.iter().any(|w| {
@@ -164,15 +182,10 @@ fn of_snapshot(snap: &Snapshot) -> Vec<Finding> {
         };
         (format!("{kind} {}/{}", p.namespace, p.name), "spec.selector")
     }));
-    for (object, field) in unselected {
-        out.push(Finding::warning(
-            field,
-            "NoMatchingWorkload",
-            format!("{object} selects no workload: it applies to nothing"),
-            object,
-        ));
-    }
-    out
+    unselected.map(|(object, field)| {
+        let message = format!("{object} selects no workload: it applies to nothing");
+        Finding::warning(field, "NoMatchingWorkload", message, object)
+    })
 }
 
 pub fn render(findings: &[Finding], output: Output) -> String {
