@@ -355,6 +355,8 @@ pub(crate) fn exported_to<'a>(names: impl Iterator<Item = &'a str>, ns: &str) ->
     out
 }
 
+/// A Service of the mesh: its TCP ports, cluster IPs and endpoints (its EndpointSlices', else
+/// the pods its selector picks, and the WorkloadEntries it selects); none for an ExternalName.
 fn service(
     s: &Service,
     res: &Resources,
@@ -385,34 +387,18 @@ fn service(
             })
         })
         .collect();
-    let mut vips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
-    if let Some(ip) = &spec.cluster_ip
-        && !vips.contains(ip)
-    {
-        vips.insert(0, ip.clone());
-    }
-    vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
     let mut endpoints: Vec<MeshEndpoint> = if slices.is_empty() {
         selected(spec, &ns, &tcp, res)
     } else {
         slices.iter().flat_map(|e| from_slice(e, &tcp)).collect()
     };
-
     // No endpoint controller slices WorkloadEntries: the selector picks them here.
     endpoints.extend(super::workload_entry::selected(spec.selector.as_ref(), &ns, &tcp, res));
-    for e in &mut endpoints {
-        let w = by_ip.get(e.address.as_str());
-        e.workload = w.map(|w| w.uid.clone());
-        if e.zone.is_none() {
-            e.zone = w.and_then(|w| w.zone.clone());
-        }
-    }
-    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
-    endpoints.dedup_by(|a, b| a.address == b.address);
+    of_workloads(&mut endpoints, by_ip);
     Some(MeshService {
         key: format!("{ns}/{name}"),
         hostname: format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
-        vips,
+        vips: vips(spec),
         ports,
         endpoints,
         routes: Vec::new(),
@@ -425,6 +411,32 @@ fn service(
             Some("PreferClose" | "PreferSameZone")
         ),
     })
+}
+
+/// A Service's cluster IPs, the primary first.
+fn vips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Vec<String> {
+    let mut vips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if let Some(ip) = &spec.cluster_ip
+        && !vips.contains(ip)
+    {
+        vips.insert(0, ip.clone());
+    }
+    vips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    vips
+}
+
+/// Each endpoint with the workload at its address (and that workload's zone, when the slice
+/// gave none); sorted by address, one per address.
+fn of_workloads(endpoints: &mut Vec<MeshEndpoint>, by_ip: &HashMap<&str, &Workload>) {
+    for e in endpoints.iter_mut() {
+        let w = by_ip.get(e.address.as_str());
+        e.workload = w.map(|w| w.uid.clone());
+        if e.zone.is_none() {
+            e.zone = w.and_then(|w| w.zone.clone());
+        }
+    }
+    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    endpoints.dedup_by(|a, b| a.address == b.address);
 }
 
 /// Whether an address of `family` (IPv6: true) is one of the Service's: its `ipFamilies`, else
