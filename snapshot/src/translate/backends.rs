@@ -34,17 +34,21 @@ pub(crate) struct Clusters<'a> {
 
 pub(crate) type ClusterMemos = HashMap<String, Arc<BuiltCluster>>;
 
+/// What kept part of a cluster's settings out: (object, field) and why, reported while the
+/// cluster serves without it.
+type ClusterProblem = ((ObjectRef, String), String);
+
 pub(crate) struct BuiltCluster {
     cluster: Arc<Cluster>,
     digest: Digest,
     service: Option<Arc<Service>>,
     slices: Vec<Arc<EndpointSlice>>,
     /// A policy that failed to apply: (object, field) → message, reported while the cluster is used.
-    policy_error: Option<((ObjectRef, String), String)>,
+    policy_error: Option<ClusterProblem>,
 }
 
 impl BuiltCluster {
-    fn new(cluster: Cluster, policy_error: Option<((ObjectRef, String), String)>) -> Arc<Self> {
+    fn new(cluster: Cluster, policy_error: Option<ClusterProblem>) -> Arc<Self> {
         Arc::new(BuiltCluster {
             digest: cluster.digest(),
             cluster: Arc::new(cluster),
@@ -443,7 +447,7 @@ impl<'a> Clusters<'a> {
         rule: Option<&crate::istio::DestinationRule>,
         r: &BackendRef<'_>,
         port: i32,
-    ) -> Option<((ObjectRef, String), String)> {
+    ) -> Option<ClusterProblem> {
         let policy_error = self.apply_mesh_default(cluster);
         if let Some(d) = rule {
             let fqdn = format!("{}.{}.svc.{}", r.name, r.namespace, super::mesh::CLUSTER_DOMAIN);
@@ -598,42 +602,7 @@ impl<'a> Clusters<'a> {
                     format!("Backend {}/{} not found", r.namespace, r.name),
                 )
             })?;
-        // An endpoint no proxy could use is left out and reported; the others serve.
-        let mut endpoint_error = None;
-        let endpoints = b
-            .spec
-            .endpoints
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| {
-                let weight = e.weight.unwrap_or(1);
-                let bad = if e.port == 0 {
-                    Some(("port", "must be 1-65535".to_string()))
-                } else if weight > crate::validate::MAX_WEIGHT {
-                    Some(("weight", format!("must be at most {}", crate::validate::MAX_WEIGHT)))
-                } else if e.address.is_empty() {
-                    Some(("address", "must not be empty".to_string()))
-                } else {
-                    None
-                };
-                if let Some((field, msg)) = bad {
-                    endpoint_error.get_or_insert((
-                        (
-                            super::meta_ref("Backend", &b.metadata),
-                            format!("spec.endpoints[{i}].{field}"),
-                        ),
-                        msg,
-                    ));
-                    return None;
-                }
-                Some(Endpoint {
-                    weight,
-                    zone: e.zone.clone(),
-                    priority: e.priority.unwrap_or(0),
-                    ..Endpoint::new(e.address.clone(), e.port)
-                })
-            })
-            .collect();
+        let (endpoints, endpoint_error) = backend_endpoints(b);
         let mut cluster = Cluster::new(name.clone(), endpoints);
         let mesh_error = self.apply_mesh_default(&mut cluster);
         // Whole or not at all, as for a BackendPolicy.
@@ -705,9 +674,44 @@ pub(super) fn check_policies(res: &Resources, problems: &mut Problems<'_>) {
 }
 
 /// Applies a Ferrum traffic policy; an error names the field (`spec.…`).
+/// A Backend's endpoints; one no proxy could use is left out, and the first such reported (at
+/// its field) while the others serve.
+fn backend_endpoints(b: &crate::crd::Backend) -> (Vec<Endpoint>, Option<ClusterProblem>) {
+    let mut endpoint_error = None;
+    let endpoints = (b.spec.endpoints.iter().enumerate())
+        .filter_map(|(i, e)| {
+            let weight = e.weight.unwrap_or(1);
+            let bad = if e.port == 0 {
+                Some(("port", "must be 1-65535".to_string()))
+            } else if weight > crate::validate::MAX_WEIGHT {
+                Some(("weight", format!("must be at most {}", crate::validate::MAX_WEIGHT)))
+            } else if e.address.is_empty() {
+                Some(("address", "must not be empty".to_string()))
+            } else {
+                None
+            };
+            if let Some((field, msg)) = bad {
+                let at = (
+                    super::meta_ref("Backend", &b.metadata),
+                    format!("spec.endpoints[{i}].{field}"),
+                );
+                endpoint_error.get_or_insert((at, msg));
+                return None;
+            }
+            Some(Endpoint {
+                weight,
+                zone: e.zone.clone(),
+                priority: e.priority.unwrap_or(0),
+                ..Endpoint::new(e.address.clone(), e.port)
+            })
+        })
+        .collect();
+    (endpoints, endpoint_error)
+}
+
 impl Clusters<'_> {
     /// Applies `MeshConfig` `ferrum-system/default`'s `defaultTrafficPolicy`, if any.
-    fn apply_mesh_default(&self, c: &mut Cluster) -> Option<((ObjectRef, String), String)> {
+    fn apply_mesh_default(&self, c: &mut Cluster) -> Option<ClusterProblem> {
         let mc = mesh_config(self.res)?;
         let p = mc.spec.default_traffic_policy.as_ref()?;
         apply_policy(c, p, SecretScope::of(self.res, &mc.metadata))
