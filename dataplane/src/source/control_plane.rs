@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use ferrum_proto::SNAPSHOT_SCHEMA;
 use ferrum_proto::mesh::v1::mesh_subscribe_client::MeshSubscribeClient;
-use ferrum_proto::mesh::v1::{Ack, Heartbeat, Hello, SubscribeRequest, subscribe_request, subscribe_response};
+use ferrum_proto::mesh::v1::{
+    Ack, Heartbeat, Hello, Snapshot as ProtoSnapshot, SubscribeRequest, SubscribeResponse, subscribe_request,
+    subscribe_response,
+};
 use ferrum_snapshot::{Delta, Secrets, Snapshot, TlsSecret};
 use tokio::sync::mpsc;
 
@@ -168,6 +171,57 @@ pub async fn run(settings: Settings, dp: Arc<Dataplane>) {
 }
 
 async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
+    let (tx, mut stream) = subscribe(s, dp).await?;
+    tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the control plane");
+    let beats = tokio::spawn(heartbeats(tx.clone()));
+    let mut partial: Vec<u8> = Vec::new();
+    let result = loop {
+        let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
+            Err(_) => break Err(CpError::Silent(SILENCE)),
+            Ok(Err(e)) => break Err(e.into()),
+            Ok(Ok(None)) => break Err(CpError::Closed),
+            Ok(Ok(Some(m))) => m,
+        };
+        let snap = match msg.message {
+            Some(subscribe_response::Message::Snapshot(snap)) => snap,
+            Some(subscribe_response::Message::Secrets(s)) => {
+                dp.add_secrets(secrets_of(s));
+                continue;
+            }
+            Some(subscribe_response::Message::Locality(l)) => {
+                learn_zone(dp, l.zone);
+                continue;
+            }
+            _ => continue,
+        };
+        let snap = match gathered(&mut partial, snap) {
+            Ok(Some(snap)) => snap,
+            Ok(None) => continue,
+            Err(e) => break Err(e),
+        };
+        let (version, hash, delta) = (snap.version, snap.hash.clone(), snap.delta);
+        let outcome = apply(dp, snap, s.cache.clone()).await;
+        match &outcome {
+            Err(e) => {
+                tracing::error!(version, delta, error = %e.error, "rejected snapshot from the control plane; still serving the last good one")
+            }
+            Ok(()) => tracing::info!(version, delta, "applied snapshot from the control plane"),
+        }
+        let ack = request(subscribe_request::Message::Ack(ack(version, hash, outcome)));
+        if tx.send(ack).await.is_err() {
+            break Err(CpError::Closed);
+        }
+    };
+    beats.abort();
+    result
+}
+
+/// Opens the stream, saying hello with the snapshot this proxy serves (and its token, when it
+/// has one): the sender of our messages and the stream of the control plane's.
+async fn subscribe(
+    s: &Settings,
+    dp: &Dataplane,
+) -> Result<(mpsc::Sender<SubscribeRequest>, tonic::Streaming<SubscribeResponse>), CpError> {
     let mut client = MeshSubscribeClient::new(channel(s).await?).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(8);
     let current = dp.shared.config.load().snapshot.clone();
@@ -186,55 +240,24 @@ async fn session(s: &Settings, dp: &Arc<Dataplane>) -> Result<(), CpError> {
     {
         req.metadata_mut().insert("authorization", v);
     }
-    let mut stream = client.subscribe(req).await?.into_inner();
-    tracing::info!(url = %s.url, node = %s.node_id, "subscribed to the control plane");
-    let beats = tokio::spawn(heartbeats(tx.clone()));
-    let mut partial: Vec<u8> = Vec::new();
-    let result = loop {
-        let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
-            Err(_) => break Err(CpError::Silent(SILENCE)),
-            Ok(Err(e)) => break Err(e.into()),
-            Ok(Ok(None)) => break Err(CpError::Closed),
-            Ok(Ok(Some(m))) => m,
-        };
-        let mut snap = match msg.message {
-            Some(subscribe_response::Message::Snapshot(snap)) => snap,
-            Some(subscribe_response::Message::Secrets(s)) => {
-                dp.add_secrets(secrets_of(s));
-                continue;
-            }
-            Some(subscribe_response::Message::Locality(l)) => {
-                learn_zone(dp, l.zone);
-                continue;
-            }
-            _ => continue,
-        };
-        // A large body arrives in chunks: gather them.
-        if snap.more || !partial.is_empty() {
-            partial.extend_from_slice(&snap.body);
-            if partial.len() > MAX_BODY {
-                break Err(CpError::TooLarge(MAX_BODY));
-            }
-            if snap.more {
-                continue;
-            }
-            snap.body = std::mem::take(&mut partial).into();
-        }
-        let (version, hash, delta) = (snap.version, snap.hash.clone(), snap.delta);
-        let outcome = apply(dp, snap, s.cache.clone()).await;
-        match &outcome {
-            Err(e) => {
-                tracing::error!(version, delta, error = %e.error, "rejected snapshot from the control plane; still serving the last good one")
-            }
-            Ok(()) => tracing::info!(version, delta, "applied snapshot from the control plane"),
-        }
-        let ack = request(subscribe_request::Message::Ack(ack(version, hash, outcome)));
-        if tx.send(ack).await.is_err() {
-            break Err(CpError::Closed);
-        }
-    };
-    beats.abort();
-    result
+    Ok((tx, client.subscribe(req).await?.into_inner()))
+}
+
+/// A large snapshot arrives in chunks: gathered in `partial` until the last, which comes back
+/// whole; bounded by [`MAX_BODY`].
+fn gathered(partial: &mut Vec<u8>, mut snap: ProtoSnapshot) -> Result<Option<ProtoSnapshot>, CpError> {
+    if !snap.more && partial.is_empty() {
+        return Ok(Some(snap));
+    }
+    partial.extend_from_slice(&snap.body);
+    if partial.len() > MAX_BODY {
+        return Err(CpError::TooLarge(MAX_BODY));
+    }
+    if snap.more {
+        return Ok(None);
+    }
+    snap.body = std::mem::take(partial).into();
+    Ok(Some(snap))
 }
 
 /// The gRPC channel to the control plane: TLS checked against the mesh roots when configured.
@@ -301,11 +324,7 @@ impl From<String> for Rejection {
 }
 
 /// Decodes, checks and applies one snapshot or delta; on success, caches the result.
-async fn apply(
-    dp: &Arc<Dataplane>,
-    msg: ferrum_proto::mesh::v1::Snapshot,
-    cache: Option<PathBuf>,
-) -> Result<(), Rejection> {
+async fn apply(dp: &Arc<Dataplane>, msg: ProtoSnapshot, cache: Option<PathBuf>) -> Result<(), Rejection> {
     if msg.schema != SNAPSHOT_SCHEMA {
         return Err(format!("unknown snapshot schema {:?} (want {SNAPSHOT_SCHEMA:?})", msg.schema).into());
     }

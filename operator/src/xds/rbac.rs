@@ -69,26 +69,7 @@ pub fn rules(
             AuthzAction::Deny => true,
             AuthzAction::Allow => false,
         };
-        let set = match (&authz.check, deny) {
-            (Some(check), _) if !l4 => {
-                let at = match out.custom.iter().position(|c| c.provider == **check) {
-                    Some(i) => i,
-                    None => {
-                        out.custom.push(Custom::new((**check).clone()));
-                        out.custom.len() - 1
-                    }
-                };
-                &mut out.custom[at].rules
-            }
-            (_, true) => out.deny.get_or_insert_with(|| rbac::Rbac {
-                action: rbac::rbac::Action::Deny as i32,
-                ..Default::default()
-            }),
-            (_, false) => out.allow.get_or_insert_with(|| rbac::Rbac {
-                action: rbac::rbac::Action::Allow as i32,
-                ..Default::default()
-            }),
-        };
+        let set = out.set_for(authz.check.as_deref().filter(|_| !l4), deny);
         let shadow = authz.check.is_some() && !l4;
         for (i, r) in authz.rules.iter().enumerate() {
             let mut why = Vec::new();
@@ -115,6 +96,29 @@ pub fn rules(
 }
 
 impl Rules {
+    /// Where a policy's rules go: its provider's shadow rules for a CUSTOM policy, else the
+    /// DENY or the ALLOW filter's.
+    fn set_for(&mut self, check: Option<&ferrum_snapshot::mesh::ExtAuthz>, deny: bool) -> &mut rbac::Rbac {
+        let action = |a: rbac::rbac::Action| rbac::Rbac {
+            action: a as i32,
+            ..Default::default()
+        };
+        match (check, deny) {
+            (Some(check), _) => {
+                let at = match self.custom.iter().position(|c| c.provider == *check) {
+                    Some(i) => i,
+                    None => {
+                        self.custom.push(Custom::new(check.clone()));
+                        self.custom.len() - 1
+                    }
+                };
+                &mut self.custom[at].rules
+            }
+            (None, true) => self.deny.get_or_insert_with(|| action(rbac::rbac::Action::Deny)),
+            (None, false) => self.allow.get_or_insert_with(|| action(rbac::rbac::Action::Allow)),
+        }
+    }
+
     /// DENY then ALLOW, each made into a filter by `filter(which, rules)` when present.
     fn each<F>(self, filter: impl Fn(&str, rbac::Rbac) -> F) -> Vec<F> {
         [("deny", self.deny), ("allow", self.allow)]
