@@ -62,6 +62,8 @@ build-bins: ebpf-tools
 	cargo build --workspace --bins
 
 e2e: e2e-deps build-bins
+	# The floor the bench tests run (cargo test --workspace builds it with the other examples).
+	cargo build -p ferrum-dp --example http_floor
 	PATH="$$PATH:$(FERRUM_E2E_VENV)/bin" cargo test -p ferrum-e2e
 
 ## Write crds/*.yaml from the Rust types.

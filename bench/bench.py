@@ -28,6 +28,8 @@ BODY = "x" * 63 + "\n"  # 64 bytes
 
 BACKEND, DIRECT = 18080, 18080
 PORTS = {"ferrum-dp": 18081, "nginx": 18082, "envoy": 18083, "haproxy": 18084}
+# The floor (dataplane/examples/http_floor.rs): the least an HTTP/1.1 relay on tokio does.
+FLOOR = 18085
 PROXIES = ("ferrum-dp", "nginx", "haproxy", "envoy")
 # Each proxy's TCP listener (L4: bytes relayed, nothing parsed).
 TCP_OFFSET = 200
@@ -362,6 +364,7 @@ def main():
     ap.add_argument("--envoy", default=shutil.which("envoy") or "/var/tmp/ferrum-bench-venv/bin/envoy")
     ap.add_argument("--profile", action="store_true", help="perf record ferrum-dp during one extra run")
     ap.add_argument("--dp", default=str(DP), help="the ferrum-dp binary (default: the release build)")
+    ap.add_argument("--floor", default=str(TARGET_DIR / "release" / "examples" / "http_floor"), help="the floor's binary (HTTP/1.1 only; left out when absent)")
     ap.add_argument("--smoke", action="store_true", help="one short round, nothing written: the result as JSON on the last line (the tests run it)")
     args = ap.parse_args()
     if args.smoke:
@@ -387,6 +390,10 @@ def main():
 
         targets = {"direct": DIRECT, **PORTS}
         pids = {"ferrum-dp": dp.pid, "nginx": procs.pid("nginx"), "haproxy": haproxy.pid, "envoy": envoy.pid}
+        if Path(args.floor).exists():
+            floor = procs.start("floor", [args.floor, f"127.0.0.1:{FLOOR}", f"127.0.0.1:{BACKEND}", "2"])
+            wait_port(FLOOR)
+            targets["floor"], pids["floor"] = FLOOR, floor.pid
 
         def measured(t, run):
             """Runs the load and adds the proxy's CPU per request (µs)."""
@@ -411,6 +418,7 @@ def main():
 
         latency = lambda res: f"p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
         h1 = interleaved("h1", targets, lambda port: wrk(port, "/", args), latency)
+        targets.pop("floor", None)
         h2_ports = {"direct": DIRECT + 100, "ferrum-dp": PORTS["ferrum-dp"], "nginx": PORTS["nginx"] + 100, "haproxy": PORTS["haproxy"] + 100, "envoy": PORTS["envoy"]}
         h2 = interleaved(
             "h2",
@@ -423,7 +431,7 @@ def main():
         tcp_ports = {"direct": DIRECT, **{t: p + TCP_OFFSET for t, p in PORTS.items()}}
         tcp = interleaved("tcp", tcp_ports, lambda port: wrk(port, "/", args), latency)
         # After every load, as a user would see it.
-        rss = {t: rss_mb(pids[t]) for t in pids}
+        rss = {t: rss_mb(pids[t]) for t in PROXIES}
 
         # Scale: the same proxy with 10 and 10,000 routes; requests match the last-listed rule.
         procs.stop(dp)
@@ -487,6 +495,14 @@ def main():
             "tcp_rps_dp_over_envoy": ratio(s3["ferrum-dp"]["rps"], s3["envoy"]["rps"]),
             "scale_rps_10k_over_10": ratio(scale["10000"]["rps"], scale["10"]["rps"]),
         },
+        # How far ferrum-dp's HTTP/1.1 is from the floor (not a proxy: see http_floor.rs).
+        "floor": {
+            "h1_rps_dp_over_floor": ratio(s1["ferrum-dp"]["rps"], s1["floor"]["rps"]),
+            "h1_cpu_dp_over_floor": ratio(s1["ferrum-dp"]["cpu_us_per_req"], s1["floor"]["cpu_us_per_req"]),
+            "h1_cpu_nginx_over_floor": ratio(s1["nginx"]["cpu_us_per_req"], s1["floor"]["cpu_us_per_req"]),
+        }
+        if "floor" in s1
+        else None,
         "scale": scale,
         "rss_mb": rss,
         "profile_top": profile,
@@ -514,7 +530,7 @@ def main():
         print(f"{t:12}{s['rps']:>12.0f}{s['p50_ms']:>10.3f}{s['p99_ms']:>10.3f}{cpu(s)}")
     print(f"\nscale: 10 routes {scale['10']['rps']:.0f} rps, 10,000 routes {scale['10000']['rps']:.0f} rps")
     print("\nratios:")
-    for k, v in result["ratios"].items():
+    for k, v in {**result["ratios"], **(result["floor"] or {})}.items():
         print(f"  {k:28} {v}")
     print(f"\nRSS MB: {rss}")
     if profile:

