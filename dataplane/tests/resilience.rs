@@ -416,7 +416,8 @@ async fn grpc_calls_are_retried_on_their_status() {
 }
 
 /// An HTTP/1.1 server that answers 503 as soon as a request's head has come, reads none of its
-/// body, and holds the connection open.
+/// body, and holds the connection open. It says it will close it: a server that does not read
+/// the rest of the body must (RFC 9112 §9.3), or the next request on it would never be read.
 async fn early_503() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = ferrum_testkit::listen_local().await;
@@ -433,7 +434,7 @@ async fn early_503() -> std::net::SocketAddr {
                     }
                 }
                 let _ = s
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                     .await;
                 tokio::time::sleep(Duration::from_secs(30)).await;
             });

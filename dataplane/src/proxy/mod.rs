@@ -27,7 +27,7 @@ use crate::router::cors;
 use crate::upstream::balance::HashKey;
 use crate::upstream::body::{self, ClientBody, Replay, RequestBody, ResponseBody};
 use crate::upstream::{
-    ClusterRuntime, EndpointGuard, EndpointState, Lease, MaxConnections, Outcome, PoolError, RequestGuard,
+    ClusterRuntime, EndpointGuard, EndpointState, MaxConnections, Outcome, PoolError, RequestGuard, UpstreamBody,
     UpstreamError,
 };
 use headers::X_FERRUM_ERROR;
@@ -523,21 +523,12 @@ fn shadow(cluster: Arc<ClusterRuntime>, parts: &http::request::Parts, body: Requ
                 .send(idx, &cluster.endpoints[idx].authority, req)
                 .await
             {
-                Ok((resp, mut lease)) => {
+                Ok(resp) => {
                     let (status, took) = (resp.status().as_u16(), started.elapsed());
                     // Read to the end and dropped as it comes (a copy's answer may be any
                     // size); then the connection serves the next copy.
                     let mut body = resp.into_body();
-                    let read = loop {
-                        match http_body_util::BodyExt::frame(&mut body).await {
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) => break false,
-                            None => break true,
-                        }
-                    };
-                    if read {
-                        lease.finish();
-                    }
+                    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
                     // Counted once the connection is back: a copy counted is a copy done.
                     cluster.stats.responses.record(status);
                     cluster.stats.latency.observe(took);
@@ -812,7 +803,7 @@ fn account(
 ) -> Result<Result<u16, UpstreamError>, Local> {
     let status = match outcome {
         Try::Client(l) => return Err(*l),
-        Try::Response(r, _) => Ok(r.status().as_u16()),
+        Try::Response(r) => Ok(r.status().as_u16()),
         Try::Upstream(UpstreamError::Overflow) => {
             cluster.stats.error(UpstreamError::Overflow);
             return Err(Local::Upstream(UpstreamError::Overflow));
@@ -841,7 +832,7 @@ fn account(
 // Lives on the stack for one try; boxing the response would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Try {
-    Response(Response<Incoming>, Lease),
+    Response(Response<UpstreamBody>),
     Upstream(UpstreamError),
     /// The client's fault: no endpoint is blamed.
     Client(Local),
@@ -878,7 +869,7 @@ impl<'a> Forward<'a> {
             let send = cluster.pool_for(client_h2).send(idx, &ep.authority, up);
             tokio::pin!(send);
             let outcome = match timing.wait(send, upload.as_deref()).await {
-                Ok(Ok((resp, lease))) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp, lease),
+                Ok(Ok(resp)) if valid_status(resp.status(), upgrade.is_some()) => Try::Response(resp),
                 Ok(Ok(_)) => Try::Upstream(UpstreamError::InvalidResponse),
                 Ok(Err(e)) => classify(&e, &cluster.spec.name, &ep.key),
                 Err(t) => t,
@@ -1031,14 +1022,14 @@ impl<'a> Forward<'a> {
         guards: (RequestGuard, EndpointGuard),
     ) -> Result<Response<ResponseBody>, Local> {
         match outcome {
-            Try::Response(resp, _) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Try::Response(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = upgrade.expect("a 101 is valid only for an upgrade");
                 let idle = Duration::from_millis(self.cluster.spec.timeouts.idle_ms);
                 Ok(up.switch(resp, via, idle, guards))
             }
-            Try::Response(resp, lease) => {
+            Try::Response(resp) => {
                 let idle = self.shared.limits.stream_idle_timeout;
-                Ok(downstream_response(resp, via, idle, (guards.0, guards.1, lease)))
+                Ok(downstream_response(resp, via, idle, guards))
             }
             Try::Upstream(e) => Err(Local::Upstream(e)),
             Try::Client(l) => Err(l),
@@ -1130,23 +1121,18 @@ fn classify(e: &PoolError, cluster: &str, endpoint: &str) -> Try {
 }
 
 fn downstream_response(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     via: &'static str,
     idle: Option<Duration>,
-    (guard, ep_guard, mut lease): (RequestGuard, EndpointGuard, Lease),
+    (guard, ep_guard): (RequestGuard, EndpointGuard),
 ) -> Response<ResponseBody> {
     let (mut rp, body) = resp.into_parts();
     headers::downstream_response(&mut rp.headers);
     rp.headers.append(header::VIA, HeaderValue::from_static(via));
-    if body.is_end_stream() {
-        // No body to read (HEAD, 204, 304, empty): the connection is free now.
-        lease.finish();
-    }
     Response::from_parts(
         rp,
         ResponseBody::Upstream {
             body,
-            lease,
             stall: crate::limits::Stall::new(idle),
             _request: guard,
             _endpoint: ep_guard,
@@ -1174,7 +1160,7 @@ impl Retries<'_> {
     ) -> Option<(crate::upstream::RetryGuard, Duration)> {
         let policy = self.policy.filter(|p| self.attempt < p.attempts)?;
         let retried =
-            self.on.matches(status) || matches!(outcome, Try::Response(r, _) if self.on.matches_grpc(r.headers()));
+            self.on.matches(status) || matches!(outcome, Try::Response(r) if self.on.matches_grpc(r.headers()));
         if !retried || !replayable(cluster, replay) {
             return None;
         }

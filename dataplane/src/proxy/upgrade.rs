@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -128,7 +127,7 @@ impl Upgrade {
     /// holds the request's circuit-breaker and endpoint slots until it ends.
     pub fn switch(
         self,
-        mut upstream: Response<Incoming>,
+        mut upstream: Response<crate::upstream::UpstreamBody>,
         via: &'static str,
         idle: Duration,
         guards: (RequestGuard, EndpointGuard),

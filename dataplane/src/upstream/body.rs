@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 
-use crate::upstream::{EndpointGuard, Lease, RequestGuard, now_ms};
+use crate::upstream::{EndpointGuard, RequestGuard, UpstreamBody, UpstreamBodyError, now_ms};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -420,7 +420,7 @@ pub struct CopiedBody {
 }
 
 /// The two ends of a body's copy.
-fn copy_pair() -> (BodyCopy, CopiedBody) {
+pub(super) fn copy_pair() -> (BodyCopy, CopiedBody) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (waiting, given_up) = (Arc::default(), Arc::new(AtomicBool::new(false)));
     let copy = BodyCopy {
@@ -438,7 +438,7 @@ fn copy_pair() -> (BodyCopy, CopiedBody) {
 }
 
 impl BodyCopy {
-    fn offer(&mut self, frame: &Frame<Bytes>) {
+    pub(super) fn offer(&mut self, frame: &Frame<Bytes>) {
         let Some(tx) = &self.tx else { return };
         let copy = match (frame.data_ref(), frame.trailers_ref()) {
             (Some(d), _) => Frame::data(d.clone()),
@@ -458,7 +458,7 @@ impl BodyCopy {
         }
     }
 
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         self.tx = None;
     }
 }
@@ -604,8 +604,7 @@ impl Body for RequestBody {
 pub enum ResponseBody {
     Local(Option<Bytes>),
     Upstream {
-        body: Incoming,
-        lease: Lease,
+        body: UpstreamBody,
         /// Bounds the upstream's silence once it has sent the head.
         stall: crate::limits::Stall,
         _request: RequestGuard,
@@ -774,17 +773,23 @@ impl ResponseBody {
 #[derive(Debug, thiserror::Error)]
 pub enum ResponseBodyError {
     #[error(transparent)]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] UpstreamBodyError),
+    #[error(transparent)]
+    App(#[from] hyper::Error),
     #[error("the upstream sent nothing more of the body for {0:?}")]
     Stalled(Duration),
 }
 
 /// A frame of `body`, or the stall's error once it has sent nothing for its limit.
-fn poll_bounded(
-    body: &mut Incoming,
+fn poll_bounded<B>(
+    body: &mut B,
     stall: &mut crate::limits::Stall,
     cx: &mut Context<'_>,
-) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    ResponseBodyError: From<B::Error>,
+{
     match Pin::new(body).poll_frame(cx) {
         Poll::Pending => stall
             .poll_stuck(cx)
@@ -803,15 +808,7 @@ impl Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             ResponseBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream { body, lease, stall, .. } => {
-                let r = poll_bounded(body, stall, cx);
-                match &r {
-                    Poll::Ready(None) => lease.finish(),
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => lease.finish(),
-                    _ => {}
-                }
-                r
-            }
+            ResponseBody::Upstream { body, stall, .. } => poll_bounded(body, stall, cx),
             ResponseBody::App { body, stall } => poll_bounded(body, stall, cx),
             ResponseBody::Observed(l) => {
                 let r = Pin::new(&mut l.inner).poll_frame(cx);
@@ -835,14 +832,16 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Local(b) => b.is_none(),
-            ResponseBody::Upstream { body, .. } | ResponseBody::App { body, .. } => body.is_end_stream(),
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::App { body, .. } => body.is_end_stream(),
             ResponseBody::Observed(l) => l.inner.is_end_stream(),
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ResponseBody::Upstream { body, .. } | ResponseBody::App { body, .. } => body.size_hint(),
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::App { body, .. } => body.size_hint(),
             ResponseBody::Observed(l) => l.inner.size_hint(),
         }
     }

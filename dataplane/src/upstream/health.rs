@@ -39,13 +39,11 @@ pub(super) fn spawn(rt: &ClusterRuntime) -> tokio::task::AbortHandle {
                         http::HeaderValue::from_static("ferrum-health-check"),
                     );
                     let check = async {
-                        let (resp, mut lease) = pool.send(i, &e.authority, req).await.ok()?;
+                        let resp = pool.send(i, &e.authority, req).await.ok()?;
                         let s = resp.status().as_u16();
                         // Read to the end, the connection serves the next check.
                         let body = http_body_util::Limited::new(resp.into_body(), HEALTH_BODY_LIMIT);
-                        if body.collect().await.is_ok() {
-                            lease.finish();
-                        }
+                        let _ = body.collect().await;
                         Some(s)
                     };
                     match tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check).await {

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod body;
 pub mod connector;
 mod failure;
+pub mod h1;
 pub mod health;
 pub mod l4;
 mod locality;
@@ -30,7 +31,7 @@ use crate::telemetry::{ClusterStats, EndpointHealth};
 use balance::{Balancer, Candidate};
 pub use connector::{MaxConnections, MeshSlot, MeshUpstreams, TunnelFuture};
 pub use l4::L4Stream;
-pub use pool::{Lease, Pool, PoolError};
+pub use pool::{Lease, Pool, PoolError, UpstreamBody, UpstreamBodyError};
 
 /// Milliseconds since the process started: a cheap, monotonic clock for atomics.
 pub fn now_ms() -> u64 {

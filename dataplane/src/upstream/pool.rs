@@ -1,6 +1,7 @@
 //! The connection pool of one cluster on one worker. An HTTP/1.1 connection is lent to one
-//! request at a time and comes back when that request's response body has ended; an HTTP/2
-//! connection is shared by every request to its endpoint. Connections are opened on demand by
+//! request at a time and comes back when that request's response body has ended (it is driven
+//! by the request's own task: [`super::h1`]); an HTTP/2 connection is shared by every request
+//! to its endpoint. Connections are opened on demand by
 //! the cluster's connector (TCP, TLS or a mesh tunnel), and close after `idle` without a request.
 //!
 //! Why not hyper-util's pooling client: it hashes a pool key and takes a shared lock on every
@@ -9,9 +10,14 @@
 //! body gives the connection back when it ends.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use ferrum_snapshot::model::{Cluster, UpstreamProtocol};
 use http::uri::{Authority, Scheme};
@@ -25,6 +31,7 @@ use tower_service::Service;
 
 use super::body::RequestBody;
 use super::connector::{BoxError, Connector};
+use super::h1;
 use super::now_ms;
 
 /// How often at most the sweeper looks at idle connections, as HAProxy's `pool-purge-delay`.
@@ -40,6 +47,8 @@ pub enum PoolError {
     /// The connection failed after the request was handed to it.
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] h1::Error),
 }
 
 impl PoolError {
@@ -91,7 +100,9 @@ pub struct Pool {
 }
 
 enum Sender {
-    Http1(http1::SendRequest<RequestBody>),
+    Http1(Box<h1::Connection>),
+    /// An HTTP/1.1 connection out with a request.
+    Lent,
     /// Shared: its requests in flight and when the last ended tell when it is idle.
     Http2(http2::SendRequest<RequestBody>, Arc<Streams>),
 }
@@ -121,9 +132,8 @@ impl Conn {
     /// which closes it.
     fn expired(&self, now: u64, idle_ms: u64) -> bool {
         match &self.send {
-            Sender::Http1(s) => {
-                s.is_closed() || now.saturating_sub(self.since_ms) >= idle_ms || now >= self.retire_at_ms
-            }
+            Sender::Http1(_) => now.saturating_sub(self.since_ms) >= idle_ms || now >= self.retire_at_ms,
+            Sender::Lent => true,
             Sender::Http2(s, streams) => {
                 let idle_since = streams.idle_since_ms();
                 s.is_closed()
@@ -213,9 +223,9 @@ impl Streams {
     }
 }
 
-/// One request's hold on its connection, kept by the response body until the body ends: an
-/// HTTP/1.1 connection then goes back to the pool. Dropped before the end, the connection is
-/// not reused (hyper closes it: the rest of the response is still on the wire).
+/// One request's hold on its connection, kept by its response body until the body ends: an
+/// HTTP/1.1 connection then goes back to the pool, an HTTP/2 stream stops counting. Dropped
+/// before the end, the connection is not reused (the rest of the response is still on the wire).
 pub struct Lease {
     conn: Option<Conn>,
     streams: Option<Arc<Streams>>,
@@ -226,13 +236,27 @@ pub struct Lease {
 impl Lease {
     /// The response body has ended: the connection is free for the next request.
     pub fn finish(&mut self) {
+        self.give_back(None);
+    }
+
+    /// [`Lease::finish`] for an HTTP/1.1 connection of ours, `conn` (`None`: not reusable).
+    fn give_back(&mut self, conn: Option<Box<h1::Connection>>) {
         if let Some(s) = self.streams.take() {
             s.end();
         }
         // One that has served all it may, or lived as long as it may, is dropped, which closes it.
         let live =
             |c: &Conn| c.served < self.pool.max_per_conn && (c.retire_at_ms == u64::MAX || now_ms() < c.retire_at_ms);
-        if let Some(mut c) = self.conn.take().filter(live) {
+        let Some(mut c) = self.conn.take().filter(live) else {
+            return;
+        };
+        if matches!(c.send, Sender::Lent) {
+            match conn {
+                Some(h) => c.send = Sender::Http1(h),
+                None => return,
+            }
+        }
+        {
             c.since_ms = now_ms();
             lock(&self.pool.idle[self.ep]).push(c);
             self.pool.sweep();
@@ -286,42 +310,37 @@ impl Pool {
         ep: usize,
         authority: &Authority,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+    ) -> Result<Response<UpstreamBody>, PoolError> {
         loop {
-            let mut conn = match self.checkout(ep).await {
+            let mut conn = match self.checkout(ep) {
                 Some(c) => c,
                 // Boxed: opening a connection is the slow path, and its state (connector, TLS,
                 // handshakes) would make every request's future kilobytes larger to move.
                 None => Box::pin(self.open(ep, authority)).await?,
             };
-            let mut lease = Lease {
-                conn: None,
-                streams: None,
-                pool: self.clone(),
-                ep,
-            };
             let reused = conn.reused;
             conn.reused = true;
             conn.served += 1;
-            let sent = match &mut conn.send {
-                Sender::Http1(s) => {
-                    if req.method() == Method::CONNECT {
-                        *req.uri_mut() = Uri::from(authority.clone());
-                    }
-                    let sent = s.try_send_request(req);
-                    // Lent to this request until its response body ends.
-                    lease.conn = Some(conn);
-                    sent.await
+            let (mut s, streams) = match std::mem::replace(&mut conn.send, Sender::Lent) {
+                Sender::Http1(h) if hands_over(&req) => {
+                    // Boxed: the slow path, as opening is.
+                    return Box::pin(self.hand_over(h, req, authority, self.lease(ep, None))).await;
                 }
-                Sender::Http2(s, streams) => {
-                    // Its stream was counted when it was checked out.
-                    lease.streams = Some(streams.clone());
-                    self.absolute(&mut req, authority);
-                    s.try_send_request(req).await
+                Sender::Http1(h) => {
+                    let resp = h.send(req).await?;
+                    // Lent to this request until its response body ends, which gives it back.
+                    let home = self.lease(ep, Some(conn));
+                    return Ok(resp.map(|b| UpstreamBody::new(Inner::Http1(b), home)));
                 }
+                Sender::Http2(s, streams) => (s, streams),
+                Sender::Lent => unreachable!("a lent connection is not in the pool"),
             };
-            match sent {
-                Ok(resp) => return Ok((resp, lease)),
+            // Its stream was counted when it was checked out.
+            let mut lease = self.lease(ep, None);
+            lease.streams = Some(streams);
+            self.absolute(&mut req, authority);
+            match s.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|b| UpstreamBody::new(Inner::Hyper(b), lease))),
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
                     _ => return Err(PoolError::Http(e.into_error())),
@@ -330,14 +349,41 @@ impl Pool {
         }
     }
 
+    fn lease(self: &Arc<Self>, ep: usize, conn: Option<Conn>) -> Lease {
+        Lease {
+            conn,
+            streams: None,
+            pool: self.clone(),
+            ep,
+        }
+    }
+
+    /// An upgrade (or CONNECT): hyper takes the connection over, and its answer, a 101 (or
+    /// 2xx), hands the connection to the tunnel. The connection is never pooled again.
+    async fn hand_over(
+        &self,
+        conn: Box<h1::Connection>,
+        mut req: Request<RequestBody>,
+        authority: &Authority,
+        lease: Lease,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let io = conn
+            .into_io()
+            .ok_or(h1::Error::Invalid("bytes unasked for on an idle connection"))?;
+        let (mut send, conn) = self.h1.handshake(io).await?;
+        tokio::spawn(drive(conn.with_upgrades()));
+        if req.method() == Method::CONNECT {
+            *req.uri_mut() = Uri::from(authority.clone());
+        }
+        let resp = send.send_request(req).await?;
+        Ok(resp.map(|b| UpstreamBody::new(Inner::Hyper(b), lease)))
+    }
+
     /// A pooled connection to `ep` that can take a request now.
-    async fn checkout(&self, ep: usize) -> Option<Conn> {
+    fn checkout(&self, ep: usize) -> Option<Conn> {
         let slot = &self.idle[ep];
-        // Each idle connection is looked at most twice: then a new one is opened instead.
-        let mut looks = 2 * lock(slot).len();
-        while looks > 0 {
-            looks -= 1;
-            let conn = {
+        loop {
+            let mut conn = {
                 let mut idle = lock(slot);
                 match idle.last() {
                     None => return None,
@@ -358,21 +404,13 @@ impl Pool {
                 // Lived as long as it may: dropped, which closes it.
                 continue;
             }
-            let Sender::Http1(s) = &conn.send else { continue };
-            if s.is_ready() {
+            // One the upstream closed while idle is dropped; a request sent on it would fail.
+            if let Sender::Http1(h) = &mut conn.send
+                && !h.closed()
+            {
                 return Some(conn);
             }
-            if s.is_closed() {
-                continue;
-            }
-            // Given back when its response ended, but hyper's connection task has not yet turned
-            // to wait for the next request (it will without I/O, once it runs), or the request's
-            // upload is still going: look at the others first, let that task run, and keep this
-            // one, oldest, for later rather than wait on it.
-            lock(slot).insert(0, conn);
-            tokio::task::yield_now().await;
         }
-        None
     }
 
     /// A new connection; for HTTP/2, the one another request is opening when there is one, so
@@ -388,7 +426,7 @@ impl Pool {
                 // Ends: the opener's connect is bounded by the connect timeout.
                 opened.await;
             }
-            if let Some(c) = self.checkout(ep).await {
+            if let Some(c) = self.checkout(ep) {
                 return Ok(c);
             }
         }
@@ -432,10 +470,8 @@ impl Pool {
                 retire_at_ms: u64::MAX,
             });
         }
-        let (send, conn) = self.h1.handshake(io).await.map_err(|e| PoolError::Connect(e.into()))?;
-        tokio::spawn(drive(conn.with_upgrades()));
         Ok(Conn {
-            send: Sender::Http1(send),
+            send: Sender::Http1(h1::Connection::new(io)),
             since_ms: 0,
             reused: false,
             served: 0,
@@ -510,6 +546,89 @@ impl Pool {
             left |= !conns.is_empty();
         }
         left
+    }
+}
+
+/// An upgrade or a CONNECT: after its answer, the connection is the tunnel's.
+fn hands_over(req: &Request<RequestBody>) -> bool {
+    req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE)
+}
+
+/// An upstream's response body, holding its connection's lease: read by hyper's client
+/// (HTTP/2; an upgrade's), or off an HTTP/1.1 connection of ours, which goes back to the pool
+/// once the body has ended.
+pub struct UpstreamBody {
+    inner: Inner,
+    lease: Lease,
+}
+
+enum Inner {
+    Hyper(Incoming),
+    Http1(h1::Body),
+}
+
+/// Why an upstream's response body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] h1::Error),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
+            Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        };
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Ok(_)))) {
+            this.settle();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Hyper(b) => b.is_end_stream(),
+            Inner::Http1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Hyper(b) => b.size_hint(),
+            Inner::Http1(b) => b.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn new(inner: Inner, lease: Lease) -> Self {
+        let mut body = UpstreamBody { inner, lease };
+        // Nothing to read (HEAD, 204, 304, empty): nobody polls it, and the connection is free.
+        body.settle();
+        body
+    }
+
+    /// Once the body has ended (or had nothing to read: HEAD, 204, 304, empty), its
+    /// connection is free for the next request.
+    fn settle(&mut self) {
+        if !self.is_end_stream() {
+            return;
+        }
+        match &mut self.inner {
+            Inner::Http1(b) => {
+                if self.lease.conn.is_some() {
+                    self.lease.give_back(b.into_idle());
+                }
+            }
+            Inner::Hyper(_) => self.lease.finish(),
+        }
     }
 }
 

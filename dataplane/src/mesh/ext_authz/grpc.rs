@@ -18,8 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{Answer, Denial, Edits, Requester};
+use crate::upstream::ClusterRuntime;
 use crate::upstream::body::{BoxError, ReadAhead, RequestBody};
-use crate::upstream::{ClusterRuntime, Lease};
 
 /// The body a check carries, and whether as bytes (`raw_body`) rather than text (`body`).
 pub(super) type CheckBody<'a> = (&'a ReadAhead, bool);
@@ -194,30 +194,9 @@ fn header(h: Option<&core::HeaderValue>) -> Option<(HeaderName, HeaderValue)> {
 #[derive(Clone)]
 struct ClusterChannel(Arc<ClusterRuntime>);
 
-/// A response body that keeps its connection lent to it until it ends.
-pub struct Leased {
-    body: hyper::body::Incoming,
-    _lease: Lease,
-}
-
-impl http_body::Body for Leased {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-}
-
 impl tower_service::Service<http::Request<tonic::body::Body>> for ClusterChannel {
-    type Response = http::Response<Leased>;
+    // The body holds its connection until it ends.
+    type Response = http::Response<crate::upstream::UpstreamBody>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -234,9 +213,9 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for ClusterChannel
             let req = http::Request::from_parts(parts, RequestBody::Full(Some(body)));
             let (idx, _endpoint) = cluster.pick(None, None).ok_or("no endpoint to ask")?;
             let authority = &cluster.endpoints[idx].authority;
-            let (resp, lease) = cluster.pool().send(idx, authority, req).await?;
+            let resp = cluster.pool().send(idx, authority, req).await?;
             cluster.stats.responses.record(resp.status().as_u16());
-            Ok(resp.map(|body| Leased { body, _lease: lease }))
+            Ok(resp)
         })
     }
 }

@@ -273,7 +273,7 @@ impl ExtAuthz {
         let check = self.check_request(req, body)?;
         let (idx, _endpoint) = cluster.pick(None, None).ok_or("no endpoint to ask")?;
         let started = Instant::now();
-        let (resp, mut lease) = match cluster.pool().send(idx, &cluster.endpoints[idx].authority, check).await {
+        let resp = match cluster.pool().send(idx, &cluster.endpoints[idx].authority, check).await {
             Ok(sent) => sent,
             Err(e) => {
                 let what = if e.is_connect() {
@@ -296,8 +296,6 @@ impl ExtAuthz {
             .await
             .map_err(|e| format!("its answer's body: {e}"))?
             .to_bytes();
-        // Read to the end: the connection serves the next check.
-        lease.finish();
         if head.status == StatusCode::OK {
             let named = |p: &Patterns| {
                 head.headers
