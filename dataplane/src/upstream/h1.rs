@@ -330,18 +330,23 @@ impl Upload {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let h = &mut parts.headers;
         h.remove(header::TRANSFER_ENCODING);
+        // A Content-Length that is kept is one the body is held to; any other goes (a header
+        // filter may have set one), so the head never promises bytes that will not come.
         let given = content_length(h);
-        let (left, add) = if body.is_end_stream() {
-            (Some(0), None)
-        } else if let Some(n) = given {
-            (Some(n), None)
-        } else if let Some(n) = body.size_hint().exact() {
-            (Some(n), Some(Framing::Length(n)))
-        } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
-            (Some(0), None)
-        } else {
-            h.remove(header::CONTENT_LENGTH);
-            (None, Some(Framing::Chunked))
+        let (left, add) = match given {
+            Some(n) if n > 0 || body.is_end_stream() => (Some(n), None),
+            _ => {
+                h.remove(header::CONTENT_LENGTH);
+                if body.is_end_stream() {
+                    (Some(0), None)
+                } else if let Some(n) = body.size_hint().exact() {
+                    (Some(n), Some(Framing::Length(n)))
+                } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+                    (Some(0), None)
+                } else {
+                    (None, Some(Framing::Chunked))
+                }
+            }
         };
         for (name, value) in h.iter() {
             out.extend_from_slice(name.as_str().as_bytes());
@@ -896,7 +901,23 @@ mod tests {
         );
         assert!(text.ends_with("x\r\n1\r\n!\r\n0\r\n\r\n"), "{text}");
 
-        // A Content-Length given is kept, and the body held to it.
+        // A Content-Length given is kept, and the body held to it: one an empty body does not
+        // fill fails the request rather than leave the upstream waiting for the next one's bytes.
+        let mut req = get("/");
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let e = exchange(conn.expect("kept"), req).await.err().expect("refused");
+        assert!(matches!(e, Error::BodyLength("shorter")), "{e:?}");
+        let (a, mut seen) = server(vec![ok, ok]).await;
+        let conn = connect(&a).await;
+        // One that is no length at all is replaced by the body's own.
+        let mut req = post(RequestBody::Full(Some(Bytes::from_static(b"abcd"))));
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("four"));
+        let (_, _, _, conn) = exchange(conn, req).await.unwrap();
+        let text = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+        assert!(text.ends_with("content-length: 4\r\n\r\nabcd"), "{text}");
         let mut req = post(RequestBody::Full(Some(Bytes::from_static(b"abcd"))));
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
