@@ -254,17 +254,25 @@ async fn upstream_framing_and_statuses_are_checked() {
     let weird = raw_backend(b"HTTP/1.1 999 Weird\r\nContent-Length: 0\r\n\r\n").await;
     let upgrade =
         raw_backend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await;
+    let reason = raw_backend(b"HTTP/1.1 404 No Such Widget\r\nContent-Length: 0\r\n\r\n").await;
     let port = free_port();
     let _dp = Dp::start(&docs(&[
         gateway(port),
         backend_at("cl", cl_and_te, ""),
         backend_at("weird", weird, ""),
         backend_at("upgrade", upgrade, ""),
+        backend_at("reason", reason, ""),
         route("r1", "\"*\"", "/cl", "cl"),
         route("r2", "\"*\"", "/weird", "weird"),
         route("r3", "\"*\"", "/upgrade", "upgrade"),
+        route("r4", "\"*\"", "/reason", "reason"),
     ]))
     .await;
+    let r = raw(port, b"GET /reason HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 404 No Such Widget\r\n"),
+        "the backend's own reason phrase reaches an HTTP/1.1 client: {r}"
+    );
     let c = client();
     let r = c.get(format!("http://127.0.0.1:{port}/cl")).send().await.unwrap();
     assert_eq!(r.status(), 200);

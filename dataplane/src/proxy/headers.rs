@@ -106,8 +106,6 @@ pub fn downstream_response(h: &mut HeaderMap) {
 
 /// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
 pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, https: bool, host: Option<&HeaderValue>, via: &'static str) {
-    // Four more entries: grow the map once, not entry by entry.
-    h.reserve(4);
     let mut ip = [0u8; 48];
     let ip = fmt_ip(client, &mut ip);
     let xff = match h.get(&X_FORWARDED_FOR) {

@@ -1048,6 +1048,9 @@ impl<'a> Forward<'a> {
             u.upstream_head(parts);
         }
         let h = &mut parts.headers;
+        // Room for the five this adds (X-Forwarded-For, -Proto, -Host, Via, Host): a full
+        // HeaderMap grows (rehashes, reallocates) before any insert, even one that replaces.
+        h.reserve(5);
         let via = if parts.version == Version::HTTP_2 {
             "2 ferrum"
         } else {

@@ -206,6 +206,7 @@ fn parse_head(buf: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Res
         spans.clear();
         // Within the head, which is at most MAX_HEADER_BYTES.
         let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+        let reason = res.reason.map(|r| (at(r.as_bytes()) as usize, r.len()));
         spans.extend(res.headers.iter().map(|h| {
             let (name, value) = (at(h.name.as_bytes()), at(h.value));
             (name, name + h.name.len() as u32, value, value + h.value.len() as u32)
@@ -216,7 +217,10 @@ fn parse_head(buf: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Res
             continue;
         }
         let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
-        let mut map = HeaderMap::with_capacity(spans.len());
+        // Room to spare: the proxy appends Via, and hyper's server reuses this map for the
+        // client's next request, to which the proxy adds five; a full map grows (rehashes,
+        // reallocates) before the next insert.
+        let mut map = HeaderMap::with_capacity((spans.len() + 1).max(12));
         let mut noted = Noted::default();
         for &(n0, n1, v0, v1) in spans.iter() {
             let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
@@ -232,6 +236,16 @@ fn parse_head(buf: &mut BytesMut, spans: &mut Vec<Span>, head_only: bool) -> Res
         *resp.status_mut() = status;
         *resp.version_mut() = if http11 { Version::HTTP_11 } else { Version::HTTP_10 };
         *resp.headers_mut() = map;
+        if let Some((at, n)) = reason
+            && status
+                .canonical_reason()
+                .is_none_or(|c| c.as_bytes() != &head[at..at + n])
+            && let Ok(r) = hyper::ext::ReasonPhrase::try_from(head.slice(at..at + n))
+        {
+            // A backend's own reason phrase goes on to an HTTP/1.1 client, as hyper's client
+            // kept it.
+            resp.extensions_mut().insert(r);
+        }
         return Ok(Some((resp, framing, keep_alive)));
     }
 }
