@@ -692,23 +692,33 @@ async fn ferrumctl_lists_proxies_and_diffs_manifests_against_the_operator() {
         (out.status.code(), text)
     };
 
-    let (code, json) = ctl(&["proxies", "-o", "json"]);
-    assert_eq!(code, Some(0), "{json}");
-    let rows: Value = serde_json::from_str(&json).unwrap();
-    let dp = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == "dp-ctl")
-        .cloned()
-        .unwrap();
-    assert_eq!(
-        (dp["state"].as_str(), dp["protocol"].as_str()),
-        (Some("in sync"), Some("MeshSubscribe")),
-        "{dp}"
-    );
-    let (_, table) = ctl(&["proxies"]);
-    assert!(table.contains("dp-ctl") && table.contains("in sync"), "{table}");
+    // The route serving does not mean the operator sent its last version: one sent as the
+    // objects settle shows as "applying" until the proxy acknowledges it, then "in sync".
+    let mut dp = Value::Null;
+    eventually(
+        "ferrumctl shows the proxy in sync",
+        Duration::from_secs(10),
+        async || {
+            let (code, json) = ctl(&["proxies", "-o", "json"]);
+            assert_eq!(code, Some(0), "{json}");
+            let rows: Value = serde_json::from_str(&json).unwrap();
+            dp = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["node"] == "dp-ctl")
+                .cloned()
+                .unwrap();
+            dp["state"] == "in sync"
+        },
+    )
+    .await;
+    assert_eq!(dp["protocol"], "MeshSubscribe", "{dp}");
+    eventually("the table shows it too", Duration::from_secs(10), async || {
+        let (_, table) = ctl(&["proxies"]);
+        table.contains("dp-ctl") && table.contains("in sync")
+    })
+    .await;
 
     let file = cluster.dir.path().join("shop.yaml");
     std::fs::write(&file, route((100, 0))).unwrap();

@@ -600,12 +600,35 @@ fn check_action(
     }
 }
 
-/// Why a header modifier cannot be applied: a name that is not a token, or a value with CR, LF
-/// or NUL (header injection).
+/// The fields that frame a message or manage its connection: the proxy writes them for each
+/// hop (RFC 9110 §7.6.1, RFC 9112 §6), so a filter setting one would misframe the body.
+const FRAMING: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Why a header modifier cannot be applied: a name that is not a token, a value with CR, LF
+/// or NUL (header injection), or a framing field set or added (removing one is harmless).
 pub fn header_modifier_problem(m: &HeaderModifier) -> Option<String> {
     let names = m.set.iter().chain(&m.add).map(|(n, _)| n).chain(&m.remove);
     if let Some(n) = names.into_iter().find(|n| http_header_name_invalid(n)) {
         return Some(format!("invalid header name {n:?}"));
+    }
+    if let Some((n, _)) = m
+        .set
+        .iter()
+        .chain(&m.add)
+        .find(|(n, _)| FRAMING.iter().any(|f| n.eq_ignore_ascii_case(f)))
+    {
+        return Some(format!(
+            "{n:?} frames the message or manages the connection: the proxy writes it for each hop, a filter may not set it"
+        ));
     }
     m.set
         .iter()
@@ -927,6 +950,29 @@ mod tests {
         let s = snap(vec![r], vec![Cluster::new("c", vec![])]);
         let errs = validate(&s).unwrap_err();
         assert!(errs[0].message.contains("PathPrefix"));
+    }
+
+    #[test]
+    fn a_filter_may_remove_but_not_set_a_framing_field() {
+        let m = |set: &[(&str, &str)], add: &[(&str, &str)], remove: &[&str]| HeaderModifier {
+            set: set.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            add: add.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+            remove: remove.iter().map(|n| n.to_string()).collect(),
+        };
+        let why = header_modifier_problem(&m(&[("Content-Length", "5")], &[], &[])).expect("refused");
+        assert!(why.contains("\"Content-Length\""), "{why}");
+        for name in ["transfer-encoding", "Connection", "upgrade", "TE"] {
+            assert!(
+                header_modifier_problem(&m(&[], &[(name, "x")], &[])).is_some(),
+                "{name}"
+            );
+        }
+        let fine = m(
+            &[("x-content-length", "5")],
+            &[("x-te", "1")],
+            &["connection", "content-length"],
+        );
+        assert_eq!(header_modifier_problem(&fine), None);
     }
 
     #[test]

@@ -520,6 +520,16 @@ fn invalid_input_is_reported_with_field_and_reason() {
             Reason::Invalid,
         ),
         (
+            "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Content-Length, value: \"5\"}]}}]\n",
+            "spec.rules[0].filters[0].requestHeaderModifier",
+            Reason::Invalid,
+        ),
+        (
+            "  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: transfer-encoding, value: chunked}]}}]\n",
+            "spec.rules[0].filters[0].responseHeaderModifier",
+            Reason::Invalid,
+        ),
+        (
             "  - timeouts: {request: forever}\n",
             "spec.rules[0].timeouts.request",
             Reason::UnsupportedValue,
